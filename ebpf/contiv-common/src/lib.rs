@@ -1,0 +1,131 @@
+//! Everything both sides of the datapath agree on: map names, pin layout,
+//! limits and the `#[repr(C)]` types stored in the maps.
+//!
+//! Rules for the types here: `#[repr(C)]`, `Copy`, padding written out as
+//! explicit fields, no `bool` (use `u8`/`u32` flags). The eBPF crate reads them
+//! on the kernel side; user space gets `aya::Pod` with the `user` feature.
+#![no_std]
+
+/// Default directory (on bpffs) under which the agent pins every map.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/contiv";
+
+/// Map names. The ELF symbol, the pinned file name and the BTF name are all this string.
+pub mod map_names {
+    /// Pod IPv4 address -> [`super::PodEndpoint`]: where to deliver traffic for a local pod.
+    pub const PODS: &str = "PODS";
+    /// Host-side veth ifindex -> [`super::PodEndpoint`]: who may send from that interface.
+    pub const POD_IFACES: &str = "POD_IFACES";
+    /// Pod IPv4 address -> [`super::PodCounters`] (per CPU).
+    pub const POD_COUNTERS: &str = "POD_COUNTERS";
+    /// Single entry array: [`super::DatapathConfig`].
+    pub const CONFIG: &str = "CONFIG";
+    /// Slow-path port rx queue -> AF_XDP socket served by the vswitch.
+    pub const SLOWPATH_XSKS: &str = "SLOWPATH_XSKS";
+    /// [`super::SlowPortCounters`] (per CPU, one entry) for the slow-path port programs.
+    pub const SLOWPORT_COUNTERS: &str = "SLOWPORT_COUNTERS";
+}
+
+/// Program names (function names in the eBPF object).
+pub mod program_names {
+    /// TC ingress on each pod's host-side veth: frames sent by a pod.
+    pub const FROM_POD: &str = "tc_from_pod";
+    /// TC ingress on the host end of the slow-path port: frames the vswitch sends to pods.
+    pub const FROM_VSWITCH: &str = "tc_from_vswitch";
+    /// XDP on the vswitch end of the slow-path port: steers frames into the AF_XDP socket.
+    pub const TO_VSWITCH: &str = "xdp_to_vswitch";
+}
+
+/// Maximum number of pods on one node (sizes PODS, POD_IFACES, POD_COUNTERS).
+pub const MAX_PODS: u32 = 4096;
+/// Maximum rx queues of the slow-path port served by AF_XDP sockets.
+pub const MAX_SLOWPATH_QUEUES: u32 = 64;
+
+/// An IPv4 address as it appears on the wire (network byte order), as a map key.
+/// Shown by bpftool as four bytes, e.g. `[10,1,1,2]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ipv4Key {
+    pub addr: [u8; 4],
+}
+
+impl Ipv4Key {
+    pub const fn new(addr: [u8; 4]) -> Self {
+        Self { addr }
+    }
+}
+
+/// A pod attached to this node, as the datapath needs it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodEndpoint {
+    /// The pod's IPv4 address (network byte order).
+    pub ip: [u8; 4],
+    /// ifindex of the host-side veth of the pod (in the node's namespace).
+    pub host_ifindex: u32,
+    /// MAC address of the pod's own interface (inside the pod).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Per-pod counters, counted on frames the pod sends (and on slow-path replies to it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodCounters {
+    /// Frames forwarded by the fast path straight into another pod.
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    /// Frames steered to the slow path (vswitch).
+    pub slow_packets: u64,
+    pub slow_bytes: u64,
+    /// Frames the vswitch sent back to this pod.
+    pub from_slow_packets: u64,
+    pub from_slow_bytes: u64,
+    /// Dropped: source IPv4 address is not the pod's own.
+    pub drop_spoofed_ip: u64,
+    /// Dropped: source MAC address is not the pod's own.
+    pub drop_spoofed_mac: u64,
+    /// Dropped: frame too short / malformed header.
+    pub drop_malformed: u64,
+    /// Dropped: TTL would reach zero when routed.
+    pub drop_ttl_exceeded: u64,
+    /// Dropped: a slow-path frame could not be handed over (no slow-path port yet).
+    pub drop_no_slowpath: u64,
+}
+
+/// Node-wide datapath configuration written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// The pods' default gateway (network byte order).
+    pub gateway_ip: [u8; 4],
+    /// ifindex of the host end of the slow-path port (0 = none yet).
+    pub slowport_ifindex: u32,
+    /// MAC the pods resolve the gateway to; source MAC of frames the fast path delivers.
+    pub gateway_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Counters of the slow-path port's own programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SlowPortCounters {
+    /// Frames handed to an AF_XDP socket.
+    pub to_vswitch_packets: u64,
+    /// Frames dropped because no AF_XDP socket serves the queue.
+    pub to_vswitch_no_socket: u64,
+    /// Frames from the vswitch delivered to a local pod.
+    pub from_vswitch_delivered: u64,
+    /// Frames from the vswitch for which no local pod was found.
+    pub from_vswitch_no_pod: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all types are repr(C), Copy, made of integers and byte arrays with
+    // explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Ipv4Key {}
+    unsafe impl aya::Pod for super::PodEndpoint {}
+    unsafe impl aya::Pod for super::PodCounters {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::SlowPortCounters {}
+}

@@ -1,0 +1,168 @@
+//! The gRPC client to the vswitch agent's CNI socket (`contiv_cni_api::v1::cni_client`).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use contiv_cni_api::v1::cni_client::CniClient;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long to wait for the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting to the socket (and the HTTP/2 handshake).
+    pub connect: Duration,
+    /// One request, from sending to the full reply.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(3),
+            request: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a call to the agent failed (transport level; in-band CNI errors are in the reply).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The socket is missing, refused the connection, or the connection did not complete in time.
+    #[error("cannot reach the agent at {socket}: {reason}")]
+    Unreachable { socket: PathBuf, reason: String },
+    /// The agent took longer than the request timeout.
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The agent (or the transport) answered with a gRPC status instead of a reply.
+    #[error("agent RPC failed: {}: {}", .0.code(), .0.message())]
+    Rpc(#[source] tonic::Status),
+}
+
+impl AgentError {
+    /// Whether the failure is plausibly transient (the runtime should retry later).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::Timeout(_) => true,
+            Self::Rpc(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Aborted
+                    | tonic::Code::ResourceExhausted
+            ),
+        }
+    }
+}
+
+/// A connected client plus the request timeout to apply to each call.
+pub struct Agent {
+    client: CniClient<Channel>,
+    request_timeout: Duration,
+}
+
+impl Agent {
+    /// Connects to the agent's unix socket at `socket`.
+    pub async fn connect(socket: &Path, timeouts: Timeouts) -> Result<Self, AgentError> {
+        let unreachable = |reason: String| AgentError::Unreachable {
+            socket: socket.to_path_buf(),
+            reason,
+        };
+        // The URI is never resolved: the connector below always dials the socket.
+        let endpoint = Endpoint::from_static("http://contiv-agent.invalid")
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.request);
+        let path = socket.to_path_buf();
+        let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }));
+        let channel = match tokio::time::timeout(timeouts.connect, connect).await {
+            Err(_) => return Err(unreachable(format!("no connection within {:?}", timeouts.connect))),
+            Ok(Err(e)) => return Err(unreachable(error_chain(&e))),
+            Ok(Ok(channel)) => channel,
+        };
+        Ok(Self {
+            client: CniClient::new(channel),
+            request_timeout: timeouts.request,
+        })
+    }
+
+    pub async fn add(
+        &mut self,
+        req: contiv_cni_api::v1::CniRequest,
+    ) -> Result<contiv_cni_api::v1::AddReply, AgentError> {
+        let timeout = self.request_timeout;
+        call(timeout, self.client.add(req)).await
+    }
+
+    pub async fn del(
+        &mut self,
+        req: contiv_cni_api::v1::CniRequest,
+    ) -> Result<contiv_cni_api::v1::DelReply, AgentError> {
+        let timeout = self.request_timeout;
+        call(timeout, self.client.del(req)).await
+    }
+
+    pub async fn check(
+        &mut self,
+        req: contiv_cni_api::v1::CniRequest,
+    ) -> Result<contiv_cni_api::v1::CheckReply, AgentError> {
+        let timeout = self.request_timeout;
+        call(timeout, self.client.check(req)).await
+    }
+
+    pub async fn status(
+        &mut self,
+        req: contiv_cni_api::v1::StatusRequest,
+    ) -> Result<contiv_cni_api::v1::StatusReply, AgentError> {
+        let timeout = self.request_timeout;
+        call(timeout, self.client.status(req)).await
+    }
+
+    pub async fn gc(
+        &mut self,
+        req: contiv_cni_api::v1::GcRequest,
+    ) -> Result<contiv_cni_api::v1::GcReply, AgentError> {
+        let timeout = self.request_timeout;
+        call(timeout, self.client.gc(req)).await
+    }
+}
+
+async fn call<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, AgentError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(AgentError::Timeout(timeout)),
+        Ok(Err(status)) if status.code() == tonic::Code::Cancelled && is_timeout_status(&status) => {
+            Err(AgentError::Timeout(timeout))
+        }
+        Ok(Err(status)) => Err(AgentError::Rpc(status)),
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+    }
+}
+
+/// tonic reports its own per-request timeout as `Cancelled` with "Timeout expired".
+fn is_timeout_status(status: &tonic::Status) -> bool {
+    status.message().to_ascii_lowercase().contains("timeout")
+}
+
+/// `e` and its sources, joined (tonic's transport error alone just says "transport error").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Some errors already print their source; do not repeat it.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

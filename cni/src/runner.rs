@@ -1,0 +1,263 @@
+//! One invocation: environment + stdin in, stdout text + exit code out.
+//!
+//! [`plan`] does everything that needs no agent (env, config, version gates, prevResult); a
+//! [`Forward`] is then sent to the agent by [`forward`]. [`run`] drives both for `main`,
+//! building a single-threaded tokio runtime only when the agent is actually called.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use contiv_cni_api::v1;
+
+use crate::agent::{Agent, AgentError, Timeouts};
+use crate::config::{self, CniVersion, NetworkConfig, SUPPORTED_VERSIONS};
+use crate::env::{self, CniEnv, Command, Env};
+use crate::error::CniError;
+use crate::result::{self, AddResult};
+
+/// What the binary prints and how it exits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Text for stdout (compact JSON or empty), without a trailing newline.
+    pub stdout: String,
+    /// 0 on success, 1 on any error.
+    pub exit_code: i32,
+    /// The error, if any, for a log line on stderr.
+    pub error: Option<CniError>,
+}
+
+impl Outcome {
+    fn success(stdout: String) -> Self {
+        Self { stdout, exit_code: 0, error: None }
+    }
+
+    fn failure(error: CniError, cni_version: &str) -> Self {
+        Self {
+            stdout: error.to_json(cni_version),
+            exit_code: 1,
+            error: Some(error),
+        }
+    }
+}
+
+/// The result of the agent-free part of an invocation.
+#[derive(Debug)]
+pub enum Plan {
+    /// Print this and exit 0 (VERSION).
+    Print(String),
+    /// Send a request to the agent.
+    Forward(Forward),
+}
+
+/// A request for the agent, with what is needed to answer the runtime.
+#[derive(Debug)]
+pub struct Forward {
+    pub socket: PathBuf,
+    pub version: CniVersion,
+    pub request: AgentRequest,
+}
+
+/// The RPC to make.
+#[derive(Debug)]
+pub enum AgentRequest {
+    /// `prev` is a validated `prevResult` to extend with the agent's result.
+    Add { request: v1::CniRequest, prev: Option<AddResult> },
+    Del(v1::CniRequest),
+    Check(v1::CniRequest),
+    Status(v1::StatusRequest),
+    Gc(v1::GcRequest),
+}
+
+/// VERSION's answer for the requested version.
+pub fn version_json(requested: &str) -> String {
+    serde_json::json!({"cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS})
+        .to_string()
+}
+
+/// Decides what to do without contacting the agent.
+pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
+    if env.command == Command::Version {
+        return config::requested_version(stdin).map(|v| Plan::Print(version_json(&v)));
+    }
+    let cfg = config::parse(stdin)?;
+    let version = cfg.cni_version;
+    let too_old = |since: &str| {
+        CniError::incompatible_version(
+            format!("config version does not allow {}", env.command.as_str()),
+            format!("{} needs cniVersion {since} or later, config is {}", env.command.as_str(), version.as_str()),
+        )
+    };
+    let request = match env.command {
+        // Answered above without a config; never forwarded.
+        Command::Version => {
+            return Err(CniError::internal("VERSION is not forwarded to the agent", ""));
+        }
+        Command::Add => {
+            let prev = cfg.prev_result.as_ref().map(result::parse_prev_result).transpose()?;
+            AgentRequest::Add { request: cni_request(env, &cfg), prev }
+        }
+        Command::Del => AgentRequest::Del(cni_request(env, &cfg)),
+        Command::Check => {
+            if !version.has_check() {
+                return Err(too_old("0.4.0"));
+            }
+            let prev = cfg.prev_result.as_ref().ok_or_else(|| {
+                CniError::invalid_config("CHECK requires prevResult", "the runtime must pass the result of ADD")
+            })?;
+            result::parse_prev_result(prev)?;
+            AgentRequest::Check(cni_request(env, &cfg))
+        }
+        Command::Status => {
+            if !version.has_status_and_gc() {
+                return Err(too_old("1.1.0"));
+            }
+            AgentRequest::Status(v1::StatusRequest { network_config: cfg.raw.clone() })
+        }
+        Command::Gc => {
+            if !version.has_status_and_gc() {
+                return Err(too_old("1.1.0"));
+            }
+            let valid = cfg.valid_attachments.as_ref().ok_or_else(|| {
+                CniError::invalid_config(
+                    format!("GC requires {}", config::VALID_ATTACHMENTS_KEY),
+                    "refusing to treat a missing list as 'no attachment is valid'",
+                )
+            })?;
+            AgentRequest::Gc(v1::GcRequest {
+                network_name: cfg.name.clone(),
+                network_config: cfg.raw.clone(),
+                valid_attachments: valid
+                    .iter()
+                    .map(|a| v1::Attachment {
+                        container_id: a.container_id.clone(),
+                        ifname: a.ifname.clone(),
+                    })
+                    .collect(),
+            })
+        }
+    };
+    Ok(Plan::Forward(Forward { socket: cfg.agent_socket, version, request }))
+}
+
+fn cni_request(env: &CniEnv, cfg: &NetworkConfig) -> v1::CniRequest {
+    v1::CniRequest {
+        container_id: env.container_id.clone(),
+        netns: env.netns.clone(),
+        ifname: env.ifname.clone(),
+        args: env.args.clone(),
+        network_name: cfg.name.clone(),
+        network_config: cfg.raw.clone(),
+    }
+}
+
+/// An in-band agent error (code != 0), if any.
+fn in_band(error: Option<v1::CniError>) -> Result<(), CniError> {
+    match error {
+        Some(e) if e.code != 0 => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Transport failures: code 11 when transient (agent down, timeout), else 100.
+fn transport_error(e: AgentError) -> CniError {
+    if e.is_transient() {
+        CniError::try_again_later("vswitch agent not reachable, try again later", e.to_string())
+    } else {
+        CniError::internal("vswitch agent call failed", e.to_string())
+    }
+}
+
+/// Sends the request to the agent and turns the reply into stdout text (possibly empty).
+pub async fn forward(f: Forward, timeouts: Timeouts) -> Result<String, CniError> {
+    let is_status = matches!(f.request, AgentRequest::Status(_));
+    let connected = Agent::connect(&f.socket, timeouts).await;
+    let mut agent = match connected {
+        Ok(a) => a,
+        // STATUS: an unreachable agent means the plugin cannot service ADD.
+        Err(e) if is_status => {
+            return Err(CniError::not_available("vswitch agent not available", e.to_string()));
+        }
+        Err(e) => return Err(transport_error(e)),
+    };
+    match f.request {
+        AgentRequest::Add { request, prev } => {
+            let reply = agent.add(request).await.map_err(transport_error)?;
+            in_band(reply.error.clone())?;
+            Ok(result::add_result(f.version, &reply, prev)?.to_json())
+        }
+        AgentRequest::Del(request) => {
+            in_band(agent.del(request).await.map_err(transport_error)?.error)?;
+            Ok(String::new())
+        }
+        AgentRequest::Check(request) => {
+            in_band(agent.check(request).await.map_err(transport_error)?.error)?;
+            Ok(String::new())
+        }
+        AgentRequest::Status(request) => {
+            let reply = agent.status(request).await.map_err(|e| {
+                CniError::not_available("vswitch agent not available", e.to_string())
+            })?;
+            in_band(reply.error)?;
+            Ok(String::new())
+        }
+        AgentRequest::Gc(request) => {
+            in_band(agent.gc(request).await.map_err(transport_error)?.error)?;
+            Ok(String::new())
+        }
+    }
+}
+
+/// Env + stdin -> an agent call, or the finished outcome (VERSION, or an error before the call).
+fn prepare(env: &dyn Env, stdin: &mut dyn Read) -> Result<Forward, Outcome> {
+    let cni_env = env::read(env).map_err(|e| Outcome::failure(e, config::DEFAULT_VERSION))?;
+    let mut input = Vec::new();
+    stdin.read_to_end(&mut input).map_err(|e| {
+        Outcome::failure(
+            CniError::io_failure("error reading network config from stdin", e.to_string()),
+            config::DEFAULT_VERSION,
+        )
+    })?;
+    let reply_version = config::reply_version(&input);
+    match plan(&cni_env, &input) {
+        Ok(Plan::Print(s)) => Err(Outcome::success(s)),
+        Ok(Plan::Forward(f)) => Ok(f),
+        Err(e) => Err(Outcome::failure(e, reply_version)),
+    }
+}
+
+/// The whole invocation, for `main`: runs the agent call on a current-thread runtime.
+pub fn run(env: &dyn Env, stdin: &mut dyn Read, timeouts: Timeouts) -> Outcome {
+    let f = match prepare(env, stdin) {
+        Ok(f) => f,
+        Err(done) => return done,
+    };
+    let version = f.version.as_str();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            return Outcome::failure(
+                CniError::internal("cannot start the async runtime", e.to_string()),
+                version,
+            );
+        }
+    };
+    finish(rt.block_on(forward(f, timeouts)), version)
+}
+
+/// The whole invocation from inside an existing tokio runtime (tests, embedding).
+pub async fn run_async(env: &dyn Env, mut stdin: &[u8], timeouts: Timeouts) -> Outcome {
+    match prepare(env, &mut stdin) {
+        Ok(f) => {
+            let version = f.version.as_str();
+            finish(forward(f, timeouts).await, version)
+        }
+        Err(done) => done,
+    }
+}
+
+fn finish(r: Result<String, CniError>, version: &str) -> Outcome {
+    match r {
+        Ok(stdout) => Outcome::success(stdout),
+        Err(e) => Outcome::failure(e, version),
+    }
+}

@@ -1,1 +1,354 @@
+//! One test per kind from realistic API JSON, plus defaulting and error paths.
 
+use super::*;
+use crate::encode;
+use serde_json::json;
+
+fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).expect("fixture is valid Kubernetes JSON")
+}
+
+#[test]
+fn pod_converts_ips_ports_node_and_labels() {
+    let pod: core::Pod = from_json(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web", "tier": "fe"},
+                     "uid": "u1", "resourceVersion": "42"},
+        "spec": {
+            "nodeName": "node-a",
+            "containers": [
+                {"name": "c1", "image": "nginx", "ports": [
+                    {"name": "http", "containerPort": 8080},
+                    {"containerPort": 53, "protocol": "UDP"}]},
+                {"name": "c2", "image": "sidecar", "ports": [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]}
+            ]
+        },
+        "status": {"podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}, {"ip": "fd00::5"}]}
+    }));
+    let m = pod.to_model().unwrap();
+    assert_eq!(m.name, "web-0");
+    assert_eq!(m.namespace, "shop");
+    assert_eq!(m.labels, labels(&[("app", "web"), ("tier", "fe")]));
+    assert_eq!(m.ips, vec!["10.1.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]);
+    assert_eq!(m.node_name.as_deref(), Some("node-a"));
+    assert!(!m.host_network);
+    assert_eq!(
+        m.container_ports,
+        vec![
+            ContainerPort { name: Some("http".into()), protocol: Protocol::Tcp, port: 8080 },
+            ContainerPort { name: None, protocol: Protocol::Udp, port: 53 },
+            ContainerPort { name: Some("metrics".into()), protocol: Protocol::Tcp, port: 9090 },
+        ]
+    );
+    assert_eq!(pod.object_ref().unwrap().key(), "/contiv/k8s/pod/shop/web-0");
+    assert_eq!(m.key(), "/contiv/k8s/pod/shop/web-0");
+    // The exact stored bytes: what KSR and netctl both write.
+    assert_eq!(
+        String::from_utf8(encode(&m)).unwrap(),
+        r#"{"v":1,"name":"web-0","namespace":"shop","labels":{"app":"web","tier":"fe"},"ips":["10.1.0.5","fd00::5"],"node_name":"node-a","host_network":false,"container_ports":[{"name":"http","protocol":"TCP","port":8080},{"name":null,"protocol":"UDP","port":53},{"name":"metrics","protocol":"TCP","port":9090}]}"#
+    );
+}
+
+#[test]
+fn pod_host_network_single_ip_and_pending() {
+    let pod: core::Pod = from_json(json!({
+        "metadata": {"name": "kp", "namespace": "kube-system"},
+        "spec": {"hostNetwork": true, "containers": []},
+        "status": {"podIP": "192.168.1.10"}
+    }));
+    let m = pod.to_model().unwrap();
+    assert!(m.host_network);
+    assert_eq!(m.ips, vec!["192.168.1.10".parse::<IpAddr>().unwrap()]);
+    let pending: core::Pod = from_json(json!({"metadata": {"name": "p", "namespace": "d"}}));
+    let m = pending.to_model().unwrap();
+    assert!(m.ips.is_empty() && m.node_name.is_none() && m.container_ports.is_empty());
+}
+
+#[test]
+fn pod_errors_name_the_field() {
+    let bad_ip: core::Pod = from_json(json!({
+        "metadata": {"name": "p", "namespace": "d"},
+        "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "not-an-ip"}]}
+    }));
+    assert_eq!(bad_ip.to_model().unwrap_err().field(), "status.podIPs[1].ip");
+    let bad_port: core::Pod = from_json(json!({
+        "metadata": {"name": "p", "namespace": "d"},
+        "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 70000}]}]}
+    }));
+    assert_eq!(bad_port.to_model().unwrap_err().field(), "spec.containers[0].ports[0].containerPort");
+    let bad_proto: core::Pod = from_json(json!({
+        "metadata": {"name": "p", "namespace": "d"},
+        "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]}
+    }));
+    assert_eq!(bad_proto.to_model().unwrap_err().field(), "spec.containers[0].ports[0].protocol");
+    let no_ns: core::Pod = from_json(json!({"metadata": {"name": "p"}}));
+    assert_eq!(
+        no_ns.to_model().unwrap_err(),
+        ConvertError::Missing { field: "metadata.namespace".into() }
+    );
+    let no_name: core::Pod = from_json(json!({"metadata": {"namespace": "d"}}));
+    assert_eq!(no_name.object_ref().unwrap_err().field(), "metadata.name");
+    let slash: core::Pod = from_json(json!({"metadata": {"name": "a/b", "namespace": "d"}}));
+    assert!(matches!(slash.to_model(), Err(ConvertError::Invalid { .. })));
+}
+
+#[test]
+fn namespace_converts_labels() {
+    let ns: core::Namespace = from_json(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop", "env": "prod"}},
+        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}
+    }));
+    let m = ns.to_model().unwrap();
+    assert_eq!(m.name, "shop");
+    assert_eq!(m.labels.get("env").map(String::as_str), Some("prod"));
+    assert_eq!(ns.object_ref().unwrap().key(), "/contiv/k8s/namespace/shop");
+}
+
+#[test]
+fn service_converts_everything_the_proxy_needs() {
+    let svc: core::Service = from_json(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop",
+                     "labels": {"service.kubernetes.io/service-proxy-name": "other-proxy"}},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080},
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": 30053},
+                {"name": "plain", "port": 8443}
+            ],
+            "externalIPs": ["203.0.113.7"],
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}},
+            "externalTrafficPolicy": "Local",
+            "internalTrafficPolicy": "Local",
+            "healthCheckNodePort": 31000
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}, {"hostname": "lb.example"}]}}
+    }));
+    let m = svc.to_model().unwrap();
+    assert_eq!(m.service_type, ServiceType::LoadBalancer);
+    assert_eq!(m.cluster_ips, vec!["10.96.0.10".parse::<IpAddr>().unwrap(), "fd00:96::10".parse().unwrap()]);
+    assert!(!m.headless);
+    assert_eq!(
+        m.ports,
+        vec![
+            ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80, target_port: PortRef::Name("http".into()), node_port: Some(30080) },
+            ServicePort { name: "dns".into(), protocol: Protocol::Udp, port: 53, target_port: PortRef::Number(5353), node_port: Some(30053) },
+            ServicePort { name: "plain".into(), protocol: Protocol::Tcp, port: 8443, target_port: PortRef::Number(8443), node_port: None },
+        ]
+    );
+    assert_eq!(m.external_ips, vec!["203.0.113.7".parse::<IpAddr>().unwrap()]);
+    assert_eq!(m.load_balancer_ips, vec!["198.51.100.1".parse::<IpAddr>().unwrap()]);
+    assert_eq!(m.session_affinity, SessionAffinity::ClientIP { timeout_seconds: 600 });
+    assert_eq!(m.external_traffic_policy, TrafficPolicy::Local);
+    assert_eq!(m.internal_traffic_policy, TrafficPolicy::Local);
+    assert_eq!(m.health_check_node_port, Some(31000));
+    assert_eq!(m.service_proxy_name.as_deref(), Some("other-proxy"));
+    assert!(!m.headless_label);
+    assert!(m.ignored_by_proxy(None));
+    assert!(!m.ignored_by_proxy(Some("other-proxy")));
+    // The port JSON: targetPort is a bare number or a bare name.
+    let json = String::from_utf8(encode(&m)).unwrap();
+    assert!(json.contains(r#""target_port":"http""#) && json.contains(r#""target_port":5353"#), "{json}");
+    let back: Service = crate::decode(json.as_bytes()).unwrap();
+    assert_eq!(back, m);
+}
+
+#[test]
+fn service_defaults_headless_and_ignore_labels() {
+    let plain: core::Service = from_json(json!({
+        "metadata": {"name": "s", "namespace": "d"},
+        "spec": {"clusterIP": "10.96.1.1", "ports": [{"port": 443}], "sessionAffinity": "ClientIP"}
+    }));
+    let m = plain.to_model().unwrap();
+    assert_eq!(m.service_type, ServiceType::ClusterIP);
+    assert_eq!(m.cluster_ips, vec!["10.96.1.1".parse::<IpAddr>().unwrap()]);
+    assert_eq!(m.ports[0].name, "");
+    assert_eq!(m.session_affinity, SessionAffinity::ClientIP { timeout_seconds: DEFAULT_AFFINITY_TIMEOUT_SECONDS });
+    assert_eq!(m.external_traffic_policy, TrafficPolicy::Cluster);
+    assert!(!m.ignored_by_proxy(None));
+
+    let headless: core::Service = from_json(json!({
+        "metadata": {"name": "h", "namespace": "d", "labels": {"service.kubernetes.io/headless": ""}},
+        "spec": {"clusterIP": "None", "clusterIPs": ["None"]}
+    }));
+    let m = headless.to_model().unwrap();
+    assert!(m.headless && m.headless_label && m.cluster_ips.is_empty());
+    assert!(m.ignored_by_proxy(None));
+
+    let bad: core::Service = from_json(json!({
+        "metadata": {"name": "s", "namespace": "d"},
+        "spec": {"ports": [{"port": 80}, {"port": 81, "targetPort": 0}]}
+    }));
+    assert_eq!(bad.to_model().unwrap_err().field(), "spec.ports[1].targetPort");
+    let bad_type: core::Service = from_json(json!({"metadata": {"name": "s", "namespace": "d"}, "spec": {"type": "Weird"}}));
+    assert_eq!(bad_type.to_model().unwrap_err().field(), "spec.type");
+    let bad_etp: core::Service = from_json(json!({"metadata": {"name": "s", "namespace": "d"}, "spec": {"externalTrafficPolicy": "Global"}}));
+    assert_eq!(bad_etp.to_model().unwrap_err().field(), "spec.externalTrafficPolicy");
+}
+
+#[test]
+fn endpointslice_converts_with_condition_defaults() {
+    let es: discovery::EndpointSlice = from_json(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-abc12", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["10.1.0.5"], "conditions": {"ready": true, "serving": true, "terminating": false},
+             "nodeName": "node-a", "zone": "z1", "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "shop"}},
+            {"addresses": ["10.1.1.7"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "node-b"},
+            {"addresses": ["10.1.2.9"]}
+        ],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]
+    }));
+    let m = es.to_model().unwrap();
+    assert_eq!(m.service_name.as_deref(), Some("web"));
+    assert_eq!(m.address_type, AddressType::IPv4);
+    assert_eq!(m.endpoints.len(), 3);
+    assert_eq!(m.endpoints[0].conditions, EndpointConditions { ready: true, serving: true, terminating: false });
+    assert_eq!(m.endpoints[0].zone.as_deref(), Some("z1"));
+    assert_eq!(m.endpoints[1].conditions, EndpointConditions { ready: false, serving: true, terminating: true });
+    assert_eq!(m.endpoints[1].node_name.as_deref(), Some("node-b"));
+    // Unset conditions: ready (unknown counts as ready), serving = ready, not terminating.
+    assert_eq!(m.endpoints[2].conditions, EndpointConditions { ready: true, serving: true, terminating: false });
+    assert_eq!(
+        m.ports,
+        vec![
+            EndpointPort { name: "http".into(), protocol: Protocol::Tcp, port: Some(8080) },
+            EndpointPort { name: "dns".into(), protocol: Protocol::Udp, port: Some(53) },
+        ]
+    );
+    assert_eq!(m.key(), "/contiv/k8s/endpointslice/shop/web-abc12");
+}
+
+#[test]
+fn endpointslice_rejects_fqdn_and_family_mismatch() {
+    let fqdn: discovery::EndpointSlice = from_json(json!({
+        "metadata": {"name": "e", "namespace": "d"}, "addressType": "FQDN",
+        "endpoints": [{"addresses": ["db.example"]}]
+    }));
+    assert!(matches!(fqdn.to_model(), Err(ConvertError::Unsupported { .. })));
+    let mixed: discovery::EndpointSlice = from_json(json!({
+        "metadata": {"name": "e", "namespace": "d"}, "addressType": "IPv6",
+        "endpoints": [{"addresses": ["fd00::1"]}, {"addresses": ["10.0.0.1"]}]
+    }));
+    assert_eq!(mixed.to_model().unwrap_err().field(), "endpoints[1].addresses[0]");
+}
+
+#[test]
+fn networkpolicy_converts_full_spec() {
+    let np: networking::NetworkPolicy = from_json(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "allow-fe", "namespace": "shop"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "db"},
+                            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["be", "data"]},
+                                                 {"key": "canary", "operator": "DoesNotExist"}]},
+            "ingress": [
+                {"from": [
+                    {"podSelector": {"matchLabels": {"app": "web"}}},
+                    {"namespaceSelector": {"matchLabels": {"env": "prod"}}, "podSelector": {}},
+                    {"ipBlock": {"cidr": "172.17.0.0/16", "except": ["172.17.1.0/24"]}}],
+                 "ports": [{"protocol": "TCP", "port": 5432}, {"port": "metrics"}, {"port": 30000, "endPort": 30100, "protocol": "UDP"}]},
+                {}
+            ],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.1/8"}}]}]
+        }
+    }));
+    let m = np.to_model().unwrap();
+    assert_eq!(m.pod_selector.match_labels, labels(&[("app", "db")]));
+    assert_eq!(m.pod_selector.match_expressions[0].operator, SelectorOperator::In);
+    assert_eq!(m.pod_selector.match_expressions[1].values, Vec::<String>::new());
+    // policyTypes defaulted: Ingress always, Egress because egress rules exist.
+    assert_eq!(m.policy_types, vec![PolicyType::Ingress, PolicyType::Egress]);
+    assert_eq!(m.ingress.len(), 2);
+    let rule = &m.ingress[0];
+    assert_eq!(
+        rule.peers[0],
+        PolicyPeer::Pods { namespace_selector: None, pod_selector: Some(LabelSelector { match_labels: labels(&[("app", "web")]), match_expressions: vec![] }) }
+    );
+    assert_eq!(
+        rule.peers[1],
+        PolicyPeer::Pods { namespace_selector: Some(LabelSelector { match_labels: labels(&[("env", "prod")]), match_expressions: vec![] }), pod_selector: Some(LabelSelector::default()) }
+    );
+    assert_eq!(
+        rule.peers[2],
+        PolicyPeer::IpBlock(IpBlock { cidr: "172.17.0.0/16".parse().unwrap(), except: vec!["172.17.1.0/24".parse().unwrap()] })
+    );
+    assert_eq!(
+        rule.ports,
+        vec![
+            PolicyPort { protocol: Protocol::Tcp, port: Some(PortRef::Number(5432)), end_port: None },
+            PolicyPort { protocol: Protocol::Tcp, port: Some(PortRef::Name("metrics".into())), end_port: None },
+            PolicyPort { protocol: Protocol::Udp, port: Some(PortRef::Number(30000)), end_port: Some(30100) },
+        ]
+    );
+    // An empty rule allows everything.
+    assert!(m.ingress[1].peers.is_empty() && m.ingress[1].ports.is_empty());
+    // Host bits are cleared.
+    assert_eq!(m.egress[0].peers[0], PolicyPeer::IpBlock(IpBlock { cidr: "10.0.0.0/8".parse().unwrap(), except: vec![] }));
+    let back: NetworkPolicy = crate::decode(&encode(&m)).unwrap();
+    assert_eq!(back, m);
+    // The selector semantics.
+    assert!(m.pod_selector.matches(&labels(&[("app", "db"), ("tier", "be")])));
+    assert!(!m.pod_selector.matches(&labels(&[("app", "db"), ("tier", "be"), ("canary", "1")])));
+    assert!(!m.pod_selector.matches(&labels(&[("app", "db")])));
+}
+
+#[test]
+fn networkpolicy_defaults_and_errors() {
+    let deny: networking::NetworkPolicy = from_json(json!({
+        "metadata": {"name": "deny", "namespace": "d"}, "spec": {"podSelector": {}}
+    }));
+    let m = deny.to_model().unwrap();
+    assert_eq!(m.policy_types, vec![PolicyType::Ingress]);
+    assert!(m.ingress.is_empty() && m.egress.is_empty());
+    let egress_only: networking::NetworkPolicy = from_json(json!({
+        "metadata": {"name": "e", "namespace": "d"}, "spec": {"podSelector": {}, "policyTypes": ["Egress"]}
+    }));
+    assert_eq!(egress_only.to_model().unwrap().policy_types, vec![PolicyType::Egress]);
+
+    let cases = [
+        (json!({"policyTypes": ["Sideways"]}), "spec.policyTypes[0]"),
+        (json!({"ingress": [{"from": [{}]}]}), "spec.ingress[0].from[0].podSelector|namespaceSelector|ipBlock"),
+        (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}), "spec.ingress[0].from[0].ipBlock"),
+        (json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}), "spec.egress[0].to[0].ipBlock.cidr"),
+        (json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}}]}]}), "spec.egress[0].to[0].ipBlock.except[0]"),
+        (json!({"ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort"),
+        (json!({"ingress": [{"ports": [{"port": 100, "endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort"),
+        (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}}), "spec.podSelector.matchExpressions[0].operator"),
+        (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}), "spec.podSelector.matchExpressions[0].values"),
+    ];
+    for (spec, field) in cases {
+        let np: networking::NetworkPolicy = from_json(json!({"metadata": {"name": "x", "namespace": "d"}, "spec": spec}));
+        assert_eq!(np.to_model().unwrap_err().field(), field, "{spec}");
+    }
+}
+
+#[test]
+fn node_converts_addresses_and_pod_cidrs() {
+    let node: core::Node = from_json(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"kubernetes.io/hostname": "node-a"}},
+        "spec": {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"},
+                                 {"type": "Hostname", "address": "node-a"},
+                                 {"type": "ExternalIP", "address": "203.0.113.10"}]}
+    }));
+    let m = node.to_model().unwrap();
+    assert_eq!(m.name, "node-a");
+    assert_eq!(m.addresses.len(), 3);
+    assert_eq!(m.ips_of_type("InternalIP"), vec!["192.168.1.10".parse::<IpAddr>().unwrap()]);
+    assert_eq!(m.ips_of_type("ExternalIP"), vec!["203.0.113.10".parse::<IpAddr>().unwrap()]);
+    assert_eq!(m.pod_cidrs, vec!["10.1.0.0/24".parse::<IpNet>().unwrap(), "fd00:1::/64".parse().unwrap()]);
+    assert_eq!(node.object_ref().unwrap().key(), "/contiv/k8s/node/node-a");
+
+    let legacy: core::Node = from_json(json!({"metadata": {"name": "n"}, "spec": {"podCIDR": "10.2.0.0/24"}}));
+    assert_eq!(legacy.to_model().unwrap().pod_cidrs, vec!["10.2.0.0/24".parse::<IpNet>().unwrap()]);
+    let bad: core::Node = from_json(json!({"metadata": {"name": "n"}, "spec": {"podCIDRs": ["nope"]}}));
+    assert_eq!(bad.to_model().unwrap_err().field(), "spec.podCIDRs[0]");
+}

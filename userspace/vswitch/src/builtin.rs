@@ -1,0 +1,523 @@
+//! The built-in slow-path backend: plays the pods' default gateway.
+//!
+//! It answers the two things a pod asks its gateway that the eBPF fast path
+//! leaves to the slow path: "who has the gateway IP?" (ARP) and "are you
+//! there?" (ICMP echo to the gateway IP). Everything else is dropped and
+//! counted by reason.
+
+use std::net::Ipv4Addr;
+
+use crate::backend::{DropReason, ReplyKind, SlowPath, Verdict, VswitchCounters};
+use crate::packet::*;
+
+/// The gateway identity the vswitch answers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The pods' default gateway address.
+    pub ip: Ipv4Addr,
+    /// The MAC address pods resolve the gateway to (the same as the
+    /// datapath's `DatapathConfig::gateway_mac`).
+    pub mac: [u8; 6],
+}
+
+/// The built-in vswitch: ARP and ICMP echo responder for the gateway.
+#[derive(Debug)]
+pub struct BuiltinVswitch {
+    gateway: GatewayConfig,
+    counters: VswitchCounters,
+    /// Scratch buffer the replies are built in (kept to avoid allocating).
+    scratch: Vec<u8>,
+}
+
+impl BuiltinVswitch {
+    /// A vswitch answering for `gateway`.
+    pub fn new(gateway: GatewayConfig) -> Self {
+        Self {
+            gateway,
+            counters: VswitchCounters::default(),
+            scratch: Vec::with_capacity(2048),
+        }
+    }
+
+    /// The gateway currently answered for.
+    pub fn gateway(&self) -> GatewayConfig {
+        self.gateway
+    }
+
+    /// Changes the gateway identity; takes effect with the next frame.
+    /// Counters are kept.
+    pub fn set_gateway(&mut self, gateway: GatewayConfig) {
+        self.gateway = gateway;
+    }
+
+    fn classify(&mut self, frame: &[u8], tx: &mut dyn FnMut(&[u8])) -> Verdict {
+        if frame.len() < ETH_HLEN {
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+        match be16(frame, 12) {
+            ETHERTYPE_ARP => self.arp(frame, tx),
+            ETHERTYPE_IPV4 => self.ipv4(frame, tx),
+            _ => Verdict::Dropped(DropReason::NonIpv4),
+        }
+    }
+
+    fn arp(&mut self, frame: &[u8], tx: &mut dyn FnMut(&[u8])) -> Verdict {
+        let arp = &frame[ETH_HLEN..];
+        if arp.len() < ARP_LEN {
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+        let is_eth_ipv4 = be16(arp, 0) == ARP_HTYPE_ETHERNET
+            && be16(arp, 2) == ETHERTYPE_IPV4
+            && arp[4] == 6
+            && arp[5] == 4;
+        let target_ip = Ipv4Addr::from(ipv4_at(arp, 24));
+        if !is_eth_ipv4 || be16(arp, 6) != ARP_OP_REQUEST || target_ip != self.gateway.ip {
+            return Verdict::Dropped(DropReason::ArpOther);
+        }
+        let requester_mac = mac_at(arp, 8);
+        let requester_ip = ipv4_at(arp, 14);
+        if requester_mac[0] & 1 != 0 {
+            // A multicast/broadcast sender hardware address cannot be answered.
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+
+        let gw_mac = self.gateway.mac;
+        let gw_ip = self.gateway.ip.octets();
+        let out = &mut self.scratch;
+        out.clear();
+        // Ethernet: to the requester, from the gateway.
+        out.extend_from_slice(&requester_mac);
+        out.extend_from_slice(&gw_mac);
+        out.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        // ARP reply: the gateway's MAC for the gateway's IP.
+        out.extend_from_slice(&ARP_HTYPE_ETHERNET.to_be_bytes());
+        out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        out.extend_from_slice(&[6, 4]);
+        out.extend_from_slice(&ARP_OP_REPLY.to_be_bytes());
+        out.extend_from_slice(&gw_mac);
+        out.extend_from_slice(&gw_ip);
+        out.extend_from_slice(&requester_mac);
+        out.extend_from_slice(&requester_ip);
+        tx(out);
+        Verdict::Replied(ReplyKind::Arp)
+    }
+
+    fn ipv4(&mut self, frame: &[u8], tx: &mut dyn FnMut(&[u8])) -> Verdict {
+        let ip = &frame[ETH_HLEN..];
+        if ip.len() < IPV4_HLEN || ip[0] >> 4 != 4 {
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total_len = usize::from(be16(ip, 2));
+        if ihl < IPV4_HLEN || total_len < ihl || total_len > ip.len() {
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+        if internet_checksum(&ip[..ihl]) != 0 {
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+        if ihl > IPV4_HLEN {
+            return Verdict::Dropped(DropReason::IpOptions);
+        }
+        if be16(ip, 6) & (IPV4_MF | IPV4_FRAG_OFFSET) != 0 {
+            return Verdict::Dropped(DropReason::Fragment);
+        }
+        let dst = Ipv4Addr::from(ipv4_at(ip, 16));
+        if dst != self.gateway.ip {
+            return Verdict::Dropped(DropReason::UnknownDestination);
+        }
+        // Ethernet padding past the IPv4 total length is not part of the packet.
+        let ip = &ip[..total_len];
+        let icmp = &ip[IPV4_HLEN..];
+        if ip[9] != IPPROTO_ICMP || icmp.len() < ICMP_ECHO_HLEN || icmp[0] != ICMP_ECHO_REQUEST {
+            return Verdict::Dropped(DropReason::IcmpToGatewayOther);
+        }
+        if internet_checksum(icmp) != 0 {
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+
+        let requester_mac = mac_at(frame, 6);
+        let requester_ip = ipv4_at(ip, 12);
+        let gw_mac = self.gateway.mac;
+        let out = &mut self.scratch;
+        out.clear();
+        out.extend_from_slice(&requester_mac);
+        out.extend_from_slice(&gw_mac);
+        out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        let ip_start = out.len();
+        out.extend_from_slice(&[0x45, ip[1]]); // version/IHL, TOS kept
+        out.extend_from_slice(&(total_len as u16).to_be_bytes());
+        out.extend_from_slice(&ip[4..6]); // identification kept
+        out.extend_from_slice(&[0, 0]); // no flags, offset 0
+        out.extend_from_slice(&[DEFAULT_TTL, IPPROTO_ICMP, 0, 0]);
+        out.extend_from_slice(&dst.octets());
+        out.extend_from_slice(&requester_ip);
+        let ip_csum = internet_checksum(&out[ip_start..]);
+        put_be16(out, ip_start + 10, ip_csum);
+        let icmp_start = out.len();
+        out.extend_from_slice(&[ICMP_ECHO_REPLY, 0, 0, 0]);
+        out.extend_from_slice(&icmp[4..]); // id, seq and payload kept
+        let icmp_csum = internet_checksum(&out[icmp_start..]);
+        put_be16(out, icmp_start + 2, icmp_csum);
+        tx(out);
+        Verdict::Replied(ReplyKind::IcmpEcho)
+    }
+}
+
+impl SlowPath for BuiltinVswitch {
+    fn handle(&mut self, frame: &[u8], tx: &mut dyn FnMut(&[u8])) -> Verdict {
+        let verdict = self.classify(frame, tx);
+        self.counters.record(frame.len(), verdict);
+        verdict
+    }
+
+    fn counters(&self) -> VswitchCounters {
+        self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GW_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+    const GW_MAC: [u8; 6] = [0x02, 0xfe, 0x00, 0x00, 0x00, 0x01];
+    const POD_IP: [u8; 4] = [10, 1, 0, 7];
+    const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x01, 0x00, 0x07];
+
+    fn vswitch() -> BuiltinVswitch {
+        BuiltinVswitch::new(GatewayConfig {
+            ip: GW_IP,
+            mac: GW_MAC,
+        })
+    }
+
+    /// Runs one frame through a vswitch, collecting what it transmits.
+    fn run(vs: &mut BuiltinVswitch, frame: &[u8]) -> (Verdict, Vec<Vec<u8>>) {
+        let mut sent = Vec::new();
+        let verdict = vs.handle(frame, &mut |f| sent.push(f.to_vec()));
+        (verdict, sent)
+    }
+
+    fn arp_frame(op: u16, sender_mac: [u8; 6], sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&sender_mac);
+        f.extend_from_slice(&[0x08, 0x06]);
+        f.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4]);
+        f.extend_from_slice(&op.to_be_bytes());
+        f.extend_from_slice(&sender_mac);
+        f.extend_from_slice(&sender_ip);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target_ip);
+        f
+    }
+
+    /// An Ethernet + IPv4 frame with a correct header checksum.
+    fn ipv4_frame(proto: u8, dst: [u8; 4], options: &[u8], frag: u16, l4: &[u8]) -> Vec<u8> {
+        assert_eq!(options.len() % 4, 0);
+        let ihl = (IPV4_HLEN + options.len()) / 4;
+        let total = (ihl * 4 + l4.len()) as u16;
+        let mut f = Vec::new();
+        f.extend_from_slice(&GW_MAC);
+        f.extend_from_slice(&POD_MAC);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.push(0x40 | ihl as u8);
+        f.push(0x10);
+        f.extend_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[0xbe, 0xef]);
+        f.extend_from_slice(&frag.to_be_bytes());
+        f.extend_from_slice(&[63, proto, 0, 0]);
+        f.extend_from_slice(&POD_IP);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(options);
+        let csum = internet_checksum(&f[ETH_HLEN..ETH_HLEN + ihl * 4]);
+        put_be16(&mut f, ETH_HLEN + 10, csum);
+        f.extend_from_slice(l4);
+        f
+    }
+
+    fn icmp(kind: u8, id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind, 0, 0, 0];
+        m.extend_from_slice(&id.to_be_bytes());
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(payload);
+        let csum = internet_checksum(&m);
+        put_be16(&mut m, 2, csum);
+        m
+    }
+
+    fn echo_request(payload: &[u8]) -> Vec<u8> {
+        ipv4_frame(
+            IPPROTO_ICMP,
+            GW_IP.octets(),
+            &[],
+            0x4000, // DF, as ping sets it
+            &icmp(ICMP_ECHO_REQUEST, 0x1234, 7, payload),
+        )
+    }
+
+    #[test]
+    fn arp_request_for_gateway_gets_exact_reply() {
+        let mut vs = vswitch();
+        let (verdict, sent) = run(&mut vs, &arp_frame(1, POD_MAC, POD_IP, GW_IP.octets()));
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::Arp));
+        let expected: Vec<u8> = [
+            &POD_MAC[..],                          // eth dst: the requester
+            &GW_MAC,                               // eth src: the gateway
+            &[0x08, 0x06],                         // ARP
+            &[0x00, 0x01, 0x08, 0x00, 0x06, 0x04], // Ethernet/IPv4
+            &[0x00, 0x02],                         // reply
+            &GW_MAC,                               // sender MAC
+            &[10, 1, 0, 1],                        // sender IP
+            &POD_MAC,                              // target MAC
+            &POD_IP,                               // target IP
+        ]
+        .concat();
+        assert_eq!(sent, vec![expected]);
+        let c = vs.counters();
+        assert_eq!(c.arp_replies, 1);
+        assert_eq!(c.rx_frames, 1);
+        assert_eq!(c.drops.total(), 0);
+    }
+
+    #[test]
+    fn arp_request_with_ethernet_padding_is_answered() {
+        let mut vs = vswitch();
+        let mut f = arp_frame(1, POD_MAC, POD_IP, GW_IP.octets());
+        f.resize(60, 0);
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::Arp));
+        assert_eq!(sent[0].len(), ETH_HLEN + ARP_LEN);
+    }
+
+    #[test]
+    fn other_arp_is_dropped_as_arp_other() {
+        let mut vs = vswitch();
+        let cases = [
+            arp_frame(1, POD_MAC, POD_IP, [10, 1, 0, 9]), // someone else's IP
+            arp_frame(2, POD_MAC, POD_IP, GW_IP.octets()), // a reply
+            {
+                let mut f = arp_frame(1, POD_MAC, POD_IP, GW_IP.octets());
+                f[ETH_HLEN + 1] = 6; // htype 6 (IEEE 802)
+                f
+            },
+        ];
+        for f in &cases {
+            let (verdict, sent) = run(&mut vs, f);
+            assert_eq!(verdict, Verdict::Dropped(DropReason::ArpOther));
+            assert!(sent.is_empty());
+        }
+        assert_eq!(vs.counters().drops.arp_other, 3);
+        assert_eq!(vs.counters().arp_replies, 0);
+    }
+
+    #[test]
+    fn truncated_arp_is_malformed() {
+        let mut vs = vswitch();
+        let f = arp_frame(1, POD_MAC, POD_IP, GW_IP.octets());
+        let (verdict, sent) = run(&mut vs, &f[..f.len() - 1]);
+        assert_eq!(verdict, Verdict::Dropped(DropReason::Malformed));
+        assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn echo_request_to_gateway_gets_valid_reply() {
+        let mut vs = vswitch();
+        let payload: Vec<u8> = (0..56u8).collect();
+        let req = echo_request(&payload);
+        let (verdict, sent) = run(&mut vs, &req);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::IcmpEcho));
+        assert_eq!(sent.len(), 1);
+        let r = &sent[0];
+        assert_eq!(r.len(), req.len());
+        // Ethernet: MACs swapped, the gateway's MAC as source.
+        assert_eq!(&r[0..6], &POD_MAC);
+        assert_eq!(&r[6..12], &GW_MAC);
+        assert_eq!(&r[12..14], &[0x08, 0x00]);
+        let ip = &r[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(ip[1], 0x10, "TOS kept");
+        assert_eq!(
+            be16(ip, 2) as usize,
+            IPV4_HLEN + ICMP_ECHO_HLEN + payload.len()
+        );
+        assert_eq!(be16(ip, 6), 0, "no fragment flags");
+        assert_eq!(ip[8], DEFAULT_TTL);
+        assert_eq!(ip[9], IPPROTO_ICMP);
+        assert_eq!(&ip[12..16], &GW_IP.octets());
+        assert_eq!(&ip[16..20], &POD_IP);
+        assert_eq!(internet_checksum(ip), 0, "IPv4 header checksum");
+        // Recompute the IPv4 checksum from scratch and compare with the field.
+        let mut zeroed = ip.to_vec();
+        put_be16(&mut zeroed, 10, 0);
+        assert_eq!(internet_checksum(&zeroed), be16(ip, 10));
+        let icmp = &r[ETH_HLEN + IPV4_HLEN..];
+        assert_eq!(icmp[0], ICMP_ECHO_REPLY);
+        assert_eq!(icmp[1], 0);
+        assert_eq!(be16(icmp, 4), 0x1234, "id kept");
+        assert_eq!(be16(icmp, 6), 7, "seq kept");
+        assert_eq!(&icmp[8..], &payload[..], "payload kept");
+        let mut zeroed = icmp.to_vec();
+        put_be16(&mut zeroed, 2, 0);
+        assert_eq!(internet_checksum(&zeroed), be16(icmp, 2), "ICMP checksum");
+        assert_eq!(vs.counters().icmp_echo_replies, 1);
+    }
+
+    #[test]
+    fn echo_reply_ignores_ethernet_padding_and_handles_odd_payload() {
+        let mut vs = vswitch();
+        let mut req = echo_request(&[0xab; 3]);
+        let unpadded = req.len();
+        req.resize(60, 0xee);
+        let (verdict, sent) = run(&mut vs, &req);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::IcmpEcho));
+        let r = &sent[0];
+        assert_eq!(r.len(), unpadded);
+        assert_eq!(internet_checksum(&r[ETH_HLEN..ETH_HLEN + IPV4_HLEN]), 0);
+        assert_eq!(internet_checksum(&r[ETH_HLEN + IPV4_HLEN..]), 0);
+    }
+
+    #[test]
+    fn ip_options_are_dropped() {
+        let mut vs = vswitch();
+        // A router-alert option (4 bytes).
+        let f = ipv4_frame(
+            IPPROTO_ICMP,
+            GW_IP.octets(),
+            &[0x94, 0x04, 0x00, 0x00],
+            0,
+            &icmp(ICMP_ECHO_REQUEST, 1, 1, b"x"),
+        );
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Dropped(DropReason::IpOptions));
+        assert!(sent.is_empty());
+        assert_eq!(vs.counters().drops.ip_options, 1);
+    }
+
+    #[test]
+    fn fragments_are_dropped() {
+        let mut vs = vswitch();
+        let l4 = icmp(ICMP_ECHO_REQUEST, 1, 1, &[0; 16]);
+        let first = ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &[], IPV4_MF, &l4);
+        let later = ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &[], 3, &[0; 24]);
+        for f in [first, later] {
+            let (verdict, sent) = run(&mut vs, &f);
+            assert_eq!(verdict, Verdict::Dropped(DropReason::Fragment));
+            assert!(sent.is_empty());
+        }
+        assert_eq!(vs.counters().drops.fragment, 2);
+    }
+
+    #[test]
+    fn ipv4_to_other_destinations_is_unknown_destination() {
+        let mut vs = vswitch();
+        let l4 = icmp(ICMP_ECHO_REQUEST, 1, 1, b"hi");
+        for dst in [[10, 1, 0, 9], [8, 8, 8, 8], [255, 255, 255, 255]] {
+            let (verdict, sent) = run(&mut vs, &ipv4_frame(IPPROTO_ICMP, dst, &[], 0, &l4));
+            assert_eq!(verdict, Verdict::Dropped(DropReason::UnknownDestination));
+            assert!(sent.is_empty());
+        }
+        assert_eq!(vs.counters().drops.unknown_destination, 3);
+    }
+
+    #[test]
+    fn non_echo_traffic_to_gateway_is_icmp_to_gateway_other() {
+        let mut vs = vswitch();
+        let udp = [0x30, 0x39, 0x00, 0x35, 0x00, 0x08, 0x00, 0x00];
+        let frames = [
+            ipv4_frame(17, GW_IP.octets(), &[], 0, &udp),
+            ipv4_frame(
+                IPPROTO_ICMP,
+                GW_IP.octets(),
+                &[],
+                0,
+                &icmp(ICMP_ECHO_REPLY, 1, 1, b""),
+            ),
+            ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &[], 0, &[8, 0, 0]), // truncated ICMP
+        ];
+        for f in &frames {
+            let (verdict, sent) = run(&mut vs, f);
+            assert_eq!(verdict, Verdict::Dropped(DropReason::IcmpToGatewayOther));
+            assert!(sent.is_empty());
+        }
+        assert_eq!(vs.counters().drops.icmp_to_gateway_other, 3);
+    }
+
+    #[test]
+    fn ipv6_and_other_ethertypes_are_non_ipv4() {
+        let mut vs = vswitch();
+        let mut v6 = vec![0x33, 0x33, 0, 0, 0, 1];
+        v6.extend_from_slice(&POD_MAC);
+        v6.extend_from_slice(&[0x86, 0xdd]);
+        v6.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 58, 255]);
+        v6.extend_from_slice(&[0; 32 + 8]);
+        let mut vlan = arp_frame(1, POD_MAC, POD_IP, GW_IP.octets());
+        vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+        for f in [v6, vlan] {
+            let (verdict, sent) = run(&mut vs, &f);
+            assert_eq!(verdict, Verdict::Dropped(DropReason::NonIpv4));
+            assert!(sent.is_empty());
+        }
+        assert_eq!(vs.counters().drops.non_ipv4, 2);
+    }
+
+    #[test]
+    fn malformed_ipv4_is_dropped() {
+        let mut vs = vswitch();
+        let good = echo_request(b"abcd");
+        let mut bad_hdr_csum = good.clone();
+        bad_hdr_csum[ETH_HLEN + 10] ^= 0xff;
+        let mut bad_icmp_csum = good.clone();
+        let last = bad_icmp_csum.len() - 1;
+        bad_icmp_csum[last] ^= 0xff;
+        let mut total_len_too_big = good.clone();
+        put_be16(&mut total_len_too_big, ETH_HLEN + 2, 1500);
+        let mut version6 = good.clone();
+        version6[ETH_HLEN] = 0x65;
+        let cases = [
+            good[..ETH_HLEN + 10].to_vec(), // truncated IPv4 header
+            good[..10].to_vec(),            // truncated Ethernet header
+            bad_hdr_csum,
+            bad_icmp_csum,
+            total_len_too_big,
+            version6,
+        ];
+        for (i, f) in cases.iter().enumerate() {
+            let (verdict, sent) = run(&mut vs, f);
+            assert_eq!(verdict, Verdict::Dropped(DropReason::Malformed), "case {i}");
+            assert!(sent.is_empty(), "case {i}");
+        }
+        assert_eq!(vs.counters().drops.malformed, cases.len() as u64);
+    }
+
+    #[test]
+    fn set_gateway_takes_effect_and_keeps_counters() {
+        let mut vs = vswitch();
+        let new_ip = Ipv4Addr::new(10, 2, 0, 1);
+        let new_mac = [0x02, 0xfe, 0, 0, 0, 0x22];
+        run(&mut vs, &arp_frame(1, POD_MAC, POD_IP, GW_IP.octets()));
+        vs.set_gateway(GatewayConfig {
+            ip: new_ip,
+            mac: new_mac,
+        });
+        assert_eq!(vs.gateway().ip, new_ip);
+        let (old, _) = run(&mut vs, &arp_frame(1, POD_MAC, POD_IP, GW_IP.octets()));
+        assert_eq!(old, Verdict::Dropped(DropReason::ArpOther));
+        let (verdict, sent) = run(&mut vs, &arp_frame(1, POD_MAC, POD_IP, new_ip.octets()));
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::Arp));
+        assert_eq!(&sent[0][6..12], &new_mac);
+        assert_eq!(&sent[0][ETH_HLEN + 8..ETH_HLEN + 14], &new_mac);
+        assert_eq!(&sent[0][ETH_HLEN + 14..ETH_HLEN + 18], &new_ip.octets());
+        let c = vs.counters();
+        assert_eq!((c.rx_frames, c.arp_replies, c.drops.arp_other), (3, 2, 1));
+    }
+
+    #[test]
+    fn counters_serialise_as_plain_json() {
+        let mut vs = vswitch();
+        run(&mut vs, &echo_request(b"p"));
+        let json = serde_json::to_value(vs.counters()).expect("serialise");
+        assert_eq!(json["icmp_echo_replies"], 1);
+        assert_eq!(json["drops"]["fragment"], 0);
+    }
+}

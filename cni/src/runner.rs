@@ -261,3 +261,239 @@ fn finish(r: Result<String, CniError>, version: &str) -> Outcome {
         Err(e) => Outcome::failure(e, version),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    use contiv_cni_api::codes;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// A scratch directory removed on drop (pid + counter keeps parallel tests apart).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "contiv-cni-unit-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn env_for(command: &str) -> HashMap<&'static str, String> {
+        let mut m = HashMap::from([("CNI_COMMAND", command.to_owned())]);
+        if matches!(command, "ADD" | "DEL" | "CHECK") {
+            m.insert("CNI_CONTAINERID", "c1".into());
+            m.insert("CNI_NETNS", "/run/netns/pod1".into());
+            m.insert("CNI_IFNAME", "eth0".into());
+            m.insert("CNI_ARGS", "K8S_POD_NAME=p1".into());
+        }
+        m
+    }
+
+    struct MapEnv(HashMap<&'static str, String>);
+
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+    }
+
+    fn config(version: &str, socket: &str) -> Value {
+        json!({"cniVersion": version, "name": "contiv", "type": "contiv-cni", "agentSocket": socket})
+    }
+
+    fn short() -> Timeouts {
+        Timeouts { connect: Duration::from_millis(500), request: Duration::from_millis(500) }
+    }
+
+    async fn invoke(command: &str, cfg: &Value) -> Outcome {
+        run_async(&MapEnv(env_for(command)), cfg.to_string().as_bytes(), short()).await
+    }
+
+    fn error_of(o: &Outcome) -> Value {
+        assert_eq!(o.exit_code, 1, "{o:?}");
+        let v: Value = serde_json::from_str(&o.stdout).unwrap();
+        for k in ["cniVersion", "code", "msg", "details"] {
+            assert!(v.get(k).is_some(), "{k} missing in {v}");
+        }
+        v
+    }
+
+    fn planned(command: &str, cfg: &Value) -> Result<Plan, CniError> {
+        let env = env::read(&MapEnv(env_for(command))).unwrap();
+        plan(&env, cfg.to_string().as_bytes())
+    }
+
+    #[test]
+    fn version_json_lists_supported_versions() {
+        let v: Value = serde_json::from_str(&version_json("0.4.0")).unwrap();
+        assert_eq!(
+            v,
+            json!({"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]})
+        );
+    }
+
+    #[tokio::test]
+    async fn version_needs_no_agent_and_defaults_to_1_1_0() {
+        let o = run_async(&MapEnv(env_for("VERSION")), b"", short()).await;
+        assert_eq!(o.exit_code, 0);
+        assert_eq!(
+            o.stdout,
+            r#"{"cniVersion":"1.1.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]}"#
+        );
+        let o = invoke("VERSION", &json!({"cniVersion": "0.3.1"})).await;
+        assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"], "0.3.1");
+    }
+
+    #[test]
+    fn add_request_carries_env_and_verbatim_config() {
+        let cfg = config("1.0.0", "/run/x.sock");
+        let Ok(Plan::Forward(f)) = planned("ADD", &cfg) else { panic!("not forwarded") };
+        assert_eq!(f.socket, PathBuf::from("/run/x.sock"));
+        assert_eq!(f.version, CniVersion::V1_0_0);
+        let AgentRequest::Add { request, prev } = f.request else { panic!("not ADD") };
+        assert_eq!(
+            request,
+            v1::CniRequest {
+                container_id: "c1".into(),
+                netns: "/run/netns/pod1".into(),
+                ifname: "eth0".into(),
+                args: "K8S_POD_NAME=p1".into(),
+                network_name: "contiv".into(),
+                network_config: cfg.to_string().into_bytes(),
+            }
+        );
+        assert!(prev.is_none());
+    }
+
+    #[test]
+    fn gc_request_carries_valid_attachments() {
+        let mut cfg = config("1.1.0", "/run/x.sock");
+        cfg["cni.dev/valid-attachments"] = json!([{"containerID": "c9", "ifname": "eth0"}]);
+        let Ok(Plan::Forward(f)) = planned("GC", &cfg) else { panic!("not forwarded") };
+        let AgentRequest::Gc(gc) = f.request else { panic!("not GC") };
+        assert_eq!(gc.network_name, "contiv");
+        assert_eq!(gc.network_config, cfg.to_string().into_bytes());
+        assert_eq!(
+            gc.valid_attachments,
+            vec![v1::Attachment { container_id: "c9".into(), ifname: "eth0".into() }]
+        );
+    }
+
+    #[tokio::test]
+    async fn check_before_0_4_0_is_code_1() {
+        let mut cfg = config("0.3.1", "/run/x.sock");
+        cfg["prevResult"] = json!({});
+        let v = error_of(&invoke("CHECK", &cfg).await);
+        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(1), Some("0.3.1")));
+    }
+
+    #[tokio::test]
+    async fn status_and_gc_before_1_1_0_are_code_1() {
+        for cmd in ["STATUS", "GC"] {
+            let mut cfg = config("1.0.0", "/run/x.sock");
+            cfg["cni.dev/valid-attachments"] = json!([]);
+            let v = error_of(&invoke(cmd, &cfg).await);
+            assert_eq!(v["code"], 1, "{cmd}");
+            assert_eq!(v["cniVersion"], "1.0.0");
+            assert!(v["msg"].as_str().unwrap().contains(cmd));
+        }
+    }
+
+    #[tokio::test]
+    async fn check_without_prev_result_is_code_7() {
+        let v = error_of(&invoke("CHECK", &config("1.1.0", "/run/x.sock")).await);
+        assert_eq!(v["code"], codes::INVALID_CONFIG);
+    }
+
+    #[tokio::test]
+    async fn gc_without_valid_attachments_is_code_7() {
+        let v = error_of(&invoke("GC", &config("1.1.0", "/run/x.sock")).await);
+        assert_eq!(v["code"], codes::INVALID_CONFIG);
+        assert!(v["msg"].as_str().unwrap().contains("cni.dev/valid-attachments"));
+    }
+
+    #[tokio::test]
+    async fn add_with_bad_prev_result_is_code_7() {
+        let mut cfg = config("1.0.0", "/run/x.sock");
+        cfg["prevResult"] = json!({"ips": [{"address": "nope"}]});
+        let v = error_of(&invoke("ADD", &cfg).await);
+        assert_eq!((v["code"].as_u64(), v["msg"].as_str()), (Some(7), Some("invalid prevResult")));
+    }
+
+    #[tokio::test]
+    async fn config_errors_carry_requested_version() {
+        let mut cfg = config("0.4.0", "/run/x.sock");
+        cfg["mtu"] = json!("big");
+        let v = error_of(&invoke("ADD", &cfg).await);
+        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(7), Some("0.4.0")));
+        // An unsupported version cannot be echoed: errors then speak 1.1.0.
+        let v = error_of(&invoke("ADD", &config("9.9.9", "/run/x.sock")).await);
+        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(1), Some("1.1.0")));
+    }
+
+    #[tokio::test]
+    async fn missing_socket_is_code_11_and_status_50() {
+        let dir = TempDir::new();
+        let sock = dir.0.join("absent.sock");
+        let mut cfg = config("1.1.0", sock.to_str().unwrap());
+        cfg["prevResult"] = json!({});
+        cfg["cni.dev/valid-attachments"] = json!([]);
+        for cmd in ["ADD", "DEL", "CHECK", "GC"] {
+            let v = error_of(&invoke(cmd, &cfg).await);
+            assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{cmd}: {v}");
+            assert!(v["details"].as_str().unwrap().contains("absent.sock"), "{v}");
+        }
+        let v = error_of(&invoke("STATUS", &cfg).await);
+        assert_eq!(v["code"], codes::NOT_AVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn refused_socket_is_code_11() {
+        let dir = TempDir::new();
+        let sock = dir.0.join("stale.sock");
+        // Bind and close: the socket file stays, connecting is refused.
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        assert!(sock.exists());
+        let v = error_of(&invoke("DEL", &config("1.1.0", sock.to_str().unwrap())).await);
+        assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{v}");
+    }
+
+    #[tokio::test]
+    async fn silent_agent_times_out_with_code_11() {
+        let dir = TempDir::new();
+        let sock = dir.0.join("silent.sock");
+        // Accepts connections (kernel backlog) but never speaks HTTP/2.
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let start = Instant::now();
+        let o = invoke("ADD", &config("1.1.0", sock.to_str().unwrap())).await;
+        let v = error_of(&o);
+        assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{v}");
+        assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    }
+
+    #[tokio::test]
+    async fn silent_agent_status_is_code_50() {
+        let dir = TempDir::new();
+        let sock = dir.0.join("silent.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let v = error_of(&invoke("STATUS", &config("1.1.0", sock.to_str().unwrap())).await);
+        assert_eq!(v["code"], codes::NOT_AVAILABLE, "{v}");
+    }
+}

@@ -31,4 +31,4 @@ mod port;
 
 pub use backend::{DropCounters, DropReason, ReplyKind, SlowPath, Verdict, VswitchCounters};
 pub use builtin::{BuiltinVswitch, GatewayConfig};
-pub use port::{AfXdpPort, PortConfig, PortCounters, PortError, RunningPort, spawn};
+pub use port::{AfXdpPort, BUSY_RETRY, PortConfig, PortCounters, PortError, RunningPort, spawn};

@@ -116,6 +116,25 @@ pub enum PortError {
     },
 }
 
+/// How long [`AfXdpPort::open`] retries while the queue is still held by a
+/// socket that was just closed.
+pub const BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// The OS error behind a socket creation failure, if any.
+fn os_error(e: &xsk_rs::socket::SocketCreateError) -> Option<i32> {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error)
+}
+
+impl PortError {
+    /// The queue is bound by another AF_XDP socket (EBUSY).
+    pub fn is_queue_busy(&self) -> bool {
+        matches!(self, PortError::Socket { source, .. } if os_error(source) == Some(libc::EBUSY))
+    }
+}
+
 /// Counters of the port itself (the backend keeps its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PortCounters {
@@ -176,7 +195,24 @@ impl AfXdpPort {
     /// Creates the UMEM and the socket, bound in copy mode to
     /// `config.ifname` / `config.queue` in the calling thread's network
     /// namespace, and fills the fill ring. Does not load any XDP program.
+    ///
+    /// The kernel frees a queue's buffer pool shortly (an RCU grace period)
+    /// after the previous socket on it was closed; while it is still busy the
+    /// bind is retried for up to [`BUSY_RETRY`].
     pub fn open(config: PortConfig) -> Result<Self, PortError> {
+        let started = std::time::Instant::now();
+        loop {
+            match Self::open_once(&config) {
+                Err(e) if e.is_queue_busy() && started.elapsed() < BUSY_RETRY => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn open_once(config: &PortConfig) -> Result<Self, PortError> {
+        let config = config.clone();
         if config.frame_count < 2 {
             return Err(PortError::InvalidConfig(format!(
                 "frame_count must be at least 2, got {}",
@@ -212,6 +248,7 @@ impl AfXdpPort {
         let (result, need_wakeup) = if config.need_wakeup {
             match bind(BindFlags::XDP_COPY | BindFlags::XDP_USE_NEED_WAKEUP) {
                 Ok(s) => (Ok(s), true),
+                Err(e) if os_error(&e) == Some(libc::EBUSY) => (Err(e), false),
                 Err(e) => {
                     log::warn!(
                         "binding {} queue {} with need-wakeup failed ({e}), retrying without",

@@ -81,7 +81,12 @@ impl Agent {
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }));
         let channel = match tokio::time::timeout(timeouts.connect, connect).await {
-            Err(_) => return Err(unreachable(format!("no connection within {:?}", timeouts.connect))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no connection within {:?}",
+                    timeouts.connect
+                )));
+            }
             Ok(Err(e)) => return Err(unreachable(error_chain(&e))),
             Ok(Ok(channel)) => channel,
         };
@@ -138,7 +143,9 @@ async fn call<T>(
 ) -> Result<T, AgentError> {
     match tokio::time::timeout(timeout, fut).await {
         Err(_) => Err(AgentError::Timeout(timeout)),
-        Ok(Err(status)) if status.code() == tonic::Code::Cancelled && is_timeout_status(&status) => {
+        Ok(Err(status))
+            if status.code() == tonic::Code::Cancelled && is_timeout_status(&status) =>
+        {
             Err(AgentError::Timeout(timeout))
         }
         Ok(Err(status)) => Err(AgentError::Rpc(status)),

@@ -102,7 +102,11 @@ pub struct NetworkConfig {
 pub fn reply_version(stdin: &[u8]) -> &'static str {
     serde_json::from_slice::<Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).and_then(CniVersion::parse))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .and_then(CniVersion::parse)
+        })
         .map_or(DEFAULT_VERSION, CniVersion::as_str)
 }
 
@@ -286,12 +290,20 @@ fn validate_mtu(v: &Value) -> Result<u32, CniError> {
     v.as_u64()
         .filter(|m| (68..=65535).contains(m))
         .and_then(|m| u32::try_from(m).ok())
-        .ok_or_else(|| invalid("invalid mtu", format!("must be an integer in 68..=65535, got {v}")))
+        .ok_or_else(|| {
+            invalid(
+                "invalid mtu",
+                format!("must be an integer in 68..=65535, got {v}"),
+            )
+        })
 }
 
 fn validate_dns(v: &Value) -> Result<(), CniError> {
     let obj = v.as_object().ok_or_else(|| {
-        invalid("invalid dns", format!("must be an object, got {}", json_kind(v)))
+        invalid(
+            "invalid dns",
+            format!("must be an object, got {}", json_kind(v)),
+        )
     })?;
     for key in ["nameservers", "search", "options"] {
         match obj.get(key) {
@@ -385,8 +397,14 @@ mod tests {
         assert_eq!(c.cni_version, CniVersion::V1_1_0);
         assert_eq!(c.name, "contiv");
         assert_eq!(c.plugin_type, "contiv-cni");
-        assert_eq!(c.agent_socket, PathBuf::from(contiv_cni_api::DEFAULT_SOCKET));
-        assert_eq!((c.mtu, c.prev_result, c.valid_attachments), (None, None, None));
+        assert_eq!(
+            c.agent_socket,
+            PathBuf::from(contiv_cni_api::DEFAULT_SOCKET)
+        );
+        assert_eq!(
+            (c.mtu, c.prev_result, c.valid_attachments),
+            (None, None, None)
+        );
     }
 
     #[test]
@@ -413,7 +431,12 @@ mod tests {
     fn undecodable_json_is_code_6() {
         for bad in [&b"{bad"[..], b"", b"[1,2]", b"\"x\""] {
             let e = parse(bad).unwrap_err();
-            assert_eq!(e.code, codes::DECODE_FAILURE, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                e.code,
+                codes::DECODE_FAILURE,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -435,7 +458,11 @@ mod tests {
             with("name", json!("a/b")),
             with("type", json!("../contiv-cni")),
         ] {
-            assert_eq!(parse_json(cfg.clone()).unwrap_err().code, codes::INVALID_CONFIG, "{cfg}");
+            assert_eq!(
+                parse_json(cfg.clone()).unwrap_err().code,
+                codes::INVALID_CONFIG,
+                "{cfg}"
+            );
         }
     }
 
@@ -453,19 +480,43 @@ mod tests {
     #[test]
     fn bad_agent_socket_is_code_7() {
         let long = format!("/{}", "x".repeat(200));
-        for v in [json!(""), json!("relative.sock"), json!(5), json!(long), json!("/a\u{0}b")] {
+        for v in [
+            json!(""),
+            json!("relative.sock"),
+            json!(5),
+            json!(long),
+            json!("/a\u{0}b"),
+        ] {
             let e = parse_json(with("agentSocket", v.clone())).unwrap_err();
-            assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_CONFIG, "invalid agentSocket"), "{v}");
+            assert_eq!(
+                (e.code, e.msg.as_str()),
+                (codes::INVALID_CONFIG, "invalid agentSocket"),
+                "{v}"
+            );
         }
     }
 
     #[test]
     fn bad_mtu_is_code_7() {
-        for v in [json!("1500"), json!(-1), json!(0), json!(67), json!(70000), json!(1500.5)] {
+        for v in [
+            json!("1500"),
+            json!(-1),
+            json!(0),
+            json!(67),
+            json!(70000),
+            json!(1500.5),
+        ] {
             let e = parse_json(with("mtu", v.clone())).unwrap_err();
-            assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_CONFIG, "invalid mtu"), "{v}");
+            assert_eq!(
+                (e.code, e.msg.as_str()),
+                (codes::INVALID_CONFIG, "invalid mtu"),
+                "{v}"
+            );
         }
-        assert_eq!(parse_json(with("mtu", json!(9000))).unwrap().mtu, Some(9000));
+        assert_eq!(
+            parse_json(with("mtu", json!(9000))).unwrap().mtu,
+            Some(9000)
+        );
     }
 
     #[test]
@@ -492,7 +543,10 @@ mod tests {
             ("args", json!(1)),
             (VALID_ATTACHMENTS_KEY, json!({})),
             (VALID_ATTACHMENTS_KEY, json!([{"containerID": "a"}])),
-            (VALID_ATTACHMENTS_KEY, json!([{"containerID": 1, "ifname": "eth0"}])),
+            (
+                VALID_ATTACHMENTS_KEY,
+                json!([{"containerID": 1, "ifname": "eth0"}]),
+            ),
         ] {
             let e = parse_json(with(k, v.clone())).unwrap_err();
             assert_eq!(e.code, codes::INVALID_CONFIG, "{k}: {v}");
@@ -509,8 +563,14 @@ mod tests {
         assert_eq!(
             c.valid_attachments.unwrap(),
             vec![
-                ValidAttachment { container_id: "a".into(), ifname: "eth0".into() },
-                ValidAttachment { container_id: "b".into(), ifname: "net1".into() },
+                ValidAttachment {
+                    container_id: "a".into(),
+                    ifname: "eth0".into()
+                },
+                ValidAttachment {
+                    container_id: "b".into(),
+                    ifname: "net1".into()
+                },
             ]
         );
     }
@@ -526,8 +586,14 @@ mod tests {
     fn requested_version_echoes_input() {
         assert_eq!(requested_version(b"").unwrap(), "1.1.0");
         assert_eq!(requested_version(b"{}").unwrap(), "1.1.0");
-        assert_eq!(requested_version(br#"{"cniVersion":"0.4.0"}"#).unwrap(), "0.4.0");
-        assert_eq!(requested_version(b"{bad").unwrap_err().code, codes::DECODE_FAILURE);
+        assert_eq!(
+            requested_version(br#"{"cniVersion":"0.4.0"}"#).unwrap(),
+            "0.4.0"
+        );
+        assert_eq!(
+            requested_version(b"{bad").unwrap_err().code,
+            codes::DECODE_FAILURE
+        );
     }
 
     #[test]

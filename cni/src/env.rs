@@ -178,13 +178,17 @@ fn validate_ifname(name: &str) -> Result<(), CniError> {
     let ok = name.len() < IFNAMSIZ
         && name != "."
         && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
     if ok {
         Ok(())
     } else {
         Err(CniError::invalid_env(
             "invalid CNI_IFNAME",
-            format!("{name:?}: must be at most 15 bytes, not '.' or '..', without '/', ':' or whitespace"),
+            format!(
+                "{name:?}: must be at most 15 bytes, not '.' or '..', without '/', ':' or whitespace"
+            ),
         ))
     }
 }
@@ -252,17 +256,19 @@ mod tests {
         assert_eq!(e.netns, "");
         let e = read(&env(&[("CNI_COMMAND", "DEL"), ("CNI_IFNAME", "eth0")])).unwrap_err();
         assert_eq!(e.code, codes::INVALID_ENV);
-        assert!(e.msg.contains("CNI_CONTAINERID") && !e.msg.contains("CNI_NETNS"), "{e}");
+        assert!(
+            e.msg.contains("CNI_CONTAINERID") && !e.msg.contains("CNI_NETNS"),
+            "{e}"
+        );
     }
 
     #[test]
     fn check_requires_netns_like_add() {
-        let e = read(&env(&[
-            ("CNI_COMMAND", "CHECK"),
-            ("CNI_CONTAINERID", "c1"),
-        ]))
-        .unwrap_err();
-        assert!(e.msg.contains("CNI_NETNS") && e.msg.contains("CNI_IFNAME"), "{e}");
+        let e = read(&env(&[("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "c1")])).unwrap_err();
+        assert!(
+            e.msg.contains("CNI_NETNS") && e.msg.contains("CNI_IFNAME"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -280,12 +286,19 @@ mod tests {
         m.insert("CNI_CONTAINERID", "-bad");
         m.insert("CNI_IFNAME", "eth0");
         let e = read(&m).unwrap_err();
-        assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_ENV, "invalid CNI_CONTAINERID"));
+        assert_eq!(
+            (e.code, e.msg.as_str()),
+            (codes::INVALID_ENV, "invalid CNI_CONTAINERID")
+        );
         m.insert("CNI_CONTAINERID", "abc_1.2-3");
         for bad in ["a/b", "a:b", "a b", ".", "..", "sixteen-chars-xx"] {
             m.insert("CNI_IFNAME", bad);
             let e = read(&m).unwrap_err();
-            assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_ENV, "invalid CNI_IFNAME"), "{bad}");
+            assert_eq!(
+                (e.code, e.msg.as_str()),
+                (codes::INVALID_ENV, "invalid CNI_IFNAME"),
+                "{bad}"
+            );
         }
         m.insert("CNI_IFNAME", "fifteen-chars-x");
         let ok = read(&m).unwrap();

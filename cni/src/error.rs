@@ -85,7 +85,10 @@ impl CniError {
         })
         .unwrap_or_else(|_| {
             // Serialising four plain fields cannot fail; keep a valid fallback anyway.
-            format!(r#"{{"cniVersion":"1.1.0","code":{},"msg":"error","details":""}}"#, self.code)
+            format!(
+                r#"{{"cniVersion":"1.1.0","code":{},"msg":"error","details":""}}"#,
+                self.code
+            )
         })
     }
 }

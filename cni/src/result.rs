@@ -117,10 +117,16 @@ pub fn parse_prev_result(v: &Value) -> Result<AddResult, CniError> {
     let r: AddResult = serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?;
     for ip in &r.ips {
         if parse_cidr(&ip.address).is_none() {
-            return Err(bad(format!("ips: {:?} is not an address in CIDR notation", ip.address)));
+            return Err(bad(format!(
+                "ips: {:?} is not an address in CIDR notation",
+                ip.address
+            )));
         }
         if !ip.gateway.is_empty() && ip.gateway.parse::<IpAddr>().is_err() {
-            return Err(bad(format!("ips: gateway {:?} is not an IP address", ip.gateway)));
+            return Err(bad(format!(
+                "ips: gateway {:?} is not an IP address",
+                ip.gateway
+            )));
         }
         if let Some(i) = ip.interface
             && i as usize >= r.interfaces.len()
@@ -133,7 +139,10 @@ pub fn parse_prev_result(v: &Value) -> Result<AddResult, CniError> {
     }
     for route in &r.routes {
         if parse_cidr(&route.dst).is_none() {
-            return Err(bad(format!("routes: dst {:?} is not in CIDR notation", route.dst)));
+            return Err(bad(format!(
+                "routes: dst {:?} is not in CIDR notation",
+                route.dst
+            )));
         }
     }
     Ok(r)
@@ -162,10 +171,17 @@ pub fn add_result(
     let offset = out.interfaces.len();
 
     for ip in &reply.ips {
-        let (addr, _) = parse_cidr(&ip.address)
-            .ok_or_else(|| bad(format!("{:?} is not an address in CIDR notation", ip.address)))?;
+        let (addr, _) = parse_cidr(&ip.address).ok_or_else(|| {
+            bad(format!(
+                "{:?} is not an address in CIDR notation",
+                ip.address
+            ))
+        })?;
         if !ip.gateway.is_empty() && ip.gateway.parse::<IpAddr>().is_err() {
-            return Err(bad(format!("gateway {:?} is not an IP address", ip.gateway)));
+            return Err(bad(format!(
+                "gateway {:?} is not an IP address",
+                ip.gateway
+            )));
         }
         if ip.interface as usize >= reply.interfaces.len() {
             return Err(bad(format!(
@@ -189,7 +205,10 @@ pub fn add_result(
     }
     for route in &reply.routes {
         if parse_cidr(&route.dst).is_none() {
-            return Err(bad(format!("route dst {:?} is not in CIDR notation", route.dst)));
+            return Err(bad(format!(
+                "route dst {:?} is not in CIDR notation",
+                route.dst
+            )));
         }
         if !route.gw.is_empty() && route.gw.parse::<IpAddr>().is_err() {
             return Err(bad(format!("route gw {:?} is not an IP address", route.gw)));
@@ -263,8 +282,14 @@ mod tests {
                 },
             ],
             routes: vec![
-                v1::Route { dst: "0.0.0.0/0".into(), gw: "10.1.1.1".into() },
-                v1::Route { dst: "::/0".into(), gw: String::new() },
+                v1::Route {
+                    dst: "0.0.0.0/0".into(),
+                    gw: "10.1.1.1".into(),
+                },
+                v1::Route {
+                    dst: "::/0".into(),
+                    gw: String::new(),
+                },
             ],
             dns: Some(v1::Dns {
                 nameservers: vec!["10.96.0.10".into()],
@@ -304,31 +329,52 @@ mod tests {
 
     #[test]
     fn result_0_3_1_has_ip_versions() {
-        assert_eq!(render(CniVersion::V0_3_1, &sample_reply()), expected("0.3.1", true));
-        assert_eq!(render(CniVersion::V0_3_0, &sample_reply()), expected("0.3.0", true));
+        assert_eq!(
+            render(CniVersion::V0_3_1, &sample_reply()),
+            expected("0.3.1", true)
+        );
+        assert_eq!(
+            render(CniVersion::V0_3_0, &sample_reply()),
+            expected("0.3.0", true)
+        );
     }
 
     #[test]
     fn result_0_4_0_has_ip_versions() {
-        assert_eq!(render(CniVersion::V0_4_0, &sample_reply()), expected("0.4.0", true));
+        assert_eq!(
+            render(CniVersion::V0_4_0, &sample_reply()),
+            expected("0.4.0", true)
+        );
     }
 
     #[test]
     fn result_1_0_0_has_no_ip_versions() {
-        assert_eq!(render(CniVersion::V1_0_0, &sample_reply()), expected("1.0.0", false));
+        assert_eq!(
+            render(CniVersion::V1_0_0, &sample_reply()),
+            expected("1.0.0", false)
+        );
     }
 
     #[test]
     fn result_1_1_0_has_no_ip_versions() {
-        assert_eq!(render(CniVersion::V1_1_0, &sample_reply()), expected("1.1.0", false));
+        assert_eq!(
+            render(CniVersion::V1_1_0, &sample_reply()),
+            expected("1.1.0", false)
+        );
     }
 
     #[test]
     fn result_field_order_is_conventional() {
-        let json = add_result(CniVersion::V1_1_0, &sample_reply(), None).unwrap().to_json();
+        let json = add_result(CniVersion::V1_1_0, &sample_reply(), None)
+            .unwrap()
+            .to_json();
         let pos = |k: &str| json.find(&format!("\"{k}\":")).unwrap();
         assert!(pos("cniVersion") < pos("interfaces"));
-        assert!(pos("interfaces") < pos("ips") && pos("ips") < pos("routes") && pos("routes") < pos("dns"));
+        assert!(
+            pos("interfaces") < pos("ips")
+                && pos("ips") < pos("routes")
+                && pos("routes") < pos("dns")
+        );
     }
 
     #[test]
@@ -341,13 +387,22 @@ mod tests {
     fn inconsistent_reply_is_code_100() {
         let mut r = sample_reply();
         r.ips[0].interface = 2;
-        assert_eq!(add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code, codes::INTERNAL);
+        assert_eq!(
+            add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code,
+            codes::INTERNAL
+        );
         let mut r = sample_reply();
         r.ips[0].address = "10.1.1.2".into();
-        assert_eq!(add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code, codes::INTERNAL);
+        assert_eq!(
+            add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code,
+            codes::INTERNAL
+        );
         let mut r = sample_reply();
         r.routes[0].dst = "default".into();
-        assert_eq!(add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code, codes::INTERNAL);
+        assert_eq!(
+            add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code,
+            codes::INTERNAL
+        );
     }
 
     #[test]
@@ -362,17 +417,36 @@ mod tests {
         .unwrap();
         let mut reply = sample_reply();
         reply.dns = None;
-        let v: Value =
-            serde_json::from_str(&add_result(CniVersion::V1_1_0, &reply, Some(prev)).unwrap().to_json())
-                .unwrap();
+        let v: Value = serde_json::from_str(
+            &add_result(CniVersion::V1_1_0, &reply, Some(prev))
+                .unwrap()
+                .to_json(),
+        )
+        .unwrap();
         assert_eq!(v["interfaces"].as_array().unwrap().len(), 3);
-        assert_eq!(v["interfaces"][0]["socketPath"], "/run/x.sock", "unknown fields kept");
+        assert_eq!(
+            v["interfaces"][0]["socketPath"], "/run/x.sock",
+            "unknown fields kept"
+        );
         assert_eq!(v["interfaces"][2]["name"], "eth0");
-        assert_eq!(v["ips"][0], json!({"interface": 0, "address": "192.168.0.2/24"}));
-        assert_eq!(v["ips"][1]["interface"], 2, "our ips re-indexed past earlier interfaces");
-        assert_eq!(v["routes"][0], json!({"dst": "192.168.1.0/24", "table": 100}));
+        assert_eq!(
+            v["ips"][0],
+            json!({"interface": 0, "address": "192.168.0.2/24"})
+        );
+        assert_eq!(
+            v["ips"][1]["interface"], 2,
+            "our ips re-indexed past earlier interfaces"
+        );
+        assert_eq!(
+            v["routes"][0],
+            json!({"dst": "192.168.1.0/24", "table": 100})
+        );
         assert_eq!(v["routes"].as_array().unwrap().len(), 3);
-        assert_eq!(v["dns"], json!({"nameservers": ["1.1.1.1"]}), "empty agent DNS keeps earlier DNS");
+        assert_eq!(
+            v["dns"],
+            json!({"nameservers": ["1.1.1.1"]}),
+            "empty agent DNS keeps earlier DNS"
+        );
     }
 
     #[test]
@@ -385,7 +459,11 @@ mod tests {
             json!({"ips": [{"address": "10.0.0.1/24", "gateway": "x"}]}),
             json!({"routes": [{"gw": "10.0.0.1"}]}),
         ] {
-            assert_eq!(parse_prev_result(&bad).unwrap_err().code, codes::INVALID_CONFIG, "{bad}");
+            assert_eq!(
+                parse_prev_result(&bad).unwrap_err().code,
+                codes::INVALID_CONFIG,
+                "{bad}"
+            );
         }
         parse_prev_result(&json!({})).unwrap();
     }

@@ -28,7 +28,11 @@ pub struct Outcome {
 
 impl Outcome {
     fn success(stdout: String) -> Self {
-        Self { stdout, exit_code: 0, error: None }
+        Self {
+            stdout,
+            exit_code: 0,
+            error: None,
+        }
     }
 
     fn failure(error: CniError, cni_version: &str) -> Self {
@@ -46,7 +50,7 @@ pub enum Plan {
     /// Print this and exit 0 (VERSION).
     Print(String),
     /// Send a request to the agent.
-    Forward(Forward),
+    Forward(Box<Forward>),
 }
 
 /// A request for the agent, with what is needed to answer the runtime.
@@ -61,7 +65,10 @@ pub struct Forward {
 #[derive(Debug)]
 pub enum AgentRequest {
     /// `prev` is a validated `prevResult` to extend with the agent's result.
-    Add { request: v1::CniRequest, prev: Option<AddResult> },
+    Add {
+        request: v1::CniRequest,
+        prev: Option<AddResult>,
+    },
     Del(v1::CniRequest),
     Check(v1::CniRequest),
     Status(v1::StatusRequest),
@@ -84,17 +91,31 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
     let too_old = |since: &str| {
         CniError::incompatible_version(
             format!("config version does not allow {}", env.command.as_str()),
-            format!("{} needs cniVersion {since} or later, config is {}", env.command.as_str(), version.as_str()),
+            format!(
+                "{} needs cniVersion {since} or later, config is {}",
+                env.command.as_str(),
+                version.as_str()
+            ),
         )
     };
     let request = match env.command {
         // Answered above without a config; never forwarded.
         Command::Version => {
-            return Err(CniError::internal("VERSION is not forwarded to the agent", ""));
+            return Err(CniError::internal(
+                "VERSION is not forwarded to the agent",
+                "",
+            ));
         }
         Command::Add => {
-            let prev = cfg.prev_result.as_ref().map(result::parse_prev_result).transpose()?;
-            AgentRequest::Add { request: cni_request(env, &cfg), prev }
+            let prev = cfg
+                .prev_result
+                .as_ref()
+                .map(result::parse_prev_result)
+                .transpose()?;
+            AgentRequest::Add {
+                request: cni_request(env, &cfg),
+                prev,
+            }
         }
         Command::Del => AgentRequest::Del(cni_request(env, &cfg)),
         Command::Check => {
@@ -102,7 +123,10 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
                 return Err(too_old("0.4.0"));
             }
             let prev = cfg.prev_result.as_ref().ok_or_else(|| {
-                CniError::invalid_config("CHECK requires prevResult", "the runtime must pass the result of ADD")
+                CniError::invalid_config(
+                    "CHECK requires prevResult",
+                    "the runtime must pass the result of ADD",
+                )
             })?;
             result::parse_prev_result(prev)?;
             AgentRequest::Check(cni_request(env, &cfg))
@@ -111,7 +135,9 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
             if !version.has_status_and_gc() {
                 return Err(too_old("1.1.0"));
             }
-            AgentRequest::Status(v1::StatusRequest { network_config: cfg.raw.clone() })
+            AgentRequest::Status(v1::StatusRequest {
+                network_config: cfg.raw.clone(),
+            })
         }
         Command::Gc => {
             if !version.has_status_and_gc() {
@@ -136,7 +162,11 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
             })
         }
     };
-    Ok(Plan::Forward(Forward { socket: cfg.agent_socket, version, request }))
+    Ok(Plan::Forward(Box::new(Forward {
+        socket: cfg.agent_socket,
+        version,
+        request,
+    })))
 }
 
 fn cni_request(env: &CniEnv, cfg: &NetworkConfig) -> v1::CniRequest {
@@ -161,7 +191,10 @@ fn in_band(error: Option<v1::CniError>) -> Result<(), CniError> {
 /// Transport failures: code 11 when transient (agent down, timeout), else 100.
 fn transport_error(e: AgentError) -> CniError {
     if e.is_transient() {
-        CniError::try_again_later("vswitch agent not reachable, try again later", e.to_string())
+        CniError::try_again_later(
+            "vswitch agent not reachable, try again later",
+            e.to_string(),
+        )
     } else {
         CniError::internal("vswitch agent call failed", e.to_string())
     }
@@ -175,7 +208,10 @@ pub async fn forward(f: Forward, timeouts: Timeouts) -> Result<String, CniError>
         Ok(a) => a,
         // STATUS: an unreachable agent means the plugin cannot service ADD.
         Err(e) if is_status => {
-            return Err(CniError::not_available("vswitch agent not available", e.to_string()));
+            return Err(CniError::not_available(
+                "vswitch agent not available",
+                e.to_string(),
+            ));
         }
         Err(e) => return Err(transport_error(e)),
     };
@@ -220,7 +256,7 @@ fn prepare(env: &dyn Env, stdin: &mut dyn Read) -> Result<Forward, Outcome> {
     let reply_version = config::reply_version(&input);
     match plan(&cni_env, &input) {
         Ok(Plan::Print(s)) => Err(Outcome::success(s)),
-        Ok(Plan::Forward(f)) => Ok(f),
+        Ok(Plan::Forward(f)) => Ok(*f),
         Err(e) => Err(Outcome::failure(e, reply_version)),
     }
 }
@@ -232,7 +268,10 @@ pub fn run(env: &dyn Env, stdin: &mut dyn Read, timeouts: Timeouts) -> Outcome {
         Err(done) => return done,
     };
     let version = f.version.as_str();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             return Outcome::failure(
@@ -319,11 +358,19 @@ mod tests {
     }
 
     fn short() -> Timeouts {
-        Timeouts { connect: Duration::from_millis(500), request: Duration::from_millis(500) }
+        Timeouts {
+            connect: Duration::from_millis(500),
+            request: Duration::from_millis(500),
+        }
     }
 
     async fn invoke(command: &str, cfg: &Value) -> Outcome {
-        run_async(&MapEnv(env_for(command)), cfg.to_string().as_bytes(), short()).await
+        run_async(
+            &MapEnv(env_for(command)),
+            cfg.to_string().as_bytes(),
+            short(),
+        )
+        .await
     }
 
     fn error_of(o: &Outcome) -> Value {
@@ -358,16 +405,23 @@ mod tests {
             r#"{"cniVersion":"1.1.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]}"#
         );
         let o = invoke("VERSION", &json!({"cniVersion": "0.3.1"})).await;
-        assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"], "0.3.1");
+        assert_eq!(
+            serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"],
+            "0.3.1"
+        );
     }
 
     #[test]
     fn add_request_carries_env_and_verbatim_config() {
         let cfg = config("1.0.0", "/run/x.sock");
-        let Ok(Plan::Forward(f)) = planned("ADD", &cfg) else { panic!("not forwarded") };
+        let Ok(Plan::Forward(f)) = planned("ADD", &cfg) else {
+            panic!("not forwarded")
+        };
         assert_eq!(f.socket, PathBuf::from("/run/x.sock"));
         assert_eq!(f.version, CniVersion::V1_0_0);
-        let AgentRequest::Add { request, prev } = f.request else { panic!("not ADD") };
+        let AgentRequest::Add { request, prev } = f.request else {
+            panic!("not ADD")
+        };
         assert_eq!(
             request,
             v1::CniRequest {
@@ -386,13 +440,20 @@ mod tests {
     fn gc_request_carries_valid_attachments() {
         let mut cfg = config("1.1.0", "/run/x.sock");
         cfg["cni.dev/valid-attachments"] = json!([{"containerID": "c9", "ifname": "eth0"}]);
-        let Ok(Plan::Forward(f)) = planned("GC", &cfg) else { panic!("not forwarded") };
-        let AgentRequest::Gc(gc) = f.request else { panic!("not GC") };
+        let Ok(Plan::Forward(f)) = planned("GC", &cfg) else {
+            panic!("not forwarded")
+        };
+        let AgentRequest::Gc(gc) = f.request else {
+            panic!("not GC")
+        };
         assert_eq!(gc.network_name, "contiv");
         assert_eq!(gc.network_config, cfg.to_string().into_bytes());
         assert_eq!(
             gc.valid_attachments,
-            vec![v1::Attachment { container_id: "c9".into(), ifname: "eth0".into() }]
+            vec![v1::Attachment {
+                container_id: "c9".into(),
+                ifname: "eth0".into()
+            }]
         );
     }
 
@@ -401,7 +462,10 @@ mod tests {
         let mut cfg = config("0.3.1", "/run/x.sock");
         cfg["prevResult"] = json!({});
         let v = error_of(&invoke("CHECK", &cfg).await);
-        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(1), Some("0.3.1")));
+        assert_eq!(
+            (v["code"].as_u64(), v["cniVersion"].as_str()),
+            (Some(1), Some("0.3.1"))
+        );
     }
 
     #[tokio::test]
@@ -426,7 +490,12 @@ mod tests {
     async fn gc_without_valid_attachments_is_code_7() {
         let v = error_of(&invoke("GC", &config("1.1.0", "/run/x.sock")).await);
         assert_eq!(v["code"], codes::INVALID_CONFIG);
-        assert!(v["msg"].as_str().unwrap().contains("cni.dev/valid-attachments"));
+        assert!(
+            v["msg"]
+                .as_str()
+                .unwrap()
+                .contains("cni.dev/valid-attachments")
+        );
     }
 
     #[tokio::test]
@@ -434,7 +503,10 @@ mod tests {
         let mut cfg = config("1.0.0", "/run/x.sock");
         cfg["prevResult"] = json!({"ips": [{"address": "nope"}]});
         let v = error_of(&invoke("ADD", &cfg).await);
-        assert_eq!((v["code"].as_u64(), v["msg"].as_str()), (Some(7), Some("invalid prevResult")));
+        assert_eq!(
+            (v["code"].as_u64(), v["msg"].as_str()),
+            (Some(7), Some("invalid prevResult"))
+        );
     }
 
     #[tokio::test]
@@ -442,10 +514,16 @@ mod tests {
         let mut cfg = config("0.4.0", "/run/x.sock");
         cfg["mtu"] = json!("big");
         let v = error_of(&invoke("ADD", &cfg).await);
-        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(7), Some("0.4.0")));
+        assert_eq!(
+            (v["code"].as_u64(), v["cniVersion"].as_str()),
+            (Some(7), Some("0.4.0"))
+        );
         // An unsupported version cannot be echoed: errors then speak 1.1.0.
         let v = error_of(&invoke("ADD", &config("9.9.9", "/run/x.sock")).await);
-        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(1), Some("1.1.0")));
+        assert_eq!(
+            (v["code"].as_u64(), v["cniVersion"].as_str()),
+            (Some(1), Some("1.1.0"))
+        );
     }
 
     #[tokio::test]
@@ -458,7 +536,10 @@ mod tests {
         for cmd in ["ADD", "DEL", "CHECK", "GC"] {
             let v = error_of(&invoke(cmd, &cfg).await);
             assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{cmd}: {v}");
-            assert!(v["details"].as_str().unwrap().contains("absent.sock"), "{v}");
+            assert!(
+                v["details"].as_str().unwrap().contains("absent.sock"),
+                "{v}"
+            );
         }
         let v = error_of(&invoke("STATUS", &cfg).await);
         assert_eq!(v["code"], codes::NOT_AVAILABLE);
@@ -485,7 +566,11 @@ mod tests {
         let o = invoke("ADD", &config("1.1.0", sock.to_str().unwrap())).await;
         let v = error_of(&o);
         assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{v}");
-        assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test]

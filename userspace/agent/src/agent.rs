@@ -1,0 +1,534 @@
+//! The node agent's core: the CNI operations (ADD, DEL, CHECK, STATUS, GC) on top of
+//! the persistent node state, pod interfaces and the eBPF datapath.
+//!
+//! One lock serialises every change, so concurrent ADDs never race for an address and
+//! state, interfaces and maps move together. Every ADD step is undone if a later one
+//! fails: no half-wired pod is left behind.
+
+use std::{net::Ipv4Addr, path::Path, sync::Arc};
+
+use contiv_cni_api::{codes, v1};
+use contiv_common::{DatapathConfig, PodCounters, PodEndpoint};
+use contiv_vswitch::{BuiltinVswitch, GatewayConfig, RunningPort, VswitchCounters};
+use tokio::sync::Mutex;
+
+use crate::{
+    config::{AgentConfig, format_mac, parse_mac},
+    datapath::Datapath,
+    podnet::{self, PodLinkSpec},
+    state::{AttachmentKey, NodeState, PodAttachment},
+};
+
+/// A CNI error to hand back to the runtime (code per the CNI spec).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+
+    fn internal(msg: impl Into<String>, err: impl std::fmt::Display) -> Self {
+        Self::new(codes::INTERNAL, msg, err.to_string())
+    }
+
+    pub fn to_proto(&self) -> v1::CniError {
+        v1::CniError {
+            code: self.code,
+            msg: self.msg.clone(),
+            details: self.details.clone(),
+        }
+    }
+}
+
+/// What the agent holds behind its lock.
+struct Inner {
+    state: NodeState,
+    datapath: Datapath,
+    node: rtnetlink::Handle,
+}
+
+/// The vswitch agent.
+pub struct Agent {
+    config: AgentConfig,
+    inner: Mutex<Inner>,
+    slowpath: std::sync::Mutex<Option<RunningPort<BuiltinVswitch>>>,
+}
+
+/// A pod as `contiv-agent pods` / the API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodReport {
+    pub container_id: String,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub pod_mac: String,
+    pub counters: Option<CountersReport>,
+}
+
+/// Per-pod counters in report form.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CountersReport {
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub slow_packets: u64,
+    pub slow_bytes: u64,
+    pub from_slow_packets: u64,
+    pub drop_spoofed_ip: u64,
+    pub drop_spoofed_mac: u64,
+    pub drop_malformed: u64,
+    pub drop_ttl_exceeded: u64,
+    pub drop_no_slowpath: u64,
+}
+
+impl From<PodCounters> for CountersReport {
+    fn from(c: PodCounters) -> Self {
+        Self {
+            fwd_packets: c.fwd_packets,
+            fwd_bytes: c.fwd_bytes,
+            slow_packets: c.slow_packets,
+            slow_bytes: c.slow_bytes,
+            from_slow_packets: c.from_slow_packets,
+            drop_spoofed_ip: c.drop_spoofed_ip,
+            drop_spoofed_mac: c.drop_spoofed_mac,
+            drop_malformed: c.drop_malformed,
+            drop_ttl_exceeded: c.drop_ttl_exceeded,
+            drop_no_slowpath: c.drop_no_slowpath,
+        }
+    }
+}
+
+impl Agent {
+    /// Loads state and datapath, wires the slow-path port, re-attaches programs to the pods
+    /// that survived a restart and starts the vswitch.
+    pub async fn start(config: AgentConfig) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context;
+        let state = NodeState::open(&config.state_dir, config.pod_subnet, config.gateway)
+            .context("opening the node state")?;
+        let mut datapath = Datapath::load(&config.bpf_pin_dir).context("loading the eBPF datapath")?;
+        let node = podnet::node_handle().context("opening netlink")?;
+
+        // Slow-path port: recreate it so its programs and the socket start clean.
+        let slow_host = config.slowpath_host_ifname.clone();
+        let slow_vsw = config.slowpath_vswitch_ifname.clone();
+        podnet::delete_link(&node, &slow_host).await?;
+        node.link()
+            .add(rtnetlink::LinkVeth::new(&slow_host, &slow_vsw).mtu(1500).build())
+            .execute()
+            .await
+            .context("creating the slow-path port")?;
+        for name in [&slow_host, &slow_vsw] {
+            // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into the vswitch.
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+            let link = podnet::link_by_name(&node, name)
+                .await?
+                .with_context(|| format!("{name} vanished"))?;
+            node.link()
+                .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())
+                .execute()
+                .await
+                .with_context(|| format!("bringing {name} up"))?;
+        }
+        let slow_host_index = podnet::link_by_name(&node, &slow_host)
+            .await?
+            .context("slow-path port vanished")?
+            .header
+            .index;
+        datapath
+            .attach_slow_port(&slow_host, &slow_vsw)
+            .context("attaching the slow-path programs")?;
+        datapath.set_config(DatapathConfig {
+            gateway_ip: config.gateway.octets(),
+            slowport_ifindex: slow_host_index,
+            gateway_mac: config.gateway_mac,
+            _pad: [0; 2],
+        })?;
+
+        let port = contiv_vswitch::spawn(
+            &slow_vsw,
+            0,
+            BuiltinVswitch::new(GatewayConfig {
+                ip: config.gateway,
+                mac: config.gateway_mac,
+            }),
+        )
+        .context("opening the AF_XDP socket of the slow-path port")?;
+        datapath
+            .register_xsk(0, std::os::fd::AsFd::as_fd(&port))
+            .context("registering the AF_XDP socket")?;
+
+        let agent = Arc::new(Self {
+            config,
+            inner: Mutex::new(Inner { state, datapath, node }),
+            slowpath: std::sync::Mutex::new(Some(port)),
+        });
+        agent.reconcile().await;
+        Ok(agent)
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Brings maps and programs in line with the persisted attachments after a restart:
+    /// completed pods get their entries and (replaced) programs; pods whose ADD never
+    /// finished are unwired; map entries nobody owns are removed.
+    async fn reconcile(&self) {
+        let mut inner = self.inner.lock().await;
+        let Inner { state, datapath, node } = &mut *inner;
+        let attachments: Vec<PodAttachment> = state.attachments().cloned().collect();
+        for a in &attachments {
+            if !a.complete {
+                log::warn!("{}/{}: ADD did not finish before a restart; unwiring", a.container_id, a.ifname);
+                let _ = datapath.remove_pod(a.ip, a.host_ifindex);
+                let _ = podnet::delete_link(node, &a.host_ifname).await;
+                let _ = state.remove(&a.key());
+                continue;
+            }
+            match podnet::link_by_name(node, &a.host_ifname).await {
+                Ok(Some(link)) if link.header.index == a.host_ifindex => {
+                    let ep = endpoint(a);
+                    if let Err(e) = datapath.add_pod(ep).and_then(|_| datapath.attach_pod(&a.host_ifname)) {
+                        log::error!("{}/{}: re-wiring the datapath: {e}", a.container_id, a.ifname);
+                    }
+                }
+                Ok(_) => {
+                    // The interface went away while we were down (pod namespace deleted):
+                    // keep the address reserved until the runtime's DEL, drop the map entries.
+                    log::warn!("{}/{}: interface {} is gone", a.container_id, a.ifname, a.host_ifname);
+                    let _ = datapath.remove_pod(a.ip, a.host_ifindex);
+                }
+                Err(e) => log::error!("{}: {e}", a.host_ifname),
+            }
+        }
+        let owned: std::collections::HashSet<u32> =
+            state.attachments().map(|a| a.host_ifindex).collect();
+        if let Ok(entries) = datapath.pods_in_map() {
+            for ep in entries.into_iter().filter(|ep| !owned.contains(&ep.host_ifindex)) {
+                log::info!("removing stale map entry for {}", Ipv4Addr::from(ep.ip));
+                let _ = datapath.remove_pod(Ipv4Addr::from(ep.ip), ep.host_ifindex);
+            }
+        }
+        log::info!("reconciled {} pod attachment(s)", state.len());
+    }
+
+    /// CNI ADD.
+    pub async fn add(&self, req: &v1::CniRequest) -> Result<v1::AddReply, CniError> {
+        let key = AttachmentKey::new(&req.container_id, &req.ifname);
+        let netns = Path::new(&req.netns);
+        if !netns.exists() {
+            return Err(CniError::new(
+                codes::INVALID_ENV,
+                "CNI_NETNS does not exist",
+                format!("CNI_NETNS={}", req.netns),
+            ));
+        }
+        let mut inner = self.inner.lock().await;
+        if let Some(existing) = inner.state.get(&key) {
+            if existing.complete && existing.netns == req.netns {
+                // A repeated ADD for the same attachment returns what it already has.
+                return Ok(self.add_reply(existing));
+            }
+            return Err(CniError::new(
+                codes::INTERNAL,
+                "attachment already exists",
+                format!("{}/{} is attached to {}", req.container_id, req.ifname, existing.netns),
+            ));
+        }
+        let ip = inner
+            .state
+            .allocate_ip()
+            .map_err(|e| CniError::new(codes::IPAM_EXHAUSTED, "no free pod address", e.to_string()))?;
+        let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
+        let mut attachment = PodAttachment {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            netns: req.netns.clone(),
+            network_name: req.network_name.clone(),
+            ip,
+            host_ifname: host_ifname.clone(),
+            host_ifindex: 0,
+            host_mac: String::new(),
+            pod_mac: String::new(),
+            complete: false,
+        };
+        // Reserve the address durably before anything is built.
+        inner
+            .state
+            .put(attachment.clone())
+            .map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the address reservation", e.to_string()))?;
+
+        let spec = PodLinkSpec {
+            netns: netns.to_owned(),
+            ifname: req.ifname.clone(),
+            host_ifname: host_ifname.clone(),
+            ip,
+            gateway: self.config.gateway,
+            gateway_mac: self.config.gateway_mac,
+            mtu: self.config.mtu,
+        };
+        let result = async {
+            let link = podnet::create_pod_link(&inner.node, &spec)
+                .await
+                .map_err(|e| CniError::internal("wiring the pod interface", e))?;
+            attachment.host_ifindex = link.host_ifindex;
+            attachment.host_mac = format_mac(&link.host_mac);
+            attachment.pod_mac = format_mac(&link.pod_mac);
+            attachment.complete = true;
+            let ep = endpoint(&attachment);
+            let wired = inner
+                .datapath
+                .add_pod(ep)
+                .and_then(|_| inner.datapath.attach_pod(&host_ifname))
+                .map_err(|e| CniError::internal("programming the datapath", e));
+            if let Err(e) = wired {
+                let _ = inner.datapath.remove_pod(ip, link.host_ifindex);
+                let _ = podnet::delete_link(&inner.node, &host_ifname).await;
+                return Err(e);
+            }
+            inner
+                .state
+                .put(attachment.clone())
+                .map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the attachment", e.to_string()))
+        }
+        .await;
+        if let Err(e) = result {
+            if let Err(err) = inner.state.remove(&key) {
+                log::error!("releasing {ip} after a failed ADD: {err}");
+            }
+            log::warn!("ADD {}/{} failed: {} ({})", req.container_id, req.ifname, e.msg, e.details);
+            return Err(e);
+        }
+        log::info!("ADD {}/{} -> {ip} on {host_ifname}", req.container_id, req.ifname);
+        Ok(self.add_reply(&attachment))
+    }
+
+    fn add_reply(&self, a: &PodAttachment) -> v1::AddReply {
+        let dns = &self.config.dns;
+        v1::AddReply {
+            error: None,
+            interfaces: vec![
+                v1::Interface {
+                    name: a.host_ifname.clone(),
+                    mac: a.host_mac.clone(),
+                    mtu: self.config.mtu,
+                    sandbox: String::new(),
+                },
+                v1::Interface {
+                    name: a.ifname.clone(),
+                    mac: a.pod_mac.clone(),
+                    mtu: self.config.mtu,
+                    sandbox: a.netns.clone(),
+                },
+            ],
+            ips: vec![v1::IpConfig {
+                address: format!("{}/32", a.ip),
+                gateway: self.config.gateway.to_string(),
+                interface: 1,
+            }],
+            routes: vec![v1::Route {
+                dst: "0.0.0.0/0".into(),
+                gw: self.config.gateway.to_string(),
+            }],
+            dns: Some(v1::Dns {
+                nameservers: dns.nameservers.clone(),
+                domain: dns.domain.clone(),
+                search: dns.search.clone(),
+                options: dns.options.clone(),
+            }),
+        }
+    }
+
+    /// CNI DEL: idempotent; an attachment, interface or namespace already gone is success.
+    pub async fn del(&self, req: &v1::CniRequest) -> Result<(), CniError> {
+        let key = AttachmentKey::new(&req.container_id, &req.ifname);
+        let mut inner = self.inner.lock().await;
+        let Some(a) = inner.state.get(&key).cloned() else {
+            return Ok(());
+        };
+        self.unwire(&mut inner, &a).await
+    }
+
+    async fn unwire(&self, inner: &mut Inner, a: &PodAttachment) -> Result<(), CniError> {
+        // Best effort on every step, then report the first failure (netavark's teardown rule).
+        let mut first_err = None;
+        if let Err(e) = inner.datapath.remove_pod(a.ip, a.host_ifindex) {
+            first_err.get_or_insert(CniError::internal("removing the pod's map entries", e));
+        }
+        if let Err(e) = podnet::delete_link(&inner.node, &a.host_ifname).await {
+            first_err.get_or_insert(CniError::internal("deleting the pod interface", e));
+        }
+        if first_err.is_none() {
+            if let Err(e) = inner.state.remove(&a.key()) {
+                first_err.get_or_insert(CniError::new(codes::IO_FAILURE, "persisting the release", e.to_string()));
+            }
+        }
+        match first_err {
+            None => {
+                log::info!("DEL {}/{} released {}", a.container_id, a.ifname, a.ip);
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    /// CNI CHECK: the attachment exists and the interfaces, address, route and maps are
+    /// as ADD left them; `prevResult` (if given) must name our address.
+    pub async fn check(&self, req: &v1::CniRequest) -> Result<(), CniError> {
+        let key = AttachmentKey::new(&req.container_id, &req.ifname);
+        let a = {
+            let inner = self.inner.lock().await;
+            inner
+                .state
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| CniError::new(codes::UNKNOWN_CONTAINER, "no such attachment", format!("{}/{}", req.container_id, req.ifname)))?
+        };
+        let fail = |msg: &str| CniError::new(codes::INTERNAL, msg, format!("{}/{}", a.container_id, a.ifname));
+        if !a.complete {
+            return Err(fail("attachment is still being set up"));
+        }
+        if let Ok(conf) = serde_json::from_slice::<serde_json::Value>(&req.network_config) {
+            if let Some(prev) = conf.get("prevResult") {
+                let want = format!("{}/32", a.ip);
+                let listed = prev
+                    .get("ips")
+                    .and_then(|ips| ips.as_array())
+                    .is_some_and(|ips| ips.iter().any(|ip| ip.get("address").and_then(|x| x.as_str()) == Some(want.as_str())));
+                if !listed {
+                    return Err(fail("prevResult does not list the pod's address"));
+                }
+            }
+        }
+        let inner = self.inner.lock().await;
+        match podnet::link_by_name(&inner.node, &a.host_ifname).await {
+            Ok(Some(l)) if l.header.index == a.host_ifindex => {}
+            _ => return Err(fail("host interface missing")),
+        }
+        let counters = inner.datapath.pod_counters(a.ip).map_err(|e| CniError::internal("reading maps", e))?;
+        if counters.is_none() {
+            return Err(fail("datapath entries missing"));
+        }
+        drop(inner);
+        let view = podnet::view_pod_side(Path::new(&a.netns), &a.ifname, self.config.gateway)
+            .await
+            .map_err(|e| CniError::internal("inspecting the pod namespace", e))?
+            .ok_or_else(|| fail("pod interface missing"))?;
+        if Some(view.mac) != parse_mac(&a.pod_mac) {
+            return Err(fail("pod interface MAC changed"));
+        }
+        if !view.up {
+            return Err(fail("pod interface is down"));
+        }
+        if !view.addresses.contains(&(a.ip, 32)) {
+            return Err(fail("pod address missing"));
+        }
+        if !view.has_default_route_via_gateway {
+            return Err(fail("default route via the gateway missing"));
+        }
+        Ok(())
+    }
+
+    /// CNI STATUS: ready when the datapath is loaded and the vswitch serves the slow path.
+    pub fn status(&self) -> Result<(), CniError> {
+        let serving = self
+            .slowpath
+            .lock()
+            .map(|p| p.as_ref().is_some_and(|p| p.is_serving()))
+            .unwrap_or(false);
+        if serving {
+            Ok(())
+        } else {
+            Err(CniError::new(codes::NOT_AVAILABLE, "the vswitch is not serving the slow path", ""))
+        }
+    }
+
+    /// CNI GC: unwires every attachment of this network that the runtime no longer lists.
+    pub async fn gc(&self, req: &v1::GcRequest) -> Result<u32, CniError> {
+        let valid: std::collections::HashSet<AttachmentKey> = req
+            .valid_attachments
+            .iter()
+            .map(|v| AttachmentKey::new(&v.container_id, &v.ifname))
+            .collect();
+        let mut inner = self.inner.lock().await;
+        let stale: Vec<PodAttachment> = inner
+            .state
+            .attachments()
+            .filter(|a| a.network_name == req.network_name && !valid.contains(&a.key()))
+            .cloned()
+            .collect();
+        let mut removed = 0;
+        let mut first_err = None;
+        for a in &stale {
+            match self.unwire(&mut inner, a).await {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        log::info!("GC of {}: removed {removed} stale attachment(s)", req.network_name);
+        match first_err {
+            None => Ok(removed),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Every pod with its counters.
+    pub async fn pods(&self) -> Vec<PodReport> {
+        let inner = self.inner.lock().await;
+        inner
+            .state
+            .attachments()
+            .map(|a| PodReport {
+                container_id: a.container_id.clone(),
+                ifname: a.ifname.clone(),
+                ip: a.ip,
+                host_ifname: a.host_ifname.clone(),
+                host_ifindex: a.host_ifindex,
+                pod_mac: a.pod_mac.clone(),
+                counters: inner.datapath.pod_counters(a.ip).ok().flatten().map(Into::into),
+            })
+            .collect()
+    }
+
+    /// The vswitch's own counters.
+    pub fn vswitch_counters(&self) -> Option<VswitchCounters> {
+        self.slowpath
+            .lock()
+            .ok()
+            .and_then(|p| p.as_ref().map(|p| p.backend_counters()))
+    }
+
+    /// Stops the vswitch. The pod datapath stays attached: pods keep talking while the
+    /// agent is down or being upgraded.
+    pub fn shutdown(&self) {
+        if let Ok(mut p) = self.slowpath.lock() {
+            if let Some(port) = p.take() {
+                if let Err(e) = port.stop() {
+                    log::warn!("stopping the vswitch: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn endpoint(a: &PodAttachment) -> PodEndpoint {
+    PodEndpoint {
+        ip: a.ip.octets(),
+        host_ifindex: a.host_ifindex,
+        mac: parse_mac(&a.pod_mac).unwrap_or_default(),
+        _pad: [0; 2],
+    }
+}

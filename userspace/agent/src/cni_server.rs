@@ -1,0 +1,84 @@
+//! The CNI gRPC service on a unix socket (mode 0600: only root may wire pods).
+
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+
+use contiv_cni_api::v1::{self, cni_server::CniServer};
+use tonic::{Request, Response, Status};
+
+use crate::agent::Agent;
+
+/// The tonic service: translates between the wire contract and [`Agent`].
+pub struct CniService {
+    agent: Arc<Agent>,
+}
+
+#[tonic::async_trait]
+impl v1::cni_server::Cni for CniService {
+    async fn add(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::AddReply>, Status> {
+        let reply = match self.agent.add(req.get_ref()).await {
+            Ok(r) => r,
+            Err(e) => v1::AddReply {
+                error: Some(e.to_proto()),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn del(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::DelReply>, Status> {
+        let error = self.agent.del(req.get_ref()).await.err().map(|e| e.to_proto());
+        Ok(Response::new(v1::DelReply { error }))
+    }
+
+    async fn check(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::CheckReply>, Status> {
+        let error = self.agent.check(req.get_ref()).await.err().map(|e| e.to_proto());
+        Ok(Response::new(v1::CheckReply { error }))
+    }
+
+    async fn status(&self, _req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
+        let error = self.agent.status().err().map(|e| e.to_proto());
+        Ok(Response::new(v1::StatusReply { error }))
+    }
+
+    async fn gc(&self, req: Request<v1::GcRequest>) -> Result<Response<v1::GcReply>, Status> {
+        Ok(Response::new(match self.agent.gc(req.get_ref()).await {
+            Ok(removed) => v1::GcReply { error: None, removed },
+            Err(e) => v1::GcReply {
+                error: Some(e.to_proto()),
+                removed: 0,
+            },
+        }))
+    }
+}
+
+/// Binds the socket (replacing a stale one), restricts it to its owner and serves until
+/// `shutdown` resolves.
+pub async fn serve(
+    agent: Arc<Agent>,
+    socket: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
+    }
+    // Create the socket with no permissions for group/other from the first moment.
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let listener = tokio::net::UnixListener::bind(socket);
+    nix::sys::stat::umask(old_umask);
+    let listener = listener.with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    log::info!("serving CNI on {}", socket.display());
+    tonic::transport::Server::builder()
+        .add_service(CniServer::new(CniService { agent }))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("CNI server")?;
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}

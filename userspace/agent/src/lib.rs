@@ -1,0 +1,10 @@
+//! The vswitch agent: one per node. It owns the node's pod subnet (IPAM), creates pod
+//! interfaces, loads and programs the eBPF datapath, serves the slow path with the
+//! built-in vswitch over AF_XDP, and answers contiv-cni over gRPC.
+
+pub mod agent;
+pub mod cni_server;
+pub mod config;
+pub mod datapath;
+pub mod podnet;
+pub mod state;

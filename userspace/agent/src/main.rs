@@ -1,0 +1,85 @@
+//! `contiv-agent`: the per-node vswitch agent daemon.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use contiv_agent::{agent::Agent, cni_server, config::AgentConfig};
+
+/// Exit code for a bad configuration (sysexits EX_USAGE... EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "contiv-agent", version, about = "Contiv vswitch agent: eBPF datapath, AF_XDP slow path, CNI server")]
+struct Cli {
+    /// Configuration file (TOML). Without it every default applies (see README).
+    #[arg(long, short, env = "CONTIV_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Validate the configuration, print it, and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let config = match &cli.config {
+        Some(path) => AgentConfig::from_file(path),
+        None => Ok(AgentConfig::defaults()),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("contiv-agent: bad configuration: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    if let Some(Command::CheckConfig) = cli.command {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("contiv-agent: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("contiv-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    log::info!(
+        "node {}: pod subnet {}, gateway {}",
+        config.node_name,
+        config.pod_subnet,
+        config.gateway
+    );
+    let socket = config.cni_socket.clone();
+    let agent = Agent::start(config).await?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+            _ = int.recv() => log::info!("SIGINT: shutting down"),
+        }
+    };
+    let served = cni_server::serve(agent.clone(), &socket, shutdown).await;
+    agent.shutdown();
+    log::info!("stopped; the pod datapath stays in place");
+    served
+}

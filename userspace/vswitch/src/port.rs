@@ -576,9 +576,7 @@ impl AfXdpPort {
 
         while !shared.stop.load(Ordering::Relaxed) {
             // Reclaim transmit frames the kernel is done with.
-            // SAFETY: `completed` only receives descriptors of this UMEM.
-            let n = unsafe { self.comp.consume(&mut completed) };
-            free_tx.extend_from_slice(&completed[..n]);
+            reclaim(&mut self.comp, &mut completed, &mut free_tx);
 
             // Give received frames back to the kernel.
             if !refill.is_empty() {
@@ -601,6 +599,7 @@ impl AfXdpPort {
             }
 
             let umem = &self.umem;
+            let comp = &mut self.comp;
             let mut rx_bytes = 0u64;
             let (mut no_frame, mut too_big, mut drops) = (0u64, 0u64, 0u64);
             {
@@ -612,6 +611,11 @@ impl AfXdpPort {
                     let frame = data.contents();
                     rx_bytes += frame.len() as u64;
                     let mut emit = |out: &[u8]| {
+                        if free_tx.is_empty() {
+                            // Every transmit frame is in flight: take back
+                            // those the kernel completed meanwhile.
+                            reclaim(comp, &mut completed, &mut free_tx);
+                        }
                         let Some(mut d) = free_tx.pop() else {
                             no_frame += 1;
                             return;
@@ -670,6 +674,14 @@ impl AfXdpPort {
     }
 }
 
+/// Moves the transmit frames the kernel completed back to the free list.
+fn reclaim(comp: &mut CompQueue, scratch: &mut [FrameDesc], free_tx: &mut Vec<FrameDesc>) {
+    // SAFETY: the completion ring only returns descriptors of our UMEM that
+    // we submitted on the tx ring; the kernel no longer reads them.
+    let n = unsafe { comp.consume(scratch) };
+    free_tx.extend_from_slice(&scratch[..n]);
+}
+
 // === kernel statistics ===
 
 /// `struct xdp_statistics` from linux/if_xdp.h.
@@ -711,5 +723,52 @@ impl<B: SlowPath + ?Sized> SlowPath for Box<B> {
 
     fn counters(&self) -> VswitchCounters {
         (**self).counters()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BuiltinVswitch, GatewayConfig};
+
+    #[test]
+    fn open_on_a_missing_interface_names_it() {
+        let err = AfXdpPort::open(PortConfig::new("nosuchif0vsw", 0)).expect_err("no interface");
+        match &err {
+            PortError::NoSuchInterface { ifname, .. } => assert_eq!(ifname, "nosuchif0vsw"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().contains("nosuchif0vsw"));
+        assert!(!err.is_queue_busy());
+    }
+
+    #[test]
+    fn open_rejects_bad_configs_before_touching_the_kernel() {
+        let too_few = PortConfig {
+            frame_count: 1,
+            ..PortConfig::new("lo", 0)
+        };
+        assert!(matches!(
+            AfXdpPort::open(too_few),
+            Err(PortError::InvalidConfig(_))
+        ));
+        let nul = PortConfig::new("lo\0x", 0);
+        assert!(matches!(
+            AfXdpPort::open(nul),
+            Err(PortError::InvalidConfig(_))
+        ));
+        let gw = GatewayConfig {
+            ip: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            mac: [2, 0, 0, 0, 0, 1],
+        };
+        assert!(spawn("nosuchif0vsw", 0, BuiltinVswitch::new(gw)).is_err());
+    }
+
+    #[test]
+    fn default_config_splits_a_reasonable_umem() {
+        let c = PortConfig::new("cslow1", 3);
+        assert_eq!((c.ifname.as_str(), c.queue), ("cslow1", 3));
+        assert!(c.frame_count >= 2 && c.need_wakeup);
+        assert!(c.poll_interval <= Duration::from_millis(500));
     }
 }

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use contiv_vswitch::packet::internet_checksum;
-use contiv_vswitch::{AfXdpPort, BuiltinVswitch, GatewayConfig, PortConfig, RunningPort, spawn};
+use contiv_vswitch::{
+    AfXdpPort, BuiltinVswitch, GatewayConfig, PortConfig, PortError, RunningPort, spawn,
+};
 use support::{
     HOST_END, PacketSocket, RedirectToXsk, SlowPortNetns, VSWITCH_END, ifindex, wait_until,
 };
@@ -116,6 +118,8 @@ fn exchange_and_check(port: &RunningPort<BuiltinVswitch>) {
         port.backend_counters()
     );
 
+    // The port updates its own counters right after the batch.
+    assert!(wait_until(WAIT, || port.counters().backend_drops >= 1));
     let vs = port.backend_counters();
     assert_eq!(vs.arp_replies, 1, "{vs:?}");
     assert_eq!(vs.icmp_echo_replies, 1, "{vs:?}");
@@ -140,6 +144,10 @@ fn afxdp_port_answers_arp_and_ping_root() {
         let port = spawn(VSWITCH_END, 0, vswitch()).expect("AF_XDP port on the vswitch end");
         xdp.register(port.queue(), port.as_raw_fd())
             .expect("register the socket in the XSKMAP");
+        assert!(
+            port.need_wakeup(),
+            "XDP_USE_NEED_WAKEUP works on veth in copy mode"
+        );
         exchange_and_check(&port);
         port.stop().expect("the port stops cleanly");
     });
@@ -239,5 +247,139 @@ fn gateway_change_applies_to_a_running_port_root() {
             .expect("ARP reply for the new gateway");
         assert_eq!(&reply[28..32], &new_gw.octets());
         assert_eq!(port.backend_counters().arp_replies, 1);
+    });
+}
+
+/// Sends `frame` on the host end and waits until the port has received
+/// `expected_rx` frames in total.
+fn send_and_wait_rx<B>(host: &PacketSocket, port: &RunningPort<B>, frame: &[u8], expected_rx: u64) {
+    host.send(frame);
+    assert!(
+        wait_until(WAIT, || port.counters().rx_frames >= expected_rx),
+        "the port received frame {expected_rx}: {:?}",
+        port.counters()
+    );
+}
+
+#[test]
+fn small_umem_recycles_rx_and_tx_frames_root() {
+    let ns = SlowPortNetns::new("small");
+    ns.run(|| {
+        let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
+        let config = PortConfig {
+            frame_count: 4, // two receive and two transmit frames
+            ..PortConfig::new(VSWITCH_END, 0)
+        };
+        let port = AfXdpPort::open(config)
+            .expect("AF_XDP port")
+            .run(vswitch())
+            .expect("run");
+        xdp.register(0, port.as_raw_fd()).expect("register");
+        let host = PacketSocket::bind(HOST_END);
+        for seq in 0..30u16 {
+            host.send(&echo_request(GW_IP.octets(), 7, seq, b"recycle"));
+            host.recv_matching(WAIT, |f| is_echo_reply(f) && f[40..42] == seq.to_be_bytes())
+                .unwrap_or_else(|| panic!("echo reply {seq}: {:?}", port.counters()));
+        }
+        // The port updates its counters right after the batch's sendto().
+        assert!(wait_until(WAIT, || port.counters().rx_frames == 30));
+        let pc = port.counters();
+        assert_eq!(pc.tx_frames, 30, "{pc:?}");
+        assert_eq!(pc.tx_dropped_no_frame, 0, "{pc:?}");
+        assert_eq!(port.backend_counters().icmp_echo_replies, 30);
+    });
+}
+
+/// Emits one oversized frame, then `copies` copies of each received frame.
+struct Burst {
+    copies: usize,
+    counters: contiv_vswitch::VswitchCounters,
+}
+
+impl contiv_vswitch::SlowPath for Burst {
+    fn handle(&mut self, frame: &[u8], tx: &mut dyn FnMut(&[u8])) -> contiv_vswitch::Verdict {
+        tx(&vec![0u8; 8192]);
+        for _ in 0..self.copies {
+            tx(frame);
+        }
+        let verdict = contiv_vswitch::Verdict::Replied(contiv_vswitch::ReplyKind::Arp);
+        self.counters.record(frame.len(), verdict);
+        verdict
+    }
+
+    fn counters(&self) -> contiv_vswitch::VswitchCounters {
+        self.counters
+    }
+}
+
+#[test]
+fn tx_overflow_is_counted_and_not_fatal_root() {
+    let ns = SlowPortNetns::new("burst");
+    ns.run(|| {
+        let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
+        let config = PortConfig {
+            frame_count: 4,
+            ..PortConfig::new(VSWITCH_END, 0)
+        };
+        let backend = Burst {
+            copies: 5,
+            counters: Default::default(),
+        };
+        let port = AfXdpPort::open(config)
+            .expect("port")
+            .run(backend)
+            .expect("run");
+        xdp.register(0, port.as_raw_fd()).expect("register");
+        let host = PacketSocket::bind(HOST_END);
+        send_and_wait_rx(&host, &port, &arp_request([10, 9, 9, 9]), 1);
+        let pc = port.counters();
+        assert_eq!(pc.tx_dropped_too_big, 1, "{pc:?}");
+        assert_eq!(pc.tx_frames, 2, "only two transmit frames exist: {pc:?}");
+        assert_eq!(pc.tx_dropped_no_frame, 3, "{pc:?}");
+        // Once the kernel completed them, the frames serve the next burst.
+        std::thread::sleep(Duration::from_millis(100));
+        send_and_wait_rx(&host, &port, &arp_request([10, 9, 9, 8]), 2);
+        let pc = port.counters();
+        assert_eq!(pc.tx_frames, 4, "{pc:?}");
+        assert!(port.is_serving());
+        assert_eq!(port.backend_counters().rx_frames, 2);
+    });
+}
+
+/// A backend that panics on the first frame.
+struct Panics;
+
+impl contiv_vswitch::SlowPath for Panics {
+    fn handle(&mut self, _: &[u8], _: &mut dyn FnMut(&[u8])) -> contiv_vswitch::Verdict {
+        panic!("backend bug");
+    }
+
+    fn counters(&self) -> contiv_vswitch::VswitchCounters {
+        Default::default()
+    }
+}
+
+#[test]
+fn backend_panic_is_reported_and_keeps_the_socket_root() {
+    let ns = SlowPortNetns::new("panic");
+    ns.run(|| {
+        let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
+        let port = spawn(VSWITCH_END, 0, Panics).expect("port");
+        xdp.register(0, port.as_raw_fd()).expect("register");
+        assert!(port.is_serving());
+        PacketSocket::bind(HOST_END).send(&arp_request(GW_IP.octets()));
+        assert!(
+            wait_until(WAIT, || !port.is_serving()),
+            "the failure is reported"
+        );
+        // The socket is still open: the registered fd stays valid.
+        xdp.register(0, port.as_raw_fd())
+            .expect("the socket can still be registered");
+        match port.stop() {
+            Err(PortError::Failed { reason, .. }) => {
+                assert!(reason.contains("backend bug"), "{reason}")
+            }
+            other => panic!("expected the failure, got {other:?}"),
+        }
     });
 }

@@ -14,8 +14,11 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub struct Timeouts {
     /// Connecting to the socket (and the HTTP/2 handshake).
     pub connect: Duration,
-    /// One request, from sending to the full reply.
+    /// One ADD/DEL/CHECK/GC request, from sending to the full reply.
     pub request: Duration,
+    /// One STATUS request: a readiness probe, so an agent that is this slow counts as not
+    /// available rather than keeping the runtime waiting a full request timeout.
+    pub status: Duration,
 }
 
 impl Default for Timeouts {
@@ -23,6 +26,7 @@ impl Default for Timeouts {
         Self {
             connect: Duration::from_secs(3),
             request: Duration::from_secs(60),
+            status: Duration::from_secs(10),
         }
     }
 }

@@ -203,6 +203,14 @@ fn transport_error(e: AgentError) -> CniError {
 /// Sends the request to the agent and turns the reply into stdout text (possibly empty).
 pub async fn forward(f: Forward, timeouts: Timeouts) -> Result<String, CniError> {
     let is_status = matches!(f.request, AgentRequest::Status(_));
+    let timeouts = if is_status {
+        Timeouts {
+            request: timeouts.status.min(timeouts.request),
+            ..timeouts
+        }
+    } else {
+        timeouts
+    };
     let connected = Agent::connect(&f.socket, timeouts).await;
     let mut agent = match connected {
         Ok(a) => a,
@@ -361,6 +369,7 @@ mod tests {
         Timeouts {
             connect: Duration::from_millis(500),
             request: Duration::from_millis(500),
+            status: Duration::from_millis(500),
         }
     }
 
@@ -578,7 +587,21 @@ mod tests {
         let dir = TempDir::new();
         let sock = dir.0.join("silent.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let v = error_of(&invoke("STATUS", &config("1.1.0", sock.to_str().unwrap())).await);
+        // STATUS is bounded by its own, shorter timeout, not the request timeout.
+        let timeouts = Timeouts {
+            connect: Duration::from_millis(500),
+            request: Duration::from_secs(30),
+            status: Duration::from_millis(300),
+        };
+        let cfg = config("1.1.0", sock.to_str().unwrap()).to_string();
+        let start = Instant::now();
+        let o = run_async(&MapEnv(env_for("STATUS")), cfg.as_bytes(), timeouts).await;
+        let v = error_of(&o);
         assert_eq!(v["code"], codes::NOT_AVAILABLE, "{v}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            start.elapsed()
+        );
     }
 }

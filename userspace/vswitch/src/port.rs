@@ -765,6 +765,15 @@ mod tests {
     }
 
     #[test]
+    fn running_ports_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<RunningPort<BuiltinVswitch>>();
+        send_sync::<RunningPort<Box<dyn SlowPath + Send>>>();
+        fn send<T: Send>() {}
+        send::<AfXdpPort>();
+    }
+
+    #[test]
     fn default_config_splits_a_reasonable_umem() {
         let c = PortConfig::new("cslow1", 3);
         assert_eq!((c.ifname.as_str(), c.queue), ("cslow1", 3));

@@ -164,8 +164,9 @@ fn contiv_ebpf_object() -> PathBuf {
 
 #[test]
 fn afxdp_port_behind_contiv_xdp_program_root() {
-    use aya::maps::XskMap;
+    use aya::maps::{PerCpuArray, XskMap};
     use aya::programs::{Xdp, XdpMode};
+    use contiv_common::{SlowPortCounters, map_names, program_names};
 
     let object = contiv_ebpf_object();
     if !object.exists() {
@@ -183,7 +184,7 @@ fn afxdp_port_behind_contiv_xdp_program_root() {
         let mut ebpf = aya::Ebpf::load_file(&object)
             .unwrap_or_else(|e| panic!("load {}: {e}", object.display()));
         let prog: &mut Xdp = ebpf
-            .program_mut("xdp_to_vswitch")
+            .program_mut(program_names::TO_VSWITCH)
             .expect("program xdp_to_vswitch")
             .try_into()
             .expect("an XDP program");
@@ -191,11 +192,26 @@ fn afxdp_port_behind_contiv_xdp_program_root() {
         prog.attach(VSWITCH_END, XdpMode::Default)
             .expect("attach xdp_to_vswitch");
         let port = spawn(VSWITCH_END, 0, vswitch()).expect("AF_XDP port on the vswitch end");
-        let mut xsks = XskMap::try_from(ebpf.map_mut("SLOWPATH_XSKS").expect("map SLOWPATH_XSKS"))
-            .expect("an XSKMAP");
+        let mut xsks = XskMap::try_from(
+            ebpf.map_mut(map_names::SLOWPATH_XSKS)
+                .expect("map SLOWPATH_XSKS"),
+        )
+        .expect("an XSKMAP");
         xsks.set(port.queue(), port.as_raw_fd(), 0)
             .expect("register the socket in SLOWPATH_XSKS");
         exchange_and_check(&port);
+
+        // The frames really went through the datapath's program.
+        let counters: PerCpuArray<_, SlowPortCounters> = PerCpuArray::try_from(
+            ebpf.map(map_names::SLOWPORT_COUNTERS)
+                .expect("map SLOWPORT_COUNTERS"),
+        )
+        .expect("a per-CPU array");
+        let per_cpu = counters.get(&0, 0).expect("read SLOWPORT_COUNTERS");
+        let to_vswitch: u64 = per_cpu.iter().map(|c| c.to_vswitch_packets).sum();
+        let no_socket: u64 = per_cpu.iter().map(|c| c.to_vswitch_no_socket).sum();
+        assert!(to_vswitch >= 3, "to_vswitch_packets = {to_vswitch}");
+        assert_eq!(no_socket, 0, "to_vswitch_no_socket");
         port.stop().expect("the port stops cleanly");
     });
 }

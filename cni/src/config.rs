@@ -64,6 +64,11 @@ impl CniVersion {
         self >= Self::V1_1_0
     }
 
+    /// Interface `mtu` in results exists since spec 1.1.0.
+    pub fn interfaces_carry_mtu(self) -> bool {
+        self >= Self::V1_1_0
+    }
+
     /// Results before 1.0.0 carry `"version": "4"|"6"` in each `ips` entry.
     pub fn ips_carry_version(self) -> bool {
         self < Self::V1_0_0
@@ -601,6 +606,9 @@ mod tests {
         assert!(!CniVersion::V0_3_1.has_check() && CniVersion::V0_4_0.has_check());
         assert!(!CniVersion::V1_0_0.has_status_and_gc() && CniVersion::V1_1_0.has_status_and_gc());
         assert!(CniVersion::V0_4_0.ips_carry_version() && !CniVersion::V1_0_0.ips_carry_version());
+        assert!(
+            !CniVersion::V1_0_0.interfaces_carry_mtu() && CniVersion::V1_1_0.interfaces_carry_mtu()
+        );
         for s in SUPPORTED_VERSIONS {
             assert_eq!(CniVersion::parse(s).unwrap().as_str(), s);
         }

@@ -1,9 +1,10 @@
 //! The ADD success result (spec section 5) for each supported `cniVersion`, built from the
 //! agent's `AddReply`, and the `prevResult` a runtime may hand in.
 //!
-//! Formats differ only in the `ips` entries: before 1.0.0 they carry `"version": "4"|"6"`.
-//! Spec 1.1.0 adds optional fields (`socketPath`, `pciID`, route `mtu`/`table`/...) that the agent
-//! does not report; those found in a `prevResult` are kept verbatim.
+//! Formats differ in two places: before 1.0.0 each `ips` entry carries `"version": "4"|"6"`, and
+//! only 1.1.0 has interface `mtu`. Spec 1.1.0 also adds optional fields (`socketPath`, `pciID`,
+//! route `mtu`/`table`/...) that the agent does not report; those found in a `prevResult` are
+//! kept verbatim.
 
 use std::net::IpAddr;
 
@@ -226,7 +227,7 @@ pub fn add_result(
         out.interfaces.push(Interface {
             name: iface.name.clone(),
             mac: iface.mac.clone(),
-            mtu: (iface.mtu != 0).then_some(iface.mtu),
+            mtu: (version.interfaces_carry_mtu() && iface.mtu != 0).then_some(iface.mtu),
             sandbox: iface.sandbox.clone(),
             other: Map::new(),
         });
@@ -306,7 +307,7 @@ mod tests {
         serde_json::from_str(&json).unwrap()
     }
 
-    fn expected(version: &str, with_ip_version: bool) -> Value {
+    fn expected(version: &str, with_ip_version: bool, with_mtu: bool) -> Value {
         let mut ips = json!([
             {"interface": 1, "address": "10.1.1.2/32", "gateway": "10.1.1.1"},
             {"interface": 1, "address": "fd00::2/128"}
@@ -315,12 +316,14 @@ mod tests {
             ips[0]["version"] = json!("4");
             ips[1]["version"] = json!("6");
         }
+        let mut eth0 =
+            json!({"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": "/run/netns/pod1"});
+        if with_mtu {
+            eth0["mtu"] = json!(1450);
+        }
         json!({
             "cniVersion": version,
-            "interfaces": [
-                {"name": "vethc1", "mac": "02:00:00:00:00:01"},
-                {"name": "eth0", "mac": "02:00:00:00:00:02", "mtu": 1450, "sandbox": "/run/netns/pod1"}
-            ],
+            "interfaces": [{"name": "vethc1", "mac": "02:00:00:00:00:01"}, eth0],
             "ips": ips,
             "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.1.1"}, {"dst": "::/0"}],
             "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"], "options": ["ndots:5"]}
@@ -328,38 +331,38 @@ mod tests {
     }
 
     #[test]
-    fn result_0_3_1_has_ip_versions() {
+    fn result_0_3_x_has_ip_versions_and_no_mtu() {
         assert_eq!(
             render(CniVersion::V0_3_1, &sample_reply()),
-            expected("0.3.1", true)
+            expected("0.3.1", true, false)
         );
         assert_eq!(
             render(CniVersion::V0_3_0, &sample_reply()),
-            expected("0.3.0", true)
+            expected("0.3.0", true, false)
         );
     }
 
     #[test]
-    fn result_0_4_0_has_ip_versions() {
+    fn result_0_4_0_has_ip_versions_and_no_mtu() {
         assert_eq!(
             render(CniVersion::V0_4_0, &sample_reply()),
-            expected("0.4.0", true)
+            expected("0.4.0", true, false)
         );
     }
 
     #[test]
-    fn result_1_0_0_has_no_ip_versions() {
+    fn result_1_0_0_has_neither_ip_versions_nor_mtu() {
         assert_eq!(
             render(CniVersion::V1_0_0, &sample_reply()),
-            expected("1.0.0", false)
+            expected("1.0.0", false, false)
         );
     }
 
     #[test]
-    fn result_1_1_0_has_no_ip_versions() {
+    fn result_1_1_0_has_interface_mtu_and_no_ip_versions() {
         assert_eq!(
             render(CniVersion::V1_1_0, &sample_reply()),
-            expected("1.1.0", false)
+            expected("1.1.0", false, true)
         );
     }
 

@@ -308,12 +308,15 @@ fn expected_add_result(version: &str) -> Value {
         ips[0]["version"] = json!("4");
         ips[1]["version"] = json!("6");
     }
+    // Interface `mtu` is a spec 1.1.0 field.
+    let mut eth0 =
+        json!({"name": "eth0", "mac": "02:fe:00:00:00:02", "sandbox": "/run/netns/pod-1"});
+    if version == "1.1.0" {
+        eth0["mtu"] = json!(1450);
+    }
     json!({
         "cniVersion": version,
-        "interfaces": [
-            {"name": "veth-ctr1", "mac": "02:fe:00:00:00:01"},
-            {"name": "eth0", "mac": "02:fe:00:00:00:02", "mtu": 1450, "sandbox": "/run/netns/pod-1"}
-        ],
+        "interfaces": [{"name": "veth-ctr1", "mac": "02:fe:00:00:00:01"}, eth0],
         "ips": ips,
         "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.1.1"}, {"dst": "::/0"}],
         "dns": {"nameservers": ["10.96.0.10"], "domain": "cluster.local", "search": ["default.svc.cluster.local"]}

@@ -1,0 +1,326 @@
+//! Node registry and IPAM allocation.
+//!
+//! Each agent registers its node (name, addresses) under a lease it keeps alive. Node IDs are
+//! allocated with one compare-and-swap transaction that claims both the ID
+//! (`/contiv/node-ids/<id>`, absent before) and the node's allocation
+//! (`/contiv/ipam/nodes/<name>`, absent before), so two agents starting at once never share
+//! an ID and one name never gets two. The allocation is not under the lease: a restarted
+//! agent finds it and gets its old ID and pod CIDR back. The pod CIDR derives from the ID
+//! ([`ipam::IpamConfig::pod_cidr`]). The cluster's plan is stored once at
+//! `/contiv/ipam/config` by the first agent; an agent configured differently is refused.
+//!
+//! Values are versioned JSON (`contiv_cluster_model::encode`), keys come from
+//! `contiv_cluster_model::keys`.
+
+pub mod ipam;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use contiv_cluster_model::keys;
+use contiv_cluster_model::{DecodeError, NodeAddress};
+use contiv_store::{Compare, LeaseId, Store, StoreError, Txn, TxnOp};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+pub use ipam::{IpamConfig, IpamError};
+
+/// Default TTL of a node registration's lease.
+pub const DEFAULT_LEASE_TTL_SECS: i64 = 10;
+
+/// The value under `/contiv/node-ids/<id>`: who holds the ID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdClaim {
+    /// The node holding the ID.
+    pub name: String,
+}
+
+/// The value under `/contiv/ipam/nodes/<name>`: a node's ID and pod CIDR (persistent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamAllocation {
+    pub name: String,
+    pub id: u32,
+    pub pod_cidr: IpNet,
+}
+
+/// The value under `/contiv/nodes/<name>`: a live node (under its agent's lease).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    pub name: String,
+    pub id: u32,
+    #[serde(default)]
+    pub addresses: Vec<NodeAddress>,
+    pub pod_cidr: IpNet,
+}
+
+/// Registry errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The addressing plan is invalid.
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    /// Every node ID of the plan is taken.
+    #[error("no free node id: all {max} ids of the pod subnet are allocated")]
+    Exhausted { max: u32 },
+    /// The store holds a different addressing plan than this agent's configuration.
+    #[error("IPAM configuration mismatch: the cluster uses {stored:?}, this node is configured with {local:?}")]
+    ConfigMismatch { stored: IpamConfig, local: IpamConfig },
+    /// A registry value in the store cannot be decoded.
+    #[error("malformed value at {key}: {source}")]
+    Malformed {
+        key: String,
+        #[source]
+        source: DecodeError,
+    },
+    /// The ID recorded for this node is claimed by another node (store damaged by hand).
+    #[error("node {name}: its id {id} is claimed by {holder}")]
+    Conflict { name: String, id: u32, holder: String },
+    /// Allocation kept losing races (should not happen; bounded to avoid spinning).
+    #[error("node {0}: gave up allocating an id after too many concurrent conflicts")]
+    Contention(String),
+    /// Invalid node name.
+    #[error("invalid node name {0:?}")]
+    BadName(String),
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RegistryError> {
+    contiv_cluster_model::decode(value).map_err(|source| RegistryError::Malformed { key: key.to_string(), source })
+}
+
+/// Registers nodes and allocates their IDs and pod CIDRs in a [`Store`].
+#[derive(Clone)]
+pub struct NodeRegistry {
+    store: Arc<dyn Store>,
+    ipam: IpamConfig,
+    lease_ttl_secs: i64,
+}
+
+/// A live registration. Its lease is kept alive in the background until [`deregister`]
+/// or drop (after a drop the lease simply expires).
+///
+/// [`deregister`]: Registration::deregister
+pub struct Registration {
+    /// What was registered.
+    pub node: NodeRegistration,
+    /// The lease the registration key lives under.
+    pub lease: LeaseId,
+    store: Arc<dyn Store>,
+    keep_alive: JoinHandle<StoreError>,
+}
+
+impl Registration {
+    /// Resolves when the lease is lost (expired or revoked): the agent should register again.
+    pub async fn lost(&mut self) -> StoreError {
+        match (&mut self.keep_alive).await {
+            Ok(e) => e,
+            Err(join) => StoreError::Unavailable(format!("keep-alive task ended: {join}")),
+        }
+    }
+
+    /// Removes the live registration (revokes the lease). The ID and pod CIDR stay allocated
+    /// to this node name.
+    pub async fn deregister(self) -> Result<(), RegistryError> {
+        self.keep_alive.abort();
+        match self.store.lease_revoke(self.lease).await {
+            Ok(()) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+    }
+}
+
+impl NodeRegistry {
+    /// A registry over `store` with this addressing plan and the default lease TTL.
+    pub fn new(store: Arc<dyn Store>, ipam: IpamConfig) -> Result<Self, RegistryError> {
+        ipam.validate()?;
+        Ok(Self { store, ipam, lease_ttl_secs: DEFAULT_LEASE_TTL_SECS })
+    }
+
+    /// Sets the registration lease TTL (seconds).
+    pub fn with_lease_ttl(mut self, secs: i64) -> Self {
+        self.lease_ttl_secs = secs.max(1);
+        self
+    }
+
+    /// The addressing plan.
+    pub fn ipam(&self) -> &IpamConfig {
+        &self.ipam
+    }
+
+    /// Registers `name`: checks the cluster plan, allocates (or finds) its ID and pod CIDR,
+    /// writes its live registration under a fresh lease and keeps the lease alive.
+    pub async fn register(&self, name: &str, addresses: Vec<NodeAddress>) -> Result<Registration, RegistryError> {
+        let alloc = self.allocate(name).await?;
+        let node = NodeRegistration { name: name.to_string(), id: alloc.id, addresses, pod_cidr: alloc.pod_cidr };
+        let lease = self.store.lease_grant(self.lease_ttl_secs).await?;
+        self.store.put(&keys::node(name), contiv_cluster_model::encode(&node), Some(lease)).await?;
+        let interval = Duration::from_millis((self.lease_ttl_secs as u64 * 1000 / 3).max(100));
+        let keep_alive = contiv_store::spawn_keep_alive(self.store.clone(), lease, interval);
+        log::info!("node {name} registered: id {}, pod CIDR {}", node.id, node.pod_cidr);
+        Ok(Registration { node, lease, store: self.store.clone(), keep_alive })
+    }
+
+    /// Stores the plan if the cluster has none; fails if the cluster has a different one.
+    pub async fn ensure_ipam_config(&self) -> Result<(), RegistryError> {
+        let res = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::Absent(keys::IPAM_CONFIG.into())],
+                success: vec![TxnOp::Put {
+                    key: keys::IPAM_CONFIG.into(),
+                    value: contiv_cluster_model::encode(&self.ipam),
+                    lease: None,
+                }],
+                failure: vec![TxnOp::Get { key: keys::IPAM_CONFIG.into() }],
+            })
+            .await?;
+        if res.succeeded {
+            return Ok(());
+        }
+        let Some(Some(kv)) = res.gets.into_iter().next() else {
+            return Ok(()); // deleted in between: nothing to disagree with
+        };
+        let stored: IpamConfig = decode(&kv.key, &kv.value)?;
+        if stored != self.ipam {
+            return Err(RegistryError::ConfigMismatch { stored, local: self.ipam });
+        }
+        Ok(())
+    }
+
+    /// Allocates the node's ID and pod CIDR, or returns the ones it already has.
+    pub async fn allocate(&self, name: &str) -> Result<IpamAllocation, RegistryError> {
+        if name.is_empty() || name.contains('/') {
+            return Err(RegistryError::BadName(name.to_string()));
+        }
+        self.ensure_ipam_config().await?;
+        let max = self.ipam.max_node_id();
+        let alloc_key = keys::ipam_node(name);
+        // Each failed round means another node won an ID, so this is bounded by the id space.
+        let rounds = (max as usize).saturating_add(64).min(100_000);
+        for _ in 0..rounds {
+            if let Some(kv) = self.store.get(&alloc_key).await? {
+                let alloc: IpamAllocation = decode(&kv.key, &kv.value)?;
+                self.confirm_claim(&alloc).await?;
+                return Ok(alloc);
+            }
+            let taken = self.allocations_by_id().await?;
+            let Some(id) = (1..=max).find(|id| !taken.contains_key(id)) else {
+                return Err(RegistryError::Exhausted { max });
+            };
+            let alloc = IpamAllocation { name: name.to_string(), id, pod_cidr: self.ipam.pod_cidr(id)? };
+            let claim = NodeIdClaim { name: name.to_string() };
+            let res = self
+                .store
+                .txn(Txn {
+                    compares: vec![Compare::Absent(keys::node_id(id)), Compare::Absent(alloc_key.clone())],
+                    success: vec![
+                        TxnOp::Put { key: keys::node_id(id), value: contiv_cluster_model::encode(&claim), lease: None },
+                        TxnOp::Put { key: alloc_key.clone(), value: contiv_cluster_model::encode(&alloc), lease: None },
+                    ],
+                    failure: vec![],
+                })
+                .await?;
+            if res.succeeded {
+                log::info!("node {name}: allocated id {id}, pod CIDR {}", alloc.pod_cidr);
+                return Ok(alloc);
+            }
+        }
+        Err(RegistryError::Contention(name.to_string()))
+    }
+
+    /// Makes sure the ID claim of an existing allocation is there and names this node.
+    async fn confirm_claim(&self, alloc: &IpamAllocation) -> Result<(), RegistryError> {
+        let key = keys::node_id(alloc.id);
+        let res = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::Absent(key.clone())],
+                success: vec![TxnOp::Put {
+                    key: key.clone(),
+                    value: contiv_cluster_model::encode(&NodeIdClaim { name: alloc.name.clone() }),
+                    lease: None,
+                }],
+                failure: vec![TxnOp::Get { key: key.clone() }],
+            })
+            .await?;
+        if let Some(Some(kv)) = res.gets.into_iter().next() {
+            let claim: NodeIdClaim = decode(&kv.key, &kv.value)?;
+            if claim.name != alloc.name {
+                return Err(RegistryError::Conflict { name: alloc.name.clone(), id: alloc.id, holder: claim.name });
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees a node's ID and pod CIDR (the node left the cluster for good).
+    pub async fn release(&self, name: &str) -> Result<bool, RegistryError> {
+        let alloc_key = keys::ipam_node(name);
+        let Some(kv) = self.store.get(&alloc_key).await? else { return Ok(false) };
+        let alloc: IpamAllocation = decode(&kv.key, &kv.value)?;
+        let res = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(alloc_key.clone(), kv.mod_revision)],
+                success: vec![TxnOp::Delete { key: alloc_key }, TxnOp::Delete { key: keys::node_id(alloc.id) }],
+                failure: vec![],
+            })
+            .await?;
+        Ok(res.succeeded)
+    }
+
+    /// ID claims: id -> node name. Malformed claims still count as taken (logged).
+    pub async fn allocations_by_id(&self) -> Result<BTreeMap<u32, String>, RegistryError> {
+        let list = self.store.list(keys::NODE_IDS_PREFIX).await?;
+        let mut out = BTreeMap::new();
+        for kv in list.kvs {
+            let Some(id) = keys::parse_node_id(&kv.key) else {
+                log::warn!("ignoring unexpected key {} under {}", kv.key, keys::NODE_IDS_PREFIX);
+                continue;
+            };
+            let name = match contiv_cluster_model::decode::<NodeIdClaim>(&kv.value) {
+                Ok(c) => c.name,
+                Err(e) => {
+                    log::warn!("malformed node id claim at {}: {e}; treating the id as taken", kv.key);
+                    String::new()
+                }
+            };
+            out.insert(id, name);
+        }
+        Ok(out)
+    }
+
+    /// Every node's allocation (name -> allocation); malformed values are logged and skipped.
+    pub async fn allocations(&self) -> Result<Vec<IpamAllocation>, RegistryError> {
+        Ok(self.decode_all(keys::IPAM_NODES_PREFIX).await?)
+    }
+
+    /// The live registrations; malformed values are logged and skipped.
+    pub async fn nodes(&self) -> Result<Vec<NodeRegistration>, RegistryError> {
+        Ok(self.decode_all(keys::NODES_PREFIX).await?)
+    }
+
+    async fn decode_all<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
+        let list = self.store.list(prefix).await?;
+        Ok(list
+            .kvs
+            .into_iter()
+            .filter_map(|kv| match contiv_cluster_model::decode(&kv.value) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    log::warn!("skipping malformed value at {}: {e}", kv.key);
+                    None
+                }
+            })
+            .collect())
+    }
+}

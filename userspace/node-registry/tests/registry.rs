@@ -1,0 +1,158 @@
+//! Node registry against a real etcd (and the embedded store where noted).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use contiv_cluster_model::NodeAddress;
+use contiv_node_registry::{IpamConfig, NodeRegistry, RegistryError};
+use contiv_store::testing::EtcdServer;
+use contiv_store::{Store, StoreConfig};
+
+async fn etcd_store(server: &EtcdServer) -> Arc<dyn Store> {
+    contiv_store::open(&StoreConfig::etcd([server.endpoint()])).await.expect("connect etcd")
+}
+
+fn addr(ip: &str) -> Vec<NodeAddress> {
+    vec![NodeAddress { address_type: "InternalIP".into(), address: ip.into() }]
+}
+
+async fn concurrent(store: Arc<dyn Store>, n: usize) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        // Each agent has its own registry (as separate processes would).
+        let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap();
+        tasks.push(tokio::spawn(async move {
+            registry.register(&format!("node-{i}"), addr(&format!("192.168.0.{i}"))).await.expect("register")
+        }));
+    }
+    let regs: Vec<_> = futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+    let ids: BTreeSet<u32> = regs.iter().map(|r| r.node.id).collect();
+    assert_eq!(ids.len(), n, "distinct ids: {ids:?}");
+    assert_eq!(ids, (1..=n as u32).collect(), "ids are the lowest free ones, from 1");
+    let cidrs: Vec<ipnet::IpNet> = regs.iter().map(|r| r.node.pod_cidr).collect();
+    for (i, a) in cidrs.iter().enumerate() {
+        for b in &cidrs[i + 1..] {
+            assert!(!a.contains(b) && !b.contains(a), "{a} and {b} overlap");
+        }
+    }
+    for r in &regs {
+        assert_eq!(r.node.pod_cidr, IpamConfig::default().pod_cidr(r.node.id).unwrap());
+    }
+    let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap();
+    assert_eq!(registry.nodes().await.unwrap().len(), n);
+    assert_eq!(registry.allocations().await.unwrap().len(), n);
+    assert_eq!(registry.allocations_by_id().await.unwrap().len(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_get_distinct_ids_etcd() {
+    let server = EtcdServer::start().expect("etcd");
+    // One client connection per agent, like real agents.
+    let store = etcd_store(&server).await;
+    concurrent(store, 16).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_on_separate_connections_etcd() {
+    let server = EtcdServer::start().expect("etcd");
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let endpoint = server.endpoint();
+        tasks.push(tokio::spawn(async move {
+            let store = contiv_store::open(&StoreConfig::etcd([endpoint])).await.unwrap();
+            let registry = NodeRegistry::new(store, IpamConfig::default()).unwrap();
+            registry.allocate(&format!("n{i}")).await.unwrap().id
+        }));
+    }
+    let ids: BTreeSet<u32> = futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(ids, (1..=16).collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_get_distinct_ids_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    concurrent(store, 16).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_id_and_cidr() {
+    let server = EtcdServer::start().expect("etcd");
+    let first = {
+        let registry = NodeRegistry::new(etcd_store(&server).await, IpamConfig::default()).unwrap();
+        registry.register("a", addr("10.0.0.1")).await.unwrap();
+        let b = registry.register("b", addr("10.0.0.2")).await.unwrap();
+        let node = b.node.clone();
+        b.deregister().await.unwrap();
+        assert!(registry.nodes().await.unwrap().iter().all(|n| n.name != "b"), "deregistered node is gone");
+        node
+    };
+    // A new process (new connection, new registry) registers the same name.
+    let registry = NodeRegistry::new(etcd_store(&server).await, IpamConfig::default()).unwrap();
+    registry.register("c", addr("10.0.0.3")).await.unwrap();
+    let again = registry.register("b", addr("10.0.0.22")).await.unwrap();
+    assert_eq!(again.node.id, first.id);
+    assert_eq!(again.node.pod_cidr, first.pod_cidr);
+    assert_eq!(again.node.addresses, addr("10.0.0.22"), "addresses are refreshed");
+    let c = registry.allocate("c").await.unwrap();
+    assert_eq!(c.id, 3, "a and b keep 1 and 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_expires_with_its_lease_but_allocation_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap().with_lease_ttl(1);
+    let reg = registry.register("gone", addr("10.0.0.9")).await.unwrap();
+    // Kept alive: still there after several TTLs.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(registry.nodes().await.unwrap().len(), 1, "keep-alive holds the registration");
+    drop(reg); // the agent dies
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert!(registry.nodes().await.unwrap().is_empty(), "registration expired");
+    assert_eq!(registry.allocations().await.unwrap().len(), 1, "the allocation is not under the lease");
+    assert_eq!(registry.allocate("gone").await.unwrap().id, 1);
+}
+
+#[tokio::test]
+async fn ids_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    let plan = IpamConfig { pod_subnet_cidr: "10.9.0.0/22".parse().unwrap(), pod_prefix_len: 24 };
+    let registry = NodeRegistry::new(store, plan).unwrap();
+    let ids: Vec<u32> = [
+        registry.allocate("a").await.unwrap(),
+        registry.allocate("b").await.unwrap(),
+        registry.allocate("c").await.unwrap(),
+    ]
+    .iter()
+    .map(|a| a.id)
+    .collect();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!(registry.allocate("c").await.unwrap().pod_cidr.to_string(), "10.9.3.0/24");
+    assert!(matches!(registry.allocate("d").await, Err(RegistryError::Exhausted { max: 3 })));
+    assert!(registry.release("b").await.unwrap());
+    assert_eq!(registry.allocate("d").await.unwrap().id, 2, "a released id is reused");
+}
+
+#[tokio::test]
+async fn mismatched_plan_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap().allocate("a").await.unwrap();
+    let other = IpamConfig { pod_subnet_cidr: "10.2.0.0/16".parse().unwrap(), pod_prefix_len: 24 };
+    let err = NodeRegistry::new(store, other).unwrap().allocate("b").await.unwrap_err();
+    assert!(matches!(err, RegistryError::ConfigMismatch { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn malformed_claim_counts_as_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    store.put("/contiv/node-ids/1", b"garbage".to_vec(), None).await.unwrap();
+    store.put("/contiv/nodes/broken", b"{".to_vec(), None).await.unwrap();
+    let registry = NodeRegistry::new(store, IpamConfig::default()).unwrap();
+    assert_eq!(registry.allocate("a").await.unwrap().id, 2);
+    assert!(registry.nodes().await.unwrap().is_empty(), "malformed registration skipped");
+}

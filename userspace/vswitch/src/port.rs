@@ -171,6 +171,7 @@ pub struct PortCounters {
 pub struct AfXdpPort {
     config: PortConfig,
     need_wakeup: bool,
+    tx_ring_size: u32,
     fd: RawFd,
     umem: Umem,
     fill: FillQueue,
@@ -235,6 +236,7 @@ impl AfXdpPort {
             Umem::new(UmemConfig::default(), frame_count, false).map_err(PortError::Umem)?;
         let iface = xsk_rs::config::Interface::new(c_ifname);
 
+        let tx_ring_size = SocketConfig::default().tx_queue_size().get();
         let bind = |flags: BindFlags| {
             let socket_config = SocketConfig::builder()
                 .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
@@ -286,6 +288,7 @@ impl AfXdpPort {
         Ok(Self {
             config,
             need_wakeup,
+            tx_ring_size,
             fd,
             umem,
             fill,
@@ -573,6 +576,8 @@ impl AfXdpPort {
         let mut outgoing: Vec<FrameDesc> = Vec::with_capacity(tx_total);
         // Receive frames not yet given back to the fill ring.
         let mut refill: Vec<FrameDesc> = Vec::with_capacity(self.rx_frames.len());
+        // Frames submitted on the tx ring that the kernel has not taken yet.
+        let mut tx_pending = false;
 
         while !shared.stop.load(Ordering::Relaxed) {
             // Reclaim transmit frames the kernel is done with.
@@ -586,7 +591,12 @@ impl AfXdpPort {
                 refill.drain(..n);
             }
 
-            if !self.rx.poll(timeout_ms)? {
+            if tx_pending {
+                // The kernel stopped short of the end of the tx ring last time.
+                tx_pending = self.flush_tx()?;
+            }
+            let wait_ms = if tx_pending { 1 } else { timeout_ms };
+            if !self.rx.poll(wait_ms)? {
                 continue;
             }
             // SAFETY: the descriptors are written by the kernel for this UMEM.
@@ -655,11 +665,9 @@ impl AfXdpPort {
                 ring_full = (outgoing.len() - sent) as u64;
                 free_tx.extend(outgoing.drain(sent..));
                 outgoing.clear();
-                // Copy mode transmits only on sendto(); without need-wakeup the
-                // flag is never set, so always kick the kernel then.
-                if sent > 0 && (!self.need_wakeup || self.tx.needs_wakeup()) {
-                    self.tx.wakeup()?;
-                }
+            }
+            if tx_frames > 0 || tx_pending {
+                tx_pending = self.flush_tx()?;
             }
             PortStats::add(&stats.rx_frames, n as u64);
             PortStats::add(&stats.rx_bytes, rx_bytes);
@@ -671,6 +679,29 @@ impl AfXdpPort {
             PortStats::add(&stats.backend_drops, drops);
         }
         Ok(())
+    }
+}
+
+impl AfXdpPort {
+    /// Makes the kernel transmit what is on the tx ring. In copy mode every
+    /// sendto() transmits a bounded batch (32 frames), so kick again while
+    /// the kernel makes progress. Returns whether frames are still left on
+    /// the ring (the kernel could not take them now, e.g. no memory).
+    ///
+    /// The socket is always bound in copy mode, where the kernel only
+    /// transmits on sendto()/poll(): the need-wakeup flag of the tx ring is
+    /// therefore not consulted.
+    fn flush_tx(&mut self) -> std::io::Result<bool> {
+        let mut free = self.tx.nb_free_exact();
+        while free < self.tx_ring_size {
+            self.tx.wakeup()?;
+            let now = self.tx.nb_free_exact();
+            if now == free {
+                return Ok(true);
+            }
+            free = now;
+        }
+        Ok(false)
     }
 }
 

@@ -306,17 +306,40 @@ fn small_umem_recycles_rx_and_tx_frames_root() {
     });
 }
 
-/// Emits one oversized frame, then `copies` copies of each received frame.
+/// Emits one oversized frame (if asked), then `copies` copies of each
+/// received frame with the gateway MAC as source and a sequence number in the
+/// last two bytes.
 struct Burst {
+    oversized: bool,
     copies: usize,
     counters: contiv_vswitch::VswitchCounters,
 }
 
+impl Burst {
+    fn new(oversized: bool, copies: usize) -> Self {
+        Self {
+            oversized,
+            copies,
+            counters: Default::default(),
+        }
+    }
+}
+
+fn is_burst_copy(f: &[u8]) -> bool {
+    f[6..12] == GW_MAC
+}
+
 impl contiv_vswitch::SlowPath for Burst {
     fn handle(&mut self, frame: &[u8], tx: &mut dyn FnMut(&[u8])) -> contiv_vswitch::Verdict {
-        tx(&vec![0u8; 8192]);
-        for _ in 0..self.copies {
-            tx(frame);
+        if self.oversized {
+            tx(&vec![0u8; 8192]);
+        }
+        let mut copy = frame.to_vec();
+        copy[6..12].copy_from_slice(&GW_MAC);
+        for i in 0..self.copies {
+            let n = copy.len();
+            copy[n - 2..].copy_from_slice(&(i as u16).to_be_bytes());
+            tx(&copy);
         }
         let verdict = contiv_vswitch::Verdict::Replied(contiv_vswitch::ReplyKind::Arp);
         self.counters.record(frame.len(), verdict);
@@ -337,13 +360,9 @@ fn tx_overflow_is_counted_and_not_fatal_root() {
             frame_count: 4,
             ..PortConfig::new(VSWITCH_END, 0)
         };
-        let backend = Burst {
-            copies: 5,
-            counters: Default::default(),
-        };
         let port = AfXdpPort::open(config)
             .expect("port")
-            .run(backend)
+            .run(Burst::new(true, 5))
             .expect("run");
         xdp.register(0, port.as_raw_fd()).expect("register");
         let host = PacketSocket::bind(HOST_END);
@@ -397,5 +416,47 @@ fn backend_panic_is_reported_and_keeps_the_socket_root() {
             }
             other => panic!("expected the failure, got {other:?}"),
         }
+    });
+}
+
+#[test]
+fn tx_burst_beyond_one_sendto_batch_is_fully_sent_root() {
+    // The kernel transmits at most 32 frames per sendto() in copy mode.
+    const COPIES: usize = 200;
+    let ns = SlowPortNetns::new("big");
+    ns.run(|| {
+        let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
+        // A long poll interval: frames left on the tx ring would wait for it.
+        let config = PortConfig {
+            poll_interval: Duration::from_secs(2),
+            ..PortConfig::new(VSWITCH_END, 0)
+        };
+        let port = AfXdpPort::open(config)
+            .expect("port")
+            .run(Burst::new(false, COPIES))
+            .expect("run");
+        xdp.register(0, port.as_raw_fd()).expect("register");
+        let host = PacketSocket::bind(HOST_END);
+        host.send(&arp_request([10, 9, 9, 9]));
+        let started = std::time::Instant::now();
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < COPIES {
+            let Some(f) = host.recv_matching(Duration::from_secs(2), is_burst_copy) else {
+                break;
+            };
+            seen.insert(u16::from_be_bytes([f[f.len() - 2], f[f.len() - 1]]));
+        }
+        assert_eq!(
+            seen.len(),
+            COPIES,
+            "all copies arrive without further traffic: {:?}",
+            port.counters()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "sent at once, not one poll interval per sendto batch: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(port.counters().tx_frames, COPIES as u64);
     });
 }

@@ -538,7 +538,7 @@ fn serve<B: SlowPath>(mut port: AfXdpPort, backend: Arc<Mutex<B>>, shared: Arc<S
     let result = catch_unwind(AssertUnwindSafe(|| port.serve_loop(&backend, &shared)));
     let failure = match result {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(format!("polling the socket failed: {e}")),
+        Ok(Err(e)) => Some(format!("the socket failed: {e}")),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<&str>()
@@ -597,6 +597,9 @@ impl AfXdpPort {
             }
             let wait_ms = if tx_pending { 1 } else { timeout_ms };
             if !self.rx.poll(wait_ms)? {
+                // Idle: notice a socket the kernel unbound (its interface
+                // went away), which poll() does not report.
+                socket_error(self.fd)?;
                 continue;
             }
             // SAFETY: the descriptors are written by the kernel for this UMEM.
@@ -711,6 +714,30 @@ fn reclaim(comp: &mut CompQueue, scratch: &mut [FrameDesc], free_tx: &mut Vec<Fr
     // we submitted on the tx ring; the kernel no longer reads them.
     let n = unsafe { comp.consume(scratch) };
     free_tx.extend_from_slice(&scratch[..n]);
+}
+
+/// Fails with the socket's pending error (SO_ERROR), e.g. ENETDOWN after its
+/// interface was unregistered.
+fn socket_error(fd: RawFd) -> std::io::Result<()> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` is a writable c_int of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if err != 0 {
+        return Err(std::io::Error::from_raw_os_error(err));
+    }
+    Ok(())
 }
 
 // === kernel statistics ===

@@ -460,3 +460,27 @@ fn tx_burst_beyond_one_sendto_batch_is_fully_sent_root() {
         assert_eq!(port.counters().tx_frames, COPIES as u64);
     });
 }
+
+#[test]
+fn removed_interface_is_reported_root() {
+    let ns = SlowPortNetns::new("gone");
+    let port = ns.run(|| spawn(VSWITCH_END, 0, vswitch()).expect("port"));
+    assert!(port.is_serving());
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "link", "del", HOST_END])
+        .output()
+        .expect("ip link del");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(WAIT, || !port.is_serving()),
+        "the port notices its interface is gone"
+    );
+    match port.stop() {
+        Err(PortError::Failed { reason, .. }) => assert!(reason.contains("down"), "{reason}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}

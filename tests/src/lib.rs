@@ -1,1 +1,464 @@
-//! Helpers for the end-to-end tests.
+//! A throwaway node for end-to-end tests, the demo and the benchmarks.
+//!
+//! A [`Node`] is a network namespace with a real `contiv-agent` running in it (entered
+//! with `nsenter --net`, so it shares the host's bpffs like a hostNetwork DaemonSet pod)
+//! and its own socket, state and pin directories. Pods are namespaces wired by invoking
+//! the built `contiv-cni` binary exactly as a runtime does: CNI_* variables and the
+//! config on stdin. Everything is uniquely named and removed on Drop, also on panic.
+//! Nothing here touches the machine's own interfaces.
+
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short name: `<prefix><pid>x<counter>` (fits interface/netns name limits).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Directory holding the built binaries (target/debug or target/release).
+/// `CONTIV_BIN_DIR` overrides; otherwise the directory this test binary lives in.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CONTIV_BIN_DIR") {
+        return d.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a built binary of this workspace; panics with a hint if it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// === impl Netns ===
+
+/// A named network namespace (`ip netns add`), deleted on Drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The path a runtime passes as CNI_NETNS.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> ARGS`, panicking on failure.
+    pub fn ip(&self, args: &[&str]) -> String {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `f` on a thread inside the namespace. Sockets created there stay in this
+    /// namespace, wherever they are used afterwards.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = std::fs::File::open(self.path()).expect("open netns");
+        std::thread::spawn(move || {
+            // SAFETY: setns on this thread only; the fd is valid.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// === impl CniOutput ===
+
+/// What a CNI invocation returned.
+#[derive(Debug)]
+pub struct CniOutput {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniOutput {
+    /// stdout parsed as JSON (panics if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?} / stderr {:?}", self.stdout, self.stderr))
+    }
+
+    /// The CNI error code (the `code` field), if stdout is an error object.
+    pub fn error_code(&self) -> Option<u64> {
+        serde_json::from_str::<Value>(&self.stdout)
+            .ok()
+            .and_then(|v| v.get("code").and_then(Value::as_u64))
+    }
+
+    pub fn ok(&self) -> &Self {
+        assert_eq!(self.exit_code, 0, "CNI failed: {} / {}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// Invokes a CNI plugin binary the way a runtime does. `env` holds the CNI_* variables.
+pub fn invoke_plugin(plugin: &Path, env: &[(&str, &str)], stdin: &str, in_netns: Option<&str>) -> CniOutput {
+    let mut cmd = match in_netns {
+        // Debian's plugins act on the namespace they run in: the node's.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(plugin);
+            c
+        }
+        None => Command::new(plugin),
+    };
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", plugin.display()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .expect("writing stdin");
+    let out = child.wait_with_output().expect("waiting for plugin");
+    CniOutput {
+        exit_code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// === impl Node ===
+
+/// Options for a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub pod_subnet: String,
+    pub mtu: u32,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            pod_subnet: "10.1.1.0/24".into(),
+            mtu: 1500,
+        }
+    }
+}
+
+/// A node: its namespace, a running agent, and its private directories.
+pub struct Node {
+    // Field order matters for Drop: agent first, then the namespace.
+    agent: Option<Child>,
+    pub ns: Netns,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub network_name: String,
+}
+
+/// A pod wired through the CNI.
+pub struct Pod {
+    pub ns: Netns,
+    pub container_id: String,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub result: Value,
+}
+
+impl Node {
+    pub fn start(opts: NodeOptions) -> Self {
+        let ns = Netns::new("ctn");
+        let dir = std::env::temp_dir().join(unique("contiv-node-"));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("contiv-test-"));
+        let socket = dir.join("cni.sock");
+        let config_path = dir.join("agent.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "nodeName = \"{}\"\npodSubnet = \"{}\"\nmtu = {}\ncniSocket = \"{}\"\nstateDir = \"{}\"\nbpfPinDir = \"{}\"\n",
+                ns.name(),
+                opts.pod_subnet,
+                opts.mtu,
+                socket.display(),
+                dir.join("state").display(),
+                pin_dir.display()
+            ),
+        )
+        .expect("agent config");
+        let mut node = Self {
+            agent: None,
+            ns,
+            dir,
+            socket,
+            pin_dir,
+            config_path,
+            network_name: "contiv-test".into(),
+        };
+        node.start_agent();
+        node
+    }
+
+    /// Starts the agent and waits until STATUS says ready.
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns.path().display()))
+            .arg(bin("contiv-agent"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting contiv-agent");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.cni("STATUS", "", "", "", "1.1.0");
+            if out.exit_code == 0 {
+                return;
+            }
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}:\n{}", self.agent_log());
+            }
+            assert!(Instant::now() < deadline, "agent not ready in 30 s:\n{}", self.agent_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status.
+    pub fn stop_agent(&mut self) -> std::process::ExitStatus {
+        let mut child = self.agent.take().expect("agent not running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The network config a runtime would pass for this node's network.
+    pub fn net_conf(&self, cni_version: &str) -> String {
+        serde_json::json!({
+            "cniVersion": cni_version,
+            "name": self.network_name,
+            "type": "contiv-cni",
+            "agentSocket": self.socket,
+        })
+        .to_string()
+    }
+
+    /// Runs contiv-cni with the given command and this node's config.
+    pub fn cni(&self, command: &str, container_id: &str, netns: &str, ifname: &str, version: &str) -> CniOutput {
+        self.cni_with_conf(command, container_id, netns, ifname, &self.net_conf(version))
+    }
+
+    pub fn cni_with_conf(&self, command: &str, container_id: &str, netns: &str, ifname: &str, conf: &str) -> CniOutput {
+        let mut env = vec![("CNI_COMMAND", command), ("CNI_PATH", "/usr/lib/cni")];
+        if !container_id.is_empty() {
+            env.push(("CNI_CONTAINERID", container_id));
+        }
+        if !netns.is_empty() {
+            env.push(("CNI_NETNS", netns));
+        }
+        if !ifname.is_empty() {
+            env.push(("CNI_IFNAME", ifname));
+        }
+        invoke_plugin(&bin("contiv-cni"), &env, conf, None)
+    }
+
+    /// Creates a pod namespace and wires it through `contiv-cni ADD`.
+    pub fn add_pod(&self) -> Pod {
+        let ns = Netns::new("ctp");
+        let container_id = unique("ctr");
+        let out = self.cni("ADD", &container_id, &ns.path().to_string_lossy(), "eth0", "1.0.0");
+        out.ok();
+        let result = out.json();
+        let ip = pod_ip(&result);
+        Pod {
+            ns,
+            container_id,
+            ifname: "eth0".into(),
+            ip,
+            result,
+        }
+    }
+
+    /// `contiv-cni DEL` for a pod.
+    pub fn del_pod(&self, pod: &Pod) -> CniOutput {
+        self.cni("DEL", &pod.container_id, &pod.ns.path().to_string_lossy(), &pod.ifname, "1.0.0")
+    }
+
+    /// `bpftool map dump pinned <pin_dir>/<map>` as JSON.
+    pub fn dump_map(&self, map: &str) -> Vec<Value> {
+        let out = run(Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(self.pin_dir.join(map)));
+        serde_json::from_str::<Value>(&out)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// A pod's counters from the pinned POD_COUNTERS map, summed over CPUs.
+    pub fn pod_counters(&self, ip: Ipv4Addr) -> Option<serde_json::Map<String, Value>> {
+        let want: Vec<Value> = ip.octets().iter().map(|b| Value::from(*b)).collect();
+        let entry = self
+            .dump_map("POD_COUNTERS")
+            .into_iter()
+            .find(|e| e["key"]["addr"].as_array() == Some(&want))?;
+        Some(sum_per_cpu(&entry["values"]))
+    }
+
+    /// The slow-path port counters summed over CPUs.
+    pub fn slowport_counters(&self) -> serde_json::Map<String, Value> {
+        let entries = self.dump_map("SLOWPORT_COUNTERS");
+        sum_per_cpu(&entries[0]["values"])
+    }
+
+    /// Host-side veth names in the node (pod interfaces).
+    pub fn pod_links(&self) -> Vec<String> {
+        self.ns
+            .ip(&["-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+            .filter(|n| n.starts_with("cv"))
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if std::thread::panicking() {
+            eprintln!("--- agent log ({}) ---\n{}", self.dir.display(), self.agent_log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sums `[{cpu, value:{...}}]` into one object of counters.
+pub fn sum_per_cpu(values: &Value) -> serde_json::Map<String, Value> {
+    let mut sum = serde_json::Map::new();
+    for v in values.as_array().into_iter().flatten() {
+        for (k, n) in v["value"].as_object().into_iter().flatten() {
+            let add = n.as_u64().unwrap_or(0);
+            let cur = sum.get(k).and_then(Value::as_u64).unwrap_or(0);
+            sum.insert(k.clone(), Value::from(cur + add));
+        }
+    }
+    sum
+}
+
+/// Reads a counter out of a summed map.
+pub fn counter(c: &serde_json::Map<String, Value>, name: &str) -> u64 {
+    c.get(name).and_then(Value::as_u64).unwrap_or_else(|| panic!("no counter {name} in {c:?}"))
+}
+
+/// The pod's address from an ADD result (`ips[0].address` without the prefix).
+pub fn pod_ip(result: &Value) -> Ipv4Addr {
+    result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no IPv4 address in {result}"))
+}
+
+/// `ping -c N` from a namespace; true if all answered.
+pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
+    ns.cmd("ping")
+        .args(["-c", &count.to_string(), "-i", "0.2", "-W", "2", &dst.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}

@@ -1,0 +1,178 @@
+//! The real contiv-cni binary against a real agent (root): error codes, CHECK, STATUS,
+//! GC, and chaining with Debian's containernetworking-plugins as libcni would run a
+//! conflist (each plugin gets the previous one's result as prevResult; DEL in reverse).
+
+use std::path::Path;
+
+use contiv_tests::{Netns, Node, NodeOptions, invoke_plugin, ping};
+use serde_json::{Value, json};
+
+fn node() -> Node {
+    Node::start(NodeOptions::default())
+}
+
+#[test]
+fn error_cases_return_the_spec_codes() {
+    let node = node();
+    let pod_ns = Netns::new("ctp");
+    let netns = pod_ns.path().to_string_lossy().into_owned();
+    let conf = node.net_conf("1.0.0");
+    let cni = |env: &[(&str, &str)], stdin: &str| invoke_plugin(&contiv_tests::bin("contiv-cni"), env, stdin, None);
+
+    // 4: a missing CNI_* variable, named in the message.
+    let out = cni(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "x"), ("CNI_IFNAME", "eth0")], &conf);
+    assert_eq!(out.error_code(), Some(4), "{out:?}");
+    assert!(out.stdout.contains("CNI_NETNS"));
+    assert_ne!(out.exit_code, 0);
+    let out = cni(&[], &conf);
+    assert_eq!(out.error_code(), Some(4));
+    assert!(out.stdout.contains("CNI_COMMAND"));
+
+    let add_env = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "x"), ("CNI_NETNS", netns.as_str()), ("CNI_IFNAME", "eth0")];
+    // 6: undecodable config.
+    let out = cni(&add_env, "{bad");
+    assert_eq!(out.error_code(), Some(6), "{out:?}");
+    // 7: invalid config (no name).
+    let out = cni(&add_env, r#"{"cniVersion":"1.0.0","type":"contiv-cni"}"#);
+    assert_eq!(out.error_code(), Some(7), "{out:?}");
+    // 1: unsupported version.
+    let out = cni(&add_env, r#"{"cniVersion":"9.9.9","name":"n","type":"contiv-cni"}"#);
+    assert_eq!(out.error_code(), Some(1), "{out:?}");
+    // 11: agent not reachable.
+    let gone = json!({"cniVersion":"1.0.0","name":"n","type":"contiv-cni","agentSocket":"/run/contiv-nowhere.sock"}).to_string();
+    let out = cni(&add_env, &gone);
+    assert_eq!(out.error_code(), Some(11), "{out:?}");
+    // 50: STATUS with no agent.
+    let gone11 = json!({"cniVersion":"1.1.0","name":"n","type":"contiv-cni","agentSocket":"/run/contiv-nowhere.sock"}).to_string();
+    let out = cni(&[("CNI_COMMAND", "STATUS")], &gone11);
+    assert_eq!(out.error_code(), Some(50), "{out:?}");
+    // STATUS with the real agent ready: success, no output.
+    let out = node.cni("STATUS", "", "", "", "1.1.0");
+    assert_eq!((out.exit_code, out.stdout.as_str()), (0, ""));
+    // VERSION.
+    let out = cni(&[("CNI_COMMAND", "VERSION")], &conf);
+    assert_eq!(out.json()["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+    // The failed ADDs left nothing behind.
+    assert!(node.pod_links().is_empty());
+}
+
+#[test]
+fn results_follow_the_requested_version_and_check_detects_damage() {
+    let node = node();
+    for version in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
+        let ns = Netns::new("ctp");
+        let id = contiv_tests::unique("v");
+        let out = node.cni("ADD", &id, &ns.path().to_string_lossy(), "eth0", version);
+        out.ok();
+        let r = out.json();
+        assert_eq!(r["cniVersion"], version);
+        assert_eq!(r["ips"][0]["version"].as_str().is_some(), version.starts_with("0."), "{r}");
+        assert_eq!(r["interfaces"][1]["mtu"].as_u64().is_some(), version == "1.1.0", "{r}");
+        if version != "0.3.1" {
+            let conf = json!({"cniVersion": version, "name": node.network_name, "type": "contiv-cni",
+                "agentSocket": node.socket, "prevResult": r})
+            .to_string();
+            node.cni_with_conf("CHECK", &id, &ns.path().to_string_lossy(), "eth0", &conf).ok();
+            // Break the pod's default route: CHECK must notice.
+            ns.ip(&["route", "del", "default"]);
+            let out = node.cni_with_conf("CHECK", &id, &ns.path().to_string_lossy(), "eth0", &conf);
+            assert_ne!(out.exit_code, 0, "CHECK missed a deleted default route");
+        }
+        node.cni("DEL", &id, &ns.path().to_string_lossy(), "eth0", version).ok();
+    }
+}
+
+#[test]
+fn gc_removes_attachments_not_listed_as_valid() {
+    let node = node();
+    let keep = node.add_pod();
+    let stale1 = node.add_pod();
+    let stale2 = node.add_pod();
+    let conf = json!({
+        "cniVersion": "1.1.0", "name": node.network_name, "type": "contiv-cni", "agentSocket": node.socket,
+        "cni.dev/valid-attachments": [{"containerID": keep.container_id, "ifname": "eth0"}],
+    })
+    .to_string();
+    node.cni_with_conf("GC", "", "", "", &conf).ok();
+    assert_eq!(node.pod_links().len(), 1);
+    assert!(node.pod_counters(stale1.ip).is_none() && node.pod_counters(stale2.ip).is_none());
+    assert!(node.pod_counters(keep.ip).is_some());
+    assert!(ping(&keep.ns, "10.1.1.1".parse().unwrap(), 1));
+}
+
+/// Runs a conflist the way libcni does: ADD in order with prevResult threaded through.
+fn conflist_add(node: &Node, plugins: &[Value], id: &str, netns: &str) -> Value {
+    let mut prev: Option<Value> = None;
+    for p in plugins {
+        let mut conf = p.clone();
+        conf["cniVersion"] = json!("1.0.0");
+        conf["name"] = json!(node.network_name);
+        if let Some(prev) = &prev {
+            conf["prevResult"] = prev.clone();
+        }
+        let ty = conf["type"].as_str().unwrap().to_owned();
+        let plugin = plugin_path(&ty);
+        let env = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/usr/lib/cni")];
+        let out = invoke_plugin(&plugin, &env, &conf.to_string(), Some(node.ns.name()));
+        assert_eq!(out.exit_code, 0, "{ty} ADD failed: {} {}", out.stdout, out.stderr);
+        prev = Some(out.json());
+    }
+    prev.unwrap()
+}
+
+fn conflist_run(node: &Node, command: &str, plugins: &[Value], id: &str, netns: &str, result: &Value) {
+    let order: Vec<&Value> = if command == "DEL" { plugins.iter().rev().collect() } else { plugins.iter().collect() };
+    for p in order {
+        let mut conf = p.clone();
+        conf["cniVersion"] = json!("1.0.0");
+        conf["name"] = json!(node.network_name);
+        conf["prevResult"] = result.clone();
+        let ty = conf["type"].as_str().unwrap().to_owned();
+        let env = [("CNI_COMMAND", command), ("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/usr/lib/cni")];
+        let out = invoke_plugin(&plugin_path(&ty), &env, &conf.to_string(), Some(node.ns.name()));
+        assert_eq!(out.exit_code, 0, "{ty} {command} failed: {} {}", out.stdout, out.stderr);
+    }
+}
+
+fn plugin_path(ty: &str) -> std::path::PathBuf {
+    if ty == "contiv-cni" {
+        return contiv_tests::bin("contiv-cni");
+    }
+    let p = Path::new("/usr/lib/cni").join(ty);
+    assert!(p.exists(), "{} missing: `cargo xtask setup` installs containernetworking-plugins", p.display());
+    p
+}
+
+#[test]
+fn chains_with_debian_tuning_and_bandwidth_plugins() {
+    let node = node();
+    let plugins = vec![
+        json!({"type": "contiv-cni", "agentSocket": node.socket}),
+        json!({"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"}}),
+        json!({"type": "bandwidth", "ingressRate": 800_000_000u64, "ingressBurst": 1_000_000u64,
+               "egressRate": 800_000_000u64, "egressBurst": 1_000_000u64}),
+    ];
+    let a = Netns::new("ctp");
+    let b = Netns::new("ctp");
+    let (ida, idb) = (contiv_tests::unique("ch"), contiv_tests::unique("ch"));
+    let ra = conflist_add(&node, &plugins, &ida, &a.path().to_string_lossy());
+    let rb = conflist_add(&node, &plugins, &idb, &b.path().to_string_lossy());
+    // The chained result still carries our interfaces and address, plus bandwidth's ifb.
+    assert_eq!(ra["cniVersion"], "1.0.0");
+    assert_eq!(ra["interfaces"][1]["name"], "eth0");
+    assert!(ra["ips"][0]["address"].as_str().unwrap().ends_with("/32"));
+    let names: Vec<&str> = ra["interfaces"].as_array().unwrap().iter().filter_map(|i| i["name"].as_str()).collect();
+    assert!(names.iter().any(|n| n.starts_with("bwp")), "bandwidth's ifb missing from {names:?}");
+    // tuning applied its sysctl inside the pod.
+    let v = contiv_tests::run(a.cmd("cat").arg("/proc/sys/net/ipv4/conf/eth0/rp_filter"));
+    assert_eq!(v.trim(), "2");
+    // Traffic still flows through our datapath with shaping in place.
+    let ipb = contiv_tests::pod_ip(&rb);
+    assert!(ping(&a, ipb, 2), "chained pods cannot talk");
+    conflist_run(&node, "CHECK", &plugins, &ida, &a.path().to_string_lossy(), &ra);
+    conflist_run(&node, "DEL", &plugins, &ida, &a.path().to_string_lossy(), &ra);
+    conflist_run(&node, "DEL", &plugins, &idb, &b.path().to_string_lossy(), &rb);
+    assert!(node.pod_links().is_empty(), "DEL of the chain left veths");
+    let links = node.ns.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("bwp"), "bandwidth's ifb left behind: {links}");
+}

@@ -1,0 +1,240 @@
+//! End to end on one node (root): pods created by the real contiv-cni binary talk through
+//! the eBPF fast path; the vswitch answers the gateway through AF_XDP; spoofing is
+//! dropped; DEL leaves nothing behind; the agent can restart under running pods.
+
+use std::{
+    collections::HashSet,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use contiv_tests::{Node, NodeOptions, Pod, counter, ping};
+
+fn node() -> Node {
+    Node::start(NodeOptions::default())
+}
+
+/// Sends `payload` over TCP from `client` to a listener in `server` and returns what
+/// the server read (echoed back to the client, which checks it).
+fn tcp_exchange(client: &Pod, server: &Pod, payload: &'static [u8]) {
+    let server_ip = server.ip;
+    let listener = server.ns.enter(move || TcpListener::bind((server_ip, 0)).expect("bind"));
+    let port = listener.local_addr().unwrap().port();
+    let srv = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; payload.len()];
+        s.read_exact(&mut buf).expect("server read");
+        s.write_all(&buf).expect("server echo");
+        peer
+    });
+    let addr = SocketAddr::from((server_ip, port));
+    let mut stream = client
+        .ns
+        .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"));
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(payload).unwrap();
+    let mut echo = vec![0u8; payload.len()];
+    stream.read_exact(&mut echo).expect("client read echo");
+    assert_eq!(echo, payload);
+    let peer = srv.join().unwrap();
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(client.ip), "server saw the client's real address");
+}
+
+fn udp_exchange(client: &Pod, server: &Pod) -> bool {
+    let (server_ip, client_ip) = (server.ip, client.ip);
+    let srv = server.ns.enter(move || UdpSocket::bind((server_ip, 0)).unwrap());
+    let cli = client.ns.enter(move || UdpSocket::bind((client_ip, 0)).unwrap());
+    srv.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    cli.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    cli.send_to(b"ping", srv.local_addr().unwrap()).unwrap();
+    let mut buf = [0u8; 16];
+    let Ok((n, from)) = srv.recv_from(&mut buf) else {
+        return false;
+    };
+    assert_eq!(&buf[..n], b"ping");
+    assert_eq!(from, cli.local_addr().unwrap());
+    srv.send_to(b"pong", from).unwrap();
+    matches!(cli.recv_from(&mut buf), Ok((4, _)))
+}
+
+#[test]
+fn pods_talk_tcp_and_udp_both_ways_through_the_fast_path() {
+    let node = node();
+    let pods: Vec<Pod> = (0..3).map(|_| node.add_pod()).collect();
+    let ips: HashSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    assert_eq!(ips.len(), 3);
+    for (a, b) in [(0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)] {
+        tcp_exchange(&pods[a], &pods[b], b"hello through the eBPF fast path");
+        assert!(udp_exchange(&pods[a], &pods[b]), "UDP {a} -> {b}");
+    }
+    // The fast path counted what it forwarded; the host stack never routed it.
+    for p in &pods {
+        let c = node.pod_counters(p.ip).expect("counters entry");
+        assert!(counter(&c, "fwd_packets") >= 8, "{c:?}");
+        assert!(counter(&c, "fwd_bytes") > 0);
+        assert_eq!(counter(&c, "drop_spoofed_ip"), 0);
+    }
+    // The result is what a runtime expects: pod interface in the sandbox, /32, gateway.
+    let r = &pods[0].result;
+    assert_eq!(r["cniVersion"], "1.0.0");
+    assert_eq!(r["interfaces"][1]["name"], "eth0");
+    assert_eq!(r["interfaces"][1]["sandbox"], pods[0].ns.path().to_string_lossy().as_ref());
+    assert_eq!(r["ips"][0]["interface"], 1);
+    assert_eq!(r["ips"][0]["gateway"], "10.1.1.1");
+    assert!(r["ips"][0]["address"].as_str().unwrap().ends_with("/32"));
+    // TTL decremented by one routed hop.
+    let out = pods[0].ns.cmd("ping").args(["-c", "1", "-W", "2", &pods[1].ip.to_string()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ttl=63"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn gateway_arp_and_ping_are_answered_by_the_vswitch_over_af_xdp() {
+    let node = node();
+    let pod = node.add_pod();
+    let before = node.slowport_counters();
+    let pod_before = node.pod_counters(pod.ip).unwrap();
+    // Forget the static neighbour entry so the pod has to ARP for the gateway.
+    pod.ns.ip(&["neigh", "del", "10.1.1.1", "dev", "eth0"]);
+    assert!(ping(&pod.ns, Ipv4Addr::new(10, 1, 1, 1), 3), "gateway did not answer:\n{}", node.agent_log());
+    let neigh = pod.ns.ip(&["neigh", "show", "10.1.1.1"]);
+    assert!(neigh.contains("02:fe:00:00:00:01"), "ARP not answered with the gateway MAC: {neigh}");
+    let after = node.slowport_counters();
+    assert!(
+        counter(&after, "to_vswitch_packets") >= counter(&before, "to_vswitch_packets") + 4,
+        "ARP + 3 echo requests went through the AF_XDP socket: {before:?} -> {after:?}"
+    );
+    assert!(counter(&after, "from_vswitch_delivered") >= counter(&before, "from_vswitch_delivered") + 4);
+    let pod_after = node.pod_counters(pod.ip).unwrap();
+    assert!(counter(&pod_after, "slow_packets") >= counter(&pod_before, "slow_packets") + 4);
+    assert!(counter(&pod_after, "from_slow_packets") >= counter(&pod_before, "from_slow_packets") + 4);
+}
+
+#[test]
+fn unknown_destinations_go_to_the_slow_path_and_are_dropped() {
+    let node = node();
+    let pod = node.add_pod();
+    let before = node.pod_counters(pod.ip).unwrap();
+    assert!(!ping(&pod.ns, Ipv4Addr::new(10, 1, 1, 250), 2), "nobody has 10.1.1.250");
+    let after = node.pod_counters(pod.ip).unwrap();
+    assert!(counter(&after, "slow_packets") >= counter(&before, "slow_packets") + 2);
+    assert_eq!(counter(&after, "fwd_packets"), counter(&before, "fwd_packets"));
+}
+
+#[test]
+fn spoofed_source_ip_and_mac_are_dropped_and_counted() {
+    let node = node();
+    let a = node.add_pod();
+    let b = node.add_pod();
+    assert!(udp_exchange(&a, &b), "baseline");
+
+    // Source IP that is not the pod's own.
+    a.ns.ip(&["addr", "add", "10.1.1.200/32", "dev", "eth0"]);
+    let b_ip = b.ip;
+    let srv = b.ns.enter(move || UdpSocket::bind((b_ip, 0)).unwrap());
+    srv.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let spoofer = a.ns.enter(|| UdpSocket::bind((Ipv4Addr::new(10, 1, 1, 200), 0)).unwrap());
+    for _ in 0..5 {
+        spoofer.send_to(b"spoof", srv.local_addr().unwrap()).unwrap();
+    }
+    let mut buf = [0u8; 16];
+    assert!(srv.recv_from(&mut buf).is_err(), "spoofed datagram must not arrive");
+    let c = node.pod_counters(a.ip).unwrap();
+    assert!(counter(&c, "drop_spoofed_ip") >= 5, "{c:?}");
+
+    // Source MAC that is not the pod's own.
+    a.ns.ip(&["link", "set", "eth0", "address", "02:de:ad:be:ef:01"]);
+    assert!(!udp_exchange(&a, &b), "frames with a foreign MAC must be dropped");
+    let c = node.pod_counters(a.ip).unwrap();
+    assert!(counter(&c, "drop_spoofed_mac") >= 1, "{c:?}");
+}
+
+#[test]
+fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
+    let node = node();
+    let keep = node.add_pod();
+    let links_before = node.pod_links().len();
+    let entries = |m: &str| node.dump_map(m).len();
+    let (pods0, ifaces0, counters0) = (entries("PODS"), entries("POD_IFACES"), entries("POD_COUNTERS"));
+    let mut seen = HashSet::new();
+    for i in 0..50 {
+        let pod = node.add_pod();
+        seen.insert(pod.ip);
+        assert_eq!(node.pod_links().len(), links_before + 1);
+        assert!(node.pod_counters(pod.ip).is_some());
+        node.del_pod(&pod).ok();
+        // DEL is idempotent: a second DEL, and a DEL after the namespace is gone, succeed.
+        node.del_pod(&pod).ok();
+        if i % 10 == 0 {
+            drop(pod.ns);
+            node.cni("DEL", &pod.container_id, "", "eth0", "1.0.0").ok();
+        }
+        assert!(node.pod_counters(pod.ip).is_none(), "counters of {} left behind", pod.ip);
+    }
+    assert_eq!(node.pod_links().len(), links_before, "veths leaked");
+    assert_eq!(entries("PODS"), pods0, "PODS leaked");
+    assert_eq!(entries("POD_IFACES"), ifaces0, "POD_IFACES leaked");
+    assert_eq!(entries("POD_COUNTERS"), counters0, "POD_COUNTERS leaked");
+    assert!(!seen.contains(&keep.ip), "an address in use was handed out again");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.dir.join("state/state.json")).unwrap()).unwrap();
+    assert_eq!(state["attachments"].as_array().unwrap().len(), 1, "only the kept pod holds an address");
+    // The kept pod still works.
+    assert!(ping(&keep.ns, Ipv4Addr::new(10, 1, 1, 1), 1));
+}
+
+#[test]
+fn concurrent_adds_get_distinct_addresses() {
+    let node = std::sync::Arc::new(node());
+    let handles: Vec<_> = (0..32)
+        .map(|_| {
+            let node = node.clone();
+            std::thread::spawn(move || node.add_pod())
+        })
+        .collect();
+    let pods: Vec<Pod> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ips: HashSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    assert_eq!(ips.len(), 32, "addresses must be distinct");
+    assert_eq!(node.pod_links().len(), 32);
+    assert!(ping(&pods[0].ns, pods[31].ip, 1));
+    for p in &pods {
+        node.del_pod(p).ok();
+    }
+    assert_eq!(node.pod_links().len(), 0);
+}
+
+#[test]
+fn agent_restart_keeps_pods_connected_and_addresses_reserved() {
+    let mut node = node();
+    let a = node.add_pod();
+    let b = node.add_pod();
+    assert!(ping(&a.ns, b.ip, 1));
+    let status = node.stop_agent();
+    assert!(status.success(), "SIGTERM is a clean exit: {status}");
+    assert!(!node.socket.exists(), "socket removed on shutdown");
+    // While the agent is down, the kernel fast path keeps forwarding.
+    assert!(ping(&a.ns, b.ip, 2), "fast path must survive the agent");
+    tcp_exchange(&a, &b, b"agent is down");
+    // And an unreachable agent is "try again later" for the runtime.
+    let out = node.cni("ADD", "late", &a.ns.path().to_string_lossy(), "eth1", "1.0.0");
+    assert_eq!(out.error_code(), Some(11), "{out:?}");
+    node.start_agent();
+    assert!(ping(&a.ns, b.ip, 1));
+    assert!(ping(&b.ns, Ipv4Addr::new(10, 1, 1, 1), 1), "slow path back");
+    let c = node.add_pod();
+    assert!(c.ip != a.ip && c.ip != b.ip, "no address in use is reissued");
+    tcp_exchange(&c, &a, b"after restart");
+    // The restarted agent replaced its filter instead of stacking a second one.
+    let filters = node.ns.ip(&["-d", "link", "show"]); // cheap sanity that the node still lists links
+    assert!(filters.contains("cslow0"));
+    let tc = contiv_tests::run(node.ns.cmd("tc").args(["filter", "show", "dev", &node.pod_links()[0], "ingress"]));
+    assert_eq!(tc.matches("tc_from_pod").count(), 1, "{tc}");
+    // CHECK passes on a pod wired before the restart.
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": node.network_name, "type": "contiv-cni",
+        "agentSocket": node.socket, "prevResult": a.result,
+    })
+    .to_string();
+    node.cni_with_conf("CHECK", &a.container_id, &a.ns.path().to_string_lossy(), "eth0", &conf)
+        .ok();
+}

@@ -69,7 +69,7 @@ pub trait ToModel {
     /// The model type it converts to.
     type Model: ModelObject;
     /// The store identity of the object (needs only its metadata; used for deletes).
-    fn object_ref(&self) -> Result<ObjectRef, ConvertError>;
+    fn model_ref(&self) -> Result<ObjectRef, ConvertError>;
     /// Converts the object.
     fn to_model(&self) -> Result<Self::Model, ConvertError>;
 }
@@ -217,7 +217,7 @@ fn label_selector(field: &str, s: &meta::LabelSelector) -> Result<LabelSelector,
 impl ToModel for core::Pod {
     type Model = Pod;
 
-    fn object_ref(&self) -> Result<ObjectRef, ConvertError> {
+    fn model_ref(&self) -> Result<ObjectRef, ConvertError> {
         namespaced_ref(Kind::Pod, &self.metadata)
     }
 
@@ -260,7 +260,7 @@ impl ToModel for core::Pod {
 impl ToModel for core::Namespace {
     type Model = Namespace;
 
-    fn object_ref(&self) -> Result<ObjectRef, ConvertError> {
+    fn model_ref(&self) -> Result<ObjectRef, ConvertError> {
         Ok(ObjectRef::cluster(Kind::Namespace, name_of(&self.metadata)?))
     }
 
@@ -274,7 +274,7 @@ impl ToModel for core::Namespace {
 impl ToModel for core::Service {
     type Model = Service;
 
-    fn object_ref(&self) -> Result<ObjectRef, ConvertError> {
+    fn model_ref(&self) -> Result<ObjectRef, ConvertError> {
         namespaced_ref(Kind::Service, &self.metadata)
     }
 
@@ -392,7 +392,7 @@ impl ToModel for core::Service {
 impl ToModel for discovery::EndpointSlice {
     type Model = EndpointSlice;
 
-    fn object_ref(&self) -> Result<ObjectRef, ConvertError> {
+    fn model_ref(&self) -> Result<ObjectRef, ConvertError> {
         namespaced_ref(Kind::EndpointSlice, &self.metadata)
     }
 
@@ -559,7 +559,7 @@ fn policy_ports(field: &str, ports: Option<&Vec<networking::NetworkPolicyPort>>)
 impl ToModel for networking::NetworkPolicy {
     type Model = NetworkPolicy;
 
-    fn object_ref(&self) -> Result<ObjectRef, ConvertError> {
+    fn model_ref(&self) -> Result<ObjectRef, ConvertError> {
         namespaced_ref(Kind::NetworkPolicy, &self.metadata)
     }
 
@@ -632,7 +632,7 @@ impl ToModel for networking::NetworkPolicy {
 impl ToModel for core::Node {
     type Model = Node;
 
-    fn object_ref(&self) -> Result<ObjectRef, ConvertError> {
+    fn model_ref(&self) -> Result<ObjectRef, ConvertError> {
         Ok(ObjectRef::cluster(Kind::Node, name_of(&self.metadata)?))
     }
 

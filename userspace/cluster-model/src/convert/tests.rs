@@ -40,7 +40,7 @@ fn pod_converts_ips_ports_node_and_labels() {
             ContainerPort { name: Some("metrics".into()), protocol: Protocol::Tcp, port: 9090 },
         ]
     );
-    assert_eq!(pod.object_ref().unwrap().key(), "/contiv/k8s/pod/shop/web-0");
+    assert_eq!(pod.model_ref().unwrap().key(), "/contiv/k8s/pod/shop/web-0");
     assert_eq!(m.key(), "/contiv/k8s/pod/shop/web-0");
     // The exact stored bytes: what KSR and netctl both write.
     assert_eq!(
@@ -87,7 +87,7 @@ fn pod_errors_name_the_field() {
         ConvertError::Missing { field: "metadata.namespace".into() }
     );
     let no_name: core::Pod = from_json(json!({"metadata": {"namespace": "d"}}));
-    assert_eq!(no_name.object_ref().unwrap_err().field(), "metadata.name");
+    assert_eq!(no_name.model_ref().unwrap_err().field(), "metadata.name");
     let slash: core::Pod = from_json(json!({"metadata": {"name": "a/b", "namespace": "d"}}));
     assert!(matches!(slash.to_model(), Err(ConvertError::Invalid { .. })));
 }
@@ -102,7 +102,7 @@ fn namespace_converts_labels() {
     let m = ns.to_model().unwrap();
     assert_eq!(m.name, "shop");
     assert_eq!(m.labels.get("env").map(String::as_str), Some("prod"));
-    assert_eq!(ns.object_ref().unwrap().key(), "/contiv/k8s/namespace/shop");
+    assert_eq!(ns.model_ref().unwrap().key(), "/contiv/k8s/namespace/shop");
 }
 
 #[test]
@@ -345,7 +345,7 @@ fn node_converts_addresses_and_pod_cidrs() {
     assert_eq!(m.ips_of_type("InternalIP"), vec!["192.168.1.10".parse::<IpAddr>().unwrap()]);
     assert_eq!(m.ips_of_type("ExternalIP"), vec!["203.0.113.10".parse::<IpAddr>().unwrap()]);
     assert_eq!(m.pod_cidrs, vec!["10.1.0.0/24".parse::<IpNet>().unwrap(), "fd00:1::/64".parse().unwrap()]);
-    assert_eq!(node.object_ref().unwrap().key(), "/contiv/k8s/node/node-a");
+    assert_eq!(node.model_ref().unwrap().key(), "/contiv/k8s/node/node-a");
 
     let legacy: core::Node = from_json(json!({"metadata": {"name": "n"}, "spec": {"podCIDR": "10.2.0.0/24"}}));
     assert_eq!(legacy.to_model().unwrap().pod_cidrs, vec!["10.2.0.0/24".parse::<IpNet>().unwrap()]);

@@ -19,6 +19,7 @@ use contiv_vswitch::{
 };
 use support::{
     HOST_END, PacketSocket, RedirectToXsk, SlowPortNetns, VSWITCH_END, ifindex, wait_until,
+    xdp_attached,
 };
 
 const GW_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
@@ -141,6 +142,10 @@ fn afxdp_port_answers_arp_and_ping_root() {
     let ns = SlowPortNetns::new("arp");
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
+        assert!(
+            xdp_attached(VSWITCH_END),
+            "the probe sees an attached program"
+        );
         let port = spawn(VSWITCH_END, 0, vswitch()).expect("AF_XDP port on the vswitch end");
         xdp.register(port.queue(), port.as_raw_fd())
             .expect("register the socket in the XSKMAP");
@@ -221,6 +226,8 @@ fn stopped_port_releases_its_queue_root() {
     let ns = SlowPortNetns::new("stop");
     ns.run(|| {
         let port = AfXdpPort::open(PortConfig::new(VSWITCH_END, 0)).expect("first socket");
+        // libxdp did not attach its default program: the agent attaches ours.
+        assert!(!xdp_attached(VSWITCH_END), "no XDP program attached");
         // A second socket on the same queue is refused while the first lives
         // (after retrying for BUSY_RETRY).
         match AfXdpPort::open(PortConfig::new(VSWITCH_END, 0)) {

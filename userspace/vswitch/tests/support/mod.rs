@@ -109,6 +109,17 @@ pub fn ifindex(name: &str) -> u32 {
     idx
 }
 
+/// Whether an XDP program is attached to `ifname` (current namespace).
+pub fn xdp_attached(ifname: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["link", "show", ifname])
+        .output()
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(ifname), "ip link show {ifname}: {text}");
+    text.contains("prog/xdp")
+}
+
 // === raw XDP redirect program ===
 
 /// A hand-assembled XDP program doing what the datapath's `xdp_to_vswitch`

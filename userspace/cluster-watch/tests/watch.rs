@@ -1,0 +1,375 @@
+//! ClusterWatch against a real etcd (and the embedded store): start resync, per-kind events,
+//! malformed values, etcd killed and restarted mid-run, compaction.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use contiv_cluster_model::ClusterObject;
+use contiv_cluster_model::keys::{self, Kind};
+use contiv_cluster_watch::{ClusterEvent, ClusterModel, ClusterWatch, Object, ObjectKind, ResyncReason};
+use contiv_store::testing::EtcdServer;
+use contiv_store::{
+    KeyValue, LeaseId, ListResult, Revision, Store, StoreConfig, StoreError, Txn, TxnResult, WatchStream,
+};
+use serde_json::json;
+
+fn v(value: serde_json::Value) -> Vec<u8> {
+    let mut value = value;
+    value.as_object_mut().unwrap().insert("v".into(), json!(1));
+    serde_json::to_vec(&value).unwrap()
+}
+
+fn pod(ns: &str, name: &str, ip: &str) -> (String, Vec<u8>) {
+    (keys::k8s_key(Kind::Pod, Some(ns), name), v(json!({"name": name, "namespace": ns, "ips": [ip], "labels": {"app": "web"}})))
+}
+
+fn service(ns: &str, name: &str, ip: &str) -> (String, Vec<u8>) {
+    (
+        keys::k8s_key(Kind::Service, Some(ns), name),
+        v(json!({"name": name, "namespace": ns, "cluster_ips": [ip],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "target_port": 8080}]})),
+    )
+}
+
+fn slice(ns: &str, name: &str, ips: &[&str]) -> (String, Vec<u8>) {
+    let endpoints: Vec<_> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true, "serving": true, "terminating": false}}))
+        .collect();
+    (
+        keys::k8s_key(Kind::EndpointSlice, Some(ns), name),
+        v(json!({"name": name, "namespace": ns, "service_name": "svc", "address_type": "IPv4",
+                 "endpoints": endpoints, "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]})),
+    )
+}
+
+fn namespace(name: &str) -> (String, Vec<u8>) {
+    (keys::k8s_key(Kind::Namespace, None, name), v(json!({"name": name, "labels": {"team": "a"}})))
+}
+
+fn policy(ns: &str, name: &str) -> (String, Vec<u8>) {
+    (
+        keys::k8s_key(Kind::NetworkPolicy, Some(ns), name),
+        v(json!({"name": name, "namespace": ns, "pod_selector": {}, "policy_types": ["Ingress"]})),
+    )
+}
+
+fn node(name: &str) -> (String, Vec<u8>) {
+    (
+        keys::k8s_key(Kind::Node, None, name),
+        v(json!({"name": name, "addresses": [{"address_type": "InternalIP", "address": "192.168.1.1"}]})),
+    )
+}
+
+fn registration(name: &str, id: u32) -> (String, Vec<u8>) {
+    (keys::node(name), v(json!({"name": name, "id": id, "addresses": [], "pod_cidr": format!("10.1.{id}.0/24")})))
+}
+
+async fn put(store: &Arc<dyn Store>, (key, value): (String, Vec<u8>)) {
+    store.put(&key, value, None).await.unwrap();
+}
+
+/// Records events and a copy of the model after each one.
+#[derive(Clone, Default)]
+struct Recorder {
+    events: Arc<Mutex<Vec<ClusterEvent>>>,
+    model: Arc<Mutex<ClusterModel>>,
+}
+
+impl Recorder {
+    fn consumer(&self) -> impl FnMut(&ClusterModel, &ClusterEvent) + Send + 'static {
+        let this = self.clone();
+        move |model, event| {
+            this.events.lock().unwrap().push(event.clone());
+            *this.model.lock().unwrap() = model.clone();
+        }
+    }
+
+    fn events(&self) -> Vec<ClusterEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, what: &str, cond: impl Fn(&[ClusterEvent], &ClusterModel) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            {
+                let events = self.events.lock().unwrap();
+                let model = self.model.lock().unwrap();
+                if cond(&events, &model) {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    panic!("timed out waiting for {what}; events: {:#?}", *events);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn spawn(store: Arc<dyn Store>, rec: &Recorder) -> (Arc<ClusterWatch>, tokio::sync::oneshot::Sender<()>) {
+    let watch = Arc::new(ClusterWatch::new(store));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let w = watch.clone();
+    let mut consumer = rec.consumer();
+    tokio::spawn(async move {
+        w.run(&mut consumer, async move {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    (watch, stop)
+}
+
+fn resyncs(events: &[ClusterEvent], reason: ResyncReason) -> usize {
+    events.iter().filter(|e| **e == ClusterEvent::Resync(reason)).count()
+}
+
+async fn start_resync_then_events(store: Arc<dyn Store>) {
+    put(&store, namespace("default")).await;
+    put(&store, pod("default", "web-0", "10.1.1.2")).await;
+    put(&store, service("default", "svc", "10.96.0.10")).await;
+    put(&store, slice("default", "svc-abc", &["10.1.1.2"])).await;
+    put(&store, policy("default", "deny")).await;
+    put(&store, node("n1")).await;
+    put(&store, registration("n1", 1)).await;
+    store.put("/contiv/ipam/config", b"{}".to_vec(), None).await.unwrap(); // not part of the model
+    let rec = Recorder::default();
+    let (watch, _stop) = spawn(store.clone(), &rec);
+    rec.wait_for("start resync", |e, _| resyncs(e, ResyncReason::Start) == 1).await;
+    {
+        let m = rec.model.lock().unwrap();
+        assert_eq!(m.len(), 7);
+        for kind in Kind::ALL {
+            assert_eq!(m.count(kind), 1, "{kind}");
+        }
+        assert_eq!(m.registrations().next().unwrap().id, 1);
+        assert_eq!(m.pods().next().unwrap().ips[0].to_string(), "10.1.1.2");
+        assert_eq!(m.services().next().unwrap().cluster_ips[0].to_string(), "10.96.0.10");
+    }
+    assert_eq!(rec.events().len(), 1, "only the resync so far");
+
+    put(&store, pod("default", "web-1", "10.1.1.3")).await;
+    put(&store, slice("default", "svc-abc", &["10.1.1.2", "10.1.1.3"])).await;
+    put(&store, slice("default", "svc-abc", &["10.1.1.2", "10.1.1.3"])).await; // identical: no event
+    store.delete(&keys::k8s_key(Kind::Pod, Some("default"), "web-0")).await.unwrap();
+    store.delete(&keys::node("n1")).await.unwrap();
+    rec.wait_for("4 changes", |e, _| e.len() == 5).await;
+    let events = rec.events();
+    match &events[1] {
+        ClusterEvent::Added { key, object: Object::K8s(ClusterObject::Pod(p)) } => {
+            assert_eq!(key, "/contiv/k8s/pod/default/web-1");
+            assert_eq!(p.name, "web-1");
+        }
+        other => panic!("expected pod added, got {other:?}"),
+    }
+    match &events[2] {
+        ClusterEvent::Updated { old: Object::K8s(ClusterObject::EndpointSlice(o)), new: Object::K8s(ClusterObject::EndpointSlice(n)), .. } => {
+            assert_eq!((o.endpoints.len(), n.endpoints.len()), (1, 2));
+        }
+        other => panic!("expected slice updated, got {other:?}"),
+    }
+    assert!(matches!(&events[3], ClusterEvent::Deleted { object, .. } if object.kind() == ObjectKind::K8s(Kind::Pod)));
+    assert!(matches!(&events[4], ClusterEvent::Deleted { object, .. } if object.kind() == ObjectKind::Registration));
+    let model = watch.model();
+    let m = model.read().unwrap();
+    assert_eq!(m.count(Kind::Pod), 1);
+    assert_eq!(m.registrations().count(), 0);
+    assert_eq!(m.revision(), store.list("/contiv/").await.unwrap().revision);
+}
+
+async fn malformed_values_skipped(store: Arc<dyn Store>) {
+    let (good_key, good) = pod("ns", "good", "10.1.1.9");
+    store.put(&good_key, good.clone(), None).await.unwrap();
+    store.put("/contiv/k8s/pod/ns/garbage", b"{not json".to_vec(), None).await.unwrap();
+    store.put("/contiv/k8s/pod/ns/future", br#"{"v":99,"name":"future","namespace":"ns"}"#.to_vec(), None).await.unwrap();
+    // A value naming another object than its key.
+    store.put("/contiv/k8s/pod/ns/liar", pod("ns", "other", "10.1.1.1").1, None).await.unwrap();
+    store.put("/contiv/k8s/bogus/x", b"{}".to_vec(), None).await.unwrap();
+    store.put(&keys::node("n9"), registration("n8", 8).1, None).await.unwrap();
+    let rec = Recorder::default();
+    let (watch, _stop) = spawn(store.clone(), &rec);
+    rec.wait_for("start", |e, _| !e.is_empty()).await;
+    {
+        let m = rec.model.lock().unwrap();
+        assert_eq!(m.len(), 1, "only the good pod: {:?}", m.iter().map(|(k, _)| k).collect::<Vec<_>>());
+        assert_eq!(m.malformed_keys().count(), 5);
+    }
+    // A malformed update keeps the last good value and emits nothing; the watch goes on.
+    store.put(&good_key, b"[1,2,3]".to_vec(), None).await.unwrap();
+    store.put("/contiv/k8s/pod/ns/garbage", b"still bad".to_vec(), None).await.unwrap();
+    put(&store, pod("ns", "after", "10.1.1.10")).await;
+    rec.wait_for("the good pod after the bad values", |e, _| e.len() == 2).await;
+    let events = rec.events();
+    assert!(matches!(&events[1], ClusterEvent::Added { key, .. } if key.ends_with("/after")));
+    let model = watch.model();
+    let m = model.read().unwrap();
+    assert_eq!(m.count(Kind::Pod), 2);
+    assert!(matches!(m.get(&good_key), Some(Object::K8s(ClusterObject::Pod(p))) if p.name == "good"));
+    assert!(m.malformed_keys().any(|k| k == good_key));
+    assert!(watch.stats().malformed.load(Ordering::Relaxed) >= 7);
+}
+
+async fn etcd_backend() -> (EtcdServer, Arc<dyn Store>) {
+    let server = EtcdServer::start().expect("etcd");
+    let store = contiv_store::open(&StoreConfig::etcd([server.endpoint()])).await.unwrap();
+    (server, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_resync_then_events_etcd() {
+    let (_server, store) = etcd_backend().await;
+    start_resync_then_events(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_resync_then_events_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    start_resync_then_events(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_values_skipped_etcd() {
+    let (_server, store) = etcd_backend().await;
+    malformed_values_skipped(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_values_skipped_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    malformed_values_skipped(store).await;
+}
+
+/// etcd is killed and restarted while the watch runs; a writer keeps writing through the
+/// outage (retrying). Afterwards the model equals the store, the consumer got a resync, and
+/// every change was seen as an event (revision-based, nothing missed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restart_mid_run_resyncs_and_misses_nothing() {
+    let (mut server, store) = etcd_backend().await;
+    for i in 0..20 {
+        put(&store, service("default", &format!("s{i}"), &format!("10.96.0.{i}"))).await;
+    }
+    let rec = Recorder::default();
+    let (watch, _stop) = spawn(store.clone(), &rec);
+    rec.wait_for("start", |e, m| !e.is_empty() && m.count(Kind::Service) == 20).await;
+
+    // A writer on its own connection: services 20..60, deletes of 0..10, retried while down.
+    let writer_store = contiv_store::open(&StoreConfig::etcd([server.endpoint()])).await.unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            for i in 20..60 {
+                let (k, v) = service("default", &format!("s{i}"), &format!("10.96.1.{i}"));
+                while writer_store.put(&k, v.clone(), None).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if i < 30 {
+                    let k = keys::k8s_key(Kind::Service, Some("default"), &format!("s{}", i - 20));
+                    while writer_store.delete(&k).await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart().expect("etcd restart");
+    writer.await.unwrap();
+    assert!(done.load(Ordering::SeqCst));
+    rec.wait_for("reconnect resync and all changes", |e, m| {
+        resyncs(e, ResyncReason::Reconnected) >= 1 && m.count(Kind::Service) == 50 && m.get(&service("default", "s59", "").0).is_some()
+    })
+    .await;
+    let truth = store.list(keys::K8S_PREFIX).await.unwrap();
+    let model = watch.model();
+    let m = model.read().unwrap();
+    let keys_in_model: Vec<&str> = m.iter().map(|(k, _)| k).collect();
+    let keys_in_store: Vec<&str> = truth.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys_in_model, keys_in_store);
+    // Every change arrived as an event: 40 adds, 10 deletes.
+    let events = rec.events();
+    let adds = events.iter().filter(|e| matches!(e, ClusterEvent::Added { .. })).count();
+    let deletes = events.iter().filter(|e| matches!(e, ClusterEvent::Deleted { .. })).count();
+    assert_eq!((adds, deletes), (40, 10));
+    assert_eq!(watch.stats().lists.load(Ordering::Relaxed), 1, "resumed by revision, no relist needed");
+}
+
+/// A store whose first watch fails as compacted: the watch lists again and resyncs.
+struct CompactOnce {
+    inner: Arc<dyn Store>,
+    fired: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Store for CompactOnce {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        self.inner.txn(txn).await
+    }
+    async fn lease_grant(&self, ttl: i64) -> Result<LeaseId, StoreError> {
+        self.inner.lease_grant(ttl).await
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<i64, StoreError> {
+        self.inner.lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.lease_revoke(lease).await
+    }
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        if !self.fired.swap(true, Ordering::SeqCst) {
+            // Meanwhile a change happens that the failed watch would have carried.
+            self.inner.put(&pod("ns", "during", "10.1.1.50").0, pod("ns", "during", "10.1.1.50").1, None).await?;
+            let err = StoreError::Compacted { requested: from, compacted: from + 1 };
+            return Ok(Box::pin(futures::stream::iter([Err(err)])));
+        }
+        self.inner.watch(prefix, from).await
+    }
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.inner.compact(revision).await
+    }
+    fn backend(&self) -> &'static str {
+        "compact-once"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_relists_and_resyncs() {
+    let (_server, inner) = etcd_backend().await;
+    put(&inner, pod("ns", "before", "10.1.1.40")).await;
+    let store: Arc<dyn Store> = Arc::new(CompactOnce { inner, fired: AtomicBool::new(false) });
+    let rec = Recorder::default();
+    let (watch, _stop) = spawn(store.clone(), &rec);
+    rec.wait_for("compaction resync with the pod written meanwhile", |e, m| {
+        resyncs(e, ResyncReason::Compacted) == 1 && m.count(Kind::Pod) == 2
+    })
+    .await;
+    put(&store, pod("ns", "later", "10.1.1.41")).await;
+    rec.wait_for("live event after the relist", |e, _| {
+        e.iter().any(|e| matches!(e, ClusterEvent::Added { key, .. } if key.ends_with("/later")))
+    })
+    .await;
+    assert_eq!(watch.stats().lists.load(Ordering::Relaxed), 2);
+    assert_eq!(resyncs(&rec.events(), ResyncReason::Start), 1);
+}

@@ -173,12 +173,8 @@ pub fn invoke_plugin(plugin: &Path, env: &[(&str, &str)], stdin: &str, in_netns:
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", plugin.display()));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .expect("writing stdin");
+    // A plugin may exit before reading its input (e.g. a missing variable): EPIPE is fine.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
     let out = child.wait_with_output().expect("waiting for plugin");
     CniOutput {
         exit_code: out.status.code().unwrap_or(-1),
@@ -371,10 +367,14 @@ impl Node {
         let out = run(Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
             .arg(self.pin_dir.join(map)));
+        // With BTF, bpftool's JSON carries the typed view under "formatted".
         serde_json::from_str::<Value>(&out)
             .ok()
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.get("formatted").cloned().unwrap_or(e))
+            .collect()
     }
 
     /// A pod's counters from the pinned POD_COUNTERS map, summed over CPUs.

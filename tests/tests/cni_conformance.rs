@@ -176,3 +176,4 @@ fn chains_with_debian_tuning_and_bandwidth_plugins() {
     let links = node.ns.ip(&["-o", "link", "show"]);
     assert!(!links.contains("bwp"), "bandwidth's ifb left behind: {links}");
 }
+

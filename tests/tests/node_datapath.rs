@@ -209,6 +209,7 @@ fn agent_restart_keeps_pods_connected_and_addresses_reserved() {
     let a = node.add_pod();
     let b = node.add_pod();
     assert!(ping(&a.ns, b.ip, 1));
+    let old_prog = link_prog_id(&node, &node.pod_links()[0]);
     let status = node.stop_agent();
     assert!(status.success(), "SIGTERM is a clean exit: {status}");
     assert!(!node.socket.exists(), "socket removed on shutdown");
@@ -224,11 +225,19 @@ fn agent_restart_keeps_pods_connected_and_addresses_reserved() {
     let c = node.add_pod();
     assert!(c.ip != a.ip && c.ip != b.ip, "no address in use is reissued");
     tcp_exchange(&c, &a, b"after restart");
-    // The restarted agent replaced its filter instead of stacking a second one.
-    let filters = node.ns.ip(&["-d", "link", "show"]); // cheap sanity that the node still lists links
-    assert!(filters.contains("cslow0"));
-    let tc = contiv_tests::run(node.ns.cmd("tc").args(["filter", "show", "dev", &node.pod_links()[0], "ingress"]));
-    assert_eq!(tc.matches("tc_from_pod").count(), 1, "{tc}");
+    // The restarted agent replaced the pinned tcx links: the old program is gone from
+    // the kernel (nothing references it any more), the new one serves every pod.
+    let old_prog = old_prog.expect("a pinned link before the restart");
+    let progs = contiv_tests::run(std::process::Command::new("bpftool").args(["-j", "prog", "show"]));
+    let progs: serde_json::Value = serde_json::from_str(&progs).unwrap();
+    assert!(
+        !progs.as_array().unwrap().iter().any(|p| p["id"].as_u64() == Some(old_prog)),
+        "the old tc_from_pod (id {old_prog}) is still loaded: links stacked"
+    );
+    for link in node.pod_links() {
+        assert_ne!(link_prog_id(&node, &link), Some(old_prog), "{link} still runs the old program");
+        assert!(link_prog_id(&node, &link).is_some(), "{link} has no pinned link");
+    }
     // CHECK passes on a pod wired before the restart.
     let conf = serde_json::json!({
         "cniVersion": "1.0.0", "name": node.network_name, "type": "contiv-cni",
@@ -237,4 +246,16 @@ fn agent_restart_keeps_pods_connected_and_addresses_reserved() {
     .to_string();
     node.cni_with_conf("CHECK", &a.container_id, &a.ns.path().to_string_lossy(), "eth0", &conf)
         .ok();
+}
+
+/// Program id behind the pinned tcx link of a pod interface.
+fn link_prog_id(node: &Node, host_ifname: &str) -> Option<u64> {
+    let pin = node.pin_dir.join("links").join(host_ifname);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["prog_id"].as_u64()
 }

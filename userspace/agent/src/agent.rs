@@ -193,6 +193,7 @@ impl Agent {
                 log::warn!("{}/{}: ADD did not finish before a restart; unwiring", a.container_id, a.ifname);
                 let _ = datapath.remove_pod(a.ip, a.host_ifindex);
                 let _ = podnet::delete_link(node, &a.host_ifname).await;
+                datapath.forget_pod_link(&a.host_ifname);
                 let _ = state.remove(&a.key());
                 continue;
             }
@@ -208,6 +209,7 @@ impl Agent {
                     // keep the address reserved until the runtime's DEL, drop the map entries.
                     log::warn!("{}/{}: interface {} is gone", a.container_id, a.ifname, a.host_ifname);
                     let _ = datapath.remove_pod(a.ip, a.host_ifindex);
+                    datapath.forget_pod_link(&a.host_ifname);
                 }
                 Err(e) => log::error!("{}: {e}", a.host_ifname),
             }
@@ -295,6 +297,7 @@ impl Agent {
             if let Err(e) = wired {
                 let _ = inner.datapath.remove_pod(ip, link.host_ifindex);
                 let _ = podnet::delete_link(&inner.node, &host_ifname).await;
+                inner.datapath.forget_pod_link(&host_ifname);
                 return Err(e);
             }
             inner
@@ -369,6 +372,7 @@ impl Agent {
         if let Err(e) = podnet::delete_link(&inner.node, &a.host_ifname).await {
             first_err.get_or_insert(CniError::internal("deleting the pod interface", e));
         }
+        inner.datapath.forget_pod_link(&a.host_ifname);
         if first_err.is_none() {
             if let Err(e) = inner.state.remove(&a.key()) {
                 first_err.get_or_insert(CniError::new(codes::IO_FAILURE, "persisting the release", e.to_string()));

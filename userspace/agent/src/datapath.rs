@@ -13,7 +13,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, XskMap},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        links::{FdLink, LinkOrder},
+        tc::TcAttachOptions,
     },
 };
 use contiv_common::{
@@ -22,11 +23,6 @@ use contiv_common::{
 
 /// The compiled eBPF object, built by build.rs from ebpf/contiv-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/contiv-ebpf"));
-
-/// Netlink TC filter priority/handle of our pod program: fixed so a restarted agent
-/// replaces its predecessor's filter in place instead of stacking a second one.
-const TC_PRIORITY: u16 = 1;
-const TC_HANDLE: TcHandle = TcHandle::new(0, 0xc0);
 
 /// Errors from the datapath layer.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +87,8 @@ pub fn ensure_bpffs() -> std::io::Result<()> {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// Links that live only as long as the agent (the slow-path port's).
+    owned_links: Vec<FdLink>,
 }
 
 impl Datapath {
@@ -134,6 +132,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            owned_links: Vec::new(),
         })
     }
 
@@ -152,48 +151,66 @@ impl Datapath {
         map.set(0, cfg, 0).map_err(map_err(map_names::CONFIG))
     }
 
-    /// Attaches `tc_from_pod` to the ingress of a pod's host veth. If a filter of ours is
-    /// already there (agent restart), it is replaced atomically.
+    /// Attaches `tc_from_pod` to the ingress of a pod's host veth (tcx). The link is
+    /// pinned under `<pin_dir>/links/`, so it outlives the agent: pods keep forwarding
+    /// while the agent restarts or is upgraded. A link a previous agent left is replaced
+    /// make-before-break: the new program goes first, then the old link is released.
     pub fn attach_pod(&mut self, host_ifname: &str) -> Result<()> {
-        self.attach_tc(program_names::FROM_POD, host_ifname)
+        let pin = self.link_pin_path(host_ifname);
+        let old = aya::programs::links::PinnedLink::from_pin(&pin).ok();
+        self.attach_tcx(program_names::FROM_POD, host_ifname, Some(&pin))?;
+        if let Some(old) = old {
+            // The new link is pinned at the same path already; only drop the old fd.
+            drop(aya::programs::links::FdLink::from(old));
+        }
+        Ok(())
     }
 
-    fn attach_tc(&mut self, name: &'static str, ifname: &str) -> Result<()> {
-        // EEXIST when the clsact qdisc is already there: fine.
-        let _ = aya::programs::tc::qdisc_add_clsact(ifname);
+    /// Forgets the pinned link of a pod interface (the kernel detached it when the
+    /// interface was deleted; this removes the pin).
+    pub fn forget_pod_link(&self, host_ifname: &str) {
+        let _ = std::fs::remove_file(self.link_pin_path(host_ifname));
+    }
+
+    fn link_pin_path(&self, ifname: &str) -> PathBuf {
+        self.pin_dir.join("links").join(ifname)
+    }
+
+    fn attach_tcx(&mut self, name: &'static str, ifname: &str, pin: Option<&Path>) -> Result<()> {
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(name)
             .ok_or(DatapathError::Missing(name))?
             .try_into()
             .map_err(prog_err(name))?;
-        let existing = SchedClassifierLink::attached(ifname, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
-            .map_err(|e| prog_err(name)(aya::programs::ProgramError::IOError(e)))?;
-        let link_id = match prog.attach_to_link(existing) {
-            Ok(id) => id,
-            Err(_) => prog
-                .attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(NlOptions {
-                        priority: TC_PRIORITY,
-                        handle: TC_HANDLE,
-                        classid: None,
-                    }),
-                )
-                .map_err(prog_err(name))?,
-        };
-        // The filter must outlive this process (pods keep forwarding while the agent
-        // restarts): take the link out of aya's bookkeeping and never detach it. A netlink
-        // filter holds no fd, so nothing leaks; deleting the veth removes it.
+        let link_id = prog
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(prog_err(name))?;
         let link = prog.take_link(link_id).map_err(prog_err(name))?;
-        std::mem::forget(link);
+        let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+            prog_err(name)(aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())))
+        })?;
+        match pin {
+            Some(pin) => {
+                let dir = pin.parent().expect("pin path has a parent");
+                std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir { path: dir.to_owned(), source })?;
+                // Replacing: unlink the old pin name first (the old link's fd is held by the caller).
+                let _ = std::fs::remove_file(pin);
+                let pinned = link.pin(pin).map_err(|e| DatapathError::PinDir {
+                    path: pin.to_owned(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                drop(pinned); // the pin keeps the link alive
+            }
+            // Lives as long as this process: kept in `links` until the agent exits.
+            None => self.owned_links.push(link),
+        }
         Ok(())
     }
 
     /// Wires the slow-path port: XDP into AF_XDP on the vswitch end, TC delivery on the host end.
     pub fn attach_slow_port(&mut self, host_ifname: &str, vswitch_ifname: &str) -> Result<()> {
-        self.attach_tc(program_names::FROM_VSWITCH, host_ifname)?;
+        self.attach_tcx(program_names::FROM_VSWITCH, host_ifname, None)?;
         let xdp: &mut Xdp = self
             .ebpf
             .program_mut(program_names::TO_VSWITCH)

@@ -1,1 +1,134 @@
-fn main() {}
+//! Project tasks. `cargo xtask <task>`; every task that builds runs `setup` first, so a
+//! fresh machine needs nothing else.
+
+mod bench_datapath;
+mod bench_store;
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "contiv project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, the pinned eBPF toolchain, bpf-linker.
+    Setup,
+    /// Build the eBPF object (ebpf/contiv-ebpf) with the pinned nightly and bpf-linker.
+    BuildEbpf,
+    /// The main job: a node with the agent, pods created through the CNI, talking, counters shown.
+    Demo,
+    /// Every test (needs root: namespaces and BPF).
+    Test {
+        /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks against their baselines: `datapath` or `store`.
+    Bench {
+        #[arg(value_parser = ["datapath", "store"])]
+        which: String,
+    },
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn check(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (network namespaces, BPF): run it as root or with sudo -E");
+    }
+    Ok(())
+}
+
+/// Builds the eBPF object. The agent's build script does the same when it builds; this
+/// task exists to build (and check) the kernel side on its own.
+fn build_ebpf() -> Result<PathBuf> {
+    let dir = workspace_root().join("ebpf/contiv-ebpf");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir).args(["build", "--release"]);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("CARGO") || k.starts_with("RUSTC") || k == "RUSTUP_TOOLCHAIN" {
+            cmd.env_remove(k);
+        }
+    }
+    check(&mut cmd)?;
+    let obj = dir.join("target/bpfel-unknown-none/release/contiv-ebpf");
+    println!("eBPF object: {}", obj.display());
+    Ok(obj)
+}
+
+/// Builds the binaries the tests, demo and benchmarks run.
+pub fn build_bins(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--workspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    check(&mut cmd)?;
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => {
+            setup::run()?;
+            build_ebpf().map(|_| ())
+        }
+        Task::Demo => {
+            setup::run()?;
+            require_root("the demo")?;
+            let bins = build_bins(false)?;
+            demo::run(&bins)
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            require_root("the test suite")?;
+            // Tests that load the object directly (the vswitch's) find it where this builds it.
+            build_ebpf()?;
+            build_bins(false)?;
+            check(cargo().args(["test", "--workspace"]).args(&args))
+        }
+        Task::Bench { which } => {
+            setup::run()?;
+            match which.as_str() {
+                "datapath" => {
+                    require_root("the datapath benchmark")?;
+                    let bins = build_bins(true)?;
+                    bench_datapath::run(&bins)
+                }
+                _ => bench_store::run(),
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! `cargo xtask bench datapath`: two pods on one node, wired twice in the same run —
+//! once by plain kernel routing through the node (veth, /32 routes, proxy ARP, no
+//! programs) and once by this datapath (agent + contiv-cni) — and measured alike:
+//!
+//! - TCP throughput, one stream (iperf3, 5 s),
+//! - request/response latency p50/p99 (64-byte TCP ping-pong, a small Rust client),
+//! - UDP 64-byte packet rate delivered (iperf3 -u -l 64 -b 0).
+//!
+//! Rounds alternate baseline/ours; each metric is the median over rounds. Results go to
+//! target/bench/datapath.json as `{"metric","unit","baseline","ours","ratio","better"}`.
+//! Bar: throughput ratio >= 1.0, latency p50 ratio <= 0.9.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use contiv_tests::{Netns, Node, NodeOptions};
+use serde_json::{Value, json};
+
+const ROUNDS: usize = 3;
+const IPERF_SECONDS: &str = "5";
+const RR_WARMUP: usize = 2_000;
+const RR_SAMPLES: usize = 20_000;
+
+/// A pod endpoint to measure between.
+struct Endpoint<'a> {
+    ns: &'a Netns,
+    ip: Ipv4Addr,
+}
+
+/// The baseline: pods routed by the node's kernel (what a plain routed CNI does).
+struct KernelRoutedNode {
+    node: Netns,
+    pods: Vec<(Netns, Ipv4Addr)>,
+}
+
+impl KernelRoutedNode {
+    fn new(count: u8) -> Self {
+        let node = Netns::new("bkn");
+        contiv_tests::run(node.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
+        let mut pods = vec![];
+        for i in 0..count {
+            let pod = Netns::new("bkp");
+            let ip = Ipv4Addr::new(10, 2, 0, 2 + i);
+            let host = format!("bk{i}");
+            node.ip(&["link", "add", &host, "type", "veth", "peer", "name", "bkpeer"]);
+            node.ip(&["link", "set", "bkpeer", "netns", pod.name()]);
+            pod.ip(&["link", "set", "bkpeer", "name", "eth0"]);
+            pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            pod.ip(&["link", "set", "eth0", "up"]);
+            pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+            pod.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+            node.ip(&["link", "set", &host, "up"]);
+            contiv_tests::run(node.cmd("sysctl").args(["-qw", &format!("net.ipv4.conf.{host}.proxy_arp=1")]));
+            node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host]);
+            pods.push((pod, ip));
+        }
+        Self { node, pods }
+    }
+}
+
+fn iperf_json(client: &Endpoint, server: &Endpoint, extra: &[&str]) -> Result<Value> {
+    let port = "5299";
+    let status = server.ns.cmd("iperf3").args(["-s", "-1", "-D", "-p", port]).status()?;
+    if !status.success() {
+        bail!("iperf3 server failed to start");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = client
+        .ns
+        .cmd("iperf3")
+        .args(["-c", &server.ip.to_string(), "-p", port, "-t", IPERF_SECONDS, "-J"])
+        .args(extra)
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3: {e}");
+    }
+    // Let the one-off server exit before the next run reuses the port.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(v)
+}
+
+fn tcp_gbps(client: &Endpoint, server: &Endpoint) -> Result<f64> {
+    let v = iperf_json(client, server, &[])?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("no sum_received in iperf3 output")
+}
+
+fn udp_kpps(client: &Endpoint, server: &Endpoint) -> Result<f64> {
+    let v = iperf_json(client, server, &["-u", "-l", "64", "-b", "0"])?;
+    let sum = &v["end"]["sum"];
+    let packets = sum["packets"].as_f64().context("packets")?;
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = sum["seconds"].as_f64().context("seconds")?;
+    Ok((packets - lost) / secs / 1e3)
+}
+
+/// 64-byte TCP ping-pong; returns (p50, p99) round-trip time in microseconds.
+fn rr_latency(client: &Endpoint, server: &Endpoint) -> Result<(f64, f64)> {
+    let ip = server.ip;
+    let listener = server.ns.enter(move || TcpListener::bind((ip, 0)))?;
+    let addr = SocketAddr::from((ip, listener.local_addr()?.port()));
+    let srv = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read_exact(&mut buf) {
+                Ok(()) => s.write_all(&buf)?,
+                Err(_) => return Ok(()),
+            }
+        }
+    });
+    let mut s = client.ns.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
+    s.set_nodelay(true)?;
+    let mut buf = [7u8; 64];
+    let mut samples = Vec::with_capacity(RR_SAMPLES);
+    for i in 0..RR_WARMUP + RR_SAMPLES {
+        let t = Instant::now();
+        s.write_all(&buf)?;
+        s.read_exact(&mut buf)?;
+        if i >= RR_WARMUP {
+            samples.push(t.elapsed().as_nanos() as f64 / 1e3);
+        }
+    }
+    drop(s);
+    let _ = srv.join();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+    Ok((pct(0.50), pct(0.99)))
+}
+
+#[derive(Default)]
+struct Samples {
+    tcp: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    udp: Vec<f64>,
+}
+
+fn measure(label: &str, client: &Endpoint, server: &Endpoint, into: &mut Samples) -> Result<()> {
+    let (p50, p99) = rr_latency(client, server)?;
+    let tcp = tcp_gbps(client, server)?;
+    let udp = udp_kpps(client, server)?;
+    println!("  {label:<9} tcp {tcp:6.2} Gbit/s   rr p50 {p50:6.1} us  p99 {p99:6.1} us   udp64 {udp:7.1} kpps");
+    into.tcp.push(tcp);
+    into.p50.push(p50);
+    into.p99.push(p99);
+    into.udp.push(udp);
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run(bins: &Path) -> Result<()> {
+    // SAFETY: set before any thread starts.
+    unsafe { std::env::set_var("CONTIV_BIN_DIR", bins) };
+    println!("datapath benchmark: {ROUNDS} rounds, baseline = kernel routing through the node");
+    let baseline = KernelRoutedNode::new(2);
+    let node = Node::start(NodeOptions::default());
+    let (pa, pb) = (node.add_pod(), node.add_pod());
+    let base_client = Endpoint { ns: &baseline.pods[0].0, ip: baseline.pods[0].1 };
+    let base_server = Endpoint { ns: &baseline.pods[1].0, ip: baseline.pods[1].1 };
+    let ours_client = Endpoint { ns: &pa.ns, ip: pa.ip };
+    let ours_server = Endpoint { ns: &pb.ns, ip: pb.ip };
+    // Both topologies must really forward before anything is timed.
+    for (c, s) in [(&base_client, &base_server), (&ours_client, &ours_server)] {
+        if !contiv_tests::ping(c.ns, s.ip, 1) {
+            bail!("{} cannot reach {}", c.ip, s.ip);
+        }
+    }
+    let (mut base, mut ours) = (Samples::default(), Samples::default());
+    for round in 1..=ROUNDS {
+        println!("round {round}");
+        measure("baseline", &base_client, &base_server, &mut base)?;
+        measure("ours", &ours_client, &ours_server, &mut ours)?;
+    }
+    let fwd = node.pod_counters(pa.ip).map(|c| contiv_tests::counter(&c, "fwd_packets")).unwrap_or(0);
+    if fwd == 0 {
+        bail!("our pods' traffic did not go through the fast path (fwd_packets = 0)");
+    }
+    drop(baseline.node);
+
+    let row = |metric: &str, unit: &str, b: f64, o: f64, better: &str| {
+        json!({"metric": metric, "unit": unit, "baseline": round3(b), "ours": round3(o),
+               "ratio": round3(o / b), "better": better})
+    };
+    let results = vec![
+        row("tcp_throughput_1_stream", "Gbit/s", median(&base.tcp), median(&ours.tcp), "higher"),
+        row("tcp_rr_latency_p50", "us", median(&base.p50), median(&ours.p50), "lower"),
+        row("tcp_rr_latency_p99", "us", median(&base.p99), median(&ours.p99), "lower"),
+        row("udp_64b_packet_rate", "kpps", median(&base.udp), median(&ours.udp), "higher"),
+    ];
+    let dir = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("datapath.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+
+    println!("\n{:<26} {:>8} {:>10} {:>10} {:>7}  better", "metric", "unit", "baseline", "ours", "ratio");
+    for r in &results {
+        println!(
+            "{:<26} {:>8} {:>10} {:>10} {:>7}  {}",
+            r["metric"].as_str().unwrap(),
+            r["unit"].as_str().unwrap(),
+            r["baseline"],
+            r["ours"],
+            r["ratio"],
+            r["better"].as_str().unwrap()
+        );
+    }
+    let tput = results[0]["ratio"].as_f64().unwrap_or(0.0);
+    let p50 = results[1]["ratio"].as_f64().unwrap_or(f64::MAX);
+    println!(
+        "\nbar: throughput ratio {tput:.3} >= 1.0: {}; latency p50 ratio {p50:.3} <= 0.9: {}",
+        if tput >= 1.0 { "met" } else { "NOT met" },
+        if p50 <= 0.9 { "met" } else { "NOT met" }
+    );
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

@@ -210,10 +210,10 @@ pub fn run() -> anyhow::Result<()> {
     let out = out_dir.join("store.json");
     std::fs::write(&out, serde_json::to_string_pretty(&metrics)?)?;
 
-    println!("\n{:<44} {:>6} {:>10} {:>10} {:>7}", "metric", "unit", "baseline", "ours", "ratio");
+    println!("\n{:<62} {:>6} {:>10} {:>10} {:>7}", "metric", "unit", "baseline", "ours", "ratio");
     for m in metrics.as_array().into_iter().flatten() {
         println!(
-            "{:<44} {:>6} {:>10.2} {:>10.2} {:>7.3}",
+            "{:<62} {:>6} {:>10.2} {:>10.2} {:>7.3}",
             m["metric"].as_str().unwrap_or(""),
             m["unit"].as_str().unwrap_or(""),
             m["baseline"].as_f64().unwrap_or(0.0),

@@ -172,11 +172,12 @@ async fn start_resync_then_events(store: Arc<dyn Store>) {
     }
     assert!(matches!(&events[3], ClusterEvent::Deleted { object, .. } if object.kind() == ObjectKind::K8s(Kind::Pod)));
     assert!(matches!(&events[4], ClusterEvent::Deleted { object, .. } if object.kind() == ObjectKind::Registration));
+    let store_revision = store.list("/contiv/").await.unwrap().revision;
     let model = watch.model();
     let m = model.read().unwrap();
     assert_eq!(m.count(Kind::Pod), 1);
     assert_eq!(m.registrations().count(), 0);
-    assert_eq!(m.revision(), store.list("/contiv/").await.unwrap().revision);
+    assert_eq!(m.revision(), store_revision);
 }
 
 async fn malformed_values_skipped(store: Arc<dyn Store>) {

@@ -170,8 +170,7 @@ async fn watch_from_revision(s: Arc<dyn Store>) {
     let r1 = s.put("/w/a", b"1".to_vec(), None).await.unwrap();
     s.put("/other/x", b"x".to_vec(), None).await.unwrap();
     s.put("/w/b", b"2".to_vec(), None).await.unwrap();
-    let rd = s.delete("/w/a").await.map(|_| ()).unwrap();
-    let _ = rd;
+    assert!(s.delete("/w/a").await.unwrap());
     let mut w = s.watch("/w/", r1).await.unwrap();
     let ev = collect(&mut w, 3).await;
     let seen: Vec<(EventKind, &str, &[u8])> = ev.iter().map(|e| (e.kind, e.kv.key.as_str(), e.kv.value.as_slice())).collect();

@@ -50,6 +50,15 @@ pub enum ConvertError {
 }
 
 impl ConvertError {
+    /// What is wrong, without the field path.
+    pub fn reason(&self) -> String {
+        match self {
+            ConvertError::Missing { .. } => "required field is missing".to_string(),
+            ConvertError::Invalid { value, reason, .. } => format!("invalid value {value:?}: {reason}"),
+            ConvertError::Unsupported { value, .. } => format!("unsupported value {value:?}"),
+        }
+    }
+
     /// Path of the offending field.
     pub fn field(&self) -> &str {
         match self {

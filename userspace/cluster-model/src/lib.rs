@@ -73,7 +73,10 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeE
 }
 
 /// Any reflected object, as the agent sees it when watching [`keys::K8S_PREFIX`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serializes as the inner model (without the version field; use [`ClusterObject::encode`]
+/// for stored values).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum ClusterObject {
     /// A pod.
     Pod(Pod),
@@ -88,6 +91,17 @@ pub enum ClusterObject {
     /// A node.
     Node(Node),
 }
+
+macro_rules! from_model {
+    ($($t:ident),*) => {$(
+        impl From<$t> for ClusterObject {
+            fn from(o: $t) -> Self {
+                ClusterObject::$t(o)
+            }
+        }
+    )*};
+}
+from_model!(Pod, Namespace, Service, EndpointSlice, NetworkPolicy, Node);
 
 impl ClusterObject {
     /// The object's identity.

@@ -1,0 +1,137 @@
+//! netctl: see the crate docs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use contiv_netctl::get::{Format, Resource};
+use contiv_netctl::{ApplyOutcome, DeleteOutcome, manifest};
+use contiv_store::{Store, StoreConfig};
+
+/// Writes Kubernetes manifests into the contiv store and shows what it holds.
+#[derive(Debug, Parser)]
+#[command(name = "netctl", version)]
+struct Args {
+    /// etcd endpoints, comma separated. Without them: the embedded store at --data-dir.
+    #[arg(long = "etcd", global = true, env = "CONTIV_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Directory of the embedded store.
+    #[arg(long, global = true, env = "CONTIV_STORE_DIR", default_value = "/var/lib/contiv/store")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Writes the objects of manifest files (or directories of them) into the store.
+    /// Every document of every file is validated before anything is written.
+    Apply {
+        /// A manifest file or a directory of *.yaml/*.yml/*.json files.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Removes the objects of manifest files from the store.
+    Delete {
+        /// A manifest file or a directory of them.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Lists nodes, pods, services, endpoints, policies or ipam.
+    Get {
+        /// What to list.
+        #[arg(value_enum)]
+        what: Resource,
+        /// Only this namespace (namespaced kinds).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+async fn open(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
+    let config = if args.etcd.is_empty() {
+        StoreConfig::embedded(&args.data_dir)
+    } else {
+        StoreConfig::etcd(args.etcd.clone())
+    };
+    contiv_store::open(&config).await.context("opening the store")
+}
+
+fn load(files: &[PathBuf]) -> Result<Vec<contiv_cluster_model::ClusterObject>, ExitCode> {
+    match manifest::load_all(files) {
+        Ok(ms) => Ok(ms.into_iter().flat_map(|m| m.objects).collect()),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!("nothing was written");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match &args.command {
+        Command::Apply { files } => {
+            let objects = match load(files) {
+                Ok(o) => o,
+                Err(code) => return Ok(code),
+            };
+            let store = open(&args).await?;
+            for (key, outcome) in contiv_netctl::apply(&store, &objects).await? {
+                let word = match outcome {
+                    ApplyOutcome::Created => "created",
+                    ApplyOutcome::Configured => "configured",
+                    ApplyOutcome::Unchanged => "unchanged",
+                };
+                println!("{key} {word}");
+            }
+        }
+        Command::Delete { files } => {
+            let objects = match load(files) {
+                Ok(o) => o,
+                Err(code) => return Ok(code),
+            };
+            let store = open(&args).await?;
+            for (key, outcome) in contiv_netctl::delete(&store, &objects).await? {
+                let word = match outcome {
+                    DeleteOutcome::Deleted => "deleted",
+                    DeleteOutcome::NotFound => "not found",
+                };
+                println!("{key} {word}");
+            }
+        }
+        Command::Get { what, namespace, output } => {
+            let store = open(&args).await?;
+            let out = contiv_netctl::get::get(&store, *what, namespace.as_deref(), *output).await?;
+            for w in &out.warnings {
+                eprintln!("warning: {w}");
+            }
+            print!("{}", out.text);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("netctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("netctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

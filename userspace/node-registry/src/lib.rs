@@ -170,6 +170,49 @@ impl NodeRegistry {
         Ok(Registration { node, lease, store: self.store.clone(), keep_alive })
     }
 
+    /// Keeps `name` registered until `shutdown` resolves: registers, and when the lease is
+    /// lost (e.g. etcd was unreachable longer than the TTL) registers again with backoff.
+    /// `on_registered` sees every (re-)registration (the ID and CIDR never change for a name).
+    /// At shutdown the registration is withdrawn.
+    pub async fn keep_registered(
+        &self,
+        name: &str,
+        addresses: Vec<NodeAddress>,
+        mut on_registered: impl FnMut(&NodeRegistration) + Send,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let mut reg = tokio::select! {
+                r = self.register(name, addresses.clone()) => match r {
+                    Ok(reg) => reg,
+                    Err(e) => {
+                        log::warn!("registering node {name} failed: {e}; retrying in {backoff:?}");
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = &mut shutdown => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+                () = &mut shutdown => return,
+            };
+            backoff = Duration::from_millis(200);
+            on_registered(&reg.node);
+            tokio::select! {
+                e = reg.lost() => log::warn!("node {name} lost its registration ({e}); registering again"),
+                () = &mut shutdown => {
+                    if let Err(e) = reg.deregister().await {
+                        log::warn!("withdrawing the registration of node {name}: {e}");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
     /// Stores the plan if the cluster has none; fails if the cluster has a different one.
     pub async fn ensure_ipam_config(&self) -> Result<(), RegistryError> {
         let res = self

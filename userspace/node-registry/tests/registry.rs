@@ -156,3 +156,57 @@ async fn malformed_claim_counts_as_taken() {
     assert_eq!(registry.allocate("a").await.unwrap().id, 2);
     assert!(registry.nodes().await.unwrap().is_empty(), "malformed registration skipped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lease_is_re_registered_with_the_same_id() {
+    let server = EtcdServer::start().expect("etcd");
+    let store = etcd_store(&server).await;
+    let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap();
+    registry.allocate("first").await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = {
+        let registry = registry.clone();
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            registry
+                .keep_registered("n", addr("10.0.0.5"), |n| seen.lock().unwrap().push((n.id, n.pod_cidr)), async {
+                    let _ = stopped.await;
+                })
+                .await;
+        })
+    };
+    let wait_for = |count: usize| {
+        let seen = seen.clone();
+        async move {
+            for _ in 0..200 {
+                if seen.lock().unwrap().len() >= count {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("expected {count} registrations, saw {:?}", seen.lock().unwrap());
+        }
+    };
+    wait_for(1).await;
+    // Someone (or an expiry) takes the lease away.
+    let lease = store.get("/contiv/nodes/n").await.unwrap().expect("registered").lease;
+    store.lease_revoke(lease).await.unwrap();
+    wait_for(2).await;
+    let regs = seen.lock().unwrap().clone();
+    assert_eq!(regs[0], regs[1], "same id and CIDR after re-registering");
+    assert_eq!(regs[0].0, 2);
+    let mut present = false;
+    for _ in 0..100 {
+        if let Some(kv) = store.get("/contiv/nodes/n").await.unwrap() {
+            assert_ne!(kv.lease, lease, "a new lease");
+            present = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(present);
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert!(store.get("/contiv/nodes/n").await.unwrap().is_none(), "withdrawn at shutdown");
+}

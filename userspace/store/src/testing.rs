@@ -3,10 +3,14 @@
 //! [`EtcdServer::start`] runs `/usr/bin/etcd` (or `$CONTIV_ETCD_BIN`) on free loopback ports
 //! with a temporary data dir; [`EtcdServer::kill`] and [`EtcdServer::restart`] simulate a
 //! crash (same ports and data); Drop kills the process (by its pid, the child we started).
+//! etcd also gets SIGKILL if the thread that started it dies (`PR_SET_PDEATHSIG`), so a test
+//! process killed by a timeout leaves no etcd behind: start it on the thread that owns it
+//! (the test's own thread), not inside a short-lived spawned thread.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -94,7 +98,18 @@ impl EtcdServer {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log_path = self.dir.path().join("etcd.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+        // which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .arg("--name=test")
             .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={client}"))

@@ -1,0 +1,251 @@
+//! contiv-ksr when the store fails: failed writes are repaired, a real etcd killed and
+//! restarted mid-run catches up, and the binary runs from flags against a kubeconfig.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use contiv_cluster_model::keys;
+use contiv_ksr::Reflector;
+use contiv_ksr::testing::FakeApiServer;
+use contiv_store::{KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Txn, TxnResult, WatchStream};
+use serde_json::{Value, json};
+
+fn pod(name: &str, ip: &str) -> Value {
+    json!({"kind": "Pod", "metadata": {"name": name, "namespace": "default", "labels": {"app": "x"}},
+           "spec": {"nodeName": "n1", "containers": []}, "status": {"podIPs": [{"ip": ip}]}})
+}
+
+fn base() -> Vec<Value> {
+    vec![
+        json!({"kind": "Namespace", "metadata": {"name": "default"}}),
+        json!({"kind": "Node", "metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}}),
+        pod("a", "10.1.1.1"),
+    ]
+}
+
+async fn wait_for<F, Fut>(what: &str, secs: u64, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn has_key(store: &Arc<dyn Store>, key: &str) -> bool {
+    matches!(store.get(key).await, Ok(Some(_)))
+}
+
+/// A store whose writes fail while `broken` is set.
+struct Flaky {
+    inner: Arc<dyn Store>,
+    broken: AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.broken.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("injected fault".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Flaky {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.check()?;
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
+        self.check()?;
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.delete(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
+        self.check()?;
+        self.inner.list(prefix).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        self.check()?;
+        self.inner.txn(txn).await
+    }
+    async fn lease_grant(&self, ttl_secs: i64) -> Result<LeaseId, StoreError> {
+        self.inner.lease_grant(ttl_secs).await
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<i64, StoreError> {
+        self.inner.lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.lease_revoke(lease).await
+    }
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        self.inner.watch(prefix, from).await
+    }
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.inner.compact(revision).await
+    }
+    fn backend(&self) -> &'static str {
+        "flaky"
+    }
+}
+
+#[tokio::test]
+async fn fake_apiserver_failed_store_writes_are_repaired() {
+    let api = FakeApiServer::start().await.unwrap();
+    for o in base() {
+        api.apply(o);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let inner = contiv_store::open(&contiv_store::StoreConfig::embedded(dir.path())).await.unwrap();
+    let flaky = Arc::new(Flaky { inner: inner.clone(), broken: AtomicBool::new(false) });
+    let ksr = Reflector::start(api.client(), flaky.clone(), Duration::from_millis(100));
+    let m = ksr.mirror.clone();
+    wait_for("ready", 20, || {
+        let m = m.clone();
+        async move { m.ready().await }
+    })
+    .await;
+
+    flaky.broken.store(true, Ordering::SeqCst);
+    api.apply(pod("b", "10.1.1.2"));
+    assert!(api.delete("Pod", "default", "a"));
+    let m2 = m.clone();
+    wait_for("not ready while writes fail", 20, || {
+        let m = m2.clone();
+        async move { !m.ready().await }
+    })
+    .await;
+    assert!(m.counters.store_errors.load(Ordering::Relaxed) > 0);
+    assert!(!has_key(&inner, "/contiv/k8s/pod/default/b").await);
+
+    flaky.broken.store(false, Ordering::SeqCst);
+    wait_for("repair", 20, || {
+        let inner = inner.clone();
+        async move {
+            has_key(&inner, "/contiv/k8s/pod/default/b").await && !has_key(&inner, "/contiv/k8s/pod/default/a").await
+        }
+    })
+    .await;
+    wait_for("ready again", 20, || {
+        let m = m.clone();
+        async move { m.ready().await }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fake_apiserver_etcd_killed_and_restarted_catches_up() {
+    let mut etcd = contiv_store::testing::EtcdServer::start().expect("etcd (apt-get install etcd-server)");
+    let api = FakeApiServer::start().await.unwrap();
+    for o in base() {
+        api.apply(o);
+    }
+    let store = contiv_store::open(&contiv_store::StoreConfig::etcd([etcd.endpoint()])).await.unwrap();
+    let ksr = Reflector::start(api.client(), store.clone(), Duration::from_millis(200));
+    let m = ksr.mirror.clone();
+    wait_for("ready", 20, || {
+        let m = m.clone();
+        async move { m.ready().await }
+    })
+    .await;
+
+    etcd.kill();
+    api.apply(pod("during-outage", "10.1.1.9"));
+    assert!(api.delete("Pod", "default", "a"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    etcd.restart().expect("etcd restarts on its data dir");
+    wait_for("changes made during the outage reach etcd", 60, || {
+        let s = store.clone();
+        async move {
+            has_key(&s, "/contiv/k8s/pod/default/during-outage").await
+                && !has_key(&s, "/contiv/k8s/pod/default/a").await
+        }
+    })
+    .await;
+    let s = store.clone();
+    wait_for("ready after the outage", 60, || {
+        let m = m.clone();
+        async move { m.ready().await }
+    })
+    .await;
+    assert!(has_key(&s, keys::KSR_MARKER).await);
+}
+
+/// Kills (by its own handle) and reaps the child this test started.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn binary_runs_from_flags_and_serves_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = FakeApiServer::start().await.unwrap();
+    for o in base() {
+        api.apply(o);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: me\n\
+             current-context: fake\nusers:\n- name: me\n  user: {{}}\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let data = dir.path().join("store");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_contiv-ksr"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--http")
+        .arg(format!("127.0.0.1:{port}"))
+        .env_remove("CONTIV_ETCD_ENDPOINTS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start contiv-ksr");
+    let _guard = Kill(child);
+    async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await.ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, buf.split_once("\r\n\r\n")?.1.to_string()))
+    }
+    wait_for("binary ready", 30, || async move { matches!(get(port, "/readyz").await, Some((200, _))) }).await;
+    let (_, metrics) = get(port, "/metrics").await.unwrap();
+    let counts: BTreeMap<&str, &str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("contiv_ksr_objects{kind=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .collect();
+    assert_eq!(counts.get("pod"), Some(&"1"), "{metrics}");
+    assert_eq!(counts.get("node"), Some(&"1"), "{metrics}");
+    assert_eq!(counts.get("namespace"), Some(&"1"), "{metrics}");
+    assert_eq!(counts.get("service"), Some(&"0"), "{metrics}");
+}

@@ -65,6 +65,21 @@ pub struct Pod {
     pub container_ports: Vec<ContainerPort>,
 }
 
+impl Pod {
+    /// Resolves a service target port or policy port against this pod: a number is itself,
+    /// a name is the container port of that name and protocol (`None` if the pod has none).
+    pub fn resolve_port(&self, port: &PortRef, protocol: Protocol) -> Option<u16> {
+        match port {
+            PortRef::Number(n) => Some(*n),
+            PortRef::Name(name) => self
+                .container_ports
+                .iter()
+                .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.port),
+        }
+    }
+}
+
 /// A port a container declares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerPort {

@@ -49,7 +49,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         StoreConfig::etcd(args.etcd.clone())
     };
-    let store = contiv_store::open(&store_config).await.context("opening the store")?;
+    // The store may come up after KSR (etcd in the same rollout): keep trying.
+    let store = loop {
+        match contiv_store::open(&store_config).await {
+            Ok(s) => break s,
+            Err(e @ (contiv_store::StoreError::Unavailable(_) | contiv_store::StoreError::Etcd(_))) => {
+                log::warn!("store not reachable yet ({e}); retrying in 2s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e).context("opening the store"),
+        }
+    };
     log::info!("store: {}", store.backend());
     let client = kube_client(args.kubeconfig.as_ref()).await?;
     let reflector =

@@ -41,6 +41,10 @@ fn pod_converts_ips_ports_node_and_labels() {
         ]
     );
     assert_eq!(pod.model_ref().unwrap().key(), "/contiv/k8s/pod/shop/web-0");
+    assert_eq!(m.resolve_port(&PortRef::Name("http".into()), Protocol::Tcp), Some(8080));
+    assert_eq!(m.resolve_port(&PortRef::Name("http".into()), Protocol::Udp), None);
+    assert_eq!(m.resolve_port(&PortRef::Name("nope".into()), Protocol::Tcp), None);
+    assert_eq!(m.resolve_port(&PortRef::Number(53), Protocol::Udp), Some(53));
     assert_eq!(m.key(), "/contiv/k8s/pod/shop/web-0");
     // The exact stored bytes: what KSR and netctl both write.
     assert_eq!(

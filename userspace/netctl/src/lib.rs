@@ -11,7 +11,7 @@ pub mod manifest;
 
 use std::sync::Arc;
 
-use contiv_cluster_model::ClusterObject;
+use contiv_cluster_model::{ClusterObject, ObjectRef};
 use contiv_store::{Store, StoreError};
 
 /// What apply did to one object.
@@ -54,7 +54,7 @@ pub async fn apply(store: &Arc<dyn Store>, objects: &[ClusterObject]) -> Result<
 }
 
 /// Removes each object's key.
-pub async fn delete(store: &Arc<dyn Store>, objects: &[ClusterObject]) -> Result<Vec<(String, DeleteOutcome)>, StoreError> {
+pub async fn delete(store: &Arc<dyn Store>, objects: &[ObjectRef]) -> Result<Vec<(String, DeleteOutcome)>, StoreError> {
     let mut out = Vec::with_capacity(objects.len());
     for obj in objects {
         let key = obj.key();

@@ -33,7 +33,8 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
-    /// Removes the objects of manifest files from the store.
+    /// Removes the objects of manifest files from the store (only kind, apiVersion and
+    /// metadata of each document are read).
     Delete {
         /// A manifest file or a directory of them.
         #[arg(short = 'f', long = "filename", required = true)]
@@ -93,9 +94,15 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Delete { files } => {
-            let objects = match load(files) {
+            let objects = match manifest::load_all_refs(files) {
                 Ok(o) => o,
-                Err(code) => return Ok(code),
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("error: {e}");
+                    }
+                    eprintln!("nothing was deleted");
+                    return Ok(ExitCode::from(1));
+                }
             };
             let store = open(&args).await?;
             for (key, outcome) in contiv_netctl::delete(&store, &objects).await? {

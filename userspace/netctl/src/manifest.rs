@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use contiv_cluster_model::{ClusterObject, ConvertError, ToModel};
+use contiv_cluster_model::{ClusterObject, ConvertError, Kind, ObjectRef, ToModel};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as networking;
@@ -149,6 +149,90 @@ pub fn parse_document(path: &Path, document: usize, doc: Value) -> Result<Cluste
         }
     };
     result.map_err(|(field, message)| invalid(&field, message))
+}
+
+/// The identity (kind, namespace, name) of one document, reading only `apiVersion`, `kind`
+/// and `metadata`: what `delete` needs, so a manifest whose spec no longer validates can
+/// still be deleted.
+pub fn document_ref(path: &Path, document: usize, doc: &Value) -> Result<ObjectRef, ManifestError> {
+    let kind_name = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    let invalid = |field: &str, message: &str| ManifestError::Invalid {
+        path: path.to_path_buf(),
+        document,
+        object: format!("{kind_name}/{}", if name.is_empty() { "<unnamed>" } else { name }),
+        field: field.to_string(),
+        message: message.to_string(),
+    };
+    let kind = match (api_version, kind_name) {
+        ("v1", "Namespace") => Kind::Namespace,
+        ("v1", "Node") => Kind::Node,
+        ("v1", "Pod") => Kind::Pod,
+        ("v1", "Service") => Kind::Service,
+        ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
+        ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
+        _ => {
+            return Err(ManifestError::Unsupported {
+                path: path.to_path_buf(),
+                document,
+                kind: kind_name.to_string(),
+                api_version: api_version.to_string(),
+            });
+        }
+    };
+    if name.is_empty() || name.contains('/') {
+        return Err(invalid("metadata.name", "a non-empty name without '/' is required"));
+    }
+    if !kind.is_namespaced() {
+        return Ok(ObjectRef::cluster(kind, name));
+    }
+    let ns = match doc.pointer("/metadata/namespace").and_then(Value::as_str) {
+        None | Some("") => DEFAULT_NAMESPACE,
+        Some(ns) if ns.contains('/') => return Err(invalid("metadata.namespace", "may not contain '/'")),
+        Some(ns) => ns,
+    };
+    Ok(ObjectRef::namespaced(kind, ns, name))
+}
+
+/// The identities of a manifest's objects (see [`document_ref`]).
+pub fn parse_refs(path: &Path, text: &str) -> Result<Vec<ObjectRef>, ManifestError> {
+    let mut refs = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let document = i + 1;
+        let doc = Value::deserialize(de).map_err(|e| ManifestError::Yaml {
+            path: path.to_path_buf(),
+            document,
+            message: e.to_string(),
+        })?;
+        if !doc.is_null() {
+            refs.push(document_ref(path, document, &doc)?);
+        }
+    }
+    Ok(refs)
+}
+
+/// Loads the identities of every object the paths name; all errors, or all refs.
+pub fn load_all_refs(paths: &[PathBuf]) -> Result<Vec<ObjectRef>, Vec<ManifestError>> {
+    let mut refs = Vec::new();
+    let mut errors = Vec::new();
+    for p in paths {
+        match manifest_files(p) {
+            Ok(files) => {
+                for f in files {
+                    let parsed = std::fs::read_to_string(&f)
+                        .map_err(|source| ManifestError::Io { path: f.clone(), source })
+                        .and_then(|text| parse_refs(&f, &text));
+                    match parsed {
+                        Ok(r) => refs.extend(r),
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() { Ok(refs) } else { Err(errors) }
 }
 
 /// Parses the text of a manifest file: YAML with `---`-separated documents (JSON is YAML).

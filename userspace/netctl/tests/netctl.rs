@@ -109,11 +109,22 @@ async fn apply_twice_is_unchanged_and_delete_removes() {
     let r = contiv_netctl::apply(&store, &changed.objects).await.unwrap();
     assert_eq!(r, vec![("/contiv/k8s/pod/shop/web-0".to_string(), ApplyOutcome::Configured)]);
 
-    let d = contiv_netctl::delete(&store, &m.objects).await.unwrap();
+    let refs: Vec<_> = m.objects.iter().map(|o| o.object_ref()).collect();
+    let d = contiv_netctl::delete(&store, &refs).await.unwrap();
     assert!(d.iter().all(|(_, o)| *o == DeleteOutcome::Deleted));
     assert!(k8s_content(&store).await.is_empty());
-    let d = contiv_netctl::delete(&store, &m.objects[..1]).await.unwrap();
+    let d = contiv_netctl::delete(&store, &refs[..1]).await.unwrap();
     assert_eq!(d[0].1, DeleteOutcome::NotFound);
+    // Delete needs only identities: a manifest whose spec is invalid still names its objects,
+    // and they match what apply derived from the valid one.
+    let from_text = manifest::load_all_refs(&[fixtures().join("cluster/20-shop.yaml")]).unwrap();
+    assert_eq!(from_text, refs);
+    let bad = manifest::load_all_refs(&[fixtures().join("bad/field-type.yaml")]).unwrap();
+    assert_eq!(bad[1].key(), "/contiv/k8s/service/shop/web");
+    let dflt = manifest::load_all_refs(&[fixtures().join("cluster/30-default-ns.yml")]).unwrap();
+    assert_eq!(dflt[0].key(), "/contiv/k8s/service/default/dns");
+    assert!(manifest::load_all_refs(&[fixtures().join("bad/unsupported.yaml")]).is_err());
+    assert!(manifest::load_all_refs(&[fixtures().join("bad/missing-name.yaml")]).is_err());
 }
 
 fn load_err(name: &str) -> ManifestError {

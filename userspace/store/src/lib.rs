@@ -2,7 +2,8 @@
 //!
 //! - [`etcd::EtcdStore`]: etcd v3 (the multi-node case; contiv-ksr writes, agents watch).
 //! - [`embedded::EmbeddedStore`]: a persistent store inside the process (single-node use,
-//!   no extra process), with the same semantics: a global revision counter, MVCC enough to
+//!   no extra process; several processes of the node may open the same directory), with the
+//!   same semantics: a global revision counter, MVCC enough to
 //!   serve watches from a recent revision, leases with expiry, compare-and-swap transactions.
 //!
 //! [`open`] picks the backend from a [`StoreConfig`]: etcd when endpoints are configured,
@@ -151,9 +152,6 @@ pub enum StoreError {
     /// The embedded store's files are damaged.
     #[error("embedded store at {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
-    /// Another process holds the embedded store.
-    #[error("embedded store at {0} is in use by another process")]
-    Locked(PathBuf),
     /// The store was closed.
     #[error("store closed")]
     Closed,

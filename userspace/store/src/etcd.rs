@@ -150,7 +150,8 @@ impl Store for EtcdStore {
     async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
         let mut kv = self.kv.clone();
         let end = crate::prefix_end(prefix.as_bytes()).unwrap_or_else(|| vec![0]);
-        let mut from = prefix.as_bytes().to_vec();
+        // etcd rejects an empty key; "\0" with range end "\0" means every key.
+        let mut from = if prefix.is_empty() { vec![0] } else { prefix.as_bytes().to_vec() };
         let mut revision = 0;
         let mut kvs = Vec::new();
         loop {

@@ -85,6 +85,18 @@ async fn list_prefix(s: Arc<dyn Store>) {
     assert!(s.get("/q/a").await.unwrap().is_some());
 }
 
+async fn list_everything(s: Arc<dyn Store>) {
+    s.put("/a", b"1".to_vec(), None).await.unwrap();
+    s.put("/b/c", b"2".to_vec(), None).await.unwrap();
+    let mut w = s.watch("", 1).await.unwrap();
+    let keys: Vec<String> = s.list("").await.unwrap().kvs.into_iter().map(|kv| kv.key).collect();
+    assert_eq!(keys, ["/a", "/b/c"]);
+    let ev = collect(&mut w, 2).await;
+    assert_eq!(ev[1].kv.key, "/b/c", "an empty prefix watches everything");
+    assert_eq!(s.delete_prefix("").await.unwrap(), 2);
+    assert!(s.list("").await.unwrap().kvs.is_empty());
+}
+
 async fn list_many_pages(s: Arc<dyn Store>) {
     // More keys than one etcd page, to exercise paging at a fixed revision.
     let value = vec![b'x'; 100];
@@ -239,7 +251,7 @@ macro_rules! conformance {
     };
 }
 
-conformance!(embedded: put_get_delete, list_prefix, list_many_pages, txn_absent, txn_mod_revision, lease_revoke,
+conformance!(embedded: put_get_delete, list_prefix, list_everything, list_many_pages, txn_absent, txn_mod_revision, lease_revoke,
     lease_expiry, watch_from_revision, watch_txn_is_one_message, watch_list_then_resume, watch_compacted);
-conformance!(etcd: put_get_delete, list_prefix, list_many_pages, txn_absent, txn_mod_revision, lease_revoke,
+conformance!(etcd: put_get_delete, list_prefix, list_everything, list_many_pages, txn_absent, txn_mod_revision, lease_revoke,
     lease_expiry, watch_from_revision, watch_txn_is_one_message, watch_list_then_resume, watch_compacted);

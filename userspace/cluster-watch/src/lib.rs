@@ -9,7 +9,8 @@
 //!   writes that leave an object unchanged emit nothing.
 //! - Store reconnect (the store's watch resumed without loss): `Resync(Reconnected)` so the
 //!   consumer can re-check its state against the model.
-//! - History compacted or the watch failed: list again, replace the model, `Resync`.
+//! - History compacted, the store wiped/restored, or the watch failed: list again, replace
+//!   the model, `Resync(Compacted | StoreReset | WatchFailed)`.
 //! - A value that does not decode is logged with its key and skipped; the object keeps its
 //!   last good value (or stays absent); the key shows in [`ClusterModel::malformed_keys`].
 
@@ -34,6 +35,8 @@ pub enum ResyncReason {
     Reconnected,
     /// The watch's history was compacted; the model was listed again.
     Compacted,
+    /// The store lost its data (wiped or restored from a backup); the model was listed again.
+    StoreReset,
     /// The watch failed otherwise; the model was listed again.
     WatchFailed,
 }
@@ -168,6 +171,10 @@ impl ClusterWatch {
                 Err(StoreError::Compacted { requested, compacted }) => {
                     log::warn!("cluster watch: revision {requested} compacted (now {compacted}); listing again");
                     return Ok(ResyncReason::Compacted);
+                }
+                Err(e @ StoreError::Rewound { .. }) => {
+                    log::warn!("cluster watch: {e}");
+                    return Ok(ResyncReason::StoreReset);
                 }
                 Err(e) => return Err(e),
             }

@@ -374,3 +374,56 @@ async fn compaction_relists_and_resyncs() {
     assert_eq!(watch.stats().lists.load(Ordering::Relaxed), 2);
     assert_eq!(resyncs(&rec.events(), ResyncReason::Start), 1);
 }
+
+/// etcd comes back empty (data lost) and gets fewer writes than the agent had seen: the
+/// watch notices the store went back, lists again, and the model matches the new store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_etcd_is_detected_and_relisted() {
+    let (mut server, store) = etcd_backend().await;
+    for i in 0..30 {
+        put(&store, service("default", &format!("old{i}"), "10.96.0.1")).await;
+    }
+    let rec = Recorder::default();
+    let (watch, _stop) = spawn(store.clone(), &rec);
+    rec.wait_for("start", |e, m| !e.is_empty() && m.count(Kind::Service) == 30).await;
+    server.kill_and_wipe().unwrap();
+    server.restart().expect("etcd restart");
+    // A reflector refills the new store with less than before.
+    let mut written = false;
+    for _ in 0..100 {
+        if store.put(&service("default", "new0", "10.96.0.2").0, service("default", "new0", "10.96.0.2").1, None).await.is_ok() {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(written);
+    put(&store, service("default", "new1", "10.96.0.3")).await;
+    rec.wait_for("reset resync with the new content", |e, m| {
+        resyncs(e, ResyncReason::StoreReset) >= 1 && m.count(Kind::Service) == 2
+    })
+    .await;
+    let model = watch.model();
+    let m = model.read().unwrap();
+    let names: Vec<&str> = m.services().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["new0", "new1"]);
+}
+
+/// Single-node mode: the agent watches the embedded store while another process (netctl)
+/// writes into the same directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_shared_with_a_writer_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent_store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    let rec = Recorder::default();
+    let (_watch, _stop) = spawn(agent_store, &rec);
+    rec.wait_for("start", |e, _| !e.is_empty()).await;
+    let netctl_store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    put(&netctl_store, namespace("prod")).await;
+    put(&netctl_store, service("prod", "api", "10.96.5.5")).await;
+    netctl_store.delete(&keys::k8s_key(Kind::Namespace, None, "prod")).await.unwrap();
+    rec.wait_for("the other process's changes", |e, m| e.len() == 4 && m.count(Kind::Service) == 1).await;
+    let events = rec.events();
+    assert!(matches!(&events[1], ClusterEvent::Added { key, .. } if key == "/contiv/k8s/namespace/prod"));
+    assert!(matches!(&events[3], ClusterEvent::Deleted { key, .. } if key == "/contiv/k8s/namespace/prod"));
+}

@@ -351,6 +351,14 @@ impl WatchTask {
             self.established = true;
             if !announced {
                 announced = true;
+                let current = header_rev(resp.header());
+                if current > 0 && current < self.next - 1 {
+                    // etcd is behind what we already delivered: it was wiped or restored.
+                    let err = StoreError::Rewound { watched: self.next - 1, current };
+                    log::warn!("etcd watch of {}: {err}", self.prefix);
+                    let _ = self.tx.send(Err(err)).await;
+                    return Outcome::Done;
+                }
                 log::info!("etcd watch of {} resumed at revision {}", self.prefix, self.next);
                 if self.tx.send(Ok(WatchMessage::Reconnected { resumed_from: self.next })).await.is_err() {
                     return Outcome::Done;

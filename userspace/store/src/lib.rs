@@ -85,7 +85,8 @@ pub enum WatchMessage {
 }
 
 /// A watch: an endless stream of messages; it ends only after yielding an error
-/// ([`StoreError::Compacted`] when history is gone, or a fatal error).
+/// ([`StoreError::Compacted`] when history is gone, [`StoreError::Rewound`] when the store
+/// lost data under it, or a fatal error). Either way: list again, then watch anew.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, StoreError>> + Send>>;
 
 /// A condition of a transaction.
@@ -133,6 +134,10 @@ pub enum StoreError {
     /// The requested revision was compacted away; list again and watch from the new revision.
     #[error("revision {requested} is compacted (oldest kept: {compacted})")]
     Compacted { requested: Revision, compacted: Revision },
+    /// The store's revision went below what this watch already delivered: the store was
+    /// wiped or restored from a backup. List again and watch from the new revision.
+    #[error("the store went back from revision {watched} to {current} (wiped or restored); list again")]
+    Rewound { watched: Revision, current: Revision },
     /// The lease does not exist (expired or revoked).
     #[error("lease {0} not found (expired or revoked)")]
     LeaseNotFound(LeaseId),

@@ -87,6 +87,16 @@ impl EtcdServer {
         }
     }
 
+    /// Kills etcd and deletes its data (a lost or replaced store); `restart` brings up an
+    /// empty one on the same ports.
+    pub fn kill_and_wipe(&mut self) -> std::io::Result<()> {
+        self.kill();
+        match std::fs::remove_dir_all(self.dir.path().join("data")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Starts etcd again on the same ports and data dir (after [`kill`](Self::kill)).
     pub fn restart(&mut self) -> Result<(), EtcdStartError> {
         self.kill();

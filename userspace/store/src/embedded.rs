@@ -454,37 +454,49 @@ impl State {
     }
 
     /// Reads the complete records after `offset`; returns whether the log file was removed
-    /// (a newer snapshot replaced it).
+    /// (a newer snapshot replaced it). Reads in bounded chunks, so replaying a long log at
+    /// open does not hold all of it in memory at once.
     fn read_log_tail(&mut self) -> Result<bool, StoreError> {
+        const CHUNK: usize = 4 << 20;
         let meta = self.log.metadata().map_err(|e| self.io(e))?;
         let unlinked = std::os::unix::fs::MetadataExt::nlink(&meta) == 0;
         let len = meta.len();
-        if len <= self.offset {
-            return Ok(unlinked);
-        }
-        let mut buf = vec![0u8; (len - self.offset) as usize];
-        let mut read = 0;
-        while read < buf.len() {
-            let n = self.log.read_at(&mut buf[read..], self.offset + read as u64).map_err(|e| self.io(e))?;
-            if n == 0 {
-                break;
+        let mut buf: Vec<u8> = Vec::new();
+        while len > self.offset {
+            // Unconsumed bytes of the previous chunk (a record longer than a chunk) stay in front.
+            let pending = buf.len();
+            let want = ((len - self.offset) as usize).min(CHUNK.max(pending * 2)).max(pending + 1);
+            buf.resize(want, 0);
+            let mut filled = pending;
+            while filled < buf.len() {
+                let at = self.offset + filled as u64;
+                let n = self.log.read_at(&mut buf[filled..], at).map_err(|e| self.io(e))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
             }
-            read += n;
+            buf.truncate(filled);
+            let mut start = 0;
+            while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
+                let line = &buf[start..start + nl];
+                let record: Record = serde_json::from_slice(line).map_err(|e| StoreError::Corrupt {
+                    path: self.dir.join(log_name(self.generation)),
+                    detail: format!("record at byte {}: {e}", self.offset + start as u64),
+                })?;
+                start += nl + 1;
+                self.log_records += 1;
+                self.apply_record(record);
+            }
+            self.offset += start as u64;
+            if start == 0 && filled == pending {
+                break; // nothing new could be read
+            }
+            if start == 0 && self.offset + filled as u64 >= len {
+                break; // a partial last line: its writer may still be writing it
+            }
+            buf.drain(..start);
         }
-        buf.truncate(read);
-        let mut start = 0;
-        while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
-            let line = &buf[start..start + nl];
-            let record: Record = serde_json::from_slice(line).map_err(|e| StoreError::Corrupt {
-                path: self.dir.join(log_name(self.generation)),
-                detail: format!("record at byte {}: {e}", self.offset + start as u64),
-            })?;
-            start += nl + 1;
-            self.log_records += 1;
-            self.apply_record(record);
-        }
-        // A partial last line stays unread: its writer may still be writing it.
-        self.offset += start as u64;
         Ok(unlinked)
     }
 

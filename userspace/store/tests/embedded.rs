@@ -264,3 +264,18 @@ async fn lagging_process_reloads_the_snapshot() {
     }
     assert!(last < l.revision, "it could not have followed every change");
 }
+
+#[tokio::test]
+async fn records_larger_than_a_read_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..9 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    {
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.put("/small", b"1".to_vec(), None).await.unwrap();
+        s.put("/big", big.clone(), None).await.unwrap();
+        s.put("/after", b"2".to_vec(), None).await.unwrap();
+    }
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(s.get("/big").await.unwrap().unwrap().value, big);
+    assert_eq!(s.get("/after").await.unwrap().unwrap().value, b"2");
+}

@@ -236,6 +236,7 @@ impl Agent {
                 format!("CNI_NETNS={}", req.netns),
             ));
         }
+        let (mtu, dns) = self.network_overrides(&req.network_config)?;
         let mut inner = self.inner.lock().await;
         if let Some(existing) = inner.state.get(&key) {
             if existing.complete && existing.netns == req.netns {
@@ -264,6 +265,8 @@ impl Agent {
             host_mac: String::new(),
             pod_mac: String::new(),
             complete: false,
+            mtu,
+            dns,
         };
         // Reserve the address durably before anything is built.
         inner
@@ -278,7 +281,7 @@ impl Agent {
             ip,
             gateway: self.config.gateway,
             gateway_mac: self.config.gateway_mac,
-            mtu: self.config.mtu,
+            mtu,
         };
         let result = async {
             let link = podnet::create_pod_link(&inner.node, &spec)
@@ -317,21 +320,41 @@ impl Agent {
         Ok(self.add_reply(&attachment))
     }
 
+    /// `mtu` and `dns` from the network config override the agent's defaults for a network.
+    fn network_overrides(&self, raw: &[u8]) -> Result<(u32, crate::config::DnsConfig), CniError> {
+        #[derive(serde::Deserialize)]
+        struct NetConf {
+            mtu: Option<u32>,
+            dns: Option<crate::config::DnsConfig>,
+        }
+        let invalid = |e: String| CniError::new(codes::INVALID_CONFIG, "invalid network configuration", e);
+        let conf: NetConf = serde_json::from_slice(raw).map_err(|e| invalid(e.to_string()))?;
+        let mtu = conf.mtu.unwrap_or(self.config.mtu);
+        if !(576..=9000).contains(&mtu) {
+            return Err(invalid(format!("mtu {mtu} out of range 576..=9000")));
+        }
+        let dns = match conf.dns {
+            Some(d) if d != Default::default() => d,
+            _ => self.config.dns.clone(),
+        };
+        Ok((mtu, dns))
+    }
+
     fn add_reply(&self, a: &PodAttachment) -> v1::AddReply {
-        let dns = &self.config.dns;
+        let dns = &a.dns;
         v1::AddReply {
             error: None,
             interfaces: vec![
                 v1::Interface {
                     name: a.host_ifname.clone(),
                     mac: a.host_mac.clone(),
-                    mtu: self.config.mtu,
+                    mtu: a.mtu,
                     sandbox: String::new(),
                 },
                 v1::Interface {
                     name: a.ifname.clone(),
                     mac: a.pod_mac.clone(),
-                    mtu: self.config.mtu,
+                    mtu: a.mtu,
                     sandbox: a.netns.clone(),
                 },
             ],

@@ -49,7 +49,7 @@ struct RawConfig {
 }
 
 /// DNS settings handed to pods in the CNI result.
-#[derive(Debug, Deserialize, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Deserialize, serde::Serialize, Default, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DnsConfig {
     #[serde(default)]

@@ -68,6 +68,12 @@ pub struct PodAttachment {
     pub pod_mac: String,
     /// False while ADD is still wiring it (a crash leaves it for cleanup).
     pub complete: bool,
+    /// MTU the pod interface got.
+    #[serde(default)]
+    pub mtu: u32,
+    /// DNS handed to the pod (from the network config, else the agent's).
+    #[serde(default)]
+    pub dns: crate::config::DnsConfig,
 }
 
 impl PodAttachment {
@@ -230,6 +236,8 @@ mod tests {
             host_mac: "02:00:00:00:00:01".into(),
             pod_mac: "02:00:00:00:00:02".into(),
             complete: true,
+            mtu: 1500,
+            dns: Default::default(),
         }
     }
 

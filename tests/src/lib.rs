@@ -123,6 +123,107 @@ impl Drop for Netns {
     }
 }
 
+// === impl ControlPlane ===
+
+/// A control-plane host: its own namespace running a real etcd (Debian's etcd-server),
+/// reachable from each linked node over a point-to-point veth (10.255.<n>.0/30), as a
+/// cluster's etcd is reached over the node network. Stopped (by pid) and removed on Drop.
+pub struct ControlPlane {
+    etcd: std::sync::Mutex<Option<Child>>,
+    pub ns: Netns,
+    data_dir: PathBuf,
+    links: AtomicU32,
+}
+
+impl ControlPlane {
+    pub fn start() -> Self {
+        let ns = Netns::new("ctcp");
+        let data_dir = std::env::temp_dir().join(unique("contiv-etcd-"));
+        std::fs::create_dir_all(&data_dir).expect("etcd data dir");
+        let log = std::fs::File::create(data_dir.with_extension("log")).expect("etcd log");
+        let child = ns
+            .cmd("etcd")
+            .arg("--data-dir")
+            .arg(data_dir.join("data"))
+            .args([
+                "--listen-client-urls", "http://0.0.0.0:2379",
+                "--advertise-client-urls", "http://127.0.0.1:2379",
+                "--listen-peer-urls", "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                "--initial-cluster", "default=http://127.0.0.1:2380",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd (cargo xtask setup installs etcd-server)");
+        let cp = Self {
+            etcd: std::sync::Mutex::new(Some(child)),
+            ns,
+            data_dir,
+            links: AtomicU32::new(0),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cp.etcdctl(&["endpoint", "health"]).status.success() {
+            assert!(Instant::now() < deadline, "etcd did not become healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cp
+    }
+
+    /// The endpoint as seen from inside the control plane's namespace.
+    pub fn local_endpoint(&self) -> &'static str {
+        "http://127.0.0.1:2379"
+    }
+
+    /// `etcdctl ARGS` inside the control plane.
+    pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        self.ns
+            .cmd("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", self.local_endpoint()])
+            .args(args)
+            .output()
+            .expect("etcdctl")
+    }
+
+    /// A command run inside the control plane (e.g. netctl against its etcd).
+    pub fn cmd(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.ns.name()]).arg(program);
+        c
+    }
+
+    /// Connects a node namespace to the control plane; returns the etcd endpoint the node uses.
+    pub fn link(&self, node: &Netns) -> String {
+        let n = self.links.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 250, "too many nodes on one control plane");
+        let (cp_if, node_if) = (format!("cp{n}"), format!("cpl{n}"));
+        self.ns.ip(&["link", "add", &cp_if, "type", "veth", "peer", "name", &node_if]);
+        self.ns.ip(&["link", "set", &node_if, "netns", node.name()]);
+        self.ns.ip(&["addr", "add", &format!("10.255.{n}.1/30"), "dev", &cp_if]);
+        self.ns.ip(&["link", "set", &cp_if, "up"]);
+        node.ip(&["addr", "add", &format!("10.255.{n}.2/30"), "dev", &node_if]);
+        node.ip(&["link", "set", &node_if, "up"]);
+        format!("http://10.255.{n}.1:2379")
+    }
+
+    /// Stops etcd (SIGKILL, by pid) — a store outage.
+    pub fn kill_etcd(&self) {
+        if let Some(mut c) = self.etcd.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill_etcd();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        let _ = std::fs::remove_file(self.data_dir.with_extension("log"));
+    }
+}
+
 // === impl CniOutput ===
 
 /// What a CNI invocation returned.
@@ -186,17 +287,25 @@ pub fn invoke_plugin(plugin: &Path, env: &[(&str, &str)], stdin: &str, in_netns:
 // === impl Node ===
 
 /// Options for a node.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeOptions {
-    pub pod_subnet: String,
+    /// A fixed pod subnet; `None` lets the node registry allocate one by node ID.
+    pub pod_subnet: Option<String>,
     pub mtu: u32,
+    /// Cluster store: link the node to this control plane's etcd; `None`: the agent's
+    /// embedded store in its own state directory.
+    pub control_plane: Option<std::sync::Arc<ControlPlane>>,
+    /// Node name; default: the node namespace's name.
+    pub node_name: Option<String>,
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
         Self {
-            pod_subnet: "10.1.1.0/24".into(),
+            pod_subnet: Some("10.1.1.0/24".into()),
             mtu: 1500,
+            control_plane: None,
+            node_name: None,
         }
     }
 }
@@ -230,19 +339,22 @@ impl Node {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("contiv-test-"));
         let socket = dir.join("cni.sock");
         let config_path = dir.join("agent.toml");
-        std::fs::write(
-            &config_path,
-            format!(
-                "nodeName = \"{}\"\npodSubnet = \"{}\"\nmtu = {}\ncniSocket = \"{}\"\nstateDir = \"{}\"\nbpfPinDir = \"{}\"\n",
-                ns.name(),
-                opts.pod_subnet,
-                opts.mtu,
-                socket.display(),
-                dir.join("state").display(),
-                pin_dir.display()
-            ),
-        )
-        .expect("agent config");
+        let mut config = format!(
+            "nodeName = \"{}\"\nmtu = {}\ncniSocket = \"{}\"\nstateDir = \"{}\"\nbpfPinDir = \"{}\"\n",
+            opts.node_name.as_deref().unwrap_or(ns.name()),
+            opts.mtu,
+            socket.display(),
+            dir.join("state").display(),
+            pin_dir.display()
+        );
+        if let Some(subnet) = &opts.pod_subnet {
+            config.push_str(&format!("podSubnet = \"{subnet}\"\n"));
+        }
+        if let Some(cp) = &opts.control_plane {
+            let endpoint = cp.link(&ns);
+            config.push_str(&format!("etcdEndpoints = [\"{endpoint}\"]\n"));
+        }
+        std::fs::write(&config_path, config).expect("agent config");
         let mut node = Self {
             agent: None,
             ns,

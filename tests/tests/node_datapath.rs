@@ -192,7 +192,8 @@ fn concurrent_adds_get_distinct_addresses() {
             std::thread::spawn(move || node.add_pod())
         })
         .collect();
-    let pods: Vec<Pod> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+    let pods: Vec<Pod> = joined.into_iter().map(|r| r.expect("ADD")).collect();
     let ips: HashSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     assert_eq!(ips.len(), 32, "addresses must be distinct");
     assert_eq!(node.pod_links().len(), 32);

@@ -46,6 +46,11 @@ struct RawConfig {
     slowpath_host_ifname: Option<String>,
     slowpath_vswitch_ifname: Option<String>,
     dns: Option<DnsConfig>,
+    etcd_endpoints: Option<Vec<String>>,
+    store_dir: Option<PathBuf>,
+    #[serde(rename = "podSubnetCIDR")]
+    pod_subnet_cidr: Option<Ipv4Net>,
+    pod_prefix_len: Option<u8>,
 }
 
 /// DNS settings handed to pods in the CNI result.
@@ -67,10 +72,23 @@ pub struct DnsConfig {
 pub struct AgentConfig {
     /// Name of this node. Default: the host name.
     pub node_name: String,
-    /// This node's pod subnet. Default 10.1.1.0/24.
+    /// This node's pod subnet. When the file sets `podSubnet`, that; otherwise the node
+    /// registry allocates it from `podSubnetCIDR` by node ID (10.1.<id>.0/24 by default).
     pub pod_subnet: Ipv4Net,
+    /// True when `podSubnet` was set in the file (no allocation from the registry).
+    pub pod_subnet_fixed: bool,
     /// The pods' gateway. Default: the first host address of `pod_subnet`.
     pub gateway: Ipv4Addr,
+    /// True when `gateway` was set in the file.
+    pub gateway_fixed: bool,
+    /// The cluster's pod subnet, cut into per-node subnets. Default 10.1.0.0/16.
+    pub pod_subnet_cidr: Ipv4Net,
+    /// Prefix length of one node's subnet. Default 24.
+    pub pod_prefix_len: u8,
+    /// etcd endpoints of the cluster store; empty: the embedded store in `store_dir`.
+    pub etcd_endpoints: Vec<String>,
+    /// Directory of the embedded store. Default `<stateDir>/store`.
+    pub store_dir: PathBuf,
     /// MAC address pods resolve the gateway to. Default 02:fe:00:00:00:01.
     pub gateway_mac: [u8; 6],
     /// MTU of pod interfaces. Default 1500.
@@ -90,6 +108,7 @@ pub struct AgentConfig {
 }
 
 pub const DEFAULT_POD_SUBNET: &str = "10.1.1.0/24";
+pub const DEFAULT_POD_SUBNET_CIDR: &str = "10.1.0.0/16";
 pub const DEFAULT_GATEWAY_MAC: [u8; 6] = [0x02, 0xfe, 0x00, 0x00, 0x00, 0x01];
 
 impl AgentConfig {
@@ -117,12 +136,50 @@ impl AgentConfig {
         Self::from_raw(raw)
     }
 
+    /// Adopts the subnet the node registry allocated (unless the file fixed one); the
+    /// gateway follows it unless the file fixed that too.
+    pub fn with_allocated_subnet(mut self, subnet: Ipv4Net) -> Result<Self, ConfigError> {
+        if self.pod_subnet_fixed {
+            return Ok(self);
+        }
+        self.pod_subnet = subnet.trunc();
+        if !self.gateway_fixed {
+            self.gateway = Ipv4Addr::from(u32::from(self.pod_subnet.network()) + 1);
+        }
+        if !self.pod_subnet.contains(&self.gateway) {
+            return Err(ConfigError::Invalid(format!(
+                "gateway {} is outside the allocated pod subnet {}",
+                self.gateway, self.pod_subnet
+            )));
+        }
+        Ok(self)
+    }
+
     /// All defaults.
     pub fn defaults() -> Self {
         Self::from_raw(RawConfig::default()).expect("defaults are valid")
     }
 
     fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let pod_subnet_fixed = raw.pod_subnet.is_some();
+        let gateway_fixed = raw.gateway.is_some();
+        let pod_subnet_cidr = raw
+            .pod_subnet_cidr
+            .unwrap_or_else(|| DEFAULT_POD_SUBNET_CIDR.parse().expect("valid default"))
+            .trunc();
+        let pod_prefix_len = raw.pod_prefix_len.unwrap_or(24);
+        if pod_prefix_len <= pod_subnet_cidr.prefix_len() || pod_prefix_len > 30 {
+            return Err(ConfigError::Invalid(format!(
+                "podPrefixLen {pod_prefix_len} must be longer than podSubnetCIDR {pod_subnet_cidr} and at most 30"
+            )));
+        }
+        if let Some(eps) = &raw.etcd_endpoints {
+            if let Some(bad) = eps.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
+                return Err(ConfigError::Invalid(format!(
+                    "etcdEndpoints entry {bad:?} must be an http:// or https:// URL"
+                )));
+            }
+        }
         let pod_subnet = raw
             .pod_subnet
             .unwrap_or_else(|| DEFAULT_POD_SUBNET.parse().expect("valid default"))
@@ -176,16 +233,23 @@ impl AgentConfig {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "localhost".into()),
         };
+        let state_dir = raw.state_dir.unwrap_or_else(|| "/var/lib/contiv".into());
         Ok(Self {
             node_name,
             pod_subnet,
+            pod_subnet_fixed,
             gateway,
+            gateway_fixed,
+            pod_subnet_cidr,
+            pod_prefix_len,
+            etcd_endpoints: raw.etcd_endpoints.unwrap_or_default(),
+            store_dir: raw.store_dir.unwrap_or_else(|| state_dir.join("store")),
             gateway_mac,
             mtu,
             cni_socket: raw
                 .cni_socket
                 .unwrap_or_else(|| contiv_cni_api::DEFAULT_SOCKET.into()),
-            state_dir: raw.state_dir.unwrap_or_else(|| "/var/lib/contiv".into()),
+            state_dir,
             bpf_pin_dir: raw
                 .bpf_pin_dir
                 .unwrap_or_else(|| contiv_common::DEFAULT_PIN_DIR.into()),
@@ -263,10 +327,25 @@ mod tests {
             ("gateway = \"10.2.0.1\"", "gateway"),
             ("podSubnet = \"10.1.1.0/31\"", "podSubnet"),
             ("slowpathHostIfname = \"this-name-is-way-too-long\"", "slowpathHostIfname"),
+            ("podPrefixLen = 8", "podPrefixLen"),
+            ("etcdEndpoints = [\"127.0.0.1:2379\"]", "etcdEndpoints"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");
         }
+    }
+
+    #[test]
+    fn allocated_subnet_applies_unless_fixed() {
+        let c = AgentConfig::from_toml("").unwrap();
+        assert!(!c.pod_subnet_fixed);
+        assert_eq!(c.store_dir, PathBuf::from("/var/lib/contiv/store"));
+        let c = c.with_allocated_subnet("10.1.7.0/24".parse().unwrap()).unwrap();
+        assert_eq!(c.pod_subnet.to_string(), "10.1.7.0/24");
+        assert_eq!(c.gateway, Ipv4Addr::new(10, 1, 7, 1));
+        let fixed = AgentConfig::from_toml("podSubnet = \"10.9.0.0/24\"").unwrap();
+        let fixed = fixed.with_allocated_subnet("10.1.7.0/24".parse().unwrap()).unwrap();
+        assert_eq!(fixed.pod_subnet.to_string(), "10.9.0.0/24");
     }
 
     #[test]

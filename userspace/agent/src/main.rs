@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use contiv_agent::{agent::Agent, cni_server, config::AgentConfig};
+use contiv_agent::{agent::Agent, cluster, cni_server, config::AgentConfig};
 
 /// Exit code for a bad configuration (sysexits EX_USAGE... EX_CONFIG).
 const EX_CONFIG: u8 = 78;
@@ -64,6 +64,13 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // The store decides this node's pod subnet (node ID -> CIDR) unless the file fixed it.
+    let link = cluster::join(&config).await?;
+    let ipv4 = match link.allocation.pod_cidr {
+        ipnet::IpNet::V4(net) => net,
+        other => anyhow::bail!("allocated pod CIDR {other} is not IPv4"),
+    };
+    let config = config.with_allocated_subnet(ipv4)?;
     log::info!(
         "node {}: pod subnet {}, gateway {}",
         config.node_name,
@@ -71,7 +78,10 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config.gateway
     );
     let socket = config.cni_socket.clone();
+    let node_name = config.node_name.clone();
     let agent = Agent::start(config).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let background = cluster::spawn(&link, node_name, stop_rx);
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => log::info!("SIGTERM: shutting down"),
@@ -79,6 +89,10 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     };
     let served = cni_server::serve(agent.clone(), &socket, shutdown).await;
+    let _ = stop_tx.send(true);
+    for task in background {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
     agent.shutdown();
     log::info!("stopped; the pod datapath stays in place");
     served

@@ -1,0 +1,91 @@
+//! The agent and the cluster store (root, real etcd): node registration and pod subnets
+//! from node IDs, the agent's cluster model following what netctl writes.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use std::sync::Arc;
+
+use contiv_tests::{ControlPlane, Node, NodeOptions, bin, run};
+
+fn etcd_node(cp: &Arc<ControlPlane>, name: &str) -> Node {
+    Node::start(NodeOptions {
+        pod_subnet: None,
+        control_plane: Some(cp.clone()),
+        node_name: Some(name.to_owned()),
+        ..NodeOptions::default()
+    })
+}
+
+fn subnet_of(ip: Ipv4Addr) -> [u8; 3] {
+    let o = ip.octets();
+    [o[0], o[1], o[2]]
+}
+
+fn wait_for_log(node: &Node, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !node.agent_log().contains(needle) {
+        assert!(Instant::now() < deadline, "agent never logged {needle:?}:\n{}", node.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn agents_starting_together_get_distinct_node_subnets_that_survive_restart() {
+    let cp = Arc::new(ControlPlane::start());
+    let names = [contiv_tests::unique("node-a"), contiv_tests::unique("node-b")];
+    let handles: Vec<_> = names
+        .iter()
+        .cloned()
+        .map(|name| {
+            let cp = cp.clone();
+            std::thread::spawn(move || etcd_node(&cp, &name))
+        })
+        .collect();
+    // Join every start before judging any, so a failed start never leaks a running node.
+    let started: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+    let mut nodes: Vec<Node> = started.into_iter().map(|r| r.expect("node start")).collect();
+    let pa = nodes[0].add_pod();
+    let pb = nodes[1].add_pod();
+    assert_ne!(subnet_of(pa.ip), subnet_of(pb.ip), "two nodes share a pod subnet");
+    for ip in [pa.ip, pb.ip] {
+        let o = ip.octets();
+        assert_eq!((o[0], o[1]), (10, 1), "{ip} is outside podSubnetCIDR 10.1.0.0/16");
+        assert!(o[2] >= 1, "node IDs start at 1");
+    }
+    // Both nodes are registered in the store.
+    let out = run(cp.cmd(&bin("netctl")).args(["--etcd", cp.local_endpoint(), "get", "nodes", "-o", "json"]));
+    for n in &names {
+        assert!(out.contains(n.as_str()), "{n} not registered: {out}");
+    }
+    // A restarted agent gets its old ID and subnet back.
+    nodes[0].stop_agent();
+    nodes[0].start_agent();
+    let pa2 = nodes[0].add_pod();
+    assert_eq!(subnet_of(pa2.ip), subnet_of(pa.ip));
+    assert_ne!(pa2.ip, pa.ip);
+}
+
+#[test]
+fn agent_model_follows_what_netctl_writes() {
+    let cp = Arc::new(ControlPlane::start());
+    let node = etcd_node(&cp, &contiv_tests::unique("node-m"));
+    wait_for_log(&node, "cluster model resync (Start)");
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../userspace/netctl/tests/fixtures/cluster");
+    run(cp.cmd(&bin("netctl")).args(["--etcd", cp.local_endpoint(), "apply", "-f"]).arg(&fixtures));
+    wait_for_log(&node, "cluster: added /contiv/k8s/namespace/shop");
+    wait_for_log(&node, "cluster: added /contiv/k8s/service/");
+    run(cp.cmd(&bin("netctl"))
+        .args(["--etcd", cp.local_endpoint(), "delete", "-f"])
+        .arg(fixtures.join("00-namespaces.yaml")));
+    wait_for_log(&node, "cluster: deleted /contiv/k8s/namespace/shop");
+    // A malformed value is skipped with its key logged; the agent keeps running.
+    let put = cp.etcdctl(&["put", "/contiv/k8s/service/default/broken", "{not json"]);
+    assert!(put.status.success(), "{put:?}");
+    wait_for_log(&node, "/contiv/k8s/service/default/broken");
+    let pod = node.add_pod();
+    assert!(contiv_tests::ping(&pod.ns, Ipv4Addr::new(pod.ip.octets()[0], pod.ip.octets()[1], pod.ip.octets()[2], 1), 1));
+}

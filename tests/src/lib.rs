@@ -505,6 +505,30 @@ impl Node {
         sum_per_cpu(&entries[0]["values"])
     }
 
+    /// GET a path of the agent's status endpoint (from inside the node) and return the body.
+    pub fn status(&self, path: &str) -> String {
+        let path = path.to_owned();
+        let (head, body) = self.ns.enter(move || {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 9192)).expect("status endpoint");
+            write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).expect("status response");
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+            (head.to_owned(), body.to_owned())
+        });
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+        body
+    }
+
+    /// The vswitch's drop counter for a reason (from `/vswitch`).
+    pub fn vswitch_drops(&self, reason: &str) -> u64 {
+        let v: Value = serde_json::from_str(&self.status("/vswitch")).expect("vswitch JSON");
+        v["vswitch"]["drops"][reason]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no vswitch drop counter {reason} in {v}"))
+    }
+
     /// Host-side veth names in the node (pod interfaces).
     pub fn pod_links(&self) -> Vec<String> {
         self.ns

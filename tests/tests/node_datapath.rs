@@ -115,10 +115,61 @@ fn unknown_destinations_go_to_the_slow_path_and_are_dropped() {
     let node = node();
     let pod = node.add_pod();
     let before = node.pod_counters(pod.ip).unwrap();
+    let drops_before = node.vswitch_drops("unknown_destination");
     assert!(!ping(&pod.ns, Ipv4Addr::new(10, 1, 1, 250), 2), "nobody has 10.1.1.250");
     let after = node.pod_counters(pod.ip).unwrap();
     assert!(counter(&after, "slow_packets") >= counter(&before, "slow_packets") + 2);
     assert_eq!(counter(&after, "fwd_packets"), counter(&before, "fwd_packets"));
+    assert!(node.vswitch_drops("unknown_destination") >= drops_before + 2);
+    let metrics = node.status("/metrics");
+    assert!(metrics.contains("contiv_vswitch_drops_total{reason=\"unknown_destination\"}"), "{metrics}");
+    assert!(metrics.contains(&format!("contiv_pod_slowpath_packets_total{{pod_ip=\"{}\"", pod.ip)));
+}
+
+#[test]
+fn fragments_and_ip_options_take_the_slow_path() {
+    let node = node();
+    let a = node.add_pod();
+    let b = node.add_pod();
+    let b_ip = b.ip;
+    let srv = b.ns.enter(move || UdpSocket::bind((b_ip, 0)).unwrap());
+    srv.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let dst = srv.local_addr().unwrap();
+    let a_ip = a.ip;
+    let cli = a.ns.enter(move || UdpSocket::bind((a_ip, 0)).unwrap());
+    let mut buf = [0u8; 4096];
+
+    // A 3000-byte datagram leaves pod a as fragments (MTU 1500).
+    let frag_before = node.vswitch_drops("fragment");
+    let slow_before = counter(&node.pod_counters(a.ip).unwrap(), "slow_packets");
+    cli.send_to(&[0x5a; 3000], dst).unwrap();
+    assert!(srv.recv_from(&mut buf).is_err(), "fragments are not forwarded by the fast path");
+    assert!(node.vswitch_drops("fragment") >= frag_before + 2);
+    assert!(counter(&node.pod_counters(a.ip).unwrap(), "slow_packets") >= slow_before + 2);
+
+    // A datagram with IP options (three NOPs and an End-of-options: ihl 6).
+    let opts_before = node.vswitch_drops("ip_options");
+    let options: [u8; 4] = [1, 1, 1, 0];
+    // SAFETY: valid fd, valid buffer and length.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&cli),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            options.as_ptr().cast(),
+            options.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+    cli.send_to(b"with options", dst).unwrap();
+    assert!(srv.recv_from(&mut buf).is_err(), "IP options are not forwarded by the fast path");
+    assert!(node.vswitch_drops("ip_options") > opts_before);
+
+    // Plain datagrams still take the fast path.
+    let plain = a.ns.enter(move || UdpSocket::bind((a_ip, 0)).unwrap());
+    plain.send_to(b"plain", dst).unwrap();
+    let (n, _) = srv.recv_from(&mut buf).expect("plain datagram");
+    assert_eq!(&buf[..n], b"plain");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, path::Path, sync::Arc};
 
 use contiv_cni_api::{codes, v1};
 use contiv_common::{DatapathConfig, PodCounters, PodEndpoint};
-use contiv_vswitch::{BuiltinVswitch, GatewayConfig, RunningPort, VswitchCounters};
+use contiv_vswitch::{BuiltinVswitch, GatewayConfig, PortCounters, RunningPort, VswitchCounters};
 use tokio::sync::Mutex;
 
 use crate::{
@@ -90,6 +90,25 @@ pub struct CountersReport {
     pub drop_malformed: u64,
     pub drop_ttl_exceeded: u64,
     pub drop_no_slowpath: u64,
+}
+
+/// The slow path's counters in report form.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlowPathReport {
+    pub vswitch: Option<VswitchCounters>,
+    pub port: Option<PortCounters>,
+    pub programs: Option<SlowPortReport>,
+}
+
+/// Counters of the slow-path port's eBPF programs.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlowPortReport {
+    pub to_vswitch_packets: u64,
+    pub to_vswitch_no_socket: u64,
+    pub from_vswitch_delivered: u64,
+    pub from_vswitch_no_pod: u64,
 }
 
 impl From<PodCounters> for CountersReport {
@@ -530,12 +549,23 @@ impl Agent {
             .collect()
     }
 
-    /// The vswitch's own counters.
-    pub fn vswitch_counters(&self) -> Option<VswitchCounters> {
-        self.slowpath
-            .lock()
-            .ok()
-            .and_then(|p| p.as_ref().map(|p| p.backend_counters()))
+    /// Everything the slow path counts: the vswitch's verdicts, its AF_XDP port, and the
+    /// slow-path port's programs.
+    pub async fn slowpath_report(&self) -> SlowPathReport {
+        let (vswitch, port) = match self.slowpath.lock() {
+            Ok(p) => match p.as_ref() {
+                Some(p) => (Some(p.backend_counters()), Some(p.counters())),
+                None => (None, None),
+            },
+            Err(_) => (None, None),
+        };
+        let programs = self.inner.lock().await.datapath.slowport_counters().ok().map(|c| SlowPortReport {
+            to_vswitch_packets: c.to_vswitch_packets,
+            to_vswitch_no_socket: c.to_vswitch_no_socket,
+            from_vswitch_delivered: c.from_vswitch_delivered,
+            from_vswitch_no_pod: c.from_vswitch_no_pod,
+        });
+        SlowPathReport { vswitch, port, programs }
     }
 
     /// Stops the vswitch. The pod datapath stays attached: pods keep talking while the

@@ -51,6 +51,7 @@ struct RawConfig {
     #[serde(rename = "podSubnetCIDR")]
     pod_subnet_cidr: Option<Ipv4Net>,
     pod_prefix_len: Option<u8>,
+    status_addr: Option<std::net::SocketAddr>,
 }
 
 /// DNS settings handed to pods in the CNI result.
@@ -89,6 +90,8 @@ pub struct AgentConfig {
     pub etcd_endpoints: Vec<String>,
     /// Directory of the embedded store. Default `<stateDir>/store`.
     pub store_dir: PathBuf,
+    /// Status endpoint (healthz, readyz, pods, vswitch, metrics). Default 127.0.0.1:9192.
+    pub status_addr: std::net::SocketAddr,
     /// MAC address pods resolve the gateway to. Default 02:fe:00:00:00:01.
     pub gateway_mac: [u8; 6],
     /// MTU of pod interfaces. Default 1500.
@@ -244,6 +247,7 @@ impl AgentConfig {
             pod_prefix_len,
             etcd_endpoints: raw.etcd_endpoints.unwrap_or_default(),
             store_dir: raw.store_dir.unwrap_or_else(|| state_dir.join("store")),
+            status_addr: raw.status_addr.unwrap_or_else(|| "127.0.0.1:9192".parse().expect("valid default")),
             gateway_mac,
             mtu,
             cni_socket: raw

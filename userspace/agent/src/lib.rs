@@ -9,3 +9,4 @@ pub mod config;
 pub mod datapath;
 pub mod podnet;
 pub mod state;
+pub mod status;

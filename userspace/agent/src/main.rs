@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use contiv_agent::{agent::Agent, cluster, cni_server, config::AgentConfig};
+use contiv_agent::{agent::Agent, cluster, cni_server, config::AgentConfig, status};
 
 /// Exit code for a bad configuration (sysexits EX_USAGE... EX_CONFIG).
 const EX_CONFIG: u8 = 78;
@@ -78,10 +78,21 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         config.gateway
     );
     let socket = config.cni_socket.clone();
+    let status_addr = config.status_addr;
     let node_name = config.node_name.clone();
     let agent = Agent::start(config).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let background = cluster::spawn(&link, node_name, stop_rx);
+    let mut background = cluster::spawn(&link, node_name, stop_rx.clone());
+    let status_agent = agent.clone();
+    let mut status_stop = stop_rx;
+    background.push(tokio::spawn(async move {
+        let stop = async move {
+            let _ = status_stop.wait_for(|v| *v).await;
+        };
+        if let Err(e) = status::serve(status_agent, status_addr, stop).await {
+            log::error!("{e:#}");
+        }
+    }));
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => log::info!("SIGTERM: shutting down"),

@@ -91,12 +91,15 @@ fn iperf_json(client: &Endpoint, server: &Endpoint, extra: &[&str]) -> Result<Va
     Ok(v)
 }
 
-fn tcp_gbps(client: &Endpoint, server: &Endpoint) -> Result<f64> {
+/// (Gbit/s received, sender retransmits)
+fn tcp_gbps(client: &Endpoint, server: &Endpoint) -> Result<(f64, f64)> {
     let v = iperf_json(client, server, &[])?;
-    v["end"]["sum_received"]["bits_per_second"]
+    let gbps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e9)
-        .context("no sum_received in iperf3 output")
+        .context("no sum_received in iperf3 output")?;
+    let retr = v["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0);
+    Ok((gbps, retr))
 }
 
 fn udp_kpps(client: &Endpoint, server: &Endpoint) -> Result<f64> {
@@ -196,6 +199,7 @@ fn rr_latency(client: &Endpoint, server: &Endpoint, spin: bool) -> Result<(f64, 
 #[derive(Default)]
 struct Samples {
     tcp: Vec<f64>,
+    retransmits: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
     blocking_p50: Vec<f64>,
@@ -205,12 +209,13 @@ struct Samples {
 fn measure(label: &str, client: &Endpoint, server: &Endpoint, into: &mut Samples) -> Result<()> {
     let (p50, p99) = rr_latency(client, server, true)?;
     let (blocking_p50, _) = rr_latency(client, server, false)?;
-    let tcp = tcp_gbps(client, server)?;
+    let (tcp, retr) = tcp_gbps(client, server)?;
     let udp = udp_kpps(client, server)?;
     println!(
-        "  {label:<9} tcp {tcp:6.2} Gbit/s   rr p50 {p50:6.1} us  p99 {p99:6.1} us  (blocking p50 {blocking_p50:6.1} us)   udp64 {udp:7.1} kpps"
+        "  {label:<9} tcp {tcp:6.2} Gbit/s ({retr:5} retr)  rr p50 {p50:6.1} us  p99 {p99:6.1} us  (blocking p50 {blocking_p50:6.1} us)   udp64 {udp:7.1} kpps"
     );
     into.tcp.push(tcp);
+    into.retransmits.push(retr);
     into.p50.push(p50);
     into.p99.push(p99);
     into.blocking_p50.push(blocking_p50);
@@ -254,8 +259,10 @@ pub fn run(bins: &Path) -> Result<()> {
     drop(baseline.node);
 
     let row = |metric: &str, unit: &str, b: f64, o: f64, better: &str| {
+        // A ratio over a zero baseline is undefined: null rather than inf.
+        let ratio = if b > 0.0 { json!(round3(o / b)) } else { Value::Null };
         json!({"metric": metric, "unit": unit, "baseline": round3(b), "ours": round3(o),
-               "ratio": round3(o / b), "better": better})
+               "ratio": ratio, "better": better})
     };
     let results = vec![
         row("tcp_throughput_1_stream", "Gbit/s", median(&base.tcp), median(&ours.tcp), "higher"),
@@ -263,6 +270,7 @@ pub fn run(bins: &Path) -> Result<()> {
         row("tcp_rr_latency_p99", "us", median(&base.p99), median(&ours.p99), "lower"),
         row("tcp_rr_latency_p50_blocking", "us", median(&base.blocking_p50), median(&ours.blocking_p50), "lower"),
         row("udp_64b_packet_rate", "kpps", median(&base.udp), median(&ours.udp), "higher"),
+        row("tcp_retransmits_per_run", "segments", median(&base.retransmits), median(&ours.retransmits), "lower"),
     ];
     let (tput_row, p50_row) = (&results[0], &results[1]);
     let dir = crate::workspace_root().join("target/bench");

@@ -568,6 +568,47 @@ impl Agent {
         SlowPathReport { vswitch, port, programs }
     }
 
+    /// Restarts the vswitch if its port stopped serving (backend panic, interface trouble):
+    /// a new AF_XDP socket on the slow-path port, registered in place of the old one.
+    pub async fn heal_slowpath(&self) {
+        let failed = match self.slowpath.lock() {
+            Ok(mut p) => match p.as_ref() {
+                Some(port) if !port.is_serving() => p.take(),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        let Some(port) = failed else { return };
+        if let Err(e) = port.stop() {
+            log::warn!("vswitch stopped serving: {e}; restarting it");
+        }
+        let ifname = self.config.slowpath_vswitch_ifname.clone();
+        let gateway = GatewayConfig {
+            ip: self.config.gateway,
+            mac: self.config.gateway_mac,
+        };
+        match contiv_vswitch::spawn(&ifname, 0, BuiltinVswitch::new(gateway)) {
+            Ok(port) => {
+                let registered = self
+                    .inner
+                    .lock()
+                    .await
+                    .datapath
+                    .register_xsk(0, std::os::fd::AsFd::as_fd(&port));
+                match registered {
+                    Ok(()) => {
+                        log::info!("vswitch restarted on {ifname}");
+                        if let Ok(mut p) = self.slowpath.lock() {
+                            *p = Some(port);
+                        }
+                    }
+                    Err(e) => log::error!("registering the restarted vswitch: {e}"),
+                }
+            }
+            Err(e) => log::error!("restarting the vswitch on {ifname}: {e}"),
+        }
+    }
+
     /// Stops the vswitch. The pod datapath stays attached: pods keep talking while the
     /// agent is down or being upgraded.
     pub fn shutdown(&self) {

@@ -83,6 +83,20 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let agent = Agent::start(config).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = cluster::spawn(&link, node_name, stop_rx.clone());
+    let healer = agent.clone();
+    let mut heal_stop = stop_rx.clone();
+    background.push(tokio::spawn(async move {
+        loop {
+            let stopped = tokio::select! {
+                _ = heal_stop.wait_for(|v| *v) => true,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+            };
+            if stopped {
+                return;
+            }
+            healer.heal_slowpath().await;
+        }
+    }));
     let status_agent = agent.clone();
     let mut status_stop = stop_rx;
     background.push(tokio::spawn(async move {

@@ -248,6 +248,11 @@ async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, RawQuery(q): RawQue
                 return None;
             }
             loop {
+                // A broken watch ends before it emits anything more: otherwise an event
+                // racing the break could still reach the client.
+                if breaker.has_changed().unwrap_or(true) {
+                    return None;
+                }
                 changed.borrow_and_update();
                 let next = {
                     let c = shared.cluster.lock().expect("fake apiserver lock");
@@ -258,8 +263,9 @@ async fn handle(State(shared): State<Arc<Shared>>, uri: Uri, RawQuery(q): RawQue
                     return Some((Ok::<_, Infallible>(Bytes::from(line)), (rv, false)));
                 }
                 tokio::select! {
-                    r = changed.changed() => if r.is_err() { return None },
+                    biased;
                     _ = breaker.changed() => return None,
+                    r = changed.changed() => if r.is_err() { return None },
                 }
             }
         }

@@ -232,9 +232,11 @@ async fn fake_apiserver_410_gone_forces_relist_and_deletes_missing_objects() {
     assert!(env.api.delete_silently("Pod", "shop", "web-1"));
     assert!(env.api.delete_silently("Service", "shop", "web"));
     env.api.expire_history();
+    // Break first: an event delivered on the old stream would move the client's
+    // resourceVersion past the expiry and the re-watch would (rightly) not get 410.
+    env.api.break_watches();
     let p = pod("shop", "web-3", "10.1.0.33", "web");
     env.api.apply(p.clone());
-    env.api.break_watches();
     let (k, v) = expected(&p);
     wait_content(&env, "relist after 410", |c| {
         c.get(&k) == Some(&v)

@@ -117,7 +117,8 @@ fn main() -> Result<()> {
             // Tests that load the object directly (the vswitch's) find it where this builds it.
             build_ebpf()?;
             build_bins(false)?;
-            check(cargo().args(["test", "--workspace"]).args(&args))
+            // Run every test binary even if one fails, so one run shows every failure.
+            check(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(&args))
         }
         Task::Bench { which } => {
             setup::run()?;

@@ -35,7 +35,10 @@ pub enum DeleteOutcome {
 }
 
 /// Writes each object under its key, skipping values that are already stored.
-pub async fn apply(store: &Arc<dyn Store>, objects: &[ClusterObject]) -> Result<Vec<(String, ApplyOutcome)>, StoreError> {
+pub async fn apply(
+    store: &Arc<dyn Store>,
+    objects: &[ClusterObject],
+) -> Result<Vec<(String, ApplyOutcome)>, StoreError> {
     let mut out = Vec::with_capacity(objects.len());
     for obj in objects {
         let key = obj.key();
@@ -54,11 +57,18 @@ pub async fn apply(store: &Arc<dyn Store>, objects: &[ClusterObject]) -> Result<
 }
 
 /// Removes each object's key.
-pub async fn delete(store: &Arc<dyn Store>, objects: &[ObjectRef]) -> Result<Vec<(String, DeleteOutcome)>, StoreError> {
+pub async fn delete(
+    store: &Arc<dyn Store>,
+    objects: &[ObjectRef],
+) -> Result<Vec<(String, DeleteOutcome)>, StoreError> {
     let mut out = Vec::with_capacity(objects.len());
     for obj in objects {
         let key = obj.key();
-        let outcome = if store.delete(&key).await? { DeleteOutcome::Deleted } else { DeleteOutcome::NotFound };
+        let outcome = if store.delete(&key).await? {
+            DeleteOutcome::Deleted
+        } else {
+            DeleteOutcome::NotFound
+        };
         out.push((key, outcome));
     }
     Ok(out)

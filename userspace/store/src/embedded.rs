@@ -164,6 +164,18 @@ struct SnapshotKv {
     lease: LeaseId,
 }
 
+impl From<SnapshotKv> for KeyValue {
+    fn from(kv: SnapshotKv) -> Self {
+        KeyValue {
+            key: kv.key,
+            value: kv.value.into_bytes(),
+            mod_revision: kv.mod_revision,
+            create_revision: kv.create_revision,
+            lease: kv.lease,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     revision: Revision,
@@ -239,13 +251,7 @@ impl EmbeddedStore {
                     leases.insert(id, LeaseState { ttl, deadline_ms });
                 }
                 for kv in snap.kvs {
-                    let kv = KeyValue {
-                        key: kv.key,
-                        value: kv.value.into_bytes(),
-                        mod_revision: kv.mod_revision,
-                        create_revision: kv.create_revision,
-                        lease: kv.lease,
-                    };
+                    let kv = KeyValue::from(kv);
                     kvs.insert(kv.key.clone(), kv);
                 }
             }
@@ -441,13 +447,7 @@ impl State {
             .kvs
             .into_iter()
             .map(|kv| {
-                let kv = KeyValue {
-                    key: kv.key,
-                    value: kv.value.into_bytes(),
-                    mod_revision: kv.mod_revision,
-                    create_revision: kv.create_revision,
-                    lease: kv.lease,
-                };
+                let kv = KeyValue::from(kv);
                 (kv.key.clone(), kv)
             })
             .collect();

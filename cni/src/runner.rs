@@ -312,35 +312,12 @@ fn finish(r: Result<String, CniError>, version: &str) -> Outcome {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
 
     use contiv_cni_api::codes;
     use serde_json::{Value, json};
 
     use super::*;
-
-    /// A scratch directory removed on drop (pid + counter keeps parallel tests apart).
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "contiv-cni-unit-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn env_for(command: &str) -> HashMap<&'static str, String> {
         let mut m = HashMap::from([("CNI_COMMAND", command.to_owned())]);
@@ -537,8 +514,8 @@ mod tests {
 
     #[tokio::test]
     async fn missing_socket_is_code_11_and_status_50() {
-        let dir = TempDir::new();
-        let sock = dir.0.join("absent.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("absent.sock");
         let mut cfg = config("1.1.0", sock.to_str().unwrap());
         cfg["prevResult"] = json!({});
         cfg["cni.dev/valid-attachments"] = json!([]);
@@ -556,8 +533,8 @@ mod tests {
 
     #[tokio::test]
     async fn refused_socket_is_code_11() {
-        let dir = TempDir::new();
-        let sock = dir.0.join("stale.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("stale.sock");
         // Bind and close: the socket file stays, connecting is refused.
         drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
         assert!(sock.exists());
@@ -567,8 +544,8 @@ mod tests {
 
     #[tokio::test]
     async fn silent_agent_times_out_with_code_11() {
-        let dir = TempDir::new();
-        let sock = dir.0.join("silent.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("silent.sock");
         // Accepts connections (kernel backlog) but never speaks HTTP/2.
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let start = Instant::now();
@@ -584,8 +561,8 @@ mod tests {
 
     #[tokio::test]
     async fn silent_agent_status_is_code_50() {
-        let dir = TempDir::new();
-        let sock = dir.0.join("silent.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("silent.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         // STATUS is bounded by its own, shorter timeout, not the request timeout.
         let timeouts = Timeouts {

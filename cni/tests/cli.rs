@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,28 +20,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_contiv-cni");
 const SUPPORTED: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 // === test scaffolding ===
-
-/// A scratch directory removed on drop (pid + counter keeps parallel tests apart).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "contiv-cni-it-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// What one run of the binary produced.
 #[derive(Debug)]
@@ -121,8 +98,8 @@ fn config(version: &str, socket: &Path) -> Value {
 }
 
 /// A socket path nobody listens on.
-fn absent_socket(dir: &TempDir) -> PathBuf {
-    dir.0.join("no-agent.sock")
+fn absent_socket(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("no-agent.sock")
 }
 
 // === fake agent ===
@@ -196,13 +173,13 @@ struct FakeAgent {
     socket: PathBuf,
     seen: Arc<Mutex<Vec<Seen>>>,
     runtime: Option<tokio::runtime::Runtime>,
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl FakeAgent {
     fn start(script: Script) -> Self {
-        let dir = TempDir::new();
-        let socket = dir.0.join("cni.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cni.sock");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -365,7 +342,7 @@ fn cli_unknown_cni_command_is_code_4() {
 
 #[test]
 fn cli_add_names_each_missing_variable() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let cfg = config("1.1.0", &absent_socket(&dir)).to_string();
     for missing in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
         let env: Vec<_> = attachment_env("ADD")
@@ -383,7 +360,7 @@ fn cli_add_names_each_missing_variable() {
 
 #[test]
 fn cli_del_and_check_require_containerid_and_ifname() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let mut cfg = config("1.1.0", &absent_socket(&dir));
     cfg["prevResult"] = json!({});
     for cmd in ["DEL", "CHECK"] {
@@ -401,7 +378,7 @@ fn cli_del_and_check_require_containerid_and_ifname() {
 
 #[test]
 fn cli_del_does_not_require_netns() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let env: Vec<_> = attachment_env("DEL")
         .into_iter()
         .filter(|(k, _)| *k != "CNI_NETNS")
@@ -424,7 +401,7 @@ fn cli_undecodable_config_is_code_6() {
 
 #[test]
 fn cli_invalid_config_is_code_7() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let good = config("1.0.0", &absent_socket(&dir));
     let cases: Vec<(&str, Option<Value>)> = vec![
         ("name", None),
@@ -455,7 +432,7 @@ fn cli_invalid_config_is_code_7() {
 
 #[test]
 fn cli_unsupported_version_is_code_1_listing_supported() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let v = run_cni(
         &attachment_env("ADD"),
         &config("9.9.9", &absent_socket(&dir)).to_string(),
@@ -470,7 +447,7 @@ fn cli_unsupported_version_is_code_1_listing_supported() {
 
 #[test]
 fn cli_check_needs_0_4_0_status_and_gc_need_1_1_0() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let mut cfg = config("0.3.1", &absent_socket(&dir));
     cfg["prevResult"] = json!({});
     let v = run_cni(&attachment_env("CHECK"), &cfg.to_string()).error();
@@ -491,7 +468,7 @@ fn cli_check_needs_0_4_0_status_and_gc_need_1_1_0() {
 
 #[test]
 fn cli_unreachable_agent_is_code_11_and_status_50() {
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let mut cfg = config("1.1.0", &absent_socket(&dir));
     cfg["prevResult"] = json!({});
     cfg["cni.dev/valid-attachments"] = json!([]);

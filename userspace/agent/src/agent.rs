@@ -19,34 +19,12 @@ use crate::{
     state::{AttachmentKey, NodeState, PodAttachment},
 };
 
-/// A CNI error to hand back to the runtime (code per the CNI spec).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CniError {
-    pub code: u32,
-    pub msg: String,
-    pub details: String,
-}
+/// CNI errors go back to the runtime in-band (code per the CNI spec).
+pub use contiv_cni_api::CniError;
 
-impl CniError {
-    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
-        Self {
-            code,
-            msg: msg.into(),
-            details: details.into(),
-        }
-    }
-
-    fn internal(msg: impl Into<String>, err: impl std::fmt::Display) -> Self {
-        Self::new(codes::INTERNAL, msg, err.to_string())
-    }
-
-    pub fn to_proto(&self) -> v1::CniError {
-        v1::CniError {
-            code: self.code,
-            msg: self.msg.clone(),
-            details: self.details.clone(),
-        }
-    }
+/// Code 100 for a failure of the agent's own machinery.
+fn internal(msg: &str, err: impl std::fmt::Display) -> CniError {
+    CniError::internal(msg, err.to_string())
 }
 
 /// What the agent holds behind its lock.
@@ -305,7 +283,7 @@ impl Agent {
         let result = async {
             let link = podnet::create_pod_link(&inner.node, &spec)
                 .await
-                .map_err(|e| CniError::internal("wiring the pod interface", e))?;
+                .map_err(|e| internal("wiring the pod interface", e))?;
             attachment.host_ifindex = link.host_ifindex;
             attachment.host_mac = format_mac(&link.host_mac);
             attachment.pod_mac = format_mac(&link.pod_mac);
@@ -315,7 +293,7 @@ impl Agent {
                 .datapath
                 .add_pod(ep)
                 .and_then(|_| inner.datapath.attach_pod(&host_ifname))
-                .map_err(|e| CniError::internal("programming the datapath", e));
+                .map_err(|e| internal("programming the datapath", e));
             if let Err(e) = wired {
                 let _ = inner.datapath.remove_pod(ip, link.host_ifindex);
                 let _ = podnet::delete_link(&inner.node, &host_ifname).await;
@@ -409,10 +387,10 @@ impl Agent {
         // Best effort on every step, then report the first failure (netavark's teardown rule).
         let mut first_err = None;
         if let Err(e) = inner.datapath.remove_pod(a.ip, a.host_ifindex) {
-            first_err.get_or_insert(CniError::internal("removing the pod's map entries", e));
+            first_err.get_or_insert(internal("removing the pod's map entries", e));
         }
         if let Err(e) = podnet::delete_link(&inner.node, &a.host_ifname).await {
-            first_err.get_or_insert(CniError::internal("deleting the pod interface", e));
+            first_err.get_or_insert(internal("deleting the pod interface", e));
         }
         inner.datapath.forget_pod_link(&a.host_ifname);
         if first_err.is_none() {
@@ -462,14 +440,14 @@ impl Agent {
             Ok(Some(l)) if l.header.index == a.host_ifindex => {}
             _ => return Err(fail("host interface missing")),
         }
-        let counters = inner.datapath.pod_counters(a.ip).map_err(|e| CniError::internal("reading maps", e))?;
+        let counters = inner.datapath.pod_counters(a.ip).map_err(|e| internal("reading maps", e))?;
         if counters.is_none() {
             return Err(fail("datapath entries missing"));
         }
         drop(inner);
         let view = podnet::view_pod_side(Path::new(&a.netns), &a.ifname, self.config.gateway)
             .await
-            .map_err(|e| CniError::internal("inspecting the pod namespace", e))?
+            .map_err(|e| internal("inspecting the pod namespace", e))?
             .ok_or_else(|| fail("pod interface missing"))?;
         if Some(view.mac) != parse_mac(&a.pod_mac) {
             return Err(fail("pod interface MAC changed"));

@@ -5,6 +5,9 @@ pub mod v1 {
     tonic::include_proto!("contiv.cni.v1");
 }
 
+mod error;
+pub use error::CniError;
+
 /// Default path of the agent's CNI socket (mode 0600).
 pub const DEFAULT_SOCKET: &str = "/run/contiv/cni.sock";
 

@@ -104,33 +104,30 @@ fn gc_removes_attachments_not_listed_as_valid() {
 fn conflist_add(node: &Node, plugins: &[Value], id: &str, netns: &str) -> Value {
     let mut prev: Option<Value> = None;
     for p in plugins {
-        let mut conf = p.clone();
-        conf["cniVersion"] = json!("1.0.0");
-        conf["name"] = json!(node.network_name);
-        if let Some(prev) = &prev {
-            conf["prevResult"] = prev.clone();
-        }
-        let ty = conf["type"].as_str().unwrap().to_owned();
-        let plugin = plugin_path(&ty);
-        let env = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/usr/lib/cni")];
-        let out = invoke_plugin(&plugin, &env, &conf.to_string(), Some(node.ns.name()));
-        assert_eq!(out.exit_code, 0, "{ty} ADD failed: {} {}", out.stdout, out.stderr);
-        prev = Some(out.json());
+        prev = Some(invoke_in_chain(node, "ADD", p, id, netns, prev.as_ref()).json());
     }
     prev.unwrap()
+}
+
+/// One plugin of the list, given the list's name and version (and prevResult) as libcni does.
+fn invoke_in_chain(node: &Node, command: &str, plugin: &Value, id: &str, netns: &str, prev: Option<&Value>) -> contiv_tests::CniOutput {
+    let mut conf = plugin.clone();
+    conf["cniVersion"] = json!("1.0.0");
+    conf["name"] = json!(node.network_name);
+    if let Some(prev) = prev {
+        conf["prevResult"] = prev.clone();
+    }
+    let ty = conf["type"].as_str().unwrap().to_owned();
+    let env = [("CNI_COMMAND", command), ("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/usr/lib/cni")];
+    let out = invoke_plugin(&plugin_path(&ty), &env, &conf.to_string(), Some(node.ns.name()));
+    assert_eq!(out.exit_code, 0, "{ty} {command} failed: {} {}", out.stdout, out.stderr);
+    out
 }
 
 fn conflist_run(node: &Node, command: &str, plugins: &[Value], id: &str, netns: &str, result: &Value) {
     let order: Vec<&Value> = if command == "DEL" { plugins.iter().rev().collect() } else { plugins.iter().collect() };
     for p in order {
-        let mut conf = p.clone();
-        conf["cniVersion"] = json!("1.0.0");
-        conf["name"] = json!(node.network_name);
-        conf["prevResult"] = result.clone();
-        let ty = conf["type"].as_str().unwrap().to_owned();
-        let env = [("CNI_COMMAND", command), ("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/usr/lib/cni")];
-        let out = invoke_plugin(&plugin_path(&ty), &env, &conf.to_string(), Some(node.ns.name()));
-        assert_eq!(out.exit_code, 0, "{ty} {command} failed: {} {}", out.stdout, out.stderr);
+        invoke_in_chain(node, command, p, id, netns, Some(result));
     }
 }
 

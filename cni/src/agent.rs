@@ -23,11 +23,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(3),
-            request: Duration::from_secs(60),
-            status: Duration::from_secs(10),
-        }
+        Self { connect: Duration::from_secs(3), request: Duration::from_secs(60), status: Duration::from_secs(10) }
     }
 }
 
@@ -71,10 +67,7 @@ pub struct Agent {
 impl Agent {
     /// Connects to the agent's unix socket at `socket`.
     pub async fn connect(socket: &Path, timeouts: Timeouts) -> Result<Self, AgentError> {
-        let unreachable = |reason: String| AgentError::Unreachable {
-            socket: socket.to_path_buf(),
-            reason,
-        };
+        let unreachable = |reason: String| AgentError::Unreachable { socket: socket.to_path_buf(), reason };
         // The URI is never resolved: the connector below always dials the socket.
         let endpoint = Endpoint::from_static("http://contiv-agent.invalid")
             .connect_timeout(timeouts.connect)
@@ -86,18 +79,12 @@ impl Agent {
         }));
         let channel = match tokio::time::timeout(timeouts.connect, connect).await {
             Err(_) => {
-                return Err(unreachable(format!(
-                    "no connection within {:?}",
-                    timeouts.connect
-                )));
+                return Err(unreachable(format!("no connection within {:?}", timeouts.connect)));
             }
             Ok(Err(e)) => return Err(unreachable(error_chain(&e))),
             Ok(Ok(channel)) => channel,
         };
-        Ok(Self {
-            client: CniClient::new(channel),
-            request_timeout: timeouts.request,
-        })
+        Ok(Self { client: CniClient::new(channel), request_timeout: timeouts.request })
     }
 
     pub async fn add(
@@ -132,10 +119,7 @@ impl Agent {
         call(timeout, self.client.status(req)).await
     }
 
-    pub async fn gc(
-        &mut self,
-        req: contiv_cni_api::v1::GcRequest,
-    ) -> Result<contiv_cni_api::v1::GcReply, AgentError> {
+    pub async fn gc(&mut self, req: contiv_cni_api::v1::GcRequest) -> Result<contiv_cni_api::v1::GcReply, AgentError> {
         let timeout = self.request_timeout;
         call(timeout, self.client.gc(req)).await
     }
@@ -147,9 +131,7 @@ async fn call<T>(
 ) -> Result<T, AgentError> {
     match tokio::time::timeout(timeout, fut).await {
         Err(_) => Err(AgentError::Timeout(timeout)),
-        Ok(Err(status))
-            if status.code() == tonic::Code::Cancelled && is_timeout_status(&status) =>
-        {
+        Ok(Err(status)) if status.code() == tonic::Code::Cancelled && is_timeout_status(&status) => {
             Err(AgentError::Timeout(timeout))
         }
         Ok(Err(status)) => Err(AgentError::Rpc(status)),

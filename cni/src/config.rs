@@ -107,11 +107,7 @@ pub struct NetworkConfig {
 pub fn reply_version(stdin: &[u8]) -> &'static str {
     serde_json::from_slice::<Value>(stdin)
         .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .and_then(CniVersion::parse)
-        })
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).and_then(CniVersion::parse))
         .map_or(DEFAULT_VERSION, CniVersion::as_str)
 }
 
@@ -139,10 +135,7 @@ fn decode_object(stdin: &[u8]) -> Result<Map<String, Value>, CniError> {
             "error decoding network config",
             format!("expected a JSON object, got {}", json_kind(&other)),
         )),
-        Err(e) => Err(CniError::decode_failure(
-            "error decoding network config",
-            e.to_string(),
-        )),
+        Err(e) => Err(CniError::decode_failure("error decoding network config", e.to_string())),
     }
 }
 
@@ -169,10 +162,7 @@ pub fn parse(stdin: &[u8]) -> Result<NetworkConfig, CniError> {
     let cni_version = CniVersion::parse(version_str).ok_or_else(|| {
         CniError::incompatible_version(
             "incompatible CNI versions",
-            format!(
-                "config is {version_str:?}, plugin supports [{}]",
-                SUPPORTED_VERSIONS.join(", ")
-            ),
+            format!("config is {version_str:?}, plugin supports [{}]", SUPPORTED_VERSIONS.join(", ")),
         )
     })?;
 
@@ -180,27 +170,19 @@ pub fn parse(stdin: &[u8]) -> Result<NetworkConfig, CniError> {
     if !is_valid_network_name(name) {
         return Err(invalid(
             "invalid network name",
-            format!(
-                "{name:?}: must start with an alphanumeric character, followed by alphanumerics, '_', '.' or '-'"
-            ),
+            format!("{name:?}: must start with an alphanumeric character, followed by alphanumerics, '_', '.' or '-'"),
         ));
     }
     let plugin_type = required_string(&obj, "type")?;
     if plugin_type.contains(['/', '\\']) {
-        return Err(invalid(
-            "invalid plugin type",
-            format!("{plugin_type:?} must not contain '/' or '\\'"),
-        ));
+        return Err(invalid("invalid plugin type", format!("{plugin_type:?} must not contain '/' or '\\'")));
     }
 
     let agent_socket = match obj.get("agentSocket") {
         None | Some(Value::Null) => PathBuf::from(contiv_cni_api::DEFAULT_SOCKET),
         Some(Value::String(s)) => validate_socket_path(s)?,
         Some(other) => {
-            return Err(invalid(
-                "invalid agentSocket",
-                format!("must be a string, got {}", json_kind(other)),
-            ));
+            return Err(invalid("invalid agentSocket", format!("must be a string, got {}", json_kind(other))));
         }
     };
 
@@ -219,10 +201,7 @@ pub fn parse(stdin: &[u8]) -> Result<NetworkConfig, CniError> {
         if let Some(v) = obj.get(key)
             && !(v.is_object() || v.is_null())
         {
-            return Err(invalid(
-                format!("invalid {key}"),
-                format!("must be an object, got {}", json_kind(v)),
-            ));
+            return Err(invalid(format!("invalid {key}"), format!("must be an object, got {}", json_kind(v))));
         }
     }
 
@@ -230,10 +209,7 @@ pub fn parse(stdin: &[u8]) -> Result<NetworkConfig, CniError> {
         None | Some(Value::Null) => None,
         Some(v @ Value::Object(_)) => Some(v.clone()),
         Some(other) => {
-            return Err(invalid(
-                "invalid prevResult",
-                format!("must be an object, got {}", json_kind(other)),
-            ));
+            return Err(invalid("invalid prevResult", format!("must be an object, got {}", json_kind(other))));
         }
     };
 
@@ -259,10 +235,7 @@ fn required_string<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str
         Some(Value::String(s)) if !s.is_empty() => Ok(s),
         Some(Value::String(_)) => Err(invalid(format!("{key} must not be empty"), "")),
         None | Some(Value::Null) => Err(invalid(format!("missing {key}"), "")),
-        Some(other) => Err(invalid(
-            format!("invalid {key}"),
-            format!("must be a string, got {}", json_kind(other)),
-        )),
+        Some(other) => Err(invalid(format!("invalid {key}"), format!("must be a string, got {}", json_kind(other)))),
     }
 }
 
@@ -295,31 +268,19 @@ fn validate_mtu(v: &Value) -> Result<u32, CniError> {
     v.as_u64()
         .filter(|m| (68..=65535).contains(m))
         .and_then(|m| u32::try_from(m).ok())
-        .ok_or_else(|| {
-            invalid(
-                "invalid mtu",
-                format!("must be an integer in 68..=65535, got {v}"),
-            )
-        })
+        .ok_or_else(|| invalid("invalid mtu", format!("must be an integer in 68..=65535, got {v}")))
 }
 
 fn validate_dns(v: &Value) -> Result<(), CniError> {
-    let obj = v.as_object().ok_or_else(|| {
-        invalid(
-            "invalid dns",
-            format!("must be an object, got {}", json_kind(v)),
-        )
-    })?;
+    let obj =
+        v.as_object().ok_or_else(|| invalid("invalid dns", format!("must be an object, got {}", json_kind(v))))?;
     for key in ["nameservers", "search", "options"] {
         match obj.get(key) {
             None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {
                 for item in items {
                     let s = item.as_str().ok_or_else(|| {
-                        invalid(
-                            format!("invalid dns.{key}"),
-                            format!("entries must be strings, got {item}"),
-                        )
+                        invalid(format!("invalid dns.{key}"), format!("entries must be strings, got {item}"))
                     })?;
                     if key == "nameservers" && s.parse::<IpAddr>().is_err() {
                         return Err(invalid(
@@ -339,18 +300,13 @@ fn validate_dns(v: &Value) -> Result<(), CniError> {
     }
     match obj.get("domain") {
         None | Some(Value::Null | Value::String(_)) => Ok(()),
-        Some(other) => Err(invalid(
-            "invalid dns.domain",
-            format!("must be a string, got {}", json_kind(other)),
-        )),
+        Some(other) => Err(invalid("invalid dns.domain", format!("must be a string, got {}", json_kind(other)))),
     }
 }
 
 fn parse_valid_attachments(v: &Value) -> Result<Vec<ValidAttachment>, CniError> {
     let bad = |details: String| invalid(format!("invalid {VALID_ATTACHMENTS_KEY}"), details);
-    let items = v
-        .as_array()
-        .ok_or_else(|| bad(format!("must be a list, got {}", json_kind(v))))?;
+    let items = v.as_array().ok_or_else(|| bad(format!("must be a list, got {}", json_kind(v))))?;
     items
         .iter()
         .enumerate()
@@ -362,10 +318,7 @@ fn parse_valid_attachments(v: &Value) -> Result<Vec<ValidAttachment>, CniError> 
                     .map(str::to_owned)
                     .ok_or_else(|| bad(format!("entry {i}: {key} must be a non-empty string")))
             };
-            Ok(ValidAttachment {
-                container_id: field("containerID")?,
-                ifname: field("ifname")?,
-            })
+            Ok(ValidAttachment { container_id: field("containerID")?, ifname: field("ifname")? })
         })
         .collect()
 }
@@ -402,14 +355,8 @@ mod tests {
         assert_eq!(c.cni_version, CniVersion::V1_1_0);
         assert_eq!(c.name, "contiv");
         assert_eq!(c.plugin_type, "contiv-cni");
-        assert_eq!(
-            c.agent_socket,
-            PathBuf::from(contiv_cni_api::DEFAULT_SOCKET)
-        );
-        assert_eq!(
-            (c.mtu, c.prev_result, c.valid_attachments),
-            (None, None, None)
-        );
+        assert_eq!(c.agent_socket, PathBuf::from(contiv_cni_api::DEFAULT_SOCKET));
+        assert_eq!((c.mtu, c.prev_result, c.valid_attachments), (None, None, None));
     }
 
     #[test]
@@ -436,12 +383,7 @@ mod tests {
     fn undecodable_json_is_code_6() {
         for bad in [&b"{bad"[..], b"", b"[1,2]", b"\"x\""] {
             let e = parse(bad).unwrap_err();
-            assert_eq!(
-                e.code,
-                codes::DECODE_FAILURE,
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            assert_eq!(e.code, codes::DECODE_FAILURE, "{:?}", String::from_utf8_lossy(bad));
         }
     }
 
@@ -458,16 +400,8 @@ mod tests {
 
     #[test]
     fn bad_name_and_type_are_code_7() {
-        for cfg in [
-            with("name", json!("-x")),
-            with("name", json!("a/b")),
-            with("type", json!("../contiv-cni")),
-        ] {
-            assert_eq!(
-                parse_json(cfg.clone()).unwrap_err().code,
-                codes::INVALID_CONFIG,
-                "{cfg}"
-            );
+        for cfg in [with("name", json!("-x")), with("name", json!("a/b")), with("type", json!("../contiv-cni"))] {
+            assert_eq!(parse_json(cfg.clone()).unwrap_err().code, codes::INVALID_CONFIG, "{cfg}");
         }
     }
 
@@ -485,43 +419,19 @@ mod tests {
     #[test]
     fn bad_agent_socket_is_code_7() {
         let long = format!("/{}", "x".repeat(200));
-        for v in [
-            json!(""),
-            json!("relative.sock"),
-            json!(5),
-            json!(long),
-            json!("/a\u{0}b"),
-        ] {
+        for v in [json!(""), json!("relative.sock"), json!(5), json!(long), json!("/a\u{0}b")] {
             let e = parse_json(with("agentSocket", v.clone())).unwrap_err();
-            assert_eq!(
-                (e.code, e.msg.as_str()),
-                (codes::INVALID_CONFIG, "invalid agentSocket"),
-                "{v}"
-            );
+            assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_CONFIG, "invalid agentSocket"), "{v}");
         }
     }
 
     #[test]
     fn bad_mtu_is_code_7() {
-        for v in [
-            json!("1500"),
-            json!(-1),
-            json!(0),
-            json!(67),
-            json!(70000),
-            json!(1500.5),
-        ] {
+        for v in [json!("1500"), json!(-1), json!(0), json!(67), json!(70000), json!(1500.5)] {
             let e = parse_json(with("mtu", v.clone())).unwrap_err();
-            assert_eq!(
-                (e.code, e.msg.as_str()),
-                (codes::INVALID_CONFIG, "invalid mtu"),
-                "{v}"
-            );
+            assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_CONFIG, "invalid mtu"), "{v}");
         }
-        assert_eq!(
-            parse_json(with("mtu", json!(9000))).unwrap().mtu,
-            Some(9000)
-        );
+        assert_eq!(parse_json(with("mtu", json!(9000))).unwrap().mtu, Some(9000));
     }
 
     #[test]
@@ -548,10 +458,7 @@ mod tests {
             ("args", json!(1)),
             (VALID_ATTACHMENTS_KEY, json!({})),
             (VALID_ATTACHMENTS_KEY, json!([{"containerID": "a"}])),
-            (
-                VALID_ATTACHMENTS_KEY,
-                json!([{"containerID": 1, "ifname": "eth0"}]),
-            ),
+            (VALID_ATTACHMENTS_KEY, json!([{"containerID": 1, "ifname": "eth0"}])),
         ] {
             let e = parse_json(with(k, v.clone())).unwrap_err();
             assert_eq!(e.code, codes::INVALID_CONFIG, "{k}: {v}");
@@ -568,14 +475,8 @@ mod tests {
         assert_eq!(
             c.valid_attachments.unwrap(),
             vec![
-                ValidAttachment {
-                    container_id: "a".into(),
-                    ifname: "eth0".into()
-                },
-                ValidAttachment {
-                    container_id: "b".into(),
-                    ifname: "net1".into()
-                },
+                ValidAttachment { container_id: "a".into(), ifname: "eth0".into() },
+                ValidAttachment { container_id: "b".into(), ifname: "net1".into() },
             ]
         );
     }
@@ -591,14 +492,8 @@ mod tests {
     fn requested_version_echoes_input() {
         assert_eq!(requested_version(b"").unwrap(), "1.1.0");
         assert_eq!(requested_version(b"{}").unwrap(), "1.1.0");
-        assert_eq!(
-            requested_version(br#"{"cniVersion":"0.4.0"}"#).unwrap(),
-            "0.4.0"
-        );
-        assert_eq!(
-            requested_version(b"{bad").unwrap_err().code,
-            codes::DECODE_FAILURE
-        );
+        assert_eq!(requested_version(br#"{"cniVersion":"0.4.0"}"#).unwrap(), "0.4.0");
+        assert_eq!(requested_version(b"{bad").unwrap_err().code, codes::DECODE_FAILURE);
     }
 
     #[test]
@@ -606,9 +501,7 @@ mod tests {
         assert!(!CniVersion::V0_3_1.has_check() && CniVersion::V0_4_0.has_check());
         assert!(!CniVersion::V1_0_0.has_status_and_gc() && CniVersion::V1_1_0.has_status_and_gc());
         assert!(CniVersion::V0_4_0.ips_carry_version() && !CniVersion::V1_0_0.ips_carry_version());
-        assert!(
-            !CniVersion::V1_0_0.interfaces_carry_mtu() && CniVersion::V1_1_0.interfaces_carry_mtu()
-        );
+        assert!(!CniVersion::V1_0_0.interfaces_carry_mtu() && CniVersion::V1_1_0.interfaces_carry_mtu());
         for s in SUPPORTED_VERSIONS {
             assert_eq!(CniVersion::parse(s).unwrap().as_str(), s);
         }

@@ -108,10 +108,7 @@ pub fn read(env: &dyn Env) -> Result<CniEnv, CniError> {
     let get = |name: &str| env.var(name).unwrap_or_default();
     let command_raw = get("CNI_COMMAND");
     if command_raw.is_empty() {
-        return Err(CniError::invalid_env(
-            "required env variables [CNI_COMMAND] missing",
-            "",
-        ));
+        return Err(CniError::invalid_env("required env variables [CNI_COMMAND] missing", ""));
     }
     let command = Command::parse(&command_raw).ok_or_else(|| {
         CniError::invalid_env(
@@ -165,9 +162,7 @@ fn validate_container_id(id: &str) -> Result<(), CniError> {
     } else {
         Err(CniError::invalid_env(
             "invalid CNI_CONTAINERID",
-            format!(
-                "{id:?}: must start with an alphanumeric character, followed by alphanumerics, '_', '.' or '-'"
-            ),
+            format!("{id:?}: must start with an alphanumeric character, followed by alphanumerics, '_', '.' or '-'"),
         ))
     }
 }
@@ -178,17 +173,13 @@ fn validate_ifname(name: &str) -> Result<(), CniError> {
     let ok = name.len() < IFNAMSIZ
         && name != "."
         && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
     if ok {
         Ok(())
     } else {
         Err(CniError::invalid_env(
             "invalid CNI_IFNAME",
-            format!(
-                "{name:?}: must be at most 15 bytes, not '.' or '..', without '/', ':' or whitespace"
-            ),
+            format!("{name:?}: must be at most 15 bytes, not '.' or '..', without '/', ':' or whitespace"),
         ))
     }
 }
@@ -223,52 +214,32 @@ mod tests {
         for v in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
             assert!(e.msg.contains(v), "{v} not in {e}");
         }
-        let e = read(&env(&[
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "c1"),
-            ("CNI_IFNAME", "eth0"),
-        ]))
-        .unwrap_err();
+        let e = read(&env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")])).unwrap_err();
         assert_eq!(e.msg, "required env variables [CNI_NETNS] missing");
     }
 
     #[test]
     fn empty_variable_counts_as_missing() {
-        let e = read(&env(&[
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "c1"),
-            ("CNI_NETNS", ""),
-            ("CNI_IFNAME", "eth0"),
-        ]))
-        .unwrap_err();
+        let e =
+            read(&env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_NETNS", ""), ("CNI_IFNAME", "eth0")]))
+                .unwrap_err();
         assert!(e.msg.contains("CNI_NETNS"), "{e}");
     }
 
     #[test]
     fn del_does_not_require_netns() {
-        let e = read(&env(&[
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", "c1"),
-            ("CNI_IFNAME", "eth0"),
-        ]))
-        .unwrap();
+        let e = read(&env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")])).unwrap();
         assert_eq!(e.command, Command::Del);
         assert_eq!(e.netns, "");
         let e = read(&env(&[("CNI_COMMAND", "DEL"), ("CNI_IFNAME", "eth0")])).unwrap_err();
         assert_eq!(e.code, codes::INVALID_ENV);
-        assert!(
-            e.msg.contains("CNI_CONTAINERID") && !e.msg.contains("CNI_NETNS"),
-            "{e}"
-        );
+        assert!(e.msg.contains("CNI_CONTAINERID") && !e.msg.contains("CNI_NETNS"), "{e}");
     }
 
     #[test]
     fn check_requires_netns_like_add() {
         let e = read(&env(&[("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "c1")])).unwrap_err();
-        assert!(
-            e.msg.contains("CNI_NETNS") && e.msg.contains("CNI_IFNAME"),
-            "{e}"
-        );
+        assert!(e.msg.contains("CNI_NETNS") && e.msg.contains("CNI_IFNAME"), "{e}");
     }
 
     #[test]
@@ -286,19 +257,12 @@ mod tests {
         m.insert("CNI_CONTAINERID", "-bad");
         m.insert("CNI_IFNAME", "eth0");
         let e = read(&m).unwrap_err();
-        assert_eq!(
-            (e.code, e.msg.as_str()),
-            (codes::INVALID_ENV, "invalid CNI_CONTAINERID")
-        );
+        assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_ENV, "invalid CNI_CONTAINERID"));
         m.insert("CNI_CONTAINERID", "abc_1.2-3");
         for bad in ["a/b", "a:b", "a b", ".", "..", "sixteen-chars-xx"] {
             m.insert("CNI_IFNAME", bad);
             let e = read(&m).unwrap_err();
-            assert_eq!(
-                (e.code, e.msg.as_str()),
-                (codes::INVALID_ENV, "invalid CNI_IFNAME"),
-                "{bad}"
-            );
+            assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_ENV, "invalid CNI_IFNAME"), "{bad}");
         }
         m.insert("CNI_IFNAME", "fifteen-chars-x");
         let ok = read(&m).unwrap();

@@ -73,10 +73,7 @@ pub struct Dns {
 
 impl Dns {
     pub fn is_empty(&self) -> bool {
-        self.nameservers.is_empty()
-            && self.domain.is_empty()
-            && self.search.is_empty()
-            && self.options.is_empty()
+        self.nameservers.is_empty() && self.domain.is_empty() && self.search.is_empty() && self.options.is_empty()
     }
 }
 
@@ -118,32 +115,20 @@ pub fn parse_prev_result(v: &Value) -> Result<AddResult, CniError> {
     let r: AddResult = serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?;
     for ip in &r.ips {
         if parse_cidr(&ip.address).is_none() {
-            return Err(bad(format!(
-                "ips: {:?} is not an address in CIDR notation",
-                ip.address
-            )));
+            return Err(bad(format!("ips: {:?} is not an address in CIDR notation", ip.address)));
         }
         if !ip.gateway.is_empty() && ip.gateway.parse::<IpAddr>().is_err() {
-            return Err(bad(format!(
-                "ips: gateway {:?} is not an IP address",
-                ip.gateway
-            )));
+            return Err(bad(format!("ips: gateway {:?} is not an IP address", ip.gateway)));
         }
         if let Some(i) = ip.interface
             && i as usize >= r.interfaces.len()
         {
-            return Err(bad(format!(
-                "ips: interface index {i} out of range ({} interfaces)",
-                r.interfaces.len()
-            )));
+            return Err(bad(format!("ips: interface index {i} out of range ({} interfaces)", r.interfaces.len())));
         }
     }
     for route in &r.routes {
         if parse_cidr(&route.dst).is_none() {
-            return Err(bad(format!(
-                "routes: dst {:?} is not in CIDR notation",
-                route.dst
-            )));
+            return Err(bad(format!("routes: dst {:?} is not in CIDR notation", route.dst)));
         }
     }
     Ok(r)
@@ -155,11 +140,7 @@ pub fn parse_prev_result(v: &Value) -> Result<AddResult, CniError> {
 /// plugin to output that result with its own changes: the agent's interfaces, ips and routes are
 /// appended (ips re-indexed past the earlier interfaces) and its DNS replaces the earlier one
 /// unless it is empty. An inconsistent reply (bad address, index out of range) is code 100.
-pub fn add_result(
-    version: CniVersion,
-    reply: &v1::AddReply,
-    prev: Option<AddResult>,
-) -> Result<AddResult, CniError> {
+pub fn add_result(version: CniVersion, reply: &v1::AddReply, prev: Option<AddResult>) -> Result<AddResult, CniError> {
     let bad = |details: String| CniError::internal("agent returned an invalid result", details);
     let mut out = prev.unwrap_or(AddResult {
         cni_version: String::new(),
@@ -172,17 +153,10 @@ pub fn add_result(
     let offset = out.interfaces.len();
 
     for ip in &reply.ips {
-        let (addr, _) = parse_cidr(&ip.address).ok_or_else(|| {
-            bad(format!(
-                "{:?} is not an address in CIDR notation",
-                ip.address
-            ))
-        })?;
+        let (addr, _) = parse_cidr(&ip.address)
+            .ok_or_else(|| bad(format!("{:?} is not an address in CIDR notation", ip.address)))?;
         if !ip.gateway.is_empty() && ip.gateway.parse::<IpAddr>().is_err() {
-            return Err(bad(format!(
-                "gateway {:?} is not an IP address",
-                ip.gateway
-            )));
+            return Err(bad(format!("gateway {:?} is not an IP address", ip.gateway)));
         }
         if ip.interface as usize >= reply.interfaces.len() {
             return Err(bad(format!(
@@ -192,12 +166,9 @@ pub fn add_result(
                 reply.interfaces.len()
             )));
         }
-        let index = u32::try_from(offset + ip.interface as usize)
-            .map_err(|_| bad("too many interfaces".to_owned()))?;
+        let index = u32::try_from(offset + ip.interface as usize).map_err(|_| bad("too many interfaces".to_owned()))?;
         out.ips.push(IpConfig {
-            version: version
-                .ips_carry_version()
-                .then(|| if addr.is_ipv4() { "4" } else { "6" }.to_owned()),
+            version: version.ips_carry_version().then(|| if addr.is_ipv4() { "4" } else { "6" }.to_owned()),
             interface: Some(index),
             address: ip.address.clone(),
             gateway: ip.gateway.clone(),
@@ -206,19 +177,12 @@ pub fn add_result(
     }
     for route in &reply.routes {
         if parse_cidr(&route.dst).is_none() {
-            return Err(bad(format!(
-                "route dst {:?} is not in CIDR notation",
-                route.dst
-            )));
+            return Err(bad(format!("route dst {:?} is not in CIDR notation", route.dst)));
         }
         if !route.gw.is_empty() && route.gw.parse::<IpAddr>().is_err() {
             return Err(bad(format!("route gw {:?} is not an IP address", route.gw)));
         }
-        out.routes.push(Route {
-            dst: route.dst.clone(),
-            gw: route.gw.clone(),
-            other: Map::new(),
-        });
+        out.routes.push(Route { dst: route.dst.clone(), gw: route.gw.clone(), other: Map::new() });
     }
     for iface in &reply.interfaces {
         if iface.name.is_empty() {
@@ -271,26 +235,12 @@ mod tests {
                 },
             ],
             ips: vec![
-                v1::IpConfig {
-                    address: "10.1.1.2/32".into(),
-                    gateway: "10.1.1.1".into(),
-                    interface: 1,
-                },
-                v1::IpConfig {
-                    address: "fd00::2/128".into(),
-                    gateway: String::new(),
-                    interface: 1,
-                },
+                v1::IpConfig { address: "10.1.1.2/32".into(), gateway: "10.1.1.1".into(), interface: 1 },
+                v1::IpConfig { address: "fd00::2/128".into(), gateway: String::new(), interface: 1 },
             ],
             routes: vec![
-                v1::Route {
-                    dst: "0.0.0.0/0".into(),
-                    gw: "10.1.1.1".into(),
-                },
-                v1::Route {
-                    dst: "::/0".into(),
-                    gw: String::new(),
-                },
+                v1::Route { dst: "0.0.0.0/0".into(), gw: "10.1.1.1".into() },
+                v1::Route { dst: "::/0".into(), gw: String::new() },
             ],
             dns: Some(v1::Dns {
                 nameservers: vec!["10.96.0.10".into()],
@@ -316,8 +266,7 @@ mod tests {
             ips[0]["version"] = json!("4");
             ips[1]["version"] = json!("6");
         }
-        let mut eth0 =
-            json!({"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": "/run/netns/pod1"});
+        let mut eth0 = json!({"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": "/run/netns/pod1"});
         if with_mtu {
             eth0["mtu"] = json!(1450);
         }
@@ -332,52 +281,31 @@ mod tests {
 
     #[test]
     fn result_0_3_x_has_ip_versions_and_no_mtu() {
-        assert_eq!(
-            render(CniVersion::V0_3_1, &sample_reply()),
-            expected("0.3.1", true, false)
-        );
-        assert_eq!(
-            render(CniVersion::V0_3_0, &sample_reply()),
-            expected("0.3.0", true, false)
-        );
+        assert_eq!(render(CniVersion::V0_3_1, &sample_reply()), expected("0.3.1", true, false));
+        assert_eq!(render(CniVersion::V0_3_0, &sample_reply()), expected("0.3.0", true, false));
     }
 
     #[test]
     fn result_0_4_0_has_ip_versions_and_no_mtu() {
-        assert_eq!(
-            render(CniVersion::V0_4_0, &sample_reply()),
-            expected("0.4.0", true, false)
-        );
+        assert_eq!(render(CniVersion::V0_4_0, &sample_reply()), expected("0.4.0", true, false));
     }
 
     #[test]
     fn result_1_0_0_has_neither_ip_versions_nor_mtu() {
-        assert_eq!(
-            render(CniVersion::V1_0_0, &sample_reply()),
-            expected("1.0.0", false, false)
-        );
+        assert_eq!(render(CniVersion::V1_0_0, &sample_reply()), expected("1.0.0", false, false));
     }
 
     #[test]
     fn result_1_1_0_has_interface_mtu_and_no_ip_versions() {
-        assert_eq!(
-            render(CniVersion::V1_1_0, &sample_reply()),
-            expected("1.1.0", false, true)
-        );
+        assert_eq!(render(CniVersion::V1_1_0, &sample_reply()), expected("1.1.0", false, true));
     }
 
     #[test]
     fn result_field_order_is_conventional() {
-        let json = add_result(CniVersion::V1_1_0, &sample_reply(), None)
-            .unwrap()
-            .to_json();
+        let json = add_result(CniVersion::V1_1_0, &sample_reply(), None).unwrap().to_json();
         let pos = |k: &str| json.find(&format!("\"{k}\":")).unwrap();
         assert!(pos("cniVersion") < pos("interfaces"));
-        assert!(
-            pos("interfaces") < pos("ips")
-                && pos("ips") < pos("routes")
-                && pos("routes") < pos("dns")
-        );
+        assert!(pos("interfaces") < pos("ips") && pos("ips") < pos("routes") && pos("routes") < pos("dns"));
     }
 
     #[test]
@@ -390,22 +318,13 @@ mod tests {
     fn inconsistent_reply_is_code_100() {
         let mut r = sample_reply();
         r.ips[0].interface = 2;
-        assert_eq!(
-            add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code,
-            codes::INTERNAL
-        );
+        assert_eq!(add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code, codes::INTERNAL);
         let mut r = sample_reply();
         r.ips[0].address = "10.1.1.2".into();
-        assert_eq!(
-            add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code,
-            codes::INTERNAL
-        );
+        assert_eq!(add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code, codes::INTERNAL);
         let mut r = sample_reply();
         r.routes[0].dst = "default".into();
-        assert_eq!(
-            add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code,
-            codes::INTERNAL
-        );
+        assert_eq!(add_result(CniVersion::V1_0_0, &r, None).unwrap_err().code, codes::INTERNAL);
     }
 
     #[test]
@@ -420,36 +339,16 @@ mod tests {
         .unwrap();
         let mut reply = sample_reply();
         reply.dns = None;
-        let v: Value = serde_json::from_str(
-            &add_result(CniVersion::V1_1_0, &reply, Some(prev))
-                .unwrap()
-                .to_json(),
-        )
-        .unwrap();
+        let v: Value =
+            serde_json::from_str(&add_result(CniVersion::V1_1_0, &reply, Some(prev)).unwrap().to_json()).unwrap();
         assert_eq!(v["interfaces"].as_array().unwrap().len(), 3);
-        assert_eq!(
-            v["interfaces"][0]["socketPath"], "/run/x.sock",
-            "unknown fields kept"
-        );
+        assert_eq!(v["interfaces"][0]["socketPath"], "/run/x.sock", "unknown fields kept");
         assert_eq!(v["interfaces"][2]["name"], "eth0");
-        assert_eq!(
-            v["ips"][0],
-            json!({"interface": 0, "address": "192.168.0.2/24"})
-        );
-        assert_eq!(
-            v["ips"][1]["interface"], 2,
-            "our ips re-indexed past earlier interfaces"
-        );
-        assert_eq!(
-            v["routes"][0],
-            json!({"dst": "192.168.1.0/24", "table": 100})
-        );
+        assert_eq!(v["ips"][0], json!({"interface": 0, "address": "192.168.0.2/24"}));
+        assert_eq!(v["ips"][1]["interface"], 2, "our ips re-indexed past earlier interfaces");
+        assert_eq!(v["routes"][0], json!({"dst": "192.168.1.0/24", "table": 100}));
         assert_eq!(v["routes"].as_array().unwrap().len(), 3);
-        assert_eq!(
-            v["dns"],
-            json!({"nameservers": ["1.1.1.1"]}),
-            "empty agent DNS keeps earlier DNS"
-        );
+        assert_eq!(v["dns"], json!({"nameservers": ["1.1.1.1"]}), "empty agent DNS keeps earlier DNS");
     }
 
     #[test]
@@ -462,11 +361,7 @@ mod tests {
             json!({"ips": [{"address": "10.0.0.1/24", "gateway": "x"}]}),
             json!({"routes": [{"gw": "10.0.0.1"}]}),
         ] {
-            assert_eq!(
-                parse_prev_result(&bad).unwrap_err().code,
-                codes::INVALID_CONFIG,
-                "{bad}"
-            );
+            assert_eq!(parse_prev_result(&bad).unwrap_err().code, codes::INVALID_CONFIG, "{bad}");
         }
         parse_prev_result(&json!({})).unwrap();
     }

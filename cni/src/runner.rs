@@ -28,19 +28,11 @@ pub struct Outcome {
 
 impl Outcome {
     fn success(stdout: String) -> Self {
-        Self {
-            stdout,
-            exit_code: 0,
-            error: None,
-        }
+        Self { stdout, exit_code: 0, error: None }
     }
 
     fn failure(error: CniError, cni_version: &str) -> Self {
-        Self {
-            stdout: error.to_json(cni_version),
-            exit_code: 1,
-            error: Some(error),
-        }
+        Self { stdout: error.to_json(cni_version), exit_code: 1, error: Some(error) }
     }
 }
 
@@ -77,8 +69,7 @@ pub enum AgentRequest {
 
 /// VERSION's answer for the requested version.
 pub fn version_json(requested: &str) -> String {
-    serde_json::json!({"cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS})
-        .to_string()
+    serde_json::json!({"cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS}).to_string()
 }
 
 /// Decides what to do without contacting the agent.
@@ -91,31 +82,17 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
     let too_old = |since: &str| {
         CniError::incompatible_version(
             format!("config version does not allow {}", env.command.as_str()),
-            format!(
-                "{} needs cniVersion {since} or later, config is {}",
-                env.command.as_str(),
-                version.as_str()
-            ),
+            format!("{} needs cniVersion {since} or later, config is {}", env.command.as_str(), version.as_str()),
         )
     };
     let request = match env.command {
         // Answered above without a config; never forwarded.
         Command::Version => {
-            return Err(CniError::internal(
-                "VERSION is not forwarded to the agent",
-                "",
-            ));
+            return Err(CniError::internal("VERSION is not forwarded to the agent", ""));
         }
         Command::Add => {
-            let prev = cfg
-                .prev_result
-                .as_ref()
-                .map(result::parse_prev_result)
-                .transpose()?;
-            AgentRequest::Add {
-                request: cni_request(env, &cfg),
-                prev,
-            }
+            let prev = cfg.prev_result.as_ref().map(result::parse_prev_result).transpose()?;
+            AgentRequest::Add { request: cni_request(env, &cfg), prev }
         }
         Command::Del => AgentRequest::Del(cni_request(env, &cfg)),
         Command::Check => {
@@ -123,10 +100,7 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
                 return Err(too_old("0.4.0"));
             }
             let prev = cfg.prev_result.as_ref().ok_or_else(|| {
-                CniError::invalid_config(
-                    "CHECK requires prevResult",
-                    "the runtime must pass the result of ADD",
-                )
+                CniError::invalid_config("CHECK requires prevResult", "the runtime must pass the result of ADD")
             })?;
             result::parse_prev_result(prev)?;
             AgentRequest::Check(cni_request(env, &cfg))
@@ -135,9 +109,7 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
             if !version.has_status_and_gc() {
                 return Err(too_old("1.1.0"));
             }
-            AgentRequest::Status(v1::StatusRequest {
-                network_config: cfg.raw.clone(),
-            })
+            AgentRequest::Status(v1::StatusRequest { network_config: cfg.raw.clone() })
         }
         Command::Gc => {
             if !version.has_status_and_gc() {
@@ -154,19 +126,12 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
                 network_config: cfg.raw.clone(),
                 valid_attachments: valid
                     .iter()
-                    .map(|a| v1::Attachment {
-                        container_id: a.container_id.clone(),
-                        ifname: a.ifname.clone(),
-                    })
+                    .map(|a| v1::Attachment { container_id: a.container_id.clone(), ifname: a.ifname.clone() })
                     .collect(),
             })
         }
     };
-    Ok(Plan::Forward(Box::new(Forward {
-        socket: cfg.agent_socket,
-        version,
-        request,
-    })))
+    Ok(Plan::Forward(Box::new(Forward { socket: cfg.agent_socket, version, request })))
 }
 
 fn cni_request(env: &CniEnv, cfg: &NetworkConfig) -> v1::CniRequest {
@@ -191,10 +156,7 @@ fn in_band(error: Option<v1::CniError>) -> Result<(), CniError> {
 /// Transport failures: code 11 when transient (agent down, timeout), else 100.
 fn transport_error(e: AgentError) -> CniError {
     if e.is_transient() {
-        CniError::try_again_later(
-            "vswitch agent not reachable, try again later",
-            e.to_string(),
-        )
+        CniError::try_again_later("vswitch agent not reachable, try again later", e.to_string())
     } else {
         CniError::internal("vswitch agent call failed", e.to_string())
     }
@@ -203,23 +165,14 @@ fn transport_error(e: AgentError) -> CniError {
 /// Sends the request to the agent and turns the reply into stdout text (possibly empty).
 pub async fn forward(f: Forward, timeouts: Timeouts) -> Result<String, CniError> {
     let is_status = matches!(f.request, AgentRequest::Status(_));
-    let timeouts = if is_status {
-        Timeouts {
-            request: timeouts.status.min(timeouts.request),
-            ..timeouts
-        }
-    } else {
-        timeouts
-    };
+    let timeouts =
+        if is_status { Timeouts { request: timeouts.status.min(timeouts.request), ..timeouts } } else { timeouts };
     let connected = Agent::connect(&f.socket, timeouts).await;
     let mut agent = match connected {
         Ok(a) => a,
         // STATUS: an unreachable agent means the plugin cannot service ADD.
         Err(e) if is_status => {
-            return Err(CniError::not_available(
-                "vswitch agent not available",
-                e.to_string(),
-            ));
+            return Err(CniError::not_available("vswitch agent not available", e.to_string()));
         }
         Err(e) => return Err(transport_error(e)),
     };
@@ -238,9 +191,10 @@ pub async fn forward(f: Forward, timeouts: Timeouts) -> Result<String, CniError>
             Ok(String::new())
         }
         AgentRequest::Status(request) => {
-            let reply = agent.status(request).await.map_err(|e| {
-                CniError::not_available("vswitch agent not available", e.to_string())
-            })?;
+            let reply = agent
+                .status(request)
+                .await
+                .map_err(|e| CniError::not_available("vswitch agent not available", e.to_string()))?;
             in_band(reply.error)?;
             Ok(String::new())
         }
@@ -276,16 +230,10 @@ pub fn run(env: &dyn Env, stdin: &mut dyn Read, timeouts: Timeouts) -> Outcome {
         Err(done) => return done,
     };
     let version = f.version.as_str();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            return Outcome::failure(
-                CniError::internal("cannot start the async runtime", e.to_string()),
-                version,
-            );
+            return Outcome::failure(CniError::internal("cannot start the async runtime", e.to_string()), version);
         }
     };
     finish(rt.block_on(forward(f, timeouts)), version)
@@ -351,12 +299,7 @@ mod tests {
     }
 
     async fn invoke(command: &str, cfg: &Value) -> Outcome {
-        run_async(
-            &MapEnv(env_for(command)),
-            cfg.to_string().as_bytes(),
-            short(),
-        )
-        .await
+        run_async(&MapEnv(env_for(command)), cfg.to_string().as_bytes(), short()).await
     }
 
     fn error_of(o: &Outcome) -> Value {
@@ -386,28 +329,18 @@ mod tests {
     async fn version_needs_no_agent_and_defaults_to_1_1_0() {
         let o = run_async(&MapEnv(env_for("VERSION")), b"", short()).await;
         assert_eq!(o.exit_code, 0);
-        assert_eq!(
-            o.stdout,
-            r#"{"cniVersion":"1.1.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]}"#
-        );
+        assert_eq!(o.stdout, r#"{"cniVersion":"1.1.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]}"#);
         let o = invoke("VERSION", &json!({"cniVersion": "0.3.1"})).await;
-        assert_eq!(
-            serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"],
-            "0.3.1"
-        );
+        assert_eq!(serde_json::from_str::<Value>(&o.stdout).unwrap()["cniVersion"], "0.3.1");
     }
 
     #[test]
     fn add_request_carries_env_and_verbatim_config() {
         let cfg = config("1.0.0", "/run/x.sock");
-        let Ok(Plan::Forward(f)) = planned("ADD", &cfg) else {
-            panic!("not forwarded")
-        };
+        let Ok(Plan::Forward(f)) = planned("ADD", &cfg) else { panic!("not forwarded") };
         assert_eq!(f.socket, PathBuf::from("/run/x.sock"));
         assert_eq!(f.version, CniVersion::V1_0_0);
-        let AgentRequest::Add { request, prev } = f.request else {
-            panic!("not ADD")
-        };
+        let AgentRequest::Add { request, prev } = f.request else { panic!("not ADD") };
         assert_eq!(
             request,
             v1::CniRequest {
@@ -426,21 +359,11 @@ mod tests {
     fn gc_request_carries_valid_attachments() {
         let mut cfg = config("1.1.0", "/run/x.sock");
         cfg["cni.dev/valid-attachments"] = json!([{"containerID": "c9", "ifname": "eth0"}]);
-        let Ok(Plan::Forward(f)) = planned("GC", &cfg) else {
-            panic!("not forwarded")
-        };
-        let AgentRequest::Gc(gc) = f.request else {
-            panic!("not GC")
-        };
+        let Ok(Plan::Forward(f)) = planned("GC", &cfg) else { panic!("not forwarded") };
+        let AgentRequest::Gc(gc) = f.request else { panic!("not GC") };
         assert_eq!(gc.network_name, "contiv");
         assert_eq!(gc.network_config, cfg.to_string().into_bytes());
-        assert_eq!(
-            gc.valid_attachments,
-            vec![v1::Attachment {
-                container_id: "c9".into(),
-                ifname: "eth0".into()
-            }]
-        );
+        assert_eq!(gc.valid_attachments, vec![v1::Attachment { container_id: "c9".into(), ifname: "eth0".into() }]);
     }
 
     #[tokio::test]
@@ -448,10 +371,7 @@ mod tests {
         let mut cfg = config("0.3.1", "/run/x.sock");
         cfg["prevResult"] = json!({});
         let v = error_of(&invoke("CHECK", &cfg).await);
-        assert_eq!(
-            (v["code"].as_u64(), v["cniVersion"].as_str()),
-            (Some(1), Some("0.3.1"))
-        );
+        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(1), Some("0.3.1")));
     }
 
     #[tokio::test]
@@ -476,12 +396,7 @@ mod tests {
     async fn gc_without_valid_attachments_is_code_7() {
         let v = error_of(&invoke("GC", &config("1.1.0", "/run/x.sock")).await);
         assert_eq!(v["code"], codes::INVALID_CONFIG);
-        assert!(
-            v["msg"]
-                .as_str()
-                .unwrap()
-                .contains("cni.dev/valid-attachments")
-        );
+        assert!(v["msg"].as_str().unwrap().contains("cni.dev/valid-attachments"));
     }
 
     #[tokio::test]
@@ -489,10 +404,7 @@ mod tests {
         let mut cfg = config("1.0.0", "/run/x.sock");
         cfg["prevResult"] = json!({"ips": [{"address": "nope"}]});
         let v = error_of(&invoke("ADD", &cfg).await);
-        assert_eq!(
-            (v["code"].as_u64(), v["msg"].as_str()),
-            (Some(7), Some("invalid prevResult"))
-        );
+        assert_eq!((v["code"].as_u64(), v["msg"].as_str()), (Some(7), Some("invalid prevResult")));
     }
 
     #[tokio::test]
@@ -500,16 +412,10 @@ mod tests {
         let mut cfg = config("0.4.0", "/run/x.sock");
         cfg["mtu"] = json!("big");
         let v = error_of(&invoke("ADD", &cfg).await);
-        assert_eq!(
-            (v["code"].as_u64(), v["cniVersion"].as_str()),
-            (Some(7), Some("0.4.0"))
-        );
+        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(7), Some("0.4.0")));
         // An unsupported version cannot be echoed: errors then speak 1.1.0.
         let v = error_of(&invoke("ADD", &config("9.9.9", "/run/x.sock")).await);
-        assert_eq!(
-            (v["code"].as_u64(), v["cniVersion"].as_str()),
-            (Some(1), Some("1.1.0"))
-        );
+        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(1), Some("1.1.0")));
     }
 
     #[tokio::test]
@@ -522,10 +428,7 @@ mod tests {
         for cmd in ["ADD", "DEL", "CHECK", "GC"] {
             let v = error_of(&invoke(cmd, &cfg).await);
             assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{cmd}: {v}");
-            assert!(
-                v["details"].as_str().unwrap().contains("absent.sock"),
-                "{v}"
-            );
+            assert!(v["details"].as_str().unwrap().contains("absent.sock"), "{v}");
         }
         let v = error_of(&invoke("STATUS", &cfg).await);
         assert_eq!(v["code"], codes::NOT_AVAILABLE);
@@ -552,11 +455,7 @@ mod tests {
         let o = invoke("ADD", &config("1.1.0", sock.to_str().unwrap())).await;
         let v = error_of(&o);
         assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{v}");
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
     }
 
     #[tokio::test]
@@ -575,10 +474,6 @@ mod tests {
         let o = run_async(&MapEnv(env_for("STATUS")), cfg.as_bytes(), timeouts).await;
         let v = error_of(&o);
         assert_eq!(v["code"], codes::NOT_AVAILABLE, "{v}");
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
     }
 }

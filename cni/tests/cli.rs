@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use contiv_cni_api::v1::cni_server::{Cni, CniServer};
 use contiv_cni_api::v1::{
-    AddReply, Attachment, CheckReply, CniError, CniRequest, DelReply, Dns, GcReply, GcRequest,
-    Interface, IpConfig, Route, StatusReply, StatusRequest,
+    AddReply, Attachment, CheckReply, CniError, CniRequest, DelReply, Dns, GcReply, GcRequest, Interface, IpConfig,
+    Route, StatusReply, StatusRequest,
 };
 use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
@@ -42,11 +42,7 @@ impl Run {
 
     fn json(&self) -> Value {
         let line = self.stdout.strip_suffix('\n').unwrap_or(&self.stdout);
-        assert!(
-            !line.contains('\n'),
-            "stdout must be one compact JSON line: {:?}",
-            self.stdout
-        );
+        assert!(!line.contains('\n'), "stdout must be one compact JSON line: {:?}", self.stdout);
         serde_json::from_str(line).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
     }
 
@@ -131,10 +127,7 @@ impl Default for Script {
             del: Ok(DelReply::default()),
             check: Ok(CheckReply::default()),
             status: Ok(StatusReply::default()),
-            gc: Ok(GcReply {
-                error: None,
-                removed: 2,
-            }),
+            gc: Ok(GcReply { error: None, removed: 2 }),
         }
     }
 }
@@ -181,18 +174,9 @@ impl FakeAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("cni.sock");
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(async { tokio::net::UnixListener::bind(&socket) })
-            .unwrap();
-        let svc = CniServer::new(FakeCni {
-            seen: seen.clone(),
-            script,
-        });
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = runtime.block_on(async { tokio::net::UnixListener::bind(&socket) }).unwrap();
+        let svc = CniServer::new(FakeCni { seen: seen.clone(), script });
         runtime.spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(svc)
@@ -200,12 +184,7 @@ impl FakeAgent {
                 .await
                 .expect("fake agent server");
         });
-        Self {
-            socket,
-            seen,
-            runtime: Some(runtime),
-            _dir: dir,
-        }
+        Self { socket, seen, runtime: Some(runtime), _dir: dir }
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -232,12 +211,7 @@ fn pod_reply() -> AddReply {
     AddReply {
         error: None,
         interfaces: vec![
-            Interface {
-                name: "veth-ctr1".into(),
-                mac: "02:fe:00:00:00:01".into(),
-                mtu: 0,
-                sandbox: String::new(),
-            },
+            Interface { name: "veth-ctr1".into(), mac: "02:fe:00:00:00:01".into(), mtu: 0, sandbox: String::new() },
             Interface {
                 name: "eth0".into(),
                 mac: "02:fe:00:00:00:02".into(),
@@ -246,26 +220,12 @@ fn pod_reply() -> AddReply {
             },
         ],
         ips: vec![
-            IpConfig {
-                address: "10.1.1.2/32".into(),
-                gateway: "10.1.1.1".into(),
-                interface: 1,
-            },
-            IpConfig {
-                address: "fd00:1::2/128".into(),
-                gateway: "fd00:1::1".into(),
-                interface: 1,
-            },
+            IpConfig { address: "10.1.1.2/32".into(), gateway: "10.1.1.1".into(), interface: 1 },
+            IpConfig { address: "fd00:1::2/128".into(), gateway: "fd00:1::1".into(), interface: 1 },
         ],
         routes: vec![
-            Route {
-                dst: "0.0.0.0/0".into(),
-                gw: "10.1.1.1".into(),
-            },
-            Route {
-                dst: "::/0".into(),
-                gw: String::new(),
-            },
+            Route { dst: "0.0.0.0/0".into(), gw: "10.1.1.1".into() },
+            Route { dst: "::/0".into(), gw: String::new() },
         ],
         dns: Some(Dns {
             nameservers: vec!["10.96.0.10".into()],
@@ -286,8 +246,7 @@ fn expected_add_result(version: &str) -> Value {
         ips[1]["version"] = json!("6");
     }
     // Interface `mtu` is a spec 1.1.0 field.
-    let mut eth0 =
-        json!({"name": "eth0", "mac": "02:fe:00:00:00:02", "sandbox": "/run/netns/pod-1"});
+    let mut eth0 = json!({"name": "eth0", "mac": "02:fe:00:00:00:02", "sandbox": "/run/netns/pod-1"});
     if version == "1.1.0" {
         eth0["mtu"] = json!(1450);
     }
@@ -306,10 +265,7 @@ fn expected_add_result(version: &str) -> Value {
 fn cli_version_echoes_requested_version() {
     let r = run_cni(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(
-        r.json(),
-        json!({"cniVersion": "0.4.0", "supportedVersions": SUPPORTED})
-    );
+    assert_eq!(r.json(), json!({"cniVersion": "0.4.0", "supportedVersions": SUPPORTED}));
 }
 
 #[test]
@@ -345,16 +301,10 @@ fn cli_add_names_each_missing_variable() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config("1.1.0", &absent_socket(&dir)).to_string();
     for missing in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"] {
-        let env: Vec<_> = attachment_env("ADD")
-            .into_iter()
-            .filter(|(k, _)| *k != missing)
-            .collect();
+        let env: Vec<_> = attachment_env("ADD").into_iter().filter(|(k, _)| *k != missing).collect();
         let v = run_cni(&env, &cfg).error();
         assert_eq!(v["code"], 4, "{missing}");
-        assert_eq!(
-            v["msg"],
-            format!("required env variables [{missing}] missing")
-        );
+        assert_eq!(v["msg"], format!("required env variables [{missing}] missing"));
     }
 }
 
@@ -365,10 +315,7 @@ fn cli_del_and_check_require_containerid_and_ifname() {
     cfg["prevResult"] = json!({});
     for cmd in ["DEL", "CHECK"] {
         for missing in ["CNI_CONTAINERID", "CNI_IFNAME"] {
-            let env: Vec<_> = attachment_env(cmd)
-                .into_iter()
-                .filter(|(k, _)| *k != missing)
-                .collect();
+            let env: Vec<_> = attachment_env(cmd).into_iter().filter(|(k, _)| *k != missing).collect();
             let v = run_cni(&env, &cfg.to_string()).error();
             assert_eq!(v["code"], 4, "{cmd} without {missing}");
             assert!(v["msg"].as_str().unwrap().contains(missing), "{v}");
@@ -379,10 +326,7 @@ fn cli_del_and_check_require_containerid_and_ifname() {
 #[test]
 fn cli_del_does_not_require_netns() {
     let dir = tempfile::tempdir().unwrap();
-    let env: Vec<_> = attachment_env("DEL")
-        .into_iter()
-        .filter(|(k, _)| *k != "CNI_NETNS")
-        .collect();
+    let env: Vec<_> = attachment_env("DEL").into_iter().filter(|(k, _)| *k != "CNI_NETNS").collect();
     // It gets past the env check and fails only because no agent listens.
     let v = run_cni(&env, &config("1.1.0", &absent_socket(&dir)).to_string()).error();
     assert_eq!(v["code"], 11, "{v}");
@@ -433,11 +377,7 @@ fn cli_invalid_config_is_code_7() {
 #[test]
 fn cli_unsupported_version_is_code_1_listing_supported() {
     let dir = tempfile::tempdir().unwrap();
-    let v = run_cni(
-        &attachment_env("ADD"),
-        &config("9.9.9", &absent_socket(&dir)).to_string(),
-    )
-    .error();
+    let v = run_cni(&attachment_env("ADD"), &config("9.9.9", &absent_socket(&dir)).to_string()).error();
     assert_eq!(v["code"], 1);
     let details = v["details"].as_str().unwrap();
     for s in SUPPORTED {
@@ -451,10 +391,7 @@ fn cli_check_needs_0_4_0_status_and_gc_need_1_1_0() {
     let mut cfg = config("0.3.1", &absent_socket(&dir));
     cfg["prevResult"] = json!({});
     let v = run_cni(&attachment_env("CHECK"), &cfg.to_string()).error();
-    assert_eq!(
-        (v["code"].as_u64(), v["cniVersion"].as_str()),
-        (Some(1), Some("0.3.1"))
-    );
+    assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(1), Some("0.3.1")));
 
     let mut cfg = config("1.0.0", &absent_socket(&dir));
     cfg["cni.dev/valid-attachments"] = json!([]);
@@ -489,8 +426,7 @@ fn cli_unreachable_agent_is_code_11_and_status_50() {
 fn fake_agent_add_forwards_request_fields() {
     let agent = FakeAgent::start(Script::default());
     let mut cfg = config("1.1.0", &agent.socket);
-    cfg["runtimeConfig"] =
-        json!({"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]});
+    cfg["runtimeConfig"] = json!({"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]});
     cfg["args"] = json!({"cni": {"labels": []}});
     cfg["cni.dev/attachments"] = json!([]);
     let stdin = cfg.to_string();
@@ -513,10 +449,7 @@ fn fake_agent_add_forwards_request_fields() {
 fn fake_agent_add_result_for_each_version() {
     let agent = FakeAgent::start(Script::default());
     for version in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
-        let r = run_cni(
-            &attachment_env("ADD"),
-            &config(version, &agent.socket).to_string(),
-        );
+        let r = run_cni(&attachment_env("ADD"), &config(version, &agent.socket).to_string());
         assert_eq!(r.code, 0, "{version}: {r:?}");
         assert_eq!(r.json(), expected_add_result(version), "{version}");
     }
@@ -526,14 +459,8 @@ fn fake_agent_add_result_for_each_version() {
 fn fake_agent_add_empty_dns_prints_empty_object() {
     let mut reply = pod_reply();
     reply.dns = None;
-    let agent = FakeAgent::start(Script {
-        add: Ok(reply),
-        ..Script::default()
-    });
-    let r = run_cni(
-        &attachment_env("ADD"),
-        &config("1.0.0", &agent.socket).to_string(),
-    );
+    let agent = FakeAgent::start(Script { add: Ok(reply), ..Script::default() });
+    let r = run_cni(&attachment_env("ADD"), &config("1.0.0", &agent.socket).to_string());
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["dns"], json!({}));
 }
@@ -551,18 +478,10 @@ fn fake_agent_add_extends_prev_result() {
     let r = run_cni(&attachment_env("ADD"), &cfg.to_string());
     assert_eq!(r.code, 0, "{r:?}");
     let v = r.json();
-    let names: Vec<_> = v["interfaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["name"].clone())
-        .collect();
+    let names: Vec<_> = v["interfaces"].as_array().unwrap().iter().map(|i| i["name"].clone()).collect();
     assert_eq!(names, [json!("net0"), json!("veth-ctr1"), json!("eth0")]);
     assert_eq!(v["ips"][0]["address"], "192.168.5.2/24");
-    assert_eq!(
-        v["ips"][1],
-        json!({"interface": 2, "address": "10.1.1.2/32", "gateway": "10.1.1.1"})
-    );
+    assert_eq!(v["ips"][1], json!({"interface": 2, "address": "10.1.1.2/32", "gateway": "10.1.1.1"}));
     assert_eq!(v["dns"]["domain"], "cluster.local");
 }
 
@@ -579,21 +498,11 @@ fn fake_agent_add_bad_prev_result_is_code_7_and_not_forwarded() {
 #[test]
 fn fake_agent_add_in_band_error_is_printed_as_is() {
     let reply = AddReply {
-        error: Some(CniError {
-            code: 52,
-            msg: "no free address".into(),
-            details: "pool 10.1.1.0/24".into(),
-        }),
+        error: Some(CniError { code: 52, msg: "no free address".into(), details: "pool 10.1.1.0/24".into() }),
         ..AddReply::default()
     };
-    let agent = FakeAgent::start(Script {
-        add: Ok(reply),
-        ..Script::default()
-    });
-    let r = run_cni(
-        &attachment_env("ADD"),
-        &config("0.4.0", &agent.socket).to_string(),
-    );
+    let agent = FakeAgent::start(Script { add: Ok(reply), ..Script::default() });
+    let r = run_cni(&attachment_env("ADD"), &config("0.4.0", &agent.socket).to_string());
     assert_eq!(
         r.error(),
         json!({"cniVersion": "0.4.0", "code": 52, "msg": "no free address", "details": "pool 10.1.1.0/24"})
@@ -604,14 +513,8 @@ fn fake_agent_add_in_band_error_is_printed_as_is() {
 fn fake_agent_error_code_zero_is_success() {
     let mut reply = pod_reply();
     reply.error = Some(CniError::default());
-    let agent = FakeAgent::start(Script {
-        add: Ok(reply),
-        ..Script::default()
-    });
-    let r = run_cni(
-        &attachment_env("ADD"),
-        &config("1.1.0", &agent.socket).to_string(),
-    );
+    let agent = FakeAgent::start(Script { add: Ok(reply), ..Script::default() });
+    let r = run_cni(&attachment_env("ADD"), &config("1.1.0", &agent.socket).to_string());
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json(), expected_add_result("1.1.0"));
 }
@@ -622,51 +525,20 @@ fn fake_agent_del_forwards_without_netns() {
     let mut cfg = config("1.1.0", &agent.socket);
     cfg["prevResult"] = json!({"interfaces": [{"name": "eth0"}]});
     let stdin = cfg.to_string();
-    let env: Vec<_> = attachment_env("DEL")
-        .into_iter()
-        .filter(|(k, _)| *k != "CNI_NETNS")
-        .collect();
+    let env: Vec<_> = attachment_env("DEL").into_iter().filter(|(k, _)| *k != "CNI_NETNS").collect();
     run_cni(&env, &stdin).assert_silent_success();
-    let Seen::Del(req) = agent.only_request() else {
-        panic!("not DEL")
-    };
-    assert_eq!(
-        (
-            req.container_id.as_str(),
-            req.ifname.as_str(),
-            req.netns.as_str()
-        ),
-        ("ctr-1", "eth0", "")
-    );
-    assert_eq!(
-        req.network_config,
-        stdin.as_bytes(),
-        "prevResult passed through"
-    );
+    let Seen::Del(req) = agent.only_request() else { panic!("not DEL") };
+    assert_eq!((req.container_id.as_str(), req.ifname.as_str(), req.netns.as_str()), ("ctr-1", "eth0", ""));
+    assert_eq!(req.network_config, stdin.as_bytes(), "prevResult passed through");
 }
 
 #[test]
 fn fake_agent_del_in_band_error_is_printed() {
-    let reply = DelReply {
-        error: Some(CniError {
-            code: 100,
-            msg: "tc detach failed".into(),
-            details: String::new(),
-        }),
-    };
-    let agent = FakeAgent::start(Script {
-        del: Ok(reply),
-        ..Script::default()
-    });
-    let v = run_cni(
-        &attachment_env("DEL"),
-        &config("1.0.0", &agent.socket).to_string(),
-    )
-    .error();
-    assert_eq!(
-        (v["code"].as_u64(), v["cniVersion"].as_str()),
-        (Some(100), Some("1.0.0"))
-    );
+    let reply =
+        DelReply { error: Some(CniError { code: 100, msg: "tc detach failed".into(), details: String::new() }) };
+    let agent = FakeAgent::start(Script { del: Ok(reply), ..Script::default() });
+    let v = run_cni(&attachment_env("DEL"), &config("1.0.0", &agent.socket).to_string()).error();
+    assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(100), Some("1.0.0")));
 }
 
 #[test]
@@ -676,9 +548,7 @@ fn fake_agent_check_forwards_prev_result() {
     cfg["prevResult"] = expected_add_result("1.0.0");
     let stdin = cfg.to_string();
     run_cni(&attachment_env("CHECK"), &stdin).assert_silent_success();
-    let Seen::Check(req) = agent.only_request() else {
-        panic!("not CHECK")
-    };
+    let Seen::Check(req) = agent.only_request() else { panic!("not CHECK") };
     assert_eq!(req.netns, "/run/netns/pod-1");
     let forwarded: Value = serde_json::from_slice(&req.network_config).unwrap();
     assert_eq!(forwarded["prevResult"], expected_add_result("1.0.0"));
@@ -687,16 +557,9 @@ fn fake_agent_check_forwards_prev_result() {
 #[test]
 fn fake_agent_check_mismatch_is_printed() {
     let reply = CheckReply {
-        error: Some(CniError {
-            code: 100,
-            msg: "address 10.1.1.2/32 missing on eth0".into(),
-            details: String::new(),
-        }),
+        error: Some(CniError { code: 100, msg: "address 10.1.1.2/32 missing on eth0".into(), details: String::new() }),
     };
-    let agent = FakeAgent::start(Script {
-        check: Ok(reply),
-        ..Script::default()
-    });
+    let agent = FakeAgent::start(Script { check: Ok(reply), ..Script::default() });
     let mut cfg = config("1.1.0", &agent.socket);
     cfg["prevResult"] = expected_add_result("1.1.0");
     let v = run_cni(&attachment_env("CHECK"), &cfg.to_string()).error();
@@ -706,11 +569,7 @@ fn fake_agent_check_mismatch_is_printed() {
 #[test]
 fn fake_agent_check_without_prev_result_is_code_7() {
     let agent = FakeAgent::start(Script::default());
-    let v = run_cni(
-        &attachment_env("CHECK"),
-        &config("1.1.0", &agent.socket).to_string(),
-    )
-    .error();
+    let v = run_cni(&attachment_env("CHECK"), &config("1.1.0", &agent.socket).to_string()).error();
     assert_eq!(v["code"], 7);
     assert!(agent.seen().is_empty());
 }
@@ -719,27 +578,18 @@ fn fake_agent_check_without_prev_result_is_code_7() {
 fn fake_agent_gc_forwards_valid_attachments() {
     let agent = FakeAgent::start(Script::default());
     let mut cfg = config("1.1.0", &agent.socket);
-    cfg["cni.dev/valid-attachments"] = json!([{"containerID": "ctr-1", "ifname": "eth0"}, {"containerID": "ctr-2", "ifname": "net1"}]);
+    cfg["cni.dev/valid-attachments"] =
+        json!([{"containerID": "ctr-1", "ifname": "eth0"}, {"containerID": "ctr-2", "ifname": "net1"}]);
     let stdin = cfg.to_string();
-    run_cni(
-        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
-        &stdin,
-    )
-    .assert_silent_success();
+    run_cni(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")], &stdin).assert_silent_success();
     assert_eq!(
         agent.only_request(),
         Seen::Gc(GcRequest {
             network_name: "contiv-net".into(),
             network_config: stdin.into_bytes(),
             valid_attachments: vec![
-                Attachment {
-                    container_id: "ctr-1".into(),
-                    ifname: "eth0".into()
-                },
-                Attachment {
-                    container_id: "ctr-2".into(),
-                    ifname: "net1".into()
-                },
+                Attachment { container_id: "ctr-1".into(), ifname: "eth0".into() },
+                Attachment { container_id: "ctr-2".into(), ifname: "net1".into() },
             ],
         })
     );
@@ -760,32 +610,16 @@ fn fake_agent_status_ready_prints_nothing() {
     let agent = FakeAgent::start(Script::default());
     let stdin = config("1.1.0", &agent.socket).to_string();
     run_cni(&[("CNI_COMMAND", "STATUS")], &stdin).assert_silent_success();
-    assert_eq!(
-        agent.only_request(),
-        Seen::Status(StatusRequest {
-            network_config: stdin.into_bytes()
-        })
-    );
+    assert_eq!(agent.only_request(), Seen::Status(StatusRequest { network_config: stdin.into_bytes() }));
 }
 
 #[test]
 fn fake_agent_status_not_ready_is_50() {
     let reply = StatusReply {
-        error: Some(CniError {
-            code: 50,
-            msg: "datapath not loaded".into(),
-            details: "waiting for BPF".into(),
-        }),
+        error: Some(CniError { code: 50, msg: "datapath not loaded".into(), details: "waiting for BPF".into() }),
     };
-    let agent = FakeAgent::start(Script {
-        status: Ok(reply),
-        ..Script::default()
-    });
-    let v = run_cni(
-        &[("CNI_COMMAND", "STATUS")],
-        &config("1.1.0", &agent.socket).to_string(),
-    )
-    .error();
+    let agent = FakeAgent::start(Script { status: Ok(reply), ..Script::default() });
+    let v = run_cni(&[("CNI_COMMAND", "STATUS")], &config("1.1.0", &agent.socket).to_string()).error();
     assert_eq!(
         v,
         json!({"cniVersion": "1.1.0", "code": 50, "msg": "datapath not loaded", "details": "waiting for BPF"})
@@ -794,15 +628,8 @@ fn fake_agent_status_not_ready_is_50() {
 
 #[test]
 fn fake_agent_status_rpc_failure_is_50() {
-    let agent = FakeAgent::start(Script {
-        status: Err(Status::internal("boom")),
-        ..Script::default()
-    });
-    let v = run_cni(
-        &[("CNI_COMMAND", "STATUS")],
-        &config("1.1.0", &agent.socket).to_string(),
-    )
-    .error();
+    let agent = FakeAgent::start(Script { status: Err(Status::internal("boom")), ..Script::default() });
+    let v = run_cni(&[("CNI_COMMAND", "STATUS")], &config("1.1.0", &agent.socket).to_string()).error();
     assert_eq!(v["code"], 50);
 }
 
@@ -813,11 +640,7 @@ fn fake_agent_unavailable_status_is_code_11_other_rpc_errors_100() {
         gc: Err(Status::unimplemented("GC")),
         ..Script::default()
     });
-    let v = run_cni(
-        &attachment_env("ADD"),
-        &config("1.1.0", &agent.socket).to_string(),
-    )
-    .error();
+    let v = run_cni(&attachment_env("ADD"), &config("1.1.0", &agent.socket).to_string()).error();
     assert_eq!(v["code"], 11, "{v}");
     let mut cfg = config("1.1.0", &agent.socket);
     cfg["cni.dev/valid-attachments"] = json!([]);
@@ -834,8 +657,5 @@ fn fake_agent_round_trip_is_fast() {
         assert_eq!(run_cni(&attachment_env("ADD"), &cfg).code, 0);
     }
     let per_call = start.elapsed() / 5;
-    assert!(
-        per_call < Duration::from_secs(1),
-        "one ADD took {per_call:?}"
-    );
+    assert!(per_call < Duration::from_secs(1), "one ADD took {per_call:?}");
 }

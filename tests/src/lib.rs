@@ -42,11 +42,7 @@ pub fn bin_dir() -> PathBuf {
 /// Path of a built binary of this workspace; panics with a hint if it is missing.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (`cargo xtask test` does)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: build it first (`cargo xtask test` does)", p.display());
     p
 }
 
@@ -116,10 +112,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
     }
 }
 
@@ -146,22 +139,22 @@ impl ControlPlane {
             .arg("--data-dir")
             .arg(data_dir.join("data"))
             .args([
-                "--listen-client-urls", "http://0.0.0.0:2379",
-                "--advertise-client-urls", "http://127.0.0.1:2379",
-                "--listen-peer-urls", "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                "--initial-cluster", "default=http://127.0.0.1:2380",
+                "--listen-client-urls",
+                "http://0.0.0.0:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "default=http://127.0.0.1:2380",
             ])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("starting etcd (cargo xtask setup installs etcd-server)");
-        let cp = Self {
-            etcd: std::sync::Mutex::new(Some(child)),
-            ns,
-            data_dir,
-            links: AtomicU32::new(0),
-        };
+        let cp = Self { etcd: std::sync::Mutex::new(Some(child)), ns, data_dir, links: AtomicU32::new(0) };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !cp.etcdctl(&["endpoint", "health"]).status.success() {
             assert!(Instant::now() < deadline, "etcd did not become healthy");
@@ -243,9 +236,7 @@ impl CniOutput {
 
     /// The CNI error code (the `code` field), if stdout is an error object.
     pub fn error_code(&self) -> Option<u64> {
-        serde_json::from_str::<Value>(&self.stdout)
-            .ok()
-            .and_then(|v| v.get("code").and_then(Value::as_u64))
+        serde_json::from_str::<Value>(&self.stdout).ok().and_then(|v| v.get("code").and_then(Value::as_u64))
     }
 
     pub fn ok(&self) -> &Self {
@@ -301,12 +292,7 @@ pub struct NodeOptions {
 
 impl Default for NodeOptions {
     fn default() -> Self {
-        Self {
-            pod_subnet: Some("10.1.1.0/24".into()),
-            mtu: 1500,
-            control_plane: None,
-            node_name: None,
-        }
+        Self { pod_subnet: Some("10.1.1.0/24".into()), mtu: 1500, control_plane: None, node_name: None }
     }
 }
 
@@ -355,15 +341,7 @@ impl Node {
             config.push_str(&format!("etcdEndpoints = [\"{endpoint}\"]\n"));
         }
         std::fs::write(&config_path, config).expect("agent config");
-        let mut node = Self {
-            agent: None,
-            ns,
-            dir,
-            socket,
-            pin_dir,
-            config_path,
-            network_name: "contiv-test".into(),
-        };
+        let mut node = Self { agent: None, ns, dir, socket, pin_dir, config_path, network_name: "contiv-test".into() };
         node.start_agent();
         node
     }
@@ -371,11 +349,8 @@ impl Node {
     /// Starts the agent and waits until STATUS says ready.
     pub fn start_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .expect("agent log");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).expect("agent log");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path().display()))
             .arg(bin("contiv-agent"))
@@ -460,13 +435,7 @@ impl Node {
         out.ok();
         let result = out.json();
         let ip = pod_ip(&result);
-        Pod {
-            ns,
-            container_id,
-            ifname: "eth0".into(),
-            ip,
-            result,
-        }
+        Pod { ns, container_id, ifname: "eth0".into(), ip, result }
     }
 
     /// `contiv-cni DEL` for a pod.
@@ -476,9 +445,7 @@ impl Node {
 
     /// `bpftool map dump pinned <pin_dir>/<map>` as JSON.
     pub fn dump_map(&self, map: &str) -> Vec<Value> {
-        let out = run(Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(self.pin_dir.join(map)));
+        let out = run(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(self.pin_dir.join(map)));
         // With BTF, bpftool's JSON carries the typed view under "formatted".
         serde_json::from_str::<Value>(&out)
             .ok()
@@ -492,10 +459,7 @@ impl Node {
     /// A pod's counters from the pinned POD_COUNTERS map, summed over CPUs.
     pub fn pod_counters(&self, ip: Ipv4Addr) -> Option<serde_json::Map<String, Value>> {
         let want: Vec<Value> = ip.octets().iter().map(|b| Value::from(*b)).collect();
-        let entry = self
-            .dump_map("POD_COUNTERS")
-            .into_iter()
-            .find(|e| e["key"]["addr"].as_array() == Some(&want))?;
+        let entry = self.dump_map("POD_COUNTERS").into_iter().find(|e| e["key"]["addr"].as_array() == Some(&want))?;
         Some(sum_per_cpu(&entry["values"]))
     }
 
@@ -524,9 +488,7 @@ impl Node {
     /// The vswitch's drop counter for a reason (from `/vswitch`).
     pub fn vswitch_drops(&self, reason: &str) -> u64 {
         let v: Value = serde_json::from_str(&self.status("/vswitch")).expect("vswitch JSON");
-        v["vswitch"]["drops"][reason]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no vswitch drop counter {reason} in {v}"))
+        v["vswitch"]["drops"][reason].as_u64().unwrap_or_else(|| panic!("no vswitch drop counter {reason} in {v}"))
     }
 
     /// Host-side veth names in the node (pod interfaces).

@@ -78,7 +78,8 @@ fn agent_model_follows_what_netctl_writes() {
     run(cp.cmd(&bin("netctl")).args(["--etcd", cp.local_endpoint(), "apply", "-f"]).arg(&fixtures));
     wait_for_log(&node, "cluster: added /contiv/k8s/namespace/shop");
     wait_for_log(&node, "cluster: added /contiv/k8s/service/");
-    run(cp.cmd(&bin("netctl"))
+    run(cp
+        .cmd(&bin("netctl"))
         .args(["--etcd", cp.local_endpoint(), "delete", "-f"])
         .arg(fixtures.join("00-namespaces.yaml")));
     wait_for_log(&node, "cluster: deleted /contiv/k8s/namespace/shop");
@@ -87,5 +88,9 @@ fn agent_model_follows_what_netctl_writes() {
     assert!(put.status.success(), "{put:?}");
     wait_for_log(&node, "/contiv/k8s/service/default/broken");
     let pod = node.add_pod();
-    assert!(contiv_tests::ping(&pod.ns, Ipv4Addr::new(pod.ip.octets()[0], pod.ip.octets()[1], pod.ip.octets()[2], 1), 1));
+    assert!(contiv_tests::ping(
+        &pod.ns,
+        Ipv4Addr::new(pod.ip.octets()[0], pod.ip.octets()[1], pod.ip.octets()[2], 1),
+        1
+    ));
 }

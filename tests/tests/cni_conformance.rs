@@ -28,7 +28,8 @@ fn error_cases_return_the_spec_codes() {
     assert_eq!(out.error_code(), Some(4));
     assert!(out.stdout.contains("CNI_COMMAND"));
 
-    let add_env = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "x"), ("CNI_NETNS", netns.as_str()), ("CNI_IFNAME", "eth0")];
+    let add_env =
+        [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "x"), ("CNI_NETNS", netns.as_str()), ("CNI_IFNAME", "eth0")];
     // 6: undecodable config.
     let out = cni(&add_env, "{bad");
     assert_eq!(out.error_code(), Some(6), "{out:?}");
@@ -39,11 +40,13 @@ fn error_cases_return_the_spec_codes() {
     let out = cni(&add_env, r#"{"cniVersion":"9.9.9","name":"n","type":"contiv-cni"}"#);
     assert_eq!(out.error_code(), Some(1), "{out:?}");
     // 11: agent not reachable.
-    let gone = json!({"cniVersion":"1.0.0","name":"n","type":"contiv-cni","agentSocket":"/run/contiv-nowhere.sock"}).to_string();
+    let gone = json!({"cniVersion":"1.0.0","name":"n","type":"contiv-cni","agentSocket":"/run/contiv-nowhere.sock"})
+        .to_string();
     let out = cni(&add_env, &gone);
     assert_eq!(out.error_code(), Some(11), "{out:?}");
     // 50: STATUS with no agent.
-    let gone11 = json!({"cniVersion":"1.1.0","name":"n","type":"contiv-cni","agentSocket":"/run/contiv-nowhere.sock"}).to_string();
+    let gone11 = json!({"cniVersion":"1.1.0","name":"n","type":"contiv-cni","agentSocket":"/run/contiv-nowhere.sock"})
+        .to_string();
     let out = cni(&[("CNI_COMMAND", "STATUS")], &gone11);
     assert_eq!(out.error_code(), Some(50), "{out:?}");
     // STATUS with the real agent ready: success, no output.
@@ -110,7 +113,14 @@ fn conflist_add(node: &Node, plugins: &[Value], id: &str, netns: &str) -> Value 
 }
 
 /// One plugin of the list, given the list's name and version (and prevResult) as libcni does.
-fn invoke_in_chain(node: &Node, command: &str, plugin: &Value, id: &str, netns: &str, prev: Option<&Value>) -> contiv_tests::CniOutput {
+fn invoke_in_chain(
+    node: &Node,
+    command: &str,
+    plugin: &Value,
+    id: &str,
+    netns: &str,
+    prev: Option<&Value>,
+) -> contiv_tests::CniOutput {
     let mut conf = plugin.clone();
     conf["cniVersion"] = json!("1.0.0");
     conf["name"] = json!(node.network_name);
@@ -118,7 +128,13 @@ fn invoke_in_chain(node: &Node, command: &str, plugin: &Value, id: &str, netns: 
         conf["prevResult"] = prev.clone();
     }
     let ty = conf["type"].as_str().unwrap().to_owned();
-    let env = [("CNI_COMMAND", command), ("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/usr/lib/cni")];
+    let env = [
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ];
     let out = invoke_plugin(&plugin_path(&ty), &env, &conf.to_string(), Some(node.ns.name()));
     assert_eq!(out.exit_code, 0, "{ty} {command} failed: {} {}", out.stdout, out.stderr);
     out
@@ -173,7 +189,6 @@ fn chains_with_debian_tuning_and_bandwidth_plugins() {
     let links = node.ns.ip(&["-o", "link", "show"]);
     assert!(!links.contains("bwp"), "bandwidth's ifb left behind: {links}");
 }
-
 
 #[test]
 fn network_config_mtu_and_dns_reach_the_pod_and_the_result() {

@@ -29,9 +29,8 @@ fn tcp_exchange(client: &Pod, server: &Pod, payload: &'static [u8]) {
         peer
     });
     let addr = SocketAddr::from((server_ip, port));
-    let mut stream = client
-        .ns
-        .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"));
+    let mut stream =
+        client.ns.enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"));
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     stream.write_all(payload).unwrap();
     let mut echo = vec![0u8; payload.len()];
@@ -296,18 +295,13 @@ fn agent_restart_keeps_pods_connected_and_addresses_reserved() {
         "agentSocket": node.socket, "prevResult": a.result,
     })
     .to_string();
-    node.cni_with_conf("CHECK", &a.container_id, &a.ns.path().to_string_lossy(), "eth0", &conf)
-        .ok();
+    node.cni_with_conf("CHECK", &a.container_id, &a.ns.path().to_string_lossy(), "eth0", &conf).ok();
 }
 
 /// Program id behind the pinned tcx link of a pod interface.
 fn link_prog_id(node: &Node, host_ifname: &str) -> Option<u64> {
     let pin = node.pin_dir.join("links").join(host_ifname);
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "link", "show", "pinned"])
-        .arg(pin)
-        .output()
-        .ok()?;
+    let out = std::process::Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(pin).output().ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v["prog_id"].as_u64()
 }

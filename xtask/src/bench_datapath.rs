@@ -54,7 +54,10 @@ impl KernelRoutedNode {
             // Static L2 on both sides, like this datapath's static gateway neighbour.
             let pod_mac = format!("02:b0:00:00:00:{:02x}", i + 1);
             let host_mac = format!("02:b1:00:00:00:{:02x}", i + 1);
-            node.ip(&["link", "add", &host, "address", &host_mac, "type", "veth", "peer", "name", "bkpeer", "address", &pod_mac]);
+            node.ip(&[
+                "link", "add", &host, "address", &host_mac, "type", "veth", "peer", "name", "bkpeer", "address",
+                &pod_mac,
+            ]);
             node.ip(&["link", "set", "bkpeer", "netns", pod.name()]);
             pod.ip(&["link", "set", "bkpeer", "name", "eth0"]);
             pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
@@ -216,10 +219,7 @@ fn rr_interleaved(
     for v in [&mut b, &mut o] {
         v.sort_by(|x, y| x.total_cmp(y));
     }
-    Ok((
-        (percentile(&b, 0.5), percentile(&b, 0.99)),
-        (percentile(&o, 0.5), percentile(&o, 0.99)),
-    ))
+    Ok(((percentile(&b, 0.5), percentile(&b, 0.99)), (percentile(&o, 0.5), percentile(&o, 0.99))))
 }
 
 #[derive(Default)]
@@ -265,9 +265,10 @@ pub fn run(bins: &Path) -> Result<()> {
     println!("request/response: {RR_BLOCKS} alternating blocks of {RR_BLOCK} round trips per topology");
     let ((b_p50, b_p99), (o_p50, o_p99)) =
         rr_interleaved((&base_client, &base_server), (&ours_client, &ours_server), true)?;
-    println!("  busy-poll  baseline p50 {b_p50:6.1} us p99 {b_p99:6.1} us   ours p50 {o_p50:6.1} us p99 {o_p99:6.1} us");
-    let ((bb_p50, _), (ob_p50, _)) =
-        rr_interleaved((&base_client, &base_server), (&ours_client, &ours_server), false)?;
+    println!(
+        "  busy-poll  baseline p50 {b_p50:6.1} us p99 {b_p99:6.1} us   ours p50 {o_p50:6.1} us p99 {o_p99:6.1} us"
+    );
+    let ((bb_p50, _), (ob_p50, _)) = rr_interleaved((&base_client, &base_server), (&ours_client, &ours_server), false)?;
     println!("  blocking   baseline p50 {bb_p50:6.1} us              ours p50 {ob_p50:6.1} us");
     let (mut base, mut ours) = (Samples::default(), Samples::default());
     for round in 1..=ROUNDS {

@@ -163,7 +163,8 @@ fn probe_watch(probe: &Path, store_args: &[&str], expect: usize) -> anyhow::Resu
     drop(child.stdin.take()); // lets the probe exit
     let status = child.wait()?;
     ensure!(status.success(), "probe failed: {status}");
-    let report: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("probe said {line:?}"))?;
+    let report: serde_json::Value =
+        serde_json::from_str(line.trim()).with_context(|| format!("probe said {line:?}"))?;
     let objects = report["objects"].as_u64().unwrap_or(0) as usize;
     ensure!(objects >= expect, "probe model holds {objects} objects, expected {expect}");
     Ok(ProbeRun { wall, internal_ms: report["ready_ms"].as_f64().unwrap_or(0.0), vmhwm_kib: vmhwm? })
@@ -192,11 +193,15 @@ fn metric(name: &str, unit: &str, baseline: f64, ours: f64) -> serde_json::Value
 pub fn run() -> anyhow::Result<()> {
     let root = workspace_root();
     println!("building contiv-store-bench-probe (release)...");
-    run_ok(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args(["build", "--release", "--quiet", "-p", "contiv-cluster-watch", "--bin", "contiv-store-bench-probe"]),
-    )?;
+    run_ok(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "contiv-cluster-watch",
+        "--bin",
+        "contiv-store-bench-probe",
+    ]))?;
     let probe = target_dir().join("release/contiv-store-bench-probe");
     ensure!(probe.exists(), "{} missing after build", probe.display());
 
@@ -246,7 +251,9 @@ fn bar(unit: &str) -> f64 {
 fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
     let objects = 2 * SERVICES;
     let etcd = start_etcd(scratch)?;
-    println!("loading {SERVICES} services + {SERVICES} EndpointSlices ({ENDPOINTS} endpoints each) into etcd and the embedded store...");
+    println!(
+        "loading {SERVICES} services + {SERVICES} EndpointSlices ({ENDPOINTS} endpoints each) into etcd and the embedded store..."
+    );
     let n = SERVICES.to_string();
     let e = ENDPOINTS.to_string();
     run_ok(Command::new(probe).args(["load", "--etcd", &etcd.endpoint, "--services", &n, "--endpoints", &e]))?;

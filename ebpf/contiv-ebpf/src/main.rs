@@ -22,8 +22,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use contiv_common::{
-    DatapathConfig, Ipv4Key, MAX_PODS, MAX_SLOWPATH_QUEUES, PodCounters, PodEndpoint,
-    SlowPortCounters,
+    DatapathConfig, Ipv4Key, MAX_PODS, MAX_SLOWPATH_QUEUES, PodCounters, PodEndpoint, SlowPortCounters,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -84,9 +83,7 @@ fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*mut T> {
 #[inline(always)]
 fn counters_for(ip: [u8; 4]) -> Option<&'static mut PodCounters> {
     // SAFETY: per-CPU value: nobody else writes this CPU's slot concurrently.
-    POD_COUNTERS
-        .get_ptr_mut(Ipv4Key::new(ip))
-        .map(|p| unsafe { &mut *p })
+    POD_COUNTERS.get_ptr_mut(Ipv4Key::new(ip)).map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]
@@ -168,12 +165,7 @@ fn classify_from_pod(ctx: &TcContext, pod: &PodEndpoint) -> Verdict {
         };
         // SAFETY: bounds checked by ptr_at.
         let arp = unsafe { &*arp };
-        let spa = [
-            arp[ARP_SPA_OFF],
-            arp[ARP_SPA_OFF + 1],
-            arp[ARP_SPA_OFF + 2],
-            arp[ARP_SPA_OFF + 3],
-        ];
+        let spa = [arp[ARP_SPA_OFF], arp[ARP_SPA_OFF + 1], arp[ARP_SPA_OFF + 2], arp[ARP_SPA_OFF + 3]];
         // An ARP claiming another pod's address is spoofing, except the
         // all-zero sender of an address probe.
         if spa != pod.ip && spa != [0, 0, 0, 0] {
@@ -272,12 +264,7 @@ fn vswitch_frame_destination(data: usize, data_end: usize) -> Option<[u8; 4]> {
             let arp = ptr_at::<[u8; ARP_LEN]>(data, data_end, ETH_HLEN)?;
             // SAFETY: bounds checked by ptr_at.
             let arp = unsafe { &*arp };
-            Some([
-                arp[ARP_TPA_OFF],
-                arp[ARP_TPA_OFF + 1],
-                arp[ARP_TPA_OFF + 2],
-                arp[ARP_TPA_OFF + 3],
-            ])
+            Some([arp[ARP_TPA_OFF], arp[ARP_TPA_OFF + 1], arp[ARP_TPA_OFF + 2], arp[ARP_TPA_OFF + 3]])
         }
         _ => None,
     }

@@ -111,8 +111,8 @@ impl Agent {
     /// that survived a restart and starts the vswitch.
     pub async fn start(config: AgentConfig) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context;
-        let state = NodeState::open(&config.state_dir, config.pod_subnet, config.gateway)
-            .context("opening the node state")?;
+        let state =
+            NodeState::open(&config.state_dir, config.pod_subnet, config.gateway).context("opening the node state")?;
         let mut datapath = Datapath::load(&config.bpf_pin_dir).context("loading the eBPF datapath")?;
         let node = podnet::node_handle().context("opening netlink")?;
 
@@ -128,23 +128,16 @@ impl Agent {
         for name in [&slow_host, &slow_vsw] {
             // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into the vswitch.
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-            let link = podnet::link_by_name(&node, name)
-                .await?
-                .with_context(|| format!("{name} vanished"))?;
+            let link = podnet::link_by_name(&node, name).await?.with_context(|| format!("{name} vanished"))?;
             node.link()
                 .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())
                 .execute()
                 .await
                 .with_context(|| format!("bringing {name} up"))?;
         }
-        let slow_host_index = podnet::link_by_name(&node, &slow_host)
-            .await?
-            .context("slow-path port vanished")?
-            .header
-            .index;
-        datapath
-            .attach_slow_port(&slow_host, &slow_vsw)
-            .context("attaching the slow-path programs")?;
+        let slow_host_index =
+            podnet::link_by_name(&node, &slow_host).await?.context("slow-path port vanished")?.header.index;
+        datapath.attach_slow_port(&slow_host, &slow_vsw).context("attaching the slow-path programs")?;
         datapath.set_config(DatapathConfig {
             gateway_ip: config.gateway.octets(),
             slowport_ifindex: slow_host_index,
@@ -155,15 +148,10 @@ impl Agent {
         let port = contiv_vswitch::spawn(
             &slow_vsw,
             0,
-            BuiltinVswitch::new(GatewayConfig {
-                ip: config.gateway,
-                mac: config.gateway_mac,
-            }),
+            BuiltinVswitch::new(GatewayConfig { ip: config.gateway, mac: config.gateway_mac }),
         )
         .context("opening the AF_XDP socket of the slow-path port")?;
-        datapath
-            .register_xsk(0, std::os::fd::AsFd::as_fd(&port))
-            .context("registering the AF_XDP socket")?;
+        datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port)).context("registering the AF_XDP socket")?;
 
         let agent = Arc::new(Self {
             config,
@@ -211,8 +199,7 @@ impl Agent {
                 Err(e) => log::error!("{}: {e}", a.host_ifname),
             }
         }
-        let owned: std::collections::HashSet<u32> =
-            state.attachments().map(|a| a.host_ifindex).collect();
+        let owned: std::collections::HashSet<u32> = state.attachments().map(|a| a.host_ifindex).collect();
         if let Ok(entries) = datapath.pods_in_map() {
             for ep in entries.into_iter().filter(|ep| !owned.contains(&ep.host_ifindex)) {
                 log::info!("removing stale map entry for {}", Ipv4Addr::from(ep.ip));
@@ -348,22 +335,14 @@ impl Agent {
                     mtu: a.mtu,
                     sandbox: String::new(),
                 },
-                v1::Interface {
-                    name: a.ifname.clone(),
-                    mac: a.pod_mac.clone(),
-                    mtu: a.mtu,
-                    sandbox: a.netns.clone(),
-                },
+                v1::Interface { name: a.ifname.clone(), mac: a.pod_mac.clone(), mtu: a.mtu, sandbox: a.netns.clone() },
             ],
             ips: vec![v1::IpConfig {
                 address: format!("{}/32", a.ip),
                 gateway: self.config.gateway.to_string(),
                 interface: 1,
             }],
-            routes: vec![v1::Route {
-                dst: "0.0.0.0/0".into(),
-                gw: self.config.gateway.to_string(),
-            }],
+            routes: vec![v1::Route { dst: "0.0.0.0/0".into(), gw: self.config.gateway.to_string() }],
             dns: Some(v1::Dns {
                 nameservers: dns.nameservers.clone(),
                 domain: dns.domain.clone(),
@@ -393,10 +372,10 @@ impl Agent {
             first_err.get_or_insert(internal("deleting the pod interface", e));
         }
         inner.datapath.forget_pod_link(&a.host_ifname);
-        if first_err.is_none() {
-            if let Err(e) = inner.state.remove(&a.key()) {
-                first_err.get_or_insert(CniError::new(codes::IO_FAILURE, "persisting the release", e.to_string()));
-            }
+        if first_err.is_none()
+            && let Err(e) = inner.state.remove(&a.key())
+        {
+            first_err.get_or_insert(CniError::new(codes::IO_FAILURE, "persisting the release", e.to_string()));
         }
         match first_err {
             None => {
@@ -413,26 +392,27 @@ impl Agent {
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
         let a = {
             let inner = self.inner.lock().await;
-            inner
-                .state
-                .get(&key)
-                .cloned()
-                .ok_or_else(|| CniError::new(codes::UNKNOWN_CONTAINER, "no such attachment", format!("{}/{}", req.container_id, req.ifname)))?
+            inner.state.get(&key).cloned().ok_or_else(|| {
+                CniError::new(
+                    codes::UNKNOWN_CONTAINER,
+                    "no such attachment",
+                    format!("{}/{}", req.container_id, req.ifname),
+                )
+            })?
         };
         let fail = |msg: &str| CniError::new(codes::INTERNAL, msg, format!("{}/{}", a.container_id, a.ifname));
         if !a.complete {
             return Err(fail("attachment is still being set up"));
         }
-        if let Ok(conf) = serde_json::from_slice::<serde_json::Value>(&req.network_config) {
-            if let Some(prev) = conf.get("prevResult") {
-                let want = format!("{}/32", a.ip);
-                let listed = prev
-                    .get("ips")
-                    .and_then(|ips| ips.as_array())
-                    .is_some_and(|ips| ips.iter().any(|ip| ip.get("address").and_then(|x| x.as_str()) == Some(want.as_str())));
-                if !listed {
-                    return Err(fail("prevResult does not list the pod's address"));
-                }
+        if let Ok(conf) = serde_json::from_slice::<serde_json::Value>(&req.network_config)
+            && let Some(prev) = conf.get("prevResult")
+        {
+            let want = format!("{}/32", a.ip);
+            let listed = prev.get("ips").and_then(|ips| ips.as_array()).is_some_and(|ips| {
+                ips.iter().any(|ip| ip.get("address").and_then(|x| x.as_str()) == Some(want.as_str()))
+            });
+            if !listed {
+                return Err(fail("prevResult does not list the pod's address"));
             }
         }
         let inner = self.inner.lock().await;
@@ -466,11 +446,7 @@ impl Agent {
 
     /// CNI STATUS: ready when the datapath is loaded and the vswitch serves the slow path.
     pub fn status(&self) -> Result<(), CniError> {
-        let serving = self
-            .slowpath
-            .lock()
-            .map(|p| p.as_ref().is_some_and(|p| p.is_serving()))
-            .unwrap_or(false);
+        let serving = self.slowpath.lock().map(|p| p.as_ref().is_some_and(|p| p.is_serving())).unwrap_or(false);
         if serving {
             Ok(())
         } else {
@@ -480,11 +456,8 @@ impl Agent {
 
     /// CNI GC: unwires every attachment of this network that the runtime no longer lists.
     pub async fn gc(&self, req: &v1::GcRequest) -> Result<u32, CniError> {
-        let valid: std::collections::HashSet<AttachmentKey> = req
-            .valid_attachments
-            .iter()
-            .map(|v| AttachmentKey::new(&v.container_id, &v.ifname))
-            .collect();
+        let valid: std::collections::HashSet<AttachmentKey> =
+            req.valid_attachments.iter().map(|v| AttachmentKey::new(&v.container_id, &v.ifname)).collect();
         let mut inner = self.inner.lock().await;
         let stale: Vec<PodAttachment> = inner
             .state
@@ -561,18 +534,10 @@ impl Agent {
             log::warn!("vswitch stopped serving: {e}; restarting it");
         }
         let ifname = self.config.slowpath_vswitch_ifname.clone();
-        let gateway = GatewayConfig {
-            ip: self.config.gateway,
-            mac: self.config.gateway_mac,
-        };
+        let gateway = GatewayConfig { ip: self.config.gateway, mac: self.config.gateway_mac };
         match contiv_vswitch::spawn(&ifname, 0, BuiltinVswitch::new(gateway)) {
             Ok(port) => {
-                let registered = self
-                    .inner
-                    .lock()
-                    .await
-                    .datapath
-                    .register_xsk(0, std::os::fd::AsFd::as_fd(&port));
+                let registered = self.inner.lock().await.datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port));
                 match registered {
                     Ok(()) => {
                         log::info!("vswitch restarted on {ifname}");
@@ -590,12 +555,11 @@ impl Agent {
     /// Stops the vswitch. The pod datapath stays attached: pods keep talking while the
     /// agent is down or being upgraded.
     pub fn shutdown(&self) {
-        if let Ok(mut p) = self.slowpath.lock() {
-            if let Some(port) = p.take() {
-                if let Err(e) = port.stop() {
-                    log::warn!("stopping the vswitch: {e}");
-                }
-            }
+        if let Ok(mut p) = self.slowpath.lock()
+            && let Some(port) = p.take()
+            && let Err(e) = port.stop()
+        {
+            log::warn!("stopping the vswitch: {e}");
         }
     }
 }

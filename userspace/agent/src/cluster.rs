@@ -47,27 +47,15 @@ pub async fn join(config: &AgentConfig) -> anyhow::Result<ClusterLink> {
     log::info!("cluster store: {}", store.backend());
     let registry = NodeRegistry::new(
         store.clone(),
-        IpamConfig {
-            pod_subnet_cidr: config.pod_subnet_cidr.into(),
-            pod_prefix_len: config.pod_prefix_len,
-        },
+        IpamConfig { pod_subnet_cidr: config.pod_subnet_cidr.into(), pod_prefix_len: config.pod_prefix_len },
     )
     .context("node registry")?;
     let allocation = registry
         .allocate(&config.node_name)
         .await
         .with_context(|| format!("allocating a node ID for {}", config.node_name))?;
-    log::info!(
-        "node {} has ID {} and pod CIDR {}",
-        allocation.name,
-        allocation.id,
-        allocation.pod_cidr
-    );
-    Ok(ClusterLink {
-        store,
-        registry: Arc::new(registry),
-        allocation,
-    })
+    log::info!("node {} has ID {} and pod CIDR {}", allocation.name, allocation.id, allocation.pod_cidr);
+    Ok(ClusterLink { store, registry: Arc::new(registry), allocation })
 }
 
 /// The node's own addresses, for its registration (every non-loopback IPv4 address).
@@ -78,10 +66,7 @@ fn node_addresses() -> Vec<NodeAddress> {
     let mut out: Vec<NodeAddress> = addrs
         .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v4| v4.ip())))
         .filter(|ip| !ip.is_loopback())
-        .map(|ip| NodeAddress {
-            address_type: "InternalIP".into(),
-            address: ip.to_string(),
-        })
+        .map(|ip| NodeAddress { address_type: "InternalIP".into(), address: ip.to_string() })
         .collect();
     out.dedup();
     out
@@ -101,15 +86,9 @@ impl DataplaneEvents {
         match event {
             ClusterEvent::Resync(reason) => {
                 self.resyncs += 1;
-                let counts: Vec<String> = Kind::ALL
-                    .iter()
-                    .map(|k| format!("{}={}", k.as_str(), model.count(*k)))
-                    .collect();
-                log::info!(
-                    "cluster model resync ({reason:?}) at revision {}: {}",
-                    model.revision(),
-                    counts.join(" ")
-                );
+                let counts: Vec<String> =
+                    Kind::ALL.iter().map(|k| format!("{}={}", k.as_str(), model.count(*k))).collect();
+                log::info!("cluster model resync ({reason:?}) at revision {}: {}", model.revision(), counts.join(" "));
             }
             ClusterEvent::Added { key, .. } => {
                 self.changes += 1;
@@ -129,7 +108,11 @@ impl DataplaneEvents {
 
 /// Background work that lives as long as the agent: the node's registration (re-registered
 /// if its lease is lost, withdrawn on shutdown) and the cluster watch.
-pub fn spawn(link: &ClusterLink, node_name: String, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn spawn(
+    link: &ClusterLink,
+    node_name: String,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };

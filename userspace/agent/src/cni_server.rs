@@ -17,10 +17,7 @@ impl v1::cni_server::Cni for CniService {
     async fn add(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::AddReply>, Status> {
         let reply = match self.agent.add(req.get_ref()).await {
             Ok(r) => r,
-            Err(e) => v1::AddReply {
-                error: Some(e.to_proto()),
-                ..Default::default()
-            },
+            Err(e) => v1::AddReply { error: Some(e.to_proto()), ..Default::default() },
         };
         Ok(Response::new(reply))
     }
@@ -43,10 +40,7 @@ impl v1::cni_server::Cni for CniService {
     async fn gc(&self, req: Request<v1::GcRequest>) -> Result<Response<v1::GcReply>, Status> {
         Ok(Response::new(match self.agent.gc(req.get_ref()).await {
             Ok(removed) => v1::GcReply { error: None, removed },
-            Err(e) => v1::GcReply {
-                error: Some(e.to_proto()),
-                removed: 0,
-            },
+            Err(e) => v1::GcReply { error: Some(e.to_proto()), removed: 0 },
         }))
     }
 }

@@ -117,25 +117,18 @@ pub const DEFAULT_GATEWAY_MAC: [u8; 6] = [0x02, 0xfe, 0x00, 0x00, 0x00, 0x01];
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            },
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
             other => other,
         })
     }
 
     /// Parses and validates config text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::from("<config>"),
-            source: Box::new(source),
-        })?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: PathBuf::from("<config>"), source: Box::new(source) })?;
         Self::from_raw(raw)
     }
 
@@ -166,38 +159,28 @@ impl AgentConfig {
     fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         let pod_subnet_fixed = raw.pod_subnet.is_some();
         let gateway_fixed = raw.gateway.is_some();
-        let pod_subnet_cidr = raw
-            .pod_subnet_cidr
-            .unwrap_or_else(|| DEFAULT_POD_SUBNET_CIDR.parse().expect("valid default"))
-            .trunc();
+        let pod_subnet_cidr =
+            raw.pod_subnet_cidr.unwrap_or_else(|| DEFAULT_POD_SUBNET_CIDR.parse().expect("valid default")).trunc();
         let pod_prefix_len = raw.pod_prefix_len.unwrap_or(24);
         if pod_prefix_len <= pod_subnet_cidr.prefix_len() || pod_prefix_len > 30 {
             return Err(ConfigError::Invalid(format!(
                 "podPrefixLen {pod_prefix_len} must be longer than podSubnetCIDR {pod_subnet_cidr} and at most 30"
             )));
         }
-        if let Some(eps) = &raw.etcd_endpoints {
-            if let Some(bad) = eps.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
-                return Err(ConfigError::Invalid(format!(
-                    "etcdEndpoints entry {bad:?} must be an http:// or https:// URL"
-                )));
-            }
-        }
-        let pod_subnet = raw
-            .pod_subnet
-            .unwrap_or_else(|| DEFAULT_POD_SUBNET.parse().expect("valid default"))
-            .trunc();
-        if pod_subnet.prefix_len() > 30 {
+        if let Some(eps) = &raw.etcd_endpoints
+            && let Some(bad) = eps.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
             return Err(ConfigError::Invalid(format!(
-                "podSubnet {pod_subnet} is too small: need at least a /30"
+                "etcdEndpoints entry {bad:?} must be an http:// or https:// URL"
             )));
+        }
+        let pod_subnet = raw.pod_subnet.unwrap_or_else(|| DEFAULT_POD_SUBNET.parse().expect("valid default")).trunc();
+        if pod_subnet.prefix_len() > 30 {
+            return Err(ConfigError::Invalid(format!("podSubnet {pod_subnet} is too small: need at least a /30")));
         }
         let first_host = Ipv4Addr::from(u32::from(pod_subnet.network()) + 1);
         let gateway = raw.gateway.unwrap_or(first_host);
-        if !pod_subnet.contains(&gateway)
-            || gateway == pod_subnet.network()
-            || gateway == pod_subnet.broadcast()
-        {
+        if !pod_subnet.contains(&gateway) || gateway == pod_subnet.network() || gateway == pod_subnet.broadcast() {
             return Err(ConfigError::Invalid(format!(
                 "gateway {gateway} must be a host address inside podSubnet {pod_subnet}"
             )));
@@ -223,18 +206,16 @@ impl AgentConfig {
             Ok(name)
         };
         let slowpath_host_ifname = ifname(raw.slowpath_host_ifname, "cslow0", "slowpathHostIfname")?;
-        let slowpath_vswitch_ifname =
-            ifname(raw.slowpath_vswitch_ifname, "cslow1", "slowpathVswitchIfname")?;
+        let slowpath_vswitch_ifname = ifname(raw.slowpath_vswitch_ifname, "cslow1", "slowpathVswitchIfname")?;
         if slowpath_host_ifname == slowpath_vswitch_ifname {
             return Err(ConfigError::Invalid("the two ends of the slow-path port need different names".into()));
         }
         let node_name = match raw.node_name {
             Some(n) if !n.is_empty() => n,
             Some(_) => return Err(ConfigError::Invalid("nodeName must not be empty".into())),
-            None => nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "localhost".into()),
+            None => {
+                nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+            }
         };
         let state_dir = raw.state_dir.unwrap_or_else(|| "/var/lib/contiv".into());
         Ok(Self {
@@ -250,13 +231,9 @@ impl AgentConfig {
             status_addr: raw.status_addr.unwrap_or_else(|| "127.0.0.1:9192".parse().expect("valid default")),
             gateway_mac,
             mtu,
-            cni_socket: raw
-                .cni_socket
-                .unwrap_or_else(|| contiv_cni_api::DEFAULT_SOCKET.into()),
+            cni_socket: raw.cni_socket.unwrap_or_else(|| contiv_cni_api::DEFAULT_SOCKET.into()),
             state_dir,
-            bpf_pin_dir: raw
-                .bpf_pin_dir
-                .unwrap_or_else(|| contiv_common::DEFAULT_PIN_DIR.into()),
+            bpf_pin_dir: raw.bpf_pin_dir.unwrap_or_else(|| contiv_common::DEFAULT_PIN_DIR.into()),
             slowpath_host_ifname,
             slowpath_vswitch_ifname,
             dns: raw.dns.unwrap_or_default(),

@@ -17,9 +17,7 @@ use aya::{
         tc::TcAttachOptions,
     },
 };
-use contiv_common::{
-    DatapathConfig, Ipv4Key, PodCounters, PodEndpoint, SlowPortCounters, map_names, program_names,
-};
+use contiv_common::{DatapathConfig, Ipv4Key, PodCounters, PodEndpoint, SlowPortCounters, map_names, program_names};
 
 /// The compiled eBPF object, built by build.rs from ebpf/contiv-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/contiv-ebpf"));
@@ -73,14 +71,8 @@ pub fn ensure_bpffs() -> std::io::Result<()> {
     if stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC {
         return Ok(());
     }
-    nix::mount::mount(
-        Some("bpf"),
-        root,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(std::io::Error::from)
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(std::io::Error::from)
 }
 
 /// The loaded datapath.
@@ -94,14 +86,9 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs; maps are created pinned in `pin_dir`, or reused if already there.
     pub fn load(pin_dir: &Path) -> Result<Self> {
-        ensure_bpffs().map_err(|source| DatapathError::PinDir {
-            path: "/sys/fs/bpf".into(),
-            source,
-        })?;
-        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
-            path: pin_dir.to_owned(),
-            source,
-        })?;
+        ensure_bpffs().map_err(|source| DatapathError::PinDir { path: "/sys/fs/bpf".into(), source })?;
+        std::fs::create_dir_all(pin_dir)
+            .map_err(|source| DatapathError::PinDir { path: pin_dir.to_owned(), source })?;
         let names = [
             map_names::PODS,
             map_names::POD_IFACES,
@@ -116,11 +103,8 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [program_names::FROM_POD, program_names::FROM_VSWITCH] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
         }
         let xdp: &mut Xdp = ebpf
@@ -129,11 +113,7 @@ impl Datapath {
             .try_into()
             .map_err(prog_err(program_names::TO_VSWITCH))?;
         xdp.load().map_err(prog_err(program_names::TO_VSWITCH))?;
-        Ok(Self {
-            ebpf,
-            pin_dir: pin_dir.to_owned(),
-            owned_links: Vec::new(),
-        })
+        Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), owned_links: Vec::new() })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -177,12 +157,8 @@ impl Datapath {
     }
 
     fn attach_tcx(&mut self, name: &'static str, ifname: &str, pin: Option<&Path>) -> Result<()> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing(name))?
-            .try_into()
-            .map_err(prog_err(name))?;
+        let prog: &mut SchedClassifier =
+            self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
         let link_id = prog
             .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
             .map_err(prog_err(name))?;
@@ -193,7 +169,8 @@ impl Datapath {
         match pin {
             Some(pin) => {
                 let dir = pin.parent().expect("pin path has a parent");
-                std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir { path: dir.to_owned(), source })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|source| DatapathError::PinDir { path: dir.to_owned(), source })?;
                 // Replacing: unlink the old pin name first (the old link's fd is held by the caller).
                 let _ = std::fs::remove_file(pin);
                 let pinned = link.pin(pin).map_err(|e| DatapathError::PinDir {
@@ -218,8 +195,7 @@ impl Datapath {
             .try_into()
             .map_err(prog_err(program_names::TO_VSWITCH))?;
         // Native (driver) mode on veth; the link lives as long as the agent serves the socket.
-        xdp.attach(vswitch_ifname, XdpMode::Driver)
-            .map_err(prog_err(program_names::TO_VSWITCH))?;
+        xdp.attach(vswitch_ifname, XdpMode::Driver).map_err(prog_err(program_names::TO_VSWITCH))?;
         Ok(())
     }
 
@@ -238,17 +214,12 @@ impl Datapath {
             name: map_names::POD_COUNTERS,
             source: aya::maps::MapError::IoError(e),
         })?;
-        let mut counters: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> =
-            self.typed(map_names::POD_COUNTERS)?;
+        let mut counters: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(map_names::POD_COUNTERS)?;
         if counters.get(&key, 0).is_err() {
-            let zero = aya::maps::PerCpuValues::try_from(vec![PodCounters::default(); nr_cpus])
-                .map_err(|e| DatapathError::Map {
-                    name: map_names::POD_COUNTERS,
-                    source: aya::maps::MapError::IoError(e),
-                })?;
-            counters
-                .insert(key, zero, 0)
-                .map_err(map_err(map_names::POD_COUNTERS))?;
+            let zero = aya::maps::PerCpuValues::try_from(vec![PodCounters::default(); nr_cpus]).map_err(|e| {
+                DatapathError::Map { name: map_names::POD_COUNTERS, source: aya::maps::MapError::IoError(e) }
+            })?;
+            counters.insert(key, zero, 0).map_err(map_err(map_names::POD_COUNTERS))?;
         }
         Ok(())
     }
@@ -267,17 +238,13 @@ impl Datapath {
             let mut ifaces: HashMap<&mut MapData, u32, PodEndpoint> = self.typed(map_names::POD_IFACES)?;
             ignore_missing(ifaces.remove(&host_ifindex)).map_err(map_err(map_names::POD_IFACES))?;
         }
-        let mut counters: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> =
-            self.typed(map_names::POD_COUNTERS)?;
+        let mut counters: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(map_names::POD_COUNTERS)?;
         ignore_missing(counters.remove(&key)).map_err(map_err(map_names::POD_COUNTERS))
     }
 
     /// A pod's counters summed over CPUs.
     pub fn pod_counters(&self, ip: Ipv4Addr) -> Result<Option<PodCounters>> {
-        let map = self
-            .ebpf
-            .map(map_names::POD_COUNTERS)
-            .ok_or(DatapathError::Missing(map_names::POD_COUNTERS))?;
+        let map = self.ebpf.map(map_names::POD_COUNTERS).ok_or(DatapathError::Missing(map_names::POD_COUNTERS))?;
         let counters: PerCpuHashMap<&MapData, Ipv4Key, PodCounters> =
             map.try_into().map_err(map_err(map_names::POD_COUNTERS))?;
         match counters.get(&Ipv4Key::new(ip.octets()), 0) {
@@ -289,10 +256,8 @@ impl Datapath {
 
     /// Slow-path port counters summed over CPUs.
     pub fn slowport_counters(&self) -> Result<SlowPortCounters> {
-        let map = self
-            .ebpf
-            .map(map_names::SLOWPORT_COUNTERS)
-            .ok_or(DatapathError::Missing(map_names::SLOWPORT_COUNTERS))?;
+        let map =
+            self.ebpf.map(map_names::SLOWPORT_COUNTERS).ok_or(DatapathError::Missing(map_names::SLOWPORT_COUNTERS))?;
         let arr: PerCpuArray<&MapData, SlowPortCounters> =
             map.try_into().map_err(map_err(map_names::SLOWPORT_COUNTERS))?;
         let values = arr.get(&0, 0).map_err(map_err(map_names::SLOWPORT_COUNTERS))?;
@@ -308,16 +273,9 @@ impl Datapath {
 
     /// Every pod in the PODS map (for reconciling after a restart).
     pub fn pods_in_map(&self) -> Result<Vec<PodEndpoint>> {
-        let map = self
-            .ebpf
-            .map(map_names::POD_IFACES)
-            .ok_or(DatapathError::Missing(map_names::POD_IFACES))?;
-        let ifaces: HashMap<&MapData, u32, PodEndpoint> =
-            map.try_into().map_err(map_err(map_names::POD_IFACES))?;
-        ifaces
-            .iter()
-            .map(|r| r.map(|(_, v)| v).map_err(map_err(map_names::POD_IFACES)))
-            .collect()
+        let map = self.ebpf.map(map_names::POD_IFACES).ok_or(DatapathError::Missing(map_names::POD_IFACES))?;
+        let ifaces: HashMap<&MapData, u32, PodEndpoint> = map.try_into().map_err(map_err(map_names::POD_IFACES))?;
+        ifaces.iter().map(|r| r.map(|(_, v)| v).map_err(map_err(map_names::POD_IFACES))).collect()
     }
 
     /// Registers an AF_XDP socket for a queue of the slow-path port.
@@ -330,11 +288,7 @@ impl Datapath {
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
     {
-        self.ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::Missing(name))?
-            .try_into()
-            .map_err(map_err(name))
+        self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(map_err(name))
     }
 }
 

@@ -71,12 +71,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         other => anyhow::bail!("allocated pod CIDR {other} is not IPv4"),
     };
     let config = config.with_allocated_subnet(ipv4)?;
-    log::info!(
-        "node {}: pod subnet {}, gateway {}",
-        config.node_name,
-        config.pod_subnet,
-        config.gateway
-    );
+    log::info!("node {}: pod subnet {}, gateway {}", config.node_name, config.pod_subnet, config.gateway);
     let socket = config.cni_socket.clone();
     let status_addr = config.status_addr;
     let node_name = config.node_name.clone();

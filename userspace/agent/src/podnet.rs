@@ -110,22 +110,15 @@ where
     Fut: Future<Output = Result<T>>,
     T: Send + 'static,
 {
-    let ns_file = std::fs::File::open(netns).map_err(|source| PodNetError::Netns {
-        path: netns.to_owned(),
-        source,
-    })?;
+    let ns_file = std::fs::File::open(netns).map_err(|source| PodNetError::Netns { path: netns.to_owned(), source })?;
     let path = netns.to_owned();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("netns-worker".into())
         .spawn(move || {
             let run = || -> Result<T> {
-                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    PodNetError::Netns {
-                        path: path.clone(),
-                        source: std::io::Error::from(e),
-                    }
-                })?;
+                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| PodNetError::Netns { path: path.clone(), source: std::io::Error::from(e) })?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -138,8 +131,7 @@ where
             let _ = tx.send(run());
         })
         .map_err(|e| PodNetError::Worker(e.to_string()))?;
-    rx.await
-        .map_err(|_| PodNetError::Worker("namespace worker died".into()))?
+    rx.await.map_err(|_| PodNetError::Worker("namespace worker died".into()))?
 }
 
 /// Looks a link up by name; `None` if it does not exist.
@@ -147,11 +139,7 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMess
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(link) => Ok(link),
-        Err(rtnetlink::Error::NetlinkError(e))
-            if e.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
-        {
-            Ok(None)
-        }
+        Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => Ok(None),
         Err(e) => Err(nl(format!("looking up {name}"))(e)),
     }
 }
@@ -172,20 +160,17 @@ pub fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
 pub async fn create_pod_link(node: &Handle, spec: &PodLinkSpec) -> Result<PodLink> {
     // The pod's interface name must be free in its namespace before we build anything.
     let ifname = spec.ifname.clone();
-    let taken = in_netns(&spec.netns, move |h| async move {
-        Ok(link_by_name(&h, &ifname).await?.is_some())
-    })
-    .await?;
+    let taken = in_netns(&spec.netns, move |h| async move { Ok(link_by_name(&h, &ifname).await?.is_some()) }).await?;
     if taken {
         return Err(PodNetError::IfnameTaken(spec.ifname.clone()));
     }
     // A leftover host end from an earlier, interrupted attempt would block the name.
     delete_link(node, &spec.host_ifname).await?;
     let result = wire(node, spec).await;
-    if result.is_err() {
-        if let Err(e) = delete_link(node, &spec.host_ifname).await {
-            log::warn!("cleaning up {} after a failed ADD: {e}", spec.host_ifname);
-        }
+    if result.is_err()
+        && let Err(e) = delete_link(node, &spec.host_ifname).await
+    {
+        log::warn!("cleaning up {} after a failed ADD: {e}", spec.host_ifname);
     }
     result
 }
@@ -198,55 +183,34 @@ async fn wire(node: &Handle, spec: &PodLinkSpec) -> Result<PodLink> {
         .execute()
         .await
         .map_err(nl(format!("creating veth {}", spec.host_ifname)))?;
-    let host = link_by_name(node, &spec.host_ifname)
-        .await?
-        .ok_or_else(|| PodNetError::NotFound(spec.host_ifname.clone()))?;
-    let peer = link_by_name(node, &peer_tmp)
-        .await?
-        .ok_or_else(|| PodNetError::NotFound(peer_tmp.clone()))?;
-    let ns_file = std::fs::File::open(&spec.netns).map_err(|source| PodNetError::Netns {
-        path: spec.netns.clone(),
-        source,
-    })?;
+    let host =
+        link_by_name(node, &spec.host_ifname).await?.ok_or_else(|| PodNetError::NotFound(spec.host_ifname.clone()))?;
+    let peer = link_by_name(node, &peer_tmp).await?.ok_or_else(|| PodNetError::NotFound(peer_tmp.clone()))?;
+    let ns_file =
+        std::fs::File::open(&spec.netns).map_err(|source| PodNetError::Netns { path: spec.netns.clone(), source })?;
     node.link()
-        .set(
-            LinkUnspec::new_with_index(peer.header.index)
-                .setns_by_fd(ns_file.as_raw_fd())
-                .build(),
-        )
+        .set(LinkUnspec::new_with_index(peer.header.index).setns_by_fd(ns_file.as_raw_fd()).build())
         .execute()
         .await
         .map_err(nl("moving the pod end into its namespace"))?;
     drop(ns_file);
 
     let s = spec.clone();
-    let pod_mac = in_netns(&spec.netns, move |h| async move { configure_pod_side(&h, &peer_tmp, &s).await })
-        .await?;
+    let pod_mac = in_netns(&spec.netns, move |h| async move { configure_pod_side(&h, &peer_tmp, &s).await }).await?;
 
     node.link()
         .set(LinkUnspec::new_with_index(host.header.index).up().build())
         .execute()
         .await
         .map_err(nl(format!("bringing {} up", spec.host_ifname)))?;
-    Ok(PodLink {
-        host_ifindex: host.header.index,
-        host_mac: link_mac(&host).unwrap_or_default(),
-        pod_mac,
-    })
+    Ok(PodLink { host_ifindex: host.header.index, host_mac: link_mac(&host).unwrap_or_default(), pod_mac })
 }
 
 async fn configure_pod_side(h: &Handle, tmp_name: &str, spec: &PodLinkSpec) -> Result<[u8; 6]> {
-    let link = link_by_name(h, tmp_name)
-        .await?
-        .ok_or_else(|| PodNetError::NotFound(tmp_name.to_owned()))?;
+    let link = link_by_name(h, tmp_name).await?.ok_or_else(|| PodNetError::NotFound(tmp_name.to_owned()))?;
     let index = link.header.index;
     h.link()
-        .set(
-            LinkUnspec::new_with_index(index)
-                .name(spec.ifname.clone())
-                .mtu(spec.mtu)
-                .build(),
-        )
+        .set(LinkUnspec::new_with_index(index).name(spec.ifname.clone()).mtu(spec.mtu).build())
         .execute()
         .await
         .map_err(nl(format!("renaming the pod end to {}", spec.ifname)))?;
@@ -255,11 +219,7 @@ async fn configure_pod_side(h: &Handle, tmp_name: &str, spec: &PodLinkSpec) -> R
         .execute()
         .await
         .map_err(nl(format!("bringing {} up", spec.ifname)))?;
-    h.address()
-        .add(index, IpAddr::V4(spec.ip), 32)
-        .execute()
-        .await
-        .map_err(nl(format!("adding {}/32", spec.ip)))?;
+    h.address().add(index, IpAddr::V4(spec.ip), 32).execute().await.map_err(nl(format!("adding {}/32", spec.ip)))?;
     h.route()
         .add(
             RouteMessageBuilder::<Ipv4Addr>::new()
@@ -290,9 +250,7 @@ async fn configure_pod_side(h: &Handle, tmp_name: &str, spec: &PodLinkSpec) -> R
         .execute()
         .await
         .map_err(nl("adding the gateway's neighbour entry"))?;
-    let link = link_by_name(h, &spec.ifname)
-        .await?
-        .ok_or_else(|| PodNetError::NotFound(spec.ifname.clone()))?;
+    let link = link_by_name(h, &spec.ifname).await?.ok_or_else(|| PodNetError::NotFound(spec.ifname.clone()))?;
     link_mac(&link).ok_or_else(|| PodNetError::NotFound(format!("MAC of {}", spec.ifname)))
 }
 
@@ -303,11 +261,7 @@ pub async fn delete_link(node: &Handle, name: &str) -> Result<()> {
     };
     match node.link().del(link.header.index).execute().await {
         Ok(()) => Ok(()),
-        Err(rtnetlink::Error::NetlinkError(e))
-            if e.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
-        {
-            Ok(())
-        }
+        Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => Ok(()),
         Err(e) => Err(nl(format!("deleting {name}"))(e)),
     }
 }
@@ -320,10 +274,7 @@ pub async fn view_pod_side(netns: &Path, ifname: &str, gateway: Ipv4Addr) -> Res
             return Ok(None);
         };
         let index = link.header.index;
-        let up = link
-            .header
-            .flags
-            .contains(rtnetlink::packet_route::link::LinkFlags::Up);
+        let up = link.header.flags.contains(rtnetlink::packet_route::link::LinkFlags::Up);
         let mut addresses = vec![];
         let mut addrs = h.address().get().set_link_index_filter(index).execute();
         while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
@@ -334,10 +285,7 @@ pub async fn view_pod_side(netns: &Path, ifname: &str, gateway: Ipv4Addr) -> Res
             }
         }
         let mut has_default = false;
-        let mut routes = h
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
+        let mut routes = h.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
         while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
             if r.header.destination_prefix_length != 0 {
                 continue;
@@ -346,9 +294,10 @@ pub async fn view_pod_side(netns: &Path, ifname: &str, gateway: Ipv4Addr) -> Res
                 matches!(a, rtnetlink::packet_route::route::RouteAttribute::Gateway(
                     rtnetlink::packet_route::route::RouteAddress::Inet(g)) if *g == gateway)
             });
-            let on_if = r.attributes.iter().any(|a| {
-                matches!(a, rtnetlink::packet_route::route::RouteAttribute::Oif(i) if *i == index)
-            });
+            let on_if = r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, rtnetlink::packet_route::route::RouteAttribute::Oif(i) if *i == index));
             has_default |= via_gw && on_if;
         }
         Ok(Some(PodSideView {

@@ -45,10 +45,7 @@ pub struct AttachmentKey {
 
 impl AttachmentKey {
     pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> Self {
-        Self {
-            container_id: container_id.into(),
-            ifname: ifname.into(),
-        }
+        Self { container_id: container_id.into(), ifname: ifname.into() }
     }
 }
 
@@ -106,27 +103,16 @@ pub struct NodeState {
 impl NodeState {
     /// Loads the state from `dir/state.json`, or starts empty if there is none.
     pub fn open(dir: &Path, subnet: Ipv4Net, gateway: Ipv4Addr) -> Result<Self, StateError> {
-        std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| StateError::Io { path: dir.to_owned(), source })?;
         let path = dir.join("state.json");
-        let mut state = Self {
-            path: path.clone(),
-            subnet,
-            gateway,
-            next_offset: 0,
-            attachments: BTreeMap::new(),
-        };
+        let mut state = Self { path: path.clone(), subnet, gateway, next_offset: 0, attachments: BTreeMap::new() };
         let text = match std::fs::read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        let file: StateFile = serde_json::from_slice(&text).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let file: StateFile = serde_json::from_slice(&text)
+            .map_err(|e| StateError::Corrupt { path: path.clone(), reason: e.to_string() })?;
         if file.version != STATE_VERSION {
             return Err(StateError::Corrupt {
                 path,
@@ -135,10 +121,7 @@ impl NodeState {
         }
         if file.pod_subnet != subnet {
             // Addresses outside the new subnet stay reserved until their pods go away.
-            log::warn!(
-                "pod subnet changed from {} to {subnet}; existing pods keep their addresses",
-                file.pod_subnet
-            );
+            log::warn!("pod subnet changed from {} to {subnet}; existing pods keep their addresses", file.pod_subnet);
         }
         state.next_offset = file.next_offset;
         for a in file.attachments {
@@ -167,8 +150,7 @@ impl NodeState {
     pub fn allocate_ip(&mut self) -> Result<Ipv4Addr, StateError> {
         let base = u32::from(self.subnet.network());
         let size = 1u32 << (32 - self.subnet.prefix_len());
-        let used: std::collections::HashSet<Ipv4Addr> =
-            self.attachments.values().map(|a| a.ip).collect();
+        let used: std::collections::HashSet<Ipv4Addr> = self.attachments.values().map(|a| a.ip).collect();
         for i in 0..size {
             let offset = (self.next_offset + i) % size;
             let ip = Ipv4Addr::from(base + offset);
@@ -203,14 +185,10 @@ impl NodeState {
             next_offset: self.next_offset,
             attachments: self.attachments.values().cloned().collect(),
         };
-        let io = |source| StateError::Io {
-            path: self.path.clone(),
-            source,
-        };
+        let io = |source| StateError::Io { path: self.path.clone(), source };
         let tmp = self.path.with_extension("json.tmp");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(&file).expect("state serializes"))
-            .map_err(io)?;
+        f.write_all(&serde_json::to_vec_pretty(&file).expect("state serializes")).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)?;
         if let Some(dir) = self.path.parent() {
@@ -289,8 +267,7 @@ mod tests {
     fn corrupt_file_is_an_error_not_an_empty_state() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("state.json"), b"{not json").unwrap();
-        let err = NodeState::open(dir.path(), "10.1.1.0/24".parse().unwrap(), Ipv4Addr::new(10, 1, 1, 1))
-            .unwrap_err();
+        let err = NodeState::open(dir.path(), "10.1.1.0/24".parse().unwrap(), Ipv4Addr::new(10, 1, 1, 1)).unwrap_err();
         assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
     }
 }

@@ -40,7 +40,8 @@ async fn vswitch(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
 async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     let mut out = String::new();
     let pods = agent.pods().await;
-    let counters: [(&str, &str, fn(&crate::agent::CountersReport) -> u64); 10] = [
+    type Counter = (&'static str, &'static str, fn(&crate::agent::CountersReport) -> u64);
+    let counters: [Counter; 10] = [
         ("contiv_pod_forwarded_packets_total", "Frames forwarded pod to pod by the fast path", |c| c.fwd_packets),
         ("contiv_pod_forwarded_bytes_total", "Bytes forwarded pod to pod by the fast path", |c| c.fwd_bytes),
         ("contiv_pod_slowpath_packets_total", "Frames steered to the slow path", |c| c.slow_packets),
@@ -69,15 +70,26 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     }
     let slow = agent.slowpath_report().await;
     if let Some(v) = &slow.vswitch {
-        let _ = writeln!(out, "# HELP contiv_vswitch_replies_total Frames the vswitch answered\n# TYPE contiv_vswitch_replies_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP contiv_vswitch_replies_total Frames the vswitch answered\n# TYPE contiv_vswitch_replies_total counter"
+        );
         let _ = writeln!(out, "contiv_vswitch_replies_total{{kind=\"arp\"}} {}", v.arp_replies);
         let _ = writeln!(out, "contiv_vswitch_replies_total{{kind=\"icmp_echo\"}} {}", v.icmp_echo_replies);
-        let _ = writeln!(out, "# HELP contiv_vswitch_drops_total Frames the vswitch dropped, by reason\n# TYPE contiv_vswitch_drops_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP contiv_vswitch_drops_total Frames the vswitch dropped, by reason\n# TYPE contiv_vswitch_drops_total counter"
+        );
         for reason in contiv_vswitch::DropReason::ALL {
-            let _ = writeln!(out, "contiv_vswitch_drops_total{{reason=\"{}\"}} {}", reason.as_str(), v.drops.get(reason));
+            let _ =
+                writeln!(out, "contiv_vswitch_drops_total{{reason=\"{}\"}} {}", reason.as_str(), v.drops.get(reason));
         }
     }
-    let _ = writeln!(out, "# HELP contiv_pods Pod attachments on this node\n# TYPE contiv_pods gauge\ncontiv_pods {}", pods.len());
+    let _ = writeln!(
+        out,
+        "# HELP contiv_pods Pod attachments on this node\n# TYPE contiv_pods gauge\ncontiv_pods {}",
+        pods.len()
+    );
     ([("content-type", "text/plain; version=0.0.4")], out)
 }
 
@@ -88,12 +100,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the status endpoint on {addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the status endpoint on {addr}"))?;
     log::info!("status endpoint on http://{addr}");
-    axum::serve(listener, router(agent))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("status endpoint")
+    axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await.context("status endpoint")
 }

@@ -125,11 +125,7 @@ fn ip(field: &str, s: &str) -> Result<IpAddr, ConvertError> {
 }
 
 fn ips(field: &str, list: Option<&Vec<String>>) -> Result<Vec<IpAddr>, ConvertError> {
-    list.into_iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, s)| ip(&format!("{field}[{i}]"), s))
-        .collect()
+    list.into_iter().flatten().enumerate().map(|(i, s)| ip(&format!("{field}[{i}]"), s)).collect()
 }
 
 fn cidr(field: &str, s: &str) -> Result<IpNet, ConvertError> {
@@ -198,21 +194,14 @@ fn label_selector(field: &str, s: &meta::LabelSelector) -> Result<LabelSelector,
                 "Exists" => SelectorOperator::Exists,
                 "DoesNotExist" => SelectorOperator::DoesNotExist,
                 other => {
-                    return Err(invalid(
-                        format!("{f}.operator"),
-                        other,
-                        "must be In, NotIn, Exists or DoesNotExist",
-                    ));
+                    return Err(invalid(format!("{f}.operator"), other, "must be In, NotIn, Exists or DoesNotExist"));
                 }
             };
             let values = r.values.clone().unwrap_or_default();
             let needs_values = matches!(operator, SelectorOperator::In | SelectorOperator::NotIn);
             if needs_values == values.is_empty() {
-                let reason = if needs_values {
-                    "In and NotIn need values"
-                } else {
-                    "Exists and DoesNotExist take no values"
-                };
+                let reason =
+                    if needs_values { "In and NotIn need values" } else { "Exists and DoesNotExist take no values" };
                 return Err(invalid(format!("{f}.values"), values.join(","), reason));
             }
             Ok(SelectorRequirement { key: r.key.clone(), operator, values })
@@ -296,11 +285,7 @@ impl ToModel for core::Service {
             Some("LoadBalancer") => ServiceType::LoadBalancer,
             Some("ExternalName") => ServiceType::ExternalName,
             Some(other) => {
-                return Err(invalid(
-                    "spec.type",
-                    other,
-                    "must be ClusterIP, NodePort, LoadBalancer or ExternalName",
-                ));
+                return Err(invalid("spec.type", other, "must be ClusterIP, NodePort, LoadBalancer or ExternalName"));
             }
         };
         let mut headless = false;
@@ -386,10 +371,7 @@ impl ToModel for core::Service {
                 "spec.internalTrafficPolicy",
                 spec.internal_traffic_policy.as_deref(),
             )?,
-            health_check_node_port: optional_port(
-                "spec.healthCheckNodePort",
-                spec.health_check_node_port,
-            )?,
+            health_check_node_port: optional_port("spec.healthCheckNodePort", spec.health_check_node_port)?,
             service_proxy_name: labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)).cloned(),
             headless_label: labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)),
         })
@@ -410,10 +392,7 @@ impl ToModel for discovery::EndpointSlice {
             "IPv4" => AddressType::IPv4,
             "IPv6" => AddressType::IPv6,
             "FQDN" => {
-                return Err(ConvertError::Unsupported {
-                    field: "addressType".into(),
-                    value: "FQDN".into(),
-                });
+                return Err(ConvertError::Unsupported { field: "addressType".into(), value: "FQDN".into() });
             }
             other => return Err(invalid("addressType", other, "must be IPv4, IPv6 or FQDN")),
         };
@@ -471,12 +450,7 @@ impl ToModel for discovery::EndpointSlice {
         Ok(EndpointSlice {
             name: name_of(&self.metadata)?,
             namespace: namespace_of(&self.metadata)?,
-            service_name: self
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE_NAME))
-                .cloned(),
+            service_name: self.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
             address_type,
             endpoints,
             ports,
@@ -486,7 +460,10 @@ impl ToModel for discovery::EndpointSlice {
 
 // === impl NetworkPolicy ===
 
-fn policy_peers(field: &str, peers: Option<&Vec<networking::NetworkPolicyPeer>>) -> Result<Vec<PolicyPeer>, ConvertError> {
+fn policy_peers(
+    field: &str,
+    peers: Option<&Vec<networking::NetworkPolicyPeer>>,
+) -> Result<Vec<PolicyPeer>, ConvertError> {
     peers
         .into_iter()
         .flatten()
@@ -517,25 +494,25 @@ fn policy_peers(field: &str, peers: Option<&Vec<networking::NetworkPolicyPeer>>)
                     "ipBlock with selectors",
                     "ipBlock may not be combined with podSelector or namespaceSelector",
                 )),
-                (None, None, None) => Err(ConvertError::Missing {
-                    field: format!("{f}.podSelector|namespaceSelector|ipBlock"),
-                }),
+                (None, None, None) => {
+                    Err(ConvertError::Missing { field: format!("{f}.podSelector|namespaceSelector|ipBlock") })
+                }
                 (None, ns, pods) => Ok(PolicyPeer::Pods {
                     namespace_selector: ns
                         .as_ref()
                         .map(|s| label_selector(&format!("{f}.namespaceSelector"), s))
                         .transpose()?,
-                    pod_selector: pods
-                        .as_ref()
-                        .map(|s| label_selector(&format!("{f}.podSelector"), s))
-                        .transpose()?,
+                    pod_selector: pods.as_ref().map(|s| label_selector(&format!("{f}.podSelector"), s)).transpose()?,
                 }),
             }
         })
         .collect()
 }
 
-fn policy_ports(field: &str, ports: Option<&Vec<networking::NetworkPolicyPort>>) -> Result<Vec<PolicyPort>, ConvertError> {
+fn policy_ports(
+    field: &str,
+    ports: Option<&Vec<networking::NetworkPolicyPort>>,
+) -> Result<Vec<PolicyPort>, ConvertError> {
     ports
         .into_iter()
         .flatten()
@@ -556,11 +533,7 @@ fn policy_ports(field: &str, ports: Option<&Vec<networking::NetworkPolicyPort>>)
                     return Err(invalid(format!("{f}.endPort"), e, "needs a numeric port"));
                 }
             };
-            Ok(PolicyPort {
-                protocol: protocol(&format!("{f}.protocol"), p.protocol.as_deref())?,
-                port,
-                end_port,
-            })
+            Ok(PolicyPort { protocol: protocol(&format!("{f}.protocol"), p.protocol.as_deref())?, port, end_port })
         })
         .collect()
 }
@@ -575,12 +548,8 @@ impl ToModel for networking::NetworkPolicy {
     fn to_model(&self) -> Result<NetworkPolicy, ConvertError> {
         let default_spec = networking::NetworkPolicySpec::default();
         let spec = self.spec.as_ref().unwrap_or(&default_spec);
-        let pod_selector = spec
-            .pod_selector
-            .as_ref()
-            .map(|s| label_selector("spec.podSelector", s))
-            .transpose()?
-            .unwrap_or_default();
+        let pod_selector =
+            spec.pod_selector.as_ref().map(|s| label_selector("spec.podSelector", s)).transpose()?.unwrap_or_default();
         let mut policy_types = match &spec.policy_types {
             Some(types) if !types.is_empty() => types
                 .iter()

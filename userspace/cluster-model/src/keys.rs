@@ -55,14 +55,8 @@ pub enum Kind {
 
 impl Kind {
     /// All kinds, in the order they are usually synced (namespaces and nodes first).
-    pub const ALL: [Kind; 6] = [
-        Kind::Namespace,
-        Kind::Node,
-        Kind::Pod,
-        Kind::Service,
-        Kind::EndpointSlice,
-        Kind::NetworkPolicy,
-    ];
+    pub const ALL: [Kind; 6] =
+        [Kind::Namespace, Kind::Node, Kind::Pod, Kind::Service, Kind::EndpointSlice, Kind::NetworkPolicy];
 
     /// The key segment naming this kind (`pod`, `namespace`, ...).
     pub fn as_str(self) -> &'static str {
@@ -101,10 +95,7 @@ pub struct UnknownKind(pub String);
 impl FromStr for Kind {
     type Err = UnknownKind;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| UnknownKind(s.to_string()))
+        Kind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| UnknownKind(s.to_string()))
     }
 }
 
@@ -150,9 +141,7 @@ impl ObjectRef {
             return None;
         }
         match (kind.is_namespaced(), second) {
-            (true, Some(name)) if !name.is_empty() => {
-                Some(ObjectRef::namespaced(kind, first, name))
-            }
+            (true, Some(name)) if !name.is_empty() => Some(ObjectRef::namespaced(kind, first, name)),
             (false, None) => Some(ObjectRef::cluster(kind, first)),
             _ => None,
         }
@@ -203,10 +192,7 @@ mod tests {
         assert_eq!(k8s_key(Kind::Pod, Some("default"), "web-0"), "/contiv/k8s/pod/default/web-0");
         assert_eq!(k8s_key(Kind::Namespace, Some("x"), "kube-system"), "/contiv/k8s/namespace/kube-system");
         assert_eq!(k8s_key(Kind::Node, None, "n1"), "/contiv/k8s/node/n1");
-        assert_eq!(
-            k8s_key(Kind::EndpointSlice, Some("ns"), "svc-abc"),
-            "/contiv/k8s/endpointslice/ns/svc-abc"
-        );
+        assert_eq!(k8s_key(Kind::EndpointSlice, Some("ns"), "svc-abc"), "/contiv/k8s/endpointslice/ns/svc-abc");
         assert_eq!(Kind::NetworkPolicy.prefix(), "/contiv/k8s/networkpolicy/");
         assert_eq!(node("n1"), "/contiv/nodes/n1");
         assert_eq!(node_id(7), "/contiv/node-ids/7");

@@ -158,19 +158,13 @@ mod tests {
     use super::*;
 
     fn ns() -> Namespace {
-        Namespace {
-            name: "prod".into(),
-            labels: [("team".to_string(), "a".to_string())].into(),
-        }
+        Namespace { name: "prod".into(), labels: [("team".to_string(), "a".to_string())].into() }
     }
 
     #[test]
     fn encode_puts_version_first_and_roundtrips() {
         let bytes = encode(&ns());
-        assert_eq!(
-            std::str::from_utf8(&bytes).unwrap(),
-            r#"{"v":1,"name":"prod","labels":{"team":"a"}}"#
-        );
+        assert_eq!(std::str::from_utf8(&bytes).unwrap(), r#"{"v":1,"name":"prod","labels":{"team":"a"}}"#);
         let back: Namespace = decode(&bytes).unwrap();
         assert_eq!(back, ns());
     }
@@ -190,10 +184,7 @@ mod tests {
         let obj = ClusterObject::decode("/contiv/k8s/namespace/prod", &v).unwrap();
         assert_eq!(obj, ClusterObject::Namespace(ns()));
         assert_eq!(obj.encode(), v);
-        assert!(matches!(
-            ClusterObject::decode("/contiv/k8s/namespace/other", &v),
-            Err(DecodeError::Mismatch { .. })
-        ));
+        assert!(matches!(ClusterObject::decode("/contiv/k8s/namespace/other", &v), Err(DecodeError::Mismatch { .. })));
         assert!(matches!(ClusterObject::decode("/contiv/nodes/x", &v), Err(DecodeError::Key(_))));
         // A namespace value under a pod key fails to decode as a pod.
         assert!(ClusterObject::decode("/contiv/k8s/pod/prod/x", &v).is_err());

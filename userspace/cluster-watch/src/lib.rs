@@ -46,9 +46,19 @@ pub enum ResyncReason {
 pub enum ClusterEvent {
     /// The whole model may have changed: reconcile against it.
     Resync(ResyncReason),
-    Added { key: String, object: Object },
-    Updated { key: String, old: Object, new: Object },
-    Deleted { key: String, object: Object },
+    Added {
+        key: String,
+        object: Object,
+    },
+    Updated {
+        key: String,
+        old: Object,
+        new: Object,
+    },
+    Deleted {
+        key: String,
+        object: Object,
+    },
 }
 
 /// Receives the model's changes. Called from the watch task with the model already updated.
@@ -89,12 +99,7 @@ pub struct ClusterWatch {
 impl ClusterWatch {
     /// A watch of everything under `/contiv/` that the model holds.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self {
-            store,
-            prefix: keys::ROOT.to_string(),
-            model: Arc::default(),
-            stats: Arc::default(),
-        }
+        Self { store, prefix: keys::ROOT.to_string(), model: Arc::default(), stats: Arc::default() }
     }
 
     /// The model, shared (read it; the watch task is its only writer).
@@ -139,7 +144,11 @@ impl ClusterWatch {
     }
 
     /// Lists, resyncs, watches until the watch ends; returns why the next resync happens.
-    async fn session<C: ClusterConsumer>(&self, consumer: &mut C, reason: ResyncReason) -> Result<ResyncReason, StoreError> {
+    async fn session<C: ClusterConsumer>(
+        &self,
+        consumer: &mut C,
+        reason: ResyncReason,
+    ) -> Result<ResyncReason, StoreError> {
         let list = self.store.list(&self.prefix).await?;
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         let mut fresh = ClusterModel::default();

@@ -21,7 +21,10 @@ fn v(value: serde_json::Value) -> Vec<u8> {
 }
 
 fn pod(ns: &str, name: &str, ip: &str) -> (String, Vec<u8>) {
-    (keys::k8s_key(Kind::Pod, Some(ns), name), v(json!({"name": name, "namespace": ns, "ips": [ip], "labels": {"app": "web"}})))
+    (
+        keys::k8s_key(Kind::Pod, Some(ns), name),
+        v(json!({"name": name, "namespace": ns, "ips": [ip], "labels": {"app": "web"}})),
+    )
 }
 
 fn service(ns: &str, name: &str, ip: &str) -> (String, Vec<u8>) {
@@ -165,7 +168,11 @@ async fn start_resync_then_events(store: Arc<dyn Store>) {
         other => panic!("expected pod added, got {other:?}"),
     }
     match &events[2] {
-        ClusterEvent::Updated { old: Object::K8s(ClusterObject::EndpointSlice(o)), new: Object::K8s(ClusterObject::EndpointSlice(n)), .. } => {
+        ClusterEvent::Updated {
+            old: Object::K8s(ClusterObject::EndpointSlice(o)),
+            new: Object::K8s(ClusterObject::EndpointSlice(n)),
+            ..
+        } => {
             assert_eq!((o.endpoints.len(), n.endpoints.len()), (1, 2));
         }
         other => panic!("expected slice updated, got {other:?}"),
@@ -184,7 +191,10 @@ async fn malformed_values_skipped(store: Arc<dyn Store>) {
     let (good_key, good) = pod("ns", "good", "10.1.1.9");
     store.put(&good_key, good.clone(), None).await.unwrap();
     store.put("/contiv/k8s/pod/ns/garbage", b"{not json".to_vec(), None).await.unwrap();
-    store.put("/contiv/k8s/pod/ns/future", br#"{"v":99,"name":"future","namespace":"ns"}"#.to_vec(), None).await.unwrap();
+    store
+        .put("/contiv/k8s/pod/ns/future", br#"{"v":99,"name":"future","namespace":"ns"}"#.to_vec(), None)
+        .await
+        .unwrap();
     // A value naming another object than its key.
     store.put("/contiv/k8s/pod/ns/liar", pod("ns", "other", "10.1.1.1").1, None).await.unwrap();
     store.put("/contiv/k8s/bogus/x", b"{}".to_vec(), None).await.unwrap();
@@ -286,7 +296,9 @@ async fn etcd_restart_mid_run_resyncs_and_misses_nothing() {
     writer.await.unwrap();
     assert!(done.load(Ordering::SeqCst));
     rec.wait_for("reconnect resync and all changes", |e, m| {
-        resyncs(e, ResyncReason::Reconnected) >= 1 && m.count(Kind::Service) == 50 && m.get(&service("default", "s59", "").0).is_some()
+        resyncs(e, ResyncReason::Reconnected) >= 1
+            && m.count(Kind::Service) == 50
+            && m.get(&service("default", "s59", "").0).is_some()
     })
     .await;
     let truth = store.list(keys::K8S_PREFIX).await.unwrap();
@@ -391,7 +403,11 @@ async fn wiped_etcd_is_detected_and_relisted() {
     // A reflector refills the new store with less than before.
     let mut written = false;
     for _ in 0..100 {
-        if store.put(&service("default", "new0", "10.96.0.2").0, service("default", "new0", "10.96.0.2").1, None).await.is_ok() {
+        if store
+            .put(&service("default", "new0", "10.96.0.2").0, service("default", "new0", "10.96.0.2").1, None)
+            .await
+            .is_ok()
+        {
             written = true;
             break;
         }

@@ -21,11 +21,7 @@ pub struct CniError {
 impl CniError {
     /// An error with an explicit code.
     pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
-        Self {
-            code,
-            msg: msg.into(),
-            details: details.into(),
-        }
+        Self { code, msg: msg.into(), details: details.into() }
     }
 
     /// Code 1: the requested `cniVersion` is not supported (or too old for the command).
@@ -78,30 +74,18 @@ impl CniError {
             msg: &'a str,
             details: &'a str,
         }
-        serde_json::to_string(&ErrorResult {
-            cni_version,
-            code: self.code,
-            msg: &self.msg,
-            details: &self.details,
-        })
-        .unwrap_or_else(|_| {
-            // Serialising four plain fields cannot fail; keep a valid fallback anyway.
-            format!(
-                r#"{{"cniVersion":"1.1.0","code":{},"msg":"error","details":""}}"#,
-                self.code
-            )
-        })
+        serde_json::to_string(&ErrorResult { cni_version, code: self.code, msg: &self.msg, details: &self.details })
+            .unwrap_or_else(|_| {
+                // Serialising four plain fields cannot fail; keep a valid fallback anyway.
+                format!(r#"{{"cniVersion":"1.1.0","code":{},"msg":"error","details":""}}"#, self.code)
+            })
     }
 }
 
 impl CniError {
     /// The wire form the agent sends back in a reply.
     pub fn to_proto(&self) -> crate::v1::CniError {
-        crate::v1::CniError {
-            code: self.code,
-            msg: self.msg.clone(),
-            details: self.details.clone(),
-        }
+        crate::v1::CniError { code: self.code, msg: self.msg.clone(), details: self.details.clone() }
     }
 }
 
@@ -128,12 +112,8 @@ mod tests {
 
     #[test]
     fn agent_error_converts_verbatim() {
-        let e: CniError = crate::v1::CniError {
-            code: 52,
-            msg: "ipam exhausted".into(),
-            details: "10.1.0.0/24".into(),
-        }
-        .into();
+        let e: CniError =
+            crate::v1::CniError { code: 52, msg: "ipam exhausted".into(), details: "10.1.0.0/24".into() }.into();
         assert_eq!(e, CniError::new(52, "ipam exhausted", "10.1.0.0/24"));
     }
 }

@@ -23,11 +23,7 @@ pub fn router(mirror: Arc<Mirror>) -> Router {
 }
 
 async fn readyz(State(m): State<Arc<Mirror>>) -> (StatusCode, &'static str) {
-    if m.ready().await {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
+    if m.ready().await { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
 }
 
 /// The /metrics text.
@@ -66,7 +62,10 @@ async fn metrics(State(m): State<Arc<Mirror>>) -> String {
 }
 
 /// Serves the router on `addr` until the task is dropped; returns the bound address.
-pub async fn serve(addr: SocketAddr, mirror: Arc<Mirror>) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    addr: SocketAddr,
+    mirror: Arc<Mirror>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = router(mirror);

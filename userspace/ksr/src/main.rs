@@ -44,11 +44,8 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Clien
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let store_config = if args.etcd.is_empty() {
-        StoreConfig::embedded(&args.data_dir)
-    } else {
-        StoreConfig::etcd(args.etcd.clone())
-    };
+    let store_config =
+        if args.etcd.is_empty() { StoreConfig::embedded(&args.data_dir) } else { StoreConfig::etcd(args.etcd.clone()) };
     // The store may come up after KSR (etcd in the same rollout): keep trying.
     let store = loop {
         match contiv_store::open(&store_config).await {
@@ -62,8 +59,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     log::info!("store: {}", store.backend());
     let client = kube_client(args.kubeconfig.as_ref()).await?;
-    let reflector =
-        contiv_ksr::Reflector::start(client, store, Duration::from_secs(args.repair_seconds.max(1)));
+    let reflector = contiv_ksr::Reflector::start(client, store, Duration::from_secs(args.repair_seconds.max(1)));
     let (addr, _http) = contiv_ksr::http::serve(args.http, reflector.mirror.clone())
         .await
         .with_context(|| format!("binding {}", args.http))?;

@@ -80,10 +80,7 @@ pub struct Mirror {
 impl Mirror {
     /// A mirror writing `kinds` into `store`.
     pub fn new(store: Arc<dyn Store>, kinds: &[Kind]) -> Self {
-        let state = State {
-            kinds: kinds.iter().map(|k| (*k, KindState::default())).collect(),
-            ..State::default()
-        };
+        let state = State { kinds: kinds.iter().map(|k| (*k, KindState::default())).collect(), ..State::default() };
         Mirror { store, kinds: kinds.to_vec(), state: Mutex::new(state), counters: Counters::default() }
     }
 
@@ -168,8 +165,7 @@ impl Mirror {
         };
         self.counters.converges.fetch_add(1, Ordering::Relaxed);
         let Some(ks) = state.kinds.get(&kind) else { return };
-        let mut actual: BTreeMap<String, Vec<u8>> =
-            listed.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
+        let mut actual: BTreeMap<String, Vec<u8>> = listed.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
         let mut writes = Vec::new();
         for (key, value) in &ks.desired {
             match actual.remove(key) {
@@ -250,8 +246,7 @@ impl Mirror {
                 }
             }
         }
-        let dirty: Vec<Kind> =
-            state.kinds.iter().filter(|(_, k)| k.synced && k.dirty).map(|(k, _)| *k).collect();
+        let dirty: Vec<Kind> = state.kinds.iter().filter(|(_, k)| k.synced && k.dirty).map(|(k, _)| *k).collect();
         for kind in dirty {
             self.converge(&mut state, kind).await;
         }
@@ -279,9 +274,7 @@ impl Mirror {
     /// Ready: every kind listed and in sync, the marker written, the store reachable.
     pub async fn ready(&self) -> bool {
         let state = self.state.lock().await;
-        state.marker_written
-            && !state.store_down
-            && state.kinds.values().all(|k| k.synced && !k.dirty)
+        state.marker_written && !state.store_down && state.kinds.values().all(|k| k.synced && !k.dirty)
     }
 
     /// The desired value of a key (what KSR believes the API server has), for tests.
@@ -292,9 +285,9 @@ impl Mirror {
 
 /// Value of the marker key.
 fn marker_value() -> Vec<u8> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    serde_json::to_vec(&serde_json::json!({"v": contiv_cluster_model::MODEL_VERSION, "writer": "contiv-ksr", "synced_at": now}))
-        .unwrap_or_default()
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    serde_json::to_vec(
+        &serde_json::json!({"v": contiv_cluster_model::MODEL_VERSION, "writer": "contiv-ksr", "synced_at": now}),
+    )
+    .unwrap_or_default()
 }

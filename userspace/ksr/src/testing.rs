@@ -84,10 +84,7 @@ pub struct FakeApiServer {
 
 fn id_of(obj: &Value) -> (String, String) {
     let m = &obj["metadata"];
-    (
-        m["namespace"].as_str().unwrap_or_default().to_string(),
-        m["name"].as_str().unwrap_or_default().to_string(),
-    )
+    (m["namespace"].as_str().unwrap_or_default().to_string(), m["name"].as_str().unwrap_or_default().to_string())
 }
 
 impl FakeApiServer {
@@ -148,7 +145,8 @@ impl FakeApiServer {
     fn remove(&self, kind: &str, namespace: &str, name: &str, emit: bool) -> bool {
         let res = resource_of_kind(kind).unwrap_or_else(|| panic!("unknown kind {kind:?}"));
         let mut c = self.shared.cluster.lock().expect("fake apiserver lock");
-        let Some(mut obj) = c.objects.entry(res.path).or_default().remove(&(namespace.to_string(), name.to_string())) else {
+        let Some(mut obj) = c.objects.entry(res.path).or_default().remove(&(namespace.to_string(), name.to_string()))
+        else {
             return false;
         };
         c.rv += 1;

@@ -49,11 +49,7 @@ struct Flaky {
 
 impl Flaky {
     fn check(&self) -> Result<(), StoreError> {
-        if self.broken.load(Ordering::SeqCst) {
-            Err(StoreError::Unavailable("injected fault".into()))
-        } else {
-            Ok(())
-        }
+        if self.broken.load(Ordering::SeqCst) { Err(StoreError::Unavailable("injected fault".into())) } else { Ok(()) }
     }
 }
 

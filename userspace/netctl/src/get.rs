@@ -81,11 +81,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 
 fn join<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
     let s: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
-    if s.is_empty() {
-        "<none>".into()
-    } else {
-        s.join(",")
-    }
+    if s.is_empty() { "<none>".into() } else { s.join(",") }
 }
 
 fn labels_text(l: &Labels) -> String {
@@ -93,11 +89,7 @@ fn labels_text(l: &Labels) -> String {
 }
 
 fn selector_text(s: &LabelSelector) -> String {
-    let mut parts: Vec<String> = s
-        .match_labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let mut parts: Vec<String> = s.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     for r in &s.match_expressions {
         parts.push(match r.operator {
             SelectorOperator::In => format!("{} in ({})", r.key, r.values.join(",")),
@@ -106,11 +98,7 @@ fn selector_text(s: &LabelSelector) -> String {
             SelectorOperator::DoesNotExist => format!("!{}", r.key),
         });
     }
-    if parts.is_empty() {
-        "<all>".into()
-    } else {
-        parts.join(",")
-    }
+    if parts.is_empty() { "<all>".into() } else { parts.join(",") }
 }
 
 fn protocol_text(p: Protocol) -> &'static str {
@@ -164,8 +152,7 @@ async fn objects(
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {
-    let mut s =
-        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("\"unserializable: {e}\""));
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("\"unserializable: {e}\""));
     s.push('\n');
     s
 }
@@ -196,82 +183,52 @@ pub async fn get(
     format: Format,
 ) -> Result<Output, StoreError> {
     let mut warnings = Vec::new();
-    let text = match what {
-        Resource::Nodes => nodes(store, format, &mut warnings).await?,
-        Resource::Ipam => ipam(store, format, &mut warnings).await?,
-        Resource::Pods => {
-            let objs = objects(store, Kind::Pod, namespace, &mut warnings).await?;
-            listing(
-                &objs,
-                format,
-                &["NAMESPACE", "NAME", "NODE", "IPS", "HOSTNET", "LABELS"],
-                |o| match o {
+    let text =
+        match what {
+            Resource::Nodes => nodes(store, format, &mut warnings).await?,
+            Resource::Ipam => ipam(store, format, &mut warnings).await?,
+            Resource::Pods => {
+                let objs = objects(store, Kind::Pod, namespace, &mut warnings).await?;
+                listing(&objs, format, &["NAMESPACE", "NAME", "NODE", "IPS", "HOSTNET", "LABELS"], |o| match o {
                     ClusterObject::Pod(p) => Some(vec![
                         p.namespace.clone(),
                         p.name.clone(),
                         p.node_name.clone().unwrap_or_else(|| "<none>".into()),
                         join(&p.ips),
-                        if p.host_network {
-                            "yes".into()
-                        } else {
-                            "no".into()
-                        },
+                        if p.host_network { "yes".into() } else { "no".into() },
                         labels_text(&p.labels),
                     ]),
                     _ => None,
-                },
-            )
-        }
-        Resource::Services => {
-            let objs = objects(store, Kind::Service, namespace, &mut warnings).await?;
-            listing(
-                &objs,
-                format,
-                &[
-                    "NAMESPACE",
-                    "NAME",
-                    "TYPE",
-                    "CLUSTER-IPS",
-                    "EXTERNAL-IPS",
-                    "PORTS",
-                ],
-                |o| match o {
-                    ClusterObject::Service(s) => Some(vec![
-                        s.namespace.clone(),
-                        s.name.clone(),
-                        format!("{:?}", s.service_type),
-                        if s.headless {
-                            "None".into()
-                        } else {
-                            join(&s.cluster_ips)
-                        },
-                        join(s.external_ips.iter().chain(&s.load_balancer_ips)),
-                        join(s.ports.iter().map(|p| {
-                            let node = p.node_port.map(|n| format!(":{n}")).unwrap_or_default();
-                            let name = if p.name.is_empty() {
-                                String::new()
-                            } else {
-                                format!("{}=", p.name)
-                            };
-                            format!(
-                                "{name}{}{node}/{}->{}",
-                                p.port,
-                                protocol_text(p.protocol),
-                                port_ref_text(&p.target_port)
-                            )
-                        })),
-                    ]),
-                    _ => None,
-                },
-            )
-        }
-        Resource::Endpoints => {
-            let objs = objects(store, Kind::EndpointSlice, namespace, &mut warnings).await?;
-            listing(
-                &objs,
-                format,
-                &["NAMESPACE", "NAME", "SERVICE", "ENDPOINTS", "PORTS"],
-                |o| match o {
+                })
+            }
+            Resource::Services => {
+                let objs = objects(store, Kind::Service, namespace, &mut warnings).await?;
+                listing(&objs, format, &["NAMESPACE", "NAME", "TYPE", "CLUSTER-IPS", "EXTERNAL-IPS", "PORTS"], |o| {
+                    match o {
+                        ClusterObject::Service(s) => Some(vec![
+                            s.namespace.clone(),
+                            s.name.clone(),
+                            format!("{:?}", s.service_type),
+                            if s.headless { "None".into() } else { join(&s.cluster_ips) },
+                            join(s.external_ips.iter().chain(&s.load_balancer_ips)),
+                            join(s.ports.iter().map(|p| {
+                                let node = p.node_port.map(|n| format!(":{n}")).unwrap_or_default();
+                                let name = if p.name.is_empty() { String::new() } else { format!("{}=", p.name) };
+                                format!(
+                                    "{name}{}{node}/{}->{}",
+                                    p.port,
+                                    protocol_text(p.protocol),
+                                    port_ref_text(&p.target_port)
+                                )
+                            })),
+                        ]),
+                        _ => None,
+                    }
+                })
+            }
+            Resource::Endpoints => {
+                let objs = objects(store, Kind::EndpointSlice, namespace, &mut warnings).await?;
+                listing(&objs, format, &["NAMESPACE", "NAME", "SERVICE", "ENDPOINTS", "PORTS"], |o| match o {
                     ClusterObject::EndpointSlice(e) => Some(vec![
                         e.namespace.clone(),
                         e.name.clone(),
@@ -289,53 +246,37 @@ pub async fn get(
                         })),
                         join(e.ports.iter().map(|p| {
                             let port = p.port.map_or_else(|| "*".to_string(), |n| n.to_string());
-                            let name = if p.name.is_empty() {
-                                String::new()
-                            } else {
-                                format!("{}=", p.name)
-                            };
+                            let name = if p.name.is_empty() { String::new() } else { format!("{}=", p.name) };
                             format!("{name}{port}/{}", protocol_text(p.protocol))
                         })),
                     ]),
                     _ => None,
-                },
-            )
-        }
-        Resource::Policies => {
-            let objs = objects(store, Kind::NetworkPolicy, namespace, &mut warnings).await?;
-            listing(
-                &objs,
-                format,
-                &[
-                    "NAMESPACE",
-                    "NAME",
-                    "POD-SELECTOR",
-                    "TYPES",
-                    "INGRESS-RULES",
-                    "EGRESS-RULES",
-                ],
-                |o| match o {
-                    ClusterObject::NetworkPolicy(p) => Some(vec![
-                        p.namespace.clone(),
-                        p.name.clone(),
-                        selector_text(&p.pod_selector),
-                        join(p.policy_types.iter().map(|t| format!("{t:?}"))),
-                        p.ingress.len().to_string(),
-                        p.egress.len().to_string(),
-                    ]),
-                    _ => None,
-                },
-            )
-        }
-    };
+                })
+            }
+            Resource::Policies => {
+                let objs = objects(store, Kind::NetworkPolicy, namespace, &mut warnings).await?;
+                listing(
+                    &objs,
+                    format,
+                    &["NAMESPACE", "NAME", "POD-SELECTOR", "TYPES", "INGRESS-RULES", "EGRESS-RULES"],
+                    |o| match o {
+                        ClusterObject::NetworkPolicy(p) => Some(vec![
+                            p.namespace.clone(),
+                            p.name.clone(),
+                            selector_text(&p.pod_selector),
+                            join(p.policy_types.iter().map(|t| format!("{t:?}"))),
+                            p.ingress.len().to_string(),
+                            p.egress.len().to_string(),
+                        ]),
+                        _ => None,
+                    },
+                )
+            }
+        };
     Ok(Output { text, warnings })
 }
 
-async fn nodes(
-    store: &Arc<dyn Store>,
-    format: Format,
-    warnings: &mut Vec<String>,
-) -> Result<String, StoreError> {
+async fn nodes(store: &Arc<dyn Store>, format: Format, warnings: &mut Vec<String>) -> Result<String, StoreError> {
     let k8s: BTreeMap<String, Node> = objects(store, Kind::Node, None, warnings)
         .await?
         .into_iter()
@@ -371,24 +312,14 @@ async fn nodes(
         .map(|n| {
             let reg = regs.get(*n);
             let alloc = allocs.get(*n);
-            let id = reg
-                .map(|r| r.id)
-                .or(alloc.map(|a| a.id))
-                .map_or_else(|| "<none>".into(), |i| i.to_string());
+            let id = reg.map(|r| r.id).or(alloc.map(|a| a.id)).map_or_else(|| "<none>".into(), |i| i.to_string());
             let cidr = reg
                 .map(|r| r.pod_cidr.to_string())
                 .or(alloc.map(|a| a.pod_cidr.to_string()))
                 .unwrap_or_else(|| "<none>".into());
             let addrs = match (reg, k8s.get(*n)) {
-                (Some(r), _) if !r.addresses.is_empty() => {
-                    join(r.addresses.iter().map(|a| &a.address))
-                }
-                (_, Some(k)) => join(
-                    k.addresses
-                        .iter()
-                        .filter(|a| a.address_type.ends_with("IP"))
-                        .map(|a| &a.address),
-                ),
+                (Some(r), _) if !r.addresses.is_empty() => join(r.addresses.iter().map(|a| &a.address)),
+                (_, Some(k)) => join(k.addresses.iter().filter(|a| a.address_type.ends_with("IP")).map(|a| &a.address)),
                 _ => "<none>".into(),
             };
             vec![
@@ -396,37 +327,15 @@ async fn nodes(
                 id,
                 cidr,
                 addrs,
-                if reg.is_some() {
-                    "yes".into()
-                } else {
-                    "no".into()
-                },
-                if k8s.contains_key(*n) {
-                    "yes".into()
-                } else {
-                    "no".into()
-                },
+                if reg.is_some() { "yes".into() } else { "no".into() },
+                if k8s.contains_key(*n) { "yes".into() } else { "no".into() },
             ]
         })
         .collect();
-    Ok(table(
-        &[
-            "NAME",
-            "ID",
-            "POD-CIDR",
-            "ADDRESSES",
-            "REGISTERED",
-            "KUBERNETES",
-        ],
-        &rows,
-    ))
+    Ok(table(&["NAME", "ID", "POD-CIDR", "ADDRESSES", "REGISTERED", "KUBERNETES"], &rows))
 }
 
-async fn ipam(
-    store: &Arc<dyn Store>,
-    format: Format,
-    warnings: &mut Vec<String>,
-) -> Result<String, StoreError> {
+async fn ipam(store: &Arc<dyn Store>, format: Format, warnings: &mut Vec<String>) -> Result<String, StoreError> {
     let config = match store.get(keys::IPAM_CONFIG).await? {
         None => None,
         Some(kv) => match decode::<IpamConfig>(&kv.value) {
@@ -439,21 +348,14 @@ async fn ipam(
     };
     let allocs = decode_prefix::<IpamAllocation>(store, keys::IPAM_NODES_PREFIX, warnings).await?;
     let claims = decode_prefix::<NodeIdClaim>(store, keys::NODE_IDS_PREFIX, warnings).await?;
-    let claims: BTreeMap<u32, String> = claims
-        .into_iter()
-        .filter_map(|(k, c)| Some((keys::parse_node_id(&k)?, c.name)))
-        .collect();
+    let claims: BTreeMap<u32, String> =
+        claims.into_iter().filter_map(|(k, c)| Some((keys::parse_node_id(&k)?, c.name))).collect();
     if format == Format::Json {
         let allocations: Vec<&IpamAllocation> = allocs.iter().map(|(_, a)| a).collect();
-        return Ok(to_json(
-            &json!({"config": config, "allocations": allocations, "node_ids": claims}),
-        ));
+        return Ok(to_json(&json!({"config": config, "allocations": allocations, "node_ids": claims})));
     }
     let mut out = match &config {
-        Some(c) => format!(
-            "pod subnet {} split into /{} per node\n\n",
-            c.pod_subnet_cidr, c.pod_prefix_len
-        ),
+        Some(c) => format!("pod subnet {} split into /{} per node\n\n", c.pod_subnet_cidr, c.pod_prefix_len),
         None => "no IPAM configuration stored yet (written by the first agent)\n\n".into(),
     };
     let mut rows: Vec<Vec<String>> = allocs
@@ -464,12 +366,7 @@ async fn ipam(
                 Some(holder) => format!("claimed by {holder}"),
                 None => "unclaimed".to_string(),
             };
-            vec![
-                a.id.to_string(),
-                a.name.clone(),
-                a.pod_cidr.to_string(),
-                claim,
-            ]
+            vec![a.id.to_string(), a.name.clone(), a.pod_cidr.to_string(), claim]
         })
         .collect();
     rows.sort_by_key(|r| r[0].parse::<u32>().unwrap_or(u32::MAX));

@@ -57,18 +57,11 @@ pub async fn apply(
 }
 
 /// Removes each object's key.
-pub async fn delete(
-    store: &Arc<dyn Store>,
-    objects: &[ObjectRef],
-) -> Result<Vec<(String, DeleteOutcome)>, StoreError> {
+pub async fn delete(store: &Arc<dyn Store>, objects: &[ObjectRef]) -> Result<Vec<(String, DeleteOutcome)>, StoreError> {
     let mut out = Vec::with_capacity(objects.len());
     for obj in objects {
         let key = obj.key();
-        let outcome = if store.delete(&key).await? {
-            DeleteOutcome::Deleted
-        } else {
-            DeleteOutcome::NotFound
-        };
+        let outcome = if store.delete(&key).await? { DeleteOutcome::Deleted } else { DeleteOutcome::NotFound };
         out.push((key, outcome));
     }
     Ok(out)

@@ -15,20 +15,10 @@ use contiv_store::{Store, StoreConfig};
 #[command(name = "netctl", version)]
 struct Args {
     /// etcd endpoints, comma separated. Without them: the embedded store at --data-dir.
-    #[arg(
-        long = "etcd",
-        global = true,
-        env = "CONTIV_ETCD_ENDPOINTS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "etcd", global = true, env = "CONTIV_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd: Vec<String>,
     /// Directory of the embedded store.
-    #[arg(
-        long,
-        global = true,
-        env = "CONTIV_STORE_DIR",
-        default_value = "/var/lib/contiv/store"
-    )]
+    #[arg(long, global = true, env = "CONTIV_STORE_DIR", default_value = "/var/lib/contiv/store")]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -65,14 +55,9 @@ enum Command {
 }
 
 async fn open(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
-    let config = if args.etcd.is_empty() {
-        StoreConfig::embedded(&args.data_dir)
-    } else {
-        StoreConfig::etcd(args.etcd.clone())
-    };
-    contiv_store::open(&config)
-        .await
-        .context("opening the store")
+    let config =
+        if args.etcd.is_empty() { StoreConfig::embedded(&args.data_dir) } else { StoreConfig::etcd(args.etcd.clone()) };
+    contiv_store::open(&config).await.context("opening the store")
 }
 
 fn load(files: &[PathBuf]) -> Result<Vec<contiv_cluster_model::ClusterObject>, ExitCode> {
@@ -125,11 +110,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("{key} {word}");
             }
         }
-        Command::Get {
-            what,
-            namespace,
-            output,
-        } => {
+        Command::Get { what, namespace, output } => {
             let store = open(&args).await?;
             let out = contiv_netctl::get::get(&store, *what, namespace.as_deref(), *output).await?;
             for w in &out.warnings {
@@ -143,10 +124,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("netctl: {e}");

@@ -107,42 +107,17 @@ where
     }
     let obj: K = serde_path_to_error::deserialize(doc).map_err(|e| {
         let field = e.path().to_string();
-        (
-            if field == "." {
-                "(document)".to_string()
-            } else {
-                field
-            },
-            e.into_inner().to_string(),
-        )
+        (if field == "." { "(document)".to_string() } else { field }, e.into_inner().to_string())
     })?;
-    let model = obj
-        .to_model()
-        .map_err(|e: ConvertError| (e.field().to_string(), e.reason()))?;
+    let model = obj.to_model().map_err(|e: ConvertError| (e.field().to_string(), e.reason()))?;
     Ok(ClusterObject::from(model))
 }
 
 /// Converts one parsed document (JSON value) into a model object.
-pub fn parse_document(
-    path: &Path,
-    document: usize,
-    doc: Value,
-) -> Result<ClusterObject, ManifestError> {
-    let kind = doc
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let api_version = doc
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let name = doc
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("<unnamed>")
-        .to_string();
+pub fn parse_document(path: &Path, document: usize, doc: Value) -> Result<ClusterObject, ManifestError> {
+    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+    let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
+    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("<unnamed>").to_string();
     let invalid = |field: &str, message: String| ManifestError::Invalid {
         path: path.to_path_buf(),
         document,
@@ -151,10 +126,7 @@ pub fn parse_document(
         message,
     };
     if !doc.is_object() {
-        return Err(invalid(
-            "(document)",
-            "a manifest document must be a mapping".into(),
-        ));
+        return Err(invalid("(document)", "a manifest document must be a mapping".into()));
     }
     if kind.is_empty() {
         return Err(invalid("kind", "required field is missing".into()));
@@ -168,22 +140,12 @@ pub fn parse_document(
         ("v1", "Pod") => convert::<core::Pod>(doc, true),
         ("v1", "Service") => convert::<core::Service>(doc, true),
         ("discovery.k8s.io/v1", "EndpointSlice") => convert::<discovery::EndpointSlice>(doc, true),
-        ("networking.k8s.io/v1", "NetworkPolicy") => {
-            convert::<networking::NetworkPolicy>(doc, true)
-        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => convert::<networking::NetworkPolicy>(doc, true),
         (_, "Namespace" | "Node" | "Pod" | "Service" | "EndpointSlice" | "NetworkPolicy") => {
-            return Err(invalid(
-                "apiVersion",
-                format!("{api_version:?} is not the apiVersion of {kind}"),
-            ));
+            return Err(invalid("apiVersion", format!("{api_version:?} is not the apiVersion of {kind}")));
         }
         _ => {
-            return Err(ManifestError::Unsupported {
-                path: path.to_path_buf(),
-                document,
-                kind,
-                api_version,
-            });
+            return Err(ManifestError::Unsupported { path: path.to_path_buf(), document, kind, api_version });
         }
     };
     result.map_err(|(field, message)| invalid(&field, message))
@@ -194,21 +156,12 @@ pub fn parse_document(
 /// still be deleted.
 pub fn document_ref(path: &Path, document: usize, doc: &Value) -> Result<ObjectRef, ManifestError> {
     let kind_name = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
-    let api_version = doc
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let name = doc
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
     let invalid = |field: &str, message: &str| ManifestError::Invalid {
         path: path.to_path_buf(),
         document,
-        object: format!(
-            "{kind_name}/{}",
-            if name.is_empty() { "<unnamed>" } else { name }
-        ),
+        object: format!("{kind_name}/{}", if name.is_empty() { "<unnamed>" } else { name }),
         field: field.to_string(),
         message: message.to_string(),
     };
@@ -229,10 +182,7 @@ pub fn document_ref(path: &Path, document: usize, doc: &Value) -> Result<ObjectR
         }
     };
     if name.is_empty() || name.contains('/') {
-        return Err(invalid(
-            "metadata.name",
-            "a non-empty name without '/' is required",
-        ));
+        return Err(invalid("metadata.name", "a non-empty name without '/' is required"));
     }
     if !kind.is_namespaced() {
         return Ok(ObjectRef::cluster(kind, name));
@@ -273,10 +223,7 @@ pub fn load_all_refs(paths: &[PathBuf]) -> Result<Vec<ObjectRef>, Vec<ManifestEr
             Ok(files) => {
                 for f in files {
                     let parsed = std::fs::read_to_string(&f)
-                        .map_err(|source| ManifestError::Io {
-                            path: f.clone(),
-                            source,
-                        })
+                        .map_err(|source| ManifestError::Io { path: f.clone(), source })
                         .and_then(|text| parse_refs(&f, &text));
                     match parsed {
                         Ok(r) => refs.extend(r),
@@ -287,11 +234,7 @@ pub fn load_all_refs(paths: &[PathBuf]) -> Result<Vec<ObjectRef>, Vec<ManifestEr
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(refs)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(refs) } else { Err(errors) }
 }
 
 /// Parses the text of a manifest file: YAML with `---`-separated documents (JSON is YAML).
@@ -310,28 +253,20 @@ pub fn parse_manifest(path: &Path, text: &str) -> Result<Manifest, ManifestError
         }
         objects.push(parse_document(path, document, doc)?);
     }
-    Ok(Manifest {
-        path: path.to_path_buf(),
-        objects,
-    })
+    Ok(Manifest { path: path.to_path_buf(), objects })
 }
 
 /// Reads one file.
 pub fn load_file(path: &Path) -> Result<Manifest, ManifestError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ManifestError::Io { path: path.to_path_buf(), source })?;
     parse_manifest(path, &text)
 }
 
 /// The manifest files a `-f` argument names: the file itself, or a directory's `*.yaml`,
 /// `*.yml` and `*.json` files (not recursive), sorted by name.
 pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
-    let io = |source| ManifestError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| ManifestError::Io { path: path.to_path_buf(), source };
     if !path.is_dir() {
         std::fs::metadata(path).map_err(io)?;
         return Ok(vec![path.to_path_buf()]);
@@ -366,9 +301,5 @@ pub fn load_all(paths: &[PathBuf]) -> Result<Vec<Manifest>, Vec<ManifestError>> 
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(manifests)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(manifests) } else { Err(errors) }
 }

@@ -19,20 +19,11 @@ fn fixtures() -> PathBuf {
 }
 
 async fn embedded(dir: &Path) -> Arc<dyn Store> {
-    contiv_store::open(&StoreConfig::embedded(dir))
-        .await
-        .expect("embedded store")
+    contiv_store::open(&StoreConfig::embedded(dir)).await.expect("embedded store")
 }
 
 async fn k8s_content(store: &Arc<dyn Store>) -> BTreeMap<String, Vec<u8>> {
-    store
-        .list(keys::K8S_PREFIX)
-        .await
-        .unwrap()
-        .kvs
-        .into_iter()
-        .map(|kv| (kv.key, kv.value))
-        .collect()
+    store.list(keys::K8S_PREFIX).await.unwrap().kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
 }
 
 /// The fixture documents as the API server would hold them (namespace defaulted).
@@ -67,8 +58,7 @@ async fn apply_fixture_set_equals_ksr_reflection_of_the_same_objects() {
     }
     let ksr_dir = tempfile::tempdir().unwrap();
     let ksr_store = embedded(ksr_dir.path()).await;
-    let ksr =
-        contiv_ksr::Reflector::start(api.client(), ksr_store.clone(), Duration::from_millis(200));
+    let ksr = contiv_ksr::Reflector::start(api.client(), ksr_store.clone(), Duration::from_millis(200));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ksr.mirror.ready().await {
         assert!(Instant::now() < deadline, "ksr did not sync");
@@ -85,10 +75,7 @@ async fn apply_fixture_set_equals_ksr_reflection_of_the_same_objects() {
     let from_ksr = k8s_content(&ksr_store).await;
     let from_netctl = k8s_content(&net_store).await;
     assert_eq!(from_netctl.len(), 9);
-    assert_eq!(
-        from_netctl.keys().collect::<Vec<_>>(),
-        from_ksr.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(from_netctl.keys().collect::<Vec<_>>(), from_ksr.keys().collect::<Vec<_>>());
     for (k, v) in &from_ksr {
         assert_eq!(
             from_netctl.get(k),
@@ -112,27 +99,15 @@ async fn apply_twice_is_unchanged_and_delete_removes() {
     let rev = store.list(keys::K8S_PREFIX).await.unwrap().revision;
     let again = contiv_netctl::apply(&store, &m.objects).await.unwrap();
     assert!(again.iter().all(|(_, o)| *o == ApplyOutcome::Unchanged));
-    assert_eq!(
-        store.list(keys::K8S_PREFIX).await.unwrap().revision,
-        rev,
-        "nothing rewritten"
-    );
+    assert_eq!(store.list(keys::K8S_PREFIX).await.unwrap().revision, rev, "nothing rewritten");
 
     let changed = manifest::parse_manifest(
         Path::new("inline.yaml"),
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop, labels: {app: api}}\n",
     )
     .unwrap();
-    let r = contiv_netctl::apply(&store, &changed.objects)
-        .await
-        .unwrap();
-    assert_eq!(
-        r,
-        vec![(
-            "/contiv/k8s/pod/shop/web-0".to_string(),
-            ApplyOutcome::Configured
-        )]
-    );
+    let r = contiv_netctl::apply(&store, &changed.objects).await.unwrap();
+    assert_eq!(r, vec![("/contiv/k8s/pod/shop/web-0".to_string(), ApplyOutcome::Configured)]);
 
     let refs: Vec<_> = m.objects.iter().map(|o| o.object_ref()).collect();
     let d = contiv_netctl::delete(&store, &refs).await.unwrap();
@@ -157,10 +132,7 @@ fn load_err(name: &str) -> ManifestError {
     let errs = manifest::load_all(std::slice::from_ref(&path)).expect_err("bad fixture must fail");
     assert_eq!(errs.len(), 1);
     let e = errs.into_iter().next().unwrap();
-    assert!(
-        e.to_string().contains(&path.display().to_string()),
-        "error names the file: {e}"
-    );
+    assert!(e.to_string().contains(&path.display().to_string()), "error names the file: {e}");
     e
 }
 
@@ -176,17 +148,10 @@ fn bad_yaml_errors_name_file_document_and_field() {
 
     let e = load_err("model.yaml");
     assert_eq!(e.document(), Some(3));
-    assert_eq!(
-        e.field(),
-        Some("spec.ingress[0].from[0].ipBlock.except[0]"),
-        "{e}"
-    );
+    assert_eq!(e.field(), Some("spec.ingress[0].from[0].ipBlock.except[0]"), "{e}");
 
     let e = load_err("unsupported.yaml");
-    assert!(
-        matches!(&e, ManifestError::Unsupported { kind, document: 1, .. } if kind == "Deployment"),
-        "{e}"
-    );
+    assert!(matches!(&e, ManifestError::Unsupported { kind, document: 1, .. } if kind == "Deployment"), "{e}");
 
     let e = load_err("wrong-api-version.yaml");
     assert_eq!(e.field(), Some("apiVersion"), "{e}");
@@ -194,8 +159,7 @@ fn bad_yaml_errors_name_file_document_and_field() {
     let e = load_err("missing-name.yaml");
     assert_eq!(e.field(), Some("metadata.name"), "{e}");
 
-    let e = manifest::parse_manifest(Path::new("x.yaml"), "kind: Pod\nmetadata: {name: a}\n")
-        .unwrap_err();
+    let e = manifest::parse_manifest(Path::new("x.yaml"), "kind: Pod\nmetadata: {name: a}\n").unwrap_err();
     assert_eq!(e.field(), Some("apiVersion"));
     let e = manifest::parse_manifest(Path::new("x.yaml"), "- just\n- a list\n").unwrap_err();
     assert_eq!(e.document(), Some(1));
@@ -215,81 +179,39 @@ async fn cli_writes_nothing_when_any_file_fails_validation() {
     let data = dir.path().to_str().unwrap();
     let good = fixtures().join("cluster");
     let bad = fixtures().join("bad/field-type.yaml");
-    let out = netctl(&[
-        "--data-dir",
-        data,
-        "apply",
-        "-f",
-        good.to_str().unwrap(),
-        "-f",
-        bad.to_str().unwrap(),
-    ]);
+    let out = netctl(&["--data-dir", data, "apply", "-f", good.to_str().unwrap(), "-f", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("field-type.yaml: document 2") && stderr.contains("spec.ports[0].port"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("field-type.yaml: document 2") && stderr.contains("spec.ports[0].port"), "{stderr}");
     assert!(stderr.contains("nothing was written"), "{stderr}");
     {
         let store = embedded(dir.path()).await;
-        assert!(
-            k8s_content(&store).await.is_empty(),
-            "a failing file must block every write"
-        );
+        assert!(k8s_content(&store).await.is_empty(), "a failing file must block every write");
     }
 
     // The good set alone applies, and `get` shows it.
     let out = netctl(&["--data-dir", data, "apply", "-f", good.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("/contiv/k8s/pod/shop/web-0 created"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("/contiv/k8s/pod/shop/web-0 created"), "{stdout}");
 
     let out = netctl(&["--data-dir", data, "get", "pods"]);
     let table = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = table.lines().collect();
-    assert!(
-        lines[0].starts_with("NAMESPACE") && lines[0].contains("IPS"),
-        "{table}"
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("web-0") && l.contains("10.1.1.5") && l.contains("node-a")),
-        "{table}"
-    );
+    assert!(lines[0].starts_with("NAMESPACE") && lines[0].contains("IPS"), "{table}");
+    assert!(lines.iter().any(|l| l.contains("web-0") && l.contains("10.1.1.5") && l.contains("node-a")), "{table}");
     assert_eq!(lines.len(), 3, "{table}");
 
     let out = netctl(&["--data-dir", data, "get", "services", "-o", "json"]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("json output");
     let arr = v.as_array().unwrap();
     assert_eq!(arr.len(), 2);
-    assert!(
-        arr.iter()
-            .any(|s| s["name"] == "web" && s["ports"][0]["node_port"] == 30080)
-    );
+    assert!(arr.iter().any(|s| s["name"] == "web" && s["ports"][0]["node_port"] == 30080));
 
-    let out = netctl(&[
-        "--data-dir",
-        data,
-        "delete",
-        "-f",
-        good.join("20-shop.yaml").to_str().unwrap(),
-    ]);
+    let out = netctl(&["--data-dir", data, "delete", "-f", good.join("20-shop.yaml").to_str().unwrap()]);
     assert!(out.status.success());
     let out = netctl(&["--data-dir", data, "get", "pods"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        1,
-        "only the header is left"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1, "only the header is left");
 }
 
 #[tokio::test]
@@ -297,65 +219,30 @@ async fn get_tables_for_every_resource_and_skips_malformed_values() {
     use contiv_node_registry::{IpamAllocation, IpamConfig, NodeIdClaim, NodeRegistration};
     let dir = tempfile::tempdir().unwrap();
     let store = embedded(dir.path()).await;
-    let objects: Vec<_> = manifest::load_all(&[fixtures().join("cluster")])
-        .unwrap()
-        .into_iter()
-        .flat_map(|m| m.objects)
-        .collect();
+    let objects: Vec<_> =
+        manifest::load_all(&[fixtures().join("cluster")]).unwrap().into_iter().flat_map(|m| m.objects).collect();
     contiv_netctl::apply(&store, &objects).await.unwrap();
     use contiv_cluster_model::encode as enc;
-    store
-        .put(keys::IPAM_CONFIG, enc(&IpamConfig::default()), None)
-        .await
-        .unwrap();
+    store.put(keys::IPAM_CONFIG, enc(&IpamConfig::default()), None).await.unwrap();
     let cidr: ipnet::IpNet = "10.1.1.0/24".parse().unwrap();
     store
-        .put(
-            &keys::ipam_node("node-a"),
-            enc(&IpamAllocation {
-                name: "node-a".into(),
-                id: 1,
-                pod_cidr: cidr,
-            }),
-            None,
-        )
+        .put(&keys::ipam_node("node-a"), enc(&IpamAllocation { name: "node-a".into(), id: 1, pod_cidr: cidr }), None)
         .await
         .unwrap();
-    store
-        .put(
-            &keys::node_id(1),
-            enc(&NodeIdClaim {
-                name: "node-a".into(),
-            }),
-            None,
-        )
-        .await
-        .unwrap();
+    store.put(&keys::node_id(1), enc(&NodeIdClaim { name: "node-a".into() }), None).await.unwrap();
     store
         .put(
             &keys::node("node-a"),
-            enc(&NodeRegistration {
-                name: "node-a".into(),
-                id: 1,
-                addresses: vec![],
-                pod_cidr: cidr,
-            }),
+            enc(&NodeRegistration { name: "node-a".into(), id: 1, addresses: vec![], pod_cidr: cidr }),
             None,
         )
         .await
         .unwrap();
-    store
-        .put("/contiv/k8s/pod/shop/garbage", b"{nope".to_vec(), None)
-        .await
-        .unwrap();
+    store.put("/contiv/k8s/pod/shop/garbage", b"{nope".to_vec(), None).await.unwrap();
 
     let get = |what| {
         let store = store.clone();
-        async move {
-            contiv_netctl::get::get(&store, what, None, Format::Table)
-                .await
-                .unwrap()
-        }
+        async move { contiv_netctl::get::get(&store, what, None, Format::Table).await.unwrap() }
     };
     let nodes = get(Resource::Nodes).await;
     assert!(
@@ -371,50 +258,24 @@ async fn get_tables_for_every_resource_and_skips_malformed_values() {
     assert!(pods.warnings[0].contains("/contiv/k8s/pod/shop/garbage"));
     assert_eq!(pods.text.lines().count(), 3);
     let svcs = get(Resource::Services).await;
-    assert!(
-        svcs.text.contains("http=80:30080/TCP->http"),
-        "{}",
-        svcs.text
-    );
+    assert!(svcs.text.contains("http=80:30080/TCP->http"), "{}", svcs.text);
     let eps = get(Resource::Endpoints).await;
-    assert!(
-        eps.text
-            .lines()
-            .any(|l| l.contains("web-abc") && l.contains("10.1.1.5")),
-        "{}",
-        eps.text
-    );
+    assert!(eps.text.lines().any(|l| l.contains("web-abc") && l.contains("10.1.1.5")), "{}", eps.text);
     let pols = get(Resource::Policies).await;
     assert!(
-        pols.text.lines().any(|l| l.contains("db-from-web")
-            && l.contains("app=db")
-            && l.contains("Ingress,Egress")),
+        pols.text.lines().any(|l| l.contains("db-from-web") && l.contains("app=db") && l.contains("Ingress,Egress")),
         "{}",
         pols.text
     );
     let ipam = get(Resource::Ipam).await;
-    assert!(
-        ipam.text.contains("pod subnet 10.1.0.0/16 split into /24"),
-        "{}",
-        ipam.text
-    );
-    assert!(
-        ipam.text
-            .lines()
-            .any(|l| l.starts_with('1') && l.contains("node-a") && l.contains("ok")),
-        "{}",
-        ipam.text
-    );
-    let json = contiv_netctl::get::get(&store, Resource::Ipam, None, Format::Json)
-        .await
-        .unwrap();
+    assert!(ipam.text.contains("pod subnet 10.1.0.0/16 split into /24"), "{}", ipam.text);
+    assert!(ipam.text.lines().any(|l| l.starts_with('1') && l.contains("node-a") && l.contains("ok")), "{}", ipam.text);
+    let json = contiv_netctl::get::get(&store, Resource::Ipam, None, Format::Json).await.unwrap();
     let v: Value = serde_json::from_str(&json.text).unwrap();
     assert_eq!(v["allocations"][0]["id"], 1);
     // Namespace filter.
     let only_default =
-        contiv_netctl::get::get(&store, Resource::Services, Some("default"), Format::Json)
-            .await
-            .unwrap();
+        contiv_netctl::get::get(&store, Resource::Services, Some("default"), Format::Json).await.unwrap();
     let v: Value = serde_json::from_str(&only_default.text).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1);
 }

@@ -43,8 +43,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::{
-    Compare, EventKind, KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Txn, TxnOp, TxnResult,
-    WatchEvent, WatchMessage, WatchStream,
+    Compare, EventKind, KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Txn, TxnOp, TxnResult, WatchEvent,
+    WatchMessage, WatchStream,
 };
 
 const SNAPSHOT: &str = "snapshot.json";
@@ -405,7 +405,10 @@ impl State {
         if snap.generation <= self.generation {
             return Err(StoreError::Corrupt {
                 path: self.dir.clone(),
-                detail: format!("log generation {} vanished but the snapshot is at {}", self.generation, snap.generation),
+                detail: format!(
+                    "log generation {} vanished but the snapshot is at {}",
+                    self.generation, snap.generation
+                ),
             });
         }
         let log = match open_existing_log(&self.dir, snap.generation) {
@@ -547,8 +550,13 @@ impl State {
             match change {
                 Change::Put { key, value, lease } => {
                     let create_revision = self.kvs.get(&key).map_or(rev, |kv| kv.create_revision);
-                    let kv =
-                        KeyValue { key: key.clone(), value: value.into_bytes(), mod_revision: rev, create_revision, lease };
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        value: value.into_bytes(),
+                        mod_revision: rev,
+                        create_revision,
+                        lease,
+                    };
                     events.push(WatchEvent { kind: EventKind::Put, kv: kv.clone() });
                     self.kvs.insert(key, kv);
                 }

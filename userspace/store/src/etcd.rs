@@ -9,9 +9,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
-    GetOptions, KvClient, LeaseClient, PutOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient,
-    WatchOptions,
+    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    KvClient, LeaseClient, PutOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -76,7 +75,10 @@ fn map_err(e: etcd_client::Error) -> StoreError {
                 StoreError::Compacted { requested: 0, compacted: 0 }
             } else if matches!(
                 status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
             ) {
                 StoreError::Unavailable(e.to_string())
             } else {
@@ -128,12 +130,8 @@ impl Store for EtcdStore {
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         let options = lease.filter(|l| *l != 0).map(|l| PutOptions::new().with_lease(l));
-        let resp = self
-            .kv
-            .clone()
-            .put(key, value, options)
-            .await
-            .map_err(|e| with_lease(map_err(e), lease.unwrap_or(0)))?;
+        let resp =
+            self.kv.clone().put(key, value, options).await.map_err(|e| with_lease(map_err(e), lease.unwrap_or(0)))?;
         Ok(header_rev(resp.header()))
     }
 
@@ -245,25 +243,17 @@ impl Store for EtcdStore {
             from
         } else {
             // "From now": pin it to a revision so a reconnect resumes correctly.
-            let resp = self
-                .kv
-                .clone()
-                .get(prefix, Some(GetOptions::new().with_count_only()))
-                .await
-                .map_err(map_err)?;
+            let resp = self.kv.clone().get(prefix, Some(GetOptions::new().with_count_only())).await.map_err(map_err)?;
             header_rev(resp.header()) + 1
         };
-        let task = WatchTask { client: self.watch.clone(), prefix: prefix.to_owned(), next: start, tx, established: false };
+        let task =
+            WatchTask { client: self.watch.clone(), prefix: prefix.to_owned(), next: start, tx, established: false };
         tokio::spawn(task.run());
         Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })))
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.kv
-            .clone()
-            .compact(revision, Some(CompactionOptions::new().with_physical()))
-            .await
-            .map_err(map_err)?;
+        self.kv.clone().compact(revision, Some(CompactionOptions::new().with_physical())).await.map_err(map_err)?;
         Ok(())
     }
 
@@ -313,7 +303,11 @@ impl WatchTask {
                         logged = false;
                     }
                     if !logged {
-                        log::warn!("etcd watch of {} broke at revision {}: {why}; reconnecting", self.prefix, self.next);
+                        log::warn!(
+                            "etcd watch of {} broke at revision {}: {why}; reconnecting",
+                            self.prefix,
+                            self.next
+                        );
                         logged = true;
                     }
                     tokio::select! {

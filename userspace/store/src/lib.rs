@@ -103,10 +103,18 @@ pub enum Compare {
 /// An operation of a transaction branch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOp {
-    Put { key: String, value: Vec<u8>, lease: Option<LeaseId> },
-    Delete { key: String },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
     /// Reads a key; its result lands in [`TxnResult::gets`].
-    Get { key: String },
+    Get {
+        key: String,
+    },
 }
 
 /// A compare-and-swap transaction: if every compare holds, run `success`, else `failure`.

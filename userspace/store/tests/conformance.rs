@@ -24,8 +24,7 @@ async fn embedded() -> Backend {
 
 async fn etcd() -> Backend {
     let server = contiv_store::testing::EtcdServer::start().expect("start etcd");
-    let store =
-        contiv_store::open(&contiv_store::StoreConfig::etcd([server.endpoint()])).await.expect("connect etcd");
+    let store = contiv_store::open(&contiv_store::StoreConfig::etcd([server.endpoint()])).await.expect("connect etcd");
     assert_eq!(store.backend(), "etcd");
     Backend { store, _guard: Box::new(server) }
 }
@@ -146,10 +145,30 @@ async fn txn_mod_revision(s: Arc<dyn Store>) {
     assert!(!stale.succeeded, "stale mod_revision loses");
     assert_eq!(s.get("/cas").await.unwrap().unwrap().value, b"v2");
     // ModRevision 0 means "absent".
-    assert!(s.txn(Txn { compares: vec![Compare::ModRevision("/nope".into(), 0)], ..Txn::default() }).await.unwrap().succeeded);
-    assert!(s.txn(Txn { compares: vec![Compare::Value("/cas".into(), b"v2".to_vec())], ..Txn::default() }).await.unwrap().succeeded);
-    assert!(!s.txn(Txn { compares: vec![Compare::Value("/cas".into(), b"v1".to_vec())], ..Txn::default() }).await.unwrap().succeeded);
-    assert!(!s.txn(Txn { compares: vec![Compare::Value("/nope".into(), vec![])], ..Txn::default() }).await.unwrap().succeeded);
+    assert!(
+        s.txn(Txn { compares: vec![Compare::ModRevision("/nope".into(), 0)], ..Txn::default() })
+            .await
+            .unwrap()
+            .succeeded
+    );
+    assert!(
+        s.txn(Txn { compares: vec![Compare::Value("/cas".into(), b"v2".to_vec())], ..Txn::default() })
+            .await
+            .unwrap()
+            .succeeded
+    );
+    assert!(
+        !s.txn(Txn { compares: vec![Compare::Value("/cas".into(), b"v1".to_vec())], ..Txn::default() })
+            .await
+            .unwrap()
+            .succeeded
+    );
+    assert!(
+        !s.txn(Txn { compares: vec![Compare::Value("/nope".into(), vec![])], ..Txn::default() })
+            .await
+            .unwrap()
+            .succeeded
+    );
 }
 
 async fn lease_revoke(s: Arc<dyn Store>) {
@@ -185,10 +204,15 @@ async fn watch_from_revision(s: Arc<dyn Store>) {
     assert!(s.delete("/w/a").await.unwrap());
     let mut w = s.watch("/w/", r1).await.unwrap();
     let ev = collect(&mut w, 3).await;
-    let seen: Vec<(EventKind, &str, &[u8])> = ev.iter().map(|e| (e.kind, e.kv.key.as_str(), e.kv.value.as_slice())).collect();
+    let seen: Vec<(EventKind, &str, &[u8])> =
+        ev.iter().map(|e| (e.kind, e.kv.key.as_str(), e.kv.value.as_slice())).collect();
     assert_eq!(
         seen,
-        [(EventKind::Put, "/w/a", &b"1"[..]), (EventKind::Put, "/w/b", &b"2"[..]), (EventKind::Delete, "/w/a", &b""[..])]
+        [
+            (EventKind::Put, "/w/a", &b"1"[..]),
+            (EventKind::Put, "/w/b", &b"2"[..]),
+            (EventKind::Delete, "/w/a", &b""[..])
+        ]
     );
     assert_eq!(ev[0].kv.mod_revision, r1);
     assert!(ev.windows(2).all(|p| p[0].kv.mod_revision < p[1].kv.mod_revision));

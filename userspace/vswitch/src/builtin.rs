@@ -32,11 +32,7 @@ pub struct BuiltinVswitch {
 impl BuiltinVswitch {
     /// A vswitch answering for `gateway`.
     pub fn new(gateway: GatewayConfig) -> Self {
-        Self {
-            gateway,
-            counters: VswitchCounters::default(),
-            scratch: Vec::with_capacity(2048),
-        }
+        Self { gateway, counters: VswitchCounters::default(), scratch: Vec::with_capacity(2048) }
     }
 
     /// The gateway currently answered for.
@@ -66,10 +62,8 @@ impl BuiltinVswitch {
         if arp.len() < ARP_LEN {
             return Verdict::Dropped(DropReason::Malformed);
         }
-        let is_eth_ipv4 = be16(arp, 0) == ARP_HTYPE_ETHERNET
-            && be16(arp, 2) == ETHERTYPE_IPV4
-            && arp[4] == 6
-            && arp[5] == 4;
+        let is_eth_ipv4 =
+            be16(arp, 0) == ARP_HTYPE_ETHERNET && be16(arp, 2) == ETHERTYPE_IPV4 && arp[4] == 6 && arp[5] == 4;
         let target_ip = Ipv4Addr::from(ipv4_at(arp, 24));
         if !is_eth_ipv4 || be16(arp, 6) != ARP_OP_REQUEST || target_ip != self.gateway.ip {
             return Verdict::Dropped(DropReason::ArpOther);
@@ -185,10 +179,7 @@ mod tests {
     const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x01, 0x00, 0x07];
 
     fn vswitch() -> BuiltinVswitch {
-        BuiltinVswitch::new(GatewayConfig {
-            ip: GW_IP,
-            mac: GW_MAC,
-        })
+        BuiltinVswitch::new(GatewayConfig { ip: GW_IP, mac: GW_MAC })
     }
 
     /// Runs one frame through a vswitch, collecting what it transmits.
@@ -294,7 +285,7 @@ mod tests {
     fn other_arp_is_dropped_as_arp_other() {
         let mut vs = vswitch();
         let cases = [
-            arp_frame(1, POD_MAC, POD_IP, [10, 1, 0, 9]), // someone else's IP
+            arp_frame(1, POD_MAC, POD_IP, [10, 1, 0, 9]),  // someone else's IP
             arp_frame(2, POD_MAC, POD_IP, GW_IP.octets()), // a reply
             {
                 let mut f = arp_frame(1, POD_MAC, POD_IP, GW_IP.octets());
@@ -337,10 +328,7 @@ mod tests {
         let ip = &r[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
         assert_eq!(ip[0], 0x45);
         assert_eq!(ip[1], 0x10, "TOS kept");
-        assert_eq!(
-            be16(ip, 2) as usize,
-            IPV4_HLEN + ICMP_ECHO_HLEN + payload.len()
-        );
+        assert_eq!(be16(ip, 2) as usize, IPV4_HLEN + ICMP_ECHO_HLEN + payload.len());
         assert_eq!(be16(ip, 6), 0, "no fragment flags");
         assert_eq!(ip[8], DEFAULT_TTL);
         assert_eq!(ip[9], IPPROTO_ICMP);
@@ -426,13 +414,7 @@ mod tests {
         let udp = [0x30, 0x39, 0x00, 0x35, 0x00, 0x08, 0x00, 0x00];
         let frames = [
             ipv4_frame(17, GW_IP.octets(), &[], 0, &udp),
-            ipv4_frame(
-                IPPROTO_ICMP,
-                GW_IP.octets(),
-                &[],
-                0,
-                &icmp(ICMP_ECHO_REPLY, 1, 1, b""),
-            ),
+            ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &[], 0, &icmp(ICMP_ECHO_REPLY, 1, 1, b"")),
             ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &[], 0, &[8, 0, 0]), // truncated ICMP
         ];
         for f in &frames {
@@ -496,10 +478,7 @@ mod tests {
         let new_ip = Ipv4Addr::new(10, 2, 0, 1);
         let new_mac = [0x02, 0xfe, 0, 0, 0, 0x22];
         run(&mut vs, &arp_frame(1, POD_MAC, POD_IP, GW_IP.octets()));
-        vs.set_gateway(GatewayConfig {
-            ip: new_ip,
-            mac: new_mac,
-        });
+        vs.set_gateway(GatewayConfig { ip: new_ip, mac: new_mac });
         assert_eq!(vs.gateway().ip, new_ip);
         let (old, _) = run(&mut vs, &arp_frame(1, POD_MAC, POD_IP, GW_IP.octets()));
         assert_eq!(old, Verdict::Dropped(DropReason::ArpOther));

@@ -123,9 +123,7 @@ pub const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// The OS error behind a socket creation failure, if any.
 fn os_error(e: &xsk_rs::socket::SocketCreateError) -> Option<i32> {
     use std::error::Error as _;
-    e.source()
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .and_then(std::io::Error::raw_os_error)
+    e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).and_then(std::io::Error::raw_os_error)
 }
 
 impl PortError {
@@ -220,9 +218,8 @@ impl AfXdpPort {
                 config.frame_count
             )));
         }
-        let c_ifname = CString::new(config.ifname.as_bytes()).map_err(|_| {
-            PortError::InvalidConfig(format!("interface name {:?} has a NUL byte", config.ifname))
-        })?;
+        let c_ifname = CString::new(config.ifname.as_bytes())
+            .map_err(|_| PortError::InvalidConfig(format!("interface name {:?} has a NUL byte", config.ifname)))?;
         // SAFETY: c_ifname is a valid NUL-terminated string.
         if unsafe { libc::if_nametoindex(c_ifname.as_ptr()) } == 0 {
             return Err(PortError::NoSuchInterface {
@@ -232,8 +229,7 @@ impl AfXdpPort {
         }
         let frame_count = NonZeroU32::new(config.frame_count)
             .ok_or_else(|| PortError::InvalidConfig("frame_count must not be zero".to_string()))?;
-        let (umem, mut frames) =
-            Umem::new(UmemConfig::default(), frame_count, false).map_err(PortError::Umem)?;
+        let (umem, mut frames) = Umem::new(UmemConfig::default(), frame_count, false).map_err(PortError::Umem)?;
         let iface = xsk_rs::config::Interface::new(c_ifname);
 
         let tx_ring_size = SocketConfig::default().tx_queue_size().get();
@@ -269,9 +265,7 @@ impl AfXdpPort {
             source,
         })?;
         let Some((mut fill, comp)) = fill_comp else {
-            return Err(PortError::InvalidConfig(
-                "the UMEM is shared with another socket".to_string(),
-            ));
+            return Err(PortError::InvalidConfig("the UMEM is shared with another socket".to_string()));
         };
         let fd = rx.fd().as_raw_fd();
 
@@ -280,24 +274,9 @@ impl AfXdpPort {
         // SAFETY: the receive frames belong to this UMEM and are not in use.
         let accepted = unsafe { fill.produce(&rx_frames) };
         if accepted != rx_frames.len() {
-            return Err(PortError::FillRing {
-                wanted: rx_frames.len(),
-                accepted,
-            });
+            return Err(PortError::FillRing { wanted: rx_frames.len(), accepted });
         }
-        Ok(Self {
-            config,
-            need_wakeup,
-            tx_ring_size,
-            fd,
-            umem,
-            fill,
-            comp,
-            tx,
-            rx,
-            rx_frames,
-            tx_frames,
-        })
+        Ok(Self { config, need_wakeup, tx_ring_size, fd, umem, fill, comp, tx, rx, rx_frames, tx_frames })
     }
 
     /// Whether the socket was bound with `XDP_USE_NEED_WAKEUP`.
@@ -310,11 +289,8 @@ impl AfXdpPort {
     where
         B: SlowPath + Send + 'static,
     {
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            stats: PortStats::default(),
-            failure: Mutex::new(None),
-        });
+        let shared =
+            Arc::new(Shared { stop: AtomicBool::new(false), stats: PortStats::default(), failure: Mutex::new(None) });
         let backend = Arc::new(Mutex::new(backend));
         let ifname = self.config.ifname.clone();
         let queue = self.config.queue;
@@ -328,15 +304,7 @@ impl AfXdpPort {
                 .spawn(move || serve(self, backend, shared))
                 .map_err(PortError::Thread)?
         };
-        Ok(RunningPort {
-            ifname,
-            queue,
-            fd,
-            need_wakeup,
-            shared,
-            backend,
-            thread: Some(thread),
-        })
+        Ok(RunningPort { ifname, queue, fd, need_wakeup, shared, backend, thread: Some(thread) })
     }
 }
 
@@ -450,10 +418,7 @@ impl<B> RunningPort<B> {
         self.shutdown();
         match lock(&self.shared.failure).take() {
             None => Ok(()),
-            Some(reason) => Err(PortError::Failed {
-                ifname: self.ifname.clone(),
-                reason,
-            }),
+            Some(reason) => Err(PortError::Failed { ifname: self.ifname.clone(), reason }),
         }
     }
 
@@ -549,10 +514,7 @@ fn serve<B: SlowPath>(mut port: AfXdpPort, backend: Arc<Mutex<B>>, shared: Arc<S
         }
     };
     if let Some(reason) = failure {
-        log::error!(
-            "AF_XDP port on {} stopped serving: {reason}",
-            port.config.ifname
-        );
+        log::error!("AF_XDP port on {} stopped serving: {reason}", port.config.ifname);
         *lock(&shared.failure) = Some(reason);
         while !shared.stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(50));
@@ -562,11 +524,7 @@ fn serve<B: SlowPath>(mut port: AfXdpPort, backend: Arc<Mutex<B>>, shared: Arc<S
 }
 
 impl AfXdpPort {
-    fn serve_loop<B: SlowPath>(
-        &mut self,
-        backend: &Mutex<B>,
-        shared: &Shared,
-    ) -> std::io::Result<()> {
+    fn serve_loop<B: SlowPath>(&mut self, backend: &Mutex<B>, shared: &Shared) -> std::io::Result<()> {
         let stats = &shared.stats;
         let timeout_ms = i32::try_from(self.config.poll_interval.as_millis()).unwrap_or(i32::MAX);
         let tx_total = self.tx_frames.len();
@@ -723,13 +681,7 @@ fn socket_error(fd: RawFd) -> std::io::Result<()> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `err` is a writable c_int of `len` bytes.
     let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut err as *mut libc::c_int).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut len)
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
@@ -762,15 +714,8 @@ fn kernel_stats(fd: RawFd) -> Option<XdpStatistics> {
     let mut stats = XdpStatistics::default();
     let mut len = std::mem::size_of::<XdpStatistics>() as libc::socklen_t;
     // SAFETY: `stats` is a writable buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            SOL_XDP,
-            XDP_STATISTICS,
-            (&mut stats as *mut XdpStatistics).cast(),
-            &mut len,
-        )
-    };
+    let rc =
+        unsafe { libc::getsockopt(fd, SOL_XDP, XDP_STATISTICS, (&mut stats as *mut XdpStatistics).cast(), &mut len) };
     (rc == 0).then_some(stats)
 }
 
@@ -802,23 +747,11 @@ mod tests {
 
     #[test]
     fn open_rejects_bad_configs_before_touching_the_kernel() {
-        let too_few = PortConfig {
-            frame_count: 1,
-            ..PortConfig::new("lo", 0)
-        };
-        assert!(matches!(
-            AfXdpPort::open(too_few),
-            Err(PortError::InvalidConfig(_))
-        ));
+        let too_few = PortConfig { frame_count: 1, ..PortConfig::new("lo", 0) };
+        assert!(matches!(AfXdpPort::open(too_few), Err(PortError::InvalidConfig(_))));
         let nul = PortConfig::new("lo\0x", 0);
-        assert!(matches!(
-            AfXdpPort::open(nul),
-            Err(PortError::InvalidConfig(_))
-        ));
-        let gw = GatewayConfig {
-            ip: std::net::Ipv4Addr::new(10, 0, 0, 1),
-            mac: [2, 0, 0, 0, 0, 1],
-        };
+        assert!(matches!(AfXdpPort::open(nul), Err(PortError::InvalidConfig(_))));
+        let gw = GatewayConfig { ip: std::net::Ipv4Addr::new(10, 0, 0, 1), mac: [2, 0, 0, 0, 0, 1] };
         assert!(spawn("nosuchif0vsw", 0, BuiltinVswitch::new(gw)).is_err());
     }
 

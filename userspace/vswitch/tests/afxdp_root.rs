@@ -14,13 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use contiv_vswitch::packet::internet_checksum;
-use contiv_vswitch::{
-    AfXdpPort, BuiltinVswitch, GatewayConfig, PortConfig, PortError, RunningPort, spawn,
-};
-use support::{
-    HOST_END, PacketSocket, RedirectToXsk, SlowPortNetns, VSWITCH_END, ifindex, wait_until,
-    xdp_attached,
-};
+use contiv_vswitch::{AfXdpPort, BuiltinVswitch, GatewayConfig, PortConfig, PortError, RunningPort, spawn};
+use support::{HOST_END, PacketSocket, RedirectToXsk, SlowPortNetns, VSWITCH_END, ifindex, wait_until, xdp_attached};
 
 const GW_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 const GW_MAC: [u8; 6] = [0x02, 0xfe, 0x00, 0x00, 0x00, 0x01];
@@ -29,10 +24,7 @@ const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x01, 0x00, 0x07];
 const WAIT: Duration = Duration::from_secs(5);
 
 fn vswitch() -> BuiltinVswitch {
-    BuiltinVswitch::new(GatewayConfig {
-        ip: GW_IP,
-        mac: GW_MAC,
-    })
+    BuiltinVswitch::new(GatewayConfig { ip: GW_IP, mac: GW_MAC })
 }
 
 fn arp_request(target: [u8; 4]) -> Vec<u8> {
@@ -80,9 +72,7 @@ fn exchange_and_check(port: &RunningPort<BuiltinVswitch>) {
     let host = PacketSocket::bind(HOST_END);
 
     host.send(&arp_request(GW_IP.octets()));
-    let reply = host
-        .recv_matching(WAIT, is_arp_reply)
-        .expect("an ARP reply on the host end of the slow-path port");
+    let reply = host.recv_matching(WAIT, is_arp_reply).expect("an ARP reply on the host end of the slow-path port");
     let expected: Vec<u8> = [
         &POD_MAC[..],
         &GW_MAC,
@@ -97,9 +87,8 @@ fn exchange_and_check(port: &RunningPort<BuiltinVswitch>) {
 
     let payload: Vec<u8> = (0..48u8).collect();
     host.send(&echo_request(GW_IP.octets(), 0x4242, 3, &payload));
-    let reply = host
-        .recv_matching(WAIT, is_echo_reply)
-        .expect("an ICMP echo reply on the host end of the slow-path port");
+    let reply =
+        host.recv_matching(WAIT, is_echo_reply).expect("an ICMP echo reply on the host end of the slow-path port");
     assert_eq!(&reply[0..6], &POD_MAC);
     assert_eq!(&reply[6..12], &GW_MAC);
     assert_eq!(&reply[26..30], &GW_IP.octets(), "source: the gateway");
@@ -113,8 +102,7 @@ fn exchange_and_check(port: &RunningPort<BuiltinVswitch>) {
 
     host.send(&echo_request([10, 1, 0, 99], 1, 1, b"lost"));
     assert!(
-        wait_until(WAIT, || port.backend_counters().drops.unknown_destination
-            >= 1),
+        wait_until(WAIT, || port.backend_counters().drops.unknown_destination >= 1),
         "the unknown destination is counted: {:?}",
         port.backend_counters()
     );
@@ -129,11 +117,7 @@ fn exchange_and_check(port: &RunningPort<BuiltinVswitch>) {
     assert_eq!(pc.tx_frames, 2, "{pc:?}");
     assert_eq!(pc.tx_bytes, (42 + 14 + 20 + 8 + 48) as u64, "{pc:?}");
     assert!(pc.backend_drops >= 1, "{pc:?}");
-    assert_eq!(
-        pc.tx_dropped_no_frame + pc.tx_dropped_too_big + pc.tx_dropped_ring_full,
-        0,
-        "{pc:?}"
-    );
+    assert_eq!(pc.tx_dropped_no_frame + pc.tx_dropped_too_big + pc.tx_dropped_ring_full, 0, "{pc:?}");
     assert!(port.is_serving());
 }
 
@@ -142,17 +126,10 @@ fn afxdp_port_answers_arp_and_ping_root() {
     let ns = SlowPortNetns::new("arp");
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
-        assert!(
-            xdp_attached(VSWITCH_END),
-            "the probe sees an attached program"
-        );
+        assert!(xdp_attached(VSWITCH_END), "the probe sees an attached program");
         let port = spawn(VSWITCH_END, 0, vswitch()).expect("AF_XDP port on the vswitch end");
-        xdp.register(port.queue(), port.as_raw_fd())
-            .expect("register the socket in the XSKMAP");
-        assert!(
-            port.need_wakeup(),
-            "XDP_USE_NEED_WAKEUP works on veth in copy mode"
-        );
+        xdp.register(port.queue(), port.as_raw_fd()).expect("register the socket in the XSKMAP");
+        assert!(port.need_wakeup(), "XDP_USE_NEED_WAKEUP works on veth in copy mode");
         exchange_and_check(&port);
         port.stop().expect("the port stops cleanly");
     });
@@ -178,40 +155,29 @@ fn afxdp_port_behind_contiv_xdp_program_root() {
         // The eBPF side is built by its own toolchain; without it this test
         // has nothing to load. The hand-assembled program test above covers
         // the port itself.
-        eprintln!(
-            "skipped: {} not built (cargo xtask build-ebpf)",
-            object.display()
-        );
+        eprintln!("skipped: {} not built (cargo xtask build-ebpf)", object.display());
         return;
     }
     let ns = SlowPortNetns::new("obj");
     ns.run(|| {
-        let mut ebpf = aya::Ebpf::load_file(&object)
-            .unwrap_or_else(|e| panic!("load {}: {e}", object.display()));
+        let mut ebpf = aya::Ebpf::load_file(&object).unwrap_or_else(|e| panic!("load {}: {e}", object.display()));
         let prog: &mut Xdp = ebpf
             .program_mut(program_names::TO_VSWITCH)
             .expect("program xdp_to_vswitch")
             .try_into()
             .expect("an XDP program");
         prog.load().expect("load xdp_to_vswitch");
-        prog.attach(VSWITCH_END, XdpMode::Default)
-            .expect("attach xdp_to_vswitch");
+        prog.attach(VSWITCH_END, XdpMode::Default).expect("attach xdp_to_vswitch");
         let port = spawn(VSWITCH_END, 0, vswitch()).expect("AF_XDP port on the vswitch end");
-        let mut xsks = XskMap::try_from(
-            ebpf.map_mut(map_names::SLOWPATH_XSKS)
-                .expect("map SLOWPATH_XSKS"),
-        )
-        .expect("an XSKMAP");
-        xsks.set(port.queue(), port.as_raw_fd(), 0)
-            .expect("register the socket in SLOWPATH_XSKS");
+        let mut xsks =
+            XskMap::try_from(ebpf.map_mut(map_names::SLOWPATH_XSKS).expect("map SLOWPATH_XSKS")).expect("an XSKMAP");
+        xsks.set(port.queue(), port.as_raw_fd(), 0).expect("register the socket in SLOWPATH_XSKS");
         exchange_and_check(&port);
 
         // The frames really went through the datapath's program.
-        let counters: PerCpuArray<_, SlowPortCounters> = PerCpuArray::try_from(
-            ebpf.map(map_names::SLOWPORT_COUNTERS)
-                .expect("map SLOWPORT_COUNTERS"),
-        )
-        .expect("a per-CPU array");
+        let counters: PerCpuArray<_, SlowPortCounters> =
+            PerCpuArray::try_from(ebpf.map(map_names::SLOWPORT_COUNTERS).expect("map SLOWPORT_COUNTERS"))
+                .expect("a per-CPU array");
         let per_cpu = counters.get(&0, 0).expect("read SLOWPORT_COUNTERS");
         let to_vswitch: u64 = per_cpu.iter().map(|c| c.to_vswitch_packets).sum();
         let no_socket: u64 = per_cpu.iter().map(|c| c.to_vswitch_no_socket).sum();
@@ -237,10 +203,7 @@ fn stopped_port_releases_its_queue_root() {
         let running = port.run(vswitch()).expect("run");
         let started = std::time::Instant::now();
         running.stop().expect("stop");
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "stop waits at most about one poll interval"
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "stop waits at most about one poll interval");
         // Closed by stop(): the queue can be bound again right away (open
         // waits out the kernel's deferred release of the queue).
         let again = spawn(VSWITCH_END, 0, vswitch()).expect("bind again after stop");
@@ -257,17 +220,10 @@ fn gateway_change_applies_to_a_running_port_root() {
         let port = spawn(VSWITCH_END, 0, vswitch()).expect("AF_XDP port");
         xdp.register(0, port.as_raw_fd()).expect("register");
         let new_gw = Ipv4Addr::new(10, 1, 0, 254);
-        port.with_backend(|vs| {
-            vs.set_gateway(GatewayConfig {
-                ip: new_gw,
-                mac: GW_MAC,
-            })
-        });
+        port.with_backend(|vs| vs.set_gateway(GatewayConfig { ip: new_gw, mac: GW_MAC }));
         let host = PacketSocket::bind(HOST_END);
         host.send(&arp_request(new_gw.octets()));
-        let reply = host
-            .recv_matching(WAIT, is_arp_reply)
-            .expect("ARP reply for the new gateway");
+        let reply = host.recv_matching(WAIT, is_arp_reply).expect("ARP reply for the new gateway");
         assert_eq!(&reply[28..32], &new_gw.octets());
         assert_eq!(port.backend_counters().arp_replies, 1);
     });
@@ -293,10 +249,7 @@ fn small_umem_recycles_rx_and_tx_frames_root() {
             frame_count: 4, // two receive and two transmit frames
             ..PortConfig::new(VSWITCH_END, 0)
         };
-        let port = AfXdpPort::open(config)
-            .expect("AF_XDP port")
-            .run(vswitch())
-            .expect("run");
+        let port = AfXdpPort::open(config).expect("AF_XDP port").run(vswitch()).expect("run");
         xdp.register(0, port.as_raw_fd()).expect("register");
         let host = PacketSocket::bind(HOST_END);
         for seq in 0..30u16 {
@@ -324,11 +277,7 @@ struct Burst {
 
 impl Burst {
     fn new(oversized: bool, copies: usize) -> Self {
-        Self {
-            oversized,
-            copies,
-            counters: Default::default(),
-        }
+        Self { oversized, copies, counters: Default::default() }
     }
 }
 
@@ -363,14 +312,8 @@ fn tx_overflow_is_counted_and_not_fatal_root() {
     let ns = SlowPortNetns::new("burst");
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
-        let config = PortConfig {
-            frame_count: 4,
-            ..PortConfig::new(VSWITCH_END, 0)
-        };
-        let port = AfXdpPort::open(config)
-            .expect("port")
-            .run(Burst::new(true, 5))
-            .expect("run");
+        let config = PortConfig { frame_count: 4, ..PortConfig::new(VSWITCH_END, 0) };
+        let port = AfXdpPort::open(config).expect("port").run(Burst::new(true, 5)).expect("run");
         xdp.register(0, port.as_raw_fd()).expect("register");
         let host = PacketSocket::bind(HOST_END);
         send_and_wait_rx(&host, &port, &arp_request([10, 9, 9, 9]), 1);
@@ -410,13 +353,9 @@ fn backend_panic_is_reported_and_keeps_the_socket_root() {
         xdp.register(0, port.as_raw_fd()).expect("register");
         assert!(port.is_serving());
         PacketSocket::bind(HOST_END).send(&arp_request(GW_IP.octets()));
-        assert!(
-            wait_until(WAIT, || !port.is_serving()),
-            "the failure is reported"
-        );
+        assert!(wait_until(WAIT, || !port.is_serving()), "the failure is reported");
         // The socket is still open: the registered fd stays valid.
-        xdp.register(0, port.as_raw_fd())
-            .expect("the socket can still be registered");
+        xdp.register(0, port.as_raw_fd()).expect("the socket can still be registered");
         match port.stop() {
             Err(PortError::Failed { reason, .. }) => {
                 assert!(reason.contains("backend bug"), "{reason}")
@@ -434,14 +373,8 @@ fn tx_burst_beyond_one_sendto_batch_is_fully_sent_root() {
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
         // A long poll interval: frames left on the tx ring would wait for it.
-        let config = PortConfig {
-            poll_interval: Duration::from_secs(2),
-            ..PortConfig::new(VSWITCH_END, 0)
-        };
-        let port = AfXdpPort::open(config)
-            .expect("port")
-            .run(Burst::new(false, COPIES))
-            .expect("run");
+        let config = PortConfig { poll_interval: Duration::from_secs(2), ..PortConfig::new(VSWITCH_END, 0) };
+        let port = AfXdpPort::open(config).expect("port").run(Burst::new(false, COPIES)).expect("run");
         xdp.register(0, port.as_raw_fd()).expect("register");
         let host = PacketSocket::bind(HOST_END);
         host.send(&arp_request([10, 9, 9, 9]));
@@ -453,12 +386,7 @@ fn tx_burst_beyond_one_sendto_batch_is_fully_sent_root() {
             };
             seen.insert(u16::from_be_bytes([f[f.len() - 2], f[f.len() - 1]]));
         }
-        assert_eq!(
-            seen.len(),
-            COPIES,
-            "all copies arrive without further traffic: {:?}",
-            port.counters()
-        );
+        assert_eq!(seen.len(), COPIES, "all copies arrive without further traffic: {:?}", port.counters());
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "sent at once, not one poll interval per sendto batch: {:?}",
@@ -473,19 +401,10 @@ fn removed_interface_is_reported_root() {
     let ns = SlowPortNetns::new("gone");
     let port = ns.run(|| spawn(VSWITCH_END, 0, vswitch()).expect("port"));
     assert!(port.is_serving());
-    let out = std::process::Command::new("ip")
-        .args(["-n", &ns.name, "link", "del", HOST_END])
-        .output()
-        .expect("ip link del");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        wait_until(WAIT, || !port.is_serving()),
-        "the port notices its interface is gone"
-    );
+    let out =
+        std::process::Command::new("ip").args(["-n", &ns.name, "link", "del", HOST_END]).output().expect("ip link del");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_until(WAIT, || !port.is_serving()), "the port notices its interface is gone");
     match port.stop() {
         Err(PortError::Failed { reason, .. }) => assert!(reason.contains("down"), "{reason}"),
         other => panic!("expected a failure, got {other:?}"),

@@ -86,10 +86,7 @@ fn pod_errors_name_the_field() {
     }));
     assert_eq!(bad_proto.to_model().unwrap_err().field(), "spec.containers[0].ports[0].protocol");
     let no_ns: core::Pod = from_json(json!({"metadata": {"name": "p"}}));
-    assert_eq!(
-        no_ns.to_model().unwrap_err(),
-        ConvertError::Missing { field: "metadata.namespace".into() }
-    );
+    assert_eq!(no_ns.to_model().unwrap_err(), ConvertError::Missing { field: "metadata.namespace".into() });
     let no_name: core::Pod = from_json(json!({"metadata": {"namespace": "d"}}));
     assert_eq!(no_name.model_ref().unwrap_err().field(), "metadata.name");
     let slash: core::Pod = from_json(json!({"metadata": {"name": "a/b", "namespace": "d"}}));
@@ -139,9 +136,27 @@ fn service_converts_everything_the_proxy_needs() {
     assert_eq!(
         m.ports,
         vec![
-            ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80, target_port: PortRef::Name("http".into()), node_port: Some(30080) },
-            ServicePort { name: "dns".into(), protocol: Protocol::Udp, port: 53, target_port: PortRef::Number(5353), node_port: Some(30053) },
-            ServicePort { name: "plain".into(), protocol: Protocol::Tcp, port: 8443, target_port: PortRef::Number(8443), node_port: None },
+            ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: PortRef::Name("http".into()),
+                node_port: Some(30080)
+            },
+            ServicePort {
+                name: "dns".into(),
+                protocol: Protocol::Udp,
+                port: 53,
+                target_port: PortRef::Number(5353),
+                node_port: Some(30053)
+            },
+            ServicePort {
+                name: "plain".into(),
+                protocol: Protocol::Tcp,
+                port: 8443,
+                target_port: PortRef::Number(8443),
+                node_port: None
+            },
         ]
     );
     assert_eq!(m.external_ips, vec!["203.0.113.7".parse::<IpAddr>().unwrap()]);
@@ -188,9 +203,11 @@ fn service_defaults_headless_and_ignore_labels() {
         "spec": {"ports": [{"port": 80}, {"port": 81, "targetPort": 0}]}
     }));
     assert_eq!(bad.to_model().unwrap_err().field(), "spec.ports[1].targetPort");
-    let bad_type: core::Service = from_json(json!({"metadata": {"name": "s", "namespace": "d"}, "spec": {"type": "Weird"}}));
+    let bad_type: core::Service =
+        from_json(json!({"metadata": {"name": "s", "namespace": "d"}, "spec": {"type": "Weird"}}));
     assert_eq!(bad_type.to_model().unwrap_err().field(), "spec.type");
-    let bad_etp: core::Service = from_json(json!({"metadata": {"name": "s", "namespace": "d"}, "spec": {"externalTrafficPolicy": "Global"}}));
+    let bad_etp: core::Service =
+        from_json(json!({"metadata": {"name": "s", "namespace": "d"}, "spec": {"externalTrafficPolicy": "Global"}}));
     assert_eq!(bad_etp.to_model().unwrap_err().field(), "spec.externalTrafficPolicy");
 }
 
@@ -273,15 +290,27 @@ fn networkpolicy_converts_full_spec() {
     let rule = &m.ingress[0];
     assert_eq!(
         rule.peers[0],
-        PolicyPeer::Pods { namespace_selector: None, pod_selector: Some(LabelSelector { match_labels: labels(&[("app", "web")]), match_expressions: vec![] }) }
+        PolicyPeer::Pods {
+            namespace_selector: None,
+            pod_selector: Some(LabelSelector { match_labels: labels(&[("app", "web")]), match_expressions: vec![] })
+        }
     );
     assert_eq!(
         rule.peers[1],
-        PolicyPeer::Pods { namespace_selector: Some(LabelSelector { match_labels: labels(&[("env", "prod")]), match_expressions: vec![] }), pod_selector: Some(LabelSelector::default()) }
+        PolicyPeer::Pods {
+            namespace_selector: Some(LabelSelector {
+                match_labels: labels(&[("env", "prod")]),
+                match_expressions: vec![]
+            }),
+            pod_selector: Some(LabelSelector::default())
+        }
     );
     assert_eq!(
         rule.peers[2],
-        PolicyPeer::IpBlock(IpBlock { cidr: "172.17.0.0/16".parse().unwrap(), except: vec!["172.17.1.0/24".parse().unwrap()] })
+        PolicyPeer::IpBlock(IpBlock {
+            cidr: "172.17.0.0/16".parse().unwrap(),
+            except: vec!["172.17.1.0/24".parse().unwrap()]
+        })
     );
     assert_eq!(
         rule.ports,
@@ -294,7 +323,10 @@ fn networkpolicy_converts_full_spec() {
     // An empty rule allows everything.
     assert!(m.ingress[1].peers.is_empty() && m.ingress[1].ports.is_empty());
     // Host bits are cleared.
-    assert_eq!(m.egress[0].peers[0], PolicyPeer::IpBlock(IpBlock { cidr: "10.0.0.0/8".parse().unwrap(), except: vec![] }));
+    assert_eq!(
+        m.egress[0].peers[0],
+        PolicyPeer::IpBlock(IpBlock { cidr: "10.0.0.0/8".parse().unwrap(), except: vec![] })
+    );
     let back: NetworkPolicy = crate::decode(&encode(&m)).unwrap();
     assert_eq!(back, m);
     // The selector semantics.
@@ -319,16 +351,29 @@ fn networkpolicy_defaults_and_errors() {
     let cases = [
         (json!({"policyTypes": ["Sideways"]}), "spec.policyTypes[0]"),
         (json!({"ingress": [{"from": [{}]}]}), "spec.ingress[0].from[0].podSelector|namespaceSelector|ipBlock"),
-        (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}), "spec.ingress[0].from[0].ipBlock"),
+        (
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}),
+            "spec.ingress[0].from[0].ipBlock",
+        ),
         (json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}), "spec.egress[0].to[0].ipBlock.cidr"),
-        (json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}}]}]}), "spec.egress[0].to[0].ipBlock.except[0]"),
+        (
+            json!({"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}}]}]}),
+            "spec.egress[0].to[0].ipBlock.except[0]",
+        ),
         (json!({"ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort"),
         (json!({"ingress": [{"ports": [{"port": 100, "endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort"),
-        (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}}), "spec.podSelector.matchExpressions[0].operator"),
-        (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}), "spec.podSelector.matchExpressions[0].values"),
+        (
+            json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}}),
+            "spec.podSelector.matchExpressions[0].operator",
+        ),
+        (
+            json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}),
+            "spec.podSelector.matchExpressions[0].values",
+        ),
     ];
     for (spec, field) in cases {
-        let np: networking::NetworkPolicy = from_json(json!({"metadata": {"name": "x", "namespace": "d"}, "spec": spec}));
+        let np: networking::NetworkPolicy =
+            from_json(json!({"metadata": {"name": "x", "namespace": "d"}, "spec": spec}));
         assert_eq!(np.to_model().unwrap_err().field(), field, "{spec}");
     }
 }

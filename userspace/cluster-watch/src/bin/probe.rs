@@ -69,8 +69,20 @@ fn service(i: usize) -> ClusterObject {
         cluster_ips: vec![ip([10, 96], i)],
         headless: false,
         ports: vec![
-            ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80, target_port: PortRef::Number(8080), node_port: None },
-            ServicePort { name: "metrics".into(), protocol: Protocol::Tcp, port: 9090, target_port: PortRef::Name("metrics".into()), node_port: None },
+            ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: PortRef::Number(8080),
+                node_port: None,
+            },
+            ServicePort {
+                name: "metrics".into(),
+                protocol: Protocol::Tcp,
+                port: 9090,
+                target_port: PortRef::Name("metrics".into()),
+                node_port: None,
+            },
         ],
         external_ips: vec![],
         load_balancer_ips: vec![],

@@ -18,15 +18,8 @@ pub const VSWITCH_END: &str = "cslow1";
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running ip {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "ip {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| panic!("running ip {args:?}: {e}"));
+    assert!(out.status.success(), "ip {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A uniquely named network namespace with the slow-path veth pair inside,
@@ -37,11 +30,7 @@ pub struct SlowPortNetns {
 
 impl SlowPortNetns {
     pub fn new(tag: &str) -> Self {
-        let name = format!(
-            "cvsw-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("cvsw-{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         ip(&["netns", "add", &name]);
         let ns = Self { name };
         // No IPv6 autoconfiguration noise (router solicitations, MLD) on the veths.
@@ -50,18 +39,7 @@ impl SlowPortNetns {
             .arg("net.ipv6.conf.default.disable_ipv6=1")
             .status();
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &ns.name,
-            "link",
-            "add",
-            HOST_END,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            VSWITCH_END,
-        ]);
+        ip(&["-n", &ns.name, "link", "add", HOST_END, "type", "veth", "peer", "name", VSWITCH_END]);
         ip(&["-n", &ns.name, "link", "set", HOST_END, "up"]);
         ip(&["-n", &ns.name, "link", "set", VSWITCH_END, "up"]);
         ns
@@ -90,9 +68,7 @@ impl SlowPortNetns {
 
 impl Drop for SlowPortNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -100,21 +76,13 @@ pub fn ifindex(name: &str) -> u32 {
     let c = CString::new(name).expect("ifname");
     // SAFETY: valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(
-        idx,
-        0,
-        "if_nametoindex({name}): {}",
-        std::io::Error::last_os_error()
-    );
+    assert_ne!(idx, 0, "if_nametoindex({name}): {}", std::io::Error::last_os_error());
     idx
 }
 
 /// Whether an XDP program is attached to `ifname` (current namespace).
 pub fn xdp_attached(ifname: &str) -> bool {
-    let out = Command::new("ip")
-        .args(["link", "show", ifname])
-        .output()
-        .expect("ip link show");
+    let out = Command::new("ip").args(["link", "show", ifname]).output().expect("ip link show");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(ifname), "ip link show {ifname}: {text}");
     text.contains("prog/xdp")
@@ -157,13 +125,8 @@ impl Attr {
     fn call(&mut self, cmd: libc::c_long) -> std::io::Result<libc::c_long> {
         // SAFETY: the attr buffer is valid for its size; pointers inside it
         // point to live buffers owned by the caller.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_bpf, cmd, self.0.as_mut_ptr(), self.0.len() as u32) };
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, self.0.as_mut_ptr(), self.0.len() as u32) };
+        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
     }
 }
 
@@ -184,14 +147,7 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
 impl RedirectToXsk {
     /// Loads the program and attaches it (native mode) to `ifindex`.
     pub fn attach(ifindex: u32) -> std::io::Result<Self> {
-        let map = owned(
-            Attr::new()
-                .u32(0, BPF_MAP_TYPE_XSKMAP)
-                .u32(4, 4)
-                .u32(8, 4)
-                .u32(12, 4)
-                .call(BPF_MAP_CREATE)?,
-        );
+        let map = owned(Attr::new().u32(0, BPF_MAP_TYPE_XSKMAP).u32(4, 4).u32(8, 4).u32(12, 4).call(BPF_MAP_CREATE)?);
         let map_fd = map.as_raw_fd();
         let prog: Vec<u8> = [
             insn(0x61, 2, 1, 16, 0),     // r2 = ctx->rx_queue_index
@@ -215,24 +171,12 @@ impl RedirectToXsk {
             .call(BPF_PROG_LOAD)
             .map_err(|e| {
                 let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-                std::io::Error::new(
-                    e.kind(),
-                    format!("{e}: {}", String::from_utf8_lossy(&log[..end])),
-                )
+                std::io::Error::new(e.kind(), format!("{e}: {}", String::from_utf8_lossy(&log[..end])))
             })?;
         let prog = owned(prog_fd);
-        let link = owned(
-            Attr::new()
-                .u32(0, prog.as_raw_fd() as u32)
-                .u32(4, ifindex)
-                .u32(8, BPF_XDP)
-                .call(BPF_LINK_CREATE)?,
-        );
-        Ok(Self {
-            map,
-            _prog: prog,
-            _link: link,
-        })
+        let link =
+            owned(Attr::new().u32(0, prog.as_raw_fd() as u32).u32(4, ifindex).u32(8, BPF_XDP).call(BPF_LINK_CREATE)?);
+        Ok(Self { map, _prog: prog, _link: link })
     }
 
     /// Puts an AF_XDP socket into the XSKMAP under `queue`.
@@ -262,11 +206,7 @@ impl PacketSocket {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
         // SAFETY: fresh fd from socket().
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
@@ -283,10 +223,7 @@ impl PacketSocket {
             )
         };
         assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
         // SAFETY: tv is a valid timeval.
         let rc = unsafe {
             libc::setsockopt(
@@ -304,26 +241,16 @@ impl PacketSocket {
     pub fn send(&self, frame: &[u8]) {
         // SAFETY: frame is a valid buffer.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "send: {}",
-            std::io::Error::last_os_error()
-        );
+        assert_eq!(n, frame.len() as isize, "send: {}", std::io::Error::last_os_error());
     }
 
     /// Waits up to `timeout` for a frame for which `want` is true.
-    pub fn recv_matching(
-        &self,
-        timeout: Duration,
-        want: impl Fn(&[u8]) -> bool,
-    ) -> Option<Vec<u8>> {
+    pub fn recv_matching(&self, timeout: Duration, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 4096];
         while Instant::now() < deadline {
             // SAFETY: buf is a valid writable buffer.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n > 0 && want(&buf[..n as usize]) {
                 return Some(buf[..n as usize].to_vec());
             }

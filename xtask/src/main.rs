@@ -29,6 +29,8 @@ enum Task {
     BuildEbpf,
     /// The main job: a node with the agent, pods created through the CNI, talking, counters shown.
     Demo,
+    /// rustfmt --check and clippy -D warnings on the workspace and on the eBPF crate.
+    Lint,
     /// Every test (needs root: namespaces and BPF).
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
@@ -71,19 +73,62 @@ fn require_root(what: &str) -> Result<()> {
 /// Builds the eBPF object. The agent's build script does the same when it builds; this
 /// task exists to build (and check) the kernel side on its own.
 fn build_ebpf() -> Result<PathBuf> {
-    let dir = workspace_root().join("ebpf/contiv-ebpf");
+    check(ebpf_cargo().args(["build", "--release"]))?;
+    let obj = workspace_root().join("ebpf/contiv-ebpf/target/bpfel-unknown-none/release/contiv-ebpf");
+    println!("eBPF object: {}", obj.display());
+    Ok(obj)
+}
+
+/// A cargo command for the eBPF crate: its own workspace and pinned toolchain, so the
+/// variables the outer cargo set must not leak into it.
+fn ebpf_cargo() -> Command {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(&dir).args(["build", "--release"]);
+    cmd.current_dir(workspace_root().join("ebpf/contiv-ebpf"));
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
         if k.starts_with("CARGO") || k.starts_with("RUSTC") || k == "RUSTUP_TOOLCHAIN" {
             cmd.env_remove(k);
         }
     }
-    check(&mut cmd)?;
-    let obj = dir.join("target/bpfel-unknown-none/release/contiv-ebpf");
-    println!("eBPF object: {}", obj.display());
-    Ok(obj)
+    cmd
+}
+
+/// `cargo fmt --check` and `cargo clippy -D warnings` on both workspaces; reports every
+/// failure before failing.
+fn lint() -> Result<()> {
+    let steps: Vec<(&str, Command)> = vec![
+        ("rustfmt (workspace)", {
+            let mut c = cargo();
+            c.args(["fmt", "--all", "--check"]);
+            c
+        }),
+        ("clippy (workspace)", {
+            let mut c = cargo();
+            c.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+            c
+        }),
+        ("rustfmt (eBPF crate)", {
+            let mut c = ebpf_cargo();
+            c.args(["fmt", "--check"]);
+            c
+        }),
+        ("clippy (eBPF crate)", {
+            let mut c = ebpf_cargo();
+            c.args(["clippy", "--release", "--", "-D", "warnings"]);
+            c
+        }),
+    ];
+    let mut failed = vec![];
+    for (name, mut cmd) in steps {
+        eprintln!("lint: {name}");
+        if !cmd.status().with_context(|| format!("running {name}"))?.success() {
+            failed.push(name);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("lint failed: {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 /// Builds the binaries the tests, demo and benchmarks run.
@@ -110,6 +155,10 @@ fn main() -> Result<()> {
             require_root("the demo")?;
             let bins = build_bins(false)?;
             demo::run(&bins)
+        }
+        Task::Lint => {
+            setup::run()?;
+            lint()
         }
         Task::Test { args } => {
             setup::run()?;

@@ -34,7 +34,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
     req("clang", &["/usr/bin/clang"], "libxdp-sys builds libxdp's BPF objects with clang"),
     req("llvm", &["/usr/bin/llvm-strip"], "libxdp-sys strips its BPF objects"),
     req("clang-22", &["/usr/bin/clang-22"], "the clang matching LLVM 22"),
-    req("llvm-22-dev", &["/usr/lib/llvm-22/bin/llvm-config", "/usr/lib/llvm-22/lib/libLLVM.so"], "bpf-linker links LLVM 22"),
+    req(
+        "llvm-22-dev",
+        &["/usr/lib/llvm-22/bin/llvm-config", "/usr/lib/llvm-22/lib/libLLVM.so"],
+        "bpf-linker links LLVM 22",
+    ),
     req("libpolly-22-dev", &["/usr/lib/llvm-22/lib/libPolly.a"], "LLVM 22's cmake files reference Polly"),
     req("libzstd-dev", &["/usr/include/zstd.h"], "LLVM 22 links zstd"),
     req("libelf-dev", &["/usr/include/libelf.h", "/usr/include/gelf.h"], "libbpf (built by libxdp-sys)"),
@@ -128,10 +132,8 @@ pub fn install_packages(reqs: &[Requirement]) -> Result<()> {
     let mut problems = vec![];
     for r in reqs {
         for f in r.files.iter().filter(|f| !file_present(f)) {
-            problems.push(format!(
-                "  {f} is missing: Debian package {} should have provided it ({})",
-                r.package, r.why
-            ));
+            problems
+                .push(format!("  {f} is missing: Debian package {} should have provided it ({})", r.package, r.why));
         }
     }
     if !problems.is_empty() {
@@ -140,23 +142,61 @@ pub fn install_packages(reqs: &[Requirement]) -> Result<()> {
     Ok(())
 }
 
+/// Installs the toolchain (if pinned) and the components it lacks.
+fn ensure_components(toolchain: Option<&str>, components: &[&str]) -> Result<()> {
+    let mut list = Command::new("rustup");
+    if let Some(t) = toolchain {
+        list.arg(format!("+{t}"));
+    }
+    let installed = list
+        .args(["component", "list", "--installed"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let missing: Vec<&str> = components
+        .iter()
+        .copied()
+        .filter(|c| {
+            !installed
+                .as_deref()
+                .is_some_and(|l| l.lines().any(|line| line == *c || line.starts_with(&format!("{c}-"))))
+        })
+        .collect();
+    if installed.is_some() && missing.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = Command::new("rustup");
+    match toolchain {
+        Some(t) if installed.is_none() => {
+            eprintln!("setup: installing Rust {t} with {} (eBPF programs)", components.join(", "));
+            cmd.args(["toolchain", "install", t, "--profile", "minimal"]);
+            for c in components {
+                cmd.args(["-c", c]);
+            }
+        }
+        _ => {
+            eprintln!("setup: adding Rust components {}", missing.join(", "));
+            cmd.args(["component", "add"]).args(&missing);
+            if let Some(t) = toolchain {
+                cmd.args(["--toolchain", t]);
+            }
+        }
+    }
+    let status = cmd.env_remove("RUSTUP_TOOLCHAIN").status().context("running rustup")?;
+    if !status.success() {
+        bail!("{cmd:?} failed");
+    }
+    Ok(())
+}
+
 pub fn run() -> Result<()> {
     install_packages(REQUIREMENTS)?;
 
-    let has_toolchain = Command::new("rustup")
-        .args(["+".to_owned() + EBPF_TOOLCHAIN, "component".into(), "list".into(), "--installed".into()])
-        .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"));
-    if !has_toolchain {
-        eprintln!("setup: installing Rust {EBPF_TOOLCHAIN} with rust-src (eBPF programs)");
-        let status = Command::new("rustup")
-            .args(["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "-c", "rust-src"])
-            .status()
-            .context("running rustup")?;
-        if !status.success() {
-            bail!("rustup toolchain install {EBPF_TOOLCHAIN} failed");
-        }
-    }
+    // The workspace's own toolchain needs clippy and rustfmt for `cargo xtask lint`.
+    ensure_components(None, &["clippy", "rustfmt"])?;
+    // The eBPF crate's pinned nightly: rust-src for build-std, clippy and rustfmt for lint.
+    ensure_components(Some(EBPF_TOOLCHAIN), &["rust-src", "clippy", "rustfmt"])?;
 
     let linker_ok = Command::new("bpf-linker")
         .arg("--version")
@@ -168,8 +208,13 @@ pub fn run() -> Result<()> {
         );
         let status = Command::new("cargo")
             .args([
-                "install", "bpf-linker", "--version", BPF_LINKER_VERSION,
-                "--no-default-features", "--features", "llvm-22",
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env_remove("RUSTUP_TOOLCHAIN")

@@ -47,6 +47,9 @@ pub struct Agent {
 pub struct PodReport {
     pub container_id: String,
     pub ifname: String,
+    /// The Pod object (from `CNI_ARGS`); empty when the runtime passed none.
+    pub pod_namespace: String,
+    pub pod_name: String,
     pub ip: Ipv4Addr,
     pub host_ifname: String,
     pub host_ifindex: u32,
@@ -238,6 +241,7 @@ impl Agent {
             .allocate_ip()
             .map_err(|e| CniError::new(codes::IPAM_EXHAUSTED, "no free pod address", e.to_string()))?;
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
+        let (pod_namespace, pod_name) = crate::state::pod_identity(&req.args);
         let mut attachment = PodAttachment {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -251,6 +255,8 @@ impl Agent {
             complete: false,
             mtu,
             dns,
+            pod_namespace,
+            pod_name,
         };
         // Reserve the address durably before anything is built.
         inner
@@ -491,6 +497,8 @@ impl Agent {
             .map(|a| PodReport {
                 container_id: a.container_id.clone(),
                 ifname: a.ifname.clone(),
+                pod_namespace: a.pod_namespace.clone(),
+                pod_name: a.pod_name.clone(),
                 ip: a.ip,
                 host_ifname: a.host_ifname.clone(),
                 host_ifindex: a.host_ifindex,

@@ -71,6 +71,26 @@ pub struct PodAttachment {
     /// DNS handed to the pod (from the network config, else the agent's).
     #[serde(default)]
     pub dns: crate::config::DnsConfig,
+    /// The Pod object this attachment belongs to (`K8S_POD_NAMESPACE`/`K8S_POD_NAME` in
+    /// `CNI_ARGS`, as a runtime under kubelet passes them); empty when the runtime gave none.
+    #[serde(default)]
+    pub pod_namespace: String,
+    #[serde(default)]
+    pub pod_name: String,
+}
+
+/// `K8S_POD_NAMESPACE` and `K8S_POD_NAME` from `CNI_ARGS` (`K=V;K=V`); empty when absent.
+pub fn pod_identity(cni_args: &str) -> (String, String) {
+    let mut ns = String::new();
+    let mut name = String::new();
+    for (k, v) in cni_args.split(';').filter_map(|kv| kv.split_once('=')) {
+        match k.trim() {
+            "K8S_POD_NAMESPACE" => ns = v.trim().to_owned(),
+            "K8S_POD_NAME" => name = v.trim().to_owned(),
+            _ => {}
+        }
+    }
+    (ns, name)
 }
 
 impl PodAttachment {
@@ -216,6 +236,8 @@ mod tests {
             complete: true,
             mtu: 1500,
             dns: Default::default(),
+            pod_namespace: "default".into(),
+            pod_name: id.into(),
         }
     }
 
@@ -248,6 +270,15 @@ mod tests {
         s.remove(&AttachmentKey::new("a", "eth0")).unwrap();
         let b = s.allocate_ip().unwrap();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn pod_identity_comes_from_cni_args() {
+        assert_eq!(
+            pod_identity("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0;K8S_POD_INFRA_CONTAINER_ID=abc"),
+            ("shop".to_owned(), "cart-0".to_owned())
+        );
+        assert_eq!(pod_identity(""), (String::new(), String::new()));
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //!   starts a ClusterWatch, and once its model holds K objects prints one JSON line
 //!   `{"ready_ms":..,"objects":..}` and waits for stdin to close (so the caller can read this
 //!   process's peak RSS from /proc/<pid>/status), then exits.
+//! `contiv-store-bench-probe list (--etcd URL | --embedded DIR) --expect K`
+//!   reads every key under the cluster-model prefix once (one `Store::list`, nothing decoded),
+//!   checks there are K, prints `{"objects":..}` and exits: the plain read of the same data
+//!   from the same store that `watch` is compared with.
 
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, Ipv4Addr};
@@ -164,6 +168,16 @@ async fn watch(store: Arc<dyn Store>, expect: usize, start: Instant) -> anyhow::
     Ok(())
 }
 
+async fn list(store: Arc<dyn Store>, expect: usize) -> anyhow::Result<()> {
+    let listed = store.list(contiv_cluster_model::keys::K8S_PREFIX).await?;
+    let objects = listed.kvs.len();
+    if objects < expect {
+        bail!("listed {objects} keys, expected {expect}");
+    }
+    println!("{}", serde_json::json!({"objects": objects}));
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -174,6 +188,7 @@ fn main() -> anyhow::Result<()> {
         match args.mode.as_str() {
             "load" => load(store, args.services, args.endpoints).await,
             "watch" => watch(store, args.expect, start).await,
+            "list" => list(store, args.expect).await,
             other => bail!("unknown mode {other}"),
         }
     })

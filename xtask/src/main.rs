@@ -4,6 +4,7 @@
 mod bench_datapath;
 mod bench_store;
 mod demo;
+mod fresh_check;
 mod setup;
 
 use std::{
@@ -36,6 +37,12 @@ enum Task {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Proves set-up on a fresh minimal Debian 12 root (mmdebstrap): setup, build, a test
+    /// subset (`--full`: .ci/run and the demo). Needs root; not part of CI.
+    FreshCheck {
+        #[arg(long)]
+        full: bool,
     },
     /// Benchmarks against their baselines: `datapath` or `store`.
     Bench {
@@ -155,6 +162,10 @@ fn main() -> Result<()> {
             require_root("the demo")?;
             let bins = build_bins(false)?;
             demo::run(&bins)
+        }
+        Task::FreshCheck { full } => {
+            require_root("the fresh-machine check")?;
+            fresh_check::run(full)
         }
         Task::Lint => {
             setup::run()?;

@@ -429,9 +429,19 @@ impl Node {
 
     /// Creates a pod namespace and wires it through `contiv-cni ADD`.
     pub fn add_pod(&self) -> Pod {
+        self.add_pod_with(serde_json::json!({}))
+    }
+
+    /// Like [`Node::add_pod`], with `extra` keys merged into the network config (e.g. the
+    /// `runtimeConfig` a runtime adds for a capability).
+    pub fn add_pod_with(&self, extra: Value) -> Pod {
         let ns = Netns::new("ctp");
         let container_id = unique("ctr");
-        let out = self.cni("ADD", &container_id, &ns.path().to_string_lossy(), "eth0", "1.0.0");
+        let mut conf: Value = serde_json::from_str(&self.net_conf("1.0.0")).expect("net conf");
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            conf[k] = v.clone();
+        }
+        let out = self.cni_with_conf("ADD", &container_id, &ns.path().to_string_lossy(), "eth0", &conf.to_string());
         out.ok();
         let result = out.json();
         let ip = pod_ip(&result);
@@ -548,6 +558,32 @@ pub fn pod_ip(result: &Value) -> Ipv4Addr {
         .and_then(|a| a.split('/').next())
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no IPv4 address in {result}"))
+}
+
+/// TCP throughput (bit/s received) of a `seconds`-long iperf3 run from `client` to an
+/// iperf3 server started in `server` (which must have the address `server_ip`).
+pub fn iperf3_bps(client: &Netns, server: &Netns, server_ip: Ipv4Addr, seconds: u32) -> f64 {
+    let port = 5201 + (COUNTER.fetch_add(1, Ordering::Relaxed) % 500) as u16;
+    let mut srv = server
+        .cmd("iperf3")
+        .args(["-s", "-1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = client
+        .cmd("iperf3")
+        .args(["-c", &server_ip.to_string(), "-p", &port.to_string(), "-t", &seconds.to_string(), "-J"])
+        .output()
+        .expect("iperf3 client");
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no received throughput in iperf3 output: {v}"))
 }
 
 /// `ping -c N` from a namespace; true if all answered.

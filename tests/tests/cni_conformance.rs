@@ -179,7 +179,9 @@ fn chains_with_debian_tuning_and_bandwidth_plugins() {
     // tuning applied its sysctl inside the pod.
     let v = contiv_tests::run(a.cmd("cat").arg("/proc/sys/net/ipv4/conf/eth0/rp_filter"));
     assert_eq!(v.trim(), "2");
-    // Traffic still flows through our datapath with shaping in place.
+    // Traffic still flows through our datapath. (The bandwidth plugin's qdiscs never see
+    // fast-path traffic; contiv-cni enforces the `bandwidth` capability itself, see
+    // node_datapath's bandwidth test.)
     let ipb = contiv_tests::pod_ip(&rb);
     assert!(ping(&a, ipb, 2), "chained pods cannot talk");
     conflist_run(&node, "CHECK", &plugins, &ida, &a.path().to_string_lossy(), &ra);

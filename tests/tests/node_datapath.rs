@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use contiv_tests::{Node, NodeOptions, Pod, counter, ping};
+use contiv_tests::{Node, NodeOptions, Pod, counter, iperf3_bps, ping};
 
 fn node() -> Node {
     Node::start(NodeOptions::default())
@@ -304,4 +304,34 @@ fn link_prog_id(node: &Node, host_ifname: &str) -> Option<u64> {
     let out = std::process::Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(pin).output().ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v["prog_id"].as_u64()
+}
+
+#[test]
+fn bandwidth_capability_limits_hold_on_the_fast_path() {
+    let node = node();
+    let limit = |dir: &str, bits: u64| serde_json::json!({"runtimeConfig": {"bandwidth": {format!("{dir}Rate"): bits, format!("{dir}Burst"): 100_000}}});
+    let sender = node.add_pod_with(limit("egress", 20_000_000));
+    let receiver = node.add_pod_with(limit("ingress", 30_000_000));
+    let free = node.add_pod();
+    // The shapers sit where the limits apply, and nowhere else.
+    let qdisc =
+        |ns: &contiv_tests::Netns, dev: &str| contiv_tests::run(ns.cmd("tc").args(["qdisc", "show", "dev", dev]));
+    assert!(qdisc(&sender.ns, "eth0").contains("tbf"), "no shaper on the egress-limited pod");
+    assert!(!qdisc(&free.ns, "eth0").contains("tbf"), "a shaper on an unlimited pod");
+    let receiver_host = receiver.result["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    assert!(qdisc(&node.ns, &receiver_host).contains("tbf"), "no shaper on the ingress-limited pod's host veth");
+
+    let egress = iperf3_bps(&sender.ns, &free.ns, free.ip, 3);
+    let ingress = iperf3_bps(&free.ns, &receiver.ns, receiver.ip, 3);
+    let unlimited = iperf3_bps(&free.ns, &sender.ns, sender.ip, 2);
+    eprintln!(
+        "egress-limited 20 Mbit/s: {egress:.0} bit/s; ingress-limited 30 Mbit/s: {ingress:.0} bit/s; unlimited direction: {unlimited:.0} bit/s"
+    );
+    assert!((14e6..=21e6).contains(&egress), "egress limit 20 Mbit/s not held: {egress} bit/s");
+    assert!((21e6..=31.5e6).contains(&ingress), "ingress limit 30 Mbit/s not held: {ingress} bit/s");
+    // Limits are per pod and per direction: what the egress-limited pod receives is not paced.
+    assert!(unlimited > 200e6, "an unlimited direction was slowed: {unlimited} bit/s");
+    // Rate-limited traffic still went through the fast path, not the host's routing.
+    let c = node.pod_counters(sender.ip).unwrap();
+    assert!(counter(&c, "fwd_bytes") > 5_000_000, "{c:?}");
 }

@@ -57,7 +57,13 @@ pub fn run(full: bool) -> Result<()> {
         mm.arg(sources);
     }
     check(&mut mm)?;
+    // The machine's network environment, not the project's: its resolver and the CA
+    // certificates it added locally (a TLS-inspecting egress proxy signs with one).
     std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf")).context("copying resolv.conf")?;
+    let local_cas = Path::new("/usr/local/share/ca-certificates");
+    for entry in std::fs::read_dir(local_cas).into_iter().flatten().flatten() {
+        std::fs::copy(entry.path(), root.join("usr/local/share/ca-certificates").join(entry.file_name()))?;
+    }
 
     eprintln!("fresh-check: [2/4] rustup with this machine's stable toolchain");
     let rustc_version =
@@ -91,6 +97,8 @@ pub fn run(full: bool) -> Result<()> {
         r#"set -eux
 export HOME=/root PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export RUSTUP_HOME=/root/.rustup CARGO_HOME=/root/.cargo CARGO_TERM_COLOR=never
+export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+update-ca-certificates >/dev/null
 rustup toolchain install {version} --profile minimal
 rustup default {version}
 cd /src/contiv

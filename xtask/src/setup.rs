@@ -57,7 +57,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
     ),
     // Runtime tools: namespaces, inspection, traffic, the store, chained CNI plugins.
     req("bpftool", &["/usr/sbin/bpftool"], "map dumps in tests and the demo"),
-    req("iproute2", &["/usr/sbin/ip|/usr/bin/ip|/sbin/ip|/bin/ip"], "network namespaces and veths"),
+    req(
+        "iproute2",
+        &["/usr/sbin/ip|/usr/bin/ip|/sbin/ip|/bin/ip", "/usr/sbin/tc|/sbin/tc"],
+        "namespaces, veths, qdiscs",
+    ),
     req("util-linux", &["/usr/bin/nsenter"], "agents run under nsenter --net"),
     req("procps", &["/usr/sbin/sysctl|/sbin/sysctl"], "sysctl in node namespaces"),
     req("ethtool", &["/usr/sbin/ethtool|/sbin/ethtool"], "offload settings"),

@@ -64,7 +64,18 @@ pub struct PodEndpoint {
     pub host_ifindex: u32,
     /// MAC address of the pod's own interface (inside the pod).
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// [`pod_flags`] bits.
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Bits of [`PodEndpoint::flags`].
+pub mod pod_flags {
+    /// What the pod sends is shaped (a `tbf` qdisc on the pod's own interface).
+    pub const EGRESS_LIMITED: u8 = 1;
+    /// What the pod receives is shaped (a `tbf` qdisc on its host veth): the fast path hands
+    /// packets for it to that veth's egress instead of straight into the pod.
+    pub const INGRESS_LIMITED: u8 = 2;
 }
 
 /// Per-pod counters, counted on frames the pod sends (and on slow-path replies to it).

@@ -9,6 +9,11 @@
 //! - `tc_from_vswitch` (TC ingress on the host end of the slow-path port): delivers the
 //!   vswitch's frames to the pod they are addressed to.
 //!
+//! Bandwidth limits: a pod with an ingress limit has a `tbf` qdisc on its host veth, so the
+//! fast path hands packets for it to that veth's egress (`bpf_redirect`) instead of straight
+//! into the pod (`bpf_redirect_peer`, which skips every qdisc). Egress limits need nothing
+//! here: the pod's own interface shapes what it sends. Pods without limits never detour.
+//!
 //! The bulk path stays on TC so veths keep GSO/GRO and checksum offload
 //! (see ../../shared DATAPATH-FACTS); only slow-path frames cross XDP.
 #![no_std]
@@ -22,7 +27,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use contiv_common::{
-    DatapathConfig, Ipv4Key, MAX_PODS, MAX_SLOWPATH_QUEUES, PodCounters, PodEndpoint, SlowPortCounters,
+    DatapathConfig, Ipv4Key, MAX_PODS, MAX_SLOWPATH_QUEUES, PodCounters, PodEndpoint, SlowPortCounters, pod_flags,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -56,8 +61,8 @@ const ARP_TPA_OFF: usize = 24;
 
 /// What the pod's frame turned out to be.
 enum Verdict {
-    /// Forward into this pod (host_ifindex of its veth) by redirect_peer.
-    Forward(u32),
+    /// Forward into this pod by redirect_peer (or through its host veth's qdisc when shaped).
+    Forward(PodEndpoint),
     /// Not for the fast path: hand to the vswitch.
     SlowPath,
     /// Drop, for this reason.
@@ -105,13 +110,18 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
     let verdict = classify_from_pod(&ctx, &pod);
     let counters = counters_for(pod.ip);
     match verdict {
-        Verdict::Forward(dst_ifindex) => {
+        Verdict::Forward(dst) => {
             if let Some(c) = counters {
                 c.fwd_packets += 1;
                 c.fwd_bytes += len;
             }
+            if (dst.flags & pod_flags::INGRESS_LIMITED) != 0 {
+                // Through the destination's host veth, whose tbf qdisc shapes what it receives.
+                // SAFETY: plain helper call.
+                return unsafe { bpf_redirect(dst.host_ifindex, 0) as i32 };
+            }
             // SAFETY: plain helper call.
-            unsafe { bpf_redirect_peer(dst_ifindex, 0) as i32 }
+            unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
         }
         Verdict::SlowPath => to_slow_path(counters, len),
         Verdict::Drop(reason) => {
@@ -202,8 +212,7 @@ fn classify_from_pod(ctx: &TcContext, pod: &PodEndpoint) -> Verdict {
     let Some(peer) = (unsafe { PODS.get(Ipv4Key::new(dst)) }) else {
         return Verdict::SlowPath;
     };
-    let peer_ifindex = peer.host_ifindex;
-    let peer_mac = peer.mac;
+    let peer = *peer;
     let ttl = ip[8];
     if ttl <= 1 {
         return Verdict::Drop(DropReason::TtlExceeded);
@@ -217,9 +226,9 @@ fn classify_from_pod(ctx: &TcContext, pod: &PodEndpoint) -> Verdict {
     ip[10] = check[0];
     ip[11] = check[1];
     // L2 rewrite: from the gateway to the destination pod.
-    eth[0..6].copy_from_slice(&peer_mac);
+    eth[0..6].copy_from_slice(&peer.mac);
     eth[6..12].copy_from_slice(&cfg.gateway_mac);
-    Verdict::Forward(peer_ifindex)
+    Verdict::Forward(peer)
 }
 
 #[classifier]

@@ -13,6 +13,7 @@ use contiv_vswitch::{BuiltinVswitch, GatewayConfig, PortCounters, RunningPort, V
 use tokio::sync::Mutex;
 
 use crate::{
+    bandwidth::BandwidthLimits,
     config::{AgentConfig, format_mac, parse_mac},
     datapath::Datapath,
     podnet::{self, PodLinkSpec},
@@ -187,8 +188,7 @@ impl Agent {
             }
             match podnet::link_by_name(node, &a.host_ifname).await {
                 Ok(Some(link)) if link.header.index == a.host_ifindex => {
-                    let ep = endpoint(a);
-                    if let Err(e) = datapath.add_pod(ep).and_then(|_| datapath.attach_pod(&a.host_ifname)) {
+                    if let Err(e) = wire_datapath(datapath, a) {
                         log::error!("{}/{}: re-wiring the datapath: {e}", a.container_id, a.ifname);
                     }
                 }
@@ -223,7 +223,7 @@ impl Agent {
                 format!("CNI_NETNS={}", req.netns),
             ));
         }
-        let (mtu, dns) = self.network_overrides(&req.network_config)?;
+        let (mtu, dns, bandwidth) = self.network_overrides(&req.network_config)?;
         let mut inner = self.inner.lock().await;
         if let Some(existing) = inner.state.get(&key) {
             if existing.complete && existing.netns == req.netns {
@@ -257,6 +257,7 @@ impl Agent {
             dns,
             pod_namespace,
             pod_name,
+            bandwidth,
         };
         // Reserve the address durably before anything is built.
         inner
@@ -272,6 +273,8 @@ impl Agent {
             gateway: self.config.gateway,
             gateway_mac: self.config.gateway_mac,
             mtu,
+            egress_shaper: bandwidth.and_then(|b| b.egress_shaper()),
+            ingress_shaper: bandwidth.and_then(|b| b.ingress_shaper()),
         };
         let result = async {
             let link = podnet::create_pod_link(&inner.node, &spec)
@@ -281,12 +284,8 @@ impl Agent {
             attachment.host_mac = format_mac(&link.host_mac);
             attachment.pod_mac = format_mac(&link.pod_mac);
             attachment.complete = true;
-            let ep = endpoint(&attachment);
-            let wired = inner
-                .datapath
-                .add_pod(ep)
-                .and_then(|_| inner.datapath.attach_pod(&host_ifname))
-                .map_err(|e| internal("programming the datapath", e));
+            let wired =
+                wire_datapath(&mut inner.datapath, &attachment).map_err(|e| internal("programming the datapath", e));
             if let Err(e) = wired {
                 let _ = inner.datapath.remove_pod(ip, link.host_ifindex);
                 let _ = podnet::delete_link(&inner.node, &host_ifname).await;
@@ -310,15 +309,21 @@ impl Agent {
         Ok(self.add_reply(&attachment))
     }
 
-    /// `mtu` and `dns` from the network config override the agent's defaults for a network.
-    fn network_overrides(&self, raw: &[u8]) -> Result<(u32, crate::config::DnsConfig), CniError> {
+    /// `mtu` and `dns` from the network config override the agent's defaults for a network;
+    /// bandwidth limits come from the `bandwidth` capability (`runtimeConfig.bandwidth`).
+    fn network_overrides(
+        &self,
+        raw: &[u8],
+    ) -> Result<(u32, crate::config::DnsConfig, Option<BandwidthLimits>), CniError> {
         #[derive(serde::Deserialize)]
         struct NetConf {
             mtu: Option<u32>,
             dns: Option<crate::config::DnsConfig>,
         }
         let invalid = |e: String| CniError::new(codes::INVALID_CONFIG, "invalid network configuration", e);
-        let conf: NetConf = serde_json::from_slice(raw).map_err(|e| invalid(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| invalid(e.to_string()))?;
+        let bandwidth = BandwidthLimits::from_network_config(&value).map_err(invalid)?;
+        let conf: NetConf = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
         let mtu = conf.mtu.unwrap_or(self.config.mtu);
         if !(576..=9000).contains(&mtu) {
             return Err(invalid(format!("mtu {mtu} out of range 576..=9000")));
@@ -327,7 +332,7 @@ impl Agent {
             Some(d) if d != Default::default() => d,
             _ => self.config.dns.clone(),
         };
-        Ok((mtu, dns))
+        Ok((mtu, dns, bandwidth))
     }
 
     fn add_reply(&self, a: &PodAttachment) -> v1::AddReply {
@@ -572,11 +577,27 @@ impl Agent {
     }
 }
 
+/// Puts a wired pod into the datapath: its map entries and its tc_from_pod link.
+fn wire_datapath(datapath: &mut Datapath, a: &PodAttachment) -> Result<(), crate::datapath::DatapathError> {
+    datapath.add_pod(endpoint(a))?;
+    datapath.attach_pod(&a.host_ifname)
+}
+
 fn endpoint(a: &PodAttachment) -> PodEndpoint {
     PodEndpoint {
         ip: a.ip.octets(),
         host_ifindex: a.host_ifindex,
         mac: parse_mac(&a.pod_mac).unwrap_or_default(),
-        _pad: [0; 2],
+        flags: a.bandwidth.map_or(0, |b| {
+            let mut f = 0;
+            if b.egress_limited() {
+                f |= contiv_common::pod_flags::EGRESS_LIMITED;
+            }
+            if b.ingress_limited() {
+                f |= contiv_common::pod_flags::INGRESS_LIMITED;
+            }
+            f
+        }),
+        _pad: 0,
     }
 }

@@ -3,6 +3,7 @@
 //! built-in vswitch over AF_XDP, and answers contiv-cni over gRPC.
 
 pub mod agent;
+pub mod bandwidth;
 pub mod cluster;
 pub mod cni_server;
 pub mod config;

@@ -15,6 +15,8 @@ use std::{
 };
 
 use futures::TryStreamExt;
+
+use crate::bandwidth::Shaper;
 use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
@@ -69,6 +71,10 @@ pub struct PodLinkSpec {
     pub gateway: Ipv4Addr,
     pub gateway_mac: [u8; 6],
     pub mtu: u32,
+    /// Shapes what the pod sends (a `tbf` root qdisc on the pod's interface).
+    pub egress_shaper: Option<Shaper>,
+    /// Shapes what the pod receives (a `tbf` root qdisc on the host veth).
+    pub ingress_shaper: Option<Shaper>,
 }
 
 /// The result of wiring a pod.
@@ -198,6 +204,9 @@ async fn wire(node: &Handle, spec: &PodLinkSpec) -> Result<PodLink> {
     let s = spec.clone();
     let pod_mac = in_netns(&spec.netns, move |h| async move { configure_pod_side(&h, &peer_tmp, &s).await }).await?;
 
+    if let Some(shaper) = spec.ingress_shaper {
+        set_tbf_root(node, host.header.index, shaper).await?;
+    }
     node.link()
         .set(LinkUnspec::new_with_index(host.header.index).up().build())
         .execute()
@@ -214,6 +223,9 @@ async fn configure_pod_side(h: &Handle, tmp_name: &str, spec: &PodLinkSpec) -> R
         .execute()
         .await
         .map_err(nl(format!("renaming the pod end to {}", spec.ifname)))?;
+    if let Some(shaper) = spec.egress_shaper {
+        set_tbf_root(h, index, shaper).await?;
+    }
     h.link()
         .set(LinkUnspec::new_with_index(index).up().build())
         .execute()
@@ -252,6 +264,58 @@ async fn configure_pod_side(h: &Handle, tmp_name: &str, spec: &PodLinkSpec) -> R
         .map_err(nl("adding the gateway's neighbour entry"))?;
     let link = link_by_name(h, &spec.ifname).await?.ok_or_else(|| PodNetError::NotFound(spec.ifname.clone()))?;
     link_mac(&link).ok_or_else(|| PodNetError::NotFound(format!("MAC of {}", spec.ifname)))
+}
+
+/// Makes a `tbf` qdisc with these parameters the root qdisc of a link (create or replace).
+pub async fn set_tbf_root(h: &Handle, index: u32, shaper: Shaper) -> Result<()> {
+    use rtnetlink::packet_core::{
+        DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+    };
+    use rtnetlink::packet_route::{
+        RouteNetlinkMessage,
+        tc::{TcAttribute, TcHandle, TcMessage, TcOption},
+    };
+    // linux/pkt_sched.h: TCA_TBF_PARMS = 1 (struct tc_tbf_qopt), TCA_TBF_RATE64 = 4,
+    // TCA_TBF_BURST = 6 (bytes; the kernel derives the bucket from it and the rate).
+    const TCA_TBF_PARMS: u16 = 1;
+    const TCA_TBF_RATE64: u16 = 4;
+    const TCA_TBF_BURST: u16 = 6;
+    const TC_LINKLAYER_ETHERNET: u8 = 1;
+    // struct tc_tbf_qopt { tc_ratespec rate, peakrate; u32 limit, buffer, mtu } in host order;
+    // tc_ratespec { u8 cell_log, u8 linklayer, u16 overhead, i16 cell_align, u16 mpu, u32 rate }.
+    let mut qopt = Vec::with_capacity(36);
+    qopt.extend_from_slice(&[0, TC_LINKLAYER_ETHERNET]);
+    qopt.extend_from_slice(&[0; 6]);
+    qopt.extend_from_slice(&(shaper.rate_bytes_per_sec.min(u64::from(u32::MAX)) as u32).to_ne_bytes());
+    qopt.extend_from_slice(&[0; 12]); // no peak rate
+    qopt.extend_from_slice(&shaper.limit_bytes.to_ne_bytes());
+    qopt.extend_from_slice(&[0; 4]); // buffer: from TCA_TBF_BURST
+    qopt.extend_from_slice(&[0; 4]); // mtu
+    let mut options = vec![
+        TcOption::Other(DefaultNla::new(TCA_TBF_PARMS, qopt)),
+        TcOption::Other(DefaultNla::new(TCA_TBF_BURST, shaper.burst_bytes.to_ne_bytes().to_vec())),
+    ];
+    if shaper.rate_bytes_per_sec > u64::from(u32::MAX) {
+        options
+            .push(TcOption::Other(DefaultNla::new(TCA_TBF_RATE64, shaper.rate_bytes_per_sec.to_ne_bytes().to_vec())));
+    }
+    let mut msg = TcMessage::with_index(index as i32);
+    msg.header.parent = TcHandle::ROOT;
+    msg.attributes.push(TcAttribute::Kind("tbf".into()));
+    msg.attributes.push(TcAttribute::Options(options));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    let what = || format!("adding a tbf qdisc to ifindex {index}");
+    let mut handle = h.clone();
+    let mut responses = handle.request(req).map_err(nl(what()))?;
+    while let Some(m) = futures::StreamExt::next(&mut responses).await {
+        if let NetlinkPayload::Error(e) = m.payload
+            && e.code.is_some()
+        {
+            return Err(PodNetError::Netlink { what: what(), source: rtnetlink::Error::NetlinkError(e) });
+        }
+    }
+    Ok(())
 }
 
 /// Deletes a link in the node namespace; a link that is already gone is success.

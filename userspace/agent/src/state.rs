@@ -77,6 +77,9 @@ pub struct PodAttachment {
     pub pod_namespace: String,
     #[serde(default)]
     pub pod_name: String,
+    /// Rate limits from the runtime's `bandwidth` capability, if any.
+    #[serde(default)]
+    pub bandwidth: Option<crate::bandwidth::BandwidthLimits>,
 }
 
 /// `K8S_POD_NAMESPACE` and `K8S_POD_NAME` from `CNI_ARGS` (`K=V;K=V`); empty when absent.
@@ -238,6 +241,7 @@ mod tests {
             dns: Default::default(),
             pod_namespace: "default".into(),
             pod_name: id.into(),
+            bandwidth: None,
         }
     }
 

@@ -67,6 +67,11 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(prefix: &str) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the end-to-end tests need root (network namespaces, BPF): run them with `cargo xtask test`"
+        );
         let name = unique(prefix);
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = Self { name };

@@ -123,6 +123,7 @@ fn exchange_and_check(port: &RunningPort<BuiltinVswitch>) {
 
 #[test]
 fn afxdp_port_answers_arp_and_ping_root() {
+    require_root!("afxdp_port_answers_arp_and_ping_root");
     let ns = SlowPortNetns::new("arp");
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
@@ -146,6 +147,7 @@ fn contiv_ebpf_object() -> PathBuf {
 
 #[test]
 fn afxdp_port_behind_contiv_xdp_program_root() {
+    require_root!("afxdp_port_behind_contiv_xdp_program_root");
     use aya::maps::{PerCpuArray, XskMap};
     use aya::programs::{Xdp, XdpMode};
     use contiv_common::{SlowPortCounters, map_names, program_names};
@@ -189,6 +191,7 @@ fn afxdp_port_behind_contiv_xdp_program_root() {
 
 #[test]
 fn stopped_port_releases_its_queue_root() {
+    require_root!("stopped_port_releases_its_queue_root");
     let ns = SlowPortNetns::new("stop");
     ns.run(|| {
         let port = AfXdpPort::open(PortConfig::new(VSWITCH_END, 0)).expect("first socket");
@@ -214,6 +217,7 @@ fn stopped_port_releases_its_queue_root() {
 
 #[test]
 fn gateway_change_applies_to_a_running_port_root() {
+    require_root!("gateway_change_applies_to_a_running_port_root");
     let ns = SlowPortNetns::new("gw");
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
@@ -242,6 +246,7 @@ fn send_and_wait_rx<B>(host: &PacketSocket, port: &RunningPort<B>, frame: &[u8],
 
 #[test]
 fn small_umem_recycles_rx_and_tx_frames_root() {
+    require_root!("small_umem_recycles_rx_and_tx_frames_root");
     let ns = SlowPortNetns::new("small");
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
@@ -309,6 +314,7 @@ impl contiv_vswitch::SlowPath for Burst {
 
 #[test]
 fn tx_overflow_is_counted_and_not_fatal_root() {
+    require_root!("tx_overflow_is_counted_and_not_fatal_root");
     let ns = SlowPortNetns::new("burst");
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
@@ -346,6 +352,7 @@ impl contiv_vswitch::SlowPath for Panics {
 
 #[test]
 fn backend_panic_is_reported_and_keeps_the_socket_root() {
+    require_root!("backend_panic_is_reported_and_keeps_the_socket_root");
     let ns = SlowPortNetns::new("panic");
     ns.run(|| {
         let xdp = RedirectToXsk::attach(ifindex(VSWITCH_END)).expect("attach the XDP program");
@@ -367,6 +374,7 @@ fn backend_panic_is_reported_and_keeps_the_socket_root() {
 
 #[test]
 fn tx_burst_beyond_one_sendto_batch_is_fully_sent_root() {
+    require_root!("tx_burst_beyond_one_sendto_batch_is_fully_sent_root");
     // The kernel transmits at most 32 frames per sendto() in copy mode.
     const COPIES: usize = 200;
     let ns = SlowPortNetns::new("big");
@@ -398,6 +406,7 @@ fn tx_burst_beyond_one_sendto_batch_is_fully_sent_root() {
 
 #[test]
 fn removed_interface_is_reported_root() {
+    require_root!("removed_interface_is_reported_root");
     let ns = SlowPortNetns::new("gone");
     let port = ns.run(|| spawn(VSWITCH_END, 0, vswitch()).expect("port"));
     assert!(port.is_serving());

@@ -17,6 +17,27 @@ pub const VSWITCH_END: &str = "cslow1";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// True when the test may run: it needs root (network namespaces, XDP, AF_XDP). Otherwise
+/// prints one line saying why it is skipped (`cargo xtask test` runs these as root).
+pub fn have_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipped {test}: needs root (network namespaces, AF_XDP); `cargo xtask test` runs it as root");
+    }
+    root
+}
+
+/// Returns from the test early (skipped) unless it runs as root.
+#[macro_export]
+macro_rules! require_root {
+    ($test:expr) => {
+        if !support::have_root($test) {
+            return;
+        }
+    };
+}
+
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap_or_else(|e| panic!("running ip {args:?}: {e}"));
     assert!(out.status.success(), "ip {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));

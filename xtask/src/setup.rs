@@ -63,6 +63,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
         "namespaces, veths, qdiscs",
     ),
     req("util-linux", &["/usr/bin/nsenter"], "agents run under nsenter --net"),
+    req("nftables", &["/usr/sbin/nft"], "the agent masquerades pod traffic leaving the cluster"),
+    req("tcpdump", &["/usr/bin/tcpdump"], "tests check what crosses the fabric"),
     req("procps", &["/usr/sbin/sysctl|/sbin/sysctl"], "sysctl in node namespaces"),
     req("ethtool", &["/usr/sbin/ethtool|/sbin/ethtool"], "offload settings"),
     req("iputils-ping", &["/usr/bin/ping|/bin/ping"], "ping between pods"),

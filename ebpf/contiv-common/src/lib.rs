@@ -23,6 +23,58 @@ pub mod map_names {
     pub const SLOWPATH_XSKS: &str = "SLOWPATH_XSKS";
     /// [`super::SlowPortCounters`] (per CPU, one entry) for the slow-path port programs.
     pub const SLOWPORT_COUNTERS: &str = "SLOWPORT_COUNTERS";
+    /// LPM trie: remote pod subnet or remote node address -> [`super::RemoteRoute`] (the node
+    /// that owns it, reached over the overlay).
+    pub const REMOTE_ROUTES: &str = "REMOTE_ROUTES";
+    /// [`super::OverlayCounters`] (per CPU, one entry) for the overlay device's programs.
+    pub const OVERLAY_COUNTERS: &str = "OVERLAY_COUNTERS";
+    /// Map name -> layout version of the pinned map ([`super::schema`]).
+    pub const SCHEMA: &str = "SCHEMA";
+}
+
+/// Layout versions of the pinned maps. A map's version changes whenever its key, value or
+/// type changes; an agent that finds a pinned map of another version migrates it
+/// make-before-break (see the agent's datapath module). Maps pinned by agents that predate
+/// the `SCHEMA` map are version 1.
+pub mod schema {
+    use super::map_names::*;
+
+    /// Every pinned map with its current layout version.
+    pub const LAYOUTS: &[(&str, u32)] = &[
+        (PODS, 1),
+        (POD_IFACES, 1),
+        // v2: tunnel, host and from-tunnel counters appended.
+        (POD_COUNTERS, 2),
+        // v2: pod subnet, overlay device, VNI and node address appended.
+        (CONFIG, 2),
+        (SLOWPATH_XSKS, 1),
+        (SLOWPORT_COUNTERS, 1),
+        (REMOTE_ROUTES, 1),
+        (OVERLAY_COUNTERS, 1),
+        (SCHEMA, 1),
+    ];
+
+    /// The current layout version of a map (0 if the name is unknown).
+    pub fn layout(name: &str) -> u32 {
+        LAYOUTS.iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v)
+    }
+}
+
+/// A key of the `SCHEMA` map: a map name, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MapName {
+    pub name: [u8; 32],
+}
+
+impl MapName {
+    /// The key for `name` (truncated to 31 bytes).
+    pub fn new(name: &str) -> Self {
+        let mut key = Self::default();
+        let n = name.len().min(31);
+        key.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        key
+    }
 }
 
 /// Program names (function names in the eBPF object).
@@ -33,12 +85,18 @@ pub mod program_names {
     pub const FROM_VSWITCH: &str = "tc_from_vswitch";
     /// XDP on the vswitch end of the slow-path port: steers frames into the AF_XDP socket.
     pub const TO_VSWITCH: &str = "xdp_to_vswitch";
+    /// TC ingress on the overlay (VXLAN) device: decapsulated traffic from other nodes.
+    pub const FROM_OVERLAY: &str = "tc_from_overlay";
+    /// TC egress on the overlay device: gives host-originated packets their tunnel key.
+    pub const TO_OVERLAY: &str = "tc_to_overlay";
 }
 
 /// Maximum number of pods on one node (sizes PODS, POD_IFACES, POD_COUNTERS).
 pub const MAX_PODS: u32 = 4096;
 /// Maximum rx queues of the slow-path port served by AF_XDP sockets.
 pub const MAX_SLOWPATH_QUEUES: u32 = 64;
+/// Maximum entries of REMOTE_ROUTES (a pod subnet and an address per remote node).
+pub const MAX_REMOTE_ROUTES: u32 = 16384;
 
 /// An IPv4 address as it appears on the wire (network byte order), as a map key.
 /// Shown by bpftool as four bytes, e.g. `[10,1,1,2]`.
@@ -101,6 +159,15 @@ pub struct PodCounters {
     pub drop_ttl_exceeded: u64,
     /// Dropped: a slow-path frame could not be handed over (no slow-path port yet).
     pub drop_no_slowpath: u64,
+    /// Frames encapsulated to another node (its pods or the node itself) over the overlay.
+    pub tunnel_packets: u64,
+    pub tunnel_bytes: u64,
+    /// Frames handed to the node's own stack: the host, node addresses, outside the cluster.
+    pub host_packets: u64,
+    pub host_bytes: u64,
+    /// Frames received from other nodes over the overlay and delivered to this pod.
+    pub from_tunnel_packets: u64,
+    pub from_tunnel_bytes: u64,
 }
 
 /// Node-wide datapath configuration written by the agent.
@@ -114,6 +181,53 @@ pub struct DatapathConfig {
     /// MAC the pods resolve the gateway to; source MAC of frames the fast path delivers.
     pub gateway_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// This node's pod subnet (network and mask, network byte order): an address in it that
+    /// is no local pod is an unknown destination (slow path), never the host's.
+    pub pod_subnet: [u8; 4],
+    pub pod_mask: [u8; 4],
+    /// ifindex of the overlay (flow-based VXLAN) device; 0 = no overlay.
+    pub overlay_ifindex: u32,
+    /// VXLAN network identifier of the overlay.
+    pub vni: u32,
+    /// This node's address on the underlay (the tunnel endpoint other nodes send to).
+    pub node_ip: [u8; 4],
+    pub _pad2: [u8; 4],
+}
+
+/// Where REMOTE_ROUTES sends a prefix: the node that owns it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RemoteRoute {
+    /// The owning node's underlay address (network byte order): the tunnel's remote end.
+    pub node_ip: [u8; 4],
+    /// [`route_flags`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`RemoteRoute::flags`].
+pub mod route_flags {
+    /// The prefix is the node's own address (not its pod subnet).
+    pub const NODE_ADDRESS: u32 = 1;
+}
+
+/// Counters of the overlay device's programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OverlayCounters {
+    /// Decapsulated frames delivered to a local pod.
+    pub rx_delivered: u64,
+    /// Decapsulated frames for this node itself, handed to its stack.
+    pub rx_to_host: u64,
+    /// Dropped: inner source neither the sending node nor one of its pods (spoofed).
+    pub rx_spoofed: u64,
+    /// Dropped: inner destination neither a local pod nor this node.
+    pub rx_no_destination: u64,
+    /// Dropped: malformed or not IPv4, or TTL exhausted.
+    pub rx_malformed: u64,
+    /// Host-originated packets given a tunnel key.
+    pub tx_host_encapsulated: u64,
+    /// Dropped: host-originated packet to a destination no node owns.
+    pub tx_no_route: u64,
 }
 
 /// Counters of the slow-path port's own programs.
@@ -139,4 +253,7 @@ mod user {
     unsafe impl aya::Pod for super::PodCounters {}
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::SlowPortCounters {}
+    unsafe impl aya::Pod for super::RemoteRoute {}
+    unsafe impl aya::Pod for super::OverlayCounters {}
+    unsafe impl aya::Pod for super::MapName {}
 }

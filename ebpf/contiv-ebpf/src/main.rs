@@ -1,68 +1,56 @@
 //! The node's kernel datapath.
 //!
-//! - `tc_from_pod` (TC ingress on every pod's host-side veth): checks that the frame
-//!   really comes from the pod (source MAC and IPv4), forwards pod -> pod IPv4 straight
-//!   into the destination pod with `bpf_redirect_peer` (no host routing stack), and
-//!   steers everything else to the slow-path port.
+//! - `tc_from_pod` (tcx ingress on every pod's host-side veth): checks that the frame
+//!   really comes from the pod (source MAC, IPv4, ARP sender), then:
+//!   a local pod -> straight into it with `bpf_redirect_peer` (no host routing stack);
+//!   a pod or node address another node owns -> encapsulated into the overlay;
+//!   anything else outside the local pod subnet (the host, node addresses, the outside
+//!   world) -> the node's own stack, which routes it (and masquerades what leaves);
+//!   the gateway, unknown local addresses, IP options, fragments, packets too big for the
+//!   overlay -> the slow path.
+//! - `tc_from_overlay` / `tc_to_overlay` (tcx on the node's VXLAN device): decapsulated
+//!   packets from other nodes go into local pods or to this node; host-originated packets to
+//!   other nodes' pods get their tunnel key (see `overlay.rs`).
 //! - `xdp_to_vswitch` (XDP on the vswitch end of the slow-path port): hands every frame
 //!   to the AF_XDP socket of the vswitch.
-//! - `tc_from_vswitch` (TC ingress on the host end of the slow-path port): delivers the
+//! - `tc_from_vswitch` (tcx ingress on the host end of the slow-path port): delivers the
 //!   vswitch's frames to the pod they are addressed to.
+//!
+//! The bulk path stays on TC so veths keep GSO/GRO and checksum offload
+//! (see ../../shared DATAPATH-FACTS); only slow-path frames cross XDP.
 //!
 //! Bandwidth limits: a pod with an ingress limit has a `tbf` qdisc on its host veth, so the
 //! fast path hands packets for it to that veth's egress (`bpf_redirect`) instead of straight
 //! into the pod (`bpf_redirect_peer`, which skips every qdisc). Egress limits need nothing
 //! here: the pod's own interface shapes what it sends. Pods without limits never detour.
-//!
-//! The bulk path stays on TC so veths keep GSO/GRO and checksum offload
-//! (see ../../shared DATAPATH-FACTS); only slow-path frames cross XDP.
 #![no_std]
 #![no_main]
 
+mod maps;
+mod overlay;
+mod packet;
+
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, xdp_action},
-    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, XskMap},
-    helpers::generated::{bpf_redirect, bpf_redirect_peer},
-    macros::{btf_map, classifier, xdp},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::generated::{bpf_check_mtu, bpf_redirect, bpf_redirect_peer, bpf_skb_change_type},
+    macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use contiv_common::{
-    DatapathConfig, Ipv4Key, MAX_PODS, MAX_SLOWPATH_QUEUES, PodCounters, PodEndpoint, SlowPortCounters, pod_flags,
-};
+use contiv_common::{PodCounters, PodEndpoint, pod_flags};
+use maps::{SLOWPATH_XSKS, config, count_overlay, count_slowport, pod, pod_by_ifindex, pod_counters, remote_route};
+use packet::*;
 
-const MAX_PODS_USIZE: usize = MAX_PODS as usize;
-
-#[btf_map]
-static PODS: HashMap<Ipv4Key, PodEndpoint, MAX_PODS_USIZE> = HashMap::new();
-
-#[btf_map]
-static POD_IFACES: HashMap<u32, PodEndpoint, MAX_PODS_USIZE> = HashMap::new();
-
-#[btf_map]
-static POD_COUNTERS: PerCpuHashMap<Ipv4Key, PodCounters, MAX_PODS_USIZE> = PerCpuHashMap::new();
-
-#[btf_map]
-static CONFIG: Array<DatapathConfig, 1> = Array::new();
-
-#[btf_map]
-static SLOWPATH_XSKS: XskMap<{ MAX_SLOWPATH_QUEUES as usize }> = XskMap::new();
-
-#[btf_map]
-static SLOWPORT_COUNTERS: PerCpuArray<SlowPortCounters, 1> = PerCpuArray::new();
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_ARP: u16 = 0x0806;
-const IPV4_MIN_HLEN: usize = 20;
-/// ARP payload for Ethernet/IPv4 is 28 bytes; the target protocol address is at 24.
-const ARP_LEN: usize = 28;
-const ARP_SPA_OFF: usize = 14;
-const ARP_TPA_OFF: usize = 24;
+/// `skb->pkt_type` for a packet addressed to this host.
+const PACKET_HOST: u32 = 0;
 
 /// What the pod's frame turned out to be.
 enum Verdict {
-    /// Forward into this pod by redirect_peer (or through its host veth's qdisc when shaped).
-    Forward(PodEndpoint),
+    /// Into this local pod.
+    Local(PodEndpoint),
+    /// Tunnel key set: out of the overlay device with this ifindex.
+    Tunnel(u32),
+    /// To the node's own stack (the host, node addresses, outside the cluster).
+    Host,
     /// Not for the fast path: hand to the vswitch.
     SlowPath,
     /// Drop, for this reason.
@@ -76,109 +64,122 @@ enum DropReason {
     TtlExceeded,
 }
 
+/// Into a local pod: straight into its namespace, or through its host veth's qdisc when its
+/// ingress is shaped.
 #[inline(always)]
-fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*mut T> {
-    let start = data + offset;
-    if start + core::mem::size_of::<T>() > data_end {
-        return None;
+fn deliver(dst: &PodEndpoint) -> i32 {
+    if (dst.flags & pod_flags::INGRESS_LIMITED) != 0 {
+        // SAFETY: plain helper call.
+        return unsafe { bpf_redirect(dst.host_ifindex, 0) as i32 };
     }
-    Some(start as *mut T)
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
 }
 
 #[inline(always)]
-fn counters_for(ip: [u8; 4]) -> Option<&'static mut PodCounters> {
-    // SAFETY: per-CPU value: nobody else writes this CPU's slot concurrently.
-    POD_COUNTERS.get_ptr_mut(Ipv4Key::new(ip)).map(|p| unsafe { &mut *p })
-}
-
-#[inline(always)]
-fn config() -> Option<&'static DatapathConfig> {
-    CONFIG.get(0)
+fn count(c: &mut Option<&'static mut PodCounters>, f: impl FnOnce(&mut PodCounters)) {
+    if let Some(c) = c.as_deref_mut() {
+        f(c);
+    }
 }
 
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: hash map value read-only; the agent removes entries only after detaching.
-    let Some(pod) = (unsafe { POD_IFACES.get(ifindex) }) else {
+    let Some(pod) = pod_by_ifindex(ifindex) else {
         // Not a pod interface we know (yet or any more): never let it through.
         return TC_ACT_SHOT;
     };
-    let pod = *pod;
     let len = u64::from(ctx.skb.len());
     let verdict = classify_from_pod(&ctx, &pod);
-    let counters = counters_for(pod.ip);
+    let mut counters = pod_counters(pod.ip);
     match verdict {
-        Verdict::Forward(dst) => {
-            if let Some(c) = counters {
+        Verdict::Local(dst) => {
+            count(&mut counters, |c| {
                 c.fwd_packets += 1;
                 c.fwd_bytes += len;
-            }
-            if (dst.flags & pod_flags::INGRESS_LIMITED) != 0 {
-                // Through the destination's host veth, whose tbf qdisc shapes what it receives.
-                // SAFETY: plain helper call.
-                return unsafe { bpf_redirect(dst.host_ifindex, 0) as i32 };
-            }
+            });
+            deliver(&dst)
+        }
+        Verdict::Tunnel(overlay_ifindex) => {
+            count(&mut counters, |c| {
+                c.tunnel_packets += 1;
+                c.tunnel_bytes += len;
+            });
             // SAFETY: plain helper call.
-            unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
+            unsafe { bpf_redirect(overlay_ifindex, 0) as i32 }
+        }
+        Verdict::Host => {
+            count(&mut counters, |c| {
+                c.host_packets += 1;
+                c.host_bytes += len;
+            });
+            // The frame is addressed to the gateway MAC, not the host veth's: without this
+            // the stack would see it as for another host and drop it.
+            // SAFETY: plain helper call on our own skb.
+            unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+            TC_ACT_OK
         }
         Verdict::SlowPath => to_slow_path(counters, len),
         Verdict::Drop(reason) => {
-            if let Some(c) = counters {
-                match reason {
-                    DropReason::Malformed => c.drop_malformed += 1,
-                    DropReason::SpoofedMac => c.drop_spoofed_mac += 1,
-                    DropReason::SpoofedIp => c.drop_spoofed_ip += 1,
-                    DropReason::TtlExceeded => c.drop_ttl_exceeded += 1,
-                }
-            }
+            count(&mut counters, |c| match reason {
+                DropReason::Malformed => c.drop_malformed += 1,
+                DropReason::SpoofedMac => c.drop_spoofed_mac += 1,
+                DropReason::SpoofedIp => c.drop_spoofed_ip += 1,
+                DropReason::TtlExceeded => c.drop_ttl_exceeded += 1,
+            });
             TC_ACT_SHOT
         }
     }
 }
 
 #[inline(always)]
-fn to_slow_path(counters: Option<&'static mut PodCounters>, len: u64) -> i32 {
+fn to_slow_path(mut counters: Option<&'static mut PodCounters>, len: u64) -> i32 {
     let slowport = config().map(|c| c.slowport_ifindex).unwrap_or(0);
     if slowport == 0 {
-        if let Some(c) = counters {
-            c.drop_no_slowpath += 1;
-        }
+        count(&mut counters, |c| c.drop_no_slowpath += 1);
         return TC_ACT_SHOT;
     }
-    if let Some(c) = counters {
+    count(&mut counters, |c| {
         c.slow_packets += 1;
         c.slow_bytes += len;
-    }
+    });
     // Out of the host end of the slow-path port; its peer's XDP program feeds the AF_XDP socket.
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(slowport, 0) as i32 }
 }
 
+/// Whether the packet fits the overlay device's MTU (GSO packets: each segment).
 #[inline(always)]
-fn classify_from_pod(ctx: &TcContext, pod: &PodEndpoint) -> Verdict {
-    let data = ctx.data();
-    let data_end = ctx.data_end();
-    let Some(eth) = ptr_at::<[u8; ETH_HLEN]>(data, data_end, 0) else {
+fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu_len: u32 = 0;
+    // SAFETY: helper call with a pointer to a stack value.
+    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu_len, 0, 0) == 0 }
+}
+
+#[inline(always)]
+fn classify_from_pod(ctx: &TcContext, me: &PodEndpoint) -> Verdict {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(eth) = eth(data, data_end) else {
         return Verdict::Drop(DropReason::Malformed);
     };
-    // SAFETY: bounds checked by ptr_at.
-    let eth = unsafe { &mut *eth };
-    if eth[6..12] != pod.mac {
+    if eth[6..12] != me.mac {
         return Verdict::Drop(DropReason::SpoofedMac);
     }
-    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let ethertype = ethertype(eth);
     if ethertype == ETH_P_ARP {
-        let Some(arp) = ptr_at::<[u8; ARP_LEN]>(data, data_end, ETH_HLEN) else {
+        let Some(arp) = arp(data, data_end) else {
             return Verdict::Drop(DropReason::Malformed);
         };
-        // SAFETY: bounds checked by ptr_at.
-        let arp = unsafe { &*arp };
+        // The sender hardware address must be the pod's own, like the frame's source.
+        if arp[ARP_SHA_OFF..ARP_SHA_OFF + 6] != me.mac {
+            return Verdict::Drop(DropReason::SpoofedMac);
+        }
         let spa = [arp[ARP_SPA_OFF], arp[ARP_SPA_OFF + 1], arp[ARP_SPA_OFF + 2], arp[ARP_SPA_OFF + 3]];
         // An ARP claiming another pod's address is spoofing, except the
         // all-zero sender of an address probe.
-        if spa != pod.ip && spa != [0, 0, 0, 0] {
+        if spa != me.ip && spa != [0, 0, 0, 0] {
             return Verdict::Drop(DropReason::SpoofedIp);
         }
         return Verdict::SlowPath;
@@ -186,104 +187,161 @@ fn classify_from_pod(ctx: &TcContext, pod: &PodEndpoint) -> Verdict {
     if ethertype != ETH_P_IP {
         return Verdict::SlowPath;
     }
-    let Some(ip) = ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, ETH_HLEN) else {
+    let Some(ip) = ipv4(data, data_end) else {
         return Verdict::Drop(DropReason::Malformed);
     };
-    // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &mut *ip };
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    if src != pod.ip {
+    if src_ip(ip) != me.ip {
         return Verdict::Drop(DropReason::SpoofedIp);
     }
-    let dst = [ip[16], ip[17], ip[18], ip[19]];
-    let version_ihl = ip[0];
-    let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    // IP options (ihl != 5) and fragments (MF set or offset != 0) go to the slow path.
-    if version_ihl != 0x45 || frag & 0x3fff != 0 {
+    if has_options_or_is_fragment(ip) {
         return Verdict::SlowPath;
     }
     let Some(cfg) = config() else {
         return Verdict::SlowPath;
     };
+    let dst = dst_ip(ip);
     if dst == cfg.gateway_ip {
         return Verdict::SlowPath;
     }
-    // SAFETY: read-only lookup; the value is copied out before anything else happens.
-    let Some(peer) = (unsafe { PODS.get(Ipv4Key::new(dst)) }) else {
-        return Verdict::SlowPath;
-    };
-    let peer = *peer;
-    let ttl = ip[8];
-    if ttl <= 1 {
-        return Verdict::Drop(DropReason::TtlExceeded);
+    if let Some(peer) = pod(dst) {
+        if !decrement_ttl(ip) {
+            return Verdict::Drop(DropReason::TtlExceeded);
+        }
+        // L2 rewrite: from the gateway to the destination pod.
+        eth[0..6].copy_from_slice(&peer.mac);
+        eth[6..12].copy_from_slice(&cfg.gateway_mac);
+        return Verdict::Local(peer);
     }
-    // Routed hop: decrement TTL and patch the header checksum incrementally
-    // (RFC 1624; same arithmetic as the kernel's ip_decrease_ttl).
-    ip[8] = ttl - 1;
-    let check = u16::from_be_bytes([ip[10], ip[11]]) as u32 + 0x0100;
-    let check = (check + (check >> 16)) as u16;
-    let check = check.to_be_bytes();
-    ip[10] = check[0];
-    ip[11] = check[1];
-    // L2 rewrite: from the gateway to the destination pod.
-    eth[0..6].copy_from_slice(&peer.mac);
-    eth[6..12].copy_from_slice(&cfg.gateway_mac);
-    Verdict::Forward(peer)
+    let overlay = cfg.overlay_ifindex;
+    if overlay != 0
+        && let Some(route) = remote_route(dst)
+    {
+        // Too big for the tunnel: the slow path answers "fragmentation needed" (the
+        // datapath never fragments).
+        if !fits_mtu(ctx, overlay) {
+            return Verdict::SlowPath;
+        }
+        if !decrement_ttl(ip) {
+            return Verdict::Drop(DropReason::TtlExceeded);
+        }
+        eth[6..12].copy_from_slice(&cfg.gateway_mac);
+        if !overlay::set_tunnel(ctx, route.node_ip, cfg.vni) {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        return Verdict::Tunnel(overlay);
+    }
+    if in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {
+        // An address of this node's pod subnet that no pod holds.
+        return Verdict::SlowPath;
+    }
+    Verdict::Host
+}
+
+#[classifier]
+pub fn tc_from_overlay(ctx: TcContext) -> i32 {
+    let len = u64::from(ctx.skb.len());
+    let Some(sender) = overlay::tunnel_remote(&ctx) else {
+        count_overlay(|c| c.rx_malformed += 1);
+        return TC_ACT_SHOT;
+    };
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (eth(data, data_end), ipv4(data, data_end)) else {
+        count_overlay(|c| c.rx_malformed += 1);
+        return TC_ACT_SHOT;
+    };
+    if ethertype(eth) != ETH_P_IP {
+        count_overlay(|c| c.rx_malformed += 1);
+        return TC_ACT_SHOT;
+    }
+    // Anti-spoofing across nodes: the inner source must be the sending node itself or one
+    // of its pods (REMOTE_ROUTES maps both to that node's address).
+    if remote_route(src_ip(ip)).map(|r| r.node_ip) != Some(sender) {
+        count_overlay(|c| c.rx_spoofed += 1);
+        return TC_ACT_SHOT;
+    }
+    let Some(cfg) = config() else {
+        count_overlay(|c| c.rx_no_destination += 1);
+        return TC_ACT_SHOT;
+    };
+    let dst = dst_ip(ip);
+    if let Some(pod) = pod(dst) {
+        if !decrement_ttl(ip) {
+            count_overlay(|c| c.rx_malformed += 1);
+            return TC_ACT_SHOT;
+        }
+        eth[0..6].copy_from_slice(&pod.mac);
+        eth[6..12].copy_from_slice(&cfg.gateway_mac);
+        if let Some(c) = pod_counters(dst) {
+            c.from_tunnel_packets += 1;
+            c.from_tunnel_bytes += len;
+        }
+        count_overlay(|c| c.rx_delivered += 1);
+        return deliver(&pod);
+    }
+    if dst == cfg.node_ip {
+        count_overlay(|c| c.rx_to_host += 1);
+        // SAFETY: plain helper call on our own skb.
+        unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+        return TC_ACT_OK;
+    }
+    count_overlay(|c| c.rx_no_destination += 1);
+    TC_ACT_SHOT
+}
+
+#[classifier]
+pub fn tc_to_overlay(ctx: TcContext) -> i32 {
+    // Pod traffic arrives with its key already set by tc_from_pod.
+    if overlay::tunnel_remote(&ctx).is_some() {
+        return TC_ACT_OK;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (eth(data, data_end), ipv4(data, data_end)) else {
+        count_overlay(|c| c.tx_no_route += 1);
+        return TC_ACT_SHOT;
+    };
+    let (Some(route), Some(cfg)) = (remote_route(dst_ip(ip)), config()) else {
+        count_overlay(|c| c.tx_no_route += 1);
+        return TC_ACT_SHOT;
+    };
+    if ethertype(eth) != ETH_P_IP || !overlay::set_tunnel(&ctx, route.node_ip, cfg.vni) {
+        count_overlay(|c| c.tx_no_route += 1);
+        return TC_ACT_SHOT;
+    }
+    count_overlay(|c| c.tx_host_encapsulated += 1);
+    TC_ACT_OK
 }
 
 #[classifier]
 pub fn tc_from_vswitch(ctx: TcContext) -> i32 {
-    let data = ctx.data();
-    let data_end = ctx.data_end();
     let len = u64::from(ctx.skb.len());
-    let Some(dst) = vswitch_frame_destination(data, data_end) else {
+    let Some(dst) = vswitch_frame_destination(ctx.data(), ctx.data_end()) else {
         count_slowport(|c| c.from_vswitch_no_pod += 1);
         return TC_ACT_SHOT;
     };
-    // SAFETY: read-only lookup, value copied.
-    let Some(pod) = (unsafe { PODS.get(Ipv4Key::new(dst)) }) else {
+    let Some(pod) = pod(dst) else {
         count_slowport(|c| c.from_vswitch_no_pod += 1);
         return TC_ACT_SHOT;
     };
-    let ifindex = pod.host_ifindex;
-    if let Some(c) = counters_for(dst) {
+    if let Some(c) = pod_counters(dst) {
         c.from_slow_packets += 1;
         c.from_slow_bytes += len;
     }
     count_slowport(|c| c.from_vswitch_delivered += 1);
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+    deliver(&pod)
 }
 
 /// The pod IPv4 address a frame from the vswitch is for: IPv4 destination, or the
 /// ARP target protocol address.
 #[inline(always)]
 fn vswitch_frame_destination(data: usize, data_end: usize) -> Option<[u8; 4]> {
-    let eth = ptr_at::<[u8; ETH_HLEN]>(data, data_end, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    let eth = unsafe { &*eth };
-    match u16::from_be_bytes([eth[12], eth[13]]) {
-        ETH_P_IP => {
-            let ip = ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, ETH_HLEN)?;
-            // SAFETY: bounds checked by ptr_at.
-            let ip = unsafe { &*ip };
-            Some([ip[16], ip[17], ip[18], ip[19]])
-        }
+    let eth = eth(data, data_end)?;
+    match ethertype(eth) {
+        ETH_P_IP => Some(dst_ip(ipv4(data, data_end)?)),
         ETH_P_ARP => {
-            let arp = ptr_at::<[u8; ARP_LEN]>(data, data_end, ETH_HLEN)?;
-            // SAFETY: bounds checked by ptr_at.
-            let arp = unsafe { &*arp };
+            let arp = arp(data, data_end)?;
             Some([arp[ARP_TPA_OFF], arp[ARP_TPA_OFF + 1], arp[ARP_TPA_OFF + 2], arp[ARP_TPA_OFF + 3]])
         }
         _ => None,
-    }
-}
-
-#[inline(always)]
-fn count_slowport(f: impl FnOnce(&mut SlowPortCounters)) {
-    if let Some(p) = SLOWPORT_COUNTERS.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot of this CPU.
-        f(unsafe { &mut *p });
     }
 }
 

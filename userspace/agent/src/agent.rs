@@ -8,16 +8,20 @@
 use std::{net::Ipv4Addr, path::Path, sync::Arc};
 
 use contiv_cni_api::{codes, v1};
-use contiv_common::{DatapathConfig, PodCounters, PodEndpoint};
+use contiv_common::{OverlayCounters, PodCounters};
+use contiv_node_registry::NodeRegistration;
 use contiv_vswitch::{BuiltinVswitch, GatewayConfig, PortCounters, RunningPort, VswitchCounters};
 use tokio::sync::Mutex;
 
 use crate::{
+    apply::Applier,
     bandwidth::BandwidthLimits,
     config::{AgentConfig, format_mac, parse_mac},
     datapath::Datapath,
+    plan::{NodeParams, OverlayParams, Plan},
     podnet::{self, PodLinkSpec},
     state::{AttachmentKey, NodeState, PodAttachment},
+    uplink::{Overlay, Uplink},
 };
 
 /// CNI errors go back to the runtime in-band (code per the CNI spec).
@@ -32,14 +36,30 @@ fn internal(msg: &str, err: impl std::fmt::Display) -> CniError {
 struct Inner {
     state: NodeState,
     datapath: Datapath,
+    applier: Applier,
     node: rtnetlink::Handle,
+    /// The live nodes of the cluster, as the store last said.
+    registrations: Vec<NodeRegistration>,
+    /// Attachments whose interface disappeared while the agent was down: kept (the address
+    /// stays reserved until the runtime's DEL) but out of the datapath.
+    gone: std::collections::HashSet<AttachmentKey>,
 }
 
 /// The vswitch agent.
 pub struct Agent {
     config: AgentConfig,
+    /// The node's uplink and overlay (kernel uplink mode with an uplink).
+    uplink: Option<Uplink>,
+    overlay: Option<Overlay>,
+    /// MTU of pod interfaces unless a network config overrides it.
+    pod_mtu: u32,
+    /// Node-wide plan inputs (fixed once the agent runs).
+    params: NodeParams,
     inner: Mutex<Inner>,
     slowpath: std::sync::Mutex<Option<RunningPort<BuiltinVswitch>>>,
+    /// The cluster model (from the store), once the cluster watch runs: links each
+    /// attachment to its Pod object.
+    model: std::sync::OnceLock<Arc<std::sync::RwLock<contiv_cluster_watch::ClusterModel>>>,
 }
 
 /// A pod as `contiv-agent pods` / the API shows it.
@@ -51,6 +71,9 @@ pub struct PodReport {
     /// The Pod object (from `CNI_ARGS`); empty when the runtime passed none.
     pub pod_namespace: String,
     pub pod_name: String,
+    /// The Pod object's labels, when the store has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
     pub ip: Ipv4Addr,
     pub host_ifname: String,
     pub host_ifindex: u32,
@@ -72,6 +95,12 @@ pub struct CountersReport {
     pub drop_malformed: u64,
     pub drop_ttl_exceeded: u64,
     pub drop_no_slowpath: u64,
+    pub tunnel_packets: u64,
+    pub tunnel_bytes: u64,
+    pub host_packets: u64,
+    pub host_bytes: u64,
+    pub from_tunnel_packets: u64,
+    pub from_tunnel_bytes: u64,
 }
 
 /// The slow path's counters in report form.
@@ -81,6 +110,48 @@ pub struct SlowPathReport {
     pub vswitch: Option<VswitchCounters>,
     pub port: Option<PortCounters>,
     pub programs: Option<SlowPortReport>,
+}
+
+/// The node's wire as `/node` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    pub node_name: String,
+    pub pod_subnet: String,
+    pub pod_mtu: u32,
+    pub uplink: Option<String>,
+    pub node_ip: Option<Ipv4Addr>,
+    pub overlay: Option<String>,
+    /// Other nodes' pod subnets and addresses, and the node each is tunnelled to.
+    pub remote_routes: std::collections::BTreeMap<String, Ipv4Addr>,
+    pub overlay_counters: Option<OverlayReport>,
+}
+
+/// The overlay device's program counters.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OverlayReport {
+    pub rx_delivered: u64,
+    pub rx_to_host: u64,
+    pub rx_spoofed: u64,
+    pub rx_no_destination: u64,
+    pub rx_malformed: u64,
+    pub tx_host_encapsulated: u64,
+    pub tx_no_route: u64,
+}
+
+impl From<OverlayCounters> for OverlayReport {
+    fn from(c: OverlayCounters) -> Self {
+        Self {
+            rx_delivered: c.rx_delivered,
+            rx_to_host: c.rx_to_host,
+            rx_spoofed: c.rx_spoofed,
+            rx_no_destination: c.rx_no_destination,
+            rx_malformed: c.rx_malformed,
+            tx_host_encapsulated: c.tx_host_encapsulated,
+            tx_no_route: c.tx_no_route,
+        }
+    }
 }
 
 /// Counters of the slow-path port's eBPF programs.
@@ -106,19 +177,28 @@ impl From<PodCounters> for CountersReport {
             drop_malformed: c.drop_malformed,
             drop_ttl_exceeded: c.drop_ttl_exceeded,
             drop_no_slowpath: c.drop_no_slowpath,
+            tunnel_packets: c.tunnel_packets,
+            tunnel_bytes: c.tunnel_bytes,
+            host_packets: c.host_packets,
+            host_bytes: c.host_bytes,
+            from_tunnel_packets: c.from_tunnel_packets,
+            from_tunnel_bytes: c.from_tunnel_bytes,
         }
     }
 }
 
 impl Agent {
-    /// Loads state and datapath, wires the slow-path port, re-attaches programs to the pods
-    /// that survived a restart and starts the vswitch.
+    /// Loads state and datapath, wires the slow-path port and the overlay, brings the
+    /// dataplane in line with the pods that survived a restart and starts the vswitch.
     pub async fn start(config: AgentConfig) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context;
         let state =
             NodeState::open(&config.state_dir, config.pod_subnet, config.gateway).context("opening the node state")?;
-        let mut datapath = Datapath::load(&config.bpf_pin_dir).context("loading the eBPF datapath")?;
         let node = podnet::node_handle().context("opening netlink")?;
+        let uplink = crate::uplink::find(&node, &config).await.context("finding the uplink")?;
+        let pod_mtu = config.pod_mtu(uplink.as_ref().map(|u| u.mtu));
+        let mut datapath =
+            Datapath::load(&config.bpf_pin_dir, config.allow_private_bpffs).context("loading the eBPF datapath")?;
 
         // Slow-path port: recreate it so its programs and the socket start clean.
         let slow_host = config.slowpath_host_ifname.clone();
@@ -142,27 +222,73 @@ impl Agent {
         let slow_host_index =
             podnet::link_by_name(&node, &slow_host).await?.context("slow-path port vanished")?.header.index;
         datapath.attach_slow_port(&slow_host, &slow_vsw).context("attaching the slow-path programs")?;
-        datapath.set_config(DatapathConfig {
-            gateway_ip: config.gateway.octets(),
-            slowport_ifindex: slow_host_index,
-            gateway_mac: config.gateway_mac,
-            _pad: [0; 2],
-        })?;
 
-        let port = contiv_vswitch::spawn(
-            &slow_vsw,
-            0,
-            BuiltinVswitch::new(GatewayConfig { ip: config.gateway, mac: config.gateway_mac }),
-        )
-        .context("opening the AF_XDP socket of the slow-path port")?;
+        // The wire: the node routes pod traffic, and other nodes' pods are behind the overlay.
+        let overlay = match &uplink {
+            Some(u) => {
+                crate::uplink::enable_forwarding()?;
+                let o = crate::uplink::ensure_overlay(&node, &config.overlay, u).await.context("the overlay device")?;
+                log::info!(
+                    "uplink {} ({}), node address {}, overlay {} (VNI {}, UDP {}, MTU {}), pod MTU {pod_mtu}",
+                    u.ifname,
+                    u.mtu,
+                    u.node_ip,
+                    o.ifname,
+                    config.overlay.vni,
+                    config.overlay.port,
+                    o.mtu
+                );
+                Some(o)
+            }
+            None => {
+                log::info!("no uplink (no default route and no uplinkInterface): a single node, no overlay");
+                None
+            }
+        };
+        let params = NodeParams {
+            node_name: config.node_name.clone(),
+            gateway_ip: config.gateway,
+            gateway_mac: config.gateway_mac,
+            pod_subnet: config.pod_subnet,
+            cluster_pod_cidr: config.pod_subnet_cidr,
+            slowport_ifindex: slow_host_index,
+            overlay: match (&uplink, &overlay) {
+                (Some(u), Some(o)) => {
+                    Some(OverlayParams { ifindex: o.ifindex, vni: config.overlay.vni, node_ip: u.node_ip, mtu: o.mtu })
+                }
+                _ => None,
+            },
+            masquerade_uplink: uplink.as_ref().filter(|_| config.masquerade).map(|u| u.ifname.clone()),
+        };
+
+        let gateway = GatewayConfig {
+            ip: config.gateway,
+            mac: config.gateway_mac,
+            path_mtu: overlay.as_ref().map(|o| o.mtu as u16),
+        };
+        let port = contiv_vswitch::spawn(&slow_vsw, 0, BuiltinVswitch::new(gateway))
+            .context("opening the AF_XDP socket of the slow-path port")?;
         datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port)).context("registering the AF_XDP socket")?;
 
+        let applier = Applier::new(node.clone());
         let agent = Arc::new(Self {
             config,
-            inner: Mutex::new(Inner { state, datapath, node }),
+            uplink,
+            overlay,
+            pod_mtu,
+            params,
+            inner: Mutex::new(Inner {
+                state,
+                datapath,
+                applier,
+                node,
+                registrations: vec![],
+                gone: Default::default(),
+            }),
             slowpath: std::sync::Mutex::new(Some(port)),
+            model: std::sync::OnceLock::new(),
         });
-        agent.reconcile().await;
+        agent.reconcile().await.context("bringing the dataplane in line with the node's pods")?;
         Ok(agent)
     }
 
@@ -170,46 +296,118 @@ impl Agent {
         &self.config
     }
 
-    /// Brings maps and programs in line with the persisted attachments after a restart:
-    /// completed pods get their entries and (replaced) programs; pods whose ADD never
-    /// finished are unwired; map entries nobody owns are removed.
-    async fn reconcile(&self) {
-        let mut inner = self.inner.lock().await;
-        let Inner { state, datapath, node } = &mut *inner;
-        let attachments: Vec<PodAttachment> = state.attachments().cloned().collect();
-        for a in &attachments {
+    /// Hands the agent the cluster model the watch keeps (once).
+    pub fn set_model(&self, model: Arc<std::sync::RwLock<contiv_cluster_watch::ClusterModel>>) {
+        let _ = self.model.set(model);
+    }
+
+    /// The labels of an attachment's Pod object, if the store has it.
+    fn pod_labels(&self, a: &PodAttachment) -> Option<std::collections::BTreeMap<String, String>> {
+        if a.pod_name.is_empty() {
+            return None;
+        }
+        let model = self.model.get()?.read().ok()?;
+        let key = contiv_cluster_model::keys::ObjectRef::namespaced(
+            contiv_cluster_model::keys::Kind::Pod,
+            &a.pod_namespace,
+            &a.pod_name,
+        )
+        .key();
+        match model.get(&key)? {
+            contiv_cluster_watch::Object::K8s(contiv_cluster_model::ClusterObject::Pod(p)) => Some(p.labels.clone()),
+            _ => None,
+        }
+    }
+
+    /// The node's underlay address (kernel uplink mode with an uplink).
+    pub fn node_ip(&self) -> Option<Ipv4Addr> {
+        self.uplink.as_ref().map(|u| u.node_ip)
+    }
+
+    /// MTU pods get unless their network config says otherwise.
+    pub fn pod_mtu(&self) -> u32 {
+        self.pod_mtu
+    }
+
+    /// The plan for what the agent holds now; `leaving`: an attachment being removed.
+    fn plan(&self, inner: &Inner, leaving: Option<&AttachmentKey>) -> Plan {
+        let attachments =
+            inner.state.attachments().filter(|a| Some(&a.key()) != leaving && !inner.gone.contains(&a.key()));
+        crate::plan::plan(&self.params, attachments, &inner.registrations)
+    }
+
+    /// Brings maps, routes and programs in line with the persisted attachments after a
+    /// restart (or an upgrade): pods whose ADD never finished are unwired; the plan is
+    /// resynced against what the kernel holds (nothing right is touched); then every pod
+    /// gets this agent's program, replaced make-before-break; then maps of an older layout
+    /// are retired.
+    async fn reconcile(&self) -> anyhow::Result<()> {
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        let attachments: Vec<PodAttachment> = inner.state.attachments().cloned().collect();
+        let mut live = vec![];
+        for a in attachments {
             if !a.complete {
                 log::warn!("{}/{}: ADD did not finish before a restart; unwiring", a.container_id, a.ifname);
-                let _ = datapath.remove_pod(a.ip, a.host_ifindex);
-                let _ = podnet::delete_link(node, &a.host_ifname).await;
-                datapath.forget_pod_link(&a.host_ifname);
-                let _ = state.remove(&a.key());
+                let _ = podnet::delete_link(&inner.node, &a.host_ifname).await;
+                inner.datapath.forget_pod_link(&a.host_ifname);
+                let _ = inner.state.remove(&a.key());
                 continue;
             }
-            match podnet::link_by_name(node, &a.host_ifname).await {
-                Ok(Some(link)) if link.header.index == a.host_ifindex => {
-                    if let Err(e) = wire_datapath(datapath, a) {
-                        log::error!("{}/{}: re-wiring the datapath: {e}", a.container_id, a.ifname);
-                    }
-                }
+            match podnet::link_by_name(&inner.node, &a.host_ifname).await {
+                Ok(Some(link)) if link.header.index == a.host_ifindex => live.push(a),
                 Ok(_) => {
                     // The interface went away while we were down (pod namespace deleted):
-                    // keep the address reserved until the runtime's DEL, drop the map entries.
+                    // keep the address reserved until the runtime's DEL, out of the datapath.
                     log::warn!("{}/{}: interface {} is gone", a.container_id, a.ifname, a.host_ifname);
-                    let _ = datapath.remove_pod(a.ip, a.host_ifindex);
-                    datapath.forget_pod_link(&a.host_ifname);
+                    inner.datapath.forget_pod_link(&a.host_ifname);
+                    inner.gone.insert(a.key());
                 }
                 Err(e) => log::error!("{}: {e}", a.host_ifname),
             }
         }
-        let owned: std::collections::HashSet<u32> = state.attachments().map(|a| a.host_ifindex).collect();
-        if let Ok(entries) = datapath.pods_in_map() {
-            for ep in entries.into_iter().filter(|ep| !owned.contains(&ep.host_ifindex)) {
-                log::info!("removing stale map entry for {}", Ipv4Addr::from(ep.ip));
-                let _ = datapath.remove_pod(Ipv4Addr::from(ep.ip), ep.host_ifindex);
+        let plan = self.plan(inner, None);
+        inner.applier.resync(&mut inner.datapath, &plan).await?;
+        if let Some(o) = &self.overlay {
+            inner.datapath.attach_overlay(&o.ifname)?;
+        }
+        for a in &live {
+            if let Err(e) = inner.datapath.attach_pod(&a.host_ifname) {
+                log::error!("{}/{}: re-attaching the datapath: {e}", a.container_id, a.ifname);
             }
         }
-        log::info!("reconciled {} pod attachment(s)", state.len());
+        inner.datapath.finish_migration()?;
+        log::info!("reconciled {} pod attachment(s)", inner.state.len());
+        Ok(())
+    }
+
+    /// The cluster's live nodes changed: routes to other nodes' pods follow.
+    pub async fn set_registrations(&self, registrations: Vec<NodeRegistration>) {
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        inner.registrations = registrations;
+        let plan = self.plan(inner, None);
+        let before = inner.applier.installed().remote_routes.len();
+        match inner.applier.apply(&mut inner.datapath, &plan).await {
+            Ok(()) => {
+                let after = inner.applier.installed().remote_routes.len();
+                if before != after {
+                    log::info!("overlay routes: {} remote prefixes (was {before})", after);
+                }
+            }
+            Err(e) => log::error!("applying the cluster's nodes: {e}"),
+        }
+    }
+
+    /// Re-reads what the kernel holds and converges it (after a store reconnect, or
+    /// periodically): repairs what someone else changed.
+    pub async fn resync(&self) {
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        let plan = self.plan(inner, None);
+        if let Err(e) = inner.applier.resync(&mut inner.datapath, &plan).await {
+            log::error!("dataplane resync: {e}");
+        }
     }
 
     /// CNI ADD.
@@ -284,23 +482,35 @@ impl Agent {
             attachment.host_mac = format_mac(&link.host_mac);
             attachment.pod_mac = format_mac(&link.pod_mac);
             attachment.complete = true;
-            let wired =
-                wire_datapath(&mut inner.datapath, &attachment).map_err(|e| internal("programming the datapath", e));
+            // Durable before the datapath knows the pod: a crash from here on leaves a
+            // complete attachment that the restarted agent wires (or DEL removes).
+            inner
+                .state
+                .put(attachment.clone())
+                .map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the attachment", e.to_string()))?;
+            let plan = self.plan(&inner, None);
+            let Inner { applier, datapath, .. } = &mut *inner;
+            let wired = match applier.apply(datapath, &plan).await {
+                Ok(()) => datapath.attach_pod(&host_ifname).map_err(|e| internal("attaching the datapath", e)),
+                Err(e) => Err(internal("programming the datapath", e)),
+            };
             if let Err(e) = wired {
-                let _ = inner.datapath.remove_pod(ip, link.host_ifindex);
                 let _ = podnet::delete_link(&inner.node, &host_ifname).await;
                 inner.datapath.forget_pod_link(&host_ifname);
                 return Err(e);
             }
-            inner
-                .state
-                .put(attachment.clone())
-                .map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the attachment", e.to_string()))
+            Ok(())
         }
         .await;
         if let Err(e) = result {
             if let Err(err) = inner.state.remove(&key) {
                 log::error!("releasing {ip} after a failed ADD: {err}");
+            }
+            // Whatever the failed ADD installed for the pod goes with it.
+            let plan = self.plan(&inner, None);
+            let Inner { applier, datapath, .. } = &mut *inner;
+            if let Err(err) = applier.apply(datapath, &plan).await {
+                log::error!("removing {ip} from the datapath after a failed ADD: {err}");
             }
             log::warn!("ADD {}/{} failed: {} ({})", req.container_id, req.ifname, e.msg, e.details);
             return Err(e);
@@ -324,7 +534,7 @@ impl Agent {
         let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| invalid(e.to_string()))?;
         let bandwidth = BandwidthLimits::from_network_config(&value).map_err(invalid)?;
         let conf: NetConf = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
-        let mtu = conf.mtu.unwrap_or(self.config.mtu);
+        let mtu = conf.mtu.unwrap_or(self.pod_mtu);
         if !(576..=9000).contains(&mtu) {
             return Err(invalid(format!("mtu {mtu} out of range 576..=9000")));
         }
@@ -376,17 +586,25 @@ impl Agent {
     async fn unwire(&self, inner: &mut Inner, a: &PodAttachment) -> Result<(), CniError> {
         // Best effort on every step, then report the first failure (netavark's teardown rule).
         let mut first_err = None;
-        if let Err(e) = inner.datapath.remove_pod(a.ip, a.host_ifindex) {
-            first_err.get_or_insert(internal("removing the pod's map entries", e));
+        let key = a.key();
+        let plan = self.plan(inner, Some(&key));
+        if let Err(e) = inner.applier.apply(&mut inner.datapath, &plan).await {
+            first_err.get_or_insert(internal("removing the pod from the datapath", e));
         }
         if let Err(e) = podnet::delete_link(&inner.node, &a.host_ifname).await {
             first_err.get_or_insert(internal("deleting the pod interface", e));
         }
         inner.datapath.forget_pod_link(&a.host_ifname);
-        if first_err.is_none()
-            && let Err(e) = inner.state.remove(&a.key())
-        {
-            first_err.get_or_insert(CniError::new(codes::IO_FAILURE, "persisting the release", e.to_string()));
+        inner.applier.forget_counters(&mut inner.datapath, a.ip);
+        if first_err.is_none() {
+            match inner.state.remove(&key) {
+                Ok(_) => {
+                    inner.gone.remove(&key);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(CniError::new(codes::IO_FAILURE, "persisting the release", e.to_string()));
+                }
+            }
         }
         match first_err {
             None => {
@@ -504,6 +722,7 @@ impl Agent {
                 ifname: a.ifname.clone(),
                 pod_namespace: a.pod_namespace.clone(),
                 pod_name: a.pod_name.clone(),
+                labels: self.pod_labels(a),
                 ip: a.ip,
                 host_ifname: a.host_ifname.clone(),
                 host_ifindex: a.host_ifindex,
@@ -511,6 +730,31 @@ impl Agent {
                 counters: inner.datapath.pod_counters(a.ip).ok().flatten().map(Into::into),
             })
             .collect()
+    }
+
+    /// The node's wire: uplink, overlay, the routes to other nodes, overlay counters.
+    pub async fn node_report(&self) -> NodeReport {
+        let inner = self.inner.lock().await;
+        NodeReport {
+            node_name: self.config.node_name.clone(),
+            pod_subnet: self.config.pod_subnet.to_string(),
+            pod_mtu: self.pod_mtu,
+            uplink: self.uplink.as_ref().map(|u| u.ifname.clone()),
+            node_ip: self.node_ip(),
+            overlay: self.overlay.as_ref().map(|o| o.ifname.clone()),
+            remote_routes: inner
+                .applier
+                .installed()
+                .remote_routes
+                .iter()
+                .map(|(p, r)| (p.to_string(), Ipv4Addr::from(r.node_ip)))
+                .collect(),
+            overlay_counters: self
+                .overlay
+                .as_ref()
+                .and_then(|_| inner.datapath.overlay_counters().ok())
+                .map(Into::into),
+        }
     }
 
     /// Everything the slow path counts: the vswitch's verdicts, its AF_XDP port, and the
@@ -547,7 +791,11 @@ impl Agent {
             log::warn!("vswitch stopped serving: {e}; restarting it");
         }
         let ifname = self.config.slowpath_vswitch_ifname.clone();
-        let gateway = GatewayConfig { ip: self.config.gateway, mac: self.config.gateway_mac };
+        let gateway = GatewayConfig {
+            ip: self.config.gateway,
+            mac: self.config.gateway_mac,
+            path_mtu: self.overlay.as_ref().map(|o| o.mtu as u16),
+        };
         match contiv_vswitch::spawn(&ifname, 0, BuiltinVswitch::new(gateway)) {
             Ok(port) => {
                 let registered = self.inner.lock().await.datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port));
@@ -574,30 +822,5 @@ impl Agent {
         {
             log::warn!("stopping the vswitch: {e}");
         }
-    }
-}
-
-/// Puts a wired pod into the datapath: its map entries and its tc_from_pod link.
-fn wire_datapath(datapath: &mut Datapath, a: &PodAttachment) -> Result<(), crate::datapath::DatapathError> {
-    datapath.add_pod(endpoint(a))?;
-    datapath.attach_pod(&a.host_ifname)
-}
-
-fn endpoint(a: &PodAttachment) -> PodEndpoint {
-    PodEndpoint {
-        ip: a.ip.octets(),
-        host_ifindex: a.host_ifindex,
-        mac: parse_mac(&a.pod_mac).unwrap_or_default(),
-        flags: a.bandwidth.map_or(0, |b| {
-            let mut f = 0;
-            if b.egress_limited() {
-                f |= contiv_common::pod_flags::EGRESS_LIMITED;
-            }
-            if b.ingress_limited() {
-                f |= contiv_common::pod_flags::INGRESS_LIMITED;
-            }
-            f
-        }),
-        _pad: 0,
     }
 }

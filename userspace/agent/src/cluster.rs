@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use contiv_cluster_model::{Kind, NodeAddress};
 use contiv_cluster_watch::{ClusterEvent, ClusterModel, ClusterWatch};
-use contiv_node_registry::{IpamAllocation, IpamConfig, NodeRegistry};
+use contiv_node_registry::{IpamAllocation, IpamConfig, NodeDetails, NodeRegistration, NodeRegistry};
 use contiv_store::{Store, StoreConfig};
 use tokio::sync::watch;
 
@@ -58,7 +58,18 @@ pub async fn join(config: &AgentConfig) -> anyhow::Result<ClusterLink> {
     Ok(ClusterLink { store, registry: Arc::new(registry), allocation })
 }
 
-/// The node's own addresses, for its registration (every non-loopback IPv4 address).
+/// The node's own addresses, for its registration (every non-loopback IPv4 address), and
+/// its underlay address (the overlay's tunnel endpoint) when it has an uplink.
+fn node_details(uplink_ip: Option<std::net::Ipv4Addr>) -> NodeDetails {
+    let mut addresses = node_addresses();
+    if let Some(ip) = uplink_ip {
+        // The underlay address first: it is the one other nodes reach this node at.
+        addresses.retain(|a| a.address != ip.to_string());
+        addresses.insert(0, NodeAddress { address_type: "InternalIP".into(), address: ip.to_string() });
+    }
+    NodeDetails { addresses, uplink_ip }
+}
+
 fn node_addresses() -> Vec<NodeAddress> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return vec![];
@@ -72,17 +83,32 @@ fn node_addresses() -> Vec<NodeAddress> {
     out
 }
 
-/// What the dataplane receives from the cluster watch. The eBPF datapath programs pods
-/// from the CNI today; services and policies land here for the service proxy and policy
-/// renderer, which consume the same events.
-#[derive(Debug, Default)]
+/// What the dataplane receives from the cluster watch: every change is logged, and the
+/// live node registrations go to the agent (through a watch channel, so a burst of
+/// changes is applied once with the latest set).
 pub struct DataplaneEvents {
     pub resyncs: u64,
     pub changes: u64,
+    registrations: watch::Sender<Vec<NodeRegistration>>,
 }
 
 impl DataplaneEvents {
     fn on_event(&mut self, model: &ClusterModel, event: &ClusterEvent) {
+        let registrations_changed = match event {
+            ClusterEvent::Resync(_) => true,
+            ClusterEvent::Added { object, .. } | ClusterEvent::Deleted { object, .. } => {
+                matches!(object, contiv_cluster_watch::Object::Registration(_))
+            }
+            ClusterEvent::Updated { new, .. } => matches!(new, contiv_cluster_watch::Object::Registration(_)),
+        };
+        if registrations_changed {
+            let regs: Vec<NodeRegistration> = model.registrations().cloned().collect();
+            self.registrations.send_if_modified(|cur| {
+                let changed = *cur != regs;
+                *cur = regs;
+                changed
+            });
+        }
         match event {
             ClusterEvent::Resync(reason) => {
                 self.resyncs += 1;
@@ -107,12 +133,15 @@ impl DataplaneEvents {
 }
 
 /// Background work that lives as long as the agent: the node's registration (re-registered
-/// if its lease is lost, withdrawn on shutdown) and the cluster watch.
+/// if its lease is lost, withdrawn on shutdown), the cluster watch, and the task handing
+/// node registrations to the agent's dataplane.
 pub fn spawn(
     link: &ClusterLink,
-    node_name: String,
+    agent: std::sync::Arc<crate::agent::Agent>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let node_name = agent.config().node_name.clone();
+    let uplink_ip = agent.node_ip();
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
@@ -123,18 +152,36 @@ pub fn spawn(
         registry
             .keep_registered(
                 &name,
-                node_addresses(),
+                node_details(uplink_ip),
                 |r| log::info!("registered node {} (ID {}, pod CIDR {})", r.name, r.id, r.pod_cidr),
                 reg_stop,
             )
             .await;
     });
     let watch = ClusterWatch::new(link.store.clone());
-    let watch_stop = stopped(shutdown);
+    agent.set_model(watch.model());
+    let watch_stop = stopped(shutdown.clone());
+    let (reg_tx, mut reg_rx) = watch::channel(Vec::new());
     let watcher = tokio::spawn(async move {
-        let mut events = DataplaneEvents::default();
+        let mut events = DataplaneEvents { resyncs: 0, changes: 0, registrations: reg_tx };
         let mut consumer = |m: &ClusterModel, e: &ClusterEvent| events.on_event(m, e);
         watch.run(&mut consumer, watch_stop).await;
     });
-    vec![registration, watcher]
+    let apply_stop = stopped(shutdown);
+    let applier = tokio::spawn(async move {
+        let mut apply_stop = std::pin::pin!(apply_stop);
+        loop {
+            tokio::select! {
+                changed = reg_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let regs = reg_rx.borrow_and_update().clone();
+                    agent.set_registrations(regs).await;
+                }
+                () = &mut apply_stop => return,
+            }
+        }
+    });
+    vec![registration, watcher, applier]
 }

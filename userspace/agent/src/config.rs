@@ -52,7 +52,39 @@ struct RawConfig {
     pod_subnet_cidr: Option<Ipv4Net>,
     pod_prefix_len: Option<u8>,
     status_addr: Option<std::net::SocketAddr>,
+    uplink: Option<String>,
+    uplink_interface: Option<String>,
+    #[serde(rename = "nodeIP")]
+    node_ip: Option<Ipv4Addr>,
+    overlay_ifname: Option<String>,
+    vxlan_vni: Option<u32>,
+    vxlan_port: Option<u16>,
+    masquerade: Option<bool>,
+    allow_private_bpffs: Option<bool>,
 }
+
+/// Who owns the node's wire (ARCHITECTURE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UplinkMode {
+    /// The kernel owns the NIC; cross-node traffic is eBPF-encapsulated into one flow-based
+    /// VXLAN device; host and outside traffic go through the host stack.
+    Kernel,
+}
+
+/// The VXLAN overlay between nodes (kernel uplink mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// Name of the flow-based VXLAN device. Default cvx0.
+    pub ifname: String,
+    /// VXLAN network identifier. Default 1.
+    pub vni: u32,
+    /// UDP destination port. Default 4789 (IANA).
+    pub port: u16,
+}
+
+/// Bytes the VXLAN encapsulation adds to a packet (outer IPv4 20, UDP 8, VXLAN 8, inner
+/// Ethernet 14): pods get the underlay MTU minus this.
+pub const VXLAN_OVERHEAD: u32 = 50;
 
 /// DNS settings handed to pods in the CNI result.
 #[derive(Debug, Deserialize, serde::Serialize, Default, Clone, PartialEq, Eq)]
@@ -94,8 +126,24 @@ pub struct AgentConfig {
     pub status_addr: std::net::SocketAddr,
     /// MAC address pods resolve the gateway to. Default 02:fe:00:00:00:01.
     pub gateway_mac: [u8; 6],
-    /// MTU of pod interfaces. Default 1500.
-    pub mtu: u32,
+    /// MTU of pod interfaces. Default: the uplink's MTU minus [`VXLAN_OVERHEAD`] when there
+    /// is an uplink (the overlay is on), else 1500. `None` until the uplink is known.
+    pub mtu: Option<u32>,
+    /// Who owns the wire. Default kernel.
+    pub uplink: UplinkMode,
+    /// The node's uplink interface: its address is the node's underlay address and the
+    /// overlay's tunnel endpoint. Default: the interface of the default route; none (a
+    /// single node without overlay) if there is no default route.
+    pub uplink_interface: Option<String>,
+    /// The node's underlay address. Default: the first IPv4 address of the uplink.
+    pub node_ip: Option<Ipv4Addr>,
+    /// The overlay device.
+    pub overlay: OverlayConfig,
+    /// Masquerade pod traffic leaving the cluster to the node's address. Default true.
+    pub masquerade: bool,
+    /// Run even when /sys/fs/bpf is not the host's bpffs (pins would die with the agent's
+    /// mount namespace, and a restart would stop pod traffic). Default false.
+    pub allow_private_bpffs: bool,
     /// The CNI gRPC socket (mode 0600). Default /run/contiv/cni.sock.
     pub cni_socket: PathBuf,
     /// Where the agent keeps its state (IPAM, attachments). Default /var/lib/contiv.
@@ -194,19 +242,34 @@ impl AgentConfig {
         if gateway_mac[0] & 1 == 1 || gateway_mac == [0; 6] {
             return Err(ConfigError::Invalid("gatewayMac must be a unicast, non-zero MAC".into()));
         }
-        let mtu = raw.mtu.unwrap_or(1500);
-        if !(576..=9000).contains(&mtu) {
+        if let Some(mtu) = raw.mtu
+            && !(576..=9000).contains(&mtu)
+        {
             return Err(ConfigError::Invalid(format!("mtu {mtu} out of range 576..=9000")));
         }
-        let ifname = |v: Option<String>, default: &str, field: &str| -> Result<String, ConfigError> {
-            let name = v.unwrap_or_else(|| default.to_owned());
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                return Err(ConfigError::Invalid(format!("{field} {name:?} is not a valid interface name")));
+        let uplink = match raw.uplink.as_deref() {
+            None | Some("kernel") => UplinkMode::Kernel,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!("uplink {other:?} is not supported (use \"kernel\")")));
             }
-            Ok(name)
         };
-        let slowpath_host_ifname = ifname(raw.slowpath_host_ifname, "cslow0", "slowpathHostIfname")?;
-        let slowpath_vswitch_ifname = ifname(raw.slowpath_vswitch_ifname, "cslow1", "slowpathVswitchIfname")?;
+        let overlay = OverlayConfig {
+            ifname: ifname_check(raw.overlay_ifname, "cvx0", "overlayIfname")?,
+            vni: raw.vxlan_vni.unwrap_or(1),
+            port: raw.vxlan_port.unwrap_or(4789),
+        };
+        if overlay.vni == 0 || overlay.vni >= 1 << 24 {
+            return Err(ConfigError::Invalid(format!("vxlanVni {} must be in 1..16777215", overlay.vni)));
+        }
+        if overlay.port == 0 {
+            return Err(ConfigError::Invalid("vxlanPort must not be 0".into()));
+        }
+        let uplink_interface = match raw.uplink_interface {
+            Some(name) => Some(ifname_check(Some(name), "", "uplinkInterface")?),
+            None => None,
+        };
+        let slowpath_host_ifname = ifname_check(raw.slowpath_host_ifname, "cslow0", "slowpathHostIfname")?;
+        let slowpath_vswitch_ifname = ifname_check(raw.slowpath_vswitch_ifname, "cslow1", "slowpathVswitchIfname")?;
         if slowpath_host_ifname == slowpath_vswitch_ifname {
             return Err(ConfigError::Invalid("the two ends of the slow-path port need different names".into()));
         }
@@ -230,7 +293,13 @@ impl AgentConfig {
             store_dir: raw.store_dir.unwrap_or_else(|| state_dir.join("store")),
             status_addr: raw.status_addr.unwrap_or_else(|| "127.0.0.1:9192".parse().expect("valid default")),
             gateway_mac,
-            mtu,
+            mtu: raw.mtu,
+            uplink,
+            uplink_interface,
+            node_ip: raw.node_ip,
+            overlay,
+            masquerade: raw.masquerade.unwrap_or(true),
+            allow_private_bpffs: raw.allow_private_bpffs.unwrap_or(false),
             cni_socket: raw.cni_socket.unwrap_or_else(|| contiv_cni_api::DEFAULT_SOCKET.into()),
             state_dir,
             bpf_pin_dir: raw.bpf_pin_dir.unwrap_or_else(|| contiv_common::DEFAULT_PIN_DIR.into()),
@@ -238,6 +307,23 @@ impl AgentConfig {
             slowpath_vswitch_ifname,
             dns: raw.dns.unwrap_or_default(),
         })
+    }
+}
+
+/// An interface name from the file (or `default`), checked against the kernel's rules.
+fn ifname_check(v: Option<String>, default: &str, field: &str) -> Result<String, ConfigError> {
+    let name = v.unwrap_or_else(|| default.to_owned());
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) || name == "." || name == ".." {
+        return Err(ConfigError::Invalid(format!("{field} {name:?} is not a valid interface name")));
+    }
+    Ok(name)
+}
+
+impl AgentConfig {
+    /// The pod MTU once the uplink is known: the file's `mtu`, else the uplink MTU minus the
+    /// overlay's overhead, else 1500.
+    pub fn pod_mtu(&self, uplink_mtu: Option<u32>) -> u32 {
+        self.mtu.unwrap_or_else(|| uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).max(576)))
     }
 }
 
@@ -270,7 +356,12 @@ mod tests {
         assert_eq!(c.pod_subnet.to_string(), "10.1.1.0/24");
         assert_eq!(c.gateway, Ipv4Addr::new(10, 1, 1, 1));
         assert_eq!(c.gateway_mac, DEFAULT_GATEWAY_MAC);
-        assert_eq!(c.mtu, 1500);
+        assert_eq!(c.mtu, None);
+        assert_eq!(c.pod_mtu(None), 1500);
+        assert_eq!(c.pod_mtu(Some(1500)), 1450, "the overlay's 50 bytes come off the uplink MTU");
+        assert_eq!(c.uplink, UplinkMode::Kernel);
+        assert_eq!(c.overlay, OverlayConfig { ifname: "cvx0".into(), vni: 1, port: 4789 });
+        assert!(c.masquerade);
         assert_eq!(c.cni_socket, PathBuf::from("/run/contiv/cni.sock"));
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/contiv"));
         assert_eq!(c.slowpath_host_ifname, "cslow0");
@@ -292,7 +383,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.node_name, "n1");
         assert_eq!(c.gateway, Ipv4Addr::new(10, 1, 7, 1));
-        assert_eq!(c.mtu, 1450);
+        assert_eq!(c.mtu, Some(1450));
+        assert_eq!(c.pod_mtu(Some(9000)), 1450, "an explicit mtu wins");
         assert_eq!(c.gateway_mac, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
         assert_eq!(c.dns.nameservers, vec!["10.96.0.10"]);
     }
@@ -310,6 +402,11 @@ mod tests {
             ("slowpathHostIfname = \"this-name-is-way-too-long\"", "slowpathHostIfname"),
             ("podPrefixLen = 8", "podPrefixLen"),
             ("etcdEndpoints = [\"127.0.0.1:2379\"]", "etcdEndpoints"),
+            ("uplink = \"dpdk\"", "uplink"),
+            ("uplinkInterface = \"a/b\"", "uplinkInterface"),
+            ("vxlanVni = 0", "vxlanVni"),
+            ("vxlanVni = 16777216", "vxlanVni"),
+            ("nodeIP = \"x\"", "nodeIP"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");

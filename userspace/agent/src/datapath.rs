@@ -1,23 +1,43 @@
-//! The eBPF datapath as the agent drives it: loads the embedded object, pins every
-//! map under one bpffs directory (reused across agent restarts, so existing pods keep
-//! forwarding), attaches the TC programs to pod veths and the slow-path port, and
-//! keeps the pod maps in step with the attachments.
+//! The eBPF datapath as the agent drives it: loads the embedded object, pins every map
+//! under one bpffs directory (reused across agent restarts, so existing pods keep
+//! forwarding), attaches the TC programs, and offers the map operations the plan applier
+//! ([`crate::apply`]) needs.
+//!
+//! # Map layouts and upgrades
+//! Every pinned map has a layout version (`contiv_common::schema`), recorded in the pinned
+//! `SCHEMA` map (maps pinned before it existed are version 1). At load, a pinned map of the
+//! current version is reused as it is; one of another version is left in place for the
+//! programs still using it, and a new map is created beside it and filled from the old
+//! one (converted where the layout changed, rebuilt where the agent rewrites it anyway).
+//! Once every program runs the new code ([`Datapath::finish_migration`]), the new map
+//! takes the old one's pin. Programs are replaced per interface make-before-break, so
+//! established flows keep forwarding through an upgrade.
+//!
+//! # bpffs
+//! The pins must live in the host's bpffs, or they die with the agent's mount namespace and
+//! a restart stops pod traffic ([`check_bpffs`]).
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, XskMap},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, XskMap, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkOrder},
         tc::TcAttachOptions,
     },
 };
-use contiv_common::{DatapathConfig, Ipv4Key, PodCounters, PodEndpoint, SlowPortCounters, map_names, program_names};
+use contiv_common::{
+    DatapathConfig, Ipv4Key, MapName, OverlayCounters, PodCounters, PodEndpoint, RemoteRoute, SlowPortCounters,
+    map_names, program_names, schema,
+};
+use ipnet::Ipv4Net;
 
 /// The compiled eBPF object, built by build.rs from ebpf/contiv-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/contiv-ebpf"));
@@ -32,6 +52,9 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    /// /sys/fs/bpf is not the host's bpffs.
+    #[error("{0}")]
+    PrivateBpffs(String),
     /// Loading the object or creating/reusing pinned maps failed.
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -64,15 +87,64 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> D
     move |source| DatapathError::Program { name, source }
 }
 
-/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there yet.
-pub fn ensure_bpffs() -> std::io::Result<()> {
-    let root = Path::new("/sys/fs/bpf");
-    let stat = nix::sys::statfs::statfs(root).map_err(std::io::Error::from)?;
-    if stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC {
+const BPFFS: &str = "/sys/fs/bpf";
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+fn mount_namespace(pid: &str) -> Option<u64> {
+    std::fs::metadata(format!("/proc/{pid}/ns/mnt")).ok().map(|m| m.ino())
+}
+
+/// Makes sure the pins land in the host's bpffs. Mounts bpffs on /sys/fs/bpf when the agent
+/// runs in the host's mount namespace and nothing is mounted yet; refuses (unless
+/// `allow_private`) when the bpffs the agent sees is not the one the host (PID 1) sees, or
+/// when it would have to mount one in a private mount namespace: pins there die with the
+/// agent, and a restart would stop every pod's traffic.
+pub fn check_bpffs(allow_private: bool) -> Result<()> {
+    let root = Path::new(BPFFS);
+    let private_ns = match (mount_namespace("self"), mount_namespace("1")) {
+        (Some(a), Some(b)) => a != b,
+        _ => false,
+    };
+    let how = "mount bpffs on the host (`mount -t bpf bpf /sys/fs/bpf`) and run the agent in the host's \
+               mount namespace (a DaemonSet with /sys/fs/bpf mounted from the host, or `nsenter --net=...` rather \
+               than `ip netns exec`, which remounts /sys), or set allowPrivateBpffs = true to accept that pod \
+               traffic stops whenever the agent does";
+    let refuse = |what: &str| -> Result<()> {
+        if allow_private {
+            log::warn!("{what}; continuing because allowPrivateBpffs is set");
+            return Ok(());
+        }
+        Err(DatapathError::PrivateBpffs(format!("{what}: {how}")))
+    };
+    if is_bpffs(root) {
+        if private_ns {
+            // Same filesystem instance as PID 1's, or a private one?
+            let host = Path::new("/proc/1/root/sys/fs/bpf");
+            let ours = std::fs::metadata(root).map(|m| m.dev()).ok();
+            let theirs = if is_bpffs(host) { std::fs::metadata(host).map(|m| m.dev()).ok() } else { None };
+            if ours.is_none() || ours != theirs {
+                return refuse(
+                    "/sys/fs/bpf is a bpffs private to the agent's mount namespace (the host's is another one, or none)",
+                );
+            }
+        }
         return Ok(());
     }
+    if private_ns {
+        return refuse(
+            "/sys/fs/bpf is not mounted in the agent's private mount namespace, and a bpffs mounted there would die with the agent",
+        );
+    }
     nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(std::io::Error::from)
+        .map_err(|e| DatapathError::PinDir { path: root.into(), source: e.into() })
+}
+
+/// The pinned links of one pod.
+fn pod_link_pin(pin_dir: &Path, host_ifname: &str) -> PathBuf {
+    pin_dir.join("links").join(host_ifname)
 }
 
 /// The loaded datapath.
@@ -81,28 +153,41 @@ pub struct Datapath {
     pin_dir: PathBuf,
     /// Links that live only as long as the agent (the slow-path port's).
     owned_links: Vec<FdLink>,
+    /// Maps created beside an older-layout pinned map; pinned by `finish_migration`.
+    migrated: Vec<&'static str>,
+    nr_cpus: usize,
 }
 
 impl Datapath {
-    /// Loads the programs; maps are created pinned in `pin_dir`, or reused if already there.
-    pub fn load(pin_dir: &Path) -> Result<Self> {
-        ensure_bpffs().map_err(|source| DatapathError::PinDir { path: "/sys/fs/bpf".into(), source })?;
+    /// Loads the programs; maps are created pinned in `pin_dir`, reused if pinned there with
+    /// the current layout, migrated if pinned with an older one.
+    pub fn load(pin_dir: &Path, allow_private_bpffs: bool) -> Result<Self> {
+        check_bpffs(allow_private_bpffs)?;
         std::fs::create_dir_all(pin_dir)
             .map_err(|source| DatapathError::PinDir { path: pin_dir.to_owned(), source })?;
-        let names = [
-            map_names::PODS,
-            map_names::POD_IFACES,
-            map_names::POD_COUNTERS,
-            map_names::CONFIG,
-            map_names::SLOWPATH_XSKS,
-            map_names::SLOWPORT_COUNTERS,
-        ];
+        let stored = read_schema(pin_dir);
+        let pins: Vec<PathBuf> = schema::LAYOUTS.iter().map(|(name, _)| pin_dir.join(name)).collect();
         let mut loader = EbpfLoader::new();
-        for name in names {
-            loader.map_pin_path(name, pin_dir.join(name));
+        let mut migrated = vec![];
+        for ((name, version), pin) in schema::LAYOUTS.iter().zip(&pins) {
+            let pinned_version = pin.exists().then(|| stored.get(*name).copied().unwrap_or(1));
+            match pinned_version {
+                Some(v) if v != *version => {
+                    log::info!("map {name}: pinned with layout v{v}, this agent uses v{version}; migrating");
+                    migrated.push(*name);
+                }
+                _ => {
+                    loader.map_pin_path(name, pin);
+                }
+            }
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in [program_names::FROM_POD, program_names::FROM_VSWITCH] {
+        for name in [
+            program_names::FROM_POD,
+            program_names::FROM_VSWITCH,
+            program_names::FROM_OVERLAY,
+            program_names::TO_OVERLAY,
+        ] {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
@@ -113,32 +198,99 @@ impl Datapath {
             .try_into()
             .map_err(prog_err(program_names::TO_VSWITCH))?;
         xdp.load().map_err(prog_err(program_names::TO_VSWITCH))?;
-        Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), owned_links: Vec::new() })
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| DatapathError::Map { name: "nr_cpus", source: aya::maps::MapError::IoError(e) })?;
+        let mut dp = Self { ebpf, pin_dir: pin_dir.to_owned(), owned_links: Vec::new(), migrated, nr_cpus };
+        for name in dp.migrated.clone() {
+            dp.migrate_entries(name, stored.get(name).copied().unwrap_or(1))?;
+        }
+        Ok(dp)
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
 
-    /// Writes the node-wide configuration.
-    pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<()> {
-        let mut map: Array<&mut MapData, DatapathConfig> = self
-            .ebpf
-            .map_mut(map_names::CONFIG)
-            .ok_or(DatapathError::Missing(map_names::CONFIG))?
-            .try_into()
-            .map_err(map_err(map_names::CONFIG))?;
-        map.set(0, cfg, 0).map_err(map_err(map_names::CONFIG))
+    /// Fills a freshly created map from the older-layout map pinned under its name.
+    fn migrate_entries(&mut self, name: &'static str, from_version: u32) -> Result<()> {
+        let pin = self.pin_dir.join(name);
+        match (name, from_version) {
+            // v1 -> v2: counters appended; the old counts are kept.
+            (map_names::POD_COUNTERS, 1) => {
+                let old = MapData::from_pin(&pin).map_err(map_err(name))?;
+                let old: PerCpuHashMap<MapData, Ipv4Key, [u64; 11]> =
+                    PerCpuHashMap::try_from(Map::PerCpuHashMap(old)).map_err(map_err(name))?;
+                let entries: Vec<(Ipv4Key, PerCpuValues<[u64; 11]>)> = old.iter().filter_map(|e| e.ok()).collect();
+                let mut new: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(name)?;
+                for (key, values) in &entries {
+                    let converted: Vec<PodCounters> = values.iter().map(counters_from_v1).collect();
+                    let values = PerCpuValues::try_from(converted)
+                        .map_err(|e| DatapathError::Map { name, source: aya::maps::MapError::IoError(e) })?;
+                    new.insert(key, values, 0).map_err(map_err(name))?;
+                }
+                log::info!("map {name}: migrated {} entries from layout v1", entries.len());
+            }
+            // The agent rewrites these at start (configuration, its own sockets); rebuilt.
+            (map_names::CONFIG | map_names::SLOWPATH_XSKS, _) => {}
+            _ => log::warn!("map {name}: no migration from layout v{from_version}; rebuilt empty"),
+        }
+        Ok(())
     }
+
+    /// Called once every program runs this agent's code: migrated maps take the old maps'
+    /// pins, and the layout versions are recorded.
+    pub fn finish_migration(&mut self) -> Result<()> {
+        for name in std::mem::take(&mut self.migrated) {
+            let pin = self.pin_dir.join(name);
+            let _ = std::fs::remove_file(&pin);
+            let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+            map.pin(&pin).map_err(|e| DatapathError::PinDir { path: pin.clone(), source: std::io::Error::other(e) })?;
+            log::info!("map {name}: migration finished, new layout pinned");
+        }
+        let mut schema_map: HashMap<&mut MapData, MapName, u32> = self.typed(map_names::SCHEMA)?;
+        for (name, version) in schema::LAYOUTS {
+            schema_map.insert(MapName::new(name), *version, 0).map_err(map_err(map_names::SCHEMA))?;
+        }
+        Ok(())
+    }
+
+    // === programs ===
 
     /// Attaches `tc_from_pod` to the ingress of a pod's host veth (tcx). The link is
     /// pinned under `<pin_dir>/links/`, so it outlives the agent: pods keep forwarding
     /// while the agent restarts or is upgraded. A link a previous agent left is replaced
     /// make-before-break: the new program goes first, then the old link is released.
     pub fn attach_pod(&mut self, host_ifname: &str) -> Result<()> {
-        let pin = self.link_pin_path(host_ifname);
-        let old = aya::programs::links::PinnedLink::from_pin(&pin).ok();
-        self.attach_tcx(program_names::FROM_POD, host_ifname, Some(&pin))?;
+        let pin = pod_link_pin(&self.pin_dir, host_ifname);
+        self.replace_pinned_tcx(program_names::FROM_POD, host_ifname, TcAttachType::Ingress, &pin)
+    }
+
+    /// Forgets the pinned link of a pod interface (the kernel detached it when the
+    /// interface was deleted; this removes the pin).
+    pub fn forget_pod_link(&self, host_ifname: &str) {
+        let _ = std::fs::remove_file(pod_link_pin(&self.pin_dir, host_ifname));
+    }
+
+    /// Attaches the overlay device's programs (pinned, replaced make-before-break).
+    pub fn attach_overlay(&mut self, ifname: &str) -> Result<()> {
+        let links = self.pin_dir.join("links");
+        self.replace_pinned_tcx(
+            program_names::FROM_OVERLAY,
+            ifname,
+            TcAttachType::Ingress,
+            &links.join(format!("{ifname}.ingress")),
+        )?;
+        self.replace_pinned_tcx(
+            program_names::TO_OVERLAY,
+            ifname,
+            TcAttachType::Egress,
+            &links.join(format!("{ifname}.egress")),
+        )
+    }
+
+    fn replace_pinned_tcx(&mut self, name: &'static str, ifname: &str, dir: TcAttachType, pin: &Path) -> Result<()> {
+        let old = aya::programs::links::PinnedLink::from_pin(pin).ok();
+        self.attach_tcx(name, ifname, dir, Some(pin))?;
         if let Some(old) = old {
             // The new link is pinned at the same path already; only drop the old fd.
             drop(aya::programs::links::FdLink::from(old));
@@ -146,21 +298,11 @@ impl Datapath {
         Ok(())
     }
 
-    /// Forgets the pinned link of a pod interface (the kernel detached it when the
-    /// interface was deleted; this removes the pin).
-    pub fn forget_pod_link(&self, host_ifname: &str) {
-        let _ = std::fs::remove_file(self.link_pin_path(host_ifname));
-    }
-
-    fn link_pin_path(&self, ifname: &str) -> PathBuf {
-        self.pin_dir.join("links").join(ifname)
-    }
-
-    fn attach_tcx(&mut self, name: &'static str, ifname: &str, pin: Option<&Path>) -> Result<()> {
+    fn attach_tcx(&mut self, name: &'static str, ifname: &str, dir: TcAttachType, pin: Option<&Path>) -> Result<()> {
         let prog: &mut SchedClassifier =
             self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
         let link_id = prog
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .attach_with_options(ifname, dir, TcAttachOptions::TcxOrder(LinkOrder::first()))
             .map_err(prog_err(name))?;
         let link = prog.take_link(link_id).map_err(prog_err(name))?;
         let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
@@ -187,7 +329,7 @@ impl Datapath {
 
     /// Wires the slow-path port: XDP into AF_XDP on the vswitch end, TC delivery on the host end.
     pub fn attach_slow_port(&mut self, host_ifname: &str, vswitch_ifname: &str) -> Result<()> {
-        self.attach_tcx(program_names::FROM_VSWITCH, host_ifname, None)?;
+        self.attach_tcx(program_names::FROM_VSWITCH, host_ifname, TcAttachType::Ingress, None)?;
         let xdp: &mut Xdp = self
             .ebpf
             .program_mut(program_names::TO_VSWITCH)
@@ -199,24 +341,88 @@ impl Datapath {
         Ok(())
     }
 
-    /// Adds or updates a pod in the forwarding maps; its counters start at zero if new.
-    pub fn add_pod(&mut self, ep: PodEndpoint) -> Result<()> {
-        let key = Ipv4Key::new(ep.ip);
-        {
-            let mut ifaces: HashMap<&mut MapData, u32, PodEndpoint> = self.typed(map_names::POD_IFACES)?;
-            ifaces.insert(ep.host_ifindex, ep, 0).map_err(map_err(map_names::POD_IFACES))?;
+    /// Registers an AF_XDP socket for a queue of the slow-path port.
+    pub fn register_xsk(&mut self, queue: u32, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        let mut xsks: XskMap<&mut MapData> = self.typed(map_names::SLOWPATH_XSKS)?;
+        xsks.set(queue, fd, 0).map_err(map_err(map_names::SLOWPATH_XSKS))
+    }
+
+    // === maps, as the plan applier writes them ===
+
+    pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<()> {
+        let mut map: Array<&mut MapData, DatapathConfig> = self.typed(map_names::CONFIG)?;
+        map.set(0, cfg, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    pub fn config(&self) -> Result<Option<DatapathConfig>> {
+        let map: Array<&MapData, DatapathConfig> = self.typed_ref(map_names::CONFIG)?;
+        Ok(map.get(&0, 0).ok().filter(|c| *c != DatapathConfig::default()))
+    }
+
+    pub fn put_pod(&mut self, ip: Ipv4Addr, ep: PodEndpoint) -> Result<()> {
+        let mut pods: HashMap<&mut MapData, Ipv4Key, PodEndpoint> = self.typed(map_names::PODS)?;
+        pods.insert(Ipv4Key::new(ip.octets()), ep, 0).map_err(map_err(map_names::PODS))
+    }
+
+    pub fn delete_pod(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let mut pods: HashMap<&mut MapData, Ipv4Key, PodEndpoint> = self.typed(map_names::PODS)?;
+        ignore_missing(pods.remove(&Ipv4Key::new(ip.octets()))).map_err(map_err(map_names::PODS))
+    }
+
+    pub fn put_pod_iface(&mut self, ifindex: u32, ep: PodEndpoint) -> Result<()> {
+        let mut ifaces: HashMap<&mut MapData, u32, PodEndpoint> = self.typed(map_names::POD_IFACES)?;
+        ifaces.insert(ifindex, ep, 0).map_err(map_err(map_names::POD_IFACES))
+    }
+
+    pub fn delete_pod_iface(&mut self, ifindex: u32) -> Result<()> {
+        let mut ifaces: HashMap<&mut MapData, u32, PodEndpoint> = self.typed(map_names::POD_IFACES)?;
+        ignore_missing(ifaces.remove(&ifindex)).map_err(map_err(map_names::POD_IFACES))
+    }
+
+    /// Every entry of PODS.
+    pub fn pods(&self) -> Result<Vec<PodEndpoint>> {
+        let pods: HashMap<&MapData, Ipv4Key, PodEndpoint> = self.typed_ref(map_names::PODS)?;
+        pods.iter().map(|r| r.map(|(_, v)| v).map_err(map_err(map_names::PODS))).collect()
+    }
+
+    /// Every entry of POD_IFACES.
+    pub fn pods_in_map(&self) -> Result<Vec<PodEndpoint>> {
+        let ifaces: HashMap<&MapData, u32, PodEndpoint> = self.typed_ref(map_names::POD_IFACES)?;
+        ifaces.iter().map(|r| r.map(|(_, v)| v).map_err(map_err(map_names::POD_IFACES))).collect()
+    }
+
+    pub fn put_remote_route(&mut self, prefix: Ipv4Net, route: RemoteRoute) -> Result<()> {
+        let mut routes: LpmTrie<&mut MapData, [u8; 4], RemoteRoute> = self.typed(map_names::REMOTE_ROUTES)?;
+        routes
+            .insert(&Key::new(u32::from(prefix.prefix_len()), prefix.network().octets()), route, 0)
+            .map_err(map_err(map_names::REMOTE_ROUTES))
+    }
+
+    pub fn delete_remote_route(&mut self, prefix: Ipv4Net) -> Result<()> {
+        let mut routes: LpmTrie<&mut MapData, [u8; 4], RemoteRoute> = self.typed(map_names::REMOTE_ROUTES)?;
+        ignore_missing(routes.remove(&Key::new(u32::from(prefix.prefix_len()), prefix.network().octets())))
+            .map_err(map_err(map_names::REMOTE_ROUTES))
+    }
+
+    pub fn remote_routes(&self) -> Result<BTreeMap<Ipv4Net, RemoteRoute>> {
+        let routes: LpmTrie<&MapData, [u8; 4], RemoteRoute> = self.typed_ref(map_names::REMOTE_ROUTES)?;
+        let mut out = BTreeMap::new();
+        for entry in routes.iter() {
+            let (key, route) = entry.map_err(map_err(map_names::REMOTE_ROUTES))?;
+            if let Ok(net) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) {
+                out.insert(net, route);
+            }
         }
-        {
-            let mut pods: HashMap<&mut MapData, Ipv4Key, PodEndpoint> = self.typed(map_names::PODS)?;
-            pods.insert(key, ep, 0).map_err(map_err(map_names::PODS))?;
-        }
-        let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
-            name: map_names::POD_COUNTERS,
-            source: aya::maps::MapError::IoError(e),
-        })?;
+        Ok(out)
+    }
+
+    /// Creates a pod's counters at zero unless they exist.
+    pub fn ensure_counters(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let nr_cpus = self.nr_cpus;
+        let key = Ipv4Key::new(ip.octets());
         let mut counters: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(map_names::POD_COUNTERS)?;
         if counters.get(&key, 0).is_err() {
-            let zero = aya::maps::PerCpuValues::try_from(vec![PodCounters::default(); nr_cpus]).map_err(|e| {
+            let zero = PerCpuValues::try_from(vec![PodCounters::default(); nr_cpus]).map_err(|e| {
                 DatapathError::Map { name: map_names::POD_COUNTERS, source: aya::maps::MapError::IoError(e) }
             })?;
             counters.insert(key, zero, 0).map_err(map_err(map_names::POD_COUNTERS))?;
@@ -224,29 +430,20 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes every map entry of a pod. Entries already gone are fine.
-    pub fn remove_pod(&mut self, ip: Ipv4Addr, host_ifindex: u32) -> Result<()> {
-        let key = Ipv4Key::new(ip.octets());
-        {
-            let mut pods: HashMap<&mut MapData, Ipv4Key, PodEndpoint> = self.typed(map_names::PODS)?;
-            // Only remove the IP's entry if it still points at this pod's interface.
-            if pods.get(&key, 0).ok().map(|e| e.host_ifindex) == Some(host_ifindex) {
-                ignore_missing(pods.remove(&key)).map_err(map_err(map_names::PODS))?;
-            }
-        }
-        {
-            let mut ifaces: HashMap<&mut MapData, u32, PodEndpoint> = self.typed(map_names::POD_IFACES)?;
-            ignore_missing(ifaces.remove(&host_ifindex)).map_err(map_err(map_names::POD_IFACES))?;
-        }
+    pub fn remove_counters(&mut self, ip: Ipv4Addr) -> Result<()> {
         let mut counters: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(map_names::POD_COUNTERS)?;
-        ignore_missing(counters.remove(&key)).map_err(map_err(map_names::POD_COUNTERS))
+        ignore_missing(counters.remove(&Ipv4Key::new(ip.octets()))).map_err(map_err(map_names::POD_COUNTERS))
+    }
+
+    /// The pods that have counters.
+    pub fn counter_keys(&self) -> Result<Vec<Ipv4Addr>> {
+        let counters: PerCpuHashMap<&MapData, Ipv4Key, PodCounters> = self.typed_ref(map_names::POD_COUNTERS)?;
+        counters.keys().map(|k| k.map(|k| Ipv4Addr::from(k.addr)).map_err(map_err(map_names::POD_COUNTERS))).collect()
     }
 
     /// A pod's counters summed over CPUs.
     pub fn pod_counters(&self, ip: Ipv4Addr) -> Result<Option<PodCounters>> {
-        let map = self.ebpf.map(map_names::POD_COUNTERS).ok_or(DatapathError::Missing(map_names::POD_COUNTERS))?;
-        let counters: PerCpuHashMap<&MapData, Ipv4Key, PodCounters> =
-            map.try_into().map_err(map_err(map_names::POD_COUNTERS))?;
+        let counters: PerCpuHashMap<&MapData, Ipv4Key, PodCounters> = self.typed_ref(map_names::POD_COUNTERS)?;
         match counters.get(&Ipv4Key::new(ip.octets()), 0) {
             Ok(values) => Ok(Some(sum_pod_counters(values.iter()))),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
@@ -256,10 +453,7 @@ impl Datapath {
 
     /// Slow-path port counters summed over CPUs.
     pub fn slowport_counters(&self) -> Result<SlowPortCounters> {
-        let map =
-            self.ebpf.map(map_names::SLOWPORT_COUNTERS).ok_or(DatapathError::Missing(map_names::SLOWPORT_COUNTERS))?;
-        let arr: PerCpuArray<&MapData, SlowPortCounters> =
-            map.try_into().map_err(map_err(map_names::SLOWPORT_COUNTERS))?;
+        let arr: PerCpuArray<&MapData, SlowPortCounters> = self.typed_ref(map_names::SLOWPORT_COUNTERS)?;
         let values = arr.get(&0, 0).map_err(map_err(map_names::SLOWPORT_COUNTERS))?;
         let mut sum = SlowPortCounters::default();
         for v in values.iter() {
@@ -271,17 +465,21 @@ impl Datapath {
         Ok(sum)
     }
 
-    /// Every pod in the PODS map (for reconciling after a restart).
-    pub fn pods_in_map(&self) -> Result<Vec<PodEndpoint>> {
-        let map = self.ebpf.map(map_names::POD_IFACES).ok_or(DatapathError::Missing(map_names::POD_IFACES))?;
-        let ifaces: HashMap<&MapData, u32, PodEndpoint> = map.try_into().map_err(map_err(map_names::POD_IFACES))?;
-        ifaces.iter().map(|r| r.map(|(_, v)| v).map_err(map_err(map_names::POD_IFACES))).collect()
-    }
-
-    /// Registers an AF_XDP socket for a queue of the slow-path port.
-    pub fn register_xsk(&mut self, queue: u32, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-        let mut xsks: XskMap<&mut MapData> = self.typed(map_names::SLOWPATH_XSKS)?;
-        xsks.set(queue, fd, 0).map_err(map_err(map_names::SLOWPATH_XSKS))
+    /// Overlay device counters summed over CPUs.
+    pub fn overlay_counters(&self) -> Result<OverlayCounters> {
+        let arr: PerCpuArray<&MapData, OverlayCounters> = self.typed_ref(map_names::OVERLAY_COUNTERS)?;
+        let values = arr.get(&0, 0).map_err(map_err(map_names::OVERLAY_COUNTERS))?;
+        let mut s = OverlayCounters::default();
+        for v in values.iter() {
+            s.rx_delivered += v.rx_delivered;
+            s.rx_to_host += v.rx_to_host;
+            s.rx_spoofed += v.rx_spoofed;
+            s.rx_no_destination += v.rx_no_destination;
+            s.rx_malformed += v.rx_malformed;
+            s.tx_host_encapsulated += v.tx_host_encapsulated;
+            s.tx_no_route += v.tx_no_route;
+        }
+        Ok(s)
     }
 
     fn typed<'a, T>(&'a mut self, name: &'static str) -> Result<T>
@@ -289,6 +487,49 @@ impl Datapath {
         T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
     {
         self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(map_err(name))
+    }
+
+    fn typed_ref<'a, T>(&'a self, name: &'static str) -> Result<T>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        self.ebpf.map(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(map_err(name))
+    }
+}
+
+/// The layout versions recorded in a pinned SCHEMA map (empty if there is none).
+fn read_schema(pin_dir: &Path) -> BTreeMap<String, u32> {
+    let Ok(data) = MapData::from_pin(pin_dir.join(map_names::SCHEMA)) else {
+        return BTreeMap::new();
+    };
+    let Ok(map) = HashMap::<MapData, MapName, u32>::try_from(Map::HashMap(data)) else {
+        log::warn!("the pinned SCHEMA map has an unexpected layout; treating every map as layout v1");
+        return BTreeMap::new();
+    };
+    map.iter()
+        .filter_map(|e| e.ok())
+        .map(|(k, v)| {
+            let end = k.name.iter().position(|b| *b == 0).unwrap_or(k.name.len());
+            (String::from_utf8_lossy(&k.name[..end]).into_owned(), v)
+        })
+        .collect()
+}
+
+/// POD_COUNTERS layout v1 (eleven u64 counters) -> the current layout.
+fn counters_from_v1(v: &[u64; 11]) -> PodCounters {
+    PodCounters {
+        fwd_packets: v[0],
+        fwd_bytes: v[1],
+        slow_packets: v[2],
+        slow_bytes: v[3],
+        from_slow_packets: v[4],
+        from_slow_bytes: v[5],
+        drop_spoofed_ip: v[6],
+        drop_spoofed_mac: v[7],
+        drop_malformed: v[8],
+        drop_ttl_exceeded: v[9],
+        drop_no_slowpath: v[10],
+        ..Default::default()
     }
 }
 
@@ -315,6 +556,28 @@ pub fn sum_pod_counters<'a>(values: impl Iterator<Item = &'a PodCounters>) -> Po
         s.drop_malformed += v.drop_malformed;
         s.drop_ttl_exceeded += v.drop_ttl_exceeded;
         s.drop_no_slowpath += v.drop_no_slowpath;
+        s.tunnel_packets += v.tunnel_packets;
+        s.tunnel_bytes += v.tunnel_bytes;
+        s.host_packets += v.host_packets;
+        s.host_bytes += v.host_bytes;
+        s.from_tunnel_packets += v.from_tunnel_packets;
+        s.from_tunnel_bytes += v.from_tunnel_bytes;
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_counters_keep_their_values_in_the_v2_layout() {
+        let v1: [u64; 11] = core::array::from_fn(|i| i as u64 + 1);
+        let v2 = counters_from_v1(&v1);
+        assert_eq!(v2.fwd_packets, 1);
+        assert_eq!(v2.drop_no_slowpath, 11);
+        assert_eq!(v2.tunnel_packets, 0);
+        // v1's value was exactly eleven u64s, the prefix of v2's.
+        assert_eq!(std::mem::size_of::<[u64; 11]>(), std::mem::offset_of!(PodCounters, tunnel_packets));
+    }
 }

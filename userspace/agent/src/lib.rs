@@ -3,11 +3,14 @@
 //! built-in vswitch over AF_XDP, and answers contiv-cni over gRPC.
 
 pub mod agent;
+pub mod apply;
 pub mod bandwidth;
 pub mod cluster;
 pub mod cni_server;
 pub mod config;
 pub mod datapath;
+pub mod plan;
 pub mod podnet;
 pub mod state;
 pub mod status;
+pub mod uplink;

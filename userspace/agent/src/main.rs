@@ -74,10 +74,9 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     log::info!("node {}: pod subnet {}, gateway {}", config.node_name, config.pod_subnet, config.gateway);
     let socket = config.cni_socket.clone();
     let status_addr = config.status_addr;
-    let node_name = config.node_name.clone();
     let agent = Agent::start(config).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut background = cluster::spawn(&link, node_name, stop_rx.clone());
+    let mut background = cluster::spawn(&link, agent.clone(), stop_rx.clone());
     let healer = agent.clone();
     let mut heal_stop = stop_rx.clone();
     background.push(tokio::spawn(async move {

@@ -3,6 +3,7 @@
 //! - `GET /healthz`  200 while the process runs;
 //! - `GET /readyz`   200 when CNI STATUS would succeed (datapath loaded, vswitch serving);
 //! - `GET /pods`     every pod attachment with its per-pod datapath counters (JSON);
+//! - `GET /node`     the node's wire: uplink, overlay, routes to other nodes, overlay counters;
 //! - `GET /vswitch`  slow-path counters: vswitch verdicts by reason, AF_XDP port, slow-path port programs;
 //! - `GET /metrics`  the same counters in Prometheus text format.
 
@@ -18,6 +19,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/readyz", get(readyz))
         .route("/pods", get(pods))
         .route("/vswitch", get(vswitch))
+        .route("/node", get(node))
         .route("/metrics", get(metrics))
         .with_state(agent)
 }
@@ -31,6 +33,10 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
 
 async fn pods(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     Json(agent.pods().await)
+}
+
+async fn node(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
+    Json(agent.node_report().await)
 }
 
 async fn vswitch(State(agent): State<Arc<Agent>>) -> impl IntoResponse {

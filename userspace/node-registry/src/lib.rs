@@ -53,6 +53,23 @@ pub struct NodeRegistration {
     #[serde(default)]
     pub addresses: Vec<NodeAddress>,
     pub pod_cidr: IpNet,
+    /// The node's underlay address: where other nodes send its pods' traffic (the overlay's
+    /// tunnel endpoint). Absent for a node without an uplink (a single-node setup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_ip: Option<std::net::Ipv4Addr>,
+}
+
+/// What a node registers about itself besides its name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeDetails {
+    pub addresses: Vec<NodeAddress>,
+    pub uplink_ip: Option<std::net::Ipv4Addr>,
+}
+
+impl From<Vec<NodeAddress>> for NodeDetails {
+    fn from(addresses: Vec<NodeAddress>) -> Self {
+        Self { addresses, uplink_ip: None }
+    }
 }
 
 /// Registry errors.
@@ -159,9 +176,16 @@ impl NodeRegistry {
 
     /// Registers `name`: checks the cluster plan, allocates (or finds) its ID and pod CIDR,
     /// writes its live registration under a fresh lease and keeps the lease alive.
-    pub async fn register(&self, name: &str, addresses: Vec<NodeAddress>) -> Result<Registration, RegistryError> {
+    pub async fn register(&self, name: &str, details: impl Into<NodeDetails>) -> Result<Registration, RegistryError> {
+        let details = details.into();
         let alloc = self.allocate(name).await?;
-        let node = NodeRegistration { name: name.to_string(), id: alloc.id, addresses, pod_cidr: alloc.pod_cidr };
+        let node = NodeRegistration {
+            name: name.to_string(),
+            id: alloc.id,
+            addresses: details.addresses,
+            pod_cidr: alloc.pod_cidr,
+            uplink_ip: details.uplink_ip,
+        };
         let lease = self.store.lease_grant(self.lease_ttl_secs).await?;
         self.store.put(&keys::node(name), contiv_cluster_model::encode(&node), Some(lease)).await?;
         let interval = Duration::from_millis((self.lease_ttl_secs as u64 * 1000 / 3).max(100));
@@ -177,15 +201,16 @@ impl NodeRegistry {
     pub async fn keep_registered(
         &self,
         name: &str,
-        addresses: Vec<NodeAddress>,
+        details: impl Into<NodeDetails>,
         mut on_registered: impl FnMut(&NodeRegistration) + Send,
         shutdown: impl Future<Output = ()>,
     ) {
+        let details = details.into();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Duration::from_millis(200);
         loop {
             let mut reg = tokio::select! {
-                r = self.register(name, addresses.clone()) => match r {
+                r = self.register(name, details.clone()) => match r {
                     Ok(reg) => reg,
                     Err(e) => {
                         log::warn!("registering node {name} failed: {e}; retrying in {backoff:?}");

@@ -51,6 +51,8 @@ pub enum ReplyKind {
     Arp,
     /// An ICMP echo reply from the gateway address.
     IcmpEcho,
+    /// ICMP "fragmentation needed" for a packet too big for the path out of the node.
+    FragNeeded,
 }
 
 /// Why a frame was dropped. Every reason has its own counter in
@@ -119,6 +121,8 @@ pub struct VswitchCounters {
     pub arp_replies: u64,
     /// ICMP echo replies sent from the gateway address.
     pub icmp_echo_replies: u64,
+    /// ICMP "fragmentation needed" errors sent for packets too big for the path.
+    pub frag_needed_sent: u64,
     /// Frames dropped, by reason.
     pub drops: DropCounters,
 }
@@ -131,13 +135,14 @@ impl VswitchCounters {
         match verdict {
             Verdict::Replied(ReplyKind::Arp) => self.arp_replies += 1,
             Verdict::Replied(ReplyKind::IcmpEcho) => self.icmp_echo_replies += 1,
+            Verdict::Replied(ReplyKind::FragNeeded) => self.frag_needed_sent += 1,
             Verdict::Dropped(reason) => *self.drops.get_mut(reason) += 1,
         }
     }
 
     /// Frames answered with a reply.
     pub fn replies(&self) -> u64 {
-        self.arp_replies + self.icmp_echo_replies
+        self.arp_replies + self.icmp_echo_replies + self.frag_needed_sent
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! It answers the two things a pod asks its gateway that the eBPF fast path
 //! leaves to the slow path: "who has the gateway IP?" (ARP) and "are you
-//! there?" (ICMP echo to the gateway IP). Everything else is dropped and
-//! counted by reason.
+//! there?" (ICMP echo to the gateway IP), and it builds the one error the fast
+//! path cannot: ICMP "fragmentation needed" for a packet too big for the path
+//! out of the node (the datapath never fragments). Everything else is dropped
+//! and counted by reason.
 
 use std::net::Ipv4Addr;
 
@@ -18,6 +20,10 @@ pub struct GatewayConfig {
     /// The MAC address pods resolve the gateway to (the same as the
     /// datapath's `DatapathConfig::gateway_mac`).
     pub mac: [u8; 6],
+    /// The largest IPv4 packet that can leave the node (the overlay's MTU); the
+    /// fast path hands bigger ones here, and they are answered with ICMP
+    /// "fragmentation needed" carrying this MTU. `None`: no such limit.
+    pub path_mtu: Option<u16>,
 }
 
 /// The built-in vswitch: ARP and ICMP echo responder for the gateway.
@@ -116,6 +122,12 @@ impl BuiltinVswitch {
             return Verdict::Dropped(DropReason::Fragment);
         }
         let dst = Ipv4Addr::from(ipv4_at(ip, 16));
+        if let Some(mtu) = self.gateway.path_mtu
+            && total_len > usize::from(mtu)
+            && dst != self.gateway.ip
+        {
+            return self.frag_needed(frame, mtu, tx);
+        }
         if dst != self.gateway.ip {
             return Verdict::Dropped(DropReason::UnknownDestination);
         }
@@ -157,6 +169,42 @@ impl BuiltinVswitch {
     }
 }
 
+impl BuiltinVswitch {
+    /// ICMP destination unreachable, "fragmentation needed" (type 3 code 4, RFC 1191), from
+    /// the gateway to the sender, quoting the packet's IPv4 header and first 8 bytes of payload.
+    fn frag_needed(&mut self, frame: &[u8], mtu: u16, tx: &mut dyn FnMut(&[u8])) -> Verdict {
+        let ip = &frame[ETH_HLEN..];
+        let quoted = &ip[..(IPV4_HLEN + 8).min(ip.len())];
+        let requester_mac = mac_at(frame, 6);
+        let requester_ip = ipv4_at(ip, 12);
+        let gw_mac = self.gateway.mac;
+        let gw_ip = self.gateway.ip.octets();
+        let out = &mut self.scratch;
+        out.clear();
+        out.extend_from_slice(&requester_mac);
+        out.extend_from_slice(&gw_mac);
+        out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        let ip_start = out.len();
+        let total = (IPV4_HLEN + ICMP_ECHO_HLEN + quoted.len()) as u16;
+        out.extend_from_slice(&[0x45, 0xc0]); // internetwork control, like the kernel's ICMP errors
+        out.extend_from_slice(&total.to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0]); // id 0, no fragmentation
+        out.extend_from_slice(&[DEFAULT_TTL, IPPROTO_ICMP, 0, 0]);
+        out.extend_from_slice(&gw_ip);
+        out.extend_from_slice(&requester_ip);
+        let ip_csum = internet_checksum(&out[ip_start..]);
+        put_be16(out, ip_start + 10, ip_csum);
+        let icmp_start = out.len();
+        out.extend_from_slice(&[ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, 0, 0]);
+        out.extend_from_slice(&mtu.to_be_bytes());
+        out.extend_from_slice(quoted);
+        let icmp_csum = internet_checksum(&out[icmp_start..]);
+        put_be16(out, icmp_start + 2, icmp_csum);
+        tx(out);
+        Verdict::Replied(ReplyKind::FragNeeded)
+    }
+}
+
 impl SlowPath for BuiltinVswitch {
     fn handle(&mut self, frame: &[u8], tx: &mut dyn FnMut(&[u8])) -> Verdict {
         let verdict = self.classify(frame, tx);
@@ -179,7 +227,7 @@ mod tests {
     const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x01, 0x00, 0x07];
 
     fn vswitch() -> BuiltinVswitch {
-        BuiltinVswitch::new(GatewayConfig { ip: GW_IP, mac: GW_MAC })
+        BuiltinVswitch::new(GatewayConfig { ip: GW_IP, mac: GW_MAC, path_mtu: Some(1450) })
     }
 
     /// Runs one frame through a vswitch, collecting what it transmits.
@@ -478,7 +526,7 @@ mod tests {
         let new_ip = Ipv4Addr::new(10, 2, 0, 1);
         let new_mac = [0x02, 0xfe, 0, 0, 0, 0x22];
         run(&mut vs, &arp_frame(1, POD_MAC, POD_IP, GW_IP.octets()));
-        vs.set_gateway(GatewayConfig { ip: new_ip, mac: new_mac });
+        vs.set_gateway(GatewayConfig { ip: new_ip, mac: new_mac, path_mtu: None });
         assert_eq!(vs.gateway().ip, new_ip);
         let (old, _) = run(&mut vs, &arp_frame(1, POD_MAC, POD_IP, GW_IP.octets()));
         assert_eq!(old, Verdict::Dropped(DropReason::ArpOther));
@@ -498,5 +546,29 @@ mod tests {
         let json = serde_json::to_value(vs.counters()).expect("serialise");
         assert_eq!(json["icmp_echo_replies"], 1);
         assert_eq!(json["drops"]["fragment"], 0);
+    }
+
+    #[test]
+    fn packet_too_big_for_the_path_gets_frag_needed_with_the_mtu() {
+        let mut vs = vswitch();
+        let payload = vec![0x42u8; 1500];
+        let big = ipv4_frame(17, [10, 1, 2, 9], &[], 0x4000, &payload);
+        let (verdict, sent) = run(&mut vs, &big);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::FragNeeded));
+        let r = &sent[0];
+        assert_eq!(&r[0..6], &POD_MAC, "back to the sender");
+        let ip = &r[ETH_HLEN..];
+        assert_eq!(internet_checksum(&ip[..IPV4_HLEN]), 0);
+        assert_eq!(&ip[12..16], &GW_IP.octets(), "from the gateway");
+        assert_eq!(&ip[16..20], &POD_IP);
+        let icmp = &ip[IPV4_HLEN..];
+        assert_eq!((icmp[0], icmp[1]), (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED));
+        assert_eq!(be16(icmp, 6), 1450, "next-hop MTU");
+        assert_eq!(&icmp[8..8 + IPV4_HLEN + 8], &big[ETH_HLEN..ETH_HLEN + IPV4_HLEN + 8], "quotes header + 8 bytes");
+        assert_eq!(internet_checksum(icmp), 0);
+        assert_eq!(vs.counters().frag_needed_sent, 1);
+        // A packet that fits, to an unknown destination, is still dropped.
+        let small = ipv4_frame(17, [10, 1, 2, 9], &[], 0x4000, &[0; 100]);
+        assert_eq!(run(&mut vs, &small).0, Verdict::Dropped(DropReason::UnknownDestination));
     }
 }

@@ -16,6 +16,7 @@
 //! let vswitch = BuiltinVswitch::new(GatewayConfig {
 //!     ip: "10.1.0.1".parse().unwrap(),
 //!     mac: [0x02, 0xfe, 0, 0, 0, 1],
+//!     path_mtu: None,
 //! });
 //! let port = spawn("cslow1", 0, vswitch).expect("AF_XDP port");
 //! // With aya: XskMap::try_from(map)?.set(port.queue(), port.as_raw_fd(), 0)?;

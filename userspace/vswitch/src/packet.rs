@@ -20,6 +20,9 @@ pub const ARP_OP_REPLY: u16 = 2;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// Code of ICMP destination unreachable: fragmentation needed and DF set.
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 
 /// TTL of the packets the vswitch originates.
 pub const DEFAULT_TTL: u8 = 64;

@@ -751,7 +751,7 @@ mod tests {
         assert!(matches!(AfXdpPort::open(too_few), Err(PortError::InvalidConfig(_))));
         let nul = PortConfig::new("lo\0x", 0);
         assert!(matches!(AfXdpPort::open(nul), Err(PortError::InvalidConfig(_))));
-        let gw = GatewayConfig { ip: std::net::Ipv4Addr::new(10, 0, 0, 1), mac: [2, 0, 0, 0, 0, 1] };
+        let gw = GatewayConfig { ip: std::net::Ipv4Addr::new(10, 0, 0, 1), mac: [2, 0, 0, 0, 0, 1], path_mtu: None };
         assert!(spawn("nosuchif0vsw", 0, BuiltinVswitch::new(gw)).is_err());
     }
 

@@ -24,7 +24,7 @@ const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x01, 0x00, 0x07];
 const WAIT: Duration = Duration::from_secs(5);
 
 fn vswitch() -> BuiltinVswitch {
-    BuiltinVswitch::new(GatewayConfig { ip: GW_IP, mac: GW_MAC })
+    BuiltinVswitch::new(GatewayConfig { ip: GW_IP, mac: GW_MAC, path_mtu: None })
 }
 
 fn arp_request(target: [u8; 4]) -> Vec<u8> {
@@ -224,7 +224,7 @@ fn gateway_change_applies_to_a_running_port_root() {
         let port = spawn(VSWITCH_END, 0, vswitch()).expect("AF_XDP port");
         xdp.register(0, port.as_raw_fd()).expect("register");
         let new_gw = Ipv4Addr::new(10, 1, 0, 254);
-        port.with_backend(|vs| vs.set_gateway(GatewayConfig { ip: new_gw, mac: GW_MAC }));
+        port.with_backend(|vs| vs.set_gateway(GatewayConfig { ip: new_gw, mac: GW_MAC, path_mtu: None }));
         let host = PacketSocket::bind(HOST_END);
         host.send(&arp_request(new_gw.octets()));
         let reply = host.recv_matching(WAIT, is_arp_reply).expect("ARP reply for the new gateway");

@@ -1,0 +1,88 @@
+//! Every map the programs share, with the accessors the programs use. Names, limits and
+//! value types come from `contiv-common`; the agent pins each map under its name.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, XskMap, lpm_trie::Key},
+    macros::btf_map,
+};
+use contiv_common::{
+    DatapathConfig, Ipv4Key, MAX_PODS, MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MapName, OverlayCounters, PodCounters,
+    PodEndpoint, RemoteRoute, SlowPortCounters,
+};
+
+const MAX_PODS_USIZE: usize = MAX_PODS as usize;
+
+#[btf_map]
+pub static PODS: HashMap<Ipv4Key, PodEndpoint, MAX_PODS_USIZE> = HashMap::new();
+
+#[btf_map]
+pub static POD_IFACES: HashMap<u32, PodEndpoint, MAX_PODS_USIZE> = HashMap::new();
+
+#[btf_map]
+pub static POD_COUNTERS: PerCpuHashMap<Ipv4Key, PodCounters, MAX_PODS_USIZE> = PerCpuHashMap::new();
+
+#[btf_map]
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+#[btf_map]
+pub static SLOWPATH_XSKS: XskMap<{ MAX_SLOWPATH_QUEUES as usize }> = XskMap::new();
+
+#[btf_map]
+pub static SLOWPORT_COUNTERS: PerCpuArray<SlowPortCounters, 1> = PerCpuArray::new();
+
+#[btf_map]
+pub static REMOTE_ROUTES: LpmTrie<[u8; 4], RemoteRoute, { MAX_REMOTE_ROUTES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static OVERLAY_COUNTERS: PerCpuArray<OverlayCounters, 1> = PerCpuArray::new();
+
+/// Written by the agent only (layout versions); declared here so the object carries it.
+#[btf_map]
+pub static SCHEMA: HashMap<MapName, u32, 64> = HashMap::new();
+
+#[inline(always)]
+pub fn config() -> Option<&'static DatapathConfig> {
+    CONFIG.get(0)
+}
+
+/// A local pod by address (copied out).
+#[inline(always)]
+pub fn pod(ip: [u8; 4]) -> Option<PodEndpoint> {
+    // SAFETY: read-only lookup, copied before anything else happens.
+    unsafe { PODS.get(Ipv4Key::new(ip)) }.copied()
+}
+
+/// The pod attached to a host veth (copied out).
+#[inline(always)]
+pub fn pod_by_ifindex(ifindex: u32) -> Option<PodEndpoint> {
+    // SAFETY: read-only lookup, copied.
+    unsafe { POD_IFACES.get(ifindex) }.copied()
+}
+
+/// The node that owns `ip` (a pod subnet or a node address), longest prefix first.
+#[inline(always)]
+pub fn remote_route(ip: [u8; 4]) -> Option<RemoteRoute> {
+    REMOTE_ROUTES.get(&Key::new(32, ip)).copied()
+}
+
+#[inline(always)]
+pub fn pod_counters(ip: [u8; 4]) -> Option<&'static mut PodCounters> {
+    // SAFETY: per-CPU value: nobody else writes this CPU's slot concurrently.
+    POD_COUNTERS.get_ptr_mut(Ipv4Key::new(ip)).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+pub fn count_slowport(f: impl FnOnce(&mut SlowPortCounters)) {
+    if let Some(p) = SLOWPORT_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot of this CPU.
+        f(unsafe { &mut *p });
+    }
+}
+
+#[inline(always)]
+pub fn count_overlay(f: impl FnOnce(&mut OverlayCounters)) {
+    if let Some(p) = OVERLAY_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot of this CPU.
+        f(unsafe { &mut *p });
+    }
+}

@@ -1,0 +1,89 @@
+//! Header access for the programs: bounds-checked pointers into the frame and the few
+//! header edits a routed hop makes.
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const IPV4_MIN_HLEN: usize = 20;
+/// ARP payload for Ethernet/IPv4 is 28 bytes.
+pub const ARP_LEN: usize = 28;
+/// Offsets in the ARP payload: sender hardware address, sender and target protocol address.
+pub const ARP_SHA_OFF: usize = 8;
+pub const ARP_SPA_OFF: usize = 14;
+pub const ARP_TPA_OFF: usize = 24;
+
+/// A pointer to a `T` at `offset` in the frame, if the frame is long enough.
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*mut T> {
+    let start = data + offset;
+    if start + core::mem::size_of::<T>() > data_end {
+        return None;
+    }
+    Some(start as *mut T)
+}
+
+/// The Ethernet header (mutable).
+#[inline(always)]
+pub fn eth(data: usize, data_end: usize) -> Option<&'static mut [u8; ETH_HLEN]> {
+    // SAFETY: bounds checked by ptr_at; the frame outlives the program run.
+    ptr_at::<[u8; ETH_HLEN]>(data, data_end, 0).map(|p| unsafe { &mut *p })
+}
+
+/// The first 20 bytes of the IPv4 header after the Ethernet header (mutable).
+#[inline(always)]
+pub fn ipv4(data: usize, data_end: usize) -> Option<&'static mut [u8; IPV4_MIN_HLEN]> {
+    // SAFETY: bounds checked by ptr_at.
+    ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, ETH_HLEN).map(|p| unsafe { &mut *p })
+}
+
+/// The ARP payload after the Ethernet header.
+#[inline(always)]
+pub fn arp(data: usize, data_end: usize) -> Option<&'static [u8; ARP_LEN]> {
+    // SAFETY: bounds checked by ptr_at.
+    ptr_at::<[u8; ARP_LEN]>(data, data_end, ETH_HLEN).map(|p| unsafe { &*p })
+}
+
+#[inline(always)]
+pub fn ethertype(eth: &[u8; ETH_HLEN]) -> u16 {
+    u16::from_be_bytes([eth[12], eth[13]])
+}
+
+#[inline(always)]
+pub fn src_ip(ip: &[u8; IPV4_MIN_HLEN]) -> [u8; 4] {
+    [ip[12], ip[13], ip[14], ip[15]]
+}
+
+#[inline(always)]
+pub fn dst_ip(ip: &[u8; IPV4_MIN_HLEN]) -> [u8; 4] {
+    [ip[16], ip[17], ip[18], ip[19]]
+}
+
+/// IP options (IHL != 5) or a fragment (MF set or offset != 0): not for the fast path.
+#[inline(always)]
+pub fn has_options_or_is_fragment(ip: &[u8; IPV4_MIN_HLEN]) -> bool {
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    ip[0] != 0x45 || frag & 0x3fff != 0
+}
+
+/// A routed hop: decrements the TTL and patches the header checksum incrementally
+/// (RFC 1624, the kernel's ip_decrease_ttl). False if the TTL would reach zero.
+#[inline(always)]
+pub fn decrement_ttl(ip: &mut [u8; IPV4_MIN_HLEN]) -> bool {
+    let ttl = ip[8];
+    if ttl <= 1 {
+        return false;
+    }
+    ip[8] = ttl - 1;
+    let check = u16::from_be_bytes([ip[10], ip[11]]) as u32 + 0x0100;
+    let check = (check + (check >> 16)) as u16;
+    let check = check.to_be_bytes();
+    ip[10] = check[0];
+    ip[11] = check[1];
+    true
+}
+
+/// Whether `ip` is inside `net`/`mask` (all network byte order).
+#[inline(always)]
+pub fn in_subnet(ip: [u8; 4], net: [u8; 4], mask: [u8; 4]) -> bool {
+    u32::from_ne_bytes(ip) & u32::from_ne_bytes(mask) == u32::from_ne_bytes(net) & u32::from_ne_bytes(mask)
+}

@@ -1,0 +1,331 @@
+//! Plan -> kernel: installs the difference between a [`Plan`] and what is installed.
+//!
+//! The applier remembers what it installed (`installed`), so an update (a pod added, a node
+//! joining) writes only the entries that changed. [`Applier::resync`] first reads back what
+//! the kernel really holds (map contents, the routes of protocol [`RTPROT_CONTIV`]) and
+//! then converges, so a restarted agent or a damaged table gets repaired without touching
+//! entries that are already right (live traffic never sees them disappear).
+//!
+//! Order matters for make-before-break: new map entries are written before host routes
+//! point at them, and stale routes go before stale map entries.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    process::Stdio,
+};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        neighbour::NeighbourState,
+        route::{RouteAttribute, RouteMetric, RouteProtocol, RouteScope},
+    },
+};
+
+use crate::{
+    datapath::{Datapath, DatapathError},
+    plan::{HostRoute, Masquerade, Plan},
+};
+
+/// The routing protocol number marking the agent's kernel routes (`ip route show proto 84`).
+pub const RTPROT_CONTIV: u8 = 84;
+/// The nftables table holding the agent's rules.
+pub const NFT_TABLE: &str = "contiv";
+
+/// What could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("datapath maps: {0}")]
+    Maps(#[from] DatapathError),
+    #[error("kernel routes: {0}")]
+    Routes(String),
+    #[error("masquerade rules: {0}")]
+    Masquerade(String),
+}
+
+/// Installs plans; remembers what it installed.
+pub struct Applier {
+    installed: Plan,
+    node: Handle,
+}
+
+impl Applier {
+    pub fn new(node: Handle) -> Self {
+        Self { installed: Plan { masquerade: None, ..Default::default() }, node }
+    }
+
+    /// What was last installed.
+    pub fn installed(&self) -> &Plan {
+        &self.installed
+    }
+
+    /// Reads back what the kernel holds, then converges it to `plan`.
+    pub async fn resync(&mut self, datapath: &mut Datapath, plan: &Plan) -> Result<(), ApplyError> {
+        self.installed.pods = datapath.pods()?.into_iter().map(|e| (Ipv4Addr::from(e.ip), e)).collect();
+        self.installed.pod_ifaces = datapath.pods_in_map()?.into_iter().map(|e| (e.host_ifindex, e)).collect();
+        self.installed.remote_routes = datapath.remote_routes()?;
+        self.installed.config = datapath.config()?.unwrap_or_default();
+        self.installed.host_routes = self.kernel_routes().await?;
+        // Neighbour entries cannot be told apart from others; replacing them all is idempotent.
+        self.installed.host_neighbours.clear();
+        // Rules are rewritten as a whole, atomically.
+        self.installed.masquerade = None;
+        let stale_counters: Vec<Ipv4Addr> =
+            datapath.counter_keys()?.into_iter().filter(|ip| !plan.pods.contains_key(ip)).collect();
+        let result = self.apply(datapath, plan).await;
+        for ip in stale_counters {
+            let _ = datapath.remove_counters(ip);
+        }
+        if plan.masquerade.is_none() {
+            remove_nft_table().map_err(ApplyError::Masquerade)?;
+        }
+        result
+    }
+
+    /// Installs what differs between `plan` and what was installed. Stops at the first
+    /// failure (what was installed before it is remembered, so the next apply resumes).
+    pub async fn apply(&mut self, datapath: &mut Datapath, plan: &Plan) -> Result<(), ApplyError> {
+        // 1. Node-wide configuration and the entries traffic will be sent to.
+        if self.installed.config != plan.config {
+            datapath.set_config(plan.config)?;
+            self.installed.config = plan.config;
+        }
+        for (ip, ep) in changed(&self.installed.pods, &plan.pods) {
+            datapath.put_pod(ip, ep)?;
+            self.installed.pods.insert(ip, ep);
+        }
+        for (ifindex, ep) in changed(&self.installed.pod_ifaces, &plan.pod_ifaces) {
+            datapath.put_pod_iface(ifindex, ep)?;
+            self.installed.pod_ifaces.insert(ifindex, ep);
+        }
+        for (prefix, route) in changed(&self.installed.remote_routes, &plan.remote_routes) {
+            datapath.put_remote_route(prefix, route)?;
+            self.installed.remote_routes.insert(prefix, route);
+        }
+        // 2. Kernel routes and neighbours pointing at them.
+        for ((ifindex, ip), mac) in changed(&self.installed.host_neighbours, &plan.host_neighbours) {
+            self.put_neighbour(ifindex, ip, mac).await?;
+            self.installed.host_neighbours.insert((ifindex, ip), mac);
+        }
+        for (dst, route) in changed(&self.installed.host_routes, &plan.host_routes) {
+            self.put_route(dst, route).await?;
+            self.installed.host_routes.insert(dst, route);
+        }
+        // 3. What is gone: routes first, then the entries they led to.
+        for dst in removed(&self.installed.host_routes, &plan.host_routes) {
+            self.delete_route(dst, self.installed.host_routes[&dst]).await?;
+            self.installed.host_routes.remove(&dst);
+        }
+        for key in removed(&self.installed.host_neighbours, &plan.host_neighbours) {
+            // The neighbour of a deleted pod went with its veth; others are removed here.
+            self.delete_neighbour(key.0, key.1).await;
+            self.installed.host_neighbours.remove(&key);
+        }
+        for prefix in removed(&self.installed.remote_routes, &plan.remote_routes) {
+            datapath.delete_remote_route(prefix)?;
+            self.installed.remote_routes.remove(&prefix);
+        }
+        for ifindex in removed(&self.installed.pod_ifaces, &plan.pod_ifaces) {
+            datapath.delete_pod_iface(ifindex)?;
+            self.installed.pod_ifaces.remove(&ifindex);
+        }
+        for ip in removed(&self.installed.pods, &plan.pods) {
+            datapath.delete_pod(ip)?;
+            self.installed.pods.remove(&ip);
+        }
+        // Counters follow the pods: new pods start at zero, departed pods' counters go.
+        for ip in plan.pods.keys() {
+            datapath.ensure_counters(*ip)?;
+        }
+        // 4. Masquerade rules (one atomic nft transaction).
+        if self.installed.masquerade != plan.masquerade {
+            match &plan.masquerade {
+                Some(m) => install_nft_masquerade(m).map_err(ApplyError::Masquerade)?,
+                None => remove_nft_table().map_err(ApplyError::Masquerade)?,
+            }
+            self.installed.masquerade = plan.masquerade.clone();
+        }
+        Ok(())
+    }
+
+    /// Removes a departed pod's counters (called when its attachment is gone).
+    pub fn forget_counters(&self, datapath: &mut Datapath, ip: Ipv4Addr) {
+        if !self.installed.pods.contains_key(&ip) {
+            let _ = datapath.remove_counters(ip);
+        }
+    }
+
+    async fn kernel_routes(&self) -> Result<BTreeMap<Ipv4Net, HostRoute>, ApplyError> {
+        let mut out = BTreeMap::new();
+        let mut routes = self.node.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        while let Some(r) = routes.try_next().await.map_err(|e| ApplyError::Routes(e.to_string()))? {
+            if r.header.protocol != RouteProtocol::Other(RTPROT_CONTIV) {
+                continue;
+            }
+            let mut dst = None;
+            let mut route = HostRoute { ifindex: 0, src: None, mtu: 0 };
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet(d)) => {
+                        dst = Ipv4Net::new(*d, r.header.destination_prefix_length).ok();
+                    }
+                    RouteAttribute::Oif(i) => route.ifindex = *i,
+                    RouteAttribute::PrefSource(rtnetlink::packet_route::route::RouteAddress::Inet(s)) => {
+                        route.src = Some(*s)
+                    }
+                    RouteAttribute::Metrics(ms) => {
+                        for m in ms {
+                            if let RouteMetric::Mtu(v) = m {
+                                route.mtu = *v;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(dst) = dst {
+                out.insert(dst, route);
+            }
+        }
+        Ok(out)
+    }
+
+    fn route_message(dst: Ipv4Net, route: HostRoute) -> rtnetlink::packet_route::route::RouteMessage {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(route.ifindex)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Other(RTPROT_CONTIV));
+        if let Some(src) = route.src {
+            b = b.pref_source(src);
+        }
+        let mut msg = b.build();
+        if route.mtu != 0 {
+            msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(route.mtu)]));
+        }
+        msg
+    }
+
+    async fn put_route(&self, dst: Ipv4Net, route: HostRoute) -> Result<(), ApplyError> {
+        self.node
+            .route()
+            .add(Self::route_message(dst, route))
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| ApplyError::Routes(format!("route {dst} dev #{}: {e}", route.ifindex)))
+    }
+
+    async fn delete_route(&self, dst: Ipv4Net, route: HostRoute) -> Result<(), ApplyError> {
+        match self.node.route().del(Self::route_message(dst, route)).execute().await {
+            Ok(()) => Ok(()),
+            // Gone already (its device was deleted with a pod).
+            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ESRCH) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => Ok(()),
+            Err(e) => Err(ApplyError::Routes(format!("deleting route {dst}: {e}"))),
+        }
+    }
+
+    async fn delete_neighbour(&self, ifindex: u32, ip: Ipv4Addr) {
+        use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
+        let mut msg = NeighbourMessage::default();
+        msg.header.ifindex = ifindex;
+        msg.header.family = rtnetlink::packet_route::AddressFamily::Inet;
+        msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        // Already gone (with its device) is fine.
+        let _ = self.node.neighbours().del(msg).execute().await;
+    }
+
+    async fn put_neighbour(&self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<(), ApplyError> {
+        self.node
+            .neighbours()
+            .add(ifindex, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| ApplyError::Routes(format!("neighbour {ip} dev #{ifindex}: {e}")))
+    }
+}
+
+/// Entries of `want` that `have` lacks or holds with another value.
+fn changed<K: Ord + Copy, V: PartialEq + Copy>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Vec<(K, V)> {
+    want.iter().filter(|(k, v)| have.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect()
+}
+
+/// Keys of `have` that `want` lacks.
+fn removed<K: Ord + Copy, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Vec<K> {
+    let want: BTreeSet<&K> = want.keys().collect();
+    have.keys().filter(|k| !want.contains(k)).copied().collect()
+}
+
+/// The nftables rules for `m`: masquerade what pods send out of the uplink to addresses
+/// outside the cluster's pod range (replies are de-NATed by conntrack).
+pub fn nft_masquerade_script(m: &Masquerade) -> String {
+    format!(
+        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {cidr} ip daddr != {cidr} oifname \"{uplink}\" masquerade\n  }}\n}}\n",
+        cidr = m.cluster_pod_cidr,
+        uplink = m.uplink
+    )
+}
+
+fn nft(script: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running nft (Debian package nftables): {e}"))?;
+    child.stdin.take().expect("piped").write_all(script.as_bytes()).map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("nft failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+fn install_nft_masquerade(m: &Masquerade) -> Result<(), String> {
+    nft(&nft_masquerade_script(m))
+}
+
+fn remove_nft_table() -> Result<(), String> {
+    if !nft_installed() {
+        // Without nft there can be no table of ours to remove.
+        return Ok(());
+    }
+    // Creating it first makes the delete succeed whether or not it existed.
+    nft(&format!("table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"))
+}
+
+fn nft_installed() -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("nft").is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_helpers_find_changed_and_removed_entries() {
+        let have: BTreeMap<u32, u32> = [(1, 10), (2, 20), (3, 30)].into();
+        let want: BTreeMap<u32, u32> = [(2, 20), (3, 31), (4, 40)].into();
+        assert_eq!(changed(&have, &want), vec![(3, 31), (4, 40)]);
+        assert_eq!(removed(&have, &want), vec![1]);
+    }
+
+    #[test]
+    fn masquerade_rule_excludes_the_cluster_and_names_the_uplink() {
+        let s = nft_masquerade_script(&Masquerade {
+            cluster_pod_cidr: "10.1.0.0/16".parse().unwrap(),
+            uplink: "eth0".into(),
+        });
+        assert!(s.contains("ip saddr 10.1.0.0/16 ip daddr != 10.1.0.0/16 oifname \"eth0\" masquerade"), "{s}");
+        assert!(s.starts_with("table ip contiv\ndelete table ip contiv\n"), "replaced atomically: {s}");
+    }
+}

@@ -1,0 +1,190 @@
+//! The node's wire in `kernel` uplink mode: finds the uplink (its address is the node's
+//! underlay address, its MTU bounds the pods'), prepares the node's stack for routing pod
+//! traffic, and creates the one flow-based VXLAN device the eBPF datapath encapsulates into.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder,
+    packet_route::{address::AddressAttribute, link::LinkAttribute, route::RouteAttribute},
+};
+
+use crate::{
+    config::{AgentConfig, OverlayConfig, VXLAN_OVERHEAD},
+    podnet,
+};
+
+/// The node's uplink as found (or configured).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub mtu: u32,
+    /// The node's underlay address.
+    pub node_ip: Ipv4Addr,
+}
+
+/// The overlay device as created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    pub ifname: String,
+    pub ifindex: u32,
+    /// The device's MTU: the uplink's minus the encapsulation.
+    pub mtu: u32,
+}
+
+/// Errors finding the uplink or building the overlay.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("uplink interface {0} not found")]
+    NoSuchInterface(String),
+    #[error("uplink interface {0} has no IPv4 address (set nodeIP)")]
+    NoAddress(String),
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error(transparent)]
+    PodNet(#[from] podnet::PodNetError),
+    #[error("writing {path}: {source}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> UplinkError {
+    let what = what.into();
+    move |source| UplinkError::Netlink { what, source }
+}
+
+/// The uplink: `uplinkInterface` from the config, else the interface of the default route;
+/// `None` when there is neither (a single node: no overlay, no masquerade).
+pub async fn find(node: &Handle, config: &AgentConfig) -> Result<Option<Uplink>, UplinkError> {
+    let ifname = match &config.uplink_interface {
+        Some(name) => name.clone(),
+        None => match default_route_interface(node).await? {
+            Some(name) => name,
+            None => return Ok(None),
+        },
+    };
+    let link =
+        podnet::link_by_name(node, &ifname).await?.ok_or_else(|| UplinkError::NoSuchInterface(ifname.clone()))?;
+    let mtu = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(1500);
+    let node_ip = match config.node_ip {
+        Some(ip) => ip,
+        None => first_ipv4(node, link.header.index).await?.ok_or_else(|| UplinkError::NoAddress(ifname.clone()))?,
+    };
+    Ok(Some(Uplink { ifname, ifindex: link.header.index, mtu, node_ip }))
+}
+
+async fn default_route_interface(node: &Handle) -> Result<Option<String>, UplinkError> {
+    let mut routes = node.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    let mut oif = None;
+    while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
+        if r.header.destination_prefix_length == 0 && r.header.table == 254 {
+            oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if oif.is_some() {
+                break;
+            }
+        }
+    }
+    let Some(index) = oif else { return Ok(None) };
+    let mut links = node.link().get().match_index(index).execute();
+    let link = links.try_next().await.map_err(nl("looking up the default route's interface"))?;
+    Ok(link.and_then(|l| {
+        l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+    }))
+}
+
+async fn first_ipv4(node: &Handle, index: u32) -> Result<Option<Ipv4Addr>, UplinkError> {
+    let mut addrs = node.address().get().set_link_index_filter(index).execute();
+    while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                return Ok(Some(*ip));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn sysctl(path: &str, value: &str) -> Result<(), UplinkError> {
+    std::fs::write(path, value).map_err(|source| UplinkError::Sysctl { path: path.to_owned(), source })
+}
+
+/// The node's stack routes pod traffic (to the outside, and replies back to pods).
+pub fn enable_forwarding() -> Result<(), UplinkError> {
+    sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+}
+
+/// Creates (or re-creates, if its settings differ) the flow-based VXLAN device: collect_md,
+/// no learning, NOARP (routes point at it without a gateway), MTU = uplink MTU - 50.
+pub async fn ensure_overlay(node: &Handle, cfg: &OverlayConfig, uplink: &Uplink) -> Result<Overlay, UplinkError> {
+    let mtu = uplink.mtu.saturating_sub(VXLAN_OVERHEAD);
+    if let Some(existing) = podnet::link_by_name(node, &cfg.ifname).await? {
+        // Reused across agent restarts: its links and routes stay in place. The port and
+        // mode are checked; a device of another kind or port is replaced.
+        if overlay_matches(&existing, cfg) {
+            node.link()
+                .set(LinkUnspec::new_with_index(existing.header.index).mtu(mtu).arp(false).up().build())
+                .execute()
+                .await
+                .map_err(nl(format!("setting up {}", cfg.ifname)))?;
+            return Ok(Overlay { ifname: cfg.ifname.clone(), ifindex: existing.header.index, mtu });
+        }
+        log::warn!("{} exists with other settings; re-creating it", cfg.ifname);
+        podnet::delete_link(node, &cfg.ifname).await?;
+    }
+    node.link()
+        .add(
+            LinkVxlan::new(&cfg.ifname, cfg.vni).collect_metadata(true).learning(false).port(cfg.port).mtu(mtu).build(),
+        )
+        .execute()
+        .await
+        .map_err(nl(format!("creating the VXLAN device {} (port {})", cfg.ifname, cfg.port)))?;
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", cfg.ifname), "1");
+    let link = podnet::link_by_name(node, &cfg.ifname)
+        .await?
+        .ok_or_else(|| UplinkError::NoSuchInterface(cfg.ifname.clone()))?;
+    node.link()
+        .set(LinkUnspec::new_with_index(link.header.index).arp(false).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("bringing {} up", cfg.ifname)))?;
+    Ok(Overlay { ifname: cfg.ifname.clone(), ifindex: link.header.index, mtu })
+}
+
+fn overlay_matches(link: &rtnetlink::packet_route::link::LinkMessage, cfg: &OverlayConfig) -> bool {
+    use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkInfo};
+    let Some(infos) = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(i) => Some(i),
+        _ => None,
+    }) else {
+        return false;
+    };
+    infos.iter().any(|i| match i {
+        LinkInfo::Data(InfoData::Vxlan(v)) => {
+            v.iter().any(|x| matches!(x, InfoVxlan::CollectMetadata(true)))
+                && v.iter().any(|x| matches!(x, InfoVxlan::Port(p) if *p == cfg.port))
+        }
+        _ => false,
+    })
+}

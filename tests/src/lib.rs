@@ -18,6 +18,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod cluster;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short name: `<prefix><pid>x<counter>` (fits interface/netns name limits).

@@ -3,6 +3,7 @@
 
 mod bench_datapath;
 mod bench_store;
+mod cluster;
 mod demo;
 mod fresh_check;
 mod setup;
@@ -37,6 +38,14 @@ enum Task {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// The cluster in a box: `up --nodes N`, `pod add|del`, `exec`, `status`, `agent`, `down`.
+    Cluster {
+        /// The box's state directory.
+        #[arg(long, global = true)]
+        dir: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: cluster::ClusterCmd,
     },
     /// Proves set-up on a fresh minimal Debian 12 root (mmdebstrap): setup, build, a test
     /// subset (`--full`: .ci/run and the demo). Needs root; not part of CI.
@@ -162,6 +171,19 @@ fn main() -> Result<()> {
             require_root("the demo")?;
             let bins = build_bins(false)?;
             demo::run(&bins)
+        }
+        Task::Cluster { dir, cmd } => {
+            require_root("the cluster in a box")?;
+            if matches!(cmd, cluster::ClusterCmd::Up { .. }) {
+                setup::run()?;
+                let bins = build_bins(false)?;
+                // SAFETY: set before any thread is started.
+                unsafe { std::env::set_var("CONTIV_BIN_DIR", bins) };
+            } else if std::env::var_os("CONTIV_BIN_DIR").is_none() {
+                // SAFETY: as above.
+                unsafe { std::env::set_var("CONTIV_BIN_DIR", workspace_root().join("target/debug")) };
+            }
+            cluster::run(dir, cmd)
         }
         Task::FreshCheck { full } => {
             require_root("the fresh-machine check")?;

@@ -278,13 +278,13 @@ impl Datapath {
             program_names::FROM_OVERLAY,
             ifname,
             TcAttachType::Ingress,
-            &links.join(format!("{ifname}.ingress")),
+            &links.join(format!("{ifname}_ingress")),
         )?;
         self.replace_pinned_tcx(
             program_names::TO_OVERLAY,
             ifname,
             TcAttachType::Egress,
-            &links.join(format!("{ifname}.egress")),
+            &links.join(format!("{ifname}_egress")),
         )
     }
 

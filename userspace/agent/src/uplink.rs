@@ -155,7 +155,9 @@ pub async fn ensure_overlay(node: &Handle, cfg: &OverlayConfig, uplink: &Uplink)
     }
     node.link()
         .add(
-            LinkVxlan::new(&cfg.ifname, cfg.vni).collect_metadata(true).learning(false).port(cfg.port).mtu(mtu).build(),
+            // VNI 0 on the device: a collect_md device receives every VNI (the kernel looks
+            // flow-based devices up under VNI 0); each packet carries its VNI in its tunnel key.
+            LinkVxlan::new(&cfg.ifname, 0).collect_metadata(true).learning(false).port(cfg.port).mtu(mtu).build(),
         )
         .execute()
         .await
@@ -184,6 +186,7 @@ fn overlay_matches(link: &rtnetlink::packet_route::link::LinkMessage, cfg: &Over
         LinkInfo::Data(InfoData::Vxlan(v)) => {
             v.iter().any(|x| matches!(x, InfoVxlan::CollectMetadata(true)))
                 && v.iter().any(|x| matches!(x, InfoVxlan::Port(p) if *p == cfg.port))
+                && v.iter().any(|x| matches!(x, InfoVxlan::Id(0)))
         }
         _ => false,
     })

@@ -1,30 +1,323 @@
-//! The cluster in a box (3 nodes, kernel uplink): pods on different nodes talk over the
-//! overlay, the host reaches its pods, pods reach the host, node addresses and the outside
-//! (masqueraded), path MTU discovery works, the fabric carries only VXLAN for pod traffic.
+//! The cluster in a box, kernel uplink mode (root): pods on different nodes talk over the
+//! overlay, hosts reach their pods (kubelet probes), pods reach hosts, node addresses and the
+//! outside (masqueraded to the node's address), path MTU discovery works and nothing is
+//! fragmented, the fabric carries only VXLAN between node addresses for pod traffic, nodes
+//! leave and come back, and an agent restart keeps a cross-node TCP flow alive.
 
-use std::time::Duration;
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use contiv_tests::cluster::{BoxOptions, ClusterBox, EXTERNAL_IP};
+use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, EXTERNAL_IP, enter};
 
-fn ping(b: &ClusterBox, from: &str, to: std::net::Ipv4Addr) -> bool {
+fn ping(b: &ClusterBox, from: &str, to: Ipv4Addr) -> bool {
     b.cmd(from, "ping")
         .args(["-c", "2", "-i", "0.2", "-W", "2", &to.to_string()])
-        .stdout(std::process::Stdio::null())
+        .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
 
+/// A TCP listener in namespace `ns` on `ip`; returns the address and the thread that
+/// accepts one connection, echoes what it reads and returns the peer's address.
+fn echo_server(ns: &str, ip: Ipv4Addr) -> (SocketAddr, std::thread::JoinHandle<SocketAddr>) {
+    let listener = enter(ns, move || TcpListener::bind((ip, 0)).expect("bind"));
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().expect("accept");
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).expect("server read");
+        s.write_all(&buf[..n]).expect("server echo");
+        peer
+    });
+    (addr, t)
+}
+
+/// Connects from namespace `ns` to `addr`, exchanges a message; returns the address the
+/// server saw as the client.
+fn tcp_exchange(ns: &str, addr: SocketAddr, server: std::thread::JoinHandle<SocketAddr>) -> SocketAddr {
+    let mut s = enter(ns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("connect from {ns} to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"across the overlay").unwrap();
+    let mut buf = [0u8; 18];
+    s.read_exact(&mut buf).expect("echo");
+    assert_eq!(&buf, b"across the overlay");
+    server.join().unwrap()
+}
+
+fn udp_exchange(from: &BoxPod, to: &BoxPod) -> bool {
+    let (to_ip, from_ip) = (to.ip, from.ip);
+    let srv = enter(&to.netns, move || UdpSocket::bind((to_ip, 0)).unwrap());
+    let cli = enter(&from.netns, move || UdpSocket::bind((from_ip, 0)).unwrap());
+    srv.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    cli.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    cli.send_to(b"dns-like question", srv.local_addr().unwrap()).unwrap();
+    let mut buf = [0u8; 64];
+    let Ok((n, peer)) = srv.recv_from(&mut buf) else { return false };
+    assert_eq!(&buf[..n], b"dns-like question");
+    assert_eq!(peer, cli.local_addr().unwrap(), "the server sees the client pod's own address and port");
+    srv.send_to(b"answer", peer).unwrap();
+    matches!(cli.recv_from(&mut buf), Ok((6, _)))
+}
+
+fn counter(b: &ClusterBox, node: &str, pod: &BoxPod, name: &str) -> u64 {
+    let pods = b.status_json(node, "/pods").expect("/pods");
+    pods.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["ip"] == pod.ip.to_string())
+        .and_then(|p| p["counters"][name].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name} for {} in {pods}", pod.ip))
+}
+
 #[test]
-fn smoke_cross_node_ping() {
+fn pods_on_three_nodes_talk_tcp_udp_and_icmp_both_ways() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(3));
+    let pods: Vec<BoxPod> =
+        (1..=3).map(|i| b.add_pod(&format!("node-{i}"), &format!("default/p{i}"), &[("app", "p")], &[])).collect();
+    for (x, y) in [(0, 1), (1, 0), (1, 2), (2, 1), (0, 2), (2, 0)] {
+        let (from, to) = (&pods[x], &pods[y]);
+        assert!(ping(&b, &from.id(), to.ip), "ICMP {} -> {}", from.id(), to.id());
+        let (addr, server) = echo_server(&to.netns, to.ip);
+        let seen = tcp_exchange(&from.netns, addr, server);
+        assert_eq!(seen.ip(), std::net::IpAddr::V4(from.ip), "no address translation between pods");
+        assert!(udp_exchange(from, to), "UDP {} -> {}", from.id(), to.id());
+    }
+    // The fast path encapsulated it (no host routing) and the other side delivered it.
+    for (i, p) in pods.iter().enumerate() {
+        let node = format!("node-{}", i + 1);
+        assert!(counter(&b, &node, p, "tunnelPackets") >= 8, "{} sent over the overlay", p.id());
+        assert!(counter(&b, &node, p, "fromTunnelPackets") >= 8, "{} received over the overlay", p.id());
+    }
+    // Labels of the Pod objects reached the agents (for the features that select by them).
+    let report = b.status_json("node-2", "/pods").unwrap();
+    assert_eq!(report[0]["podNamespace"], "default");
+    assert_eq!(report[0]["podName"], "p2");
+    assert_eq!(report[0]["labels"]["app"], "p", "{report}");
+}
+
+#[test]
+fn hosts_reach_pods_and_pods_reach_hosts_nodes_and_the_outside_masqueraded() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(3));
+    let pods: Vec<BoxPod> =
+        (1..=3).map(|i| b.add_pod(&format!("node-{i}"), &format!("default/w{i}"), &[], &[])).collect();
+    // host -> local pod TCP connect on every node: what kubelet's probes do.
+    for (i, p) in pods.iter().enumerate() {
+        let node = b.node(&format!("node-{}", i + 1)).clone();
+        let (addr, server) = echo_server(&p.netns, p.ip);
+        let seen = tcp_exchange(&node.netns, addr, server);
+        assert_eq!(seen.ip(), std::net::IpAddr::V4(node.ip), "the probe comes from the node's address");
+    }
+    // host -> remote pod.
+    let (addr, server) = echo_server(&pods[1].netns, pods[1].ip);
+    tcp_exchange(&b.node("node-1").netns.clone(), addr, server);
+    // pod -> its own node and pod -> another node, TCP to servers on the node addresses.
+    for target in ["node-1", "node-2"] {
+        let n = b.node(target).clone();
+        let (addr, server) = echo_server(&n.netns, n.ip);
+        let seen = tcp_exchange(&pods[0].netns, addr, server);
+        assert_eq!(seen.ip(), std::net::IpAddr::V4(pods[0].ip), "a node sees the pod's own address");
+    }
+    // pod -> outside: the external server sees the node's address; the reply comes back.
+    for (i, p) in pods.iter().enumerate() {
+        let (addr, server) = echo_server(&b.state.external.clone(), EXTERNAL_IP);
+        let seen = tcp_exchange(&p.netns, addr, server);
+        let node_ip = b.node(&format!("node-{}", i + 1)).ip;
+        assert_eq!(seen.ip(), std::net::IpAddr::V4(node_ip), "masqueraded to the node's address");
+        assert!(ping(&b, &p.id(), EXTERNAL_IP));
+    }
+    assert!(counter(&b, "node-1", &pods[0], "hostPackets") > 0, "handed to the node's stack by the fast path");
+}
+
+#[test]
+fn path_mtu_discovery_works_and_nothing_is_fragmented() {
     let mut b = ClusterBox::up(BoxOptions::for_test(2));
-    let a = b.add_pod("node-1", "default/a", &[("app", "a")], &[]).ip;
-    let c = b.add_pod("node-2", "default/c", &[("app", "c")], &[]).ip;
-    assert!(ping(&b, "default/a", c), "a -> c\n{}\n{}", b.agent_log("node-1"), b.agent_log("node-2"));
-    assert!(ping(&b, "default/c", a), "c -> a");
-    assert!(ping(&b, "node-1", a), "host -> local pod");
-    assert!(ping(&b, "node-1", c), "host -> remote pod");
-    assert!(ping(&b, "default/a", b.node("node-1").ip), "pod -> own node");
-    assert!(ping(&b, "default/a", b.node("node-2").ip), "pod -> other node");
-    assert!(ping(&b, "default/a", EXTERNAL_IP), "pod -> outside");
-    let _ = Duration::from_secs(1);
+    let remote = b.add_pod("node-2", "default/far", &[], &[]);
+    let pod = b.add_pod("node-1", "default/near", &[], &[]);
+    let mtu = Command::new("ip").args(["-n", &pod.netns, "-o", "link", "show", "eth0"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&mtu.stdout).contains("mtu 1450"), "pods get underlay MTU - 50");
+    let df_ping = |b: &ClusterBox, from: &str, size: u32| {
+        let out = b
+            .cmd(from, "ping")
+            .args(["-c", "1", "-W", "2", "-M", "do", "-s", &size.to_string(), &remote.ip.to_string()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    // 1422 bytes of ICMP payload + 28 bytes of headers = 1450: the largest that fits.
+    let (ok, out) = df_ping(&b, &pod.id(), 1422);
+    assert!(ok, "a DF packet of exactly the path MTU passes: {out}");
+    // A pod whose interface is bigger than the path (its network config says 1500): the
+    // datapath answers an oversize DF packet with "fragmentation needed" naming the MTU.
+    let big = b.add_pod_with("node-1", "default/bigmtu", &[], &[], r#"{"mtu": 1500}"#);
+    let (ok, out) = df_ping(&b, &big.id(), 1422);
+    assert!(ok, "fits: {out}");
+    let (ok, out) = df_ping(&b, &big.id(), 1423);
+    assert!(!ok && out.contains("mtu = 1450"), "one byte more gets fragmentation-needed with the MTU: {out}");
+    let vswitch = b.status_json("node-1", "/vswitch").unwrap();
+    assert!(vswitch["vswitch"]["frag_needed_sent"].as_u64().unwrap() >= 1, "{vswitch}");
+    // The sender learnt the path MTU: the next big datagram is sized to it and arrives.
+    let (ok, out) = df_ping(&b, &big.id(), 1422);
+    assert!(ok, "after PMTU discovery: {out}");
+    // Nobody fragmented anything on the way.
+    for node in ["node-1", "node-2"] {
+        let out = b.cmd(node, "nstat").args(["-az", "IpFragCreates"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let frags: u64 = text
+            .lines()
+            .find(|l| l.starts_with("IpFragCreates"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no IpFragCreates in {text}"));
+        assert_eq!(frags, 0, "{node} fragmented packets");
+    }
+}
+
+#[test]
+fn the_fabric_carries_only_vxlan_between_node_addresses_for_pod_traffic() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let a = b.add_pod("node-1", "default/a", &[], &[]);
+    let c = b.add_pod("node-2", "default/c", &[], &[]);
+    // One capture per node port of the fabric: everything each node puts on the wire (the
+    // bridge device itself only shows what it floods).
+    let captures: Vec<(std::path::PathBuf, std::process::Child)> = ["n1", "n2"]
+        .iter()
+        .map(|port| {
+            let pcap = b.state.dir.join(format!("fabric-{port}.pcap"));
+            let child = b
+                .cmd("fabric", "tcpdump")
+                .args(["-i", port, "-n", "-U", "-w"])
+                .arg(&pcap)
+                .args(["not", "arp", "and", "not", "port", "2379"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("tcpdump (Debian package tcpdump)");
+            (pcap, child)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(ping(&b, &a.id(), c.ip));
+    let (addr, server) = echo_server(&c.netns, c.ip);
+    tcp_exchange(&a.netns, addr, server);
+    assert!(udp_exchange(&c, &a));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut text = String::new();
+    for (pcap, mut child) in captures {
+        // SAFETY: SIGTERM to a tcpdump we started, by pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+        let out = Command::new("tcpdump").args(["-n", "-r"]).arg(&pcap).output().expect("tcpdump -r");
+        text.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    // tcpdump prints a VXLAN packet's inner header on a line of its own; the outer lines
+    // (with a timestamp) are what crossed the fabric.
+    let lines: Vec<&str> = text.lines().filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_digit())).collect();
+    assert!(lines.len() >= 20, "the pod traffic crossed the fabric: {text}");
+    assert!(text.contains(&format!("{} > {}", a.ip, c.ip)), "the inner packets are the pods': {text}");
+    let nodes = [b.node("node-1").ip.to_string(), b.node("node-2").ip.to_string()];
+    for l in &lines {
+        let vxlan = l.contains(": VXLAN") && l.contains(".4789:");
+        let between_nodes = nodes.iter().all(|n| l.contains(n.as_str()));
+        assert!(vxlan && between_nodes, "not VXLAN between node addresses: {l}");
+        assert!(!l.contains(" 10.1."), "a pod address on the wire: {l}");
+    }
+}
+
+#[test]
+fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(3));
+    let p1 = b.add_pod("node-1", "default/stay", &[], &[]);
+    let subnet_before = b.status_json("node-3", "/node").unwrap()["podSubnet"].clone();
+    let p3 = b.add_pod("node-3", "default/leave", &[], &[]);
+    assert!(ping(&b, &p1.id(), p3.ip));
+    // The agent goes away for good (killed): its registration expires with its lease.
+    b.stop_agent("node-3", true);
+    let routes = |b: &ClusterBox, node: &str| {
+        b.status_json(node, "/node").and_then(|v| v["remoteRoutes"].as_object().map(|m| m.len())).unwrap_or(99)
+    };
+    b.wait_for(Duration::from_secs(40), "node-1 and node-2 drop node-3's routes", || {
+        routes(&b, "node-1") == 2 && routes(&b, "node-2") == 2
+    });
+    assert!(!ping(&b, &p1.id(), p3.ip), "no route to a departed node's pods");
+    b.start_agent("node-3");
+    assert_eq!(b.status_json("node-3", "/node").unwrap()["podSubnet"], subnet_before, "the same subnet again");
+    b.wait_converged(Duration::from_secs(30));
+    assert!(ping(&b, &p1.id(), p3.ip), "traffic resumes");
+}
+
+#[test]
+fn an_agent_restart_keeps_an_established_cross_node_tcp_flow() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let client = b.add_pod("node-1", "default/client", &[], &[]);
+    let server = b.add_pod("node-2", "default/server", &[], &[]);
+    let server_ip = server.ip;
+    let listener = enter(&server.netns, move || TcpListener::bind((server_ip, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r, st) = (received.clone(), stop.clone());
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut buf = [0u8; 65536];
+        while !st.load(Ordering::Relaxed) {
+            match s.read(&mut buf) {
+                Ok(0) => return Err("connection closed".to_string()),
+                Ok(n) => {
+                    r.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    });
+    let mut stream = enter(&client.netns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap());
+    let st = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![0x5au8; 8192];
+        while !st.load(Ordering::Relaxed) {
+            if let Err(e) = stream.write_all(&chunk) {
+                return Err(e.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Handed back open, so the receiver stops on the flag, not on our close.
+        Ok(stream)
+    });
+    let progress = |what: &str| {
+        let before = received.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while received.load(Ordering::Relaxed) < before + 100_000 {
+            assert!(Instant::now() < deadline, "the flow stalled {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    progress("before the restarts");
+    for node in ["node-1", "node-2"] {
+        let before = received.load(Ordering::Relaxed);
+        b.stop_agent(node, false);
+        progress(&format!("while the agent of {node} was down"));
+        b.start_agent(node);
+        progress(&format!("after the agent of {node} came back"));
+        assert!(received.load(Ordering::Relaxed) > before);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let stream = writer.join().unwrap();
+    assert!(stream.is_ok(), "the sender saw no error: {:?}", stream.err());
+    assert_eq!(reader.join().unwrap(), Ok(()), "the receiver saw no error");
+    drop(stream);
+    assert!(received.load(Ordering::Relaxed) > 500_000);
 }

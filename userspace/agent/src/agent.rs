@@ -190,7 +190,8 @@ impl From<PodCounters> for CountersReport {
 impl Agent {
     /// Loads state and datapath, wires the slow-path port and the overlay, brings the
     /// dataplane in line with the pods that survived a restart and starts the vswitch.
-    pub async fn start(config: AgentConfig) -> anyhow::Result<Arc<Self>> {
+    /// `registrations`: the cluster's live nodes as the store has them at start.
+    pub async fn start(config: AgentConfig, registrations: Vec<NodeRegistration>) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context;
         let state =
             NodeState::open(&config.state_dir, config.pod_subnet, config.gateway).context("opening the node state")?;
@@ -277,14 +278,7 @@ impl Agent {
             overlay,
             pod_mtu,
             params,
-            inner: Mutex::new(Inner {
-                state,
-                datapath,
-                applier,
-                node,
-                registrations: vec![],
-                gone: Default::default(),
-            }),
+            inner: Mutex::new(Inner { state, datapath, applier, node, registrations, gone: Default::default() }),
             slowpath: std::sync::Mutex::new(Some(port)),
             model: std::sync::OnceLock::new(),
         });

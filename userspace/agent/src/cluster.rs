@@ -58,6 +58,18 @@ pub async fn join(config: &AgentConfig) -> anyhow::Result<ClusterLink> {
     Ok(ClusterLink { store, registry: Arc::new(registry), allocation })
 }
 
+/// The live nodes as the store has them now (the agent's starting point, so a restarted
+/// agent never removes the routes to other nodes while its watch starts).
+pub async fn registrations(link: &ClusterLink) -> Vec<NodeRegistration> {
+    match link.registry.nodes().await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            log::warn!("reading the node registrations: {e}");
+            vec![]
+        }
+    }
+}
+
 /// The node's own addresses, for its registration (every non-loopback IPv4 address), and
 /// its underlay address (the overlay's tunnel endpoint) when it has an uplink.
 fn node_details(uplink_ip: Option<std::net::Ipv4Addr>) -> NodeDetails {
@@ -133,8 +145,13 @@ impl DataplaneEvents {
 }
 
 /// Background work that lives as long as the agent: the node's registration (re-registered
-/// if its lease is lost, withdrawn on shutdown), the cluster watch, and the task handing
-/// node registrations to the agent's dataplane.
+/// if its lease is lost), the cluster watch, and the task handing node registrations to the
+/// agent's dataplane.
+///
+/// The registration is not withdrawn when the agent stops: the node's pods keep forwarding
+/// without their agent, and other nodes must keep routing to them through an agent restart
+/// or upgrade. A node whose agent stays away drops out when its lease expires (the
+/// registry's TTL); the restarted agent registers again under a new lease first.
 pub fn spawn(
     link: &ClusterLink,
     agent: std::sync::Arc<crate::agent::Agent>,
@@ -142,12 +159,14 @@ pub fn spawn(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let node_name = agent.config().node_name.clone();
     let uplink_ip = agent.node_ip();
+    let shutdown_for_registration = shutdown.clone();
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
     let registry = link.registry.clone();
     let name = node_name.clone();
-    let reg_stop = stopped(shutdown.clone());
+    // Never resolves: the task is aborted at exit, leaving the lease to expire on its own.
+    let reg_stop = std::future::pending::<()>();
     let registration = tokio::spawn(async move {
         registry
             .keep_registered(
@@ -183,5 +202,12 @@ pub fn spawn(
             }
         }
     });
-    vec![registration, watcher, applier]
+    // The registration task never ends by itself; dropping its handle would not stop it, so
+    // abort it once the others have ended (the lease is then left to expire).
+    let stop_registration = stopped(shutdown_for_registration);
+    let registration_guard = tokio::spawn(async move {
+        stop_registration.await;
+        registration.abort();
+    });
+    vec![registration_guard, watcher, applier]
 }

@@ -74,7 +74,8 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     log::info!("node {}: pod subnet {}, gateway {}", config.node_name, config.pod_subnet, config.gateway);
     let socket = config.cni_socket.clone();
     let status_addr = config.status_addr;
-    let agent = Agent::start(config).await?;
+    let registrations = cluster::registrations(&link).await;
+    let agent = Agent::start(config, registrations).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = cluster::spawn(&link, agent.clone(), stop_rx.clone());
     let healer = agent.clone();

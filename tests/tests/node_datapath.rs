@@ -335,3 +335,39 @@ fn bandwidth_capability_limits_hold_on_the_fast_path() {
     let c = node.pod_counters(sender.ip).unwrap();
     assert!(counter(&c, "fwd_bytes") > 5_000_000, "{c:?}");
 }
+
+#[test]
+fn agent_refuses_a_bpffs_private_to_its_mount_namespace() {
+    // `ip netns exec` gives the agent a private mount namespace with a fresh /sys: a bpffs
+    // mounted there dies with the agent, and with it every pin (a restart would stop pods).
+    let ns = contiv_tests::Netns::new("ctb");
+    let dir = tempfile_dir();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nodeName = \"private\"\npodSubnet = \"10.1.1.0/24\"\ncniSocket = \"{}\"\nstateDir = \"{}\"\nbpfPinDir = \"/sys/fs/bpf/{}\"\n",
+            dir.join("cni.sock").display(),
+            dir.join("state").display(),
+            contiv_tests::unique("contiv-private-")
+        ),
+    )
+    .unwrap();
+    let out = ns
+        .cmd(contiv_tests::bin("contiv-agent").to_str().unwrap())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("running the agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "the agent must refuse to start: {stderr}");
+    assert!(stderr.contains("mount -t bpf bpf /sys/fs/bpf"), "says how to mount it: {stderr}");
+    assert!(stderr.contains("allowPrivateBpffs"), "says how to override: {stderr}");
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(contiv_tests::unique("contiv-private-"));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -20,7 +20,6 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -93,25 +92,44 @@ fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
-fn mount_namespace(pid: &str) -> Option<u64> {
-    std::fs::metadata(format!("/proc/{pid}/ns/mnt")).ok().map(|m| m.ino())
+/// Whether any other process shares this process's mount namespace. A namespace nobody
+/// else is in dies with the agent, and so does any bpffs mounted only in it.
+fn mount_namespace_shared() -> bool {
+    let Ok(mine) = std::fs::read_link("/proc/self/ns/mnt") else { return true };
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()) && n != me))
+        .any(|e| std::fs::read_link(e.path().join("ns/mnt")).is_ok_and(|ns| ns == mine))
 }
 
-/// Makes sure the pins land in the host's bpffs. Mounts bpffs on /sys/fs/bpf when the agent
-/// runs in the host's mount namespace and nothing is mounted yet; refuses (unless
-/// `allow_private`) when the bpffs the agent sees is not the one the host (PID 1) sees, or
-/// when it would have to mount one in a private mount namespace: pins there die with the
-/// agent, and a restart would stop every pod's traffic.
+/// Whether the mount at `path` propagates to or from other mount namespaces (its
+/// mountinfo line carries `shared:` or `master:`).
+fn mount_propagates(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let path = path.to_string_lossy();
+    // The last mount on the path is the visible one.
+    info.lines().filter(|l| l.split(' ').nth(4) == Some(path.as_ref())).next_back().is_some_and(|l| {
+        let optional = l.split(" - ").next().unwrap_or("");
+        optional.contains("shared:") || optional.contains("master:")
+    })
+}
+
+/// Makes sure the pins land in a bpffs that outlives the agent (the host's). Mounts bpffs
+/// on /sys/fs/bpf when nothing is mounted there and the agent's mount namespace is shared
+/// with other processes (the host's); refuses, unless `allow_private`, when the agent is
+/// alone in its mount namespace (e.g. started by `ip netns exec`) and /sys/fs/bpf is either
+/// not mounted or a bpffs that propagates nowhere: pins there die with the agent, and a
+/// restart would stop every pod's traffic.
 pub fn check_bpffs(allow_private: bool) -> Result<()> {
     let root = Path::new(BPFFS);
-    let private_ns = match (mount_namespace("self"), mount_namespace("1")) {
-        (Some(a), Some(b)) => a != b,
-        _ => false,
-    };
     let how = "mount bpffs on the host (`mount -t bpf bpf /sys/fs/bpf`) and run the agent in the host's \
-               mount namespace (a DaemonSet with /sys/fs/bpf mounted from the host, or `nsenter --net=...` rather \
-               than `ip netns exec`, which remounts /sys), or set allowPrivateBpffs = true to accept that pod \
-               traffic stops whenever the agent does";
+               mount namespace (`nsenter --net=...` rather than `ip netns exec`, which gives the agent a mount \
+               namespace of its own), or in a DaemonSet with /sys/fs/bpf mounted from the host \
+               (mountPropagation: Bidirectional or HostToContainer); or set allowPrivateBpffs = true to \
+               accept that pod traffic stops whenever the agent does";
     let refuse = |what: &str| -> Result<()> {
         if allow_private {
             log::warn!("{what}; continuing because allowPrivateBpffs is set");
@@ -119,23 +137,20 @@ pub fn check_bpffs(allow_private: bool) -> Result<()> {
         }
         Err(DatapathError::PrivateBpffs(format!("{what}: {how}")))
     };
+    let alone = !mount_namespace_shared();
     if is_bpffs(root) {
-        if private_ns {
-            // Same filesystem instance as PID 1's, or a private one?
-            let host = Path::new("/proc/1/root/sys/fs/bpf");
-            let ours = std::fs::metadata(root).map(|m| m.dev()).ok();
-            let theirs = if is_bpffs(host) { std::fs::metadata(host).map(|m| m.dev()).ok() } else { None };
-            if ours.is_none() || ours != theirs {
-                return refuse(
-                    "/sys/fs/bpf is a bpffs private to the agent's mount namespace (the host's is another one, or none)",
-                );
-            }
+        if alone && !mount_propagates(root) {
+            return refuse(
+                "/sys/fs/bpf is a bpffs private to the agent's own mount namespace; pinned maps and links would \
+                 die with the agent",
+            );
         }
         return Ok(());
     }
-    if private_ns {
+    if alone {
         return refuse(
-            "/sys/fs/bpf is not mounted in the agent's private mount namespace, and a bpffs mounted there would die with the agent",
+            "/sys/fs/bpf is not mounted, and a bpffs mounted in the agent's own mount namespace would die with \
+             the agent",
         );
     }
     nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)

@@ -111,7 +111,7 @@ fn mount_propagates(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     let path = path.to_string_lossy();
     // The last mount on the path is the visible one.
-    info.lines().filter(|l| l.split(' ').nth(4) == Some(path.as_ref())).next_back().is_some_and(|l| {
+    info.lines().rfind(|l| l.split(' ').nth(4) == Some(path.as_ref())).is_some_and(|l| {
         let optional = l.split(" - ").next().unwrap_or("");
         optional.contains("shared:") || optional.contains("master:")
     })

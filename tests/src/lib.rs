@@ -295,11 +295,19 @@ pub struct NodeOptions {
     pub control_plane: Option<std::sync::Arc<ControlPlane>>,
     /// Node name; default: the node namespace's name.
     pub node_name: Option<String>,
+    /// The agent binary; default: this build's `contiv-agent`.
+    pub agent_binary: Option<PathBuf>,
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
-        Self { pod_subnet: Some("10.1.1.0/24".into()), mtu: 1500, control_plane: None, node_name: None }
+        Self {
+            pod_subnet: Some("10.1.1.0/24".into()),
+            mtu: 1500,
+            control_plane: None,
+            node_name: None,
+            agent_binary: None,
+        }
     }
 }
 
@@ -307,6 +315,8 @@ impl Default for NodeOptions {
 pub struct Node {
     // Field order matters for Drop: agent first, then the namespace.
     agent: Option<Child>,
+    /// The binary `start_agent` runs (an upgrade test swaps it).
+    pub agent_binary: PathBuf,
     pub ns: Netns,
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -348,7 +358,17 @@ impl Node {
             config.push_str(&format!("etcdEndpoints = [\"{endpoint}\"]\n"));
         }
         std::fs::write(&config_path, config).expect("agent config");
-        let mut node = Self { agent: None, ns, dir, socket, pin_dir, config_path, network_name: "contiv-test".into() };
+        let agent_binary = opts.agent_binary.clone().unwrap_or_else(|| bin("contiv-agent"));
+        let mut node = Self {
+            agent: None,
+            agent_binary,
+            ns,
+            dir,
+            socket,
+            pin_dir,
+            config_path,
+            network_name: "contiv-test".into(),
+        };
         node.start_agent();
         node
     }
@@ -360,7 +380,7 @@ impl Node {
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).expect("agent log");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path().display()))
-            .arg(bin("contiv-agent"))
+            .arg(&self.agent_binary)
             .arg("--config")
             .arg(&self.config_path)
             .stdout(log.try_clone().unwrap())

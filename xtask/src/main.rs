@@ -6,6 +6,7 @@ mod bench_store;
 mod cluster;
 mod demo;
 mod fresh_check;
+mod previous;
 mod setup;
 
 use std::{
@@ -196,6 +197,10 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup::run()?;
             require_root("the test suite")?;
+            // The upgrade test starts from the previous release's agent.
+            let previous = previous::agent()?;
+            // SAFETY: set before any thread is started.
+            unsafe { std::env::set_var("CONTIV_PREVIOUS_AGENT", previous) };
             // Tests that load the object directly (the vswitch's) find it where this builds it.
             build_ebpf()?;
             build_bins(false)?;

@@ -616,7 +616,8 @@ impl Gen {
             out,
             "    /// The symbol of this exact value, if any.\n    pub fn symbol(self) -> Option<&'static str> {{ Self::SYMBOLS.iter().find(|(_, v)| *v == self).map(|(n, _)| *n) }}"
         )?;
-        if flags {
+        // Some files declare flag sets as plain enums: every enum gets the bit operations.
+        {
             writeln!(
                 out,
                 "    /// Whether every bit of `other` is set.\n    pub fn contains(self, other: Self) -> bool {{ self.0 & other.0 == other.0 }}"
@@ -629,7 +630,7 @@ impl Gen {
             out,
             "        match self.symbol() {{ Some(s) => f.write_str(s), None => write!(f, \"{rust}({{}})\", self.0) }}\n    }}\n}}\n"
         )?;
-        if flags {
+        {
             writeln!(
                 out,
                 "impl ::std::ops::BitOr for {rust} {{ type Output = Self; fn bitor(self, o: Self) -> Self {{ Self(self.0 | o.0) }} }}\n"

@@ -634,22 +634,39 @@ impl Client {
     }
 
     /// Sends a request and waits for its reply; a negative `retval` is an error.
-    pub async fn request<M: Request>(&self, msg: &M) -> Result<M::Reply, Error> {
-        let reply = self.request_unchecked(msg).await?;
-        match reply.retval() {
-            Some(r) if r < 0 => Err(Error::Retval { message: M::NAME, retval: r }),
-            _ => Ok(reply),
+    ///
+    /// The returned future owns a copy of the message (it borrows nothing), so any number of
+    /// them can be started and awaited together.
+    pub fn request<M: Request>(
+        &self,
+        msg: &M,
+    ) -> impl Future<Output = Result<M::Reply, Error>> + Send + 'static + use<M> {
+        let (this, msg) = (self.clone(), msg.clone());
+        async move {
+            let reply = this.request_inner(msg).await?;
+            match reply.retval() {
+                Some(r) if r < 0 => Err(Error::Retval { message: M::NAME, retval: r }),
+                _ => Ok(reply),
+            }
         }
     }
 
     /// Sends a request and returns its reply whatever its `retval`.
-    pub async fn request_unchecked<M: Request>(&self, msg: &M) -> Result<M::Reply, Error> {
+    pub fn request_unchecked<M: Request>(
+        &self,
+        msg: &M,
+    ) -> impl Future<Output = Result<M::Reply, Error>> + Send + 'static + use<M> {
+        let (this, msg) = (self.clone(), msg.clone());
+        async move { this.request_inner(msg).await }
+    }
+
+    async fn request_inner<M: Request>(&self, msg: M) -> Result<M::Reply, Error> {
         let conn = self.conn()?;
         let id = conn.table.id_of::<M>()?;
         let reply_id = conn.table.id_of::<M::Reply>()?;
         let context = conn.context();
         let mut frame = Vec::with_capacity(64);
-        message::encode_frame_into(&mut frame, msg, id, conn.client_index, context)
+        message::encode_frame_into(&mut frame, &msg, id, conn.client_index, context)
             .map_err(|source| Error::Encode { message: M::NAME, source })?;
         let (tx, rx) = oneshot::channel();
         conn.submit(context, M::NAME, Waiter::Reply { reply_id, tx }, frame)?;
@@ -659,7 +676,15 @@ impl Client {
 
     /// Runs a dump: the request, then `control_ping` with the same context; collects the
     /// details until `control_ping_reply`.
-    pub async fn dump<M: Dump>(&self, msg: &M) -> Result<Vec<M::Details>, Error> {
+    pub fn dump<M: Dump>(
+        &self,
+        msg: &M,
+    ) -> impl Future<Output = Result<Vec<M::Details>, Error>> + Send + 'static + use<M> {
+        let (this, msg) = (self.clone(), msg.clone());
+        async move { this.dump_inner(msg).await }
+    }
+
+    async fn dump_inner<M: Dump>(&self, msg: M) -> Result<Vec<M::Details>, Error> {
         let conn = self.conn()?;
         let id = conn.table.id_of::<M>()?;
         let details_id = conn.table.id_of::<M::Details>()?;
@@ -667,7 +692,7 @@ impl Client {
         let end_id = conn.table.id_of::<api::ControlPingReply>()?;
         let context = conn.context();
         let mut frames = Vec::with_capacity(96);
-        message::encode_frame_into(&mut frames, msg, id, conn.client_index, context)
+        message::encode_frame_into(&mut frames, &msg, id, conn.client_index, context)
             .map_err(|source| Error::Encode { message: M::NAME, source })?;
         message::encode_frame_into(&mut frames, &api::ControlPing::default(), ping_id, conn.client_index, context)
             .map_err(|source| Error::Encode { message: M::NAME, source })?;
@@ -679,8 +704,15 @@ impl Client {
 
     /// Runs a `*_get` to the end: while VPP answers EAGAIN (-165) it is called again with the
     /// returned cursor. Returns the last reply and every details message.
-    pub async fn get<M: Getter>(&self, msg: &M) -> Result<(M::Reply, Vec<M::Details>), Error> {
-        let mut req = msg.clone();
+    pub fn get<M: Getter>(
+        &self,
+        msg: &M,
+    ) -> impl Future<Output = Result<(M::Reply, Vec<M::Details>), Error>> + Send + 'static + use<M> {
+        let (this, msg) = (self.clone(), msg.clone());
+        async move { this.get_inner(msg).await }
+    }
+
+    async fn get_inner<M: Getter>(&self, mut req: M) -> Result<(M::Reply, Vec<M::Details>), Error> {
         let mut all = Vec::new();
         let mut last_cursor = None;
         loop {
@@ -736,7 +768,7 @@ impl Client {
     /// Says goodbye (`sockclnt_delete`) and closes the connection.
     pub async fn close(&self) -> Result<(), Error> {
         let Ok(conn) = self.conn() else { return Ok(()) };
-        let result = self.request_unchecked(&api::SockclntDelete { index: conn.client_index }).await;
+        let result = self.request_inner(api::SockclntDelete { index: conn.client_index }).await;
         if let Some(c) = self.take_conn() {
             c.close();
         }

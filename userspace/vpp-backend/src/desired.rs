@@ -189,6 +189,44 @@ pub struct UplinkHandover {
     pub mtu: Option<u32>,
 }
 
+/// The handover could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// The file could not be read (contiv-stn is not running, or has not taken the NIC yet).
+    #[error("reading the NIC handover {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file has no valid `handover` object.
+    #[error("the NIC handover {path} is not valid: {reason}")]
+    Invalid {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl UplinkHandover {
+    /// Reads the `handover` object of contiv-stn's state file (`[vpp] stnStateFile`).
+    pub fn from_stn_state_file(path: &std::path::Path) -> Result<Self, HandoverError> {
+        let bytes = std::fs::read(path).map_err(|source| HandoverError::Read { path: path.to_owned(), source })?;
+        #[derive(Deserialize)]
+        struct StateFile {
+            handover: UplinkHandover,
+        }
+        let f: StateFile = serde_json::from_slice(&bytes)
+            .map_err(|e| HandoverError::Invalid { path: path.to_owned(), reason: e.to_string() })?;
+        if f.handover.addresses.is_empty() {
+            return Err(HandoverError::Invalid { path: path.to_owned(), reason: "no IPv4 address".into() });
+        }
+        Ok(f.handover)
+    }
+}
+
 /// Another node of the cluster, from the node registry.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RemoteNode {

@@ -16,8 +16,8 @@ pub mod supervisor;
 
 pub use config::{AfXdpMode, HostPort, VppConfig, VppConfigError};
 pub use desired::{
-    IdentityMapping, InterfaceKind, InterfaceSpec, NatSpec, NeighborSpec, NodeInputs, RemoteNode, RenderError,
-    RouteSpec, StaticMapping, UplinkHandover, UplinkRoute, VppDesired, render,
+    HandoverError, IdentityMapping, InterfaceKind, InterfaceSpec, NatSpec, NeighborSpec, NodeInputs, RemoteNode,
+    RenderError, RouteSpec, StaticMapping, UplinkHandover, UplinkRoute, VppDesired, render,
 };
 pub use reconcile::{Failure, ReconcileError, ReconcileReport, Reconciler};
 pub use startup::{StartupError, render_startup_conf};

@@ -3,6 +3,7 @@
 
 mod bench_datapath;
 mod bench_store;
+mod bench_vpp;
 mod demo;
 mod setup;
 
@@ -37,9 +38,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against their baselines: `datapath` or `store`.
+    /// Benchmarks against their baselines: `datapath`, `store` or `vpp`.
     Bench {
-        #[arg(value_parser = ["datapath", "store"])]
+        #[arg(value_parser = ["datapath", "store", "vpp"])]
         which: String,
     },
 }
@@ -178,6 +179,7 @@ fn main() -> Result<()> {
                     let bins = build_bins(true)?;
                     bench_datapath::run(&bins)
                 }
+                "vpp" => bench_vpp::run(),
                 _ => bench_store::run(),
             }
         }

@@ -129,6 +129,7 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
                 None => ctx.send(&api::GetFirstMsgIdReply { retval: errno::NO_SUCH_ENTRY, first_msg_id: !0 }),
             }
         }
+        "get_api_json" => ctx.send(&api::GetApiJsonReply { retval: 0, json: crate::api_json::api_json().to_owned() }),
         "show_version" => ctx.send(&api::ShowVersionReply {
             retval: 0,
             program: "vpe".into(),

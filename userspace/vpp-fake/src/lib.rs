@@ -9,6 +9,7 @@
 //! speaks the real protocol. [`FakeVpp::restart`] drops every connection and forgets all
 //! state, as a VPP restart does.
 
+mod api_json;
 mod handlers;
 pub mod papi;
 pub mod state;

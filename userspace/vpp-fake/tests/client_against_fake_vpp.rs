@@ -194,3 +194,14 @@ async fn unimplemented_requests_get_minus_nine_and_bad_input_is_not_sent() {
     assert_eq!(fake.state().requests.get("af_xdp_create_v3"), None);
     c.request(&api::ShowVersion::default()).await.expect("the connection is still good");
 }
+
+#[tokio::test]
+async fn get_api_json_hands_out_every_module_like_vpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir, |_| {});
+    let c = client(&fake).await;
+    let r = c.request(&api::GetApiJson::default()).await.unwrap();
+    let modules: serde_json::Value = serde_json::from_str(&r.json).expect("a JSON array");
+    let names: Vec<&str> = modules.as_array().unwrap().iter().filter_map(|m| m["module"].as_str()).collect();
+    assert!(names.contains(&"memclnt") && names.contains(&"nat44_ed"), "{names:?}");
+}

@@ -169,7 +169,14 @@ fn main() -> Result<()> {
             build_bins(false)?;
             // Run every test binary even if one fails, so one run shows every failure.
             // Set-up made the vpp_papi virtualenv: tests needing it must not skip here.
-            check(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(&args).env("CONTIV_REQUIRE_PAPI", "1"))
+            // `-p <crate>` narrows the run; otherwise the whole workspace.
+            let narrowed = args.iter().any(|a| a == "-p" || a == "--package" || a.starts_with("--package="));
+            let mut cmd = cargo();
+            cmd.args(["test", "--no-fail-fast"]);
+            if !narrowed {
+                cmd.arg("--workspace");
+            }
+            check(cmd.args(&args).env("CONTIV_REQUIRE_PAPI", "1"))
         }
         Task::Bench { which } => {
             setup::run()?;

@@ -3,6 +3,7 @@
 
 mod bench_datapath;
 mod bench_store;
+mod bench_vpp;
 mod cluster;
 mod demo;
 mod fresh_check;
@@ -54,9 +55,9 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
-    /// Benchmarks against their baselines: `datapath` or `store`.
+    /// Benchmarks against their baselines: `datapath`, `store` or `vpp`.
     Bench {
-        #[arg(value_parser = ["datapath", "store"])]
+        #[arg(value_parser = ["datapath", "store", "vpp"])]
         which: String,
     },
 }
@@ -205,7 +206,15 @@ fn main() -> Result<()> {
             build_ebpf()?;
             build_bins(false)?;
             // Run every test binary even if one fails, so one run shows every failure.
-            check(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(&args))
+            // Set-up made the vpp_papi virtualenv: tests needing it must not skip here.
+            // `-p <crate>` narrows the run; otherwise the whole workspace.
+            let narrowed = args.iter().any(|a| a == "-p" || a == "--package" || a.starts_with("--package="));
+            let mut cmd = cargo();
+            cmd.args(["test", "--no-fail-fast"]);
+            if !narrowed {
+                cmd.arg("--workspace");
+            }
+            check(cmd.args(&args).env("CONTIV_REQUIRE_PAPI", "1"))
         }
         Task::Bench { which } => {
             setup::run()?;
@@ -215,6 +224,7 @@ fn main() -> Result<()> {
                     let bins = build_bins(true)?;
                     bench_datapath::run(&bins)
                 }
+                "vpp" => bench_vpp::run(),
                 _ => bench_store::run(),
             }
         }

@@ -78,7 +78,20 @@ pub const REQUIREMENTS: &[Requirement] = &[
         "chaining tests and the CNI benchmark's reference plugins",
     ),
     req("ca-certificates", &["/etc/ssl/certs/ca-certificates.crt"], "cargo and rustup downloads"),
+    // The real VPP Python client (vpp-papi, from PyPI) checks the fake VPP and is the VPP
+    // benchmark's baseline; it lives in a virtualenv under target/.
+    req("python3", &["/usr/bin/python3"], "runs vpp_papi in the VPP tests and benchmark"),
+    req(
+        "python3-venv",
+        &["/usr/lib/python3.11/ensurepip/__init__.py"],
+        "python3 -m venv (with pip) for the vpp_papi virtualenv",
+    ),
 ];
+
+/// vpp_papi, VPP's own Python client, pinned; ply is its parser dependency.
+pub const PAPI_PACKAGES: &[&str] = &["vpp-papi==2.4.2", "ply==3.11"];
+/// The virtualenv holding it, under the workspace's target directory.
+pub const PAPI_VENV: &str = "target/vpp-papi-venv";
 
 /// Pinned nightly for the eBPF crate (its rust-toolchain.toml says the same).
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
@@ -196,8 +209,33 @@ fn ensure_components(toolchain: Option<&str>, components: &[&str]) -> Result<()>
     Ok(())
 }
 
+/// Creates the vpp_papi virtualenv if it is missing or holds another version.
+fn ensure_papi_venv() -> Result<()> {
+    let venv = crate::workspace_root().join(PAPI_VENV);
+    let python = venv.join("bin/python");
+    let check = "import importlib.metadata as m; assert m.version('vpp_papi') == '2.4.2'; import ply";
+    if quiet(Command::new(&python).args(["-c", check])) {
+        return Ok(());
+    }
+    eprintln!("setup: creating {} with {}", venv.display(), PAPI_PACKAGES.join(" "));
+    let status = Command::new("/usr/bin/python3").args(["-m", "venv", "--clear"]).arg(&venv).status()?;
+    if !status.success() {
+        bail!("python3 -m venv {} failed", venv.display());
+    }
+    let status = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(PAPI_PACKAGES)
+        .status()
+        .context("running pip")?;
+    if !status.success() || !quiet(Command::new(&python).args(["-c", check])) {
+        bail!("installing {} into {} failed", PAPI_PACKAGES.join(" "), venv.display());
+    }
+    Ok(())
+}
+
 pub fn run() -> Result<()> {
     install_packages(REQUIREMENTS)?;
+    ensure_papi_venv()?;
 
     // The workspace's own toolchain needs clippy and rustfmt for `cargo xtask lint`.
     ensure_components(None, &["clippy", "rustfmt"])?;

@@ -1,0 +1,540 @@
+//! contiv-stn ("steal the NIC") for single-NIC nodes in `uplink = "vpp"` mode.
+//!
+//! VPP takes the node's only NIC through DPDK, so the host must let go of it first. This
+//! crate records the NIC's addresses and routes (the default route included), writes them
+//! to a state file, removes them from the host, and puts everything back on exit. The
+//! state file is written (atomically) *before* anything is removed, so after a crash the
+//! next start restores from it first. The same file is the handover to the agent: its
+//! `handover` object holds the IPv4 addresses, routes and MTU VPP must take over.
+//!
+//! Records keep the kernel's own netlink messages (hex) next to a readable form, so a
+//! restore re-adds exactly what was there (metric, protocol, scope, source, flags).
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use futures::TryStreamExt;
+use ipnet::{IpNet, Ipv4Net};
+use rtnetlink::{
+    Handle, LinkUnspec,
+    packet_core::{Emitable, Parseable},
+    packet_route::{
+        AddressFamily,
+        address::{AddressAttribute, AddressMessage},
+        link::{LinkAttribute, LinkFlags},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+    },
+};
+use serde::{Deserialize, Serialize};
+
+/// The state file's format version.
+pub const STATE_VERSION: u32 = 1;
+/// Default state file (tmpfs: a reboot starts clean, as the kernel's config does).
+pub const DEFAULT_STATE_FILE: &str = "/run/contiv/stn.json";
+/// The main routing table.
+const RT_TABLE_MAIN: u32 = 254;
+
+/// Errors of contiv-stn.
+#[derive(Debug, thiserror::Error)]
+pub enum StnError {
+    /// The interface does not exist.
+    #[error("interface {0} not found")]
+    NoSuchInterface(String),
+    /// A netlink request failed.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What was being done.
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The state file could not be read or written.
+    #[error("state file {path}: {source}")]
+    StateFile {
+        /// The file.
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is not valid.
+    #[error("state file {path} is not valid: {reason}")]
+    BadState {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> StnError {
+    let what = what.into();
+    move |source| StnError::Netlink { what, source }
+}
+
+/// A route handed to the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverRoute {
+    /// Destination (0.0.0.0/0 for the default route).
+    pub dst: Ipv4Net,
+    /// Gateway; None for a link route.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// What the agent gives VPP for the NIC (the same shape as the VPP backend's `UplinkHandover`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// IPv4 addresses; the first is the node IP.
+    pub addresses: Vec<Ipv4Net>,
+    /// IPv4 routes through the NIC.
+    pub routes: Vec<HandoverRoute>,
+    /// MTU.
+    pub mtu: Option<u32>,
+}
+
+/// A recorded address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedAddress {
+    /// `address/prefix`.
+    pub address: IpNet,
+    /// The kernel's RTM_NEWADDR body, hex.
+    pub netlink: String,
+}
+
+/// A recorded route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRoute {
+    /// Destination.
+    pub dst: IpNet,
+    /// Gateway.
+    pub gateway: Option<IpAddr>,
+    /// Routing table.
+    pub table: u32,
+    /// Metric.
+    pub metric: Option<u32>,
+    /// The kernel's RTM_NEWROUTE body, hex.
+    pub netlink: String,
+}
+
+/// Everything contiv-stn took from the NIC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StnState {
+    /// Format version.
+    pub version: u32,
+    /// The NIC's name.
+    pub interface: String,
+    /// Its index when taken.
+    pub ifindex: u32,
+    /// MAC address.
+    pub mac: Option<String>,
+    /// MTU.
+    pub mtu: Option<u32>,
+    /// PCI address (what `[vpp] uplinkPci` wants), None for virtual devices.
+    pub pci_address: Option<String>,
+    /// Whether the link was up.
+    pub link_up: bool,
+    /// For the agent: what VPP must take over.
+    pub handover: Handover,
+    /// Addresses to give back.
+    pub addresses: Vec<SavedAddress>,
+    /// Routes to give back.
+    pub routes: Vec<SavedRoute>,
+    /// The process that took the NIC.
+    pub pid: u32,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn emit<T: Emitable>(m: &T) -> String {
+    let mut buf = vec![0u8; m.buffer_len()];
+    m.emit(&mut buf);
+    hex(&buf)
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+fn route_dst(r: &RouteMessage) -> Option<IpNet> {
+    let len = r.header.destination_prefix_length;
+    let addr = r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(d) => route_addr(d),
+        _ => None,
+    });
+    let addr = addr.unwrap_or(match r.header.address_family {
+        AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    });
+    IpNet::new(addr, len).ok()
+}
+
+fn route_gateway(r: &RouteMessage) -> Option<IpAddr> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(g) => route_addr(g),
+        _ => None,
+    })
+}
+
+fn address_of(a: &AddressMessage) -> Option<IpNet> {
+    let ip = a
+        .attributes
+        .iter()
+        .find_map(|x| match x {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        })
+        .or_else(|| {
+            a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+        })?;
+    IpNet::new(ip, a.header.prefix_len).ok()
+}
+
+/// The NIC's index, MAC, MTU and up flag.
+async fn link_info(h: &Handle, ifname: &str) -> Result<(u32, Option<String>, Option<u32>, bool), StnError> {
+    let mut links = h.link().get().match_name(ifname.to_owned()).execute();
+    let link = match links.try_next().await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Err(StnError::NoSuchInterface(ifname.to_owned())),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => {
+            return Err(StnError::NoSuchInterface(ifname.to_owned()));
+        }
+        Err(e) => return Err(nl(format!("looking up {ifname}"))(e)),
+    };
+    let mut mac = None;
+    let mut mtu = None;
+    for a in &link.attributes {
+        match a {
+            LinkAttribute::Address(m) if m.len() == 6 => {
+                mac = Some(m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
+            }
+            LinkAttribute::Mtu(m) => mtu = Some(*m),
+            _ => {}
+        }
+    }
+    Ok((link.header.index, mac, mtu, link.header.flags.contains(LinkFlags::Up)))
+}
+
+/// The PCI address behind a network interface, from sysfs (None for virtual devices).
+pub fn pci_address(ifname: &str) -> Option<String> {
+    let target = std::fs::read_link(Path::new("/sys/class/net").join(ifname).join("device")).ok()?;
+    let name = target.file_name()?.to_str()?.to_owned();
+    let b = name.as_bytes();
+    (b.len() == 12 && b[4] == b':' && b[7] == b':' && b[10] == b'.').then_some(name)
+}
+
+/// Records the NIC's configuration (nothing is changed).
+pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
+    let (ifindex, mac, mtu, link_up) = link_info(h, ifname).await?;
+    let mut addresses = Vec::new();
+    let mut msgs: Vec<AddressMessage> = h
+        .address()
+        .get()
+        .set_link_index_filter(ifindex)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing addresses of {ifname}")))?;
+    msgs.retain(|m| m.header.index == ifindex);
+    for m in &msgs {
+        let Some(address) = address_of(m) else { continue };
+        // The kernel makes the IPv6 link-local address itself.
+        if let IpNet::V6(v6) = address
+            && v6.addr().segments()[0] & 0xffc0 == 0xfe80
+        {
+            continue;
+        }
+        let mut clean = m.clone();
+        clean.attributes.retain(|a| !matches!(a, AddressAttribute::CacheInfo(_)));
+        addresses.push(SavedAddress { address, netlink: emit(&clean) });
+    }
+    let mut routes = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut query = RouteMessage::default();
+        query.header.address_family = family;
+        let all: Vec<RouteMessage> =
+            h.route().get(query).execute().try_collect().await.map_err(nl(format!("listing routes of {ifname}")))?;
+        for r in all {
+            let table = route_table(&r);
+            // Routes through the NIC, not the kernel's own (connected routes come back with
+            // their address; the local table is the kernel's).
+            if route_oif(&r) != Some(ifindex) || table == 255 || r.header.protocol == RouteProtocol::Kernel {
+                continue;
+            }
+            let Some(dst) = route_dst(&r) else { continue };
+            if let IpNet::V6(v6) = dst
+                && (v6.addr().segments()[0] & 0xff00 == 0xff00 || v6.addr().segments()[0] & 0xffc0 == 0xfe80)
+            {
+                continue;
+            }
+            let metric = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Priority(p) => Some(*p),
+                _ => None,
+            });
+            let mut clean = r.clone();
+            clean.attributes.retain(|a| !matches!(a, RouteAttribute::CacheInfo(_) | RouteAttribute::Expires(_)));
+            routes.push(SavedRoute { dst, gateway: route_gateway(&r), table, metric, netlink: emit(&clean) });
+        }
+    }
+    // The handover: IPv4 in the main table, primary address first as the kernel lists it.
+    let handover = Handover {
+        addresses: addresses
+            .iter()
+            .filter_map(|a| match a.address {
+                IpNet::V4(n) => Some(n),
+                IpNet::V6(_) => None,
+            })
+            .collect(),
+        routes: routes
+            .iter()
+            .filter(|r| r.table == RT_TABLE_MAIN)
+            .filter_map(|r| match (r.dst, r.gateway) {
+                (IpNet::V4(dst), Some(IpAddr::V4(gw))) => Some(HandoverRoute { dst, gateway: Some(gw) }),
+                (IpNet::V4(dst), None) => Some(HandoverRoute { dst, gateway: None }),
+                _ => None,
+            })
+            .collect(),
+        mtu,
+    };
+    Ok(StnState {
+        version: STATE_VERSION,
+        interface: ifname.to_owned(),
+        ifindex,
+        mac,
+        mtu,
+        pci_address: pci_address(ifname),
+        link_up,
+        handover,
+        addresses,
+        routes,
+        pid: std::process::id(),
+    })
+}
+
+fn is_errno(e: &rtnetlink::Error, errnos: &[i32]) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.is_some_and(|c| errnos.contains(&-c.get())))
+}
+
+fn parse_route(s: &SavedRoute) -> Option<RouteMessage> {
+    RouteMessage::parse(unhex(&s.netlink)?.as_slice()).ok()
+}
+
+fn parse_address(s: &SavedAddress) -> Option<AddressMessage> {
+    AddressMessage::parse(unhex(&s.netlink)?.as_slice()).ok()
+}
+
+/// Checks that every record of a state file can be replayed.
+pub fn validate(state: &StnState, path: &Path) -> Result<(), StnError> {
+    let bad = |reason: String| Err(StnError::BadState { path: path.to_owned(), reason });
+    if state.version != STATE_VERSION {
+        return bad(format!("version {} (this contiv-stn reads {STATE_VERSION})", state.version));
+    }
+    if let Some(a) = state.addresses.iter().find(|a| parse_address(a).is_none()) {
+        return bad(format!("address {} has an unreadable netlink record", a.address));
+    }
+    if let Some(r) = state.routes.iter().find(|r| parse_route(r).is_none()) {
+        return bad(format!("route {} has an unreadable netlink record", r.dst));
+    }
+    Ok(())
+}
+
+/// Removes the recorded routes and addresses from the NIC. Entries already gone are fine.
+pub async fn take(h: &Handle, state: &StnState) -> Result<(), StnError> {
+    for r in &state.routes {
+        let msg = parse_route(r).ok_or_else(|| StnError::BadState {
+            path: PathBuf::new(),
+            reason: format!("route {} unreadable", r.dst),
+        })?;
+        match h.route().del(msg).execute().await {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, &[libc::ESRCH, libc::ENOENT]) => {}
+            Err(e) => return Err(nl(format!("removing route {}", r.dst))(e)),
+        }
+    }
+    for a in &state.addresses {
+        let msg = parse_address(a).ok_or_else(|| StnError::BadState {
+            path: PathBuf::new(),
+            reason: format!("address {} unreadable", a.address),
+        })?;
+        match h.address().del(msg).execute().await {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, &[libc::EADDRNOTAVAIL, libc::ENOENT, libc::ESRCH]) => {}
+            Err(e) => return Err(nl(format!("removing address {}", a.address))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Puts the recorded addresses and routes back (replacing what is there; idempotent). The
+/// interface is found by name; its index may have changed since.
+pub async fn restore(h: &Handle, state: &StnState) -> Result<(), StnError> {
+    let (ifindex, _, _, up) = link_info(h, &state.interface).await?;
+    if state.link_up && !up {
+        h.link()
+            .set(LinkUnspec::new_with_index(ifindex).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("setting {} up", state.interface)))?;
+    }
+    for a in &state.addresses {
+        let Some(mut msg) = parse_address(a) else { continue };
+        msg.header.index = ifindex;
+        let ip = a.address.addr();
+        let mut req = h.address().add(ifindex, ip, a.address.prefix_len()).replace();
+        *req.message_mut() = msg;
+        match req.execute().await {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, &[libc::EEXIST]) => {}
+            Err(e) => return Err(nl(format!("restoring address {}", a.address))(e)),
+        }
+    }
+    for r in &state.routes {
+        let Some(mut msg) = parse_route(r) else { continue };
+        for attr in &mut msg.attributes {
+            if let RouteAttribute::Oif(i) = attr {
+                *i = ifindex;
+            }
+        }
+        match h.route().add(msg).replace().execute().await {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, &[libc::EEXIST]) => {}
+            Err(e) => return Err(nl(format!("restoring route {}", r.dst))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the state file atomically (temporary file, fsync, rename, fsync of the directory).
+pub fn write_state(path: &Path, state: &StnState) -> Result<(), StnError> {
+    let err = |source| StnError::StateFile { path: path.to_owned(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("stn")));
+    let text = serde_json::to_vec_pretty(state).expect("state serialises");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(&text).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads a state file; `Ok(None)` if there is none.
+pub fn read_state(path: &Path) -> Result<Option<StnState>, StnError> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let state: StnState = serde_json::from_slice(&bytes)
+                .map_err(|e| StnError::BadState { path: path.to_owned(), reason: e.to_string() })?;
+            validate(&state, path)?;
+            Ok(Some(state))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StnError::StateFile { path: path.to_owned(), source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StnState {
+        StnState {
+            version: STATE_VERSION,
+            interface: "eth0".into(),
+            ifindex: 2,
+            mac: Some("52:54:00:12:34:56".into()),
+            mtu: Some(1500),
+            pci_address: Some("0000:00:08.0".into()),
+            link_up: true,
+            handover: Handover {
+                addresses: vec!["192.168.16.1/24".parse().unwrap()],
+                routes: vec![HandoverRoute {
+                    dst: "0.0.0.0/0".parse().unwrap(),
+                    gateway: Some([192, 168, 16, 254].into()),
+                }],
+                mtu: Some(1500),
+            },
+            addresses: vec![],
+            routes: vec![],
+            pid: 1,
+        }
+    }
+
+    #[test]
+    fn the_state_file_round_trips_and_is_replaced_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/stn.json");
+        assert_eq!(read_state(&path).unwrap(), None);
+        write_state(&path, &sample()).unwrap();
+        let mut second = sample();
+        second.pid = 2;
+        write_state(&path, &second).unwrap();
+        assert_eq!(read_state(&path).unwrap(), Some(second));
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["handover"]["addresses"][0], "192.168.16.1/24");
+        assert_eq!(v["handover"]["routes"][0]["gateway"], "192.168.16.254");
+    }
+
+    #[test]
+    fn a_damaged_state_file_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stn.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(matches!(read_state(&path), Err(StnError::BadState { .. })));
+        let mut s = sample();
+        s.routes.push(SavedRoute {
+            dst: "10.0.0.0/8".parse().unwrap(),
+            gateway: None,
+            table: 254,
+            metric: None,
+            netlink: "zz".into(),
+        });
+        std::fs::write(&path, serde_json::to_vec(&s).unwrap()).unwrap();
+        let err = read_state(&path).unwrap_err().to_string();
+        assert!(err.contains("10.0.0.0/8"), "{err}");
+        s.routes.clear();
+        s.version = 99;
+        std::fs::write(&path, serde_json::to_vec(&s).unwrap()).unwrap();
+        assert!(read_state(&path).unwrap_err().to_string().contains("version 99"));
+    }
+}

@@ -1,0 +1,594 @@
+//! What VPP must hold for one node, as plain values ([`VppDesired`]), and the pure function
+//! that renders it from plain inputs ([`render`]). No I/O: the reconciler applies it.
+//!
+//! # The node in `uplink = "vpp"` mode
+//! ```text
+//!  pods ─TC─▶ cslow0 ══veth══ cslow1 ─XDP─▶ AF_XDP ─▶ VPP af_xdp "xdp-cslow1" (gateway IP + MAC)
+//!                                                       │ routes: local pod subnet ─▶ xdp-cslow1
+//!                                                       │         remote pod subnet ─▶ vxlan_tunnel<node id>
+//!  host ◀── tap "vpp1" (host interconnect) ◀── tap0 ────┤ NAT44-ED: inside xdp-cslow1, tap0;
+//!                                                       │           outside the uplink; pool = node IP
+//!  wire ◀── DPDK NIC "uplink0" (node IP and routes handed over by contiv-stn) ──┘
+//! ```
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AfXdpMode, VppConfig};
+
+/// IP protocol numbers used here.
+pub const PROTO_TCP: u8 = 6;
+/// UDP.
+pub const PROTO_UDP: u8 = 17;
+/// The VXLAN UDP port.
+pub const VXLAN_PORT: u16 = 4789;
+
+/// Everything VPP must hold for this node. Interfaces, routes and neighbours refer to
+/// interfaces by their VPP name (the key of [`VppDesired::interfaces`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VppDesired {
+    /// Interfaces by VPP name.
+    pub interfaces: BTreeMap<String, InterfaceSpec>,
+    /// IPv4 routes in the default table.
+    pub routes: BTreeSet<RouteSpec>,
+    /// Static neighbours.
+    pub neighbors: BTreeSet<NeighborSpec>,
+    /// NAT44-ED; None leaves NAT alone.
+    pub nat: Option<NatSpec>,
+}
+
+/// What kind of interface, with the parameters it is created with (changing them means
+/// re-creating it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InterfaceKind {
+    /// VPP's af_xdp interface on a Linux interface (`af_xdp_create_v3`).
+    AfXdp {
+        /// The Linux interface (the slow-path port's vswitch end).
+        host_if: String,
+        /// Receive queues.
+        rxq_num: u16,
+        /// Bind mode.
+        mode: AfXdpMode,
+    },
+    /// A tap to the host (`tap_create_v3`); VPP names it `tap<id>`.
+    Tap {
+        /// Tap id.
+        id: u32,
+        /// The Linux end's name.
+        host_if_name: String,
+        /// The Linux end's address.
+        host_ip4: Ipv4Net,
+        /// The Linux end's MAC.
+        host_mac: [u8; 6],
+        /// Default route the host gets through the tap (when VPP owns the NIC).
+        host_gateway: Option<Ipv4Addr>,
+    },
+    /// A VXLAN tunnel in L3 mode (`vxlan_add_del_tunnel_v3`); VPP names it
+    /// `vxlan_tunnel<instance>`.
+    Vxlan {
+        /// Local tunnel end (the node IP).
+        src: Ipv4Addr,
+        /// Remote tunnel end (the other node's IP).
+        dst: Ipv4Addr,
+        /// VNI.
+        vni: u32,
+        /// Instance (the remote node's ID), which fixes the name.
+        instance: u32,
+    },
+    /// An interface VPP has from boot (the DPDK NIC): configured, never created or deleted.
+    Existing,
+}
+
+/// One interface's configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InterfaceSpec {
+    /// Kind and creation parameters.
+    pub kind: InterfaceKind,
+    /// Admin state up.
+    pub admin_up: bool,
+    /// MAC address, if it must be a given one.
+    pub mac: Option<[u8; 6]>,
+    /// L3 MTU, if it must be a given one.
+    pub mtu: Option<u32>,
+    /// IPv4 addresses.
+    pub addresses: BTreeSet<Ipv4Net>,
+    /// Borrows the addresses of this interface (VPP name).
+    pub unnumbered_to: Option<String>,
+}
+
+/// An IPv4 route of the default table: `dst` via `next_hop` out of `interface`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RouteSpec {
+    /// Destination.
+    pub dst: Ipv4Net,
+    /// Next hop; None for an attached route (every address on the link, or a tunnel).
+    pub next_hop: Option<Ipv4Addr>,
+    /// Outgoing interface (VPP name).
+    pub interface: String,
+}
+
+/// A static neighbour.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NeighborSpec {
+    /// Interface (VPP name).
+    pub interface: String,
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// MAC.
+    pub mac: [u8; 6],
+}
+
+/// A NAT44 identity mapping (traffic to `ip:port` is not translated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct IdentityMapping {
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// IP protocol.
+    pub proto: u8,
+    /// Port.
+    pub port: u16,
+}
+
+/// A NAT44 static mapping `external:port` <-> `local:port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct StaticMapping {
+    /// IP protocol.
+    pub proto: u8,
+    /// External address.
+    pub external: Ipv4Addr,
+    /// External port.
+    pub external_port: u16,
+    /// Local address.
+    pub local: Ipv4Addr,
+    /// Local port.
+    pub local_port: u16,
+}
+
+/// NAT44-ED configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NatSpec {
+    /// Session table size (0: VPP's default).
+    pub sessions: u32,
+    /// Inside interfaces (VPP names).
+    pub inside: BTreeSet<String>,
+    /// Outside interfaces (VPP names).
+    pub outside: BTreeSet<String>,
+    /// Address pool.
+    pub pool: BTreeSet<Ipv4Addr>,
+    /// Identity mappings.
+    pub identity: BTreeSet<IdentityMapping>,
+    /// Static mappings.
+    pub static_mappings: BTreeSet<StaticMapping>,
+}
+
+// === inputs ===
+
+/// A route contiv-stn took from the NIC (the default route included).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UplinkRoute {
+    /// Destination.
+    pub dst: Ipv4Net,
+    /// Gateway; None for a link route.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// The NIC's configuration handed over by contiv-stn (or given by configuration).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UplinkHandover {
+    /// Addresses; the first is the node IP.
+    pub addresses: Vec<Ipv4Net>,
+    /// Routes through the NIC.
+    pub routes: Vec<UplinkRoute>,
+    /// MTU.
+    pub mtu: Option<u32>,
+}
+
+/// The handover could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// The file could not be read (contiv-stn is not running, or has not taken the NIC yet).
+    #[error("reading the NIC handover {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file has no valid `handover` object.
+    #[error("the NIC handover {path} is not valid: {reason}")]
+    Invalid {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl UplinkHandover {
+    /// Reads the `handover` object of contiv-stn's state file (`[vpp] stnStateFile`).
+    pub fn from_stn_state_file(path: &std::path::Path) -> Result<Self, HandoverError> {
+        let bytes = std::fs::read(path).map_err(|source| HandoverError::Read { path: path.to_owned(), source })?;
+        #[derive(Deserialize)]
+        struct StateFile {
+            handover: UplinkHandover,
+        }
+        let f: StateFile = serde_json::from_slice(&bytes)
+            .map_err(|e| HandoverError::Invalid { path: path.to_owned(), reason: e.to_string() })?;
+        if f.handover.addresses.is_empty() {
+            return Err(HandoverError::Invalid { path: path.to_owned(), reason: "no IPv4 address".into() });
+        }
+        Ok(f.handover)
+    }
+}
+
+/// Another node of the cluster, from the node registry.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RemoteNode {
+    /// Node ID (unique, from the registry).
+    pub id: u32,
+    /// Node name (for messages).
+    pub name: String,
+    /// Its pod subnet.
+    pub pod_subnet: Ipv4Net,
+    /// Its node IP (tunnel end).
+    pub node_ip: Ipv4Addr,
+}
+
+/// What [`render`] needs, as plain values.
+#[derive(Clone, Debug)]
+pub struct NodeInputs<'a> {
+    /// The `[vpp]` configuration.
+    pub config: &'a VppConfig,
+    /// This node's ID.
+    pub node_id: u32,
+    /// This node's pod subnet.
+    pub pod_subnet: Ipv4Net,
+    /// The pods' gateway address (inside `pod_subnet`).
+    pub gateway: Ipv4Addr,
+    /// The MAC pods resolve the gateway to.
+    pub gateway_mac: [u8; 6],
+    /// The slow-path port's vswitch end (where the af_xdp interface binds).
+    pub slowpath_ifname: &'a str,
+    /// Pod MTU.
+    pub mtu: u32,
+    /// The NIC's configuration (node IP first).
+    pub uplink: &'a UplinkHandover,
+    /// The other nodes (this node may be in the list; it is skipped).
+    pub remote_nodes: &'a [RemoteNode],
+}
+
+/// The inputs are inconsistent; nothing is rendered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    /// No address for the node on the uplink.
+    #[error("the uplink has no IPv4 address: contiv-stn has not handed the NIC over (or nothing is configured)")]
+    NoNodeIp,
+    /// The gateway is not a host address of the pod subnet.
+    #[error("gateway {gateway} is not a host address of the pod subnet {subnet}")]
+    GatewayOutsideSubnet {
+        /// Gateway.
+        gateway: Ipv4Addr,
+        /// Pod subnet.
+        subnet: Ipv4Net,
+    },
+    /// Two nodes claim overlapping pod subnets.
+    #[error("pod subnet {subnet} of node {node} overlaps {other}")]
+    OverlappingSubnets {
+        /// The node.
+        node: String,
+        /// Its subnet.
+        subnet: Ipv4Net,
+        /// The subnet it overlaps.
+        other: Ipv4Net,
+    },
+    /// Two remote nodes share an ID or an IP.
+    #[error("nodes {a} and {b} share {what}")]
+    DuplicateNode {
+        /// One node.
+        a: String,
+        /// The other.
+        b: String,
+        /// "node ID 3", "node IP 192.0.2.1".
+        what: String,
+    },
+}
+
+/// VPP's name of the af_xdp interface on `host_if`.
+pub fn af_xdp_name(host_if: &str) -> String {
+    format!("xdp-{host_if}")
+}
+
+/// VPP's name of tap `id`.
+pub fn tap_name(id: u32) -> String {
+    format!("tap{id}")
+}
+
+/// VPP's name of VXLAN tunnel `instance`.
+pub fn vxlan_name(instance: u32) -> String {
+    format!("vxlan_tunnel{instance}")
+}
+
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Renders what VPP must hold for this node.
+pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
+    let cfg = inp.config;
+    let node_net = *inp.uplink.addresses.first().ok_or(RenderError::NoNodeIp)?;
+    let node_ip = node_net.addr();
+    let pod_subnet = inp.pod_subnet.trunc();
+    if !pod_subnet.contains(&inp.gateway)
+        || inp.gateway == pod_subnet.network()
+        || inp.gateway == pod_subnet.broadcast()
+    {
+        return Err(RenderError::GatewayOutsideSubnet { gateway: inp.gateway, subnet: pod_subnet });
+    }
+
+    let mut remotes: Vec<&RemoteNode> = inp.remote_nodes.iter().filter(|n| n.id != inp.node_id).collect();
+    remotes.sort();
+    for (i, a) in remotes.iter().enumerate() {
+        let subnet = a.pod_subnet.trunc();
+        if overlaps(&subnet, &pod_subnet) {
+            return Err(RenderError::OverlappingSubnets { node: a.name.clone(), subnet, other: pod_subnet });
+        }
+        for b in &remotes[i + 1..] {
+            let dup = if a.id == b.id {
+                Some(format!("node ID {}", a.id))
+            } else if a.node_ip == b.node_ip {
+                Some(format!("node IP {}", a.node_ip))
+            } else {
+                None
+            };
+            if let Some(what) = dup {
+                return Err(RenderError::DuplicateNode { a: a.name.clone(), b: b.name.clone(), what });
+            }
+            if overlaps(&subnet, &b.pod_subnet.trunc()) {
+                return Err(RenderError::OverlappingSubnets { node: a.name.clone(), subnet, other: b.pod_subnet });
+            }
+        }
+    }
+
+    let mut d = VppDesired::default();
+    let uplink = cfg.uplink_name.clone();
+    let xdp = af_xdp_name(inp.slowpath_ifname);
+    let tap = tap_name(cfg.host_tap_id);
+
+    // The uplink NIC: the addresses and routes contiv-stn took from the host.
+    d.interfaces.insert(
+        uplink.clone(),
+        InterfaceSpec {
+            kind: InterfaceKind::Existing,
+            admin_up: true,
+            mac: None,
+            mtu: inp.uplink.mtu,
+            addresses: inp
+                .uplink
+                .addresses
+                .iter()
+                .map(|a| Ipv4Net::new(a.addr(), a.prefix_len()).expect("valid"))
+                .collect(),
+            unnumbered_to: None,
+        },
+    );
+    for r in &inp.uplink.routes {
+        d.routes.insert(RouteSpec { dst: r.dst.trunc(), next_hop: r.gateway, interface: uplink.clone() });
+    }
+
+    // The slow-path port's vswitch end: VPP plays the pods' gateway there.
+    d.interfaces.insert(
+        xdp.clone(),
+        InterfaceSpec {
+            kind: InterfaceKind::AfXdp {
+                host_if: inp.slowpath_ifname.to_owned(),
+                rxq_num: cfg.af_xdp_rx_queues,
+                mode: cfg.af_xdp_mode,
+            },
+            admin_up: true,
+            mac: Some(inp.gateway_mac),
+            mtu: Some(inp.mtu),
+            addresses: BTreeSet::from([Ipv4Net::new(inp.gateway, pod_subnet.prefix_len()).expect("valid")]),
+            unnumbered_to: None,
+        },
+    );
+    d.routes.insert(RouteSpec { dst: pod_subnet, next_hop: None, interface: xdp.clone() });
+
+    // The host interconnect: host <-> pods and host <-> outside while VPP holds the NIC.
+    let vpp_side = cfg.host_interconnect_vpp();
+    let host_side = cfg.host_interconnect_host();
+    let host_mac = [0x02, 0xfe, 0xca, 0xfe, 0x00, 0x02];
+    let has_default = inp.uplink.routes.iter().any(|r| r.dst.prefix_len() == 0);
+    d.interfaces.insert(
+        tap.clone(),
+        InterfaceSpec {
+            kind: InterfaceKind::Tap {
+                id: cfg.host_tap_id,
+                host_if_name: cfg.host_if_name.clone(),
+                host_ip4: host_side,
+                host_mac,
+                host_gateway: has_default.then_some(vpp_side.addr()),
+            },
+            admin_up: true,
+            mac: None,
+            mtu: None,
+            addresses: BTreeSet::from([vpp_side]),
+            unnumbered_to: None,
+        },
+    );
+    d.neighbors.insert(NeighborSpec { interface: tap.clone(), ip: host_side.addr(), mac: host_mac });
+
+    // One L3 VXLAN tunnel and one route per remote node.
+    for n in remotes {
+        let name = vxlan_name(n.id);
+        d.interfaces.insert(
+            name.clone(),
+            InterfaceSpec {
+                kind: InterfaceKind::Vxlan { src: node_ip, dst: n.node_ip, vni: cfg.vxlan_vni, instance: n.id },
+                admin_up: true,
+                mac: None,
+                mtu: None,
+                addresses: BTreeSet::new(),
+                unnumbered_to: Some(uplink.clone()),
+            },
+        );
+        d.routes.insert(RouteSpec { dst: n.pod_subnet.trunc(), next_hop: None, interface: name });
+    }
+
+    // Pod egress leaves with the node IP; VXLAN to this node and the host's services are
+    // not translated away.
+    d.nat = Some(NatSpec {
+        sessions: cfg.nat_sessions,
+        inside: BTreeSet::from([xdp, tap]),
+        outside: BTreeSet::from([uplink]),
+        pool: BTreeSet::from([node_ip]),
+        identity: BTreeSet::from([IdentityMapping { ip: node_ip, proto: PROTO_UDP, port: VXLAN_PORT }]),
+        static_mappings: cfg
+            .host_ports
+            .iter()
+            .map(|p| StaticMapping {
+                proto: p.proto,
+                external: node_ip,
+                external_port: p.port,
+                local: host_side.addr(),
+                local_port: p.port,
+            })
+            .collect(),
+    });
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn uplink() -> UplinkHandover {
+        UplinkHandover {
+            addresses: vec![net("192.168.16.1/24")],
+            routes: vec![UplinkRoute { dst: net("0.0.0.0/0"), gateway: Some("192.168.16.254".parse().unwrap()) }],
+            mtu: Some(1500),
+        }
+    }
+
+    fn nodes() -> Vec<RemoteNode> {
+        (1..=3)
+            .map(|i| RemoteNode {
+                id: i,
+                name: format!("n{i}"),
+                pod_subnet: net(&format!("10.1.{i}.0/24")),
+                node_ip: format!("192.168.16.{i}").parse().unwrap(),
+            })
+            .collect()
+    }
+
+    fn inputs<'a>(cfg: &'a VppConfig, up: &'a UplinkHandover, remotes: &'a [RemoteNode]) -> NodeInputs<'a> {
+        NodeInputs {
+            config: cfg,
+            node_id: 1,
+            pod_subnet: net("10.1.1.0/24"),
+            gateway: "10.1.1.1".parse().unwrap(),
+            gateway_mac: [2, 0xfe, 0, 0, 0, 1],
+            slowpath_ifname: "cslow1",
+            mtu: 1450,
+            uplink: up,
+            remote_nodes: remotes,
+        }
+    }
+
+    #[test]
+    fn a_node_gets_its_port_routes_tunnels_interconnect_and_nat() {
+        let cfg = VppConfig::default();
+        let (up, remotes) = (uplink(), nodes());
+        let d = render(&inputs(&cfg, &up, &remotes)).unwrap();
+        let names: Vec<&str> = d.interfaces.keys().map(String::as_str).collect();
+        assert_eq!(names, ["tap0", "uplink0", "vxlan_tunnel2", "vxlan_tunnel3", "xdp-cslow1"]);
+        let xdp = &d.interfaces["xdp-cslow1"];
+        assert_eq!(xdp.addresses, BTreeSet::from([net("10.1.1.1/24")]));
+        assert_eq!(xdp.mac, Some([2, 0xfe, 0, 0, 0, 1]));
+        assert!(
+            matches!(&xdp.kind, InterfaceKind::AfXdp { host_if, rxq_num: 1, mode: AfXdpMode::Copy } if host_if == "cslow1")
+        );
+        assert_eq!(
+            d.interfaces["vxlan_tunnel3"].kind,
+            InterfaceKind::Vxlan {
+                src: "192.168.16.1".parse().unwrap(),
+                dst: "192.168.16.3".parse().unwrap(),
+                vni: 10,
+                instance: 3
+            }
+        );
+        assert_eq!(d.interfaces["vxlan_tunnel3"].unnumbered_to.as_deref(), Some("uplink0"));
+        let routes: Vec<(String, Option<String>, &str)> = d
+            .routes
+            .iter()
+            .map(|r| (r.dst.to_string(), r.next_hop.map(|h| h.to_string()), r.interface.as_str()))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                ("0.0.0.0/0".into(), Some("192.168.16.254".into()), "uplink0"),
+                ("10.1.1.0/24".into(), None, "xdp-cslow1"),
+                ("10.1.2.0/24".into(), None, "vxlan_tunnel2"),
+                ("10.1.3.0/24".into(), None, "vxlan_tunnel3"),
+            ]
+        );
+        let nat = d.nat.as_ref().unwrap();
+        assert_eq!(nat.inside, BTreeSet::from(["tap0".to_owned(), "xdp-cslow1".to_owned()]));
+        assert_eq!(nat.outside, BTreeSet::from(["uplink0".to_owned()]));
+        assert_eq!(nat.pool, BTreeSet::from(["192.168.16.1".parse().unwrap()]));
+        assert!(nat.identity.contains(&IdentityMapping {
+            ip: "192.168.16.1".parse().unwrap(),
+            proto: PROTO_UDP,
+            port: 4789
+        }));
+        assert_eq!(nat.static_mappings.len(), 2, "ssh and kubelet reach the host");
+        match &d.interfaces["tap0"].kind {
+            InterfaceKind::Tap { host_ip4, host_gateway, .. } => {
+                assert_eq!(host_ip4.to_string(), "172.30.255.2/30");
+                assert_eq!(
+                    *host_gateway,
+                    Some("172.30.255.1".parse().unwrap()),
+                    "the host's default route goes via VPP"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_ignores_node_order() {
+        let cfg = VppConfig::default();
+        let up = uplink();
+        let mut remotes = nodes();
+        let a = render(&inputs(&cfg, &up, &remotes)).unwrap();
+        remotes.reverse();
+        assert_eq!(render(&inputs(&cfg, &up, &remotes)).unwrap(), a);
+    }
+
+    #[test]
+    fn inconsistent_inputs_are_refused_with_the_reason() {
+        let cfg = VppConfig::default();
+        let up = uplink();
+        let mut remotes = nodes();
+        remotes[2].pod_subnet = net("10.1.2.128/25");
+        let err = render(&inputs(&cfg, &up, &remotes)).unwrap_err();
+        assert!(matches!(err, RenderError::OverlappingSubnets { .. }), "{err}");
+        let mut remotes = nodes();
+        remotes[2].node_ip = remotes[1].node_ip;
+        assert!(render(&inputs(&cfg, &up, &remotes)).unwrap_err().to_string().contains("node IP"));
+        let none = UplinkHandover::default();
+        assert_eq!(render(&inputs(&cfg, &none, &[])).unwrap_err(), RenderError::NoNodeIp);
+        let mut bad = inputs(&cfg, &up, &[]);
+        bad.gateway = "10.9.9.9".parse().unwrap();
+        assert!(matches!(render(&bad), Err(RenderError::GatewayOutsideSubnet { .. })));
+    }
+}

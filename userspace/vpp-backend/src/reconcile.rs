@@ -1,0 +1,790 @@
+//! Converges VPP to a [`VppDesired`]: dumps what VPP holds, computes the difference and
+//! applies it in dependency order, like a KV scheduler resync:
+//!
+//! 1. stale NAT config, stale routes, stale static neighbours, stale interfaces are removed
+//!    (dependents before what they depend on);
+//! 2. missing interfaces are created, then their MAC, MTU, unnumbered source, addresses and
+//!    admin state are set;
+//! 3. neighbours, routes, then NAT (plugin, features, pool, mappings) are added.
+//!
+//! Requests of one step go out together (pipelined); steps run one after the other. A
+//! request VPP refuses is reported and the rest continues; a lost connection stops the pass
+//! ([`ReconcileError::Connection`]) so the caller reconnects and runs it again.
+//!
+//! # What the reconciler owns in VPP
+//! Every af_xdp, tap and VXLAN interface; the static neighbours and the default table's
+//! IPv4 routes that go through an interface it owns or configures (VPP's own connected and
+//! local routes excepted); the addresses, MAC, MTU, unnumbered source and admin state of the
+//! interfaces it configures; and, when [`VppDesired::nat`] is set, the whole NAT44-ED
+//! configuration. Anything else in VPP is left alone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use contiv_vpp_binapi::{Client, Error as ApiError, Request, api};
+use futures::future::{BoxFuture, join_all};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+use crate::config::AfXdpMode;
+use crate::desired::{
+    IdentityMapping, InterfaceKind, InterfaceSpec, NatSpec, NeighborSpec, RouteSpec, StaticMapping, VppDesired,
+};
+
+const ALL: u32 = u32::MAX;
+
+/// A pass could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The connection to VPP is gone (or never came up): reconnect and run again.
+    #[error("VPP connection: {0}")]
+    Connection(#[source] ApiError),
+    /// VPP's state could not be read (e.g. VPP refuses a dump's CRC); nothing was changed.
+    #[error("reading VPP's state: {0}")]
+    Read(#[source] ApiError),
+}
+
+impl ReconcileError {
+    /// Whether reconnecting may help.
+    pub fn is_connection(&self) -> bool {
+        matches!(self, ReconcileError::Connection(_))
+    }
+}
+
+fn is_connection_error(e: &ApiError) -> bool {
+    matches!(e, ApiError::NotConnected | ApiError::Disconnected | ApiError::Timeout { .. } | ApiError::Connect { .. })
+}
+
+fn classify(e: ApiError) -> ReconcileError {
+    if is_connection_error(&e) { ReconcileError::Connection(e) } else { ReconcileError::Read(e) }
+}
+
+/// A change VPP refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    /// What was tried.
+    pub what: String,
+    /// VPP's answer.
+    pub error: String,
+}
+
+/// The outcome of one pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// The client connection the pass ran on (see `ConnectionState::generation`).
+    pub generation: u64,
+    /// Changes applied, in order.
+    pub applied: Vec<String>,
+    /// Changes VPP refused.
+    pub failed: Vec<Failure>,
+}
+
+impl ReconcileReport {
+    /// Nothing was refused: VPP holds what was desired.
+    pub fn converged(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+// === what VPP holds ===
+
+#[derive(Clone, Debug)]
+struct ObsInterface {
+    sw_if_index: u32,
+    dev_type: String,
+    admin_up: bool,
+    mac: [u8; 6],
+    mtu: u32,
+    addresses: BTreeSet<Ipv4Net>,
+    unnumbered_to: Option<u32>,
+    vxlan: Option<api::VxlanTunnelV2Details>,
+    tap: Option<api::SwInterfaceTapV2Details>,
+}
+
+impl ObsInterface {
+    fn fresh(sw_if_index: u32) -> Self {
+        Self {
+            sw_if_index,
+            dev_type: String::new(),
+            admin_up: false,
+            mac: [0; 6],
+            mtu: 0,
+            addresses: BTreeSet::new(),
+            unnumbered_to: None,
+            vxlan: None,
+            tap: None,
+        }
+    }
+
+    /// An interface of a kind the reconciler owns (and may delete).
+    fn owned(&self, name: &str) -> bool {
+        self.vxlan.is_some() || self.tap.is_some() || self.dev_type == "af_xdp" || name.starts_with("xdp-")
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct ObsNat {
+    interfaces: Vec<(u32, u8)>,
+    pool: BTreeSet<Ipv4Addr>,
+    identity: Vec<api::Nat44IdentityMappingDetails>,
+    statics: Vec<api::Nat44StaticMappingDetails>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Observed {
+    interfaces: BTreeMap<String, ObsInterface>,
+    routes: Vec<(Ipv4Net, Vec<api::FibPath>)>,
+    neighbors: Vec<api::IpNeighbor>,
+    nat: Option<ObsNat>,
+}
+
+impl Observed {
+    fn name_of(&self, sw_if_index: u32) -> Option<&str> {
+        self.interfaces.iter().find(|(_, i)| i.sw_if_index == sw_if_index).map(|(n, _)| n.as_str())
+    }
+}
+
+async fn observe(c: &Client) -> Result<Observed, ReconcileError> {
+    let table = api::IpTable { table_id: 0, is_ip6: false, name: String::new() };
+    let (ifaces, unnumbered, vxlans, taps, routes, neighbors, nat_cfg) = tokio::try_join!(
+        c.dump(&api::SwInterfaceDump::default()),
+        c.dump(&api::IpUnnumberedDump { sw_if_index: ALL }),
+        c.dump(&api::VxlanTunnelV2Dump { sw_if_index: ALL }),
+        c.dump(&api::SwInterfaceTapV2Dump { sw_if_index: ALL }),
+        c.dump(&api::IpRouteDump { table }),
+        c.dump(&api::IpNeighborDump { sw_if_index: ALL, af: api::AddressFamily::ADDRESS_IP4 }),
+        c.request_unchecked(&api::Nat44ShowRunningConfig::default()),
+    )
+    .map_err(classify)?;
+    let addresses =
+        join_all(ifaces.iter().map(|i| c.dump(&api::IpAddressDump { sw_if_index: i.sw_if_index, is_ipv6: false })))
+            .await;
+    let mut obs = Observed::default();
+    for (d, addrs) in ifaces.into_iter().zip(addresses) {
+        let addrs = addrs.map_err(classify)?;
+        obs.interfaces.insert(
+            d.interface_name.clone(),
+            ObsInterface {
+                sw_if_index: d.sw_if_index,
+                dev_type: d.interface_dev_type.clone(),
+                admin_up: d.flags.contains(api::IfStatusFlags::IF_STATUS_API_FLAG_ADMIN_UP),
+                mac: d.l2_address,
+                mtu: d.mtu[0],
+                addresses: addrs.iter().filter_map(|a| a.prefix.to_ipv4_net()).collect(),
+                unnumbered_to: unnumbered.iter().find(|u| u.sw_if_index == d.sw_if_index).map(|u| u.ip_sw_if_index),
+                vxlan: vxlans.iter().find(|v| v.sw_if_index == d.sw_if_index).cloned(),
+                tap: taps.iter().find(|t| t.sw_if_index == d.sw_if_index).cloned(),
+            },
+        );
+    }
+    obs.routes =
+        routes.into_iter().filter_map(|r| Some((r.route.prefix.to_ipv4_net()?.trunc(), r.route.paths))).collect();
+    obs.neighbors = neighbors.into_iter().map(|n| n.neighbor).collect();
+    if nat_cfg.retval == 0 {
+        let (ifs, pool, identity, statics) = tokio::try_join!(
+            c.dump(&api::Nat44InterfaceDump::default()),
+            c.dump(&api::Nat44AddressDump::default()),
+            c.dump(&api::Nat44IdentityMappingDump::default()),
+            c.dump(&api::Nat44StaticMappingDump::default()),
+        )
+        .map_err(classify)?;
+        obs.nat = Some(ObsNat {
+            interfaces: ifs.iter().map(|i| (i.sw_if_index, i.flags.0)).collect(),
+            pool: pool.iter().map(|a| Ipv4Addr::from(a.ip_address)).collect(),
+            identity,
+            statics,
+        });
+    }
+    Ok(obs)
+}
+
+// === applying ===
+
+type Op = (String, BoxFuture<'static, Result<Option<u32>, ApiError>>);
+
+fn op<M: Request>(c: &Client, what: String, msg: M) -> Op {
+    let c = c.clone();
+    (what, Box::pin(async move { c.request(&msg).await.map(|_| None) }))
+}
+
+/// Runs one step's requests together; returns the ones that succeeded with their result.
+async fn run_step(ops: Vec<Op>, report: &mut ReconcileReport) -> Result<Vec<(String, Option<u32>)>, ReconcileError> {
+    let (names, futures): (Vec<String>, Vec<_>) = ops.into_iter().unzip();
+    let results = join_all(futures).await;
+    let mut done = Vec::new();
+    let mut lost = None;
+    for (what, r) in names.into_iter().zip(results) {
+        match r {
+            Ok(v) => {
+                report.applied.push(what.clone());
+                done.push((what, v));
+            }
+            Err(e) if is_connection_error(&e) => lost = Some(e),
+            Err(e) => {
+                log::warn!("VPP refused {what}: {e}");
+                report.failed.push(Failure { what, error: e.to_string() });
+            }
+        }
+    }
+    match lost {
+        Some(e) => Err(ReconcileError::Connection(e)),
+        None => Ok(done),
+    }
+}
+
+fn fib_path(sw_if_index: u32, next_hop: Option<Ipv4Addr>) -> api::FibPath {
+    api::FibPath {
+        sw_if_index,
+        table_id: 0,
+        rpf_id: 0,
+        weight: 1,
+        preference: 0,
+        r#type: api::FibPathType::FIB_API_PATH_TYPE_NORMAL,
+        flags: api::FibPathFlags::FIB_API_PATH_FLAG_NONE,
+        proto: api::FibPathNhProto::FIB_API_PATH_NH_PROTO_IP4,
+        nh: api::FibPathNh {
+            address: api::AddressUnion::from_ipv4(next_hop.unwrap_or(Ipv4Addr::UNSPECIFIED)),
+            via_label: 0,
+            obj_id: 0,
+            classify_table_index: ALL,
+        },
+        n_labels: 0,
+        label_stack: Default::default(),
+    }
+}
+
+fn route_msg(is_add: bool, dst: Ipv4Net, paths: Vec<api::FibPath>) -> api::IpRouteAddDel {
+    api::IpRouteAddDel {
+        is_add,
+        is_multipath: false,
+        route: api::IpRoute { table_id: 0, stats_index: 0, prefix: dst.into(), n_paths: paths.len() as u8, paths },
+    }
+}
+
+fn route_matches(paths: &[api::FibPath], sw_if_index: u32, next_hop: Option<Ipv4Addr>) -> bool {
+    matches!(paths, [p] if p.sw_if_index == sw_if_index
+        && Ipv4Addr::from(p.nh.address.ip4()) == next_hop.unwrap_or(Ipv4Addr::UNSPECIFIED)
+        && p.r#type == api::FibPathType::FIB_API_PATH_TYPE_NORMAL)
+}
+
+/// Whether an observed interface was created with the parameters `spec` asks for.
+fn same_kind(obs: &ObsInterface, spec: &InterfaceSpec) -> bool {
+    match &spec.kind {
+        InterfaceKind::Existing | InterfaceKind::AfXdp { .. } => true,
+        InterfaceKind::Vxlan { src, dst, vni, instance } => obs.vxlan.as_ref().is_some_and(|v| {
+            v.src_address.to_ipv4() == Some(*src)
+                && v.dst_address.to_ipv4() == Some(*dst)
+                && v.vni == *vni
+                && v.instance == *instance
+        }),
+        InterfaceKind::Tap { id, host_if_name, host_ip4, .. } => obs.tap.as_ref().is_some_and(|t| {
+            t.id == *id && t.host_if_name == *host_if_name && t.host_ip4_prefix.to_net() == Some(*host_ip4)
+        }),
+    }
+}
+
+fn create_msg_op(c: &Client, name: &str, kind: &InterfaceKind) -> Option<Op> {
+    let c = c.clone();
+    let what = format!("create interface {name}");
+    let fut: BoxFuture<'static, Result<Option<u32>, ApiError>> = match kind.clone() {
+        InterfaceKind::Existing => return None,
+        InterfaceKind::AfXdp { host_if, rxq_num, mode } => {
+            let msg = api::AfXdpCreateV3 {
+                host_if,
+                name: name.to_owned(),
+                rxq_num,
+                mode: match mode {
+                    AfXdpMode::Auto => api::AfXdpMode::AF_XDP_API_MODE_AUTO,
+                    AfXdpMode::Copy => api::AfXdpMode::AF_XDP_API_MODE_COPY,
+                    AfXdpMode::ZeroCopy => api::AfXdpMode::AF_XDP_API_MODE_ZERO_COPY,
+                },
+                ..Default::default()
+            };
+            Box::pin(async move { c.request(&msg).await.map(|r| Some(r.sw_if_index)) })
+        }
+        InterfaceKind::Tap { id, host_if_name, host_ip4, host_mac, host_gateway } => {
+            let msg = api::TapCreateV3 {
+                id,
+                use_random_mac: true,
+                host_if_name_set: true,
+                host_if_name,
+                host_ip4_prefix_set: true,
+                host_ip4_prefix: host_ip4.into(),
+                host_mac_addr_set: true,
+                host_mac_addr: host_mac,
+                host_ip4_gw_set: host_gateway.is_some(),
+                host_ip4_gw: host_gateway.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
+                ..Default::default()
+            };
+            Box::pin(async move { c.request(&msg).await.map(|r| Some(r.sw_if_index)) })
+        }
+        InterfaceKind::Vxlan { src, dst, vni, instance } => {
+            let msg = api::VxlanAddDelTunnelV3 {
+                is_add: true,
+                instance,
+                src_address: src.into(),
+                dst_address: dst.into(),
+                src_port: crate::desired::VXLAN_PORT,
+                dst_port: crate::desired::VXLAN_PORT,
+                mcast_sw_if_index: ALL,
+                encap_vrf_id: 0,
+                decap_next_index: ALL,
+                vni,
+                is_l3: true,
+            };
+            Box::pin(async move { c.request(&msg).await.map(|r| Some(r.sw_if_index)) })
+        }
+    };
+    Some((what, fut))
+}
+
+fn delete_op(c: &Client, name: &str, obs: &ObsInterface) -> Option<Op> {
+    let what = format!("delete interface {name}");
+    let sw = obs.sw_if_index;
+    if let Some(v) = &obs.vxlan {
+        let msg = api::VxlanAddDelTunnelV3 {
+            is_add: false,
+            instance: v.instance,
+            src_address: v.src_address.clone(),
+            dst_address: v.dst_address.clone(),
+            src_port: v.src_port,
+            dst_port: v.dst_port,
+            mcast_sw_if_index: v.mcast_sw_if_index,
+            encap_vrf_id: v.encap_vrf_id,
+            decap_next_index: v.decap_next_index,
+            vni: v.vni,
+            is_l3: true,
+        };
+        return Some(op(c, what, msg));
+    }
+    if obs.tap.is_some() {
+        return Some(op(c, what, api::TapDeleteV2 { sw_if_index: sw }));
+    }
+    if obs.owned(name) {
+        return Some(op(c, what, api::AfXdpDelete { sw_if_index: sw }));
+    }
+    None
+}
+
+fn nat_flag(inside: bool) -> api::NatConfigFlags {
+    if inside { api::NatConfigFlags::NAT_IS_INSIDE } else { api::NatConfigFlags::NAT_IS_OUTSIDE }
+}
+
+fn identity_of(d: &api::Nat44IdentityMappingDetails) -> IdentityMapping {
+    IdentityMapping { ip: Ipv4Addr::from(d.ip_address), proto: d.protocol, port: d.port }
+}
+
+fn static_of(d: &api::Nat44StaticMappingDetails) -> StaticMapping {
+    StaticMapping {
+        proto: d.protocol,
+        external: Ipv4Addr::from(d.external_ip_address),
+        external_port: d.external_port,
+        local: Ipv4Addr::from(d.local_ip_address),
+        local_port: d.local_port,
+    }
+}
+
+fn identity_msg(is_add: bool, m: &IdentityMapping) -> api::Nat44AddDelIdentityMapping {
+    api::Nat44AddDelIdentityMapping {
+        is_add,
+        flags: api::NatConfigFlags::NAT_IS_NONE,
+        ip_address: m.ip.octets(),
+        protocol: m.proto,
+        port: m.port,
+        sw_if_index: ALL,
+        vrf_id: 0,
+        tag: "contiv".into(),
+    }
+}
+
+fn static_msg(is_add: bool, m: &StaticMapping) -> api::Nat44AddDelStaticMappingV2 {
+    api::Nat44AddDelStaticMappingV2 {
+        is_add,
+        match_pool: false,
+        flags: api::NatConfigFlags::NAT_IS_NONE,
+        pool_ip_address: [0; 4],
+        local_ip_address: m.local.octets(),
+        external_ip_address: m.external.octets(),
+        protocol: m.proto,
+        local_port: m.local_port,
+        external_port: m.external_port,
+        external_sw_if_index: ALL,
+        vrf_id: 0,
+        tag: "contiv".into(),
+    }
+}
+
+fn pool_msg(is_add: bool, a: Ipv4Addr) -> api::Nat44AddDelAddressRange {
+    api::Nat44AddDelAddressRange {
+        first_ip_address: a.octets(),
+        last_ip_address: a.octets(),
+        vrf_id: 0,
+        is_add,
+        flags: api::NatConfigFlags::NAT_IS_NONE,
+    }
+}
+
+// === impl Reconciler ===
+
+/// Converges VPP to a desired state over a [`Client`].
+#[derive(Clone, Debug)]
+pub struct Reconciler {
+    client: Client,
+}
+
+impl Reconciler {
+    /// A reconciler working through `client` (connected or not).
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// The client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// One pass: dump, diff, apply. Returns what was applied and what VPP refused.
+    pub async fn reconcile(&self, desired: &VppDesired) -> Result<ReconcileReport, ReconcileError> {
+        let c = &self.client;
+        let mut report = ReconcileReport { generation: c.state().generation, ..Default::default() };
+        let obs = observe(c).await?;
+
+        // Interfaces the reconciler configures or owns, by sw_if_index.
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        for (name, o) in &obs.interfaces {
+            if desired.interfaces.contains_key(name) || o.owned(name) {
+                touched.insert(o.sw_if_index);
+            }
+        }
+        // Interfaces to re-create (created with other parameters) or delete.
+        let mut doomed: BTreeMap<String, ObsInterface> = BTreeMap::new();
+        for (name, o) in &obs.interfaces {
+            match desired.interfaces.get(name) {
+                Some(spec) if same_kind(o, spec) => {}
+                _ if o.owned(name) => {
+                    doomed.insert(name.clone(), o.clone());
+                }
+                _ => {}
+            }
+        }
+        // VPP's own connected and local routes are never touched.
+        let connected: BTreeSet<Ipv4Net> = obs
+            .interfaces
+            .values()
+            .flat_map(|i| i.addresses.iter().flat_map(|a| [a.trunc(), Ipv4Net::new(a.addr(), 32).expect("/32")]))
+            .collect();
+
+        // --- 1. removals, dependents first ---
+        let mut ops = Vec::new();
+        if let (Some(want), Some(have)) = (&desired.nat, &obs.nat) {
+            for s in have.statics.iter().filter(|s| !want.static_mappings.contains(&static_of(s))) {
+                let m = static_of(s);
+                ops.push(op(
+                    c,
+                    format!(
+                        "delete NAT static mapping {}:{} -> {}:{}",
+                        m.external, m.external_port, m.local, m.local_port
+                    ),
+                    static_msg(false, &m),
+                ));
+            }
+            for i in have.identity.iter().filter(|i| !want.identity.contains(&identity_of(i))) {
+                let m = identity_of(i);
+                ops.push(op(c, format!("delete NAT identity mapping {}:{}", m.ip, m.port), identity_msg(false, &m)));
+            }
+            for a in have.pool.iter().filter(|a| !want.pool.contains(a)) {
+                ops.push(op(c, format!("delete NAT pool address {a}"), pool_msg(false, *a)));
+            }
+            for (sw, flags) in &have.interfaces {
+                let name = obs.name_of(*sw).unwrap_or_default();
+                let doomed_iface = doomed.contains_key(name);
+                for inside in [true, false] {
+                    let bit = nat_flag(inside).0;
+                    let wanted =
+                        !doomed_iface && if inside { want.inside.contains(name) } else { want.outside.contains(name) };
+                    if flags & bit != 0 && !wanted {
+                        ops.push(op(
+                            c,
+                            format!("remove NAT {} feature from {name}", if inside { "inside" } else { "outside" }),
+                            api::Nat44InterfaceAddDelFeature {
+                                is_add: false,
+                                flags: nat_flag(inside),
+                                sw_if_index: *sw,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        run_step(ops, &mut report).await?;
+
+        let mut ops = Vec::new();
+        let wanted_routes: BTreeMap<Ipv4Net, &RouteSpec> = desired.routes.iter().map(|r| (r.dst, r)).collect();
+        for (dst, paths) in &obs.routes {
+            let ours = paths
+                .iter()
+                .any(|p| touched.contains(&p.sw_if_index) && p.r#type == api::FibPathType::FIB_API_PATH_TYPE_NORMAL);
+            let goes_away = paths.iter().any(|p| doomed.values().any(|d| d.sw_if_index == p.sw_if_index));
+            if ours && !connected.contains(dst) && (!wanted_routes.contains_key(dst) || goes_away) {
+                ops.push(op(c, format!("delete route {dst}"), route_msg(false, *dst, Vec::new())));
+            }
+        }
+        for n in &obs.neighbors {
+            let static_flag = n.flags.contains(api::IpNeighborFlags::IP_API_NEIGHBOR_FLAG_STATIC);
+            let Some(ip) = n.ip_address.to_ipv4() else { continue };
+            let name = obs.name_of(n.sw_if_index).unwrap_or_default().to_owned();
+            let wanted = !doomed.contains_key(&name)
+                && desired.neighbors.contains(&NeighborSpec { interface: name.clone(), ip, mac: n.mac_address });
+            if static_flag && touched.contains(&n.sw_if_index) && !wanted {
+                ops.push(op(
+                    c,
+                    format!("delete neighbour {ip} on {name}"),
+                    api::IpNeighborAddDel { is_add: false, neighbor: n.clone() },
+                ));
+            }
+        }
+        run_step(ops, &mut report).await?;
+
+        let ops: Vec<Op> = doomed.iter().filter_map(|(name, o)| delete_op(c, name, o)).collect();
+        run_step(ops, &mut report).await?;
+
+        // --- 2. interfaces ---
+        let mut current: BTreeMap<String, ObsInterface> = obs
+            .interfaces
+            .iter()
+            .filter(|(n, _)| !doomed.contains_key(*n))
+            .map(|(n, o)| (n.clone(), o.clone()))
+            .collect();
+        let mut ops = Vec::new();
+        for (name, spec) in &desired.interfaces {
+            if current.contains_key(name) {
+                continue;
+            }
+            match create_msg_op(c, name, &spec.kind) {
+                Some(o) => ops.push(o),
+                None => report.failed.push(Failure {
+                    what: format!("configure interface {name}"),
+                    error: format!("VPP has no interface {name} (is it in startup.conf's dpdk section?)"),
+                }),
+            }
+        }
+        for (what, sw) in run_step(ops, &mut report).await? {
+            let name = what.trim_start_matches("create interface ").to_owned();
+            if let Some(sw) = sw {
+                current.insert(name, ObsInterface::fresh(sw));
+            }
+        }
+        let sw_of = |name: &str| current.get(name).map(|o| o.sw_if_index);
+
+        // MAC, MTU and unnumbered first: VPP wants them before addresses and admin up.
+        let mut ops = Vec::new();
+        for (name, spec) in &desired.interfaces {
+            let Some(o) = current.get(name) else { continue };
+            let sw = o.sw_if_index;
+            if let Some(mac) = spec.mac
+                && mac != o.mac
+            {
+                ops.push(op(
+                    c,
+                    format!("set MAC of {name}"),
+                    api::SwInterfaceSetMacAddress { sw_if_index: sw, mac_address: mac },
+                ));
+            }
+            if let Some(mtu) = spec.mtu
+                && mtu != o.mtu
+            {
+                ops.push(op(
+                    c,
+                    format!("set MTU {mtu} on {name}"),
+                    api::SwInterfaceSetMtu { sw_if_index: sw, mtu: [mtu, 0, 0, 0] },
+                ));
+            }
+            let want_lender = spec.unnumbered_to.as_deref().and_then(sw_of);
+            if spec.unnumbered_to.is_some() && want_lender.is_none() {
+                report.failed.push(Failure {
+                    what: format!("make {name} unnumbered"),
+                    error: format!("no interface {}", spec.unnumbered_to.as_deref().unwrap_or_default()),
+                });
+            }
+            if o.unnumbered_to != want_lender {
+                if let Some(old) = o.unnumbered_to {
+                    ops.push(op(
+                        c,
+                        format!("drop unnumbered source of {name}"),
+                        api::SwInterfaceSetUnnumbered { sw_if_index: old, unnumbered_sw_if_index: sw, is_add: false },
+                    ));
+                }
+                if let Some(lender) = want_lender {
+                    ops.push(op(
+                        c,
+                        format!("make {name} unnumbered to {}", spec.unnumbered_to.as_deref().unwrap_or_default()),
+                        api::SwInterfaceSetUnnumbered { sw_if_index: lender, unnumbered_sw_if_index: sw, is_add: true },
+                    ));
+                }
+            }
+            for a in o.addresses.difference(&spec.addresses) {
+                ops.push(op(
+                    c,
+                    format!("remove address {a} from {name}"),
+                    api::SwInterfaceAddDelAddress {
+                        sw_if_index: sw,
+                        is_add: false,
+                        del_all: false,
+                        prefix: (*a).into(),
+                    },
+                ));
+            }
+        }
+        run_step(ops, &mut report).await?;
+
+        let mut ops = Vec::new();
+        for (name, spec) in &desired.interfaces {
+            let Some(o) = current.get(name) else { continue };
+            for a in spec.addresses.difference(&o.addresses) {
+                ops.push(op(
+                    c,
+                    format!("add address {a} to {name}"),
+                    api::SwInterfaceAddDelAddress {
+                        sw_if_index: o.sw_if_index,
+                        is_add: true,
+                        del_all: false,
+                        prefix: (*a).into(),
+                    },
+                ));
+            }
+            if spec.admin_up != o.admin_up {
+                let flags =
+                    if spec.admin_up { api::IfStatusFlags::IF_STATUS_API_FLAG_ADMIN_UP } else { api::IfStatusFlags(0) };
+                ops.push(op(
+                    c,
+                    format!("set {name} {}", if spec.admin_up { "up" } else { "down" }),
+                    api::SwInterfaceSetFlags { sw_if_index: o.sw_if_index, flags },
+                ));
+            }
+        }
+        run_step(ops, &mut report).await?;
+
+        // --- 3. neighbours, routes, NAT ---
+        let mut ops = Vec::new();
+        for n in &desired.neighbors {
+            let Some(sw) = sw_of(&n.interface) else {
+                report.failed.push(Failure {
+                    what: format!("add neighbour {}", n.ip),
+                    error: format!("no interface {}", n.interface),
+                });
+                continue;
+            };
+            let present = obs.neighbors.iter().any(|o| {
+                o.sw_if_index == sw
+                    && o.ip_address.to_ipv4() == Some(n.ip)
+                    && o.mac_address == n.mac
+                    && o.flags.contains(api::IpNeighborFlags::IP_API_NEIGHBOR_FLAG_STATIC)
+            });
+            if !present || doomed.contains_key(&n.interface) {
+                ops.push(op(
+                    c,
+                    format!("add neighbour {} on {}", n.ip, n.interface),
+                    api::IpNeighborAddDel {
+                        is_add: true,
+                        neighbor: api::IpNeighbor {
+                            sw_if_index: sw,
+                            flags: api::IpNeighborFlags::IP_API_NEIGHBOR_FLAG_STATIC,
+                            mac_address: n.mac,
+                            ip_address: n.ip.into(),
+                        },
+                    },
+                ));
+            }
+        }
+        let have_routes: HashMap<Ipv4Net, &Vec<api::FibPath>> = obs.routes.iter().map(|(d, p)| (*d, p)).collect();
+        for r in &desired.routes {
+            let Some(sw) = sw_of(&r.interface) else {
+                report.failed.push(Failure {
+                    what: format!("add route {}", r.dst),
+                    error: format!("no interface {}", r.interface),
+                });
+                continue;
+            };
+            let ok = have_routes.get(&r.dst).is_some_and(|p| route_matches(p, sw, r.next_hop));
+            if !ok {
+                let via = r.next_hop.map(|h| format!(" via {h}")).unwrap_or_default();
+                ops.push(op(
+                    c,
+                    format!("add route {}{via} dev {}", r.dst, r.interface),
+                    route_msg(true, r.dst, vec![fib_path(sw, r.next_hop)]),
+                ));
+            }
+        }
+        run_step(ops, &mut report).await?;
+
+        if let Some(want) = &desired.nat {
+            self.apply_nat(want, obs.nat.as_ref(), &doomed, &sw_of, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    async fn apply_nat(
+        &self,
+        want: &NatSpec,
+        have: Option<&ObsNat>,
+        doomed: &BTreeMap<String, ObsInterface>,
+        sw_of: &(dyn Fn(&str) -> Option<u32> + Sync),
+        report: &mut ReconcileReport,
+    ) -> Result<(), ReconcileError> {
+        let c = &self.client;
+        let empty = ObsNat::default();
+        let have = match have {
+            Some(h) => h,
+            None => {
+                let enable =
+                    api::Nat44EdPluginEnableDisable { enable: true, sessions: want.sessions, ..Default::default() };
+                let done = run_step(vec![op(c, "enable NAT44-ED".into(), enable)], report).await?;
+                if done.is_empty() {
+                    return Ok(());
+                }
+                &empty
+            }
+        };
+        let mut ops = Vec::new();
+        for (inside, names) in [(true, &want.inside), (false, &want.outside)] {
+            for name in names {
+                let Some(sw) = sw_of(name) else {
+                    report.failed.push(Failure {
+                        what: format!("NAT feature on {name}"),
+                        error: format!("no interface {name}"),
+                    });
+                    continue;
+                };
+                let bit = nat_flag(inside).0;
+                let present =
+                    !doomed.contains_key(name) && have.interfaces.iter().any(|(s, f)| *s == sw && f & bit != 0);
+                if !present {
+                    ops.push(op(
+                        c,
+                        format!("add NAT {} feature to {name}", if inside { "inside" } else { "outside" }),
+                        api::Nat44InterfaceAddDelFeature { is_add: true, flags: nat_flag(inside), sw_if_index: sw },
+                    ));
+                }
+            }
+        }
+        for a in want.pool.iter().filter(|a| !have.pool.contains(a)) {
+            ops.push(op(c, format!("add NAT pool address {a}"), pool_msg(true, *a)));
+        }
+        let have_identity: BTreeSet<IdentityMapping> = have.identity.iter().map(identity_of).collect();
+        for m in want.identity.iter().filter(|m| !have_identity.contains(m)) {
+            ops.push(op(c, format!("add NAT identity mapping {}:{}", m.ip, m.port), identity_msg(true, m)));
+        }
+        let have_static: BTreeSet<StaticMapping> = have.statics.iter().map(static_of).collect();
+        for m in want.static_mappings.iter().filter(|m| !have_static.contains(m)) {
+            ops.push(op(
+                c,
+                format!("add NAT static mapping {}:{} -> {}:{}", m.external, m.external_port, m.local, m.local_port),
+                static_msg(true, m),
+            ));
+        }
+        run_step(ops, report).await?;
+        Ok(())
+    }
+}

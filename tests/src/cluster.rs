@@ -497,11 +497,14 @@ impl ClusterBox {
 
     /// `netctl ARGS` against the box's etcd (run inside the control namespace).
     pub fn netctl(&self, args: &[&str]) -> std::process::Output {
-        cmd_in(&self.state.control, self.state.bin_dir.join("netctl"))
-            .args(["--etcd", "http://127.0.0.1:2379"])
-            .args(args)
-            .output()
-            .expect("running netctl")
+        self.netctl_cmd(args).output().expect("running netctl")
+    }
+
+    /// The `netctl ARGS` command against the box's etcd.
+    pub fn netctl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = cmd_in(&self.state.control, self.state.bin_dir.join("netctl"));
+        c.args(["--etcd", "http://127.0.0.1:2379"]).args(args);
+        c
     }
 
     /// `netctl apply` of a YAML text; panics with netctl's errors if it refuses.

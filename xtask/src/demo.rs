@@ -1,94 +1,126 @@
-//! `cargo xtask demo`: one node in its own network namespace with the real agent, three
-//! pods created through the real CNI binary, traffic between them and to the gateway,
-//! the per-pod counters read from the pinned maps, then everything cleaned up.
+//! `cargo xtask demo`: a two-node cluster in a box (real etcd, real agents, pods wired by the
+//! real CNI), traffic across nodes over the eBPF VXLAN overlay, from the host to a pod, from a
+//! pod to the host and to "the internet" (masqueraded to the node's address), then the
+//! counters from the pinned maps, and everything removed again.
 
-use std::{net::Ipv4Addr, path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::Result;
-use contiv_tests::{Node, NodeOptions, Pod, counter, ping};
+use contiv_tests::cluster::{BoxOptions, ClusterBox, EXTERNAL_IP};
 
 fn say(s: &str) {
     println!("\n\x1b[1m== {s}\x1b[0m");
 }
 
 fn show(cmd: &mut Command) {
-    println!("$ {}", format!("{cmd:?}").replace('"', ""));
+    let shown = format!("{cmd:?}").replace('"', "");
+    println!("$ {}", shown.split(" exec ").last().unwrap_or(&shown));
     match cmd.output() {
         Ok(o) => print!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
         Err(e) => println!("({e})"),
     }
 }
 
+fn iperf(b: &ClusterBox, client: &str, server: &str, server_ip: std::net::Ipv4Addr) {
+    let mut srv = b.cmd(server, "iperf3").args(["-s", "-1"]).stdout(std::process::Stdio::piped()).spawn();
+    std::thread::sleep(Duration::from_millis(400));
+    show(b.cmd(client, "iperf3").args(["-c", &server_ip.to_string(), "-t", "2", "-f", "m"]));
+    if let Ok(s) = srv.as_mut() {
+        let out = s.wait_with_output_ref();
+        if let Some(line) = out.lines().find(|l| l.contains("Accepted connection from")) {
+            println!("  (iperf3 server on {server}: {})", line.trim());
+        }
+    }
+}
+
+trait WaitOutput {
+    fn wait_with_output_ref(&mut self) -> String;
+}
+
+impl WaitOutput for std::process::Child {
+    fn wait_with_output_ref(&mut self) -> String {
+        use std::io::Read;
+        let _ = self.wait();
+        let mut s = String::new();
+        if let Some(out) = self.stdout.as_mut() {
+            let _ = out.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
 pub fn run(bins: &Path) -> Result<()> {
-    // SAFETY: setting a variable before any thread is started.
+    // SAFETY: set before any thread is started.
     unsafe { std::env::set_var("CONTIV_BIN_DIR", bins) };
-    say("starting a node (network namespace) with contiv-agent");
-    let node = Node::start(NodeOptions::default());
-    println!("node namespace {}, agent config {}", node.ns.name(), node.config_path.display());
-    println!("{}", std::fs::read_to_string(&node.config_path)?);
-
-    say("creating 3 pods: contiv-cni ADD, called exactly as a container runtime calls it");
-    let pods: Vec<Pod> = (0..3).map(|_| node.add_pod()).collect();
-    for p in &pods {
-        println!("pod {} -> {}", p.ns.name(), p.result);
+    say("a cluster in a box: etcd, a fabric, two nodes each with contiv-agent, an external namespace");
+    let mut opts = BoxOptions::for_test(2);
+    opts.id = format!("cdemo{}", std::process::id());
+    let mut b = ClusterBox::up(opts);
+    for n in &b.state.nodes {
+        println!("{}: namespace {}, underlay {}, agent config {}", n.name, n.netns, n.ip, n.config.display());
     }
-    show(pods[0].ns.cmd("ip").args(["-br", "addr", "show", "eth0"]));
-    show(pods[0].ns.cmd("ip").args(["route"]));
-    show(pods[0].ns.cmd("ip").args(["neigh"]));
+    println!("{}", std::fs::read_to_string(&b.node("node-1").config)?);
 
-    say("pod -> pod through the eBPF fast path (TC + bpf_redirect_peer)");
-    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
-        let ok = ping(&pods[a].ns, pods[b].ip, 3);
-        println!("ping {} -> {}: {}", pods[a].ip, pods[b].ip, if ok { "ok" } else { "FAILED" });
+    say("pods: the Pod object goes into the store (netctl apply), then contiv-cni ADD, as kubelet and a runtime do");
+    let web1 = b.add_pod("node-1", "shop/web-1", &[("app", "web")], &[]);
+    let web2 = b.add_pod("node-2", "shop/web-2", &[("app", "web")], &[]);
+    let client = b.add_pod("node-1", "shop/client", &[("app", "client")], &[]);
+    for p in [&web1, &web2, &client] {
+        println!("pod {:<12} on {}: {}", p.id(), p.node, p.ip);
     }
-    let server = pods[1].ns.cmd("iperf3").args(["-s", "-1", "-D"]).status()?;
-    if server.success() {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        show(pods[0].ns.cmd("iperf3").args(["-c", &pods[1].ip.to_string(), "-t", "2", "-f", "g"]));
-    }
+    show(b.cmd("shop/client", "ip").args(["-br", "addr", "show", "eth0"]));
+    show(b.cmd("shop/client", "ip").args(["route"]));
+    show(&mut b.netctl_cmd(&["get", "pods"]));
 
-    say("pod -> gateway: ARP and ICMP answered by the vswitch over AF_XDP");
-    pods[2].ns.ip(&["neigh", "del", "10.1.1.1", "dev", "eth0"]);
-    show(pods[2].ns.cmd("ping").args(["-c", "3", "-i", "0.2", "10.1.1.1"]));
-    show(pods[2].ns.cmd("ip").args(["neigh", "show", "10.1.1.1"]));
+    say("pod -> pod on another node: eBPF encapsulation into one flow-based VXLAN device, no per-peer state");
+    show(b.cmd("shop/client", "ping").args(["-c", "3", "-i", "0.2", &web2.ip.to_string()]));
+    iperf(&b, "shop/client", "shop/web-2", web2.ip);
 
-    say("a spoofed source address is dropped");
-    pods[0].ns.ip(&["addr", "add", "10.1.1.200/32", "dev", "eth0"]);
-    show(pods[0].ns.cmd("ping").args(["-c", "2", "-W", "1", "-I", "10.1.1.200", &pods[1].ip.to_string()]));
+    say("pod -> pod on the same node: bpf_redirect_peer, no host routing");
+    show(b.cmd("shop/client", "ping").args(["-c", "2", "-i", "0.2", &web1.ip.to_string()]));
 
-    say("per-pod counters (bpftool map dump pinned <pin dir>/POD_COUNTERS, summed over CPUs)");
+    say("host -> pod (what kubelet's probes do) and pod -> host");
+    show(b.cmd("node-1", "ping").args(["-c", "2", "-i", "0.2", &web1.ip.to_string()]));
+    show(b.cmd("shop/web-1", "ping").args(["-c", "2", "-i", "0.2", &b.node("node-1").ip.to_string()]));
+
+    say("pod -> the outside world: masqueraded to the node's address by nftables");
+    show(b.cmd("shop/client", "ping").args(["-c", "2", "-i", "0.2", &EXTERNAL_IP.to_string()]));
+    iperf(&b, "shop/client", "external", EXTERNAL_IP);
+
+    say("path MTU: pods get the underlay's MTU minus the 50 bytes of VXLAN");
+    show(b.cmd("shop/client", "ping").args(["-c", "1", "-M", "do", "-s", "1422", &web2.ip.to_string()]));
+
+    say("per-pod counters (the agent's /pods, read from the pinned POD_COUNTERS map)");
     println!(
-        "{:<12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>12}",
-        "pod", "fwd pkts", "fwd bytes", "slow pkts", "from slow", "spoof ip", "spoof mac"
+        "{:<12} {:>9} {:>11} {:>11} {:>9} {:>11} {:>10}",
+        "pod", "local pkt", "tunnel pkt", "from tunnel", "host pkt", "slow path", "spoof drop"
     );
-    for p in &pods {
-        if let Some(c) = node.pod_counters(p.ip) {
+    for node in ["node-1", "node-2"] {
+        for p in b.status_json(node, "/pods").and_then(|v| v.as_array().cloned()).unwrap_or_default() {
+            let c = &p["counters"];
+            let n = |k: &str| c[k].as_u64().unwrap_or(0);
             println!(
-                "{:<12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>12}",
-                p.ip,
-                counter(&c, "fwd_packets"),
-                counter(&c, "fwd_bytes"),
-                counter(&c, "slow_packets"),
-                counter(&c, "from_slow_packets"),
-                counter(&c, "drop_spoofed_ip"),
-                counter(&c, "drop_spoofed_mac")
+                "{:<12} {:>9} {:>11} {:>11} {:>9} {:>11} {:>10}",
+                p["podName"].as_str().unwrap_or(""),
+                n("fwdPackets"),
+                n("tunnelPackets"),
+                n("fromTunnelPackets"),
+                n("hostPackets"),
+                n("slowPackets"),
+                n("dropSpoofedIp") + n("dropSpoofedMac")
             );
         }
     }
-    let s = node.slowport_counters();
-    println!("slow-path port: {s:?}");
-    say("the maps, as an operator sees them");
-    show(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(node.pin_dir.join("PODS")));
+    say("what node-1 routes to other nodes (/node) and the map behind it");
+    println!("{}", b.status("node-1", "/node").unwrap_or_default());
+    show(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(b.node("node-1").pin_dir.join("REMOTE_ROUTES")));
 
-    say("contiv-cni DEL for every pod, then cleanup");
-    for p in &pods {
-        let out = node.del_pod(p);
-        println!("DEL {} -> exit {}", p.ip, out.exit_code);
+    say("cleanup: contiv-cni DEL for every pod, then the box goes");
+    for id in ["shop/web-1", "shop/web-2", "shop/client"] {
+        b.del_pod(id);
+        println!("DEL {id}");
     }
-    println!("pod interfaces left on the node: {:?}", node.pod_links());
-    let _: Ipv4Addr = pods[0].ip;
-    drop(pods);
-    drop(node);
-    println!("\ndone: namespaces, agent and pinned maps removed");
+    drop(b);
+    println!("\ndone: namespaces, agents, etcd and pinned maps removed");
     Ok(())
 }

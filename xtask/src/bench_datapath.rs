@@ -11,30 +11,14 @@
 //! target/bench/datapath.json as `{"metric","unit","baseline","ours","ratio","better"}`.
 //! Bar: throughput ratio >= 1.0, latency p50 ratio <= 0.9.
 
-use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, path::Path};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use contiv_tests::{Netns, Node, NodeOptions};
-use serde_json::{Value, json};
+
+use crate::bench_net::{Endpoint, RR_BLOCK, RR_BLOCKS, median, row, rr_interleaved, tcp_gbps, udp_kpps, write_results};
 
 const ROUNDS: usize = 5;
-const IPERF_SECONDS: &str = "5";
-/// Round trips before each timed block (connection warm-up).
-const RR_WARMUP: usize = 500;
-/// Round trips per block; blocks alternate baseline / ours.
-const RR_BLOCK: usize = 2_000;
-const RR_BLOCKS: usize = 20;
-
-/// A pod endpoint to measure between.
-struct Endpoint<'a> {
-    ns: &'a Netns,
-    ip: Ipv4Addr,
-}
 
 /// The baseline: pods routed by the node's kernel (what a plain routed CNI does).
 struct KernelRoutedNode {
@@ -75,153 +59,6 @@ impl KernelRoutedNode {
     }
 }
 
-fn iperf_json(client: &Endpoint, server: &Endpoint, extra: &[&str]) -> Result<Value> {
-    let port = "5299";
-    // Server and client on separate CPUs, the same for both topologies.
-    let status = server.ns.cmd("iperf3").args(["-s", "-1", "-D", "-A", "1", "-p", port]).status()?;
-    if !status.success() {
-        bail!("iperf3 server failed to start");
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let out = client
-        .ns
-        .cmd("iperf3")
-        .args(["-c", &server.ip.to_string(), "-p", port, "-t", IPERF_SECONDS, "-A", "0", "-J"])
-        .args(extra)
-        .output()?;
-    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    if let Some(e) = v.get("error") {
-        bail!("iperf3: {e}");
-    }
-    // Let the one-off server exit before the next run reuses the port.
-    std::thread::sleep(Duration::from_millis(300));
-    Ok(v)
-}
-
-/// (Gbit/s received, sender retransmits)
-fn tcp_gbps(client: &Endpoint, server: &Endpoint) -> Result<(f64, f64)> {
-    let v = iperf_json(client, server, &[])?;
-    let gbps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("no sum_received in iperf3 output")?;
-    let retr = v["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0);
-    Ok((gbps, retr))
-}
-
-fn udp_kpps(client: &Endpoint, server: &Endpoint) -> Result<f64> {
-    let v = iperf_json(client, server, &["-u", "-l", "64", "-b", "0"])?;
-    let sum = &v["end"]["sum"];
-    let packets = sum["packets"].as_f64().context("packets")?;
-    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-    let secs = sum["seconds"].as_f64().context("seconds")?;
-    Ok((packets - lost) / secs / 1e3)
-}
-
-/// Pins the calling thread to one CPU.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-/// Reads exactly `buf.len()` bytes, spinning on a non-blocking socket when `spin`.
-fn read_full(s: &mut TcpStream, buf: &mut [u8], spin: bool) -> std::io::Result<()> {
-    if !spin {
-        return s.read_exact(buf);
-    }
-    let mut got = 0;
-    while got < buf.len() {
-        match s.read(&mut buf[got..]) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// 64-byte TCP ping-pong; returns (p50, p99) round-trip time in microseconds.
-///
-/// `spin`: client and server busy-poll their sockets on separate CPUs, so the time is the
-/// path's own and not the VM's wake-up latency (a halted vCPU takes ~100 us to wake here,
-/// which swamps any datapath difference). Without it, both block as a normal app would.
-fn rr_samples(client: &Endpoint, server: &Endpoint, spin: bool, warmup: usize, count: usize) -> Result<Vec<f64>> {
-    let ip = server.ip;
-    let listener = server.ns.enter(move || TcpListener::bind((ip, 0)))?;
-    let addr = SocketAddr::from((ip, listener.local_addr()?.port()));
-    let srv = std::thread::spawn(move || -> std::io::Result<()> {
-        if spin {
-            pin_to_cpu(1);
-        }
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        s.set_nonblocking(spin)?;
-        let mut buf = [0u8; 64];
-        loop {
-            match read_full(&mut s, &mut buf, spin) {
-                Ok(()) => s.write_all(&buf)?,
-                Err(_) => return Ok(()),
-            }
-        }
-    });
-    let client_ns = client.ns.path();
-    let samples = std::thread::spawn(move || -> std::io::Result<Vec<f64>> {
-        let f = std::fs::File::open(client_ns)?;
-        // SAFETY: setns on this thread only.
-        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if spin {
-            pin_to_cpu(0);
-        }
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_nodelay(true)?;
-        s.set_nonblocking(spin)?;
-        let mut buf = [7u8; 64];
-        let mut samples = Vec::with_capacity(count);
-        for i in 0..warmup + count {
-            let t = Instant::now();
-            s.write_all(&buf)?;
-            read_full(&mut s, &mut buf, spin)?;
-            if i >= warmup {
-                samples.push(t.elapsed().as_nanos() as f64 / 1e3);
-            }
-        }
-        Ok(samples)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("rr client panicked"))??;
-    let _ = srv.join();
-    Ok(samples)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// Request/response latency of both topologies, measured in alternating blocks so that
-/// drift on a shared machine hits both alike. Returns (baseline, ours) as (p50, p99) in us.
-fn rr_interleaved(
-    base: (&Endpoint, &Endpoint),
-    ours: (&Endpoint, &Endpoint),
-    spin: bool,
-) -> Result<((f64, f64), (f64, f64))> {
-    let (mut b, mut o) = (Vec::new(), Vec::new());
-    for _ in 0..RR_BLOCKS {
-        b.extend(rr_samples(base.0, base.1, spin, RR_WARMUP, RR_BLOCK)?);
-        o.extend(rr_samples(ours.0, ours.1, spin, RR_WARMUP, RR_BLOCK)?);
-    }
-    for v in [&mut b, &mut o] {
-        v.sort_by(|x, y| x.total_cmp(y));
-    }
-    Ok(((percentile(&b, 0.5), percentile(&b, 0.99)), (percentile(&o, 0.5), percentile(&o, 0.99))))
-}
-
 #[derive(Default)]
 struct Samples {
     tcp: Vec<f64>,
@@ -239,12 +76,6 @@ fn measure(label: &str, client: &Endpoint, server: &Endpoint, into: &mut Samples
     Ok(())
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 pub fn run(bins: &Path) -> Result<()> {
     // SAFETY: set before any thread starts.
     unsafe { std::env::set_var("CONTIV_BIN_DIR", bins) };
@@ -252,13 +83,18 @@ pub fn run(bins: &Path) -> Result<()> {
     let baseline = KernelRoutedNode::new(2);
     let node = Node::start(NodeOptions::default());
     let (pa, pb) = (node.add_pod(), node.add_pod());
-    let base_client = Endpoint { ns: &baseline.pods[0].0, ip: baseline.pods[0].1 };
-    let base_server = Endpoint { ns: &baseline.pods[1].0, ip: baseline.pods[1].1 };
-    let ours_client = Endpoint { ns: &pa.ns, ip: pa.ip };
-    let ours_server = Endpoint { ns: &pb.ns, ip: pb.ip };
+    let base_client = Endpoint::new(baseline.pods[0].0.name(), baseline.pods[0].1);
+    let base_server = Endpoint::new(baseline.pods[1].0.name(), baseline.pods[1].1);
+    let ours_client = Endpoint::new(pa.ns.name(), pa.ip);
+    let ours_server = Endpoint::new(pb.ns.name(), pb.ip);
     // Both topologies must really forward before anything is timed.
     for (c, s) in [(&base_client, &base_server), (&ours_client, &ours_server)] {
-        if !contiv_tests::ping(c.ns, s.ip, 1) {
+        if !contiv_tests::cluster::cmd_in(&c.ns, "ping")
+            .args(["-c", "1", "-W", "2", &s.ip.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success())
+        {
             bail!("{} cannot reach {}", c.ip, s.ip);
         }
     }
@@ -282,12 +118,6 @@ pub fn run(bins: &Path) -> Result<()> {
     }
     drop(baseline.node);
 
-    let row = |metric: &str, unit: &str, b: f64, o: f64, better: &str| {
-        // A ratio over a zero baseline is undefined: null rather than inf.
-        let ratio = if b > 0.0 { json!(round3(o / b)) } else { Value::Null };
-        json!({"metric": metric, "unit": unit, "baseline": round3(b), "ours": round3(o),
-               "ratio": ratio, "better": better})
-    };
     let results = vec![
         row("tcp_throughput_1_stream", "Gbit/s", median(&base.tcp), median(&ours.tcp), "higher"),
         row("tcp_rr_latency_p50", "us", b_p50, o_p50, "lower"),
@@ -297,23 +127,7 @@ pub fn run(bins: &Path) -> Result<()> {
         row("tcp_retransmits_per_run", "segments", median(&base.retransmits), median(&ours.retransmits), "lower"),
     ];
     let (tput_row, p50_row) = (&results[0], &results[1]);
-    let dir = crate::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("datapath.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-
-    println!("\n{:<26} {:>8} {:>10} {:>10} {:>7}  better", "metric", "unit", "baseline", "ours", "ratio");
-    for r in &results {
-        println!(
-            "{:<26} {:>8} {:>10} {:>10} {:>7}  {}",
-            r["metric"].as_str().unwrap(),
-            r["unit"].as_str().unwrap(),
-            r["baseline"],
-            r["ours"],
-            r["ratio"],
-            r["better"].as_str().unwrap()
-        );
-    }
+    let path = write_results("datapath", &results)?;
     let tput = tput_row["ratio"].as_f64().unwrap_or(0.0);
     let p50 = p50_row["ratio"].as_f64().unwrap_or(f64::MAX);
     println!(
@@ -321,10 +135,6 @@ pub fn run(bins: &Path) -> Result<()> {
         if tput >= 1.0 { "met" } else { "NOT met" },
         if p50 <= 0.9 { "met" } else { "NOT met" }
     );
-    println!("wrote {}", path.display());
+    let _ = path;
     Ok(())
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }

@@ -2,6 +2,8 @@
 //! fresh machine needs nothing else.
 
 mod bench_datapath;
+mod bench_net;
+mod bench_overlay;
 mod bench_store;
 mod bench_vpp;
 mod cluster;
@@ -55,9 +57,9 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
-    /// Benchmarks against their baselines: `datapath`, `store` or `vpp`.
+    /// Benchmarks against their baselines: `datapath`, `overlay`, `store` or `vpp`.
     Bench {
-        #[arg(value_parser = ["datapath", "store", "vpp"])]
+        #[arg(value_parser = ["datapath", "overlay", "store", "vpp"])]
         which: String,
     },
 }
@@ -223,6 +225,11 @@ fn main() -> Result<()> {
                     require_root("the datapath benchmark")?;
                     let bins = build_bins(true)?;
                     bench_datapath::run(&bins)
+                }
+                "overlay" => {
+                    require_root("the overlay benchmark")?;
+                    let bins = build_bins(true)?;
+                    bench_overlay::run(&bins)
                 }
                 "vpp" => bench_vpp::run(),
                 _ => bench_store::run(),

@@ -1,0 +1,229 @@
+//! Measurements the network benchmarks share: iperf3 throughput and packet rate, a 64-byte
+//! TCP request/response client and server, alternating blocks so that drift on a shared
+//! machine hits baseline and ours alike, and the results file (a list of
+//! `{"metric","unit","baseline","ours","ratio","better"}` in target/bench/<name>.json).
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+pub const IPERF_SECONDS: &str = "5";
+/// Round trips before each timed block (connection warm-up).
+pub const RR_WARMUP: usize = 500;
+/// Round trips per block; blocks alternate baseline / ours.
+pub const RR_BLOCK: usize = 2_000;
+pub const RR_BLOCKS: usize = 20;
+
+/// A pod (or host) to measure between: its network namespace's name and address.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Endpoint {
+    pub fn new(ns: impl Into<String>, ip: Ipv4Addr) -> Self {
+        Self { ns: ns.into(), ip }
+    }
+}
+
+/// A command run inside a namespace.
+pub fn ns_cmd(ns: &str, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, program]);
+    c
+}
+
+/// Runs `f` on a thread inside the namespace.
+pub fn enter<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    contiv_tests::cluster::enter(ns, f)
+}
+
+pub fn iperf_json(client: &Endpoint, server: &Endpoint, extra: &[&str]) -> Result<Value> {
+    let port = "5299";
+    // Server and client on separate CPUs, the same for both topologies.
+    let status = ns_cmd(&server.ns, "iperf3").args(["-s", "-1", "-D", "-A", "1", "-p", port]).status()?;
+    if !status.success() {
+        bail!("iperf3 server failed to start");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ns_cmd(&client.ns, "iperf3")
+        .args(["-c", &server.ip.to_string(), "-p", port, "-t", IPERF_SECONDS, "-A", "0", "-J"])
+        .args(extra)
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3: {e}");
+    }
+    // Let the one-off server exit before the next run reuses the port.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(v)
+}
+
+/// (Gbit/s received, sender retransmits)
+pub fn tcp_gbps(client: &Endpoint, server: &Endpoint) -> Result<(f64, f64)> {
+    let v = iperf_json(client, server, &[])?;
+    let gbps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("no sum_received in iperf3 output")?;
+    let retr = v["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0);
+    Ok((gbps, retr))
+}
+
+pub fn udp_kpps(client: &Endpoint, server: &Endpoint) -> Result<f64> {
+    let v = iperf_json(client, server, &["-u", "-l", "64", "-b", "0"])?;
+    let sum = &v["end"]["sum"];
+    let packets = sum["packets"].as_f64().context("packets")?;
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = sum["seconds"].as_f64().context("seconds")?;
+    Ok((packets - lost) / secs / 1e3)
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity on this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, spinning on a non-blocking socket when `spin`.
+fn read_full(s: &mut TcpStream, buf: &mut [u8], spin: bool) -> std::io::Result<()> {
+    if !spin {
+        return s.read_exact(buf);
+    }
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// 64-byte TCP ping-pong; returns (p50, p99) round-trip time in microseconds.
+///
+/// `spin`: client and server busy-poll their sockets on separate CPUs, so the time is the
+/// path's own and not the VM's wake-up latency (a halted vCPU takes ~100 us to wake here,
+/// which swamps any datapath difference). Without it, both block as a normal app would.
+pub fn rr_samples(client: &Endpoint, server: &Endpoint, spin: bool, warmup: usize, count: usize) -> Result<Vec<f64>> {
+    let ip = server.ip;
+    let listener = enter(&server.ns, move || TcpListener::bind((ip, 0)))?;
+    let addr = SocketAddr::from((ip, listener.local_addr()?.port()));
+    let srv = std::thread::spawn(move || -> std::io::Result<()> {
+        if spin {
+            pin_to_cpu(1);
+        }
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        s.set_nonblocking(spin)?;
+        let mut buf = [0u8; 64];
+        loop {
+            match read_full(&mut s, &mut buf, spin) {
+                Ok(()) => s.write_all(&buf)?,
+                Err(_) => return Ok(()),
+            }
+        }
+    });
+    let client_ns = std::path::Path::new("/run/netns").join(&client.ns);
+    let samples = std::thread::spawn(move || -> std::io::Result<Vec<f64>> {
+        let f = std::fs::File::open(client_ns)?;
+        // SAFETY: setns on this thread only.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if spin {
+            pin_to_cpu(0);
+        }
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        s.set_nonblocking(spin)?;
+        let mut buf = [7u8; 64];
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..warmup + count {
+            let t = Instant::now();
+            s.write_all(&buf)?;
+            read_full(&mut s, &mut buf, spin)?;
+            if i >= warmup {
+                samples.push(t.elapsed().as_nanos() as f64 / 1e3);
+            }
+        }
+        Ok(samples)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("rr client panicked"))??;
+    let _ = srv.join();
+    Ok(samples)
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Request/response latency of both topologies, measured in alternating blocks so that
+/// drift on a shared machine hits both alike. Returns (baseline, ours) as (p50, p99) in us.
+pub fn rr_interleaved(
+    base: (&Endpoint, &Endpoint),
+    ours: (&Endpoint, &Endpoint),
+    spin: bool,
+) -> Result<((f64, f64), (f64, f64))> {
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..RR_BLOCKS {
+        b.extend(rr_samples(base.0, base.1, spin, RR_WARMUP, RR_BLOCK)?);
+        o.extend(rr_samples(ours.0, ours.1, spin, RR_WARMUP, RR_BLOCK)?);
+    }
+    for v in [&mut b, &mut o] {
+        v.sort_by(|x, y| x.total_cmp(y));
+    }
+    Ok(((percentile(&b, 0.5), percentile(&b, 0.99)), (percentile(&o, 0.5), percentile(&o, 0.99))))
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// One result row; a ratio over a zero baseline is undefined: null rather than inf.
+pub fn row(metric: &str, unit: &str, b: f64, o: f64, better: &str) -> Value {
+    let ratio = if b > 0.0 { json!(round3(o / b)) } else { Value::Null };
+    json!({"metric": metric, "unit": unit, "baseline": round3(b), "ours": round3(o), "ratio": ratio, "better": better})
+}
+
+/// Writes target/bench/<name>.json and prints the table.
+pub fn write_results(name: &str, results: &[Value]) -> Result<std::path::PathBuf> {
+    let dir = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(results)?)?;
+    println!("\n{:<36} {:>8} {:>10} {:>10} {:>7}  better", "metric", "unit", "baseline", "ours", "ratio");
+    for r in results {
+        println!(
+            "{:<36} {:>8} {:>10} {:>10} {:>7}  {}",
+            r["metric"].as_str().unwrap_or(""),
+            r["unit"].as_str().unwrap_or(""),
+            r["baseline"],
+            r["ours"],
+            r["ratio"],
+            r["better"].as_str().unwrap_or("")
+        );
+    }
+    println!("wrote {}", path.display());
+    Ok(path)
+}

@@ -1,6 +1,7 @@
 //! Project tasks. `cargo xtask <task>`; every task that builds runs `setup` first, so a
 //! fresh machine needs nothing else.
 
+mod bench_cni;
 mod bench_datapath;
 mod bench_store;
 mod demo;
@@ -37,9 +38,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against their baselines: `datapath` or `store`.
+    /// Benchmarks against their baselines: `datapath`, `store` or `cni`.
     Bench {
-        #[arg(value_parser = ["datapath", "store"])]
+        #[arg(value_parser = ["datapath", "store", "cni"])]
         which: String,
     },
 }
@@ -176,6 +177,11 @@ fn main() -> Result<()> {
                     require_root("the datapath benchmark")?;
                     let bins = build_bins(true)?;
                     bench_datapath::run(&bins)
+                }
+                "cni" => {
+                    require_root("the CNI benchmark")?;
+                    let bins = build_bins(true)?;
+                    bench_cni::run(&bins)
                 }
                 _ => bench_store::run(),
             }

@@ -10,3 +10,4 @@ pub mod datapath;
 pub mod podnet;
 pub mod state;
 pub mod status;
+pub mod timing;

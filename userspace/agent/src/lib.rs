@@ -10,4 +10,5 @@ pub mod datapath;
 pub mod podnet;
 pub mod state;
 pub mod status;
+pub mod tcx;
 pub mod timing;

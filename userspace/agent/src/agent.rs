@@ -488,15 +488,19 @@ impl Agent {
     async fn unwire(&self, a: &PodAttachment) -> Result<(), CniError> {
         // Best effort on every step, then report the first failure (netavark's teardown rule).
         let mut first_err = None;
-        let node = {
+        {
             let mut inner = self.inner.lock().instrument(phase("lock")).await;
             let removed = phase("map_remove").in_scope(|| inner.datapath.remove_pod(a.ip, a.host_ifindex));
             if let Err(e) = removed {
                 first_err.get_or_insert(internal("removing the pod's map entries", e));
             }
-            inner.node.clone()
+        }
+        let deleted = {
+            let (span, name) = (phase("link_delete"), a.host_ifname.clone());
+            tokio::task::spawn_blocking(move || span.in_scope(|| podnet::delete_link_blocking(&name)))
+                .await
+                .unwrap_or_else(|e| Err(podnet::PodNetError::Worker(e.to_string())))
         };
-        let deleted = podnet::delete_link(&node, &a.host_ifname).instrument(phase("link_delete")).await;
         if let Err(e) = deleted {
             first_err.get_or_insert(internal("deleting the pod interface", e));
         }

@@ -56,6 +56,13 @@ pub enum PodNetError {
     /// The namespace worker thread failed.
     #[error("namespace worker: {0}")]
     Worker(String),
+    /// A netlink request on a socket of its own (not the async connection) failed.
+    #[error("{what}: {source}")]
+    Kernel {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Result<T, E = PodNetError> = std::result::Result<T, E>;
@@ -299,6 +306,44 @@ pub async fn delete_link(node: &Handle, name: &str) -> Result<()> {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => Ok(()),
         Err(e) => Err(nl(format!("deleting {name}"))(e)),
+    }
+}
+
+/// Deletes a link of the agent's own (node) namespace by name, on a netlink socket of its
+/// own, blocking; meant for `spawn_blocking`. The kernel handles RTM_DELLINK inside the
+/// sendmsg(2) call, including the wait until the device is released (tens of ms of grace
+/// periods): on the shared async connection one deletion would hold up every other request
+/// and a runtime thread. A link already gone is success.
+pub fn delete_link_blocking(name: &str) -> Result<()> {
+    use rtnetlink::{
+        packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload},
+        packet_route::RouteNetlinkMessage,
+        sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
+    };
+    let what = || format!("deleting {name}");
+    let kernel = |source: std::io::Error| PodNetError::Kernel { what: what(), source };
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(kernel)?;
+    socket.bind_auto().map_err(kernel)?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    header.sequence_number = 1;
+    let link = LinkUnspec::new_with_name(name).build();
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)));
+    request.finalize();
+    let mut buf = vec![0u8; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send_to(&buf, &SocketAddr::new(0, 0), 0).map_err(kernel)?;
+    let mut reply = Vec::with_capacity(8192);
+    socket.recv(&mut reply, 0).map_err(kernel)?;
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
+        .map_err(|e| kernel(std::io::Error::other(e.to_string())))?;
+    match reply.payload {
+        NetlinkPayload::Error(e) => match e.code.map(|c| c.get()) {
+            None => Ok(()),
+            Some(code) if code == -libc::ENODEV => Ok(()),
+            Some(code) => Err(kernel(std::io::Error::from_raw_os_error(-code))),
+        },
+        other => Err(kernel(std::io::Error::other(format!("unexpected answer {other:?}")))),
     }
 }
 

@@ -42,7 +42,7 @@ pub const COMPACT_AFTER: usize = 1024;
 
 /// One change, a line of `state.log`.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "op")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "op")]
 enum Change {
     Put { attachment: Box<PodAttachment>, next_offset: u32 },
     Remove { key: AttachmentKey, next_offset: u32 },
@@ -68,6 +68,7 @@ pub enum StateError {
 
 /// (container ID, interface name): how the runtime names an attachment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AttachmentKey {
     pub container_id: String,
     pub ifname: String,
@@ -530,6 +531,24 @@ mod tests {
         assert_eq!(journal_lines(dir.path()), 0, "opening folds the journal into the snapshot");
         // The allocator continues where it left off.
         assert_eq!(s.allocate_ip().unwrap(), Ipv4Addr::new(10, 1, 1, 5));
+    }
+
+    #[test]
+    fn journal_lines_are_camel_case_like_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/24");
+        let ip = s.allocate_ip().unwrap();
+        s.put(attachment("a", ip)).unwrap();
+        s.remove(&AttachmentKey::new("a", "eth0")).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("state.log")).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0]["op"], "put");
+        assert_eq!(lines[0]["attachment"]["containerId"], "a");
+        assert_eq!(lines[0]["nextOffset"], 3);
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"op": "remove", "key": {"containerId": "a", "ifname": "eth0"}, "nextOffset": 3})
+        );
     }
 
     #[test]

@@ -204,11 +204,12 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// The agent's per-ADD phase lines (`contiv_agent::timing`): phase -> durations in ms.
-/// A line reads `... ADD <id>/<if> total=8.123ms lock=0.010ms reserve=0.950ms ...`.
-fn agent_phases(log: &str) -> BTreeMap<String, Vec<f64>> {
+/// The agent's phase lines (`contiv_agent::timing`) of one operation (`ADD`, `DEL`): phase ->
+/// durations in ms. A line reads `... ADD <id>/<if> total=8.123ms lock=0.010ms ...`.
+fn agent_phases(log: &str, op: &str) -> BTreeMap<String, Vec<f64>> {
     let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains("contiv_agent::timing") && l.contains("ADD ")) {
+    let marker = format!("contiv_agent::timing: {op} ");
+    for line in log.lines().filter(|l| l.contains(&marker)) {
         for field in line.split_whitespace() {
             if let Some((name, value)) = field.split_once('=')
                 && let Some(v) = value.strip_suffix("ms").and_then(|v| v.parse::<f64>().ok())
@@ -244,7 +245,8 @@ pub fn run(bins: &Path) -> Result<()> {
     };
     let (mut o, mut b) = (Sequential::default(), Sequential::default());
     sequential([&ours, &base], [&mut o, &mut b])?;
-    let phases_sequential = agent_phases(&node.agent_log());
+    let log = node.agent_log();
+    let phases_sequential = [("ADD", agent_phases(&log, "ADD")), ("DEL", agent_phases(&log, "DEL"))];
 
     let (mut o_cadd, mut o_cdel, mut b_cadd, mut b_cdel) = (vec![], vec![], vec![], vec![]);
     for round in 0..CONCURRENT_ROUNDS {
@@ -286,13 +288,13 @@ pub fn run(bins: &Path) -> Result<()> {
     let path = dir.join("cni.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
 
-    if !phases_sequential.is_empty() {
-        println!("\nagent ADD phases over the {PODS} sequential contiv ADDs (+{WARMUP} warm-up), ms:");
-        println!("  {:<22} {:>8} {:>8}", "phase", "p50", "p95");
-        let mut rows: Vec<(String, Vec<f64>)> = phases_sequential.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+    for (op, phases) in phases_sequential.into_iter().filter(|(_, p)| !p.is_empty()) {
+        println!("\nagent {op} phases over the {PODS} sequential contiv {op}s (+{WARMUP} warm-up), ms:");
+        println!("  {:<44} {:>8} {:>8}", "phase", "p50", "p95");
+        let mut rows: Vec<(String, Vec<f64>)> = phases.into_iter().map(|(k, v)| (k, sorted(v))).collect();
         rows.sort_by(|a, b| percentile(&b.1, 0.5).total_cmp(&percentile(&a.1, 0.5)));
         for (name, v) in rows {
-            println!("  {name:<22} {:>8.3} {:>8.3}", percentile(&v, 0.5), percentile(&v, 0.95));
+            println!("  {name:<44} {:>8.3} {:>8.3}", percentile(&v, 0.5), percentile(&v, 0.95));
         }
     }
     println!("\nbaseline = ptp + host-local (Debian containernetworking-plugins), same node, same run");

@@ -58,7 +58,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
     // Runtime tools: namespaces, inspection, traffic, the store, chained CNI plugins.
     req("bpftool", &["/usr/sbin/bpftool"], "map dumps in tests and the demo"),
     req("iproute2", &["/usr/sbin/ip|/usr/bin/ip|/sbin/ip|/bin/ip"], "network namespaces and veths"),
-    req("util-linux", &["/usr/bin/nsenter"], "agents run under nsenter --net"),
+    req(
+        "util-linux",
+        &["/usr/bin/nsenter", "/usr/bin/setpriv"],
+        "agents run under nsenter --net; setpriv runs contiv-cni as a non-root user in tests",
+    ),
     req("procps", &["/usr/sbin/sysctl|/sbin/sysctl"], "sysctl in node namespaces"),
     req("ethtool", &["/usr/sbin/ethtool|/sbin/ethtool"], "offload settings"),
     req("iputils-ping", &["/usr/bin/ping|/bin/ping"], "ping between pods"),

@@ -248,7 +248,11 @@ fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
     assert_eq!(entries("POD_IFACES"), ifaces0, "POD_IFACES leaked");
     assert_eq!(entries("POD_COUNTERS"), counters0, "POD_COUNTERS leaked");
     assert!(!seen.contains(&keep.ip), "an address in use was handed out again");
-    assert_eq!(durable_attachments(&node), [keep.container_id.clone()], "only the kept pod holds an address");
+    assert_eq!(
+        durable_attachments(&node),
+        std::slice::from_ref(&keep.container_id),
+        "only the kept pod holds an address"
+    );
     // The kept pod still works.
     assert!(ping(&keep.ns, Ipv4Addr::new(10, 1, 1, 1), 1));
 }

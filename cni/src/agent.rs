@@ -1,13 +1,25 @@
 //! The gRPC client to the vswitch agent's CNI socket (`contiv_cni_api::v1::cni_client`).
 
 use std::future::Future;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use contiv_cni_api::plugin_timing;
 use contiv_cni_api::v1::cni_client::CniClient;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+/// When this process started (CLOCK_MONOTONIC ns; 0: not recorded). Sent to the agent with
+/// each request so its ADD timing shows the plugin's own start-up.
+static PROCESS_STARTED_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Records the process start; `main` calls it first thing.
+pub fn mark_process_start() {
+    PROCESS_STARTED_NS.store(plugin_timing::monotonic_ns(), Ordering::Relaxed);
+}
 
 /// How long to wait for the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +45,10 @@ pub enum AgentError {
     /// The socket is missing, refused the connection, or the connection did not complete in time.
     #[error("cannot reach the agent at {socket}: {reason}")]
     Unreachable { socket: PathBuf, reason: String },
+    /// The socket (or a directory on its path) does not let this process connect: the agent
+    /// serves only its owner (root). Retrying cannot help.
+    #[error("connect({socket}): permission denied; {who}")]
+    PermissionDenied { socket: PathBuf, who: String },
     /// The agent took longer than the request timeout.
     #[error("the agent did not answer within {0:?}")]
     Timeout(Duration),
@@ -46,6 +62,7 @@ impl AgentError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Unreachable { .. } | Self::Timeout(_) => true,
+            Self::PermissionDenied { .. } => false,
             Self::Rpc(s) => matches!(
                 s.code(),
                 tonic::Code::Unavailable
@@ -62,20 +79,39 @@ impl AgentError {
 pub struct Agent {
     client: CniClient<Channel>,
     request_timeout: Duration,
+    /// When the connection was up (CLOCK_MONOTONIC ns), for the agent's timing.
+    connected_ns: u64,
 }
 
 impl Agent {
     /// Connects to the agent's unix socket at `socket`.
     pub async fn connect(socket: &Path, timeouts: Timeouts) -> Result<Self, AgentError> {
         let unreachable = |reason: String| AgentError::Unreachable { socket: socket.to_path_buf(), reason };
-        // The URI is never resolved: the connector below always dials the socket.
+        // Dial the socket first, so a refusal by the file system (not root) is told apart from
+        // an agent that is down, then run HTTP/2 over that one stream.
+        let stream = match tokio::time::timeout(timeouts.connect, UnixStream::connect(socket)).await {
+            Err(_) => return Err(unreachable(format!("no connection within {:?}", timeouts.connect))),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(AgentError::PermissionDenied {
+                    socket: socket.to_path_buf(),
+                    who: who_may_connect(socket),
+                });
+            }
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Ok(Ok(stream)) => stream,
+        };
+        let stream = std::sync::Mutex::new(Some(stream));
+        // The URI is never resolved: the connector hands over the stream dialled above (once;
+        // this client never reconnects).
         let endpoint = Endpoint::from_static("http://contiv-agent.invalid")
             .connect_timeout(timeouts.connect)
             .timeout(timeouts.request);
-        let path = socket.to_path_buf();
         let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            let stream = stream.lock().ok().and_then(|mut s| s.take());
+            async move {
+                let stream = stream.ok_or_else(|| std::io::Error::other("the agent connection was closed"))?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
         }));
         let channel = match tokio::time::timeout(timeouts.connect, connect).await {
             Err(_) => {
@@ -84,7 +120,23 @@ impl Agent {
             Ok(Err(e)) => return Err(unreachable(error_chain(&e))),
             Ok(Ok(channel)) => channel,
         };
-        Ok(Self { client: CniClient::new(channel), request_timeout: timeouts.request })
+        Ok(Self {
+            client: CniClient::new(channel),
+            request_timeout: timeouts.request,
+            connected_ns: plugin_timing::monotonic_ns(),
+        })
+    }
+
+    /// `msg` with the plugin's timing as metadata.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        let started = PROCESS_STARTED_NS.load(Ordering::Relaxed);
+        let md = req.metadata_mut();
+        if started != 0 {
+            md.insert(plugin_timing::STARTED_NS, started.into());
+        }
+        md.insert(plugin_timing::CONNECTED_NS, self.connected_ns.into());
+        req
     }
 
     pub async fn add(
@@ -92,6 +144,7 @@ impl Agent {
         req: contiv_cni_api::v1::CniRequest,
     ) -> Result<contiv_cni_api::v1::AddReply, AgentError> {
         let timeout = self.request_timeout;
+        let req = self.request(req);
         call(timeout, self.client.add(req)).await
     }
 
@@ -100,6 +153,7 @@ impl Agent {
         req: contiv_cni_api::v1::CniRequest,
     ) -> Result<contiv_cni_api::v1::DelReply, AgentError> {
         let timeout = self.request_timeout;
+        let req = self.request(req);
         call(timeout, self.client.del(req)).await
     }
 
@@ -108,6 +162,7 @@ impl Agent {
         req: contiv_cni_api::v1::CniRequest,
     ) -> Result<contiv_cni_api::v1::CheckReply, AgentError> {
         let timeout = self.request_timeout;
+        let req = self.request(req);
         call(timeout, self.client.check(req)).await
     }
 
@@ -116,11 +171,13 @@ impl Agent {
         req: contiv_cni_api::v1::StatusRequest,
     ) -> Result<contiv_cni_api::v1::StatusReply, AgentError> {
         let timeout = self.request_timeout;
+        let req = self.request(req);
         call(timeout, self.client.status(req)).await
     }
 
     pub async fn gc(&mut self, req: contiv_cni_api::v1::GcRequest) -> Result<contiv_cni_api::v1::GcReply, AgentError> {
         let timeout = self.request_timeout;
+        let req = self.request(req);
         call(timeout, self.client.gc(req)).await
     }
 }
@@ -142,6 +199,21 @@ async fn call<T>(
 /// tonic reports its own per-request timeout as `Cancelled` with "Timeout expired".
 fn is_timeout_status(status: &tonic::Status) -> bool {
     status.message().to_ascii_lowercase().contains("timeout")
+}
+
+/// Who owns the socket, for the permission-denied message.
+fn who_may_connect(socket: &Path) -> String {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match std::fs::metadata(socket) {
+        Ok(m) => format!(
+            "the socket is owned by uid {} gid {} with mode {:04o} and contiv-cni runs as uid {me}",
+            m.uid(),
+            m.gid(),
+            m.mode() & 0o7777
+        ),
+        Err(e) => format!("contiv-cni runs as uid {me} and cannot even look at the socket ({e})"),
+    }
 }
 
 /// `e` and its sources, joined (tonic's transport error alone just says "transport error").

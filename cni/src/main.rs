@@ -7,6 +7,7 @@ use contiv_cni::env::ProcessEnv;
 use contiv_cni::runner;
 
 fn main() {
+    contiv_cni::agent::mark_process_start();
     let outcome = runner::run(&ProcessEnv, &mut std::io::stdin().lock(), Timeouts::default());
     if let Some(e) = &outcome.error {
         let command = std::env::var("CNI_COMMAND").unwrap_or_default();

@@ -153,9 +153,15 @@ fn in_band(error: Option<v1::CniError>) -> Result<(), CniError> {
     }
 }
 
-/// Transport failures: code 11 when transient (agent down, timeout), else 100.
+/// Transport failures: code 5 when this process may not use the socket (not root; retrying
+/// cannot help), 11 when transient (agent down, timeout), else 100.
 fn transport_error(e: AgentError) -> CniError {
-    if e.is_transient() {
+    if let AgentError::PermissionDenied { .. } = e {
+        CniError::io_failure(
+            "permission denied on the vswitch agent's socket: contiv-cni must run as root",
+            e.to_string(),
+        )
+    } else if e.is_transient() {
         CniError::try_again_later("vswitch agent not reachable, try again later", e.to_string())
     } else {
         CniError::internal("vswitch agent call failed", e.to_string())
@@ -170,6 +176,7 @@ pub async fn forward(f: Forward, timeouts: Timeouts) -> Result<String, CniError>
     let connected = Agent::connect(&f.socket, timeouts).await;
     let mut agent = match connected {
         Ok(a) => a,
+        Err(e @ AgentError::PermissionDenied { .. }) => return Err(transport_error(e)),
         // STATUS: an unreachable agent means the plugin cannot service ADD.
         Err(e) if is_status => {
             return Err(CniError::not_available("vswitch agent not available", e.to_string()));

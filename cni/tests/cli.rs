@@ -420,6 +420,58 @@ fn cli_unreachable_agent_is_code_11_and_status_50() {
     assert_eq!(v["code"], 50);
 }
 
+/// An agent socket this process may not use: as root, contiv-cni runs as `nobody` (setpriv)
+/// against a root-owned 0600 socket, as the agent creates it; otherwise the socket is ours
+/// with mode 0000. Either way connect(2) fails with EACCES.
+#[test]
+fn cli_permission_denied_on_the_socket_is_code_5_not_try_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("cni.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(if root { 0o600 } else { 0 })).unwrap();
+    // A copy of the binary any user can run (the build directory may not be).
+    let bin = dir.path().join("contiv-cni");
+    std::fs::copy(BIN, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = config("1.1.0", &socket).to_string();
+    for env in [attachment_env("ADD"), attachment_env("DEL"), vec![("CNI_COMMAND", "STATUS")]] {
+        let mut cmd = if root {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        let mut child = cmd
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn contiv-cni (as root this needs setpriv from util-linux)");
+        let _ = child.stdin.take().unwrap().write_all(cfg.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        let run = Run {
+            code: out.status.code().expect("exited by signal"),
+            stdout: String::from_utf8(out.stdout).unwrap(),
+            stderr: String::from_utf8(out.stderr).unwrap(),
+        };
+        let v = run.error();
+        assert_eq!(v["code"], 5, "{env:?}: {v}");
+        assert!(v["msg"].as_str().unwrap().contains("must run as root"), "{v}");
+        let details = v["details"].as_str().unwrap();
+        assert!(details.contains("permission denied") && details.contains("cni.sock"), "{v}");
+        if root {
+            assert!(details.contains("owned by uid 0") && details.contains("runs as uid 65534"), "{v}");
+        }
+    }
+}
+
 // === forwarding to the (fake) agent ===
 
 #[test]
@@ -498,14 +550,14 @@ fn fake_agent_add_bad_prev_result_is_code_7_and_not_forwarded() {
 #[test]
 fn fake_agent_add_in_band_error_is_printed_as_is() {
     let reply = AddReply {
-        error: Some(CniError { code: 52, msg: "no free address".into(), details: "pool 10.1.1.0/24".into() }),
+        error: Some(CniError { code: 101, msg: "no free address".into(), details: "pool 10.1.1.0/24".into() }),
         ..AddReply::default()
     };
     let agent = FakeAgent::start(Script { add: Ok(reply), ..Script::default() });
     let r = run_cni(&attachment_env("ADD"), &config("0.4.0", &agent.socket).to_string());
     assert_eq!(
         r.error(),
-        json!({"cniVersion": "0.4.0", "code": 52, "msg": "no free address", "details": "pool 10.1.1.0/24"})
+        json!({"cniVersion": "0.4.0", "code": 101, "msg": "no free address", "details": "pool 10.1.1.0/24"})
     );
 }
 

@@ -197,7 +197,8 @@ fn the_fabric_carries_only_vxlan_between_node_addresses_for_pod_traffic() {
             let pcap = b.state.dir.join(format!("fabric-{port}.pcap"));
             let child = b
                 .cmd("fabric", "tcpdump")
-                .args(["-i", port, "-n", "-U", "-w"])
+                // Immediate mode: packets reach the file as they come, not a ring block later.
+                .args(["-i", port, "-n", "--immediate-mode", "-U", "-w"])
                 .arg(&pcap)
                 .args(["not", "arp", "and", "not", "port", "2379"])
                 .stdout(Stdio::null())

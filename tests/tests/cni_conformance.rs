@@ -216,3 +216,86 @@ fn network_config_mtu_and_dns_reach_the_pod_and_the_result() {
     assert_eq!(out.error_code(), Some(7), "{out:?}");
     assert_eq!(node.pod_links().len(), 1);
 }
+
+/// A copy of contiv-cni that any user may run (the build directory may not be), in a
+/// directory removed on drop.
+struct WorldExecutable {
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl WorldExecutable {
+    fn contiv_cni() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(contiv_tests::unique("contiv-cni-any-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("contiv-cni");
+        std::fs::copy(contiv_tests::bin("contiv-cni"), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir, bin }
+    }
+}
+
+impl Drop for WorldExecutable {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_non_root_caller_is_told_it_must_run_as_root_with_code_5_not_try_again() {
+    let node = node();
+    let pod_ns = Netns::new("ctp");
+    let netns = pod_ns.path().to_string_lossy().into_owned();
+    let cni = WorldExecutable::contiv_cni();
+    // The agent's real socket (root, 0600), contiv-cni as `nobody`.
+    let setpriv = Path::new("/usr/bin/setpriv");
+    assert!(setpriv.exists(), "setpriv missing: `cargo xtask setup` installs util-linux");
+    let env =
+        [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "nonroot"), ("CNI_NETNS", netns.as_str()), ("CNI_IFNAME", "eth0")];
+    let mut cmd = std::process::Command::new(setpriv);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&cni.bin);
+    cmd.env_clear().envs(env).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("setpriv");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), node.net_conf("1.1.0").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("an error object on stdout");
+    assert_eq!(v["code"], 5, "{v}");
+    assert!(v["msg"].as_str().unwrap().contains("must run as root"), "{v}");
+    let details = v["details"].as_str().unwrap();
+    assert!(details.contains(&node.socket.to_string_lossy().into_owned()), "{v}");
+    assert!(
+        details.contains("owned by uid 0") && details.contains("mode 0600") && details.contains("uid 65534"),
+        "{v}"
+    );
+    // Refused before the agent saw anything; root with the same input succeeds.
+    assert!(node.pod_links().is_empty());
+    let out = invoke_plugin(&cni.bin, &env, &node.net_conf("1.1.0"), None);
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    node.cni("DEL", "nonroot", &netns, "eth0", "1.1.0").ok();
+}
+
+#[test]
+fn ipam_exhaustion_is_plugin_code_101_and_a_del_frees_an_address() {
+    // A /29: network, gateway (.1) and broadcast leave five pod addresses.
+    let node = Node::start(NodeOptions { pod_subnet: Some("10.1.1.0/29".into()), ..NodeOptions::default() });
+    let pods: Vec<contiv_tests::Pod> = (0..5).map(|_| node.add_pod()).collect();
+    let ns = Netns::new("ctp");
+    let out = node.cni("ADD", "one-too-many", &ns.path().to_string_lossy(), "eth0", "1.1.0");
+    let v = out.json();
+    let code = v["code"].as_u64().unwrap_or_else(|| panic!("not an error: {v}"));
+    assert!(code >= 100, "plugin-specific errors are 100 and up (0-99 are the spec's): {v}");
+    assert_eq!(code, 101, "{v}");
+    assert_eq!(v["msg"], "no free pod address", "{v}");
+    assert!(v["details"].as_str().unwrap().contains("10.1.1.0/29"), "{v}");
+    // Nothing was built for the refused ADD.
+    assert_eq!(node.pod_links().len(), 5);
+    assert!(ns.ip(&["-o", "link", "show"]).lines().all(|l| !l.contains("eth0")));
+    // A DEL frees one, and the next ADD gets it.
+    node.del_pod(&pods[2]).ok();
+    let out = node.cni("ADD", "one-too-many", &ns.path().to_string_lossy(), "eth0", "1.1.0");
+    out.ok();
+    assert_eq!(contiv_tests::pod_ip(&out.json()), pods[2].ip);
+}

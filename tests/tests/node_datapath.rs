@@ -199,6 +199,28 @@ fn spoofed_source_ip_and_mac_are_dropped_and_counted() {
     assert!(counter(&c, "drop_spoofed_mac") >= 1, "{c:?}");
 }
 
+/// The container IDs the agent's durable state holds: the snapshot (state.json) with the
+/// journal of later changes (state.log) applied, as a restarted agent would read them.
+fn durable_attachments(node: &Node) -> Vec<String> {
+    let dir = node.dir.join("state");
+    let snapshot: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+    let mut held: std::collections::BTreeSet<String> = snapshot["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["containerId"].as_str().unwrap().to_owned())
+        .collect();
+    for line in std::fs::read_to_string(dir.join("state.log")).unwrap_or_default().lines() {
+        let change: serde_json::Value = serde_json::from_str(line).unwrap();
+        match change["op"].as_str() {
+            Some("put") => held.insert(change["attachment"]["containerId"].as_str().unwrap().to_owned()),
+            Some("remove") => held.remove(change["key"]["containerId"].as_str().unwrap()),
+            other => panic!("unknown journal record {other:?}: {line}"),
+        };
+    }
+    held.into_iter().collect()
+}
+
 #[test]
 fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
     let node = node();
@@ -226,9 +248,11 @@ fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
     assert_eq!(entries("POD_IFACES"), ifaces0, "POD_IFACES leaked");
     assert_eq!(entries("POD_COUNTERS"), counters0, "POD_COUNTERS leaked");
     assert!(!seen.contains(&keep.ip), "an address in use was handed out again");
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(node.dir.join("state/state.json")).unwrap()).unwrap();
-    assert_eq!(state["attachments"].as_array().unwrap().len(), 1, "only the kept pod holds an address");
+    assert_eq!(
+        durable_attachments(&node),
+        std::slice::from_ref(&keep.container_id),
+        "only the kept pod holds an address"
+    );
     // The kept pod still works.
     assert!(ping(&keep.ns, Ipv4Addr::new(10, 1, 1, 1), 1));
 }
@@ -370,4 +394,33 @@ fn tempfile_dir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(contiv_tests::unique("contiv-private-"));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+#[test]
+fn restart_removes_what_an_add_cut_short_left_behind() {
+    let mut node = node();
+    let a = node.add_pod();
+    // An ADD interrupted by a crash leaves a host end named like ours (its pod end in the
+    // pod's namespace) and a pin under links/, but no record: its address was never handed
+    // out (the record precedes the reply).
+    let pod = contiv_tests::Netns::new("ctp");
+    let orphan = "cv0123456789a";
+    node.ns.ip(&["link", "add", orphan, "type", "veth", "peer", "name", "eth0", "netns", pod.name()]);
+    let pin = node.pin_dir.join("links").join(orphan);
+    contiv_tests::run(
+        std::process::Command::new("bpftool").args(["map", "pin", "pinned"]).arg(node.pin_dir.join("PODS")).arg(&pin),
+    );
+    assert!(pin.exists() && node.pod_links().contains(&orphan.to_owned()));
+    let status = node.stop_agent();
+    assert!(status.success());
+    node.start_agent();
+    assert!(!node.pod_links().contains(&orphan.to_owned()), "the orphan host end is still there");
+    assert!(!pin.exists(), "the orphan pin is still there");
+    assert!(!pod.ip(&["-o", "link", "show"]).contains("eth0"), "the pod end went with its peer");
+    // The recorded pod is untouched and still forwards.
+    assert_eq!(node.pod_links().len(), 1);
+    assert!(ping(&a.ns, Ipv4Addr::new(10, 1, 1, 1), 1));
+    let b = node.add_pod();
+    assert_ne!(a.ip, b.ip);
+    tcp_exchange(&a, &b, b"after the cleanup");
 }

@@ -1,6 +1,7 @@
 //! Project tasks. `cargo xtask <task>`; every task that builds runs `setup` first, so a
 //! fresh machine needs nothing else.
 
+mod bench_cni;
 mod bench_datapath;
 mod bench_net;
 mod bench_overlay;
@@ -57,9 +58,9 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
-    /// Benchmarks against their baselines: `datapath`, `overlay`, `store` or `vpp`.
+    /// Benchmarks against their baselines: `datapath`, `overlay`, `cni`, `store` or `vpp`.
     Bench {
-        #[arg(value_parser = ["datapath", "overlay", "store", "vpp"])]
+        #[arg(value_parser = ["datapath", "overlay", "cni", "store", "vpp"])]
         which: String,
     },
 }
@@ -232,6 +233,11 @@ fn main() -> Result<()> {
                     bench_overlay::run(&bins)
                 }
                 "vpp" => bench_vpp::run(),
+                "cni" => {
+                    require_root("the CNI benchmark")?;
+                    let bins = build_bins(true)?;
+                    bench_cni::run(&bins)
+                }
                 _ => bench_store::run(),
             }
         }

@@ -62,7 +62,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
         &["/usr/sbin/ip|/usr/bin/ip|/sbin/ip|/bin/ip", "/usr/sbin/tc|/sbin/tc"],
         "namespaces, veths, qdiscs",
     ),
-    req("util-linux", &["/usr/bin/nsenter"], "agents run under nsenter --net"),
+    req(
+        "util-linux",
+        &["/usr/bin/nsenter", "/usr/bin/setpriv"],
+        "agents run under nsenter --net; setpriv runs contiv-cni as a non-root user in tests",
+    ),
     req("nftables", &["/usr/sbin/nft"], "the agent masquerades pod traffic leaving the cluster"),
     req("tcpdump", &["/usr/bin/tcpdump"], "tests check what crosses the fabric"),
     req("procps", &["/usr/sbin/sysctl|/sbin/sysctl"], "sysctl in node namespaces"),

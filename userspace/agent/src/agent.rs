@@ -1,17 +1,28 @@
 //! The node agent's core: the CNI operations (ADD, DEL, CHECK, STATUS, GC) on top of
 //! the persistent node state, pod interfaces and the eBPF datapath.
 //!
-//! One lock serialises every change, so concurrent ADDs never race for an address and
-//! state, interfaces and maps move together. Every ADD step is undone if a later one
-//! fails: no half-wired pod is left behind.
+//! Two kinds of locks: one per attachment, held for a whole operation on it (the runtime
+//! must not run two at once on one attachment; if it does, they queue), and one for the
+//! node state and the datapath, held only for the short steps that change them (address
+//! reservation, map entries, the durable record). The slow kernel work (veth creation,
+//! pod-side netlink, the tcx attach's RCU grace period, link deletion) runs outside it, so
+//! ADDs and DELs of different pods overlap. Every ADD step is undone if a later one fails:
+//! no half-wired pod is left behind.
 
-use std::{net::Ipv4Addr, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Weak},
+};
 
 use contiv_cni_api::{codes, v1};
 use contiv_common::{OverlayCounters, PodCounters};
 use contiv_node_registry::NodeRegistration;
 use contiv_vswitch::{BuiltinVswitch, GatewayConfig, PortCounters, RunningPort, VswitchCounters};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::{
     apply::Applier,
@@ -21,6 +32,8 @@ use crate::{
     plan::{NodeParams, OverlayParams, Plan},
     podnet::{self, PodLinkSpec},
     state::{AttachmentKey, NodeState, PodAttachment},
+    tcx,
+    timing::phase,
     uplink::{Overlay, Uplink},
 };
 
@@ -60,6 +73,8 @@ pub struct Agent {
     /// The cluster model (from the store), once the cluster watch runs: links each
     /// attachment to its Pod object.
     model: std::sync::OnceLock<Arc<std::sync::RwLock<contiv_cluster_watch::ClusterModel>>>,
+    /// One lock per attachment with an operation in flight.
+    attachment_locks: std::sync::Mutex<HashMap<AttachmentKey, Weak<Mutex<()>>>>,
 }
 
 /// A pod as `contiv-agent pods` / the API shows it.
@@ -281,6 +296,7 @@ impl Agent {
             inner: Mutex::new(Inner { state, datapath, applier, node, registrations, gone: Default::default() }),
             slowpath: std::sync::Mutex::new(Some(port)),
             model: std::sync::OnceLock::new(),
+            attachment_locks: std::sync::Mutex::new(HashMap::new()),
         });
         agent.reconcile().await.context("bringing the dataplane in line with the node's pods")?;
         Ok(agent)
@@ -360,6 +376,31 @@ impl Agent {
                 Err(e) => log::error!("{}: {e}", a.host_ifname),
             }
         }
+        // An ADD cut short by a crash left an interface and a pinned link that no recorded
+        // attachment names (its address was never handed out: the record precedes the reply).
+        let names: std::collections::HashSet<String> =
+            inner.state.attachments().map(|a| a.host_ifname.clone()).collect();
+        match podnet::host_ends(&inner.node).await {
+            Ok(found) => {
+                for name in found.into_iter().filter(|n| !names.contains(n)) {
+                    log::warn!("removing {name}: left by an ADD that did not finish");
+                    if let Err(e) = podnet::delete_link(&inner.node, &name).await {
+                        log::error!("{name}: {e}");
+                    }
+                }
+            }
+            Err(e) => log::error!("listing pod interfaces: {e}"),
+        }
+        if let Ok(pins) = std::fs::read_dir(inner.datapath.pin_dir().join("links")) {
+            for pin in pins.flatten() {
+                let name = pin.file_name().to_string_lossy().into_owned();
+                if podnet::is_host_ifname(&name) && !names.contains(&name) {
+                    inner.datapath.forget_pod_link(&name);
+                }
+            }
+        }
+        // Map entries, routes and rules: resynced against what the kernel holds (entries
+        // nobody owns go, entries that are right stay untouched).
         let plan = self.plan(inner, None);
         inner.applier.resync(&mut inner.datapath, &plan).await?;
         if let Some(o) = &self.overlay {
@@ -404,6 +445,23 @@ impl Agent {
         }
     }
 
+    /// The lock of one attachment (created on first use, dropped with its last holder).
+    async fn lock_attachment(&self, key: &AttachmentKey) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.attachment_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.retain(|_, l| l.strong_count() > 0);
+            match locks.get(key).and_then(Weak::upgrade) {
+                Some(l) => l,
+                None => {
+                    let l = Arc::new(Mutex::new(()));
+                    locks.insert(key.clone(), Arc::downgrade(&l));
+                    l
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+
     /// CNI ADD.
     pub async fn add(&self, req: &v1::CniRequest) -> Result<v1::AddReply, CniError> {
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
@@ -416,25 +474,38 @@ impl Agent {
             ));
         }
         let (mtu, dns, bandwidth) = self.network_overrides(&req.network_config)?;
-        let mut inner = self.inner.lock().await;
-        if let Some(existing) = inner.state.get(&key) {
-            if existing.complete && existing.netns == req.netns {
-                // A repeated ADD for the same attachment returns what it already has.
-                return Ok(self.add_reply(existing));
-            }
-            return Err(CniError::new(
-                codes::INTERNAL,
-                "attachment already exists",
-                format!("{}/{} is attached to {}", req.container_id, req.ifname, existing.netns),
-            ));
-        }
-        let ip = inner
-            .state
-            .allocate_ip()
-            .map_err(|e| CniError::new(codes::IPAM_EXHAUSTED, "no free pod address", e.to_string()))?;
+        let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
+        // Reserve an address (in memory; see crate::state) and take what the unlocked steps need.
+        let (ip, node, prog, pin) = {
+            let mut inner = self.inner.lock().instrument(phase("lock")).await;
+            if let Some(existing) = inner.state.get(&key) {
+                if existing.complete && existing.netns == req.netns {
+                    // A repeated ADD for the same attachment returns what it already has.
+                    return Ok(self.add_reply(existing));
+                }
+                return Err(CniError::new(
+                    codes::INTERNAL,
+                    "attachment already exists",
+                    format!("{}/{} is attached to {}", req.container_id, req.ifname, existing.netns),
+                ));
+            }
+            let _reserve = phase("ipam_reserve").entered();
+            let (prog, pin) = inner
+                .datapath
+                .pod_attach_target(&host_ifname)
+                .map_err(|e| internal("preparing the datapath attach", e))?;
+            let ip = inner.state.reserve(&key).map_err(|e| {
+                CniError::new(
+                    codes::IPAM_EXHAUSTED,
+                    "no free pod address",
+                    format!("{e}: every address is held by a pod; DEL or GC of a pod frees one"),
+                )
+            })?;
+            (ip, inner.node.clone(), prog, pin)
+        };
         let (pod_namespace, pod_name) = crate::state::pod_identity(&req.args);
-        let mut attachment = PodAttachment {
+        let attachment = PodAttachment {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
             netns: req.netns.clone(),
@@ -444,19 +515,13 @@ impl Agent {
             host_ifindex: 0,
             host_mac: String::new(),
             pod_mac: String::new(),
-            complete: false,
+            complete: true,
             mtu,
             dns,
             pod_namespace,
             pod_name,
             bandwidth,
         };
-        // Reserve the address durably before anything is built.
-        inner
-            .state
-            .put(attachment.clone())
-            .map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the address reservation", e.to_string()))?;
-
         let spec = PodLinkSpec {
             netns: netns.to_owned(),
             ifname: req.ifname.clone(),
@@ -468,49 +533,89 @@ impl Agent {
             egress_shaper: bandwidth.and_then(|b| b.egress_shaper()),
             ingress_shaper: bandwidth.and_then(|b| b.ingress_shaper()),
         };
-        let result = async {
-            let link = podnet::create_pod_link(&inner.node, &spec)
-                .await
-                .map_err(|e| internal("wiring the pod interface", e))?;
-            attachment.host_ifindex = link.host_ifindex;
-            attachment.host_mac = format_mac(&link.host_mac);
-            attachment.pod_mac = format_mac(&link.pod_mac);
-            attachment.complete = true;
-            // Durable before the datapath knows the pod: a crash from here on leaves a
-            // complete attachment that the restarted agent wires (or DEL removes).
-            inner
-                .state
-                .put(attachment.clone())
-                .map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the attachment", e.to_string()))?;
-            let plan = self.plan(&inner, None);
-            let Inner { applier, datapath, .. } = &mut *inner;
-            let wired = match applier.apply(datapath, &plan).await {
-                Ok(()) => datapath.attach_pod(&host_ifname).map_err(|e| internal("attaching the datapath", e)),
-                Err(e) => Err(internal("programming the datapath", e)),
-            };
-            if let Err(e) = wired {
-                let _ = podnet::delete_link(&inner.node, &host_ifname).await;
-                inner.datapath.forget_pod_link(&host_ifname);
-                return Err(e);
+        match self.wire(&node, &spec, attachment, prog, pin).await {
+            Ok(attachment) => {
+                log::info!("ADD {}/{} -> {ip} on {host_ifname}", req.container_id, req.ifname);
+                Ok(phase("reply").in_scope(|| self.add_reply(&attachment)))
             }
-            Ok(())
+            Err(e) => {
+                log::warn!("ADD {}/{} failed: {} ({})", req.container_id, req.ifname, e.msg, e.details);
+                Err(e)
+            }
         }
-        .await;
-        if let Err(e) = result {
-            if let Err(err) = inner.state.remove(&key) {
-                log::error!("releasing {ip} after a failed ADD: {err}");
+    }
+
+    /// Builds the pod's interfaces and datapath and records the attachment. Any failure
+    /// undoes everything, including the address reservation.
+    ///
+    /// The tcx attach is the slow step: the kernel waits for an RCU grace period holding
+    /// RTNL, so it goes last among the netlink work (anything needing RTNL would wait for
+    /// it anyway) and overlaps only the map update and the fsync.
+    async fn wire(
+        &self,
+        node: &rtnetlink::Handle,
+        spec: &PodLinkSpec,
+        mut attachment: PodAttachment,
+        prog: aya::programs::ProgramFd,
+        pin: PathBuf,
+    ) -> Result<PodAttachment, CniError> {
+        let key = attachment.key();
+        let veth = match podnet::create_veth(node, spec).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.inner.lock().await.state.release(&key);
+                return Err(internal("wiring the pod interface", e));
             }
-            // Whatever the failed ADD installed for the pod goes with it.
-            let plan = self.plan(&inner, None);
-            let Inner { applier, datapath, .. } = &mut *inner;
-            if let Err(err) = applier.apply(datapath, &plan).await {
-                log::error!("removing {ip} from the datapath after a failed ADD: {err}");
+        };
+        attachment.host_ifindex = veth.host_ifindex;
+        attachment.host_mac = format_mac(&veth.host_mac);
+        let configured = podnet::configure_pod_side(&veth, spec).instrument(phase("pod_side_config")).await;
+        drop(veth);
+        let (recorded, attached) = match configured {
+            Err(e) => (Err(internal("configuring the pod interface", e)), Ok(())),
+            Ok(pod_mac) => {
+                attachment.pod_mac = format_mac(&pod_mac);
+                // The attach runs on a blocking thread while the maps are written and the
+                // attachment is persisted (no RTNL needed there). Persisting first is safe:
+                // a restarted agent attaches the program of every recorded pod.
+                let attach = {
+                    let (span, pin, ifindex) = (phase("bpf_attach_pin"), pin.clone(), attachment.host_ifindex);
+                    tokio::task::spawn_blocking(move || {
+                        span.in_scope(|| tcx::attach_pinned(prog.as_fd(), ifindex, &pin))
+                    })
+                };
+                let recorded = self.record(&attachment).await;
+                let attached = match attach.await {
+                    Ok(r) => r.map_err(|e| internal("attaching the pod program", e)),
+                    Err(e) => Err(internal("attaching the pod program", e)),
+                };
+                (recorded, attached)
             }
-            log::warn!("ADD {}/{} failed: {} ({})", req.container_id, req.ifname, e.msg, e.details);
-            return Err(e);
+        };
+        let Err(e) = recorded.and(attached) else {
+            return Ok(attachment);
+        };
+        // Undo: the interface (its deletion detaches the program and removes the pod end),
+        // the pin, the map entries, the record or reservation.
+        if let Err(err) = podnet::delete_link(node, &spec.host_ifname).await {
+            log::error!("removing {} after a failed ADD: {err}", spec.host_ifname);
         }
-        log::info!("ADD {}/{} -> {ip} on {host_ifname}", req.container_id, req.ifname);
-        Ok(self.add_reply(&attachment))
+        let _ = std::fs::remove_file(&pin);
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        inner.state.release(&key);
+        if inner.state.get(&key).is_some()
+            && let Err(err) = inner.state.remove(&key)
+        {
+            log::error!("releasing {} after a failed ADD: {err}", attachment.ip);
+        }
+        // Whatever the failed ADD installed for the pod (map entries, routes) goes with it.
+        let plan = self.plan(inner, None);
+        if let Err(err) = inner.applier.apply(&mut inner.datapath, &plan).await {
+            log::error!("removing {} from the datapath after a failed ADD: {err}", attachment.ip);
+        }
+        inner.applier.forget_counters(&mut inner.datapath, attachment.ip);
+        Err(e)
     }
 
     /// `mtu` and `dns` from the network config override the agent's defaults for a network;
@@ -567,31 +672,59 @@ impl Agent {
         }
     }
 
+    /// Persists the attachment (the one durable write of an ADD) and brings the dataplane
+    /// in line with it: its map entries, its /32 route and neighbour in the node.
+    async fn record(&self, attachment: &PodAttachment) -> Result<(), CniError> {
+        let mut guard = self.inner.lock().instrument(phase("lock")).await;
+        let inner = &mut *guard;
+        let persisted = phase("persist").in_scope(|| inner.state.put(attachment.clone()));
+        persisted.map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the attachment", e.to_string()))?;
+        let plan = self.plan(inner, None);
+        let applied = inner.applier.apply(&mut inner.datapath, &plan).instrument(phase("map_update")).await;
+        applied.map_err(|e| internal("programming the datapath", e))
+    }
+
     /// CNI DEL: idempotent; an attachment, interface or namespace already gone is success.
     pub async fn del(&self, req: &v1::CniRequest) -> Result<(), CniError> {
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
-        let mut inner = self.inner.lock().await;
-        let Some(a) = inner.state.get(&key).cloned() else {
+        let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
+        let Some(a) = self.inner.lock().instrument(phase("lock")).await.state.get(&key).cloned() else {
             return Ok(());
         };
-        self.unwire(&mut inner, &a).await
+        self.unwire(&a).await
     }
 
-    async fn unwire(&self, inner: &mut Inner, a: &PodAttachment) -> Result<(), CniError> {
+    /// Removes an attachment's map entries, interface and record. The caller holds the
+    /// attachment's lock; the node lock is taken only around the map and state changes, so
+    /// the interface deletion (several RCU grace periods in the kernel) overlaps other work.
+    async fn unwire(&self, a: &PodAttachment) -> Result<(), CniError> {
         // Best effort on every step, then report the first failure (netavark's teardown rule).
         let mut first_err = None;
         let key = a.key();
-        let plan = self.plan(inner, Some(&key));
-        if let Err(e) = inner.applier.apply(&mut inner.datapath, &plan).await {
-            first_err.get_or_insert(internal("removing the pod from the datapath", e));
+        {
+            let mut guard = self.inner.lock().instrument(phase("lock")).await;
+            let inner = &mut *guard;
+            let plan = self.plan(inner, Some(&key));
+            let removed = inner.applier.apply(&mut inner.datapath, &plan).instrument(phase("map_remove")).await;
+            if let Err(e) = removed {
+                first_err.get_or_insert(internal("removing the pod from the datapath", e));
+            }
         }
-        if let Err(e) = podnet::delete_link(&inner.node, &a.host_ifname).await {
+        let deleted = {
+            let (span, name) = (phase("link_delete"), a.host_ifname.clone());
+            tokio::task::spawn_blocking(move || span.in_scope(|| podnet::delete_link_blocking(&name)))
+                .await
+                .unwrap_or_else(|e| Err(podnet::PodNetError::Worker(e.to_string())))
+        };
+        if let Err(e) = deleted {
             first_err.get_or_insert(internal("deleting the pod interface", e));
         }
+        let mut inner = self.inner.lock().instrument(phase("lock")).await;
         inner.datapath.forget_pod_link(&a.host_ifname);
+        let inner = &mut *inner;
         inner.applier.forget_counters(&mut inner.datapath, a.ip);
         if first_err.is_none() {
-            match inner.state.remove(&key) {
+            match phase("persist").in_scope(|| inner.state.remove(&key)) {
                 Ok(_) => {
                     inner.gone.remove(&key);
                 }
@@ -681,8 +814,10 @@ impl Agent {
     pub async fn gc(&self, req: &v1::GcRequest) -> Result<u32, CniError> {
         let valid: std::collections::HashSet<AttachmentKey> =
             req.valid_attachments.iter().map(|v| AttachmentKey::new(&v.container_id, &v.ifname)).collect();
-        let mut inner = self.inner.lock().await;
-        let stale: Vec<PodAttachment> = inner
+        let stale: Vec<PodAttachment> = self
+            .inner
+            .lock()
+            .await
             .state
             .attachments()
             .filter(|a| a.network_name == req.network_name && !valid.contains(&a.key()))
@@ -691,7 +826,12 @@ impl Agent {
         let mut removed = 0;
         let mut first_err = None;
         for a in &stale {
-            match self.unwire(&mut inner, a).await {
+            let _attachment_lock = self.lock_attachment(&a.key()).await;
+            // A DEL may have removed it meanwhile.
+            if self.inner.lock().await.state.get(&a.key()) != Some(a) {
+                continue;
+            }
+            match self.unwire(a).await {
                 Ok(()) => removed += 1,
                 Err(e) => {
                     first_err.get_or_insert(e);

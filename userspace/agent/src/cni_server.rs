@@ -4,8 +4,19 @@ use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use contiv_cni_api::v1::{self, cni_server::CniServer};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-use crate::agent::Agent;
+use crate::{
+    agent::Agent,
+    timing::{self, PluginTiming},
+};
+
+/// The root timing span of a request on an attachment.
+fn operation(op: &'static str, req: &Request<v1::CniRequest>) -> tracing::Span {
+    let plugin = PluginTiming::from_metadata(req.metadata());
+    let r = req.get_ref();
+    timing::operation(op, &format!("{}/{}", r.container_id, r.ifname), plugin)
+}
 
 /// The tonic service: translates between the wire contract and [`Agent`].
 pub struct CniService {
@@ -15,7 +26,8 @@ pub struct CniService {
 #[tonic::async_trait]
 impl v1::cni_server::Cni for CniService {
     async fn add(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::AddReply>, Status> {
-        let reply = match self.agent.add(req.get_ref()).await {
+        let span = operation("ADD", &req);
+        let reply = match self.agent.add(req.get_ref()).instrument(span).await {
             Ok(r) => r,
             Err(e) => v1::AddReply { error: Some(e.to_proto()), ..Default::default() },
         };
@@ -23,7 +35,8 @@ impl v1::cni_server::Cni for CniService {
     }
 
     async fn del(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::DelReply>, Status> {
-        let error = self.agent.del(req.get_ref()).await.err().map(|e| e.to_proto());
+        let span = operation("DEL", &req);
+        let error = self.agent.del(req.get_ref()).instrument(span).await.err().map(|e| e.to_proto());
         Ok(Response::new(v1::DelReply { error }))
     }
 

@@ -159,6 +159,13 @@ pub struct AgentConfig {
 }
 
 pub const DEFAULT_POD_SUBNET: &str = "10.1.1.0/24";
+/// A node's pod subnet: at most a /16 (65,534 addresses; far more than one node runs) and
+/// at least a /30 (network, gateway, broadcast and one pod).
+pub const POD_SUBNET_PREFIXES: std::ops::RangeInclusive<u8> = 16..=30;
+/// The cluster's pod subnet: at most a /8 (the largest private range).
+pub const MIN_POD_SUBNET_CIDR_PREFIX: u8 = 8;
+/// The longest path a unix socket address holds (108 bytes with the terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 pub const DEFAULT_POD_SUBNET_CIDR: &str = "10.1.0.0/16";
 pub const DEFAULT_GATEWAY_MAC: [u8; 6] = [0x02, 0xfe, 0x00, 0x00, 0x00, 0x01];
 
@@ -207,12 +214,22 @@ impl AgentConfig {
     fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         let pod_subnet_fixed = raw.pod_subnet.is_some();
         let gateway_fixed = raw.gateway.is_some();
-        let pod_subnet_cidr =
-            raw.pod_subnet_cidr.unwrap_or_else(|| DEFAULT_POD_SUBNET_CIDR.parse().expect("valid default")).trunc();
-        let pod_prefix_len = raw.pod_prefix_len.unwrap_or(24);
-        if pod_prefix_len <= pod_subnet_cidr.prefix_len() || pod_prefix_len > 30 {
+        let given_cidr = raw.pod_subnet_cidr.unwrap_or_else(|| DEFAULT_POD_SUBNET_CIDR.parse().expect("valid default"));
+        if given_cidr.prefix_len() < MIN_POD_SUBNET_CIDR_PREFIX {
             return Err(ConfigError::Invalid(format!(
-                "podPrefixLen {pod_prefix_len} must be longer than podSubnetCIDR {pod_subnet_cidr} and at most 30"
+                "podSubnetCIDR {given_cidr}: a /{} covers public and reserved addresses; the cluster's pod subnet \
+                 can be at most a /{MIN_POD_SUBNET_CIDR_PREFIX} (e.g. 10.0.0.0/8)",
+                given_cidr.prefix_len()
+            )));
+        }
+        let pod_subnet_cidr = given_cidr.trunc();
+        check_usable_range("podSubnetCIDR", &given_cidr)?;
+        let pod_prefix_len = raw.pod_prefix_len.unwrap_or(24);
+        if pod_prefix_len <= pod_subnet_cidr.prefix_len() || !POD_SUBNET_PREFIXES.contains(&pod_prefix_len) {
+            return Err(ConfigError::Invalid(format!(
+                "podPrefixLen {pod_prefix_len} must be longer than podSubnetCIDR {pod_subnet_cidr} and between {} and {}",
+                POD_SUBNET_PREFIXES.start(),
+                POD_SUBNET_PREFIXES.end()
             )));
         }
         if let Some(eps) = &raw.etcd_endpoints
@@ -222,10 +239,19 @@ impl AgentConfig {
                 "etcdEndpoints entry {bad:?} must be an http:// or https:// URL"
             )));
         }
-        let pod_subnet = raw.pod_subnet.unwrap_or_else(|| DEFAULT_POD_SUBNET.parse().expect("valid default")).trunc();
-        if pod_subnet.prefix_len() > 30 {
-            return Err(ConfigError::Invalid(format!("podSubnet {pod_subnet} is too small: need at least a /30")));
+        let given_subnet = raw.pod_subnet.unwrap_or_else(|| DEFAULT_POD_SUBNET.parse().expect("valid default"));
+        if given_subnet.prefix_len() > *POD_SUBNET_PREFIXES.end() {
+            return Err(ConfigError::Invalid(format!("podSubnet {given_subnet} is too small: need at least a /30")));
         }
+        if given_subnet.prefix_len() < *POD_SUBNET_PREFIXES.start() {
+            return Err(ConfigError::Invalid(format!(
+                "podSubnet {given_subnet} is too large for one node: a node's pod subnet is at most a /{} \
+                 (the cluster-wide range is podSubnetCIDR)",
+                POD_SUBNET_PREFIXES.start()
+            )));
+        }
+        check_usable_range("podSubnet", &given_subnet)?;
+        let pod_subnet = given_subnet.trunc();
         let first_host = Ipv4Addr::from(u32::from(pod_subnet.network()) + 1);
         let gateway = raw.gateway.unwrap_or(first_host);
         if !pod_subnet.contains(&gateway) || gateway == pod_subnet.network() || gateway == pod_subnet.broadcast() {
@@ -274,13 +300,40 @@ impl AgentConfig {
             return Err(ConfigError::Invalid("the two ends of the slow-path port need different names".into()));
         }
         let node_name = match raw.node_name {
-            Some(n) if !n.is_empty() => n,
-            Some(_) => return Err(ConfigError::Invalid("nodeName must not be empty".into())),
+            Some(n) if n.is_empty() => return Err(ConfigError::Invalid("nodeName must not be empty".into())),
+            // The name is part of store keys: no separators, no spaces, DNS length.
+            Some(n) if n.len() > 253 || n.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control()) => {
+                return Err(ConfigError::Invalid(format!(
+                    "nodeName {n:?} must be a host name: at most 253 characters, no '/', spaces or control characters"
+                )));
+            }
+            Some(n) => n,
             None => {
                 nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
             }
         };
+        let cni_socket = raw.cni_socket.unwrap_or_else(|| contiv_cni_api::DEFAULT_SOCKET.into());
+        check_path("cniSocket", &cni_socket)?;
+        if cni_socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ConfigError::Invalid(format!(
+                "cniSocket {cni_socket:?} is {} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}",
+                cni_socket.as_os_str().len()
+            )));
+        }
+        if cni_socket.as_os_str().as_encoded_bytes().ends_with(b"/") {
+            return Err(ConfigError::Invalid(format!("cniSocket {cni_socket:?} names a directory, not a socket file")));
+        }
         let state_dir = raw.state_dir.unwrap_or_else(|| "/var/lib/contiv".into());
+        check_path("stateDir", &state_dir)?;
+        if let Some(dir) = &raw.store_dir {
+            check_path("storeDir", dir)?;
+        }
+        let bpf_pin_dir = raw.bpf_pin_dir.unwrap_or_else(|| contiv_common::DEFAULT_PIN_DIR.into());
+        check_path("bpfPinDir", &bpf_pin_dir)?;
+        let dns = raw.dns.unwrap_or_default();
+        if let Some(bad) = dns.nameservers.iter().find(|n| n.parse::<std::net::IpAddr>().is_err()) {
+            return Err(ConfigError::Invalid(format!("dns.nameservers entry {bad:?} is not an IP address")));
+        }
         Ok(Self {
             node_name,
             pod_subnet,
@@ -300,12 +353,12 @@ impl AgentConfig {
             overlay,
             masquerade: raw.masquerade.unwrap_or(true),
             allow_private_bpffs: raw.allow_private_bpffs.unwrap_or(false),
-            cni_socket: raw.cni_socket.unwrap_or_else(|| contiv_cni_api::DEFAULT_SOCKET.into()),
+            cni_socket,
             state_dir,
-            bpf_pin_dir: raw.bpf_pin_dir.unwrap_or_else(|| contiv_common::DEFAULT_PIN_DIR.into()),
+            bpf_pin_dir,
             slowpath_host_ifname,
             slowpath_vswitch_ifname,
-            dns: raw.dns.unwrap_or_default(),
+            dns,
         })
     }
 }
@@ -313,7 +366,7 @@ impl AgentConfig {
 /// An interface name from the file (or `default`), checked against the kernel's rules.
 fn ifname_check(v: Option<String>, default: &str, field: &str) -> Result<String, ConfigError> {
     let name = v.unwrap_or_else(|| default.to_owned());
-    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) || name == "." || name == ".." {
+    if !valid_ifname(&name) {
         return Err(ConfigError::Invalid(format!("{field} {name:?} is not a valid interface name")));
     }
     Ok(name)
@@ -325,6 +378,49 @@ impl AgentConfig {
     pub fn pod_mtu(&self, uplink_mtu: Option<u32>) -> u32 {
         self.mtu.unwrap_or_else(|| uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).max(576)))
     }
+}
+
+/// A Linux interface name: 1-15 bytes, not `.` or `..`, no `/`, `:` or whitespace.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// A path field: set to something, and absolute (the agent is a daemon; a relative path
+/// would depend on the directory it happens to start in).
+fn check_path(field: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid(format!("{field} must not be empty (leave it out for the default)")));
+    }
+    if !path.is_absolute() {
+        return Err(ConfigError::Invalid(format!("{field} {path:?} must be an absolute path")));
+    }
+    if path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(ConfigError::Invalid(format!("{field} {path:?} contains a NUL byte")));
+    }
+    Ok(())
+}
+
+/// Pod addresses must be ordinary unicast addresses: not "this network" (0/8), loopback,
+/// link-local, multicast or the reserved/broadcast block.
+fn check_usable_range(field: &str, net: &Ipv4Net) -> Result<(), ConfigError> {
+    const RESERVED: [(&str, &str); 5] = [
+        ("0.0.0.0/8", "\"this network\""),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved and broadcast"),
+    ];
+    for (cidr, what) in RESERVED {
+        let reserved: Ipv4Net = cidr.parse().expect("literal CIDR");
+        if net.contains(&reserved.network()) || reserved.contains(&net.network()) {
+            return Err(ConfigError::Invalid(format!("{field} {net} overlaps {cidr} ({what} addresses)")));
+        }
+    }
+    Ok(())
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -407,9 +503,39 @@ mod tests {
             ("vxlanVni = 0", "vxlanVni"),
             ("vxlanVni = 16777216", "vxlanVni"),
             ("nodeIP = \"x\"", "nodeIP"),
+            // A new user's mistakes: the whole address space, an empty or relative path.
+            ("podSubnet = \"10.0.0.0/0\"", "podSubnet 10.0.0.0/0"),
+            ("podSubnet = \"10.0.0.0/8\"", "podSubnet"),
+            ("podSubnet = \"127.0.0.0/24\"", "loopback"),
+            ("podSubnetCIDR = \"10.0.0.0/0\"", "podSubnetCIDR 10.0.0.0/0"),
+            ("podSubnetCIDR = \"224.0.0.0/8\"", "multicast"),
+            ("podPrefixLen = 31", "podPrefixLen"),
+            ("podSubnetCIDR = \"10.0.0.0/8\"\npodPrefixLen = 12", "podPrefixLen"),
+            ("cniSocket = \"\"", "cniSocket"),
+            ("cniSocket = \"run/cni.sock\"", "cniSocket"),
+            ("cniSocket = \"/run/contiv/\"", "cniSocket"),
+            (&format!("cniSocket = \"/{}\"", "s".repeat(120)), "cniSocket"),
+            ("stateDir = \"\"", "stateDir"),
+            ("storeDir = \"store\"", "storeDir"),
+            ("bpfPinDir = \"\"", "bpfPinDir"),
+            ("nodeName = \"a/b\"", "nodeName"),
+            ("slowpathHostIfname = \"a:b\"", "slowpathHostIfname"),
+            ("[dns]\nnameservers = [\"dns.example\"]", "dns.nameservers"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");
+        }
+    }
+
+    #[test]
+    fn boundary_values_are_accepted() {
+        for text in [
+            "podSubnet = \"10.1.0.0/16\"",
+            "podSubnet = \"10.1.1.0/30\"",
+            "podSubnetCIDR = \"10.0.0.0/8\"\npodPrefixLen = 16",
+            "cniSocket = \"/run/c.sock\"",
+        ] {
+            AgentConfig::from_toml(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         }
     }
 

@@ -313,6 +313,16 @@ impl Datapath {
         Ok(())
     }
 
+    /// What an ADD needs to attach `tc_from_pod` to a new pod interface on its own (see
+    /// [`crate::tcx`]): a new fd of the loaded program, and where the link is pinned.
+    pub fn pod_attach_target(&self, host_ifname: &str) -> Result<(aya::programs::ProgramFd, PathBuf)> {
+        let name = program_names::FROM_POD;
+        let prog: &SchedClassifier =
+            self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+        let fd = prog.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?;
+        Ok((fd, pod_link_pin(&self.pin_dir, host_ifname)))
+    }
+
     fn attach_tcx(&mut self, name: &'static str, ifname: &str, dir: TcAttachType, pin: Option<&Path>) -> Result<()> {
         let prog: &mut SchedClassifier =
             self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;

@@ -13,4 +13,6 @@ pub mod plan;
 pub mod podnet;
 pub mod state;
 pub mod status;
+pub mod tcx;
+pub mod timing;
 pub mod uplink;

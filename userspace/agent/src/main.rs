@@ -27,7 +27,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logging();
     let cli = Cli::parse();
     let config = match &cli.config {
         Some(path) => AgentConfig::from_file(path),
@@ -58,6 +58,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); `log` records of the agent's
+/// libraries are bridged in. `contiv_agent::timing=debug` adds one line per CNI ADD with the
+/// wall time of each phase (see the README, "Where ADD time goes").
+fn init_logging() {
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(contiv_agent::timing::PhaseTimings).try_init();
 }
 
 async fn run(config: AgentConfig) -> anyhow::Result<()> {

@@ -1,26 +1,30 @@
 //! Pod interfaces over rtnetlink: a veth pair per attachment, host end in the node's
-//! namespace, pod end moved into the pod's namespace, renamed to CNI_IFNAME and given
-//! a /32 address, a scope-link route to the gateway, a default route via it and a
+//! namespace, pod end created directly inside the pod's namespace under CNI_IFNAME (so it
+//! is never moved: moving a device between namespaces waits for an RCU grace period) and
+//! given a /32 address, a scope-link route to the gateway, a default route via it and a
 //! permanent neighbour entry for it.
 //!
-//! Work inside a pod's namespace happens on a short-lived thread that enters the
-//! namespace (setns only affects that thread) with its own netlink socket; the
-//! agent's threads never change namespace.
+//! For a pod's namespace the agent opens a netlink socket inside it: a short-lived thread
+//! enters the namespace (setns only affects that thread), creates the socket and exits; the
+//! socket stays bound to that namespace and is used from the agent's runtime like the
+//! node's. The agent's own threads never change namespace.
 
 use std::{
+    fs::File,
     future::Future,
     net::{IpAddr, Ipv4Addr},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use futures::TryStreamExt;
+use tracing::Instrument;
 
-use crate::bandwidth::Shaper;
+use crate::{bandwidth::Shaper, timing::phase};
 use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
-        link::{LinkAttribute, LinkMessage},
+        link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
         neighbour::NeighbourState,
         route::RouteScope,
     },
@@ -52,6 +56,13 @@ pub enum PodNetError {
     /// The namespace worker thread failed.
     #[error("namespace worker: {0}")]
     Worker(String),
+    /// A netlink request on a socket of its own (not the async connection) failed.
+    #[error("{what}: {source}")]
+    Kernel {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Result<T, E = PodNetError> = std::result::Result<T, E>;
@@ -77,14 +88,6 @@ pub struct PodLinkSpec {
     pub ingress_shaper: Option<Shaper>,
 }
 
-/// The result of wiring a pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodLink {
-    pub host_ifindex: u32,
-    pub host_mac: [u8; 6],
-    pub pod_mac: [u8; 6],
-}
-
 /// What the pod's side looks like now (for CHECK).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodSideView {
@@ -102,6 +105,27 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     format!("cv{}", &hex[..11])
 }
 
+/// Whether `name` has the form [`host_ifname`] gives host ends (`cv` + 11 hex digits).
+pub fn is_host_ifname(name: &str) -> bool {
+    name.len() == 13 && name.starts_with("cv") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Names of the links in the node namespace that look like pod host ends.
+pub async fn host_ends(node: &Handle) -> Result<Vec<String>> {
+    let mut links = node.link().get().execute();
+    let mut names = vec![];
+    while let Some(link) = links.try_next().await.map_err(nl("listing links"))? {
+        for attr in &link.attributes {
+            if let LinkAttribute::IfName(name) = attr
+                && is_host_ifname(name)
+            {
+                names.push(name.clone());
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// Opens a netlink connection in the current thread's namespace.
 fn connect() -> Result<Handle> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| PodNetError::Worker(e.to_string()))?;
@@ -109,35 +133,50 @@ fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
+/// Opens the network namespace at `netns` (a runtime's CNI_NETNS).
+pub fn open_netns(netns: &Path) -> Result<File> {
+    File::open(netns).map_err(|source| PodNetError::Netns { path: netns.to_owned(), source })
+}
+
+/// A netlink handle whose socket lives in the namespace `ns` (opened from `path`), served
+/// by the calling runtime. The connection closes when the last handle clone is dropped.
+pub async fn netns_handle(ns: &File, path: &Path) -> Result<Handle> {
+    let ns = ns.try_clone().map_err(|source| PodNetError::Netns { path: path.to_owned(), source })?;
+    let owned_path = path.to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("netns-socket".into())
+        .spawn(move || {
+            let open = || -> Result<OwnedFd> {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| PodNetError::Netns { path: owned_path.clone(), source: std::io::Error::from(e) })?;
+                let socket = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
+                    .map_err(|e| PodNetError::Worker(format!("netlink socket in {}: {e}", owned_path.display())))?;
+                // SAFETY: into_raw_fd hands over the socket's only fd.
+                Ok(unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) })
+            };
+            // The thread ends here: its namespace switch dies with it.
+            let _ = tx.send(open());
+        })
+        .map_err(|e| PodNetError::Worker(e.to_string()))?;
+    let fd = rx.await.map_err(|_| PodNetError::Worker("namespace socket thread died".into()))??;
+    // SAFETY: the fd is a netlink socket we own; TokioSocket takes it over (and registers it
+    // with this runtime's reactor).
+    let socket = unsafe { rtnetlink::sys::TokioSocket::from_raw_fd(fd.into_raw_fd()) };
+    let (conn, handle, _) = rtnetlink::from_socket(socket);
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
 /// Runs `f` with a netlink handle opened inside the namespace at `netns`.
 pub async fn in_netns<F, Fut, T>(netns: &Path, f: F) -> Result<T>
 where
-    F: FnOnce(Handle) -> Fut + Send + 'static,
+    F: FnOnce(Handle) -> Fut,
     Fut: Future<Output = Result<T>>,
-    T: Send + 'static,
 {
-    let ns_file = std::fs::File::open(netns).map_err(|source| PodNetError::Netns { path: netns.to_owned(), source })?;
-    let path = netns.to_owned();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("netns-worker".into())
-        .spawn(move || {
-            let run = || -> Result<T> {
-                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| PodNetError::Netns { path: path.clone(), source: std::io::Error::from(e) })?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| PodNetError::Worker(e.to_string()))?;
-                rt.block_on(async move {
-                    let handle = connect()?;
-                    f(handle).await
-                })
-            };
-            let _ = tx.send(run());
-        })
-        .map_err(|e| PodNetError::Worker(e.to_string()))?;
-    rx.await.map_err(|_| PodNetError::Worker("namespace worker died".into()))?
+    let ns = open_netns(netns)?;
+    let handle = netns_handle(&ns, netns).await?;
+    f(handle).await
 }
 
 /// Looks a link up by name; `None` if it does not exist.
@@ -162,77 +201,77 @@ pub fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
     })
 }
 
-/// Creates the veth pair and configures both ends. On error, whatever was created is removed.
-pub async fn create_pod_link(node: &Handle, spec: &PodLinkSpec) -> Result<PodLink> {
+/// A pod's veth pair right after creation: both ends exist, the host end is up, nothing
+/// is configured inside the pod yet.
+pub struct PodVeth {
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    /// netlink inside the pod's namespace.
+    pod: Handle,
+}
+
+/// Creates the veth pair: the host end in the node namespace, the pod end directly in the
+/// pod's namespace under its final name, the host end up. Fails if the pod already has an interface
+/// of that name. On error nothing is left behind.
+pub async fn create_veth(node: &Handle, spec: &PodLinkSpec) -> Result<PodVeth> {
+    let ns = phase("netns_open").in_scope(|| open_netns(&spec.netns))?;
+    let pod = netns_handle(&ns, &spec.netns).instrument(phase("netns_socket")).await?;
     // The pod's interface name must be free in its namespace before we build anything.
-    let ifname = spec.ifname.clone();
-    let taken = in_netns(&spec.netns, move |h| async move { Ok(link_by_name(&h, &ifname).await?.is_some()) }).await?;
+    let taken = link_by_name(&pod, &spec.ifname).instrument(phase("pod_ifname_check")).await?.is_some();
     if taken {
         return Err(PodNetError::IfnameTaken(spec.ifname.clone()));
     }
     // A leftover host end from an earlier, interrupted attempt would block the name.
-    delete_link(node, &spec.host_ifname).await?;
-    let result = wire(node, spec).await;
-    if result.is_err()
-        && let Err(e) = delete_link(node, &spec.host_ifname).await
-    {
-        log::warn!("cleaning up {} after a failed ADD: {e}", spec.host_ifname);
+    delete_link(node, &spec.host_ifname).instrument(phase("leftover_delete")).await?;
+    // The pod end cannot be brought up in the same request (the kernel opens it before the
+    // pair is linked and refuses); configure_pod_side does it first thing.
+    let peer = LinkUnspec::new_with_name(&spec.ifname).mtu(spec.mtu).setns_by_fd(ns.as_raw_fd()).build();
+    let veth = LinkVeth::new(&spec.host_ifname, &spec.ifname)
+        .mtu(spec.mtu)
+        .up()
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    node.link().add(veth).execute().instrument(phase("veth_create")).await.map_err(nl(format!(
+        "creating veth {} (peer {} in {})",
+        spec.host_ifname,
+        spec.ifname,
+        spec.netns.display()
+    )))?;
+    drop(ns);
+    let host = async {
+        link_by_name(node, &spec.host_ifname).await?.ok_or_else(|| PodNetError::NotFound(spec.host_ifname.clone()))
     }
-    result
+    .instrument(phase("host_lookup"))
+    .await;
+    // What the pod receives is shaped on the host end (the fast path hands such a pod's
+    // traffic to the host end's egress).
+    let host = match (host, spec.ingress_shaper) {
+        (Ok(host), Some(shaper)) => set_tbf_root(node, host.header.index, shaper).await.map(|()| host),
+        (host, _) => host,
+    };
+    match host {
+        Ok(host) => Ok(PodVeth { host_ifindex: host.header.index, host_mac: link_mac(&host).unwrap_or_default(), pod }),
+        Err(e) => {
+            if let Err(del) = delete_link(node, &spec.host_ifname).await {
+                log::warn!("cleaning up {} after a failed ADD: {del}", spec.host_ifname);
+            }
+            Err(e)
+        }
+    }
 }
 
-async fn wire(node: &Handle, spec: &PodLinkSpec) -> Result<PodLink> {
-    // Temporary peer name in the node namespace; renamed to CNI_IFNAME inside the pod.
-    let peer_tmp = format!("cvp{}", &spec.host_ifname[2..]);
-    node.link()
-        .add(LinkVeth::new(&spec.host_ifname, &peer_tmp).mtu(spec.mtu).build())
-        .execute()
-        .await
-        .map_err(nl(format!("creating veth {}", spec.host_ifname)))?;
-    let host =
-        link_by_name(node, &spec.host_ifname).await?.ok_or_else(|| PodNetError::NotFound(spec.host_ifname.clone()))?;
-    let peer = link_by_name(node, &peer_tmp).await?.ok_or_else(|| PodNetError::NotFound(peer_tmp.clone()))?;
-    let ns_file =
-        std::fs::File::open(&spec.netns).map_err(|source| PodNetError::Netns { path: spec.netns.clone(), source })?;
-    node.link()
-        .set(LinkUnspec::new_with_index(peer.header.index).setns_by_fd(ns_file.as_raw_fd()).build())
-        .execute()
-        .await
-        .map_err(nl("moving the pod end into its namespace"))?;
-    drop(ns_file);
-
-    let s = spec.clone();
-    let pod_mac = in_netns(&spec.netns, move |h| async move { configure_pod_side(&h, &peer_tmp, &s).await }).await?;
-
-    if let Some(shaper) = spec.ingress_shaper {
-        set_tbf_root(node, host.header.index, shaper).await?;
-    }
-    node.link()
-        .set(LinkUnspec::new_with_index(host.header.index).up().build())
-        .execute()
-        .await
-        .map_err(nl(format!("bringing {} up", spec.host_ifname)))?;
-    Ok(PodLink { host_ifindex: host.header.index, host_mac: link_mac(&host).unwrap_or_default(), pod_mac })
-}
-
-async fn configure_pod_side(h: &Handle, tmp_name: &str, spec: &PodLinkSpec) -> Result<[u8; 6]> {
-    let link = link_by_name(h, tmp_name).await?.ok_or_else(|| PodNetError::NotFound(tmp_name.to_owned()))?;
+/// Configures the pod end (up, address, routes, gateway neighbour) and returns its MAC. The
+/// requests are sent back to back and their answers awaited together; the kernel handles a
+/// socket's requests in order. The caller removes the pair if this fails.
+pub async fn configure_pod_side(veth: &PodVeth, spec: &PodLinkSpec) -> Result<[u8; 6]> {
+    let h = &veth.pod;
+    let link = link_by_name(h, &spec.ifname).await?.ok_or_else(|| PodNetError::NotFound(spec.ifname.clone()))?;
     let index = link.header.index;
-    h.link()
-        .set(LinkUnspec::new_with_index(index).name(spec.ifname.clone()).mtu(spec.mtu).build())
-        .execute()
-        .await
-        .map_err(nl(format!("renaming the pod end to {}", spec.ifname)))?;
-    if let Some(shaper) = spec.egress_shaper {
-        set_tbf_root(h, index, shaper).await?;
-    }
-    h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(nl(format!("bringing {} up", spec.ifname)))?;
-    h.address().add(index, IpAddr::V4(spec.ip), 32).execute().await.map_err(nl(format!("adding {}/32", spec.ip)))?;
-    h.route()
+    let pod_mac = link_mac(&link).ok_or_else(|| PodNetError::NotFound(format!("MAC of {}", spec.ifname)))?;
+    let up = h.link().set(LinkUnspec::new_with_index(index).up().build()).execute();
+    let address = h.address().add(index, IpAddr::V4(spec.ip), 32).execute();
+    let gateway_route = h
+        .route()
         .add(
             RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(spec.gateway, 32)
@@ -240,10 +279,9 @@ async fn configure_pod_side(h: &Handle, tmp_name: &str, spec: &PodLinkSpec) -> R
                 .scope(RouteScope::Link)
                 .build(),
         )
-        .execute()
-        .await
-        .map_err(nl(format!("adding the route to gateway {}", spec.gateway)))?;
-    h.route()
+        .execute();
+    let default_route = h
+        .route()
         .add(
             RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
@@ -251,19 +289,26 @@ async fn configure_pod_side(h: &Handle, tmp_name: &str, spec: &PodLinkSpec) -> R
                 .output_interface(index)
                 .build(),
         )
-        .execute()
-        .await
-        .map_err(nl("adding the default route"))?;
-    h.neighbours()
+        .execute();
+    let neighbour = h
+        .neighbours()
         .add(index, IpAddr::V4(spec.gateway))
         .link_layer_address(&spec.gateway_mac)
         .state(NeighbourState::Permanent)
         .replace()
-        .execute()
-        .await
-        .map_err(nl("adding the gateway's neighbour entry"))?;
-    let link = link_by_name(h, &spec.ifname).await?.ok_or_else(|| PodNetError::NotFound(spec.ifname.clone()))?;
-    link_mac(&link).ok_or_else(|| PodNetError::NotFound(format!("MAC of {}", spec.ifname)))
+        .execute();
+    // join polls in argument order, so the requests go out in this order.
+    let (u, a, g, d, n) = futures::join!(up, address, gateway_route, default_route, neighbour);
+    u.map_err(nl(format!("bringing {} up", spec.ifname)))?;
+    a.map_err(nl(format!("adding {}/32", spec.ip)))?;
+    g.map_err(nl(format!("adding the route to gateway {}", spec.gateway)))?;
+    d.map_err(nl("adding the default route"))?;
+    n.map_err(nl("adding the gateway's neighbour entry"))?;
+    // What the pod sends is shaped on its own interface.
+    if let Some(shaper) = spec.egress_shaper {
+        set_tbf_root(h, index, shaper).await?;
+    }
+    Ok(pod_mac)
 }
 
 /// Makes a `tbf` qdisc with these parameters the root qdisc of a link (create or replace).
@@ -330,6 +375,44 @@ pub async fn delete_link(node: &Handle, name: &str) -> Result<()> {
     }
 }
 
+/// Deletes a link of the agent's own (node) namespace by name, on a netlink socket of its
+/// own, blocking; meant for `spawn_blocking`. The kernel handles RTM_DELLINK inside the
+/// sendmsg(2) call, including the wait until the device is released (tens of ms of grace
+/// periods): on the shared async connection one deletion would hold up every other request
+/// and a runtime thread. A link already gone is success.
+pub fn delete_link_blocking(name: &str) -> Result<()> {
+    use rtnetlink::{
+        packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload},
+        packet_route::RouteNetlinkMessage,
+        sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
+    };
+    let what = || format!("deleting {name}");
+    let kernel = |source: std::io::Error| PodNetError::Kernel { what: what(), source };
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(kernel)?;
+    socket.bind_auto().map_err(kernel)?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    header.sequence_number = 1;
+    let link = LinkUnspec::new_with_name(name).build();
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)));
+    request.finalize();
+    let mut buf = vec![0u8; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send_to(&buf, &SocketAddr::new(0, 0), 0).map_err(kernel)?;
+    let mut reply = Vec::with_capacity(8192);
+    socket.recv(&mut reply, 0).map_err(kernel)?;
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply)
+        .map_err(|e| kernel(std::io::Error::other(e.to_string())))?;
+    match reply.payload {
+        NetlinkPayload::Error(e) => match e.code.map(|c| c.get()) {
+            None => Ok(()),
+            Some(code) if code == -libc::ENODEV => Ok(()),
+            Some(code) => Err(kernel(std::io::Error::from_raw_os_error(-code))),
+        },
+        other => Err(kernel(std::io::Error::other(format!("unexpected answer {other:?}")))),
+    }
+}
+
 /// Reads what the pod side looks like (for CHECK).
 pub async fn view_pod_side(netns: &Path, ifname: &str, gateway: Ipv4Addr) -> Result<Option<PodSideView>> {
     let ifname = ifname.to_owned();
@@ -386,6 +469,8 @@ mod tests {
     #[test]
     fn host_ifname_is_stable_short_and_distinct() {
         let a = host_ifname("abc", "eth0");
+        assert!(is_host_ifname(&a), "{a}");
+        assert!(!is_host_ifname("cslow0") && !is_host_ifname("cvzzzzzzzzzzz") && !is_host_ifname("eth0"));
         assert_eq!(a, host_ifname("abc", "eth0"));
         assert!(a.len() <= 15 && a.starts_with("cv"), "{a}");
         assert_ne!(a, host_ifname("abc", "eth1"));

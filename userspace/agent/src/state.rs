@@ -1,12 +1,30 @@
 //! The node's persistent state: which pod attachments exist and which IP each holds.
 //!
 //! IPAM is derived from the attachments (an address is in use exactly when an
-//! attachment holds it), so the two can never disagree. The file is replaced
-//! atomically (write, fsync, rename, fsync dir) after every change, before the
-//! CNI request is answered, so an agent restart never reissues an address in use.
+//! attachment holds it, or an ADD in flight has reserved it), so the two can never
+//! disagree. Every change is durable before the CNI request is answered, so an agent
+//! restart never reissues an address in use:
+//!
+//! - `state.json` is a snapshot, replaced atomically (write, fsync, rename, fsync dir);
+//! - `state.log` is a journal of the changes since: one JSON line per change, appended
+//!   and `fdatasync`ed (a small write to one file, several times cheaper than replacing
+//!   the snapshot). Opening replays it and folds it into a new snapshot, as does every
+//!   [`COMPACT_AFTER`]th change. Each line is a whole put or remove, so replaying the
+//!   journal over a snapshot that already holds it (a crash between the two steps of a
+//!   compaction) gives the same state. A last line cut short by a crash was never
+//!   acknowledged and is dropped; any other bad line is corruption and stops the agent.
+//!   After a failed write the journal may hold a change the agent undid, so the next
+//!   write is a compaction, which rewrites the truth and empties the journal.
+//!
+//! An ADD's reservation ([`NodeState::reserve`]) is kept in memory only; the attachment
+//! becomes durable once, when it is complete ([`NodeState::put`]), before the reply. An
+//! address is handed out only by that reply, so a crash before the write loses nothing
+//! that was handed out; what the unfinished ADD built (host veth, pinned link, map
+//! entries) names no recorded attachment and the agent removes it when it starts.
 
 use std::{
     collections::BTreeMap,
+    fs::File,
     io::Write,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -15,8 +33,20 @@ use std::{
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-/// State file format version.
-const STATE_VERSION: u32 = 1;
+/// State file format version. 2: changes since the snapshot are in `state.log` (an agent
+/// that knows only version 1 would ignore them, so it must refuse the file).
+const STATE_VERSION: u32 = 2;
+
+/// Journal records after which the next change rewrites the snapshot.
+pub const COMPACT_AFTER: usize = 1024;
+
+/// One change, a line of `state.log`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "op")]
+enum Change {
+    Put { attachment: Box<PodAttachment>, next_offset: u32 },
+    Remove { key: AttachmentKey, next_offset: u32 },
+}
 
 /// Errors reading or writing the state file, or allocating addresses.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +68,7 @@ pub enum StateError {
 
 /// (container ID, interface name): how the runtime names an attachment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AttachmentKey {
     pub container_id: String,
     pub ifname: String,
@@ -121,36 +152,107 @@ pub struct NodeState {
     gateway: Ipv4Addr,
     next_offset: u32,
     attachments: BTreeMap<AttachmentKey, PodAttachment>,
+    /// Addresses reserved by ADDs in flight (not persisted; see the module docs).
+    reserved: BTreeMap<AttachmentKey, Ipv4Addr>,
+    /// `state.log`, open for appending.
+    journal: Option<File>,
+    /// Records in the journal.
+    journal_records: usize,
+    /// A journal write failed: the next change compacts instead of appending.
+    needs_compaction: bool,
+    /// [`COMPACT_AFTER`] (tests lower it).
+    compact_after: usize,
 }
 
 impl NodeState {
-    /// Loads the state from `dir/state.json`, or starts empty if there is none.
+    /// Loads the state from `dir/state.json` and `dir/state.log` (or starts empty), and
+    /// compacts them into a new snapshot.
     pub fn open(dir: &Path, subnet: Ipv4Net, gateway: Ipv4Addr) -> Result<Self, StateError> {
         std::fs::create_dir_all(dir).map_err(|source| StateError::Io { path: dir.to_owned(), source })?;
         let path = dir.join("state.json");
-        let mut state = Self { path: path.clone(), subnet, gateway, next_offset: 0, attachments: BTreeMap::new() };
-        let text = match std::fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state),
-            Err(source) => return Err(StateError::Io { path, source }),
+        let mut state = Self {
+            path: path.clone(),
+            subnet,
+            gateway,
+            next_offset: 0,
+            attachments: BTreeMap::new(),
+            reserved: BTreeMap::new(),
+            journal: None,
+            journal_records: 0,
+            needs_compaction: false,
+            compact_after: COMPACT_AFTER,
         };
-        let file: StateFile = serde_json::from_slice(&text)
-            .map_err(|e| StateError::Corrupt { path: path.clone(), reason: e.to_string() })?;
-        if file.version != STATE_VERSION {
+        match std::fs::read(&path) {
+            Ok(text) => state.load_snapshot(&text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StateError::Io { path, source }),
+        }
+        state.replay_journal()?;
+        state.compact()?;
+        Ok(state)
+    }
+
+    fn load_snapshot(&mut self, text: &[u8]) -> Result<(), StateError> {
+        // Version 1 (no journal) reads the same.
+        let file: StateFile = serde_json::from_slice(text)
+            .map_err(|e| StateError::Corrupt { path: self.path.clone(), reason: e.to_string() })?;
+        if !(1..=STATE_VERSION).contains(&file.version) {
             return Err(StateError::Corrupt {
-                path,
-                reason: format!("version {} (expected {STATE_VERSION})", file.version),
+                path: self.path.clone(),
+                reason: format!("version {} (this agent reads 1 to {STATE_VERSION})", file.version),
             });
         }
-        if file.pod_subnet != subnet {
+        if file.pod_subnet != self.subnet {
             // Addresses outside the new subnet stay reserved until their pods go away.
-            log::warn!("pod subnet changed from {} to {subnet}; existing pods keep their addresses", file.pod_subnet);
+            log::warn!(
+                "pod subnet changed from {} to {}; existing pods keep their addresses",
+                file.pod_subnet,
+                self.subnet
+            );
         }
-        state.next_offset = file.next_offset;
+        self.next_offset = file.next_offset;
         for a in file.attachments {
-            state.attachments.insert(a.key(), a);
+            self.attachments.insert(a.key(), a);
         }
-        Ok(state)
+        Ok(())
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.path.with_file_name("state.log")
+    }
+
+    /// Applies `state.log` (if any) on top of the snapshot.
+    fn replay_journal(&mut self) -> Result<(), StateError> {
+        let path = self.journal_path();
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let mut lines = text.split_inclusive(|b| *b == b'\n').enumerate().peekable();
+        while let Some((n, line)) = lines.next() {
+            let last = lines.peek().is_none();
+            let change = line
+                .strip_suffix(b"\n")
+                .ok_or_else(|| "cut short".to_owned())
+                .and_then(|l| serde_json::from_slice::<Change>(l).map_err(|e| e.to_string()));
+            match change {
+                Ok(Change::Put { attachment, next_offset }) => {
+                    self.attachments.insert(attachment.key(), *attachment);
+                    self.next_offset = next_offset;
+                }
+                Ok(Change::Remove { key, next_offset }) => {
+                    self.attachments.remove(&key);
+                    self.next_offset = next_offset;
+                }
+                // The write a crash interrupted: it was never acknowledged.
+                Err(reason) if last => log::warn!("{}: dropping an unfinished last record ({reason})", path.display()),
+                Err(reason) => {
+                    return Err(StateError::Corrupt { path, reason: format!("line {}: {reason}", n + 1) });
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn get(&self, key: &AttachmentKey) -> Option<&PodAttachment> {
@@ -169,11 +271,16 @@ impl NodeState {
         self.attachments.is_empty()
     }
 
-    /// Picks a free address (not network, gateway, broadcast, or held by an attachment).
+    /// Picks a free address (not network, gateway, broadcast, held by an attachment or
+    /// reserved by an ADD in flight).
     pub fn allocate_ip(&mut self) -> Result<Ipv4Addr, StateError> {
         let base = u32::from(self.subnet.network());
-        let size = 1u32 << (32 - self.subnet.prefix_len());
-        let used: std::collections::HashSet<Ipv4Addr> = self.attachments.values().map(|a| a.ip).collect();
+        // The configuration keeps the subnet between /16 and /30, so this cannot overflow;
+        // checked anyway, as a shift by 32 would.
+        let size =
+            1u32.checked_shl(32 - u32::from(self.subnet.prefix_len())).ok_or(StateError::Exhausted(self.subnet))?;
+        let used: std::collections::HashSet<Ipv4Addr> =
+            self.attachments.values().map(|a| a.ip).chain(self.reserved.values().copied()).collect();
         for i in 0..size {
             let offset = (self.next_offset + i) % size;
             let ip = Ipv4Addr::from(base + offset);
@@ -186,22 +293,106 @@ impl NodeState {
         Err(StateError::Exhausted(self.subnet))
     }
 
-    /// Records (or replaces) an attachment and persists.
+    /// Reserves a free address for the ADD of `key`, in memory only: it is not handed out
+    /// again until [`Self::release`] or [`Self::put`] of that key.
+    pub fn reserve(&mut self, key: &AttachmentKey) -> Result<Ipv4Addr, StateError> {
+        let ip = self.allocate_ip()?;
+        self.reserved.insert(key.clone(), ip);
+        Ok(ip)
+    }
+
+    /// Drops the reservation of a failed ADD.
+    pub fn release(&mut self, key: &AttachmentKey) {
+        self.reserved.remove(key);
+    }
+
+    /// Records (or replaces) an attachment and persists; its reservation becomes the record.
+    /// If persisting fails the attachment is not recorded (the reservation stays).
     pub fn put(&mut self, attachment: PodAttachment) -> Result<(), StateError> {
-        self.attachments.insert(attachment.key(), attachment);
-        self.save()
-    }
-
-    /// Forgets an attachment (its address becomes free) and persists.
-    pub fn remove(&mut self, key: &AttachmentKey) -> Result<Option<PodAttachment>, StateError> {
-        let removed = self.attachments.remove(key);
-        if removed.is_some() {
-            self.save()?;
+        let key = attachment.key();
+        let previous = self.attachments.insert(key.clone(), attachment.clone());
+        if let Err(e) = self.log(Change::Put { attachment: Box::new(attachment), next_offset: self.next_offset }) {
+            match previous {
+                Some(p) => self.attachments.insert(key, p),
+                None => self.attachments.remove(&key),
+            };
+            self.repair();
+            return Err(e);
         }
-        Ok(removed)
+        self.reserved.remove(&key);
+        Ok(())
     }
 
-    fn save(&self) -> Result<(), StateError> {
+    /// Forgets an attachment (its address becomes free) and persists. If persisting fails
+    /// the attachment stays.
+    pub fn remove(&mut self, key: &AttachmentKey) -> Result<Option<PodAttachment>, StateError> {
+        let Some(removed) = self.attachments.remove(key) else {
+            return Ok(None);
+        };
+        if let Err(e) = self.log(Change::Remove { key: key.clone(), next_offset: self.next_offset }) {
+            self.attachments.insert(key.clone(), removed);
+            self.repair();
+            return Err(e);
+        }
+        Ok(Some(removed))
+    }
+
+    /// Makes `change` (already applied in memory) durable: a journal append, or a
+    /// compaction when one is due.
+    fn log(&mut self, change: Change) -> Result<(), StateError> {
+        if self.needs_compaction || self.journal_records >= self.compact_after || self.journal.is_none() {
+            return self.compact();
+        }
+        let path = self.journal_path();
+        let mut line = serde_json::to_vec(&change).expect("a change serializes");
+        line.push(b'\n');
+        let journal = self.journal.as_mut().expect("checked above");
+        match journal.write_all(&line).and_then(|()| journal.sync_data()) {
+            Ok(()) => {
+                self.journal_records += 1;
+                Ok(())
+            }
+            Err(source) => {
+                self.needs_compaction = true;
+                Err(StateError::Io { path, source })
+            }
+        }
+    }
+
+    /// After a failed write: rewrite the in-memory truth (the change undone) now if the disk
+    /// lets us, so the journal cannot hold a change that was reported as failed.
+    fn repair(&mut self) {
+        if self.needs_compaction
+            && let Err(e) = self.compact()
+        {
+            log::error!("state: {e}; retrying with the next change");
+        }
+    }
+
+    /// Writes a new snapshot and empties the journal.
+    fn compact(&mut self) -> Result<(), StateError> {
+        self.needs_compaction = true;
+        self.write_snapshot()?;
+        let path = self.journal_path();
+        let io = |source| StateError::Io { path: path.clone(), source };
+        let journal = match self.journal.take() {
+            Some(j) => j,
+            None => {
+                let j = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+                if let Some(dir) = path.parent() {
+                    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+                }
+                j
+            }
+        };
+        journal.set_len(0).and_then(|()| journal.sync_all()).map_err(io)?;
+        self.journal = Some(journal);
+        self.journal_records = 0;
+        self.needs_compaction = false;
+        Ok(())
+    }
+
+    fn write_snapshot(&self) -> Result<(), StateError> {
         let file = StateFile {
             version: STATE_VERSION,
             pod_subnet: self.subnet,
@@ -210,12 +401,12 @@ impl NodeState {
         };
         let io = |source| StateError::Io { path: self.path.clone(), source };
         let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut f = File::create(&tmp).map_err(io)?;
         f.write_all(&serde_json::to_vec_pretty(&file).expect("state serializes")).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)?;
         if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
         Ok(())
     }
@@ -266,6 +457,28 @@ mod tests {
     }
 
     #[test]
+    fn reservations_are_not_handed_out_twice_and_not_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/29");
+        let (ka, kb) = (AttachmentKey::new("a", "eth0"), AttachmentKey::new("b", "eth0"));
+        let a = s.reserve(&ka).unwrap();
+        let b = s.reserve(&kb).unwrap();
+        assert_ne!(a, b);
+        s.put(attachment("a", a)).unwrap();
+        // b is still in flight: a restart forgets it (its ADD never answered) but keeps a.
+        let mut reopened = open(dir.path(), "10.1.1.0/29");
+        assert!(reopened.get(&ka).is_some());
+        assert_ne!(reopened.allocate_ip().unwrap(), a);
+        // Released, b's address is free again; the in-memory state never repeats a or b meanwhile.
+        for _ in 0..3 {
+            let ip = s.reserve(&AttachmentKey::new("x", "eth0")).unwrap();
+            assert!(ip != a && ip != b);
+            s.release(&AttachmentKey::new("x", "eth0"));
+        }
+        s.release(&kb);
+    }
+
+    #[test]
     fn freed_address_is_not_reused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = open(dir.path(), "10.1.1.0/24");
@@ -296,6 +509,132 @@ mod tests {
         assert_eq!(s.get(&AttachmentKey::new("a", "eth0")).unwrap().ip, a);
         let b = s.allocate_ip().unwrap();
         assert_ne!(a, b, "an address in use must never be reissued after restart");
+    }
+
+    fn journal_lines(dir: &Path) -> usize {
+        std::fs::read_to_string(dir.join("state.log")).unwrap().lines().count()
+    }
+
+    #[test]
+    fn changes_are_journaled_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/24");
+        for id in ["a", "b", "c"] {
+            let ip = s.allocate_ip().unwrap();
+            s.put(attachment(id, ip)).unwrap();
+        }
+        s.remove(&AttachmentKey::new("b", "eth0")).unwrap();
+        assert_eq!(journal_lines(dir.path()), 4, "one appended line per change, no snapshot rewrite");
+        let snapshot: StateFile =
+            serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+        assert!(snapshot.attachments.is_empty());
+        drop(s);
+        let mut s = open(dir.path(), "10.1.1.0/24");
+        let ids: Vec<String> = s.attachments().map(|a| a.container_id.clone()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(journal_lines(dir.path()), 0, "opening folds the journal into the snapshot");
+        // The allocator continues where it left off.
+        assert_eq!(s.allocate_ip().unwrap(), Ipv4Addr::new(10, 1, 1, 5));
+    }
+
+    #[test]
+    fn journal_lines_are_camel_case_like_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/24");
+        let ip = s.allocate_ip().unwrap();
+        s.put(attachment("a", ip)).unwrap();
+        s.remove(&AttachmentKey::new("a", "eth0")).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("state.log")).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines[0]["op"], "put");
+        assert_eq!(lines[0]["attachment"]["containerId"], "a");
+        assert_eq!(lines[0]["nextOffset"], 3);
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"op": "remove", "key": {"containerId": "a", "ifname": "eth0"}, "nextOffset": 3})
+        );
+    }
+
+    #[test]
+    fn compaction_crash_replays_to_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/24");
+        let a = s.allocate_ip().unwrap();
+        s.put(attachment("a", a)).unwrap();
+        s.remove(&AttachmentKey::new("a", "eth0")).unwrap();
+        let b = s.allocate_ip().unwrap();
+        s.put(attachment("b", b)).unwrap();
+        let journal = std::fs::read(dir.path().join("state.log")).unwrap();
+        drop(s);
+        // Reopening compacts; put the old journal back as if the truncate never happened.
+        drop(open(dir.path(), "10.1.1.0/24"));
+        std::fs::write(dir.path().join("state.log"), journal).unwrap();
+        let s = open(dir.path(), "10.1.1.0/24");
+        let held: Vec<(String, Ipv4Addr)> = s.attachments().map(|x| (x.container_id.clone(), x.ip)).collect();
+        assert_eq!(held, [("b".to_owned(), b)]);
+    }
+
+    #[test]
+    fn an_unfinished_last_record_is_dropped_but_a_bad_one_before_it_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/24");
+        let a = s.allocate_ip().unwrap();
+        s.put(attachment("a", a)).unwrap();
+        drop(s);
+        let log = dir.path().join("state.log");
+        let good = std::fs::read_to_string(&log).unwrap();
+        let torn = format!("{good}{}", &good[..good.len() / 2]);
+        std::fs::write(&log, &torn).unwrap();
+        let s = open(dir.path(), "10.1.1.0/24");
+        assert_eq!(s.len(), 1);
+        drop(s);
+        std::fs::write(&log, format!("{{\"op\":\"nonsense\"}}\n{good}")).unwrap();
+        let err = NodeState::open(dir.path(), "10.1.1.0/24".parse().unwrap(), Ipv4Addr::new(10, 1, 1, 1)).unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }) && err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn compacts_every_n_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/24");
+        s.compact_after = 3;
+        for id in ["a", "b", "c", "d"] {
+            let ip = s.allocate_ip().unwrap();
+            s.put(attachment(id, ip)).unwrap();
+        }
+        assert_eq!(journal_lines(dir.path()), 0, "the 4th change rewrote the snapshot");
+        let snapshot: StateFile =
+            serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+        assert_eq!(snapshot.attachments.len(), 4);
+    }
+
+    #[test]
+    fn a_failed_write_is_undone_in_memory_and_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/24");
+        let a = s.allocate_ip().unwrap();
+        // A journal that cannot be written (read-only fd): the put fails and is not recorded.
+        s.journal = Some(File::open(dir.path().join("state.log")).unwrap());
+        assert!(s.put(attachment("a", a)).is_err());
+        assert!(s.get(&AttachmentKey::new("a", "eth0")).is_none());
+        // The disk works again: the next change compacts, and only it is on disk.
+        s.journal = None;
+        let b = s.allocate_ip().unwrap();
+        s.put(attachment("b", b)).unwrap();
+        drop(s);
+        let s = open(dir.path(), "10.1.1.0/24");
+        let ids: Vec<String> = s.attachments().map(|x| x.container_id.clone()).collect();
+        assert_eq!(ids, ["b"]);
+    }
+
+    #[test]
+    fn version_1_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = serde_json::json!({"version": 1, "podSubnet": "10.1.1.0/24", "nextOffset": 3,
+            "attachments": [serde_json::to_value(attachment("old", Ipv4Addr::new(10, 1, 1, 2))).unwrap()]});
+        std::fs::write(dir.path().join("state.json"), v1.to_string()).unwrap();
+        let s = open(dir.path(), "10.1.1.0/24");
+        assert_eq!(s.get(&AttachmentKey::new("old", "eth0")).unwrap().ip, Ipv4Addr::new(10, 1, 1, 2));
     }
 
     #[test]

@@ -112,8 +112,12 @@ mod tests {
 
     #[test]
     fn agent_error_converts_verbatim() {
-        let e: CniError =
-            crate::v1::CniError { code: 52, msg: "ipam exhausted".into(), details: "10.1.0.0/24".into() }.into();
-        assert_eq!(e, CniError::new(52, "ipam exhausted", "10.1.0.0/24"));
+        let e: CniError = crate::v1::CniError {
+            code: codes::IPAM_EXHAUSTED,
+            msg: "ipam exhausted".into(),
+            details: "10.1.0.0/24".into(),
+        }
+        .into();
+        assert_eq!(e, CniError::new(codes::IPAM_EXHAUSTED, "ipam exhausted", "10.1.0.0/24"));
     }
 }

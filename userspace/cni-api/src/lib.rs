@@ -11,7 +11,29 @@ pub use error::CniError;
 /// Default path of the agent's CNI socket (mode 0600).
 pub const DEFAULT_SOCKET: &str = "/run/contiv/cni.sock";
 
+/// How long the plugin took before its request reached the agent: contiv-cni sends two
+/// CLOCK_MONOTONIC timestamps as request metadata, the agent subtracts them from its own
+/// clock on receipt and logs the differences with the ADD's phases (`contiv_agent::timing`).
+/// Both processes run on one host, so they share the clock; a value that makes no sense (a
+/// different time namespace) is ignored.
+pub mod plugin_timing {
+    /// Metadata key: when the plugin process entered `main`, in ns of CLOCK_MONOTONIC.
+    pub const STARTED_NS: &str = "contiv-cni-started-ns";
+    /// Metadata key: when the plugin's connection to the agent was up.
+    pub const CONNECTED_NS: &str = "contiv-cni-connected-ns";
+
+    /// CLOCK_MONOTONIC now, in nanoseconds.
+    pub fn monotonic_ns() -> u64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+    }
+}
+
 /// CNI error codes used between the binary and the agent (CNI spec 1.1, section "Error").
+/// 0-99 are the spec's own; the spec leaves 100 and above to each plugin, and contiv's are
+/// listed after [`codes::NOT_READY`] (cni/README.md has the table).
 pub mod codes {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
     pub const UNSUPPORTED_FIELD: u32 = 2;
@@ -23,7 +45,10 @@ pub mod codes {
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const NOT_AVAILABLE: u32 = 50;
     pub const NOT_READY: u32 = 51;
-    pub const IPAM_EXHAUSTED: u32 = 52;
+    // --- contiv's own codes (the spec reserves 0-99 for itself) ---
     /// Plugin-specific: anything else the agent failed at.
     pub const INTERNAL: u32 = 100;
+    /// Plugin-specific: the node's pod subnet has no free address left (ADD). Not transient
+    /// in the spec's sense: only a DEL or GC of another pod frees one.
+    pub const IPAM_EXHAUSTED: u32 = 101;
 }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 pub mod embedded;
 pub mod etcd;
 mod lease;
+pub mod metrics;
 #[cfg(feature = "test-support")]
 pub mod testing;
 

@@ -92,13 +92,28 @@ pub struct Mirror {
     writers: BTreeMap<Kind, Mutex<()>>,
     /// Cleared when this instance must not write any more (leadership lost).
     writable: AtomicBool,
-    /// Counters for /metrics.
-    pub counters: Counters,
+    /// Counters for /metrics (shared across leadership terms).
+    pub counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("store", &self.store.backend())
+            .field("kinds", &self.kinds)
+            .field("writing", &self.is_writing())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Mirror {
     /// A mirror writing `kinds` into `store`.
     pub fn new(store: Arc<dyn Store>, kinds: &[Kind]) -> Self {
+        Self::with_counters(store, kinds, Arc::default())
+    }
+
+    /// A mirror counting into `counters` (kept by the caller across mirrors).
+    pub fn with_counters(store: Arc<dyn Store>, kinds: &[Kind], counters: Arc<Counters>) -> Self {
         let state = State { kinds: kinds.iter().map(|k| (*k, KindState::default())).collect(), ..State::default() };
         Mirror {
             store,
@@ -106,7 +121,7 @@ impl Mirror {
             state: std::sync::Mutex::new(state),
             writers: kinds.iter().map(|k| (*k, Mutex::new(()))).collect(),
             writable: AtomicBool::new(true),
-            counters: Counters::default(),
+            counters,
         }
     }
 

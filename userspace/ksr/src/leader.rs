@@ -132,8 +132,9 @@ impl LeaderElector {
         &self.config
     }
 
+    /// The Lease records whole seconds: round up, so others never wait less than we mean.
     fn lease_seconds(&self) -> i32 {
-        self.config.lease_duration.as_secs().clamp(1, i32::MAX as u64) as i32
+        (self.config.lease_duration.as_millis().div_ceil(1000)).clamp(1, i32::MAX as u128) as i32
     }
 
     fn observe(&mut self, lease: &Lease) -> Instant {

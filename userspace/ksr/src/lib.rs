@@ -22,7 +22,7 @@ use contiv_cluster_model::Kind;
 use contiv_store::Store;
 
 pub use http::{Health, Role};
-pub use leader::{ElectionConfig, LeaderElector};
+pub use leader::{Attempt, ElectionConfig, LeaderElector};
 pub use mirror::{Counters, Mirror};
 
 /// A running reflector: the mirror (status, counters) and its tasks.

@@ -29,18 +29,18 @@ const MAX_TIME_RATIO: f64 = 3.0;
 /// The bar: agent peak resident memory.
 const MAX_RSS_MIB: f64 = 150.0;
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// An etcd we started; killed (by its pid) on drop.
-struct Etcd {
+pub(crate) struct Etcd {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
     dir: PathBuf,
 }
 
@@ -67,7 +67,7 @@ fn healthy(endpoint_port: u16) -> bool {
     body.contains("\"health\":\"true\"")
 }
 
-fn start_etcd(scratch: &Path) -> anyhow::Result<Etcd> {
+pub(crate) fn start_etcd(scratch: &Path) -> anyhow::Result<Etcd> {
     let client_port = free_port()?;
     let peer_port = free_port()?;
     let dir = scratch.join("etcd");
@@ -101,7 +101,7 @@ fn start_etcd(scratch: &Path) -> anyhow::Result<Etcd> {
     Ok(etcd)
 }
 
-fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     ensure!(status.success(), "{cmd:?} failed: {status}");
     Ok(())
@@ -170,16 +170,16 @@ fn probe_watch(probe: &Path, store_args: &[&str], expect: usize) -> anyhow::Resu
     Ok(ProbeRun { wall, internal_ms: report["ready_ms"].as_f64().unwrap_or(0.0), vmhwm_kib: vmhwm? })
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn metric(name: &str, unit: &str, baseline: f64, ours: f64) -> serde_json::Value {
+pub(crate) fn metric(name: &str, unit: &str, baseline: f64, ours: f64) -> serde_json::Value {
     serde_json::json!({
         "metric": name,
         "unit": unit,
@@ -212,11 +212,26 @@ pub fn run() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&scratch);
     let metrics = result?;
 
-    let out_dir = root.join("target/bench");
-    std::fs::create_dir_all(&out_dir)?;
-    let out = out_dir.join("store.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&metrics)?)?;
+    write_report("store", &metrics)?;
+    let failures: Vec<String> = metrics
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["ratio"].as_f64().unwrap_or(f64::MAX) > bar(m["unit"].as_str().unwrap_or("")))
+        .map(|m| m["metric"].as_str().unwrap_or("").to_string())
+        .collect();
+    if !failures.is_empty() {
+        bail!("over the bar: {failures:?} (time ratio <= {MAX_TIME_RATIO}, RSS < {MAX_RSS_MIB} MiB)");
+    }
+    Ok(())
+}
 
+/// Writes target/bench/<name>.json and prints the table.
+pub(crate) fn write_report(name: &str, metrics: &serde_json::Value) -> anyhow::Result<PathBuf> {
+    let out_dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join(format!("{name}.json"));
+    std::fs::write(&out, serde_json::to_string_pretty(metrics)?)?;
     println!("\n{:<36} {:>6} {:>10} {:>10} {:>7}", "metric", "unit", "baseline", "ours", "ratio");
     for m in metrics.as_array().into_iter().flatten() {
         println!(
@@ -229,17 +244,7 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     println!("\nwrote {}", out.display());
-    let failures: Vec<String> = metrics
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["ratio"].as_f64().unwrap_or(f64::MAX) > bar(m["unit"].as_str().unwrap_or("")))
-        .map(|m| m["metric"].as_str().unwrap_or("").to_string())
-        .collect();
-    if !failures.is_empty() {
-        bail!("over the bar: {failures:?} (time ratio <= {MAX_TIME_RATIO}, RSS < {MAX_RSS_MIB} MiB)");
-    }
-    Ok(())
+    Ok(out)
 }
 
 /// The ratio each metric must stay under: times against etcdctl, memory against the MiB bar

@@ -2,8 +2,10 @@
 //! fresh machine needs nothing else.
 
 mod bench_datapath;
+mod bench_ksr;
 mod bench_store;
 mod demo;
+mod progress;
 mod setup;
 
 use std::{
@@ -37,9 +39,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against their baselines: `datapath` or `store`.
+    /// Benchmarks against their baselines: `datapath`, `store` or `ksr`.
     Bench {
-        #[arg(value_parser = ["datapath", "store"])]
+        #[arg(value_parser = ["datapath", "store", "ksr"])]
         which: String,
     },
 }
@@ -177,6 +179,7 @@ fn main() -> Result<()> {
                     let bins = build_bins(true)?;
                     bench_datapath::run(&bins)
                 }
+                "ksr" => bench_ksr::run(),
                 _ => bench_store::run(),
             }
         }

@@ -52,6 +52,48 @@ struct RawConfig {
     pod_subnet_cidr: Option<Ipv4Net>,
     pod_prefix_len: Option<u8>,
     status_addr: Option<std::net::SocketAddr>,
+    etcd_tls: Option<contiv_store::TlsConfig>,
+    uplink: Option<Uplink>,
+    vpp: Option<VppConfig>,
+}
+
+/// Who owns the node's uplink NIC (see the architecture: one owner per node).
+#[derive(Debug, Deserialize, serde::Serialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Uplink {
+    /// The kernel owns the NIC; eBPF encapsulates cross-node traffic (the default).
+    #[default]
+    Kernel,
+    /// FD.io VPP owns the NIC through DPDK (the `vpp` deployment variant).
+    Vpp,
+}
+
+/// How the agent reaches VPP when `uplink = "vpp"`. VPP's own settings (the DPDK device,
+/// cores, buffers) live in its startup.conf; these two sockets must match it.
+#[derive(Debug, Deserialize, serde::Serialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VppConfig {
+    /// VPP's binary-API socket (startup.conf `socksvr { socket-name ... }`).
+    #[serde(default = "VppConfig::default_api_socket")]
+    pub api_socket: PathBuf,
+    /// VPP's stats segment socket (startup.conf `statseg { socket-name ... }`).
+    #[serde(default = "VppConfig::default_stats_socket")]
+    pub stats_socket: PathBuf,
+}
+
+impl VppConfig {
+    fn default_api_socket() -> PathBuf {
+        "/run/vpp/api.sock".into()
+    }
+    fn default_stats_socket() -> PathBuf {
+        "/run/vpp/stats.sock".into()
+    }
+}
+
+impl Default for VppConfig {
+    fn default() -> Self {
+        Self { api_socket: Self::default_api_socket(), stats_socket: Self::default_stats_socket() }
+    }
 }
 
 /// DNS settings handed to pods in the CNI result.
@@ -88,6 +130,12 @@ pub struct AgentConfig {
     pub pod_prefix_len: u8,
     /// etcd endpoints of the cluster store; empty: the embedded store in `store_dir`.
     pub etcd_endpoints: Vec<String>,
+    /// TLS towards etcd (`https://` endpoints): CA, client certificate and key.
+    pub etcd_tls: Option<contiv_store::TlsConfig>,
+    /// Who owns the uplink NIC. Default kernel.
+    pub uplink: Uplink,
+    /// VPP's sockets (used when `uplink` is vpp).
+    pub vpp: VppConfig,
     /// Directory of the embedded store. Default `<stateDir>/store`.
     pub store_dir: PathBuf,
     /// Status endpoint (healthz, readyz, pods, vswitch, metrics). Default 127.0.0.1:9192.
@@ -167,12 +215,19 @@ impl AgentConfig {
                 "podPrefixLen {pod_prefix_len} must be longer than podSubnetCIDR {pod_subnet_cidr} and at most 30"
             )));
         }
-        if let Some(eps) = &raw.etcd_endpoints
-            && let Some(bad) = eps.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "etcdEndpoints entry {bad:?} must be an http:// or https:// URL"
-            )));
+        let store = contiv_store::StoreConfig {
+            etcd_endpoints: raw.etcd_endpoints.clone().unwrap_or_default(),
+            etcd_tls: raw.etcd_tls.clone(),
+            ..contiv_store::StoreConfig::default()
+        };
+        if let Err(e) = store.validate() {
+            let detail = e.to_string();
+            let detail = detail.strip_prefix("invalid store configuration: ").unwrap_or(&detail);
+            return Err(ConfigError::Invalid(format!("etcdEndpoints / [etcdTls]: {detail}")));
+        }
+        let uplink = raw.uplink.unwrap_or_default();
+        if raw.vpp.is_some() && uplink != Uplink::Vpp {
+            return Err(ConfigError::Invalid("the [vpp] table applies only with uplink = \"vpp\"".into()));
         }
         let pod_subnet = raw.pod_subnet.unwrap_or_else(|| DEFAULT_POD_SUBNET.parse().expect("valid default")).trunc();
         if pod_subnet.prefix_len() > 30 {
@@ -227,6 +282,9 @@ impl AgentConfig {
             pod_subnet_cidr,
             pod_prefix_len,
             etcd_endpoints: raw.etcd_endpoints.unwrap_or_default(),
+            etcd_tls: raw.etcd_tls,
+            uplink,
+            vpp: raw.vpp.unwrap_or_default(),
             store_dir: raw.store_dir.unwrap_or_else(|| state_dir.join("store")),
             status_addr: raw.status_addr.unwrap_or_else(|| "127.0.0.1:9192".parse().expect("valid default")),
             gateway_mac,
@@ -238,6 +296,18 @@ impl AgentConfig {
             slowpath_vswitch_ifname,
             dns: raw.dns.unwrap_or_default(),
         })
+    }
+}
+
+impl AgentConfig {
+    /// Where the cluster store is: etcd (with TLS when configured), else the embedded store.
+    pub fn store_config(&self) -> contiv_store::StoreConfig {
+        contiv_store::StoreConfig {
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            embedded_path: self.store_dir.clone(),
+            etcd_tls: self.etcd_tls.clone(),
+            ..contiv_store::StoreConfig::default()
+        }
     }
 }
 
@@ -310,10 +380,43 @@ mod tests {
             ("slowpathHostIfname = \"this-name-is-way-too-long\"", "slowpathHostIfname"),
             ("podPrefixLen = 8", "podPrefixLen"),
             ("etcdEndpoints = [\"127.0.0.1:2379\"]", "etcdEndpoints"),
+            ("etcdEndpoints = [\"https://e:2379\"]", "TLS"),
+            ("etcdEndpoints = [\"http://e:2379\"]\n[etcdTls]\ncaFile = \"/ca.pem\"", "http://"),
+            ("etcdEndpoints = [\"https://e:2379\"]\n[etcdTls]\ncertFile = \"/c.pem\"", "caFile"),
+            ("etcdEndpoints = [\"https://e:2379\"]\n[etcdTls]\ncaFile = \"/ca\"\ncertFile = \"/c\"", "key"),
+            ("[etcdTls]\ncaFile = \"/ca\"\nbogus = 1", "bogus"),
+            ("uplink = \"dpdk\"", "uplink"),
+            ("[vpp]\napiSocket = \"/run/vpp/api.sock\"", "uplink"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");
         }
+    }
+
+    #[test]
+    fn etcd_tls_and_vpp_uplink_are_read() {
+        let c = AgentConfig::from_toml(
+            r#"
+            etcdEndpoints = ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"]
+            uplink = "vpp"
+            [etcdTls]
+            caFile = "/etc/contiv/etcd-tls/ca.crt"
+            certFile = "/etc/contiv/etcd-tls/tls.crt"
+            keyFile = "/etc/contiv/etcd-tls/tls.key"
+            [vpp]
+            apiSocket = "/run/vpp/api.sock"
+            "#,
+        )
+        .unwrap();
+        let tls = c.etcd_tls.clone().expect("tls");
+        assert_eq!(tls.ca_file, PathBuf::from("/etc/contiv/etcd-tls/ca.crt"));
+        assert_eq!(tls.key_file, Some(PathBuf::from("/etc/contiv/etcd-tls/tls.key")));
+        assert_eq!(c.uplink, Uplink::Vpp);
+        assert_eq!(c.vpp.stats_socket, PathBuf::from("/run/vpp/stats.sock"));
+        let store = c.store_config();
+        assert_eq!(store.etcd_tls, Some(tls));
+        assert_eq!(store.embedded_path, c.store_dir);
+        assert_eq!(AgentConfig::from_toml("").unwrap().uplink, Uplink::Kernel);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod cni_server;
 pub mod config;
 pub mod datapath;
+pub mod metrics;
 pub mod podnet;
 pub mod state;
 pub mod status;

@@ -214,6 +214,29 @@ async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
     )
 }
 
+/// Serves the router on `addr` from a thread of its own (a single-threaded runtime), so the
+/// endpoints answer even while the reflector's tasks keep every worker of the main runtime
+/// busy (decoding a large list). Runs for the life of the process; returns the bound address.
+pub fn serve_dedicated(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("ksr-http".into()).spawn(move || {
+        runtime.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    if let Err(e) = axum::serve(listener, router(health)).await {
+                        log::error!("http server: {e}");
+                    }
+                }
+                Err(e) => log::error!("http server: {e}"),
+            }
+        });
+    })?;
+    Ok(bound)
+}
+
 /// Serves the router on `addr` until the task is dropped; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,

@@ -22,6 +22,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Api;
 use kube::api::PostParams;
 
+/// The Lease's name unless configured otherwise (the deploy manifests' Role names it).
+pub const DEFAULT_LEASE_NAME: &str = "contiv-ksr";
+
 /// Where the Lease lives and how long it lasts.
 #[derive(Debug, Clone)]
 pub struct ElectionConfig {

@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "contiv")]
     leader_elect_namespace: String,
     /// Name of the Lease.
-    #[arg(long, default_value = "contiv-ksr")]
+    #[arg(long, default_value = contiv_ksr::leader::DEFAULT_LEASE_NAME)]
     leader_elect_name: String,
     /// This replica's identity in the Lease (default: POD_NAME, else the host name).
     #[arg(long, env = "POD_NAME")]
@@ -141,8 +141,7 @@ async fn run(args: Args, store_config: StoreConfig, election: Option<contiv_ksr:
     match election {
         Some(election) => {
             let health = contiv_ksr::Health::elected(store_metrics);
-            let (addr, _http) = contiv_ksr::http::serve(args.http, health.clone())
-                .await
+            let addr = contiv_ksr::http::serve_dedicated(args.http, health.clone())
                 .with_context(|| format!("binding {}", args.http))?;
             log::info!(
                 "serving /healthz /readyz /metrics on {addr}; leader election on lease {}/{} as {}",
@@ -155,8 +154,8 @@ async fn run(args: Args, store_config: StoreConfig, election: Option<contiv_ksr:
         None => {
             let reflector = contiv_ksr::Reflector::start(client, store, repair);
             let health = contiv_ksr::Health::standalone(reflector.mirror.clone(), store_metrics);
-            let (addr, _http) =
-                contiv_ksr::http::serve(args.http, health).await.with_context(|| format!("binding {}", args.http))?;
+            let addr =
+                contiv_ksr::http::serve_dedicated(args.http, health).with_context(|| format!("binding {}", args.http))?;
             log::info!("serving /healthz /readyz /metrics on {addr}");
             stop.await;
             drop(reflector);

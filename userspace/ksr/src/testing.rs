@@ -382,9 +382,20 @@ async fn handle(
     if verb == "list" {
         let mut c = shared.cluster.lock().expect("fake apiserver lock");
         *c.lists.entry(res.path).or_default() += 1;
-        let items: Vec<Value> = c.objects.get(res.path).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        // Paged like the API server: `limit` items, then a `continue` token (here the offset;
+        // the fake serves pages from the current state, not a snapshot).
+        let all = c.objects.get(res.path);
+        let total = all.map_or(0, BTreeMap::len);
+        let offset: usize = q.get("continue").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let limit: usize = q.get("limit").and_then(|v| v.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let items: Vec<Value> =
+            all.map(|m| m.values().skip(offset).take(limit).cloned().collect()).unwrap_or_default();
+        let mut metadata = json!({"resourceVersion": c.rv.to_string()});
+        if offset.saturating_add(items.len()) < total {
+            metadata["continue"] = json!((offset + items.len()).to_string());
+        }
         let body = json!({"apiVersion": res.api_version, "kind": format!("{}List", res.kind),
-                          "metadata": {"resourceVersion": c.rv.to_string()}, "items": items});
+                          "metadata": metadata, "items": items});
         return ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
     }
     if verb != "watch" {

@@ -163,6 +163,12 @@ impl EtcdServer {
         Self::start_with(Some(pki.server()))
     }
 
+    /// Starts etcd serving clients over TLS with these PEM files (e.g. made by
+    /// deploy/tls/gen-certs.sh), requiring client certificates signed by `ca`.
+    pub fn start_tls_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, EtcdStartError> {
+        Self::start_with(Some(ServerTls { ca: ca.to_owned(), cert: cert.to_owned(), key: key.to_owned() }))
+    }
+
     fn start_with(tls: Option<ServerTls>) -> Result<Self, EtcdStartError> {
         let bin = std::env::var_os("CONTIV_ETCD_BIN").map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from);
         let mut last = None;

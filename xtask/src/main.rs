@@ -5,6 +5,7 @@ mod bench_datapath;
 mod bench_ksr;
 mod bench_store;
 mod demo;
+mod images;
 mod progress;
 mod setup;
 
@@ -39,6 +40,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// OCI images (buildah, from scratch) for the agent, KSR, STN and etcd, tagged with the
+    /// crate version; each image's entrypoint runs once.
+    Images,
     /// Benchmarks against their baselines: `datapath`, `store` or `ksr`.
     Bench {
         #[arg(value_parser = ["datapath", "store", "ksr"])]
@@ -170,6 +174,11 @@ fn main() -> Result<()> {
             build_bins(false)?;
             // Run every test binary even if one fails, so one run shows every failure.
             check(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(&args))
+        }
+        Task::Images => {
+            setup::run()?;
+            require_root("building images with buildah")?;
+            images::run()
         }
         Task::Bench { which } => {
             setup::run()?;

@@ -71,7 +71,12 @@ pub const REQUIREMENTS: &[Requirement] = &[
         &["/usr/lib/cni/ptp", "/usr/lib/cni/host-local", "/usr/lib/cni/bandwidth", "/usr/lib/cni/tuning"],
         "chaining tests and the CNI benchmark's reference plugins",
     ),
-    req("ca-certificates", &["/etc/ssl/certs/ca-certificates.crt"], "cargo and rustup downloads"),
+    req("ca-certificates", &["/etc/ssl/certs/ca-certificates.crt"], "cargo and rustup downloads; the images' CA bundle"),
+    // Images and deploy checks.
+    req("buildah", &["/usr/bin/buildah"], "cargo xtask images: OCI images without a Docker daemon"),
+    req("libc6-dev", &["/usr/lib/x86_64-linux-gnu/libc.a"], "the static contiv-cni the agent image installs on hosts"),
+    req("binutils", &["/usr/bin/strip"], "cargo xtask images strips debug info from binaries"),
+    req("openssl", &["/usr/bin/openssl"], "deploy/tls/gen-certs.sh and its test"),
 ];
 
 /// Pinned nightly for the eBPF crate (its rust-toolchain.toml says the same).

@@ -64,8 +64,7 @@ pub fn validate_conflist(conflist: &[u8]) -> Result<(), InstallError> {
     let list: Value = serde_json::from_slice(conflist).map_err(|e| bad(format!("not JSON: {e}")))?;
     let obj = list.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
     let name = obj.get("name").and_then(Value::as_str).ok_or_else(|| bad("missing \"name\"".into()))?;
-    let version =
-        obj.get("cniVersion").and_then(Value::as_str).ok_or_else(|| bad("missing \"cniVersion\"".into()))?;
+    let version = obj.get("cniVersion").and_then(Value::as_str).ok_or_else(|| bad("missing \"cniVersion\"".into()))?;
     let plugins = obj
         .get("plugins")
         .and_then(Value::as_array)
@@ -235,10 +234,8 @@ mod tests {
         let report = i.run().unwrap();
         assert_eq!(report.written.len(), 2);
         assert_eq!(report.removed.len(), 2, "{report:?}");
-        let mut names: Vec<String> = std::fs::read_dir(&i.conf_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(&i.conf_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         assert_eq!(names, ["10-contiv.conflist", "20-other.conflist"]);
         use std::os::unix::fs::PermissionsExt;
@@ -262,8 +259,14 @@ mod tests {
             (r#"{"cniVersion":"1.0.0","name":"contiv","type":"contiv-cni"}"#, "conflist"),
             (r#"{"cniVersion":"1.0.0","name":"contiv","plugins":[{"type":"bridge"}]}"#, "contiv-cni"),
             (r#"{"cniVersion":"9.9.9","name":"contiv","plugins":[{"type":"contiv-cni"}]}"#, "refuses"),
-            (r#"{"cniVersion":"1.0.0","name":"contiv","plugins":[{"type":"contiv-cni","agentSocket":"rel/x"}]}"#, "agentSocket"),
-            (r#"{"cniVersion":"1.0.0","name":"contiv","plugins":[{"type":"contiv-cni"},{"capabilities":{}}]}"#, "plugins[1]"),
+            (
+                r#"{"cniVersion":"1.0.0","name":"contiv","plugins":[{"type":"contiv-cni","agentSocket":"rel/x"}]}"#,
+                "agentSocket",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"contiv","plugins":[{"type":"contiv-cni"},{"capabilities":{}}]}"#,
+                "plugins[1]",
+            ),
         ] {
             let i = install(dir.path(), conflist);
             let err = i.run().unwrap_err().to_string();

@@ -105,15 +105,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Install { bin_dir, conf_dir, conf_name, conflist, agent_socket } => {
             let conflist = match conflist {
-                Some(path) => std::fs::read(&path)
-                    .map_err(|source| install::InstallError::Io { path: path.clone(), source }),
+                Some(path) => {
+                    std::fs::read(&path).map_err(|source| install::InstallError::Io { path: path.clone(), source })
+                }
                 None => Ok(install::default_conflist(&agent_socket).into_bytes()),
             };
             let binary = std::env::current_exe()
                 .map_err(|source| install::InstallError::Io { path: "/proc/self/exe".into(), source });
-            conflist.and_then(|conflist| {
-                install::Install { binary: binary?, bin_dir, conf_dir, conf_name, conflist }.run()
-            })
+            conflist
+                .and_then(|conflist| install::Install { binary: binary?, bin_dir, conf_dir, conf_name, conflist }.run())
         }
         Command::Uninstall { bin_dir, conf_dir, conf_name, wait } => {
             let r = install::uninstall(&bin_dir, &conf_dir, &conf_name);

@@ -217,7 +217,8 @@ pub fn containers_mut(obj: &mut Value) -> Vec<&mut Value> {
 
 /// The containers and init containers of a workload, read-only.
 pub fn containers(obj: &Value) -> Vec<&Value> {
-    let spec = if obj["spec"]["template"]["spec"].is_object() { &obj["spec"]["template"]["spec"] } else { &obj["spec"] };
+    let spec =
+        if obj["spec"]["template"]["spec"].is_object() { &obj["spec"]["template"]["spec"] } else { &obj["spec"] };
     ["initContainers", "containers"].iter().flat_map(|k| spec[*k].as_array().into_iter().flatten()).collect()
 }
 

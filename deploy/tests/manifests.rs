@@ -106,9 +106,17 @@ fn the_strict_parser_catches_typos_missing_fields_and_unknown_kinds() {
 #[test]
 fn kustomizations_refuse_what_they_do_not_understand() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresource: [a.yaml]\n").unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresource: [a.yaml]\n",
+    )
+    .unwrap();
     assert!(render(dir.path()).is_err(), "a misspelt key must not be ignored");
-    std::fs::write(dir.path().join("kustomization.yaml"), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [missing.yaml]\n").unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [missing.yaml]\n",
+    )
+    .unwrap();
     assert!(render(dir.path()).is_err(), "a missing resource");
 }
 
@@ -167,7 +175,8 @@ fn conflist_is_accepted_by_contiv_cni_install_and_removed_by_uninstall() {
     // The installed plugin answers VERSION as a runtime would call it.
     let out = Command::new(bin.join("contiv-cni")).env("CNI_COMMAND", "VERSION").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("supportedVersions"));
-    let out = Command::new(&cni).args(["uninstall", "--bin-dir"]).arg(&bin).arg("--conf-dir").arg(&conf).output().unwrap();
+    let out =
+        Command::new(&cni).args(["uninstall", "--bin-dir"]).arg(&bin).arg("--conf-dir").arg(&conf).output().unwrap();
     assert!(out.status.success());
     assert!(!conf.join("10-contiv.conflist").exists() && !bin.join("contiv-cni").exists());
 }
@@ -182,7 +191,9 @@ fn container_env(c: &Value) -> BTreeMap<String, String> {
         .flatten()
         .map(|e| {
             let name = e["name"].as_str().unwrap_or_default().to_string();
-            let value = e["value"].as_str().map_or_else(|| format!("{}-from-downward-api", name.to_lowercase()), str::to_string);
+            let value = e["value"]
+                .as_str()
+                .map_or_else(|| format!("{}-from-downward-api", name.to_lowercase()), str::to_string);
             (name, value)
         })
         .collect()
@@ -202,7 +213,8 @@ fn every_command_and_flag_a_manifest_runs_exists_in_its_binary() {
     let mut checked = 0;
     let mut problems = Vec::new();
     let etcd_help = {
-        let out = Command::new("/usr/bin/etcd").arg("--help").output().expect("etcd (Debian etcd-server) for its flags");
+        let out =
+            Command::new("/usr/bin/etcd").arg("--help").output().expect("etcd (Debian etcd-server) for its flags");
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     };
     for variant in VARIANTS {
@@ -219,10 +231,15 @@ fn every_command_and_flag_a_manifest_runs_exists_in_its_binary() {
                 argv.extend(strings(&c["args"]));
                 let argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
                 let Some(program) = argv.first() else {
-                    problems.push(format!("{}: container {} runs the image's entrypoint implicitly; name it", doc.origin(), c["name"]));
+                    problems.push(format!(
+                        "{}: container {} runs the image's entrypoint implicitly; name it",
+                        doc.origin(),
+                        c["name"]
+                    ));
                     continue;
                 };
-                let name = program.strip_prefix("/usr/bin/").unwrap_or_else(|| panic!("{program}: binaries live in /usr/bin"));
+                let name =
+                    program.strip_prefix("/usr/bin/").unwrap_or_else(|| panic!("{program}: binaries live in /usr/bin"));
                 if !img.binaries.contains(&name) {
                     problems.push(format!("{}: image {image} has no {program}", doc.origin()));
                     continue;
@@ -272,7 +289,8 @@ fn manifests_use_exactly_the_images_xtask_builds_with_the_crate_version() {
                     assert!(image.contains(':'), "the VPP image names an explicit tag: {image}");
                     continue;
                 }
-                let img = image_of(&image).unwrap_or_else(|| panic!("{}: {image} is not built by xtask images", doc.origin()));
+                let img = image_of(&image)
+                    .unwrap_or_else(|| panic!("{}: {image} is not built by xtask images", doc.origin()));
                 assert_eq!(image, contiv_deploy::image_ref(img), "{}: tag must be the crate version", doc.origin());
                 used.insert(img.name);
             }
@@ -306,7 +324,9 @@ fn cluster_role_grants_exactly_what_ksr_watches() {
     let granted = rule_set(&find(&docs, "ClusterRole", "contiv-ksr")["rules"]);
     let watched: BTreeSet<(String, String, String)> = contiv_ksr::reflect::watched_kinds()
         .iter()
-        .flat_map(|w| contiv_ksr::reflect::WATCH_VERBS.iter().map(|v| (w.group.clone(), w.resource.clone(), v.to_string())))
+        .flat_map(|w| {
+            contiv_ksr::reflect::WATCH_VERBS.iter().map(|v| (w.group.clone(), w.resource.clone(), v.to_string()))
+        })
         .collect();
     let extra: Vec<_> = granted.difference(&watched).collect();
     let missing: Vec<_> = watched.difference(&granted).collect();
@@ -315,7 +335,10 @@ fn cluster_role_grants_exactly_what_ksr_watches() {
     let bindings: Vec<&Document> = docs.iter().filter(|d| d.kind().ends_with("Binding")).collect();
     assert_eq!(bindings.len(), 2);
     for b in bindings {
-        assert_eq!(b.value["subjects"], json!([{"kind": "ServiceAccount", "name": "contiv-ksr", "namespace": "contiv"}]));
+        assert_eq!(
+            b.value["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "contiv-ksr", "namespace": "contiv"}])
+        );
     }
     // The agent has no API access at all.
     let agent = find(&docs, "DaemonSet", "contiv-agent");
@@ -325,10 +348,15 @@ fn cluster_role_grants_exactly_what_ksr_watches() {
 fn grants(docs: &[Document]) -> Vec<contiv_ksr::testing::Grant> {
     let mut out = Vec::new();
     for d in docs.iter().filter(|d| d.kind() == "ClusterRoleBinding" || d.kind() == "RoleBinding") {
-        let role = find(docs, d.value["roleRef"]["kind"].as_str().unwrap(), d.value["roleRef"]["name"].as_str().unwrap());
-        let namespace = (d.kind() == "RoleBinding").then(|| d.value["metadata"]["namespace"].as_str().unwrap().to_string());
+        let role =
+            find(docs, d.value["roleRef"]["kind"].as_str().unwrap(), d.value["roleRef"]["name"].as_str().unwrap());
+        let namespace =
+            (d.kind() == "RoleBinding").then(|| d.value["metadata"]["namespace"].as_str().unwrap().to_string());
         for r in role["rules"].as_array().into_iter().flatten() {
-            out.push(contiv_ksr::testing::Grant { namespace: namespace.clone(), rule: serde_json::from_value(r.clone()).unwrap() });
+            out.push(contiv_ksr::testing::Grant {
+                namespace: namespace.clone(),
+                rule: serde_json::from_value(r.clone()).unwrap(),
+            });
         }
     }
     out
@@ -356,12 +384,23 @@ async fn fake_apiserver_ksr_runs_with_exactly_the_manifest_rbac() {
     election.retry_period = Duration::from_millis(200);
     let health = contiv_ksr::Health::elected(Default::default());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(contiv_ksr::run_elected(api.client(), store, Duration::from_millis(200), election, health.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let task = tokio::spawn(contiv_ksr::run_elected(
+        api.client(),
+        store,
+        Duration::from_millis(200),
+        election,
+        health.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(health.role() == contiv_ksr::Role::Leader && health.readiness().0) {
-        assert!(Instant::now() < deadline, "KSR did not lead and sync with the manifests' RBAC; denied: {:?}", api.denied());
+        assert!(
+            Instant::now() < deadline,
+            "KSR did not lead and sync with the manifests' RBAC; denied: {:?}",
+            api.denied()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(600)).await; // a few renewals
@@ -369,12 +408,8 @@ async fn fake_apiserver_ksr_runs_with_exactly_the_manifest_rbac() {
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     assert!(api.denied().is_empty(), "requests the manifests do not allow: {:?}", api.denied());
     // The Role grants exactly the Lease verbs the code used (create, get, update).
-    let used: BTreeSet<(String, String, String)> = api
-        .requests()
-        .into_iter()
-        .filter(|a| a.resource == "leases")
-        .map(|a| (a.group, a.resource, a.verb))
-        .collect();
+    let used: BTreeSet<(String, String, String)> =
+        api.requests().into_iter().filter(|a| a.resource == "leases").map(|a| (a.group, a.resource, a.verb)).collect();
     let role = rule_set(&find(&docs, "Role", "contiv-ksr-leader-election")["rules"]);
     assert_eq!(role, used, "Role vs what leader election does");
 }
@@ -400,7 +435,12 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
     let status_port: u16 = config["statusAddr"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(agent["readinessProbe"]["httpGet"]["path"], json!("/readyz"));
     assert_eq!(agent["readinessProbe"]["httpGet"]["port"], json!(status_port));
-    let mounts: Vec<String> = agent["volumeMounts"].as_array().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap().to_string()).collect();
+    let mounts: Vec<String> = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap().to_string())
+        .collect();
     let mounted = |p: &str| mounts.iter().any(|m| Path::new(p).starts_with(m));
     let tls = config["etcdTls"].as_table().unwrap();
     for path in [
@@ -421,10 +461,17 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
     let argv = strings(&install["command"]);
     assert_eq!(&argv[..2], ["/usr/bin/contiv-cni", "install"]);
     let conflist: Value = serde_json::from_str(config_map_data(&docs, "contiv-agent", "10-contiv.conflist")).unwrap();
-    assert_eq!(conflist["plugins"][0]["agentSocket"].as_str(), config["cniSocket"].as_str(), "conflist and agent agree on the socket");
+    assert_eq!(
+        conflist["plugins"][0]["agentSocket"].as_str(),
+        config["cniSocket"].as_str(),
+        "conflist and agent agree on the socket"
+    );
     let etcd = find(&docs, "Service", "contiv-etcd");
     let node_port = etcd["spec"]["ports"][0]["nodePort"].as_i64().unwrap();
-    assert_eq!(config["etcdEndpoints"].as_array().unwrap()[0].as_str().unwrap(), format!("https://127.0.0.1:{node_port}"));
+    assert_eq!(
+        config["etcdEndpoints"].as_array().unwrap()[0].as_str().unwrap(),
+        format!("https://127.0.0.1:{node_port}")
+    );
 }
 
 // === the VPP variant ===

@@ -118,22 +118,28 @@ fn ours(probe: &Path, endpoint: &str, expect: usize) -> anyhow::Result<Sync> {
     let polls = r["http_polls"].as_u64().unwrap_or(0);
     ensure!(failures == 0, "/readyz or /metrics did not answer within 1 s during the sync ({failures} times)");
     ensure!(polls > 0, "no /readyz or /metrics answer during the sync");
-    Ok(Sync { ms: r["sync_ms"].as_f64().unwrap_or(0.0), http_polls: polls, http_max_ms: r["http_max_ms"].as_f64().unwrap_or(0.0) })
+    Ok(Sync {
+        ms: r["sync_ms"].as_f64().unwrap_or(0.0),
+        http_polls: polls,
+        http_max_ms: r["http_max_ms"].as_f64().unwrap_or(0.0),
+    })
 }
 
 pub fn run() -> anyhow::Result<()> {
     let build = progress::step("building contiv-ksr-bench-probe (release)");
-    run_ok(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "contiv-ksr",
-        "--features",
-        "test-support",
-        "--bin",
-        "contiv-ksr-bench-probe",
-    ]))?;
+    run_ok(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(workspace_root()).args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "contiv-ksr",
+            "--features",
+            "test-support",
+            "--bin",
+            "contiv-ksr-bench-probe",
+        ]),
+    )?;
     build.finish();
     let probe = target_dir().join("release/contiv-ksr-bench-probe");
     ensure!(probe.exists(), "{} missing after build", probe.display());

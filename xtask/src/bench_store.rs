@@ -192,7 +192,7 @@ pub(crate) fn metric(name: &str, unit: &str, baseline: f64, ours: f64) -> serde_
 
 pub fn run() -> anyhow::Result<()> {
     let root = workspace_root();
-    println!("building contiv-store-bench-probe (release)...");
+    let build = crate::progress::step("building contiv-store-bench-probe (release)");
     run_ok(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
         "build",
         "--release",
@@ -202,6 +202,7 @@ pub fn run() -> anyhow::Result<()> {
         "--bin",
         "contiv-store-bench-probe",
     ]))?;
+    build.finish();
     let probe = target_dir().join("release/contiv-store-bench-probe");
     ensure!(probe.exists(), "{} missing after build", probe.display());
 
@@ -256,9 +257,9 @@ fn bar(unit: &str) -> f64 {
 fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
     let objects = 2 * SERVICES;
     let etcd = start_etcd(scratch)?;
-    println!(
-        "loading {SERVICES} services + {SERVICES} EndpointSlices ({ENDPOINTS} endpoints each) into etcd and the embedded store..."
-    );
+    let load = crate::progress::step(format!(
+        "loading {SERVICES} services + {SERVICES} EndpointSlices ({ENDPOINTS} endpoints each) into etcd and the embedded store"
+    ));
     let n = SERVICES.to_string();
     let e = ENDPOINTS.to_string();
     run_ok(Command::new(probe).args(["load", "--etcd", &etcd.endpoint, "--services", &n, "--endpoints", &e]))?;
@@ -266,6 +267,8 @@ fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
     let embedded_arg = embedded.display().to_string();
     run_ok(Command::new(probe).args(["load", "--embedded", &embedded_arg, "--services", &n, "--endpoints", &e]))?;
 
+    load.finish();
+    let runs = crate::progress::step(format!("{RUNS} runs: etcdctl get vs the agent's cluster watch"));
     // Warm up both (page cache, etcd's read path), then alternate the measured runs.
     etcdctl_get(&etcd.endpoint, objects)?;
     probe_watch(probe, &["--etcd", &etcd.endpoint], objects)?;
@@ -289,6 +292,7 @@ fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
         agent_rss = agent_rss.max(a.vmhwm_kib);
         emb_rss = emb_rss.max(b.vmhwm_kib);
     }
+    runs.finish();
     drop(etcd);
     let base = median(base);
     Ok(serde_json::json!([

@@ -80,9 +80,16 @@ fn stage(image: &Image, binaries: &[(String, PathBuf)], rootfs: &Path) -> Result
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(rootfs.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n")?;
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n",
+    )?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
-    copy_into(rootfs, Path::new("/etc/ssl/certs/ca-certificates.crt"), Path::new("/etc/ssl/certs/ca-certificates.crt"))?;
+    copy_into(
+        rootfs,
+        Path::new("/etc/ssl/certs/ca-certificates.crt"),
+        Path::new("/etc/ssl/certs/ca-certificates.crt"),
+    )?;
     for (name, src) in binaries {
         let dest = rootfs.join("usr/bin").join(name);
         std::fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
@@ -100,7 +107,13 @@ fn stage(image: &Image, binaries: &[(String, PathBuf)], rootfs: &Path) -> Result
 fn build(image: &Image, rootfs: &Path) -> Result<()> {
     let container = output(buildah().args(["from", "scratch"]))?;
     let result = (|| {
-        check(buildah().args(["copy", "--quiet", &container]).arg(format!("{}/", rootfs.display())).arg("/").stdout(Stdio::null()))?;
+        check(
+            buildah()
+                .args(["copy", "--quiet", &container])
+                .arg(format!("{}/", rootfs.display()))
+                .arg("/")
+                .stdout(Stdio::null()),
+        )?;
         let entrypoint = serde_json::to_string(&[format!("/usr/bin/{}", image.binaries[0])])?;
         check(buildah().args([
             "config",
@@ -135,10 +148,7 @@ fn smoke(image: &Image) -> Result<String> {
         &container,
     ]))?)?;
     let result = output(
-        buildah()
-            .args(["run", "--isolation", "chroot", &container, "--"])
-            .args(&entrypoint)
-            .args(image.smoke_args),
+        buildah().args(["run", "--isolation", "chroot", &container, "--"]).args(&entrypoint).args(image.smoke_args),
     );
     let _ = buildah().args(["rm", &container]).stdout(Stdio::null()).status();
     result.map(|out| out.lines().next().unwrap_or_default().to_string())
@@ -215,7 +225,8 @@ pub fn run() -> Result<()> {
         // contiv-cni in the agent image is what the init container runs: try it too.
         if image.binaries.contains(&"contiv-cni") {
             let c = output(buildah().args(["from", "--pull-never", &image_ref(image)]))?;
-            let v = output(buildah().args(["run", "--isolation", "chroot", &c, "--", "/usr/bin/contiv-cni", "--version"]));
+            let v =
+                output(buildah().args(["run", "--isolation", "chroot", &c, "--", "/usr/bin/contiv-cni", "--version"]));
             let _ = buildah().args(["rm", &c]).stdout(Stdio::null()).status();
             step.note(format!("contiv-cni --version: {}", v?));
         }

@@ -71,7 +71,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
         &["/usr/lib/cni/ptp", "/usr/lib/cni/host-local", "/usr/lib/cni/bandwidth", "/usr/lib/cni/tuning"],
         "chaining tests and the CNI benchmark's reference plugins",
     ),
-    req("ca-certificates", &["/etc/ssl/certs/ca-certificates.crt"], "cargo and rustup downloads; the images' CA bundle"),
+    req(
+        "ca-certificates",
+        &["/etc/ssl/certs/ca-certificates.crt"],
+        "cargo and rustup downloads; the images' CA bundle",
+    ),
     // Images and deploy checks.
     req("buildah", &["/usr/bin/buildah"], "cargo xtask images: OCI images without a Docker daemon"),
     req("libc6-dev", &["/usr/lib/x86_64-linux-gnu/libc.a"], "the static contiv-cni the agent image installs on hosts"),
@@ -208,9 +212,9 @@ pub fn run() -> Result<()> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
     if !linker_ok {
-        eprintln!(
-            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute on 2 cores; cargo shows progress)"
-        );
+        let step = crate::progress::step(format!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (several minutes on 2 cores)"
+        ));
         let status = Command::new("cargo")
             .args([
                 "install",
@@ -228,6 +232,7 @@ pub fn run() -> Result<()> {
         if !status.success() {
             bail!("installing bpf-linker failed");
         }
+        step.finish();
     }
     if !quiet(Command::new("bpf-linker").arg("--version")) {
         bail!("bpf-linker is not on PATH (is ~/.cargo/bin in PATH?)");

@@ -179,7 +179,12 @@ impl Collector for Snapshot {
             }),
         )?;
         let pods = ConstGauge::new(self.pods.len() as i64);
-        pods.encode(encoder.encode_descriptor("contiv_pods", "Pod attachments on this node", None, pods.metric_type())?)?;
+        pods.encode(encoder.encode_descriptor(
+            "contiv_pods",
+            "Pod attachments on this node",
+            None,
+            pods.metric_type(),
+        )?)?;
 
         if let Some(v) = &self.slowpath.vswitch {
             let mut rows = vec![
@@ -187,7 +192,9 @@ impl Collector for Snapshot {
                 ([("verdict", "reply"), ("reason", "icmp_echo")], v.icmp_echo_replies),
             ];
             rows.extend(
-                contiv_vswitch::DropReason::ALL.iter().map(|r| ([("verdict", "drop"), ("reason", r.as_str())], v.drops.get(*r))),
+                contiv_vswitch::DropReason::ALL
+                    .iter()
+                    .map(|r| ([("verdict", "drop"), ("reason", r.as_str())], v.drops.get(*r))),
             );
             counter_family(&mut encoder, "contiv_slowpath_verdicts", "Slow-path verdicts on frames, by reason", rows)?;
         }

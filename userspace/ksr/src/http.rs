@@ -146,15 +146,16 @@ impl Collector for KsrCollector {
             (c.role.clone(), c.mirror.clone())
         };
         let status = mirror.as_ref().map(|m| m.status_now()).unwrap_or_default();
-        let gauge_family = |encoder: &mut DescriptorEncoder, name: &str, help: &str, f: &dyn Fn(&crate::mirror::KindStatus) -> i64| {
-            let g = ConstGauge::new(0i64);
-            let mut family = encoder.encode_descriptor(name, help, None, g.metric_type())?;
-            for s in &status {
-                let labels = [("kind", s.kind.as_str())];
-                ConstGauge::new(f(s)).encode(family.encode_family(&labels)?)?;
-            }
-            Ok::<(), std::fmt::Error>(())
-        };
+        let gauge_family =
+            |encoder: &mut DescriptorEncoder, name: &str, help: &str, f: &dyn Fn(&crate::mirror::KindStatus) -> i64| {
+                let g = ConstGauge::new(0i64);
+                let mut family = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+                for s in &status {
+                    let labels = [("kind", s.kind.as_str())];
+                    ConstGauge::new(f(s)).encode(family.encode_family(&labels)?)?;
+                }
+                Ok::<(), std::fmt::Error>(())
+            };
         gauge_family(&mut encoder, "contiv_ksr_objects", "Objects reflected into the store, per kind", &|s| {
             s.objects as i64
         })?;
@@ -208,10 +209,7 @@ async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
 }
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        h.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], h.render())
 }
 
 /// Serves the router on `addr` from a thread of its own (a single-threaded runtime), so the

@@ -116,7 +116,9 @@ pub struct LeaderElector {
 
 fn now() -> MicroTime {
     let micros = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
-    MicroTime(k8s_openapi::jiff::Timestamp::from_microsecond(micros).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH))
+    MicroTime(
+        k8s_openapi::jiff::Timestamp::from_microsecond(micros).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    )
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -179,16 +181,19 @@ impl LeaderElector {
         let seen_at = self.observe(&lease);
         let mut spec = lease.spec.take().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
-        let their_duration =
-            Duration::from_secs(spec.lease_duration_seconds.map_or(self.config.lease_duration.as_secs(), |s| {
-                s.max(1) as u64
-            }));
+        let their_duration = Duration::from_secs(
+            spec.lease_duration_seconds.map_or(self.config.lease_duration.as_secs(), |s| s.max(1) as u64),
+        );
         if !holder.is_empty() && holder != me && seen_at.elapsed() < their_duration {
             return Ok(Attempt::Following(holder));
         }
         if holder != me {
             if !holder.is_empty() {
-                log::info!("lease {}/{}: {holder} stopped renewing; taking over", self.config.namespace, self.config.name);
+                log::info!(
+                    "lease {}/{}: {holder} stopped renewing; taking over",
+                    self.config.namespace,
+                    self.config.name
+                );
             }
             spec.holder_identity = Some(me);
             spec.acquire_time = Some(now());
@@ -265,7 +270,9 @@ impl LeaderElector {
                     return true;
                 }
                 Ok(Err(e)) => log::warn!("renewing lease {}/{}: {e}", self.config.namespace, self.config.name),
-                Err(_) => log::warn!("renewing lease {}/{}: no answer in time", self.config.namespace, self.config.name),
+                Err(_) => {
+                    log::warn!("renewing lease {}/{}: no answer in time", self.config.namespace, self.config.name)
+                }
             }
             if last_renew.elapsed() >= self.config.renew_deadline {
                 log::warn!(

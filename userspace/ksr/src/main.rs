@@ -70,8 +70,11 @@ struct Args {
 
 impl Args {
     fn store_config(&self) -> anyhow::Result<StoreConfig> {
-        let mut config =
-            if self.etcd.is_empty() { StoreConfig::embedded(&self.data_dir) } else { StoreConfig::etcd(self.etcd.clone()) };
+        let mut config = if self.etcd.is_empty() {
+            StoreConfig::embedded(&self.data_dir)
+        } else {
+            StoreConfig::etcd(self.etcd.clone())
+        };
         if let Some(ca) = &self.etcd_ca_file {
             config = config.with_tls(TlsConfig {
                 ca_file: ca.clone(),
@@ -114,7 +117,11 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Clien
     Ok(kube::Client::try_from(config)?)
 }
 
-async fn run(args: Args, store_config: StoreConfig, election: Option<contiv_ksr::ElectionConfig>) -> anyhow::Result<()> {
+async fn run(
+    args: Args,
+    store_config: StoreConfig,
+    election: Option<contiv_ksr::ElectionConfig>,
+) -> anyhow::Result<()> {
     let store_metrics = contiv_store::metrics::StoreMetrics::new();
     // The store may come up after KSR (etcd in the same rollout): keep trying.
     let store = loop {
@@ -154,8 +161,8 @@ async fn run(args: Args, store_config: StoreConfig, election: Option<contiv_ksr:
         None => {
             let reflector = contiv_ksr::Reflector::start(client, store, repair);
             let health = contiv_ksr::Health::standalone(reflector.mirror.clone(), store_metrics);
-            let addr =
-                contiv_ksr::http::serve_dedicated(args.http, health).with_context(|| format!("binding {}", args.http))?;
+            let addr = contiv_ksr::http::serve_dedicated(args.http, health)
+                .with_context(|| format!("binding {}", args.http))?;
             log::info!("serving /healthz /readyz /metrics on {addr}");
             stop.await;
             drop(reflector);
@@ -167,7 +174,8 @@ async fn run(args: Args, store_config: StoreConfig, election: Option<contiv_ksr:
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    let checked = args.store_config().and_then(|s| Ok((s, if args.leader_elect { Some(args.election()?) } else { None })));
+    let checked =
+        args.store_config().and_then(|s| Ok((s, if args.leader_elect { Some(args.election()?) } else { None })));
     let (store_config, election) = match checked {
         Ok(c) => c,
         Err(e) => {

@@ -137,7 +137,8 @@ mod tests {
     fn every_model_kind_is_watched_once() {
         let kinds = watched_kinds();
         assert_eq!(kinds.len(), Kind::ALL.len());
-        let mut resources: Vec<(String, String)> = kinds.iter().map(|w| (w.group.clone(), w.resource.clone())).collect();
+        let mut resources: Vec<(String, String)> =
+            kinds.iter().map(|w| (w.group.clone(), w.resource.clone())).collect();
         resources.sort();
         resources.dedup();
         assert_eq!(resources.len(), Kind::ALL.len());

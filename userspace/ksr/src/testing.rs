@@ -388,8 +388,7 @@ async fn handle(
         let total = all.map_or(0, BTreeMap::len);
         let offset: usize = q.get("continue").and_then(|v| v.parse().ok()).unwrap_or(0);
         let limit: usize = q.get("limit").and_then(|v| v.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
-        let items: Vec<Value> =
-            all.map(|m| m.values().skip(offset).take(limit).cloned().collect()).unwrap_or_default();
+        let items: Vec<Value> = all.map(|m| m.values().skip(offset).take(limit).cloned().collect()).unwrap_or_default();
         let mut metadata = json!({"resourceVersion": c.rv.to_string()});
         if offset.saturating_add(items.len()) < total {
             metadata["continue"] = json!((offset + items.len()).to_string());

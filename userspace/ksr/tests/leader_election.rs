@@ -173,10 +173,7 @@ async fn fake_apiserver_only_the_leader_writes_and_a_crashed_leader_is_replaced_
     let (lease_ms, retry_ms) = (2000, 200);
     let a = Replica::start(&api, &store, election("ksr-a", lease_ms, 1000, retry_ms));
     let b = Replica::start(&api, &store, election("ksr-b", lease_ms, 1000, retry_ms));
-    wait_for("a leader that is ready", 20, || {
-        [&a, &b].iter().any(|r| r.leading() && r.health.readiness().0)
-    })
-    .await;
+    wait_for("a leader that is ready", 20, || [&a, &b].iter().any(|r| r.leading() && r.health.readiness().0)).await;
     let (leader, standby) = if a.leading() { (a, b) } else { (b, a) };
     assert!(leader.store.writes() > 0, "the leader wrote the store");
     assert!(has_key(&store, "/contiv/k8s/pod/default/a").await);
@@ -195,10 +192,7 @@ async fn fake_apiserver_only_the_leader_writes_and_a_crashed_leader_is_replaced_
     let took = crashed.elapsed();
     // It waits for the lease to expire on its own clock: at most one lease duration after
     // the last renewal it saw, i.e. lease + one retry period after the crash.
-    assert!(
-        took <= Duration::from_millis(lease_ms + 2 * retry_ms),
-        "takeover after {took:?}, lease is {lease_ms} ms"
-    );
+    assert!(took <= Duration::from_millis(lease_ms + 2 * retry_ms), "takeover after {took:?}, lease is {lease_ms} ms");
     assert!(took >= Duration::from_millis(lease_ms - retry_ms), "took over too early ({took:?}): lease not honoured");
     let s = store.clone();
     let deadline = Instant::now() + Duration::from_secs(20);

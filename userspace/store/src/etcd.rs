@@ -9,14 +9,15 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, CompactionOptions, Identity, TlsOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    KvClient, LeaseClient, PutOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient, WatchOptions,
+    Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions,
+    EventType, GetOptions, Identity, KvClient, LeaseClient, PutOptions, TlsOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp,
+    TxnOpResponse, WatchClient, WatchOptions,
 };
 use tokio::sync::mpsc;
 
 use crate::{
-    Compare, EventKind, TlsConfig, KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Txn, TxnOp, TxnResult, WatchEvent,
-    WatchMessage, WatchStream,
+    Compare, EventKind, KeyValue, LeaseId, ListResult, Revision, Store, StoreError, TlsConfig, Txn, TxnOp, TxnResult,
+    WatchEvent, WatchMessage, WatchStream,
 };
 
 /// Largest gRPC message we accept (a watch response of one big transaction, a list page).
@@ -79,9 +80,8 @@ impl EtcdStore {
 /// Reads the PEM files of `tls` into the client's TLS options.
 fn tls_options(tls: &TlsConfig) -> Result<TlsOptions, StoreError> {
     tls.validate()?;
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| StoreError::Io { path: path.to_owned(), source })
-    };
+    let read =
+        |path: &std::path::Path| std::fs::read(path).map_err(|source| StoreError::Io { path: path.to_owned(), source });
     let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
     if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
         options = options.identity(Identity::from_pem(read(cert)?, read(key)?));

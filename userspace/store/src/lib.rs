@@ -274,8 +274,7 @@ impl StoreConfig {
     /// Checks that endpoints and TLS settings fit together: `https://` endpoints need TLS
     /// settings, TLS settings need `https://` endpoints, and one scheme for all.
     pub fn validate(&self) -> Result<(), StoreError> {
-        if let Some(bad) =
-            self.etcd_endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        if let Some(bad) = self.etcd_endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
         {
             return Err(StoreError::Config(format!("etcd endpoint {bad:?} must be an http:// or https:// URL")));
         }
@@ -285,7 +284,9 @@ impl StoreConfig {
         }
         match (&self.etcd_tls, https > 0) {
             (Some(tls), true) => tls.validate(),
-            (None, true) => Err(StoreError::Config("https:// etcd endpoints need TLS settings (at least a CA file)".into())),
+            (None, true) => {
+                Err(StoreError::Config("https:// etcd endpoints need TLS settings (at least a CA file)".into()))
+            }
             (Some(_), false) if !self.etcd_endpoints.is_empty() => {
                 Err(StoreError::Config("etcd TLS settings are given but the endpoints are http://".into()))
             }

@@ -142,10 +142,7 @@ mod tests {
         metrics.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        assert!(
-            text.contains("contiv_store_request_duration_seconds_count{op=\"put\",outcome=\"ok\"} 2"),
-            "{text}"
-        );
+        assert!(text.contains("contiv_store_request_duration_seconds_count{op=\"put\",outcome=\"ok\"} 2"), "{text}");
         assert!(text.contains("contiv_store_request_duration_seconds_count{op=\"get\",outcome=\"ok\"} 1"), "{text}");
         assert!(
             text.contains("contiv_store_request_duration_seconds_count{op=\"lease_keep_alive\",outcome=\"error\"} 1"),

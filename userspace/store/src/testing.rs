@@ -87,12 +87,7 @@ impl TestPki {
             write(&format!("{name}-key.pem"), key.serialize_pem())?;
             Ok(())
         };
-        leaf(
-            vec!["localhost".into(), "127.0.0.1".into()],
-            "etcd",
-            ExtendedKeyUsagePurpose::ServerAuth,
-            "server",
-        )?;
+        leaf(vec!["localhost".into(), "127.0.0.1".into()], "etcd", ExtendedKeyUsagePurpose::ServerAuth, "server")?;
         leaf(vec![], "contiv-test-client", ExtendedKeyUsagePurpose::ClientAuth, "client")?;
         Ok(Self { dir })
     }

@@ -141,15 +141,18 @@ fn build(image: &Image, rootfs: &Path) -> Result<()> {
 fn smoke(image: &Image) -> Result<String> {
     let name = format!("contiv-smoke-{}-{}", image.name.replace('/', "-"), std::process::id());
     let container = output(buildah().args(["from", "--name", &name, "--pull-never", &image_ref(image)]))?;
-    let entrypoint: Vec<String> = serde_json::from_str(&output(buildah().args([
-        "inspect",
-        "--format",
-        "{{json .OCIv1.Config.Entrypoint}}",
-        &container,
-    ]))?)?;
-    let result = output(
-        buildah().args(["run", "--isolation", "chroot", &container, "--"]).args(&entrypoint).args(image.smoke_args),
-    );
+    let result = (|| {
+        let inspect: serde_json::Value = serde_json::from_str(&output(buildah().args(["inspect", &container]))?)?;
+        let entrypoint: Vec<String> = serde_json::from_value(inspect["OCIv1"]["config"]["Entrypoint"].clone())
+            .context("the image has no entrypoint")?;
+        ensure!(!entrypoint.is_empty(), "the image has an empty entrypoint");
+        output(
+            buildah()
+                .args(["run", "--isolation", "chroot", &container, "--"])
+                .args(&entrypoint)
+                .args(image.smoke_args),
+        )
+    })();
     let _ = buildah().args(["rm", &container]).stdout(Stdio::null()).status();
     result.map(|out| out.lines().next().unwrap_or_default().to_string())
 }

@@ -382,3 +382,15 @@ async fn real_cluster_reflects_default_namespace_and_nodes() {
     assert!(!store.list(&Kind::Node.prefix()).await.unwrap().kvs.is_empty());
     assert!(store.get("/contiv/k8s/service/default/kubernetes").await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn fake_apiserver_large_lists_are_paged_and_fully_reflected() {
+    let objects: Vec<Value> =
+        (0..1200).map(|i| pod("default", &format!("p{i:04}"), &format!("10.1.{}.{}", i / 250, i % 250 + 1), "x")).collect();
+    let env = start_with(&objects, &[]).await;
+    wait_ready(&env).await;
+    let pods = env.store.list(&Kind::Pod.prefix()).await.unwrap().kvs.len();
+    assert_eq!(pods, 1200);
+    // kube's watcher lists 500 at a time: three pages for 1200 pods.
+    assert!(env.api.list_count("Pod") >= 3, "lists served: {}", env.api.list_count("Pod"));
+}

@@ -147,10 +147,7 @@ fn smoke(image: &Image) -> Result<String> {
             .context("the image has no entrypoint")?;
         ensure!(!entrypoint.is_empty(), "the image has an empty entrypoint");
         output(
-            buildah()
-                .args(["run", "--isolation", "chroot", &container, "--"])
-                .args(&entrypoint)
-                .args(image.smoke_args),
+            buildah().args(["run", "--isolation", "chroot", &container, "--"]).args(&entrypoint).args(image.smoke_args),
         )
     })();
     let _ = buildah().args(["rm", &container]).stdout(Stdio::null()).status();

@@ -132,7 +132,10 @@ const POD_COUNTERS: [PodCounter; 5] = [
     ("contiv_pod_from_slowpath_packets", "Frames the slow path delivered to the pod", |c| c.from_slow_packets),
 ];
 
-const POD_DROPS: [(&str, fn(&CountersReport) -> u64); 5] = [
+/// A drop reason and how to read its counter.
+type PodDrop = (&'static str, fn(&CountersReport) -> u64);
+
+const POD_DROPS: [PodDrop; 5] = [
     ("spoofed_ip", |c| c.drop_spoofed_ip),
     ("spoofed_mac", |c| c.drop_spoofed_mac),
     ("malformed", |c| c.drop_malformed),

@@ -385,8 +385,9 @@ async fn real_cluster_reflects_default_namespace_and_nodes() {
 
 #[tokio::test]
 async fn fake_apiserver_large_lists_are_paged_and_fully_reflected() {
-    let objects: Vec<Value> =
-        (0..1200).map(|i| pod("default", &format!("p{i:04}"), &format!("10.1.{}.{}", i / 250, i % 250 + 1), "x")).collect();
+    let objects: Vec<Value> = (0..1200)
+        .map(|i| pod("default", &format!("p{i:04}"), &format!("10.1.{}.{}", i / 250, i % 250 + 1), "x"))
+        .collect();
     let env = start_with(&objects, &[]).await;
     wait_ready(&env).await;
     let pods = env.store.list(&Kind::Pod.prefix()).await.unwrap().kvs.len();

@@ -10,11 +10,13 @@
 //! - [`error`]: [`CniError`], the one error type, carrying the CNI code
 //! - [`agent`]: the gRPC client on the agent's unix socket
 //! - [`runner`]: one invocation end to end
+//! - [`install`]: `contiv-cni install` / `uninstall` on a node (atomic, validated)
 
 pub mod agent;
 pub mod config;
 pub mod env;
 pub mod error;
+pub mod install;
 pub mod result;
 pub mod runner;
 

@@ -121,8 +121,14 @@ fn unknown_destinations_go_to_the_slow_path_and_are_dropped() {
     assert_eq!(counter(&after, "fwd_packets"), counter(&before, "fwd_packets"));
     assert!(node.vswitch_drops("unknown_destination") >= drops_before + 2);
     let metrics = node.status("/metrics");
-    assert!(metrics.contains("contiv_vswitch_drops_total{reason=\"unknown_destination\"}"), "{metrics}");
-    assert!(metrics.contains(&format!("contiv_pod_slowpath_packets_total{{pod_ip=\"{}\"", pod.ip)));
+    assert!(
+        metrics.contains("contiv_slowpath_verdicts_total{verdict=\"drop\",reason=\"unknown_destination\"}"),
+        "{metrics}"
+    );
+    // Without K8S_POD_* in CNI_ARGS the attachment is named by its container ID.
+    let pod_series =
+        format!("contiv_pod_slowpath_packets_total{{namespace=\"\",pod=\"{}\",interface=\"eth0\"}}", pod.container_id);
+    assert!(metrics.contains(&pod_series), "{pod_series} in\n{metrics}");
 }
 
 #[test]

@@ -37,18 +37,18 @@ const MAX_TIME_RATIO: f64 = 3.0;
 /// The budget for the peak resident memory of a process holding the whole model.
 const RSS_BUDGET_MIB: f64 = 150.0;
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// An etcd we started; killed (by its pid) on drop.
-struct Etcd {
+pub(crate) struct Etcd {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
     dir: PathBuf,
 }
 
@@ -75,7 +75,7 @@ fn healthy(endpoint_port: u16) -> bool {
     body.contains("\"health\":\"true\"")
 }
 
-fn start_etcd(scratch: &Path) -> anyhow::Result<Etcd> {
+pub(crate) fn start_etcd(scratch: &Path) -> anyhow::Result<Etcd> {
     let client_port = free_port()?;
     let peer_port = free_port()?;
     let dir = scratch.join("etcd");
@@ -109,7 +109,7 @@ fn start_etcd(scratch: &Path) -> anyhow::Result<Etcd> {
     Ok(etcd)
 }
 
-fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     ensure!(status.success(), "{cmd:?} failed: {status}");
     Ok(())
@@ -205,12 +205,12 @@ fn probe_watch(probe: &Path, store_args: &[&str], expect: usize) -> anyhow::Resu
     Ok(ProbeRun { wall, internal_ms: report["ready_ms"].as_f64().unwrap_or(0.0), maxrss_kib })
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -220,7 +220,7 @@ fn rss_metric(name: &str, baseline_kib: u64, ours_kib: u64) -> serde_json::Value
     m
 }
 
-fn metric(name: &str, unit: &str, baseline: f64, ours: f64) -> serde_json::Value {
+pub(crate) fn metric(name: &str, unit: &str, baseline: f64, ours: f64) -> serde_json::Value {
     serde_json::json!({
         "metric": name,
         "unit": unit,
@@ -233,7 +233,7 @@ fn metric(name: &str, unit: &str, baseline: f64, ours: f64) -> serde_json::Value
 
 pub fn run() -> anyhow::Result<()> {
     let root = workspace_root();
-    println!("building contiv-store-bench-probe (release)...");
+    let build = crate::progress::step("building contiv-store-bench-probe (release)");
     run_ok(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).current_dir(&root).args([
         "build",
         "--release",
@@ -243,6 +243,7 @@ pub fn run() -> anyhow::Result<()> {
         "--bin",
         "contiv-store-bench-probe",
     ]))?;
+    build.finish();
     let probe = target_dir().join("release/contiv-store-bench-probe");
     ensure!(probe.exists(), "{} missing after build", probe.display());
 
@@ -291,12 +292,33 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes target/bench/<name>.json and prints the table.
+pub(crate) fn write_report(name: &str, metrics: &serde_json::Value) -> anyhow::Result<PathBuf> {
+    let out_dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let out = out_dir.join(format!("{name}.json"));
+    std::fs::write(&out, serde_json::to_string_pretty(metrics)?)?;
+    println!("\n{:<36} {:>6} {:>10} {:>10} {:>7}", "metric", "unit", "baseline", "ours", "ratio");
+    for m in metrics.as_array().into_iter().flatten() {
+        println!(
+            "{:<36} {:>6} {:>10.2} {:>10.2} {:>7.3}",
+            m["metric"].as_str().unwrap_or(""),
+            m["unit"].as_str().unwrap_or(""),
+            m["baseline"].as_f64().unwrap_or(0.0),
+            m["ours"].as_f64().unwrap_or(0.0),
+            m["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("\nwrote {}", out.display());
+    Ok(out)
+}
+
 fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
     let objects = 2 * SERVICES;
     let etcd = start_etcd(scratch)?;
-    println!(
-        "loading {SERVICES} services + {SERVICES} EndpointSlices ({ENDPOINTS} endpoints each) into etcd and the embedded store..."
-    );
+    let load = crate::progress::step(format!(
+        "loading {SERVICES} services + {SERVICES} EndpointSlices ({ENDPOINTS} endpoints each) into etcd and the embedded store"
+    ));
     let n = SERVICES.to_string();
     let e = ENDPOINTS.to_string();
     run_ok(Command::new(probe).args(["load", "--etcd", &etcd.endpoint, "--services", &n, "--endpoints", &e]))?;
@@ -304,6 +326,8 @@ fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
     let embedded_arg = embedded.display().to_string();
     run_ok(Command::new(probe).args(["load", "--embedded", &embedded_arg, "--services", &n, "--endpoints", &e]))?;
 
+    load.finish();
+    let runs = crate::progress::step(format!("{RUNS} runs: etcdctl get vs the agent's cluster watch"));
     // Warm up both (page cache, etcd's read path), then alternate the measured runs.
     let etcd_args = ["--etcd", etcd.endpoint.as_str()];
     let emb_args = ["--embedded", embedded_arg.as_str()];
@@ -334,6 +358,7 @@ fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
         emb_read.push(ms(c.wall));
         emb_watch.push(ms(d.wall));
     }
+    runs.finish();
     drop(etcd);
     Ok(serde_json::json!([
         metric("cluster_watch_probe_etcd_time_to_full_model", "ms", median(etcd_read), median(etcd_watch)),

@@ -3,6 +3,7 @@
 
 mod bench_cni;
 mod bench_datapath;
+mod bench_ksr;
 mod bench_net;
 mod bench_overlay;
 mod bench_store;
@@ -10,7 +11,9 @@ mod bench_vpp;
 mod cluster;
 mod demo;
 mod fresh_check;
+mod images;
 mod previous;
+mod progress;
 mod setup;
 
 use std::{
@@ -44,6 +47,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// OCI images (buildah, from scratch) for the agent, KSR, STN and etcd, tagged with the
+    /// crate version; each image's entrypoint runs once.
+    Images,
     /// The cluster in a box: `up --nodes N`, `pod add|del`, `exec`, `status`, `agent`, `down`.
     Cluster {
         /// The box's state directory.
@@ -58,9 +64,9 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
-    /// Benchmarks against their baselines: `datapath`, `overlay`, `cni`, `store` or `vpp`.
+    /// Benchmarks against their baselines: `datapath`, `overlay`, `cni`, `store`, `ksr` or `vpp`.
     Bench {
-        #[arg(value_parser = ["datapath", "overlay", "cni", "store", "vpp"])]
+        #[arg(value_parser = ["datapath", "overlay", "cni", "store", "ksr", "vpp"])]
         which: String,
     },
 }
@@ -219,6 +225,11 @@ fn main() -> Result<()> {
             }
             check(cmd.args(&args).env("CONTIV_REQUIRE_PAPI", "1"))
         }
+        Task::Images => {
+            setup::run()?;
+            require_root("building images with buildah")?;
+            images::run()
+        }
         Task::Bench { which } => {
             setup::run()?;
             match which.as_str() {
@@ -238,6 +249,7 @@ fn main() -> Result<()> {
                     let bins = build_bins(true)?;
                     bench_cni::run(&bins)
                 }
+                "ksr" => bench_ksr::run(),
                 _ => bench_store::run(),
             }
         }

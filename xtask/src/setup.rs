@@ -81,7 +81,16 @@ pub const REQUIREMENTS: &[Requirement] = &[
         &["/usr/lib/cni/ptp", "/usr/lib/cni/host-local", "/usr/lib/cni/bandwidth", "/usr/lib/cni/tuning"],
         "chaining tests and the CNI benchmark's reference plugins",
     ),
-    req("ca-certificates", &["/etc/ssl/certs/ca-certificates.crt"], "cargo and rustup downloads"),
+    req(
+        "ca-certificates",
+        &["/etc/ssl/certs/ca-certificates.crt"],
+        "cargo and rustup downloads; the images' CA bundle",
+    ),
+    // Images and deploy checks.
+    req("buildah", &["/usr/bin/buildah"], "cargo xtask images: OCI images without a Docker daemon"),
+    req("libc6-dev", &["/usr/lib/x86_64-linux-gnu/libc.a"], "the static contiv-cni the agent image installs on hosts"),
+    req("binutils", &["/usr/bin/strip"], "cargo xtask images strips debug info from binaries"),
+    req("openssl", &["/usr/bin/openssl"], "deploy/tls/gen-certs.sh and its test"),
     // The real VPP Python client (vpp-papi, from PyPI) checks the fake VPP and is the VPP
     // benchmark's baseline; it lives in a virtualenv under target/.
     req("python3", &["/usr/bin/python3"], "runs vpp_papi in the VPP tests and benchmark"),
@@ -251,9 +260,9 @@ pub fn run() -> Result<()> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
     if !linker_ok {
-        eprintln!(
-            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute on 2 cores; cargo shows progress)"
-        );
+        let step = crate::progress::step(format!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (several minutes on 2 cores)"
+        ));
         let status = Command::new("cargo")
             .args([
                 "install",
@@ -271,6 +280,7 @@ pub fn run() -> Result<()> {
         if !status.success() {
             bail!("installing bpf-linker failed");
         }
+        step.finish();
     }
     if !quiet(Command::new("bpf-linker").arg("--version")) {
         bail!("bpf-linker is not on PATH (is ~/.cargo/bin in PATH?)");

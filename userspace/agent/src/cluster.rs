@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 use contiv_cluster_model::{Kind, NodeAddress};
 use contiv_cluster_watch::{ClusterEvent, ClusterModel, ClusterWatch};
 use contiv_node_registry::{IpamAllocation, IpamConfig, NodeDetails, NodeRegistration, NodeRegistry};
-use contiv_store::{Store, StoreConfig};
+use contiv_store::Store;
 use tokio::sync::watch;
 
 use crate::config::AgentConfig;
@@ -25,17 +25,14 @@ pub struct ClusterLink {
 }
 
 /// Opens the store and claims this node's ID and pod subnet (the old ones after a restart).
-pub async fn join(config: &AgentConfig) -> anyhow::Result<ClusterLink> {
+/// Store requests are timed into `metrics`.
+pub async fn join(config: &AgentConfig, metrics: &contiv_store::metrics::StoreMetrics) -> anyhow::Result<ClusterLink> {
     use anyhow::Context;
-    let store_config = StoreConfig {
-        etcd_endpoints: config.etcd_endpoints.clone(),
-        embedded_path: config.store_dir.clone(),
-        ..StoreConfig::default()
-    };
+    let store_config = config.store_config();
     let mut attempt = 0;
     let store = loop {
         match contiv_store::open(&store_config).await {
-            Ok(s) => break s,
+            Ok(s) => break metrics.instrument(s),
             Err(e) if attempt + 1 < STORE_START_ATTEMPTS => {
                 attempt += 1;
                 log::warn!("store not reachable yet ({e}); retrying");

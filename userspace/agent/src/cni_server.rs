@@ -1,6 +1,6 @@
 //! The CNI gRPC service on a unix socket (mode 0600: only root may wire pods).
 
-use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Instant};
 
 use contiv_cni_api::v1::{self, cni_server::CniServer};
 use tonic::{Request, Response, Status};
@@ -8,6 +8,7 @@ use tracing::Instrument;
 
 use crate::{
     agent::Agent,
+    metrics::AgentMetrics,
     timing::{self, PluginTiming},
 };
 
@@ -18,43 +19,61 @@ fn operation(op: &'static str, req: &Request<v1::CniRequest>) -> tracing::Span {
     timing::operation(op, &format!("{}/{}", r.container_id, r.ifname), plugin)
 }
 
-/// The tonic service: translates between the wire contract and [`Agent`].
+/// The tonic service: translates between the wire contract and [`Agent`], timing each
+/// request into the `contiv_cni_request_duration_seconds` histogram.
 pub struct CniService {
     agent: Arc<Agent>,
+    metrics: Arc<AgentMetrics>,
+}
+
+/// The CNI code of a reply's error (0: success).
+fn code(error: Option<&v1::CniError>) -> u32 {
+    error.map_or(0, |e| e.code)
 }
 
 #[tonic::async_trait]
 impl v1::cni_server::Cni for CniService {
     async fn add(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::AddReply>, Status> {
         let span = operation("ADD", &req);
+        let start = Instant::now();
         let reply = match self.agent.add(req.get_ref()).instrument(span).await {
             Ok(r) => r,
             Err(e) => v1::AddReply { error: Some(e.to_proto()), ..Default::default() },
         };
+        self.metrics.observe_cni("ADD", code(reply.error.as_ref()), start.elapsed());
         Ok(Response::new(reply))
     }
 
     async fn del(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::DelReply>, Status> {
         let span = operation("DEL", &req);
+        let start = Instant::now();
         let error = self.agent.del(req.get_ref()).instrument(span).await.err().map(|e| e.to_proto());
+        self.metrics.observe_cni("DEL", code(error.as_ref()), start.elapsed());
         Ok(Response::new(v1::DelReply { error }))
     }
 
     async fn check(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::CheckReply>, Status> {
+        let start = Instant::now();
         let error = self.agent.check(req.get_ref()).await.err().map(|e| e.to_proto());
+        self.metrics.observe_cni("CHECK", code(error.as_ref()), start.elapsed());
         Ok(Response::new(v1::CheckReply { error }))
     }
 
     async fn status(&self, _req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
+        let start = Instant::now();
         let error = self.agent.status().err().map(|e| e.to_proto());
+        self.metrics.observe_cni("STATUS", code(error.as_ref()), start.elapsed());
         Ok(Response::new(v1::StatusReply { error }))
     }
 
     async fn gc(&self, req: Request<v1::GcRequest>) -> Result<Response<v1::GcReply>, Status> {
-        Ok(Response::new(match self.agent.gc(req.get_ref()).await {
+        let start = Instant::now();
+        let reply = match self.agent.gc(req.get_ref()).await {
             Ok(removed) => v1::GcReply { error: None, removed },
             Err(e) => v1::GcReply { error: Some(e.to_proto()), removed: 0 },
-        }))
+        };
+        self.metrics.observe_cni("GC", code(reply.error.as_ref()), start.elapsed());
+        Ok(Response::new(reply))
     }
 }
 
@@ -62,6 +81,7 @@ impl v1::cni_server::Cni for CniService {
 /// `shutdown` resolves.
 pub async fn serve(
     agent: Arc<Agent>,
+    metrics: Arc<AgentMetrics>,
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -82,7 +102,7 @@ pub async fn serve(
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     log::info!("serving CNI on {}", socket.display());
     tonic::transport::Server::builder()
-        .add_service(CniServer::new(CniService { agent }))
+        .add_service(CniServer::new(CniService { agent, metrics }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
         .await
         .context("CNI server")?;

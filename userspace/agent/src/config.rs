@@ -52,7 +52,6 @@ struct RawConfig {
     pod_subnet_cidr: Option<Ipv4Net>,
     pod_prefix_len: Option<u8>,
     status_addr: Option<std::net::SocketAddr>,
-    uplink: Option<String>,
     uplink_interface: Option<String>,
     #[serde(rename = "nodeIP")]
     node_ip: Option<Ipv4Addr>,
@@ -61,14 +60,48 @@ struct RawConfig {
     vxlan_port: Option<u16>,
     masquerade: Option<bool>,
     allow_private_bpffs: Option<bool>,
+    etcd_tls: Option<contiv_store::TlsConfig>,
+    uplink: Option<Uplink>,
+    vpp: Option<VppConfig>,
 }
 
-/// Who owns the node's wire (ARCHITECTURE.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UplinkMode {
-    /// The kernel owns the NIC; cross-node traffic is eBPF-encapsulated into one flow-based
-    /// VXLAN device; host and outside traffic go through the host stack.
+/// Who owns the node's uplink NIC (see the architecture: one owner per node).
+#[derive(Debug, Deserialize, serde::Serialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Uplink {
+    /// The kernel owns the NIC; eBPF encapsulates cross-node traffic (the default).
+    #[default]
     Kernel,
+    /// FD.io VPP owns the NIC through DPDK (the `vpp` deployment variant).
+    Vpp,
+}
+
+/// How the agent reaches VPP when `uplink = "vpp"`. VPP's own settings (the DPDK device,
+/// cores, buffers) live in its startup.conf; these two sockets must match it.
+#[derive(Debug, Deserialize, serde::Serialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VppConfig {
+    /// VPP's binary-API socket (startup.conf `socksvr { socket-name ... }`).
+    #[serde(default = "VppConfig::default_api_socket")]
+    pub api_socket: PathBuf,
+    /// VPP's stats segment socket (startup.conf `statseg { socket-name ... }`).
+    #[serde(default = "VppConfig::default_stats_socket")]
+    pub stats_socket: PathBuf,
+}
+
+impl VppConfig {
+    fn default_api_socket() -> PathBuf {
+        "/run/vpp/api.sock".into()
+    }
+    fn default_stats_socket() -> PathBuf {
+        "/run/vpp/stats.sock".into()
+    }
+}
+
+impl Default for VppConfig {
+    fn default() -> Self {
+        Self { api_socket: Self::default_api_socket(), stats_socket: Self::default_stats_socket() }
+    }
 }
 
 /// The VXLAN overlay between nodes (kernel uplink mode).
@@ -120,6 +153,12 @@ pub struct AgentConfig {
     pub pod_prefix_len: u8,
     /// etcd endpoints of the cluster store; empty: the embedded store in `store_dir`.
     pub etcd_endpoints: Vec<String>,
+    /// TLS towards etcd (`https://` endpoints): CA, client certificate and key.
+    pub etcd_tls: Option<contiv_store::TlsConfig>,
+    /// Who owns the uplink NIC. Default kernel.
+    pub uplink: Uplink,
+    /// VPP's sockets (used when `uplink` is vpp).
+    pub vpp: VppConfig,
     /// Directory of the embedded store. Default `<stateDir>/store`.
     pub store_dir: PathBuf,
     /// Status endpoint (healthz, readyz, pods, vswitch, metrics). Default 127.0.0.1:9192.
@@ -129,8 +168,6 @@ pub struct AgentConfig {
     /// MTU of pod interfaces. Default: the uplink's MTU minus [`VXLAN_OVERHEAD`] when there
     /// is an uplink (the overlay is on), else 1500. `None` until the uplink is known.
     pub mtu: Option<u32>,
-    /// Who owns the wire. Default kernel.
-    pub uplink: UplinkMode,
     /// The node's uplink interface: its address is the node's underlay address and the
     /// overlay's tunnel endpoint. Default: the interface of the default route; none (a
     /// single node without overlay) if there is no default route.
@@ -232,12 +269,19 @@ impl AgentConfig {
                 POD_SUBNET_PREFIXES.end()
             )));
         }
-        if let Some(eps) = &raw.etcd_endpoints
-            && let Some(bad) = eps.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "etcdEndpoints entry {bad:?} must be an http:// or https:// URL"
-            )));
+        let store = contiv_store::StoreConfig {
+            etcd_endpoints: raw.etcd_endpoints.clone().unwrap_or_default(),
+            etcd_tls: raw.etcd_tls.clone(),
+            ..contiv_store::StoreConfig::default()
+        };
+        if let Err(e) = store.validate() {
+            let detail = e.to_string();
+            let detail = detail.strip_prefix("invalid store configuration: ").unwrap_or(&detail);
+            return Err(ConfigError::Invalid(format!("etcdEndpoints / [etcdTls]: {detail}")));
+        }
+        let uplink = raw.uplink.unwrap_or_default();
+        if raw.vpp.is_some() && uplink != Uplink::Vpp {
+            return Err(ConfigError::Invalid("the [vpp] table applies only with uplink = \"vpp\"".into()));
         }
         let given_subnet = raw.pod_subnet.unwrap_or_else(|| DEFAULT_POD_SUBNET.parse().expect("valid default"));
         if given_subnet.prefix_len() > *POD_SUBNET_PREFIXES.end() {
@@ -273,12 +317,6 @@ impl AgentConfig {
         {
             return Err(ConfigError::Invalid(format!("mtu {mtu} out of range 576..=9000")));
         }
-        let uplink = match raw.uplink.as_deref() {
-            None | Some("kernel") => UplinkMode::Kernel,
-            Some(other) => {
-                return Err(ConfigError::Invalid(format!("uplink {other:?} is not supported (use \"kernel\")")));
-            }
-        };
         let overlay = OverlayConfig {
             ifname: ifname_check(raw.overlay_ifname, "cvx0", "overlayIfname")?,
             vni: raw.vxlan_vni.unwrap_or(1),
@@ -343,11 +381,13 @@ impl AgentConfig {
             pod_subnet_cidr,
             pod_prefix_len,
             etcd_endpoints: raw.etcd_endpoints.unwrap_or_default(),
+            etcd_tls: raw.etcd_tls,
+            uplink,
+            vpp: raw.vpp.unwrap_or_default(),
             store_dir: raw.store_dir.unwrap_or_else(|| state_dir.join("store")),
             status_addr: raw.status_addr.unwrap_or_else(|| "127.0.0.1:9192".parse().expect("valid default")),
             gateway_mac,
             mtu: raw.mtu,
-            uplink,
             uplink_interface,
             node_ip: raw.node_ip,
             overlay,
@@ -423,6 +463,18 @@ fn check_usable_range(field: &str, net: &Ipv4Net) -> Result<(), ConfigError> {
     Ok(())
 }
 
+impl AgentConfig {
+    /// Where the cluster store is: etcd (with TLS when configured), else the embedded store.
+    pub fn store_config(&self) -> contiv_store::StoreConfig {
+        contiv_store::StoreConfig {
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            embedded_path: self.store_dir.clone(),
+            etcd_tls: self.etcd_tls.clone(),
+            ..contiv_store::StoreConfig::default()
+        }
+    }
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -455,7 +507,7 @@ mod tests {
         assert_eq!(c.mtu, None);
         assert_eq!(c.pod_mtu(None), 1500);
         assert_eq!(c.pod_mtu(Some(1500)), 1450, "the overlay's 50 bytes come off the uplink MTU");
-        assert_eq!(c.uplink, UplinkMode::Kernel);
+        assert_eq!(c.uplink, Uplink::Kernel);
         assert_eq!(c.overlay, OverlayConfig { ifname: "cvx0".into(), vni: 1, port: 4789 });
         assert!(c.masquerade);
         assert_eq!(c.cni_socket, PathBuf::from("/run/contiv/cni.sock"));
@@ -521,6 +573,12 @@ mod tests {
             ("nodeName = \"a/b\"", "nodeName"),
             ("slowpathHostIfname = \"a:b\"", "slowpathHostIfname"),
             ("[dns]\nnameservers = [\"dns.example\"]", "dns.nameservers"),
+            ("etcdEndpoints = [\"https://e:2379\"]", "TLS"),
+            ("etcdEndpoints = [\"http://e:2379\"]\n[etcdTls]\ncaFile = \"/ca.pem\"", "http://"),
+            ("etcdEndpoints = [\"https://e:2379\"]\n[etcdTls]\ncertFile = \"/c.pem\"", "caFile"),
+            ("etcdEndpoints = [\"https://e:2379\"]\n[etcdTls]\ncaFile = \"/ca\"\ncertFile = \"/c\"", "key"),
+            ("[etcdTls]\ncaFile = \"/ca\"\nbogus = 1", "bogus"),
+            ("[vpp]\napiSocket = \"/run/vpp/api.sock\"", "uplink"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");
@@ -537,6 +595,32 @@ mod tests {
         ] {
             AgentConfig::from_toml(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         }
+    }
+
+    #[test]
+    fn etcd_tls_and_vpp_uplink_are_read() {
+        let c = AgentConfig::from_toml(
+            r#"
+            etcdEndpoints = ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"]
+            uplink = "vpp"
+            [etcdTls]
+            caFile = "/etc/contiv/etcd-tls/ca.crt"
+            certFile = "/etc/contiv/etcd-tls/tls.crt"
+            keyFile = "/etc/contiv/etcd-tls/tls.key"
+            [vpp]
+            apiSocket = "/run/vpp/api.sock"
+            "#,
+        )
+        .unwrap();
+        let tls = c.etcd_tls.clone().expect("tls");
+        assert_eq!(tls.ca_file, PathBuf::from("/etc/contiv/etcd-tls/ca.crt"));
+        assert_eq!(tls.key_file, Some(PathBuf::from("/etc/contiv/etcd-tls/tls.key")));
+        assert_eq!(c.uplink, Uplink::Vpp);
+        assert_eq!(c.vpp.stats_socket, PathBuf::from("/run/vpp/stats.sock"));
+        let store = c.store_config();
+        assert_eq!(store.etcd_tls, Some(tls));
+        assert_eq!(store.embedded_path, c.store_dir);
+        assert_eq!(AgentConfig::from_toml("").unwrap().uplink, Uplink::Kernel);
     }
 
     #[test]

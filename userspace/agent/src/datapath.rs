@@ -117,6 +117,18 @@ fn mount_propagates(path: &Path) -> bool {
     })
 }
 
+/// Mounts bpffs on /sys/fs/bpf unless one is mounted there: the DaemonSet's privileged init
+/// container does this with /sys/fs/bpf mounted from the host (mount propagation
+/// Bidirectional), so the mount lands on the host.
+pub fn mount_bpffs() -> std::io::Result<()> {
+    let root = Path::new(BPFFS);
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(std::io::Error::from)
+}
+
 /// Makes sure the pins land in a bpffs that outlives the agent (the host's). Mounts bpffs
 /// on /sys/fs/bpf when nothing is mounted there and the agent's mount namespace is shared
 /// with other processes (the host's); refuses, unless `allow_private`, when the agent is

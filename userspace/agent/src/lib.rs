@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod cni_server;
 pub mod config;
 pub mod datapath;
+pub mod metrics;
 pub mod plan;
 pub mod podnet;
 pub mod state;

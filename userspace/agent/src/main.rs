@@ -3,7 +3,13 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use contiv_agent::{agent::Agent, cluster, cni_server, config::AgentConfig, status};
+use contiv_agent::{
+    agent::Agent,
+    cluster, cni_server,
+    config::{AgentConfig, Uplink},
+    metrics::AgentMetrics,
+    status,
+};
 
 /// Exit code for a bad configuration (sysexits EX_USAGE... EX_CONFIG).
 const EX_CONFIG: u8 = 78;
@@ -14,6 +20,10 @@ struct Cli {
     /// Configuration file (TOML). Without it every default applies (see README).
     #[arg(long, short, env = "CONTIV_AGENT_CONFIG")]
     config: Option<PathBuf>,
+    /// This node's name, overriding the file's `nodeName` (a DaemonSet passes the
+    /// Kubernetes node name, which may differ from the host name).
+    #[arg(long, env = "CONTIV_NODE_NAME")]
+    node_name: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -24,17 +34,39 @@ enum Command {
     Run,
     /// Validate the configuration, print it, and exit.
     CheckConfig,
+    /// Mount bpffs on /sys/fs/bpf unless it is mounted, and exit (the DaemonSet's
+    /// privileged init container, so the agent itself needs no privileged mode).
+    MountBpffs,
 }
 
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
+    if let Some(Command::MountBpffs) = cli.command {
+        return match contiv_agent::datapath::mount_bpffs() {
+            Ok(()) => {
+                println!("bpffs is mounted on /sys/fs/bpf");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("contiv-agent: mounting bpffs on /sys/fs/bpf: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match &cli.config {
         Some(path) => AgentConfig::from_file(path),
         None => Ok(AgentConfig::defaults()),
     };
     let config = match config {
-        Ok(c) => c,
+        Ok(c) => match &cli.node_name {
+            Some(n) if n.is_empty() => {
+                eprintln!("contiv-agent: bad configuration: --node-name must not be empty");
+                return ExitCode::from(EX_CONFIG);
+            }
+            Some(n) => AgentConfig { node_name: n.clone(), ..c },
+            None => c,
+        },
         Err(e) => {
             eprintln!("contiv-agent: bad configuration: {e}");
             return ExitCode::from(EX_CONFIG);
@@ -74,8 +106,12 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    if config.uplink == Uplink::Vpp {
+        anyhow::bail!("uplink = \"vpp\" is not driven by this agent build yet (the kernel uplink is)");
+    }
+    let metrics = std::sync::Arc::new(AgentMetrics::new());
     // The store decides this node's pod subnet (node ID -> CIDR) unless the file fixed it.
-    let link = cluster::join(&config).await?;
+    let link = cluster::join(&config, metrics.store()).await?;
     let ipv4 = match link.allocation.pod_cidr {
         ipnet::IpNet::V4(net) => net,
         other => anyhow::bail!("allocated pod CIDR {other} is not IPv4"),
@@ -103,12 +139,13 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     }));
     let status_agent = agent.clone();
+    let status_metrics = metrics.clone();
     let mut status_stop = stop_rx;
     background.push(tokio::spawn(async move {
         let stop = async move {
             let _ = status_stop.wait_for(|v| *v).await;
         };
-        if let Err(e) = status::serve(status_agent, status_addr, stop).await {
+        if let Err(e) = status::serve(status_agent, status_metrics, status_addr, stop).await {
             log::error!("{e:#}");
         }
     }));
@@ -118,7 +155,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = int.recv() => log::info!("SIGINT: shutting down"),
         }
     };
-    let served = cni_server::serve(agent.clone(), &socket, shutdown).await;
+    let served = cni_server::serve(agent.clone(), metrics, &socket, shutdown).await;
     let _ = stop_tx.send(true);
     for task in background {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;

@@ -7,9 +7,11 @@
 //!   not rewritten), and deletes keys of objects that no longer exist.
 //! - [`mirror`]: the store side, with repair after failed writes and a full resync when the
 //!   marker key disappears (the store lost its data).
+//! - [`leader`]: leader election on a Lease; only the leader reflects ([`run_elected`]).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
 pub mod http;
+pub mod leader;
 pub mod mirror;
 pub mod reflect;
 
@@ -19,7 +21,9 @@ use std::time::Duration;
 use contiv_cluster_model::Kind;
 use contiv_store::Store;
 
-pub use mirror::Mirror;
+pub use http::{Health, Role};
+pub use leader::{Attempt, ElectionConfig, LeaderElector};
+pub use mirror::{Counters, Mirror};
 
 /// A running reflector: the mirror (status, counters) and its tasks.
 pub struct Reflector {
@@ -32,7 +36,17 @@ impl Reflector {
     /// Starts the six watchers on `client` and the repair loop (marker check and retry of
     /// failed writes every `repair_interval`).
     pub fn start(client: kube::Client, store: Arc<dyn Store>, repair_interval: Duration) -> Self {
-        let mirror = Arc::new(Mirror::new(store, &Kind::ALL));
+        Self::start_with(client, store, repair_interval, Arc::default())
+    }
+
+    /// [`Reflector::start`], counting into `counters`.
+    pub fn start_with(
+        client: kube::Client,
+        store: Arc<dyn Store>,
+        repair_interval: Duration,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let mirror = Arc::new(Mirror::with_counters(store, &Kind::ALL, counters));
         let mut tasks = reflect::spawn_all(&client, &mirror);
         let m = mirror.clone();
         tasks.push(tokio::spawn(async move {
@@ -49,9 +63,52 @@ impl Reflector {
 
 impl Drop for Reflector {
     fn drop(&mut self) {
+        self.mirror.stop_writing();
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// Runs leader election and reflects while leading, until `stop` resolves:
+/// candidate -> (Lease acquired) -> leader: a fresh [`Reflector`] (a full list and converge)
+/// -> (renewals failed for the renew deadline, or the Lease was taken) -> writes fenced,
+/// reflector dropped -> candidate again. On `stop` the leader fences its writes first and
+/// then releases the Lease, so the next leader never overlaps with it.
+pub async fn run_elected(
+    client: kube::Client,
+    store: Arc<dyn Store>,
+    repair_interval: Duration,
+    election: ElectionConfig,
+    health: Arc<Health>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    let mut elector = LeaderElector::new(client.clone(), election);
+    loop {
+        health.set_role(Role::Candidate);
+        let h = health.clone();
+        let report = move |round: Result<&str, &kube::Error>| match round {
+            Ok(holder) => h.set_role(Role::Follower(holder.to_string())),
+            Err(_) => h.set_role(Role::Candidate),
+        };
+        if !elector.acquire(report, &mut stop).await {
+            return;
+        }
+        log::info!("{}: leading; reflecting into the store", elector.config().identity);
+        let reflector = Reflector::start_with(client.clone(), store.clone(), repair_interval, health.counters());
+        health.set_leader(reflector.mirror.clone());
+        let lost = elector.hold(&mut stop).await;
+        reflector.mirror.stop_writing();
+        drop(reflector);
+        health.set_role(Role::Candidate);
+        if !lost {
+            if let Err(e) = elector.release().await {
+                log::warn!("releasing the lease: {e}");
+            }
+            return;
+        }
+        log::warn!("{}: lost leadership; stopped writing", elector.config().identity);
     }
 }
 

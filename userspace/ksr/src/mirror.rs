@@ -6,13 +6,23 @@
 //! that fails marks the kind dirty; [`Mirror::repair`] (run periodically) converges dirty kinds
 //! by listing the store and diffing, and resyncs everything when the KSR marker key is gone
 //! (the store lost its data).
+//!
+//! Locking: the in-memory state sits behind a short synchronous lock that is never held
+//! across a store call, so `/readyz` and `/metrics` answer at once even during a relist of
+//! thousands of objects. Store writes of one kind are serialised by that kind's writer lock
+//! (a watch event and a repair of the same kind must not interleave); kinds write in
+//! parallel. A converge writes in transactions of [`BATCH`] operations, [`IN_FLIGHT`] at a
+//! time, instead of one request per key.
+//!
+//! Fencing: [`Mirror::stop_writing`] (leadership lost) makes every later write a no-op error,
+//! before the reflector's tasks are even aborted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use contiv_cluster_model::keys::{self, Kind};
-use contiv_store::{Store, StoreError};
+use contiv_store::{Store, StoreError, Txn, TxnOp};
 use tokio::sync::Mutex;
 
 /// Counters exported on /metrics.
@@ -55,6 +65,11 @@ struct State {
     store_down: bool,
 }
 
+/// Operations per store transaction when converging (etcd allows 128 by default).
+pub const BATCH: usize = 100;
+/// Transactions in flight at once when converging.
+pub const IN_FLIGHT: usize = 4;
+
 /// A per-kind snapshot for health and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KindStatus {
@@ -72,16 +87,42 @@ pub struct KindStatus {
 pub struct Mirror {
     store: Arc<dyn Store>,
     kinds: Vec<Kind>,
-    state: Mutex<State>,
-    /// Counters for /metrics.
-    pub counters: Counters,
+    state: std::sync::Mutex<State>,
+    /// One writer per kind at a time.
+    writers: BTreeMap<Kind, Mutex<()>>,
+    /// Cleared when this instance must not write any more (leadership lost).
+    writable: AtomicBool,
+    /// Counters for /metrics (shared across leadership terms).
+    pub counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("store", &self.store.backend())
+            .field("kinds", &self.kinds)
+            .field("writing", &self.is_writing())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Mirror {
     /// A mirror writing `kinds` into `store`.
     pub fn new(store: Arc<dyn Store>, kinds: &[Kind]) -> Self {
+        Self::with_counters(store, kinds, Arc::default())
+    }
+
+    /// A mirror counting into `counters` (kept by the caller across mirrors).
+    pub fn with_counters(store: Arc<dyn Store>, kinds: &[Kind], counters: Arc<Counters>) -> Self {
         let state = State { kinds: kinds.iter().map(|k| (*k, KindState::default())).collect(), ..State::default() };
-        Mirror { store, kinds: kinds.to_vec(), state: Mutex::new(state), counters: Counters::default() }
+        Mirror {
+            store,
+            kinds: kinds.to_vec(),
+            state: std::sync::Mutex::new(state),
+            writers: kinds.iter().map(|k| (*k, Mutex::new(()))).collect(),
+            writable: AtomicBool::new(true),
+            counters,
+        }
     }
 
     /// The store written to.
@@ -89,56 +130,99 @@ impl Mirror {
         &self.store
     }
 
-    fn note<T>(&self, state: &mut State, r: Result<T, StoreError>) -> Result<T, StoreError> {
+    /// From now on nothing is written: every write fails without reaching the store.
+    pub fn stop_writing(&self) {
+        self.writable.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether writes still reach the store.
+    pub fn is_writing(&self) -> bool {
+        self.writable.load(Ordering::SeqCst)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain data behind; keep serving it.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn writer(&self, kind: Kind) -> &Mutex<()> {
+        self.writers.get(&kind).unwrap_or_else(|| panic!("mirror was not made for kind {kind}"))
+    }
+
+    fn fence(&self) -> Result<(), StoreError> {
+        if self.is_writing() { Ok(()) } else { Err(StoreError::Closed) }
+    }
+
+    fn note<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         match &r {
-            Ok(_) => state.store_down = false,
+            Ok(_) => self.state().store_down = false,
             Err(_) => {
-                state.store_down = true;
+                self.state().store_down = true;
                 self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
         r
     }
 
+    fn mark_dirty(&self, kind: Kind) {
+        self.state().kinds.entry(kind).or_default().dirty = true;
+    }
+
     /// Replaces the desired content of `kind` (after a list) and converges the store to it.
     pub async fn replace(&self, kind: Kind, desired: BTreeMap<String, Vec<u8>>) {
-        let mut state = self.state.lock().await;
-        let ks = state.kinds.entry(kind).or_default();
-        ks.desired = desired;
-        ks.synced = true;
-        ks.dirty = true;
-        self.converge(&mut state, kind).await;
-        self.write_marker_if_ready(&mut state).await;
+        let _writer = self.writer(kind).lock().await;
+        {
+            let mut state = self.state();
+            let ks = state.kinds.entry(kind).or_default();
+            ks.desired = desired;
+            ks.synced = true;
+            ks.dirty = true;
+        }
+        self.converge(kind).await;
+        drop(_writer);
+        self.write_marker_if_ready().await;
     }
 
     /// An object was added or changed.
     pub async fn apply(&self, kind: Kind, key: String, value: Vec<u8>) {
-        let mut state = self.state.lock().await;
-        let ks = state.kinds.entry(kind).or_default();
-        if ks.desired.get(&key) == Some(&value) && !ks.dirty {
-            self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
-            return;
+        let _writer = self.writer(kind).lock().await;
+        {
+            let mut state = self.state();
+            let ks = state.kinds.entry(kind).or_default();
+            if ks.desired.get(&key) == Some(&value) && !ks.dirty {
+                self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            ks.desired.insert(key.clone(), value.clone());
         }
-        ks.desired.insert(key.clone(), value.clone());
-        let r = self.store.put(&key, value, None).await;
-        if self.note(&mut state, r).is_ok() {
+        let r = match self.fence() {
+            Ok(()) => self.store.put(&key, value, None).await,
+            Err(e) => Err(e),
+        };
+        if self.note(r).is_ok() {
             self.counters.puts.fetch_add(1, Ordering::Relaxed);
         } else {
             log::warn!("store write of {key} failed; will repair");
-            state.kinds.entry(kind).or_default().dirty = true;
+            self.mark_dirty(kind);
         }
     }
 
     /// An object was deleted (or can no longer be represented).
     pub async fn remove(&self, kind: Kind, key: &str) {
-        let mut state = self.state.lock().await;
-        let ks = state.kinds.entry(kind).or_default();
-        let known = ks.desired.remove(key).is_some();
-        if !known && !ks.dirty && ks.synced {
-            return;
+        let _writer = self.writer(kind).lock().await;
+        {
+            let mut state = self.state();
+            let ks = state.kinds.entry(kind).or_default();
+            let known = ks.desired.remove(key).is_some();
+            if !known && !ks.dirty && ks.synced {
+                return;
+            }
         }
-        let r = self.store.delete(key).await;
-        match self.note(&mut state, r) {
+        let r = match self.fence() {
+            Ok(()) => self.store.delete(key).await,
+            Err(e) => Err(e),
+        };
+        match self.note(r) {
             Ok(existed) => {
                 if existed {
                     self.counters.deletes.fetch_add(1, Ordering::Relaxed);
@@ -146,17 +230,22 @@ impl Mirror {
             }
             Err(e) => {
                 log::warn!("store delete of {key} failed: {e}; will repair");
-                state.kinds.entry(kind).or_default().dirty = true;
+                self.mark_dirty(kind);
             }
         }
     }
 
     /// Makes the store's prefix of `kind` equal to the desired content: puts what differs,
-    /// deletes what the API server no longer has. Clears `dirty` on success.
-    async fn converge(&self, state: &mut State, kind: Kind) {
+    /// deletes what the API server no longer has, in batched transactions. Clears `dirty` on
+    /// success. The caller holds the kind's writer lock.
+    async fn converge(&self, kind: Kind) {
+        if let Err(e) = self.fence() {
+            log::debug!("not converging {kind}: {e}");
+            return;
+        }
         let prefix = kind.prefix();
         let listed = self.store.list(&prefix).await;
-        let listed = match self.note(state, listed) {
+        let listed = match self.note(listed) {
             Ok(l) => l,
             Err(e) => {
                 log::warn!("listing {prefix} failed: {e}; will retry");
@@ -164,58 +253,84 @@ impl Mirror {
             }
         };
         self.counters.converges.fetch_add(1, Ordering::Relaxed);
-        let Some(ks) = state.kinds.get(&kind) else { return };
         let mut actual: BTreeMap<String, Vec<u8>> = listed.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
-        let mut writes = Vec::new();
-        for (key, value) in &ks.desired {
-            match actual.remove(key) {
-                Some(v) if &v == value => {
-                    self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => writes.push((key.clone(), value.clone())),
-            }
-        }
-        let stale: Vec<String> = actual.into_keys().collect();
-        let mut ok = true;
-        for (key, value) in writes {
-            let r = self.store.put(&key, value, None).await;
-            match self.note(state, r) {
-                Ok(_) => {
-                    self.counters.puts.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    log::warn!("store write of {key} failed: {e}");
-                    ok = false;
+        // The diff is computed under the state lock (no I/O); the writes happen after it.
+        let mut ops = Vec::new();
+        let mut puts = 0u64;
+        {
+            let state = self.state();
+            let Some(ks) = state.kinds.get(&kind) else { return };
+            for (key, value) in &ks.desired {
+                match actual.remove(key) {
+                    Some(v) if &v == value => {
+                        self.counters.unchanged.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        puts += 1;
+                        ops.push(TxnOp::Put { key: key.clone(), value: value.clone(), lease: None });
+                    }
                 }
             }
         }
-        for key in stale {
-            let r = self.store.delete(&key).await;
-            match self.note(state, r) {
-                Ok(_) => {
-                    log::info!("deleted {key}: no longer in the API");
-                    self.counters.deletes.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    log::warn!("store delete of {key} failed: {e}");
-                    ok = false;
-                }
-            }
+        let deletes = actual.len() as u64;
+        for key in actual.into_keys() {
+            log::info!("deleting {key}: no longer in the API");
+            ops.push(TxnOp::Delete { key });
         }
-        if let Some(ks) = state.kinds.get_mut(&kind) {
+        let ok = self.write_batches(ops).await;
+        if ok {
+            self.counters.puts.fetch_add(puts, Ordering::Relaxed);
+            self.counters.deletes.fetch_add(deletes, Ordering::Relaxed);
+        }
+        if let Some(ks) = self.state().kinds.get_mut(&kind) {
             ks.dirty = !ok;
         }
     }
 
-    async fn write_marker_if_ready(&self, state: &mut State) {
-        if state.marker_written || !state.kinds.values().all(|k| k.synced && !k.dirty) {
-            return;
+    /// Runs `ops` as unconditional transactions of at most [`BATCH`] operations, with up to
+    /// [`IN_FLIGHT`] of them outstanding. True when every one succeeded.
+    async fn write_batches(&self, mut ops: Vec<TxnOp>) -> bool {
+        use futures::StreamExt;
+        let mut batches = Vec::new();
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(BATCH));
+            batches.push(std::mem::replace(&mut ops, rest));
         }
-        let r = self.store.put(keys::KSR_MARKER, marker_value(), None).await;
-        match self.note(state, r) {
+        let results: Vec<bool> = futures::stream::iter(batches)
+            .map(|success| async move {
+                let r = match self.fence() {
+                    Ok(()) => self.store.txn(Txn { compares: vec![], success, failure: vec![] }).await,
+                    Err(e) => Err(e),
+                };
+                match self.note(r) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        log::warn!("store transaction failed: {e}");
+                        false
+                    }
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        results.into_iter().all(|ok| ok)
+    }
+
+    async fn write_marker_if_ready(&self) {
+        {
+            let state = self.state();
+            if state.marker_written || !state.kinds.values().all(|k| k.synced && !k.dirty) {
+                return;
+            }
+        }
+        let r = match self.fence() {
+            Ok(()) => self.store.put(keys::KSR_MARKER, marker_value(), None).await,
+            Err(e) => Err(e),
+        };
+        match self.note(r) {
             Ok(_) => {
                 log::info!("all kinds synced; wrote {}", keys::KSR_MARKER);
-                state.marker_written = true;
+                self.state().marker_written = true;
             }
             Err(e) => log::warn!("writing {} failed: {e}", keys::KSR_MARKER),
         }
@@ -225,15 +340,15 @@ impl Mirror {
     /// every synced kind is converged (a full resync); otherwise dirty kinds are. Writes the
     /// marker once everything is in sync. Returns whether a full resync ran.
     pub async fn repair(&self) -> bool {
-        let mut state = self.state.lock().await;
         let mut full = false;
-        if state.marker_written {
+        if self.state().marker_written {
             let r = self.store.get(keys::KSR_MARKER).await;
-            match self.note(&mut state, r) {
+            match self.note(r) {
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     log::warn!("{} is missing: the store lost its data; resyncing", keys::KSR_MARKER);
                     self.counters.marker_resyncs.fetch_add(1, Ordering::Relaxed);
+                    let mut state = self.state();
                     state.marker_written = false;
                     for ks in state.kinds.values_mut() {
                         ks.dirty |= ks.synced;
@@ -246,17 +361,22 @@ impl Mirror {
                 }
             }
         }
-        let dirty: Vec<Kind> = state.kinds.iter().filter(|(_, k)| k.synced && k.dirty).map(|(k, _)| *k).collect();
+        let dirty: Vec<Kind> =
+            self.state().kinds.iter().filter(|(_, k)| k.synced && k.dirty).map(|(k, _)| *k).collect();
         for kind in dirty {
-            self.converge(&mut state, kind).await;
+            let _writer = self.writer(kind).lock().await;
+            // Re-check: the watcher may have converged it meanwhile.
+            if self.state().kinds.get(&kind).is_some_and(|k| k.dirty) {
+                self.converge(kind).await;
+            }
         }
-        self.write_marker_if_ready(&mut state).await;
+        self.write_marker_if_ready().await;
         full
     }
 
-    /// Per-kind status, in the order the kinds were given.
-    pub async fn status(&self) -> Vec<KindStatus> {
-        let state = self.state.lock().await;
+    /// Per-kind status, in the order the kinds were given (no waiting on store calls).
+    pub fn status_now(&self) -> Vec<KindStatus> {
+        let state = self.state();
         self.kinds
             .iter()
             .map(|kind| {
@@ -272,14 +392,24 @@ impl Mirror {
     }
 
     /// Ready: every kind listed and in sync, the marker written, the store reachable.
-    pub async fn ready(&self) -> bool {
-        let state = self.state.lock().await;
+    pub fn ready_now(&self) -> bool {
+        let state = self.state();
         state.marker_written && !state.store_down && state.kinds.values().all(|k| k.synced && !k.dirty)
+    }
+
+    /// [`Mirror::status_now`], for async callers.
+    pub async fn status(&self) -> Vec<KindStatus> {
+        self.status_now()
+    }
+
+    /// [`Mirror::ready_now`], for async callers.
+    pub async fn ready(&self) -> bool {
+        self.ready_now()
     }
 
     /// The desired value of a key (what KSR believes the API server has), for tests.
     pub async fn desired(&self, kind: Kind, key: &str) -> Option<Vec<u8>> {
-        self.state.lock().await.kinds.get(&kind)?.desired.get(key).cloned()
+        self.state().kinds.get(&kind)?.desired.get(key).cloned()
     }
 }
 

@@ -83,14 +83,66 @@ fn skip<K: ToModel>(mirror: &Mirror, kind: Kind, obj: &K, e: &ConvertError) {
     log::warn!("{kind}: skipping {name}: {e}");
 }
 
-/// Starts the watchers of all six kinds on `client`.
-pub fn spawn_all(client: &Client, mirror: &Arc<Mirror>) -> Vec<JoinHandle<()>> {
+/// One kind KSR reflects: its API coordinates (what RBAC must grant: get, list and watch)
+/// and how its watcher starts. [`watched_kinds`] is the one list both the watchers and the
+/// deploy manifests' ClusterRole check come from.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// API group ("" for the core group).
+    pub group: String,
+    /// API version.
+    pub version: String,
+    /// Resource name (plural), as RBAC rules name it.
+    pub resource: String,
+    spawn: fn(&Client, &Arc<Mirror>) -> JoinHandle<()>,
+}
+
+/// The verbs KSR needs on every watched kind.
+pub const WATCH_VERBS: [&str; 3] = ["get", "list", "watch"];
+
+fn watched<K>() -> Watched
+where
+    K: Resource<DynamicType = ()> + ToModel + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    Watched {
+        group: K::group(&()).into_owned(),
+        version: K::version(&()).into_owned(),
+        resource: K::plural(&()).into_owned(),
+        spawn: |client, mirror| tokio::spawn(reflect(Api::<K>::all(client.clone()), mirror.clone())),
+    }
+}
+
+/// Every kind KSR watches, cluster-wide.
+pub fn watched_kinds() -> Vec<Watched> {
     vec![
-        tokio::spawn(reflect(Api::<core::Namespace>::all(client.clone()), mirror.clone())),
-        tokio::spawn(reflect(Api::<core::Node>::all(client.clone()), mirror.clone())),
-        tokio::spawn(reflect(Api::<core::Pod>::all(client.clone()), mirror.clone())),
-        tokio::spawn(reflect(Api::<core::Service>::all(client.clone()), mirror.clone())),
-        tokio::spawn(reflect(Api::<discovery::EndpointSlice>::all(client.clone()), mirror.clone())),
-        tokio::spawn(reflect(Api::<networking::NetworkPolicy>::all(client.clone()), mirror.clone())),
+        watched::<core::Namespace>(),
+        watched::<core::Node>(),
+        watched::<core::Pod>(),
+        watched::<core::Service>(),
+        watched::<discovery::EndpointSlice>(),
+        watched::<networking::NetworkPolicy>(),
     ]
+}
+
+/// Starts the watchers of every kind in [`watched_kinds`] on `client`.
+pub fn spawn_all(client: &Client, mirror: &Arc<Mirror>) -> Vec<JoinHandle<()>> {
+    watched_kinds().iter().map(|w| (w.spawn)(client, mirror)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_model_kind_is_watched_once() {
+        let kinds = watched_kinds();
+        assert_eq!(kinds.len(), Kind::ALL.len());
+        let mut resources: Vec<(String, String)> =
+            kinds.iter().map(|w| (w.group.clone(), w.resource.clone())).collect();
+        resources.sort();
+        resources.dedup();
+        assert_eq!(resources.len(), Kind::ALL.len());
+        assert!(resources.contains(&("discovery.k8s.io".into(), "endpointslices".into())), "{resources:?}");
+        assert!(resources.contains(&(String::new(), "pods".into())), "{resources:?}");
+    }
 }

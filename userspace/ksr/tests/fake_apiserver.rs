@@ -309,12 +309,14 @@ async fn fake_apiserver_health_and_object_counts_over_http() {
     let store = contiv_store::open(&contiv_store::StoreConfig::embedded(dir.path())).await.unwrap();
     // Before the reflector syncs, /readyz says not ready.
     let mirror = Arc::new(contiv_ksr::Mirror::new(store.clone(), &Kind::ALL));
-    let (addr, _t) = contiv_ksr::http::serve("127.0.0.1:0".parse().unwrap(), mirror).await.unwrap();
+    let health = contiv_ksr::Health::standalone(mirror, Default::default());
+    let (addr, _t) = contiv_ksr::http::serve("127.0.0.1:0".parse().unwrap(), health).await.unwrap();
     assert_eq!(http_get(addr, "/healthz").await.0, 200);
     assert_eq!(http_get(addr, "/readyz").await.0, 503);
 
     let ksr = Reflector::start(api.client(), store, Duration::from_millis(200));
-    let (addr, _t2) = contiv_ksr::http::serve("127.0.0.1:0".parse().unwrap(), ksr.mirror.clone()).await.unwrap();
+    let health = contiv_ksr::Health::standalone(ksr.mirror.clone(), Default::default());
+    let (addr, _t2) = contiv_ksr::http::serve("127.0.0.1:0".parse().unwrap(), health).await.unwrap();
     wait_for("readyz 200", || async move { http_get(addr, "/readyz").await.0 == 200 }).await;
     let (code, metrics) = http_get(addr, "/metrics").await;
     assert_eq!(code, 200);
@@ -379,4 +381,17 @@ async fn real_cluster_reflects_default_namespace_and_nodes() {
     assert!(store.get("/contiv/k8s/namespace/default").await.unwrap().is_some());
     assert!(!store.list(&Kind::Node.prefix()).await.unwrap().kvs.is_empty());
     assert!(store.get("/contiv/k8s/service/default/kubernetes").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn fake_apiserver_large_lists_are_paged_and_fully_reflected() {
+    let objects: Vec<Value> = (0..1200)
+        .map(|i| pod("default", &format!("p{i:04}"), &format!("10.1.{}.{}", i / 250, i % 250 + 1), "x"))
+        .collect();
+    let env = start_with(&objects, &[]).await;
+    wait_ready(&env).await;
+    let pods = env.store.list(&Kind::Pod.prefix()).await.unwrap().kvs.len();
+    assert_eq!(pods, 1200);
+    // kube's watcher lists 500 at a time: three pages for 1200 pods.
+    assert!(env.api.list_count("Pod") >= 3, "lists served: {}", env.api.list_count("Pod"));
 }

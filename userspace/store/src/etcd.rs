@@ -9,14 +9,15 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    KvClient, LeaseClient, PutOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient, WatchOptions,
+    Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions,
+    EventType, GetOptions, Identity, KvClient, LeaseClient, PutOptions, TlsOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp,
+    TxnOpResponse, WatchClient, WatchOptions,
 };
 use tokio::sync::mpsc;
 
 use crate::{
-    Compare, EventKind, KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Txn, TxnOp, TxnResult, WatchEvent,
-    WatchMessage, WatchStream,
+    Compare, EventKind, KeyValue, LeaseId, ListResult, Revision, Store, StoreError, TlsConfig, Txn, TxnOp, TxnResult,
+    WatchEvent, WatchMessage, WatchStream,
 };
 
 /// Largest gRPC message we accept (a watch response of one big transaction, a list page).
@@ -35,15 +36,29 @@ pub struct EtcdStore {
 }
 
 impl EtcdStore {
-    /// Connects to etcd (checks that one endpoint answers within `dial_timeout`).
+    /// Connects to etcd over plain HTTP (checks that one endpoint answers within `dial_timeout`).
     pub async fn connect(endpoints: &[String], dial_timeout: Duration) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, dial_timeout, None).await
+    }
+
+    /// Connects to etcd, over TLS when `tls` is given (`https://` endpoints): the server
+    /// certificate is checked against the CA file, and the client certificate, if set, is
+    /// presented for etcd's `--client-cert-auth`.
+    pub async fn connect_with(
+        endpoints: &[String],
+        dial_timeout: Duration,
+        tls: Option<&TlsConfig>,
+    ) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::Config("no etcd endpoints".into()));
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(dial_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls_options(tls)?);
+        }
         let client = tokio::time::timeout(dial_timeout, Client::connect(endpoints, Some(options)))
             .await
             .map_err(|_| StoreError::Unavailable(format!("no answer from {endpoints:?} in {dial_timeout:?}")))?
@@ -60,6 +75,21 @@ impl EtcdStore {
             .map_err(map_err)?;
         Ok(store)
     }
+}
+
+/// Reads the PEM files of `tls` into the client's TLS options.
+fn tls_options(tls: &TlsConfig) -> Result<TlsOptions, StoreError> {
+    tls.validate()?;
+    let read =
+        |path: &std::path::Path| std::fs::read(path).map_err(|source| StoreError::Io { path: path.to_owned(), source });
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(name) = &tls.server_name {
+        options = options.domain_name(name.clone());
+    }
+    Ok(options)
 }
 
 fn map_err(e: etcd_client::Error) -> StoreError {

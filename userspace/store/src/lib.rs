@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 pub mod embedded;
 pub mod etcd;
 mod lease;
+pub mod metrics;
 #[cfg(feature = "test-support")]
 pub mod testing;
 
@@ -215,6 +216,37 @@ pub struct StoreConfig {
     pub dial_timeout_ms: u64,
     /// Embedded store: fsync each write (slower, survives power loss, not only crashes).
     pub embedded_fsync: bool,
+    /// TLS towards etcd (`https://` endpoints): the CA that signed etcd's server certificate
+    /// and, for client-certificate authentication, this client's certificate and key.
+    pub etcd_tls: Option<TlsConfig>,
+}
+
+/// TLS settings of the etcd client: PEM files, read when the store is opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate(s) that signed etcd's server certificate.
+    pub ca_file: PathBuf,
+    /// Client certificate presented to etcd (`--client-cert-auth`); needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Name the server certificate must carry; default: the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+impl TlsConfig {
+    /// Checks the combination of settings (not the files; [`open`] reads them).
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.ca_file.as_os_str().is_empty() {
+            return Err(StoreError::Config("etcd TLS needs a CA file".into()));
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => Err(StoreError::Config("etcd TLS: a client certificate needs its key file".into())),
+            (None, Some(_)) => Err(StoreError::Config("etcd TLS: a key file needs its client certificate".into())),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -224,6 +256,7 @@ impl Default for StoreConfig {
             embedded_path: PathBuf::from("/var/lib/contiv/store"),
             dial_timeout_ms: 5000,
             embedded_fsync: false,
+            etcd_tls: None,
         }
     }
 }
@@ -233,6 +266,33 @@ impl StoreConfig {
     pub fn etcd(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self { etcd_endpoints: endpoints.into_iter().map(Into::into).collect(), ..Self::default() }
     }
+    /// The same config with TLS towards etcd.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.etcd_tls = Some(tls);
+        self
+    }
+    /// Checks that endpoints and TLS settings fit together: `https://` endpoints need TLS
+    /// settings, TLS settings need `https://` endpoints, and one scheme for all.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if let Some(bad) = self.etcd_endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return Err(StoreError::Config(format!("etcd endpoint {bad:?} must be an http:// or https:// URL")));
+        }
+        let https = self.etcd_endpoints.iter().filter(|e| e.starts_with("https://")).count();
+        if https != 0 && https != self.etcd_endpoints.len() {
+            return Err(StoreError::Config("etcd endpoints mix http:// and https://".into()));
+        }
+        match (&self.etcd_tls, https > 0) {
+            (Some(tls), true) => tls.validate(),
+            (None, true) => {
+                Err(StoreError::Config("https:// etcd endpoints need TLS settings (at least a CA file)".into()))
+            }
+            (Some(_), false) if !self.etcd_endpoints.is_empty() => {
+                Err(StoreError::Config("etcd TLS settings are given but the endpoints are http://".into()))
+            }
+            _ => Ok(()),
+        }
+    }
     /// A config for the embedded store in this directory.
     pub fn embedded(path: impl Into<PathBuf>) -> Self {
         Self { embedded_path: path.into(), ..Self::default() }
@@ -241,12 +301,13 @@ impl StoreConfig {
 
 /// Opens the store the config names: etcd when endpoints are configured, else embedded.
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    config.validate()?;
     if config.etcd_endpoints.is_empty() {
         let options = embedded::Options { fsync: config.embedded_fsync, ..embedded::Options::default() };
         Ok(Arc::new(embedded::EmbeddedStore::open_with(&config.embedded_path, options)?))
     } else {
         let timeout = Duration::from_millis(config.dial_timeout_ms.max(1));
-        Ok(Arc::new(etcd::EtcdStore::connect(&config.etcd_endpoints, timeout).await?))
+        Ok(Arc::new(etcd::EtcdStore::connect_with(&config.etcd_endpoints, timeout, config.etcd_tls.as_ref()).await?))
     }
 }
 

@@ -6,6 +6,10 @@
 //! etcd also gets SIGKILL if the thread that started it dies (`PR_SET_PDEATHSIG`), so a test
 //! process killed by a timeout leaves no etcd behind: start it on the thread that owns it
 //! (the test's own thread), not inside a short-lived spawned thread.
+//!
+//! [`TestPki`] makes a throwaway CA with a server and a client certificate (rcgen), and
+//! [`EtcdServer::start_tls`] runs etcd with them: `https://` client URLs, client
+//! certificates required and checked against the CA.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -20,7 +24,107 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP port of `/health` (and `/metrics`) when the client port speaks TLS.
+    health_port: Option<u16>,
+    tls: Option<ServerTls>,
     bin: PathBuf,
+}
+
+/// The server side of [`TestPki`], as etcd's flags want it.
+#[derive(Debug, Clone)]
+struct ServerTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A throwaway PKI in a temp dir: a CA, a server certificate for `localhost` and
+/// `127.0.0.1`, and a client certificate (CN `contiv-test-client`), all PEM; plus a
+/// second, unrelated CA to test that a wrong CA is refused.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+/// Why a test PKI could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("generating certificates: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl TestPki {
+    /// Generates the CA and the certificates and writes them as PEM files.
+    pub fn generate() -> Result<Self, PkiError> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
+        let dir = tempfile::Builder::new().prefix("contiv-pki-").tempdir()?;
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem);
+        let ca = |cn: &str| -> Result<(CertificateParams, KeyPair, String), PkiError> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate()?;
+            let pem = params.self_signed(&key)?.pem();
+            Ok((params, key, pem))
+        };
+        let (ca_params, ca_key, ca_pem) = ca("contiv test CA")?;
+        write("ca.pem", ca_pem)?;
+        let (_, _, other_pem) = ca("unrelated CA")?;
+        write("other-ca.pem", other_pem)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |sans: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose, name: &str| -> Result<(), PkiError> {
+            let mut params = CertificateParams::new(sans)?;
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate()?;
+            write(&format!("{name}.pem"), params.signed_by(&key, &issuer)?.pem())?;
+            write(&format!("{name}-key.pem"), key.serialize_pem())?;
+            Ok(())
+        };
+        leaf(vec!["localhost".into(), "127.0.0.1".into()], "etcd", ExtendedKeyUsagePurpose::ServerAuth, "server")?;
+        leaf(vec![], "contiv-test-client", ExtendedKeyUsagePurpose::ClientAuth, "client")?;
+        Ok(Self { dir })
+    }
+
+    /// Directory of the PEM files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A CA that signed nothing here.
+    pub fn other_ca(&self) -> PathBuf {
+        self.dir.path().join("other-ca.pem")
+    }
+
+    /// The client certificate and its key.
+    pub fn client(&self) -> (PathBuf, PathBuf) {
+        (self.dir.path().join("client.pem"), self.dir.path().join("client-key.pem"))
+    }
+
+    /// The client-side store settings: this CA, the client certificate.
+    pub fn client_tls(&self) -> crate::TlsConfig {
+        let (cert, key) = self.client();
+        crate::TlsConfig { ca_file: self.ca(), cert_file: Some(cert), key_file: Some(key), server_name: None }
+    }
+
+    fn server(&self) -> ServerTls {
+        ServerTls {
+            ca: self.ca(),
+            cert: self.dir.path().join("server.pem"),
+            key: self.dir.path().join("server-key.pem"),
+        }
+    }
 }
 
 /// Why an etcd could not be started.
@@ -45,6 +149,22 @@ fn free_port() -> std::io::Result<u16> {
 impl EtcdServer {
     /// Starts etcd and waits until it answers `/health`.
     pub fn start() -> Result<Self, EtcdStartError> {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving clients over TLS with `pki`'s server certificate, requiring
+    /// client certificates signed by its CA (`--client-cert-auth`).
+    pub fn start_tls(pki: &TestPki) -> Result<Self, EtcdStartError> {
+        Self::start_with(Some(pki.server()))
+    }
+
+    /// Starts etcd serving clients over TLS with these PEM files (e.g. made by
+    /// deploy/tls/gen-certs.sh), requiring client certificates signed by `ca`.
+    pub fn start_tls_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, EtcdStartError> {
+        Self::start_with(Some(ServerTls { ca: ca.to_owned(), cert: cert.to_owned(), key: key.to_owned() }))
+    }
+
+    fn start_with(tls: Option<ServerTls>) -> Result<Self, EtcdStartError> {
         let bin = std::env::var_os("CONTIV_ETCD_BIN").map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from);
         let mut last = None;
         // Free ports can be taken between probing and binding: try a few times.
@@ -54,6 +174,8 @@ impl EtcdServer {
                 dir: tempfile::Builder::new().prefix("contiv-etcd-").tempdir()?,
                 client_port: free_port()?,
                 peer_port: free_port()?,
+                health_port: if tls.is_some() { Some(free_port()?) } else { None },
+                tls: tls.clone(),
                 bin: bin.clone(),
             };
             match server.spawn() {
@@ -64,9 +186,10 @@ impl EtcdServer {
         Err(last.unwrap_or(EtcdStartError::NotReady { log: String::new() }))
     }
 
-    /// The client URL (`http://127.0.0.1:PORT`).
+    /// The client URL (`http://127.0.0.1:PORT`, or `https://` when started with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The data directory.
@@ -130,6 +253,7 @@ impl EtcdServer {
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
+            .args(self.tls_args())
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -145,7 +269,7 @@ impl EtcdServer {
                 self.child = None;
                 break;
             }
-            if healthy(self.client_port) {
+            if healthy(self.health_port.unwrap_or(self.client_port)) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -155,6 +279,20 @@ impl EtcdServer {
         let tail: String =
             log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
         Err(EtcdStartError::NotReady { log: tail })
+    }
+}
+
+impl EtcdServer {
+    /// etcd's TLS flags, and a plain-HTTP listener for `/health`.
+    fn tls_args(&self) -> Vec<String> {
+        let (Some(tls), Some(health)) = (&self.tls, self.health_port) else { return vec![] };
+        vec![
+            format!("--cert-file={}", tls.cert.display()),
+            format!("--key-file={}", tls.key.display()),
+            format!("--trusted-ca-file={}", tls.ca.display()),
+            "--client-cert-auth=true".into(),
+            format!("--listen-metrics-urls=http://127.0.0.1:{health}"),
+        ]
     }
 }
 

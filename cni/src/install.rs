@@ -1,0 +1,277 @@
+//! Installing contiv-cni on a node (the agent DaemonSet's init container runs
+//! `contiv-cni install`) and removing it (`contiv-cni uninstall`).
+//!
+//! Every file lands atomically: written under a temporary name in the target directory,
+//! synced, then renamed over the final name, so kubelet and the runtime never see half a
+//! binary or half a config. The binary lands before the config list (a config naming a
+//! missing plugin would fail pods). The config list is checked first the way the runtime
+//! will use it: it must be a conflist whose `contiv-cni` entry, with the list's `name` and
+//! `cniVersion` added, passes contiv-cni's own config validation. Leftover temporary files
+//! and other contiv config files in the config directory (an older name) are removed, so
+//! exactly one contiv network config remains. `uninstall` removes the config list first,
+//! then the binary; it is idempotent.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// Default host paths (as the init container mounts them at the same place).
+pub const DEFAULT_BIN_DIR: &str = "/opt/cni/bin";
+pub const DEFAULT_CONF_DIR: &str = "/etc/cni/net.d";
+/// The config list's file name: sorts before most other networks' names.
+pub const DEFAULT_CONF_NAME: &str = "10-contiv.conflist";
+/// Prefix of the temporary files written next to the targets.
+const TMP_PREFIX: &str = ".contiv-install-";
+
+/// Why installing or uninstalling failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// A file could not be read, written, renamed or removed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config list is not one contiv-cni and the runtime can use.
+    #[error("invalid config list: {0}")]
+    Conflist(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::Io { path: path.to_owned(), source }
+}
+
+/// What to install where.
+#[derive(Debug, Clone)]
+pub struct Install {
+    /// The contiv-cni binary to copy (normally this process's own executable).
+    pub binary: PathBuf,
+    /// CNI binary directory.
+    pub bin_dir: PathBuf,
+    /// CNI config directory.
+    pub conf_dir: PathBuf,
+    /// File name of the config list in `conf_dir`.
+    pub conf_name: String,
+    /// The config list (JSON).
+    pub conflist: Vec<u8>,
+}
+
+/// Checks a config list the way the runtime will use it (see the module docs).
+pub fn validate_conflist(conflist: &[u8]) -> Result<(), InstallError> {
+    let bad = |m: String| InstallError::Conflist(m);
+    let list: Value = serde_json::from_slice(conflist).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let obj = list.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+    let name = obj.get("name").and_then(Value::as_str).ok_or_else(|| bad("missing \"name\"".into()))?;
+    let version = obj.get("cniVersion").and_then(Value::as_str).ok_or_else(|| bad("missing \"cniVersion\"".into()))?;
+    let plugins = obj
+        .get("plugins")
+        .and_then(Value::as_array)
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| bad("\"plugins\" must be a non-empty list (a .conflist)".into()))?;
+    let first = plugins[0].as_object().ok_or_else(|| bad("plugins[0] is not an object".into()))?;
+    if first.get("type").and_then(Value::as_str) != Some("contiv-cni") {
+        return Err(bad("plugins[0] must be {\"type\": \"contiv-cni\", ...}: contiv assigns the pod's address".into()));
+    }
+    for (i, p) in plugins.iter().enumerate() {
+        if p.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
+            return Err(bad(format!("plugins[{i}] has no \"type\"")));
+        }
+    }
+    // What the runtime passes the plugin: its entry plus the list's name and version.
+    let mut conf = first.clone();
+    conf.insert("name".into(), Value::String(name.into()));
+    conf.insert("cniVersion".into(), Value::String(version.into()));
+    let bytes = serde_json::to_vec(&Value::Object(conf)).map_err(|e| bad(e.to_string()))?;
+    crate::config::parse(&bytes).map_err(|e| bad(format!("contiv-cni refuses its entry: {e}")))?;
+    Ok(())
+}
+
+/// Writes `data` to `dir/name` atomically with `mode`.
+fn write_atomically(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<PathBuf, InstallError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let target = dir.join(name);
+    let tmp = dir.join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(data).map_err(io(&tmp))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &target).map_err(io(&target))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(target.clone())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn remove_if_present(path: &Path) -> Result<bool, InstallError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(InstallError::Io { path: path.to_owned(), source: e }),
+    }
+}
+
+/// What an install or uninstall changed, for the log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Files written.
+    pub written: Vec<PathBuf>,
+    /// Files removed.
+    pub removed: Vec<PathBuf>,
+}
+
+/// Stale files of ours in `conf_dir`: temporary leftovers and contiv configs under
+/// another name than `keep`.
+fn stale_configs(conf_dir: &Path, keep: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(conf_dir) else { return vec![] };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n != keep)
+        .filter(|n| {
+            n.starts_with(TMP_PREFIX)
+                || (n.contains("contiv") && (n.ends_with(".conflist") || n.ends_with(".conf") || n.ends_with(".json")))
+        })
+        .map(|n| conf_dir.join(n))
+        .collect()
+}
+
+impl Install {
+    /// Installs the binary, then the config list, then removes stale configs.
+    pub fn run(&self) -> Result<Report, InstallError> {
+        validate_conflist(&self.conflist)?;
+        let binary = std::fs::read(&self.binary).map_err(io(&self.binary))?;
+        let mut report = Report::default();
+        for leftover in std::fs::read_dir(&self.bin_dir).into_iter().flatten().filter_map(Result::ok) {
+            if leftover.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let p = leftover.path();
+                if remove_if_present(&p)? {
+                    report.removed.push(p);
+                }
+            }
+        }
+        report.written.push(write_atomically(&self.bin_dir, "contiv-cni", &binary, 0o755)?);
+        report.written.push(write_atomically(&self.conf_dir, &self.conf_name, &self.conflist, 0o644)?);
+        for stale in stale_configs(&self.conf_dir, &self.conf_name) {
+            if remove_if_present(&stale)? {
+                report.removed.push(stale);
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Removes the config list (and any other contiv config), then the binary.
+pub fn uninstall(bin_dir: &Path, conf_dir: &Path, conf_name: &str) -> Result<Report, InstallError> {
+    let mut report = Report::default();
+    let mut configs = stale_configs(conf_dir, "");
+    configs.push(conf_dir.join(conf_name));
+    configs.sort();
+    configs.dedup();
+    for path in configs {
+        if remove_if_present(&path)? {
+            report.removed.push(path);
+        }
+    }
+    let bin = bin_dir.join("contiv-cni");
+    if remove_if_present(&bin)? {
+        report.removed.push(bin);
+    }
+    Ok(report)
+}
+
+/// The config list installed when none is given: contiv-cni, then portmap for hostPorts.
+pub fn default_conflist(agent_socket: &str) -> String {
+    serde_json::to_string_pretty(&serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "contiv",
+        "plugins": [
+            {"type": "contiv-cni", "agentSocket": agent_socket},
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    }))
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn install(dir: &Path, conflist: &str) -> Install {
+        let binary = dir.join("src-bin");
+        std::fs::write(&binary, b"\x7fELF fake").unwrap();
+        Install {
+            binary,
+            bin_dir: dir.join("bin"),
+            conf_dir: dir.join("net.d"),
+            conf_name: DEFAULT_CONF_NAME.into(),
+            conflist: conflist.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn installs_atomically_removes_stale_and_uninstalls() {
+        let dir = tempfile::tempdir().unwrap();
+        let i = install(dir.path(), &default_conflist("/run/contiv/cni.sock"));
+        std::fs::create_dir_all(&i.conf_dir).unwrap();
+        std::fs::write(i.conf_dir.join("05-contiv.conf"), "{}").unwrap();
+        std::fs::write(i.conf_dir.join(".contiv-install-10-contiv.conflist.999"), "half").unwrap();
+        std::fs::write(i.conf_dir.join("20-other.conflist"), "{}").unwrap();
+        let report = i.run().unwrap();
+        assert_eq!(report.written.len(), 2);
+        assert_eq!(report.removed.len(), 2, "{report:?}");
+        let mut names: Vec<String> =
+            std::fs::read_dir(&i.conf_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["10-contiv.conflist", "20-other.conflist"]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(i.bin_dir.join("contiv-cni")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(std::fs::read(i.bin_dir.join("contiv-cni")).unwrap(), b"\x7fELF fake");
+        // Installing again is a no-op in effect.
+        assert!(i.run().unwrap().removed.is_empty());
+        let report = uninstall(&i.bin_dir, &i.conf_dir, DEFAULT_CONF_NAME).unwrap();
+        assert_eq!(report.removed.len(), 2);
+        assert!(!i.conf_dir.join(DEFAULT_CONF_NAME).exists());
+        assert!(i.conf_dir.join("20-other.conflist").exists(), "other networks are left alone");
+        assert!(uninstall(&i.bin_dir, &i.conf_dir, DEFAULT_CONF_NAME).unwrap().removed.is_empty());
+    }
+
+    #[test]
+    fn bad_conflists_are_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for (conflist, needle) in [
+            ("not json", "not JSON"),
+            (r#"{"cniVersion":"1.0.0","name":"contiv","type":"contiv-cni"}"#, "conflist"),
+            (r#"{"cniVersion":"1.0.0","name":"contiv","plugins":[{"type":"bridge"}]}"#, "contiv-cni"),
+            (r#"{"cniVersion":"9.9.9","name":"contiv","plugins":[{"type":"contiv-cni"}]}"#, "refuses"),
+            (
+                r#"{"cniVersion":"1.0.0","name":"contiv","plugins":[{"type":"contiv-cni","agentSocket":"rel/x"}]}"#,
+                "agentSocket",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"contiv","plugins":[{"type":"contiv-cni"},{"capabilities":{}}]}"#,
+                "plugins[1]",
+            ),
+        ] {
+            let i = install(dir.path(), conflist);
+            let err = i.run().unwrap_err().to_string();
+            assert!(err.contains(needle), "{conflist}: {err}");
+            assert!(!i.bin_dir.join("contiv-cni").exists(), "nothing written for {conflist}");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The agent's Prometheus metrics (prometheus-client, OpenMetrics text on `/metrics`):
+//!
+//! - per-pod datapath counters, labelled `namespace`, `pod` (the Pod object from CNI_ARGS)
+//!   and `interface`: `contiv_pod_forwarded_packets_total`, `..._slowpath_packets_total`,
+//!   `contiv_pod_dropped_packets_total{reason}`, ...;
+//! - slow-path verdicts by reason: `contiv_slowpath_verdicts_total{verdict, reason}`
+//!   (`reply`: arp, icmp_echo; `drop`: every `DropReason`), the AF_XDP port's counters and
+//!   the slow-path port programs' counters;
+//! - latency histograms: `contiv_cni_request_duration_seconds{command, code}` (code 0 is
+//!   success, else the CNI error code) and `contiv_store_request_duration_seconds{op,
+//!   outcome}` (see `contiv_store::metrics`).
+//!
+//! Counters that live in the datapath are read at scrape time (a collector over a snapshot
+//! of the agent's reports), never copied into a second set of counters.
+
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::agent::{CountersReport, PodReport, SlowPathReport};
+
+/// Labels of one CNI request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CniLabels {
+    /// ADD, DEL, CHECK, STATUS or GC.
+    pub command: &'static str,
+    /// 0 on success, else the CNI error code returned.
+    pub code: u32,
+}
+
+type CniFamily = Family<CniLabels, Histogram, fn() -> Histogram>;
+
+/// 0.5 ms .. ~16 s: a STATUS up to an ADD waiting for the node lock.
+fn cni_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+}
+
+/// The agent's metrics; share it as `Arc<AgentMetrics>`.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    cni: CniFamily,
+    store: contiv_store::metrics::StoreMetrics,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            cni: Family::new_with_constructor(cni_buckets as fn() -> Histogram),
+            store: contiv_store::metrics::StoreMetrics::new(),
+        }
+    }
+}
+
+impl AgentMetrics {
+    /// Empty metrics.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The store latency histograms (wrap the store with `instrument`).
+    pub fn store(&self) -> &contiv_store::metrics::StoreMetrics {
+        &self.store
+    }
+
+    /// Records one CNI request.
+    pub fn observe_cni(&self, command: &'static str, code: u32, took: Duration) {
+        self.cni.get_or_create(&CniLabels { command, code }).observe(took.as_secs_f64());
+    }
+
+    /// The OpenMetrics text for this scrape: the histograms, and the datapath and slow-path
+    /// counters from `pods` and `slowpath` (read just now from the maps and the vswitch).
+    pub fn render(&self, pods: Vec<PodReport>, slowpath: SlowPathReport) -> String {
+        let mut registry = Registry::default();
+        registry.register_with_unit(
+            "contiv_cni_request_duration",
+            "Latency of CNI requests served by the agent, by command and CNI result code",
+            Unit::Seconds,
+            self.cni.clone(),
+        );
+        self.store.register(&mut registry);
+        registry.register_collector(Box::new(Snapshot { pods, slowpath }));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            log::error!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+/// What one scrape reports from the datapath and the slow path.
+#[derive(Debug)]
+struct Snapshot {
+    pods: Vec<PodReport>,
+    slowpath: SlowPathReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+    interface: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PodReasonLabels {
+    namespace: String,
+    pod: String,
+    interface: String,
+    reason: &'static str,
+}
+
+fn pod_labels(p: &PodReport) -> PodLabels {
+    // A runtime outside Kubernetes passes no Pod: name the attachment by its container.
+    let pod = if p.pod_name.is_empty() { p.container_id.clone() } else { p.pod_name.clone() };
+    PodLabels { namespace: p.pod_namespace.clone(), pod, interface: p.ifname.clone() }
+}
+
+type PodCounter = (&'static str, &'static str, fn(&CountersReport) -> u64);
+
+const POD_COUNTERS: [PodCounter; 11] = [
+    ("contiv_pod_forwarded_packets", "Frames from the pod forwarded by the fast path", |c| c.fwd_packets),
+    ("contiv_pod_forwarded_bytes", "Bytes from the pod forwarded by the fast path", |c| c.fwd_bytes),
+    ("contiv_pod_slowpath_packets", "Frames from the pod steered to the slow path", |c| c.slow_packets),
+    ("contiv_pod_slowpath_bytes", "Bytes from the pod steered to the slow path", |c| c.slow_bytes),
+    ("contiv_pod_from_slowpath_packets", "Frames the slow path delivered to the pod", |c| c.from_slow_packets),
+    ("contiv_pod_tunnel_packets", "Frames from the pod encapsulated to another node", |c| c.tunnel_packets),
+    ("contiv_pod_tunnel_bytes", "Bytes from the pod encapsulated to another node", |c| c.tunnel_bytes),
+    ("contiv_pod_host_packets", "Frames from the pod handed to the node's stack (host, outside)", |c| c.host_packets),
+    ("contiv_pod_host_bytes", "Bytes from the pod handed to the node's stack (host, outside)", |c| c.host_bytes),
+    ("contiv_pod_from_tunnel_packets", "Frames from other nodes delivered to the pod", |c| c.from_tunnel_packets),
+    ("contiv_pod_from_tunnel_bytes", "Bytes from other nodes delivered to the pod", |c| c.from_tunnel_bytes),
+];
+
+/// A drop reason and how to read its counter.
+type PodDrop = (&'static str, fn(&CountersReport) -> u64);
+
+const POD_DROPS: [PodDrop; 5] = [
+    ("spoofed_ip", |c| c.drop_spoofed_ip),
+    ("spoofed_mac", |c| c.drop_spoofed_mac),
+    ("malformed", |c| c.drop_malformed),
+    ("ttl_exceeded", |c| c.drop_ttl_exceeded),
+    ("no_slowpath", |c| c.drop_no_slowpath),
+];
+
+fn counter_family<S: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (S, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counted: Vec<(PodLabels, &CountersReport)> =
+            self.pods.iter().filter_map(|p| p.counters.as_ref().map(|c| (pod_labels(p), c))).collect();
+        for (name, help, get) in POD_COUNTERS {
+            counter_family(&mut encoder, name, help, counted.iter().map(|(l, c)| (l.clone(), get(c))))?;
+        }
+        counter_family(
+            &mut encoder,
+            "contiv_pod_dropped_packets",
+            "Frames from the pod dropped by the fast path, by reason",
+            counted.iter().flat_map(|(l, c)| {
+                POD_DROPS.iter().map(move |(reason, get)| {
+                    (
+                        PodReasonLabels {
+                            namespace: l.namespace.clone(),
+                            pod: l.pod.clone(),
+                            interface: l.interface.clone(),
+                            reason,
+                        },
+                        get(c),
+                    )
+                })
+            }),
+        )?;
+        let pods = ConstGauge::new(self.pods.len() as i64);
+        pods.encode(encoder.encode_descriptor(
+            "contiv_pods",
+            "Pod attachments on this node",
+            None,
+            pods.metric_type(),
+        )?)?;
+
+        if let Some(v) = &self.slowpath.vswitch {
+            let mut rows = vec![
+                ([("verdict", "reply"), ("reason", "arp")], v.arp_replies),
+                ([("verdict", "reply"), ("reason", "icmp_echo")], v.icmp_echo_replies),
+            ];
+            rows.extend(
+                contiv_vswitch::DropReason::ALL
+                    .iter()
+                    .map(|r| ([("verdict", "drop"), ("reason", r.as_str())], v.drops.get(*r))),
+            );
+            counter_family(&mut encoder, "contiv_slowpath_verdicts", "Slow-path verdicts on frames, by reason", rows)?;
+        }
+        if let Some(p) = &self.slowpath.port {
+            counter_family(
+                &mut encoder,
+                "contiv_slowpath_port_frames",
+                "Frames through the vswitch's AF_XDP socket, by direction",
+                [([("direction", "rx")], p.rx_frames), ([("direction", "tx")], p.tx_frames)],
+            )?;
+            counter_family(
+                &mut encoder,
+                "contiv_slowpath_port_dropped_frames",
+                "Frames the AF_XDP port dropped, by reason",
+                [
+                    ([("reason", "tx_no_frame")], p.tx_dropped_no_frame),
+                    ([("reason", "tx_too_big")], p.tx_dropped_too_big),
+                    ([("reason", "tx_ring_full")], p.tx_dropped_ring_full),
+                    ([("reason", "kernel_rx_dropped")], p.kernel_rx_dropped),
+                    ([("reason", "kernel_rx_ring_full")], p.kernel_rx_ring_full),
+                    ([("reason", "kernel_rx_fill_ring_empty")], p.kernel_rx_fill_ring_empty),
+                    ([("reason", "kernel_tx_invalid_descs")], p.kernel_tx_invalid_descs),
+                ],
+            )?;
+        }
+        if let Some(p) = &self.slowpath.programs {
+            counter_family(
+                &mut encoder,
+                "contiv_slowpath_program_packets",
+                "Frames handled by the slow-path port's eBPF programs, by outcome",
+                [
+                    ([("outcome", "to_vswitch")], p.to_vswitch_packets),
+                    ([("outcome", "to_vswitch_no_socket")], p.to_vswitch_no_socket),
+                    ([("outcome", "from_vswitch_delivered")], p.from_vswitch_delivered),
+                    ([("outcome", "from_vswitch_no_pod")], p.from_vswitch_no_pod),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::agent::SlowPortReport;
+
+    fn pod(ns: &str, name: &str, fwd: u64) -> PodReport {
+        PodReport {
+            container_id: "c0ffee".into(),
+            ifname: "eth0".into(),
+            pod_namespace: ns.into(),
+            pod_name: name.into(),
+            labels: None,
+            ip: Ipv4Addr::new(10, 1, 1, 2),
+            host_ifname: "cv1".into(),
+            host_ifindex: 7,
+            pod_mac: "02:00:00:00:00:02".into(),
+            counters: Some(CountersReport { fwd_packets: fwd, drop_spoofed_ip: 3, ..CountersReport::default() }),
+        }
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    #[test]
+    fn pods_are_labelled_by_namespace_and_name_and_histograms_count_requests() {
+        let m = AgentMetrics::new();
+        m.observe_cni("ADD", 0, Duration::from_millis(3));
+        m.observe_cni("ADD", 0, Duration::from_millis(5));
+        m.observe_cni("DEL", 7, Duration::from_millis(1));
+        let mut vswitch = contiv_vswitch::VswitchCounters { arp_replies: 4, ..Default::default() };
+        vswitch.drops.fragment = 2;
+        let slow = SlowPathReport {
+            vswitch: Some(vswitch),
+            port: None,
+            programs: Some(SlowPortReport {
+                to_vswitch_packets: 9,
+                to_vswitch_no_socket: 0,
+                from_vswitch_delivered: 8,
+                from_vswitch_no_pod: 1,
+            }),
+        };
+        let text = m.render(vec![pod("shop", "web-0", 42), pod("", "", 1)], slow);
+        let l = lines(&text);
+        for want in [
+            "contiv_pod_forwarded_packets_total{namespace=\"shop\",pod=\"web-0\",interface=\"eth0\"} 42",
+            "contiv_pod_forwarded_packets_total{namespace=\"\",pod=\"c0ffee\",interface=\"eth0\"} 1",
+            "contiv_pod_dropped_packets_total{namespace=\"shop\",pod=\"web-0\",interface=\"eth0\",reason=\"spoofed_ip\"} 3",
+            "contiv_pods 2",
+            "contiv_slowpath_verdicts_total{verdict=\"reply\",reason=\"arp\"} 4",
+            "contiv_slowpath_verdicts_total{verdict=\"drop\",reason=\"fragment\"} 2",
+            "contiv_slowpath_program_packets_total{outcome=\"from_vswitch_no_pod\"} 1",
+            "contiv_cni_request_duration_seconds_count{command=\"ADD\",code=\"0\"} 2",
+            "contiv_cni_request_duration_seconds_count{command=\"DEL\",code=\"7\"} 1",
+            "# TYPE contiv_cni_request_duration_seconds histogram",
+            "# EOF",
+        ] {
+            assert!(l.contains(&want), "missing {want:?} in\n{text}");
+        }
+    }
+}

@@ -30,6 +30,31 @@ pub mod map_names {
     pub const OVERLAY_COUNTERS: &str = "OVERLAY_COUNTERS";
     /// Map name -> layout version of the pinned map ([`super::schema`]).
     pub const SCHEMA: &str = "SCHEMA";
+    /// Service frontend (address, port, protocol) -> [`super::SvcFrontend`].
+    pub const SVC_FRONTENDS: &str = "SVC_FRONTENDS";
+    /// (service port id, ordinal) -> [`super::SvcBackend`]; local backends first.
+    pub const SVC_BACKENDS: &str = "SVC_BACKENDS";
+    /// (service port id, client) -> [`super::SvcAffinity`]: sessionAffinity ClientIP (LRU).
+    pub const SVC_AFFINITY: &str = "SVC_AFFINITY";
+    /// (service port id, source prefix) LPM trie: loadBalancerSourceRanges.
+    pub const SVC_SOURCE_RANGES: &str = "SVC_SOURCE_RANGES";
+    /// Service port id -> [`super::SvcCounters`] (per CPU).
+    pub const SVC_COUNTERS: &str = "SVC_COUNTERS";
+    /// (socket cookie, backend) -> [`super::SockRevNat`]: what a balanced socket was asked
+    /// for, so getpeername()/recvmsg() show the service address (LRU).
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// Network-namespace cookie -> 1 for the namespaces this node's socket programs serve
+    /// (its pods and the node itself); others' sockets are left alone.
+    pub const NODE_NETNS: &str = "NODE_NETNS";
+    /// Addresses of the cluster's nodes (this one and the others) -> [`super::NodeAddr`]:
+    /// NodePorts are served on them.
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// Connection tracking for services and policy: [`super::CtKey`] -> [`super::CtEntry`]
+    /// (LRU). A NAT'ed flow has two entries, the original direction and the reply.
+    pub const CT: &str = "CT";
+    /// Backends removed a short while ago: (address, port, protocol) -> 1. Connections to
+    /// them are refused by the slow path instead of hanging.
+    pub const DEAD_BACKENDS: &str = "DEAD_BACKENDS";
 }
 
 /// Layout versions of the pinned maps. A map's version changes whenever its key, value or
@@ -52,6 +77,16 @@ pub mod schema {
         (REMOTE_ROUTES, 1),
         (OVERLAY_COUNTERS, 1),
         (SCHEMA, 1),
+        (SVC_FRONTENDS, 1),
+        (SVC_BACKENDS, 1),
+        (SVC_AFFINITY, 1),
+        (SVC_SOURCE_RANGES, 1),
+        (SVC_COUNTERS, 1),
+        (SOCK_REVNAT, 1),
+        (NODE_NETNS, 1),
+        (NODE_ADDRS, 1),
+        (CT, 1),
+        (DEAD_BACKENDS, 1),
     ];
 
     /// The current layout version of a map (0 if the name is unknown).
@@ -89,6 +124,16 @@ pub mod program_names {
     pub const FROM_OVERLAY: &str = "tc_from_overlay";
     /// TC egress on the overlay device: gives host-originated packets their tunnel key.
     pub const TO_OVERLAY: &str = "tc_to_overlay";
+    /// TC ingress on the uplink: NodePort, externalIP and load-balancer traffic from outside.
+    pub const FROM_UPLINK: &str = "tc_from_uplink";
+    /// cgroup connect4 at the cgroup2 root: socket-level service balancing.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup sendmsg4: socket-level balancing of unconnected UDP (the node's own sockets).
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup recvmsg4: shows the service address as the source of UDP answers.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup getpeername4: shows the service address as a balanced socket's peer.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 }
 
 /// Maximum number of pods on one node (sizes PODS, POD_IFACES, POD_COUNTERS).
@@ -97,6 +142,14 @@ pub const MAX_PODS: u32 = 4096;
 pub const MAX_SLOWPATH_QUEUES: u32 = 64;
 /// Maximum entries of REMOTE_ROUTES (a pod subnet and an address per remote node).
 pub const MAX_REMOTE_ROUTES: u32 = 16384;
+/// Default sizes of the service maps (the agent may size them from its config).
+pub const MAX_SVC_FRONTENDS: u32 = 65536;
+pub const MAX_SVC_BACKENDS: u32 = 262144;
+pub const MAX_SVC_AFFINITY: u32 = 65536;
+pub const MAX_SOCK_REVNAT: u32 = 262144;
+pub const MAX_CT: u32 = 262144;
+pub const MAX_NODE_ADDRS: u32 = 16384;
+pub const MAX_DEAD_BACKENDS: u32 = 16384;
 
 /// An IPv4 address as it appears on the wire (network byte order), as a map key.
 /// Shown by bpftool as four bytes, e.g. `[10,1,1,2]`.
@@ -168,6 +221,9 @@ pub struct PodCounters {
     /// Frames received from other nodes over the overlay and delivered to this pod.
     pub from_tunnel_packets: u64,
     pub from_tunnel_bytes: u64,
+    /// Dropped by the service stage: no local backend under a Local traffic policy, or a
+    /// rewrite the kernel refused.
+    pub drop_service: u64,
 }
 
 /// Node-wide datapath configuration written by the agent.
@@ -191,7 +247,8 @@ pub struct DatapathConfig {
     pub vni: u32,
     /// This node's address on the underlay (the tunnel endpoint other nodes send to).
     pub node_ip: [u8; 4],
-    pub _pad2: [u8; 4],
+    /// ifindex of the uplink: replies to clients outside the cluster leave by it.
+    pub uplink_ifindex: u32,
 }
 
 /// Where REMOTE_ROUTES sends a prefix: the node that owns it.
@@ -244,6 +301,197 @@ pub struct SlowPortCounters {
     pub from_vswitch_no_pod: u64,
 }
 
+/// A service frontend: where clients reach a service port. `port` in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct SvcKey {
+    /// The frontend address (network byte order); 0.0.0.0 = every node address (NodePort).
+    pub ip: [u8; 4],
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What a frontend leads to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcFrontend {
+    /// The service port's id (keys its backends, affinity, counters, conntrack).
+    pub svc_id: u32,
+    /// Backends usable from this node: ordinals `0..count` of SVC_BACKENDS.
+    pub count: u16,
+    /// The first `local_count` backends are on this node.
+    pub local_count: u16,
+    /// [`svc_flags`].
+    pub flags: u32,
+    /// sessionAffinity ClientIP timeout in seconds (with [`svc_flags::AFFINITY`]).
+    pub affinity_timeout_s: u32,
+}
+
+/// Bits of [`SvcFrontend::flags`].
+pub mod svc_flags {
+    /// A ClusterIP: internal traffic (internalTrafficPolicy applies).
+    pub const CLUSTER_IP: u32 = 1;
+    /// A NodePort (keyed on 0.0.0.0): served on every node address.
+    pub const NODE_PORT: u32 = 2;
+    /// An externalIP or a load-balancer ingress IP.
+    pub const EXTERNAL_IP: u32 = 4;
+    /// externalTrafficPolicy Local: traffic from outside uses only local backends.
+    pub const ETP_LOCAL: u32 = 8;
+    /// internalTrafficPolicy Local: ClusterIP traffic uses only local backends.
+    pub const ITP_LOCAL: u32 = 16;
+    /// sessionAffinity ClientIP.
+    pub const AFFINITY: u32 = 32;
+    /// loadBalancerSourceRanges restrict who may connect (SVC_SOURCE_RANGES).
+    pub const SOURCE_RANGES: u32 = 64;
+}
+
+/// One backend of a service port (`port` in host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SvcBackendKey {
+    pub svc_id: u32,
+    pub ordinal: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcBackend {
+    pub ip: [u8; 4],
+    pub port: u16,
+    /// 1 when the backend runs on this node.
+    pub local: u8,
+    pub _pad: u8,
+}
+
+/// Session affinity: which backend a client was given, and when last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SvcAffinityKey {
+    pub svc_id: u32,
+    pub _pad: u32,
+    /// The client: its IPv4 address (packet path) or its network namespace's cookie
+    /// (socket path: one namespace = one pod = one client IP).
+    pub client: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcAffinity {
+    pub last_used_ns: u64,
+    pub ordinal: u32,
+    pub ip: [u8; 4],
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A loadBalancerSourceRanges prefix of a service port (LPM key data after the length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcSourceRange {
+    /// Big-endian service port id, so the trie matches it as a full prefix.
+    pub svc_id_be: [u8; 4],
+    pub ip: [u8; 4],
+}
+
+/// Per service port, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcCounters {
+    /// Connections (sockets) and flows (packet path) given a backend.
+    pub connections: u64,
+    /// Refused or dropped: no usable backend.
+    pub no_backend: u64,
+    /// Dropped: source outside loadBalancerSourceRanges.
+    pub source_denied: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub ip: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockRevNat {
+    pub ip: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+    pub svc_id: u32,
+}
+
+/// A node address NodePorts are served on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeAddr {
+    /// 1 for this node's own address.
+    pub local: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A conntrack key: one direction of a flow (`ports` in host byte order; for ICMP the
+/// echo id in both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// One direction of a tracked flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    /// CLOCK_MONOTONIC ns of the last packet (refreshed at most every second).
+    pub last_seen_ns: u64,
+    /// Destination rewrite ([`ct_flags::DNAT`]) or source rewrite ([`ct_flags::REV_DNAT`]).
+    pub nat_ip: [u8; 4],
+    pub nat_port: u16,
+    /// [`ct_flags`].
+    pub flags: u16,
+    /// The second rewrite of a doubly NAT'ed flow: source ([`ct_flags::SNAT`]) or
+    /// destination ([`ct_flags::REV_SNAT`]).
+    pub nat2_ip: [u8; 4],
+    pub nat2_port: u16,
+    /// TCP flags seen in this direction (SYN, FIN, RST, ACK), for timeouts.
+    pub tcp_flags: u8,
+    pub _pad: u8,
+    pub svc_id: u32,
+    pub _pad2: u32,
+}
+
+/// Bits of [`CtEntry::flags`].
+pub mod ct_flags {
+    /// Original direction: rewrite the destination to nat_ip:nat_port (a service backend).
+    pub const DNAT: u16 = 1;
+    /// Original direction: rewrite the source to nat2_ip:nat2_port too (hairpin, NodePort
+    /// to a remote backend).
+    pub const SNAT: u16 = 2;
+    /// Reply direction: rewrite the source back to nat_ip:nat_port (the service frontend).
+    pub const REV_DNAT: u16 = 4;
+    /// Reply direction: rewrite the destination back to nat2_ip:nat2_port (the client).
+    pub const REV_SNAT: u16 = 8;
+    /// The client came from outside the cluster (through the uplink): replies leave by it.
+    pub const FROM_UPLINK: u16 = 16;
+}
+
+/// TCP flag bits of [`CtEntry::tcp_flags`].
+pub mod ct_tcp {
+    pub const FIN: u8 = 1;
+    pub const SYN: u8 = 2;
+    pub const RST: u8 = 4;
+    pub const ACK: u8 = 16;
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all types are repr(C), Copy, made of integers and byte arrays with
@@ -256,4 +504,17 @@ mod user {
     unsafe impl aya::Pod for super::RemoteRoute {}
     unsafe impl aya::Pod for super::OverlayCounters {}
     unsafe impl aya::Pod for super::MapName {}
+    unsafe impl aya::Pod for super::SvcKey {}
+    unsafe impl aya::Pod for super::SvcFrontend {}
+    unsafe impl aya::Pod for super::SvcBackendKey {}
+    unsafe impl aya::Pod for super::SvcBackend {}
+    unsafe impl aya::Pod for super::SvcAffinityKey {}
+    unsafe impl aya::Pod for super::SvcAffinity {}
+    unsafe impl aya::Pod for super::SvcSourceRange {}
+    unsafe impl aya::Pod for super::SvcCounters {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl aya::Pod for super::NodeAddr {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
 }

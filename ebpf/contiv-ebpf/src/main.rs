@@ -26,17 +26,23 @@
 #![no_std]
 #![no_main]
 
+mod ct;
+mod lb;
 mod maps;
+mod nat;
 mod overlay;
 mod packet;
+mod sock;
+mod svc;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::generated::{bpf_check_mtu, bpf_redirect, bpf_redirect_peer, bpf_skb_change_type},
+    helpers::generated::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_type},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use contiv_common::{PodCounters, PodEndpoint, pod_flags};
+use contiv_common::{DatapathConfig, PodCounters, PodEndpoint, pod_flags};
+use svc::{Origin, Outcome};
 use maps::{SLOWPATH_XSKS, config, count_overlay, count_slowport, pod, pod_by_ifindex, pod_counters, remote_route};
 use packet::*;
 
@@ -51,6 +57,8 @@ enum Verdict {
     Tunnel(u32),
     /// To the node's own stack (the host, node addresses, outside the cluster).
     Host,
+    /// A reply to a client outside the cluster: out of the uplink to this ifindex.
+    Uplink(u32),
     /// Not for the fast path: hand to the vswitch.
     SlowPath,
     /// Drop, for this reason.
@@ -62,6 +70,7 @@ enum DropReason {
     SpoofedMac,
     SpoofedIp,
     TtlExceeded,
+    Service,
 }
 
 /// Into a local pod: straight into its namespace, or through its host veth's qdisc when its
@@ -121,6 +130,13 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
             unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
             TC_ACT_OK
         }
+        Verdict::Uplink(ifindex) => {
+            count(&mut counters, |c| {
+                c.host_packets += 1;
+                c.host_bytes += len;
+            });
+            to_uplink(ifindex)
+        }
         Verdict::SlowPath => to_slow_path(counters, len),
         Verdict::Drop(reason) => {
             count(&mut counters, |c| match reason {
@@ -128,6 +144,7 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
                 DropReason::SpoofedMac => c.drop_spoofed_mac += 1,
                 DropReason::SpoofedIp => c.drop_spoofed_ip += 1,
                 DropReason::TtlExceeded => c.drop_ttl_exceeded += 1,
+                DropReason::Service => c.drop_service += 1,
             });
             TC_ACT_SHOT
         }
@@ -148,6 +165,15 @@ fn to_slow_path(mut counters: Option<&'static mut PodCounters>, len: u64) -> i32
     // Out of the host end of the slow-path port; its peer's XDP program feeds the AF_XDP socket.
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(slowport, 0) as i32 }
+}
+
+/// Out of the uplink, towards a client outside the cluster: the kernel's FIB picks the next
+/// hop and fills in the MACs (the node's stack would refuse a packet with its own address as
+/// the source arriving from a pod).
+#[inline(always)]
+fn to_uplink(ifindex: u32) -> i32 {
+    // SAFETY: plain helper call; no next-hop parameters: the FIB decides.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
 /// Whether the packet fits the overlay device's MTU (GSO packets: each segment).
@@ -199,7 +225,31 @@ fn classify_from_pod(ctx: &TcContext, me: &PodEndpoint) -> Verdict {
     let Some(cfg) = config() else {
         return Verdict::SlowPath;
     };
-    let dst = dst_ip(ip);
+    let (src, mut dst) = (src_ip(ip), dst_ip(ip));
+    // Services and conntrack: may rewrite the packet (its pointers are stale afterwards).
+    if let Some(l4) = nat::l4(data, data_end, ip[9]) {
+        match svc::process(ctx, cfg, src, dst, &l4, Origin::Pod) {
+            Outcome::Untouched => {}
+            Outcome::Rewritten { dst: to, to_uplink } => {
+                if to_uplink {
+                    return Verdict::Uplink(cfg.uplink_ifindex);
+                }
+                dst = to;
+            }
+            Outcome::Reject => return Verdict::SlowPath,
+            Outcome::Drop => return Verdict::Drop(DropReason::Service),
+        }
+    }
+    route_from_pod(ctx, cfg, dst)
+}
+
+/// Where a pod's packet for `dst` goes (after any service rewrite).
+#[inline(always)]
+fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4]) -> Verdict {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
     if dst == cfg.gateway_ip {
         return Verdict::SlowPath;
     }
@@ -245,7 +295,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (Some(eth), Some(ip)) = (eth(data, data_end), ipv4(data, data_end)) else {
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         count_overlay(|c| c.rx_malformed += 1);
         return TC_ACT_SHOT;
     };
@@ -263,7 +313,24 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         count_overlay(|c| c.rx_no_destination += 1);
         return TC_ACT_SHOT;
     };
-    let dst = dst_ip(ip);
+    let mut dst = dst_ip(ip);
+    // Replies of flows this node NAT'ed (a client here, or outside through this node).
+    if let Some(l4) = nat::l4(data, data_end, ip[9]) {
+        match svc::process(&ctx, cfg, src_ip(ip), dst, &l4, Origin::Overlay) {
+            Outcome::Rewritten { to_uplink: true, .. } => return to_uplink(cfg.uplink_ifindex),
+            Outcome::Rewritten { dst: to, .. } => dst = to,
+            Outcome::Untouched => {}
+            Outcome::Reject | Outcome::Drop => {
+                count_overlay(|c| c.rx_malformed += 1);
+                return TC_ACT_SHOT;
+            }
+        }
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
+        count_overlay(|c| c.rx_malformed += 1);
+        return TC_ACT_SHOT;
+    };
     if let Some(pod) = pod(dst) {
         if !decrement_ttl(ip) {
             count_overlay(|c| c.rx_malformed += 1);
@@ -295,7 +362,7 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (Some(eth), Some(ip)) = (eth(data, data_end), ipv4(data, data_end)) else {
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         count_overlay(|c| c.tx_no_route += 1);
         return TC_ACT_SHOT;
     };
@@ -318,16 +385,94 @@ pub fn tc_from_vswitch(ctx: TcContext) -> i32 {
         count_slowport(|c| c.from_vswitch_no_pod += 1);
         return TC_ACT_SHOT;
     };
-    let Some(pod) = pod(dst) else {
+    if let Some(pod) = pod(dst) {
+        if let Some(c) = pod_counters(dst) {
+            c.from_slow_packets += 1;
+            c.from_slow_bytes += len;
+        }
+        count_slowport(|c| c.from_vswitch_delivered += 1);
+        return deliver(&pod);
+    }
+    // Not a local pod: a reply (a refusal) to a client on another node or outside.
+    let Some(cfg) = config() else {
         count_slowport(|c| c.from_vswitch_no_pod += 1);
         return TC_ACT_SHOT;
     };
-    if let Some(c) = pod_counters(dst) {
-        c.from_slow_packets += 1;
-        c.from_slow_bytes += len;
+    if cfg.overlay_ifindex != 0
+        && let Some(route) = remote_route(dst)
+        && overlay::set_tunnel(&ctx, route.node_ip, cfg.vni)
+    {
+        count_slowport(|c| c.from_vswitch_delivered += 1);
+        // SAFETY: plain helper call.
+        return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
     }
-    count_slowport(|c| c.from_vswitch_delivered += 1);
-    deliver(&pod)
+    if cfg.uplink_ifindex != 0 && !in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {
+        count_slowport(|c| c.from_vswitch_delivered += 1);
+        return to_uplink(cfg.uplink_ifindex);
+    }
+    count_slowport(|c| c.from_vswitch_no_pod += 1);
+    TC_ACT_SHOT
+}
+
+/// Traffic from outside the cluster to NodePorts, externalIPs and load-balancer IPs (tcx
+/// ingress on the uplink): balanced, DNAT'ed (SNAT'ed too when the backend is on another
+/// node), and sent to the backend; everything else goes on to the node's stack untouched.
+#[classifier]
+pub fn tc_from_uplink(ctx: TcContext) -> i32 {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
+        return TC_ACT_OK;
+    };
+    if ethertype(eth) != ETH_P_IP || has_options_or_is_fragment(ip) {
+        return TC_ACT_OK;
+    }
+    let Some(l4) = nat::l4(data, data_end, ip[9]) else {
+        return TC_ACT_OK;
+    };
+    // The overlay's own packets: the commonest thing on the wire, nothing to do.
+    if l4.proto == nat::IPPROTO_UDP && l4.dport == 4789 {
+        return TC_ACT_OK;
+    }
+    let Some(cfg) = config() else {
+        return TC_ACT_OK;
+    };
+    let dst = match svc::process(&ctx, cfg, src_ip(ip), dst_ip(ip), &l4, Origin::Uplink) {
+        Outcome::Untouched => return TC_ACT_OK,
+        Outcome::Rewritten { dst, .. } => dst,
+        Outcome::Reject => {
+            // The vswitch answers (RST / port unreachable); its reply leaves by the uplink.
+            if cfg.slowport_ifindex == 0 {
+                return TC_ACT_SHOT;
+            }
+            // SAFETY: plain helper call.
+            return unsafe { bpf_redirect(cfg.slowport_ifindex, 0) as i32 };
+        }
+        Outcome::Drop => return TC_ACT_SHOT,
+    };
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
+        return TC_ACT_SHOT;
+    };
+    if !decrement_ttl(ip) {
+        return TC_ACT_SHOT;
+    }
+    eth[6..12].copy_from_slice(&cfg.gateway_mac);
+    if let Some(pod) = pod(dst) {
+        eth[0..6].copy_from_slice(&pod.mac);
+        if let Some(c) = pod_counters(dst) {
+            c.from_tunnel_packets += 1;
+            c.from_tunnel_bytes += u64::from(ctx.skb.len());
+        }
+        return deliver(&pod);
+    }
+    if cfg.overlay_ifindex != 0
+        && let Some(route) = remote_route(dst)
+        && overlay::set_tunnel(&ctx, route.node_ip, cfg.vni)
+    {
+        // SAFETY: plain helper call.
+        return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
+    }
+    TC_ACT_SHOT
 }
 
 /// The pod IPv4 address a frame from the vswitch is for: IPv4 destination, or the

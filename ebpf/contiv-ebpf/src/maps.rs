@@ -2,12 +2,14 @@
 //! value types come from `contiv-common`; the agent pins each map under its name.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, XskMap, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, XskMap, lpm_trie::Key},
     macros::btf_map,
 };
 use contiv_common::{
-    DatapathConfig, Ipv4Key, MAX_PODS, MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MapName, OverlayCounters, PodCounters,
-    PodEndpoint, RemoteRoute, SlowPortCounters,
+    CtEntry, CtKey, DatapathConfig, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_NODE_ADDRS, MAX_PODS, MAX_REMOTE_ROUTES,
+    MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MapName, NodeAddr,
+    OverlayCounters, PodCounters, PodEndpoint, RemoteRoute, SlowPortCounters, SockRevNat, SockRevNatKey, SvcAffinity,
+    SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -35,6 +37,36 @@ pub static REMOTE_ROUTES: LpmTrie<[u8; 4], RemoteRoute, { MAX_REMOTE_ROUTES as u
 
 #[btf_map]
 pub static OVERLAY_COUNTERS: PerCpuArray<OverlayCounters, 1> = PerCpuArray::new();
+
+#[btf_map]
+pub static SVC_FRONTENDS: HashMap<SvcKey, SvcFrontend, { MAX_SVC_FRONTENDS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static SVC_BACKENDS: HashMap<SvcBackendKey, SvcBackend, { MAX_SVC_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static SVC_AFFINITY: LruHashMap<SvcAffinityKey, SvcAffinity, { MAX_SVC_AFFINITY as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static SVC_SOURCE_RANGES: LpmTrie<SvcSourceRange, u8, 16384> = LpmTrie::new();
+
+#[btf_map]
+pub static SVC_COUNTERS: PerCpuHashMap<u32, SvcCounters, { MAX_SVC_FRONTENDS as usize }> = PerCpuHashMap::new();
+
+#[btf_map]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNat, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static NODE_NETNS: HashMap<u64, u8, { MAX_PODS as usize + 1 }> = HashMap::new();
+
+#[btf_map]
+pub static NODE_ADDRS: HashMap<Ipv4Key, NodeAddr, { MAX_NODE_ADDRS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static CT: LruHashMap<CtKey, CtEntry, { MAX_CT as usize }> = LruHashMap::new();
+
+#[btf_map]
+pub static DEAD_BACKENDS: HashMap<SvcKey, u8, { MAX_DEAD_BACKENDS as usize }> = HashMap::new();
 
 /// Written by the agent only (layout versions); declared here so the object carries it.
 #[btf_map]
@@ -82,6 +114,15 @@ pub fn count_slowport(f: impl FnOnce(&mut SlowPortCounters)) {
 #[inline(always)]
 pub fn count_overlay(f: impl FnOnce(&mut OverlayCounters)) {
     if let Some(p) = OVERLAY_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot of this CPU.
+        f(unsafe { &mut *p });
+    }
+}
+
+/// A service port's counters on this CPU.
+#[inline(always)]
+pub fn count_svc(svc_id: u32, f: impl FnOnce(&mut SvcCounters)) {
+    if let Some(p) = SVC_COUNTERS.get_ptr_mut(svc_id) {
         // SAFETY: per-CPU slot of this CPU.
         f(unsafe { &mut *p });
     }

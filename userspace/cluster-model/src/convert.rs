@@ -352,6 +352,17 @@ impl ToModel for core::Service {
             }
             Some(other) => return Err(invalid("spec.sessionAffinity", other, "must be None or ClientIP")),
         };
+        let load_balancer_source_ranges = spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, r)| {
+                r.trim().parse::<ipnet::IpNet>().map(|n| n.trunc()).map_err(|_| {
+                    invalid(&format!("spec.loadBalancerSourceRanges[{i}]"), r, "must be a CIDR such as 10.0.0.0/8")
+                })
+            })
+            .collect::<Result<Vec<_>, ConvertError>>()?;
         let labels = self.metadata.labels.as_ref();
         Ok(Service {
             name: name_of(&self.metadata)?,
@@ -373,6 +384,7 @@ impl ToModel for core::Service {
             )?,
             health_check_node_port: optional_port("spec.healthCheckNodePort", spec.health_check_node_port)?,
             service_proxy_name: labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)).cloned(),
+            load_balancer_source_ranges,
             headless_label: labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)),
         })
     }

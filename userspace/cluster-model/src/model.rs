@@ -197,6 +197,10 @@ pub struct Service {
     /// Whether the `service.kubernetes.io/headless` label is set.
     #[serde(default)]
     pub headless_label: bool,
+    /// spec.loadBalancerSourceRanges: who may connect through the load-balancer IPs
+    /// (empty: anyone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<ipnet::IpNet>,
 }
 
 impl Service {

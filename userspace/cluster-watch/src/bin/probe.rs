@@ -96,6 +96,7 @@ fn service(i: usize) -> ClusterObject {
         health_check_node_port: None,
         service_proxy_name: None,
         headless_label: false,
+        load_balancer_source_ranges: vec![],
     })
 }
 

@@ -1,0 +1,93 @@
+//! Service load balancing shared by the socket and packet paths: frontend lookup (exact,
+//! then the NodePort wildcard on node addresses) and backend selection (random among the
+//! usable ordinals, or the client's affinity while it lasts and its backend still exists).
+
+use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
+use contiv_common::{
+    Ipv4Key, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, SvcSourceRange, svc_flags,
+};
+
+use crate::maps::{NODE_ADDRS, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_SOURCE_RANGES};
+
+/// Whether `ip` is an address of a node of the cluster (NodePorts are served on those).
+#[inline(always)]
+pub fn is_node_addr(ip: [u8; 4]) -> bool {
+    // SAFETY: read-only lookup.
+    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some()
+}
+
+/// Whether `ip` is this node's own address.
+#[inline(always)]
+pub fn is_local_node_addr(ip: [u8; 4]) -> bool {
+    // SAFETY: read-only lookup.
+    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some_and(|a| a.local != 0)
+}
+
+/// The frontend for a destination: exact, else (when `wildcard`) the NodePort on 0.0.0.0.
+#[inline(always)]
+pub fn frontend(ip: [u8; 4], port: u16, proto: u8, wildcard: bool) -> Option<SvcFrontend> {
+    let k = SvcKey { ip, port, proto, _pad: 0 };
+    // SAFETY: read-only lookup, copied.
+    if let Some(fe) = unsafe { SVC_FRONTENDS.get(k) } {
+        return Some(*fe);
+    }
+    if !wildcard {
+        return None;
+    }
+    let k = SvcKey { ip: [0; 4], port, proto, _pad: 0 };
+    // SAFETY: as above.
+    unsafe { SVC_FRONTENDS.get(k) }.copied().filter(|fe| fe.flags & svc_flags::NODE_PORT != 0)
+}
+
+/// Whether `src` may reach a frontend with loadBalancerSourceRanges.
+#[inline(always)]
+pub fn source_allowed(fe: &SvcFrontend, src: [u8; 4]) -> bool {
+    if fe.flags & svc_flags::SOURCE_RANGES == 0 {
+        return true;
+    }
+    let data = SvcSourceRange { svc_id_be: fe.svc_id.to_be_bytes(), ip: src };
+    SVC_SOURCE_RANGES.get(&aya_ebpf::btf_maps::lpm_trie::Key::new(64, data)).is_some()
+}
+
+#[inline(always)]
+fn backend(svc_id: u32, ordinal: u32) -> Option<SvcBackend> {
+    // SAFETY: read-only lookup, copied.
+    unsafe { SVC_BACKENDS.get(SvcBackendKey { svc_id, ordinal }) }.copied()
+}
+
+/// A backend among ordinals `0..count` for `client` (netns cookie or IPv4 address).
+#[inline(always)]
+pub fn select(fe: &SvcFrontend, count: u16, client: u64, now: u64) -> Option<SvcBackend> {
+    if count == 0 {
+        return None;
+    }
+    let affinity = fe.flags & svc_flags::AFFINITY != 0;
+    let akey = SvcAffinityKey { svc_id: fe.svc_id, _pad: 0, client };
+    if affinity
+        // SAFETY: read-only lookup, copied.
+        && let Some(a) = unsafe { SVC_AFFINITY.get(akey) }.copied()
+        && now.wrapping_sub(a.last_used_ns) < u64::from(fe.affinity_timeout_s) * 1_000_000_000
+        && a.ordinal < u32::from(count)
+        && let Some(b) = backend(fe.svc_id, a.ordinal)
+        && b.ip == a.ip
+        && b.port == a.port
+    {
+        let fresh = SvcAffinity { last_used_ns: now, ..a };
+        let _ = SVC_AFFINITY.insert(akey, fresh, 0);
+        return Some(b);
+    }
+    // SAFETY: plain helper call.
+    let ordinal = unsafe { bpf_get_prandom_u32() } % u32::from(count);
+    let b = backend(fe.svc_id, ordinal)?;
+    if affinity {
+        let a = SvcAffinity { last_used_ns: now, ordinal, ip: b.ip, port: b.port, _pad: [0; 6] };
+        let _ = SVC_AFFINITY.insert(akey, a, 0);
+    }
+    Some(b)
+}
+
+/// How many backends internal traffic (ClusterIP) may use.
+#[inline(always)]
+pub fn internal_count(fe: &SvcFrontend) -> u16 {
+    if fe.flags & svc_flags::CLUSTER_IP != 0 && fe.flags & svc_flags::ITP_LOCAL != 0 { fe.local_count } else { fe.count }
+}

@@ -1,0 +1,130 @@
+//! Socket-level service balancing (cgroup `sock_addr` programs at the host's cgroup2 root):
+//! `connect()` to a service frontend is rewritten to a backend before the first packet
+//! exists, so a service connection costs one lookup per connection and none per packet, and
+//! `getpeername()` still shows the frontend.
+//!
+//! Every agent on a machine attaches its programs at the same root, so each acts only on
+//! sockets of the network namespaces it serves (`NODE_NETNS`: its pods and its node).
+//! TCP is balanced here for pods and the node; UDP only for the node's own sockets (pods'
+//! UDP is translated per packet, where a backend change can be followed and answers are
+//! un-NAT'ed without a reverse lookup in every recvmsg).
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use contiv_common::{SockRevNat, SockRevNatKey, svc_flags};
+
+use crate::{
+    ct::now,
+    lb,
+    maps::{NODE_NETNS, SOCK_REVNAT, count_svc},
+    nat::{IPPROTO_TCP, IPPROTO_UDP},
+};
+
+/// NODE_NETNS value of the node's own namespace (its pods' are 1).
+const NETNS_NODE: u8 = 2;
+const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
+const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
+
+/// Allow the call (translated or not).
+const ALLOW: i32 = 1;
+/// Refuse the call; `bpf_set_retval` chose the errno.
+const REJECT: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx)
+}
+
+/// Which of this node's namespaces the socket lives in, if any.
+#[inline(always)]
+fn served(ctx: &SockAddrContext) -> Option<(u8, u64)> {
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: read-only lookup.
+    unsafe { NODE_NETNS.get(cookie) }.map(|k| (*k, cookie))
+}
+
+#[inline(always)]
+fn translate(ctx: &SockAddrContext) -> i32 {
+    let Some((kind, netns)) = served(ctx) else {
+        return ALLOW;
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid for the program's run; fields of bpf_sock_addr.
+    let (proto, ip, port) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
+    let port = u16::from_be(port as u16);
+    if !(proto == IPPROTO_TCP || (proto == IPPROTO_UDP && kind == NETNS_NODE)) {
+        return ALLOW;
+    }
+    let wildcard = lb::is_node_addr(ip) || (ip == LOOPBACK && kind == NETNS_NODE);
+    let Some(fe) = lb::frontend(ip, port, proto, wildcard) else {
+        return ALLOW;
+    };
+    // The source address is not known yet: source ranges are enforced per packet.
+    if fe.flags & svc_flags::SOURCE_RANGES != 0 {
+        return ALLOW;
+    }
+    // From inside the cluster every backend is usable (a pod reaching a load-balancer IP
+    // must succeed even where externalTrafficPolicy Local has no local backend), except
+    // ClusterIP traffic under internalTrafficPolicy Local.
+    let count = lb::internal_count(&fe);
+    let Some(b) = lb::select(&fe, count, netns, now()) else {
+        count_svc(fe.svc_id, |c| c.no_backend += 1);
+        // No endpoint at all: "connection refused" at once. Only local ones missing
+        // (internalTrafficPolicy Local): the traffic is dropped by design; fail the call.
+        let err = if fe.count == 0 { ECONNREFUSED } else { EHOSTUNREACH };
+        // SAFETY: plain helper call.
+        unsafe { bpf_set_retval(-err) };
+        return REJECT;
+    };
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, _pad: 0 };
+    let _ = SOCK_REVNAT.insert(rk, SockRevNat { ip, port, _pad: 0, svc_id: fe.svc_id }, 0);
+    // SAFETY: writable fields of the connect4/sendmsg4 context.
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes(b.ip);
+        (*sa).user_port = u32::from(b.port.to_be());
+    }
+    count_svc(fe.svc_id, |c| c.connections += 1);
+    ALLOW
+}
+
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext) -> i32 {
+    if served(ctx).is_none() {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: plain helper call; fields of the context.
+    let (cookie, ip, port) = unsafe { (bpf_get_socket_cookie(sa.cast()), (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
+    let rk = SockRevNatKey { cookie, ip, port: u16::from_be(port as u16), _pad: 0 };
+    // SAFETY: read-only lookup, copied.
+    if let Some(orig) = unsafe { SOCK_REVNAT.get(rk) }.copied() {
+        // SAFETY: writable fields of the recvmsg4/getpeername4 context.
+        unsafe {
+            (*sa).user_ip4 = u32::from_ne_bytes(orig.ip);
+            (*sa).user_port = u32::from(orig.port.to_be());
+        }
+    }
+    ALLOW
+}

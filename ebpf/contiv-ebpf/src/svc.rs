@@ -1,0 +1,191 @@
+//! The packet path of services (TC): conntrack first (an established or reply packet is
+//! rewritten from its entry, with no service lookup), then refusals for removed backends,
+//! then the frontend lookup, backend selection, DNAT (and SNAT where the reply would not
+//! come back otherwise) and the flow's two conntrack entries.
+//!
+//! What reaches this path: pods' UDP (TCP is balanced at connect()), traffic from outside
+//! to NodePorts, externalIPs and load-balancer IPs (through the uplink), and replies of all
+//! of these.
+
+use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, programs::TcContext};
+use contiv_common::{CtEntry, DatapathConfig, SvcKey, ct_flags, svc_flags};
+
+use crate::{
+    ct, lb,
+    maps::{DEAD_BACKENDS, count_svc},
+    nat::{self, End, L4},
+};
+
+/// Where the packet entered the node's datapath.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From a local pod (`tc_from_pod`).
+    Pod,
+    /// From another node (`tc_from_overlay`): only conntrack applies, the sending node
+    /// balanced the flow.
+    Overlay,
+    /// From outside the cluster (`tc_from_uplink`).
+    Uplink,
+}
+
+/// What the service stage did.
+pub enum Outcome {
+    /// Not a service flow: route by the original destination.
+    Untouched,
+    /// Rewritten: route to `dst`; `to_uplink` when it is a reply to a client outside.
+    Rewritten { dst: [u8; 4], to_uplink: bool },
+    /// The slow path refuses it (no endpoint, a removed backend): "connection refused".
+    Reject,
+    /// Dropped (no local endpoint under a Local traffic policy, a source outside
+    /// loadBalancerSourceRanges, a failed rewrite).
+    Drop,
+}
+
+/// Ports SNAT'ed flows use on the node address: above the kernel's ephemeral range
+/// (32768-60999), so they never collide with the node's own sockets.
+const SNAT_PORT_MIN: u16 = 61000;
+const SNAT_PORTS: u32 = 4536;
+
+#[inline(always)]
+pub fn process(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4], l4: &L4, origin: Origin) -> Outcome {
+    // 1. Conntrack: an established or reply packet of a NAT'ed flow.
+    let k = ct::key(src, dst, l4.sport, l4.dport, l4.proto);
+    if let Some(e) = ct::lookup(&k, l4.tcp_flags) {
+        return apply(ctx, &e, src, dst, l4);
+    }
+    if origin == Origin::Overlay {
+        return Outcome::Untouched;
+    }
+    // 2. A backend removed a moment ago: refuse rather than let the client hang.
+    let dead = SvcKey { ip: dst, port: l4.dport, proto: l4.proto, _pad: 0 };
+    // SAFETY: read-only lookup.
+    if origin == Origin::Pod && unsafe { DEAD_BACKENDS.get(dead) }.is_some() {
+        return Outcome::Reject;
+    }
+    // 3. A service frontend?
+    let wildcard = match origin {
+        Origin::Uplink => lb::is_local_node_addr(dst),
+        _ => lb::is_node_addr(dst),
+    };
+    let Some(fe) = lb::frontend(dst, l4.dport, l4.proto, wildcard) else {
+        return Outcome::Untouched;
+    };
+    let external = fe.flags & (svc_flags::NODE_PORT | svc_flags::EXTERNAL_IP) != 0;
+    if origin == Origin::Uplink && !external {
+        // Cluster IPs are not served to the outside.
+        return Outcome::Untouched;
+    }
+    if !lb::source_allowed(&fe, src) {
+        count_svc(fe.svc_id, |c| c.source_denied += 1);
+        return Outcome::Drop;
+    }
+    let count = match origin {
+        Origin::Uplink if fe.flags & svc_flags::ETP_LOCAL != 0 => fe.local_count,
+        _ => lb::internal_count(&fe),
+    };
+    let now = ct::now();
+    let Some(b) = lb::select(&fe, count, u64::from(u32::from_ne_bytes(src)), now) else {
+        count_svc(fe.svc_id, |c| c.no_backend += 1);
+        // No endpoint at all: refused. No local one under a Local policy: dropped (a load
+        // balancer's health check steers clients elsewhere; a refusal would look final).
+        return if fe.count == 0 { Outcome::Reject } else { Outcome::Drop };
+    };
+    // 4. The source too, where the reply would not pass back through this node otherwise.
+    let (mut snat_ip, mut snat_port) = (src, l4.sport);
+    let mut snat = false;
+    if origin == Origin::Pod && b.ip == src {
+        // Hairpin: the pod reaches its own service and is the backend: it must see another
+        // source, or it would answer itself directly.
+        snat_ip = cfg.gateway_ip;
+        snat = true;
+    } else if origin == Origin::Uplink && b.local == 0 {
+        // From outside to a backend on another node: the reply must return through here.
+        snat_ip = cfg.node_ip;
+        snat = true;
+        // SAFETY: plain helper call.
+        let mut port = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORTS) as u16;
+        let mut free = false;
+        for _ in 0..4 {
+            let rk = ct::key(b.ip, snat_ip, b.port, port, l4.proto);
+            if ct::lookup(&rk, 0).is_none() {
+                free = true;
+                break;
+            }
+            port = if port == u16::MAX { SNAT_PORT_MIN } else { port + 1 };
+        }
+        if !free {
+            return Outcome::Drop;
+        }
+        snat_port = port;
+    }
+    let mut flags = ct_flags::DNAT;
+    let mut rflags = ct_flags::REV_DNAT;
+    if snat {
+        flags |= ct_flags::SNAT;
+        rflags |= ct_flags::REV_SNAT;
+    }
+    if origin == Origin::Uplink {
+        rflags |= ct_flags::FROM_UPLINK;
+    }
+    let fwd = CtEntry {
+        last_seen_ns: now,
+        nat_ip: b.ip,
+        nat_port: b.port,
+        flags,
+        nat2_ip: snat_ip,
+        nat2_port: snat_port,
+        tcp_flags: l4.tcp_flags,
+        _pad: 0,
+        svc_id: fe.svc_id,
+        _pad2: 0,
+    };
+    let rev_key = ct::key(b.ip, snat_ip, b.port, snat_port, l4.proto);
+    let rev = CtEntry {
+        last_seen_ns: now,
+        nat_ip: dst,
+        nat_port: l4.dport,
+        flags: rflags,
+        nat2_ip: src,
+        nat2_port: l4.sport,
+        tcp_flags: 0,
+        _pad: 0,
+        svc_id: fe.svc_id,
+        _pad2: 0,
+    };
+    if !ct::create(&k, &fwd, &rev_key, &rev) {
+        return Outcome::Drop;
+    }
+    count_svc(fe.svc_id, |c| c.connections += 1);
+    apply(ctx, &fwd, src, dst, l4)
+}
+
+/// Rewrites a packet as its conntrack entry says.
+#[inline(always)]
+fn apply(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4) -> Outcome {
+    let mut new_dst = dst;
+    if e.flags & ct_flags::DNAT != 0 {
+        if !nat::rewrite(ctx, l4, End::Dst, dst, e.nat_ip, l4.dport, e.nat_port) {
+            return Outcome::Drop;
+        }
+        new_dst = e.nat_ip;
+        if e.flags & ct_flags::SNAT != 0 && !nat::rewrite(ctx, l4, End::Src, src, e.nat2_ip, l4.sport, e.nat2_port) {
+            return Outcome::Drop;
+        }
+    }
+    if e.flags & ct_flags::REV_DNAT != 0 {
+        if !nat::rewrite(ctx, l4, End::Src, src, e.nat_ip, l4.sport, e.nat_port) {
+            return Outcome::Drop;
+        }
+        if e.flags & ct_flags::REV_SNAT != 0 {
+            if !nat::rewrite(ctx, l4, End::Dst, dst, e.nat2_ip, l4.dport, e.nat2_port) {
+                return Outcome::Drop;
+            }
+            new_dst = e.nat2_ip;
+        }
+    }
+    if e.flags == 0 {
+        return Outcome::Untouched;
+    }
+    let to_uplink = e.flags & ct_flags::FROM_UPLINK != 0;
+    Outcome::Rewritten { dst: new_dst, to_uplink }
+}

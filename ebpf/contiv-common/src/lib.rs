@@ -55,6 +55,10 @@ pub mod map_names {
     /// Backends removed a short while ago: (address, port, protocol) -> 1. Connections to
     /// them are refused by the slow path instead of hanging.
     pub const DEAD_BACKENDS: &str = "DEAD_BACKENDS";
+    /// NetworkPolicy (LPM trie): (local pod, direction, peer prefix) -> [`super::PolicyPorts`],
+    /// what the pod may exchange with the peers of that prefix. Consulted only for pods
+    /// isolated in that direction ([`super::pod_flags`]) and only on a flow's first packet.
+    pub const POLICY: &str = "POLICY";
 }
 
 /// Layout versions of the pinned maps. A map's version changes whenever its key, value or
@@ -87,6 +91,7 @@ pub mod schema {
         (NODE_ADDRS, 1),
         (CT, 1),
         (DEAD_BACKENDS, 1),
+        (POLICY, 1),
     ];
 
     /// The current layout version of a map (0 if the name is unknown).
@@ -150,6 +155,10 @@ pub const MAX_SOCK_REVNAT: u32 = 262144;
 pub const MAX_CT: u32 = 262144;
 pub const MAX_NODE_ADDRS: u32 = 16384;
 pub const MAX_DEAD_BACKENDS: u32 = 16384;
+/// Maximum entries of the POLICY trie (not preallocated: memory follows the entries).
+pub const MAX_POLICY_ENTRIES: u32 = 1 << 20;
+/// Port ranges one POLICY entry holds (after the agent merged overlapping ones).
+pub const MAX_POLICY_PORT_RANGES: usize = 32;
 
 /// An IPv4 address as it appears on the wire (network byte order), as a map key.
 /// Shown by bpftool as four bytes, e.g. `[10,1,1,2]`.
@@ -187,6 +196,14 @@ pub mod pod_flags {
     /// What the pod receives is shaped (a `tbf` qdisc on its host veth): the fast path hands
     /// packets for it to that veth's egress instead of straight into the pod.
     pub const INGRESS_LIMITED: u8 = 2;
+    /// NetworkPolicy isolates the pod for ingress: a new flow into it needs a POLICY entry
+    /// for its source (traffic from the pod's own node never reaches this check).
+    pub const INGRESS_ISOLATED: u8 = 4;
+    /// NetworkPolicy isolates the pod for egress: a new flow out of it needs a POLICY entry
+    /// for its (post-DNAT) destination.
+    pub const EGRESS_ISOLATED: u8 = 8;
+    /// Both isolation bits.
+    pub const ISOLATION: u8 = INGRESS_ISOLATED | EGRESS_ISOLATED;
 }
 
 /// Per-pod counters, counted on frames the pod sends (and on slow-path replies to it).
@@ -224,6 +241,11 @@ pub struct PodCounters {
     /// Dropped by the service stage: no local backend under a Local traffic policy, or a
     /// rewrite the kernel refused.
     pub drop_service: u64,
+    /// Dropped by NetworkPolicy: a new flow into this pod its ingress rules do not allow
+    /// (counted on the receiving pod).
+    pub drop_policy_ingress: u64,
+    /// Dropped by NetworkPolicy: a new flow out of this pod its egress rules do not allow.
+    pub drop_policy_egress: u64,
 }
 
 /// Node-wide datapath configuration written by the agent.
@@ -484,6 +506,67 @@ pub mod ct_flags {
     pub const FROM_UPLINK: u16 = 16;
 }
 
+/// The key of a POLICY entry (the LPM data after the prefix length): the local pod and the
+/// direction are always matched in full (prefix length 64 + the peer prefix length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// The local pod the rules are for (network byte order).
+    pub pod: [u8; 4],
+    /// [`policy_dir`]: ingress (the peer is the source) or egress (the destination).
+    pub direction: u8,
+    pub _pad: [u8; 3],
+    /// The peer address (network byte order); matched up to the entry's peer prefix.
+    pub peer: [u8; 4],
+}
+
+impl PolicyKey {
+    /// Bits of the key before the peer address (always matched).
+    pub const FIXED_BITS: u32 = 64;
+}
+
+/// Values of [`PolicyKey::direction`].
+pub mod policy_dir {
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+}
+
+/// A range of ports of one protocol (host byte order, both ends included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+    /// IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// What a POLICY entry allows with the peers of its prefix: the union of every rule of every
+/// policy that selects the pod, flattened by the agent (the longest match carries it all).
+/// No flag and no range: nothing (an `except` carved out of a wider block).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyPorts {
+    /// [`policy_ports`] bits.
+    pub flags: u16,
+    /// Ranges in use, `ranges[..count]`.
+    pub count: u16,
+    pub ranges: [PortRange; MAX_POLICY_PORT_RANGES],
+}
+
+impl Default for PolicyPorts {
+    fn default() -> Self {
+        Self { flags: 0, count: 0, ranges: [PortRange::default(); MAX_POLICY_PORT_RANGES] }
+    }
+}
+
+/// Bits of [`PolicyPorts::flags`].
+pub mod policy_ports {
+    /// Every protocol and port (a rule without ports), ICMP included.
+    pub const ANY: u16 = 1;
+}
+
 /// TCP flag bits of [`CtEntry::tcp_flags`].
 pub mod ct_tcp {
     pub const FIN: u8 = 1;
@@ -517,4 +600,7 @@ mod user {
     unsafe impl aya::Pod for super::NodeAddr {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PortRange {}
+    unsafe impl aya::Pod for super::PolicyPorts {}
 }

@@ -16,6 +16,13 @@
 //! - `tc_from_vswitch` (tcx ingress on the host end of the slow-path port): delivers the
 //!   vswitch's frames to the pod they are addressed to.
 //!
+//! NetworkPolicy (`policy.rs`): every new flow from or to a local pod is recorded in
+//! conntrack once policy allowed it; a pod isolated for egress has its new flows checked in
+//! `tc_from_pod` against the post-DNAT destination, a pod isolated for ingress has them
+//! checked where they are delivered (`tc_from_pod` for local senders, `tc_from_overlay`
+//! for other nodes', `tc_from_uplink` for the outside). Established packets and replies
+//! pass on their conntrack entry.
+//!
 //! The bulk path stays on TC so veths keep GSO/GRO and checksum offload
 //! (see ../../shared DATAPATH-FACTS); only slow-path frames cross XDP.
 //!
@@ -32,6 +39,7 @@ mod maps;
 mod nat;
 mod overlay;
 mod packet;
+mod policy;
 mod sock;
 mod svc;
 
@@ -41,10 +49,11 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use contiv_common::{DatapathConfig, PodCounters, PodEndpoint, pod_flags};
-use svc::{Origin, Outcome};
+use contiv_common::{DatapathConfig, PodCounters, PodEndpoint, pod_flags, policy_dir};
 use maps::{SLOWPATH_XSKS, config, count_overlay, count_slowport, pod, pod_by_ifindex, pod_counters, remote_route};
 use packet::*;
+use policy::Transport;
+use svc::{NewFlow, Origin, Outcome};
 
 /// `skb->pkt_type` for a packet addressed to this host.
 const PACKET_HOST: u32 = 0;
@@ -71,6 +80,10 @@ enum DropReason {
     SpoofedIp,
     TtlExceeded,
     Service,
+    /// The sender's egress rules do not allow the new flow.
+    PolicyEgress,
+    /// The local receiver's (this address) ingress rules do not allow the new flow.
+    PolicyIngress([u8; 4]),
 }
 
 /// Into a local pod: straight into its namespace, or through its host veth's qdisc when its
@@ -145,7 +158,13 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
                 DropReason::SpoofedIp => c.drop_spoofed_ip += 1,
                 DropReason::TtlExceeded => c.drop_ttl_exceeded += 1,
                 DropReason::Service => c.drop_service += 1,
+                DropReason::PolicyEgress => c.drop_policy_egress += 1,
+                // Counted on the receiver below.
+                DropReason::PolicyIngress(_) => {}
             });
+            if let DropReason::PolicyIngress(receiver) = reason {
+                count(&mut pod_counters(receiver), |c| c.drop_policy_ingress += 1);
+            }
             TC_ACT_SHOT
         }
     }
@@ -225,22 +244,80 @@ fn classify_from_pod(ctx: &TcContext, me: &PodEndpoint) -> Verdict {
     let Some(cfg) = config() else {
         return Verdict::SlowPath;
     };
-    let (src, mut dst) = (src_ip(ip), dst_ip(ip));
+    let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     // Services and conntrack: may rewrite the packet (its pointers are stale afterwards).
-    if let Some(l4) = nat::l4(data, data_end, ip[9]) {
+    let mut first = FirstPacket::Plain;
+    let mut tcp_flags = 0;
+    if let Some(l4) = nat::l4(data, data_end, proto) {
+        tcp_flags = l4.tcp_flags;
         match svc::process(ctx, cfg, src, dst, &l4, Origin::Pod) {
             Outcome::Untouched => {}
-            Outcome::Rewritten { dst: to, to_uplink } => {
-                if to_uplink {
-                    return Verdict::Uplink(cfg.uplink_ifindex);
-                }
+            Outcome::Tracked { to_uplink: true, .. } => return Verdict::Uplink(cfg.uplink_ifindex),
+            Outcome::Tracked { dst: to, .. } => {
                 dst = to;
+                first = FirstPacket::Tracked;
+            }
+            Outcome::New { dst: to, flow } => {
+                dst = to;
+                first = FirstPacket::Service(flow);
             }
             Outcome::Reject => return Verdict::SlowPath,
             Outcome::Drop => return Verdict::Drop(DropReason::Service),
         }
+    } else if policy::tracked(&policy::transport(data, data_end, proto), src, dst) {
+        first = FirstPacket::Tracked;
     }
-    route_from_pod(ctx, cfg, dst)
+    let verdict = route_from_pod(ctx, cfg, dst);
+    if matches!(first, FirstPacket::Tracked) || matches!(verdict, Verdict::Drop(_)) {
+        return verdict;
+    }
+    // A new flow: checked as it leaves here (after DNAT, and SNAT for a hairpin): the
+    // sender's egress rules, then a local receiver's ingress rules.
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(ip) = packet::ipv4(data, data_end) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    let (peer_src, t) = (src_ip(ip), policy::transport(data, data_end, proto));
+    if me.flags & pod_flags::EGRESS_ISOLATED != 0 && !policy::allows(me.ip, policy_dir::EGRESS, dst, &t) {
+        return Verdict::Drop(DropReason::PolicyEgress);
+    }
+    if let Verdict::Local(peer) = &verdict
+        && peer.flags & pod_flags::INGRESS_ISOLATED != 0
+        && !policy::allows(peer.ip, policy_dir::INGRESS, peer_src, &t)
+    {
+        return Verdict::Drop(DropReason::PolicyIngress(peer.ip));
+    }
+    if !first.commit(src, dst, &t, tcp_flags) {
+        return Verdict::Drop(DropReason::Service);
+    }
+    verdict
+}
+
+/// What conntrack said about a packet before routing.
+enum FirstPacket {
+    /// Its flow is tracked: established or a reply; no policy check.
+    Tracked,
+    /// The first packet of a flow no service translated.
+    Plain,
+    /// The first packet of a service flow, translated; recorded once allowed.
+    Service(NewFlow),
+}
+
+impl FirstPacket {
+    /// Records an allowed new flow (`dst`: after DNAT). False only if a service flow could
+    /// not be recorded (its reply could not be translated back: drop it); a plain flow that
+    /// could not be recorded goes on and its next packet is checked again.
+    #[inline(always)]
+    fn commit(&self, src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) -> bool {
+        match self {
+            FirstPacket::Tracked => true,
+            FirstPacket::Plain => {
+                policy::track(src, dst, t, tcp_flags);
+                true
+            }
+            FirstPacket::Service(flow) => svc::commit(flow),
+        }
+    }
 }
 
 /// Where a pod's packet for `dst` goes (after any service rewrite).
@@ -313,18 +390,29 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         count_overlay(|c| c.rx_no_destination += 1);
         return TC_ACT_SHOT;
     };
-    let mut dst = dst_ip(ip);
-    // Replies of flows this node NAT'ed (a client here, or outside through this node).
-    if let Some(l4) = nat::l4(data, data_end, ip[9]) {
-        match svc::process(&ctx, cfg, src_ip(ip), dst, &l4, Origin::Overlay) {
-            Outcome::Rewritten { to_uplink: true, .. } => return to_uplink(cfg.uplink_ifindex),
-            Outcome::Rewritten { dst: to, .. } => dst = to,
+    let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
+    let t = policy::transport(data, data_end, proto);
+    // Replies of flows this node NAT'ed (a client here, or outside through this node), and
+    // every flow conntrack knows.
+    let mut first = FirstPacket::Plain;
+    let mut tcp_flags = 0;
+    if let Some(l4) = nat::l4(data, data_end, proto) {
+        tcp_flags = l4.tcp_flags;
+        match svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay) {
+            Outcome::Tracked { to_uplink: true, .. } => return to_uplink(cfg.uplink_ifindex),
+            Outcome::Tracked { dst: to, .. } => {
+                dst = to;
+                first = FirstPacket::Tracked;
+            }
             Outcome::Untouched => {}
-            Outcome::Reject | Outcome::Drop => {
+            // The sending node balanced the flow; nothing is translated here.
+            Outcome::New { .. } | Outcome::Reject | Outcome::Drop => {
                 count_overlay(|c| c.rx_malformed += 1);
                 return TC_ACT_SHOT;
             }
         }
+    } else if policy::tracked(&t, src, dst) {
+        first = FirstPacket::Tracked;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
@@ -332,6 +420,16 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     };
     if let Some(pod) = pod(dst) {
+        // A new flow from another node: the receiver's ingress rules, on its own node.
+        if !matches!(first, FirstPacket::Tracked) {
+            if pod.flags & pod_flags::INGRESS_ISOLATED != 0 && !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
+                if let Some(c) = pod_counters(dst) {
+                    c.drop_policy_ingress += 1;
+                }
+                return TC_ACT_SHOT;
+            }
+            first.commit(src, dst, &t, tcp_flags);
+        }
         if !decrement_ttl(ip) {
             count_overlay(|c| c.rx_malformed += 1);
             return TC_ACT_SHOT;
@@ -426,8 +524,9 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     if ethertype(eth) != ETH_P_IP || has_options_or_is_fragment(ip) {
         return TC_ACT_OK;
     }
-    let Some(l4) = nat::l4(data, data_end, ip[9]) else {
-        return TC_ACT_OK;
+    let (src, proto) = (src_ip(ip), ip[9]);
+    let Some(l4) = nat::l4(data, data_end, proto) else {
+        return from_outside_to_pod(&ctx, src, dst_ip(ip), proto, 0, false);
     };
     // The overlay's own packets: the commonest thing on the wire, nothing to do.
     if l4.proto == nat::IPPROTO_UDP && l4.dport == 4789 {
@@ -436,9 +535,12 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TC_ACT_OK;
     };
-    let dst = match svc::process(&ctx, cfg, src_ip(ip), dst_ip(ip), &l4, Origin::Uplink) {
-        Outcome::Untouched => return TC_ACT_OK,
-        Outcome::Rewritten { dst, .. } => dst,
+    let (dst, flow) = match svc::process(&ctx, cfg, src, dst_ip(ip), &l4, Origin::Uplink) {
+        Outcome::Untouched => return from_outside_to_pod(&ctx, src, dst_ip(ip), proto, l4.tcp_flags, true),
+        // Tracked but not translated: a flow the node's stack routes (to a pod, or the node).
+        Outcome::Tracked { rewritten: false, .. } => return TC_ACT_OK,
+        Outcome::Tracked { dst, .. } => (dst, None),
+        Outcome::New { dst, flow } => (dst, Some(flow)),
         Outcome::Reject => {
             // The vswitch answers (RST / port unreachable); its reply leaves by the uplink.
             if cfg.slowport_ifindex == 0 {
@@ -449,6 +551,25 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         }
         Outcome::Drop => return TC_ACT_SHOT,
     };
+    let local = pod(dst);
+    if let Some(flow) = &flow {
+        // A new flow from outside to a backend here: its ingress rules (a backend on another
+        // node is checked there, against this node's address when the flow was SNAT'ed).
+        if let Some(backend) = &local
+            && backend.flags & pod_flags::INGRESS_ISOLATED != 0
+        {
+            let t = Transport::Ports { proto, sport: l4.sport, dport: flow.fwd.nat_port };
+            if !policy::allows(backend.ip, policy_dir::INGRESS, src, &t) {
+                if let Some(c) = pod_counters(dst) {
+                    c.drop_policy_ingress += 1;
+                }
+                return TC_ACT_SHOT;
+            }
+        }
+        if !svc::commit(flow) {
+            return TC_ACT_SHOT;
+        }
+    }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_SHOT;
@@ -457,7 +578,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     eth[6..12].copy_from_slice(&cfg.gateway_mac);
-    if let Some(pod) = pod(dst) {
+    if let Some(pod) = local {
         eth[0..6].copy_from_slice(&pod.mac);
         if let Some(c) = pod_counters(dst) {
             c.from_tunnel_packets += 1;
@@ -473,6 +594,35 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
     }
     TC_ACT_SHOT
+}
+
+/// A packet from outside straight to a local pod's address (routed to the node), not a
+/// service: the node's stack delivers it; a new flow must pass the pod's ingress rules
+/// first, and is tracked so the pod's replies pass its egress rules. `untracked`: the
+/// service stage already found no conntrack entry.
+#[inline(always)]
+fn from_outside_to_pod(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, tcp_flags: u8, untracked: bool) -> i32 {
+    let Some(cfg) = config() else {
+        return TC_ACT_OK;
+    };
+    if !in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {
+        return TC_ACT_OK;
+    }
+    let Some(pod) = pod(dst) else {
+        return TC_ACT_OK;
+    };
+    let t = policy::transport(ctx.data(), ctx.data_end(), proto);
+    if !untracked && policy::tracked(&t, src, dst) {
+        return TC_ACT_OK;
+    }
+    if pod.flags & pod_flags::INGRESS_ISOLATED != 0 && !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
+        if let Some(c) = pod_counters(dst) {
+            c.drop_policy_ingress += 1;
+        }
+        return TC_ACT_SHOT;
+    }
+    policy::track(src, dst, &t, tcp_flags);
+    TC_ACT_OK
 }
 
 /// The pod IPv4 address a frame from the vswitch is for: IPv4 destination, or the

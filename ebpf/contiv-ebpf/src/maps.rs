@@ -6,10 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use contiv_common::{
-    CtEntry, CtKey, DatapathConfig, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_NODE_ADDRS, MAX_PODS, MAX_REMOTE_ROUTES,
-    MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MapName, NodeAddr,
-    OverlayCounters, PodCounters, PodEndpoint, RemoteRoute, SlowPortCounters, SockRevNat, SockRevNatKey, SvcAffinity,
-    SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange,
+    CtEntry, CtKey, DatapathConfig, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_NODE_ADDRS, MAX_PODS, MAX_POLICY_ENTRIES,
+    MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS,
+    MapName, NodeAddr, OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute,
+    SlowPortCounters, SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters,
+    SvcFrontend, SvcKey, SvcSourceRange,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -67,6 +68,10 @@ pub static CT: LruHashMap<CtKey, CtEntry, { MAX_CT as usize }> = LruHashMap::new
 
 #[btf_map]
 pub static DEAD_BACKENDS: HashMap<SvcKey, u8, { MAX_DEAD_BACKENDS as usize }> = HashMap::new();
+
+/// NetworkPolicy: (local pod, direction, peer prefix) -> what is allowed (see `policy.rs`).
+#[btf_map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyPorts, { MAX_POLICY_ENTRIES as usize }> = LpmTrie::new();
 
 /// Written by the agent only (layout versions); declared here so the object carries it.
 #[btf_map]

@@ -1,14 +1,16 @@
 //! The packet path of services (TC): conntrack first (an established or reply packet is
 //! rewritten from its entry, with no service lookup), then refusals for removed backends,
 //! then the frontend lookup, backend selection, DNAT (and SNAT where the reply would not
-//! come back otherwise) and the flow's two conntrack entries.
+//! come back otherwise). A new flow's two conntrack entries are handed back to the caller,
+//! which commits them ([`commit`]) only once NetworkPolicy allowed the flow to its backend
+//! (see `policy.rs`): a denied flow leaves nothing behind.
 //!
 //! What reaches this path: pods' UDP (TCP is balanced at connect()), traffic from outside
 //! to NodePorts, externalIPs and load-balancer IPs (through the uplink), and replies of all
 //! of these.
 
 use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, programs::TcContext};
-use contiv_common::{CtEntry, DatapathConfig, SvcKey, ct_flags, svc_flags};
+use contiv_common::{CtEntry, CtKey, DatapathConfig, SvcKey, ct_flags, svc_flags};
 
 use crate::{
     ct, lb,
@@ -28,12 +30,26 @@ pub enum Origin {
     Uplink,
 }
 
+/// A new service flow's conntrack entries, not yet recorded.
+pub struct NewFlow {
+    pub fwd_key: CtKey,
+    pub fwd: CtEntry,
+    pub rev_key: CtKey,
+    pub rev: CtEntry,
+}
+
 /// What the service stage did.
 pub enum Outcome {
-    /// Not a service flow: route by the original destination.
+    /// Not a service flow, and conntrack does not know it: route by the original
+    /// destination (a new flow: policy decides).
     Untouched,
-    /// Rewritten: route to `dst`; `to_uplink` when it is a reply to a client outside.
-    Rewritten { dst: [u8; 4], to_uplink: bool },
+    /// Conntrack knows the flow (an established packet or a reply): route to `dst`, after
+    /// the rewrite its entry asked for (`rewritten`); `to_uplink` when it is a reply to a
+    /// client outside. Allowed without a policy check.
+    Tracked { dst: [u8; 4], rewritten: bool, to_uplink: bool },
+    /// A new service flow, rewritten to its backend `dst`. The caller checks policy against
+    /// the backend, then records the flow with [`commit`] (or drops the packet).
+    New { dst: [u8; 4], flow: NewFlow },
     /// The slow path refuses it (no endpoint, a removed backend): "connection refused".
     Reject,
     /// Dropped (no local endpoint under a Local traffic policy, a source outside
@@ -51,7 +67,10 @@ pub fn process(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]
     // 1. Conntrack: an established or reply packet of a NAT'ed flow.
     let k = ct::key(src, dst, l4.sport, l4.dport, l4.proto);
     if let Some(e) = ct::lookup(&k, l4.tcp_flags) {
-        return apply(ctx, &e, src, dst, l4);
+        return match apply(ctx, &e, src, dst, l4) {
+            Some((to, to_uplink)) => Outcome::Tracked { dst: to, rewritten: e.flags != 0, to_uplink },
+            None => Outcome::Drop,
+        };
     }
     if origin == Origin::Overlay {
         return Outcome::Untouched;
@@ -152,40 +171,47 @@ pub fn process(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]
         svc_id: fe.svc_id,
         _pad2: 0,
     };
-    if !ct::create(&k, &fwd, &rev_key, &rev) {
-        return Outcome::Drop;
+    match apply(ctx, &fwd, src, dst, l4) {
+        Some((to, _)) => Outcome::New { dst: to, flow: NewFlow { fwd_key: k, fwd, rev_key, rev } },
+        None => Outcome::Drop,
     }
-    count_svc(fe.svc_id, |c| c.connections += 1);
-    apply(ctx, &fwd, src, dst, l4)
 }
 
-/// Rewrites a packet as its conntrack entry says.
+/// Records a new service flow that policy allowed. False if the map refused (the packet
+/// must then be dropped: its reply could not be translated back).
 #[inline(always)]
-fn apply(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4) -> Outcome {
+pub fn commit(flow: &NewFlow) -> bool {
+    if !ct::create(&flow.fwd_key, &flow.fwd, &flow.rev_key, &flow.rev) {
+        return false;
+    }
+    count_svc(flow.fwd.svc_id, |c| c.connections += 1);
+    true
+}
+
+/// Rewrites a packet as its conntrack entry says: the destination it goes to now, and
+/// whether it is a reply to a client outside. `None` if a rewrite failed (drop it).
+#[inline(always)]
+fn apply(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4) -> Option<([u8; 4], bool)> {
     let mut new_dst = dst;
     if e.flags & ct_flags::DNAT != 0 {
         if !nat::rewrite(ctx, l4, End::Dst, dst, e.nat_ip, l4.dport, e.nat_port) {
-            return Outcome::Drop;
+            return None;
         }
         new_dst = e.nat_ip;
         if e.flags & ct_flags::SNAT != 0 && !nat::rewrite(ctx, l4, End::Src, src, e.nat2_ip, l4.sport, e.nat2_port) {
-            return Outcome::Drop;
+            return None;
         }
     }
     if e.flags & ct_flags::REV_DNAT != 0 {
         if !nat::rewrite(ctx, l4, End::Src, src, e.nat_ip, l4.sport, e.nat_port) {
-            return Outcome::Drop;
+            return None;
         }
         if e.flags & ct_flags::REV_SNAT != 0 {
             if !nat::rewrite(ctx, l4, End::Dst, dst, e.nat2_ip, l4.dport, e.nat2_port) {
-                return Outcome::Drop;
+                return None;
             }
             new_dst = e.nat2_ip;
         }
     }
-    if e.flags == 0 {
-        return Outcome::Untouched;
-    }
-    let to_uplink = e.flags & ct_flags::FROM_UPLINK != 0;
-    Outcome::Rewritten { dst: new_dst, to_uplink }
+    Some((new_dst, e.flags & ct_flags::FROM_UPLINK != 0))
 }

@@ -1,0 +1,168 @@
+//! NetworkPolicy at the pod edge, on a flow's first packet only.
+//!
+//! Every new flow from or to a local pod is recorded in conntrack (one entry per direction,
+//! the same map services use); an established packet or a reply is allowed by that entry
+//! and never reaches this module. A first packet is checked here:
+//! - egress, on the source pod's node, when the source is isolated for egress: its POLICY
+//!   entries for the (post-DNAT) destination;
+//! - ingress, on the destination pod's node, when the destination is isolated for ingress:
+//!   its POLICY entries for the source (after any SNAT).
+//!
+//! A check is one longest-prefix lookup of (pod, direction, peer) in the POLICY trie; the
+//! value holds the union of everything every selecting policy allows with peers of that
+//! prefix (the agent flattened overlapping blocks, excepts and pod addresses). Local pod to
+//! local pod costs both checks: two lookups. Isolation bits live in the pod's endpoint
+//! entry, which the datapath reads anyway.
+//!
+//! ICMP: an echo is a flow keyed by its identifier (request and reply share it); an error
+//! (destination unreachable, "fragmentation needed", time exceeded) is allowed when the
+//! flow its embedded header names is tracked, so path MTU discovery works for every
+//! allowed flow. Other ICMP, and protocols without ports, need a rule without ports.
+
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use contiv_common::{CtEntry, CtKey, MAX_POLICY_PORT_RANGES, PolicyKey, policy_ports};
+
+use crate::{
+    ct,
+    maps::{CT, POLICY},
+    nat::{IPPROTO_TCP, IPPROTO_UDP, L4_OFF},
+    packet::ptr_at,
+};
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_SCTP: u8 = 132;
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// What the policy stage needs of a packet's transport header.
+#[derive(Clone, Copy)]
+pub enum Transport {
+    /// TCP, UDP, SCTP: ports (host byte order).
+    Ports { proto: u8, sport: u16, dport: u16 },
+    /// An ICMP echo request or reply: a flow keyed by its identifier.
+    Echo { id: u16 },
+    /// An ICMP error about a flow: the conntrack key of that flow's reply direction.
+    Related(CtKey),
+    /// Anything else: no flow key; every packet is checked.
+    Other { proto: u8 },
+}
+
+impl Transport {
+    /// Protocol and destination port a rule must allow (0 for protocols without ports).
+    #[inline(always)]
+    pub fn rule_match(&self) -> (u8, u16) {
+        match *self {
+            Transport::Ports { proto, dport, .. } => (proto, dport),
+            Transport::Echo { .. } | Transport::Related(_) => (IPPROTO_ICMP, 0),
+            Transport::Other { proto } => (proto, 0),
+        }
+    }
+}
+
+/// Reads the transport header after a 20-byte IPv4 header (the fast path's only kind).
+#[inline(always)]
+pub fn transport(data: usize, data_end: usize, proto: u8) -> Transport {
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let Some(p) = ptr_at::<[u8; 4]>(data, data_end, L4_OFF) else {
+                return Transport::Other { proto };
+            };
+            // SAFETY: bounds checked by ptr_at.
+            let p = unsafe { &*p };
+            Transport::Ports { proto, sport: u16::from_be_bytes([p[0], p[1]]), dport: u16::from_be_bytes([p[2], p[3]]) }
+        }
+        IPPROTO_ICMP => icmp(data, data_end),
+        _ => Transport::Other { proto },
+    }
+}
+
+/// ICMP header (8 bytes), then for errors the embedded IPv4 header (20 bytes, no options)
+/// and the first 4 bytes of its transport header.
+#[inline(always)]
+fn icmp(data: usize, data_end: usize) -> Transport {
+    let other = Transport::Other { proto: IPPROTO_ICMP };
+    let Some(h) = ptr_at::<[u8; 8]>(data, data_end, L4_OFF) else {
+        return other;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*h };
+    match h[0] {
+        ICMP_ECHO | ICMP_ECHO_REPLY => Transport::Echo { id: u16::from_be_bytes([h[4], h[5]]) },
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
+            let Some(inner) = ptr_at::<[u8; 24]>(data, data_end, L4_OFF + 8) else {
+                return other;
+            };
+            // SAFETY: bounds checked by ptr_at.
+            let inner = unsafe { &*inner };
+            let proto = inner[9];
+            if inner[0] != 0x45 || !(proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
+                return other;
+            }
+            let src = [inner[12], inner[13], inner[14], inner[15]];
+            let dst = [inner[16], inner[17], inner[18], inner[19]];
+            let sport = u16::from_be_bytes([inner[20], inner[21]]);
+            let dport = u16::from_be_bytes([inner[22], inner[23]]);
+            // The embedded packet went src -> dst; the flow's reply direction is tracked
+            // under the reversed key whatever NAT the original direction had.
+            Transport::Related(ct::key(dst, src, dport, sport, proto))
+        }
+        _ => other,
+    }
+}
+
+/// Whether conntrack knows the packet's flow (no policy check then), for packets the
+/// service stage did not look up (it handles TCP and UDP): ICMP and SCTP.
+#[inline(always)]
+pub fn tracked(t: &Transport, src: [u8; 4], dst: [u8; 4]) -> bool {
+    match *t {
+        Transport::Ports { proto, sport, dport } => ct::lookup(&ct::key(src, dst, sport, dport, proto), 0).is_some(),
+        Transport::Echo { id } => ct::lookup(&ct::key(src, dst, id, id, IPPROTO_ICMP), 0).is_some(),
+        // SAFETY: read-only lookup, not refreshed (an error is not traffic of the flow).
+        Transport::Related(k) => unsafe { CT.get(k) }.is_some(),
+        _ => false,
+    }
+}
+
+/// Whether the rules of `pod` for `direction` allow a new flow with `peer`.
+#[inline(always)]
+pub fn allows(pod: [u8; 4], direction: u8, peer: [u8; 4], t: &Transport) -> bool {
+    let (proto, port) = t.rule_match();
+    let key = Key::new(PolicyKey::FIXED_BITS + 32, PolicyKey { pod, direction, _pad: [0; 3], peer });
+    let Some(p) = POLICY.get(&key) else {
+        return false;
+    };
+    if p.flags & policy_ports::ANY != 0 {
+        return true;
+    }
+    let n = p.count as usize;
+    for i in 0..MAX_POLICY_PORT_RANGES {
+        if i >= n {
+            break;
+        }
+        let r = &p.ranges[i];
+        if r.protocol == proto && r.first <= port && port <= r.last {
+            return true;
+        }
+    }
+    false
+}
+
+/// Records an allowed flow that no service stage translated: both directions, no rewrite,
+/// so its later packets and its replies pass on one conntrack lookup. False if the map
+/// refused (the packet goes on; its next packet is checked again).
+#[inline(always)]
+pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) -> bool {
+    let (proto, sport, dport) = match *t {
+        Transport::Ports { proto, sport, dport } => (proto, sport, dport),
+        Transport::Echo { id } => (IPPROTO_ICMP, id, id),
+        _ => return false,
+    };
+    let now = ct::now();
+    let fwd = CtEntry { last_seen_ns: now, tcp_flags, ..CtEntry::default() };
+    let rev = CtEntry { last_seen_ns: now, ..CtEntry::default() };
+    ct::create(&ct::key(src, dst, sport, dport, proto), &fwd, &ct::key(dst, src, dport, sport, proto), &rev)
+}

@@ -75,6 +75,11 @@ pub struct Agent {
     model: std::sync::OnceLock<Arc<std::sync::RwLock<contiv_cluster_watch::ClusterModel>>>,
     /// One lock per attachment with an operation in flight.
     attachment_locks: std::sync::Mutex<HashMap<AttachmentKey, Weak<Mutex<()>>>>,
+    /// NetworkPolicy: whether the cluster model was loaded (until then what is installed
+    /// stays, and STATUS says not ready so no pod starts unisolated), and what the last
+    /// compilation could not represent.
+    model_synced: std::sync::atomic::AtomicBool,
+    policy_problems: std::sync::Mutex<Vec<String>>,
 }
 
 /// A pod as `contiv-agent pods` / the API shows it.
@@ -116,6 +121,10 @@ pub struct CountersReport {
     pub host_bytes: u64,
     pub from_tunnel_packets: u64,
     pub from_tunnel_bytes: u64,
+    /// New flows into the pod its ingress rules denied.
+    pub drop_policy_ingress: u64,
+    /// New flows out of the pod its egress rules denied.
+    pub drop_policy_egress: u64,
 }
 
 /// The slow path's counters in report form.
@@ -198,6 +207,8 @@ impl From<PodCounters> for CountersReport {
             host_bytes: c.host_bytes,
             from_tunnel_packets: c.from_tunnel_packets,
             from_tunnel_bytes: c.from_tunnel_bytes,
+            drop_policy_ingress: c.drop_policy_ingress,
+            drop_policy_egress: c.drop_policy_egress,
         }
     }
 }
@@ -297,6 +308,8 @@ impl Agent {
             slowpath: std::sync::Mutex::new(Some(port)),
             model: std::sync::OnceLock::new(),
             attachment_locks: std::sync::Mutex::new(HashMap::new()),
+            model_synced: std::sync::atomic::AtomicBool::new(false),
+            policy_problems: std::sync::Mutex::new(vec![]),
         });
         agent.reconcile().await.context("bringing the dataplane in line with the node's pods")?;
         Ok(agent)
@@ -341,9 +354,63 @@ impl Agent {
 
     /// The plan for what the agent holds now; `leaving`: an attachment being removed.
     fn plan(&self, inner: &Inner, leaving: Option<&AttachmentKey>) -> Plan {
-        let attachments =
-            inner.state.attachments().filter(|a| Some(&a.key()) != leaving && !inner.gone.contains(&a.key()));
-        crate::plan::plan(&self.params, attachments, &inner.registrations)
+        let attachments: Vec<&PodAttachment> =
+            inner.state.attachments().filter(|a| Some(&a.key()) != leaving && !inner.gone.contains(&a.key())).collect();
+        let mut plan = crate::plan::plan(&self.params, attachments.iter().copied(), &inner.registrations);
+        if let Some(compiled) = self.compile_policy(&attachments, &inner.registrations) {
+            crate::plan::add_policy(&mut plan, compiled);
+        }
+        plan
+    }
+
+    /// NetworkPolicy for this node's pods, from the cluster model; `None` until the model
+    /// was loaded.
+    fn compile_policy(
+        &self,
+        attachments: &[&PodAttachment],
+        registrations: &[NodeRegistration],
+    ) -> Option<crate::policy::CompiledPolicy> {
+        if !self.model_synced.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let model = self.model.get()?.read().ok()?;
+        let local: Vec<crate::policy::LocalPod> = attachments
+            .iter()
+            .filter(|a| a.complete && a.host_ifindex != 0)
+            .map(|a| crate::policy::LocalPod { ip: a.ip, namespace: &a.pod_namespace, name: &a.pod_name })
+            .collect();
+        let mut node_addresses = vec![self.params.gateway_ip];
+        node_addresses.extend(self.params.overlay.as_ref().map(|o| o.node_ip));
+        for r in registrations.iter().filter(|r| r.name == self.params.node_name) {
+            node_addresses.extend(r.addresses.iter().filter_map(|a| a.address.parse::<Ipv4Addr>().ok()));
+            node_addresses.extend(r.uplink_ip);
+        }
+        let inputs = crate::policy::inputs(model.pods(), model.namespaces(), model.policies(), &local, node_addresses);
+        let compiled = crate::policy::compile(&inputs);
+        if let Ok(mut last) = self.policy_problems.lock()
+            && *last != compiled.problems
+        {
+            for p in &compiled.problems {
+                log::error!("network policy: {p}");
+            }
+            *last = compiled.problems.clone();
+        }
+        Some(compiled)
+    }
+
+    /// The cluster model was (re)loaded: policy is known from now on.
+    pub fn mark_model_synced(&self) {
+        self.model_synced.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Pods, namespaces or policies changed: the dataplane follows (NetworkPolicy).
+    pub async fn apply_model(&self) {
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        let plan = self.plan(inner, None);
+        if let Err(e) = inner.applier.apply(&mut inner.datapath, &plan).await {
+            log::error!("applying cluster changes: {e}");
+        }
     }
 
     /// Brings maps, routes and programs in line with the persisted attachments after a
@@ -800,8 +867,12 @@ impl Agent {
         Ok(())
     }
 
-    /// CNI STATUS: ready when the datapath is loaded and the vswitch serves the slow path.
+    /// CNI STATUS: ready when the datapath is loaded, the vswitch serves the slow path and
+    /// the cluster model is loaded (a pod started before would miss its NetworkPolicy).
     pub fn status(&self) -> Result<(), CniError> {
+        if !self.model_synced.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(CniError::new(codes::NOT_AVAILABLE, "the cluster model is not loaded yet", ""));
+        }
         let serving = self.slowpath.lock().map(|p| p.as_ref().is_some_and(|p| p.is_serving())).unwrap_or(false);
         if serving {
             Ok(())

@@ -7,7 +7,9 @@
 //! entries that are already right (live traffic never sees them disappear).
 //!
 //! Order matters for make-before-break: new map entries are written before host routes
-//! point at them, and stale routes go before stale map entries.
+//! point at them, and stale routes go before stale map entries. NetworkPolicy likewise:
+//! a pod's POLICY entries are written before the isolation bit that makes the datapath
+//! read them, and removed after it is cleared.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -67,6 +69,7 @@ impl Applier {
         self.installed.pods = datapath.pods()?.into_iter().map(|e| (Ipv4Addr::from(e.ip), e)).collect();
         self.installed.pod_ifaces = datapath.pods_in_map()?.into_iter().map(|e| (e.host_ifindex, e)).collect();
         self.installed.remote_routes = datapath.remote_routes()?;
+        self.installed.policy = Some(datapath.policy_entries()?);
         self.installed.config = datapath.config()?.unwrap_or_default();
         self.installed.host_routes = self.kernel_routes().await?;
         // Neighbour entries cannot be told apart from others; replacing them all is idempotent.
@@ -88,10 +91,32 @@ impl Applier {
     /// Installs what differs between `plan` and what was installed. Stops at the first
     /// failure (what was installed before it is remembered, so the next apply resumes).
     pub async fn apply(&mut self, datapath: &mut Datapath, plan: &Plan) -> Result<(), ApplyError> {
+        // Policy not known yet (the cluster model is loading): keep what is installed,
+        // isolation bits included.
+        let preserved;
+        let plan = match &plan.policy {
+            Some(_) => plan,
+            None => {
+                let mut p = plan.clone();
+                p.policy = self.installed.policy.clone();
+                keep_isolation(&mut p.pods, &self.installed.pods);
+                keep_isolation(&mut p.pod_ifaces, &self.installed.pod_ifaces);
+                preserved = p;
+                &preserved
+            }
+        };
+        let empty = BTreeMap::new();
+        let want_policy = plan.policy.as_ref().unwrap_or(&empty);
         // 1. Node-wide configuration and the entries traffic will be sent to.
         if self.installed.config != plan.config {
             datapath.set_config(plan.config)?;
             self.installed.config = plan.config;
+        }
+        // Allow entries before the isolation bits that make the datapath read them.
+        let installed_policy = self.installed.policy.get_or_insert_with(BTreeMap::new);
+        for (key, value) in changed(installed_policy, want_policy) {
+            datapath.put_policy(&key, value)?;
+            installed_policy.insert(key, value);
         }
         for (ip, ep) in changed(&self.installed.pods, &plan.pods) {
             datapath.put_pod(ip, ep)?;
@@ -135,6 +160,12 @@ impl Applier {
         for ip in removed(&self.installed.pods, &plan.pods) {
             datapath.delete_pod(ip)?;
             self.installed.pods.remove(&ip);
+        }
+        // Entries nothing reads any more (their pods' isolation bits are gone already).
+        let installed_policy = self.installed.policy.get_or_insert_with(BTreeMap::new);
+        for key in removed(installed_policy, want_policy) {
+            datapath.delete_policy(&key)?;
+            installed_policy.remove(&key);
         }
         // Counters follow the pods: new pods start at zero, departed pods' counters go.
         for ip in plan.pods.keys() {
@@ -249,6 +280,19 @@ impl Applier {
             .execute()
             .await
             .map_err(|e| ApplyError::Routes(format!("neighbour {ip} dev #{ifindex}: {e}")))
+    }
+}
+
+/// Carries the installed isolation bits over into `want` (policy not known yet).
+fn keep_isolation<K: Ord>(
+    want: &mut BTreeMap<K, contiv_common::PodEndpoint>,
+    have: &BTreeMap<K, contiv_common::PodEndpoint>,
+) {
+    use contiv_common::pod_flags::ISOLATION;
+    for (k, ep) in want.iter_mut() {
+        if let Some(old) = have.get(k) {
+            ep.flags = (ep.flags & !ISOLATION) | (old.flags & ISOLATION);
+        }
     }
 }
 

@@ -99,6 +99,10 @@ pub struct DataplaneEvents {
     pub resyncs: u64,
     pub changes: u64,
     registrations: watch::Sender<Vec<NodeRegistration>>,
+    /// NetworkPolicy: bumped when pods, namespaces or policies change (a burst is applied
+    /// once); the first resync marks the model loaded.
+    policy: watch::Sender<u64>,
+    agent: std::sync::Arc<crate::agent::Agent>,
 }
 
 impl DataplaneEvents {
@@ -110,6 +114,17 @@ impl DataplaneEvents {
             }
             ClusterEvent::Updated { new, .. } => matches!(new, contiv_cluster_watch::Object::Registration(_)),
         };
+        let policy_changed = match event {
+            ClusterEvent::Resync(_) => {
+                self.agent.mark_model_synced();
+                true
+            }
+            ClusterEvent::Added { object, .. } | ClusterEvent::Deleted { object, .. } => policy_input(object),
+            ClusterEvent::Updated { old, new, .. } => policy_input(old) || policy_input(new),
+        };
+        if policy_changed {
+            self.policy.send_modify(|n| *n += 1);
+        }
         if registrations_changed {
             let regs: Vec<NodeRegistration> = model.registrations().cloned().collect();
             self.registrations.send_if_modified(|cur| {
@@ -139,6 +154,17 @@ impl DataplaneEvents {
             }
         }
     }
+}
+
+/// Whether an object is an input of NetworkPolicy.
+fn policy_input(object: &contiv_cluster_watch::Object) -> bool {
+    use contiv_cluster_model::ClusterObject;
+    matches!(
+        object,
+        contiv_cluster_watch::Object::K8s(
+            ClusterObject::Pod(_) | ClusterObject::Namespace(_) | ClusterObject::NetworkPolicy(_)
+        )
+    )
 }
 
 /// Background work that lives as long as the agent: the node's registration (re-registered
@@ -178,8 +204,11 @@ pub fn spawn(
     agent.set_model(watch.model());
     let watch_stop = stopped(shutdown.clone());
     let (reg_tx, mut reg_rx) = watch::channel(Vec::new());
+    let (policy_tx, mut policy_rx) = watch::channel(0u64);
+    let events_agent = agent.clone();
     let watcher = tokio::spawn(async move {
-        let mut events = DataplaneEvents { resyncs: 0, changes: 0, registrations: reg_tx };
+        let mut events =
+            DataplaneEvents { resyncs: 0, changes: 0, registrations: reg_tx, policy: policy_tx, agent: events_agent };
         let mut consumer = |m: &ClusterModel, e: &ClusterEvent| events.on_event(m, e);
         watch.run(&mut consumer, watch_stop).await;
     });
@@ -194,6 +223,13 @@ pub fn spawn(
                     }
                     let regs = reg_rx.borrow_and_update().clone();
                     agent.set_registrations(regs).await;
+                }
+                changed = policy_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    policy_rx.borrow_and_update();
+                    agent.apply_model().await;
                 }
                 () = &mut apply_stop => return,
             }

@@ -33,8 +33,8 @@ use aya::{
     },
 };
 use contiv_common::{
-    DatapathConfig, Ipv4Key, MapName, OverlayCounters, PodCounters, PodEndpoint, RemoteRoute, SlowPortCounters,
-    map_names, program_names, schema,
+    DatapathConfig, Ipv4Key, MapName, OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute,
+    SlowPortCounters, map_names, program_names, schema,
 };
 use ipnet::Ipv4Net;
 
@@ -453,6 +453,46 @@ impl Datapath {
         Ok(out)
     }
 
+    // === NetworkPolicy (POLICY) ===
+
+    fn policy_key(key: &crate::policy::PolicyEntryKey) -> Key<PolicyKey> {
+        Key::new(
+            PolicyKey::FIXED_BITS + u32::from(key.peer.prefix_len()),
+            PolicyKey {
+                pod: key.pod.octets(),
+                direction: key.direction,
+                _pad: [0; 3],
+                peer: key.peer.network().octets(),
+            },
+        )
+    }
+
+    pub fn put_policy(&mut self, key: &crate::policy::PolicyEntryKey, value: PolicyPorts) -> Result<()> {
+        let mut map: LpmTrie<&mut MapData, PolicyKey, PolicyPorts> = self.typed(map_names::POLICY)?;
+        map.insert(&Self::policy_key(key), value, 0).map_err(map_err(map_names::POLICY))
+    }
+
+    pub fn delete_policy(&mut self, key: &crate::policy::PolicyEntryKey) -> Result<()> {
+        let mut map: LpmTrie<&mut MapData, PolicyKey, PolicyPorts> = self.typed(map_names::POLICY)?;
+        ignore_missing(map.remove(&Self::policy_key(key))).map_err(map_err(map_names::POLICY))
+    }
+
+    /// Every entry of POLICY.
+    pub fn policy_entries(&self) -> Result<BTreeMap<crate::policy::PolicyEntryKey, PolicyPorts>> {
+        let map: LpmTrie<&MapData, PolicyKey, PolicyPorts> = self.typed_ref(map_names::POLICY)?;
+        let mut out = BTreeMap::new();
+        for entry in map.iter() {
+            let (key, value) = entry.map_err(map_err(map_names::POLICY))?;
+            let k = key.data();
+            let len = key.prefix_len().saturating_sub(PolicyKey::FIXED_BITS).min(32) as u8;
+            if let Ok(peer) = Ipv4Net::new(Ipv4Addr::from(k.peer), len) {
+                let pod = Ipv4Addr::from(k.pod);
+                out.insert(crate::policy::PolicyEntryKey { pod, direction: k.direction, peer }, value);
+            }
+        }
+        Ok(out)
+    }
+
     /// Creates a pod's counters at zero unless they exist.
     pub fn ensure_counters(&mut self, ip: Ipv4Addr) -> Result<()> {
         let nr_cpus = self.nr_cpus;
@@ -599,6 +639,9 @@ pub fn sum_pod_counters<'a>(values: impl Iterator<Item = &'a PodCounters>) -> Po
         s.host_bytes += v.host_bytes;
         s.from_tunnel_packets += v.from_tunnel_packets;
         s.from_tunnel_bytes += v.from_tunnel_bytes;
+        s.drop_service += v.drop_service;
+        s.drop_policy_ingress += v.drop_policy_ingress;
+        s.drop_policy_egress += v.drop_policy_egress;
     }
     s
 }

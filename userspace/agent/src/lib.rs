@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod metrics;
 pub mod plan;
 pub mod podnet;
+pub mod policy;
 pub mod state;
 pub mod status;
 pub mod tcx;

@@ -141,12 +141,15 @@ const POD_COUNTERS: [PodCounter; 11] = [
 /// A drop reason and how to read its counter.
 type PodDrop = (&'static str, fn(&CountersReport) -> u64);
 
-const POD_DROPS: [PodDrop; 5] = [
+const POD_DROPS: [PodDrop; 7] = [
     ("spoofed_ip", |c| c.drop_spoofed_ip),
     ("spoofed_mac", |c| c.drop_spoofed_mac),
     ("malformed", |c| c.drop_malformed),
     ("ttl_exceeded", |c| c.drop_ttl_exceeded),
     ("no_slowpath", |c| c.drop_no_slowpath),
+    // NetworkPolicy: new flows into the pod (ingress) or out of it (egress) its rules deny.
+    ("policy_ingress", |c| c.drop_policy_ingress),
+    ("policy_egress", |c| c.drop_policy_egress),
 ];
 
 fn counter_family<S: EncodeLabelSet>(
@@ -172,7 +175,7 @@ impl Collector for Snapshot {
         counter_family(
             &mut encoder,
             "contiv_pod_dropped_packets",
-            "Frames from the pod dropped by the fast path, by reason",
+            "Frames of the pod dropped by the fast path, by reason (policy_ingress: frames to the pod)",
             counted.iter().flat_map(|(l, c)| {
                 POD_DROPS.iter().map(move |(reason, get)| {
                     (

@@ -13,6 +13,7 @@
 //! | `host_routes` | kernel routes (protocol `contiv`) | destination prefix |
 //! | `host_neighbours` | kernel neighbour table | (ifindex, address) |
 //! | `masquerade` | nftables table `ip contiv` | (one rule set) |
+//! | `policy` | POLICY LPM map (+ isolation bits in the pods' entries) | (pod, direction, peer prefix) |
 //!
 //! New features plug in as new sections.
 
@@ -21,11 +22,14 @@ use std::{
     net::Ipv4Addr,
 };
 
-use contiv_common::{DatapathConfig, PodEndpoint, RemoteRoute, pod_flags, route_flags};
+use contiv_common::{DatapathConfig, PodEndpoint, PolicyPorts, RemoteRoute, pod_flags, route_flags};
 use contiv_node_registry::NodeRegistration;
 use ipnet::Ipv4Net;
 
-use crate::state::PodAttachment;
+use crate::{
+    policy::{CompiledPolicy, PolicyEntryKey},
+    state::PodAttachment,
+};
 
 /// What the plan needs to know about the node itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +85,22 @@ pub struct Plan {
     pub host_routes: BTreeMap<Ipv4Net, HostRoute>,
     pub host_neighbours: BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
     pub masquerade: Option<Masquerade>,
+    /// NetworkPolicy entries; `None` while the cluster model is not known yet (after a
+    /// restart, before the store answered): what is installed stays, isolation included.
+    pub policy: Option<BTreeMap<PolicyEntryKey, PolicyPorts>>,
+}
+
+/// Adds the compiled NetworkPolicy to a plan: its entries, and the isolation bits of the
+/// pods it isolates (on both of their endpoint entries).
+pub fn add_policy(plan: &mut Plan, compiled: CompiledPolicy) {
+    for ep in plan.pods.values_mut().chain(plan.pod_ifaces.values_mut()) {
+        ep.flags = (ep.flags & !pod_flags::ISOLATION)
+            | compiled.isolation.get(&std::net::Ipv4Addr::from(ep.ip)).copied().unwrap_or(0);
+    }
+    // Entries of pods that are not (or no longer) wired here would never be read.
+    let mut entries = compiled.entries;
+    entries.retain(|k, _| plan.pods.contains_key(&k.pod));
+    plan.policy = Some(entries);
 }
 
 /// The pod's entry in PODS / POD_IFACES.
@@ -275,6 +295,33 @@ mod tests {
             p.masquerade,
             Some(Masquerade { cluster_pod_cidr: "10.1.0.0/16".parse().unwrap(), uplink: "eth0".into() })
         );
+    }
+
+    #[test]
+    fn policy_sets_isolation_bits_on_both_endpoint_entries_and_keeps_only_local_pods_entries() {
+        use crate::policy::{CompiledPolicy, PolicyEntryKey};
+        let mut a = pod(5, true);
+        a.bandwidth = Some(BandwidthLimits { ingress_rate: 1_000_000, ..Default::default() });
+        let pods = [a, pod(6, true)];
+        let mut p = plan(&node(false), &pods, &[]);
+        assert_eq!(p.policy, None, "unknown until the model is loaded");
+        let key = |n: u8| PolicyEntryKey {
+            pod: Ipv4Addr::new(10, 1, 1, n),
+            direction: contiv_common::policy_dir::INGRESS,
+            peer: "10.0.0.0/8".parse().unwrap(),
+        };
+        let compiled = CompiledPolicy {
+            isolation: [(Ipv4Addr::new(10, 1, 1, 5), pod_flags::INGRESS_ISOLATED)].into(),
+            entries: [(key(5), PolicyPorts::default()), (key(9), PolicyPorts::default())].into(),
+            problems: vec![],
+        };
+        add_policy(&mut p, compiled);
+        let want = pod_flags::INGRESS_LIMITED | pod_flags::INGRESS_ISOLATED;
+        assert_eq!(p.pods[&Ipv4Addr::new(10, 1, 1, 5)].flags, want, "bandwidth bits kept");
+        assert_eq!(p.pod_ifaces[&105].flags, want);
+        assert_eq!(p.pods[&Ipv4Addr::new(10, 1, 1, 6)].flags, 0);
+        let entries = p.policy.unwrap();
+        assert!(entries.contains_key(&key(5)) && !entries.contains_key(&key(9)), "10.1.1.9 is not wired here");
     }
 
     #[test]

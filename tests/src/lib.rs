@@ -19,6 +19,7 @@ use std::{
 use serde_json::Value;
 
 pub mod cluster;
+pub mod netpol;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

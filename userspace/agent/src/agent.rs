@@ -127,6 +127,40 @@ pub struct CountersReport {
     pub drop_policy_egress: u64,
 }
 
+/// What the node enforces (`/policies`), read back from the datapath maps.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyReport {
+    /// Whether the cluster model was loaded (until then the installed state stays as it is).
+    pub model_loaded: bool,
+    pub pods: Vec<PodPolicyReport>,
+    /// What the last compilation could not represent (denied instead).
+    pub problems: Vec<String>,
+}
+
+/// One pod's NetworkPolicy as its maps hold it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodPolicyReport {
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub ip: Ipv4Addr,
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    /// Longest-prefix entries: a new flow from (ingress) or to (egress) a peer is allowed
+    /// what its longest matching prefix lists; no match: denied.
+    pub ingress: Vec<PeerAllowance>,
+    pub egress: Vec<PeerAllowance>,
+}
+
+/// A POLICY entry: peers and what they may use (`any`, `TCP:80`, `UDP:1000-2000`, `none`).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAllowance {
+    pub peer: String,
+    pub allowed: Vec<String>,
+}
+
 /// The slow path's counters in report form.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -935,6 +969,46 @@ impl Agent {
                 counters: inner.datapath.pod_counters(a.ip).ok().flatten().map(Into::into),
             })
             .collect()
+    }
+
+    /// What the node enforces for its pods, from the maps (PODS isolation bits, POLICY).
+    pub async fn policy_report(&self) -> Result<PolicyReport, crate::datapath::DatapathError> {
+        use contiv_common::{pod_flags, policy_dir};
+        let inner = self.inner.lock().await;
+        let flags: HashMap<Ipv4Addr, u8> =
+            inner.datapath.pods()?.into_iter().map(|e| (Ipv4Addr::from(e.ip), e.flags)).collect();
+        let entries = inner.datapath.policy_entries()?;
+        let pods = inner
+            .state
+            .attachments()
+            .map(|a| {
+                let f = flags.get(&a.ip).copied().unwrap_or(0);
+                let list = |direction: u8| -> Vec<PeerAllowance> {
+                    entries
+                        .iter()
+                        .filter(|(k, _)| k.pod == a.ip && k.direction == direction)
+                        .map(|(k, v)| PeerAllowance {
+                            peer: k.peer.to_string(),
+                            allowed: crate::policy::PortSet::from_value(v).describe(),
+                        })
+                        .collect()
+                };
+                PodPolicyReport {
+                    pod_namespace: a.pod_namespace.clone(),
+                    pod_name: a.pod_name.clone(),
+                    ip: a.ip,
+                    ingress_isolated: f & pod_flags::INGRESS_ISOLATED != 0,
+                    egress_isolated: f & pod_flags::EGRESS_ISOLATED != 0,
+                    ingress: list(policy_dir::INGRESS),
+                    egress: list(policy_dir::EGRESS),
+                }
+            })
+            .collect();
+        Ok(PolicyReport {
+            model_loaded: self.model_synced.load(std::sync::atomic::Ordering::Acquire),
+            pods,
+            problems: self.policy_problems.lock().map(|p| p.clone()).unwrap_or_default(),
+        })
     }
 
     /// The node's wire: uplink, overlay, the routes to other nodes, overlay counters.

@@ -5,6 +5,7 @@
 //! - `GET /pods`     every pod attachment with its per-pod datapath counters (JSON);
 //! - `GET /node`     the node's wire: uplink, overlay, routes to other nodes, overlay counters;
 //! - `GET /vswitch`  slow-path counters: vswitch verdicts by reason, AF_XDP port, slow-path port programs;
+//! - `GET /policies` what NetworkPolicy the node enforces for each pod, read from the maps;
 //! - `GET /metrics`  the same counters and request latencies for Prometheus (see `metrics`).
 
 use std::{net::SocketAddr, sync::Arc};
@@ -23,6 +24,7 @@ pub fn router(agent: Arc<Agent>, metrics: Arc<AgentMetrics>) -> Router {
         .route("/pods", get(pods))
         .route("/vswitch", get(vswitch))
         .route("/node", get(node))
+        .route("/policies", get(policies))
         .route("/metrics", get(metrics_text))
         .with_state((agent, metrics))
 }
@@ -40,6 +42,13 @@ async fn pods(State((agent, _)): State<Shared>) -> impl IntoResponse {
 
 async fn node(State((agent, _)): State<Shared>) -> impl IntoResponse {
     Json(agent.node_report().await)
+}
+
+async fn policies(State((agent, _)): State<Shared>) -> axum::response::Response {
+    match agent.policy_report().await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading the policy maps: {e}\n")).into_response(),
+    }
 }
 
 async fn vswitch(State((agent, _)): State<Shared>) -> impl IntoResponse {

@@ -5,9 +5,11 @@
 //!   naming the file, document and field.
 //! - [`apply`] / [`delete`]: write or remove the objects' keys.
 //! - [`get`]: tables (or JSON) of nodes, pods, services, endpoints, policies, IPAM.
+//! - [`node`]: what a node's agent enforces, read from its maps (`get policies --node`).
 
 pub mod get;
 pub mod manifest;
+pub mod node;
 
 use std::sync::Arc;
 

@@ -51,6 +51,16 @@ enum Command {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
+        /// policies: what this node's agent enforces for its pods, read from its datapath
+        /// maps (through its status endpoint), instead of the policies in the store.
+        #[arg(long)]
+        node: Option<String>,
+        /// With --node: only this pod.
+        #[arg(long, requires = "node")]
+        pod: Option<String>,
+        /// With --node: the port of the agents' status endpoint (`statusAddr`).
+        #[arg(long, default_value_t = 9192)]
+        status_port: u16,
     },
 }
 
@@ -110,7 +120,24 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("{key} {word}");
             }
         }
-        Command::Get { what, namespace, output } => {
+        Command::Get { what, namespace, output, node: Some(node), pod, status_port } => {
+            if *what != Resource::Policies {
+                eprintln!("error: --node is supported for policies");
+                return Ok(ExitCode::from(2));
+            }
+            let store = open(&args).await?;
+            let text = contiv_netctl::node::policies(
+                &store,
+                node,
+                *status_port,
+                namespace.as_deref(),
+                pod.as_deref(),
+                *output,
+            )
+            .await?;
+            print!("{text}");
+        }
+        Command::Get { what, namespace, output, .. } => {
             let store = open(&args).await?;
             let out = contiv_netctl::get::get(&store, *what, namespace.as_deref(), *output).await?;
             for w in &out.warnings {

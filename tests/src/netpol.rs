@@ -69,7 +69,8 @@ impl Servers {
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((mut s, _)) = t.accept() else { return };
                     std::thread::spawn(move || {
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        // Long enough for the tests that keep a connection open across policy changes.
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
                         let mut buf = [0u8; 256];
                         while let Ok(n) = s.read(&mut buf) {
                             if n == 0 || s.write_all(&buf[..n]).is_err() {

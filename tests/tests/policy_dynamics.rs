@@ -1,0 +1,372 @@
+//! NetworkPolicy over time and at the edges, in the cluster in a box (root), from real YAML
+//! applied with `netctl apply`:
+//! - label changes on pods and namespaces, new pods and deleted policies: new connections
+//!   follow the new rules; connections established before a change keep flowing, also
+//!   when the change now denies them (the rule this datapath implements: policy decides a
+//!   flow's first packet; conntrack carries the flow until it ends or idles out);
+//! - the pod's own node is always allowed (both ways), other nodes are not; hostNetwork pods
+//!   are neither subject to policy nor selectable as peers; an ICMP "fragmentation needed"
+//!   for an allowed flow reaches an ingress-isolated pod, one for an unknown flow does not;
+//! - egress is checked on the sender's node and ingress on the receiver's, drops are counted
+//!   per pod and reason (counters and metrics), `netctl get policies --node` shows the maps.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use contiv_tests::{
+    cluster::{BoxOptions, ClusterBox, enter, pod_yaml},
+    netpol::{Case, Proto, Servers, expect_eventually, pod_counter, probe},
+};
+
+const SETTLE: Duration = Duration::from_secs(15);
+
+fn boxed(nodes: usize) -> ClusterBox {
+    let mut opts = BoxOptions::for_test(nodes);
+    // As deployed: the status endpoint on the node's addresses (netctl get --node reads it).
+    opts.agent_config = "statusAddr = \"0.0.0.0:9192\"\n".into();
+    ClusterBox::up(opts)
+}
+
+fn case(b: &ClusterBox, from: &str, to: &str, proto: Proto, port: u16) -> Case {
+    let dst = b.pod_opt(to).map(|p| p.ip).unwrap_or_else(|| b.node(to).ip);
+    Case { from: from.into(), to: to.into(), dst, port, proto }
+}
+
+/// Rewrites a pod's labels (its Pod object only; the namespace keeps its labels).
+fn relabel(b: &ClusterBox, id: &str, labels: &[(&str, &str)]) {
+    let p = b.pod(id);
+    let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let doc = pod_yaml(&p.namespace, &p.name, &p.node, &labels, &[], Some(p.ip));
+    b.apply_yaml(doc.split("---\n").nth(1).expect("the Pod document"));
+}
+
+fn namespace_labels(b: &ClusterBox, ns: &str, labels: &str) {
+    b.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{kubernetes.io/metadata.name: {ns}{labels}}}}}\n"
+    ));
+}
+
+/// A TCP connection kept open: exchanges a message whenever asked.
+struct Conn(TcpStream);
+
+impl Conn {
+    fn open(b: &ClusterBox, from: &str, to: Ipv4Addr, port: u16) -> Self {
+        let addr = SocketAddr::from((to, port));
+        let s = enter(&b.netns_of(from).unwrap(), move || TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
+            .unwrap_or_else(|e| panic!("connect {from} -> {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut c = Self(s);
+        assert!(c.exchange(), "the new connection works");
+        c
+    }
+
+    fn exchange(&mut self) -> bool {
+        let mut buf = [0u8; 11];
+        self.0.write_all(b"established").is_ok() && self.0.read_exact(&mut buf).is_ok() && &buf == b"established"
+    }
+}
+
+/// A UDP socket connected to a peer: the same 5-tuple on every exchange.
+struct Datagrams(UdpSocket);
+
+impl Datagrams {
+    fn open(b: &ClusterBox, from: &str, to: Ipv4Addr, port: u16) -> Self {
+        let s = enter(&b.netns_of(from).unwrap(), move || {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.connect((to, port)).unwrap();
+            s
+        });
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Self(s)
+    }
+
+    fn exchange(&self) -> bool {
+        let mut buf = [0u8; 16];
+        self.0.send(b"same flow").is_ok() && matches!(self.0.recv(&mut buf), Ok(9))
+    }
+}
+
+#[test]
+fn policy_follows_label_changes_new_pods_and_deletions_and_established_flows_keep_going() {
+    let mut b = boxed(2);
+    b.add_pod("node-2", "x/server", &[("app", "server")], &[]);
+    b.add_pod("node-1", "x/client", &[("app", "client")], &[]);
+    b.add_pod("node-1", "y/other", &[("app", "other")], &[]);
+    let mut servers = Servers::new();
+    for id in ["x/server", "x/client", "y/other"] {
+        servers.serve(&b.pod(id).netns, &[80]);
+    }
+    let server = b.pod("x/server").ip;
+    // Flows established before any policy: TCP and UDP, client -> server across nodes, and
+    // one the server itself opened (its egress becomes isolated below).
+    let mut tcp = Conn::open(&b, "x/client", server, 80);
+    let udp = Datagrams::open(&b, "x/client", server, 80);
+    assert!(udp.exchange());
+    let mut outbound = Conn::open(&b, "x/server", b.pod("y/other").ip, 80);
+
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: friends, namespace: x}\n\
+                  spec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n\
+                  \x20 - from: [{podSelector: {matchLabels: {role: friend}}}]\n\
+                  \x20 - from: [{namespaceSelector: {matchLabels: {team: blue}}}]\n";
+    b.apply_yaml(policy);
+    let to_server =
+        |from: &str| vec![case(&b, from, "x/server", Proto::Tcp, 80), case(&b, from, "x/server", Proto::Udp, 80)];
+    let mut cases = to_server("x/client");
+    cases.extend(to_server("y/other"));
+    cases.push(case(&b, "x/server", "y/other", Proto::Tcp, 80));
+    expect_eventually(&b, "nobody is a friend yet; the server's egress is closed", &cases, SETTLE, |_| false);
+    // The rule for established connections: they keep flowing, both ways, TCP and UDP.
+    assert!(tcp.exchange(), "an established TCP connection the new policy denies keeps flowing");
+    assert!(udp.exchange(), "an established UDP flow (same 5-tuple) keeps flowing");
+    assert!(outbound.exchange(), "a connection the server opened keeps flowing after its egress closed");
+
+    // A pod label change: the client becomes a friend, then stops being one.
+    relabel(&b, "x/client", &[("app", "client"), ("role", "friend")]);
+    expect_eventually(&b, "client labelled role=friend", &cases, SETTLE, |c| c.from == "x/client");
+    relabel(&b, "x/client", &[("app", "client")]);
+    expect_eventually(&b, "label removed again", &cases, SETTLE, |_| false);
+    assert!(tcp.exchange(), "still flowing after two more changes");
+
+    // A namespace label change: y joins team blue, then leaves.
+    namespace_labels(&b, "y", ", team: blue");
+    expect_eventually(&b, "namespace y labelled team=blue", &cases, SETTLE, |c| c.from == "y/other");
+    namespace_labels(&b, "y", "");
+    expect_eventually(&b, "namespace label removed", &cases, SETTLE, |_| false);
+
+    // New pods: a friend that did not exist when the policy was written, and a second
+    // server the existing policy selects.
+    b.add_pod("node-1", "x/newfriend", &[("role", "friend")], &[]);
+    b.add_pod("node-1", "x/server2", &[("app", "server")], &[]);
+    servers.serve(&b.pod("x/server2").netns, &[80]);
+    let mut cases2 = cases.clone();
+    for from in ["x/newfriend", "x/client"] {
+        cases2.push(case(&b, from, "x/server", Proto::Tcp, 80));
+        cases2.push(case(&b, from, "x/server2", Proto::Tcp, 80));
+    }
+    expect_eventually(&b, "new pods", &cases2, SETTLE, |c| c.from == "x/newfriend");
+
+    // A deleted policy: everything is open again.
+    b.delete_yaml(policy);
+    expect_eventually(&b, "policy deleted", &cases2, SETTLE, |_| true);
+    assert!(tcp.exchange() && udp.exchange() && outbound.exchange());
+}
+
+/// An ICMP "fragmentation needed" (MTU `mtu`) quoting a UDP packet `src:sport -> dst:dport`,
+/// sent from namespace `ns` to `src` (the kernel adds the outer IPv4 header).
+fn send_frag_needed(ns: &str, src: SocketAddr, dst: SocketAddr, mtu: u16) {
+    fn csum(data: &[u8]) -> u16 {
+        let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else { panic!("IPv4 only") };
+    let mut inner = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    inner[2..4].copy_from_slice(&1400u16.to_be_bytes());
+    inner.extend_from_slice(&src.ip().octets());
+    inner.extend_from_slice(&dst.ip().octets());
+    let c = csum(&inner);
+    inner[10..12].copy_from_slice(&c.to_be_bytes());
+    inner.extend_from_slice(&src.port().to_be_bytes());
+    inner.extend_from_slice(&dst.port().to_be_bytes());
+    inner.extend_from_slice(&1380u16.to_be_bytes());
+    inner.extend_from_slice(&[0, 0]);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&inner);
+    let c = csum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let to = *src.ip();
+    enter(ns, move || {
+        // SAFETY: plain socket(2)/sendto(2)/close(2) on a socket this closure owns, with
+        // pointers to live stack values of the sizes passed.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as u16;
+            sa.sin_addr.s_addr = u32::from_ne_bytes(to.octets());
+            let n = libc::sendto(
+                fd,
+                icmp.as_ptr().cast(),
+                icmp.len(),
+                0,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            assert_eq!(n, icmp.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            libc::close(fd);
+        }
+    });
+}
+
+/// The path MTU a connected socket sees (IP_MTU).
+fn path_mtu(s: &UdpSocket) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) into a stack integer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&mut v as *mut i32).cast(), &mut len)
+    };
+    assert_eq!(rc, 0, "IP_MTU: {}", std::io::Error::last_os_error());
+    v
+}
+
+#[test]
+fn own_node_always_allowed_host_network_pods_exempt_and_frag_needed_of_allowed_flows_passes() {
+    let mut b = boxed(2);
+    let p = b.add_pod("node-1", "x/p", &[("pod", "p")], &[]);
+    let q = b.add_pod("node-2", "x/q", &[("pod", "q")], &[]);
+    let mut servers = Servers::new();
+    for ns in [&p.netns, &q.netns, &b.node("node-1").netns.clone(), &b.node("node-2").netns.clone()] {
+        servers.serve(ns, &[80, 81]);
+    }
+    // A hostNetwork pod on node-2: its address is the node's.
+    let node2 = b.node("node-2").ip;
+    b.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: hostclient, namespace: x, labels: {{app: hostclient}}}}\n\
+         spec:\n  nodeName: node-2\n  hostNetwork: true\n  containers: [{{name: c, image: contiv/box}}]\n\
+         status:\n  podIP: {node2}\n  podIPs: [{{ip: {node2}}}]\n"
+    ));
+    // p: isolated both ways; it may talk UDP to q, and "the hostclient pod" may reach it.
+    // The hostNetwork pod itself is selected by a deny-all policy (which must not bind it).
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {pod: p}}\n  policyTypes: [Ingress, Egress]\n\
+         \x20 ingress: [{from: [{podSelector: {matchLabels: {app: hostclient}}}]}]\n\
+         \x20 egress: [{to: [{podSelector: {matchLabels: {pod: q}}}], ports: [{protocol: UDP}]}]\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: host, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {app: hostclient}}\n  policyTypes: [Ingress, Egress]\n",
+    );
+    let cases = vec![
+        case(&b, "node-1", "x/p", Proto::Tcp, 80), // kubelet probe from p's own node
+        case(&b, "x/p", "node-1", Proto::Tcp, 81), // p to its own node
+        case(&b, "node-2", "x/p", Proto::Tcp, 80), // another node (where hostclient lives)
+        case(&b, "x/p", "node-2", Proto::Tcp, 80), // p to another node
+        case(&b, "x/p", "x/q", Proto::Udp, 80),    // p's one egress rule
+        case(&b, "x/p", "x/q", Proto::Tcp, 80),    // ...UDP only
+        case(&b, "node-2", "x/q", Proto::Tcp, 80), // hostclient is not subject to its policy
+        case(&b, "x/q", "node-2", Proto::Tcp, 80), // ...nor are other pods to it
+    ];
+    expect_eventually(&b, "own node, other nodes, hostNetwork", &cases, SETTLE, |c| {
+        matches!(
+            (c.from.as_str(), c.to.as_str()),
+            ("node-1", "x/p") | ("x/p", "node-1") | ("node-2", "x/q") | ("x/q", "node-2")
+        ) || (c.to == "x/q" && c.proto == Proto::Udp)
+    });
+
+    // ICMP errors: p's UDP flow to q is allowed and tracked; a "fragmentation needed" about
+    // it from node-2 (not otherwise allowed into p) reaches p and lowers its path MTU. One
+    // about a flow p never sent is dropped by p's ingress rules.
+    let (q_ip, p_ip) = (q.ip, p.ip);
+    let allowed = enter(&p.netns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.connect((q_ip, 81)).unwrap();
+        s
+    });
+    allowed.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 8];
+    allowed.send(b"hi").unwrap();
+    assert!(matches!(allowed.recv(&mut buf), Ok(2)), "p -> q UDP is allowed");
+    // (Path MTUs are per destination: the unknown flow goes elsewhere, to node-2 itself.)
+    let unknown = enter(&p.netns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.connect((node2, 80)).unwrap();
+        s
+    });
+    assert_eq!(path_mtu(&allowed), 1450);
+    assert_eq!(path_mtu(&unknown), 1450);
+    let drops_before = pod_counter(&b, "node-1", p_ip, "dropPolicyIngress");
+    let node2_ns = b.node("node-2").netns.clone();
+    send_frag_needed(&node2_ns, allowed.local_addr().unwrap(), SocketAddr::from((q_ip, 81)), 1300);
+    send_frag_needed(&node2_ns, unknown.local_addr().unwrap(), SocketAddr::from((node2, 80)), 1200);
+    b.wait_for(Duration::from_secs(5), "the allowed flow's frag-needed arrives", || path_mtu(&allowed) == 1300);
+    b.wait_for(Duration::from_secs(5), "the unknown flow's frag-needed is dropped and counted", || {
+        pod_counter(&b, "node-1", p_ip, "dropPolicyIngress") > drops_before
+    });
+    assert_eq!(path_mtu(&unknown), 1450, "nothing reached the socket of the flow p never sent");
+    let p_ns = p.netns.clone();
+    let route = enter(&p_ns, move || {
+        std::process::Command::new("ip").args(["route", "get", &q_ip.to_string()]).output().unwrap()
+    });
+    assert!(String::from_utf8_lossy(&route.stdout).contains("mtu 1300"), "{route:?}");
+}
+
+#[test]
+fn checks_run_on_each_side_drops_are_counted_and_netctl_shows_what_the_maps_hold() {
+    let mut b = boxed(2);
+    let a = b.add_pod("node-1", "x/a", &[("pod", "a")], &[]);
+    let bb = b.add_pod("node-2", "x/b", &[("pod", "b")], &[]);
+    let c = b.add_pod("node-1", "x/c", &[("pod", "c")], &[]);
+    let mut servers = Servers::new();
+    for p in [&a, &bb, &c] {
+        servers.serve(&p.netns, &[80]);
+    }
+    let egress = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-out, namespace: x}\n\
+                  spec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n\
+                  \x20 egress: [{to: [{podSelector: {matchLabels: {pod: c}}}], ports: [{port: 80}]}]\n";
+    let ingress = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-in, namespace: x}\n\
+                   spec:\n  podSelector: {matchLabels: {pod: b}}\n\
+                   \x20 ingress: [{from: [{podSelector: {matchLabels: {pod: c}}}]}]\n";
+    b.apply_yaml(egress);
+    b.apply_yaml(ingress);
+    let cases = vec![
+        case(&b, "x/a", "x/b", Proto::Tcp, 80),
+        case(&b, "x/a", "x/c", Proto::Tcp, 80),
+        case(&b, "x/c", "x/b", Proto::Tcp, 80),
+    ];
+    expect_eventually(&b, "both policies", &cases, SETTLE, |c| c.from == "x/c" || c.to == "x/c");
+    // a -> b is stopped by a's egress rules on node-1: it never reaches node-2.
+    let (a_egress, b_ingress) =
+        (pod_counter(&b, "node-1", a.ip, "dropPolicyEgress"), pod_counter(&b, "node-2", bb.ip, "dropPolicyIngress"));
+    assert!(!probe(&a.netns, bb.ip, 80, Proto::Tcp));
+    assert!(pod_counter(&b, "node-1", a.ip, "dropPolicyEgress") > a_egress, "counted on the sender's node");
+    assert_eq!(pod_counter(&b, "node-2", bb.ip, "dropPolicyIngress"), b_ingress, "never reached the receiver");
+    // Without a's egress policy, a -> b leaves node-1 and b's ingress rules stop it on node-2.
+    b.delete_yaml(egress);
+    b.wait_for(SETTLE, "a's egress is no longer isolated on node-1", || {
+        b.status_json("node-1", "/policies").is_some_and(|v| {
+            v["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == "a" && p["egressIsolated"] == false)
+        })
+    });
+    let tunnel = pod_counter(&b, "node-1", a.ip, "tunnelPackets");
+    assert!(!probe(&a.netns, bb.ip, 80, Proto::Tcp));
+    assert!(pod_counter(&b, "node-1", a.ip, "tunnelPackets") > tunnel, "a's SYNs left node-1");
+    assert!(pod_counter(&b, "node-2", bb.ip, "dropPolicyIngress") > b_ingress, "counted on the receiver's node");
+    let metrics = b.status("node-2", "/metrics").unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("contiv_pod_dropped_packets_total{namespace=\"x\",pod=\"b\"") && l.contains("policy_ingress")
+        })
+        .unwrap_or_else(|| panic!("no policy_ingress drops of x/b in\n{metrics}"));
+    assert!(line.rsplit(' ').next().unwrap().parse::<u64>().unwrap() > 0, "{line}");
+
+    // What the maps hold, through netctl: node-2 enforces b's ingress (c's /32, every port;
+    // the node's own addresses), nothing for egress; node-1 knows nothing of b.
+    let out = b.netctl(&["get", "policies", "--node", "node-2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let row = |dir: &str, peer: &str| {
+        text.lines()
+            .any(|l| l.starts_with("x/b ") && l.contains(&format!(" {dir} ")) && l.contains(&format!(" {peer} ")))
+    };
+    assert!(row("ingress", &format!("{}/32", c.ip)), "{text}");
+    assert!(row("ingress", &format!("{}/32", b.node("node-2").ip)), "the node's own address: {text}");
+    assert!(row("egress", "(not isolated)"), "{text}");
+    assert!(!row("ingress", &format!("{}/32", a.ip)), "{text}");
+    let out = b.netctl(&["get", "policies", "--node", "node-1", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let pods: Vec<&str> = v["pods"].as_array().unwrap().iter().map(|p| p["podName"].as_str().unwrap()).collect();
+    assert!(pods.contains(&"a") && pods.contains(&"c") && !pods.contains(&"b"), "{v}");
+    assert!(
+        v["pods"].as_array().unwrap().iter().all(|p| p["ingressIsolated"] == false && p["egressIsolated"] == false)
+    );
+    let out = b.netctl(&["get", "policies", "--node", "node-9"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no node node-9"));
+}

@@ -211,7 +211,11 @@ fn main() {
             prog.load().expect("load xdp_to_vswitch");
             prog.attach(&args.ifname, XdpMode::Driver).expect("attach xdp_to_vswitch (native)");
             let cfg = PortConfig { frame_count: 4096, ..PortConfig::new(args.ifname.clone(), 0) };
-            let gw = GatewayConfig { ip: std::net::Ipv4Addr::new(10, 1, 0, 1), mac: [0x02, 0xfe, 0, 0, 0, 1], path_mtu: None };
+            let gw = GatewayConfig {
+                ip: std::net::Ipv4Addr::new(10, 1, 0, 1),
+                mac: [0x02, 0xfe, 0, 0, 0, 1],
+                path_mtu: None,
+            };
             let p = Arc::new(AfXdpPort::open(cfg).expect("AF_XDP port").run(BuiltinVswitch::new(gw)).expect("run"));
             let mut xsks =
                 XskMap::try_from(ebpf.map_mut(map_names::SLOWPATH_XSKS).expect("SLOWPATH_XSKS")).expect("XSKMAP");

@@ -6,6 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use contiv_vpp_backend::VppConfig;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
@@ -61,6 +62,7 @@ struct RawConfig {
     vxlan_port: Option<u16>,
     masquerade: Option<bool>,
     allow_private_bpffs: Option<bool>,
+    vpp: Option<VppConfig>,
 }
 
 /// Who owns the node's wire (ARCHITECTURE.md).
@@ -69,6 +71,20 @@ pub enum UplinkMode {
     /// The kernel owns the NIC; cross-node traffic is eBPF-encapsulated into one flow-based
     /// VXLAN device; host and outside traffic go through the host stack.
     Kernel,
+    /// FD.io VPP owns the NIC (DPDK): everything pods send that leaves the node crosses the
+    /// slow-path port (XDP -> AF_XDP) into VPP, which tunnels to other nodes, routes, NATs
+    /// and reaches the host over its tap. Configured by `[vpp]`.
+    Vpp,
+}
+
+impl UplinkMode {
+    /// The config file's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UplinkMode::Kernel => "kernel",
+            UplinkMode::Vpp => "vpp",
+        }
+    }
 }
 
 /// The VXLAN overlay between nodes (kernel uplink mode).
@@ -156,6 +172,9 @@ pub struct AgentConfig {
     pub slowpath_vswitch_ifname: String,
     /// DNS for pods. Default: none.
     pub dns: DnsConfig,
+    /// The `[vpp]` section (used with `uplink = "vpp"`): VPP's API socket, the NIC DPDK
+    /// takes, CPUs, the host interconnect, NAT (see contiv-vpp-backend).
+    pub vpp: VppConfig,
 }
 
 pub const DEFAULT_POD_SUBNET: &str = "10.1.1.0/24";
@@ -249,10 +268,31 @@ impl AgentConfig {
         }
         let uplink = match raw.uplink.as_deref() {
             None | Some("kernel") => UplinkMode::Kernel,
+            Some("vpp") => UplinkMode::Vpp,
             Some(other) => {
-                return Err(ConfigError::Invalid(format!("uplink {other:?} is not supported (use \"kernel\")")));
+                return Err(ConfigError::Invalid(format!(
+                    "uplink {other:?} is not supported (use \"kernel\" or \"vpp\")"
+                )));
             }
         };
+        if uplink == UplinkMode::Vpp {
+            // VPP holds the NIC: the kernel-side wire settings would be silently ignored.
+            for (set, field) in [
+                (raw.uplink_interface.is_some(), "uplinkInterface"),
+                (raw.node_ip.is_some(), "nodeIP"),
+                (raw.overlay_ifname.is_some(), "overlayIfname"),
+                (raw.vxlan_vni.is_some(), "vxlanVni"),
+                (raw.vxlan_port.is_some(), "vxlanPort"),
+                (raw.masquerade.is_some(), "masquerade"),
+            ] {
+                if set {
+                    return Err(ConfigError::Invalid(format!(
+                        "{field} is a kernel-uplink setting; with uplink = \"vpp\" VPP owns the NIC (the node IP \
+                         is [vpp] uplinkAddress or contiv-stn's handover, the tunnels' VNI is [vpp] vxlanVni)"
+                    )));
+                }
+            }
+        }
         let overlay = OverlayConfig {
             ifname: ifname_check(raw.overlay_ifname, "cvx0", "overlayIfname")?,
             vni: raw.vxlan_vni.unwrap_or(1),
@@ -306,6 +346,7 @@ impl AgentConfig {
             slowpath_host_ifname,
             slowpath_vswitch_ifname,
             dns: raw.dns.unwrap_or_default(),
+            vpp: raw.vpp.unwrap_or_default(),
         })
     }
 }
@@ -407,6 +448,45 @@ mod tests {
             ("vxlanVni = 0", "vxlanVni"),
             ("vxlanVni = 16777216", "vxlanVni"),
             ("nodeIP = \"x\"", "nodeIP"),
+        ] {
+            let err = AgentConfig::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");
+        }
+    }
+
+    #[test]
+    fn vpp_uplink_reads_the_vpp_section() {
+        let c = AgentConfig::from_toml(
+            r#"
+            uplink = "vpp"
+            [vpp]
+            apiSocket = "/run/vpp/contiv.sock"
+            uplinkPci = "0000:00:08.0"
+            uplinkAddress = "192.168.16.1/24"
+            uplinkGateway = "192.168.16.254"
+            workerCores = [1]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.uplink, UplinkMode::Vpp);
+        assert_eq!(c.vpp.api_socket, PathBuf::from("/run/vpp/contiv.sock"));
+        assert_eq!(c.vpp.uplink_pci.as_deref(), Some("0000:00:08.0"));
+        assert_eq!(c.vpp.worker_cores, vec![1]);
+        let printed = format!("{c:#?}");
+        assert!(printed.contains("Vpp") && printed.contains("0000:00:08.0"), "check-config shows it: {printed}");
+        // Kernel mode stays the default, and a [vpp] table alone does not switch.
+        let k = AgentConfig::from_toml("[vpp]\nuplinkPci = \"0000:00:08.0\"").unwrap();
+        assert_eq!(k.uplink, UplinkMode::Kernel);
+    }
+
+    #[test]
+    fn vpp_uplink_refuses_kernel_wire_settings_and_bad_vpp_values() {
+        for (text, needle) in [
+            ("uplink = \"vpp\"\nnodeIP = \"192.0.2.1\"", "nodeIP"),
+            ("uplink = \"vpp\"\nmasquerade = false", "masquerade"),
+            ("uplink = \"vpp\"\nvxlanVni = 5", "vxlanVni"),
+            ("uplink = \"vpp\"\n[vpp]\nuplinkPci = \"eth0\"", "uplinkPci"),
+            ("uplink = \"vpp\"\n[vpp]\nnoSuchKey = 1", "noSuchKey"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");

@@ -3,7 +3,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use contiv_agent::{agent::Agent, cluster, cni_server, config::AgentConfig, status};
+use contiv_agent::{
+    agent::Agent,
+    cluster, cni_server,
+    config::{AgentConfig, UplinkMode},
+    status,
+};
 
 /// Exit code for a bad configuration (sysexits EX_USAGE... EX_CONFIG).
 const EX_CONFIG: u8 = 78;
@@ -24,6 +29,9 @@ enum Command {
     Run,
     /// Validate the configuration, print it, and exit.
     CheckConfig,
+    /// Print VPP's startup.conf rendered from the `[vpp]` section (for `uplink = "vpp"`):
+    /// the NIC for DPDK, CPUs, the plugins in use, the API socket.
+    RenderStartupConf,
 }
 
 fn main() -> ExitCode {
@@ -40,9 +48,27 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    if let Some(Command::CheckConfig) = cli.command {
-        println!("{config:#?}");
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::CheckConfig) => {
+            println!("{config:#?}");
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::RenderStartupConf) => {
+            if config.uplink != UplinkMode::Vpp {
+                eprintln!("contiv-agent: note: uplink is {:?}, not \"vpp\"; rendering anyway", config.uplink.as_str());
+            }
+            return match contiv_vpp_backend::render_startup_conf(&config.vpp) {
+                Ok(conf) => {
+                    print!("{conf}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("contiv-agent: bad configuration: {e}");
+                    ExitCode::from(EX_CONFIG)
+                }
+            };
+        }
+        Some(Command::Run) | None => {}
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -13,6 +13,8 @@
 //! - a node leaving (agent killed, lease expired) and joining again;
 //! - a fake VPP restarted mid-run: the agent reconnects and replays, pods keep talking, and
 //!   the eBPF maps and links are untouched;
+//! - an agent restart: VPP keeps serving the pods through the pinned slow-path port, and the
+//!   restarted agent takes it over without re-creating VPP's interface;
 //! - a fake VPP that lists a message the agent needs under another CRC.
 
 use std::{
@@ -373,6 +375,30 @@ fn a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouch
     assert_eq!(bpftool(&["map", "dump", "pinned", &pin("PODS")]), pods_map, "PODS entries untouched");
     assert_eq!(link_ids(&links), ids_before, "the pods' and the port's links untouched");
     assert_eq!(bpftool(&["map", "show", "pinned", &pin("xsks_map")])["id"], xsks_before, "the same xsks_map");
+}
+
+#[test]
+fn an_agent_restart_in_vpp_mode_keeps_the_fake_vpp_serving_the_pods() {
+    let Some(papi) = papi("an_agent_restart_in_vpp_mode_keeps_the_fake_vpp_serving_the_pods") else { return };
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(2));
+    let a = b.add_pod("node-1", "default/a", &[], &[]);
+    let before = wait_programmed(&b, &papi, "node-1", &["node-2"], Duration::from_secs(30));
+    let pin = b.node("node-1").pin_dir.join("links/cslow1_xdp").to_string_lossy().into_owned();
+    let xdp_link = bpftool(&["link", "show", "pinned", &pin])["id"].clone();
+    assert!(ping(&b, &a.id(), gateway_of(&a)));
+
+    b.stop_agent("node-1", false);
+    assert!(ping(&b, &a.id(), gateway_of(&a)), "VPP keeps answering the pod while its agent is away");
+    b.start_agent("node-1");
+    let after = wait_programmed(&b, &papi, "node-1", &["node-2"], Duration::from_secs(30));
+    assert_eq!(
+        after.interfaces["xdp-cslow1"].0, before.interfaces["xdp-cslow1"].0,
+        "VPP's af_xdp interface was kept, not re-created"
+    );
+    assert_eq!(bpftool(&["link", "show", "pinned", &pin])["id"], xdp_link, "the XDP link was updated in place");
+    assert!(ping(&b, &a.id(), gateway_of(&a)), "the socket is still registered after the restart");
+    let log = b.agent_log("node-1");
+    assert!(!log.contains("removed xdp-cslow1"), "the port was kept, so VPP's interface was not stale");
 }
 
 #[test]

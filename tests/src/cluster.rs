@@ -19,6 +19,13 @@
 //! every namespace, pin directory and process carries the box id, so `down` removes it all,
 //! also after a crash. Agents run under `nsenter --net` (the host's mount namespace, so
 //! their pins live in the host's bpffs, as a hostNetwork DaemonSet's do).
+//!
+//! **VPP mode** (`BoxOptions::fake_vpp`): no VPP can run here, so every node gets its own
+//! FAKE VPP (`contiv-fake-vpp --af-xdp`, in the node's namespace, socket in the node's
+//! directory) and its agent runs with `uplink = "vpp"`, the uplink's address given as
+//! `[vpp] uplinkAddress` (the node's own eth0 address; no contiv-stn takes the NIC). The
+//! fake keeps what the agent programs and answers ARP/ping for its af_xdp interface's
+//! address over a real AF_XDP socket; it forwards nothing between nodes.
 
 use std::{
     collections::BTreeMap,
@@ -68,6 +75,9 @@ pub struct BoxOptions {
     pub persist: bool,
     /// Extra agent config lines for every node.
     pub agent_config: String,
+    /// VPP mode: each node gets a fake VPP started with these extra arguments (e.g.
+    /// `--crc-override NAME=CRC`); None: kernel uplink mode.
+    pub fake_vpp: Option<Vec<String>>,
 }
 
 impl BoxOptions {
@@ -75,7 +85,12 @@ impl BoxOptions {
     pub fn for_test(nodes: usize) -> Self {
         let id = crate::unique("cb");
         let dir = std::env::temp_dir().join(format!("contiv-{id}"));
-        Self { nodes, id, dir, persist: false, agent_config: String::new() }
+        Self { nodes, id, dir, persist: false, agent_config: String::new(), fake_vpp: None }
+    }
+
+    /// A throwaway box in VPP mode: every node with its own fake VPP.
+    pub fn for_test_vpp(nodes: usize) -> Self {
+        Self { fake_vpp: Some(Vec::new()), ..Self::for_test(nodes) }
     }
 }
 
@@ -90,6 +105,12 @@ pub struct BoxNode {
     pub pin_dir: PathBuf,
     pub config: PathBuf,
     pub agent_pid: Option<u32>,
+    /// VPP mode: the fake VPP's API socket.
+    #[serde(default)]
+    pub vpp_socket: Option<PathBuf>,
+    /// VPP mode: the fake VPP's pid while it runs.
+    #[serde(default)]
+    pub vpp_pid: Option<u32>,
 }
 
 /// A pod of the box.
@@ -124,6 +145,9 @@ pub struct BoxState {
     pub nodes: Vec<BoxNode>,
     pub pods: Vec<BoxPod>,
     pub agent_config: String,
+    /// VPP mode: the fake VPPs' extra arguments.
+    #[serde(default)]
+    pub fake_vpp: Option<Vec<String>>,
 }
 
 /// A running box.
@@ -243,6 +267,7 @@ impl ClusterBox {
             nodes: vec![],
             pods: vec![],
             agent_config: opts.agent_config.clone(),
+            fake_vpp: opts.fake_vpp.clone(),
         };
         let mut b = Self { state, persist: opts.persist };
         b.save();
@@ -347,16 +372,43 @@ impl ClusterBox {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&self.state.id).join(&name);
         let socket = dir.join("cni.sock");
         let config = dir.join("agent.toml");
-        let text = format!(
+        let vpp_socket = self.state.fake_vpp.is_some().then(|| dir.join("vpp").join("api.sock"));
+        let mut text = format!(
             "nodeName = \"{name}\"\ncniSocket = \"{}\"\nstateDir = \"{}\"\nbpfPinDir = \"{}\"\n\
-             etcdEndpoints = [\"http://{CONTROL_IP}:2379\"]\npodSubnetCIDR = \"{CLUSTER_POD_CIDR}\"\n{}",
+             etcdEndpoints = [\"http://{CONTROL_IP}:2379\"]\npodSubnetCIDR = \"{CLUSTER_POD_CIDR}\"\n",
             socket.display(),
             dir.join("state").display(),
             pin_dir.display(),
-            self.state.agent_config
         );
+        if vpp_socket.is_some() {
+            text.push_str("uplink = \"vpp\"\n");
+        }
+        text.push_str(&self.state.agent_config);
+        if let Some(vpp_socket) = &vpp_socket {
+            // VPP holds the node's uplink address (here: given, as on a node whose VPP NIC the
+            // host never configured) and reaches the underlay's router through it.
+            text.push_str(&format!(
+                "\n[vpp]\napiSocket = \"{}\"\nuplinkName = \"uplink0\"\nuplinkAddress = \"{ip}/{UNDERLAY_PREFIX}\"\n\
+                 uplinkGateway = \"{ROUTER_IP}\"\nuplinkMtu = 1500\n",
+                vpp_socket.display()
+            ));
+        }
         std::fs::write(&config, text).expect("agent config");
-        self.state.nodes.push(BoxNode { name: name.clone(), netns, ip, dir, socket, pin_dir, config, agent_pid: None });
+        self.state.nodes.push(BoxNode {
+            name: name.clone(),
+            netns,
+            ip,
+            dir,
+            socket,
+            pin_dir,
+            config,
+            agent_pid: None,
+            vpp_socket,
+            vpp_pid: None,
+        });
+        if self.state.fake_vpp.is_some() {
+            self.start_vpp(&name);
+        }
         self.start_agent(&name);
     }
 
@@ -408,19 +460,79 @@ impl ClusterBox {
         self.save();
     }
 
+    /// VPP mode: starts a node's fake VPP (in the node's namespace) and waits until its API
+    /// socket accepts connections. It starts with no state, as a restarted VPP does.
+    pub fn start_vpp(&mut self, node: &str) {
+        let n = self.node(node).clone();
+        let (Some(args), Some(socket)) = (self.state.fake_vpp.clone(), n.vpp_socket.clone()) else {
+            panic!("{node} has no fake VPP (not a VPP-mode box)")
+        };
+        assert!(n.vpp_pid.is_none_or(|p| !alive(p)), "fake VPP of {node} already running");
+        std::fs::create_dir_all(socket.parent().expect("socket dir")).expect("VPP socket dir");
+        let index: u8 = node.trim_start_matches("node-").parse().unwrap_or(0);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", n.netns))
+            .arg(self.state.bin_dir.join("contiv-fake-vpp"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--nic", &format!("uplink0=52:54:00:00:01:{index:02x}"), "--af-xdp"])
+            .args(&args);
+        let pid = spawn_detached(cmd, &n.dir.join("vpp.log"));
+        self.node_mut(node).vpp_pid = Some(pid);
+        self.save();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            reap(pid);
+            assert!(alive(pid), "fake VPP of {node} exited:\n{}", self.vpp_log(node));
+            assert!(Instant::now() < deadline, "fake VPP of {node} not listening in 20 s:\n{}", self.vpp_log(node));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// VPP mode: stops a node's fake VPP (`kill`: SIGKILL, a crash). What it held is gone.
+    pub fn stop_vpp(&mut self, node: &str, kill: bool) {
+        let Some(pid) = self.node(node).vpp_pid else { return };
+        if kill {
+            // SAFETY: the pid of the fake VPP this box started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while alive(pid) && Instant::now() < deadline {
+                reap(pid);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            stop_pid(pid, Duration::from_secs(5));
+        }
+        self.node_mut(node).vpp_pid = None;
+        self.save();
+    }
+
+    /// VPP mode: the fake VPP's API socket of a node.
+    pub fn vpp_socket(&self, node: &str) -> PathBuf {
+        self.node(node).vpp_socket.clone().unwrap_or_else(|| panic!("{node} has no fake VPP"))
+    }
+
+    pub fn vpp_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.node(node).dir.join("vpp.log")).unwrap_or_default()
+    }
+
     pub fn agent_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.node(node).dir.join("agent.log")).unwrap_or_default()
     }
 
-    /// Waits until every running agent routes to every other node (or panics).
+    /// Waits until every running agent routes to every other node (or panics): a pod
+    /// subnet and a node address per other node in the kernel's overlay routes, or, in VPP
+    /// mode, a tunnel per other node in what the agent has VPP hold.
     pub fn wait_converged(&self, timeout: Duration) {
         let running: Vec<&BoxNode> = self.state.nodes.iter().filter(|n| n.agent_pid.is_some()).collect();
-        let want = 2 * (running.len().saturating_sub(1));
+        let others = running.len().saturating_sub(1);
         self.wait_for(timeout, "every node routes to every other", || {
             running.iter().all(|n| {
-                self.status_json(&n.name, "/node")
-                    .and_then(|v| v["remoteRoutes"].as_object().map(|m| m.len()))
-                    .is_some_and(|len| len == want)
+                let Some(v) = self.status_json(&n.name, "/node") else { return false };
+                match v["vpp"]["remoteNodes"].as_object() {
+                    Some(tunnels) => tunnels.len() == others,
+                    None => v["remoteRoutes"].as_object().is_some_and(|m| m.len() == 2 * others),
+                }
             })
         });
     }
@@ -623,6 +735,9 @@ impl ClusterBox {
             if let Some(pid) = n.agent_pid {
                 stop_pid(pid, Duration::from_secs(10));
             }
+            if let Some(pid) = n.vpp_pid {
+                stop_pid(pid, Duration::from_secs(5));
+            }
         }
         if let Some(pid) = self.state.etcd_pid {
             stop_pid(pid, Duration::from_secs(5));
@@ -658,6 +773,9 @@ impl Drop for ClusterBox {
         if std::thread::panicking() {
             for n in &self.state.nodes {
                 eprintln!("--- agent log of {} ---\n{}", n.name, tail(&self.agent_log(&n.name), 60));
+                if n.vpp_socket.is_some() {
+                    eprintln!("--- fake VPP log of {} ---\n{}", n.name, tail(&self.vpp_log(&n.name), 20));
+                }
             }
         }
         self.down();

@@ -17,6 +17,10 @@ pub enum ClusterCmd {
         /// Extra agent configuration (TOML lines) for every node.
         #[arg(long, default_value = "")]
         agent_config: String,
+        /// VPP mode: `uplink = "vpp"`, each node with its own FAKE VPP (contiv-fake-vpp), which
+        /// holds what the agent programs but forwards nothing between nodes.
+        #[arg(long)]
+        fake_vpp: bool,
     },
     /// Pods: `pod add NODE NS/NAME [--labels k=v,...] [--ports name=8080/TCP,...]`, `pod del NS/NAME`.
     Pod {
@@ -74,7 +78,7 @@ fn load(dir: &Path) -> Result<ClusterBox> {
 pub fn run(dir: Option<PathBuf>, cmd: ClusterCmd) -> Result<()> {
     let dir = dir.unwrap_or_else(|| PathBuf::from(cluster::DEFAULT_DIR));
     match cmd {
-        ClusterCmd::Up { nodes, agent_config } => {
+        ClusterCmd::Up { nodes, agent_config, fake_vpp } => {
             if dir.join("box.json").exists() {
                 bail!("a box already runs from {} (cargo xtask cluster down first)", dir.display());
             }
@@ -87,6 +91,7 @@ pub fn run(dir: Option<PathBuf>, cmd: ClusterCmd) -> Result<()> {
                 dir,
                 persist: true,
                 agent_config: agent_config.replace("\\n", "\n"),
+                fake_vpp: fake_vpp.then(Vec::new),
             });
             print_status(&b);
         }

@@ -21,6 +21,10 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// Slow-path port rx queue -> AF_XDP socket served by the vswitch.
     pub const SLOWPATH_XSKS: &str = "SLOWPATH_XSKS";
+    /// Slow-path port rx queue -> AF_XDP socket of VPP's af_xdp interface (`uplink = "vpp"`).
+    /// The name is the one libbpf/libxdp look up in the XDP program already attached to an
+    /// interface: VPP's af_xdp plugin registers its own sockets here (see `xdp_to_vpp`).
+    pub const VPP_XSKS: &str = "xsks_map";
     /// [`super::SlowPortCounters`] (per CPU, one entry) for the slow-path port programs.
     pub const SLOWPORT_COUNTERS: &str = "SLOWPORT_COUNTERS";
     /// LPM trie: remote pod subnet or remote node address -> [`super::RemoteRoute`] (the node
@@ -74,9 +78,11 @@ pub mod schema {
         (POD_IFACES, 1),
         // v2: tunnel, host and from-tunnel counters appended.
         (POD_COUNTERS, 2),
-        // v2: pod subnet, overlay device, VNI and node address appended.
+        // v2: pod subnet, overlay device, VNI and node address appended. (The trailing padding
+        // became `flags` without a layout change: an older agent's zeros mean kernel mode.)
         (CONFIG, 2),
         (SLOWPATH_XSKS, 1),
+        (VPP_XSKS, 1),
         (SLOWPORT_COUNTERS, 1),
         (REMOTE_ROUTES, 1),
         (OVERLAY_COUNTERS, 1),
@@ -125,6 +131,9 @@ pub mod program_names {
     pub const FROM_VSWITCH: &str = "tc_from_vswitch";
     /// XDP on the vswitch end of the slow-path port: steers frames into the AF_XDP socket.
     pub const TO_VSWITCH: &str = "xdp_to_vswitch";
+    /// XDP on the vswitch end of the slow-path port in `uplink = "vpp"` mode: steers frames
+    /// into the AF_XDP socket VPP's af_xdp interface registered in `xsks_map`.
+    pub const TO_VPP: &str = "xdp_to_vpp";
     /// TC ingress on the overlay (VXLAN) device: decapsulated traffic from other nodes.
     pub const FROM_OVERLAY: &str = "tc_from_overlay";
     /// TC egress on the overlay device: gives host-originated packets their tunnel key.
@@ -271,6 +280,17 @@ pub struct DatapathConfig {
     pub node_ip: [u8; 4],
     /// ifindex of the uplink: replies to clients outside the cluster leave by it.
     pub uplink_ifindex: u32,
+    /// [`config_flags`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`DatapathConfig::flags`].
+pub mod config_flags {
+    /// `uplink = "vpp"`: VPP owns the wire. Everything a pod sends that is not for a local
+    /// pod (other nodes' pods, node addresses, the host, the outside) goes to the slow-path
+    /// port, whose vswitch end is VPP's af_xdp interface; the kernel overlay and the host
+    /// stack are not used for pod traffic.
+    pub const VPP_UPLINK: u32 = 1;
 }
 
 /// Where REMOTE_ROUTES sends a prefix: the node that owns it.

@@ -12,9 +12,16 @@
 //!   packets from other nodes go into local pods or to this node; host-originated packets to
 //!   other nodes' pods get their tunnel key (see `overlay.rs`).
 //! - `xdp_to_vswitch` (XDP on the vswitch end of the slow-path port): hands every frame
-//!   to the AF_XDP socket of the vswitch.
+//!   to the AF_XDP socket of the vswitch; `xdp_to_vpp` does the same into the socket VPP's
+//!   af_xdp interface registered (`uplink = "vpp"`).
 //! - `tc_from_vswitch` (tcx ingress on the host end of the slow-path port): delivers the
-//!   vswitch's frames to the pod they are addressed to.
+//!   vswitch's frames to the pod they are addressed to; in kernel mode, frames for anything
+//!   else go to the node's stack (which routes them out, or into the overlay).
+//!
+//! `uplink = "vpp"` (CONFIG flag `VPP_UPLINK`): VPP owns the wire, so `tc_from_pod` hands
+//! everything that is not for a local pod to the slow-path port, i.e. to VPP (which routes,
+//! tunnels to other nodes, NATs and reaches the host over its tap). Local pod to pod stays
+//! on the fast path.
 //!
 //! NetworkPolicy (`policy.rs`): every new flow from or to a local pod is recorded in
 //! conntrack once policy allowed it; a pod isolated for egress has its new flows checked in
@@ -49,8 +56,10 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use contiv_common::{DatapathConfig, PodCounters, PodEndpoint, pod_flags, policy_dir};
-use maps::{SLOWPATH_XSKS, config, count_overlay, count_slowport, pod, pod_by_ifindex, pod_counters, remote_route};
+use contiv_common::{DatapathConfig, PodCounters, PodEndpoint, config_flags, pod_flags, policy_dir};
+use maps::{
+    SLOWPATH_XSKS, VPP_XSKS, config, count_overlay, count_slowport, pod, pod_by_ifindex, pod_counters, remote_route,
+};
 use packet::*;
 use policy::Transport;
 use svc::{NewFlow, Origin, Outcome};
@@ -339,6 +348,10 @@ fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4]) -> Verdic
         eth[6..12].copy_from_slice(&cfg.gateway_mac);
         return Verdict::Local(peer);
     }
+    if (cfg.flags & config_flags::VPP_UPLINK) != 0 {
+        // VPP owns the wire: it routes (and decrements the TTL) for everything leaving here.
+        return Verdict::SlowPath;
+    }
     let overlay = cfg.overlay_ifindex;
     if overlay != 0
         && let Some(route) = remote_route(dst)
@@ -483,33 +496,54 @@ pub fn tc_from_vswitch(ctx: TcContext) -> i32 {
         count_slowport(|c| c.from_vswitch_no_pod += 1);
         return TC_ACT_SHOT;
     };
-    if let Some(pod) = pod(dst) {
-        if let Some(c) = pod_counters(dst) {
-            c.from_slow_packets += 1;
-            c.from_slow_bytes += len;
-        }
-        count_slowport(|c| c.from_vswitch_delivered += 1);
-        return deliver(&pod);
-    }
-    // Not a local pod: a reply (a refusal) to a client on another node or outside.
-    let Some(cfg) = config() else {
-        count_slowport(|c| c.from_vswitch_no_pod += 1);
-        return TC_ACT_SHOT;
+    let Some(pod) = pod(dst) else {
+        return from_vswitch_elsewhere(&ctx, dst);
     };
-    if cfg.overlay_ifindex != 0
-        && let Some(route) = remote_route(dst)
-        && overlay::set_tunnel(&ctx, route.node_ip, cfg.vni)
+    // VPP mode: VPP brings other nodes' and the outside's traffic here, so a new flow must
+    // pass the pod's ingress rules (the built-in vswitch only answers for the gateway: the
+    // pod's own node, always allowed).
+    if pod.flags & pod_flags::INGRESS_ISOLATED != 0
+        && config().is_some_and(|c| c.flags & config_flags::VPP_UPLINK != 0)
+        && !vpp_ingress_allowed(&ctx, &pod)
     {
-        count_slowport(|c| c.from_vswitch_delivered += 1);
-        // SAFETY: plain helper call.
-        return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
+        if let Some(c) = pod_counters(dst) {
+            c.drop_policy_ingress += 1;
+        }
+        return TC_ACT_SHOT;
     }
-    if cfg.uplink_ifindex != 0 && !in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {
-        count_slowport(|c| c.from_vswitch_delivered += 1);
-        return to_uplink(cfg.uplink_ifindex);
+    if let Some(c) = pod_counters(dst) {
+        c.from_slow_packets += 1;
+        c.from_slow_bytes += len;
     }
-    count_slowport(|c| c.from_vswitch_no_pod += 1);
-    TC_ACT_SHOT
+    count_slowport(|c| c.from_vswitch_delivered += 1);
+    deliver(&pod)
+}
+
+/// A frame from VPP for an ingress-isolated pod: a tracked flow, or a new one its rules
+/// allow (then tracked). ARP is always allowed.
+#[inline(always)]
+fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
+        return true;
+    };
+    if ethertype(eth) != ETH_P_IP {
+        return true;
+    }
+    if has_options_or_is_fragment(ip) {
+        return false;
+    }
+    let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
+    let t = policy::transport(data, data_end, proto);
+    if policy::tracked(&t, src, dst) {
+        return true;
+    }
+    if !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
+        return false;
+    }
+    let tcp_flags = nat::l4(data, data_end, proto).map_or(0, |l4| l4.tcp_flags);
+    policy::track(src, dst, &t, tcp_flags);
+    true
 }
 
 /// Traffic from outside the cluster to NodePorts, externalIPs and load-balancer IPs (tcx
@@ -625,6 +659,37 @@ fn from_outside_to_pod(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, t
     TC_ACT_OK
 }
 
+/// A frame from the slow path for no local pod (a reply, e.g. a refusal, to a client on
+/// another node or outside). Kernel mode: another node's pod or node -> the overlay; this
+/// node's own address -> its stack; the outside -> out of the uplink (the stack would take a
+/// service frontend as source for a martian). VPP mode: VPP sends such frames out of its
+/// own interfaces, never back through the port.
+#[inline(always)]
+fn from_vswitch_elsewhere(ctx: &TcContext, dst: [u8; 4]) -> i32 {
+    let Some(cfg) = config() else {
+        count_slowport(|c| c.from_vswitch_no_pod += 1);
+        return TC_ACT_SHOT;
+    };
+    if (cfg.flags & config_flags::VPP_UPLINK) != 0 || in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {
+        count_slowport(|c| c.from_vswitch_no_pod += 1);
+        return TC_ACT_SHOT;
+    }
+    count_slowport(|c| c.from_vswitch_delivered += 1);
+    if cfg.overlay_ifindex != 0
+        && let Some(route) = remote_route(dst)
+        && overlay::set_tunnel(ctx, route.node_ip, cfg.vni)
+    {
+        // SAFETY: plain helper call.
+        return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
+    }
+    if cfg.uplink_ifindex != 0 && !lb::is_local_node_addr(dst) {
+        return to_uplink(cfg.uplink_ifindex);
+    }
+    // SAFETY: plain helper call on our own skb.
+    unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+    TC_ACT_OK
+}
+
 /// The pod IPv4 address a frame from the vswitch is for: IPv4 destination, or the
 /// ARP target protocol address.
 #[inline(always)]
@@ -642,8 +707,18 @@ fn vswitch_frame_destination(data: usize, data_end: usize) -> Option<[u8; 4]> {
 
 #[xdp]
 pub fn xdp_to_vswitch(ctx: XdpContext) -> u32 {
-    let queue = ctx.rx_queue_index();
-    match SLOWPATH_XSKS.redirect(queue, u64::from(xdp_action::XDP_DROP)) {
+    to_socket(&SLOWPATH_XSKS, ctx.rx_queue_index())
+}
+
+#[xdp]
+pub fn xdp_to_vpp(ctx: XdpContext) -> u32 {
+    to_socket(&VPP_XSKS, ctx.rx_queue_index())
+}
+
+/// Redirects the frame to the AF_XDP socket of `queue` in `sockets`.
+#[inline(always)]
+fn to_socket<const N: usize>(sockets: &aya_ebpf::btf_maps::XskMap<N>, queue: u32) -> u32 {
+    match sockets.redirect(queue, u64::from(xdp_action::XDP_DROP)) {
         Ok(action) => {
             count_slowport(|c| c.to_vswitch_packets += 1);
             action

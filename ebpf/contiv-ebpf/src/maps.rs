@@ -30,6 +30,11 @@ pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
 #[btf_map]
 pub static SLOWPATH_XSKS: XskMap<{ MAX_SLOWPATH_QUEUES as usize }> = XskMap::new();
 
+/// `uplink = "vpp"`: VPP's af_xdp interface registers its sockets here itself. libbpf and
+/// libxdp look the map up by this name in the program attached to the interface.
+#[btf_map(name = "xsks_map")]
+pub static VPP_XSKS: XskMap<{ MAX_SLOWPATH_QUEUES as usize }> = XskMap::new();
+
 #[btf_map]
 pub static SLOWPORT_COUNTERS: PerCpuArray<SlowPortCounters, 1> = PerCpuArray::new();
 

@@ -20,17 +20,18 @@ use std::{
 use contiv_cni_api::{codes, v1};
 use contiv_common::{OverlayCounters, PodCounters};
 use contiv_node_registry::NodeRegistration;
-use contiv_vswitch::{BuiltinVswitch, GatewayConfig, PortCounters, RunningPort, VswitchCounters};
+use contiv_vswitch::{BuiltinVswitch, GatewayConfig, PortCounters, VswitchCounters};
 use tokio::sync::Mutex;
 use tracing::Instrument;
 
 use crate::{
     apply::Applier,
     bandwidth::BandwidthLimits,
-    config::{AgentConfig, format_mac, parse_mac},
+    config::{self, AgentConfig, format_mac, parse_mac},
     datapath::Datapath,
     plan::{NodeParams, OverlayParams, Plan},
     podnet::{self, PodLinkSpec},
+    slowpath::SlowPathBackend,
     state::{AttachmentKey, NodeState, PodAttachment},
     tcx,
     timing::phase,
@@ -69,7 +70,8 @@ pub struct Agent {
     /// Node-wide plan inputs (fixed once the agent runs).
     params: NodeParams,
     inner: Mutex<Inner>,
-    slowpath: std::sync::Mutex<Option<RunningPort<BuiltinVswitch>>>,
+    /// Who serves the slow-path port: the built-in vswitch or VPP (by `uplink`).
+    slowpath: SlowPathBackend,
     /// The cluster model (from the store), once the cluster watch runs: links each
     /// attachment to its Pod object.
     model: std::sync::OnceLock<Arc<std::sync::RwLock<contiv_cluster_watch::ClusterModel>>>,
@@ -165,9 +167,14 @@ pub struct PeerAllowance {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SlowPathReport {
+    /// `builtin` or `vpp`.
+    pub backend: &'static str,
     pub vswitch: Option<VswitchCounters>,
     pub port: Option<PortCounters>,
     pub programs: Option<SlowPortReport>,
+    /// VPP mode: the API connection and the last reconcile pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vpp: Option<crate::vpp::VppReport>,
 }
 
 /// The node's wire as `/node` shows it.
@@ -183,6 +190,11 @@ pub struct NodeReport {
     /// Other nodes' pod subnets and addresses, and the node each is tunnelled to.
     pub remote_routes: std::collections::BTreeMap<String, Ipv4Addr>,
     pub overlay_counters: Option<OverlayReport>,
+    /// `kernel` or `vpp`.
+    pub uplink_mode: &'static str,
+    /// VPP mode: the node IP VPP holds and the tunnels it keeps to the other nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vpp: Option<crate::vpp::VppNodeReport>,
 }
 
 /// The overlay device's program counters.
@@ -256,36 +268,61 @@ impl Agent {
         let state =
             NodeState::open(&config.state_dir, config.pod_subnet, config.gateway).context("opening the node state")?;
         let node = podnet::node_handle().context("opening netlink")?;
-        let uplink = crate::uplink::find(&node, &config).await.context("finding the uplink")?;
-        let pod_mtu = config.pod_mtu(uplink.as_ref().map(|u| u.mtu));
+        let vpp_mode = config.uplink == config::Uplink::Vpp;
+        // VPP mode: VPP holds the NIC; the node IP and MTU are those of the uplink it takes over.
+        let handover = match vpp_mode {
+            true => Some(crate::vpp::uplink_handover(&config.vpp, crate::vpp::HANDOVER_WAIT).await?),
+            false => None,
+        };
+        let uplink = match vpp_mode {
+            true => None,
+            false => crate::uplink::find(&node, &config).await.context("finding the uplink")?,
+        };
+        let pod_mtu = match &handover {
+            Some(h) => config.pod_mtu(Some(h.mtu.unwrap_or(1500))),
+            None => config.pod_mtu(uplink.as_ref().map(|u| u.mtu)),
+        };
         let mut datapath =
             Datapath::load(&config.bpf_pin_dir, config.allow_private_bpffs).context("loading the eBPF datapath")?;
 
-        // Slow-path port: recreate it so its programs and the socket start clean.
         let slow_host = config.slowpath_host_ifname.clone();
         let slow_vsw = config.slowpath_vswitch_ifname.clone();
-        podnet::delete_link(&node, &slow_host).await?;
-        node.link()
-            .add(rtnetlink::LinkVeth::new(&slow_host, &slow_vsw).mtu(1500).build())
-            .execute()
-            .await
-            .context("creating the slow-path port")?;
-        for name in [&slow_host, &slow_vsw] {
-            // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into the vswitch.
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-            let link = podnet::link_by_name(&node, name).await?.with_context(|| format!("{name} vanished"))?;
+        // VPP mode: the port outlives the agent (VPP's socket is bound to it), its programs are pinned.
+        let fresh_vpp_port = match vpp_mode {
+            true => {
+                let fresh = crate::vpp::ensure_slow_port(&node, &slow_host, &slow_vsw).await?;
+                datapath.attach_vpp_port(&slow_host, &slow_vsw, fresh).context("attaching the slow-path programs")?;
+                fresh
+            }
+            false => false,
+        };
+        // Kernel mode: recreate it so its programs and the socket start clean.
+        if !vpp_mode {
+            datapath.forget_vpp_port(&slow_host, &slow_vsw);
+            podnet::delete_link(&node, &slow_host).await?;
             node.link()
-                .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())
+                .add(rtnetlink::LinkVeth::new(&slow_host, &slow_vsw).mtu(1500).build())
                 .execute()
                 .await
-                .with_context(|| format!("bringing {name} up"))?;
+                .context("creating the slow-path port")?;
+            for name in [&slow_host, &slow_vsw] {
+                // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into the vswitch.
+                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+                let link = podnet::link_by_name(&node, name).await?.with_context(|| format!("{name} vanished"))?;
+                node.link()
+                    .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())
+                    .execute()
+                    .await
+                    .with_context(|| format!("bringing {name} up"))?;
+            }
+            datapath.attach_slow_port(&slow_host, &slow_vsw).context("attaching the slow-path programs")?;
         }
         let slow_host_index =
             podnet::link_by_name(&node, &slow_host).await?.context("slow-path port vanished")?.header.index;
-        datapath.attach_slow_port(&slow_host, &slow_vsw).context("attaching the slow-path programs")?;
 
         // The wire: the node routes pod traffic, and other nodes' pods are behind the overlay.
         let overlay = match &uplink {
+            None if vpp_mode => None,
             Some(u) => {
                 crate::uplink::enable_forwarding()?;
                 let o = crate::uplink::ensure_overlay(&node, &config.overlay, u).await.context("the overlay device")?;
@@ -320,16 +357,37 @@ impl Agent {
                 _ => None,
             },
             masquerade_uplink: uplink.as_ref().filter(|_| config.masquerade).map(|u| u.ifname.clone()),
+            vpp_uplink: vpp_mode,
         };
 
-        let gateway = GatewayConfig {
-            ip: config.gateway,
-            mac: config.gateway_mac,
-            path_mtu: overlay.as_ref().map(|o| o.mtu as u16),
+        let slowpath = match handover {
+            Some(handover) => {
+                let params = crate::vpp::VppNodeParams {
+                    node_name: config.node_name.clone(),
+                    pod_subnet: config.pod_subnet,
+                    gateway: config.gateway,
+                    gateway_mac: config.gateway_mac,
+                    slowpath_ifname: slow_vsw.clone(),
+                    mtu: pod_mtu,
+                };
+                let vpp =
+                    crate::vpp::VppNode::start(config.vpp.clone(), handover, params, &registrations, fresh_vpp_port)
+                        .await
+                        .context("rendering what VPP must hold")?;
+                SlowPathBackend::Vpp(Box::new(vpp))
+            }
+            None => {
+                let gateway = GatewayConfig {
+                    ip: config.gateway,
+                    mac: config.gateway_mac,
+                    path_mtu: overlay.as_ref().map(|o| o.mtu as u16),
+                };
+                let port = contiv_vswitch::spawn(&slow_vsw, 0, BuiltinVswitch::new(gateway))
+                    .context("opening the AF_XDP socket of the slow-path port")?;
+                datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port)).context("registering the AF_XDP socket")?;
+                SlowPathBackend::Builtin(std::sync::Mutex::new(Some(port)))
+            }
         };
-        let port = contiv_vswitch::spawn(&slow_vsw, 0, BuiltinVswitch::new(gateway))
-            .context("opening the AF_XDP socket of the slow-path port")?;
-        datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port)).context("registering the AF_XDP socket")?;
 
         let applier = Applier::new(node.clone());
         let agent = Arc::new(Self {
@@ -339,7 +397,7 @@ impl Agent {
             pod_mtu,
             params,
             inner: Mutex::new(Inner { state, datapath, applier, node, registrations, gone: Default::default() }),
-            slowpath: std::sync::Mutex::new(Some(port)),
+            slowpath,
             model: std::sync::OnceLock::new(),
             attachment_locks: std::sync::Mutex::new(HashMap::new()),
             model_synced: std::sync::atomic::AtomicBool::new(false),
@@ -376,9 +434,10 @@ impl Agent {
         }
     }
 
-    /// The node's underlay address (kernel uplink mode with an uplink).
+    /// The node's underlay address (kernel uplink mode with an uplink; VPP mode: the
+    /// address VPP holds on the NIC).
     pub fn node_ip(&self) -> Option<Ipv4Addr> {
-        self.uplink.as_ref().map(|u| u.node_ip)
+        self.uplink.as_ref().map(|u| u.node_ip).or_else(|| self.slowpath.vpp().map(|v| v.node_ip()))
     }
 
     /// MTU pods get unless their network config says otherwise.
@@ -521,6 +580,9 @@ impl Agent {
     pub async fn set_registrations(&self, registrations: Vec<NodeRegistration>) {
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
+        if let Some(vpp) = self.slowpath.vpp() {
+            vpp.set_registrations(&registrations);
+        }
         inner.registrations = registrations;
         let plan = self.plan(inner, None);
         let before = inner.applier.installed().remote_routes.len();
@@ -901,17 +963,23 @@ impl Agent {
         Ok(())
     }
 
-    /// CNI STATUS: ready when the datapath is loaded, the vswitch serves the slow path and
-    /// the cluster model is loaded (a pod started before would miss its NetworkPolicy).
+    /// CNI STATUS: ready when the datapath is loaded, the slow path is served (the vswitch
+    /// runs, or the agent is connected to VPP) and the cluster model is loaded (a pod
+    /// started before would miss its NetworkPolicy).
     pub fn status(&self) -> Result<(), CniError> {
         if !self.model_synced.load(std::sync::atomic::Ordering::Acquire) {
             return Err(CniError::new(codes::NOT_AVAILABLE, "the cluster model is not loaded yet", ""));
         }
-        let serving = self.slowpath.lock().map(|p| p.as_ref().is_some_and(|p| p.is_serving())).unwrap_or(false);
-        if serving {
-            Ok(())
-        } else {
-            Err(CniError::new(codes::NOT_AVAILABLE, "the vswitch is not serving the slow path", ""))
+        match &self.slowpath {
+            SlowPathBackend::Builtin(port) => {
+                let serving = port.lock().map(|p| p.as_ref().is_some_and(|p| p.is_serving())).unwrap_or(false);
+                if serving {
+                    Ok(())
+                } else {
+                    Err(CniError::new(codes::NOT_AVAILABLE, "the vswitch is not serving the slow path", ""))
+                }
+            }
+            SlowPathBackend::Vpp(vpp) => vpp.ready().map_err(|e| CniError::new(codes::NOT_AVAILABLE, &e, "")),
         }
     }
 
@@ -1033,18 +1101,20 @@ impl Agent {
                 .as_ref()
                 .and_then(|_| inner.datapath.overlay_counters().ok())
                 .map(Into::into),
+            uplink_mode: self.config.uplink.as_str(),
+            vpp: self.slowpath.vpp().map(|v| v.node_report()),
         }
     }
 
     /// Everything the slow path counts: the vswitch's verdicts, its AF_XDP port, and the
     /// slow-path port's programs.
     pub async fn slowpath_report(&self) -> SlowPathReport {
-        let (vswitch, port) = match self.slowpath.lock() {
-            Ok(p) => match p.as_ref() {
+        let (vswitch, port) = match self.slowpath.builtin().map(|p| p.lock()) {
+            Some(Ok(p)) => match p.as_ref() {
                 Some(p) => (Some(p.backend_counters()), Some(p.counters())),
                 None => (None, None),
             },
-            Err(_) => (None, None),
+            _ => (None, None),
         };
         let programs = self.inner.lock().await.datapath.slowport_counters().ok().map(|c| SlowPortReport {
             to_vswitch_packets: c.to_vswitch_packets,
@@ -1052,13 +1122,21 @@ impl Agent {
             from_vswitch_delivered: c.from_vswitch_delivered,
             from_vswitch_no_pod: c.from_vswitch_no_pod,
         });
-        SlowPathReport { vswitch, port, programs }
+        SlowPathReport {
+            backend: self.slowpath.name(),
+            vswitch,
+            port,
+            programs,
+            vpp: self.slowpath.vpp().map(|v| v.report()),
+        }
     }
 
     /// Restarts the vswitch if its port stopped serving (backend panic, interface trouble):
     /// a new AF_XDP socket on the slow-path port, registered in place of the old one.
     pub async fn heal_slowpath(&self) {
-        let failed = match self.slowpath.lock() {
+        // VPP mode: the supervisor reconnects to VPP by itself.
+        let Some(slot) = self.slowpath.builtin() else { return };
+        let failed = match slot.lock() {
             Ok(mut p) => match p.as_ref() {
                 Some(port) if !port.is_serving() => p.take(),
                 _ => None,
@@ -1081,7 +1159,7 @@ impl Agent {
                 match registered {
                     Ok(()) => {
                         log::info!("vswitch restarted on {ifname}");
-                        if let Ok(mut p) = self.slowpath.lock() {
+                        if let Ok(mut p) = slot.lock() {
                             *p = Some(port);
                         }
                     }
@@ -1095,11 +1173,17 @@ impl Agent {
     /// Stops the vswitch. The pod datapath stays attached: pods keep talking while the
     /// agent is down or being upgraded.
     pub fn shutdown(&self) {
-        if let Ok(mut p) = self.slowpath.lock()
-            && let Some(port) = p.take()
-            && let Err(e) = port.stop()
-        {
-            log::warn!("stopping the vswitch: {e}");
+        match &self.slowpath {
+            SlowPathBackend::Builtin(slot) => {
+                if let Ok(mut p) = slot.lock()
+                    && let Some(port) = p.take()
+                    && let Err(e) = port.stop()
+                {
+                    log::warn!("stopping the vswitch: {e}");
+                }
+            }
+            // What VPP holds stays: pods keep leaving the node through it while the agent is away.
+            SlowPathBackend::Vpp(vpp) => vpp.shutdown(),
         }
     }
 }

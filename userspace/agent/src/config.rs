@@ -6,6 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use contiv_vpp_backend::VppConfig;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
@@ -72,35 +73,19 @@ pub enum Uplink {
     /// The kernel owns the NIC; eBPF encapsulates cross-node traffic (the default).
     #[default]
     Kernel,
-    /// FD.io VPP owns the NIC through DPDK (the `vpp` deployment variant).
+    /// FD.io VPP owns the NIC (DPDK): everything pods send that leaves the node crosses the
+    /// slow-path port (XDP -> AF_XDP) into VPP, which tunnels to other nodes, routes, NATs
+    /// and reaches the host over its tap. Configured by `[vpp]`.
     Vpp,
 }
 
-/// How the agent reaches VPP when `uplink = "vpp"`. VPP's own settings (the DPDK device,
-/// cores, buffers) live in its startup.conf; these two sockets must match it.
-#[derive(Debug, Deserialize, serde::Serialize, Clone, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct VppConfig {
-    /// VPP's binary-API socket (startup.conf `socksvr { socket-name ... }`).
-    #[serde(default = "VppConfig::default_api_socket")]
-    pub api_socket: PathBuf,
-    /// VPP's stats segment socket (startup.conf `statseg { socket-name ... }`).
-    #[serde(default = "VppConfig::default_stats_socket")]
-    pub stats_socket: PathBuf,
-}
-
-impl VppConfig {
-    fn default_api_socket() -> PathBuf {
-        "/run/vpp/api.sock".into()
-    }
-    fn default_stats_socket() -> PathBuf {
-        "/run/vpp/stats.sock".into()
-    }
-}
-
-impl Default for VppConfig {
-    fn default() -> Self {
-        Self { api_socket: Self::default_api_socket(), stats_socket: Self::default_stats_socket() }
+impl Uplink {
+    /// The config file's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Uplink::Kernel => "kernel",
+            Uplink::Vpp => "vpp",
+        }
     }
 }
 
@@ -157,8 +142,6 @@ pub struct AgentConfig {
     pub etcd_tls: Option<contiv_store::TlsConfig>,
     /// Who owns the uplink NIC. Default kernel.
     pub uplink: Uplink,
-    /// VPP's sockets (used when `uplink` is vpp).
-    pub vpp: VppConfig,
     /// Directory of the embedded store. Default `<stateDir>/store`.
     pub store_dir: PathBuf,
     /// Status endpoint (healthz, readyz, pods, vswitch, metrics). Default 127.0.0.1:9192.
@@ -193,6 +176,9 @@ pub struct AgentConfig {
     pub slowpath_vswitch_ifname: String,
     /// DNS for pods. Default: none.
     pub dns: DnsConfig,
+    /// The `[vpp]` section (used with `uplink = "vpp"`): VPP's API socket, the NIC DPDK
+    /// takes, CPUs, the host interconnect, NAT (see contiv-vpp-backend).
+    pub vpp: VppConfig,
 }
 
 pub const DEFAULT_POD_SUBNET: &str = "10.1.1.0/24";
@@ -316,6 +302,24 @@ impl AgentConfig {
             && !(576..=9000).contains(&mtu)
         {
             return Err(ConfigError::Invalid(format!("mtu {mtu} out of range 576..=9000")));
+        }
+        if uplink == Uplink::Vpp {
+            // VPP holds the NIC: the kernel-side wire settings would be silently ignored.
+            for (set, field) in [
+                (raw.uplink_interface.is_some(), "uplinkInterface"),
+                (raw.node_ip.is_some(), "nodeIP"),
+                (raw.overlay_ifname.is_some(), "overlayIfname"),
+                (raw.vxlan_vni.is_some(), "vxlanVni"),
+                (raw.vxlan_port.is_some(), "vxlanPort"),
+                (raw.masquerade.is_some(), "masquerade"),
+            ] {
+                if set {
+                    return Err(ConfigError::Invalid(format!(
+                        "{field} is a kernel-uplink setting; with uplink = \"vpp\" VPP owns the NIC (the node IP \
+                         is [vpp] uplinkAddress or contiv-stn's handover, the tunnels' VNI is [vpp] vxlanVni)"
+                    )));
+                }
+            }
         }
         let overlay = OverlayConfig {
             ifname: ifname_check(raw.overlay_ifname, "cvx0", "overlayIfname")?,
@@ -594,6 +598,45 @@ mod tests {
             "cniSocket = \"/run/c.sock\"",
         ] {
             AgentConfig::from_toml(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    #[test]
+    fn vpp_uplink_reads_the_vpp_section() {
+        let c = AgentConfig::from_toml(
+            r#"
+            uplink = "vpp"
+            [vpp]
+            apiSocket = "/run/vpp/contiv.sock"
+            uplinkPci = "0000:00:08.0"
+            uplinkAddress = "192.168.16.1/24"
+            uplinkGateway = "192.168.16.254"
+            workerCores = [1]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.uplink, Uplink::Vpp);
+        assert_eq!(c.vpp.api_socket, PathBuf::from("/run/vpp/contiv.sock"));
+        assert_eq!(c.vpp.uplink_pci.as_deref(), Some("0000:00:08.0"));
+        assert_eq!(c.vpp.worker_cores, vec![1]);
+        let printed = format!("{c:#?}");
+        assert!(printed.contains("Vpp") && printed.contains("0000:00:08.0"), "check-config shows it: {printed}");
+        // Kernel mode stays the default, and a [vpp] table alone is refused rather than ignored.
+        assert_eq!(AgentConfig::from_toml("").unwrap().uplink, Uplink::Kernel);
+        assert!(AgentConfig::from_toml("[vpp]\nuplinkPci = \"0000:00:08.0\"").is_err());
+    }
+
+    #[test]
+    fn vpp_uplink_refuses_kernel_wire_settings_and_bad_vpp_values() {
+        for (text, needle) in [
+            ("uplink = \"vpp\"\nnodeIP = \"192.0.2.1\"", "nodeIP"),
+            ("uplink = \"vpp\"\nmasquerade = false", "masquerade"),
+            ("uplink = \"vpp\"\nvxlanVni = 5", "vxlanVni"),
+            ("uplink = \"vpp\"\n[vpp]\nuplinkPci = \"eth0\"", "uplinkPci"),
+            ("uplink = \"vpp\"\n[vpp]\nnoSuchKey = 1", "noSuchKey"),
+        ] {
+            let err = AgentConfig::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");
         }
     }
 

@@ -219,12 +219,11 @@ impl Datapath {
                 ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
         }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program_names::TO_VSWITCH)
-            .ok_or(DatapathError::Missing(program_names::TO_VSWITCH))?
-            .try_into()
-            .map_err(prog_err(program_names::TO_VSWITCH))?;
-        xdp.load().map_err(prog_err(program_names::TO_VSWITCH))?;
+        for name in [program_names::TO_VSWITCH, program_names::TO_VPP] {
+            let xdp: &mut Xdp =
+                ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+            xdp.load().map_err(prog_err(name))?;
+        }
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| DatapathError::Map { name: "nr_cpus", source: aya::maps::MapError::IoError(e) })?;
         let mut dp = Self { ebpf, pin_dir: pin_dir.to_owned(), owned_links: Vec::new(), migrated, nr_cpus };
@@ -258,7 +257,8 @@ impl Datapath {
                 log::info!("map {name}: migrated {} entries from layout v1", entries.len());
             }
             // The agent rewrites these at start (configuration, its own sockets); rebuilt.
-            (map_names::CONFIG | map_names::SLOWPATH_XSKS, _) => {}
+            // (VPP_XSKS: VPP registers its socket again when it re-creates its interface.)
+            (map_names::CONFIG | map_names::SLOWPATH_XSKS | map_names::VPP_XSKS, _) => {}
             _ => log::warn!("map {name}: no migration from layout v{from_version}; rebuilt empty"),
         }
         Ok(())
@@ -376,6 +376,59 @@ impl Datapath {
         // Native (driver) mode on veth; the link lives as long as the agent serves the socket.
         xdp.attach(vswitch_ifname, XdpMode::Driver).map_err(prog_err(program_names::TO_VSWITCH))?;
         Ok(())
+    }
+
+    /// Wires the slow-path port for `uplink = "vpp"`: `xdp_to_vpp` on the vswitch end (VPP's
+    /// af_xdp interface registers its socket in that program's `xsks_map`) and
+    /// `tc_from_vswitch` on the host end. Both links are pinned, so VPP keeps receiving and
+    /// delivering while the agent restarts; a restarted agent replaces them make-before-break
+    /// (the XDP link is updated in place, the tcx link is replaced). `fresh_port`: the port
+    /// was just created, so pins of an earlier port are stale and dropped first.
+    pub fn attach_vpp_port(&mut self, host_ifname: &str, vswitch_ifname: &str, fresh_port: bool) -> Result<()> {
+        use aya::programs::links::PinnedLink;
+        let (tc_pin, xdp_pin) = self.vpp_port_pins(host_ifname, vswitch_ifname);
+        if fresh_port {
+            self.forget_vpp_port(host_ifname, vswitch_ifname);
+        }
+        self.replace_pinned_tcx(program_names::FROM_VSWITCH, host_ifname, TcAttachType::Ingress, &tc_pin)?;
+        let name = program_names::TO_VPP;
+        let xdp: &mut Xdp =
+            self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+        let old = PinnedLink::from_pin(&xdp_pin)
+            .ok()
+            .and_then(|p| aya::programs::xdp::XdpLink::try_from(FdLink::from(p)).ok());
+        let link_id = match old {
+            // The same link keeps the interface: the program is swapped atomically.
+            Some(link) => xdp.attach_to_link(link).map_err(prog_err(name))?,
+            None => xdp.attach(vswitch_ifname, XdpMode::Driver).map_err(prog_err(name))?,
+        };
+        let link: FdLink = xdp.take_link(link_id).map_err(prog_err(name))?.try_into().map_err(
+            |e: aya::programs::links::LinkError| {
+                prog_err(name)(aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())))
+            },
+        )?;
+        let dir = xdp_pin.parent().expect("pin path has a parent");
+        std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir { path: dir.to_owned(), source })?;
+        let _ = std::fs::remove_file(&xdp_pin);
+        let pinned = link.pin(&xdp_pin).map_err(|e| DatapathError::PinDir {
+            path: xdp_pin.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        drop(pinned); // the pin keeps the link alive
+        Ok(())
+    }
+
+    /// Drops the pinned links of a VPP-mode slow-path port (its device is being re-created,
+    /// or the node runs the kernel uplink now).
+    pub fn forget_vpp_port(&self, host_ifname: &str, vswitch_ifname: &str) {
+        let (tc_pin, xdp_pin) = self.vpp_port_pins(host_ifname, vswitch_ifname);
+        let _ = std::fs::remove_file(tc_pin);
+        let _ = std::fs::remove_file(xdp_pin);
+    }
+
+    fn vpp_port_pins(&self, host_ifname: &str, vswitch_ifname: &str) -> (PathBuf, PathBuf) {
+        let links = self.pin_dir.join("links");
+        (links.join(format!("{host_ifname}_ingress")), links.join(format!("{vswitch_ifname}_xdp")))
     }
 
     /// Registers an AF_XDP socket for a queue of the slow-path port.

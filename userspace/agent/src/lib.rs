@@ -1,6 +1,6 @@
 //! The vswitch agent: one per node. It owns the node's pod subnet (IPAM), creates pod
-//! interfaces, loads and programs the eBPF datapath, serves the slow path with the
-//! built-in vswitch over AF_XDP, and answers contiv-cni over gRPC.
+//! interfaces, loads and programs the eBPF datapath, serves the slow path (the built-in
+//! vswitch over AF_XDP, or VPP with `uplink = "vpp"`), and answers contiv-cni over gRPC.
 
 pub mod agent;
 pub mod apply;
@@ -13,8 +13,10 @@ pub mod metrics;
 pub mod plan;
 pub mod podnet;
 pub mod policy;
+pub mod slowpath;
 pub mod state;
 pub mod status;
 pub mod tcx;
 pub mod timing;
 pub mod uplink;
+pub mod vpp;

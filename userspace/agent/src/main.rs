@@ -37,6 +37,9 @@ enum Command {
     /// Mount bpffs on /sys/fs/bpf unless it is mounted, and exit (the DaemonSet's
     /// privileged init container, so the agent itself needs no privileged mode).
     MountBpffs,
+    /// Print VPP's startup.conf rendered from the `[vpp]` section (for `uplink = "vpp"`):
+    /// the NIC for DPDK, CPUs, the plugins in use, the API socket.
+    RenderStartupConf,
 }
 
 fn main() -> ExitCode {
@@ -72,9 +75,27 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    if let Some(Command::CheckConfig) = cli.command {
-        println!("{config:#?}");
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::CheckConfig) => {
+            println!("{config:#?}");
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::RenderStartupConf) => {
+            if config.uplink != Uplink::Vpp {
+                eprintln!("contiv-agent: note: uplink is {:?}, not \"vpp\"; rendering anyway", config.uplink.as_str());
+            }
+            return match contiv_vpp_backend::render_startup_conf(&config.vpp) {
+                Ok(conf) => {
+                    print!("{conf}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("contiv-agent: bad configuration: {e}");
+                    ExitCode::from(EX_CONFIG)
+                }
+            };
+        }
+        Some(Command::Run | Command::MountBpffs) | None => {}
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -106,9 +127,6 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    if config.uplink == Uplink::Vpp {
-        anyhow::bail!("uplink = \"vpp\" is not driven by this agent build yet (the kernel uplink is)");
-    }
     let metrics = std::sync::Arc::new(AgentMetrics::new());
     // The store decides this node's pod subnet (node ID -> CIDR) unless the file fixed it.
     let link = cluster::join(&config, metrics.store()).await?;

@@ -284,6 +284,8 @@ mod tests {
         let mut vswitch = contiv_vswitch::VswitchCounters { arp_replies: 4, ..Default::default() };
         vswitch.drops.fragment = 2;
         let slow = SlowPathReport {
+            backend: "builtin",
+            vpp: None,
             vswitch: Some(vswitch),
             port: None,
             programs: Some(SlowPortReport {

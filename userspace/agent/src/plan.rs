@@ -22,7 +22,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use contiv_common::{DatapathConfig, PodEndpoint, PolicyPorts, RemoteRoute, pod_flags, route_flags};
+use contiv_common::{DatapathConfig, PodEndpoint, PolicyPorts, RemoteRoute, config_flags, pod_flags, route_flags};
 use contiv_node_registry::NodeRegistration;
 use ipnet::Ipv4Net;
 
@@ -46,6 +46,9 @@ pub struct NodeParams {
     pub overlay: Option<OverlayParams>,
     /// Masquerade pod traffic leaving the cluster through this uplink.
     pub masquerade_uplink: Option<String>,
+    /// `uplink = "vpp"`: VPP owns the wire; pods' traffic that is not for a local pod goes to
+    /// the slow-path port (VPP). No overlay, no masquerade (VPP's NAT44-ED) on this node.
+    pub vpp_uplink: bool,
 }
 
 /// The node's overlay device and underlay address.
@@ -140,6 +143,7 @@ pub fn plan<'a>(
             overlay_ifindex: node.overlay.as_ref().map_or(0, |o| o.ifindex),
             vni: node.overlay.as_ref().map_or(0, |o| o.vni),
             node_ip: node.overlay.as_ref().map_or([0; 4], |o| o.node_ip.octets()),
+            flags: if node.vpp_uplink { config_flags::VPP_UPLINK } else { 0 },
             ..Default::default()
         },
         ..Default::default()
@@ -210,6 +214,7 @@ mod tests {
                 mtu: 1450,
             }),
             masquerade_uplink: overlay.then(|| "eth0".to_owned()),
+            vpp_uplink: false,
         }
     }
 
@@ -328,6 +333,17 @@ mod tests {
     fn without_an_overlay_registrations_route_nothing() {
         let p = plan(&node(false), &[], &[reg("n2", 2, Some([192, 168, 100, 12]))]);
         assert!(p.remote_routes.is_empty() && p.host_routes.is_empty());
+    }
+
+    #[test]
+    fn vpp_uplink_sets_the_config_flag_and_nothing_kernel_side() {
+        let mut n = node(false);
+        n.vpp_uplink = true;
+        let p = plan(&n, [&pod(5, true)], &[reg("n2", 2, Some([192, 168, 100, 12]))]);
+        assert_eq!(p.config.flags, config_flags::VPP_UPLINK);
+        assert!(p.remote_routes.is_empty() && p.masquerade.is_none(), "VPP tunnels and NATs, not the kernel");
+        assert_eq!(p.pods.len(), 1, "local pods stay on the fast path");
+        assert_eq!(plan(&node(true), &[], &[]).config.flags, 0, "kernel mode by default");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use contiv_stn::{DEFAULT_STATE_FILE, read_state, record, restore, take, write_st
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(name = "contiv-stn", about = "Steal the NIC for VPP on single-NIC nodes, and give it back")]
+#[command(name = "contiv-stn", version, about = "Steal the NIC for VPP on single-NIC nodes, and give it back")]
 struct Args {
     /// Where the taken configuration is kept (and where the agent reads its handover).
     #[arg(long, env = "CONTIV_STN_STATE_FILE", default_value = DEFAULT_STATE_FILE, global = true)]

@@ -63,6 +63,7 @@ impl<'de> Deserialize<'de> for HostPort {
 struct RawVppConfig {
     api_socket: Option<PathBuf>,
     cli_socket: Option<PathBuf>,
+    stats_socket: Option<PathBuf>,
     uplink_pci: Option<String>,
     uplink_name: Option<String>,
     rx_queues: Option<u16>,
@@ -80,6 +81,9 @@ struct RawVppConfig {
     host_ports: Option<Vec<HostPort>>,
     nat_sessions: Option<u32>,
     stn_state_file: Option<PathBuf>,
+    uplink_address: Option<ipnet::Ipv4Net>,
+    uplink_gateway: Option<Ipv4Addr>,
+    uplink_mtu: Option<u32>,
     plugin_path: Option<PathBuf>,
     buffers_per_numa: Option<u32>,
 }
@@ -91,6 +95,8 @@ pub struct VppConfig {
     pub api_socket: PathBuf,
     /// VPP's CLI socket. Default /run/vpp/cli.sock.
     pub cli_socket: PathBuf,
+    /// VPP's stats segment socket (startup.conf `statseg { socket-name }`). Default /run/vpp/stats.sock.
+    pub stats_socket: PathBuf,
     /// PCI address of the NIC handed to DPDK (e.g. `0000:00:08.0`). Required for startup.conf.
     pub uplink_pci: Option<String>,
     /// VPP's name for that NIC (startup.conf `dev ... { name }`). Default `uplink0`.
@@ -125,8 +131,16 @@ pub struct VppConfig {
     /// NAT44-ED session table size; 0: VPP's default.
     pub nat_sessions: u32,
     /// Where contiv-stn publishes the NIC configuration it took from the host.
-    /// Default /run/contiv/stn.json.
+    /// Default /run/contiv/stn.json. Not read when `uplink_address` is set.
     pub stn_state_file: PathBuf,
+    /// The uplink's address (and prefix) when no contiv-stn hands one over: a node whose
+    /// NIC for VPP is a second NIC the host never configured. The first address is the
+    /// node IP (tunnel end, NAT pool). Default: read the handover from `stn_state_file`.
+    pub uplink_address: Option<Ipv4Net>,
+    /// The default gateway on the uplink (with `uplink_address`).
+    pub uplink_gateway: Option<Ipv4Addr>,
+    /// The uplink's MTU (with `uplink_address`); default: VPP's.
+    pub uplink_mtu: Option<u32>,
     /// VPP's plugin directory, if not the packaged one.
     pub plugin_path: Option<PathBuf>,
     /// Buffers per NUMA node; default VPP's.
@@ -213,9 +227,31 @@ impl VppConfig {
                 "hostInterconnectSubnet {host_interconnect_subnet} needs two host addresses (at most /30)"
             ));
         }
+        if let Some(gw) = raw.uplink_gateway {
+            let Some(addr) = raw.uplink_address else {
+                return err("uplinkGateway needs uplinkAddress (the gateway must be on the uplink's subnet)".into());
+            };
+            if !addr.trunc().contains(&gw) || gw == addr.addr() {
+                return err(format!("uplinkGateway {gw} is not another address of uplinkAddress {addr}"));
+            }
+        }
+        if let Some(addr) = raw.uplink_address
+            && (addr.prefix_len() > 31 || addr.addr() == addr.network() && addr.prefix_len() < 31)
+        {
+            return err(format!("uplinkAddress {addr} is not a host address with its prefix (e.g. 192.0.2.10/24)"));
+        }
+        if raw.uplink_mtu.is_some() && raw.uplink_address.is_none() {
+            return err("uplinkMtu needs uplinkAddress (with contiv-stn the MTU comes with the handover)".into());
+        }
+        if let Some(mtu) = raw.uplink_mtu
+            && !(576..=9216).contains(&mtu)
+        {
+            return err(format!("uplinkMtu {mtu} out of range 576..=9216"));
+        }
         Ok(Self {
             api_socket: raw.api_socket.unwrap_or_else(|| "/run/vpp/api.sock".into()),
             cli_socket: raw.cli_socket.unwrap_or_else(|| "/run/vpp/cli.sock".into()),
+            stats_socket: raw.stats_socket.unwrap_or_else(|| "/run/vpp/stats.sock".into()),
             uplink_pci: raw.uplink_pci,
             uplink_name,
             rx_queues,
@@ -235,6 +271,9 @@ impl VppConfig {
                 .unwrap_or_else(|| vec![HostPort { proto: 6, port: 22 }, HostPort { proto: 6, port: 10250 }]),
             nat_sessions: raw.nat_sessions.unwrap_or(0),
             stn_state_file: raw.stn_state_file.unwrap_or_else(|| "/run/contiv/stn.json".into()),
+            uplink_address: raw.uplink_address,
+            uplink_gateway: raw.uplink_gateway,
+            uplink_mtu: raw.uplink_mtu,
             plugin_path: raw.plugin_path,
             buffers_per_numa: raw.buffers_per_numa,
         })
@@ -295,6 +334,11 @@ mod tests {
         assert_eq!(c.worker_cores, vec![1, 2]);
         assert_eq!(c.af_xdp_mode, AfXdpMode::ZeroCopy);
         assert_eq!(c.host_ports[1], HostPort { proto: 17, port: 53 });
+        let c =
+            parse("[vpp]\nuplinkAddress = \"192.0.2.10/24\"\nuplinkGateway = \"192.0.2.1\"\nuplinkMtu = 9000").unwrap();
+        assert_eq!(c.uplink_address.unwrap().to_string(), "192.0.2.10/24");
+        assert_eq!(c.uplink_gateway, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(c.uplink_mtu, Some(9000));
     }
 
     #[test]
@@ -308,6 +352,11 @@ mod tests {
             ("hostInterconnectSubnet = \"172.30.0.0/31\"", "hostInterconnectSubnet"),
             ("hostPorts = [\"sctp/1\"]", "sctp"),
             ("noSuchField = 1", "noSuchField"),
+            ("uplinkGateway = \"192.0.2.1\"", "uplinkGateway needs uplinkAddress"),
+            ("uplinkAddress = \"192.0.2.10/24\"\nuplinkGateway = \"198.51.100.1\"", "uplinkGateway"),
+            ("uplinkAddress = \"192.0.2.0/24\"", "uplinkAddress"),
+            ("uplinkMtu = 1500", "uplinkMtu needs uplinkAddress"),
+            ("uplinkAddress = \"192.0.2.10/24\"\nuplinkMtu = 100", "uplinkMtu"),
         ] {
             let err = parse(&format!("[vpp]\n{text}")).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");

@@ -211,6 +211,26 @@ pub enum HandoverError {
 }
 
 impl UplinkHandover {
+    /// The handover `[vpp] uplinkAddress` / `uplinkGateway` / `uplinkMtu` describe, if the
+    /// configuration gives the uplink's address (no contiv-stn on this node).
+    pub fn from_config(cfg: &VppConfig) -> Option<Self> {
+        let address = cfg.uplink_address?;
+        Some(Self {
+            addresses: vec![address],
+            routes: cfg
+                .uplink_gateway
+                .map(|gw| UplinkRoute { dst: Ipv4Net::default(), gateway: Some(gw) })
+                .into_iter()
+                .collect(),
+            mtu: cfg.uplink_mtu,
+        })
+    }
+
+    /// The node IP: the first address.
+    pub fn node_ip(&self) -> Option<Ipv4Addr> {
+        self.addresses.first().map(|a| a.addr())
+    }
+
     /// Reads the `handover` object of contiv-stn's state file (`[vpp] stnStateFile`).
     pub fn from_stn_state_file(path: &std::path::Path) -> Result<Self, HandoverError> {
         let bytes = std::fs::read(path).map_err(|source| HandoverError::Read { path: path.to_owned(), source })?;
@@ -562,6 +582,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_uplink_can_come_from_the_configuration() {
+        #[derive(serde::Deserialize)]
+        struct W {
+            vpp: VppConfig,
+        }
+        let cfg = toml::from_str::<W>("[vpp]\nuplinkAddress = \"192.168.16.1/24\"\nuplinkGateway = \"192.168.16.254\"")
+            .unwrap()
+            .vpp;
+        assert_eq!(UplinkHandover::from_config(&cfg), Some(uplink()).map(|u| UplinkHandover { mtu: None, ..u }));
+        assert_eq!(UplinkHandover::from_config(&VppConfig::default()), None, "default: contiv-stn hands it over");
     }
 
     #[test]

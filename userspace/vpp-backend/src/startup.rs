@@ -51,6 +51,7 @@ pub fn render_startup_conf(cfg: &VppConfig) -> Result<String, StartupError> {
     let _ = writeln!(w, "unix {{\n  nodaemon\n  full-coredump\n  cli-listen {}\n}}\n", cfg.cli_socket.display());
     let _ = writeln!(w, "api-trace {{\n  on\n}}\n");
     let _ = writeln!(w, "socksvr {{\n  socket-name {}\n}}\n", cfg.api_socket.display());
+    let _ = writeln!(w, "statseg {{\n  socket-name {}\n}}\n", cfg.stats_socket.display());
     let _ = writeln!(w, "cpu {{\n  main-core {}", cfg.main_core);
     if !cfg.worker_cores.is_empty() {
         let _ = writeln!(w, "  corelist-workers {}", corelist(&cfg.worker_cores));

@@ -34,6 +34,8 @@ pub(crate) struct Ctx<'a> {
     pub details_page: usize,
     /// Close the connection after the answers are written (sockclnt_delete).
     pub close: bool,
+    /// Real AF_XDP sockets for af_xdp interfaces, when enabled.
+    pub xdp: Option<&'a crate::xdp::XdpPorts>,
 }
 
 impl Ctx<'_> {
@@ -369,7 +371,19 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
             {
                 (errno::IF_ALREADY_EXISTS, NONE_IF)
             } else {
-                (0, s.add_interface(name, InterfaceKind::AfXdp(m), [0; 6]))
+                match ctx.xdp.map(|x| x.open(&m.host_if, m.rxq_num)).transpose() {
+                    Ok(opened) => {
+                        let sw = s.add_interface(name, InterfaceKind::AfXdp(m), [0; 6]);
+                        if let (Some(x), Some(o)) = (ctx.xdp, opened) {
+                            x.adopt(sw, o);
+                        }
+                        (0, sw)
+                    }
+                    Err(e) => {
+                        log::warn!("fake VPP: af_xdp_create_v3 on {}: {e}", m.host_if);
+                        (crate::xdp::SYSCALL_ERROR_2, NONE_IF)
+                    }
+                }
             };
             ctx.send(&api::AfXdpCreateV3Reply { retval, sw_if_index });
         }

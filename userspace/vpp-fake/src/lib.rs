@@ -5,6 +5,10 @@
 //! (af_xdp, tap, VXLAN, loopback, and DPDK NICs present from "boot"), addresses, FIB
 //! tables and routes, neighbours, NAT44-ED and ACLs. It forwards no packets.
 //!
+//! With [`FakeOptions::af_xdp`] its af_xdp interfaces also get a real AF_XDP socket,
+//! registered like VPP's in the attached XDP program's `xsks_map` ([`xdp`]), so the node
+//! datapath's XDP -> AF_XDP seam can be exercised end to end.
+//!
 //! The real vpp_papi client connects to it in the tests, which is what shows that it
 //! speaks the real protocol. [`FakeVpp::restart`] drops every connection and forgets all
 //! state, as a VPP restart does.
@@ -14,6 +18,7 @@ mod handlers;
 pub mod papi;
 pub mod state;
 pub mod table;
+pub mod xdp;
 
 use std::{
     collections::HashMap,
@@ -55,6 +60,9 @@ pub struct FakeOptions {
     pub details_page: usize,
     /// `vpe_pid` in `control_ping_reply`.
     pub vpe_pid: u32,
+    /// af_xdp interfaces get a real AF_XDP socket on their Linux interface (root, and the
+    /// interface must carry an XDP program with an `xsks_map`; see [`xdp`]).
+    pub af_xdp: bool,
 }
 
 impl FakeOptions {
@@ -67,6 +75,7 @@ impl FakeOptions {
             nics: vec![("GigabitEthernet0/8/0".into(), [0x52, 0x54, 0x00, 0x12, 0x34, 0x56])],
             details_page: 4,
             vpe_pid: std::process::id(),
+            af_xdp: false,
         }
     }
 }
@@ -84,11 +93,19 @@ struct Inner {
     next_conn: AtomicU64,
     handshakes: AtomicU64,
     listener: Mutex<Option<JoinHandle<()>>>,
+    xdp: Option<xdp::XdpPorts>,
 }
 
 impl Inner {
     fn state(&self) -> MutexGuard<'_, FakeState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lets the AF_XDP sockets follow the state (never while the state lock is held).
+    fn sync_xdp(&self) {
+        if let Some(x) = &self.xdp {
+            x.sync(&self.state);
+        }
     }
 
     fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnEntry>> {
@@ -144,6 +161,7 @@ impl FakeVpp {
     pub fn start(opts: FakeOptions) -> std::io::Result<Self> {
         let table = ServerTable::new(&opts.crc_overrides, opts.full_table.then_some(FULL_TABLE_SIZE));
         let state = FakeState::boot(&opts.nics);
+        let opts_af_xdp = opts.af_xdp;
         let inner = Arc::new(Inner {
             opts,
             table,
@@ -152,6 +170,7 @@ impl FakeVpp {
             next_conn: AtomicU64::new(1),
             handshakes: AtomicU64::new(0),
             listener: Mutex::new(None),
+            xdp: opts_af_xdp.then(xdp::XdpPorts::default),
         });
         inner.listen()?;
         Ok(Self { inner })
@@ -192,6 +211,13 @@ impl FakeVpp {
     pub fn restart(&self) {
         self.inner.drop_connections();
         *self.inner.state() = FakeState::boot(&self.inner.opts.nics);
+        self.inner.sync_xdp();
+    }
+
+    /// Frames each af_xdp interface's AF_XDP socket received, by sw_if_index
+    /// ([`FakeOptions::af_xdp`]).
+    pub fn af_xdp_counters(&self) -> std::collections::BTreeMap<u32, contiv_vswitch::VswitchCounters> {
+        self.inner.xdp.as_ref().map(|x| x.counters()).unwrap_or_default()
     }
 
     /// Simulates a VPP restart that takes `downtime`: the socket disappears, connections
@@ -280,9 +306,11 @@ async fn serve(
                 vpe_pid: inner.opts.vpe_pid,
                 details_page: inner.opts.details_page,
                 close: false,
+                xdp: inner.xdp.as_ref(),
             };
             handlers::handle(&mut inner.state(), &mut ctx, info, &payload);
             close = ctx.close;
+            inner.sync_xdp();
             if !events.is_empty() {
                 let conns = inner.conns();
                 for (conn, frame) in events {

@@ -21,6 +21,11 @@ struct Args {
     /// different definition would.
     #[arg(long = "crc-override")]
     crc_overrides: Vec<String>,
+    /// Give af_xdp interfaces a real AF_XDP socket on their Linux interface, registered in
+    /// the attached XDP program's `xsks_map` as VPP's af_xdp plugin does (root; run it in
+    /// the network namespace of that interface).
+    #[arg(long)]
+    af_xdp: bool,
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -34,6 +39,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let mut opts = FakeOptions::new(&args.socket);
     opts.full_table = args.full_table;
+    opts.af_xdp = args.af_xdp;
     if !args.nics.is_empty() {
         opts.nics.clear();
         for n in &args.nics {

@@ -1,0 +1,443 @@
+//! The cluster in a box in `uplink = "vpp"` mode, against FAKE VPPs (no VPP can run here):
+//! every node's agent programs its own `contiv-fake-vpp`, and VPP's own Python client
+//! (vpp_papi 2.4.2) reads back what each fake holds. The fakes keep state and answer
+//! ARP/ping for their af_xdp interface over a real AF_XDP socket, but forward nothing
+//! between nodes, so these tests check what VPP is told and what stays on the eBPF fast
+//! path, not cross-node traffic.
+//!
+//! - three nodes: each fake holds the af_xdp interface on the slow-path port (gateway address
+//!   and MAC), the route of the local pod subnet through it, a VXLAN tunnel and a route per
+//!   other node, NAT44-ED with the node IP; pods on one node talk on the fast path, reach their
+//!   gateway through XDP -> AF_XDP -> (fake) VPP, and send cross-node traffic to VPP, not to
+//!   a kernel overlay;
+//! - a node leaving (agent killed, lease expired) and joining again;
+//! - a fake VPP restarted mid-run: the agent reconnects and replays, pods keep talking, and
+//!   the eBPF maps and links are untouched;
+//! - an agent restart: VPP keeps serving the pods through the pinned slow-path port, and the
+//!   restarted agent takes it over without re-creating VPP's interface;
+//! - a fake VPP that lists a message the agent needs under another CRC.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox};
+use contiv_vpp_fake::papi::Papi;
+use serde_json::{Value, json};
+
+fn ping(b: &ClusterBox, from: &str, to: Ipv4Addr) -> bool {
+    b.cmd(from, "ping")
+        .args(["-c", "2", "-i", "0.2", "-W", "2", &to.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn papi(test: &str) -> Option<Papi> {
+    Papi::for_test(test)
+}
+
+/// What a fake VPP holds, as vpp_papi decodes it.
+#[derive(Debug)]
+struct VppView {
+    /// name -> (sw_if_index, dev type, MAC).
+    interfaces: BTreeMap<String, (u64, String, String)>,
+    /// prefix -> sw_if_index of each path.
+    routes: BTreeMap<String, Vec<u64>>,
+    /// (src, dst, vni, sw_if_index).
+    tunnels: Vec<(String, String, u64, u64)>,
+    nat_inside: BTreeSet<String>,
+    nat_outside: BTreeSet<String>,
+    nat_pool: BTreeSet<String>,
+    /// Addresses of the af_xdp interface.
+    xdp_addresses: Vec<String>,
+    /// Requests vpp_papi could not make (the fake lists them with another CRC).
+    missing: Vec<String>,
+}
+
+fn read_vpp(papi: &Papi, socket: &std::path::Path) -> VppView {
+    let calls = json!([
+        {"call": "sw_interface_dump", "args": {}},
+        {"call": "ip_route_dump", "args": {"table": {"table_id": 0, "is_ip6": false, "name": ""}}},
+        {"call": "vxlan_tunnel_v2_dump", "args": {"sw_if_index": 4294967295u32}},
+        {"call": "nat44_interface_dump", "args": {}},
+        {"call": "nat44_address_dump", "args": {}},
+    ]);
+    let out = papi.drive(socket, calls, false, 0.0);
+    let r = &out["results"];
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let mut interfaces = BTreeMap::new();
+    let mut names = BTreeMap::new();
+    for i in list(&r[0]) {
+        let name = i["interface_name"].as_str().unwrap_or_default().to_owned();
+        let sw = i["sw_if_index"].as_u64().unwrap_or(u64::MAX);
+        names.insert(sw, name.clone());
+        interfaces.insert(
+            name,
+            (sw, i["interface_dev_type"].as_str().unwrap_or_default().to_owned(), i["l2_address"].to_string()),
+        );
+    }
+    let routes = list(&r[1])
+        .iter()
+        .map(|x| {
+            let prefix = x["route"]["prefix"].as_str().unwrap_or_default().to_owned();
+            let paths = list(&x["route"]["paths"]).iter().filter_map(|p| p["sw_if_index"].as_u64()).collect();
+            (prefix, paths)
+        })
+        .collect();
+    let tunnels = list(&r[2])
+        .iter()
+        .map(|t| {
+            (
+                t["src_address"].as_str().unwrap_or_default().to_owned(),
+                t["dst_address"].as_str().unwrap_or_default().to_owned(),
+                t["vni"].as_u64().unwrap_or_default(),
+                t["sw_if_index"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let (mut nat_inside, mut nat_outside) = (BTreeSet::new(), BTreeSet::new());
+    for i in list(&r[3]) {
+        let name = names.get(&i["sw_if_index"].as_u64().unwrap_or(u64::MAX)).cloned().unwrap_or_default();
+        let flags = i["flags"].as_u64().unwrap_or_default();
+        // NAT_IS_INSIDE = 0x20, NAT_IS_OUTSIDE = 0x10 (nat_types.api).
+        if flags & 0x20 != 0 {
+            nat_inside.insert(name.clone());
+        }
+        if flags & 0x10 != 0 {
+            nat_outside.insert(name);
+        }
+    }
+    let nat_pool = list(&r[4]).iter().filter_map(|a| a["ip_address"].as_str().map(str::to_owned)).collect();
+    let mut xdp_addresses = Vec::new();
+    if let Some((sw, _, _)) = interfaces.get("xdp-cslow1") {
+        let out = papi.drive(
+            socket,
+            json!([{"call": "ip_address_dump", "args": {"sw_if_index": sw, "is_ipv6": false}}]),
+            false,
+            0.0,
+        );
+        xdp_addresses =
+            list(&out["results"][0]).iter().filter_map(|a| a["prefix"].as_str().map(str::to_owned)).collect();
+    }
+    let missing = list(&out["missing"]).iter().filter_map(|m| m.as_str().map(str::to_owned)).collect();
+    VppView { interfaces, routes, tunnels, nat_inside, nat_outside, nat_pool, xdp_addresses, missing }
+}
+
+/// A node as the others see it: name, node IP, pod subnet (from its agent).
+#[derive(Debug, Clone)]
+struct NodeFacts {
+    name: String,
+    ip: Ipv4Addr,
+    subnet: String,
+    gateway: String,
+}
+
+fn facts(b: &ClusterBox, node: &str) -> NodeFacts {
+    let v = b.status_json(node, "/node").expect("/node");
+    let subnet = v["podSubnet"].as_str().expect("podSubnet").to_owned();
+    let (network, len) = subnet.split_once('/').expect("a prefix");
+    let network: Ipv4Addr = network.parse().expect("an IPv4 network");
+    NodeFacts {
+        name: node.to_owned(),
+        ip: b.node(node).ip,
+        gateway: format!("{}/{len}", Ipv4Addr::from(u32::from(network) + 1)),
+        subnet,
+    }
+}
+
+/// Whether `view` is what `me` must hold with `others` in the cluster; Err says what differs.
+fn check_programmed(view: &VppView, me: &NodeFacts, others: &[NodeFacts]) -> Result<(), String> {
+    let (xdp_sw, dev, mac) = view.interfaces.get("xdp-cslow1").ok_or("no af_xdp interface xdp-cslow1")?;
+    if dev != "af_xdp" {
+        return Err(format!("xdp-cslow1 is a {dev} interface"));
+    }
+    if !mac.contains("02:fe:00:00:00:01") {
+        return Err(format!("xdp-cslow1 has MAC {mac}, not the gateway's"));
+    }
+    if view.xdp_addresses != [me.gateway.clone()] {
+        return Err(format!("xdp-cslow1 has addresses {:?}, not the gateway {}", view.xdp_addresses, me.gateway));
+    }
+    if view.routes.get(&me.subnet) != Some(&vec![*xdp_sw]) {
+        return Err(format!("route {} -> xdp-cslow1 missing: {:?}", me.subnet, view.routes));
+    }
+    if view.tunnels.len() != others.len() {
+        return Err(format!("{} tunnels for {} other nodes: {:?}", view.tunnels.len(), others.len(), view.tunnels));
+    }
+    for o in others {
+        let t = view
+            .tunnels
+            .iter()
+            .find(|t| t.1 == o.ip.to_string())
+            .ok_or_else(|| format!("no tunnel to {} ({})", o.name, o.ip))?;
+        if t.0 != me.ip.to_string() || t.2 != 10 {
+            return Err(format!("tunnel to {}: {t:?}", o.name));
+        }
+        if view.routes.get(&o.subnet) != Some(&vec![t.3]) {
+            return Err(format!("route {} of {} is not through its tunnel: {:?}", o.subnet, o.name, view.routes));
+        }
+    }
+    let stray: Vec<&String> = view.routes.keys().filter(|p| p.starts_with("10.1.")).collect();
+    if stray.len() != 1 + others.len() {
+        return Err(format!("pod subnet routes {stray:?} for {} other nodes", others.len()));
+    }
+    let inside: BTreeSet<String> = ["xdp-cslow1", "tap0"].map(String::from).into();
+    if view.nat_inside != inside || view.nat_outside != BTreeSet::from(["uplink0".to_owned()]) {
+        return Err(format!("NAT44 features: inside {:?}, outside {:?}", view.nat_inside, view.nat_outside));
+    }
+    if view.nat_pool != BTreeSet::from([me.ip.to_string()]) {
+        return Err(format!("NAT44 pool {:?}, not the node IP {}", view.nat_pool, me.ip));
+    }
+    Ok(())
+}
+
+/// Polls the node's fake VPP with vpp_papi until it holds what it must (or panics).
+fn wait_programmed(b: &ClusterBox, papi: &Papi, node: &str, others: &[&str], timeout: Duration) -> VppView {
+    let me = facts(b, node);
+    let others: Vec<NodeFacts> = others.iter().map(|o| facts(b, o)).collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let view = read_vpp(papi, &b.vpp_socket(node));
+        match check_programmed(&view, &me, &others) {
+            Ok(()) => return view,
+            Err(why) if Instant::now() > deadline => {
+                panic!(
+                    "the fake VPP of {node} does not hold what it must: {why}\n{view:#?}\n{}",
+                    b.agent_log(node).lines().rev().take(30).collect::<Vec<_>>().join("\n")
+                )
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+fn pod_counter(b: &ClusterBox, pod: &BoxPod, name: &str) -> u64 {
+    let pods = b.status_json(&pod.node, "/pods").expect("/pods");
+    pods.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["ip"] == pod.ip.to_string())
+        .and_then(|p| p["counters"][name].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name} for {} in {pods}", pod.ip))
+}
+
+fn slowport_counter(b: &ClusterBox, node: &str, name: &str) -> u64 {
+    let v = b.status_json(node, "/vswitch").expect("/vswitch");
+    v["programs"][name].as_u64().unwrap_or_else(|| panic!("no {name} in {v}"))
+}
+
+fn gateway_of(pod: &BoxPod) -> Ipv4Addr {
+    let o = pod.ip.octets();
+    Ipv4Addr::new(o[0], o[1], o[2], 1)
+}
+
+#[test]
+fn three_nodes_in_vpp_mode_program_their_own_fake_vpp_read_back_with_vpp_papi() {
+    let Some(papi) = papi("three_nodes_in_vpp_mode_program_their_own_fake_vpp_read_back_with_vpp_papi") else {
+        return;
+    };
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(3));
+    let a = b.add_pod("node-1", "default/a", &[], &[]);
+    let c = b.add_pod("node-1", "default/c", &[], &[]);
+    let far = b.add_pod("node-2", "default/far", &[], &[]);
+    let nodes = ["node-1", "node-2", "node-3"];
+    for n in nodes {
+        let others: Vec<&str> = nodes.iter().copied().filter(|o| *o != n).collect();
+        wait_programmed(&b, &papi, n, &others, Duration::from_secs(30));
+        let vswitch = b.status_json(n, "/vswitch").unwrap();
+        assert_eq!(vswitch["backend"], "vpp", "{vswitch}");
+        assert_eq!(vswitch["vpp"]["connected"], true, "{vswitch}");
+        assert_eq!(vswitch["vpp"]["lastReport"]["failed"], json!([]), "{vswitch}");
+        assert_eq!(b.status_json(n, "/node").unwrap()["uplinkMode"], "vpp");
+        // VPP owns the wire: no kernel overlay device, no masquerade rules on the node.
+        let overlay = Command::new("ip").args(["-n", &b.node(n).netns, "link", "show", "cvx0"]).output().unwrap();
+        assert!(!overlay.status.success(), "{n} has a kernel overlay device in VPP mode");
+        let nft = b.cmd(n, "nft").args(["list", "table", "ip", "contiv"]).output().unwrap();
+        assert!(!nft.status.success(), "{n} has masquerade rules in VPP mode");
+    }
+
+    // Local pod to pod stays on the fast path.
+    let fwd = pod_counter(&b, &a, "fwdPackets");
+    assert!(ping(&b, &a.id(), c.ip), "pod to pod on one node");
+    assert!(pod_counter(&b, &a, "fwdPackets") >= fwd + 2, "redirected by tc_from_pod, not through VPP");
+
+    // The gateway is VPP's af_xdp interface: the ping crosses XDP -> AF_XDP into the fake,
+    // which answers with the address and MAC the agent programmed, back through the port.
+    let to_vpp = slowport_counter(&b, "node-1", "toVswitchPackets");
+    assert!(ping(&b, &a.id(), gateway_of(&a)), "the pod's gateway (VPP's af_xdp interface) answers");
+    assert!(slowport_counter(&b, "node-1", "toVswitchPackets") >= to_vpp + 2, "frames reached VPP's socket");
+    assert_eq!(slowport_counter(&b, "node-1", "toVswitchNoSocket"), 0, "VPP's socket sat in xsks_map all along");
+    assert!(pod_counter(&b, &a, "fromSlowPackets") >= 2, "the replies came back through tc_from_vswitch");
+
+    // Traffic leaving the node goes to VPP (which would tunnel it), not to the kernel.
+    let slow = pod_counter(&b, &a, "slowPackets");
+    let _ = ping(&b, &a.id(), far.ip); // the fake forwards nothing between nodes
+    assert!(pod_counter(&b, &a, "slowPackets") >= slow + 2, "cross-node traffic handed to VPP");
+    assert_eq!(pod_counter(&b, &a, "tunnelPackets"), 0, "nothing encapsulated by the kernel datapath");
+    assert_eq!(pod_counter(&b, &a, "hostPackets"), 0, "nothing handed to the host stack");
+}
+
+#[test]
+fn a_node_leaving_and_rejoining_updates_the_other_nodes_fake_vpps() {
+    let Some(papi) = papi("a_node_leaving_and_rejoining_updates_the_other_nodes_fake_vpps") else { return };
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(3));
+    let all = ["node-1", "node-2", "node-3"];
+    for n in all {
+        let others: Vec<&str> = all.iter().copied().filter(|o| *o != n).collect();
+        wait_programmed(&b, &papi, n, &others, Duration::from_secs(30));
+    }
+    let leaving = facts(&b, "node-3");
+    // The agent goes away for good (killed): its registration expires with its lease.
+    b.stop_agent("node-3", true);
+    wait_programmed(&b, &papi, "node-1", &["node-2"], Duration::from_secs(60));
+    wait_programmed(&b, &papi, "node-2", &["node-1"], Duration::from_secs(30));
+    for n in ["node-1", "node-2"] {
+        let view = read_vpp(&papi, &b.vpp_socket(n));
+        assert!(!view.tunnels.iter().any(|t| t.1 == leaving.ip.to_string()), "{n} keeps a tunnel to node-3");
+        assert!(!view.routes.contains_key(&leaving.subnet), "{n} keeps node-3's pod subnet");
+    }
+    // What node-3's own VPP holds stays while its agent is away (it keeps forwarding).
+    let stays = read_vpp(&papi, &b.vpp_socket("node-3"));
+    assert_eq!(stays.tunnels.len(), 2, "node-3's VPP still tunnels to the others: {stays:?}");
+
+    b.start_agent("node-3");
+    assert_eq!(facts(&b, "node-3").subnet, leaving.subnet, "the same pod subnet again");
+    for n in all {
+        let others: Vec<&str> = all.iter().copied().filter(|o| *o != n).collect();
+        wait_programmed(&b, &papi, n, &others, Duration::from_secs(40));
+    }
+}
+
+/// `bpftool -j` output as JSON.
+fn bpftool(args: &[&str]) -> Value {
+    let out = Command::new("bpftool").arg("-j").args(args).output().expect("bpftool");
+    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+#[test]
+fn a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouched() {
+    let Some(papi) = papi("a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouched") else {
+        return;
+    };
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(2));
+    let a = b.add_pod("node-1", "default/a", &[], &[]);
+    let c = b.add_pod("node-1", "default/c", &[], &[]);
+    wait_programmed(&b, &papi, "node-1", &["node-2"], Duration::from_secs(30));
+    assert!(ping(&b, &a.id(), gateway_of(&a)), "VPP answers before the restart");
+    let before = b.status_json("node-1", "/vswitch").unwrap()["vpp"]["generation"].as_u64().unwrap();
+
+    // The eBPF side as it is: the pod map's entries, the pods' and the port's pinned links.
+    let pin_dir = b.node("node-1").pin_dir.clone();
+    let pin = |name: &str| pin_dir.join(name).to_string_lossy().into_owned();
+    let pods_map = bpftool(&["map", "dump", "pinned", &pin("PODS")]);
+    let pod_ifnames: Vec<String> = b
+        .status_json("node-1", "/pods")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["hostIfname"].as_str().unwrap().to_owned())
+        .collect();
+    let mut links = vec![pin("links/cslow1_xdp"), pin("links/cslow0_ingress")];
+    links.extend(pod_ifnames.iter().map(|i| pin(&format!("links/{i}"))));
+    let link_ids = |links: &[String]| -> Vec<u64> {
+        links.iter().map(|l| bpftool(&["link", "show", "pinned", l])["id"].as_u64().unwrap()).collect()
+    };
+    let ids_before = link_ids(&links);
+    let xsks_before = bpftool(&["map", "show", "pinned", &pin("xsks_map")])["id"].clone();
+
+    // VPP crashes: what it held is gone, its socket leaves xsks_map with it.
+    b.stop_vpp("node-1", true);
+    assert!(ping(&b, &a.id(), c.ip), "pod to pod keeps working while VPP is down");
+    assert!(!ping(&b, &a.id(), gateway_of(&a)), "VPP (the gateway) is really gone");
+    b.wait_for(Duration::from_secs(10), "the agent notices", || {
+        b.status_json("node-1", "/vswitch").is_some_and(|v| v["vpp"]["connected"] == false)
+    });
+    assert!(b.cni("node-1", "STATUS", "", "", "", "").exit_code != 0, "CNI STATUS says VPP is not there");
+
+    // VPP comes back empty: the agent reconnects and replays everything.
+    b.start_vpp("node-1");
+    wait_programmed(&b, &papi, "node-1", &["node-2"], Duration::from_secs(30));
+    b.wait_for(Duration::from_secs(10), "a new connection converged", || {
+        b.status_json("node-1", "/vswitch").is_some_and(|v| {
+            v["vpp"]["generation"].as_u64().unwrap_or(0) > before
+                && v["vpp"]["connected"] == true
+                && v["vpp"]["lastReport"]["failed"] == json!([])
+        })
+    });
+    assert!(ping(&b, &a.id(), gateway_of(&a)), "the new af_xdp socket landed in the same xsks_map");
+    assert!(ping(&b, &a.id(), c.ip), "pod to pod after the restart");
+
+    assert_eq!(bpftool(&["map", "dump", "pinned", &pin("PODS")]), pods_map, "PODS entries untouched");
+    assert_eq!(link_ids(&links), ids_before, "the pods' and the port's links untouched");
+    assert_eq!(bpftool(&["map", "show", "pinned", &pin("xsks_map")])["id"], xsks_before, "the same xsks_map");
+}
+
+#[test]
+fn an_agent_restart_in_vpp_mode_keeps_the_fake_vpp_serving_the_pods() {
+    let Some(papi) = papi("an_agent_restart_in_vpp_mode_keeps_the_fake_vpp_serving_the_pods") else { return };
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(2));
+    let a = b.add_pod("node-1", "default/a", &[], &[]);
+    let before = wait_programmed(&b, &papi, "node-1", &["node-2"], Duration::from_secs(30));
+    let pin = b.node("node-1").pin_dir.join("links/cslow1_xdp").to_string_lossy().into_owned();
+    let xdp_link = bpftool(&["link", "show", "pinned", &pin])["id"].clone();
+    assert!(ping(&b, &a.id(), gateway_of(&a)));
+
+    b.stop_agent("node-1", false);
+    assert!(ping(&b, &a.id(), gateway_of(&a)), "VPP keeps answering the pod while its agent is away");
+    b.start_agent("node-1");
+    let after = wait_programmed(&b, &papi, "node-1", &["node-2"], Duration::from_secs(30));
+    assert_eq!(
+        after.interfaces["xdp-cslow1"].0, before.interfaces["xdp-cslow1"].0,
+        "VPP's af_xdp interface was kept, not re-created"
+    );
+    assert_eq!(bpftool(&["link", "show", "pinned", &pin])["id"], xdp_link, "the XDP link was updated in place");
+    assert!(ping(&b, &a.id(), gateway_of(&a)), "the socket is still registered after the restart");
+    let log = b.agent_log("node-1");
+    assert!(!log.contains("removed xdp-cslow1"), "the port was kept, so VPP's interface was not stale");
+}
+
+#[test]
+fn a_crc_mismatch_in_the_fake_vpp_is_reported_naming_the_message_and_the_agent_keeps_running() {
+    let Some(papi) = papi("a_crc_mismatch_in_the_fake_vpp_is_reported_naming_the_message_and_the_agent_keeps_running")
+    else {
+        return;
+    };
+    let opts = BoxOptions {
+        fake_vpp: Some(vec!["--crc-override".into(), "af_xdp_create_v3=0xdeadbeef".into()]),
+        ..BoxOptions::for_test(1)
+    };
+    let mut b = ClusterBox::up(opts);
+    let mut last = Value::Null;
+    b.wait_for(Duration::from_secs(20), "the agent reports the refused message", || {
+        last = b.status_json("node-1", "/vswitch").unwrap_or_default();
+        last["vpp"]["lastReport"]["failed"].as_array().is_some_and(|f| {
+            f.iter().any(|x| {
+                let error = x["error"].as_str().unwrap_or_default();
+                x["what"] == "create interface xdp-cslow1"
+                    && error.contains("af_xdp_create_v3")
+                    && error.contains("CRC")
+            })
+        })
+    });
+    let failed = last["vpp"]["lastReport"]["failed"].as_array().unwrap();
+    // The interface, and what needs it (its route, its NAT feature): nothing else.
+    for f in failed {
+        assert!(f.to_string().contains("xdp-cslow1"), "only what needs the af_xdp interface fails: {f}");
+    }
+    assert!(b.agent_log("node-1").contains("af_xdp_create_v3"), "the log names the message too");
+    // Nothing was sent for it, the rest was applied, and the agent keeps serving.
+    let view = read_vpp(&papi, &b.vpp_socket("node-1"));
+    assert!(view.missing.contains(&"af_xdp_create_v3".to_owned()), "vpp_papi refuses it too: {:?}", view.missing);
+    assert!(!view.interfaces.contains_key("xdp-cslow1"));
+    assert!(view.interfaces.contains_key("tap0"), "the host interconnect was created: {view:?}");
+    assert_eq!(view.nat_pool, BTreeSet::from([b.node("node-1").ip.to_string()]), "NAT44 was set up");
+    let p = b.add_pod("node-1", "default/still", &[], &[]);
+    let q = b.add_pod("node-1", "default/works", &[], &[]);
+    assert!(ping(&b, &p.id(), q.ip), "pods are wired and talk while VPP refuses the message");
+    assert_eq!(b.cni("node-1", "STATUS", "", "", "", "").exit_code, 0, "the agent is up and connected");
+}

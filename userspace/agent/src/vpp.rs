@@ -1,0 +1,435 @@
+//! `uplink = "vpp"`: the agent's VPP side (ARCHITECTURE.md, "the wire has one owner").
+//!
+//! VPP owns the NIC through DPDK. The eBPF datapath hands everything pods send that is not
+//! for a local pod to the slow-path port, whose vswitch end is VPP's `af_xdp` interface, and
+//! VPP does the rest: VXLAN to the other nodes, routes, NAT44-ED with the node IP, and the
+//! tap to the host. This module keeps VPP programmed:
+//!
+//! - [`uplink_handover`]: the NIC's addresses and routes VPP takes over (contiv-stn's state
+//!   file, or `[vpp] uplinkAddress` on a node whose VPP NIC the host never configured);
+//! - [`remote_nodes`]: the node registry's live nodes as the backend's [`RemoteNode`]s (a pure
+//!   function, filtered like the kernel plan filters them);
+//! - [`VppNode`]: renders [`VppDesired`] from the same inputs as the plan (node config, pod
+//!   subnet, registrations) and feeds a [`VppSupervisor`], which converges VPP by diffing
+//!   against its dumps and replays everything after VPP restarts. Nothing here touches eBPF.
+//!
+//! The slow-path port itself is kept across agent restarts ([`ensure_slow_port`]); its
+//! programs are pinned and its XSK map is the one VPP registers its socket in (the datapath).
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use contiv_node_registry::NodeRegistration;
+use contiv_vpp_backend::{
+    NodeInputs, RemoteNode, SupervisorOptions, UplinkHandover, VppConfig, VppDesired, VppStatus, VppSupervisor,
+    desired::{af_xdp_name, vxlan_name},
+    render,
+};
+use contiv_vpp_binapi::{Client, ClientOptions, api};
+use ipnet::{IpNet, Ipv4Net};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::podnet;
+
+/// How long the agent waits at start for contiv-stn to hand the NIC over.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// The NIC configuration VPP takes over: `[vpp] uplinkAddress` when set, else contiv-stn's
+/// state file, waited for up to `wait` (contiv-stn may still be taking the NIC).
+pub async fn uplink_handover(cfg: &VppConfig, wait: Duration) -> anyhow::Result<UplinkHandover> {
+    if let Some(h) = UplinkHandover::from_config(cfg) {
+        return Ok(h);
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        match UplinkHandover::from_stn_state_file(&cfg.stn_state_file) {
+            Ok(h) => return Ok(h),
+            Err(e) if Instant::now() >= deadline => {
+                anyhow::bail!(
+                    "{e}; with uplink = \"vpp\" the node IP comes from contiv-stn (run it on the NIC) or from \
+                     [vpp] uplinkAddress"
+                )
+            }
+            Err(e) => {
+                log::info!("waiting for the NIC handover: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The other nodes VPP tunnels to: every live registration except this node, with an
+/// underlay address and an IPv4 pod subnet. Stale records that claim this node's address or
+/// subnet are skipped (never route our own traffic away), and of two records claiming the
+/// same subnet, address or ID the first (by name) wins, so one bad record cannot stop the rest.
+pub fn remote_nodes<'a>(
+    own_name: &str,
+    own_subnet: Ipv4Net,
+    own_ip: Ipv4Addr,
+    registrations: impl IntoIterator<Item = &'a NodeRegistration>,
+) -> Vec<RemoteNode> {
+    let overlaps = |a: &Ipv4Net, b: &Ipv4Net| a.contains(&b.network()) || b.contains(&a.network());
+    let mut regs: Vec<&NodeRegistration> = registrations.into_iter().filter(|r| r.name != own_name).collect();
+    regs.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out: Vec<RemoteNode> = Vec::new();
+    for r in regs {
+        let (Some(node_ip), IpNet::V4(subnet)) = (r.uplink_ip, r.pod_cidr) else { continue };
+        let subnet = subnet.trunc();
+        if node_ip == own_ip || overlaps(&subnet, &own_subnet) {
+            continue;
+        }
+        if out.iter().any(|o| overlaps(&o.pod_subnet, &subnet) || o.node_ip == node_ip || o.id == r.id) {
+            log::warn!("node {} claims a pod subnet, address or ID another node has; left out", r.name);
+            continue;
+        }
+        out.push(RemoteNode { id: r.id, name: r.name.clone(), pod_subnet: subnet, node_ip });
+    }
+    out
+}
+
+/// What VPP is rendered from besides the remote nodes (fixed while the agent runs).
+#[derive(Debug, Clone)]
+pub struct VppNodeParams {
+    pub node_name: String,
+    pub pod_subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub gateway_mac: [u8; 6],
+    /// The slow-path port's vswitch end (VPP's af_xdp interface binds there).
+    pub slowpath_ifname: String,
+    /// Pod MTU (the af_xdp interface's).
+    pub mtu: u32,
+}
+
+struct View {
+    remote_nodes: Vec<RemoteNode>,
+    render_error: Option<String>,
+}
+
+/// This node's VPP, kept converged while the agent runs.
+pub struct VppNode {
+    config: VppConfig,
+    handover: UplinkHandover,
+    params: VppNodeParams,
+    desired: watch::Sender<VppDesired>,
+    status: watch::Receiver<VppStatus>,
+    supervisor: Mutex<Option<VppSupervisor>>,
+    view: Mutex<View>,
+}
+
+/// `/vswitch`'s `vpp` object.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VppReport {
+    pub api_socket: String,
+    /// Connected to VPP's API socket now.
+    pub connected: bool,
+    /// Connections made (a VPP restart makes it grow).
+    pub generation: u64,
+    /// Reconcile passes completed.
+    pub passes: u64,
+    /// The last pass: what was applied and what VPP refused.
+    pub last_report: Option<contiv_vpp_backend::ReconcileReport>,
+    /// The last connection or read error (e.g. a message whose CRC VPP does not list).
+    pub last_error: Option<String>,
+    /// Why the latest cluster state could not be rendered (the previous one stays).
+    pub render_error: Option<String>,
+    /// What VPP must hold.
+    pub desired: VppDesired,
+}
+
+/// `/node`'s `vpp` object: the tunnels VPP keeps to the other nodes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VppNodeReport {
+    pub node_ip: Ipv4Addr,
+    /// Other nodes by name.
+    pub remote_nodes: std::collections::BTreeMap<String, RemoteNodeReport>,
+}
+
+/// A remote node as `/node` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteNodeReport {
+    pub id: u32,
+    pub pod_subnet: String,
+    pub node_ip: Ipv4Addr,
+    /// VPP's name of the tunnel to it.
+    pub tunnel: String,
+}
+
+impl VppNode {
+    /// Renders what VPP must hold and starts converging it. A slow-path port created anew
+    /// (`fresh_port`) invalidates an af_xdp interface VPP may still hold from the old one,
+    /// which is removed first. Fails if the node's own inputs cannot be rendered (a
+    /// configuration error); inconsistent registrations only leave their nodes out.
+    pub async fn start(
+        config: VppConfig,
+        handover: UplinkHandover,
+        params: VppNodeParams,
+        registrations: &[NodeRegistration],
+        fresh_port: bool,
+    ) -> anyhow::Result<Self> {
+        let own = render_for(&config, &handover, &params, &[])?;
+        let node_ip = handover.node_ip().expect("rendered, so it has an address");
+        let remotes = remote_nodes(&params.node_name, params.pod_subnet, node_ip, registrations);
+        let (desired, remotes, render_error) = match render_for(&config, &handover, &params, &remotes) {
+            Ok(d) => (d, remotes, None),
+            Err(e) => {
+                log::error!("VPP: the cluster's nodes cannot be rendered ({e}); starting with this node only");
+                (own, Vec::new(), Some(e.to_string()))
+            }
+        };
+        if fresh_port {
+            remove_stale_port(&config, &params.slowpath_ifname).await;
+        }
+        let (tx, rx) = watch::channel(desired);
+        let mut opts = ClientOptions::new(&config.api_socket);
+        opts.name = format!("contiv-agent-{}", params.node_name).chars().take(63).collect();
+        let supervisor = VppSupervisor::spawn(Client::new(opts), rx, SupervisorOptions::default());
+        log::info!(
+            "VPP at {}: node IP {node_ip}, af_xdp on {}, {} remote node(s)",
+            config.api_socket.display(),
+            params.slowpath_ifname,
+            remotes.len()
+        );
+        Ok(Self {
+            status: supervisor.status(),
+            supervisor: Mutex::new(Some(supervisor)),
+            config,
+            handover,
+            params,
+            desired: tx,
+            view: Mutex::new(View { remote_nodes: remotes, render_error }),
+        })
+    }
+
+    /// The node IP (first address of the uplink VPP holds): what this node registers.
+    pub fn node_ip(&self) -> Ipv4Addr {
+        self.handover.node_ip().expect("checked at start")
+    }
+
+    /// The cluster's live nodes changed: tunnels and routes follow. A set that cannot be
+    /// rendered is refused as a whole (the previous desired state stays).
+    pub fn set_registrations(&self, registrations: &[NodeRegistration]) {
+        let remotes = remote_nodes(&self.params.node_name, self.params.pod_subnet, self.node_ip(), registrations);
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        match render_for(&self.config, &self.handover, &self.params, &remotes) {
+            Ok(d) => {
+                let names = |v: &[RemoteNode]| v.iter().map(|n| n.name.clone()).collect::<BTreeSet<_>>();
+                if names(&view.remote_nodes) != names(&remotes) {
+                    log::info!("VPP: tunnels to {} remote node(s): {:?}", remotes.len(), names(&remotes));
+                }
+                view.remote_nodes = remotes;
+                view.render_error = None;
+                self.desired.send_if_modified(|cur| {
+                    let changed = *cur != d;
+                    *cur = d;
+                    changed
+                });
+            }
+            Err(e) => {
+                log::error!("VPP: the cluster's nodes cannot be rendered, keeping the previous state: {e}");
+                view.render_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Ready when the API connection is up (CNI STATUS): pods can be wired without VPP,
+    /// but nothing would leave the node.
+    pub fn ready(&self) -> Result<(), String> {
+        let s = self.status.borrow();
+        if s.connected {
+            return Ok(());
+        }
+        Err(format!(
+            "not connected to VPP at {}{}",
+            self.config.api_socket.display(),
+            s.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        ))
+    }
+
+    pub fn report(&self) -> VppReport {
+        let s = self.status.borrow().clone();
+        let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        VppReport {
+            api_socket: self.config.api_socket.display().to_string(),
+            connected: s.connected,
+            generation: s.generation,
+            passes: s.passes,
+            last_report: s.last,
+            last_error: s.last_error,
+            render_error: view.render_error.clone(),
+            desired: self.desired.borrow().clone(),
+        }
+    }
+
+    pub fn node_report(&self) -> VppNodeReport {
+        let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        VppNodeReport {
+            node_ip: self.node_ip(),
+            remote_nodes: view
+                .remote_nodes
+                .iter()
+                .map(|n| {
+                    let r = RemoteNodeReport {
+                        id: n.id,
+                        pod_subnet: n.pod_subnet.to_string(),
+                        node_ip: n.node_ip,
+                        tunnel: vxlan_name(n.id),
+                    };
+                    (n.name.clone(), r)
+                })
+                .collect(),
+        }
+    }
+
+    /// Stops converging VPP. What VPP holds stays (it keeps forwarding while the agent is
+    /// away); the next agent converges from what it finds.
+    pub fn shutdown(&self) {
+        drop(self.supervisor.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
+
+fn render_for(
+    config: &VppConfig,
+    handover: &UplinkHandover,
+    p: &VppNodeParams,
+    remotes: &[RemoteNode],
+) -> Result<VppDesired, contiv_vpp_backend::RenderError> {
+    render(&NodeInputs {
+        config,
+        // Remote nodes are filtered by name already; no registry ID is ours.
+        node_id: u32::MAX,
+        pod_subnet: p.pod_subnet,
+        gateway: p.gateway,
+        gateway_mac: p.gateway_mac,
+        slowpath_ifname: &p.slowpath_ifname,
+        mtu: p.mtu,
+        uplink: handover,
+        remote_nodes: remotes,
+    })
+}
+
+/// Deletes the af_xdp interface VPP holds on a slow-path port that was just re-created (its
+/// socket is bound to the old, deleted device). Best effort: a VPP that cannot be reached
+/// now holds nothing the supervisor will not replace.
+async fn remove_stale_port(config: &VppConfig, slowpath_ifname: &str) {
+    let name = af_xdp_name(slowpath_ifname);
+    let mut opts = ClientOptions::new(&config.api_socket);
+    opts.connect_timeout = Duration::from_secs(2);
+    opts.request_timeout = Duration::from_secs(5);
+    let Ok(client) = Client::connect(opts).await else { return };
+    if let Ok(ifaces) = client.dump(&api::SwInterfaceDump::default()).await
+        && let Some(stale) = ifaces.iter().find(|i| i.interface_name == name)
+    {
+        match client.request(&api::AfXdpDelete { sw_if_index: stale.sw_if_index }).await {
+            Ok(_) => log::info!("VPP: removed {name}, bound to the previous slow-path port"),
+            Err(e) => log::warn!("VPP: removing the stale {name}: {e}"),
+        }
+    }
+    // Dropped, not closed: VPP frees a registration whose socket closes, and an orderly
+    // sockclnt_delete would only make the client log a lost connection.
+    drop(client);
+}
+
+/// The slow-path port in VPP mode: kept as it is when both ends exist (VPP's af_xdp socket
+/// is bound to its vswitch end, and pods' traffic to VPP keeps flowing while the agent
+/// restarts); created otherwise. Returns whether it was created anew.
+pub async fn ensure_slow_port(node: &rtnetlink::Handle, host: &str, vswitch: &str) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let fresh =
+        podnet::link_by_name(node, host).await?.is_none() || podnet::link_by_name(node, vswitch).await?.is_none();
+    if fresh {
+        podnet::delete_link(node, host).await?;
+        podnet::delete_link(node, vswitch).await?;
+        node.link()
+            .add(rtnetlink::LinkVeth::new(host, vswitch).mtu(1500).build())
+            .execute()
+            .await
+            .context("creating the slow-path port")?;
+    }
+    for name in [host, vswitch] {
+        // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into VPP.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        let link = podnet::link_by_name(node, name).await?.with_context(|| format!("{name} vanished"))?;
+        node.link()
+            .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("bringing {name} up"))?;
+    }
+    Ok(fresh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(name: &str, id: u32, ip: Option<[u8; 4]>, cidr: &str) -> NodeRegistration {
+        NodeRegistration {
+            name: name.into(),
+            id,
+            addresses: vec![],
+            pod_cidr: cidr.parse().unwrap(),
+            uplink_ip: ip.map(Ipv4Addr::from),
+        }
+    }
+
+    const OWN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
+
+    fn own_subnet() -> Ipv4Net {
+        "10.1.1.0/24".parse().unwrap()
+    }
+
+    #[test]
+    fn registrations_become_remote_nodes_without_us_or_stale_records() {
+        let regs = [
+            reg("n1", 1, Some([192, 168, 100, 11]), "10.1.1.0/24"), // this node
+            reg("n3", 3, Some([192, 168, 100, 13]), "10.1.3.0/24"),
+            reg("n2", 2, Some([192, 168, 100, 12]), "10.1.2.0/24"),
+            reg("n4", 4, None, "10.1.4.0/24"), // no underlay address
+            reg("old-n1", 9, Some([192, 168, 100, 11]), "10.1.9.0/24"), // claims our address
+            reg("n5", 5, Some([192, 168, 100, 15]), "10.1.1.0/25"), // overlaps our subnet
+            reg("n6", 6, Some([192, 168, 100, 16]), "10.1.2.128/25"), // overlaps n2's
+        ];
+        let nodes = remote_nodes("n1", own_subnet(), OWN_IP, &regs);
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["n2", "n3"]);
+        assert_eq!(nodes[0].node_ip, Ipv4Addr::new(192, 168, 100, 12));
+        assert_eq!(nodes[0].pod_subnet.to_string(), "10.1.2.0/24");
+        assert_eq!(nodes[1].id, 3);
+    }
+
+    fn params() -> VppNodeParams {
+        VppNodeParams {
+            node_name: "n1".into(),
+            pod_subnet: own_subnet(),
+            gateway: Ipv4Addr::new(10, 1, 1, 1),
+            gateway_mac: [2, 0xfe, 0, 0, 0, 1],
+            slowpath_ifname: "cslow1".into(),
+            mtu: 1450,
+        }
+    }
+
+    #[test]
+    fn the_desired_state_follows_the_registrations() {
+        let cfg = VppConfig::default();
+        let handover = UplinkHandover { addresses: vec!["192.168.100.11/24".parse().unwrap()], ..Default::default() };
+        let regs = [reg("n2", 2, Some([192, 168, 100, 12]), "10.1.2.0/24")];
+        let remotes = remote_nodes("n1", own_subnet(), OWN_IP, &regs);
+        let d = render_for(&cfg, &handover, &params(), &remotes).unwrap();
+        assert!(d.interfaces.contains_key("xdp-cslow1"), "the af_xdp interface on the slow-path port");
+        assert!(d.interfaces.contains_key("vxlan_tunnel2"), "a tunnel per remote node, named by its ID");
+        let routes: Vec<String> = d.routes.iter().map(|r| format!("{} {}", r.dst, r.interface)).collect();
+        assert!(routes.contains(&"10.1.1.0/24 xdp-cslow1".to_owned()), "{routes:?}");
+        assert!(routes.contains(&"10.1.2.0/24 vxlan_tunnel2".to_owned()), "{routes:?}");
+        assert_eq!(d.nat.as_ref().unwrap().pool, BTreeSet::from([OWN_IP]), "pods leave with the node IP");
+        let alone = render_for(&cfg, &handover, &params(), &[]).unwrap();
+        assert!(!alone.interfaces.contains_key("vxlan_tunnel2"), "a node that leaves loses its tunnel");
+    }
+}

@@ -6,6 +6,7 @@ mod bench_datapath;
 mod bench_ksr;
 mod bench_net;
 mod bench_overlay;
+mod bench_policy;
 mod bench_store;
 mod bench_vpp;
 mod cluster;
@@ -64,9 +65,10 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
-    /// Benchmarks against their baselines: `datapath`, `overlay`, `cni`, `store`, `ksr` or `vpp`.
+    /// Benchmarks against their baselines: `datapath`, `overlay`, `cni`, `store`, `ksr`, `vpp`
+    /// or `policy`.
     Bench {
-        #[arg(value_parser = ["datapath", "overlay", "cni", "store", "ksr", "vpp"])]
+        #[arg(value_parser = ["datapath", "overlay", "cni", "store", "ksr", "vpp", "policy"])]
         which: String,
     },
 }
@@ -250,6 +252,11 @@ fn main() -> Result<()> {
                     bench_cni::run(&bins)
                 }
                 "ksr" => bench_ksr::run(),
+                "policy" => {
+                    require_root("the policy benchmark")?;
+                    let bins = build_bins(true)?;
+                    bench_policy::run(&bins)
+                }
                 _ => bench_store::run(),
             }
         }

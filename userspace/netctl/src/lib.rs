@@ -6,6 +6,7 @@
 //! - [`apply`] / [`delete`]: write or remove the objects' keys.
 //! - [`get`]: tables (or JSON) of nodes, pods, services, endpoints, policies, IPAM.
 
+pub mod agent;
 pub mod get;
 pub mod manifest;
 

@@ -20,6 +20,9 @@ struct Args {
     /// Directory of the embedded store.
     #[arg(long, global = true, env = "CONTIV_STORE_DIR", default_value = "/var/lib/contiv/store")]
     data_dir: PathBuf,
+    /// The status endpoint of this node's agent (for `get ... --node`).
+    #[arg(long, global = true, env = "CONTIV_AGENT", default_value = contiv_netctl::agent::DEFAULT_AGENT)]
+    agent: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,6 +54,10 @@ enum Command {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
+        /// What node N's datapath holds (services: frontends with the backends programmed),
+        /// asked of its agent (see --agent) instead of the store.
+        #[arg(long)]
+        node: Option<String>,
     },
 }
 
@@ -110,7 +117,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("{key} {word}");
             }
         }
-        Command::Get { what, namespace, output } => {
+        Command::Get { what: Resource::Services, namespace, output, node: Some(node) } => {
+            let report = contiv_netctl::agent::node_report(&args.agent, "/services", Some(node))?;
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", contiv_netctl::agent::services_table(&report, namespace.as_deref())),
+            }
+        }
+        Command::Get { node: Some(_), what, .. } => {
+            anyhow::bail!("--node is not supported for {what:?} yet (services only)");
+        }
+        Command::Get { what, namespace, output, node: None } => {
             let store = open(&args).await?;
             let out = contiv_netctl::get::get(&store, *what, namespace.as_deref(), *output).await?;
             for w in &out.warnings {

@@ -39,6 +39,7 @@ pub struct Installed {
 
 /// What one apply changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ApplyStats {
     pub frontends_written: usize,
     pub frontends_removed: usize,
@@ -118,6 +119,7 @@ pub fn ct_timeout(k: &CtKey, e: &CtEntry, pair: Option<&CtEntry>, t: &CtTimeouts
 
 /// What a conntrack sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct GcStats {
     pub scanned: usize,
     pub expired: usize,

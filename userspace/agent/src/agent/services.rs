@@ -58,6 +58,8 @@ pub struct ServicesReport {
     pub dead_backends: Vec<String>,
     pub node_addresses: Vec<String>,
     pub conntrack_entries: usize,
+    /// Of which UDP.
+    pub conntrack_udp: usize,
     pub conntrack_max: u32,
     pub socket_programs: Vec<String>,
     pub last_apply: Option<ApplyStats>,
@@ -278,7 +280,9 @@ impl Agent {
             .iter()
             .map(|(ip, a)| if a.local != 0 { format!("{ip} (this node)") } else { ip.to_string() })
             .collect();
-        r.conntrack_entries = dp.ct_entries().map(|e| e.len()).unwrap_or(0);
+        let ct = dp.ct_entries().unwrap_or_default();
+        r.conntrack_entries = ct.len();
+        r.conntrack_udp = ct.iter().filter(|(k, _)| k.proto == crate::services::IPPROTO_UDP).count();
         r.socket_programs = dp
             .link_pins()
             .iter()

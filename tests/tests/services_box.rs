@@ -667,7 +667,7 @@ spec:
 
     // The remaining backend is removed and its pod deleted: a connection to it fails fast
     // (reset) instead of hanging.
-    let idx = conns.iter().position(|(_, s)| *s == keep.name && true).expect("a connection to the survivor");
+    let idx = conns.iter().position(|(_, s)| *s == keep.name).expect("a connection to the survivor");
     let (mut doomed, _) = conns.swap_remove(idx);
     let keep_slice = if keep.name == "web-1" { "web-a" } else { "web-b" };
     let keep_port = if keep.name == "web-1" { 8080 } else { 9090 };

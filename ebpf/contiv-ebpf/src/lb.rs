@@ -4,8 +4,8 @@
 
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use contiv_common::{
-    Ipv4Key, SVC_LOCAL_BASE, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, SvcSourceRange,
-    svc_flags,
+    Ipv4Key, SVC_LOCAL_BASE, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey,
+    SvcSourceRange, svc_flags,
 };
 
 use crate::maps::{NODE_ADDRS, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_SOURCE_RANGES};

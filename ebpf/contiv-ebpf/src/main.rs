@@ -52,8 +52,8 @@ use contiv_common::{DatapathConfig, PodCounters, PodEndpoint, config_flags, pod_
 use maps::{
     SLOWPATH_XSKS, VPP_XSKS, config, count_overlay, count_slowport, pod, pod_by_ifindex, pod_counters, remote_route,
 };
-use svc::{Origin, Outcome};
 use packet::*;
+use svc::{Origin, Outcome};
 
 /// `skb->pkt_type` for a packet addressed to this host.
 const PACKET_HOST: u32 = 0;

@@ -115,7 +115,8 @@ fn reverse(ctx: &SockAddrContext) -> i32 {
     }
     let sa = ctx.sock_addr;
     // SAFETY: plain helper call; fields of the context.
-    let (cookie, ip, port) = unsafe { (bpf_get_socket_cookie(sa.cast()), (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
+    let (cookie, ip, port) =
+        unsafe { (bpf_get_socket_cookie(sa.cast()), (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
     let rk = SockRevNatKey { cookie, ip, port: u16::from_be(port as u16), _pad: 0 };
     // SAFETY: read-only lookup, copied.
     if let Some(orig) = unsafe { SOCK_REVNAT.get(rk) }.copied() {

@@ -361,9 +361,9 @@ pub struct SvcKey {
 pub struct SvcFrontend {
     /// The service port's id (keys its backends, affinity, counters, conntrack).
     pub svc_id: u32,
-    /// Backends usable from this node: ordinals `0..count` of SVC_BACKENDS.
+    /// The Cluster set: ordinals `0..count` of SVC_BACKENDS.
     pub count: u16,
-    /// The first `local_count` backends are on this node.
+    /// The Local set: ordinals `SVC_LOCAL_BASE..SVC_LOCAL_BASE + local_count`.
     pub local_count: u16,
     /// [`svc_flags`].
     pub flags: u32,
@@ -389,9 +389,15 @@ pub mod svc_flags {
     pub const SOURCE_RANGES: u32 = 64;
 }
 
+/// Ordinal of the first backend of a service port's Local set (its endpoints on this
+/// node, as externalTrafficPolicy / internalTrafficPolicy Local use them): the Local set is
+/// chosen on its own (ready local endpoints, else serving-and-terminating local ones), so
+/// it is stored apart from the Cluster set at ordinals `0..count`.
+pub const SVC_LOCAL_BASE: u32 = 1 << 31;
+
 /// One backend of a service port (`port` in host byte order).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct SvcBackendKey {
     pub svc_id: u32,
     pub ordinal: u32,
@@ -479,7 +485,7 @@ pub struct NodeAddr {
 /// A conntrack key: one direction of a flow (`ports` in host byte order; for ICMP the
 /// echo id in both).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct CtKey {
     pub src: [u8; 4],
     pub dst: [u8; 4],

@@ -4,7 +4,8 @@
 
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use contiv_common::{
-    Ipv4Key, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, SvcSourceRange, svc_flags,
+    Ipv4Key, SVC_LOCAL_BASE, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey,
+    SvcSourceRange, svc_flags,
 };
 
 use crate::maps::{NODE_ADDRS, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_SOURCE_RANGES};
@@ -55,9 +56,11 @@ fn backend(svc_id: u32, ordinal: u32) -> Option<SvcBackend> {
     unsafe { SVC_BACKENDS.get(SvcBackendKey { svc_id, ordinal }) }.copied()
 }
 
-/// A backend among ordinals `0..count` for `client` (netns cookie or IPv4 address).
+/// A backend of the Cluster set, or of the Local set when `local`, for `client` (netns
+/// cookie or IPv4 address).
 #[inline(always)]
-pub fn select(fe: &SvcFrontend, count: u16, client: u64, now: u64) -> Option<SvcBackend> {
+pub fn select(fe: &SvcFrontend, local: bool, client: u64, now: u64) -> Option<SvcBackend> {
+    let (count, base) = if local { (fe.local_count, SVC_LOCAL_BASE) } else { (fe.count, 0) };
     if count == 0 {
         return None;
     }
@@ -67,7 +70,8 @@ pub fn select(fe: &SvcFrontend, count: u16, client: u64, now: u64) -> Option<Svc
         // SAFETY: read-only lookup, copied.
         && let Some(a) = unsafe { SVC_AFFINITY.get(akey) }.copied()
         && now.wrapping_sub(a.last_used_ns) < u64::from(fe.affinity_timeout_s) * 1_000_000_000
-        && a.ordinal < u32::from(count)
+        && a.ordinal >= base
+        && a.ordinal - base < u32::from(count)
         && let Some(b) = backend(fe.svc_id, a.ordinal)
         && b.ip == a.ip
         && b.port == a.port
@@ -77,7 +81,7 @@ pub fn select(fe: &SvcFrontend, count: u16, client: u64, now: u64) -> Option<Svc
         return Some(b);
     }
     // SAFETY: plain helper call.
-    let ordinal = unsafe { bpf_get_prandom_u32() } % u32::from(count);
+    let ordinal = base + unsafe { bpf_get_prandom_u32() } % u32::from(count);
     let b = backend(fe.svc_id, ordinal)?;
     if affinity {
         let a = SvcAffinity { last_used_ns: now, ordinal, ip: b.ip, port: b.port, _pad: [0; 6] };
@@ -86,8 +90,10 @@ pub fn select(fe: &SvcFrontend, count: u16, client: u64, now: u64) -> Option<Svc
     Some(b)
 }
 
-/// How many backends internal traffic (ClusterIP) may use.
+/// Whether traffic from inside the cluster uses the Local set: ClusterIPs under
+/// internalTrafficPolicy Local. (Pods reaching a NodePort or a load-balancer IP use every
+/// endpoint, whatever the external policy, as kube-proxy does.)
 #[inline(always)]
-pub fn internal_count(fe: &SvcFrontend) -> u16 {
-    if fe.flags & svc_flags::CLUSTER_IP != 0 && fe.flags & svc_flags::ITP_LOCAL != 0 { fe.local_count } else { fe.count }
+pub fn internal_local(fe: &SvcFrontend) -> bool {
+    fe.flags & svc_flags::CLUSTER_IP != 0 && fe.flags & svc_flags::ITP_LOCAL != 0
 }

@@ -132,6 +132,11 @@ pub fn count_overlay(f: impl FnOnce(&mut OverlayCounters)) {
 /// A service port's counters on this CPU.
 #[inline(always)]
 pub fn count_svc(svc_id: u32, f: impl FnOnce(&mut SvcCounters)) {
+    if SVC_COUNTERS.get_ptr_mut(svc_id).is_none() {
+        // First event of this service port: its counters start at zero (the agent removes
+        // them when the port goes).
+        let _ = SVC_COUNTERS.insert(svc_id, SvcCounters::default(), 1 /* BPF_NOEXIST */);
+    }
     if let Some(p) = SVC_COUNTERS.get_ptr_mut(svc_id) {
         // SAFETY: per-CPU slot of this CPU.
         f(unsafe { &mut *p });

@@ -69,7 +69,15 @@ pub fn l4(data: usize, data_end: usize, proto: u8) -> Option<L4> {
 /// Rewrites one end's address and port. False if the kernel refused a step (the packet
 /// must then be dropped: it may be half rewritten).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, l4: &L4, end: End, old_ip: [u8; 4], new_ip: [u8; 4], old_port: u16, new_port: u16) -> bool {
+pub fn rewrite(
+    ctx: &TcContext,
+    l4: &L4,
+    end: End,
+    old_ip: [u8; 4],
+    new_ip: [u8; 4],
+    old_port: u16,
+    new_port: u16,
+) -> bool {
     let (csum_off, mangle) = match l4.proto {
         IPPROTO_TCP => (L4_OFF + 16, 0),
         _ => (L4_OFF + 6, BPF_F_MARK_MANGLED_0),

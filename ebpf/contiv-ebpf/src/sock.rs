@@ -86,8 +86,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // From inside the cluster every backend is usable (a pod reaching a load-balancer IP
     // must succeed even where externalTrafficPolicy Local has no local backend), except
     // ClusterIP traffic under internalTrafficPolicy Local.
-    let count = lb::internal_count(&fe);
-    let Some(b) = lb::select(&fe, count, netns, now()) else {
+    let Some(b) = lb::select(&fe, lb::internal_local(&fe), netns, now()) else {
         count_svc(fe.svc_id, |c| c.no_backend += 1);
         // No endpoint at all: "connection refused" at once. Only local ones missing
         // (internalTrafficPolicy Local): the traffic is dropped by design; fail the call.
@@ -116,7 +115,8 @@ fn reverse(ctx: &SockAddrContext) -> i32 {
     }
     let sa = ctx.sock_addr;
     // SAFETY: plain helper call; fields of the context.
-    let (cookie, ip, port) = unsafe { (bpf_get_socket_cookie(sa.cast()), (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
+    let (cookie, ip, port) =
+        unsafe { (bpf_get_socket_cookie(sa.cast()), (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
     let rk = SockRevNatKey { cookie, ip, port: u16::from_be(port as u16), _pad: 0 };
     // SAFETY: read-only lookup, copied.
     if let Some(orig) = unsafe { SOCK_REVNAT.get(rk) }.copied() {

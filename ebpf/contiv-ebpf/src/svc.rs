@@ -98,12 +98,12 @@ pub fn process(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]
         count_svc(fe.svc_id, |c| c.source_denied += 1);
         return Outcome::Drop;
     }
-    let count = match origin {
-        Origin::Uplink if fe.flags & svc_flags::ETP_LOCAL != 0 => fe.local_count,
-        _ => lb::internal_count(&fe),
+    let local = match origin {
+        Origin::Uplink => fe.flags & svc_flags::ETP_LOCAL != 0,
+        _ => lb::internal_local(&fe),
     };
     let now = ct::now();
-    let Some(b) = lb::select(&fe, count, u64::from(u32::from_ne_bytes(src)), now) else {
+    let Some(b) = lb::select(&fe, local, u64::from(u32::from_ne_bytes(src)), now) else {
         count_svc(fe.svc_id, |c| c.no_backend += 1);
         // No endpoint at all: refused. No local one under a Local policy: dropped (a load
         // balancer's health check steers clients elsewhere; a refusal would look final).

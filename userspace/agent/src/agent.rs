@@ -38,6 +38,9 @@ use crate::{
     uplink::{Overlay, Uplink},
 };
 
+mod services;
+pub use services::{BackendReport, FrontendReport, ServicesReport};
+
 /// CNI errors go back to the runtime in-band (code per the CNI spec).
 pub use contiv_cni_api::CniError;
 
@@ -57,6 +60,10 @@ struct Inner {
     /// Attachments whose interface disappeared while the agent was down: kept (the address
     /// stays reserved until the runtime's DEL) but out of the datapath.
     gone: std::collections::HashSet<AttachmentKey>,
+    /// The service proxy's installed state.
+    proxy: crate::proxy::Proxy,
+    /// healthCheckNodePort servers.
+    health: crate::healthcheck::HealthServers,
 }
 
 /// The vswitch agent.
@@ -82,6 +89,12 @@ pub struct Agent {
     /// compilation could not represent.
     model_synced: std::sync::atomic::AtomicBool,
     policy_problems: std::sync::Mutex<Vec<String>>,
+    /// Who the service proxy is (node name, proxy name, node addresses).
+    service_params: crate::services::ServiceParams,
+    /// Services left out whose reason was logged already (logged once).
+    skipped_logged: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    last_apply: std::sync::Mutex<Option<crate::proxy::ApplyStats>>,
+    last_gc: std::sync::Mutex<Option<crate::proxy::GcStats>>,
 }
 
 /// A pod as `contiv-agent pods` / the API shows it.
@@ -117,6 +130,9 @@ pub struct CountersReport {
     pub drop_malformed: u64,
     pub drop_ttl_exceeded: u64,
     pub drop_no_slowpath: u64,
+    /// Dropped by the service stage (no local endpoint under a Local policy, a source
+    /// outside loadBalancerSourceRanges, a rewrite the kernel refused).
+    pub drop_service: u64,
     pub tunnel_packets: u64,
     pub tunnel_bytes: u64,
     pub host_packets: u64,
@@ -247,6 +263,7 @@ impl From<PodCounters> for CountersReport {
             drop_malformed: c.drop_malformed,
             drop_ttl_exceeded: c.drop_ttl_exceeded,
             drop_no_slowpath: c.drop_no_slowpath,
+            drop_service: c.drop_service,
             tunnel_packets: c.tunnel_packets,
             tunnel_bytes: c.tunnel_bytes,
             host_packets: c.host_packets,
@@ -282,8 +299,18 @@ impl Agent {
             Some(h) => config.pod_mtu(Some(h.mtu.unwrap_or(1500))),
             None => config.pod_mtu(uplink.as_ref().map(|u| u.mtu)),
         };
-        let mut datapath =
-            Datapath::load(&config.bpf_pin_dir, config.allow_private_bpffs).context("loading the eBPF datapath")?;
+        let mut datapath = Datapath::load_with(
+            &config.bpf_pin_dir,
+            config.allow_private_bpffs,
+            Some(config.services.conntrack_entries),
+        )
+        .context("loading the eBPF datapath")?;
+        // The node's own namespace: its sockets are the ones the service programs translate
+        // (with its pods'), and no other node's in the same machine.
+        let netns_cookie = podnet::own_netns_cookie().unwrap_or_else(|e| {
+            log::warn!("the node namespace's cookie is unknown ({e}): host sockets are not load-balanced");
+            0
+        });
 
         let slow_host = config.slowpath_host_ifname.clone();
         let slow_vsw = config.slowpath_vswitch_ifname.clone();
@@ -358,6 +385,13 @@ impl Agent {
             },
             masquerade_uplink: uplink.as_ref().filter(|_| config.masquerade).map(|u| u.ifname.clone()),
             vpp_uplink: vpp_mode,
+            uplink_ifindex: uplink.as_ref().map_or(0, |u| u.ifindex),
+            netns_cookie,
+        };
+        let service_params = crate::services::ServiceParams {
+            node_name: config.node_name.clone(),
+            proxy_name: config.services.proxy_name.clone(),
+            node_ips: params.overlay.as_ref().map(|o| o.node_ip).into_iter().collect(),
         };
 
         let slowpath = match handover {
@@ -396,14 +430,31 @@ impl Agent {
             overlay,
             pod_mtu,
             params,
-            inner: Mutex::new(Inner { state, datapath, applier, node, registrations, gone: Default::default() }),
+            inner: Mutex::new(Inner {
+                state,
+                datapath,
+                applier,
+                node,
+                registrations,
+                gone: Default::default(),
+                proxy: Default::default(),
+                health: Default::default(),
+            }),
             slowpath,
             model: std::sync::OnceLock::new(),
             attachment_locks: std::sync::Mutex::new(HashMap::new()),
             model_synced: std::sync::atomic::AtomicBool::new(false),
             policy_problems: std::sync::Mutex::new(vec![]),
+            service_params,
+            skipped_logged: Default::default(),
+            last_apply: Default::default(),
+            last_gc: Default::default(),
         });
         agent.reconcile().await.context("bringing the dataplane in line with the node's pods")?;
+        {
+            let mut inner = agent.inner.lock().await;
+            agent.setup_services(&mut inner).context("setting up services")?;
+        }
         Ok(agent)
     }
 
@@ -684,6 +735,7 @@ impl Agent {
             pod_namespace,
             pod_name,
             bandwidth,
+            netns_cookie: 0,
         };
         let spec = PodLinkSpec {
             netns: netns.to_owned(),
@@ -732,6 +784,7 @@ impl Agent {
         };
         attachment.host_ifindex = veth.host_ifindex;
         attachment.host_mac = format_mac(&veth.host_mac);
+        attachment.netns_cookie = veth.netns_cookie;
         let configured = podnet::configure_pod_side(&veth, spec).instrument(phase("pod_side_config")).await;
         drop(veth);
         let (recorded, attached) = match configured {
@@ -1155,7 +1208,11 @@ impl Agent {
         };
         match contiv_vswitch::spawn(&ifname, 0, BuiltinVswitch::new(gateway)) {
             Ok(port) => {
-                let registered = self.inner.lock().await.datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port));
+                let (registered, refusals) = {
+                    let mut inner = self.inner.lock().await;
+                    (inner.datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port)), inner.proxy.refusals())
+                };
+                port.with_backend(|b| b.set_refusals(Arc::new(refusals)));
                 match registered {
                     Ok(()) => {
                         log::info!("vswitch restarted on {ifname}");

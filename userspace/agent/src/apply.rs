@@ -76,6 +76,7 @@ impl Applier {
         self.installed.host_neighbours.clear();
         // Rules are rewritten as a whole, atomically.
         self.installed.masquerade = None;
+        self.installed.netns = datapath.node_netns()?;
         let stale_counters: Vec<Ipv4Addr> =
             datapath.counter_keys()?.into_iter().filter(|ip| !plan.pods.contains_key(ip)).collect();
         let result = self.apply(datapath, plan).await;
@@ -126,6 +127,10 @@ impl Applier {
             datapath.put_pod_iface(ifindex, ep)?;
             self.installed.pod_ifaces.insert(ifindex, ep);
         }
+        for (cookie, kind) in changed(&self.installed.netns, &plan.netns) {
+            datapath.put_node_netns(cookie, kind)?;
+            self.installed.netns.insert(cookie, kind);
+        }
         for (prefix, route) in changed(&self.installed.remote_routes, &plan.remote_routes) {
             datapath.put_remote_route(prefix, route)?;
             self.installed.remote_routes.insert(prefix, route);
@@ -152,6 +157,10 @@ impl Applier {
         for prefix in removed(&self.installed.remote_routes, &plan.remote_routes) {
             datapath.delete_remote_route(prefix)?;
             self.installed.remote_routes.remove(&prefix);
+        }
+        for cookie in removed(&self.installed.netns, &plan.netns) {
+            datapath.delete_node_netns(cookie)?;
+            self.installed.netns.remove(&cookie);
         }
         for ifindex in removed(&self.installed.pod_ifaces, &plan.pod_ifaces) {
             datapath.delete_pod_iface(ifindex)?;

@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use contiv_cluster_model::{Kind, NodeAddress};
+use contiv_cluster_model::{ClusterObject, Kind, NodeAddress};
 use contiv_cluster_watch::{ClusterEvent, ClusterModel, ClusterWatch};
 use contiv_node_registry::{IpamAllocation, IpamConfig, NodeDetails, NodeRegistration, NodeRegistry};
 use contiv_store::Store;
@@ -103,6 +103,30 @@ pub struct DataplaneEvents {
     /// once); the first resync marks the model loaded.
     policy: watch::Sender<u64>,
     agent: std::sync::Arc<crate::agent::Agent>,
+    /// Bumped when something services depend on changed (the service task recomputes
+    /// once per burst).
+    services: watch::Sender<u64>,
+}
+
+/// Whether an event can change the service plan: services, endpoint slices, nodes and
+/// registrations (node addresses), pods appearing or leaving (a removed backend is refused
+/// only while no pod holds its address).
+fn affects_services(event: &ClusterEvent) -> bool {
+    use contiv_cluster_watch::{Object, ObjectKind};
+    let kind = |o: &Object| o.kind();
+    let relevant = |k: ObjectKind| {
+        matches!(k, ObjectKind::Registration | ObjectKind::K8s(Kind::Service | Kind::EndpointSlice | Kind::Node))
+    };
+    match event {
+        ClusterEvent::Resync(_) => true,
+        ClusterEvent::Added { object, .. } | ClusterEvent::Deleted { object, .. } => {
+            relevant(kind(object)) || kind(object) == ObjectKind::K8s(Kind::Pod)
+        }
+        ClusterEvent::Updated { old, new, .. } => match (old, new) {
+            (Object::K8s(ClusterObject::Pod(a)), Object::K8s(ClusterObject::Pod(b))) => a.ips != b.ips,
+            _ => relevant(kind(new)),
+        },
+    }
 }
 
 impl DataplaneEvents {
@@ -124,6 +148,9 @@ impl DataplaneEvents {
         };
         if policy_changed {
             self.policy.send_modify(|n| *n += 1);
+        }
+        if affects_services(event) {
+            self.services.send_modify(|n| *n = n.wrapping_add(1));
         }
         if registrations_changed {
             let regs: Vec<NodeRegistration> = model.registrations().cloned().collect();
@@ -205,13 +232,21 @@ pub fn spawn(
     let watch_stop = stopped(shutdown.clone());
     let (reg_tx, mut reg_rx) = watch::channel(Vec::new());
     let (policy_tx, mut policy_rx) = watch::channel(0u64);
+    let (svc_tx, svc_rx) = watch::channel(0u64);
     let events_agent = agent.clone();
     let watcher = tokio::spawn(async move {
-        let mut events =
-            DataplaneEvents { resyncs: 0, changes: 0, registrations: reg_tx, policy: policy_tx, agent: events_agent };
+        let mut events = DataplaneEvents {
+            resyncs: 0,
+            changes: 0,
+            registrations: reg_tx,
+            policy: policy_tx,
+            agent: events_agent,
+            services: svc_tx,
+        };
         let mut consumer = |m: &ClusterModel, e: &ClusterEvent| events.on_event(m, e);
         watch.run(&mut consumer, watch_stop).await;
     });
+    let services = tokio::spawn(run_services(agent.clone(), svc_rx, stopped(shutdown.clone())));
     let apply_stop = stopped(shutdown);
     let applier = tokio::spawn(async move {
         let mut apply_stop = std::pin::pin!(apply_stop);
@@ -242,5 +277,32 @@ pub fn spawn(
         stop_registration.await;
         registration.abort();
     });
-    vec![registration_guard, watcher, applier]
+    vec![registration_guard, watcher, applier, services]
+}
+
+/// The service task: recomputes and applies the service plan after each burst of relevant
+/// changes, and when removed backends stop being refused.
+async fn run_services(
+    agent: std::sync::Arc<crate::agent::Agent>,
+    mut dirty: watch::Receiver<u64>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let wait = match agent.services_due().await {
+            Some(due) => due.saturating_duration_since(std::time::Instant::now()) + Duration::from_millis(50),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            changed = dirty.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                dirty.borrow_and_update();
+            }
+            () = tokio::time::sleep(wait) => {}
+            () = &mut stop => return,
+        }
+        agent.sync_services().await;
+    }
 }

@@ -64,6 +64,75 @@ struct RawConfig {
     etcd_tls: Option<contiv_store::TlsConfig>,
     uplink: Option<Uplink>,
     vpp: Option<VppConfig>,
+    services: Option<ServicesConfig>,
+}
+
+/// `[services]`: the kube-proxy replacement.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicesConfig {
+    /// Program Services (default true). Off: another proxy serves them.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The `service.kubernetes.io/service-proxy-name` this proxy answers to; services
+    /// labelled with another name are left to their proxy. Default: none (the default
+    /// proxy, which serves only unlabelled services).
+    #[serde(default)]
+    pub proxy_name: Option<String>,
+    /// Entries of the conntrack map (both directions of a flow take one each). Default
+    /// 262144; 1024 to 16777216. Takes effect when the map is created (a pinned map keeps
+    /// its size until the node restarts).
+    #[serde(default = "ServicesConfig::default_ct_entries")]
+    pub conntrack_entries: u32,
+    /// The cgroup2 hierarchy's root, where the socket programs attach. Default: found in
+    /// /proc/self/mountinfo (/sys/fs/cgroup on most hosts).
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Conntrack timeouts in seconds.
+    #[serde(default)]
+    pub timeouts: CtTimeouts,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How long an idle flow's conntrack entries live, by protocol and state (seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct CtTimeouts {
+    /// TCP after the handshake (no FIN or RST seen).
+    pub tcp_established: u32,
+    /// TCP before the handshake completes.
+    pub tcp_syn: u32,
+    /// TCP after a FIN or RST.
+    pub tcp_closing: u32,
+    pub udp: u32,
+    pub icmp: u32,
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self { tcp_established: 21600, tcp_syn: 60, tcp_closing: 10, udp: 60, icmp: 30 }
+    }
+}
+
+impl ServicesConfig {
+    fn default_ct_entries() -> u32 {
+        contiv_common::MAX_CT
+    }
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            proxy_name: None,
+            conntrack_entries: Self::default_ct_entries(),
+            cgroup_root: None,
+            timeouts: CtTimeouts::default(),
+        }
+    }
 }
 
 /// Who owns the node's uplink NIC (see the architecture: one owner per node).
@@ -179,6 +248,8 @@ pub struct AgentConfig {
     /// The `[vpp]` section (used with `uplink = "vpp"`): VPP's API socket, the NIC DPDK
     /// takes, CPUs, the host interconnect, NAT (see contiv-vpp-backend).
     pub vpp: VppConfig,
+    /// The `[services]` section: the kube-proxy replacement.
+    pub services: ServicesConfig,
 }
 
 pub const DEFAULT_POD_SUBNET: &str = "10.1.1.0/24";
@@ -321,6 +392,22 @@ impl AgentConfig {
                 }
             }
         }
+        let services = raw.services.unwrap_or_default();
+        if !(1024..=16 * 1024 * 1024).contains(&services.conntrack_entries) {
+            return Err(ConfigError::Invalid(format!(
+                "[services] conntrackEntries {} out of range 1024..=16777216",
+                services.conntrack_entries
+            )));
+        }
+        if let Some(root) = &services.cgroup_root
+            && !root.is_absolute()
+        {
+            return Err(ConfigError::Invalid(format!("[services] cgroupRoot {} must be absolute", root.display())));
+        }
+        let t = services.timeouts;
+        if [t.tcp_established, t.tcp_syn, t.tcp_closing, t.udp, t.icmp].contains(&0) {
+            return Err(ConfigError::Invalid("[services] timeouts must be at least 1 second".into()));
+        }
         let overlay = OverlayConfig {
             ifname: ifname_check(raw.overlay_ifname, "cvx0", "overlayIfname")?,
             vni: raw.vxlan_vni.unwrap_or(1),
@@ -397,6 +484,7 @@ impl AgentConfig {
             overlay,
             masquerade: raw.masquerade.unwrap_or(true),
             allow_private_bpffs: raw.allow_private_bpffs.unwrap_or(false),
+            services,
             cni_socket,
             state_dir,
             bpf_pin_dir,

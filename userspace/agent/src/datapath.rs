@@ -38,6 +38,9 @@ use contiv_common::{
 };
 use ipnet::Ipv4Net;
 
+mod services;
+pub use services::{SOCK_PROGRAMS, cgroup2_root};
+
 /// The compiled eBPF object, built by build.rs from ebpf/contiv-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/contiv-ebpf"));
 
@@ -189,12 +192,21 @@ impl Datapath {
     /// Loads the programs; maps are created pinned in `pin_dir`, reused if pinned there with
     /// the current layout, migrated if pinned with an older one.
     pub fn load(pin_dir: &Path, allow_private_bpffs: bool) -> Result<Self> {
+        Self::load_with(pin_dir, allow_private_bpffs, None)
+    }
+
+    /// [`Datapath::load`] with the conntrack map sized `ct_entries` (when it is created;
+    /// a pinned one keeps its size).
+    pub fn load_with(pin_dir: &Path, allow_private_bpffs: bool, ct_entries: Option<u32>) -> Result<Self> {
         check_bpffs(allow_private_bpffs)?;
         std::fs::create_dir_all(pin_dir)
             .map_err(|source| DatapathError::PinDir { path: pin_dir.to_owned(), source })?;
         let stored = read_schema(pin_dir);
         let pins: Vec<PathBuf> = schema::LAYOUTS.iter().map(|(name, _)| pin_dir.join(name)).collect();
         let mut loader = EbpfLoader::new();
+        if let Some(n) = ct_entries {
+            loader.map_max_entries(map_names::CT, n);
+        }
         let mut migrated = vec![];
         for ((name, version), pin) in schema::LAYOUTS.iter().zip(&pins) {
             let pinned_version = pin.exists().then(|| stored.get(*name).copied().unwrap_or(1));
@@ -214,8 +226,14 @@ impl Datapath {
             program_names::FROM_VSWITCH,
             program_names::FROM_OVERLAY,
             program_names::TO_OVERLAY,
+            program_names::FROM_UPLINK,
         ] {
             let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+            prog.load().map_err(prog_err(name))?;
+        }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut aya::programs::CgroupSockAddr =
                 ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
         }

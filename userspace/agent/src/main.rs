@@ -142,6 +142,18 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let agent = Agent::start(config, registrations).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = cluster::spawn(&link, agent.clone(), stop_rx.clone());
+    // Conntrack expiry (services and policy flows), every 10 s.
+    let sweeper = agent.clone();
+    let mut sweep_stop = stop_rx.clone();
+    background.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = sweep_stop.wait_for(|v| *v) => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            }
+            sweeper.gc_conntrack().await;
+        }
+    }));
     let healer = agent.clone();
     let mut heal_stop = stop_rx.clone();
     background.push(tokio::spawn(async move {

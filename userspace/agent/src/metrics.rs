@@ -3,6 +3,10 @@
 //! - per-pod datapath counters, labelled `namespace`, `pod` (the Pod object from CNI_ARGS)
 //!   and `interface`: `contiv_pod_forwarded_packets_total`, `..._slowpath_packets_total`,
 //!   `contiv_pod_dropped_packets_total{reason}`, ...;
+//! - per service port (`namespace`, `service`, `port`, `protocol`):
+//!   `contiv_service_connections_total` (connections and flows given a backend),
+//!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`,
+//!   `contiv_service_backends` (gauge, the Cluster set); `contiv_conntrack_entries`;
 //! - slow-path verdicts by reason: `contiv_slowpath_verdicts_total{verdict, reason}`
 //!   (`reply`: arp, icmp_echo; `drop`: every `DropReason`), the AF_XDP port's counters and
 //!   the slow-path port programs' counters;
@@ -24,7 +28,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::agent::{CountersReport, PodReport, SlowPathReport};
+use crate::agent::{CountersReport, PodReport, ServicesReport, SlowPathReport};
 
 /// Labels of one CNI request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -76,7 +80,7 @@ impl AgentMetrics {
 
     /// The OpenMetrics text for this scrape: the histograms, and the datapath and slow-path
     /// counters from `pods` and `slowpath` (read just now from the maps and the vswitch).
-    pub fn render(&self, pods: Vec<PodReport>, slowpath: SlowPathReport) -> String {
+    pub fn render(&self, pods: Vec<PodReport>, slowpath: SlowPathReport, services: Option<ServicesReport>) -> String {
         let mut registry = Registry::default();
         registry.register_with_unit(
             "contiv_cni_request_duration",
@@ -85,7 +89,7 @@ impl AgentMetrics {
             self.cni.clone(),
         );
         self.store.register(&mut registry);
-        registry.register_collector(Box::new(Snapshot { pods, slowpath }));
+        registry.register_collector(Box::new(Snapshot { pods, slowpath, services }));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
             log::error!("encoding metrics: {e}");
@@ -99,6 +103,15 @@ impl AgentMetrics {
 struct Snapshot {
     pods: Vec<PodReport>,
     slowpath: SlowPathReport,
+    services: Option<ServicesReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceLabels {
+    namespace: String,
+    service: String,
+    port: String,
+    protocol: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -141,7 +154,7 @@ const POD_COUNTERS: [PodCounter; 11] = [
 /// A drop reason and how to read its counter.
 type PodDrop = (&'static str, fn(&CountersReport) -> u64);
 
-const POD_DROPS: [PodDrop; 7] = [
+const POD_DROPS: [PodDrop; 8] = [
     ("spoofed_ip", |c| c.drop_spoofed_ip),
     ("spoofed_mac", |c| c.drop_spoofed_mac),
     ("malformed", |c| c.drop_malformed),
@@ -150,6 +163,7 @@ const POD_DROPS: [PodDrop; 7] = [
     // NetworkPolicy: new flows into the pod (ingress) or out of it (egress) its rules deny.
     ("policy_ingress", |c| c.drop_policy_ingress),
     ("policy_egress", |c| c.drop_policy_egress),
+    ("service", |c| c.drop_service),
 ];
 
 fn counter_family<S: EncodeLabelSet>(
@@ -202,6 +216,9 @@ impl Collector for Snapshot {
             let mut rows = vec![
                 ([("verdict", "reply"), ("reason", "arp")], v.arp_replies),
                 ([("verdict", "reply"), ("reason", "icmp_echo")], v.icmp_echo_replies),
+                ([("verdict", "reply"), ("reason", "frag_needed")], v.frag_needed_sent),
+                ([("verdict", "reply"), ("reason", "tcp_reset")], v.tcp_resets_sent),
+                ([("verdict", "reply"), ("reason", "port_unreachable")], v.port_unreachable_sent),
             ];
             rows.extend(
                 contiv_vswitch::DropReason::ALL
@@ -231,6 +248,51 @@ impl Collector for Snapshot {
                     ([("reason", "kernel_tx_invalid_descs")], p.kernel_tx_invalid_descs),
                 ],
             )?;
+        }
+        if let Some(svc) = &self.services {
+            // Counters are per service port: one row per port, whatever its frontends.
+            let mut seen = std::collections::BTreeSet::new();
+            let ports: Vec<_> = svc.frontends.iter().filter(|f| seen.insert(f.service_id)).collect();
+            let labels = |f: &crate::agent::FrontendReport| ServiceLabels {
+                namespace: f.namespace.clone(),
+                service: f.service.clone(),
+                port: f.port_name.clone(),
+                protocol: f.protocol,
+            };
+            counter_family(
+                &mut encoder,
+                "contiv_service_connections",
+                "Connections (sockets) and flows (packets) given a backend, per service port",
+                ports.iter().map(|f| (labels(f), f.connections)),
+            )?;
+            counter_family(
+                &mut encoder,
+                "contiv_service_no_endpoint_rejects",
+                "Connections refused or dropped for want of an endpoint, per service port",
+                ports.iter().map(|f| (labels(f), f.no_endpoint_rejects)),
+            )?;
+            counter_family(
+                &mut encoder,
+                "contiv_service_source_denied",
+                "Packets dropped by loadBalancerSourceRanges, per service port",
+                ports.iter().map(|f| (labels(f), f.source_denied)),
+            )?;
+            let mut family = encoder.encode_descriptor(
+                "contiv_service_backends",
+                "Backends programmed (Cluster set)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for f in &ports {
+                ConstGauge::new(f.backends.len() as i64).encode(family.encode_family(&labels(f))?)?;
+            }
+            let ct = ConstGauge::new(svc.conntrack_entries as i64);
+            ct.encode(encoder.encode_descriptor(
+                "contiv_conntrack_entries",
+                "Entries in the conntrack map (one per direction of a flow)",
+                None,
+                ct.metric_type(),
+            )?)?;
         }
         if let Some(p) = &self.slowpath.programs {
             counter_family(
@@ -295,7 +357,7 @@ mod tests {
                 from_vswitch_no_pod: 1,
             }),
         };
-        let text = m.render(vec![pod("shop", "web-0", 42), pod("", "", 1)], slow);
+        let text = m.render(vec![pod("shop", "web-0", 42), pod("", "", 1)], slow, None);
         let l = lines(&text);
         for want in [
             "contiv_pod_forwarded_packets_total{namespace=\"shop\",pod=\"web-0\",interface=\"eth0\"} 42",

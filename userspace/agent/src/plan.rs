@@ -14,8 +14,10 @@
 //! | `host_neighbours` | kernel neighbour table | (ifindex, address) |
 //! | `masquerade` | nftables table `ip contiv` | (one rule set) |
 //! | `policy` | POLICY LPM map (+ isolation bits in the pods' entries) | (pod, direction, peer prefix) |
+//! | `netns` | NODE_NETNS map | network-namespace cookie (the node's and its pods') |
 //!
-//! New features plug in as new sections.
+//! Services have a plan of their own ([`crate::services`]), computed from the cluster
+//! model and applied by its own task, so a pod ADD never diffs ten thousand services.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -49,7 +51,16 @@ pub struct NodeParams {
     /// `uplink = "vpp"`: VPP owns the wire; pods' traffic that is not for a local pod goes to
     /// the slow-path port (VPP). No overlay, no masquerade (VPP's NAT44-ED) on this node.
     pub vpp_uplink: bool,
+    /// The uplink's ifindex (replies to clients outside leave by it; 0 = none).
+    pub uplink_ifindex: u32,
+    /// The cookie of the node's own network namespace (0 = unknown).
+    pub netns_cookie: u64,
 }
+
+/// NODE_NETNS value of a pod's namespace.
+pub const NETNS_POD: u8 = 1;
+/// NODE_NETNS value of the node's own namespace.
+pub const NETNS_NODE: u8 = 2;
 
 /// The node's overlay device and underlay address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +99,7 @@ pub struct Plan {
     pub host_routes: BTreeMap<Ipv4Net, HostRoute>,
     pub host_neighbours: BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
     pub masquerade: Option<Masquerade>,
+    pub netns: BTreeMap<u64, u8>,
     /// NetworkPolicy entries; `None` while the cluster model is not known yet (after a
     /// restart, before the store answered): what is installed stays, isolation included.
     pub policy: Option<BTreeMap<PolicyEntryKey, PolicyPorts>>,
@@ -144,10 +156,14 @@ pub fn plan<'a>(
             vni: node.overlay.as_ref().map_or(0, |o| o.vni),
             node_ip: node.overlay.as_ref().map_or([0; 4], |o| o.node_ip.octets()),
             flags: if node.vpp_uplink { config_flags::VPP_UPLINK } else { 0 },
+            uplink_ifindex: node.uplink_ifindex,
             ..Default::default()
         },
         ..Default::default()
     };
+    if node.netns_cookie != 0 {
+        p.netns.insert(node.netns_cookie, NETNS_NODE);
+    }
 
     for a in attachments.into_iter().filter(|a| a.complete && a.host_ifindex != 0) {
         let ep = endpoint(a);
@@ -158,6 +174,9 @@ pub fn plan<'a>(
         let host_route = Ipv4Net::new(a.ip, 32).expect("a /32 is valid");
         p.host_routes.insert(host_route, HostRoute { ifindex: a.host_ifindex, src: None, mtu: 0 });
         p.host_neighbours.insert((a.host_ifindex, a.ip), ep.mac);
+        if a.netns_cookie != 0 && a.netns_cookie != node.netns_cookie {
+            p.netns.insert(a.netns_cookie, NETNS_POD);
+        }
     }
 
     if let Some(overlay) = &node.overlay {
@@ -215,6 +234,8 @@ mod tests {
             }),
             masquerade_uplink: overlay.then(|| "eth0".to_owned()),
             vpp_uplink: false,
+            uplink_ifindex: 0,
+            netns_cookie: 0,
         }
     }
 
@@ -235,6 +256,7 @@ mod tests {
             pod_namespace: "default".into(),
             pod_name: format!("p{n}"),
             bandwidth: None,
+            netns_cookie: 0,
         }
     }
 

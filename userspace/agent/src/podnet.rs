@@ -138,34 +138,65 @@ pub fn open_netns(netns: &Path) -> Result<File> {
     File::open(netns).map_err(|source| PodNetError::Netns { path: netns.to_owned(), source })
 }
 
+/// `SO_NETNS_COOKIE` (Linux 5.14): the network namespace's cookie, as eBPF's
+/// `bpf_get_netns_cookie` sees it.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the network namespace a socket lives in.
+pub fn socket_netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The cookie of the calling thread's network namespace (the agent's: the node's).
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    socket_netns_cookie(std::os::fd::AsFd::as_fd(&s))
+}
+
 /// A netlink handle whose socket lives in the namespace `ns` (opened from `path`), served
 /// by the calling runtime. The connection closes when the last handle clone is dropped.
 pub async fn netns_handle(ns: &File, path: &Path) -> Result<Handle> {
+    Ok(netns_handle_and_cookie(ns, path).await?.0)
+}
+
+/// [`netns_handle`], and the namespace's cookie (0 if the kernel cannot tell it).
+pub async fn netns_handle_and_cookie(ns: &File, path: &Path) -> Result<(Handle, u64)> {
     let ns = ns.try_clone().map_err(|source| PodNetError::Netns { path: path.to_owned(), source })?;
     let owned_path = path.to_owned();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("netns-socket".into())
         .spawn(move || {
-            let open = || -> Result<OwnedFd> {
+            let open = || -> Result<(OwnedFd, u64)> {
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(|e| PodNetError::Netns { path: owned_path.clone(), source: std::io::Error::from(e) })?;
                 let socket = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
                     .map_err(|e| PodNetError::Worker(format!("netlink socket in {}: {e}", owned_path.display())))?;
                 // SAFETY: into_raw_fd hands over the socket's only fd.
-                Ok(unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) })
+                let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
+                let cookie = socket_netns_cookie(std::os::fd::AsFd::as_fd(&fd)).unwrap_or(0);
+                Ok((fd, cookie))
             };
             // The thread ends here: its namespace switch dies with it.
             let _ = tx.send(open());
         })
         .map_err(|e| PodNetError::Worker(e.to_string()))?;
-    let fd = rx.await.map_err(|_| PodNetError::Worker("namespace socket thread died".into()))??;
+    let (fd, cookie) = rx.await.map_err(|_| PodNetError::Worker("namespace socket thread died".into()))??;
     // SAFETY: the fd is a netlink socket we own; TokioSocket takes it over (and registers it
     // with this runtime's reactor).
     let socket = unsafe { rtnetlink::sys::TokioSocket::from_raw_fd(fd.into_raw_fd()) };
     let (conn, handle, _) = rtnetlink::from_socket(socket);
     tokio::spawn(conn);
-    Ok(handle)
+    Ok((handle, cookie))
 }
 
 /// Runs `f` with a netlink handle opened inside the namespace at `netns`.
@@ -206,6 +237,8 @@ pub fn link_mac(link: &LinkMessage) -> Option<[u8; 6]> {
 pub struct PodVeth {
     pub host_ifindex: u32,
     pub host_mac: [u8; 6],
+    /// The pod namespace's cookie (services act on its sockets; 0: unknown).
+    pub netns_cookie: u64,
     /// netlink inside the pod's namespace.
     pod: Handle,
 }
@@ -215,7 +248,7 @@ pub struct PodVeth {
 /// of that name. On error nothing is left behind.
 pub async fn create_veth(node: &Handle, spec: &PodLinkSpec) -> Result<PodVeth> {
     let ns = phase("netns_open").in_scope(|| open_netns(&spec.netns))?;
-    let pod = netns_handle(&ns, &spec.netns).instrument(phase("netns_socket")).await?;
+    let (pod, netns_cookie) = netns_handle_and_cookie(&ns, &spec.netns).instrument(phase("netns_socket")).await?;
     // The pod's interface name must be free in its namespace before we build anything.
     let taken = link_by_name(&pod, &spec.ifname).instrument(phase("pod_ifname_check")).await?.is_some();
     if taken {
@@ -250,7 +283,12 @@ pub async fn create_veth(node: &Handle, spec: &PodLinkSpec) -> Result<PodVeth> {
         (host, _) => host,
     };
     match host {
-        Ok(host) => Ok(PodVeth { host_ifindex: host.header.index, host_mac: link_mac(&host).unwrap_or_default(), pod }),
+        Ok(host) => Ok(PodVeth {
+            host_ifindex: host.header.index,
+            host_mac: link_mac(&host).unwrap_or_default(),
+            netns_cookie,
+            pod,
+        }),
         Err(e) => {
             if let Err(del) = delete_link(node, &spec.host_ifname).await {
                 log::warn!("cleaning up {} after a failed ADD: {del}", spec.host_ifname);

@@ -111,6 +111,10 @@ pub struct PodAttachment {
     /// Rate limits from the runtime's `bandwidth` capability, if any.
     #[serde(default)]
     pub bandwidth: Option<crate::bandwidth::BandwidthLimits>,
+    /// The pod network namespace's cookie (the socket-level service programs act only on
+    /// this node's namespaces). 0: not known (recorded by an older agent).
+    #[serde(default)]
+    pub netns_cookie: u64,
 }
 
 /// `K8S_POD_NAMESPACE` and `K8S_POD_NAME` from `CNI_ARGS` (`K=V;K=V`); empty when absent.
@@ -433,6 +437,7 @@ mod tests {
             pod_namespace: "default".into(),
             pod_name: id.into(),
             bandwidth: None,
+            netns_cookie: 0,
         }
     }
 

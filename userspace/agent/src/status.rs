@@ -4,6 +4,8 @@
 //! - `GET /readyz`   200 when CNI STATUS would succeed (datapath loaded, vswitch serving);
 //! - `GET /pods`     every pod attachment with its per-pod datapath counters (JSON);
 //! - `GET /node`     the node's wire: uplink, overlay, routes to other nodes, overlay counters;
+//! - `GET /services` every service frontend with the backends the maps hold, per-service
+//!   counters, services left out and why, healthCheckNodePorts, conntrack fill;
 //! - `GET /vswitch`  slow-path counters: vswitch verdicts by reason, AF_XDP port, slow-path port programs;
 //! - `GET /policies` what NetworkPolicy the node enforces for each pod, read from the maps;
 //! - `GET /metrics`  the same counters and request latencies for Prometheus (see `metrics`).
@@ -25,6 +27,7 @@ pub fn router(agent: Arc<Agent>, metrics: Arc<AgentMetrics>) -> Router {
         .route("/vswitch", get(vswitch))
         .route("/node", get(node))
         .route("/policies", get(policies))
+        .route("/services", get(services))
         .route("/metrics", get(metrics_text))
         .with_state((agent, metrics))
 }
@@ -51,12 +54,17 @@ async fn policies(State((agent, _)): State<Shared>) -> axum::response::Response 
     }
 }
 
+async fn services(State((agent, _)): State<Shared>) -> impl IntoResponse {
+    Json(agent.services_report().await)
+}
+
 async fn vswitch(State((agent, _)): State<Shared>) -> impl IntoResponse {
     Json(agent.slowpath_report().await)
 }
 
 async fn metrics_text(State((agent, metrics)): State<Shared>) -> impl IntoResponse {
-    let text = metrics.render(agent.pods().await, agent.slowpath_report().await);
+    let services = agent.config().services.enabled.then_some(agent.services_report().await);
+    let text = metrics.render(agent.pods().await, agent.slowpath_report().await, services);
     ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 

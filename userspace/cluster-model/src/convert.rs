@@ -359,7 +359,7 @@ impl ToModel for core::Service {
             .enumerate()
             .map(|(i, r)| {
                 r.trim().parse::<ipnet::IpNet>().map(|n| n.trunc()).map_err(|_| {
-                    invalid(&format!("spec.loadBalancerSourceRanges[{i}]"), r, "must be a CIDR such as 10.0.0.0/8")
+                    invalid(format!("spec.loadBalancerSourceRanges[{i}]"), r, "must be a CIDR such as 10.0.0.0/8")
                 })
             })
             .collect::<Result<Vec<_>, ConvertError>>()?;

@@ -42,6 +42,9 @@ pub enum ResyncReason {
 }
 
 /// A change of the model, as handed to the consumer.
+// Events are short-lived and handed out by reference; boxing the objects would cost an
+// allocation per change for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterEvent {
     /// The whole model may have changed: reconcile against it.

@@ -7,6 +7,7 @@
 //! - [`get`]: tables (or JSON) of nodes, pods, services, endpoints, policies, IPAM.
 //! - [`node`]: what a node's agent enforces, read from its maps (`get policies --node`).
 
+pub mod agent;
 pub mod get;
 pub mod manifest;
 pub mod node;

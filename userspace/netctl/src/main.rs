@@ -20,6 +20,9 @@ struct Args {
     /// Directory of the embedded store.
     #[arg(long, global = true, env = "CONTIV_STORE_DIR", default_value = "/var/lib/contiv/store")]
     data_dir: PathBuf,
+    /// The status endpoint of this node's agent (for `get ... --node`).
+    #[arg(long, global = true, env = "CONTIV_AGENT", default_value = contiv_netctl::agent::DEFAULT_AGENT)]
+    agent: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,8 +54,9 @@ enum Command {
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
-        /// policies: what this node's agent enforces for its pods, read from its datapath
-        /// maps (through its status endpoint), instead of the policies in the store.
+        /// What node N's datapath holds, asked of its agent instead of the store: for
+        /// policies what it enforces per pod (its address from its registration, see
+        /// --status-port), for services the frontends and backends programmed (see --agent).
         #[arg(long)]
         node: Option<String>,
         /// With --node: only this pod.
@@ -120,9 +124,16 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("{key} {word}");
             }
         }
+        Command::Get { what: Resource::Services, namespace, output, node: Some(node), .. } => {
+            let report = contiv_netctl::agent::node_report(&args.agent, "/services", Some(node))?;
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", contiv_netctl::agent::services_table(&report, namespace.as_deref())),
+            }
+        }
         Command::Get { what, namespace, output, node: Some(node), pod, status_port } => {
             if *what != Resource::Policies {
-                eprintln!("error: --node is supported for policies");
+                eprintln!("error: --node is supported for policies and services");
                 return Ok(ExitCode::from(2));
             }
             let store = open(&args).await?;

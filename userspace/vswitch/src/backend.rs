@@ -53,6 +53,10 @@ pub enum ReplyKind {
     IcmpEcho,
     /// ICMP "fragmentation needed" for a packet too big for the path out of the node.
     FragNeeded,
+    /// TCP RST for a connection to a service without endpoints (or to a removed backend).
+    TcpReset,
+    /// ICMP "port unreachable" for UDP to a service without endpoints.
+    PortUnreachable,
 }
 
 /// Why a frame was dropped. Every reason has its own counter in
@@ -123,6 +127,10 @@ pub struct VswitchCounters {
     pub icmp_echo_replies: u64,
     /// ICMP "fragmentation needed" errors sent for packets too big for the path.
     pub frag_needed_sent: u64,
+    /// TCP resets sent for connections a service refuses (no endpoint, removed backend).
+    pub tcp_resets_sent: u64,
+    /// ICMP "port unreachable" sent for UDP a service refuses.
+    pub port_unreachable_sent: u64,
     /// Frames dropped, by reason.
     pub drops: DropCounters,
 }
@@ -136,13 +144,19 @@ impl VswitchCounters {
             Verdict::Replied(ReplyKind::Arp) => self.arp_replies += 1,
             Verdict::Replied(ReplyKind::IcmpEcho) => self.icmp_echo_replies += 1,
             Verdict::Replied(ReplyKind::FragNeeded) => self.frag_needed_sent += 1,
+            Verdict::Replied(ReplyKind::TcpReset) => self.tcp_resets_sent += 1,
+            Verdict::Replied(ReplyKind::PortUnreachable) => self.port_unreachable_sent += 1,
             Verdict::Dropped(reason) => *self.drops.get_mut(reason) += 1,
         }
     }
 
     /// Frames answered with a reply.
     pub fn replies(&self) -> u64 {
-        self.arp_replies + self.icmp_echo_replies + self.frag_needed_sent
+        self.arp_replies
+            + self.icmp_echo_replies
+            + self.frag_needed_sent
+            + self.tcp_resets_sent
+            + self.port_unreachable_sent
     }
 }
 

@@ -4,10 +4,12 @@
 //! leaves to the slow path: "who has the gateway IP?" (ARP) and "are you
 //! there?" (ICMP echo to the gateway IP), and it builds the one error the fast
 //! path cannot: ICMP "fragmentation needed" for a packet too big for the path
-//! out of the node (the datapath never fragments). Everything else is dropped
-//! and counted by reason.
+//! out of the node (the datapath never fragments). It also refuses connections to services
+//! without endpoints (and to backends just removed) the way a host without a listener
+//! does: TCP RST, or ICMP port unreachable for UDP ([`Refusals`]). Everything else is
+//! dropped and counted by reason.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashSet, net::Ipv4Addr, sync::Arc};
 
 use crate::backend::{DropReason, ReplyKind, SlowPath, Verdict, VswitchCounters};
 use crate::packet::*;
@@ -26,10 +28,30 @@ pub struct GatewayConfig {
     pub path_mtu: Option<u16>,
 }
 
+/// Destinations the datapath hands over to be refused: frontends of services without
+/// endpoints, backends removed a moment ago. (protocol numbers: 6 TCP, 17 UDP.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// (address, port, protocol).
+    pub exact: HashSet<(Ipv4Addr, u16, u8)>,
+    /// NodePorts without endpoints: (port, protocol) on any of `node_addrs`.
+    pub node_ports: HashSet<(u16, u8)>,
+    pub node_addrs: HashSet<Ipv4Addr>,
+}
+
+impl Refusals {
+    /// Whether a connection to `dst:port` is refused.
+    pub fn refuses(&self, dst: Ipv4Addr, port: u16, proto: u8) -> bool {
+        self.exact.contains(&(dst, port, proto))
+            || (self.node_ports.contains(&(port, proto)) && self.node_addrs.contains(&dst))
+    }
+}
+
 /// The built-in vswitch: ARP and ICMP echo responder for the gateway.
 #[derive(Debug)]
 pub struct BuiltinVswitch {
     gateway: GatewayConfig,
+    refusals: Arc<Refusals>,
     counters: VswitchCounters,
     /// Scratch buffer the replies are built in (kept to avoid allocating).
     scratch: Vec<u8>,
@@ -38,7 +60,12 @@ pub struct BuiltinVswitch {
 impl BuiltinVswitch {
     /// A vswitch answering for `gateway`.
     pub fn new(gateway: GatewayConfig) -> Self {
-        Self { gateway, counters: VswitchCounters::default(), scratch: Vec::with_capacity(2048) }
+        Self {
+            gateway,
+            refusals: Arc::new(Refusals::default()),
+            counters: VswitchCounters::default(),
+            scratch: Vec::with_capacity(2048),
+        }
     }
 
     /// The gateway currently answered for.
@@ -50,6 +77,11 @@ impl BuiltinVswitch {
     /// Counters are kept.
     pub fn set_gateway(&mut self, gateway: GatewayConfig) {
         self.gateway = gateway;
+    }
+
+    /// Replaces the set of refused destinations; takes effect with the next frame.
+    pub fn set_refusals(&mut self, refusals: Arc<Refusals>) {
+        self.refusals = refusals;
     }
 
     fn classify(&mut self, frame: &[u8], tx: &mut dyn FnMut(&[u8])) -> Verdict {
@@ -129,6 +161,18 @@ impl BuiltinVswitch {
             return self.frag_needed(frame, mtu, tx);
         }
         if dst != self.gateway.ip {
+            let proto = ip[9];
+            let l4 = &ip[ihl..total_len];
+            if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+                && l4.len() >= 4
+                && self.refusals.refuses(dst, be16(l4, 2), proto)
+            {
+                return if proto == IPPROTO_TCP {
+                    self.tcp_reset(frame, ihl, total_len, tx)
+                } else {
+                    self.port_unreachable(frame, ihl, total_len, tx)
+                };
+            }
             return Verdict::Dropped(DropReason::UnknownDestination);
         }
         // Ethernet padding past the IPv4 total length is not part of the packet.
@@ -202,6 +246,91 @@ impl BuiltinVswitch {
         put_be16(out, icmp_start + 2, icmp_csum);
         tx(out);
         Verdict::Replied(ReplyKind::FragNeeded)
+    }
+}
+
+impl BuiltinVswitch {
+    /// Starts an answer to the sender of `frame`: Ethernet back to it, an IPv4 header from
+    /// the address it wrote to (filled in by [`finish_ipv4`]). Returns the IPv4 start.
+    fn begin_reply(&mut self, frame: &[u8], tos: u8, proto: u8) -> usize {
+        let ip = &frame[ETH_HLEN..];
+        let (from, to) = (ipv4_at(ip, 16), ipv4_at(ip, 12));
+        let (sender_mac, our_mac) = (mac_at(frame, 6), mac_at(frame, 0));
+        let out = &mut self.scratch;
+        out.clear();
+        out.extend_from_slice(&sender_mac);
+        out.extend_from_slice(&our_mac);
+        out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        let ip_start = out.len();
+        out.extend_from_slice(&[0x45, tos, 0, 0, 0, 0, 0x40, 0]); // length later; DF
+        out.extend_from_slice(&[DEFAULT_TTL, proto, 0, 0]);
+        out.extend_from_slice(&from);
+        out.extend_from_slice(&to);
+        ip_start
+    }
+
+    fn finish_ipv4(out: &mut [u8], ip_start: usize) {
+        let total = (out.len() - ip_start) as u16;
+        put_be16(out, ip_start + 2, total);
+        let csum = internet_checksum(&out[ip_start..ip_start + IPV4_HLEN]);
+        put_be16(out, ip_start + 10, csum);
+    }
+
+    /// TCP RST for a segment to a refused destination (RFC 9293 3.10.7.1: the reset takes
+    /// its sequence number from the segment's ACK, or acknowledges the segment).
+    fn tcp_reset(&mut self, frame: &[u8], ihl: usize, total_len: usize, tx: &mut dyn FnMut(&[u8])) -> Verdict {
+        let ip = &frame[ETH_HLEN..ETH_HLEN + total_len];
+        let tcp = &ip[ihl..];
+        if tcp.len() < TCP_HLEN {
+            return Verdict::Dropped(DropReason::Malformed);
+        }
+        let flags = tcp[13];
+        if flags & TCP_RST != 0 {
+            // Never answer a reset.
+            return Verdict::Dropped(DropReason::UnknownDestination);
+        }
+        let data_off = usize::from(tcp[12] >> 4) * 4;
+        let payload = tcp.len().saturating_sub(data_off) as u32;
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+        let (sport, dport) = (be16(tcp, 2), be16(tcp, 0));
+        let (src, dst) = (ipv4_at(ip, 16), ipv4_at(ip, 12));
+        let (rst_seq, rst_ack, rst_flags) = if flags & TCP_ACK != 0 {
+            (ack, 0, TCP_RST)
+        } else {
+            let len = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+            (0, seq.wrapping_add(len), TCP_RST | TCP_ACK)
+        };
+        let ip_start = self.begin_reply(frame, 0, IPPROTO_TCP);
+        let out = &mut self.scratch;
+        let tcp_start = out.len();
+        out.extend_from_slice(&sport.to_be_bytes());
+        out.extend_from_slice(&dport.to_be_bytes());
+        out.extend_from_slice(&rst_seq.to_be_bytes());
+        out.extend_from_slice(&rst_ack.to_be_bytes());
+        out.extend_from_slice(&[(TCP_HLEN as u8 / 4) << 4, rst_flags, 0, 0, 0, 0, 0, 0]);
+        let csum = l4_checksum(src, dst, IPPROTO_TCP, &out[tcp_start..]);
+        put_be16(out, tcp_start + 16, csum);
+        Self::finish_ipv4(out, ip_start);
+        tx(out);
+        Verdict::Replied(ReplyKind::TcpReset)
+    }
+
+    /// ICMP port unreachable for a UDP datagram to a refused destination, from that
+    /// destination, quoting the datagram's IPv4 header and up to 64 bytes after it.
+    fn port_unreachable(&mut self, frame: &[u8], ihl: usize, total_len: usize, tx: &mut dyn FnMut(&[u8])) -> Verdict {
+        let ip = &frame[ETH_HLEN..ETH_HLEN + total_len];
+        let quoted = ip[..(ihl + 64).min(ip.len())].to_vec();
+        let ip_start = self.begin_reply(frame, 0xc0, IPPROTO_ICMP);
+        let out = &mut self.scratch;
+        let icmp_start = out.len();
+        out.extend_from_slice(&[ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&quoted);
+        let csum = internet_checksum(&out[icmp_start..]);
+        put_be16(out, icmp_start + 2, csum);
+        Self::finish_ipv4(out, ip_start);
+        tx(out);
+        Verdict::Replied(ReplyKind::PortUnreachable)
     }
 }
 
@@ -570,5 +699,80 @@ mod tests {
         // A packet that fits, to an unknown destination, is still dropped.
         let small = ipv4_frame(17, [10, 1, 2, 9], &[], 0x4000, &[0; 100]);
         assert_eq!(run(&mut vs, &small).0, Verdict::Dropped(DropReason::UnknownDestination));
+    }
+
+    fn refusing(dst: [u8; 4], port: u16, proto: u8) -> BuiltinVswitch {
+        let mut vs = vswitch();
+        let mut r = Refusals::default();
+        r.exact.insert((Ipv4Addr::from(dst), port, proto));
+        vs.set_refusals(Arc::new(r));
+        vs
+    }
+
+    fn tcp_segment(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut t = Vec::new();
+        t.extend_from_slice(&sport.to_be_bytes());
+        t.extend_from_slice(&dport.to_be_bytes());
+        t.extend_from_slice(&seq.to_be_bytes());
+        t.extend_from_slice(&ack.to_be_bytes());
+        t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        t.extend_from_slice(payload);
+        let csum = l4_checksum(POD_IP, [10, 96, 0, 10], IPPROTO_TCP, &t);
+        put_be16(&mut t, 16, csum);
+        t
+    }
+
+    #[test]
+    fn syn_to_a_refused_service_gets_a_valid_rst_ack_from_the_service_address() {
+        let svc = [10, 96, 0, 10];
+        let mut vs = refusing(svc, 80, IPPROTO_TCP);
+        let f = ipv4_frame(IPPROTO_TCP, svc, &[], 0x4000, &tcp_segment(40000, 80, 1000, 0, TCP_SYN, &[]));
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::TcpReset));
+        let r = &sent[0];
+        assert_eq!(mac_at(r, 0), POD_MAC);
+        let ip = &r[ETH_HLEN..];
+        assert_eq!(internet_checksum(&ip[..IPV4_HLEN]), 0);
+        assert_eq!(usize::from(be16(ip, 2)), ip.len());
+        assert_eq!((ipv4_at(ip, 12), ipv4_at(ip, 16)), (svc, POD_IP));
+        let tcp = &ip[IPV4_HLEN..];
+        assert_eq!((be16(tcp, 0), be16(tcp, 2)), (80, 40000));
+        assert_eq!(tcp[13], TCP_RST | TCP_ACK);
+        assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 1001, "acknowledges the SYN");
+        assert_eq!(l4_checksum(svc, POD_IP, IPPROTO_TCP, tcp), 0, "valid TCP checksum");
+        // A segment with ACK: the reset takes its sequence number from it; a reset is never answered.
+        let f = ipv4_frame(IPPROTO_TCP, svc, &[], 0, &tcp_segment(40000, 80, 5, 777, TCP_ACK, b"x"));
+        let (_, sent) = run(&mut vs, &f);
+        let tcp = &sent[0][ETH_HLEN + IPV4_HLEN..];
+        assert_eq!((u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]), tcp[13]), (777, TCP_RST));
+        let f = ipv4_frame(IPPROTO_TCP, svc, &[], 0, &tcp_segment(40000, 80, 5, 0, TCP_RST, &[]));
+        assert!(run(&mut vs, &f).1.is_empty());
+        // Another port of the same address is not refused.
+        let f = ipv4_frame(IPPROTO_TCP, svc, &[], 0, &tcp_segment(40000, 81, 5, 0, TCP_SYN, &[]));
+        assert_eq!(run(&mut vs, &f).0, Verdict::Dropped(DropReason::UnknownDestination));
+        assert_eq!(vs.counters().tcp_resets_sent, 2);
+    }
+
+    #[test]
+    fn udp_to_a_refused_node_port_gets_port_unreachable_quoting_the_datagram() {
+        let node = Ipv4Addr::new(192, 168, 100, 11);
+        let mut vs = vswitch();
+        let mut r = Refusals::default();
+        r.node_ports.insert((30053, IPPROTO_UDP));
+        r.node_addrs.insert(node);
+        vs.set_refusals(Arc::new(r));
+        let udp = [0x9c, 0x40, 0x75, 0x65, 0, 12, 0, 0, b'p', b'i', b'n', b'g'];
+        let f = ipv4_frame(IPPROTO_UDP, node.octets(), &[], 0, &udp);
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::PortUnreachable));
+        let ip = &sent[0][ETH_HLEN..];
+        assert_eq!(ipv4_at(ip, 12), node.octets());
+        let icmp = &ip[IPV4_HLEN..];
+        assert_eq!((icmp[0], icmp[1]), (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH));
+        assert_eq!(internet_checksum(icmp), 0);
+        assert_eq!(&icmp[8..], &f[ETH_HLEN..], "the whole short datagram is quoted");
+        // Another node's address with that port is not this set's.
+        let f = ipv4_frame(IPPROTO_UDP, [192, 168, 100, 99], &[], 0, &udp);
+        assert_eq!(run(&mut vs, &f).0, Verdict::Dropped(DropReason::UnknownDestination));
     }
 }

@@ -31,5 +31,5 @@ pub mod packet;
 mod port;
 
 pub use backend::{DropCounters, DropReason, ReplyKind, SlowPath, Verdict, VswitchCounters};
-pub use builtin::{BuiltinVswitch, GatewayConfig};
+pub use builtin::{BuiltinVswitch, GatewayConfig, Refusals};
 pub use port::{AfXdpPort, BUSY_RETRY, PortConfig, PortCounters, PortError, RunningPort, spawn};

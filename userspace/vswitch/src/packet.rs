@@ -23,6 +23,16 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 /// Code of ICMP destination unreachable: fragmentation needed and DF set.
 pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// Code of ICMP destination unreachable: port unreachable.
+pub const ICMP_PORT_UNREACH: u8 = 3;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const TCP_HLEN: usize = 20;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// TTL of the packets the vswitch originates.
 pub const DEFAULT_TTL: u8 = 64;
@@ -73,6 +83,17 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// The TCP/UDP checksum of `segment` (checksum field zeroed) between `src` and `dst`.
+pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(12 + segment.len());
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    internet_checksum(&pseudo)
 }
 
 #[cfg(test)]

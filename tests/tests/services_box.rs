@@ -1,0 +1,691 @@
+//! Services in the cluster in a box (root), from real Service and EndpointSlice YAML applied
+//! with `netctl apply`: ClusterIP (TCP and UDP, named target ports whose numbers differ per
+//! pod, several ports), NodePort from outside, from pods and from hosts, externalIPs and
+//! load-balancer IPs, session affinity, traffic policies Local (health check node port,
+//! client source preserved), refusals without endpoints, hairpin, source ranges, services
+//! left to other proxies, terminating endpoints, endpoint changes, agent restarts, and that
+//! one node's socket programs never translate another node's connections.
+//!
+//! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, enter};
+use serde_json::Value;
+
+fn ports(spec: &[&str]) -> Vec<ContainerPort> {
+    spec.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+/// A server in a pod answering every TCP connection and UDP datagram on `port` with
+/// "NAME CLIENT-IP:PORT". TCP connections stay open and echo further lines ("NAME LINE").
+fn serve(pod: &BoxPod, port: u16) {
+    let (name, ip) = (pod.name.clone(), pod.ip);
+    let listener = enter(&pod.netns, move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp"));
+    let udp = enter(&pod.netns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp"));
+    let n = name.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let name = n.clone();
+            std::thread::spawn(move || {
+                let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                let mut buf = [0u8; 256];
+                let mut first = true;
+                loop {
+                    let Ok(k) = c.read(&mut buf) else { return };
+                    if k == 0 {
+                        return;
+                    }
+                    let reply = if first {
+                        format!("{name} {peer}\n")
+                    } else {
+                        format!("{name} {}", String::from_utf8_lossy(&buf[..k]))
+                    };
+                    first = false;
+                    if c.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        loop {
+            let Ok((_, peer)) = udp.recv_from(&mut buf) else { return };
+            let _ = udp.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+        }
+    });
+    let _ = ip;
+}
+
+/// What a TCP exchange with a service gave: the server's name, the client address the
+/// server saw, and the peer address the client's socket reports.
+#[derive(Debug)]
+struct Answer {
+    server: String,
+    seen: SocketAddr,
+    peer: SocketAddr,
+}
+
+fn parse(reply: &str) -> (String, SocketAddr) {
+    let mut it = reply.split_whitespace();
+    let server = it.next().unwrap_or_default().to_owned();
+    let seen = it.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad reply {reply:?}"));
+    (server, seen)
+}
+
+/// One TCP connection from namespace `ns` (optionally from `src`): connect, ask, answer.
+fn tcp_ask_from(ns: &str, src: Option<Ipv4Addr>, addr: SocketAddr, timeout: Duration) -> std::io::Result<Answer> {
+    enter(ns, move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        if let Some(src) = src {
+            s.bind(&SocketAddr::from((src, 0)).into())?;
+        }
+        s.connect_timeout(&addr.into(), timeout)?;
+        let mut s: TcpStream = s.into();
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"hello")?;
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "closed"));
+        }
+        let (server, seen) = parse(&String::from_utf8_lossy(&buf[..n]));
+        Ok(Answer { server, seen, peer: s.peer_addr()? })
+    })
+}
+
+fn tcp_ask(ns: &str, addr: SocketAddr) -> std::io::Result<Answer> {
+    tcp_ask_from(ns, None, addr, Duration::from_secs(3))
+}
+
+/// One UDP exchange from a fresh socket: the server's name, the client address it saw and
+/// the address the answer came from.
+fn udp_ask(ns: &str, addr: SocketAddr) -> std::io::Result<Answer> {
+    enter(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send_to(b"question", addr)?;
+        let mut buf = [0u8; 256];
+        let (n, from) = s.recv_from(&mut buf)?;
+        let (server, seen) = parse(&String::from_utf8_lossy(&buf[..n]));
+        Ok(Answer { server, seen, peer: from })
+    })
+}
+
+/// Which servers answered `n` TCP connections from `ns` to `addr` (panics on a failure).
+fn tcp_servers(ns: &str, addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let a = tcp_ask(ns, addr).unwrap_or_else(|e| panic!("TCP from {ns} to {addr}: {e}"));
+        assert_eq!(a.peer, addr, "getpeername shows the service frontend, not the backend");
+        *seen.entry(a.server).or_default() += 1;
+    }
+    seen
+}
+
+fn udp_servers(ns: &str, addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let a = udp_ask(ns, addr).unwrap_or_else(|e| panic!("UDP from {ns} to {addr}: {e}"));
+        assert_eq!(a.peer, addr, "the answer comes from the service frontend");
+        *seen.entry(a.server).or_default() += 1;
+    }
+    seen
+}
+
+fn names(m: &BTreeMap<String, usize>) -> BTreeSet<&str> {
+    m.keys().map(String::as_str).collect()
+}
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((ip.parse::<Ipv4Addr>().unwrap(), port))
+}
+
+/// Waits until node `node` programs `frontend` ("ip:port") with `backends` Cluster-set entries.
+fn wait_programmed(b: &ClusterBox, node: &str, frontend: &str, backends: usize) {
+    b.wait_for(Duration::from_secs(15), &format!("{node} programs {frontend} with {backends} backends"), || {
+        b.status_json(node, "/services").is_some_and(|r| {
+            r["frontends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|f| f["frontend"] == frontend && f["backends"].as_array().map_or(0, |a| a.len()) == backends)
+        })
+    });
+}
+
+fn slice_yaml(svc: &str, name: &str, ports: &[(&str, &str, u16)], endpoints: &[(&BoxPod, &str)]) -> String {
+    let ports: Vec<String> =
+        ports.iter().map(|(n, p, port)| format!("- {{name: \"{n}\", protocol: {p}, port: {port}}}")).collect();
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|(p, cond)| format!("- addresses: [{}]\n  conditions: {cond}\n  nodeName: {}", p.ip, p.node))
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {svc}\naddressType: IPv4\nports:\n{}\nendpoints:{}\n",
+        ports.join("\n"),
+        if eps.is_empty() { " []".to_owned() } else { format!("\n{}", eps.join("\n")) }
+    )
+}
+
+const READY: &str = "{ready: true, serving: true, terminating: false}";
+
+/// Two nodes: web-1 on node-1 (its "http" port is 8080), web-2 on node-2 ("http" is 9090),
+/// a client pod on each node.
+fn web_box(agent_config: &str) -> (ClusterBox, [BoxPod; 4]) {
+    let mut opts = BoxOptions::for_test(2);
+    opts.agent_config = agent_config.to_owned();
+    let mut b = ClusterBox::up(opts);
+    let w1 = b.add_pod("node-1", "default/web-1", &[("app", "web")], &ports(&["http=8080", "dns=8080/UDP"]));
+    let w2 = b.add_pod("node-2", "default/web-2", &[("app", "web")], &ports(&["http=9090", "dns=9090/UDP"]));
+    let c1 = b.add_pod("node-1", "default/c1", &[("app", "client")], &[]);
+    let c2 = b.add_pod("node-2", "default/c2", &[("app", "client")], &[]);
+    serve(&w1, 8080);
+    serve(&w2, 9090);
+    (b, [w1, w2, c1, c2])
+}
+
+fn web_slices(svc: &str, w1: &BoxPod, w2: &BoxPod) -> String {
+    format!(
+        "{}---\n{}",
+        slice_yaml(svc, &format!("{svc}-a"), &[("http", "TCP", 8080), ("dns", "UDP", 8080)], &[(w1, READY)]),
+        slice_yaml(svc, &format!("{svc}-b"), &[("http", "TCP", 9090), ("dns", "UDP", 9090)], &[(w2, READY)])
+    )
+}
+
+#[test]
+fn services_box_clusterip_nodeport_and_external_ips_from_pods_hosts_and_outside() {
+    let (mut b, [w1, w2, c1, c2]) = web_box("");
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  externalIPs: [198.51.100.7]
+  selector: {{app: web}}
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: itp, namespace: default}}
+spec:
+  clusterIP: 10.96.0.11
+  clusterIPs: [10.96.0.11]
+  internalTrafficPolicy: Local
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http}}
+---
+{}---
+{}"#,
+        web_slices("web", &w1, &w2),
+        web_slices("itp", &w1, &w2)
+    ));
+    for node in ["node-1", "node-2"] {
+        wait_programmed(&b, node, "10.96.0.10:80", 2);
+        wait_programmed(&b, node, "10.96.0.11:80", 2);
+    }
+    let both: BTreeSet<&str> = ["web-1", "web-2"].into();
+
+    // ClusterIP, TCP: balanced over both pods, each on its own number for the named port,
+    // the client's own address seen by the server (no SNAT inside the cluster).
+    for c in [&c1, &c2] {
+        let seen = tcp_servers(&c.netns, sa("10.96.0.10", 80), 24);
+        assert_eq!(names(&seen), both, "from {}: {seen:?}", c.name);
+        let a = tcp_ask(&c.netns, sa("10.96.0.10", 80)).unwrap();
+        assert_eq!(a.seen.ip(), std::net::IpAddr::V4(c.ip), "the backend sees the client pod");
+        // UDP (DNS-like): balanced per flow, answered from the service address.
+        let seen = udp_servers(&c.netns, sa("10.96.0.10", 53), 24);
+        assert_eq!(names(&seen), both, "UDP from {}: {seen:?}", c.name);
+    }
+    // From the host (kubelet, host-network pods): TCP and UDP.
+    let n1 = b.node("node-1").clone();
+    assert_eq!(names(&tcp_servers(&n1.netns, sa("10.96.0.10", 80), 24)), both);
+    assert_eq!(names(&udp_servers(&n1.netns, sa("10.96.0.10", 53), 24)), both);
+
+    // NodePort: from outside to either node (a remote backend answers through the node the
+    // client chose), from a pod to the other node's address, from a host to its own.
+    let ext = b.netns_of("external").unwrap();
+    for node_ip in [n1.ip, b.node("node-2").ip] {
+        let addr = SocketAddr::from((node_ip, 30080));
+        let mut seen = BTreeSet::new();
+        for _ in 0..24 {
+            let a = tcp_ask(&ext, addr).unwrap_or_else(|e| panic!("outside -> {addr}: {e}"));
+            seen.insert(a.server);
+        }
+        assert_eq!(seen.len(), 2, "outside -> {addr} reaches both backends: {seen:?}");
+        assert!(udp_ask(&ext, SocketAddr::from((node_ip, 30053))).is_ok(), "UDP NodePort from outside");
+    }
+    let a = tcp_ask(&c1.netns, SocketAddr::from((b.node("node-2").ip, 30080))).unwrap();
+    assert!(both.contains(a.server.as_str()));
+    assert!(tcp_ask(&n1.netns, SocketAddr::from((n1.ip, 30080))).is_ok(), "host -> own NodePort");
+    assert!(tcp_ask(&n1.netns, sa("127.0.0.1", 30080)).is_ok(), "host -> localhost:NodePort");
+
+    // externalIPs: from outside (routed to node-1, as a router would) and from a pod.
+    assert!(
+        b.cmd("external", "ip")
+            .args(["route", "add", "198.51.100.0/24", "via"])
+            .arg(n1.ip.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let a = tcp_ask(&ext, sa("198.51.100.7", 80)).expect("outside -> externalIP");
+    assert!(both.contains(a.server.as_str()));
+    assert!(tcp_ask(&c2.netns, sa("198.51.100.7", 80)).is_ok(), "pod -> externalIP");
+
+    // internalTrafficPolicy Local: each node's clients reach only that node's endpoint. Both
+    // agents' socket programs sit at the same cgroup root and see every connect(): were
+    // node-1's to act on node-2's pods, c2 would land on web-1.
+    let before = service_counter(&b, "node-1", "itp");
+    assert_eq!(tcp_servers(&c1.netns, sa("10.96.0.11", 80), 20), BTreeMap::from([("web-1".to_owned(), 20)]));
+    assert_eq!(tcp_servers(&c2.netns, sa("10.96.0.11", 80), 20), BTreeMap::from([("web-2".to_owned(), 20)]));
+    assert_eq!(
+        service_counter(&b, "node-1", "itp") - before,
+        20,
+        "node-1 translated exactly its own pod's 20 connections, none of node-2's"
+    );
+
+    // What a node programs, read from its maps: netctl on the node, and the metrics.
+    let out = b
+        .cmd("node-1", contiv_tests::bin_dir().join("netctl"))
+        .args(["get", "services", "--node", "node-1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let row = text.lines().find(|l| l.contains("10.96.0.10:80/TCP")).unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains(&format!("{}:8080*", w1.ip)) && row.contains(&format!("{}:9090", w2.ip)), "{row}");
+    assert!(text.contains("*:30080/TCP") && text.contains("198.51.100.7:80/TCP"), "{text}");
+    let wrong = b
+        .cmd("node-1", contiv_tests::bin_dir().join("netctl"))
+        .args(["get", "services", "--node", "node-2"])
+        .output()
+        .unwrap();
+    assert!(
+        !wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("node-2"),
+        "asks the right node"
+    );
+    let metrics = b.status("node-1", "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("contiv_service_connections_total{")
+            && l.contains("service=\"web\"")
+            && l.contains("protocol=\"TCP\"")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let _ = EXTERNAL_IP;
+
+    // All of it after node-2's agent restarts: pod -> service -> pod across nodes, NodePort
+    // from outside and from the host.
+    b.stop_agent("node-2", false);
+    b.start_agent("node-2");
+    b.wait_for(Duration::from_secs(15), "node-2's first service apply after the restart", || {
+        b.status_json("node-2", "/services").is_some_and(|r| !r["lastApply"].is_null())
+    });
+    assert_eq!(names(&tcp_servers(&c2.netns, sa("10.96.0.10", 80), 24)), both);
+    assert_eq!(names(&udp_servers(&c2.netns, sa("10.96.0.10", 53), 24)), both);
+    let n2 = b.node("node-2").clone();
+    assert!(tcp_ask(&ext, SocketAddr::from((n2.ip, 30080))).is_ok());
+    assert!(tcp_ask(&n2.netns, SocketAddr::from((n2.ip, 30080))).is_ok());
+    assert_eq!(tcp_servers(&c2.netns, sa("10.96.0.11", 80), 10), BTreeMap::from([("web-2".to_owned(), 10)]));
+}
+
+/// A service port's connection counter on a node (from /services).
+fn service_counter(b: &ClusterBox, node: &str, service: &str) -> u64 {
+    let r = b.status_json(node, "/services").unwrap();
+    r["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["service"] == service)
+        .and_then(|f| f["connections"].as_u64())
+        .unwrap_or_else(|| panic!("no {service} in {r}"))
+}
+
+fn skipped(report: &Value) -> Vec<String> {
+    report["skipped"].as_array().into_iter().flatten().map(|s| format!("{}: {}", s["service"], s["reason"])).collect()
+}
+
+#[test]
+fn services_box_refusals_affinity_local_policies_source_ranges_hairpin_and_left_out_services() {
+    let (b, [w1, w2, c1, c2]) = web_box("");
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.99
+  clusterIPs: [10.96.0.99]
+  ports:
+  - {{name: a, protocol: TCP, port: 80, targetPort: 80, nodePort: 30099}}
+  - {{name: b, protocol: UDP, port: 81, targetPort: 81}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: sticky, namespace: default}}
+spec:
+  clusterIP: 10.96.0.30
+  clusterIPs: [10.96.0.30]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30090}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}
+status:
+  loadBalancer:
+    ingress: [{{ip: 198.51.100.50}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: theirs
+  namespace: default
+  labels: {{service.kubernetes.io/service-proxy-name: someone-else}}
+spec:
+  clusterIP: 10.96.0.40
+  clusterIPs: [10.96.0.40]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hl, namespace: default}}
+spec:
+  clusterIP: None
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: sig, namespace: default}}
+spec:
+  clusterIP: 10.96.0.42
+  clusterIPs: [10.96.0.42]
+  ports:
+  - {{name: diameter, protocol: SCTP, port: 3868, targetPort: 3868}}
+---
+{}---
+{}---
+{}---
+{}"#,
+        web_slices("sticky", &w1, &w2),
+        // lb: only web-1 (node-1) serves.
+        slice_yaml("lb", "lb-a", &[("http", "TCP", 8080), ("dns", "UDP", 8080)], &[(&w1, READY)]),
+        web_slices("theirs", &w1, &w2),
+        web_slices("hl", &w1, &w2),
+    ));
+    for node in ["node-1", "node-2"] {
+        wait_programmed(&b, node, "10.96.0.30:80", 2);
+        wait_programmed(&b, node, "10.96.0.99:80", 0);
+        wait_programmed(&b, node, "10.96.0.20:80", 1);
+    }
+    let (n1, n2) = (b.node("node-1").clone(), b.node("node-2").clone());
+    let ext = b.netns_of("external").unwrap();
+
+    // No endpoints: TCP is refused at once (from pods, the host and outside), UDP gets ICMP
+    // port unreachable (a connected socket reads ECONNREFUSED).
+    for ns in [&c1.netns, &c2.netns, &n1.netns] {
+        let t = Instant::now();
+        let e = tcp_ask(ns, sa("10.96.0.99", 80)).expect_err("no endpoints");
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "from {ns}: {e}");
+        assert!(t.elapsed() < Duration::from_secs(1), "refused at once, not after a timeout");
+    }
+    let e = enter(&c1.netns, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.connect(sa("10.96.0.99", 81)).unwrap();
+        s.send(b"anyone?").unwrap();
+        s.recv(&mut [0u8; 64]).expect_err("refused")
+    });
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "UDP: {e}");
+    let e = tcp_ask(&ext, SocketAddr::from((n2.ip, 30099))).expect_err("no endpoints");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "outside -> NodePort without endpoints: {e}");
+
+    // sessionAffinity ClientIP: one client, one backend, for TCP and UDP.
+    for c in [&c1, &c2] {
+        assert_eq!(tcp_servers(&c.netns, sa("10.96.0.30", 80), 12).len(), 1, "TCP from {} sticks", c.name);
+        assert_eq!(udp_servers(&c.netns, sa("10.96.0.30", 53), 12).len(), 1, "UDP from {} sticks", c.name);
+    }
+
+    // externalTrafficPolicy Local: the node with the endpoint serves with the client's own
+    // address; the one without drops (its health check says 503, the other's 200).
+    assert!(
+        b.cmd("external", "ip")
+            .args(["route", "add", "198.51.100.0/24", "via"])
+            .arg(n1.ip.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let a = tcp_ask(&ext, SocketAddr::from((n1.ip, 30090))).expect("node with a local endpoint");
+    assert_eq!((a.server.as_str(), a.seen.ip()), ("web-1", std::net::IpAddr::V4("192.168.100.1".parse().unwrap())));
+    assert!(tcp_ask_from(&ext, None, SocketAddr::from((n2.ip, 30090)), Duration::from_secs(1)).is_err());
+    let health = |ip: Ipv4Addr| {
+        let out = b
+            .cmd("external", "curl")
+            .args(["-s", "-m", "3", "-w", " %{http_code}"])
+            .arg(format!("http://{ip}:32000/healthz"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let h1 = health(n1.ip);
+    assert!(h1.ends_with(" 200") && h1.contains("\"localEndpoints\":1"), "{h1}");
+    assert!(health(n2.ip).ends_with(" 503"));
+    // loadBalancerSourceRanges on the load-balancer IP: 203.0.113.0/24 only.
+    assert!(
+        tcp_ask_from(&ext, None, sa("198.51.100.50", 80), Duration::from_secs(1)).is_err(),
+        "192.168.100.1 is outside the ranges"
+    );
+    let a = tcp_ask_from(&ext, Some("203.0.113.10".parse().unwrap()), sa("198.51.100.50", 80), Duration::from_secs(3))
+        .expect("203.0.113.10 is inside");
+    assert_eq!(a.seen.ip().to_string(), "203.0.113.10");
+    // From inside the cluster every endpoint serves a load-balancer service, wherever.
+    assert_eq!(tcp_ask(&c2.netns, SocketAddr::from((n2.ip, 30090))).unwrap().server, "web-1");
+
+    // Hairpin: web-1 reaching a service it alone backs lands on itself (TCP and UDP).
+    assert_eq!(tcp_ask(&w1.netns, sa("10.96.0.20", 80)).unwrap().server, "web-1");
+    assert_eq!(udp_ask(&w1.netns, sa("10.96.0.20", 53)).unwrap().server, "web-1");
+
+    // Left out: another proxy's service, a headless one (their backends exist), SCTP.
+    let r = b.status_json("node-1", "/services").unwrap();
+    let listed: Vec<&str> = r["frontends"].as_array().unwrap().iter().filter_map(|f| f["service"].as_str()).collect();
+    assert!(!listed.contains(&"theirs") && !listed.contains(&"hl") && !listed.contains(&"sig"), "{listed:?}");
+    let why = skipped(&r).join("\n");
+    assert!(why.contains("someone-else") && why.contains("headless") && why.contains("Sctp"), "{why}");
+    assert!(b.agent_log("node-1").contains("not programmed: protocol Sctp"), "SCTP is refused with a logged reason");
+    assert!(tcp_ask_from(&c1.netns, None, sa("10.96.0.40", 80), Duration::from_secs(1)).is_err(), "not ours to serve");
+
+    // Terminating endpoints: ready ones first; with none ready, serving-and-terminating.
+    b.apply_yaml(&slice_yaml(
+        "sticky",
+        "sticky-a",
+        &[("http", "TCP", 8080), ("dns", "UDP", 8080)],
+        &[(&w1, "{ready: false, serving: true, terminating: true}")],
+    ));
+    wait_programmed(&b, "node-2", "10.96.0.30:80", 1);
+    assert_eq!(names(&tcp_servers(&c2.netns, sa("10.96.0.30", 80), 6)), BTreeSet::from(["web-2"]));
+    b.apply_yaml(&slice_yaml("sticky", "sticky-b", &[("http", "TCP", 9090), ("dns", "UDP", 9090)], &[]));
+    wait_programmed(&b, "node-2", "10.96.0.30:80", 1);
+    b.wait_for(Duration::from_secs(10), "the terminating endpoint serves", || {
+        tcp_ask(&c2.netns, sa("10.96.0.30", 80)).is_ok_and(|a| a.server == "web-1")
+    });
+}
+
+/// A TCP connection kept open: one line out, one line back.
+struct Conn(TcpStream);
+
+impl Conn {
+    fn open(ns: &str, addr: SocketAddr) -> (Conn, String) {
+        let mut s = enter(ns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(3))).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap();
+        let (server, _) = parse(&String::from_utf8_lossy(&buf[..n]));
+        (Conn(s), server)
+    }
+
+    fn ping(&mut self) -> std::io::Result<String> {
+        self.0.write_all(b"ping")?;
+        let mut buf = [0u8; 256];
+        let n = self.0.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "closed"));
+        }
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+#[test]
+fn services_box_endpoint_changes_and_an_agent_restart_keep_live_connections() {
+    // Idle UDP flows expire after 3 s here (the sweep runs every 10 s).
+    let (mut b, [w1, w2, c1, c2]) = web_box("[services.timeouts]\nudp = 3\n");
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}
+---
+{}"#,
+        web_slices("web", &w1, &w2)
+    ));
+    for node in ["node-1", "node-2"] {
+        wait_programmed(&b, node, "10.96.0.10:80", 2);
+    }
+    let ext = b.netns_of("external").unwrap();
+    let n1 = b.node("node-1").clone();
+
+    // Live connections: pod -> ClusterIP on each node, outside -> NodePort (packet path).
+    let mut conns = vec![];
+    for ns in [&c1.netns, &c2.netns] {
+        conns.push(Conn::open(ns, sa("10.96.0.10", 80)));
+    }
+    conns.push(Conn::open(&ext, SocketAddr::from((n1.ip, 30080))));
+
+    // Agent restart on node-1: what it programmed stays (read back, nothing rewritten) and
+    // every connection keeps flowing, also while it is down.
+    b.stop_agent("node-1", false);
+    for (c, server) in &mut conns {
+        assert!(c.ping().unwrap().starts_with(server.as_str()), "while node-1's agent is down");
+    }
+    b.start_agent("node-1");
+    b.wait_for(Duration::from_secs(15), "node-1's first service apply after the restart", || {
+        b.status_json("node-1", "/services").is_some_and(|r| !r["lastApply"].is_null())
+    });
+    let r = b.status_json("node-1", "/services").unwrap();
+    assert_eq!(r["lastApply"]["frontendsWritten"], 0, "a restart rewrites nothing: {}", r["lastApply"]);
+    assert_eq!(r["lastApply"]["backendsWritten"], 0, "{}", r["lastApply"]);
+    for (c, server) in &mut conns {
+        assert!(c.ping().unwrap().starts_with(server.as_str()), "after node-1's agent restart");
+    }
+
+    // Conntrack: a UDP flow's entries expire once idle past the configured timeout (3 s
+    // here); the live TCP flow from outside (packet path) keeps its entries.
+    let conntrack = |b: &ClusterBox| {
+        let r = b.status_json("node-1", "/services").unwrap();
+        (r["conntrackUdp"].as_u64().unwrap(), r["conntrackEntries"].as_u64().unwrap(), r["lastGc"]["expired"].as_u64())
+    };
+    let (_, tcp_only, _) = conntrack(&b);
+    assert!(udp_ask(&c1.netns, sa("10.96.0.10", 53)).is_ok());
+    let (udp_now, _, _) = conntrack(&b);
+    assert_eq!(udp_now, 2, "both directions of the UDP flow are tracked");
+    b.wait_for(Duration::from_secs(30), "the idle UDP flow's conntrack entries expire", || conntrack(&b).0 == 0);
+    let (_, total, expired) = conntrack(&b);
+    assert_eq!(total, tcp_only, "the live TCP flow's entries stay");
+    assert!(expired.is_some(), "the sweep ran");
+    for (c, server) in &mut conns {
+        assert!(c.ping().unwrap().starts_with(server.as_str()), "after the sweep");
+    }
+
+    // A UDP client that keeps its source port follows the change of backend within seconds.
+    let udp = enter(&c1.netns, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.connect(sa("10.96.0.10", 53)).unwrap();
+        s
+    });
+    let ask = |s: &UdpSocket| -> Option<String> {
+        s.send(b"q").ok()?;
+        let mut buf = [0u8; 128];
+        let n = s.recv(&mut buf).ok()?;
+        Some(parse(&String::from_utf8_lossy(&buf[..n])).0)
+    };
+    let first = ask(&udp).expect("UDP answer");
+    let (keep, drop_pod) = if first == "web-1" { (&w2, &w1) } else { (&w1, &w2) };
+
+    // The backend the UDP flow uses leaves the service (its pod stays): TCP connections to
+    // the surviving backend keep flowing; the UDP flow moves to the survivor.
+    let gone_slice = if drop_pod.name == "web-1" { "web-a" } else { "web-b" };
+    let gone_port = if drop_pod.name == "web-1" { 8080 } else { 9090 };
+    b.apply_yaml(&slice_yaml("web", gone_slice, &[("http", "TCP", gone_port), ("dns", "UDP", gone_port)], &[]));
+    wait_programmed(&b, "node-1", "10.96.0.10:80", 1);
+    let t = Instant::now();
+    b.wait_for(Duration::from_secs(5), "the UDP flow reaches the remaining backend", || {
+        ask(&udp).is_some_and(|s| s == keep.name)
+    });
+    assert!(t.elapsed() < Duration::from_secs(5));
+    for (c, server) in &mut conns {
+        if *server == keep.name {
+            assert!(c.ping().unwrap().starts_with(server.as_str()), "a connection to the surviving backend");
+        }
+    }
+
+    // The remaining backend is removed and its pod deleted: a connection to it fails fast
+    // (reset) instead of hanging.
+    let idx = conns.iter().position(|(_, s)| *s == keep.name).expect("a connection to the survivor");
+    let (mut doomed, _) = conns.swap_remove(idx);
+    let keep_slice = if keep.name == "web-1" { "web-a" } else { "web-b" };
+    let keep_port = if keep.name == "web-1" { 8080 } else { 9090 };
+    b.apply_yaml(&slice_yaml("web", keep_slice, &[("http", "TCP", keep_port), ("dns", "UDP", keep_port)], &[]));
+    let keep_id = keep.id();
+    b.del_pod(&keep_id);
+    wait_programmed(&b, "node-1", "10.96.0.10:80", 0);
+    wait_programmed(&b, "node-2", "10.96.0.10:80", 0);
+    let t = Instant::now();
+    let failed = (0..10).any(|_| {
+        let r = doomed.ping();
+        std::thread::sleep(Duration::from_millis(100));
+        r.is_err()
+    });
+    assert!(failed, "the connection to the deleted backend failed");
+    assert!(t.elapsed() < Duration::from_secs(3), "fast: {:?}", t.elapsed());
+    // And a new connection is refused at once (no endpoints).
+    let e = tcp_ask(&c1.netns, sa("10.96.0.10", 80)).expect_err("no endpoints left");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+    let _ = c2;
+}

@@ -1,0 +1,293 @@
+//! The agent's service proxy: programs set up at start, the plan recomputed from the
+//! cluster model when services, endpoints, nodes or pods change, conntrack expiry, and the
+//! `/services` report (read from the maps, so it shows what the node really does).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+    time::Instant,
+};
+
+use contiv_common::{SVC_LOCAL_BASE, SvcBackendKey, SvcKey, svc_flags};
+use serde::Serialize;
+
+use super::{Agent, Inner};
+use crate::{
+    proxy::{ApplyStats, GcStats, gc_conntrack, monotonic_ns},
+    services::{HealthCheck, ServiceInputs, Skipped, plan_services, proto_name},
+};
+
+/// One frontend as `netctl get services` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontendReport {
+    pub namespace: String,
+    pub service: String,
+    pub port_name: String,
+    pub protocol: &'static str,
+    /// `ip:port`, or `*:port` for a NodePort (on every node address).
+    pub frontend: String,
+    pub kind: &'static str,
+    pub flags: Vec<&'static str>,
+    pub service_id: u32,
+    /// The Cluster set, as SVC_BACKENDS holds it.
+    pub backends: Vec<BackendReport>,
+    /// The Local set (externalTrafficPolicy / internalTrafficPolicy Local).
+    pub local_backends: Vec<BackendReport>,
+    pub connections: u64,
+    pub no_endpoint_rejects: u64,
+    pub source_denied: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendReport {
+    pub address: String,
+    pub local: bool,
+}
+
+/// `GET /services`.
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicesReport {
+    pub node: String,
+    pub enabled: bool,
+    pub frontends: Vec<FrontendReport>,
+    pub skipped: Vec<Skipped>,
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    pub dead_backends: Vec<String>,
+    pub node_addresses: Vec<String>,
+    pub conntrack_entries: usize,
+    /// Of which UDP.
+    pub conntrack_udp: usize,
+    pub conntrack_max: u32,
+    pub socket_programs: Vec<String>,
+    pub last_apply: Option<ApplyStats>,
+    pub last_gc: Option<GcStats>,
+}
+
+fn flag_names(flags: u32) -> (&'static str, Vec<&'static str>) {
+    let kind = if flags & svc_flags::NODE_PORT != 0 {
+        "NodePort"
+    } else if flags & svc_flags::CLUSTER_IP != 0 {
+        "ClusterIP"
+    } else {
+        "External"
+    };
+    let mut out = vec![];
+    for (bit, name) in [
+        (svc_flags::ETP_LOCAL, "externalTrafficPolicy=Local"),
+        (svc_flags::ITP_LOCAL, "internalTrafficPolicy=Local"),
+        (svc_flags::AFFINITY, "sessionAffinity=ClientIP"),
+        (svc_flags::SOURCE_RANGES, "loadBalancerSourceRanges"),
+    ] {
+        if flags & bit != 0 {
+            out.push(name);
+        }
+    }
+    (kind, out)
+}
+
+impl Agent {
+    /// Attaches the service programs (socket programs at the cgroup2 root, the uplink's
+    /// ingress) and reads back what the service maps hold. Called once at start.
+    pub(super) fn setup_services(&self, inner: &mut Inner) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let cfg = &self.config.services;
+        if !cfg.enabled {
+            inner.datapath.detach_sockets();
+            log::info!("services are off ([services] enabled = false)");
+            return Ok(());
+        }
+        let root = cfg.cgroup_root.clone().or_else(crate::datapath::cgroup2_root);
+        match root {
+            Some(root) => {
+                inner
+                    .datapath
+                    .attach_sockets(&root)
+                    .with_context(|| format!("attaching the socket programs at {}", root.display()))?;
+                log::info!("services: socket programs at cgroup {}", root.display());
+            }
+            None => log::warn!(
+                "services: no cgroup2 hierarchy found (set [services] cgroupRoot); TCP to services is translated per \
+                 packet instead of at connect()"
+            ),
+        }
+        if let Some(u) = &self.uplink {
+            inner.datapath.attach_uplink(&u.ifname).with_context(|| format!("attaching to the uplink {}", u.ifname))?;
+        }
+        inner.proxy.resync(&inner.datapath).context("reading the service maps")?;
+        Ok(())
+    }
+
+    /// Recomputes the service plan from the cluster model and installs the difference.
+    /// `None` when services are off or the model is not there yet.
+    pub async fn sync_services(&self) -> Option<ApplyStats> {
+        if !self.config.services.enabled {
+            return None;
+        }
+        let model = self.model.get()?.clone();
+        let started = Instant::now();
+        let (plan, mut live) = {
+            let m = model.read().unwrap_or_else(|p| p.into_inner());
+            let services: Vec<_> = m.services().collect();
+            let slices: Vec<_> = m.endpoint_slices().collect();
+            let nodes: Vec<_> = m.nodes().collect();
+            let regs: Vec<_> = m.registrations().collect();
+            let plan = plan_services(
+                &self.service_params,
+                ServiceInputs { services: &services, slices: &slices, nodes: &nodes, registrations: &regs },
+            );
+            let live: BTreeSet<Ipv4Addr> = m
+                .pods()
+                .flat_map(|p| p.ips.iter())
+                .filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            (plan, live)
+        };
+        {
+            let mut logged = self.skipped_logged.lock().unwrap_or_else(|p| p.into_inner());
+            for s in &plan.skipped {
+                if logged.insert(format!("{}: {}", s.service, s.reason)) {
+                    if s.warn {
+                        log::warn!("service {} not programmed: {}", s.service, s.reason);
+                    } else {
+                        log::info!("service {} not programmed: {}", s.service, s.reason);
+                    }
+                }
+            }
+        }
+        let checks = plan.health_checks.clone();
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        live.extend(inner.state.attachments().map(|a| a.ip));
+        let result = inner.proxy.apply(&mut inner.datapath, plan, &live, Instant::now());
+        let refusals = Arc::new(inner.proxy.refusals());
+        inner.health.update(&checks);
+        drop(guard);
+        self.set_refusals(refusals);
+        match result {
+            Ok(stats) => {
+                log::debug!("services applied in {:?}: {stats:?}", started.elapsed());
+                *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+                Some(stats)
+            }
+            Err(e) => {
+                log::error!("applying services: {e}");
+                None
+            }
+        }
+    }
+
+    /// Hands the vswitch the destinations it refuses.
+    pub(super) fn set_refusals(&self, refusals: Arc<contiv_vswitch::Refusals>) {
+        if let Some(slot) = self.slowpath.builtin()
+            && let Ok(p) = slot.lock()
+            && let Some(port) = p.as_ref()
+        {
+            port.with_backend(|b| b.set_refusals(refusals));
+        }
+    }
+
+    /// When removed backends stop being refused (the service task re-applies then).
+    pub async fn services_due(&self) -> Option<Instant> {
+        self.inner.lock().await.proxy.next_expiry()
+    }
+
+    /// One conntrack sweep.
+    pub async fn gc_conntrack(&self) -> Option<GcStats> {
+        if !self.config.services.enabled {
+            return None;
+        }
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        match gc_conntrack(&mut inner.datapath, &self.config.services.timeouts, monotonic_ns()) {
+            Ok(stats) => {
+                if stats.expired > 0 {
+                    log::debug!("conntrack: {} of {} entries expired", stats.expired, stats.scanned);
+                }
+                *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+                Some(stats)
+            }
+            Err(e) => {
+                log::error!("conntrack sweep: {e}");
+                None
+            }
+        }
+    }
+
+    /// What the node programs for services, read from the maps.
+    pub async fn services_report(&self) -> ServicesReport {
+        let mut r = ServicesReport {
+            node: self.config.node_name.clone(),
+            enabled: self.config.services.enabled,
+            conntrack_max: self.config.services.conntrack_entries,
+            last_apply: *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()),
+            last_gc: *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()),
+            ..Default::default()
+        };
+        let guard = self.inner.lock().await;
+        let inner = &*guard;
+        let dp = &inner.datapath;
+        let (Ok(frontends), Ok(backends)) = (dp.svc_frontends(), dp.svc_backends()) else {
+            return r;
+        };
+        let counters = dp.svc_counters().unwrap_or_default();
+        let ports = &inner.proxy.plan().ports;
+        let list = |id: u32, base: u32, n: u16| -> Vec<BackendReport> {
+            (0..u32::from(n))
+                .filter_map(|i| backends.get(&SvcBackendKey { svc_id: id, ordinal: base + i }))
+                .map(|b| BackendReport { address: format!("{}:{}", Ipv4Addr::from(b.ip), b.port), local: b.local != 0 })
+                .collect()
+        };
+        for (k, fe) in &frontends {
+            let info = ports.get(&fe.svc_id);
+            let (kind, flags) = flag_names(fe.flags);
+            let c = counters.get(&fe.svc_id).copied().unwrap_or_default();
+            let ip = Ipv4Addr::from(k.ip);
+            r.frontends.push(FrontendReport {
+                namespace: info.map(|i| i.namespace.clone()).unwrap_or_default(),
+                service: info.map(|i| i.name.clone()).unwrap_or_default(),
+                port_name: info.map(|i| i.port_name.clone()).unwrap_or_default(),
+                protocol: proto_name(k.proto),
+                frontend: if ip.is_unspecified() { format!("*:{}", k.port) } else { format!("{ip}:{}", k.port) },
+                kind,
+                flags,
+                service_id: fe.svc_id,
+                backends: list(fe.svc_id, 0, fe.count),
+                local_backends: list(fe.svc_id, SVC_LOCAL_BASE, fe.local_count),
+                connections: c.connections,
+                no_endpoint_rejects: c.no_backend,
+                source_denied: c.source_denied,
+            });
+        }
+        r.frontends
+            .sort_by(|a, b| (&a.namespace, &a.service, &a.frontend).cmp(&(&b.namespace, &b.service, &b.frontend)));
+        r.skipped = inner.proxy.plan().skipped.clone();
+        r.health_checks = inner.proxy.plan().health_checks.clone();
+        r.dead_backends = dp
+            .dead_backends()
+            .unwrap_or_default()
+            .iter()
+            .map(|k: &SvcKey| format!("{}:{}/{}", Ipv4Addr::from(k.ip), k.port, proto_name(k.proto)))
+            .collect();
+        r.node_addresses = dp
+            .node_addrs()
+            .unwrap_or_default()
+            .iter()
+            .map(|(ip, a)| if a.local != 0 { format!("{ip} (this node)") } else { ip.to_string() })
+            .collect();
+        let ct = dp.ct_entries().unwrap_or_default();
+        r.conntrack_entries = ct.len();
+        r.conntrack_udp = ct.iter().filter(|(k, _)| k.proto == crate::services::IPPROTO_UDP).count();
+        r.socket_programs = dp
+            .link_pins()
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str()?.strip_prefix("cgroup_").map(str::to_owned))
+            .collect();
+        r
+    }
+}

@@ -1,0 +1,254 @@
+//! The service half of the datapath: the uplink's and the cgroup root's programs, and the
+//! service, node, conntrack and counter maps as the applier and the agent's tasks use them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType, links::FdLink},
+};
+use contiv_common::{
+    CtEntry, CtKey, Ipv4Key, NodeAddr, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange,
+    map_names, program_names,
+};
+use ipnet::Ipv4Net;
+
+use super::{Datapath, DatapathError, Result, ignore_missing, map_err, prog_err};
+
+/// The socket programs, attached at the cgroup2 root.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    program_names::SOCK_CONNECT4,
+    program_names::SOCK_SENDMSG4,
+    program_names::SOCK_RECVMSG4,
+    program_names::SOCK_GETPEERNAME4,
+];
+
+/// The root of the host's cgroup2 hierarchy (where socket programs see every process):
+/// the cgroup2 mount whose root is `/`, /sys/fs/cgroup preferred.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let fstype = post.split(' ').next()?;
+            let mut f = pre.split(' ');
+            let root = f.nth(3)?;
+            let mount_point = f.next()?;
+            (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(mount_point))
+        })
+        .collect();
+    found.sort_by_key(|p| p != Path::new("/sys/fs/cgroup"));
+    found.into_iter().next()
+}
+
+fn io_err(name: &'static str, e: impl std::fmt::Display) -> DatapathError {
+    prog_err(name)(aya::programs::ProgramError::IOError(std::io::Error::other(e.to_string())))
+}
+
+impl Datapath {
+    // === programs ===
+
+    /// Attaches `tc_from_uplink` to the uplink's ingress (pinned, replaced
+    /// make-before-break): clients outside the cluster reach NodePorts, externalIPs and
+    /// load-balancer IPs through it.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+        let pin = self.pin_dir.join("links").join(format!("{ifname}_ingress"));
+        self.replace_pinned_tcx(program_names::FROM_UPLINK, ifname, TcAttachType::Ingress, &pin)
+    }
+
+    /// Attaches the socket programs at `cgroup` (the cgroup2 root), pinned as links under
+    /// `links/cgroup_<program>`. A link a previous agent left is replaced make-before-break:
+    /// the new program is attached beside it first (cgroup links run side by side; a
+    /// connect() the old one translated is no frontend for the new one), then the old link
+    /// is released.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        let dir = self.pin_dir.join("links");
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+        let cgroup_dir =
+            std::fs::File::open(cgroup).map_err(|source| DatapathError::PinDir { path: cgroup.to_owned(), source })?;
+        for name in SOCK_PROGRAMS {
+            let pin = dir.join(format!("cgroup_{name}"));
+            let old = aya::programs::links::PinnedLink::from_pin(&pin).ok();
+            let prog: &mut CgroupSockAddr =
+                self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+            // Link-based cgroup attachments always run side by side (flags must be 0).
+            let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
+            let link: FdLink = prog.take_link(id).map_err(prog_err(name))?.try_into().map_err(|e| io_err(name, e))?;
+            let _ = std::fs::remove_file(&pin);
+            let pinned = link.pin(&pin).map_err(|e| io_err(name, e))?;
+            drop(pinned);
+            if let Some(old) = old {
+                drop(FdLink::from(old));
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the socket programs' links (services are off on this node).
+    pub fn detach_sockets(&self) {
+        for name in SOCK_PROGRAMS {
+            let _ = std::fs::remove_file(self.pin_dir.join("links").join(format!("cgroup_{name}")));
+        }
+    }
+
+    // === plain hash maps ===
+
+    fn put<K: Pod, V: Pod>(&mut self, name: &'static str, k: K, v: V) -> Result<()> {
+        let mut m: HashMap<&mut MapData, K, V> = self.typed(name)?;
+        m.insert(k, v, 0).map_err(map_err(name))
+    }
+
+    fn delete<K: Pod, V: Pod>(&mut self, name: &'static str, k: K) -> Result<()> {
+        let mut m: HashMap<&mut MapData, K, V> = self.typed(name)?;
+        ignore_missing(m.remove(&k)).map_err(map_err(name))
+    }
+
+    fn entries<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        let m: HashMap<&MapData, K, V> = self.typed_ref(name)?;
+        // An entry deleted while iterating is skipped, not an error.
+        Ok(m.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    pub fn svc_frontends(&self) -> Result<BTreeMap<SvcKey, SvcFrontend>> {
+        Ok(self.entries(map_names::SVC_FRONTENDS)?.into_iter().collect())
+    }
+
+    pub fn put_svc_frontend(&mut self, k: SvcKey, v: SvcFrontend) -> Result<()> {
+        self.put(map_names::SVC_FRONTENDS, k, v)
+    }
+
+    pub fn delete_svc_frontend(&mut self, k: SvcKey) -> Result<()> {
+        self.delete::<SvcKey, SvcFrontend>(map_names::SVC_FRONTENDS, k)
+    }
+
+    pub fn svc_backends(&self) -> Result<BTreeMap<SvcBackendKey, SvcBackend>> {
+        Ok(self.entries(map_names::SVC_BACKENDS)?.into_iter().collect())
+    }
+
+    pub fn put_svc_backend(&mut self, k: SvcBackendKey, v: SvcBackend) -> Result<()> {
+        self.put(map_names::SVC_BACKENDS, k, v)
+    }
+
+    pub fn delete_svc_backend(&mut self, k: SvcBackendKey) -> Result<()> {
+        self.delete::<SvcBackendKey, SvcBackend>(map_names::SVC_BACKENDS, k)
+    }
+
+    pub fn node_addrs(&self) -> Result<BTreeMap<Ipv4Addr, NodeAddr>> {
+        Ok(self
+            .entries::<Ipv4Key, NodeAddr>(map_names::NODE_ADDRS)?
+            .into_iter()
+            .map(|(k, v)| (Ipv4Addr::from(k.addr), v))
+            .collect())
+    }
+
+    pub fn put_node_addr(&mut self, ip: Ipv4Addr, v: NodeAddr) -> Result<()> {
+        self.put(map_names::NODE_ADDRS, Ipv4Key::new(ip.octets()), v)
+    }
+
+    pub fn delete_node_addr(&mut self, ip: Ipv4Addr) -> Result<()> {
+        self.delete::<Ipv4Key, NodeAddr>(map_names::NODE_ADDRS, Ipv4Key::new(ip.octets()))
+    }
+
+    /// NODE_NETNS: network-namespace cookie -> 1 (a pod's) or 2 (the node's).
+    pub fn node_netns(&self) -> Result<BTreeMap<u64, u8>> {
+        Ok(self.entries(map_names::NODE_NETNS)?.into_iter().collect())
+    }
+
+    pub fn put_node_netns(&mut self, cookie: u64, kind: u8) -> Result<()> {
+        self.put(map_names::NODE_NETNS, cookie, kind)
+    }
+
+    pub fn delete_node_netns(&mut self, cookie: u64) -> Result<()> {
+        self.delete::<u64, u8>(map_names::NODE_NETNS, cookie)
+    }
+
+    /// DEAD_BACKENDS: removed backends whose address no pod holds any more.
+    pub fn dead_backends(&self) -> Result<BTreeSet<SvcKey>> {
+        Ok(self.entries::<SvcKey, u8>(map_names::DEAD_BACKENDS)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    pub fn put_dead_backend(&mut self, k: SvcKey) -> Result<()> {
+        self.put(map_names::DEAD_BACKENDS, k, 1u8)
+    }
+
+    pub fn delete_dead_backend(&mut self, k: SvcKey) -> Result<()> {
+        self.delete::<SvcKey, u8>(map_names::DEAD_BACKENDS, k)
+    }
+
+    // === source ranges (LPM: service id, then the client prefix) ===
+
+    fn range_key(id: u32, net: Ipv4Net) -> Key<SvcSourceRange> {
+        Key::new(
+            32 + u32::from(net.prefix_len()),
+            SvcSourceRange { svc_id_be: id.to_be_bytes(), ip: net.network().octets() },
+        )
+    }
+
+    pub fn source_ranges(&self) -> Result<BTreeSet<(u32, Ipv4Net)>> {
+        let m: LpmTrie<&MapData, SvcSourceRange, u8> = self.typed_ref(map_names::SVC_SOURCE_RANGES)?;
+        let mut out = BTreeSet::new();
+        for (k, _) in m.iter().filter_map(|r| r.ok()) {
+            let d = k.data();
+            let len = k.prefix_len().saturating_sub(32) as u8;
+            if let Ok(net) = Ipv4Net::new(Ipv4Addr::from(d.ip), len) {
+                out.insert((u32::from_be_bytes(d.svc_id_be), net));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_source_range(&mut self, id: u32, net: Ipv4Net) -> Result<()> {
+        let mut m: LpmTrie<&mut MapData, SvcSourceRange, u8> = self.typed(map_names::SVC_SOURCE_RANGES)?;
+        m.insert(&Self::range_key(id, net), 1, 0).map_err(map_err(map_names::SVC_SOURCE_RANGES))
+    }
+
+    pub fn delete_source_range(&mut self, id: u32, net: Ipv4Net) -> Result<()> {
+        let mut m: LpmTrie<&mut MapData, SvcSourceRange, u8> = self.typed(map_names::SVC_SOURCE_RANGES)?;
+        ignore_missing(m.remove(&Self::range_key(id, net))).map_err(map_err(map_names::SVC_SOURCE_RANGES))
+    }
+
+    // === counters ===
+
+    /// Per service port, summed over CPUs.
+    pub fn svc_counters(&self) -> Result<BTreeMap<u32, SvcCounters>> {
+        let m: PerCpuHashMap<&MapData, u32, SvcCounters> = self.typed_ref(map_names::SVC_COUNTERS)?;
+        let mut out = BTreeMap::new();
+        for (id, values) in m.iter().filter_map(|r| r.ok()) {
+            let mut s = SvcCounters::default();
+            for v in values.iter() {
+                s.connections += v.connections;
+                s.no_backend += v.no_backend;
+                s.source_denied += v.source_denied;
+            }
+            out.insert(id, s);
+        }
+        Ok(out)
+    }
+
+    pub fn remove_svc_counters(&mut self, id: u32) -> Result<()> {
+        let mut m: PerCpuHashMap<&mut MapData, u32, SvcCounters> = self.typed(map_names::SVC_COUNTERS)?;
+        ignore_missing(m.remove(&id)).map_err(map_err(map_names::SVC_COUNTERS))
+    }
+
+    // === conntrack ===
+
+    /// Every conntrack entry (both directions of every flow).
+    pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        self.entries(map_names::CT)
+    }
+
+    pub fn ct_delete(&mut self, k: CtKey) -> Result<()> {
+        self.delete::<CtKey, CtEntry>(map_names::CT, k)
+    }
+
+    /// Pins of the datapath's own that are not maps (for tests and inspection).
+    pub fn link_pins(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.pin_dir.join("links")).into_iter().flatten().flatten().map(|e| e.path()).collect()
+    }
+}

@@ -1,0 +1,152 @@
+//! healthCheckNodePort servers: for every Service with `externalTrafficPolicy: Local` and a
+//! `healthCheckNodePort`, the agent answers HTTP on that port of the node, as kube-proxy
+//! does: 200 while the node has local endpoints for the service, 503 when it has none,
+//! with a JSON body naming the service and the count. Load balancers use it to send
+//! traffic only to nodes that can serve it.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    task::JoinHandle,
+};
+
+use crate::services::HealthCheck;
+
+/// The running servers and what they report.
+#[derive(Default)]
+pub struct HealthServers {
+    state: Arc<RwLock<BTreeMap<u16, HealthCheck>>>,
+    servers: BTreeMap<u16, JoinHandle<()>>,
+}
+
+/// The response to a health check.
+pub fn response(check: Option<&HealthCheck>) -> String {
+    let (status, body) = match check {
+        Some(c) => {
+            let body = serde_json::json!({
+                "service": { "namespace": c.namespace, "name": c.name },
+                "localEndpoints": c.local_endpoints,
+                "serviceProxyHealthy": true,
+            });
+            (if c.local_endpoints > 0 { "200 OK" } else { "503 Service Unavailable" }, body.to_string())
+        }
+        None => ("404 Not Found", "{}".to_owned()),
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+impl HealthServers {
+    /// Brings the servers in line with `checks` (port -> service and local endpoint count):
+    /// new ports get a listener, departed ones lose theirs, counts change in place.
+    pub fn update(&mut self, checks: &BTreeMap<u16, HealthCheck>) {
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = checks.clone();
+        self.servers.retain(|port, task| {
+            let keep = checks.contains_key(port) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for port in checks.keys() {
+            if self.servers.contains_key(port) {
+                continue;
+            }
+            let port = *port;
+            let state = self.state.clone();
+            let task = tokio::spawn(async move {
+                let listener = match TcpListener::bind(("0.0.0.0", port)).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        log::error!("healthCheckNodePort {port}: cannot listen: {e}");
+                        return;
+                    }
+                };
+                log::info!("healthCheckNodePort {port}: serving");
+                loop {
+                    let Ok((mut conn, _)) = listener.accept().await else { continue };
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        // The request itself does not matter (any path answers), but read it
+                        // so the client is not reset before it sees the answer.
+                        let mut buf = [0u8; 1024];
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
+                        let text = {
+                            let s = state.read().unwrap_or_else(|p| p.into_inner());
+                            response(s.get(&port))
+                        };
+                        let _ = conn.write_all(text.as_bytes()).await;
+                        let _ = conn.shutdown().await;
+                    });
+                }
+            });
+            self.servers.insert(port, task);
+        }
+    }
+
+    /// The ports served.
+    pub fn ports(&self) -> Vec<u16> {
+        self.servers.keys().copied().collect()
+    }
+}
+
+impl Drop for HealthServers {
+    fn drop(&mut self) {
+        for t in self.servers.values() {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_200_with_local_endpoints_and_503_without() {
+        let c = HealthCheck { namespace: "shop".into(), name: "web".into(), local_endpoints: 2 };
+        let ok = response(Some(&c));
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        let body: serde_json::Value = serde_json::from_str(ok.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["localEndpoints"], 2);
+        assert_eq!(body["service"]["name"], "web");
+        let none = HealthCheck { local_endpoints: 0, ..c };
+        assert!(response(Some(&none)).starts_with("HTTP/1.1 503 "));
+    }
+
+    #[tokio::test]
+    async fn a_server_follows_its_count_and_stops_with_its_service() {
+        // A free port, then released for the server.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut hs = HealthServers::default();
+        let mut checks = BTreeMap::new();
+        checks.insert(port, HealthCheck { namespace: "a".into(), name: "b".into(), local_endpoints: 1 });
+        hs.update(&checks);
+        let get = || async move {
+            for _ in 0..50 {
+                if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).await.unwrap();
+                    return Some(out);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            None
+        };
+        assert!(get().await.unwrap().starts_with("HTTP/1.1 200"));
+        checks.get_mut(&port).unwrap().local_endpoints = 0;
+        hs.update(&checks);
+        assert!(get().await.unwrap().starts_with("HTTP/1.1 503"));
+        hs.update(&BTreeMap::new());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "listener closed");
+    }
+}

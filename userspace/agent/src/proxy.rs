@@ -1,0 +1,358 @@
+//! The service proxy's runtime: installs a [`ServicePlan`] into the maps as a diff,
+//! resyncs from what the maps hold after a restart, follows removed backends (refusals for
+//! the ones whose pod is gone, conntrack cleanup for UDP), and expires conntrack entries.
+//!
+//! Map write order keeps every lookup the datapath makes consistent: new and changed
+//! backends before the frontends that count them, removed frontends before the backends
+//! they led to.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use contiv_common::{CtEntry, CtKey, NodeAddr, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, ct_flags, ct_tcp};
+use ipnet::Ipv4Net;
+
+use crate::{
+    config::CtTimeouts,
+    datapath::{Datapath, DatapathError},
+    services::{IPPROTO_TCP, IPPROTO_UDP, ServicePlan},
+};
+
+/// How long a removed backend whose pod is gone is refused (TCP RST / ICMP) rather than
+/// left to time out.
+pub const DEAD_BACKEND_TTL: Duration = Duration::from_secs(60);
+
+const IPPROTO_ICMP: u8 = 1;
+
+/// What the maps hold (as installed by this agent, or read back after a restart).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub frontends: BTreeMap<SvcKey, SvcFrontend>,
+    pub backends: BTreeMap<SvcBackendKey, SvcBackend>,
+    pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
+    pub node_addrs: BTreeMap<Ipv4Addr, NodeAddr>,
+    pub dead: BTreeSet<SvcKey>,
+}
+
+/// What one apply changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyStats {
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    pub backends_written: usize,
+    pub backends_removed: usize,
+    pub dead_backends: usize,
+    pub conntrack_flushed: usize,
+}
+
+/// The proxy's state across applies.
+#[derive(Debug, Default)]
+pub struct Proxy {
+    installed: Installed,
+    /// The last plan applied.
+    plan: ServicePlan,
+    /// Backends that left a plan, and when (refused while their pod is gone, for
+    /// [`DEAD_BACKEND_TTL`]).
+    removed: BTreeMap<(Ipv4Addr, u16, u8), Instant>,
+    /// Service ids programmed, for counters of departed services.
+    pub applies: u64,
+}
+
+fn changed<K: Ord + Copy, V: PartialEq + Copy>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Vec<(K, V)> {
+    want.iter().filter(|(k, v)| have.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect()
+}
+
+fn removed<K: Ord + Copy, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Vec<K> {
+    have.keys().filter(|k| !want.contains_key(k)).copied().collect()
+}
+
+fn svc_key(ip: Ipv4Addr, port: u16, proto: u8) -> SvcKey {
+    SvcKey { ip: ip.octets(), port, proto, _pad: 0 }
+}
+
+/// The other direction's key of a conntrack entry.
+pub fn ct_pair(k: &CtKey, e: &CtEntry) -> CtKey {
+    let mut p = CtKey { src: k.dst, dst: k.src, sport: k.dport, dport: k.sport, proto: k.proto, _pad: [0; 3] };
+    if e.flags & ct_flags::DNAT != 0 {
+        // Original direction: the reply comes from the backend to the (SNAT'ed) client.
+        p.src = e.nat_ip;
+        p.sport = e.nat_port;
+        if e.flags & ct_flags::SNAT != 0 {
+            p.dst = e.nat2_ip;
+            p.dport = e.nat2_port;
+        }
+    } else if e.flags & ct_flags::REV_DNAT != 0 {
+        // Reply direction: the original went from the client to the frontend.
+        p.dst = e.nat_ip;
+        p.dport = e.nat_port;
+        if e.flags & ct_flags::REV_SNAT != 0 {
+            p.src = e.nat2_ip;
+            p.sport = e.nat2_port;
+        }
+    }
+    p
+}
+
+/// How long an idle entry lives.
+pub fn ct_timeout(k: &CtKey, e: &CtEntry, pair: Option<&CtEntry>, t: &CtTimeouts) -> Duration {
+    let secs = match k.proto {
+        IPPROTO_TCP => {
+            let flags = e.tcp_flags | pair.map_or(0, |p| p.tcp_flags);
+            if flags & (ct_tcp::FIN | ct_tcp::RST) != 0 {
+                t.tcp_closing
+            } else if pair.is_some_and(|p| p.tcp_flags & ct_tcp::ACK != 0) && e.tcp_flags & ct_tcp::ACK != 0 {
+                t.tcp_established
+            } else {
+                t.tcp_syn
+            }
+        }
+        IPPROTO_UDP => t.udp,
+        IPPROTO_ICMP => t.icmp,
+        _ => t.udp,
+    };
+    Duration::from_secs(u64::from(secs))
+}
+
+/// What a conntrack sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GcStats {
+    pub scanned: usize,
+    pub expired: usize,
+}
+
+impl Proxy {
+    pub fn plan(&self) -> &ServicePlan {
+        &self.plan
+    }
+
+    pub fn installed(&self) -> &Installed {
+        &self.installed
+    }
+
+    /// Reads back what the maps hold (after a restart): the next apply then writes only
+    /// what differs, and live entries are never removed and re-added.
+    pub fn resync(&mut self, dp: &Datapath) -> Result<(), DatapathError> {
+        self.installed = Installed {
+            frontends: dp.svc_frontends()?,
+            backends: dp.svc_backends()?,
+            source_ranges: dp.source_ranges()?,
+            node_addrs: dp.node_addrs()?,
+            dead: dp.dead_backends()?,
+        };
+        Ok(())
+    }
+
+    /// Installs `plan`. `live_ips`: addresses pods hold now (cluster-wide); a removed
+    /// backend is refused only when its address is in none of them. Stops at the first
+    /// map error (the next apply resumes from what was installed).
+    pub fn apply(
+        &mut self,
+        dp: &mut Datapath,
+        plan: ServicePlan,
+        live_ips: &BTreeSet<Ipv4Addr>,
+        now: Instant,
+    ) -> Result<ApplyStats, DatapathError> {
+        let mut stats = ApplyStats::default();
+        // Backends that left since the last plan.
+        let gone: Vec<(Ipv4Addr, u16, u8)> = self.plan.endpoints.difference(&plan.endpoints).copied().collect();
+        for e in &gone {
+            self.removed.insert(*e, now);
+        }
+        for e in &plan.endpoints {
+            self.removed.remove(e);
+        }
+        self.removed.retain(|_, t| now.duration_since(*t) < DEAD_BACKEND_TTL);
+        let dead: BTreeSet<SvcKey> = self
+            .removed
+            .keys()
+            .filter(|(ip, _, _)| !live_ips.contains(ip))
+            .map(|(ip, port, proto)| svc_key(*ip, *port, *proto))
+            .collect();
+
+        // 1. Backends, then the frontends that count them.
+        for (k, v) in changed(&self.installed.backends, &plan.backends) {
+            dp.put_svc_backend(k, v)?;
+            self.installed.backends.insert(k, v);
+            stats.backends_written += 1;
+        }
+        for (ip, v) in changed(&self.installed.node_addrs, &plan.node_addrs) {
+            dp.put_node_addr(ip, v)?;
+            self.installed.node_addrs.insert(ip, v);
+        }
+        for (id, net) in plan.source_ranges.difference(&self.installed.source_ranges).copied().collect::<Vec<_>>() {
+            dp.put_source_range(id, net)?;
+            self.installed.source_ranges.insert((id, net));
+        }
+        for (k, v) in changed(&self.installed.frontends, &plan.frontends) {
+            dp.put_svc_frontend(k, v)?;
+            self.installed.frontends.insert(k, v);
+            stats.frontends_written += 1;
+        }
+        // 2. What is gone: frontends first.
+        for k in removed(&self.installed.frontends, &plan.frontends) {
+            dp.delete_svc_frontend(k)?;
+            self.installed.frontends.remove(&k);
+            stats.frontends_removed += 1;
+        }
+        for (id, net) in self.installed.source_ranges.difference(&plan.source_ranges).copied().collect::<Vec<_>>() {
+            dp.delete_source_range(id, net)?;
+            self.installed.source_ranges.remove(&(id, net));
+        }
+        for k in removed(&self.installed.backends, &plan.backends) {
+            dp.delete_svc_backend(k)?;
+            self.installed.backends.remove(&k);
+            stats.backends_removed += 1;
+        }
+        for ip in removed(&self.installed.node_addrs, &plan.node_addrs) {
+            dp.delete_node_addr(ip)?;
+            self.installed.node_addrs.remove(&ip);
+        }
+        // 3. Removed backends: refused while their pod is gone; their UDP flows (and every
+        // flow to a gone pod) are forgotten, so the client's next datagram picks a
+        // surviving backend.
+        for k in dead.difference(&self.installed.dead).copied().collect::<Vec<_>>() {
+            dp.put_dead_backend(k)?;
+            self.installed.dead.insert(k);
+        }
+        for k in self.installed.dead.difference(&dead).copied().collect::<Vec<_>>() {
+            dp.delete_dead_backend(k)?;
+            self.installed.dead.remove(&k);
+        }
+        stats.dead_backends = dead.len();
+        if !gone.is_empty() {
+            let flush: BTreeSet<(Ipv4Addr, u16, u8)> =
+                gone.iter().filter(|(ip, _, proto)| *proto == IPPROTO_UDP || !live_ips.contains(ip)).copied().collect();
+            if !flush.is_empty() {
+                stats.conntrack_flushed = flush_backends(dp, &flush)?;
+            }
+        }
+        let departed: Vec<u32> = self.plan.ports.keys().filter(|id| !plan.ports.contains_key(id)).copied().collect();
+        for id in departed {
+            let _ = dp.remove_svc_counters(id);
+        }
+        self.plan = plan;
+        self.applies += 1;
+        Ok(stats)
+    }
+
+    /// The destinations the slow path refuses now: frontends without endpoints, dead backends.
+    pub fn refusals(&self) -> contiv_vswitch::Refusals {
+        let mut r = contiv_vswitch::Refusals::default();
+        r.exact.extend(self.plan.refusals.exact.iter().copied());
+        r.exact.extend(self.installed.dead.iter().map(|k| (Ipv4Addr::from(k.ip), k.port, k.proto)));
+        r.node_ports.extend(self.plan.refusals.node_ports.iter().copied());
+        r.node_addrs.extend(self.plan.node_addrs.keys().copied());
+        r
+    }
+
+    /// Whether dead-backend entries are waiting to expire (the caller re-applies then).
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.removed.values().min().map(|t| *t + DEAD_BACKEND_TTL)
+    }
+}
+
+/// Removes both directions of every flow NAT'ed to one of `backends`.
+fn flush_backends(dp: &mut Datapath, backends: &BTreeSet<(Ipv4Addr, u16, u8)>) -> Result<usize, DatapathError> {
+    let mut n = 0;
+    for (k, e) in dp.ct_entries()? {
+        if e.flags & ct_flags::DNAT != 0 && backends.contains(&(Ipv4Addr::from(e.nat_ip), e.nat_port, k.proto)) {
+            dp.ct_delete(ct_pair(&k, &e))?;
+            dp.ct_delete(k)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// One conntrack sweep: removes flows idle past their timeout (both directions together).
+/// `now_ns`: CLOCK_MONOTONIC, the clock the datapath stamps entries with.
+pub fn gc_conntrack(dp: &mut Datapath, timeouts: &CtTimeouts, now_ns: u64) -> Result<GcStats, DatapathError> {
+    let entries: BTreeMap<CtKey, CtEntry> = dp.ct_entries()?.into_iter().collect();
+    let mut stats = GcStats { scanned: entries.len(), expired: 0 };
+    let mut doomed = BTreeSet::new();
+    for (k, e) in &entries {
+        if doomed.contains(k) {
+            continue;
+        }
+        let pk = ct_pair(k, e);
+        let pair = entries.get(&pk);
+        let last = e.last_seen_ns.max(pair.map_or(0, |p| p.last_seen_ns));
+        let idle = Duration::from_nanos(now_ns.saturating_sub(last));
+        if idle > ct_timeout(k, e, pair, timeouts) {
+            doomed.insert(*k);
+            if pair.is_some() {
+                doomed.insert(pk);
+            }
+        }
+    }
+    for k in &doomed {
+        dp.ct_delete(*k)?;
+    }
+    stats.expired = doomed.len();
+    Ok(stats)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns's clock).
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> CtKey {
+        CtKey { src, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] }
+    }
+
+    #[test]
+    fn pair_keys_of_dnat_and_snat_entries_meet() {
+        // Client 10.1.1.5:40000 -> service 10.96.0.10:80, DNAT'ed to 10.1.2.7:8080, SNAT'ed to 192.168.100.11:61000.
+        let fwd_k = key([10, 1, 1, 5], [10, 96, 0, 10], 40000, 80);
+        let fwd = CtEntry {
+            nat_ip: [10, 1, 2, 7],
+            nat_port: 8080,
+            nat2_ip: [192, 168, 100, 11],
+            nat2_port: 61000,
+            flags: ct_flags::DNAT | ct_flags::SNAT,
+            ..Default::default()
+        };
+        let rev_k = key([10, 1, 2, 7], [192, 168, 100, 11], 8080, 61000);
+        let rev = CtEntry {
+            nat_ip: [10, 96, 0, 10],
+            nat_port: 80,
+            nat2_ip: [10, 1, 1, 5],
+            nat2_port: 40000,
+            flags: ct_flags::REV_DNAT | ct_flags::REV_SNAT,
+            ..Default::default()
+        };
+        assert_eq!(ct_pair(&fwd_k, &fwd), rev_k);
+        assert_eq!(ct_pair(&rev_k, &rev), fwd_k);
+        // Plain (policy) entries pair with the reversed tuple.
+        let plain = CtEntry::default();
+        assert_eq!(ct_pair(&fwd_k, &plain), key([10, 96, 0, 10], [10, 1, 1, 5], 80, 40000));
+    }
+
+    #[test]
+    fn timeouts_follow_the_tcp_state_of_both_directions() {
+        let t = CtTimeouts::default();
+        let k = key([1, 1, 1, 1], [2, 2, 2, 2], 1, 2);
+        let syn = CtEntry { tcp_flags: ct_tcp::SYN, ..Default::default() };
+        let synack = CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, ..Default::default() };
+        let ack = CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, ..Default::default() };
+        let fin = CtEntry { tcp_flags: ct_tcp::ACK | ct_tcp::FIN, ..Default::default() };
+        assert_eq!(ct_timeout(&k, &syn, None, &t), Duration::from_secs(60));
+        assert_eq!(ct_timeout(&k, &ack, Some(&synack), &t), Duration::from_secs(21600));
+        assert_eq!(ct_timeout(&k, &ack, Some(&fin), &t), Duration::from_secs(10));
+        let udp = CtKey { proto: IPPROTO_UDP, ..k };
+        assert_eq!(ct_timeout(&udp, &CtEntry::default(), None, &t), Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,129 @@
+//! What a node's agent enforces, from its status endpoint (`statusAddr`, loopback by
+//! default: run netctl on that node, e.g. in the agent's pod). The agent reads these from
+//! its eBPF maps, so they show what the datapath really does, not only what the store says.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::get::table;
+
+/// Default status endpoint of the agent on this node.
+pub const DEFAULT_AGENT: &str = "127.0.0.1:9192";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent at {addr}: {source}")]
+    Io {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent at {addr}: {detail}")]
+    Answer { addr: String, detail: String },
+    #[error(
+        "the agent at {addr} serves node {found:?}, not {wanted:?}: run netctl on node {wanted} (e.g. in its agent's pod) or pass --agent with its status address"
+    )]
+    WrongNode { addr: String, found: String, wanted: String },
+}
+
+/// GET `path` of the agent's status endpoint as JSON.
+pub fn get_json(addr: &str, path: &str) -> Result<Value, AgentError> {
+    let io = |source| AgentError::Io { addr: addr.to_owned(), source };
+    let sa: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(io)?
+        .next()
+        .ok_or_else(|| AgentError::Answer { addr: addr.to_owned(), detail: "no address".into() })?;
+    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(3)).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(io)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(io)?;
+    let resp = String::from_utf8_lossy(&resp);
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| AgentError::Answer { addr: addr.to_owned(), detail: "not an HTTP answer".into() })?;
+    if !head.starts_with("HTTP/1.1 200") {
+        let status = head.lines().next().unwrap_or("").to_owned();
+        return Err(AgentError::Answer { addr: addr.to_owned(), detail: format!("{path}: {status}") });
+    }
+    serde_json::from_str(body).map_err(|e| AgentError::Answer { addr: addr.to_owned(), detail: format!("{path}: {e}") })
+}
+
+/// The agent's report at `path`, checked to be node `node`'s (when given).
+pub fn node_report(addr: &str, path: &str, node: Option<&str>) -> Result<Value, AgentError> {
+    let v = get_json(addr, path)?;
+    if let Some(wanted) = node {
+        let found = v["node"].as_str().unwrap_or_default();
+        if found != wanted {
+            return Err(AgentError::WrongNode { addr: addr.into(), found: found.into(), wanted: wanted.into() });
+        }
+    }
+    Ok(v)
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// `GET /services` as a table: one row per frontend with the backends programmed.
+pub fn services_table(report: &Value, namespace: Option<&str>) -> String {
+    let mut rows = vec![];
+    for f in report["frontends"].as_array().into_iter().flatten() {
+        if namespace.is_some_and(|ns| f["namespace"] != ns) {
+            continue;
+        }
+        let list = |k: &str| {
+            let v: Vec<String> = f[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| format!("{}{}", s(&b["address"]), if b["local"] == true { "*" } else { "" }))
+                .collect();
+            if v.is_empty() { "<none>".to_owned() } else { v.join(",") }
+        };
+        let name =
+            if f["portName"] == "" { s(&f["service"]) } else { format!("{}:{}", s(&f["service"]), s(&f["portName"])) };
+        let flags: Vec<String> = f["flags"].as_array().into_iter().flatten().map(s).collect();
+        rows.push(vec![
+            s(&f["namespace"]),
+            name,
+            s(&f["kind"]),
+            format!("{}/{}", s(&f["frontend"]), s(&f["protocol"])),
+            list("backends"),
+            if f["localBackends"].as_array().is_some_and(|a| !a.is_empty()) {
+                list("localBackends")
+            } else {
+                "-".into()
+            },
+            s(&f["connections"]),
+            s(&f["noEndpointRejects"]),
+            flags.join(","),
+        ]);
+    }
+    let mut out = table(
+        &[
+            "NAMESPACE",
+            "SERVICE",
+            "KIND",
+            "FRONTEND",
+            "BACKENDS (*: this node)",
+            "LOCAL SET",
+            "CONNS",
+            "REJECTS",
+            "FLAGS",
+        ],
+        &rows,
+    );
+    for sk in report["skipped"].as_array().into_iter().flatten() {
+        out.push_str(&format!("not programmed: {}: {}\n", s(&sk["service"]), s(&sk["reason"])));
+    }
+    out
+}

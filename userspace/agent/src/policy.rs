@@ -139,6 +139,7 @@ impl PortSet {
 
     /// The map value; `Err` with the value holding the first ranges when there are more
     /// than an entry holds (the rest is then not allowed).
+    #[expect(clippy::result_large_err, reason = "both arms are the map value; Err says it was cut short")]
     pub fn to_value(&self) -> Result<PolicyPorts, PolicyPorts> {
         let mut v = PolicyPorts::default();
         if self.any {
@@ -419,6 +420,10 @@ fn flatten(grants: &[Grant]) -> BTreeMap<Ipv4Net, PortSet> {
     kept
 }
 
+/// A shared POLICY table: direction (egress), the selecting policies, and the local pod
+/// when ingress named ports are resolved against it.
+type TableKey = (bool, Vec<usize>, Option<Ipv4Addr>);
+
 /// Compiles the node's policy state.
 pub fn compile(inputs: &PolicyInputs) -> CompiledPolicy {
     let mut out = CompiledPolicy::default();
@@ -440,7 +445,7 @@ pub fn compile(inputs: &PolicyInputs) -> CompiledPolicy {
     let mut resolved: HashMap<(usize, bool), Vec<ResolvedRule>> = HashMap::new();
     // Tables are shared by pods with the same selecting policies (unless ingress names are
     // resolved against the local pod).
-    let mut tables: HashMap<(bool, Vec<usize>, Option<Ipv4Addr>), BTreeMap<Ipv4Net, PortSet>> = HashMap::new();
+    let mut tables: HashMap<TableKey, BTreeMap<Ipv4Net, PortSet>> = HashMap::new();
     let node_grants: Vec<Grant> =
         inputs.node_addresses.iter().map(|ip| Grant { area: Area::Pod(*ip), ports: PortSet::all() }).collect();
     for (local, policies) in inputs.local.iter().zip(&selecting) {
@@ -870,7 +875,6 @@ mod tests {
         assert!(!c.0.isolation.contains_key(&NODE), "a hostNetwork pod is not subject to policy");
         // The hostNetwork pod is not a peer: its label selects nothing (the node address
         // is allowed as the node's, and other nodes' hostNetwork pods not at all).
-        let mut w = w;
         w.pods.last_mut().unwrap().ips = vec![IpAddr::V4(Ipv4Addr::new(192, 168, 100, 12))];
         let c = w.compile();
         assert!(!c.ingress(A, [192, 168, 100, 12], TCP, 80));

@@ -63,6 +63,16 @@ pub mod map_names {
     /// what the pod may exchange with the peers of that prefix. Consulted only for pods
     /// isolated in that direction ([`super::pod_flags`]) and only on a flow's first packet.
     pub const POLICY: &str = "POLICY";
+    /// Ring buffer of [`super::MonitorEvent`]s: every counted drop (and, with
+    /// [`super::config_flags::MONITOR_FLOWS`], allowed new flows), within the per-CPU rate of
+    /// [`super::DatapathConfig::monitor_rate`]. The agent reads it (`netctl monitor`).
+    pub const MONITOR_EVENTS: &str = "MONITOR_EVENTS";
+    /// Per CPU, [`super::MonitorBucket`] per [`super::monitor_bucket`]: the token buckets
+    /// that bound the event rate, with what they let through, held back and lost.
+    pub const MONITOR_RATE: &str = "MONITOR_RATE";
+    /// Per CPU, one [`super::TraceRecord`]: the decisions `tc_from_pod` took for a packet the
+    /// agent ran through it with `BPF_PROG_TEST_RUN` in trace mode (`netctl trace`).
+    pub const TRACE_STEPS: &str = "TRACE_STEPS";
 }
 
 /// Layout versions of the pinned maps. A map's version changes whenever its key, value or
@@ -80,7 +90,8 @@ pub mod schema {
         (POD_COUNTERS, 2),
         // v2: pod subnet, overlay device, VNI and node address appended. (The trailing padding
         // became `flags` without a layout change: an older agent's zeros mean kernel mode.)
-        (CONFIG, 2),
+        // v3: monitor rate and burst appended.
+        (CONFIG, 3),
         (SLOWPATH_XSKS, 1),
         (VPP_XSKS, 1),
         (SLOWPORT_COUNTERS, 1),
@@ -98,6 +109,9 @@ pub mod schema {
         (CT, 1),
         (DEAD_BACKENDS, 1),
         (POLICY, 1),
+        (MONITOR_EVENTS, 1),
+        (MONITOR_RATE, 1),
+        (TRACE_STEPS, 1),
     ];
 
     /// The current layout version of a map (0 if the name is unknown).
@@ -282,6 +296,12 @@ pub struct DatapathConfig {
     pub uplink_ifindex: u32,
     /// [`config_flags`] bits.
     pub flags: u32,
+    /// Monitor events each CPU may emit per second, per [`monitor_bucket`] (0: none at all).
+    /// Events beyond it are not emitted, only counted ([`MonitorBucket::suppressed`]); the
+    /// drop counters are never affected.
+    pub monitor_rate: u32,
+    /// Events a CPU may emit at once after a quiet spell (the bucket's depth).
+    pub monitor_burst: u32,
 }
 
 /// Bits of [`DatapathConfig::flags`].
@@ -291,6 +311,9 @@ pub mod config_flags {
     /// port, whose vswitch end is VPP's af_xdp interface; the kernel overlay and the host
     /// stack are not used for pod traffic.
     pub const VPP_UPLINK: u32 = 1;
+    /// Monitor allowed new flows too (one event per flow's first packet, within the flow
+    /// bucket's rate). Off by default: the fast path then never reaches the monitor.
+    pub const MONITOR_FLOWS: u32 = 2;
 }
 
 /// Where REMOTE_ROUTES sends a prefix: the node that owns it.
@@ -593,6 +616,286 @@ pub mod policy_ports {
     pub const ANY: u16 = 1;
 }
 
+/// Bytes of the `MONITOR_EVENTS` ring buffer (a power of two, whole pages): about 9,000
+/// events, many times what the agent reads between two wake-ups at the highest rate.
+pub const MONITOR_RING_BYTES: u32 = 512 * 1024;
+/// Default of [`DatapathConfig::monitor_rate`] (events per second per CPU and bucket).
+pub const MONITOR_DEFAULT_RATE: u32 = 1000;
+/// Default of [`DatapathConfig::monitor_burst`].
+pub const MONITOR_DEFAULT_BURST: u32 = 2000;
+
+/// One datapath event for `netctl monitor` (`MONITOR_EVENTS`), as seen where it happened:
+/// after any service translation. 48 bytes, 8-aligned (the ring buffer's record alignment).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorEvent {
+    /// CLOCK_MONOTONIC ns (`bpf_ktime_get_ns`).
+    pub ts_ns: u64,
+    /// The local pod the event is about (the sender; the receiver for ingress policy, and
+    /// for traffic from other nodes or outside); 0.0.0.0 when none is (overlay drops).
+    pub pod: [u8; 4],
+    /// ifindex of the interface the packet arrived on.
+    pub ifindex: u32,
+    /// IPv4 source and destination (ARP: sender and target address).
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// TCP/UDP/SCTP ports (host byte order); ICMP: type and code.
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol (0 for ARP and other non-IPv4 frames).
+    pub proto: u8,
+    /// [`monitor_kind`].
+    pub kind: u8,
+    /// A drop: [`drop_reason`]; a flow: [`verdict`].
+    pub reason: u8,
+    /// [`hook`]: the program that saw it.
+    pub hook: u8,
+    /// Bytes of the packet.
+    pub len: u32,
+    /// Ethertype of the frame (host byte order).
+    pub ethertype: u16,
+    /// TCP flags (0 otherwise).
+    pub tcp_flags: u8,
+    pub _pad: u8,
+    /// A flow into the overlay: the node it was tunnelled to; else 0.0.0.0.
+    pub next_hop: [u8; 4],
+}
+
+/// Values of [`MonitorEvent::kind`].
+pub mod monitor_kind {
+    /// A dropped packet (every drop a counter counts).
+    pub const DROP: u8 = 1;
+    /// The first packet of an allowed new flow (with [`super::config_flags::MONITOR_FLOWS`]).
+    pub const FLOW: u8 = 2;
+}
+
+/// Why a packet was dropped ([`MonitorEvent::reason`], trace verdicts): the per-pod drop
+/// counters' reasons, and the overlay's.
+pub mod drop_reason {
+    pub const MALFORMED: u8 = 1;
+    pub const SPOOFED_MAC: u8 = 2;
+    pub const SPOOFED_IP: u8 = 3;
+    pub const TTL_EXCEEDED: u8 = 4;
+    pub const NO_SLOWPATH: u8 = 5;
+    pub const SERVICE: u8 = 6;
+    pub const POLICY_INGRESS: u8 = 7;
+    pub const POLICY_EGRESS: u8 = 8;
+    /// From another node: the inner source is neither that node nor one of its pods.
+    pub const OVERLAY_SPOOFED: u8 = 9;
+    /// From another node: for neither a local pod nor this node.
+    pub const NO_DESTINATION: u8 = 10;
+    /// Sent from an interface the datapath does not know as a pod's (yet, or any more).
+    pub const UNKNOWN_INTERFACE: u8 = 11;
+
+    /// The name the counters and metrics use for a reason.
+    pub fn name(reason: u8) -> &'static str {
+        match reason {
+            MALFORMED => "malformed",
+            SPOOFED_MAC => "spoofed_mac",
+            SPOOFED_IP => "spoofed_ip",
+            TTL_EXCEEDED => "ttl_exceeded",
+            NO_SLOWPATH => "no_slowpath",
+            SERVICE => "service",
+            POLICY_INGRESS => "policy_ingress",
+            POLICY_EGRESS => "policy_egress",
+            OVERLAY_SPOOFED => "overlay_spoofed",
+            NO_DESTINATION => "no_destination",
+            UNKNOWN_INTERFACE => "unknown_interface",
+            _ => "unknown",
+        }
+    }
+}
+
+/// What the datapath did with a packet it let through ([`MonitorEvent::reason`] of a flow,
+/// the final trace step).
+pub mod verdict {
+    /// Into a local pod (`bpf_redirect_peer`).
+    pub const LOCAL: u8 = 1;
+    /// Into a local pod through its host veth's qdisc (ingress shaped).
+    pub const LOCAL_SHAPED: u8 = 2;
+    /// Encapsulated to another node over the overlay.
+    pub const TUNNEL: u8 = 3;
+    /// Handed to the node's own stack (the host, node addresses, outside the cluster).
+    pub const HOST: u8 = 4;
+    /// Out of the uplink (a reply to a client outside the cluster).
+    pub const UPLINK: u8 = 5;
+    /// To the slow path (vswitch or VPP).
+    pub const SLOW_PATH: u8 = 6;
+    /// Dropped (the trace's final step; the reason in its `port`).
+    pub const DROP: u8 = 7;
+
+    pub fn name(v: u8) -> &'static str {
+        match v {
+            LOCAL => "local",
+            LOCAL_SHAPED => "local_shaped",
+            TUNNEL => "overlay",
+            HOST => "host",
+            UPLINK => "uplink",
+            SLOW_PATH => "slow_path",
+            DROP => "drop",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Values of [`MonitorEvent::hook`]: which program saw the packet.
+pub mod hook {
+    pub const FROM_POD: u8 = 1;
+    pub const FROM_OVERLAY: u8 = 2;
+    pub const FROM_UPLINK: u8 = 3;
+    pub const FROM_VSWITCH: u8 = 4;
+
+    /// The program's name.
+    pub fn name(h: u8) -> &'static str {
+        match h {
+            FROM_POD => super::program_names::FROM_POD,
+            FROM_OVERLAY => super::program_names::FROM_OVERLAY,
+            FROM_UPLINK => super::program_names::FROM_UPLINK,
+            FROM_VSWITCH => super::program_names::FROM_VSWITCH,
+            _ => "unknown",
+        }
+    }
+}
+
+/// Indexes of `MONITOR_RATE`: drops and flows have buckets of their own, so a flood of new
+/// flows never starves the drop events.
+pub mod monitor_bucket {
+    pub const DROPS: u32 = 0;
+    pub const FLOWS: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// A per-CPU token bucket of the monitor (`MONITOR_RATE`), with its counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MonitorBucket {
+    /// Credit in event-nanoseconds: an event costs 10^9, a nanosecond adds `monitor_rate`,
+    /// at most `monitor_burst` events' worth.
+    pub tokens: u64,
+    /// When the credit was last brought up to date (CLOCK_MONOTONIC ns).
+    pub last_ns: u64,
+    /// Events written to the ring buffer.
+    pub emitted: u64,
+    /// Events not emitted: over the rate (the packets were handled and counted as usual).
+    pub suppressed: u64,
+    /// Events within the rate that found the ring buffer full (the agent reads too slowly).
+    pub lost: u64,
+}
+
+/// `skb->mark` of a packet the agent runs through `tc_from_pod` with `BPF_PROG_TEST_RUN`
+/// to trace it. Trace mode also needs `ingress_ifindex` 0, which no packet that really
+/// arrived on an interface has (and a pod's marks are scrubbed crossing into the node).
+pub const TRACE_MARK: u32 = 0xc0de_7ace;
+/// Steps a trace records at most.
+pub const MAX_TRACE_STEPS: usize = 24;
+
+/// One decision of a traced packet ([`trace_step`] says what each field holds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceStep {
+    pub code: u16,
+    pub arg: u16,
+    pub ip: [u8; 4],
+    pub port: u16,
+    pub aux: u16,
+    pub value: u32,
+}
+
+/// What a trace run recorded (`TRACE_STEPS`, on the CPU it ran on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceRecord {
+    /// `cb[0]` of the run, so the agent finds its own record among the CPUs'.
+    pub nonce: u32,
+    /// Steps in use (`steps[..count]`).
+    pub count: u32,
+    pub steps: [TraceStep; MAX_TRACE_STEPS],
+}
+
+impl Default for TraceRecord {
+    fn default() -> Self {
+        Self { nonce: 0, count: 0, steps: [TraceStep::default(); MAX_TRACE_STEPS] }
+    }
+}
+
+/// Codes of [`TraceStep::code`] and what the other fields hold.
+pub mod trace_step {
+    /// The frame's source MAC and IPv4 address (or ARP sender) are the pod's. `ip`: its address.
+    pub const SOURCE_OK: u16 = 1;
+    /// The source is not the pod's: `arg` [`super::drop_reason`] SPOOFED_MAC or SPOOFED_IP,
+    /// `ip`: the claimed address.
+    pub const SOURCE_SPOOFED: u16 = 2;
+    /// Not IPv4 (`arg`: the ethertype; ARP included): the slow path answers it.
+    pub const NOT_IPV4: u16 = 3;
+    /// IPv4 options or a fragment: the slow path handles it.
+    pub const IP_OPTIONS: u16 = 4;
+    /// A header could not be read.
+    pub const MALFORMED: u16 = 5;
+    /// Conntrack knows the flow: `arg` the entry's [`super::ct_flags`], `ip`/`port` its
+    /// rewrite (DNAT or reverse DNAT), `value` its service id. No policy check follows.
+    pub const CT_HIT: u16 = 6;
+    /// Conntrack does not know the flow: a new flow.
+    pub const CT_MISS: u16 = 7;
+    /// The destination (`ip`:`port`) is a backend removed a moment ago: refused.
+    pub const DEAD_BACKEND: u16 = 8;
+    /// A service frontend (`ip`:`port`): `value` the service port id, `arg` its Cluster
+    /// set's size, `aux` its Local set's.
+    pub const SVC_FRONTEND: u16 = 9;
+    /// No service frontend for the destination.
+    pub const SVC_NONE: u16 = 10;
+    /// The source is outside the service's loadBalancerSourceRanges (`value`: service id).
+    pub const SVC_SOURCE_DENIED: u16 = 11;
+    /// No usable backend (`value`: service id, `arg` 1 when the Local set was asked).
+    pub const SVC_NO_BACKEND: u16 = 12;
+    /// The backend chosen (`ip`:`port`): `value` service id, `aux` its ordinal, `arg` bits:
+    /// 1 from the Local set, 2 the client's session affinity.
+    pub const SVC_BACKEND: u16 = 13;
+    /// The source rewritten too (`ip`:`port`), so the reply comes back through here.
+    pub const SVC_SNAT: u16 = 14;
+    /// A NetworkPolicy check: `arg` = direction ([`super::policy_dir`]) | result
+    /// ([`super::trace_policy`]) << 4; `ip` the peer, `port` the port checked, `aux` the
+    /// protocol, `value` the local pod's address (its four bytes). (The agent names the
+    /// entry that decided: the longest POLICY prefix of that pod and direction holding the
+    /// peer.)
+    pub const POLICY: u16 = 15;
+    /// The route for the (translated) destination: `arg` [`super::trace_route`], `ip` the
+    /// destination or the next hop, `value` the interface.
+    pub const ROUTE: u16 = 16;
+    /// The TTL would reach zero.
+    pub const TTL_EXCEEDED: u16 = 17;
+    /// The new flow is recorded in conntrack (not in trace mode: nothing is written).
+    pub const CT_RECORD: u16 = 18;
+    /// The outcome: `arg` [`super::verdict`], `value` the interface it leaves by, `ip` the
+    /// next hop (overlay), `port` the drop reason.
+    pub const VERDICT: u16 = 19;
+    /// The sending interface is no pod's.
+    pub const UNKNOWN_INTERFACE: u16 = 20;
+}
+
+/// Results of a [`trace_step::POLICY`] step.
+pub mod trace_policy {
+    /// The pod is not isolated in that direction: everything is allowed.
+    pub const NOT_ISOLATED: u16 = 0;
+    pub const ALLOWED: u16 = 1;
+    /// No entry matches the peer: denied.
+    pub const NO_MATCH: u16 = 2;
+    /// The matching entry does not allow the protocol and port (or is an except).
+    pub const PORT_DENIED: u16 = 3;
+}
+
+/// Kinds of a [`trace_step::ROUTE`] step.
+pub mod trace_route {
+    pub const LOCAL_POD: u16 = 1;
+    pub const GATEWAY: u16 = 2;
+    pub const VPP: u16 = 3;
+    pub const REMOTE_NODE: u16 = 4;
+    pub const TOO_BIG: u16 = 5;
+    pub const UNKNOWN_LOCAL: u16 = 6;
+    pub const HOST: u16 = 7;
+    pub const UPLINK: u16 = 8;
+    pub const NO_CONFIG: u16 = 9;
+}
+
 /// TCP flag bits of [`CtEntry::tcp_flags`].
 pub mod ct_tcp {
     pub const FIN: u8 = 1;
@@ -629,4 +932,8 @@ mod user {
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PortRange {}
     unsafe impl aya::Pod for super::PolicyPorts {}
+    unsafe impl aya::Pod for super::MonitorEvent {}
+    unsafe impl aya::Pod for super::MonitorBucket {}
+    unsafe impl aya::Pod for super::TraceStep {}
+    unsafe impl aya::Pod for super::TraceRecord {}
 }

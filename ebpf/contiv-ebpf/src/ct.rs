@@ -7,7 +7,7 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use contiv_common::{CtEntry, CtKey};
 
-use crate::maps::CT;
+use crate::{maps::CT, trace::Trace};
 
 /// Refresh `last_seen_ns` at most this often (a write per packet would bounce the line
 /// between CPUs).
@@ -24,12 +24,15 @@ pub fn key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> CtK
     CtKey { src, dst, sport, dport, proto, _pad: [0; 3] }
 }
 
-/// The entry of this direction of a flow, refreshed; copied out.
+/// The entry of this direction of a flow, refreshed (not in a trace); copied out.
 #[inline(always)]
-pub fn lookup(k: &CtKey, tcp_flags: u8) -> Option<CtEntry> {
+pub fn lookup(k: &CtKey, tcp_flags: u8, trace: Trace) -> Option<CtEntry> {
     let e = CT.get_ptr_mut(k)?;
     // SAFETY: a map value pointer; races only lose a refresh.
     let entry = unsafe { &mut *e };
+    if trace.on() {
+        return Some(*entry);
+    }
     let t = now();
     let new_flags = entry.tcp_flags | tcp_flags;
     if t.wrapping_sub(entry.last_seen_ns) > TOUCH_NS || new_flags != entry.tcp_flags {
@@ -39,8 +42,12 @@ pub fn lookup(k: &CtKey, tcp_flags: u8) -> Option<CtEntry> {
     Some(*entry)
 }
 
-/// Records both directions of a new flow.
+/// Records both directions of a new flow (a trace only notes that it would).
 #[inline(always)]
-pub fn create(fwd: &CtKey, fwd_entry: &CtEntry, rev: &CtKey, rev_entry: &CtEntry) -> bool {
+pub fn create(fwd: &CtKey, fwd_entry: &CtEntry, rev: &CtKey, rev_entry: &CtEntry, trace: Trace) -> bool {
+    if trace.on() {
+        trace.note(contiv_common::trace_step::CT_RECORD, fwd_entry.flags);
+        return true;
+    }
     CT.insert(rev, rev_entry, 0).is_ok() && CT.insert(fwd, fwd_entry, 0).is_ok()
 }

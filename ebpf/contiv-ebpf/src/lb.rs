@@ -5,10 +5,13 @@
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use contiv_common::{
     Ipv4Key, SVC_LOCAL_BASE, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey,
-    SvcSourceRange, svc_flags,
+    SvcSourceRange, svc_flags, trace_step,
 };
 
-use crate::maps::{NODE_ADDRS, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_SOURCE_RANGES};
+use crate::{
+    maps::{NODE_ADDRS, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_SOURCE_RANGES},
+    trace::Trace,
+};
 
 /// Whether `ip` is an address of a node of the cluster (NodePorts are served on those).
 #[inline(always)]
@@ -57,9 +60,9 @@ fn backend(svc_id: u32, ordinal: u32) -> Option<SvcBackend> {
 }
 
 /// A backend of the Cluster set, or of the Local set when `local`, for `client` (netns
-/// cookie or IPv4 address).
+/// cookie or IPv4 address). A trace records the choice and leaves affinity alone.
 #[inline(always)]
-pub fn select(fe: &SvcFrontend, local: bool, client: u64, now: u64) -> Option<SvcBackend> {
+pub fn select(fe: &SvcFrontend, local: bool, client: u64, now: u64, trace: Trace) -> Option<SvcBackend> {
     let (count, base) = if local { (fe.local_count, SVC_LOCAL_BASE) } else { (fe.count, 0) };
     if count == 0 {
         return None;
@@ -76,14 +79,18 @@ pub fn select(fe: &SvcFrontend, local: bool, client: u64, now: u64) -> Option<Sv
         && b.ip == a.ip
         && b.port == a.port
     {
-        let fresh = SvcAffinity { last_used_ns: now, ..a };
-        let _ = SVC_AFFINITY.insert(akey, fresh, 0);
+        trace.step(trace_step::SVC_BACKEND, u16::from(local) | 2, b.ip, b.port, (a.ordinal - base) as u16, fe.svc_id);
+        if !trace.on() {
+            let fresh = SvcAffinity { last_used_ns: now, ..a };
+            let _ = SVC_AFFINITY.insert(akey, fresh, 0);
+        }
         return Some(b);
     }
     // SAFETY: plain helper call.
     let ordinal = base + unsafe { bpf_get_prandom_u32() } % u32::from(count);
     let b = backend(fe.svc_id, ordinal)?;
-    if affinity {
+    trace.step(trace_step::SVC_BACKEND, u16::from(local), b.ip, b.port, (ordinal - base) as u16, fe.svc_id);
+    if affinity && !trace.on() {
         let a = SvcAffinity { last_used_ns: now, ordinal, ip: b.ip, port: b.port, _pad: [0; 6] };
         let _ = SVC_AFFINITY.insert(akey, a, 0);
     }

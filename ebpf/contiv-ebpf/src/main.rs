@@ -43,12 +43,14 @@
 mod ct;
 mod lb;
 mod maps;
+mod monitor;
 mod nat;
 mod overlay;
 mod packet;
 mod policy;
 mod sock;
 mod svc;
+mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
@@ -56,43 +58,83 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use contiv_common::{DatapathConfig, PodCounters, PodEndpoint, config_flags, pod_flags, policy_dir};
+use contiv_common::{
+    DatapathConfig, PodCounters, PodEndpoint, config_flags, drop_reason, hook, monitor_bucket, monitor_kind, pod_flags,
+    policy_dir, trace_route, trace_step, verdict as out,
+};
+use core::mem::MaybeUninit;
 use maps::{
     SLOWPATH_XSKS, VPP_XSKS, config, count_overlay, count_slowport, pod, pod_by_ifindex, pod_counters, remote_route,
 };
 use packet::*;
 use policy::Transport;
-use svc::{NewFlow, Origin, Outcome};
+
+use svc::{NewFlow, Origin, outcome};
+use trace::Trace;
 
 /// `skb->pkt_type` for a packet addressed to this host.
 const PACKET_HOST: u32 = 0;
 
-/// What the pod's frame turned out to be.
-enum Verdict {
-    /// Into this local pod.
-    Local(PodEndpoint),
-    /// Tunnel key set: out of the overlay device with this ifindex.
-    Tunnel(u32),
-    /// To the node's own stack (the host, node addresses, outside the cluster).
-    Host,
-    /// A reply to a client outside the cluster: out of the uplink to this ifindex.
-    Uplink(u32),
-    /// Not for the fast path: hand to the vswitch.
-    SlowPath,
-    /// Drop, for this reason.
-    Drop(DropReason),
+/// What the pod's frame turned out to be. A plain struct whose every byte is written (not
+/// an enum with payloads): copying an enum moves bytes its variant never wrote, and LLVM
+/// may store them from any register, which the verifier refuses.
+#[derive(Clone, Copy)]
+struct Verdict {
+    /// [`out`]: LOCAL / LOCAL_SHAPED (into `peer`), TUNNEL (`ifindex` to `node_ip`), HOST,
+    /// UPLINK (`ifindex`), SLOW_PATH, DROP (`reason`; the receiver in `peer.ip` for
+    /// policy_ingress).
+    kind: u8,
+    reason: u8,
+    _pad: [u8; 2],
+    ifindex: u32,
+    node_ip: [u8; 4],
+    peer: PodEndpoint,
 }
 
-enum DropReason {
-    Malformed,
-    SpoofedMac,
-    SpoofedIp,
-    TtlExceeded,
-    Service,
-    /// The sender's egress rules do not allow the new flow.
-    PolicyEgress,
-    /// The local receiver's (this address) ingress rules do not allow the new flow.
-    PolicyIngress([u8; 4]),
+impl Verdict {
+    const NONE: PodEndpoint = PodEndpoint { ip: [0; 4], host_ifindex: 0, mac: [0; 6], flags: 0, _pad: 0 };
+
+    #[inline(always)]
+    const fn new(kind: u8, reason: u8, ifindex: u32, node_ip: [u8; 4], peer: PodEndpoint) -> Self {
+        Self { kind, reason, _pad: [0; 2], ifindex, node_ip, peer }
+    }
+
+    /// Into this local pod (through its veth's qdisc when its ingress is shaped).
+    #[inline(always)]
+    fn local(peer: PodEndpoint) -> Self {
+        let kind = if peer.flags & pod_flags::INGRESS_LIMITED != 0 { out::LOCAL_SHAPED } else { out::LOCAL };
+        Self::new(kind, 0, peer.host_ifindex, [0; 4], peer)
+    }
+
+    /// Tunnel key set: out of the overlay device `ifindex`, to that node.
+    #[inline(always)]
+    fn tunnel(ifindex: u32, node_ip: [u8; 4]) -> Self {
+        Self::new(out::TUNNEL, 0, ifindex, node_ip, Self::NONE)
+    }
+
+    /// To the node's own stack (the host, node addresses, outside the cluster).
+    const HOST: Self = Self::new(out::HOST, 0, 0, [0; 4], Self::NONE);
+
+    /// A reply to a client outside the cluster: out of the uplink `ifindex`.
+    #[inline(always)]
+    fn uplink(ifindex: u32) -> Self {
+        Self::new(out::UPLINK, 0, ifindex, [0; 4], Self::NONE)
+    }
+
+    /// Not for the fast path: hand to the vswitch.
+    const SLOW_PATH: Self = Self::new(out::SLOW_PATH, 0, 0, [0; 4], Self::NONE);
+
+    /// Dropped for this [`drop_reason`].
+    #[inline(always)]
+    fn drop(reason: u8) -> Self {
+        Self::new(out::DROP, reason, 0, [0; 4], Self::NONE)
+    }
+
+    /// Dropped by the ingress rules of the local receiver `ip`.
+    #[inline(always)]
+    fn drop_ingress(ip: [u8; 4]) -> Self {
+        Self::new(out::DROP, drop_reason::POLICY_INGRESS, 0, [0; 4], PodEndpoint { ip, ..Self::NONE })
+    }
 }
 
 /// Into a local pod: straight into its namespace, or through its host veth's qdisc when its
@@ -114,85 +156,151 @@ fn count(c: &mut Option<&'static mut PodCounters>, f: impl FnOnce(&mut PodCounte
     }
 }
 
+/// A monitor event `from_pod` asks for; emitted once it returned (see `tc_from_pod`).
+#[derive(Clone, Copy, Default)]
+struct PendingEvent {
+    bucket: u32,
+    /// `monitor::info`; 0: no event.
+    info: u32,
+    pod: u32,
+    next_hop: u32,
+}
+
+impl PendingEvent {
+    #[inline(always)]
+    fn drop(reason: u8, pod: [u8; 4]) -> Self {
+        Self {
+            bucket: monitor_bucket::DROPS,
+            info: monitor::info(monitor_kind::DROP, reason, hook::FROM_POD),
+            pod: u32::from_ne_bytes(pod),
+            next_hop: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn flow(verdict: u8, pod: [u8; 4], next_hop: [u8; 4]) -> Self {
+        Self {
+            bucket: monitor_bucket::FLOWS,
+            info: monitor::info(monitor_kind::FLOW, verdict, hook::FROM_POD),
+            pod: u32::from_ne_bytes(pod),
+            next_hop: u32::from_ne_bytes(next_hop),
+        }
+    }
+}
+
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
+    // The pod path has its own frame; the monitor's runs after it (on the packet as it
+    // leaves): the two together would not fit the 512 bytes of BPF stack.
+    let mut event = PendingEvent::default();
+    let rc = from_pod(ctx.skb.skb, &mut event);
+    if event.info != 0 {
+        monitor::emit(ctx.skb.skb, event.bucket, event.info, event.pod, event.next_hop);
+    }
+    rc
+}
+
+#[inline(never)]
+fn from_pod(skb: *mut aya_ebpf::bindings::__sk_buff, event: &mut PendingEvent) -> i32 {
+    let ctx = TcContext::new(skb);
+    let trace = Trace::of(&ctx);
     // SAFETY: the context pointer is valid for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(pod) = pod_by_ifindex(ifindex) else {
         // Not a pod interface we know (yet or any more): never let it through.
+        trace.step(trace_step::UNKNOWN_INTERFACE, 0, [0; 4], 0, 0, ifindex);
         return TC_ACT_SHOT;
     };
     let len = u64::from(ctx.skb.len());
-    let verdict = classify_from_pod(&ctx, &pod);
-    let mut counters = pod_counters(pod.ip);
-    match verdict {
-        Verdict::Local(dst) => {
+    let verdict = classify_from_pod(&ctx, &pod, trace, event);
+    // A trace counts nothing.
+    let mut counters = if trace.on() { None } else { pod_counters(pod.ip) };
+    let (code, next_hop) = (verdict.kind, verdict.node_ip);
+    match code {
+        out::LOCAL | out::LOCAL_SHAPED => {
             count(&mut counters, |c| {
                 c.fwd_packets += 1;
                 c.fwd_bytes += len;
             });
+            let dst = verdict.peer;
+            trace.step(trace_step::VERDICT, u16::from(code), dst.ip, 0, 0, dst.host_ifindex);
             deliver(&dst)
         }
-        Verdict::Tunnel(overlay_ifindex) => {
+        out::TUNNEL => {
             count(&mut counters, |c| {
                 c.tunnel_packets += 1;
                 c.tunnel_bytes += len;
             });
+            trace.step(trace_step::VERDICT, u16::from(code), next_hop, 0, 0, verdict.ifindex);
             // SAFETY: plain helper call.
-            unsafe { bpf_redirect(overlay_ifindex, 0) as i32 }
+            unsafe { bpf_redirect(verdict.ifindex, 0) as i32 }
         }
-        Verdict::Host => {
+        out::HOST => {
             count(&mut counters, |c| {
                 c.host_packets += 1;
                 c.host_bytes += len;
             });
+            trace.note(trace_step::VERDICT, u16::from(code));
             // The frame is addressed to the gateway MAC, not the host veth's: without this
             // the stack would see it as for another host and drop it.
             // SAFETY: plain helper call on our own skb.
             unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
             TC_ACT_OK
         }
-        Verdict::Uplink(ifindex) => {
+        out::UPLINK => {
             count(&mut counters, |c| {
                 c.host_packets += 1;
                 c.host_bytes += len;
             });
-            to_uplink(ifindex)
+            trace.step(trace_step::VERDICT, u16::from(code), [0; 4], 0, 0, verdict.ifindex);
+            to_uplink(verdict.ifindex)
         }
-        Verdict::SlowPath => to_slow_path(counters, len),
-        Verdict::Drop(reason) => {
-            count(&mut counters, |c| match reason {
-                DropReason::Malformed => c.drop_malformed += 1,
-                DropReason::SpoofedMac => c.drop_spoofed_mac += 1,
-                DropReason::SpoofedIp => c.drop_spoofed_ip += 1,
-                DropReason::TtlExceeded => c.drop_ttl_exceeded += 1,
-                DropReason::Service => c.drop_service += 1,
-                DropReason::PolicyEgress => c.drop_policy_egress += 1,
-                // Counted on the receiver below.
-                DropReason::PolicyIngress(_) => {}
-            });
-            if let DropReason::PolicyIngress(receiver) = reason {
-                count(&mut pod_counters(receiver), |c| c.drop_policy_ingress += 1);
+        out::SLOW_PATH => {
+            let slowport = config().map(|c| c.slowport_ifindex).unwrap_or(0);
+            if slowport == 0 {
+                let reason = drop_reason::NO_SLOWPATH;
+                trace.step(trace_step::VERDICT, u16::from(out::DROP), [0; 4], u16::from(reason), 0, 0);
+                if !trace.on() {
+                    count(&mut counters, |c| c.drop_no_slowpath += 1);
+                    *event = PendingEvent::drop(reason, pod.ip);
+                }
+                return TC_ACT_SHOT;
             }
+            count(&mut counters, |c| {
+                c.slow_packets += 1;
+                c.slow_bytes += len;
+            });
+            trace.step(trace_step::VERDICT, u16::from(code), [0; 4], 0, 0, slowport);
+            // Out of the host end of the slow-path port; its peer's XDP program feeds the
+            // AF_XDP socket.
+            // SAFETY: plain helper call.
+            unsafe { bpf_redirect(slowport, 0) as i32 }
+        }
+        _ => {
+            let reason = verdict.reason;
+            trace.step(trace_step::VERDICT, u16::from(out::DROP), [0; 4], u16::from(reason), 0, 0);
+            if trace.on() {
+                return TC_ACT_SHOT;
+            }
+            let mut about = pod.ip;
+            match reason {
+                drop_reason::MALFORMED => count(&mut counters, |c| c.drop_malformed += 1),
+                drop_reason::SPOOFED_MAC => count(&mut counters, |c| c.drop_spoofed_mac += 1),
+                drop_reason::SPOOFED_IP => count(&mut counters, |c| c.drop_spoofed_ip += 1),
+                drop_reason::TTL_EXCEEDED => count(&mut counters, |c| c.drop_ttl_exceeded += 1),
+                drop_reason::SERVICE => count(&mut counters, |c| c.drop_service += 1),
+                drop_reason::POLICY_EGRESS => count(&mut counters, |c| c.drop_policy_egress += 1),
+                drop_reason::POLICY_INGRESS => {
+                    // Counted on the receiver.
+                    about = verdict.peer.ip;
+                    count(&mut pod_counters(about), |c| c.drop_policy_ingress += 1);
+                }
+                _ => {}
+            }
+            *event = PendingEvent::drop(reason, about);
             TC_ACT_SHOT
         }
     }
-}
-
-#[inline(always)]
-fn to_slow_path(mut counters: Option<&'static mut PodCounters>, len: u64) -> i32 {
-    let slowport = config().map(|c| c.slowport_ifindex).unwrap_or(0);
-    if slowport == 0 {
-        count(&mut counters, |c| c.drop_no_slowpath += 1);
-        return TC_ACT_SHOT;
-    }
-    count(&mut counters, |c| {
-        c.slow_packets += 1;
-        c.slow_bytes += len;
-    });
-    // Out of the host end of the slow-path port; its peer's XDP program feeds the AF_XDP socket.
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(slowport, 0) as i32 }
 }
 
 /// Out of the uplink, towards a client outside the cluster: the kernel's FIB picks the next
@@ -213,239 +321,298 @@ fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
 }
 
 #[inline(always)]
-fn classify_from_pod(ctx: &TcContext, me: &PodEndpoint) -> Verdict {
+fn classify_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut PendingEvent) -> Verdict {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(eth) = eth(data, data_end) else {
-        return Verdict::Drop(DropReason::Malformed);
+        trace.note(trace_step::MALFORMED, 0);
+        return Verdict::drop(drop_reason::MALFORMED);
     };
+    let spoofed = |reason: u8, ip: [u8; 4]| trace.step(trace_step::SOURCE_SPOOFED, u16::from(reason), ip, 0, 0, 0);
     if eth[6..12] != me.mac {
-        return Verdict::Drop(DropReason::SpoofedMac);
+        spoofed(drop_reason::SPOOFED_MAC, [0; 4]);
+        return Verdict::drop(drop_reason::SPOOFED_MAC);
     }
     let ethertype = ethertype(eth);
     if ethertype == ETH_P_ARP {
         let Some(arp) = arp(data, data_end) else {
-            return Verdict::Drop(DropReason::Malformed);
+            trace.note(trace_step::MALFORMED, 0);
+            return Verdict::drop(drop_reason::MALFORMED);
         };
         // The sender hardware address must be the pod's own, like the frame's source.
         if arp[ARP_SHA_OFF..ARP_SHA_OFF + 6] != me.mac {
-            return Verdict::Drop(DropReason::SpoofedMac);
+            spoofed(drop_reason::SPOOFED_MAC, [0; 4]);
+            return Verdict::drop(drop_reason::SPOOFED_MAC);
         }
         let spa = [arp[ARP_SPA_OFF], arp[ARP_SPA_OFF + 1], arp[ARP_SPA_OFF + 2], arp[ARP_SPA_OFF + 3]];
         // An ARP claiming another pod's address is spoofing, except the
         // all-zero sender of an address probe.
         if spa != me.ip && spa != [0, 0, 0, 0] {
-            return Verdict::Drop(DropReason::SpoofedIp);
+            spoofed(drop_reason::SPOOFED_IP, spa);
+            return Verdict::drop(drop_reason::SPOOFED_IP);
         }
-        return Verdict::SlowPath;
+        trace.step(trace_step::SOURCE_OK, 0, me.ip, 0, 0, 0);
+        trace.note(trace_step::NOT_IPV4, ethertype);
+        return Verdict::SLOW_PATH;
     }
     if ethertype != ETH_P_IP {
-        return Verdict::SlowPath;
+        trace.step(trace_step::SOURCE_OK, 0, me.ip, 0, 0, 0);
+        trace.note(trace_step::NOT_IPV4, ethertype);
+        return Verdict::SLOW_PATH;
     }
     let Some(ip) = ipv4(data, data_end) else {
-        return Verdict::Drop(DropReason::Malformed);
+        trace.note(trace_step::MALFORMED, 0);
+        return Verdict::drop(drop_reason::MALFORMED);
     };
     if src_ip(ip) != me.ip {
-        return Verdict::Drop(DropReason::SpoofedIp);
+        spoofed(drop_reason::SPOOFED_IP, src_ip(ip));
+        return Verdict::drop(drop_reason::SPOOFED_IP);
     }
+    trace.step(trace_step::SOURCE_OK, 0, me.ip, 0, 0, 0);
     if has_options_or_is_fragment(ip) {
-        return Verdict::SlowPath;
+        trace.note(trace_step::IP_OPTIONS, 0);
+        return Verdict::SLOW_PATH;
     }
     let Some(cfg) = config() else {
-        return Verdict::SlowPath;
+        trace.note(trace_step::ROUTE, trace_route::NO_CONFIG);
+        return Verdict::SLOW_PATH;
     };
     let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     // Services and conntrack: may rewrite the packet (its pointers are stale afterwards).
-    let mut first = FirstPacket::Plain;
+    let mut first = FirstPacket::PLAIN;
+    let mut flow = MaybeUninit::<NewFlow>::uninit();
     let mut tcp_flags = 0;
     if let Some(l4) = nat::l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
-        match svc::process(ctx, cfg, src, dst, &l4, Origin::Pod) {
-            Outcome::Untouched => {}
-            Outcome::Tracked { to_uplink: true, .. } => return Verdict::Uplink(cfg.uplink_ifindex),
-            Outcome::Tracked { dst: to, .. } => {
-                dst = to;
-                first = FirstPacket::Tracked;
+        let o = svc::process(ctx, cfg, src, dst, &l4, Origin::Pod, trace, &mut flow);
+        match o.kind {
+            outcome::UNTOUCHED => {}
+            outcome::TRACKED if o.to_uplink != 0 => {
+                trace.step(trace_step::ROUTE, trace_route::UPLINK, dst, 0, 0, cfg.uplink_ifindex);
+                return Verdict::uplink(cfg.uplink_ifindex);
             }
-            Outcome::New { dst: to, flow } => {
-                dst = to;
-                first = FirstPacket::Service(flow);
+            outcome::TRACKED => {
+                dst = o.dst;
+                first = FirstPacket::TRACKED;
             }
-            Outcome::Reject => return Verdict::SlowPath,
-            Outcome::Drop => return Verdict::Drop(DropReason::Service),
+            outcome::NEW => {
+                dst = o.dst;
+                first = FirstPacket::SERVICE;
+            }
+            outcome::REJECT => return Verdict::SLOW_PATH,
+            _ => return Verdict::drop(drop_reason::SERVICE),
         }
-    } else if policy::tracked(&policy::transport(data, data_end, proto), src, dst) {
-        first = FirstPacket::Tracked;
+    } else if policy::tracked(&policy::transport(data, data_end, proto), src, dst, trace) {
+        first = FirstPacket::TRACKED;
     }
-    let verdict = route_from_pod(ctx, cfg, dst);
-    if matches!(first, FirstPacket::Tracked) || matches!(verdict, Verdict::Drop(_)) {
+    let verdict = route_from_pod(ctx, cfg, dst, trace);
+    if first == FirstPacket::TRACKED || verdict.kind == out::DROP {
         return verdict;
     }
     // A new flow: checked as it leaves here (after DNAT, and SNAT for a hairpin): the
     // sender's egress rules, then a local receiver's ingress rules.
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(ip) = packet::ipv4(data, data_end) else {
-        return Verdict::Drop(DropReason::Malformed);
+        trace.note(trace_step::MALFORMED, 0);
+        return Verdict::drop(drop_reason::MALFORMED);
     };
     let (peer_src, t) = (src_ip(ip), policy::transport(data, data_end, proto));
-    if me.flags & pod_flags::EGRESS_ISOLATED != 0 && !policy::allows(me.ip, policy_dir::EGRESS, dst, &t) {
-        return Verdict::Drop(DropReason::PolicyEgress);
+    if !policy::check(me.flags & pod_flags::EGRESS_ISOLATED != 0, me.ip, policy_dir::EGRESS, dst, &t, trace) {
+        return Verdict::drop(drop_reason::POLICY_EGRESS);
     }
-    if let Verdict::Local(peer) = &verdict
-        && peer.flags & pod_flags::INGRESS_ISOLATED != 0
-        && !policy::allows(peer.ip, policy_dir::INGRESS, peer_src, &t)
+    let peer = &verdict.peer;
+    if (verdict.kind == out::LOCAL || verdict.kind == out::LOCAL_SHAPED)
+        && !policy::check(
+            peer.flags & pod_flags::INGRESS_ISOLATED != 0,
+            peer.ip,
+            policy_dir::INGRESS,
+            peer_src,
+            &t,
+            trace,
+        )
     {
-        return Verdict::Drop(DropReason::PolicyIngress(peer.ip));
+        return Verdict::drop_ingress(peer.ip);
     }
-    if !first.commit(src, dst, &t, tcp_flags) {
-        return Verdict::Drop(DropReason::Service);
+    if !first.commit(src, dst, &t, tcp_flags, &flow, trace) {
+        return Verdict::drop(drop_reason::SERVICE);
+    }
+    if !trace.on() && cfg.flags & config_flags::MONITOR_FLOWS != 0 {
+        *event = PendingEvent::flow(verdict.kind, me.ip, verdict.node_ip);
     }
     verdict
 }
 
 /// What conntrack said about a packet before routing.
-enum FirstPacket {
-    /// Its flow is tracked: established or a reply; no policy check.
-    Tracked,
-    /// The first packet of a flow no service translated.
-    Plain,
-    /// The first packet of a service flow, translated; recorded once allowed.
-    Service(NewFlow),
-}
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FirstPacket(u8);
 
 impl FirstPacket {
+    /// Its flow is tracked: established or a reply; no policy check.
+    const TRACKED: Self = Self(0);
+    /// The first packet of a flow no service translated.
+    const PLAIN: Self = Self(1);
+    /// The first packet of a service flow, translated (its entries in the run's
+    /// `NewFlow`); recorded once allowed.
+    const SERVICE: Self = Self(2);
+
     /// Records an allowed new flow (`dst`: after DNAT). False only if a service flow could
     /// not be recorded (its reply could not be translated back: drop it); a plain flow that
     /// could not be recorded goes on and its next packet is checked again.
     #[inline(always)]
-    fn commit(&self, src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) -> bool {
+    fn commit(
+        self,
+        src: [u8; 4],
+        dst: [u8; 4],
+        t: &Transport,
+        tcp_flags: u8,
+        flow: &MaybeUninit<NewFlow>,
+        trace: Trace,
+    ) -> bool {
         match self {
-            FirstPacket::Tracked => true,
-            FirstPacket::Plain => {
-                policy::track(src, dst, t, tcp_flags);
+            FirstPacket::TRACKED => true,
+            FirstPacket::PLAIN => {
+                policy::track(src, dst, t, tcp_flags, trace);
                 true
             }
-            FirstPacket::Service(flow) => svc::commit(flow),
+            // SAFETY: SERVICE is set only where the service stage wrote the flow.
+            _ => svc::commit(unsafe { flow.assume_init_ref() }, trace),
         }
     }
 }
 
 /// Where a pod's packet for `dst` goes (after any service rewrite).
 #[inline(always)]
-fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4]) -> Verdict {
+fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], trace: Trace) -> Verdict {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
-        return Verdict::Drop(DropReason::Malformed);
+        trace.note(trace_step::MALFORMED, 0);
+        return Verdict::drop(drop_reason::MALFORMED);
     };
+    let route = |kind: u16, ip: [u8; 4], ifindex: u32| trace.step(trace_step::ROUTE, kind, ip, 0, 0, ifindex);
     if dst == cfg.gateway_ip {
-        return Verdict::SlowPath;
+        route(trace_route::GATEWAY, dst, cfg.slowport_ifindex);
+        return Verdict::SLOW_PATH;
     }
     if let Some(peer) = pod(dst) {
+        route(trace_route::LOCAL_POD, dst, peer.host_ifindex);
         if !decrement_ttl(ip) {
-            return Verdict::Drop(DropReason::TtlExceeded);
+            trace.note(trace_step::TTL_EXCEEDED, 0);
+            return Verdict::drop(drop_reason::TTL_EXCEEDED);
         }
         // L2 rewrite: from the gateway to the destination pod.
         eth[0..6].copy_from_slice(&peer.mac);
         eth[6..12].copy_from_slice(&cfg.gateway_mac);
-        return Verdict::Local(peer);
+        return Verdict::local(peer);
     }
     if (cfg.flags & config_flags::VPP_UPLINK) != 0 {
         // VPP owns the wire: it routes (and decrements the TTL) for everything leaving here.
-        return Verdict::SlowPath;
+        route(trace_route::VPP, dst, cfg.slowport_ifindex);
+        return Verdict::SLOW_PATH;
     }
     let overlay = cfg.overlay_ifindex;
     if overlay != 0
-        && let Some(route) = remote_route(dst)
+        && let Some(r) = remote_route(dst)
     {
         // Too big for the tunnel: the slow path answers "fragmentation needed" (the
         // datapath never fragments).
         if !fits_mtu(ctx, overlay) {
-            return Verdict::SlowPath;
+            route(trace_route::TOO_BIG, r.node_ip, overlay);
+            return Verdict::SLOW_PATH;
         }
+        route(trace_route::REMOTE_NODE, r.node_ip, overlay);
         if !decrement_ttl(ip) {
-            return Verdict::Drop(DropReason::TtlExceeded);
+            trace.note(trace_step::TTL_EXCEEDED, 0);
+            return Verdict::drop(drop_reason::TTL_EXCEEDED);
         }
         eth[6..12].copy_from_slice(&cfg.gateway_mac);
-        if !overlay::set_tunnel(ctx, route.node_ip, cfg.vni) {
-            return Verdict::Drop(DropReason::Malformed);
+        if !overlay::set_tunnel(ctx, r.node_ip, cfg.vni) {
+            trace.note(trace_step::MALFORMED, 0);
+            return Verdict::drop(drop_reason::MALFORMED);
         }
-        return Verdict::Tunnel(overlay);
+        return Verdict::tunnel(overlay, r.node_ip);
     }
     if in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {
         // An address of this node's pod subnet that no pod holds.
-        return Verdict::SlowPath;
+        route(trace_route::UNKNOWN_LOCAL, dst, cfg.slowport_ifindex);
+        return Verdict::SLOW_PATH;
     }
-    Verdict::Host
+    route(trace_route::HOST, dst, 0);
+    Verdict::HOST
+}
+
+/// A drop by the overlay's ingress: counted on the device, and a monitor event.
+#[inline(always)]
+fn overlay_drop(ctx: &TcContext, reason: u8, f: impl FnOnce(&mut contiv_common::OverlayCounters)) -> i32 {
+    count_overlay(f);
+    monitor::drop(ctx, reason, hook::FROM_OVERLAY, [0; 4]);
+    TC_ACT_SHOT
 }
 
 #[classifier]
 pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let len = u64::from(ctx.skb.len());
     let Some(sender) = overlay::tunnel_remote(&ctx) else {
-        count_overlay(|c| c.rx_malformed += 1);
-        return TC_ACT_SHOT;
+        return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
-        count_overlay(|c| c.rx_malformed += 1);
-        return TC_ACT_SHOT;
+        return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
     if ethertype(eth) != ETH_P_IP {
-        count_overlay(|c| c.rx_malformed += 1);
-        return TC_ACT_SHOT;
+        return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     }
     // Anti-spoofing across nodes: the inner source must be the sending node itself or one
     // of its pods (REMOTE_ROUTES maps both to that node's address).
     if remote_route(src_ip(ip)).map(|r| r.node_ip) != Some(sender) {
-        count_overlay(|c| c.rx_spoofed += 1);
-        return TC_ACT_SHOT;
+        return overlay_drop(&ctx, drop_reason::OVERLAY_SPOOFED, |c| c.rx_spoofed += 1);
     }
     let Some(cfg) = config() else {
-        count_overlay(|c| c.rx_no_destination += 1);
-        return TC_ACT_SHOT;
+        return overlay_drop(&ctx, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1);
     };
     let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     let t = policy::transport(data, data_end, proto);
     // Replies of flows this node NAT'ed (a client here, or outside through this node), and
     // every flow conntrack knows.
-    let mut first = FirstPacket::Plain;
+    let mut first = FirstPacket::PLAIN;
     let mut tcp_flags = 0;
+    // The sending node balanced the flow: nothing new is translated here.
+    let mut unused = MaybeUninit::<NewFlow>::uninit();
     if let Some(l4) = nat::l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
-        match svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay) {
-            Outcome::Tracked { to_uplink: true, .. } => return to_uplink(cfg.uplink_ifindex),
-            Outcome::Tracked { dst: to, .. } => {
-                dst = to;
-                first = FirstPacket::Tracked;
+        let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay, Trace::OFF, &mut unused);
+        match o.kind {
+            outcome::TRACKED if o.to_uplink != 0 => return to_uplink(cfg.uplink_ifindex),
+            outcome::TRACKED => {
+                dst = o.dst;
+                first = FirstPacket::TRACKED;
             }
-            Outcome::Untouched => {}
-            // The sending node balanced the flow; nothing is translated here.
-            Outcome::New { .. } | Outcome::Reject | Outcome::Drop => {
-                count_overlay(|c| c.rx_malformed += 1);
-                return TC_ACT_SHOT;
-            }
+            outcome::UNTOUCHED => {}
+            _ => return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1),
         }
-    } else if policy::tracked(&t, src, dst) {
-        first = FirstPacket::Tracked;
+    } else if policy::tracked(&t, src, dst, Trace::OFF) {
+        first = FirstPacket::TRACKED;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
-        count_overlay(|c| c.rx_malformed += 1);
-        return TC_ACT_SHOT;
+        return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
     if let Some(pod) = pod(dst) {
         // A new flow from another node: the receiver's ingress rules, on its own node.
-        if !matches!(first, FirstPacket::Tracked) {
+        if first != FirstPacket::TRACKED {
             if pod.flags & pod_flags::INGRESS_ISOLATED != 0 && !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
                 if let Some(c) = pod_counters(dst) {
                     c.drop_policy_ingress += 1;
                 }
+                monitor::drop(&ctx, drop_reason::POLICY_INGRESS, hook::FROM_OVERLAY, dst);
                 return TC_ACT_SHOT;
             }
-            first.commit(src, dst, &t, tcp_flags);
+            first.commit(src, dst, &t, tcp_flags, &unused, Trace::OFF);
+            if cfg.flags & config_flags::MONITOR_FLOWS != 0 {
+                let code = if pod.flags & pod_flags::INGRESS_LIMITED != 0 { out::LOCAL_SHAPED } else { out::LOCAL };
+                monitor::flow(&ctx, code, hook::FROM_OVERLAY, dst, [0; 4]);
+            }
         }
         if !decrement_ttl(ip) {
-            count_overlay(|c| c.rx_malformed += 1);
-            return TC_ACT_SHOT;
+            return overlay_drop(&ctx, drop_reason::TTL_EXCEEDED, |c| c.rx_malformed += 1);
         }
         eth[0..6].copy_from_slice(&pod.mac);
         eth[6..12].copy_from_slice(&cfg.gateway_mac);
@@ -462,8 +629,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
         return TC_ACT_OK;
     }
-    count_overlay(|c| c.rx_no_destination += 1);
-    TC_ACT_SHOT
+    overlay_drop(&ctx, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1)
 }
 
 #[classifier]
@@ -509,6 +675,7 @@ pub fn tc_from_vswitch(ctx: TcContext) -> i32 {
         if let Some(c) = pod_counters(dst) {
             c.drop_policy_ingress += 1;
         }
+        monitor::drop(&ctx, drop_reason::POLICY_INGRESS, hook::FROM_VSWITCH, dst);
         return TC_ACT_SHOT;
     }
     if let Some(c) = pod_counters(dst) {
@@ -535,14 +702,14 @@ fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
     }
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     let t = policy::transport(data, data_end, proto);
-    if policy::tracked(&t, src, dst) {
+    if policy::tracked(&t, src, dst, Trace::OFF) {
         return true;
     }
     if !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
         return false;
     }
     let tcp_flags = nat::l4(data, data_end, proto).map_or(0, |l4| l4.tcp_flags);
-    policy::track(src, dst, &t, tcp_flags);
+    policy::track(src, dst, &t, tcp_flags, Trace::OFF);
     true
 }
 
@@ -569,13 +736,14 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TC_ACT_OK;
     };
-    let (dst, flow) = match svc::process(&ctx, cfg, src, dst_ip(ip), &l4, Origin::Uplink) {
-        Outcome::Untouched => return from_outside_to_pod(&ctx, src, dst_ip(ip), proto, l4.tcp_flags, true),
+    let mut flow = MaybeUninit::<NewFlow>::uninit();
+    let o = svc::process(&ctx, cfg, src, dst_ip(ip), &l4, Origin::Uplink, Trace::OFF, &mut flow);
+    match o.kind {
+        outcome::UNTOUCHED => return from_outside_to_pod(&ctx, src, dst_ip(ip), proto, l4.tcp_flags, true),
         // Tracked but not translated: a flow the node's stack routes (to a pod, or the node).
-        Outcome::Tracked { rewritten: false, .. } => return TC_ACT_OK,
-        Outcome::Tracked { dst, .. } => (dst, None),
-        Outcome::New { dst, flow } => (dst, Some(flow)),
-        Outcome::Reject => {
+        outcome::TRACKED if o.rewritten == 0 => return TC_ACT_OK,
+        outcome::TRACKED | outcome::NEW => {}
+        outcome::REJECT => {
             // The vswitch answers (RST / port unreachable); its reply leaves by the uplink.
             if cfg.slowport_ifindex == 0 {
                 return TC_ACT_SHOT;
@@ -583,10 +751,13 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             // SAFETY: plain helper call.
             return unsafe { bpf_redirect(cfg.slowport_ifindex, 0) as i32 };
         }
-        Outcome::Drop => return TC_ACT_SHOT,
-    };
+        _ => return TC_ACT_SHOT,
+    }
+    let dst = o.dst;
     let local = pod(dst);
-    if let Some(flow) = &flow {
+    if o.kind == outcome::NEW {
+        // SAFETY: the service stage wrote the flow (NEW).
+        let flow = unsafe { flow.assume_init_ref() };
         // A new flow from outside to a backend here: its ingress rules (a backend on another
         // node is checked there, against this node's address when the flow was SNAT'ed).
         if let Some(backend) = &local
@@ -597,10 +768,11 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
                 if let Some(c) = pod_counters(dst) {
                     c.drop_policy_ingress += 1;
                 }
+                monitor::drop(&ctx, drop_reason::POLICY_INGRESS, hook::FROM_UPLINK, dst);
                 return TC_ACT_SHOT;
             }
         }
-        if !svc::commit(flow) {
+        if !svc::commit(flow, Trace::OFF) {
             return TC_ACT_SHOT;
         }
     }
@@ -646,16 +818,17 @@ fn from_outside_to_pod(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, t
         return TC_ACT_OK;
     };
     let t = policy::transport(ctx.data(), ctx.data_end(), proto);
-    if !untracked && policy::tracked(&t, src, dst) {
+    if !untracked && policy::tracked(&t, src, dst, Trace::OFF) {
         return TC_ACT_OK;
     }
     if pod.flags & pod_flags::INGRESS_ISOLATED != 0 && !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
         if let Some(c) = pod_counters(dst) {
             c.drop_policy_ingress += 1;
         }
+        monitor::drop(ctx, drop_reason::POLICY_INGRESS, hook::FROM_UPLINK, dst);
         return TC_ACT_SHOT;
     }
-    policy::track(src, dst, &t, tcp_flags);
+    policy::track(src, dst, &t, tcp_flags, Trace::OFF);
     TC_ACT_OK
 }
 

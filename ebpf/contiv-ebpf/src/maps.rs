@@ -2,15 +2,15 @@
 //! value types come from `contiv-common`; the agent pins each map under its name.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, XskMap, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, XskMap, lpm_trie::Key},
     macros::btf_map,
 };
 use contiv_common::{
     CtEntry, CtKey, DatapathConfig, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_NODE_ADDRS, MAX_PODS, MAX_POLICY_ENTRIES,
     MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS,
-    MapName, NodeAddr, OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute,
-    SlowPortCounters, SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters,
-    SvcFrontend, SvcKey, SvcSourceRange,
+    MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent, NodeAddr, OverlayCounters, PodCounters, PodEndpoint,
+    PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey,
+    SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange, TraceRecord, monitor_bucket,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -77,6 +77,18 @@ pub static DEAD_BACKENDS: HashMap<SvcKey, u8, { MAX_DEAD_BACKENDS as usize }> = 
 /// NetworkPolicy: (local pod, direction, peer prefix) -> what is allowed (see `policy.rs`).
 #[btf_map]
 pub static POLICY: LpmTrie<PolicyKey, PolicyPorts, { MAX_POLICY_ENTRIES as usize }> = LpmTrie::new();
+
+/// Monitor events for the agent (see `monitor.rs`).
+#[btf_map]
+pub static MONITOR_EVENTS: RingBuf<MonitorEvent, { MONITOR_RING_BYTES as usize }> = RingBuf::new();
+
+/// The monitor's per-CPU token buckets and counters, one per kind of event.
+#[btf_map]
+pub static MONITOR_RATE: PerCpuArray<MonitorBucket, { monitor_bucket::COUNT as usize }> = PerCpuArray::new();
+
+/// What a traced run of `tc_from_pod` decided (see `trace.rs`).
+#[btf_map]
+pub static TRACE_STEPS: PerCpuArray<TraceRecord, 1> = PerCpuArray::new();
 
 /// Written by the agent only (layout versions); declared here so the object carries it.
 #[btf_map]

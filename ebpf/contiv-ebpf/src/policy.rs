@@ -20,13 +20,16 @@
 //! allowed flow. Other ICMP, and protocols without ports, need a rule without ports.
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
-use contiv_common::{CtEntry, CtKey, MAX_POLICY_PORT_RANGES, PolicyKey, policy_ports};
+use contiv_common::{
+    CtEntry, CtKey, MAX_POLICY_PORT_RANGES, PolicyKey, PolicyPorts, policy_ports, trace_policy, trace_step,
+};
 
 use crate::{
     ct,
     maps::{CT, POLICY},
     nat::{IPPROTO_TCP, IPPROTO_UDP, L4_OFF},
     packet::ptr_at,
+    trace::Trace,
 };
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -117,14 +120,18 @@ fn icmp(data: usize, data_end: usize) -> Transport {
 /// Whether conntrack knows the packet's flow (no policy check then), for packets the
 /// service stage did not look up (it handles TCP and UDP): ICMP and SCTP.
 #[inline(always)]
-pub fn tracked(t: &Transport, src: [u8; 4], dst: [u8; 4]) -> bool {
-    match *t {
-        Transport::Ports { proto, sport, dport } => ct::lookup(&ct::key(src, dst, sport, dport, proto), 0).is_some(),
-        Transport::Echo { id } => ct::lookup(&ct::key(src, dst, id, id, IPPROTO_ICMP), 0).is_some(),
+pub fn tracked(t: &Transport, src: [u8; 4], dst: [u8; 4], trace: Trace) -> bool {
+    let hit = match *t {
+        Transport::Ports { proto, sport, dport } => {
+            ct::lookup(&ct::key(src, dst, sport, dport, proto), 0, trace).is_some()
+        }
+        Transport::Echo { id } => ct::lookup(&ct::key(src, dst, id, id, IPPROTO_ICMP), 0, trace).is_some(),
         // SAFETY: read-only lookup, not refreshed (an error is not traffic of the flow).
         Transport::Related(k) => unsafe { CT.get(k) }.is_some(),
         _ => false,
-    }
+    };
+    trace.note(if hit { trace_step::CT_HIT } else { trace_step::CT_MISS }, 0);
+    hit
 }
 
 /// Whether the rules of `pod` for `direction` allow a new flow with `peer`.
@@ -135,6 +142,11 @@ pub fn allows(pod: [u8; 4], direction: u8, peer: [u8; 4], t: &Transport) -> bool
     let Some(p) = POLICY.get(&key) else {
         return false;
     };
+    ports_allow(p, proto, port)
+}
+
+#[inline(always)]
+fn ports_allow(p: &PolicyPorts, proto: u8, port: u16) -> bool {
     if p.flags & policy_ports::ANY != 0 {
         return true;
     }
@@ -151,11 +163,42 @@ pub fn allows(pod: [u8; 4], direction: u8, peer: [u8; 4], t: &Transport) -> bool
     false
 }
 
+/// A policy check as the datapath makes it (`isolated`: the pod's isolation bit for
+/// `direction`); a trace records the result (the agent names the entry that decided).
+#[inline(always)]
+pub fn check(isolated: bool, pod: [u8; 4], direction: u8, peer: [u8; 4], t: &Transport, trace: Trace) -> bool {
+    let ok = !isolated || allows(pod, direction, peer, t);
+    if trace.on() {
+        let result = if !isolated {
+            trace_policy::NOT_ISOLATED
+        } else if ok {
+            trace_policy::ALLOWED
+        } else if POLICY
+            .get(&Key::new(PolicyKey::FIXED_BITS + 32, PolicyKey { pod, direction, _pad: [0; 3], peer }))
+            .is_none()
+        {
+            trace_policy::NO_MATCH
+        } else {
+            trace_policy::PORT_DENIED
+        };
+        let (proto, port) = t.rule_match();
+        trace.step(
+            trace_step::POLICY,
+            u16::from(direction) | result << 4,
+            peer,
+            port,
+            u16::from(proto),
+            u32::from_ne_bytes(pod),
+        );
+    }
+    ok
+}
+
 /// Records an allowed flow that no service stage translated: both directions, no rewrite,
 /// so its later packets and its replies pass on one conntrack lookup. False if the map
 /// refused (the packet goes on; its next packet is checked again).
 #[inline(always)]
-pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) -> bool {
+pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, trace: Trace) -> bool {
     let (proto, sport, dport) = match *t {
         Transport::Ports { proto, sport, dport } => (proto, sport, dport),
         Transport::Echo { id } => (IPPROTO_ICMP, id, id),
@@ -164,5 +207,5 @@ pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) -> bool {
     let now = ct::now();
     let fwd = CtEntry { last_seen_ns: now, tcp_flags, ..CtEntry::default() };
     let rev = CtEntry { last_seen_ns: now, ..CtEntry::default() };
-    ct::create(&ct::key(src, dst, sport, dport, proto), &fwd, &ct::key(dst, src, dport, sport, proto), &rev)
+    ct::create(&ct::key(src, dst, sport, dport, proto), &fwd, &ct::key(dst, src, dport, sport, proto), &rev, trace)
 }

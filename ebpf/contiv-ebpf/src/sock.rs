@@ -86,7 +86,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // From inside the cluster every backend is usable (a pod reaching a load-balancer IP
     // must succeed even where externalTrafficPolicy Local has no local backend), except
     // ClusterIP traffic under internalTrafficPolicy Local.
-    let Some(b) = lb::select(&fe, lb::internal_local(&fe), netns, now()) else {
+    let Some(b) = lb::select(&fe, lb::internal_local(&fe), netns, now(), crate::trace::Trace::OFF) else {
         count_svc(fe.svc_id, |c| c.no_backend += 1);
         // No endpoint at all: "connection refused" at once. Only local ones missing
         // (internalTrafficPolicy Local): the traffic is dropped by design; fail the call.

@@ -9,13 +9,16 @@
 //! to NodePorts, externalIPs and load-balancer IPs (through the uplink), and replies of all
 //! of these.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, programs::TcContext};
-use contiv_common::{CtEntry, CtKey, DatapathConfig, SvcKey, ct_flags, svc_flags};
+use contiv_common::{CtEntry, CtKey, DatapathConfig, SvcKey, ct_flags, svc_flags, trace_step};
 
 use crate::{
     ct, lb,
     maps::{DEAD_BACKENDS, count_svc},
     nat::{self, End, L4},
+    trace::Trace,
 };
 
 /// Where the packet entered the node's datapath.
@@ -30,7 +33,8 @@ pub enum Origin {
     Uplink,
 }
 
-/// A new service flow's conntrack entries, not yet recorded.
+/// A new service flow's conntrack entries, not yet recorded. The caller provides the room
+/// (one per program run: copying 96 bytes around would not fit the BPF stack).
 pub struct NewFlow {
     pub fwd_key: CtKey,
     pub fwd: CtEntry,
@@ -38,23 +42,49 @@ pub struct NewFlow {
     pub rev: CtEntry,
 }
 
-/// What the service stage did.
-pub enum Outcome {
+/// What the service stage did: [`outcome`] `kind`, and for TRACKED and NEW the destination
+/// the packet now has. A plain struct with every byte written, not an enum with payloads:
+/// LLVM copies the bytes a variant never wrote from whatever register, which the verifier
+/// refuses (it did in `tc_from_uplink`).
+#[derive(Clone, Copy)]
+pub struct Outcome {
+    pub kind: u8,
+    /// TRACKED: the packet was rewritten as its entry asked.
+    pub rewritten: u8,
+    /// TRACKED: a reply to a client outside (it leaves by the uplink).
+    pub to_uplink: u8,
+    pub _pad: u8,
+    pub dst: [u8; 4],
+}
+
+/// Values of [`Outcome::kind`].
+pub mod outcome {
     /// Not a service flow, and conntrack does not know it: route by the original
     /// destination (a new flow: policy decides).
-    Untouched,
+    pub const UNTOUCHED: u8 = 0;
     /// Conntrack knows the flow (an established packet or a reply): route to `dst`, after
-    /// the rewrite its entry asked for (`rewritten`); `to_uplink` when it is a reply to a
-    /// client outside. Allowed without a policy check.
-    Tracked { dst: [u8; 4], rewritten: bool, to_uplink: bool },
-    /// A new service flow, rewritten to its backend `dst`. The caller checks policy against
-    /// the backend, then records the flow with [`commit`] (or drops the packet).
-    New { dst: [u8; 4], flow: NewFlow },
+    /// the rewrite its entry asked for. Allowed without a policy check.
+    pub const TRACKED: u8 = 1;
+    /// A new service flow, rewritten to its backend `dst`; its entries are in the caller's
+    /// [`super::NewFlow`]. The caller checks policy against the backend, then records the
+    /// flow with [`super::commit`] (or drops the packet).
+    pub const NEW: u8 = 2;
     /// The slow path refuses it (no endpoint, a removed backend): "connection refused".
-    Reject,
+    pub const REJECT: u8 = 3;
     /// Dropped (no local endpoint under a Local traffic policy, a source outside
     /// loadBalancerSourceRanges, a failed rewrite).
-    Drop,
+    pub const DROP: u8 = 4;
+}
+
+impl Outcome {
+    #[inline(always)]
+    const fn of(kind: u8) -> Self {
+        Self { kind, rewritten: 0, to_uplink: 0, _pad: 0, dst: [0; 4] }
+    }
+
+    pub const UNTOUCHED: Self = Self::of(outcome::UNTOUCHED);
+    pub const REJECT: Self = Self::of(outcome::REJECT);
+    pub const DROP: Self = Self::of(outcome::DROP);
 }
 
 /// Ports SNAT'ed flows use on the node address: above the kernel's ephemeral range
@@ -62,24 +92,47 @@ pub enum Outcome {
 const SNAT_PORT_MIN: u16 = 61000;
 const SNAT_PORTS: u32 = 4536;
 
+/// A trace records each decision and writes nothing (no counter, no affinity).
 #[inline(always)]
-pub fn process(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4], l4: &L4, origin: Origin) -> Outcome {
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined into each program; a struct of them would be one more copy on a full BPF stack"
+)]
+pub fn process(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    src: [u8; 4],
+    dst: [u8; 4],
+    l4: &L4,
+    origin: Origin,
+    trace: Trace,
+    flow: &mut MaybeUninit<NewFlow>,
+) -> Outcome {
     // 1. Conntrack: an established or reply packet of a NAT'ed flow.
     let k = ct::key(src, dst, l4.sport, l4.dport, l4.proto);
-    if let Some(e) = ct::lookup(&k, l4.tcp_flags) {
+    if let Some(e) = ct::lookup(&k, l4.tcp_flags, trace) {
+        trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
         return match apply(ctx, &e, src, dst, l4) {
-            Some((to, to_uplink)) => Outcome::Tracked { dst: to, rewritten: e.flags != 0, to_uplink },
-            None => Outcome::Drop,
+            Some((to, to_uplink)) => Outcome {
+                kind: outcome::TRACKED,
+                rewritten: u8::from(e.flags != 0),
+                to_uplink: u8::from(to_uplink),
+                _pad: 0,
+                dst: to,
+            },
+            None => Outcome::DROP,
         };
     }
+    trace.note(trace_step::CT_MISS, 0);
     if origin == Origin::Overlay {
-        return Outcome::Untouched;
+        return Outcome::UNTOUCHED;
     }
     // 2. A backend removed a moment ago: refuse rather than let the client hang.
     let dead = SvcKey { ip: dst, port: l4.dport, proto: l4.proto, _pad: 0 };
     // SAFETY: read-only lookup.
     if origin == Origin::Pod && unsafe { DEAD_BACKENDS.get(dead) }.is_some() {
-        return Outcome::Reject;
+        trace.step(trace_step::DEAD_BACKEND, 0, dst, l4.dport, u16::from(l4.proto), 0);
+        return Outcome::REJECT;
     }
     // 3. A service frontend?
     let wildcard = match origin {
@@ -87,27 +140,35 @@ pub fn process(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]
         _ => lb::is_node_addr(dst),
     };
     let Some(fe) = lb::frontend(dst, l4.dport, l4.proto, wildcard) else {
-        return Outcome::Untouched;
+        trace.note(trace_step::SVC_NONE, 0);
+        return Outcome::UNTOUCHED;
     };
+    trace.step(trace_step::SVC_FRONTEND, fe.count, dst, l4.dport, fe.local_count, fe.svc_id);
     let external = fe.flags & (svc_flags::NODE_PORT | svc_flags::EXTERNAL_IP) != 0;
     if origin == Origin::Uplink && !external {
         // Cluster IPs are not served to the outside.
-        return Outcome::Untouched;
+        return Outcome::UNTOUCHED;
     }
     if !lb::source_allowed(&fe, src) {
-        count_svc(fe.svc_id, |c| c.source_denied += 1);
-        return Outcome::Drop;
+        trace.step(trace_step::SVC_SOURCE_DENIED, 0, src, 0, 0, fe.svc_id);
+        if !trace.on() {
+            count_svc(fe.svc_id, |c| c.source_denied += 1);
+        }
+        return Outcome::DROP;
     }
     let local = match origin {
         Origin::Uplink => fe.flags & svc_flags::ETP_LOCAL != 0,
         _ => lb::internal_local(&fe),
     };
     let now = ct::now();
-    let Some(b) = lb::select(&fe, local, u64::from(u32::from_ne_bytes(src)), now) else {
-        count_svc(fe.svc_id, |c| c.no_backend += 1);
+    let Some(b) = lb::select(&fe, local, u64::from(u32::from_ne_bytes(src)), now, trace) else {
+        trace.step(trace_step::SVC_NO_BACKEND, u16::from(local), dst, l4.dport, 0, fe.svc_id);
+        if !trace.on() {
+            count_svc(fe.svc_id, |c| c.no_backend += 1);
+        }
         // No endpoint at all: refused. No local one under a Local policy: dropped (a load
         // balancer's health check steers clients elsewhere; a refusal would look final).
-        return if fe.count == 0 { Outcome::Reject } else { Outcome::Drop };
+        return if fe.count == 0 { Outcome::REJECT } else { Outcome::DROP };
     };
     // 4. The source too, where the reply would not pass back through this node otherwise.
     let (mut snat_ip, mut snat_port) = (src, l4.sport);
@@ -126,16 +187,19 @@ pub fn process(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]
         let mut free = false;
         for _ in 0..4 {
             let rk = ct::key(b.ip, snat_ip, b.port, port, l4.proto);
-            if ct::lookup(&rk, 0).is_none() {
+            if ct::lookup(&rk, 0, trace).is_none() {
                 free = true;
                 break;
             }
             port = if port == u16::MAX { SNAT_PORT_MIN } else { port + 1 };
         }
         if !free {
-            return Outcome::Drop;
+            return Outcome::DROP;
         }
         snat_port = port;
+    }
+    if snat {
+        trace.step(trace_step::SVC_SNAT, 0, snat_ip, snat_port, 0, fe.svc_id);
     }
     let mut flags = ct_flags::DNAT;
     let mut rflags = ct_flags::REV_DNAT;
@@ -172,19 +236,24 @@ pub fn process(ctx: &TcContext, cfg: &DatapathConfig, src: [u8; 4], dst: [u8; 4]
         _pad2: 0,
     };
     match apply(ctx, &fwd, src, dst, l4) {
-        Some((to, _)) => Outcome::New { dst: to, flow: NewFlow { fwd_key: k, fwd, rev_key, rev } },
-        None => Outcome::Drop,
+        Some((to, _)) => {
+            flow.write(NewFlow { fwd_key: k, fwd, rev_key, rev });
+            Outcome { kind: outcome::NEW, rewritten: 1, to_uplink: 0, _pad: 0, dst: to }
+        }
+        None => Outcome::DROP,
     }
 }
 
 /// Records a new service flow that policy allowed. False if the map refused (the packet
-/// must then be dropped: its reply could not be translated back).
+/// must then be dropped: its reply could not be translated back). A trace records nothing.
 #[inline(always)]
-pub fn commit(flow: &NewFlow) -> bool {
-    if !ct::create(&flow.fwd_key, &flow.fwd, &flow.rev_key, &flow.rev) {
+pub fn commit(flow: &NewFlow, trace: Trace) -> bool {
+    if !ct::create(&flow.fwd_key, &flow.fwd, &flow.rev_key, &flow.rev, trace) {
         return false;
     }
-    count_svc(flow.fwd.svc_id, |c| c.connections += 1);
+    if !trace.on() {
+        count_svc(flow.fwd.svc_id, |c| c.connections += 1);
+    }
     true
 }
 

@@ -277,6 +277,8 @@ impl Datapath {
             // The agent rewrites these at start (configuration, its own sockets); rebuilt.
             // (VPP_XSKS: VPP registers its socket again when it re-creates its interface.)
             (map_names::CONFIG | map_names::SLOWPATH_XSKS | map_names::VPP_XSKS, _) => {}
+            // Transient: events in flight, rate buckets (they refill), trace records.
+            (map_names::MONITOR_EVENTS | map_names::MONITOR_RATE | map_names::TRACE_STEPS, _) => {}
             _ => log::warn!("map {name}: no migration from layout v{from_version}; rebuilt empty"),
         }
         Ok(())
@@ -730,5 +732,49 @@ mod tests {
         assert_eq!(v2.tunnel_packets, 0);
         // v1's value was exactly eleven u64s, the prefix of v2's.
         assert_eq!(std::mem::size_of::<[u64; 11]>(), std::mem::offset_of!(PodCounters, tunnel_packets));
+    }
+}
+
+/// The kernel's verifier accepts every program, with room to spare (root only).
+#[cfg(test)]
+mod verifier {
+    use aya::programs::Program;
+
+    use super::*;
+
+    #[test]
+    fn every_program_loads_well_within_the_verifier_limit() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading BPF programs needs root");
+            return;
+        }
+        // Fresh maps, pinned nowhere: only the programs matter here.
+        let mut ebpf = EbpfLoader::new().map_max_entries(map_names::CT, 1024).load(EBPF_OBJECT).expect("the object");
+        let mut report = vec![];
+        for (name, prog) in ebpf.programs_mut() {
+            let loaded = match prog {
+                Program::SchedClassifier(p) => p.load(),
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::Xdp(p) => p.load(),
+                _ => continue,
+            };
+            let insns = loaded.and_then(|()| prog.info()).map(|i| i.verified_instruction_count().unwrap_or(0));
+            report.push((name.to_owned(), insns.map_err(|e| format!("{e:?}"))));
+        }
+        let mut failed = vec![];
+        for (name, r) in &report {
+            match r {
+                // The limit is 1,000,000; verification time (the agent's start) grows with it.
+                Ok(insns) if *insns < 500_000 => eprintln!("{name}: {insns} instructions verified"),
+                Ok(insns) => failed.push(format!("{name} needs {insns} verified instructions")),
+                Err(e) => {
+                    eprintln!("{name}: {e}");
+                    failed.push(format!("{name}: {}", &e[e.len().saturating_sub(1500)..]));
+                }
+            }
+        }
+        assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+        assert!(report.iter().any(|(n, _)| n == program_names::FROM_POD));
     }
 }

@@ -256,11 +256,15 @@ impl Proxy {
     }
 }
 
-/// Removes both directions of every flow NAT'ed to one of `backends`.
+/// Removes both directions of every flow to one of `backends`: NAT'ed to it by the packet
+/// path, or addressed to it already (a socket balanced at connect(), tracked by policy
+/// without a rewrite); the flow's next packet then meets the dead-backend refusal.
 fn flush_backends(dp: &mut Datapath, backends: &BTreeSet<(Ipv4Addr, u16, u8)>) -> Result<usize, DatapathError> {
     let mut n = 0;
     for (k, e) in dp.ct_entries()? {
-        if e.flags & ct_flags::DNAT != 0 && backends.contains(&(Ipv4Addr::from(e.nat_ip), e.nat_port, k.proto)) {
+        let nat = e.flags & ct_flags::DNAT != 0 && backends.contains(&(Ipv4Addr::from(e.nat_ip), e.nat_port, k.proto));
+        let plain = e.flags == 0 && backends.contains(&(Ipv4Addr::from(k.dst), k.dport, k.proto));
+        if nat || plain {
             dp.ct_delete(ct_pair(&k, &e))?;
             dp.ct_delete(k)?;
             n += 1;

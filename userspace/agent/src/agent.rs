@@ -38,7 +38,9 @@ use crate::{
     uplink::{Overlay, Uplink},
 };
 
+mod inspect;
 mod services;
+pub use inspect::{MonitorTotals, ProgramReport, TraceError, TraceReport};
 pub use services::{BackendReport, FrontendReport, ServicesReport};
 
 /// CNI errors go back to the runtime in-band (code per the CNI spec).
@@ -95,6 +97,8 @@ pub struct Agent {
     skipped_logged: std::sync::Mutex<std::collections::BTreeSet<String>>,
     last_apply: std::sync::Mutex<Option<crate::proxy::ApplyStats>>,
     last_gc: std::sync::Mutex<Option<crate::proxy::GcStats>>,
+    /// The datapath event stream's clients and counters (`GET /monitor`).
+    monitor: Arc<crate::monitor::Monitor>,
 }
 
 /// A pod as `contiv-agent pods` / the API shows it.
@@ -387,6 +391,7 @@ impl Agent {
             vpp_uplink: vpp_mode,
             uplink_ifindex: uplink.as_ref().map_or(0, |u| u.ifindex),
             netns_cookie,
+            monitor: config.monitor,
         };
         let service_params = crate::services::ServiceParams {
             node_name: config.node_name.clone(),
@@ -424,6 +429,7 @@ impl Agent {
         };
 
         let applier = Applier::new(node.clone());
+        let monitor = crate::monitor::Monitor::new(config.monitor);
         let agent = Arc::new(Self {
             config,
             uplink,
@@ -449,6 +455,7 @@ impl Agent {
             skipped_logged: Default::default(),
             last_apply: Default::default(),
             last_gc: Default::default(),
+            monitor,
         });
         agent.reconcile().await.context("bringing the dataplane in line with the node's pods")?;
         {

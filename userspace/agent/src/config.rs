@@ -65,7 +65,39 @@ struct RawConfig {
     uplink: Option<Uplink>,
     vpp: Option<VppConfig>,
     services: Option<ServicesConfig>,
+    monitor: Option<MonitorConfig>,
 }
+
+/// `[monitor]`: the datapath event stream (`GET /monitor`, `netctl monitor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct MonitorConfig {
+    /// Events each CPU may emit per second, drops and flows each (default 1000; 0: no
+    /// events). Beyond it events are not emitted but counted as suppressed; forwarding and
+    /// the drop counters are unaffected.
+    pub rate: u32,
+    /// Events a CPU may emit at once after a quiet spell (default 2000).
+    pub burst: u32,
+    /// Also emit an event for every allowed new flow's first packet (default false: the
+    /// forwarding path then never reaches the monitor).
+    pub flows: bool,
+    /// Streams served at once (default 16); more are refused with 503.
+    pub max_clients: u32,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            rate: contiv_common::MONITOR_DEFAULT_RATE,
+            burst: contiv_common::MONITOR_DEFAULT_BURST,
+            flows: false,
+            max_clients: 16,
+        }
+    }
+}
+
+/// The largest `[monitor] rate` and `burst` (events per second per CPU).
+pub const MAX_MONITOR_RATE: u32 = 1_000_000;
 
 /// `[services]`: the kube-proxy replacement.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -250,6 +282,8 @@ pub struct AgentConfig {
     pub vpp: VppConfig,
     /// The `[services]` section: the kube-proxy replacement.
     pub services: ServicesConfig,
+    /// The `[monitor]` section: the datapath event stream.
+    pub monitor: MonitorConfig,
 }
 
 pub const DEFAULT_POD_SUBNET: &str = "10.1.1.0/24";
@@ -408,6 +442,25 @@ impl AgentConfig {
         if [t.tcp_established, t.tcp_syn, t.tcp_closing, t.udp, t.icmp].contains(&0) {
             return Err(ConfigError::Invalid("[services] timeouts must be at least 1 second".into()));
         }
+        let monitor = raw.monitor.unwrap_or_default();
+        if monitor.rate > MAX_MONITOR_RATE {
+            return Err(ConfigError::Invalid(format!(
+                "[monitor] rate {} out of range 0..={MAX_MONITOR_RATE} (events per second per CPU)",
+                monitor.rate
+            )));
+        }
+        if !(1..=MAX_MONITOR_RATE).contains(&monitor.burst) {
+            return Err(ConfigError::Invalid(format!(
+                "[monitor] burst {} out of range 1..={MAX_MONITOR_RATE}",
+                monitor.burst
+            )));
+        }
+        if !(1..=1024).contains(&monitor.max_clients) {
+            return Err(ConfigError::Invalid(format!(
+                "[monitor] maxClients {} out of range 1..=1024",
+                monitor.max_clients
+            )));
+        }
         let overlay = OverlayConfig {
             ifname: ifname_check(raw.overlay_ifname, "cvx0", "overlayIfname")?,
             vni: raw.vxlan_vni.unwrap_or(1),
@@ -485,6 +538,7 @@ impl AgentConfig {
             masquerade: raw.masquerade.unwrap_or(true),
             allow_private_bpffs: raw.allow_private_bpffs.unwrap_or(false),
             services,
+            monitor,
             cni_socket,
             state_dir,
             bpf_pin_dir,
@@ -589,6 +643,23 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn monitor_section_defaults_and_bounds() {
+        let c = AgentConfig::from_toml("").unwrap();
+        assert_eq!(c.monitor, MonitorConfig { rate: 1000, burst: 2000, flows: false, max_clients: 16 });
+        let c = AgentConfig::from_toml("[monitor]\nrate = 0\nflows = true\n").unwrap();
+        assert_eq!((c.monitor.rate, c.monitor.flows, c.monitor.burst), (0, true, 2000));
+        for (text, field) in [
+            ("[monitor]\nrate = 1000001\n", "rate"),
+            ("[monitor]\nburst = 0\n", "burst"),
+            ("[monitor]\nmaxClients = 0\n", "maxClients"),
+        ] {
+            let e = AgentConfig::from_toml(text).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+        assert!(AgentConfig::from_toml("[monitor]\nrates = 5\n").is_err(), "unknown fields are refused");
+    }
 
     #[test]
     fn empty_file_gives_documented_defaults() {

@@ -38,7 +38,9 @@ use contiv_common::{
 };
 use ipnet::Ipv4Net;
 
+mod inspect;
 mod services;
+pub use inspect::{MonitorCounters, MonitorMaps, TraceRun, sum_buckets, tcx_ingress_programs};
 pub use services::{SOCK_PROGRAMS, cgroup2_root};
 
 /// The compiled eBPF object, built by build.rs from ebpf/contiv-ebpf.

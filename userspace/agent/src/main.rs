@@ -168,6 +168,10 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             healer.heal_slowpath().await;
         }
     }));
+    // The datapath event stream's reader (netctl monitor).
+    if let Some(task) = agent.spawn_monitor(stop_rx.clone()).await {
+        background.push(task);
+    }
     let status_agent = agent.clone();
     let status_metrics = metrics.clone();
     let mut status_stop = stop_rx;

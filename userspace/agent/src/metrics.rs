@@ -10,6 +10,9 @@
 //! - slow-path verdicts by reason: `contiv_slowpath_verdicts_total{verdict, reason}`
 //!   (`reply`: arp, icmp_echo; `drop`: every `DropReason`), the AF_XDP port's counters and
 //!   the slow-path port programs' counters;
+//! - the monitor's events by kind (`drop`, `flow`): `contiv_monitor_events_total`
+//!   (streamed), `contiv_monitor_events_suppressed_total` (over the rate: not emitted),
+//!   `contiv_monitor_events_lost_total` (the ring buffer was full);
 //! - latency histograms: `contiv_cni_request_duration_seconds{command, code}` (code 0 is
 //!   success, else the CNI error code) and `contiv_store_request_duration_seconds{op,
 //!   outcome}` (see `contiv_store::metrics`).
@@ -28,7 +31,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::agent::{CountersReport, PodReport, ServicesReport, SlowPathReport};
+use crate::agent::{CountersReport, MonitorTotals, PodReport, ServicesReport, SlowPathReport};
 
 /// Labels of one CNI request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -80,7 +83,13 @@ impl AgentMetrics {
 
     /// The OpenMetrics text for this scrape: the histograms, and the datapath and slow-path
     /// counters from `pods` and `slowpath` (read just now from the maps and the vswitch).
-    pub fn render(&self, pods: Vec<PodReport>, slowpath: SlowPathReport, services: Option<ServicesReport>) -> String {
+    pub fn render(
+        &self,
+        pods: Vec<PodReport>,
+        slowpath: SlowPathReport,
+        services: Option<ServicesReport>,
+        monitor: Option<MonitorTotals>,
+    ) -> String {
         let mut registry = Registry::default();
         registry.register_with_unit(
             "contiv_cni_request_duration",
@@ -89,7 +98,7 @@ impl AgentMetrics {
             self.cni.clone(),
         );
         self.store.register(&mut registry);
-        registry.register_collector(Box::new(Snapshot { pods, slowpath, services }));
+        registry.register_collector(Box::new(Snapshot { pods, slowpath, services, monitor }));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
             log::error!("encoding metrics: {e}");
@@ -104,6 +113,7 @@ struct Snapshot {
     pods: Vec<PodReport>,
     slowpath: SlowPathReport,
     services: Option<ServicesReport>,
+    monitor: Option<MonitorTotals>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -307,6 +317,28 @@ impl Collector for Snapshot {
                 ],
             )?;
         }
+        if let Some(m) = &self.monitor {
+            for (name, help, get) in [
+                (
+                    "contiv_monitor_events",
+                    "Datapath events written for the monitor, by kind",
+                    (|c| c.emitted) as fn(&crate::datapath::MonitorCounters) -> u64,
+                ),
+                (
+                    "contiv_monitor_events_suppressed",
+                    "Datapath events not emitted because they exceeded the monitor's rate (the packets were \
+                     handled and counted as usual), by kind",
+                    |c| c.suppressed,
+                ),
+                (
+                    "contiv_monitor_events_lost",
+                    "Datapath events the monitor's ring buffer had no room for, by kind",
+                    |c| c.lost,
+                ),
+            ] {
+                counter_family(&mut encoder, name, help, m.iter().map(|(kind, c)| ([("kind", *kind)], get(c))))?;
+            }
+        }
         Ok(())
     }
 }
@@ -357,7 +389,10 @@ mod tests {
                 from_vswitch_no_pod: 1,
             }),
         };
-        let text = m.render(vec![pod("shop", "web-0", 42), pod("", "", 1)], slow, None);
+        let monitor =
+            MonitorTotals::from([("drop", crate::datapath::MonitorCounters { emitted: 5, suppressed: 7, lost: 0 })]);
+        let text = m.render(vec![pod("shop", "web-0", 42), pod("", "", 1)], slow, None, Some(monitor));
+        assert!(text.contains("contiv_monitor_events_suppressed_total{kind=\"drop\"} 7"), "{text}");
         let l = lines(&text);
         for want in [
             "contiv_pod_forwarded_packets_total{namespace=\"shop\",pod=\"web-0\",interface=\"eth0\"} 42",

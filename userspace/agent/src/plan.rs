@@ -55,6 +55,9 @@ pub struct NodeParams {
     pub uplink_ifindex: u32,
     /// The cookie of the node's own network namespace (0 = unknown).
     pub netns_cookie: u64,
+    /// The monitor's event rate and burst per CPU, and whether allowed new flows are
+    /// monitored too (`[monitor]`).
+    pub monitor: crate::config::MonitorConfig,
 }
 
 /// NODE_NETNS value of a pod's namespace.
@@ -155,8 +158,11 @@ pub fn plan<'a>(
             overlay_ifindex: node.overlay.as_ref().map_or(0, |o| o.ifindex),
             vni: node.overlay.as_ref().map_or(0, |o| o.vni),
             node_ip: node.overlay.as_ref().map_or([0; 4], |o| o.node_ip.octets()),
-            flags: if node.vpp_uplink { config_flags::VPP_UPLINK } else { 0 },
+            flags: if node.vpp_uplink { config_flags::VPP_UPLINK } else { 0 }
+                | if node.monitor.flows { config_flags::MONITOR_FLOWS } else { 0 },
             uplink_ifindex: node.uplink_ifindex,
+            monitor_rate: node.monitor.rate,
+            monitor_burst: node.monitor.burst,
             ..Default::default()
         },
         ..Default::default()
@@ -236,6 +242,7 @@ mod tests {
             vpp_uplink: false,
             uplink_ifindex: 0,
             netns_cookie: 0,
+            monitor: Default::default(),
         }
     }
 

@@ -8,11 +8,24 @@
 //!   counters, services left out and why, healthCheckNodePorts, conntrack fill;
 //! - `GET /vswitch`  slow-path counters: vswitch verdicts by reason, AF_XDP port, slow-path port programs;
 //! - `GET /policies` what NetworkPolicy the node enforces for each pod, read from the maps;
+//! - `GET /monitor`  a live stream of datapath events (NDJSON, one object per line: `hello`,
+//!   `event`, `suppressed`, `lost`, `lagged`); `?pod=NS/NAME` only events of that pod,
+//!   `?drops=1` only drops (see `monitor`);
+//! - `GET /trace?from=NS/NAME&to=IP:PORT/PROTO[&fromIp=IP]` (or `POST /trace` with that as
+//!   a JSON object): what `tc_from_pod` does with such a packet from that pod, and why,
+//!   computed by the kernel running the program in trace mode (see `trace`);
 //! - `GET /metrics`  the same counters and request latencies for Prometheus (see `metrics`).
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
 
 use crate::{agent::Agent, metrics::AgentMetrics};
 
@@ -28,6 +41,8 @@ pub fn router(agent: Arc<Agent>, metrics: Arc<AgentMetrics>) -> Router {
         .route("/node", get(node))
         .route("/policies", get(policies))
         .route("/services", get(services))
+        .route("/monitor", get(monitor))
+        .route("/trace", get(trace_get).post(trace_post))
         .route("/metrics", get(metrics_text))
         .with_state((agent, metrics))
 }
@@ -62,9 +77,74 @@ async fn vswitch(State((agent, _)): State<Shared>) -> impl IntoResponse {
     Json(agent.slowpath_report().await)
 }
 
+/// `GET /monitor` parameters.
+#[derive(Debug, Default, serde::Deserialize)]
+struct MonitorQuery {
+    /// `namespace/name`: only events of that pod (it must run on this node).
+    pod: Option<String>,
+    /// `1` or `true`: only drops.
+    drops: Option<String>,
+}
+
+async fn monitor(State((agent, _)): State<Shared>, Query(q): Query<MonitorQuery>) -> Response {
+    let drops = matches!(q.drops.as_deref(), Some("1" | "true" | "yes" | ""));
+    let filter = match agent.monitor_filter(q.pod.as_deref(), drops).await {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+    };
+    let mut what = vec![];
+    if let Some(p) = q.pod.as_deref().filter(|p| !p.is_empty()) {
+        what.push(format!("pod={p}"));
+    }
+    if drops {
+        what.push("drops".into());
+    }
+    let hello = agent.monitor_hello(&what.join(","));
+    match agent.monitor().subscribe(filter, hello) {
+        Ok(stream) => {
+            ([("content-type", "application/x-ndjson"), ("cache-control", "no-store")], Body::from_stream(stream))
+                .into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `/trace` parameters (query string or JSON body).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TraceQuery {
+    from: Option<String>,
+    to: Option<String>,
+    from_ip: Option<String>,
+}
+
+async fn trace_get(State((agent, _)): State<Shared>, Query(q): Query<TraceQuery>) -> Response {
+    trace(&agent, q).await
+}
+
+async fn trace_post(State((agent, _)): State<Shared>, Json(q): Json<TraceQuery>) -> Response {
+    trace(&agent, q).await
+}
+
+async fn trace(agent: &Agent, q: TraceQuery) -> Response {
+    let (Some(from), Some(to)) = (q.from.as_deref(), q.to.as_deref()) else {
+        return (StatusCode::BAD_REQUEST, "from=NAMESPACE/NAME and to=IP:PORT/PROTO are required\n").into_response();
+    };
+    let req = match crate::trace::TraceRequest::parse(from, to, q.from_ip.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    match agent.trace(&req).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e @ crate::agent::TraceError::NotHere { .. }) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
 async fn metrics_text(State((agent, metrics)): State<Shared>) -> impl IntoResponse {
     let services = agent.config().services.enabled.then_some(agent.services_report().await);
-    let text = metrics.render(agent.pods().await, agent.slowpath_report().await, services);
+    let text =
+        metrics.render(agent.pods().await, agent.slowpath_report().await, services, Some(agent.monitor_totals()));
     ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 

@@ -1,0 +1,318 @@
+//! The operator tools' side of the agent: the monitor's reader and pod names, and traces
+//! (`GET /monitor`, `GET /trace`; `netctl monitor`, `netctl trace`).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use contiv_common::trace_step;
+use serde::Serialize;
+
+use super::Agent;
+use crate::{
+    config::parse_mac,
+    datapath::DatapathError,
+    monitor::{Directory, Filter, Monitor, Notice, PodName},
+    trace::{self, Outcome, PacketReport, StepReport, TraceRequest},
+};
+
+/// Why a trace could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The pod does not run on this node (or has no interface yet).
+    #[error("no pod {pod} is attached on node {node}{hint}")]
+    NotHere { pod: String, node: String, hint: String },
+    /// The datapath refused the run or a map read.
+    #[error("running the trace: {0}")]
+    Datapath(#[from] DatapathError),
+}
+
+/// What `GET /trace` answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceReport {
+    pub node: String,
+    /// The sending pod (`namespace/name`), its address and interface.
+    pub from: String,
+    pub pod_ip: Ipv4Addr,
+    pub interface: String,
+    pub ifindex: u32,
+    /// The destination as asked (`IP:PORT/PROTO`).
+    pub to: String,
+    /// The packet made up and run through the program.
+    pub packet: PacketReport,
+    pub program: ProgramReport,
+    pub steps: Vec<StepReport>,
+    /// The program's return code and its name.
+    pub return_code: u32,
+    pub action: &'static str,
+    pub outcome: Outcome,
+    pub drop_reason: Option<&'static str>,
+    /// One sentence.
+    pub verdict: String,
+    /// The packet as the program left it (translated, TTL decremented, MACs rewritten).
+    pub packet_out: Option<PacketReport>,
+    pub notes: Vec<String>,
+}
+
+/// Which program ran.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgramReport {
+    pub name: &'static str,
+    pub id: u32,
+    /// Whether that very program is attached to the pod's interface now.
+    pub attached: bool,
+}
+
+static TRACE_NONCE: AtomicU32 = AtomicU32::new(1);
+
+impl Agent {
+    /// The monitor (its channel, settings and counters).
+    pub fn monitor(&self) -> &Arc<Monitor> {
+        &self.monitor
+    }
+
+    /// Starts the monitor's reader; it runs until `stop`. `None` (logged) if the
+    /// datapath's monitor maps cannot be had.
+    pub async fn spawn_monitor(
+        self: &Arc<Self>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let maps = match self.inner.lock().await.datapath.monitor_maps() {
+            Ok(m) => m,
+            Err(e) => {
+                log::error!("monitor: {e}; `netctl monitor` will show no events");
+                return None;
+            }
+        };
+        Some(tokio::spawn(crate::monitor::run(self.monitor.clone(), maps, self.clone(), stop)))
+    }
+
+    /// Every pod address this node can name: its attachments (with their interfaces) and
+    /// the pods of the cluster model.
+    pub async fn pod_directory(&self) -> Directory {
+        let mut dir = Directory::new();
+        if let Some(model) = self.model.get()
+            && let Ok(m) = model.read()
+        {
+            for p in m.pods() {
+                for ip in &p.ips {
+                    if let IpAddr::V4(v4) = ip {
+                        dir.insert(*v4, PodName { id: format!("{}/{}", p.namespace, p.name), interface: None });
+                    }
+                }
+            }
+        }
+        let inner = self.inner.lock().await;
+        for a in inner.state.attachments() {
+            let id = if a.pod_name.is_empty() {
+                a.container_id.clone()
+            } else {
+                format!("{}/{}", a.pod_namespace, a.pod_name)
+            };
+            dir.insert(a.ip, PodName { id, interface: Some(a.host_ifname.clone()) });
+        }
+        dir
+    }
+
+    /// A client's filter: `pod` (`namespace/name`) must run on this node.
+    pub async fn monitor_filter(&self, pod: Option<&str>, drops_only: bool) -> Result<Filter, String> {
+        let Some(pod) = pod.filter(|p| !p.is_empty()) else {
+            return Ok(Filter { pod_ip: None, drops_only });
+        };
+        let Some((ns, name)) = pod.split_once('/') else {
+            return Err(format!("pod {pod:?}: expected NAMESPACE/NAME"));
+        };
+        let inner = self.inner.lock().await;
+        let ip = inner.state.attachments().find(|a| a.pod_namespace == ns && a.pod_name == name).map(|a| a.ip);
+        match ip {
+            Some(ip) => Ok(Filter { pod_ip: Some(ip), drops_only }),
+            None => {
+                Err(format!("no pod {pod} is attached on node {}{}", self.config.node_name, self.pod_hint(ns, name)))
+            }
+        }
+    }
+
+    /// The first line of a monitor stream.
+    pub fn monitor_hello(&self, filter: &str) -> Notice {
+        let m = self.monitor.config();
+        Notice::Hello {
+            node: self.config.node_name.clone(),
+            rate_per_cpu: m.rate,
+            burst: m.burst,
+            flows: m.flows,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            filter: filter.to_owned(),
+        }
+    }
+
+    /// ` (it runs on node N)` when the cluster model knows where the pod is.
+    fn pod_hint(&self, ns: &str, name: &str) -> String {
+        let Some(model) = self.model.get() else { return String::new() };
+        let Ok(m) = model.read() else { return String::new() };
+        m.pods()
+            .find(|p| p.namespace == ns && p.name == name)
+            .and_then(|p| p.node_name.clone())
+            .map(|n| format!(" (it runs on node {n})"))
+            .unwrap_or_default()
+    }
+
+    /// Runs the pod's `tc_from_pod` on a packet to `req.to` in trace mode and explains
+    /// what it did. Changes no state.
+    pub async fn trace(&self, req: &TraceRequest) -> Result<TraceReport, TraceError> {
+        let directory = self.pod_directory().await;
+        let pod_id = format!("{}/{}", req.namespace, req.name);
+        let nonce = (TRACE_NONCE.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() << 20)) | 1;
+        let guard = self.inner.lock().await;
+        let inner = &*guard;
+        let Some(a) = inner
+            .state
+            .attachments()
+            .find(|a| a.complete && a.host_ifindex != 0 && a.pod_namespace == req.namespace && a.pod_name == req.name)
+            .cloned()
+        else {
+            return Err(TraceError::NotHere {
+                pod: pod_id,
+                node: self.config.node_name.clone(),
+                hint: self.pod_hint(&req.namespace, &req.name),
+            });
+        };
+        let src = req.from_ip.unwrap_or(a.ip);
+        // An ephemeral port (or ICMP identifier) of the trace's own, never 0.
+        let sport = 32768 + (nonce % 28_000) as u16;
+        let packet = trace::build_packet(
+            parse_mac(&a.pod_mac).unwrap_or_default(),
+            self.config.gateway_mac,
+            src,
+            sport,
+            &req.to,
+        );
+        // The run and every map read below happen under the node lock: one trace at a time,
+        // and the maps do not change under it.
+        let run = inner.datapath.trace_from_pod(a.host_ifindex, &packet, nonce)?;
+        let attached = crate::datapath::tcx_ingress_programs(&a.host_ifname)
+            .map(|ids| ids.contains(&run.program_id))
+            .unwrap_or(false);
+
+        let mut names = trace::Names {
+            slow_path: if self.slowpath.vpp().is_some() { "VPP" } else { "vswitch" },
+            ..Default::default()
+        };
+        names.pods = directory.iter().map(|(ip, p)| (*ip, p.id.clone())).collect();
+        for b in inner.state.attachments() {
+            names.interfaces.insert(b.host_ifindex, b.host_ifname.clone());
+        }
+        if let Some(o) = &self.overlay {
+            names.interfaces.insert(o.ifindex, o.ifname.clone());
+        }
+        if let Some(u) = &self.uplink {
+            names.interfaces.insert(u.ifindex, u.ifname.clone());
+        }
+        names.interfaces.insert(self.params.slowport_ifindex, self.config.slowpath_host_ifname.clone());
+        for r in &inner.registrations {
+            if let Some(ip) = r.uplink_ip {
+                names.nodes.insert(ip, r.name.clone());
+            }
+        }
+        for (id, p) in &inner.proxy.plan().ports {
+            let port = if p.port_name.is_empty() { String::new() } else { format!(":{}", p.port_name) };
+            names.services.insert(*id, format!("service {}/{}{port} ({})", p.namespace, p.name, p.protocol));
+        }
+        // Which POLICY entry decided each check: the longest prefix of that pod and direction
+        // holding the peer, as the trie's lookup found it.
+        let checks: Vec<_> = run.steps.iter().filter_map(trace::policy_step_key).collect();
+        if !checks.is_empty() {
+            let entries = inner.datapath.policy_entries()?;
+            for key @ (pod, direction, peer) in checks {
+                let best = entries
+                    .iter()
+                    .filter(|(k, _)| k.pod == pod && k.direction == direction && k.peer.contains(&peer))
+                    .max_by_key(|(k, _)| k.peer.prefix_len());
+                if let Some((k, v)) = best {
+                    names.policy.insert(key, (k.peer, crate::policy::PortSet::from_value(v).describe()));
+                }
+            }
+        }
+        drop(guard);
+
+        let steps: Vec<StepReport> = run.steps.iter().map(|s| trace::describe(s, &names, a.ip)).collect();
+        let (outcome, drop_reason, verdict) = trace::conclude(&run.steps, run.return_code, &names);
+        let mut notes = vec![];
+        let has = |code: u16| run.steps.iter().any(|s| s.code == code);
+        if has(trace_step::SVC_FRONTEND) && req.to.proto == trace::IPPROTO_TCP {
+            notes.push(
+                "a pod's TCP connection to a service is balanced at connect() by the socket programs (same maps, \
+                 same choice), so its packets leave the pod already translated; shown is what this program does \
+                 with a packet that reaches it untranslated"
+                    .into(),
+            );
+        }
+        if run.steps.iter().any(|s| s.code == trace_step::SVC_BACKEND && s.arg & 2 == 0)
+            && run.steps.iter().any(|s| s.code == trace_step::SVC_FRONTEND && s.arg > 1)
+        {
+            notes.push("the backend is chosen at random per new flow: another run may show another one".into());
+        }
+        if outcome == Outcome::Forwarded {
+            notes.push(
+                "the receiving pod's ingress rules are checked on its own node when the packet arrives there".into(),
+            );
+        }
+        if !attached {
+            notes.push(format!(
+                "the program attached to {} is not this agent's {} (id {}): the agent may be re-attaching it",
+                a.host_ifname,
+                contiv_common::program_names::FROM_POD,
+                run.program_id
+            ));
+        }
+        notes.push("nothing was written: no conntrack or affinity entry, no counter, no monitor event".into());
+        Ok(TraceReport {
+            node: self.config.node_name.clone(),
+            from: pod_id,
+            pod_ip: a.ip,
+            interface: a.host_ifname.clone(),
+            ifindex: a.host_ifindex,
+            to: req.to.to_string(),
+            packet: PacketReport::parse(&packet).expect("the packet built is IPv4"),
+            program: ProgramReport { name: contiv_common::program_names::FROM_POD, id: run.program_id, attached },
+            steps,
+            return_code: run.return_code,
+            action: trace::action(run.return_code),
+            outcome,
+            drop_reason,
+            verdict,
+            packet_out: PacketReport::parse(&run.packet_out),
+            notes,
+        })
+    }
+}
+
+impl crate::monitor::Names for Agent {
+    async fn directory(&self) -> Directory {
+        self.pod_directory().await
+    }
+
+    fn maybe_pod(&self, ip: Ipv4Addr) -> bool {
+        self.config.pod_subnet_cidr.contains(&ip)
+    }
+}
+
+/// Monitor counters in report form (for `/node` and metrics).
+pub type MonitorTotals = BTreeMap<&'static str, crate::datapath::MonitorCounters>;
+
+impl Agent {
+    /// The monitor's counters by kind, as last read.
+    pub fn monitor_totals(&self) -> MonitorTotals {
+        let c = self.monitor.counters();
+        BTreeMap::from([
+            ("drop", c[contiv_common::monitor_bucket::DROPS as usize]),
+            ("flow", c[contiv_common::monitor_bucket::FLOWS as usize]),
+        ])
+    }
+}

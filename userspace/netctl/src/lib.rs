@@ -6,9 +6,11 @@
 //! - [`apply`] / [`delete`]: write or remove the objects' keys.
 //! - [`get`]: tables (or JSON) of nodes, pods, services, endpoints, policies, IPAM.
 //! - [`node`]: what a node's agent enforces, read from its maps (`get policies --node`).
+//! - [`inspect`]: a node's datapath live through its agent (`monitor`, `trace`).
 
 pub mod agent;
 pub mod get;
+pub mod inspect;
 pub mod manifest;
 pub mod node;
 

@@ -66,6 +66,54 @@ enum Command {
         #[arg(long, default_value_t = 9192)]
         status_port: u16,
     },
+    /// Streams a node's datapath events live: every dropped packet (time, pod, 5-tuple,
+    /// reason) and, when the agent monitors flows, every allowed new flow. The kernel bounds
+    /// the rate per CPU; events beyond it are not emitted but counted, and shown as
+    /// "N events suppressed". Runs until interrupted (or --count events).
+    Monitor {
+        /// The node whose agent to ask (its address from its registration). Default: the
+        /// node --pod runs on, else --agent.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only events of this pod (NAMESPACE/NAME): sent or received by it.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only drops.
+        #[arg(long)]
+        drops: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// `table`: one line per event; `json`: the agent's NDJSON as it comes.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+        /// The port of the agents' status endpoint (`statusAddr`).
+        #[arg(long, default_value_t = 9192)]
+        status_port: u16,
+    },
+    /// What the datapath does with a packet from a pod, and why: the node's agent runs the
+    /// pod's real `tc_from_pod` program on a made-up packet (BPF_PROG_TEST_RUN) in trace
+    /// mode, which records every decision (anti-spoofing, conntrack, service translation,
+    /// policy, route, delivery) and changes no state.
+    Trace {
+        /// The sending pod: NAMESPACE/NAME.
+        #[arg(long)]
+        from: String,
+        /// The destination: IP:PORT/PROTO (TCP, UDP, SCTP), IP:PORT (TCP) or IP/ICMP.
+        #[arg(long)]
+        to: String,
+        /// Send from this address instead of the pod's own (to see anti-spoofing at work).
+        #[arg(long)]
+        from_ip: Option<std::net::Ipv4Addr>,
+        /// The node whose agent to ask. Default: the node the pod runs on (from the store).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+        /// The port of the agents' status endpoint (`statusAddr`).
+        #[arg(long, default_value_t = 9192)]
+        status_port: u16,
+    },
 }
 
 async fn open(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
@@ -147,6 +195,38 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             )
             .await?;
             print!("{text}");
+        }
+        Command::Monitor { node, pod, drops, count, output, status_port } => {
+            use contiv_netctl::inspect::{MonitorArgs, Target};
+            let target = match (node, pod) {
+                (Some(n), _) => Target::Node(n.clone()),
+                (None, Some(p)) => Target::PodsNode(p.clone()),
+                (None, None) => Target::Address(args.agent.clone()),
+            };
+            let store = match target {
+                Target::Address(_) => None,
+                _ => Some(open(&args).await?),
+            };
+            let addr = contiv_netctl::inspect::resolve(store.as_ref(), &target, *status_port).await?;
+            drop(store);
+            let margs = MonitorArgs { pod: pod.clone(), drops: *drops, count: *count, json: *output == Format::Json };
+            contiv_netctl::inspect::monitor(&addr, &margs, &mut std::io::stdout().lock()).await?;
+        }
+        Command::Trace { from, to, from_ip, node, output, status_port } => {
+            use contiv_netctl::inspect::{Target, TraceArgs};
+            let target = match node {
+                Some(n) => Target::Node(n.clone()),
+                None => Target::PodsNode(from.clone()),
+            };
+            let store = open(&args).await?;
+            let addr = contiv_netctl::inspect::resolve(Some(&store), &target, *status_port).await?;
+            drop(store);
+            let targs = TraceArgs { from: from.clone(), to: to.clone(), from_ip: from_ip.map(|ip| ip.to_string()) };
+            let report = contiv_netctl::inspect::trace(&addr, &targs).await?;
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", contiv_netctl::inspect::render_trace(&report)),
+            }
         }
         Command::Get { what, namespace, output, .. } => {
             let store = open(&args).await?;

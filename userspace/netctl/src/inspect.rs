@@ -81,12 +81,14 @@ struct Response {
     body: Body,
 }
 
-/// The body: chunked (what the agent streams) or plain.
+/// The body: chunked (what the agent streams), of a given length, or up to the close.
 struct Body {
     reader: BufReader<tokio::net::TcpStream>,
     chunked: bool,
-    /// Bytes left in the current chunk.
+    /// Bytes left in the current chunk, or of a body with a content-length.
     left: usize,
+    /// `content-length` was given.
+    sized: bool,
     done: bool,
 }
 
@@ -97,9 +99,15 @@ impl Body {
             return Ok(vec![]);
         }
         if !self.chunked {
-            let mut buf = vec![0u8; 16 * 1024];
+            let want = if self.sized { self.left.min(16 * 1024) } else { 16 * 1024 };
+            if want == 0 {
+                self.done = true;
+                return Ok(vec![]);
+            }
+            let mut buf = vec![0u8; want];
             let n = self.reader.read(&mut buf).await?;
             buf.truncate(n);
+            self.left = self.left.saturating_sub(n);
             self.done = n == 0;
             return Ok(buf);
         }
@@ -166,7 +174,7 @@ async fn request(addr: &str, method: &str, path: &str) -> Result<Response, Inspe
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| err(format!("not an HTTP response: {:?}", head.trim())))?;
-    let mut chunked = false;
+    let (mut chunked, mut length) = (false, None);
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).await.map_err(|e| err(e.to_string()))? == 0 || h.trim().is_empty() {
@@ -176,8 +184,12 @@ async fn request(addr: &str, method: &str, path: &str) -> Result<Response, Inspe
         if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
             chunked = true;
         }
+        if let Some(n) = lower.strip_prefix("content-length:") {
+            length = n.trim().parse::<usize>().ok();
+        }
     }
-    Ok(Response { status, body: Body { reader, chunked, left: 0, done: false } })
+    let body = Body { reader, chunked, left: length.unwrap_or(0), sized: length.is_some(), done: false };
+    Ok(Response { status, body })
 }
 
 /// A non-200 answer as an error (the agent says why in the body).
@@ -418,6 +430,66 @@ mod tests {
         assert!(line.contains("DROPPED policy_egress  tc_from_pod"), "{line}");
         let v: Value = serde_json::from_str(r#"{"type":"suppressed","kind":"drop","count":12,"total":40}"#).unwrap();
         assert!(render_notice(&v, "").starts_with("-- 12 drop events suppressed by the rate limit"));
+    }
+
+    /// A fake agent answering one request with `response`, split into small writes.
+    async fn fake_agent(response: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            for piece in response.as_bytes().chunks(7) {
+                s.write_all(piece).await.unwrap();
+                s.flush().await.unwrap();
+            }
+            // Keep the stream open, as the agent does.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_chunked_stream_is_read_line_by_line_until_count_events() {
+        let hello = r#"{"type":"hello","node":"n1","ratePerCpu":10,"burst":20,"flows":false,"cpus":2,"filter":""}"#;
+        let ev = r#"{"type":"event","time":"2025-12-01T10:11:12.000001Z","kind":"drop","reason":"spoofed_ip","pod":"x/a","proto":"UDP","src":"10.1.1.9","sport":1,"dst":"10.1.1.3","dport":53,"hook":"tc_from_pod"}"#;
+        let body =
+            format!("{hello}\n{ev}\n{{\"type\":\"suppressed\",\"kind\":\"drop\",\"count\":5,\"total\":5}}\n{ev}\n");
+        let mut chunked = String::new();
+        // Chunk boundaries inside lines, as a stream may cut them.
+        for part in body.as_bytes().chunks(50) {
+            chunked.push_str(&format!("{:x}\r\n{}\r\n", part.len(), String::from_utf8_lossy(part)));
+        }
+        let response = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n{chunked}"
+            )
+            .into_boxed_str(),
+        );
+        let addr = fake_agent(response).await;
+        let mut out = vec![];
+        let args = MonitorArgs { count: Some(2), ..Default::default() };
+        monitor(&addr, &args, &mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("monitoring node n1: 10 drop and flow events"), "{text}");
+        assert!(
+            lines[1].contains("UDP 10.1.1.9:1 -> 10.1.1.3:53") && lines[1].contains("DROPPED spoofed_ip"),
+            "{text}"
+        );
+        assert!(lines[2].starts_with("-- 5 drop events suppressed"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_carries_the_agents_reason() {
+        let body = "no pod x/b is attached on node node-1\n";
+        let response = format!("HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        let addr = fake_agent(Box::leak(response.into_boxed_str())).await;
+        let args = MonitorArgs { pod: Some("x/b".into()), ..Default::default() };
+        let e = monitor(&addr, &args, &mut vec![]).await.unwrap_err().to_string();
+        assert!(e.contains("404: no pod x/b is attached on node node-1"), "{e}");
     }
 
     #[test]

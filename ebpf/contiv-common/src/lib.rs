@@ -70,8 +70,9 @@ pub mod map_names {
     /// Per CPU, [`super::MonitorBucket`] per [`super::monitor_bucket`]: the token buckets
     /// that bound the event rate, with what they let through, held back and lost.
     pub const MONITOR_RATE: &str = "MONITOR_RATE";
-    /// Per CPU, one [`super::TraceRecord`]: the decisions `tc_from_pod` took for a packet the
-    /// agent ran through it with `BPF_PROG_TEST_RUN` in trace mode (`netctl trace`).
+    /// Per CPU, one [`super::TraceRecord`]: the decisions `tc_from_pod` (or, for the second
+    /// hop, `tc_from_overlay`) took for a packet the agent ran through it with
+    /// `BPF_PROG_TEST_RUN` in trace mode (`netctl trace`).
     pub const TRACE_STEPS: &str = "TRACE_STEPS";
 }
 
@@ -801,7 +802,8 @@ pub struct TraceStep {
     pub value: u32,
 }
 
-/// What a trace run recorded (`TRACE_STEPS`, on the CPU it ran on).
+/// What a trace run recorded (`TRACE_STEPS`, on the CPU it ran on). `tc_from_overlay` takes
+/// the sending node from `cb[1]` of a trace run.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceRecord {
@@ -870,6 +872,10 @@ pub mod trace_step {
     pub const VERDICT: u16 = 19;
     /// The sending interface is no pod's.
     pub const UNKNOWN_INTERFACE: u16 = 20;
+    /// From another node over the overlay: `ip` the sending node, `arg` 1 when the inner
+    /// source is that node or one of its pods (0: spoofed), `value` the node owning the
+    /// inner source (its four bytes; 0: none).
+    pub const OVERLAY_SOURCE: u16 = 21;
 }
 
 /// Results of a [`trace_step::POLICY`] step.
@@ -894,6 +900,8 @@ pub mod trace_route {
     pub const HOST: u16 = 7;
     pub const UPLINK: u16 = 8;
     pub const NO_CONFIG: u16 = 9;
+    /// From the overlay: neither a local pod nor this node.
+    pub const NO_DESTINATION: u16 = 10;
 }
 
 /// TCP flag bits of [`CtEntry::tcp_flags`].

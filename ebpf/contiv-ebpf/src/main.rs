@@ -539,34 +539,56 @@ fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], trace: Tr
     Verdict::HOST
 }
 
-/// A drop by the overlay's ingress: counted on the device, and a monitor event.
+/// A drop by the overlay's ingress: counted on the device, and a monitor event (a trace
+/// only records it).
 #[inline(always)]
-fn overlay_drop(ctx: &TcContext, reason: u8, f: impl FnOnce(&mut contiv_common::OverlayCounters)) -> i32 {
-    count_overlay(f);
-    monitor::drop(ctx, reason, hook::FROM_OVERLAY, [0; 4]);
+fn overlay_drop(ctx: &TcContext, trace: Trace, reason: u8, f: impl FnOnce(&mut contiv_common::OverlayCounters)) -> i32 {
+    trace.step(trace_step::VERDICT, u16::from(out::DROP), [0; 4], u16::from(reason), 0, 0);
+    if !trace.on() {
+        count_overlay(f);
+        monitor::drop(ctx, reason, hook::FROM_OVERLAY, [0; 4]);
+    }
     TC_ACT_SHOT
 }
 
+/// Traffic from other nodes, decapsulated by the overlay device: into a local pod (a new
+/// flow past the pod's ingress rules), or to this node. A trace (the second hop of
+/// `netctl trace`) gives the sending node in `cb[1]`: a test run carries no tunnel key.
 #[classifier]
 pub fn tc_from_overlay(ctx: TcContext) -> i32 {
+    let trace = Trace::of(&ctx);
     let len = u64::from(ctx.skb.len());
-    let Some(sender) = overlay::tunnel_remote(&ctx) else {
-        return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
+    let sender = match trace.sender() {
+        Some(node) => Some(node),
+        None => overlay::tunnel_remote(&ctx),
+    };
+    let Some(sender) = sender else {
+        return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
-        return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
+        return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
     if ethertype(eth) != ETH_P_IP {
-        return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
+        return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     }
     // Anti-spoofing across nodes: the inner source must be the sending node itself or one
     // of its pods (REMOTE_ROUTES maps both to that node's address).
-    if remote_route(src_ip(ip)).map(|r| r.node_ip) != Some(sender) {
-        return overlay_drop(&ctx, drop_reason::OVERLAY_SPOOFED, |c| c.rx_spoofed += 1);
+    let owner = remote_route(src_ip(ip)).map(|r| r.node_ip);
+    let genuine = owner == Some(sender);
+    trace.step(
+        trace_step::OVERLAY_SOURCE,
+        u16::from(genuine),
+        sender,
+        0,
+        0,
+        u32::from_ne_bytes(owner.unwrap_or([0; 4])),
+    );
+    if !genuine {
+        return overlay_drop(&ctx, trace, drop_reason::OVERLAY_SPOOFED, |c| c.rx_spoofed += 1);
     }
     let Some(cfg) = config() else {
-        return overlay_drop(&ctx, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1);
+        return overlay_drop(&ctx, trace, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1);
     };
     let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     let t = policy::transport(data, data_end, proto);
@@ -578,58 +600,78 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let mut unused = MaybeUninit::<NewFlow>::uninit();
     if let Some(l4) = nat::l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
-        let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay, Trace::OFF, &mut unused);
+        let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay, trace, &mut unused);
         match o.kind {
-            outcome::TRACKED if o.to_uplink != 0 => return to_uplink(cfg.uplink_ifindex),
+            outcome::TRACKED if o.to_uplink != 0 => {
+                trace.step(trace_step::ROUTE, trace_route::UPLINK, dst, 0, 0, cfg.uplink_ifindex);
+                trace.step(trace_step::VERDICT, u16::from(out::UPLINK), [0; 4], 0, 0, cfg.uplink_ifindex);
+                return to_uplink(cfg.uplink_ifindex);
+            }
             outcome::TRACKED => {
                 dst = o.dst;
                 first = FirstPacket::TRACKED;
             }
             outcome::UNTOUCHED => {}
-            _ => return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1),
+            _ => return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1),
         }
-    } else if policy::tracked(&t, src, dst, Trace::OFF) {
+    } else if policy::tracked(&t, src, dst, trace) {
         first = FirstPacket::TRACKED;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
-        return overlay_drop(&ctx, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
+        return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
     if let Some(pod) = pod(dst) {
+        trace.step(trace_step::ROUTE, trace_route::LOCAL_POD, dst, 0, 0, pod.host_ifindex);
         // A new flow from another node: the receiver's ingress rules, on its own node.
         if first != FirstPacket::TRACKED {
-            if pod.flags & pod_flags::INGRESS_ISOLATED != 0 && !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
-                if let Some(c) = pod_counters(dst) {
-                    c.drop_policy_ingress += 1;
+            let isolated = pod.flags & pod_flags::INGRESS_ISOLATED != 0;
+            if !policy::check(isolated, pod.ip, policy_dir::INGRESS, src, &t, trace) {
+                let reason = drop_reason::POLICY_INGRESS;
+                trace.step(trace_step::VERDICT, u16::from(out::DROP), [0; 4], u16::from(reason), 0, 0);
+                if !trace.on() {
+                    if let Some(c) = pod_counters(dst) {
+                        c.drop_policy_ingress += 1;
+                    }
+                    monitor::drop(&ctx, reason, hook::FROM_OVERLAY, dst);
                 }
-                monitor::drop(&ctx, drop_reason::POLICY_INGRESS, hook::FROM_OVERLAY, dst);
                 return TC_ACT_SHOT;
             }
-            first.commit(src, dst, &t, tcp_flags, &unused, Trace::OFF);
-            if cfg.flags & config_flags::MONITOR_FLOWS != 0 {
+            first.commit(src, dst, &t, tcp_flags, &unused, trace);
+            if !trace.on() && cfg.flags & config_flags::MONITOR_FLOWS != 0 {
                 let code = if pod.flags & pod_flags::INGRESS_LIMITED != 0 { out::LOCAL_SHAPED } else { out::LOCAL };
                 monitor::flow(&ctx, code, hook::FROM_OVERLAY, dst, [0; 4]);
             }
         }
         if !decrement_ttl(ip) {
-            return overlay_drop(&ctx, drop_reason::TTL_EXCEEDED, |c| c.rx_malformed += 1);
+            trace.note(trace_step::TTL_EXCEEDED, 0);
+            return overlay_drop(&ctx, trace, drop_reason::TTL_EXCEEDED, |c| c.rx_malformed += 1);
         }
         eth[0..6].copy_from_slice(&pod.mac);
         eth[6..12].copy_from_slice(&cfg.gateway_mac);
-        if let Some(c) = pod_counters(dst) {
-            c.from_tunnel_packets += 1;
-            c.from_tunnel_bytes += len;
+        if !trace.on() {
+            if let Some(c) = pod_counters(dst) {
+                c.from_tunnel_packets += 1;
+                c.from_tunnel_bytes += len;
+            }
+            count_overlay(|c| c.rx_delivered += 1);
         }
-        count_overlay(|c| c.rx_delivered += 1);
+        let code = if pod.flags & pod_flags::INGRESS_LIMITED != 0 { out::LOCAL_SHAPED } else { out::LOCAL };
+        trace.step(trace_step::VERDICT, u16::from(code), dst, 0, 0, pod.host_ifindex);
         return deliver(&pod);
     }
     if dst == cfg.node_ip {
-        count_overlay(|c| c.rx_to_host += 1);
+        trace.step(trace_step::ROUTE, trace_route::HOST, dst, 0, 0, 0);
+        trace.note(trace_step::VERDICT, u16::from(out::HOST));
+        if !trace.on() {
+            count_overlay(|c| c.rx_to_host += 1);
+        }
         // SAFETY: plain helper call on our own skb.
         unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
         return TC_ACT_OK;
     }
-    overlay_drop(&ctx, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1)
+    trace.step(trace_step::ROUTE, trace_route::NO_DESTINATION, dst, 0, 0, 0);
+    overlay_drop(&ctx, trace, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1)
 }
 
 #[classifier]

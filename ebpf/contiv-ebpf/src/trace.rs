@@ -1,6 +1,7 @@
 //! Trace mode: `netctl trace` asks the agent, which runs `tc_from_pod` itself on a packet it
 //! made up (`BPF_PROG_TEST_RUN`), so the answer comes from the code that forwards real
-//! packets. A run is in trace mode when `skb->mark` is [`TRACE_MARK`] and
+//! packets; a packet it sends to another node is then run through that node's
+//! `tc_from_overlay` the same way. A run is in trace mode when `skb->mark` is [`TRACE_MARK`] and
 //! `skb->ingress_ifindex` is 0: every packet that really arrives on an interface has that
 //! interface as its ingress ifindex, and a pod's marks are scrubbed as its packets cross
 //! into the node's namespace, so no pod can ask for trace mode.
@@ -59,6 +60,17 @@ impl Trace {
         let mark = unsafe { core::ptr::read_volatile(&raw const (*self.skb).mark) };
         // SAFETY: as above.
         mark == TRACE_MARK && unsafe { core::ptr::read_volatile(&raw const (*self.skb).ingress_ifindex) } == 0
+    }
+
+    /// In a trace of `tc_from_overlay`: the sending node the agent put in `cb[1]` (a test
+    /// run carries no tunnel key); `None` for real packets.
+    #[inline(always)]
+    pub fn sender(&self) -> Option<[u8; 4]> {
+        if !self.on() {
+            return None;
+        }
+        // SAFETY: the context is valid for the program's run; a field read.
+        Some(unsafe { (*self.skb).cb[1] }.to_ne_bytes())
     }
 
     /// Records a step (see `contiv_common::trace_step` for the fields). Only `skb->mark`

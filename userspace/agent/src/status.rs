@@ -14,6 +14,8 @@
 //! - `GET /trace?from=NS/NAME&to=IP:PORT/PROTO[&fromIp=IP]` (or `POST /trace` with that as
 //!   a JSON object): what `tc_from_pod` does with such a packet from that pod, and why,
 //!   computed by the kernel running the program in trace mode (see `trace`);
+//! - `GET /trace/arrival?packet=HEX&sender=IP`: the second hop of a trace that another
+//!   node forwarded here: what `tc_from_overlay` does with that frame from that node;
 //! - `GET /metrics`  the same counters and request latencies for Prometheus (see `metrics`).
 
 use std::{net::SocketAddr, sync::Arc};
@@ -43,6 +45,7 @@ pub fn router(agent: Arc<Agent>, metrics: Arc<AgentMetrics>) -> Router {
         .route("/services", get(services))
         .route("/monitor", get(monitor))
         .route("/trace", get(trace_get).post(trace_post))
+        .route("/trace/arrival", get(trace_arrival))
         .route("/metrics", get(metrics_text))
         .with_state((agent, metrics))
 }
@@ -137,6 +140,33 @@ async fn trace(agent: &Agent, q: TraceQuery) -> Response {
     match agent.trace(&req).await {
         Ok(report) => Json(report).into_response(),
         Err(e @ crate::agent::TraceError::NotHere { .. }) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `/trace/arrival` parameters: the frame another node's trace forwards here (hex) and that
+/// node's underlay address.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ArrivalQuery {
+    packet: Option<String>,
+    sender: Option<String>,
+}
+
+async fn trace_arrival(State((agent, _)): State<Shared>, Query(q): Query<ArrivalQuery>) -> Response {
+    let packet = q.packet.as_deref().and_then(crate::trace::unhex).filter(|p| (34..=9216).contains(&p.len()));
+    let sender = q.sender.as_deref().and_then(|s| s.parse::<std::net::Ipv4Addr>().ok());
+    let (Some(packet), Some(sender)) = (packet, sender) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "packet=HEX (an Ethernet frame, 34 to 9216 bytes) and sender=IPv4 are required\n",
+        )
+            .into_response();
+    };
+    match agent.trace_arrival(&packet, sender).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e @ (crate::agent::TraceError::NoOverlay(_) | crate::agent::TraceError::BadPacket(_))) => {
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }

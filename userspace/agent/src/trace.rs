@@ -258,6 +258,19 @@ impl PacketReport {
     }
 }
 
+/// Bytes as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex back to bytes; `None` if it is not hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
 fn mac(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")
 }
@@ -445,6 +458,25 @@ pub fn describe(s: &TraceStep, n: &Names, sender: Ipv4Addr) -> StepReport {
             ),
         ),
         trace_step::VERDICT => delivery(s, n),
+        trace_step::OVERLAY_SOURCE if s.arg != 0 => step(
+            "overlay source",
+            "ok",
+            format!("from {}; the inner source {} is that node's", n.node(at), n.pod(sender)),
+        ),
+        trace_step::OVERLAY_SOURCE => step(
+            "overlay source",
+            "spoofed",
+            format!(
+                "from {}, but the inner source {} is {}",
+                n.node(at),
+                n.pod(sender),
+                if s.value == 0 {
+                    "no node's".to_owned()
+                } else {
+                    format!("{}'s", n.node(Ipv4Addr::from(s.value.to_ne_bytes())))
+                }
+            ),
+        ),
         trace_step::UNKNOWN_INTERFACE => step(
             "source check",
             "unknown interface",
@@ -515,6 +547,7 @@ fn route(s: &TraceStep, n: &Names) -> StepReport {
         ),
         trace_route::UPLINK => ("uplink", "a reply to a client outside the cluster: out of the uplink".into()),
         trace_route::NO_CONFIG => ("slow path", "the datapath has no configuration yet".into()),
+        trace_route::NO_DESTINATION => ("no destination", format!("{at} is neither a pod on this node nor this node")),
         _ => ("?", format!("route kind {}", s.arg)),
     };
     StepReport { stage: "route", result: word.into(), detail }
@@ -588,6 +621,14 @@ mod tests {
         assert!(TraceRequest::parse("x/a", "10.1.2.3:80", Some("nope")).is_err());
         let r = TraceRequest::parse("x/a", "10.1.2.3:80", Some("10.9.9.9")).unwrap();
         assert_eq!((r.namespace.as_str(), r.name.as_str(), r.from_ip), ("x", "a", Some(Ipv4Addr::new(10, 9, 9, 9))));
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_nonsense() {
+        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+        assert_eq!(unhex("00ab10"), Some(vec![0, 0xab, 0x10]));
+        assert_eq!(unhex("0g"), None);
+        assert_eq!(unhex("abc"), None);
     }
 
     #[test]

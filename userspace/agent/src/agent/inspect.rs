@@ -10,7 +10,7 @@ use std::{
     },
 };
 
-use contiv_common::trace_step;
+use contiv_common::{program_names, trace_step};
 use serde::Serialize;
 
 use super::Agent;
@@ -30,6 +30,12 @@ pub enum TraceError {
     /// The datapath refused the run or a map read.
     #[error("running the trace: {0}")]
     Datapath(#[from] DatapathError),
+    /// An arrival was asked of a node without the overlay (VPP mode, or a single node).
+    #[error("node {0} has no overlay device: traffic from other nodes does not arrive through tc_from_overlay here")]
+    NoOverlay(String),
+    /// The frame to trace is not one.
+    #[error("the packet to trace: {0}")]
+    BadPacket(String),
 }
 
 /// What `GET /trace` answers.
@@ -37,12 +43,15 @@ pub enum TraceError {
 #[serde(rename_all = "camelCase")]
 pub struct TraceReport {
     pub node: String,
-    /// The sending pod (`namespace/name`), its address and interface.
+    /// This node's underlay address (the sender of a packet it forwards to another node).
+    pub node_ip: Option<Ipv4Addr>,
+    /// The sending pod (`namespace/name`), its address; the interface the packet arrives
+    /// on (the pod's veth, or the overlay device for a packet from another node).
     pub from: String,
     pub pod_ip: Ipv4Addr,
     pub interface: String,
     pub ifindex: u32,
-    /// The destination as asked (`IP:PORT/PROTO`).
+    /// The destination as asked (`IP:PORT/PROTO`; for an arrival, the packet).
     pub to: String,
     /// The packet made up and run through the program.
     pub packet: PacketReport,
@@ -57,6 +66,12 @@ pub struct TraceReport {
     pub verdict: String,
     /// The packet as the program left it (translated, TTL decremented, MACs rewritten).
     pub packet_out: Option<PacketReport>,
+    /// Forwarded to another node: the frame it sends there (hex, for that node's
+    /// `/trace/arrival`), and the node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_out_hex: Option<String>,
+    pub next_node: Option<String>,
+    pub next_node_ip: Option<Ipv4Addr>,
     pub notes: Vec<String>,
 }
 
@@ -66,7 +81,7 @@ pub struct TraceReport {
 pub struct ProgramReport {
     pub name: &'static str,
     pub id: u32,
-    /// Whether that very program is attached to the pod's interface now.
+    /// Whether that very program is attached to the interface now.
     pub attached: bool,
 }
 
@@ -168,10 +183,9 @@ impl Agent {
     pub async fn trace(&self, req: &TraceRequest) -> Result<TraceReport, TraceError> {
         let directory = self.pod_directory().await;
         let pod_id = format!("{}/{}", req.namespace, req.name);
-        let nonce = (TRACE_NONCE.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() << 20)) | 1;
-        let guard = self.inner.lock().await;
-        let inner = &*guard;
-        let Some(a) = inner
+        let nonce = next_nonce();
+        let mut guard = self.inner.lock().await;
+        let Some(a) = guard
             .state
             .attachments()
             .find(|a| a.complete && a.host_ifindex != 0 && a.pod_namespace == req.namespace && a.pod_name == req.name)
@@ -195,11 +209,62 @@ impl Agent {
         );
         // The run and every map read below happen under the node lock: one trace at a time,
         // and the maps do not change under it.
-        let run = inner.datapath.trace_from_pod(a.host_ifindex, &packet, nonce)?;
-        let attached = crate::datapath::tcx_ingress_programs(&a.host_ifname)
+        let run = guard.datapath.trace_from_pod(a.host_ifindex, &packet, nonce)?;
+        let inner = &*guard;
+        let ran = Ran { program: program_names::FROM_POD, interface: &a.host_ifname, ifindex: a.host_ifindex };
+        let mut report = self.explain(inner, &directory, ran, &packet, run, a.ip)?;
+        drop(guard);
+        report.from = pod_id;
+        report.to = req.to.to_string();
+        if report.steps.iter().any(|s| s.stage == "service" && s.result == "frontend")
+            && req.to.proto == trace::IPPROTO_TCP
+        {
+            report.notes.insert(
+                0,
+                "a pod's TCP connection to a service is balanced at connect() by the socket programs (same maps, \
+                 same choice), so its packets leave the pod already translated; shown is what this program does \
+                 with a packet that reaches it untranslated"
+                    .into(),
+            );
+        }
+        Ok(report)
+    }
+
+    /// The second hop of a trace: runs this node's `tc_from_overlay` in trace mode on the
+    /// inner frame another node's trace sent it (`packet`, from the node `sender`) and
+    /// explains what it did. Changes no state.
+    pub async fn trace_arrival(&self, packet: &[u8], sender: Ipv4Addr) -> Result<TraceReport, TraceError> {
+        let Some(overlay) = &self.overlay else {
+            return Err(TraceError::NoOverlay(self.config.node_name.clone()));
+        };
+        let Some(inner_src) = PacketReport::parse(packet).map(|p| p.src) else {
+            return Err(TraceError::BadPacket("not an Ethernet frame with an IPv4 header".into()));
+        };
+        let directory = self.pod_directory().await;
+        let mut guard = self.inner.lock().await;
+        let run = guard.datapath.trace_from_overlay(overlay.ifindex, packet, sender.octets(), next_nonce())?;
+        let inner = &*guard;
+        let ran = Ran { program: program_names::FROM_OVERLAY, interface: &overlay.ifname, ifindex: overlay.ifindex };
+        let mut report = self.explain(inner, &directory, ran, packet, run, inner_src)?;
+        drop(guard);
+        report.from = directory.get(&inner_src).map_or_else(|| inner_src.to_string(), |p| p.id.clone());
+        report.to = report.packet.summary();
+        Ok(report)
+    }
+
+    /// A trace run in words: every step with its names, the outcome, notes.
+    fn explain(
+        &self,
+        inner: &super::Inner,
+        directory: &Directory,
+        ran: Ran<'_>,
+        packet: &[u8],
+        run: crate::datapath::TraceRun,
+        sender: Ipv4Addr,
+    ) -> Result<TraceReport, TraceError> {
+        let attached = crate::datapath::tcx_ingress_programs(ran.interface)
             .map(|ids| ids.contains(&run.program_id))
             .unwrap_or(false);
-
         let mut names = trace::Names {
             slow_path: if self.slowpath.vpp().is_some() { "VPP" } else { "vswitch" },
             ..Default::default()
@@ -239,48 +304,47 @@ impl Agent {
                 }
             }
         }
-        drop(guard);
 
-        let steps: Vec<StepReport> = run.steps.iter().map(|s| trace::describe(s, &names, a.ip)).collect();
+        let steps: Vec<StepReport> = run.steps.iter().map(|s| trace::describe(s, &names, sender)).collect();
         let (outcome, drop_reason, verdict) = trace::conclude(&run.steps, run.return_code, &names);
         let mut notes = vec![];
-        let has = |code: u16| run.steps.iter().any(|s| s.code == code);
-        if has(trace_step::SVC_FRONTEND) && req.to.proto == trace::IPPROTO_TCP {
-            notes.push(
-                "a pod's TCP connection to a service is balanced at connect() by the socket programs (same maps, \
-                 same choice), so its packets leave the pod already translated; shown is what this program does \
-                 with a packet that reaches it untranslated"
-                    .into(),
-            );
-        }
         if run.steps.iter().any(|s| s.code == trace_step::SVC_BACKEND && s.arg & 2 == 0)
             && run.steps.iter().any(|s| s.code == trace_step::SVC_FRONTEND && s.arg > 1)
         {
             notes.push("the backend is chosen at random per new flow: another run may show another one".into());
         }
-        if outcome == Outcome::Forwarded {
-            notes.push(
-                "the receiving pod's ingress rules are checked on its own node when the packet arrives there".into(),
-            );
+        let next_node = run
+            .steps
+            .iter()
+            .rev()
+            .find(|s| s.code == trace_step::VERDICT && s.arg == u16::from(contiv_common::verdict::TUNNEL))
+            .map(|s| Ipv4Addr::from(s.ip));
+        if let Some(ip) = next_node {
+            notes.push(format!(
+                "the packet goes on to {}, whose tc_from_overlay decides what happens there (the receiver's \
+                 ingress rules among it): netctl trace follows it (GET /trace/arrival on that node)",
+                names.nodes.get(&ip).map_or_else(|| format!("node {ip}"), |n| format!("node {n}"))
+            ));
         }
         if !attached {
             notes.push(format!(
                 "the program attached to {} is not this agent's {} (id {}): the agent may be re-attaching it",
-                a.host_ifname,
-                contiv_common::program_names::FROM_POD,
-                run.program_id
+                ran.interface, ran.program, run.program_id
             ));
         }
         notes.push("nothing was written: no conntrack or affinity entry, no counter, no monitor event".into());
+        let packet_in = PacketReport::parse(packet)
+            .ok_or_else(|| TraceError::BadPacket("not an Ethernet frame with an IPv4 header".into()))?;
         Ok(TraceReport {
             node: self.config.node_name.clone(),
-            from: pod_id,
-            pod_ip: a.ip,
-            interface: a.host_ifname.clone(),
-            ifindex: a.host_ifindex,
-            to: req.to.to_string(),
-            packet: PacketReport::parse(&packet).expect("the packet built is IPv4"),
-            program: ProgramReport { name: contiv_common::program_names::FROM_POD, id: run.program_id, attached },
+            node_ip: self.node_ip(),
+            from: String::new(),
+            pod_ip: sender,
+            interface: ran.interface.to_owned(),
+            ifindex: ran.ifindex,
+            to: String::new(),
+            packet: packet_in,
+            program: ProgramReport { name: ran.program, id: run.program_id, attached },
             steps,
             return_code: run.return_code,
             action: trace::action(run.return_code),
@@ -288,8 +352,28 @@ impl Agent {
             drop_reason,
             verdict,
             packet_out: PacketReport::parse(&run.packet_out),
+            packet_out_hex: (outcome == Outcome::Forwarded).then(|| trace::hex(&run.packet_out)),
+            next_node: next_node.and_then(|ip| names.nodes.get(&ip).cloned()),
+            next_node_ip: next_node,
             notes,
         })
+    }
+}
+
+/// Which program a trace ran, and on which interface.
+struct Ran<'a> {
+    program: &'static str,
+    interface: &'a str,
+    ifindex: u32,
+}
+
+/// A nonce no earlier run of this agent used (never 0, the value of a record never written).
+fn next_nonce() -> u32 {
+    loop {
+        let n = TRACE_NONCE.fetch_add(1, Ordering::Relaxed) ^ (std::process::id() << 20);
+        if n != 0 {
+            return n;
+        }
     }
 }
 

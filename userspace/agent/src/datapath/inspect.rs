@@ -1,12 +1,13 @@
 //! What the operator tools need of the datapath: handles on the monitor's maps for the
-//! agent's reader, the monitor's counters, and a trace run of `tc_from_pod`: the loaded
-//! program itself, run by the kernel on a made-up packet (`BPF_PROG_TEST_RUN`) in trace mode
-//! (see `ebpf/contiv-ebpf/src/trace.rs`), which records its decisions and writes nothing.
+//! agent's reader, the monitor's counters, and trace runs of `tc_from_pod` and
+//! `tc_from_overlay`: the loaded programs themselves, run by the kernel on a made-up packet
+//! (`BPF_PROG_TEST_RUN`) in trace mode (see `ebpf/contiv-ebpf/src/trace.rs`), which records
+//! its decisions and writes nothing.
 
 use std::os::fd::AsFd;
 
 use aya::{
-    maps::{Map, MapData, PerCpuArray, RingBuf},
+    maps::{Map, MapData, PerCpuArray, PerCpuValues, RingBuf},
     programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions},
 };
 use contiv_common::{MonitorBucket, TRACE_MARK, TraceRecord, TraceStep, map_names, monitor_bucket, program_names};
@@ -82,12 +83,29 @@ impl Datapath {
 
     /// Runs `tc_from_pod` in trace mode on `packet` as if it arrived on `ifindex`; the
     /// record of the run is found by `nonce` among the CPUs'. The caller serialises traces.
-    pub fn trace_from_pod(&self, ifindex: u32, packet: &[u8], nonce: u32) -> Result<TraceRun> {
-        let name = program_names::FROM_POD;
+    pub fn trace_from_pod(&mut self, ifindex: u32, packet: &[u8], nonce: u32) -> Result<TraceRun> {
+        self.trace_run(program_names::FROM_POD, ifindex, packet, nonce, 0)
+    }
+
+    /// Runs `tc_from_overlay` in trace mode on `packet` (an inner frame) as if it arrived on
+    /// the overlay device `ifindex` from the node `sender`.
+    pub fn trace_from_overlay(&mut self, ifindex: u32, packet: &[u8], sender: [u8; 4], nonce: u32) -> Result<TraceRun> {
+        self.trace_run(program_names::FROM_OVERLAY, ifindex, packet, nonce, u32::from_ne_bytes(sender))
+    }
+
+    fn trace_run(&mut self, name: &'static str, ifindex: u32, packet: &[u8], nonce: u32, cb1: u32) -> Result<TraceRun> {
+        // Every CPU's record cleared first: the one carrying the nonce afterwards is this run's.
+        {
+            let nr_cpus = self.nr_cpus;
+            let mut records: PerCpuArray<&mut MapData, TraceRecord> = self.typed(map_names::TRACE_STEPS)?;
+            let blank = PerCpuValues::try_from(vec![TraceRecord::default(); nr_cpus])
+                .map_err(|e| io_err(map_names::TRACE_STEPS, e))?;
+            records.set(0, blank, 0).map_err(map_err(map_names::TRACE_STEPS))?;
+        }
         let prog: &SchedClassifier =
             self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
         let program_id = prog.info().map_err(prog_err(name))?.id();
-        let ctx = trace_context(ifindex, nonce);
+        let ctx = trace_context(ifindex, nonce, cb1);
         let mut out = vec![0u8; packet.len() + 256];
         let result = prog
             .test_run(TestRunOptions {
@@ -116,9 +134,10 @@ impl Datapath {
 }
 
 /// The `struct __sk_buff` a trace run starts from (its first 17 fields, through `cb`; the
-/// kernel zeroes the rest): `mark` [`TRACE_MARK`], `ifindex` the pod's host veth (the kernel
-/// makes it the skb's device), `cb[0]` the nonce; `ingress_ifindex` stays 0.
-fn trace_context(ifindex: u32, nonce: u32) -> Vec<u8> {
+/// kernel zeroes the rest): `mark` [`TRACE_MARK`], `ifindex` the interface it arrives on
+/// (the kernel makes it the skb's device), `cb[0]` the nonce, `cb[1]` the sending node of an
+/// overlay trace; `ingress_ifindex` stays 0.
+fn trace_context(ifindex: u32, nonce: u32, cb1: u32) -> Vec<u8> {
     // Offsets in u32s (include/uapi/linux/bpf.h): len, pkt_type, mark, queue_mapping,
     // protocol, vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex,
     // tc_index, cb[5].
@@ -129,6 +148,7 @@ fn trace_context(ifindex: u32, nonce: u32) -> Vec<u8> {
     ctx[MARK] = TRACE_MARK;
     ctx[IFINDEX] = ifindex;
     ctx[CB0] = nonce;
+    ctx[CB0 + 1] = cb1;
     ctx.iter().flat_map(|v| v.to_ne_bytes()).collect()
 }
 
@@ -149,7 +169,7 @@ pub fn sum_buckets(
 
 /// The ids of the programs attached to an interface's tcx ingress.
 pub fn tcx_ingress_programs(ifname: &str) -> Result<Vec<u32>> {
-    let name = program_names::FROM_POD;
+    let name = "tcx query";
     let (_, progs) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).map_err(prog_err(name))?;
     Ok(progs.iter().map(|p| p.id()).collect())
 }

@@ -2,11 +2,12 @@
 //! against real agents, their eBPF datapath and real traffic.
 //!
 //! - trace: a pod's packet to a pod on its node (delivered), to a pod on the other node
-//!   (over the overlay to that node), to a ClusterIP (translated to a backend), to a pod
-//!   whose ingress rules deny it (dropped, policy_ingress, with the entry that decided), out
-//!   of a pod isolated for egress (policy_egress), and from an address not the pod's
-//!   (spoofed_ip); the traces write nothing (conntrack, affinity, counters unchanged), and
-//!   real traffic then does what the traces said.
+//!   (over the overlay to that node, followed there into the pod), to a ClusterIP
+//!   (translated to a backend), to a pod whose ingress rules deny it (dropped,
+//!   policy_ingress; on the other node too), out of a pod isolated for egress
+//!   (policy_egress, with the entry that decided), and from an address not the pod's
+//!   (spoofed_ip); the traces write nothing (conntrack, affinity, counters unchanged on
+//!   both nodes), and real traffic then does what the traces said.
 //! - monitor: a policy drop shows with its pod, 5-tuple and reason, `--pod` and `--drops`
 //!   filter what a client sees, and a flood of dropped packets stays within the kernel's
 //!   rate while every drop is still counted, the rest as suppressed.
@@ -129,8 +130,9 @@ fn trace_explains_local_remote_service_policy_and_spoofed_packets_without_changi
     });
     // No traffic has flowed yet: conntrack is empty, and stays so through every trace.
     let ct_before = map_len(&b, "node-1", "CT");
+    let ct2_before = map_len(&b, "node-2", "CT");
     let affinity_before = map_len(&b, "node-1", "SVC_AFFINITY");
-    let counters_before = counters(&b, "node-1");
+    let counters_before = (counters(&b, "node-1"), counters(&b, "node-2"));
     let started = Instant::now();
 
     // 1. To a pod on the same node: delivered into it, TTL decremented, MACs rewritten.
@@ -149,12 +151,21 @@ fn trace_explains_local_remote_service_policy_and_spoofed_packets_without_changi
     assert_eq!(t["packetOut"]["srcMac"], "02:fe:00:00:00:01", "from the gateway's MAC");
     assert_eq!(t["packet"]["src"], a.ip.to_string());
 
-    // 2. To a pod on the other node: over the overlay to node-2.
+    // 2. To a pod on the other node: over the overlay to node-2, then (followed there) into
+    // the pod by node-2's overlay program.
     let t = trace(&b, "x/a", &format!("{}:80/TCP", remote.ip), &[]);
     assert_eq!(t["outcome"], "forwarded", "{}", results(&t));
     assert_eq!(stage(&t, "route")[0]["result"], "other node");
     assert!(t["verdict"].as_str().unwrap().contains("node node-2 (192.168.100.12)"), "{}", t["verdict"]);
-    assert!(t["notes"].to_string().contains("ingress rules are checked on its own node"));
+    let arrival = &t["arrival"];
+    assert_eq!(arrival["node"], "node-2", "{t}");
+    assert_eq!(arrival["program"]["name"], "tc_from_overlay");
+    assert_eq!(arrival["program"]["attached"], true);
+    assert_eq!(arrival["outcome"], "delivered", "{}", results(arrival));
+    assert_eq!(stage(arrival, "overlay source")[0]["result"], "ok");
+    assert_eq!(stage(arrival, "policy ingress")[0]["result"], "not isolated");
+    assert!(arrival["verdict"].as_str().unwrap().contains("y/c"), "{}", arrival["verdict"]);
+    assert_eq!(arrival["packetOut"]["ttl"], 62, "one hop on each node");
 
     // 3. To the ClusterIP: translated to one of its two backends, named.
     let t = trace(&b, "x/a", "10.96.0.50:8080/TCP", &[]);
@@ -178,17 +189,22 @@ fn trace_explains_local_remote_service_policy_and_spoofed_packets_without_changi
 
     // Nothing written by any of them.
     assert_eq!(map_len(&b, "node-1", "CT"), ct_before, "traces create no conntrack entries");
+    assert_eq!(map_len(&b, "node-2", "CT"), ct2_before, "nor does the arrival on node-2");
     assert_eq!(map_len(&b, "node-1", "SVC_AFFINITY"), affinity_before);
-    assert_eq!(counters(&b, "node-1"), counters_before, "traces count nothing");
+    assert_eq!((counters(&b, "node-1"), counters(&b, "node-2")), counters_before, "traces count nothing");
     eprintln!("four traces in {:?}", started.elapsed());
 
-    // 5. Policy: x/d admits nobody; x/a may only talk to app=web on port 80 (egress).
+    // 5. Policy: x/d admits nobody; x/a may only talk to app=web on port 80 (egress); y's
+    // web pods admit only web pods (so x/a's packet passes node-1 and dies on node-2).
     b.apply_yaml(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: guard, namespace: x}\nspec:\n  \
          podSelector: {matchLabels: {app: guarded}}\n  policyTypes: [Ingress]\n\
          ---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client-out, namespace: x}\n\
          spec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: \
-         [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 80}]\n",
+         [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 80}]\n\
+         ---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-in, namespace: y}\n\
+         spec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{namespaceSelector: {}, \
+         podSelector: {matchLabels: {app: web}}}]\n",
     );
     let to_guarded = format!("{}:80/TCP", guarded.ip);
     let mut t = Value::Null;
@@ -205,10 +221,23 @@ fn trace_explains_local_remote_service_policy_and_spoofed_packets_without_changi
     assert_eq!(t["dropReason"], "policy_egress", "{}", results(&t));
     let egress = stage(&t, "policy egress")[0]["detail"].as_str().unwrap().to_owned();
     assert!(egress.contains("do not allow TCP:81") && egress.contains("TCP:80"), "{egress}");
-    let t = trace(&b, "x/a", &format!("{}:80/TCP", remote.ip), &[]);
+    // x/a -> y/c:80 leaves node-1 (egress allows it) and is dropped on node-2 by y/c's
+    // ingress rules: the answer to "why can't x/a reach y/c" is on the other node.
+    let mut t = Value::Null;
+    b.wait_for(Duration::from_secs(15), "the policies apply on node-2", || {
+        t = trace(&b, "x/a", &format!("{}:80/TCP", remote.ip), &[]);
+        t["arrival"]["outcome"] == "dropped"
+    });
     assert_eq!(t["outcome"], "forwarded", "{}", results(&t));
     assert_eq!(stage(&t, "policy egress")[0]["result"], "allowed");
+    assert_eq!(t["arrival"]["dropReason"], "policy_ingress", "{}", results(&t["arrival"]));
+    let ingress = stage(&t["arrival"], "policy ingress")[0]["detail"].as_str().unwrap().to_owned();
+    assert!(ingress.contains("y/c") && ingress.contains("x/a"), "{ingress}");
+    // x/b (app=web) passes both.
+    let t = trace(&b, "x/b", &format!("{}:80/TCP", remote.ip), &[]);
+    assert_eq!(t["arrival"]["outcome"], "delivered", "{}", results(&t["arrival"]));
     assert_eq!(map_len(&b, "node-1", "CT"), ct_before, "still no conntrack entry");
+    assert_eq!(map_len(&b, "node-2", "CT"), ct2_before);
 
     // The human form: every step and the verdict.
     let out = b.netctl(&["trace", "--from", "x/b", "--to", &to_guarded]);
@@ -227,8 +256,9 @@ fn trace_explains_local_remote_service_policy_and_spoofed_packets_without_changi
     let drops_before = pod_counter(&b, "node-1", guarded.ip, "dropPolicyIngress");
     assert!(!probe(&local.netns, guarded.ip, 80, Proto::Tcp), "x/b -> x/d is denied, as traced");
     assert!(pod_counter(&b, "node-1", guarded.ip, "dropPolicyIngress") > drops_before);
-    assert!(probe(&a.netns, remote.ip, 80, Proto::Tcp), "x/a -> y/c:80 passes, as traced");
-    assert!(!probe(&a.netns, remote.ip, 81, Proto::Tcp), "x/a -> y/c:81 is denied, as traced");
+    assert!(probe(&local.netns, remote.ip, 80, Proto::Tcp), "x/b -> y/c:80 passes, as traced");
+    assert!(!probe(&a.netns, remote.ip, 80, Proto::Tcp), "x/a -> y/c:80 is denied on node-2, as traced");
+    assert!(!probe(&a.netns, remote.ip, 81, Proto::Tcp), "x/a -> y/c:81 is denied on node-1, as traced");
     assert!(map_len(&b, "node-1", "CT") > ct_before, "real flows are tracked");
     drop(servers);
 }

@@ -365,10 +365,53 @@ pub async fn trace(addr: &str, args: &TraceArgs) -> Result<Value, InspectError> 
         .map_err(|e| InspectError::Agent { addr: addr.to_owned(), reason: format!("not a trace report: {e}") })
 }
 
-/// A trace report as text: the packet, each step, the verdict.
+/// The second hop of a forwarded trace: the next node's agent runs its overlay program on
+/// the frame the first hop sent. `None` when the first hop did not forward it.
+pub async fn trace_arrival(store: &Arc<dyn Store>, first: &Value, port: u16) -> Option<Result<Value, InspectError>> {
+    let (Some(node), Some(packet), Some(sender)) =
+        (first["nextNode"].as_str(), first["packetOutHex"].as_str(), first["nodeIp"].as_str())
+    else {
+        return None;
+    };
+    let fetch = async {
+        let addr = agent_addr(store, node, port).await?.to_string();
+        let path = format!("/trace/arrival?packet={}&sender={}", q(packet), q(sender));
+        let mut r = request(&addr, "GET", &path).await?;
+        if r.status != 200 {
+            return Err(refused(&addr, r).await);
+        }
+        let body = r
+            .body
+            .read_to_end()
+            .await
+            .map_err(|e| InspectError::Agent { addr: addr.clone(), reason: e.to_string() })?;
+        serde_json::from_slice(&body)
+            .map_err(|e| InspectError::Agent { addr: addr.clone(), reason: format!("not a trace report: {e}") })
+    };
+    Some(fetch.await)
+}
+
+/// A trace report as text: the packet, each step, the verdict; then the next node's.
 pub fn render_trace(v: &Value) -> String {
-    let mut out =
-        format!("trace {} ({}) -> {} on node {}\n", s(&v["from"]), s(&v["podIp"]), s(&v["to"]), s(&v["node"]));
+    let mut out = render_hop(v);
+    match &v["arrival"] {
+        Value::Null => {}
+        Value::String(error) => out.push_str(&format!("then on node {}: not traced: {error}\n", s(&v["nextNode"]))),
+        arrival => {
+            out.push_str(&format!("then on node {}:\n", s(&arrival["node"])));
+            out.push_str(&render_hop(arrival));
+        }
+    }
+    out
+}
+
+fn render_hop(v: &Value) -> String {
+    // An arrival's header is the caller's ("then on node N:").
+    let mut out = if v["program"]["name"] == "tc_from_overlay" {
+        String::new()
+    } else {
+        format!("trace {} ({}) -> {} on node {}\n", s(&v["from"]), s(&v["podIp"]), s(&v["to"]), s(&v["node"]))
+    };
     let packet = |p: &Value| {
         if p.is_null() {
             return "-".to_owned();

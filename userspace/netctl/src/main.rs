@@ -94,7 +94,8 @@ enum Command {
     /// What the datapath does with a packet from a pod, and why: the node's agent runs the
     /// pod's real `tc_from_pod` program on a made-up packet (BPF_PROG_TEST_RUN) in trace
     /// mode, which records every decision (anti-spoofing, conntrack, service translation,
-    /// policy, route, delivery) and changes no state.
+    /// policy, route, delivery) and changes no state. A packet forwarded to another node is
+    /// followed there (that node's overlay program, the receiver's ingress rules).
     Trace {
         /// The sending pod: NAMESPACE/NAME.
         #[arg(long)]
@@ -220,9 +221,15 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             };
             let store = open(&args).await?;
             let addr = contiv_netctl::inspect::resolve(Some(&store), &target, *status_port).await?;
-            drop(store);
             let targs = TraceArgs { from: from.clone(), to: to.clone(), from_ip: from_ip.map(|ip| ip.to_string()) };
-            let report = contiv_netctl::inspect::trace(&addr, &targs).await?;
+            let mut report = contiv_netctl::inspect::trace(&addr, &targs).await?;
+            // Forwarded to another node: follow it there.
+            match contiv_netctl::inspect::trace_arrival(&store, &report, *status_port).await {
+                Some(Ok(arrival)) => report["arrival"] = arrival,
+                Some(Err(e)) => report["arrival"] = serde_json::Value::String(e.to_string()),
+                None => {}
+            }
+            drop(store);
             match output {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", contiv_netctl::inspect::render_trace(&report)),

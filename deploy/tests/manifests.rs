@@ -452,12 +452,24 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
         tls["caFile"].as_str().unwrap(),
         tls["certFile"].as_str().unwrap(),
         tls["keyFile"].as_str().unwrap(),
+        config["services"]["cgroupRoot"].as_str().unwrap(),
         "/etc/contiv/agent.toml",
         "/run/netns",
         "/var/run/netns",
     ] {
         assert!(mounted(path), "{path} (named by agent.toml or the runtime) is not mounted in the agent");
     }
+    // The Services socket programs attach at the host's cgroup2 root, not at the
+    // container's own cgroup namespace.
+    let cgroup_root = config["services"]["cgroupRoot"].as_str().unwrap();
+    let mount = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| Path::new(cgroup_root).starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap();
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    assert_eq!(volume["hostPath"]["path"], json!("/sys/fs/cgroup"), "cgroupRoot is the host's cgroup2 tree");
     // The installer writes the host's CNI directories from the same ConfigMap.
     let install = container(ds, "install-cni");
     let argv = strings(&install["command"]);

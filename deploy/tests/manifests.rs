@@ -577,7 +577,11 @@ fn vpp_variant_runs_contiv_stn_first_and_hands_the_nic_to_the_agent_through_its_
     let dir = Path::new(state).parent().unwrap();
     for c in ["stn", "agent"] {
         let mounts = container(ds, c)["volumeMounts"].as_array().unwrap().clone();
-        assert!(mounts.iter().any(|m| Path::new(m["mountPath"].as_str().unwrap()) == dir), "{c} mounts {}", dir.display());
+        assert!(
+            mounts.iter().any(|m| Path::new(m["mountPath"].as_str().unwrap()) == dir),
+            "{c} mounts {}",
+            dir.display()
+        );
     }
     // The base variant (kernel uplink) runs no contiv-stn.
     let base = rendered(".");

@@ -114,6 +114,9 @@ cd /src/contiv
     let outer = format!(
         r#"set -eu
 mount --make-rprivate /
+# The root must be a mount point of its own: `ip netns exec` (used by tests) remounts / as
+# slave, which fails with EINVAL on a chroot directory that is not one.
+mount --bind {r} {r}
 mount -t proc proc {r}/proc
 mount --rbind /sys {r}/sys
 mount --rbind /dev {r}/dev

@@ -253,7 +253,9 @@ fn every_command_and_flag_a_manifest_runs_exists_in_its_binary() {
                     }
                     continue;
                 }
-                let bin = binary(img.package.expect("contiv image"), name);
+                // The agent image also carries contiv-cni, a package of its own.
+                let package = if name == "contiv-cni" { "contiv-cni" } else { img.package.expect("contiv image") };
+                let bin = binary(package, name);
                 // clap parses everything before --help: an unknown flag, subcommand or bad
                 // value fails; --help then exits 0 without running anything.
                 let out = Command::new(&bin).args(&argv[1..]).arg("--help").env_clear().envs(&env).output().unwrap();
@@ -296,7 +298,7 @@ fn manifests_use_exactly_the_images_xtask_builds_with_the_crate_version() {
             }
         }
     }
-    for needed in ["contiv/agent", "contiv/ksr", "contiv/etcd"] {
+    for needed in ["contiv/agent", "contiv/ksr", "contiv/etcd", "contiv/stn"] {
         assert!(used.contains(needed), "{needed} is built but not deployed");
     }
     assert!(IMAGES.iter().all(|i| i.binaries.iter().all(|b| !b.contains('/'))));
@@ -450,12 +452,24 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
         tls["caFile"].as_str().unwrap(),
         tls["certFile"].as_str().unwrap(),
         tls["keyFile"].as_str().unwrap(),
+        config["services"]["cgroupRoot"].as_str().unwrap(),
         "/etc/contiv/agent.toml",
         "/run/netns",
         "/var/run/netns",
     ] {
         assert!(mounted(path), "{path} (named by agent.toml or the runtime) is not mounted in the agent");
     }
+    // The Services socket programs attach at the host's cgroup2 root, not at the
+    // container's own cgroup namespace.
+    let cgroup_root = config["services"]["cgroupRoot"].as_str().unwrap();
+    let mount = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| Path::new(cgroup_root).starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap();
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    assert_eq!(volume["hostPath"]["path"], json!("/sys/fs/cgroup"), "cgroupRoot is the host's cgroup2 tree");
     // The installer writes the host's CNI directories from the same ConfigMap.
     let install = container(ds, "install-cni");
     let argv = strings(&install["command"]);
@@ -534,6 +548,44 @@ fn vpp_variant_adds_vpp_with_hugepages_and_a_startup_conf_matching_the_agent_con
     assert!(!strings(&agent["securityContext"]["capabilities"]["add"]).is_empty());
     // The merged DaemonSet is still a valid one.
     assert!(matches!(parse_strict(ds), Ok(Typed::DaemonSet(_))));
+}
+
+#[test]
+fn vpp_variant_runs_contiv_stn_first_and_hands_the_nic_to_the_agent_through_its_state_file() {
+    let docs = rendered("vpp");
+    let ds = find(&docs, "DaemonSet", "contiv-agent");
+    let spec = &ds["spec"]["template"]["spec"];
+    let inits: Vec<&str> =
+        spec["initContainers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(inits.last(), Some(&"stn"), "the stn sidecar starts after the other init containers: {inits:?}");
+    let stn = container(ds, "stn");
+    // A native sidecar: keeps running (and gives the NIC back on SIGTERM), and its startup
+    // probe holds VPP and the agent back until the NIC is handed over.
+    assert_eq!(stn["restartPolicy"], json!("Always"));
+    assert_eq!(strings(&stn["startupProbe"]["exec"]["command"]), ["/usr/bin/contiv-stn", "show"]);
+    assert_eq!(strings(&stn["securityContext"]["capabilities"]["add"]), ["NET_ADMIN"]);
+    assert!(stn["securityContext"]["privileged"].is_null());
+    // The NIC's name comes from the contiv-stn ConfigMap.
+    let env = stn["env"].as_array().unwrap();
+    let iface = env.iter().find(|e| e["name"] == "STN_INTERFACE").expect("STN_INTERFACE");
+    assert_eq!(iface["valueFrom"]["configMapKeyRef"]["name"], json!("contiv-stn"));
+    assert!(!config_map_data(&docs, "contiv-stn", "interface").is_empty());
+    // The state file contiv-stn writes is the one the agent reads, in a directory both mount.
+    let state = env.iter().find(|e| e["name"] == "CONTIV_STN_STATE_FILE").unwrap()["value"].as_str().unwrap();
+    let config: toml::Table = toml::from_str(config_map_data(&docs, "contiv-agent", "agent.toml")).unwrap();
+    assert_eq!(config["vpp"]["stnStateFile"].as_str(), Some(state));
+    let dir = Path::new(state).parent().unwrap();
+    for c in ["stn", "agent"] {
+        let mounts = container(ds, c)["volumeMounts"].as_array().unwrap().clone();
+        assert!(
+            mounts.iter().any(|m| Path::new(m["mountPath"].as_str().unwrap()) == dir),
+            "{c} mounts {}",
+            dir.display()
+        );
+    }
+    // The base variant (kernel uplink) runs no contiv-stn.
+    let base = rendered(".");
+    assert!(containers(find(&base, "DaemonSet", "contiv-agent")).iter().all(|c| c["name"] != "stn"));
 }
 
 // === TLS ===

@@ -13,6 +13,7 @@ mod cluster;
 mod demo;
 mod fresh_check;
 mod images;
+mod packages;
 mod previous;
 mod progress;
 mod setup;

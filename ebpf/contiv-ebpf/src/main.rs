@@ -569,12 +569,20 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TC_ACT_OK;
     };
-    let (dst, flow) = match svc::process(&ctx, cfg, src, dst_ip(ip), &l4, Origin::Uplink) {
+    // A new flow is admitted (policy, then conntrack) inside its arm: carrying an
+    // `Option<NewFlow>` past the match let LLVM merge paths on which parts of it are
+    // undefined, and the verifier refused the program for reading them.
+    let dst = match svc::process(&ctx, cfg, src, dst_ip(ip), &l4, Origin::Uplink) {
         Outcome::Untouched => return from_outside_to_pod(&ctx, src, dst_ip(ip), proto, l4.tcp_flags, true),
         // Tracked but not translated: a flow the node's stack routes (to a pod, or the node).
         Outcome::Tracked { rewritten: false, .. } => return TC_ACT_OK,
-        Outcome::Tracked { dst, .. } => (dst, None),
-        Outcome::New { dst, flow } => (dst, Some(flow)),
+        Outcome::Tracked { dst, .. } => dst,
+        Outcome::New { dst, flow } => {
+            if !admit_from_outside(src, dst, proto, l4.sport, &flow) {
+                return TC_ACT_SHOT;
+            }
+            dst
+        }
         Outcome::Reject => {
             // The vswitch answers (RST / port unreachable); its reply leaves by the uplink.
             if cfg.slowport_ifindex == 0 {
@@ -586,24 +594,6 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         Outcome::Drop => return TC_ACT_SHOT,
     };
     let local = pod(dst);
-    if let Some(flow) = &flow {
-        // A new flow from outside to a backend here: its ingress rules (a backend on another
-        // node is checked there, against this node's address when the flow was SNAT'ed).
-        if let Some(backend) = &local
-            && backend.flags & pod_flags::INGRESS_ISOLATED != 0
-        {
-            let t = Transport::Ports { proto, sport: l4.sport, dport: flow.fwd.nat_port };
-            if !policy::allows(backend.ip, policy_dir::INGRESS, src, &t) {
-                if let Some(c) = pod_counters(dst) {
-                    c.drop_policy_ingress += 1;
-                }
-                return TC_ACT_SHOT;
-            }
-        }
-        if !svc::commit(flow) {
-            return TC_ACT_SHOT;
-        }
-    }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_SHOT;
@@ -628,6 +618,25 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
     }
     TC_ACT_SHOT
+}
+
+/// A new flow from outside to a service backend at `dst`: a local backend's ingress rules
+/// (a backend on another node is checked there, against this node's address when the flow
+/// was SNAT'ed), then the flow is recorded. False: drop.
+#[inline(always)]
+fn admit_from_outside(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, flow: &NewFlow) -> bool {
+    if let Some(backend) = pod(dst)
+        && backend.flags & pod_flags::INGRESS_ISOLATED != 0
+    {
+        let t = Transport::Ports { proto, sport, dport: flow.fwd.nat_port };
+        if !policy::allows(backend.ip, policy_dir::INGRESS, src, &t) {
+            if let Some(c) = pod_counters(dst) {
+                c.drop_policy_ingress += 1;
+            }
+            return false;
+        }
+    }
+    svc::commit(flow)
 }
 
 /// A packet from outside straight to a local pod's address (routed to the node), not a

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use contiv_tests::{
-    cluster::{BoxOptions, ClusterBox, EXTERNAL_IP},
+    cluster::{BoxOptions, ClusterBox, ROUTER_IP},
     netpol::{Case, Proto, Servers, expect_eventually},
 };
 
@@ -74,11 +74,12 @@ fn policy_sees_the_backend_behind_cluster_ips_and_node_ports_and_dns_works_for_e
     b.apply_yaml(&policy.replace("port: 8080", "port: 80"));
     expect_eventually(&b, "a rule on the service port admits nothing", &cases, SETTLE, |_| false);
     // From outside: the client's address reaches a local backend (node-2); through node-1
-    // the backend sees node-1's address.
+    // the backend sees node-1's address. (The external namespace reaches node addresses on
+    // the fabric from its fabric address, ROUTER_IP.)
     b.apply_yaml(&format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: outside, namespace: x}}\n\
          spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n\
-         \x20 ingress: [{{from: [{{ipBlock: {{cidr: {EXTERNAL_IP}/32}}}}]}}]\n"
+         \x20 ingress: [{{from: [{{ipBlock: {{cidr: {ROUTER_IP}/32}}}}]}}]\n"
     ));
     expect_eventually(&b, "the external client's own address", &cases, SETTLE, |c| c.to.contains("node-2"));
     b.apply_yaml(&format!(

@@ -137,13 +137,13 @@ impl PortSet {
         self.any || self.ranges.get(&protocol).is_some_and(|l| l.iter().any(|&(a, b)| a <= port && port <= b))
     }
 
-    /// The map value; `Err` with the value holding the first ranges when there are more
-    /// than an entry holds (the rest is then not allowed).
-    pub fn to_value(&self) -> Result<PolicyPorts, PolicyPorts> {
+    /// The map value, and whether it had to leave ranges out (more than an entry holds:
+    /// the value holds the first ones, the rest is then not allowed).
+    pub fn to_value(&self) -> (PolicyPorts, bool) {
         let mut v = PolicyPorts::default();
         if self.any {
             v.flags = policy_ports::ANY;
-            return Ok(v);
+            return (v, false);
         }
         let all: Vec<PortRange> = self
             .ranges
@@ -156,7 +156,7 @@ impl PortSet {
             *slot = *r;
         }
         v.count = all.len().min(MAX_POLICY_PORT_RANGES) as u16;
-        if all.len() > MAX_POLICY_PORT_RANGES { Err(v) } else { Ok(v) }
+        (v, all.len() > MAX_POLICY_PORT_RANGES)
     }
 
     /// The set a map value holds.
@@ -419,6 +419,10 @@ fn flatten(grants: &[Grant]) -> BTreeMap<Ipv4Net, PortSet> {
     kept
 }
 
+/// Pods share a peer table when they have the same direction (egress?), the same selecting
+/// policies and, for ingress rules naming ports, the same local pod.
+type TableKey = (bool, Vec<usize>, Option<Ipv4Addr>);
+
 /// Compiles the node's policy state.
 pub fn compile(inputs: &PolicyInputs) -> CompiledPolicy {
     let mut out = CompiledPolicy::default();
@@ -440,7 +444,7 @@ pub fn compile(inputs: &PolicyInputs) -> CompiledPolicy {
     let mut resolved: HashMap<(usize, bool), Vec<ResolvedRule>> = HashMap::new();
     // Tables are shared by pods with the same selecting policies (unless ingress names are
     // resolved against the local pod).
-    let mut tables: HashMap<(bool, Vec<usize>, Option<Ipv4Addr>), BTreeMap<Ipv4Net, PortSet>> = HashMap::new();
+    let mut tables: HashMap<TableKey, BTreeMap<Ipv4Net, PortSet>> = HashMap::new();
     let node_grants: Vec<Grant> =
         inputs.node_addresses.iter().map(|ip| Grant { area: Area::Pod(*ip), ports: PortSet::all() }).collect();
     for (local, policies) in inputs.local.iter().zip(&selecting) {
@@ -474,19 +478,16 @@ pub fn compile(inputs: &PolicyInputs) -> CompiledPolicy {
             let table = &tables[&table_key];
             let own = Ipv4Net::new(local.ip, 32).expect("a /32 is valid");
             for (peer, ports) in table.iter().chain(std::iter::once((&own, &PortSet::all()))) {
-                let value = match ports.to_value() {
-                    Ok(v) => v,
-                    Err(v) => {
-                        out.problems.push(format!(
-                            "{}/{}: more than {MAX_POLICY_PORT_RANGES} port ranges for peers {peer} ({}); \
-                             the ranges beyond them are denied",
-                            local.namespace,
-                            local.ip,
-                            if egress { "egress" } else { "ingress" }
-                        ));
-                        v
-                    }
-                };
+                let (value, truncated) = ports.to_value();
+                if truncated {
+                    out.problems.push(format!(
+                        "{}/{}: more than {MAX_POLICY_PORT_RANGES} port ranges for peers {peer} ({}); \
+                         the ranges beyond them are denied",
+                        local.namespace,
+                        local.ip,
+                        if egress { "egress" } else { "ingress" }
+                    ));
+                }
                 out.entries.insert(PolicyEntryKey { pod: local.ip, direction, peer: *peer }, value);
             }
         }
@@ -870,7 +871,6 @@ mod tests {
         assert!(!c.0.isolation.contains_key(&NODE), "a hostNetwork pod is not subject to policy");
         // The hostNetwork pod is not a peer: its label selects nothing (the node address
         // is allowed as the node's, and other nodes' hostNetwork pods not at all).
-        let mut w = w;
         w.pods.last_mut().unwrap().ips = vec![IpAddr::V4(Ipv4Addr::new(192, 168, 100, 12))];
         let c = w.compile();
         assert!(!c.ingress(A, [192, 168, 100, 12], TCP, 80));

@@ -771,18 +771,20 @@ fn plot(path: &Path, series: &[Series]) -> Result<()> {
         .titled("New TCP connection to a ClusterIP: connect + one 64-byte request/response", ("sans-serif", 24))
         .map_err(err)?;
     let panels = root.split_evenly((1, 2));
-    // p50 on the left (with the legend), p99 on the right, each on its own log scale.
+    // p50 on the left (with the legend), p99 on the right; services on a log scale, latency
+    // on a linear one from zero.
     for (panel, (name, pick)) in panels.iter().zip([("p50", 0usize), ("p99", 1)]) {
         let value = |p: &(f64, f64, f64)| if pick == 0 { p.1 } else { p.2 };
         let values = series.iter().flat_map(|s| s.points.iter().map(value));
-        let (lo, hi) = values.fold((f64::MAX, 1.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-        let (ymin, ymax) = ((lo / 1.5).max(1.0), hi * if pick == 0 { 3.0 } else { 1.5 });
+        let hi = values.fold(1.0f64, f64::max);
+        // Room for the legend above the p50 lines.
+        let ymax = hi * if pick == 0 { 1.6 } else { 1.15 };
         let mut chart = ChartBuilder::on(panel)
             .caption(name, ("sans-serif", 20))
             .margin(20)
             .x_label_area_size(50)
             .y_label_area_size(70)
-            .build_cartesian_2d((7.0f64..14_000.0).log_scale(), (ymin..ymax).log_scale())
+            .build_cartesian_2d((7.0f64..14_000.0).log_scale(), 0.0..ymax)
             .map_err(err)?;
         chart
             .configure_mesh()

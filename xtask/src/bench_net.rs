@@ -1,12 +1,15 @@
 //! Measurements the network benchmarks share: iperf3 throughput and packet rate, a 64-byte
 //! TCP request/response client and server, alternating blocks so that drift on a shared
 //! machine hits baseline and ours alike, and the results file (a list of
-//! `{"metric","unit","baseline","ours","ratio","better"}` in target/bench/<name>.json).
+//! `{"metric","unit","baseline","ours","ratio","better"}` in target/bench/<name>.json), and a
+//! store writer that applies manifests the way `netctl apply` does, timing the write.
 
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -113,15 +116,29 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8], spin: bool) -> std::io::Result<(
     Ok(())
 }
 
-/// 64-byte TCP ping-pong; returns (p50, p99) round-trip time in microseconds.
+/// 64-byte TCP ping-pong; returns the round-trip times in microseconds.
 ///
 /// `spin`: client and server busy-poll their sockets on separate CPUs, so the time is the
 /// path's own and not the VM's wake-up latency (a halted vCPU takes ~100 us to wake here,
 /// which swamps any datapath difference). Without it, both block as a normal app would.
 pub fn rr_samples(client: &Endpoint, server: &Endpoint, spin: bool, warmup: usize, count: usize) -> Result<Vec<f64>> {
+    rr_samples_via(client, server, 0, None, spin, warmup, count)
+}
+
+/// Like [`rr_samples`], with the server on `port` (0: any) and the client connecting to
+/// `via` instead of the server's own address (e.g. a service frontend leading to it).
+pub fn rr_samples_via(
+    client: &Endpoint,
+    server: &Endpoint,
+    port: u16,
+    via: Option<SocketAddr>,
+    spin: bool,
+    warmup: usize,
+    count: usize,
+) -> Result<Vec<f64>> {
     let ip = server.ip;
-    let listener = enter(&server.ns, move || TcpListener::bind((ip, 0)))?;
-    let addr = SocketAddr::from((ip, listener.local_addr()?.port()));
+    let listener = enter(&server.ns, move || TcpListener::bind((ip, port)))?;
+    let addr = via.unwrap_or(SocketAddr::from((ip, listener.local_addr()?.port())));
     let srv = std::thread::spawn(move || -> std::io::Result<()> {
         if spin {
             pin_to_cpu(1);
@@ -226,4 +243,52 @@ pub fn write_results(name: &str, results: &[Value]) -> Result<std::path::PathBuf
     }
     println!("wrote {}", path.display());
     Ok(path)
+}
+
+/// A store client inside the box's control namespace (where etcd listens), on its own
+/// thread: writes manifests the way `netctl apply` does, returning when the write is done.
+pub struct StoreWriter {
+    tx: std::sync::mpsc::Sender<(String, std::sync::mpsc::Sender<Result<Instant>>)>,
+}
+
+impl StoreWriter {
+    pub fn start(control_ns: &str) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<Result<Instant>>)>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let ns = control_ns.to_owned();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(Path::new("/run/netns").join(&ns)).expect("control netns");
+            // SAFETY: setns on this thread only; the fd is valid.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let store = rt.block_on(contiv_store::open(&contiv_store::StoreConfig::etcd(["http://127.0.0.1:2379"])));
+            let store: Arc<dyn contiv_store::Store> = match (rc, store) {
+                (0, Ok(s)) => s,
+                (_, e) => {
+                    let _ = ready_tx.send(Err(format!("store in the control namespace: {:?}", e.err())));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            for (yaml, reply) in rx {
+                let r = (|| {
+                    let m = contiv_netctl::manifest::parse_manifest(Path::new("bench.yaml"), &yaml)?;
+                    // The write itself: a get, then the put (as netctl apply does).
+                    let t0 = Instant::now();
+                    rt.block_on(contiv_netctl::apply(&store, &m.objects))?;
+                    Ok(t0)
+                })();
+                let _ = reply.send(r);
+            }
+        });
+        ready_rx.recv()?.map_err(anyhow::Error::msg)?;
+        Ok(Self { tx })
+    }
+
+    /// Applies `yaml`; the instant the store write began.
+    pub fn apply(&self, yaml: &str) -> Result<Instant> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send((yaml.to_owned(), tx))?;
+        rx.recv()?
+    }
 }

@@ -18,7 +18,6 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,7 +25,8 @@ use anyhow::{Context, Result, bail};
 use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, pod_yaml};
 
 use crate::bench_net::{
-    Endpoint, RR_BLOCK, RR_BLOCKS, RR_WARMUP, enter, median, percentile, row, rr_samples, tcp_gbps, write_results,
+    Endpoint, RR_BLOCK, RR_BLOCKS, RR_WARMUP, StoreWriter, enter, median, percentile, row, rr_samples, tcp_gbps,
+    write_results,
 };
 
 const FILLER_PODS: usize = 1000;
@@ -218,54 +218,6 @@ fn first_success(ns: &str, addr: SocketAddr, deadline: Duration) -> std::thread:
             None
         })
     })
-}
-
-/// A store client inside the box's control namespace (where etcd listens), on its own
-/// thread: writes manifests the way `netctl apply` does, returning when the write is done.
-struct StoreWriter {
-    tx: std::sync::mpsc::Sender<(String, std::sync::mpsc::Sender<Result<Instant>>)>,
-}
-
-impl StoreWriter {
-    fn start(control_ns: &str) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<Result<Instant>>)>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let ns = control_ns.to_owned();
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(Path::new("/run/netns").join(&ns)).expect("control netns");
-            // SAFETY: setns on this thread only; the fd is valid.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            let store = rt.block_on(contiv_store::open(&contiv_store::StoreConfig::etcd(["http://127.0.0.1:2379"])));
-            let store: Arc<dyn contiv_store::Store> = match (rc, store) {
-                (0, Ok(s)) => s,
-                (_, e) => {
-                    let _ = ready_tx.send(Err(format!("store in the control namespace: {:?}", e.err())));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            for (yaml, reply) in rx {
-                let r = (|| {
-                    let m = contiv_netctl::manifest::parse_manifest(Path::new("bench.yaml"), &yaml)?;
-                    // The write itself: a get, then the put (as netctl apply does).
-                    let t0 = Instant::now();
-                    rt.block_on(contiv_netctl::apply(&store, &m.objects))?;
-                    Ok(t0)
-                })();
-                let _ = reply.send(r);
-            }
-        });
-        ready_rx.recv()?.map_err(anyhow::Error::msg)?;
-        Ok(Self { tx })
-    }
-
-    /// Applies `yaml`; the instant the store write began.
-    fn apply(&self, yaml: &str) -> Result<Instant> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.tx.send((yaml.to_owned(), tx))?;
-        rx.recv()?
-    }
 }
 
 /// Whether a node's agent shows `pod` with the given isolation (ingress, egress).

@@ -7,6 +7,7 @@ mod bench_ksr;
 mod bench_net;
 mod bench_overlay;
 mod bench_policy;
+mod bench_services;
 mod bench_store;
 mod bench_vpp;
 mod cluster;
@@ -66,10 +67,10 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
-    /// Benchmarks against their baselines: `datapath`, `overlay`, `cni`, `store`, `ksr`, `vpp`
-    /// or `policy`.
+    /// Benchmarks against their baselines: `datapath`, `overlay`, `cni`, `store`, `ksr`, `vpp`,
+    /// `policy` or `services`.
     Bench {
-        #[arg(value_parser = ["datapath", "overlay", "cni", "store", "ksr", "vpp", "policy"])]
+        #[arg(value_parser = ["datapath", "overlay", "cni", "store", "ksr", "vpp", "policy", "services"])]
         which: String,
     },
 }
@@ -257,6 +258,11 @@ fn main() -> Result<()> {
                     require_root("the policy benchmark")?;
                     let bins = build_bins(true)?;
                     bench_policy::run(&bins)
+                }
+                "services" => {
+                    require_root("the services benchmark")?;
+                    let bins = build_bins(true)?;
+                    bench_services::run(&bins)
                 }
                 _ => bench_store::run(),
             }

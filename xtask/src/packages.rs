@@ -57,12 +57,22 @@ pub const REQUIREMENTS: &[Requirement] = &[
         "agents run under nsenter --net; setpriv runs contiv-cni as a non-root user in tests",
     ),
     req("nftables", &["/usr/sbin/nft"], "the agent masquerades pod traffic leaving the cluster"),
+    req(
+        "iptables",
+        &["/usr/sbin/iptables-nft-restore", "/usr/sbin/iptables-legacy-restore"],
+        "the services benchmark's kube-proxy iptables-mode baselines (nf_tables and legacy backends)",
+    ),
     req("tcpdump", &["/usr/bin/tcpdump"], "tests check what crosses the fabric"),
     req("procps", &["/usr/sbin/sysctl|/sbin/sysctl"], "sysctl in node namespaces"),
     req("ethtool", &["/usr/sbin/ethtool|/sbin/ethtool"], "offload settings"),
     req("iputils-ping", &["/usr/bin/ping|/bin/ping"], "ping between pods"),
     req("iperf3", &["/usr/bin/iperf3"], "throughput in tests and benchmarks"),
     req("sockperf", &["/usr/bin/sockperf"], "latency benchmarks"),
+    req(
+        "fonts-dejavu-core",
+        &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"],
+        "text in the services benchmark's plot (plotters draws it from this TTF file)",
+    ),
     req("etcd-server", &["/usr/bin/etcd"], "the cluster store in tests and benchmarks"),
     req("etcd-client", &["/usr/bin/etcdctl"], "store benchmark baseline and tests"),
     req(

@@ -1,0 +1,1242 @@
+//! `cargo xtask bench services`: what a Service costs a pod, and how fast a node follows
+//! them, with 10, 1,000 and 10,000 Services in the store; this datapath against the same
+//! Services rendered the way kube-proxy renders them, built in the same run and measured
+//! alternately.
+//!
+//! **Ours**: a two-node cluster in a box. The client and server pods are on node-1; every
+//! Service and EndpointSlice is real YAML applied with `netctl apply` (one multi-document
+//! file per step). node-2's agent is stopped except while its cold start is timed.
+//!
+//! **Baselines**: kube-proxy's two renderings of the same Services, each in its own "node"
+//! namespace with a client and a server pod namespace wired like a plain routed CNI (veth,
+//! /32 routes, static neighbours, the pods' default route via the node). The rules sit where
+//! kube-proxy puts them for pod traffic: the node's nat PREROUTING hook (a pod's SYN enters
+//! the node through its veth, is DNAT'ed there and routed to the backend's veth), so only
+//! the service implementation differs from a kube-proxy node:
+//! - iptables mode: `*nat` with PREROUTING/OUTPUT -> KUBE-SERVICES, one rule per service
+//!   port (`-d clusterIP/32 -p tcp --dport`) jumping to KUBE-SVC-<hash>, which marks for
+//!   masquerade from outside the cluster CIDR and picks a KUBE-SEP-<hash> with `statistic
+//!   --mode random --probability 1/k`; each KUBE-SEP marks hairpin traffic and DNATs;
+//!   KUBE-NODEPORTS last; KUBE-POSTROUTING masquerades marked traffic; the `*filter`
+//!   chains kube-proxy hooks (KUBE-FORWARD and the empty service/firewall chains). Loaded with
+//!   `iptables-nft-restore` (Debian 12's default iptables backend, nf_tables, which
+//!   kube-proxy's image picks on such a node), and the same text with
+//!   `iptables-legacy-restore` (x_tables) as a second iptables baseline. kube-proxy writes its services in Go map order, i.e. in no
+//!   particular order, so the measured service sits in the middle of KUBE-SERVICES (where a
+//!   service lands on average).
+//! - nftables mode: table `ip kube-proxy` with the `service-ips` verdict map keyed by
+//!   `ipv4_addr . inet_proto . inet_service`, per-service chains choosing an endpoint chain
+//!   with `numgen random mod k vmap`, endpoint chains DNAT'ing, masquerade marking, the
+//!   filter-hook chains and `cluster-ips` set; loaded with `nft -f`.
+//!
+//! Metrics (target/bench/services.json, and target/bench/services.png: connect latency p50
+//! and p99 against the number of services for every implementation, drawn with plotters):
+//! - `connect_p50_10k_vs_iptables` (bar <= 0.2), `connect_p50_10k_vs_10` (ours at 10,000
+//!   against ours at 10; bar <= 1.2), p99s, the nftables and iptables-legacy comparisons and
+//!   every scale: a new TCP connection from the client pod to the service's ClusterIP, one
+//!   64-byte request and its 64-byte answer (timed from connect() to the answer; the client
+//!   closes with a reset, so neither side piles up TIME_WAIT). Client and server busy-poll on
+//!   separate CPUs, as in the other latency benchmarks; blocks of 500 connections, each
+//!   topology in turn, who goes first rotating. `connect_p50_10k_clusterip_vs_pod_ip` puts
+//!   ours beside the same pods connecting to the server's pod IP (what the service layer
+//!   adds to a connection). p90 rows beside the p99s: on a busy shared machine a p99 of
+//!   busy-polling threads is mostly the time they spent descheduled.
+//! - `clusterip_throughput` (bar >= 0.97) and `clusterip_rr_p50` (bar <= 1.05), p99: one TCP
+//!   stream (iperf3) and 64-byte request/response from the client pod to the server through
+//!   a ClusterIP, against the same pods talking directly, at 10,000 services.
+//! - `programming_p99_10k` (target <= 100 ms), p50: from the start of the store write of a
+//!   changed EndpointSlice (the probe service's backend port, written by the code `netctl
+//!   apply` runs, in-process) to the new port in node-1's pinned SVC_BACKENDS map, polled
+//!   every 200 us; baseline the same at 10 services.
+//! - `cold_start_10k` (target <= 2 s): node-2's agent started on an empty bpffs (its pin
+//!   directory removed, as on a fresh or rebooted node) with 10,000 services in the store,
+//!   until its pinned SVC_FRONTENDS and SVC_BACKENDS hold every entry node-1's hold (median
+//!   of a few starts); baseline the same with 10 services. `cold_start_10k_vs_iptables_restore`
+//!   and `..._vs_nft_load` put it beside the time `iptables-nft-restore` / `nft -f` take to load
+//!   the 10,000-service rendering alone (kube-proxy's least work at start, without its own
+//!   start and informer sync).
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use contiv_common::{SVC_LOCAL_BASE, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, map_names};
+use contiv_tests::{Netns, cluster::BoxOptions, cluster::ClusterBox};
+use serde_json::Value;
+
+use crate::bench_net::{
+    Endpoint, RR_BLOCK, RR_BLOCKS, RR_WARMUP, StoreWriter, median, percentile, pin_to_cpu, row, rr_samples_via,
+    tcp_gbps, write_results,
+};
+use crate::progress;
+use plotters::style::RGBColor;
+
+/// The numbers of Services measured (every one a single-port ClusterIP, except the
+/// throughput service's two ports).
+const SCALES: [usize; 3] = [10, 1_000, 10_000];
+/// Endpoints per filler service (addresses no pod holds: never connected to).
+const FILLER_ENDPOINTS: usize = 2;
+const FILLER_NAMESPACES: usize = 50;
+/// Connect-latency blocks per scale; the topologies take turns block by block.
+const CONNECT_BLOCKS: usize = 20;
+const CONNECT_BLOCK: usize = 500;
+const CONNECT_WARMUP: usize = 20;
+const PROGRAMMING_SAMPLES: usize = 100;
+const COLD_STARTS: usize = 3;
+/// Throughput rounds (each: pod -> pod and pod -> ClusterIP, 5 s each, who goes first alternating).
+const ROUNDS: usize = 7;
+
+const TARGET_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const DIRECT_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const PROBE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const SERVICE_PORT: u16 = 80;
+const SERVER_PORT: u16 = 8080;
+/// The throughput service's ports: iperf3 (bench_net's fixed port) and request/response.
+const IPERF_PORT: u16 = 5299;
+const RR_PORT: u16 = 7000;
+/// The probe service's backend: an address no pod holds.
+const PROBE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 15, 2);
+const CLUSTER_CIDR: &str = "10.1.0.0/16";
+/// The baseline pods (a node's subnet of the same cluster range).
+const BASE_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 254, 2);
+const BASE_SERVER: Ipv4Addr = Ipv4Addr::new(10, 1, 254, 3);
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+// === the Services ===
+
+/// One Service with its EndpointSlice.
+#[derive(Debug, Clone)]
+struct Svc {
+    namespace: String,
+    name: String,
+    ip: Ipv4Addr,
+    /// (port name, port, target port)
+    ports: Vec<(&'static str, u16, u16)>,
+    endpoints: Vec<(Ipv4Addr, String)>,
+}
+
+/// Filler `k`: ClusterIP 10.96.1.0 + k, two endpoints on (fictional) other nodes.
+fn filler(k: usize) -> Svc {
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 1, 0)) + k as u32);
+    let endpoints = (0..FILLER_ENDPOINTS)
+        .map(|e| {
+            let j = (k * FILLER_ENDPOINTS + e) as u32;
+            (Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 16, 0)) + j), format!("node-{}", 3 + j % 20))
+        })
+        .collect();
+    Svc {
+        namespace: format!("fill{}", k % FILLER_NAMESPACES),
+        name: format!("s{k}"),
+        ip,
+        ports: vec![("http", SERVICE_PORT, SERVER_PORT)],
+        endpoints,
+    }
+}
+
+/// The three services the benchmark uses, leading to `server` (on `node`).
+fn specials(server: Ipv4Addr, node: &str, probe_port: u16) -> Vec<Svc> {
+    let bench =
+        |name: &str, ip, ports, endpoints| Svc { namespace: "bench".into(), name: name.into(), ip, ports, endpoints };
+    vec![
+        bench("target", TARGET_IP, vec![("http", SERVICE_PORT, SERVER_PORT)], vec![(server, node.to_owned())]),
+        bench(
+            "direct",
+            DIRECT_IP,
+            vec![("iperf", IPERF_PORT, IPERF_PORT), ("rr", RR_PORT, RR_PORT)],
+            vec![(server, node.to_owned())],
+        ),
+        bench("probe", PROBE_IP, vec![("http", SERVICE_PORT, probe_port)], vec![(PROBE_BACKEND, "node-2".into())]),
+    ]
+}
+
+/// The probe service with its backend on `port`.
+fn probe(port: u16) -> Svc {
+    specials(PROBE_BACKEND, "node-2", port).remove(2)
+}
+
+/// How many fillers a scale of `n` services has (the three specials count).
+fn fillers(n: usize) -> usize {
+    n - 3
+}
+
+fn endpoint_slice_yaml(s: &Svc) -> String {
+    let ports: Vec<String> =
+        s.ports.iter().map(|(name, _, target)| format!("{{name: {name}, protocol: TCP, port: {target}}}")).collect();
+    let mut out = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {n}-x1, namespace: {ns}, labels: \
+         {{kubernetes.io/service-name: {n}}}}}\naddressType: IPv4\nports: [{}]\nendpoints:\n",
+        ports.join(", "),
+        n = s.name,
+        ns = s.namespace,
+    );
+    for (ip, node) in &s.endpoints {
+        out.push_str(&format!(
+            "- {{addresses: [{ip}], conditions: {{ready: true, serving: true, terminating: false}}, nodeName: {node}}}\n"
+        ));
+    }
+    out
+}
+
+fn service_yaml(s: &Svc) -> String {
+    let ports: Vec<String> = s
+        .ports
+        .iter()
+        .map(|(name, port, target)| format!("{{name: {name}, protocol: TCP, port: {port}, targetPort: {target}}}"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: {ns}}}\nspec:\n  type: ClusterIP\n  \
+         clusterIP: {ip}\n  clusterIPs: [{ip}]\n  selector: {{app: {n}}}\n  ports: [{}]\n---\n{}",
+        ports.join(", "),
+        endpoint_slice_yaml(s),
+        n = s.name,
+        ns = s.namespace,
+        ip = s.ip,
+    )
+}
+
+fn manifest(svcs: &[Svc], namespaces: &[String]) -> String {
+    let mut out = String::new();
+    for ns in namespaces {
+        out.push_str(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{kubernetes.io/metadata.name: {ns}}}}}\n---\n"
+        ));
+    }
+    for s in svcs {
+        out.push_str(&service_yaml(s));
+        out.push_str("---\n");
+    }
+    out
+}
+
+/// Every service of a scale in kube-proxy's rendering order: the measured one in the middle.
+fn rendering_order(n: usize, server: Ipv4Addr) -> Vec<Svc> {
+    let mut all: Vec<Svc> = specials(server, "node", SERVER_PORT).into_iter().skip(1).collect();
+    all.extend((0..fillers(n)).map(filler));
+    let target = specials(server, "node", SERVER_PORT).remove(0);
+    all.insert(all.len() / 2, target);
+    all
+}
+
+// === kube-proxy's renderings ===
+
+/// 64 bits of FNV-1a.
+fn fnv64(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// `len` base32 characters of a hash of `s` (kube-proxy: base32 of a SHA-256, cut).
+fn chain_hash(s: &str, len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let bits = (u128::from(fnv64(s.as_bytes(), 0)) << 64) | u128::from(fnv64(s.as_bytes(), 0x9e37_79b9));
+    (0..len).map(|i| ALPHABET[((bits >> (5 * i)) & 31) as usize] as char).collect()
+}
+
+/// kube-proxy's iptables mode (iptables-save syntax, for `iptables-restore`).
+fn iptables_rules(svcs: &[Svc]) -> String {
+    let mut chains = vec![];
+    let mut rules = vec![];
+    let mut services = vec![];
+    for s in svcs {
+        for (pname, port, target) in &s.ports {
+            let spn = format!("{}/{}:{pname}", s.namespace, s.name);
+            let svc_chain = format!("KUBE-SVC-{}", chain_hash(&format!("{spn}tcp"), 16));
+            chains.push(svc_chain.clone());
+            services.push(format!(
+                "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"{spn} cluster IP\" -m tcp --dport {port} -j {svc_chain}",
+                s.ip
+            ));
+            rules.push(format!(
+                "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {}/32 -p tcp -m comment --comment \"{spn} cluster IP\" -m tcp \
+                 --dport {port} -j KUBE-MARK-MASQ",
+                s.ip
+            ));
+            let k = s.endpoints.len();
+            for (i, (ip, _)) in s.endpoints.iter().enumerate() {
+                let sep = format!("KUBE-SEP-{}", chain_hash(&format!("{spn}tcp{ip}:{target}"), 16));
+                chains.push(sep.clone());
+                let remaining = k - i;
+                if remaining > 1 {
+                    rules.push(format!(
+                        "-A {svc_chain} -m comment --comment \"{spn} -> {ip}:{target}\" -m statistic --mode random \
+                         --probability {:.11} -j {sep}",
+                        1.0 / remaining as f64
+                    ));
+                } else {
+                    rules.push(format!("-A {svc_chain} -m comment --comment \"{spn} -> {ip}:{target}\" -j {sep}"));
+                }
+                rules.push(format!("-A {sep} -s {ip}/32 -m comment --comment {spn} -j KUBE-MARK-MASQ"));
+                rules.push(format!(
+                    "-A {sep} -p tcp -m comment --comment {spn} -m tcp -j DNAT --to-destination {ip}:{target}"
+                ));
+            }
+        }
+    }
+    let mut out = String::from(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n\
+         :KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
+         :KUBE-PROXY-CANARY - [0:0]\n\
+         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+         -A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n\
+         -A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+         -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n\
+         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n\
+         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         COMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n",
+    );
+    for c in &chains {
+        out.push_str(&format!(":{c} - [0:0]\n"));
+    }
+    out.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n",
+    );
+    for r in services.iter().chain(&rules) {
+        out.push_str(r);
+        out.push('\n');
+    }
+    out.push_str(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in \
+         this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT\n",
+    );
+    out
+}
+
+/// kube-proxy's nftables mode (`nft -f` syntax).
+fn nft_rules(svcs: &[Svc]) -> String {
+    const T: &str = "ip kube-proxy";
+    // Replaces whatever an earlier load left.
+    let mut out = format!("add table {T}\ndelete table {T}\nadd table {T} {{ comment \"rules for kube-proxy\" ; }}\n");
+    let base = [
+        "add chain T mark-for-masquerade",
+        "add rule T mark-for-masquerade mark set mark or 0x4000",
+        "add chain T masquerading",
+        "add rule T masquerading mark and 0x4000 == 0 return",
+        "add rule T masquerading mark set mark xor 0x4000",
+        "add rule T masquerading masquerade fully-random",
+        "add set T cluster-ips { type ipv4_addr ; comment \"Active ClusterIPs\" ; }",
+        "add set T nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+        "add map T no-endpoint-nodeports { type inet_proto . inet_service : verdict ; }",
+        "add map T no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict ; }",
+        "add map T service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }",
+        "add map T service-nodeports { type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }",
+        "add map T firewall-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }",
+        "add chain T firewall-check",
+        "add rule T firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips",
+        "add chain T cluster-ips-check",
+        "add rule T cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"",
+        "add rule T cluster-ips-check ip daddr { 10.96.0.0/12 } drop comment \"Drop traffic to unallocated ClusterIPs\"",
+        "add chain T nodeport-endpoints-check",
+        "add rule T nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports",
+        "add chain T service-endpoints-check",
+        "add rule T service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
+        "add chain T services",
+        "add rule T services ip daddr . meta l4proto . th dport vmap @service-ips",
+        "add rule T services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
+        "add chain T filter-prerouting { type filter hook prerouting priority -110 ; }",
+        "add rule T filter-prerouting ct state new jump firewall-check",
+        "add chain T filter-input { type filter hook input priority -110 ; }",
+        "add rule T filter-input ct state new jump nodeport-endpoints-check",
+        "add rule T filter-input ct state new jump service-endpoints-check",
+        "add chain T filter-forward { type filter hook forward priority -110 ; }",
+        "add rule T filter-forward ct state new jump service-endpoints-check",
+        "add rule T filter-forward ct state new jump cluster-ips-check",
+        "add chain T filter-output { type filter hook output priority -110 ; }",
+        "add rule T filter-output ct state new jump service-endpoints-check",
+        "add rule T filter-output ct state new jump firewall-check",
+        "add chain T filter-output-post-dnat { type filter hook output priority -90 ; }",
+        "add rule T filter-output-post-dnat ct state new jump cluster-ips-check",
+        "add chain T nat-prerouting { type nat hook prerouting priority -100 ; }",
+        "add rule T nat-prerouting jump services",
+        "add chain T nat-output { type nat hook output priority -100 ; }",
+        "add rule T nat-output jump services",
+        "add chain T nat-postrouting { type nat hook postrouting priority 100 ; }",
+        "add rule T nat-postrouting jump masquerading",
+    ];
+    for l in base {
+        out.push_str(&l.replacen(" T ", &format!(" {T} "), 1));
+        out.push('\n');
+    }
+    for s in svcs {
+        out.push_str(&format!("add element {T} cluster-ips {{ {} }}\n", s.ip));
+        for (pname, port, target) in &s.ports {
+            let spn = format!("{}/{}/tcp/{pname}", s.namespace, s.name);
+            let chain = format!("service-{}-{spn}", chain_hash(&spn, 8));
+            out.push_str(&format!("add chain {T} {chain}\n"));
+            out.push_str(&format!(
+                "add rule {T} {chain} ip daddr {} tcp dport {port} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n",
+                s.ip
+            ));
+            let mut vmap = vec![];
+            for (i, (ip, _)) in s.endpoints.iter().enumerate() {
+                let ep = format!("endpoint-{}-{spn}__{ip}/{target}", chain_hash(&format!("{spn}{ip}"), 8));
+                out.push_str(&format!("add chain {T} {ep}\n"));
+                out.push_str(&format!("add rule {T} {ep} ip saddr {ip} jump mark-for-masquerade\n"));
+                out.push_str(&format!("add rule {T} {ep} meta l4proto tcp dnat to {ip}:{target}\n"));
+                vmap.push(format!("{i} : goto {ep}"));
+            }
+            out.push_str(&format!(
+                "add rule {T} {chain} numgen random mod {} vmap {{ {} }}\n",
+                s.endpoints.len(),
+                vmap.join(" , ")
+            ));
+            out.push_str(&format!("add element {T} service-ips {{ {} . tcp . {port} : goto {chain} }}\n", s.ip));
+        }
+    }
+    out
+}
+
+// === the baseline nodes ===
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Proxy {
+    Iptables,
+    IptablesLegacy,
+    Nftables,
+}
+
+impl Proxy {
+    fn label(self) -> &'static str {
+        match self {
+            Proxy::Iptables => "iptables",
+            Proxy::IptablesLegacy => "iptables-legacy",
+            Proxy::Nftables => "nftables",
+        }
+    }
+}
+
+/// A node whose pods are routed by the kernel, with kube-proxy's rules in its namespace.
+struct ProxyNode {
+    proxy: Proxy,
+    node: Netns,
+    client: Netns,
+    server: Netns,
+}
+
+impl ProxyNode {
+    fn new(proxy: Proxy) -> Self {
+        let node = Netns::new("bsn");
+        contiv_tests::run(node.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
+        let mut pods = vec![];
+        for (i, ip) in [BASE_CLIENT, BASE_SERVER].into_iter().enumerate() {
+            let pod = Netns::new("bsp");
+            let host = format!("bs{i}");
+            let pod_mac = format!("02:b2:00:00:00:{:02x}", i + 1);
+            let host_mac = format!("02:b3:00:00:00:{:02x}", i + 1);
+            node.ip(&[
+                "link", "add", &host, "address", &host_mac, "type", "veth", "peer", "name", "bspeer", "address",
+                &pod_mac,
+            ]);
+            node.ip(&["link", "set", "bspeer", "netns", pod.name()]);
+            pod.ip(&["link", "set", "bspeer", "name", "eth0"]);
+            pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            pod.ip(&["link", "set", "eth0", "up"]);
+            pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+            pod.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+            pod.ip(&["neigh", "replace", "169.254.1.1", "lladdr", &host_mac, "dev", "eth0", "nud", "permanent"]);
+            node.ip(&["link", "set", &host, "up"]);
+            contiv_tests::run(node.cmd("sysctl").args(["-qw", &format!("net.ipv4.conf.{host}.proxy_arp=1")]));
+            node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host]);
+            node.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &pod_mac, "dev", &host, "nud", "permanent"]);
+            pods.push(pod);
+        }
+        let server = pods.pop().expect("server");
+        let client = pods.pop().expect("client");
+        Self { proxy, node, client, server }
+    }
+
+    /// Loads the rendering of `svcs`; how long the loader took.
+    fn load(&self, svcs: &[Svc]) -> Result<Duration> {
+        let (program, args, text): (&str, &[&str], String) = match self.proxy {
+            Proxy::Iptables => ("iptables-nft-restore", &[], iptables_rules(svcs)),
+            Proxy::IptablesLegacy => ("iptables-legacy-restore", &[], iptables_rules(svcs)),
+            Proxy::Nftables => ("nft", &["-f", "-"], nft_rules(svcs)),
+        };
+        let started = Instant::now();
+        let mut child = self
+            .node
+            .cmd(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {program}"))?;
+        child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let took = started.elapsed();
+        if !out.status.success() {
+            bail!("{program} in {} failed: {}", self.node.name(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(took)
+    }
+}
+
+// === connect latency ===
+
+fn linger0(fd: i32) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket fd, a pointer to a linger value of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Receives `buf.len()` bytes, busy-polling (MSG_DONTWAIT); Ok(false) if the peer closed.
+fn spin_recv(fd: i32, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: recv into the unfilled rest of `buf`.
+        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, libc::MSG_DONTWAIT) };
+        if n > 0 {
+            got += n as usize;
+        } else if n == 0 {
+            return Ok(false);
+        } else {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(e);
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
+    }
+    Ok(true)
+}
+
+/// New-connection latencies (microseconds) from `client_ns` to `to`, answered by a server
+/// on `bind` in `server_ns`: connect, 64 bytes out, 64 bytes back; closed with a reset.
+fn connect_samples(
+    client_ns: &str,
+    server_ns: &str,
+    bind: SocketAddr,
+    to: SocketAddr,
+    count: usize,
+) -> Result<Vec<f64>> {
+    let listener = contiv_tests::cluster::enter(server_ns, move || std::net::TcpListener::bind(bind))
+        .with_context(|| format!("binding {bind} in {server_ns}"))?;
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_stop = stop.clone();
+    let server = std::thread::spawn(move || {
+        pin_to_cpu(1);
+        let mut buf = [0u8; 64];
+        while !server_stop.load(Ordering::Relaxed) {
+            let conn = match listener.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let fd = conn.as_raw_fd();
+            if spin_recv(fd, &mut buf, &server_stop).unwrap_or(false) {
+                // SAFETY: send from a valid buffer on a valid socket.
+                unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+                // Until the client's reset (or close).
+                let mut rest = [0u8; 1];
+                let _ = spin_recv(fd, &mut rest, &server_stop);
+            }
+        }
+    });
+    let client_ns = client_ns.to_owned();
+    let samples = std::thread::spawn(move || -> Result<Vec<f64>> {
+        let f = std::fs::File::open(Path::new("/run/netns").join(&client_ns))?;
+        // SAFETY: setns on this thread only.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        pin_to_cpu(0);
+        let never = AtomicBool::new(false);
+        let mut samples = Vec::with_capacity(count);
+        let mut buf = [7u8; 64];
+        let target = socket2::SockAddr::from(to);
+        for i in 0..CONNECT_WARMUP + count {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            let fd = s.as_raw_fd();
+            let t = Instant::now();
+            s.connect(&target).with_context(|| format!("connecting to {to} from {client_ns}"))?;
+            // SAFETY: send from a valid buffer on a connected socket.
+            if unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) } != 64 {
+                bail!("send to {to}: {}", std::io::Error::last_os_error());
+            }
+            if !spin_recv(fd, &mut buf, &never)? {
+                bail!("{to} closed without answering");
+            }
+            let took = t.elapsed();
+            linger0(fd);
+            drop(s);
+            if i >= CONNECT_WARMUP {
+                samples.push(took.as_nanos() as f64 / 1e3);
+            }
+        }
+        Ok(samples)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect client panicked"));
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    samples?
+}
+
+// === the node's maps ===
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> Result<BpfHashMap<MapData, K, V>> {
+    let data = MapData::from_pin(pin_dir.join(name)).with_context(|| format!("{}/{name}", pin_dir.display()))?;
+    BpfHashMap::try_from(Map::HashMap(data)).with_context(|| format!("{name} is not the expected hash map"))
+}
+
+/// A node's pinned service maps, read the way the datapath reads them.
+struct SvcMaps {
+    frontends: BpfHashMap<MapData, SvcKey, SvcFrontend>,
+    backends: BpfHashMap<MapData, SvcBackendKey, SvcBackend>,
+}
+
+impl SvcMaps {
+    fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            frontends: open_hash(pin_dir, map_names::SVC_FRONTENDS)?,
+            backends: open_hash(pin_dir, map_names::SVC_BACKENDS)?,
+        })
+    }
+
+    fn frontend(&self, ip: Ipv4Addr, port: u16) -> Option<SvcFrontend> {
+        self.frontends.get(&SvcKey { ip: ip.octets(), port, proto: 6, _pad: 0 }, 0).ok()
+    }
+
+    fn backend(&self, svc_id: u32, ordinal: u32) -> Option<SvcBackend> {
+        self.backends.get(&SvcBackendKey { svc_id, ordinal }, 0).ok()
+    }
+
+    /// (frontends, backends of the Cluster sets): what every node holds alike (the Local
+    /// sets are each node's own endpoints).
+    fn counts(&self) -> (usize, usize) {
+        let backends = self.backends.keys().filter(|k| k.as_ref().is_ok_and(|k| k.ordinal < SVC_LOCAL_BASE)).count();
+        (self.frontends.keys().filter(|k| k.is_ok()).count(), backends)
+    }
+}
+
+/// Waits until node-1's maps hold `frontends` frontends and the target leads to the server.
+fn wait_programmed(maps: &SvcMaps, frontends: usize, what: &str) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let (f, _) = maps.counts();
+        if f == frontends && maps.frontend(TARGET_IP, SERVICE_PORT).is_some() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("{what}: node-1 holds {f} of {frontends} frontends after 10 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+// === programming latency ===
+
+/// From the start of each store write of the probe's slice with a new backend port to that
+/// port in node-1's SVC_BACKENDS; milliseconds.
+fn programming_samples(writer: &StoreWriter, pin_dir: &Path, next_port: &mut u16) -> Result<Vec<f64>> {
+    let probe_id = SvcMaps::open(pin_dir)?
+        .frontend(PROBE_IP, SERVICE_PORT)
+        .context("the probe service is not programmed on node-1")?
+        .svc_id;
+    let mut out = vec![];
+    for _ in 0..PROGRAMMING_SAMPLES {
+        *next_port = if *next_port >= 60_000 { 20_000 } else { *next_port + 1 };
+        let port = *next_port;
+        let pin_dir = pin_dir.to_owned();
+        let ready = Arc::new(AtomicBool::new(false));
+        let poller_ready = ready.clone();
+        let poller = std::thread::spawn(move || -> Result<Option<Instant>> {
+            let maps = SvcMaps::open(&pin_dir)?;
+            poller_ready.store(true, Ordering::Release);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if maps.backend(probe_id, 0).is_some_and(|b| b.port == port) {
+                    return Ok(Some(Instant::now()));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok(None)
+        });
+        while !ready.load(Ordering::Acquire) && !poller.is_finished() {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let t0 = writer.apply(&endpoint_slice_yaml(&probe(port)))?;
+        let seen = poller.join().map_err(|_| anyhow::anyhow!("map poller panicked"))??;
+        let Some(t1) = seen else { bail!("node-1 did not program the probe's port {port} in 30 s") };
+        out.push(t1.saturating_duration_since(t0).as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+// === cold start ===
+
+/// node-2's agent started on an empty bpffs: seconds until its service maps hold what
+/// node-1's hold (`want`: frontends, Cluster-set backends); and when its CNI answered.
+fn cold_start(b: &mut ClusterBox, want: (usize, usize)) -> Result<(f64, f64)> {
+    let pin_dir = b.node("node-2").pin_dir.clone();
+    b.stop_agent("node-2", false);
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let poll_done = done.clone();
+    let poll_dir = pin_dir.clone();
+    let started = Instant::now();
+    let poller = std::thread::spawn(move || -> Option<Instant> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut maps = None;
+        while Instant::now() < deadline && !poll_done.load(Ordering::Relaxed) {
+            if maps.is_none() {
+                maps = SvcMaps::open(&poll_dir).ok();
+            }
+            if let Some(m) = &maps {
+                // Cheap first: the probe frontend; then every entry.
+                if m.frontend(PROBE_IP, SERVICE_PORT).is_some() && m.counts() == want {
+                    return Some(Instant::now());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    });
+    b.start_agent("node-2");
+    let ready = started.elapsed().as_secs_f64();
+    let seen = poller.join().map_err(|_| anyhow::anyhow!("cold-start poller panicked"));
+    done.store(true, Ordering::Relaxed);
+    let Some(t1) = seen? else {
+        bail!("node-2 did not program {want:?} (frontends, backends) within 120 s:\n{}", b.agent_log("node-2"));
+    };
+    b.stop_agent("node-2", false);
+    Ok((t1.duration_since(started).as_secs_f64(), ready))
+}
+
+// === the plot ===
+
+struct Series {
+    label: &'static str,
+    color: RGBColor,
+    /// (services, p50, p99) in microseconds
+    points: Vec<(f64, f64, f64)>,
+}
+
+fn plot(path: &Path, series: &[Series]) -> Result<()> {
+    use plotters::prelude::*;
+    let font = std::fs::read(FONT).with_context(|| format!("{FONT} (Debian package fonts-dejavu-core)"))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
+        .map_err(|_| anyhow::anyhow!("{FONT} is not a usable font"))?;
+    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (1500, 650)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let root = root
+        .titled("New TCP connection to a ClusterIP: connect + one 64-byte request/response", ("sans-serif", 24))
+        .map_err(err)?;
+    let panels = root.split_evenly((1, 2));
+    // p50 on the left (with the legend), p99 on the right; services on a log scale, latency
+    // on a linear one from zero.
+    for (panel, (name, pick)) in panels.iter().zip([("p50", 0usize), ("p99", 1)]) {
+        let value = |p: &(f64, f64, f64)| if pick == 0 { p.1 } else { p.2 };
+        let values = series.iter().flat_map(|s| s.points.iter().map(value));
+        let hi = values.fold(1.0f64, f64::max);
+        // Room for the legend above the p50 lines.
+        let ymax = hi * if pick == 0 { 1.6 } else { 1.15 };
+        let mut chart = ChartBuilder::on(panel)
+            .caption(name, ("sans-serif", 20))
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d((7.0f64..14_000.0).log_scale(), 0.0..ymax)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("Services in the cluster")
+            .y_desc(format!("{name} latency (us)"))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .y_labels(12)
+            .label_style(("sans-serif", 15))
+            .draw()
+            .map_err(err)?;
+        for s in series {
+            let color = s.color;
+            chart
+                .draw_series(LineSeries::new(s.points.iter().map(|p| (p.0, value(p))), color.stroke_width(3)))
+                .map_err(err)?
+                .label(s.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+            chart.draw_series(s.points.iter().map(|p| Circle::new((p.0, value(p)), 4, color.filled()))).map_err(err)?;
+        }
+        if pick == 0 {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .label_font(("sans-serif", 15))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+        }
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+// === the run ===
+
+/// A client/server pair whose new connections are timed.
+struct Topology {
+    label: &'static str,
+    client_ns: String,
+    server_ns: String,
+    bind: SocketAddr,
+    to: SocketAddr,
+}
+
+fn p(v: &[f64], q: f64) -> f64 {
+    percentile(v, q)
+}
+
+pub fn run(bins: &Path) -> Result<()> {
+    // SAFETY: set before any thread starts.
+    unsafe { std::env::set_var("CONTIV_BIN_DIR", bins) };
+    let bench_started = Instant::now();
+    println!(
+        "services benchmark: {:?} services; ours (a box) against kube-proxy's iptables (nf_tables and legacy) and \
+         nftables renderings",
+        SCALES
+    );
+    let step = progress::step("cluster in a box (2 nodes), pods, baseline nodes");
+    let mut opts = BoxOptions::for_test(2);
+    opts.id = format!("cbsv{}", std::process::id());
+    let mut b = ClusterBox::up(opts);
+    // node-2 runs only for its cold starts: its agent would otherwise compete for the CPUs.
+    b.stop_agent("node-2", false);
+    let server = b.add_pod("node-1", "bench/server", &[("app", "server")], &[]);
+    let client = b.add_pod("node-1", "bench/client", &[("app", "client")], &[]);
+    let proxies = [Proxy::Iptables, Proxy::IptablesLegacy, Proxy::Nftables];
+    let bases: Vec<ProxyNode> = proxies.iter().map(|p| ProxyNode::new(*p)).collect();
+    let pin_dir = b.node("node-1").pin_dir.clone();
+    let writer = StoreWriter::start(&b.state.control)?;
+    step.finish();
+
+    // Ours through the ClusterIP; ours straight to the server pod (what the service layer
+    // adds); each kube-proxy rendering through the ClusterIP.
+    let target = SocketAddr::from((TARGET_IP, SERVICE_PORT));
+    let mut topologies = vec![
+        Topology {
+            label: "ours",
+            client_ns: client.netns.clone(),
+            server_ns: server.netns.clone(),
+            bind: SocketAddr::from((server.ip, SERVER_PORT)),
+            to: target,
+        },
+        Topology {
+            label: "ours-pod-ip",
+            client_ns: client.netns.clone(),
+            server_ns: server.netns.clone(),
+            bind: SocketAddr::from((server.ip, SERVER_PORT)),
+            to: SocketAddr::from((server.ip, SERVER_PORT)),
+        },
+    ];
+    for base in &bases {
+        topologies.push(Topology {
+            label: base.proxy.label(),
+            client_ns: base.client.name().to_owned(),
+            server_ns: base.server.name().to_owned(),
+            bind: SocketAddr::from((BASE_SERVER, SERVER_PORT)),
+            to: target,
+        });
+    }
+    // [topology][scale]: sorted samples.
+    let mut connects: Vec<Vec<Vec<f64>>> = vec![vec![]; topologies.len()];
+    let mut programming: Vec<Vec<f64>> = vec![];
+    let mut cold: Vec<(f64, f64)> = vec![];
+    let mut loads: Vec<Vec<f64>> = vec![];
+    let mut applied = 0usize;
+    let mut next_port = 20_000u16;
+    for (si, &n) in SCALES.iter().enumerate() {
+        let step = progress::step(format!("{n} services"));
+        // The store: what is new at this scale, in one multi-document file.
+        let mut new: Vec<Svc> = vec![];
+        let mut namespaces = vec![];
+        if applied == 0 {
+            new.extend(specials(server.ip, "node-1", next_port));
+            namespaces.push("bench".to_string());
+            namespaces.extend((0..FILLER_NAMESPACES).map(|i| format!("fill{i}")));
+        }
+        let have = applied.saturating_sub(3);
+        new.extend((have..fillers(n)).map(filler));
+        let file = b.state.dir.join(format!("services-{n}.yaml"));
+        std::fs::write(&file, manifest(&new, &namespaces))?;
+        let t = Instant::now();
+        let out = b.netctl(&["apply", "-f", &file.to_string_lossy()]);
+        if !out.status.success() {
+            bail!("netctl apply of {} services failed: {}", new.len(), String::from_utf8_lossy(&out.stderr));
+        }
+        let apply_s = t.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&file);
+        applied = n;
+        let maps = SvcMaps::open(&pin_dir)?;
+        // Every service is one frontend, the throughput service two.
+        let waited = wait_programmed(&maps, n + 1, &format!("{n} services"))?;
+        let (fe, be) = maps.counts();
+        step.note(format!(
+            "netctl apply of {} Services + EndpointSlices in {apply_s:.1} s; node-1 holds {fe} frontends, {be} backends \
+             {:.1} s later",
+            new.len(),
+            waited.as_secs_f64()
+        ));
+        let mut took = vec![];
+        for base in &bases {
+            let d = base.load(&rendering_order(n, BASE_SERVER))?;
+            took.push(d.as_secs_f64());
+        }
+        step.note(format!(
+            "renderings loaded: iptables-nft-restore {:.2} s, iptables-legacy-restore {:.2} s, nft -f {:.2} s",
+            took[0], took[1], took[2]
+        ));
+        loads.push(took);
+
+        // New connections, the topologies taking turns block by block (who goes first
+        // rotates, so a drift in the machine's load hits each alike).
+        let mut samples = vec![vec![]; topologies.len()];
+        for block in 0..CONNECT_BLOCKS {
+            for k in 0..topologies.len() {
+                let i = (block + k) % topologies.len();
+                let t = &topologies[i];
+                samples[i].extend(connect_samples(&t.client_ns, &t.server_ns, t.bind, t.to, CONNECT_BLOCK)?);
+            }
+        }
+        let mut line = "connect p50/p90/p99 us:".to_string();
+        for (i, mut s) in samples.into_iter().enumerate() {
+            s.sort_by(f64::total_cmp);
+            line.push_str(&format!("  {} {:.1}/{:.1}/{:.0}", topologies[i].label, p(&s, 0.5), p(&s, 0.9), p(&s, 0.99)));
+            connects[i].push(s);
+        }
+        step.note(line);
+
+        let prog = programming_samples(&writer, &pin_dir, &mut next_port)?;
+        step.note(format!(
+            "programming latency: p50 {:.1} ms p99 {:.1} ms ({PROGRAMMING_SAMPLES} changes)",
+            p(&prog, 0.5),
+            p(&prog, 0.99)
+        ));
+        programming.push(prog);
+
+        if si == 0 || n == 10_000 {
+            let want = maps.counts();
+            let mut runs = vec![];
+            for _ in 0..COLD_STARTS {
+                runs.push(cold_start(&mut b, want)?);
+            }
+            let secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let ready: Vec<f64> = runs.iter().map(|r| r.1).collect();
+            step.note(format!(
+                "cold start (node-2): all {} frontends / {} backends programmed in {:?} s (median {:.2} s; CNI ready \
+                 after {:.2} s)",
+                want.0,
+                want.1,
+                secs.iter().map(|s| (s * 100.0).round() / 100.0).collect::<Vec<_>>(),
+                median(&secs),
+                median(&ready)
+            ));
+            cold.push((median(&secs), median(&ready)));
+        }
+        step.finish();
+    }
+
+    // pod -> ClusterIP against pod -> pod, at the largest scale.
+    let step = progress::step("pod -> ClusterIP against pod -> pod: throughput and request/response");
+    let srv = Endpoint::new(&server.netns, server.ip);
+    let via_svc = Endpoint::new(&server.netns, DIRECT_IP);
+    let cli = Endpoint::new(&client.netns, client.ip);
+    let (mut bt, mut ot) = (vec![], vec![]);
+    for round in 1..=ROUNDS {
+        // Who goes first alternates.
+        let (direct, svc) = if round % 2 == 1 {
+            let d = tcp_gbps(&cli, &srv)?.0;
+            (d, tcp_gbps(&cli, &via_svc)?.0)
+        } else {
+            let v = tcp_gbps(&cli, &via_svc)?.0;
+            (tcp_gbps(&cli, &srv)?.0, v)
+        };
+        step.note(format!("round {round}: pod -> pod {direct:6.2} Gbit/s   pod -> ClusterIP {svc:6.2} Gbit/s"));
+        bt.push(direct);
+        ot.push(svc);
+    }
+    let (mut br, mut or) = (vec![], vec![]);
+    let rr_via = SocketAddr::from((DIRECT_IP, RR_PORT));
+    for block in 0..RR_BLOCKS {
+        if block % 2 == 1 {
+            or.extend(rr_samples_via(&cli, &srv, RR_PORT, Some(rr_via), true, RR_WARMUP, RR_BLOCK)?);
+        }
+        br.extend(rr_samples_via(&cli, &srv, RR_PORT, None, true, RR_WARMUP, RR_BLOCK)?);
+        if block % 2 == 0 {
+            or.extend(rr_samples_via(&cli, &srv, RR_PORT, Some(rr_via), true, RR_WARMUP, RR_BLOCK)?);
+        }
+    }
+    br.sort_by(f64::total_cmp);
+    or.sort_by(f64::total_cmp);
+    step.note(format!(
+        "request/response: pod -> pod p50 {:.1} us p99 {:.1} us   pod -> ClusterIP p50 {:.1} us p99 {:.1} us",
+        p(&br, 0.5),
+        p(&br, 0.99),
+        p(&or, 0.5),
+        p(&or, 0.99)
+    ));
+    step.finish();
+    // The service really carried the connections (socket-level or per packet).
+    let counters = b.status_json("node-1", "/services").unwrap_or(Value::Null);
+    let connections = |fe: &str| {
+        counters["frontends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["frontend"] == fe)
+            .and_then(|f| f["connections"].as_u64())
+            .unwrap_or(0)
+    };
+    let (target_conns, direct_conns) = (
+        connections(&format!("{TARGET_IP}:{SERVICE_PORT}")),
+        connections(&format!("{DIRECT_IP}:{IPERF_PORT}")) + connections(&format!("{DIRECT_IP}:{RR_PORT}")),
+    );
+    println!("node-1 counted {target_conns} connections to the target service and {direct_conns} to the direct one");
+    if target_conns == 0 || direct_conns == 0 {
+        bail!("the services' connection counters stayed at zero: the measured connections did not use the service");
+    }
+    drop(b);
+    drop(bases);
+
+    // Results.
+    let last = SCALES.len() - 1;
+    let scale_name = |n: usize| match n {
+        10 => "10".to_string(),
+        1_000 => "1k".to_string(),
+        10_000 => "10k".to_string(),
+        n => n.to_string(),
+    };
+    // Topology indices: 0 ours, 1 ours to the pod IP, then iptables, iptables-legacy, nftables.
+    let (ours, pod_ip, ipt, legacy, nft) = (0, 1, 2, 3, 4);
+    let at = |t: usize, si: usize, q: f64| p(&connects[t][si], q);
+    let mut results = vec![
+        row("connect_p50_10k_vs_iptables", "us", at(ipt, last, 0.5), at(ours, last, 0.5), "lower"),
+        row("connect_p50_10k_vs_10", "us", at(ours, 0, 0.5), at(ours, last, 0.5), "lower"),
+        row("connect_p99_10k_vs_iptables", "us", at(ipt, last, 0.99), at(ours, last, 0.99), "lower"),
+        row("connect_p99_10k_vs_10", "us", at(ours, 0, 0.99), at(ours, last, 0.99), "lower"),
+        // Less exposed than p99 to the client or server being descheduled on a busy machine.
+        row("connect_p90_10k_vs_iptables", "us", at(ipt, last, 0.9), at(ours, last, 0.9), "lower"),
+        row("connect_p90_10k_vs_10", "us", at(ours, 0, 0.9), at(ours, last, 0.9), "lower"),
+        row("connect_p50_10k_vs_nftables", "us", at(nft, last, 0.5), at(ours, last, 0.5), "lower"),
+        row("connect_p99_10k_vs_nftables", "us", at(nft, last, 0.99), at(ours, last, 0.99), "lower"),
+        row("connect_p50_10k_vs_iptables_legacy", "us", at(legacy, last, 0.5), at(ours, last, 0.5), "lower"),
+        row("connect_p50_10k_clusterip_vs_pod_ip", "us", at(pod_ip, last, 0.5), at(ours, last, 0.5), "lower"),
+    ];
+    for (si, &n) in SCALES.iter().enumerate().take(last) {
+        for (t, name) in [(ipt, "iptables"), (legacy, "iptables_legacy"), (nft, "nftables")] {
+            results.push(row(
+                &format!("connect_p50_{}_vs_{name}", scale_name(n)),
+                "us",
+                at(t, si, 0.5),
+                at(ours, si, 0.5),
+                "lower",
+            ));
+        }
+    }
+    results.extend([
+        row("clusterip_throughput", "Gbit/s", median(&bt), median(&ot), "higher"),
+        row("clusterip_rr_p50", "us", p(&br, 0.5), p(&or, 0.5), "lower"),
+        row("clusterip_rr_p99", "us", p(&br, 0.99), p(&or, 0.99), "lower"),
+        row("programming_p99_10k", "ms", p(&programming[0], 0.99), p(&programming[last], 0.99), "lower"),
+        row("programming_p50_10k", "ms", p(&programming[0], 0.5), p(&programming[last], 0.5), "lower"),
+        row("programming_p99_1k", "ms", p(&programming[0], 0.99), p(&programming[1], 0.99), "lower"),
+        row("cold_start_10k", "s", cold[0].0, cold[1].0, "lower"),
+        row("cold_start_10k_vs_iptables_restore", "s", loads[last][0], cold[1].0, "lower"),
+        row("cold_start_10k_vs_nft_load", "s", loads[last][2], cold[1].0, "lower"),
+    ]);
+    write_results("services", &results)?;
+
+    let png = crate::workspace_root().join("target/bench/services.png");
+    let xs: Vec<f64> = SCALES.iter().map(|&n| n as f64).collect();
+    let points = |samples: &[Vec<f64>]| -> Vec<(f64, f64, f64)> {
+        samples.iter().zip(&xs).map(|(s, x)| (*x, p(s, 0.5), p(s, 0.99))).collect()
+    };
+    let series = vec![
+        Series { label: "ours (eBPF, at connect())", color: RGBColor(0, 114, 178), points: points(&connects[ours]) },
+        Series {
+            label: "ours, straight to the pod IP (no service)",
+            color: RGBColor(120, 120, 120),
+            points: points(&connects[pod_ip]),
+        },
+        Series {
+            label: "kube-proxy iptables (nf_tables backend)",
+            color: RGBColor(213, 94, 0),
+            points: points(&connects[ipt]),
+        },
+        Series {
+            label: "kube-proxy iptables (legacy)",
+            color: RGBColor(230, 159, 0),
+            points: points(&connects[legacy]),
+        },
+        Series { label: "kube-proxy nftables", color: RGBColor(0, 158, 115), points: points(&connects[nft]) },
+    ];
+    plot(&png, &series)?;
+    println!("wrote {}", png.display());
+
+    let ratio =
+        |name: &str| results.iter().find(|r| r["metric"] == name).and_then(|r| r["ratio"].as_f64()).unwrap_or(f64::NAN);
+    let ours_of =
+        |name: &str| results.iter().find(|r| r["metric"] == name).and_then(|r| r["ours"].as_f64()).unwrap_or(f64::NAN);
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!(
+        "bars: connect p50 10k vs iptables {:.3} <= 0.2: {}; connect p50 10k vs 10 {:.3} <= 1.2: {}; ClusterIP \
+         throughput {:.3} >= 0.97: {}; ClusterIP RR p50 {:.3} <= 1.05: {}",
+        ratio("connect_p50_10k_vs_iptables"),
+        met(ratio("connect_p50_10k_vs_iptables") <= 0.2),
+        ratio("connect_p50_10k_vs_10"),
+        met(ratio("connect_p50_10k_vs_10") <= 1.2),
+        ratio("clusterip_throughput"),
+        met(ratio("clusterip_throughput") >= 0.97),
+        ratio("clusterip_rr_p50"),
+        met(ratio("clusterip_rr_p50") <= 1.05),
+    );
+    println!(
+        "targets: programming p99 at 10k {:.1} ms <= 100 ms: {}; cold start with 10k {:.2} s <= 2 s: {}",
+        ours_of("programming_p99_10k"),
+        met(ours_of("programming_p99_10k") <= 100.0),
+        ours_of("cold_start_10k"),
+        met(ours_of("cold_start_10k") <= 2.0),
+    );
+    println!("services benchmark took {}", progress::clock(bench_started.elapsed()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_measured_service_sits_in_the_middle_of_kube_services() {
+        let order = rendering_order(1_000, BASE_SERVER);
+        assert_eq!(order.len(), 1_000);
+        let rules = iptables_rules(&order);
+        let services: Vec<&str> = rules.lines().filter(|l| l.starts_with("-A KUBE-SERVICES -d ")).collect();
+        // One rule per service port (the throughput service has two), the NodePort jump last.
+        assert_eq!(services.len(), 1_001);
+        let at = services.iter().position(|l| l.contains(&format!("-d {TARGET_IP}/32"))).unwrap();
+        assert!((450..=550).contains(&at), "target at {at}");
+        assert!(rules.trim_end().ends_with("-j KUBE-NODEPORTS\nCOMMIT"));
+        // Chain names within iptables' 28 characters, all distinct.
+        let chains: Vec<&str> = rules
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+            .collect();
+        // A KUBE-SVC per service port; a KUBE-SEP per endpoint of each (the direct service: two ports).
+        assert_eq!(chains.len(), 1_001 + 2 * 997 + 4);
+        assert!(chains.iter().all(|c| c.split(' ').next().unwrap().len() <= 28));
+        let distinct: std::collections::BTreeSet<&str> = chains.iter().copied().collect();
+        assert_eq!(distinct.len(), chains.len());
+        // Two endpoints: the first taken with probability 1/2, the second always.
+        assert!(rules.contains("--probability 0.50000000000 -j KUBE-SEP-"));
+    }
+
+    #[test]
+    fn nftables_rendering_has_one_verdict_map_element_per_service_port() {
+        let text = nft_rules(&rendering_order(10, BASE_SERVER));
+        assert_eq!(text.lines().filter(|l| l.starts_with("add element ip kube-proxy service-ips")).count(), 11);
+        assert!(text.contains(&format!(
+            "add element ip kube-proxy service-ips {{ {TARGET_IP} . tcp . {SERVICE_PORT} : goto service-"
+        )));
+        assert!(text.contains(&format!("dnat to {BASE_SERVER}:{SERVER_PORT}")));
+    }
+
+    /// The renderings load into a kernel (root: a throwaway network namespace).
+    #[test]
+    fn renderings_load_with_iptables_restore_and_nft() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading netfilter rules needs root (a network namespace)");
+            return;
+        }
+        for proxy in [Proxy::Iptables, Proxy::IptablesLegacy, Proxy::Nftables] {
+            let node = ProxyNode::new(proxy);
+            node.load(&rendering_order(100, BASE_SERVER)).unwrap();
+            // Loading again replaces the rules (the next scale).
+            node.load(&rendering_order(200, BASE_SERVER)).unwrap();
+            let listed = match proxy {
+                Proxy::Iptables => contiv_tests::run(node.node.cmd("iptables-nft-save").args(["-t", "nat"])),
+                Proxy::IptablesLegacy => contiv_tests::run(node.node.cmd("iptables-legacy-save").args(["-t", "nat"])),
+                Proxy::Nftables => {
+                    contiv_tests::run(node.node.cmd("nft").args(["list", "map", "ip", "kube-proxy", "service-ips"]))
+                }
+            };
+            let want = match proxy {
+                Proxy::Nftables => format!("{TARGET_IP} . tcp . {SERVICE_PORT} : goto service-"),
+                _ => format!("-A KUBE-SERVICES -d {TARGET_IP}/32"),
+            };
+            assert!(listed.contains(&want), "{proxy:?}: {want:?} not in\n{listed}");
+            if proxy != Proxy::Nftables {
+                let n = listed.lines().filter(|l| l.starts_with("-A KUBE-SERVICES -d ")).count();
+                assert_eq!(n, 201, "{proxy:?}: the second load replaced the first");
+            }
+        }
+    }
+
+    #[test]
+    fn the_plot_is_a_png() {
+        if !Path::new(FONT).exists() {
+            eprintln!("skipped: {FONT} is missing (cargo xtask setup installs fonts-dejavu-core)");
+            return;
+        }
+        let path = std::env::temp_dir().join(format!("contiv-services-plot-{}.png", std::process::id()));
+        let pts = |a: f64, b: f64| vec![(10.0, a, a * 50.0), (1_000.0, a * 1.1, a * 60.0), (10_000.0, b, b * 80.0)];
+        let series = vec![
+            Series { label: "ours", color: RGBColor(0, 114, 178), points: pts(34.0, 32.0) },
+            Series { label: "iptables", color: RGBColor(213, 94, 0), points: pts(44.0, 129.0) },
+        ];
+        plot(&path, &series).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(bytes.len() > 10_000, "a 1500x650 plot with text and lines: {} bytes", bytes.len());
+    }
+}

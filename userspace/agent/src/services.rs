@@ -17,7 +17,7 @@
 //!   and ExternalName are not programmed; SCTP ports are refused with a reason.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -121,17 +121,28 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 
 /// Service ids: a hash of namespace/name/port/protocol, so they survive restarts and
 /// unrelated changes (conntrack and affinity entries carry them); a collision takes the
-/// next free value, in the order of the names.
-fn assign_ids(names: &BTreeSet<String>) -> BTreeMap<String, u32> {
-    let mut used = BTreeSet::new();
-    let mut out = BTreeMap::new();
-    for n in names {
+/// next free value, in the order of the names. Returns the id of each of `names` (equal
+/// names share one).
+fn assign_ids(names: &[String]) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_unstable_by(|a, b| names[*a].cmp(&names[*b]));
+    let mut used = HashSet::with_capacity(names.len());
+    let mut out = vec![0; names.len()];
+    let mut prev: Option<usize> = None;
+    for i in order {
+        if let Some(p) = prev
+            && names[p] == names[i]
+        {
+            out[i] = out[p];
+            continue;
+        }
         // Ids never collide with the Local-set ordinal bit and are never 0.
-        let mut id = (fnv1a(n.as_bytes()) & 0x7fff_ffff).max(1);
+        let mut id = (fnv1a(names[i].as_bytes()) & 0x7fff_ffff).max(1);
         while !used.insert(id) {
             id = if id == 0x7fff_ffff { 1 } else { id + 1 };
         }
-        out.insert(n.clone(), id);
+        out[i] = id;
+        prev = Some(i);
     }
     out
 }
@@ -206,9 +217,12 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
     }
 
     // Which service ports are programmed, in a stable order.
+    // (The plan is recomputed whole on every change: no per-element clones or string-keyed
+    // trees on the way; the output maps are built from vectors in one go.)
     let mut services: Vec<&Service> = inputs.services.to_vec();
-    services.sort_by_key(|s| (s.namespace.clone(), s.name.clone()));
-    let mut port_names = BTreeSet::new();
+    services
+        .sort_unstable_by(|a, b| (a.namespace.as_str(), a.name.as_str()).cmp(&(b.namespace.as_str(), b.name.as_str())));
+    let mut port_names = vec![];
     let mut programmed = vec![];
     for s in services {
         if s.ignored_by_proxy(params.proxy_name.as_deref()) {
@@ -231,15 +245,15 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
                 });
                 continue;
             }
-            let key = format!("{}/{}/{}/{:?}", s.namespace, s.name, port.name, port.protocol);
-            port_names.insert(key.clone());
-            programmed.push((s, port, key));
+            port_names.push(format!("{}/{}/{}/{:?}", s.namespace, s.name, port.name, port.protocol));
+            programmed.push((s, port));
         }
     }
     let ids = assign_ids(&port_names);
+    drop(port_names);
 
     // Slices by service.
-    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::with_capacity(inputs.slices.len());
     for sl in inputs.slices {
         if sl.address_type != AddressType::IPv4 {
             continue;
@@ -249,9 +263,12 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
         }
     }
     let mut health: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    let mut frontends: HashMap<SvcKey, SvcFrontend> = HashMap::with_capacity(programmed.len());
+    let mut backends: Vec<(SvcBackendKey, SvcBackend)> = Vec::with_capacity(programmed.len() * 2);
+    let mut endpoints: Vec<(Ipv4Addr, u16, u8)> = Vec::with_capacity(programmed.len() * 2);
+    let mut ports: HashMap<u32, ServicePortInfo> = HashMap::with_capacity(programmed.len());
 
-    for (s, port, key) in programmed {
-        let id = ids[&key];
+    for ((s, port), id) in programmed.into_iter().zip(ids) {
         let proto = proto_number(port.protocol).expect("filtered above");
         // Endpoint candidates of this port.
         let mut cands: BTreeMap<(Ipv4Addr, u16), Candidate> = BTreeMap::new();
@@ -287,13 +304,13 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
         let local = choose(&local_all);
         for (i, c) in cluster.iter().enumerate() {
             let b = SvcBackend { ip: c.ip.octets(), port: c.port, local: u8::from(c.local), _pad: 0 };
-            p.backends.insert(SvcBackendKey { svc_id: id, ordinal: i as u32 }, b);
-            p.endpoints.insert((c.ip, c.port, proto));
+            backends.push((SvcBackendKey { svc_id: id, ordinal: i as u32 }, b));
+            endpoints.push((c.ip, c.port, proto));
         }
         for (i, c) in local.iter().enumerate() {
             let b = SvcBackend { ip: c.ip.octets(), port: c.port, local: 1, _pad: 0 };
-            p.backends.insert(SvcBackendKey { svc_id: id, ordinal: SVC_LOCAL_BASE + i as u32 }, b);
-            p.endpoints.insert((c.ip, c.port, proto));
+            backends.push((SvcBackendKey { svc_id: id, ordinal: SVC_LOCAL_BASE + i as u32 }, b));
+            endpoints.push((c.ip, c.port, proto));
         }
         let count = cluster.len().min(usize::from(u16::MAX)) as u16;
         let local_count = local.len().min(usize::from(u16::MAX)) as u16;
@@ -312,9 +329,9 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
             protocol: proto_name(proto),
             frontends: vec![],
         };
-        let add = |p: &mut ServicePlan, ip: Ipv4Addr, fport: u16, flags: u32, info: &mut ServicePortInfo| {
+        let mut add = |p: &mut ServicePlan, ip: Ipv4Addr, fport: u16, flags: u32, info: &mut ServicePortInfo| {
             let k = SvcKey { ip: ip.octets(), port: fport, proto, _pad: 0 };
-            if let Some(have) = p.frontends.get(&k) {
+            if let Some(have) = frontends.get(&k) {
                 if have.svc_id != id {
                     p.skipped.push(Skipped {
                         service: format!("{}:{fport}", service_key(s)),
@@ -322,10 +339,7 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
                             "frontend {}:{fport}/{} is already taken by {}",
                             if ip.is_unspecified() { "*".to_owned() } else { ip.to_string() },
                             proto_name(proto),
-                            p.ports
-                                .get(&have.svc_id)
-                                .map(|i| format!("{}/{}", i.namespace, i.name))
-                                .unwrap_or_default()
+                            ports.get(&have.svc_id).map(|i| format!("{}/{}", i.namespace, i.name)).unwrap_or_default()
                         ),
                         warn: true,
                     });
@@ -333,7 +347,7 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
                 return;
             }
             let fe = SvcFrontend { svc_id: id, count, local_count, flags: flags | common, affinity_timeout_s };
-            p.frontends.insert(k, fe);
+            frontends.insert(k, fe);
             info.frontends.push(if ip.is_unspecified() { format!("*:{fport}") } else { format!("{ip}:{fport}") });
             if count == 0 {
                 if ip.is_unspecified() {
@@ -371,11 +385,15 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
                 p.source_ranges.insert((id, *r));
             }
         }
-        p.ports.insert(id, info);
+        ports.insert(id, info);
         if s.external_traffic_policy == TrafficPolicy::Local && s.health_check_node_port.is_some() {
             health.entry(service_key(s)).or_default().extend(local.iter().map(|c| c.ip));
         }
     }
+    p.frontends = frontends.into_iter().collect();
+    p.backends = backends.into_iter().collect();
+    p.endpoints = endpoints.into_iter().collect();
+    p.ports = ports.into_iter().collect();
     for s in inputs.services {
         if let Some(hc) = s.health_check_node_port
             && s.external_traffic_policy == TrafficPolicy::Local
@@ -581,15 +599,24 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_collisions_take_the_next_free_value() {
-        let names: BTreeSet<String> = ["a/b/c/Tcp", "x/y/z/Udp"].iter().map(|s| s.to_string()).collect();
+        let names: Vec<String> = ["x/y/z/Udp", "a/b/c/Tcp"].iter().map(|s| s.to_string()).collect();
         let first = assign_ids(&names);
         let mut more = names.clone();
-        more.insert("q/r/s/Tcp".into());
+        more.insert(0, "q/r/s/Tcp".into());
         let second = assign_ids(&more);
-        assert_eq!(first["a/b/c/Tcp"], second["a/b/c/Tcp"]);
-        assert!(second.values().all(|id| *id != 0 && *id < SVC_LOCAL_BASE));
-        let set: BTreeSet<u32> = second.values().copied().collect();
+        assert_eq!(first[1], second[2], "a/b/c/Tcp keeps its id");
+        assert_eq!(first[0], second[1], "x/y/z/Udp keeps its id");
+        assert!(second.iter().all(|id| *id != 0 && *id < SVC_LOCAL_BASE));
+        let set: BTreeSet<u32> = second.iter().copied().collect();
         assert_eq!(set.len(), 3);
+        // Equal names share an id.
+        assert_eq!(assign_ids(&["a".into(), "b".into(), "a".into()]).iter().collect::<BTreeSet<_>>().len(), 2);
+        // Two names with the same hash: the one that sorts first keeps it, in any input order.
+        let (a, b) = ("ns/svc-268724/http/Tcp".to_string(), "ns/svc-698200/http/Tcp".to_string());
+        assert_eq!(fnv1a(a.as_bytes()) & 0x7fff_ffff, 2_069_169_110);
+        assert_eq!(fnv1a(b.as_bytes()) & 0x7fff_ffff, 2_069_169_110);
+        assert_eq!(assign_ids(&[b.clone(), a.clone()]), vec![2_069_169_111, 2_069_169_110]);
+        assert_eq!(assign_ids(&[a, b]), vec![2_069_169_110, 2_069_169_111]);
     }
 
     #[test]
@@ -606,5 +633,75 @@ mod tests {
         let p = plan_services(&params(), ServiceInputs { services: &[], slices: &[], nodes: &[], registrations: &r });
         assert_eq!(p.node_addrs[&"192.168.100.11".parse().unwrap()].local, 1);
         assert_eq!(p.node_addrs[&"192.168.100.12".parse().unwrap()].local, 0);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use contiv_cluster_model::{Endpoint, EndpointConditions, EndpointPort, PortRef, ServicePort};
+
+    /// Not a benchmark (bench services measures programming latency); a quick look at where
+    /// a 10k-service plan spends its time: `cargo test --release -p contiv-agent plan_10k -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn plan_10k() {
+        let services: Vec<Service> = (0..10_000u32)
+            .map(|i| Service {
+                name: format!("svc-{i}"),
+                namespace: "bench".into(),
+                service_type: ServiceType::ClusterIP,
+                cluster_ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i))],
+                headless: false,
+                ports: vec![ServicePort {
+                    name: "".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    target_port: PortRef::Number(8080),
+                    node_port: None,
+                }],
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                session_affinity: SessionAffinity::None,
+                external_traffic_policy: TrafficPolicy::Cluster,
+                internal_traffic_policy: TrafficPolicy::Cluster,
+                health_check_node_port: None,
+                service_proxy_name: None,
+                headless_label: false,
+                load_balancer_source_ranges: vec![],
+            })
+            .collect();
+        let slices: Vec<EndpointSlice> = (0..10_000u32)
+            .map(|i| EndpointSlice {
+                name: format!("svc-{i}-abc"),
+                namespace: "bench".into(),
+                service_name: Some(format!("svc-{i}")),
+                address_type: AddressType::IPv4,
+                endpoints: (0..2)
+                    .map(|j| Endpoint {
+                        addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 1, (i % 200) as u8, j + 2))],
+                        conditions: EndpointConditions { ready: true, serving: true, terminating: false },
+                        node_name: Some("n1".into()),
+                        zone: None,
+                    })
+                    .collect(),
+                ports: vec![EndpointPort { name: "".into(), protocol: Protocol::Tcp, port: Some(8080) }],
+            })
+            .collect();
+        let s: Vec<&Service> = services.iter().collect();
+        let sl: Vec<&EndpointSlice> = slices.iter().collect();
+        let params = ServiceParams {
+            node_name: "n1".into(),
+            proxy_name: None,
+            node_ips: vec![Ipv4Addr::new(192, 168, 100, 11)],
+        };
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let p = plan_services(&params, ServiceInputs { services: &s, slices: &sl, nodes: &[], registrations: &[] });
+            let el = t.elapsed();
+            let t2 = std::time::Instant::now();
+            drop(p);
+            eprintln!("plan: {el:?}, drop {:?}", t2.elapsed());
+        }
     }
 }

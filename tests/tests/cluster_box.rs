@@ -322,3 +322,55 @@ fn an_agent_restart_keeps_an_established_cross_node_tcp_flow() {
     drop(stream);
     assert!(received.load(Ordering::Relaxed) > 500_000);
 }
+
+/// Kubelet probes at scale: thousands of host -> local pod connects, each closed with a
+/// reset, reuse source ports while the datapath still tracks the earlier flows; every one
+/// must connect.
+#[test]
+fn thousands_of_reset_host_to_pod_connects_all_succeed() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(1));
+    let pod = b.add_pod("node-1", "default/probed", &[], &[]);
+    let node = b.node("node-1").clone();
+    let ip = pod.ip;
+    let listener = enter(&pod.netns, move || TcpListener::bind((ip, 0)).expect("bind"));
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    // A narrow ephemeral range makes source ports come back within seconds, as they do
+    // over a long run of probes.
+    Command::new("ip")
+        .args(["netns", "exec", &node.netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40499"])
+        .status()
+        .unwrap();
+    let (failures, first) = enter(&node.netns, move || {
+        let mut failures = 0;
+        let mut first = None;
+        for i in 0..6000 {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(s) => {
+                    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                    // SAFETY: a valid socket and a linger value of the size passed.
+                    let rc = unsafe {
+                        libc::setsockopt(
+                            std::os::fd::AsRawFd::as_raw_fd(&s),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            (&linger as *const libc::linger).cast(),
+                            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                        )
+                    };
+                    assert_eq!(rc, 0);
+                }
+                Err(e) => {
+                    failures += 1;
+                    first.get_or_insert(format!("connect {i}: {e}"));
+                }
+            }
+        }
+        (failures, first)
+    });
+    assert_eq!(failures, 0, "first failure: {first:?}; {}", b.agent_log("node-1"));
+}

@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, EXTERNAL_IP, ip_in};
 
 use crate::bench_net::{
@@ -102,7 +102,11 @@ fn flannel_pod(node_netns: &str, pod: &BoxPod, node: usize, host: u8) -> Result<
     ip_in(&pod.netns, &["route", "add", "10.244.0.0/16", "via", "169.254.1.1", "dev", "eth1"]);
     ip_in(&pod.netns, &["neigh", "replace", "169.254.1.1", "lladdr", &host_mac, "dev", "eth1", "nud", "permanent"]);
     ip_in(node_netns, &["link", "set", &host_if, "up"]);
-    ip_in(node_netns, &["route", "add", &format!("{ip}/32"), "dev", &host_if]);
+    // The node's flannel address as the source toward the pod (cni0's role in flannel): with
+    // no address on the veth the kernel would pick the uplink's, and the pod would answer that
+    // by its default route, i.e. out of our interface, where anti-spoofing drops a source
+    // that is not the pod's.
+    ip_in(node_netns, &["route", "add", &format!("{ip}/32"), "dev", &host_if, "src", &format!("10.244.{node}.0")]);
     ip_in(node_netns, &["neigh", "replace", &ip.to_string(), "lladdr", &pod_mac, "dev", &host_if, "nud", "permanent"]);
     Ok(ip)
 }
@@ -220,8 +224,14 @@ pub fn run(bins: &Path) -> Result<()> {
     let base_addr = accept_forever(&client.netns, base_client_ip)?;
     let (mut hb, mut ho) = (vec![], vec![]);
     for _ in 0..4 {
-        hb.extend(connect_samples(&n1.netns, base_addr, CONNECTS / 4)?);
-        ho.extend(connect_samples(&n1.netns, ours_addr, CONNECTS / 4)?);
+        hb.extend(
+            connect_samples(&n1.netns, base_addr, CONNECTS / 4)
+                .with_context(|| format!("host -> pod connects to {base_addr} (baseline)"))?,
+        );
+        ho.extend(
+            connect_samples(&n1.netns, ours_addr, CONNECTS / 4)
+                .with_context(|| format!("host -> pod connects to {ours_addr} (ours)"))?,
+        );
     }
     for v in [&mut hb, &mut ho] {
         v.sort_by(|a, b| a.total_cmp(b));

@@ -78,6 +78,8 @@ pub struct BoxOptions {
     /// VPP mode: each node gets a fake VPP started with these extra arguments (e.g.
     /// `--crc-override NAME=CRC`); None: kernel uplink mode.
     pub fake_vpp: Option<Vec<String>>,
+    /// Say on stderr what is being built and how long each part took (the CLI, benchmarks).
+    pub progress: bool,
 }
 
 impl BoxOptions {
@@ -85,7 +87,7 @@ impl BoxOptions {
     pub fn for_test(nodes: usize) -> Self {
         let id = crate::unique("cb");
         let dir = std::env::temp_dir().join(format!("contiv-{id}"));
-        Self { nodes, id, dir, persist: false, agent_config: String::new(), fake_vpp: None }
+        Self { nodes, id, dir, persist: false, agent_config: String::new(), fake_vpp: None, progress: false }
     }
 
     /// A throwaway box in VPP mode: every node with its own fake VPP.
@@ -284,12 +286,21 @@ impl ClusterBox {
         let external = b.state.external.clone();
         b.attach_host(&external, "ext", ROUTER_IP, None);
         ip_in(&external, &["addr", "add", &format!("{EXTERNAL_IP}/32"), "dev", "lo"]);
+        let started = std::time::Instant::now();
+        let say = |what: &str| {
+            if opts.progress {
+                eprintln!("    box: {what} ({:.1} s)", started.elapsed().as_secs_f64());
+            }
+        };
         b.start_etcd();
+        say("fabric, external world and etcd up");
         for i in 1..=opts.nodes {
             b.add_node(i);
+            say(&format!("node-{i} of {}: agent ready", opts.nodes));
         }
         b.save();
         b.wait_converged(Duration::from_secs(60));
+        say("every node routes to every other");
         b
     }
 

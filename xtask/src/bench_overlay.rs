@@ -182,6 +182,7 @@ pub fn run(bins: &Path) -> Result<()> {
     );
     let mut opts = BoxOptions::for_test(2);
     opts.id = format!("cbov{}", std::process::id());
+    opts.progress = true;
     let mut b = ClusterBox::up(opts);
     let client = b.add_pod("node-1", "bench/client", &[], &[]);
     let server = b.add_pod("node-2", "bench/server", &[], &[]);

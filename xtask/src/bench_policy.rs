@@ -256,6 +256,7 @@ pub fn run(bins: &Path) -> Result<()> {
     println!("policy benchmark: two nodes in a box; node-1 gets {FILLER_PODS} pods and {POLICIES} policies");
     let mut opts = BoxOptions::for_test(2);
     opts.id = format!("cbpo{}", std::process::id());
+    opts.progress = true;
     // A /24 per node holds 253 pods; node-1 needs room for the filler pods.
     opts.agent_config = "podPrefixLen = 21\n".into();
     let mut b = ClusterBox::up(opts);

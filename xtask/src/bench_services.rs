@@ -847,6 +847,7 @@ pub fn run(bins: &Path) -> Result<()> {
     let step = progress::step("cluster in a box (2 nodes), pods, baseline nodes");
     let mut opts = BoxOptions::for_test(2);
     opts.id = format!("cbsv{}", std::process::id());
+    opts.progress = true;
     let mut b = ClusterBox::up(opts);
     // node-2 runs only for its cold starts: its agent would otherwise compete for the CPUs.
     b.stop_agent("node-2", false);

@@ -92,6 +92,7 @@ pub fn run(dir: Option<PathBuf>, cmd: ClusterCmd) -> Result<()> {
                 persist: true,
                 agent_config: agent_config.replace("\\n", "\n"),
                 fake_vpp: fake_vpp.then(Vec::new),
+                progress: true,
             });
             print_status(&b);
         }

@@ -55,6 +55,7 @@ pub fn run(bins: &Path) -> Result<()> {
     say("a cluster in a box: etcd, a fabric, two nodes each with contiv-agent, an external namespace");
     let mut opts = BoxOptions::for_test(2);
     opts.id = format!("cdemo{}", std::process::id());
+    opts.progress = true;
     let mut b = ClusterBox::up(opts);
     for n in &b.state.nodes {
         println!("{}: namespace {}, underlay {}, agent config {}", n.name, n.netns, n.ip, n.config.display());

@@ -169,7 +169,9 @@ pub fn build_bins(release: bool) -> Result<PathBuf> {
     if release {
         cmd.arg("--release");
     }
+    let step = crate::progress::step(format!("building the binaries ({})", if release { "release" } else { "debug" }));
     check(&mut cmd)?;
+    step.finish();
     Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
 }
 

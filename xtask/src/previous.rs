@@ -3,8 +3,13 @@
 //! layout. Its sources are exported with `git archive` into target/previous/src and built in
 //! a target directory of their own (cargo's artifact names do not tell two trees' path
 //! crates of the same name and version apart, so a shared directory would mix them); the
-//! binary is kept in target/previous. Bump PREVIOUS_RELEASE whenever a map layout version
-//! changes (ebpf/contiv-common `schema::LAYOUTS`).
+//! binary is kept in target/previous.
+//!
+//! PREVIOUS_RELEASE deliberately stays at the oldest layout (every map at version 1, no
+//! SCHEMA map): the agent migrates from any older version in one step, and starting from
+//! the oldest exercises every migration there is (POD_COUNTERS' entries carried over, CONFIG
+//! rebuilt across two layout changes). Move it only when support for that layout is dropped,
+//! and then to the oldest layout still supported.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,7 +18,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{check, workspace_root};
 
-/// The release the upgrade test starts from (map layouts: every map at version 1).
+/// The release the upgrade test starts from (map layouts: every map at version 1; see above).
 pub const PREVIOUS_RELEASE: &str = "c66da6cf5cb9c684e98d2442c4cf0871dd92c993";
 
 /// Builds (once) and returns the previous release's agent binary.

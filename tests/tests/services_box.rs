@@ -499,7 +499,14 @@ spec:
     };
     let h1 = health(n1.ip);
     assert!(h1.ends_with(" 200") && h1.contains("\"localEndpoints\":1"), "{h1}");
-    assert!(health(n2.ip).ends_with(" 503"));
+    // node-2 has no local endpoint: 503, once its agent has applied the service (the
+    // refused NodePort above passes before that too, so wait for the health server).
+    let mut h2 = String::new();
+    b.wait_for(Duration::from_secs(15), "node-2's health check answers", || {
+        h2 = health(n2.ip);
+        !h2.ends_with(" 000")
+    });
+    assert!(h2.ends_with(" 503"), "{h2}");
     // loadBalancerSourceRanges on the load-balancer IP: 203.0.113.0/24 only.
     assert!(
         tcp_ask_from(&ext, None, sa("198.51.100.50", 80), Duration::from_secs(1)).is_err(),

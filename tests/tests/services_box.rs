@@ -495,7 +495,11 @@ spec:
             .arg(format!("http://{ip}:32000/healthz"))
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        // curl itself missing or failing leaves stdout empty (an unanswered request prints
+        // " 000"): say so instead of failing an assertion on "".
+        assert!(!answer.is_empty(), "curl printed nothing: {}", String::from_utf8_lossy(&out.stderr));
+        answer
     };
     let h1 = health(n1.ip);
     assert!(h1.ends_with(" 200") && h1.contains("\"localEndpoints\":1"), "{h1}");

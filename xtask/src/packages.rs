@@ -63,6 +63,7 @@ pub const REQUIREMENTS: &[Requirement] = &[
         "the services benchmark's kube-proxy iptables-mode baselines (nf_tables and legacy backends)",
     ),
     req("tcpdump", &["/usr/bin/tcpdump"], "tests check what crosses the fabric"),
+    req("curl", &["/usr/bin/curl"], "the services tests ask healthCheckNodePorts over HTTP, as load balancers do"),
     req("procps", &["/usr/sbin/sysctl|/sbin/sysctl"], "sysctl in node namespaces"),
     req("ethtool", &["/usr/sbin/ethtool|/sbin/ethtool"], "offload settings"),
     req("iputils-ping", &["/usr/bin/ping|/bin/ping"], "ping between pods"),

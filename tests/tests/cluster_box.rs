@@ -350,20 +350,7 @@ fn thousands_of_reset_host_to_pod_connects_all_succeed() {
         let mut first = None;
         for i in 0..6000 {
             match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                Ok(s) => {
-                    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-                    // SAFETY: a valid socket and a linger value of the size passed.
-                    let rc = unsafe {
-                        libc::setsockopt(
-                            std::os::fd::AsRawFd::as_raw_fd(&s),
-                            libc::SOL_SOCKET,
-                            libc::SO_LINGER,
-                            (&linger as *const libc::linger).cast(),
-                            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                        )
-                    };
-                    assert_eq!(rc, 0);
-                }
+                Ok(s) => contiv_tests::close_with_reset(&s),
                 Err(e) => {
                     failures += 1;
                     first.get_or_insert(format!("connect {i}: {e}"));

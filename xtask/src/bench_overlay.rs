@@ -119,18 +119,8 @@ fn connect_samples(ns: &str, addr: SocketAddr, count: usize) -> Result<Vec<f64>>
             let t = Instant::now();
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             v.push(t.elapsed().as_nanos() as f64 / 1e3);
-            // Close with a reset (SO_LINGER 0): thousands of connects leave no TIME_WAIT.
-            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-            // SAFETY: valid socket fd, a pointer to a linger value of the size passed.
-            unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&s),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
-            }
+            // Close with a reset: thousands of connects leave no TIME_WAIT.
+            contiv_tests::close_with_reset(&s);
         }
         Ok(v)
     })?;

@@ -168,20 +168,6 @@ fn crr_server(ns: &str, ip: Ipv4Addr, port: u16) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-fn linger0(s: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: valid socket fd, a pointer to a linger value of the size passed.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
 /// Connections per second from `ns` to `addr` over `period`: connect, one byte each way,
 /// close with a reset (no TIME_WAIT pile-up).
 fn crr_rate(ns: &str, addr: SocketAddr, period: Duration) -> Result<f64> {
@@ -193,7 +179,7 @@ fn crr_rate(ns: &str, addr: SocketAddr, period: Duration) -> Result<f64> {
             s.write_all(b"x")?;
             let mut b = [0u8; 1];
             s.read_exact(&mut b)?;
-            linger0(&s);
+            contiv_tests::close_with_reset(&s);
             n += 1;
         }
         Ok(n)
@@ -211,7 +197,7 @@ fn first_success(ns: &str, addr: SocketAddr, deadline: Duration) -> std::thread:
             while start.elapsed() < deadline {
                 if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(3)) {
                     let t = Instant::now();
-                    linger0(&s);
+                    contiv_tests::close_with_reset(&s);
                     return Some(t);
                 }
             }

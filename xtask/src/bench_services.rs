@@ -501,20 +501,6 @@ impl ProxyNode {
 
 // === connect latency ===
 
-fn linger0(fd: i32) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: a valid socket fd, a pointer to a linger value of the size passed.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
 /// Receives `buf.len()` bytes, busy-polling (MSG_DONTWAIT); Ok(false) if the peer closed.
 fn spin_recv(fd: i32, buf: &mut [u8], stop: &AtomicBool) -> std::io::Result<bool> {
     let mut got = 0;
@@ -600,7 +586,7 @@ fn connect_samples(
                 bail!("{to} closed without answering");
             }
             let took = t.elapsed();
-            linger0(fd);
+            contiv_tests::close_with_reset(&s);
             drop(s);
             if i >= CONNECT_WARMUP {
                 samples.push(took.as_nanos() as f64 / 1e3);

@@ -32,27 +32,9 @@ impl KernelRoutedNode {
         contiv_tests::run(node.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
         let mut pods = vec![];
         for i in 0..count {
-            let pod = Netns::new("bkp");
             let ip = Ipv4Addr::new(10, 2, 0, 2 + i);
-            let host = format!("bk{i}");
             // Static L2 on both sides, like this datapath's static gateway neighbour.
-            let pod_mac = format!("02:b0:00:00:00:{:02x}", i + 1);
-            let host_mac = format!("02:b1:00:00:00:{:02x}", i + 1);
-            node.ip(&[
-                "link", "add", &host, "address", &host_mac, "type", "veth", "peer", "name", "bkpeer", "address",
-                &pod_mac,
-            ]);
-            node.ip(&["link", "set", "bkpeer", "netns", pod.name()]);
-            pod.ip(&["link", "set", "bkpeer", "name", "eth0"]);
-            pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-            pod.ip(&["link", "set", "eth0", "up"]);
-            pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
-            pod.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
-            pod.ip(&["neigh", "replace", "169.254.1.1", "lladdr", &host_mac, "dev", "eth0", "nud", "permanent"]);
-            node.ip(&["link", "set", &host, "up"]);
-            contiv_tests::run(node.cmd("sysctl").args(["-qw", &format!("net.ipv4.conf.{host}.proxy_arp=1")]));
-            node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host]);
-            node.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &pod_mac, "dev", &host, "nud", "permanent"]);
+            let pod = crate::bench_net::routed_pod(&node, "bkp", &format!("bk{i}"), 0xb0, i, ip);
             pods.push((pod, ip));
         }
         Self { node, pods }

@@ -292,3 +292,37 @@ impl StoreWriter {
         rx.recv()?
     }
 }
+
+/// A pod namespace wired to `node` the way a plain routed CNI does it, the baselines'
+/// topology: a veth (`host_if` on the node, `eth0` in the pod) with static MACs (`mac_base`
+/// with 0 for the pod's end and 1 for the node's, e.g. 0xb0 -> 02:b0:.. / 02:b1:..),
+/// `ip`/32 in the pod with its default route via 169.254.1.1, and a /32 route, proxy ARP
+/// and a static neighbour on the node.
+pub fn routed_pod(
+    node: &contiv_tests::Netns,
+    name_prefix: &str,
+    host_if: &str,
+    mac_base: u8,
+    index: u8,
+    ip: std::net::Ipv4Addr,
+) -> contiv_tests::Netns {
+    let pod = contiv_tests::Netns::new(name_prefix);
+    let pod_mac = format!("02:{:02x}:00:00:00:{:02x}", mac_base, index + 1);
+    let host_mac = format!("02:{:02x}:00:00:00:{:02x}", mac_base + 1, index + 1);
+    let peer = format!("{host_if}peer");
+    node.ip(&[
+        "link", "add", host_if, "address", &host_mac, "type", "veth", "peer", "name", &peer, "address", &pod_mac,
+    ]);
+    node.ip(&["link", "set", &peer, "netns", pod.name()]);
+    pod.ip(&["link", "set", &peer, "name", "eth0"]);
+    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+    pod.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+    pod.ip(&["neigh", "replace", "169.254.1.1", "lladdr", &host_mac, "dev", "eth0", "nud", "permanent"]);
+    node.ip(&["link", "set", host_if, "up"]);
+    contiv_tests::run(node.cmd("sysctl").args(["-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]));
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if]);
+    node.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &pod_mac, "dev", host_if, "nud", "permanent"]);
+    pod
+}

@@ -446,25 +446,7 @@ impl ProxyNode {
         contiv_tests::run(node.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
         let mut pods = vec![];
         for (i, ip) in [BASE_CLIENT, BASE_SERVER].into_iter().enumerate() {
-            let pod = Netns::new("bsp");
-            let host = format!("bs{i}");
-            let pod_mac = format!("02:b2:00:00:00:{:02x}", i + 1);
-            let host_mac = format!("02:b3:00:00:00:{:02x}", i + 1);
-            node.ip(&[
-                "link", "add", &host, "address", &host_mac, "type", "veth", "peer", "name", "bspeer", "address",
-                &pod_mac,
-            ]);
-            node.ip(&["link", "set", "bspeer", "netns", pod.name()]);
-            pod.ip(&["link", "set", "bspeer", "name", "eth0"]);
-            pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-            pod.ip(&["link", "set", "eth0", "up"]);
-            pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
-            pod.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
-            pod.ip(&["neigh", "replace", "169.254.1.1", "lladdr", &host_mac, "dev", "eth0", "nud", "permanent"]);
-            node.ip(&["link", "set", &host, "up"]);
-            contiv_tests::run(node.cmd("sysctl").args(["-qw", &format!("net.ipv4.conf.{host}.proxy_arp=1")]));
-            node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host]);
-            node.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &pod_mac, "dev", &host, "nud", "permanent"]);
+            let pod = crate::bench_net::routed_pod(&node, "bsp", &format!("bs{i}"), 0xb2, i as u8, ip);
             pods.push(pod);
         }
         let server = pods.pop().expect("server");

@@ -627,9 +627,8 @@ impl AfXdpPort {
                 free_tx.extend(outgoing.drain(sent..));
                 outgoing.clear();
             }
-            if tx_frames > 0 || tx_pending {
-                tx_pending = self.flush_tx()?;
-            }
+            // Counted before the kick: once the kernel transmits, a reader
+            // of the counters (a peer that saw the frames) must see them.
             PortStats::add(&stats.rx_frames, n as u64);
             PortStats::add(&stats.rx_bytes, rx_bytes);
             PortStats::add(&stats.tx_frames, tx_frames);
@@ -638,6 +637,9 @@ impl AfXdpPort {
             PortStats::add(&stats.tx_dropped_too_big, too_big);
             PortStats::add(&stats.tx_dropped_ring_full, ring_full);
             PortStats::add(&stats.backend_drops, drops);
+            if tx_frames > 0 || tx_pending {
+                tx_pending = self.flush_tx()?;
+            }
         }
         Ok(())
     }

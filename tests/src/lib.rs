@@ -315,6 +315,8 @@ pub struct NodeOptions {
     pub node_name: Option<String>,
     /// The agent binary; default: this build's `contiv-agent`.
     pub agent_binary: Option<PathBuf>,
+    /// More agent configuration (TOML lines appended to the file).
+    pub extra_config: String,
 }
 
 impl Default for NodeOptions {
@@ -325,6 +327,7 @@ impl Default for NodeOptions {
             control_plane: None,
             node_name: None,
             agent_binary: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -375,6 +378,7 @@ impl Node {
             let endpoint = cp.link(&ns);
             config.push_str(&format!("etcdEndpoints = [\"{endpoint}\"]\n"));
         }
+        config.push_str(&opts.extra_config);
         std::fs::write(&config_path, config).expect("agent config");
         let agent_binary = opts.agent_binary.clone().unwrap_or_else(|| bin("contiv-agent"));
         let mut node = Self {

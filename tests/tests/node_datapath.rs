@@ -430,3 +430,61 @@ fn restart_removes_what_an_add_cut_short_left_behind() {
     assert_ne!(a.ip, b.ip);
     tcp_exchange(&a, &b, b"after the cleanup");
 }
+
+/// CPUs set in the RPS mask of a pod's host end, read through the node's own sysfs.
+fn rps_cpus(node: &Node, host_ifname: &str) -> u32 {
+    let mask = contiv_tests::run(node.ns.cmd("cat").arg(format!("/sys/class/net/{host_ifname}/queues/rx-0/rps_cpus")));
+    mask.trim()
+        .chars()
+        .filter(|c| *c != ',')
+        .map(|c| c.to_digit(16).unwrap_or_else(|| panic!("not a cpumask: {mask:?}")).count_ones())
+        .sum()
+}
+
+fn online_cpus() -> u32 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    text.trim()
+        .split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<u32>().unwrap() - a.parse::<u32>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+fn sys_mounts() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(" /sys ")).count()
+}
+
+#[test]
+fn pod_rps_follows_the_config_on_new_and_existing_pods() {
+    let mounts = sys_mounts();
+    let mut node = node();
+    let a = node.add_pod();
+    let link_a = node.pod_links()[0].clone();
+    assert_eq!(rps_cpus(&node, &link_a), 0, "podRps is off by default");
+
+    // Turned on: the restarted agent sets it on the pod it finds, and on new pods.
+    node.stop_agent();
+    let config = std::fs::read_to_string(&node.config_path).unwrap();
+    std::fs::write(&node.config_path, format!("{config}podRps = true\n")).unwrap();
+    node.start_agent();
+    let cpus = online_cpus();
+    assert_eq!(rps_cpus(&node, &link_a), cpus, "the existing pod steers over every online CPU");
+    let b = node.add_pod();
+    for link in node.pod_links() {
+        assert_eq!(rps_cpus(&node, &link), cpus, "{link}");
+    }
+    tcp_exchange(&a, &b, b"one backlog per flow");
+    assert!(ping(&b.ns, a.ip, 1));
+
+    // Turned off again: the restart clears it.
+    node.stop_agent();
+    std::fs::write(&node.config_path, format!("{config}podRps = false\n")).unwrap();
+    node.start_agent();
+    for link in node.pod_links() {
+        assert_eq!(rps_cpus(&node, &link), 0, "{link}");
+    }
+    // The agent mounted its sysfs in a mount namespace of its own: nothing new here.
+    assert_eq!(sys_mounts(), mounts, "a sysfs mount leaked into the host's mount namespace");
+}

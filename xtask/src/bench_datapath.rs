@@ -10,6 +10,9 @@
 //! packet rate: rounds alternate baseline/ours, each metric is the median over rounds. Results go to
 //! target/bench/datapath.json as `{"metric","unit","baseline","ours","ratio","better"}`.
 //! Bar: throughput ratio >= 1.0, latency p50 ratio <= 0.9.
+//!
+//! `--pod-rps` runs the agent with `podRps = true` (RPS on the pods' host ends, which removes
+//! the same-node reordering at a cost in latency) and writes datapath-pod-rps.json instead.
 
 use std::{net::Ipv4Addr, path::Path};
 
@@ -58,12 +61,14 @@ fn measure(label: &str, client: &Endpoint, server: &Endpoint, into: &mut Samples
     Ok(())
 }
 
-pub fn run(bins: &Path) -> Result<()> {
+pub fn run(bins: &Path, pod_rps: bool) -> Result<()> {
     // SAFETY: set before any thread starts.
     unsafe { std::env::set_var("CONTIV_BIN_DIR", bins) };
-    println!("datapath benchmark: {ROUNDS} rounds, baseline = kernel routing through the node");
+    let variant = if pod_rps { " (ours with podRps = true)" } else { "" };
+    println!("datapath benchmark{variant}: {ROUNDS} rounds, baseline = kernel routing through the node");
     let baseline = KernelRoutedNode::new(2);
-    let node = Node::start(NodeOptions::default());
+    let extra_config = if pod_rps { "podRps = true\n".to_owned() } else { String::new() };
+    let node = Node::start(NodeOptions { extra_config, ..NodeOptions::default() });
     let (pa, pb) = (node.add_pod(), node.add_pod());
     let base_client = Endpoint::new(baseline.pods[0].0.name(), baseline.pods[0].1);
     let base_server = Endpoint::new(baseline.pods[1].0.name(), baseline.pods[1].1);
@@ -109,7 +114,7 @@ pub fn run(bins: &Path) -> Result<()> {
         row("tcp_retransmits_per_run", "segments", median(&base.retransmits), median(&ours.retransmits), "lower"),
     ];
     let (tput_row, p50_row) = (&results[0], &results[1]);
-    let path = write_results("datapath", &results)?;
+    let path = write_results(if pod_rps { "datapath-pod-rps" } else { "datapath" }, &results)?;
     let tput = tput_row["ratio"].as_f64().unwrap_or(0.0);
     let p50 = p50_row["ratio"].as_f64().unwrap_or(f64::MAX);
     println!(

@@ -72,6 +72,9 @@ enum Task {
     Bench {
         #[arg(value_parser = ["datapath", "overlay", "cni", "store", "ksr", "vpp", "policy", "services"])]
         which: String,
+        /// datapath only: run the agent with `podRps = true` (results in datapath-pod-rps.json).
+        #[arg(long)]
+        pod_rps: bool,
     },
 }
 
@@ -236,13 +239,16 @@ fn main() -> Result<()> {
             require_root("building images with buildah")?;
             images::run()
         }
-        Task::Bench { which } => {
+        Task::Bench { which, pod_rps } => {
             setup::run()?;
+            if pod_rps && which != "datapath" {
+                bail!("--pod-rps applies to the datapath benchmark only");
+            }
             match which.as_str() {
                 "datapath" => {
                     require_root("the datapath benchmark")?;
                     let bins = build_bins(true)?;
-                    bench_datapath::run(&bins)
+                    bench_datapath::run(&bins, pod_rps)
                 }
                 "overlay" => {
                     require_root("the overlay benchmark")?;

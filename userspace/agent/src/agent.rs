@@ -99,6 +99,8 @@ pub struct Agent {
     last_gc: std::sync::Mutex<Option<crate::proxy::GcStats>>,
     /// The datapath event stream's clients and counters (`GET /monitor`).
     monitor: Arc<crate::monitor::Monitor>,
+    /// Writes RPS settings of pods' host ends (`podRps`); None if unavailable (logged).
+    rps: Option<crate::rps::Rps>,
 }
 
 /// A pod as `contiv-agent pods` / the API shows it.
@@ -430,6 +432,24 @@ impl Agent {
 
         let applier = Applier::new(node.clone());
         let monitor = crate::monitor::Monitor::new(config.monitor);
+        // The writer also runs with podRps off: the restart below turns RPS off on pods an
+        // earlier configuration turned it on for.
+        let rps = match crate::rps::Rps::start() {
+            Ok(rps) => {
+                if config.pod_rps {
+                    log::info!("RPS on pod host ends over CPUs {}", rps.mask());
+                }
+                Some(rps)
+            }
+            Err(e) if config.pod_rps => {
+                log::warn!("podRps is on but RPS cannot be set (same-node TCP may see reordering): {e}");
+                None
+            }
+            Err(e) => {
+                log::debug!("no RPS writer: {e}");
+                None
+            }
+        };
         let agent = Arc::new(Self {
             config,
             uplink,
@@ -456,6 +476,7 @@ impl Agent {
             last_apply: Default::default(),
             last_gc: Default::default(),
             monitor,
+            rps,
         });
         agent.reconcile().await.context("bringing the dataplane in line with the node's pods")?;
         {
@@ -583,7 +604,11 @@ impl Agent {
                 continue;
             }
             match podnet::link_by_name(&inner.node, &a.host_ifname).await {
-                Ok(Some(link)) if link.header.index == a.host_ifindex => live.push(a),
+                Ok(Some(link)) if link.header.index == a.host_ifindex => {
+                    // Pods wired under another podRps setting follow this one.
+                    self.steer_flows(&a.host_ifname).await;
+                    live.push(a)
+                }
                 Ok(_) => {
                     // The interface went away while we were down (pod namespace deleted):
                     // keep the address reserved until the runtime's DEL, out of the datapath.
@@ -791,6 +816,9 @@ impl Agent {
         };
         attachment.host_ifindex = veth.host_ifindex;
         attachment.host_mac = format_mac(&veth.host_mac);
+        if self.config.pod_rps {
+            self.steer_flows(&spec.host_ifname).instrument(phase("rps")).await;
+        }
         attachment.netns_cookie = veth.netns_cookie;
         let configured = podnet::configure_pod_side(&veth, spec).instrument(phase("pod_side_config")).await;
         drop(veth);
@@ -839,6 +867,20 @@ impl Agent {
         }
         inner.applier.forget_counters(&mut inner.datapath, attachment.ip);
         Err(e)
+    }
+
+    /// Sets RPS on a pod's host end as `podRps` says (see crate::rps). A failure costs
+    /// ordering, not connectivity: logged, and the ADD or restart goes on.
+    async fn steer_flows(&self, host_ifname: &str) {
+        let Some(rps) = self.rps.clone() else {
+            return;
+        };
+        let (name, on) = (host_ifname.to_owned(), self.config.pod_rps);
+        match tokio::task::spawn_blocking(move || rps.set(&name, on)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("RPS on {host_ifname}: {e}"),
+            Err(e) => log::warn!("RPS on {host_ifname}: {e}"),
+        }
     }
 
     /// `mtu` and `dns` from the network config override the agent's defaults for a network;

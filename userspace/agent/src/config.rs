@@ -60,6 +60,7 @@ struct RawConfig {
     vxlan_vni: Option<u32>,
     vxlan_port: Option<u16>,
     masquerade: Option<bool>,
+    pod_rps: Option<bool>,
     allow_private_bpffs: Option<bool>,
     etcd_tls: Option<contiv_store::TlsConfig>,
     uplink: Option<Uplink>,
@@ -262,6 +263,11 @@ pub struct AgentConfig {
     pub overlay: OverlayConfig,
     /// Masquerade pod traffic leaving the cluster to the node's address. Default true.
     pub masquerade: bool,
+    /// Receive packet steering on the host end of every pod veth: each flow a pod sends is
+    /// queued on one CPU's backlog (by flow hash), so TCP segments its sender transmits from
+    /// two CPUs are delivered in order (see src/rps.rs). It costs a cross-CPU interrupt
+    /// whenever the hash picks another CPU. Default false.
+    pub pod_rps: bool,
     /// Run even when /sys/fs/bpf is not the host's bpffs (pins would die with the agent's
     /// mount namespace, and a restart would stop pod traffic). Default false.
     pub allow_private_bpffs: bool,
@@ -536,6 +542,7 @@ impl AgentConfig {
             node_ip: raw.node_ip,
             overlay,
             masquerade: raw.masquerade.unwrap_or(true),
+            pod_rps: raw.pod_rps.unwrap_or(false),
             allow_private_bpffs: raw.allow_private_bpffs.unwrap_or(false),
             services,
             monitor,
@@ -673,6 +680,7 @@ mod tests {
         assert_eq!(c.uplink, Uplink::Kernel);
         assert_eq!(c.overlay, OverlayConfig { ifname: "cvx0".into(), vni: 1, port: 4789 });
         assert!(c.masquerade);
+        assert!(!c.pod_rps);
         assert_eq!(c.cni_socket, PathBuf::from("/run/contiv/cni.sock"));
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/contiv"));
         assert_eq!(c.slowpath_host_ifname, "cslow0");

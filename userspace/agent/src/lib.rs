@@ -16,6 +16,7 @@ pub mod plan;
 pub mod podnet;
 pub mod policy;
 pub mod proxy;
+pub mod rps;
 pub mod services;
 pub mod slowpath;
 pub mod state;

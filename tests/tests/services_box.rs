@@ -607,6 +607,15 @@ spec:
         conns.push(Conn::open(ns, sa("10.96.0.10", 80)));
     }
     conns.push(Conn::open(&ext, SocketAddr::from((n1.ip, 30080))));
+    // Balancing is random: the later steps need a live connection to each backend (either
+    // one may turn out to be the survivor), so open more until both have one.
+    for i in 0..30 {
+        if ["web-1", "web-2"].iter().all(|w| conns.iter().any(|(_, s)| s == w)) {
+            break;
+        }
+        conns.push(Conn::open(if i % 2 == 0 { &c1.netns } else { &c2.netns }, sa("10.96.0.10", 80)));
+    }
+    assert!(["web-1", "web-2"].iter().all(|w| conns.iter().any(|(_, s)| s == w)), "no connection to each backend");
 
     // Agent restart on node-1: what it programmed stays (read back, nothing rewritten) and
     // every connection keeps flowing, also while it is down.

@@ -264,8 +264,10 @@ fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
 }
 
 #[test]
-fn concurrent_adds_get_distinct_addresses() {
+fn concurrent_adds_get_distinct_addresses_and_concurrent_dels_all_succeed() {
     let node = std::sync::Arc::new(node());
+    let entries = |m: &str| node.dump_map(m).len();
+    let (pods0, ifaces0) = (entries("PODS"), entries("POD_IFACES"));
     let handles: Vec<_> = (0..32)
         .map(|_| {
             let node = node.clone();
@@ -278,10 +280,24 @@ fn concurrent_adds_get_distinct_addresses() {
     assert_eq!(ips.len(), 32, "addresses must be distinct");
     assert_eq!(node.pod_links().len(), 32);
     assert!(ping(&pods[0].ns, pods[31].ip, 1));
-    for p in &pods {
-        node.del_pod(p).ok();
-    }
+    // All at once, as a node drain does: one DEL's plan must not put back what another is
+    // removing (a route to an interface already deleted failed every later DEL).
+    let pods: Vec<std::sync::Arc<Pod>> = pods.into_iter().map(std::sync::Arc::new).collect();
+    let handles: Vec<_> = pods
+        .iter()
+        .map(|p| {
+            let (node, p) = (node.clone(), p.clone());
+            std::thread::spawn(move || node.del_pod(&p).exit_code)
+        })
+        .collect();
+    let codes: Vec<i32> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(codes.iter().all(|c| *c == 0), "DEL exit codes: {codes:?}");
     assert_eq!(node.pod_links().len(), 0);
+    assert_eq!(entries("PODS"), pods0, "PODS leaked");
+    assert_eq!(entries("POD_IFACES"), ifaces0, "POD_IFACES leaked");
+    assert!(durable_attachments(&node).is_empty(), "addresses still held: {:?}", durable_attachments(&node));
+    let routes = node.ns.ip(&["-4", "route", "show", "proto", "84"]);
+    assert!(pods.iter().all(|p| !routes.contains(&p.ip.to_string())), "pod routes left: {routes}");
 }
 
 #[test]

@@ -62,6 +62,10 @@ struct Inner {
     /// Attachments whose interface disappeared while the agent was down: kept (the address
     /// stays reserved until the runtime's DEL) but out of the datapath.
     gone: std::collections::HashSet<AttachmentKey>,
+    /// Attachments whose DEL is under way: out of every plan from its first step on, so a
+    /// concurrent ADD or DEL does not put back what the DEL removed (routes to an interface
+    /// that is being deleted, map entries of a departing pod).
+    leaving: std::collections::HashSet<AttachmentKey>,
     /// The service proxy's installed state.
     proxy: crate::proxy::Proxy,
     /// healthCheckNodePort servers.
@@ -463,6 +467,7 @@ impl Agent {
                 node,
                 registrations,
                 gone: Default::default(),
+                leaving: Default::default(),
                 proxy: Default::default(),
                 health: Default::default(),
             }),
@@ -525,9 +530,15 @@ impl Agent {
     }
 
     /// The plan for what the agent holds now; `leaving`: an attachment being removed.
-    fn plan(&self, inner: &Inner, leaving: Option<&AttachmentKey>) -> Plan {
-        let attachments: Vec<&PodAttachment> =
-            inner.state.attachments().filter(|a| Some(&a.key()) != leaving && !inner.gone.contains(&a.key())).collect();
+    fn plan(&self, inner: &Inner) -> Plan {
+        let attachments: Vec<&PodAttachment> = inner
+            .state
+            .attachments()
+            .filter(|a| {
+                let key = a.key();
+                !inner.gone.contains(&key) && !inner.leaving.contains(&key)
+            })
+            .collect();
         let mut plan = crate::plan::plan(&self.params, attachments.iter().copied(), &inner.registrations);
         if let Some(compiled) = self.compile_policy(&attachments, &inner.registrations) {
             crate::plan::add_policy(&mut plan, compiled);
@@ -579,7 +590,7 @@ impl Agent {
     pub async fn apply_model(&self) {
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
-        let plan = self.plan(inner, None);
+        let plan = self.plan(inner);
         if let Err(e) = inner.applier.apply(&mut inner.datapath, &plan).await {
             log::error!("applying cluster changes: {e}");
         }
@@ -644,7 +655,7 @@ impl Agent {
         }
         // Map entries, routes and rules: resynced against what the kernel holds (entries
         // nobody owns go, entries that are right stay untouched).
-        let plan = self.plan(inner, None);
+        let plan = self.plan(inner);
         inner.applier.resync(&mut inner.datapath, &plan).await?;
         if let Some(o) = &self.overlay {
             inner.datapath.attach_overlay(&o.ifname)?;
@@ -667,7 +678,7 @@ impl Agent {
             vpp.set_registrations(&registrations);
         }
         inner.registrations = registrations;
-        let plan = self.plan(inner, None);
+        let plan = self.plan(inner);
         let before = inner.applier.installed().remote_routes.len();
         match inner.applier.apply(&mut inner.datapath, &plan).await {
             Ok(()) => {
@@ -685,7 +696,7 @@ impl Agent {
     pub async fn resync(&self) {
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
-        let plan = self.plan(inner, None);
+        let plan = self.plan(inner);
         if let Err(e) = inner.applier.resync(&mut inner.datapath, &plan).await {
             log::error!("dataplane resync: {e}");
         }
@@ -861,7 +872,7 @@ impl Agent {
             log::error!("releasing {} after a failed ADD: {err}", attachment.ip);
         }
         // Whatever the failed ADD installed for the pod (map entries, routes) goes with it.
-        let plan = self.plan(inner, None);
+        let plan = self.plan(inner);
         if let Err(err) = inner.applier.apply(&mut inner.datapath, &plan).await {
             log::error!("removing {} from the datapath after a failed ADD: {err}", attachment.ip);
         }
@@ -944,7 +955,7 @@ impl Agent {
         let inner = &mut *guard;
         let persisted = phase("persist").in_scope(|| inner.state.put(attachment.clone()));
         persisted.map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the attachment", e.to_string()))?;
-        let plan = self.plan(inner, None);
+        let plan = self.plan(inner);
         let applied = inner.applier.apply(&mut inner.datapath, &plan).instrument(phase("map_update")).await;
         applied.map_err(|e| internal("programming the datapath", e))
     }
@@ -969,7 +980,8 @@ impl Agent {
         {
             let mut guard = self.inner.lock().instrument(phase("lock")).await;
             let inner = &mut *guard;
-            let plan = self.plan(inner, Some(&key));
+            inner.leaving.insert(key.clone());
+            let plan = self.plan(inner);
             let removed = inner.applier.apply(&mut inner.datapath, &plan).instrument(phase("map_remove")).await;
             if let Err(e) = removed {
                 first_err.get_or_insert(internal("removing the pod from the datapath", e));
@@ -985,6 +997,9 @@ impl Agent {
             first_err.get_or_insert(internal("deleting the pod interface", e));
         }
         let mut inner = self.inner.lock().instrument(phase("lock")).await;
+        // Done either way: removed below, or (on a failure) back in the plan until the
+        // runtime retries the DEL.
+        inner.leaving.remove(&key);
         inner.datapath.forget_pod_link(&a.host_ifname);
         let inner = &mut *inner;
         inner.applier.forget_counters(&mut inner.datapath, a.ip);

@@ -137,12 +137,14 @@ impl Applier {
         }
         // 2. Kernel routes and neighbours pointing at them.
         for ((ifindex, ip), mac) in changed(&self.installed.host_neighbours, &plan.host_neighbours) {
-            self.put_neighbour(ifindex, ip, mac).await?;
-            self.installed.host_neighbours.insert((ifindex, ip), mac);
+            if self.put_neighbour(ifindex, ip, mac).await? {
+                self.installed.host_neighbours.insert((ifindex, ip), mac);
+            }
         }
         for (dst, route) in changed(&self.installed.host_routes, &plan.host_routes) {
-            self.put_route(dst, route).await?;
-            self.installed.host_routes.insert(dst, route);
+            if self.put_route(dst, route).await? {
+                self.installed.host_routes.insert(dst, route);
+            }
         }
         // 3. What is gone: routes first, then the entries they led to.
         for dst in removed(&self.installed.host_routes, &plan.host_routes) {
@@ -249,14 +251,18 @@ impl Applier {
         msg
     }
 
-    async fn put_route(&self, dst: Ipv4Net, route: HostRoute) -> Result<(), ApplyError> {
-        self.node
-            .route()
-            .add(Self::route_message(dst, route))
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| ApplyError::Routes(format!("route {dst} dev #{}: {e}", route.ifindex)))
+    /// Installs a route; false if its interface no longer exists (a pod deleted under us,
+    /// whose route went with it): not installed, and not an error for this apply, which
+    /// would otherwise fail every later apply at the same step.
+    async fn put_route(&self, dst: Ipv4Net, route: HostRoute) -> Result<bool, ApplyError> {
+        match self.node.route().add(Self::route_message(dst, route)).replace().execute().await {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => {
+                log::debug!("route {dst}: interface #{} is gone; not installed", route.ifindex);
+                Ok(false)
+            }
+            Err(e) => Err(ApplyError::Routes(format!("route {dst} dev #{}: {e}", route.ifindex))),
+        }
     }
 
     async fn delete_route(&self, dst: Ipv4Net, route: HostRoute) -> Result<(), ApplyError> {
@@ -279,16 +285,25 @@ impl Applier {
         let _ = self.node.neighbours().del(msg).execute().await;
     }
 
-    async fn put_neighbour(&self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<(), ApplyError> {
-        self.node
+    /// Installs a neighbour entry; false if its interface no longer exists (as put_route).
+    async fn put_neighbour(&self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<bool, ApplyError> {
+        let put = self
+            .node
             .neighbours()
             .add(ifindex, IpAddr::V4(ip))
             .link_layer_address(&mac)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
-            .await
-            .map_err(|e| ApplyError::Routes(format!("neighbour {ip} dev #{ifindex}: {e}")))
+            .await;
+        match put {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => {
+                log::debug!("neighbour {ip}: interface #{ifindex} is gone; not installed");
+                Ok(false)
+            }
+            Err(e) => Err(ApplyError::Routes(format!("neighbour {ip} dev #{ifindex}: {e}"))),
+        }
     }
 }
 

@@ -105,7 +105,14 @@ impl NodeNs {
     fn start(&self) -> Child {
         let child = self.stn(&["run", "--interface", "nic0"]).stdout(Stdio::null()).spawn().expect("contiv-stn");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(self.state_file().exists() && self.config() == (vec![], vec![])) {
+        // Taken by this process: its pid in the record (ip netns exec execs contiv-stn), and
+        // nothing on the NIC. A record left by a killed run must not count: this run first
+        // gives that back, then takes the NIC again.
+        let recorded_pid = || -> Option<u64> {
+            let v: Value = serde_json::from_slice(&std::fs::read(self.state_file()).ok()?).ok()?;
+            v["pid"].as_u64()
+        };
+        while !(recorded_pid() == Some(u64::from(child.id())) && self.config() == (vec![], vec![])) {
             assert!(Instant::now() < deadline, "contiv-stn did not take nic0: {:?}", self.config());
             std::thread::sleep(Duration::from_millis(20));
         }

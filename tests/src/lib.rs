@@ -23,7 +23,6 @@ pub mod netpol;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A unique short name: `<prefix><pid>x<counter>` (fits interface/netns name limits).
 /// Makes closing `socket` send a reset (SO_LINGER 0): thousands of short connections in a
 /// test or benchmark leave no TIME_WAIT behind.
 pub fn close_with_reset(socket: &impl std::os::fd::AsRawFd) {
@@ -41,6 +40,7 @@ pub fn close_with_reset(socket: &impl std::os::fd::AsRawFd) {
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }
 
+/// A unique short name: `<prefix><pid>x<counter>` (fits interface/netns name limits).
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }

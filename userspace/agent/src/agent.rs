@@ -887,10 +887,9 @@ impl Agent {
             return;
         };
         let (name, on) = (host_ifname.to_owned(), self.config.pod_rps);
-        match tokio::task::spawn_blocking(move || rps.set(&name, on)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log::warn!("RPS on {host_ifname}: {e}"),
-            Err(e) => log::warn!("RPS on {host_ifname}: {e}"),
+        let result = tokio::task::spawn_blocking(move || rps.set(&name, on)).await.map_err(|e| e.to_string());
+        if let Err(e) = result.and_then(|r| r) {
+            log::warn!("RPS on {host_ifname}: {e}");
         }
     }
 

@@ -39,8 +39,8 @@ struct Request {
 }
 
 impl Rps {
-    /// Starts the writer thread. Fails if the private sysfs cannot be mounted or the kernel
-    /// has no RPS (no `rps_cpus` files).
+    /// Starts the writer thread. Fails if the online CPUs cannot be read or the private sysfs
+    /// cannot be mounted; a kernel without RPS shows up later, as a failed write.
     pub fn start() -> Result<Self, String> {
         let mask = cpu_mask(&read_online_cpus()?)?;
         // The process's network namespace (its main thread's), whichever thread calls.

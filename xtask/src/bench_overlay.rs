@@ -18,6 +18,9 @@
 //! - `pod_to_external_throughput_snat`: a pod to the external namespace with the agent's
 //!   masquerade (ours) against the same path with that flow exempt from conntrack and NAT and
 //!   the external side routing back to the pod (baseline).
+//!
+//! `--pod-rps` runs the agents with `podRps = true` (see `bench datapath --pod-rps`) and
+//! writes overlay-pod-rps.json instead.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -167,13 +170,17 @@ fn nat_exempt(node_netns: &str, external_netns: &str, pod: Ipv4Addr, node_ip: Ip
     Ok(())
 }
 
-pub fn run(bins: &Path) -> Result<()> {
+pub fn run(bins: &Path, pod_rps: bool) -> Result<()> {
     // SAFETY: set before any thread starts.
     unsafe { std::env::set_var("CONTIV_BIN_DIR", bins) };
     println!(
-        "overlay benchmark: two nodes in a box; baseline = flannel-style kernel VXLAN with FDB + neighbour entries"
+        "overlay benchmark: two nodes in a box; baseline = flannel-style kernel VXLAN with FDB + neighbour entries{}",
+        if pod_rps { "; ours with podRps = true" } else { "" }
     );
     let mut opts = BoxOptions::for_test(2);
+    if pod_rps {
+        opts.agent_config = "podRps = true\n".into();
+    }
     opts.id = format!("cbov{}", std::process::id());
     opts.progress = true;
     let mut b = ClusterBox::up(opts);
@@ -270,7 +277,7 @@ pub fn run(bins: &Path) -> Result<()> {
         row("host_to_pod_connect_p50", "us", hb50, ho50, "lower"),
         row("pod_to_external_throughput_snat", "Gbit/s", median(&plain), median(&snat), "higher"),
     ];
-    write_results("overlay", &results)?;
+    write_results(if pod_rps { "overlay-pod-rps" } else { "overlay" }, &results)?;
     let tput = results[0]["ratio"].as_f64().unwrap_or(0.0);
     let p50 = results[1]["ratio"].as_f64().unwrap_or(f64::MAX);
     println!(

@@ -72,7 +72,8 @@ enum Task {
     Bench {
         #[arg(value_parser = ["datapath", "overlay", "cni", "store", "ksr", "vpp", "policy", "services"])]
         which: String,
-        /// datapath only: run the agent with `podRps = true` (results in datapath-pod-rps.json).
+        /// datapath and overlay: run the agents with `podRps = true` (results in
+        /// datapath-pod-rps.json, overlay-pod-rps.json).
         #[arg(long)]
         pod_rps: bool,
     },
@@ -241,8 +242,8 @@ fn main() -> Result<()> {
         }
         Task::Bench { which, pod_rps } => {
             setup::run()?;
-            if pod_rps && which != "datapath" {
-                bail!("--pod-rps applies to the datapath benchmark only");
+            if pod_rps && which != "datapath" && which != "overlay" {
+                bail!("--pod-rps applies to the datapath and overlay benchmarks only");
             }
             match which.as_str() {
                 "datapath" => {
@@ -253,7 +254,7 @@ fn main() -> Result<()> {
                 "overlay" => {
                     require_root("the overlay benchmark")?;
                     let bins = build_bins(true)?;
-                    bench_overlay::run(&bins)
+                    bench_overlay::run(&bins, pod_rps)
                 }
                 "vpp" => bench_vpp::run(),
                 "cni" => {

@@ -257,7 +257,7 @@ impl Applier {
     async fn put_route(&self, dst: Ipv4Net, route: HostRoute) -> Result<bool, ApplyError> {
         match self.node.route().add(Self::route_message(dst, route)).replace().execute().await {
             Ok(()) => Ok(true),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => {
+            Err(e) if crate::podnet::is_errno(&e, &[libc::ENODEV]) => {
                 log::debug!("route {dst}: interface #{} is gone; not installed", route.ifindex);
                 Ok(false)
             }
@@ -269,8 +269,7 @@ impl Applier {
         match self.node.route().del(Self::route_message(dst, route)).execute().await {
             Ok(()) => Ok(()),
             // Gone already (its device was deleted with a pod).
-            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ESRCH) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => Ok(()),
+            Err(e) if crate::podnet::is_errno(&e, &[libc::ESRCH, libc::ENODEV]) => Ok(()),
             Err(e) => Err(ApplyError::Routes(format!("deleting route {dst}: {e}"))),
         }
     }
@@ -298,7 +297,7 @@ impl Applier {
             .await;
         match put {
             Ok(()) => Ok(true),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => {
+            Err(e) if crate::podnet::is_errno(&e, &[libc::ENODEV]) => {
                 log::debug!("neighbour {ip}: interface #{ifindex} is gone; not installed");
                 Ok(false)
             }

@@ -210,12 +210,17 @@ where
     f(handle).await
 }
 
+/// Whether a netlink request failed with one of `errnos` (as libc names them, positive).
+pub fn is_errno(e: &rtnetlink::Error, errnos: &[i32]) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.is_some_and(|c| errnos.contains(&-c.get())))
+}
+
 /// Looks a link up by name; `None` if it does not exist.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(link) => Ok(link),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => Ok(None),
+        Err(e) if is_errno(&e, &[libc::ENODEV]) => Ok(None),
         Err(e) => Err(nl(format!("looking up {name}"))(e)),
     }
 }
@@ -408,7 +413,7 @@ pub async fn delete_link(node: &Handle, name: &str) -> Result<()> {
     };
     match node.link().del(link.header.index).execute().await {
         Ok(()) => Ok(()),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| c.get()) == Some(-libc::ENODEV) => Ok(()),
+        Err(e) if is_errno(&e, &[libc::ENODEV]) => Ok(()),
         Err(e) => Err(nl(format!("deleting {name}"))(e)),
     }
 }

@@ -28,6 +28,9 @@
 //!   `ipv4_addr . inet_proto . inet_service`, per-service chains choosing an endpoint chain
 //!   with `numgen random mod k vmap`, endpoint chains DNAT'ing, masquerade marking, the
 //!   filter-hook chains and `cluster-ips` set; loaded with `nft -f`.
+//! - no proxy: the same routed node and pods with no netfilter rule at all, the client
+//!   connecting straight to the server's pod IP: what a new connection costs the kernel
+//!   itself, the floor under every implementation.
 //!
 //! Metrics (target/bench/services.json, and target/bench/services.png: connect latency p50
 //! and p99 against the number of services for every implementation, drawn with plotters):
@@ -39,7 +42,9 @@
 //!   separate CPUs, as in the other latency benchmarks; blocks of 500 connections, each
 //!   topology in turn, who goes first rotating. `connect_p50_10k_clusterip_vs_pod_ip` puts
 //!   ours beside the same pods connecting to the server's pod IP (what the service layer
-//!   adds to a connection). p90 rows beside the p99s: on a busy shared machine a p99 of
+//!   adds to a connection); `connect_p50_10k_vs_kernel_routing_pod_ip` puts it beside the
+//!   no-proxy floor above (the summary line says what the 0.2 bar asks for in microseconds
+//!   against that floor). p90 rows beside the p99s: on a busy shared machine a p99 of
 //!   busy-polling threads is mostly the time they spent descheduled.
 //! - `clusterip_throughput` (bar >= 0.97) and `clusterip_rr_p50` (bar <= 1.05), p99: one TCP
 //!   stream (iperf3) and 64-byte request/response from the client pod to the server through
@@ -420,6 +425,9 @@ enum Proxy {
     Iptables,
     IptablesLegacy,
     Nftables,
+    /// No service proxy at all: the same routed pods with no netfilter rule, connecting
+    /// to the server's pod IP (the kernel's own cost of a new connection).
+    None,
 }
 
 impl Proxy {
@@ -428,6 +436,7 @@ impl Proxy {
             Proxy::Iptables => "iptables",
             Proxy::IptablesLegacy => "iptables-legacy",
             Proxy::Nftables => "nftables",
+            Proxy::None => "kernel-routing-pod-ip",
         }
     }
 }
@@ -460,6 +469,7 @@ impl ProxyNode {
             Proxy::Iptables => ("iptables-nft-restore", &[], iptables_rules(svcs)),
             Proxy::IptablesLegacy => ("iptables-legacy-restore", &[], iptables_rules(svcs)),
             Proxy::Nftables => ("nft", &["-f", "-"], nft_rules(svcs)),
+            Proxy::None => return Ok(Duration::ZERO),
         };
         let started = Instant::now();
         let mut child = self
@@ -821,14 +831,15 @@ pub fn run(bins: &Path) -> Result<()> {
     b.stop_agent("node-2", false);
     let server = b.add_pod("node-1", "bench/server", &[("app", "server")], &[]);
     let client = b.add_pod("node-1", "bench/client", &[("app", "client")], &[]);
-    let proxies = [Proxy::Iptables, Proxy::IptablesLegacy, Proxy::Nftables];
+    let proxies = [Proxy::Iptables, Proxy::IptablesLegacy, Proxy::Nftables, Proxy::None];
     let bases: Vec<ProxyNode> = proxies.iter().map(|p| ProxyNode::new(*p)).collect();
     let pin_dir = b.node("node-1").pin_dir.clone();
     let writer = StoreWriter::start(&b.state.control)?;
     step.finish();
 
     // Ours through the ClusterIP; ours straight to the server pod (what the service layer
-    // adds); each kube-proxy rendering through the ClusterIP.
+    // adds); each kube-proxy rendering through the ClusterIP; the routed pods without any
+    // proxy straight to the server pod (the kernel's floor for a new connection).
     let target = SocketAddr::from((TARGET_IP, SERVICE_PORT));
     let mut topologies = vec![
         Topology {
@@ -847,12 +858,13 @@ pub fn run(bins: &Path) -> Result<()> {
         },
     ];
     for base in &bases {
+        let to = if base.proxy == Proxy::None { SocketAddr::from((BASE_SERVER, SERVER_PORT)) } else { target };
         topologies.push(Topology {
             label: base.proxy.label(),
             client_ns: base.client.name().to_owned(),
             server_ns: base.server.name().to_owned(),
             bind: SocketAddr::from((BASE_SERVER, SERVER_PORT)),
-            to: target,
+            to,
         });
     }
     // [topology][scale]: sorted samples.
@@ -1023,8 +1035,9 @@ pub fn run(bins: &Path) -> Result<()> {
         10_000 => "10k".to_string(),
         n => n.to_string(),
     };
-    // Topology indices: 0 ours, 1 ours to the pod IP, then iptables, iptables-legacy, nftables.
-    let (ours, pod_ip, ipt, legacy, nft) = (0, 1, 2, 3, 4);
+    // Topology indices: 0 ours, 1 ours to the pod IP, then iptables, iptables-legacy,
+    // nftables, and the routed pods without a proxy to the pod IP.
+    let (ours, pod_ip, ipt, legacy, nft, kernel) = (0, 1, 2, 3, 4, 5);
     let at = |t: usize, si: usize, q: f64| p(&connects[t][si], q);
     let mut results = vec![
         row("connect_p50_10k_vs_iptables", "us", at(ipt, last, 0.5), at(ours, last, 0.5), "lower"),
@@ -1038,6 +1051,9 @@ pub fn run(bins: &Path) -> Result<()> {
         row("connect_p99_10k_vs_nftables", "us", at(nft, last, 0.99), at(ours, last, 0.99), "lower"),
         row("connect_p50_10k_vs_iptables_legacy", "us", at(legacy, last, 0.5), at(ours, last, 0.5), "lower"),
         row("connect_p50_10k_clusterip_vs_pod_ip", "us", at(pod_ip, last, 0.5), at(ours, last, 0.5), "lower"),
+        // What a new connection costs the kernel itself (routed pods, no service, no
+        // netfilter rule), beside ours through a ClusterIP among 10,000 services.
+        row("connect_p50_10k_vs_kernel_routing_pod_ip", "us", at(kernel, last, 0.5), at(ours, last, 0.5), "lower"),
     ];
     for (si, &n) in SCALES.iter().enumerate().take(last) {
         for (t, name) in [(ipt, "iptables"), (legacy, "iptables_legacy"), (nft, "nftables")] {
@@ -1086,6 +1102,11 @@ pub fn run(bins: &Path) -> Result<()> {
             points: points(&connects[legacy]),
         },
         Series { label: "kube-proxy nftables", color: RGBColor(0, 158, 115), points: points(&connects[nft]) },
+        Series {
+            label: "no proxy: kernel routing, straight to the pod IP",
+            color: RGBColor(0, 0, 0),
+            points: points(&connects[kernel]),
+        },
     ];
     plot(&png, &series)?;
     println!("wrote {}", png.display());
@@ -1106,6 +1127,15 @@ pub fn run(bins: &Path) -> Result<()> {
         met(ratio("clusterip_throughput") >= 0.97),
         ratio("clusterip_rr_p50"),
         met(ratio("clusterip_rr_p50") <= 1.05),
+    );
+    // The connect bar in absolute terms, beside the kernel's own floor.
+    println!(
+        "connect p50 at 10k: the 0.2 bar asks for <= {:.1} us; ours {:.1} us; the kernel's routed pod -> pod connect \
+         with no service and no netfilter rule {:.1} us ({:.3} of iptables)",
+        0.2 * at(ipt, last, 0.5),
+        at(ours, last, 0.5),
+        at(kernel, last, 0.5),
+        at(kernel, last, 0.5) / at(ipt, last, 0.5),
     );
     println!(
         "targets: programming p99 at 10k {:.1} ms <= 100 ms: {}; cold start with 10k {:.2} s <= 2 s: {}",
@@ -1166,17 +1196,24 @@ mod tests {
             eprintln!("skipped: loading netfilter rules needs root (a network namespace)");
             return;
         }
-        for proxy in [Proxy::Iptables, Proxy::IptablesLegacy, Proxy::Nftables] {
+        for proxy in [Proxy::Iptables, Proxy::IptablesLegacy, Proxy::Nftables, Proxy::None] {
             let node = ProxyNode::new(proxy);
             node.load(&rendering_order(100, BASE_SERVER)).unwrap();
             // Loading again replaces the rules (the next scale).
             node.load(&rendering_order(200, BASE_SERVER)).unwrap();
+            if proxy == Proxy::None {
+                // The floor: no netfilter table at all in its node.
+                let ruleset = contiv_tests::run(node.node.cmd("nft").args(["list", "ruleset"]));
+                assert!(ruleset.trim().is_empty(), "the no-proxy node has rules:\n{ruleset}");
+                continue;
+            }
             let listed = match proxy {
                 Proxy::Iptables => contiv_tests::run(node.node.cmd("iptables-nft-save").args(["-t", "nat"])),
                 Proxy::IptablesLegacy => contiv_tests::run(node.node.cmd("iptables-legacy-save").args(["-t", "nat"])),
                 Proxy::Nftables => {
                     contiv_tests::run(node.node.cmd("nft").args(["list", "map", "ip", "kube-proxy", "service-ips"]))
                 }
+                Proxy::None => unreachable!("checked above"),
             };
             let want = match proxy {
                 Proxy::Nftables => format!("{TARGET_IP} . tcp . {SERVICE_PORT} : goto service-"),

@@ -38,10 +38,11 @@ use contiv_common::{
 };
 use ipnet::Ipv4Net;
 
+mod batch;
 mod inspect;
 mod services;
 pub use inspect::{MonitorCounters, MonitorMaps, TraceRun, sum_buckets, tcx_ingress_programs};
-pub use services::{SOCK_PROGRAMS, cgroup2_root};
+pub use services::{CtTable, SOCK_PROGRAMS, cgroup2_root};
 
 /// The compiled eBPF object, built by build.rs from ebpf/contiv-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/contiv-ebpf"));

@@ -17,7 +17,7 @@ use ipnet::Ipv4Net;
 
 use crate::{
     config::CtTimeouts,
-    datapath::{Datapath, DatapathError},
+    datapath::{CtTable, Datapath, DatapathError},
     services::{IPPROTO_TCP, IPPROTO_UDP, ServicePlan},
 };
 
@@ -123,6 +123,8 @@ pub fn ct_timeout(k: &CtKey, e: &CtEntry, pair: Option<&CtEntry>, t: &CtTimeouts
 pub struct GcStats {
     pub scanned: usize,
     pub expired: usize,
+    /// How long the sweep took (read, decide, delete), in microseconds.
+    pub took_us: u64,
 }
 
 impl Proxy {
@@ -261,23 +263,25 @@ impl Proxy {
 /// without a rewrite); the flow's next packet then meets the dead-backend refusal.
 fn flush_backends(dp: &mut Datapath, backends: &BTreeSet<(Ipv4Addr, u16, u8)>) -> Result<usize, DatapathError> {
     let mut n = 0;
+    let mut doomed = vec![];
     for (k, e) in dp.ct_entries()? {
         let nat = e.flags & ct_flags::DNAT != 0 && backends.contains(&(Ipv4Addr::from(e.nat_ip), e.nat_port, k.proto));
         let plain = e.flags == 0 && backends.contains(&(Ipv4Addr::from(k.dst), k.dport, k.proto));
         if nat || plain {
-            dp.ct_delete(ct_pair(&k, &e))?;
-            dp.ct_delete(k)?;
+            doomed.push(ct_pair(&k, &e));
+            doomed.push(k);
             n += 1;
         }
     }
+    dp.ct_delete_all(&doomed)?;
     Ok(n)
 }
 
-/// One conntrack sweep: removes flows idle past their timeout (both directions together).
-/// `now_ns`: CLOCK_MONOTONIC, the clock the datapath stamps entries with.
-pub fn gc_conntrack(dp: &mut Datapath, timeouts: &CtTimeouts, now_ns: u64) -> Result<GcStats, DatapathError> {
-    let entries: BTreeMap<CtKey, CtEntry> = dp.ct_entries()?.into_iter().collect();
-    let mut stats = GcStats { scanned: entries.len(), expired: 0 };
+/// The keys of every flow idle past its timeout (both directions together), from a
+/// snapshot of the table. `now_ns`: CLOCK_MONOTONIC, the clock the datapath stamps entries
+/// with.
+pub fn expired_flows(entries: Vec<(CtKey, CtEntry)>, timeouts: &CtTimeouts, now_ns: u64) -> Vec<CtKey> {
+    let entries: BTreeMap<CtKey, CtEntry> = entries.into_iter().collect();
     let mut doomed = BTreeSet::new();
     for (k, e) in &entries {
         if doomed.contains(k) {
@@ -294,11 +298,19 @@ pub fn gc_conntrack(dp: &mut Datapath, timeouts: &CtTimeouts, now_ns: u64) -> Re
             }
         }
     }
-    for k in &doomed {
-        dp.ct_delete(*k)?;
-    }
-    stats.expired = doomed.len();
-    Ok(stats)
+    doomed.into_iter().collect()
+}
+
+/// One conntrack sweep: removes flows idle past their timeout. On the table's own handle,
+/// so it holds no lock of the agent's while it reads a table of up to hundreds of
+/// thousands of entries.
+pub fn gc_conntrack(table: &mut CtTable, timeouts: &CtTimeouts, now_ns: u64) -> Result<GcStats, DatapathError> {
+    let started = Instant::now();
+    let entries = table.entries()?;
+    let scanned = entries.len();
+    let doomed = expired_flows(entries, timeouts, now_ns);
+    table.delete_all(&doomed)?;
+    Ok(GcStats { scanned, expired: doomed.len(), took_us: started.elapsed().as_micros() as u64 })
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns's clock).
@@ -358,5 +370,30 @@ mod tests {
         assert_eq!(ct_timeout(&k, &ack, Some(&fin), &t), Duration::from_secs(10));
         let udp = CtKey { proto: IPPROTO_UDP, ..k };
         assert_eq!(ct_timeout(&udp, &CtEntry::default(), None, &t), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_sweep_takes_both_directions_of_an_idle_flow_and_keeps_a_live_one() {
+        let t = CtTimeouts::default();
+        let s = 1_000_000_000u64;
+        let now = 100_000 * s;
+        let seen = |ago: u64, tcp_flags: u8| CtEntry { last_seen_ns: now - ago * s, tcp_flags, ..Default::default() };
+        let (a, b) = ([10, 1, 1, 2], [10, 1, 1, 3]);
+        let closed = ct_tcp::ACK | ct_tcp::RST;
+        let entries = vec![
+            // Closed 20 s ago (both sides): past tcp_closing (10 s).
+            (key(a, b, 40_000, 80), seen(20, closed)),
+            (key(b, a, 80, 40_000), seen(20, closed)),
+            // Established; the reply direction idle for an hour, the original seen now:
+            // the flow lives.
+            (key(a, b, 40_001, 80), seen(3600, ct_tcp::ACK)),
+            (key(b, a, 80, 40_001), seen(1, ct_tcp::ACK)),
+            // A SYN without an answer for two minutes: past tcp_syn (60 s), alone.
+            (key(a, b, 40_002, 80), seen(120, ct_tcp::SYN)),
+        ];
+        let doomed: BTreeSet<CtKey> = expired_flows(entries, &t, now).into_iter().collect();
+        let want: BTreeSet<CtKey> =
+            [key(a, b, 40_000, 80), key(b, a, 80, 40_000), key(a, b, 40_002, 80)].into_iter().collect();
+        assert_eq!(doomed, want);
     }
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::{Agent, Inner};
 use crate::{
+    datapath::CtTable,
     proxy::{ApplyStats, GcStats, gc_conntrack, monotonic_ns},
     services::{HealthCheck, ServiceInputs, Skipped, plan_services, proto_name},
 };
@@ -197,17 +198,36 @@ impl Agent {
         self.inner.lock().await.proxy.next_expiry()
     }
 
-    /// One conntrack sweep.
+    /// One conntrack sweep, on a thread of the blocking pool and the table's own handle:
+    /// reading a full table takes a while, and nothing else (CNI requests, service and
+    /// policy changes) waits for it.
     pub async fn gc_conntrack(&self) -> Option<GcStats> {
         if !self.config.services.enabled {
             return None;
         }
-        let mut guard = self.inner.lock().await;
-        let inner = &mut *guard;
-        match gc_conntrack(&mut inner.datapath, &self.config.services.timeouts, monotonic_ns()) {
+        let pin_dir = self.config.bpf_pin_dir.clone();
+        let timeouts = self.config.services.timeouts;
+        let swept = tokio::task::spawn_blocking(move || {
+            let mut table = CtTable::open(&pin_dir)?;
+            gc_conntrack(&mut table, &timeouts, monotonic_ns())
+        })
+        .await;
+        let swept = match swept {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("conntrack sweep: {e}");
+                return None;
+            }
+        };
+        match swept {
             Ok(stats) => {
                 if stats.expired > 0 {
-                    log::debug!("conntrack: {} of {} entries expired", stats.expired, stats.scanned);
+                    log::debug!(
+                        "conntrack: {} of {} entries expired (sweep took {} us)",
+                        stats.expired,
+                        stats.scanned,
+                        stats.took_us
+                    );
                 }
                 *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
                 Some(stats)

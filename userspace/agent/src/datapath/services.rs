@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType, links::FdLink},
 };
 use contiv_common::{
@@ -240,15 +240,157 @@ impl Datapath {
 
     /// Every conntrack entry (both directions of every flow).
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        self.entries(map_names::CT)
+        ct_entries_in(self.ebpf.map(map_names::CT).ok_or(DatapathError::Missing(map_names::CT))?)
     }
 
-    pub fn ct_delete(&mut self, k: CtKey) -> Result<()> {
-        self.delete::<CtKey, CtEntry>(map_names::CT, k)
+    /// Deletes these conntrack entries (those already gone are skipped); how many went.
+    pub fn ct_delete_all(&mut self, keys: &[CtKey]) -> Result<usize> {
+        ct_delete_in(self.ebpf.map_mut(map_names::CT).ok_or(DatapathError::Missing(map_names::CT))?, keys)
     }
 
     /// Pins of the datapath's own that are not maps (for tests and inspection).
     pub fn link_pins(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.pin_dir.join("links")).into_iter().flatten().flatten().map(|e| e.path()).collect()
+    }
+}
+
+// === conntrack on a handle of its own ===
+
+/// The pinned conntrack map on a handle of its own, for work that should not wait for (or
+/// hold up) the agent's datapath lock: the periodic sweep, the `/services` entry count.
+/// Every operation is a map syscall, so it races nothing but the datapath itself, as the
+/// locked path did too.
+pub struct CtTable {
+    map: Map,
+}
+
+impl CtTable {
+    /// Opens `<pin_dir>/CT`.
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let data = MapData::from_pin(pin_dir.join(map_names::CT)).map_err(map_err(map_names::CT))?;
+        Ok(Self { map: Map::LruHashMap(data) })
+    }
+
+    /// Every entry (both directions of every flow).
+    pub fn entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        ct_entries_in(&self.map)
+    }
+
+    /// Deletes these entries (those already gone are skipped); how many went.
+    pub fn delete_all(&mut self, keys: &[CtKey]) -> Result<usize> {
+        ct_delete_in(&mut self.map, keys)
+    }
+}
+
+fn ct_fd(map: &Map) -> Option<std::os::fd::BorrowedFd<'_>> {
+    use std::os::fd::AsFd as _;
+    match map {
+        Map::LruHashMap(d) | Map::HashMap(d) => Some(d.fd().as_fd()),
+        _ => None,
+    }
+}
+
+fn batch_err(call: &'static str) -> impl FnOnce(std::io::Error) -> DatapathError {
+    move |io_error| DatapathError::Map {
+        name: map_names::CT,
+        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+    }
+}
+
+/// Batched where the kernel can (a few syscalls for the whole table), else one entry at a
+/// time. The typed view checks the map's key and value sizes first.
+fn ct_entries_in(map: &Map) -> Result<Vec<(CtKey, CtEntry)>> {
+    let typed: HashMap<&MapData, CtKey, CtEntry> = map.try_into().map_err(map_err(map_names::CT))?;
+    if let Some(fd) = ct_fd(map)
+        && let Some(all) = super::batch::lookup_all::<CtKey, CtEntry>(fd).map_err(batch_err("bpf_map_lookup_batch"))?
+    {
+        return Ok(all);
+    }
+    // An entry deleted while iterating is skipped, not an error.
+    Ok(typed.iter().filter_map(|r| r.ok()).collect())
+}
+
+fn ct_delete_in(map: &mut Map, keys: &[CtKey]) -> Result<usize> {
+    let _checked: HashMap<&MapData, CtKey, CtEntry> = (&*map).try_into().map_err(map_err(map_names::CT))?;
+    if let Some(fd) = ct_fd(map)
+        && let Some(n) = super::batch::delete_all(fd, keys).map_err(batch_err("bpf_map_delete_batch"))?
+    {
+        return Ok(n);
+    }
+    let mut typed: HashMap<&mut MapData, CtKey, CtEntry> = map.try_into().map_err(map_err(map_names::CT))?;
+    let mut n = 0;
+    for k in keys {
+        match typed.remove(k) {
+            Ok(()) => n += 1,
+            other => ignore_missing(other).map_err(map_err(map_names::CT))?,
+        }
+    }
+    Ok(n)
+}
+
+/// The batched conntrack reads and deletes against the one-at-a-time path, on a real
+/// kernel map (root only).
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use aya::EbpfLoader;
+
+    use super::*;
+
+    fn key(i: u32) -> CtKey {
+        let b = i.to_be_bytes();
+        CtKey { src: [10, 1, b[2], b[3]], dst: [10, 96, b[1], 1], sport: 40_000, dport: 80, proto: 6, _pad: [0; 3] }
+    }
+
+    #[test]
+    fn batched_conntrack_reads_and_deletes_match_one_at_a_time() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: creating BPF maps needs root");
+            return;
+        }
+        const N: u32 = 50_000;
+        // Fresh maps, pinned nowhere.
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::CT, 65_536)
+            .load(super::super::EBPF_OBJECT)
+            .expect("the object");
+        let map = ebpf.map_mut(map_names::CT).expect("CT");
+        {
+            let mut typed: HashMap<&mut MapData, CtKey, CtEntry> = map.try_into().unwrap();
+            for i in 0..N {
+                typed
+                    .insert(key(i), CtEntry { last_seen_ns: u64::from(i), nat_port: i as u16, ..Default::default() }, 0)
+                    .unwrap();
+            }
+        }
+        let t = std::time::Instant::now();
+        let batched = ct_entries_in(map).unwrap();
+        let batched_took = t.elapsed();
+        let t = std::time::Instant::now();
+        let typed: HashMap<&MapData, CtKey, CtEntry> = (&*map).try_into().unwrap();
+        let single: Vec<(CtKey, CtEntry)> = typed.iter().map(|r| r.unwrap()).collect();
+        let single_took = t.elapsed();
+        eprintln!("{N} entries: batched {batched_took:?}, one at a time {single_took:?}");
+        assert_eq!(batched.len(), N as usize, "every entry, once");
+        let a: BTreeSet<(CtKey, u64, u16)> = batched.iter().map(|(k, e)| (*k, e.last_seen_ns, e.nat_port)).collect();
+        let b: BTreeSet<(CtKey, u64, u16)> = single.iter().map(|(k, e)| (*k, e.last_seen_ns, e.nat_port)).collect();
+        assert_eq!(a.len(), N as usize, "no entry twice");
+        assert_eq!(a, b, "the batched read returns what the one-at-a-time read does");
+
+        // Every third key, with keys that are not there in between: those are skipped.
+        let mut doomed: Vec<CtKey> = (0..N).step_by(3).map(key).collect();
+        let want = doomed.len();
+        doomed.insert(1, key(N + 1));
+        doomed.push(key(N + 2));
+        doomed.insert(want / 2, key(N + 3));
+        assert_eq!(ct_delete_in(map, &doomed).unwrap(), want);
+        let left = ct_entries_in(map).unwrap();
+        assert_eq!(left.len(), N as usize - want);
+        let gone: BTreeSet<CtKey> = doomed.iter().copied().collect();
+        assert!(left.iter().all(|(k, _)| !gone.contains(k)), "a deleted key is still there");
+        // Deleting them again deletes nothing and is no error.
+        assert_eq!(ct_delete_in(map, &doomed).unwrap(), 0);
     }
 }

@@ -8,7 +8,9 @@
 //!   are neither subject to policy nor selectable as peers; an ICMP "fragmentation needed"
 //!   for an allowed flow reaches an ingress-isolated pod, one for an unknown flow does not;
 //! - egress is checked on the sender's node and ingress on the receiver's, drops are counted
-//!   per pod and reason (counters and metrics), `netctl get policies --node` shows the maps.
+//!   per pod and reason (counters and metrics), `netctl get policies --node` shows the maps;
+//! - with the service proxy off, the agent still sweeps conntrack: a closed flow's entries
+//!   leave the table (else a new connection on the same ports would pass as established).
 
 use std::{
     io::{Read, Write},
@@ -369,4 +371,48 @@ fn checks_run_on_each_side_drops_are_counted_and_netctl_shows_what_the_maps_hold
     );
     let out = b.netctl(&["get", "policies", "--node", "node-9"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no node node-9"));
+}
+
+/// The conntrack entries of one TCP flow (either direction) in a node's pinned CT map.
+fn ct_entries_of(b: &ClusterBox, node: &str, a: SocketAddr, z: SocketAddr) -> usize {
+    let pin = b.node(node).pin_dir.join("CT");
+    let out = contiv_tests::run(std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&pin));
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    let ends = |ip: std::net::IpAddr, port: u16| {
+        let octets = match ip {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(_) => vec![],
+        };
+        (serde_json::Value::from(octets), serde_json::Value::from(port))
+    };
+    let (a_ip, a_port) = ends(a.ip(), a.port());
+    let (z_ip, z_port) = ends(z.ip(), z.port());
+    entries
+        .iter()
+        .filter(|e| {
+            let k = &e["formatted"]["key"];
+            (k["src"] == a_ip && k["sport"] == a_port && k["dst"] == z_ip && k["dport"] == z_port)
+                || (k["src"] == z_ip && k["sport"] == z_port && k["dst"] == a_ip && k["dport"] == a_port)
+        })
+        .count()
+}
+
+#[test]
+fn conntrack_is_swept_with_the_service_proxy_off() {
+    let mut opts = BoxOptions::for_test(1);
+    // Closed flows idle out after 1 s; the sweep runs every 10 s.
+    opts.agent_config = "[services]\nenabled = false\n[services.timeouts]\ntcpClosing = 1\n".into();
+    let mut b = ClusterBox::up(opts);
+    b.add_pod("node-1", "x/server", &[("app", "server")], &[]);
+    b.add_pod("node-1", "x/client", &[("app", "client")], &[]);
+    let mut servers = Servers::new();
+    servers.serve(&b.pod("x/server").netns, &[80]);
+    let mut conn = Conn::open(&b, "x/client", b.pod("x/server").ip, 80);
+    assert!(conn.exchange());
+    let (client, server) = (conn.0.local_addr().unwrap(), conn.0.peer_addr().unwrap());
+    assert_eq!(ct_entries_of(&b, "node-1", client, server), 2, "the open flow is tracked, both directions");
+    drop(conn);
+    b.wait_for(Duration::from_secs(30), "the closed flow's conntrack entries are swept", || {
+        ct_entries_of(&b, "node-1", client, server) == 0
+    });
 }

@@ -200,25 +200,18 @@ impl Agent {
 
     /// One conntrack sweep, on a thread of the blocking pool and the table's own handle:
     /// reading a full table takes a while, and nothing else (CNI requests, service and
-    /// policy changes) waits for it.
+    /// policy changes) waits for it. Also with services off: NetworkPolicy records every
+    /// new flow in the same table, and a closed flow's entries must not outlive it (a new
+    /// connection on the same ports would pass as established).
     pub async fn gc_conntrack(&self) -> Option<GcStats> {
-        if !self.config.services.enabled {
-            return None;
-        }
         let pin_dir = self.config.bpf_pin_dir.clone();
         let timeouts = self.config.services.timeouts;
         let swept = tokio::task::spawn_blocking(move || {
-            let mut table = CtTable::open(&pin_dir)?;
-            gc_conntrack(&mut table, &timeouts, monotonic_ns())
+            let mut table = CtTable::open(&pin_dir).map_err(|e| e.to_string())?;
+            gc_conntrack(&mut table, &timeouts, monotonic_ns()).map_err(|e| e.to_string())
         })
-        .await;
-        let swept = match swept {
-            Ok(r) => r,
-            Err(e) => {
-                log::error!("conntrack sweep: {e}");
-                return None;
-            }
-        };
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         match swept {
             Ok(stats) => {
                 if stats.expired > 0 {

@@ -242,6 +242,17 @@ impl Agent {
             last_gc: *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()),
             ..Default::default()
         };
+        // The conntrack fill first, on the table's own handle: a full table is a large read,
+        // and nothing needs to wait for it.
+        let pin_dir = self.config.bpf_pin_dir.clone();
+        let ct = tokio::task::spawn_blocking(move || CtTable::open(&pin_dir).and_then(|t| t.entries()))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        r.conntrack_entries = ct.len();
+        r.conntrack_udp = ct.iter().filter(|(k, _)| k.proto == crate::services::IPPROTO_UDP).count();
+        drop(ct);
         let guard = self.inner.lock().await;
         let inner = &*guard;
         let dp = &inner.datapath;
@@ -293,9 +304,6 @@ impl Agent {
             .iter()
             .map(|(ip, a)| if a.local != 0 { format!("{ip} (this node)") } else { ip.to_string() })
             .collect();
-        let ct = dp.ct_entries().unwrap_or_default();
-        r.conntrack_entries = ct.len();
-        r.conntrack_udp = ct.iter().filter(|(k, _)| k.proto == crate::services::IPPROTO_UDP).count();
         r.socket_programs = dp
             .link_pins()
             .iter()

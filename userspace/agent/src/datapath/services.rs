@@ -110,9 +110,7 @@ impl Datapath {
     }
 
     fn entries<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
-        let m: HashMap<&MapData, K, V> = self.typed_ref(name)?;
-        // An entry deleted while iterating is skipped, not an error.
-        Ok(m.iter().filter_map(|r| r.ok()).collect())
+        entries_in(self.ebpf.map(name).ok_or(DatapathError::Missing(name))?, name)
     }
 
     pub fn svc_frontends(&self) -> Result<BTreeMap<SvcKey, SvcFrontend>> {
@@ -240,7 +238,7 @@ impl Datapath {
 
     /// Every conntrack entry (both directions of every flow).
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        ct_entries_in(self.ebpf.map(map_names::CT).ok_or(DatapathError::Missing(map_names::CT))?)
+        self.entries(map_names::CT)
     }
 
     /// Deletes these conntrack entries (those already gone are skipped); how many went.
@@ -273,7 +271,7 @@ impl CtTable {
 
     /// Every entry (both directions of every flow).
     pub fn entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        ct_entries_in(&self.map)
+        entries_in(&self.map, map_names::CT)
     }
 
     /// Deletes these entries (those already gone are skipped); how many went.
@@ -282,7 +280,8 @@ impl CtTable {
     }
 }
 
-fn ct_fd(map: &Map) -> Option<std::os::fd::BorrowedFd<'_>> {
+/// A plain (not per-CPU) hash map's descriptor, for the batch calls.
+fn hash_fd(map: &Map) -> Option<std::os::fd::BorrowedFd<'_>> {
     use std::os::fd::AsFd as _;
     match map {
         Map::LruHashMap(d) | Map::HashMap(d) => Some(d.fd().as_fd()),
@@ -290,19 +289,20 @@ fn ct_fd(map: &Map) -> Option<std::os::fd::BorrowedFd<'_>> {
     }
 }
 
-fn batch_err(call: &'static str) -> impl FnOnce(std::io::Error) -> DatapathError {
+fn batch_err(name: &'static str, call: &'static str) -> impl FnOnce(std::io::Error) -> DatapathError {
     move |io_error| DatapathError::Map {
-        name: map_names::CT,
+        name,
         source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
     }
 }
 
-/// Batched where the kernel can (a few syscalls for the whole table), else one entry at a
-/// time. The typed view checks the map's key and value sizes first.
-fn ct_entries_in(map: &Map) -> Result<Vec<(CtKey, CtEntry)>> {
-    let typed: HashMap<&MapData, CtKey, CtEntry> = map.try_into().map_err(map_err(map_names::CT))?;
-    if let Some(fd) = ct_fd(map)
-        && let Some(all) = super::batch::lookup_all::<CtKey, CtEntry>(fd).map_err(batch_err("bpf_map_lookup_batch"))?
+/// Every entry of a hash map: batched where the kernel can (a few syscalls for the whole
+/// table), else one entry at a time. The typed view checks the map's key and value sizes
+/// first.
+fn entries_in<K: Pod, V: Pod>(map: &Map, name: &'static str) -> Result<Vec<(K, V)>> {
+    let typed: HashMap<&MapData, K, V> = map.try_into().map_err(map_err(name))?;
+    if let Some(fd) = hash_fd(map)
+        && let Some(all) = super::batch::lookup_all::<K, V>(fd).map_err(batch_err(name, "bpf_map_lookup_batch"))?
     {
         return Ok(all);
     }
@@ -312,8 +312,8 @@ fn ct_entries_in(map: &Map) -> Result<Vec<(CtKey, CtEntry)>> {
 
 fn ct_delete_in(map: &mut Map, keys: &[CtKey]) -> Result<usize> {
     let _checked: HashMap<&MapData, CtKey, CtEntry> = (&*map).try_into().map_err(map_err(map_names::CT))?;
-    if let Some(fd) = ct_fd(map)
-        && let Some(n) = super::batch::delete_all(fd, keys).map_err(batch_err("bpf_map_delete_batch"))?
+    if let Some(fd) = hash_fd(map)
+        && let Some(n) = super::batch::delete_all(fd, keys).map_err(batch_err(map_names::CT, "bpf_map_delete_batch"))?
     {
         return Ok(n);
     }
@@ -366,7 +366,7 @@ mod tests {
             }
         }
         let t = std::time::Instant::now();
-        let batched = ct_entries_in(map).unwrap();
+        let batched = entries_in::<CtKey, CtEntry>(map, map_names::CT).unwrap();
         let batched_took = t.elapsed();
         let t = std::time::Instant::now();
         let typed: HashMap<&MapData, CtKey, CtEntry> = (&*map).try_into().unwrap();
@@ -386,7 +386,7 @@ mod tests {
         doomed.push(key(N + 2));
         doomed.insert(want / 2, key(N + 3));
         assert_eq!(ct_delete_in(map, &doomed).unwrap(), want);
-        let left = ct_entries_in(map).unwrap();
+        let left = entries_in::<CtKey, CtEntry>(map, map_names::CT).unwrap();
         assert_eq!(left.len(), N as usize - want);
         let gone: BTreeSet<CtKey> = doomed.iter().copied().collect();
         assert!(left.iter().all(|(k, _)| !gone.contains(k)), "a deleted key is still there");

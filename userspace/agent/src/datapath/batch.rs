@@ -21,8 +21,10 @@ const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// Kernel-internal "operation not supported" (what a map without batch ops answers).
 const ENOTSUPP: i32 = 524;
 
-/// Entries asked for per lookup call; grown when one hash bucket holds more.
+/// Entries asked for per lookup call; grown when one hash bucket holds more, up to
+/// MAX_CHUNK (a bucket that long would be a broken map).
 const CHUNK: usize = 4096;
+const MAX_CHUNK: usize = 1 << 20;
 
 /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
 #[repr(C)]
@@ -83,7 +85,7 @@ pub fn lookup_all<K: Pod, V: Pod>(fd: BorrowedFd<'_>) -> io::Result<Option<Vec<(
                 return Ok(Some(out));
             }
             // One bucket holds more than a chunk: ask again with room for it.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && chunk < MAX_CHUNK => {
                 chunk *= 2;
                 continue;
             }
@@ -119,7 +121,7 @@ pub fn delete_all<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<Option<u
         match r {
             Ok(()) => rest = &rest[take..],
             // Gone already (expired by the datapath's LRU, or removed by another sweep).
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[done + 1..],
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(done + 1).min(rest.len())..],
             Err(e) if deleted == 0 && unsupported(&e) => return Ok(None),
             Err(e) => return Err(e),
         }

@@ -504,15 +504,7 @@ impl Node {
 
     /// `bpftool map dump pinned <pin_dir>/<map>` as JSON.
     pub fn dump_map(&self, map: &str) -> Vec<Value> {
-        let out = run(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(self.pin_dir.join(map)));
-        // With BTF, bpftool's JSON carries the typed view under "formatted".
-        serde_json::from_str::<Value>(&out)
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|e| e.get("formatted").cloned().unwrap_or(e))
-            .collect()
+        dump_pinned_map(&self.pin_dir.join(map))
     }
 
     /// A pod's counters from the pinned POD_COUNTERS map, summed over CPUs.
@@ -644,4 +636,17 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+/// `bpftool map dump pinned <pin>` as JSON, each entry its typed view (with BTF, bpftool's
+/// JSON carries it under "formatted").
+pub fn dump_pinned_map(pin: &Path) -> Vec<Value> {
+    let out = run(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(pin));
+    serde_json::from_str::<Value>(&out)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e.get("formatted").cloned().unwrap_or(e))
+        .collect()
 }

@@ -375,9 +375,7 @@ fn checks_run_on_each_side_drops_are_counted_and_netctl_shows_what_the_maps_hold
 
 /// The conntrack entries of one TCP flow (either direction) in a node's pinned CT map.
 fn ct_entries_of(b: &ClusterBox, node: &str, a: SocketAddr, z: SocketAddr) -> usize {
-    let pin = b.node(node).pin_dir.join("CT");
-    let out = contiv_tests::run(std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&pin));
-    let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    let entries = contiv_tests::dump_pinned_map(&b.node(node).pin_dir.join("CT"));
     let ends = |ip: std::net::IpAddr, port: u16| {
         let octets = match ip {
             std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
@@ -390,7 +388,7 @@ fn ct_entries_of(b: &ClusterBox, node: &str, a: SocketAddr, z: SocketAddr) -> us
     entries
         .iter()
         .filter(|e| {
-            let k = &e["formatted"]["key"];
+            let k = &e["key"];
             (k["src"] == a_ip && k["sport"] == a_port && k["dst"] == z_ip && k["dport"] == z_port)
                 || (k["src"] == z_ip && k["sport"] == z_port && k["dst"] == a_ip && k["dport"] == a_port)
         })

@@ -95,8 +95,8 @@ pub struct Agent {
     /// compilation could not represent.
     model_synced: std::sync::atomic::AtomicBool,
     policy_problems: std::sync::Mutex<Vec<String>>,
-    /// Who the service proxy is (node name, proxy name, node addresses).
-    service_params: crate::services::ServiceParams,
+    /// What changed for the service plan since the service task last looked.
+    service_changes: std::sync::Mutex<crate::services::ServiceChanges>,
     /// Services left out whose reason was logged already (logged once).
     skipped_logged: std::sync::Mutex<std::collections::BTreeSet<String>>,
     last_apply: std::sync::Mutex<Option<crate::proxy::ApplyStats>>,
@@ -468,7 +468,7 @@ impl Agent {
                 registrations,
                 gone: Default::default(),
                 leaving: Default::default(),
-                proxy: Default::default(),
+                proxy: crate::proxy::Proxy::new(service_params),
                 health: Default::default(),
             }),
             slowpath,
@@ -476,7 +476,7 @@ impl Agent {
             attachment_locks: std::sync::Mutex::new(HashMap::new()),
             model_synced: std::sync::atomic::AtomicBool::new(false),
             policy_problems: std::sync::Mutex::new(vec![]),
-            service_params,
+            service_changes: std::sync::Mutex::new(crate::services::ServiceChanges::everything()),
             skipped_logged: Default::default(),
             last_apply: Default::default(),
             last_gc: Default::default(),

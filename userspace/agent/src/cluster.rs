@@ -108,25 +108,47 @@ pub struct DataplaneEvents {
     services: watch::Sender<u64>,
 }
 
-/// Whether an event can change the service plan: services, endpoint slices, nodes and
-/// registrations (node addresses), pods appearing or leaving (a removed backend is refused
-/// only while no pod holds its address).
-fn affects_services(event: &ClusterEvent) -> bool {
-    use contiv_cluster_watch::{Object, ObjectKind};
-    let kind = |o: &Object| o.kind();
-    let relevant = |k: ObjectKind| {
-        matches!(k, ObjectKind::Registration | ObjectKind::K8s(Kind::Service | Kind::EndpointSlice | Kind::Node))
+/// What an event changes for the service plan: the services whose object or slices it
+/// touches, node addresses (nodes, registrations), everything after a resync. Pods
+/// appearing, leaving or changing address change no service's entries but whether a
+/// removed backend is refused (only while no pod holds its address): an empty change,
+/// which re-applies. `None`: nothing to do.
+fn service_changes(event: &ClusterEvent) -> Option<crate::services::ServiceChanges> {
+    use contiv_cluster_watch::Object;
+    let mut c = crate::services::ServiceChanges::default();
+    let mut relevant = false;
+    let mut note = |o: &Object| match o {
+        Object::Registration(_) | Object::K8s(ClusterObject::Node(_)) => {
+            c.nodes = true;
+            relevant = true;
+        }
+        Object::K8s(ClusterObject::Service(s)) => {
+            c.services.insert((s.namespace.clone(), s.name.clone()));
+            relevant = true;
+        }
+        Object::K8s(ClusterObject::EndpointSlice(sl)) => {
+            if let Some(svc) = &sl.service_name {
+                c.services.insert((sl.namespace.clone(), svc.clone()));
+            }
+            relevant = true;
+        }
+        _ => {}
     };
     match event {
-        ClusterEvent::Resync(_) => true,
+        ClusterEvent::Resync(_) => return Some(crate::services::ServiceChanges::everything()),
         ClusterEvent::Added { object, .. } | ClusterEvent::Deleted { object, .. } => {
-            relevant(kind(object)) || kind(object) == ObjectKind::K8s(Kind::Pod)
+            note(object);
+            relevant |= matches!(object, Object::K8s(ClusterObject::Pod(_)));
         }
-        ClusterEvent::Updated { old, new, .. } => match (old, new) {
-            (Object::K8s(ClusterObject::Pod(a)), Object::K8s(ClusterObject::Pod(b))) => a.ips != b.ips,
-            _ => relevant(kind(new)),
-        },
+        ClusterEvent::Updated { old, new, .. } => {
+            note(old);
+            note(new);
+            if let (Object::K8s(ClusterObject::Pod(a)), Object::K8s(ClusterObject::Pod(b))) = (old, new) {
+                relevant |= a.ips != b.ips;
+            }
+        }
     }
+    relevant.then_some(c)
 }
 
 impl DataplaneEvents {
@@ -149,7 +171,8 @@ impl DataplaneEvents {
         if policy_changed {
             self.policy.send_modify(|n| *n += 1);
         }
-        if affects_services(event) {
+        if let Some(changes) = service_changes(event) {
+            self.agent.services_changed(changes);
             self.services.send_modify(|n| *n = n.wrapping_add(1));
         }
         if registrations_changed {

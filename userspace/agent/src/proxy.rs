@@ -18,7 +18,9 @@ use ipnet::Ipv4Net;
 use crate::{
     config::CtTimeouts,
     datapath::{CtTable, Datapath, DatapathError},
-    services::{IPPROTO_TCP, IPPROTO_UDP, ServicePlan},
+    services::{
+        IPPROTO_TCP, IPPROTO_UDP, PlanDelta, ServiceChanges, ServiceParams, ServicePlan, ServicePlanner, ServiceSource,
+    },
 };
 
 /// How long a removed backend whose pod is gone is refused (TCP RST / ICMP) rather than
@@ -50,16 +52,91 @@ pub struct ApplyStats {
 }
 
 /// The proxy's state across applies.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Proxy {
     installed: Installed,
-    /// The last plan applied.
-    plan: ServicePlan,
+    /// The plan, kept up to date one service at a time.
+    planner: ServicePlanner,
+    /// The next apply compares every entry with what is installed: after a resync (the
+    /// maps may hold what no plan has), and after an apply that stopped at an error.
+    full: bool,
     /// Backends that left a plan, and when (refused while their pod is gone, for
     /// [`DEAD_BACKEND_TTL`]).
     removed: BTreeMap<(Ipv4Addr, u16, u8), Instant>,
-    /// Service ids programmed, for counters of departed services.
     pub applies: u64,
+}
+
+/// The map writes that bring what is installed to the plan, in the order they are made.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Writes {
+    pub backends: Vec<(SvcBackendKey, SvcBackend)>,
+    pub node_addrs: Vec<(Ipv4Addr, NodeAddr)>,
+    pub source_ranges: Vec<(u32, Ipv4Net)>,
+    pub frontends: Vec<(SvcKey, SvcFrontend)>,
+    pub frontends_removed: Vec<SvcKey>,
+    pub source_ranges_removed: Vec<(u32, Ipv4Net)>,
+    pub backends_removed: Vec<SvcBackendKey>,
+    pub node_addrs_removed: Vec<Ipv4Addr>,
+}
+
+/// Puts and deletes of the keys in `keys` (every key of both sides when `None`).
+fn diff<K: Ord + Copy, V: PartialEq + Copy>(
+    have: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    keys: Option<&BTreeSet<K>>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    match keys {
+        None => (changed(have, want), removed(have, want)),
+        Some(keys) => {
+            let mut put = vec![];
+            let mut del = vec![];
+            for k in keys {
+                match (want.get(k), have.get(k)) {
+                    (Some(w), h) if h != Some(w) => put.push((*k, *w)),
+                    (None, Some(_)) => del.push(*k),
+                    _ => {}
+                }
+            }
+            (put, del)
+        }
+    }
+}
+
+/// What to write so that the maps hold `plan`, given that only the entries `delta` names
+/// may differ from `installed` (any entry when `full`).
+pub fn writes(installed: &Installed, plan: &ServicePlan, delta: &PlanDelta, full: bool) -> Writes {
+    let full = full || delta.full;
+    let (backends, backends_removed) = diff(&installed.backends, &plan.backends, (!full).then_some(&delta.backends));
+    let (frontends, frontends_removed) =
+        diff(&installed.frontends, &plan.frontends, (!full).then_some(&delta.frontends));
+    let (node_addrs, node_addrs_removed) =
+        if full || delta.node_addrs { diff(&installed.node_addrs, &plan.node_addrs, None) } else { (vec![], vec![]) };
+    let (source_ranges, source_ranges_removed) = if full {
+        (
+            plan.source_ranges.difference(&installed.source_ranges).copied().collect(),
+            installed.source_ranges.difference(&plan.source_ranges).copied().collect(),
+        )
+    } else {
+        let (mut put, mut del) = (vec![], vec![]);
+        for r in &delta.source_ranges {
+            match (plan.source_ranges.contains(r), installed.source_ranges.contains(r)) {
+                (true, false) => put.push(*r),
+                (false, true) => del.push(*r),
+                _ => {}
+            }
+        }
+        (put, del)
+    };
+    Writes {
+        backends,
+        node_addrs,
+        source_ranges,
+        frontends,
+        frontends_removed,
+        source_ranges_removed,
+        backends_removed,
+        node_addrs_removed,
+    }
 }
 
 fn changed<K: Ord + Copy, V: PartialEq + Copy>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Vec<(K, V)> {
@@ -128,8 +205,18 @@ pub struct GcStats {
 }
 
 impl Proxy {
+    pub fn new(params: ServiceParams) -> Self {
+        Proxy {
+            installed: Installed::default(),
+            planner: ServicePlanner::new(params),
+            full: true,
+            removed: BTreeMap::new(),
+            applies: 0,
+        }
+    }
+
     pub fn plan(&self) -> &ServicePlan {
-        &self.plan
+        self.planner.plan()
     }
 
     pub fn installed(&self) -> &Installed {
@@ -146,26 +233,53 @@ impl Proxy {
             node_addrs: dp.node_addrs()?,
             dead: dp.dead_backends()?,
         };
+        self.full = true;
         Ok(())
     }
 
-    /// Installs `plan`. `live_ips`: addresses pods hold now (cluster-wide); a removed
-    /// backend is refused only when its address is in none of them. Stops at the first
-    /// map error (the next apply resumes from what was installed).
+    /// Brings the plan up to date after `changes` (no map is written yet).
+    pub fn update(&mut self, src: &impl ServiceSource, changes: &ServiceChanges) -> PlanDelta {
+        self.planner.update(src, changes)
+    }
+
+    /// Whether [`Proxy::apply`] of `delta` needs the addresses pods hold: only while some
+    /// removed backend may be refused.
+    pub fn needs_live_ips(&self, delta: &PlanDelta) -> bool {
+        !self.removed.is_empty() || !delta.endpoints_gone.is_empty()
+    }
+
+    /// Installs what `delta` (from [`Proxy::update`]) changed. `live_ips`: addresses pods
+    /// hold now (cluster-wide); a removed backend is refused only when its address is in
+    /// none of them (empty is fine when [`Proxy::needs_live_ips`] says so). Stops at the
+    /// first map error; the next apply then compares every entry.
     pub fn apply(
         &mut self,
         dp: &mut Datapath,
-        plan: ServicePlan,
+        delta: &PlanDelta,
+        live_ips: &BTreeSet<Ipv4Addr>,
+        now: Instant,
+    ) -> Result<ApplyStats, DatapathError> {
+        let full = self.full;
+        self.full = true;
+        let stats = self.apply_inner(dp, delta, full, live_ips, now)?;
+        self.full = false;
+        Ok(stats)
+    }
+
+    fn apply_inner(
+        &mut self,
+        dp: &mut Datapath,
+        delta: &PlanDelta,
+        full: bool,
         live_ips: &BTreeSet<Ipv4Addr>,
         now: Instant,
     ) -> Result<ApplyStats, DatapathError> {
         let mut stats = ApplyStats::default();
         // Backends that left since the last plan.
-        let gone: Vec<(Ipv4Addr, u16, u8)> = self.plan.endpoints.difference(&plan.endpoints).copied().collect();
-        for e in &gone {
+        for e in &delta.endpoints_gone {
             self.removed.insert(*e, now);
         }
-        for e in &plan.endpoints {
+        for e in &delta.endpoints_added {
             self.removed.remove(e);
         }
         self.removed.retain(|_, t| now.duration_since(*t) < DEAD_BACKEND_TTL);
@@ -176,41 +290,42 @@ impl Proxy {
             .map(|(ip, port, proto)| svc_key(*ip, *port, *proto))
             .collect();
 
+        let w = writes(&self.installed, self.planner.plan(), delta, full);
         // 1. Backends, then the frontends that count them.
-        for (k, v) in changed(&self.installed.backends, &plan.backends) {
+        for (k, v) in w.backends {
             dp.put_svc_backend(k, v)?;
             self.installed.backends.insert(k, v);
             stats.backends_written += 1;
         }
-        for (ip, v) in changed(&self.installed.node_addrs, &plan.node_addrs) {
+        for (ip, v) in w.node_addrs {
             dp.put_node_addr(ip, v)?;
             self.installed.node_addrs.insert(ip, v);
         }
-        for (id, net) in plan.source_ranges.difference(&self.installed.source_ranges).copied().collect::<Vec<_>>() {
+        for (id, net) in w.source_ranges {
             dp.put_source_range(id, net)?;
             self.installed.source_ranges.insert((id, net));
         }
-        for (k, v) in changed(&self.installed.frontends, &plan.frontends) {
+        for (k, v) in w.frontends {
             dp.put_svc_frontend(k, v)?;
             self.installed.frontends.insert(k, v);
             stats.frontends_written += 1;
         }
         // 2. What is gone: frontends first.
-        for k in removed(&self.installed.frontends, &plan.frontends) {
+        for k in w.frontends_removed {
             dp.delete_svc_frontend(k)?;
             self.installed.frontends.remove(&k);
             stats.frontends_removed += 1;
         }
-        for (id, net) in self.installed.source_ranges.difference(&plan.source_ranges).copied().collect::<Vec<_>>() {
+        for (id, net) in w.source_ranges_removed {
             dp.delete_source_range(id, net)?;
             self.installed.source_ranges.remove(&(id, net));
         }
-        for k in removed(&self.installed.backends, &plan.backends) {
+        for k in w.backends_removed {
             dp.delete_svc_backend(k)?;
             self.installed.backends.remove(&k);
             stats.backends_removed += 1;
         }
-        for ip in removed(&self.installed.node_addrs, &plan.node_addrs) {
+        for ip in w.node_addrs_removed {
             dp.delete_node_addr(ip)?;
             self.installed.node_addrs.remove(&ip);
         }
@@ -226,29 +341,30 @@ impl Proxy {
             self.installed.dead.remove(&k);
         }
         stats.dead_backends = dead.len();
-        if !gone.is_empty() {
-            let flush: BTreeSet<(Ipv4Addr, u16, u8)> =
-                gone.iter().filter(|(ip, _, proto)| *proto == IPPROTO_UDP || !live_ips.contains(ip)).copied().collect();
-            if !flush.is_empty() {
-                stats.conntrack_flushed = flush_backends(dp, &flush)?;
-            }
+        let flush: BTreeSet<(Ipv4Addr, u16, u8)> = delta
+            .endpoints_gone
+            .iter()
+            .filter(|(ip, _, proto)| *proto == IPPROTO_UDP || !live_ips.contains(ip))
+            .copied()
+            .collect();
+        if !flush.is_empty() {
+            stats.conntrack_flushed = flush_backends(dp, &flush)?;
         }
-        let departed: Vec<u32> = self.plan.ports.keys().filter(|id| !plan.ports.contains_key(id)).copied().collect();
-        for id in departed {
-            let _ = dp.remove_svc_counters(id);
+        for id in &delta.ids_gone {
+            let _ = dp.remove_svc_counters(*id);
         }
-        self.plan = plan;
         self.applies += 1;
         Ok(stats)
     }
 
     /// The destinations the slow path refuses now: frontends without endpoints, dead backends.
     pub fn refusals(&self) -> contiv_vswitch::Refusals {
+        let plan = self.planner.plan();
         let mut r = contiv_vswitch::Refusals::default();
-        r.exact.extend(self.plan.refusals.exact.iter().copied());
+        r.exact.extend(plan.refusals.exact.iter().copied());
         r.exact.extend(self.installed.dead.iter().map(|k| (Ipv4Addr::from(k.ip), k.port, k.proto)));
-        r.node_ports.extend(self.plan.refusals.node_ports.iter().copied());
-        r.node_addrs.extend(self.plan.node_addrs.keys().copied());
+        r.node_ports.extend(plan.refusals.node_ports.iter().copied());
+        r.node_addrs.extend(plan.node_addrs.keys().copied());
         r
     }
 

@@ -3,8 +3,9 @@
 //! [`plan_services`] turns Services, EndpointSlices, nodes and registrations into the
 //! entries of SVC_FRONTENDS, SVC_BACKENDS, SVC_SOURCE_RANGES and NODE_ADDRS for one node,
 //! plus what the agent serves beside the maps (healthCheckNodePort servers, the refusals
-//! the slow path answers) and why a service was left out. No I/O: the applier installs the
-//! difference (see [`crate::apply`]).
+//! the slow path answers) and why a service was left out. The agent keeps that plan with a
+//! [`ServicePlanner`], which recomputes only the services that changed and says which
+//! entries may differ. No I/O: the proxy installs the difference (see [`crate::proxy`]).
 //!
 //! Semantics follow kube-proxy (see the service-proxy notes):
 //! - one service port = one service id; every frontend of it (ClusterIPs, the NodePort on
@@ -19,6 +20,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use contiv_cluster_model::{
@@ -59,8 +61,6 @@ pub struct ServicePortInfo {
     /// The service port's name ("" for a single unnamed port).
     pub port_name: String,
     pub protocol: &'static str,
-    /// Its frontends as `ip:port` (`*:port` for the NodePort).
-    pub frontends: Vec<String>,
 }
 
 /// A healthCheckNodePort the agent answers (externalTrafficPolicy Local).
@@ -123,28 +123,24 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 /// unrelated changes (conntrack and affinity entries carry them); a collision takes the
 /// next free value, in the order of the names. Returns the id of each of `names` (equal
 /// names share one).
+#[cfg(test)]
 fn assign_ids(names: &[String]) -> Vec<u32> {
     let mut order: Vec<usize> = (0..names.len()).collect();
     order.sort_unstable_by(|a, b| names[*a].cmp(&names[*b]));
-    let mut used = HashSet::with_capacity(names.len());
-    let mut out = vec![0; names.len()];
-    let mut prev: Option<usize> = None;
-    for i in order {
-        if let Some(p) = prev
-            && names[p] == names[i]
-        {
-            out[i] = out[p];
-            continue;
-        }
-        // Ids never collide with the Local-set ordinal bit and are never 0.
-        let mut id = (fnv1a(names[i].as_bytes()) & 0x7fff_ffff).max(1);
-        while !used.insert(id) {
-            id = if id == 0x7fff_ffff { 1 } else { id + 1 };
-        }
-        out[i] = id;
-        prev = Some(i);
+    order.dedup_by(|a, b| names[*a] == names[*b]);
+    let mut used = HashSet::with_capacity(order.len());
+    let ids: HashMap<&String, u32> = order.iter().map(|i| (&names[*i], next_free_id(&names[*i], &mut used))).collect();
+    names.iter().map(|n| ids[n]).collect()
+}
+
+/// The id of the next name in name order: its hash, or the next value not in `used`.
+fn next_free_id(name: &str, used: &mut HashSet<u32>) -> u32 {
+    // Ids never collide with the Local-set ordinal bit and are never 0.
+    let mut id = (fnv1a(name.as_bytes()) & 0x7fff_ffff).max(1);
+    while !used.insert(id) {
+        id = if id == 0x7fff_ffff { 1 } else { id + 1 };
     }
-    out
+    id
 }
 
 fn proto_number(p: Protocol) -> Option<u8> {
@@ -192,87 +188,203 @@ fn service_key(s: &Service) -> String {
     format!("{}/{}", s.namespace, s.name)
 }
 
-/// The service half of the node's plan.
-pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> ServicePlan {
-    let mut p = ServicePlan::default();
+/// A service by namespace and name.
+pub type SvcName = (String, String);
 
-    // Node addresses: every node's (NodePorts from pods and hosts), this node's marked.
-    for r in inputs.registrations {
-        if let Some(ip) = r.uplink_ip {
-            let local = u8::from(r.name == params.node_name);
-            let e = p.node_addrs.entry(ip).or_default();
-            e.local |= local;
-        }
+fn name_of(s: &Service) -> SvcName {
+    (s.namespace.clone(), s.name.clone())
+}
+
+/// Where the planner reads the cluster from: the agent's model, or plain lists in tests.
+pub trait ServiceSource {
+    /// Every service, in any order.
+    fn all_services(&self) -> Vec<&Service>;
+    fn service(&self, namespace: &str, name: &str) -> Option<&Service>;
+    /// The EndpointSlices labelled with this service's name.
+    fn slices_of(&self, namespace: &str, name: &str) -> Vec<&EndpointSlice>;
+    fn nodes(&self) -> Vec<&Node>;
+    fn registrations(&self) -> Vec<&NodeRegistration>;
+}
+
+impl ServiceSource for contiv_cluster_watch::ClusterModel {
+    fn all_services(&self) -> Vec<&Service> {
+        self.services().collect()
     }
-    for n in inputs.nodes {
-        let local = u8::from(n.name == params.node_name);
-        for t in ["InternalIP", "ExternalIP"] {
-            for ip in v4s(&n.ips_of_type(t)) {
-                p.node_addrs.entry(ip).or_default().local |= local;
+    fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        contiv_cluster_watch::ClusterModel::service(self, namespace, name)
+    }
+    fn slices_of(&self, namespace: &str, name: &str) -> Vec<&EndpointSlice> {
+        self.endpoint_slices_of(namespace, name).collect()
+    }
+    fn nodes(&self) -> Vec<&Node> {
+        contiv_cluster_watch::ClusterModel::nodes(self).collect()
+    }
+    fn registrations(&self) -> Vec<&NodeRegistration> {
+        contiv_cluster_watch::ClusterModel::registrations(self).collect()
+    }
+}
+
+/// [`ServiceInputs`] with services and slices indexed by name.
+struct Indexed<'a> {
+    inputs: ServiceInputs<'a>,
+    services: HashMap<(&'a str, &'a str), &'a Service>,
+    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+}
+
+impl<'a> Indexed<'a> {
+    fn new(inputs: ServiceInputs<'a>) -> Self {
+        let services = inputs.services.iter().map(|s| ((s.namespace.as_str(), s.name.as_str()), *s)).collect();
+        let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for sl in inputs.slices {
+            if let Some(svc) = &sl.service_name {
+                slices.entry((sl.namespace.as_str(), svc.as_str())).or_default().push(sl);
             }
         }
+        Indexed { inputs, services, slices }
     }
-    for ip in &params.node_ips {
-        p.node_addrs.entry(*ip).or_default().local = 1;
+}
+
+impl ServiceSource for Indexed<'_> {
+    fn all_services(&self) -> Vec<&Service> {
+        self.inputs.services.to_vec()
+    }
+    fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services.get(&(namespace, name)).copied()
+    }
+    fn slices_of(&self, namespace: &str, name: &str) -> Vec<&EndpointSlice> {
+        self.slices.get(&(namespace, name)).cloned().unwrap_or_default()
+    }
+    fn nodes(&self) -> Vec<&Node> {
+        self.inputs.nodes.to_vec()
+    }
+    fn registrations(&self) -> Vec<&NodeRegistration> {
+        self.inputs.registrations.to_vec()
+    }
+}
+
+/// What changed in the cluster since the last plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceChanges {
+    /// Anything may have (the model was listed again, or nothing was planned yet).
+    pub all: bool,
+    /// Services whose object or EndpointSlices changed.
+    pub services: BTreeSet<SvcName>,
+    /// Nodes or registrations changed (node addresses).
+    pub nodes: bool,
+}
+
+impl ServiceChanges {
+    pub fn everything() -> Self {
+        ServiceChanges { all: true, ..Default::default() }
     }
 
-    // Which service ports are programmed, in a stable order.
-    // (The plan is recomputed whole on every change: no per-element clones or string-keyed
-    // trees on the way; the output maps are built from vectors in one go.)
-    let mut services: Vec<&Service> = inputs.services.to_vec();
-    services
-        .sort_unstable_by(|a, b| (a.namespace.as_str(), a.name.as_str()).cmp(&(b.namespace.as_str(), b.name.as_str())));
-    let mut port_names = vec![];
-    let mut programmed = vec![];
-    for s in services {
-        if s.ignored_by_proxy(params.proxy_name.as_deref()) {
-            let reason = if s.service_proxy_name.as_deref() != params.proxy_name.as_deref() {
-                format!("labelled service.kubernetes.io/service-proxy-name={:?}", s.service_proxy_name.as_deref())
-            } else if s.service_type == ServiceType::ExternalName {
-                "ExternalName (DNS only)".to_owned()
-            } else {
-                "headless".to_owned()
-            };
-            p.skipped.push(Skipped { service: service_key(s), reason, warn: false });
+    pub fn merge(&mut self, other: ServiceChanges) {
+        self.all |= other.all;
+        self.nodes |= other.nodes;
+        self.services.extend(other.services);
+    }
+}
+
+/// The entries one [`ServicePlanner::update`] may have changed: the applier compares only
+/// these with what is installed. When `full`, every entry may have, and the key sets stay
+/// empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanDelta {
+    pub full: bool,
+    pub frontends: BTreeSet<SvcKey>,
+    pub backends: BTreeSet<SvcBackendKey>,
+    pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
+    pub node_addrs: bool,
+    /// Backend addresses no service uses any more, and ones newly in use.
+    pub endpoints_gone: Vec<(Ipv4Addr, u16, u8)>,
+    pub endpoints_added: Vec<(Ipv4Addr, u16, u8)>,
+    /// Service ids no longer programmed.
+    pub ids_gone: Vec<u32>,
+}
+
+impl PlanDelta {
+    pub fn is_empty(&self) -> bool {
+        !self.full
+            && !self.node_addrs
+            && self.frontends.is_empty()
+            && self.backends.is_empty()
+            && self.source_ranges.is_empty()
+            && self.endpoints_gone.is_empty()
+            && self.endpoints_added.is_empty()
+            && self.ids_gone.is_empty()
+    }
+}
+
+/// What one service contributes to the plan.
+#[derive(Debug, Default)]
+struct Unit {
+    /// Names of its programmed ports (their ids derive from them).
+    names: Vec<String>,
+    /// Frontends it claims, in order (a frontend two services claim goes to the one whose
+    /// name sorts first).
+    frontends: Vec<(SvcKey, SvcFrontend)>,
+    backends: BTreeMap<SvcBackendKey, SvcBackend>,
+    endpoints: BTreeSet<(Ipv4Addr, u16, u8)>,
+    source_ranges: BTreeSet<(u32, Ipv4Net)>,
+    ports: BTreeMap<u32, ServicePortInfo>,
+    health: Option<(u16, HealthCheck)>,
+    skipped: Vec<Skipped>,
+}
+
+/// The ports of `s` this proxy programs, with the names their ids derive from; or why the
+/// whole service is left out.
+fn programmed_ports<'s>(
+    params: &ServiceParams,
+    s: &'s Service,
+    skipped: &mut Vec<Skipped>,
+) -> Vec<(&'s contiv_cluster_model::ServicePort, String)> {
+    if s.ignored_by_proxy(params.proxy_name.as_deref()) {
+        let reason = if s.service_proxy_name.as_deref() != params.proxy_name.as_deref() {
+            format!("labelled service.kubernetes.io/service-proxy-name={:?}", s.service_proxy_name.as_deref())
+        } else if s.service_type == ServiceType::ExternalName {
+            "ExternalName (DNS only)".to_owned()
+        } else {
+            "headless".to_owned()
+        };
+        skipped.push(Skipped { service: service_key(s), reason, warn: false });
+        return vec![];
+    }
+    let mut out = vec![];
+    for port in &s.ports {
+        if proto_number(port.protocol).is_none() {
+            skipped.push(Skipped {
+                service: format!("{}:{}", service_key(s), port.port),
+                reason: format!("protocol {:?} is not supported (TCP and UDP are)", port.protocol),
+                warn: true,
+            });
             continue;
         }
-        for port in &s.ports {
-            if proto_number(port.protocol).is_none() {
-                p.skipped.push(Skipped {
-                    service: format!("{}:{}", service_key(s), port.port),
-                    reason: format!("protocol {:?} is not supported (TCP and UDP are)", port.protocol),
-                    warn: true,
-                });
-                continue;
-            }
-            port_names.push(format!("{}/{}/{}/{:?}", s.namespace, s.name, port.name, port.protocol));
-            programmed.push((s, port));
-        }
+        out.push((port, format!("{}/{}/{}/{:?}", s.namespace, s.name, port.name, port.protocol)));
     }
-    let ids = assign_ids(&port_names);
-    drop(port_names);
+    out
+}
 
-    // Slices by service.
-    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::with_capacity(inputs.slices.len());
-    for sl in inputs.slices {
-        if sl.address_type != AddressType::IPv4 {
-            continue;
-        }
-        if let Some(svc) = &sl.service_name {
-            slices.entry((sl.namespace.as_str(), svc.as_str())).or_default().push(sl);
-        }
-    }
-    let mut health: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
-    let mut frontends: HashMap<SvcKey, SvcFrontend> = HashMap::with_capacity(programmed.len());
-    let mut backends: Vec<(SvcBackendKey, SvcBackend)> = Vec::with_capacity(programmed.len() * 2);
-    let mut endpoints: Vec<(Ipv4Addr, u16, u8)> = Vec::with_capacity(programmed.len() * 2);
-    let mut ports: HashMap<u32, ServicePortInfo> = HashMap::with_capacity(programmed.len());
-
-    for ((s, port), id) in programmed.into_iter().zip(ids) {
-        let proto = proto_number(port.protocol).expect("filtered above");
+/// One service's entries: `ports` and `skipped` from [`programmed_ports`], `id_of` the id
+/// of each port name.
+fn plan_unit(
+    params: &ServiceParams,
+    s: &Service,
+    ports: Vec<(&contiv_cluster_model::ServicePort, String)>,
+    skipped: Vec<Skipped>,
+    slices: &[&EndpointSlice],
+    id_of: impl Fn(&str) -> u32,
+) -> Unit {
+    let mut u = Unit { skipped, ..Default::default() };
+    let mut local_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    for (port, port_name) in &ports {
+        let id = id_of(port_name);
+        let proto = proto_number(port.protocol).expect("programmed ports are TCP or UDP");
         // Endpoint candidates of this port.
         let mut cands: BTreeMap<(Ipv4Addr, u16), Candidate> = BTreeMap::new();
-        for sl in slices.get(&(s.namespace.as_str(), s.name.as_str())).into_iter().flatten() {
+        for sl in slices {
+            if sl.address_type != AddressType::IPv4 {
+                continue;
+            }
             let Some(ep_port) = sl.ports.iter().find(|ep| ep.name == port.name && ep.protocol == port.protocol) else {
                 continue;
             };
@@ -304,13 +416,13 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
         let local = choose(&local_all);
         for (i, c) in cluster.iter().enumerate() {
             let b = SvcBackend { ip: c.ip.octets(), port: c.port, local: u8::from(c.local), _pad: 0 };
-            backends.push((SvcBackendKey { svc_id: id, ordinal: i as u32 }, b));
-            endpoints.push((c.ip, c.port, proto));
+            u.backends.insert(SvcBackendKey { svc_id: id, ordinal: i as u32 }, b);
+            u.endpoints.insert((c.ip, c.port, proto));
         }
         for (i, c) in local.iter().enumerate() {
             let b = SvcBackend { ip: c.ip.octets(), port: c.port, local: 1, _pad: 0 };
-            backends.push((SvcBackendKey { svc_id: id, ordinal: SVC_LOCAL_BASE + i as u32 }, b));
-            endpoints.push((c.ip, c.port, proto));
+            u.backends.insert(SvcBackendKey { svc_id: id, ordinal: SVC_LOCAL_BASE + i as u32 }, b);
+            u.endpoints.insert((c.ip, c.port, proto));
         }
         let count = cluster.len().min(usize::from(u16::MAX)) as u16;
         let local_count = local.len().min(usize::from(u16::MAX)) as u16;
@@ -322,51 +434,21 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
         }
         let etp = if s.external_traffic_policy == TrafficPolicy::Local { svc_flags::ETP_LOCAL } else { 0 };
         let itp = if s.internal_traffic_policy == TrafficPolicy::Local { svc_flags::ITP_LOCAL } else { 0 };
-        let mut info = ServicePortInfo {
-            namespace: s.namespace.clone(),
-            name: s.name.clone(),
-            port_name: port.name.clone(),
-            protocol: proto_name(proto),
-            frontends: vec![],
-        };
-        let mut add = |p: &mut ServicePlan, ip: Ipv4Addr, fport: u16, flags: u32, info: &mut ServicePortInfo| {
+        let mut add = |ip: Ipv4Addr, fport: u16, flags: u32| {
             let k = SvcKey { ip: ip.octets(), port: fport, proto, _pad: 0 };
-            if let Some(have) = frontends.get(&k) {
-                if have.svc_id != id {
-                    p.skipped.push(Skipped {
-                        service: format!("{}:{fport}", service_key(s)),
-                        reason: format!(
-                            "frontend {}:{fport}/{} is already taken by {}",
-                            if ip.is_unspecified() { "*".to_owned() } else { ip.to_string() },
-                            proto_name(proto),
-                            ports.get(&have.svc_id).map(|i| format!("{}/{}", i.namespace, i.name)).unwrap_or_default()
-                        ),
-                        warn: true,
-                    });
-                }
-                return;
-            }
             let fe = SvcFrontend { svc_id: id, count, local_count, flags: flags | common, affinity_timeout_s };
-            frontends.insert(k, fe);
-            info.frontends.push(if ip.is_unspecified() { format!("*:{fport}") } else { format!("{ip}:{fport}") });
-            if count == 0 {
-                if ip.is_unspecified() {
-                    p.refusals.node_ports.insert((fport, proto));
-                } else {
-                    p.refusals.exact.insert((ip, fport, proto));
-                }
-            }
+            u.frontends.push((k, fe));
         };
         for ip in v4s(&s.cluster_ips) {
-            add(&mut p, ip, port.port, svc_flags::CLUSTER_IP | itp, &mut info);
+            add(ip, port.port, svc_flags::CLUSTER_IP | itp);
         }
         if matches!(s.service_type, ServiceType::NodePort | ServiceType::LoadBalancer)
             && let Some(np) = port.node_port
         {
-            add(&mut p, Ipv4Addr::UNSPECIFIED, np, svc_flags::NODE_PORT | etp, &mut info);
+            add(Ipv4Addr::UNSPECIFIED, np, svc_flags::NODE_PORT | etp);
         }
         for ip in v4s(&s.external_ips) {
-            add(&mut p, ip, port.port, svc_flags::EXTERNAL_IP | etp, &mut info);
+            add(ip, port.port, svc_flags::EXTERNAL_IP | etp);
         }
         let ranges: Vec<Ipv4Net> = s
             .load_balancer_source_ranges
@@ -379,33 +461,357 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
         let ranges_flag = if ranges.is_empty() { 0 } else { svc_flags::SOURCE_RANGES };
         if s.service_type == ServiceType::LoadBalancer {
             for ip in v4s(&s.load_balancer_ips) {
-                add(&mut p, ip, port.port, svc_flags::EXTERNAL_IP | etp | ranges_flag, &mut info);
+                add(ip, port.port, svc_flags::EXTERNAL_IP | etp | ranges_flag);
             }
             for r in &ranges {
-                p.source_ranges.insert((id, *r));
+                u.source_ranges.insert((id, *r));
             }
         }
-        ports.insert(id, info);
-        if s.external_traffic_policy == TrafficPolicy::Local && s.health_check_node_port.is_some() {
-            health.entry(service_key(s)).or_default().extend(local.iter().map(|c| c.ip));
+        u.ports.insert(
+            id,
+            ServicePortInfo {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                port_name: port.name.clone(),
+                protocol: proto_name(proto),
+            },
+        );
+        local_ips.extend(local.iter().map(|c| c.ip));
+    }
+    if let Some(hc) = s.health_check_node_port
+        && s.external_traffic_policy == TrafficPolicy::Local
+        && !ports.is_empty()
+    {
+        let check =
+            HealthCheck { namespace: s.namespace.clone(), name: s.name.clone(), local_endpoints: local_ips.len() };
+        u.health = Some((hc, check));
+    }
+    u.names = ports.into_iter().map(|(_, n)| n).collect();
+    u.names.sort_unstable();
+    u.names.dedup();
+    u
+}
+
+/// Node addresses: every node's (NodePorts from pods and hosts), this node's marked.
+fn node_addrs(params: &ServiceParams, src: &impl ServiceSource) -> BTreeMap<Ipv4Addr, NodeAddr> {
+    let mut out: BTreeMap<Ipv4Addr, NodeAddr> = BTreeMap::new();
+    for r in src.registrations() {
+        if let Some(ip) = r.uplink_ip {
+            out.entry(ip).or_default().local |= u8::from(r.name == params.node_name);
         }
     }
-    p.frontends = frontends.into_iter().collect();
-    p.backends = backends.into_iter().collect();
-    p.endpoints = endpoints.into_iter().collect();
-    p.ports = ports.into_iter().collect();
-    for s in inputs.services {
-        if let Some(hc) = s.health_check_node_port
-            && s.external_traffic_policy == TrafficPolicy::Local
-            && let Some(local) = health.get(&service_key(s))
-        {
-            p.health_checks.insert(
-                hc,
-                HealthCheck { namespace: s.namespace.clone(), name: s.name.clone(), local_endpoints: local.len() },
-            );
+    for n in src.nodes() {
+        let local = u8::from(n.name == params.node_name);
+        for t in ["InternalIP", "ExternalIP"] {
+            for ip in v4s(&n.ips_of_type(t)) {
+                out.entry(ip).or_default().local |= local;
+            }
         }
     }
-    p
+    for ip in &params.node_ips {
+        out.entry(*ip).or_default().local = 1;
+    }
+    out
+}
+
+/// The refusal a frontend without endpoints stands for.
+fn refusal_of(k: &SvcKey) -> Result<(Ipv4Addr, u16, u8), (u16, u8)> {
+    let ip = Ipv4Addr::from(k.ip);
+    if ip.is_unspecified() { Err((k.port, k.proto)) } else { Ok((ip, k.port, k.proto)) }
+}
+
+/// The service plan kept up to date one service at a time: a change of one Service or of
+/// its EndpointSlices recomputes that service's entries only, and says which entries may
+/// differ, so that applying it costs the same among 10 or 10,000 services. What it holds
+/// equals [`plan_services`] of the same cluster (a test checks this across random changes).
+#[derive(Debug)]
+pub struct ServicePlanner {
+    params: ServiceParams,
+    plan: ServicePlan,
+    units: HashMap<Name, Unit>,
+    /// Every programmed port name: its service and its id.
+    names: BTreeMap<String, (Name, u32)>,
+    /// Who claims each frontend: (service, claim order), sorted.
+    claims: HashMap<SvcKey, Vec<(Name, usize, SvcFrontend)>>,
+    /// Frontends claimed by more than one service port.
+    contested: BTreeSet<SvcKey>,
+    health: BTreeMap<u16, BTreeMap<Name, HealthCheck>>,
+    /// How many service ports use each backend address.
+    endpoint_refs: HashMap<(Ipv4Addr, u16, u8), usize>,
+    /// Units that left something out, and why.
+    skips: BTreeMap<Name, Vec<Skipped>>,
+}
+
+/// A service's name, shared by everything the planner keys by it.
+type Name = Arc<SvcName>;
+
+impl ServicePlanner {
+    pub fn new(params: ServiceParams) -> Self {
+        ServicePlanner {
+            params,
+            plan: ServicePlan::default(),
+            units: HashMap::new(),
+            names: BTreeMap::new(),
+            claims: HashMap::new(),
+            contested: BTreeSet::new(),
+            health: BTreeMap::new(),
+            endpoint_refs: HashMap::new(),
+            skips: BTreeMap::new(),
+        }
+    }
+
+    pub fn plan(&self) -> &ServicePlan {
+        &self.plan
+    }
+
+    pub fn into_plan(self) -> ServicePlan {
+        self.plan
+    }
+
+    /// Brings the plan up to date with `src` after `changes`; returns what may differ.
+    pub fn update(&mut self, src: &impl ServiceSource, changes: &ServiceChanges) -> PlanDelta {
+        let mut delta = PlanDelta { full: changes.all, ..Default::default() };
+        if changes.all || changes.nodes {
+            self.plan.node_addrs = node_addrs(&self.params, src);
+            delta.node_addrs = true;
+        }
+        let mut dirty: BTreeSet<Name> = if changes.all {
+            let mut all: BTreeSet<Name> = self.units.keys().cloned().collect();
+            all.extend(src.all_services().into_iter().map(|s| Arc::new(name_of(s))));
+            all
+        } else {
+            changes.services.iter().cloned().map(Arc::new).collect()
+        };
+
+        // Port names, and so ids: a name that comes or goes can move another name's id
+        // (collisions take the next free value in name order); its service is redone too.
+        let mut todo = Vec::with_capacity(dirty.len());
+        let mut names_changed = false;
+        for d in &dirty {
+            let mut skipped = vec![];
+            let found = src.service(&d.0, &d.1).map(|s| (s, programmed_ports(&self.params, s, &mut skipped)));
+            let mut new: Vec<&String> = found.iter().flat_map(|(_, ports)| ports.iter().map(|(_, n)| n)).collect();
+            new.sort_unstable();
+            new.dedup();
+            let old = self.units.get(d).map(|u| u.names.as_slice()).unwrap_or_default();
+            if !old.iter().eq(new.iter().copied()) {
+                names_changed = true;
+                for n in old {
+                    self.names.remove(n);
+                }
+                for n in new {
+                    self.names.insert(n.clone(), (d.clone(), 0));
+                }
+            }
+            todo.push((d.clone(), found, skipped));
+        }
+        if names_changed {
+            let mut used = HashSet::with_capacity(self.names.len());
+            for (n, (owner, id)) in self.names.iter_mut() {
+                let next = next_free_id(n, &mut used);
+                if *id != 0 && *id != next && dirty.insert(owner.clone()) {
+                    // Redone for its new id only: its object and slices are unchanged.
+                    let mut skipped = vec![];
+                    let found =
+                        src.service(&owner.0, &owner.1).map(|s| (s, programmed_ports(&self.params, s, &mut skipped)));
+                    todo.push((owner.clone(), found, skipped));
+                }
+                *id = next;
+            }
+        }
+
+        // All old entries out before any new one goes in: an id that moved may now belong
+        // to another of the services being redone.
+        let mut touched = Touched::default();
+        for (d, _, _) in &todo {
+            self.retract(d, &mut touched, &mut delta);
+        }
+        for (d, found, skipped) in todo {
+            if let Some((s, ports)) = found {
+                let names = &self.names;
+                let unit = plan_unit(&self.params, s, ports, skipped, &src.slices_of(&d.0, &d.1), |n| names[n].1);
+                self.add(&d, unit, &mut touched, &mut delta);
+            }
+        }
+        self.settle(touched, &mut delta);
+        delta
+    }
+
+    fn retract(&mut self, d: &Name, t: &mut Touched, delta: &mut PlanDelta) {
+        let Some(u) = self.units.remove(d) else { return };
+        for (i, (k, _)) in u.frontends.iter().enumerate() {
+            if let Some(c) = self.claims.get_mut(k) {
+                c.retain(|(n, seq, _)| !(n == d && *seq == i));
+                if c.is_empty() {
+                    self.claims.remove(k);
+                }
+            }
+            t.frontends.insert(*k);
+        }
+        for k in u.backends.keys() {
+            self.plan.backends.remove(k);
+            if !delta.full {
+                delta.backends.insert(*k);
+            }
+        }
+        for e in u.endpoints {
+            t.endpoints.entry(e).or_insert(true);
+            if let Some(n) = self.endpoint_refs.get_mut(&e) {
+                *n -= 1;
+                if *n == 0 {
+                    self.endpoint_refs.remove(&e);
+                    self.plan.endpoints.remove(&e);
+                }
+            }
+        }
+        for r in u.source_ranges {
+            self.plan.source_ranges.remove(&r);
+            if !delta.full {
+                delta.source_ranges.insert(r);
+            }
+        }
+        for id in u.ports.keys() {
+            t.ids.entry(*id).or_insert(true);
+            self.plan.ports.remove(id);
+        }
+        if let Some((hc, _)) = u.health {
+            if let Some(h) = self.health.get_mut(&hc) {
+                h.remove(d);
+                if h.is_empty() {
+                    self.health.remove(&hc);
+                }
+            }
+            t.health.insert(hc);
+        }
+        self.skips.remove(d);
+    }
+
+    fn add(&mut self, d: &Name, mut u: Unit, t: &mut Touched, delta: &mut PlanDelta) {
+        for (i, (k, fe)) in u.frontends.iter().enumerate() {
+            let c = self.claims.entry(*k).or_default();
+            let at = c.partition_point(|(n, seq, _)| (n, *seq) < (d, i));
+            c.insert(at, (d.clone(), i, *fe));
+            t.frontends.insert(*k);
+        }
+        for (k, v) in &u.backends {
+            self.plan.backends.insert(*k, *v);
+            if !delta.full {
+                delta.backends.insert(*k);
+            }
+        }
+        for e in &u.endpoints {
+            let present = self.plan.endpoints.contains(e);
+            t.endpoints.entry(*e).or_insert(present);
+            *self.endpoint_refs.entry(*e).or_default() += 1;
+            self.plan.endpoints.insert(*e);
+        }
+        for r in &u.source_ranges {
+            self.plan.source_ranges.insert(*r);
+            if !delta.full {
+                delta.source_ranges.insert(*r);
+            }
+        }
+        for (id, info) in &u.ports {
+            let present = self.plan.ports.contains_key(id);
+            t.ids.entry(*id).or_insert(present);
+            self.plan.ports.insert(*id, info.clone());
+        }
+        if let Some((hc, check)) = &u.health {
+            self.health.entry(*hc).or_default().insert(d.clone(), check.clone());
+            t.health.insert(*hc);
+        }
+        if !u.skipped.is_empty() {
+            self.skips.insert(d.clone(), std::mem::take(&mut u.skipped));
+        }
+        self.units.insert(d.clone(), u);
+    }
+
+    /// Frontends, refusals, health checks and reasons follow the claims.
+    fn settle(&mut self, t: Touched, delta: &mut PlanDelta) {
+        for k in t.frontends {
+            let claims = self.claims.get(&k);
+            let refused = match claims.and_then(|c| c.first()) {
+                Some((_, _, fe)) => {
+                    self.plan.frontends.insert(k, *fe);
+                    fe.count == 0
+                }
+                None => {
+                    self.plan.frontends.remove(&k);
+                    false
+                }
+            };
+            if claims.is_some_and(|c| c.len() > 1) {
+                self.contested.insert(k);
+            } else {
+                self.contested.remove(&k);
+            }
+            match (refusal_of(&k), refused) {
+                (Ok(r), true) => _ = self.plan.refusals.exact.insert(r),
+                (Ok(r), false) => _ = self.plan.refusals.exact.remove(&r),
+                (Err(r), true) => _ = self.plan.refusals.node_ports.insert(r),
+                (Err(r), false) => _ = self.plan.refusals.node_ports.remove(&r),
+            }
+            if !delta.full {
+                delta.frontends.insert(k);
+            }
+        }
+        for (e, before) in t.endpoints {
+            match (before, self.plan.endpoints.contains(&e)) {
+                (true, false) => delta.endpoints_gone.push(e),
+                (false, true) => delta.endpoints_added.push(e),
+                _ => {}
+            }
+        }
+        for (id, before) in t.ids {
+            if before && !self.plan.ports.contains_key(&id) {
+                delta.ids_gone.push(id);
+            }
+        }
+        for hc in t.health {
+            match self.health.get(&hc).and_then(|h| h.values().next()) {
+                Some(check) => _ = self.plan.health_checks.insert(hc, check.clone()),
+                None => _ = self.plan.health_checks.remove(&hc),
+            }
+        }
+        self.plan.skipped = self.skips.values().flatten().cloned().collect();
+        for k in &self.contested {
+            let Some(((winner, _, won), losers)) = self.claims[k].split_first() else { continue };
+            for (loser, _, fe) in losers {
+                if fe.svc_id == won.svc_id {
+                    continue;
+                }
+                let ip = Ipv4Addr::from(k.ip);
+                self.plan.skipped.push(Skipped {
+                    service: format!("{}/{}:{}", loser.0, loser.1, k.port),
+                    reason: format!(
+                        "frontend {}:{}/{} is already taken by {}/{}",
+                        if ip.is_unspecified() { "*".to_owned() } else { ip.to_string() },
+                        k.port,
+                        proto_name(k.proto),
+                        winner.0,
+                        winner.1
+                    ),
+                    warn: true,
+                });
+            }
+        }
+    }
+}
+
+/// What an update touched, with whether each endpoint and id was in the plan before.
+#[derive(Default)]
+struct Touched {
+    frontends: BTreeSet<SvcKey>,
+    endpoints: BTreeMap<(Ipv4Addr, u16, u8), bool>,
+    ids: BTreeMap<u32, bool>,
+    health: BTreeSet<u16>,
+}
+
+/// The service half of the node's plan, computed whole (the planner from nothing).
+pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> ServicePlan {
+    let mut planner = ServicePlanner::new(params.clone());
+    planner.update(&Indexed::new(inputs), &ServiceChanges::everything());
+    planner.into_plan()
 }
 
 #[cfg(test)]
@@ -571,7 +977,7 @@ mod tests {
         assert_eq!(p.backends[&SvcBackendKey { svc_id: c.svc_id, ordinal: SVC_LOCAL_BASE }].ip, [10, 1, 1, 9]);
         assert!(p.source_ranges.contains(&(c.svc_id, "203.0.113.0/24".parse().unwrap())));
         assert_eq!(p.health_checks[&32000].local_endpoints, 1);
-        assert_eq!(p.ports[&c.svc_id].frontends.len(), 4);
+        assert_eq!(p.frontends.values().filter(|f| f.svc_id == c.svc_id).count(), 4);
     }
 
     #[test]
@@ -635,6 +1041,229 @@ mod tests {
         assert_eq!(p.node_addrs[&"192.168.100.12".parse().unwrap()].local, 0);
     }
 
+    /// A small deterministic generator (no dependency for one test).
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+        fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+            &from[self.below(from.len())]
+        }
+    }
+
+    /// A service drawn from small pools, so that frontends, NodePorts and health-check
+    /// ports collide between services, and two of the names share an id hash.
+    fn random_service(rng: &mut Rng, name: &str) -> Service {
+        let ports = [
+            port("http", Protocol::Tcp, 80, PortRef::Name("web".into())),
+            port("dns", Protocol::Udp, 53, PortRef::Number(53)),
+            port("sig", Protocol::Sctp, 3868, PortRef::Number(3868)),
+        ];
+        let mut chosen: Vec<ServicePort> = ports.iter().filter(|_| rng.below(2) == 0).cloned().collect();
+        if chosen.is_empty() {
+            chosen.push(ports[0].clone());
+        }
+        let ip = format!("10.96.0.{}", 1 + rng.below(4));
+        let mut s = svc(name, &ip, chosen);
+        s.namespace = "ns".into();
+        s.service_type = *rng.pick(&[ServiceType::ClusterIP, ServiceType::NodePort, ServiceType::LoadBalancer]);
+        for p in &mut s.ports {
+            p.node_port = Some(30000 + rng.below(3) as u16);
+        }
+        if rng.below(3) == 0 {
+            s.external_ips = vec![format!("198.51.100.{}", rng.below(3)).parse().unwrap()];
+        }
+        if rng.below(3) == 0 {
+            s.load_balancer_ips = vec![format!("203.0.113.{}", rng.below(3)).parse().unwrap()];
+            s.load_balancer_source_ranges = vec![format!("192.0.2.{}/32", rng.below(4)).parse().unwrap()];
+        }
+        if rng.below(3) == 0 {
+            s.external_traffic_policy = TrafficPolicy::Local;
+            s.health_check_node_port = Some(32000 + rng.below(2) as u16);
+        }
+        if rng.below(4) == 0 {
+            s.internal_traffic_policy = TrafficPolicy::Local;
+        }
+        if rng.below(4) == 0 {
+            s.session_affinity = SessionAffinity::ClientIP { timeout_seconds: 10 + rng.below(3) as u32 };
+        }
+        match rng.below(12) {
+            0 => s.service_proxy_name = Some("someone-else".into()),
+            1 => {
+                s.headless = true;
+                s.cluster_ips.clear();
+            }
+            _ => {}
+        }
+        s
+    }
+
+    fn random_slice(rng: &mut Rng, name: &str, service: &str) -> EndpointSlice {
+        let eps = (0..rng.below(4))
+            .map(|_| {
+                let ip = format!("10.1.{}.{}", 1 + rng.below(2), 2 + rng.below(4));
+                ep(&ip, ["n1", "n2"][rng.below(2)], rng.below(3) > 0, rng.below(2) == 0, rng.below(3) == 0)
+            })
+            .collect();
+        let web = 8080 + rng.below(2) as u16;
+        let mut sl = slice(name, service, vec![("http", Protocol::Tcp, web), ("dns", Protocol::Udp, 53)], eps);
+        sl.namespace = "ns".into();
+        sl
+    }
+
+    /// What the maps would hold after `writes` (the proxy's order does not matter here).
+    fn install(have: &mut crate::proxy::Installed, w: crate::proxy::Writes) {
+        have.backends.extend(w.backends);
+        have.node_addrs.extend(w.node_addrs);
+        have.source_ranges.extend(w.source_ranges);
+        have.frontends.extend(w.frontends);
+        for k in w.frontends_removed {
+            have.frontends.remove(&k);
+        }
+        for r in w.source_ranges_removed {
+            have.source_ranges.remove(&r);
+        }
+        for k in w.backends_removed {
+            have.backends.remove(&k);
+        }
+        for ip in w.node_addrs_removed {
+            have.node_addrs.remove(&ip);
+        }
+    }
+
+    #[test]
+    fn one_service_at_a_time_equals_the_whole_plan_and_its_delta_covers_every_change() {
+        // Two of the service names share an id hash (see the ids test): adding and removing
+        // either moves the other's id.
+        let names = ["svc-268724", "svc-698200", "a", "b", "c"];
+        let reg = |name: &str, ip: &str| NodeRegistration {
+            name: name.into(),
+            id: 1,
+            addresses: vec![],
+            pod_cidr: "10.1.1.0/24".parse().unwrap(),
+            uplink_ip: Some(ip.parse().unwrap()),
+        };
+        for seed in 1..=20u64 {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+            let mut services: BTreeMap<String, Service> = BTreeMap::new();
+            let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+            let mut regs = vec![reg("n1", "192.168.100.11")];
+            let mut planner = ServicePlanner::new(params());
+            let mut installed = crate::proxy::Installed::default();
+            let mut before = ServicePlan::default();
+            let mut changes = ServiceChanges::everything();
+            for step in 0..150 {
+                let mut touched = |n: &str| _ = changes.services.insert(("ns".to_owned(), n.to_owned()));
+                match rng.below(7) {
+                    0 | 1 => {
+                        let n = *rng.pick(&names);
+                        services.insert(n.into(), random_service(&mut rng, n));
+                        touched(n);
+                    }
+                    2 => {
+                        let n = *rng.pick(&names);
+                        services.remove(n);
+                        touched(n);
+                    }
+                    3 | 4 => {
+                        // A new slice, a changed one, or one relabelled to another service.
+                        let sn = format!("slice-{}", rng.below(6));
+                        let owner = *rng.pick(&names);
+                        if let Some(old) = slices.get(&sn) {
+                            touched(old.service_name.as_deref().unwrap());
+                        }
+                        slices.insert(sn.clone(), random_slice(&mut rng, &sn, owner));
+                        touched(owner);
+                    }
+                    5 => {
+                        let sn = format!("slice-{}", rng.below(6));
+                        if let Some(old) = slices.remove(&sn) {
+                            touched(old.service_name.as_deref().unwrap());
+                        }
+                    }
+                    _ => {
+                        if regs.len() == 1 {
+                            regs.push(reg("n2", "192.168.100.12"));
+                        } else {
+                            regs.pop();
+                        }
+                        changes.nodes = true;
+                    }
+                }
+                if rng.below(3) == 0 && step + 1 < 150 {
+                    continue; // changes pile up, as in a burst
+                }
+                let sv: Vec<&Service> = services.values().collect();
+                let sl: Vec<&EndpointSlice> = slices.values().collect();
+                let r: Vec<&NodeRegistration> = regs.iter().collect();
+                let inputs = ServiceInputs { services: &sv, slices: &sl, nodes: &[], registrations: &r };
+                let delta = planner.update(&Indexed::new(inputs), &std::mem::take(&mut changes));
+                let whole = plan_services(&params(), inputs);
+                assert_eq!(planner.plan(), &whole, "seed {seed} step {step}");
+                // Writing only what the delta names brings the maps to the plan.
+                let w = crate::proxy::writes(&installed, planner.plan(), &delta, false);
+                install(&mut installed, w);
+                assert_eq!(installed.frontends, whole.frontends, "seed {seed} step {step}");
+                assert_eq!(installed.backends, whole.backends, "seed {seed} step {step}");
+                assert_eq!(installed.source_ranges, whole.source_ranges, "seed {seed} step {step}");
+                assert_eq!(installed.node_addrs, whole.node_addrs, "seed {seed} step {step}");
+                let gone: BTreeSet<_> = before.endpoints.difference(&whole.endpoints).copied().collect();
+                let added: BTreeSet<_> = whole.endpoints.difference(&before.endpoints).copied().collect();
+                assert_eq!(delta.endpoints_gone.iter().copied().collect::<BTreeSet<_>>(), gone);
+                assert_eq!(delta.endpoints_added.iter().copied().collect::<BTreeSet<_>>(), added);
+                let ids_gone: BTreeSet<u32> =
+                    before.ports.keys().filter(|id| !whole.ports.contains_key(id)).copied().collect();
+                assert_eq!(delta.ids_gone.iter().copied().collect::<BTreeSet<_>>(), ids_gone);
+                before = whole;
+            }
+        }
+    }
+
+    #[test]
+    fn a_slice_change_touches_only_its_service() {
+        let services: Vec<Service> = (0..50)
+            .map(|i| {
+                svc(&format!("s{i}"), &format!("10.96.1.{i}"), vec![port("", Protocol::Tcp, 80, PortRef::Number(8080))])
+            })
+            .collect();
+        let mut slices: Vec<EndpointSlice> = (0..50)
+            .map(|i| {
+                slice(
+                    &format!("s{i}-x"),
+                    &format!("s{i}"),
+                    vec![("", Protocol::Tcp, 8080)],
+                    vec![ep(&format!("10.1.1.{i}"), "n1", true, true, false)],
+                )
+            })
+            .collect();
+        let sv: Vec<&Service> = services.iter().collect();
+        let mut planner = ServicePlanner::new(params());
+        {
+            let sl: Vec<&EndpointSlice> = slices.iter().collect();
+            let inputs = ServiceInputs { services: &sv, slices: &sl, nodes: &[], registrations: &[] };
+            let first = planner.update(&Indexed::new(inputs), &ServiceChanges::everything());
+            assert!(first.full);
+            assert_eq!(first.endpoints_added.len(), 50);
+        }
+        slices[7].endpoints.push(ep("10.1.2.7", "n2", true, true, false));
+        let sl: Vec<&EndpointSlice> = slices.iter().collect();
+        let inputs = ServiceInputs { services: &sv, slices: &sl, nodes: &[], registrations: &[] };
+        let changes =
+            ServiceChanges { services: [("default".to_owned(), "s7".to_owned())].into(), ..Default::default() };
+        let delta = planner.update(&Indexed::new(inputs), &changes);
+        let id = frontend(planner.plan(), "10.96.1.7", 80, IPPROTO_TCP).svc_id;
+        assert!(!delta.full);
+        assert_eq!(delta.frontends.len(), 1);
+        assert!(delta.backends.iter().all(|k| k.svc_id == id), "{delta:?}");
+        assert_eq!(delta.endpoints_added, vec![("10.1.2.7".parse().unwrap(), 8080, IPPROTO_TCP)]);
+        assert_eq!(planner.plan(), &plan_services(&params(), inputs));
+    }
+
     /// Not a benchmark (bench services measures programming latency): where a plan of 10,000
     /// services spends its time. `cargo test --release -p contiv-agent plan_10k -- --ignored --nocapture`.
     #[test]
@@ -659,7 +1288,30 @@ mod tests {
             assert_eq!(p.frontends.len(), 10_000);
             let t = std::time::Instant::now();
             drop(p);
-            eprintln!("plan: {planned:?}, drop {:?}", t.elapsed());
+            eprintln!("whole plan: {planned:?}, drop {:?}", t.elapsed());
         }
+        // One EndpointSlice changed at a time, as the agent plans it.
+        let mut slices = slices;
+        let sv: Vec<&Service> = services.iter().collect();
+        let mut planner = ServicePlanner::new(params());
+        {
+            let sl: Vec<&EndpointSlice> = slices.iter().collect();
+            let inputs = ServiceInputs { services: &sv, slices: &sl, nodes: &[], registrations: &[] };
+            planner.update(&Indexed::new(inputs), &ServiceChanges::everything());
+        }
+        let mut took = std::time::Duration::ZERO;
+        for round in 0..100u16 {
+            let i = usize::from(round) * 97;
+            slices[i].ports[0].port = Some(9000 + round);
+            let sl: Vec<&EndpointSlice> = slices.iter().collect();
+            let index = Indexed::new(ServiceInputs { services: &sv, slices: &sl, nodes: &[], registrations: &[] });
+            let changes =
+                ServiceChanges { services: [("default".into(), format!("svc-{i}"))].into(), ..Default::default() };
+            let t = std::time::Instant::now();
+            let delta = planner.update(&index, &changes);
+            took += t.elapsed();
+            assert_eq!(delta.backends.len(), 4);
+        }
+        eprintln!("one slice changed: {:?} per update", took / 100);
     }
 }

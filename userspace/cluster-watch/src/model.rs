@@ -66,6 +66,19 @@ pub struct ClusterModel {
     /// Keys whose current value could not be decoded (their last good value, if any, is kept).
     malformed: BTreeSet<String>,
     revision: Revision,
+    /// EndpointSlice keys by the service they belong to (namespace, service name): the
+    /// service proxy recomputes one service at a time.
+    slices_by_service: BTreeMap<(String, String), BTreeSet<String>>,
+}
+
+/// The service an object's EndpointSlice belongs to.
+fn slice_owner(object: &Object) -> Option<(String, String)> {
+    match object {
+        Object::K8s(ClusterObject::EndpointSlice(s)) => {
+            s.service_name.as_ref().map(|svc| (s.namespace.clone(), svc.clone()))
+        }
+        _ => None,
+    }
 }
 
 impl ClusterModel {
@@ -158,19 +171,110 @@ impl ClusterModel {
         })
     }
 
+    /// A Service by namespace and name.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        match self.objects.get(&keys::k8s_key(Kind::Service, Some(namespace), name)) {
+            Some(Object::K8s(ClusterObject::Service(s))) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The EndpointSlices of one service (label `kubernetes.io/service-name`), in key order.
+    pub fn endpoint_slices_of(&self, namespace: &str, service: &str) -> impl Iterator<Item = &EndpointSlice> {
+        self.slices_by_service.get(&(namespace.to_owned(), service.to_owned())).into_iter().flatten().filter_map(|k| {
+            match self.objects.get(k) {
+                Some(Object::K8s(ClusterObject::EndpointSlice(s))) => Some(s),
+                _ => None,
+            }
+        })
+    }
+
+    fn unindex(&mut self, key: &str, old: Option<&Object>) {
+        if let Some(owner) = old.and_then(slice_owner)
+            && let Some(set) = self.slices_by_service.get_mut(&owner)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.slices_by_service.remove(&owner);
+            }
+        }
+    }
+
     /// Applies a decoded put; returns the previous object.
     pub(crate) fn insert(&mut self, key: String, object: Object) -> Option<Object> {
         self.malformed.remove(&key);
-        self.objects.insert(key, object)
+        if let Some(owner) = slice_owner(&object) {
+            self.slices_by_service.entry(owner).or_default().insert(key.clone());
+        }
+        let old = self.objects.insert(key.clone(), object);
+        if let Some(prev) = &old
+            && slice_owner(prev) != self.objects.get(&key).and_then(slice_owner)
+        {
+            self.unindex(&key, Some(prev));
+        }
+        old
     }
 
     /// Applies a delete; returns the removed object.
     pub(crate) fn remove(&mut self, key: &str) -> Option<Object> {
         self.malformed.remove(key);
-        self.objects.remove(key)
+        let old = self.objects.remove(key);
+        self.unindex(key, old.as_ref());
+        old
     }
 
     pub(crate) fn mark_malformed(&mut self, key: String) {
         self.malformed.insert(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use contiv_cluster_model::AddressType;
+
+    use super::*;
+
+    fn slice(name: &str, service: Option<&str>) -> (String, Object) {
+        let s = EndpointSlice {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_name: service.map(str::to_owned),
+            address_type: AddressType::IPv4,
+            endpoints: vec![],
+            ports: vec![],
+        };
+        (keys::k8s_key(Kind::EndpointSlice, Some("shop"), name), Object::K8s(ClusterObject::EndpointSlice(s)))
+    }
+
+    fn names_of<'a>(m: &'a ClusterModel, svc: &str) -> Vec<&'a str> {
+        m.endpoint_slices_of("shop", svc).map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn slices_are_found_by_their_service_through_puts_relabels_and_deletes() {
+        let mut m = ClusterModel::default();
+        for (name, svc) in [("web-a", Some("web")), ("web-b", Some("web")), ("db-a", Some("db")), ("loose", None)] {
+            let (k, o) = slice(name, svc);
+            m.insert(k, o);
+        }
+        assert_eq!(names_of(&m, "web"), ["web-a", "web-b"]);
+        assert_eq!(names_of(&m, "db"), ["db-a"]);
+        // The same slice put again stays listed once; relabelled, it moves.
+        let (k, o) = slice("web-b", Some("web"));
+        m.insert(k, o);
+        assert_eq!(names_of(&m, "web"), ["web-a", "web-b"]);
+        let (k, o) = slice("web-b", Some("db"));
+        m.insert(k, o);
+        assert_eq!(names_of(&m, "web"), ["web-a"]);
+        assert_eq!(names_of(&m, "db"), ["db-a", "web-b"]);
+        // Unlabelled, it belongs to no service; deleted, it is gone.
+        let (k, o) = slice("web-b", None);
+        m.insert(k, o);
+        assert_eq!(names_of(&m, "db"), ["db-a"]);
+        m.remove(&keys::k8s_key(Kind::EndpointSlice, Some("shop"), "web-a"));
+        assert!(names_of(&m, "web").is_empty());
+        assert!(m.slices_by_service.keys().all(|(_, svc)| svc == "db"), "no empty index entries");
+        // Another namespace's service of the same name is another service.
+        assert_eq!(m.endpoint_slices_of("other", "db").count(), 0);
     }
 }

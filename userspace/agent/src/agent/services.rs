@@ -16,7 +16,7 @@ use super::{Agent, Inner};
 use crate::{
     datapath::CtTable,
     proxy::{ApplyStats, GcStats, gc_conntrack, monotonic_ns},
-    services::{HealthCheck, ServiceInputs, Skipped, plan_services, proto_name},
+    services::{HealthCheck, ServiceChanges, Skipped, proto_name},
 };
 
 /// One frontend as `netctl get services` shows it.
@@ -121,37 +121,45 @@ impl Agent {
         Ok(())
     }
 
-    /// Recomputes the service plan from the cluster model and installs the difference.
-    /// `None` when services are off or the model is not there yet.
+    /// Notes what changed for the service plan (the service task picks it up).
+    pub fn services_changed(&self, changes: ServiceChanges) {
+        self.service_changes.lock().unwrap_or_else(|p| p.into_inner()).merge(changes);
+    }
+
+    /// Brings the service plan up to date with the cluster model (recomputing the services
+    /// that changed since the last call) and installs the difference. `None` when services
+    /// are off or the model is not there yet.
     pub async fn sync_services(&self) -> Option<ApplyStats> {
         if !self.config.services.enabled {
             return None;
         }
         let model = self.model.get()?.clone();
         let started = Instant::now();
-        let (plan, mut live) = {
+        let changes = std::mem::take(&mut *self.service_changes.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        let (delta, need_live, mut live) = {
             let m = model.read().unwrap_or_else(|p| p.into_inner());
-            let services: Vec<_> = m.services().collect();
-            let slices: Vec<_> = m.endpoint_slices().collect();
-            let nodes: Vec<_> = m.nodes().collect();
-            let regs: Vec<_> = m.registrations().collect();
-            let plan = plan_services(
-                &self.service_params,
-                ServiceInputs { services: &services, slices: &slices, nodes: &nodes, registrations: &regs },
-            );
-            let live: BTreeSet<Ipv4Addr> = m
-                .pods()
-                .flat_map(|p| p.ips.iter())
-                .filter_map(|ip| match ip {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })
-                .collect();
-            (plan, live)
+            let delta = inner.proxy.update(&*m, &changes);
+            // Pod addresses matter only while a removed backend may be refused.
+            let need_live = inner.proxy.needs_live_ips(&delta);
+            let live: BTreeSet<Ipv4Addr> = if need_live {
+                m.pods()
+                    .flat_map(|p| p.ips.iter())
+                    .filter_map(|ip| match ip {
+                        IpAddr::V4(v4) => Some(*v4),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect()
+            } else {
+                BTreeSet::new()
+            };
+            (delta, need_live, live)
         };
+        let planned = started.elapsed();
         {
             let mut logged = self.skipped_logged.lock().unwrap_or_else(|p| p.into_inner());
-            for s in &plan.skipped {
+            for s in &inner.proxy.plan().skipped {
                 if logged.insert(format!("{}: {}", s.service, s.reason)) {
                     if s.warn {
                         log::warn!("service {} not programmed: {}", s.service, s.reason);
@@ -161,22 +169,22 @@ impl Agent {
                 }
             }
         }
-        let checks = plan.health_checks.clone();
-        let mut guard = self.inner.lock().await;
-        let inner = &mut *guard;
-        live.extend(inner.state.attachments().map(|a| a.ip));
-        let result = inner.proxy.apply(&mut inner.datapath, plan, &live, Instant::now());
+        if need_live {
+            live.extend(inner.state.attachments().map(|a| a.ip));
+        }
+        let result = inner.proxy.apply(&mut inner.datapath, &delta, &live, Instant::now());
         let refusals = Arc::new(inner.proxy.refusals());
-        inner.health.update(&checks);
+        inner.health.update(&inner.proxy.plan().health_checks);
         drop(guard);
         self.set_refusals(refusals);
         match result {
             Ok(stats) => {
-                log::debug!("services applied in {:?}: {stats:?}", started.elapsed());
+                log::debug!("services applied in {:?} (planned in {planned:?}): {stats:?}", started.elapsed());
                 *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
                 Some(stats)
             }
             Err(e) => {
+                // The next apply compares every entry with the maps.
                 log::error!("applying services: {e}");
                 None
             }

@@ -27,6 +27,9 @@ use crate::{
 /// left to time out.
 pub const DEAD_BACKEND_TTL: Duration = Duration::from_secs(60);
 
+/// How soon an apply that stopped at a map error is tried again.
+pub const APPLY_RETRY: Duration = Duration::from_secs(1);
+
 const IPPROTO_ICMP: u8 = 1;
 
 /// What the maps hold (as installed by this agent, or read back after a restart).
@@ -60,6 +63,8 @@ pub struct Proxy {
     /// The next apply compares every entry with what is installed: after a resync (the
     /// maps may hold what no plan has), and after an apply that stopped at an error.
     full: bool,
+    /// The last apply stopped at an error.
+    failed: bool,
     /// Backends that left a plan, and when (refused while their pod is gone, for
     /// [`DEAD_BACKEND_TTL`]).
     removed: BTreeMap<(Ipv4Addr, u16, u8), Instant>,
@@ -210,6 +215,7 @@ impl Proxy {
             installed: Installed::default(),
             planner: ServicePlanner::new(params),
             full: true,
+            failed: false,
             removed: BTreeMap::new(),
             applies: 0,
         }
@@ -261,8 +267,10 @@ impl Proxy {
     ) -> Result<ApplyStats, DatapathError> {
         let full = self.full;
         self.full = true;
+        self.failed = true;
         let stats = self.apply_inner(dp, delta, full, live_ips, now)?;
         self.full = false;
+        self.failed = false;
         Ok(stats)
     }
 
@@ -368,9 +376,13 @@ impl Proxy {
         r
     }
 
-    /// Whether dead-backend entries are waiting to expire (the caller re-applies then).
-    pub fn next_expiry(&self) -> Option<Instant> {
-        self.removed.values().min().map(|t| *t + DEAD_BACKEND_TTL)
+    /// When the next apply is due without a cluster change: when dead-backend entries
+    /// expire, or soon after an apply that stopped at an error (it is retried, comparing
+    /// every entry, until one succeeds).
+    pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        let expiry = self.removed.values().min().map(|t| *t + DEAD_BACKEND_TTL);
+        let retry = self.failed.then_some(now + APPLY_RETRY);
+        expiry.into_iter().chain(retry).min()
     }
 }
 
@@ -486,6 +498,20 @@ mod tests {
         assert_eq!(ct_timeout(&k, &ack, Some(&fin), &t), Duration::from_secs(10));
         let udp = CtKey { proto: IPPROTO_UDP, ..k };
         assert_eq!(ct_timeout(&udp, &CtEntry::default(), None, &t), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_failed_apply_is_due_again_soon_and_dead_backends_when_they_expire() {
+        let params = ServiceParams { node_name: "n1".into(), proxy_name: None, node_ips: vec![] };
+        let mut p = Proxy::new(params);
+        let now = Instant::now();
+        assert_eq!(p.next_due(now), None, "nothing to wait for");
+        p.failed = true;
+        assert_eq!(p.next_due(now), Some(now + APPLY_RETRY));
+        p.removed.insert((Ipv4Addr::new(10, 1, 1, 2), 80, IPPROTO_TCP), now);
+        assert_eq!(p.next_due(now), Some(now + APPLY_RETRY), "the sooner of the two");
+        p.failed = false;
+        assert_eq!(p.next_due(now), Some(now + DEAD_BACKEND_TTL));
     }
 
     #[test]

@@ -184,8 +184,9 @@ impl Agent {
                 Some(stats)
             }
             Err(e) => {
-                // The next apply compares every entry with the maps.
-                log::error!("applying services: {e}");
+                // Retried in a second (the service task asks `services_due`), comparing
+                // every entry with the maps.
+                log::error!("applying services: {e}; retrying");
                 None
             }
         }
@@ -201,9 +202,10 @@ impl Agent {
         }
     }
 
-    /// When removed backends stop being refused (the service task re-applies then).
+    /// When the service task re-applies without a cluster change: removed backends stop
+    /// being refused, or a failed apply is retried.
     pub async fn services_due(&self) -> Option<Instant> {
-        self.inner.lock().await.proxy.next_expiry()
+        self.inner.lock().await.proxy.next_due(Instant::now())
     }
 
     /// One conntrack sweep, on a thread of the blocking pool and the table's own handle:

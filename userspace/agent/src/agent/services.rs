@@ -123,6 +123,9 @@ impl Agent {
 
     /// Notes what changed for the service plan (the service task picks it up).
     pub fn services_changed(&self, changes: ServiceChanges) {
+        if !self.config.services.enabled {
+            return;
+        }
         self.service_changes.lock().unwrap_or_else(|p| p.into_inner()).merge(changes);
     }
 

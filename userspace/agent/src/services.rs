@@ -300,6 +300,8 @@ pub struct PlanDelta {
     pub endpoints_added: Vec<(Ipv4Addr, u16, u8)>,
     /// Service ids no longer programmed.
     pub ids_gone: Vec<u32>,
+    /// The plan's `skipped` list changed.
+    pub skipped_changed: bool,
 }
 
 impl PlanDelta {
@@ -312,6 +314,7 @@ impl PlanDelta {
             && self.endpoints_gone.is_empty()
             && self.endpoints_added.is_empty()
             && self.ids_gone.is_empty()
+            && !self.skipped_changed
     }
 }
 
@@ -654,6 +657,8 @@ impl ServicePlanner {
         // All old entries out before any new one goes in: an id that moved may now belong
         // to another of the services being redone.
         let mut touched = Touched::default();
+        let old_skips: Vec<(Name, Option<Vec<Skipped>>)> =
+            todo.iter().map(|(d, _, _)| (d.clone(), self.skips.get(d).cloned())).collect();
         for (d, _, _) in &todo {
             self.retract(d, &mut touched, &mut delta);
         }
@@ -664,6 +669,7 @@ impl ServicePlanner {
                 self.add(&d, unit, &mut touched, &mut delta);
             }
         }
+        touched.skips |= old_skips.iter().any(|(d, old)| self.skips.get(d) != old.as_ref());
         self.settle(touched, &mut delta);
         delta
     }
@@ -759,7 +765,7 @@ impl ServicePlanner {
     }
 
     /// Frontends, refusals, health checks and reasons follow the claims.
-    fn settle(&mut self, t: Touched, delta: &mut PlanDelta) {
+    fn settle(&mut self, mut t: Touched, delta: &mut PlanDelta) {
         for k in t.frontends {
             let claims = self.claims.get(&k);
             let refused = match claims.and_then(|c| c.first()) {
@@ -772,11 +778,13 @@ impl ServicePlanner {
                     false
                 }
             };
-            if claims.is_some_and(|c| c.len() > 1) {
+            // A frontend contested before or now: the reasons may change.
+            t.skips |= if claims.is_some_and(|c| c.len() > 1) {
                 self.contested.insert(k);
+                true
             } else {
-                self.contested.remove(&k);
-            }
+                self.contested.remove(&k)
+            };
             match (refusal_of(&k), refused) {
                 (Ok(r), true) => _ = self.plan.refusals.exact.insert(r),
                 (Ok(r), false) => _ = self.plan.refusals.exact.remove(&r),
@@ -805,6 +813,12 @@ impl ServicePlanner {
                 None => _ = self.plan.health_checks.remove(&hc),
             }
         }
+        // The reasons are rebuilt only when they may have changed: a cluster can hold
+        // thousands of headless services.
+        if !(t.skips || delta.full) {
+            return;
+        }
+        delta.skipped_changed = true;
         self.plan.skipped = self.skips.values().flatten().cloned().collect();
         for k in &self.contested {
             let Some(((winner, _, won), losers)) = self.claims[k].split_first() else { continue };
@@ -837,6 +851,8 @@ struct Touched {
     endpoints: BTreeMap<(Ipv4Addr, u16, u8), bool>,
     ids: BTreeMap<u32, bool>,
     health: BTreeSet<u16>,
+    /// A service's reasons, or a contested frontend, changed.
+    skips: bool,
 }
 
 /// The service half of the node's plan, computed whole (the planner from nothing).
@@ -1057,15 +1073,18 @@ mod tests {
         assert_eq!(assign_ids(&[a, b]), vec![2_069_169_110, 2_069_169_111]);
     }
 
-    #[test]
-    fn node_addresses_come_from_registrations_nodes_and_the_node_itself() {
-        let reg = |name: &str, ip: &str| NodeRegistration {
+    fn reg(name: &str, ip: &str) -> NodeRegistration {
+        NodeRegistration {
             name: name.into(),
             id: 1,
             addresses: vec![],
             pod_cidr: "10.1.1.0/24".parse().unwrap(),
             uplink_ip: Some(ip.parse().unwrap()),
-        };
+        }
+    }
+
+    #[test]
+    fn node_addresses_come_from_registrations_nodes_and_the_node_itself() {
         let regs = [reg("n1", "192.168.100.11"), reg("n2", "192.168.100.12")];
         let r: Vec<&NodeRegistration> = regs.iter().collect();
         let p = plan_services(&params(), ServiceInputs { services: &[], slices: &[], nodes: &[], registrations: &r });
@@ -1173,13 +1192,6 @@ mod tests {
         // Two of the service names share an id hash (see the ids test): adding and removing
         // either moves the other's id.
         let names = ["svc-268724", "svc-698200", "a", "b", "c"];
-        let reg = |name: &str, ip: &str| NodeRegistration {
-            name: name.into(),
-            id: 1,
-            addresses: vec![],
-            pod_cidr: "10.1.1.0/24".parse().unwrap(),
-            uplink_ip: Some(ip.parse().unwrap()),
-        };
         for seed in 1..=20u64 {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
             let mut services: BTreeMap<String, Service> = BTreeMap::new();
@@ -1251,6 +1263,9 @@ mod tests {
                 let ids_gone: BTreeSet<u32> =
                     before.ports.keys().filter(|id| !whole.ports.contains_key(id)).copied().collect();
                 assert_eq!(delta.ids_gone.iter().copied().collect::<BTreeSet<_>>(), ids_gone);
+                if whole.skipped != before.skipped {
+                    assert!(delta.skipped_changed, "seed {seed} step {step}: the reasons changed unannounced");
+                }
                 before = whole;
             }
         }

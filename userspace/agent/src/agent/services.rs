@@ -160,7 +160,7 @@ impl Agent {
             (delta, need_live, live)
         };
         let planned = started.elapsed();
-        {
+        if delta.skipped_changed {
             let mut logged = self.skipped_logged.lock().unwrap_or_else(|p| p.into_inner());
             for s in &inner.proxy.plan().skipped {
                 if logged.insert(format!("{}: {}", s.service, s.reason)) {

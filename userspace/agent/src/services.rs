@@ -1052,6 +1052,23 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_with_a_name_serves_only_the_services_labelled_with_it() {
+        let mut mine = svc("mine", "10.96.0.50", vec![port("", Protocol::Tcp, 80, PortRef::Number(80))]);
+        mine.service_proxy_name = Some("small".into());
+        let default = svc("default", "10.96.0.51", vec![port("", Protocol::Tcp, 80, PortRef::Number(80))]);
+        let params = ServiceParams { proxy_name: Some("small".into()), ..params() };
+        let (s, sl) = ([&mine, &default], []);
+        let p = plan_services(&params, ServiceInputs { services: &s, slices: &sl, nodes: &[], registrations: &[] });
+        assert_eq!(p.frontends.len(), 1);
+        frontend(&p, "10.96.0.50", 80, IPPROTO_TCP);
+        assert!(
+            p.skipped.iter().any(|k| k.service == "default/default" && k.reason.contains("None")),
+            "{:?}",
+            p.skipped
+        );
+    }
+
+    #[test]
     fn ids_are_stable_and_collisions_take_the_next_free_value() {
         let names: Vec<String> = ["x/y/z/Udp", "a/b/c/Tcp"].iter().map(|s| s.to_string()).collect();
         let first = assign_ids(&names);

@@ -360,7 +360,13 @@ fn programmed_ports<'s>(
 ) -> Vec<(&'s contiv_cluster_model::ServicePort, String)> {
     if s.ignored_by_proxy(params.proxy_name.as_deref()) {
         let reason = if s.service_proxy_name.as_deref() != params.proxy_name.as_deref() {
-            format!("labelled service.kubernetes.io/service-proxy-name={:?}", s.service_proxy_name.as_deref())
+            const LABEL: &str = "service.kubernetes.io/service-proxy-name";
+            match (s.service_proxy_name.as_deref(), params.proxy_name.as_deref()) {
+                (Some(theirs), None) => format!("labelled {LABEL}={theirs} (another proxy's)"),
+                (Some(theirs), Some(mine)) => format!("labelled {LABEL}={theirs}, not {mine} (this proxy's name)"),
+                (None, Some(mine)) => format!("not labelled {LABEL}={mine} (this proxy serves only those)"),
+                (None, None) => unreachable!("the names differ"),
+            }
         } else if s.service_type == ServiceType::ExternalName {
             "ExternalName (DNS only)".to_owned()
         } else {
@@ -1062,7 +1068,7 @@ mod tests {
         assert_eq!(p.frontends.len(), 1);
         frontend(&p, "10.96.0.50", 80, IPPROTO_TCP);
         assert!(
-            p.skipped.iter().any(|k| k.service == "default/default" && k.reason.contains("None")),
+            p.skipped.iter().any(|k| k.service == "default/default" && k.reason.starts_with("not labelled")),
             "{:?}",
             p.skipped
         );

@@ -1,11 +1,12 @@
 //! Cluster model -> service map entries: the pure half of the kube-proxy replacement.
 //!
-//! [`plan_services`] turns Services, EndpointSlices, nodes and registrations into the
+//! [`ServicePlanner`] turns Services, EndpointSlices, nodes and registrations into the
 //! entries of SVC_FRONTENDS, SVC_BACKENDS, SVC_SOURCE_RANGES and NODE_ADDRS for one node,
 //! plus what the agent serves beside the maps (healthCheckNodePort servers, the refusals
-//! the slow path answers) and why a service was left out. The agent keeps that plan with a
-//! [`ServicePlanner`], which recomputes only the services that changed and says which
-//! entries may differ. No I/O: the proxy installs the difference (see [`crate::proxy`]).
+//! the slow path answers) and why a service was left out. It recomputes only the services
+//! that changed and says which entries may differ (the tests hold it to `plan_services`,
+//! the same plan computed whole). No I/O: the proxy installs the difference (see
+//! [`crate::proxy`]).
 //!
 //! Semantics follow kube-proxy (see the service-proxy notes):
 //! - one service port = one service id; every frontend of it (ClusterIPs, the NodePort on
@@ -44,7 +45,8 @@ pub struct ServiceParams {
     pub node_ips: Vec<Ipv4Addr>,
 }
 
-/// The cluster state services depend on.
+/// The cluster state services depend on, as plain lists (tests).
+#[cfg(test)]
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceInputs<'a> {
     pub services: &'a [&'a Service],
@@ -225,12 +227,14 @@ impl ServiceSource for contiv_cluster_watch::ClusterModel {
 }
 
 /// [`ServiceInputs`] with services and slices indexed by name.
+#[cfg(test)]
 struct Indexed<'a> {
     inputs: ServiceInputs<'a>,
     services: HashMap<(&'a str, &'a str), &'a Service>,
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
 }
 
+#[cfg(test)]
 impl<'a> Indexed<'a> {
     fn new(inputs: ServiceInputs<'a>) -> Self {
         let services = inputs.services.iter().map(|s| ((s.namespace.as_str(), s.name.as_str()), *s)).collect();
@@ -244,6 +248,7 @@ impl<'a> Indexed<'a> {
     }
 }
 
+#[cfg(test)]
 impl ServiceSource for Indexed<'_> {
     fn all_services(&self) -> Vec<&Service> {
         self.inputs.services.to_vec()
@@ -302,20 +307,6 @@ pub struct PlanDelta {
     pub ids_gone: Vec<u32>,
     /// The plan's `skipped` list changed.
     pub skipped_changed: bool,
-}
-
-impl PlanDelta {
-    pub fn is_empty(&self) -> bool {
-        !self.full
-            && !self.node_addrs
-            && self.frontends.is_empty()
-            && self.backends.is_empty()
-            && self.source_ranges.is_empty()
-            && self.endpoints_gone.is_empty()
-            && self.endpoints_added.is_empty()
-            && self.ids_gone.is_empty()
-            && !self.skipped_changed
-    }
 }
 
 /// What one service contributes to the plan, kept to take it out again: plain sorted
@@ -604,6 +595,7 @@ impl ServicePlanner {
         &self.plan
     }
 
+    #[cfg(test)]
     pub fn into_plan(self) -> ServicePlan {
         self.plan
     }
@@ -861,7 +853,9 @@ struct Touched {
     skips: bool,
 }
 
-/// The service half of the node's plan, computed whole (the planner from nothing).
+/// The service half of the node's plan, computed whole (the planner from nothing): what
+/// the planner's kept plan must equal, and what the semantics tests read.
+#[cfg(test)]
 pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> ServicePlan {
     let mut planner = ServicePlanner::new(params.clone());
     planner.update(&Indexed::new(inputs), &ServiceChanges::everything());

@@ -141,23 +141,19 @@ impl Agent {
         let changes = std::mem::take(&mut *self.service_changes.lock().unwrap_or_else(|p| p.into_inner()));
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
-        let (delta, need_live, mut live) = {
+        let (delta, live) = {
             let m = model.read().unwrap_or_else(|p| p.into_inner());
             let delta = inner.proxy.update(&*m, &changes);
-            // Pod addresses matter only while a removed backend may be refused.
-            let need_live = inner.proxy.needs_live_ips(&delta);
-            let live: BTreeSet<Ipv4Addr> = if need_live {
-                m.pods()
-                    .flat_map(|p| p.ips.iter())
-                    .filter_map(|ip| match ip {
-                        IpAddr::V4(v4) => Some(*v4),
-                        IpAddr::V6(_) => None,
-                    })
-                    .collect()
-            } else {
-                BTreeSet::new()
-            };
-            (delta, need_live, live)
+            // Addresses pods hold: they matter only while a removed backend may be refused.
+            let mut live = BTreeSet::new();
+            if inner.proxy.needs_live_ips(&delta) {
+                live.extend(m.pods().flat_map(|p| p.ips.iter()).filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                }));
+                live.extend(inner.state.attachments().map(|a| a.ip));
+            }
+            (delta, live)
         };
         let planned = started.elapsed();
         if delta.skipped_changed {
@@ -171,9 +167,6 @@ impl Agent {
                     }
                 }
             }
-        }
-        if need_live {
-            live.extend(inner.state.attachments().map(|a| a.ip));
         }
         let result = inner.proxy.apply(&mut inner.datapath, &delta, &live, Instant::now());
         let refusals = Arc::new(inner.proxy.refusals());

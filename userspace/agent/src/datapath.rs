@@ -188,6 +188,8 @@ pub struct Datapath {
     owned_links: Vec<FdLink>,
     /// Maps created beside an older-layout pinned map; pinned by `finish_migration`.
     migrated: Vec<&'static str>,
+    /// Resizing the conntrack map: the keys the first copy read from the old one.
+    ct_seen_at_copy: std::collections::HashSet<contiv_common::CtKey>,
     nr_cpus: usize,
 }
 
@@ -198,8 +200,9 @@ impl Datapath {
         Self::load_with(pin_dir, allow_private_bpffs, None)
     }
 
-    /// [`Datapath::load`] with the conntrack map sized `ct_entries` (when it is created;
-    /// a pinned one keeps its size).
+    /// [`Datapath::load`] with the conntrack map sized `ct_entries`. A pinned conntrack map
+    /// of another size is resized the way a layout change is migrated: a new map beside
+    /// it, filled with its flows, pinned in its place once every program uses the new one.
     pub fn load_with(pin_dir: &Path, allow_private_bpffs: bool, ct_entries: Option<u32>) -> Result<Self> {
         check_bpffs(allow_private_bpffs)?;
         std::fs::create_dir_all(pin_dir)
@@ -216,6 +219,9 @@ impl Datapath {
             match pinned_version {
                 Some(v) if v != *version => {
                     log::info!("map {name}: pinned with layout v{v}, this agent uses v{version}; migrating");
+                    migrated.push(*name);
+                }
+                Some(_) if *name == map_names::CT && ct_resize(pin, ct_entries).is_some() => {
                     migrated.push(*name);
                 }
                 _ => {
@@ -247,7 +253,14 @@ impl Datapath {
         }
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| DatapathError::Map { name: "nr_cpus", source: aya::maps::MapError::IoError(e) })?;
-        let mut dp = Self { ebpf, pin_dir: pin_dir.to_owned(), owned_links: Vec::new(), migrated, nr_cpus };
+        let mut dp = Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            owned_links: Vec::new(),
+            migrated,
+            ct_seen_at_copy: Default::default(),
+            nr_cpus,
+        };
         for name in dp.migrated.clone() {
             dp.migrate_entries(name, stored.get(name).copied().unwrap_or(1))?;
         }
@@ -277,6 +290,22 @@ impl Datapath {
                 }
                 log::info!("map {name}: migrated {} entries from layout v1", entries.len());
             }
+            // Same layout, another size (`conntrackEntries` changed): the flows move over.
+            (map_names::CT, v) if v == schema::layout(map_names::CT) => {
+                let capacity = match self.ebpf.map(name) {
+                    Some(Map::LruHashMap(data)) => data.info().map_err(map_err(name))?.max_entries(),
+                    _ => return Err(DatapathError::Missing(name)),
+                };
+                let (copied, dropped) = self.copy_flows(&pin, capacity)?;
+                if dropped > 0 {
+                    log::warn!(
+                        "map {name}: {dropped} of {} entries left out (the least recently used flows): \
+                         they do not fit {capacity} entries",
+                        copied + dropped,
+                    );
+                }
+                log::info!("map {name}: {copied} entries copied into the resized map");
+            }
             // The agent rewrites these at start (configuration, its own sockets); rebuilt.
             // (VPP_XSKS: VPP registers its socket again when it re-creates its interface.)
             (map_names::CONFIG | map_names::SLOWPATH_XSKS | map_names::VPP_XSKS, _) => {}
@@ -292,6 +321,14 @@ impl Datapath {
     pub fn finish_migration(&mut self) -> Result<()> {
         for name in std::mem::take(&mut self.migrated) {
             let pin = self.pin_dir.join(name);
+            if name == map_names::CT && std::fs::exists(&pin).unwrap_or(false) {
+                // Flows the old programs recorded after the first copy, until they were
+                // replaced (entries already copied are left as they are).
+                match self.copy_new_flows(&pin) {
+                    Ok(n) => log::info!("map {name}: {n} entries recorded during the switch copied"),
+                    Err(e) => log::warn!("map {name}: copying the entries recorded during the switch: {e}"),
+                }
+            }
             let _ = std::fs::remove_file(&pin);
             let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
             map.pin(&pin).map_err(|e| DatapathError::PinDir { path: pin.clone(), source: std::io::Error::other(e) })?;
@@ -648,6 +685,17 @@ impl Datapath {
     {
         self.ebpf.map(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(map_err(name))
     }
+}
+
+/// The pinned conntrack map's size and the configured one, when they differ (logged: the
+/// map is resized).
+fn ct_resize(pin: &Path, configured: Option<u32>) -> Option<(u32, u32)> {
+    let want = configured?;
+    let pinned = aya::maps::MapInfo::from_pin(pin).ok()?.max_entries();
+    (pinned != want).then(|| {
+        log::info!("map {}: pinned with {pinned} entries, configured for {want}; resizing", map_names::CT);
+        (pinned, want)
+    })
 }
 
 /// The layout versions recorded in a pinned SCHEMA map (empty if there is none).

@@ -429,6 +429,41 @@ pub fn expired_flows(entries: Vec<(CtKey, CtEntry)>, timeouts: &CtTimeouts, now_
     doomed.into_iter().collect()
 }
 
+/// The flows of a conntrack table that a table of `budget` entries keeps when it is
+/// resized: whole flows (both directions together), the most recently seen first. Returns
+/// them oldest first (the order to insert them in, so that anything a full LRU table
+/// still evicts is the oldest) and how many entries were left out.
+pub fn flows_that_fit(entries: Vec<(CtKey, CtEntry)>, budget: usize) -> (Vec<(CtKey, CtEntry)>, usize) {
+    let total = entries.len();
+    let entries: BTreeMap<CtKey, CtEntry> = entries.into_iter().collect();
+    let mut flows: Vec<(u64, Vec<(CtKey, CtEntry)>)> = vec![];
+    let mut seen = BTreeSet::new();
+    for (k, e) in &entries {
+        if !seen.insert(*k) {
+            continue;
+        }
+        let pk = ct_pair(k, e);
+        let mut flow = vec![(*k, *e)];
+        if let Some(p) = entries.get(&pk).filter(|_| seen.insert(pk)) {
+            flow.push((pk, *p));
+        }
+        let last = flow.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0);
+        flows.push((last, flow));
+    }
+    // Newest first, then keep whole flows while they fit.
+    flows.sort_by_key(|f| std::cmp::Reverse(f.0));
+    let mut kept = vec![];
+    for (_, flow) in flows {
+        if kept.len() + flow.len() > budget {
+            continue;
+        }
+        kept.extend(flow);
+    }
+    kept.reverse();
+    let dropped = total - kept.len();
+    (kept, dropped)
+}
+
 /// One conntrack sweep: removes flows idle past their timeout. On the table's own handle,
 /// so it holds no lock of the agent's while it reads a table of up to hundreds of
 /// thousands of entries.
@@ -483,6 +518,38 @@ mod tests {
         // Plain (policy) entries pair with the reversed tuple.
         let plain = CtEntry::default();
         assert_eq!(ct_pair(&fwd_k, &plain), key([10, 96, 0, 10], [10, 1, 1, 5], 80, 40000));
+    }
+
+    #[test]
+    fn a_resized_table_keeps_whole_flows_most_recent_first() {
+        let seen = |t: u64| CtEntry { last_seen_ns: t, ..Default::default() };
+        let (a, b) = ([10, 1, 1, 2], [10, 1, 1, 3]);
+        // Flow i: both directions, last seen at i (one direction older), and one entry
+        // whose other direction is gone.
+        let mut entries = vec![];
+        for i in 1..=5u16 {
+            entries.push((key(a, b, 1000 + i, 80), seen(u64::from(i))));
+            entries.push((key(b, a, 80, 1000 + i), seen(0)));
+        }
+        entries.push((key(a, b, 2000, 80), seen(9)));
+        let all = entries.len();
+        let (kept, dropped) = flows_that_fit(entries.clone(), 100);
+        assert_eq!((kept.len(), dropped), (all, 0), "everything fits");
+
+        // Room for 5 entries: the lone newest entry and the two newest flows.
+        let (kept, dropped) = flows_that_fit(entries, 5);
+        assert_eq!((kept.len(), dropped), (5, all - 5));
+        let ports: BTreeSet<u16> = kept.iter().map(|(k, _)| if k.sport == 80 { k.dport } else { k.sport }).collect();
+        assert_eq!(ports, BTreeSet::from([1004, 1005, 2000]));
+        for (k, e) in &kept {
+            if k.sport != 2000 {
+                assert!(kept.iter().any(|(p, _)| *p == ct_pair(k, e)), "both directions of {k:?}");
+            }
+        }
+        // Oldest first: what a full LRU table would still evict is the oldest.
+        let newest = |kept: &[(CtKey, CtEntry)], i: usize| kept[i].1.last_seen_ns;
+        assert_eq!(newest(&kept, kept.len() - 1), 9);
+        assert!(newest(&kept, 0) <= 4);
     }
 
     #[test]

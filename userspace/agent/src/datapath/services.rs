@@ -246,11 +246,54 @@ impl Datapath {
         ct_delete_in(self.ebpf.map_mut(map_names::CT).ok_or(DatapathError::Missing(map_names::CT))?, keys)
     }
 
+    /// Resizing: fills this agent's (not yet pinned) conntrack map from the one pinned at
+    /// `old_pin`, keeping the flows that fit `capacity` (see [`crate::proxy::flows_that_fit`]).
+    /// Returns the entries copied and those left out.
+    pub(super) fn copy_flows(&mut self, old_pin: &Path, capacity: u32) -> Result<(usize, usize)> {
+        let old = CtTable::open_at(old_pin)?;
+        // An LRU table's free entries sit partly in per-CPU lists: a table filled to the
+        // brim from one CPU can evict while another CPU's list still holds free entries.
+        let per_cpu_reserve = 128 * self.nr_cpus;
+        let capacity = capacity as usize;
+        let budget = capacity.saturating_sub(per_cpu_reserve).max(capacity / 2);
+        let entries = old.entries()?;
+        // The catch-up after the switch copies only what was recorded after this.
+        self.ct_seen_at_copy = entries.iter().map(|(k, _)| *k).collect();
+        let (keep, dropped) = crate::proxy::flows_that_fit(entries, budget);
+        let mut new: HashMap<&mut MapData, CtKey, CtEntry> = self.typed(map_names::CT)?;
+        for (k, e) in &keep {
+            new.insert(k, e, 0).map_err(map_err(map_names::CT))?;
+        }
+        Ok((keep.len(), dropped))
+    }
+
+    /// Resizing, once every program uses the new conntrack map: copies the entries the
+    /// old programs recorded in the map at `old_pin` after [`Self::copy_flows`] read it
+    /// (unless the new programs recorded the same key since). How many were copied.
+    pub(super) fn copy_new_flows(&mut self, old_pin: &Path) -> Result<usize> {
+        let old = CtTable::open_at(old_pin)?.entries()?;
+        let seen = std::mem::take(&mut self.ct_seen_at_copy);
+        let mut new: HashMap<&mut MapData, CtKey, CtEntry> = self.typed(map_names::CT)?;
+        let mut n = 0;
+        for (k, e) in old.iter().filter(|(k, _)| !seen.contains(k)) {
+            // An entry the new programs wrote since is newer: kept.
+            match new.insert(k, e, BPF_NOEXIST) {
+                Ok(()) => n += 1,
+                Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(map_err(map_names::CT)(e)),
+            }
+        }
+        Ok(n)
+    }
+
     /// Pins of the datapath's own that are not maps (for tests and inspection).
     pub fn link_pins(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.pin_dir.join("links")).into_iter().flatten().flatten().map(|e| e.path()).collect()
     }
 }
+
+/// `bpf_map_update_elem` flag: only create.
+const BPF_NOEXIST: u64 = 1;
 
 // === conntrack on a handle of its own ===
 
@@ -265,7 +308,12 @@ pub struct CtTable {
 impl CtTable {
     /// Opens `<pin_dir>/CT`.
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let data = MapData::from_pin(pin_dir.join(map_names::CT)).map_err(map_err(map_names::CT))?;
+        Self::open_at(&pin_dir.join(map_names::CT))
+    }
+
+    /// Opens the conntrack map pinned at `pin`.
+    fn open_at(pin: &Path) -> Result<Self> {
+        let data = MapData::from_pin(pin).map_err(map_err(map_names::CT))?;
         Ok(Self { map: Map::LruHashMap(data) })
     }
 
@@ -392,5 +440,98 @@ mod tests {
         assert!(left.iter().all(|(k, _)| !gone.contains(k)), "a deleted key is still there");
         // Deleting them again deletes nothing and is no error.
         assert_eq!(ct_delete_in(map, &doomed).unwrap(), 0);
+    }
+}
+
+/// `conntrackEntries` changed across an agent restart: the pinned table is resized through
+/// the real load path, keeping its flows (root only; pins in a directory of its own).
+#[cfg(test)]
+mod resize {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn flow(i: u32) -> [(CtKey, CtEntry); 2] {
+        let b = i.to_be_bytes();
+        let (c, s) = ([10, 1, b[2], b[3]], [10, 2, b[2], b[3]]);
+        let seen = CtEntry { last_seen_ns: 1_000 + u64::from(i), ..Default::default() };
+        [
+            (CtKey { src: c, dst: s, sport: 40_000, dport: 80, proto: 6, _pad: [0; 3] }, seen),
+            (CtKey { src: s, dst: c, sport: 80, dport: 40_000, proto: 6, _pad: [0; 3] }, seen),
+        ]
+    }
+
+    fn pinned(dir: &Path) -> (u32, u32, BTreeSet<CtKey>) {
+        let pin = dir.join(map_names::CT);
+        let info = aya::maps::MapInfo::from_pin(&pin).unwrap();
+        let keys = CtTable::open(dir).unwrap().entries().unwrap().into_iter().map(|(k, _)| k).collect();
+        (info.id(), info.max_entries(), keys)
+    }
+
+    fn put(dir: &Path, entries: impl IntoIterator<Item = (CtKey, CtEntry)>) {
+        let data = MapData::from_pin(dir.join(map_names::CT)).unwrap();
+        let mut map = Map::LruHashMap(data);
+        let mut typed: HashMap<&mut MapData, CtKey, CtEntry> = (&mut map).try_into().unwrap();
+        for (k, e) in entries {
+            typed.insert(k, e, 0).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_changed_conntrack_size_resizes_the_pinned_table_and_keeps_its_flows() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the datapath needs root");
+            return;
+        }
+        let dir = PinDir(PathBuf::from(format!("/sys/fs/bpf/contiv-test-ct-resize-{}", std::process::id())));
+        let load = |entries: u32| Datapath::load_with(&dir.0, true, Some(entries)).expect("loading the datapath");
+
+        // Created at 2048 entries; 100 flows recorded.
+        let mut dp = load(2048);
+        dp.finish_migration().unwrap();
+        drop(dp);
+        put(&dir.0, (0..100).flat_map(flow));
+        let (id, size, keys) = pinned(&dir.0);
+        assert_eq!((size, keys.len()), (2048, 200));
+
+        // Restarted with 4096: until the switch the old table is pinned and the old programs
+        // still record flows in it; afterwards the pin holds the new size and every flow.
+        let mut dp = load(4096);
+        assert_eq!(pinned(&dir.0).0, id, "the old table stays pinned until every program switched");
+        put(&dir.0, flow(100));
+        dp.finish_migration().unwrap();
+        let (new_id, size, keys) = pinned(&dir.0);
+        assert_ne!(new_id, id);
+        assert_eq!(size, 4096);
+        let want: BTreeSet<CtKey> = (0..=100).flat_map(flow).map(|(k, _)| k).collect();
+        assert_eq!(keys, want, "every flow, also the one recorded during the switch");
+        drop(dp);
+
+        // The same size again: the table is reused as it is.
+        let mut dp = load(4096);
+        dp.finish_migration().unwrap();
+        assert_eq!(pinned(&dir.0).0, new_id, "an unchanged size keeps the pinned table");
+        drop(dp);
+
+        // Shrunk below its flows: whole flows, the most recently seen, fill what fits
+        // (less a reserve for the LRU's per-CPU free lists), and nothing is evicted.
+        put(&dir.0, (101..2000).flat_map(flow));
+        let mut dp = load(1024);
+        dp.finish_migration().unwrap();
+        let (_, size, keys) = pinned(&dir.0);
+        assert_eq!(size, 1024);
+        let budget = (1024usize.saturating_sub(128 * dp.nr_cpus).max(512)) / 2 * 2;
+        assert_eq!(keys.len(), budget, "as many entries as the budget holds");
+        let newest: BTreeSet<CtKey> = (2000 - budget as u32 / 2..2000).flat_map(flow).map(|(k, _)| k).collect();
+        assert_eq!(keys, newest, "the most recently seen flows, both directions of each");
     }
 }

@@ -668,6 +668,29 @@ spec:
         assert!(c.ping().unwrap().starts_with(server.as_str()), "after the sweep");
     }
 
+    // An active flow is refreshed by its packets (the datapath stamps it every few ticks):
+    // a UDP client asking twice a second for longer than its timeout plus a sweep keeps its
+    // entries; no sweep removes them.
+    let swept =
+        |b: &ClusterBox| b.status_json("node-1", "/services").unwrap()["conntrackExpiredTotal"].as_u64().unwrap();
+    let swept_before = swept(&b);
+    let active = enter(&c1.netns, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.connect(sa("10.96.0.10", 53)).unwrap();
+        s
+    });
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        active.send(b"q").unwrap();
+        let mut buf = [0u8; 128];
+        active.recv(&mut buf).expect("an answer on the active UDP flow");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(conntrack(&b).0, 2, "the active UDP flow is tracked");
+    assert_eq!(swept(&b), swept_before, "a sweep removed entries of the active flow");
+    drop(active);
+
     // A UDP client that keeps its source port follows the change of backend within seconds.
     let udp = enter(&c1.netns, || {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();

@@ -523,7 +523,7 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
-    /// CLOCK_MONOTONIC ns of the last packet (refreshed at most every second).
+    /// CLOCK_MONOTONIC ns of the last packet (refreshed at most every [`CT_TOUCH_TICKS`]).
     pub last_seen_ns: u64,
     /// Destination rewrite ([`ct_flags::DNAT`]) or source rewrite ([`ct_flags::REV_DNAT`]).
     pub nat_ip: [u8; 4],
@@ -538,8 +538,15 @@ pub struct CtEntry {
     pub tcp_flags: u8,
     pub _pad: u8,
     pub svc_id: u32,
-    pub _pad2: u32,
+    /// Low 32 bits of jiffies when `last_seen_ns` was last refreshed: the datapath reads
+    /// the clock for a flow only once this is [`CT_TOUCH_TICKS`] old (0 from an agent
+    /// older than this field: the next packet refreshes).
+    pub touched: u32,
 }
+
+/// Ticks between two refreshes of a flow's [`CtEntry::last_seen_ns`] (0.128 s at HZ=1000,
+/// 1.28 s at HZ=100): idle times are compared in seconds.
+pub const CT_TOUCH_TICKS: u32 = 128;
 
 /// Bits of [`CtEntry::flags`].
 pub mod ct_flags {

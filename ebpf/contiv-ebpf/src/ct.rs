@@ -4,14 +4,10 @@
 //! recognised and un-NAT'ed with one lookup and no service lookup. The agent expires
 //! entries by protocol and state (`last_seen_ns`, `tcp_flags`).
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use contiv_common::{CtEntry, CtKey};
+use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use contiv_common::{CT_TOUCH_TICKS, CtEntry, CtKey};
 
 use crate::{maps::CT, trace::Trace};
-
-/// Refresh `last_seen_ns` at most this often (a write per packet would bounce the line
-/// between CPUs).
-const TOUCH_NS: u64 = 1_000_000_000;
 
 /// CLOCK_MONOTONIC at the last tick (a few milliseconds behind at most), for conntrack and
 /// affinity times, which the agent compares in seconds. The precise clock reads the clock
@@ -20,6 +16,14 @@ const TOUCH_NS: u64 = 1_000_000_000;
 pub fn now() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The tick counter's low bits: the verifier inlines this helper into one load, so a
+/// packet reads it instead of calling for the clock.
+#[inline(always)]
+pub fn ticks() -> u32 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_jiffies64() as u32 }
 }
 
 #[inline(always)]
@@ -36,10 +40,13 @@ pub fn lookup(k: &CtKey, tcp_flags: u8, trace: Trace) -> Option<CtEntry> {
     if trace.on() {
         return Some(*entry);
     }
-    let t = now();
+    // Refreshed every CT_TOUCH_TICKS and on new TCP flags only: a write per packet would
+    // bounce the line between CPUs, and a clock read per packet costs a helper call.
+    let j = ticks();
     let new_flags = entry.tcp_flags | tcp_flags;
-    if t.wrapping_sub(entry.last_seen_ns) > TOUCH_NS || new_flags != entry.tcp_flags {
-        entry.last_seen_ns = t;
+    if j.wrapping_sub(entry.touched) >= CT_TOUCH_TICKS || new_flags != entry.tcp_flags {
+        entry.last_seen_ns = now();
+        entry.touched = j;
         entry.tcp_flags = new_flags;
     }
     Some(*entry)

@@ -204,8 +204,8 @@ pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, trace: Tr
         Transport::Echo { id } => (IPPROTO_ICMP, id, id),
         _ => return false,
     };
-    let now = ct::now();
-    let fwd = CtEntry { last_seen_ns: now, tcp_flags, ..CtEntry::default() };
-    let rev = CtEntry { last_seen_ns: now, ..CtEntry::default() };
+    let (now, touched) = (ct::now(), ct::ticks());
+    let fwd = CtEntry { last_seen_ns: now, tcp_flags, touched, ..CtEntry::default() };
+    let rev = CtEntry { last_seen_ns: now, touched, ..CtEntry::default() };
     ct::create(&ct::key(src, dst, sport, dport, proto), &fwd, &ct::key(dst, src, dport, sport, proto), &rev, trace)
 }

@@ -220,7 +220,7 @@ pub fn process(
         tcp_flags: l4.tcp_flags,
         _pad: 0,
         svc_id: fe.svc_id,
-        _pad2: 0,
+        touched: ct::ticks(),
     };
     let rev_key = ct::key(b.ip, snat_ip, b.port, snat_port, l4.proto);
     let rev = CtEntry {
@@ -233,7 +233,7 @@ pub fn process(
         tcp_flags: 0,
         _pad: 0,
         svc_id: fe.svc_id,
-        _pad2: 0,
+        touched: ct::ticks(),
     };
     match apply(ctx, &fwd, src, dst, l4) {
         Some((to, _)) => {

@@ -101,6 +101,8 @@ pub struct Agent {
     skipped_logged: std::sync::Mutex<std::collections::BTreeSet<String>>,
     last_apply: std::sync::Mutex<Option<crate::proxy::ApplyStats>>,
     last_gc: std::sync::Mutex<Option<crate::proxy::GcStats>>,
+    /// Conntrack entries the sweeps removed since the agent started.
+    ct_expired_total: std::sync::atomic::AtomicU64,
     /// The datapath event stream's clients and counters (`GET /monitor`).
     monitor: Arc<crate::monitor::Monitor>,
     /// Writes RPS settings of pods' host ends (`podRps`); None if unavailable (logged).
@@ -480,6 +482,7 @@ impl Agent {
             skipped_logged: Default::default(),
             last_apply: Default::default(),
             last_gc: Default::default(),
+            ct_expired_total: Default::default(),
             monitor,
             rps,
         });

@@ -6,7 +6,7 @@
 //! - per service port (`namespace`, `service`, `port`, `protocol`):
 //!   `contiv_service_connections_total` (connections and flows given a backend),
 //!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`,
-//!   `contiv_service_backends` (gauge, the Cluster set); `contiv_conntrack_entries`;
+//!   `contiv_service_backends` (gauge, the Cluster set); `contiv_conntrack_entries`; `contiv_conntrack_expired_total`;
 //! - slow-path verdicts by reason: `contiv_slowpath_verdicts_total{verdict, reason}`
 //!   (`reply`: arp, icmp_echo; `drop`: every `DropReason`), the AF_XDP port's counters and
 //!   the slow-path port programs' counters;
@@ -302,6 +302,13 @@ impl Collector for Snapshot {
                 "Entries in the conntrack map (one per direction of a flow)",
                 None,
                 ct.metric_type(),
+            )?)?;
+            let expired = ConstCounter::new(svc.conntrack_expired_total);
+            expired.encode(encoder.encode_descriptor(
+                "contiv_conntrack_expired",
+                "Conntrack entries removed by the agent's sweeps, idle past their timeout",
+                None,
+                expired.metric_type(),
             )?)?;
         }
         if let Some(p) = &self.slowpath.programs {

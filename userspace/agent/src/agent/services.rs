@@ -65,6 +65,8 @@ pub struct ServicesReport {
     pub socket_programs: Vec<String>,
     pub last_apply: Option<ApplyStats>,
     pub last_gc: Option<GcStats>,
+    /// Entries the sweeps removed since the agent started.
+    pub conntrack_expired_total: u64,
 }
 
 fn flag_names(flags: u32) -> (&'static str, Vec<&'static str>) {
@@ -229,6 +231,7 @@ impl Agent {
                     );
                 }
                 *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+                self.ct_expired_total.fetch_add(stats.expired as u64, std::sync::atomic::Ordering::Relaxed);
                 Some(stats)
             }
             Err(e) => {
@@ -246,6 +249,7 @@ impl Agent {
             conntrack_max: self.config.services.conntrack_entries,
             last_apply: *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()),
             last_gc: *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()),
+            conntrack_expired_total: self.ct_expired_total.load(std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
         };
         // The conntrack fill first, on the table's own handle: a full table is a large read,

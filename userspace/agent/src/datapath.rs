@@ -188,8 +188,8 @@ pub struct Datapath {
     owned_links: Vec<FdLink>,
     /// Maps created beside an older-layout pinned map; pinned by `finish_migration`.
     migrated: Vec<&'static str>,
-    /// Resizing the conntrack map: the keys the first copy read from the old one.
-    ct_seen_at_copy: std::collections::HashSet<contiv_common::CtKey>,
+    /// Resizing the conntrack map: when the first copy read the old one (CLOCK_MONOTONIC ns).
+    ct_copied_at_ns: u64,
     nr_cpus: usize,
 }
 
@@ -221,7 +221,7 @@ impl Datapath {
                     log::info!("map {name}: pinned with layout v{v}, this agent uses v{version}; migrating");
                     migrated.push(*name);
                 }
-                Some(_) if *name == map_names::CT && ct_resize(pin, ct_entries).is_some() => {
+                Some(_) if *name == map_names::CT && ct_needs_resize(pin, ct_entries) => {
                     migrated.push(*name);
                 }
                 _ => {
@@ -253,14 +253,8 @@ impl Datapath {
         }
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| DatapathError::Map { name: "nr_cpus", source: aya::maps::MapError::IoError(e) })?;
-        let mut dp = Self {
-            ebpf,
-            pin_dir: pin_dir.to_owned(),
-            owned_links: Vec::new(),
-            migrated,
-            ct_seen_at_copy: Default::default(),
-            nr_cpus,
-        };
+        let mut dp =
+            Self { ebpf, pin_dir: pin_dir.to_owned(), owned_links: Vec::new(), migrated, ct_copied_at_ns: 0, nr_cpus };
         for name in dp.migrated.clone() {
             dp.migrate_entries(name, stored.get(name).copied().unwrap_or(1))?;
         }
@@ -687,15 +681,17 @@ impl Datapath {
     }
 }
 
-/// The pinned conntrack map's size and the configured one, when they differ (logged: the
-/// map is resized).
-fn ct_resize(pin: &Path, configured: Option<u32>) -> Option<(u32, u32)> {
-    let want = configured?;
-    let pinned = aya::maps::MapInfo::from_pin(pin).ok()?.max_entries();
-    (pinned != want).then(|| {
+/// Whether the conntrack map pinned at `pin` has another size than the configured one
+/// (logged: it is resized).
+fn ct_needs_resize(pin: &Path, configured: Option<u32>) -> bool {
+    let (Some(want), Ok(info)) = (configured, aya::maps::MapInfo::from_pin(pin)) else {
+        return false;
+    };
+    let pinned = info.max_entries();
+    if pinned != want {
         log::info!("map {}: pinned with {pinned} entries, configured for {want}; resizing", map_names::CT);
-        (pinned, want)
-    })
+    }
+    pinned != want
 }
 
 /// The layout versions recorded in a pinned SCHEMA map (empty if there is none).

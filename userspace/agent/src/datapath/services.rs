@@ -256,10 +256,9 @@ impl Datapath {
         let per_cpu_reserve = 128 * self.nr_cpus;
         let capacity = capacity as usize;
         let budget = capacity.saturating_sub(per_cpu_reserve).max(capacity / 2);
-        let entries = old.entries()?;
-        // The catch-up after the switch copies only what was recorded after this.
-        self.ct_seen_at_copy = entries.iter().map(|(k, _)| *k).collect();
-        let (keep, dropped) = crate::proxy::flows_that_fit(entries, budget);
+        // The catch-up after the switch copies only what was stamped after this.
+        self.ct_copied_at_ns = crate::proxy::monotonic_ns();
+        let (keep, dropped) = crate::proxy::flows_that_fit(old.entries()?, budget);
         let mut new: HashMap<&mut MapData, CtKey, CtEntry> = self.typed(map_names::CT)?;
         for (k, e) in &keep {
             new.insert(k, e, 0).map_err(map_err(map_names::CT))?;
@@ -268,15 +267,17 @@ impl Datapath {
     }
 
     /// Resizing, once every program uses the new conntrack map: copies the entries the
-    /// old programs recorded in the map at `old_pin` after [`Self::copy_flows`] read it
-    /// (unless the new programs recorded the same key since). How many were copied.
+    /// old programs stamped in the map at `old_pin` since [`Self::copy_flows`] read it
+    /// (new flows, and old ones the first copy left out that turned out live), unless the
+    /// new map holds the key already. How many were copied.
     pub(super) fn copy_new_flows(&mut self, old_pin: &Path) -> Result<usize> {
+        // The datapath's clock is the coarse one, up to a tick behind.
+        let since = self.ct_copied_at_ns.saturating_sub(COARSE_CLOCK_SLACK_NS);
         let old = CtTable::open_at(old_pin)?.entries()?;
-        let seen = std::mem::take(&mut self.ct_seen_at_copy);
         let mut new: HashMap<&mut MapData, CtKey, CtEntry> = self.typed(map_names::CT)?;
         let mut n = 0;
-        for (k, e) in old.iter().filter(|(k, _)| !seen.contains(k)) {
-            // An entry the new programs wrote since is newer: kept.
+        for (k, e) in old.iter().filter(|(_, e)| e.last_seen_ns >= since) {
+            // Copied already, or written by the new programs since (newer): kept.
             match new.insert(k, e, BPF_NOEXIST) {
                 Ok(()) => n += 1,
                 Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -294,6 +295,10 @@ impl Datapath {
 
 /// `bpf_map_update_elem` flag: only create.
 const BPF_NOEXIST: u64 = 1;
+
+/// More than a tick at any HZ: how far the datapath's conntrack stamps may lag
+/// CLOCK_MONOTONIC.
+const COARSE_CLOCK_SLACK_NS: u64 = 50_000_000;
 
 // === conntrack on a handle of its own ===
 
@@ -507,7 +512,9 @@ mod resize {
         // still record flows in it; afterwards the pin holds the new size and every flow.
         let mut dp = load(4096);
         assert_eq!(pinned(&dir.0).0, id, "the old table stays pinned until every program switched");
-        put(&dir.0, flow(100));
+        // Stamped now, as the datapath stamps it.
+        let now = crate::proxy::monotonic_ns();
+        put(&dir.0, flow(100).map(|(k, e)| (k, CtEntry { last_seen_ns: now, ..e })));
         dp.finish_migration().unwrap();
         let (new_id, size, keys) = pinned(&dir.0);
         assert_ne!(new_id, id);
@@ -531,7 +538,9 @@ mod resize {
         assert_eq!(size, 1024);
         let budget = (1024usize.saturating_sub(128 * dp.nr_cpus).max(512)) / 2 * 2;
         assert_eq!(keys.len(), budget, "as many entries as the budget holds");
-        let newest: BTreeSet<CtKey> = (2000 - budget as u32 / 2..2000).flat_map(flow).map(|(k, _)| k).collect();
+        // Flow 100, stamped during the switch above, is the most recent of all.
+        let newest: BTreeSet<CtKey> =
+            (2001 - budget as u32 / 2..2000).chain([100]).flat_map(flow).map(|(k, _)| k).collect();
         assert_eq!(keys, newest, "the most recently seen flows, both directions of each");
     }
 }

@@ -210,6 +210,7 @@ pub fn process(
     if origin == Origin::Uplink {
         rflags |= ct_flags::FROM_UPLINK;
     }
+    let touched = ct::ticks();
     let fwd = CtEntry {
         last_seen_ns: now,
         nat_ip: b.ip,
@@ -220,7 +221,7 @@ pub fn process(
         tcp_flags: l4.tcp_flags,
         _pad: 0,
         svc_id: fe.svc_id,
-        touched: ct::ticks(),
+        touched,
     };
     let rev_key = ct::key(b.ip, snat_ip, b.port, snat_port, l4.proto);
     let rev = CtEntry {
@@ -233,7 +234,7 @@ pub fn process(
         tcp_flags: 0,
         _pad: 0,
         svc_id: fe.svc_id,
-        touched: ct::ticks(),
+        touched,
     };
     match apply(ctx, &fwd, src, dst, l4) {
         Some((to, _)) => {

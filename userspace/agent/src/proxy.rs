@@ -405,28 +405,57 @@ fn flush_backends(dp: &mut Datapath, backends: &BTreeSet<(Ipv4Addr, u16, u8)>) -
     Ok(n)
 }
 
+/// One flow of a conntrack snapshot: an entry and, when the table holds it, its other
+/// direction's.
+#[derive(Clone, Copy)]
+struct Flow {
+    key: CtKey,
+    entry: CtEntry,
+    pair: Option<(CtKey, CtEntry)>,
+}
+
+impl Flow {
+    /// When either direction last saw a packet.
+    fn last_seen_ns(&self) -> u64 {
+        self.entry.last_seen_ns.max(self.pair.map_or(0, |(_, p)| p.last_seen_ns))
+    }
+
+    fn entries(self) -> impl Iterator<Item = (CtKey, CtEntry)> {
+        std::iter::once((self.key, self.entry)).chain(self.pair)
+    }
+}
+
+/// A snapshot grouped into flows: every entry in exactly one, led by the first of its
+/// pair in key order.
+fn flows_of(entries: Vec<(CtKey, CtEntry)>) -> Vec<Flow> {
+    let entries: BTreeMap<CtKey, CtEntry> = entries.into_iter().collect();
+    let mut seen = BTreeSet::new();
+    let mut flows = vec![];
+    for (k, e) in &entries {
+        if !seen.insert(*k) {
+            continue;
+        }
+        let pk = ct_pair(k, e);
+        let pair = entries.get(&pk).filter(|_| seen.insert(pk)).map(|p| (pk, *p));
+        flows.push(Flow { key: *k, entry: *e, pair });
+    }
+    flows
+}
+
 /// The keys of every flow idle past its timeout (both directions together), from a
 /// snapshot of the table. `now_ns`: CLOCK_MONOTONIC, the clock the datapath stamps entries
 /// with.
 pub fn expired_flows(entries: Vec<(CtKey, CtEntry)>, timeouts: &CtTimeouts, now_ns: u64) -> Vec<CtKey> {
-    let entries: BTreeMap<CtKey, CtEntry> = entries.into_iter().collect();
-    let mut doomed = BTreeSet::new();
-    for (k, e) in &entries {
-        if doomed.contains(k) {
-            continue;
-        }
-        let pk = ct_pair(k, e);
-        let pair = entries.get(&pk);
-        let last = e.last_seen_ns.max(pair.map_or(0, |p| p.last_seen_ns));
-        let idle = Duration::from_nanos(now_ns.saturating_sub(last));
-        if idle > ct_timeout(k, e, pair, timeouts) {
-            doomed.insert(*k);
-            if pair.is_some() {
-                doomed.insert(pk);
-            }
-        }
-    }
-    doomed.into_iter().collect()
+    let mut doomed: Vec<CtKey> = flows_of(entries)
+        .into_iter()
+        .filter(|f| {
+            let idle = Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns()));
+            idle > ct_timeout(&f.key, &f.entry, f.pair.as_ref().map(|(_, p)| p), timeouts)
+        })
+        .flat_map(|f| f.entries().map(|(k, _)| k))
+        .collect();
+    doomed.sort();
+    doomed
 }
 
 /// The flows of a conntrack table that a table of `budget` entries keeps when it is
@@ -435,29 +464,15 @@ pub fn expired_flows(entries: Vec<(CtKey, CtEntry)>, timeouts: &CtTimeouts, now_
 /// still evicts is the oldest) and how many entries were left out.
 pub fn flows_that_fit(entries: Vec<(CtKey, CtEntry)>, budget: usize) -> (Vec<(CtKey, CtEntry)>, usize) {
     let total = entries.len();
-    let entries: BTreeMap<CtKey, CtEntry> = entries.into_iter().collect();
-    let mut flows: Vec<(u64, Vec<(CtKey, CtEntry)>)> = vec![];
-    let mut seen = BTreeSet::new();
-    for (k, e) in &entries {
-        if !seen.insert(*k) {
-            continue;
-        }
-        let pk = ct_pair(k, e);
-        let mut flow = vec![(*k, *e)];
-        if let Some(p) = entries.get(&pk).filter(|_| seen.insert(pk)) {
-            flow.push((pk, *p));
-        }
-        let last = flow.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0);
-        flows.push((last, flow));
-    }
+    let mut flows = flows_of(entries);
     // Newest first, then keep whole flows while they fit.
-    flows.sort_by_key(|f| std::cmp::Reverse(f.0));
+    flows.sort_by_key(|f| std::cmp::Reverse(f.last_seen_ns()));
     let mut kept = vec![];
-    for (_, flow) in flows {
-        if kept.len() + flow.len() > budget {
-            continue;
+    for flow in flows {
+        let n = if flow.pair.is_some() { 2 } else { 1 };
+        if kept.len() + n <= budget {
+            kept.extend(flow.entries());
         }
-        kept.extend(flow);
     }
     kept.reverse();
     let dropped = total - kept.len();

@@ -21,7 +21,7 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use contiv_common::{
-    CtEntry, CtKey, MAX_POLICY_PORT_RANGES, PolicyKey, PolicyPorts, policy_ports, trace_policy, trace_step,
+    CtEntry, CtKey, MAX_POLICY_PORT_RANGES, PolicyKey, PolicyPorts, ct_flags, policy_ports, trace_policy, trace_step,
 };
 
 use crate::{
@@ -199,6 +199,18 @@ pub fn check(isolated: bool, pod: [u8; 4], direction: u8, peer: [u8; 4], t: &Tra
 /// refused (the packet goes on; its next packet is checked again).
 #[inline(always)]
 pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, trace: Trace) -> bool {
+    track_with(src, dst, t, tcp_flags, 0, trace)
+}
+
+/// [`track`] for a flow the node's stack delivered to a pod (`tc_to_pod`): its replies go
+/// back through that stack ([`ct_flags::VIA_HOST`]).
+#[inline(always)]
+pub fn track_via_host(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) -> bool {
+    track_with(src, dst, t, tcp_flags, ct_flags::VIA_HOST, Trace::OFF)
+}
+
+#[inline(always)]
+fn track_with(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, rev_flags: u16, trace: Trace) -> bool {
     let (proto, sport, dport) = match *t {
         Transport::Ports { proto, sport, dport } => (proto, sport, dport),
         Transport::Echo { id } => (IPPROTO_ICMP, id, id),
@@ -206,6 +218,6 @@ pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, trace: Tr
     };
     let (now, touched) = (ct::now(), ct::ticks());
     let fwd = CtEntry { last_seen_ns: now, tcp_flags, touched, ..CtEntry::default() };
-    let rev = CtEntry { last_seen_ns: now, touched, ..CtEntry::default() };
+    let rev = CtEntry { last_seen_ns: now, touched, flags: rev_flags, ..CtEntry::default() };
     ct::create(&ct::key(src, dst, sport, dport, proto), &fwd, &ct::key(dst, src, dport, sport, proto), &rev, trace)
 }

@@ -53,7 +53,9 @@ pub struct Outcome {
     pub rewritten: u8,
     /// TRACKED: a reply to a client outside (it leaves by the uplink).
     pub to_uplink: u8,
-    pub _pad: u8,
+    /// TRACKED: a reply in a flow the node's stack delivered to the pod (it goes back
+    /// through that stack, which may have translated the flow).
+    pub to_host: u8,
     pub dst: [u8; 4],
 }
 
@@ -79,7 +81,7 @@ pub mod outcome {
 impl Outcome {
     #[inline(always)]
     const fn of(kind: u8) -> Self {
-        Self { kind, rewritten: 0, to_uplink: 0, _pad: 0, dst: [0; 4] }
+        Self { kind, rewritten: 0, to_uplink: 0, to_host: 0, dst: [0; 4] }
     }
 
     pub const UNTOUCHED: Self = Self::of(outcome::UNTOUCHED);
@@ -113,11 +115,11 @@ pub fn process(
     if let Some(e) = ct::lookup(&k, l4.tcp_flags, trace) {
         trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
         return match apply(ctx, &e, src, dst, l4) {
-            Some((to, to_uplink)) => Outcome {
+            Some(to) => Outcome {
                 kind: outcome::TRACKED,
-                rewritten: u8::from(e.flags != 0),
-                to_uplink: u8::from(to_uplink),
-                _pad: 0,
+                rewritten: u8::from(e.flags & ct_flags::NAT != 0),
+                to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
+                to_host: u8::from(e.flags & ct_flags::VIA_HOST != 0),
                 dst: to,
             },
             None => Outcome::DROP,
@@ -237,9 +239,9 @@ pub fn process(
         touched,
     };
     match apply(ctx, &fwd, src, dst, l4) {
-        Some((to, _)) => {
+        Some(to) => {
             flow.write(NewFlow { fwd_key: k, fwd, rev_key, rev });
-            Outcome { kind: outcome::NEW, rewritten: 1, to_uplink: 0, _pad: 0, dst: to }
+            Outcome { kind: outcome::NEW, rewritten: 1, to_uplink: 0, to_host: 0, dst: to }
         }
         None => Outcome::DROP,
     }
@@ -258,10 +260,10 @@ pub fn commit(flow: &NewFlow, trace: Trace) -> bool {
     true
 }
 
-/// Rewrites a packet as its conntrack entry says: the destination it goes to now, and
-/// whether it is a reply to a client outside. `None` if a rewrite failed (drop it).
+/// Rewrites a packet as its conntrack entry says: the destination it goes to now. `None`
+/// if a rewrite failed (drop it).
 #[inline(always)]
-fn apply(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4) -> Option<([u8; 4], bool)> {
+fn apply(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4) -> Option<[u8; 4]> {
     let mut new_dst = dst;
     if e.flags & ct_flags::DNAT != 0 {
         if !nat::rewrite(ctx, l4, End::Dst, dst, e.nat_ip, l4.dport, e.nat_port) {
@@ -283,5 +285,5 @@ fn apply(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4) -> O
             new_dst = e.nat2_ip;
         }
     }
-    Some((new_dst, e.flags & ct_flags::FROM_UPLINK != 0))
+    Some(new_dst)
 }

@@ -175,9 +175,24 @@ pub fn check_bpffs(allow_private: bool) -> Result<()> {
         .map_err(|e| DatapathError::PinDir { path: root.into(), source: e.into() })
 }
 
-/// The pinned links of one pod.
+/// The pinned `tc_from_pod` link of one pod.
 fn pod_link_pin(pin_dir: &Path, host_ifname: &str) -> PathBuf {
     pin_dir.join("links").join(host_ifname)
+}
+
+/// The pinned `tc_to_pod` link of one pod.
+fn pod_egress_link_pin(pin_dir: &Path, host_ifname: &str) -> PathBuf {
+    pin_dir.join("links").join(POD_EGRESS_LINKS).join(host_ifname)
+}
+
+/// The folder of `<pin_dir>/links` with the pods' `tc_to_pod` links.
+pub const POD_EGRESS_LINKS: &str = "to_pod";
+
+/// A program to attach to a new pod interface on its own (see [`crate::tcx`]).
+pub struct PodAttachTarget {
+    pub prog: aya::programs::ProgramFd,
+    pub egress: bool,
+    pub pin: PathBuf,
 }
 
 /// The loaded datapath.
@@ -232,6 +247,7 @@ impl Datapath {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [
             program_names::FROM_POD,
+            program_names::TO_POD,
             program_names::FROM_VSWITCH,
             program_names::FROM_OVERLAY,
             program_names::TO_OVERLAY,
@@ -337,19 +353,23 @@ impl Datapath {
 
     // === programs ===
 
-    /// Attaches `tc_from_pod` to the ingress of a pod's host veth (tcx). The link is
-    /// pinned under `<pin_dir>/links/`, so it outlives the agent: pods keep forwarding
-    /// while the agent restarts or is upgraded. A link a previous agent left is replaced
-    /// make-before-break: the new program goes first, then the old link is released.
+    /// Attaches `tc_from_pod` to the ingress of a pod's host veth and `tc_to_pod` to its
+    /// egress (tcx). The links are pinned under `<pin_dir>/links/`, so they outlive the
+    /// agent: pods keep forwarding while the agent restarts or is upgraded. A link a
+    /// previous agent left is replaced make-before-break: the new program goes first, then
+    /// the old link is released.
     pub fn attach_pod(&mut self, host_ifname: &str) -> Result<()> {
         let pin = pod_link_pin(&self.pin_dir, host_ifname);
-        self.replace_pinned_tcx(program_names::FROM_POD, host_ifname, TcAttachType::Ingress, &pin)
+        self.replace_pinned_tcx(program_names::FROM_POD, host_ifname, TcAttachType::Ingress, &pin)?;
+        let pin = pod_egress_link_pin(&self.pin_dir, host_ifname);
+        self.replace_pinned_tcx(program_names::TO_POD, host_ifname, TcAttachType::Egress, &pin)
     }
 
-    /// Forgets the pinned link of a pod interface (the kernel detached it when the
-    /// interface was deleted; this removes the pin).
+    /// Forgets the pinned links of a pod interface (the kernel detached them when the
+    /// interface was deleted; this removes the pins).
     pub fn forget_pod_link(&self, host_ifname: &str) {
         let _ = std::fs::remove_file(pod_link_pin(&self.pin_dir, host_ifname));
+        let _ = std::fs::remove_file(pod_egress_link_pin(&self.pin_dir, host_ifname));
     }
 
     /// Attaches the overlay device's programs (pinned, replaced make-before-break).
@@ -379,14 +399,20 @@ impl Datapath {
         Ok(())
     }
 
-    /// What an ADD needs to attach `tc_from_pod` to a new pod interface on its own (see
-    /// [`crate::tcx`]): a new fd of the loaded program, and where the link is pinned.
-    pub fn pod_attach_target(&self, host_ifname: &str) -> Result<(aya::programs::ProgramFd, PathBuf)> {
-        let name = program_names::FROM_POD;
-        let prog: &SchedClassifier =
-            self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
-        let fd = prog.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?;
-        Ok((fd, pod_link_pin(&self.pin_dir, host_ifname)))
+    /// What an ADD needs to attach `tc_from_pod` and `tc_to_pod` to a new pod interface on
+    /// its own (see [`crate::tcx`]): new fds of the loaded programs, and where the links
+    /// are pinned.
+    pub fn pod_attach_targets(&self, host_ifname: &str) -> Result<[PodAttachTarget; 2]> {
+        let target = |name: &'static str, egress: bool, pin: PathBuf| -> Result<PodAttachTarget> {
+            let prog: &SchedClassifier =
+                self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+            let prog = prog.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?;
+            Ok(PodAttachTarget { prog, egress, pin })
+        };
+        Ok([
+            target(program_names::FROM_POD, false, pod_link_pin(&self.pin_dir, host_ifname))?,
+            target(program_names::TO_POD, true, pod_egress_link_pin(&self.pin_dir, host_ifname))?,
+        ])
     }
 
     fn attach_tcx(&mut self, name: &'static str, ifname: &str, dir: TcAttachType, pin: Option<&Path>) -> Result<()> {

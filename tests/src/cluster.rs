@@ -125,7 +125,32 @@ pub struct BoxPod {
     pub container_id: String,
     pub ip: Ipv4Addr,
     pub labels: BTreeMap<String, String>,
+    /// hostPorts mapped by the `portmap` plugin after `contiv-cni` (see
+    /// [`ClusterBox::add_pod_with_host_ports`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<HostPort>,
 }
+
+/// A pod's hostPort, as a runtime hands it to the plugins of its network config list that
+/// declare the `portMappings` capability (`runtimeConfig.portMappings`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPort {
+    pub host_port: u16,
+    pub container_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+impl HostPort {
+    pub fn new(host_port: u16, container_port: u16, protocol: &str) -> Self {
+        Self { host_port, container_port, protocol: protocol.into() }
+    }
+}
+
+/// Debian's `portmap` plugin (package containernetworking-plugins), which deploy/'s network
+/// config list chains after contiv-cni.
+pub const PORTMAP_PLUGIN: &str = "/usr/lib/cni/portmap";
 
 impl BoxPod {
     /// `namespace/name`.
@@ -664,6 +689,54 @@ impl ClusterBox {
         ports: &[ContainerPort],
         extra_conf: &str,
     ) -> BoxPod {
+        self.add_pod_chained(node, id, labels, ports, extra_conf, &[])
+    }
+
+    /// Like [`ClusterBox::add_pod`], run the way a runtime runs deploy/'s network config
+    /// list: `contiv-cni ADD`, then the `portmap` plugin's ADD in the node's namespace with
+    /// contiv-cni's result as `prevResult` and the pod's hostPorts as
+    /// `runtimeConfig.portMappings` (portmap DNATs them with iptables rules on the node).
+    pub fn add_pod_with_host_ports(
+        &mut self,
+        node: &str,
+        id: &str,
+        labels: &[(&str, &str)],
+        host_ports: &[HostPort],
+    ) -> BoxPod {
+        self.add_pod_chained(node, id, labels, &[], "", host_ports)
+    }
+
+    /// The `portmap` plugin for `pod` (ADD with contiv-cni's `result`, or DEL).
+    fn portmap(&self, command: &str, pod: &BoxPod, result: Option<&Value>) -> CniOutput {
+        let mut conf = serde_json::json!({"cniVersion": "1.0.0", "name": NETWORK, "type": "portmap",
+            "capabilities": {"portMappings": true},
+            "runtimeConfig": {"portMappings": pod.host_ports}});
+        if let Some(result) = result {
+            // The result in the list's version: portmap 1.1 takes 0.4.0 and 1.0.0.
+            let mut prev = result.clone();
+            prev["cniVersion"] = "1.0.0".into();
+            conf["prevResult"] = prev;
+        }
+        let netns = format!("/run/netns/{}", pod.netns);
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", pod.container_id.as_str()),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ];
+        invoke_plugin(Path::new(PORTMAP_PLUGIN), &env, &conf.to_string(), Some(&self.node(&pod.node).netns))
+    }
+
+    fn add_pod_chained(
+        &mut self,
+        node: &str,
+        id: &str,
+        labels: &[(&str, &str)],
+        ports: &[ContainerPort],
+        extra_conf: &str,
+        host_ports: &[HostPort],
+    ) -> BoxPod {
         let (namespace, name) = id.split_once('/').unwrap_or(("default", id));
         assert!(self.pod_opt(id).is_none(), "pod {id} exists already");
         let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -680,8 +753,8 @@ impl ClusterBox {
             let _ = Command::new("ip").args(["netns", "del", &netns]).status();
             panic!("contiv-cni ADD of {id} on {node} failed: {} {}\n{}", out.stdout, out.stderr, self.agent_log(node));
         }
-        let ip = crate::pod_ip(&out.json());
-        self.apply_yaml(&pod_yaml(namespace, name, node, &labels, ports, Some(ip)));
+        let result = out.json();
+        let ip = crate::pod_ip(&result);
         let pod = BoxPod {
             node: node.into(),
             namespace: namespace.into(),
@@ -690,7 +763,13 @@ impl ClusterBox {
             container_id,
             ip,
             labels,
+            host_ports: host_ports.to_vec(),
         };
+        if !host_ports.is_empty() {
+            let out = self.portmap("ADD", &pod, Some(&result));
+            assert_eq!(out.exit_code, 0, "portmap ADD of {id}: {} {}", out.stdout, out.stderr);
+        }
+        self.apply_yaml(&pod_yaml(namespace, name, node, &pod.labels, ports, Some(ip)));
         self.state.pods.push(pod.clone());
         self.save();
         pod
@@ -705,9 +784,15 @@ impl ClusterBox {
         self.pod_opt(id).unwrap_or_else(|| panic!("no pod {id} in the box"))
     }
 
-    /// `contiv-cni DEL`, the sandbox namespace removed, the Pod object deleted.
+    /// `portmap DEL` for a pod with hostPorts, `contiv-cni DEL`, the sandbox namespace
+    /// removed, the Pod object deleted.
     pub fn del_pod(&mut self, id: &str) {
         let pod = self.pod(id).clone();
+        if !pod.host_ports.is_empty() {
+            // A list's DEL runs its plugins in reverse order.
+            let out = self.portmap("DEL", &pod, None);
+            assert_eq!(out.exit_code, 0, "portmap DEL of {id}: {} {}", out.stdout, out.stderr);
+        }
         let out = self.cni(&pod.node, "DEL", &pod.container_id, &format!("/run/netns/{}", pod.netns), "", "");
         assert_eq!(out.exit_code, 0, "DEL of {id}: {} {}", out.stdout, out.stderr);
         let _ = Command::new("ip").args(["netns", "del", &pod.netns]).status();

@@ -2,7 +2,8 @@
 //! overlay, hosts reach their pods (kubelet probes), pods reach hosts, node addresses and the
 //! outside (masqueraded to the node's address), path MTU discovery works and nothing is
 //! fragmented, the fabric carries only VXLAN between node addresses for pod traffic, nodes
-//! leave and come back, and an agent restart keeps a cross-node TCP flow alive.
+//! leave and come back, an agent restart keeps a cross-node TCP flow alive, and hostPorts
+//! (Debian's `portmap` plugin chained after contiv-cni) answer clients from everywhere.
 
 use std::{
     io::{Read, Write},
@@ -360,4 +361,135 @@ fn thousands_of_reset_host_to_pod_connects_all_succeed() {
         (failures, first)
     });
     assert_eq!(failures, 0, "first failure: {first:?}; {}", b.agent_log("node-1"));
+}
+
+/// A TCP echo server on `ip:port` in namespace `ns` for any number of connections; each
+/// client's address, as the server saw it, comes out of the channel. Stops with the flag.
+fn echo_service(ns: &str, ip: Ipv4Addr, port: u16, stop: Arc<AtomicBool>) -> std::sync::mpsc::Receiver<SocketAddr> {
+    let listener = enter(ns, move || TcpListener::bind((ip, port)).expect("bind"));
+    listener.set_nonblocking(true).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut s, peer)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok(n) = s.read(&mut buf) {
+                let _ = s.write_all(&buf[..n]);
+            }
+            let _ = tx.send(peer);
+        }
+    });
+    rx
+}
+
+/// Connects from namespace `ns` to `addr` and exchanges a message; the error says where
+/// it failed.
+fn try_exchange(ns: &str, addr: SocketAddr) -> Result<(), String> {
+    let mut s = enter(ns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(b"through a hostPort").map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 18];
+    s.read_exact(&mut buf).map_err(|e| format!("answer: {e}"))?;
+    if &buf != b"through a hostPort" {
+        return Err(format!("a wrong answer: {buf:?}"));
+    }
+    Ok(())
+}
+
+/// hostPorts as deploy/'s network config list provides them: Debian's `portmap` plugin
+/// chained after contiv-cni DNATs the node's port to the pod in the node's stack, so the
+/// pod's replies must go back through that stack to be translated back, whichever path the
+/// client came by: from outside, from another node, from a pod on another node (over the
+/// overlay), from the node itself, from a pod beside it, from the pod itself. The pod's
+/// ingress rules apply to what the stack forwards it; the plugin's DEL removes the rules.
+#[test]
+fn host_ports_of_the_portmap_plugin_answer_every_client_and_obey_ingress_rules() {
+    use contiv_tests::cluster::{HostPort, ROUTER_IP};
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let web = b.add_pod_with_host_ports(
+        "node-1",
+        "default/web",
+        &[("app", "web")],
+        &[HostPort::new(30080, 8080, "tcp"), HostPort::new(30053, 5353, "udp")],
+    );
+    let near = b.add_pod("node-1", "default/near", &[], &[]);
+    let far = b.add_pod("node-2", "default/far", &[], &[]);
+    let (node1, node2) = (b.node("node-1").clone(), b.node("node-2").clone());
+    let external = b.state.external.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let peers = echo_service(&web.netns, web.ip, 8080, stop.clone());
+    let front = SocketAddr::from((node1.ip, 30080));
+    // Who connects, and the source the pod sees (None: the plugin masquerades a pod of the
+    // node and the node itself to a node address).
+    let clients: Vec<(&str, String, Option<Ipv4Addr>)> = vec![
+        ("the outside", external.clone(), Some(ROUTER_IP)),
+        ("node-2", node2.netns.clone(), Some(node2.ip)),
+        ("a pod on node-2", far.netns.clone(), Some(far.ip)),
+        ("node-1", node1.netns.clone(), None),
+        ("a pod on node-1", near.netns.clone(), None),
+        ("the pod itself", web.netns.clone(), None),
+    ];
+    let check_all = |b: &ClusterBox, when: &str| {
+        for (who, ns, source) in &clients {
+            if let Err(e) = try_exchange(ns, front) {
+                panic!("{when}: {who} -> {front}: {e}\n{}", b.agent_log("node-1"));
+            }
+            let seen = peers.recv_timeout(Duration::from_secs(5)).expect("the server saw the client");
+            if let Some(ip) = source {
+                assert_eq!(seen.ip(), std::net::IpAddr::V4(*ip), "{when}: the source of {who} is kept");
+            }
+        }
+    };
+    check_all(&b, "first");
+
+    // UDP, from a pod on another node: a connected socket takes only the answer that comes
+    // from the address it sent to.
+    let web_ip = web.ip;
+    let srv = enter(&web.netns, move || UdpSocket::bind((web_ip, 5353)).unwrap());
+    srv.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let udp_front = SocketAddr::from((node1.ip, 30053));
+    let cli = enter(&far.netns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(udp_front).unwrap();
+        s
+    });
+    cli.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    cli.send(b"question").unwrap();
+    let mut buf = [0u8; 64];
+    let (n, peer) = srv.recv_from(&mut buf).expect("the pod got the datagram");
+    assert_eq!((&buf[..n], peer.ip()), (&b"question"[..], std::net::IpAddr::V4(far.ip)));
+    srv.send_to(b"answer", peer).unwrap();
+    assert_eq!(cli.recv(&mut buf).map_err(|e| e.to_string()), Ok(6), "the answer, from {udp_front}");
+
+    // A restarted agent re-attaches the programs of the pod.
+    b.stop_agent("node-1", false);
+    b.start_agent("node-1");
+    check_all(&b, "after an agent restart");
+
+    // Ingress rules: only the outside (its address on the nodes' subnet) is admitted.
+    b.apply_yaml(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web, namespace: default}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n\
+         \x20 ingress: [{{from: [{{ipBlock: {{cidr: {ROUTER_IP}/32}}}}]}}]\n"
+    ));
+    let drops_before = counter(&b, "node-1", &web, "dropPolicyIngress");
+    b.wait_for(Duration::from_secs(10), "the rule applies to a pod on node-2", || {
+        try_exchange(&far.netns, front).is_err()
+    });
+    assert!(try_exchange(&node2.netns, front).is_err(), "node-2 is not admitted");
+    assert_eq!(try_exchange(&external, front), Ok(()), "the outside is admitted");
+    assert!(counter(&b, "node-1", &web, "dropPolicyIngress") > drops_before, "counted on the pod");
+    stop.store(true, Ordering::Relaxed);
+
+    // DEL: portmap removes its rules from the node.
+    b.del_pod("default/web");
+    let rules = Command::new("ip").args(["netns", "exec", &node1.netns, "iptables-save"]).output().unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains("30080"), "the hostPort rules are gone: {rules}");
 }

@@ -493,3 +493,37 @@ fn host_ports_of_the_portmap_plugin_answer_every_client_and_obey_ingress_rules()
     let rules = String::from_utf8_lossy(&rules.stdout);
     assert!(!rules.contains("30080"), "the hostPort rules are gone: {rules}");
 }
+
+/// A DNAT in a node's stack, the way kube-proxy's iptables mode renders a Service (what
+/// runs instead of contiv's services with `[services] enabled = false`; an address contiv
+/// does not serve goes the same way): a pod's connection to the virtual address is
+/// translated by node-1's stack to a pod on node-2, or on node-1, and the backend's
+/// replies must come back through node-1's stack to be translated back.
+#[test]
+fn a_dnat_in_the_nodes_stack_to_a_pod_on_any_node_is_translated_back() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let client = b.add_pod("node-1", "default/client", &[], &[]);
+    let local = b.add_pod("node-1", "default/local", &[], &[]);
+    let remote = b.add_pod("node-2", "default/remote", &[], &[]);
+    let node1 = b.node("node-1").netns.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    for (vip, backend) in [("10.99.0.1", &remote), ("10.99.0.2", &local)] {
+        let peers = echo_service(&backend.netns, backend.ip, 8080, stop.clone());
+        let rule = format!("PREROUTING -d {vip}/32 -p tcp --dport 80 -j DNAT --to-destination {}:8080", backend.ip);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node1, "iptables", "-t", "nat", "-A"])
+            .args(rule.split(' '))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
+        let front: SocketAddr = format!("{vip}:80").parse().unwrap();
+        for i in 0..3 {
+            if let Err(e) = try_exchange(&client.netns, front) {
+                panic!("connection {i} to {vip} (-> {}): {e}\n{}", backend.id(), b.agent_log("node-1"));
+            }
+            let seen = peers.recv_timeout(Duration::from_secs(5)).expect("the backend saw the client");
+            assert_eq!(seen.ip(), std::net::IpAddr::V4(client.ip), "the backend sees the client pod");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+}

@@ -12,8 +12,9 @@
 //!   pod (the fast path delivers past it); a new flow passes the pod's ingress rules and is
 //!   tracked so that its replies go back through the stack (which may have translated it).
 //! - `tc_from_overlay` / `tc_to_overlay` (tcx on the node's VXLAN device): decapsulated
-//!   packets from other nodes go into local pods or to this node; host-originated packets to
-//!   other nodes' pods get their tunnel key (see `overlay.rs`).
+//!   packets from other nodes go into local pods or to this node; what the node's stack
+//!   sends to other nodes' pods and addresses gets its tunnel key (see `overlay.rs`) and is
+//!   tracked like `tc_to_pod`'s flows, so its replies come back through the stack.
 //! - `xdp_to_vswitch` (XDP on the vswitch end of the slow-path port): hands every frame
 //!   to the AF_XDP socket of the vswitch; `xdp_to_vpp` does the same into the socket VPP's
 //!   af_xdp interface registered (`uplink = "vpp"`).
@@ -615,6 +616,9 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
                 trace.step(trace_step::VERDICT, u16::from(out::UPLINK), [0; 4], 0, 0, cfg.uplink_ifindex);
                 return to_uplink(cfg.uplink_ifindex);
             }
+            // A reply in a flow this node's stack sent (`tc_to_overlay`): back to the stack,
+            // which translates it back and routes it.
+            outcome::TRACKED if o.to_host != 0 => return overlay_to_host(&ctx, trace, dst),
             outcome::TRACKED => {
                 dst = o.dst;
                 first = FirstPacket::TRACKED;
@@ -669,17 +673,23 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         return deliver(&pod);
     }
     if dst == cfg.node_ip {
-        trace.step(trace_step::ROUTE, trace_route::HOST, dst, 0, 0, 0);
-        trace.note(trace_step::VERDICT, u16::from(out::HOST));
-        if !trace.on() {
-            count_overlay(|c| c.rx_to_host += 1);
-        }
-        // SAFETY: plain helper call on our own skb.
-        unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
-        return TC_ACT_OK;
+        return overlay_to_host(&ctx, trace, dst);
     }
     trace.step(trace_step::ROUTE, trace_route::NO_DESTINATION, dst, 0, 0, 0);
     overlay_drop(&ctx, trace, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1)
+}
+
+/// A packet from the overlay handed to the node's stack.
+#[inline(always)]
+fn overlay_to_host(ctx: &TcContext, trace: Trace, dst: [u8; 4]) -> i32 {
+    trace.step(trace_step::ROUTE, trace_route::HOST, dst, 0, 0, 0);
+    trace.note(trace_step::VERDICT, u16::from(out::HOST));
+    if !trace.on() {
+        count_overlay(|c| c.rx_to_host += 1);
+    }
+    // SAFETY: plain helper call on our own skb.
+    unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+    TC_ACT_OK
 }
 
 #[classifier]
@@ -693,7 +703,8 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
         count_overlay(|c| c.tx_no_route += 1);
         return TC_ACT_SHOT;
     };
-    let (Some(route), Some(cfg)) = (remote_route(dst_ip(ip)), config()) else {
+    let (src, dst, proto, plain) = (src_ip(ip), dst_ip(ip), ip[9], !has_options_or_is_fragment(ip));
+    let (Some(route), Some(cfg)) = (remote_route(dst), config()) else {
         count_overlay(|c| c.tx_no_route += 1);
         return TC_ACT_SHOT;
     };
@@ -702,6 +713,14 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     count_overlay(|c| c.tx_host_encapsulated += 1);
+    // The node's stack sends this (its own, or a pod's packet it forwarded, perhaps after a
+    // DNAT): the replies must come back through it, like those of `tc_to_pod`'s flows.
+    if plain
+        && let Some(l4) = nat::l4(data, data_end, proto)
+        && ct::lookup(&ct::key(src, dst, l4.sport, l4.dport, proto), l4.tcp_flags, Trace::OFF).is_none()
+    {
+        policy::track_via_host(src, dst, &Transport::Ports { proto, sport: l4.sport, dport: l4.dport }, l4.tcp_flags);
+    }
     TC_ACT_OK
 }
 

@@ -8,7 +8,7 @@
 //!   world) -> the node's own stack, which routes it (and masquerades what leaves);
 //!   the gateway, unknown local addresses, IP options, fragments, packets too big for the
 //!   overlay -> the slow path.
-//! - `tc_to_pod` (tcx egress on every pod's host-side veth): what the node's stack sends a
+//! - `tc_to_pod` (TC egress filter on every pod's host-side veth): what the node's stack sends a
 //!   pod (the fast path delivers past it); a new flow passes the pod's ingress rules and is
 //!   tracked so that its replies go back through the stack (which may have translated it).
 //! - `tc_from_overlay` / `tc_to_overlay` (tcx on the node's VXLAN device): decapsulated
@@ -724,7 +724,7 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// What the node's stack sends a pod (tcx egress on the pod's host-side veth): a host
+/// What the node's stack sends a pod (TC egress on the pod's host-side veth): a host
 /// process's traffic, or a flow the stack forwarded, perhaps after translating it (a
 /// hostPort that the `portmap` plugin DNATs, a firewall's NAT). The fast path delivers
 /// past this hook (`bpf_redirect_peer`), except to a pod with an ingress bandwidth limit,

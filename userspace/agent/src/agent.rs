@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     os::fd::AsFd,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Weak},
 };
 
@@ -648,9 +648,8 @@ impl Agent {
             }
             Err(e) => log::error!("listing pod interfaces: {e}"),
         }
-        let links = inner.datapath.pin_dir().join("links");
-        for dir in [links.clone(), links.join(crate::datapath::POD_EGRESS_LINKS)] {
-            for pin in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if let Ok(pins) = std::fs::read_dir(inner.datapath.pin_dir().join("links")) {
+            for pin in pins.flatten() {
                 let name = pin.file_name().to_string_lossy().into_owned();
                 if podnet::is_host_ifname(&name) && !names.contains(&name) {
                     inner.datapath.forget_pod_link(&name);
@@ -738,7 +737,7 @@ impl Agent {
         let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
         // Reserve an address (in memory; see crate::state) and take what the unlocked steps need.
-        let (ip, node, targets) = {
+        let (ip, node, prog, pin) = {
             let mut inner = self.inner.lock().instrument(phase("lock")).await;
             if let Some(existing) = inner.state.get(&key) {
                 if existing.complete && existing.netns == req.netns {
@@ -752,9 +751,9 @@ impl Agent {
                 ));
             }
             let _reserve = phase("ipam_reserve").entered();
-            let targets = inner
+            let (prog, pin) = inner
                 .datapath
-                .pod_attach_targets(&host_ifname)
+                .pod_attach_target(&host_ifname)
                 .map_err(|e| internal("preparing the datapath attach", e))?;
             let ip = inner.state.reserve(&key).map_err(|e| {
                 CniError::new(
@@ -763,7 +762,7 @@ impl Agent {
                     format!("{e}: every address is held by a pod; DEL or GC of a pod frees one"),
                 )
             })?;
-            (ip, inner.node.clone(), targets)
+            (ip, inner.node.clone(), prog, pin)
         };
         let (pod_namespace, pod_name) = crate::state::pod_identity(&req.args);
         let attachment = PodAttachment {
@@ -795,7 +794,7 @@ impl Agent {
             egress_shaper: bandwidth.and_then(|b| b.egress_shaper()),
             ingress_shaper: bandwidth.and_then(|b| b.ingress_shaper()),
         };
-        match self.wire(&node, &spec, attachment, targets).await {
+        match self.wire(&node, &spec, attachment, prog, pin).await {
             Ok(attachment) => {
                 log::info!("ADD {}/{} -> {ip} on {host_ifname}", req.container_id, req.ifname);
                 Ok(phase("reply").in_scope(|| self.add_reply(&attachment)))
@@ -818,7 +817,8 @@ impl Agent {
         node: &rtnetlink::Handle,
         spec: &PodLinkSpec,
         mut attachment: PodAttachment,
-        targets: [crate::datapath::PodAttachTarget; 2],
+        prog: aya::programs::ProgramFd,
+        pin: PathBuf,
     ) -> Result<PodAttachment, CniError> {
         let key = attachment.key();
         let veth = match podnet::create_veth(node, spec).await {
@@ -843,24 +843,29 @@ impl Agent {
                 // The attach runs on a blocking thread while the maps are written and the
                 // attachment is persisted (no RTNL needed there). Persisting first is safe:
                 // a restarted agent attaches the program of every recorded pod.
-                // Ingress and egress each wait for their own grace period: side by side.
-                let attaches = targets.iter().map(|t| {
-                    let (span, ifindex) = (phase("bpf_attach_pin"), attachment.host_ifindex);
-                    let (prog, egress, pin) = (t.prog.as_fd().try_clone_to_owned(), t.egress, t.pin.clone());
+                let attach = {
+                    let (span, pin, ifindex) = (phase("bpf_attach_pin"), pin.clone(), attachment.host_ifindex);
                     tokio::task::spawn_blocking(move || {
-                        span.in_scope(|| tcx::attach_pinned(prog?.as_fd(), ifindex, egress, &pin))
+                        span.in_scope(|| tcx::attach_pinned(prog.as_fd(), ifindex, &pin))
                     })
-                });
-                let attaches: Vec<_> = attaches.collect();
+                };
                 let recorded = self.record(&attachment).await;
-                let mut attached = Ok(());
-                for attach in attaches {
-                    let r = match attach.await {
-                        Ok(r) => r.map_err(|e| internal("attaching the pod programs", e)),
-                        Err(e) => Err(internal("attaching the pod programs", e)),
-                    };
-                    attached = attached.and(r);
-                }
+                let attached = match attach.await {
+                    Ok(r) => r.map_err(|e| internal("attaching the pod program", e)),
+                    Err(e) => Err(internal("attaching the pod program", e)),
+                };
+                // The egress filter after the tcx attach, not beside it: both need the
+                // RTNL, which the tcx attach holds across its grace period (and this one
+                // holds the node lock). The pod has no traffic until the ADD returns.
+                let attached = match attached {
+                    Ok(()) => {
+                        let mut inner = self.inner.lock().instrument(phase("lock")).await;
+                        phase("tc_egress_attach")
+                            .in_scope(|| inner.datapath.attach_pod_egress(&attachment.host_ifname))
+                            .map_err(|e| internal("attaching the pod's egress program", e))
+                    }
+                    Err(e) => Err(e),
+                };
                 (recorded, attached)
             }
         };
@@ -872,9 +877,7 @@ impl Agent {
         if let Err(err) = podnet::delete_link(node, &spec.host_ifname).await {
             log::error!("removing {} after a failed ADD: {err}", spec.host_ifname);
         }
-        for t in &targets {
-            let _ = std::fs::remove_file(&t.pin);
-        }
+        let _ = std::fs::remove_file(&pin);
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
         inner.state.release(&key);

@@ -175,25 +175,18 @@ pub fn check_bpffs(allow_private: bool) -> Result<()> {
         .map_err(|e| DatapathError::PinDir { path: root.into(), source: e.into() })
 }
 
-/// The pinned `tc_from_pod` link of one pod.
+/// The pinned links of one pod.
 fn pod_link_pin(pin_dir: &Path, host_ifname: &str) -> PathBuf {
     pin_dir.join("links").join(host_ifname)
 }
 
-/// The pinned `tc_to_pod` link of one pod.
-fn pod_egress_link_pin(pin_dir: &Path, host_ifname: &str) -> PathBuf {
-    pin_dir.join("links").join(POD_EGRESS_LINKS).join(host_ifname)
-}
-
-/// The folder of `<pin_dir>/links` with the pods' `tc_to_pod` links.
-pub const POD_EGRESS_LINKS: &str = "to_pod";
-
-/// A program to attach to a new pod interface on its own (see [`crate::tcx`]).
-pub struct PodAttachTarget {
-    pub prog: aya::programs::ProgramFd,
-    pub egress: bool,
-    pub pin: PathBuf,
-}
+/// Where `tc_to_pod` sits on a pod's host end: a classic TC filter (`clsact` egress,
+/// direct action), at a fixed priority and handle so that a restarted agent replaces its own
+/// filter in place. Not tcx: a tcx attach waits for an RCU grace period (about 10 ms on a
+/// small VM), and a second one per ADD doubled the ADD's time; a filter is added in well
+/// under a millisecond. It lives as long as the interface, with no pin.
+const TO_POD_PRIORITY: u16 = 1;
+const TO_POD_HANDLE: aya::programs::tc::TcHandle = aya::programs::tc::TcHandle::new(0, 1);
 
 /// The loaded datapath.
 pub struct Datapath {
@@ -353,23 +346,48 @@ impl Datapath {
 
     // === programs ===
 
-    /// Attaches `tc_from_pod` to the ingress of a pod's host veth and `tc_to_pod` to its
-    /// egress (tcx). The links are pinned under `<pin_dir>/links/`, so they outlive the
-    /// agent: pods keep forwarding while the agent restarts or is upgraded. A link a
-    /// previous agent left is replaced make-before-break: the new program goes first, then
-    /// the old link is released.
+    /// Attaches `tc_from_pod` to the ingress of a pod's host veth (tcx) and `tc_to_pod` to
+    /// its egress (see [`Datapath::attach_pod_egress`]). The ingress link is pinned under
+    /// `<pin_dir>/links/`, so it outlives the agent: pods keep forwarding while the agent
+    /// restarts or is upgraded. A link a previous agent left is replaced make-before-break:
+    /// the new program goes first, then the old link is released.
     pub fn attach_pod(&mut self, host_ifname: &str) -> Result<()> {
         let pin = pod_link_pin(&self.pin_dir, host_ifname);
         self.replace_pinned_tcx(program_names::FROM_POD, host_ifname, TcAttachType::Ingress, &pin)?;
-        let pin = pod_egress_link_pin(&self.pin_dir, host_ifname);
-        self.replace_pinned_tcx(program_names::TO_POD, host_ifname, TcAttachType::Egress, &pin)
+        self.attach_pod_egress(host_ifname)
     }
 
-    /// Forgets the pinned links of a pod interface (the kernel detached them when the
-    /// interface was deleted; this removes the pins).
+    /// Puts `tc_to_pod` on the egress of a pod's host veth: replaces the filter an earlier
+    /// agent left (atomically, in place), or adds the `clsact` qdisc and the filter.
+    pub fn attach_pod_egress(&mut self, host_ifname: &str) -> Result<()> {
+        use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
+        let name = program_names::TO_POD;
+        let prog: &mut SchedClassifier =
+            self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+        let existing =
+            SchedClassifierLink::attached(host_ifname, TcAttachType::Egress, TO_POD_PRIORITY, TO_POD_HANDLE, None)
+                .map_err(|e| prog_err(name)(e.into()))?;
+        let id = match prog.attach_to_link(existing) {
+            Ok(id) => id,
+            Err(_) => {
+                // No filter there yet (a new interface, or one an older agent wired). The
+                // qdisc may exist already; a real failure shows in the attach.
+                let _ = aya::programs::tc::qdisc_add_clsact(host_ifname);
+                let options = NlOptions { priority: TO_POD_PRIORITY, handle: TO_POD_HANDLE, classid: None };
+                prog.attach_with_options(host_ifname, TcAttachType::Egress, TcAttachOptions::Netlink(options))
+                    .map_err(prog_err(name))?
+            }
+        };
+        // The filter lives with the interface: the link value (no fd, only where the
+        // filter is) would detach it when dropped.
+        std::mem::forget(prog.take_link(id).map_err(prog_err(name))?);
+        Ok(())
+    }
+
+    /// Forgets the pinned link of a pod interface (the kernel detached it when the
+    /// interface was deleted; this removes the pin).
     pub fn forget_pod_link(&self, host_ifname: &str) {
         let _ = std::fs::remove_file(pod_link_pin(&self.pin_dir, host_ifname));
-        let _ = std::fs::remove_file(pod_egress_link_pin(&self.pin_dir, host_ifname));
     }
 
     /// Attaches the overlay device's programs (pinned, replaced make-before-break).
@@ -399,20 +417,14 @@ impl Datapath {
         Ok(())
     }
 
-    /// What an ADD needs to attach `tc_from_pod` and `tc_to_pod` to a new pod interface on
-    /// its own (see [`crate::tcx`]): new fds of the loaded programs, and where the links
-    /// are pinned.
-    pub fn pod_attach_targets(&self, host_ifname: &str) -> Result<[PodAttachTarget; 2]> {
-        let target = |name: &'static str, egress: bool, pin: PathBuf| -> Result<PodAttachTarget> {
-            let prog: &SchedClassifier =
-                self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
-            let prog = prog.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?;
-            Ok(PodAttachTarget { prog, egress, pin })
-        };
-        Ok([
-            target(program_names::FROM_POD, false, pod_link_pin(&self.pin_dir, host_ifname))?,
-            target(program_names::TO_POD, true, pod_egress_link_pin(&self.pin_dir, host_ifname))?,
-        ])
+    /// What an ADD needs to attach `tc_from_pod` to a new pod interface on its own (see
+    /// [`crate::tcx`]): a new fd of the loaded program, and where the link is pinned.
+    pub fn pod_attach_target(&self, host_ifname: &str) -> Result<(aya::programs::ProgramFd, PathBuf)> {
+        let name = program_names::FROM_POD;
+        let prog: &SchedClassifier =
+            self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+        let fd = prog.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?;
+        Ok((fd, pod_link_pin(&self.pin_dir, host_ifname)))
     }
 
     fn attach_tcx(&mut self, name: &'static str, ifname: &str, dir: TcAttachType, pin: Option<&Path>) -> Result<()> {

@@ -153,9 +153,6 @@ pub mod program_names {
     pub const FROM_OVERLAY: &str = "tc_from_overlay";
     /// TC egress on the overlay device: gives host-originated packets their tunnel key.
     pub const TO_OVERLAY: &str = "tc_to_overlay";
-    /// TC egress on each pod's host-side veth: what the node's stack sends a pod (the
-    /// fast path delivers past it): tracked so that replies go back through the stack.
-    pub const TO_POD: &str = "tc_to_pod";
     /// TC ingress on the uplink: NodePort, externalIP and load-balancer traffic from outside.
     pub const FROM_UPLINK: &str = "tc_from_uplink";
     /// cgroup connect4 at the cgroup2 root: socket-level service balancing.
@@ -564,11 +561,12 @@ pub mod ct_flags {
     pub const REV_SNAT: u16 = 8;
     /// The client came from outside the cluster (through the uplink): replies leave by it.
     pub const FROM_UPLINK: u16 = 16;
-    /// Reply direction of a flow the node's own stack delivered to the pod (`tc_to_pod`):
-    /// a host process, or a flow the stack forwarded, perhaps after translating it (a
-    /// hostPort's DNAT by the `portmap` plugin, a firewall's NAT). Replies are handed back
-    /// to that stack, which translates them back and routes them, instead of being
-    /// forwarded past it.
+    /// Reply direction of a flow the node's own stack delivered: into the overlay
+    /// (`tc_to_overlay`), or to a pod that answers a TCP connection conntrack never saw
+    /// (`tc_from_pod`); a flow the stack forwarded, perhaps after translating it (a
+    /// hostPort's DNAT by the `portmap` plugin, a DNAT rule). Replies are handed back to
+    /// that stack, which translates them back and routes them, instead of being forwarded
+    /// past it.
     pub const VIA_HOST: u16 = 32;
     /// Any rewrite.
     pub const NAT: u16 = DNAT | SNAT | REV_DNAT | REV_SNAT;
@@ -763,7 +761,6 @@ pub mod hook {
     pub const FROM_OVERLAY: u8 = 2;
     pub const FROM_UPLINK: u8 = 3;
     pub const FROM_VSWITCH: u8 = 4;
-    pub const TO_POD: u8 = 5;
 
     /// The program's name.
     pub fn name(h: u8) -> &'static str {
@@ -772,7 +769,6 @@ pub mod hook {
             FROM_OVERLAY => super::program_names::FROM_OVERLAY,
             FROM_UPLINK => super::program_names::FROM_UPLINK,
             FROM_VSWITCH => super::program_names::FROM_VSWITCH,
-            TO_POD => super::program_names::TO_POD,
             _ => "unknown",
         }
     }

@@ -8,13 +8,10 @@
 //!   world) -> the node's own stack, which routes it (and masquerades what leaves);
 //!   the gateway, unknown local addresses, IP options, fragments, packets too big for the
 //!   overlay -> the slow path.
-//! - `tc_to_pod` (TC egress filter on every pod's host-side veth): what the node's stack sends a
-//!   pod (the fast path delivers past it); a new flow passes the pod's ingress rules and is
-//!   tracked so that its replies go back through the stack (which may have translated it).
 //! - `tc_from_overlay` / `tc_to_overlay` (tcx on the node's VXLAN device): decapsulated
 //!   packets from other nodes go into local pods or to this node; what the node's stack
 //!   sends to other nodes' pods and addresses gets its tunnel key (see `overlay.rs`) and is
-//!   tracked like `tc_to_pod`'s flows, so its replies come back through the stack.
+//!   tracked so that its replies come back through the stack (see `ct_flags::VIA_HOST`).
 //! - `xdp_to_vswitch` (XDP on the vswitch end of the slow-path port): hands every frame
 //!   to the AF_XDP socket of the vswitch; `xdp_to_vpp` does the same into the socket VPP's
 //!   af_xdp interface registered (`uplink = "vpp"`).
@@ -31,8 +28,7 @@
 //! conntrack once policy allowed it; a pod isolated for egress has its new flows checked in
 //! `tc_from_pod` against the post-DNAT destination, a pod isolated for ingress has them
 //! checked where they are delivered (`tc_from_pod` for local senders, `tc_from_overlay`
-//! for other nodes', `tc_from_uplink` for the outside, `tc_to_pod` for what the node's
-//! stack forwards, e.g. a hostPort's clients). Established packets and replies
+//! for other nodes', `tc_from_uplink` for the outside). Established packets and replies
 //! pass on their conntrack entry.
 //!
 //! The bulk path stays on TC so veths keep GSO/GRO and checksum offload
@@ -79,6 +75,9 @@ use trace::Trace;
 
 /// `skb->pkt_type` for a packet addressed to this host.
 const PACKET_HOST: u32 = 0;
+
+/// TCP flags SYN and ACK: a connection's answer.
+const SYN_ACK: u8 = 0x12;
 
 /// What the pod's frame turned out to be. A plain struct whose every byte is written (not
 /// an enum with payloads): copying an enum moves bytes its variant never wrote, and LLVM
@@ -390,6 +389,20 @@ fn classify_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mu
         tcp_flags = l4.tcp_flags;
         let o = svc::process(ctx, cfg, src, dst, &l4, Origin::Pod, trace, &mut flow);
         match o.kind {
+            outcome::UNTOUCHED if l4.proto == nat::IPPROTO_TCP && l4.tcp_flags & SYN_ACK == SYN_ACK => {
+                // The pod answers a connection conntrack never saw: the node's stack brought
+                // it here, perhaps after translating it (a hostPort, which the `portmap`
+                // plugin DNATs; a DNAT rule). The answer goes back through the stack, which
+                // translates it back and routes it; forwarded past it, to another node's
+                // pod or address, it would reach the client untranslated. The stack routes
+                // every destination, so this is right whatever the flow was.
+                let t = Transport::Ports { proto: l4.proto, sport: l4.dport, dport: l4.sport };
+                if !trace.on() {
+                    policy::track_via_host(dst, src, &t, 0);
+                }
+                trace.step(trace_step::ROUTE, trace_route::HOST, dst, 0, 0, 0);
+                return Verdict::HOST;
+            }
             outcome::UNTOUCHED => {}
             outcome::TRACKED if o.to_uplink != 0 => {
                 trace.step(trace_step::ROUTE, trace_route::UPLINK, dst, 0, 0, cfg.uplink_ifindex);
@@ -714,61 +727,13 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
     }
     count_overlay(|c| c.tx_host_encapsulated += 1);
     // The node's stack sends this (its own, or a pod's packet it forwarded, perhaps after a
-    // DNAT): the replies must come back through it, like those of `tc_to_pod`'s flows.
+    // DNAT): the replies must come back through it, to be translated back.
     if plain
         && let Some(l4) = nat::l4(data, data_end, proto)
         && ct::lookup(&ct::key(src, dst, l4.sport, l4.dport, proto), l4.tcp_flags, Trace::OFF).is_none()
     {
         policy::track_via_host(src, dst, &Transport::Ports { proto, sport: l4.sport, dport: l4.dport }, l4.tcp_flags);
     }
-    TC_ACT_OK
-}
-
-/// What the node's stack sends a pod (TC egress on the pod's host-side veth): a host
-/// process's traffic, or a flow the stack forwarded, perhaps after translating it (a
-/// hostPort that the `portmap` plugin DNATs, a firewall's NAT). The fast path delivers
-/// past this hook (`bpf_redirect_peer`), except to a pod with an ingress bandwidth limit,
-/// whose flows conntrack knows already. A TCP or UDP flow conntrack does not know must pass
-/// the pod's ingress rules, and is tracked with its replies marked to go back through the
-/// stack: the stack then translates them back and routes them. Without that `tc_from_pod`
-/// would forward a reply to another node's pod or address straight into the overlay,
-/// untranslated, and the client would drop it.
-#[classifier]
-pub fn tc_to_pod(ctx: TcContext) -> i32 {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
-        return TC_ACT_OK;
-    };
-    if ethertype(eth) != ETH_P_IP || has_options_or_is_fragment(ip) {
-        return TC_ACT_OK;
-    }
-    let Some(cfg) = config() else {
-        return TC_ACT_OK;
-    };
-    let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
-    // VPP mode: the host reaches pods through VPP and the slow path, never this way. The
-    // gateway's answers come from the vswitch.
-    if cfg.flags & config_flags::VPP_UPLINK != 0 || src == cfg.gateway_ip {
-        return TC_ACT_OK;
-    }
-    let Some(l4) = nat::l4(data, data_end, proto) else {
-        return TC_ACT_OK;
-    };
-    if ct::lookup(&ct::key(src, dst, l4.sport, l4.dport, proto), l4.tcp_flags, Trace::OFF).is_some() {
-        return TC_ACT_OK;
-    }
-    let Some(pod) = pod(dst) else {
-        return TC_ACT_OK;
-    };
-    let t = Transport::Ports { proto, sport: l4.sport, dport: l4.dport };
-    if pod.flags & pod_flags::INGRESS_ISOLATED != 0 && !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
-        if let Some(c) = pod_counters(dst) {
-            c.drop_policy_ingress += 1;
-        }
-        monitor::drop(&ctx, drop_reason::POLICY_INGRESS, hook::TO_POD, dst);
-        return TC_ACT_SHOT;
-    }
-    policy::track_via_host(src, dst, &t, l4.tcp_flags);
     TC_ACT_OK
 }
 

@@ -202,8 +202,8 @@ pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, trace: Tr
     track_with(src, dst, t, tcp_flags, 0, trace)
 }
 
-/// [`track`] for a flow the node's stack delivered to a pod (`tc_to_pod`): its replies go
-/// back through that stack ([`ct_flags::VIA_HOST`]).
+/// [`track`] for a flow the node's stack delivered (`src` the client as the stack sent it):
+/// its replies go back through that stack ([`ct_flags::VIA_HOST`]).
 #[inline(always)]
 pub fn track_via_host(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) -> bool {
     track_with(src, dst, t, tcp_flags, ct_flags::VIA_HOST, Trace::OFF)

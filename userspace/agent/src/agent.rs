@@ -854,18 +854,6 @@ impl Agent {
                     Ok(r) => r.map_err(|e| internal("attaching the pod program", e)),
                     Err(e) => Err(internal("attaching the pod program", e)),
                 };
-                // The egress filter after the tcx attach, not beside it: both need the
-                // RTNL, which the tcx attach holds across its grace period (and this one
-                // holds the node lock). The pod has no traffic until the ADD returns.
-                let attached = match attached {
-                    Ok(()) => {
-                        let mut inner = self.inner.lock().instrument(phase("lock")).await;
-                        phase("tc_egress_attach")
-                            .in_scope(|| inner.datapath.attach_pod_egress(&attachment.host_ifname))
-                            .map_err(|e| internal("attaching the pod's egress program", e))
-                    }
-                    Err(e) => Err(e),
-                };
                 (recorded, attached)
             }
         };

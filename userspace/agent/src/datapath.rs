@@ -180,14 +180,6 @@ fn pod_link_pin(pin_dir: &Path, host_ifname: &str) -> PathBuf {
     pin_dir.join("links").join(host_ifname)
 }
 
-/// Where `tc_to_pod` sits on a pod's host end: a classic TC filter (`clsact` egress,
-/// direct action), at a fixed priority and handle so that a restarted agent replaces its own
-/// filter in place. Not tcx: a tcx attach waits for an RCU grace period (about 10 ms on a
-/// small VM), and a second one per ADD doubled the ADD's time; a filter is added in well
-/// under a millisecond. It lives as long as the interface, with no pin.
-const TO_POD_PRIORITY: u16 = 1;
-const TO_POD_HANDLE: aya::programs::tc::TcHandle = aya::programs::tc::TcHandle::new(0, 1);
-
 /// The loaded datapath.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -240,7 +232,6 @@ impl Datapath {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in [
             program_names::FROM_POD,
-            program_names::TO_POD,
             program_names::FROM_VSWITCH,
             program_names::FROM_OVERLAY,
             program_names::TO_OVERLAY,
@@ -346,42 +337,13 @@ impl Datapath {
 
     // === programs ===
 
-    /// Attaches `tc_from_pod` to the ingress of a pod's host veth (tcx) and `tc_to_pod` to
-    /// its egress (see [`Datapath::attach_pod_egress`]). The ingress link is pinned under
-    /// `<pin_dir>/links/`, so it outlives the agent: pods keep forwarding while the agent
-    /// restarts or is upgraded. A link a previous agent left is replaced make-before-break:
-    /// the new program goes first, then the old link is released.
+    /// Attaches `tc_from_pod` to the ingress of a pod's host veth (tcx). The link is
+    /// pinned under `<pin_dir>/links/`, so it outlives the agent: pods keep forwarding
+    /// while the agent restarts or is upgraded. A link a previous agent left is replaced
+    /// make-before-break: the new program goes first, then the old link is released.
     pub fn attach_pod(&mut self, host_ifname: &str) -> Result<()> {
         let pin = pod_link_pin(&self.pin_dir, host_ifname);
-        self.replace_pinned_tcx(program_names::FROM_POD, host_ifname, TcAttachType::Ingress, &pin)?;
-        self.attach_pod_egress(host_ifname)
-    }
-
-    /// Puts `tc_to_pod` on the egress of a pod's host veth: replaces the filter an earlier
-    /// agent left (atomically, in place), or adds the `clsact` qdisc and the filter.
-    pub fn attach_pod_egress(&mut self, host_ifname: &str) -> Result<()> {
-        use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
-        let name = program_names::TO_POD;
-        let prog: &mut SchedClassifier =
-            self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
-        let existing =
-            SchedClassifierLink::attached(host_ifname, TcAttachType::Egress, TO_POD_PRIORITY, TO_POD_HANDLE, None)
-                .map_err(|e| prog_err(name)(e.into()))?;
-        let id = match prog.attach_to_link(existing) {
-            Ok(id) => id,
-            Err(_) => {
-                // No filter there yet (a new interface, or one an older agent wired). The
-                // qdisc may exist already; a real failure shows in the attach.
-                let _ = aya::programs::tc::qdisc_add_clsact(host_ifname);
-                let options = NlOptions { priority: TO_POD_PRIORITY, handle: TO_POD_HANDLE, classid: None };
-                prog.attach_with_options(host_ifname, TcAttachType::Egress, TcAttachOptions::Netlink(options))
-                    .map_err(prog_err(name))?
-            }
-        };
-        // The filter lives with the interface: the link value (no fd, only where the
-        // filter is) would detach it when dropped.
-        std::mem::forget(prog.take_link(id).map_err(prog_err(name))?);
-        Ok(())
+        self.replace_pinned_tcx(program_names::FROM_POD, host_ifname, TcAttachType::Ingress, &pin)
     }
 
     /// Forgets the pinned link of a pod interface (the kernel detached it when the

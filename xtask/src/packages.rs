@@ -59,8 +59,9 @@ pub const REQUIREMENTS: &[Requirement] = &[
     req("nftables", &["/usr/sbin/nft"], "the agent masquerades pod traffic leaving the cluster"),
     req(
         "iptables",
-        &["/usr/sbin/iptables-nft-restore", "/usr/sbin/iptables-legacy-restore"],
-        "the services benchmark's kube-proxy iptables-mode baselines (nf_tables and legacy backends)",
+        &["/usr/sbin/iptables-nft-restore", "/usr/sbin/iptables-legacy-restore", "/usr/sbin/iptables-save"],
+        "the services benchmark's kube-proxy iptables-mode baselines (nf_tables and legacy backends); \
+         the box tests' DNAT rules and the portmap plugin's",
     ),
     req("tcpdump", &["/usr/bin/tcpdump"], "tests check what crosses the fabric"),
     req("curl", &["/usr/bin/curl"], "the services tests ask healthCheckNodePorts over HTTP, as load balancers do"),
@@ -78,8 +79,14 @@ pub const REQUIREMENTS: &[Requirement] = &[
     req("etcd-client", &["/usr/bin/etcdctl"], "store benchmark baseline and tests"),
     req(
         "containernetworking-plugins",
-        &["/usr/lib/cni/ptp", "/usr/lib/cni/host-local", "/usr/lib/cni/bandwidth", "/usr/lib/cni/tuning"],
-        "chaining tests and the CNI benchmark's reference plugins",
+        &[
+            "/usr/lib/cni/ptp",
+            "/usr/lib/cni/host-local",
+            "/usr/lib/cni/bandwidth",
+            "/usr/lib/cni/tuning",
+            "/usr/lib/cni/portmap",
+        ],
+        "chaining tests (portmap: the box's hostPorts) and the CNI benchmark's reference plugins",
     ),
     req(
         "ca-certificates",

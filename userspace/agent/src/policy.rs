@@ -595,6 +595,8 @@ mod tests {
                     name: Some(n.to_string()),
                     protocol: *protocol,
                     port: *port,
+                    host_port: None,
+                    host_ip: None,
                 })
                 .collect(),
         }

@@ -238,6 +238,12 @@ impl ToModel for core::Pod {
                     name: p.name.clone().filter(|n| !n.is_empty()),
                     protocol: protocol(&format!("{f}.protocol"), p.protocol.as_deref())?,
                     port: port(&format!("{f}.containerPort"), p.container_port)?,
+                    host_port: optional_port(&format!("{f}.hostPort"), p.host_port)?,
+                    // Unset, empty and 0.0.0.0 all mean every node address.
+                    host_ip: match p.host_ip.as_deref() {
+                        None | Some("") => None,
+                        Some(a) => Some(ip(&format!("{f}.hostIP"), a)?).filter(|a| !a.is_unspecified()),
+                    },
                 });
             }
         }

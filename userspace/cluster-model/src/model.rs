@@ -91,6 +91,12 @@ pub struct ContainerPort {
     pub protocol: Protocol,
     /// Port number inside the pod.
     pub port: u16,
+    /// `hostPort`: the port on the node that leads to this one (absent when not exposed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    /// `hostIP`: the one node address the host port is bound to (absent: every address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<IpAddr>,
 }
 
 // === Namespace ===

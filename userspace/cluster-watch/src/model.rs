@@ -179,6 +179,14 @@ impl ClusterModel {
         }
     }
 
+    /// A Pod by namespace and name.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        match self.objects.get(&keys::k8s_key(Kind::Pod, Some(namespace), name)) {
+            Some(Object::K8s(ClusterObject::Pod(p))) => Some(p),
+            _ => None,
+        }
+    }
+
     /// The EndpointSlices of one service (label `kubernetes.io/service-name`), in key order.
     pub fn endpoint_slices_of(&self, namespace: &str, service: &str) -> impl Iterator<Item = &EndpointSlice> {
         self.slices_by_service.get(&(namespace.to_owned(), service.to_owned())).into_iter().flatten().filter_map(|k| {

@@ -35,9 +35,21 @@ fn pod_converts_ips_ports_node_and_labels() {
     assert_eq!(
         m.container_ports,
         vec![
-            ContainerPort { name: Some("http".into()), protocol: Protocol::Tcp, port: 8080 },
-            ContainerPort { name: None, protocol: Protocol::Udp, port: 53 },
-            ContainerPort { name: Some("metrics".into()), protocol: Protocol::Tcp, port: 9090 },
+            ContainerPort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 8080,
+                host_port: None,
+                host_ip: None
+            },
+            ContainerPort { name: None, protocol: Protocol::Udp, port: 53, host_port: None, host_ip: None },
+            ContainerPort {
+                name: Some("metrics".into()),
+                protocol: Protocol::Tcp,
+                port: 9090,
+                host_port: None,
+                host_ip: None
+            },
         ]
     );
     assert_eq!(pod.model_ref().unwrap().key(), "/contiv/k8s/pod/shop/web-0");
@@ -66,6 +78,39 @@ fn pod_host_network_single_ip_and_pending() {
     let pending: core::Pod = from_json(json!({"metadata": {"name": "p", "namespace": "d"}}));
     let m = pending.to_model().unwrap();
     assert!(m.ips.is_empty() && m.node_name.is_none() && m.container_ports.is_empty());
+}
+
+#[test]
+fn pod_host_ports_and_host_ips() {
+    let pod: core::Pod = from_json(json!({
+        "metadata": {"name": "dns", "namespace": "d"},
+        "spec": {"containers": [{"name": "c", "ports": [
+            {"containerPort": 53, "protocol": "UDP", "hostPort": 5353},
+            {"containerPort": 8080, "hostPort": 80, "hostIP": "192.168.1.10"},
+            {"containerPort": 9090, "hostPort": 9090, "hostIP": "0.0.0.0"},
+            {"containerPort": 7070, "hostPort": 0}]}]}
+    }));
+    let m = pod.to_model().unwrap();
+    let got: Vec<(u16, Option<u16>, Option<IpAddr>)> =
+        m.container_ports.iter().map(|p| (p.port, p.host_port, p.host_ip)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (53, Some(5353), None),
+            (8080, Some(80), Some("192.168.1.10".parse().unwrap())),
+            (9090, Some(9090), None),
+            (7070, None, None),
+        ]
+    );
+    // Stored only when set: a pod without host ports keeps its exact bytes.
+    let bytes = String::from_utf8(encode(&m)).unwrap();
+    assert!(bytes.contains(r#""port":53,"host_port":5353}"#), "{bytes}");
+    assert!(bytes.contains(r#""port":7070}"#), "{bytes}");
+    let bad: core::Pod = from_json(json!({
+        "metadata": {"name": "p", "namespace": "d"},
+        "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80, "hostIP": "nope"}]}]}
+    }));
+    assert_eq!(bad.to_model().unwrap_err().field(), "spec.containers[0].ports[0].hostIP");
 }
 
 #[test]

@@ -70,6 +70,8 @@ struct Inner {
     proxy: crate::proxy::Proxy,
     /// healthCheckNodePort servers.
     health: crate::healthcheck::HealthServers,
+    /// The hostPort services of the attached pods, as last planned.
+    host_ports: crate::hostports::HostPortServices,
 }
 
 /// The vswitch agent.
@@ -97,6 +99,8 @@ pub struct Agent {
     policy_problems: std::sync::Mutex<Vec<String>>,
     /// What changed for the service plan since the service task last looked.
     service_changes: std::sync::Mutex<crate::services::ServiceChanges>,
+    /// Wakes the service task without a cluster change (a pod with hostPorts came or went).
+    services_kick: tokio::sync::Notify,
     /// Services left out whose reason was logged already (logged once).
     skipped_logged: std::sync::Mutex<std::collections::BTreeSet<String>>,
     last_apply: std::sync::Mutex<Option<crate::proxy::ApplyStats>>,
@@ -472,6 +476,7 @@ impl Agent {
                 leaving: Default::default(),
                 proxy: crate::proxy::Proxy::new(service_params),
                 health: Default::default(),
+                host_ports: Default::default(),
             }),
             slowpath,
             model: std::sync::OnceLock::new(),
@@ -479,6 +484,7 @@ impl Agent {
             model_synced: std::sync::atomic::AtomicBool::new(false),
             policy_problems: std::sync::Mutex::new(vec![]),
             service_changes: std::sync::Mutex::new(crate::services::ServiceChanges::everything()),
+            services_kick: tokio::sync::Notify::new(),
             skipped_logged: Default::default(),
             last_apply: Default::default(),
             last_gc: Default::default(),
@@ -797,6 +803,7 @@ impl Agent {
         match self.wire(&node, &spec, attachment, prog, pin).await {
             Ok(attachment) => {
                 log::info!("ADD {}/{} -> {ip} on {host_ifname}", req.container_id, req.ifname);
+                self.host_ports_may_change(&attachment);
                 Ok(phase("reply").in_scope(|| self.add_reply(&attachment)))
             }
             Err(e) => {
@@ -881,6 +888,28 @@ impl Agent {
         }
         inner.applier.forget_counters(&mut inner.datapath, attachment.ip);
         Err(e)
+    }
+
+    /// Wakes the service task when a pod with hostPorts was attached or is leaving: its
+    /// hostPort services (crate::hostports) follow the attachments, not a cluster change.
+    fn host_ports_may_change(&self, a: &PodAttachment) {
+        if !self.config.services.enabled {
+            return;
+        }
+        let Some(model) = self.model.get() else { return };
+        let has_host_ports = model
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .pod(&a.pod_namespace, &a.pod_name)
+            .is_some_and(|p| p.container_ports.iter().any(|c| c.host_port.is_some()));
+        if has_host_ports {
+            self.services_kick.notify_one();
+        }
+    }
+
+    /// Returns when [`Self::host_ports_may_change`] asks the service task to run.
+    pub async fn services_kicked(&self) {
+        self.services_kick.notified().await;
     }
 
     /// Sets RPS on a pod's host end as `podRps` says (see crate::rps). A failure costs
@@ -989,6 +1018,9 @@ impl Agent {
                 first_err.get_or_insert(internal("removing the pod from the datapath", e));
             }
         }
+        // Its hostPorts go with it (the service task takes it out of every plan while it
+        // leaves).
+        self.host_ports_may_change(a);
         let deleted = {
             let (span, name) = (phase("link_delete"), a.host_ifname.clone());
             tokio::task::spawn_blocking(move || span.in_scope(|| podnet::delete_link_blocking(&name)))

@@ -144,7 +144,7 @@ fn service_changes(event: &ClusterEvent) -> Option<crate::services::ServiceChang
             note(old);
             note(new);
             if let (Object::K8s(ClusterObject::Pod(a)), Object::K8s(ClusterObject::Pod(b))) = (old, new) {
-                relevant |= a.ips != b.ips;
+                relevant |= a.ips != b.ips || a.container_ports != b.container_ports;
             }
         }
     }
@@ -324,6 +324,7 @@ async fn run_services(
                 dirty.borrow_and_update();
             }
             () = tokio::time::sleep(wait) => {}
+            () = agent.services_kicked() => {}
             () = &mut stop => return,
         }
         agent.sync_services().await;

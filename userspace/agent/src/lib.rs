@@ -10,6 +10,7 @@ pub mod cni_server;
 pub mod config;
 pub mod datapath;
 pub mod healthcheck;
+pub mod hostports;
 pub mod metrics;
 pub mod monitor;
 pub mod plan;

@@ -225,6 +225,10 @@ impl Proxy {
         self.planner.plan()
     }
 
+    pub fn params(&self) -> &ServiceParams {
+        self.planner.params()
+    }
+
     pub fn installed(&self) -> &Installed {
         &self.installed
     }

@@ -545,6 +545,11 @@ fn node_addrs(params: &ServiceParams, src: &impl ServiceSource) -> BTreeMap<Ipv4
     out
 }
 
+/// This node's own addresses (where its NodePorts and hostPorts are served).
+pub fn local_node_addrs(params: &ServiceParams, src: &impl ServiceSource) -> Vec<Ipv4Addr> {
+    node_addrs(params, src).into_iter().filter(|(_, a)| a.local != 0).map(|(ip, _)| ip).collect()
+}
+
 /// The refusal a frontend without endpoints stands for.
 fn refusal_of(k: &SvcKey) -> Result<(Ipv4Addr, u16, u8), (u16, u8)> {
     let ip = Ipv4Addr::from(k.ip);
@@ -593,6 +598,10 @@ impl ServicePlanner {
 
     pub fn plan(&self) -> &ServicePlan {
         &self.plan
+    }
+
+    pub fn params(&self) -> &ServiceParams {
+        &self.params
     }
 
     #[cfg(test)]

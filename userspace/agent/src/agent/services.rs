@@ -143,9 +143,25 @@ impl Agent {
         let changes = std::mem::take(&mut *self.service_changes.lock().unwrap_or_else(|p| p.into_inner()));
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
+        let mut changes = changes;
         let (delta, live) = {
             let m = model.read().unwrap_or_else(|p| p.into_inner());
-            let delta = inner.proxy.update(&*m, &changes);
+            // This node's hostPorts, served as services of their own (crate::hostports):
+            // they follow the attachments and the pods' objects.
+            let host_ports = {
+                let params = inner.proxy.params();
+                let addrs = crate::services::local_node_addrs(params, &*m);
+                let pods = inner
+                    .state
+                    .attachments()
+                    .filter(|a| a.complete && !inner.leaving.contains(&a.key()) && !inner.gone.contains(&a.key()))
+                    .filter_map(|a| m.pod(&a.pod_namespace, &a.pod_name).map(|p| (p, a.ip)));
+                crate::hostports::host_port_services(&params.node_name, params.proxy_name.as_deref(), &addrs, pods)
+            };
+            changes.services.extend(crate::hostports::changed(&inner.host_ports, &host_ports));
+            inner.host_ports = host_ports;
+            let src = crate::hostports::WithHostPorts { cluster: &*m, host_ports: &inner.host_ports };
+            let delta = inner.proxy.update(&src, &changes);
             // Addresses pods hold: they matter only while a removed backend may be refused.
             let mut live = BTreeSet::new();
             if inner.proxy.needs_live_ips(&delta) {
@@ -279,7 +295,10 @@ impl Agent {
         };
         for (k, fe) in &frontends {
             let info = ports.get(&fe.svc_id);
-            let (kind, flags) = flag_names(fe.flags);
+            let (mut kind, flags) = flag_names(fe.flags);
+            if info.is_some_and(|i| crate::hostports::is_host_port_service(&i.name)) {
+                kind = "HostPort";
+            }
             let c = counters.get(&fe.svc_id).copied().unwrap_or_default();
             let ip = Ipv4Addr::from(k.ip);
             r.frontends.push(FrontendReport {

@@ -613,16 +613,16 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         return overlay_drop(&ctx, trace, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1);
     };
     let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
-    let t = policy::transport(data, data_end, proto);
     // Replies of flows this node NAT'ed (a client here, or outside through this node), and
     // every flow conntrack knows.
     let mut first = FirstPacket::PLAIN;
     let mut tcp_flags = 0;
-    // The sending node balanced the flow: nothing new is translated here.
-    let mut unused = MaybeUninit::<NewFlow>::uninit();
+    // The sending node balanced the flow: nothing new is translated here, except for this
+    // node's own frontends (hostPorts) on its address.
+    let mut flow = MaybeUninit::<NewFlow>::uninit();
     if let Some(l4) = nat::l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
-        let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay, trace, &mut unused);
+        let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay, trace, &mut flow);
         match o.kind {
             outcome::TRACKED if o.to_uplink != 0 => {
                 trace.step(trace_step::ROUTE, trace_route::UPLINK, dst, 0, 0, cfg.uplink_ifindex);
@@ -636,16 +636,22 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
                 dst = o.dst;
                 first = FirstPacket::TRACKED;
             }
+            outcome::NEW => {
+                dst = o.dst;
+                first = FirstPacket::SERVICE;
+            }
             outcome::UNTOUCHED => {}
-            _ => return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1),
+            _ => return overlay_drop(&ctx, trace, drop_reason::SERVICE, |c| c.rx_no_destination += 1),
         }
-    } else if policy::tracked(&t, src, dst, trace) {
+    } else if policy::tracked(&policy::transport(data, data_end, proto), src, dst, trace) {
         first = FirstPacket::TRACKED;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
+    // As it is now: after a hostPort's DNAT, policy sees the port the backend serves.
+    let t = policy::transport(data, data_end, proto);
     if let Some(pod) = pod(dst) {
         trace.step(trace_step::ROUTE, trace_route::LOCAL_POD, dst, 0, 0, pod.host_ifindex);
         // A new flow from another node: the receiver's ingress rules, on its own node.
@@ -662,7 +668,9 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
                 }
                 return TC_ACT_SHOT;
             }
-            first.commit(src, dst, &t, tcp_flags, &unused, trace);
+            if !first.commit(src, dst, &t, tcp_flags, &flow, trace) {
+                return overlay_drop(&ctx, trace, drop_reason::SERVICE, |c| c.rx_no_destination += 1);
+            }
             if !trace.on() && cfg.flags & config_flags::MONITOR_FLOWS != 0 {
                 let code = if pod.flags & pod_flags::INGRESS_LIMITED != 0 { out::LOCAL_SHAPED } else { out::LOCAL };
                 monitor::flow(&ctx, code, hook::FROM_OVERLAY, dst, [0; 4]);

@@ -26,8 +26,8 @@ use crate::{
 pub enum Origin {
     /// From a local pod (`tc_from_pod`).
     Pod,
-    /// From another node (`tc_from_overlay`): only conntrack applies, the sending node
-    /// balanced the flow.
+    /// From another node (`tc_from_overlay`): the sending node balanced the flow; only
+    /// conntrack applies, and this node's own frontends on its address (hostPorts).
     Overlay,
     /// From outside the cluster (`tc_from_uplink`).
     Uplink,
@@ -126,7 +126,11 @@ pub fn process(
         };
     }
     trace.note(trace_step::CT_MISS, 0);
-    if origin == Origin::Overlay {
+    // From another node, the sending node balanced every service it knows. What reaches
+    // this node's own address untranslated can only be for a frontend of this node alone
+    // (a pod's hostPort, crate::hostports in the agent): looked up exactly, served only by a
+    // local backend.
+    if origin == Origin::Overlay && dst != cfg.node_ip {
         return Outcome::UNTOUCHED;
     }
     // 2. A backend removed a moment ago: refuse rather than let the client hang.
@@ -139,7 +143,8 @@ pub fn process(
     // 3. A service frontend?
     let wildcard = match origin {
         Origin::Uplink => lb::is_local_node_addr(dst),
-        _ => lb::is_node_addr(dst),
+        Origin::Overlay => false,
+        Origin::Pod => lb::is_node_addr(dst),
     };
     let Some(fe) = lb::frontend(dst, l4.dport, l4.proto, wildcard) else {
         trace.note(trace_step::SVC_NONE, 0);
@@ -147,7 +152,7 @@ pub fn process(
     };
     trace.step(trace_step::SVC_FRONTEND, fe.count, dst, l4.dport, fe.local_count, fe.svc_id);
     let external = fe.flags & (svc_flags::NODE_PORT | svc_flags::EXTERNAL_IP) != 0;
-    if origin == Origin::Uplink && !external {
+    if origin != Origin::Pod && !external {
         // Cluster IPs are not served to the outside.
         return Outcome::UNTOUCHED;
     }
@@ -159,8 +164,8 @@ pub fn process(
         return Outcome::DROP;
     }
     let local = match origin {
-        Origin::Uplink => fe.flags & svc_flags::ETP_LOCAL != 0,
-        _ => lb::internal_local(&fe),
+        Origin::Uplink | Origin::Overlay => fe.flags & svc_flags::ETP_LOCAL != 0,
+        Origin::Pod => lb::internal_local(&fe),
     };
     let now = ct::now();
     let Some(b) = lb::select(&fe, local, u64::from(u32::from_ne_bytes(src)), now, trace) else {
@@ -172,6 +177,10 @@ pub fn process(
         // balancer's health check steers clients elsewhere; a refusal would look final).
         return if fe.count == 0 { Outcome::REJECT } else { Outcome::DROP };
     };
+    if origin == Origin::Overlay && b.local == 0 {
+        // Its reply would not come back through here: the node's stack decides, as before.
+        return Outcome::UNTOUCHED;
+    }
     // 4. The source too, where the reply would not pass back through this node otherwise.
     let (mut snat_ip, mut snat_port) = (src, l4.sport);
     let mut snat = false;

@@ -125,8 +125,8 @@ pub struct BoxPod {
     pub container_id: String,
     pub ip: Ipv4Addr,
     pub labels: BTreeMap<String, String>,
-    /// hostPorts mapped by the `portmap` plugin after `contiv-cni` (see
-    /// [`ClusterBox::add_pod_with_host_ports`]).
+    /// hostPorts its Pod object declares, also mapped by the `portmap` plugin after
+    /// `contiv-cni` (see [`ClusterBox::add_pod_with_host_ports`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_ports: Vec<HostPort>,
 }
@@ -692,10 +692,12 @@ impl ClusterBox {
         self.add_pod_chained(node, id, labels, ports, extra_conf, &[])
     }
 
-    /// Like [`ClusterBox::add_pod`], run the way a runtime runs deploy/'s network config
-    /// list: `contiv-cni ADD`, then the `portmap` plugin's ADD in the node's namespace with
-    /// contiv-cni's result as `prevResult` and the pod's hostPorts as
-    /// `runtimeConfig.portMappings` (portmap DNATs them with iptables rules on the node).
+    /// Like [`ClusterBox::add_pod`] for a pod whose Pod object declares `hostPort`s, run the
+    /// way a runtime runs deploy/'s network config list: `contiv-cni ADD`, then the
+    /// `portmap` plugin's ADD in the node's namespace with contiv-cni's result as
+    /// `prevResult` and the pod's hostPorts as `runtimeConfig.portMappings` (portmap DNATs
+    /// them with iptables rules on the node; the agent serves them in its datapath unless
+    /// services are off).
     pub fn add_pod_with_host_ports(
         &mut self,
         node: &str,
@@ -740,7 +742,7 @@ impl ClusterBox {
         let (namespace, name) = id.split_once('/').unwrap_or(("default", id));
         assert!(self.pod_opt(id).is_none(), "pod {id} exists already");
         let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.apply_yaml(&pod_yaml(namespace, name, node, &labels, ports, None));
+        self.apply_yaml(&pod_yaml_with_host_ports(namespace, name, node, &labels, ports, host_ports, None));
         let netns = format!("{}-pod-{namespace}-{name}", self.state.id);
         ip_netns(&["add", &netns]);
         ip_in(&netns, &["link", "set", "lo", "up"]);
@@ -769,7 +771,7 @@ impl ClusterBox {
             let out = self.portmap("ADD", &pod, Some(&result));
             assert_eq!(out.exit_code, 0, "portmap ADD of {id}: {} {}", out.stdout, out.stderr);
         }
-        self.apply_yaml(&pod_yaml(namespace, name, node, &pod.labels, ports, Some(ip)));
+        self.apply_yaml(&pod_yaml_with_host_ports(namespace, name, node, &pod.labels, ports, host_ports, Some(ip)));
         self.state.pods.push(pod.clone());
         self.save();
         pod
@@ -892,11 +894,28 @@ pub fn pod_yaml(
     ports: &[ContainerPort],
     ip: Option<Ipv4Addr>,
 ) -> String {
+    pod_yaml_with_host_ports(namespace, name, node, labels, ports, &[], ip)
+}
+
+/// [`pod_yaml`] with container ports that declare a `hostPort`.
+pub fn pod_yaml_with_host_ports(
+    namespace: &str,
+    name: &str,
+    node: &str,
+    labels: &BTreeMap<String, String>,
+    ports: &[ContainerPort],
+    host_ports: &[HostPort],
+    ip: Option<Ipv4Addr>,
+) -> String {
     let labels_json = serde_json::to_string(labels).expect("labels");
-    let ports_json: Vec<Value> = ports
+    let mut ports_json: Vec<Value> = ports
         .iter()
         .map(|p| serde_json::json!({"name": p.name, "containerPort": p.port, "protocol": p.protocol}))
         .collect();
+    ports_json.extend(host_ports.iter().map(|h| {
+        serde_json::json!({"containerPort": h.container_port, "hostPort": h.host_port,
+            "protocol": h.protocol.to_ascii_uppercase()})
+    }));
     let status = match ip {
         Some(ip) => format!("status:\n  phase: Running\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}]\n"),
         None => String::new(),

@@ -3,7 +3,8 @@
 //! outside (masqueraded to the node's address), path MTU discovery works and nothing is
 //! fragmented, the fabric carries only VXLAN between node addresses for pod traffic, nodes
 //! leave and come back, an agent restart keeps a cross-node TCP flow alive, and hostPorts
-//! (Debian's `portmap` plugin chained after contiv-cni) answer clients from everywhere.
+//! answer clients from everywhere (served by the datapath, and by Debian's `portmap`
+//! plugin chained after contiv-cni when services are off).
 
 use std::{
     io::{Read, Write},
@@ -402,16 +403,18 @@ fn try_exchange(ns: &str, addr: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
-/// hostPorts as deploy/'s network config list provides them: Debian's `portmap` plugin
-/// chained after contiv-cni DNATs the node's port to the pod in the node's stack, so the
-/// pod's replies must go back through that stack to be translated back, whichever path the
-/// client came by: from outside, from another node, from a pod on another node (over the
-/// overlay), from the node itself, from a pod beside it, from the pod itself. The plugin's
-/// DEL removes its rules.
+/// hostPorts with `[services] enabled = false`: then only Debian's `portmap` plugin, which
+/// deploy/'s network config list chains after contiv-cni, serves them. It DNATs the node's
+/// port to the pod in the node's stack, so the pod's replies must go back through that
+/// stack to be translated back, whichever path the client came by: from outside, from
+/// another node, from a pod on another node (over the overlay), from the node itself, from
+/// a pod beside it, from the pod itself. The plugin's DEL removes its rules.
 #[test]
-fn host_ports_of_the_portmap_plugin_answer_every_client() {
+fn host_ports_of_the_portmap_plugin_answer_every_client_with_services_off() {
     use contiv_tests::cluster::{HostPort, ROUTER_IP};
-    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let mut opts = BoxOptions::for_test(2);
+    opts.agent_config = "[services]\nenabled = false\n".into();
+    let mut b = ClusterBox::up(opts);
     let web = b.add_pod_with_host_ports(
         "node-1",
         "default/web",
@@ -478,6 +481,157 @@ fn host_ports_of_the_portmap_plugin_answer_every_client() {
     let rules = Command::new("ip").args(["netns", "exec", &node1.netns, "iptables-save"]).output().unwrap();
     let rules = String::from_utf8_lossy(&rules.stdout);
     assert!(!rules.contains("30080"), "the hostPort rules are gone: {rules}");
+}
+
+/// A connected UDP socket in `ns` sends to `addr`; `srv` (the pod's socket) must get it and
+/// its answer must reach the client, which takes only what comes from `addr`. Returns the
+/// source the pod saw.
+fn try_udp_exchange(ns: &str, addr: SocketAddr, srv: &UdpSocket) -> Result<SocketAddr, String> {
+    let cli = enter(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(addr)?;
+        Ok::<_, std::io::Error>(s)
+    })
+    .map_err(|e| format!("socket: {e}"))?;
+    cli.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    cli.send(b"question").map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 64];
+    let (n, peer) = srv.recv_from(&mut buf).map_err(|e| format!("the pod got nothing: {e}"))?;
+    if &buf[..n] != b"question" {
+        return Err(format!("the pod got {:?}", &buf[..n]));
+    }
+    srv.send_to(b"answer", peer).map_err(|e| format!("answer: {e}"))?;
+    match cli.recv(&mut buf) {
+        Ok(n) if &buf[..n] == b"answer" => Ok(peer),
+        Ok(n) => Err(format!("a wrong answer: {:?}", &buf[..n])),
+        Err(e) => Err(format!("no answer from {addr}: {e}")),
+    }
+}
+
+/// The hostPort frontends a node programs: (frontend, kind, service, backends).
+fn host_port_frontends(b: &ClusterBox, node: &str) -> Vec<(String, String, String, Vec<String>)> {
+    let Some(r) = b.status_json(node, "/services") else { return vec![] };
+    r["frontends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["kind"] == "HostPort")
+        .map(|f| {
+            let backends = f["backends"].as_array().into_iter().flatten();
+            (
+                f["frontend"].as_str().unwrap_or_default().to_owned(),
+                f["kind"].as_str().unwrap_or_default().to_owned(),
+                f["service"].as_str().unwrap_or_default().to_owned(),
+                backends.map(|b| b["address"].as_str().unwrap_or_default().to_owned()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// hostPorts served by the datapath (the agent's `hostports`): the Pod object declares
+/// them, and the agent programs each as a frontend on its node's address with the pod as
+/// its one backend, while deploy/'s `portmap` still runs after contiv-cni. TCP and UDP
+/// answer every client: the outside, node-2 and its pod, node-1 and its pod, the pod
+/// itself; each keeps its own source address, which portmap would have masqueraded for a
+/// pod beside the server. Node-2 programs nothing of them. An agent restart keeps them;
+/// the pod's NetworkPolicy decides who gets in, by the real client; DEL takes them away.
+#[test]
+fn host_ports_are_served_by_the_datapath_to_every_client_under_the_pods_policy() {
+    use contiv_tests::cluster::{HostPort, ROUTER_IP};
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let web = b.add_pod_with_host_ports(
+        "node-1",
+        "default/web",
+        &[("app", "web")],
+        &[HostPort::new(30080, 8080, "tcp"), HostPort::new(30053, 5353, "udp")],
+    );
+    let near = b.add_pod("node-1", "default/near", &[("app", "near")], &[]);
+    let far = b.add_pod("node-2", "default/far", &[("app", "far")], &[]);
+    let (node1, node2) = (b.node("node-1").clone(), b.node("node-2").clone());
+    let want = vec![
+        (
+            format!("{}:30053", node1.ip),
+            "HostPort".to_owned(),
+            "hostPort:web:30053:UDP".to_owned(),
+            vec![format!("{}:5353", web.ip)],
+        ),
+        (
+            format!("{}:30080", node1.ip),
+            "HostPort".to_owned(),
+            "hostPort:web:30080:TCP".to_owned(),
+            vec![format!("{}:8080", web.ip)],
+        ),
+    ];
+    b.wait_for(Duration::from_secs(15), "node-1 programs the hostPorts", || {
+        let mut got = host_port_frontends(&b, "node-1");
+        got.sort();
+        got == want
+    });
+    assert!(host_port_frontends(&b, "node-2").is_empty(), "node-2 serves none of node-1's hostPorts");
+
+    let external = b.state.external.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let peers = echo_service(&web.netns, web.ip, 8080, stop.clone());
+    let web_ip = web.ip;
+    let udp_srv = enter(&web.netns, move || UdpSocket::bind((web_ip, 5353)).unwrap());
+    udp_srv.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let (front, udp_front) = (SocketAddr::from((node1.ip, 30080)), SocketAddr::from((node1.ip, 30053)));
+    // Who connects, and the source the pod sees (None: not checked; the node's own
+    // sockets pick a node address, the pod itself is seen as the pods' gateway).
+    let clients: Vec<(&str, String, Option<Ipv4Addr>)> = vec![
+        ("the outside", external.clone(), Some(ROUTER_IP)),
+        ("node-2", node2.netns.clone(), Some(node2.ip)),
+        ("a pod on node-2", far.netns.clone(), Some(far.ip)),
+        ("node-1", node1.netns.clone(), None),
+        ("a pod on node-1", near.netns.clone(), Some(near.ip)),
+        ("the pod itself", web.netns.clone(), None),
+    ];
+    let check_all = |b: &ClusterBox, when: &str| {
+        for (who, ns, source) in &clients {
+            if let Err(e) = try_exchange(ns, front) {
+                panic!("{when}: TCP {who} -> {front}: {e}\n{}", b.agent_log("node-1"));
+            }
+            let seen = peers.recv_timeout(Duration::from_secs(5)).expect("the server saw the client");
+            let udp_seen = try_udp_exchange(ns, udp_front, &udp_srv)
+                .unwrap_or_else(|e| panic!("{when}: UDP {who} -> {udp_front}: {e}\n{}", b.agent_log("node-1")));
+            if let Some(ip) = source {
+                assert_eq!(seen.ip(), std::net::IpAddr::V4(*ip), "{when}: TCP keeps the source of {who}");
+                assert_eq!(udp_seen.ip(), std::net::IpAddr::V4(*ip), "{when}: UDP keeps the source of {who}");
+            }
+        }
+    };
+    check_all(&b, "first");
+    b.stop_agent("node-1", false);
+    b.start_agent("node-1");
+    check_all(&b, "after an agent restart");
+
+    // The pod admits the pod beside it and the outside; the node itself always gets in.
+    b.apply_yaml(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web-in, namespace: default}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n\
+         \x20 ingress: [{{from: [{{podSelector: {{matchLabels: {{app: near}}}}}}, {{ipBlock: {{cidr: {ROUTER_IP}/32}}}}]}}]\n"
+    ));
+    b.wait_for(Duration::from_secs(15), "the policy keeps the pod on node-2 out", || {
+        try_exchange(&far.netns, front).is_err()
+    });
+    for (who, ns, _) in &clients {
+        let denied = *who == "node-2" || *who == "a pod on node-2";
+        match try_exchange(ns, front) {
+            Ok(()) => {
+                assert!(!denied, "TCP {who} got past the pod's policy");
+                peers.recv_timeout(Duration::from_secs(5)).expect("the server saw the client");
+            }
+            Err(e) => assert!(denied, "TCP {who} is admitted by the policy: {e}\n{}", b.agent_log("node-1")),
+        }
+        let udp = try_udp_exchange(ns, udp_front, &udp_srv);
+        assert_eq!(udp.is_err(), denied, "UDP {who}: {udp:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    // DEL: the frontends go with the pod.
+    b.del_pod("default/web");
+    b.wait_for(Duration::from_secs(15), "node-1 drops the hostPorts", || host_port_frontends(&b, "node-1").is_empty());
+    assert!(try_exchange(&external, front).is_err(), "nothing answers on the hostPort any more");
 }
 
 /// A DNAT in a node's stack, the way kube-proxy's iptables mode renders a Service (what

@@ -650,12 +650,12 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
-    // As it is now: after a hostPort's DNAT, policy sees the port the backend serves.
-    let t = policy::transport(data, data_end, proto);
     if let Some(pod) = pod(dst) {
         trace.step(trace_step::ROUTE, trace_route::LOCAL_POD, dst, 0, 0, pod.host_ifindex);
         // A new flow from another node: the receiver's ingress rules, on its own node.
         if first != FirstPacket::TRACKED {
+            // As the packet is now: after a hostPort's DNAT, the port the backend serves.
+            let t = policy::transport(data, data_end, proto);
             let isolated = pod.flags & pod_flags::INGRESS_ISOLATED != 0;
             if !policy::check(isolated, pod.ip, policy_dir::INGRESS, src, &t, trace) {
                 let reason = drop_reason::POLICY_INGRESS;

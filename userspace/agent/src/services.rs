@@ -545,9 +545,14 @@ fn node_addrs(params: &ServiceParams, src: &impl ServiceSource) -> BTreeMap<Ipv4
     out
 }
 
-/// This node's own addresses (where its NodePorts and hostPorts are served).
+/// This node's own addresses (where its NodePorts and hostPorts are served), from the cluster.
 pub fn local_node_addrs(params: &ServiceParams, src: &impl ServiceSource) -> Vec<Ipv4Addr> {
-    node_addrs(params, src).into_iter().filter(|(_, a)| a.local != 0).map(|(ip, _)| ip).collect()
+    local_addrs(&node_addrs(params, src))
+}
+
+/// This node's own addresses among `addrs` (a plan's `node_addrs`).
+pub fn local_addrs(addrs: &BTreeMap<Ipv4Addr, NodeAddr>) -> Vec<Ipv4Addr> {
+    addrs.iter().filter(|(_, a)| a.local != 0).map(|(ip, _)| *ip).collect()
 }
 
 /// The refusal a frontend without endpoints stands for.

@@ -140,17 +140,21 @@ impl Agent {
         }
         let model = self.model.get()?.clone();
         let started = Instant::now();
-        let changes = std::mem::take(&mut *self.service_changes.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut changes = std::mem::take(&mut *self.service_changes.lock().unwrap_or_else(|p| p.into_inner()));
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
-        let mut changes = changes;
         let (delta, live) = {
             let m = model.read().unwrap_or_else(|p| p.into_inner());
             // This node's hostPorts, served as services of their own (crate::hostports):
             // they follow the attachments and the pods' objects.
             let host_ports = {
                 let params = inner.proxy.params();
-                let addrs = crate::services::local_node_addrs(params, &*m);
+                // The node's addresses as the last plan has them, unless nodes changed.
+                let addrs = if changes.all || changes.nodes {
+                    crate::services::local_node_addrs(params, &*m)
+                } else {
+                    crate::services::local_addrs(&inner.proxy.plan().node_addrs)
+                };
                 let pods = inner
                     .state
                     .attachments()

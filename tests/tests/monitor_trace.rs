@@ -157,6 +157,11 @@ fn trace_explains_local_remote_service_policy_and_spoofed_packets_without_changi
     assert_eq!(t["outcome"], "forwarded", "{}", results(&t));
     assert_eq!(stage(&t, "route")[0]["result"], "other node");
     assert!(t["verdict"].as_str().unwrap().contains("node node-2 (192.168.100.12)"), "{}", t["verdict"]);
+    // The program built the outer headers; the report shows, and node-2 is handed, the
+    // packet inside them.
+    let notes = t["notes"].to_string();
+    assert!(notes.contains("outer IPv4/UDP/VXLAN headers (VNI 1)"), "{notes}");
+    assert_eq!(t["packetOut"]["dst"], remote.ip.to_string(), "{t}");
     let arrival = &t["arrival"];
     assert_eq!(arrival["node"], "node-2", "{t}");
     assert_eq!(arrival["program"]["name"], "tc_from_overlay");

@@ -90,7 +90,9 @@ pub mod schema {
         // v2: tunnel, host and from-tunnel counters appended.
         (POD_COUNTERS, 2),
         // v2: pod subnet, overlay device, VNI and node address appended. (The trailing padding
-        // became `flags` without a layout change: an older agent's zeros mean kernel mode.)
+        // became `flags` without a layout change: an older agent's zeros mean kernel mode.
+        // Likewise the padding after the gateway MAC became `overlay_port`: zero means the
+        // overlay device builds the outer headers.)
         // v3: monitor rate and burst appended.
         (CONFIG, 3),
         (SLOWPATH_XSKS, 1),
@@ -282,7 +284,9 @@ pub struct DatapathConfig {
     pub slowport_ifindex: u32,
     /// MAC the pods resolve the gateway to; source MAC of frames the fast path delivers.
     pub gateway_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// UDP port of the overlay (host byte order), for the headers the programs build
+    /// themselves; 0 (an older agent's padding): pods' packets go through the overlay device.
+    pub overlay_port: u16,
     /// This node's pod subnet (network and mask, network byte order): an address in it that
     /// is no local pod is an unknown destination (slow path), never the host's.
     pub pod_subnet: [u8; 4],

@@ -116,6 +116,16 @@ impl Verdict {
         Self::new(out::TUNNEL, 0, ifindex, node_ip, Self::NONE)
     }
 
+    /// Encapsulated here, for that node: out of the uplink `ifindex` (the kernel's FIB and
+    /// neighbour table fill in the outer MACs).
+    #[inline(always)]
+    fn encapsulated(ifindex: u32, node_ip: [u8; 4]) -> Self {
+        Self::new(out::TUNNEL, Self::ENCAPSULATED, ifindex, node_ip, Self::NONE)
+    }
+
+    /// `reason` of a TUNNEL verdict whose packet carries its outer headers already.
+    const ENCAPSULATED: u8 = 1;
+
     /// To the node's own stack (the host, node addresses, outside the cluster).
     const HOST: Self = Self::new(out::HOST, 0, 0, [0; 4], Self::NONE);
 
@@ -236,6 +246,9 @@ fn from_pod(skb: *mut aya_ebpf::bindings::__sk_buff, event: &mut PendingEvent) -
                 c.tunnel_bytes += len;
             });
             trace.step(trace_step::VERDICT, u16::from(code), next_hop, 0, 0, verdict.ifindex);
+            if verdict.reason == Verdict::ENCAPSULATED {
+                return to_uplink(verdict.ifindex);
+            }
             // SAFETY: plain helper call.
             unsafe { bpf_redirect(verdict.ifindex, 0) as i32 }
         }
@@ -326,6 +339,40 @@ fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
 
 #[inline(always)]
 fn classify_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut PendingEvent) -> Verdict {
+    let verdict = decide_from_pod(ctx, me, trace, event);
+    if verdict.kind != out::TUNNEL {
+        return verdict;
+    }
+    into_tunnel(ctx, verdict, trace)
+}
+
+/// A packet for another node, its every check passed: the program builds the VXLAN packet
+/// and hands it to the uplink; the overlay device is the fallback for what the kernel will
+/// not grow (and for an older agent's config, which names no port).
+#[inline(always)]
+fn into_tunnel(ctx: &TcContext, verdict: Verdict, trace: Trace) -> Verdict {
+    let Some(cfg) = config() else {
+        return Verdict::drop(drop_reason::MALFORMED);
+    };
+    if cfg.uplink_ifindex != 0 && cfg.overlay_port != 0 {
+        match overlay::encapsulate(ctx, cfg.node_ip, verdict.node_ip, cfg.vni, cfg.overlay_port) {
+            overlay::Encap::Done => return Verdict::encapsulated(cfg.uplink_ifindex, verdict.node_ip),
+            overlay::Encap::Broken => {
+                trace.note(trace_step::MALFORMED, 0);
+                return Verdict::drop(drop_reason::MALFORMED);
+            }
+            overlay::Encap::Unchanged => {}
+        }
+    }
+    if !overlay::set_tunnel(ctx, verdict.node_ip, cfg.vni) {
+        trace.note(trace_step::MALFORMED, 0);
+        return Verdict::drop(drop_reason::MALFORMED);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut PendingEvent) -> Verdict {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(eth) = eth(data, data_end) else {
         trace.note(trace_step::MALFORMED, 0);
@@ -546,10 +593,7 @@ fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], trace: Tr
             return Verdict::drop(drop_reason::TTL_EXCEEDED);
         }
         eth[6..12].copy_from_slice(&cfg.gateway_mac);
-        if !overlay::set_tunnel(ctx, r.node_ip, cfg.vni) {
-            trace.note(trace_step::MALFORMED, 0);
-            return Verdict::drop(drop_reason::MALFORMED);
-        }
+        // Encapsulated once the policy checks have read the packet (`into_tunnel`).
         return Verdict::tunnel(overlay, r.node_ip);
     }
     if in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {

@@ -1,14 +1,22 @@
 //! The overlay: one flow-based VXLAN device per node (`collect_md`), no per-peer devices and
-//! no FDB entries. A packet for another node gets its tunnel key here (remote node, VNI,
-//! TTL) and is redirected to the device's egress; the kernel's VXLAN driver builds the outer
-//! Ethernet/IPv4/UDP/VXLAN headers. Decapsulated packets arrive at the device's ingress with
-//! the key still attached, so the receiver knows which node sent them.
+//! no FDB entries. A pod's packet for another node gets its outer IPv4/UDP/VXLAN headers
+//! from the program itself ([`encapsulate`]) and leaves by the uplink; other packets (the
+//! node's own, a NodePort client's, or one the kernel will not grow) get a tunnel key here
+//! (remote node, VNI, TTL) and are redirected to the device's egress, where the kernel's
+//! VXLAN driver builds the headers. Every node receives through the device: decapsulated
+//! packets arrive at its ingress with the key still attached, so the receiver knows which
+//! node sent them.
 
 use aya_ebpf::{
-    bindings::{BPF_F_ZERO_CSUM_TX, bpf_tunnel_key},
-    helpers::generated::{bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ZERO_CSUM_TX, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
+    },
+    helpers::generated::{bpf_get_hash_recalc, bpf_skb_adjust_room, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
+
+use crate::packet::{ETH_HLEN, ptr_at};
 
 /// TTL of the outer header.
 const TUNNEL_TTL: u8 = 64;
@@ -48,4 +56,95 @@ pub fn tunnel_remote(ctx: &TcContext) -> Option<[u8; 4]> {
     }
     // SAFETY: IPv4 tunnels fill remote_ipv4 (host byte order).
     Some(unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes())
+}
+
+/// Bytes the sender puts in front of a pod's IPv4 packet: outer IPv4 (20), UDP (8),
+/// VXLAN (8) and the inner Ethernet header (14).
+const ENCAP_LEN: usize = 50;
+
+/// What [`encapsulate`] did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// The packet is a VXLAN packet to the remote node now; only its outer MACs are left.
+    Done,
+    /// The kernel would not grow this packet (e.g. it is already encapsulated): it is
+    /// unchanged, and the VXLAN device can still send it.
+    Unchanged,
+    /// Grown but not written: it must be dropped.
+    Broken,
+}
+
+/// Builds the outer headers in the program itself: the packet leaves by the uplink without
+/// going through the VXLAN device, whose collect_md transmit path looks up the route to
+/// the remote node for every packet (a per-packet tunnel key disables its route cache) and
+/// passes the outer packet through the node's netfilter hooks. The kernel marks the skb as
+/// UDP-tunnelled (inner headers, GSO type), so a GSO packet is segmented as the device's
+/// own would be; the MSS stays (pods' MTU already leaves room for the headers).
+/// `local` and `remote` are node addresses (network byte order); `port` is the overlay's
+/// UDP port.
+#[inline(always)]
+pub fn encapsulate(ctx: &TcContext, local: [u8; 4], remote: [u8; 4], vni: u32, port: u16) -> Encap {
+    // SAFETY: plain helper call on our own skb.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let flags = u64::from(
+        BPF_F_ADJ_ROOM_FIXED_GSO
+            | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+    ) | ((ETH_HLEN as u64) << 56);
+    // SAFETY: plain helper call on our own skb.
+    if unsafe { bpf_skb_adjust_room(ctx.skb.skb, ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags) } != 0 {
+        return Encap::Unchanged;
+    }
+    let len = ctx.skb.len() as usize;
+    let Some(h) = ptr_at::<[u8; ETH_HLEN + ENCAP_LEN]>(ctx.data(), ctx.data_end(), 0) else {
+        return Encap::Broken;
+    };
+    // SAFETY: bounds checked by ptr_at; the frame outlives the program run.
+    let h = unsafe { &mut *h };
+    // The original Ethernet header stayed in front: it becomes the inner one too.
+    let (outer_eth, rest) = h.split_at_mut(ETH_HLEN);
+    rest[ENCAP_LEN - ETH_HLEN..].copy_from_slice(outer_eth);
+    let ip_len = (len - ETH_HLEN).min(0xffff) as u16;
+    let udp_len = (len - ETH_HLEN - 20).min(0xffff) as u16;
+    // The outer source port spreads flows over the underlay's ECMP paths and the remote
+    // node's receive queues, in the ephemeral range as the kernel's own tunnels do.
+    let sport = (((u64::from(hash ^ (hash << 16)) * 28232) >> 32) as u16).wrapping_add(32768);
+    let ip = &mut rest[..20];
+    ip[0] = 0x45;
+    ip[1] = 0;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[4] = 0;
+    ip[5] = 0;
+    // Don't fragment: the pods' MTU leaves room for these headers, and the datapath never
+    // fragments.
+    ip[6] = 0x40;
+    ip[7] = 0;
+    ip[8] = TUNNEL_TTL;
+    ip[9] = 17;
+    ip[10] = 0;
+    ip[11] = 0;
+    ip[12..16].copy_from_slice(&local);
+    ip[16..20].copy_from_slice(&remote);
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([ip[i], ip[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let udp = &mut rest[20..28];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&port.to_be_bytes());
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    // No UDP checksum over IPv4 (RFC 7348), as the device sends.
+    udp[6] = 0;
+    udp[7] = 0;
+    let vxlan = &mut rest[28..36];
+    // Flags: a valid VNI; then the 24-bit VNI and a reserved byte.
+    vxlan[0..4].copy_from_slice(&[0x08, 0, 0, 0]);
+    vxlan[4..8].copy_from_slice(&(vni << 8).to_be_bytes());
+    Encap::Done
 }

@@ -394,9 +394,13 @@ impl Agent {
             cluster_pod_cidr: config.pod_subnet_cidr,
             slowport_ifindex: slow_host_index,
             overlay: match (&uplink, &overlay) {
-                (Some(u), Some(o)) => {
-                    Some(OverlayParams { ifindex: o.ifindex, vni: config.overlay.vni, node_ip: u.node_ip, mtu: o.mtu })
-                }
+                (Some(u), Some(o)) => Some(OverlayParams {
+                    ifindex: o.ifindex,
+                    vni: config.overlay.vni,
+                    node_ip: u.node_ip,
+                    mtu: o.mtu,
+                    port: config.overlay.port,
+                }),
                 _ => None,
             },
             masquerade_uplink: uplink.as_ref().filter(|_| config.masquerade).map(|u| u.ifname.clone()),

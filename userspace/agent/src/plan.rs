@@ -73,6 +73,8 @@ pub struct OverlayParams {
     pub node_ip: Ipv4Addr,
     /// MTU of routes into the overlay (the pods' path MTU).
     pub mtu: u32,
+    /// The device's UDP port (the pods' packets get their outer headers in the datapath).
+    pub port: u16,
 }
 
 /// A kernel route the agent owns.
@@ -158,12 +160,12 @@ pub fn plan<'a>(
             overlay_ifindex: node.overlay.as_ref().map_or(0, |o| o.ifindex),
             vni: node.overlay.as_ref().map_or(0, |o| o.vni),
             node_ip: node.overlay.as_ref().map_or([0; 4], |o| o.node_ip.octets()),
+            overlay_port: node.overlay.as_ref().map_or(0, |o| o.port),
             flags: if node.vpp_uplink { config_flags::VPP_UPLINK } else { 0 }
                 | if node.monitor.flows { config_flags::MONITOR_FLOWS } else { 0 },
             uplink_ifindex: node.uplink_ifindex,
             monitor_rate: node.monitor.rate,
             monitor_burst: node.monitor.burst,
-            ..Default::default()
         },
         ..Default::default()
     };
@@ -237,6 +239,7 @@ mod tests {
                 vni: 7,
                 node_ip: Ipv4Addr::new(192, 168, 100, 11),
                 mtu: 1450,
+                port: 4789,
             }),
             masquerade_uplink: overlay.then(|| "eth0".to_owned()),
             vpp_uplink: false,
@@ -325,6 +328,7 @@ mod tests {
         assert_eq!(p.config.overlay_ifindex, 4);
         assert_eq!(p.config.vni, 7);
         assert_eq!(p.config.node_ip, [192, 168, 100, 11]);
+        assert_eq!(p.config.overlay_port, 4789, "the programs build the outer UDP header for the device's port");
         assert_eq!(
             p.masquerade,
             Some(Masquerade { cluster_pod_cidr: "10.1.0.0/16".parse().unwrap(), uplink: "eth0".into() })

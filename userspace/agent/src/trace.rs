@@ -263,6 +263,23 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The inner frame of a VXLAN packet to UDP `port` that the program encapsulated itself
+/// (outer IPv4 without options, UDP, VXLAN with a valid VNI), with its VNI; `None` for
+/// anything else.
+pub fn vxlan_inner(frame: &[u8], port: u16) -> Option<(&[u8], u32)> {
+    const OUTER: usize = 14 + 20 + 8 + 8;
+    let ip = frame.get(14..34)?;
+    let udp = frame.get(34..42)?;
+    let vxlan = frame.get(42..OUTER)?;
+    let vxlan_to_port = frame[12..14] == [0x08, 0x00]
+        && ip[0] == 0x45
+        && ip[9] == 17
+        && u16::from_be_bytes([udp[2], udp[3]]) == port
+        && vxlan[0] & 0x08 != 0;
+    let vni = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
+    (vxlan_to_port && frame.len() >= OUTER + 14).then(|| (&frame[OUTER..], vni))
+}
+
 /// Hex back to bytes; `None` if it is not hex.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
@@ -605,6 +622,23 @@ pub fn action(return_code: u32) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_inner_frame_of_an_encapsulated_packet_is_found_and_anything_else_is_not() {
+        let inner: Vec<u8> = (0..60u8).collect();
+        let mut f = vec![0u8; 12];
+        f.extend([0x08, 0x00, 0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 192, 168, 100, 11, 192, 168, 100, 12]);
+        f.extend([0xc0, 0x00, 0x12, 0xb5, 0, 0, 0, 0]);
+        f.extend([0x08, 0, 0, 0, 0, 0, 7, 0]);
+        f.extend(&inner);
+        assert_eq!(super::vxlan_inner(&f, 4789), Some((&inner[..], 7)));
+        assert_eq!(super::vxlan_inner(&f, 8472), None, "another port");
+        let mut tcp = f.clone();
+        tcp[23] = 6;
+        assert_eq!(super::vxlan_inner(&tcp, 4789), None, "not UDP");
+        assert_eq!(super::vxlan_inner(&f[..60], 4789), None, "too short for an inner Ethernet header");
+        assert_eq!(super::vxlan_inner(&inner, 4789), None);
+    }
+
     use super::*;
 
     #[test]

@@ -319,6 +319,16 @@ impl Agent {
             .rev()
             .find(|s| s.code == trace_step::VERDICT && s.arg == u16::from(contiv_common::verdict::TUNNEL))
             .map(|s| Ipv4Addr::from(s.ip));
+        // A pod's packet for another node leaves with the outer headers the program built:
+        // the report shows the packet inside, which the next node's trace takes.
+        let encapsulated = next_node.and_then(|_| trace::vxlan_inner(&run.packet_out, self.config.overlay.port));
+        if let Some((_, vni)) = encapsulated {
+            notes.push(format!(
+                "the program built the outer IPv4/UDP/VXLAN headers (VNI {vni}); the packet out shown is the \
+                 one inside them"
+            ));
+        }
+        let packet_out = encapsulated.map_or(&run.packet_out[..], |(inner, _)| inner);
         if let Some(ip) = next_node {
             notes.push(format!(
                 "the packet goes on to {}, whose tc_from_overlay decides what happens there (the receiver's \
@@ -351,8 +361,8 @@ impl Agent {
             outcome,
             drop_reason,
             verdict,
-            packet_out: PacketReport::parse(&run.packet_out),
-            packet_out_hex: (outcome == Outcome::Forwarded).then(|| trace::hex(&run.packet_out)),
+            packet_out: PacketReport::parse(packet_out),
+            packet_out_hex: (outcome == Outcome::Forwarded).then(|| trace::hex(packet_out)),
             next_node: next_node.and_then(|ip| names.nodes.get(&ip).cloned()),
             next_node_ip: next_node,
             notes,

@@ -211,11 +211,17 @@ fn the_fabric_carries_only_vxlan_between_node_addresses_for_pod_traffic() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(800));
+    let device_tx =
+        |b: &ClusterBox| -> Vec<u64> { ["node-1", "node-2"].iter().map(|n| overlay_device_tx_packets(b, n)).collect() };
+    let before = device_tx(&b);
     assert!(ping(&b, &a.id(), c.ip));
     let (addr, server) = echo_server(&c.netns, c.ip);
     tcp_exchange(&a.netns, addr, server);
     assert!(udp_exchange(&c, &a));
     std::thread::sleep(Duration::from_millis(500));
+    // The pods' packets get their outer headers in tc_from_pod and leave by the uplink: the
+    // VXLAN device sent none of them (it serves the node's own packets).
+    assert_eq!(device_tx(&b), before, "pod packets went through the overlay device's transmit path");
     let mut text = String::new();
     for (pcap, mut child) in captures {
         // SAFETY: SIGTERM to a tcpdump we started, by pid.
@@ -236,6 +242,20 @@ fn the_fabric_carries_only_vxlan_between_node_addresses_for_pod_traffic() {
         assert!(vxlan && between_nodes, "not VXLAN between node addresses: {l}");
         assert!(!l.contains(" 10.1."), "a pod address on the wire: {l}");
     }
+    // Both directions carry the overlay's VNI (the box's default, 1).
+    for (from, to) in [(&nodes[0], &nodes[1]), (&nodes[1], &nodes[0])] {
+        let outer: Vec<&&str> =
+            lines.iter().filter(|l| l.contains(&format!("{from}.")) && l.contains(&format!("> {to}."))).collect();
+        assert!(!outer.is_empty(), "no VXLAN from {from} to {to}: {text}");
+        assert!(outer.iter().all(|l| l.contains("vni 1")), "VNI 1 from {from} to {to}: {text}");
+    }
+}
+
+/// Packets the node's overlay device (cvx0) has sent.
+fn overlay_device_tx_packets(b: &ClusterBox, node: &str) -> u64 {
+    let out = b.cmd(node, "ip").args(["-s", "-j", "link", "show", "cvx0"]).output().expect("ip -s link");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    v[0]["stats64"]["tx"]["packets"].as_u64().expect("tx packets of cvx0")
 }
 
 #[test]

@@ -251,6 +251,26 @@ fn the_fabric_carries_only_vxlan_between_node_addresses_for_pod_traffic() {
     }
 }
 
+#[test]
+fn pods_talk_across_nodes_through_the_overlay_device_when_configured_so() {
+    let mut opts = BoxOptions::for_test(2);
+    opts.agent_config = "overlayEncap = \"device\"\n".into();
+    let mut b = ClusterBox::up(opts);
+    let a = b.add_pod("node-1", "default/a", &[], &[]);
+    let c = b.add_pod("node-2", "default/c", &[], &[]);
+    let before = [overlay_device_tx_packets(&b, "node-1"), overlay_device_tx_packets(&b, "node-2")];
+    assert!(ping(&b, &a.id(), c.ip));
+    let (addr, server) = echo_server(&c.netns, c.ip);
+    tcp_exchange(&a.netns, addr, server);
+    assert!(udp_exchange(&a, &c));
+    assert!(udp_exchange(&c, &a));
+    // tc_from_pod set a tunnel key and the device built the headers, on both nodes.
+    for (i, node) in ["node-1", "node-2"].iter().enumerate() {
+        let sent = overlay_device_tx_packets(&b, node) - before[i];
+        assert!(sent >= 4, "{node}'s cvx0 sent only {sent} packets with overlayEncap = \"device\"");
+    }
+}
+
 /// Packets the node's overlay device (cvx0) has sent.
 fn overlay_device_tx_packets(b: &ClusterBox, node: &str) -> u64 {
     let out = b.cmd(node, "ip").args(["-s", "-j", "link", "show", "cvx0"]).output().expect("ip -s link");

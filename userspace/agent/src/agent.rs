@@ -399,7 +399,11 @@ impl Agent {
                     vni: config.overlay.vni,
                     node_ip: u.node_ip,
                     mtu: o.mtu,
-                    port: config.overlay.port,
+                    // 0: the device builds the outer headers (`overlayEncap = "device"`).
+                    port: match config.overlay.encap {
+                        crate::config::OverlayEncap::Datapath => config.overlay.port,
+                        crate::config::OverlayEncap::Device => 0,
+                    },
                 }),
                 _ => None,
             },

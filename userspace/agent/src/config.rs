@@ -59,6 +59,7 @@ struct RawConfig {
     overlay_ifname: Option<String>,
     vxlan_vni: Option<u32>,
     vxlan_port: Option<u16>,
+    overlay_encap: Option<String>,
     masquerade: Option<bool>,
     pod_rps: Option<bool>,
     allow_private_bpffs: Option<bool>,
@@ -200,6 +201,18 @@ pub struct OverlayConfig {
     pub vni: u32,
     /// UDP destination port. Default 4789 (IANA).
     pub port: u16,
+    /// Who builds the outer headers of pods' packets. Default [`OverlayEncap::Datapath`].
+    pub encap: OverlayEncap,
+}
+
+/// `overlayEncap`: who puts the outer headers on a pod's packet for another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayEncap {
+    /// `"datapath"`: `tc_from_pod` writes them and hands the packet to the uplink.
+    Datapath,
+    /// `"device"`: `tc_from_pod` sets a tunnel key and the VXLAN device writes them (a route
+    /// lookup and the node's netfilter hooks per packet).
+    Device,
 }
 
 /// Bytes the VXLAN encapsulation adds to a packet (outer IPv4 20, UDP 8, VXLAN 8, inner
@@ -422,6 +435,7 @@ impl AgentConfig {
                 (raw.overlay_ifname.is_some(), "overlayIfname"),
                 (raw.vxlan_vni.is_some(), "vxlanVni"),
                 (raw.vxlan_port.is_some(), "vxlanPort"),
+                (raw.overlay_encap.is_some(), "overlayEncap"),
                 (raw.masquerade.is_some(), "masquerade"),
             ] {
                 if set {
@@ -471,6 +485,16 @@ impl AgentConfig {
             ifname: ifname_check(raw.overlay_ifname, "cvx0", "overlayIfname")?,
             vni: raw.vxlan_vni.unwrap_or(1),
             port: raw.vxlan_port.unwrap_or(4789),
+            encap: match raw.overlay_encap.as_deref() {
+                None | Some("datapath") => OverlayEncap::Datapath,
+                Some("device") => OverlayEncap::Device,
+                Some(other) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "overlayEncap {other:?}: expected \"datapath\" (the eBPF programs build the VXLAN headers) \
+                         or \"device\" (the VXLAN device does)"
+                    )));
+                }
+            },
         };
         if overlay.vni == 0 || overlay.vni >= 1 << 24 {
             return Err(ConfigError::Invalid(format!("vxlanVni {} must be in 1..16777215", overlay.vni)));
@@ -678,7 +702,10 @@ mod tests {
         assert_eq!(c.pod_mtu(None), 1500);
         assert_eq!(c.pod_mtu(Some(1500)), 1450, "the overlay's 50 bytes come off the uplink MTU");
         assert_eq!(c.uplink, Uplink::Kernel);
-        assert_eq!(c.overlay, OverlayConfig { ifname: "cvx0".into(), vni: 1, port: 4789 });
+        assert_eq!(
+            c.overlay,
+            OverlayConfig { ifname: "cvx0".into(), vni: 1, port: 4789, encap: OverlayEncap::Datapath }
+        );
         assert!(c.masquerade);
         assert!(!c.pod_rps);
         assert_eq!(c.cni_socket, PathBuf::from("/run/contiv/cni.sock"));
@@ -694,6 +721,7 @@ mod tests {
             podSubnet = "10.1.7.0/24"
             mtu = 1450
             gatewayMac = "02:aa:bb:cc:dd:ee"
+            overlayEncap = "device"
             [dns]
             nameservers = ["10.96.0.10"]
             search = ["svc.cluster.local"]
@@ -706,6 +734,7 @@ mod tests {
         assert_eq!(c.pod_mtu(Some(9000)), 1450, "an explicit mtu wins");
         assert_eq!(c.gateway_mac, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
         assert_eq!(c.dns.nameservers, vec!["10.96.0.10"]);
+        assert_eq!(c.overlay.encap, OverlayEncap::Device);
     }
 
     #[test]
@@ -725,6 +754,7 @@ mod tests {
             ("uplinkInterface = \"a/b\"", "uplinkInterface"),
             ("vxlanVni = 0", "vxlanVni"),
             ("vxlanVni = 16777216", "vxlanVni"),
+            ("overlayEncap = \"kernel\"", "overlayEncap \"kernel\""),
             ("nodeIP = \"x\"", "nodeIP"),
             // A new user's mistakes: the whole address space, an empty or relative path.
             ("podSubnet = \"10.0.0.0/0\"", "podSubnet 10.0.0.0/0"),

@@ -73,7 +73,8 @@ pub struct OverlayParams {
     pub node_ip: Ipv4Addr,
     /// MTU of routes into the overlay (the pods' path MTU).
     pub mtu: u32,
-    /// The device's UDP port (the pods' packets get their outer headers in the datapath).
+    /// The device's UDP port, for the outer headers the datapath builds on pods' packets;
+    /// 0: the device builds them (`overlayEncap = "device"`).
     pub port: u16,
 }
 

@@ -622,6 +622,8 @@ pub fn action(return_code: u32) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_inner_frame_of_an_encapsulated_packet_is_found_and_anything_else_is_not() {
         let inner: Vec<u8> = (0..60u8).collect();
@@ -630,16 +632,14 @@ mod tests {
         f.extend([0xc0, 0x00, 0x12, 0xb5, 0, 0, 0, 0]);
         f.extend([0x08, 0, 0, 0, 0, 0, 7, 0]);
         f.extend(&inner);
-        assert_eq!(super::vxlan_inner(&f, 4789), Some((&inner[..], 7)));
-        assert_eq!(super::vxlan_inner(&f, 8472), None, "another port");
+        assert_eq!(vxlan_inner(&f, 4789), Some((&inner[..], 7)));
+        assert_eq!(vxlan_inner(&f, 8472), None, "another port");
         let mut tcp = f.clone();
         tcp[23] = 6;
-        assert_eq!(super::vxlan_inner(&tcp, 4789), None, "not UDP");
-        assert_eq!(super::vxlan_inner(&f[..60], 4789), None, "too short for an inner Ethernet header");
-        assert_eq!(super::vxlan_inner(&inner, 4789), None);
+        assert_eq!(vxlan_inner(&tcp, 4789), None, "not UDP");
+        assert_eq!(vxlan_inner(&f[..60], 4789), None, "too short for an inner Ethernet header");
+        assert_eq!(vxlan_inner(&inner, 4789), None);
     }
-
-    use super::*;
 
     #[test]
     fn destinations_parse_with_defaults_and_refuse_nonsense() {

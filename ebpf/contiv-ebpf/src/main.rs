@@ -351,6 +351,8 @@ fn classify_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mu
 /// not grow (and for an older agent's config, which names no port).
 #[inline(always)]
 fn into_tunnel(ctx: &TcContext, verdict: Verdict, trace: Trace) -> Verdict {
+    // A second look at CONFIG costs a few instructions (the verifier inlines array lookups)
+    // and keeps the tunnel step out of every return path of `decide_from_pod`.
     let Some(cfg) = config() else {
         return Verdict::drop(drop_reason::MALFORMED);
     };

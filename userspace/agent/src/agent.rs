@@ -400,10 +400,7 @@ impl Agent {
                     node_ip: u.node_ip,
                     mtu: o.mtu,
                     // 0: the device builds the outer headers (`overlayEncap = "device"`).
-                    port: match config.overlay.encap {
-                        crate::config::OverlayEncap::Datapath => config.overlay.port,
-                        crate::config::OverlayEncap::Device => 0,
-                    },
+                    port: config.overlay.datapath_encap_port().unwrap_or(0),
                 }),
                 _ => None,
             },

@@ -205,6 +205,14 @@ pub struct OverlayConfig {
     pub encap: OverlayEncap,
 }
 
+impl OverlayConfig {
+    /// The UDP port the eBPF programs put in the outer headers they build; `None` when the
+    /// device builds them (`overlayEncap = "device"`).
+    pub fn datapath_encap_port(&self) -> Option<u16> {
+        (self.encap == OverlayEncap::Datapath).then_some(self.port)
+    }
+}
+
 /// `overlayEncap`: who puts the outer headers on a pod's packet for another node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OverlayEncap {

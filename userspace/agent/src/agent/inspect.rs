@@ -322,8 +322,8 @@ impl Agent {
         // A pod's packet for another node leaves with the outer headers the program built:
         // the report shows the packet inside, which the next node's trace takes.
         let encapsulated = next_node
-            .filter(|_| self.config.overlay.encap == crate::config::OverlayEncap::Datapath)
-            .and_then(|_| trace::vxlan_inner(&run.packet_out, self.config.overlay.port));
+            .and(self.config.overlay.datapath_encap_port())
+            .and_then(|port| trace::vxlan_inner(&run.packet_out, port));
         if let Some((_, vni)) = encapsulated {
             notes.push(format!(
                 "the program built the outer IPv4/UDP/VXLAN headers (VNI {vni}); the packet out shown is the \

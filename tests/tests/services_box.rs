@@ -120,6 +120,23 @@ fn udp_ask(ns: &str, addr: SocketAddr) -> std::io::Result<Answer> {
     })
 }
 
+/// One UDP exchange from a fresh socket connect()ed to `addr` (balanced at connect, where
+/// the node's own sockets are): the answer's source as recv_from() reports it, and the
+/// socket's peer as getpeername() reports it.
+fn udp_connected_ask(ns: &str, addr: SocketAddr) -> std::io::Result<(Answer, UdpSocket)> {
+    enter(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.connect(addr)?;
+        s.send(b"question")?;
+        let mut buf = [0u8; 256];
+        let (n, from) = s.recv_from(&mut buf)?;
+        let (server, seen) = parse(&String::from_utf8_lossy(&buf[..n]));
+        assert_eq!(s.peer_addr()?, addr, "getpeername of a connected UDP socket shows the service");
+        Ok((Answer { server, seen, peer: from }, s))
+    })
+}
+
 /// Which servers answered `n` TCP connections from `ns` to `addr` (panics on a failure).
 fn tcp_servers(ns: &str, addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
@@ -254,6 +271,21 @@ spec:
     let n1 = b.node("node-1").clone();
     assert_eq!(names(&tcp_servers(&n1.netns, sa("10.96.0.10", 80), 24)), both);
     assert_eq!(names(&udp_servers(&n1.netns, sa("10.96.0.10", 53), 24)), both);
+    // A connected UDP socket: its answers come from the service; connected again, straight
+    // to the very backend that answered, it shows that pod (a connect() that is not to a
+    // service forgets what the earlier one recorded).
+    let (a, s) = udp_connected_ask(&n1.netns, sa("10.96.0.10", 53)).unwrap();
+    assert_eq!(a.peer, sa("10.96.0.10", 53), "a connected UDP socket's answer comes from the service");
+    let direct = if a.server == w1.name { SocketAddr::from((w1.ip, 8080)) } else { SocketAddr::from((w2.ip, 9090)) };
+    let seen = enter(&n1.netns, move || -> std::io::Result<(SocketAddr, SocketAddr)> {
+        s.connect(direct)?;
+        s.send(b"question")?;
+        let mut buf = [0u8; 256];
+        let (_, from) = s.recv_from(&mut buf)?;
+        Ok((from, s.peer_addr()?))
+    })
+    .unwrap();
+    assert_eq!(seen, (direct, direct), "connected again to the pod itself, the socket shows the pod");
 
     // NodePort: from outside to either node (a remote backend answers through the node the
     // client chose), from a pod to the other node's address, from a host to its own.

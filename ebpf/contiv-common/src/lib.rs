@@ -47,6 +47,12 @@ pub mod map_names {
     /// (socket cookie, backend) -> [`super::SockRevNat`]: what a balanced socket was asked
     /// for, so getpeername()/recvmsg() show the service address (LRU).
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// Socket storage: [`super::SockOrigin`], the service a connected socket's connect()
+    /// asked for, so getpeername()/recvmsg() show it. It lives and dies with the socket:
+    /// no capacity to outgrow, and a socket that has none (an accepted one, say) costs one
+    /// pointer test. (SOCK_REVNAT keeps unconnected UDP, whose sendmsg() may name a
+    /// different service every time.)
+    pub const SOCK_ORIGIN: &str = "SOCK_ORIGIN";
     /// Network-namespace cookie -> 1 for the namespaces this node's socket programs serve
     /// (its pods and the node itself); others' sockets are left alone.
     pub const NODE_NETNS: &str = "NODE_NETNS";
@@ -107,6 +113,7 @@ pub mod schema {
         (SVC_SOURCE_RANGES, 1),
         (SVC_COUNTERS, 1),
         (SOCK_REVNAT, 1),
+        (SOCK_ORIGIN, 1),
         (NODE_NETNS, 1),
         (NODE_ADDRS, 1),
         (CT, 1),
@@ -498,6 +505,20 @@ pub struct SockRevNat {
     pub ip: [u8; 4],
     pub port: u16,
     pub _pad: u16,
+    pub svc_id: u32,
+}
+
+/// SOCK_ORIGIN's value: what a connected socket's connect() was translated from and to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockOrigin {
+    /// The service frontend the socket asked for (what getpeername() shows).
+    pub frontend_ip: [u8; 4],
+    /// The backend it was given (the socket's real peer: the storage applies only while
+    /// the peer is this one, so a UDP socket connected again elsewhere shows its new peer).
+    pub backend_ip: [u8; 4],
+    pub frontend_port: u16,
+    pub backend_port: u16,
     pub svc_id: u32,
 }
 
@@ -954,6 +975,7 @@ mod user {
     unsafe impl aya::Pod for super::SvcCounters {}
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl aya::Pod for super::SockOrigin {}
     unsafe impl aya::Pod for super::NodeAddr {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}

@@ -2,14 +2,16 @@
 //! value types come from `contiv-common`; the agent pins each map under its name.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, XskMap, lpm_trie::Key},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage, XskMap, lpm_trie::Key,
+    },
     macros::btf_map,
 };
 use contiv_common::{
     CtEntry, CtKey, DatapathConfig, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_NODE_ADDRS, MAX_PODS, MAX_POLICY_ENTRIES,
     MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS,
     MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent, NodeAddr, OverlayCounters, PodCounters, PodEndpoint,
-    PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey,
+    PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockOrigin, SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey,
     SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange, TraceRecord, monitor_bucket,
 };
 
@@ -61,6 +63,10 @@ pub static SVC_COUNTERS: PerCpuHashMap<u32, SvcCounters, { MAX_SVC_FRONTENDS as 
 
 #[btf_map]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNat, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
+
+/// Per connected socket the socket programs balanced: where it asked to go.
+#[btf_map]
+pub static SOCK_ORIGIN: SkStorage<SockOrigin> = SkStorage::new();
 
 #[btf_map]
 pub static NODE_NETNS: HashMap<u64, u8, { MAX_PODS as usize + 1 }> = HashMap::new();

@@ -8,18 +8,24 @@
 //! TCP is balanced here for pods and the node; UDP only for the node's own sockets (pods'
 //! UDP is translated per packet, where a backend change can be followed and answers are
 //! un-NAT'ed without a reverse lookup in every recvmsg).
+//!
+//! What a balanced socket asked for is kept where getpeername()/recvmsg() find it: a
+//! connected socket's in its own storage (SOCK_ORIGIN), which dies with it; an unconnected
+//! UDP socket's per backend, keyed by its cookie (SOCK_REVNAT, LRU), since each sendmsg()
+//! may name another service. So the usual socket, which nobody balanced (every accepted
+//! one, for a start), costs getpeername() one test of its empty storage list.
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use contiv_common::{SockRevNat, SockRevNatKey, svc_flags};
+use contiv_common::{SockOrigin, SockRevNat, SockRevNatKey, svc_flags};
 
 use crate::{
     ct::now,
     lb,
-    maps::{NODE_NETNS, SOCK_REVNAT, count_svc},
+    maps::{NODE_NETNS, SOCK_ORIGIN, SOCK_REVNAT, count_svc},
     nat::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -36,22 +42,47 @@ const REJECT: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+    // A socket connected again (UDP) forgets the service of its earlier connect(); the
+    // translation below records the new one, if it is one.
+    // SAFETY: the socket of this program's context; a lookup, nothing created.
+    if !unsafe { SOCK_ORIGIN.get_ptr_mut(&ctx) }.is_null() {
+        // SAFETY: as above.
+        let _ = unsafe { SOCK_ORIGIN.delete(socket(&ctx)) };
+    }
+    translate(&ctx, Call::Connect)
+}
+
+/// The socket of a sock_addr context.
+#[inline(always)]
+fn socket(ctx: &SockAddrContext) -> *mut aya_ebpf::bindings::bpf_sock {
+    // SAFETY: a field of the context, valid for the program's run.
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+    translate(&ctx, Call::SendMsg)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx)
+    // A connected UDP socket's answers, then an unconnected one's.
+    if !reverse_connected(&ctx) {
+        reverse_unconnected(&ctx);
+    }
+    ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse(&ctx)
+    reverse_connected(&ctx);
+    ALLOW
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Connect,
+    SendMsg,
 }
 
 /// Which of this node's namespaces the socket lives in, if any.
@@ -64,7 +95,7 @@ fn served(ctx: &SockAddrContext) -> Option<(u8, u64)> {
 }
 
 #[inline(always)]
-fn translate(ctx: &SockAddrContext) -> i32 {
+fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     let Some((kind, netns)) = served(ctx) else {
         return ALLOW;
     };
@@ -95,10 +126,24 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         unsafe { bpf_set_retval(-err) };
         return REJECT;
     };
-    // SAFETY: plain helper call on our context.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, _pad: 0 };
-    let _ = SOCK_REVNAT.insert(rk, SockRevNat { ip, port, _pad: 0, svc_id: fe.svc_id }, 0);
+    if call == Call::Connect {
+        let mut origin = SockOrigin {
+            frontend_ip: ip,
+            backend_ip: b.ip,
+            frontend_port: port,
+            backend_port: b.port,
+            svc_id: fe.svc_id,
+        };
+        // SAFETY: the socket of this program's context; creates its storage with `origin`
+        // (sock_connect4 removed any earlier one). If it cannot (memory), getpeername()
+        // shows the backend.
+        let _ = unsafe { SOCK_ORIGIN.get_or_insert_ptr_mut(ctx, Some(&mut origin)) };
+    } else {
+        // SAFETY: plain helper call on our context.
+        let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+        let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, _pad: 0 };
+        let _ = SOCK_REVNAT.insert(rk, SockRevNat { ip, port, _pad: 0, svc_id: fe.svc_id }, 0);
+    }
     // SAFETY: writable fields of the connect4/sendmsg4 context.
     unsafe {
         (*sa).user_ip4 = u32::from_ne_bytes(b.ip);
@@ -108,10 +153,37 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Shows a balanced connected socket's service as its peer; true if it did. Needs no
+/// look at NODE_NETNS: only this node's sockets have storage in this node's map.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext) -> i32 {
-    if served(ctx).is_none() {
-        return ALLOW;
+fn reverse_connected(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the socket of this program's context; a lookup, nothing created.
+    let p = unsafe { SOCK_ORIGIN.get_ptr_mut(ctx) };
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: this socket's storage, copied.
+    let o = unsafe { *p };
+    let sa = ctx.sock_addr;
+    // SAFETY: fields of the context.
+    let (ip, port) = unsafe { ((*sa).user_ip4.to_ne_bytes(), u16::from_be((*sa).user_port as u16)) };
+    if ip != o.backend_ip || port != o.backend_port {
+        return false;
+    }
+    // SAFETY: writable fields of the recvmsg4/getpeername4 context.
+    unsafe {
+        (*sa).user_ip4 = u32::from_ne_bytes(o.frontend_ip);
+        (*sa).user_port = u32::from(o.frontend_port.to_be());
+    }
+    true
+}
+
+/// Shows the service an unconnected UDP socket of the node sent to as the source of its
+/// answer (pods' UDP is translated per packet, never here).
+#[inline(always)]
+fn reverse_unconnected(ctx: &SockAddrContext) {
+    if !matches!(served(ctx), Some((NETNS_NODE, _))) {
+        return;
     }
     let sa = ctx.sock_addr;
     // SAFETY: plain helper call; fields of the context.
@@ -120,11 +192,10 @@ fn reverse(ctx: &SockAddrContext) -> i32 {
     let rk = SockRevNatKey { cookie, ip, port: u16::from_be(port as u16), _pad: 0 };
     // SAFETY: read-only lookup, copied.
     if let Some(orig) = unsafe { SOCK_REVNAT.get(rk) }.copied() {
-        // SAFETY: writable fields of the recvmsg4/getpeername4 context.
+        // SAFETY: writable fields of the recvmsg4 context.
         unsafe {
             (*sa).user_ip4 = u32::from_ne_bytes(orig.ip);
             (*sa).user_port = u32::from(orig.port.to_be());
         }
     }
-    ALLOW
 }

@@ -11,8 +11,9 @@ use contiv_common::{
     CtEntry, CtKey, DatapathConfig, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_NODE_ADDRS, MAX_PODS, MAX_POLICY_ENTRIES,
     MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS,
     MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent, NodeAddr, OverlayCounters, PodCounters, PodEndpoint,
-    PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockOrigin, SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey,
-    SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange, TraceRecord, monitor_bucket,
+    PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockOrigin, SockRevNat, SockRevNatKey, SvcAffinity,
+    SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange, TraceRecord,
+    monitor_bucket,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;

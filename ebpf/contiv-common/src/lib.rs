@@ -514,12 +514,12 @@ pub struct SockRevNat {
 pub struct SockOrigin {
     /// The service frontend the socket asked for (what getpeername() shows).
     pub frontend_ip: [u8; 4],
-    /// The backend it was given (the socket's real peer: the storage applies only while
-    /// the peer is this one, so a UDP socket connected again elsewhere shows its new peer).
+    /// The backend it was given, the socket's real peer. The storage applies only while
+    /// the peer is this one: a UDP socket dissolved with `AF_UNSPEC` keeps its storage
+    /// (a new connect() removes it).
     pub backend_ip: [u8; 4],
     pub frontend_port: u16,
     pub backend_port: u16,
-    pub svc_id: u32,
 }
 
 /// A node address NodePorts are served on.

@@ -127,13 +127,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
         return REJECT;
     };
     if call == Call::Connect {
-        let mut origin = SockOrigin {
-            frontend_ip: ip,
-            backend_ip: b.ip,
-            frontend_port: port,
-            backend_port: b.port,
-            svc_id: fe.svc_id,
-        };
+        let mut origin = SockOrigin { frontend_ip: ip, backend_ip: b.ip, frontend_port: port, backend_port: b.port };
         // SAFETY: the socket of this program's context; creates its storage with `origin`
         // (sock_connect4 removed any earlier one). If it cannot (memory), getpeername()
         // shows the backend.

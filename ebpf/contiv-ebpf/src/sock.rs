@@ -42,13 +42,6 @@ const REJECT: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    // A socket connected again (UDP) forgets the service of its earlier connect(); the
-    // translation below records the new one, if it is one.
-    // SAFETY: the socket of this program's context; a lookup, nothing created.
-    if !unsafe { SOCK_ORIGIN.get_ptr_mut(&ctx) }.is_null() {
-        // SAFETY: as above.
-        let _ = unsafe { SOCK_ORIGIN.delete(socket(&ctx)) };
-    }
     translate(&ctx, Call::Connect)
 }
 
@@ -99,6 +92,13 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     let Some((kind, netns)) = served(ctx) else {
         return ALLOW;
     };
+    if call == Call::Connect {
+        // A socket connected again (UDP) forgets the service of its earlier connect(); the
+        // translation below records the new one, if it is one. Usually there is none, and
+        // the helper answers -ENOENT after the same look a lookup would take.
+        // SAFETY: the socket of this program's context.
+        let _ = unsafe { SOCK_ORIGIN.delete(socket(ctx)) };
+    }
     let sa = ctx.sock_addr;
     // SAFETY: the context is valid for the program's run; fields of bpf_sock_addr.
     let (proto, ip, port) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };

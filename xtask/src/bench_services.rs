@@ -32,6 +32,10 @@
 //! - no proxy: the same routed node and pods with no netfilter rule at all, the client
 //!   connecting straight to the server's pod IP: what a new connection costs the kernel
 //!   itself, the floor under every implementation.
+//! - a redirect-only edge: the same routed node and pods, the client connecting straight to
+//!   the server's pod IP, through ebpf/diagnostics/redirect-only.c on both host veths (a
+//!   destination MAC write and `bpf_redirect_peer`; no source check, conntrack, policy,
+//!   service or counter): the floor under every eBPF pod edge on veths.
 //!
 //! Metrics (target/bench/services.json, and target/bench/services.png: connect latency p50
 //! and p99 against the number of services for every implementation, drawn with plotters):
@@ -49,7 +53,9 @@
 //!   ours beside the same pods connecting to the server's pod IP (what the service layer
 //!   adds to a connection); `connect_p50_10k_vs_kernel_routing_pod_ip` puts it beside the
 //!   no-proxy floor above (the summary line says what the 0.2 bar asks for in microseconds
-//!   against that floor). p90 rows beside the p99s: on a busy shared machine a p99 of
+//!   against that floor), and `connect_p50_10k_vs_redirect_only_edge_pod_ip` beside the
+//!   redirect-only edge (what everything ours does costs a connection; the summary line puts
+//!   that edge against iptables and the kernel too). p90 rows beside the p99s: on a busy shared machine a p99 of
 //!   busy-polling threads is mostly the time they spent descheduled.
 //! - `clusterip_throughput` (bar >= 0.97) and `clusterip_rr_p50` (bar <= 1.05), p99: one TCP
 //!   stream (iperf3) and 64-byte request/response from the client pod to the server through
@@ -473,6 +479,10 @@ enum Proxy {
     /// No service proxy at all: the same routed pods with no netfilter rule, connecting
     /// to the server's pod IP (the kernel's own cost of a new connection).
     None,
+    /// The same pods connecting to the server's pod IP through the least a TC pod edge can
+    /// do (ebpf/diagnostics/redirect-only.c on the host veths): a MAC write and
+    /// `bpf_redirect_peer`, nothing else. What any eBPF pod edge on veths costs at the least.
+    RedirectOnly,
 }
 
 impl Proxy {
@@ -482,6 +492,7 @@ impl Proxy {
             Proxy::IptablesLegacy => "iptables-legacy",
             Proxy::Nftables => "nftables",
             Proxy::None => "kernel-routing-pod-ip",
+            Proxy::RedirectOnly => "redirect-only-edge-pod-ip",
         }
     }
 }
@@ -505,6 +516,9 @@ impl ProxyNode {
         }
         let server = pods.pop().expect("server");
         let client = pods.pop().expect("client");
+        if proxy == Proxy::RedirectOnly {
+            attach_redirect_only(&node, ["bs0", "bs1"], [0xb2, 0xb2]);
+        }
         Self { proxy, node, client, server }
     }
 
@@ -514,7 +528,7 @@ impl ProxyNode {
             Proxy::Iptables => ("iptables-nft-restore", &[], iptables_rules(svcs)),
             Proxy::IptablesLegacy => ("iptables-legacy-restore", &[], iptables_rules(svcs)),
             Proxy::Nftables => ("nft", &["-f", "-"], nft_rules(svcs)),
-            Proxy::None => return Ok(Duration::ZERO),
+            Proxy::None | Proxy::RedirectOnly => return Ok(Duration::ZERO),
         };
         let started = Instant::now();
         let mut child = self
@@ -534,6 +548,37 @@ impl ProxyNode {
         }
         Ok(took)
     }
+}
+
+/// Compiles ebpf/diagnostics/redirect-only.c for the pods behind `host_ifs` (their MACs
+/// as `routed_pod` sets them: `mac_bases` with index 0 and 1) and attaches it to the ingress
+/// of both host veths.
+fn attach_redirect_only(node: &Netns, host_ifs: [&str; 2], mac_bases: [u8; 2]) {
+    let ifindex = |dev: &str| contiv_tests::run(node.cmd("cat").arg(format!("/sys/class/net/{dev}/ifindex")));
+    let mac = |i: usize| format!("0x02,{:#04x},0,0,0,{}", mac_bases[i], i + 1);
+    let source = crate::workspace_root().join("ebpf/diagnostics/redirect-only.c");
+    let object = std::env::temp_dir().join(format!("contiv-redirect-only-{}-{}.o", std::process::id(), node.name()));
+    contiv_tests::run(
+        std::process::Command::new("clang")
+            .args(["-O2", "-target", "bpf", "-c"])
+            .arg(&source)
+            .arg("-o")
+            .arg(&object)
+            .arg(format!("-DIF_A={}", ifindex(host_ifs[0]).trim()))
+            .arg(format!("-DIF_B={}", ifindex(host_ifs[1]).trim()))
+            .arg(format!("-DMAC_A={}", mac(0)))
+            .arg(format!("-DMAC_B={}", mac(1))),
+    );
+    for dev in host_ifs {
+        contiv_tests::run(node.cmd("tc").args(["qdisc", "add", "dev", dev, "clsact"]));
+        contiv_tests::run(
+            node.cmd("tc")
+                .args(["filter", "add", "dev", dev, "ingress", "bpf", "da", "obj"])
+                .arg(&object)
+                .args(["sec", "tc"]),
+        );
+    }
+    let _ = std::fs::remove_file(&object);
 }
 
 // === connect latency ===
@@ -888,7 +933,7 @@ pub fn run(bins: &Path) -> Result<()> {
     let small_server = b.add_pod("node-3", "bench/small-server", &[("app", "small-server")], &[]);
     let small_client = b.add_pod("node-3", "bench/small-client", &[("app", "small-client")], &[]);
     let small_pin_dir = b.node("node-3").pin_dir.clone();
-    let proxies = [Proxy::Iptables, Proxy::IptablesLegacy, Proxy::Nftables, Proxy::None];
+    let proxies = [Proxy::Iptables, Proxy::IptablesLegacy, Proxy::Nftables, Proxy::None, Proxy::RedirectOnly];
     let bases: Vec<ProxyNode> = proxies.iter().map(|p| ProxyNode::new(*p)).collect();
     let pin_dir = b.node("node-1").pin_dir.clone();
     let writer = StoreWriter::start(&b.state.control)?;
@@ -915,7 +960,10 @@ pub fn run(bins: &Path) -> Result<()> {
         },
     ];
     for base in &bases {
-        let to = if base.proxy == Proxy::None { SocketAddr::from((BASE_SERVER, SERVER_PORT)) } else { target };
+        let to = match base.proxy {
+            Proxy::None | Proxy::RedirectOnly => SocketAddr::from((BASE_SERVER, SERVER_PORT)),
+            _ => target,
+        };
         topologies.push(Topology {
             label: base.proxy.label(),
             client_ns: base.client.name().to_owned(),
@@ -1112,9 +1160,9 @@ pub fn run(bins: &Path) -> Result<()> {
         n => n.to_string(),
     };
     // Topology indices: 0 ours, 1 ours to the pod IP, then iptables, iptables-legacy,
-    // nftables, the routed pods without a proxy to the pod IP, and ours on the node with 10
-    // services.
-    let (ours, pod_ip, ipt, legacy, nft, kernel, small) = (0, 1, 2, 3, 4, 5, 6);
+    // nftables, the routed pods without a proxy to the pod IP, the same through the
+    // redirect-only edge, and ours on the node with 10 services.
+    let (ours, pod_ip, ipt, legacy, nft, kernel, edge, small) = (0, 1, 2, 3, 4, 5, 6, 7);
     let at = |t: usize, si: usize, q: f64| p(&connects[t][si], q);
     let mut results = vec![
         row("connect_p50_10k_vs_iptables", "us", at(ipt, last, 0.5), at(ours, last, 0.5), "lower"),
@@ -1138,6 +1186,8 @@ pub fn run(bins: &Path) -> Result<()> {
         // What a new connection costs the kernel itself (routed pods, no service, no
         // netfilter rule), beside ours through a ClusterIP among 10,000 services.
         row("connect_p50_10k_vs_kernel_routing_pod_ip", "us", at(kernel, last, 0.5), at(ours, last, 0.5), "lower"),
+        // The least any TC pod edge costs: a program that only redirects, to the pod IP.
+        row("connect_p50_10k_vs_redirect_only_edge_pod_ip", "us", at(edge, last, 0.5), at(ours, last, 0.5), "lower"),
     ];
     for (si, &n) in SCALES.iter().enumerate().take(last) {
         for (t, name) in [(ipt, "iptables"), (legacy, "iptables_legacy"), (nft, "nftables")] {
@@ -1191,6 +1241,11 @@ pub fn run(bins: &Path) -> Result<()> {
             color: RGBColor(0, 0, 0),
             points: points(&connects[kernel]),
         },
+        Series {
+            label: "no proxy: a TC edge that only redirects, straight to the pod IP",
+            color: RGBColor(204, 121, 167),
+            points: points(&connects[edge]),
+        },
     ];
     plot(&png, &series)?;
     println!("wrote {}", png.display());
@@ -1220,6 +1275,14 @@ pub fn run(bins: &Path) -> Result<()> {
         at(ours, last, 0.5),
         at(kernel, last, 0.5),
         at(kernel, last, 0.5) / at(ipt, last, 0.5),
+    );
+    println!(
+        "connect p50 at 10k: a TC pod edge that only redirects (no source check, conntrack, policy or service) {:.1} us \
+         ({:.3} of iptables, {:.3} of the kernel's routed connect); ours {:.3} of it",
+        at(edge, last, 0.5),
+        at(edge, last, 0.5) / at(ipt, last, 0.5),
+        at(edge, last, 0.5) / at(kernel, last, 0.5),
+        at(ours, last, 0.5) / at(edge, last, 0.5),
     );
     println!(
         "targets: programming p99 at 10k {:.1} ms <= 100 ms: {}; cold start with 10k {:.2} s <= 2 s: {}",
@@ -1297,7 +1360,7 @@ mod tests {
                 Proxy::Nftables => {
                     contiv_tests::run(node.node.cmd("nft").args(["list", "map", "ip", "kube-proxy", "service-ips"]))
                 }
-                Proxy::None => unreachable!("checked above"),
+                Proxy::None | Proxy::RedirectOnly => unreachable!("not in this test"),
             };
             let want = match proxy {
                 Proxy::Nftables => format!("{TARGET_IP} . tcp . {SERVICE_PORT} : goto service-"),
@@ -1307,6 +1370,38 @@ mod tests {
             if proxy != Proxy::Nftables {
                 let n = listed.lines().filter(|l| l.starts_with("-A KUBE-SERVICES -d ")).count();
                 assert_eq!(n, 201, "{proxy:?}: the second load replaced the first");
+            }
+        }
+    }
+
+    /// Packets the node's IP stack forwarded (`/proc/net/snmp` of its namespace).
+    fn forwarded(node: &Netns) -> u64 {
+        let snmp = contiv_tests::run(node.cmd("cat").arg("/proc/net/snmp"));
+        let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+        let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+        let at = names.split_whitespace().position(|n| n == "ForwDatagrams").unwrap();
+        values.split_whitespace().nth(at).unwrap().parse().unwrap()
+    }
+
+    /// The redirect-only reference edge carries the connections itself: the node's stack
+    /// forwards none of their packets, where it forwards every one without the edge.
+    #[test]
+    fn the_redirect_only_edge_carries_connections_past_the_node_stack() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: attaching TC programs needs root (a network namespace)");
+            return;
+        }
+        for proxy in [Proxy::None, Proxy::RedirectOnly] {
+            let node = ProxyNode::new(proxy);
+            let to = SocketAddr::from((BASE_SERVER, SERVER_PORT));
+            let samples = connect_samples(node.client.name(), node.server.name(), to, to, 20).unwrap();
+            assert_eq!(samples.len(), 20);
+            let n = forwarded(&node.node);
+            if proxy == Proxy::None {
+                assert!(n >= 20 * 3, "kernel routing forwarded only {n} packets");
+            } else {
+                assert_eq!(n, 0, "the node's stack forwarded {n} packets past the redirect-only edge");
             }
         }
     }

@@ -55,8 +55,8 @@
 //!   no-proxy floor above (the summary line says what the 0.2 bar asks for in microseconds
 //!   against that floor), and `connect_p50_10k_vs_redirect_only_edge_pod_ip` beside the
 //!   redirect-only edge (what everything ours does costs a connection; the summary line puts
-//!   that edge against iptables and the kernel too). p90 rows beside the p99s: on a busy shared machine a p99 of
-//!   busy-polling threads is mostly the time they spent descheduled.
+//!   that edge against iptables and the kernel too). p90 rows beside the p99s: on a busy
+//!   shared machine a p99 of busy-polling threads is mostly the time they spent descheduled.
 //! - `clusterip_throughput` (bar >= 0.97) and `clusterip_rr_p50` (bar <= 1.05), p99: one TCP
 //!   stream (iperf3) and 64-byte request/response from the client pod to the server through
 //!   a ClusterIP, against the same pods talking directly, at 10,000 services.
@@ -517,7 +517,7 @@ impl ProxyNode {
         let server = pods.pop().expect("server");
         let client = pods.pop().expect("client");
         if proxy == Proxy::RedirectOnly {
-            attach_redirect_only(&node, ["bs0", "bs1"], [0xb2, 0xb2]);
+            attach_redirect_only(&node, ["bs0", "bs1"], 0xb2);
         }
         Self { proxy, node, client, server }
     }
@@ -550,12 +550,12 @@ impl ProxyNode {
     }
 }
 
-/// Compiles ebpf/diagnostics/redirect-only.c for the pods behind `host_ifs` (their MACs
-/// as `routed_pod` sets them: `mac_bases` with index 0 and 1) and attaches it to the ingress
-/// of both host veths.
-fn attach_redirect_only(node: &Netns, host_ifs: [&str; 2], mac_bases: [u8; 2]) {
+/// Compiles ebpf/diagnostics/redirect-only.c for the two pods behind `host_ifs` (their
+/// MACs as `routed_pod` sets them from `mac_base`, indices 0 and 1) and attaches it to the
+/// ingress of both host veths.
+fn attach_redirect_only(node: &Netns, host_ifs: [&str; 2], mac_base: u8) {
     let ifindex = |dev: &str| contiv_tests::run(node.cmd("cat").arg(format!("/sys/class/net/{dev}/ifindex")));
-    let mac = |i: usize| format!("0x02,{:#04x},0,0,0,{}", mac_bases[i], i + 1);
+    let mac = |i: usize| format!("0x02,{mac_base:#04x},0,0,0,{}", i + 1);
     let source = crate::workspace_root().join("ebpf/diagnostics/redirect-only.c");
     let object = std::env::temp_dir().join(format!("contiv-redirect-only-{}-{}.o", std::process::id(), node.name()));
     contiv_tests::run(

@@ -130,6 +130,9 @@ const CLUSTER_CIDR: &str = "10.1.0.0/16";
 /// The baseline pods (a node's subnet of the same cluster range).
 const BASE_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 254, 2);
 const BASE_SERVER: Ipv4Addr = Ipv4Addr::new(10, 1, 254, 3);
+/// A baseline node's host veths (client's, server's) and the base of its pods' MACs.
+const BASE_HOST_IFS: [&str; 2] = ["bs0", "bs1"];
+const BASE_MAC_BASE: u8 = 0xb2;
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 /// node-3's agent serves only the services labelled with this proxy name: ours with 10
 /// services, measured in the same blocks as ours with 10, 1,000 or 10,000 on node-1.
@@ -511,13 +514,13 @@ impl ProxyNode {
         contiv_tests::run(node.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
         let mut pods = vec![];
         for (i, ip) in [BASE_CLIENT, BASE_SERVER].into_iter().enumerate() {
-            let pod = crate::bench_net::routed_pod(&node, "bsp", &format!("bs{i}"), 0xb2, i as u8, ip);
+            let pod = crate::bench_net::routed_pod(&node, "bsp", BASE_HOST_IFS[i], BASE_MAC_BASE, i as u8, ip);
             pods.push(pod);
         }
         let server = pods.pop().expect("server");
         let client = pods.pop().expect("client");
         if proxy == Proxy::RedirectOnly {
-            attach_redirect_only(&node, ["bs0", "bs1"], 0xb2);
+            attach_redirect_only(&node, BASE_HOST_IFS, BASE_MAC_BASE);
         }
         Self { proxy, node, client, server }
     }

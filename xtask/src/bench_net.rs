@@ -229,20 +229,29 @@ pub fn write_results(name: &str, results: &[Value]) -> Result<std::path::PathBuf
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(results)?)?;
-    println!("\n{:<36} {:>8} {:>10} {:>10} {:>7}  better", "metric", "unit", "baseline", "ours", "ratio");
+    print!("\n{}", table(results));
+    println!("wrote {}", path.display());
+    Ok(path)
+}
+
+/// The results as a text table, its first column as wide as the longest metric name so
+/// that every row's figures line up.
+fn table(results: &[Value]) -> String {
+    let width = results.iter().filter_map(|r| r["metric"].as_str()).map(str::len).max().unwrap_or(0).max(6);
+    let mut out =
+        format!("{:<width$} {:>8} {:>10} {:>10} {:>7}  better\n", "metric", "unit", "baseline", "ours", "ratio");
     for r in results {
-        println!(
-            "{:<36} {:>8} {:>10} {:>10} {:>7}  {}",
+        out.push_str(&format!(
+            "{:<width$} {:>8} {:>10} {:>10} {:>7}  {}\n",
             r["metric"].as_str().unwrap_or(""),
             r["unit"].as_str().unwrap_or(""),
             r["baseline"],
             r["ours"],
             r["ratio"],
             r["better"].as_str().unwrap_or("")
-        );
+        ));
     }
-    println!("wrote {}", path.display());
-    Ok(path)
+    out
 }
 
 /// A store client inside the box's control namespace (where etcd listens), on its own
@@ -325,4 +334,27 @@ pub fn routed_pod(
     node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_if]);
     node.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &pod_mac, "dev", host_if, "nud", "permanent"]);
     pod
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_lines_up_rows_whose_names_outgrow_the_usual_width() {
+        let rows = [
+            row("tcp_rr_latency_p50", "us", 10.0, 9.0, "lower"),
+            row("connect_p50_10k_vs_redirect_only_edge_pod_ip", "us", 15.908, 17.582, "lower"),
+        ];
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        // The unit column ends at the same place in the header and in every row.
+        let unit_end = |l: &str, unit: &str| l.find(unit).map(|i| i + unit.len());
+        let header = unit_end(lines[0], "unit").expect("unit header");
+        for l in &lines[1..] {
+            assert_eq!(unit_end(l, " us"), Some(header), "{text}");
+        }
+        assert!(lines[2].starts_with("connect_p50_10k_vs_redirect_only_edge_pod_ip "), "{text}");
+    }
 }

@@ -32,7 +32,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use contiv_tests::{Netns, Node, NodeOptions};
-use serde_json::{Value, json};
+use serde_json::json;
+
+use crate::bench_net::{median, percentile, row, write_results};
 
 /// Pods per side in the sequential part (the set-up).
 const PODS: usize = 50;
@@ -116,10 +118,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
     v
@@ -199,11 +197,6 @@ fn concurrent_round(plugin: &Plugin) -> Result<(f64, f64)> {
     Ok((ms(add), ms(del)))
 }
 
-fn median(v: &[f64]) -> f64 {
-    let v = sorted(v.to_vec());
-    v[v.len() / 2]
-}
-
 /// The agent's phase lines (`contiv_agent::timing`) of one operation (`ADD`, `DEL`): phase ->
 /// durations in ms. A line reads `... ADD <id>/<if> total=8.123ms lock=0.010ms ...`.
 fn agent_phases(log: &str, op: &str) -> BTreeMap<String, Vec<f64>> {
@@ -270,24 +263,15 @@ pub fn run(bins: &Path) -> Result<()> {
     ensure!(node.pod_links().is_empty(), "pod interfaces left behind: {:?}", node.pod_links());
 
     let (oa, od, ba, bd) = (sorted(o.add), sorted(o.del), sorted(b.add), sorted(b.del));
-    let row = |metric: &str, base: f64, ours: f64| {
-        let ratio = if base > 0.0 { json!(round3(ours / base)) } else { Value::Null };
-        json!({"metric": metric, "unit": "ms", "baseline": round3(base), "ours": round3(ours),
-               "ratio": ratio, "better": "lower"})
-    };
+    let ms_row = |metric: &str, base: f64, ours: f64| row(metric, "ms", base, ours, "lower");
     let results = vec![
-        row("cni_add_p50", percentile(&ba, 0.5), percentile(&oa, 0.5)),
-        row("cni_add_p95", percentile(&ba, 0.95), percentile(&oa, 0.95)),
-        row("cni_del_p50", percentile(&bd, 0.5), percentile(&od, 0.5)),
-        row("cni_del_p95", percentile(&bd, 0.95), percentile(&od, 0.95)),
-        row(&format!("cni_add_concurrent_{CONCURRENT}_total"), median(&b_cadd), median(&o_cadd)),
-        row(&format!("cni_del_concurrent_{CONCURRENT}_total"), median(&b_cdel), median(&o_cdel)),
+        ms_row("cni_add_p50", percentile(&ba, 0.5), percentile(&oa, 0.5)),
+        ms_row("cni_add_p95", percentile(&ba, 0.95), percentile(&oa, 0.95)),
+        ms_row("cni_del_p50", percentile(&bd, 0.5), percentile(&od, 0.5)),
+        ms_row("cni_del_p95", percentile(&bd, 0.95), percentile(&od, 0.95)),
+        ms_row(&format!("cni_add_concurrent_{CONCURRENT}_total"), median(&b_cadd), median(&o_cadd)),
+        ms_row(&format!("cni_del_concurrent_{CONCURRENT}_total"), median(&b_cdel), median(&o_cdel)),
     ];
-    let dir = crate::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("cni.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-
     for (op, phases) in phases_sequential.into_iter().filter(|(_, p)| !p.is_empty()) {
         println!("\nagent {op} phases over the {PODS} sequential contiv {op}s (+{WARMUP} warm-up), ms:");
         println!("  {:<44} {:>8} {:>8}", "phase", "p50", "p95");
@@ -298,24 +282,12 @@ pub fn run(bins: &Path) -> Result<()> {
         }
     }
     println!("\nbaseline = ptp + host-local (Debian containernetworking-plugins), same node, same run");
-    println!("{:<30} {:>5} {:>10} {:>10} {:>7}  better", "metric", "unit", "baseline", "ours", "ratio");
-    for r in &results {
-        println!(
-            "{:<30} {:>5} {:>10} {:>10} {:>7}  {}",
-            r["metric"].as_str().unwrap_or_default(),
-            r["unit"].as_str().unwrap_or_default(),
-            r["baseline"],
-            r["ours"],
-            r["ratio"],
-            r["better"].as_str().unwrap_or_default()
-        );
-    }
+    write_results("cni", &results)?;
     let ratio = results[0]["ratio"].as_f64().unwrap_or(f64::MAX);
     println!(
         "\nbar: cni_add_p50 ratio {ratio:.3} <= {MAX_ADD_RATIO}: {}",
         if ratio <= MAX_ADD_RATIO { "met" } else { "NOT met" }
     );
-    println!("wrote {}", path.display());
     Ok(())
 }
 
@@ -332,8 +304,4 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }

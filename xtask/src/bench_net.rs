@@ -207,10 +207,11 @@ pub fn rr_interleaved(
     Ok(((percentile(&b, 0.5), percentile(&b, 0.99)), (percentile(&o, 0.5), percentile(&o, 0.99))))
 }
 
+/// The middle sample (the upper one of an even count); 0 for no samples.
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 pub fn round3(x: f64) -> f64 {
@@ -235,8 +236,9 @@ pub fn write_results(name: &str, results: &[Value]) -> Result<std::path::PathBuf
 }
 
 /// The results as a text table, its first column as wide as the longest metric name so
-/// that every row's figures line up.
-fn table(results: &[Value]) -> String {
+/// that every row's figures line up; an undefined figure (null) shows as "-".
+pub fn table(results: &[Value]) -> String {
+    let num = |v: &Value| if v.is_null() { "-".to_owned() } else { v.to_string() };
     let width = results.iter().filter_map(|r| r["metric"].as_str()).map(str::len).max().unwrap_or(0).max(6);
     let mut out =
         format!("{:<width$} {:>8} {:>10} {:>10} {:>7}  better\n", "metric", "unit", "baseline", "ours", "ratio");
@@ -245,9 +247,9 @@ fn table(results: &[Value]) -> String {
             "{:<width$} {:>8} {:>10} {:>10} {:>7}  {}\n",
             r["metric"].as_str().unwrap_or(""),
             r["unit"].as_str().unwrap_or(""),
-            r["baseline"],
-            r["ours"],
-            r["ratio"],
+            num(&r["baseline"]),
+            num(&r["ours"]),
+            num(&r["ratio"]),
             r["better"].as_str().unwrap_or("")
         ));
     }
@@ -339,6 +341,13 @@ pub fn routed_pod(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_shows_an_undefined_ratio_as_a_dash() {
+        let text = table(&[row("cold_start", "s", 0.0, 1.5, "lower")]);
+        let cells: Vec<&str> = text.lines().nth(1).expect("a row").split_whitespace().collect();
+        assert_eq!(cells, ["cold_start", "s", "0.0", "1.5", "-", "lower"], "{text}");
+    }
 
     #[test]
     fn table_lines_up_rows_whose_names_outgrow_the_usual_width() {

@@ -26,20 +26,12 @@ use anyhow::{Context, Result, bail};
 use contiv_tests::Netns;
 use serde_json::{Value, json};
 
+use crate::bench_net::{median, row, write_results};
+
 const ROUNDS: usize = 3;
 const CONNECTS: usize = 20;
 const ROUTES: u32 = 10_000;
 const SEAM_SECONDS: &str = "3";
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
 
 fn run_json(cmd: &mut Command, stdin: Option<&Value>) -> Result<Value> {
     let mut child = cmd
@@ -238,10 +230,6 @@ pub fn run() -> Result<()> {
         None
     };
 
-    let row = |metric: &str, unit: &str, b: f64, o: f64, better: &str| {
-        let ratio = if b > 0.0 { json!(round3(o / b)) } else { Value::Null };
-        json!({"metric": metric, "unit": unit, "baseline": round3(b), "ours": round3(o), "ratio": ratio, "better": better})
-    };
     let mut results = vec![
         row(
             &format!("vpp_api_connect_handshake_{}_entries", api.table_size),
@@ -290,24 +278,7 @@ pub fn run() -> Result<()> {
             "higher",
         ));
     }
-    let dir = root.join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("vpp.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-
-    println!("\n{:<48} {:>7} {:>10} {:>10} {:>7}  better", "metric", "unit", "baseline", "ours", "ratio");
-    for r in &results {
-        let num = |v: &Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<48} {:>7} {:>10} {:>10} {:>7}  {}",
-            r["metric"].as_str().unwrap_or_default(),
-            r["unit"].as_str().unwrap_or_default(),
-            num(&r["baseline"]),
-            num(&r["ours"]),
-            num(&r["ratio"]),
-            r["better"].as_str().unwrap_or_default()
-        );
-    }
+    write_results("vpp", &results)?;
     let ratio = |m: &str| results.iter().find(|r| r["metric"] == m).and_then(|r| r["ratio"].as_f64());
     if let Some(x) = ratio("ip_route_add_rate_10k_pipelined_vs_papi") {
         println!("\nbar: route_add_rate ratio {x:.2} >= 5: {}", if x >= 5.0 { "met" } else { "NOT met" });
@@ -315,6 +286,5 @@ pub fn run() -> Result<()> {
     if let Some(x) = ratio("afxdp_64b_pps") {
         println!("bar: afxdp_64b_pps ratio {x:.2} >= 0.3: {}", if x >= 0.3 { "met" } else { "NOT met" });
     }
-    println!("wrote {}", path.display());
     Ok(())
 }

@@ -237,7 +237,7 @@ pub fn write_results(name: &str, results: &[Value]) -> Result<std::path::PathBuf
 
 /// The results as a text table, its first column as wide as the longest metric name so
 /// that every row's figures line up; an undefined figure (null) shows as "-".
-pub fn table(results: &[Value]) -> String {
+fn table(results: &[Value]) -> String {
     let num = |v: &Value| if v.is_null() { "-".to_owned() } else { v.to_string() };
     let width = results.iter().filter_map(|r| r["metric"].as_str()).map(str::len).max().unwrap_or(0).max(6);
     let mut out =

@@ -34,7 +34,10 @@ use anyhow::{Context, Result, bail, ensure};
 use contiv_tests::{Netns, Node, NodeOptions};
 use serde_json::json;
 
-use crate::bench_net::{median, percentile, row, write_results};
+use crate::{
+    bench_net::{median, percentile, row, write_results},
+    bench_store::ms,
+};
 
 /// Pods per side in the sequential part (the set-up).
 const PODS: usize = 50;
@@ -112,10 +115,6 @@ impl Plugin {
         }
         Ok(elapsed)
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::bench_store::{median, metric, ms, run_ok, start_etcd, target_dir, workspace_root, write_report};
+use crate::bench_net::median;
+use crate::bench_store::{metric, ms, run_ok, start_etcd, target_dir, workspace_root, write_report};
 use crate::progress;
 
 const SERVICES: usize = 10_000;
@@ -196,5 +197,5 @@ fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
     }
     step.finish();
     drop(etcd);
-    Ok(serde_json::json!([metric("ksr_initial_sync_time", "ms", median(base), median(mine))]))
+    Ok(serde_json::json!([metric("ksr_initial_sync_time", "ms", median(&base), median(&mine))]))
 }

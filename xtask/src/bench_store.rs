@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+use crate::bench_net::median;
+
 const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 4;
 const RUNS: usize = 5;
@@ -205,11 +207,6 @@ fn probe_watch(probe: &Path, store_args: &[&str], expect: usize) -> anyhow::Resu
     Ok(ProbeRun { wall, internal_ms: report["ready_ms"].as_f64().unwrap_or(0.0), maxrss_kib })
 }
 
-pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -361,8 +358,8 @@ fn measure(probe: &Path, scratch: &Path) -> anyhow::Result<serde_json::Value> {
     runs.finish();
     drop(etcd);
     Ok(serde_json::json!([
-        metric("cluster_watch_probe_etcd_time_to_full_model", "ms", median(etcd_read), median(etcd_watch)),
-        metric("cluster_watch_probe_embedded_time_to_full_model", "ms", median(emb_read), median(emb_watch)),
+        metric("cluster_watch_probe_etcd_time_to_full_model", "ms", median(&etcd_read), median(&etcd_watch)),
+        metric("cluster_watch_probe_embedded_time_to_full_model", "ms", median(&emb_read), median(&emb_watch)),
         rss_metric("cluster_watch_probe_etcd_peak_rss", rss[0], rss[1]),
         rss_metric("cluster_watch_probe_embedded_peak_rss", rss[2], rss[3]),
     ]))

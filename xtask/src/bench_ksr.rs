@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 use crate::bench_net::median;
-use crate::bench_store::{metric, ms, run_ok, start_etcd, target_dir, workspace_root, write_report};
+use crate::bench_store::{metric, ms, run_ok, start_etcd, write_report};
+use crate::{target_dir, workspace_root};
 use crate::progress;
 
 const SERVICES: usize = 10_000;

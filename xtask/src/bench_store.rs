@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 use crate::bench_net::median;
+use crate::{target_dir, workspace_root};
 
 const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 4;
@@ -38,14 +39,6 @@ const RUNS: usize = 5;
 const MAX_TIME_RATIO: f64 = 3.0;
 /// The budget for the peak resident memory of a process holding the whole model.
 const RSS_BUDGET_MIB: f64 = 150.0;
-
-pub(crate) fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
-}
-
-pub(crate) fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
-}
 
 /// An etcd we started; killed (by its pid) on drop.
 pub(crate) struct Etcd {

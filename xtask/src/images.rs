@@ -156,7 +156,7 @@ fn smoke(image: &Image) -> Result<String> {
 
 /// Where release binaries land.
 fn release_dir() -> PathBuf {
-    crate::bench_store::target_dir().join("release")
+    crate::target_dir().join("release")
 }
 
 pub fn run() -> Result<()> {
@@ -186,7 +186,7 @@ pub fn run() -> Result<()> {
 
     // contiv-cni runs on the host: link it statically (glibc's static libc, libc6-dev).
     let step = progress::step("building a static contiv-cni");
-    let static_dir = crate::bench_store::target_dir().join("static");
+    let static_dir = crate::target_dir().join("static");
     check(
         cargo()
             .args(["build", "--release", "-p", "contiv-cni", "--bin", "contiv-cni", "--target", HOST_TRIPLE])

@@ -83,6 +83,11 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set, else the workspace's `target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
@@ -176,7 +181,7 @@ pub fn build_bins(release: bool) -> Result<PathBuf> {
     let step = crate::progress::step(format!("building the binaries ({})", if release { "release" } else { "debug" }));
     check(&mut cmd)?;
     step.finish();
-    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }))
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
 }
 
 fn main() -> Result<()> {

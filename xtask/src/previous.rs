@@ -24,7 +24,7 @@ pub const PREVIOUS_RELEASE: &str = "c66da6cf5cb9c684e98d2442c4cf0871dd92c993";
 /// Builds (once) and returns the previous release's agent binary.
 pub fn agent() -> Result<PathBuf> {
     let root = workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target = crate::target_dir();
     let out = target.join("previous").join(format!("contiv-agent-{}", &PREVIOUS_RELEASE[..12]));
     if out.exists() {
         return Ok(out);

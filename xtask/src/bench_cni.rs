@@ -34,10 +34,7 @@ use anyhow::{Context, Result, bail, ensure};
 use contiv_tests::{Netns, Node, NodeOptions};
 use serde_json::json;
 
-use crate::{
-    bench_net::{median, percentile, row, write_results},
-    bench_store::ms,
-};
+use crate::bench_net::{median, ms, percentile, row, write_results};
 
 /// Pods per side in the sequential part (the set-up).
 const PODS: usize = 50;

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::bench_net::median;
-use crate::bench_store::{metric, ms, run_ok, start_etcd, write_report};
-use crate::{target_dir, workspace_root};
+use crate::bench_net::{median, ms};
+use crate::bench_store::{metric, run_ok, start_etcd, write_report};
 use crate::progress;
+use crate::{target_dir, workspace_root};
 
 const SERVICES: usize = 10_000;
 /// Operations per transaction: the same as KSR's (contiv_ksr::mirror::BATCH).

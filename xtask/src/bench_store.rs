@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::bench_net::median;
+use crate::bench_net::{median, ms};
 use crate::{target_dir, workspace_root};
 
 const SERVICES: usize = 10_000;
@@ -198,10 +198,6 @@ fn probe_watch(probe: &Path, store_args: &[&str], expect: usize) -> anyhow::Resu
     let objects = report["objects"].as_u64().unwrap_or(0) as usize;
     ensure!(objects >= expect, "probe model holds {objects} objects, expected {expect}");
     Ok(ProbeRun { wall, internal_ms: report["ready_ms"].as_f64().unwrap_or(0.0), maxrss_kib })
-}
-
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn rss_metric(name: &str, baseline_kib: u64, ours_kib: u64) -> serde_json::Value {

@@ -60,7 +60,11 @@
 //! - `clusterip_throughput` (bar >= 0.97) and `clusterip_rr_p50` (bar <= 1.05), p99: one TCP
 //!   stream (iperf3) and 64-byte request/response from the client pod to the server through
 //!   a ClusterIP, against the same pods talking directly, at 10,000 services. Throughput is
-//!   the mean of 16 paired rounds of each (see `ROUNDS`).
+//!   the ratio of the two means over `ROUNDS` paired rounds (the throughput of all the time
+//!   each ran). A single round's ratio scatters by about 8-10% on this machine with no lean
+//!   either way (over 232 rounds of 23 runs the median round ratio was 1.000); the median
+//!   of 8 rounds moved a run's ratio by about 4% and read under 0.97 in 8 of 25 runs, and
+//!   resampling the recorded rounds puts the mean of 16 at about 2.5%.
 //! - `programming_p99_10k` (target <= 100 ms), p50: from the start of the store write of a
 //!   changed EndpointSlice (the probe service's backend port, written by the code `netctl
 //!   apply` runs, in-process) to the new port in node-1's pinned SVC_BACKENDS map, polled
@@ -114,12 +118,7 @@ const COLD_STARTS: usize = 3;
 /// Throughput rounds (each: pod -> pod and pod -> ClusterIP, 5 s each, who goes first
 /// alternating). Even, so each goes first equally often: on this 2-vCPU machine the order
 /// within a round moved single rounds by 10-20%, and with 7 rounds one order had a round
-/// more than the other. `clusterip_throughput` is the ratio of the two means over all
-/// rounds (the throughput of all the time each ran). A single round's ratio scatters by
-/// about 8% on this machine, with no lean either way: over 184 rounds of 20 runs the
-/// median round ratio was 0.997. With the median of 8 rounds a run's ratio scattered by
-/// about 4%, and 8 of 25 runs read under 0.97; resampling those rounds puts the mean of 16
-/// at about 2.5%.
+/// more than the other. 16 rather than 8 for `clusterip_throughput`'s spread (module docs).
 const ROUNDS: usize = 16;
 
 const TARGET_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

@@ -4,7 +4,8 @@
 //! load-balancer IPs, session affinity, traffic policies Local (health check node port,
 //! client source preserved), refusals without endpoints, hairpin, source ranges, services
 //! left to other proxies, terminating endpoints, endpoint changes, agent restarts, and that
-//! one node's socket programs never translate another node's connections.
+//! one node's socket programs never translate another node's connections, and topology
+//! hints (zones).
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -373,6 +374,94 @@ spec:
     assert!(tcp_ask(&ext, SocketAddr::from((n2.ip, 30080))).is_ok());
     assert!(tcp_ask(&n2.netns, SocketAddr::from((n2.ip, 30080))).is_ok());
     assert_eq!(tcp_servers(&c2.netns, sa("10.96.0.11", 80), 10), BTreeMap::from([("web-2".to_owned(), 10)]));
+}
+
+/// Topology aware routing: the zone hints the EndpointSlice controller writes (for
+/// `trafficDistribution: PreferClose`, or the `service.kubernetes.io/topology-mode`
+/// annotation) keep each zone's clients, and the NodePort traffic each zone's node takes in,
+/// on that zone's endpoints. A node relabelled into another zone follows the new zone's
+/// hints; hints that do not cover every endpoint are ignored, as kube-proxy ignores them.
+#[test]
+fn services_box_topology_hints_keep_clients_on_their_zones_endpoints() {
+    let (b, [w1, w2, c1, c2]) = web_box("");
+    let node = |name: &str, zone: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{topology.kubernetes.io/zone: {zone}}}\n"
+        )
+    };
+    let slice = |name: &str, pod: &BoxPod, port: u16, zone: &str, hint: bool| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  \
+             labels: {{kubernetes.io/service-name: zonal}}\naddressType: IPv4\nports: [{{name: http, protocol: TCP, port: {port}}}]\n\
+             endpoints:\n- addresses: [{}]\n  conditions: {{ready: true}}\n  nodeName: {}\n  zone: {zone}\n{}",
+            pod.ip,
+            pod.node,
+            if hint { format!("  hints: {{forZones: [{{name: {zone}}}]}}\n") } else { String::new() }
+        )
+    };
+    b.apply_yaml(&format!(
+        "{}---\n{}---\n{}---\n{}---\n{}",
+        node("node-1", "zone-a"),
+        node("node-2", "zone-b"),
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: zonal, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.12
+  clusterIPs: [10.96.0.12]
+  trafficDistribution: PreferClose
+  selector: {app: web}
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30090}
+"#,
+        slice("zonal-a", &w1, 8080, "zone-a", true),
+        slice("zonal-b", &w2, 9090, "zone-b", true),
+    ));
+    // Each node programs its zone's endpoint only, and says why.
+    let follows = |node: &str, pod: &BoxPod, port: u16, mode: Option<&str>| {
+        let want = format!("{}:{port}", pod.ip);
+        b.wait_for(Duration::from_secs(15), &format!("{node} programs 10.96.0.12:80 -> {want} ({mode:?})"), || {
+            b.status_json(node, "/services").is_some_and(|r| {
+                r["frontends"].as_array().into_iter().flatten().any(|f| {
+                    let flags: Vec<&str> =
+                        f["flags"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    let backends: Vec<&str> =
+                        f["backends"].as_array().into_iter().flatten().filter_map(|x| x["address"].as_str()).collect();
+                    f["frontend"] == "10.96.0.12:80"
+                        && match mode {
+                            Some(m) => backends == [want.as_str()] && flags.contains(&m),
+                            None => backends.len() == 2 && !flags.iter().any(|f| f.starts_with("topology=")),
+                        }
+                })
+            })
+        });
+    };
+    follows("node-1", &w1, 8080, Some("topology=PreferSameZone"));
+    follows("node-2", &w2, 9090, Some("topology=PreferSameZone"));
+    let only = |name: &str, n: usize| BTreeMap::from([(name.to_owned(), n)]);
+    assert_eq!(tcp_servers(&c1.netns, sa("10.96.0.12", 80), 16), only("web-1", 16), "zone-a's client");
+    assert_eq!(tcp_servers(&c2.netns, sa("10.96.0.12", 80), 16), only("web-2", 16), "zone-b's client");
+    // External traffic (externalTrafficPolicy Cluster) follows the hints of the node it enters.
+    let ext = b.netns_of("external").unwrap();
+    for (n, pod) in [("node-1", "web-1"), ("node-2", "web-2")] {
+        let addr = SocketAddr::from((b.node(n).ip, 30090));
+        assert_eq!(tcp_servers(&ext, addr, 12), only(pod, 12), "outside -> {n}'s NodePort");
+    }
+
+    // node-1 moves to zone-b: its clients now reach zone-b's endpoint.
+    b.apply_yaml(&node("node-1", "zone-b"));
+    follows("node-1", &w2, 9090, Some("topology=PreferSameZone"));
+    assert_eq!(tcp_servers(&c1.netns, sa("10.96.0.12", 80), 16), only("web-2", 16), "relabelled node's client");
+
+    // One endpoint loses its hint: hints no longer cover every endpoint, so every node
+    // balances over both again.
+    b.apply_yaml(&slice("zonal-b", &w2, 9090, "zone-b", false));
+    follows("node-1", &w1, 8080, None);
+    follows("node-2", &w2, 9090, None);
+    let both: BTreeSet<&str> = ["web-1", "web-2"].into();
+    assert_eq!(names(&tcp_servers(&c1.netns, sa("10.96.0.12", 80), 24)), both);
+    assert_eq!(names(&tcp_servers(&c2.netns, sa("10.96.0.12", 80), 24)), both);
 }
 
 /// A service port's connection counter on a node (from /services).

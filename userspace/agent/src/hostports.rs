@@ -114,6 +114,8 @@ pub fn host_port_services<'a>(
                     conditions: EndpointConditions { ready: true, serving: true, terminating: false },
                     node_name: Some(node_name.to_owned()),
                     zone: None,
+                    hints_for_zones: vec![],
+                    hints_for_nodes: vec![],
                 }],
                 ports: vec![EndpointPort { name: port_name, protocol: cp.protocol, port: Some(cp.port) }],
             };

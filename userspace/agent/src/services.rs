@@ -14,6 +14,12 @@
 //! - the Cluster set is the ready endpoints, else the serving-and-terminating ones; the Local
 //!   set (this node's endpoints, for externalTrafficPolicy / internalTrafficPolicy Local) is
 //!   chosen the same way among local endpoints only;
+//! - topology aware routing: when every ready endpoint carries a node hint and one names
+//!   this node, the Cluster set is the ready endpoints hinted for it (PreferSameNode); else
+//!   when every ready endpoint carries a zone hint and one names this node's zone (the
+//!   `topology.kubernetes.io/zone` label of its Node), the ones hinted for that zone
+//!   (PreferSameZone); otherwise hints are ignored. The serving-and-terminating fallback
+//!   ignores them too;
 //! - `targetPort` by name: EndpointSlices carry the number per slice (and so per pod);
 //! - services of another proxy (`service.kubernetes.io/service-proxy-name`), headless ones
 //!   and ExternalName are not programmed; SCTP ports are refused with a reason.
@@ -63,6 +69,9 @@ pub struct ServicePortInfo {
     /// The service port's name ("" for a single unnamed port).
     pub port_name: String,
     pub protocol: &'static str,
+    /// The topology hints its Cluster set follows on this node: `PreferSameNode`,
+    /// `PreferSameZone`, or none (every usable endpoint).
+    pub topology: Option<&'static str>,
 }
 
 /// A healthCheckNodePort the agent answers (externalTrafficPolicy Local).
@@ -175,6 +184,12 @@ struct Candidate {
     ready: bool,
     serving_terminating: bool,
     local: bool,
+    /// Topology hints, as they concern this node: whether the endpoint has any node hint,
+    /// one naming this node, any zone hint, one naming this node's zone.
+    node_hinted: bool,
+    for_node: bool,
+    zone_hinted: bool,
+    for_zone: bool,
 }
 
 /// Ready endpoints, else the serving-and-terminating ones.
@@ -184,6 +199,33 @@ fn choose(c: &[Candidate]) -> Vec<Candidate> {
         return ready;
     }
     c.iter().copied().filter(|c| c.serving_terminating).collect()
+}
+
+/// Topology modes, named as kube-proxy names them.
+pub const PREFER_SAME_NODE: &str = "PreferSameNode";
+pub const PREFER_SAME_ZONE: &str = "PreferSameZone";
+
+/// The Cluster set as kube-proxy chooses it (`CategorizeEndpoints`): the ready endpoints,
+/// narrowed by their topology hints when every ready endpoint has a hint of that kind and
+/// at least one names this node (or its zone); hints of one kind missing anywhere, or
+/// naming only other nodes and zones, are ignored, so a node never loses the service to a
+/// partial hint set. With no ready endpoint, the serving-and-terminating ones, whatever
+/// their hints. Also returns the mode that narrowed the set.
+fn choose_cluster(c: &[Candidate]) -> (Vec<Candidate>, Option<&'static str>) {
+    let ready: Vec<Candidate> = c.iter().copied().filter(|c| c.ready).collect();
+    if ready.is_empty() {
+        return (choose(c), None);
+    }
+    // A hint kind narrows the set when every ready endpoint has one and one names us.
+    let by_node = ready.iter().all(|c| c.node_hinted) && ready.iter().any(|c| c.for_node);
+    if by_node {
+        return (ready.into_iter().filter(|c| c.for_node).collect(), Some(PREFER_SAME_NODE));
+    }
+    let by_zone = ready.iter().all(|c| c.zone_hinted) && ready.iter().any(|c| c.for_zone);
+    if by_zone {
+        return (ready.into_iter().filter(|c| c.for_zone).collect(), Some(PREFER_SAME_ZONE));
+    }
+    (ready, None)
 }
 
 fn service_key(s: &Service) -> String {
@@ -385,6 +427,7 @@ fn programmed_ports<'s>(
 /// of each port name.
 fn plan_unit(
     params: &ServiceParams,
+    zone: Option<&str>,
     s: &Service,
     ports: Vec<(&contiv_cluster_model::ServicePort, String)>,
     skipped: Vec<Skipped>,
@@ -416,6 +459,10 @@ fn plan_unit(
                         ready: ep.conditions.ready,
                         serving_terminating: ep.conditions.serving && ep.conditions.terminating,
                         local,
+                        node_hinted: !ep.hints_for_nodes.is_empty(),
+                        for_node: ep.hints_for_nodes.contains(&params.node_name),
+                        zone_hinted: !ep.hints_for_zones.is_empty(),
+                        for_zone: zone.is_some_and(|z| ep.hints_for_zones.iter().any(|h| h == z)),
                     };
                     // The same address in two slices (a slice being replaced): keep the best.
                     cands
@@ -423,13 +470,17 @@ fn plan_unit(
                         .and_modify(|have| {
                             have.ready |= c.ready;
                             have.serving_terminating |= c.serving_terminating;
+                            have.node_hinted |= c.node_hinted;
+                            have.for_node |= c.for_node;
+                            have.zone_hinted |= c.zone_hinted;
+                            have.for_zone |= c.for_zone;
                         })
                         .or_insert(c);
                 }
             }
         }
         let all: Vec<Candidate> = cands.into_values().collect();
-        let cluster = choose(&all);
+        let (cluster, topology) = choose_cluster(&all);
         let local_all: Vec<Candidate> = all.iter().copied().filter(|c| c.local).collect();
         let local = choose(&local_all);
         for (i, c) in cluster.iter().enumerate() {
@@ -493,6 +544,7 @@ fn plan_unit(
                 name: s.name.clone(),
                 port_name: port.name.clone(),
                 protocol: proto_name(proto),
+                topology,
             },
         ));
         local_ips.extend(local.iter().map(|c| c.ip));
@@ -521,6 +573,11 @@ fn plan_unit(
     u.endpoints.shrink_to_fit();
     u.ids.shrink_to_fit();
     out
+}
+
+/// This node's zone, from its Node object's label.
+fn node_zone(params: &ServiceParams, src: &impl ServiceSource) -> Option<String> {
+    src.nodes().into_iter().find(|n| n.name == params.node_name).and_then(|n| n.zone.clone())
 }
 
 /// Node addresses: every node's (NodePorts from pods and hosts), this node's marked.
@@ -581,6 +638,9 @@ pub struct ServicePlanner {
     endpoint_refs: HashMap<(Ipv4Addr, u16, u8), usize>,
     /// Units that left something out, and why.
     skips: BTreeMap<Name, Vec<Skipped>>,
+    /// This node's zone (its Node's `topology.kubernetes.io/zone` label), which zone hints
+    /// are read against.
+    zone: Option<String>,
 }
 
 /// A service's name, shared by everything the planner keys by it.
@@ -598,6 +658,7 @@ impl ServicePlanner {
             health: BTreeMap::new(),
             endpoint_refs: HashMap::new(),
             skips: BTreeMap::new(),
+            zone: None,
         }
     }
 
@@ -617,11 +678,18 @@ impl ServicePlanner {
     /// Brings the plan up to date with `src` after `changes`; returns what may differ.
     pub fn update(&mut self, src: &impl ServiceSource, changes: &ServiceChanges) -> PlanDelta {
         let mut delta = PlanDelta { full: changes.all, ..Default::default() };
+        let mut zone_changed = false;
         if changes.all || changes.nodes {
             self.plan.node_addrs = node_addrs(&self.params, src);
             delta.node_addrs = true;
+            let zone = node_zone(&self.params, src);
+            if zone != self.zone {
+                // Rare (a node relabelled): every service is redone, as for a resync.
+                self.zone = zone;
+                zone_changed = true;
+            }
         }
-        let mut dirty: BTreeSet<Name> = if changes.all {
+        let mut dirty: BTreeSet<Name> = if changes.all || zone_changed {
             let mut all: BTreeSet<Name> = self.units.keys().cloned().collect();
             all.extend(src.all_services().into_iter().map(|s| Arc::new(name_of(s))));
             all
@@ -677,7 +745,8 @@ impl ServicePlanner {
         for (d, found, skipped) in todo {
             if let Some((s, ports)) = found {
                 let names = &self.names;
-                let unit = plan_unit(&self.params, s, ports, skipped, &src.slices_of(&d.0, &d.1), |n| names[n].1);
+                let zone = self.zone.as_deref();
+                let unit = plan_unit(&self.params, zone, s, ports, skipped, &src.slices_of(&d.0, &d.1), |n| names[n].1);
                 self.add(&d, unit, &mut touched, &mut delta);
             }
         }
@@ -911,7 +980,19 @@ mod tests {
             conditions: EndpointConditions { ready, serving, terminating },
             node_name: Some(node.into()),
             zone: None,
+            hints_for_zones: vec![],
+            hints_for_nodes: vec![],
         }
+    }
+
+    fn hinted(mut e: Endpoint, zones: &[&str], nodes: &[&str]) -> Endpoint {
+        e.hints_for_zones = zones.iter().map(|z| z.to_string()).collect();
+        e.hints_for_nodes = nodes.iter().map(|n| n.to_string()).collect();
+        e
+    }
+
+    fn node(name: &str, zone: Option<&str>) -> Node {
+        Node { name: name.into(), addresses: vec![], pod_cidrs: vec![], zone: zone.map(Into::into) }
     }
 
     fn slice(name: &str, svc: &str, ports: Vec<(&str, Protocol, u16)>, endpoints: Vec<Endpoint>) -> EndpointSlice {
@@ -1040,6 +1121,85 @@ mod tests {
         assert!(p.source_ranges.contains(&(c.svc_id, "203.0.113.0/24".parse().unwrap())));
         assert_eq!(p.health_checks[&32000].local_endpoints, 1);
         assert_eq!(p.frontends.values().filter(|f| f.svc_id == c.svc_id).count(), 4);
+    }
+
+    #[test]
+    fn topology_hints_narrow_the_cluster_set_as_kube_proxy_does() {
+        let svc_of = || {
+            let mut s = svc("web", "10.96.0.40", vec![port("", Protocol::Tcp, 80, PortRef::Number(8080))]);
+            s.internal_traffic_policy = TrafficPolicy::Cluster;
+            s
+        };
+        let plan = |zone: Option<&str>, eps: Vec<Endpoint>| {
+            let s = [svc_of()];
+            let sl = [slice("web-1", "web", vec![("", Protocol::Tcp, 8080)], eps)];
+            let (s, sl): (Vec<&Service>, Vec<&EndpointSlice>) = (s.iter().collect(), sl.iter().collect());
+            let n = [node("n1", zone), node("n2", Some("z2"))];
+            let n: Vec<&Node> = n.iter().collect();
+            let p =
+                plan_services(&params(), ServiceInputs { services: &s, slices: &sl, nodes: &n, registrations: &[] });
+            let fe = frontend(&p, "10.96.0.40", 80, IPPROTO_TCP);
+            let ips: Vec<String> = backends_of(&p, fe.svc_id).iter().map(|(ip, _)| ip.to_string()).collect();
+            (ips, p.ports[&fe.svc_id].topology)
+        };
+        let a = || ep("10.1.1.2", "n1", true, true, false);
+        let b = || ep("10.1.2.2", "n2", true, true, false);
+        let c = || ep("10.1.2.3", "n2", true, true, false);
+        let zone = Some("z1");
+
+        // Every ready endpoint hinted, one for this node's zone: only those.
+        let p = plan(zone, vec![hinted(a(), &["z1"], &[]), hinted(b(), &["z2"], &[]), hinted(c(), &["z1", "z2"], &[])]);
+        assert_eq!(p, (vec!["10.1.1.2".into(), "10.1.2.3".into()], Some(PREFER_SAME_ZONE)));
+        // One ready endpoint without a hint: hints ignored.
+        assert_eq!(plan(zone, vec![hinted(a(), &["z1"], &[]), b()]).0.len(), 2);
+        // An unready endpoint without a hint does not count.
+        let mut unready = c();
+        unready.conditions = EndpointConditions { ready: false, serving: false, terminating: false };
+        let p = plan(zone, vec![hinted(a(), &["z1"], &[]), hinted(b(), &["z2"], &[]), unready]);
+        assert_eq!(p, (vec!["10.1.1.2".into()], Some(PREFER_SAME_ZONE)));
+        // Hints only for other zones, or a node without a zone label: every ready endpoint.
+        assert_eq!(plan(zone, vec![hinted(a(), &["z2"], &[]), hinted(b(), &["z2"], &[])]).1, None);
+        assert_eq!(
+            plan(None, vec![hinted(a(), &["z1"], &[]), hinted(b(), &["z2"], &[])]),
+            (vec!["10.1.1.2".into(), "10.1.2.2".into()], None)
+        );
+        // Node hints come first (PreferSameNode), then zone hints.
+        let p = plan(
+            zone,
+            vec![hinted(a(), &["z1"], &["n2"]), hinted(b(), &["z1"], &["n1"]), hinted(c(), &["z2"], &["n2"])],
+        );
+        assert_eq!(p, (vec!["10.1.2.2".into()], Some(PREFER_SAME_NODE)));
+        // Node hints for other nodes only: the zone hints decide.
+        let p = plan(zone, vec![hinted(a(), &["z1"], &["n2"]), hinted(b(), &["z2"], &["n2"])]);
+        assert_eq!(p, (vec!["10.1.1.2".into()], Some(PREFER_SAME_ZONE)));
+        // No ready endpoint: the serving-and-terminating ones, whatever their hints.
+        let term = |e: Endpoint| {
+            let mut e = e;
+            e.conditions = EndpointConditions { ready: false, serving: true, terminating: true };
+            e
+        };
+        let p = plan(zone, vec![term(hinted(a(), &["z1"], &[])), term(hinted(b(), &["z2"], &[]))]);
+        assert_eq!(p, (vec!["10.1.1.2".into(), "10.1.2.2".into()], None));
+
+        // The Local set ignores hints: this node's endpoint serves internalTrafficPolicy
+        // Local even when hinted for another zone.
+        let mut s = svc_of();
+        s.internal_traffic_policy = TrafficPolicy::Local;
+        let sl = slice(
+            "web-1",
+            "web",
+            vec![("", Protocol::Tcp, 8080)],
+            vec![hinted(a(), &["z2"], &[]), hinted(b(), &["z1"], &[])],
+        );
+        let n = [node("n1", zone)];
+        let p = plan_services(
+            &params(),
+            ServiceInputs { services: &[&s], slices: &[&sl], nodes: &n.iter().collect::<Vec<_>>(), registrations: &[] },
+        );
+        let fe = frontend(&p, "10.96.0.40", 80, IPPROTO_TCP);
+        assert_eq!((fe.count, fe.local_count), (1, 1));
+        assert_eq!(p.backends[&SvcBackendKey { svc_id: fe.svc_id, ordinal: 0 }].ip, [10, 1, 2, 2]);
+        assert_eq!(p.backends[&SvcBackendKey { svc_id: fe.svc_id, ordinal: SVC_LOCAL_BASE }].ip, [10, 1, 1, 2]);
     }
 
     #[test]
@@ -1189,7 +1349,11 @@ mod tests {
         let eps = (0..rng.below(4))
             .map(|_| {
                 let ip = format!("10.1.{}.{}", 1 + rng.below(2), 2 + rng.below(4));
-                ep(&ip, ["n1", "n2"][rng.below(2)], rng.below(3) > 0, rng.below(2) == 0, rng.below(3) == 0)
+                let e = ep(&ip, ["n1", "n2"][rng.below(2)], rng.below(3) > 0, rng.below(2) == 0, rng.below(3) == 0);
+                // Topology hints on some: a zone, a node, both or none.
+                let zones: &[&str] = [&[][..], &["z1"], &["z2"], &["z1", "z2"]][rng.below(4)];
+                let nodes: &[&str] = [&[][..], &[][..], &["n1"], &["n2"]][rng.below(4)];
+                hinted(e, zones, nodes)
             })
             .collect();
         let web = 8080 + rng.below(2) as u16;
@@ -1223,11 +1387,13 @@ mod tests {
         // Two of the service names share an id hash (see the ids test): adding and removing
         // either moves the other's id.
         let names = ["svc-268724", "svc-698200", "a", "b", "c"];
+        let mut narrowed = 0;
         for seed in 1..=20u64 {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
             let mut services: BTreeMap<String, Service> = BTreeMap::new();
             let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
             let mut regs = vec![reg("n1", "192.168.100.11")];
+            let mut nodes: Vec<Node> = vec![];
             let mut planner = ServicePlanner::new(params());
             let mut installed = crate::proxy::Installed::default();
             let mut before = ServicePlan::default();
@@ -1262,7 +1428,10 @@ mod tests {
                         }
                     }
                     _ => {
-                        if regs.len() == 1 {
+                        if rng.below(2) == 0 {
+                            // This node relabelled into another zone, or its label removed.
+                            nodes = vec![node("n1", [None, Some("z1"), Some("z2")][rng.below(3)])];
+                        } else if regs.len() == 1 {
                             regs.push(reg("n2", "192.168.100.12"));
                         } else {
                             regs.pop();
@@ -1276,7 +1445,8 @@ mod tests {
                 let sv: Vec<&Service> = services.values().collect();
                 let sl: Vec<&EndpointSlice> = slices.values().collect();
                 let r: Vec<&NodeRegistration> = regs.iter().collect();
-                let inputs = ServiceInputs { services: &sv, slices: &sl, nodes: &[], registrations: &r };
+                let nd: Vec<&Node> = nodes.iter().collect();
+                let inputs = ServiceInputs { services: &sv, slices: &sl, nodes: &nd, registrations: &r };
                 let delta = planner.update(&Indexed::new(inputs), &std::mem::take(&mut changes));
                 let whole = plan_services(&params(), inputs);
                 assert_eq!(planner.plan(), &whole, "seed {seed} step {step}");
@@ -1297,9 +1467,11 @@ mod tests {
                 if whole.skipped != before.skipped {
                     assert!(delta.skipped_changed, "seed {seed} step {step}: the reasons changed unannounced");
                 }
+                narrowed += whole.ports.values().filter(|p| p.topology.is_some()).count();
                 before = whole;
             }
         }
+        assert!(narrowed > 0, "no plan ever followed topology hints: the random cases miss them");
     }
 
     #[test]

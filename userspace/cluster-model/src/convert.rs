@@ -448,6 +448,20 @@ impl ToModel for discovery::EndpointSlice {
                     },
                     node_name: e.node_name.clone().filter(|n| !n.is_empty()),
                     zone: e.zone.clone().filter(|z| !z.is_empty()),
+                    hints_for_zones: e
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_zones.iter().flatten())
+                        .map(|z| z.name.clone())
+                        .filter(|z| !z.is_empty())
+                        .collect(),
+                    hints_for_nodes: e
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_nodes.iter().flatten())
+                        .map(|n| n.name.clone())
+                        .filter(|n| !n.is_empty())
+                        .collect(),
                 })
             })
             .collect::<Result<_, ConvertError>>()?;
@@ -655,7 +669,8 @@ impl ToModel for core::Node {
                 }
             }
         }
-        Ok(Node { name: name_of(&self.metadata)?, addresses, pod_cidrs })
+        let zone = self.metadata.labels.as_ref().and_then(|l| l.get(LABEL_TOPOLOGY_ZONE)).filter(|z| !z.is_empty());
+        Ok(Node { name: name_of(&self.metadata)?, addresses, pod_cidrs, zone: zone.cloned() })
     }
 }
 

@@ -284,6 +284,14 @@ pub struct Endpoint {
     /// Zone of the endpoint.
     #[serde(default)]
     pub zone: Option<String>,
+    /// `hints.forZones[].name`: the zones whose nodes should use this endpoint (topology
+    /// aware routing, `trafficDistribution: PreferClose`/`PreferSameZone`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hints_for_zones: Vec<String>,
+    /// `hints.forNodes[].name`: the nodes that should use this endpoint
+    /// (`trafficDistribution: PreferSameNode`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hints_for_nodes: Vec<String>,
 }
 
 /// Endpoint conditions.
@@ -450,6 +458,9 @@ pub struct NetworkPolicy {
 
 // === Node ===
 
+/// The node label naming its zone (`topology.kubernetes.io/zone`).
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+
 /// A node address with its type (`InternalIP`, `ExternalIP`, `Hostname`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeAddress {
@@ -470,6 +481,10 @@ pub struct Node {
     /// spec.podCIDRs.
     #[serde(default)]
     pub pod_cidrs: Vec<IpNet>,
+    /// The `topology.kubernetes.io/zone` label: the zone whose endpoint hints this node's
+    /// proxy follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 impl Node {

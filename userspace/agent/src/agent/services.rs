@@ -299,9 +299,14 @@ impl Agent {
         };
         for (k, fe) in &frontends {
             let info = ports.get(&fe.svc_id);
-            let (mut kind, flags) = flag_names(fe.flags);
+            let (mut kind, mut flags) = flag_names(fe.flags);
             if info.is_some_and(|i| crate::hostports::is_host_port_service(&i.name)) {
                 kind = "HostPort";
+            }
+            match info.and_then(|i| i.topology) {
+                Some(crate::services::PREFER_SAME_NODE) => flags.push("topology=PreferSameNode"),
+                Some(crate::services::PREFER_SAME_ZONE) => flags.push("topology=PreferSameZone"),
+                _ => {}
             }
             let c = counters.get(&fe.svc_id).copied().unwrap_or_default();
             let ip = Ipv4Addr::from(k.ip);

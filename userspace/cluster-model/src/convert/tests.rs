@@ -265,7 +265,8 @@ fn endpointslice_converts_with_condition_defaults() {
         "addressType": "IPv4",
         "endpoints": [
             {"addresses": ["10.1.0.5"], "conditions": {"ready": true, "serving": true, "terminating": false},
-             "nodeName": "node-a", "zone": "z1", "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "shop"}},
+             "nodeName": "node-a", "zone": "z1", "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "shop"},
+             "hints": {"forZones": [{"name": "z1"}, {"name": "z2"}], "forNodes": [{"name": "node-a"}]}},
             {"addresses": ["10.1.1.7"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "node-b"},
             {"addresses": ["10.1.2.9"]}
         ],
@@ -277,6 +278,9 @@ fn endpointslice_converts_with_condition_defaults() {
     assert_eq!(m.endpoints.len(), 3);
     assert_eq!(m.endpoints[0].conditions, EndpointConditions { ready: true, serving: true, terminating: false });
     assert_eq!(m.endpoints[0].zone.as_deref(), Some("z1"));
+    assert_eq!(m.endpoints[0].hints_for_zones, ["z1", "z2"]);
+    assert_eq!(m.endpoints[0].hints_for_nodes, ["node-a"]);
+    assert!(m.endpoints[1].hints_for_zones.is_empty() && m.endpoints[1].hints_for_nodes.is_empty());
     assert_eq!(m.endpoints[1].conditions, EndpointConditions { ready: false, serving: true, terminating: true });
     assert_eq!(m.endpoints[1].node_name.as_deref(), Some("node-b"));
     // Unset conditions: ready (unknown counts as ready), serving = ready, not terminating.
@@ -427,7 +431,7 @@ fn networkpolicy_defaults_and_errors() {
 fn node_converts_addresses_and_pod_cidrs() {
     let node: core::Node = from_json(json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "node-a", "labels": {"kubernetes.io/hostname": "node-a"}},
+        "metadata": {"name": "node-a", "labels": {"kubernetes.io/hostname": "node-a", "topology.kubernetes.io/zone": "z1"}},
         "spec": {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"]},
         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"},
                                  {"type": "Hostname", "address": "node-a"},
@@ -439,10 +443,12 @@ fn node_converts_addresses_and_pod_cidrs() {
     assert_eq!(m.ips_of_type("InternalIP"), vec!["192.168.1.10".parse::<IpAddr>().unwrap()]);
     assert_eq!(m.ips_of_type("ExternalIP"), vec!["203.0.113.10".parse::<IpAddr>().unwrap()]);
     assert_eq!(m.pod_cidrs, vec!["10.1.0.0/24".parse::<IpNet>().unwrap(), "fd00:1::/64".parse().unwrap()]);
+    assert_eq!(m.zone.as_deref(), Some("z1"));
     assert_eq!(node.model_ref().unwrap().key(), "/contiv/k8s/node/node-a");
 
     let legacy: core::Node = from_json(json!({"metadata": {"name": "n"}, "spec": {"podCIDR": "10.2.0.0/24"}}));
     assert_eq!(legacy.to_model().unwrap().pod_cidrs, vec!["10.2.0.0/24".parse::<IpNet>().unwrap()]);
+    assert_eq!(legacy.to_model().unwrap().zone, None, "no zone label");
     let bad: core::Node = from_json(json!({"metadata": {"name": "n"}, "spec": {"podCIDRs": ["nope"]}}));
     assert_eq!(bad.to_model().unwrap_err().field(), "spec.podCIDRs[0]");
 }

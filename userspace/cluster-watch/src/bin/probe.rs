@@ -112,6 +112,8 @@ fn slice(i: usize, endpoints: usize) -> ClusterObject {
                 conditions: EndpointConditions { ready: true, serving: true, terminating: false },
                 node_name: Some(format!("node-{}", e % 8)),
                 zone: None,
+                hints_for_zones: vec![],
+                hints_for_nodes: vec![],
             })
             .collect(),
         ports: vec![

@@ -140,6 +140,11 @@ fn cidr(field: &str, s: &str) -> Result<IpNet, ConvertError> {
     }
 }
 
+/// The non-empty names of a list (hint names).
+fn names<'a>(list: impl Iterator<Item = &'a String>) -> Vec<String> {
+    list.filter(|n| !n.is_empty()).cloned().collect()
+}
+
 fn port(field: &str, n: i32) -> Result<u16, ConvertError> {
     match u16::try_from(n) {
         Ok(p) if p != 0 => Ok(p),
@@ -448,20 +453,8 @@ impl ToModel for discovery::EndpointSlice {
                     },
                     node_name: e.node_name.clone().filter(|n| !n.is_empty()),
                     zone: e.zone.clone().filter(|z| !z.is_empty()),
-                    hints_for_zones: e
-                        .hints
-                        .iter()
-                        .flat_map(|h| h.for_zones.iter().flatten())
-                        .map(|z| z.name.clone())
-                        .filter(|z| !z.is_empty())
-                        .collect(),
-                    hints_for_nodes: e
-                        .hints
-                        .iter()
-                        .flat_map(|h| h.for_nodes.iter().flatten())
-                        .map(|n| n.name.clone())
-                        .filter(|n| !n.is_empty())
-                        .collect(),
+                    hints_for_zones: names(e.hints.iter().flat_map(|h| h.for_zones.iter().flatten().map(|z| &z.name))),
+                    hints_for_nodes: names(e.hints.iter().flat_map(|h| h.for_nodes.iter().flatten().map(|n| &n.name))),
                 })
             })
             .collect::<Result<_, ConvertError>>()?;

@@ -1,7 +1,7 @@
 //! Services in the cluster in a box (root), from real Service and EndpointSlice YAML applied
 //! with `netctl apply`: ClusterIP (TCP and UDP, named target ports whose numbers differ per
 //! pod, several ports), NodePort from outside, from pods and from hosts, externalIPs and
-//! load-balancer IPs, session affinity, traffic policies Local (health check node port,
+//! load-balancer IPs (VIP mode programmed, Proxy mode left to the balancer), session affinity, traffic policies Local (health check node port,
 //! client source preserved), refusals without endpoints, hairpin, source ranges, services
 //! left to other proxies, terminating endpoints, endpoint changes, agent restarts, and that
 //! one node's socket programs never translate another node's connections, and topology
@@ -26,9 +26,14 @@ fn ports(spec: &[&str]) -> Vec<ContainerPort> {
 /// A server in a pod answering every TCP connection and UDP datagram on `port` with
 /// "NAME CLIENT-IP:PORT". TCP connections stay open and echo further lines ("NAME LINE").
 fn serve(pod: &BoxPod, port: u16) {
-    let (name, ip) = (pod.name.clone(), pod.ip);
-    let listener = enter(&pod.netns, move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp"));
-    let udp = enter(&pod.netns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp"));
+    serve_in(&pod.netns, &pod.name, port);
+}
+
+/// `serve` in any namespace, answering as `name`.
+fn serve_in(netns: &str, name: &str, port: u16) {
+    let name = name.to_owned();
+    let listener = enter(netns, move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp"));
+    let udp = enter(netns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp"));
     let n = name.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
@@ -63,7 +68,6 @@ fn serve(pod: &BoxPod, port: u16) {
             let _ = udp.send_to(format!("{name} {peer}\n").as_bytes(), peer);
         }
     });
-    let _ = ip;
 }
 
 /// What a TCP exchange with a service gave: the server's name, the client address the
@@ -522,7 +526,7 @@ spec:
   - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}
 status:
   loadBalancer:
-    ingress: [{{ip: 198.51.100.50}}]
+    ingress: [{{ip: 198.51.100.50}}, {{ip: 198.51.100.51, ipMode: Proxy}}]
 ---
 apiVersion: v1
 kind: Service
@@ -640,6 +644,22 @@ spec:
     let a = tcp_ask_from(&ext, Some("203.0.113.10".parse().unwrap()), sa("198.51.100.50", 80), Duration::from_secs(3))
         .expect("203.0.113.10 is inside");
     assert_eq!(a.seen.ip().to_string(), "203.0.113.10");
+    // An `ipMode: Proxy` ingress address belongs to a load balancer that proxies to node
+    // ports itself: no node programs it, and a pod reaching it goes out to that balancer
+    // (masqueraded, like any connection leaving the cluster) instead of being short-circuited.
+    let lb_ips: Vec<String> = b.status_json("node-1", "/services").unwrap()["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["service"] == "lb")
+        .filter_map(|f| f["frontend"].as_str().map(str::to_owned))
+        .collect();
+    assert!(lb_ips.iter().any(|f| f.starts_with("198.51.100.50:")), "{lb_ips:?}");
+    assert!(!lb_ips.iter().any(|f| f.starts_with("198.51.100.51:")), "{lb_ips:?}");
+    assert!(b.cmd("external", "ip").args(["addr", "add", "198.51.100.51/32", "dev", "lo"]).status().unwrap().success());
+    serve_in(&ext, "proxy-lb", 80);
+    let a = tcp_ask(&c1.netns, sa("198.51.100.51", 80)).expect("the proxying balancer answers");
+    assert_eq!((a.server.as_str(), a.seen.ip()), ("proxy-lb", std::net::IpAddr::V4(n1.ip)));
     // From inside the cluster every endpoint serves a load-balancer service, wherever.
     assert_eq!(tcp_ask(&c2.netns, SocketAddr::from((n2.ip, 30090))).unwrap().server, "web-1");
 

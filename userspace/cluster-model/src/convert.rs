@@ -336,7 +336,11 @@ impl ToModel for core::Service {
         let mut load_balancer_ips = Vec::new();
         let ingress = self.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
-            if let Some(s) = ing.ip.as_deref().filter(|s| !s.is_empty()) {
+            // Only VIP-mode addresses are the proxy's to serve (kube-proxy's IsVIPMode): a
+            // load balancer that says `ipMode: Proxy` delivers to node ports or pods itself, so
+            // a pod's connection to its address must go out to it, not be short-circuited.
+            let vip = matches!(ing.ip_mode.as_deref(), None | Some("VIP"));
+            if let Some(s) = ing.ip.as_deref().filter(|s| !s.is_empty() && vip) {
                 load_balancer_ips.push(ip(&format!("status.loadBalancer.ingress[{i}].ip"), s)?);
             }
         }

@@ -182,7 +182,8 @@ pub struct Service {
     /// spec.externalIPs.
     #[serde(default)]
     pub external_ips: Vec<IpAddr>,
-    /// status.loadBalancer.ingress[].ip (hostname-only entries are dropped).
+    /// status.loadBalancer.ingress[].ip of VIP-mode entries (`ipMode` unset or `VIP`);
+    /// hostname-only and `ipMode: Proxy` entries are dropped, as kube-proxy drops them.
     #[serde(default)]
     pub load_balancer_ips: Vec<IpAddr>,
     /// Session affinity.

@@ -172,7 +172,10 @@ fn service_converts_everything_the_proxy_needs() {
             "internalTrafficPolicy": "Local",
             "healthCheckNodePort": 31000
         },
-        "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}, {"hostname": "lb.example"}]}}
+        "status": {"loadBalancer": {"ingress": [
+            {"ip": "198.51.100.1"}, {"hostname": "lb.example"},
+            {"ip": "198.51.100.2", "ipMode": "VIP"}, {"ip": "198.51.100.3", "ipMode": "Proxy"}
+        ]}}
     }));
     let m = svc.to_model().unwrap();
     assert_eq!(m.service_type, ServiceType::LoadBalancer);
@@ -205,7 +208,8 @@ fn service_converts_everything_the_proxy_needs() {
         ]
     );
     assert_eq!(m.external_ips, vec!["203.0.113.7".parse::<IpAddr>().unwrap()]);
-    assert_eq!(m.load_balancer_ips, vec!["198.51.100.1".parse::<IpAddr>().unwrap()]);
+    // A Proxy-mode load balancer's address is not ours: pods reach it through the balancer.
+    assert_eq!(m.load_balancer_ips, vec!["198.51.100.1".parse::<IpAddr>().unwrap(), "198.51.100.2".parse().unwrap()]);
     assert_eq!(m.session_affinity, SessionAffinity::ClientIP { timeout_seconds: 600 });
     assert_eq!(m.external_traffic_policy, TrafficPolicy::Local);
     assert_eq!(m.internal_traffic_policy, TrafficPolicy::Local);

@@ -446,13 +446,15 @@ impl ToModel for discovery::EndpointSlice {
                         Ok(addr)
                     })
                     .collect::<Result<_, _>>()?;
+                // The API's defaults, as kube-proxy reads them: unset ready and serving are
+                // true, unset terminating false. (So a terminating endpoint whose manager set
+                // only `ready: false` is still a serving-and-terminating fallback.)
                 let c = e.conditions.clone().unwrap_or_default();
-                let ready = c.ready.unwrap_or(true);
                 Ok(Endpoint {
                     addresses,
                     conditions: EndpointConditions {
-                        ready,
-                        serving: c.serving.unwrap_or(ready),
+                        ready: c.ready.unwrap_or(true),
+                        serving: c.serving.unwrap_or(true),
                         terminating: c.terminating.unwrap_or(false),
                     },
                     node_name: e.node_name.clone().filter(|n| !n.is_empty()),

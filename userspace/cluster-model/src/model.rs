@@ -277,7 +277,7 @@ pub struct Endpoint {
     /// Addresses (fungible: they all reach the same backend).
     pub addresses: Vec<IpAddr>,
     /// Conditions, with Kubernetes' defaults applied (unset ready = true, unset serving =
-    /// ready, unset terminating = false).
+    /// true, unset terminating = false).
     pub conditions: EndpointConditions,
     /// Node hosting the endpoint.
     #[serde(default)]

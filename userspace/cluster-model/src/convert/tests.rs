@@ -272,14 +272,15 @@ fn endpointslice_converts_with_condition_defaults() {
              "nodeName": "node-a", "zone": "z1", "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "shop"},
              "hints": {"forZones": [{"name": "z1"}, {"name": "z2"}], "forNodes": [{"name": "node-a"}]}},
             {"addresses": ["10.1.1.7"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "node-b"},
-            {"addresses": ["10.1.2.9"]}
+            {"addresses": ["10.1.2.9"]},
+            {"addresses": ["10.1.2.10"], "conditions": {"ready": false, "terminating": true}}
         ],
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]
     }));
     let m = es.to_model().unwrap();
     assert_eq!(m.service_name.as_deref(), Some("web"));
     assert_eq!(m.address_type, AddressType::IPv4);
-    assert_eq!(m.endpoints.len(), 3);
+    assert_eq!(m.endpoints.len(), 4);
     assert_eq!(m.endpoints[0].conditions, EndpointConditions { ready: true, serving: true, terminating: false });
     assert_eq!(m.endpoints[0].zone.as_deref(), Some("z1"));
     assert_eq!(m.endpoints[0].hints_for_zones, ["z1", "z2"]);
@@ -287,8 +288,11 @@ fn endpointslice_converts_with_condition_defaults() {
     assert!(m.endpoints[1].hints_for_zones.is_empty() && m.endpoints[1].hints_for_nodes.is_empty());
     assert_eq!(m.endpoints[1].conditions, EndpointConditions { ready: false, serving: true, terminating: true });
     assert_eq!(m.endpoints[1].node_name.as_deref(), Some("node-b"));
-    // Unset conditions: ready (unknown counts as ready), serving = ready, not terminating.
+    // Unset conditions: ready and serving (the API says nil means true), not terminating.
     assert_eq!(m.endpoints[2].conditions, EndpointConditions { ready: true, serving: true, terminating: false });
+    // Unset serving is true also beside `ready: false`: a terminating endpoint written that
+    // way is a fallback, as kube-proxy reads it.
+    assert_eq!(m.endpoints[3].conditions, EndpointConditions { ready: false, serving: true, terminating: true });
     assert_eq!(
         m.ports,
         vec![

@@ -184,6 +184,12 @@ fn trace_explains_local_remote_service_policy_and_spoofed_packets_without_changi
     assert_eq!(t["packetOut"]["dport"], 80, "the target port");
     assert_eq!(t["outcome"], if backend == local.ip { "delivered" } else { "forwarded" });
     assert!(stage(&t, "conntrack").iter().any(|s| s["result"] == "record"), "would record the flow");
+    // The same cluster IP on a port no service defines: refused by the slow path.
+    let t = trace(&b, "x/a", "10.96.0.50:9999/TCP", &[]);
+    assert_eq!(t["outcome"], "slow_path", "{}", results(&t));
+    let svc = stage(&t, "service");
+    assert_eq!(svc[0]["result"], "refused", "{}", results(&t));
+    assert!(svc[0]["detail"].as_str().unwrap().contains("no service defines 9999/TCP"), "{}", svc[0]["detail"]);
 
     // 4. From an address that is not the pod's: anti-spoofing drops it.
     let t = trace(&b, "x/a", &format!("{}:80/TCP", local.ip), &["--from-ip", "10.1.1.250"]);
@@ -197,7 +203,7 @@ fn trace_explains_local_remote_service_policy_and_spoofed_packets_without_changi
     assert_eq!(map_len(&b, "node-2", "CT"), ct2_before, "nor does the arrival on node-2");
     assert_eq!(map_len(&b, "node-1", "SVC_AFFINITY"), affinity_before);
     assert_eq!((counters(&b, "node-1"), counters(&b, "node-2")), counters_before, "traces count nothing");
-    eprintln!("four traces in {:?}", started.elapsed());
+    eprintln!("five traces in {:?}", started.elapsed());
 
     // 5. Policy: x/d admits nobody; x/a may only talk to app=web on port 80 (egress); y's
     // web pods admit only web pods (so x/a's packet passes node-1 and dies on node-2).

@@ -594,6 +594,24 @@ spec:
     let e = tcp_ask(&ext, SocketAddr::from((n2.ip, 30099))).expect_err("no endpoints");
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "outside -> NodePort without endpoints: {e}");
 
+    // A port no service defines on a cluster IP (sticky serves 80 and 53 on 10.96.0.30):
+    // refused at once, as kube-proxy refuses it, from pods on both nodes and from a host;
+    // UDP from a pod gets ICMP port unreachable.
+    for ns in [&c1.netns, &c2.netns, &n1.netns] {
+        let t = Instant::now();
+        let e = tcp_ask(ns, sa("10.96.0.30", 81)).expect_err("no such port");
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "from {ns}: {e}");
+        assert!(t.elapsed() < Duration::from_secs(1), "refused at once, not after a timeout");
+    }
+    let e = enter(&c2.netns, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.connect(sa("10.96.0.30", 54)).unwrap();
+        s.send(b"anyone?").unwrap();
+        s.recv(&mut [0u8; 64]).expect_err("refused")
+    });
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "UDP to an undefined port: {e}");
+
     // sessionAffinity ClientIP: one client, one backend, for TCP and UDP.
     for c in [&c1, &c2] {
         assert_eq!(tcp_servers(&c.netns, sa("10.96.0.30", 80), 12).len(), 1, "TCP from {} sticks", c.name);

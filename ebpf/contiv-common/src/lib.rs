@@ -65,6 +65,11 @@ pub mod map_names {
     /// Backends removed a short while ago: (address, port, protocol) -> 1. Connections to
     /// them are refused by the slow path instead of hanging.
     pub const DEAD_BACKENDS: &str = "DEAD_BACKENDS";
+    /// The cluster IPs of programmed services: [`super::Ipv4Key`] -> 1. A connection from
+    /// this node to one of them on a port no frontend serves is refused at once (as
+    /// kube-proxy's nftables mode rejects traffic to undefined ports of ClusterIPs), not
+    /// routed away to time out.
+    pub const SVC_CLUSTER_IPS: &str = "SVC_CLUSTER_IPS";
     /// NetworkPolicy (LPM trie): (local pod, direction, peer prefix) -> [`super::PolicyPorts`],
     /// what the pod may exchange with the peers of that prefix. Consulted only for pods
     /// isolated in that direction ([`super::pod_flags`]) and only on a flow's first packet.
@@ -118,6 +123,7 @@ pub mod schema {
         (NODE_ADDRS, 1),
         (CT, 1),
         (DEAD_BACKENDS, 1),
+        (SVC_CLUSTER_IPS, 1),
         (POLICY, 1),
         (MONITOR_EVENTS, 1),
         (MONITOR_RATE, 1),
@@ -917,6 +923,9 @@ pub mod trace_step {
     /// source is that node or one of its pods (0: spoofed), `value` the node owning the
     /// inner source (its four bytes; 0: none).
     pub const OVERLAY_SOURCE: u16 = 21;
+    /// The destination is a cluster IP (`ip`) and no frontend serves its port (`port`,
+    /// `aux` the protocol): refused.
+    pub const SVC_PORT_UNDEFINED: u16 = 22;
 }
 
 /// Results of a [`trace_step::POLICY`] step.

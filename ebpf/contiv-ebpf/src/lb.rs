@@ -9,7 +9,7 @@ use contiv_common::{
 };
 
 use crate::{
-    maps::{NODE_ADDRS, SVC_AFFINITY, SVC_BACKENDS, SVC_FRONTENDS, SVC_SOURCE_RANGES},
+    maps::{NODE_ADDRS, SVC_AFFINITY, SVC_BACKENDS, SVC_CLUSTER_IPS, SVC_FRONTENDS, SVC_SOURCE_RANGES},
     trace::Trace,
 };
 
@@ -25,6 +25,14 @@ pub fn is_node_addr(ip: [u8; 4]) -> bool {
 pub fn is_local_node_addr(ip: [u8; 4]) -> bool {
     // SAFETY: read-only lookup.
     unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some_and(|a| a.local != 0)
+}
+
+/// Whether `ip` is the cluster IP of a programmed service (asked when no frontend serves
+/// the port: the connection is then refused).
+#[inline(always)]
+pub fn is_cluster_ip(ip: [u8; 4]) -> bool {
+    // SAFETY: read-only lookup.
+    unsafe { SVC_CLUSTER_IPS.get(Ipv4Key::new(ip)) }.is_some()
 }
 
 /// The frontend for a destination: exact, else (when `wildcard`) the NodePort on 0.0.0.0.

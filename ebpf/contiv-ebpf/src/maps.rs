@@ -81,6 +81,10 @@ pub static CT: LruHashMap<CtKey, CtEntry, { MAX_CT as usize }> = LruHashMap::new
 #[btf_map]
 pub static DEAD_BACKENDS: HashMap<SvcKey, u8, { MAX_DEAD_BACKENDS as usize }> = HashMap::new();
 
+/// Cluster IPs of programmed services (their undefined ports are refused).
+#[btf_map]
+pub static SVC_CLUSTER_IPS: HashMap<Ipv4Key, u8, { MAX_SVC_FRONTENDS as usize }> = HashMap::new();
+
 /// NetworkPolicy: (local pod, direction, peer prefix) -> what is allowed (see `policy.rs`).
 #[btf_map]
 pub static POLICY: LpmTrie<PolicyKey, PolicyPorts, { MAX_POLICY_ENTRIES as usize }> = LpmTrie::new();

@@ -108,6 +108,12 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     let wildcard = lb::is_node_addr(ip) || (ip == LOOPBACK && kind == NETNS_NODE);
     let Some(fe) = lb::frontend(ip, port, proto, wildcard) else {
+        // A cluster IP on a port no service defines: refused at once, not routed away.
+        if !wildcard && lb::is_cluster_ip(ip) {
+            // SAFETY: plain helper call.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            return REJECT;
+        }
         return ALLOW;
     };
     // The source address is not known yet: source ranges are enforced per packet.

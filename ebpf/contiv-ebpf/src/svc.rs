@@ -147,6 +147,12 @@ pub fn process(
         Origin::Pod => lb::is_node_addr(dst),
     };
     let Some(fe) = lb::frontend(dst, l4.dport, l4.proto, wildcard) else {
+        // A pod reaching a cluster IP on a port no service defines: refused (the slow path
+        // answers TCP RST / ICMP port unreachable), as kube-proxy refuses it.
+        if origin == Origin::Pod && !wildcard && lb::is_cluster_ip(dst) {
+            trace.step(trace_step::SVC_PORT_UNDEFINED, 0, dst, l4.dport, u16::from(l4.proto), 0);
+            return Outcome::REJECT;
+        }
         trace.note(trace_step::SVC_NONE, 0);
         return Outcome::UNTOUCHED;
     };

@@ -39,6 +39,7 @@ pub struct Installed {
     pub backends: BTreeMap<SvcBackendKey, SvcBackend>,
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
     pub node_addrs: BTreeMap<Ipv4Addr, NodeAddr>,
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
     pub dead: BTreeSet<SvcKey>,
 }
 
@@ -78,7 +79,9 @@ pub struct Writes {
     pub node_addrs: Vec<(Ipv4Addr, NodeAddr)>,
     pub source_ranges: Vec<(u32, Ipv4Net)>,
     pub frontends: Vec<(SvcKey, SvcFrontend)>,
+    pub cluster_ips: Vec<Ipv4Addr>,
     pub frontends_removed: Vec<SvcKey>,
+    pub cluster_ips_removed: Vec<Ipv4Addr>,
     pub source_ranges_removed: Vec<(u32, Ipv4Net)>,
     pub backends_removed: Vec<SvcBackendKey>,
     pub node_addrs_removed: Vec<Ipv4Addr>,
@@ -116,31 +119,43 @@ pub fn writes(installed: &Installed, plan: &ServicePlan, delta: &PlanDelta, full
         diff(&installed.frontends, &plan.frontends, (!full).then_some(&delta.frontends));
     let (node_addrs, node_addrs_removed) =
         if full || delta.node_addrs { diff(&installed.node_addrs, &plan.node_addrs, None) } else { (vec![], vec![]) };
-    let (source_ranges, source_ranges_removed) = if full {
+    let (source_ranges, source_ranges_removed) =
+        set_diff(&installed.source_ranges, &plan.source_ranges, (!full).then_some(&delta.source_ranges));
+    let (have_ips, want_ips) = (&installed.cluster_ips, &plan.cluster_ips);
+    let (cluster_ips, cluster_ips_removed) = if full {
         (
-            plan.source_ranges.difference(&installed.source_ranges).copied().collect(),
-            installed.source_ranges.difference(&plan.source_ranges).copied().collect(),
+            want_ips.keys().filter(|ip| !have_ips.contains(ip)).copied().collect(),
+            have_ips.iter().filter(|ip| !want_ips.contains_key(ip)).copied().collect(),
         )
     } else {
-        let (mut put, mut del) = (vec![], vec![]);
-        for r in &delta.source_ranges {
-            match (plan.source_ranges.contains(r), installed.source_ranges.contains(r)) {
-                (true, false) => put.push(*r),
-                (false, true) => del.push(*r),
-                _ => {}
-            }
-        }
-        (put, del)
+        let ips = &delta.cluster_ips;
+        (
+            ips.iter().filter(|ip| want_ips.contains_key(ip) && !have_ips.contains(ip)).copied().collect(),
+            ips.iter().filter(|ip| !want_ips.contains_key(ip) && have_ips.contains(ip)).copied().collect(),
+        )
     };
     Writes {
         backends,
         node_addrs,
         source_ranges,
         frontends,
+        cluster_ips,
         frontends_removed,
+        cluster_ips_removed,
         source_ranges_removed,
         backends_removed,
         node_addrs_removed,
+    }
+}
+
+/// Additions and removals of the members in `keys` (every member of both sides when `None`).
+fn set_diff<K: Ord + Copy>(have: &BTreeSet<K>, want: &BTreeSet<K>, keys: Option<&BTreeSet<K>>) -> (Vec<K>, Vec<K>) {
+    match keys {
+        None => (want.difference(have).copied().collect(), have.difference(want).copied().collect()),
+        Some(keys) => (
+            keys.iter().filter(|k| want.contains(k) && !have.contains(k)).copied().collect(),
+            keys.iter().filter(|k| !want.contains(k) && have.contains(k)).copied().collect(),
+        ),
     }
 }
 
@@ -241,6 +256,7 @@ impl Proxy {
             backends: dp.svc_backends()?,
             source_ranges: dp.source_ranges()?,
             node_addrs: dp.node_addrs()?,
+            cluster_ips: dp.cluster_ips()?,
             dead: dp.dead_backends()?,
         };
         self.full = true;
@@ -322,6 +338,16 @@ impl Proxy {
             self.installed.frontends.insert(k, v);
             stats.frontends_written += 1;
         }
+        // A cluster IP refuses its undefined ports once its frontends are in, and stops
+        // before they go.
+        for ip in w.cluster_ips {
+            dp.put_cluster_ip(ip)?;
+            self.installed.cluster_ips.insert(ip);
+        }
+        for ip in w.cluster_ips_removed {
+            dp.delete_cluster_ip(ip)?;
+            self.installed.cluster_ips.remove(&ip);
+        }
         // 2. What is gone: frontends first.
         for k in w.frontends_removed {
             dp.delete_svc_frontend(k)?;
@@ -374,6 +400,7 @@ impl Proxy {
         let plan = self.planner.plan();
         let mut r = contiv_vswitch::Refusals::default();
         r.exact.extend(plan.refusals.exact.iter().copied());
+        r.cluster_ips.extend(plan.cluster_ips.keys().copied());
         r.exact.extend(self.installed.dead.iter().map(|k| (Ipv4Addr::from(k.ip), k.port, k.proto)));
         r.node_ports.extend(plan.refusals.node_ports.iter().copied());
         r.node_addrs.extend(plan.node_addrs.keys().copied());

@@ -115,6 +115,9 @@ pub struct ServicePlan {
     /// healthCheckNodePort -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
     pub refusals: Refusals,
+    /// Cluster IPs of programmed services, with how many of the plan's frontends are on
+    /// each: a connection to one on a port no frontend serves is refused.
+    pub cluster_ips: BTreeMap<Ipv4Addr, u32>,
     /// Every backend address in use: (ip, port, protocol).
     pub endpoints: BTreeSet<(Ipv4Addr, u16, u8)>,
     pub skipped: Vec<Skipped>,
@@ -342,6 +345,8 @@ pub struct PlanDelta {
     pub backends: BTreeSet<SvcBackendKey>,
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
     pub node_addrs: bool,
+    /// Cluster IPs that came or went.
+    pub cluster_ips: BTreeSet<Ipv4Addr>,
     /// Backend addresses no service uses any more, and ones newly in use.
     pub endpoints_gone: Vec<(Ipv4Addr, u16, u8)>,
     pub endpoints_added: Vec<(Ipv4Addr, u16, u8)>,
@@ -849,16 +854,31 @@ impl ServicePlanner {
     fn settle(&mut self, mut t: Touched, delta: &mut PlanDelta) {
         for k in t.frontends {
             let claims = self.claims.get(&k);
-            let refused = match claims.and_then(|c| c.first()) {
-                Some((_, _, fe)) => {
-                    self.plan.frontends.insert(k, *fe);
-                    fe.count == 0
-                }
-                None => {
-                    self.plan.frontends.remove(&k);
-                    false
-                }
+            let (refused, was) = match claims.and_then(|c| c.first()) {
+                Some((_, _, fe)) => (fe.count == 0, self.plan.frontends.insert(k, *fe)),
+                None => (false, self.plan.frontends.remove(&k)),
             };
+            // The cluster IPs follow their frontends (counted: a service has one per port).
+            let is_cluster_ip = |fe: Option<&SvcFrontend>| fe.is_some_and(|fe| fe.flags & svc_flags::CLUSTER_IP != 0);
+            let ip = Ipv4Addr::from(k.ip);
+            let came_or_went = match (is_cluster_ip(was.as_ref()), is_cluster_ip(self.plan.frontends.get(&k))) {
+                (false, true) => {
+                    let n = self.plan.cluster_ips.entry(ip).or_default();
+                    *n += 1;
+                    *n == 1
+                }
+                (true, false) => match self.plan.cluster_ips.get_mut(&ip) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        false
+                    }
+                    _ => self.plan.cluster_ips.remove(&ip).is_some(),
+                },
+                _ => false,
+            };
+            if came_or_went && !delta.full {
+                delta.cluster_ips.insert(ip);
+            }
             // A frontend contested before or now: the reasons may change.
             t.skips |= if claims.is_some_and(|c| c.len() > 1) {
                 self.contested.insert(k);
@@ -1512,6 +1532,47 @@ mod tests {
         assert!(delta.backends.iter().all(|k| k.svc_id == id), "{delta:?}");
         assert_eq!(delta.endpoints_added, vec![("10.1.2.7".parse().unwrap(), 8080, IPPROTO_TCP)]);
         assert_eq!(planner.plan(), &plan_services(&params(), inputs));
+    }
+
+    #[test]
+    fn cluster_ips_follow_their_frontends_and_come_and_go_in_the_delta() {
+        let ports =
+            |n: u16| (0..n).map(|i| port(&format!("p{i}"), Protocol::Tcp, 80 + i, PortRef::Number(8080))).collect();
+        let mut lb = svc("lb", "10.96.0.20", ports(1));
+        lb.service_type = ServiceType::LoadBalancer;
+        lb.external_ips = vec!["198.51.100.7".parse().unwrap()];
+        lb.load_balancer_ips = vec!["203.0.113.50".parse().unwrap()];
+        let mut services = vec![svc("web", "10.96.0.10", ports(2)), lb];
+        let mut planner = ServicePlanner::new(params());
+        let mut update = |services: &[Service], changed: Option<&str>| {
+            let sv: Vec<&Service> = services.iter().collect();
+            let inputs = ServiceInputs { services: &sv, slices: &[], nodes: &[], registrations: &[] };
+            let changes = match changed {
+                None => ServiceChanges::everything(),
+                Some(s) => {
+                    ServiceChanges { services: [("default".to_owned(), s.to_owned())].into(), ..Default::default() }
+                }
+            };
+            let delta = planner.update(&Indexed::new(inputs), &changes);
+            assert_eq!(planner.plan(), &plan_services(&params(), inputs), "incremental = from scratch");
+            (planner.plan().cluster_ips.clone(), delta.cluster_ips)
+        };
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        // Only cluster IPs (not external or load-balancer ones), counted per frontend.
+        let (ips, _) = update(&services, None);
+        assert_eq!(ips, BTreeMap::from([(ip("10.96.0.10"), 2), (ip("10.96.0.20"), 1)]));
+        // One port fewer: the address stays, nothing to write.
+        services[0].ports.pop();
+        let (ips, delta) = update(&services, Some("web"));
+        assert_eq!((ips[&ip("10.96.0.10")], delta.len()), (1, 0));
+        // The last port goes: so does the address.
+        services[0].ports.clear();
+        let (ips, delta) = update(&services, Some("web"));
+        assert!(!ips.contains_key(&ip("10.96.0.10")));
+        assert_eq!(delta, BTreeSet::from([ip("10.96.0.10")]));
+        services[0].ports = ports(1);
+        let (ips, delta) = update(&services, Some("web"));
+        assert_eq!((ips.len(), delta), (2, BTreeSet::from([ip("10.96.0.10")])));
     }
 
     /// Not a benchmark (bench services measures programming latency): where a plan of 10,000

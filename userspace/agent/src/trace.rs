@@ -434,6 +434,16 @@ pub fn describe(s: &TraceStep, n: &Names, sender: Ipv4Addr) -> StepReport {
             )
         }
         trace_step::SVC_NONE => step("service", "none", "the destination is no service frontend".into()),
+        trace_step::SVC_PORT_UNDEFINED => step(
+            "service",
+            "refused",
+            format!(
+                "{at} is a cluster IP and no service defines {}/{}: the {} refuses the connection",
+                s.port,
+                crate::services::proto_name(s.aux as u8),
+                n.slow_path
+            ),
+        ),
         trace_step::SVC_SOURCE_DENIED => step(
             "service",
             "source denied",

@@ -29,7 +29,9 @@ pub struct GatewayConfig {
 }
 
 /// Destinations the datapath hands over to be refused: frontends of services without
-/// endpoints, backends removed a moment ago. (protocol numbers: 6 TCP, 17 UDP.)
+/// endpoints, backends removed a moment ago, cluster IPs on ports no service defines (the
+/// datapath hands over only those: the defined ones it translates). (protocol numbers: 6
+/// TCP, 17 UDP.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Refusals {
     /// (address, port, protocol).
@@ -37,6 +39,8 @@ pub struct Refusals {
     /// NodePorts without endpoints: (port, protocol) on any of `node_addrs`.
     pub node_ports: HashSet<(u16, u8)>,
     pub node_addrs: HashSet<Ipv4Addr>,
+    /// Cluster IPs: every port that reaches the slow path is refused.
+    pub cluster_ips: HashSet<Ipv4Addr>,
 }
 
 impl Refusals {
@@ -44,6 +48,7 @@ impl Refusals {
     pub fn refuses(&self, dst: Ipv4Addr, port: u16, proto: u8) -> bool {
         self.exact.contains(&(dst, port, proto))
             || (self.node_ports.contains(&(port, proto)) && self.node_addrs.contains(&dst))
+            || self.cluster_ips.contains(&dst)
     }
 }
 
@@ -751,6 +756,20 @@ mod tests {
         let f = ipv4_frame(IPPROTO_TCP, svc, &[], 0, &tcp_segment(40000, 81, 5, 0, TCP_SYN, &[]));
         assert_eq!(run(&mut vs, &f).0, Verdict::Dropped(DropReason::UnknownDestination));
         assert_eq!(vs.counters().tcp_resets_sent, 2);
+    }
+
+    #[test]
+    fn a_cluster_ip_refuses_whatever_port_reaches_the_slow_path() {
+        let svc = [10, 96, 0, 10];
+        let mut vs = vswitch();
+        let mut r = Refusals::default();
+        r.cluster_ips.insert(Ipv4Addr::from(svc));
+        vs.set_refusals(Arc::new(r));
+        let f = ipv4_frame(IPPROTO_TCP, svc, &[], 0, &tcp_segment(40000, 81, 5, 0, TCP_SYN, &[]));
+        assert_eq!(run(&mut vs, &f).0, Verdict::Replied(ReplyKind::TcpReset));
+        // Another address is not.
+        let f = ipv4_frame(IPPROTO_TCP, [10, 96, 0, 11], &[], 0, &tcp_segment(40000, 81, 5, 0, TCP_SYN, &[]));
+        assert_eq!(run(&mut vs, &f).0, Verdict::Dropped(DropReason::UnknownDestination));
     }
 
     #[test]

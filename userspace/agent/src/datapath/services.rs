@@ -153,6 +153,23 @@ impl Datapath {
         self.delete::<Ipv4Key, NodeAddr>(map_names::NODE_ADDRS, Ipv4Key::new(ip.octets()))
     }
 
+    /// SVC_CLUSTER_IPS: the cluster IPs of programmed services.
+    pub fn cluster_ips(&self) -> Result<BTreeSet<Ipv4Addr>> {
+        Ok(self
+            .entries::<Ipv4Key, u8>(map_names::SVC_CLUSTER_IPS)?
+            .into_iter()
+            .map(|(k, _)| Ipv4Addr::from(k.addr))
+            .collect())
+    }
+
+    pub fn put_cluster_ip(&mut self, ip: Ipv4Addr) -> Result<()> {
+        self.put(map_names::SVC_CLUSTER_IPS, Ipv4Key::new(ip.octets()), 1u8)
+    }
+
+    pub fn delete_cluster_ip(&mut self, ip: Ipv4Addr) -> Result<()> {
+        self.delete::<Ipv4Key, u8>(map_names::SVC_CLUSTER_IPS, Ipv4Key::new(ip.octets()))
+    }
+
     /// NODE_NETNS: network-namespace cookie -> 1 (a pod's) or 2 (the node's).
     pub fn node_netns(&self) -> Result<BTreeMap<u64, u8>> {
         Ok(self.entries(map_names::NODE_NETNS)?.into_iter().collect())

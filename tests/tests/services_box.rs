@@ -468,6 +468,27 @@ spec:
     assert_eq!(names(&tcp_servers(&c2.netns, sa("10.96.0.12", 80), 24)), both);
 }
 
+/// TCP to `tcp` from each of `from` is refused at once (ECONNREFUSED, not a timeout), and a
+/// connected UDP socket in `udp.0` sending to `udp.1` reads ECONNREFUSED (ICMP port
+/// unreachable came back).
+fn assert_refused_at_once(from: &[&str], tcp: SocketAddr, udp: (&str, SocketAddr)) {
+    for ns in from {
+        let t = Instant::now();
+        let e = tcp_ask(ns, tcp).expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "TCP to {tcp} from {ns}: {e}");
+        assert!(t.elapsed() < Duration::from_secs(1), "refused at once, not after a timeout");
+    }
+    let (ns, addr) = udp;
+    let e = enter(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.connect(addr).unwrap();
+        s.send(b"anyone?").unwrap();
+        s.recv(&mut [0u8; 64]).expect_err("refused")
+    });
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "UDP to {addr} from {ns}: {e}");
+}
+
 /// A service port's connection counter on a node (from /services).
 fn service_counter(b: &ClusterBox, node: &str, service: &str) -> u64 {
     let r = b.status_json(node, "/services").unwrap();
@@ -577,40 +598,14 @@ spec:
 
     // No endpoints: TCP is refused at once (from pods, the host and outside), UDP gets ICMP
     // port unreachable (a connected socket reads ECONNREFUSED).
-    for ns in [&c1.netns, &c2.netns, &n1.netns] {
-        let t = Instant::now();
-        let e = tcp_ask(ns, sa("10.96.0.99", 80)).expect_err("no endpoints");
-        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "from {ns}: {e}");
-        assert!(t.elapsed() < Duration::from_secs(1), "refused at once, not after a timeout");
-    }
-    let e = enter(&c1.netns, || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s.connect(sa("10.96.0.99", 81)).unwrap();
-        s.send(b"anyone?").unwrap();
-        s.recv(&mut [0u8; 64]).expect_err("refused")
-    });
-    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "UDP: {e}");
+    assert_refused_at_once(&[&c1.netns, &c2.netns, &n1.netns], sa("10.96.0.99", 80), (&c1.netns, sa("10.96.0.99", 81)));
     let e = tcp_ask(&ext, SocketAddr::from((n2.ip, 30099))).expect_err("no endpoints");
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "outside -> NodePort without endpoints: {e}");
 
     // A port no service defines on a cluster IP (sticky serves 80 and 53 on 10.96.0.30):
     // refused at once, as kube-proxy refuses it, from pods on both nodes and from a host;
     // UDP from a pod gets ICMP port unreachable.
-    for ns in [&c1.netns, &c2.netns, &n1.netns] {
-        let t = Instant::now();
-        let e = tcp_ask(ns, sa("10.96.0.30", 81)).expect_err("no such port");
-        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "from {ns}: {e}");
-        assert!(t.elapsed() < Duration::from_secs(1), "refused at once, not after a timeout");
-    }
-    let e = enter(&c2.netns, || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s.connect(sa("10.96.0.30", 54)).unwrap();
-        s.send(b"anyone?").unwrap();
-        s.recv(&mut [0u8; 64]).expect_err("refused")
-    });
-    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "UDP to an undefined port: {e}");
+    assert_refused_at_once(&[&c1.netns, &c2.netns, &n1.netns], sa("10.96.0.30", 81), (&c2.netns, sa("10.96.0.30", 54)));
 
     // sessionAffinity ClientIP: one client, one backend, for TCP and UDP.
     for c in [&c1, &c2] {

@@ -1012,7 +1012,13 @@ mod tests {
     }
 
     fn node(name: &str, zone: Option<&str>) -> Node {
-        Node { name: name.into(), addresses: vec![], pod_cidrs: vec![], zone: zone.map(Into::into) }
+        Node {
+            name: name.into(),
+            addresses: vec![],
+            pod_cidrs: vec![],
+            zone: zone.map(Into::into),
+            to_be_deleted: false,
+        }
     }
 
     fn slice(name: &str, svc: &str, ports: Vec<(&str, Protocol, u16)>, endpoints: Vec<Endpoint>) -> EndpointSlice {

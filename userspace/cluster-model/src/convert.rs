@@ -669,7 +669,9 @@ impl ToModel for core::Node {
             }
         }
         let zone = self.metadata.labels.as_ref().and_then(|l| l.get(LABEL_TOPOLOGY_ZONE)).filter(|z| !z.is_empty());
-        Ok(Node { name: name_of(&self.metadata)?, addresses, pod_cidrs, zone: zone.cloned() })
+        let to_be_deleted = self.metadata.deletion_timestamp.is_some()
+            || spec.and_then(|s| s.taints.as_ref()).into_iter().flatten().any(|t| t.key == TAINT_TO_BE_DELETED);
+        Ok(Node { name: name_of(&self.metadata)?, addresses, pod_cidrs, zone: zone.cloned(), to_be_deleted })
     }
 }
 

@@ -462,6 +462,9 @@ pub struct NetworkPolicy {
 /// The node label naming its zone (`topology.kubernetes.io/zone`).
 pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
 /// A node address with its type (`InternalIP`, `ExternalIP`, `Hostname`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeAddress {
@@ -486,6 +489,11 @@ pub struct Node {
     /// proxy follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// The node is on its way out: it has a deletion timestamp, or the cluster autoscaler
+    /// tainted it `ToBeDeletedByClusterAutoscaler`. Its proxy's `/healthz` then answers 503,
+    /// so load balancers drain it before it goes (as kube-proxy's does).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub to_be_deleted: bool,
 }
 
 impl Node {

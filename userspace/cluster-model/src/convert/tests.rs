@@ -460,3 +460,28 @@ fn node_converts_addresses_and_pod_cidrs() {
     let bad: core::Node = from_json(json!({"metadata": {"name": "n"}, "spec": {"podCIDRs": ["nope"]}}));
     assert_eq!(bad.to_model().unwrap_err().field(), "spec.podCIDRs[0]");
 }
+
+#[test]
+fn a_node_is_to_be_deleted_with_a_deletion_timestamp_or_the_autoscalers_taint() {
+    let node = |extra: serde_json::Value| {
+        let mut n = json!({"metadata": {"name": "n"}, "spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}});
+        json_patch(&mut n, extra);
+        from_json::<core::Node>(n).to_model().unwrap()
+    };
+    assert!(!node(json!({})).to_be_deleted, "an unrelated taint");
+    assert!(
+        node(json!({"spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1733212800", "effect": "NoSchedule"}]}}))
+            .to_be_deleted
+    );
+    assert!(node(json!({"metadata": {"name": "n", "deletionTimestamp": "2026-12-03T08:00:00Z"}})).to_be_deleted);
+    // Stored only when set: the value of a node in service stays as it was.
+    let plain = serde_json::to_value(node(json!({}))).unwrap();
+    assert!(plain.get("to_be_deleted").is_none() && plain.get("toBeDeleted").is_none(), "{plain}");
+}
+
+/// Replaces the top-level fields of `base` with `extra`'s.
+fn json_patch(base: &mut serde_json::Value, extra: serde_json::Value) {
+    for (k, v) in extra.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+}

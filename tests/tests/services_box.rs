@@ -4,8 +4,9 @@
 //! load-balancer IPs (VIP mode programmed, Proxy mode left to the balancer), session affinity, traffic policies Local (health check node port,
 //! client source preserved), refusals without endpoints, hairpin, source ranges, services
 //! left to other proxies, terminating endpoints, endpoint changes, agent restarts, and that
-//! one node's socket programs never translate another node's connections, and topology
-//! hints (zones).
+//! one node's socket programs never translate another node's connections, topology hints
+//! (zones), and the proxy's health server on port 10256 (a node the autoscaler is about to
+//! delete says 503).
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -386,7 +387,7 @@ spec:
 /// on that zone's endpoints. A node relabelled into another zone follows the new zone's
 /// hints; hints that do not cover every endpoint are ignored, as kube-proxy ignores them.
 #[test]
-fn services_box_topology_hints_keep_clients_on_their_zones_endpoints() {
+fn services_box_topology_hints_and_the_proxy_healthz_follow_the_nodes() {
     let (b, [w1, w2, c1, c2]) = web_box("");
     let node = |name: &str, zone: &str| {
         format!(
@@ -466,6 +467,60 @@ spec:
     let both: BTreeSet<&str> = ["web-1", "web-2"].into();
     assert_eq!(names(&tcp_servers(&c1.netns, sa("10.96.0.12", 80), 24)), both);
     assert_eq!(names(&tcp_servers(&c2.netns, sa("10.96.0.12", 80), 24)), both);
+
+    // The proxy's own health server, on kube-proxy's port 10256 of every node: load
+    // balancers of externalTrafficPolicy Cluster services probe /healthz there.
+    let probe = |n: &str, path: &str| http_get_from_outside(&b, &format!("http://{}:10256{path}", b.node(n).ip));
+    for n in ["node-1", "node-2"] {
+        let h = probe(n, "/healthz");
+        assert!(h.ends_with(" 200") && h.contains("\"nodeEligible\":true"), "{n}: {h}");
+        let (json, _) = h.rsplit_once(' ').unwrap();
+        let v: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{n}: {e}: {json}"));
+        assert!(v["lastUpdated"].is_string() && v["currentTime"].is_string(), "{v}");
+    }
+    // The cluster autoscaler taints node-1 before deleting it: node-1's /healthz says 503 so
+    // balancers drain it, its /livez and node-2's /healthz stay 200; untainted, 200 again.
+    b.apply_yaml(&format!(
+        "{}spec:\n  taints: [{{key: ToBeDeletedByClusterAutoscaler, value: \"1764748800\", effect: NoSchedule}}]\n",
+        node("node-1", "zone-b")
+    ));
+    let mut h1 = String::new();
+    b.wait_for(Duration::from_secs(15), "node-1's /healthz says 503", || {
+        h1 = probe("node-1", "/healthz");
+        h1.ends_with(" 503")
+    });
+    assert!(h1.contains("\"nodeEligible\":false"), "{h1}");
+    assert!(probe("node-1", "/livez").ends_with(" 200"));
+    assert!(probe("node-2", "/healthz").ends_with(" 200"), "only the tainted node drains");
+    let report = b.status_json("node-1", "/services").unwrap();
+    assert_eq!(report["proxyHealth"]["nodeEligible"], false, "{}", report["proxyHealth"]);
+    let out = b
+        .cmd("node-1", contiv_tests::bin_dir().join("netctl"))
+        .args(["get", "services", "--node", "node-1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("proxy healthz on 0.0.0.0:10256: 503 (the node is being deleted)"), "{text}");
+    let metrics = b.status("node-1", "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("contiv_proxy_healthz_total{code=\"503\"}") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    b.apply_yaml(&node("node-1", "zone-b"));
+    b.wait_for(Duration::from_secs(15), "node-1's /healthz says 200 again", || {
+        probe("node-1", "/healthz").ends_with(" 200")
+    });
+}
+
+/// GET `url` from the external namespace: the body, a space and the HTTP status (" 000"
+/// when nothing answered).
+fn http_get_from_outside(b: &ClusterBox, url: &str) -> String {
+    let out = b.cmd("external", "curl").args(["-s", "-m", "3", "-w", " %{http_code}"]).arg(url).output().unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    // curl itself missing or failing leaves stdout empty (an unanswered request prints
+    // " 000"): say so instead of failing an assertion on "".
+    assert!(!answer.is_empty(), "curl printed nothing: {}", String::from_utf8_lossy(&out.stderr));
+    answer
 }
 
 /// TCP to `tcp` from each of `from` is refused at once (ECONNREFUSED, not a timeout), and a
@@ -626,21 +681,10 @@ spec:
     let a = tcp_ask(&ext, SocketAddr::from((n1.ip, 30090))).expect("node with a local endpoint");
     assert_eq!((a.server.as_str(), a.seen.ip()), ("web-1", std::net::IpAddr::V4("192.168.100.1".parse().unwrap())));
     assert!(tcp_ask_from(&ext, None, SocketAddr::from((n2.ip, 30090)), Duration::from_secs(1)).is_err());
-    let health = |ip: Ipv4Addr| {
-        let out = b
-            .cmd("external", "curl")
-            .args(["-s", "-m", "3", "-w", " %{http_code}"])
-            .arg(format!("http://{ip}:32000/healthz"))
-            .output()
-            .unwrap();
-        let answer = String::from_utf8_lossy(&out.stdout).into_owned();
-        // curl itself missing or failing leaves stdout empty (an unanswered request prints
-        // " 000"): say so instead of failing an assertion on "".
-        assert!(!answer.is_empty(), "curl printed nothing: {}", String::from_utf8_lossy(&out.stderr));
-        answer
-    };
+    let health = |ip: Ipv4Addr| http_get_from_outside(&b, &format!("http://{ip}:32000/healthz"));
     let h1 = health(n1.ip);
     assert!(h1.ends_with(" 200") && h1.contains("\"localEndpoints\":1"), "{h1}");
+    assert!(h1.contains("\"serviceProxyHealthy\":true"), "{h1}");
     // node-2 has no local endpoint: 503, once its agent has applied the service (the
     // refused NodePort above passes before that too, so wait for the health server).
     let mut h2 = String::new();

@@ -99,6 +99,8 @@ pub struct Agent {
     policy_problems: std::sync::Mutex<Vec<String>>,
     /// What changed for the service plan since the service task last looked.
     service_changes: std::sync::Mutex<crate::services::ServiceChanges>,
+    /// The proxy's health as its `/healthz` (port 10256) and healthCheckNodePorts report it.
+    proxy_health: Arc<crate::proxyhealth::ProxyHealth>,
     /// Wakes the service task without a cluster change (a pod with hostPorts came or went).
     services_kick: tokio::sync::Notify,
     /// Services left out whose reason was logged already (logged once).
@@ -465,6 +467,9 @@ impl Agent {
                 None
             }
         };
+        let proxy_health = Arc::new(crate::proxyhealth::ProxyHealth::new(std::time::Duration::from_secs(
+            config.services.healthz_timeout.into(),
+        )));
         let agent = Arc::new(Self {
             config,
             uplink,
@@ -480,7 +485,7 @@ impl Agent {
                 gone: Default::default(),
                 leaving: Default::default(),
                 proxy: crate::proxy::Proxy::new(service_params),
-                health: Default::default(),
+                health: crate::healthcheck::HealthServers::new(proxy_health.clone()),
                 host_ports: Default::default(),
             }),
             slowpath,
@@ -489,6 +494,7 @@ impl Agent {
             model_synced: std::sync::atomic::AtomicBool::new(false),
             policy_problems: std::sync::Mutex::new(vec![]),
             service_changes: std::sync::Mutex::new(crate::services::ServiceChanges::everything()),
+            proxy_health,
             services_kick: tokio::sync::Notify::new(),
             skipped_logged: Default::default(),
             last_apply: Default::default(),
@@ -507,6 +513,11 @@ impl Agent {
 
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// The service proxy's health (`/healthz` on port 10256).
+    pub fn proxy_health(&self) -> &Arc<crate::proxyhealth::ProxyHealth> {
+        &self.proxy_health
     }
 
     /// Hands the agent the cluster model the watch keeps (once).

@@ -125,6 +125,15 @@ pub struct ServicesConfig {
     /// Conntrack timeouts in seconds.
     #[serde(default)]
     pub timeouts: CtTimeouts,
+    /// Where the proxy's health server listens (`/healthz`, `/livez`), as kube-proxy's
+    /// `--healthz-bind-address`: load balancers of `externalTrafficPolicy: Cluster` services
+    /// probe it. Default `0.0.0.0:10256`, kube-proxy's; `""` for none.
+    #[serde(default = "ServicesConfig::default_healthz_address")]
+    pub healthz_address: String,
+    /// Seconds a service or endpoint change may wait to reach the maps before `/healthz`
+    /// says 503 (kube-proxy: twice its sync period). Default 60.
+    #[serde(default = "ServicesConfig::default_healthz_timeout")]
+    pub healthz_timeout: u32,
 }
 
 fn yes() -> bool {
@@ -155,6 +164,19 @@ impl ServicesConfig {
     fn default_ct_entries() -> u32 {
         contiv_common::MAX_CT
     }
+
+    fn default_healthz_address() -> String {
+        "0.0.0.0:10256".into()
+    }
+
+    fn default_healthz_timeout() -> u32 {
+        60
+    }
+
+    /// The health server's address; none when `healthzAddress` is empty.
+    pub fn healthz_addr(&self) -> Option<std::net::SocketAddr> {
+        self.healthz_address.parse().ok()
+    }
 }
 
 impl Default for ServicesConfig {
@@ -165,6 +187,8 @@ impl Default for ServicesConfig {
             conntrack_entries: Self::default_ct_entries(),
             cgroup_root: None,
             timeouts: CtTimeouts::default(),
+            healthz_address: Self::default_healthz_address(),
+            healthz_timeout: Self::default_healthz_timeout(),
         }
     }
 }
@@ -466,6 +490,15 @@ impl AgentConfig {
         {
             return Err(ConfigError::Invalid(format!("[services] cgroupRoot {} must be absolute", root.display())));
         }
+        if !services.healthz_address.is_empty() && services.healthz_addr().is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "[services] healthzAddress {:?} is not an address:port (\"0.0.0.0:10256\"), nor \"\" for none",
+                services.healthz_address
+            )));
+        }
+        if services.healthz_timeout == 0 {
+            return Err(ConfigError::Invalid("[services] healthzTimeout must be at least 1 second".into()));
+        }
         let t = services.timeouts;
         if [t.tcp_established, t.tcp_syn, t.tcp_closing, t.udp, t.icmp].contains(&0) {
             return Err(ConfigError::Invalid("[services] timeouts must be at least 1 second".into()));
@@ -719,6 +752,8 @@ mod tests {
         assert_eq!(c.cni_socket, PathBuf::from("/run/contiv/cni.sock"));
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/contiv"));
         assert_eq!(c.slowpath_host_ifname, "cslow0");
+        assert_eq!(c.services.healthz_addr(), Some("0.0.0.0:10256".parse().unwrap()), "kube-proxy's port");
+        assert_eq!(c.services.healthz_timeout, 60);
     }
 
     #[test]
@@ -788,6 +823,8 @@ mod tests {
             ("etcdEndpoints = [\"https://e:2379\"]\n[etcdTls]\ncaFile = \"/ca\"\ncertFile = \"/c\"", "key"),
             ("[etcdTls]\ncaFile = \"/ca\"\nbogus = 1", "bogus"),
             ("[vpp]\napiSocket = \"/run/vpp/api.sock\"", "uplink"),
+            ("[services]\nhealthzAddress = \"10256\"", "healthzAddress"),
+            ("[services]\nhealthzTimeout = 0", "healthzTimeout"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");
@@ -804,6 +841,10 @@ mod tests {
         ] {
             AgentConfig::from_toml(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         }
+        let off = AgentConfig::from_toml("[services]\nhealthzAddress = \"\"").unwrap();
+        assert_eq!(off.services.healthz_addr(), None, "an empty address turns the server off");
+        let v6 = AgentConfig::from_toml("[services]\nhealthzAddress = \"[::]:10256\"\nhealthzTimeout = 1").unwrap();
+        assert_eq!(v6.services.healthz_addr(), Some("[::]:10256".parse().unwrap()));
     }
 
     #[test]

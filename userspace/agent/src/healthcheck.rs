@@ -1,8 +1,9 @@
 //! healthCheckNodePort servers: for every Service with `externalTrafficPolicy: Local` and a
 //! `healthCheckNodePort`, the agent answers HTTP on that port of the node, as kube-proxy
-//! does: 200 while the node has local endpoints for the service, 503 when it has none,
-//! with a JSON body naming the service and the count. Load balancers use it to send
-//! traffic only to nodes that can serve it.
+//! does: 200 while the node has local endpoints for the service, 503 when it has none or
+//! the proxy is unhealthy (crate::proxyhealth), with a JSON body naming the service, the
+//! count and `serviceProxyHealthy`. Load balancers use it to send traffic only to nodes
+//! that can serve it.
 
 use std::{
     collections::BTreeMap,
@@ -15,25 +16,26 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::services::HealthCheck;
+use crate::{proxyhealth::ProxyHealth, services::HealthCheck};
 
 /// The running servers and what they report.
-#[derive(Default)]
 pub struct HealthServers {
     state: Arc<RwLock<BTreeMap<u16, HealthCheck>>>,
     servers: BTreeMap<u16, JoinHandle<()>>,
+    proxy: Arc<ProxyHealth>,
 }
 
-/// The response to a health check.
-pub fn response(check: Option<&HealthCheck>) -> String {
+/// The response to a health check, given whether the proxy is healthy.
+pub fn response(check: Option<&HealthCheck>, proxy_healthy: bool) -> String {
     let (status, body) = match check {
         Some(c) => {
             let body = serde_json::json!({
                 "service": { "namespace": c.namespace, "name": c.name },
                 "localEndpoints": c.local_endpoints,
-                "serviceProxyHealthy": true,
+                "serviceProxyHealthy": proxy_healthy,
             });
-            (if c.local_endpoints > 0 { "200 OK" } else { "503 Service Unavailable" }, body.to_string())
+            let ok = c.local_endpoints > 0 && proxy_healthy;
+            (if ok { "200 OK" } else { "503 Service Unavailable" }, body.to_string())
         }
         None => ("404 Not Found", "{}".to_owned()),
     };
@@ -44,6 +46,11 @@ pub fn response(check: Option<&HealthCheck>) -> String {
 }
 
 impl HealthServers {
+    /// No servers yet; they report `proxy`'s health beside their counts.
+    pub fn new(proxy: Arc<ProxyHealth>) -> Self {
+        Self { state: Default::default(), servers: BTreeMap::new(), proxy }
+    }
+
     /// Brings the servers in line with `checks` (port -> service and local endpoint count):
     /// new ports get a listener, departed ones lose theirs, counts change in place.
     pub fn update(&mut self, checks: &BTreeMap<u16, HealthCheck>) {
@@ -61,6 +68,7 @@ impl HealthServers {
             }
             let port = *port;
             let state = self.state.clone();
+            let proxy = self.proxy.clone();
             let task = tokio::spawn(async move {
                 let listener = match TcpListener::bind(("0.0.0.0", port)).await {
                     Ok(l) => l,
@@ -73,6 +81,7 @@ impl HealthServers {
                 loop {
                     let Ok((mut conn, _)) = listener.accept().await else { continue };
                     let state = state.clone();
+                    let proxy = proxy.clone();
                     tokio::spawn(async move {
                         // The request itself does not matter (any path answers), but read it
                         // so the client is not reset before it sees the answer.
@@ -80,7 +89,7 @@ impl HealthServers {
                         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
                         let text = {
                             let s = state.read().unwrap_or_else(|p| p.into_inner());
-                            response(s.get(&port))
+                            response(s.get(&port), proxy.is_healthy(std::time::Instant::now()))
                         };
                         let _ = conn.write_all(text.as_bytes()).await;
                         let _ = conn.shutdown().await;
@@ -112,20 +121,23 @@ mod tests {
     #[test]
     fn answers_200_with_local_endpoints_and_503_without() {
         let c = HealthCheck { namespace: "shop".into(), name: "web".into(), local_endpoints: 2 };
-        let ok = response(Some(&c));
+        let ok = response(Some(&c), true);
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         let body: serde_json::Value = serde_json::from_str(ok.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!(body["localEndpoints"], 2);
         assert_eq!(body["service"]["name"], "web");
         let none = HealthCheck { local_endpoints: 0, ..c };
-        assert!(response(Some(&none)).starts_with("HTTP/1.1 503 "));
+        assert!(response(Some(&none.clone()), true).starts_with("HTTP/1.1 503 "));
+        // Endpoints, but the proxy has not programmed its changes in time: 503 as well.
+        let stale = response(Some(&HealthCheck { local_endpoints: 2, ..none }), false);
+        assert!(stale.starts_with("HTTP/1.1 503 ") && stale.contains("\"serviceProxyHealthy\":false"), "{stale}");
     }
 
     #[tokio::test]
     async fn a_server_follows_its_count_and_stops_with_its_service() {
         // A free port, then released for the server.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut hs = HealthServers::default();
+        let mut hs = HealthServers::new(Arc::new(ProxyHealth::new(std::time::Duration::from_secs(60))));
         let mut checks = BTreeMap::new();
         checks.insert(port, HealthCheck { namespace: "a".into(), name: "b".into(), local_endpoints: 1 });
         hs.update(&checks);

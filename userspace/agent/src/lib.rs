@@ -17,6 +17,7 @@ pub mod plan;
 pub mod podnet;
 pub mod policy;
 pub mod proxy;
+pub mod proxyhealth;
 pub mod rps;
 pub mod services;
 pub mod slowpath;

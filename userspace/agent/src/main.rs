@@ -172,6 +172,20 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if let Some(task) = agent.spawn_monitor(stop_rx.clone()).await {
         background.push(task);
     }
+    // kube-proxy's health server (port 10256), for load balancers; only while this agent
+    // is the node's service proxy.
+    if agent.config().services.enabled
+        && let Some(addr) = agent.config().services.healthz_addr()
+    {
+        let health = agent.proxy_health().clone();
+        let mut stop = stop_rx.clone();
+        background.push(tokio::spawn(async move {
+            contiv_agent::proxyhealth::serve(health, addr, async move {
+                let _ = stop.wait_for(|v| *v).await;
+            })
+            .await;
+        }));
+    }
     let status_agent = agent.clone();
     let status_metrics = metrics.clone();
     let mut status_stop = stop_rx;

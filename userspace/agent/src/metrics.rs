@@ -7,6 +7,7 @@
 //!   `contiv_service_connections_total` (connections and flows given a backend),
 //!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`,
 //!   `contiv_service_backends` (gauge, the Cluster set); `contiv_conntrack_entries`; `contiv_conntrack_expired_total`;
+//!   the proxy health server's answers, `contiv_proxy_healthz_total{code}` and `contiv_proxy_livez_total{code}`;
 //! - slow-path verdicts by reason: `contiv_slowpath_verdicts_total{verdict, reason}`
 //!   (`reply`: arp, icmp_echo; `drop`: every `DropReason`), the AF_XDP port's counters and
 //!   the slow-path port programs' counters;
@@ -303,6 +304,19 @@ impl Collector for Snapshot {
                 None,
                 ct.metric_type(),
             )?)?;
+            let h = &svc.proxy_health;
+            counter_family(
+                &mut encoder,
+                "contiv_proxy_healthz",
+                "Answers of the proxy's /healthz (port 10256), by HTTP status",
+                [([("code", "200")], h.healthz_200), ([("code", "503")], h.healthz_503)],
+            )?;
+            counter_family(
+                &mut encoder,
+                "contiv_proxy_livez",
+                "Answers of the proxy's /livez, by HTTP status",
+                [([("code", "200")], h.livez_200), ([("code", "503")], h.livez_503)],
+            )?;
             let expired = ConstCounter::new(svc.conntrack_expired_total);
             expired.encode(encoder.encode_descriptor(
                 "contiv_conntrack_expired",

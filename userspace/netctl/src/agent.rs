@@ -125,5 +125,45 @@ pub fn services_table(report: &Value, namespace: Option<&str>) -> String {
     for sk in report["skipped"].as_array().into_iter().flatten() {
         out.push_str(&format!("not programmed: {}: {}\n", s(&sk["service"]), s(&sk["reason"])));
     }
+    if let Some(line) = proxy_healthz_line(report) {
+        out.push_str(&line);
+    }
     out
+}
+
+/// What the node's proxy `/healthz` (kube-proxy's port 10256) answers load balancers, and why.
+fn proxy_healthz_line(report: &Value) -> Option<String> {
+    let addr = report["proxyHealthzAddress"].as_str()?;
+    let h = &report["proxyHealth"];
+    let mut why = vec![];
+    if h["nodeEligible"] == false {
+        why.push("the node is being deleted".to_owned());
+    }
+    if h["healthy"] == false {
+        let waited = h["pendingSeconds"].as_f64().unwrap_or_default();
+        why.push(format!("a change has waited {waited:.0} s to reach the maps"));
+    }
+    Some(if why.is_empty() {
+        format!("proxy healthz on {addr}: 200\n")
+    } else {
+        format!("proxy healthz on {addr}: 503 ({})\n", why.join("; "))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn the_services_table_ends_with_what_the_proxy_healthz_answers() {
+        let ok = json!({"frontends": [], "proxyHealthzAddress": "0.0.0.0:10256",
+                        "proxyHealth": {"healthy": true, "nodeEligible": true}});
+        assert!(super::services_table(&ok, None).ends_with("proxy healthz on 0.0.0.0:10256: 200\n"));
+        let draining = json!({"frontends": [], "proxyHealthzAddress": "0.0.0.0:10256",
+                              "proxyHealth": {"healthy": false, "nodeEligible": false, "pendingSeconds": 75.2}});
+        let t = super::services_table(&draining, None);
+        assert!(t.ends_with("503 (the node is being deleted; a change has waited 75 s to reach the maps)\n"), "{t}");
+        let off = json!({"frontends": [], "proxyHealthzAddress": null});
+        assert!(!super::services_table(&off, None).contains("healthz"));
+    }
 }

@@ -56,6 +56,10 @@ pub struct ServicesReport {
     pub frontends: Vec<FrontendReport>,
     pub skipped: Vec<Skipped>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// What the proxy's `/healthz` (port 10256) answers, and why.
+    pub proxy_health: crate::proxyhealth::ProxyHealthReport,
+    /// Where that server listens; none when it is off.
+    pub proxy_healthz_address: Option<String>,
     pub dead_backends: Vec<String>,
     pub node_addresses: Vec<String>,
     pub conntrack_entries: usize,
@@ -128,7 +132,9 @@ impl Agent {
         if !self.config.services.enabled {
             return;
         }
-        self.service_changes.lock().unwrap_or_else(|p| p.into_inner()).merge(changes);
+        let mut queue = self.service_changes.lock().unwrap_or_else(|p| p.into_inner());
+        queue.merge(changes);
+        self.proxy_health.queued(Instant::now());
     }
 
     /// Brings the service plan up to date with the cluster model (recomputing the services
@@ -140,11 +146,22 @@ impl Agent {
         }
         let model = self.model.get()?.clone();
         let started = Instant::now();
-        let mut changes = std::mem::take(&mut *self.service_changes.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut changes = {
+            let mut queue = self.service_changes.lock().unwrap_or_else(|p| p.into_inner());
+            self.proxy_health.taken();
+            std::mem::take(&mut *queue)
+        };
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
         let (delta, live) = {
             let m = model.read().unwrap_or_else(|p| p.into_inner());
+            if changes.all || changes.nodes {
+                // A node on its way out answers 503 on /healthz (load balancers drain it).
+                let params = inner.proxy.params();
+                if let Some(node) = m.nodes().find(|n| n.name == params.node_name) {
+                    self.proxy_health.set_node_eligible(!node.to_be_deleted);
+                }
+            }
             // This node's hostPorts, served as services of their own (crate::hostports):
             // they follow the attachments and the pods' objects.
             let host_ports = {
@@ -197,6 +214,7 @@ impl Agent {
         self.set_refusals(refusals);
         match result {
             Ok(stats) => {
+                self.proxy_health.updated(std::time::SystemTime::now());
                 log::debug!("services applied in {:?} (planned in {planned:?}): {stats:?}", started.elapsed());
                 *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
                 Some(stats)
@@ -270,6 +288,8 @@ impl Agent {
             last_apply: *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()),
             last_gc: *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()),
             conntrack_expired_total: self.ct_expired_total.load(std::sync::atomic::Ordering::Relaxed),
+            proxy_health: self.proxy_health.report(Instant::now()),
+            proxy_healthz_address: self.config.services.healthz_addr().map(|a| a.to_string()),
             ..Default::default()
         };
         // The conntrack fill first, on the table's own handle: a full table is a large read,

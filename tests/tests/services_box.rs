@@ -337,21 +337,13 @@ spec:
     );
 
     // What a node programs, read from its maps: netctl on the node, and the metrics.
-    let out = b
-        .cmd("node-1", contiv_tests::bin_dir().join("netctl"))
-        .args(["get", "services", "--node", "node-1"])
-        .output()
-        .unwrap();
+    let out = netctl_get_services(&b, "node-1", "node-1");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
     let row = text.lines().find(|l| l.contains("10.96.0.10:80/TCP")).unwrap_or_else(|| panic!("{text}"));
     assert!(row.contains(&format!("{}:8080*", w1.ip)) && row.contains(&format!("{}:9090", w2.ip)), "{row}");
     assert!(text.contains("*:30080/TCP") && text.contains("198.51.100.7:80/TCP"), "{text}");
-    let wrong = b
-        .cmd("node-1", contiv_tests::bin_dir().join("netctl"))
-        .args(["get", "services", "--node", "node-2"])
-        .output()
-        .unwrap();
+    let wrong = netctl_get_services(&b, "node-1", "node-2");
     assert!(
         !wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("node-2"),
         "asks the right node"
@@ -494,11 +486,7 @@ spec:
     assert!(probe("node-2", "/healthz").ends_with(" 200"), "only the tainted node drains");
     let report = b.status_json("node-1", "/services").unwrap();
     assert_eq!(report["proxyHealth"]["nodeEligible"], false, "{}", report["proxyHealth"]);
-    let out = b
-        .cmd("node-1", contiv_tests::bin_dir().join("netctl"))
-        .args(["get", "services", "--node", "node-1"])
-        .output()
-        .unwrap();
+    let out = netctl_get_services(&b, "node-1", "node-1");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("proxy healthz on 0.0.0.0:10256: 503 (the node is being deleted)"), "{text}");
     let metrics = b.status("node-1", "/metrics").unwrap();
@@ -510,6 +498,11 @@ spec:
     b.wait_for(Duration::from_secs(15), "node-1's /healthz says 200 again", || {
         probe("node-1", "/healthz").ends_with(" 200")
     });
+}
+
+/// `netctl get services --node <node>`, run on node `on`.
+fn netctl_get_services(b: &ClusterBox, on: &str, node: &str) -> std::process::Output {
+    b.cmd(on, contiv_tests::bin_dir().join("netctl")).args(["get", "services", "--node", node]).output().unwrap()
 }
 
 /// GET `url` from the external namespace: the body, a space and the HTTP status (" 000"

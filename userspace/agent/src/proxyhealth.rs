@@ -125,52 +125,55 @@ impl ProxyHealth {
         s.node_eligible = eligible;
     }
 
-    fn pending_since(s: &State) -> Option<Instant> {
-        match (s.queued, s.in_flight) {
+    /// How long the oldest change not yet in the maps has waited.
+    fn pending(s: &State, now: Instant) -> Option<Duration> {
+        let since = match (s.queued, s.in_flight) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
+        };
+        since.map(|p| now.saturating_duration_since(p))
+    }
+
+    fn healthy_at(&self, s: &State, now: Instant) -> bool {
+        Self::pending(s, now).is_none_or(|p| p < self.timeout)
     }
 
     /// True unless a change has waited `timeout` or longer.
     pub fn is_healthy(&self, now: Instant) -> bool {
-        Self::pending_since(&self.state()).is_none_or(|p| now.saturating_duration_since(p) < self.timeout)
+        self.healthy_at(&self.state(), now)
     }
 
-    /// `GET /healthz`.
+    /// `GET /healthz`: the proxy's health and the node's eligibility.
     pub fn healthz(&self, now: Instant, wall: SystemTime) -> Answer {
+        self.answer(now, wall, true)
+    }
+
+    /// `GET /livez`: the proxy's health alone.
+    pub fn livez(&self, now: Instant, wall: SystemTime) -> Answer {
+        self.answer(now, wall, false)
+    }
+
+    fn answer(&self, now: Instant, wall: SystemTime, with_node: bool) -> Answer {
         let s = *self.state();
-        let healthy = Self::pending_since(&s).is_none_or(|p| now.saturating_duration_since(p) < self.timeout);
-        let ok = healthy && s.node_eligible;
-        self.answers[if ok { 0 } else { 1 }].fetch_add(1, Ordering::Relaxed);
+        let ok = self.healthy_at(&s, now) && (s.node_eligible || !with_node);
+        self.answers[usize::from(!with_node) * 2 + usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
         // While healthy, kube-proxy reports the current time as lastUpdated (older clients
         // read it as "the sync loop ran just now").
         let last = if ok { Some(wall) } else { s.last_updated };
-        let body = serde_json::json!({
-            "lastUpdated": rfc3339(last),
-            "currentTime": rfc3339(Some(wall)),
-            "nodeEligible": s.node_eligible,
-        });
-        Answer { status: if ok { 200 } else { 503 }, body: body.to_string() }
-    }
-
-    /// `GET /livez`.
-    pub fn livez(&self, now: Instant, wall: SystemTime) -> Answer {
-        let s = *self.state();
-        let ok = Self::pending_since(&s).is_none_or(|p| now.saturating_duration_since(p) < self.timeout);
-        self.answers[if ok { 2 } else { 3 }].fetch_add(1, Ordering::Relaxed);
-        let last = if ok { Some(wall) } else { s.last_updated };
-        let body = serde_json::json!({ "lastUpdated": rfc3339(last), "currentTime": rfc3339(Some(wall)) });
+        let mut body = serde_json::json!({ "lastUpdated": rfc3339(last), "currentTime": rfc3339(Some(wall)) });
+        if with_node {
+            body["nodeEligible"] = s.node_eligible.into();
+        }
         Answer { status: if ok { 200 } else { 503 }, body: body.to_string() }
     }
 
     /// For `/services` and the metrics.
     pub fn report(&self, now: Instant) -> ProxyHealthReport {
         let s = *self.state();
-        let pending = Self::pending_since(&s).map(|p| now.saturating_duration_since(p));
+        let pending = Self::pending(&s, now);
         let [h200, h503, l200, l503] = std::array::from_fn(|i| self.answers[i].load(Ordering::Relaxed));
         ProxyHealthReport {
-            healthy: pending.is_none_or(|p| p < self.timeout),
+            healthy: self.healthy_at(&s, now),
             node_eligible: s.node_eligible,
             last_updated: s.last_updated.map(|t| rfc3339(Some(t))),
             pending_seconds: pending.map(|p| p.as_secs_f64()),
@@ -304,7 +307,9 @@ mod tests {
         let a = h.healthz(now, SystemTime::now());
         assert_eq!(a.status, 503);
         assert_eq!(body(&a)["nodeEligible"], false);
-        assert_eq!(h.livez(now, SystemTime::now()).status, 200);
+        let live = h.livez(now, SystemTime::now());
+        assert_eq!(live.status, 200);
+        assert!(body(&live).get("nodeEligible").is_none(), "{}", live.body);
         assert!(h.is_healthy(now), "the proxy itself is fine: healthCheckNodePorts still answer from their counts");
         h.set_node_eligible(true);
         assert_eq!(h.healthz(now, SystemTime::now()).status, 200);

@@ -118,6 +118,7 @@ pub fn host_port_services<'a>(
                     hints_for_nodes: vec![],
                 }],
                 ports: vec![EndpointPort { name: port_name, protocol: cp.protocol, port: Some(cp.port) }],
+                last_change_trigger_time: None,
             };
             out.insert((pod.namespace.clone(), name), (service, slice));
         }

@@ -1032,6 +1032,7 @@ mod tests {
                 .into_iter()
                 .map(|(n, p, port)| EndpointPort { name: n.into(), protocol: p, port: Some(port) })
                 .collect(),
+            last_change_trigger_time: None,
         }
     }
 

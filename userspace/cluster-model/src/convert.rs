@@ -485,8 +485,17 @@ impl ToModel for discovery::EndpointSlice {
             address_type,
             endpoints,
             ports,
+            last_change_trigger_time: trigger_time(&self.metadata),
         })
     }
+}
+
+/// The slice's last-change trigger time, in RFC 3339 as jiff prints it; none when it is
+/// missing or not a time (kube-proxy ignores such a value too: it only feeds a metric, so it
+/// never makes the slice unusable).
+fn trigger_time(meta: &meta::ObjectMeta) -> Option<String> {
+    let raw = meta.annotations.as_ref()?.get(ANNOTATION_LAST_CHANGE_TRIGGER_TIME)?;
+    raw.parse::<jiff::Timestamp>().ok().map(|t| t.to_string())
 }
 
 // === impl NetworkPolicy ===

@@ -119,6 +119,8 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label on an EndpointSlice naming its service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// EndpointSlice annotation: when the pod or service change the slice reflects happened.
+pub const ANNOTATION_LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Kubernetes' default ClientIP session affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 
@@ -269,6 +271,11 @@ pub struct EndpointSlice {
     /// Ports every endpoint of the slice serves.
     #[serde(default)]
     pub ports: Vec<EndpointPort>,
+    /// When the change this slice reflects happened (annotation
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, RFC 3339, set by the
+    /// EndpointSlice controller): where the node's network programming latency starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change_trigger_time: Option<String>,
 }
 
 /// One backend.

@@ -250,6 +250,7 @@ mod tests {
             address_type: AddressType::IPv4,
             endpoints: vec![],
             ports: vec![],
+            last_change_trigger_time: None,
         };
         (keys::k8s_key(Kind::EndpointSlice, Some("shop"), name), Object::K8s(ClusterObject::EndpointSlice(s)))
     }

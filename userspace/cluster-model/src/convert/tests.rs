@@ -304,6 +304,29 @@ fn endpointslice_converts_with_condition_defaults() {
 }
 
 #[test]
+fn endpointslice_keeps_a_valid_last_change_trigger_time_and_ignores_a_malformed_one() {
+    let slice = |annotation: Option<&str>| -> discovery::EndpointSlice {
+        let mut v = json!({"metadata": {"name": "web-abc12", "namespace": "shop"}, "addressType": "IPv4"});
+        if let Some(a) = annotation {
+            v["metadata"]["annotations"] = json!({"endpoints.kubernetes.io/last-change-trigger-time": a});
+        }
+        from_json(v)
+    };
+    // As the EndpointSlice controller writes it (Go's RFC3339Nano), and with an offset.
+    let m = slice(Some("2026-12-03T17:05:59.25Z")).to_model().unwrap();
+    assert_eq!(m.last_change_trigger_time.as_deref(), Some("2026-12-03T17:05:59.25Z"));
+    let m = slice(Some("2026-12-03T19:05:59+02:00")).to_model().unwrap();
+    assert_eq!(m.last_change_trigger_time.as_deref(), Some("2026-12-03T17:05:59Z"));
+    // A value that is no time only feeds a metric: the slice converts without it.
+    let m = slice(Some("yesterday")).to_model().unwrap();
+    assert_eq!(m.last_change_trigger_time, None);
+    let m = slice(None).to_model().unwrap();
+    assert_eq!(m.last_change_trigger_time, None);
+    // Left out of the stored value when absent (older agents read what newer ksrs write).
+    assert!(!String::from_utf8(crate::encode(&m)).unwrap().contains("trigger"));
+}
+
+#[test]
 fn endpointslice_rejects_fqdn_and_family_mismatch() {
     let fqdn: discovery::EndpointSlice = from_json(json!({
         "metadata": {"name": "e", "namespace": "d"}, "addressType": "FQDN",

@@ -120,6 +120,7 @@ fn slice(i: usize, endpoints: usize) -> ClusterObject {
             EndpointPort { name: "http".into(), protocol: Protocol::Tcp, port: Some(8080) },
             EndpointPort { name: "metrics".into(), protocol: Protocol::Tcp, port: Some(9090) },
         ],
+        last_change_trigger_time: None,
     })
 }
 

@@ -549,6 +549,36 @@ fn service_counter(b: &ClusterBox, node: &str, service: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {service} in {r}"))
 }
 
+/// A value of a node's /metrics without labels (0 when absent).
+fn metric(b: &ClusterBox, node: &str, name: &str) -> f64 {
+    let text = b.status(node, "/metrics").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.parse().unwrap_or_else(|e| panic!("{name} {v}: {e}")))
+}
+
+/// An EndpointSlice as the EndpointSlice controller writes it: annotated with the time of
+/// the change it reflects, `ago` before now (RFC 3339 with milliseconds, as Go prints it).
+fn with_trigger_time(slice: &str, ago: Duration) -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap() - ago;
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{}.{:03}", t.as_secs(), t.subsec_millis()), "+%Y-%m-%dT%H:%M:%S.%3NZ"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "date: {}", String::from_utf8_lossy(&out.stderr));
+    let time = String::from_utf8(out.stdout).unwrap();
+    let annotated = slice.replacen(
+        "metadata:\n",
+        &format!(
+            "metadata:\n  annotations:\n    endpoints.kubernetes.io/last-change-trigger-time: \"{}\"\n",
+            time.trim()
+        ),
+        1,
+    );
+    assert_ne!(annotated, slice, "{slice}");
+    annotated
+}
+
 fn skipped(report: &Value) -> Vec<String> {
     report["skipped"].as_array().into_iter().flatten().map(|s| format!("{}: {}", s["service"], s["reason"])).collect()
 }
@@ -900,10 +930,27 @@ spec:
 
     // The backend the UDP flow uses leaves the service (its pod stays): TCP connections to
     // the surviving backend keep flowing; the UDP flow moves to the survivor.
+    // The slice is annotated as the EndpointSlice controller does it, with a change made 2 s
+    // ago: each node samples its network programming latency once, from then to its apply.
+    const LATENCY: &str = "contiv_network_programming_duration_seconds";
+    for node in ["node-1", "node-2"] {
+        assert_eq!(metric(&b, node, &format!("{LATENCY}_count")), 0.0, "no annotated slice yet on {node}");
+        assert!(metric(&b, node, "contiv_service_sync_duration_seconds_count") >= 1.0, "{node} synced");
+    }
     let gone_slice = if drop_pod.name == "web-1" { "web-a" } else { "web-b" };
     let gone_port = if drop_pod.name == "web-1" { 8080 } else { 9090 };
-    b.apply_yaml(&slice_yaml("web", gone_slice, &[("http", "TCP", gone_port), ("dns", "UDP", gone_port)], &[]));
+    b.apply_yaml(&with_trigger_time(
+        &slice_yaml("web", gone_slice, &[("http", "TCP", gone_port), ("dns", "UDP", gone_port)], &[]),
+        Duration::from_secs(2),
+    ));
     wait_programmed(&b, "node-1", "10.96.0.10:80", 1);
+    for node in ["node-1", "node-2"] {
+        b.wait_for(Duration::from_secs(10), &format!("{node} samples the programming latency"), || {
+            metric(&b, node, &format!("{LATENCY}_count")) == 1.0
+        });
+        let sum = metric(&b, node, &format!("{LATENCY}_sum"));
+        assert!((2.0..12.0).contains(&sum), "{node}: {sum} s from the change to the maps");
+    }
     let t = Instant::now();
     b.wait_for(Duration::from_secs(5), "the UDP flow reaches the remaining backend", || {
         ask(&udp).is_some_and(|s| s == keep.name)

@@ -101,6 +101,8 @@ pub struct Agent {
     service_changes: std::sync::Mutex<crate::services::ServiceChanges>,
     /// The proxy's health as its `/healthz` (port 10256) and healthCheckNodePorts report it.
     proxy_health: Arc<crate::proxyhealth::ProxyHealth>,
+    /// Network programming latency and sync durations (crate::programming).
+    programming: crate::programming::ProgrammingMetrics,
     /// Wakes the service task without a cluster change (a pod with hostPorts came or went).
     services_kick: tokio::sync::Notify,
     /// Services left out whose reason was logged already (logged once).
@@ -495,6 +497,7 @@ impl Agent {
             policy_problems: std::sync::Mutex::new(vec![]),
             service_changes: std::sync::Mutex::new(crate::services::ServiceChanges::everything()),
             proxy_health,
+            programming: crate::programming::ProgrammingMetrics::new(std::time::SystemTime::now()),
             services_kick: tokio::sync::Notify::new(),
             skipped_logged: Default::default(),
             last_apply: Default::default(),
@@ -518,6 +521,11 @@ impl Agent {
     /// The service proxy's health (`/healthz` on port 10256).
     pub fn proxy_health(&self) -> &Arc<crate::proxyhealth::ProxyHealth> {
         &self.proxy_health
+    }
+
+    /// The service proxy's programming metrics.
+    pub fn programming(&self) -> &crate::programming::ProgrammingMetrics {
+        &self.programming
     }
 
     /// Hands the agent the cluster model the watch keeps (once).

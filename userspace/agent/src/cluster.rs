@@ -134,11 +134,23 @@ fn service_changes(event: &ClusterEvent) -> Option<crate::services::ServiceChang
         }
         _ => {}
     };
-    match event {
+    // A slice written (not removed) carries the time of the change it reflects; an update
+    // that keeps the time is no new change (sampling it again would count one change twice).
+    let trigger = |o: &Object| match o {
+        Object::K8s(ClusterObject::EndpointSlice(sl)) => sl.last_change_trigger_time.clone(),
+        _ => None,
+    };
+    let written = match event {
         ClusterEvent::Resync(_) => return Some(crate::services::ServiceChanges::everything()),
-        ClusterEvent::Added { object, .. } | ClusterEvent::Deleted { object, .. } => {
+        ClusterEvent::Added { object, .. } => {
             note(object);
             relevant |= matches!(object, Object::K8s(ClusterObject::Pod(_)));
+            Some(object)
+        }
+        ClusterEvent::Deleted { object, .. } => {
+            note(object);
+            relevant |= matches!(object, Object::K8s(ClusterObject::Pod(_)));
+            None
         }
         ClusterEvent::Updated { old, new, .. } => {
             note(old);
@@ -146,7 +158,11 @@ fn service_changes(event: &ClusterEvent) -> Option<crate::services::ServiceChang
             if let (Object::K8s(ClusterObject::Pod(a)), Object::K8s(ClusterObject::Pod(b))) = (old, new) {
                 relevant |= a.ips != b.ips || a.container_ports != b.container_ports;
             }
+            (trigger(new) != trigger(old)).then_some(new)
         }
+    };
+    if let Some(t) = written.and_then(trigger).as_deref().and_then(crate::programming::trigger_time) {
+        c.trigger_times.push(t);
     }
     relevant.then_some(c)
 }
@@ -328,5 +344,51 @@ async fn run_services(
             () = &mut stop => return,
         }
         agent.sync_services().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contiv_cluster_model::{AddressType, EndpointSlice};
+    use contiv_cluster_watch::Object;
+
+    fn slice(trigger: Option<&str>) -> Object {
+        Object::K8s(ClusterObject::EndpointSlice(EndpointSlice {
+            name: "web-a".into(),
+            namespace: "default".into(),
+            service_name: Some("web".into()),
+            address_type: AddressType::IPv4,
+            endpoints: vec![],
+            ports: vec![],
+            last_change_trigger_time: trigger.map(str::to_owned),
+        }))
+    }
+
+    #[test]
+    fn a_written_slice_brings_its_trigger_time_and_a_removed_one_does_not() {
+        let key = "/contiv/k8s/endpointslice/default/web-a".to_owned();
+        let t = "2026-12-03T17:05:59.25Z";
+        let added = service_changes(&ClusterEvent::Added { key: key.clone(), object: slice(Some(t)) }).unwrap();
+        assert_eq!(added.services, [("default".to_owned(), "web".to_owned())].into());
+        assert_eq!(added.trigger_times, vec![crate::programming::trigger_time(t).unwrap()]);
+        // An update samples the new object's time, not the old one's.
+        let updated = service_changes(&ClusterEvent::Updated {
+            key: key.clone(),
+            old: slice(Some("2026-12-03T17:00:00Z")),
+            new: slice(Some(t)),
+        })
+        .unwrap();
+        assert_eq!(updated.trigger_times, added.trigger_times);
+        // Rewritten with the same time (another field changed): that change was sampled.
+        let same =
+            service_changes(&ClusterEvent::Updated { key: key.clone(), old: slice(Some(t)), new: slice(Some(t)) })
+                .unwrap();
+        assert!(same.trigger_times.is_empty() && !same.services.is_empty());
+        let deleted = service_changes(&ClusterEvent::Deleted { key: key.clone(), object: slice(Some(t)) }).unwrap();
+        assert!(deleted.trigger_times.is_empty() && !deleted.services.is_empty());
+        // Without the annotation (a hand-written slice) the change is planned, unsampled.
+        let plain = service_changes(&ClusterEvent::Added { key, object: slice(None) }).unwrap();
+        assert!(plain.trigger_times.is_empty() && !plain.services.is_empty());
     }
 }

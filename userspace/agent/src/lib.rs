@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod plan;
 pub mod podnet;
 pub mod policy;
+pub mod programming;
 pub mod proxy;
 pub mod proxyhealth;
 pub mod rps;

@@ -8,6 +8,9 @@
 //!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`,
 //!   `contiv_service_backends` (gauge, the Cluster set); `contiv_conntrack_entries`; `contiv_conntrack_expired_total`;
 //!   the proxy health server's answers, `contiv_proxy_healthz_total{code}` and `contiv_proxy_livez_total{code}`;
+//!   network programming latency, `contiv_network_programming_duration_seconds` (histogram),
+//!   `contiv_service_sync_duration_seconds` and `contiv_service_sync_failures_total`
+//!   (crate::programming);
 //! - slow-path verdicts by reason: `contiv_slowpath_verdicts_total{verdict, reason}`
 //!   (`reply`: arp, icmp_echo; `drop`: every `DropReason`), the AF_XDP port's counters and
 //!   the slow-path port programs' counters;
@@ -89,6 +92,7 @@ impl AgentMetrics {
         pods: Vec<PodReport>,
         slowpath: SlowPathReport,
         services: Option<ServicesReport>,
+        programming: Option<&crate::programming::ProgrammingMetrics>,
         monitor: Option<MonitorTotals>,
     ) -> String {
         let mut registry = Registry::default();
@@ -99,6 +103,9 @@ impl AgentMetrics {
             self.cni.clone(),
         );
         self.store.register(&mut registry);
+        if let Some(p) = programming {
+            p.register(&mut registry);
+        }
         registry.register_collector(Box::new(Snapshot { pods, slowpath, services, monitor }));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
@@ -410,9 +417,13 @@ mod tests {
                 from_vswitch_no_pod: 1,
             }),
         };
+        let start = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let programming = crate::programming::ProgrammingMetrics::new(start);
+        programming.programmed(&[start + Duration::from_secs(1)], start + Duration::from_secs(3));
         let monitor =
             MonitorTotals::from([("drop", crate::datapath::MonitorCounters { emitted: 5, suppressed: 7, lost: 0 })]);
-        let text = m.render(vec![pod("shop", "web-0", 42), pod("", "", 1)], slow, None, Some(monitor));
+        let text =
+            m.render(vec![pod("shop", "web-0", 42), pod("", "", 1)], slow, None, Some(&programming), Some(monitor));
         assert!(text.contains("contiv_monitor_events_suppressed_total{kind=\"drop\"} 7"), "{text}");
         let l = lines(&text);
         for want in [
@@ -426,6 +437,8 @@ mod tests {
             "contiv_cni_request_duration_seconds_count{command=\"ADD\",code=\"0\"} 2",
             "contiv_cni_request_duration_seconds_count{command=\"DEL\",code=\"7\"} 1",
             "# TYPE contiv_cni_request_duration_seconds histogram",
+            "contiv_network_programming_duration_seconds_count 1",
+            "contiv_network_programming_duration_seconds_sum 2.0",
             "# EOF",
         ] {
             assert!(l.contains(&want), "missing {want:?} in\n{text}");

@@ -321,6 +321,9 @@ pub struct ServiceChanges {
     pub services: BTreeSet<SvcName>,
     /// Nodes or registrations changed (node addresses).
     pub nodes: bool,
+    /// When the EndpointSlice changes among these happened (their last-change trigger
+    /// times): the network programming latency is measured from them (crate::programming).
+    pub trigger_times: Vec<std::time::SystemTime>,
 }
 
 impl ServiceChanges {
@@ -332,6 +335,7 @@ impl ServiceChanges {
         self.all |= other.all;
         self.nodes |= other.nodes;
         self.services.extend(other.services);
+        self.trigger_times.extend(other.trigger_times);
     }
 }
 

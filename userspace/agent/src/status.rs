@@ -172,9 +172,15 @@ async fn trace_arrival(State((agent, _)): State<Shared>, Query(q): Query<Arrival
 }
 
 async fn metrics_text(State((agent, metrics)): State<Shared>) -> impl IntoResponse {
-    let services = agent.config().services.enabled.then_some(agent.services_report().await);
-    let text =
-        metrics.render(agent.pods().await, agent.slowpath_report().await, services, Some(agent.monitor_totals()));
+    let enabled = agent.config().services.enabled;
+    let services = enabled.then_some(agent.services_report().await);
+    let text = metrics.render(
+        agent.pods().await,
+        agent.slowpath_report().await,
+        services,
+        enabled.then_some(agent.programming()),
+        Some(agent.monitor_totals()),
+    );
     ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 

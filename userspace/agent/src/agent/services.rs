@@ -151,6 +151,7 @@ impl Agent {
             self.proxy_health.taken();
             std::mem::take(&mut *queue)
         };
+        let triggers = std::mem::take(&mut changes.trigger_times);
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
         let (delta, live) = {
@@ -212,16 +213,21 @@ impl Agent {
         inner.health.update(&inner.proxy.plan().health_checks);
         drop(guard);
         self.set_refusals(refusals);
+        self.programming.synced(started.elapsed());
         match result {
             Ok(stats) => {
-                self.proxy_health.updated(std::time::SystemTime::now());
+                let now = std::time::SystemTime::now();
+                self.proxy_health.updated(now);
+                self.programming.programmed(&triggers, now);
                 log::debug!("services applied in {:?} (planned in {planned:?}): {stats:?}", started.elapsed());
                 *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
                 Some(stats)
             }
             Err(e) => {
                 // Retried in a second (the service task asks `services_due`), comparing
-                // every entry with the maps.
+                // every entry with the maps. The changes' times wait for that apply.
+                self.programming.failed();
+                self.service_changes.lock().unwrap_or_else(|p| p.into_inner()).trigger_times.extend(triggers);
                 log::error!("applying services: {e}; retrying");
                 None
             }

@@ -136,10 +136,13 @@ fn service_changes(event: &ClusterEvent) -> Option<crate::services::ServiceChang
     };
     // A slice written (not removed) carries the time of the change it reflects; an update
     // that keeps the time is no new change (sampling it again would count one change twice).
-    let trigger = |o: &Object| match o {
-        Object::K8s(ClusterObject::EndpointSlice(sl)) => sl.last_change_trigger_time.clone(),
-        _ => None,
-    };
+    fn slice(o: &Object) -> Option<&contiv_cluster_model::EndpointSlice> {
+        match o {
+            Object::K8s(ClusterObject::EndpointSlice(sl)) => Some(sl),
+            _ => None,
+        }
+    }
+    let trigger = |o| slice(o).and_then(|sl| sl.last_change_trigger_time.as_deref());
     let written = match event {
         ClusterEvent::Resync(_) => return Some(crate::services::ServiceChanges::everything()),
         ClusterEvent::Added { object, .. } => {
@@ -161,7 +164,7 @@ fn service_changes(event: &ClusterEvent) -> Option<crate::services::ServiceChang
             (trigger(new) != trigger(old)).then_some(new)
         }
     };
-    if let Some(t) = written.and_then(trigger).as_deref().and_then(crate::programming::trigger_time) {
+    if let Some(t) = written.and_then(slice).and_then(|sl| sl.trigger_time()) {
         c.trigger_times.push(t);
     }
     relevant.then_some(c)
@@ -371,7 +374,8 @@ mod tests {
         let t = "2026-12-03T17:05:59.25Z";
         let added = service_changes(&ClusterEvent::Added { key: key.clone(), object: slice(Some(t)) }).unwrap();
         assert_eq!(added.services, [("default".to_owned(), "web".to_owned())].into());
-        assert_eq!(added.trigger_times, vec![crate::programming::trigger_time(t).unwrap()]);
+        let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_796_317_559_250);
+        assert_eq!(added.trigger_times, vec![at]);
         // An update samples the new object's time, not the old one's.
         let updated = service_changes(&ClusterEvent::Updated {
             key: key.clone(),

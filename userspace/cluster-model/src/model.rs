@@ -278,6 +278,14 @@ pub struct EndpointSlice {
     pub last_change_trigger_time: Option<String>,
 }
 
+impl EndpointSlice {
+    /// [`EndpointSlice::last_change_trigger_time`] as a time; none when absent or (in a
+    /// value not written by [`crate::convert`]) not RFC 3339.
+    pub fn trigger_time(&self) -> Option<std::time::SystemTime> {
+        self.last_change_trigger_time.as_deref()?.parse::<jiff::Timestamp>().ok().map(Into::into)
+    }
+}
+
 /// One backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {

@@ -315,13 +315,20 @@ fn endpointslice_keeps_a_valid_last_change_trigger_time_and_ignores_a_malformed_
     // As the EndpointSlice controller writes it (Go's RFC3339Nano), and with an offset.
     let m = slice(Some("2026-12-03T17:05:59.25Z")).to_model().unwrap();
     assert_eq!(m.last_change_trigger_time.as_deref(), Some("2026-12-03T17:05:59.25Z"));
+    let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_796_317_559_250);
+    assert_eq!(m.trigger_time(), Some(at));
     let m = slice(Some("2026-12-03T19:05:59+02:00")).to_model().unwrap();
     assert_eq!(m.last_change_trigger_time.as_deref(), Some("2026-12-03T17:05:59Z"));
     // A value that is no time only feeds a metric: the slice converts without it.
     let m = slice(Some("yesterday")).to_model().unwrap();
     assert_eq!(m.last_change_trigger_time, None);
-    let m = slice(None).to_model().unwrap();
+    let mut m = slice(None).to_model().unwrap();
     assert_eq!(m.last_change_trigger_time, None);
+    assert_eq!(m.trigger_time(), None);
+    // A stored value not written by the conversion: read as no time.
+    m.last_change_trigger_time = Some("soon".into());
+    assert_eq!(m.trigger_time(), None);
+    m.last_change_trigger_time = None;
     // Left out of the stored value when absent (older agents read what newer ksrs write).
     assert!(!String::from_utf8(crate::encode(&m)).unwrap().contains("trigger"));
 }

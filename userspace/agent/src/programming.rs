@@ -18,10 +18,7 @@
 //! clock. Skew between them shows up in the samples; a sample that would be negative counts
 //! as zero.
 
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::{
     counter::Counter,
@@ -36,7 +33,6 @@ pub struct ProgrammingMetrics {
     network_programming: Histogram,
     sync_duration: Histogram,
     sync_failures: Counter,
-    observed: AtomicU64,
 }
 
 impl ProgrammingMetrics {
@@ -50,7 +46,6 @@ impl ProgrammingMetrics {
             // 100 us .. ~13 s: one changed slice up to a full plan of 10,000 services.
             sync_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
             sync_failures: Counter::default(),
-            observed: AtomicU64::new(0),
         }
     }
 
@@ -63,7 +58,6 @@ impl ProgrammingMetrics {
             self.network_programming.observe(took.as_secs_f64());
             n += 1;
         }
-        self.observed.fetch_add(n as u64, Ordering::Relaxed);
         n
     }
 
@@ -75,11 +69,6 @@ impl ProgrammingMetrics {
     /// An apply failed (it is retried).
     pub fn failed(&self) {
         self.sync_failures.inc();
-    }
-
-    /// Samples of network programming latency taken so far.
-    pub fn observed(&self) -> u64 {
-        self.observed.load(Ordering::Relaxed)
     }
 
     /// Adds the metrics to a scrape's registry (they share their values with this one).
@@ -128,7 +117,6 @@ mod tests {
             start + Duration::from_millis(9_750), // 0.25 s
         ];
         assert_eq!(m.programmed(&triggers, now), 3);
-        assert_eq!(m.observed(), 3);
         m.synced(Duration::from_millis(3));
         m.failed();
         let t = text(&m);

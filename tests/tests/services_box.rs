@@ -5,8 +5,8 @@
 //! client source preserved), refusals without endpoints, hairpin, source ranges, services
 //! left to other proxies, terminating endpoints, endpoint changes, agent restarts, and that
 //! one node's socket programs never translate another node's connections, topology hints
-//! (zones), and the proxy's health server on port 10256 (a node the autoscaler is about to
-//! delete says 503).
+//! (zones), the proxy's health server on port 10256 (a node the autoscaler is about to
+//! delete says 503), and ICMP errors about translated flows reaching the sockets they quote.
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -987,4 +987,107 @@ spec:
     let e = tcp_ask(&c1.netns, sa("10.96.0.10", 80)).expect_err("no endpoints left");
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
     let _ = c2;
+}
+
+/// A UDP server on `port` in `netns` that takes one datagram, connects its socket to the
+/// sender, answers after a moment and reads once more: what that read gave (an ICMP error
+/// about its answer reaches it as an error of this connected socket).
+fn connected_late_answerer(netns: &str, port: u16) -> std::thread::JoinHandle<std::io::Result<usize>> {
+    let s = enter(netns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp"));
+    std::thread::spawn(move || {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 64];
+        let (_, peer) = s.recv_from(&mut buf)?;
+        s.connect(peer)?;
+        // The client's socket is gone by now.
+        std::thread::sleep(Duration::from_millis(300));
+        s.send(b"too late")?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.recv(&mut buf)
+    })
+}
+
+/// A datagram to `addr` from a socket closed at once: its answer finds no socket.
+fn udp_send_and_leave(ns: &str, addr: SocketAddr) {
+    enter(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.send_to(b"bye", addr).unwrap();
+    });
+}
+
+/// ICMP errors about translated flows are translated back, as netfilter translates a
+/// RELATED error for kube-proxy: the socket that sent what the error quotes gets it.
+/// - A backend's port unreachable (a pod behind the service with no socket on the port): a
+///   UDP client of the ClusterIP, or of a NodePort from outside, reads "connection refused"
+///   instead of waiting for an answer. Backend on the client's node and on the other one
+///   (the error crosses the overlay; from outside, the flow was SNAT'ed to the node).
+/// - The client's own port unreachable (it left before the answer came): the backend's
+///   connected socket reads "connection refused", the error having been translated from
+///   the service address to the backend, in the pod path and from the uplink.
+#[test]
+fn services_box_icmp_errors_of_translated_flows_reach_the_sockets_they_quote() {
+    let (b, [w1, w2, c1, _c2]) = web_box("");
+    let svc = |name: &str, ip: &str, mute: u16, late: u16| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {ip}
+  clusterIPs: [{ip}]
+  ports:
+  - {{name: mute, protocol: UDP, port: 53, targetPort: 7777, nodePort: {mute}}}
+  - {{name: late, protocol: UDP, port: 54, targetPort: 7001, nodePort: {late}}}
+"#
+        )
+    };
+    let ports = [("mute", "UDP", 7777), ("late", "UDP", 7001)];
+    b.apply_yaml(&format!(
+        "{}---\n{}---\n{}---\n{}",
+        svc("near", "10.96.0.50", 30071, 30073),
+        svc("far", "10.96.0.51", 30072, 30074),
+        slice_yaml("near", "near-a", &ports, &[(&w1, READY)]),
+        slice_yaml("far", "far-a", &ports, &[(&w2, READY)]),
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.50:53", 1);
+    wait_programmed(&b, "node-1", "10.96.0.51:53", 1);
+    let ext = b.netns_of("external").unwrap();
+    let n1 = b.node("node-1").ip;
+
+    // The backend has no socket on 7777: its port unreachable comes back as the service's.
+    let refused = |ns: &str, addr: SocketAddr| {
+        let t = Instant::now();
+        let e = enter(ns, move || {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.connect(addr).unwrap();
+            s.send(b"anyone?").unwrap();
+            s.recv(&mut [0u8; 64]).expect_err("no answer")
+        });
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "UDP to {addr} from {ns}: {e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "refused at once");
+    };
+    refused(&c1.netns, sa("10.96.0.50", 53));
+    refused(&c1.netns, sa("10.96.0.51", 53));
+    refused(&ext, SocketAddr::from((n1, 30071)));
+    refused(&ext, SocketAddr::from((n1, 30072)));
+
+    // The client is gone when the answer comes: its port unreachable reaches the backend.
+    for (from, to, backend) in [
+        (&c1.netns, sa("10.96.0.50", 54), &w1),
+        (&c1.netns, sa("10.96.0.51", 54), &w2),
+        (&ext, SocketAddr::from((n1, 30073)), &w1),
+        (&ext, SocketAddr::from((n1, 30074)), &w2),
+    ] {
+        let answerer = connected_late_answerer(&backend.netns, 7001);
+        udp_send_and_leave(from, to);
+        let read = answerer.join().unwrap();
+        assert_eq!(
+            read.as_ref().map_err(std::io::Error::kind).err(),
+            Some(ErrorKind::ConnectionRefused),
+            "{} answering {from} via {to}: {read:?}",
+            backend.name
+        );
+    }
 }

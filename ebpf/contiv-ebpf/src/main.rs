@@ -472,8 +472,22 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
             outcome::REJECT => return Verdict::SLOW_PATH,
             _ => return Verdict::drop(drop_reason::SERVICE),
         }
-    } else if policy::tracked(&policy::transport(data, data_end, proto), src, dst, trace) {
-        first = FirstPacket::TRACKED;
+    } else {
+        let t = policy::transport(data, data_end, proto);
+        match svc::related(ctx, &t, src, dst, trace) {
+            // An ICMP error about a translated flow, translated back.
+            Some(o) if o.kind != outcome::TRACKED => return Verdict::drop(drop_reason::SERVICE),
+            Some(o) if o.to_uplink != 0 => {
+                trace.step(trace_step::ROUTE, trace_route::UPLINK, o.dst, 0, 0, cfg.uplink_ifindex);
+                return Verdict::uplink(cfg.uplink_ifindex);
+            }
+            Some(o) => {
+                dst = o.dst;
+                first = FirstPacket::TRACKED;
+            }
+            None if policy::tracked(&t, src, dst, trace) => first = FirstPacket::TRACKED,
+            None => {}
+        }
     }
     let verdict = route_from_pod(ctx, cfg, dst, trace);
     if first == FirstPacket::TRACKED || verdict.kind == out::DROP {
@@ -689,8 +703,26 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
             outcome::UNTOUCHED => {}
             _ => return overlay_drop(&ctx, trace, drop_reason::SERVICE, |c| c.rx_no_destination += 1),
         }
-    } else if policy::tracked(&policy::transport(data, data_end, proto), src, dst, trace) {
-        first = FirstPacket::TRACKED;
+    } else {
+        let t = policy::transport(data, data_end, proto);
+        match svc::related(&ctx, &t, src, dst, trace) {
+            // An ICMP error about a flow this node translated (a backend here answered a
+            // client elsewhere, or this node balanced the flow), translated back.
+            Some(o) if o.kind != outcome::TRACKED => {
+                return overlay_drop(&ctx, trace, drop_reason::SERVICE, |c| c.rx_no_destination += 1);
+            }
+            Some(o) if o.to_uplink != 0 => {
+                trace.step(trace_step::ROUTE, trace_route::UPLINK, o.dst, 0, 0, cfg.uplink_ifindex);
+                trace.step(trace_step::VERDICT, u16::from(out::UPLINK), [0; 4], 0, 0, cfg.uplink_ifindex);
+                return to_uplink(cfg.uplink_ifindex);
+            }
+            Some(o) => {
+                dst = o.dst;
+                first = FirstPacket::TRACKED;
+            }
+            None if policy::tracked(&t, src, dst, trace) => first = FirstPacket::TRACKED,
+            None => {}
+        }
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
@@ -861,9 +893,21 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     if ethertype(eth) != ETH_P_IP || has_options_or_is_fragment(ip) {
         return TC_ACT_OK;
     }
-    let (src, proto) = (src_ip(ip), ip[9]);
+    let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     let Some(l4) = nat::l4(data, data_end, proto) else {
-        return from_outside_to_pod(&ctx, src, dst_ip(ip), proto, 0, false);
+        // An ICMP error about a flow this node translated (the client's side of a NodePort
+        // flow: "fragmentation needed" for an answer, the client's port unreachable),
+        // translated back and sent on to the backend like the flow's packets.
+        if proto == policy::IPPROTO_ICMP
+            && let Some(cfg) = config()
+            && let Some(o) = svc::related(&ctx, &policy::transport(data, data_end, proto), src, dst, Trace::OFF)
+        {
+            if o.kind != outcome::TRACKED {
+                return TC_ACT_SHOT;
+            }
+            return uplink_forward(&ctx, cfg, o.dst, pod(o.dst));
+        }
+        return from_outside_to_pod(&ctx, src, dst, proto, 0, false);
     };
     // The overlay's own packets: the commonest thing on the wire, nothing to do.
     if l4.proto == nat::IPPROTO_UDP && l4.dport == 4789 {
@@ -873,9 +917,9 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let mut flow = MaybeUninit::<NewFlow>::uninit();
-    let o = svc::process(&ctx, cfg, src, dst_ip(ip), &l4, Origin::Uplink, Trace::OFF, &mut flow);
+    let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Uplink, Trace::OFF, &mut flow);
     match o.kind {
-        outcome::UNTOUCHED => return from_outside_to_pod(&ctx, src, dst_ip(ip), proto, l4.tcp_flags, true),
+        outcome::UNTOUCHED => return from_outside_to_pod(&ctx, src, dst, proto, l4.tcp_flags, true),
         // Tracked but not translated: a flow the node's stack routes (to a pod, or the node).
         outcome::TRACKED if o.rewritten == 0 => return TC_ACT_OK,
         outcome::TRACKED | outcome::NEW => {}
@@ -912,6 +956,13 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     }
+    uplink_forward(&ctx, cfg, dst, local)
+}
+
+/// A packet from outside, translated to `dst`: to the local pod `local`, or across the
+/// overlay to the node of a remote one.
+#[inline(always)]
+fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: Option<PodEndpoint>) -> i32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_SHOT;
@@ -930,7 +981,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     }
     if cfg.overlay_ifindex != 0
         && let Some(route) = remote_route(dst)
-        && overlay::set_tunnel(&ctx, route.node_ip, cfg.vni)
+        && overlay::set_tunnel(ctx, route.node_ip, cfg.vni)
     {
         // SAFETY: plain helper call.
         return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };

@@ -105,3 +105,77 @@ pub fn rewrite(
     }
     true
 }
+
+/// Where an ICMP error's parts are: its checksum, and the header of the packet it is about
+/// (20 bytes without options, then that packet's ports).
+const ICMP_CSUM_OFF: usize = L4_OFF + 2;
+const INNER_OFF: usize = L4_OFF + 8;
+const INNER_CSUM_OFF: usize = INNER_OFF + 10;
+const INNER_SRC_OFF: usize = INNER_OFF + 12;
+const INNER_DST_OFF: usize = INNER_OFF + 16;
+const INNER_SPORT_OFF: usize = INNER_OFF + 20;
+const INNER_DPORT_OFF: usize = INNER_OFF + 22;
+
+/// One end of a flow: address and port (host byte order).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Addr {
+    pub ip: [u8; 4],
+    pub port: u16,
+}
+
+/// Translates an ICMP error about a NAT'ed flow the way the flow's own packets are
+/// translated, as netfilter does for RELATED errors. The error travels like the flow's
+/// packets from `from` to `to` (the conntrack key it was found under), which become
+/// `new_from` -> `new_to`; the packet it quotes went the other way.
+/// - Outer destination: it is `to` (the quoted packet's sender); it becomes `new_to`.
+/// - Outer source: if the error comes from `from` itself (a backend's port unreachable), it
+///   becomes `new_from`; a router's own address is left alone.
+/// - Quoted header: its source `to` becomes `new_to`, its destination `from` becomes
+///   `new_from`, so the receiver's stack finds the socket that sent it.
+///
+/// Checksums: the outer IPv4 header's and the quoted one's are patched per address (ICMP's
+/// own has no pseudo-header, and a quoted address change with its header checksum patched
+/// leaves the sum over the quoted header unchanged); port changes patch ICMP's checksum.
+/// The quoted TCP/UDP checksum is left as it was: a quote is truncated, and no receiver
+/// checks it. False if the kernel refused a step (drop the packet).
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &TcContext,
+    outer_src: [u8; 4],
+    outer_dst: [u8; 4],
+    from: Addr,
+    to: Addr,
+    new_from: Addr,
+    new_to: Addr,
+) -> bool {
+    if outer_dst == to.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_DST_OFF, to.ip, new_to.ip) {
+        return false;
+    }
+    if outer_src == from.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_SRC_OFF, from.ip, new_from.ip) {
+        return false;
+    }
+    replace_addr(ctx, INNER_CSUM_OFF, INNER_SRC_OFF, to.ip, new_to.ip)
+        && replace_addr(ctx, INNER_CSUM_OFF, INNER_DST_OFF, from.ip, new_from.ip)
+        && replace_quoted_port(ctx, INNER_SPORT_OFF, to.port, new_to.port)
+        && replace_quoted_port(ctx, INNER_DPORT_OFF, from.port, new_from.port)
+}
+
+/// An IPv4 address at `ip_off` and the header checksum at `csum_off` that covers it.
+#[inline(always)]
+fn replace_addr(ctx: &TcContext, csum_off: usize, ip_off: usize, old: [u8; 4], new: [u8; 4]) -> bool {
+    if old == new {
+        return true;
+    }
+    let (from, to) = (u64::from(u32::from_ne_bytes(old)), u64::from(u32::from_ne_bytes(new)));
+    ctx.l3_csum_replace(csum_off, from, to, 4).is_ok() && ctx.store(ip_off, &new, 0).is_ok()
+}
+
+/// A port in an ICMP error's quote, and ICMP's checksum over it.
+#[inline(always)]
+fn replace_quoted_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> bool {
+    if old == new {
+        return true;
+    }
+    let (from, to) = (old.to_be(), new.to_be());
+    ctx.l4_csum_replace(ICMP_CSUM_OFF, u64::from(from), u64::from(to), 2).is_ok() && ctx.store(off, &to, 0).is_ok()
+}

@@ -6,8 +6,8 @@
 //! (see `policy.rs`): a denied flow leaves nothing behind.
 //!
 //! What reaches this path: pods' UDP (TCP is balanced at connect()), traffic from outside
-//! to NodePorts, externalIPs and load-balancer IPs (through the uplink), and replies of all
-//! of these.
+//! to NodePorts, externalIPs and load-balancer IPs (through the uplink), replies of all
+//! of these, and ICMP errors about them ([`related`]).
 
 use core::mem::MaybeUninit;
 
@@ -16,8 +16,9 @@ use contiv_common::{CtEntry, CtKey, DatapathConfig, SvcKey, ct_flags, svc_flags,
 
 use crate::{
     ct, lb,
-    maps::{DEAD_BACKENDS, count_svc},
-    nat::{self, End, L4},
+    maps::{CT, DEAD_BACKENDS, count_svc},
+    nat::{self, Addr, End, L4},
+    policy::Transport,
     trace::Trace,
 };
 
@@ -301,4 +302,48 @@ fn apply(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4) -> O
         }
     }
     Some(new_dst)
+}
+
+/// An ICMP error (port unreachable, fragmentation needed, time exceeded) about a flow this
+/// node translated: translated back like the flow's own packets, so that it reaches the
+/// socket that sent what it quotes. A UDP client of a ClusterIP whose backend has no
+/// socket on the port reads "connection refused", and path MTU discovery works through
+/// NodePorts. `None` if it is not one (the caller goes on as for any other packet: an
+/// error about an untranslated flow passes on its tracked flow, unchanged).
+#[inline(always)]
+pub fn related(ctx: &TcContext, t: &Transport, src: [u8; 4], dst: [u8; 4], trace: Trace) -> Option<Outcome> {
+    let Transport::Related(k) = *t else {
+        return None;
+    };
+    // SAFETY: read-only lookup, copied; not refreshed (an error is not traffic of the flow).
+    let e = *unsafe { CT.get(k) }?;
+    if e.flags & ct_flags::NAT == 0 {
+        return None;
+    }
+    trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
+    // The flow's packets in the key's direction, and what they become.
+    let (from, to) = (Addr { ip: k.src, port: k.sport }, Addr { ip: k.dst, port: k.dport });
+    let (mut new_from, mut new_to) = (from, to);
+    if e.flags & ct_flags::DNAT != 0 {
+        new_to = Addr { ip: e.nat_ip, port: e.nat_port };
+        if e.flags & ct_flags::SNAT != 0 {
+            new_from = Addr { ip: e.nat2_ip, port: e.nat2_port };
+        }
+    }
+    if e.flags & ct_flags::REV_DNAT != 0 {
+        new_from = Addr { ip: e.nat_ip, port: e.nat_port };
+        if e.flags & ct_flags::REV_SNAT != 0 {
+            new_to = Addr { ip: e.nat2_ip, port: e.nat2_port };
+        }
+    }
+    if !nat::rewrite_icmp_error(ctx, src, dst, from, to, new_from, new_to) {
+        return Some(Outcome::DROP);
+    }
+    Some(Outcome {
+        kind: outcome::TRACKED,
+        rewritten: 1,
+        to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
+        to_host: 0,
+        dst: if dst == to.ip { new_to.ip } else { dst },
+    })
 }

@@ -280,28 +280,35 @@ pub fn commit(flow: &NewFlow, trace: Trace) -> bool {
 /// if a rewrite failed (drop it).
 #[inline(always)]
 fn apply(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4) -> Option<[u8; 4]> {
-    let mut new_dst = dst;
+    let (from, to) = (Addr { ip: src, port: l4.sport }, Addr { ip: dst, port: l4.dport });
+    let (new_from, new_to) = translated(e, from, to);
+    if new_to != to && !nat::rewrite(ctx, l4, End::Dst, dst, new_to.ip, l4.dport, new_to.port) {
+        return None;
+    }
+    if new_from != from && !nat::rewrite(ctx, l4, End::Src, src, new_from.ip, l4.sport, new_from.port) {
+        return None;
+    }
+    Some(new_to.ip)
+}
+
+/// What a conntrack entry makes of its flow's packets travelling `from` -> `to`: their new
+/// source and destination. The one reading of the entry's rewrite flags.
+#[inline(always)]
+fn translated(e: &CtEntry, from: Addr, to: Addr) -> (Addr, Addr) {
+    let (mut new_from, mut new_to) = (from, to);
     if e.flags & ct_flags::DNAT != 0 {
-        if !nat::rewrite(ctx, l4, End::Dst, dst, e.nat_ip, l4.dport, e.nat_port) {
-            return None;
-        }
-        new_dst = e.nat_ip;
-        if e.flags & ct_flags::SNAT != 0 && !nat::rewrite(ctx, l4, End::Src, src, e.nat2_ip, l4.sport, e.nat2_port) {
-            return None;
+        new_to = Addr { ip: e.nat_ip, port: e.nat_port };
+        if e.flags & ct_flags::SNAT != 0 {
+            new_from = Addr { ip: e.nat2_ip, port: e.nat2_port };
         }
     }
     if e.flags & ct_flags::REV_DNAT != 0 {
-        if !nat::rewrite(ctx, l4, End::Src, src, e.nat_ip, l4.sport, e.nat_port) {
-            return None;
-        }
+        new_from = Addr { ip: e.nat_ip, port: e.nat_port };
         if e.flags & ct_flags::REV_SNAT != 0 {
-            if !nat::rewrite(ctx, l4, End::Dst, dst, e.nat2_ip, l4.dport, e.nat2_port) {
-                return None;
-            }
-            new_dst = e.nat2_ip;
+            new_to = Addr { ip: e.nat2_ip, port: e.nat2_port };
         }
     }
-    Some(new_dst)
+    (new_from, new_to)
 }
 
 /// An ICMP error (port unreachable, fragmentation needed, time exceeded) about a flow this
@@ -323,19 +330,7 @@ pub fn related(ctx: &TcContext, t: &Transport, src: [u8; 4], dst: [u8; 4], trace
     trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
     // The flow's packets in the key's direction, and what they become.
     let (from, to) = (Addr { ip: k.src, port: k.sport }, Addr { ip: k.dst, port: k.dport });
-    let (mut new_from, mut new_to) = (from, to);
-    if e.flags & ct_flags::DNAT != 0 {
-        new_to = Addr { ip: e.nat_ip, port: e.nat_port };
-        if e.flags & ct_flags::SNAT != 0 {
-            new_from = Addr { ip: e.nat2_ip, port: e.nat2_port };
-        }
-    }
-    if e.flags & ct_flags::REV_DNAT != 0 {
-        new_from = Addr { ip: e.nat_ip, port: e.nat_port };
-        if e.flags & ct_flags::REV_SNAT != 0 {
-            new_to = Addr { ip: e.nat2_ip, port: e.nat2_port };
-        }
-    }
+    let (new_from, new_to) = translated(&e, from, to);
     if !nat::rewrite_icmp_error(ctx, src, dst, from, to, new_from, new_to) {
         return Some(Outcome::DROP);
     }

@@ -6,7 +6,8 @@
 //! left to other proxies, terminating endpoints, endpoint changes, agent restarts, and that
 //! one node's socket programs never translate another node's connections, topology hints
 //! (zones), the proxy's health server on port 10256 (a node the autoscaler is about to
-//! delete says 503), and ICMP errors about translated flows reaching the sockets they quote.
+//! delete says 503), ICMP errors about translated flows reaching the sockets they quote, and
+//! `nodePortAddresses` limiting the addresses NodePorts answer on.
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -17,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, enter};
+use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, enter, ip_in};
 use serde_json::Value;
 
 fn ports(spec: &[&str]) -> Vec<ContainerPort> {
@@ -1083,4 +1084,77 @@ spec:
             backend.name
         );
     }
+}
+
+/// `[services] nodePortAddresses`, as kube-proxy's: NodePorts answer only on the node
+/// addresses it takes, from outside, from pods and from the node itself, and on the node's
+/// `127.0.0.1` only when it takes the loopback address. Here it takes the underlay's first
+/// sixteen addresses: each node's own, not the second address node-1's Node object lists.
+#[test]
+fn services_box_node_port_addresses_limit_the_addresses_node_ports_answer_on() {
+    let (b, [w1, w2, c1, c2]) = web_box("[services]\nnodePortAddresses = [\"192.168.100.0/28\"]\n");
+    let n1 = b.node("node-1").clone();
+    let n2 = b.node("node-2").clone();
+    let second: Ipv4Addr = "192.168.100.111".parse().unwrap();
+    ip_in(&n1.netns, &["addr", "add", &format!("{second}/24"), "dev", "eth0"]);
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: node-1}}
+status:
+  addresses:
+  - {{type: InternalIP, address: "{}"}}
+  - {{type: ExternalIP, address: "{second}"}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.60
+  clusterIPs: [10.96.0.60]
+  selector: {{app: web}}
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}}
+---
+{}"#,
+        n1.ip,
+        web_slices("web", &w1, &w2)
+    ));
+    for (node, note) in [("node-1", "this node, no NodePorts"), ("node-2", "no NodePorts")] {
+        wait_programmed(&b, node, "10.96.0.60:80", 2);
+        let listed = format!("{second} ({note})");
+        b.wait_for(Duration::from_secs(10), &format!("{node} to list {listed}"), || {
+            b.status_json(node, "/services").is_some_and(|r| {
+                r["nodeAddresses"].as_array().is_some_and(|a| a.iter().any(|s| s.as_str() == Some(listed.as_str())))
+            })
+        });
+    }
+    let report = b.status_json("node-1", "/services").unwrap();
+    assert_eq!(report["nodePortAddresses"], serde_json::json!(["192.168.100.0/28"]));
+    assert!(
+        report["nodeAddresses"].as_array().unwrap().iter().any(|s| s == &format!("{} (this node)", n1.ip)),
+        "{report}"
+    );
+    let ext = b.netns_of("external").unwrap();
+
+    // The addresses it takes: served from outside, from pods of either node and from the node.
+    for node_ip in [n1.ip, n2.ip] {
+        for from in [ext.as_str(), &c1.netns, &c2.netns, &n1.netns] {
+            let a = tcp_ask(from, SocketAddr::from((node_ip, 30080)))
+                .unwrap_or_else(|e| panic!("{from} -> {node_ip}:30080: {e}"));
+            assert!(a.server == w1.name || a.server == w2.name, "{a:?}");
+        }
+        assert!(udp_ask(&ext, SocketAddr::from((node_ip, 30053))).is_ok(), "UDP from outside to {node_ip}");
+    }
+    // The address it leaves out: no node balances it, so it reaches node-1's own stack,
+    // where nothing listens: refused at once, TCP and UDP, from outside, from a pod of
+    // either node and from node-1 itself. So is node-1's localhost.
+    for from in [ext.as_str(), &c1.netns, &c2.netns, &n1.netns] {
+        assert_refused_at_once(&[from], SocketAddr::from((second, 30080)), (from, SocketAddr::from((second, 30053))));
+    }
+    assert_refused_at_once(&[n1.netns.as_str()], sa("127.0.0.1", 30080), (&n1.netns, sa("127.0.0.1", 30053)));
+    // The cluster IP is not a node address: nodePortAddresses leaves it alone.
+    assert!(tcp_ask(&c1.netns, sa("10.96.0.60", 80)).is_ok());
 }

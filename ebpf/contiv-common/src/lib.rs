@@ -332,6 +332,10 @@ pub mod config_flags {
     /// Monitor allowed new flows too (one event per flow's first packet, within the flow
     /// bucket's rate). Off by default: the fast path then never reaches the monitor.
     pub const MONITOR_FLOWS: u32 = 2;
+    /// `[services] nodePortAddresses` leaves out the loopback address: the node's own
+    /// connections to `127.0.0.1:<nodePort>` are not balanced (zero, as older agents write
+    /// it: they are, as kube-proxy's iptables mode serves localhost NodePorts).
+    pub const NO_LOOPBACK_NODE_PORTS: u32 = 4;
 }
 
 /// Where REMOTE_ROUTES sends a prefix: the node that owns it.
@@ -528,13 +532,17 @@ pub struct SockOrigin {
     pub backend_port: u16,
 }
 
-/// A node address NodePorts are served on.
+/// An address of a node of the cluster: NodePorts are served on it unless
+/// `nodePortAddresses` leaves it out.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeAddr {
     /// 1 for this node's own address.
     pub local: u8,
-    pub _pad: [u8; 3],
+    /// 1: no NodePort is served on this address (`[services] nodePortAddresses` does not
+    /// take it). Was padding, so an older agent's zero means served, as it was then.
+    pub no_node_ports: u8,
+    pub _pad: [u8; 2],
 }
 
 /// A conntrack key: one direction of a flow (`ports` in host byte order; for ICMP the

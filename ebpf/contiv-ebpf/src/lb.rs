@@ -13,11 +13,19 @@ use crate::{
     trace::Trace,
 };
 
-/// Whether `ip` is an address of a node of the cluster (NodePorts are served on those).
+/// Whether NodePorts are served on `ip`: an address of a node of the cluster that
+/// `nodePortAddresses` takes.
 #[inline(always)]
-pub fn is_node_addr(ip: [u8; 4]) -> bool {
+pub fn is_node_port_addr(ip: [u8; 4]) -> bool {
     // SAFETY: read-only lookup.
-    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some()
+    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some_and(|a| a.no_node_ports == 0)
+}
+
+/// Whether NodePorts are served on `ip` as this node's own address.
+#[inline(always)]
+pub fn is_local_node_port_addr(ip: [u8; 4]) -> bool {
+    // SAFETY: read-only lookup.
+    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some_and(|a| a.local != 0 && a.no_node_ports == 0)
 }
 
 /// Whether `ip` is this node's own address.

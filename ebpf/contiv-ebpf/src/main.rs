@@ -905,7 +905,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             if o.kind != outcome::TRACKED {
                 return TC_ACT_SHOT;
             }
-            return uplink_forward(&ctx, cfg, o.dst, pod(o.dst));
+            return uplink_forward(&ctx, cfg, o.dst, pod(o.dst).as_ref());
         }
         return from_outside_to_pod(&ctx, src, dst, proto, 0, false);
     };
@@ -956,13 +956,15 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     }
-    uplink_forward(&ctx, cfg, dst, local)
+    uplink_forward(&ctx, cfg, dst, local.as_ref())
 }
 
 /// A packet from outside, translated to `dst`: to the local pod `local`, or across the
-/// overlay to the node of a remote one.
+/// overlay to the node of a remote one. (`local` by reference: passed by value, a `None`'s
+/// undefined payload was once spilled to the stack, which the verifier refuses as a read
+/// of an uninitialised register.)
 #[inline(always)]
-fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: Option<PodEndpoint>) -> i32 {
+fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: Option<&PodEndpoint>) -> i32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_SHOT;
@@ -977,7 +979,7 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: Op
             c.from_tunnel_packets += 1;
             c.from_tunnel_bytes += u64::from(ctx.skb.len());
         }
-        return deliver(&pod);
+        return deliver(pod);
     }
     if cfg.overlay_ifindex != 0
         && let Some(route) = remote_route(dst)

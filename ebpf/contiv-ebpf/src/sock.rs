@@ -20,12 +20,12 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use contiv_common::{SockOrigin, SockRevNat, SockRevNatKey, svc_flags};
+use contiv_common::{SockOrigin, SockRevNat, SockRevNatKey, config_flags, svc_flags};
 
 use crate::{
     ct::now,
     lb,
-    maps::{NODE_NETNS, SOCK_ORIGIN, SOCK_REVNAT, count_svc},
+    maps::{NODE_NETNS, SOCK_ORIGIN, SOCK_REVNAT, config, count_svc},
     nat::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -72,6 +72,13 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Whether the node's own `127.0.0.1:<nodePort>` is balanced (unless `nodePortAddresses`
+/// leaves the loopback address out).
+#[inline(always)]
+fn loopback_node_ports() -> bool {
+    config().is_some_and(|c| c.flags & config_flags::NO_LOOPBACK_NODE_PORTS == 0)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Call {
     Connect,
@@ -106,7 +113,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     if !(proto == IPPROTO_TCP || (proto == IPPROTO_UDP && kind == NETNS_NODE)) {
         return ALLOW;
     }
-    let wildcard = lb::is_node_addr(ip) || (ip == LOOPBACK && kind == NETNS_NODE);
+    let wildcard = lb::is_node_port_addr(ip) || (ip == LOOPBACK && kind == NETNS_NODE && loopback_node_ports());
     let Some(fe) = lb::frontend(ip, port, proto, wildcard) else {
         // A cluster IP on a port no service defines: refused at once, not routed away.
         if !wildcard && lb::is_cluster_ip(ip) {

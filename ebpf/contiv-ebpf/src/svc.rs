@@ -143,9 +143,9 @@ pub fn process(
     }
     // 3. A service frontend?
     let wildcard = match origin {
-        Origin::Uplink => lb::is_local_node_addr(dst),
+        Origin::Uplink => lb::is_local_node_port_addr(dst),
         Origin::Overlay => false,
-        Origin::Pod => lb::is_node_addr(dst),
+        Origin::Pod => lb::is_node_port_addr(dst),
     };
     let Some(fe) = lb::frontend(dst, l4.dport, l4.proto, wildcard) else {
         // A pod reaching a cluster IP on a port no service defines: refused (the slow path

@@ -390,6 +390,8 @@ impl Agent {
                 None
             }
         };
+        // Checked when the configuration was read.
+        let node_ports = config.services.node_ports().unwrap_or_default();
         let params = NodeParams {
             node_name: config.node_name.clone(),
             gateway_ip: config.gateway,
@@ -413,11 +415,13 @@ impl Agent {
             uplink_ifindex: uplink.as_ref().map_or(0, |u| u.ifindex),
             netns_cookie,
             monitor: config.monitor,
+            loopback_node_ports: node_ports.takes_loopback(),
         };
         let service_params = crate::services::ServiceParams {
             node_name: config.node_name.clone(),
             proxy_name: config.services.proxy_name.clone(),
             node_ips: params.overlay.as_ref().map(|o| o.node_ip).into_iter().collect(),
+            node_ports,
         };
 
         let slowpath = match handover {

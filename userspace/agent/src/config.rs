@@ -134,6 +134,43 @@ pub struct ServicesConfig {
     /// says 503 (kube-proxy: twice its sync period). Default 60.
     #[serde(default = "ServicesConfig::default_healthz_timeout")]
     pub healthz_timeout: u32,
+    /// Which node addresses NodePorts are served on, as kube-proxy's `nodePortAddresses`:
+    /// CIDRs (a node address inside one of them; `127.0.0.0/8` also serves the node's own
+    /// `127.0.0.1:<nodePort>`), or `["primary"]` (each node's primary address: its Node's
+    /// first InternalIP, else its first ExternalIP). Default empty: every node address, and
+    /// localhost.
+    #[serde(default)]
+    pub node_port_addresses: Vec<String>,
+}
+
+/// `[services] nodePortAddresses`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NodePortAddresses {
+    /// Every node address, and the node's loopback address (the default).
+    #[default]
+    All,
+    /// Each node's primary address only.
+    Primary,
+    /// Node addresses inside one of these (IPv6 ones are accepted and match no IPv4
+    /// address, as kube-proxy's IPv4 side ignores them).
+    Cidrs(Vec<ipnet::IpNet>),
+}
+
+impl NodePortAddresses {
+    /// Whether NodePorts are served on `ip`, a node address (`primary`: whether it is its
+    /// node's primary one).
+    pub fn takes(&self, ip: Ipv4Addr, primary: bool) -> bool {
+        match self {
+            NodePortAddresses::All => true,
+            NodePortAddresses::Primary => primary,
+            NodePortAddresses::Cidrs(nets) => nets.iter().any(|n| n.contains(&std::net::IpAddr::V4(ip))),
+        }
+    }
+
+    /// Whether the node's own `127.0.0.1:<nodePort>` is served.
+    pub fn takes_loopback(&self) -> bool {
+        self.takes(Ipv4Addr::LOCALHOST, false)
+    }
 }
 
 fn yes() -> bool {
@@ -177,6 +214,27 @@ impl ServicesConfig {
     pub fn healthz_addr(&self) -> Option<std::net::SocketAddr> {
         self.healthz_address.parse().ok()
     }
+
+    /// `nodePortAddresses`, parsed; the error says which entry is wrong.
+    pub fn node_ports(&self) -> Result<NodePortAddresses, String> {
+        match self.node_port_addresses.as_slice() {
+            [] => Ok(NodePortAddresses::All),
+            [one] if one == "primary" => Ok(NodePortAddresses::Primary),
+            list => list
+                .iter()
+                .map(|s| {
+                    s.parse::<ipnet::IpNet>().map(|n| n.trunc()).map_err(|_| {
+                        if s == "primary" {
+                            "\"primary\" must be the only entry".to_owned()
+                        } else {
+                            format!("{s:?} is not a CIDR (\"192.168.0.0/16\")")
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(NodePortAddresses::Cidrs),
+        }
+    }
 }
 
 impl Default for ServicesConfig {
@@ -189,6 +247,7 @@ impl Default for ServicesConfig {
             timeouts: CtTimeouts::default(),
             healthz_address: Self::default_healthz_address(),
             healthz_timeout: Self::default_healthz_timeout(),
+            node_port_addresses: Vec::new(),
         }
     }
 }
@@ -494,6 +553,11 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(format!(
                 "[services] healthzAddress {:?} is not an address:port (\"0.0.0.0:10256\"), nor \"\" for none",
                 services.healthz_address
+            )));
+        }
+        if let Err(e) = services.node_ports() {
+            return Err(ConfigError::Invalid(format!(
+                "[services] nodePortAddresses: {e}; expected CIDRs, or [\"primary\"] alone, or [] for every node address"
             )));
         }
         if services.healthz_timeout == 0 {
@@ -825,6 +889,9 @@ mod tests {
             ("[vpp]\napiSocket = \"/run/vpp/api.sock\"", "uplink"),
             ("[services]\nhealthzAddress = \"10256\"", "healthzAddress"),
             ("[services]\nhealthzTimeout = 0", "healthzTimeout"),
+            ("[services]\nnodePortAddresses = [\"192.168.0.0\"]", "\"192.168.0.0\" is not a CIDR"),
+            ("[services]\nnodePortAddresses = [\"primary\", \"10.0.0.0/8\"]", "\"primary\" must be the only"),
+            ("[services]\nnodePortAddresses = \"primary\"", "nodePortAddresses"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");
@@ -845,6 +912,25 @@ mod tests {
         assert_eq!(off.services.healthz_addr(), None, "an empty address turns the server off");
         let v6 = AgentConfig::from_toml("[services]\nhealthzAddress = \"[::]:10256\"\nhealthzTimeout = 1").unwrap();
         assert_eq!(v6.services.healthz_addr(), Some("[::]:10256".parse().unwrap()));
+    }
+
+    #[test]
+    fn node_port_addresses_read_as_kube_proxy_reads_them() {
+        let read = |text: &str| AgentConfig::from_toml(text).unwrap().services.node_ports().unwrap();
+        assert_eq!(read(""), NodePortAddresses::All);
+        assert!(read("").takes_loopback(), "by default the node's 127.0.0.1:<nodePort> is served");
+        assert_eq!(read("[services]\nnodePortAddresses = [\"primary\"]"), NodePortAddresses::Primary);
+        assert!(!read("[services]\nnodePortAddresses = [\"primary\"]").takes_loopback());
+        // Host bits are dropped; IPv6 CIDRs are accepted and take no IPv4 address.
+        let cidrs = read("[services]\nnodePortAddresses = [\"192.168.100.9/28\", \"2001:db8::/32\"]");
+        assert_eq!(
+            cidrs,
+            NodePortAddresses::Cidrs(vec!["192.168.100.0/28".parse().unwrap(), "2001:db8::/32".parse().unwrap()])
+        );
+        assert!(cidrs.takes(Ipv4Addr::new(192, 168, 100, 11), false));
+        assert!(!cidrs.takes(Ipv4Addr::new(192, 168, 100, 111), true));
+        assert!(!cidrs.takes_loopback());
+        assert!(read("[services]\nnodePortAddresses = [\"127.0.0.0/8\"]").takes_loopback());
     }
 
     #[test]

@@ -219,7 +219,12 @@ mod tests {
     }
 
     fn params() -> ServiceParams {
-        ServiceParams { node_name: "n1".into(), proxy_name: None, node_ips: vec![NODE_IP, OTHER_ADDR] }
+        ServiceParams {
+            node_name: "n1".into(),
+            proxy_name: None,
+            node_ips: vec![NODE_IP, OTHER_ADDR],
+            node_ports: Default::default(),
+        }
     }
 
     fn services(pods: &[(Pod, Ipv4Addr)]) -> HostPortServices {

@@ -58,6 +58,9 @@ pub struct NodeParams {
     /// The monitor's event rate and burst per CPU, and whether allowed new flows are
     /// monitored too (`[monitor]`).
     pub monitor: crate::config::MonitorConfig,
+    /// The node's own `127.0.0.1:<nodePort>` is balanced (`[services] nodePortAddresses`
+    /// takes the loopback address, as it does by default).
+    pub loopback_node_ports: bool,
 }
 
 /// NODE_NETNS value of a pod's namespace.
@@ -163,7 +166,8 @@ pub fn plan<'a>(
             node_ip: node.overlay.as_ref().map_or([0; 4], |o| o.node_ip.octets()),
             overlay_port: node.overlay.as_ref().map_or(0, |o| o.port),
             flags: if node.vpp_uplink { config_flags::VPP_UPLINK } else { 0 }
-                | if node.monitor.flows { config_flags::MONITOR_FLOWS } else { 0 },
+                | if node.monitor.flows { config_flags::MONITOR_FLOWS } else { 0 }
+                | if node.loopback_node_ports { 0 } else { config_flags::NO_LOOPBACK_NODE_PORTS },
             uplink_ifindex: node.uplink_ifindex,
             monitor_rate: node.monitor.rate,
             monitor_burst: node.monitor.burst,
@@ -247,6 +251,7 @@ mod tests {
             uplink_ifindex: 0,
             netns_cookie: 0,
             monitor: Default::default(),
+            loopback_node_ports: true,
         }
     }
 
@@ -378,6 +383,12 @@ mod tests {
         assert!(p.remote_routes.is_empty() && p.masquerade.is_none(), "VPP tunnels and NATs, not the kernel");
         assert_eq!(p.pods.len(), 1, "local pods stay on the fast path");
         assert_eq!(plan(&node(true), &[], &[]).config.flags, 0, "kernel mode by default");
+        let no_loopback = NodeParams { loopback_node_ports: false, ..node(true) };
+        assert_eq!(
+            plan(&no_loopback, &[], &[]).config.flags,
+            config_flags::NO_LOOPBACK_NODE_PORTS,
+            "nodePortAddresses without the loopback address"
+        );
     }
 
     #[test]

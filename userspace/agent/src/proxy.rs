@@ -403,7 +403,7 @@ impl Proxy {
         r.cluster_ips.extend(plan.cluster_ips.keys().copied());
         r.exact.extend(self.installed.dead.iter().map(|k| (Ipv4Addr::from(k.ip), k.port, k.proto)));
         r.node_ports.extend(plan.refusals.node_ports.iter().copied());
-        r.node_addrs.extend(plan.node_addrs.keys().copied());
+        r.node_addrs.extend(plan.node_addrs.iter().filter(|(_, a)| a.no_node_ports == 0).map(|(ip, _)| *ip));
         r
     }
 
@@ -615,7 +615,12 @@ mod tests {
 
     #[test]
     fn a_failed_apply_is_due_again_soon_and_dead_backends_when_they_expire() {
-        let params = ServiceParams { node_name: "n1".into(), proxy_name: None, node_ips: vec![] };
+        let params = ServiceParams {
+            node_name: "n1".into(),
+            proxy_name: None,
+            node_ips: vec![],
+            node_ports: Default::default(),
+        };
         let mut p = Proxy::new(params);
         let now = Instant::now();
         assert_eq!(p.next_due(now), None, "nothing to wait for");

@@ -38,6 +38,8 @@ use contiv_node_registry::NodeRegistration;
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 
+use crate::config::NodePortAddresses;
+
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -49,6 +51,8 @@ pub struct ServiceParams {
     pub proxy_name: Option<String>,
     /// This node's own addresses (NodePorts are served on them), besides its registration's.
     pub node_ips: Vec<Ipv4Addr>,
+    /// `[services] nodePortAddresses`: which node addresses serve NodePorts.
+    pub node_ports: NodePortAddresses,
 }
 
 /// The cluster state services depend on, as plain lists (tests).
@@ -608,7 +612,35 @@ fn node_addrs(params: &ServiceParams, src: &impl ServiceSource) -> BTreeMap<Ipv4
     for ip in &params.node_ips {
         out.entry(*ip).or_default().local = 1;
     }
+    let primary =
+        if params.node_ports == NodePortAddresses::Primary { primary_addrs(params, src) } else { BTreeSet::new() };
+    for (ip, a) in &mut out {
+        a.no_node_ports = u8::from(!params.node_ports.takes(*ip, primary.contains(ip)));
+    }
     out
+}
+
+/// Each node's primary address, as kube-proxy picks it for `nodePortAddresses: [primary]`:
+/// its Node's first IPv4 InternalIP, else its first IPv4 ExternalIP. A node without a Node
+/// object (or without an IPv4 address in it) has its registration's uplink address, and this
+/// node the address it was configured with.
+fn primary_addrs(params: &ServiceParams, src: &impl ServiceSource) -> BTreeSet<Ipv4Addr> {
+    let mut by_node: BTreeMap<&str, Ipv4Addr> = BTreeMap::new();
+    for n in src.nodes() {
+        let first = |t: &str| v4s(&n.ips_of_type(t)).next();
+        if let Some(ip) = first("InternalIP").or_else(|| first("ExternalIP")) {
+            by_node.insert(&n.name, ip);
+        }
+    }
+    for r in src.registrations() {
+        if let Some(ip) = r.uplink_ip {
+            by_node.entry(&r.name).or_insert(ip);
+        }
+    }
+    if let Some(ip) = params.node_ips.first() {
+        by_node.entry(&params.node_name).or_insert(*ip);
+    }
+    by_node.into_values().collect()
 }
 
 /// This node's own addresses (where its NodePorts and hostPorts are served), from the cluster.
@@ -972,7 +1004,7 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use contiv_cluster_model::{Endpoint, EndpointConditions, EndpointPort, PortRef, ServicePort};
+    use contiv_cluster_model::{Endpoint, EndpointConditions, EndpointPort, NodeAddress, PortRef, ServicePort};
 
     fn svc(name: &str, ip: &str, ports: Vec<ServicePort>) -> Service {
         Service {
@@ -1041,7 +1073,12 @@ mod tests {
     }
 
     fn params() -> ServiceParams {
-        ServiceParams { node_name: "n1".into(), proxy_name: None, node_ips: vec![Ipv4Addr::new(192, 168, 100, 11)] }
+        ServiceParams {
+            node_name: "n1".into(),
+            proxy_name: None,
+            node_ips: vec![Ipv4Addr::new(192, 168, 100, 11)],
+            node_ports: NodePortAddresses::All,
+        }
     }
 
     fn run(services: &[Service], slices: &[EndpointSlice]) -> ServicePlan {
@@ -1312,6 +1349,43 @@ mod tests {
         let p = plan_services(&params(), ServiceInputs { services: &[], slices: &[], nodes: &[], registrations: &r });
         assert_eq!(p.node_addrs[&"192.168.100.11".parse().unwrap()].local, 1);
         assert_eq!(p.node_addrs[&"192.168.100.12".parse().unwrap()].local, 0);
+    }
+
+    #[test]
+    fn node_port_addresses_choose_where_node_ports_are_served() {
+        let addr = |t: &str, a: &str| NodeAddress { address_type: t.into(), address: a.into() };
+        // n1 lists an ExternalIP before its InternalIPs; n2 has no Node object; n3's Node has
+        // only an ExternalIP.
+        let n1 = Node {
+            addresses: vec![
+                addr("ExternalIP", "203.0.113.11"),
+                addr("InternalIP", "192.168.100.11"),
+                addr("InternalIP", "10.0.0.11"),
+            ],
+            ..node("n1", None)
+        };
+        let n3 = Node { addresses: vec![addr("ExternalIP", "203.0.113.13")], ..node("n3", None) };
+        let regs = [reg("n1", "192.168.100.11"), reg("n2", "192.168.100.12"), reg("n3", "192.168.100.13")];
+        let r: Vec<&NodeRegistration> = regs.iter().collect();
+        let served = |node_ports: NodePortAddresses| -> Vec<String> {
+            let params = ServiceParams { node_ports, ..params() };
+            let inputs = ServiceInputs { services: &[], slices: &[], nodes: &[&n1, &n3], registrations: &r };
+            let p = plan_services(&params, inputs);
+            assert_eq!(p.node_addrs.len(), 6, "every node address is known: {:?}", p.node_addrs);
+            assert_eq!(p.node_addrs[&"10.0.0.11".parse().unwrap()].local, 1, "{:?}", p.node_addrs);
+            p.node_addrs.iter().filter(|(_, a)| a.no_node_ports == 0).map(|(ip, _)| ip.to_string()).collect()
+        };
+        assert_eq!(served(NodePortAddresses::All).len(), 6);
+        assert_eq!(
+            served(NodePortAddresses::Cidrs(vec![
+                "192.168.100.0/24".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap()
+            ])),
+            ["192.168.100.11", "192.168.100.12", "192.168.100.13"]
+        );
+        assert_eq!(served(NodePortAddresses::Cidrs(vec!["127.0.0.0/8".parse().unwrap()])), Vec::<String>::new());
+        // Primary: the first InternalIP, else the first ExternalIP, else the registration's.
+        assert_eq!(served(NodePortAddresses::Primary), ["192.168.100.11", "192.168.100.12", "203.0.113.13"]);
     }
 
     /// A small deterministic generator (no dependency for one test).

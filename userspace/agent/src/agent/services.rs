@@ -62,6 +62,8 @@ pub struct ServicesReport {
     pub proxy_healthz_address: Option<String>,
     pub dead_backends: Vec<String>,
     pub node_addresses: Vec<String>,
+    /// `[services] nodePortAddresses` as configured (empty: every node address).
+    pub node_port_addresses: Vec<String>,
     pub conntrack_entries: usize,
     /// Of which UDP.
     pub conntrack_udp: usize,
@@ -296,6 +298,7 @@ impl Agent {
             conntrack_expired_total: self.ct_expired_total.load(std::sync::atomic::Ordering::Relaxed),
             proxy_health: self.proxy_health.report(Instant::now()),
             proxy_healthz_address: self.config.services.healthz_addr().map(|a| a.to_string()),
+            node_port_addresses: self.config.services.node_port_addresses.clone(),
             ..Default::default()
         };
         // The conntrack fill first, on the table's own handle: a full table is a large read,
@@ -366,7 +369,13 @@ impl Agent {
             .node_addrs()
             .unwrap_or_default()
             .iter()
-            .map(|(ip, a)| if a.local != 0 { format!("{ip} (this node)") } else { ip.to_string() })
+            .map(|(ip, a)| {
+                let notes: Vec<&str> = [(a.local != 0, "this node"), (a.no_node_ports != 0, "no NodePorts")]
+                    .into_iter()
+                    .filter_map(|(on, note)| on.then_some(note))
+                    .collect();
+                if notes.is_empty() { ip.to_string() } else { format!("{ip} ({})", notes.join(", ")) }
+            })
             .collect();
         r.socket_programs = dp
             .link_pins()

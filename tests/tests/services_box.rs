@@ -1090,9 +1090,10 @@ spec:
 /// addresses it takes, from outside, from pods and from the node itself, and on the node's
 /// `127.0.0.1` only when it takes the loopback address. Here it takes the underlay's first
 /// sixteen addresses: each node's own, not the second address node-1's Node object lists.
+/// Then node-1's agent restarts unset (everything answers) and with `["primary"]`.
 #[test]
 fn services_box_node_port_addresses_limit_the_addresses_node_ports_answer_on() {
-    let (b, [w1, w2, c1, c2]) = web_box("[services]\nnodePortAddresses = [\"192.168.100.0/28\"]\n");
+    let (mut b, [w1, w2, c1, c2]) = web_box("[services]\nnodePortAddresses = [\"192.168.100.0/28\"]\n");
     let n1 = b.node("node-1").clone();
     let n2 = b.node("node-2").clone();
     let second: Ipv4Addr = "192.168.100.111".parse().unwrap();
@@ -1157,4 +1158,37 @@ spec:
     assert_refused_at_once(&[n1.netns.as_str()], sa("127.0.0.1", 30080), (&n1.netns, sa("127.0.0.1", 30053)));
     // The cluster IP is not a node address: nodePortAddresses leaves it alone.
     assert!(tcp_ask(&c1.netns, sa("10.96.0.60", 80)).is_ok());
+
+    // A changed setting takes effect at the agent's restart, over the entries the last one
+    // left. Unset: every address and localhost answer. Then ["primary"]: node-1's Node
+    // lists its InternalIP first, so that one answers, not the second address or localhost.
+    let outside = |addr: SocketAddr| tcp_ask(&ext, addr).map(|a| a.server);
+    for (setting, second_served) in [("[]", true), ("[\"primary\"]", false)] {
+        let config = std::fs::read_to_string(&n1.config).unwrap();
+        let line = config.lines().find(|l| l.starts_with("nodePortAddresses")).unwrap().to_owned();
+        std::fs::write(&n1.config, config.replace(&line, &format!("nodePortAddresses = {setting}"))).unwrap();
+        b.stop_agent("node-1", false);
+        b.start_agent("node-1");
+        let listed =
+            if second_served { format!("{second} (this node)") } else { format!("{second} (this node, no NodePorts)") };
+        b.wait_for(Duration::from_secs(15), &format!("node-1 with {setting} to list {listed}"), || {
+            b.status_json("node-1", "/services").is_some_and(|r| {
+                r["nodeAddresses"].as_array().is_some_and(|a| a.iter().any(|s| s.as_str() == Some(listed.as_str())))
+            })
+        });
+        assert!(outside(SocketAddr::from((n1.ip, 30080))).is_ok(), "{setting}: outside -> node-1's own address");
+        if second_served {
+            outside(SocketAddr::from((second, 30080)))
+                .unwrap_or_else(|e| panic!("{setting}: outside -> {second}: {e}"));
+            assert!(udp_ask(&ext, SocketAddr::from((second, 30053))).is_ok(), "{setting}: UDP to {second}");
+            tcp_ask(&n1.netns, sa("127.0.0.1", 30080)).unwrap_or_else(|e| panic!("{setting}: localhost: {e}"));
+        } else {
+            assert_refused_at_once(
+                &[ext.as_str()],
+                SocketAddr::from((second, 30080)),
+                (&ext, SocketAddr::from((second, 30053))),
+            );
+            assert_refused_at_once(&[n1.netns.as_str()], sa("127.0.0.1", 30080), (&n1.netns, sa("127.0.0.1", 30053)));
+        }
+    }
 }

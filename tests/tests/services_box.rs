@@ -1138,6 +1138,10 @@ spec:
         report["nodeAddresses"].as_array().unwrap().iter().any(|s| s == &format!("{} (this node)", n1.ip)),
         "{report}"
     );
+    let out = netctl_get_services(&b, "node-1", "node-1");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = format!("nodePortAddresses [192.168.100.0/28]: NodePorts answer on {}; not on {second}", n1.ip);
+    assert!(text.contains(&line), "netctl get services says where NodePorts answer: {text}");
     let ext = b.netns_of("external").unwrap();
 
     // The addresses it takes: served from outside, from pods of either node and from the node.

@@ -125,10 +125,37 @@ pub fn services_table(report: &Value, namespace: Option<&str>) -> String {
     for sk in report["skipped"].as_array().into_iter().flatten() {
         out.push_str(&format!("not programmed: {}: {}\n", s(&sk["service"]), s(&sk["reason"])));
     }
+    if let Some(line) = node_ports_line(report) {
+        out.push_str(&line);
+    }
     if let Some(line) = proxy_healthz_line(report) {
         out.push_str(&line);
     }
     out
+}
+
+/// Where this node's NodePorts answer, when `nodePortAddresses` narrows it (by default every
+/// node address and localhost do, and nothing is said).
+fn node_ports_line(report: &Value) -> Option<String> {
+    let setting: Vec<String> = report["nodePortAddresses"].as_array()?.iter().map(s).collect();
+    if setting.is_empty() {
+        return None;
+    }
+    let (mut on, mut off) = (vec![], vec![]);
+    for a in report["nodeAddresses"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        match a.split_once(' ') {
+            Some((ip, "(this node)")) => on.push(ip),
+            Some((ip, "(this node, no NodePorts)")) => off.push(ip),
+            _ => {}
+        }
+    }
+    let list = |v: &[&str]| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
+    Some(format!(
+        "nodePortAddresses [{}]: NodePorts answer on {}; not on {}\n",
+        setting.join(", "),
+        list(&on),
+        list(&off)
+    ))
 }
 
 /// What the node's proxy `/healthz` (kube-proxy's port 10256) answers load balancers, and why.
@@ -165,5 +192,18 @@ mod tests {
         assert!(t.ends_with("503 (the node is being deleted; a change has waited 75 s to reach the maps)\n"), "{t}");
         let off = json!({"frontends": [], "proxyHealthzAddress": null});
         assert!(!super::services_table(&off, None).contains("healthz"));
+    }
+
+    #[test]
+    fn the_services_table_says_where_node_ports_answer_when_node_port_addresses_narrows_it() {
+        let narrowed = json!({"frontends": [], "nodePortAddresses": ["192.168.100.0/28"], "nodeAddresses": [
+            "192.168.100.11 (this node)", "192.168.100.12", "192.168.100.111 (this node, no NodePorts)",
+            "203.0.113.5 (no NodePorts)"]});
+        assert_eq!(
+            super::services_table(&narrowed, None).lines().last(),
+            Some("nodePortAddresses [192.168.100.0/28]: NodePorts answer on 192.168.100.11; not on 192.168.100.111")
+        );
+        let unset = json!({"frontends": [], "nodePortAddresses": [], "nodeAddresses": ["192.168.100.11 (this node)"]});
+        assert!(!super::services_table(&unset, None).contains("nodePortAddresses"));
     }
 }

@@ -1086,6 +1086,16 @@ spec:
     }
 }
 
+/// Waits until a node's `/services` lists `listed` among its node addresses (as read from
+/// its maps, e.g. `192.168.100.111 (this node, no NodePorts)`).
+fn wait_node_address_listed(b: &ClusterBox, node: &str, listed: &str) {
+    b.wait_for(Duration::from_secs(15), &format!("{node} to list {listed}"), || {
+        b.status_json(node, "/services").is_some_and(|r| {
+            r["nodeAddresses"].as_array().is_some_and(|a| a.iter().any(|s| s.as_str() == Some(listed)))
+        })
+    });
+}
+
 /// `[services] nodePortAddresses`, as kube-proxy's: NodePorts answer only on the node
 /// addresses it takes, from outside, from pods and from the node itself, and on the node's
 /// `127.0.0.1` only when it takes the loopback address. Here it takes the underlay's first
@@ -1125,12 +1135,7 @@ spec:
     ));
     for (node, note) in [("node-1", "this node, no NodePorts"), ("node-2", "no NodePorts")] {
         wait_programmed(&b, node, "10.96.0.60:80", 2);
-        let listed = format!("{second} ({note})");
-        b.wait_for(Duration::from_secs(10), &format!("{node} to list {listed}"), || {
-            b.status_json(node, "/services").is_some_and(|r| {
-                r["nodeAddresses"].as_array().is_some_and(|a| a.iter().any(|s| s.as_str() == Some(listed.as_str())))
-            })
-        });
+        wait_node_address_listed(&b, node, &format!("{second} ({note})"));
     }
     let report = b.status_json("node-1", "/services").unwrap();
     assert_eq!(report["nodePortAddresses"], serde_json::json!(["192.168.100.0/28"]));
@@ -1173,13 +1178,8 @@ spec:
         std::fs::write(&n1.config, config.replace(&line, &format!("nodePortAddresses = {setting}"))).unwrap();
         b.stop_agent("node-1", false);
         b.start_agent("node-1");
-        let listed =
-            if second_served { format!("{second} (this node)") } else { format!("{second} (this node, no NodePorts)") };
-        b.wait_for(Duration::from_secs(15), &format!("node-1 with {setting} to list {listed}"), || {
-            b.status_json("node-1", "/services").is_some_and(|r| {
-                r["nodeAddresses"].as_array().is_some_and(|a| a.iter().any(|s| s.as_str() == Some(listed.as_str())))
-            })
-        });
+        let note = if second_served { "this node" } else { "this node, no NodePorts" };
+        wait_node_address_listed(&b, "node-1", &format!("{second} ({note})"));
         assert!(outside(SocketAddr::from((n1.ip, 30080))).is_ok(), "{setting}: outside -> node-1's own address");
         if second_served {
             outside(SocketAddr::from((second, 30080)))

@@ -1196,3 +1196,104 @@ spec:
         }
     }
 }
+
+/// A UDP server in a pod answering each datagram with one of the same size: "NAME
+/// CLIENT-IP:PORT " padded with dots.
+fn serve_same_size(pod: &BoxPod, port: u16) {
+    let name = pod.name.clone();
+    let udp = enter(&pod.netns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp"));
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, peer)) = udp.recv_from(&mut buf) else { return };
+            let mut reply = format!("{name} {peer} ").into_bytes();
+            reply.resize(n.max(reply.len()), b'.');
+            let _ = udp.send_to(&reply, peer);
+        }
+    });
+}
+
+/// One exchange of a `size`-byte datagram from a fresh socket in `ns` (sent and answered
+/// as fragments): the server, the client it saw, where the answer came from.
+fn udp_ask_big(ns: &str, addr: SocketAddr, size: usize) -> std::io::Result<Answer> {
+    enter(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send_to(&vec![b'q'; size], addr)?;
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = s.recv_from(&mut buf)?;
+        assert_eq!(n, size, "the answer from {from} to {addr} arrived whole");
+        assert!(buf[..n].ends_with(b"..."), "answer padded to the end");
+        let (server, seen) = parse(&String::from_utf8_lossy(&buf[..n]));
+        Ok(Answer { server, seen, peer: from })
+    })
+}
+
+/// Datagrams larger than the pods' MTU leave as fragments and arrive whole: pod to pod on
+/// a node and across nodes, from a node's stack to another node's pod, pod to ClusterIP
+/// (local and remote backend), and from outside to a NodePort (local backend, and remote,
+/// SNAT'ed to the node). Each answer is as large, so the reply direction's fragments are
+/// translated back too. (In kernel mode the pod edge used to send every fragment to the
+/// slow path, which drops them.)
+#[test]
+fn services_box_fragmented_datagrams_reach_pods_services_and_node_ports() {
+    let (b, [w1, w2, c1, c2]) = web_box("");
+    for w in [&w1, &w2] {
+        serve_same_size(w, 7500);
+    }
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: big, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  clusterIPs: [10.96.0.80]
+  ports:
+  - {{name: big, protocol: UDP, port: 53, targetPort: 7500, nodePort: 30075}}
+---
+{}"#,
+        slice_yaml("big", "big-a", &[("big", "UDP", 7500)], &[(&w1, READY), (&w2, READY)])
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.80:53", 2);
+    let size = 4000;
+    let n1 = b.node("node-1").clone();
+
+    // Pod to pod, on the node and across the overlay; and a node's stack to a remote pod.
+    for (from, src, to) in [(&c1.netns, c1.ip, &w1), (&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
+        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size)
+            .unwrap_or_else(|e| panic!("{from} -> {}: {e}", to.name));
+        assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
+    }
+    let a = udp_ask_big(&n1.netns, SocketAddr::from((w2.ip, 7500)), size).expect("node-1's stack -> web-2");
+    assert_eq!(a.server, w2.name);
+
+    // Pod to ClusterIP: both backends answer, the answer from the service address.
+    let svc = sa("10.96.0.80", 53);
+    let mut servers = BTreeSet::new();
+    for _ in 0..40 {
+        let a = udp_ask_big(&c1.netns, svc, size).unwrap_or_else(|e| panic!("c1 -> {svc}: {e}"));
+        assert_eq!((a.peer, a.seen.ip()), (svc, std::net::IpAddr::V4(c1.ip)), "{a:?}");
+        servers.insert(a.server);
+        if servers.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(servers, BTreeSet::from([w1.name.clone(), w2.name.clone()]), "both backends of {svc}");
+
+    // Outside to a NodePort: a local backend sees the client; a remote one sees node-1.
+    let ext = b.netns_of("external").unwrap();
+    let node_port = SocketAddr::from((n1.ip, 30075));
+    let mut seen = BTreeMap::new();
+    for _ in 0..40 {
+        let a = udp_ask_big(&ext, node_port, size).unwrap_or_else(|e| panic!("outside -> {node_port}: {e}"));
+        assert_eq!(a.peer, node_port, "the answer comes from the NodePort");
+        seen.insert(a.server, a.seen.ip());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both backends behind {node_port}: {seen:?}");
+    assert_eq!(seen[&w2.name], std::net::IpAddr::V4(n1.ip), "a remote backend sees the node (SNAT)");
+    assert_ne!(seen[&w1.name], std::net::IpAddr::V4(n1.ip), "a local backend sees the client");
+}

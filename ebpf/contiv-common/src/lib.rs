@@ -85,6 +85,10 @@ pub mod map_names {
     /// hop, `tc_from_overlay`) took for a packet the agent ran through it with
     /// `BPF_PROG_TEST_RUN` in trace mode (`netctl trace`).
     pub const TRACE_STEPS: &str = "TRACE_STEPS";
+    /// Fragmented datagrams in flight (LRU): [`super::FragKey`] -> [`super::FragHead`], the
+    /// ports a datagram's first fragment carried, which its later fragments (no transport
+    /// header of their own) use for conntrack, policy and NAT.
+    pub const FRAGS: &str = "FRAGS";
 }
 
 /// Layout versions of the pinned maps. A map's version changes whenever its key, value or
@@ -128,6 +132,7 @@ pub mod schema {
         (MONITOR_EVENTS, 1),
         (MONITOR_RATE, 1),
         (TRACE_STEPS, 1),
+        (FRAGS, 1),
     ];
 
     /// The current layout version of a map (0 if the name is unknown).
@@ -194,6 +199,9 @@ pub const MAX_SOCK_REVNAT: u32 = 262144;
 pub const MAX_CT: u32 = 262144;
 pub const MAX_NODE_ADDRS: u32 = 16384;
 pub const MAX_DEAD_BACKENDS: u32 = 16384;
+/// Fragmented datagrams whose later fragments the datapath can still place (LRU): an entry
+/// is needed only while the datagram's fragments pass, a few microseconds.
+pub const MAX_FRAGS: u32 = 8192;
 /// Maximum entries of the POLICY trie (not preallocated: memory follows the entries).
 pub const MAX_POLICY_ENTRIES: u32 = 1 << 20;
 /// Port ranges one POLICY entry holds (after the agent merged overlapping ones).
@@ -558,6 +566,27 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
+/// A fragmented IPv4 datagram as its fragments show it at one hook: addresses,
+/// identification (host byte order) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What a datagram's first fragment carried (host byte order): TCP/UDP/SCTP ports, or an
+/// ICMP echo's identifier in both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragHead {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 /// One direction of a tracked flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -742,6 +771,9 @@ pub mod drop_reason {
     pub const NO_DESTINATION: u8 = 10;
     /// Sent from an interface the datapath does not know as a pod's (yet, or any more).
     pub const UNKNOWN_INTERFACE: u8 = 11;
+    /// A later fragment of a datagram whose first fragment this node did not pass (not seen
+    /// yet, dropped, or forgotten): its ports are unknown.
+    pub const FRAGMENT: u8 = 12;
 
     /// The name the counters and metrics use for a reason.
     pub fn name(reason: u8) -> &'static str {
@@ -757,6 +789,7 @@ pub mod drop_reason {
             OVERLAY_SPOOFED => "overlay_spoofed",
             NO_DESTINATION => "no_destination",
             UNKNOWN_INTERFACE => "unknown_interface",
+            FRAGMENT => "fragment",
             _ => "unknown",
         }
     }
@@ -884,7 +917,7 @@ pub mod trace_step {
     pub const SOURCE_SPOOFED: u16 = 2;
     /// Not IPv4 (`arg`: the ethertype; ARP included): the slow path answers it.
     pub const NOT_IPV4: u16 = 3;
-    /// IPv4 options or a fragment: the slow path handles it.
+    /// IPv4 options: the slow path handles it.
     pub const IP_OPTIONS: u16 = 4;
     /// A header could not be read.
     pub const MALFORMED: u16 = 5;
@@ -934,6 +967,9 @@ pub mod trace_step {
     /// The destination is a cluster IP (`ip`) and no frontend serves its port (`port`,
     /// `aux` the protocol): refused.
     pub const SVC_PORT_UNDEFINED: u16 = 22;
+    /// A later fragment of a datagram: `arg` 1 when its first fragment's ports were found
+    /// (`port` the source port, `aux` the destination port), 0 when not (dropped).
+    pub const FRAGMENT: u16 = 23;
 }
 
 /// Results of a [`trace_step::POLICY`] step.
@@ -996,6 +1032,8 @@ mod user {
     unsafe impl aya::Pod for super::NodeAddr {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragHead {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PortRange {}
     unsafe impl aya::Pod for super::PolicyPorts {}

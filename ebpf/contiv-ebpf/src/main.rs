@@ -6,8 +6,8 @@
 //!   a pod or node address another node owns -> encapsulated into the overlay;
 //!   anything else outside the local pod subnet (the host, node addresses, the outside
 //!   world) -> the node's own stack, which routes it (and masquerades what leaves);
-//!   the gateway, unknown local addresses, IP options, fragments, packets too big for the
-//!   overlay -> the slow path.
+//!   the gateway, unknown local addresses, IP options, packets too big for the overlay ->
+//!   the slow path. Fragments take the fast path like whole datagrams (see `frag.rs`).
 //! - `tc_from_overlay` / `tc_to_overlay` (tcx on the node's VXLAN device): decapsulated
 //!   packets from other nodes go into local pods or to this node; what the node's stack
 //!   sends to other nodes' pods and addresses gets its tunnel key (see `overlay.rs`) and is
@@ -42,6 +42,7 @@
 #![no_main]
 
 mod ct;
+mod frag;
 mod lb;
 mod maps;
 mod monitor;
@@ -64,6 +65,7 @@ use contiv_common::{
     policy_dir, trace_route, trace_step, verdict as out,
 };
 use core::mem::MaybeUninit;
+use frag::Fragment;
 use maps::{
     SLOWPATH_XSKS, VPP_XSKS, config, count_overlay, count_slowport, pod, pod_by_ifindex, pod_counters, remote_route,
 };
@@ -421,7 +423,7 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
         return Verdict::drop(drop_reason::SPOOFED_IP);
     }
     trace.step(trace_step::SOURCE_OK, 0, me.ip, 0, 0, 0);
-    if has_options_or_is_fragment(ip) {
+    if has_options(ip) {
         trace.note(trace_step::IP_OPTIONS, 0);
         return Verdict::SLOW_PATH;
     }
@@ -429,12 +431,15 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
         trace.note(trace_step::ROUTE, trace_route::NO_CONFIG);
         return Verdict::SLOW_PATH;
     };
+    let Some(frag) = Fragment::of(ip, data, data_end, trace) else {
+        return Verdict::drop(drop_reason::FRAGMENT);
+    };
     let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     // Services and conntrack: may rewrite the packet (its pointers are stale afterwards).
     let mut first = FirstPacket::PLAIN;
     let mut flow = MaybeUninit::<NewFlow>::uninit();
     let mut tcp_flags = 0;
-    if let Some(l4) = nat::l4(data, data_end, proto) {
+    if let Some(l4) = frag.l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
         let o = svc::process(ctx, cfg, src, dst, &l4, Origin::Pod, trace, &mut flow);
         match o.kind {
@@ -473,7 +478,7 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
             _ => return Verdict::drop(drop_reason::SERVICE),
         }
     } else {
-        let t = policy::transport(data, data_end, proto);
+        let t = frag.transport(data, data_end, proto);
         match svc::related(ctx, &t, src, dst, trace) {
             // An ICMP error about a translated flow, translated back.
             Some(o) if o.kind != outcome::TRACKED => return Verdict::drop(drop_reason::SERVICE),
@@ -488,6 +493,10 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
             None if policy::tracked(&t, src, dst, trace) => first = FirstPacket::TRACKED,
             None => {}
         }
+    }
+    if frag.kind == frag::LATER && first != FirstPacket::TRACKED {
+        // Its first fragment made no flow: refused, or not seen.
+        return Verdict::drop(drop_reason::FRAGMENT);
     }
     let verdict = route_from_pod(ctx, cfg, dst, trace);
     if first == FirstPacket::TRACKED || verdict.kind == out::DROP {
@@ -672,6 +681,9 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return overlay_drop(&ctx, trace, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1);
     };
+    let Some(frag) = Fragment::of(ip, data, data_end, trace) else {
+        return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |c| c.rx_no_destination += 1);
+    };
     let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     // Replies of flows this node NAT'ed (a client here, or outside through this node), and
     // every flow conntrack knows.
@@ -680,7 +692,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     // The sending node balanced the flow: nothing new is translated here, except for this
     // node's own frontends (hostPorts) on its address.
     let mut flow = MaybeUninit::<NewFlow>::uninit();
-    if let Some(l4) = nat::l4(data, data_end, proto) {
+    if let Some(l4) = frag.l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
         let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay, trace, &mut flow);
         match o.kind {
@@ -704,7 +716,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
             _ => return overlay_drop(&ctx, trace, drop_reason::SERVICE, |c| c.rx_no_destination += 1),
         }
     } else {
-        let t = policy::transport(data, data_end, proto);
+        let t = frag.transport(data, data_end, proto);
         match svc::related(&ctx, &t, src, dst, trace) {
             // An ICMP error about a flow this node translated (a backend here answered a
             // client elsewhere, or this node balanced the flow), translated back.
@@ -730,6 +742,10 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     };
     if let Some(pod) = pod(dst) {
         trace.step(trace_step::ROUTE, trace_route::LOCAL_POD, dst, 0, 0, pod.host_ifindex);
+        // A later fragment needs its first fragment's flow: refused, or not seen.
+        if first != FirstPacket::TRACKED && frag.kind == frag::LATER {
+            return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |c| c.rx_no_destination += 1);
+        }
         // A new flow from another node: the receiver's ingress rules, on its own node.
         if first != FirstPacket::TRACKED {
             // As the packet is now: after a hostPort's DNAT, the port the backend serves.
@@ -802,7 +818,9 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
         count_overlay(|c| c.tx_no_route += 1);
         return TC_ACT_SHOT;
     };
-    let (src, dst, proto, plain) = (src_ip(ip), dst_ip(ip), ip[9], !has_options_or_is_fragment(ip));
+    // Whole datagrams and first fragments carry their ports.
+    let frag_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+    let (src, dst, proto, plain) = (src_ip(ip), dst_ip(ip), ip[9], !has_options(ip) && frag_offset == 0);
     let (Some(route), Some(cfg)) = (remote_route(dst), config()) else {
         count_overlay(|c| c.tx_no_route += 1);
         return TC_ACT_SHOT;
@@ -865,15 +883,19 @@ fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
     if ethertype(eth) != ETH_P_IP {
         return true;
     }
-    if has_options_or_is_fragment(ip) {
+    if has_options(ip) {
         return false;
     }
+    let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {
+        return false;
+    };
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
-    let t = policy::transport(data, data_end, proto);
+    let t = frag.transport(data, data_end, proto);
     if policy::tracked(&t, src, dst, Trace::OFF) {
         return true;
     }
-    if !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
+    // A later fragment passes only with its first fragment's flow.
+    if frag.kind == frag::LATER || !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
         return false;
     }
     let tcp_flags = nat::l4(data, data_end, proto).map_or(0, |l4| l4.tcp_flags);
@@ -890,24 +912,29 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_OK;
     };
-    if ethertype(eth) != ETH_P_IP || has_options_or_is_fragment(ip) {
+    if ethertype(eth) != ETH_P_IP || has_options(ip) {
         return TC_ACT_OK;
     }
+    // A later fragment whose first fragment was not seen here: the node's stack's, which
+    // reassembles what is for the node itself.
+    let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {
+        return TC_ACT_OK;
+    };
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
-    let Some(l4) = nat::l4(data, data_end, proto) else {
+    let Some(l4) = frag.l4(data, data_end, proto) else {
         // An ICMP error about a flow this node translated (the client's side of a NodePort
         // flow: "fragmentation needed" for an answer, the client's port unreachable),
         // translated back and sent on to the backend like the flow's packets.
         if proto == policy::IPPROTO_ICMP
             && let Some(cfg) = config()
-            && let Some(o) = svc::related(&ctx, &policy::transport(data, data_end, proto), src, dst, Trace::OFF)
+            && let Some(o) = svc::related(&ctx, &frag.transport(data, data_end, proto), src, dst, Trace::OFF)
         {
             if o.kind != outcome::TRACKED {
                 return TC_ACT_SHOT;
             }
-            return uplink_forward(&ctx, cfg, o.dst, pod(o.dst).as_ref());
+            return uplink_forward(&ctx, cfg, o.dst, &pod(o.dst).unwrap_or(Verdict::NONE));
         }
-        return from_outside_to_pod(&ctx, src, dst, proto, 0, false);
+        return from_outside_to_pod(&ctx, &frag, src, dst, proto, 0, false);
     };
     // The overlay's own packets: the commonest thing on the wire, nothing to do.
     if l4.proto == nat::IPPROTO_UDP && l4.dport == 4789 {
@@ -919,7 +946,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     let mut flow = MaybeUninit::<NewFlow>::uninit();
     let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Uplink, Trace::OFF, &mut flow);
     match o.kind {
-        outcome::UNTOUCHED => return from_outside_to_pod(&ctx, src, dst, proto, l4.tcp_flags, true),
+        outcome::UNTOUCHED => return from_outside_to_pod(&ctx, &frag, src, dst, proto, l4.tcp_flags, true),
         // Tracked but not translated: a flow the node's stack routes (to a pod, or the node).
         outcome::TRACKED if o.rewritten == 0 => return TC_ACT_OK,
         outcome::TRACKED | outcome::NEW => {}
@@ -934,17 +961,16 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         _ => return TC_ACT_SHOT,
     }
     let dst = o.dst;
-    let local = pod(dst);
+    // No pod: a zeroed endpoint (see `uplink_forward`).
+    let local = pod(dst).unwrap_or(Verdict::NONE);
     if o.kind == outcome::NEW {
         // SAFETY: the service stage wrote the flow (NEW).
         let flow = unsafe { flow.assume_init_ref() };
         // A new flow from outside to a backend here: its ingress rules (a backend on another
         // node is checked there, against this node's address when the flow was SNAT'ed).
-        if let Some(backend) = &local
-            && backend.flags & pod_flags::INGRESS_ISOLATED != 0
-        {
+        if local.host_ifindex != 0 && local.flags & pod_flags::INGRESS_ISOLATED != 0 {
             let t = Transport::Ports { proto, sport: l4.sport, dport: flow.fwd.nat_port };
-            if !policy::allows(backend.ip, policy_dir::INGRESS, src, &t) {
+            if !policy::allows(local.ip, policy_dir::INGRESS, src, &t) {
                 if let Some(c) = pod_counters(dst) {
                     c.drop_policy_ingress += 1;
                 }
@@ -956,15 +982,15 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     }
-    uplink_forward(&ctx, cfg, dst, local.as_ref())
+    uplink_forward(&ctx, cfg, dst, &local)
 }
 
 /// A packet from outside, translated to `dst`: to the local pod `local`, or across the
-/// overlay to the node of a remote one. (`local` by reference: passed by value, a `None`'s
-/// undefined payload was once spilled to the stack, which the verifier refuses as a read
-/// of an uninitialised register.)
+/// overlay to the node of a remote one (`local.host_ifindex` 0). (Not an `Option`: LLVM
+/// moved a `None`'s undefined payload between registers, by value and by reference alike,
+/// which the verifier refuses as a read of an uninitialised register.)
 #[inline(always)]
-fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: Option<&PodEndpoint>) -> i32 {
+fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &PodEndpoint) -> i32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_SHOT;
@@ -973,13 +999,13 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: Op
         return TC_ACT_SHOT;
     }
     eth[6..12].copy_from_slice(&cfg.gateway_mac);
-    if let Some(pod) = local {
-        eth[0..6].copy_from_slice(&pod.mac);
+    if local.host_ifindex != 0 {
+        eth[0..6].copy_from_slice(&local.mac);
         if let Some(c) = pod_counters(dst) {
             c.from_tunnel_packets += 1;
             c.from_tunnel_bytes += u64::from(ctx.skb.len());
         }
-        return deliver(pod);
+        return deliver(local);
     }
     if cfg.overlay_ifindex != 0
         && let Some(route) = remote_route(dst)
@@ -996,7 +1022,15 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: Op
 /// first, and is tracked so the pod's replies pass its egress rules. `untracked`: the
 /// service stage already found no conntrack entry.
 #[inline(always)]
-fn from_outside_to_pod(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, tcp_flags: u8, untracked: bool) -> i32 {
+fn from_outside_to_pod(
+    ctx: &TcContext,
+    frag: &Fragment,
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    tcp_flags: u8,
+    untracked: bool,
+) -> i32 {
     let Some(cfg) = config() else {
         return TC_ACT_OK;
     };
@@ -1006,7 +1040,7 @@ fn from_outside_to_pod(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, t
     let Some(pod) = pod(dst) else {
         return TC_ACT_OK;
     };
-    let t = policy::transport(ctx.data(), ctx.data_end(), proto);
+    let t = frag.transport(ctx.data(), ctx.data_end(), proto);
     if !untracked && policy::tracked(&t, src, dst, Trace::OFF) {
         return TC_ACT_OK;
     }

@@ -8,12 +8,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use contiv_common::{
-    CtEntry, CtKey, DatapathConfig, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_NODE_ADDRS, MAX_PODS, MAX_POLICY_ENTRIES,
-    MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS,
-    MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent, NodeAddr, OverlayCounters, PodCounters, PodEndpoint,
-    PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockOrigin, SockRevNat, SockRevNatKey, SvcAffinity,
-    SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange, TraceRecord,
-    monitor_bucket,
+    CtEntry, CtKey, DatapathConfig, FragHead, FragKey, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_FRAGS, MAX_NODE_ADDRS,
+    MAX_PODS, MAX_POLICY_ENTRIES, MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY,
+    MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent, NodeAddr,
+    OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockOrigin,
+    SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend,
+    SvcKey, SvcSourceRange, TraceRecord, monitor_bucket,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -100,6 +100,10 @@ pub static MONITOR_RATE: PerCpuArray<MonitorBucket, { monitor_bucket::COUNT as u
 /// What a traced run of `tc_from_pod` decided (see `trace.rs`).
 #[btf_map]
 pub static TRACE_STEPS: PerCpuArray<TraceRecord, 1> = PerCpuArray::new();
+
+/// Fragmented datagrams in flight: the ports their first fragment carried (see `frag.rs`).
+#[btf_map]
+pub static FRAGS: LruHashMap<FragKey, FragHead, { MAX_FRAGS as usize }> = LruHashMap::new();
 
 /// Written by the agent only (layout versions); declared here so the object carries it.
 #[btf_map]

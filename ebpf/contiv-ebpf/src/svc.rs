@@ -127,6 +127,10 @@ pub fn process(
         };
     }
     trace.note(trace_step::CT_MISS, 0);
+    if l4.later != 0 {
+        // A later fragment starts nothing: its first fragment made the flow's entries.
+        return Outcome::UNTOUCHED;
+    }
     // From another node, the sending node balanced every service it knows. What reaches
     // this node's own address untranslated can only be for a frontend of this node alone
     // (a pod's hostPort, crate::hostports in the agent): looked up exactly, served only by a

@@ -407,8 +407,18 @@ pub fn describe(s: &TraceStep, n: &Names, sender: Ipv4Addr) -> StepReport {
             ),
         ),
         trace_step::IP_OPTIONS => {
-            step("protocol", "slow path", format!("IPv4 options or a fragment: the {} handles it", n.slow_path))
+            step("protocol", "slow path", format!("IPv4 options: the {} handles it", n.slow_path))
         }
+        trace_step::FRAGMENT if s.arg == 0 => step(
+            "fragment",
+            "dropped",
+            "a later fragment whose first fragment this node did not pass: its ports are unknown".into(),
+        ),
+        trace_step::FRAGMENT => step(
+            "fragment",
+            "ports of its first fragment",
+            format!("a later fragment of a datagram from port {} to port {}", s.port, s.aux),
+        ),
         trace_step::MALFORMED => step("parse", "malformed", "a header could not be read".into()),
         trace_step::CT_HIT => {
             let mut d = "the flow is established (or a reply): allowed without a policy check".to_owned();

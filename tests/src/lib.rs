@@ -638,6 +638,29 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Sends, from the calling thread's network namespace, a lone later fragment (offset 1480,
+/// the last) of a UDP datagram `src` -> `dst`, with no first fragment before it. Its first
+/// bytes, were they read as a header, would name `dst`'s port as both ports.
+pub fn send_lone_later_fragment(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::UDP))
+        .expect("raw socket");
+    s.set_header_included_v4(true).expect("IP_HDRINCL");
+    let mut pkt = vec![0u8; 20 + 64];
+    let len = pkt.len() as u16;
+    pkt[0] = 0x45;
+    pkt[2..4].copy_from_slice(&len.to_be_bytes());
+    pkt[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+    // Offset 1480 bytes (185 units of 8), more fragments: no.
+    pkt[6..8].copy_from_slice(&185u16.to_be_bytes());
+    pkt[8] = 64;
+    pkt[9] = 17;
+    pkt[12..16].copy_from_slice(&src.octets());
+    pkt[16..20].copy_from_slice(&dst.ip().octets());
+    pkt[20..22].copy_from_slice(&dst.port().to_be_bytes());
+    pkt[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the fragment");
+}
+
 /// `bpftool map dump pinned <pin>` as JSON, each entry its typed view (with BTF, bpftool's
 /// JSON carries it under "formatted").
 pub fn dump_pinned_map(pin: &Path) -> Vec<Value> {

@@ -26,6 +26,7 @@ use std::{
 use contiv_tests::{
     cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, enter},
     netpol::{Proto, Servers, pod_counter, probe},
+    send_lone_later_fragment,
 };
 use serde_json::Value;
 
@@ -406,6 +407,15 @@ fn monitor_streams_drops_with_pod_tuple_and_reason_filters_and_bounds_a_flood() 
         let mine = a.ip.to_string();
         assert!(v["src"] == mine || v["dst"] == mine || v["podIp"] == mine, "--pod x/a shows x/a's events only: {v}");
     }
+    // A later fragment with no first fragment before it: dropped for that, its payload
+    // never read as ports.
+    let (src, dst) = (a.ip, std::net::SocketAddrV4::new(srv.ip, 80));
+    enter(&a.netns, move || send_lone_later_fragment(src, dst));
+    let is_fragment = |v: &Value| v["reason"] == "fragment" && v["src"] == a.ip.to_string();
+    only_a.wait_until(Duration::from_secs(10), "x/a's lone fragment", |l| l.iter().any(is_fragment));
+    let ev = only_a.events().into_iter().find(is_fragment).unwrap();
+    assert_eq!((ev["hook"].as_str(), ev["proto"].as_str()), (Some("tc_from_pod"), Some("UDP")), "{ev}");
+    assert_eq!((ev["sport"].as_u64(), ev["dport"].as_u64()), (Some(0), Some(0)), "no ports: {ev}");
 
     // A flood of denied UDP datagrams from x/a: every one dropped and counted, events
     // bounded by the rate, the rest suppressed.

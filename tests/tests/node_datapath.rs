@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use contiv_tests::{Node, NodeOptions, Pod, counter, iperf3_bps, ping};
+use contiv_tests::{Node, NodeOptions, Pod, counter, iperf3_bps, ping, send_lone_later_fragment};
 
 fn node() -> Node {
     Node::start(NodeOptions::default())
@@ -138,31 +138,6 @@ fn sent_anywhere(node: &Node, ip: Ipv4Addr) -> u64 {
     ["fwd_packets", "host_packets", "tunnel_packets"].iter().map(|k| counter(&c, k)).sum()
 }
 
-/// A lone later fragment (offset 1480, no first fragment before it) of a UDP datagram from
-/// `pod` to `dst`, sent through a raw socket with the pod's own header.
-fn send_lone_later_fragment(pod: &Pod, dst: SocketAddr) {
-    let (src, SocketAddr::V4(dst)) = (pod.ip, dst) else { unreachable!() };
-    pod.ns.enter(move || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::UDP)).unwrap();
-        s.set_header_included_v4(true).unwrap();
-        let mut pkt = vec![0u8; 20 + 64];
-        pkt[0] = 0x45;
-        let len = pkt.len() as u16;
-        pkt[2..4].copy_from_slice(&len.to_be_bytes());
-        pkt[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
-        // Offset 1480 bytes (185 units of 8), the last fragment.
-        pkt[6..8].copy_from_slice(&185u16.to_be_bytes());
-        pkt[8] = 64;
-        pkt[9] = 17;
-        pkt[12..16].copy_from_slice(&src.octets());
-        pkt[16..20].copy_from_slice(&dst.ip().octets());
-        // What would be its "ports" if it were read as a header: the server's.
-        pkt[20..22].copy_from_slice(&dst.port().to_be_bytes());
-        pkt[22..24].copy_from_slice(&dst.port().to_be_bytes());
-        s.send_to(&pkt, &SocketAddr::V4(dst).into()).unwrap();
-    });
-}
-
 #[test]
 fn fragments_take_the_fast_path_and_ip_options_the_slow_path() {
     let node = node();
@@ -208,7 +183,8 @@ fn fragments_take_the_fast_path_and_ip_options_the_slow_path() {
     // A later fragment whose first never passed: its ports are unknown, so it is dropped
     // (its bytes are payload, never read as ports), and counted nowhere it could go.
     let sent = sent_anywhere(&node, a.ip);
-    send_lone_later_fragment(&a, dst);
+    let (SocketAddr::V4(dst4), src) = (dst, a.ip) else { unreachable!() };
+    a.ns.enter(move || send_lone_later_fragment(src, dst4));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(sent_anywhere(&node, a.ip), sent, "a lone later fragment goes nowhere");
 

@@ -1233,8 +1233,8 @@ fn udp_ask_big(ns: &str, addr: SocketAddr, size: usize) -> std::io::Result<Answe
 /// a node and across nodes, from a node's stack to another node's pod, pod to ClusterIP
 /// (local and remote backend), and from outside to a NodePort (local backend, and remote,
 /// SNAT'ed to the node). Each answer is as large, so the reply direction's fragments are
-/// translated back too. (In kernel mode the pod edge used to send every fragment to the
-/// slow path, which drops them.)
+/// translated back too. Then the same with both ends isolated by NetworkPolicy. (In kernel
+/// mode the pod edge used to send every fragment to the slow path, which drops them.)
 #[test]
 fn services_box_fragmented_datagrams_reach_pods_services_and_node_ports() {
     let (b, [w1, w2, c1, c2]) = web_box("");
@@ -1296,4 +1296,48 @@ spec:
     assert_eq!(seen.len(), 2, "both backends behind {node_port}: {seen:?}");
     assert_eq!(seen[&w2.name], std::net::IpAddr::V4(n1.ip), "a remote backend sees the node (SNAT)");
     assert_ne!(seen[&w1.name], std::net::IpAddr::V4(n1.ip), "a local backend sees the client");
+
+    // NetworkPolicy: the web pods admit clients on 7500/UDP only, and the clients may send
+    // only there. A datagram's first fragment is checked; its later ones pass on its flow.
+    b.apply_yaml(
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 7500, protocol: UDP}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: clients, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 7500, protocol: UDP}]}]
+"#,
+    );
+    b.wait_for(Duration::from_secs(30), "the web pods no longer admit the outside", || {
+        enter(&ext, move || {
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                s.send_to(&vec![b'q'; 4000], node_port)?;
+                s.recv(&mut [0u8; 8192])
+            })
+        })
+        .is_err()
+    });
+    for (from, src, to) in [(&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
+        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size)
+            .unwrap_or_else(|e| panic!("isolated: {from} -> {}: {e}", to.name));
+        assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
+    }
+    let mut servers = BTreeSet::new();
+    for _ in 0..40 {
+        let a = udp_ask_big(&c1.netns, svc, size).unwrap_or_else(|e| panic!("isolated: c1 -> {svc}: {e}"));
+        servers.insert(a.server);
+        if servers.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(servers.len(), 2, "isolated: both backends of {svc} admit c1's fragments");
 }

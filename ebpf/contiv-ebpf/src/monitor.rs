@@ -107,8 +107,9 @@ fn describe(ctx: &TcContext, ev: &mut MonitorEvent) {
     ev.src = packet::src_ip(ip);
     ev.dst = packet::dst_ip(ip);
     ev.proto = ip[9];
-    if ip[0] != 0x45 {
-        // Options move the transport header; the addresses say enough.
+    if ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+        // Options move the transport header, and a later fragment has none: the addresses
+        // say enough.
         return;
     }
     match ev.proto {

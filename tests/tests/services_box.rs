@@ -6,8 +6,10 @@
 //! left to other proxies, terminating endpoints, endpoint changes, agent restarts, and that
 //! one node's socket programs never translate another node's connections, topology hints
 //! (zones), the proxy's health server on port 10256 (a node the autoscaler is about to
-//! delete says 503), ICMP errors about translated flows reaching the sockets they quote, and
-//! `nodePortAddresses` limiting the addresses NodePorts answer on.
+//! delete says 503), ICMP errors about translated flows reaching the sockets they quote,
+//! `nodePortAddresses` limiting the addresses NodePorts answer on, fragmented datagrams
+//! through pods, services and NodePorts (with and without NetworkPolicy), and source ranges
+//! admitting the node's own connections when they hold its address.
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -1340,4 +1342,50 @@ spec:
         }
     }
     assert_eq!(servers.len(), 2, "isolated: both backends of {svc} admit c1's fragments");
+}
+
+/// loadBalancerSourceRanges and the node's own connections, as kube-proxy treats them: the
+/// node is admitted when the ranges hold its address (its connections are balanced like a
+/// pod's), and not otherwise (they go on untranslated, to the balancer). Pods are checked
+/// against their own addresses either way.
+#[test]
+fn services_box_source_ranges_admit_the_node_when_they_hold_its_address() {
+    let (b, [w1, w2, c1, _c2]) = web_box("");
+    let lb = |ranges: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: ranged, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.90
+  clusterIPs: [10.96.0.90]
+  loadBalancerSourceRanges: [{ranges}]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30095}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30096}}
+status:
+  loadBalancer:
+    ingress: [{{ip: 198.51.100.60}}]
+"#
+        )
+    };
+    b.apply_yaml(&format!("{}---\n{}", lb("203.0.113.0/24"), web_slices("ranged", &w1, &w2)));
+    wait_programmed(&b, "node-1", "198.51.100.60:80", 2);
+    let n1 = b.node("node-1").clone();
+    let (vip_tcp, vip_udp) = (sa("198.51.100.60", 80), sa("198.51.100.60", 53));
+    let short = Duration::from_secs(1);
+    // The ranges do not hold node-1's address: its connection is not balanced, nor is a pod's.
+    for from in [&n1.netns, &c1.netns] {
+        assert!(tcp_ask_from(from, None, vip_tcp, short).is_err(), "{from} is outside the ranges");
+    }
+    // They do now (the node subnet): node-1 reaches both backends, TCP and UDP, with the
+    // load-balancer address as the peer; a pod is still outside.
+    b.apply_yaml(&lb("203.0.113.0/24, 192.168.100.0/24"));
+    b.wait_for(Duration::from_secs(15), "node-1 admitted", || tcp_ask_from(&n1.netns, None, vip_tcp, short).is_ok());
+    let servers = tcp_servers(&n1.netns, vip_tcp, 12);
+    assert_eq!(names(&servers), BTreeSet::from([w1.name.as_str(), w2.name.as_str()]), "{servers:?}");
+    let (a, _) = udp_connected_ask(&n1.netns, vip_udp).expect("UDP from node-1");
+    assert_eq!(a.peer, vip_udp, "the answer shows the load-balancer address");
+    assert!(tcp_ask_from(&c1.netns, None, vip_tcp, short).is_err(), "a pod's own address is outside the ranges");
 }

@@ -123,8 +123,13 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
         }
         return ALLOW;
     };
-    // The source address is not known yet: source ranges are enforced per packet.
-    if fe.flags & svc_flags::SOURCE_RANGES != 0 {
+    // loadBalancerSourceRanges: a pod's source is checked per packet (`tc_from_pod`), where
+    // it is known. The node's own sockets are balanced when the ranges hold the node's
+    // address, as kube-proxy admits the node then; otherwise they go on untranslated, to
+    // the balancer itself.
+    if fe.flags & svc_flags::SOURCE_RANGES != 0
+        && !(kind == NETNS_NODE && config().is_some_and(|c| lb::source_allowed(&fe, c.node_ip)))
+    {
         return ALLOW;
     }
     // From inside the cluster every backend is usable (a pod reaching a load-balancer IP

@@ -1231,6 +1231,22 @@ fn udp_ask_big(ns: &str, addr: SocketAddr, size: usize) -> std::io::Result<Answe
     })
 }
 
+/// The servers that answered `size`-byte datagrams from `client` to the service `svc`
+/// (the answers from `svc`, the client's own address seen), asking until `want` did (at
+/// most 40 times).
+fn big_servers(client: &BoxPod, svc: SocketAddr, size: usize, want: usize) -> BTreeSet<String> {
+    let mut servers = BTreeSet::new();
+    for _ in 0..40 {
+        let a = udp_ask_big(&client.netns, svc, size).unwrap_or_else(|e| panic!("{} -> {svc}: {e}", client.name));
+        assert_eq!((a.peer, a.seen.ip()), (svc, std::net::IpAddr::V4(client.ip)), "{a:?}");
+        servers.insert(a.server);
+        if servers.len() == want {
+            break;
+        }
+    }
+    servers
+}
+
 /// Datagrams larger than the pods' MTU leave as fragments and arrive whole: pod to pod on
 /// a node and across nodes, from a node's stack to another node's pod, pod to ClusterIP
 /// (local and remote backend), and from outside to a NodePort (local backend, and remote,
@@ -1272,16 +1288,8 @@ spec:
 
     // Pod to ClusterIP: both backends answer, the answer from the service address.
     let svc = sa("10.96.0.80", 53);
-    let mut servers = BTreeSet::new();
-    for _ in 0..40 {
-        let a = udp_ask_big(&c1.netns, svc, size).unwrap_or_else(|e| panic!("c1 -> {svc}: {e}"));
-        assert_eq!((a.peer, a.seen.ip()), (svc, std::net::IpAddr::V4(c1.ip)), "{a:?}");
-        servers.insert(a.server);
-        if servers.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(servers, BTreeSet::from([w1.name.clone(), w2.name.clone()]), "both backends of {svc}");
+    let both = BTreeSet::from([w1.name.clone(), w2.name.clone()]);
+    assert_eq!(big_servers(&c1, svc, size, 2), both, "both backends of {svc}");
 
     // Outside to a NodePort: a local backend sees the client; a remote one sees node-1.
     let ext = b.netns_of("external").unwrap();
@@ -1333,15 +1341,7 @@ spec:
             .unwrap_or_else(|e| panic!("isolated: {from} -> {}: {e}", to.name));
         assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
     }
-    let mut servers = BTreeSet::new();
-    for _ in 0..40 {
-        let a = udp_ask_big(&c1.netns, svc, size).unwrap_or_else(|e| panic!("isolated: c1 -> {svc}: {e}"));
-        servers.insert(a.server);
-        if servers.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(servers.len(), 2, "isolated: both backends of {svc} admit c1's fragments");
+    assert_eq!(big_servers(&c1, svc, size, 2), both, "isolated: both backends of {svc} admit c1's fragments");
 }
 
 /// loadBalancerSourceRanges and the node's own connections, as kube-proxy treats them: the

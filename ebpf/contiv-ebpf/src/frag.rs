@@ -5,25 +5,29 @@
 //! (source, destination, identification, protocol). A later fragment borrows them: its
 //! conntrack lookup, policy check and NAT work as for the first fragment, and its rewrite
 //! touches the addresses only (the first fragment's checksum covers the whole datagram; a
-//! later fragment's transport bytes are payload). A later fragment of a flow conntrack
-//! does not know (its first fragment was dropped, or has not passed yet) is dropped, as
-//! Cilium drops it: the datapath never reassembles. Protocols without ports need nothing:
+//! later fragment's transport bytes are payload). A later fragment takes a short way of its
+//! own (`svc::established`): its flow's conntrack entry, or nothing. One of a flow
+//! conntrack does not know (its first fragment was dropped, or has not passed yet) is
+//! dropped, as Cilium drops it: the datapath never reassembles. Protocols without ports need nothing:
 //! every one of their packets is checked as it is.
 
 use contiv_common::{FragHead, FragKey, trace_step};
 
 use crate::{
     maps::FRAGS,
-    nat::{self, IPPROTO_TCP, IPPROTO_UDP, L4},
-    packet::IPV4_MIN_HLEN,
+    nat::{IPPROTO_TCP, IPPROTO_UDP, L4_OFF},
+    packet::{IPV4_MIN_HLEN, dst_ip, ptr_at, src_ip},
     policy::{self, IPPROTO_ICMP, IPPROTO_SCTP, Transport},
     trace::Trace,
 };
 
-/// Values of [`Fragment::kind`].
+/// Values of [`Fragment::kind`]: a packet with its transport header (a whole datagram, or
+/// a first fragment, which is handled as one once its ports are recorded).
+///
+/// A first fragment is not told apart after [`Fragment::of`] on purpose: the verifier
+/// keeps the states of every value a branch was decided on apart, so a third kind that
+/// lived through the service stage doubled the paths it walked in `tc_from_pod`.
 pub const WHOLE: u8 = 0;
-/// The first fragment of a datagram: its transport header is in the packet.
-pub const FIRST: u8 = 1;
 /// A later fragment of a datagram with ports: they come from its first fragment.
 pub const LATER: u8 = 2;
 
@@ -45,52 +49,26 @@ impl Fragment {
         if frag & 0x3fff == 0 {
             return Some(whole);
         }
-        let proto = ip[9];
-        if !matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP) {
-            // No flow key to borrow: checked as a packet of its own, like the first.
-            return Some(whole);
-        }
-        let key = FragKey {
-            src: [ip[12], ip[13], ip[14], ip[15]],
-            dst: [ip[16], ip[17], ip[18], ip[19]],
-            id: u16::from_be_bytes([ip[4], ip[5]]),
-            proto,
-            _pad: 0,
+        // The first 8 bytes after the header: a first fragment's transport header.
+        let l4 = match ptr_at::<[u8; 8]>(data, data_end, L4_OFF) {
+            // SAFETY: bounds checked by ptr_at.
+            Some(p) => u64::from_le_bytes(unsafe { *p }),
+            None => 0,
         };
-        if frag & 0x1fff == 0 {
-            // The first fragment (more fragments follow, offset 0).
-            let head = match policy::transport(data, data_end, proto) {
-                Transport::Ports { sport, dport, .. } => FragHead { sport, dport },
-                Transport::Echo { id } => FragHead { sport: id, dport: id },
-                _ => return Some(whole),
-            };
-            if !trace.on() {
-                // Best effort: a later fragment that finds nothing is dropped.
-                let _ = FRAGS.insert(key, head, 0);
-            }
-            return Some(Self { kind: FIRST, head });
-        }
-        // SAFETY: read-only lookup, copied out.
-        let Some(head) = (unsafe { FRAGS.get(key) }).copied() else {
+        let mut meta = u32::from(u16::from_be_bytes([ip[4], ip[5]])) << 16 | u32::from(ip[9]) << 8;
+        meta |= if frag & 0x1fff == 0 { META_FIRST } else { 0 };
+        meta |= if trace.on() { META_TRACE } else { 0 };
+        let v = contiv_fragment(u32::from_ne_bytes(src_ip(ip)), u32::from_ne_bytes(dst_ip(ip)), meta, l4);
+        if v == UNKNOWN {
             trace.note(trace_step::FRAGMENT, 0);
             return None;
-        };
-        trace.step(trace_step::FRAGMENT, 1, key.dst, head.sport, head.dport, 0);
+        }
+        if v as u8 != LATER {
+            return Some(whole);
+        }
+        let head = FragHead { sport: (v >> 16) as u16, dport: (v >> 32) as u16 };
+        trace.step(trace_step::FRAGMENT, 1, dst_ip(ip), head.sport, head.dport, 0);
         Some(Self { kind: LATER, head })
-    }
-
-    /// The ports a TCP/UDP packet's flow has (its own header's, or its first fragment's).
-    #[inline(always)]
-    pub fn l4(&self, data: usize, data_end: usize, proto: u8) -> Option<L4> {
-        if self.kind != LATER {
-            return nat::l4(data, data_end, proto);
-        }
-        match proto {
-            IPPROTO_TCP | IPPROTO_UDP => {
-                Some(L4 { proto, sport: self.head.sport, dport: self.head.dport, tcp_flags: 0, later: 1 })
-            }
-            _ => None,
-        }
     }
 
     /// What the policy stage needs of the packet's transport (its own header's, or its
@@ -104,5 +82,53 @@ impl Fragment {
             IPPROTO_ICMP => Transport::Echo { id: self.head.sport },
             _ => Transport::Ports { proto, sport: self.head.sport, dport: self.head.dport },
         }
+    }
+}
+
+/// [`contiv_fragment`]'s answer for a later fragment whose first fragment was not seen.
+const UNKNOWN: u64 = u64::MAX;
+/// Bits of [`contiv_fragment`]'s `meta`, beside the IP id (bits 16-31) and protocol (8-15).
+const META_FIRST: u32 = 1;
+const META_TRACE: u32 = 2;
+
+/// A fragment of a datagram `src` -> `dst` (`meta`: its IP id, protocol, whether it is the
+/// first, whether this is a trace, which records nothing; `l4`: a first fragment's first 8
+/// transport bytes, as read). A first fragment's ports are recorded; a later fragment's
+/// are looked up. Answers [`LATER`] with the ports (source in bits 16-31, destination in
+/// 32-47), [`UNKNOWN`], or [`WHOLE`] (a first fragment, or a protocol without ports).
+///
+/// A global function, answering in one register: the verifier checks it once and walks the
+/// rest of a program once for whatever it answers. Inlined, each way through it (a first
+/// fragment of each protocol, with and without a record) left the program in a state of its
+/// own, which the verifier walked the rest of `tc_from_pod` from again: half as much again.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn contiv_fragment(src: u32, dst: u32, meta: u32, l4: u64) -> u64 {
+    let proto = (meta >> 8) as u8;
+    let key = FragKey { src: src.to_ne_bytes(), dst: dst.to_ne_bytes(), id: (meta >> 16) as u16, proto, _pad: 0 };
+    let b = l4.to_le_bytes();
+    let head = match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            FragHead { sport: u16::from_be_bytes([b[0], b[1]]), dport: u16::from_be_bytes([b[2], b[3]]) }
+        }
+        // An echo request or reply: its identifier (a flow of its own, as `policy.rs` keys it).
+        IPPROTO_ICMP if b[0] == 0 || b[0] == 8 => {
+            let id = u16::from_be_bytes([b[4], b[5]]);
+            FragHead { sport: id, dport: id }
+        }
+        // No flow key to borrow: checked as a packet of its own, like the first.
+        _ => return u64::from(WHOLE),
+    };
+    if meta & META_FIRST != 0 {
+        if meta & META_TRACE == 0 {
+            // Best effort: a later fragment that finds nothing is dropped.
+            let _ = FRAGS.insert(key, head, 0);
+        }
+        return u64::from(WHOLE);
+    }
+    // SAFETY: read-only lookup, copied out.
+    match unsafe { FRAGS.get(key) } {
+        Some(h) => u64::from(LATER) | u64::from(h.sport) << 16 | u64::from(h.dport) << 32,
+        None => UNKNOWN,
     }
 }

@@ -439,7 +439,26 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
     let mut first = FirstPacket::PLAIN;
     let mut flow = MaybeUninit::<NewFlow>::uninit();
     let mut tcp_flags = 0;
-    if let Some(l4) = frag.l4(data, data_end, proto) {
+    if frag.kind == frag::LATER {
+        // A later fragment: its first fragment's flow, or nothing (that one was refused,
+        // or has not passed yet).
+        let o = svc::established(ctx, src, dst, proto, &frag.head, trace);
+        match o.kind {
+            outcome::TRACKED if o.to_uplink != 0 => {
+                trace.step(trace_step::ROUTE, trace_route::UPLINK, dst, 0, 0, cfg.uplink_ifindex);
+                return Verdict::uplink(cfg.uplink_ifindex);
+            }
+            outcome::TRACKED if o.to_host != 0 => {
+                trace.step(trace_step::ROUTE, trace_route::HOST, dst, 0, 0, 0);
+                return Verdict::HOST;
+            }
+            outcome::TRACKED => {
+                dst = o.dst;
+                first = FirstPacket::TRACKED;
+            }
+            _ => return Verdict::drop(drop_reason::FRAGMENT),
+        }
+    } else if let Some(l4) = nat::l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
         let o = svc::process(ctx, cfg, src, dst, &l4, Origin::Pod, trace, &mut flow);
         match o.kind {
@@ -478,7 +497,7 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
             _ => return Verdict::drop(drop_reason::SERVICE),
         }
     } else {
-        let t = frag.transport(data, data_end, proto);
+        let t = policy::transport(data, data_end, proto);
         match svc::related(ctx, &t, src, dst, trace) {
             // An ICMP error about a translated flow, translated back.
             Some(o) if o.kind != outcome::TRACKED => return Verdict::drop(drop_reason::SERVICE),
@@ -493,10 +512,6 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
             None if policy::tracked(&t, src, dst, trace) => first = FirstPacket::TRACKED,
             None => {}
         }
-    }
-    if frag.kind == frag::LATER && first != FirstPacket::TRACKED {
-        // Its first fragment made no flow: refused, or not seen.
-        return Verdict::drop(drop_reason::FRAGMENT);
     }
     let verdict = route_from_pod(ctx, cfg, dst, trace);
     if first == FirstPacket::TRACKED || verdict.kind == out::DROP {
@@ -694,7 +709,24 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     // The sending node balanced the flow: nothing new is translated here, except for this
     // node's own frontends (hostPorts) on its address.
     let mut flow = MaybeUninit::<NewFlow>::uninit();
-    if let Some(l4) = frag.l4(data, data_end, proto) {
+    if frag.kind == frag::LATER {
+        // A later fragment: its first fragment's flow (for a local pod: dropped without).
+        let o = svc::established(&ctx, src, dst, proto, &frag.head, trace);
+        match o.kind {
+            outcome::TRACKED if o.to_uplink != 0 => {
+                trace.step(trace_step::ROUTE, trace_route::UPLINK, dst, 0, 0, cfg.uplink_ifindex);
+                trace.step(trace_step::VERDICT, u16::from(out::UPLINK), [0; 4], 0, 0, cfg.uplink_ifindex);
+                return to_uplink(cfg.uplink_ifindex);
+            }
+            outcome::TRACKED if o.to_host != 0 => return overlay_to_host(&ctx, trace, dst),
+            outcome::TRACKED => {
+                dst = o.dst;
+                first = FirstPacket::TRACKED;
+            }
+            outcome::UNTOUCHED => {}
+            _ => return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |_| {}),
+        }
+    } else if let Some(l4) = nat::l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
         let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Overlay, trace, &mut flow);
         match o.kind {
@@ -718,7 +750,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
             _ => return overlay_drop(&ctx, trace, drop_reason::SERVICE, |c| c.rx_no_destination += 1),
         }
     } else {
-        let t = frag.transport(data, data_end, proto);
+        let t = policy::transport(data, data_end, proto);
         match svc::related(&ctx, &t, src, dst, trace) {
             // An ICMP error about a flow this node translated (a backend here answered a
             // client elsewhere, or this node balanced the flow), translated back.
@@ -923,20 +955,23 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
-    let Some(l4) = frag.l4(data, data_end, proto) else {
+    if frag.kind == frag::LATER {
+        return uplink_later(&ctx, &frag, src, dst, proto);
+    }
+    let Some(l4) = nat::l4(data, data_end, proto) else {
         // An ICMP error about a flow this node translated (the client's side of a NodePort
         // flow: "fragmentation needed" for an answer, the client's port unreachable),
         // translated back and sent on to the backend like the flow's packets.
         if proto == policy::IPPROTO_ICMP
             && let Some(cfg) = config()
-            && let Some(o) = svc::related(&ctx, &frag.transport(data, data_end, proto), src, dst, Trace::OFF)
+            && let Some(o) = svc::related(&ctx, &policy::transport(data, data_end, proto), src, dst, Trace::OFF)
         {
             if o.kind != outcome::TRACKED {
                 return TC_ACT_SHOT;
             }
             return uplink_forward(&ctx, cfg, o.dst, &pod(o.dst).unwrap_or(Verdict::NONE));
         }
-        return from_outside_to_pod(&ctx, &frag, src, dst, proto, 0, false);
+        return from_outside_to_pod(&ctx, src, dst, proto, 0, false);
     };
     // The overlay's own packets: the commonest thing on the wire, nothing to do.
     if l4.proto == nat::IPPROTO_UDP && l4.dport == 4789 {
@@ -948,7 +983,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     let mut flow = MaybeUninit::<NewFlow>::uninit();
     let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Uplink, Trace::OFF, &mut flow);
     match o.kind {
-        outcome::UNTOUCHED => return from_outside_to_pod(&ctx, &frag, src, dst, proto, l4.tcp_flags, true),
+        outcome::UNTOUCHED => return from_outside_to_pod(&ctx, src, dst, proto, l4.tcp_flags, true),
         // Tracked but not translated: a flow the node's stack routes (to a pod, or the node).
         outcome::TRACKED if o.rewritten == 0 => return TC_ACT_OK,
         outcome::TRACKED | outcome::NEW => {}
@@ -1019,20 +1054,30 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &P
     TC_ACT_SHOT
 }
 
+/// A later fragment from outside: sent where its first fragment's flow goes. Without
+/// one, the node's stack takes it (it reassembles what is for the node), unless it is for
+/// a local pod, which would get it unchecked.
+#[inline(always)]
+fn uplink_later(ctx: &TcContext, frag: &Fragment, src: [u8; 4], dst: [u8; 4], proto: u8) -> i32 {
+    let Some(cfg) = config() else {
+        return TC_ACT_OK;
+    };
+    let o = svc::established(ctx, src, dst, proto, &frag.head, Trace::OFF);
+    match o.kind {
+        outcome::TRACKED if o.rewritten != 0 => uplink_forward(ctx, cfg, o.dst, &pod(o.dst).unwrap_or(Verdict::NONE)),
+        // Tracked but not translated: a flow the node's stack routes.
+        outcome::TRACKED => TC_ACT_OK,
+        outcome::UNTOUCHED if pod(dst).is_none() => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
+    }
+}
+
 /// A packet from outside straight to a local pod's address (routed to the node), not a
 /// service: the node's stack delivers it; a new flow must pass the pod's ingress rules
 /// first, and is tracked so the pod's replies pass its egress rules. `untracked`: the
 /// service stage already found no conntrack entry.
 #[inline(always)]
-fn from_outside_to_pod(
-    ctx: &TcContext,
-    frag: &Fragment,
-    src: [u8; 4],
-    dst: [u8; 4],
-    proto: u8,
-    tcp_flags: u8,
-    untracked: bool,
-) -> i32 {
+fn from_outside_to_pod(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, tcp_flags: u8, untracked: bool) -> i32 {
     let Some(cfg) = config() else {
         return TC_ACT_OK;
     };
@@ -1042,7 +1087,7 @@ fn from_outside_to_pod(
     let Some(pod) = pod(dst) else {
         return TC_ACT_OK;
     };
-    let t = frag.transport(ctx.data(), ctx.data_end(), proto);
+    let t = policy::transport(ctx.data(), ctx.data_end(), proto);
     if !untracked && policy::tracked(&t, src, dst, Trace::OFF) {
         return TC_ACT_OK;
     }

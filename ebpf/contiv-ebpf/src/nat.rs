@@ -34,9 +34,6 @@ pub struct L4 {
     pub dport: u16,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
-    /// 1: a later fragment (see `frag.rs`). The ports are its first fragment's; the packet
-    /// has no transport header, so a rewrite changes its addresses only.
-    pub later: u8,
 }
 
 /// The ports of a TCP or UDP packet without IP options (the fast path's only kind).
@@ -52,7 +49,6 @@ pub fn l4(data: usize, data_end: usize, proto: u8) -> Option<L4> {
                 sport: u16::from_be_bytes([tcp[0], tcp[1]]),
                 dport: u16::from_be_bytes([tcp[2], tcp[3]]),
                 tcp_flags: tcp[13],
-                later: 0,
             })
         }
         IPPROTO_UDP => {
@@ -64,14 +60,13 @@ pub fn l4(data: usize, data_end: usize, proto: u8) -> Option<L4> {
                 sport: u16::from_be_bytes([udp[0], udp[1]]),
                 dport: u16::from_be_bytes([udp[2], udp[3]]),
                 tcp_flags: 0,
-                later: 0,
             })
         }
         _ => None,
     }
 }
 
-/// Rewrites one end's address and port (a later fragment: the address only). False if the kernel refused a step (the packet
+/// Rewrites one end's address and port. False if the kernel refused a step (the packet
 /// must then be dropped: it may be half rewritten).
 #[inline(always)]
 pub fn rewrite(
@@ -91,10 +86,6 @@ pub fn rewrite(
         End::Src => (IP_SRC_OFF, L4_OFF),
         End::Dst => (IP_DST_OFF, L4_OFF + 2),
     };
-    if l4.later != 0 {
-        // The first fragment's rewrite patched the checksum of the whole datagram.
-        return replace_addr(ctx, IP_CSUM_OFF, ip_off, old_ip, new_ip);
-    }
     if old_ip != new_ip {
         let (from, to) = (u64::from(u32::from_ne_bytes(old_ip)), u64::from(u32::from_ne_bytes(new_ip)));
         if ctx.l4_csum_replace(csum_off, from, to, mangle | BPF_F_PSEUDO_HDR | 4).is_err()
@@ -167,6 +158,14 @@ pub fn rewrite_icmp_error(
         && replace_addr(ctx, INNER_CSUM_OFF, INNER_DST_OFF, from.ip, new_from.ip)
         && replace_quoted_port(ctx, INNER_SPORT_OFF, to.port, new_to.port)
         && replace_quoted_port(ctx, INNER_DPORT_OFF, from.port, new_from.port)
+}
+
+/// Rewrites the addresses of a later fragment (see `frag.rs`): the IPv4 header only. Its
+/// first fragment's rewrite patched the transport checksum, which covers the whole datagram.
+/// False if the kernel refused a step (drop the packet).
+#[inline(always)]
+pub fn rewrite_addresses(ctx: &TcContext, src: [u8; 4], new_src: [u8; 4], dst: [u8; 4], new_dst: [u8; 4]) -> bool {
+    replace_addr(ctx, IP_CSUM_OFF, IP_DST_OFF, dst, new_dst) && replace_addr(ctx, IP_CSUM_OFF, IP_SRC_OFF, src, new_src)
 }
 
 /// An IPv4 address at `ip_off` and the header checksum at `csum_off` that covers it.

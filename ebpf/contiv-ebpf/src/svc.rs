@@ -12,7 +12,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, programs::TcContext};
-use contiv_common::{CtEntry, CtKey, DatapathConfig, SvcKey, ct_flags, svc_flags, trace_step};
+use contiv_common::{CtEntry, CtKey, DatapathConfig, FragHead, SvcKey, ct_flags, svc_flags, trace_step};
 
 use crate::{
     ct, lb,
@@ -114,23 +114,9 @@ pub fn process(
     // 1. Conntrack: an established or reply packet of a NAT'ed flow.
     let k = ct::key(src, dst, l4.sport, l4.dport, l4.proto);
     if let Some(e) = ct::lookup(&k, l4.tcp_flags, trace) {
-        trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
-        return match apply(ctx, &e, src, dst, l4) {
-            Some(to) => Outcome {
-                kind: outcome::TRACKED,
-                rewritten: u8::from(e.flags & ct_flags::NAT != 0),
-                to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
-                to_host: u8::from(e.flags & ct_flags::VIA_HOST != 0),
-                dst: to,
-            },
-            None => Outcome::DROP,
-        };
+        return tracked(ctx, &e, src, dst, l4, trace);
     }
     trace.note(trace_step::CT_MISS, 0);
-    if l4.later != 0 {
-        // A later fragment starts nothing: its first fragment made the flow's entries.
-        return Outcome::UNTOUCHED;
-    }
     // From another node, the sending node balanced every service it knows. What reaches
     // this node's own address untranslated can only be for a frontend of this node alone
     // (a pod's hostPort, crate::hostports in the agent): looked up exactly, served only by a
@@ -264,6 +250,47 @@ pub fn process(
             Outcome { kind: outcome::NEW, rewritten: 1, to_uplink: 0, to_host: 0, dst: to }
         }
         None => Outcome::DROP,
+    }
+}
+
+/// A packet of a flow conntrack knows (entry `e`), rewritten as the entry asks.
+#[inline(always)]
+fn tracked(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4, trace: Trace) -> Outcome {
+    trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
+    match apply(ctx, e, src, dst, l4) {
+        Some(to) => Outcome {
+            kind: outcome::TRACKED,
+            rewritten: u8::from(e.flags & ct_flags::NAT != 0),
+            to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
+            to_host: u8::from(e.flags & ct_flags::VIA_HOST != 0),
+            dst: to,
+        },
+        None => Outcome::DROP,
+    }
+}
+
+/// A later fragment of a datagram whose first fragment carried `head`'s ports: that
+/// flow, from conntrack alone (a fragment starts nothing). TRACKED, its addresses
+/// rewritten as the entry asks; else UNTOUCHED (conntrack does not know the flow) or DROP
+/// (a rewrite failed).
+#[inline(always)]
+pub fn established(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, head: &FragHead, trace: Trace) -> Outcome {
+    let Some(e) = ct::lookup(&ct::key(src, dst, head.sport, head.dport, proto), 0, trace) else {
+        trace.note(trace_step::CT_MISS, 0);
+        return Outcome::UNTOUCHED;
+    };
+    trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
+    let (from, to) = (Addr { ip: src, port: head.sport }, Addr { ip: dst, port: head.dport });
+    let (new_from, new_to) = translated(&e, from, to);
+    if !nat::rewrite_addresses(ctx, src, new_from.ip, dst, new_to.ip) {
+        return Outcome::DROP;
+    }
+    Outcome {
+        kind: outcome::TRACKED,
+        rewritten: u8::from(e.flags & ct_flags::NAT != 0),
+        to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
+        to_host: u8::from(e.flags & ct_flags::VIA_HOST != 0),
+        dst: new_to.ip,
     }
 }
 

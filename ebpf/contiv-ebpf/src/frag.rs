@@ -2,14 +2,14 @@
 //!
 //! Only a datagram's first fragment carries its transport header. Each hook that sees a
 //! first fragment records its ports in `FRAGS`, keyed by the datagram as the hook sees it
-//! (source, destination, identification, protocol). A later fragment borrows them: its
-//! conntrack lookup, policy check and NAT work as for the first fragment, and its rewrite
-//! touches the addresses only (the first fragment's checksum covers the whole datagram; a
-//! later fragment's transport bytes are payload). A later fragment takes a short way of its
-//! own (`svc::established`): its flow's conntrack entry, or nothing. One of a flow
-//! conntrack does not know (its first fragment was dropped, or has not passed yet) is
-//! dropped, as Cilium drops it: the datapath never reassembles. Protocols without ports need nothing:
-//! every one of their packets is checked as it is.
+//! (source, destination, identification, protocol); the first fragment then goes on as a
+//! whole packet would (services, policy, conntrack). A later fragment borrows the ports
+//! and takes a short way of its own (`svc::established`): its first fragment's conntrack
+//! entry, and the rewrite that entry asks for, at the addresses only (the first fragment's
+//! checksum covers the whole datagram; a later fragment's transport bytes are payload).
+//! Without that entry (its first fragment was refused, or has not passed yet) it is
+//! dropped, as Cilium drops it: the datapath never reassembles. Protocols without ports
+//! need nothing: every one of their packets is checked as it is.
 
 use contiv_common::{FragHead, FragKey, trace_step};
 

@@ -85,6 +85,18 @@ impl Outcome {
         Self { kind, rewritten: 0, to_uplink: 0, to_host: 0, dst: [0; 4] }
     }
 
+    /// TRACKED by the conntrack entry `e`, the packet rewritten as it asks, now for `dst`.
+    #[inline(always)]
+    fn tracked(e: &CtEntry, dst: [u8; 4]) -> Self {
+        Self {
+            kind: outcome::TRACKED,
+            rewritten: u8::from(e.flags & ct_flags::NAT != 0),
+            to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
+            to_host: u8::from(e.flags & ct_flags::VIA_HOST != 0),
+            dst,
+        }
+    }
+
     pub const UNTOUCHED: Self = Self::of(outcome::UNTOUCHED);
     pub const REJECT: Self = Self::of(outcome::REJECT);
     pub const DROP: Self = Self::of(outcome::DROP);
@@ -114,7 +126,11 @@ pub fn process(
     // 1. Conntrack: an established or reply packet of a NAT'ed flow.
     let k = ct::key(src, dst, l4.sport, l4.dport, l4.proto);
     if let Some(e) = ct::lookup(&k, l4.tcp_flags, trace) {
-        return tracked(ctx, &e, src, dst, l4, trace);
+        trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
+        return match apply(ctx, &e, src, dst, l4) {
+            Some(to) => Outcome::tracked(&e, to),
+            None => Outcome::DROP,
+        };
     }
     trace.note(trace_step::CT_MISS, 0);
     // From another node, the sending node balanced every service it knows. What reaches
@@ -253,22 +269,6 @@ pub fn process(
     }
 }
 
-/// A packet of a flow conntrack knows (entry `e`), rewritten as the entry asks.
-#[inline(always)]
-fn tracked(ctx: &TcContext, e: &CtEntry, src: [u8; 4], dst: [u8; 4], l4: &L4, trace: Trace) -> Outcome {
-    trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
-    match apply(ctx, e, src, dst, l4) {
-        Some(to) => Outcome {
-            kind: outcome::TRACKED,
-            rewritten: u8::from(e.flags & ct_flags::NAT != 0),
-            to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
-            to_host: u8::from(e.flags & ct_flags::VIA_HOST != 0),
-            dst: to,
-        },
-        None => Outcome::DROP,
-    }
-}
-
 /// A later fragment of a datagram whose first fragment carried `head`'s ports: that
 /// flow, from conntrack alone (a fragment starts nothing). TRACKED, its addresses
 /// rewritten as the entry asks; else UNTOUCHED (conntrack does not know the flow) or DROP
@@ -285,13 +285,7 @@ pub fn established(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, head:
     if !nat::rewrite_addresses(ctx, src, new_from.ip, dst, new_to.ip) {
         return Outcome::DROP;
     }
-    Outcome {
-        kind: outcome::TRACKED,
-        rewritten: u8::from(e.flags & ct_flags::NAT != 0),
-        to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
-        to_host: u8::from(e.flags & ct_flags::VIA_HOST != 0),
-        dst: new_to.ip,
-    }
+    Outcome::tracked(&e, new_to.ip)
 }
 
 /// Records a new service flow that policy allowed. False if the map refused (the packet

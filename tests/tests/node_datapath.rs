@@ -181,12 +181,16 @@ fn fragments_take_the_fast_path_and_ip_options_the_slow_path() {
     assert!(ok, "a 3000-byte ping from a to b is answered");
 
     // A later fragment whose first never passed: its ports are unknown, so it is dropped
-    // (its bytes are payload, never read as ports), and counted nowhere it could go.
+    // (its bytes are payload, never read as ports): counted as a fragment drop, and
+    // nowhere it could go.
     let sent = sent_anywhere(&node, a.ip);
+    let dropped = counter(&node.pod_counters(a.ip).unwrap(), "drop_fragment");
     let (SocketAddr::V4(dst4), src) = (dst, a.ip) else { unreachable!() };
     a.ns.enter(move || send_lone_later_fragment(src, dst4));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(sent_anywhere(&node, a.ip), sent, "a lone later fragment goes nowhere");
+    let c = node.pod_counters(a.ip).unwrap();
+    assert_eq!(counter(&c, "drop_fragment"), dropped + 1, "{c:?}");
 
     // A datagram with IP options (three NOPs and an End-of-options: ihl 6).
     let opts_before = node.vswitch_drops("ip_options");

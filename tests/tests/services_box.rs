@@ -1326,6 +1326,11 @@ spec:
   egress: [{to: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 7500, protocol: UDP}]}]
 "#,
     );
+    let rx_fragment = || {
+        let node = b.status_json("node-2", "/node").expect("node-2's /node");
+        node["overlayCounters"]["rxFragment"].as_u64().unwrap_or_else(|| panic!("no rxFragment in {node}"))
+    };
+    let refused_before = rx_fragment();
     b.wait_for(Duration::from_secs(30), "the web pods no longer admit the outside", || {
         enter(&ext, move || {
             UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| {
@@ -1335,6 +1340,19 @@ spec:
             })
         })
         .is_err()
+    });
+    // Refused datagrams to web-2 (node-1 balances each flow at random: 20 flows are all but
+    // sure to send some there): their first fragments are refused by node-2's ingress, so
+    // the later ones, which node-1 forwarded on the flow it balanced, are counted there as
+    // fragment drops.
+    enter(&ext, move || {
+        for _ in 0..20 {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.send_to(&[b'q'; 4000], node_port).unwrap();
+        }
+    });
+    b.wait_for(Duration::from_secs(5), "node-2 counts the refused datagrams' later fragments", || {
+        rx_fragment() > refused_before
     });
     for (from, src, to) in [(&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
         let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size)

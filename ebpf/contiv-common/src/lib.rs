@@ -102,8 +102,8 @@ pub mod schema {
     pub const LAYOUTS: &[(&str, u32)] = &[
         (PODS, 1),
         (POD_IFACES, 1),
-        // v2: tunnel, host and from-tunnel counters appended.
-        (POD_COUNTERS, 2),
+        // v2: tunnel, host and from-tunnel counters appended. v3: `drop_fragment` appended.
+        (POD_COUNTERS, 3),
         // v2: pod subnet, overlay device, VNI and node address appended. (The trailing padding
         // became `flags` without a layout change: an older agent's zeros mean kernel mode.
         // Likewise the padding after the gateway MAC became `overlay_port`: zero means the
@@ -114,7 +114,8 @@ pub mod schema {
         (VPP_XSKS, 1),
         (SLOWPORT_COUNTERS, 1),
         (REMOTE_ROUTES, 1),
-        (OVERLAY_COUNTERS, 1),
+        // v2: `rx_fragment` appended.
+        (OVERLAY_COUNTERS, 2),
         (SCHEMA, 1),
         (SVC_FRONTENDS, 1),
         (SVC_BACKENDS, 1),
@@ -293,6 +294,9 @@ pub struct PodCounters {
     pub drop_policy_ingress: u64,
     /// Dropped by NetworkPolicy: a new flow out of this pod its egress rules do not allow.
     pub drop_policy_egress: u64,
+    /// Dropped: a later fragment of a datagram from this pod whose first fragment this node
+    /// did not pass (refused, not sent yet, or forgotten), so its flow is unknown.
+    pub drop_fragment: u64,
 }
 
 /// Node-wide datapath configuration written by the agent.
@@ -380,6 +384,9 @@ pub struct OverlayCounters {
     pub tx_host_encapsulated: u64,
     /// Dropped: host-originated packet to a destination no node owns.
     pub tx_no_route: u64,
+    /// Dropped: a later fragment whose first fragment this node did not pass (refused, not
+    /// arrived yet, or forgotten), so its flow is unknown.
+    pub rx_fragment: u64,
 }
 
 /// Counters of the slow-path port's own programs.

@@ -309,6 +309,7 @@ fn from_pod(skb: *mut aya_ebpf::bindings::__sk_buff, event: &mut PendingEvent) -
                 drop_reason::TTL_EXCEEDED => count(&mut counters, |c| c.drop_ttl_exceeded += 1),
                 drop_reason::SERVICE => count(&mut counters, |c| c.drop_service += 1),
                 drop_reason::POLICY_EGRESS => count(&mut counters, |c| c.drop_policy_egress += 1),
+                drop_reason::FRAGMENT => count(&mut counters, |c| c.drop_fragment += 1),
                 drop_reason::POLICY_INGRESS => {
                     // Counted on the receiver.
                     about = verdict.peer.ip;
@@ -696,10 +697,8 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return overlay_drop(&ctx, trace, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1);
     };
-    // Fragment drops have no counter of their own (a new field would change the counters'
-    // layout): the monitor's drop events name them.
     let Some(frag) = Fragment::of(ip, data, data_end, trace) else {
-        return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |_| {});
+        return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |c| c.rx_fragment += 1);
     };
     let (src, mut dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     // Replies of flows this node NAT'ed (a client here, or outside through this node), and
@@ -724,7 +723,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
                 first = FirstPacket::TRACKED;
             }
             outcome::UNTOUCHED => {}
-            _ => return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |_| {}),
+            _ => return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |c| c.rx_fragment += 1),
         }
     } else if let Some(l4) = nat::l4(data, data_end, proto) {
         tcp_flags = l4.tcp_flags;
@@ -778,7 +777,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         trace.step(trace_step::ROUTE, trace_route::LOCAL_POD, dst, 0, 0, pod.host_ifindex);
         // A later fragment needs its first fragment's flow: refused, or not seen.
         if first != FirstPacket::TRACKED && frag.kind == frag::LATER {
-            return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |_| {});
+            return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |c| c.rx_fragment += 1);
         }
         // A new flow from another node: the receiver's ingress rules, on its own node.
         if first != FirstPacket::TRACKED {

@@ -163,6 +163,8 @@ pub struct CountersReport {
     pub drop_policy_ingress: u64,
     /// New flows out of the pod its egress rules denied.
     pub drop_policy_egress: u64,
+    /// Later fragments from the pod whose first fragment's flow this node did not pass.
+    pub drop_fragment: u64,
 }
 
 /// What the node enforces (`/policies`), read back from the datapath maps.
@@ -244,6 +246,8 @@ pub struct OverlayReport {
     pub rx_malformed: u64,
     pub tx_host_encapsulated: u64,
     pub tx_no_route: u64,
+    /// Later fragments whose first fragment's flow this node did not pass.
+    pub rx_fragment: u64,
 }
 
 impl From<OverlayCounters> for OverlayReport {
@@ -256,6 +260,7 @@ impl From<OverlayCounters> for OverlayReport {
             rx_malformed: c.rx_malformed,
             tx_host_encapsulated: c.tx_host_encapsulated,
             tx_no_route: c.tx_no_route,
+            rx_fragment: c.rx_fragment,
         }
     }
 }
@@ -292,6 +297,7 @@ impl From<PodCounters> for CountersReport {
             from_tunnel_bytes: c.from_tunnel_bytes,
             drop_policy_ingress: c.drop_policy_ingress,
             drop_policy_egress: c.drop_policy_egress,
+            drop_fragment: c.drop_fragment,
         }
     }
 }

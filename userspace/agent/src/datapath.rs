@@ -269,21 +269,12 @@ impl Datapath {
     fn migrate_entries(&mut self, name: &'static str, from_version: u32) -> Result<()> {
         let pin = self.pin_dir.join(name);
         match (name, from_version) {
-            // v1 -> v2: counters appended; the old counts are kept.
-            (map_names::POD_COUNTERS, 1) => {
-                let old = MapData::from_pin(&pin).map_err(map_err(name))?;
-                let old: PerCpuHashMap<MapData, Ipv4Key, [u64; 11]> =
-                    PerCpuHashMap::try_from(Map::PerCpuHashMap(old)).map_err(map_err(name))?;
-                let entries: Vec<(Ipv4Key, PerCpuValues<[u64; 11]>)> = old.iter().filter_map(|e| e.ok()).collect();
-                let mut new: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(name)?;
-                for (key, values) in &entries {
-                    let converted: Vec<PodCounters> = values.iter().map(counters_from_v1).collect();
-                    let values = PerCpuValues::try_from(converted)
-                        .map_err(|e| DatapathError::Map { name, source: aya::maps::MapError::IoError(e) })?;
-                    new.insert(key, values, 0).map_err(map_err(name))?;
-                }
-                log::info!("map {name}: migrated {} entries from layout v1", entries.len());
-            }
+            // Counters appended at the end; the old counts are kept, the new ones start at 0.
+            // POD_COUNTERS v1: 11 counters, v2: 20.
+            (map_names::POD_COUNTERS, 1) => self.migrate_pod_counters::<11>()?,
+            (map_names::POD_COUNTERS, 2) => self.migrate_pod_counters::<20>()?,
+            // OVERLAY_COUNTERS v1: 7 counters.
+            (map_names::OVERLAY_COUNTERS, 1) => self.migrate_overlay_counters::<7>()?,
             // Same layout, another size (`conntrackEntries` changed): the flows move over.
             (map_names::CT, v) if v == schema::layout(map_names::CT) => {
                 let capacity = match self.ebpf.map(name) {
@@ -307,6 +298,36 @@ impl Datapath {
             (map_names::MONITOR_EVENTS | map_names::MONITOR_RATE | map_names::TRACE_STEPS, _) => {}
             _ => log::warn!("map {name}: no migration from layout v{from_version}; rebuilt empty"),
         }
+        Ok(())
+    }
+
+    /// POD_COUNTERS from a layout of `N` counters: each pod's per-CPU counts, widened.
+    fn migrate_pod_counters<const N: usize>(&mut self) -> Result<()> {
+        let name = map_names::POD_COUNTERS;
+        let old = MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))?;
+        let old: PerCpuHashMap<MapData, Ipv4Key, [u64; N]> =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(old)).map_err(map_err(name))?;
+        let entries: Vec<(Ipv4Key, PerCpuValues<[u64; N]>)> = old.iter().filter_map(|e| e.ok()).collect();
+        let mut new: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(name)?;
+        for (key, values) in &entries {
+            let values = per_cpu(name, values.iter().map(widen).collect())?;
+            new.insert(key, values, 0).map_err(map_err(name))?;
+        }
+        log::info!("map {name}: migrated {} entries from a layout of {N} counters", entries.len());
+        Ok(())
+    }
+
+    /// OVERLAY_COUNTERS (one per-CPU entry) from a layout of `N` counters, widened.
+    fn migrate_overlay_counters<const N: usize>(&mut self) -> Result<()> {
+        let name = map_names::OVERLAY_COUNTERS;
+        let old = MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))?;
+        let old: PerCpuArray<MapData, [u64; N]> =
+            PerCpuArray::try_from(Map::PerCpuArray(old)).map_err(map_err(name))?;
+        let values = old.get(&0, 0).map_err(map_err(name))?;
+        let values = per_cpu(name, values.iter().map(widen).collect())?;
+        let mut new: PerCpuArray<&mut MapData, OverlayCounters> = self.typed(name)?;
+        new.set(0, values, 0).map_err(map_err(name))?;
+        log::info!("map {name}: migrated from a layout of {N} counters");
         Ok(())
     }
 
@@ -662,6 +683,7 @@ impl Datapath {
             s.rx_malformed += v.rx_malformed;
             s.tx_host_encapsulated += v.tx_host_encapsulated;
             s.tx_no_route += v.tx_no_route;
+            s.rx_fragment += v.rx_fragment;
         }
         Ok(s)
     }
@@ -712,22 +734,19 @@ fn read_schema(pin_dir: &Path) -> BTreeMap<String, u32> {
         .collect()
 }
 
-/// POD_COUNTERS layout v1 (eleven u64 counters) -> the current layout.
-fn counters_from_v1(v: &[u64; 11]) -> PodCounters {
-    PodCounters {
-        fwd_packets: v[0],
-        fwd_bytes: v[1],
-        slow_packets: v[2],
-        slow_bytes: v[3],
-        from_slow_packets: v[4],
-        from_slow_bytes: v[5],
-        drop_spoofed_ip: v[6],
-        drop_spoofed_mac: v[7],
-        drop_malformed: v[8],
-        drop_ttl_exceeded: v[9],
-        drop_no_slowpath: v[10],
-        ..Default::default()
-    }
+/// A counters value of an older layout, a prefix of the current one (every field a u64,
+/// later layouts only append): the old counts kept, the appended ones 0.
+fn widen<T: aya::Pod + Default, const N: usize>(old: &[u64; N]) -> T {
+    const { assert!(N * 8 <= size_of::<T>()) };
+    let mut new = T::default();
+    // SAFETY: `T` is plain old data at least N * 8 bytes long (asserted above), and the
+    // two values do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(old.as_ptr().cast::<u8>(), (&raw mut new).cast::<u8>(), N * 8) };
+    new
+}
+
+fn per_cpu<T: aya::Pod>(name: &'static str, values: Vec<T>) -> Result<PerCpuValues<T>> {
+    PerCpuValues::try_from(values).map_err(|e| DatapathError::Map { name, source: aya::maps::MapError::IoError(e) })
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
@@ -762,6 +781,7 @@ pub fn sum_pod_counters<'a>(values: impl Iterator<Item = &'a PodCounters>) -> Po
         s.drop_service += v.drop_service;
         s.drop_policy_ingress += v.drop_policy_ingress;
         s.drop_policy_egress += v.drop_policy_egress;
+        s.drop_fragment += v.drop_fragment;
     }
     s
 }
@@ -771,14 +791,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn v1_counters_keep_their_values_in_the_v2_layout() {
+    fn older_counter_layouts_keep_their_values_in_the_current_one() {
         let v1: [u64; 11] = core::array::from_fn(|i| i as u64 + 1);
-        let v2 = counters_from_v1(&v1);
-        assert_eq!(v2.fwd_packets, 1);
-        assert_eq!(v2.drop_no_slowpath, 11);
-        assert_eq!(v2.tunnel_packets, 0);
-        // v1's value was exactly eleven u64s, the prefix of v2's.
+        let c: PodCounters = widen(&v1);
+        assert_eq!(c.fwd_packets, 1);
+        assert_eq!(c.drop_no_slowpath, 11);
+        assert_eq!(c.tunnel_packets, 0);
+        // v1's value was exactly eleven u64s, the prefix of the later layouts.
         assert_eq!(std::mem::size_of::<[u64; 11]>(), std::mem::offset_of!(PodCounters, tunnel_packets));
+        let v2: [u64; 20] = core::array::from_fn(|i| i as u64 + 1);
+        let c: PodCounters = widen(&v2);
+        assert_eq!((c.tunnel_packets, c.drop_policy_egress, c.drop_fragment), (12, 20, 0));
+        assert_eq!(std::mem::size_of::<[u64; 20]>(), std::mem::offset_of!(PodCounters, drop_fragment));
+        let o1: [u64; 7] = core::array::from_fn(|i| i as u64 + 1);
+        let o: OverlayCounters = widen(&o1);
+        assert_eq!((o.rx_delivered, o.tx_no_route, o.rx_fragment), (1, 7, 0));
+        assert_eq!(std::mem::size_of::<[u64; 7]>(), std::mem::offset_of!(OverlayCounters, rx_fragment));
     }
 }
 
@@ -823,5 +851,86 @@ mod verifier {
         }
         assert!(failed.is_empty(), "{}", failed.join("\n\n"));
         assert!(report.iter().any(|(n, _)| n == program_names::FROM_POD));
+    }
+}
+
+/// Counter maps pinned in an older layout are migrated with their counts (root only).
+#[cfg(test)]
+mod counter_migration {
+    use std::process::Command;
+
+    use super::*;
+
+    struct PinDir(PathBuf);
+
+    impl Drop for PinDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Pins, under `name`, an empty map of `kind` with a value of `counters` u64s, as an
+    /// agent of that layout created it.
+    fn pin_old(dir: &Path, name: &str, kind: &str, key: usize, counters: usize, entries: u32) {
+        let pin = dir.join(name);
+        std::fs::remove_file(&pin).unwrap();
+        let (key, value, entries) = (key.to_string(), (counters * 8).to_string(), entries.to_string());
+        let status = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&pin)
+            .args(["type", kind, "key", &key, "value", &value, "entries", &entries, "name", name])
+            .status()
+            .expect("running bpftool");
+        assert!(status.success(), "bpftool map create {name}");
+    }
+
+    #[test]
+    fn counters_pinned_in_older_layouts_keep_their_counts() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the datapath needs root");
+            return;
+        }
+        let dir = PinDir(PathBuf::from(format!("/sys/fs/bpf/contiv-test-counters-{}", std::process::id())));
+        let load = || Datapath::load_with(&dir.0, true, Some(1024)).expect("loading the datapath");
+        let mut dp = load();
+        dp.finish_migration().unwrap();
+        drop(dp);
+
+        // An agent of the layouts before: POD_COUNTERS v2 (20 counters), OVERLAY_COUNTERS
+        // v1 (7), with counts on every CPU.
+        pin_old(&dir.0, map_names::POD_COUNTERS, "percpu_hash", 4, 20, 4096);
+        pin_old(&dir.0, map_names::OVERLAY_COUNTERS, "percpu_array", 4, 7, 1);
+        let nr_cpus = aya::util::nr_cpus().unwrap();
+        let pod = Ipv4Key { addr: [10, 1, 0, 7] };
+        {
+            let data = MapData::from_pin(dir.0.join(map_names::POD_COUNTERS)).unwrap();
+            let mut m: PerCpuHashMap<MapData, Ipv4Key, [u64; 20]> =
+                PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
+            let v: [u64; 20] = core::array::from_fn(|i| i as u64 + 1);
+            m.insert(pod, PerCpuValues::try_from(vec![v; nr_cpus]).unwrap(), 0).unwrap();
+            let data = MapData::from_pin(dir.0.join(map_names::OVERLAY_COUNTERS)).unwrap();
+            let mut m: PerCpuArray<MapData, [u64; 7]> = PerCpuArray::try_from(Map::PerCpuArray(data)).unwrap();
+            let v: [u64; 7] = core::array::from_fn(|i| i as u64 + 100);
+            m.set(0, PerCpuValues::try_from(vec![v; nr_cpus]).unwrap(), 0).unwrap();
+            let data = MapData::from_pin(dir.0.join(map_names::SCHEMA)).unwrap();
+            let mut schema: HashMap<MapData, MapName, u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
+            schema.insert(MapName::new(map_names::POD_COUNTERS), 2, 0).unwrap();
+            schema.insert(MapName::new(map_names::OVERLAY_COUNTERS), 1, 0).unwrap();
+        }
+
+        // This agent migrates both, and the pins take the new maps.
+        let mut dp = load();
+        dp.finish_migration().unwrap();
+        let n = nr_cpus as u64;
+        let c = dp.pod_counters(Ipv4Addr::new(10, 1, 0, 7)).unwrap().expect("the pod's counters came along");
+        assert_eq!((c.fwd_packets, c.drop_policy_egress, c.drop_fragment), (n, 20 * n, 0), "{c:?}");
+        let o = dp.overlay_counters().unwrap();
+        assert_eq!((o.rx_delivered, o.tx_no_route, o.rx_fragment), (100 * n, 106 * n, 0), "{o:?}");
+        let stored = read_schema(&dir.0);
+        assert_eq!(stored.get(map_names::POD_COUNTERS), Some(&schema::layout(map_names::POD_COUNTERS)));
+        assert_eq!(stored.get(map_names::OVERLAY_COUNTERS), Some(&schema::layout(map_names::OVERLAY_COUNTERS)));
+        let pinned = aya::maps::MapInfo::from_pin(dir.0.join(map_names::POD_COUNTERS)).unwrap();
+        assert_eq!(pinned.value_size() as usize, size_of::<PodCounters>(), "the pin holds the new layout");
     }
 }

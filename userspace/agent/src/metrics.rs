@@ -172,7 +172,7 @@ const POD_COUNTERS: [PodCounter; 11] = [
 /// A drop reason and how to read its counter.
 type PodDrop = (&'static str, fn(&CountersReport) -> u64);
 
-const POD_DROPS: [PodDrop; 8] = [
+const POD_DROPS: [PodDrop; 9] = [
     ("spoofed_ip", |c| c.drop_spoofed_ip),
     ("spoofed_mac", |c| c.drop_spoofed_mac),
     ("malformed", |c| c.drop_malformed),
@@ -182,6 +182,8 @@ const POD_DROPS: [PodDrop; 8] = [
     ("policy_ingress", |c| c.drop_policy_ingress),
     ("policy_egress", |c| c.drop_policy_egress),
     ("service", |c| c.drop_service),
+    // A later fragment whose first fragment's flow this node did not pass.
+    ("fragment", |c| c.drop_fragment),
 ];
 
 fn counter_family<S: EncodeLabelSet>(

@@ -854,20 +854,31 @@ mod verifier {
     }
 }
 
+/// A test's own pin directory (`/sys/fs/bpf/contiv-test-TAG-PID`), removed when the test
+/// ends, also on failure.
+#[cfg(test)]
+pub(crate) struct TestPins(pub PathBuf);
+
+#[cfg(test)]
+impl TestPins {
+    pub fn new(tag: &str) -> Self {
+        Self(PathBuf::from(format!("/sys/fs/bpf/contiv-test-{tag}-{}", std::process::id())))
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Counter maps pinned in an older layout are migrated with their counts (root only).
 #[cfg(test)]
 mod counter_migration {
     use std::process::Command;
 
     use super::*;
-
-    struct PinDir(PathBuf);
-
-    impl Drop for PinDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     /// Pins, under `name`, an empty map of `kind` with a value of `counters` u64s, as an
     /// agent of that layout created it.
@@ -891,7 +902,7 @@ mod counter_migration {
             eprintln!("skipped: loading the datapath needs root");
             return;
         }
-        let dir = PinDir(PathBuf::from(format!("/sys/fs/bpf/contiv-test-counters-{}", std::process::id())));
+        let dir = TestPins::new("counters");
         let load = || Datapath::load_with(&dir.0, true, Some(1024)).expect("loading the datapath");
         let mut dp = load();
         dp.finish_migration().unwrap();

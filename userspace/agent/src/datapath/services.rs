@@ -473,13 +473,7 @@ mod resize {
 
     use super::*;
 
-    struct PinDir(PathBuf);
-
-    impl Drop for PinDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::datapath::TestPins;
 
     fn flow(i: u32) -> [(CtKey, CtEntry); 2] {
         let b = i.to_be_bytes();
@@ -514,7 +508,7 @@ mod resize {
             eprintln!("skipped: loading the datapath needs root");
             return;
         }
-        let dir = PinDir(PathBuf::from(format!("/sys/fs/bpf/contiv-test-ct-resize-{}", std::process::id())));
+        let dir = TestPins::new("ct-resize");
         let load = |entries: u32| Datapath::load_with(&dir.0, true, Some(entries)).expect("loading the datapath");
 
         // Created at 2048 entries; 100 flows recorded.

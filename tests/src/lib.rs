@@ -23,6 +23,24 @@ pub mod netpol;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// Gives every packet `socket` sends IPv4 options: three NOPs and an End of Options List,
+/// a 24-byte header (IHL 6). Each NOP is one byte, so reading the transport header at the
+/// fixed 20 bytes would read them as ports.
+pub fn set_ip_options(socket: &impl std::os::fd::AsRawFd) {
+    let options: [u8; 4] = [1, 1, 1, 0];
+    // SAFETY: a valid socket, and a buffer of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            options.as_ptr().cast(),
+            options.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+}
+
 /// Makes closing `socket` send a reset (SO_LINGER 0): thousands of short connections in a
 /// test or benchmark leave no TIME_WAIT behind.
 pub fn close_with_reset(socket: &impl std::os::fd::AsRawFd) {

@@ -20,7 +20,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, enter, ip_in};
+use contiv_tests::{
+    cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, enter, ip_in},
+    set_ip_options,
+};
 use serde_json::Value;
 
 fn ports(spec: &[&str]) -> Vec<ContainerPort> {
@@ -92,11 +95,22 @@ fn parse(reply: &str) -> (String, SocketAddr) {
 
 /// One TCP connection from namespace `ns` (optionally from `src`): connect, ask, answer.
 fn tcp_ask_from(ns: &str, src: Option<Ipv4Addr>, addr: SocketAddr, timeout: Duration) -> std::io::Result<Answer> {
+    tcp_ask_with(ns, addr, timeout, move |s| match src {
+        Some(src) => s.bind(&SocketAddr::from((src, 0)).into()),
+        None => Ok(()),
+    })
+}
+
+/// One TCP exchange from a fresh socket in `ns`, which `setup` prepares before it connects.
+fn tcp_ask_with(
+    ns: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+    setup: impl FnOnce(&socket2::Socket) -> std::io::Result<()> + Send + 'static,
+) -> std::io::Result<Answer> {
     enter(ns, move || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        if let Some(src) = src {
-            s.bind(&SocketAddr::from((src, 0)).into())?;
-        }
+        setup(&s)?;
         s.connect_timeout(&addr.into(), timeout)?;
         let mut s: TcpStream = s.into();
         s.set_read_timeout(Some(timeout))?;
@@ -1216,10 +1230,14 @@ fn serve_same_size(pod: &BoxPod, port: u16) {
 }
 
 /// One exchange of a `size`-byte datagram from a fresh socket in `ns` (sent and answered
-/// as fragments): the server, the client it saw, where the answer came from.
-fn udp_ask_big(ns: &str, addr: SocketAddr, size: usize) -> std::io::Result<Answer> {
+/// as fragments when larger than the MTU; sent with IPv4 options if `options`): the server,
+/// the client it saw, where the answer came from.
+fn udp_ask_big(ns: &str, addr: SocketAddr, size: usize, options: bool) -> std::io::Result<Answer> {
     enter(ns, move || {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        if options {
+            set_ip_options(&s);
+        }
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         s.send_to(&vec![b'q'; size], addr)?;
         let mut buf = vec![0u8; 65536];
@@ -1234,10 +1252,11 @@ fn udp_ask_big(ns: &str, addr: SocketAddr, size: usize) -> std::io::Result<Answe
 /// The servers that answered `size`-byte datagrams from `client` to the service `svc`
 /// (the answers from `svc`, the client's own address seen), asking until `want` did (at
 /// most 40 times).
-fn big_servers(client: &BoxPod, svc: SocketAddr, size: usize, want: usize) -> BTreeSet<String> {
+fn big_servers(client: &BoxPod, svc: SocketAddr, size: usize, options: bool, want: usize) -> BTreeSet<String> {
     let mut servers = BTreeSet::new();
     for _ in 0..40 {
-        let a = udp_ask_big(&client.netns, svc, size).unwrap_or_else(|e| panic!("{} -> {svc}: {e}", client.name));
+        let a =
+            udp_ask_big(&client.netns, svc, size, options).unwrap_or_else(|e| panic!("{} -> {svc}: {e}", client.name));
         assert_eq!((a.peer, a.seen.ip()), (svc, std::net::IpAddr::V4(client.ip)), "{a:?}");
         servers.insert(a.server);
         if servers.len() == want {
@@ -1245,6 +1264,30 @@ fn big_servers(client: &BoxPod, svc: SocketAddr, size: usize, want: usize) -> BT
         }
     }
     servers
+}
+
+/// Asks `node_port` on node-1 (at `n1`) from outside with `ask` until web-1 and web-2 both
+/// answered: the answers come from the NodePort, the local backend (web-1) sees the client,
+/// the remote one (web-2) sees node-1 (SNAT).
+fn both_behind_node_port(
+    w1: &BoxPod,
+    w2: &BoxPod,
+    n1: Ipv4Addr,
+    node_port: SocketAddr,
+    ask: impl Fn(SocketAddr) -> std::io::Result<Answer>,
+) {
+    let mut seen = BTreeMap::new();
+    for _ in 0..40 {
+        let a = ask(node_port).unwrap_or_else(|e| panic!("outside -> {node_port}: {e}"));
+        assert_eq!(a.peer, node_port, "the answer comes from the NodePort");
+        seen.insert(a.server, a.seen.ip());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both backends behind {node_port}: {seen:?}");
+    assert_eq!(seen[&w2.name], std::net::IpAddr::V4(n1), "a remote backend sees the node (SNAT)");
+    assert_ne!(seen[&w1.name], std::net::IpAddr::V4(n1), "a local backend sees the client");
 }
 
 /// Datagrams larger than the pods' MTU leave as fragments and arrive whole: pod to pod on
@@ -1279,33 +1322,22 @@ spec:
 
     // Pod to pod, on the node and across the overlay; and a node's stack to a remote pod.
     for (from, src, to) in [(&c1.netns, c1.ip, &w1), (&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
-        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size)
+        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size, false)
             .unwrap_or_else(|e| panic!("{from} -> {}: {e}", to.name));
         assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
     }
-    let a = udp_ask_big(&n1.netns, SocketAddr::from((w2.ip, 7500)), size).expect("node-1's stack -> web-2");
+    let a = udp_ask_big(&n1.netns, SocketAddr::from((w2.ip, 7500)), size, false).expect("node-1's stack -> web-2");
     assert_eq!(a.server, w2.name);
 
     // Pod to ClusterIP: both backends answer, the answer from the service address.
     let svc = sa("10.96.0.80", 53);
     let both = BTreeSet::from([w1.name.clone(), w2.name.clone()]);
-    assert_eq!(big_servers(&c1, svc, size, 2), both, "both backends of {svc}");
+    assert_eq!(big_servers(&c1, svc, size, false, 2), both, "both backends of {svc}");
 
     // Outside to a NodePort: a local backend sees the client; a remote one sees node-1.
     let ext = b.netns_of("external").unwrap();
     let node_port = SocketAddr::from((n1.ip, 30075));
-    let mut seen = BTreeMap::new();
-    for _ in 0..40 {
-        let a = udp_ask_big(&ext, node_port, size).unwrap_or_else(|e| panic!("outside -> {node_port}: {e}"));
-        assert_eq!(a.peer, node_port, "the answer comes from the NodePort");
-        seen.insert(a.server, a.seen.ip());
-        if seen.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(seen.len(), 2, "both backends behind {node_port}: {seen:?}");
-    assert_eq!(seen[&w2.name], std::net::IpAddr::V4(n1.ip), "a remote backend sees the node (SNAT)");
-    assert_ne!(seen[&w1.name], std::net::IpAddr::V4(n1.ip), "a local backend sees the client");
+    both_behind_node_port(&w1, &w2, n1.ip, node_port, |to| udp_ask_big(&ext, to, size, false));
 
     // NetworkPolicy: the web pods admit clients on 7500/UDP only, and the clients may send
     // only there. A datagram's first fragment is checked; its later ones pass on its flow.
@@ -1355,11 +1387,93 @@ spec:
         rx_fragment() > refused_before
     });
     for (from, src, to) in [(&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
-        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size)
+        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size, false)
             .unwrap_or_else(|e| panic!("isolated: {from} -> {}: {e}", to.name));
         assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
     }
-    assert_eq!(big_servers(&c1, svc, size, 2), both, "isolated: both backends of {svc} admit c1's fragments");
+    assert_eq!(big_servers(&c1, svc, size, false, 2), both, "isolated: both backends of {svc} admit c1's fragments");
+}
+
+/// Packets with IPv4 options take the fast path like any other, their transport header
+/// read past the options: pod to pod across the overlay (whole and fragmented), a node's
+/// stack to another node's pod, pod to ClusterIP, and from outside to a NodePort over UDP and TCP (translated at node-1's
+/// uplink; the remote backend reached over the overlay). NetworkPolicy reads their ports
+/// where they are: an allowed port still passes, another is refused. (In kernel mode they
+/// used to go to the slow path, whose built-in vswitch drops them.)
+#[test]
+fn services_box_ip_options_take_the_fast_path_through_services_and_policy() {
+    let (b, [w1, w2, c1, c2]) = web_box("");
+    for w in [&w1, &w2] {
+        serve_same_size(w, 7500);
+    }
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: opts, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.81
+  clusterIPs: [10.96.0.81]
+  ports:
+  - {{name: u, protocol: UDP, port: 53, targetPort: 7500, nodePort: 30077}}
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30078}}
+---
+{}---
+{}"#,
+        slice_yaml("opts", "opts-a", &[("u", "UDP", 7500), ("http", "TCP", 8080)], &[(&w1, READY)]),
+        slice_yaml("opts", "opts-b", &[("u", "UDP", 7500), ("http", "TCP", 9090)], &[(&w2, READY)]),
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.81:53", 2);
+    let n1 = b.node("node-1").ip;
+
+    for size in [100, 4000] {
+        for (from, src, to) in [(&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
+            let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size, true)
+                .unwrap_or_else(|e| panic!("{from} -> {} ({size} bytes, options): {e}", to.name));
+            assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
+        }
+    }
+    // A node's own stack to another node's pod (`tc_to_overlay`, then `tc_from_overlay`).
+    let n1_netns = b.node("node-1").netns.clone();
+    let a = udp_ask_big(&n1_netns, SocketAddr::from((w2.ip, 7500)), 4000, true).expect("node-1's stack -> web-2");
+    assert_eq!(a.server, w2.name);
+    let svc = sa("10.96.0.81", 53);
+    let both = BTreeSet::from([w1.name.clone(), w2.name.clone()]);
+    assert_eq!(big_servers(&c1, svc, 100, true, 2), both, "both backends of {svc}, with options");
+
+    let ext = b.netns_of("external").unwrap();
+    let with_options = |s: &socket2::Socket| {
+        set_ip_options(s);
+        Ok(())
+    };
+    both_behind_node_port(&w1, &w2, n1, SocketAddr::from((n1, 30077)), |to| udp_ask_big(&ext, to, 4000, true));
+    both_behind_node_port(&w1, &w2, n1, SocketAddr::from((n1, 30078)), |to| {
+        tcp_ask_with(&ext, to, Duration::from_secs(3), with_options)
+    });
+
+    // The web pods admit clients on 7500/UDP only. Read at the fixed 20 bytes, the options'
+    // NOPs would be the ports (257), which no rule allows.
+    b.apply_yaml(
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 7500, protocol: UDP}]}]
+"#,
+    );
+    let web2_http = SocketAddr::from((w2.ip, 9090));
+    b.wait_for(Duration::from_secs(30), "web-2 no longer admits c1 on 9090", || udp_ask(&c1.netns, web2_http).is_err());
+    for (from, src, to) in [(&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
+        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), 100, true)
+            .unwrap_or_else(|e| panic!("isolated: {from} -> {} with options: {e}", to.name));
+        assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
+    }
+    assert!(udp_ask_big(&c1.netns, web2_http, 100, true).is_err(), "isolated: c1 -> web-2:9090 with options");
+    assert!(
+        tcp_ask_with(&c1.netns, web2_http, Duration::from_secs(1), with_options).is_err(),
+        "isolated: c1 -> web-2:9090/TCP with options"
+    );
 }
 
 /// loadBalancerSourceRanges and the node's own connections, as kube-proxy treats them: the

@@ -924,8 +924,7 @@ pub mod trace_step {
     pub const SOURCE_SPOOFED: u16 = 2;
     /// Not IPv4 (`arg`: the ethertype; ARP included): the slow path answers it.
     pub const NOT_IPV4: u16 = 3;
-    /// IPv4 options: the slow path handles it.
-    pub const IP_OPTIONS: u16 = 4;
+    // 4 is retired: packets with IPv4 options took the slow path.
     /// A header could not be read.
     pub const MALFORMED: u16 = 5;
     /// Conntrack knows the flow: `arg` the entry's [`super::ct_flags`], `ip`/`port` its

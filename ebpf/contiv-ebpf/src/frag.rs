@@ -15,8 +15,8 @@ use contiv_common::{FragHead, FragKey, trace_step};
 
 use crate::{
     maps::FRAGS,
-    nat::{IPPROTO_TCP, IPPROTO_UDP, L4_OFF},
-    packet::{IPV4_MIN_HLEN, dst_ip, ptr_at, src_ip},
+    nat::{IPPROTO_TCP, IPPROTO_UDP},
+    packet::{IPV4_MIN_HLEN, dst_ip, l4_off, ptr_at, src_ip},
     policy::{self, IPPROTO_ICMP, IPPROTO_SCTP, Transport},
     trace::Trace,
 };
@@ -39,7 +39,7 @@ pub struct Fragment {
 }
 
 impl Fragment {
-    /// Reads the IPv4 header (`ip`, no options: the caller checked) and the frame: a first
+    /// Reads the IPv4 header (`ip`, well formed: the caller checked) and the frame: a first
     /// fragment's ports are recorded (not in a trace); a later fragment's are looked up.
     /// `None`: a later fragment whose first fragment was not seen here (drop it).
     #[inline(always)]
@@ -50,7 +50,7 @@ impl Fragment {
             return Some(whole);
         }
         // The first 8 bytes after the header: a first fragment's transport header.
-        let l4 = match ptr_at::<[u8; 8]>(data, data_end, L4_OFF) {
+        let l4 = match ptr_at::<[u8; 8]>(data, data_end, l4_off(data, data_end)) {
             // SAFETY: bounds checked by ptr_at.
             Some(p) => u64::from_le_bytes(unsafe { *p }),
             None => 0,

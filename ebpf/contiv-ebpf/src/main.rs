@@ -6,8 +6,9 @@
 //!   a pod or node address another node owns -> encapsulated into the overlay;
 //!   anything else outside the local pod subnet (the host, node addresses, the outside
 //!   world) -> the node's own stack, which routes it (and masquerades what leaves);
-//!   the gateway, unknown local addresses, IP options, packets too big for the overlay ->
-//!   the slow path. Fragments take the fast path like whole datagrams (see `frag.rs`).
+//!   the gateway, unknown local addresses, packets too big for the overlay -> the slow
+//!   path. Fragments take the fast path like whole datagrams (see `frag.rs`), and so do
+//!   packets with IP options (their transport header is found past them).
 //! - `tc_from_overlay` / `tc_to_overlay` (tcx on the node's VXLAN device): decapsulated
 //!   packets from other nodes go into local pods or to this node; what the node's stack
 //!   sends to other nodes' pods and addresses gets its tunnel key (see `overlay.rs`) and is
@@ -424,9 +425,10 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
         return Verdict::drop(drop_reason::SPOOFED_IP);
     }
     trace.step(trace_step::SOURCE_OK, 0, me.ip, 0, 0, 0);
-    if has_options(ip) {
-        trace.note(trace_step::IP_OPTIONS, 0);
-        return Verdict::SLOW_PATH;
+    // IP options are read past (`packet::l4_off`) and forwarded as they are.
+    if !well_formed(ip) {
+        trace.note(trace_step::MALFORMED, 0);
+        return Verdict::drop(drop_reason::MALFORMED);
     }
     let Some(cfg) = config() else {
         trace.note(trace_step::ROUTE, trace_route::NO_CONFIG);
@@ -676,7 +678,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     };
-    if ethertype(eth) != ETH_P_IP {
+    if ethertype(eth) != ETH_P_IP || !well_formed(ip) {
         return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
     }
     // Anti-spoofing across nodes: the inner source must be the sending node itself or one
@@ -853,7 +855,7 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
     };
     // Whole datagrams and first fragments carry their ports.
     let frag_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-    let (src, dst, proto, plain) = (src_ip(ip), dst_ip(ip), ip[9], !has_options(ip) && frag_offset == 0);
+    let (src, dst, proto, plain) = (src_ip(ip), dst_ip(ip), ip[9], well_formed(ip) && frag_offset == 0);
     let (Some(route), Some(cfg)) = (remote_route(dst), config()) else {
         count_overlay(|c| c.tx_no_route += 1);
         return TC_ACT_SHOT;
@@ -916,7 +918,7 @@ fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
     if ethertype(eth) != ETH_P_IP {
         return true;
     }
-    if has_options(ip) {
+    if !well_formed(ip) {
         return false;
     }
     let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {
@@ -945,7 +947,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_OK;
     };
-    if ethertype(eth) != ETH_P_IP || has_options(ip) {
+    if ethertype(eth) != ETH_P_IP || !well_formed(ip) {
         return TC_ACT_OK;
     }
     // A later fragment whose first fragment was not seen here: the node's stack's, which

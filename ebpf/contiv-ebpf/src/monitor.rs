@@ -17,7 +17,7 @@ use contiv_common::MonitorEvent;
 
 use crate::{
     maps::{MONITOR_EVENTS, MONITOR_RATE, config},
-    nat::{IPPROTO_TCP, IPPROTO_UDP, L4_OFF},
+    nat::{IPPROTO_TCP, IPPROTO_UDP},
     packet::{self, ETH_P_ARP, ETH_P_IP},
     policy::{IPPROTO_ICMP, IPPROTO_SCTP},
 };
@@ -107,14 +107,14 @@ fn describe(ctx: &TcContext, ev: &mut MonitorEvent) {
     ev.src = packet::src_ip(ip);
     ev.dst = packet::dst_ip(ip);
     ev.proto = ip[9];
-    if ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
-        // Options move the transport header, and a later fragment has none: the addresses
-        // say enough.
+    if !packet::well_formed(ip) || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+        // A later fragment has no transport header: the addresses say enough.
         return;
     }
+    let off = packet::l4_off(data, data_end);
     match ev.proto {
         IPPROTO_TCP => {
-            if let Some(h) = packet::ptr_at::<[u8; 14]>(data, data_end, L4_OFF) {
+            if let Some(h) = packet::ptr_at::<[u8; 14]>(data, data_end, off) {
                 // SAFETY: bounds checked by ptr_at.
                 let h = unsafe { &*h };
                 ev.sport = u16::from_be_bytes([h[0], h[1]]);
@@ -123,7 +123,7 @@ fn describe(ctx: &TcContext, ev: &mut MonitorEvent) {
             }
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            if let Some(h) = packet::ptr_at::<[u8; 4]>(data, data_end, L4_OFF) {
+            if let Some(h) = packet::ptr_at::<[u8; 4]>(data, data_end, off) {
                 // SAFETY: bounds checked by ptr_at.
                 let h = unsafe { &*h };
                 ev.sport = u16::from_be_bytes([h[0], h[1]]);
@@ -131,7 +131,7 @@ fn describe(ctx: &TcContext, ev: &mut MonitorEvent) {
             }
         }
         IPPROTO_ICMP => {
-            if let Some(h) = packet::ptr_at::<[u8; 2]>(data, data_end, L4_OFF) {
+            if let Some(h) = packet::ptr_at::<[u8; 2]>(data, data_end, off) {
                 // SAFETY: bounds checked by ptr_at.
                 let h = unsafe { &*h };
                 ev.sport = u16::from(h[0]);

@@ -7,7 +7,7 @@
 
 use aya_ebpf::programs::TcContext;
 
-use crate::packet::{ETH_HLEN, IPV4_MIN_HLEN};
+use crate::packet::{ETH_HLEN, l4_off, ptr_at};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -15,7 +15,6 @@ pub const IPPROTO_UDP: u8 = 17;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
-pub const L4_OFF: usize = ETH_HLEN + IPV4_MIN_HLEN;
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 
@@ -36,12 +35,13 @@ pub struct L4 {
     pub tcp_flags: u8,
 }
 
-/// The ports of a TCP or UDP packet without IP options (the fast path's only kind).
+/// The ports of a TCP or UDP packet (after the IPv4 header's options, if any).
 #[inline(always)]
 pub fn l4(data: usize, data_end: usize, proto: u8) -> Option<L4> {
+    let off = l4_off(data, data_end);
     match proto {
         IPPROTO_TCP => {
-            let tcp = crate::packet::ptr_at::<[u8; 14]>(data, data_end, L4_OFF)?;
+            let tcp = ptr_at::<[u8; 14]>(data, data_end, off)?;
             // SAFETY: bounds checked by ptr_at.
             let tcp = unsafe { &*tcp };
             Some(L4 {
@@ -52,7 +52,7 @@ pub fn l4(data: usize, data_end: usize, proto: u8) -> Option<L4> {
             })
         }
         IPPROTO_UDP => {
-            let udp = crate::packet::ptr_at::<[u8; 4]>(data, data_end, L4_OFF)?;
+            let udp = ptr_at::<[u8; 4]>(data, data_end, off)?;
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
             Some(L4 {
@@ -78,13 +78,14 @@ pub fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> bool {
+    let off = l4_off(ctx.data(), ctx.data_end());
     let (csum_off, mangle) = match l4.proto {
-        IPPROTO_TCP => (L4_OFF + 16, 0),
-        _ => (L4_OFF + 6, BPF_F_MARK_MANGLED_0),
+        IPPROTO_TCP => (off + 16, 0),
+        _ => (off + 6, BPF_F_MARK_MANGLED_0),
     };
     let (ip_off, port_off) = match end {
-        End::Src => (IP_SRC_OFF, L4_OFF),
-        End::Dst => (IP_DST_OFF, L4_OFF + 2),
+        End::Src => (IP_SRC_OFF, off),
+        End::Dst => (IP_DST_OFF, off + 2),
     };
     if old_ip != new_ip {
         let (from, to) = (u64::from(u32::from_ne_bytes(old_ip)), u64::from(u32::from_ne_bytes(new_ip)));
@@ -106,15 +107,16 @@ pub fn rewrite(
     true
 }
 
-/// Where an ICMP error's parts are: its checksum, and the header of the packet it is about
-/// (20 bytes without options, then that packet's ports).
-const ICMP_CSUM_OFF: usize = L4_OFF + 2;
-const INNER_OFF: usize = L4_OFF + 8;
-const INNER_CSUM_OFF: usize = INNER_OFF + 10;
-const INNER_SRC_OFF: usize = INNER_OFF + 12;
-const INNER_DST_OFF: usize = INNER_OFF + 16;
-const INNER_SPORT_OFF: usize = INNER_OFF + 20;
-const INNER_DPORT_OFF: usize = INNER_OFF + 22;
+/// Where an ICMP error's parts are, from its own header (after the outer IPv4 header and
+/// its options): its checksum, and the header of the packet it quotes (20 bytes: a quote
+/// with options is not read, see `policy::transport`), then that packet's ports.
+const ICMP_CSUM: usize = 2;
+const INNER: usize = 8;
+const INNER_CSUM: usize = INNER + 10;
+const INNER_SRC: usize = INNER + 12;
+const INNER_DST: usize = INNER + 16;
+const INNER_SPORT: usize = INNER + 20;
+const INNER_DPORT: usize = INNER + 22;
 
 /// One end of a flow: address and port (host byte order).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -154,10 +156,11 @@ pub fn rewrite_icmp_error(
     if outer_src == from.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_SRC_OFF, from.ip, new_from.ip) {
         return false;
     }
-    replace_addr(ctx, INNER_CSUM_OFF, INNER_SRC_OFF, to.ip, new_to.ip)
-        && replace_addr(ctx, INNER_CSUM_OFF, INNER_DST_OFF, from.ip, new_from.ip)
-        && replace_quoted_port(ctx, INNER_SPORT_OFF, to.port, new_to.port)
-        && replace_quoted_port(ctx, INNER_DPORT_OFF, from.port, new_from.port)
+    let icmp = l4_off(ctx.data(), ctx.data_end());
+    replace_addr(ctx, icmp + INNER_CSUM, icmp + INNER_SRC, to.ip, new_to.ip)
+        && replace_addr(ctx, icmp + INNER_CSUM, icmp + INNER_DST, from.ip, new_from.ip)
+        && replace_quoted_port(ctx, icmp, INNER_SPORT, to.port, new_to.port)
+        && replace_quoted_port(ctx, icmp, INNER_DPORT, from.port, new_from.port)
 }
 
 /// Rewrites the addresses of a later fragment (see `frag.rs`): the IPv4 header only. Its
@@ -178,12 +181,14 @@ fn replace_addr(ctx: &TcContext, csum_off: usize, ip_off: usize, old: [u8; 4], n
     ctx.l3_csum_replace(csum_off, from, to, 4).is_ok() && ctx.store(ip_off, &new, 0).is_ok()
 }
 
-/// A port in an ICMP error's quote, and ICMP's checksum over it.
+/// A port in an ICMP error's quote (at `at` from the ICMP header at `icmp`), and ICMP's
+/// checksum over it.
 #[inline(always)]
-fn replace_quoted_port(ctx: &TcContext, off: usize, old: u16, new: u16) -> bool {
+fn replace_quoted_port(ctx: &TcContext, icmp: usize, at: usize, old: u16, new: u16) -> bool {
     if old == new {
         return true;
     }
     let (from, to) = (old.to_be(), new.to_be());
-    ctx.l4_csum_replace(ICMP_CSUM_OFF, u64::from(from), u64::from(to), 2).is_ok() && ctx.store(off, &to, 0).is_ok()
+    ctx.l4_csum_replace(icmp + ICMP_CSUM, u64::from(from), u64::from(to), 2).is_ok()
+        && ctx.store(icmp + at, &to, 0).is_ok()
 }

@@ -58,11 +58,23 @@ pub fn dst_ip(ip: &[u8; IPV4_MIN_HLEN]) -> [u8; 4] {
     [ip[16], ip[17], ip[18], ip[19]]
 }
 
-/// IP options (IHL != 5), or not IPv4 at all: not for the fast path, which reads the
-/// transport header right after 20 bytes.
+/// An IPv4 header the datapath can read: version 4, and a length (IHL) of at least the
+/// 20 fixed bytes. IP options (IHL above 5) are read past: see [`l4_off`].
 #[inline(always)]
-pub fn has_options(ip: &[u8; IPV4_MIN_HLEN]) -> bool {
-    ip[0] != 0x45
+pub fn well_formed(ip: &[u8; IPV4_MIN_HLEN]) -> bool {
+    ip[0] >> 4 == 4 && ip[0] & 0x0f >= 5
+}
+
+/// Where the transport header starts in the frame: after the IPv4 header and its options
+/// (IHL 32-bit words; the hooks drop an IHL below 5, read here as 5). At most 74, which is
+/// what the verifier needs to know of it.
+#[inline(always)]
+pub fn l4_off(data: usize, data_end: usize) -> usize {
+    match ptr_at::<u8>(data, data_end, ETH_HLEN) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(p) => ETH_HLEN + usize::from((unsafe { *p } & 0x0f).max(5)) * 4,
+        None => ETH_HLEN + IPV4_MIN_HLEN,
+    }
 }
 
 /// A routed hop: decrements the TTL and patches the header checksum incrementally

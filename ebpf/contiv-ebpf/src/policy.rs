@@ -27,8 +27,8 @@ use contiv_common::{
 use crate::{
     ct,
     maps::{CT, POLICY},
-    nat::{IPPROTO_TCP, IPPROTO_UDP, L4_OFF},
-    packet::ptr_at,
+    nat::{IPPROTO_TCP, IPPROTO_UDP},
+    packet::{l4_off, ptr_at},
     trace::Trace,
 };
 
@@ -66,29 +66,30 @@ impl Transport {
     }
 }
 
-/// Reads the transport header after a 20-byte IPv4 header (the fast path's only kind).
+/// Reads the transport header (after the IPv4 header's options, if any).
 #[inline(always)]
 pub fn transport(data: usize, data_end: usize, proto: u8) -> Transport {
+    let off = l4_off(data, data_end);
     match proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let Some(p) = ptr_at::<[u8; 4]>(data, data_end, L4_OFF) else {
+            let Some(p) = ptr_at::<[u8; 4]>(data, data_end, off) else {
                 return Transport::Other { proto };
             };
             // SAFETY: bounds checked by ptr_at.
             let p = unsafe { &*p };
             Transport::Ports { proto, sport: u16::from_be_bytes([p[0], p[1]]), dport: u16::from_be_bytes([p[2], p[3]]) }
         }
-        IPPROTO_ICMP => icmp(data, data_end),
+        IPPROTO_ICMP => icmp(data, data_end, off),
         _ => Transport::Other { proto },
     }
 }
 
-/// ICMP header (8 bytes), then for errors the embedded IPv4 header (20 bytes, no options)
-/// and the first 4 bytes of its transport header.
+/// ICMP header (8 bytes, at `off`), then for errors the embedded IPv4 header (20 bytes; a
+/// quote with options is not read) and the first 4 bytes of its transport header.
 #[inline(always)]
-fn icmp(data: usize, data_end: usize) -> Transport {
+fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
     let other = Transport::Other { proto: IPPROTO_ICMP };
-    let Some(h) = ptr_at::<[u8; 8]>(data, data_end, L4_OFF) else {
+    let Some(h) = ptr_at::<[u8; 8]>(data, data_end, off) else {
         return other;
     };
     // SAFETY: bounds checked by ptr_at.
@@ -96,7 +97,7 @@ fn icmp(data: usize, data_end: usize) -> Transport {
     match h[0] {
         ICMP_ECHO | ICMP_ECHO_REPLY => Transport::Echo { id: u16::from_be_bytes([h[4], h[5]]) },
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
-            let Some(inner) = ptr_at::<[u8; 24]>(data, data_end, L4_OFF + 8) else {
+            let Some(inner) = ptr_at::<[u8; 24]>(data, data_end, off + 8) else {
                 return other;
             };
             // SAFETY: bounds checked by ptr_at.

@@ -406,9 +406,6 @@ pub fn describe(s: &TraceStep, n: &Names, sender: Ipv4Addr) -> StepReport {
                 n.slow_path
             ),
         ),
-        trace_step::IP_OPTIONS => {
-            step("protocol", "slow path", format!("IPv4 options: the {} handles it", n.slow_path))
-        }
         trace_step::FRAGMENT if s.arg == 0 => step(
             "fragment",
             "dropped",

@@ -1,7 +1,7 @@
 //! The built-in vswitch that serves the datapath's slow path.
 //!
 //! Frames the eBPF fast path cannot handle (ARP for the gateway, ICMP echo to
-//! the gateway, unknown destinations, IP options, fragments, non-IPv4) are
+//! the gateway, unknown destinations, non-IPv4) are
 //! steered into the slow-path port: a veth pair whose vswitch end carries an
 //! XDP program redirecting every frame into an AF_XDP socket. This crate owns
 //! that socket ([`AfXdpPort`], [`RunningPort`]) and the frames-in / frames-out

@@ -208,7 +208,6 @@ fn ip_options_take_the_fast_path() {
     cli.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     set_ip_options(&cli);
     let mut buf = [0u8; 4096];
-    let options_before = node.vswitch_drops("ip_options");
     let (fwd_before, slow_before) = {
         let c = node.pod_counters(a.ip).unwrap();
         (counter(&c, "fwd_packets"), counter(&c, "slow_packets"))
@@ -257,7 +256,6 @@ fn ip_options_take_the_fast_path() {
     let c = node.pod_counters(a.ip).unwrap();
     assert!(counter(&c, "fwd_packets") >= fwd_before + 8, "{c:?}");
     assert_eq!(counter(&c, "slow_packets"), slow_before, "nothing took the slow path: {c:?}");
-    assert_eq!(node.vswitch_drops("ip_options"), options_before);
 }
 
 #[test]

@@ -70,8 +70,6 @@ pub enum DropReason {
     /// IPv4 addressed to the gateway that is not an ICMP echo request
     /// (other ICMP types, TCP, UDP, ...).
     IcmpToGatewayOther,
-    /// IPv4 header with options (IHL > 5): not handled by the slow path either.
-    IpOptions,
     /// An IPv4 fragment (MF set or non-zero fragment offset).
     Fragment,
     /// IPv4 addressed to neither the gateway nor anything the vswitch serves.
@@ -84,10 +82,9 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order the counters are listed.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::ArpOther,
         DropReason::IcmpToGatewayOther,
-        DropReason::IpOptions,
         DropReason::Fragment,
         DropReason::UnknownDestination,
         DropReason::NonIpv4,
@@ -99,7 +96,6 @@ impl DropReason {
         match self {
             DropReason::ArpOther => "arp_other",
             DropReason::IcmpToGatewayOther => "icmp_to_gateway_other",
-            DropReason::IpOptions => "ip_options",
             DropReason::Fragment => "fragment",
             DropReason::UnknownDestination => "unknown_destination",
             DropReason::NonIpv4 => "non_ipv4",
@@ -165,7 +161,6 @@ impl VswitchCounters {
 pub struct DropCounters {
     pub arp_other: u64,
     pub icmp_to_gateway_other: u64,
-    pub ip_options: u64,
     pub fragment: u64,
     pub unknown_destination: u64,
     pub non_ipv4: u64,
@@ -178,7 +173,6 @@ impl DropCounters {
         match reason {
             DropReason::ArpOther => self.arp_other,
             DropReason::IcmpToGatewayOther => self.icmp_to_gateway_other,
-            DropReason::IpOptions => self.ip_options,
             DropReason::Fragment => self.fragment,
             DropReason::UnknownDestination => self.unknown_destination,
             DropReason::NonIpv4 => self.non_ipv4,
@@ -190,7 +184,6 @@ impl DropCounters {
         match reason {
             DropReason::ArpOther => &mut self.arp_other,
             DropReason::IcmpToGatewayOther => &mut self.icmp_to_gateway_other,
-            DropReason::IpOptions => &mut self.ip_options,
             DropReason::Fragment => &mut self.fragment,
             DropReason::UnknownDestination => &mut self.unknown_destination,
             DropReason::NonIpv4 => &mut self.non_ipv4,

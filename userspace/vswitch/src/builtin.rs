@@ -152,9 +152,6 @@ impl BuiltinVswitch {
         if internet_checksum(&ip[..ihl]) != 0 {
             return Verdict::Dropped(DropReason::Malformed);
         }
-        if ihl > IPV4_HLEN {
-            return Verdict::Dropped(DropReason::IpOptions);
-        }
         if be16(ip, 6) & (IPV4_MF | IPV4_FRAG_OFFSET) != 0 {
             return Verdict::Dropped(DropReason::Fragment);
         }
@@ -163,7 +160,7 @@ impl BuiltinVswitch {
             && total_len > usize::from(mtu)
             && dst != self.gateway.ip
         {
-            return self.frag_needed(frame, mtu, tx);
+            return self.frag_needed(frame, ihl, mtu, tx);
         }
         if dst != self.gateway.ip {
             let proto = ip[9];
@@ -180,9 +177,10 @@ impl BuiltinVswitch {
             }
             return Verdict::Dropped(DropReason::UnknownDestination);
         }
-        // Ethernet padding past the IPv4 total length is not part of the packet.
+        // Ethernet padding past the IPv4 total length is not part of the packet. Options
+        // are read past; the answer carries none.
         let ip = &ip[..total_len];
-        let icmp = &ip[IPV4_HLEN..];
+        let icmp = &ip[ihl..];
         if ip[9] != IPPROTO_ICMP || icmp.len() < ICMP_ECHO_HLEN || icmp[0] != ICMP_ECHO_REQUEST {
             return Verdict::Dropped(DropReason::IcmpToGatewayOther);
         }
@@ -200,7 +198,7 @@ impl BuiltinVswitch {
         out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         let ip_start = out.len();
         out.extend_from_slice(&[0x45, ip[1]]); // version/IHL, TOS kept
-        out.extend_from_slice(&(total_len as u16).to_be_bytes());
+        out.extend_from_slice(&((IPV4_HLEN + icmp.len()) as u16).to_be_bytes());
         out.extend_from_slice(&ip[4..6]); // identification kept
         out.extend_from_slice(&[0, 0]); // no flags, offset 0
         out.extend_from_slice(&[DEFAULT_TTL, IPPROTO_ICMP, 0, 0]);
@@ -220,10 +218,11 @@ impl BuiltinVswitch {
 
 impl BuiltinVswitch {
     /// ICMP destination unreachable, "fragmentation needed" (type 3 code 4, RFC 1191), from
-    /// the gateway to the sender, quoting the packet's IPv4 header and first 8 bytes of payload.
-    fn frag_needed(&mut self, frame: &[u8], mtu: u16, tx: &mut dyn FnMut(&[u8])) -> Verdict {
+    /// the gateway to the sender, quoting the packet's IPv4 header (options included) and
+    /// first 8 bytes of payload.
+    fn frag_needed(&mut self, frame: &[u8], ihl: usize, mtu: u16, tx: &mut dyn FnMut(&[u8])) -> Verdict {
         let ip = &frame[ETH_HLEN..];
-        let quoted = &ip[..(IPV4_HLEN + 8).min(ip.len())];
+        let quoted = &ip[..(ihl + 8).min(ip.len())];
         let requester_mac = mac_at(frame, 6);
         let requester_ip = ipv4_at(ip, 12);
         let gw_mac = self.gateway.mac;
@@ -548,20 +547,26 @@ mod tests {
     }
 
     #[test]
-    fn ip_options_are_dropped() {
+    fn a_gateway_echo_with_ip_options_is_answered_without_them() {
         let mut vs = vswitch();
-        // A router-alert option (4 bytes).
+        // A router-alert option (4 bytes): IHL 6.
         let f = ipv4_frame(
             IPPROTO_ICMP,
             GW_IP.octets(),
             &[0x94, 0x04, 0x00, 0x00],
             0,
-            &icmp(ICMP_ECHO_REQUEST, 1, 1, b"x"),
+            &icmp(ICMP_ECHO_REQUEST, 7, 9, b"xyz"),
         );
         let (verdict, sent) = run(&mut vs, &f);
-        assert_eq!(verdict, Verdict::Dropped(DropReason::IpOptions));
-        assert!(sent.is_empty());
-        assert_eq!(vs.counters().drops.ip_options, 1);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::IcmpEcho));
+        let r = &sent[0];
+        let ip = &r[ETH_HLEN..];
+        assert_eq!(ip[0], 0x45, "the answer carries no options");
+        assert_eq!(usize::from(be16(ip, 2)), ip.len());
+        assert_eq!(internet_checksum(&ip[..IPV4_HLEN]), 0);
+        let icmp = &ip[IPV4_HLEN..];
+        assert_eq!(internet_checksum(icmp), 0);
+        assert_eq!((icmp[0], be16(icmp, 4), be16(icmp, 6), &icmp[8..]), (ICMP_ECHO_REPLY, 7, 9, &b"xyz"[..]));
     }
 
     #[test]
@@ -790,6 +795,13 @@ mod tests {
         assert_eq!((icmp[0], icmp[1]), (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH));
         assert_eq!(internet_checksum(icmp), 0);
         assert_eq!(&icmp[8..], &f[ETH_HLEN..], "the whole short datagram is quoted");
+        // With IP options: the port is read past them, and they are quoted too.
+        let f = ipv4_frame(IPPROTO_UDP, node.octets(), &[1, 1, 1, 0], 0, &udp);
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::PortUnreachable));
+        let icmp = &sent[0][ETH_HLEN + IPV4_HLEN..];
+        assert_eq!(&icmp[8..], &f[ETH_HLEN..], "the datagram is quoted with its options");
+        assert_eq!(internet_checksum(icmp), 0);
         // Another node's address with that port is not this set's.
         let f = ipv4_frame(IPPROTO_UDP, [192, 168, 100, 99], &[], 0, &udp);
         assert_eq!(run(&mut vs, &f).0, Verdict::Dropped(DropReason::UnknownDestination));

@@ -1249,6 +1249,25 @@ fn udp_ask_big(ns: &str, addr: SocketAddr, size: usize, options: bool) -> std::i
     })
 }
 
+/// `web_box` with each web pod also answering datagrams on 7500/UDP with as many bytes.
+fn same_size_web_box() -> (ClusterBox, [BoxPod; 4]) {
+    let (b, pods) = web_box("");
+    for w in &pods[..2] {
+        serve_same_size(w, 7500);
+    }
+    (b, pods)
+}
+
+/// Each client pod sends a `size`-byte datagram (with IPv4 options if `options`) straight
+/// to its web pod's 7500/UDP: that pod answers it in full, and saw the client's address.
+fn pods_answer_same_size(pairs: &[(&BoxPod, &BoxPod)], size: usize, options: bool, when: &str) {
+    for (from, to) in pairs {
+        let a = udp_ask_big(&from.netns, SocketAddr::from((to.ip, 7500)), size, options)
+            .unwrap_or_else(|e| panic!("{when}: {} -> {} ({size} bytes, options {options}): {e}", from.name, to.name));
+        assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(from.ip)), "{when}");
+    }
+}
+
 /// The servers that answered `size`-byte datagrams from `client` to the service `svc`
 /// (the answers from `svc`, the client's own address seen), asking until `want` did (at
 /// most 40 times).
@@ -1298,10 +1317,7 @@ fn both_behind_node_port(
 /// mode the pod edge used to send every fragment to the slow path, which drops them.)
 #[test]
 fn services_box_fragmented_datagrams_reach_pods_services_and_node_ports() {
-    let (b, [w1, w2, c1, c2]) = web_box("");
-    for w in [&w1, &w2] {
-        serve_same_size(w, 7500);
-    }
+    let (b, [w1, w2, c1, c2]) = same_size_web_box();
     b.apply_yaml(&format!(
         r#"apiVersion: v1
 kind: Service
@@ -1321,11 +1337,7 @@ spec:
     let n1 = b.node("node-1").clone();
 
     // Pod to pod, on the node and across the overlay; and a node's stack to a remote pod.
-    for (from, src, to) in [(&c1.netns, c1.ip, &w1), (&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
-        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size, false)
-            .unwrap_or_else(|e| panic!("{from} -> {}: {e}", to.name));
-        assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
-    }
+    pods_answer_same_size(&[(&c1, &w1), (&c1, &w2), (&c2, &w1)], size, false, "open");
     let a = udp_ask_big(&n1.netns, SocketAddr::from((w2.ip, 7500)), size, false).expect("node-1's stack -> web-2");
     assert_eq!(a.server, w2.name);
 
@@ -1386,11 +1398,7 @@ spec:
     b.wait_for(Duration::from_secs(5), "node-2 counts the refused datagrams' later fragments", || {
         rx_fragment() > refused_before
     });
-    for (from, src, to) in [(&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
-        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size, false)
-            .unwrap_or_else(|e| panic!("isolated: {from} -> {}: {e}", to.name));
-        assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
-    }
+    pods_answer_same_size(&[(&c1, &w2), (&c2, &w1)], size, false, "isolated");
     assert_eq!(big_servers(&c1, svc, size, false, 2), both, "isolated: both backends of {svc} admit c1's fragments");
 }
 
@@ -1402,10 +1410,7 @@ spec:
 /// used to go to the slow path, whose built-in vswitch drops them.)
 #[test]
 fn services_box_ip_options_take_the_fast_path_through_services_and_policy() {
-    let (b, [w1, w2, c1, c2]) = web_box("");
-    for w in [&w1, &w2] {
-        serve_same_size(w, 7500);
-    }
+    let (b, [w1, w2, c1, c2]) = same_size_web_box();
     b.apply_yaml(&format!(
         r#"apiVersion: v1
 kind: Service
@@ -1427,11 +1432,7 @@ spec:
     let n1 = b.node("node-1").ip;
 
     for size in [100, 4000] {
-        for (from, src, to) in [(&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
-            let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), size, true)
-                .unwrap_or_else(|e| panic!("{from} -> {} ({size} bytes, options): {e}", to.name));
-            assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
-        }
+        pods_answer_same_size(&[(&c1, &w2), (&c2, &w1)], size, true, "open");
     }
     // A node's own stack to another node's pod (`tc_to_overlay`, then `tc_from_overlay`).
     let n1_netns = b.node("node-1").netns.clone();
@@ -1464,11 +1465,7 @@ spec:
     );
     let web2_http = SocketAddr::from((w2.ip, 9090));
     b.wait_for(Duration::from_secs(30), "web-2 no longer admits c1 on 9090", || udp_ask(&c1.netns, web2_http).is_err());
-    for (from, src, to) in [(&c1.netns, c1.ip, &w2), (&c2.netns, c2.ip, &w1)] {
-        let a = udp_ask_big(from, SocketAddr::from((to.ip, 7500)), 100, true)
-            .unwrap_or_else(|e| panic!("isolated: {from} -> {} with options: {e}", to.name));
-        assert_eq!((a.server.as_str(), a.seen.ip()), (to.name.as_str(), std::net::IpAddr::V4(src)));
-    }
+    pods_answer_same_size(&[(&c1, &w2), (&c2, &w1)], 100, true, "isolated");
     assert!(udp_ask_big(&c1.netns, web2_http, 100, true).is_err(), "isolated: c1 -> web-2:9090 with options");
     assert!(
         tcp_ask_with(&c1.netns, web2_http, Duration::from_secs(1), with_options).is_err(),

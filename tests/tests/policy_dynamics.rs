@@ -157,9 +157,10 @@ fn policy_follows_label_changes_new_pods_and_deletions_and_established_flows_kee
     assert!(tcp.exchange() && udp.exchange() && outbound.exchange());
 }
 
-/// An ICMP "fragmentation needed" (MTU `mtu`) quoting a UDP packet `src:sport -> dst:dport`,
-/// sent from namespace `ns` to `src` (the kernel adds the outer IPv4 header).
-fn send_frag_needed(ns: &str, src: SocketAddr, dst: SocketAddr, mtu: u16) {
+/// An ICMP "fragmentation needed" (MTU `mtu`) quoting a UDP packet `src:sport -> dst:dport`
+/// whose header carries `options` (a multiple of 4 bytes), sent from namespace `ns` to `src`
+/// (the kernel adds the outer IPv4 header).
+fn send_frag_needed(ns: &str, src: SocketAddr, dst: SocketAddr, mtu: u16, options: &[u8]) {
     fn csum(data: &[u8]) -> u16 {
         let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
         while sum > 0xffff {
@@ -168,10 +169,12 @@ fn send_frag_needed(ns: &str, src: SocketAddr, dst: SocketAddr, mtu: u16) {
         !(sum as u16)
     }
     let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else { panic!("IPv4 only") };
-    let mut inner = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40, "IPv4 options: {options:?}");
+    let mut inner = vec![0x45 + options.len() as u8 / 4, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
     inner[2..4].copy_from_slice(&1400u16.to_be_bytes());
     inner.extend_from_slice(&src.ip().octets());
     inner.extend_from_slice(&dst.ip().octets());
+    inner.extend_from_slice(options);
     let c = csum(&inner);
     inner[10..12].copy_from_slice(&c.to_be_bytes());
     inner.extend_from_slice(&src.port().to_be_bytes());
@@ -285,18 +288,22 @@ fn own_node_always_allowed_host_network_pods_exempt_and_frag_needed_of_allowed_f
     assert_eq!(path_mtu(&unknown), 1450);
     let drops_before = pod_counter(&b, "node-1", p_ip, "dropPolicyIngress");
     let node2_ns = b.node("node-2").netns.clone();
-    send_frag_needed(&node2_ns, allowed.local_addr().unwrap(), SocketAddr::from((q_ip, 81)), 1300);
-    send_frag_needed(&node2_ns, unknown.local_addr().unwrap(), SocketAddr::from((node2, 80)), 1200);
+    send_frag_needed(&node2_ns, allowed.local_addr().unwrap(), SocketAddr::from((q_ip, 81)), 1300, &[]);
+    send_frag_needed(&node2_ns, unknown.local_addr().unwrap(), SocketAddr::from((node2, 80)), 1200, &[]);
     b.wait_for(Duration::from_secs(5), "the allowed flow's frag-needed arrives", || path_mtu(&allowed) == 1300);
     b.wait_for(Duration::from_secs(5), "the unknown flow's frag-needed is dropped and counted", || {
         pod_counter(&b, "node-1", p_ip, "dropPolicyIngress") > drops_before
     });
     assert_eq!(path_mtu(&unknown), 1450, "nothing reached the socket of the flow p never sent");
+    // One quoting a header with IP options (NOPs) is read past them, found to be about the
+    // allowed flow, and passes too.
+    send_frag_needed(&node2_ns, allowed.local_addr().unwrap(), SocketAddr::from((q_ip, 81)), 1280, &[1, 1, 1, 0]);
+    b.wait_for(Duration::from_secs(5), "the frag-needed quoting options arrives", || path_mtu(&allowed) == 1280);
     let p_ns = p.netns.clone();
     let route = enter(&p_ns, move || {
         std::process::Command::new("ip").args(["route", "get", &q_ip.to_string()]).output().unwrap()
     });
-    assert!(String::from_utf8_lossy(&route.stdout).contains("mtu 1300"), "{route:?}");
+    assert!(String::from_utf8_lossy(&route.stdout).contains("mtu 1280"), "{route:?}");
 }
 
 #[test]

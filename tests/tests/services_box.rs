@@ -549,8 +549,17 @@ fn assert_refused_at_once(from: &[&str], tcp: SocketAddr, udp: (&str, SocketAddr
 /// A connected UDP socket in `ns` sending to `addr` reads ECONNREFUSED (an ICMP port
 /// unreachable reached it), in less than its 3 s read timeout.
 fn assert_udp_refused(ns: &str, addr: SocketAddr) {
+    assert_udp_refused_with(ns, addr, false);
+}
+
+/// [`assert_udp_refused`], the datagram sent with IP options if `options` (the port
+/// unreachable then quotes its header with them).
+fn assert_udp_refused_with(ns: &str, addr: SocketAddr, options: bool) {
     let e = enter(ns, move || {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        if options {
+            set_ip_options(&s);
+        }
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         s.connect(addr).unwrap();
         s.send(b"anyone?").unwrap();
@@ -1012,10 +1021,14 @@ spec:
 }
 
 /// A UDP server on `port` in `netns` that takes one datagram, connects its socket to the
-/// sender, answers after a moment and reads once more: what that read gave (an ICMP error
-/// about its answer reaches it as an error of this connected socket).
-fn connected_late_answerer(netns: &str, port: u16) -> std::thread::JoinHandle<std::io::Result<usize>> {
+/// sender, answers after a moment (with IP options if `options`) and reads once more: what
+/// that read gave (an ICMP error about its answer reaches it as an error of this connected
+/// socket).
+fn connected_late_answerer(netns: &str, port: u16, options: bool) -> std::thread::JoinHandle<std::io::Result<usize>> {
     let s = enter(netns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp"));
+    if options {
+        set_ip_options(&s);
+    }
     std::thread::spawn(move || {
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut buf = [0u8; 64];
@@ -1046,6 +1059,8 @@ fn udp_send_and_leave(ns: &str, addr: SocketAddr) {
 /// - The client's own port unreachable (it left before the answer came): the backend's
 ///   connected socket reads "connection refused", the error having been translated from
 ///   the service address to the backend, in the pod path and from the uplink.
+///
+/// Then all of it again with IP options on the datagrams the errors quote.
 #[test]
 fn services_box_icmp_errors_of_translated_flows_reach_the_sockets_they_quote() {
     let (b, [w1, w2, c1, _c2]) = web_box("");
@@ -1077,28 +1092,32 @@ spec:
     let ext = b.netns_of("external").unwrap();
     let n1 = b.node("node-1").ip;
 
-    // The backend has no socket on 7777: its port unreachable comes back as the service's.
-    assert_udp_refused(&c1.netns, sa("10.96.0.50", 53));
-    assert_udp_refused(&c1.netns, sa("10.96.0.51", 53));
-    assert_udp_refused(&ext, SocketAddr::from((n1, 30071)));
-    assert_udp_refused(&ext, SocketAddr::from((n1, 30072)));
+    // Each twice: the second time the datagrams that errors quote carry IP options, so the
+    // ports of the quote are read, and rewritten, past them.
+    for options in [false, true] {
+        // The backend has no socket on 7777: its port unreachable comes back as the service's.
+        assert_udp_refused_with(&c1.netns, sa("10.96.0.50", 53), options);
+        assert_udp_refused_with(&c1.netns, sa("10.96.0.51", 53), options);
+        assert_udp_refused_with(&ext, SocketAddr::from((n1, 30071)), options);
+        assert_udp_refused_with(&ext, SocketAddr::from((n1, 30072)), options);
 
-    // The client is gone when the answer comes: its port unreachable reaches the backend.
-    for (from, to, backend) in [
-        (&c1.netns, sa("10.96.0.50", 54), &w1),
-        (&c1.netns, sa("10.96.0.51", 54), &w2),
-        (&ext, SocketAddr::from((n1, 30073)), &w1),
-        (&ext, SocketAddr::from((n1, 30074)), &w2),
-    ] {
-        let answerer = connected_late_answerer(&backend.netns, 7001);
-        udp_send_and_leave(from, to);
-        let read = answerer.join().unwrap();
-        assert_eq!(
-            read.as_ref().map_err(std::io::Error::kind).err(),
-            Some(ErrorKind::ConnectionRefused),
-            "{} answering {from} via {to}: {read:?}",
-            backend.name
-        );
+        // The client is gone when the answer comes: its port unreachable reaches the backend.
+        for (from, to, backend) in [
+            (&c1.netns, sa("10.96.0.50", 54), &w1),
+            (&c1.netns, sa("10.96.0.51", 54), &w2),
+            (&ext, SocketAddr::from((n1, 30073)), &w1),
+            (&ext, SocketAddr::from((n1, 30074)), &w2),
+        ] {
+            let answerer = connected_late_answerer(&backend.netns, 7001, options);
+            udp_send_and_leave(from, to);
+            let read = answerer.join().unwrap();
+            assert_eq!(
+                read.as_ref().map_err(std::io::Error::kind).err(),
+                Some(ErrorKind::ConnectionRefused),
+                "{} answering {from} via {to} (IP options: {options}): {read:?}",
+                backend.name
+            );
+        }
     }
 }
 

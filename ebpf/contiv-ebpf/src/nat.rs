@@ -7,7 +7,7 @@
 
 use aya_ebpf::programs::TcContext;
 
-use crate::packet::{ETH_HLEN, l4_off, ptr_at};
+use crate::packet::{ETH_HLEN, ICMP_HLEN, IPV4_MIN_HLEN, header_len, l4_off, ptr_at};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -108,15 +108,13 @@ pub fn rewrite(
 }
 
 /// Where an ICMP error's parts are, from its own header (after the outer IPv4 header and
-/// its options): its checksum, and the header of the packet it quotes (20 bytes: a quote
-/// with options is not read, see `policy::transport`), then that packet's ports.
+/// its options): its checksum, and the header of the packet it quotes, whose ports follow
+/// that header's own options, if any.
 const ICMP_CSUM: usize = 2;
-const INNER: usize = 8;
+const INNER: usize = ICMP_HLEN;
 const INNER_CSUM: usize = INNER + 10;
 const INNER_SRC: usize = INNER + 12;
 const INNER_DST: usize = INNER + 16;
-const INNER_SPORT: usize = INNER + 20;
-const INNER_DPORT: usize = INNER + 22;
 
 /// One end of a flow: address and port (host byte order).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -156,11 +154,20 @@ pub fn rewrite_icmp_error(
     if outer_src == from.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_SRC_OFF, from.ip, new_from.ip) {
         return false;
     }
-    let icmp = l4_off(ctx.data(), ctx.data_end());
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let icmp = l4_off(data, data_end);
+    // The quote was read as well-formed to find the flow (`policy::transport`). (Its whole
+    // fixed header is checked: a one-byte check compiles to a comparison the verifier does
+    // not take as a bound.)
+    let Some(quote) = ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, icmp + INNER) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let sport = icmp + INNER + header_len(unsafe { (*quote)[0] });
     replace_addr(ctx, icmp + INNER_CSUM, icmp + INNER_SRC, to.ip, new_to.ip)
         && replace_addr(ctx, icmp + INNER_CSUM, icmp + INNER_DST, from.ip, new_from.ip)
-        && replace_quoted_port(ctx, icmp, INNER_SPORT, to.port, new_to.port)
-        && replace_quoted_port(ctx, icmp, INNER_DPORT, from.port, new_from.port)
+        && replace_quoted_port(ctx, icmp, sport, to.port, new_to.port)
+        && replace_quoted_port(ctx, icmp, sport + 2, from.port, new_from.port)
 }
 
 /// Rewrites the addresses of a later fragment (see `frag.rs`): the IPv4 header only. Its
@@ -181,14 +188,13 @@ fn replace_addr(ctx: &TcContext, csum_off: usize, ip_off: usize, old: [u8; 4], n
     ctx.l3_csum_replace(csum_off, from, to, 4).is_ok() && ctx.store(ip_off, &new, 0).is_ok()
 }
 
-/// A port in an ICMP error's quote (at `at` from the ICMP header at `icmp`), and ICMP's
-/// checksum over it.
+/// A port in an ICMP error's quote (at `at` in the frame), and ICMP's checksum (in the
+/// ICMP header at `icmp`) over it.
 #[inline(always)]
 fn replace_quoted_port(ctx: &TcContext, icmp: usize, at: usize, old: u16, new: u16) -> bool {
     if old == new {
         return true;
     }
     let (from, to) = (old.to_be(), new.to_be());
-    ctx.l4_csum_replace(icmp + ICMP_CSUM, u64::from(from), u64::from(to), 2).is_ok()
-        && ctx.store(icmp + at, &to, 0).is_ok()
+    ctx.l4_csum_replace(icmp + ICMP_CSUM, u64::from(from), u64::from(to), 2).is_ok() && ctx.store(at, &to, 0).is_ok()
 }

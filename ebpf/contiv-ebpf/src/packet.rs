@@ -65,17 +65,27 @@ pub fn well_formed(ip: &[u8; IPV4_MIN_HLEN]) -> bool {
     ip[0] >> 4 == 4 && ip[0] & 0x0f >= 5
 }
 
-/// Where the transport header starts in the frame: after the IPv4 header and its options
-/// (IHL 32-bit words; the hooks drop an IHL below 5, read here as 5). At most 74, which is
-/// what the verifier needs to know of it.
+/// Where the transport header starts in the frame: after the IPv4 header and its options.
+/// At most 74, which is what the verifier needs to know of it.
 #[inline(always)]
 pub fn l4_off(data: usize, data_end: usize) -> usize {
     match ptr_at::<u8>(data, data_end, ETH_HLEN) {
         // SAFETY: bounds checked by ptr_at.
-        Some(p) => ETH_HLEN + usize::from((unsafe { *p } & 0x0f).max(5)) * 4,
+        Some(p) => ETH_HLEN + header_len(unsafe { *p }),
         None => ETH_HLEN + IPV4_MIN_HLEN,
     }
 }
+
+/// The length of an IPv4 header with its options, from its first byte: IHL 32-bit words.
+/// The hooks drop a header with an IHL below 5, and an ICMP error quoting one is not
+/// read; it is read here as 5. At most 60.
+#[inline(always)]
+pub fn header_len(first: u8) -> usize {
+    usize::from((first & 0x0f).max(5)) * 4
+}
+
+/// The ICMP header before an error's quote.
+pub const ICMP_HLEN: usize = 8;
 
 /// A routed hop: decrements the TTL and patches the header checksum incrementally
 /// (RFC 1624, the kernel's ip_decrease_ttl). False if the TTL would reach zero.

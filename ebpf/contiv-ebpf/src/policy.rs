@@ -28,7 +28,7 @@ use crate::{
     ct,
     maps::{CT, POLICY},
     nat::{IPPROTO_TCP, IPPROTO_UDP},
-    packet::{l4_off, ptr_at},
+    packet::{ICMP_HLEN, IPV4_MIN_HLEN, dst_ip, header_len, l4_off, ptr_at, src_ip, well_formed},
     trace::Trace,
 };
 
@@ -84,8 +84,8 @@ pub fn transport(data: usize, data_end: usize, proto: u8) -> Transport {
     }
 }
 
-/// ICMP header (8 bytes, at `off`), then for errors the embedded IPv4 header (20 bytes; a
-/// quote with options is not read) and the first 4 bytes of its transport header.
+/// ICMP header (8 bytes, at `off`), then for errors the embedded IPv4 header (20 bytes and
+/// its options, if any) and the first 4 bytes of its transport header.
 #[inline(always)]
 fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
     let other = Transport::Other { proto: IPPROTO_ICMP };
@@ -97,19 +97,23 @@ fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
     match h[0] {
         ICMP_ECHO | ICMP_ECHO_REPLY => Transport::Echo { id: u16::from_be_bytes([h[4], h[5]]) },
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
-            let Some(inner) = ptr_at::<[u8; 24]>(data, data_end, off + 8) else {
+            let Some(inner) = ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, off + ICMP_HLEN) else {
                 return other;
             };
             // SAFETY: bounds checked by ptr_at.
             let inner = unsafe { &*inner };
             let proto = inner[9];
-            if inner[0] != 0x45 || !(proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
+            if !well_formed(inner) || !(proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
                 return other;
             }
-            let src = [inner[12], inner[13], inner[14], inner[15]];
-            let dst = [inner[16], inner[17], inner[18], inner[19]];
-            let sport = u16::from_be_bytes([inner[20], inner[21]]);
-            let dport = u16::from_be_bytes([inner[22], inner[23]]);
+            let Some(ports) = ptr_at::<[u8; 4]>(data, data_end, off + ICMP_HLEN + header_len(inner[0])) else {
+                return other;
+            };
+            // SAFETY: bounds checked by ptr_at.
+            let ports = unsafe { &*ports };
+            let (src, dst) = (src_ip(inner), dst_ip(inner));
+            let sport = u16::from_be_bytes([ports[0], ports[1]]);
+            let dport = u16::from_be_bytes([ports[2], ports[3]]);
             // The embedded packet went src -> dst; the flow's reply direction is tracked
             // under the reversed key whatever NAT the original direction had.
             Transport::Related(ct::key(dst, src, dport, sport, proto))

@@ -869,29 +869,36 @@ spec:
     }
     assert!(["web-1", "web-2"].iter().all(|w| conns.iter().any(|(_, s)| s == w)), "no connection to each backend");
 
-    // Agent restart on node-1, with a larger conntrack table configured: what it programmed
-    // stays (read back, nothing rewritten), the table is resized with its flows (the
-    // NodePort connection's NAT lives there), and every connection keeps flowing, also
-    // while the agent is down.
+    // Agent restart on node-1, with a larger conntrack table and fragment map configured:
+    // what it programmed stays (read back, nothing rewritten), the table is resized with
+    // its flows (the NodePort connection's NAT lives there), and every connection keeps
+    // flowing, also while the agent is down.
     b.stop_agent("node-1", false);
     for (c, server) in &mut conns {
         assert!(c.ping().unwrap().starts_with(server.as_str()), "while node-1's agent is down");
     }
-    let ct_size = |b: &ClusterBox| {
-        let pin = b.node("node-1").pin_dir.join("CT");
+    let size = |b: &ClusterBox, map: &str| {
+        let pin = b.node("node-1").pin_dir.join(map);
         let out =
             std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&pin).output().unwrap();
         assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<Value>(&out.stdout).unwrap()["max_entries"].as_u64().unwrap()
     };
-    assert_eq!(ct_size(&b), 262_144, "the default size");
+    assert_eq!((size(&b, "CT"), size(&b, "FRAGS")), (262_144, 8192), "the default sizes");
     let config = b.node("node-1").config.clone();
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("\n[services]\nconntrackEntries = 131072\n");
+    text.push_str("\n[services]\nconntrackEntries = 131072\nfragmentEntries = 16384\n");
     std::fs::write(&config, text).unwrap();
     b.start_agent("node-1");
-    b.wait_for(Duration::from_secs(15), "node-1's conntrack table resized", || ct_size(&b) == 131_072);
-    assert!(b.agent_log("node-1").contains("entries copied into the resized map"), "{}", b.agent_log("node-1"));
+    b.wait_for(Duration::from_secs(15), "node-1's conntrack table and fragment map resized", || {
+        (size(&b, "CT"), size(&b, "FRAGS")) == (131_072, 16384)
+    });
+    let log = b.agent_log("node-1");
+    for map in ["CT", "FRAGS"] {
+        let copied =
+            |l: &&str| l.contains(&format!("map {map}: ")) && l.contains("entries copied into the resized map");
+        assert!(log.lines().any(|l| copied(&l)), "{map} resized with its entries: {log}");
+    }
     b.wait_for(Duration::from_secs(15), "node-1's first service apply after the restart", || {
         b.status_json("node-1", "/services").is_some_and(|r| !r["lastApply"].is_null())
     });

@@ -328,7 +328,10 @@ impl Agent {
         let mut datapath = Datapath::load_with(
             &config.bpf_pin_dir,
             config.allow_private_bpffs,
-            Some(config.services.conntrack_entries),
+            crate::datapath::MapSizes {
+                conntrack: Some(config.services.conntrack_entries),
+                fragments: Some(config.services.fragment_entries),
+            },
         )
         .context("loading the eBPF datapath")?;
         // The node's own namespace: its sockets are the ones the service programs translate

@@ -114,10 +114,16 @@ pub struct ServicesConfig {
     #[serde(default)]
     pub proxy_name: Option<String>,
     /// Entries of the conntrack map (both directions of a flow take one each). Default
-    /// 262144; 1024 to 16777216. Takes effect when the map is created (a pinned map keeps
-    /// its size until the node restarts).
+    /// 262144; 1024 to 16777216. A change takes effect when the agent restarts: the pinned
+    /// map is resized and keeps its flows.
     #[serde(default = "ServicesConfig::default_ct_entries")]
     pub conntrack_entries: u32,
+    /// Entries of the fragment map (LRU): fragmented datagrams whose first fragment passed
+    /// and whose later ones the datapath can still place (Cilium's `bpf-fragments-map-max`).
+    /// Default 8192; 1024 to 1048576. A change takes effect when the agent restarts, as
+    /// `conntrackEntries` does.
+    #[serde(default = "ServicesConfig::default_fragment_entries")]
+    pub fragment_entries: u32,
     /// The cgroup2 hierarchy's root, where the socket programs attach. Default: found in
     /// /proc/self/mountinfo (/sys/fs/cgroup on most hosts).
     #[serde(default)]
@@ -202,6 +208,10 @@ impl ServicesConfig {
         contiv_common::MAX_CT
     }
 
+    fn default_fragment_entries() -> u32 {
+        contiv_common::MAX_FRAGS
+    }
+
     fn default_healthz_address() -> String {
         "0.0.0.0:10256".into()
     }
@@ -243,6 +253,7 @@ impl Default for ServicesConfig {
             enabled: true,
             proxy_name: None,
             conntrack_entries: Self::default_ct_entries(),
+            fragment_entries: Self::default_fragment_entries(),
             cgroup_root: None,
             timeouts: CtTimeouts::default(),
             healthz_address: Self::default_healthz_address(),
@@ -542,6 +553,12 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(format!(
                 "[services] conntrackEntries {} out of range 1024..=16777216",
                 services.conntrack_entries
+            )));
+        }
+        if !(1024..=1024 * 1024).contains(&services.fragment_entries) {
+            return Err(ConfigError::Invalid(format!(
+                "[services] fragmentEntries {} out of range 1024..=1048576",
+                services.fragment_entries
             )));
         }
         if let Some(root) = &services.cgroup_root
@@ -889,6 +906,9 @@ mod tests {
             ("[vpp]\napiSocket = \"/run/vpp/api.sock\"", "uplink"),
             ("[services]\nhealthzAddress = \"10256\"", "healthzAddress"),
             ("[services]\nhealthzTimeout = 0", "healthzTimeout"),
+            ("[services]\nconntrackEntries = 1023", "conntrackEntries 1023"),
+            ("[services]\nfragmentEntries = 1023", "fragmentEntries 1023"),
+            ("[services]\nfragmentEntries = 1048577", "fragmentEntries 1048577"),
             ("[services]\nnodePortAddresses = [\"192.168.0.0\"]", "\"192.168.0.0\" is not a CIDR"),
             ("[services]\nnodePortAddresses = [\"primary\", \"10.0.0.0/8\"]", "\"primary\" must be the only"),
             ("[services]\nnodePortAddresses = \"primary\"", "nodePortAddresses"),
@@ -905,6 +925,8 @@ mod tests {
             "podSubnet = \"10.1.1.0/30\"",
             "podSubnetCIDR = \"10.0.0.0/8\"\npodPrefixLen = 16",
             "cniSocket = \"/run/c.sock\"",
+            "[services]\nconntrackEntries = 1024\nfragmentEntries = 1024",
+            "[services]\nconntrackEntries = 16777216\nfragmentEntries = 1048576",
         ] {
             AgentConfig::from_toml(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         }

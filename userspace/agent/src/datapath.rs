@@ -33,8 +33,8 @@ use aya::{
     },
 };
 use contiv_common::{
-    DatapathConfig, Ipv4Key, MapName, OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute,
-    SlowPortCounters, map_names, program_names, schema,
+    DatapathConfig, FragHead, FragKey, Ipv4Key, MapName, OverlayCounters, PodCounters, PodEndpoint, PolicyKey,
+    PolicyPorts, RemoteRoute, SlowPortCounters, map_names, program_names, schema,
 };
 use ipnet::Ipv4Net;
 
@@ -197,21 +197,21 @@ impl Datapath {
     /// Loads the programs; maps are created pinned in `pin_dir`, reused if pinned there with
     /// the current layout, migrated if pinned with an older one.
     pub fn load(pin_dir: &Path, allow_private_bpffs: bool) -> Result<Self> {
-        Self::load_with(pin_dir, allow_private_bpffs, None)
+        Self::load_with(pin_dir, allow_private_bpffs, MapSizes::default())
     }
 
-    /// [`Datapath::load`] with the conntrack map sized `ct_entries`. A pinned conntrack map
-    /// of another size is resized the way a layout change is migrated: a new map beside
-    /// it, filled with its flows, pinned in its place once every program uses the new one.
-    pub fn load_with(pin_dir: &Path, allow_private_bpffs: bool, ct_entries: Option<u32>) -> Result<Self> {
+    /// [`Datapath::load`] with the sizes configured for the maps that have one. A pinned
+    /// map of another size is resized the way a layout change is migrated: a new map beside
+    /// it, filled with its entries, pinned in its place once every program uses the new one.
+    pub fn load_with(pin_dir: &Path, allow_private_bpffs: bool, sizes: MapSizes) -> Result<Self> {
         check_bpffs(allow_private_bpffs)?;
         std::fs::create_dir_all(pin_dir)
             .map_err(|source| DatapathError::PinDir { path: pin_dir.to_owned(), source })?;
         let stored = read_schema(pin_dir);
         let pins: Vec<PathBuf> = schema::LAYOUTS.iter().map(|(name, _)| pin_dir.join(name)).collect();
         let mut loader = EbpfLoader::new();
-        if let Some(n) = ct_entries {
-            loader.map_max_entries(map_names::CT, n);
+        for (name, n) in sizes.configured() {
+            loader.map_max_entries(name, n);
         }
         let mut migrated = vec![];
         for ((name, version), pin) in schema::LAYOUTS.iter().zip(&pins) {
@@ -221,7 +221,7 @@ impl Datapath {
                     log::info!("map {name}: pinned with layout v{v}, this agent uses v{version}; migrating");
                     migrated.push(*name);
                 }
-                Some(_) if *name == map_names::CT && ct_needs_resize(pin, ct_entries) => {
+                Some(_) if needs_resize(name, pin, sizes.of(name)) => {
                     migrated.push(*name);
                 }
                 _ => {
@@ -290,6 +290,19 @@ impl Datapath {
                     );
                 }
                 log::info!("map {name}: {copied} entries copied into the resized map");
+            }
+            // Same layout, another size (`fragmentEntries` changed): the datagrams in flight
+            // move over, as many as fit (an LRU map drops the least recently used).
+            (map_names::FRAGS, v) if v == schema::layout(map_names::FRAGS) => {
+                let old = MapData::from_pin(&pin).map_err(map_err(name))?;
+                let old: HashMap<MapData, FragKey, FragHead> =
+                    HashMap::try_from(Map::LruHashMap(old)).map_err(map_err(name))?;
+                let entries: Vec<(FragKey, FragHead)> = old.iter().filter_map(|e| e.ok()).collect();
+                let mut new: HashMap<&mut MapData, FragKey, FragHead> = self.typed(name)?;
+                for (k, v) in &entries {
+                    new.insert(k, v, 0).map_err(map_err(name))?;
+                }
+                log::info!("map {name}: {} entries copied into the resized map", entries.len());
             }
             // The agent rewrites these at start (configuration, its own sockets); rebuilt.
             // (VPP_XSKS: VPP registers its socket again when it re-creates its interface.)
@@ -703,15 +716,40 @@ impl Datapath {
     }
 }
 
-/// Whether the conntrack map pinned at `pin` has another size than the configured one
+/// The sizes the agent's configuration gives maps (`None`: the object's default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapSizes {
+    /// CT (`[services] conntrackEntries`).
+    pub conntrack: Option<u32>,
+    /// FRAGS (`[services] fragmentEntries`).
+    pub fragments: Option<u32>,
+}
+
+impl MapSizes {
+    fn of(&self, name: &str) -> Option<u32> {
+        match name {
+            map_names::CT => self.conntrack,
+            map_names::FRAGS => self.fragments,
+            _ => None,
+        }
+    }
+
+    fn configured(&self) -> impl Iterator<Item = (&'static str, u32)> {
+        [(map_names::CT, self.conntrack), (map_names::FRAGS, self.fragments)]
+            .into_iter()
+            .filter_map(|(name, n)| Some((name, n?)))
+    }
+}
+
+/// Whether the map `name` pinned at `pin` has another size than the configured one
 /// (logged: it is resized).
-fn ct_needs_resize(pin: &Path, configured: Option<u32>) -> bool {
+fn needs_resize(name: &str, pin: &Path, configured: Option<u32>) -> bool {
     let (Some(want), Ok(info)) = (configured, aya::maps::MapInfo::from_pin(pin)) else {
         return false;
     };
     let pinned = info.max_entries();
     if pinned != want {
-        log::info!("map {}: pinned with {pinned} entries, configured for {want}; resizing", map_names::CT);
+        log::info!("map {name}: pinned with {pinned} entries, configured for {want}; resizing");
     }
     pinned != want
 }
@@ -903,7 +941,10 @@ mod counter_migration {
             return;
         }
         let dir = TestPins::new("counters");
-        let load = || Datapath::load_with(&dir.0, true, Some(1024)).expect("loading the datapath");
+        let load = || {
+            Datapath::load_with(&dir.0, true, MapSizes { conntrack: Some(1024), fragments: None })
+                .expect("loading the datapath")
+        };
         let mut dp = load();
         dp.finish_migration().unwrap();
         drop(dp);

@@ -471,9 +471,11 @@ mod tests {
 mod resize {
     use std::collections::BTreeSet;
 
+    use contiv_common::{FragHead, FragKey};
+
     use super::*;
 
-    use crate::datapath::TestPins;
+    use crate::datapath::{MapSizes, TestPins};
 
     fn flow(i: u32) -> [(CtKey, CtEntry); 2] {
         let b = i.to_be_bytes();
@@ -509,7 +511,10 @@ mod resize {
             return;
         }
         let dir = TestPins::new("ct-resize");
-        let load = |entries: u32| Datapath::load_with(&dir.0, true, Some(entries)).expect("loading the datapath");
+        let load = |entries: u32| {
+            let sizes = MapSizes { conntrack: Some(entries), fragments: None };
+            Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath")
+        };
 
         // Created at 2048 entries; 100 flows recorded.
         let mut dp = load(2048);
@@ -553,5 +558,42 @@ mod resize {
         let newest: BTreeSet<CtKey> =
             (2001 - budget as u32 / 2..2000).chain([100]).flat_map(flow).map(|(k, _)| k).collect();
         assert_eq!(keys, newest, "the most recently seen flows, both directions of each");
+    }
+
+    #[test]
+    fn a_fragment_map_pinned_with_another_size_is_resized_with_its_entries() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the datapath needs root");
+            return;
+        }
+        let dir = TestPins::new("resize");
+        let load = |fragments| {
+            let sizes = MapSizes { conntrack: Some(1024), fragments };
+            let mut dp = Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath");
+            dp.finish_migration().unwrap();
+            dp
+        };
+        let size = || aya::maps::MapInfo::from_pin(dir.0.join(map_names::FRAGS)).unwrap().max_entries();
+        drop(load(None));
+        assert_eq!(size(), contiv_common::MAX_FRAGS, "the default size");
+        // A datagram in flight, as the programs record its first fragment.
+        let key = FragKey { src: [10, 1, 0, 7], dst: [10, 1, 1, 9], id: 4242, proto: 17, _pad: 0 };
+        let head = FragHead { sport: 40000, dport: 53 };
+        {
+            let data = MapData::from_pin(dir.0.join(map_names::FRAGS)).unwrap();
+            let mut m: HashMap<MapData, FragKey, FragHead> = HashMap::try_from(Map::LruHashMap(data)).unwrap();
+            m.insert(key, head, 0).unwrap();
+        }
+        // Configured larger: the pin holds a map of the new size, with the datagram.
+        let dp = load(Some(16384));
+        assert_eq!(size(), 16384, "resized");
+        let data = MapData::from_pin(dir.0.join(map_names::FRAGS)).unwrap();
+        let m: HashMap<MapData, FragKey, FragHead> = HashMap::try_from(Map::LruHashMap(data)).unwrap();
+        assert_eq!(m.get(&key, 0).ok(), Some(head), "the datagram in flight came along");
+        drop(dp);
+        // The same size again: the pinned map is kept as it is.
+        drop(load(Some(16384)));
+        assert_eq!(size(), 16384);
     }
 }

@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use contiv_common::{
-    Ipv4Key, SVC_LOCAL_BASE, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey,
+    Ipv4Key, NodeAddr, SVC_LOCAL_BASE, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey,
     SvcSourceRange, svc_flags, trace_step,
 };
 
@@ -17,22 +17,26 @@ use crate::{
 /// `nodePortAddresses` takes.
 #[inline(always)]
 pub fn is_node_port_addr(ip: [u8; 4]) -> bool {
-    // SAFETY: read-only lookup.
-    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some_and(|a| a.no_node_ports == 0)
+    node_addr(ip).is_some_and(|a| a.no_node_ports == 0)
 }
 
 /// Whether NodePorts are served on `ip` as this node's own address.
 #[inline(always)]
 pub fn is_local_node_port_addr(ip: [u8; 4]) -> bool {
-    // SAFETY: read-only lookup.
-    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some_and(|a| a.local != 0 && a.no_node_ports == 0)
+    node_addr(ip).is_some_and(|a| a.local != 0 && a.no_node_ports == 0)
 }
 
 /// Whether `ip` is this node's own address.
 #[inline(always)]
 pub fn is_local_node_addr(ip: [u8; 4]) -> bool {
-    // SAFETY: read-only lookup.
-    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.is_some_and(|a| a.local != 0)
+    node_addr(ip).is_some_and(|a| a.local != 0)
+}
+
+/// What the agent recorded of `ip` if it is a node's address (NODE_ADDRS).
+#[inline(always)]
+fn node_addr(ip: [u8; 4]) -> Option<NodeAddr> {
+    // SAFETY: read-only lookup, copied.
+    unsafe { NODE_ADDRS.get(Ipv4Key::new(ip)) }.copied()
 }
 
 /// Whether `ip` is the cluster IP of a programmed service (asked when no frontend serves

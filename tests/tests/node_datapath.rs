@@ -107,6 +107,16 @@ fn gateway_arp_and_ping_are_answered_by_the_vswitch_over_af_xdp() {
     let pod_after = node.pod_counters(pod.ip).unwrap();
     assert!(counter(&pod_after, "slow_packets") >= counter(&pod_before, "slow_packets") + 4);
     assert!(counter(&pod_after, "from_slow_packets") >= counter(&pod_before, "from_slow_packets") + 4);
+
+    // ping -R: the gateway answers with the route recorded, itself in it on arrival and on
+    // the way back, as a Linux host answers.
+    let out = pod.ns.cmd("ping").args(["-R", "-c", "1", "-W", "2", "10.1.1.1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let route = text.split_once("RR:").map(|(_, r)| r.split("\n\n").next().unwrap_or_default()).unwrap_or_default();
+    let hops: Vec<&str> = route.split_whitespace().collect();
+    let (me, gw) = (pod.ip.to_string(), "10.1.1.1");
+    assert!(out.status.success(), "ping -R to the gateway: {text}");
+    assert_eq!(hops, [me.as_str(), gw, gw, me.as_str()], "the recorded route: {text}");
 }
 
 #[test]

@@ -178,7 +178,7 @@ impl BuiltinVswitch {
             return Verdict::Dropped(DropReason::UnknownDestination);
         }
         // Ethernet padding past the IPv4 total length is not part of the packet. Options
-        // are read past; the answer carries none.
+        // are read past; the answer carries only a Record Route, as the kernel's does.
         let ip = &ip[..total_len];
         let icmp = &ip[ihl..];
         if ip[9] != IPPROTO_ICMP || icmp.len() < ICMP_ECHO_HLEN || icmp[0] != ICMP_ECHO_REQUEST {
@@ -197,13 +197,25 @@ impl BuiltinVswitch {
         out.extend_from_slice(&gw_mac);
         out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         let ip_start = out.len();
-        out.extend_from_slice(&[0x45, ip[1]]); // version/IHL, TOS kept
-        out.extend_from_slice(&((IPV4_HLEN + icmp.len()) as u16).to_be_bytes());
+        let rr = record_route(&ip[IPV4_HLEN..ihl]);
+        let options_len = rr.map_or(0, |o| o.len().next_multiple_of(4));
+        out.extend_from_slice(&[0x45 + (options_len / 4) as u8, ip[1]]); // version/IHL, TOS kept
+        out.extend_from_slice(&((IPV4_HLEN + options_len + icmp.len()) as u16).to_be_bytes());
         out.extend_from_slice(&ip[4..6]); // identification kept
         out.extend_from_slice(&[0, 0]); // no flags, offset 0
         out.extend_from_slice(&[DEFAULT_TTL, IPPROTO_ICMP, 0, 0]);
         out.extend_from_slice(&dst.octets());
         out.extend_from_slice(&requester_ip);
+        if let Some(rr) = rr {
+            // RFC 1122 3.2.2.6: the route recorded so far, and this hop, on arrival and on
+            // the way back (where there is room), so that it spans the round trip.
+            let at = out.len();
+            out.extend_from_slice(rr);
+            for _ in 0..2 {
+                record_hop(&mut out[at..at + rr.len()], dst);
+            }
+            out.resize(at + options_len, 0); // padded with End of Options
+        }
         let ip_csum = internet_checksum(&out[ip_start..]);
         put_be16(out, ip_start + 10, ip_csum);
         let icmp_start = out.len();
@@ -213,6 +225,44 @@ impl BuiltinVswitch {
         put_be16(out, icmp_start + 2, icmp_csum);
         tx(out);
         Verdict::Replied(ReplyKind::IcmpEcho)
+    }
+}
+
+/// IPv4 option types.
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+const IPOPT_RR: u8 = 7;
+
+/// The Record Route option among a header's options, if there is one and the options are
+/// well formed (each option's length within them).
+fn record_route(options: &[u8]) -> Option<&[u8]> {
+    let mut i = 0;
+    while i < options.len() {
+        match options[i] {
+            IPOPT_END => return None,
+            IPOPT_NOOP => i += 1,
+            kind => {
+                let len = usize::from(*options.get(i + 1)?);
+                if len < 2 || i + len > options.len() {
+                    return None;
+                }
+                if kind == IPOPT_RR && len >= 3 {
+                    return Some(&options[i..i + len]);
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
+/// Records `hop` in a Record Route option (type, length, pointer, addresses) if it has room
+/// left: at its pointer (1-based, from 4), which moves to the next slot.
+fn record_hop(rr: &mut [u8], hop: Ipv4Addr) {
+    let pointer = usize::from(rr[2]);
+    if pointer >= 4 && pointer + 3 <= rr.len() {
+        rr[pointer - 1..pointer + 3].copy_from_slice(&hop.octets());
+        rr[2] += 4;
     }
 }
 
@@ -567,6 +617,42 @@ mod tests {
         let icmp = &ip[IPV4_HLEN..];
         assert_eq!(internet_checksum(icmp), 0);
         assert_eq!((icmp[0], be16(icmp, 4), be16(icmp, 6), &icmp[8..]), (ICMP_ECHO_REPLY, 7, 9, &b"xyz"[..]));
+    }
+
+    #[test]
+    fn a_gateway_echo_with_record_route_is_answered_with_the_route_and_the_gateway_in_it() {
+        let mut vs = vswitch();
+        // NOP, then a Record Route with three slots, the first holding the sender: IHL 9.
+        let mut options = vec![IPOPT_NOOP, IPOPT_RR, 15, 8];
+        options.extend_from_slice(&POD_IP);
+        options.extend_from_slice(&[0; 8]);
+        let f = ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &options, 0, &icmp(ICMP_ECHO_REQUEST, 7, 9, b"xyz"));
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::IcmpEcho));
+        let ip = &sent[0][ETH_HLEN..];
+        assert_eq!(ip[0], 0x49, "a 15-byte option, padded to 16");
+        assert_eq!(usize::from(be16(ip, 2)), ip.len());
+        assert_eq!(internet_checksum(&ip[..36]), 0);
+        let mut route = vec![IPOPT_RR, 15, 16];
+        route.extend_from_slice(&POD_IP);
+        route.extend_from_slice(&GW_IP.octets());
+        route.extend_from_slice(&GW_IP.octets());
+        route.push(IPOPT_END);
+        assert_eq!(&ip[20..36], &route[..], "the sender, then the gateway on arrival and on the way back");
+        let reply = &ip[36..];
+        assert_eq!(internet_checksum(reply), 0);
+        assert_eq!((reply[0], be16(reply, 4), be16(reply, 6), &reply[8..]), (ICMP_ECHO_REPLY, 7, 9, &b"xyz"[..]));
+
+        // A full route comes back as it was; a malformed option list is answered without.
+        let full = [IPOPT_RR, 7, 8, 10, 1, 0, 9, IPOPT_END];
+        let f = ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &full, 0, &icmp(ICMP_ECHO_REQUEST, 7, 9, b""));
+        let (_, sent) = run(&mut vs, &f);
+        assert_eq!(&sent[0][ETH_HLEN + 20..ETH_HLEN + 28], &full[..]);
+        let bad = [IPOPT_RR, 9, 4, 0];
+        let f = ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &bad, 0, &icmp(ICMP_ECHO_REQUEST, 7, 9, b""));
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::IcmpEcho));
+        assert_eq!(sent[0][ETH_HLEN], 0x45);
     }
 
     #[test]

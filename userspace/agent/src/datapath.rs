@@ -735,9 +735,7 @@ impl MapSizes {
     }
 
     fn configured(&self) -> impl Iterator<Item = (&'static str, u32)> {
-        [(map_names::CT, self.conntrack), (map_names::FRAGS, self.fragments)]
-            .into_iter()
-            .filter_map(|(name, n)| Some((name, n?)))
+        [map_names::CT, map_names::FRAGS].into_iter().filter_map(|name| Some((name, self.of(name)?)))
     }
 }
 

@@ -79,8 +79,8 @@ impl Fragment {
             return policy::transport(data, data_end, proto);
         }
         match proto {
-            IPPROTO_ICMP => Transport::Echo { id: self.head.sport },
-            _ => Transport::Ports { proto, sport: self.head.sport, dport: self.head.dport },
+            IPPROTO_ICMP => Transport::echo(self.head.sport),
+            _ => Transport::ports(proto, self.head.sport, self.head.dport),
         }
     }
 }

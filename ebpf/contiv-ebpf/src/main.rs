@@ -472,7 +472,7 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
                 // translates it back and routes it; forwarded past it, to another node's
                 // pod or address, it would reach the client untranslated. The stack routes
                 // every destination, so this is right whatever the flow was.
-                let t = Transport::Ports { proto: l4.proto, sport: l4.dport, dport: l4.sport };
+                let t = Transport::ports(l4.proto, l4.dport, l4.sport);
                 if !trace.on() {
                     policy::track_via_host(dst, src, &t, 0);
                 }
@@ -871,7 +871,7 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
         && let Some(l4) = nat::l4(data, data_end, proto)
         && ct::lookup(&ct::key(src, dst, l4.sport, l4.dport, proto), l4.tcp_flags, Trace::OFF).is_none()
     {
-        policy::track_via_host(src, dst, &Transport::Ports { proto, sport: l4.sport, dport: l4.dport }, l4.tcp_flags);
+        policy::track_via_host(src, dst, &Transport::ports(proto, l4.sport, l4.dport), l4.tcp_flags);
     }
     TC_ACT_OK
 }
@@ -1007,7 +1007,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         // A new flow from outside to a backend here: its ingress rules (a backend on another
         // node is checked there, against this node's address when the flow was SNAT'ed).
         if local.host_ifindex != 0 && local.flags & pod_flags::INGRESS_ISOLATED != 0 {
-            let t = Transport::Ports { proto, sport: l4.sport, dport: flow.fwd.nat_port };
+            let t = Transport::ports(proto, l4.sport, flow.fwd.nat_port);
             if !policy::allows(local.ip, policy_dir::INGRESS, src, &t) {
                 if let Some(c) = pod_counters(dst) {
                     c.drop_policy_ingress += 1;

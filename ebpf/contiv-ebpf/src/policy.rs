@@ -41,27 +41,72 @@ const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
-/// What the policy stage needs of a packet's transport header.
+/// What the policy stage needs of a packet's transport header: its flow key's ports, or
+/// for an ICMP error the whole key of the flow it is about.
+///
+/// A plain struct with every field set on every path, not an enum: an enum's unused payload
+/// is undefined, and LLVM may leave any register there, a pointer too, which the verifier
+/// refuses to shift when a merged value is taken apart (`tc_from_uplink` was refused so).
 #[derive(Clone, Copy)]
-pub enum Transport {
-    /// TCP, UDP, SCTP: ports (host byte order).
-    Ports { proto: u8, sport: u16, dport: u16 },
+pub struct Transport {
+    /// [`kind`].
+    pub kind: u8,
+    /// The packet's protocol; for [`kind::RELATED`], the protocol of the flow it is about.
+    pub proto: u8,
+    /// Ports (host byte order); an echo's identifier in both. For [`kind::RELATED`], the
+    /// ports of the flow's key.
+    pub sport: u16,
+    pub dport: u16,
+    /// For [`kind::RELATED`], the addresses of the flow's key; else zero.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+pub mod kind {
+    /// TCP, UDP, SCTP: ports.
+    pub const PORTS: u8 = 0;
     /// An ICMP echo request or reply: a flow keyed by its identifier.
-    Echo { id: u16 },
+    pub const ECHO: u8 = 1;
     /// An ICMP error about a flow: the conntrack key of that flow's reply direction.
-    Related(CtKey),
+    pub const RELATED: u8 = 2;
     /// Anything else: no flow key; every packet is checked.
-    Other { proto: u8 },
+    pub const OTHER: u8 = 3;
 }
 
 impl Transport {
+    #[inline(always)]
+    pub const fn ports(proto: u8, sport: u16, dport: u16) -> Self {
+        Self { kind: kind::PORTS, proto, sport, dport, src: [0; 4], dst: [0; 4] }
+    }
+
+    #[inline(always)]
+    pub const fn echo(id: u16) -> Self {
+        Self { kind: kind::ECHO, proto: IPPROTO_ICMP, sport: id, dport: id, src: [0; 4], dst: [0; 4] }
+    }
+
+    #[inline(always)]
+    pub const fn related(k: CtKey) -> Self {
+        Self { kind: kind::RELATED, proto: k.proto, sport: k.sport, dport: k.dport, src: k.src, dst: k.dst }
+    }
+
+    #[inline(always)]
+    pub const fn other(proto: u8) -> Self {
+        Self { kind: kind::OTHER, proto, sport: 0, dport: 0, src: [0; 4], dst: [0; 4] }
+    }
+
+    /// The conntrack key of the flow an ICMP error is about ([`kind::RELATED`] only).
+    #[inline(always)]
+    pub fn related_key(&self) -> CtKey {
+        ct::key(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
+
     /// Protocol and destination port a rule must allow (0 for protocols without ports).
     #[inline(always)]
     pub fn rule_match(&self) -> (u8, u16) {
-        match *self {
-            Transport::Ports { proto, dport, .. } => (proto, dport),
-            Transport::Echo { .. } | Transport::Related(_) => (IPPROTO_ICMP, 0),
-            Transport::Other { proto } => (proto, 0),
+        match self.kind {
+            kind::PORTS => (self.proto, self.dport),
+            kind::ECHO | kind::RELATED => (IPPROTO_ICMP, 0),
+            _ => (self.proto, 0),
         }
     }
 }
@@ -73,14 +118,14 @@ pub fn transport(data: usize, data_end: usize, proto: u8) -> Transport {
     match proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
             let Some(p) = ptr_at::<[u8; 4]>(data, data_end, off) else {
-                return Transport::Other { proto };
+                return Transport::other(proto);
             };
             // SAFETY: bounds checked by ptr_at.
             let p = unsafe { &*p };
-            Transport::Ports { proto, sport: u16::from_be_bytes([p[0], p[1]]), dport: u16::from_be_bytes([p[2], p[3]]) }
+            Transport::ports(proto, u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]))
         }
         IPPROTO_ICMP => icmp(data, data_end, off),
-        _ => Transport::Other { proto },
+        _ => Transport::other(proto),
     }
 }
 
@@ -88,14 +133,14 @@ pub fn transport(data: usize, data_end: usize, proto: u8) -> Transport {
 /// its options, if any) and the first 4 bytes of its transport header.
 #[inline(always)]
 fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
-    let other = Transport::Other { proto: IPPROTO_ICMP };
+    let other = Transport::other(IPPROTO_ICMP);
     let Some(h) = ptr_at::<[u8; 8]>(data, data_end, off) else {
         return other;
     };
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*h };
     match h[0] {
-        ICMP_ECHO | ICMP_ECHO_REPLY => Transport::Echo { id: u16::from_be_bytes([h[4], h[5]]) },
+        ICMP_ECHO | ICMP_ECHO_REPLY => Transport::echo(u16::from_be_bytes([h[4], h[5]])),
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
             let Some(inner) = ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, off + ICMP_HLEN) else {
                 return other;
@@ -116,7 +161,7 @@ fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
             let dport = u16::from_be_bytes([ports[2], ports[3]]);
             // The embedded packet went src -> dst; the flow's reply direction is tracked
             // under the reversed key whatever NAT the original direction had.
-            Transport::Related(ct::key(dst, src, dport, sport, proto))
+            Transport::related(ct::key(dst, src, dport, sport, proto))
         }
         _ => other,
     }
@@ -126,13 +171,10 @@ fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
 /// service stage did not look up (it handles TCP and UDP): ICMP and SCTP.
 #[inline(always)]
 pub fn tracked(t: &Transport, src: [u8; 4], dst: [u8; 4], trace: Trace) -> bool {
-    let hit = match *t {
-        Transport::Ports { proto, sport, dport } => {
-            ct::lookup(&ct::key(src, dst, sport, dport, proto), 0, trace).is_some()
-        }
-        Transport::Echo { id } => ct::lookup(&ct::key(src, dst, id, id, IPPROTO_ICMP), 0, trace).is_some(),
+    let hit = match t.kind {
+        kind::PORTS | kind::ECHO => ct::lookup(&ct::key(src, dst, t.sport, t.dport, t.proto), 0, trace).is_some(),
         // SAFETY: read-only lookup, not refreshed (an error is not traffic of the flow).
-        Transport::Related(k) => unsafe { CT.get(k) }.is_some(),
+        kind::RELATED => unsafe { CT.get(t.related_key()) }.is_some(),
         _ => false,
     };
     trace.note(if hit { trace_step::CT_HIT } else { trace_step::CT_MISS }, 0);
@@ -216,11 +258,10 @@ pub fn track_via_host(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) 
 
 #[inline(always)]
 fn track_with(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, rev_flags: u16, trace: Trace) -> bool {
-    let (proto, sport, dport) = match *t {
-        Transport::Ports { proto, sport, dport } => (proto, sport, dport),
-        Transport::Echo { id } => (IPPROTO_ICMP, id, id),
-        _ => return false,
-    };
+    if t.kind != kind::PORTS && t.kind != kind::ECHO {
+        return false;
+    }
+    let (proto, sport, dport) = (t.proto, t.sport, t.dport);
     let (now, touched) = (ct::now(), ct::ticks());
     let fwd = CtEntry { last_seen_ns: now, tcp_flags, touched, ..CtEntry::default() };
     let rev = CtEntry { last_seen_ns: now, touched, flags: rev_flags, ..CtEntry::default() };

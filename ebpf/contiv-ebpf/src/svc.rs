@@ -18,7 +18,7 @@ use crate::{
     ct, lb,
     maps::{CT, DEAD_BACKENDS, count_svc},
     nat::{self, Addr, End, L4},
-    policy::Transport,
+    policy::{self, Transport},
     trace::Trace,
 };
 
@@ -344,9 +344,10 @@ fn translated(e: &CtEntry, from: Addr, to: Addr) -> (Addr, Addr) {
 /// error about an untranslated flow passes on its tracked flow, unchanged).
 #[inline(always)]
 pub fn related(ctx: &TcContext, t: &Transport, src: [u8; 4], dst: [u8; 4], trace: Trace) -> Option<Outcome> {
-    let Transport::Related(k) = *t else {
+    if t.kind != policy::kind::RELATED {
         return None;
-    };
+    }
+    let k = t.related_key();
     // SAFETY: read-only lookup, copied; not refreshed (an error is not traffic of the flow).
     let e = *unsafe { CT.get(k) }?;
     if e.flags & ct_flags::NAT == 0 {

@@ -6,7 +6,8 @@
 //!   flow's first packet; conntrack carries the flow until it ends or idles out);
 //! - the pod's own node is always allowed (both ways), other nodes are not; hostNetwork pods
 //!   are neither subject to policy nor selectable as peers; an ICMP "fragmentation needed"
-//!   for an allowed flow reaches an ingress-isolated pod, one for an unknown flow does not;
+//!   for an allowed flow reaches an ingress-isolated pod, one for an unknown flow does not,
+//!   and the same holds for "time exceeded" about the pod's own pings;
 //! - egress is checked on the sender's node and ingress on the receiver's, drops are counted
 //!   per pod and reason (counters and metrics), `netctl get policies --node` shows the maps;
 //! - with the service proxy off, the agent still sweeps conntrack: a closed flow's entries
@@ -157,57 +158,59 @@ fn policy_follows_label_changes_new_pods_and_deletions_and_established_flows_kee
     assert!(tcp.exchange() && udp.exchange() && outbound.exchange());
 }
 
-/// An ICMP "fragmentation needed" (MTU `mtu`) quoting a UDP packet `src:sport -> dst:dport`
-/// whose header carries `options` (a multiple of 4 bytes), sent from namespace `ns` to `src`
-/// (the kernel adds the outer IPv4 header).
-fn send_frag_needed(ns: &str, src: SocketAddr, dst: SocketAddr, mtu: u16, options: &[u8]) {
-    fn csum(data: &[u8]) -> u16 {
-        let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
+/// The Internet checksum (RFC 1071).
+fn csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
     }
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else { panic!("IPv4 only") };
+    !(sum as u16)
+}
+
+/// What an ICMP error quotes: an IPv4 header `src -> dst` of protocol `proto` with `options`
+/// (a multiple of 4 bytes), then the first 8 bytes of its payload.
+fn quote(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: &[u8], first8: [u8; 8]) -> Vec<u8> {
     assert!(options.len().is_multiple_of(4) && options.len() <= 40, "IPv4 options: {options:?}");
-    let mut inner = vec![0x45 + options.len() as u8 / 4, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    let mut inner = vec![0x45 + options.len() as u8 / 4, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
     inner[2..4].copy_from_slice(&1400u16.to_be_bytes());
-    inner.extend_from_slice(&src.ip().octets());
-    inner.extend_from_slice(&dst.ip().octets());
+    inner.extend_from_slice(&src.octets());
+    inner.extend_from_slice(&dst.octets());
     inner.extend_from_slice(options);
     let c = csum(&inner);
     inner[10..12].copy_from_slice(&c.to_be_bytes());
-    inner.extend_from_slice(&src.port().to_be_bytes());
-    inner.extend_from_slice(&dst.port().to_be_bytes());
-    inner.extend_from_slice(&1380u16.to_be_bytes());
-    inner.extend_from_slice(&[0, 0]);
-    let mut icmp = vec![3, 4, 0, 0, 0, 0];
-    icmp.extend_from_slice(&mtu.to_be_bytes());
-    icmp.extend_from_slice(&inner);
+    inner.extend_from_slice(&first8);
+    inner
+}
+
+/// An ICMP message (`kind`, `code`, the 4 bytes after the checksum, then `body`) sent from
+/// namespace `ns` to `to` on a raw socket (the kernel adds the outer IPv4 header).
+fn send_icmp(ns: &str, to: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], body: &[u8]) {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(body);
     let c = csum(&icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let to = *src.ip();
-    enter(ns, move || {
-        // SAFETY: plain socket(2)/sendto(2)/close(2) on a socket this closure owns, with
-        // pointers to live stack values of the sizes passed.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
-            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            let mut sa: libc::sockaddr_in = std::mem::zeroed();
-            sa.sin_family = libc::AF_INET as u16;
-            sa.sin_addr.s_addr = u32::from_ne_bytes(to.octets());
-            let n = libc::sendto(
-                fd,
-                icmp.as_ptr().cast(),
-                icmp.len(),
-                0,
-                (&sa as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            );
-            assert_eq!(n, icmp.len() as isize, "sendto: {}", std::io::Error::last_os_error());
-            libc::close(fd);
-        }
-    });
+    let s = enter(ns, raw_icmp_socket);
+    let n = s.send_to(&icmp, &SocketAddr::from((to, 0)).into()).expect("sendto");
+    assert_eq!(n, icmp.len());
+}
+
+/// A raw ICMP socket in the calling thread's namespace: it sends ICMP as written, and
+/// receives a copy of every ICMP packet (with its IPv4 header) the namespace receives.
+fn raw_icmp_socket() -> socket2::Socket {
+    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::ICMPV4))
+        .expect("raw ICMP socket")
+}
+
+/// An ICMP "fragmentation needed" (MTU `mtu`) quoting a UDP packet `src:sport -> dst:dport`
+/// whose header carries `options`, sent from namespace `ns` to `src`.
+fn send_frag_needed(ns: &str, src: SocketAddr, dst: SocketAddr, mtu: u16, options: &[u8]) {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else { panic!("IPv4 only") };
+    let [sp, sp2] = src.port().to_be_bytes();
+    let [dp, dp2] = dst.port().to_be_bytes();
+    let udp = [sp, sp2, dp, dp2, 0x05, 0x64, 0, 0]; // length 1380, no checksum
+    let [m, m2] = mtu.to_be_bytes();
+    send_icmp(ns, *src.ip(), 3, 4, [0, 0, m, m2], &quote(*src.ip(), *dst.ip(), 17, options, udp));
 }
 
 /// The path MTU a connected socket sees (IP_MTU).
@@ -304,6 +307,70 @@ fn own_node_always_allowed_host_network_pods_exempt_and_frag_needed_of_allowed_f
         std::process::Command::new("ip").args(["route", "get", &q_ip.to_string()]).output().unwrap()
     });
     assert!(String::from_utf8_lossy(&route.stdout).contains("mtu 1280"), "{route:?}");
+}
+
+/// The ICMP messages a raw ICMP socket receives within `within`: each one's type, and the
+/// identifier of the echo it is (echo, echo reply) or quotes (an error about an echo).
+fn icmp_seen(s: &socket2::Socket, within: Duration) -> Vec<(u8, u16)> {
+    let mut seen = vec![];
+    let until = std::time::Instant::now() + within;
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < until {
+        let Ok(n) = (&*s).read(&mut buf) else { continue };
+        let icmp = &buf[usize::from(buf[0] & 0x0f) * 4..n];
+        let id_at = |m: &[u8]| m.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        let id = match icmp[0] {
+            0 | 8 => id_at(icmp),
+            _ => icmp.get(8..).and_then(|q| id_at(q.get(usize::from(q.first()? & 0x0f) * 4..)?)),
+        };
+        seen.push((icmp[0], id.unwrap_or_default()));
+    }
+    seen
+}
+
+/// A pod isolated for ingress (nothing admitted) pings out, as `ping` and `mtr` do: the echo
+/// replies come back as its flow's, and so do the ICMP errors a router sends about its
+/// echoes ("time exceeded", "host unreachable"), as conntrack passes a RELATED error. An
+/// error about an echo it never sent is dropped by its ingress rules and counted.
+#[test]
+fn icmp_errors_about_an_ingress_isolated_pods_echoes_reach_it() {
+    let mut b = boxed(2);
+    let r = b.add_pod("node-1", "x/r", &[("pod", "r")], &[]);
+    let q = b.add_pod("node-2", "x/q", &[("pod", "q")], &[]);
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: r, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {pod: r}}\n  policyTypes: [Ingress]\n",
+    );
+    b.wait_for(SETTLE, "r is isolated for ingress on node-1", || {
+        b.status_json("node-1", "/policies").is_some_and(|v| {
+            v["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == "r" && p["ingressIsolated"] == true)
+        })
+    });
+    let (r_ip, q_ip) = (r.ip, q.ip);
+    let node2_ns = b.node("node-2").netns.clone();
+    let sock = enter(&r.netns, raw_icmp_socket);
+
+    // r's echo to q, and q's reply.
+    send_icmp(&r.netns, q_ip, 8, 0, [0x42, 0x42, 0, 1], b"are you there");
+    let seen = icmp_seen(&sock, Duration::from_secs(2));
+    assert!(seen.contains(&(0, 0x4242)), "q's echo reply reaches r: {seen:?}");
+
+    // node-2, standing for a router on the way, reports "time exceeded" for that echo and
+    // for one r never sent (identifier 0x4343). Node-2 is not r's node: nothing admits it.
+    let drops_before = pod_counter(&b, "node-1", r_ip, "dropPolicyIngress");
+    let echo = |id: u16| {
+        let [h, l] = id.to_be_bytes();
+        quote(r_ip, q_ip, 1, &[], [8, 0, 0, 0, h, l, 0, 1])
+    };
+    send_icmp(&node2_ns, r_ip, 11, 0, [0; 4], &echo(0x4343));
+    send_icmp(&node2_ns, r_ip, 11, 0, [0; 4], &echo(0x4242));
+    let seen = icmp_seen(&sock, Duration::from_secs(2));
+    assert!(seen.contains(&(11, 0x4242)), "the error about r's echo reaches r: {seen:?}");
+    assert!(!seen.contains(&(11, 0x4343)), "the error about an echo r never sent does not: {seen:?}");
+    b.wait_for(Duration::from_secs(5), "the unknown echo's error is counted as dropped", || {
+        pod_counter(&b, "node-1", r_ip, "dropPolicyIngress") > drops_before
+    });
 }
 
 #[test]

@@ -16,8 +16,9 @@
 //!
 //! ICMP: an echo is a flow keyed by its identifier (request and reply share it); an error
 //! (destination unreachable, "fragmentation needed", time exceeded) is allowed when the
-//! flow its embedded header names is tracked, so path MTU discovery works for every
-//! allowed flow. Other ICMP, and protocols without ports, need a rule without ports.
+//! flow its embedded header names is tracked (a TCP, UDP or SCTP flow, or an echo), so path
+//! MTU discovery works for every allowed flow, and so does a traceroute. Other ICMP, and
+//! protocols without ports, need a rule without ports.
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use contiv_common::{
@@ -130,7 +131,8 @@ pub fn transport(data: usize, data_end: usize, proto: u8) -> Transport {
 }
 
 /// ICMP header (8 bytes, at `off`), then for errors the embedded IPv4 header (20 bytes and
-/// its options, if any) and the first 4 bytes of its transport header.
+/// its options, if any) and the first 8 bytes after it (RFC 792): the ports of a TCP, UDP
+/// or SCTP packet, or an echo's identifier.
 #[inline(always)]
 fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
     let other = Transport::other(IPPROTO_ICMP);
@@ -148,20 +150,27 @@ fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
             // SAFETY: bounds checked by ptr_at.
             let inner = unsafe { &*inner };
             let proto = inner[9];
-            if !well_formed(inner) || !(proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
+            // An error about an echo (a router's "time exceeded" for a traceroute by ping,
+            // "host unreachable"): the echo flow its identifier keys.
+            let echo = proto == IPPROTO_ICMP;
+            if !well_formed(inner) || !(proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP || echo) {
                 return other;
             }
-            let Some(ports) = ptr_at::<[u8; 4]>(data, data_end, off + ICMP_HLEN + header_len(inner[0])) else {
+            let Some(q) = ptr_at::<[u8; 8]>(data, data_end, off + ICMP_HLEN + header_len(inner[0])) else {
                 return other;
             };
             // SAFETY: bounds checked by ptr_at.
-            let ports = unsafe { &*ports };
-            let (src, dst) = (src_ip(inner), dst_ip(inner));
-            let sport = u16::from_be_bytes([ports[0], ports[1]]);
-            let dport = u16::from_be_bytes([ports[2], ports[3]]);
+            let q = unsafe { &*q };
+            if echo && q[0] != ICMP_ECHO && q[0] != ICMP_ECHO_REPLY {
+                return other;
+            }
+            // Ports, or an echo's identifier (in both).
+            let sport = if echo { [q[4], q[5]] } else { [q[0], q[1]] };
+            let dport = if echo { [q[4], q[5]] } else { [q[2], q[3]] };
+            let (sport, dport) = (u16::from_be_bytes(sport), u16::from_be_bytes(dport));
             // The embedded packet went src -> dst; the flow's reply direction is tracked
             // under the reversed key whatever NAT the original direction had.
-            Transport::related(ct::key(dst, src, dport, sport, proto))
+            Transport::related(ct::key(dst_ip(inner), src_ip(inner), dport, sport, proto))
         }
         _ => other,
     }

@@ -165,8 +165,7 @@ fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
                 return other;
             }
             // Ports, or an echo's identifier (in both).
-            let sport = if echo { [q[4], q[5]] } else { [q[0], q[1]] };
-            let dport = if echo { [q[4], q[5]] } else { [q[2], q[3]] };
+            let (sport, dport) = if echo { ([q[4], q[5]], [q[4], q[5]]) } else { ([q[0], q[1]], [q[2], q[3]]) };
             let (sport, dport) = (u16::from_be_bytes(sport), u16::from_be_bytes(dport));
             // The embedded packet went src -> dst; the flow's reply direction is tracked
             // under the reversed key whatever NAT the original direction had.

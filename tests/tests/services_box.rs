@@ -1128,13 +1128,16 @@ spec:
     }
 }
 
-/// Waits until a node's `/services` lists `listed` among its node addresses (as read from
-/// its maps, e.g. `192.168.100.111 (this node, no NodePorts)`).
-fn wait_node_address_listed(b: &ClusterBox, node: &str, listed: &str) {
+/// A node address as a node's `/services` lists it (read from its maps).
+fn node_address(ip: Ipv4Addr, this_node: bool, node_ports: bool) -> serde_json::Value {
+    serde_json::json!({"address": ip.to_string(), "thisNode": this_node, "nodePorts": node_ports})
+}
+
+/// Waits until a node's `/services` lists `listed` among its node addresses.
+fn wait_node_address_listed(b: &ClusterBox, node: &str, listed: serde_json::Value) {
     b.wait_for(Duration::from_secs(15), &format!("{node} to list {listed}"), || {
-        b.status_json(node, "/services").is_some_and(|r| {
-            r["nodeAddresses"].as_array().is_some_and(|a| a.iter().any(|s| s.as_str() == Some(listed)))
-        })
+        b.status_json(node, "/services")
+            .is_some_and(|r| r["nodeAddresses"].as_array().is_some_and(|a| a.contains(&listed)))
     });
 }
 
@@ -1175,16 +1178,13 @@ spec:
         n1.ip,
         web_slices("web", &w1, &w2)
     ));
-    for (node, note) in [("node-1", "this node, no NodePorts"), ("node-2", "no NodePorts")] {
+    for (node, this_node) in [("node-1", true), ("node-2", false)] {
         wait_programmed(&b, node, "10.96.0.60:80", 2);
-        wait_node_address_listed(&b, node, &format!("{second} ({note})"));
+        wait_node_address_listed(&b, node, node_address(second, this_node, false));
     }
     let report = b.status_json("node-1", "/services").unwrap();
     assert_eq!(report["nodePortAddresses"], serde_json::json!(["192.168.100.0/28"]));
-    assert!(
-        report["nodeAddresses"].as_array().unwrap().iter().any(|s| s == &format!("{} (this node)", n1.ip)),
-        "{report}"
-    );
+    assert!(report["nodeAddresses"].as_array().unwrap().contains(&node_address(n1.ip, true, true)), "{report}");
     let out = netctl_get_services(&b, "node-1", "node-1");
     let text = String::from_utf8_lossy(&out.stdout);
     let line = format!("nodePortAddresses [192.168.100.0/28]: NodePorts answer on {}; not on {second}", n1.ip);
@@ -1220,8 +1220,7 @@ spec:
         std::fs::write(&n1.config, config.replace(&line, &format!("nodePortAddresses = {setting}"))).unwrap();
         b.stop_agent("node-1", false);
         b.start_agent("node-1");
-        let note = if second_served { "this node" } else { "this node, no NodePorts" };
-        wait_node_address_listed(&b, "node-1", &format!("{second} ({note})"));
+        wait_node_address_listed(&b, "node-1", node_address(second, true, second_served));
         assert!(outside(SocketAddr::from((n1.ip, 30080))).is_ok(), "{setting}: outside -> node-1's own address");
         if second_served {
             outside(SocketAddr::from((second, 30080)))

@@ -142,12 +142,9 @@ fn node_ports_line(report: &Value) -> Option<String> {
         return None;
     }
     let (mut on, mut off) = (vec![], vec![]);
-    for a in report["nodeAddresses"].as_array().into_iter().flatten().filter_map(Value::as_str) {
-        match a.split_once(' ') {
-            Some((ip, "(this node)")) => on.push(ip),
-            Some((ip, "(this node, no NodePorts)")) => off.push(ip),
-            _ => {}
-        }
+    for a in report["nodeAddresses"].as_array().into_iter().flatten().filter(|a| a["thisNode"] == true) {
+        let Some(ip) = a["address"].as_str() else { continue };
+        if a["nodePorts"] == true { on.push(ip) } else { off.push(ip) }
     }
     let list = |v: &[&str]| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
     Some(format!(
@@ -197,13 +194,16 @@ mod tests {
     #[test]
     fn the_services_table_says_where_node_ports_answer_when_node_port_addresses_narrows_it() {
         let narrowed = json!({"frontends": [], "nodePortAddresses": ["192.168.100.0/28"], "nodeAddresses": [
-            "192.168.100.11 (this node)", "192.168.100.12", "192.168.100.111 (this node, no NodePorts)",
-            "203.0.113.5 (no NodePorts)"]});
+            {"address": "192.168.100.11", "thisNode": true, "nodePorts": true},
+            {"address": "192.168.100.12", "thisNode": false, "nodePorts": true},
+            {"address": "192.168.100.111", "thisNode": true, "nodePorts": false},
+            {"address": "203.0.113.5", "thisNode": false, "nodePorts": false}]});
         assert_eq!(
             super::services_table(&narrowed, None).lines().last(),
             Some("nodePortAddresses [192.168.100.0/28]: NodePorts answer on 192.168.100.11; not on 192.168.100.111")
         );
-        let unset = json!({"frontends": [], "nodePortAddresses": [], "nodeAddresses": ["192.168.100.11 (this node)"]});
+        let unset = json!({"frontends": [], "nodePortAddresses": [], "nodeAddresses": [
+            {"address": "192.168.100.11", "thisNode": true, "nodePorts": true}]});
         assert!(!super::services_table(&unset, None).contains("nodePortAddresses"));
     }
 }

@@ -61,7 +61,9 @@ pub struct ServicesReport {
     /// Where that server listens; none when it is off.
     pub proxy_healthz_address: Option<String>,
     pub dead_backends: Vec<String>,
-    pub node_addresses: Vec<String>,
+    /// The node addresses in the maps: this node's and the other nodes' (which NodePort
+    /// replies and the node's admission are keyed on).
+    pub node_addresses: Vec<NodeAddressReport>,
     /// `[services] nodePortAddresses` as configured (empty: every node address).
     pub node_port_addresses: Vec<String>,
     pub conntrack_entries: usize,
@@ -73,6 +75,17 @@ pub struct ServicesReport {
     pub last_gc: Option<GcStats>,
     /// Entries the sweeps removed since the agent started.
     pub conntrack_expired_total: u64,
+}
+
+/// One entry of the node-address map.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAddressReport {
+    pub address: Ipv4Addr,
+    /// One of this node's own addresses (else another node's).
+    pub this_node: bool,
+    /// Whether NodePorts are served on it (`[services] nodePortAddresses`).
+    pub node_ports: bool,
 }
 
 fn flag_names(flags: u32) -> (&'static str, Vec<&'static str>) {
@@ -369,12 +382,10 @@ impl Agent {
             .node_addrs()
             .unwrap_or_default()
             .iter()
-            .map(|(ip, a)| {
-                let notes: Vec<&str> = [(a.local != 0, "this node"), (a.no_node_ports != 0, "no NodePorts")]
-                    .into_iter()
-                    .filter_map(|(on, note)| on.then_some(note))
-                    .collect();
-                if notes.is_empty() { ip.to_string() } else { format!("{ip} ({})", notes.join(", ")) }
+            .map(|(ip, a)| NodeAddressReport {
+                address: *ip,
+                this_node: a.local != 0,
+                node_ports: a.no_node_ports == 0,
             })
             .collect();
         r.socket_programs = dp

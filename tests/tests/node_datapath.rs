@@ -117,6 +117,15 @@ fn gateway_arp_and_ping_are_answered_by_the_vswitch_over_af_xdp() {
     let (me, gw) = (pod.ip.to_string(), "10.1.1.1");
     assert!(out.status.success(), "ping -R to the gateway: {text}");
     assert_eq!(hops, [me.as_str(), gw, gw, me.as_str()], "the recorded route: {text}");
+
+    // ping -T tsandaddr: the Timestamp option comes back too, the gateway's times between
+    // the pod's, each with its address.
+    let out = pod.ns.cmd("ping").args(["-T", "tsandaddr", "-c", "1", "-W", "2", "10.1.1.1"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stamps = text.split_once("TS:").map(|(_, r)| r.split("\n\n").next().unwrap_or_default()).unwrap_or_default();
+    let stamped: Vec<&str> = stamps.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(out.status.success(), "ping -T to the gateway: {text}");
+    assert_eq!(stamped, [me.as_str(), gw, gw, me.as_str()], "who stamped the echo: {text}");
 }
 
 #[test]

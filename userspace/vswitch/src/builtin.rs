@@ -178,7 +178,8 @@ impl BuiltinVswitch {
             return Verdict::Dropped(DropReason::UnknownDestination);
         }
         // Ethernet padding past the IPv4 total length is not part of the packet. Options
-        // are read past; the answer carries only a Record Route, as the kernel's does.
+        // are read past; the answer carries back a Record Route and a Timestamp, as the
+        // kernel's does.
         let ip = &ip[..total_len];
         let icmp = &ip[ihl..];
         if ip[9] != IPPROTO_ICMP || icmp.len() < ICMP_ECHO_HLEN || icmp[0] != ICMP_ECHO_REQUEST {
@@ -197,8 +198,8 @@ impl BuiltinVswitch {
         out.extend_from_slice(&gw_mac);
         out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         let ip_start = out.len();
-        let rr = record_route(&ip[IPV4_HLEN..ihl]);
-        let options_len = rr.map_or(0, |o| o.len().next_multiple_of(4));
+        let echoed = echo_options(&ip[IPV4_HLEN..ihl], dst, ms_since_midnight_ut());
+        let options_len = echoed.len.next_multiple_of(4);
         out.extend_from_slice(&[0x45 + (options_len / 4) as u8, ip[1]]); // version/IHL, TOS kept
         out.extend_from_slice(&((IPV4_HLEN + options_len + icmp.len()) as u16).to_be_bytes());
         out.extend_from_slice(&ip[4..6]); // identification kept
@@ -206,16 +207,8 @@ impl BuiltinVswitch {
         out.extend_from_slice(&[DEFAULT_TTL, IPPROTO_ICMP, 0, 0]);
         out.extend_from_slice(&dst.octets());
         out.extend_from_slice(&requester_ip);
-        if let Some(rr) = rr {
-            // RFC 1122 3.2.2.6: the route recorded so far, and this hop, on arrival and on
-            // the way back (where there is room), so that it spans the round trip.
-            let at = out.len();
-            out.extend_from_slice(rr);
-            for _ in 0..2 {
-                record_hop(&mut out[at..at + rr.len()], dst);
-            }
-            out.resize(at + options_len, 0); // padded with End of Options
-        }
+        out.extend_from_slice(echoed.bytes());
+        out.resize(out.len() + options_len - echoed.len, 0); // padded with End of Options
         let ip_csum = internet_checksum(&out[ip_start..]);
         put_be16(out, ip_start + 10, ip_csum);
         let icmp_start = out.len();
@@ -232,38 +225,128 @@ impl BuiltinVswitch {
 const IPOPT_END: u8 = 0;
 const IPOPT_NOOP: u8 = 1;
 const IPOPT_RR: u8 = 7;
+const IPOPT_TS: u8 = 68;
+/// Timestamp option flags (RFC 791): timestamps only; each with the recording address;
+/// only at the addresses the sender listed.
+const IPOPT_TS_TSONLY: u8 = 0;
+const IPOPT_TS_TSANDADDR: u8 = 1;
+const IPOPT_TS_PRESPEC: u8 = 3;
+/// The most option bytes an IPv4 header holds.
+const IPV4_MAX_OPTIONS: usize = 40;
 
-/// The Record Route option among a header's options, if there is one and the options are
-/// well formed (each option's length within them).
-fn record_route(options: &[u8]) -> Option<&[u8]> {
+/// The options an echo reply carries back (RFC 1122 3.2.2.6): the request's Record Route
+/// and Timestamp, in their order, with this hop recorded in them.
+struct EchoOptions {
+    buf: [u8; IPV4_MAX_OPTIONS],
+    len: usize,
+}
+
+impl EchoOptions {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// The request's Record Route and Timestamp options with `hop` recorded in each on arrival
+/// and again on the way back (where there is room), as Linux does, so that they span the
+/// round trip; `now` is the time the Timestamp takes. None when the option list is
+/// malformed (an option's length past the list, a pointer outside its option, a timestamp
+/// overflow count that would overflow itself): the reply then carries no options.
+fn echo_options(options: &[u8], hop: Ipv4Addr, now: u32) -> EchoOptions {
+    let mut out = EchoOptions { buf: [0; IPV4_MAX_OPTIONS], len: 0 };
     let mut i = 0;
     while i < options.len() {
         match options[i] {
-            IPOPT_END => return None,
+            IPOPT_END => break,
             IPOPT_NOOP => i += 1,
             kind => {
-                let len = usize::from(*options.get(i + 1)?);
+                let Some(len) = options.get(i + 1).map(|l| usize::from(*l)) else {
+                    return EchoOptions { len: 0, ..out };
+                };
                 if len < 2 || i + len > options.len() {
-                    return None;
+                    return EchoOptions { len: 0, ..out };
                 }
-                if kind == IPOPT_RR && len >= 3 {
-                    return Some(&options[i..i + len]);
+                if kind == IPOPT_RR || kind == IPOPT_TS {
+                    let at = out.len;
+                    let opt = &mut out.buf[at..at + len];
+                    opt.copy_from_slice(&options[i..i + len]);
+                    let recorded = (0..2).all(|_| match kind {
+                        IPOPT_RR => record_hop(opt, hop),
+                        _ => record_timestamp(opt, hop, now),
+                    });
+                    if !recorded {
+                        return EchoOptions { len: 0, ..out };
+                    }
+                    out.len += len;
                 }
                 i += len;
             }
         }
     }
-    None
+    out
 }
 
 /// Records `hop` in a Record Route option (type, length, pointer, addresses) if it has room
-/// left: at its pointer (1-based, from 4), which moves to the next slot.
-fn record_hop(rr: &mut [u8], hop: Ipv4Addr) {
-    let pointer = usize::from(rr[2]);
-    if pointer >= 4 && pointer + 3 <= rr.len() {
+/// left: at its pointer (1-based, from 4), which moves to the next slot. False when the
+/// option is malformed.
+fn record_hop(rr: &mut [u8], hop: Ipv4Addr) -> bool {
+    let Some(&pointer) = rr.get(2) else { return false };
+    let pointer = usize::from(pointer);
+    if pointer < 4 {
+        return false;
+    }
+    if pointer + 3 <= rr.len() {
         rr[pointer - 1..pointer + 3].copy_from_slice(&hop.octets());
         rr[2] += 4;
     }
+    true
+}
+
+/// Records a timestamp in a Timestamp option (type, length, pointer, overflow and flag,
+/// slots from byte 5): a 4-byte time, or for the address flags the address then the time.
+/// With prespecified addresses only a slot naming `hop` takes one. With no room left the
+/// overflow count goes up. False when the option is malformed.
+fn record_timestamp(ts: &mut [u8], hop: Ipv4Addr, now: u32) -> bool {
+    if ts.len() < 4 {
+        return false;
+    }
+    let pointer = usize::from(ts[2]);
+    let slot = match ts[3] & 0x0f {
+        IPOPT_TS_TSONLY => 4,
+        IPOPT_TS_TSANDADDR | IPOPT_TS_PRESPEC => 8,
+        _ => return false,
+    };
+    if pointer < 5 {
+        return false;
+    }
+    if pointer > ts.len() {
+        // Full: count this hop among those that found no room.
+        if ts[3] >> 4 == 0x0f {
+            return false;
+        }
+        ts[3] += 0x10;
+        return true;
+    }
+    if pointer + slot - 1 > ts.len() {
+        return false;
+    }
+    let at = pointer - 1;
+    match ts[3] & 0x0f {
+        IPOPT_TS_TSONLY => ts[at..at + 4].copy_from_slice(&now.to_be_bytes()),
+        IPOPT_TS_PRESPEC if ts[at..at + 4] != hop.octets() => return true,
+        _ => {
+            ts[at..at + 4].copy_from_slice(&hop.octets());
+            ts[at + 4..at + 8].copy_from_slice(&now.to_be_bytes());
+        }
+    }
+    ts[2] += slot as u8;
+    true
+}
+
+/// The Timestamp option's time: milliseconds since midnight UT (RFC 791).
+fn ms_since_midnight_ut() -> u32 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (since_epoch.as_millis() % 86_400_000) as u32
 }
 
 impl BuiltinVswitch {
@@ -653,6 +736,74 @@ mod tests {
         let (verdict, sent) = run(&mut vs, &f);
         assert_eq!(verdict, Verdict::Replied(ReplyKind::IcmpEcho));
         assert_eq!(sent[0][ETH_HLEN], 0x45);
+    }
+
+    #[test]
+    fn a_gateway_echo_with_a_timestamp_option_is_answered_with_the_gateways_times_in_it() {
+        let mut vs = vswitch();
+        // Timestamps only, four slots, the first taken by the sender on its way out: IHL 10.
+        let mut options = vec![IPOPT_TS, 20, 9, IPOPT_TS_TSONLY, 0, 0, 0, 42];
+        options.extend_from_slice(&[0; 12]);
+        let before = ms_since_midnight_ut();
+        let f = ipv4_frame(IPPROTO_ICMP, GW_IP.octets(), &options, 0, &icmp(ICMP_ECHO_REQUEST, 7, 9, b"xyz"));
+        let (verdict, sent) = run(&mut vs, &f);
+        let after = ms_since_midnight_ut();
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::IcmpEcho));
+        let ip = &sent[0][ETH_HLEN..];
+        assert_eq!(ip[0], 0x4a);
+        assert_eq!(usize::from(be16(ip, 2)), ip.len());
+        assert_eq!(internet_checksum(&ip[..40]), 0);
+        assert_eq!(&ip[20..28], &[IPOPT_TS, 20, 17, IPOPT_TS_TSONLY, 0, 0, 0, 42], "the sender's time kept");
+        let time_at = |i: usize| u32::from_be_bytes(ip[i..i + 4].try_into().unwrap());
+        let (arrived, left) = (time_at(28), time_at(32));
+        assert_eq!(arrived, left, "recorded on arrival and on the way back");
+        assert!((before..=after).contains(&arrived) || after < before, "{before} <= {arrived} <= {after}");
+        assert_eq!(&ip[36..40], &[0; 4], "the last slot left for the sender");
+        let reply = &ip[40..];
+        assert_eq!(internet_checksum(reply), 0);
+        assert_eq!((reply[0], be16(reply, 4), be16(reply, 6), &reply[8..]), (ICMP_ECHO_REPLY, 7, 9, &b"xyz"[..]));
+    }
+
+    #[test]
+    fn echo_options_keep_record_route_and_timestamp_in_order_with_this_hop_recorded() {
+        const NOW: u32 = 0x0102_0304;
+        let gw = GW_IP.octets();
+        let echoed = |options: &[u8]| echo_options(options, GW_IP, NOW).bytes().to_vec();
+        let cat = |parts: &[&[u8]]| parts.concat();
+        let now = NOW.to_be_bytes();
+
+        // Both, with other options (router alert) around them, which are left out.
+        let options =
+            cat(&[&[0x94, 4, 0, 0], &[IPOPT_RR, 7, 4, 0, 0, 0, 0], &[IPOPT_NOOP], &[IPOPT_TS, 12, 5, 0], &[0; 8]]);
+        let want = cat(&[&[IPOPT_RR, 7, 8], &gw, &[IPOPT_TS, 12, 13, 0], &now, &now]);
+        assert_eq!(echoed(&options), want, "the route has room for one hop, the timestamps for two");
+
+        // Addresses and times.
+        let options = cat(&[&[IPOPT_TS, 28, 13, IPOPT_TS_TSANDADDR], &POD_IP, &[0, 0, 0, 9], &[0; 16]]);
+        let want = cat(&[&[IPOPT_TS, 28, 29, IPOPT_TS_TSANDADDR], &POD_IP, &[0, 0, 0, 9], &gw, &now, &gw, &now]);
+        assert_eq!(echoed(&options), want);
+
+        // Prespecified: the slot naming the gateway takes its time, the next, naming
+        // another host, waits for that host.
+        let other = [192, 0, 2, 1];
+        let options = cat(&[&[IPOPT_TS, 20, 5, IPOPT_TS_PRESPEC], &gw, &[0; 4], &other, &[0; 4]]);
+        let want = cat(&[&[IPOPT_TS, 20, 13, IPOPT_TS_PRESPEC], &gw, &now, &other, &[0; 4]]);
+        assert_eq!(echoed(&options), want);
+
+        // Full: each hop that found no room counts in the overflow nibble.
+        assert_eq!(echoed(&[IPOPT_TS, 8, 9, 0x10, 0, 0, 0, 1]), [IPOPT_TS, 8, 9, 0x30, 0, 0, 0, 1]);
+
+        // Malformed: answered without options.
+        for bad in [
+            &[IPOPT_TS, 8, 9, 0xf0, 0, 0, 0, 1][..], // the overflow count would overflow
+            &[IPOPT_TS, 8, 4, 0, 0, 0, 0, 0],        // pointer before the first slot
+            &[IPOPT_TS, 8, 7, 0, 0, 0, 0, 0],        // a slot past the option's end
+            &[IPOPT_TS, 12, 5, 2, 0, 0, 0, 0, 0, 0, 0, 0], // no such flag
+            &[IPOPT_RR, 7, 3, 0, 0, 0, 0],           // route pointer before its first slot
+            &[IPOPT_NOOP, IPOPT_TS],                 // no length
+        ] {
+            assert!(echoed(bad).is_empty(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -61,8 +61,7 @@ pub struct ServicesReport {
     /// Where that server listens; none when it is off.
     pub proxy_healthz_address: Option<String>,
     pub dead_backends: Vec<String>,
-    /// The node addresses in the maps: this node's and the other nodes' (which NodePort
-    /// replies and the node's admission are keyed on).
+    /// The node addresses in the datapath's map: this node's own and the other nodes'.
     pub node_addresses: Vec<NodeAddressReport>,
     /// `[services] nodePortAddresses` as configured (empty: every node address).
     pub node_port_addresses: Vec<String>,

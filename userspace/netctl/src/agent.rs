@@ -146,6 +146,11 @@ fn node_ports_line(report: &Value) -> Option<String> {
         let Some(ip) = a["address"].as_str() else { continue };
         if a["nodePorts"] == true { on.push(ip) } else { off.push(ip) }
     }
+    if on.is_empty() && off.is_empty() {
+        // An agent lists its own addresses; one from before they were listed as objects
+        // (mid-upgrade) lists strings, about which nothing is said rather than "none".
+        return None;
+    }
     let list = |v: &[&str]| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
     Some(format!(
         "nodePortAddresses [{}]: NodePorts answer on {}; not on {}\n",
@@ -205,5 +210,8 @@ mod tests {
         let unset = json!({"frontends": [], "nodePortAddresses": [], "nodeAddresses": [
             {"address": "192.168.100.11", "thisNode": true, "nodePorts": true}]});
         assert!(!super::services_table(&unset, None).contains("nodePortAddresses"));
+        let older_agent = json!({"frontends": [], "nodePortAddresses": ["192.168.100.0/28"],
+                                 "nodeAddresses": ["192.168.100.11 (this node)"]});
+        assert!(!super::services_table(&older_agent, None).contains("nodePortAddresses"));
     }
 }

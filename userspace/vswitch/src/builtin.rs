@@ -198,7 +198,7 @@ impl BuiltinVswitch {
         out.extend_from_slice(&gw_mac);
         out.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         let ip_start = out.len();
-        let echoed = echo_options(&ip[IPV4_HLEN..ihl], dst, ms_since_midnight_ut());
+        let echoed = echo_options(&ip[IPV4_HLEN..ihl], dst, ms_since_midnight_ut()).unwrap_or(EchoOptions::NONE);
         let options_len = echoed.len.next_multiple_of(4);
         out.extend_from_slice(&[0x45 + (options_len / 4) as u8, ip[1]]); // version/IHL, TOS kept
         out.extend_from_slice(&((IPV4_HLEN + options_len + icmp.len()) as u16).to_be_bytes());
@@ -242,6 +242,8 @@ struct EchoOptions {
 }
 
 impl EchoOptions {
+    const NONE: Self = Self { buf: [0; IPV4_MAX_OPTIONS], len: 0 };
+
     fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
@@ -252,30 +254,27 @@ impl EchoOptions {
 /// round trip; `now` is the time the Timestamp takes. None when the option list is
 /// malformed (an option's length past the list, a pointer outside its option, a timestamp
 /// overflow count that would overflow itself): the reply then carries no options.
-fn echo_options(options: &[u8], hop: Ipv4Addr, now: u32) -> EchoOptions {
-    let mut out = EchoOptions { buf: [0; IPV4_MAX_OPTIONS], len: 0 };
+fn echo_options(options: &[u8], hop: Ipv4Addr, now: u32) -> Option<EchoOptions> {
+    let mut out = EchoOptions::NONE;
     let mut i = 0;
     while i < options.len() {
         match options[i] {
             IPOPT_END => break,
             IPOPT_NOOP => i += 1,
             kind => {
-                let Some(len) = options.get(i + 1).map(|l| usize::from(*l)) else {
-                    return EchoOptions { len: 0, ..out };
-                };
+                let len = usize::from(*options.get(i + 1)?);
                 if len < 2 || i + len > options.len() {
-                    return EchoOptions { len: 0, ..out };
+                    return None;
                 }
                 if kind == IPOPT_RR || kind == IPOPT_TS {
-                    let at = out.len;
-                    let opt = &mut out.buf[at..at + len];
+                    let opt = &mut out.buf[out.len..out.len + len];
                     opt.copy_from_slice(&options[i..i + len]);
                     let recorded = (0..2).all(|_| match kind {
                         IPOPT_RR => record_hop(opt, hop),
                         _ => record_timestamp(opt, hop, now),
                     });
                     if !recorded {
-                        return EchoOptions { len: 0, ..out };
+                        return None;
                     }
                     out.len += len;
                 }
@@ -283,7 +282,7 @@ fn echo_options(options: &[u8], hop: Ipv4Addr, now: u32) -> EchoOptions {
             }
         }
     }
-    out
+    Some(out)
 }
 
 /// Records `hop` in a Record Route option (type, length, pointer, addresses) if it has room
@@ -310,8 +309,8 @@ fn record_timestamp(ts: &mut [u8], hop: Ipv4Addr, now: u32) -> bool {
     if ts.len() < 4 {
         return false;
     }
-    let pointer = usize::from(ts[2]);
-    let slot = match ts[3] & 0x0f {
+    let (pointer, flag) = (usize::from(ts[2]), ts[3] & 0x0f);
+    let slot = match flag {
         IPOPT_TS_TSONLY => 4,
         IPOPT_TS_TSANDADDR | IPOPT_TS_PRESPEC => 8,
         _ => return false,
@@ -331,7 +330,7 @@ fn record_timestamp(ts: &mut [u8], hop: Ipv4Addr, now: u32) -> bool {
         return false;
     }
     let at = pointer - 1;
-    match ts[3] & 0x0f {
+    match flag {
         IPOPT_TS_TSONLY => ts[at..at + 4].copy_from_slice(&now.to_be_bytes()),
         IPOPT_TS_PRESPEC if ts[at..at + 4] != hop.octets() => return true,
         _ => {
@@ -768,7 +767,7 @@ mod tests {
     fn echo_options_keep_record_route_and_timestamp_in_order_with_this_hop_recorded() {
         const NOW: u32 = 0x0102_0304;
         let gw = GW_IP.octets();
-        let echoed = |options: &[u8]| echo_options(options, GW_IP, NOW).bytes().to_vec();
+        let echoed = |options: &[u8]| echo_options(options, GW_IP, NOW).map_or(vec![], |o| o.bytes().to_vec());
         let cat = |parts: &[&[u8]]| parts.concat();
         let now = NOW.to_be_bytes();
 

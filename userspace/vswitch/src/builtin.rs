@@ -251,7 +251,8 @@ impl EchoOptions {
 
 /// The request's Record Route and Timestamp options with `hop` recorded in each on arrival
 /// and again on the way back (where there is room), as Linux does, so that they span the
-/// round trip; `now` is the time the Timestamp takes. None when the option list is
+/// round trip; `now` is the time the Timestamp takes. A Timestamp with no room counts this
+/// hop once, on arrival (Linux's `ip_options_echo` does not count it again). None when the option list is
 /// malformed (an option's length past the list, a pointer outside its option, a timestamp
 /// overflow count that would overflow itself): the reply then carries no options.
 fn echo_options(options: &[u8], hop: Ipv4Addr, now: u32) -> Option<EchoOptions> {
@@ -269,9 +270,9 @@ fn echo_options(options: &[u8], hop: Ipv4Addr, now: u32) -> Option<EchoOptions> 
                 if kind == IPOPT_RR || kind == IPOPT_TS {
                     let opt = &mut out.buf[out.len..out.len + len];
                     opt.copy_from_slice(&options[i..i + len]);
-                    let recorded = (0..2).all(|_| match kind {
+                    let recorded = [true, false].into_iter().all(|arriving| match kind {
                         IPOPT_RR => record_hop(opt, hop),
-                        _ => record_timestamp(opt, hop, now),
+                        _ => record_timestamp(opt, hop, now, arriving),
                     });
                     if !recorded {
                         return None;
@@ -304,8 +305,9 @@ fn record_hop(rr: &mut [u8], hop: Ipv4Addr) -> bool {
 /// Records a timestamp in a Timestamp option (type, length, pointer, overflow and flag,
 /// slots from byte 5): a 4-byte time, or for the address flags the address then the time.
 /// With prespecified addresses only a slot naming `hop` takes one. With no room left the
-/// overflow count goes up. False when the option is malformed.
-fn record_timestamp(ts: &mut [u8], hop: Ipv4Addr, now: u32) -> bool {
+/// overflow count goes up, `arriving` only: the overflow counts hops, not passes. False when
+/// the option is malformed.
+fn record_timestamp(ts: &mut [u8], hop: Ipv4Addr, now: u32, arriving: bool) -> bool {
     if ts.len() < 4 {
         return false;
     }
@@ -320,6 +322,9 @@ fn record_timestamp(ts: &mut [u8], hop: Ipv4Addr, now: u32) -> bool {
     }
     if pointer > ts.len() {
         // Full: count this hop among those that found no room.
+        if !arriving {
+            return true;
+        }
         if ts[3] >> 4 == 0x0f {
             return false;
         }
@@ -789,8 +794,11 @@ mod tests {
         let want = cat(&[&[IPOPT_TS, 20, 13, IPOPT_TS_PRESPEC], &gw, &now, &other, &[0; 4]]);
         assert_eq!(echoed(&options), want);
 
-        // Full: each hop that found no room counts in the overflow nibble.
-        assert_eq!(echoed(&[IPOPT_TS, 8, 9, 0x10, 0, 0, 0, 1]), [IPOPT_TS, 8, 9, 0x30, 0, 0, 0, 1]);
+        // Full: each hop that found no room counts in the overflow nibble, the gateway once.
+        assert_eq!(echoed(&[IPOPT_TS, 8, 9, 0x10, 0, 0, 0, 1]), [IPOPT_TS, 8, 9, 0x20, 0, 0, 0, 1]);
+        // Room for one: taken on arrival; the way back finds it full and counts nothing.
+        let options = cat(&[&[IPOPT_TS, 12, 9, IPOPT_TS_TSONLY], &[0, 0, 0, 1], &[0; 4]]);
+        assert_eq!(echoed(&options), cat(&[&[IPOPT_TS, 12, 13, IPOPT_TS_TSONLY], &[0, 0, 0, 1], &now]));
 
         // Malformed: answered without options.
         for bad in [

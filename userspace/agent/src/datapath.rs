@@ -180,6 +180,62 @@ fn pod_link_pin(pin_dir: &Path, host_ifname: &str) -> PathBuf {
     pin_dir.join("links").join(host_ifname)
 }
 
+/// How a program of the object is loaded.
+#[derive(Clone, Copy)]
+enum ProgramKind {
+    Tc,
+    SockAddr,
+    Xdp,
+}
+
+/// Every program the agent attaches, with its kind.
+fn programs_to_load() -> impl Iterator<Item = (&'static str, ProgramKind)> {
+    let tc = [
+        program_names::FROM_POD,
+        program_names::FROM_VSWITCH,
+        program_names::FROM_OVERLAY,
+        program_names::TO_OVERLAY,
+        program_names::FROM_UPLINK,
+    ];
+    let xdp = [program_names::TO_VSWITCH, program_names::TO_VPP];
+    (tc.into_iter().map(|n| (n, ProgramKind::Tc)))
+        .chain(SOCK_PROGRAMS.into_iter().map(|n| (n, ProgramKind::SockAddr)))
+        .chain(xdp.into_iter().map(|n| (n, ProgramKind::Xdp)))
+}
+
+/// Loads (verifies) every program, each on a thread of its own. Verification is most of
+/// an agent's start, and `tc_from_pod` alone takes about 0.8 s of the 1.0 s all of them
+/// take one after the other here; so the others verify beside it. The kernel verifies a
+/// privileged caller's programs in parallel.
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let wanted: Vec<_> = programs_to_load().collect();
+    if let Some((name, _)) = wanted.iter().find(|(name, _)| ebpf.program(name).is_none()) {
+        return Err(DatapathError::Missing(name));
+    }
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = ebpf
+            .programs_mut()
+            .filter_map(|(name, prog)| wanted.iter().find(|(n, _)| *n == name).map(|&w| (w, prog)))
+            .map(|((name, kind), prog)| {
+                let load = move || -> std::result::Result<(), aya::programs::ProgramError> {
+                    match kind {
+                        ProgramKind::Tc => <&mut SchedClassifier>::try_from(prog)?.load(),
+                        ProgramKind::SockAddr => <&mut aya::programs::CgroupSockAddr>::try_from(prog)?.load(),
+                        ProgramKind::Xdp => <&mut Xdp>::try_from(prog)?.load(),
+                    }
+                };
+                (name, scope.spawn(load))
+            })
+            .collect();
+        // Every thread is joined before the first error is returned.
+        let results: Vec<_> = loads.into_iter().map(|(name, t)| (name, t.join())).collect();
+        results.into_iter().try_for_each(|(name, r)| match r {
+            Ok(r) => r.map_err(prog_err(name)),
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    })
+}
+
 /// The loaded datapath.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -230,27 +286,7 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        for name in [
-            program_names::FROM_POD,
-            program_names::FROM_VSWITCH,
-            program_names::FROM_OVERLAY,
-            program_names::TO_OVERLAY,
-            program_names::FROM_UPLINK,
-        ] {
-            let prog: &mut SchedClassifier =
-                ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
-        }
-        for name in SOCK_PROGRAMS {
-            let prog: &mut aya::programs::CgroupSockAddr =
-                ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
-        }
-        for name in [program_names::TO_VSWITCH, program_names::TO_VPP] {
-            let xdp: &mut Xdp =
-                ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
-            xdp.load().map_err(prog_err(name))?;
-        }
+        load_programs(&mut ebpf)?;
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| DatapathError::Map { name: "nr_cpus", source: aya::maps::MapError::IoError(e) })?;
         let mut dp =

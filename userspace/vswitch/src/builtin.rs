@@ -252,9 +252,10 @@ impl EchoOptions {
 /// The request's Record Route and Timestamp options with `hop` recorded in each on arrival
 /// and again on the way back (where there is room), as Linux does, so that they span the
 /// round trip; `now` is the time the Timestamp takes. A Timestamp with no room counts this
-/// hop once, on arrival (Linux's `ip_options_echo` does not count it again). None when the option list is
-/// malformed (an option's length past the list, a pointer outside its option, a timestamp
-/// overflow count that would overflow itself): the reply then carries no options.
+/// hop once, on arrival (Linux's `ip_options_echo` does not count it again). None when the
+/// option list is malformed (an option's length past the list, a pointer outside its
+/// option, a timestamp overflow count that would overflow itself): the reply then carries
+/// no options.
 fn echo_options(options: &[u8], hop: Ipv4Addr, now: u32) -> Option<EchoOptions> {
     let mut out = EchoOptions::NONE;
     let mut i = 0;
@@ -321,7 +322,7 @@ fn record_timestamp(ts: &mut [u8], hop: Ipv4Addr, now: u32, arriving: bool) -> b
         return false;
     }
     if pointer > ts.len() {
-        // Full: count this hop among those that found no room.
+        // Full: count this hop among those that found no room, once (on arrival).
         if !arriving {
             return true;
         }

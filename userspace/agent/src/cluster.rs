@@ -67,6 +67,29 @@ pub async fn registrations(link: &ClusterLink) -> Vec<NodeRegistration> {
     }
 }
 
+/// The cluster watch, listing the store while the agent starts ([`start_listing`]).
+pub struct Listing {
+    watch: Arc<ClusterWatch>,
+    listed: tokio::task::JoinHandle<()>,
+}
+
+/// Starts listing the cluster model, so that the list (10,000 services are 20,000 objects
+/// to fetch and decode) is taken while the agent loads its datapath, whose program
+/// verification leaves a CPU free. [`spawn`] then starts the watch from this list.
+pub fn start_listing(link: &ClusterLink) -> Listing {
+    let watch = Arc::new(ClusterWatch::new(link.store.clone()));
+    let primer = watch.clone();
+    let listed = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        match primer.prime().await {
+            Ok(n) => log::info!("cluster model listed: {n} objects in {:?}", started.elapsed()),
+            // The watch lists again, with its retries.
+            Err(e) => log::warn!("listing the cluster model at start: {e}"),
+        }
+    });
+    Listing { watch, listed }
+}
+
 /// The node's own addresses, for its registration (every non-loopback IPv4 address), and
 /// its underlay address (the overlay's tunnel endpoint) when it has an uplink.
 fn node_details(uplink_ip: Option<std::net::Ipv4Addr>) -> NodeDetails {
@@ -246,6 +269,7 @@ fn policy_input(object: &contiv_cluster_watch::Object) -> bool {
 /// registry's TTL); the restarted agent registers again under a new lease first.
 pub fn spawn(
     link: &ClusterLink,
+    listing: Listing,
     agent: std::sync::Arc<crate::agent::Agent>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -269,7 +293,7 @@ pub fn spawn(
             )
             .await;
     });
-    let watch = ClusterWatch::new(link.store.clone());
+    let Listing { watch, listed } = listing;
     agent.set_model(watch.model());
     let watch_stop = stopped(shutdown.clone());
     let (reg_tx, mut reg_rx) = watch::channel(Vec::new());
@@ -286,6 +310,12 @@ pub fn spawn(
             services: svc_tx,
         };
         let mut consumer = |m: &ClusterModel, e: &ClusterEvent| events.on_event(m, e);
+        let mut watch_stop = std::pin::pin!(watch_stop);
+        tokio::select! {
+            // Listed or not (a failed list is taken again by the watch).
+            _ = listed => {}
+            () = &mut watch_stop => return,
+        }
         watch.run(&mut consumer, watch_stop).await;
     });
     let services = tokio::spawn(run_services(agent.clone(), svc_rx, stopped(shutdown.clone())));

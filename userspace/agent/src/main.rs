@@ -139,9 +139,10 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let socket = config.cni_socket.clone();
     let status_addr = config.status_addr;
     let registrations = cluster::registrations(&link).await;
+    let listing = cluster::start_listing(&link);
     let agent = Agent::start(config, registrations).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut background = cluster::spawn(&link, agent.clone(), stop_rx.clone());
+    let mut background = cluster::spawn(&link, listing, agent.clone(), stop_rx.clone());
     // Conntrack expiry (services and policy flows), every 10 s.
     let sweeper = agent.clone();
     let mut sweep_stop = stop_rx.clone();

@@ -3,7 +3,8 @@
 //! ([`ClusterModel`]) and hands every change to a [`ClusterConsumer`] (the dataplane).
 //!
 //! - Start: one consistent list at revision `r`, then [`ClusterEvent::Resync`] with the full
-//!   model, then a watch from `r + 1`: nothing is missed, nothing repeated.
+//!   model, then a watch from `r + 1`: nothing is missed, nothing repeated. The list may be
+//!   taken ahead with [`ClusterWatch::prime`] while the process does other start-up work.
 //! - Changes: [`ClusterEvent::Added`] / [`Updated`](ClusterEvent::Updated) /
 //!   [`Deleted`](ClusterEvent::Deleted), applied to the model before the consumer sees them;
 //!   writes that leave an object unchanged emit nothing.
@@ -17,11 +18,11 @@
 pub mod model;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use contiv_cluster_model::keys;
-use contiv_store::{EventKind, Store, StoreError, WatchEvent, WatchMessage};
+use contiv_store::{EventKind, Revision, Store, StoreError, WatchEvent, WatchMessage};
 use futures::StreamExt;
 
 pub use model::{ClusterModel, Object, ObjectKind, SkipReason, decode_entry};
@@ -97,12 +98,32 @@ pub struct ClusterWatch {
     prefix: String,
     model: Arc<RwLock<ClusterModel>>,
     stats: Arc<WatchStats>,
+    /// The revision [`prime`](Self::prime) listed the model at, until the first session
+    /// starts from it.
+    primed: Mutex<Option<Revision>>,
 }
 
 impl ClusterWatch {
     /// A watch of everything under `/contiv/` that the model holds.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, prefix: keys::ROOT.to_string(), model: Arc::default(), stats: Arc::default() }
+        Self {
+            store,
+            prefix: keys::ROOT.to_string(),
+            model: Arc::default(),
+            stats: Arc::default(),
+            primed: Mutex::new(None),
+        }
+    }
+
+    /// Lists the store into the model now, ahead of [`run`](Self::run), which then starts
+    /// from this list (its `Resync(Start)`, then a watch from the list's revision + 1)
+    /// instead of listing again: changes written in between come as events, and a revision
+    /// compacted meanwhile lists again, as in any session. Returns the objects listed. A
+    /// failed list changes nothing: `run` lists as usual.
+    pub async fn prime(&self) -> Result<usize, StoreError> {
+        let revision = self.list_into_model().await?;
+        *self.primed.lock().unwrap_or_else(|p| p.into_inner()) = Some(revision);
+        Ok(self.read().len())
     }
 
     /// The model, shared (read it; the watch task is its only writer).
@@ -152,25 +173,11 @@ impl ClusterWatch {
         consumer: &mut C,
         reason: ResyncReason,
     ) -> Result<ResyncReason, StoreError> {
-        let list = self.store.list(&self.prefix).await?;
-        self.stats.lists.fetch_add(1, Ordering::Relaxed);
-        let mut fresh = ClusterModel::default();
-        fresh.set_revision(list.revision);
-        for kv in list.kvs {
-            match decode_entry(&kv.key, &kv.value) {
-                Ok(Some(object)) => {
-                    fresh.insert(kv.key, object);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    log::warn!("skipping malformed value at {}: {e}", kv.key);
-                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    fresh.mark_malformed(kv.key);
-                }
-            }
-        }
-        let revision = fresh.revision();
-        *self.model.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        let primed = self.primed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let revision = match primed {
+            Some(revision) => revision,
+            None => self.list_into_model().await?,
+        };
         self.resync(consumer, reason);
         let mut stream = self.store.watch(&self.prefix, revision + 1).await?;
         while let Some(item) = stream.next().await {
@@ -192,6 +199,30 @@ impl ClusterWatch {
             }
         }
         Err(StoreError::Unavailable("watch stream ended".into()))
+    }
+
+    /// Lists the store and replaces the model with what it holds; returns the list's revision.
+    async fn list_into_model(&self) -> Result<Revision, StoreError> {
+        let list = self.store.list(&self.prefix).await?;
+        self.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let mut fresh = ClusterModel::default();
+        fresh.set_revision(list.revision);
+        for kv in list.kvs {
+            match decode_entry(&kv.key, &kv.value) {
+                Ok(Some(object)) => {
+                    fresh.insert(kv.key, object);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log::warn!("skipping malformed value at {}: {e}", kv.key);
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    fresh.mark_malformed(kv.key);
+                }
+            }
+        }
+        let revision = fresh.revision();
+        *self.model.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(revision)
     }
 
     fn resync<C: ClusterConsumer>(&self, consumer: &mut C, reason: ResyncReason) {

@@ -112,7 +112,10 @@ impl Recorder {
 }
 
 fn spawn(store: Arc<dyn Store>, rec: &Recorder) -> (Arc<ClusterWatch>, tokio::sync::oneshot::Sender<()>) {
-    let watch = Arc::new(ClusterWatch::new(store));
+    run_watch(Arc::new(ClusterWatch::new(store)), rec)
+}
+
+fn run_watch(watch: Arc<ClusterWatch>, rec: &Recorder) -> (Arc<ClusterWatch>, tokio::sync::oneshot::Sender<()>) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let w = watch.clone();
     let mut consumer = rec.consumer();
@@ -187,6 +190,31 @@ async fn start_resync_then_events(store: Arc<dyn Store>) {
     assert_eq!(m.revision(), store_revision);
 }
 
+/// The agent lists the store while its datapath loads: `run` then starts from that list
+/// (no second list), and what was written in between comes as events after the resync.
+async fn primed_watch_starts_from_its_list(store: Arc<dyn Store>) {
+    put(&store, pod("default", "before", "10.1.1.2")).await;
+    put(&store, service("default", "svc", "10.96.0.10")).await;
+    let watch = Arc::new(ClusterWatch::new(store.clone()));
+    assert_eq!(watch.prime().await.unwrap(), 2);
+    assert_eq!(watch.model().read().unwrap().len(), 2, "the model holds the list before run");
+    put(&store, pod("default", "between", "10.1.1.3")).await;
+    store.delete(&keys::k8s_key(Kind::Service, Some("default"), "svc")).await.unwrap();
+    let rec = Recorder::default();
+    let (watch, _stop) = run_watch(watch, &rec);
+    rec.wait_for("the resync and both changes", |e, _| e.len() == 3).await;
+    let events = rec.events();
+    assert_eq!(events[0], ClusterEvent::Resync(ResyncReason::Start));
+    assert!(matches!(&events[1], ClusterEvent::Added { key, .. } if key.ends_with("/between")), "{events:#?}");
+    assert!(matches!(&events[2], ClusterEvent::Deleted { key, .. } if key.ends_with("/svc")), "{events:#?}");
+    assert_eq!(watch.stats().lists.load(Ordering::Relaxed), 1, "run started from the primed list");
+    let store_revision = store.list("/contiv/").await.unwrap().revision;
+    let model = watch.model();
+    let m = model.read().unwrap();
+    assert_eq!((m.count(Kind::Pod), m.count(Kind::Service)), (2, 0));
+    assert_eq!(m.revision(), store_revision);
+}
+
 async fn malformed_values_skipped(store: Arc<dyn Store>) {
     let (good_key, good) = pod("ns", "good", "10.1.1.9");
     store.put(&good_key, good.clone(), None).await.unwrap();
@@ -239,6 +267,19 @@ async fn start_resync_then_events_embedded() {
     let dir = tempfile::tempdir().unwrap();
     let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
     start_resync_then_events(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primed_watch_starts_from_its_list_etcd() {
+    let (_server, store) = etcd_backend().await;
+    primed_watch_starts_from_its_list(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primed_watch_starts_from_its_list_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    primed_watch_starts_from_its_list(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

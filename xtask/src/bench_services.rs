@@ -66,9 +66,10 @@
 //!   of 8 rounds moved a run's ratio by about 4% and read under 0.97 in 8 of 25 runs, and
 //!   resampling the recorded rounds puts the mean of 16 at about 2.5%.
 //!   `clusterip_rr_p50` pools the samples of `RR_BLOCKS` connections per side. This
-//!   machine's round trip moves between levels for a while at a time (about 11 and 13.5 us
-//!   at stop 41) and both sides move together, so a pooled p50 that falls between two
-//!   levels reads whichever side had a few more connections at the higher one.
+//!   machine's round trip sits at one level for a while (10.9, 13.2-13.6 or 15.1 us in the
+//!   five runs of stop 41, often one level a whole run) and both sides move with it, so a
+//!   pooled p50 that falls between two levels reads whichever side had a few more
+//!   connections at the higher one.
 //!   `clusterip_rr_p50_median_pair` (a diagnostic) is the pair of adjacent connections (one
 //!   per side) whose p50 ratio is the median of the pairs'; the log lists every pair.
 //! - `programming_p99_10k` (target <= 100 ms), p50: from the start of the store write of a

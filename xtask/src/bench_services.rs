@@ -70,7 +70,7 @@
 //!   five runs of stop 41, often one level a whole run) and both sides move with it, so a
 //!   pooled p50 that falls between two levels reads whichever side had a few more
 //!   connections at the higher one.
-//!   `clusterip_rr_p50_median_pair` (a diagnostic) is the pair of adjacent connections (one
+//!   `clusterip_rr_median_pair_p50` (a diagnostic) is the pair of adjacent connections (one
 //!   per side) whose p50 ratio is the median of the pairs'; the log lists every pair.
 //! - `programming_p99_10k` (target <= 100 ms), p50: from the start of the store write of a
 //!   changed EndpointSlice (the probe service's backend port, written by the code `netctl
@@ -1247,7 +1247,7 @@ pub fn run(bins: &Path) -> Result<()> {
         row("clusterip_rr_p99", "us", p(&br, 0.99), p(&or, 0.99), "lower"),
         // Adjacent connections see the same level of the machine: the pair with the
         // median ratio (see the module docs).
-        row("clusterip_rr_p50_median_pair", "us", median_pair.0, median_pair.1, "lower"),
+        row("clusterip_rr_median_pair_p50", "us", median_pair.0, median_pair.1, "lower"),
         row("programming_p99_10k", "ms", p(&programming[0], 0.99), p(&programming[last], 0.99), "lower"),
         row("programming_p50_10k", "ms", p(&programming[0], 0.5), p(&programming[last], 0.5), "lower"),
         row("programming_p99_1k", "ms", p(&programming[0], 0.99), p(&programming[1], 0.99), "lower"),

@@ -126,7 +126,7 @@ impl ClusterWatch {
         Ok(self.read().len())
     }
 
-    /// The model, shared (read it; the watch task is its only writer).
+    /// The model, shared (read it; only this watch writes it: `prime`, then `run`).
     pub fn model(&self) -> Arc<RwLock<ClusterModel>> {
         self.model.clone()
     }

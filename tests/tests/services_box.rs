@@ -801,6 +801,23 @@ spec:
     b.wait_for(Duration::from_secs(10), "the terminating endpoint serves", || {
         tcp_ask(&c2.netns, sa("10.96.0.30", 80)).is_ok_and(|a| a.server == "web-1")
     });
+    // externalTrafficPolicy Local with only a terminating local endpoint: it still serves
+    // what reaches the node, but the health check counts ready endpoints only (as
+    // kube-proxy's does) and says 503, so that load balancers drain the node.
+    b.apply_yaml(&slice_yaml(
+        "lb",
+        "lb-a",
+        &[("http", "TCP", 8080), ("dns", "UDP", 8080)],
+        &[(&w1, "{ready: false, serving: true, terminating: true}")],
+    ));
+    let mut h1 = String::new();
+    b.wait_for(Duration::from_secs(10), "node-1's health check drains", || {
+        h1 = health(n1.ip);
+        h1.ends_with(" 503")
+    });
+    assert!(h1.contains("\"localEndpoints\":0"), "{h1}");
+    let a = tcp_ask(&ext, SocketAddr::from((n1.ip, 30090))).expect("the terminating local endpoint serves");
+    assert_eq!(a.server, "web-1");
 }
 
 /// A TCP connection kept open: one line out, one line back.

@@ -560,7 +560,10 @@ fn plan_unit(
                 topology,
             },
         ));
-        local_ips.extend(local.iter().map(|c| c.ip));
+        // The health check counts ready local endpoints only, as kube-proxy does: a node
+        // left with only terminating ones answers 503, so load balancers drain it while
+        // those endpoints still serve the connections that reach them.
+        local_ips.extend(local_all.iter().filter(|c| c.ready).map(|c| c.ip));
     }
     if let Some(hc) = s.health_check_node_port
         && s.external_traffic_policy == TrafficPolicy::Local
@@ -1187,7 +1190,8 @@ mod tests {
         assert_eq!(p.backends[&SvcBackendKey { svc_id: c.svc_id, ordinal: 0 }].ip, [10, 1, 2, 9]);
         assert_eq!(p.backends[&SvcBackendKey { svc_id: c.svc_id, ordinal: SVC_LOCAL_BASE }].ip, [10, 1, 1, 9]);
         assert!(p.source_ranges.contains(&(c.svc_id, "203.0.113.0/24".parse().unwrap())));
-        assert_eq!(p.health_checks[&32000].local_endpoints, 1);
+        // Only a terminating endpoint here: traffic still reaches it, the health check fails.
+        assert_eq!(p.health_checks[&32000].local_endpoints, 0);
         assert_eq!(p.frontends.values().filter(|f| f.svc_id == c.svc_id).count(), 4);
     }
 

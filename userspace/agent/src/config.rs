@@ -713,9 +713,10 @@ fn ifname_check(v: Option<String>, default: &str, field: &str) -> Result<String,
 
 impl AgentConfig {
     /// The pod MTU once the uplink is known: the file's `mtu`, else the uplink MTU minus the
-    /// overlay's overhead, else 1500.
+    /// overlay's overhead (within the 576..=9000 the file's `mtu` and the CNI's accept; a
+    /// jumbo uplink above 9050 gives 9000), else 1500.
     pub fn pod_mtu(&self, uplink_mtu: Option<u32>) -> u32 {
-        self.mtu.unwrap_or_else(|| uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).max(576)))
+        self.mtu.unwrap_or_else(|| uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).clamp(576, 9000)))
     }
 }
 
@@ -823,6 +824,11 @@ mod tests {
         assert_eq!(c.mtu, None);
         assert_eq!(c.pod_mtu(None), 1500);
         assert_eq!(c.pod_mtu(Some(1500)), 1450, "the overlay's 50 bytes come off the uplink MTU");
+        // Every ADD checks the pod MTU against 576..=9000: a 9216-byte uplink must not put
+        // the default outside it.
+        assert_eq!(c.pod_mtu(Some(9216)), 9000);
+        assert_eq!(c.pod_mtu(Some(9050)), 9000);
+        assert_eq!(c.pod_mtu(Some(600)), 576);
         assert_eq!(c.uplink, Uplink::Kernel);
         assert_eq!(
             c.overlay,

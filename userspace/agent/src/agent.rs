@@ -978,8 +978,8 @@ impl Agent {
         let bandwidth = BandwidthLimits::from_network_config(&value).map_err(invalid)?;
         let conf: NetConf = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
         let mtu = conf.mtu.unwrap_or(self.pod_mtu);
-        if !(576..=9000).contains(&mtu) {
-            return Err(invalid(format!("mtu {mtu} out of range 576..=9000")));
+        if !(config::POD_MTU_MIN..=config::POD_MTU_MAX).contains(&mtu) {
+            return Err(invalid(format!("mtu {mtu} out of range {}..={}", config::POD_MTU_MIN, config::POD_MTU_MAX)));
         }
         let dns = match conf.dns {
             Some(d) if d != Default::default() => d,

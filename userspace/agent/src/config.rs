@@ -320,6 +320,10 @@ pub enum OverlayEncap {
 /// Bytes the VXLAN encapsulation adds to a packet (outer IPv4 20, UDP 8, VXLAN 8, inner
 /// Ethernet 14): pods get the underlay MTU minus this.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// The pod MTUs the agent accepts, from its file and from a CNI network config, and the
+/// bounds of the default it derives from the uplink.
+pub const POD_MTU_MIN: u32 = 576;
+pub const POD_MTU_MAX: u32 = 9000;
 
 /// DNS settings handed to pods in the CNI result.
 #[derive(Debug, Deserialize, serde::Serialize, Default, Clone, PartialEq, Eq)]
@@ -525,9 +529,9 @@ impl AgentConfig {
             return Err(ConfigError::Invalid("gatewayMac must be a unicast, non-zero MAC".into()));
         }
         if let Some(mtu) = raw.mtu
-            && !(576..=9000).contains(&mtu)
+            && !(POD_MTU_MIN..=POD_MTU_MAX).contains(&mtu)
         {
-            return Err(ConfigError::Invalid(format!("mtu {mtu} out of range 576..=9000")));
+            return Err(ConfigError::Invalid(format!("mtu {mtu} out of range {POD_MTU_MIN}..={POD_MTU_MAX}")));
         }
         if uplink == Uplink::Vpp {
             // VPP holds the NIC: the kernel-side wire settings would be silently ignored.
@@ -716,7 +720,9 @@ impl AgentConfig {
     /// overlay's overhead (within the 576..=9000 the file's `mtu` and the CNI's accept; a
     /// jumbo uplink above 9050 gives 9000), else 1500.
     pub fn pod_mtu(&self, uplink_mtu: Option<u32>) -> u32 {
-        self.mtu.unwrap_or_else(|| uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).clamp(576, 9000)))
+        self.mtu.unwrap_or_else(|| {
+            uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).clamp(POD_MTU_MIN, POD_MTU_MAX))
+        })
     }
 }
 

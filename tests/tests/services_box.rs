@@ -721,6 +721,33 @@ spec:
         assert_eq!(tcp_servers(&c.netns, sa("10.96.0.30", 80), 12).len(), 1, "TCP from {} sticks", c.name);
         assert_eq!(udp_servers(&c.netns, sa("10.96.0.30", 53), 12).len(), 1, "UDP from {} sticks", c.name);
     }
+    // ...and keeps its backend while other endpoints come and go, as kube-proxy keeps
+    // affinity per endpoint: an endpoint whose address sorts first moves every other
+    // backend's place in the list, in and out again.
+    let stuck: Vec<(String, String)> = [&c1, &c2]
+        .iter()
+        .map(|c| {
+            (
+                tcp_ask(&c.netns, sa("10.96.0.30", 80)).unwrap().server,
+                udp_ask(&c.netns, sa("10.96.0.30", 53)).unwrap().server,
+            )
+        })
+        .collect();
+    let ghost = BoxPod { ip: "10.1.0.7".parse().unwrap(), ..w2.clone() };
+    for (ghosts, backends) in [(vec![(&ghost, READY)], 3), (vec![], 2)] {
+        b.apply_yaml(&slice_yaml("sticky", "sticky-c", &[("http", "TCP", 9090), ("dns", "UDP", 9090)], &ghosts));
+        for node in ["node-1", "node-2"] {
+            wait_programmed(&b, node, "10.96.0.30:80", backends);
+        }
+        for (c, (tcp, udp)) in [&c1, &c2].iter().zip(&stuck) {
+            for _ in 0..4 {
+                let got = tcp_ask(&c.netns, sa("10.96.0.30", 80)).map(|a| a.server);
+                assert_eq!(got.as_ref().ok(), Some(tcp), "TCP from {} with {backends} backends: {got:?}", c.name);
+                let got = udp_ask(&c.netns, sa("10.96.0.30", 53)).map(|a| a.server);
+                assert_eq!(got.as_ref().ok(), Some(udp), "UDP from {} with {backends} backends: {got:?}", c.name);
+            }
+        }
+    }
 
     // externalTrafficPolicy Local: the node with the endpoint serves with the client's own
     // address; the one without drops (its health check says 503, the other's 200).

@@ -40,6 +40,10 @@ pub mod map_names {
     pub const SVC_BACKENDS: &str = "SVC_BACKENDS";
     /// (service port id, client) -> [`super::SvcAffinity`]: sessionAffinity ClientIP (LRU).
     pub const SVC_AFFINITY: &str = "SVC_AFFINITY";
+    /// [`super::SvcSlotKey`] (service port id, backend, set) -> the backend's ordinal in
+    /// SVC_BACKENDS: where a client's affinity finds its backend again after endpoints came
+    /// or went and the ordinals moved.
+    pub const SVC_BACKEND_SLOTS: &str = "SVC_BACKEND_SLOTS";
     /// (service port id, source prefix) LPM trie: loadBalancerSourceRanges.
     pub const SVC_SOURCE_RANGES: &str = "SVC_SOURCE_RANGES";
     /// Service port id -> [`super::SvcCounters`] (per CPU).
@@ -120,6 +124,7 @@ pub mod schema {
         (SVC_FRONTENDS, 1),
         (SVC_BACKENDS, 1),
         (SVC_AFFINITY, 1),
+        (SVC_BACKEND_SLOTS, 1),
         (SVC_SOURCE_RANGES, 1),
         (SVC_COUNTERS, 1),
         (SOCK_REVNAT, 1),
@@ -471,6 +476,26 @@ pub struct SvcBackend {
     /// 1 when the backend runs on this node.
     pub local: u8,
     pub _pad: u8,
+}
+
+/// Where a backend sits in a service port's set (`port` in host byte order): the key of
+/// SVC_BACKEND_SLOTS, whose value is the ordinal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct SvcSlotKey {
+    pub svc_id: u32,
+    pub ip: [u8; 4],
+    pub port: u16,
+    /// 1 for the Local set (ordinals from [`SVC_LOCAL_BASE`]), 0 for the Cluster set.
+    pub local_set: u8,
+    pub _pad: u8,
+}
+
+impl SvcSlotKey {
+    /// The slot key of the backend `b` at `k`.
+    pub const fn of(k: &SvcBackendKey, b: &SvcBackend) -> Self {
+        SvcSlotKey { svc_id: k.svc_id, ip: b.ip, port: b.port, local_set: (k.ordinal >= SVC_LOCAL_BASE) as u8, _pad: 0 }
+    }
 }
 
 /// Session affinity: which backend a client was given, and when last.
@@ -1028,6 +1053,7 @@ mod user {
     unsafe impl aya::Pod for super::SvcFrontend {}
     unsafe impl aya::Pod for super::SvcBackendKey {}
     unsafe impl aya::Pod for super::SvcBackend {}
+    unsafe impl aya::Pod for super::SvcSlotKey {}
     unsafe impl aya::Pod for super::SvcAffinityKey {}
     unsafe impl aya::Pod for super::SvcAffinity {}
     unsafe impl aya::Pod for super::SvcSourceRange {}

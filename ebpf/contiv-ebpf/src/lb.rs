@@ -1,15 +1,18 @@
 //! Service load balancing shared by the socket and packet paths: frontend lookup (exact,
 //! then the NodePort wildcard on node addresses) and backend selection (random among the
-//! usable ordinals, or the client's affinity while it lasts and its backend still exists).
+//! usable ordinals, or the client's affinity while it lasts and its backend is still in the
+//! set, wherever the set's changes moved it).
 
 use aya_ebpf::helpers::generated::bpf_get_prandom_u32;
 use contiv_common::{
     Ipv4Key, NodeAddr, SVC_LOCAL_BASE, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey,
-    SvcSourceRange, svc_flags, trace_step,
+    SvcSlotKey, SvcSourceRange, svc_flags, trace_step,
 };
 
 use crate::{
-    maps::{NODE_ADDRS, SVC_AFFINITY, SVC_BACKENDS, SVC_CLUSTER_IPS, SVC_FRONTENDS, SVC_SOURCE_RANGES},
+    maps::{
+        NODE_ADDRS, SVC_AFFINITY, SVC_BACKEND_SLOTS, SVC_BACKENDS, SVC_CLUSTER_IPS, SVC_FRONTENDS, SVC_SOURCE_RANGES,
+    },
     trace::Trace,
 };
 
@@ -79,6 +82,31 @@ fn backend(svc_id: u32, ordinal: u32) -> Option<SvcBackend> {
     unsafe { SVC_BACKENDS.get(SvcBackendKey { svc_id, ordinal }) }.copied()
 }
 
+/// The backend a client's affinity `a` names, with its ordinal, while it is still in the
+/// set `base..base + count`: at the ordinal it had, else (endpoints came or went before it
+/// in the list, and moved it) where SVC_BACKEND_SLOTS says it is now.
+#[inline(always)]
+fn affine(svc_id: u32, base: u32, count: u16, a: &SvcAffinity) -> Option<(u32, SvcBackend)> {
+    let in_set = |ordinal: u32| ordinal >= base && ordinal - base < u32::from(count);
+    if in_set(a.ordinal)
+        && let Some(b) = backend(svc_id, a.ordinal)
+        && b.ip == a.ip
+        && b.port == a.port
+    {
+        return Some((a.ordinal, b));
+    }
+    let k = SvcSlotKey { svc_id, ip: a.ip, port: a.port, local_set: u8::from(base != 0), _pad: 0 };
+    // SAFETY: read-only lookup, copied.
+    let ordinal = unsafe { SVC_BACKEND_SLOTS.get(k) }.copied()?;
+    if !in_set(ordinal) {
+        return None;
+    }
+    // The slot is written after the backend and removed before it goes, but an apply may be
+    // under way: the backend found must be the one named.
+    let b = backend(svc_id, ordinal)?;
+    (b.ip == a.ip && b.port == a.port).then_some((ordinal, b))
+}
+
 /// A backend of the Cluster set, or of the Local set when `local`, for `client` (netns
 /// cookie or IPv4 address). A trace records the choice and leaves affinity alone.
 #[inline(always)]
@@ -93,15 +121,11 @@ pub fn select(fe: &SvcFrontend, local: bool, client: u64, now: u64, trace: Trace
         // SAFETY: read-only lookup, copied.
         && let Some(a) = unsafe { SVC_AFFINITY.get(akey) }.copied()
         && now.wrapping_sub(a.last_used_ns) < u64::from(fe.affinity_timeout_s) * 1_000_000_000
-        && a.ordinal >= base
-        && a.ordinal - base < u32::from(count)
-        && let Some(b) = backend(fe.svc_id, a.ordinal)
-        && b.ip == a.ip
-        && b.port == a.port
+        && let Some((ordinal, b)) = affine(fe.svc_id, base, count, &a)
     {
-        trace.step(trace_step::SVC_BACKEND, u16::from(local) | 2, b.ip, b.port, (a.ordinal - base) as u16, fe.svc_id);
+        trace.step(trace_step::SVC_BACKEND, u16::from(local) | 2, b.ip, b.port, (ordinal - base) as u16, fe.svc_id);
         if !trace.on() {
-            let fresh = SvcAffinity { last_used_ns: now, ..a };
+            let fresh = SvcAffinity { last_used_ns: now, ordinal, ..a };
             let _ = SVC_AFFINITY.insert(akey, fresh, 0);
         }
         return Some(b);

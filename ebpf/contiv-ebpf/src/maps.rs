@@ -13,7 +13,7 @@ use contiv_common::{
     MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent, NodeAddr,
     OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockOrigin,
     SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend,
-    SvcKey, SvcSourceRange, TraceRecord, monitor_bucket,
+    SvcKey, SvcSlotKey, SvcSourceRange, TraceRecord, monitor_bucket,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -52,6 +52,10 @@ pub static SVC_FRONTENDS: HashMap<SvcKey, SvcFrontend, { MAX_SVC_FRONTENDS as us
 
 #[btf_map]
 pub static SVC_BACKENDS: HashMap<SvcBackendKey, SvcBackend, { MAX_SVC_BACKENDS as usize }> = HashMap::new();
+
+/// Where each backend sits in its set, for affinity to find it after the ordinals moved.
+#[btf_map]
+pub static SVC_BACKEND_SLOTS: HashMap<SvcSlotKey, u32, { MAX_SVC_BACKENDS as usize }> = HashMap::new();
 
 #[btf_map]
 pub static SVC_AFFINITY: LruHashMap<SvcAffinityKey, SvcAffinity, { MAX_SVC_AFFINITY as usize }> = LruHashMap::new();

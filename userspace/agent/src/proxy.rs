@@ -3,8 +3,8 @@
 //! the ones whose pod is gone, conntrack cleanup for UDP), and expires conntrack entries.
 //!
 //! Map write order keeps every lookup the datapath makes consistent: new and changed
-//! backends before the frontends that count them, removed frontends before the backends
-//! they led to.
+//! backends before the frontends that count them (and before the slots that say where they
+//! are), removed frontends before the backends they led to (and stale slots before those).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use contiv_common::{CtEntry, CtKey, NodeAddr, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, ct_flags, ct_tcp};
+use contiv_common::{
+    CtEntry, CtKey, NodeAddr, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, SvcSlotKey, ct_flags, ct_tcp,
+};
 use ipnet::Ipv4Net;
 
 use crate::{
@@ -37,6 +39,7 @@ const IPPROTO_ICMP: u8 = 1;
 pub struct Installed {
     pub frontends: BTreeMap<SvcKey, SvcFrontend>,
     pub backends: BTreeMap<SvcBackendKey, SvcBackend>,
+    pub slots: BTreeMap<SvcSlotKey, u32>,
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
     pub node_addrs: BTreeMap<Ipv4Addr, NodeAddr>,
     pub cluster_ips: BTreeSet<Ipv4Addr>,
@@ -76,6 +79,7 @@ pub struct Proxy {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Writes {
     pub backends: Vec<(SvcBackendKey, SvcBackend)>,
+    pub slots: Vec<(SvcSlotKey, u32)>,
     pub node_addrs: Vec<(Ipv4Addr, NodeAddr)>,
     pub source_ranges: Vec<(u32, Ipv4Net)>,
     pub frontends: Vec<(SvcKey, SvcFrontend)>,
@@ -83,6 +87,7 @@ pub struct Writes {
     pub frontends_removed: Vec<SvcKey>,
     pub cluster_ips_removed: Vec<Ipv4Addr>,
     pub source_ranges_removed: Vec<(u32, Ipv4Net)>,
+    pub slots_removed: Vec<SvcSlotKey>,
     pub backends_removed: Vec<SvcBackendKey>,
     pub node_addrs_removed: Vec<Ipv4Addr>,
 }
@@ -115,6 +120,7 @@ fn diff<K: Ord + Copy, V: PartialEq + Copy>(
 pub fn writes(installed: &Installed, plan: &ServicePlan, delta: &PlanDelta, full: bool) -> Writes {
     let full = full || delta.full;
     let (backends, backends_removed) = diff(&installed.backends, &plan.backends, (!full).then_some(&delta.backends));
+    let (slots, slots_removed) = diff(&installed.slots, &plan.slots, (!full).then_some(&delta.slots));
     let (frontends, frontends_removed) =
         diff(&installed.frontends, &plan.frontends, (!full).then_some(&delta.frontends));
     let (node_addrs, node_addrs_removed) =
@@ -136,6 +142,7 @@ pub fn writes(installed: &Installed, plan: &ServicePlan, delta: &PlanDelta, full
     };
     Writes {
         backends,
+        slots,
         node_addrs,
         source_ranges,
         frontends,
@@ -143,6 +150,7 @@ pub fn writes(installed: &Installed, plan: &ServicePlan, delta: &PlanDelta, full
         frontends_removed,
         cluster_ips_removed,
         source_ranges_removed,
+        slots_removed,
         backends_removed,
         node_addrs_removed,
     }
@@ -254,6 +262,7 @@ impl Proxy {
         self.installed = Installed {
             frontends: dp.svc_frontends()?,
             backends: dp.svc_backends()?,
+            slots: dp.svc_backend_slots()?,
             source_ranges: dp.source_ranges()?,
             node_addrs: dp.node_addrs()?,
             cluster_ips: dp.cluster_ips()?,
@@ -325,6 +334,10 @@ impl Proxy {
             self.installed.backends.insert(k, v);
             stats.backends_written += 1;
         }
+        for (k, ordinal) in w.slots {
+            dp.put_svc_backend_slot(k, ordinal)?;
+            self.installed.slots.insert(k, ordinal);
+        }
         for (ip, v) in w.node_addrs {
             dp.put_node_addr(ip, v)?;
             self.installed.node_addrs.insert(ip, v);
@@ -357,6 +370,10 @@ impl Proxy {
         for (id, net) in w.source_ranges_removed {
             dp.delete_source_range(id, net)?;
             self.installed.source_ranges.remove(&(id, net));
+        }
+        for k in w.slots_removed {
+            dp.delete_svc_backend_slot(k)?;
+            self.installed.slots.remove(&k);
         }
         for k in w.backends_removed {
             dp.delete_svc_backend(k)?;

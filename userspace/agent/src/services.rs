@@ -33,7 +33,7 @@ use std::{
 use contiv_cluster_model::{
     AddressType, EndpointSlice, Node, Protocol, Service, ServiceType, SessionAffinity, TrafficPolicy,
 };
-use contiv_common::{NodeAddr, SVC_LOCAL_BASE, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, svc_flags};
+use contiv_common::{NodeAddr, SVC_LOCAL_BASE, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, SvcSlotKey, svc_flags};
 use contiv_node_registry::NodeRegistration;
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
@@ -112,6 +112,9 @@ pub struct Refusals {
 pub struct ServicePlan {
     pub frontends: BTreeMap<SvcKey, SvcFrontend>,
     pub backends: BTreeMap<SvcBackendKey, SvcBackend>,
+    /// Each backend's ordinal, by what it is: where session affinity finds a client's
+    /// backend after the ordinals moved (derived from `backends`).
+    pub slots: BTreeMap<SvcSlotKey, u32>,
     /// loadBalancerSourceRanges: (service id, prefix).
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
     pub node_addrs: BTreeMap<Ipv4Addr, NodeAddr>,
@@ -351,6 +354,7 @@ pub struct PlanDelta {
     pub full: bool,
     pub frontends: BTreeSet<SvcKey>,
     pub backends: BTreeSet<SvcBackendKey>,
+    pub slots: BTreeSet<SvcSlotKey>,
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
     pub node_addrs: bool,
     /// Cluster IPs that came or went.
@@ -810,10 +814,13 @@ impl ServicePlanner {
             }
             t.frontends.insert(*k);
         }
-        for (k, _) in &u.backends {
+        for (k, b) in &u.backends {
             self.plan.backends.remove(k);
+            let slot = SvcSlotKey::of(k, b);
+            self.plan.slots.remove(&slot);
             if !delta.full {
                 delta.backends.insert(*k);
+                delta.slots.insert(slot);
             }
         }
         for e in u.endpoints {
@@ -858,8 +865,11 @@ impl ServicePlanner {
         }
         for (k, v) in &u.backends {
             self.plan.backends.insert(*k, *v);
+            let slot = SvcSlotKey::of(k, v);
+            self.plan.slots.insert(slot, k.ordinal);
             if !delta.full {
                 delta.backends.insert(*k);
+                delta.slots.insert(slot);
             }
         }
         for e in &u.endpoints {
@@ -1133,6 +1143,34 @@ mod tests {
         assert_eq!(backends_of(&p, dns.svc_id), vec![("10.1.1.5".parse().unwrap(), 53)]);
         assert_eq!((http.count, http.local_count), (2, 1));
         assert!(p.refusals.exact.is_empty());
+    }
+
+    #[test]
+    fn slots_say_where_each_backend_sits_after_the_ordinals_move() {
+        let s = svc("web", "10.96.0.10", vec![port("http", Protocol::Tcp, 80, PortRef::Number(8080))]);
+        let eps = |ips: &[&str]| {
+            let eps =
+                ips.iter().map(|ip| ep(ip, if ip.starts_with("10.1.1.") { "n1" } else { "n2" }, true, true, false));
+            slice("web-a", "web", vec![("http", Protocol::Tcp, 8080)], eps.collect())
+        };
+        let slot = |p: &ServicePlan, ip: &str, local: u8| {
+            let id = frontend(p, "10.96.0.10", 80, IPPROTO_TCP).svc_id;
+            let ip: Ipv4Addr = ip.parse().unwrap();
+            p.slots.get(&SvcSlotKey { svc_id: id, ip: ip.octets(), port: 8080, local_set: local, _pad: 0 }).copied()
+        };
+        let before = run(std::slice::from_ref(&s), &[eps(&["10.1.1.5", "10.1.2.7"])]);
+        assert_eq!(slot(&before, "10.1.2.7", 0), Some(1));
+        assert_eq!(slot(&before, "10.1.1.5", 1), Some(SVC_LOCAL_BASE));
+        // An endpoint sorting first moves the others: the slots follow, one per backend.
+        let after = run(&[s], &[eps(&["10.1.1.2", "10.1.1.5", "10.1.2.7"])]);
+        assert_eq!(slot(&after, "10.1.2.7", 0), Some(2));
+        assert_eq!(slot(&after, "10.1.1.5", 0), Some(1));
+        assert_eq!(slot(&after, "10.1.1.5", 1), Some(SVC_LOCAL_BASE + 1));
+        assert_eq!(slot(&after, "10.1.2.7", 1), None, "not local");
+        assert_eq!(after.slots.len(), after.backends.len());
+        for (k, b) in &after.backends {
+            assert_eq!(after.slots[&SvcSlotKey::of(k, b)], k.ordinal);
+        }
     }
 
     #[test]

@@ -13,8 +13,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType, links::FdLink},
 };
 use contiv_common::{
-    CtEntry, CtKey, Ipv4Key, NodeAddr, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSourceRange,
-    map_names, program_names,
+    CtEntry, CtKey, Ipv4Key, NodeAddr, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSlotKey,
+    SvcSourceRange, map_names, program_names,
 };
 use ipnet::Ipv4Net;
 
@@ -135,6 +135,19 @@ impl Datapath {
 
     pub fn delete_svc_backend(&mut self, k: SvcBackendKey) -> Result<()> {
         self.delete::<SvcBackendKey, SvcBackend>(map_names::SVC_BACKENDS, k)
+    }
+
+    /// SVC_BACKEND_SLOTS: each backend's ordinal, for session affinity.
+    pub fn svc_backend_slots(&self) -> Result<BTreeMap<SvcSlotKey, u32>> {
+        Ok(self.entries(map_names::SVC_BACKEND_SLOTS)?.into_iter().collect())
+    }
+
+    pub fn put_svc_backend_slot(&mut self, k: SvcSlotKey, ordinal: u32) -> Result<()> {
+        self.put(map_names::SVC_BACKEND_SLOTS, k, ordinal)
+    }
+
+    pub fn delete_svc_backend_slot(&mut self, k: SvcSlotKey) -> Result<()> {
+        self.delete::<SvcSlotKey, u32>(map_names::SVC_BACKEND_SLOTS, k)
     }
 
     pub fn node_addrs(&self) -> Result<BTreeMap<Ipv4Addr, NodeAddr>> {

@@ -120,8 +120,38 @@ fn labels_of(meta: &meta::ObjectMeta) -> Labels {
     meta.labels.clone().unwrap_or_default()
 }
 
+/// An address as Kubernetes reads one (`ParseIPSloppy`): IPv4 fields may carry leading
+/// zeros, read as decimal, which the API server let into objects made before it refused
+/// them ("010.001.002.003" is 10.1.2.3). Anything else as the standard parser reads it.
+fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
+    if let Ok(a) = s.parse::<IpAddr>() {
+        return Some(a);
+    }
+    let mut octets = [0u8; 4];
+    let mut fields = s.split('.');
+    for o in &mut octets {
+        let f = fields.next()?;
+        if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let digits = f.trim_start_matches('0');
+        *o = if digits.is_empty() { 0 } else { digits.parse().ok()? };
+    }
+    fields.next().is_none().then_some(IpAddr::from(octets))
+}
+
+/// A prefix as Kubernetes reads one (`ParseCIDRSloppy`): address as [`parse_ip_sloppy`],
+/// then `/` and the prefix length; host bits are cleared.
+fn parse_cidr_sloppy(s: &str) -> Option<IpNet> {
+    let (addr, len) = s.split_once('/')?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    IpNet::new(parse_ip_sloppy(addr)?, len.parse().ok()?).ok().map(|n| n.trunc())
+}
+
 fn ip(field: &str, s: &str) -> Result<IpAddr, ConvertError> {
-    s.trim().parse().map_err(|_| invalid(field, s, "not an IP address"))
+    parse_ip_sloppy(s.trim()).ok_or_else(|| invalid(field, s, "not an IP address"))
 }
 
 fn ips(field: &str, list: Option<&Vec<String>>) -> Result<Vec<IpAddr>, ConvertError> {
@@ -130,13 +160,13 @@ fn ips(field: &str, list: Option<&Vec<String>>) -> Result<Vec<IpAddr>, ConvertEr
 
 fn cidr(field: &str, s: &str) -> Result<IpNet, ConvertError> {
     let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net.trunc());
+    if let Some(net) = parse_cidr_sloppy(s) {
+        return Ok(net);
     }
     // A bare address is a host route, as Kubernetes' legacy parsing allowed.
-    match s.parse::<IpAddr>() {
-        Ok(a) => Ok(IpNet::from(a)),
-        Err(_) => Err(invalid(field, s, "not a CIDR")),
+    match parse_ip_sloppy(s) {
+        Some(a) => Ok(IpNet::from(a)),
+        None => Err(invalid(field, s, "not a CIDR")),
     }
 }
 
@@ -373,7 +403,7 @@ impl ToModel for core::Service {
             .flatten()
             .enumerate()
             .map(|(i, r)| {
-                r.trim().parse::<ipnet::IpNet>().map(|n| n.trunc()).map_err(|_| {
+                parse_cidr_sloppy(r.trim()).ok_or_else(|| {
                     invalid(format!("spec.loadBalancerSourceRanges[{i}]"), r, "must be a CIDR such as 10.0.0.0/8")
                 })
             })

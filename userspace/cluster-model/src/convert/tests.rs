@@ -226,6 +226,51 @@ fn service_converts_everything_the_proxy_needs() {
 }
 
 #[test]
+fn service_addresses_and_ranges_with_leading_zeros_read_as_kubernetes_reads_them() {
+    // Objects made before the API server refused leading zeros still hold them; Kubernetes
+    // (and so kube-proxy) reads the fields as decimal. One such entry must not cost the
+    // whole Service.
+    let svc: core::Service = from_json(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "legacy", "namespace": "shop"},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": "10.96.0.010", "clusterIPs": ["10.96.0.010"],
+            "ports": [{"name": "http", "port": 80}],
+            "externalIPs": ["203.0.113.007", "0198.051.100.9"],
+            "loadBalancerSourceRanges": ["010.000.0.0/08", " 192.168.001.0/24 ", "2001:db8::/32"]
+        }
+    }));
+    let m = svc.to_model().unwrap();
+    assert_eq!(m.cluster_ips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+    assert_eq!(m.external_ips, vec!["203.0.113.7".parse::<IpAddr>().unwrap(), "198.51.100.9".parse().unwrap()]);
+    let want: Vec<IpNet> =
+        ["10.0.0.0/8", "192.168.1.0/24", "2001:db8::/32"].iter().map(|n| n.parse().unwrap()).collect();
+    assert_eq!(m.load_balancer_source_ranges, want);
+    // What is not an address at all is still refused, naming the entry.
+    for (field, bad) in [
+        ("externalIPs", json!(["1.2.3.256"])),
+        ("externalIPs", json!(["1.2.3"])),
+        ("externalIPs", json!(["1.2.3.4.5"])),
+        ("externalIPs", json!(["1.2.+3.4"])),
+        ("loadBalancerSourceRanges", json!(["10.0.0.0/33"])),
+        ("loadBalancerSourceRanges", json!(["10.0.0.0/"])),
+        ("loadBalancerSourceRanges", json!(["10.0.0.0"])),
+        ("loadBalancerSourceRanges", json!(["10.0.0.0/+8"])),
+    ] {
+        let mut v = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "bad", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.11", "ports": [{"port": 80}]}
+        });
+        v["spec"][field] = bad.clone();
+        let svc: core::Service = from_json(v);
+        let e = svc.to_model().expect_err(&format!("{field}: {bad}")).to_string();
+        assert!(e.contains(&format!("spec.{field}[0]")), "{e}");
+    }
+}
+
+#[test]
 fn service_defaults_headless_and_ignore_labels() {
     let plain: core::Service = from_json(json!({
         "metadata": {"name": "s", "namespace": "d"},

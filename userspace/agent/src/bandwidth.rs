@@ -52,15 +52,19 @@ pub struct Shaper {
 impl BandwidthLimits {
     /// Limits from a network config: `runtimeConfig.bandwidth` (the capability), else the
     /// same keys at the top level (a static per-network limit). `None` when there are none.
+    /// A null is absent, as elsewhere in a network config.
     pub fn from_network_config(conf: &serde_json::Value) -> Result<Option<Self>, String> {
         let source = conf
             .get("runtimeConfig")
             .and_then(|rc| rc.get("bandwidth"))
+            .filter(|b| !b.is_null())
             .map(|b| ("runtimeConfig.bandwidth", b.clone()))
             .or_else(|| {
                 let keys = ["ingressRate", "ingressBurst", "egressRate", "egressBurst"];
-                let obj: serde_json::Map<String, serde_json::Value> =
-                    keys.iter().filter_map(|k| conf.get(*k).map(|v| ((*k).to_owned(), v.clone()))).collect();
+                let obj: serde_json::Map<String, serde_json::Value> = keys
+                    .iter()
+                    .filter_map(|k| conf.get(*k).filter(|v| !v.is_null()).map(|v| ((*k).to_owned(), v.clone())))
+                    .collect();
                 (!obj.is_empty()).then_some(("ingressRate/egressRate", serde_json::Value::Object(obj)))
             });
         let Some((field, value)) = source else {
@@ -151,6 +155,11 @@ mod tests {
     fn none_without_limits_and_errors_name_the_field() {
         assert_eq!(BandwidthLimits::from_network_config(&json!({"name": "x"})).unwrap(), None);
         assert_eq!(BandwidthLimits::from_network_config(&json!({"runtimeConfig": {"bandwidth": {}}})).unwrap(), None);
+        // Null is absent: no limit, or the static one beside it.
+        let null = json!({"runtimeConfig": {"bandwidth": null}, "ingressRate": null});
+        assert_eq!(BandwidthLimits::from_network_config(&null).unwrap(), None);
+        let null = json!({"runtimeConfig": {"bandwidth": null}, "egressRate": 1_000_000, "egressBurst": 8_000});
+        assert!(BandwidthLimits::from_network_config(&null).unwrap().unwrap().egress_limited());
         for bad in [
             json!({"runtimeConfig": {"bandwidth": {"ingressRate": -1}}}),
             json!({"runtimeConfig": {"bandwidth": {"ingressRate": "fast"}}}),

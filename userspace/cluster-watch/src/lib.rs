@@ -207,6 +207,7 @@ impl ClusterWatch {
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         let mut fresh = ClusterModel::default();
         fresh.set_revision(list.revision);
+        let mut malformed = Vec::new();
         for kv in list.kvs {
             match decode_entry(&kv.key, &kv.value) {
                 Ok(Some(object)) => {
@@ -216,12 +217,21 @@ impl ClusterWatch {
                 Err(e) => {
                     log::warn!("skipping malformed value at {}: {e}", kv.key);
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    fresh.mark_malformed(kv.key);
+                    malformed.push(kv.key);
                 }
             }
         }
+        let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
+        // A key still in the store but unreadable keeps its last good value, as it does when
+        // the bad value arrives by watch: dropping it would, for a policy, open what it closed.
+        for key in malformed {
+            if let Some(last_good) = model.get(&key) {
+                fresh.insert(key.clone(), last_good.clone());
+            }
+            fresh.mark_malformed(key);
+        }
         let revision = fresh.revision();
-        *self.model.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        *model = fresh;
         Ok(revision)
     }
 

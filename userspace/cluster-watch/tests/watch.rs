@@ -356,10 +356,12 @@ async fn etcd_restart_mid_run_resyncs_and_misses_nothing() {
     assert_eq!(watch.stats().lists.load(Ordering::Relaxed), 1, "resumed by revision, no relist needed");
 }
 
-/// A store whose first watch fails as compacted: the watch lists again and resyncs.
+/// A store whose first watch fails as compacted after `during` is written: the watch lists
+/// again and resyncs.
 struct CompactOnce {
     inner: Arc<dyn Store>,
     fired: AtomicBool,
+    during: (String, Vec<u8>),
 }
 
 #[async_trait::async_trait]
@@ -394,7 +396,7 @@ impl Store for CompactOnce {
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
         if !self.fired.swap(true, Ordering::SeqCst) {
             // Meanwhile a change happens that the failed watch would have carried.
-            self.inner.put(&pod("ns", "during", "10.1.1.50").0, pod("ns", "during", "10.1.1.50").1, None).await?;
+            self.inner.put(&self.during.0, self.during.1.clone(), None).await?;
             let err = StoreError::Compacted { requested: from, compacted: from + 1 };
             return Ok(Box::pin(futures::stream::iter([Err(err)])));
         }
@@ -412,7 +414,8 @@ impl Store for CompactOnce {
 async fn compaction_relists_and_resyncs() {
     let (_server, inner) = etcd_backend().await;
     put(&inner, pod("ns", "before", "10.1.1.40")).await;
-    let store: Arc<dyn Store> = Arc::new(CompactOnce { inner, fired: AtomicBool::new(false) });
+    let during = pod("ns", "during", "10.1.1.50");
+    let store: Arc<dyn Store> = Arc::new(CompactOnce { inner, fired: AtomicBool::new(false), during });
     let rec = Recorder::default();
     let (watch, _stop) = spawn(store.clone(), &rec);
     rec.wait_for("compaction resync with the pod written meanwhile", |e, m| {
@@ -426,6 +429,36 @@ async fn compaction_relists_and_resyncs() {
     .await;
     assert_eq!(watch.stats().lists.load(Ordering::Relaxed), 2);
     assert_eq!(resyncs(&rec.events(), ResyncReason::Start), 1);
+}
+
+/// A policy turns unreadable while the watch is down; the relist keeps its last good value
+/// (as a watched bad update does) instead of dropping it, which would open what it closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relist_keeps_last_good_value_of_a_key_gone_malformed() {
+    let (_server, inner) = etcd_backend().await;
+    let (policy_key, good) = policy("ns", "deny-all");
+    put(&inner, (policy_key.clone(), good)).await;
+    let (new_key, _) = policy("ns", "new-but-bad");
+    put(&inner, (new_key.clone(), b"{not json".to_vec())).await;
+    let during = (policy_key.clone(), b"{\"v\":1,\"name\":".to_vec());
+    let store: Arc<dyn Store> = Arc::new(CompactOnce { inner, fired: AtomicBool::new(false), during });
+    let rec = Recorder::default();
+    let (watch, _stop) = spawn(store.clone(), &rec);
+    rec.wait_for("compaction resync", |e, _| resyncs(e, ResyncReason::Compacted) == 1).await;
+    assert_eq!(watch.stats().lists.load(Ordering::Relaxed), 2);
+    let model = watch.model();
+    let m = model.read().unwrap();
+    assert!(
+        matches!(m.get(&policy_key), Some(Object::K8s(ClusterObject::NetworkPolicy(p))) if p.name == "deny-all"),
+        "the policy's last good value is gone after the relist: {:?}",
+        m.get(&policy_key)
+    );
+    assert_eq!(m.count(Kind::NetworkPolicy), 1, "a key never readable stays absent");
+    let mut bad: Vec<&str> = m.malformed_keys().collect();
+    bad.sort();
+    let mut want = vec![policy_key.as_str(), new_key.as_str()];
+    want.sort();
+    assert_eq!(bad, want);
 }
 
 /// etcd comes back empty (data lost) and gets fewer writes than the agent had seen: the

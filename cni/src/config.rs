@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use contiv_cni_api::{POD_MTU_MAX, POD_MTU_MIN};
 use serde_json::{Map, Value};
 
 use crate::error::CniError;
@@ -263,12 +264,12 @@ fn validate_socket_path(s: &str) -> Result<PathBuf, CniError> {
     Err(invalid("invalid agentSocket", format!("{s:?} {why}")))
 }
 
-/// An integer between 68 (the IPv4 minimum) and 65535.
+/// An integer in the range the agent accepts for a pod ([`POD_MTU_MIN`]..=[`POD_MTU_MAX`]).
 fn validate_mtu(v: &Value) -> Result<u32, CniError> {
     v.as_u64()
-        .filter(|m| (68..=65535).contains(m))
         .and_then(|m| u32::try_from(m).ok())
-        .ok_or_else(|| invalid("invalid mtu", format!("must be an integer in 68..=65535, got {v}")))
+        .filter(|m| (POD_MTU_MIN..=POD_MTU_MAX).contains(m))
+        .ok_or_else(|| invalid("invalid mtu", format!("must be an integer in {POD_MTU_MIN}..={POD_MTU_MAX}, got {v}")))
 }
 
 fn validate_dns(v: &Value) -> Result<(), CniError> {
@@ -427,11 +428,12 @@ mod tests {
 
     #[test]
     fn bad_mtu_is_code_7() {
-        for v in [json!("1500"), json!(-1), json!(0), json!(67), json!(70000), json!(1500.5)] {
+        for v in [json!("1500"), json!(-1), json!(0), json!(67), json!(575), json!(9001), json!(70000), json!(1500.5)] {
             let e = parse_json(with("mtu", v.clone())).unwrap_err();
             assert_eq!((e.code, e.msg.as_str()), (codes::INVALID_CONFIG, "invalid mtu"), "{v}");
         }
         assert_eq!(parse_json(with("mtu", json!(9000))).unwrap().mtu, Some(9000));
+        assert_eq!(parse_json(with("mtu", json!(576))).unwrap().mtu, Some(576));
     }
 
     #[test]

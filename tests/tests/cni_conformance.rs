@@ -199,17 +199,20 @@ fn network_config_mtu_and_dns_reach_the_pod_and_the_result() {
     let id = contiv_tests::unique("m");
     let conf = json!({"cniVersion": "1.1.0", "name": node.network_name, "type": "contiv-cni",
         "agentSocket": node.socket, "mtu": 1400,
-        "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]}})
+        "dns": {"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"], "options": null,
+                "sortlist": ["10.0.0.0/8"]}})
     .to_string();
     let out = node.cni_with_conf("ADD", &id, &ns.path().to_string_lossy(), "eth0", &conf);
     out.ok();
     let r = out.json();
     assert_eq!(r["interfaces"][1]["mtu"], 1400, "{r}");
     assert_eq!(r["dns"]["nameservers"], json!(["10.96.0.10"]), "{r}");
+    assert_eq!(r["dns"]["search"], json!(["svc.cluster.local"]), "{r}");
     assert!(ns.ip(&["link", "show", "eth0"]).contains("mtu 1400"));
-    // A bad MTU is an invalid configuration and builds nothing.
+    // A bad MTU (here one the overlay cannot carry) is an invalid configuration, refused
+    // alike by contiv-cni and the agent, and builds nothing.
     let bad = json!({"cniVersion": "1.1.0", "name": node.network_name, "type": "contiv-cni",
-        "agentSocket": node.socket, "mtu": 100})
+        "agentSocket": node.socket, "mtu": 9001})
     .to_string();
     let ns2 = Netns::new("ctp");
     let out = node.cni_with_conf("ADD", "bad-mtu", &ns2.path().to_string_lossy(), "eth0", &bad);

@@ -26,7 +26,6 @@ use tracing::Instrument;
 
 use crate::{
     apply::Applier,
-    bandwidth::BandwidthLimits,
     config::{self, AgentConfig, format_mac, parse_mac},
     datapath::Datapath,
     plan::{NodeParams, OverlayParams, Plan},
@@ -39,6 +38,7 @@ use crate::{
 };
 
 mod inspect;
+mod netconf;
 mod services;
 pub use inspect::{MonitorTotals, ProgramReport, TraceError, TraceReport};
 pub use services::{BackendReport, FrontendReport, ServicesReport};
@@ -776,7 +776,7 @@ impl Agent {
                 format!("CNI_NETNS={}", req.netns),
             ));
         }
-        let (mtu, dns, bandwidth) = self.network_overrides(&req.network_config)?;
+        let (mtu, dns, bandwidth) = netconf::overrides(&req.network_config, self.pod_mtu, &self.config.dns)?;
         let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
         // Reserve an address (in memory; see crate::state) and take what the unlocked steps need.
@@ -960,32 +960,6 @@ impl Agent {
         if let Err(e) = result.and_then(|r| r) {
             log::warn!("RPS on {host_ifname}: {e}");
         }
-    }
-
-    /// `mtu` and `dns` from the network config override the agent's defaults for a network;
-    /// bandwidth limits come from the `bandwidth` capability (`runtimeConfig.bandwidth`).
-    fn network_overrides(
-        &self,
-        raw: &[u8],
-    ) -> Result<(u32, crate::config::DnsConfig, Option<BandwidthLimits>), CniError> {
-        #[derive(serde::Deserialize)]
-        struct NetConf {
-            mtu: Option<u32>,
-            dns: Option<crate::config::DnsConfig>,
-        }
-        let invalid = |e: String| CniError::new(codes::INVALID_CONFIG, "invalid network configuration", e);
-        let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| invalid(e.to_string()))?;
-        let bandwidth = BandwidthLimits::from_network_config(&value).map_err(invalid)?;
-        let conf: NetConf = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
-        let mtu = conf.mtu.unwrap_or(self.pod_mtu);
-        if !(config::POD_MTU_MIN..=config::POD_MTU_MAX).contains(&mtu) {
-            return Err(invalid(format!("mtu {mtu} out of range {}..={}", config::POD_MTU_MIN, config::POD_MTU_MAX)));
-        }
-        let dns = match conf.dns {
-            Some(d) if d != Default::default() => d,
-            _ => self.config.dns.clone(),
-        };
-        Ok((mtu, dns, bandwidth))
     }
 
     fn add_reply(&self, a: &PodAttachment) -> v1::AddReply {

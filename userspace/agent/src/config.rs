@@ -321,9 +321,8 @@ pub enum OverlayEncap {
 /// Ethernet 14): pods get the underlay MTU minus this.
 pub const VXLAN_OVERHEAD: u32 = 50;
 /// The pod MTUs the agent accepts, from its file and from a CNI network config, and the
-/// bounds of the default it derives from the uplink.
-pub const POD_MTU_MIN: u32 = 576;
-pub const POD_MTU_MAX: u32 = 9000;
+/// bounds of the default it derives from the uplink (shared with contiv-cni).
+pub use contiv_cni_api::{POD_MTU_MAX, POD_MTU_MIN};
 
 /// DNS settings handed to pods in the CNI result.
 #[derive(Debug, Deserialize, serde::Serialize, Default, Clone, PartialEq, Eq)]

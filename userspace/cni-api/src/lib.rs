@@ -11,6 +11,14 @@ pub use error::CniError;
 /// Default path of the agent's CNI socket (mode 0600).
 pub const DEFAULT_SOCKET: &str = "/run/contiv/cni.sock";
 
+/// The pod MTUs a network config may ask for: contiv-cni (and its installer) refuse the
+/// same values the agent does, so a config is never accepted by one and refused by the other.
+/// 576 is the smallest datagram every IPv4 host must take; 9000 the largest the overlay is
+/// built for.
+pub const POD_MTU_MIN: u32 = 576;
+/// See [`POD_MTU_MIN`].
+pub const POD_MTU_MAX: u32 = 9000;
+
 /// How long the plugin took before its request reached the agent: contiv-cni sends two
 /// CLOCK_MONOTONIC timestamps as request metadata, the agent subtracts them from its own
 /// clock on receipt and logs the differences with the ADD's phases (`contiv_agent::timing`).

@@ -21,7 +21,7 @@ use std::{
 };
 
 use contiv_tests::{
-    cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, enter, ip_in},
+    cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, ROUTER_IP, enter, ip_in},
     set_ip_options,
 };
 use serde_json::Value;
@@ -374,6 +374,57 @@ spec:
         "{metrics}"
     );
     let _ = EXTERNAL_IP;
+
+    // A hostNetwork backend (an ingress controller on the host's network): its endpoint is
+    // node-1's own address. From outside through node-1 it is this node's own stack, whose
+    // answers leave by the uplink and must show the NodePort; through node-2 it is a remote
+    // backend; from a pod, the socket balancer connects to it directly.
+    serve_in(&n1.netns, "host-1", 8181);
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: on-host, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.12
+  clusterIPs: [10.96.0.12]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8181, nodePort: 30181}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 8181, nodePort: 30182}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: on-host-a
+  namespace: default
+  labels: {{kubernetes.io/service-name: on-host}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8181}}
+- {{name: dns, protocol: UDP, port: 8181}}
+endpoints:
+- addresses: [{}]
+  conditions: {READY}
+  nodeName: node-1
+"#,
+        n1.ip
+    ));
+    for node in ["node-1", "node-2"] {
+        wait_programmed(&b, node, "10.96.0.12:80", 1);
+    }
+    let n2_ip = b.node("node-2").ip;
+    for via in [n1.ip, n2_ip] {
+        let tcp = SocketAddr::from((via, 30181));
+        let a = tcp_ask(&ext, tcp).unwrap_or_else(|e| panic!("outside -> {tcp} -> hostNetwork backend on node-1: {e}"));
+        assert_eq!((a.server.as_str(), a.peer), ("host-1", tcp), "outside -> {tcp}");
+        let client = if via == n1.ip { ROUTER_IP } else { n2_ip };
+        assert_eq!(a.seen.ip(), std::net::IpAddr::V4(client), "the client as the backend sees it, via {via}");
+        let udp = SocketAddr::from((via, 30182));
+        let a = udp_ask(&ext, udp).unwrap_or_else(|e| panic!("UDP outside -> {udp} -> hostNetwork backend: {e}"));
+        assert_eq!((a.server.as_str(), a.peer), ("host-1", udp), "UDP outside -> {udp}");
+    }
+    let a = tcp_ask(&c2.netns, sa("10.96.0.12", 80)).expect("pod -> ClusterIP -> hostNetwork backend");
+    assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 80)));
 
     // All of it after node-2's agent restarts: pod -> service -> pod across nodes, NodePort
     // from outside and from the host.

@@ -181,6 +181,9 @@ pub mod program_names {
     pub const TO_OVERLAY: &str = "tc_to_overlay";
     /// TC ingress on the uplink: NodePort, externalIP and load-balancer traffic from outside.
     pub const FROM_UPLINK: &str = "tc_from_uplink";
+    /// TC egress on the uplink: answers of this node's own (hostNetwork) backends to
+    /// clients outside get their frontend back as source.
+    pub const TO_UPLINK: &str = "tc_to_uplink";
     /// cgroup connect4 at the cgroup2 root: socket-level service balancing.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     /// cgroup sendmsg4: socket-level balancing of unconnected UDP (the node's own sockets).

@@ -987,6 +987,9 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         outcome::UNTOUCHED => return from_outside_to_pod(&ctx, src, dst, proto, l4.tcp_flags, true),
         // Tracked but not translated: a flow the node's stack routes (to a pod, or the node).
         outcome::TRACKED if o.rewritten == 0 => return TC_ACT_OK,
+        // A remote backend's answer to a client outside, come by the wire rather than the
+        // overlay (a backend on another node's own network): back out, as from the overlay.
+        outcome::TRACKED if o.to_uplink != 0 => return to_uplink(cfg.uplink_ifindex),
         outcome::TRACKED | outcome::NEW => {}
         outcome::REJECT => {
             // The vswitch answers (RST / port unreachable); its reply leaves by the uplink.
@@ -1023,12 +1026,16 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     uplink_forward(&ctx, cfg, dst, &local)
 }
 
-/// A packet from outside, translated to `dst`: to the local pod `local`, or across the
-/// overlay to the node of a remote one (`local.host_ifindex` 0). (Not an `Option`: LLVM
-/// moved a `None`'s undefined payload between registers, by value and by reference alike,
-/// which the verifier refuses as a read of an uninitialised register.)
+/// A packet from outside, translated to `dst`: to the local pod `local`, to this node's
+/// own stack (a hostNetwork backend here; `tc_to_uplink` translates its answers back), or
+/// across the overlay to the node of a remote one (`local.host_ifindex` 0). (Not an
+/// `Option`: LLVM moved a `None`'s undefined payload between registers, by value and by
+/// reference alike, which the verifier refuses as a read of an uninitialised register.)
 #[inline(always)]
 fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &PodEndpoint) -> i32 {
+    if local.host_ifindex == 0 && lb::is_local_node_addr(dst) {
+        return TC_ACT_OK;
+    }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_SHOT;
@@ -1055,6 +1062,41 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &P
     TC_ACT_SHOT
 }
 
+/// The uplink's egress. What leaves from one of this node's addresses may answer a client
+/// outside that a frontend here sent to this node's own stack (a hostNetwork backend): it
+/// gets the frontend back as source, as `tc_from_uplink`'s conntrack entry says. Everything
+/// else leaves as it is, after one map lookup at most.
+#[classifier]
+pub fn tc_to_uplink(ctx: TcContext) -> i32 {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
+        return TC_ACT_OK;
+    };
+    if ethertype(eth) != ETH_P_IP || !well_formed(ip) {
+        return TC_ACT_OK;
+    }
+    let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
+    if !lb::is_local_node_addr(src) {
+        return TC_ACT_OK;
+    }
+    let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {
+        return TC_ACT_OK;
+    };
+    let o = if frag.kind == frag::LATER {
+        svc::established(&ctx, src, dst, proto, &frag.head, Trace::OFF)
+    } else {
+        let Some(l4) = nat::l4(data, data_end, proto) else {
+            return TC_ACT_OK;
+        };
+        // The overlay's own packets: the commonest thing the node sends, nothing to do.
+        if l4.proto == nat::IPPROTO_UDP && l4.dport == 4789 {
+            return TC_ACT_OK;
+        }
+        svc::host_reply(&ctx, src, dst, &l4)
+    };
+    if o.kind == outcome::DROP { TC_ACT_SHOT } else { TC_ACT_OK }
+}
+
 /// A later fragment from outside: sent where its first fragment's flow goes. Without
 /// one, the node's stack takes it (it reassembles what is for the node), unless it is for
 /// a local pod, which would get it unchecked.
@@ -1065,6 +1107,7 @@ fn uplink_later(ctx: &TcContext, frag: &Fragment, src: [u8; 4], dst: [u8; 4], pr
     };
     let o = svc::established(ctx, src, dst, proto, &frag.head, Trace::OFF);
     match o.kind {
+        outcome::TRACKED if o.rewritten != 0 && o.to_uplink != 0 => to_uplink(cfg.uplink_ifindex),
         outcome::TRACKED if o.rewritten != 0 => uplink_forward(ctx, cfg, o.dst, &pod(o.dst).unwrap_or(Verdict::NONE)),
         // Tracked but not translated: a flow the node's stack routes.
         outcome::TRACKED => TC_ACT_OK,

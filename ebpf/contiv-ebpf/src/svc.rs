@@ -288,6 +288,24 @@ pub fn established(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, head:
     Outcome::tracked(&e, new_to.ip)
 }
 
+/// A packet the node's stack sends from one of its own addresses: if it answers a flow a
+/// frontend here translated to that address (a hostNetwork backend of this node, reached
+/// from outside), its source goes back to the frontend. TRACKED when rewritten, UNTOUCHED
+/// for every other packet, DROP when the rewrite failed.
+#[inline(always)]
+pub fn host_reply(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], l4: &L4) -> Outcome {
+    let Some(e) = ct::lookup(&ct::key(src, dst, l4.sport, l4.dport, l4.proto), l4.tcp_flags, Trace::OFF) else {
+        return Outcome::UNTOUCHED;
+    };
+    if e.flags & ct_flags::REV_DNAT == 0 {
+        return Outcome::UNTOUCHED;
+    }
+    match apply(ctx, &e, src, dst, l4) {
+        Some(to) => Outcome::tracked(&e, to),
+        None => Outcome::DROP,
+    }
+}
+
 /// Records a new service flow that policy allowed. False if the map refused (the packet
 /// must then be dropped: its reply could not be translated back). A trace records nothing.
 #[inline(always)]

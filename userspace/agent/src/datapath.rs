@@ -196,6 +196,7 @@ fn programs_to_load() -> impl Iterator<Item = (&'static str, ProgramKind)> {
         program_names::FROM_OVERLAY,
         program_names::TO_OVERLAY,
         program_names::FROM_UPLINK,
+        program_names::TO_UPLINK,
     ];
     let xdp = [program_names::TO_VSWITCH, program_names::TO_VPP];
     (tc.into_iter().map(|n| (n, ProgramKind::Tc)))

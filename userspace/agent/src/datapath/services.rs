@@ -54,12 +54,16 @@ fn io_err(name: &'static str, e: impl std::fmt::Display) -> DatapathError {
 impl Datapath {
     // === programs ===
 
-    /// Attaches `tc_from_uplink` to the uplink's ingress (pinned, replaced
-    /// make-before-break): clients outside the cluster reach NodePorts, externalIPs and
-    /// load-balancer IPs through it.
+    /// Attaches `tc_from_uplink` to the uplink's ingress and `tc_to_uplink` to its egress
+    /// (pinned, replaced make-before-break): clients outside the cluster reach NodePorts,
+    /// externalIPs and load-balancer IPs through them, including backends that are this
+    /// node's own stack (hostNetwork pods), whose answers leave by the egress.
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
-        let pin = self.pin_dir.join("links").join(format!("{ifname}_ingress"));
-        self.replace_pinned_tcx(program_names::FROM_UPLINK, ifname, TcAttachType::Ingress, &pin)
+        let links = self.pin_dir.join("links");
+        let ingress = links.join(format!("{ifname}_ingress"));
+        self.replace_pinned_tcx(program_names::FROM_UPLINK, ifname, TcAttachType::Ingress, &ingress)?;
+        let egress = links.join(format!("{ifname}_egress"));
+        self.replace_pinned_tcx(program_names::TO_UPLINK, ifname, TcAttachType::Egress, &egress)
     }
 
     /// Attaches the socket programs at `cgroup` (the cgroup2 root), pinned as links under

@@ -502,7 +502,20 @@ impl Node {
     /// Like [`Node::add_pod`], with `extra` keys merged into the network config (e.g. the
     /// `runtimeConfig` a runtime adds for a capability).
     pub fn add_pod_with(&self, extra: Value) -> Pod {
+        self.add_pod_in(Netns::new("ctp"), extra)
+    }
+
+    /// A pod whose stack has IPv6 off from the start, for tests that count the pod's
+    /// slow-path packets exactly: a stack with IPv6 sends its own chatter (duplicate address
+    /// detection, MLD reports) there whenever its timers say, up to seconds after ADD.
+    pub fn add_pod_ipv4_only(&self) -> Pod {
         let ns = Netns::new("ctp");
+        let ok = ns.cmd("sysctl").args(["-qw", "net.ipv6.conf.all.disable_ipv6=1"]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "IPv6 off in {}", ns.name());
+        self.add_pod_in(ns, serde_json::json!({}))
+    }
+
+    fn add_pod_in(&self, ns: Netns, extra: Value) -> Pod {
         let container_id = unique("ctr");
         let mut conf: Value = serde_json::from_str(&self.net_conf("1.0.0")).expect("net conf");
         for (k, v) in extra.as_object().into_iter().flatten() {

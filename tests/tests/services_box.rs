@@ -243,7 +243,14 @@ fn web_slices(svc: &str, w1: &BoxPod, w2: &BoxPod) -> String {
 
 #[test]
 fn services_box_clusterip_nodeport_and_external_ips_from_pods_hosts_and_outside() {
-    let (mut b, [w1, w2, c1, c2]) = web_box("");
+    // A VXLAN port other than IANA's (flannel's), so everything below crossing nodes also
+    // shows the overlay follows `vxlanPort`: the device, the programs' own encapsulation,
+    // and the uplink programs' fast exit for the overlay's packets.
+    let (mut b, [w1, w2, c1, c2]) = web_box("vxlanPort = 8472\n");
+    for node in ["node-1", "node-2"] {
+        let link = ip_in(&b.node(node).netns, &["-d", "link", "show", "cvx0"]);
+        assert!(link.contains("dstport 8472"), "{node}'s overlay on vxlanPort: {link}");
+    }
     b.apply_yaml(&format!(
         r#"apiVersion: v1
 kind: Service

@@ -974,13 +974,13 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         }
         return from_outside_to_pod(&ctx, src, dst, proto, 0, false);
     };
-    // The overlay's own packets: the commonest thing on the wire, nothing to do.
-    if l4.proto == nat::IPPROTO_UDP && l4.dport == 4789 {
-        return TC_ACT_OK;
-    }
     let Some(cfg) = config() else {
         return TC_ACT_OK;
     };
+    // The overlay's own packets: the commonest thing on the wire, nothing to do.
+    if is_overlay(cfg, &l4) {
+        return TC_ACT_OK;
+    }
     let mut flow = MaybeUninit::<NewFlow>::uninit();
     let o = svc::process(&ctx, cfg, src, dst, &l4, Origin::Uplink, Trace::OFF, &mut flow);
     match o.kind {
@@ -1062,6 +1062,12 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &P
     TC_ACT_SHOT
 }
 
+/// A packet of this node's overlay: UDP to the port the agent configured (0: no overlay).
+#[inline(always)]
+fn is_overlay(cfg: &DatapathConfig, l4: &nat::L4) -> bool {
+    cfg.overlay_port != 0 && l4.proto == nat::IPPROTO_UDP && l4.dport == cfg.overlay_port
+}
+
 /// The uplink's egress. What leaves from one of this node's addresses may answer a client
 /// outside that a frontend here sent to this node's own stack (a hostNetwork backend): it
 /// gets the frontend back as source, as `tc_from_uplink`'s conntrack entry says. Everything
@@ -1089,7 +1095,9 @@ pub fn tc_to_uplink(ctx: TcContext) -> i32 {
             return TC_ACT_OK;
         };
         // The overlay's own packets: the commonest thing the node sends, nothing to do.
-        if l4.proto == nat::IPPROTO_UDP && l4.dport == 4789 {
+        if let Some(cfg) = config()
+            && is_overlay(cfg, &l4)
+        {
             return TC_ACT_OK;
         }
         svc::host_reply(&ctx, src, dst, &l4)

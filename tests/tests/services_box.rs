@@ -22,7 +22,7 @@ use std::{
 
 use contiv_tests::{
     cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, ROUTER_IP, enter, ip_in},
-    set_ip_options,
+    dump_pinned_map, set_ip_options,
 };
 use serde_json::Value;
 
@@ -1068,6 +1068,68 @@ spec:
     let first = ask(&udp).expect("UDP answer");
     let (keep, drop_pod) = if first == "web-1" { (&w2, &w1) } else { (&w1, &w2) };
 
+    // A second UDP service with the same two backends, and a flow of it to the backend that
+    // is about to leave the first one: that flow is the other service's and must stay.
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: dns2, namespace: default}}
+spec:
+  clusterIP: 10.96.0.11
+  clusterIPs: [10.96.0.11]
+  ports:
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}
+---
+{}"#,
+        web_slices("dns2", &w1, &w2)
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.11:53", 2);
+    let other = (0..40)
+        .map(|_| {
+            let s = enter(&c1.netns, || {
+                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                s.connect(sa("10.96.0.11", 53)).unwrap();
+                s
+            });
+            let server = ask(&s);
+            (s, server)
+        })
+        .find(|(_, server)| server.as_deref() == Some(drop_pod.name.as_str()))
+        .map(|(s, _)| s)
+        .expect("a flow of dns2 to the backend about to leave web");
+    // The node-1 conntrack entry of a flow from c1's `sock` to `frontend`: its backend.
+    let ct_backend = |sock: &UdpSocket, frontend: [u8; 4]| -> Option<(Vec<u8>, u64)> {
+        let port = sock.local_addr().unwrap().port();
+        let ip = |v: &Value| v.as_array().map(|a| a.iter().map(|b| b.as_u64().unwrap() as u8).collect::<Vec<_>>());
+        dump_pinned_map(&b.node("node-1").pin_dir.join("CT")).into_iter().find_map(|e| {
+            let (k, v) = (&e["key"], &e["value"]);
+            let ours = ip(&k["src"]) == Some(c1.ip.octets().to_vec())
+                && ip(&k["dst"]) == Some(frontend.to_vec())
+                && k["sport"] == port
+                && k["dport"] == 53
+                && k["proto"] == 17;
+            ours.then(|| (ip(&v["nat_ip"]).unwrap(), v["nat_port"].as_u64().unwrap()))
+        })
+    };
+    let drop_port = if drop_pod.name == "web-1" { 8080 } else { 9090 };
+    let drop_backend = Some((drop_pod.ip.octets().to_vec(), drop_port));
+    assert_eq!(ct_backend(&udp, [10, 96, 0, 10]), drop_backend, "web's UDP flow is tracked, to {}", drop_pod.name);
+    assert_eq!(ct_backend(&other, [10, 96, 0, 11]), drop_backend, "dns2's UDP flow is tracked");
+    // Both flows stay active from here (one datagram each every 200 ms), so nothing below
+    // can come from an idle flow's expiry (3 s here): the asker reports each answer.
+    let (tx, answers) = std::sync::mpsc::channel::<(Option<String>, Option<String>)>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asker = {
+        let (udp, other, stop) = (udp.try_clone().unwrap(), other.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = tx.send((ask(&udp), ask(&other)));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+
     // The backend the UDP flow uses leaves the service (its pod stays): TCP connections to
     // the surviving backend keep flowing; the UDP flow moves to the survivor.
     // The slice is annotated as the EndpointSlice controller does it, with a change made 2 s
@@ -1091,11 +1153,22 @@ spec:
         let sum = metric(&b, node, &format!("{LATENCY}_sum"));
         assert!((2.0..12.0).contains(&sum), "{node}: {sum} s from the change to the maps");
     }
+    // web's flow moves to the survivor within seconds; dns2's flow to the same backend is
+    // not web's to forget: it keeps its backend and its conntrack entry.
     let t = Instant::now();
-    b.wait_for(Duration::from_secs(5), "the UDP flow reaches the remaining backend", || {
-        ask(&udp).is_some_and(|s| s == keep.name)
-    });
-    assert!(t.elapsed() < Duration::from_secs(5));
+    let mut seen = vec![];
+    let moved = |(w, _): &(Option<String>, Option<String>)| w.as_deref() == Some(keep.name.as_str());
+    while !seen.last().is_some_and(moved) {
+        let left = Duration::from_secs(5).saturating_sub(t.elapsed());
+        seen.push(answers.recv_timeout(left).unwrap_or_else(|_| panic!("web's UDP flow still not moved: {seen:?}")));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    asker.join().unwrap();
+    seen.extend(answers.try_iter());
+    assert!(seen.iter().all(|(_, o)| o.as_deref() == Some(drop_pod.name.as_str())), "dns2's flow: {seen:?}");
+    let keep_port: u16 = if keep.name == "web-1" { 8080 } else { 9090 };
+    assert_eq!(ct_backend(&udp, [10, 96, 0, 10]), Some((keep.ip.octets().to_vec(), keep_port.into())), "web's flow");
+    assert_eq!(ct_backend(&other, [10, 96, 0, 11]), drop_backend, "dns2's flow keeps its conntrack entry");
     for (c, server) in &mut conns {
         if *server == keep.name {
             assert!(c.ping().unwrap().starts_with(server.as_str()), "a connection to the surviving backend");
@@ -1107,7 +1180,6 @@ spec:
     let idx = conns.iter().position(|(_, s)| *s == keep.name).expect("a connection to the survivor");
     let (mut doomed, _) = conns.swap_remove(idx);
     let keep_slice = if keep.name == "web-1" { "web-a" } else { "web-b" };
-    let keep_port = if keep.name == "web-1" { 8080 } else { 9090 };
     b.apply_yaml(&slice_yaml("web", keep_slice, &[("http", "TCP", keep_port), ("dns", "UDP", keep_port)], &[]));
     let keep_id = keep.id();
     b.del_pod(&keep_id);

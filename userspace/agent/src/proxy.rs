@@ -72,7 +72,28 @@ pub struct Proxy {
     /// Backends that left a plan, and when (refused while their pod is gone, for
     /// [`DEAD_BACKEND_TTL`]).
     removed: BTreeMap<(Ipv4Addr, u16, u8), Instant>,
+    /// Conntrack flows to forget once the maps are written; kept until a flush succeeds,
+    /// so an apply that stops at an error still forgets them on its retry.
+    flush: Flush,
     pub applies: u64,
+}
+
+/// Which conntrack flows an apply forgets.
+#[derive(Debug, Default)]
+struct Flush {
+    /// (service port id, backend ip, port): UDP flows the service balanced to a backend
+    /// that has left it (kube-proxy's stale UDP entries). The next datagram of a client
+    /// that keeps its source port picks a current backend; other services' flows to the
+    /// same backend stay.
+    svc_udp: BTreeSet<(u32, [u8; 4], u16)>,
+    /// (ip, port, protocol): every flow to a backend whose pod is gone.
+    backends: BTreeSet<(Ipv4Addr, u16, u8)>,
+}
+
+impl Flush {
+    fn is_empty(&self) -> bool {
+        self.svc_udp.is_empty() && self.backends.is_empty()
+    }
 }
 
 /// The map writes that bring what is installed to the plan, in the order they are made.
@@ -240,6 +261,7 @@ impl Proxy {
             full: true,
             failed: false,
             removed: BTreeMap::new(),
+            flush: Flush::default(),
             applies: 0,
         }
     }
@@ -328,6 +350,7 @@ impl Proxy {
             .collect();
 
         let w = writes(&self.installed, self.planner.plan(), delta, full);
+        self.note_udp_backends_left(&w.slots_removed);
         // 1. Backends, then the frontends that count them.
         for (k, v) in w.backends {
             dp.put_svc_backend(k, v)?;
@@ -396,20 +419,34 @@ impl Proxy {
             self.installed.dead.remove(&k);
         }
         stats.dead_backends = dead.len();
-        let flush: BTreeSet<(Ipv4Addr, u16, u8)> = delta
-            .endpoints_gone
-            .iter()
-            .filter(|(ip, _, proto)| *proto == IPPROTO_UDP || !live_ips.contains(ip))
-            .copied()
-            .collect();
-        if !flush.is_empty() {
-            stats.conntrack_flushed = flush_backends(dp, &flush)?;
+        self.flush.backends.extend(delta.endpoints_gone.iter().filter(|(ip, _, _)| !live_ips.contains(ip)));
+        if !self.flush.is_empty() {
+            stats.conntrack_flushed = flush_flows(dp, &self.flush)?;
+            self.flush = Flush::default();
         }
         for id in &delta.ids_gone {
             let _ = dp.remove_svc_counters(*id);
         }
         self.applies += 1;
         Ok(stats)
+    }
+
+    /// Notes the backends that leave a UDP service port with the slots `removed` (the
+    /// backend is in neither of the port's sets any more), before the maps are written:
+    /// the installed frontends still say which ports are UDP, also for a service that goes.
+    fn note_udp_backends_left(&mut self, removed: &[SvcSlotKey]) {
+        if removed.is_empty() {
+            return;
+        }
+        let udp: BTreeSet<u32> =
+            self.installed.frontends.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).map(|(_, f)| f.svc_id).collect();
+        let slots = &self.planner.plan().slots;
+        for k in removed.iter().filter(|k| udp.contains(&k.svc_id)) {
+            let other_set = SvcSlotKey { local_set: k.local_set ^ 1, ..*k };
+            if !slots.contains_key(&other_set) {
+                self.flush.svc_udp.insert((k.svc_id, k.ip, k.port));
+            }
+        }
     }
 
     /// The destinations the slow path refuses now: frontends without endpoints, dead backends.
@@ -434,16 +471,19 @@ impl Proxy {
     }
 }
 
-/// Removes both directions of every flow to one of `backends`: NAT'ed to it by the packet
-/// path, or addressed to it already (a socket balanced at connect(), tracked by policy
-/// without a rewrite); the flow's next packet then meets the dead-backend refusal.
-fn flush_backends(dp: &mut Datapath, backends: &BTreeSet<(Ipv4Addr, u16, u8)>) -> Result<usize, DatapathError> {
+/// Removes both directions of every flow `f` names: a UDP flow a service NAT'ed to a
+/// backend that left it; any flow to a backend whose pod is gone, NAT'ed to it by the
+/// packet path or addressed to it already (a socket balanced at connect(), tracked by
+/// policy without a rewrite), whose next packet then meets the dead-backend refusal.
+fn flush_flows(dp: &mut Datapath, f: &Flush) -> Result<usize, DatapathError> {
     let mut n = 0;
     let mut doomed = vec![];
     for (k, e) in dp.ct_entries()? {
-        let nat = e.flags & ct_flags::DNAT != 0 && backends.contains(&(Ipv4Addr::from(e.nat_ip), e.nat_port, k.proto));
-        let plain = e.flags == 0 && backends.contains(&(Ipv4Addr::from(k.dst), k.dport, k.proto));
-        if nat || plain {
+        let dnat = e.flags & ct_flags::DNAT != 0;
+        let left = dnat && k.proto == IPPROTO_UDP && f.svc_udp.contains(&(e.svc_id, e.nat_ip, e.nat_port));
+        let nat = dnat && f.backends.contains(&(Ipv4Addr::from(e.nat_ip), e.nat_port, k.proto));
+        let plain = e.flags == 0 && f.backends.contains(&(Ipv4Addr::from(k.dst), k.dport, k.proto));
+        if left || nat || plain {
             doomed.push(ct_pair(&k, &e));
             doomed.push(k);
             n += 1;

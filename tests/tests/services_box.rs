@@ -398,6 +398,7 @@ spec:
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: 8181, nodePort: 30181}}
   - {{name: dns, protocol: UDP, port: 53, targetPort: 8181, nodePort: 30182}}
+  - {{name: quiet, protocol: UDP, port: 54, targetPort: 8182, nodePort: 30183}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -409,6 +410,7 @@ addressType: IPv4
 ports:
 - {{name: http, protocol: TCP, port: 8181}}
 - {{name: dns, protocol: UDP, port: 8181}}
+- {{name: quiet, protocol: UDP, port: 8182}}
 endpoints:
 - addresses: [{}]
   conditions: {READY}
@@ -429,6 +431,10 @@ endpoints:
         let udp = SocketAddr::from((via, 30182));
         let a = udp_ask(&ext, udp).unwrap_or_else(|e| panic!("UDP outside -> {udp} -> hostNetwork backend: {e}"));
         assert_eq!((a.server.as_str(), a.peer), ("host-1", udp), "UDP outside -> {udp}");
+        // Nothing listens on the backend's port 8182: node-1's stack answers with a port
+        // unreachable about what it was given, which reaches the client as an error about
+        // what it sent (the NodePort), so its socket reads "connection refused".
+        assert_udp_refused(&ext, SocketAddr::from((via, 30183)));
     }
     let a = tcp_ask(&c2.netns, sa("10.96.0.12", 80)).expect("pod -> ClusterIP -> hostNetwork backend");
     assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 80)));

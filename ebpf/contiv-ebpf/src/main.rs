@@ -970,6 +970,10 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             if o.kind != outcome::TRACKED {
                 return TC_ACT_SHOT;
             }
+            // About an answer a remote backend sent a client outside by the wire: back out.
+            if o.to_uplink != 0 {
+                return to_uplink(cfg.uplink_ifindex);
+            }
             return uplink_forward(&ctx, cfg, o.dst, &pod(o.dst).unwrap_or(Verdict::NONE));
         }
         return from_outside_to_pod(&ctx, src, dst, proto, 0, false);
@@ -1092,6 +1096,15 @@ pub fn tc_to_uplink(ctx: TcContext) -> i32 {
         svc::established(&ctx, src, dst, proto, &frag.head, Trace::OFF)
     } else {
         let Some(l4) = nat::l4(data, data_end, proto) else {
+            // An ICMP error the node's stack sends about a flow a frontend here handed to
+            // it (a hostNetwork backend's port unreachable or "fragmentation needed"):
+            // about what the client sent, so that it reaches the client's socket.
+            if proto == policy::IPPROTO_ICMP
+                && let Some(o) = svc::related(&ctx, &policy::transport(data, data_end, proto), src, dst, Trace::OFF)
+                && o.kind == outcome::DROP
+            {
+                return TC_ACT_SHOT;
+            }
             return TC_ACT_OK;
         };
         // The overlay's own packets: the commonest thing the node sends, nothing to do.

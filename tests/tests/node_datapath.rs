@@ -336,11 +336,15 @@ fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
     let links_before = node.pod_links().len();
     let entries = |m: &str| node.dump_map(m).len();
     let (pods0, ifaces0, counters0) = (entries("PODS"), entries("POD_IFACES"), entries("POD_COUNTERS"));
+    let link_pins = || std::fs::read_dir(node.pin_dir.join("links")).unwrap().count();
+    let pins0 = link_pins();
     let mut seen = HashSet::new();
     for i in 0..50 {
         let pod = node.add_pod();
         seen.insert(pod.ip);
         assert_eq!(node.pod_links().len(), links_before + 1);
+        // tc_from_pod only: tc_to_pod waits for a service that needs it.
+        assert_eq!(link_pins(), pins0 + 1, "the pod's link is pinned");
         assert!(node.pod_counters(pod.ip).is_some());
         node.del_pod(&pod).ok();
         // DEL is idempotent: a second DEL, and a DEL after the namespace is gone, succeed.
@@ -352,6 +356,7 @@ fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
         assert!(node.pod_counters(pod.ip).is_none(), "counters of {} left behind", pod.ip);
     }
     assert_eq!(node.pod_links().len(), links_before, "veths leaked");
+    assert_eq!(link_pins(), pins0, "link pins leaked");
     assert_eq!(entries("PODS"), pods0, "PODS leaked");
     assert_eq!(entries("POD_IFACES"), ifaces0, "POD_IFACES leaked");
     assert_eq!(entries("POD_COUNTERS"), counters0, "POD_COUNTERS leaked");
@@ -531,15 +536,22 @@ fn restart_removes_what_an_add_cut_short_left_behind() {
     let orphan = "cv0123456789a";
     node.ns.ip(&["link", "add", orphan, "type", "veth", "peer", "name", "eth0", "netns", pod.name()]);
     let pin = node.pin_dir.join("links").join(orphan);
-    contiv_tests::run(
-        std::process::Command::new("bpftool").args(["map", "pin", "pinned"]).arg(node.pin_dir.join("PODS")).arg(&pin),
-    );
+    let egress_pin = node.pin_dir.join("links").join(format!("{orphan}_egress"));
+    for pin in [&pin, &egress_pin] {
+        contiv_tests::run(
+            std::process::Command::new("bpftool")
+                .args(["map", "pin", "pinned"])
+                .arg(node.pin_dir.join("PODS"))
+                .arg(pin),
+        );
+    }
     assert!(pin.exists() && node.pod_links().contains(&orphan.to_owned()));
     let status = node.stop_agent();
     assert!(status.success());
     node.start_agent();
     assert!(!node.pod_links().contains(&orphan.to_owned()), "the orphan host end is still there");
     assert!(!pin.exists(), "the orphan pin is still there");
+    assert!(!egress_pin.exists(), "the orphan's egress pin is still there");
     assert!(!pod.ip(&["-o", "link", "show"]).contains("eth0"), "the pod end went with its peer");
     // The recorded pod is untouched and still forwards.
     assert_eq!(node.pod_links().len(), 1);

@@ -387,6 +387,12 @@ spec:
     // answers leave by the uplink and must show the NodePort; through node-2 it is a remote
     // backend; from a pod, the socket balancer connects to it directly.
     serve_in(&n1.netns, "host-1", 8181);
+    // Pods' UDP is balanced per packet: to reach a local pod, the host backend's answers
+    // need `tc_to_pod` on the pod's egress, which a node attaches only while a UDP service
+    // has a backend at its own address (each attach costs every ADD a grace period).
+    let pods_1 = egress_links(&b, "node-1").1;
+    assert!(pods_1 >= 2, "node-1's pods: {pods_1}");
+    assert_eq!(egress_links(&b, "node-1"), (0, pods_1), "no tc_to_pod before a service needs it");
     b.apply_yaml(&format!(
         r#"apiVersion: v1
 kind: Service
@@ -421,6 +427,10 @@ endpoints:
     for node in ["node-1", "node-2"] {
         wait_programmed(&b, node, "10.96.0.12:80", 1);
     }
+    b.wait_for(Duration::from_secs(10), "every pod of node-1 gets tc_to_pod", || {
+        egress_links(&b, "node-1") == (pods_1, pods_1)
+    });
+    assert_eq!(egress_links(&b, "node-2").0, 0, "node-2's pods: the backend is not node-2's own address");
     let n2_ip = b.node("node-2").ip;
     for via in [n1.ip, n2_ip] {
         let tcp = SocketAddr::from((via, 30181));
@@ -436,8 +446,28 @@ endpoints:
         // what it sent (the NodePort), so its socket reads "connection refused".
         assert_udp_refused(&ext, SocketAddr::from((via, 30183)));
     }
-    let a = tcp_ask(&c2.netns, sa("10.96.0.12", 80)).expect("pod -> ClusterIP -> hostNetwork backend");
-    assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 80)));
+    for pod in [&c1, &c2] {
+        let a = tcp_ask(&pod.netns, sa("10.96.0.12", 80)).expect("pod -> ClusterIP -> hostNetwork backend");
+        assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 80)), "TCP from {}", pod.name);
+        let a = udp_ask(&pod.netns, sa("10.96.0.12", 53))
+            .unwrap_or_else(|e| panic!("UDP {} -> ClusterIP -> hostNetwork backend: {e}", pod.name));
+        assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 53)), "UDP from {}", pod.name);
+    }
+    // node-1's agent restarts: its pods keep tc_to_pod (replaced by the new agent's), and
+    // c1's UDP to the service still gets its answer from the frontend.
+    b.stop_agent("node-1", false);
+    b.start_agent("node-1");
+    b.wait_for(Duration::from_secs(15), "node-1's first service apply after the restart", || {
+        b.status_json("node-1", "/services").is_some_and(|r| !r["lastApply"].is_null())
+    });
+    assert_eq!(egress_links(&b, "node-1"), (pods_1, pods_1), "after node-1's agent restart");
+    let a = udp_ask(&c1.netns, sa("10.96.0.12", 53)).expect("UDP c1 -> hostNetwork backend after the restart");
+    assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 53)));
+    // The service goes: so does tc_to_pod.
+    b.delete_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: on-host, namespace: default}\n");
+    b.wait_for(Duration::from_secs(10), "node-1's pods lose tc_to_pod with the service", || {
+        egress_links(&b, "node-1") == (0, pods_1)
+    });
 
     // All of it after node-2's agent restarts: pod -> service -> pod across nodes, NodePort
     // from outside and from the host.
@@ -630,6 +660,15 @@ fn assert_udp_refused_with(ns: &str, addr: SocketAddr, options: bool) {
         s.recv(&mut [0u8; 64]).expect_err("refused")
     });
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "UDP to {addr} from {ns}: {e}");
+}
+
+/// How many of a node's pods have `tc_to_pod` on their egress (its link pinned), of all.
+fn egress_links(b: &ClusterBox, node: &str) -> (usize, usize) {
+    let pods = b.status_json(node, "/pods").expect("/pods");
+    let names: Vec<String> =
+        pods.as_array().unwrap().iter().map(|p| p["hostIfname"].as_str().unwrap().to_owned()).collect();
+    let links = b.node(node).pin_dir.join("links");
+    (names.iter().filter(|n| links.join(format!("{n}_egress")).exists()).count(), names.len())
 }
 
 /// A service port's connection counter on a node (from /services).

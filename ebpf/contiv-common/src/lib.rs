@@ -184,6 +184,9 @@ pub mod program_names {
     /// TC egress on the uplink: answers of this node's own (hostNetwork) backends to
     /// clients outside get their frontend back as source.
     pub const TO_UPLINK: &str = "tc_to_uplink";
+    /// TC egress on each pod's host-side veth: answers of this node's own (hostNetwork)
+    /// backends to a pod whose UDP the packet path balanced get their frontend back.
+    pub const TO_POD: &str = "tc_to_pod";
     /// cgroup connect4 at the cgroup2 root: socket-level service balancing.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     /// cgroup sendmsg4: socket-level balancing of unconnected UDP (the node's own sockets).

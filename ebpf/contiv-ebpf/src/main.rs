@@ -1078,6 +1078,23 @@ fn is_overlay(cfg: &DatapathConfig, l4: &nat::L4) -> bool {
 /// else leaves as it is, after one map lookup at most.
 #[classifier]
 pub fn tc_to_uplink(ctx: TcContext) -> i32 {
+    from_node_stack(&ctx)
+}
+
+/// A pod's host-side veth, egress: what the node's stack sends the pod (and, for a pod
+/// whose ingress is shaped, what the fast path sends it through the qdisc). From one of
+/// the node's addresses it may answer a flow `tc_from_pod` balanced to this node's own
+/// stack (UDP to a service with a hostNetwork backend): it gets the frontend back as
+/// source, as for a client outside. Everything else, after one map lookup at most.
+#[classifier]
+pub fn tc_to_pod(ctx: TcContext) -> i32 {
+    from_node_stack(&ctx)
+}
+
+/// What the node's own stack sends from one of its addresses, translated back if it answers
+/// (or is an ICMP error about) a flow a frontend handed to that stack.
+#[inline(always)]
+fn from_node_stack(ctx: &TcContext) -> i32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_OK;
@@ -1093,14 +1110,14 @@ pub fn tc_to_uplink(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let o = if frag.kind == frag::LATER {
-        svc::established(&ctx, src, dst, proto, &frag.head, Trace::OFF)
+        svc::established(ctx, src, dst, proto, &frag.head, Trace::OFF)
     } else {
         let Some(l4) = nat::l4(data, data_end, proto) else {
             // An ICMP error the node's stack sends about a flow a frontend here handed to
             // it (a hostNetwork backend's port unreachable or "fragmentation needed"):
             // about what the client sent, so that it reaches the client's socket.
             if proto == policy::IPPROTO_ICMP
-                && let Some(o) = svc::related(&ctx, &policy::transport(data, data_end, proto), src, dst, Trace::OFF)
+                && let Some(o) = svc::related(ctx, &policy::transport(data, data_end, proto), src, dst, Trace::OFF)
                 && o.kind == outcome::DROP
             {
                 return TC_ACT_SHOT;
@@ -1113,7 +1130,7 @@ pub fn tc_to_uplink(ctx: TcContext) -> i32 {
         {
             return TC_ACT_OK;
         }
-        svc::host_reply(&ctx, src, dst, &l4)
+        svc::host_reply(ctx, src, dst, &l4)
     };
     if o.kind == outcome::DROP { TC_ACT_SHOT } else { TC_ACT_OK }
 }

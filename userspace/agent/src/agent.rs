@@ -72,6 +72,9 @@ struct Inner {
     health: crate::healthcheck::HealthServers,
     /// The hostPort services of the attached pods, as last planned.
     host_ports: crate::hostports::HostPortServices,
+    /// Pods get `tc_to_pod` on their egress (a UDP service has a backend that is this
+    /// node's own address): see `sync_pod_egress` in `agent/services.rs`.
+    pod_egress: bool,
 }
 
 /// The vswitch agent.
@@ -502,6 +505,7 @@ impl Agent {
                 proxy: crate::proxy::Proxy::new(service_params),
                 health: crate::healthcheck::HealthServers::new(proxy_health.clone()),
                 host_ports: Default::default(),
+                pod_egress: false,
             }),
             slowpath,
             model: std::sync::OnceLock::new(),
@@ -693,7 +697,8 @@ impl Agent {
         }
         if let Ok(pins) = std::fs::read_dir(inner.datapath.pin_dir().join("links")) {
             for pin in pins.flatten() {
-                let name = pin.file_name().to_string_lossy().into_owned();
+                let pin = pin.file_name().to_string_lossy().into_owned();
+                let name = pin.strip_suffix(crate::datapath::POD_EGRESS_PIN_SUFFIX).unwrap_or(&pin).to_owned();
                 if podnet::is_host_ifname(&name) && !names.contains(&name) {
                     inner.datapath.forget_pod_link(&name);
                 }
@@ -706,8 +711,11 @@ impl Agent {
         if let Some(o) = &self.overlay {
             inner.datapath.attach_overlay(&o.ifname)?;
         }
+        // Pods keep the egress program a previous agent gave them until the first service
+        // apply says whether it is still needed.
+        inner.pod_egress = live.iter().any(|a| inner.datapath.pod_has_egress(&a.host_ifname));
         for a in &live {
-            if let Err(e) = inner.datapath.attach_pod(&a.host_ifname) {
+            if let Err(e) = inner.datapath.attach_pod(&a.host_ifname, inner.pod_egress) {
                 log::error!("{}/{}: re-attaching the datapath: {e}", a.container_id, a.ifname);
             }
         }
@@ -780,7 +788,7 @@ impl Agent {
         let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
         // Reserve an address (in memory; see crate::state) and take what the unlocked steps need.
-        let (ip, node, prog, pin) = {
+        let (ip, node, targets) = {
             let mut inner = self.inner.lock().instrument(phase("lock")).await;
             if let Some(existing) = inner.state.get(&key) {
                 if existing.complete && existing.netns == req.netns {
@@ -794,9 +802,9 @@ impl Agent {
                 ));
             }
             let _reserve = phase("ipam_reserve").entered();
-            let (prog, pin) = inner
+            let targets = inner
                 .datapath
-                .pod_attach_target(&host_ifname)
+                .pod_attach_targets(&host_ifname, inner.pod_egress)
                 .map_err(|e| internal("preparing the datapath attach", e))?;
             let ip = inner.state.reserve(&key).map_err(|e| {
                 CniError::new(
@@ -805,7 +813,7 @@ impl Agent {
                     format!("{e}: every address is held by a pod; DEL or GC of a pod frees one"),
                 )
             })?;
-            (ip, inner.node.clone(), prog, pin)
+            (ip, inner.node.clone(), targets)
         };
         let (pod_namespace, pod_name) = crate::state::pod_identity(&req.args);
         let attachment = PodAttachment {
@@ -837,7 +845,7 @@ impl Agent {
             egress_shaper: bandwidth.and_then(|b| b.egress_shaper()),
             ingress_shaper: bandwidth.and_then(|b| b.ingress_shaper()),
         };
-        match self.wire(&node, &spec, attachment, prog, pin).await {
+        match self.wire(&node, &spec, attachment, targets).await {
             Ok(attachment) => {
                 log::info!("ADD {}/{} -> {ip} on {host_ifname}", req.container_id, req.ifname);
                 self.host_ports_may_change(&attachment);
@@ -861,9 +869,9 @@ impl Agent {
         node: &rtnetlink::Handle,
         spec: &PodLinkSpec,
         mut attachment: PodAttachment,
-        prog: aya::programs::ProgramFd,
-        pin: PathBuf,
+        targets: crate::datapath::PodAttachTargets,
     ) -> Result<PodAttachment, CniError> {
+        let pins: Vec<PathBuf> = targets.iter().map(|(_, _, pin)| pin.clone()).collect();
         let key = attachment.key();
         let veth = match podnet::create_veth(node, spec).await {
             Ok(v) => v,
@@ -888,9 +896,13 @@ impl Agent {
                 // attachment is persisted (no RTNL needed there). Persisting first is safe:
                 // a restarted agent attaches the program of every recorded pod.
                 let attach = {
-                    let (span, pin, ifindex) = (phase("bpf_attach_pin"), pin.clone(), attachment.host_ifindex);
+                    let (span, ifindex) = (phase("bpf_attach_pin"), attachment.host_ifindex);
                     tokio::task::spawn_blocking(move || {
-                        span.in_scope(|| tcx::attach_pinned(prog.as_fd(), ifindex, &pin))
+                        span.in_scope(|| {
+                            targets.iter().try_for_each(|(prog, egress, pin)| {
+                                tcx::attach_pinned(prog.as_fd(), ifindex, *egress, pin)
+                            })
+                        })
                     })
                 };
                 let recorded = self.record(&attachment).await;
@@ -909,7 +921,9 @@ impl Agent {
         if let Err(err) = podnet::delete_link(node, &spec.host_ifname).await {
             log::error!("removing {} after a failed ADD: {err}", spec.host_ifname);
         }
-        let _ = std::fs::remove_file(&pin);
+        for pin in &pins {
+            let _ = std::fs::remove_file(pin);
+        }
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
         inner.state.release(&key);

@@ -175,10 +175,27 @@ pub fn check_bpffs(allow_private: bool) -> Result<()> {
         .map_err(|e| DatapathError::PinDir { path: root.into(), source: e.into() })
 }
 
-/// The pinned links of one pod.
-fn pod_link_pin(pin_dir: &Path, host_ifname: &str) -> PathBuf {
-    pin_dir.join("links").join(host_ifname)
+/// Where one pod's tcx link is pinned: `tc_from_pod` on the host veth's ingress,
+/// `tc_to_pod` on its egress.
+fn pod_link_pin(pin_dir: &Path, host_ifname: &str, dir: TcAttachType) -> PathBuf {
+    let links = pin_dir.join("links");
+    match dir {
+        TcAttachType::Egress => links.join(format!("{host_ifname}{POD_EGRESS_PIN_SUFFIX}")),
+        _ => links.join(host_ifname),
+    }
 }
+
+/// What a pod's egress link pin adds to its interface name.
+pub const POD_EGRESS_PIN_SUFFIX: &str = "_egress";
+
+/// The programs of one pod interface: (program, direction). The egress one only while the
+/// node needs it (see `Proxy::host_backs_udp`): a tcx attach costs an ADD an RCU grace period.
+const POD_PROGRAMS: [(&str, TcAttachType); 2] =
+    [(program_names::FROM_POD, TcAttachType::Ingress), (program_names::TO_POD, TcAttachType::Egress)];
+
+/// What an ADD attaches to a new pod interface on its own (see [`crate::tcx`]): per
+/// program, a new fd of it, whether it goes on the egress, and where its link is pinned.
+pub type PodAttachTargets = Vec<(aya::programs::ProgramFd, bool, PathBuf)>;
 
 /// How a program of the object is loaded.
 #[derive(Clone, Copy)]
@@ -197,6 +214,7 @@ fn programs_to_load() -> impl Iterator<Item = (&'static str, ProgramKind)> {
         program_names::TO_OVERLAY,
         program_names::FROM_UPLINK,
         program_names::TO_UPLINK,
+        program_names::TO_POD,
     ];
     let xdp = [program_names::TO_VSWITCH, program_names::TO_VPP];
     (tc.into_iter().map(|n| (n, ProgramKind::Tc)))
@@ -408,19 +426,44 @@ impl Datapath {
 
     // === programs ===
 
-    /// Attaches `tc_from_pod` to the ingress of a pod's host veth (tcx). The link is
-    /// pinned under `<pin_dir>/links/`, so it outlives the agent: pods keep forwarding
-    /// while the agent restarts or is upgraded. A link a previous agent left is replaced
-    /// make-before-break: the new program goes first, then the old link is released.
-    pub fn attach_pod(&mut self, host_ifname: &str) -> Result<()> {
-        let pin = pod_link_pin(&self.pin_dir, host_ifname);
-        self.replace_pinned_tcx(program_names::FROM_POD, host_ifname, TcAttachType::Ingress, &pin)
+    /// Attaches `tc_from_pod` to the ingress of a pod's host veth, and `tc_to_pod` to its
+    /// egress if `egress` (tcx). The links are pinned under `<pin_dir>/links/`, so they
+    /// outlive the agent: pods keep forwarding while the agent restarts or is upgraded. A
+    /// link a previous agent left is replaced make-before-break: the new program goes
+    /// first, then the old link is released.
+    pub fn attach_pod(&mut self, host_ifname: &str, egress: bool) -> Result<()> {
+        for (name, dir) in POD_PROGRAMS.into_iter().take(if egress { 2 } else { 1 }) {
+            let pin = pod_link_pin(&self.pin_dir, host_ifname, dir);
+            self.replace_pinned_tcx(name, host_ifname, dir, &pin)?;
+        }
+        Ok(())
     }
 
-    /// Forgets the pinned link of a pod interface (the kernel detached it when the
-    /// interface was deleted; this removes the pin).
+    /// Whether a pod interface has `tc_to_pod` on its egress (its link pinned).
+    pub fn pod_has_egress(&self, host_ifname: &str) -> bool {
+        pod_link_pin(&self.pin_dir, host_ifname, TcAttachType::Egress).exists()
+    }
+
+    /// Attaches `tc_to_pod` to a pod's host veth egress (replacing one pinned there), or
+    /// detaches it: unpinned, the link loses its last reference.
+    pub fn set_pod_egress(&mut self, host_ifname: &str, on: bool) -> Result<()> {
+        let pin = pod_link_pin(&self.pin_dir, host_ifname, TcAttachType::Egress);
+        if on {
+            return self.replace_pinned_tcx(program_names::TO_POD, host_ifname, TcAttachType::Egress, &pin);
+        }
+        match std::fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DatapathError::PinDir { path: pin, source }),
+        }
+    }
+
+    /// Forgets the pinned links of a pod interface (the kernel detached them when the
+    /// interface was deleted; this removes the pins).
     pub fn forget_pod_link(&self, host_ifname: &str) {
-        let _ = std::fs::remove_file(pod_link_pin(&self.pin_dir, host_ifname));
+        for (_, dir) in POD_PROGRAMS {
+            let _ = std::fs::remove_file(pod_link_pin(&self.pin_dir, host_ifname, dir));
+        }
     }
 
     /// Attaches the overlay device's programs (pinned, replaced make-before-break).
@@ -450,14 +493,17 @@ impl Datapath {
         Ok(())
     }
 
-    /// What an ADD needs to attach `tc_from_pod` to a new pod interface on its own (see
-    /// [`crate::tcx`]): a new fd of the loaded program, and where the link is pinned.
-    pub fn pod_attach_target(&self, host_ifname: &str) -> Result<(aya::programs::ProgramFd, PathBuf)> {
-        let name = program_names::FROM_POD;
-        let prog: &SchedClassifier =
-            self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
-        let fd = prog.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?;
-        Ok((fd, pod_link_pin(&self.pin_dir, host_ifname)))
+    /// What an ADD needs to attach the pod programs to a new pod interface on its own
+    /// (`tc_to_pod` only if `egress`).
+    pub fn pod_attach_targets(&self, host_ifname: &str, egress: bool) -> Result<PodAttachTargets> {
+        let mut targets = vec![];
+        for (name, dir) in POD_PROGRAMS.into_iter().take(if egress { 2 } else { 1 }) {
+            let prog: &SchedClassifier =
+                self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+            let fd = prog.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?;
+            targets.push((fd, dir == TcAttachType::Egress, pod_link_pin(&self.pin_dir, host_ifname, dir)));
+        }
+        Ok(targets)
     }
 
     fn attach_tcx(&mut self, name: &'static str, ifname: &str, dir: TcAttachType, pin: Option<&Path>) -> Result<()> {

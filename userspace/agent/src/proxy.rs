@@ -75,6 +75,8 @@ pub struct Proxy {
     /// Conntrack flows to forget once the maps are written; kept until a flush succeeds,
     /// so an apply that stops at an error still forgets them on its retry.
     flush: Flush,
+    /// A UDP service port has a backend that is this node's own address.
+    host_backs_udp: bool,
     pub applies: u64,
 }
 
@@ -262,6 +264,7 @@ impl Proxy {
             failed: false,
             removed: BTreeMap::new(),
             flush: Flush::default(),
+            host_backs_udp: false,
             applies: 0,
         }
     }
@@ -351,6 +354,13 @@ impl Proxy {
 
         let w = writes(&self.installed, self.planner.plan(), delta, full);
         self.note_udp_backends_left(&w.slots_removed);
+        let backing_may_change = full
+            || !(w.backends.is_empty()
+                && w.backends_removed.is_empty()
+                && w.frontends.is_empty()
+                && w.frontends_removed.is_empty()
+                && w.node_addrs.is_empty()
+                && w.node_addrs_removed.is_empty());
         // 1. Backends, then the frontends that count them.
         for (k, v) in w.backends {
             dp.put_svc_backend(k, v)?;
@@ -419,6 +429,9 @@ impl Proxy {
             self.installed.dead.remove(&k);
         }
         stats.dead_backends = dead.len();
+        if backing_may_change {
+            self.host_backs_udp = host_backs_udp(self.planner.plan());
+        }
         self.flush.backends.extend(delta.endpoints_gone.iter().filter(|(ip, _, _)| !live_ips.contains(ip)));
         if !self.flush.is_empty() {
             stats.conntrack_flushed = flush_flows(dp, &self.flush)?;
@@ -429,6 +442,13 @@ impl Proxy {
         }
         self.applies += 1;
         Ok(stats)
+    }
+
+    /// Whether a UDP service port has a backend that is this node's own address (a
+    /// hostNetwork pod): pods' UDP to it is balanced per packet and handed to this node's
+    /// stack, whose answers to a local pod only `tc_to_pod` translates back.
+    pub fn host_backs_udp(&self) -> bool {
+        self.host_backs_udp
     }
 
     /// Notes the backends that leave a UDP service port with the slots `removed` (the
@@ -469,6 +489,18 @@ impl Proxy {
         let retry = self.failed.then_some(now + APPLY_RETRY);
         expiry.into_iter().chain(retry).min()
     }
+}
+
+/// See [`Proxy::host_backs_udp`].
+fn host_backs_udp(plan: &ServicePlan) -> bool {
+    let own: BTreeSet<[u8; 4]> =
+        plan.node_addrs.iter().filter(|(_, a)| a.local != 0).map(|(ip, _)| ip.octets()).collect();
+    if own.is_empty() {
+        return false;
+    }
+    let udp: BTreeSet<u32> =
+        plan.frontends.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).map(|(_, f)| f.svc_id).collect();
+    plan.backends.iter().any(|(k, b)| own.contains(&b.ip) && udp.contains(&k.svc_id))
 }
 
 /// Removes both directions of every flow `f` names: a UDP flow a service NAT'ed to a

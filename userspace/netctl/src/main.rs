@@ -136,6 +136,29 @@ fn load(files: &[PathBuf]) -> Result<Vec<contiv_cluster_model::ClusterObject>, E
     }
 }
 
+/// Prints one line per object written (also those that landed before a failure), then the
+/// error, if any.
+fn report<O>(
+    result: Result<Vec<(String, O)>, contiv_netctl::WriteError<O>>,
+    word: impl Fn(&O) -> &'static str,
+) -> ExitCode {
+    match result {
+        Ok(done) => {
+            for (key, outcome) in &done {
+                println!("{key} {}", word(outcome));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for (key, outcome) in &e.done {
+                println!("{key} {}", word(outcome));
+            }
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match &args.command {
         Command::Apply { files } => {
@@ -144,14 +167,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             let store = open(&args).await?;
-            for (key, outcome) in contiv_netctl::apply(&store, &objects).await? {
-                let word = match outcome {
-                    ApplyOutcome::Created => "created",
-                    ApplyOutcome::Configured => "configured",
-                    ApplyOutcome::Unchanged => "unchanged",
-                };
-                println!("{key} {word}");
-            }
+            let word = |outcome: &ApplyOutcome| match outcome {
+                ApplyOutcome::Created => "created",
+                ApplyOutcome::Configured => "configured",
+                ApplyOutcome::Unchanged => "unchanged",
+            };
+            return Ok(report(contiv_netctl::apply(&store, &objects).await, word));
         }
         Command::Delete { files } => {
             let objects = match manifest::load_all_refs(files) {
@@ -165,13 +186,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             };
             let store = open(&args).await?;
-            for (key, outcome) in contiv_netctl::delete(&store, &objects).await? {
-                let word = match outcome {
-                    DeleteOutcome::Deleted => "deleted",
-                    DeleteOutcome::NotFound => "not found",
-                };
-                println!("{key} {word}");
-            }
+            let word = |outcome: &DeleteOutcome| match outcome {
+                DeleteOutcome::Deleted => "deleted",
+                DeleteOutcome::NotFound => "not found",
+            };
+            return Ok(report(contiv_netctl::delete(&store, &objects).await, word));
         }
         Command::Get { what: Resource::Services, namespace, output, node: Some(node), .. } => {
             let report = contiv_netctl::agent::node_report(&args.agent, "/services", Some(node))?;

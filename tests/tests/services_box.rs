@@ -1161,15 +1161,55 @@ spec:
     let drop_backend = Some((drop_pod.ip.octets().to_vec(), drop_port));
     assert_eq!(ct_backend(&udp, [10, 96, 0, 10]), drop_backend, "web's UDP flow is tracked, to {}", drop_pod.name);
     assert_eq!(ct_backend(&other, [10, 96, 0, 11]), drop_backend, "dns2's UDP flow is tracked");
-    // Both flows stay active from here (one datagram each every 200 ms), so nothing below
+    // Node-1 processes' connected UDP sockets, balanced once, at connect(): one to web and
+    // one to dns2, both on the backend about to leave web.
+    let host_ns = b.node("node-1").netns.clone();
+    let host_socket_to = |frontend: SocketAddr| -> UdpSocket {
+        (0..40)
+            .map(|_| {
+                let s = enter(&host_ns, move || {
+                    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                    s.connect(frontend).unwrap();
+                    s
+                });
+                let server = ask(&s);
+                (s, server)
+            })
+            .find(|(_, server)| server.as_deref() == Some(drop_pod.name.as_str()))
+            .map(|(s, _)| s)
+            .unwrap_or_else(|| panic!("a node-1 socket to {frontend} on the backend about to leave web"))
+    };
+    let (host_web, host_dns2) = (host_socket_to(sa("10.96.0.10", 53)), host_socket_to(sa("10.96.0.11", 53)));
+    // A host client as a resolver is written: an aborted socket is connected anew.
+    let host_ask = |s: &UdpSocket, frontend: SocketAddr| -> Option<String> {
+        let asked = s.send(b"q").and_then(|_| {
+            let mut buf = [0u8; 128];
+            let n = s.recv(&mut buf)?;
+            Ok(parse(&String::from_utf8_lossy(&buf[..n])).0)
+        });
+        match asked {
+            Ok(server) => Some(server),
+            Err(e) if e.kind() == ErrorKind::ConnectionAborted || e.raw_os_error() == Some(libc::EDESTADDRREQ) => {
+                s.connect(frontend).ok()?;
+                Some("aborted".into())
+            }
+            Err(_) => None,
+        }
+    };
+    // Every flow stays active from here (one datagram each every 200 ms), so nothing below
     // can come from an idle flow's expiry (3 s here): the asker reports each answer.
-    let (tx, answers) = std::sync::mpsc::channel::<(Option<String>, Option<String>)>();
+    type Answers = (Option<String>, Option<String>, Option<String>, Option<String>);
+    let (tx, answers) = std::sync::mpsc::channel::<Answers>();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let asker = {
         let (udp, other, stop) = (udp.try_clone().unwrap(), other.try_clone().unwrap(), stop.clone());
+        let (host_web, host_dns2) = (host_web.try_clone().unwrap(), host_dns2.try_clone().unwrap());
         std::thread::spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = tx.send((ask(&udp), ask(&other)));
+                let web = (ask(&udp), ask(&other));
+                let host = (host_ask(&host_web, sa("10.96.0.10", 53)), host_ask(&host_dns2, sa("10.96.0.11", 53)));
+                let _ = tx.send((web.0, web.1, host.0, host.1));
                 std::thread::sleep(Duration::from_millis(200));
             }
         })
@@ -1199,18 +1239,27 @@ spec:
         assert!((2.0..12.0).contains(&sum), "{node}: {sum} s from the change to the maps");
     }
     // web's flow moves to the survivor within seconds; dns2's flow to the same backend is
-    // not web's to forget: it keeps its backend and its conntrack entry.
+    // not web's to forget: it keeps its backend and its conntrack entry. The node's socket
+    // to web is aborted and, connected anew, lands on the survivor; its socket to dns2 stays.
     let t = Instant::now();
     let mut seen = vec![];
-    let moved = |(w, _): &(Option<String>, Option<String>)| w.as_deref() == Some(keep.name.as_str());
+    let keep_name = Some(keep.name.as_str());
+    let moved = |(w, _, h, _): &Answers| w.as_deref() == keep_name && h.as_deref() == keep_name;
     while !seen.last().is_some_and(moved) {
         let left = Duration::from_secs(5).saturating_sub(t.elapsed());
-        seen.push(answers.recv_timeout(left).unwrap_or_else(|_| panic!("web's UDP flow still not moved: {seen:?}")));
+        seen.push(
+            answers.recv_timeout(left).unwrap_or_else(|_| panic!("web's UDP flow or socket still not moved: {seen:?}")),
+        );
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     asker.join().unwrap();
     seen.extend(answers.try_iter());
-    assert!(seen.iter().all(|(_, o)| o.as_deref() == Some(drop_pod.name.as_str())), "dns2's flow: {seen:?}");
+    let dropped = Some(drop_pod.name.as_str());
+    assert!(seen.iter().all(|(_, o, _, _)| o.as_deref() == dropped), "dns2's flow: {seen:?}");
+    assert!(seen.iter().all(|(_, _, _, h)| h.as_deref() == dropped), "node-1's socket to dns2: {seen:?}");
+    assert!(seen.iter().any(|(_, _, h, _)| h.as_deref() == Some("aborted")), "{seen:?}");
+    let log = b.agent_log("node-1");
+    assert!(log.contains("aborted UDP socket") && log.contains("-> 10.96.0.10:53"), "{log}");
     let keep_port: u16 = if keep.name == "web-1" { 8080 } else { 9090 };
     assert_eq!(ct_backend(&udp, [10, 96, 0, 10]), Some((keep.ip.octets().to_vec(), keep_port.into())), "web's flow");
     assert_eq!(ct_backend(&other, [10, 96, 0, 11]), drop_backend, "dns2's flow keeps its conntrack entry");

@@ -49,7 +49,9 @@ pub mod map_names {
     /// Service port id -> [`super::SvcCounters`] (per CPU).
     pub const SVC_COUNTERS: &str = "SVC_COUNTERS";
     /// (socket cookie, backend) -> [`super::SockRevNat`]: what a balanced socket was asked
-    /// for, so getpeername()/recvmsg() show the service address (LRU).
+    /// for, so recvmsg() shows an unconnected UDP socket's service address; also noted for
+    /// a connected UDP socket of the node, which the agent aborts when its backend leaves
+    /// that service (LRU).
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     /// Socket storage: [`super::SockOrigin`], the service a connected socket's connect()
     /// asked for, so getpeername()/recvmsg() show it. It lives and dies with the socket:

@@ -12,7 +12,9 @@
 //! What a balanced socket asked for is kept where getpeername()/recvmsg() find it: a
 //! connected socket's in its own storage (SOCK_ORIGIN), which dies with it; an unconnected
 //! UDP socket's per backend, keyed by its cookie (SOCK_REVNAT, LRU), since each sendmsg()
-//! may name another service. So the usual socket, which nobody balanced (every accepted
+//! may name another service. A connected UDP socket is noted there too: the agent finds
+//! it by cookie and aborts it when its backend leaves the service (see the agent's
+//! `sockdiag`), so the client's next connect() is balanced anew. So the usual socket, which nobody balanced (every accepted
 //! one, for a start), costs getpeername() one test of its empty storage list.
 
 use aya_ebpf::{
@@ -150,7 +152,11 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
         // (sock_connect4 removed any earlier one). If it cannot (memory), getpeername()
         // shows the backend.
         let _ = unsafe { SOCK_ORIGIN.get_or_insert_ptr_mut(ctx, Some(&mut origin)) };
-    } else {
+    }
+    // An unconnected UDP socket's answers are shown through this entry. A connected one's
+    // are shown through its storage, but the agent finds it here by cookie, to abort it
+    // when its backend leaves this service (the socket would keep it otherwise).
+    if call == Call::SendMsg || proto == IPPROTO_UDP {
         // SAFETY: plain helper call on our context.
         let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
         let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, _pad: 0 };

@@ -22,6 +22,7 @@ pub mod proxyhealth;
 pub mod rps;
 pub mod services;
 pub mod slowpath;
+pub mod sockdiag;
 pub mod state;
 pub mod status;
 pub mod tcx;

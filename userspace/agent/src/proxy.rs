@@ -77,6 +77,9 @@ pub struct Proxy {
     flush: Flush,
     /// A UDP service port has a backend that is this node's own address.
     host_backs_udp: bool,
+    /// (service port id, backend ip, port) that left UDP service ports in the applies since
+    /// [`Proxy::take_udp_left`] was last called.
+    udp_left: BTreeSet<(u32, [u8; 4], u16)>,
     pub applies: u64,
 }
 
@@ -264,6 +267,7 @@ impl Proxy {
             failed: false,
             removed: BTreeMap::new(),
             flush: Flush::default(),
+            udp_left: BTreeSet::new(),
             host_backs_udp: false,
             applies: 0,
         }
@@ -435,6 +439,7 @@ impl Proxy {
         self.flush.backends.extend(delta.endpoints_gone.iter().filter(|(ip, _, _)| !live_ips.contains(ip)));
         if !self.flush.is_empty() {
             stats.conntrack_flushed = flush_flows(dp, &self.flush)?;
+            self.udp_left.append(&mut self.flush.svc_udp);
             self.flush = Flush::default();
         }
         for id in &delta.ids_gone {
@@ -442,6 +447,13 @@ impl Proxy {
         }
         self.applies += 1;
         Ok(stats)
+    }
+
+    /// The (service port id, backend ip, port) pairs that left UDP service ports since the
+    /// last call: the node's connected sockets balanced to them are the agent's to abort
+    /// ([`crate::sockdiag`]).
+    pub fn take_udp_left(&mut self) -> BTreeSet<(u32, [u8; 4], u16)> {
+        std::mem::take(&mut self.udp_left)
     }
 
     /// Whether a UDP service port has a backend that is this node's own address (a

@@ -224,6 +224,7 @@ impl Agent {
         }
         let result = inner.proxy.apply(&mut inner.datapath, &delta, &live, Instant::now());
         sync_pod_egress(inner);
+        abort_udp_sockets_left(inner);
         let refusals = Arc::new(inner.proxy.refusals());
         inner.health.update(&inner.proxy.plan().health_checks);
         drop(guard);
@@ -394,6 +395,55 @@ impl Agent {
             .filter_map(|p| p.file_name()?.to_str()?.strip_prefix("cgroup_").map(str::to_owned))
             .collect();
         r
+    }
+}
+
+/// Aborts the node's connected UDP sockets that were balanced to a backend that has left
+/// that service since the last apply: a socket keeps the backend connect() gave it, so
+/// without this it would stay on a backend whose pod lives on but no longer serves. The
+/// client's next call fails with ECONNABORTED and its next connect() is balanced anew (as
+/// Cilium does). Pods' UDP is balanced per packet and needs none of this. Best effort: a
+/// socket whose SOCK_REVNAT note was evicted (LRU) keeps its backend.
+fn abort_udp_sockets_left(inner: &mut super::Inner) {
+    let left = inner.proxy.take_udp_left();
+    if left.is_empty() {
+        return;
+    }
+    let socks = match crate::sockdiag::connected_udp4() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!(
+                "listing the node's UDP sockets (sock_diag): {e}; sockets balanced to backends that left keep them"
+            );
+            return;
+        }
+    };
+    let backends: BTreeSet<([u8; 4], u16)> = left.iter().map(|(_, ip, port)| (*ip, *port)).collect();
+    for s in socks.iter().filter(|s| backends.contains(&(s.peer.0.octets(), s.peer.1))) {
+        let svc = match inner.datapath.sock_revnat(s.cookie, s.peer) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("SOCK_REVNAT: {e}");
+                return;
+            }
+        };
+        if !left.contains(&(svc.svc_id, s.peer.0.octets(), s.peer.1)) {
+            continue;
+        }
+        let service = format!("{}:{}", Ipv4Addr::from(svc.ip), svc.port);
+        match crate::sockdiag::abort(s) {
+            Ok(()) => log::info!(
+                "aborted UDP socket {}:{} -> {service}: its backend {}:{} left the service",
+                s.local.0,
+                s.local.1,
+                s.peer.0,
+                s.peer.1
+            ),
+            // Closed meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => log::warn!("aborting UDP socket {}:{} -> {service} (sock_diag): {e}", s.local.0, s.local.1),
+        }
     }
 }
 

@@ -13,8 +13,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType, links::FdLink},
 };
 use contiv_common::{
-    CtEntry, CtKey, Ipv4Key, NodeAddr, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSlotKey,
-    SvcSourceRange, map_names, program_names,
+    CtEntry, CtKey, Ipv4Key, NodeAddr, SockRevNat, SockRevNatKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend,
+    SvcKey, SvcSlotKey, SvcSourceRange, map_names, program_names,
 };
 use ipnet::Ipv4Net;
 
@@ -271,6 +271,17 @@ impl Datapath {
     // === conntrack ===
 
     /// Every conntrack entry (both directions of every flow).
+    /// SOCK_REVNAT: what the socket `cookie` sent to `backend` was balanced for, if noted.
+    pub fn sock_revnat(&self, cookie: u64, backend: (Ipv4Addr, u16)) -> Result<Option<SockRevNat>> {
+        let m: HashMap<&MapData, SockRevNatKey, SockRevNat> = self.typed_ref(map_names::SOCK_REVNAT)?;
+        let k = SockRevNatKey { cookie, ip: backend.0.octets(), port: backend.1, _pad: 0 };
+        match m.get(&k, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::SOCK_REVNAT)(e)),
+        }
+    }
+
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         self.entries(map_names::CT)
     }

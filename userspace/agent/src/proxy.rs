@@ -470,8 +470,7 @@ impl Proxy {
         if removed.is_empty() {
             return;
         }
-        let udp: BTreeSet<u32> =
-            self.installed.frontends.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).map(|(_, f)| f.svc_id).collect();
+        let udp = udp_port_ids(&self.installed.frontends);
         let slots = &self.planner.plan().slots;
         for k in removed.iter().filter(|k| udp.contains(&k.svc_id)) {
             let other_set = SvcSlotKey { local_set: k.local_set ^ 1, ..*k };
@@ -503,6 +502,11 @@ impl Proxy {
     }
 }
 
+/// The ids of the UDP service ports among `frontends`.
+fn udp_port_ids(frontends: &BTreeMap<SvcKey, SvcFrontend>) -> BTreeSet<u32> {
+    frontends.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).map(|(_, f)| f.svc_id).collect()
+}
+
 /// See [`Proxy::host_backs_udp`].
 fn host_backs_udp(plan: &ServicePlan) -> bool {
     let own: BTreeSet<[u8; 4]> =
@@ -510,8 +514,7 @@ fn host_backs_udp(plan: &ServicePlan) -> bool {
     if own.is_empty() {
         return false;
     }
-    let udp: BTreeSet<u32> =
-        plan.frontends.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).map(|(_, f)| f.svc_id).collect();
+    let udp = udp_port_ids(&plan.frontends);
     plan.backends.iter().any(|(k, b)| own.contains(&b.ip) && udp.contains(&k.svc_id))
 }
 

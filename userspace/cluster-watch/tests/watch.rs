@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 use contiv_cluster_model::ClusterObject;
 use contiv_cluster_model::keys::{self, Kind};
 use contiv_cluster_watch::{ClusterEvent, ClusterModel, ClusterWatch, Object, ObjectKind, ResyncReason};
-use contiv_store::testing::EtcdServer;
-use contiv_store::{
-    KeyValue, LeaseId, ListResult, Revision, Store, StoreConfig, StoreError, Txn, TxnResult, WatchStream,
-};
+use contiv_store::testing::{EtcdServer, Intercept, Intercepted};
+use contiv_store::{Revision, Store, StoreConfig, StoreError, WatchStream};
 use serde_json::json;
 
 fn v(value: serde_json::Value) -> Vec<u8> {
@@ -356,57 +354,25 @@ async fn etcd_restart_mid_run_resyncs_and_misses_nothing() {
     assert_eq!(watch.stats().lists.load(Ordering::Relaxed), 1, "resumed by revision, no relist needed");
 }
 
-/// A store whose first watch fails as compacted after `during` is written: the watch lists
-/// again and resyncs.
+/// In front of a real store: the first watch fails as compacted after `during` is written:
+/// the watch lists again and resyncs.
 struct CompactOnce {
-    inner: Arc<dyn Store>,
     fired: AtomicBool,
     during: (String, Vec<u8>),
 }
 
 #[async_trait::async_trait]
-impl Store for CompactOnce {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
-        self.inner.put(key, value, lease).await
-    }
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
-        self.inner.delete_prefix(prefix).await
-    }
-    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
-        self.inner.txn(txn).await
-    }
-    async fn lease_grant(&self, ttl: i64) -> Result<LeaseId, StoreError> {
-        self.inner.lease_grant(ttl).await
-    }
-    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<i64, StoreError> {
-        self.inner.lease_keep_alive(lease).await
-    }
-    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.lease_revoke(lease).await
-    }
-    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
-        if !self.fired.swap(true, Ordering::SeqCst) {
-            // Meanwhile a change happens that the failed watch would have carried.
-            self.inner.put(&self.during.0, self.during.1.clone(), None).await?;
-            let err = StoreError::Compacted { requested: from, compacted: from + 1 };
-            return Ok(Box::pin(futures::stream::iter([Err(err)])));
+impl Intercept for CompactOnce {
+    async fn watch(&self, inner: &dyn Store, _: &str, from: Revision) -> Option<Result<WatchStream, StoreError>> {
+        if self.fired.swap(true, Ordering::SeqCst) {
+            return None;
         }
-        self.inner.watch(prefix, from).await
-    }
-    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.inner.compact(revision).await
-    }
-    fn backend(&self) -> &'static str {
-        "compact-once"
+        // Meanwhile a change happens that the failed watch would have carried.
+        if let Err(e) = inner.put(&self.during.0, self.during.1.clone(), None).await {
+            return Some(Err(e));
+        }
+        let err = StoreError::Compacted { requested: from, compacted: from + 1 };
+        Some(Ok(Box::pin(futures::stream::iter([Err(err)]))))
     }
 }
 
@@ -415,7 +381,7 @@ async fn compaction_relists_and_resyncs() {
     let (_server, inner) = etcd_backend().await;
     put(&inner, pod("ns", "before", "10.1.1.40")).await;
     let during = pod("ns", "during", "10.1.1.50");
-    let store: Arc<dyn Store> = Arc::new(CompactOnce { inner, fired: AtomicBool::new(false), during });
+    let store: Arc<dyn Store> = Intercepted::new(inner, CompactOnce { fired: AtomicBool::new(false), during });
     let rec = Recorder::default();
     let (watch, _stop) = spawn(store.clone(), &rec);
     rec.wait_for("compaction resync with the pod written meanwhile", |e, m| {
@@ -441,7 +407,7 @@ async fn relist_keeps_last_good_value_of_a_key_gone_malformed() {
     let (new_key, _) = policy("ns", "new-but-bad");
     put(&inner, (new_key.clone(), b"{not json".to_vec())).await;
     let during = (policy_key.clone(), b"{\"v\":1,\"name\":".to_vec());
-    let store: Arc<dyn Store> = Arc::new(CompactOnce { inner, fired: AtomicBool::new(false), during });
+    let store: Arc<dyn Store> = Intercepted::new(inner, CompactOnce { fired: AtomicBool::new(false), during });
     let rec = Recorder::default();
     let (watch, _stop) = spawn(store.clone(), &rec);
     rec.wait_for("compaction resync", |e, _| resyncs(e, ResyncReason::Compacted) == 1).await;

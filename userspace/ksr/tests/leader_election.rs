@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use contiv_ksr::testing::FakeApiServer;
 use contiv_ksr::{Attempt, ElectionConfig, Health, LeaderElector, Role};
-use contiv_store::{KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Txn, TxnResult, WatchStream};
+use contiv_store::testing::{Call, Intercept, Intercepted};
+use contiv_store::{Store, StoreError};
 use serde_json::{Value, json};
 
 const NS: &str = "contiv";
@@ -29,64 +30,19 @@ fn objects() -> Vec<Value> {
 }
 
 /// Counts the writes one replica sends to the (shared) store.
+#[derive(Default)]
 struct Counting {
-    inner: Arc<dyn Store>,
     writes: AtomicU64,
 }
 
-impl Counting {
-    fn wrap(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Counting { inner, writes: AtomicU64::new(0) })
-    }
-    fn writes(&self) -> u64 {
-        self.writes.load(Ordering::SeqCst)
-    }
-    fn wrote(&self) {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
 #[async_trait::async_trait]
-impl Store for Counting {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
-        self.wrote();
-        self.inner.put(key, value, lease).await
-    }
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        self.wrote();
-        self.inner.delete(key).await
-    }
-    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
-        self.wrote();
-        self.inner.delete_prefix(prefix).await
-    }
-    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
-        self.wrote();
-        self.inner.txn(txn).await
-    }
-    async fn lease_grant(&self, ttl_secs: i64) -> Result<LeaseId, StoreError> {
-        self.inner.lease_grant(ttl_secs).await
-    }
-    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<i64, StoreError> {
-        self.inner.lease_keep_alive(lease).await
-    }
-    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.lease_revoke(lease).await
-    }
-    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, from).await
-    }
-    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.inner.compact(revision).await
-    }
-    fn backend(&self) -> &'static str {
-        "counting"
+impl Intercept for Counting {
+    async fn before(&self, _: &dyn Store, call: Call<'_>) -> Result<(), StoreError> {
+        // Any call that may write counts, also a transaction whose compares fail.
+        if !matches!(call, Call::Get(_) | Call::List(_)) {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
 }
 
@@ -102,14 +58,14 @@ fn election(identity: &str, lease_ms: u64, renew_ms: u64, retry_ms: u64) -> Elec
 /// One replica running `run_elected` in a task.
 struct Replica {
     health: Arc<Health>,
-    store: Arc<Counting>,
+    store: Arc<Intercepted<Counting>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Replica {
     fn start(api: &FakeApiServer, shared: &Arc<dyn Store>, election: ElectionConfig) -> Self {
-        let store = Counting::wrap(shared.clone());
+        let store = Intercepted::new(shared.clone(), Counting::default());
         let health = Health::elected(Default::default());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(contiv_ksr::run_elected(
@@ -175,14 +131,14 @@ async fn fake_apiserver_only_the_leader_writes_and_a_crashed_leader_is_replaced_
     let b = Replica::start(&api, &store, election("ksr-b", lease_ms, 1000, retry_ms));
     wait_for("a leader that is ready", 20, || [&a, &b].iter().any(|r| r.leading() && r.health.readiness().0)).await;
     let (leader, standby) = if a.leading() { (a, b) } else { (b, a) };
-    assert!(leader.store.writes() > 0, "the leader wrote the store");
+    assert!(leader.store.hook.writes.load(Ordering::SeqCst) > 0, "the leader wrote the store");
     assert!(has_key(&store, "/contiv/k8s/pod/default/a").await);
     // The standby reads the Lease, names the leader, is ready (to take over) and writes nothing.
     let holder = api.lease(NS, LEASE).expect("lease exists")["spec"]["holderIdentity"].as_str().unwrap().to_string();
     wait_for("standby names the leader", 10, || standby.health.role() == Role::Follower(holder.clone())).await;
     assert!(standby.health.readiness().0, "a standby is ready");
     tokio::time::sleep(Duration::from_millis(3 * retry_ms)).await;
-    assert_eq!(standby.store.writes(), 0, "the standby must not write");
+    assert_eq!(standby.store.hook.writes.load(Ordering::SeqCst), 0, "the standby must not write");
 
     // The leader dies without releasing its Lease; a new object arrives meanwhile.
     leader.crash();
@@ -200,7 +156,7 @@ async fn fake_apiserver_only_the_leader_writes_and_a_crashed_leader_is_replaced_
         assert!(Instant::now() < deadline, "the new leader reflects the new pod");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(standby.store.writes() > 0);
+    assert!(standby.store.hook.writes.load(Ordering::SeqCst) > 0);
     let lease = api.lease(NS, LEASE).unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], json!(1), "{lease}");
     standby.stop().await;
@@ -283,10 +239,10 @@ async fn fake_apiserver_leader_that_cannot_renew_stops_writing_before_its_lease_
     );
     assert!(!mirror.is_writing(), "the old term's writes are fenced");
     assert!(!a.health.readiness().0, "a replica that cannot read its lease is not ready");
-    let writes = a.store.writes();
+    let writes = a.store.hook.writes.load(Ordering::SeqCst);
     api.apply(pod("late", "10.1.1.9"));
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(a.store.writes(), writes, "no writes after stepping down");
+    assert_eq!(a.store.hook.writes.load(Ordering::SeqCst), writes, "no writes after stepping down");
     assert!(!has_key(&store, "/contiv/k8s/pod/default/late").await);
     // The API comes back: it still holds the Lease record, renews it and reflects again.
     api.fail_leases(false);

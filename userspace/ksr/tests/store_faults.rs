@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use contiv_cluster_model::keys;
 use contiv_ksr::Reflector;
 use contiv_ksr::testing::FakeApiServer;
-use contiv_store::{KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Txn, TxnResult, WatchStream};
+use contiv_store::testing::{Call, Intercept, Intercepted};
+use contiv_store::{Store, StoreError};
 use serde_json::{Value, json};
 
 fn pod(name: &str, ip: &str) -> Value {
@@ -41,61 +42,16 @@ async fn has_key(store: &Arc<dyn Store>, key: &str) -> bool {
     matches!(store.get(key).await, Ok(Some(_)))
 }
 
-/// A store whose writes fail while `broken` is set.
+/// In front of a real store: every key-value call fails while `broken` is set.
+#[derive(Default)]
 struct Flaky {
-    inner: Arc<dyn Store>,
     broken: AtomicBool,
 }
 
-impl Flaky {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.broken.load(Ordering::SeqCst) { Err(StoreError::Unavailable("injected fault".into())) } else { Ok(()) }
-    }
-}
-
 #[async_trait::async_trait]
-impl Store for Flaky {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.check()?;
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
-        self.check()?;
-        self.inner.put(key, value, lease).await
-    }
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.delete(key).await
-    }
-    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
-        self.check()?;
-        self.inner.delete_prefix(prefix).await
-    }
-    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
-        self.check()?;
-        self.inner.list(prefix).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
-        self.check()?;
-        self.inner.txn(txn).await
-    }
-    async fn lease_grant(&self, ttl_secs: i64) -> Result<LeaseId, StoreError> {
-        self.inner.lease_grant(ttl_secs).await
-    }
-    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<i64, StoreError> {
-        self.inner.lease_keep_alive(lease).await
-    }
-    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.lease_revoke(lease).await
-    }
-    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, from).await
-    }
-    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.inner.compact(revision).await
-    }
-    fn backend(&self) -> &'static str {
-        "flaky"
+impl Intercept for Flaky {
+    async fn before(&self, _: &dyn Store, _: Call<'_>) -> Result<(), StoreError> {
+        if self.broken.load(Ordering::SeqCst) { Err(StoreError::Unavailable("injected fault".into())) } else { Ok(()) }
     }
 }
 
@@ -107,7 +63,7 @@ async fn fake_apiserver_failed_store_writes_are_repaired() {
     }
     let dir = tempfile::tempdir().unwrap();
     let inner = contiv_store::open(&contiv_store::StoreConfig::embedded(dir.path())).await.unwrap();
-    let flaky = Arc::new(Flaky { inner: inner.clone(), broken: AtomicBool::new(false) });
+    let flaky = Intercepted::new(inner.clone(), Flaky::default());
     let ksr = Reflector::start(api.client(), flaky.clone(), Duration::from_millis(100));
     let m = ksr.mirror.clone();
     wait_for("ready", 20, || {
@@ -116,7 +72,7 @@ async fn fake_apiserver_failed_store_writes_are_repaired() {
     })
     .await;
 
-    flaky.broken.store(true, Ordering::SeqCst);
+    flaky.hook.broken.store(true, Ordering::SeqCst);
     api.apply(pod("b", "10.1.1.2"));
     assert!(api.delete("Pod", "default", "a"));
     let m2 = m.clone();
@@ -128,7 +84,7 @@ async fn fake_apiserver_failed_store_writes_are_repaired() {
     assert!(m.counters.store_errors.load(Ordering::Relaxed) > 0);
     assert!(!has_key(&inner, "/contiv/k8s/pod/default/b").await);
 
-    flaky.broken.store(false, Ordering::SeqCst);
+    flaky.hook.broken.store(false, Ordering::SeqCst);
     wait_for("repair", 20, || {
         let inner = inner.clone();
         async move {

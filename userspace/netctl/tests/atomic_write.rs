@@ -9,86 +9,39 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use contiv_cluster_model::{ClusterObject, keys};
 use contiv_netctl::{ApplyOutcome, DeleteOutcome, TXN_MAX_OBJECTS, WriteFailure, manifest};
-use contiv_store::testing::EtcdServer;
-use contiv_store::{
-    KeyValue, LeaseId, ListResult, Revision, Store, StoreConfig, StoreError, Txn, TxnOp, TxnResult, WatchStream,
-};
+use contiv_store::testing::{Call, EtcdServer, Intercept, Intercepted};
+use contiv_store::{Store, StoreConfig, StoreError};
 
-/// A store in front of a real one that refuses every write touching `poison`, and that can
-/// play another writer: just before netctl's next write transaction it puts `interfere`.
+/// In front of a real store: refuses every write touching `poison`, and can play another
+/// writer: just before netctl's next write transaction it puts `interfere`.
+#[derive(Default)]
 struct Faulty {
-    inner: Arc<dyn Store>,
     poison: Mutex<Option<String>>,
     interfere: Mutex<Option<(String, Vec<u8>)>>,
     write_txns: AtomicUsize,
 }
 
-impl Faulty {
-    fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self { inner, poison: Mutex::new(None), interfere: Mutex::new(None), write_txns: AtomicUsize::new(0) })
-    }
-    fn refuse(&self, key: &str) -> Result<(), StoreError> {
-        if self.poison.lock().unwrap().as_deref() == Some(key) {
+#[async_trait::async_trait]
+impl Intercept for Faulty {
+    async fn before(&self, inner: &dyn Store, call: Call<'_>) -> Result<(), StoreError> {
+        let writes = call.writes();
+        if let Some(key) = writes.iter().find(|k| self.poison.lock().unwrap().as_deref() == Some(**k)) {
             return Err(StoreError::Unavailable(format!("injected fault writing {key}")));
+        }
+        if matches!(call, Call::Txn(_)) && !writes.is_empty() {
+            self.write_txns.fetch_add(1, Ordering::SeqCst);
+            let other = self.interfere.lock().unwrap().take();
+            if let Some((key, value)) = other {
+                inner.put(&key, value, None).await?;
+            }
         }
         Ok(())
     }
 }
 
-#[async_trait::async_trait]
-impl Store for Faulty {
-    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
-        self.refuse(key)?;
-        self.inner.put(key, value, lease).await
-    }
-    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        self.refuse(key)?;
-        self.inner.delete(key).await
-    }
-    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
-        self.inner.delete_prefix(prefix).await
-    }
-    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
-        let mut writes = false;
-        for op in &txn.success {
-            if let TxnOp::Put { key, .. } | TxnOp::Delete { key } = op {
-                self.refuse(key)?;
-                writes = true;
-            }
-        }
-        if writes {
-            self.write_txns.fetch_add(1, Ordering::SeqCst);
-            let other = self.interfere.lock().unwrap().take();
-            if let Some((key, value)) = other {
-                self.inner.put(&key, value, None).await?;
-            }
-        }
-        self.inner.txn(txn).await
-    }
-    async fn lease_grant(&self, ttl_secs: i64) -> Result<LeaseId, StoreError> {
-        self.inner.lease_grant(ttl_secs).await
-    }
-    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<i64, StoreError> {
-        self.inner.lease_keep_alive(lease).await
-    }
-    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.lease_revoke(lease).await
-    }
-    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
-        self.inner.watch(prefix, from).await
-    }
-    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        self.inner.compact(revision).await
-    }
-    fn backend(&self) -> &'static str {
-        "faulty"
-    }
+fn faulty(inner: Arc<dyn Store>) -> (Arc<Intercepted<Faulty>>, Arc<dyn Store>) {
+    let store = Intercepted::new(inner, Faulty::default());
+    (store.clone(), store)
 }
 
 fn namespaces(prefix: &str, n: usize) -> Vec<ClusterObject> {
@@ -113,31 +66,30 @@ async fn k8s_keys(store: &Arc<dyn Store>) -> Vec<String> {
 async fn store_failure_midway_through_apply_or_delete_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let inner = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
-    let store = Faulty::new(inner.clone());
-    let dyn_store: Arc<dyn Store> = store.clone();
+    let (store, dyn_store) = faulty(inner.clone());
     let objects = shop();
     assert_eq!(objects.len(), 5);
 
     // The 4th object's write fails: the three before it must not be left behind.
-    *store.poison.lock().unwrap() = Some(objects[3].key());
+    *store.hook.poison.lock().unwrap() = Some(objects[3].key());
     let err = contiv_netctl::apply(&dyn_store, &objects).await.unwrap_err();
     assert!(err.done.is_empty(), "{:?}", err.done);
     assert!(matches!(err.cause, WriteFailure::Store(StoreError::Unavailable(_))), "{err}");
     assert!(err.to_string().ends_with("nothing was written"), "{err}");
     assert_eq!(k8s_keys(&inner).await, Vec::<String>::new(), "a failed apply left objects in the store");
 
-    *store.poison.lock().unwrap() = None;
+    *store.hook.poison.lock().unwrap() = None;
     let r = contiv_netctl::apply(&dyn_store, &objects).await.unwrap();
     assert!(r.iter().all(|(_, o)| *o == ApplyOutcome::Created), "{r:?}");
     assert_eq!(k8s_keys(&inner).await.len(), 5);
 
     // The same for delete.
-    *store.poison.lock().unwrap() = Some(objects[2].key());
+    *store.hook.poison.lock().unwrap() = Some(objects[2].key());
     let refs: Vec<_> = objects.iter().map(|o| o.object_ref()).collect();
     let err = contiv_netctl::delete(&dyn_store, &refs).await.unwrap_err();
     assert!(err.done.is_empty());
     assert_eq!(k8s_keys(&inner).await.len(), 5, "a failed delete removed objects");
-    *store.poison.lock().unwrap() = None;
+    *store.hook.poison.lock().unwrap() = None;
     let d = contiv_netctl::delete(&dyn_store, &refs).await.unwrap();
     assert!(d.iter().all(|(_, o)| *o == DeleteOutcome::Deleted), "{d:?}");
     assert!(k8s_keys(&inner).await.is_empty());
@@ -147,13 +99,12 @@ async fn store_failure_midway_through_apply_or_delete_writes_nothing() {
 async fn a_key_another_writer_changes_before_the_write_is_read_again() {
     let dir = tempfile::tempdir().unwrap();
     let inner = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
-    let store = Faulty::new(inner.clone());
-    let dyn_store: Arc<dyn Store> = store.clone();
+    let (store, dyn_store) = faulty(inner.clone());
     let objects = shop();
     // Someone else creates object 1 between netctl's read (absent) and its write.
-    *store.interfere.lock().unwrap() = Some((objects[1].key(), b"someone else's value".to_vec()));
+    *store.hook.interfere.lock().unwrap() = Some((objects[1].key(), b"someone else's value".to_vec()));
     let r = contiv_netctl::apply(&dyn_store, &objects).await.unwrap();
-    assert_eq!(store.write_txns.load(Ordering::SeqCst), 2, "the first write must fail its compare and be redone");
+    assert_eq!(store.hook.write_txns.load(Ordering::SeqCst), 2, "the first write must fail its compare and be redone");
     assert_eq!(r[1], (objects[1].key(), ApplyOutcome::Configured), "{r:?}");
     assert!(r.iter().enumerate().all(|(i, (_, o))| i == 1 || *o == ApplyOutcome::Created), "{r:?}");
     assert_eq!(inner.get(&objects[1].key()).await.unwrap().unwrap().value, objects[1].encode());
@@ -163,20 +114,19 @@ async fn a_key_another_writer_changes_before_the_write_is_read_again() {
 async fn real_etcd_takes_large_applies_in_batches_and_a_failure_says_what_landed() {
     let server = EtcdServer::start().expect("etcd (apt-get install etcd-server)");
     let inner = contiv_store::open(&StoreConfig::etcd([server.endpoint()])).await.unwrap();
-    let store = Faulty::new(inner.clone());
-    let dyn_store: Arc<dyn Store> = store.clone();
+    let (store, dyn_store) = faulty(inner.clone());
 
     // 250 objects: three transactions, each within etcd's 128 operations per request.
     let first = namespaces("a", 250);
     let r = contiv_netctl::apply(&dyn_store, &first).await.unwrap();
     assert_eq!(r.len(), 250);
     assert!(r.iter().all(|(_, o)| *o == ApplyOutcome::Created));
-    assert_eq!(store.write_txns.load(Ordering::SeqCst), 250usize.div_ceil(TXN_MAX_OBJECTS));
+    assert_eq!(store.hook.write_txns.load(Ordering::SeqCst), 250usize.div_ceil(TXN_MAX_OBJECTS));
     assert_eq!(k8s_keys(&inner).await.len(), 250);
 
     // A failure in the second batch: the first batch stays, and the error says so.
     let second = namespaces("b", 250);
-    *store.poison.lock().unwrap() = Some(second[150].key());
+    *store.hook.poison.lock().unwrap() = Some(second[150].key());
     let err = contiv_netctl::apply(&dyn_store, &second).await.unwrap_err();
     assert_eq!(err.done.len(), TXN_MAX_OBJECTS);
     assert!(err.to_string().contains(&format!("the first {TXN_MAX_OBJECTS} objects were written")), "{err}");
@@ -187,7 +137,7 @@ async fn real_etcd_takes_large_applies_in_batches_and_a_failure_says_what_landed
 
     // An object named twice: etcd refuses a transaction naming a key twice, so it is written
     // once, with its last value.
-    *store.poison.lock().unwrap() = None;
+    *store.hook.poison.lock().unwrap() = None;
     let mut twice = namespaces("c", 1);
     let mut relabelled = namespaces("c", 1);
     if let ClusterObject::Namespace(ns) = &mut relabelled[0] {

@@ -314,3 +314,120 @@ impl Drop for EtcdServer {
         self.kill();
     }
 }
+
+/// One call a store in front of a real one ([`Intercepted`]) passes on.
+#[derive(Debug, Clone, Copy)]
+pub enum Call<'a> {
+    Get(&'a str),
+    Put(&'a str),
+    Delete(&'a str),
+    DeletePrefix(&'a str),
+    List(&'a str),
+    Txn(&'a crate::Txn),
+}
+
+impl Call<'_> {
+    /// The keys (a prefix, for `DeletePrefix`) the call may write: a transaction's puts and
+    /// deletes, of either branch.
+    pub fn writes(&self) -> Vec<&str> {
+        match self {
+            Call::Put(k) | Call::Delete(k) | Call::DeletePrefix(k) => vec![k],
+            Call::Txn(t) => t
+                .success
+                .iter()
+                .chain(&t.failure)
+                .filter_map(|op| match op {
+                    crate::TxnOp::Put { key, .. } | crate::TxnOp::Delete { key } => Some(key.as_str()),
+                    crate::TxnOp::Get { .. } => None,
+                })
+                .collect(),
+            Call::Get(_) | Call::List(_) => vec![],
+        }
+    }
+}
+
+/// What a test's store in front of a real one does: faults, counts, another writer's
+/// changes. Both hooks default to passing the call on.
+#[async_trait::async_trait]
+pub trait Intercept: Send + Sync {
+    /// Runs before each key-value call; an error fails the call, which is not passed on.
+    async fn before(&self, _inner: &dyn crate::Store, _call: Call<'_>) -> Result<(), crate::StoreError> {
+        Ok(())
+    }
+    /// Answers a watch instead of the real store, when it returns `Some`.
+    async fn watch(
+        &self,
+        _inner: &dyn crate::Store,
+        _prefix: &str,
+        _from: crate::Revision,
+    ) -> Option<Result<crate::WatchStream, crate::StoreError>> {
+        None
+    }
+}
+
+/// A store that passes every call on to `inner` after `hook` had its say (leases and
+/// compaction go straight through).
+pub struct Intercepted<I> {
+    pub inner: std::sync::Arc<dyn crate::Store>,
+    pub hook: I,
+}
+
+impl<I> Intercepted<I> {
+    pub fn new(inner: std::sync::Arc<dyn crate::Store>, hook: I) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { inner, hook })
+    }
+}
+
+#[async_trait::async_trait]
+impl<I: Intercept> crate::Store for Intercepted<I> {
+    async fn get(&self, key: &str) -> Result<Option<crate::KeyValue>, crate::StoreError> {
+        self.hook.before(&*self.inner, Call::Get(key)).await?;
+        self.inner.get(key).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<crate::LeaseId>,
+    ) -> Result<crate::Revision, crate::StoreError> {
+        self.hook.before(&*self.inner, Call::Put(key)).await?;
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool, crate::StoreError> {
+        self.hook.before(&*self.inner, Call::Delete(key)).await?;
+        self.inner.delete(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, crate::StoreError> {
+        self.hook.before(&*self.inner, Call::DeletePrefix(prefix)).await?;
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn list(&self, prefix: &str) -> Result<crate::ListResult, crate::StoreError> {
+        self.hook.before(&*self.inner, Call::List(prefix)).await?;
+        self.inner.list(prefix).await
+    }
+    async fn txn(&self, txn: crate::Txn) -> Result<crate::TxnResult, crate::StoreError> {
+        self.hook.before(&*self.inner, Call::Txn(&txn)).await?;
+        self.inner.txn(txn).await
+    }
+    async fn lease_grant(&self, ttl_secs: i64) -> Result<crate::LeaseId, crate::StoreError> {
+        self.inner.lease_grant(ttl_secs).await
+    }
+    async fn lease_keep_alive(&self, lease: crate::LeaseId) -> Result<i64, crate::StoreError> {
+        self.inner.lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: crate::LeaseId) -> Result<(), crate::StoreError> {
+        self.inner.lease_revoke(lease).await
+    }
+    async fn watch(&self, prefix: &str, from: crate::Revision) -> Result<crate::WatchStream, crate::StoreError> {
+        match self.hook.watch(&*self.inner, prefix, from).await {
+            Some(answer) => answer,
+            None => self.inner.watch(prefix, from).await,
+        }
+    }
+    async fn compact(&self, revision: crate::Revision) -> Result<(), crate::StoreError> {
+        self.inner.compact(revision).await
+    }
+    fn backend(&self) -> &'static str {
+        "intercepted"
+    }
+}

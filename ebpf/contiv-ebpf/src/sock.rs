@@ -14,8 +14,9 @@
 //! UDP socket's per backend, keyed by its cookie (SOCK_REVNAT, LRU), since each sendmsg()
 //! may name another service. A connected UDP socket is noted there too: the agent finds
 //! it by cookie and aborts it when its backend leaves the service (see the agent's
-//! `sockdiag`), so the client's next connect() is balanced anew. So the usual socket, which nobody balanced (every accepted
-//! one, for a start), costs getpeername() one test of its empty storage list.
+//! `sockdiag`), so the client's next connect() is balanced anew. So the usual socket,
+//! which nobody balanced (every accepted one, for a start), costs getpeername() one test
+//! of its empty storage list.
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},

@@ -37,6 +37,8 @@ const NETNS_NODE: u8 = 2;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
 const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
+/// A connected UDP socket's state (the kernel numbers UDP states as TCP's).
+const TCP_ESTABLISHED: u32 = 1;
 
 /// Allow the call (translated or not).
 const ALLOW: i32 = 1;
@@ -201,6 +203,12 @@ fn reverse_connected(ctx: &SockAddrContext) -> bool {
 /// answer (pods' UDP is translated per packet, never here).
 #[inline(always)]
 fn reverse_unconnected(ctx: &SockAddrContext) {
+    // A connected socket hears only its peer, which its storage speaks for: the note its
+    // balanced connect() left here must not rename a peer it connected to directly later.
+    // SAFETY: a field of the context's socket, valid for the program's run.
+    if unsafe { (*socket(ctx)).state } == TCP_ESTABLISHED {
+        return;
+    }
     if !matches!(served(ctx), Some((NETNS_NODE, _))) {
         return;
     }

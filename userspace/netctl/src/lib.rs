@@ -43,8 +43,11 @@ pub enum DeleteOutcome {
 /// (`--max-txn-ops`) or over 1.5 MiB (`--max-request-bytes`); a batch holds one compare and
 /// one write per object, so stay under both with room to spare.
 pub const TXN_MAX_OBJECTS: usize = 100;
-/// Bytes of values per store transaction (see [`TXN_MAX_OBJECTS`]).
-pub const TXN_MAX_BYTES: usize = 1 << 20;
+/// Bytes of keys and values per store transaction: etcd's default 1.5 MiB per request, less
+/// 64 KiB for the compares, keys and framing. Also the most one object may take (the
+/// Kubernetes API server stores nothing larger either), so a set that one request can
+/// carry is always written in one.
+pub const TXN_MAX_BYTES: usize = 1536 * 1024 - 64 * 1024;
 /// How often a batch is read again when another writer changed one of its keys between
 /// netctl's read and its write.
 const CONTENDED_RETRIES: usize = 5;
@@ -57,6 +60,9 @@ pub enum WriteFailure {
     /// Another writer kept changing a key of the batch between netctl's read and its write.
     #[error("the store kept changing under netctl (another writer on {0}); tried {CONTENDED_RETRIES} times")]
     Contended(String),
+    /// One object alone is larger than a store request may be.
+    #[error("{key} is {bytes} bytes encoded; netctl writes at most {TXN_MAX_BYTES} bytes per store request")]
+    TooLarge { key: String, bytes: usize },
 }
 
 /// A failed apply or delete: the cause, and what earlier transactions already wrote.
@@ -89,8 +95,8 @@ impl<O: std::fmt::Debug> std::error::Error for WriteError<O> {
     }
 }
 
-/// Splits keyed items into batches of at most [`TXN_MAX_OBJECTS`] items and about
-/// [`TXN_MAX_BYTES`] bytes (a single larger item gets a batch of its own).
+/// Splits keyed items into batches of at most [`TXN_MAX_OBJECTS`] items and
+/// [`TXN_MAX_BYTES`] bytes (no item is larger: [`write_all`] checks first).
 fn batches<T>(items: Vec<(String, T)>, size: impl Fn(&T) -> usize) -> Vec<Vec<(String, T)>> {
     let mut out: Vec<Vec<(String, T)>> = Vec::new();
     let mut bytes = 0;
@@ -161,6 +167,11 @@ async fn write_all<T, O>(
     size: impl Fn(&T) -> usize,
     decide: impl Fn(&str, &T, &Option<KeyValue>) -> (O, Option<TxnOp>) + Copy,
 ) -> Result<Vec<(String, O)>, WriteError<O>> {
+    // An object no request can carry fails the whole set before anything is written.
+    if let Some((key, item)) = items.iter().find(|(k, v)| k.len() + size(v) > TXN_MAX_BYTES) {
+        let cause = WriteFailure::TooLarge { key: key.clone(), bytes: key.len() + size(item) };
+        return Err(WriteError { cause, done: Vec::new() });
+    }
     let mut done = Vec::with_capacity(items.len());
     for batch in batches(items, size) {
         match write_batch(store, &batch, decide).await {

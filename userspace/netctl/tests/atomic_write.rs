@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use contiv_cluster_model::{ClusterObject, keys};
-use contiv_netctl::{ApplyOutcome, DeleteOutcome, TXN_MAX_OBJECTS, WriteFailure, manifest};
+use contiv_netctl::{ApplyOutcome, DeleteOutcome, TXN_MAX_BYTES, TXN_MAX_OBJECTS, WriteFailure, manifest};
 use contiv_store::testing::{Call, EtcdServer, Intercept, Intercepted};
 use contiv_store::{Store, StoreConfig, StoreError};
 
@@ -147,4 +147,47 @@ async fn real_etcd_takes_large_applies_in_batches_and_a_failure_says_what_landed
     let r = contiv_netctl::apply(&dyn_store, &twice).await.unwrap();
     assert_eq!(r, vec![(twice[0].key(), ApplyOutcome::Created)]);
     assert_eq!(inner.get(&twice[0].key()).await.unwrap().unwrap().value, relabelled[0].encode());
+}
+
+/// The command line, against a real etcd: an object too large for a store request fails the
+/// whole apply before anything is written, and says which object; one just under the limit
+/// goes with the rest in one transaction that etcd takes, and each object is reported.
+#[test]
+fn cli_against_real_etcd_refuses_an_oversized_object_and_writes_nothing() {
+    let server = EtcdServer::start().expect("etcd (apt-get install etcd-server)");
+    let dir = tempfile::tempdir().unwrap();
+    let small: String =
+        (0..10).map(|i| format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: s-{i}}}\n")).collect();
+    let huge = format!(
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: huge, labels: {{blob: \"{}\"}}}}\n",
+        "x".repeat(TXN_MAX_BYTES)
+    );
+    let file = dir.path().join("ns.yaml");
+    std::fs::write(&file, format!("{small}{huge}")).unwrap();
+    let netctl = |file: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_netctl"))
+            .args(["--etcd", &server.endpoint(), "apply", "-f"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let out = netctl(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/contiv/k8s/namespace/huge is ") && stderr.contains("nothing was written"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "nothing is reported written");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = rt.block_on(contiv_store::open(&StoreConfig::etcd([server.endpoint()]))).unwrap();
+    assert!(rt.block_on(k8s_keys(&store)).is_empty(), "a refused apply wrote objects");
+
+    let big = format!(
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: big, labels: {{blob: \"{}\"}}}}\n",
+        "x".repeat(TXN_MAX_BYTES - 8192)
+    );
+    std::fs::write(&file, format!("{small}{big}")).unwrap();
+    let out = netctl(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.ends_with(" created")).count(), 11, "{stdout}");
+    assert_eq!(rt.block_on(k8s_keys(&store)).len(), 11);
 }

@@ -193,6 +193,11 @@ pub const POD_EGRESS_PIN_SUFFIX: &str = "_egress";
 const POD_PROGRAMS: [(&str, TcAttachType); 2] =
     [(program_names::FROM_POD, TcAttachType::Ingress), (program_names::TO_POD, TcAttachType::Egress)];
 
+/// The programs a pod interface carries: `tc_from_pod`, and `tc_to_pod` if `egress`.
+fn pod_programs(egress: bool) -> impl Iterator<Item = (&'static str, TcAttachType)> {
+    POD_PROGRAMS.into_iter().take(if egress { 2 } else { 1 })
+}
+
 /// What an ADD attaches to a new pod interface on its own (see [`crate::tcx`]): per
 /// program, a new fd of it, whether it goes on the egress, and where its link is pinned.
 pub type PodAttachTargets = Vec<(aya::programs::ProgramFd, bool, PathBuf)>;
@@ -432,7 +437,7 @@ impl Datapath {
     /// link a previous agent left is replaced make-before-break: the new program goes
     /// first, then the old link is released.
     pub fn attach_pod(&mut self, host_ifname: &str, egress: bool) -> Result<()> {
-        for (name, dir) in POD_PROGRAMS.into_iter().take(if egress { 2 } else { 1 }) {
+        for (name, dir) in pod_programs(egress) {
             let pin = pod_link_pin(&self.pin_dir, host_ifname, dir);
             self.replace_pinned_tcx(name, host_ifname, dir, &pin)?;
         }
@@ -497,7 +502,7 @@ impl Datapath {
     /// (`tc_to_pod` only if `egress`).
     pub fn pod_attach_targets(&self, host_ifname: &str, egress: bool) -> Result<PodAttachTargets> {
         let mut targets = vec![];
-        for (name, dir) in POD_PROGRAMS.into_iter().take(if egress { 2 } else { 1 }) {
+        for (name, dir) in pod_programs(egress) {
             let prog: &SchedClassifier =
                 self.ebpf.program(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
             let fd = prog.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?;

@@ -5,9 +5,9 @@
 //! swapped and the old one must drain), about 10 ms on a small VM. Through aya the attach
 //! needs `&mut` of the whole loaded object, so every ADD would hold the datapath, and with it
 //! every other ADD, across that wait. This module does the same two syscalls aya does
-//! (`BPF_LINK_CREATE` with `BPF_TCX_INGRESS` or `_EGRESS`, first in the chain; `BPF_OBJ_PIN`) on a program
-//! fd of its own, so an ADD attaches on a blocking thread while it configures the pod side,
-//! and concurrent ADDs wait for their grace periods together.
+//! (`BPF_LINK_CREATE` with `BPF_TCX_INGRESS` or `_EGRESS`, first in the chain;
+//! `BPF_OBJ_PIN`) on a program fd of its own, so an ADD attaches on a blocking thread while
+//! it configures the pod side, and concurrent ADDs wait for their grace periods together.
 //!
 //! Restarts still go through [`crate::datapath::Datapath::attach_pod`], which replaces a
 //! pinned link make-before-break.

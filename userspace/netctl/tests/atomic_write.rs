@@ -44,6 +44,14 @@ fn faulty(inner: Arc<dyn Store>) -> (Arc<Intercepted<Faulty>>, Arc<dyn Store>) {
     (store.clone(), store)
 }
 
+/// An embedded store in a temp dir (kept while the guard lives), [`Faulty`] in front of it.
+async fn faulty_embedded() -> (tempfile::TempDir, Arc<dyn Store>, Arc<Intercepted<Faulty>>, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    let (store, dyn_store) = faulty(inner.clone());
+    (dir, inner, store, dyn_store)
+}
+
 fn namespaces(prefix: &str, n: usize) -> Vec<ClusterObject> {
     let yaml: String = (0..n)
         .map(|i| {
@@ -64,9 +72,7 @@ async fn k8s_keys(store: &Arc<dyn Store>) -> Vec<String> {
 
 #[tokio::test]
 async fn store_failure_midway_through_apply_or_delete_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let inner = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
-    let (store, dyn_store) = faulty(inner.clone());
+    let (_dir, inner, store, dyn_store) = faulty_embedded().await;
     let objects = shop();
     assert_eq!(objects.len(), 5);
 
@@ -97,9 +103,7 @@ async fn store_failure_midway_through_apply_or_delete_writes_nothing() {
 
 #[tokio::test]
 async fn a_key_another_writer_changes_before_the_write_is_read_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let inner = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
-    let (store, dyn_store) = faulty(inner.clone());
+    let (_dir, inner, store, dyn_store) = faulty_embedded().await;
     let objects = shop();
     // Someone else creates object 1 between netctl's read (absent) and its write.
     *store.hook.interfere.lock().unwrap() = Some((objects[1].key(), b"someone else's value".to_vec()));

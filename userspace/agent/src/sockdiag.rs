@@ -7,7 +7,10 @@
 //! instead (the kernel's `udp_abort`: the socket is disconnected and its next call fails
 //! with ECONNABORTED), and the client's next connect() is balanced anew; this is what
 //! Cilium does. The agent finds those sockets by cookie in SOCK_REVNAT, where
-//! `sock_connect4` notes which service each was balanced for.
+//! `sock_connect4` notes which service each was balanced for. (Not from the socket's own
+//! SOCK_ORIGIN storage, which no eviction could lose: `sock_diag` reports BPF socket storage
+//! (`INET_DIAG_REQ_SK_BPF_STORAGES`) only for connection-oriented sockets; the kernel's
+//! `inet_sk_diag_fill` finishes a UDP socket's answer before it. Tried on 6.18.)
 //!
 //! Lists and aborts only sockets of the namespace the agent runs in: the node's (pods' UDP
 //! is balanced per packet and needs none of this). Needs `CONFIG_INET_DIAG_DESTROY` to

@@ -268,9 +268,6 @@ impl Datapath {
         ignore_missing(m.remove(&id)).map_err(map_err(map_names::SVC_COUNTERS))
     }
 
-    // === conntrack ===
-
-    /// Every conntrack entry (both directions of every flow).
     /// SOCK_REVNAT: what the socket `cookie` sent to `backend` was balanced for, if noted.
     pub fn sock_revnat(&self, cookie: u64, backend: (Ipv4Addr, u16)) -> Result<Option<SockRevNat>> {
         let m: HashMap<&MapData, SockRevNatKey, SockRevNat> = self.typed_ref(map_names::SOCK_REVNAT)?;
@@ -282,6 +279,9 @@ impl Datapath {
         }
     }
 
+    // === conntrack ===
+
+    /// Every conntrack entry (both directions of every flow).
     pub fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         self.entries(map_names::CT)
     }

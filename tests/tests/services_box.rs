@@ -1181,6 +1181,25 @@ spec:
             .unwrap_or_else(|| panic!("a node-1 socket to {frontend} on the backend about to leave web"))
     };
     let (host_web, host_dns2) = (host_socket_to(sa("10.96.0.10", 53)), host_socket_to(sa("10.96.0.11", 53)));
+    // Each is noted by cookie in node-1's SOCK_UDP_BACKEND for as long as it is connected
+    // there: a socket connected elsewhere, or closed, is forgotten at once (so the map holds
+    // live sockets only, and no note of one is lost to eviction).
+    let udp_notes = || -> Vec<u64> {
+        let notes = dump_pinned_map(&b.node("node-1").pin_dir.join("SOCK_UDP_BACKEND"));
+        notes.iter().map(|e| e["key"].as_u64().expect("a cookie")).collect()
+    };
+    let notes = udp_notes();
+    assert!(notes.contains(&cookie(&host_web)) && notes.contains(&cookie(&host_dns2)), "{notes:?}");
+    let passing = enter(&host_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap());
+    let passing_cookie = cookie(&passing);
+    passing.connect(sa("10.96.0.10", 53)).unwrap();
+    assert!(udp_notes().contains(&passing_cookie), "noted at connect()");
+    passing.connect(SocketAddr::from((keep.ip, 53))).unwrap();
+    assert!(!udp_notes().contains(&passing_cookie), "forgotten when connected elsewhere");
+    passing.connect(sa("10.96.0.10", 53)).unwrap();
+    assert!(udp_notes().contains(&passing_cookie), "noted again");
+    drop(passing);
+    assert!(!udp_notes().contains(&passing_cookie), "forgotten at close");
     // A host client as a resolver is written: an aborted socket is connected anew.
     let host_ask = |s: &UdpSocket, frontend: SocketAddr| -> Option<String> {
         let asked = s.send(b"q").and_then(|_| {
@@ -1259,7 +1278,7 @@ spec:
     assert!(seen.iter().all(|(_, _, _, h)| h.as_deref() == dropped), "node-1's socket to dns2: {seen:?}");
     assert!(seen.iter().any(|(_, _, h, _)| h.as_deref() == Some("aborted")), "{seen:?}");
     let log = b.agent_log("node-1");
-    assert!(log.contains("aborted UDP socket") && log.contains("-> 10.96.0.10:53"), "{log}");
+    assert!(log.contains("aborted UDP socket") && log.contains("-> default/web:dns"), "{log}");
     let keep_port: u16 = if keep.name == "web-1" { 8080 } else { 9090 };
     assert_eq!(ct_backend(&udp, [10, 96, 0, 10]), Some((keep.ip.octets().to_vec(), keep_port.into())), "web's flow");
     assert_eq!(ct_backend(&other, [10, 96, 0, 11]), drop_backend, "dns2's flow keeps its conntrack entry");
@@ -1810,4 +1829,15 @@ status:
     let (a, _) = udp_connected_ask(&n1.netns, vip_udp).expect("UDP from node-1");
     assert_eq!(a.peer, vip_udp, "the answer shows the load-balancer address");
     assert!(tcp_ask_from(&c1.netns, None, vip_tcp, short).is_err(), "a pod's own address is outside the ranges");
+}
+
+/// A socket's cookie (what BPF's `bpf_get_socket_cookie` gives).
+fn cookie(s: &impl std::os::fd::AsRawFd) -> u64 {
+    let (mut cookie, mut len) = (0u64, 8u32);
+    // SAFETY: SO_COOKIE writes a u64 into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &raw mut len)
+    };
+    assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    cookie
 }

@@ -49,10 +49,13 @@ pub mod map_names {
     /// Service port id -> [`super::SvcCounters`] (per CPU).
     pub const SVC_COUNTERS: &str = "SVC_COUNTERS";
     /// (socket cookie, backend) -> [`super::SockRevNat`]: what a balanced socket was asked
-    /// for, so recvmsg() shows an unconnected UDP socket's service address; also noted for
-    /// a connected UDP socket of the node, which the agent aborts when its backend leaves
-    /// that service (LRU).
+    /// for, so recvmsg() shows an unconnected UDP socket's service address (LRU).
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// Socket cookie -> [`super::SockUdpBackend`]: the service port and backend each
+    /// connected UDP socket of the node was balanced to, so the agent can abort it when
+    /// that backend leaves the service. Removed when the socket is connected again or
+    /// closed (`sock_release`): it holds live sockets only and evicts none.
+    pub const SOCK_UDP_BACKEND: &str = "SOCK_UDP_BACKEND";
     /// Socket storage: [`super::SockOrigin`], the service a connected socket's connect()
     /// asked for, so getpeername()/recvmsg() show it. It lives and dies with the socket:
     /// no capacity to outgrow, and a socket that has none (an accepted one, say) costs one
@@ -131,6 +134,7 @@ pub mod schema {
         (SVC_COUNTERS, 1),
         (SOCK_REVNAT, 1),
         (SOCK_ORIGIN, 1),
+        (SOCK_UDP_BACKEND, 1),
         (NODE_NETNS, 1),
         (NODE_ADDRS, 1),
         (CT, 1),
@@ -197,6 +201,8 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup getpeername4: shows the service address as a balanced socket's peer.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// cgroup sock_release: forgets a closing UDP socket's SOCK_UDP_BACKEND entry.
+    pub const SOCK_RELEASE: &str = "sock_release";
 }
 
 /// Maximum number of pods on one node (sizes PODS, POD_IFACES, POD_COUNTERS).
@@ -210,6 +216,8 @@ pub const MAX_SVC_FRONTENDS: u32 = 65536;
 pub const MAX_SVC_BACKENDS: u32 = 262144;
 pub const MAX_SVC_AFFINITY: u32 = 65536;
 pub const MAX_SOCK_REVNAT: u32 = 262144;
+/// Connected UDP sockets of one node balanced to a service at once (allocated as used).
+pub const MAX_SOCK_UDP_BACKEND: u32 = 65536;
 pub const MAX_CT: u32 = 262144;
 pub const MAX_NODE_ADDRS: u32 = 16384;
 pub const MAX_DEAD_BACKENDS: u32 = 16384;
@@ -562,6 +570,17 @@ pub struct SockRevNatKey {
 pub struct SockRevNat {
     pub ip: [u8; 4],
     pub port: u16,
+    pub _pad: u16,
+    pub svc_id: u32,
+}
+
+/// SOCK_UDP_BACKEND's value: the service port and backend a connected UDP socket was
+/// balanced to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockUdpBackend {
+    pub backend_ip: [u8; 4],
+    pub backend_port: u16,
     pub _pad: u16,
     pub svc_id: u32,
 }
@@ -1069,6 +1088,7 @@ mod user {
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNat {}
     unsafe impl aya::Pod for super::SockOrigin {}
+    unsafe impl aya::Pod for super::SockUdpBackend {}
     unsafe impl aya::Pod for super::NodeAddr {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}

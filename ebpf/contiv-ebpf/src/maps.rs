@@ -9,11 +9,11 @@ use aya_ebpf::{
 };
 use contiv_common::{
     CtEntry, CtKey, DatapathConfig, FragHead, FragKey, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_FRAGS, MAX_NODE_ADDRS,
-    MAX_PODS, MAX_POLICY_ENTRIES, MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SVC_AFFINITY,
-    MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent, NodeAddr,
-    OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters, SockOrigin,
-    SockRevNat, SockRevNatKey, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend,
-    SvcKey, SvcSlotKey, SvcSourceRange, TraceRecord, monitor_bucket,
+    MAX_PODS, MAX_POLICY_ENTRIES, MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SOCK_UDP_BACKEND,
+    MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent,
+    NodeAddr, OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters,
+    SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey,
+    SvcCounters, SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, TraceRecord, monitor_bucket,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -68,6 +68,16 @@ pub static SVC_COUNTERS: PerCpuHashMap<u32, SvcCounters, { MAX_SVC_FRONTENDS as 
 
 #[btf_map]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNat, { MAX_SOCK_REVNAT as usize }> = LruHashMap::new();
+
+/// Per connected UDP socket of the node that was balanced, by cookie: where it went (see
+/// the agent's `sockdiag`). Allocated as used: it holds only live sockets.
+#[btf_map]
+pub static SOCK_UDP_BACKEND: HashMap<
+    u64,
+    SockUdpBackend,
+    { MAX_SOCK_UDP_BACKEND as usize },
+    { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Per connected socket the socket programs balanced: where it asked to go.
 #[btf_map]

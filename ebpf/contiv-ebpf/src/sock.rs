@@ -12,23 +12,26 @@
 //! What a balanced socket asked for is kept where getpeername()/recvmsg() find it: a
 //! connected socket's in its own storage (SOCK_ORIGIN), which dies with it; an unconnected
 //! UDP socket's per backend, keyed by its cookie (SOCK_REVNAT, LRU), since each sendmsg()
-//! may name another service. A connected UDP socket is noted there too: the agent finds
-//! it by cookie and aborts it when its backend leaves the service (see the agent's
-//! `sockdiag`), so the client's next connect() is balanced anew. So the usual socket,
-//! which nobody balanced (every accepted one, for a start), costs getpeername() one test
-//! of its empty storage list.
+//! may name another service. So the usual socket, which nobody balanced (every accepted
+//! one, for a start), costs getpeername() one test of its empty storage list.
+//!
+//! A connected UDP socket of the node is also noted by cookie in SOCK_UDP_BACKEND, with
+//! its service port and backend: the agent finds it there and aborts it when that backend
+//! leaves the service (see the agent's `sockdiag`), so the client's next connect() is
+//! balanced anew. The note goes when the socket connects again or closes (`sock_release`),
+//! so the map holds live sockets only and loses none to eviction.
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
-use contiv_common::{SockOrigin, SockRevNat, SockRevNatKey, config_flags, svc_flags};
+use contiv_common::{SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, config_flags, svc_flags};
 
 use crate::{
     ct::now,
     lb,
-    maps::{NODE_NETNS, SOCK_ORIGIN, SOCK_REVNAT, config, count_svc},
+    maps::{NODE_NETNS, SOCK_ORIGIN, SOCK_REVNAT, SOCK_UDP_BACKEND, config, count_svc},
     nat::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -77,6 +80,20 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// A closing UDP socket's SOCK_UDP_BACKEND note goes with it (most have none: the delete
+/// finds nothing). Every agent's program sees every socket; a cookie names one socket on
+/// the machine, so a note is only ever its own node's.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: fields of the context's socket, valid for the program's run.
+    if unsafe { (*ctx.sock).protocol } == u32::from(IPPROTO_UDP) {
+        // SAFETY: plain helper call on our context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+        let _ = SOCK_UDP_BACKEND.remove(cookie);
+    }
+    ALLOW
+}
+
 /// Whether the node's own `127.0.0.1:<nodePort>` is balanced (unless `nodePortAddresses`
 /// leaves the loopback address out).
 #[inline(always)]
@@ -104,17 +121,21 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     let Some((kind, netns)) = served(ctx) else {
         return ALLOW;
     };
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid for the program's run; fields of bpf_sock_addr.
+    let (proto, ip, port) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
+    let port = u16::from_be(port as u16);
     if call == Call::Connect {
         // A socket connected again (UDP) forgets the service of its earlier connect(); the
         // translation below records the new one, if it is one. Usually there is none, and
         // the helper answers -ENOENT after the same look a lookup would take.
         // SAFETY: the socket of this program's context.
         let _ = unsafe { SOCK_ORIGIN.delete(socket(ctx)) };
+        if proto == IPPROTO_UDP && kind == NETNS_NODE {
+            // SAFETY: plain helper call on our context.
+            let _ = SOCK_UDP_BACKEND.remove(unsafe { bpf_get_socket_cookie(sa.cast()) });
+        }
     }
-    let sa = ctx.sock_addr;
-    // SAFETY: the context is valid for the program's run; fields of bpf_sock_addr.
-    let (proto, ip, port) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
-    let port = u16::from_be(port as u16);
     if !(proto == IPPROTO_TCP || (proto == IPPROTO_UDP && kind == NETNS_NODE)) {
         return ALLOW;
     }
@@ -156,14 +177,19 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
         // shows the backend.
         let _ = unsafe { SOCK_ORIGIN.get_or_insert_ptr_mut(ctx, Some(&mut origin)) };
     }
-    // An unconnected UDP socket's answers are shown through this entry. A connected one's
-    // are shown through its storage, but the agent finds it here by cookie, to abort it
-    // when its backend leaves this service (the socket would keep it otherwise).
-    if call == Call::SendMsg || proto == IPPROTO_UDP {
+    if call == Call::SendMsg {
+        // An unconnected UDP socket's answers are shown through this entry.
         // SAFETY: plain helper call on our context.
         let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
         let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, _pad: 0 };
         let _ = SOCK_REVNAT.insert(rk, SockRevNat { ip, port, _pad: 0, svc_id: fe.svc_id }, 0);
+    } else if proto == IPPROTO_UDP {
+        // A connected one's are shown through its storage; this note lets the agent abort
+        // it when its backend leaves this service (the socket would keep it otherwise).
+        // SAFETY: plain helper call on our context.
+        let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+        let note = SockUdpBackend { backend_ip: b.ip, backend_port: b.port, _pad: 0, svc_id: fe.svc_id };
+        let _ = SOCK_UDP_BACKEND.insert(cookie, note, 0);
     }
     // SAFETY: writable fields of the connect4/sendmsg4 context.
     unsafe {
@@ -203,8 +229,8 @@ fn reverse_connected(ctx: &SockAddrContext) -> bool {
 /// answer (pods' UDP is translated per packet, never here).
 #[inline(always)]
 fn reverse_unconnected(ctx: &SockAddrContext) {
-    // A connected socket hears only its peer, which its storage speaks for: the note its
-    // balanced connect() left here must not rename a peer it connected to directly later.
+    // A connected socket hears only its peer, which its storage speaks for: a note its
+    // earlier unconnected sends left here must not rename a peer it connected to directly.
     // SAFETY: a field of the context's socket, valid for the program's run.
     if unsafe { (*socket(ctx)).state } == TCP_ESTABLISHED {
         return;

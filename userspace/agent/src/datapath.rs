@@ -207,6 +207,7 @@ pub type PodAttachTargets = Vec<(aya::programs::ProgramFd, bool, PathBuf)>;
 enum ProgramKind {
     Tc,
     SockAddr,
+    Sock,
     Xdp,
 }
 
@@ -223,7 +224,11 @@ fn programs_to_load() -> impl Iterator<Item = (&'static str, ProgramKind)> {
     ];
     let xdp = [program_names::TO_VSWITCH, program_names::TO_VPP];
     (tc.into_iter().map(|n| (n, ProgramKind::Tc)))
-        .chain(SOCK_PROGRAMS.into_iter().map(|n| (n, ProgramKind::SockAddr)))
+        .chain(
+            SOCK_PROGRAMS
+                .into_iter()
+                .map(|n| (n, if n == program_names::SOCK_RELEASE { ProgramKind::Sock } else { ProgramKind::SockAddr })),
+        )
         .chain(xdp.into_iter().map(|n| (n, ProgramKind::Xdp)))
 }
 
@@ -245,6 +250,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
                     match kind {
                         ProgramKind::Tc => <&mut SchedClassifier>::try_from(prog)?.load(),
                         ProgramKind::SockAddr => <&mut aya::programs::CgroupSockAddr>::try_from(prog)?.load(),
+                        ProgramKind::Sock => <&mut aya::programs::CgroupSock>::try_from(prog)?.load(),
                         ProgramKind::Xdp => <&mut Xdp>::try_from(prog)?.load(),
                     }
                 };
@@ -955,6 +961,7 @@ mod verifier {
             let loaded = match prog {
                 Program::SchedClassifier(p) => p.load(),
                 Program::CgroupSockAddr(p) => p.load(),
+                Program::CgroupSock(p) => p.load(),
                 Program::Xdp(p) => p.load(),
                 _ => continue,
             };

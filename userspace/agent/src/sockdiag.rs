@@ -6,11 +6,12 @@
 //! pod lives on, nothing on the packet path would move the socket. The agent aborts it
 //! instead (the kernel's `udp_abort`: the socket is disconnected and its next call fails
 //! with ECONNABORTED), and the client's next connect() is balanced anew; this is what
-//! Cilium does. The agent finds those sockets by cookie in SOCK_REVNAT, where
-//! `sock_connect4` notes which service each was balanced for. (Not from the socket's own
-//! SOCK_ORIGIN storage, which no eviction could lose: `sock_diag` reports BPF socket storage
-//! (`INET_DIAG_REQ_SK_BPF_STORAGES`) only for connection-oriented sockets; the kernel's
-//! `inet_sk_diag_fill` finishes a UDP socket's answer before it. Tried on 6.18.)
+//! Cilium does. The agent finds those sockets by cookie in SOCK_UDP_BACKEND, where
+//! `sock_connect4` notes which service port and backend each was balanced to (and
+//! `sock_release` forgets it). (Not from the socket's own SOCK_ORIGIN storage:
+//! `sock_diag` reports BPF socket storage (`INET_DIAG_REQ_SK_BPF_STORAGES`) only for
+//! connection-oriented sockets; the kernel's `inet_sk_diag_fill` finishes a UDP socket's
+//! answer before it. Tried on 6.18.)
 //!
 //! Lists and aborts only sockets of the namespace the agent runs in: the node's (pods' UDP
 //! is balanced per packet and needs none of this). Needs `CONFIG_INET_DIAG_DESTROY` to

@@ -402,8 +402,8 @@ impl Agent {
 /// that service since the last apply: a socket keeps the backend connect() gave it, so
 /// without this it would stay on a backend whose pod lives on but no longer serves. The
 /// client's next call fails with ECONNABORTED and its next connect() is balanced anew (as
-/// Cilium does). Pods' UDP is balanced per packet and needs none of this. Best effort: a
-/// socket whose SOCK_REVNAT note was evicted (LRU) keeps its backend.
+/// Cilium does). Pods' UDP is balanced per packet and needs none of this. Each such socket
+/// is noted in SOCK_UDP_BACKEND from its connect() until it closes.
 fn abort_udp_sockets_left(inner: &mut super::Inner) {
     let left = inner.proxy.take_udp_left();
     if left.is_empty() {
@@ -420,18 +420,24 @@ fn abort_udp_sockets_left(inner: &mut super::Inner) {
     };
     let backends: BTreeSet<([u8; 4], u16)> = left.iter().map(|(_, ip, port)| (*ip, *port)).collect();
     for s in socks.iter().filter(|s| backends.contains(&(s.peer.0.octets(), s.peer.1))) {
-        let svc = match inner.datapath.sock_revnat(s.cookie, s.peer) {
+        let note = match inner.datapath.sock_udp_backend(s.cookie) {
             Ok(Some(v)) => v,
             Ok(None) => continue,
             Err(e) => {
-                log::warn!("SOCK_REVNAT: {e}");
+                log::warn!("{e}");
                 return;
             }
         };
-        if !left.contains(&(svc.svc_id, s.peer.0.octets(), s.peer.1)) {
+        let backend = (note.backend_ip, note.backend_port);
+        if backend != (s.peer.0.octets(), s.peer.1) || !left.contains(&(note.svc_id, backend.0, backend.1)) {
             continue;
         }
-        let service = format!("{}:{}", Ipv4Addr::from(svc.ip), svc.port);
+        // A service deleted meanwhile is gone from the plan: named by its port id.
+        let service = match inner.proxy.plan().ports.get(&note.svc_id) {
+            Some(p) if p.port_name.is_empty() => format!("{}/{}", p.namespace, p.name),
+            Some(p) => format!("{}/{}:{}", p.namespace, p.name, p.port_name),
+            None => format!("service port {}", note.svc_id),
+        };
         match crate::sockdiag::abort(s) {
             Ok(()) => log::info!(
                 "aborted UDP socket {}:{} -> {service}: its backend {}:{} left the service",

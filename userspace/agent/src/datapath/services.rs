@@ -10,22 +10,24 @@ use std::{
 use aya::{
     Pod,
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, TcAttachType, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TcAttachType, links::FdLink},
 };
 use contiv_common::{
-    CtEntry, CtKey, Ipv4Key, NodeAddr, SockRevNat, SockRevNatKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend,
-    SvcKey, SvcSlotKey, SvcSourceRange, map_names, program_names,
+    CtEntry, CtKey, Ipv4Key, NodeAddr, SockUdpBackend, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey,
+    SvcSlotKey, SvcSourceRange, map_names, program_names,
 };
 use ipnet::Ipv4Net;
 
 use super::{Datapath, DatapathError, Result, ignore_missing, map_err, prog_err};
 
-/// The socket programs, attached at the cgroup2 root.
-pub const SOCK_PROGRAMS: [&str; 4] = [
+/// The socket programs, attached at the cgroup2 root: the `sock_addr` ones, then
+/// `sock_release` (a `cgroup_sock` program).
+pub const SOCK_PROGRAMS: [&str; 5] = [
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
     program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
+    program_names::SOCK_RELEASE,
 ];
 
 /// The root of the host's cgroup2 hierarchy (where socket programs see every process):
@@ -79,11 +81,17 @@ impl Datapath {
         for name in SOCK_PROGRAMS {
             let pin = dir.join(format!("cgroup_{name}"));
             let old = aya::programs::links::PinnedLink::from_pin(&pin).ok();
-            let prog: &mut CgroupSockAddr =
-                self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
+            let prog = self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
             // Link-based cgroup attachments always run side by side (flags must be 0).
-            let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
-            let link: FdLink = prog.take_link(id).map_err(prog_err(name))?.try_into().map_err(|e| io_err(name, e))?;
+            let link: FdLink = if name == program_names::SOCK_RELEASE {
+                let prog: &mut CgroupSock = prog.try_into().map_err(prog_err(name))?;
+                let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                prog.take_link(id).map_err(prog_err(name))?.try_into().map_err(|e| io_err(name, e))?
+            } else {
+                let prog: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
+                let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                prog.take_link(id).map_err(prog_err(name))?.try_into().map_err(|e| io_err(name, e))?
+            };
             let _ = std::fs::remove_file(&pin);
             let pinned = link.pin(&pin).map_err(|e| io_err(name, e))?;
             drop(pinned);
@@ -268,14 +276,14 @@ impl Datapath {
         ignore_missing(m.remove(&id)).map_err(map_err(map_names::SVC_COUNTERS))
     }
 
-    /// SOCK_REVNAT: what the socket `cookie` sent to `backend` was balanced for, if noted.
-    pub fn sock_revnat(&self, cookie: u64, backend: (Ipv4Addr, u16)) -> Result<Option<SockRevNat>> {
-        let m: HashMap<&MapData, SockRevNatKey, SockRevNat> = self.typed_ref(map_names::SOCK_REVNAT)?;
-        let k = SockRevNatKey { cookie, ip: backend.0.octets(), port: backend.1, _pad: 0 };
-        match m.get(&k, 0) {
+    /// SOCK_UDP_BACKEND: the service port and backend the connected UDP socket `cookie`
+    /// was balanced to, if it was.
+    pub fn sock_udp_backend(&self, cookie: u64) -> Result<Option<SockUdpBackend>> {
+        let m: HashMap<&MapData, u64, SockUdpBackend> = self.typed_ref(map_names::SOCK_UDP_BACKEND)?;
+        match m.get(&cookie, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(map_names::SOCK_REVNAT)(e)),
+            Err(e) => Err(map_err(map_names::SOCK_UDP_BACKEND)(e)),
         }
     }
 

@@ -202,17 +202,8 @@ fn pod_programs(egress: bool) -> impl Iterator<Item = (&'static str, TcAttachTyp
 /// program, a new fd of it, whether it goes on the egress, and where its link is pinned.
 pub type PodAttachTargets = Vec<(aya::programs::ProgramFd, bool, PathBuf)>;
 
-/// How a program of the object is loaded.
-#[derive(Clone, Copy)]
-enum ProgramKind {
-    Tc,
-    SockAddr,
-    Sock,
-    Xdp,
-}
-
-/// Every program the agent attaches, with its kind.
-fn programs_to_load() -> impl Iterator<Item = (&'static str, ProgramKind)> {
+/// Every program the agent attaches.
+fn programs_to_load() -> impl Iterator<Item = &'static str> {
     let tc = [
         program_names::FROM_POD,
         program_names::FROM_VSWITCH,
@@ -223,13 +214,19 @@ fn programs_to_load() -> impl Iterator<Item = (&'static str, ProgramKind)> {
         program_names::TO_POD,
     ];
     let xdp = [program_names::TO_VSWITCH, program_names::TO_VPP];
-    (tc.into_iter().map(|n| (n, ProgramKind::Tc)))
-        .chain(
-            SOCK_PROGRAMS
-                .into_iter()
-                .map(|n| (n, if n == program_names::SOCK_RELEASE { ProgramKind::Sock } else { ProgramKind::SockAddr })),
-        )
-        .chain(xdp.into_iter().map(|n| (n, ProgramKind::Xdp)))
+    tc.into_iter().chain(SOCK_PROGRAMS).chain(xdp)
+}
+
+/// Loads (verifies) one program of the object, of any type the object has.
+fn load_program(prog: &mut aya::programs::Program) -> std::result::Result<(), aya::programs::ProgramError> {
+    use aya::programs::Program;
+    match prog {
+        Program::SchedClassifier(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        Program::Xdp(p) => p.load(),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
 }
 
 /// Loads (verifies) every program, each on a thread of its own. Verification is most of
@@ -238,24 +235,14 @@ fn programs_to_load() -> impl Iterator<Item = (&'static str, ProgramKind)> {
 /// privileged caller's programs in parallel.
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     let wanted: Vec<_> = programs_to_load().collect();
-    if let Some((name, _)) = wanted.iter().find(|(name, _)| ebpf.program(name).is_none()) {
+    if let Some(name) = wanted.iter().find(|name| ebpf.program(name).is_none()) {
         return Err(DatapathError::Missing(name));
     }
     std::thread::scope(|scope| {
         let loads: Vec<_> = ebpf
             .programs_mut()
-            .filter_map(|(name, prog)| wanted.iter().find(|(n, _)| *n == name).map(|&w| (w, prog)))
-            .map(|((name, kind), prog)| {
-                let load = move || -> std::result::Result<(), aya::programs::ProgramError> {
-                    match kind {
-                        ProgramKind::Tc => <&mut SchedClassifier>::try_from(prog)?.load(),
-                        ProgramKind::SockAddr => <&mut aya::programs::CgroupSockAddr>::try_from(prog)?.load(),
-                        ProgramKind::Sock => <&mut aya::programs::CgroupSock>::try_from(prog)?.load(),
-                        ProgramKind::Xdp => <&mut Xdp>::try_from(prog)?.load(),
-                    }
-                };
-                (name, scope.spawn(load))
-            })
+            .filter_map(|(name, prog)| wanted.iter().find(|n| **n == name).map(|&n| (n, prog)))
+            .map(|(name, prog)| (name, scope.spawn(move || load_program(prog))))
             .collect();
         // Every thread is joined before the first error is returned.
         let results: Vec<_> = loads.into_iter().map(|(name, t)| (name, t.join())).collect();
@@ -943,8 +930,6 @@ mod tests {
 /// The kernel's verifier accepts every program, with room to spare (root only).
 #[cfg(test)]
 mod verifier {
-    use aya::programs::Program;
-
     use super::*;
 
     #[test]
@@ -958,13 +943,7 @@ mod verifier {
         let mut ebpf = EbpfLoader::new().map_max_entries(map_names::CT, 1024).load(EBPF_OBJECT).expect("the object");
         let mut report = vec![];
         for (name, prog) in ebpf.programs_mut() {
-            let loaded = match prog {
-                Program::SchedClassifier(p) => p.load(),
-                Program::CgroupSockAddr(p) => p.load(),
-                Program::CgroupSock(p) => p.load(),
-                Program::Xdp(p) => p.load(),
-                _ => continue,
-            };
+            let loaded = load_program(prog);
             let insns = loaded.and_then(|()| prog.info()).map(|i| i.verified_instruction_count().unwrap_or(0));
             report.push((name.to_owned(), insns.map_err(|e| format!("{e:?}"))));
         }

@@ -10,7 +10,7 @@ use std::{
 use aya::{
     Pod,
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TcAttachType, links::FdLink},
+    programs::{CgroupAttachMode, Program, TcAttachType, links::FdLink},
 };
 use contiv_common::{
     CtEntry, CtKey, Ipv4Key, NodeAddr, SockUdpBackend, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey,
@@ -83,15 +83,19 @@ impl Datapath {
             let old = aya::programs::links::PinnedLink::from_pin(&pin).ok();
             let prog = self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
             // Link-based cgroup attachments always run side by side (flags must be 0).
-            let link: FdLink = if name == program_names::SOCK_RELEASE {
-                let prog: &mut CgroupSock = prog.try_into().map_err(prog_err(name))?;
-                let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
-                prog.take_link(id).map_err(prog_err(name))?.try_into().map_err(|e| io_err(name, e))?
-            } else {
-                let prog: &mut CgroupSockAddr = prog.try_into().map_err(prog_err(name))?;
-                let id = prog.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
-                prog.take_link(id).map_err(prog_err(name))?.try_into().map_err(|e| io_err(name, e))?
-            };
+            let mode = CgroupAttachMode::Single;
+            let link: FdLink = match prog {
+                Program::CgroupSockAddr(p) => {
+                    let id = p.attach(&cgroup_dir, mode).map_err(prog_err(name))?;
+                    p.take_link(id).map_err(prog_err(name))?.try_into()
+                }
+                Program::CgroupSock(p) => {
+                    let id = p.attach(&cgroup_dir, mode).map_err(prog_err(name))?;
+                    p.take_link(id).map_err(prog_err(name))?.try_into()
+                }
+                _ => return Err(prog_err(name)(aya::programs::ProgramError::UnexpectedProgramType)),
+            }
+            .map_err(|e| io_err(name, e))?;
             let _ = std::fs::remove_file(&pin);
             let pinned = link.pin(&pin).map_err(|e| io_err(name, e))?;
             drop(pinned);

@@ -762,19 +762,11 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
             };
             let retval = if s.nat.enabled.is_none() {
                 errno::FEATURE_DISABLED
-            } else if m.is_add {
-                if s.nat.static_mappings.iter().any(same) {
-                    errno::VALUE_EXIST
-                } else {
-                    let mut stored = m.clone();
-                    stored.is_add = false;
-                    s.nat.static_mappings.push(stored);
-                    0
-                }
             } else {
-                let before = s.nat.static_mappings.len();
-                s.nat.static_mappings.retain(|x| !same(x));
-                if s.nat.static_mappings.len() < before { 0 } else { errno::NO_SUCH_ENTRY }
+                add_del(&mut s.nat.static_mappings, m.is_add, same, || api::Nat44AddDelStaticMappingV2 {
+                    is_add: false,
+                    ..m.clone()
+                })
             };
             ctx.send(&api::Nat44AddDelStaticMappingV2Reply { retval });
         }
@@ -810,19 +802,11 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
             };
             let retval = if s.nat.enabled.is_none() {
                 errno::FEATURE_DISABLED
-            } else if m.is_add {
-                if s.nat.identity_mappings.iter().any(same) {
-                    errno::VALUE_EXIST
-                } else {
-                    let mut stored = m.clone();
-                    stored.is_add = false;
-                    s.nat.identity_mappings.push(stored);
-                    0
-                }
             } else {
-                let before = s.nat.identity_mappings.len();
-                s.nat.identity_mappings.retain(|x| !same(x));
-                if s.nat.identity_mappings.len() < before { 0 } else { errno::NO_SUCH_ENTRY }
+                add_del(&mut s.nat.identity_mappings, m.is_add, same, || api::Nat44AddDelIdentityMapping {
+                    is_add: false,
+                    ..m.clone()
+                })
             };
             ctx.send(&api::Nat44AddDelIdentityMappingReply { retval });
         }
@@ -938,6 +922,23 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
 }
 
 /// Sends `sw_interface_event` to every subscriber.
+/// Adds an entry to `list` (`stored()`, as a dump shows it) or removes those `same`
+/// matches, answering as VPP does: VALUE_EXIST for a second add, NO_SUCH_ENTRY for a delete
+/// that finds none.
+fn add_del<T>(list: &mut Vec<T>, is_add: bool, same: impl Fn(&T) -> bool, stored: impl FnOnce() -> T) -> i32 {
+    if is_add {
+        if list.iter().any(&same) {
+            return errno::VALUE_EXIST;
+        }
+        list.push(stored());
+        0
+    } else {
+        let before = list.len();
+        list.retain(|x| !same(x));
+        if list.len() < before { 0 } else { errno::NO_SUCH_ENTRY }
+    }
+}
+
 fn interface_event(s: &FakeState, ctx: &mut Ctx<'_>, sw_if_index: u32, flags: api::IfStatusFlags, deleted: bool) {
     let subs: Vec<(u64, u32, u32)> = s.subscribers.iter().map(|(c, (ci, pid))| (*c, *ci, *pid)).collect();
     for (conn, client_index, pid) in subs {
@@ -1103,4 +1104,21 @@ fn vxlan_add_del(s: &mut FakeState, ctx: &mut Ctx<'_>, mut m: api::VxlanAddDelTu
     let name = format!("vxlan_tunnel{}", m.instance);
     m.is_add = false;
     (0, s.add_interface(name, InterfaceKind::Vxlan(m), [0; 6]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listed_entry_is_added_once_and_removed_once() {
+        let mut list = vec![(1, "a")];
+        let same = |x: &(i32, &str)| x.0 == 2;
+        assert_eq!(add_del(&mut list, true, same, || (2, "b")), 0);
+        assert_eq!(add_del(&mut list, true, same, || (2, "c")), errno::VALUE_EXIST);
+        assert_eq!(list, [(1, "a"), (2, "b")]);
+        assert_eq!(add_del(&mut list, false, same, || unreachable!()), 0);
+        assert_eq!(add_del(&mut list, false, same, || unreachable!()), errno::NO_SUCH_ENTRY);
+        assert_eq!(list, [(1, "a")]);
+    }
 }

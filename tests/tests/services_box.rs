@@ -1279,6 +1279,11 @@ spec:
     assert!(seen.iter().any(|(_, _, h, _)| h.as_deref() == Some("aborted")), "{seen:?}");
     let log = b.agent_log("node-1");
     assert!(log.contains("aborted UDP socket") && log.contains("-> default/web:dns"), "{log}");
+    // Counted: exactly node-1's one socket to web, nothing on node-2.
+    assert_eq!(metric(&b, "node-1", "contiv_service_udp_sockets_aborted_total"), 1.0);
+    assert_eq!(b.status_json("node-1", "/services").unwrap()["udpSocketsAbortedTotal"], 1);
+    let node2 = b.status("node-2", "/metrics").unwrap();
+    assert!(node2.lines().any(|l| l == "contiv_service_udp_sockets_aborted_total 0"), "{node2}");
     let keep_port: u16 = if keep.name == "web-1" { 8080 } else { 9090 };
     assert_eq!(ct_backend(&udp, [10, 96, 0, 10]), Some((keep.ip.octets().to_vec(), keep_port.into())), "web's flow");
     assert_eq!(ct_backend(&other, [10, 96, 0, 11]), drop_backend, "dns2's flow keeps its conntrack entry");

@@ -75,6 +75,9 @@ struct Inner {
     /// Pods get `tc_to_pod` on their egress (a UDP service has a backend that is this
     /// node's own address): see `sync_pod_egress` in `agent/services.rs`.
     pod_egress: bool,
+    /// The node's connected UDP sockets aborted because their backend left the service,
+    /// since the agent started.
+    udp_sockets_aborted: u64,
 }
 
 /// The vswitch agent.
@@ -506,6 +509,7 @@ impl Agent {
                 health: crate::healthcheck::HealthServers::new(proxy_health.clone()),
                 host_ports: Default::default(),
                 pod_egress: false,
+                udp_sockets_aborted: 0,
             }),
             slowpath,
             model: std::sync::OnceLock::new(),

@@ -7,6 +7,8 @@
 //!   `contiv_service_connections_total` (connections and flows given a backend),
 //!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`,
 //!   `contiv_service_backends` (gauge, the Cluster set); `contiv_conntrack_entries`; `contiv_conntrack_expired_total`;
+//!   `contiv_service_udp_sockets_aborted_total` (the node's connected UDP sockets aborted
+//!   because their backend left the service);
 //!   the proxy health server's answers, `contiv_proxy_healthz_total{code}` and `contiv_proxy_livez_total{code}`;
 //!   network programming latency, `contiv_network_programming_duration_seconds` (histogram),
 //!   `contiv_service_sync_duration_seconds` and `contiv_service_sync_failures_total`
@@ -332,6 +334,13 @@ impl Collector for Snapshot {
                 "Conntrack entries removed by the agent's sweeps, idle past their timeout",
                 None,
                 expired.metric_type(),
+            )?)?;
+            let aborted = ConstCounter::new(svc.udp_sockets_aborted_total);
+            aborted.encode(encoder.encode_descriptor(
+                "contiv_service_udp_sockets_aborted",
+                "The node's connected UDP sockets aborted because the backend they were balanced to left the service",
+                None,
+                aborted.metric_type(),
             )?)?;
         }
         if let Some(p) = &self.slowpath.programs {

@@ -74,6 +74,9 @@ pub struct ServicesReport {
     pub last_gc: Option<GcStats>,
     /// Entries the sweeps removed since the agent started.
     pub conntrack_expired_total: u64,
+    /// The node's connected UDP sockets aborted since the agent started, because the
+    /// backend they were balanced to left the service.
+    pub udp_sockets_aborted_total: u64,
 }
 
 /// One entry of the node-address map.
@@ -328,6 +331,7 @@ impl Agent {
         drop(ct);
         let guard = self.inner.lock().await;
         let inner = &*guard;
+        r.udp_sockets_aborted_total = inner.udp_sockets_aborted;
         let dp = &inner.datapath;
         let (Ok(frontends), Ok(backends)) = (dp.svc_frontends(), dp.svc_backends()) else {
             return r;
@@ -439,13 +443,16 @@ fn abort_udp_sockets_left(inner: &mut super::Inner) {
             None => format!("service port {}", note.svc_id),
         };
         match crate::sockdiag::abort(s) {
-            Ok(()) => log::info!(
-                "aborted UDP socket {}:{} -> {service}: its backend {}:{} left the service",
-                s.local.0,
-                s.local.1,
-                s.peer.0,
-                s.peer.1
-            ),
+            Ok(()) => {
+                inner.udp_sockets_aborted += 1;
+                log::info!(
+                    "aborted UDP socket {}:{} -> {service}: its backend {}:{} left the service",
+                    s.local.0,
+                    s.local.1,
+                    s.peer.0,
+                    s.peer.1
+                );
+            }
             // Closed meanwhile.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => log::warn!("aborting UDP socket {}:{} -> {service} (sock_diag): {e}", s.local.0, s.local.1),

@@ -188,6 +188,11 @@ const POD_DROPS: [PodDrop; 9] = [
     ("fragment", |c| c.drop_fragment),
 ];
 
+/// One counter without labels.
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
 fn counter_family<S: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -328,20 +333,18 @@ impl Collector for Snapshot {
                 "Answers of the proxy's /livez, by HTTP status",
                 [([("code", "200")], h.livez_200), ([("code", "503")], h.livez_503)],
             )?;
-            let expired = ConstCounter::new(svc.conntrack_expired_total);
-            expired.encode(encoder.encode_descriptor(
+            counter(
+                &mut encoder,
                 "contiv_conntrack_expired",
                 "Conntrack entries removed by the agent's sweeps, idle past their timeout",
-                None,
-                expired.metric_type(),
-            )?)?;
-            let aborted = ConstCounter::new(svc.udp_sockets_aborted_total);
-            aborted.encode(encoder.encode_descriptor(
+                svc.conntrack_expired_total,
+            )?;
+            counter(
+                &mut encoder,
                 "contiv_service_udp_sockets_aborted",
                 "The node's connected UDP sockets aborted because the backend they were balanced to left the service",
-                None,
-                aborted.metric_type(),
-            )?)?;
+                svc.udp_sockets_aborted_total,
+            )?;
         }
         if let Some(p) = &self.slowpath.programs {
             counter_family(

@@ -125,6 +125,8 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     // SAFETY: the context is valid for the program's run; fields of bpf_sock_addr.
     let (proto, ip, port) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
     let port = u16::from_be(port as u16);
+    // A connect() of a UDP socket of the node: its cookie names its SOCK_UDP_BACKEND note.
+    let mut udp_cookie = 0;
     if call == Call::Connect {
         // A socket connected again (UDP) forgets the service of its earlier connect(); the
         // translation below records the new one, if it is one. Usually there is none, and
@@ -133,7 +135,8 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
         let _ = unsafe { SOCK_ORIGIN.delete(socket(ctx)) };
         if proto == IPPROTO_UDP && kind == NETNS_NODE {
             // SAFETY: plain helper call on our context.
-            let _ = SOCK_UDP_BACKEND.remove(unsafe { bpf_get_socket_cookie(sa.cast()) });
+            udp_cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+            let _ = SOCK_UDP_BACKEND.remove(udp_cookie);
         }
     }
     if !(proto == IPPROTO_TCP || (proto == IPPROTO_UDP && kind == NETNS_NODE)) {
@@ -186,10 +189,8 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     } else if proto == IPPROTO_UDP {
         // A connected one's are shown through its storage; this note lets the agent abort
         // it when its backend leaves this service (the socket would keep it otherwise).
-        // SAFETY: plain helper call on our context.
-        let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
         let note = SockUdpBackend { backend_ip: b.ip, backend_port: b.port, _pad: 0, svc_id: fe.svc_id };
-        let _ = SOCK_UDP_BACKEND.insert(cookie, note, 0);
+        let _ = SOCK_UDP_BACKEND.insert(udp_cookie, note, 0);
     }
     // SAFETY: writable fields of the connect4/sendmsg4 context.
     unsafe {

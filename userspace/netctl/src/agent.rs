@@ -128,10 +128,25 @@ pub fn services_table(report: &Value, namespace: Option<&str>) -> String {
     if let Some(line) = node_ports_line(report) {
         out.push_str(&line);
     }
+    if let Some(line) = udp_sockets_line(report) {
+        out.push_str(&line);
+    }
     if let Some(line) = proxy_healthz_line(report) {
         out.push_str(&line);
     }
     out
+}
+
+/// Said only when the node's table of connected UDP sockets to services was ever full: those
+/// balanced then keep their backend even if it leaves the service.
+fn udp_sockets_line(report: &Value) -> Option<String> {
+    let untracked = report["udpSocketsUntrackedTotal"].as_u64().filter(|n| *n > 0)?;
+    Some(format!(
+        "connected UDP sockets to services: {} of {} tracked; {untracked} balanced while the table was full are not \
+         (raise [services] connectedUdpSockets)\n",
+        s(&report["udpSocketsTracked"]),
+        s(&report["udpSocketsMax"]),
+    ))
 }
 
 /// Where this node's NodePorts answer, when `nodePortAddresses` narrows it (by default every
@@ -194,6 +209,25 @@ mod tests {
         assert!(t.ends_with("503 (the node is being deleted; a change has waited 75 s to reach the maps)\n"), "{t}");
         let off = json!({"frontends": [], "proxyHealthzAddress": null});
         assert!(!super::services_table(&off, None).contains("healthz"));
+    }
+
+    #[test]
+    fn the_services_table_says_when_connected_udp_sockets_went_untracked() {
+        let full =
+            json!({"frontends": [], "udpSocketsTracked": 16, "udpSocketsMax": 16, "udpSocketsUntrackedTotal": 3});
+        assert_eq!(
+            super::services_table(&full, None).lines().last(),
+            Some(
+                "connected UDP sockets to services: 16 of 16 tracked; 3 balanced while the table was full are not \
+                 (raise [services] connectedUdpSockets)"
+            )
+        );
+        for quiet in [
+            json!({"frontends": [], "udpSocketsTracked": 2, "udpSocketsMax": 16, "udpSocketsUntrackedTotal": 0}),
+            json!({"frontends": []}),
+        ] {
+            assert!(!super::services_table(&quiet, None).contains("UDP sockets"), "{quiet}");
+        }
     }
 
     #[test]

@@ -1016,14 +1016,30 @@ spec:
     }
     assert!(["web-1", "web-2"].iter().all(|w| conns.iter().any(|(_, s)| s == w)), "no connection to each backend");
 
-    // Agent restart on node-1, with a larger conntrack table and fragment map configured:
-    // what it programmed stays (read back, nothing rewritten), the table is resized with
-    // its flows (the NodePort connection's NAT lives there), and every connection keeps
-    // flowing, also while the agent is down.
+    // Agent restart on node-1, with a larger conntrack table and fragment map and a smaller
+    // table of connected UDP sockets configured: what it programmed stays (read back,
+    // nothing rewritten), the table is resized with its flows (the NodePort connection's NAT
+    // lives there), and every connection keeps flowing, also while the agent is down.
     b.stop_agent("node-1", false);
     for (c, server) in &mut conns {
         assert!(c.ping().unwrap().starts_with(server.as_str()), "while node-1's agent is down");
     }
+    // A note of a connected UDP socket that is gone, as one that closes while the restarted
+    // agent copies the notes into the resized map is left behind: its sweep removes it.
+    let udp_map = b.node("node-1").pin_dir.join("SOCK_UDP_BACKEND");
+    const GONE_COOKIE: u64 = u64::MAX - 7;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&udp_map)
+        .arg("key")
+        .arg("hex")
+        .args(hex(&GONE_COOKIE.to_ne_bytes()))
+        .args(["value", "hex"])
+        .args(hex(&[10, 1, 0, 9, 0, 53, 0, 0, 1, 0, 0, 0]))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool map update: {}", String::from_utf8_lossy(&out.stderr));
     let size = |b: &ClusterBox, map: &str| {
         let pin = b.node("node-1").pin_dir.join(map);
         let out =
@@ -1031,17 +1047,18 @@ spec:
         assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<Value>(&out.stdout).unwrap()["max_entries"].as_u64().unwrap()
     };
-    assert_eq!((size(&b, "CT"), size(&b, "FRAGS")), (262_144, 8192), "the default sizes");
+    let sizes = |b: &ClusterBox| (size(b, "CT"), size(b, "FRAGS"), size(b, "SOCK_UDP_BACKEND"));
+    assert_eq!(sizes(&b), (262_144, 8192, 65_536), "the default sizes");
     let config = b.node("node-1").config.clone();
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("\n[services]\nconntrackEntries = 131072\nfragmentEntries = 16384\n");
+    text.push_str("\n[services]\nconntrackEntries = 131072\nfragmentEntries = 16384\nconnectedUdpSockets = 16\n");
     std::fs::write(&config, text).unwrap();
     b.start_agent("node-1");
-    b.wait_for(Duration::from_secs(15), "node-1's conntrack table and fragment map resized", || {
-        (size(&b, "CT"), size(&b, "FRAGS")) == (131_072, 16384)
+    b.wait_for(Duration::from_secs(15), "node-1's conntrack table, fragment map and UDP socket map resized", || {
+        sizes(&b) == (131_072, 16384, 16)
     });
     let log = b.agent_log("node-1");
-    for map in ["CT", "FRAGS"] {
+    for map in ["CT", "FRAGS", "SOCK_UDP_BACKEND"] {
         let copied =
             |l: &&str| l.contains(&format!("map {map}: ")) && l.contains("entries copied into the resized map");
         assert!(log.lines().any(|l| copied(&l)), "{map} resized with its entries: {log}");
@@ -1096,6 +1113,50 @@ spec:
     assert_eq!(conntrack(&b).0, 2, "the active UDP flow is tracked");
     assert_eq!(swept(&b), swept_before, "a sweep removed entries of the active flow");
     drop(active);
+
+    // Node-1's connected UDP sockets to services are noted in its SOCK_UDP_BACKEND (read
+    // here with bpftool), by cookie.
+    let udp_notes = || -> Vec<u64> {
+        let notes = dump_pinned_map(&b.node("node-1").pin_dir.join("SOCK_UDP_BACKEND"));
+        notes.iter().map(|e| e["key"].as_u64().expect("a cookie")).collect()
+    };
+    let host_ns = b.node("node-1").netns.clone();
+    let live = enter(&host_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap());
+    live.connect(sa("10.96.0.10", 53)).unwrap();
+    // The note planted while the agent was down has no socket: two sweeps (10 s apart)
+    // that find none remove it.
+    b.wait_for(Duration::from_secs(40), "the note of a socket that is gone swept", || {
+        !udp_notes().contains(&GONE_COOKIE)
+    });
+    assert!(b.agent_log("node-1").contains("SOCK_UDP_BACKEND: removed 1 notes of sockets that are gone"));
+    assert!(udp_notes().contains(&cookie(&live)), "a live socket's note stays");
+    // The map holds 16 notes (`connectedUdpSockets`): a socket connected when it is full is
+    // balanced all the same but not noted, and counted; closed, the others' notes go.
+    let noted = udp_notes().len();
+    let fillers: Vec<UdpSocket> = (0..=16 - noted)
+        .map(|_| {
+            enter(&host_ns, || {
+                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+                s.connect(sa("10.96.0.10", 53)).unwrap();
+                s
+            })
+        })
+        .collect();
+    let r = b.status_json("node-1", "/services").unwrap();
+    assert_eq!((r["udpSocketsTracked"].as_u64(), r["udpSocketsMax"].as_u64()), (Some(16), Some(16)), "{r}");
+    assert_eq!(r["udpSocketsUntrackedTotal"], 1, "{r}");
+    assert_eq!(metric(&b, "node-1", "contiv_service_udp_sockets_untracked_total"), 1.0);
+    let last = fillers.last().unwrap();
+    assert!(!udp_notes().contains(&cookie(last)), "the socket over the limit is not noted");
+    assert!(last.peer_addr().is_ok(), "but connected");
+    let shown = String::from_utf8(netctl_get_services(&b, "node-1", "node-1").stdout).unwrap();
+    assert!(shown.contains("connected UDP sockets to services: 16 of 16 tracked; 1 balanced while"), "{shown}");
+    b.wait_for(Duration::from_secs(15), "node-1 warns that the map is full", || {
+        b.agent_log("node-1").contains("SOCK_UDP_BACKEND is full ([services] connectedUdpSockets = 16)")
+    });
+    drop(fillers);
+    assert_eq!(udp_notes().len(), noted, "the fillers' notes went with them");
+    drop(live);
 
     // A UDP client that keeps its source port follows the change of backend within seconds.
     let udp = enter(&c1.netns, || {
@@ -1163,7 +1224,6 @@ spec:
     assert_eq!(ct_backend(&other, [10, 96, 0, 11]), drop_backend, "dns2's UDP flow is tracked");
     // Node-1 processes' connected UDP sockets, balanced once, at connect(): one to web and
     // one to dns2, both on the backend about to leave web.
-    let host_ns = b.node("node-1").netns.clone();
     let host_socket_to = |frontend: SocketAddr| -> UdpSocket {
         (0..40)
             .map(|_| {
@@ -1184,10 +1244,6 @@ spec:
     // Each is noted by cookie in node-1's SOCK_UDP_BACKEND for as long as it is connected
     // there: a socket connected elsewhere, or closed, is forgotten at once (so the map holds
     // live sockets only, and no note of one is lost to eviction).
-    let udp_notes = || -> Vec<u64> {
-        let notes = dump_pinned_map(&b.node("node-1").pin_dir.join("SOCK_UDP_BACKEND"));
-        notes.iter().map(|e| e["key"].as_u64().expect("a cookie")).collect()
-    };
     let notes = udp_notes();
     assert!(notes.contains(&cookie(&host_web)) && notes.contains(&cookie(&host_dns2)), "{notes:?}");
     let passing = enter(&host_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap());
@@ -1284,6 +1340,7 @@ spec:
     assert_eq!(b.status_json("node-1", "/services").unwrap()["udpSocketsAbortedTotal"], 1);
     let node2 = b.status("node-2", "/metrics").unwrap();
     assert!(node2.lines().any(|l| l == "contiv_service_udp_sockets_aborted_total 0"), "{node2}");
+    assert!(node2.lines().any(|l| l == "contiv_service_udp_sockets_untracked_total 0"), "{node2}");
     let keep_port: u16 = if keep.name == "web-1" { 8080 } else { 9090 };
     assert_eq!(ct_backend(&udp, [10, 96, 0, 10]), Some((keep.ip.octets().to_vec(), keep_port.into())), "web's flow");
     assert_eq!(ct_backend(&other, [10, 96, 0, 11]), drop_backend, "dns2's flow keeps its conntrack entry");

@@ -56,6 +56,8 @@ pub mod map_names {
     /// that backend leaves the service. Removed when the socket is connected again or
     /// closed (`sock_release`): it holds live sockets only and evicts none.
     pub const SOCK_UDP_BACKEND: &str = "SOCK_UDP_BACKEND";
+    /// Per CPU, one [`super::SockCounters`]: what the socket programs could not record.
+    pub const SOCK_COUNTERS: &str = "SOCK_COUNTERS";
     /// Socket storage: [`super::SockOrigin`], the service a connected socket's connect()
     /// asked for, so getpeername()/recvmsg() show it. It lives and dies with the socket:
     /// no capacity to outgrow, and a socket that has none (an accepted one, say) costs one
@@ -135,6 +137,7 @@ pub mod schema {
         (SOCK_REVNAT, 1),
         (SOCK_ORIGIN, 1),
         (SOCK_UDP_BACKEND, 1),
+        (SOCK_COUNTERS, 1),
         (NODE_NETNS, 1),
         (NODE_ADDRS, 1),
         (CT, 1),
@@ -216,7 +219,8 @@ pub const MAX_SVC_FRONTENDS: u32 = 65536;
 pub const MAX_SVC_BACKENDS: u32 = 262144;
 pub const MAX_SVC_AFFINITY: u32 = 65536;
 pub const MAX_SOCK_REVNAT: u32 = 262144;
-/// Connected UDP sockets of one node balanced to a service at once (allocated as used).
+/// Connected UDP sockets of one node balanced to a service at once (allocated as used;
+/// the agent may size it from its config).
 pub const MAX_SOCK_UDP_BACKEND: u32 = 65536;
 pub const MAX_CT: u32 = 262144;
 pub const MAX_NODE_ADDRS: u32 = 16384;
@@ -583,6 +587,15 @@ pub struct SockUdpBackend {
     pub backend_port: u16,
     pub _pad: u16,
     pub svc_id: u32,
+}
+
+/// Counters of the socket programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockCounters {
+    /// Connected UDP sockets of the node balanced to a service but not noted in
+    /// SOCK_UDP_BACKEND (full): the agent cannot abort them when their backend leaves.
+    pub udp_untracked: u64,
 }
 
 /// SOCK_ORIGIN's value: what a connected socket's connect() was translated from and to.
@@ -1089,6 +1102,7 @@ mod user {
     unsafe impl aya::Pod for super::SockRevNat {}
     unsafe impl aya::Pod for super::SockOrigin {}
     unsafe impl aya::Pod for super::SockUdpBackend {}
+    unsafe impl aya::Pod for super::SockCounters {}
     unsafe impl aya::Pod for super::NodeAddr {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}

@@ -12,8 +12,8 @@ use contiv_common::{
     MAX_PODS, MAX_POLICY_ENTRIES, MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SOCK_UDP_BACKEND,
     MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent,
     NodeAddr, OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters,
-    SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, SvcAffinity, SvcAffinityKey, SvcBackend, SvcBackendKey,
-    SvcCounters, SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, TraceRecord, monitor_bucket,
+    SockCounters, SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, SvcAffinity, SvcAffinityKey, SvcBackend,
+    SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, TraceRecord, monitor_bucket,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -78,6 +78,9 @@ pub static SOCK_UDP_BACKEND: HashMap<
     { MAX_SOCK_UDP_BACKEND as usize },
     { aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+#[btf_map]
+pub static SOCK_COUNTERS: PerCpuArray<SockCounters, 1> = PerCpuArray::new();
 
 /// Per connected socket the socket programs balanced: where it asked to go.
 #[btf_map]
@@ -165,6 +168,14 @@ pub fn count_slowport(f: impl FnOnce(&mut SlowPortCounters)) {
 #[inline(always)]
 pub fn count_overlay(f: impl FnOnce(&mut OverlayCounters)) {
     if let Some(p) = OVERLAY_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot of this CPU.
+        f(unsafe { &mut *p });
+    }
+}
+
+#[inline(always)]
+pub fn count_sock(f: impl FnOnce(&mut SockCounters)) {
+    if let Some(p) = SOCK_COUNTERS.get_ptr_mut(0) {
         // SAFETY: per-CPU slot of this CPU.
         f(unsafe { &mut *p });
     }

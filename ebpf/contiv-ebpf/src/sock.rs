@@ -31,7 +31,7 @@ use contiv_common::{SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, confi
 use crate::{
     ct::now,
     lb,
-    maps::{NODE_NETNS, SOCK_ORIGIN, SOCK_REVNAT, SOCK_UDP_BACKEND, config, count_svc},
+    maps::{NODE_NETNS, SOCK_ORIGIN, SOCK_REVNAT, SOCK_UDP_BACKEND, config, count_sock, count_svc},
     nat::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -189,8 +189,11 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     } else if proto == IPPROTO_UDP {
         // A connected one's are shown through its storage; this note lets the agent abort
         // it when its backend leaves this service (the socket would keep it otherwise).
+        // A full map notes nothing: counted, and that socket keeps its backend.
         let note = SockUdpBackend { backend_ip: b.ip, backend_port: b.port, _pad: 0, svc_id: fe.svc_id };
-        let _ = SOCK_UDP_BACKEND.insert(udp_cookie, note, 0);
+        if SOCK_UDP_BACKEND.insert(udp_cookie, note, 0).is_err() {
+            count_sock(|c| c.udp_untracked += 1);
+        }
     }
     // SAFETY: writable fields of the connect4/sendmsg4 context.
     unsafe {

@@ -78,6 +78,11 @@ struct Inner {
     /// The node's connected UDP sockets aborted because their backend left the service,
     /// since the agent started.
     udp_sockets_aborted: u64,
+    /// SOCK_UDP_BACKEND notes whose socket the last sweep did not find: removed if the
+    /// next sweep does not find it either.
+    udp_notes_unseen: std::collections::BTreeSet<u64>,
+    /// SOCK_COUNTERS' untracked sockets as last logged.
+    udp_untracked_logged: u64,
 }
 
 /// The vswitch agent.
@@ -337,6 +342,7 @@ impl Agent {
             crate::datapath::MapSizes {
                 conntrack: Some(config.services.conntrack_entries),
                 fragments: Some(config.services.fragment_entries),
+                udp_sockets: Some(config.services.connected_udp_sockets),
             },
         )
         .context("loading the eBPF datapath")?;
@@ -510,6 +516,8 @@ impl Agent {
                 host_ports: Default::default(),
                 pod_egress: false,
                 udp_sockets_aborted: 0,
+                udp_notes_unseen: Default::default(),
+                udp_untracked_logged: 0,
             }),
             slowpath,
             model: std::sync::OnceLock::new(),

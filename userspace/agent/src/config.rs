@@ -124,6 +124,13 @@ pub struct ServicesConfig {
     /// `conntrackEntries` does.
     #[serde(default = "ServicesConfig::default_fragment_entries")]
     pub fragment_entries: u32,
+    /// Entries of SOCK_UDP_BACKEND: how many connected UDP sockets of the node, balanced to
+    /// a service, the agent can abort when their backend leaves (allocated as used). A
+    /// socket connected while it is full keeps its backend, and is counted
+    /// (`contiv_service_udp_sockets_untracked_total`). Default 65536; 16 to 4194304. A
+    /// change takes effect when the agent restarts, as `conntrackEntries` does.
+    #[serde(default = "ServicesConfig::default_connected_udp_sockets")]
+    pub connected_udp_sockets: u32,
     /// The cgroup2 hierarchy's root, where the socket programs attach. Default: found in
     /// /proc/self/mountinfo (/sys/fs/cgroup on most hosts).
     #[serde(default)]
@@ -212,6 +219,10 @@ impl ServicesConfig {
         contiv_common::MAX_FRAGS
     }
 
+    fn default_connected_udp_sockets() -> u32 {
+        contiv_common::MAX_SOCK_UDP_BACKEND
+    }
+
     fn default_healthz_address() -> String {
         "0.0.0.0:10256".into()
     }
@@ -254,6 +265,7 @@ impl Default for ServicesConfig {
             proxy_name: None,
             conntrack_entries: Self::default_ct_entries(),
             fragment_entries: Self::default_fragment_entries(),
+            connected_udp_sockets: Self::default_connected_udp_sockets(),
             cgroup_root: None,
             timeouts: CtTimeouts::default(),
             healthz_address: Self::default_healthz_address(),
@@ -562,6 +574,12 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(format!(
                 "[services] fragmentEntries {} out of range 1024..=1048576",
                 services.fragment_entries
+            )));
+        }
+        if !(16..=4 * 1024 * 1024).contains(&services.connected_udp_sockets) {
+            return Err(ConfigError::Invalid(format!(
+                "[services] connectedUdpSockets {} out of range 16..=4194304",
+                services.connected_udp_sockets
             )));
         }
         if let Some(root) = &services.cgroup_root
@@ -920,6 +938,8 @@ mod tests {
             ("[services]\nconntrackEntries = 1023", "conntrackEntries 1023"),
             ("[services]\nfragmentEntries = 1023", "fragmentEntries 1023"),
             ("[services]\nfragmentEntries = 1048577", "fragmentEntries 1048577"),
+            ("[services]\nconnectedUdpSockets = 15", "connectedUdpSockets 15"),
+            ("[services]\nconnectedUdpSockets = 4194305", "connectedUdpSockets 4194305"),
             ("[services]\nnodePortAddresses = [\"192.168.0.0\"]", "\"192.168.0.0\" is not a CIDR"),
             ("[services]\nnodePortAddresses = [\"primary\", \"10.0.0.0/8\"]", "\"primary\" must be the only"),
             ("[services]\nnodePortAddresses = \"primary\"", "nodePortAddresses"),
@@ -936,8 +956,8 @@ mod tests {
             "podSubnet = \"10.1.1.0/30\"",
             "podSubnetCIDR = \"10.0.0.0/8\"\npodPrefixLen = 16",
             "cniSocket = \"/run/c.sock\"",
-            "[services]\nconntrackEntries = 1024\nfragmentEntries = 1024",
-            "[services]\nconntrackEntries = 16777216\nfragmentEntries = 1048576",
+            "[services]\nconntrackEntries = 1024\nfragmentEntries = 1024\nconnectedUdpSockets = 16",
+            "[services]\nconntrackEntries = 16777216\nfragmentEntries = 1048576\nconnectedUdpSockets = 4194304",
         ] {
             AgentConfig::from_toml(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         }

@@ -34,7 +34,7 @@ use aya::{
 };
 use contiv_common::{
     DatapathConfig, FragHead, FragKey, Ipv4Key, MapName, OverlayCounters, PodCounters, PodEndpoint, PolicyKey,
-    PolicyPorts, RemoteRoute, SlowPortCounters, map_names, program_names, schema,
+    PolicyPorts, RemoteRoute, SlowPortCounters, SockUdpBackend, map_names, program_names, schema,
 };
 use ipnet::Ipv4Net;
 
@@ -347,15 +347,23 @@ impl Datapath {
             // Same layout, another size (`fragmentEntries` changed): the datagrams in flight
             // move over, as many as fit (an LRU map drops the least recently used).
             (map_names::FRAGS, v) if v == schema::layout(map_names::FRAGS) => {
-                let old = MapData::from_pin(&pin).map_err(map_err(name))?;
-                let old: HashMap<MapData, FragKey, FragHead> =
-                    HashMap::try_from(Map::LruHashMap(old)).map_err(map_err(name))?;
-                let entries: Vec<(FragKey, FragHead)> = old.iter().filter_map(|e| e.ok()).collect();
-                let mut new: HashMap<&mut MapData, FragKey, FragHead> = self.typed(name)?;
-                for (k, v) in &entries {
-                    new.insert(k, v, 0).map_err(map_err(name))?;
+                let (copied, _) = self.copy_resized::<FragKey, FragHead>(name, &pin, Map::LruHashMap)?;
+                log::info!("map {name}: {copied} entries copied into the resized map");
+            }
+            // Same layout, another size (`connectedUdpSockets` changed): the live sockets'
+            // notes move over, as many as fit (the others keep their backends). A socket
+            // that closes before the programs switch leaves its copied note behind; the
+            // agent's sweep of notes without a socket removes it.
+            (map_names::SOCK_UDP_BACKEND, v) if v == schema::layout(map_names::SOCK_UDP_BACKEND) => {
+                let (copied, found) = self.copy_resized::<u64, SockUdpBackend>(name, &pin, Map::HashMap)?;
+                if copied < found {
+                    log::warn!(
+                        "map {name}: {} of {found} connected UDP sockets left out (they do not fit): they keep \
+                         their backends",
+                        found - copied,
+                    );
                 }
-                log::info!("map {name}: {} entries copied into the resized map", entries.len());
+                log::info!("map {name}: {copied} entries copied into the resized map");
             }
             // The agent rewrites these at start (configuration, its own sockets); rebuilt.
             // (VPP_XSKS: VPP registers its socket again when it re-creates its interface.)
@@ -365,6 +373,23 @@ impl Datapath {
             _ => log::warn!("map {name}: no migration from layout v{from_version}; rebuilt empty"),
         }
         Ok(())
+    }
+
+    /// Copies the entries of the hash map pinned at `pin` (`kind`: its variant) into this
+    /// agent's map `name`, of the same layout and another size, until one does not fit:
+    /// how many it copied, and how many it found.
+    fn copy_resized<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        pin: &Path,
+        kind: fn(MapData) -> Map,
+    ) -> Result<(usize, usize)> {
+        let old = MapData::from_pin(pin).map_err(map_err(name))?;
+        let old: HashMap<MapData, K, V> = HashMap::try_from(kind(old)).map_err(map_err(name))?;
+        let entries: Vec<(K, V)> = old.iter().filter_map(|e| e.ok()).collect();
+        let mut new: HashMap<&mut MapData, K, V> = self.typed(name)?;
+        let copied = entries.iter().take_while(|(k, v)| new.insert(k, v, 0).is_ok()).count();
+        Ok((copied, entries.len()))
     }
 
     /// POD_COUNTERS from a layout of `N` counters: each pod's per-CPU counts, widened.
@@ -804,6 +829,8 @@ pub struct MapSizes {
     pub conntrack: Option<u32>,
     /// FRAGS (`[services] fragmentEntries`).
     pub fragments: Option<u32>,
+    /// SOCK_UDP_BACKEND (`[services] connectedUdpSockets`).
+    pub udp_sockets: Option<u32>,
 }
 
 impl MapSizes {
@@ -811,12 +838,15 @@ impl MapSizes {
         match name {
             map_names::CT => self.conntrack,
             map_names::FRAGS => self.fragments,
+            map_names::SOCK_UDP_BACKEND => self.udp_sockets,
             _ => None,
         }
     }
 
     fn configured(&self) -> impl Iterator<Item = (&'static str, u32)> {
-        [map_names::CT, map_names::FRAGS].into_iter().filter_map(|name| Some((name, self.of(name)?)))
+        [map_names::CT, map_names::FRAGS, map_names::SOCK_UDP_BACKEND]
+            .into_iter()
+            .filter_map(|name| Some((name, self.of(name)?)))
     }
 }
 
@@ -1014,7 +1044,7 @@ mod counter_migration {
         }
         let dir = TestPins::new("counters");
         let load = || {
-            Datapath::load_with(&dir.0, true, MapSizes { conntrack: Some(1024), fragments: None })
+            Datapath::load_with(&dir.0, true, MapSizes { conntrack: Some(1024), ..Default::default() })
                 .expect("loading the datapath")
         };
         let mut dp = load();

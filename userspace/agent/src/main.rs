@@ -143,7 +143,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let agent = Agent::start(config, registrations).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = cluster::spawn(&link, listing, agent.clone(), stop_rx.clone());
-    // Conntrack expiry (services and policy flows), every 10 s.
+    // Conntrack expiry (services and policy flows) and notes of closed UDP sockets, every 10 s.
     let sweeper = agent.clone();
     let mut sweep_stop = stop_rx.clone();
     background.push(tokio::spawn(async move {
@@ -153,6 +153,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
             }
             sweeper.gc_conntrack().await;
+            sweeper.sweep_udp_notes().await;
         }
     }));
     let healer = agent.clone();

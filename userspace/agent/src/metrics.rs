@@ -8,7 +8,8 @@
 //!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`,
 //!   `contiv_service_backends` (gauge, the Cluster set); `contiv_conntrack_entries`; `contiv_conntrack_expired_total`;
 //!   `contiv_service_udp_sockets_aborted_total` (the node's connected UDP sockets aborted
-//!   because their backend left the service);
+//!   because their backend left the service), `contiv_service_udp_sockets_untracked_total`
+//!   (those balanced while the table of them was full, which cannot be);
 //!   the proxy health server's answers, `contiv_proxy_healthz_total{code}` and `contiv_proxy_livez_total{code}`;
 //!   network programming latency, `contiv_network_programming_duration_seconds` (histogram),
 //!   `contiv_service_sync_duration_seconds` and `contiv_service_sync_failures_total`
@@ -344,6 +345,13 @@ impl Collector for Snapshot {
                 "contiv_service_udp_sockets_aborted",
                 "The node's connected UDP sockets aborted because the backend they were balanced to left the service",
                 svc.udp_sockets_aborted_total,
+            )?;
+            counter(
+                &mut encoder,
+                "contiv_service_udp_sockets_untracked",
+                "The node's connected UDP sockets balanced to a service while the table of them was full \
+                 ([services] connectedUdpSockets): never aborted when their backend leaves",
+                svc.udp_sockets_untracked_total,
             )?;
         }
         if let Some(p) = &self.slowpath.programs {

@@ -77,6 +77,12 @@ pub struct ServicesReport {
     /// The node's connected UDP sockets aborted since the agent started, because the
     /// backend they were balanced to left the service.
     pub udp_sockets_aborted_total: u64,
+    /// Connected UDP sockets of the node noted now (SOCK_UDP_BACKEND), and how many fit
+    /// (`[services] connectedUdpSockets`).
+    pub udp_sockets_tracked: usize,
+    pub udp_sockets_max: u32,
+    /// Connected UDP sockets balanced while that map was full: not noted, so never aborted.
+    pub udp_sockets_untracked_total: u64,
 }
 
 /// One entry of the node-address map.
@@ -304,12 +310,62 @@ impl Agent {
         }
     }
 
+    /// Removes the SOCK_UDP_BACKEND notes of sockets that are gone. `sock_release` removes a
+    /// note when its socket closes, so this finds only what it could not see: a socket that
+    /// closed while a resize copied the notes, or whose connect() failed after it was
+    /// noted. A note goes when two sweeps in a row (10 s apart) find no connected socket
+    /// with its cookie: a socket being connected is noted a moment before the kernel
+    /// connects it. Also logs when sockets went untracked because the map was full.
+    pub async fn sweep_udp_notes(&self) {
+        let mut guard = self.inner.lock().await;
+        let inner = &mut *guard;
+        let untracked = inner.datapath.sock_counters().map_or(0, |c| c.udp_untracked);
+        if untracked > inner.udp_untracked_logged {
+            log::warn!(
+                "{} connected UDP sockets to services not tracked ({untracked} since the map was created): \
+                 SOCK_UDP_BACKEND is full ([services] connectedUdpSockets = {}); they keep their backends \
+                 if those leave the service",
+                untracked - inner.udp_untracked_logged,
+                self.config.services.connected_udp_sockets
+            );
+            inner.udp_untracked_logged = untracked;
+        }
+        // The notes first, then the sockets: a note older than the listing has its socket in it.
+        let noted = match inner.datapath.sock_udp_cookies() {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("{e}");
+                return;
+            }
+        };
+        if noted.is_empty() {
+            inner.udp_notes_unseen.clear();
+            return;
+        }
+        let live: BTreeSet<u64> = match crate::sockdiag::connected_udp4() {
+            Ok(socks) => socks.iter().map(|s| s.cookie).collect(),
+            Err(e) => {
+                log::warn!("listing the node's UDP sockets (sock_diag): {e}");
+                return;
+            }
+        };
+        let (gone, unseen) = notes_gone(noted, &live, &inner.udp_notes_unseen);
+        inner.udp_notes_unseen = unseen;
+        if !gone.is_empty() {
+            match inner.datapath.forget_udp_sockets(&gone) {
+                Ok(()) => log::info!("SOCK_UDP_BACKEND: removed {} notes of sockets that are gone", gone.len()),
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+    }
+
     /// What the node programs for services, read from the maps.
     pub async fn services_report(&self) -> ServicesReport {
         let mut r = ServicesReport {
             node: self.config.node_name.clone(),
             enabled: self.config.services.enabled,
             conntrack_max: self.config.services.conntrack_entries,
+            udp_sockets_max: self.config.services.connected_udp_sockets,
             last_apply: *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()),
             last_gc: *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()),
             conntrack_expired_total: self.ct_expired_total.load(std::sync::atomic::Ordering::Relaxed),
@@ -333,6 +389,8 @@ impl Agent {
         let inner = &*guard;
         r.udp_sockets_aborted_total = inner.udp_sockets_aborted;
         let dp = &inner.datapath;
+        r.udp_sockets_tracked = dp.sock_udp_cookies().map_or(0, |c| c.len());
+        r.udp_sockets_untracked_total = dp.sock_counters().map_or(0, |c| c.udp_untracked);
         let (Ok(frontends), Ok(backends)) = (dp.svc_frontends(), dp.svc_backends()) else {
             return r;
         };
@@ -400,6 +458,14 @@ impl Agent {
             .collect();
         r
     }
+}
+
+/// Of the `noted` sockets, those to forget (not `live` now, nor at the sweep before: in
+/// `unseen_before`), and those to look for again at the next sweep (not live now).
+fn notes_gone(noted: Vec<u64>, live: &BTreeSet<u64>, unseen_before: &BTreeSet<u64>) -> (Vec<u64>, BTreeSet<u64>) {
+    let (gone, unseen): (Vec<u64>, Vec<u64>) =
+        noted.into_iter().filter(|c| !live.contains(c)).partition(|c| unseen_before.contains(c));
+    (gone, unseen.into_iter().collect())
 }
 
 /// Aborts the node's connected UDP sockets that were balanced to a backend that has left
@@ -494,4 +560,24 @@ fn sync_pod_egress(inner: &mut super::Inner) {
         );
     }
     inner.pod_egress = want;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_udp_note_goes_when_two_sweeps_in_a_row_miss_its_socket() {
+        let live: BTreeSet<u64> = [1, 2].into();
+        // First sweep: 3 and 4 have no socket; looked for again, not forgotten yet.
+        let (gone, unseen) = notes_gone(vec![1, 2, 3, 4], &live, &BTreeSet::new());
+        assert!(gone.is_empty(), "one miss may be a socket being connected");
+        assert_eq!(unseen, [3, 4].into());
+        // Second sweep: 3 is still missing and goes; 4 connected meanwhile and stays; 5 is
+        // new and missed once.
+        let live: BTreeSet<u64> = [1, 2, 4].into();
+        let (gone, unseen) = notes_gone(vec![1, 2, 3, 4, 5], &live, &unseen);
+        assert_eq!(gone, vec![3]);
+        assert_eq!(unseen, [5].into());
+    }
 }

@@ -9,12 +9,12 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{CgroupAttachMode, Program, TcAttachType, links::FdLink},
 };
 use contiv_common::{
-    CtEntry, CtKey, Ipv4Key, NodeAddr, SockUdpBackend, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey,
-    SvcSlotKey, SvcSourceRange, map_names, program_names,
+    CtEntry, CtKey, Ipv4Key, NodeAddr, SockCounters, SockUdpBackend, SvcBackend, SvcBackendKey, SvcCounters,
+    SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, map_names, program_names,
 };
 use ipnet::Ipv4Net;
 
@@ -291,6 +291,26 @@ impl Datapath {
         }
     }
 
+    /// SOCK_UDP_BACKEND's cookies: the sockets noted.
+    pub fn sock_udp_cookies(&self) -> Result<Vec<u64>> {
+        Ok(self.entries::<u64, SockUdpBackend>(map_names::SOCK_UDP_BACKEND)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// Removes the notes of these sockets (those already gone are skipped).
+    pub fn forget_udp_sockets(&mut self, cookies: &[u64]) -> Result<()> {
+        for c in cookies {
+            self.delete::<u64, SockUdpBackend>(map_names::SOCK_UDP_BACKEND, *c)?;
+        }
+        Ok(())
+    }
+
+    /// SOCK_COUNTERS, summed over the CPUs.
+    pub fn sock_counters(&self) -> Result<SockCounters> {
+        let arr: PerCpuArray<&MapData, SockCounters> = self.typed_ref(map_names::SOCK_COUNTERS)?;
+        let values = arr.get(&0, 0).map_err(map_err(map_names::SOCK_COUNTERS))?;
+        Ok(SockCounters { udp_untracked: values.iter().map(|v| v.udp_untracked).sum() })
+    }
+
     // === conntrack ===
 
     /// Every conntrack entry (both directions of every flow).
@@ -552,7 +572,7 @@ mod resize {
         }
         let dir = TestPins::new("ct-resize");
         let load = |entries: u32| {
-            let sizes = MapSizes { conntrack: Some(entries), fragments: None };
+            let sizes = MapSizes { conntrack: Some(entries), ..Default::default() };
             Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath")
         };
 
@@ -609,7 +629,7 @@ mod resize {
         }
         let dir = TestPins::new("resize");
         let load = |fragments| {
-            let sizes = MapSizes { conntrack: Some(1024), fragments };
+            let sizes = MapSizes { conntrack: Some(1024), fragments, ..Default::default() };
             let mut dp = Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath");
             dp.finish_migration().unwrap();
             dp
@@ -635,5 +655,48 @@ mod resize {
         // The same size again: the pinned map is kept as it is.
         drop(load(Some(16384)));
         assert_eq!(size(), 16384);
+    }
+
+    #[test]
+    fn a_udp_socket_map_pinned_with_another_size_is_resized_with_as_many_notes_as_fit() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the datapath needs root");
+            return;
+        }
+        let dir = TestPins::new("udp-resize");
+        let load = |udp_sockets| {
+            let sizes = MapSizes { conntrack: Some(1024), udp_sockets, ..Default::default() };
+            let mut dp = Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath");
+            dp.finish_migration().unwrap();
+            dp
+        };
+        let size = || aya::maps::MapInfo::from_pin(dir.0.join(map_names::SOCK_UDP_BACKEND)).unwrap().max_entries();
+        let note = |i: u32| SockUdpBackend { backend_ip: [10, 1, 0, i as u8], backend_port: 53, _pad: 0, svc_id: i };
+        drop(load(None));
+        assert_eq!(size(), contiv_common::MAX_SOCK_UDP_BACKEND, "the default size");
+        {
+            let data = MapData::from_pin(dir.0.join(map_names::SOCK_UDP_BACKEND)).unwrap();
+            let mut m: HashMap<MapData, u64, SockUdpBackend> = HashMap::try_from(Map::HashMap(data)).unwrap();
+            for i in 0..20 {
+                m.insert(1000 + u64::from(i), note(i), 0).unwrap();
+            }
+        }
+        // Larger: every note comes along.
+        let dp = load(Some(64));
+        assert_eq!(size(), 64, "resized");
+        let cookies: BTreeSet<u64> = dp.sock_udp_cookies().unwrap().into_iter().collect();
+        assert_eq!(cookies, (1000..1020).collect());
+        assert_eq!(dp.sock_udp_backend(1007).unwrap(), Some(note(7)));
+        drop(dp);
+        // Smaller than its notes: as many as fit, each with its own backend.
+        let dp = load(Some(16));
+        assert_eq!(size(), 16, "resized");
+        let cookies = dp.sock_udp_cookies().unwrap();
+        assert_eq!(cookies.len(), 16, "as many notes as fit");
+        for c in cookies {
+            assert_eq!(dp.sock_udp_backend(c).unwrap(), Some(note((c - 1000) as u32)));
+        }
+        assert_eq!(dp.sock_counters().unwrap(), SockCounters::default(), "nothing counted by a resize");
     }
 }

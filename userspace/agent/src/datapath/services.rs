@@ -620,6 +620,18 @@ mod resize {
         assert_eq!(keys, newest, "the most recently seen flows, both directions of each");
     }
 
+    /// The datapath loaded with `sizes` (a small conntrack table), its migration finished.
+    fn loaded(dir: &Path, sizes: MapSizes) -> Datapath {
+        let sizes = MapSizes { conntrack: Some(1024), ..sizes };
+        let mut dp = Datapath::load_with(dir, true, sizes).expect("loading the datapath");
+        dp.finish_migration().unwrap();
+        dp
+    }
+
+    fn pinned_size(dir: &Path, name: &str) -> u32 {
+        aya::maps::MapInfo::from_pin(dir.join(name)).unwrap().max_entries()
+    }
+
     #[test]
     fn a_fragment_map_pinned_with_another_size_is_resized_with_its_entries() {
         // SAFETY: geteuid has no preconditions.
@@ -628,13 +640,8 @@ mod resize {
             return;
         }
         let dir = TestPins::new("resize");
-        let load = |fragments| {
-            let sizes = MapSizes { conntrack: Some(1024), fragments, ..Default::default() };
-            let mut dp = Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath");
-            dp.finish_migration().unwrap();
-            dp
-        };
-        let size = || aya::maps::MapInfo::from_pin(dir.0.join(map_names::FRAGS)).unwrap().max_entries();
+        let load = |fragments| loaded(&dir.0, MapSizes { fragments, ..Default::default() });
+        let size = || pinned_size(&dir.0, map_names::FRAGS);
         drop(load(None));
         assert_eq!(size(), contiv_common::MAX_FRAGS, "the default size");
         // A datagram in flight, as the programs record its first fragment.
@@ -665,13 +672,8 @@ mod resize {
             return;
         }
         let dir = TestPins::new("udp-resize");
-        let load = |udp_sockets| {
-            let sizes = MapSizes { conntrack: Some(1024), udp_sockets, ..Default::default() };
-            let mut dp = Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath");
-            dp.finish_migration().unwrap();
-            dp
-        };
-        let size = || aya::maps::MapInfo::from_pin(dir.0.join(map_names::SOCK_UDP_BACKEND)).unwrap().max_entries();
+        let load = |udp_sockets| loaded(&dir.0, MapSizes { udp_sockets, ..Default::default() });
+        let size = || pinned_size(&dir.0, map_names::SOCK_UDP_BACKEND);
         let note = |i: u32| SockUdpBackend { backend_ip: [10, 1, 0, i as u8], backend_port: 53, _pad: 0, svc_id: i };
         drop(load(None));
         assert_eq!(size(), contiv_common::MAX_SOCK_UDP_BACKEND, "the default size");

@@ -8,6 +8,7 @@ pub mod bandwidth;
 pub mod cluster;
 pub mod cni_server;
 pub mod config;
+pub mod conntrack;
 pub mod datapath;
 pub mod healthcheck;
 pub mod hostports;

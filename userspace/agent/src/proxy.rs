@@ -228,19 +228,37 @@ pub fn ct_pair(k: &CtKey, e: &CtEntry) -> CtKey {
     p
 }
 
+/// Where a TCP flow stands, from the flags its two directions have seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TcpState {
+    /// The handshake has not completed (both directions have not acknowledged).
+    Opening,
+    Established,
+    /// A FIN or RST was seen.
+    Closing,
+}
+
+/// The state of a TCP flow from its entry and its other direction's.
+pub fn tcp_state(e: &CtEntry, pair: Option<&CtEntry>) -> TcpState {
+    let flags = e.tcp_flags | pair.map_or(0, |p| p.tcp_flags);
+    if flags & (ct_tcp::FIN | ct_tcp::RST) != 0 {
+        TcpState::Closing
+    } else if pair.is_some_and(|p| p.tcp_flags & ct_tcp::ACK != 0) && e.tcp_flags & ct_tcp::ACK != 0 {
+        TcpState::Established
+    } else {
+        TcpState::Opening
+    }
+}
+
 /// How long an idle entry lives.
 pub fn ct_timeout(k: &CtKey, e: &CtEntry, pair: Option<&CtEntry>, t: &CtTimeouts) -> Duration {
     let secs = match k.proto {
-        IPPROTO_TCP => {
-            let flags = e.tcp_flags | pair.map_or(0, |p| p.tcp_flags);
-            if flags & (ct_tcp::FIN | ct_tcp::RST) != 0 {
-                t.tcp_closing
-            } else if pair.is_some_and(|p| p.tcp_flags & ct_tcp::ACK != 0) && e.tcp_flags & ct_tcp::ACK != 0 {
-                t.tcp_established
-            } else {
-                t.tcp_syn
-            }
-        }
+        IPPROTO_TCP => match tcp_state(e, pair) {
+            TcpState::Closing => t.tcp_closing,
+            TcpState::Established => t.tcp_established,
+            TcpState::Opening => t.tcp_syn,
+        },
         IPPROTO_UDP => t.udp,
         IPPROTO_ICMP => t.icmp,
         _ => t.udp,
@@ -543,15 +561,15 @@ fn flush_flows(dp: &mut Datapath, f: &Flush) -> Result<usize, DatapathError> {
 /// One flow of a conntrack snapshot: an entry and, when the table holds it, its other
 /// direction's.
 #[derive(Clone, Copy)]
-struct Flow {
-    key: CtKey,
-    entry: CtEntry,
-    pair: Option<(CtKey, CtEntry)>,
+pub(crate) struct Flow {
+    pub key: CtKey,
+    pub entry: CtEntry,
+    pub pair: Option<(CtKey, CtEntry)>,
 }
 
 impl Flow {
     /// When either direction last saw a packet.
-    fn last_seen_ns(&self) -> u64 {
+    pub fn last_seen_ns(&self) -> u64 {
         self.entry.last_seen_ns.max(self.pair.map_or(0, |(_, p)| p.last_seen_ns))
     }
 
@@ -562,7 +580,7 @@ impl Flow {
 
 /// A snapshot grouped into flows: every entry in exactly one, led by the first of its
 /// pair in key order.
-fn flows_of(entries: Vec<(CtKey, CtEntry)>) -> Vec<Flow> {
+pub(crate) fn flows_of(entries: Vec<(CtKey, CtEntry)>) -> Vec<Flow> {
     let entries: BTreeMap<CtKey, CtEntry> = entries.into_iter().collect();
     let mut seen = BTreeSet::new();
     let mut flows = vec![];

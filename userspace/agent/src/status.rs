@@ -6,6 +6,10 @@
 //! - `GET /node`     the node's wire: uplink, overlay, routes to other nodes, overlay counters;
 //! - `GET /services` every service frontend with the backends the maps hold, per-service
 //!   counters, services left out and why, healthCheckNodePorts, conntrack fill;
+//! - `GET /conntrack` the conntrack table's flows, each from the side that opened it, with
+//!   its pods, service, translation, TCP state, idle time and expiry; `?pod=NS/NAME`,
+//!   `?service=NS/NAME`, `?namespace=NS` narrow it, `?limit=N` (200; 0: all) keeps the most
+//!   recently seen (see `conntrack`);
 //! - `GET /vswitch`  slow-path counters: vswitch verdicts by reason, AF_XDP port, slow-path port programs;
 //! - `GET /policies` what NetworkPolicy the node enforces for each pod, read from the maps;
 //! - `GET /monitor`  a live stream of datapath events (NDJSON, one object per line: `hello`,
@@ -43,6 +47,7 @@ pub fn router(agent: Arc<Agent>, metrics: Arc<AgentMetrics>) -> Router {
         .route("/node", get(node))
         .route("/policies", get(policies))
         .route("/services", get(services))
+        .route("/conntrack", get(conntrack))
         .route("/monitor", get(monitor))
         .route("/trace", get(trace_get).post(trace_post))
         .route("/trace/arrival", get(trace_arrival))
@@ -74,6 +79,15 @@ async fn policies(State((agent, _)): State<Shared>) -> axum::response::Response 
 
 async fn services(State((agent, _)): State<Shared>) -> impl IntoResponse {
     Json(agent.services_report().await)
+}
+
+async fn conntrack(State((agent, _)): State<Shared>, Query(q): Query<crate::conntrack::ConntrackQuery>) -> Response {
+    use crate::conntrack::ConntrackError;
+    match agent.conntrack_report(&q).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e @ ConntrackError::Query(_)) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        Err(e @ ConntrackError::Read(_)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn vswitch(State((agent, _)): State<Shared>) -> impl IntoResponse {

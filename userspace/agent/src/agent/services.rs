@@ -3,7 +3,7 @@
 //! `/services` report (read from the maps, so it shows what the node really does).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::Instant,
@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::{Agent, Inner};
 use crate::{
+    conntrack::{ConntrackError, ConntrackQuery, ConntrackReport, flows_report},
     datapath::CtTable,
     proxy::{ApplyStats, GcStats, gc_conntrack, monotonic_ns},
     services::{HealthCheck, ServiceChanges, Skipped, proto_name},
@@ -357,6 +358,44 @@ impl Agent {
                 Err(e) => log::warn!("{e}"),
             }
         }
+    }
+
+    /// The conntrack table's flows (`GET /conntrack`, see [`crate::conntrack`]): read on
+    /// the table's own handle, named from the cluster model and the service plan. An error
+    /// names a pod or service of the query this node does not know.
+    pub async fn conntrack_report(&self, q: &ConntrackQuery) -> Result<ConntrackReport, ConntrackError> {
+        let pods = self.pod_directory().await;
+        let (filter, services) = {
+            let inner = self.inner.lock().await;
+            let ports = &inner.proxy.plan().ports;
+            let named: Vec<(u32, &str, &str)> =
+                ports.iter().map(|(id, p)| (*id, p.namespace.as_str(), p.name.as_str())).collect();
+            let services: HashMap<u32, String> = ports
+                .iter()
+                .map(|(id, p)| {
+                    let port = if p.port_name.is_empty() { String::new() } else { format!(":{}", p.port_name) };
+                    (*id, format!("{}/{}{port}", p.namespace, p.name))
+                })
+                .collect();
+            (q.filter(&pods, &named).map_err(ConntrackError::Query)?, services)
+        };
+        let pin_dir = self.config.bpf_pin_dir.clone();
+        let entries = tokio::task::spawn_blocking(move || CtTable::open(&pin_dir).and_then(|t| t.entries()))
+            .await
+            .map_err(|e| ConntrackError::Read(e.to_string()))?
+            .map_err(|e| ConntrackError::Read(e.to_string()))?;
+        let n_entries = entries.len();
+        let (flows, flows_total, matched) =
+            flows_report(entries, monotonic_ns(), &self.config.services.timeouts, &services, &pods, &filter);
+        Ok(ConntrackReport {
+            node: self.config.node_name.clone(),
+            entries: n_entries,
+            max: self.config.services.conntrack_entries,
+            flows_total,
+            matched,
+            filter: q.describe(),
+            flows,
+        })
     }
 
     /// What the node programs for services, read from the maps.

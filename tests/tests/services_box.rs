@@ -7,7 +7,7 @@
 //! one node's socket programs never translate another node's connections, topology hints
 //! (zones), the proxy's health server on port 10256 (a node the autoscaler is about to
 //! delete says 503), ICMP errors about translated flows reaching the sockets they quote,
-//! `nodePortAddresses` limiting the addresses NodePorts answer on, fragmented datagrams
+//! `netctl get conntrack` showing a node's flows, `nodePortAddresses` limiting the addresses NodePorts answer on, fragmented datagrams
 //! through pods, services and NodePorts (with and without NetworkPolicy), and source ranges
 //! admitting the node's own connections when they hold its address.
 //!
@@ -381,6 +381,82 @@ spec:
         "{metrics}"
     );
     let _ = EXTERNAL_IP;
+
+    // The conntrack table as netctl shows it, from node-1's map: a connection from outside
+    // to node-1's NodePort that lands on node-2's backend (translated on the packet path,
+    // SNAT'ed to node-1), and a pod's connection to the ClusterIP (balanced at connect(),
+    // so the packet path sees it go to its backend).
+    let from_outside = (0..20)
+        .map(|_| Conn::open(&ext, SocketAddr::from((n1.ip, 30080))))
+        .find(|(_, server)| server == "web-2")
+        .map(|(c, _)| c)
+        .expect("a connection from outside to node-1's NodePort lands on web-2");
+    let client = from_outside.0.local_addr().unwrap().to_string();
+    let (from_pod, _) = Conn::open(&c1.netns, sa("10.96.0.10", 80));
+    let pod_client = from_pod.0.local_addr().unwrap().to_string();
+    let conntrack = |args: &[&str]| {
+        let out = b
+            .cmd("node-1", contiv_tests::bin_dir().join("netctl"))
+            .args(["get", "conntrack", "--node", "node-1"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let flows_of = |args: &[&str]| -> Vec<Value> {
+        let (ok, json, err) = conntrack(&[args, &["-o", "json"]].concat());
+        assert!(ok, "netctl get conntrack {args:?}: {err}");
+        let report: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        report["flows"].as_array().cloned().unwrap_or_default()
+    };
+    let flows = flows_of(&["--service", "default/web"]);
+    assert!(flows.iter().all(|f| f["service"].as_str().is_some_and(|s| s.starts_with("default/web:"))), "{flows:?}");
+    let f = flows.iter().find(|f| f["client"] == client.as_str()).unwrap_or_else(|| panic!("{client} in {flows:?}"));
+    assert_eq!(f["server"], format!("{}:30080", n1.ip), "{f}");
+    assert_eq!(
+        (f["backend"].clone(), f["backendPod"].clone()),
+        (format!("{}:9090", w2.ip).into(), "default/web-2".into())
+    );
+    assert!(f["sourceNat"].as_str().is_some_and(|n| n.starts_with(&format!("{}:", n1.ip))), "SNAT'ed to node-1: {f}");
+    assert_eq!(
+        (f["service"].as_str(), f["state"].as_str(), f["directed"].as_bool()),
+        (Some("default/web:http"), Some("established"), Some(true))
+    );
+    assert!(f["flags"].as_array().is_some_and(|a| a.contains(&"fromUplink".into())), "{f}");
+    assert!(f["expiresInSeconds"].as_u64().is_some_and(|s| s > 3600), "an established flow lives for hours: {f}");
+
+    let c1_id = format!("default/{}", c1.name);
+    let flows = flows_of(&["--pod", &c1_id]);
+    let c1_ip = c1.ip.to_string();
+    let has_c1 = |f: &Value| {
+        ["client", "server", "backend", "sourceNat"]
+            .iter()
+            .any(|k| f[*k].as_str().is_some_and(|a| a.split(':').next() == Some(c1_ip.as_str())))
+    };
+    assert!(!flows.is_empty() && flows.iter().all(has_c1), "only c1's flows: {flows:?}");
+    let f = flows
+        .iter()
+        .find(|f| f["client"] == pod_client.as_str())
+        .unwrap_or_else(|| panic!("{pod_client} in {flows:?}"));
+    assert_eq!(f["clientPod"], c1_id.as_str());
+    assert!(
+        f["serverPod"].as_str().is_some_and(|p| p.starts_with("default/web-")),
+        "its backend, balanced at connect(): {f}"
+    );
+    assert!(f["service"].is_null() && f["backend"].is_null() && f["directed"] == false, "{f}");
+
+    let (ok, table, err) = conntrack(&["--service", "default/web"]);
+    assert!(ok, "{err}");
+    assert!(
+        table.starts_with("node node-1: ") && table.lines().next().unwrap().contains("matching service=default/web"),
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.contains(&client)).unwrap_or_else(|| panic!("{client} in {table}"));
+    assert!(row.contains("(default/web-2)") && row.contains("established") && row.contains("fromUplink"), "{row}");
+    let (ok, _, err) = conntrack(&["--pod", "default/nobody"]);
+    assert!(!ok && err.contains("no pod default/nobody"), "an unknown pod is named: {err}");
+    drop((from_outside, from_pod));
 
     // A hostNetwork backend (an ingress controller on the host's network): its endpoint is
     // node-1's own address. From outside through node-1 it is this node's own stack, whose

@@ -48,7 +48,13 @@ pub fn get_json(addr: &str, path: &str) -> Result<Value, AgentError> {
         .ok_or_else(|| AgentError::Answer { addr: addr.to_owned(), detail: "not an HTTP answer".into() })?;
     if !head.starts_with("HTTP/1.1 200") {
         let status = head.lines().next().unwrap_or("").to_owned();
-        return Err(AgentError::Answer { addr: addr.to_owned(), detail: format!("{path}: {status}") });
+        // The agent says why in the body's first line (an unknown pod, say).
+        let why = body.lines().next().map(str::trim).filter(|l| !l.is_empty());
+        let detail = match why {
+            Some(why) => format!("{path}: {status}: {why}"),
+            None => format!("{path}: {status}"),
+        };
+        return Err(AgentError::Answer { addr: addr.to_owned(), detail });
     }
     serde_json::from_str(body).map_err(|e| AgentError::Answer { addr: addr.to_owned(), detail: format!("{path}: {e}") })
 }
@@ -135,6 +141,86 @@ pub fn services_table(report: &Value, namespace: Option<&str>) -> String {
         out.push_str(&line);
     }
     out
+}
+
+/// The `/conntrack` request for these filters (each `NAMESPACE/NAME` but the namespace).
+pub fn conntrack_path(
+    pod: Option<&str>,
+    service: Option<&str>,
+    namespace: Option<&str>,
+    limit: Option<usize>,
+) -> String {
+    let mut params: Vec<String> = [("pod", pod), ("service", service), ("namespace", namespace)]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", crate::inspect::q(v))))
+        .collect();
+    if let Some(n) = limit {
+        params.push(format!("limit={n}"));
+    }
+    if params.is_empty() { "/conntrack".into() } else { format!("/conntrack?{}", params.join("&")) }
+}
+
+/// `GET /conntrack` as a table: one row per flow, from the side that opened it, most
+/// recently seen first.
+pub fn conntrack_table(report: &Value) -> String {
+    let named = |addr: &Value, pod: &Value| match pod.as_str() {
+        Some(p) => format!("{} ({p})", s(addr)),
+        None => s(addr),
+    };
+    let mut rows = vec![];
+    for f in report["flows"].as_array().into_iter().flatten() {
+        let mut notes: Vec<String> = vec![];
+        if f["directed"] == false {
+            notes.push("opener unknown".into());
+        }
+        if let Some(nat) = f["sourceNat"].as_str() {
+            notes.push(format!("source NAT {nat}"));
+        }
+        if f["entries"] == 1 {
+            notes.push("one direction".into());
+        }
+        notes.extend(f["flags"].as_array().into_iter().flatten().map(s));
+        rows.push(vec![
+            s(&f["protocol"]),
+            named(&f["client"], &f["clientPod"]),
+            named(&f["server"], &f["serverPod"]),
+            if f["backend"].is_null() { "-".into() } else { named(&f["backend"], &f["backendPod"]) },
+            f["service"].as_str().unwrap_or("-").to_owned(),
+            f["state"].as_str().unwrap_or("-").to_owned(),
+            duration(f["idleSeconds"].as_u64().unwrap_or_default()),
+            duration(f["expiresInSeconds"].as_u64().unwrap_or_default()),
+            notes.join(", "),
+        ]);
+    }
+    let filter = report["filter"].as_str().filter(|f| !f.is_empty());
+    let matched = report["matched"].as_u64().unwrap_or_default();
+    let shown = rows.len() as u64;
+    let mut out = format!(
+        "node {}: {} of {} conntrack entries, {} flows{}{}\n",
+        s(&report["node"]),
+        s(&report["entries"]),
+        s(&report["max"]),
+        s(&report["flowsTotal"]),
+        filter.map(|f| format!(", {matched} matching {f}")).unwrap_or_default(),
+        if shown < matched { format!("; the {shown} most recently seen shown (--limit)") } else { String::new() },
+    );
+    out.push_str(&table(
+        &["PROTO", "CLIENT", "SERVER", "BACKEND", "SERVICE", "STATE", "IDLE", "EXPIRES IN", "NOTES"],
+        &rows,
+    ));
+    out
+}
+
+/// `3h2m`, `5m10s`, `42s`.
+fn duration(secs: u64) -> String {
+    let (h, m, sec) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m")
+    } else if m > 0 {
+        format!("{m}m{sec}s")
+    } else {
+        format!("{sec}s")
+    }
 }
 
 /// Said only when the node's table of connected UDP sockets to services was ever full: those
@@ -247,5 +333,62 @@ mod tests {
         let older_agent = json!({"frontends": [], "nodePortAddresses": ["192.168.100.0/28"],
                                  "nodeAddresses": ["192.168.100.11 (this node)"]});
         assert!(!super::services_table(&older_agent, None).contains("nodePortAddresses"));
+    }
+
+    #[test]
+    fn conntrack_flows_read_from_the_client_side_with_what_is_unusual_noted() {
+        let report = json!({
+            "node": "node-1", "entries": 5, "max": 262144, "flowsTotal": 3, "matched": 2, "filter": "namespace=x",
+            "flows": [
+                {"protocol": "TCP", "client": "10.1.1.2:40000", "clientPod": "x/a", "server": "10.96.0.10:80",
+                 "serverPod": null, "backend": "10.1.1.3:8080", "backendPod": "x/b", "sourceNat": null,
+                 "service": "x/web:http", "directed": true, "state": "established", "idleSeconds": 2,
+                 "expiresInSeconds": 21598, "entries": 2, "flags": []},
+                {"protocol": "UDP", "client": "10.1.2.4:35000", "clientPod": null, "server": "10.1.1.2:53",
+                 "serverPod": "x/a", "backend": null, "backendPod": null, "sourceNat": null, "service": null,
+                 "directed": false, "state": null, "idleSeconds": 70, "expiresInSeconds": 0, "entries": 2, "flags": []}
+            ]
+        });
+        let t = super::conntrack_table(&report);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "node node-1: 5 of 262144 conntrack entries, 3 flows, 2 matching namespace=x");
+        assert!(lines[1].starts_with("PROTO"), "{t}");
+        let row: Vec<&str> = lines[2].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(
+            row,
+            [
+                "TCP",
+                "10.1.1.2:40000 (x/a)",
+                "10.96.0.10:80",
+                "10.1.1.3:8080 (x/b)",
+                "x/web:http",
+                "established",
+                "2s",
+                "5h59m"
+            ]
+        );
+        let row: Vec<&str> = lines[3].split("   ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        assert_eq!(row, ["UDP", "10.1.2.4:35000", "10.1.1.2:53 (x/a)", "-", "-", "-", "1m10s", "0s", "opener unknown"]);
+
+        // A limit that cut the list says so; no filter, no "matching".
+        let mut cut = report.clone();
+        cut["filter"] = json!("");
+        cut["matched"] = json!(3);
+        cut["flows"].as_array_mut().unwrap().truncate(1);
+        let t = super::conntrack_table(&cut);
+        assert_eq!(
+            t.lines().next().unwrap(),
+            "node node-1: 5 of 262144 conntrack entries, 3 flows; the 1 most recently seen shown (--limit)"
+        );
+    }
+
+    #[test]
+    fn conntrack_requests_carry_only_the_filters_given() {
+        assert_eq!(super::conntrack_path(None, None, None, None), "/conntrack");
+        assert_eq!(
+            super::conntrack_path(Some("x/a"), Some("x/web"), Some("x"), Some(0)),
+            "/conntrack?pod=x/a&service=x/web&namespace=x&limit=0"
+        );
+        assert_eq!(super::conntrack_path(Some("x/a b"), None, None, None), "/conntrack?pod=x/a%20b");
     }
 }

@@ -31,6 +31,9 @@ pub enum Resource {
     Policies,
     /// IPAM configuration, allocations and node ID claims.
     Ipam,
+    /// A node's conntrack table, from its agent (needs --node).
+    #[value(alias = "ct")]
+    Conntrack,
 }
 
 /// Output format.
@@ -187,6 +190,10 @@ pub async fn get(
         match what {
             Resource::Nodes => nodes(store, format, &mut warnings).await?,
             Resource::Ipam => ipam(store, format, &mut warnings).await?,
+            Resource::Conntrack => {
+                warnings.push("conntrack is a node's table, read from its agent: pass --node NODE".into());
+                String::new()
+            }
             Resource::Pods => {
                 let objs = objects(store, Kind::Pod, namespace, &mut warnings).await?;
                 listing(&objs, format, &["NAMESPACE", "NAME", "NODE", "IPS", "HOSTNET", "LABELS"], |o| match o {

@@ -64,7 +64,7 @@ pub async fn resolve(store: Option<&Arc<dyn Store>>, target: &Target, port: u16)
 }
 
 /// Percent-encodes a query value.
-fn q(v: &str) -> String {
+pub(crate) fn q(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' | b':' => {

@@ -43,7 +43,8 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
-    /// Lists nodes, pods, services, endpoints, policies or ipam.
+    /// Lists nodes, pods, services, endpoints, policies or ipam; with --node, what a node's
+    /// datapath holds (policies, services, conntrack).
     Get {
         /// What to list.
         #[arg(value_enum)]
@@ -56,15 +57,23 @@ enum Command {
         output: Format,
         /// What node N's datapath holds, asked of its agent instead of the store: for
         /// policies what it enforces per pod (its address from its registration, see
-        /// --status-port), for services the frontends and backends programmed (see --agent).
+        /// --status-port), for services the frontends and backends programmed, for
+        /// conntrack its flows (both: see --agent).
         #[arg(long)]
         node: Option<String>,
-        /// With --node: only this pod.
+        /// With --node: only this pod (NAMESPACE/NAME for conntrack: flows it is in).
         #[arg(long, requires = "node")]
         pod: Option<String>,
         /// With --node: the port of the agents' status endpoint (`statusAddr`).
         #[arg(long, default_value_t = 9192)]
         status_port: u16,
+        /// With --node, for conntrack: only flows this service (NAMESPACE/NAME) translated.
+        #[arg(long, requires = "node")]
+        service: Option<String>,
+        /// With --node, for conntrack: at most N flows, the most recently seen (default 200;
+        /// 0: all).
+        #[arg(long, requires = "node")]
+        limit: Option<usize>,
     },
     /// Streams a node's datapath events live: every dropped packet (time, pod, 5-tuple,
     /// reason) and, when the agent monitors flows, every allowed new flow. The kernel bounds
@@ -199,9 +208,24 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Format::Table => print!("{}", contiv_netctl::agent::services_table(&report, namespace.as_deref())),
             }
         }
-        Command::Get { what, namespace, output, node: Some(node), pod, status_port } => {
+        Command::Get { what: Resource::Conntrack, node: None, .. } => {
+            eprintln!("error: conntrack is a node's table, read from its agent: pass --node NODE");
+            return Ok(ExitCode::from(2));
+        }
+        Command::Get {
+            what: Resource::Conntrack, namespace, output, node: Some(node), pod, service, limit, ..
+        } => {
+            let path =
+                contiv_netctl::agent::conntrack_path(pod.as_deref(), service.as_deref(), namespace.as_deref(), *limit);
+            let report = contiv_netctl::agent::node_report(&args.agent, &path, Some(node))?;
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", contiv_netctl::agent::conntrack_table(&report)),
+            }
+        }
+        Command::Get { what, namespace, output, node: Some(node), pod, status_port, .. } => {
             if *what != Resource::Policies {
-                eprintln!("error: --node is supported for policies and services");
+                eprintln!("error: --node is supported for policies, services and conntrack");
                 return Ok(ExitCode::from(2));
             }
             let store = open(&args).await?;

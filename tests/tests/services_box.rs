@@ -531,11 +531,41 @@ endpoints:
     }
     // node-1's agent restarts: its pods keep tc_to_pod (replaced by the new agent's), and
     // c1's UDP to the service still gets its answer from the frontend.
+    // It is an upgrade from an agent that noted connected UDP sockets in SOCK_REVNAT, by
+    // cookie and backend (before SOCK_UDP_BACKEND existed): while the agent is down, a live
+    // socket's note is moved there (with bpftool) and SOCK_UDP_BACKEND removed. The agent
+    // creates the map and adopts the note, so the socket is still aborted when its backend
+    // leaves.
+    let udp_map = n1.pin_dir.join("SOCK_UDP_BACKEND");
+    let live = enter(&n1.netns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap());
+    live.connect(sa("10.96.0.10", 53)).unwrap();
+    let note_of = |cookie: u64| dump_pinned_map(&udp_map).into_iter().find(|e| e["key"].as_u64() == Some(cookie));
+    let note = note_of(cookie(&live)).expect("the live socket's note");
+    // The backend it was balanced to (getpeername() shows the service) and the service port.
+    let backend_ip: Vec<u8> = note["value"]["backend_ip"]
+        .as_array()
+        .expect("backend_ip")
+        .iter()
+        .map(|b| u8::try_from(b.as_u64().unwrap()).unwrap())
+        .collect();
+    let backend_port = u16::try_from(note["value"]["backend_port"].as_u64().expect("backend_port")).unwrap();
+    let svc_id = u32::try_from(note["value"]["svc_id"].as_u64().expect("svc_id")).unwrap();
     b.stop_agent("node-1", false);
+    std::fs::remove_file(&udp_map).unwrap();
+    let key = [&cookie(&live).to_ne_bytes()[..], &backend_ip, &backend_port.to_ne_bytes(), &[0, 0]].concat();
+    let value = [&[10, 96, 0, 10][..], &53u16.to_ne_bytes(), &[0, 0], &svc_id.to_ne_bytes()].concat();
+    bpftool_update(&n1.pin_dir.join("SOCK_REVNAT"), &key, &value);
     b.start_agent("node-1");
     b.wait_for(Duration::from_secs(15), "node-1's first service apply after the restart", || {
         b.status_json("node-1", "/services").is_some_and(|r| !r["lastApply"].is_null())
     });
+    assert_eq!(note_of(cookie(&live)).map(|e| e["value"].clone()), Some(note["value"].clone()), "the note adopted");
+    let log = b.agent_log("node-1");
+    assert!(
+        log.contains("SOCK_UDP_BACKEND: 1 connected UDP sockets an older agent noted in SOCK_REVNAT adopted"),
+        "{log}"
+    );
+    drop(live);
     assert_eq!(egress_links(&b, "node-1"), (pods_1, pods_1), "after node-1's agent restart");
     let a = udp_ask(&c1.netns, sa("10.96.0.12", 53)).expect("UDP c1 -> hostNetwork backend after the restart");
     assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 53)));
@@ -1104,18 +1134,7 @@ spec:
     // agent copies the notes into the resized map is left behind: its sweep removes it.
     let udp_map = b.node("node-1").pin_dir.join("SOCK_UDP_BACKEND");
     const GONE_COOKIE: u64 = u64::MAX - 7;
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "update", "pinned"])
-        .arg(&udp_map)
-        .arg("key")
-        .arg("hex")
-        .args(hex(&GONE_COOKIE.to_ne_bytes()))
-        .args(["value", "hex"])
-        .args(hex(&[10, 1, 0, 9, 0, 53, 0, 0, 1, 0, 0, 0]))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "bpftool map update: {}", String::from_utf8_lossy(&out.stderr));
+    bpftool_update(&udp_map, &GONE_COOKIE.to_ne_bytes(), &[10, 1, 0, 9, 0, 53, 0, 0, 1, 0, 0, 0]);
     let size = |b: &ClusterBox, map: &str| {
         let pin = b.node("node-1").pin_dir.join(map);
         let out =
@@ -1967,6 +1986,22 @@ status:
     let (a, _) = udp_connected_ask(&n1.netns, vip_udp).expect("UDP from node-1");
     assert_eq!(a.peer, vip_udp, "the answer shows the load-balancer address");
     assert!(tcp_ask_from(&c1.netns, None, vip_tcp, short).is_err(), "a pod's own address is outside the ranges");
+}
+
+/// `bpftool map update pinned PIN key hex .. value hex ..`: an entry written as another
+/// agent would have written it.
+fn bpftool_update(pin: &std::path::Path, key: &[u8], value: &[u8]) {
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(pin)
+        .args(["key", "hex"])
+        .args(hex(key))
+        .args(["value", "hex"])
+        .args(hex(value))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool map update: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A socket's cookie (what BPF's `bpf_get_socket_cookie` gives).

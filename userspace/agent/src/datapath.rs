@@ -261,6 +261,8 @@ pub struct Datapath {
     owned_links: Vec<FdLink>,
     /// Maps created beside an older-layout pinned map; pinned by `finish_migration`.
     migrated: Vec<&'static str>,
+    /// Maps that had no pin when this agent loaded: new on this node.
+    created: Vec<&'static str>,
     /// Resizing the conntrack map: when the first copy read the old one (CLOCK_MONOTONIC ns).
     ct_copied_at_ns: u64,
     nr_cpus: usize,
@@ -286,7 +288,7 @@ impl Datapath {
         for (name, n) in sizes.configured() {
             loader.map_max_entries(name, n);
         }
-        let mut migrated = vec![];
+        let (mut migrated, mut created) = (vec![], vec![]);
         for ((name, version), pin) in schema::LAYOUTS.iter().zip(&pins) {
             let pinned_version = pin.exists().then(|| stored.get(*name).copied().unwrap_or(1));
             match pinned_version {
@@ -297,7 +299,11 @@ impl Datapath {
                 Some(_) if needs_resize(name, pin, sizes.of(name)) => {
                     migrated.push(*name);
                 }
-                _ => {
+                None => {
+                    created.push(*name);
+                    loader.map_pin_path(name, pin);
+                }
+                Some(_) => {
                     loader.map_pin_path(name, pin);
                 }
             }
@@ -306,8 +312,15 @@ impl Datapath {
         load_programs(&mut ebpf)?;
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| DatapathError::Map { name: "nr_cpus", source: aya::maps::MapError::IoError(e) })?;
-        let mut dp =
-            Self { ebpf, pin_dir: pin_dir.to_owned(), owned_links: Vec::new(), migrated, ct_copied_at_ns: 0, nr_cpus };
+        let mut dp = Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            owned_links: Vec::new(),
+            migrated,
+            created,
+            ct_copied_at_ns: 0,
+            nr_cpus,
+        };
         for name in dp.migrated.clone() {
             dp.migrate_entries(name, stored.get(name).copied().unwrap_or(1))?;
         }
@@ -316,6 +329,12 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Whether map `name` had no pin when this agent loaded: it is new on this node (a
+    /// fresh node, or an upgrade from an agent that did not have it).
+    pub fn created_here(&self, name: &str) -> bool {
+        self.created.contains(&name)
     }
 
     /// Fills a freshly created map from the older-layout map pinned under its name.
@@ -1013,12 +1032,14 @@ impl Drop for TestPins {
     }
 }
 
-/// Counter maps pinned in an older layout are migrated with their counts (root only).
+/// What an older agent pinned is carried over: counter maps of an older layout with their
+/// counts, and connected UDP sockets noted before SOCK_UDP_BACKEND existed (root only).
 #[cfg(test)]
-mod counter_migration {
+mod migration {
     use std::process::Command;
 
     use super::*;
+    use contiv_common::{SockRevNat, SockRevNatKey};
 
     /// Pins, under `name`, an empty map of `kind` with a value of `counters` u64s, as an
     /// agent of that layout created it.
@@ -1033,6 +1054,50 @@ mod counter_migration {
             .status()
             .expect("running bpftool");
         assert!(status.success(), "bpftool map create {name}");
+    }
+
+    #[test]
+    fn connected_udp_sockets_an_agent_before_sock_udp_backend_noted_are_adopted() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the datapath needs root");
+            return;
+        }
+        let dir = TestPins::new("legacy-udp");
+        let load = || {
+            Datapath::load_with(&dir.0, true, MapSizes { conntrack: Some(1024), ..Default::default() })
+                .expect("loading the datapath")
+        };
+        let mut dp = load();
+        dp.finish_migration().unwrap();
+        assert!(dp.created_here(map_names::SOCK_UDP_BACKEND) && dp.created_here(map_names::SOCK_REVNAT), "a new node");
+        // What an agent from before SOCK_UDP_BACKEND left: SOCK_REVNAT notes (cookie,
+        // backend) -> (frontend, service) of two connected sockets, and no SOCK_UDP_BACKEND.
+        {
+            let mut revnat: HashMap<&mut MapData, SockRevNatKey, SockRevNat> =
+                dp.typed(map_names::SOCK_REVNAT).unwrap();
+            for (cookie, backend) in [(7u64, [10, 1, 1, 5]), (8, [10, 1, 1, 6])] {
+                let k = SockRevNatKey { cookie, ip: backend, port: 53, _pad: 0 };
+                revnat.insert(k, SockRevNat { ip: [10, 96, 0, 10], port: 53, _pad: 0, svc_id: 3 }, 0).unwrap();
+            }
+        }
+        drop(dp);
+        std::fs::remove_file(dir.0.join(map_names::SOCK_UDP_BACKEND)).unwrap();
+
+        let mut dp = load();
+        dp.finish_migration().unwrap();
+        assert!(dp.created_here(map_names::SOCK_UDP_BACKEND) && !dp.created_here(map_names::SOCK_REVNAT));
+        // The node's connected UDP sockets: 7 still on the backend it was balanced to, 8
+        // connected elsewhere since, 10 never balanced.
+        let lo = |d| Ipv4Addr::new(10, 1, 1, d);
+        let socks = [(7, lo(5), 53), (8, lo(7), 53), (10, lo(5), 53)];
+        assert_eq!(dp.adopt_legacy_udp_notes(&socks).unwrap(), 1);
+        let note = SockUdpBackend { backend_ip: [10, 1, 1, 5], backend_port: 53, _pad: 0, svc_id: 3 };
+        assert_eq!(dp.sock_udp_backend(7).unwrap(), Some(note));
+        assert_eq!(dp.sock_udp_cookies().unwrap(), [7]);
+        // A note is never overwritten: adopting again changes nothing.
+        assert_eq!(dp.adopt_legacy_udp_notes(&socks).unwrap(), 0);
+        assert_eq!(dp.sock_udp_backend(7).unwrap(), Some(note));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use contiv_common::{SVC_LOCAL_BASE, SvcBackendKey, SvcKey, svc_flags};
+use contiv_common::{SVC_LOCAL_BASE, SvcBackendKey, SvcKey, map_names, svc_flags};
 use serde::Serialize;
 
 use super::{Agent, Inner};
@@ -119,6 +119,24 @@ fn flag_names(flags: u32) -> (&'static str, Vec<&'static str>) {
     (kind, out)
 }
 
+/// Notes in SOCK_UDP_BACKEND the node's connected UDP sockets an agent from before that
+/// map noted in SOCK_REVNAT, so they are aborted like any other when their backend leaves.
+fn adopt_legacy_udp_notes(dp: &mut crate::datapath::Datapath) {
+    let socks = match crate::sockdiag::connected_udp4() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("listing the node's UDP sockets (sock_diag) to adopt an older agent's notes: {e}");
+            return;
+        }
+    };
+    let socks: Vec<(u64, Ipv4Addr, u16)> = socks.iter().map(|s| (s.cookie, s.peer.0, s.peer.1)).collect();
+    match dp.adopt_legacy_udp_notes(&socks) {
+        Ok(0) => {}
+        Ok(n) => log::info!("SOCK_UDP_BACKEND: {n} connected UDP sockets an older agent noted in SOCK_REVNAT adopted"),
+        Err(e) => log::warn!("adopting an older agent's notes of connected UDP sockets: {e}"),
+    }
+}
+
 impl Agent {
     /// Attaches the service programs (socket programs at the cgroup2 root, the uplink's
     /// ingress) and reads back what the service maps hold. Called once at start.
@@ -138,6 +156,12 @@ impl Agent {
                     .attach_sockets(&root)
                     .with_context(|| format!("attaching the socket programs at {}", root.display()))?;
                 log::info!("services: socket programs at cgroup {}", root.display());
+                // Upgraded from an agent that noted connected UDP sockets in SOCK_REVNAT: its
+                // programs, which noted there, are gone now.
+                let dp = &mut inner.datapath;
+                if dp.created_here(map_names::SOCK_UDP_BACKEND) && !dp.created_here(map_names::SOCK_REVNAT) {
+                    adopt_legacy_udp_notes(dp);
+                }
             }
             None => log::warn!(
                 "services: no cgroup2 hierarchy found (set [services] cgroupRoot); TCP to services is translated per \

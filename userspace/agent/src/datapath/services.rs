@@ -13,8 +13,8 @@ use aya::{
     programs::{CgroupAttachMode, Program, TcAttachType, links::FdLink},
 };
 use contiv_common::{
-    CtEntry, CtKey, Ipv4Key, NodeAddr, SockCounters, SockUdpBackend, SvcBackend, SvcBackendKey, SvcCounters,
-    SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, map_names, program_names,
+    CtEntry, CtKey, Ipv4Key, NodeAddr, SockCounters, SockRevNat, SockRevNatKey, SockUdpBackend, SvcBackend,
+    SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, map_names, program_names,
 };
 use ipnet::Ipv4Net;
 
@@ -302,6 +302,39 @@ impl Datapath {
             self.delete::<u64, SockUdpBackend>(map_names::SOCK_UDP_BACKEND, *c)?;
         }
         Ok(())
+    }
+
+    /// After an upgrade from an agent that noted connected UDP sockets in SOCK_REVNAT, by
+    /// cookie and the backend they were balanced to (before SOCK_UDP_BACKEND): notes them in
+    /// SOCK_UDP_BACKEND, so that they are aborted like any other when that backend leaves.
+    /// `socks`: the node's connected UDP sockets (cookie, peer). A socket is adopted when
+    /// SOCK_REVNAT holds its cookie with its peer as the backend and it has no note yet;
+    /// how many were.
+    pub fn adopt_legacy_udp_notes(&mut self, socks: &[(u64, Ipv4Addr, u16)]) -> Result<usize> {
+        let name = map_names::SOCK_REVNAT;
+        let revnat: HashMap<&MapData, SockRevNatKey, SockRevNat> = self.typed_ref(name)?;
+        let found: Vec<(u64, SockUdpBackend)> = socks
+            .iter()
+            .filter_map(|&(cookie, ip, port)| {
+                let k = SockRevNatKey { cookie, ip: ip.octets(), port, _pad: 0 };
+                let v = revnat.get(&k, 0).ok()?;
+                Some((
+                    cookie,
+                    SockUdpBackend { backend_ip: ip.octets(), backend_port: port, _pad: 0, svc_id: v.svc_id },
+                ))
+            })
+            .collect();
+        let name = map_names::SOCK_UDP_BACKEND;
+        let mut notes: HashMap<&mut MapData, u64, SockUdpBackend> = self.typed(name)?;
+        let mut adopted = 0;
+        for (cookie, note) in &found {
+            match notes.insert(cookie, note, BPF_NOEXIST) {
+                Ok(()) => adopted += 1,
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(adopted)
     }
 
     /// SOCK_COUNTERS, summed over the CPUs.

@@ -1032,14 +1032,12 @@ impl Drop for TestPins {
     }
 }
 
-/// What an older agent pinned is carried over: counter maps of an older layout with their
-/// counts, and connected UDP sockets noted before SOCK_UDP_BACKEND existed (root only).
+/// Counter maps pinned in an older layout are migrated with their counts (root only).
 #[cfg(test)]
-mod migration {
+mod counter_migration {
     use std::process::Command;
 
     use super::*;
-    use contiv_common::{SockRevNat, SockRevNatKey};
 
     /// Pins, under `name`, an empty map of `kind` with a value of `counters` u64s, as an
     /// agent of that layout created it.
@@ -1054,50 +1052,6 @@ mod migration {
             .status()
             .expect("running bpftool");
         assert!(status.success(), "bpftool map create {name}");
-    }
-
-    #[test]
-    fn connected_udp_sockets_an_agent_before_sock_udp_backend_noted_are_adopted() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading the datapath needs root");
-            return;
-        }
-        let dir = TestPins::new("legacy-udp");
-        let load = || {
-            Datapath::load_with(&dir.0, true, MapSizes { conntrack: Some(1024), ..Default::default() })
-                .expect("loading the datapath")
-        };
-        let mut dp = load();
-        dp.finish_migration().unwrap();
-        assert!(dp.created_here(map_names::SOCK_UDP_BACKEND) && dp.created_here(map_names::SOCK_REVNAT), "a new node");
-        // What an agent from before SOCK_UDP_BACKEND left: SOCK_REVNAT notes (cookie,
-        // backend) -> (frontend, service) of two connected sockets, and no SOCK_UDP_BACKEND.
-        {
-            let mut revnat: HashMap<&mut MapData, SockRevNatKey, SockRevNat> =
-                dp.typed(map_names::SOCK_REVNAT).unwrap();
-            for (cookie, backend) in [(7u64, [10, 1, 1, 5]), (8, [10, 1, 1, 6])] {
-                let k = SockRevNatKey { cookie, ip: backend, port: 53, _pad: 0 };
-                revnat.insert(k, SockRevNat { ip: [10, 96, 0, 10], port: 53, _pad: 0, svc_id: 3 }, 0).unwrap();
-            }
-        }
-        drop(dp);
-        std::fs::remove_file(dir.0.join(map_names::SOCK_UDP_BACKEND)).unwrap();
-
-        let mut dp = load();
-        dp.finish_migration().unwrap();
-        assert!(dp.created_here(map_names::SOCK_UDP_BACKEND) && !dp.created_here(map_names::SOCK_REVNAT));
-        // The node's connected UDP sockets: 7 still on the backend it was balanced to, 8
-        // connected elsewhere since, 10 never balanced.
-        let lo = |d| Ipv4Addr::new(10, 1, 1, d);
-        let socks = [(7, lo(5), 53), (8, lo(7), 53), (10, lo(5), 53)];
-        assert_eq!(dp.adopt_legacy_udp_notes(&socks).unwrap(), 1);
-        let note = SockUdpBackend { backend_ip: [10, 1, 1, 5], backend_port: 53, _pad: 0, svc_id: 3 };
-        assert_eq!(dp.sock_udp_backend(7).unwrap(), Some(note));
-        assert_eq!(dp.sock_udp_cookies().unwrap(), [7]);
-        // A note is never overwritten: adopting again changes nothing.
-        assert_eq!(dp.adopt_legacy_udp_notes(&socks).unwrap(), 0);
-        assert_eq!(dp.sock_udp_backend(7).unwrap(), Some(note));
     }
 
     #[test]

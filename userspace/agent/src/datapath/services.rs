@@ -558,8 +558,9 @@ mod tests {
     }
 }
 
-/// `conntrackEntries` changed across an agent restart: the pinned table is resized through
-/// the real load path, keeping its flows (root only; pins in a directory of its own).
+/// Pinned service maps across an agent restart, through the real load path: resized to a
+/// changed size with their entries, and the connected UDP sockets an agent from before
+/// SOCK_UDP_BACKEND noted elsewhere adopted (root only; pins in a directory of its own).
 #[cfg(test)]
 mod resize {
     use std::collections::BTreeSet;
@@ -733,5 +734,44 @@ mod resize {
             assert_eq!(dp.sock_udp_backend(c).unwrap(), Some(note((c - 1000) as u32)));
         }
         assert_eq!(dp.sock_counters().unwrap(), SockCounters::default(), "nothing counted by a resize");
+    }
+
+    #[test]
+    fn connected_udp_sockets_an_agent_before_sock_udp_backend_noted_are_adopted() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the datapath needs root");
+            return;
+        }
+        let dir = TestPins::new("legacy-udp");
+        let load = || loaded(&dir.0, MapSizes::default());
+        let mut dp = load();
+        assert!(dp.created_here(map_names::SOCK_UDP_BACKEND) && dp.created_here(map_names::SOCK_REVNAT), "a new node");
+        // What an agent from before SOCK_UDP_BACKEND left: SOCK_REVNAT notes (cookie,
+        // backend) -> (frontend, service) of two connected sockets, and no SOCK_UDP_BACKEND.
+        {
+            let mut revnat: HashMap<&mut MapData, SockRevNatKey, SockRevNat> =
+                dp.typed(map_names::SOCK_REVNAT).unwrap();
+            for (cookie, backend) in [(7u64, [10, 1, 1, 5]), (8, [10, 1, 1, 6])] {
+                let k = SockRevNatKey { cookie, ip: backend, port: 53, _pad: 0 };
+                revnat.insert(k, SockRevNat { ip: [10, 96, 0, 10], port: 53, _pad: 0, svc_id: 3 }, 0).unwrap();
+            }
+        }
+        drop(dp);
+        std::fs::remove_file(dir.0.join(map_names::SOCK_UDP_BACKEND)).unwrap();
+
+        let mut dp = load();
+        assert!(dp.created_here(map_names::SOCK_UDP_BACKEND) && !dp.created_here(map_names::SOCK_REVNAT));
+        // The node's connected UDP sockets: 7 still on the backend it was balanced to, 8
+        // connected elsewhere since, 10 never balanced.
+        let lo = |d| Ipv4Addr::new(10, 1, 1, d);
+        let socks = [(7, lo(5), 53), (8, lo(7), 53), (10, lo(5), 53)];
+        assert_eq!(dp.adopt_legacy_udp_notes(&socks).unwrap(), 1);
+        let note = SockUdpBackend { backend_ip: [10, 1, 1, 5], backend_port: 53, _pad: 0, svc_id: 3 };
+        assert_eq!(dp.sock_udp_backend(7).unwrap(), Some(note));
+        assert_eq!(dp.sock_udp_cookies().unwrap(), [7]);
+        // A note is never overwritten: adopting again changes nothing.
+        assert_eq!(dp.adopt_legacy_udp_notes(&socks).unwrap(), 0);
+        assert_eq!(dp.sock_udp_backend(7).unwrap(), Some(note));
     }
 }

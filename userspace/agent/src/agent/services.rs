@@ -403,14 +403,21 @@ impl Agent {
                 .collect();
             (q.filter(&pods, &named).map_err(ConntrackError::Query)?, services)
         };
+        // Read and grouped on a thread of the blocking pool: a full table is hundreds of
+        // thousands of entries, and CNI requests share this runtime.
         let pin_dir = self.config.bpf_pin_dir.clone();
-        let entries = tokio::task::spawn_blocking(move || CtTable::open(&pin_dir).and_then(|t| t.entries()))
-            .await
-            .map_err(|e| ConntrackError::Read(e.to_string()))?
-            .map_err(|e| ConntrackError::Read(e.to_string()))?;
-        let n_entries = entries.len();
-        let (flows, flows_total, matched) =
-            flows_report(entries, monotonic_ns(), &self.config.services.timeouts, &services, &pods, &filter);
+        let timeouts = self.config.services.timeouts;
+        let (n_entries, (flows, flows_total, matched)) = tokio::task::spawn_blocking(move || {
+            let entries = CtTable::open(&pin_dir).and_then(|t| t.entries())?;
+            let n = entries.len();
+            Ok::<_, crate::datapath::DatapathError>((
+                n,
+                flows_report(entries, monotonic_ns(), &timeouts, &services, &pods, &filter),
+            ))
+        })
+        .await
+        .map_err(|e| ConntrackError::Read(e.to_string()))?
+        .map_err(|e| ConntrackError::Read(e.to_string()))?;
         Ok(ConntrackReport {
             node: self.config.node_name.clone(),
             entries: n_entries,

@@ -184,6 +184,21 @@ pub fn build_bins(release: bool) -> Result<PathBuf> {
     Ok(target_dir().join(if release { "release" } else { "debug" }))
 }
 
+/// Builds the binaries together with every test target, so that they share one feature set.
+/// The tests' dev-dependencies turn features on (the store's `test-support`, more of nix and
+/// aya); a bins-only build without them compiled about 40 crates (ours, kube, etcd-client,
+/// aya) a second time when `cargo test --workspace` came, doubling what CI writes to disk.
+/// After this, `cargo test --workspace` only runs. The extra features add test helpers and
+/// change no code path the programs take.
+fn build_bins_and_tests() -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--workspace", "--bins", "--tests"]);
+    let step = crate::progress::step("building the binaries and tests (debug)");
+    check(&mut cmd)?;
+    step.finish();
+    Ok(target_dir().join("debug"))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
@@ -228,11 +243,15 @@ fn main() -> Result<()> {
             unsafe { std::env::set_var("CONTIV_PREVIOUS_AGENT", previous) };
             // Tests that load the object directly (the vswitch's) find it where this builds it.
             build_ebpf()?;
-            build_bins(false)?;
             // Run every test binary even if one fails, so one run shows every failure.
             // Set-up made the vpp_papi virtualenv: tests needing it must not skip here.
             // `-p <crate>` narrows the run; otherwise the whole workspace.
             let narrowed = args.iter().any(|a| a == "-p" || a == "--package" || a.starts_with("--package="));
+            if narrowed {
+                build_bins(false)?;
+            } else {
+                build_bins_and_tests()?;
+            }
             let mut cmd = cargo();
             cmd.args(["test", "--no-fail-fast"]);
             if !narrowed {

@@ -188,15 +188,15 @@ pub fn build_bins(release: bool) -> Result<PathBuf> {
 /// The tests' dev-dependencies turn features on (the store's `test-support`, more of nix and
 /// aya); a bins-only build without them compiled about 40 crates (ours, kube, etcd-client,
 /// aya) a second time when `cargo test --workspace` came, doubling what CI writes to disk.
-/// After this, `cargo test --workspace` only runs. The extra features add test helpers and
-/// change no code path the programs take.
-fn build_bins_and_tests() -> Result<PathBuf> {
+/// After this, `cargo test --workspace` only runs. Our `test-support` features only add
+/// modules (fakes and helpers for tests); the dependencies' extra features add API.
+fn build_bins_and_tests() -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["build", "--workspace", "--bins", "--tests"]);
     let step = crate::progress::step("building the binaries and tests (debug)");
     check(&mut cmd)?;
     step.finish();
-    Ok(target_dir().join("debug"))
+    Ok(())
 }
 
 fn main() -> Result<()> {

@@ -1023,6 +1023,17 @@ impl TestPins {
     pub fn new(tag: &str) -> Self {
         Self(PathBuf::from(format!("/sys/fs/bpf/contiv-test-{tag}-{}", std::process::id())))
     }
+
+    /// The pin directory of a test that loads the datapath, or `None` (the test is skipped,
+    /// and says so) when not running as root.
+    pub fn for_datapath(tag: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the datapath needs root");
+            return None;
+        }
+        Some(Self::new(tag))
+    }
 }
 
 #[cfg(test)]
@@ -1056,12 +1067,7 @@ mod counter_migration {
 
     #[test]
     fn counters_pinned_in_older_layouts_keep_their_counts() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading the datapath needs root");
-            return;
-        }
-        let dir = TestPins::new("counters");
+        let Some(dir) = TestPins::for_datapath("counters") else { return };
         let load = || {
             Datapath::load_with(&dir.0, true, MapSizes { conntrack: Some(1024), ..Default::default() })
                 .expect("loading the datapath")

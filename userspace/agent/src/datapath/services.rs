@@ -599,12 +599,7 @@ mod resize {
 
     #[test]
     fn a_changed_conntrack_size_resizes_the_pinned_table_and_keeps_its_flows() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading the datapath needs root");
-            return;
-        }
-        let dir = TestPins::new("ct-resize");
+        let Some(dir) = TestPins::for_datapath("ct-resize") else { return };
         let load = |entries: u32| {
             let sizes = MapSizes { conntrack: Some(entries), ..Default::default() };
             Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath")
@@ -668,12 +663,7 @@ mod resize {
 
     #[test]
     fn a_fragment_map_pinned_with_another_size_is_resized_with_its_entries() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading the datapath needs root");
-            return;
-        }
-        let dir = TestPins::new("resize");
+        let Some(dir) = TestPins::for_datapath("resize") else { return };
         let load = |fragments| loaded(&dir.0, MapSizes { fragments, ..Default::default() });
         let size = || pinned_size(&dir.0, map_names::FRAGS);
         drop(load(None));
@@ -700,12 +690,7 @@ mod resize {
 
     #[test]
     fn a_udp_socket_map_pinned_with_another_size_is_resized_with_as_many_notes_as_fit() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading the datapath needs root");
-            return;
-        }
-        let dir = TestPins::new("udp-resize");
+        let Some(dir) = TestPins::for_datapath("udp-resize") else { return };
         let load = |udp_sockets| loaded(&dir.0, MapSizes { udp_sockets, ..Default::default() });
         let size = || pinned_size(&dir.0, map_names::SOCK_UDP_BACKEND);
         let note = |i: u32| SockUdpBackend { backend_ip: [10, 1, 0, i as u8], backend_port: 53, _pad: 0, svc_id: i };
@@ -738,12 +723,7 @@ mod resize {
 
     #[test]
     fn connected_udp_sockets_an_agent_before_sock_udp_backend_noted_are_adopted() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: loading the datapath needs root");
-            return;
-        }
-        let dir = TestPins::new("legacy-udp");
+        let Some(dir) = TestPins::for_datapath("legacy-udp") else { return };
         let load = || loaded(&dir.0, MapSizes::default());
         let mut dp = load();
         assert!(dp.created_here(map_names::SOCK_UDP_BACKEND) && dp.created_here(map_names::SOCK_REVNAT), "a new node");

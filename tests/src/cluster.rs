@@ -48,6 +48,10 @@ pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 2);
 /// "The internet": an address outside every cluster range, on the external namespace.
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// A client past the external router ([`ClusterBox::add_beyond`]), and the router's side of
+/// their link.
+pub const BEYOND_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+pub const BEYOND_ROUTER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// The cluster's pod range (node N gets 10.1.N.0/24).
 pub const CLUSTER_POD_CIDR: &str = "10.1.0.0/16";
 /// The CNI network name pods are attached to.
@@ -803,6 +807,28 @@ impl ClusterBox {
         self.delete_yaml(doc.split("---\n").nth(1).expect("the Pod document"));
         self.state.pods.retain(|p| !(p.namespace == pod.namespace && p.name == pod.name));
         self.save();
+    }
+
+    /// A client past the external router, on a link narrower than the underlay on the
+    /// router's side: the namespace `<id>-beyond` (removed with the box), with [`BEYOND_IP`],
+    /// its default route via the router, which forwards. The router's end of the link has
+    /// MTU `router_mtu` and the client's 1500, so the client's connections announce
+    /// full-size segments that the router cannot pass on: it answers them with
+    /// "fragmentation needed" from its own address, as a router on the way does.
+    pub fn add_beyond(&self, router_mtu: u32) -> String {
+        let ns = format!("{}-beyond", self.state.id);
+        let external = &self.state.external;
+        ip_netns(&["add", &ns]);
+        ip_in(&ns, &["link", "set", "lo", "up"]);
+        let _ = run(cmd_in(&ns, "sysctl").args(["-qw", "net.ipv6.conf.all.disable_ipv6=1"]));
+        ip_in(external, &["link", "add", "beyond", "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        ip_in(external, &["link", "set", "beyond", "mtu", &router_mtu.to_string(), "up"]);
+        ip_in(external, &["addr", "add", &format!("{BEYOND_ROUTER_IP}/24"), "dev", "beyond"]);
+        ip_in(&ns, &["addr", "add", &format!("{BEYOND_IP}/24"), "dev", "eth0"]);
+        ip_in(&ns, &["link", "set", "eth0", "up"]);
+        ip_in(&ns, &["route", "add", "default", "via", &BEYOND_ROUTER_IP.to_string()]);
+        run(cmd_in(external, "sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
+        ns
     }
 
     /// The namespace of a node name, pod id (`ns/name`), `external` or `control`.

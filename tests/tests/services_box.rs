@@ -21,7 +21,7 @@ use std::{
 };
 
 use contiv_tests::{
-    cluster::{BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, ROUTER_IP, enter, ip_in},
+    cluster::{BEYOND_IP, BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, ROUTER_IP, enter, ip_in},
     dump_pinned_map, set_ip_options,
 };
 use serde_json::Value;
@@ -1511,7 +1511,9 @@ fn udp_send_and_leave(ns: &str, addr: SocketAddr) {
 ///   connected socket reads "connection refused", the error having been translated from
 ///   the service address to the backend, in the pod path and from the uplink.
 ///
-/// Then all of it again with IP options on the datagrams the errors quote.
+/// Then all of it again with IP options on the datagrams the errors quote. Last, a
+/// router's "fragmentation needed" about a NodePort's answer (path MTU discovery), for a
+/// backend on either node.
 #[test]
 fn services_box_icmp_errors_of_translated_flows_reach_the_sockets_they_quote() {
     let (b, [w1, w2, c1, _c2]) = web_box("");
@@ -1569,6 +1571,67 @@ spec:
                 backend.name
             );
         }
+    }
+
+    // Path MTU discovery through a NodePort: a router on the way to the client, whose next
+    // link is narrower, answers the node's full-size segments with "fragmentation needed"
+    // from its own address. Translated back like the flow's packets, the error reaches the
+    // backend, which learns the smaller MTU and sends smaller segments: the whole answer
+    // arrives. To node-2's backend the error crosses the overlay, which takes from node-1
+    // only node-1's own addresses: node-1 sends it from its address (the flow's SNAT), as
+    // netfilter rewrites it.
+    let beyond = b.add_beyond(1280);
+    let bulk = |name: &str, ip: &str, node_port: u16, backend: &BoxPod| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {ip}
+  clusterIPs: [{ip}]
+  ports:
+  - {{name: bulk, protocol: TCP, port: 80, targetPort: 7100, nodePort: {node_port}}}
+---
+{}"#,
+            slice_yaml(name, &format!("{name}-a"), &[("bulk", "TCP", 7100)], &[(backend, READY)])
+        )
+    };
+    b.apply_yaml(&format!(
+        "{}---\n{}",
+        bulk("bulk-near", "10.96.0.52", 30075, &w1),
+        bulk("bulk-far", "10.96.0.53", 30076, &w2)
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.52:80", 1);
+    wait_programmed(&b, "node-1", "10.96.0.53:80", 1);
+    const BULK: usize = 256 * 1024;
+    for w in [&w1, &w2] {
+        let listener = enter(&w.netns, || TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7100)).expect("bind"));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { continue };
+                std::thread::spawn(move || c.write_all(&[7u8; BULK]));
+            }
+        });
+    }
+    for (node_port, backend, path_to) in [(30075, &w1, BEYOND_IP), (30076, &w2, n1)] {
+        let to = SocketAddr::from((n1, node_port));
+        let got = enter(&beyond, move || -> std::io::Result<usize> {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut all = vec![];
+            s.read_to_end(&mut all)?;
+            Ok(all.len())
+        });
+        assert_eq!(
+            got.as_ref().map_err(std::io::Error::kind),
+            Ok(&BULK),
+            "{BULK} bytes from {} via {to} past a 1280-byte link: {got:?}",
+            backend.name
+        );
+        // What the backend learned: the path to its peer (node-1, SNAT'ed, for web-2).
+        let route = ip_in(&backend.netns, &["route", "get", &path_to.to_string()]);
+        assert!(route.contains("mtu 1280"), "{} learned the path MTU to {path_to}: {route}", backend.name);
     }
 }
 

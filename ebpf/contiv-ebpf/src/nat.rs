@@ -128,8 +128,12 @@ pub struct Addr {
 /// packets from `from` to `to` (the conntrack key it was found under), which become
 /// `new_from` -> `new_to`; the packet it quotes went the other way.
 /// - Outer destination: it is `to` (the quoted packet's sender); it becomes `new_to`.
-/// - Outer source: if the error comes from `from` itself (a backend's port unreachable), it
-///   becomes `new_from`; a router's own address is left alone.
+/// - Outer source: where the flow's source is translated, it becomes `new_from`, whoever
+///   sent the error (the flow's end itself, a backend's port unreachable, or a router on the
+///   way, a "fragmentation needed"), as netfilter rewrites it. A router's address must not
+///   go on: the error may cross the overlay to another node's backend, which takes from a
+///   node only its own addresses (and an error from the flow's own end has it anyway).
+///   Where the source is not translated, it is left alone.
 /// - Quoted header: its source `to` becomes `new_to`, its destination `from` becomes
 ///   `new_from`, so the receiver's stack finds the socket that sent it.
 ///
@@ -151,7 +155,7 @@ pub fn rewrite_icmp_error(
     if outer_dst == to.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_DST_OFF, to.ip, new_to.ip) {
         return false;
     }
-    if outer_src == from.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_SRC_OFF, from.ip, new_from.ip) {
+    if new_from.ip != from.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_SRC_OFF, outer_src, new_from.ip) {
         return false;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());

@@ -458,6 +458,95 @@ spec:
     assert!(!ok && err.contains("no pod default/nobody"), "an unknown pod is named: {err}");
     drop((from_outside, from_pod));
 
+    // The TCP state of a flow on the packet path (from outside to a NodePort, to node-2's
+    // backend), as the sweep reads it:
+    // - half-closed (the client has sent all it has; the answer is still to come):
+    //   established, so that a slow answer still finds its translation;
+    // - finished both ways: closing;
+    // - the client's port reused for a new connection after a reset: established again,
+    //   not swept on the closing timeout.
+    let hold = enter(&w2.netns, || TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7200)).unwrap());
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: hold, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.90
+  clusterIPs: [10.96.0.90]
+  ports:
+  - {{name: hold, protocol: TCP, port: 80, targetPort: 7200, nodePort: 30090}}
+---
+{}"#,
+        slice_yaml("hold", "hold-a", &[("hold", "TCP", 7200)], &[(&w2, READY)])
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.90:80", 1);
+    let (eof_tx, eof_rx) = std::sync::mpsc::channel::<()>();
+    let (answer_tx, answer_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        for round in 0..3 {
+            let (mut c, _) = hold.accept().unwrap();
+            if round == 0 {
+                // Reads to the client's FIN, answers when told, then closes.
+                let _ = c.read_to_end(&mut vec![]);
+                eof_tx.send(()).unwrap();
+                answer_rx.recv().unwrap();
+                c.write_all(b"late answer").unwrap();
+            } else {
+                // Answers, and holds the connection until its client leaves.
+                c.write_all(b"hello").unwrap();
+                let _ = c.read_to_end(&mut vec![]);
+            }
+        }
+    });
+    let state_of = |client: &str| -> Value {
+        let flows = flows_of(&["--service", "default/hold"]);
+        flows.into_iter().find(|f| f["client"] == client).unwrap_or_else(|| panic!("{client}: no flow"))
+    };
+    let hold_addr = SocketAddr::from((n1.ip, 30090));
+    let mut half = enter(&ext, move || TcpStream::connect_timeout(&hold_addr, Duration::from_secs(3))).unwrap();
+    half.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let half_client = half.local_addr().unwrap();
+    half.shutdown(std::net::Shutdown::Write).unwrap();
+    eof_rx.recv_timeout(Duration::from_secs(5)).expect("the backend reads the client's FIN");
+    let f = state_of(&half_client.to_string());
+    assert_eq!(f["state"], "established", "half-closed: {f}");
+    assert!(f["expiresInSeconds"].as_u64().is_some_and(|s| s > 3600), "half-closed lives on: {f}");
+    answer_tx.send(()).unwrap();
+    let mut late = String::new();
+    half.read_to_string(&mut late).unwrap();
+    assert_eq!(late, "late answer");
+    drop(half);
+    b.wait_for(Duration::from_secs(5), "the finished flow to read closing", || {
+        state_of(&half_client.to_string())["state"] == "closing"
+    });
+
+    // From one client port, a connection reset, then a new one.
+    fn connect_from(port: u16, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        s.connect_timeout(&to.into(), Duration::from_secs(3))?;
+        let mut s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut hello = [0u8; 5];
+        s.read_exact(&mut hello)?;
+        Ok(s)
+    }
+    let reset = enter(&ext, move || connect_from(0, hold_addr)).unwrap();
+    let client = reset.local_addr().unwrap();
+    socket2::SockRef::from(&reset).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(reset);
+    let client = client.to_string();
+    b.wait_for(Duration::from_secs(5), "the reset flow to read closing", || state_of(&client)["state"] == "closing");
+    let port = client.rsplit(':').next().unwrap().parse().unwrap();
+    let again = enter(&ext, move || connect_from(port, hold_addr)).unwrap();
+    assert_eq!(again.local_addr().unwrap().to_string(), client, "the same client port");
+    let f = state_of(&client);
+    assert_eq!(f["state"], "established", "a new connection on a reused port: {f}");
+    drop(again);
+    server.join().unwrap();
+
     // A hostNetwork backend (an ingress controller on the host's network): its endpoint is
     // node-1's own address. From outside through node-1 it is this node's own stack, whose
     // answers leave by the uplink and must show the NodePort; through node-2 it is a remote

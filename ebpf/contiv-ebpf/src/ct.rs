@@ -5,7 +5,7 @@
 //! entries by protocol and state (`last_seen_ns`, `tcp_flags`).
 
 use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
-use contiv_common::{CT_TOUCH_TICKS, CtEntry, CtKey};
+use contiv_common::{CT_TOUCH_TICKS, CtEntry, CtKey, ct_tcp};
 
 use crate::{maps::CT, trace::Trace};
 
@@ -43,13 +43,22 @@ pub fn lookup(k: &CtKey, tcp_flags: u8, trace: Trace) -> Option<CtEntry> {
     // Refreshed every CT_TOUCH_TICKS and on new TCP flags only: a write per packet would
     // bounce the line between CPUs, and a clock read per packet costs a helper call.
     let j = ticks();
-    let new_flags = entry.tcp_flags | tcp_flags;
+    let new_flags = next_tcp_flags(entry.tcp_flags, tcp_flags);
     if j.wrapping_sub(entry.touched) >= CT_TOUCH_TICKS || new_flags != entry.tcp_flags {
         entry.last_seen_ns = now();
         entry.touched = j;
         entry.tcp_flags = new_flags;
     }
     Some(*entry)
+}
+
+/// The TCP flags a direction of a flow has seen, after one more packet: accumulated, except
+/// that a SYN on a flow that was closing (its 4-tuple reused for a new connection, as a
+/// client reusing its port after a reset does) starts it afresh, so the new connection is
+/// not swept on the closing timeout (the agent reads the state from these flags).
+#[inline(always)]
+fn next_tcp_flags(seen: u8, packet: u8) -> u8 {
+    if packet & ct_tcp::SYN != 0 && seen & (ct_tcp::FIN | ct_tcp::RST) != 0 { packet } else { seen | packet }
 }
 
 /// Records both directions of a new flow (a trace only notes that it would).

@@ -381,10 +381,12 @@ mod tests {
         let udp_e = CtEntry { last_seen_ns: now - 10 * SEC, ..Default::default() };
         let udp_rev = key([10, 1, 2, 4], 35000, [10, 1, 1, 2], 53, IPPROTO_UDP);
         // The stack delivered 192.168.1.7:44000 -> 10.1.1.3:9000 (a hostPort): reply marked.
+        // Only the pod's direction passes the datapath's lookups: the client's entry keeps
+        // no flags, the pod's has answered and finished.
         let host = key([192, 168, 1, 7], 44000, [10, 1, 1, 3], 9000, IPPROTO_TCP);
-        let host_e = CtEntry { last_seen_ns: now - 20 * SEC, tcp_flags: both | ct_tcp::FIN, ..Default::default() };
+        let host_e = CtEntry { last_seen_ns: now - 20 * SEC, ..Default::default() };
         let host_rev = key([10, 1, 1, 3], 9000, [192, 168, 1, 7], 44000, IPPROTO_TCP);
-        let host_rev_e = CtEntry { flags: ct_flags::VIA_HOST, tcp_flags: both, ..host_e };
+        let host_rev_e = CtEntry { flags: ct_flags::VIA_HOST, tcp_flags: both | ct_tcp::FIN, ..host_e };
         vec![
             (dnat, dnat_e),
             (dnat_rev, dnat_rev_e),

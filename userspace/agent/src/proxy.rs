@@ -235,16 +235,30 @@ pub enum TcpState {
     /// The handshake has not completed (both directions have not acknowledged).
     Opening,
     Established,
-    /// A FIN or RST was seen.
+    /// Reset, or finished in both directions.
     Closing,
 }
 
 /// The state of a TCP flow from its entry and its other direction's.
+///
+/// A FIN closes one direction only: a client that has sent all it has (`shutdown(SHUT_WR)`)
+/// may wait long for the answer, which must still find the flow, so a half-closed flow stays
+/// established. Closing takes a reset, or a FIN each way. A flow with one direction in the
+/// table (the other evicted) closes on its own FIN. A flow the node's stack delivered
+/// (`VIA_HOST`) is seen only in the pod's direction (the client's packets reach the pod
+/// through the stack, past the datapath's lookups): it is told by that direction alone.
 pub fn tcp_state(e: &CtEntry, pair: Option<&CtEntry>) -> TcpState {
+    let via_host = |x: &CtEntry| x.flags & ct_flags::VIA_HOST != 0;
+    let (e, pair) = match pair {
+        Some(p) if via_host(p) => (p, None),
+        Some(_) if via_host(e) => (e, None),
+        _ => (e, pair),
+    };
     let flags = e.tcp_flags | pair.map_or(0, |p| p.tcp_flags);
-    if flags & (ct_tcp::FIN | ct_tcp::RST) != 0 {
+    let finished = |x: &CtEntry| x.tcp_flags & ct_tcp::FIN != 0;
+    if flags & ct_tcp::RST != 0 || (finished(e) && pair.is_none_or(finished)) {
         TcpState::Closing
-    } else if pair.is_some_and(|p| p.tcp_flags & ct_tcp::ACK != 0) && e.tcp_flags & ct_tcp::ACK != 0 {
+    } else if e.tcp_flags & ct_tcp::ACK != 0 && pair.map_or(via_host(e), |p| p.tcp_flags & ct_tcp::ACK != 0) {
         TcpState::Established
     } else {
         TcpState::Opening
@@ -728,9 +742,23 @@ mod tests {
         let synack = CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, ..Default::default() };
         let ack = CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, ..Default::default() };
         let fin = CtEntry { tcp_flags: ct_tcp::ACK | ct_tcp::FIN, ..Default::default() };
+        let rst = CtEntry { tcp_flags: ct_tcp::ACK | ct_tcp::RST, ..Default::default() };
         assert_eq!(ct_timeout(&k, &syn, None, &t), Duration::from_secs(60));
         assert_eq!(ct_timeout(&k, &ack, Some(&synack), &t), Duration::from_secs(21600));
-        assert_eq!(ct_timeout(&k, &ack, Some(&fin), &t), Duration::from_secs(10));
+        // Half-closed: the other side may still answer, long after.
+        assert_eq!(ct_timeout(&k, &ack, Some(&fin), &t), Duration::from_secs(21600));
+        assert_eq!(ct_timeout(&k, &fin, Some(&ack), &t), Duration::from_secs(21600));
+        // Finished both ways, or reset by either side.
+        assert_eq!(ct_timeout(&k, &fin, Some(&fin), &t), Duration::from_secs(10));
+        assert_eq!(ct_timeout(&k, &ack, Some(&rst), &t), Duration::from_secs(10));
+        assert_eq!(ct_timeout(&k, &fin, None, &t), Duration::from_secs(10), "the other direction evicted");
+        // Delivered by the node's stack: the pod's direction alone tells.
+        let pod_side = |tcp_flags: u8| CtEntry { flags: ct_flags::VIA_HOST, tcp_flags, ..Default::default() };
+        let client_side = CtEntry::default();
+        assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::SYN))), TcpState::Opening);
+        assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::SYN | ct_tcp::ACK))), TcpState::Established);
+        assert_eq!(tcp_state(&pod_side(ct_tcp::SYN | ct_tcp::ACK), Some(&client_side)), TcpState::Established);
+        assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::ACK | ct_tcp::FIN))), TcpState::Closing);
         let udp = CtKey { proto: IPPROTO_UDP, ..k };
         assert_eq!(ct_timeout(&udp, &CtEntry::default(), None, &t), Duration::from_secs(60));
     }

@@ -425,6 +425,17 @@ fn programmed_ports<'s>(
         skipped.push(Skipped { service: service_key(s), reason, warn: false });
         return vec![];
     }
+    if !s.cluster_ips.is_empty() && v4s(&s.cluster_ips).next().is_none() {
+        // A single-stack IPv6 service of a dual-stack cluster: an IPv4 proxy leaves all of
+        // it, NodePorts and IPv4 externalIPs too, as kube-proxy's IPv4 proxier does (its
+        // endpoints are IPv6: programmed here, they would only refuse).
+        skipped.push(Skipped {
+            service: service_key(s),
+            reason: "IPv6 only (this proxy serves IPv4)".into(),
+            warn: false,
+        });
+        return vec![];
+    }
     let mut out = vec![];
     for port in &s.ports {
         if proto_number(port.protocol).is_none() {
@@ -469,7 +480,10 @@ fn plan_unit(
             let Some(number) = ep_port.port else { continue };
             for ep in &sl.endpoints {
                 let local = ep.node_name.as_deref() == Some(params.node_name.as_str());
-                for ip in v4s(&ep.addresses) {
+                // An endpoint is its first address, as kube-proxy takes it: the API leaves
+                // any further ones undefined (the EndpointSlice controller writes one), and
+                // each counted as a backend would take another share of the traffic.
+                for ip in v4s(ep.addresses.get(..1).unwrap_or_default()) {
                     let c = Candidate {
                         ip,
                         port: number,
@@ -481,10 +495,12 @@ fn plan_unit(
                         zone_hinted: !ep.hints_for_zones.is_empty(),
                         for_zone: zone.is_some_and(|z| ep.hints_for_zones.iter().any(|h| h == z)),
                     };
-                    // The same address in two slices (a slice being replaced): keep the best.
+                    // The same address in two slices (a slice being replaced): keep the best,
+                    // local if either says so (kube-proxy's rule).
                     cands
                         .entry((ip, number))
                         .and_modify(|have| {
+                            have.local |= c.local;
                             have.ready |= c.ready;
                             have.serving_terminating |= c.serving_terminating;
                             have.node_hinted |= c.node_hinted;
@@ -1310,6 +1326,49 @@ mod tests {
         assert_eq!((fe.count, fe.local_count), (1, 1));
         assert_eq!(p.backends[&SvcBackendKey { svc_id: fe.svc_id, ordinal: 0 }].ip, [10, 1, 2, 2]);
         assert_eq!(p.backends[&SvcBackendKey { svc_id: fe.svc_id, ordinal: SVC_LOCAL_BASE }].ip, [10, 1, 1, 2]);
+    }
+
+    #[test]
+    fn an_endpoint_is_its_first_address_and_local_if_any_slice_says_so() {
+        let s = svc("web", "10.96.0.30", vec![port("", Protocol::Tcp, 80, PortRef::Number(8080))]);
+        let ports = || vec![("", Protocol::Tcp, 8080)];
+        // Further addresses of an endpoint are not backends of their own.
+        let mut two = ep("10.1.2.7", "n2", true, true, false);
+        two.addresses.push("10.1.2.8".parse().unwrap());
+        // The same address in a slice without a node name, then in one that places it here.
+        let mut unplaced = ep("10.1.1.5", "n1", true, true, false);
+        unplaced.node_name = None;
+        let p = run(
+            std::slice::from_ref(&s),
+            &[
+                slice("web-a", "web", ports(), vec![two, unplaced]),
+                slice("web-b", "web", ports(), vec![ep("10.1.1.5", "n1", true, true, false)]),
+            ],
+        );
+        let fe = frontend(&p, "10.96.0.30", 80, IPPROTO_TCP);
+        assert_eq!(
+            backends_of(&p, fe.svc_id),
+            vec![("10.1.1.5".parse().unwrap(), 8080), ("10.1.2.7".parse().unwrap(), 8080)]
+        );
+        assert_eq!((fe.count, fe.local_count), (2, 1), "10.1.1.5 is this node's");
+    }
+
+    #[test]
+    fn an_ipv6_only_service_is_left_out_whole() {
+        let mut v6 = svc("v6", "fd00::10", vec![port("", Protocol::Tcp, 80, PortRef::Number(8080))]);
+        v6.service_type = ServiceType::NodePort;
+        v6.ports[0].node_port = Some(30080);
+        v6.external_ips = vec!["203.0.113.7".parse().unwrap()];
+        let mut dual = svc("dual", "fd00::11", vec![port("", Protocol::Tcp, 80, PortRef::Number(8080))]);
+        dual.cluster_ips.push("10.96.0.31".parse().unwrap());
+        let p = run(&[v6, dual], &[]);
+        let keys: Vec<(Ipv4Addr, u16)> = p.frontends.keys().map(|k| (Ipv4Addr::from(k.ip), k.port)).collect();
+        assert_eq!(keys, [("10.96.0.31".parse().unwrap(), 80)], "no NodePort, no externalIP of v6");
+        // Without endpoints, dual's port is refused; nothing of v6's is.
+        assert!(p.refusals.node_ports.is_empty(), "{:?}", p.refusals);
+        assert_eq!(p.refusals.exact, BTreeSet::from([("10.96.0.31".parse().unwrap(), 80, IPPROTO_TCP)]));
+        let skipped: Vec<(&str, &str)> = p.skipped.iter().map(|s| (s.service.as_str(), s.reason.as_str())).collect();
+        assert_eq!(skipped, [("default/v6", "IPv6 only (this proxy serves IPv4)")]);
     }
 
     #[test]

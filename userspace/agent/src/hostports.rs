@@ -17,7 +17,8 @@
 //! `portmap` plugin chained after contiv-cni (deploy/) still serves it, and everything
 //! else when services are off.
 //!
-//! The services are named `hostPort:<pod>:<port>:<protocol>` in the pod's namespace: no
+//! The services are named `hostPort:<pod>:<port>:<protocol>` (with `<hostIP>:` before the
+//! port for one bound to an address) in the pod's namespace: no
 //! Service can have that name (a Service name is a DNS label), so the two never collide.
 
 use std::{
@@ -79,7 +80,12 @@ pub fn host_port_services<'a>(
                 continue;
             }
             let proto = protocol_name(cp.protocol);
-            let name = format!("{PREFIX}{}:{host_port}:{proto}", pod.name);
+            // Two hostPorts of a pod may differ by hostIP alone (the API keys them on all
+            // three): the address then names the service too.
+            let name = match cp.host_ip {
+                Some(a) => format!("{PREFIX}{}:{a}:{host_port}:{proto}", pod.name),
+                None => format!("{PREFIX}{}:{host_port}:{proto}", pod.name),
+            };
             let port_name = String::new();
             let service = Service {
                 name: name.clone(),
@@ -284,6 +290,25 @@ mod tests {
         let p = plan(&services(&all));
         let got: Vec<(Ipv4Addr, u16)> = p.frontends.keys().map(|k| (Ipv4Addr::from(k.ip), k.port)).collect();
         assert_eq!(got, vec![(OTHER_ADDR, 80)]);
+    }
+
+    #[test]
+    fn host_ports_that_differ_by_host_ip_alone_are_both_served() {
+        let (node, other) = (NODE_IP.to_string(), OTHER_ADDR.to_string());
+        let web = pod(
+            "web",
+            vec![port(Protocol::Tcp, 80, Some(8080), Some(&node)), port(Protocol::Tcp, 81, Some(8080), Some(&other))],
+        );
+        let hp = services(&[(web, Ipv4Addr::new(10, 1, 1, 5))]);
+        let mut names: Vec<&str> = hp.keys().map(|(_, n)| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, [format!("hostPort:web:{other}:8080:TCP"), format!("hostPort:web:{node}:8080:TCP")]);
+        let p = plan(&hp);
+        let target = |addr: Ipv4Addr| {
+            let fe = p.frontends[&SvcKey { ip: addr.octets(), port: 8080, proto: 6, _pad: 0 }];
+            p.backends.iter().find(|(k, _)| k.svc_id == fe.svc_id).map(|(_, b)| b.port)
+        };
+        assert_eq!((target(NODE_IP), target(OTHER_ADDR)), (Some(80), Some(81)));
     }
 
     #[test]

@@ -1770,14 +1770,34 @@ spec:
   - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30080}}
   - {{name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}}
 ---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.61
+  clusterIPs: [10.96.0.61]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32101
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30081}}
+---
+{}---
 {}"#,
         n1.ip,
-        web_slices("web", &w1, &w2)
+        web_slices("web", &w1, &w2),
+        slice_yaml("lb", "lb-a", &[("http", "TCP", 8080)], &[(&w1, READY)])
     ));
     for (node, this_node) in [("node-1", true), ("node-2", false)] {
         wait_programmed(&b, node, "10.96.0.60:80", 2);
         wait_node_address_listed(&b, node, node_address(second, this_node, false));
     }
+    // The healthCheckNodePort listens where NodePorts answer, as kube-proxy's does.
+    let health_check = |b: &ClusterBox, addr: Ipv4Addr| http_get_from_outside(b, &format!("http://{addr}:32101/"));
+    b.wait_for(Duration::from_secs(10), "node-1's health check on its own address", || {
+        health_check(&b, n1.ip).ends_with(" 200")
+    });
+    assert!(health_check(&b, second).ends_with(" 000"), "not on the address nodePortAddresses leaves out");
     let report = b.status_json("node-1", "/services").unwrap();
     assert_eq!(report["nodePortAddresses"], serde_json::json!(["192.168.100.0/28"]));
     assert!(report["nodeAddresses"].as_array().unwrap().contains(&node_address(n1.ip, true, true)), "{report}");
@@ -1821,9 +1841,16 @@ spec:
         if second_served {
             outside(SocketAddr::from((second, 30080)))
                 .unwrap_or_else(|e| panic!("{setting}: outside -> {second}: {e}"));
+            b.wait_for(Duration::from_secs(10), "the health check on every address", || {
+                health_check(&b, second).ends_with(" 200")
+            });
             assert!(udp_ask(&ext, SocketAddr::from((second, 30053))).is_ok(), "{setting}: UDP to {second}");
             tcp_ask(&n1.netns, sa("127.0.0.1", 30080)).unwrap_or_else(|e| panic!("{setting}: localhost: {e}"));
         } else {
+            b.wait_for(Duration::from_secs(10), "the health check on the primary address", || {
+                health_check(&b, n1.ip).ends_with(" 200")
+            });
+            assert!(health_check(&b, second).ends_with(" 000"), "{setting}: no health check on {second}");
             assert_refused_at_once(
                 &[ext.as_str()],
                 SocketAddr::from((second, 30080)),

@@ -7,6 +7,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::Ipv4Addr,
     sync::{Arc, RwLock},
 };
 
@@ -21,7 +22,10 @@ use crate::{proxyhealth::ProxyHealth, services::HealthCheck};
 /// The running servers and what they report.
 pub struct HealthServers {
     state: Arc<RwLock<BTreeMap<u16, HealthCheck>>>,
-    servers: BTreeMap<u16, JoinHandle<()>>,
+    /// Per port, a listener task per address listened on.
+    servers: BTreeMap<u16, Vec<JoinHandle<()>>>,
+    /// Where they listen: `None` on every address.
+    addrs: Option<Vec<Ipv4Addr>>,
     proxy: Arc<ProxyHealth>,
 }
 
@@ -48,56 +52,75 @@ pub fn response(check: Option<&HealthCheck>, proxy_healthy: bool) -> String {
 impl HealthServers {
     /// No servers yet; they report `proxy`'s health beside their counts.
     pub fn new(proxy: Arc<ProxyHealth>) -> Self {
-        Self { state: Default::default(), servers: BTreeMap::new(), proxy }
+        Self { state: Default::default(), servers: BTreeMap::new(), addrs: None, proxy }
     }
 
-    /// Brings the servers in line with `checks` (port -> service and local endpoint count):
-    /// new ports get a listener, departed ones lose theirs, counts change in place.
-    pub fn update(&mut self, checks: &BTreeMap<u16, HealthCheck>) {
+    /// Brings the servers in line with `checks` (port -> service and local endpoint count),
+    /// listening on `addrs` (`None`: every address), as kube-proxy listens on the addresses
+    /// `nodePortAddresses` takes: new ports get listeners, departed ones lose theirs, counts
+    /// change in place; other addresses move every port. A listener that cannot bind yet (an
+    /// address the node does not hold yet) keeps trying.
+    pub fn update(&mut self, checks: &BTreeMap<u16, HealthCheck>, addrs: Option<&[Ipv4Addr]>) {
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = checks.clone();
-        self.servers.retain(|port, task| {
-            let keep = checks.contains_key(port) && !task.is_finished();
+        let moved = self.addrs.as_deref() != addrs;
+        self.addrs = addrs.map(<[Ipv4Addr]>::to_vec);
+        self.servers.retain(|port, tasks| {
+            let keep = !moved && checks.contains_key(port) && tasks.iter().all(|t| !t.is_finished());
             if !keep {
-                task.abort();
+                tasks.iter().for_each(JoinHandle::abort);
             }
             keep
         });
+        let listen_on = self.addrs.clone().unwrap_or_else(|| vec![Ipv4Addr::UNSPECIFIED]);
         for port in checks.keys() {
             if self.servers.contains_key(port) {
                 continue;
             }
-            let port = *port;
-            let state = self.state.clone();
-            let proxy = self.proxy.clone();
-            let task = tokio::spawn(async move {
-                let listener = match TcpListener::bind(("0.0.0.0", port)).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        log::error!("healthCheckNodePort {port}: cannot listen: {e}");
-                        return;
-                    }
-                };
-                log::info!("healthCheckNodePort {port}: serving");
-                loop {
-                    let Ok((mut conn, _)) = listener.accept().await else { continue };
-                    let state = state.clone();
-                    let proxy = proxy.clone();
-                    tokio::spawn(async move {
-                        // The request itself does not matter (any path answers), but read it
-                        // so the client is not reset before it sees the answer.
-                        let mut buf = [0u8; 1024];
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
-                        let text = {
-                            let s = state.read().unwrap_or_else(|p| p.into_inner());
-                            response(s.get(&port), proxy.is_healthy(std::time::Instant::now()))
-                        };
-                        let _ = conn.write_all(text.as_bytes()).await;
-                        let _ = conn.shutdown().await;
-                    });
-                }
-            });
-            self.servers.insert(port, task);
+            let tasks = listen_on.iter().map(|addr| self.serve(*addr, *port)).collect();
+            self.servers.insert(*port, tasks);
         }
+    }
+
+    /// One listener: `port` on `addr`.
+    fn serve(&self, addr: Ipv4Addr, port: u16) -> JoinHandle<()> {
+        let state = self.state.clone();
+        let proxy = self.proxy.clone();
+        tokio::spawn(async move {
+            // Until it can: the listener it replaces may not have closed yet (an abort takes
+            // effect at that task's next poll), or the node may not hold the address yet.
+            let mut tries = 0u32;
+            let listener = loop {
+                match TcpListener::bind((addr, port)).await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        if tries == 0 {
+                            log::error!("healthCheckNodePort {addr}:{port}: cannot listen (trying on): {e}");
+                        }
+                        tries += 1;
+                        let wait = if tries < 20 { 50 } else { 1000 };
+                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                    }
+                }
+            };
+            log::info!("healthCheckNodePort {addr}:{port}: serving");
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else { continue };
+                let state = state.clone();
+                let proxy = proxy.clone();
+                tokio::spawn(async move {
+                    // The request itself does not matter (any path answers), but read it
+                    // so the client is not reset before it sees the answer.
+                    let mut buf = [0u8; 1024];
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
+                    let text = {
+                        let s = state.read().unwrap_or_else(|p| p.into_inner());
+                        response(s.get(&port), proxy.is_healthy(std::time::Instant::now()))
+                    };
+                    let _ = conn.write_all(text.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        })
     }
 
     /// The ports served.
@@ -108,7 +131,7 @@ impl HealthServers {
 
 impl Drop for HealthServers {
     fn drop(&mut self) {
-        for t in self.servers.values() {
+        for t in self.servers.values().flatten() {
             t.abort();
         }
     }
@@ -140,7 +163,7 @@ mod tests {
         let mut hs = HealthServers::new(Arc::new(ProxyHealth::new(std::time::Duration::from_secs(60))));
         let mut checks = BTreeMap::new();
         checks.insert(port, HealthCheck { namespace: "a".into(), name: "b".into(), local_endpoints: 1 });
-        hs.update(&checks);
+        hs.update(&checks, None);
         let get = || async move {
             for _ in 0..50 {
                 if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
@@ -155,10 +178,41 @@ mod tests {
         };
         assert!(get().await.unwrap().starts_with("HTTP/1.1 200"));
         checks.get_mut(&port).unwrap().local_endpoints = 0;
-        hs.update(&checks);
+        hs.update(&checks, None);
         assert!(get().await.unwrap().starts_with("HTTP/1.1 503"));
-        hs.update(&BTreeMap::new());
+        hs.update(&BTreeMap::new(), None);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "listener closed");
+    }
+
+    #[tokio::test]
+    async fn servers_listen_on_the_addresses_given_and_move_with_them() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut hs = HealthServers::new(Arc::new(ProxyHealth::new(std::time::Duration::from_secs(60))));
+        let checks =
+            BTreeMap::from([(port, HealthCheck { namespace: "a".into(), name: "b".into(), local_endpoints: 1 })]);
+        let answers = |addr: [u8; 4]| async move {
+            for _ in 0..25 {
+                if tokio::net::TcpStream::connect((Ipv4Addr::from(addr), port)).await.is_ok() {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            false
+        };
+        let (one, two, three) = ([127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 3]);
+        // Each time after a moment: a listener given up closes at its task's next poll.
+        let settle = || tokio::time::sleep(std::time::Duration::from_millis(100));
+        hs.update(&checks, Some(&[two.into(), three.into()]));
+        settle().await;
+        assert!(answers(two).await && answers(three).await);
+        assert!(!answers(one).await, "not on an address it was not given");
+        hs.update(&checks, Some(&[one.into()]));
+        settle().await;
+        assert!(answers(one).await);
+        assert!(!answers(two).await, "moved off the addresses no longer given");
+        hs.update(&checks, None);
+        settle().await;
+        assert!(answers(two).await, "every address");
     }
 }

@@ -671,6 +671,22 @@ pub fn local_node_addrs(params: &ServiceParams, src: &impl ServiceSource) -> Vec
     local_addrs(&node_addrs(params, src))
 }
 
+/// Where this node's healthCheckNodePort servers listen, as kube-proxy's: on every address
+/// (`None`) when NodePorts answer on every node address, else on this node's addresses
+/// `nodePortAddresses` takes among `addrs` (a plan's `node_addrs`), with 127.0.0.1 if it
+/// takes that.
+pub fn health_check_addrs(params: &ServiceParams, addrs: &BTreeMap<Ipv4Addr, NodeAddr>) -> Option<Vec<Ipv4Addr>> {
+    if params.node_ports == NodePortAddresses::All {
+        return None;
+    }
+    let mut out: Vec<Ipv4Addr> =
+        addrs.iter().filter(|(_, a)| a.local != 0 && a.no_node_ports == 0).map(|(ip, _)| *ip).collect();
+    if params.node_ports.takes_loopback() {
+        out.push(Ipv4Addr::LOCALHOST);
+    }
+    Some(out)
+}
+
 /// This node's own addresses among `addrs` (a plan's `node_addrs`).
 pub fn local_addrs(addrs: &BTreeMap<Ipv4Addr, NodeAddr>) -> Vec<Ipv4Addr> {
     addrs.iter().filter(|(_, a)| a.local != 0).map(|(ip, _)| *ip).collect()
@@ -1487,6 +1503,22 @@ mod tests {
         assert_eq!(served(NodePortAddresses::Cidrs(vec!["127.0.0.0/8".parse().unwrap()])), Vec::<String>::new());
         // Primary: the first InternalIP, else the first ExternalIP, else the registration's.
         assert_eq!(served(NodePortAddresses::Primary), ["192.168.100.11", "192.168.100.12", "203.0.113.13"]);
+
+        // The health check servers: on every address, or on this node's served ones.
+        let hc = |node_ports: NodePortAddresses| -> Option<Vec<String>> {
+            let params = ServiceParams { node_ports, ..params() };
+            let inputs = ServiceInputs { services: &[], slices: &[], nodes: &[&n1, &n3], registrations: &r };
+            let p = plan_services(&params, inputs);
+            health_check_addrs(&params, &p.node_addrs).map(|a| a.iter().map(ToString::to_string).collect())
+        };
+        assert_eq!(hc(NodePortAddresses::All), None);
+        let nets = |n: &[&str]| NodePortAddresses::Cidrs(n.iter().map(|n| n.parse().unwrap()).collect());
+        assert_eq!(hc(nets(&["192.168.100.0/24"])), Some(vec!["192.168.100.11".to_owned()]));
+        assert_eq!(
+            hc(nets(&["10.0.0.0/8", "127.0.0.1/32"])),
+            Some(vec!["10.0.0.11".to_owned(), "127.0.0.1".to_owned()])
+        );
+        assert_eq!(hc(NodePortAddresses::Primary), Some(vec!["192.168.100.11".to_owned()]));
     }
 
     /// A small deterministic generator (no dependency for one test).

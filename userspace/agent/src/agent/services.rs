@@ -260,7 +260,9 @@ impl Agent {
         sync_pod_egress(inner);
         abort_udp_sockets_left(inner);
         let refusals = Arc::new(inner.proxy.refusals());
-        inner.health.update(&inner.proxy.plan().health_checks);
+        let plan = inner.proxy.plan();
+        let hc_addrs = crate::services::health_check_addrs(inner.proxy.params(), &plan.node_addrs);
+        inner.health.update(&plan.health_checks, hc_addrs.as_deref());
         drop(guard);
         self.set_refusals(refusals);
         self.programming.synced(started.elapsed());

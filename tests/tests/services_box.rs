@@ -9,7 +9,8 @@
 //! delete says 503), ICMP errors about translated flows reaching the sockets they quote,
 //! `netctl get conntrack` showing a node's flows, `nodePortAddresses` limiting the addresses NodePorts answer on, fragmented datagrams
 //! through pods, services and NodePorts (with and without NetworkPolicy), and source ranges
-//! admitting the node's own connections when they hold its address.
+//! admitting the node's own connections when they hold its address, and endpoints outside
+//! the cluster (a Service without a selector) serving pods and nodes.
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -38,9 +39,14 @@ fn serve(pod: &BoxPod, port: u16) {
 
 /// `serve` in any namespace, answering as `name`.
 fn serve_in(netns: &str, name: &str, port: u16) {
+    serve_at(netns, name, Ipv4Addr::UNSPECIFIED, port);
+}
+
+/// `serve_in` on one address (whose UDP answers then come from that address).
+fn serve_at(netns: &str, name: &str, ip: Ipv4Addr, port: u16) {
     let name = name.to_owned();
-    let listener = enter(netns, move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind tcp"));
-    let udp = enter(netns, move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind udp"));
+    let listener = enter(netns, move || TcpListener::bind((ip, port)).expect("bind tcp"));
+    let udp = enter(netns, move || UdpSocket::bind((ip, port)).expect("bind udp"));
     let n = name.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
@@ -2192,4 +2198,61 @@ fn cookie(s: &impl std::os::fd::AsRawFd) -> u64 {
     };
     assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
     cookie
+}
+
+/// A Service without a selector whose EndpointSlice (written by hand, as for a database
+/// outside the cluster) lists an address outside every cluster range, with no node: pods
+/// and nodes reach it through the cluster IP, TCP and UDP, and its answers come from the
+/// service (a resolver's connected socket takes no other). Pods' UDP is translated per
+/// packet and leaves through the node's stack, which masquerades it; the answer the stack
+/// delivers is translated back on the pod's egress (`tc_to_pod`, which a node attaches for
+/// such a backend).
+#[test]
+fn services_box_endpoints_outside_the_cluster_serve_pods_and_nodes() {
+    let (b, [_w1, _w2, c1, c2]) = web_box("");
+    let ext = b.netns_of("external").unwrap();
+    serve_at(&ext, "outside", EXTERNAL_IP, 5300);
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: default}}
+spec:
+  clusterIP: 10.96.0.70
+  clusterIPs: [10.96.0.70]
+  ports:
+  - {{name: tcp, protocol: TCP, port: 5300, targetPort: 5300}}
+  - {{name: udp, protocol: UDP, port: 5300, targetPort: 5300}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-manual
+  namespace: default
+  labels:
+    kubernetes.io/service-name: db
+addressType: IPv4
+ports:
+- {{name: tcp, protocol: TCP, port: 5300}}
+- {{name: udp, protocol: UDP, port: 5300}}
+endpoints:
+- addresses: ["{EXTERNAL_IP}"]
+  conditions: {READY}
+"#
+    ));
+    for node in ["node-1", "node-2"] {
+        wait_programmed(&b, node, "10.96.0.70:5300", 1);
+        let pods = egress_links(&b, node).1;
+        b.wait_for(Duration::from_secs(10), &format!("{node}'s pods get tc_to_pod"), || {
+            egress_links(&b, node) == (pods, pods)
+        });
+    }
+    let vip = sa("10.96.0.70", 5300);
+    for ns in [&c1.netns, &c2.netns, &b.node("node-1").netns] {
+        let a = tcp_ask(ns, vip).unwrap_or_else(|e| panic!("TCP from {ns}: {e}"));
+        assert_eq!((a.server.as_str(), a.peer), ("outside", vip), "TCP from {ns}");
+        let a = udp_ask(ns, vip).unwrap_or_else(|e| panic!("UDP from {ns}: {e}"));
+        assert_eq!((a.server.as_str(), a.peer), ("outside", vip), "UDP from {ns}");
+        let (a, _) = udp_connected_ask(ns, vip).unwrap_or_else(|e| panic!("connected UDP from {ns}: {e}"));
+        assert_eq!((a.server.as_str(), a.peer), ("outside", vip), "connected UDP from {ns}");
+    }
 }

@@ -1091,8 +1091,10 @@ pub fn tc_to_pod(ctx: TcContext) -> i32 {
     from_node_stack(&ctx)
 }
 
-/// What the node's own stack sends from one of its addresses, translated back if it answers
-/// (or is an ICMP error about) a flow a frontend handed to that stack.
+/// What the node's own stack delivers, translated back if it answers (or is an ICMP error
+/// about) a flow a frontend handed to that stack: from one of its addresses (a hostNetwork
+/// backend), or a UDP answer from outside the cluster the stack un-masqueraded (a backend
+/// outside the cluster: only UDP is translated per packet, pods' TCP at connect()).
 #[inline(always)]
 fn from_node_stack(ctx: &TcContext) -> i32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
@@ -1103,7 +1105,7 @@ fn from_node_stack(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
-    if !lb::is_local_node_addr(src) {
+    if proto != nat::IPPROTO_UDP && proto != policy::IPPROTO_ICMP && !lb::is_local_node_addr(src) {
         return TC_ACT_OK;
     }
     let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {

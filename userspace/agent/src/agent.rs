@@ -72,8 +72,8 @@ struct Inner {
     health: crate::healthcheck::HealthServers,
     /// The hostPort services of the attached pods, as last planned.
     host_ports: crate::hostports::HostPortServices,
-    /// Pods get `tc_to_pod` on their egress (a UDP service has a backend that is this
-    /// node's own address): see `sync_pod_egress` in `agent/services.rs`.
+    /// Pods get `tc_to_pod` on their egress (a UDP service has a backend answering through
+    /// this node's stack): see `sync_pod_egress` in `agent/services.rs`.
     pod_egress: bool,
     /// The node's connected UDP sockets aborted because their backend left the service,
     /// since the agent started.

@@ -189,7 +189,7 @@ fn pod_link_pin(pin_dir: &Path, host_ifname: &str, dir: TcAttachType) -> PathBuf
 pub const POD_EGRESS_PIN_SUFFIX: &str = "_egress";
 
 /// The programs of one pod interface: (program, direction). The egress one only while the
-/// node needs it (see `Proxy::host_backs_udp`): a tcx attach costs an ADD an RCU grace period.
+/// node needs it (see `Proxy::udp_answers_via_stack`): a tcx attach costs an ADD an RCU grace period.
 const POD_PROGRAMS: [(&str, TcAttachType); 2] =
     [(program_names::FROM_POD, TcAttachType::Ingress), (program_names::TO_POD, TcAttachType::Egress)];
 

@@ -75,8 +75,8 @@ pub struct Proxy {
     /// Conntrack flows to forget once the maps are written; kept until a flush succeeds,
     /// so an apply that stops at an error still forgets them on its retry.
     flush: Flush,
-    /// A UDP service port has a backend that is this node's own address.
-    host_backs_udp: bool,
+    /// See [`Proxy::udp_answers_via_stack`].
+    udp_answers_via_stack: bool,
     /// (service port id, backend ip, port) that left UDP service ports in the applies since
     /// [`Proxy::take_udp_left`] was last called.
     udp_left: BTreeSet<(u32, [u8; 4], u16)>,
@@ -300,7 +300,7 @@ impl Proxy {
             removed: BTreeMap::new(),
             flush: Flush::default(),
             udp_left: BTreeSet::new(),
-            host_backs_udp: false,
+            udp_answers_via_stack: false,
             applies: 0,
         }
     }
@@ -465,8 +465,8 @@ impl Proxy {
             self.installed.dead.remove(&k);
         }
         stats.dead_backends = dead.len();
-        if backing_may_change {
-            self.host_backs_udp = host_backs_udp(self.planner.plan());
+        if backing_may_change || delta.node_addrs {
+            self.udp_answers_via_stack = udp_answers_via_stack(self.planner.plan());
         }
         self.flush.backends.extend(delta.endpoints_gone.iter().filter(|(ip, _, _)| !live_ips.contains(ip)));
         if !self.flush.is_empty() {
@@ -488,11 +488,13 @@ impl Proxy {
         std::mem::take(&mut self.udp_left)
     }
 
-    /// Whether a UDP service port has a backend that is this node's own address (a
-    /// hostNetwork pod): pods' UDP to it is balanced per packet and handed to this node's
-    /// stack, whose answers to a local pod only `tc_to_pod` translates back.
-    pub fn host_backs_udp(&self) -> bool {
-        self.host_backs_udp
+    /// Whether a UDP service port has a backend whose answers reach local pods through this
+    /// node's stack: this node's own address (a hostNetwork pod), or an address outside the
+    /// cluster (the endpoint of a Service without a selector, an external database), which
+    /// the stack's masquerade answers for. Pods' UDP is balanced per packet; those answers
+    /// only `tc_to_pod` translates back.
+    pub fn udp_answers_via_stack(&self) -> bool {
+        self.udp_answers_via_stack
     }
 
     /// Notes the backends that leave a UDP service port with the slots `removed` (the
@@ -539,15 +541,16 @@ fn udp_port_ids(frontends: &BTreeMap<SvcKey, SvcFrontend>) -> BTreeSet<u32> {
     frontends.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).map(|(_, f)| f.svc_id).collect()
 }
 
-/// See [`Proxy::host_backs_udp`].
-fn host_backs_udp(plan: &ServicePlan) -> bool {
-    let own: BTreeSet<[u8; 4]> =
-        plan.node_addrs.iter().filter(|(_, a)| a.local != 0).map(|(ip, _)| ip.octets()).collect();
-    if own.is_empty() {
-        return false;
-    }
+/// See [`Proxy::udp_answers_via_stack`].
+fn udp_answers_via_stack(plan: &ServicePlan) -> bool {
     let udp = udp_port_ids(&plan.frontends);
-    plan.backends.iter().any(|(k, b)| own.contains(&b.ip) && udp.contains(&k.svc_id))
+    plan.backends.iter().filter(|(k, _)| udp.contains(&k.svc_id)).any(|(_, b)| {
+        let ip = Ipv4Addr::from(b.ip);
+        match plan.node_addrs.get(&ip) {
+            Some(a) => a.local != 0,
+            None => !plan.pod_cidrs.iter().any(|n| n.contains(&ip)),
+        }
+    })
 }
 
 /// Removes both directions of every flow `f` names: a UDP flow a service NAT'ed to a
@@ -732,6 +735,28 @@ mod tests {
         let newest = |kept: &[(CtKey, CtEntry)], i: usize| kept[i].1.last_seen_ns;
         assert_eq!(newest(&kept, kept.len() - 1), 9);
         assert!(newest(&kept, 0) <= 4);
+    }
+
+    #[test]
+    fn udp_answers_come_through_the_stack_from_this_node_and_from_outside_the_cluster() {
+        let mut plan = ServicePlan::default();
+        plan.pod_cidrs.insert("10.1.0.0/16".parse().unwrap());
+        plan.node_addrs.insert(Ipv4Addr::new(192, 168, 100, 11), NodeAddr { local: 1, ..Default::default() });
+        plan.node_addrs.insert(Ipv4Addr::new(192, 168, 100, 12), NodeAddr::default());
+        let udp = SvcKey { ip: [10, 96, 0, 10], port: 53, proto: IPPROTO_UDP, _pad: 0 };
+        plan.frontends.insert(udp, SvcFrontend { svc_id: 1, ..Default::default() });
+        plan.frontends
+            .insert(SvcKey { port: 80, proto: IPPROTO_TCP, ..udp }, SvcFrontend { svc_id: 2, ..Default::default() });
+        let backed_by = |svc_id: u32, ip: [u8; 4]| {
+            let mut p = plan.clone();
+            p.backends.insert(SvcBackendKey { svc_id, ordinal: 0 }, SvcBackend { ip, port: 53, local: 0, _pad: 0 });
+            udp_answers_via_stack(&p)
+        };
+        assert!(!backed_by(1, [10, 1, 2, 5]), "a pod");
+        assert!(!backed_by(1, [192, 168, 100, 12]), "another node's address: answers come by the overlay");
+        assert!(backed_by(1, [192, 168, 100, 11]), "this node's own address");
+        assert!(backed_by(1, [203, 0, 113, 10]), "outside the cluster");
+        assert!(!backed_by(2, [203, 0, 113, 10]), "TCP, balanced at connect()");
     }
 
     #[test]

@@ -606,7 +606,7 @@ fn abort_udp_sockets_left(inner: &mut super::Inner) {
 /// ADD p50 13.6 -> 29 ms). Checked on every apply while on, so a pod that an ADD wired
 /// while it changed gets it too.
 fn sync_pod_egress(inner: &mut super::Inner) {
-    let want = inner.proxy.host_backs_udp();
+    let want = inner.proxy.udp_answers_via_stack();
     if !want && !inner.pod_egress {
         return;
     }
@@ -626,7 +626,7 @@ fn sync_pod_egress(inner: &mut super::Inner) {
     }
     if want != inner.pod_egress {
         log::info!(
-            "tc_to_pod {} pods' egress: {} UDP service has a backend at this node's own address",
+            "tc_to_pod {} pods' egress: {} UDP service has a backend answering through this node's stack (its own address, or outside the cluster)",
             if want { "on" } else { "off" },
             if want { "a" } else { "no" }
         );

@@ -553,6 +553,16 @@ spec:
     drop(again);
     server.join().unwrap();
 
+    // The node's own connection from a port in the NodePort range (web's, 30080) to a
+    // server outside: its answers are not taken for new connections to the NodePort.
+    serve_at(&ext, "outside", EXTERNAL_IP, 7300);
+    let a = tcp_ask_with(&n1.netns, SocketAddr::from((EXTERNAL_IP, 7300)), Duration::from_secs(3), |s| {
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 30080)).into())
+    })
+    .expect("node-1 connects out from its NodePort's port");
+    assert_eq!((a.server.as_str(), a.seen), ("outside", SocketAddr::from((n1.ip, 30080))));
+
     // A hostNetwork backend (an ingress controller on the host's network): its endpoint is
     // node-1's own address. From outside through node-1 it is this node's own stack, whose
     // answers leave by the uplink and must show the NodePort; through node-2 it is a remote

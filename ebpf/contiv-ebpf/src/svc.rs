@@ -12,7 +12,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{helpers::generated::bpf_get_prandom_u32, programs::TcContext};
-use contiv_common::{CtEntry, CtKey, DatapathConfig, FragHead, SvcKey, ct_flags, svc_flags, trace_step};
+use contiv_common::{CtEntry, CtKey, DatapathConfig, FragHead, SvcKey, ct_flags, ct_tcp, svc_flags, trace_step};
 
 use crate::{
     ct, lb,
@@ -102,6 +102,8 @@ impl Outcome {
     pub const DROP: Self = Self::of(outcome::DROP);
 }
 
+const TCP_SYN_ACK: u8 = ct_tcp::SYN | ct_tcp::ACK;
+
 /// Ports SNAT'ed flows use on the node address: above the kernel's ephemeral range
 /// (32768-60999), so they never collide with the node's own sockets.
 const SNAT_PORT_MIN: u16 = 61000;
@@ -153,6 +155,15 @@ pub fn process(
         Origin::Overlay => false,
         Origin::Pod => lb::is_node_port_addr(dst),
     };
+    // From outside to a node address, only a connection's first packet opens a TCP flow:
+    // anything else conntrack does not know (the answer to a connection the node or a
+    // masqueraded pod opened from a port in the NodePort range, a flow whose entries are
+    // gone) is the node's stack's, as netfilter translates only a new connection.
+    if wildcard && origin == Origin::Uplink && l4.proto == nat::IPPROTO_TCP && l4.tcp_flags & TCP_SYN_ACK != ct_tcp::SYN
+    {
+        trace.note(trace_step::SVC_NONE, 0);
+        return Outcome::UNTOUCHED;
+    }
     let Some(fe) = lb::frontend(dst, l4.dport, l4.proto, wildcard) else {
         // A pod reaching a cluster IP on a port no service defines: refused (the slow path
         // answers TCP RST / ICMP port unreachable), as kube-proxy refuses it.

@@ -222,7 +222,9 @@ pub fn process(
         let mut free = false;
         for _ in 0..4 {
             let rk = ct::key(b.ip, snat_ip, b.port, port, l4.proto);
-            if ct::lookup(&rk, 0, trace).is_none() {
+            // A look, not a lookup: finding a flow must not refresh it.
+            // SAFETY: read-only lookup.
+            if unsafe { CT.get(rk) }.is_none() {
                 free = true;
                 break;
             }

@@ -1078,7 +1078,7 @@ fn is_overlay(cfg: &DatapathConfig, l4: &nat::L4) -> bool {
 /// else leaves as it is, after one map lookup at most.
 #[classifier]
 pub fn tc_to_uplink(ctx: TcContext) -> i32 {
-    from_node_stack(&ctx)
+    from_node_stack(&ctx, false)
 }
 
 /// A pod's host-side veth, egress: what the node's stack sends the pod (and, for a pod
@@ -1088,15 +1088,16 @@ pub fn tc_to_uplink(ctx: TcContext) -> i32 {
 /// source, as for a client outside. Everything else, after one map lookup at most.
 #[classifier]
 pub fn tc_to_pod(ctx: TcContext) -> i32 {
-    from_node_stack(&ctx)
+    from_node_stack(&ctx, true)
 }
 
 /// What the node's own stack delivers, translated back if it answers (or is an ICMP error
 /// about) a flow a frontend handed to that stack: from one of its addresses (a hostNetwork
-/// backend), or a UDP answer from outside the cluster the stack un-masqueraded (a backend
-/// outside the cluster: only UDP is translated per packet, pods' TCP at connect()).
+/// backend), and to a pod (`to_pod`) also a UDP answer from outside the cluster the stack
+/// un-masqueraded (a backend outside the cluster: only UDP is translated per packet, pods'
+/// TCP at connect()).
 #[inline(always)]
-fn from_node_stack(ctx: &TcContext) -> i32 {
+fn from_node_stack(ctx: &TcContext, to_pod: bool) -> i32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_OK;
@@ -1105,7 +1106,7 @@ fn from_node_stack(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
-    if proto != nat::IPPROTO_UDP && proto != policy::IPPROTO_ICMP && !lb::is_local_node_addr(src) {
+    if !(to_pod && (proto == nat::IPPROTO_UDP || proto == policy::IPPROTO_ICMP)) && !lb::is_local_node_addr(src) {
         return TC_ACT_OK;
     }
     let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {

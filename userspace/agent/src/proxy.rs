@@ -244,21 +244,32 @@ pub enum TcpState {
 /// A FIN closes one direction only: a client that has sent all it has (`shutdown(SHUT_WR)`)
 /// may wait long for the answer, which must still find the flow, so a half-closed flow stays
 /// established. Closing takes a reset, or a FIN each way. A flow with one direction in the
-/// table (the other evicted) closes on its own FIN. A flow the node's stack delivered
-/// (`VIA_HOST`) is seen only in the pod's direction (the client's packets reach the pod
-/// through the stack, past the datapath's lookups): it is told by that direction alone.
+/// table (the other evicted) closes on its own FIN.
+///
+/// A direction that has seen no flag is one whose packets the datapath never looks up: the
+/// node's stack carries them (a flow it delivered, `VIA_HOST`, whose client reaches the pod
+/// through it; the answers of a pod's masqueraded connection out). The flow is then told by
+/// the other direction alone.
 pub fn tcp_state(e: &CtEntry, pair: Option<&CtEntry>) -> TcpState {
-    let via_host = |x: &CtEntry| x.flags & ct_flags::VIA_HOST != 0;
-    let (e, pair) = match pair {
-        Some(p) if via_host(p) => (p, None),
-        Some(_) if via_host(e) => (e, None),
-        _ => (e, pair),
+    let one_sided = match pair {
+        Some(p) if p.tcp_flags == 0 => Some(e),
+        Some(p) if e.tcp_flags == 0 => Some(p),
+        _ => None,
     };
+    if let Some(x) = one_sided {
+        return if x.tcp_flags & (ct_tcp::FIN | ct_tcp::RST) != 0 {
+            TcpState::Closing
+        } else if x.tcp_flags & ct_tcp::ACK != 0 {
+            TcpState::Established
+        } else {
+            TcpState::Opening
+        };
+    }
     let flags = e.tcp_flags | pair.map_or(0, |p| p.tcp_flags);
     let finished = |x: &CtEntry| x.tcp_flags & ct_tcp::FIN != 0;
     if flags & ct_tcp::RST != 0 || (finished(e) && pair.is_none_or(finished)) {
         TcpState::Closing
-    } else if e.tcp_flags & ct_tcp::ACK != 0 && pair.map_or(via_host(e), |p| p.tcp_flags & ct_tcp::ACK != 0) {
+    } else if e.tcp_flags & ct_tcp::ACK != 0 && pair.is_some_and(|p| p.tcp_flags & ct_tcp::ACK != 0) {
         TcpState::Established
     } else {
         TcpState::Opening
@@ -784,6 +795,12 @@ mod tests {
         assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::SYN | ct_tcp::ACK))), TcpState::Established);
         assert_eq!(tcp_state(&pod_side(ct_tcp::SYN | ct_tcp::ACK), Some(&client_side)), TcpState::Established);
         assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::ACK | ct_tcp::FIN))), TcpState::Closing);
+        // A pod's connection out, masqueraded: its answers reach it through the stack.
+        let out = |tcp_flags: u8| CtEntry { tcp_flags, ..Default::default() };
+        assert_eq!(tcp_state(&out(ct_tcp::SYN), Some(&out(0))), TcpState::Opening, "no answer yet");
+        assert_eq!(tcp_state(&out(ct_tcp::SYN | ct_tcp::ACK), Some(&out(0))), TcpState::Established);
+        assert_eq!(tcp_state(&out(ct_tcp::ACK | ct_tcp::FIN), Some(&out(0))), TcpState::Closing);
+        assert_eq!(tcp_state(&out(ct_tcp::SYN | ct_tcp::ACK), None), TcpState::Opening, "the other entry evicted");
         let udp = CtKey { proto: IPPROTO_UDP, ..k };
         assert_eq!(ct_timeout(&udp, &CtEntry::default(), None, &t), Duration::from_secs(60));
     }

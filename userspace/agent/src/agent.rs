@@ -438,6 +438,7 @@ impl Agent {
             monitor: config.monitor,
             loopback_node_ports: node_ports.takes_loopback(),
         };
+        let cluster_pod_cidr = params.cluster_pod_cidr;
         let service_params = crate::services::ServiceParams {
             node_name: config.node_name.clone(),
             proxy_name: config.services.proxy_name.clone(),
@@ -511,7 +512,7 @@ impl Agent {
                 registrations,
                 gone: Default::default(),
                 leaving: Default::default(),
-                proxy: crate::proxy::Proxy::new(service_params),
+                proxy: crate::proxy::Proxy::new(service_params, cluster_pod_cidr),
                 health: crate::healthcheck::HealthServers::new(proxy_health.clone()),
                 host_ports: Default::default(),
                 pod_egress: false,

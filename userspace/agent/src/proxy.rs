@@ -77,6 +77,9 @@ pub struct Proxy {
     flush: Flush,
     /// See [`Proxy::udp_answers_via_stack`].
     udp_answers_via_stack: bool,
+    /// The cluster's pod range (`podSubnetCIDR`): what the node masquerades pods' traffic
+    /// out of, so a backend beyond it answers them through the node's stack.
+    cluster_pod_cidr: Ipv4Net,
     /// (service port id, backend ip, port) that left UDP service ports in the applies since
     /// [`Proxy::take_udp_left`] was last called.
     udp_left: BTreeSet<(u32, [u8; 4], u16)>,
@@ -302,8 +305,9 @@ pub struct GcStats {
 }
 
 impl Proxy {
-    pub fn new(params: ServiceParams) -> Self {
+    pub fn new(params: ServiceParams, cluster_pod_cidr: Ipv4Net) -> Self {
         Proxy {
+            cluster_pod_cidr,
             installed: Installed::default(),
             planner: ServicePlanner::new(params),
             full: true,
@@ -477,7 +481,7 @@ impl Proxy {
         }
         stats.dead_backends = dead.len();
         if backing_may_change || delta.node_addrs {
-            self.udp_answers_via_stack = udp_answers_via_stack(self.planner.plan());
+            self.udp_answers_via_stack = udp_answers_via_stack(self.planner.plan(), self.cluster_pod_cidr);
         }
         self.flush.backends.extend(delta.endpoints_gone.iter().filter(|(ip, _, _)| !live_ips.contains(ip)));
         if !self.flush.is_empty() {
@@ -552,14 +556,15 @@ fn udp_port_ids(frontends: &BTreeMap<SvcKey, SvcFrontend>) -> BTreeSet<u32> {
     frontends.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).map(|(_, f)| f.svc_id).collect()
 }
 
-/// See [`Proxy::udp_answers_via_stack`].
-fn udp_answers_via_stack(plan: &ServicePlan) -> bool {
+/// See [`Proxy::udp_answers_via_stack`]: outside the cluster is what the node masquerades
+/// pods' traffic to, beyond `cluster_pod_cidr` and at no node address.
+fn udp_answers_via_stack(plan: &ServicePlan, cluster_pod_cidr: Ipv4Net) -> bool {
     let udp = udp_port_ids(&plan.frontends);
     plan.backends.iter().filter(|(k, _)| udp.contains(&k.svc_id)).any(|(_, b)| {
         let ip = Ipv4Addr::from(b.ip);
         match plan.node_addrs.get(&ip) {
             Some(a) => a.local != 0,
-            None => !plan.pod_cidrs.iter().any(|n| n.contains(&ip)),
+            None => !cluster_pod_cidr.contains(&ip),
         }
     })
 }
@@ -751,7 +756,6 @@ mod tests {
     #[test]
     fn udp_answers_come_through_the_stack_from_this_node_and_from_outside_the_cluster() {
         let mut plan = ServicePlan::default();
-        plan.pod_cidrs.insert("10.1.0.0/16".parse().unwrap());
         plan.node_addrs.insert(Ipv4Addr::new(192, 168, 100, 11), NodeAddr { local: 1, ..Default::default() });
         plan.node_addrs.insert(Ipv4Addr::new(192, 168, 100, 12), NodeAddr::default());
         let udp = SvcKey { ip: [10, 96, 0, 10], port: 53, proto: IPPROTO_UDP, _pad: 0 };
@@ -761,7 +765,7 @@ mod tests {
         let backed_by = |svc_id: u32, ip: [u8; 4]| {
             let mut p = plan.clone();
             p.backends.insert(SvcBackendKey { svc_id, ordinal: 0 }, SvcBackend { ip, port: 53, local: 0, _pad: 0 });
-            udp_answers_via_stack(&p)
+            udp_answers_via_stack(&p, "10.1.0.0/16".parse().unwrap())
         };
         assert!(!backed_by(1, [10, 1, 2, 5]), "a pod");
         assert!(!backed_by(1, [192, 168, 100, 12]), "another node's address: answers come by the overlay");
@@ -813,7 +817,7 @@ mod tests {
             node_ips: vec![],
             node_ports: Default::default(),
         };
-        let mut p = Proxy::new(params);
+        let mut p = Proxy::new(params, "10.1.0.0/16".parse().unwrap());
         let now = Instant::now();
         assert_eq!(p.next_due(now), None, "nothing to wait for");
         p.failed = true;

@@ -118,9 +118,6 @@ pub struct ServicePlan {
     /// loadBalancerSourceRanges: (service id, prefix).
     pub source_ranges: BTreeSet<(u32, Ipv4Net)>,
     pub node_addrs: BTreeMap<Ipv4Addr, NodeAddr>,
-    /// Every node's pod range (from the registrations): a backend in none of them and at no
-    /// node address is outside the cluster.
-    pub pod_cidrs: BTreeSet<Ipv4Net>,
     pub ports: BTreeMap<u32, ServicePortInfo>,
     /// healthCheckNodePort -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
@@ -764,14 +761,6 @@ impl ServicePlanner {
         let mut zone_changed = false;
         if changes.all || changes.nodes {
             self.plan.node_addrs = node_addrs(&self.params, src);
-            self.plan.pod_cidrs = src
-                .registrations()
-                .into_iter()
-                .filter_map(|r| match r.pod_cidr {
-                    IpNet::V4(n) => Some(n.trunc()),
-                    IpNet::V6(_) => None,
-                })
-                .collect();
             delta.node_addrs = true;
             let zone = node_zone(&self.params, src);
             if zone != self.zone {

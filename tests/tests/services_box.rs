@@ -9,8 +9,9 @@
 //! delete says 503), ICMP errors about translated flows reaching the sockets they quote,
 //! `netctl get conntrack` showing a node's flows, `nodePortAddresses` limiting the addresses NodePorts answer on, fragmented datagrams
 //! through pods, services and NodePorts (with and without NetworkPolicy), and source ranges
-//! admitting the node's own connections when they hold its address, and endpoints outside
-//! the cluster (a Service without a selector) serving pods and nodes.
+//! admitting the node's own connections when they hold its address, endpoints outside
+//! the cluster (a Service without a selector) serving pods and nodes, and flows whose
+//! replies would meet (one socket, two services with one backend) taking another source port.
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -2265,4 +2266,128 @@ endpoints:
         let (a, _) = udp_connected_ask(ns, vip).unwrap_or_else(|e| panic!("connected UDP from {ns}: {e}"));
         assert_eq!((a.server.as_str(), a.peer), ("outside", vip), "connected UDP from {ns}");
     }
+}
+
+/// One datagram from `s` to `to`: who answered, the client address it saw, and where the
+/// answer came from.
+fn udp_exchange(s: &UdpSocket, to: SocketAddr) -> std::io::Result<Answer> {
+    s.send_to(b"question", to)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = s.recv_from(&mut buf)?;
+    let (server, seen) = parse(&String::from_utf8_lossy(&buf[..n]));
+    Ok(Answer { server, seen, peer: from })
+}
+
+/// A UDP socket in `ns` on `ip`, any port, that gives up on an answer after 3 s.
+fn udp_socket_in(ns: &str, ip: Ipv4Addr) -> UdpSocket {
+    enter(ns, move || {
+        let s = UdpSocket::bind((ip, 0)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        s
+    })
+}
+
+/// Flows whose replies would have the same addresses: one socket of a pod reaching two
+/// services that share a backend, and that backend directly; one client outside reaching
+/// a NodePort and an externalIP with the same backend, from one port. Each flow's answers
+/// come from where it was sent, as with netfilter, which gives the later flow another
+/// source port. Before, the later flow's reply entry replaced the earlier one's, whose
+/// answers then came from the wrong address (and a connected socket drops those).
+#[test]
+fn services_box_flows_whose_replies_would_meet_take_another_source_port() {
+    let (b, [w1, _w2, c1, c2]) = web_box("");
+    b.apply_yaml(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: dns-a, namespace: default}
+spec:
+  clusterIP: 10.96.0.81
+  clusterIPs: [10.96.0.81]
+  type: NodePort
+  externalIPs: [192.0.2.81]
+  ports:
+  - {name: dns, protocol: UDP, port: 53, targetPort: 8080, nodePort: 30081}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns-b, namespace: default}
+spec:
+  clusterIP: 10.96.0.82
+  clusterIPs: [10.96.0.82]
+  ports:
+  - {name: dns, protocol: UDP, port: 53, targetPort: 8080}
+"#,
+    );
+    let only_w1 = |svc: &str| slice_yaml(svc, &format!("{svc}-a"), &[("dns", "UDP", 8080)], &[(&w1, READY)]);
+    b.apply_yaml(&format!("{}---\n{}", only_w1("dns-a"), only_w1("dns-b")));
+    for node in ["node-1", "node-2"] {
+        wait_programmed(&b, node, "10.96.0.81:53", 1);
+        wait_programmed(&b, node, "10.96.0.82:53", 1);
+    }
+    let (a, bb, direct) = (sa("10.96.0.81", 53), sa("10.96.0.82", 53), SocketAddr::from((w1.ip, 8080)));
+    // From a pod on the backend's node and from one on the other node; services first, and
+    // the backend directly first.
+    let mut ports = vec![];
+    for (client, order) in
+        [(&c1, [a, bb, direct]), (&c2, [a, bb, direct]), (&c1, [direct, a, bb]), (&c2, [direct, bb, a])]
+    {
+        let s = udp_socket_in(&client.netns, Ipv4Addr::UNSPECIFIED);
+        let port = s.local_addr().unwrap().port();
+        ports.push(port);
+        let mut seen = vec![];
+        for round in 0..2 {
+            for to in order {
+                let got =
+                    udp_exchange(&s, to).unwrap_or_else(|e| panic!("{} -> {to}, round {round}: {e}", client.name));
+                assert_eq!((got.server.as_str(), got.peer), ("web-1", to), "{} -> {to}, round {round}", client.name);
+                assert_eq!(got.seen.ip(), client.ip, "{} -> {to}: the pod's own address", client.name);
+                seen.push(got.seen.port());
+            }
+        }
+        // The first flow keeps its port; the later ones take others, and keep them.
+        assert_eq!(seen[0], port, "{}: {order:?} {seen:?}", client.name);
+        assert!(seen[1..3].iter().all(|p| *p != port) && seen[..3] == seen[3..], "{}: {order:?} {seen:?}", client.name);
+    }
+    // From outside, to node-1 (the backend's node: its NodePort and externalIP send on
+    // without rewriting the source): one socket, both frontends.
+    let n1 = b.node("node-1").ip;
+    assert!(
+        b.cmd("external", "ip")
+            .args(["route", "add", "192.0.2.81/32", "via"])
+            .arg(n1.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let ext = b.netns_of("external").unwrap();
+    let s = udp_socket_in(&ext, EXTERNAL_IP);
+    let port = s.local_addr().unwrap().port();
+    let mut seen = vec![];
+    for round in 0..2 {
+        for to in [SocketAddr::from((n1, 30081)), sa("192.0.2.81", 53)] {
+            let got = udp_exchange(&s, to).unwrap_or_else(|e| panic!("outside -> {to}, round {round}: {e}"));
+            assert_eq!((got.server.as_str(), got.peer), ("web-1", to), "outside -> {to}, round {round}");
+            assert_eq!(got.seen.ip(), EXTERNAL_IP, "the client's address is kept");
+            seen.push(got.seen.port());
+        }
+    }
+    assert!(seen[0] == port && seen[1] != port && seen[..2] == seen[2..], "outside: {seen:?}");
+    // The listing shows the pod's direct flow that took another port, as a flow with a
+    // source NAT and no service.
+    let out = b
+        .cmd("node-1", contiv_tests::bin_dir().join("netctl"))
+        .args(["get", "conntrack", "--node", "node-1", "--pod", "default/c1", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let client = SocketAddr::from((c1.ip, ports[0])).to_string();
+    let flows = report["flows"].as_array().cloned().unwrap_or_default();
+    let f = flows
+        .iter()
+        .find(|f| f["client"] == client.as_str() && f["server"] == direct.to_string().as_str())
+        .unwrap_or_else(|| panic!("{client} -> {direct} in {flows:?}"));
+    assert!(f["service"].is_null() && f["backend"].is_null(), "{f}");
+    let nat = f["sourceNat"].as_str().unwrap_or_else(|| panic!("a source NAT: {f}"));
+    assert!(nat.starts_with(&format!("{}:", c1.ip)) && nat != client, "{f}");
 }

@@ -1011,7 +1011,8 @@ pub mod trace_step {
     /// The backend chosen (`ip`:`port`): `value` service id, `aux` its ordinal, `arg` bits:
     /// 1 from the Local set, 2 the client's session affinity.
     pub const SVC_BACKEND: u16 = 13;
-    /// The source rewritten too (`ip`:`port`), so the reply comes back through here.
+    /// The source rewritten too (`ip`:`port`): `arg` 0 so the reply comes back through
+    /// here, 1 because another flow's reply entry has this flow's reply addresses.
     pub const SVC_SNAT: u16 = 14;
     /// A NetworkPolicy check: `arg` = direction ([`super::policy_dir`]) | result
     /// ([`super::trace_policy`]) << 4; `ip` the peer, `port` the port checked, `aux` the

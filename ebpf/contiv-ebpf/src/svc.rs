@@ -172,6 +172,9 @@ pub fn process(
             return Outcome::REJECT;
         }
         trace.note(trace_step::SVC_NONE, 0);
+        if origin == Origin::Pod {
+            return plain_flow(ctx, src, dst, l4, trace, flow);
+        }
         return Outcome::UNTOUCHED;
     };
     trace.step(trace_step::SVC_FRONTEND, fe.count, dst, l4.dport, fe.local_count, fe.svc_id);
@@ -205,62 +208,154 @@ pub fn process(
         // Its reply would not come back through here: the node's stack decides, as before.
         return Outcome::UNTOUCHED;
     }
-    // 4. The source too, where the reply would not pass back through this node otherwise.
-    let (mut snat_ip, mut snat_port) = (src, l4.sport);
-    let mut snat = false;
+    // 4. The source too, where the reply would not pass back through this node otherwise,
+    // or where another flow already has the addresses this one's reply would have.
+    let mut snat = None;
+    let (mut remap, mut clash) = (false, false);
     if origin == Origin::Pod && b.ip == src {
         // Hairpin: the pod reaches its own service and is the backend: it must see another
         // source, or it would answer itself directly.
-        snat_ip = cfg.gateway_ip;
-        snat = true;
+        snat = Some(Addr { ip: cfg.gateway_ip, port: l4.sport });
     } else if origin == Origin::Uplink && b.local == 0 {
-        // From outside to a backend on another node: the reply must return through here.
-        snat_ip = cfg.node_ip;
-        snat = true;
-        // SAFETY: plain helper call.
-        let mut port = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORTS) as u16;
-        let mut free = false;
-        for _ in 0..4 {
-            let rk = ct::key(b.ip, snat_ip, b.port, port, l4.proto);
-            // A look, not a lookup: finding a flow must not refresh it.
-            // SAFETY: read-only lookup.
-            if unsafe { CT.get(rk) }.is_none() {
-                free = true;
-                break;
-            }
-            port = if port == u16::MAX { SNAT_PORT_MIN } else { port + 1 };
-        }
-        if !free {
+        // From outside to a backend on another node: the reply must return through here,
+        // from a port of the node's own.
+        snat = Some(Addr { ip: cfg.node_ip, port: 0 });
+        remap = true;
+    }
+    let client = snat.unwrap_or(Addr { ip: src, port: l4.sport });
+    let backend = Addr { ip: b.ip, port: b.port };
+    if !remap
+        && reply_taken(backend, client, Addr { ip: src, port: l4.sport }, Addr { ip: dst, port: l4.dport }, l4.proto)
+    {
+        // Another flow's replies come from the backend to this source already (the same
+        // socket reaching another service with this backend, or the backend directly):
+        // this flow takes another source port, as netfilter resolves such a clash.
+        snat = Some(client);
+        (remap, clash) = (true, true);
+    }
+    if remap {
+        let Some(port) = free_port(backend, client.ip, l4.proto) else {
             return Outcome::DROP;
+        };
+        snat = Some(Addr { ip: client.ip, port });
+    }
+    if let Some(n) = snat {
+        trace.step(trace_step::SVC_SNAT, u16::from(clash), n.ip, n.port, 0, fe.svc_id);
+    }
+    let from_uplink = origin == Origin::Uplink;
+    new_flow(ctx, src, dst, l4, Some(backend), snat, fe.svc_id, from_uplink, flow)
+}
+
+/// A pod's new flow that no service translates: if another flow's replies come from its
+/// destination to its source already (a service flow of the same socket, translated to
+/// this destination), it takes another source port, as netfilter resolves such a clash;
+/// otherwise UNTOUCHED.
+#[inline(always)]
+fn plain_flow(
+    ctx: &TcContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    l4: &L4,
+    trace: Trace,
+    flow: &mut MaybeUninit<NewFlow>,
+) -> Outcome {
+    if l4.proto != nat::IPPROTO_TCP && l4.proto != nat::IPPROTO_UDP {
+        return Outcome::UNTOUCHED;
+    }
+    // SAFETY: read-only lookup, not refreshed.
+    match unsafe { CT.get(ct::key(dst, src, l4.dport, l4.sport, l4.proto)) } {
+        Some(e) if e.flags & ct_flags::NAT != 0 => {}
+        _ => return Outcome::UNTOUCHED,
+    }
+    let to = Addr { ip: dst, port: l4.dport };
+    let Some(port) = free_port(to, src, l4.proto) else {
+        return Outcome::DROP;
+    };
+    trace.step(trace_step::SVC_SNAT, 1, src, port, 0, 0);
+    new_flow(ctx, src, dst, l4, None, Some(Addr { ip: src, port }), 0, false, flow)
+}
+
+/// Whether the reply entry a new flow `from` -> `to`, sent on to `backend` from `client`,
+/// would have belongs to another flow (a flow's own reply entry, left after its original
+/// direction's was evicted, does not count: it is rewritten).
+#[inline(always)]
+fn reply_taken(backend: Addr, client: Addr, from: Addr, to: Addr, proto: u8) -> bool {
+    // A look, not a lookup: finding a flow must not refresh it.
+    // SAFETY: read-only lookup.
+    match unsafe { CT.get(ct::key(backend.ip, client.ip, backend.port, client.port, proto)) } {
+        None => false,
+        Some(e) => {
+            !(e.flags & ct_flags::REV_DNAT != 0
+                && e.nat_ip == to.ip
+                && e.nat_port == to.port
+                && e.nat2_ip == from.ip
+                && e.nat2_port == from.port)
         }
-        snat_port = port;
     }
-    if snat {
-        trace.step(trace_step::SVC_SNAT, 0, snat_ip, snat_port, 0, fe.svc_id);
+}
+
+/// A source port on `ip` for a new flow to `to` whose reply entry no flow has: from a
+/// random point of the range above the kernel's ephemeral ports, at most four tries.
+#[inline(always)]
+fn free_port(to: Addr, ip: [u8; 4], proto: u8) -> Option<u16> {
+    // SAFETY: plain helper call.
+    let mut port = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORTS) as u16;
+    for _ in 0..4 {
+        // SAFETY: read-only lookup (a look: finding a flow must not refresh it).
+        if unsafe { CT.get(ct::key(to.ip, ip, to.port, port, proto)) }.is_none() {
+            return Some(port);
+        }
+        port = if port == u16::MAX { SNAT_PORT_MIN } else { port + 1 };
     }
-    let mut flags = ct_flags::DNAT;
-    let mut rflags = ct_flags::REV_DNAT;
-    if snat {
+    None
+}
+
+/// A new flow from `src` to `dst`, sent on to `backend` (DNAT) and from `snat` (SNAT):
+/// the packet rewritten and both conntrack entries written to `flow`, for the caller to
+/// record once policy allowed it. NEW, or DROP if a rewrite failed.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined into each program; a struct of them would be one more copy on a full BPF stack"
+)]
+fn new_flow(
+    ctx: &TcContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    l4: &L4,
+    backend: Option<Addr>,
+    snat: Option<Addr>,
+    svc_id: u32,
+    from_uplink: bool,
+    flow: &mut MaybeUninit<NewFlow>,
+) -> Outcome {
+    let (mut flags, mut rflags) = (0, 0);
+    let to = backend.unwrap_or(Addr { ip: dst, port: l4.dport });
+    let from = snat.unwrap_or(Addr { ip: src, port: l4.sport });
+    if backend.is_some() {
+        flags |= ct_flags::DNAT;
+        rflags |= ct_flags::REV_DNAT;
+    }
+    if snat.is_some() {
         flags |= ct_flags::SNAT;
         rflags |= ct_flags::REV_SNAT;
     }
-    if origin == Origin::Uplink {
+    if from_uplink {
         rflags |= ct_flags::FROM_UPLINK;
     }
-    let touched = ct::ticks();
+    let (now, touched) = (ct::now(), ct::ticks());
     let fwd = CtEntry {
         last_seen_ns: now,
-        nat_ip: b.ip,
-        nat_port: b.port,
+        nat_ip: to.ip,
+        nat_port: to.port,
         flags,
-        nat2_ip: snat_ip,
-        nat2_port: snat_port,
+        nat2_ip: from.ip,
+        nat2_port: from.port,
         tcp_flags: l4.tcp_flags,
         _pad: 0,
-        svc_id: fe.svc_id,
+        svc_id,
         touched,
     };
-    let rev_key = ct::key(b.ip, snat_ip, b.port, snat_port, l4.proto);
     let rev = CtEntry {
         last_seen_ns: now,
         nat_ip: dst,
@@ -270,12 +365,14 @@ pub fn process(
         nat2_port: l4.sport,
         tcp_flags: 0,
         _pad: 0,
-        svc_id: fe.svc_id,
+        svc_id,
         touched,
     };
+    let fwd_key = ct::key(src, dst, l4.sport, l4.dport, l4.proto);
+    let rev_key = ct::key(to.ip, from.ip, to.port, from.port, l4.proto);
     match apply(ctx, &fwd, src, dst, l4) {
         Some(to) => {
-            flow.write(NewFlow { fwd_key: k, fwd, rev_key, rev });
+            flow.write(NewFlow { fwd_key, fwd, rev_key, rev });
             Outcome { kind: outcome::NEW, rewritten: 1, to_uplink: 0, to_host: 0, dst: to }
         }
         None => Outcome::DROP,
@@ -326,7 +423,7 @@ pub fn commit(flow: &NewFlow, trace: Trace) -> bool {
     if !ct::create(&flow.fwd_key, &flow.fwd, &flow.rev_key, &flow.rev, trace) {
         return false;
     }
-    if !trace.on() {
+    if !trace.on() && flow.fwd.svc_id != 0 {
         count_svc(flow.fwd.svc_id, |c| c.connections += 1);
     }
     true
@@ -354,15 +451,15 @@ fn translated(e: &CtEntry, from: Addr, to: Addr) -> (Addr, Addr) {
     let (mut new_from, mut new_to) = (from, to);
     if e.flags & ct_flags::DNAT != 0 {
         new_to = Addr { ip: e.nat_ip, port: e.nat_port };
-        if e.flags & ct_flags::SNAT != 0 {
-            new_from = Addr { ip: e.nat2_ip, port: e.nat2_port };
-        }
+    }
+    if e.flags & ct_flags::SNAT != 0 {
+        new_from = Addr { ip: e.nat2_ip, port: e.nat2_port };
     }
     if e.flags & ct_flags::REV_DNAT != 0 {
         new_from = Addr { ip: e.nat_ip, port: e.nat_port };
-        if e.flags & ct_flags::REV_SNAT != 0 {
-            new_to = Addr { ip: e.nat2_ip, port: e.nat2_port };
-        }
+    }
+    if e.flags & ct_flags::REV_SNAT != 0 {
+        new_to = Addr { ip: e.nat2_ip, port: e.nat2_port };
     }
     (new_from, new_to)
 }

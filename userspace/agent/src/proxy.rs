@@ -211,22 +211,25 @@ fn svc_key(ip: Ipv4Addr, port: u16, proto: u8) -> SvcKey {
 /// The other direction's key of a conntrack entry.
 pub fn ct_pair(k: &CtKey, e: &CtEntry) -> CtKey {
     let mut p = CtKey { src: k.dst, dst: k.src, sport: k.dport, dport: k.sport, proto: k.proto, _pad: [0; 3] };
+    // Original direction: the reply comes from the backend to the (SNAT'ed) client. A flow
+    // may have either rewrite alone (a pod's flow that took another source port because
+    // its reply's addresses were taken has SNAT only).
     if e.flags & ct_flags::DNAT != 0 {
-        // Original direction: the reply comes from the backend to the (SNAT'ed) client.
         p.src = e.nat_ip;
         p.sport = e.nat_port;
-        if e.flags & ct_flags::SNAT != 0 {
-            p.dst = e.nat2_ip;
-            p.dport = e.nat2_port;
-        }
-    } else if e.flags & ct_flags::REV_DNAT != 0 {
-        // Reply direction: the original went from the client to the frontend.
+    }
+    if e.flags & ct_flags::SNAT != 0 {
+        p.dst = e.nat2_ip;
+        p.dport = e.nat2_port;
+    }
+    // Reply direction: the original went from the client to the frontend.
+    if e.flags & ct_flags::REV_DNAT != 0 {
         p.dst = e.nat_ip;
         p.dport = e.nat_port;
-        if e.flags & ct_flags::REV_SNAT != 0 {
-            p.src = e.nat2_ip;
-            p.sport = e.nat2_port;
-        }
+    }
+    if e.flags & ct_flags::REV_SNAT != 0 {
+        p.src = e.nat2_ip;
+        p.sport = e.nat2_port;
     }
     p
 }
@@ -580,7 +583,9 @@ fn flush_flows(dp: &mut Datapath, f: &Flush) -> Result<usize, DatapathError> {
         let dnat = e.flags & ct_flags::DNAT != 0;
         let left = dnat && k.proto == IPPROTO_UDP && f.svc_udp.contains(&(e.svc_id, e.nat_ip, e.nat_port));
         let nat = dnat && f.backends.contains(&(Ipv4Addr::from(e.nat_ip), e.nat_port, k.proto));
-        let plain = e.flags == 0 && f.backends.contains(&(Ipv4Addr::from(k.dst), k.dport, k.proto));
+        // An original direction without DNAT: a plain flow, or one that took another source port.
+        let plain = (e.flags == 0 || e.flags == ct_flags::SNAT)
+            && f.backends.contains(&(Ipv4Addr::from(k.dst), k.dport, k.proto));
         if left || nat || plain {
             doomed.push(ct_pair(&k, &e));
             doomed.push(k);
@@ -719,6 +724,14 @@ mod tests {
         // Plain (policy) entries pair with the reversed tuple.
         let plain = CtEntry::default();
         assert_eq!(ct_pair(&fwd_k, &plain), key([10, 96, 0, 10], [10, 1, 1, 5], 80, 40000));
+        // A pod's flow to 10.1.2.7:53 that took source port 61234 (another flow's replies
+        // come from 10.1.2.7:53 to its port 40000): SNAT alone.
+        let fwd_k = key([10, 1, 1, 5], [10, 1, 2, 7], 40000, 53);
+        let fwd = CtEntry { nat2_ip: [10, 1, 1, 5], nat2_port: 61234, flags: ct_flags::SNAT, ..Default::default() };
+        let rev_k = key([10, 1, 2, 7], [10, 1, 1, 5], 53, 61234);
+        let rev = CtEntry { nat2_ip: [10, 1, 1, 5], nat2_port: 40000, flags: ct_flags::REV_SNAT, ..Default::default() };
+        assert_eq!(ct_pair(&fwd_k, &fwd), rev_k);
+        assert_eq!(ct_pair(&rev_k, &rev), fwd_k);
     }
 
     #[test]

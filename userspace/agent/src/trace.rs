@@ -477,7 +477,11 @@ pub fn describe(s: &TraceStep, n: &Names, sender: Ipv4Addr) -> StepReport {
         trace_step::SVC_SNAT => step(
             "service",
             "source rewritten",
-            format!("source rewritten to {at}:{} so the reply comes back through this node", s.port),
+            if s.arg == 1 {
+                format!("source port rewritten to {at}:{}: another flow's replies have this flow's addresses", s.port)
+            } else {
+                format!("source rewritten to {at}:{} so the reply comes back through this node", s.port)
+            },
         ),
         trace_step::POLICY => policy(s, n),
         trace_step::ROUTE => route(s, n),

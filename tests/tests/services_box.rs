@@ -11,7 +11,8 @@
 //! through pods, services and NodePorts (with and without NetworkPolicy), and source ranges
 //! admitting the node's own connections when they hold its address, endpoints outside
 //! the cluster (a Service without a selector) serving pods and nodes, and flows whose
-//! replies would meet (one socket, two services with one backend) taking another source port.
+//! replies would meet (one socket, two services with one backend) taking another source port,
+//! and a node's unconnected UDP socket keeping its backend.
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -2390,4 +2391,50 @@ spec:
     assert!(f["service"].is_null() && f["backend"].is_null(), "{f}");
     let nat = f["sourceNat"].as_str().unwrap_or_else(|| panic!("a source NAT: {f}"));
     assert!(nat.starts_with(&format!("{}:", c1.ip)) && nat != client, "{f}");
+}
+
+/// An unconnected UDP socket of the node keeps one backend per service address while that
+/// backend stays in the service, as netfilter's conntrack keeps a UDP flow on one backend
+/// (a protocol with several datagrams per exchange would break otherwise); when it leaves,
+/// the socket's next datagram goes to one that is left. Other sockets are balanced as ever.
+#[test]
+fn services_box_a_nodes_unconnected_udp_socket_keeps_its_backend() {
+    let (b, [w1, w2, _c1, _c2]) = web_box("");
+    b.apply_yaml(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: quic, namespace: default}
+spec:
+  clusterIP: 10.96.0.84
+  clusterIPs: [10.96.0.84]
+  ports:
+  - {name: dns, protocol: UDP, port: 53, targetPort: dns}
+"#,
+    );
+    let both = web_slices("quic", &w1, &w2);
+    b.apply_yaml(&both);
+    wait_programmed(&b, "node-1", "10.96.0.84:53", 2);
+    let vip = sa("10.96.0.84", 53);
+    let n1 = b.node("node-1").netns.clone();
+    let fresh = udp_servers(&n1, vip, 20);
+    assert_eq!(names(&fresh), BTreeSet::from(["web-1", "web-2"]), "each new socket is balanced: {fresh:?}");
+    let s = udp_socket_in(&n1, Ipv4Addr::UNSPECIFIED);
+    let mut seen = BTreeMap::<String, usize>::new();
+    for i in 0..20 {
+        let got = udp_exchange(&s, vip).unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+        assert_eq!(got.peer, vip, "the answer comes from the service");
+        *seen.entry(got.server).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 1, "one socket, one backend: {seen:?}");
+    let first = seen.into_keys().next().unwrap();
+    // Its backend leaves the service: the next datagram goes to the other one, and stays.
+    let (gone_slice, other) = if first == "web-1" { ("quic-a", "web-2") } else { ("quic-b", "web-1") };
+    b.delete_yaml(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {gone_slice}\n  namespace: default\n"
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.84:53", 1);
+    for i in 0..5 {
+        let got = udp_exchange(&s, vip).unwrap_or_else(|e| panic!("datagram {i} after {first} left: {e}"));
+        assert_eq!((got.server.as_str(), got.peer), (other, vip), "datagram {i} after {first} left");
+    }
 }

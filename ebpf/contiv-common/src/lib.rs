@@ -560,13 +560,27 @@ pub struct SvcCounters {
     pub source_denied: u64,
 }
 
+/// SOCK_REVNAT's key: an unconnected UDP socket of the node (`cookie`) and an address it
+/// exchanged datagrams with, of a [`revnat_kind`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SockRevNatKey {
     pub cookie: u64,
     pub ip: [u8; 4],
     pub port: u16,
-    pub _pad: u16,
+    /// [`revnat_kind`] (this was padding, always 0, before sticky entries).
+    pub kind: u16,
+}
+
+/// Values of [`SockRevNatKey::kind`].
+pub mod revnat_kind {
+    /// `ip`:`port` is a backend; the value the service address the socket sent to (shown
+    /// as the source of the backend's answers).
+    pub const REVERSE: u16 = 0;
+    /// `ip`:`port` is a service address; the value the backend the socket's datagrams to it
+    /// went to last, which its next ones go to while it stays in the service (as
+    /// netfilter's conntrack keeps a UDP flow on one backend).
+    pub const STICKY: u16 = 1;
 }
 
 #[repr(C)]

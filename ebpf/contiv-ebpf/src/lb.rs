@@ -107,6 +107,16 @@ fn affine(svc_id: u32, base: u32, count: u16, a: &SvcAffinity) -> Option<(u32, S
     (b.ip == a.ip && b.port == a.port).then_some((ordinal, b))
 }
 
+/// `ip`:`port` if it is still a backend of `fe`'s Cluster set (or Local set when `local`),
+/// wherever the set's changes moved it.
+#[inline(always)]
+pub fn still_backend(fe: &SvcFrontend, local: bool, ip: [u8; 4], port: u16) -> Option<SvcBackend> {
+    let (count, base) = if local { (fe.local_count, SVC_LOCAL_BASE) } else { (fe.count, 0) };
+    // No ordinal known: found through SVC_BACKEND_SLOTS.
+    let a = SvcAffinity { last_used_ns: 0, ordinal: u32::MAX, ip, port, _pad: [0; 6] };
+    affine(fe.svc_id, base, count, &a).map(|(_, b)| b)
+}
+
 /// A backend of the Cluster set, or of the Local set when `local`, for `client` (netns
 /// cookie or IPv4 address). A trace records the choice and leaves affinity alone.
 #[inline(always)]

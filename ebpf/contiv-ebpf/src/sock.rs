@@ -12,7 +12,8 @@
 //! What a balanced socket asked for is kept where getpeername()/recvmsg() find it: a
 //! connected socket's in its own storage (SOCK_ORIGIN), which dies with it; an unconnected
 //! UDP socket's per backend, keyed by its cookie (SOCK_REVNAT, LRU), since each sendmsg()
-//! may name another service. So the usual socket, which nobody balanced (every accepted
+//! may name another service. The same map keeps, per such socket and service address, the
+//! backend its datagrams go to while that backend stays in the service (sticky entries). So the usual socket, which nobody balanced (every accepted
 //! one, for a start), costs getpeername() one test of its empty storage list.
 //!
 //! A connected UDP socket of the node is also noted by cookie in SOCK_UDP_BACKEND, with
@@ -26,7 +27,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
-use contiv_common::{SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, config_flags, svc_flags};
+use contiv_common::{SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, config_flags, revnat_kind, svc_flags};
 
 use crate::{
     ct::now,
@@ -164,7 +165,26 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     // From inside the cluster every backend is usable (a pod reaching a load-balancer IP
     // must succeed even where externalTrafficPolicy Local has no local backend), except
     // ClusterIP traffic under internalTrafficPolicy Local.
-    let Some(b) = lb::select(&fe, lb::internal_local(&fe), netns, now(), crate::trace::Trace::OFF) else {
+    let local = lb::internal_local(&fe);
+    // An unconnected UDP socket's datagrams to one service address keep going to one
+    // backend while it stays in the service (netfilter's conntrack keeps a UDP flow on one
+    // backend): a protocol with several datagrams per exchange (QUIC, DNS over a shared
+    // socket) would break if each went elsewhere. ClientIP affinity decides for itself.
+    let mut sticky = None;
+    let mut cookie = 0;
+    if call == Call::SendMsg {
+        // SAFETY: plain helper call on our context.
+        cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+        if fe.flags & svc_flags::AFFINITY == 0 {
+            let k = SockRevNatKey { cookie, ip, port, kind: revnat_kind::STICKY };
+            // SAFETY: read-only lookup, copied.
+            sticky = unsafe { SOCK_REVNAT.get(k) }
+                .copied()
+                .filter(|s| s.svc_id == fe.svc_id)
+                .and_then(|s| lb::still_backend(&fe, local, s.ip, s.port));
+        }
+    }
+    let Some(b) = sticky.or_else(|| lb::select(&fe, local, netns, now(), crate::trace::Trace::OFF)) else {
         count_svc(fe.svc_id, |c| c.no_backend += 1);
         // No endpoint at all: "connection refused" at once. Only local ones missing
         // (internalTrafficPolicy Local): the traffic is dropped by design; fail the call.
@@ -182,10 +202,12 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     if call == Call::SendMsg {
         // An unconnected UDP socket's answers are shown through this entry.
-        // SAFETY: plain helper call on our context.
-        let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-        let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, _pad: 0 };
+        let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, kind: revnat_kind::REVERSE };
         let _ = SOCK_REVNAT.insert(rk, SockRevNat { ip, port, _pad: 0, svc_id: fe.svc_id }, 0);
+        if sticky.is_none() && fe.flags & svc_flags::AFFINITY == 0 {
+            let k = SockRevNatKey { cookie, ip, port, kind: revnat_kind::STICKY };
+            let _ = SOCK_REVNAT.insert(k, SockRevNat { ip: b.ip, port: b.port, _pad: 0, svc_id: fe.svc_id }, 0);
+        }
     } else if proto == IPPROTO_UDP {
         // A connected one's are shown through its storage; this note lets the agent abort
         // it when its backend leaves this service (the socket would keep it otherwise).
@@ -246,7 +268,7 @@ fn reverse_unconnected(ctx: &SockAddrContext) {
     // SAFETY: plain helper call; fields of the context.
     let (cookie, ip, port) =
         unsafe { (bpf_get_socket_cookie(sa.cast()), (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
-    let rk = SockRevNatKey { cookie, ip, port: u16::from_be(port as u16), _pad: 0 };
+    let rk = SockRevNatKey { cookie, ip, port: u16::from_be(port as u16), kind: revnat_kind::REVERSE };
     // SAFETY: read-only lookup, copied.
     if let Some(orig) = unsafe { SOCK_REVNAT.get(rk) }.copied() {
         // SAFETY: writable fields of the recvmsg4 context.

@@ -14,7 +14,7 @@ use aya::{
 };
 use contiv_common::{
     CtEntry, CtKey, Ipv4Key, NodeAddr, SockCounters, SockRevNat, SockRevNatKey, SockUdpBackend, SvcBackend,
-    SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, map_names, program_names,
+    SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, map_names, program_names, revnat_kind,
 };
 use ipnet::Ipv4Net;
 
@@ -316,7 +316,7 @@ impl Datapath {
         let found: Vec<(u64, SockUdpBackend)> = socks
             .iter()
             .filter_map(|&(cookie, ip, port)| {
-                let k = SockRevNatKey { cookie, ip: ip.octets(), port, _pad: 0 };
+                let k = SockRevNatKey { cookie, ip: ip.octets(), port, kind: revnat_kind::REVERSE };
                 let v = revnat.get(&k, 0).ok()?;
                 Some((
                     cookie,
@@ -733,7 +733,7 @@ mod resize {
             let mut revnat: HashMap<&mut MapData, SockRevNatKey, SockRevNat> =
                 dp.typed(map_names::SOCK_REVNAT).unwrap();
             for (cookie, backend) in [(7u64, [10, 1, 1, 5]), (8, [10, 1, 1, 6])] {
-                let k = SockRevNatKey { cookie, ip: backend, port: 53, _pad: 0 };
+                let k = SockRevNatKey { cookie, ip: backend, port: 53, kind: revnat_kind::REVERSE };
                 revnat.insert(k, SockRevNat { ip: [10, 96, 0, 10], port: 53, _pad: 0, svc_id: 3 }, 0).unwrap();
             }
         }

@@ -10,7 +10,7 @@
 //! `netctl get conntrack` showing a node's flows, `nodePortAddresses` limiting the addresses NodePorts answer on, fragmented datagrams
 //! through pods, services and NodePorts (with and without NetworkPolicy), and source ranges
 //! admitting the node's own connections when they hold its address, endpoints outside
-//! the cluster (a Service without a selector) serving pods and nodes, and flows whose
+//! the cluster (a Service without a selector) serving pods, nodes and NodePorts, flows whose
 //! replies would meet (one socket, two services with one backend) taking another source port,
 //! and a node's unconnected UDP socket keeping its backend.
 //!
@@ -19,7 +19,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -2220,7 +2220,7 @@ fn cookie(s: &impl std::os::fd::AsRawFd) -> u64 {
 /// delivers is translated back on the pod's egress (`tc_to_pod`, which a node attaches for
 /// such a backend).
 #[test]
-fn services_box_endpoints_outside_the_cluster_serve_pods_and_nodes() {
+fn services_box_endpoints_outside_the_cluster_serve_pods_nodes_and_node_ports() {
     let (b, [_w1, _w2, c1, c2]) = web_box("");
     let ext = b.netns_of("external").unwrap();
     serve_at(&ext, "outside", EXTERNAL_IP, 5300);
@@ -2229,11 +2229,12 @@ fn services_box_endpoints_outside_the_cluster_serve_pods_and_nodes() {
 kind: Service
 metadata: {{name: db, namespace: default}}
 spec:
+  type: NodePort
   clusterIP: 10.96.0.70
   clusterIPs: [10.96.0.70]
   ports:
-  - {{name: tcp, protocol: TCP, port: 5300, targetPort: 5300}}
-  - {{name: udp, protocol: UDP, port: 5300, targetPort: 5300}}
+  - {{name: tcp, protocol: TCP, port: 5300, targetPort: 5300, nodePort: 30070}}
+  - {{name: udp, protocol: UDP, port: 5300, targetPort: 5300, nodePort: 30070}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -2266,6 +2267,17 @@ endpoints:
         assert_eq!((a.server.as_str(), a.peer), ("outside", vip), "UDP from {ns}");
         let (a, _) = udp_connected_ask(ns, vip).unwrap_or_else(|e| panic!("connected UDP from {ns}: {e}"));
         assert_eq!((a.server.as_str(), a.peer), ("outside", vip), "connected UDP from {ns}");
+    }
+    // From outside, through either node's NodePort: the node sends the flow on, from its
+    // own address, out of its uplink, and its answers back to the client.
+    let beyond = b.add_beyond(1500);
+    for node in ["node-1", "node-2"] {
+        let n = b.node(node).ip;
+        let np = SocketAddr::from((n, 30070));
+        let a = tcp_ask(&beyond, np).unwrap_or_else(|e| panic!("TCP from outside to {node}'s NodePort: {e}"));
+        assert_eq!((a.server.as_str(), a.seen.ip(), a.peer), ("outside", IpAddr::V4(n), np), "TCP to {node}");
+        let a = udp_ask(&beyond, np).unwrap_or_else(|e| panic!("UDP from outside to {node}'s NodePort: {e}"));
+        assert_eq!((a.server.as_str(), a.seen.ip(), a.peer), ("outside", IpAddr::V4(n), np), "UDP to {node}");
     }
 }
 

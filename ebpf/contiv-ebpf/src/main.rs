@@ -1031,8 +1031,10 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
 }
 
 /// A packet from outside, translated to `dst`: to the local pod `local`, to this node's
-/// own stack (a hostNetwork backend here; `tc_to_uplink` translates its answers back), or
-/// across the overlay to the node of a remote one (`local.host_ifindex` 0). (Not an
+/// own stack (a hostNetwork backend here; `tc_to_uplink` translates its answers back),
+/// across the overlay to the node of a remote one (`local.host_ifindex` 0), or back out of
+/// the uplink to a backend outside the cluster (a Service's hand-written endpoint: the
+/// flow was SNAT'ed to this node, so its answers come back here). (Not an
 /// `Option`: LLVM moved a `None`'s undefined payload between registers, by value and by
 /// reference alike, which the verifier refuses as a read of an uninitialised register.)
 #[inline(always)]
@@ -1056,14 +1058,19 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &P
         }
         return deliver(local);
     }
-    if cfg.overlay_ifindex != 0
-        && let Some(route) = remote_route(dst)
-        && overlay::set_tunnel(ctx, route.node_ip, cfg.vni)
-    {
-        // SAFETY: plain helper call.
-        return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
+    if let Some(route) = remote_route(dst) {
+        if cfg.overlay_ifindex != 0 && overlay::set_tunnel(ctx, route.node_ip, cfg.vni) {
+            // SAFETY: plain helper call.
+            return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
+        }
+        return TC_ACT_SHOT;
     }
-    TC_ACT_SHOT
+    // An address of this node's pod range that is no pod here: nowhere to go.
+    if in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {
+        return TC_ACT_SHOT;
+    }
+    // At no node: outside the cluster. The FIB picks the next hop.
+    to_uplink(cfg.uplink_ifindex)
 }
 
 /// A packet of this node's overlay: UDP to the port the agent configured (0: no overlay).

@@ -83,6 +83,11 @@ pub struct Proxy {
     /// (service port id, backend ip, port) that left UDP service ports in the applies since
     /// [`Proxy::take_udp_left`] was last called.
     udp_left: BTreeSet<(u32, [u8; 4], u16)>,
+    /// Service port ids whose counters go once an apply succeeds.
+    counters_gone: BTreeSet<u32>,
+    /// The maps were read back and no apply has succeeded since: the first one also
+    /// finds the backends that left while no agent ran.
+    resynced: bool,
     pub applies: u64,
 }
 
@@ -318,6 +323,8 @@ impl Proxy {
             removed: BTreeMap::new(),
             flush: Flush::default(),
             udp_left: BTreeSet::new(),
+            counters_gone: BTreeSet::new(),
+            resynced: false,
             udp_answers_via_stack: false,
             applies: 0,
         }
@@ -347,7 +354,14 @@ impl Proxy {
             cluster_ips: dp.cluster_ips()?,
             dead: dp.dead_backends()?,
         };
+        // The refusals in force stay, for a whole DEAD_BACKEND_TTL from now (when their
+        // backends left is not recorded).
+        let now = Instant::now();
+        for k in &self.installed.dead {
+            self.removed.insert((Ipv4Addr::from(k.ip), k.port, k.proto), now);
+        }
         self.full = true;
+        self.resynced = true;
         Ok(())
     }
 
@@ -357,9 +371,9 @@ impl Proxy {
     }
 
     /// Whether [`Proxy::apply`] of `delta` needs the addresses pods hold: only while some
-    /// removed backend may be refused.
+    /// removed backend may be refused (after a restart, any the maps hold may be).
     pub fn needs_live_ips(&self, delta: &PlanDelta) -> bool {
-        !self.removed.is_empty() || !delta.endpoints_gone.is_empty()
+        self.resynced || !self.removed.is_empty() || !delta.endpoints_gone.is_empty()
     }
 
     /// Installs what `delta` (from [`Proxy::update`]) changed. `live_ips`: addresses pods
@@ -391,10 +405,17 @@ impl Proxy {
         now: Instant,
     ) -> Result<ApplyStats, DatapathError> {
         let mut stats = ApplyStats::default();
-        // Backends that left since the last plan.
+        // Backends that left since the last plan; after a restart also those the maps
+        // hold and the plan does not (they left while no agent ran).
         for e in &delta.endpoints_gone {
             self.removed.insert(*e, now);
         }
+        if self.resynced {
+            for e in left_meanwhile(&self.installed, self.planner.plan()) {
+                self.removed.entry(e).or_insert(now);
+            }
+        }
+        self.counters_gone.extend(delta.ids_gone.iter().copied());
         for e in &delta.endpoints_added {
             self.removed.remove(e);
         }
@@ -408,6 +429,12 @@ impl Proxy {
 
         let w = writes(&self.installed, self.planner.plan(), delta, full);
         self.note_udp_backends_left(&w.slots_removed);
+        self.flush.svc_udp.extend(delta.udp_serving_gone.iter().copied());
+        // Every flow to a backend found dead now (its pod gone, now or since it left):
+        // kept here until a flush succeeds.
+        self.flush
+            .backends
+            .extend(dead.difference(&self.installed.dead).map(|k| (Ipv4Addr::from(k.ip), k.port, k.proto)));
         let backing_may_change = full
             || !(w.backends.is_empty()
                 && w.backends_removed.is_empty()
@@ -486,15 +513,15 @@ impl Proxy {
         if backing_may_change || delta.node_addrs {
             self.udp_answers_via_stack = udp_answers_via_stack(self.planner.plan(), self.cluster_pod_cidr);
         }
-        self.flush.backends.extend(delta.endpoints_gone.iter().filter(|(ip, _, _)| !live_ips.contains(ip)));
         if !self.flush.is_empty() {
             stats.conntrack_flushed = flush_flows(dp, &self.flush)?;
             self.udp_left.append(&mut self.flush.svc_udp);
             self.flush = Flush::default();
         }
-        for id in &delta.ids_gone {
-            let _ = dp.remove_svc_counters(*id);
+        for id in std::mem::take(&mut self.counters_gone) {
+            let _ = dp.remove_svc_counters(id);
         }
+        self.resynced = false;
         self.applies += 1;
         Ok(stats)
     }
@@ -518,15 +545,18 @@ impl Proxy {
     /// Notes the backends that leave a UDP service port with the slots `removed` (the
     /// backend is in neither of the port's sets any more), before the maps are written:
     /// the installed frontends still say which ports are UDP, also for a service that goes.
+    /// One that still serves the port (terminating while others are ready, or left out by
+    /// topology) keeps its flows until it stops ([`PlanDelta::udp_serving_gone`]), as
+    /// kube-proxy keeps them.
     fn note_udp_backends_left(&mut self, removed: &[SvcSlotKey]) {
         if removed.is_empty() {
             return;
         }
         let udp = udp_port_ids(&self.installed.frontends);
-        let slots = &self.planner.plan().slots;
+        let plan = self.planner.plan();
         for k in removed.iter().filter(|k| udp.contains(&k.svc_id)) {
             let other_set = SvcSlotKey { local_set: k.local_set ^ 1, ..*k };
-            if !slots.contains_key(&other_set) {
+            if !plan.slots.contains_key(&other_set) && !plan.udp_serving.contains(&(k.svc_id, k.ip, k.port)) {
                 self.flush.svc_udp.insert((k.svc_id, k.ip, k.port));
             }
         }
@@ -552,6 +582,21 @@ impl Proxy {
         let retry = self.failed.then_some(now + APPLY_RETRY);
         expiry.into_iter().chain(retry).min()
     }
+}
+
+/// The backends `installed` holds that no service of `plan` uses: after a restart, those
+/// that left while no agent ran.
+fn left_meanwhile(installed: &Installed, plan: &ServicePlan) -> Vec<(Ipv4Addr, u16, u8)> {
+    let protos: BTreeMap<u32, u8> = installed.frontends.iter().map(|(k, f)| (f.svc_id, k.proto)).collect();
+    let mut gone: Vec<(Ipv4Addr, u16, u8)> = installed
+        .backends
+        .iter()
+        .filter_map(|(k, b)| protos.get(&k.svc_id).map(|p| (Ipv4Addr::from(b.ip), b.port, *p)))
+        .filter(|e| !plan.endpoints.contains(e))
+        .collect();
+    gone.sort_unstable();
+    gone.dedup();
+    gone
 }
 
 /// The ids of the UDP service ports among `frontends`.
@@ -693,6 +738,8 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::services::fixtures;
+    use contiv_cluster_model::{EndpointSlice, PortRef, Protocol, Service};
 
     fn key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> CtKey {
         CtKey { src, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] }
@@ -839,6 +886,162 @@ mod tests {
         assert_eq!(p.next_due(now), Some(now + APPLY_RETRY), "the sooner of the two");
         p.failed = false;
         assert_eq!(p.next_due(now), Some(now + DEAD_BACKEND_TTL));
+    }
+
+    /// A proxy on a real datapath (root), applying clusters of services and slices.
+    struct Rig {
+        dir: crate::datapath::TestPins,
+        dp: Datapath,
+        proxy: Proxy,
+    }
+
+    impl Rig {
+        fn new(tag: &str) -> Option<Self> {
+            let dir = crate::datapath::TestPins::for_datapath(tag)?;
+            let dp = Self::load(&dir);
+            let mut proxy = Proxy::new(fixtures::params(), "10.1.0.0/16".parse().unwrap());
+            proxy.resync(&dp).unwrap();
+            Some(Rig { dir, dp, proxy })
+        }
+
+        fn load(dir: &crate::datapath::TestPins) -> Datapath {
+            let sizes = crate::datapath::MapSizes { conntrack: Some(1024), ..Default::default() };
+            let mut dp = Datapath::load_with(&dir.0, true, sizes).expect("loading the datapath");
+            dp.finish_migration().unwrap();
+            dp
+        }
+
+        /// The agent restarted: the maps read back into a new proxy.
+        fn restart(&mut self) {
+            self.dp = Self::load(&self.dir);
+            self.proxy = Proxy::new(fixtures::params(), "10.1.0.0/16".parse().unwrap());
+            self.proxy.resync(&self.dp).unwrap();
+        }
+
+        /// Plans and applies `service` with `slices`, pods holding `live`.
+        fn apply(&mut self, service: &Service, slices: &[EndpointSlice], live: &[&str]) {
+            let s = vec![service];
+            let sl: Vec<&EndpointSlice> = slices.iter().collect();
+            let src = crate::services::Indexed::new(crate::services::ServiceInputs {
+                services: &s,
+                slices: &sl,
+                nodes: &[],
+                registrations: &[],
+            });
+            let changes = ServiceChanges {
+                services: BTreeSet::from([(service.namespace.clone(), service.name.clone())]),
+                ..Default::default()
+            };
+            let delta = self.proxy.update(&src, &changes);
+            let live: BTreeSet<Ipv4Addr> = live.iter().map(|ip| ip.parse().unwrap()).collect();
+            self.proxy.apply(&mut self.dp, &delta, &live, Instant::now()).unwrap();
+        }
+
+        /// Records a flow from a client pod's port to `backend`, balanced by `svc_id`.
+        fn flow(&mut self, proto: u8, sport: u16, backend: ([u8; 4], u16), svc_id: u32) {
+            let client = [10, 1, 1, 9];
+            let fwd_k = CtKey { src: client, dst: [10, 96, 0, 53], sport, dport: 53, proto, _pad: [0; 3] };
+            let fwd = CtEntry {
+                nat_ip: backend.0,
+                nat_port: backend.1,
+                nat2_ip: client,
+                nat2_port: sport,
+                flags: ct_flags::DNAT,
+                svc_id,
+                last_seen_ns: monotonic_ns(),
+                ..Default::default()
+            };
+            let rev_k = ct_pair(&fwd_k, &fwd);
+            let rev = CtEntry { nat_ip: fwd_k.dst, nat_port: 53, flags: ct_flags::REV_DNAT, ..fwd };
+            let data = aya::maps::MapData::from_pin(self.dir.0.join(contiv_common::map_names::CT)).unwrap();
+            let mut map = aya::maps::Map::LruHashMap(data);
+            let mut ct: aya::maps::HashMap<&mut aya::maps::MapData, CtKey, CtEntry> = (&mut map).try_into().unwrap();
+            ct.insert(fwd_k, fwd, 0).unwrap();
+            ct.insert(rev_k, rev, 0).unwrap();
+        }
+
+        /// The backends the recorded flows go to.
+        fn flows_to(&self) -> BTreeSet<(Ipv4Addr, u16)> {
+            let entries = self.dp.ct_entries().unwrap();
+            entries
+                .iter()
+                .filter(|(_, e)| e.flags & ct_flags::DNAT != 0)
+                .map(|(_, e)| (e.nat_ip.into(), e.nat_port))
+                .collect()
+        }
+
+        fn dead(&self) -> BTreeSet<(Ipv4Addr, u16)> {
+            self.dp.dead_backends().unwrap().iter().map(|k| (k.ip.into(), k.port)).collect()
+        }
+    }
+
+    fn dns_service(proto: Protocol) -> Service {
+        let mut s = fixtures::svc("dns", "10.96.0.53", vec![fixtures::port("dns", proto, 53, PortRef::Number(53))]);
+        s.namespace = "default".into();
+        s
+    }
+
+    fn dns_slice(proto: Protocol, endpoints: Vec<contiv_cluster_model::Endpoint>) -> EndpointSlice {
+        fixtures::slice("dns-a", "dns", vec![("dns", proto, 53)], endpoints)
+    }
+
+    #[test]
+    fn a_udp_backend_keeps_its_flows_while_it_serves_and_loses_them_when_it_stops() {
+        let Some(mut rig) = Rig::new("proxy-udp-serving") else { return };
+        let (svc, a, b) = (dns_service(Protocol::Udp), "10.1.2.2", "10.1.2.3");
+        let ready = |ip| fixtures::ep(ip, "n2", true, true, false);
+        rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(a), ready(b)])], &[a, b]);
+        let id = rig.proxy.plan().frontends.values().next().unwrap().svc_id;
+        rig.flow(IPPROTO_UDP, 40000, ([10, 1, 2, 3], 53), id);
+        // b terminates while a is ready: out of the set, still serving its flows.
+        let draining = fixtures::ep(b, "n2", false, true, true);
+        rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(a), draining])], &[a, b]);
+        assert_eq!(rig.flows_to(), BTreeSet::from([(b.parse().unwrap(), 53)]), "kept while it serves");
+        assert!(rig.proxy.take_udp_left().is_empty(), "no socket of the node is aborted");
+        // It stops serving: its flows go, and the node's sockets balanced to it.
+        let stopped = fixtures::ep(b, "n2", false, false, true);
+        rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(a), stopped])], &[a, b]);
+        assert!(rig.flows_to().is_empty(), "forgotten once it stops serving");
+        assert_eq!(rig.proxy.take_udp_left(), BTreeSet::from([(id, [10, 1, 2, 3], 53)]));
+    }
+
+    #[test]
+    fn a_removed_backend_is_refused_once_its_pod_goes_and_after_a_restart() {
+        let Some(mut rig) = Rig::new("proxy-dead") else { return };
+        let (svc, a, b) = (dns_service(Protocol::Tcp), "10.1.2.2", "10.1.2.3");
+        let ready = |ip| fixtures::ep(ip, "n2", true, true, false);
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(a), ready(b)])], &[a, b]);
+        let id = rig.proxy.plan().frontends.values().next().unwrap().svc_id;
+        rig.flow(IPPROTO_TCP, 40000, ([10, 1, 2, 3], 53), id);
+        // b leaves the service while its pod lives: its connections go on.
+        let only_a = [dns_slice(Protocol::Tcp, vec![ready(a)])];
+        rig.apply(&svc, &only_a, &[a, b]);
+        assert!(rig.dead().is_empty() && rig.flows_to().len() == 1, "its pod still answers");
+        // Its pod goes later: refused, and its connection forgotten (it would hang).
+        rig.apply(&svc, &only_a, &[a]);
+        let b_key = (b.parse().unwrap(), 53);
+        assert_eq!(rig.dead(), BTreeSet::from([b_key]));
+        assert!(rig.flows_to().is_empty(), "the connection to the gone pod is forgotten");
+        // An agent restart keeps the refusal.
+        rig.restart();
+        rig.apply(&svc, &only_a, &[a]);
+        assert_eq!(rig.dead(), BTreeSet::from([b_key]), "the refusal outlives a restart");
+    }
+
+    #[test]
+    fn a_backend_that_left_while_no_agent_ran_is_refused_and_forgotten() {
+        let Some(mut rig) = Rig::new("proxy-left-meanwhile") else { return };
+        let (svc, a, b) = (dns_service(Protocol::Tcp), "10.1.2.2", "10.1.2.3");
+        let ready = |ip| fixtures::ep(ip, "n2", true, true, false);
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(a), ready(b)])], &[a, b]);
+        let id = rig.proxy.plan().frontends.values().next().unwrap().svc_id;
+        rig.flow(IPPROTO_TCP, 40000, ([10, 1, 2, 3], 53), id);
+        rig.flow(IPPROTO_TCP, 40001, ([10, 1, 2, 2], 53), id);
+        // b and its pod went while the agent was down.
+        rig.restart();
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(a)])], &[a]);
+        assert_eq!(rig.dead(), BTreeSet::from([(b.parse().unwrap(), 53)]));
+        assert_eq!(rig.flows_to(), BTreeSet::from([(a.parse().unwrap(), 53)]), "only a's connection stays");
     }
 
     #[test]

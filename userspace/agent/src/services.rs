@@ -127,6 +127,10 @@ pub struct ServicePlan {
     pub cluster_ips: BTreeMap<Ipv4Addr, u32>,
     /// Every backend address in use: (ip, port, protocol).
     pub endpoints: BTreeSet<(Ipv4Addr, u16, u8)>,
+    /// (service port id, ip, port) of every serving endpoint of a UDP service port (ready,
+    /// or serving while terminating), whether or not a set of this node takes it: its
+    /// flows are kept until it stops serving, as kube-proxy keeps them.
+    pub udp_serving: BTreeSet<(u32, [u8; 4], u16)>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -280,7 +284,7 @@ impl ServiceSource for contiv_cluster_watch::ClusterModel {
 
 /// [`ServiceInputs`] with services and slices indexed by name.
 #[cfg(test)]
-struct Indexed<'a> {
+pub(crate) struct Indexed<'a> {
     inputs: ServiceInputs<'a>,
     services: HashMap<(&'a str, &'a str), &'a Service>,
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
@@ -288,7 +292,7 @@ struct Indexed<'a> {
 
 #[cfg(test)]
 impl<'a> Indexed<'a> {
-    fn new(inputs: ServiceInputs<'a>) -> Self {
+    pub(crate) fn new(inputs: ServiceInputs<'a>) -> Self {
         let services = inputs.services.iter().map(|s| ((s.namespace.as_str(), s.name.as_str()), *s)).collect();
         let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for sl in inputs.slices {
@@ -362,6 +366,9 @@ pub struct PlanDelta {
     /// Backend addresses no service uses any more, and ones newly in use.
     pub endpoints_gone: Vec<(Ipv4Addr, u16, u8)>,
     pub endpoints_added: Vec<(Ipv4Addr, u16, u8)>,
+    /// (service port id, ip, port) that stopped serving a UDP service port (see
+    /// [`ServicePlan::udp_serving`]).
+    pub udp_serving_gone: Vec<(u32, [u8; 4], u16)>,
     /// Service ids no longer programmed.
     pub ids_gone: Vec<u32>,
     /// The plan's `skipped` list changed.
@@ -379,6 +386,7 @@ struct Unit {
     frontends: Vec<(SvcKey, SvcFrontend)>,
     backends: Vec<(SvcBackendKey, SvcBackend)>,
     endpoints: Vec<(Ipv4Addr, u16, u8)>,
+    udp_serving: Vec<(u32, [u8; 4], u16)>,
     source_ranges: Vec<(u32, Ipv4Net)>,
     /// Its ports' ids (what they show as is in the plan's `ports`).
     ids: Vec<u32>,
@@ -513,6 +521,10 @@ fn plan_unit(
             }
         }
         let all: Vec<Candidate> = cands.into_values().collect();
+        if proto == IPPROTO_UDP {
+            u.udp_serving
+                .extend(all.iter().filter(|c| c.ready || c.serving_terminating).map(|c| (id, c.ip.octets(), c.port)));
+        }
         let (cluster, topology) = choose_cluster(&all);
         let local_all: Vec<Candidate> = all.iter().copied().filter(|c| c.local).collect();
         let local = choose(&local_all);
@@ -601,6 +613,9 @@ fn plan_unit(
     u.ids.dedup();
     u.endpoints.sort_unstable();
     u.endpoints.dedup();
+    u.udp_serving.sort_unstable();
+    u.udp_serving.dedup();
+    u.udp_serving.shrink_to_fit();
     u.source_ranges.sort_unstable();
     u.source_ranges.dedup();
     u.names.shrink_to_fit();
@@ -721,6 +736,8 @@ pub struct ServicePlanner {
     /// This node's zone (its Node's `topology.kubernetes.io/zone` label), which zone hints
     /// are read against.
     zone: Option<String>,
+    /// Whether [`ServicePlanner::update`] ran once.
+    planned: bool,
 }
 
 /// A service's name, shared by everything the planner keys by it.
@@ -739,6 +756,7 @@ impl ServicePlanner {
             endpoint_refs: HashMap::new(),
             skips: BTreeMap::new(),
             zone: None,
+            planned: false,
         }
     }
 
@@ -757,9 +775,13 @@ impl ServicePlanner {
 
     /// Brings the plan up to date with `src` after `changes`; returns what may differ.
     pub fn update(&mut self, src: &impl ServiceSource, changes: &ServiceChanges) -> PlanDelta {
-        let mut delta = PlanDelta { full: changes.all, ..Default::default() };
+        // The first plan is of everything, whatever the caller says changed: a partial one
+        // (a hostPort kicked before the first resync) would be applied as the whole plan.
+        let all = changes.all || !self.planned;
+        self.planned = true;
+        let mut delta = PlanDelta { full: all, ..Default::default() };
         let mut zone_changed = false;
-        if changes.all || changes.nodes {
+        if all || changes.nodes {
             self.plan.node_addrs = node_addrs(&self.params, src);
             delta.node_addrs = true;
             let zone = node_zone(&self.params, src);
@@ -769,7 +791,7 @@ impl ServicePlanner {
                 zone_changed = true;
             }
         }
-        let mut dirty: BTreeSet<Name> = if changes.all || zone_changed {
+        let mut dirty: BTreeSet<Name> = if all || zone_changed {
             let mut all: BTreeSet<Name> = self.units.keys().cloned().collect();
             all.extend(src.all_services().into_iter().map(|s| Arc::new(name_of(s))));
             all
@@ -865,6 +887,10 @@ impl ServicePlanner {
                 }
             }
         }
+        for e in u.udp_serving {
+            t.udp_serving.entry(e).or_insert(true);
+            self.plan.udp_serving.remove(&e);
+        }
         for r in u.source_ranges {
             self.plan.source_ranges.remove(&r);
             if !delta.full {
@@ -909,6 +935,11 @@ impl ServicePlanner {
             t.endpoints.entry(*e).or_insert(present);
             *self.endpoint_refs.entry(*e).or_default() += 1;
             self.plan.endpoints.insert(*e);
+        }
+        for e in &u.udp_serving {
+            let present = self.plan.udp_serving.contains(e);
+            t.udp_serving.entry(*e).or_insert(present);
+            self.plan.udp_serving.insert(*e);
         }
         for r in &u.source_ranges {
             self.plan.source_ranges.insert(*r);
@@ -984,6 +1015,11 @@ impl ServicePlanner {
                 _ => {}
             }
         }
+        for (e, before) in t.udp_serving {
+            if before && !self.plan.udp_serving.contains(&e) {
+                delta.udp_serving_gone.push(e);
+            }
+        }
         for (id, before) in t.ids {
             if before && !self.plan.ports.contains_key(&id) {
                 delta.ids_gone.push(id);
@@ -1031,6 +1067,7 @@ impl ServicePlanner {
 struct Touched {
     frontends: BTreeSet<SvcKey>,
     endpoints: BTreeMap<(Ipv4Addr, u16, u8), bool>,
+    udp_serving: BTreeMap<(u32, [u8; 4], u16), bool>,
     ids: BTreeMap<u32, bool>,
     health: BTreeSet<u16>,
     /// A service's reasons, or a contested frontend, changed.
@@ -1047,11 +1084,12 @@ pub fn plan_services(params: &ServiceParams, inputs: ServiceInputs<'_>) -> Servi
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
+    //! Services, slices and parameters as the unit tests write them.
     use super::*;
-    use contiv_cluster_model::{Endpoint, EndpointConditions, EndpointPort, NodeAddress, PortRef, ServicePort};
+    use contiv_cluster_model::{Endpoint, EndpointConditions, EndpointPort, PortRef, ServicePort};
 
-    fn svc(name: &str, ip: &str, ports: Vec<ServicePort>) -> Service {
+    pub(crate) fn svc(name: &str, ip: &str, ports: Vec<ServicePort>) -> Service {
         Service {
             name: name.into(),
             namespace: "default".into(),
@@ -1071,11 +1109,11 @@ mod tests {
         }
     }
 
-    fn port(name: &str, proto: Protocol, port: u16, target: PortRef) -> ServicePort {
+    pub(crate) fn port(name: &str, proto: Protocol, port: u16, target: PortRef) -> ServicePort {
         ServicePort { name: name.into(), protocol: proto, port, target_port: target, node_port: None }
     }
 
-    fn ep(ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+    pub(crate) fn ep(ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
         Endpoint {
             addresses: vec![ip.parse().unwrap()],
             conditions: EndpointConditions { ready, serving, terminating },
@@ -1086,23 +1124,12 @@ mod tests {
         }
     }
 
-    fn hinted(mut e: Endpoint, zones: &[&str], nodes: &[&str]) -> Endpoint {
-        e.hints_for_zones = zones.iter().map(|z| z.to_string()).collect();
-        e.hints_for_nodes = nodes.iter().map(|n| n.to_string()).collect();
-        e
-    }
-
-    fn node(name: &str, zone: Option<&str>) -> Node {
-        Node {
-            name: name.into(),
-            addresses: vec![],
-            pod_cidrs: vec![],
-            zone: zone.map(Into::into),
-            to_be_deleted: false,
-        }
-    }
-
-    fn slice(name: &str, svc: &str, ports: Vec<(&str, Protocol, u16)>, endpoints: Vec<Endpoint>) -> EndpointSlice {
+    pub(crate) fn slice(
+        name: &str,
+        svc: &str,
+        ports: Vec<(&str, Protocol, u16)>,
+        endpoints: Vec<Endpoint>,
+    ) -> EndpointSlice {
         EndpointSlice {
             name: name.into(),
             namespace: "default".into(),
@@ -1117,12 +1144,34 @@ mod tests {
         }
     }
 
-    fn params() -> ServiceParams {
+    pub(crate) fn params() -> ServiceParams {
         ServiceParams {
             node_name: "n1".into(),
             proxy_name: None,
             node_ips: vec![Ipv4Addr::new(192, 168, 100, 11)],
             node_ports: NodePortAddresses::All,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::*, *};
+    use contiv_cluster_model::{Endpoint, EndpointConditions, NodeAddress, PortRef, ServicePort};
+
+    fn hinted(mut e: Endpoint, zones: &[&str], nodes: &[&str]) -> Endpoint {
+        e.hints_for_zones = zones.iter().map(|z| z.to_string()).collect();
+        e.hints_for_nodes = nodes.iter().map(|n| n.to_string()).collect();
+        e
+    }
+
+    fn node(name: &str, zone: Option<&str>) -> Node {
+        Node {
+            name: name.into(),
+            addresses: vec![],
+            pod_cidrs: vec![],
+            zone: zone.map(Into::into),
+            to_be_deleted: false,
         }
     }
 
@@ -1143,6 +1192,23 @@ mod tests {
     fn frontend(p: &ServicePlan, ip: &str, port: u16, proto: u8) -> SvcFrontend {
         let ip: Ipv4Addr = ip.parse().unwrap();
         p.frontends[&SvcKey { ip: ip.octets(), port, proto, _pad: 0 }]
+    }
+
+    #[test]
+    fn the_first_plan_is_of_every_service_whatever_the_caller_says_changed() {
+        let services = [
+            svc("a", "10.96.0.1", vec![port("", Protocol::Tcp, 80, PortRef::Number(80))]),
+            svc("b", "10.96.0.2", vec![port("", Protocol::Tcp, 80, PortRef::Number(80))]),
+        ];
+        let s: Vec<&Service> = services.iter().collect();
+        let src = Indexed::new(ServiceInputs { services: &s, slices: &[], nodes: &[], registrations: &[] });
+        // A hostPort's change, say, before the first resync: one service named.
+        let one = ServiceChanges { services: BTreeSet::from([("default".into(), "a".into())]), ..Default::default() };
+        let mut planner = ServicePlanner::new(params());
+        let delta = planner.update(&src, &one);
+        assert!(delta.full, "applied as the whole plan: it must be one");
+        assert_eq!(planner.plan().frontends.len(), 2, "every service");
+        assert!(!planner.update(&src, &one).full, "later changes are what they say");
     }
 
     #[test]

@@ -2361,6 +2361,50 @@ spec:
         assert_eq!(seen[0], port, "{}: {order:?} {seen:?}", client.name);
         assert!(seen[1..3].iter().all(|p| *p != port) && seen[..3] == seen[3..], "{}: {order:?} {seen:?}", client.name);
     }
+    // A hostNetwork backend (node-1's own address): its answers reach the pod through the
+    // node's stack, where `tc_to_pod` gives the later flow its own port back.
+    let n1 = b.node("node-1");
+    serve_at(&n1.netns, "host-1", n1.ip, 5354);
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: dns-h, namespace: default}}
+spec:
+  clusterIP: 10.96.0.83
+  clusterIPs: [10.96.0.83]
+  ports:
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5354}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-h-a
+  namespace: default
+  labels:
+    kubernetes.io/service-name: dns-h
+addressType: IPv4
+ports:
+- {{name: dns, protocol: UDP, port: 5354}}
+endpoints:
+- addresses: ["{}"]
+  conditions: {READY}
+  nodeName: node-1
+"#,
+        n1.ip
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.83:53", 1);
+    let pods = egress_links(&b, "node-1").1;
+    b.wait_for(Duration::from_secs(10), "node-1's pods get tc_to_pod", || egress_links(&b, "node-1") == (pods, pods));
+    let (h, h_direct) = (sa("10.96.0.83", 53), SocketAddr::from((n1.ip, 5354)));
+    for order in [[h, h_direct], [h_direct, h]] {
+        let s = udp_socket_in(&c1.netns, Ipv4Addr::UNSPECIFIED);
+        for round in 0..2 {
+            for to in order {
+                let got = udp_exchange(&s, to).unwrap_or_else(|e| panic!("c1 -> {to}, round {round}: {e}"));
+                assert_eq!((got.server.as_str(), got.peer), ("host-1", to), "c1 -> {to}, round {round}");
+            }
+        }
+    }
     // From outside, to node-1 (the backend's node: its NodePort and externalIP send on
     // without rewriting the source): one socket, both frontends.
     let n1 = b.node("node-1").ip;

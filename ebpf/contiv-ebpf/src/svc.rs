@@ -400,14 +400,17 @@ pub fn established(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, head:
 
 /// A packet the node's stack sends from one of its own addresses: if it answers a flow a
 /// frontend here translated to that address (a hostNetwork backend of this node, reached
-/// from outside), its source goes back to the frontend. TRACKED when rewritten, UNTOUCHED
+/// from outside), its source goes back to the frontend (and its destination to the port
+/// the client sent from, where the flow took another). TRACKED when rewritten, UNTOUCHED
 /// for every other packet, DROP when the rewrite failed.
 #[inline(always)]
 pub fn host_reply(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], l4: &L4) -> Outcome {
     let Some(e) = ct::lookup(&ct::key(src, dst, l4.sport, l4.dport, l4.proto), l4.tcp_flags, Trace::OFF) else {
         return Outcome::UNTOUCHED;
     };
-    if e.flags & ct_flags::REV_DNAT == 0 {
+    // A reply entry with a rewrite: of a service flow, or of a pod's flow that took
+    // another source port (its reply goes back to the port the pod sent from).
+    if e.flags & (ct_flags::REV_DNAT | ct_flags::REV_SNAT) == 0 {
         return Outcome::UNTOUCHED;
     }
     match apply(ctx, &e, src, dst, l4) {

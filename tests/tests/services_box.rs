@@ -2268,6 +2268,17 @@ endpoints:
         let (a, _) = udp_connected_ask(ns, vip).unwrap_or_else(|e| panic!("connected UDP from {ns}: {e}"));
         assert_eq!((a.server.as_str(), a.peer), ("outside", vip), "connected UDP from {ns}");
     }
+    // A pod's own flow out from a port where the datapath SNATs NodePort flows leaves from
+    // a port below them: the masquerade keeps those for the datapath.
+    let s = enter(&c1.netns, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 61234)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        s
+    });
+    let to = SocketAddr::from((EXTERNAL_IP, 5300));
+    let a = udp_exchange(&s, to).unwrap_or_else(|e| panic!("c1 from port 61234 -> {to}: {e}"));
+    assert_eq!((a.server.as_str(), a.peer, a.seen.ip()), ("outside", to, IpAddr::V4(b.node("node-1").ip)));
+    assert!(a.seen.port() < 61000, "masqueraded below the datapath's SNAT ports: {}", a.seen);
     // From outside, through either node's NodePort: the node sends the flow on, from its
     // own address, out of its uplink, and its answers back to the client.
     let beyond = b.add_beyond(1500);

@@ -331,12 +331,21 @@ fn removed<K: Ord + Copy, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Ve
 }
 
 /// The nftables rules for `m`: masquerade what pods send out of the uplink to addresses
-/// outside the cluster's pod range (replies are de-NATed by conntrack).
+/// outside the cluster's pod range (replies are de-NATed by conntrack). TCP and UDP from an
+/// unprivileged port leave from a port below 61000, where the node's own sockets take
+/// theirs: the ports above are the datapath's, which SNATs NodePort flows to backends on
+/// other nodes or outside the cluster to them, and reads their answers before netfilter
+/// does (a pod's port up there, its own or one the datapath gave a flow whose reply
+/// addresses were taken, is remapped). Privileged ports stay privileged, as the
+/// masquerade keeps them.
 pub fn nft_masquerade_script(m: &Masquerade) -> String {
-    format!(
-        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {cidr} ip daddr != {cidr} oifname \"{uplink}\" masquerade\n  }}\n}}\n",
+    let matched = format!(
+        "ip saddr {cidr} ip daddr != {cidr} oifname \"{uplink}\"",
         cidr = m.cluster_pod_cidr,
         uplink = m.uplink
+    );
+    format!(
+        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {matched} meta l4proto {{ tcp, udp }} th sport 1024-65535 masquerade to :1024-60999\n    {matched} masquerade\n  }}\n}}\n"
     )
 }
 
@@ -392,7 +401,14 @@ mod tests {
             cluster_pod_cidr: "10.1.0.0/16".parse().unwrap(),
             uplink: "eth0".into(),
         });
-        assert!(s.contains("ip saddr 10.1.0.0/16 ip daddr != 10.1.0.0/16 oifname \"eth0\" masquerade"), "{s}");
+        let matched = "ip saddr 10.1.0.0/16 ip daddr != 10.1.0.0/16 oifname \"eth0\"";
+        assert!(
+            s.contains(&format!(
+                "{matched} meta l4proto {{ tcp, udp }} th sport 1024-65535 masquerade to :1024-60999\n"
+            )),
+            "unprivileged ports stay below the datapath's SNAT ports: {s}"
+        );
+        assert!(s.contains(&format!("{matched} masquerade\n")), "{s}");
         assert!(s.starts_with("table ip contiv\ndelete table ip contiv\n"), "replaced atomically: {s}");
     }
 }

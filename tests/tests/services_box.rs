@@ -2282,6 +2282,40 @@ endpoints:
     // From outside, through either node's NodePort: the node sends the flow on, from its
     // own address, out of its uplink, and its answers back to the client.
     let beyond = b.add_beyond(1500);
+    // An endpoint in the cluster's pod range at no node is not sent out, even where
+    // something outside would answer for the address (here, the external namespace).
+    ip_in(&ext, &["addr", "add", "10.1.99.5/32", "dev", "lo"]);
+    serve_at(&ext, "leaked", "10.1.99.5".parse().unwrap(), 5300);
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: lost, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.71
+  clusterIPs: [10.96.0.71]
+  ports:
+  - {{name: tcp, protocol: TCP, port: 5300, targetPort: 5300, nodePort: 30072}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: lost-a
+  namespace: default
+  labels:
+    kubernetes.io/service-name: lost
+addressType: IPv4
+ports:
+- {{name: tcp, protocol: TCP, port: 5300}}
+endpoints:
+- addresses: ["10.1.99.5"]
+  conditions: {READY}
+"#
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.71:5300", 1);
+    let lost = SocketAddr::from((b.node("node-1").ip, 30072));
+    let got = tcp_ask_from(&beyond, None, lost, Duration::from_secs(1));
+    assert!(got.is_err(), "a pod address no node routes stays in: {got:?}");
     for node in ["node-1", "node-2"] {
         let n = b.node(node).ip;
         let np = SocketAddr::from((n, 30070));
@@ -2466,7 +2500,8 @@ endpoints:
 /// the socket's next datagram goes to one that is left. Other sockets are balanced as ever.
 #[test]
 fn services_box_a_nodes_unconnected_udp_socket_keeps_its_backend() {
-    let (b, [w1, w2, _c1, _c2]) = web_box("");
+    // The conntrack UDP timeout, 1 s: how long the socket keeps its backend while idle.
+    let (b, [w1, w2, _c1, _c2]) = web_box("[services.timeouts]\nudp = 1\n");
     b.apply_yaml(
         r#"apiVersion: v1
 kind: Service
@@ -2493,6 +2528,20 @@ spec:
         *seen.entry(got.server).or_default() += 1;
     }
     assert_eq!(seen.len(), 1, "one socket, one backend: {seen:?}");
+    // Idle past the UDP timeout, it lets go, as netfilter forgets an idle flow: its next
+    // datagram is balanced anew (each time, the other backend with even odds).
+    let kept = seen.keys().next().unwrap().clone();
+    let moved = (0..12).any(|_| {
+        std::thread::sleep(Duration::from_millis(2300));
+        udp_exchange(&s, vip).expect("after an idle spell").server != kept
+    });
+    assert!(moved, "after idle spells past the UDP timeout the socket is balanced anew");
+    // Busy again: it keeps the backend it has now.
+    let mut seen = BTreeMap::<String, usize>::new();
+    for i in 0..20 {
+        *seen.entry(udp_exchange(&s, vip).unwrap_or_else(|e| panic!("datagram {i}: {e}")).server).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 1, "one socket, one backend again: {seen:?}");
     let first = seen.into_keys().next().unwrap();
     // Its backend leaves the service: the next datagram goes to the other one, and stays.
     let (gone_slice, other) = if first == "web-1" { ("quic-a", "web-2") } else { ("quic-b", "web-1") };

@@ -119,8 +119,9 @@ pub mod schema {
         // became `flags` without a layout change: an older agent's zeros mean kernel mode.
         // Likewise the padding after the gateway MAC became `overlay_port`: zero means the
         // overlay device builds the outer headers.)
-        // v3: monitor rate and burst appended.
-        (CONFIG, 3),
+        // v3: monitor rate and burst appended. v4: the cluster's pod range and the UDP
+        // stickiness of the node's sockets appended.
+        (CONFIG, 4),
         (SLOWPATH_XSKS, 1),
         (VPP_XSKS, 1),
         (SLOWPORT_COUNTERS, 1),
@@ -357,6 +358,16 @@ pub struct DatapathConfig {
     pub monitor_rate: u32,
     /// Events a CPU may emit at once after a quiet spell (the bucket's depth).
     pub monitor_burst: u32,
+    /// The cluster's pod range (`podSubnetCIDR`: network and mask, network byte order):
+    /// an address in it that no route names is no pod yet, never a place outside the
+    /// cluster. All zero (an older agent's config): every address counts as in it.
+    pub cluster_pod_net: [u8; 4],
+    pub cluster_pod_mask: [u8; 4],
+    /// How long an unconnected UDP socket of the node keeps its backend for a service
+    /// address while it sends nothing there (seconds; the conntrack UDP timeout). 0: for
+    /// as long as the backend serves.
+    pub udp_sticky_s: u32,
+    pub _pad2: u32,
 }
 
 /// Bits of [`DatapathConfig::flags`].
@@ -588,7 +599,9 @@ pub mod revnat_kind {
 pub struct SockRevNat {
     pub ip: [u8; 4],
     pub port: u16,
-    pub _pad: u16,
+    /// A sticky entry's last use, in units of 2^30 ns (about a second), wrapping; 0 in a
+    /// reverse entry. (Padding, always 0, before sticky entries.)
+    pub stamp: u16,
     pub svc_id: u32,
 }
 

@@ -1065,8 +1065,9 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &P
         }
         return TC_ACT_SHOT;
     }
-    // An address of this node's pod range that is no pod here: nowhere to go.
-    if in_subnet(dst, cfg.pod_subnet, cfg.pod_mask) {
+    // An address of the cluster's pod range that no route names (a pod of this node
+    // that is gone, a node not registered yet): nowhere to go, and never out.
+    if in_subnet(dst, cfg.cluster_pod_net, cfg.cluster_pod_mask) {
         return TC_ACT_SHOT;
     }
     // At no node: outside the cluster. The FIB picks the next hop.

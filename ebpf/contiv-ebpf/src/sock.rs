@@ -108,6 +108,21 @@ enum Call {
     SendMsg,
 }
 
+/// A sticky entry's stamp: CLOCK_MONOTONIC in units of 2^30 ns (about a second).
+const STAMP_SHIFT: u32 = 30;
+
+/// Whether a sticky entry last used at `then` is still in force at `now` (stamps): within
+/// the configured UDP timeout (0: no limit).
+#[inline(always)]
+fn fresh(then: u16, now: u16) -> bool {
+    let secs = config().map_or(0, |c| c.udp_sticky_s);
+    if secs == 0 {
+        return true;
+    }
+    let units = ((u64::from(secs) * 1_000_000_000) >> STAMP_SHIFT).min(u64::from(u16::MAX));
+    u64::from(now.wrapping_sub(then)) <= units
+}
+
 /// Which of this node's namespaces the socket lives in, if any.
 #[inline(always)]
 fn served(ctx: &SockAddrContext) -> Option<(u8, u64)> {
@@ -170,18 +185,27 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     // backend while it stays in the service (netfilter's conntrack keeps a UDP flow on one
     // backend): a protocol with several datagrams per exchange (QUIC, DNS over a shared
     // socket) would break if each went elsewhere. ClientIP affinity decides for itself.
+    // It lets go after the conntrack UDP timeout without a datagram there, as netfilter
+    // forgets an idle flow.
     let mut sticky = None;
     let mut cookie = 0;
+    let stamp = (now() >> STAMP_SHIFT) as u16;
     if call == Call::SendMsg {
         // SAFETY: plain helper call on our context.
         cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
         if fe.flags & svc_flags::AFFINITY == 0 {
             let k = SockRevNatKey { cookie, ip, port, kind: revnat_kind::STICKY };
             // SAFETY: read-only lookup, copied.
-            sticky = unsafe { SOCK_REVNAT.get(k) }
-                .copied()
-                .filter(|s| s.svc_id == fe.svc_id)
-                .and_then(|s| lb::still_backend(&fe, local, s.ip, s.port));
+            if let Some(s) = unsafe { SOCK_REVNAT.get(k) }.copied()
+                && s.svc_id == fe.svc_id
+                && fresh(s.stamp, stamp)
+                && let Some(b) = lb::still_backend(&fe, local, s.ip, s.port)
+            {
+                if s.stamp != stamp {
+                    let _ = SOCK_REVNAT.insert(k, SockRevNat { stamp, ..s }, 0);
+                }
+                sticky = Some(b);
+            }
         }
     }
     let Some(b) = sticky.or_else(|| lb::select(&fe, local, netns, now(), crate::trace::Trace::OFF)) else {
@@ -203,10 +227,10 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     if call == Call::SendMsg {
         // An unconnected UDP socket's answers are shown through this entry.
         let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, kind: revnat_kind::REVERSE };
-        let _ = SOCK_REVNAT.insert(rk, SockRevNat { ip, port, _pad: 0, svc_id: fe.svc_id }, 0);
+        let _ = SOCK_REVNAT.insert(rk, SockRevNat { ip, port, stamp: 0, svc_id: fe.svc_id }, 0);
         if sticky.is_none() && fe.flags & svc_flags::AFFINITY == 0 {
             let k = SockRevNatKey { cookie, ip, port, kind: revnat_kind::STICKY };
-            let _ = SOCK_REVNAT.insert(k, SockRevNat { ip: b.ip, port: b.port, _pad: 0, svc_id: fe.svc_id }, 0);
+            let _ = SOCK_REVNAT.insert(k, SockRevNat { ip: b.ip, port: b.port, stamp, svc_id: fe.svc_id }, 0);
         }
     } else if proto == IPPROTO_UDP {
         // A connected one's are shown through its storage; this note lets the agent abort

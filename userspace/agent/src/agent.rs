@@ -437,6 +437,7 @@ impl Agent {
             netns_cookie,
             monitor: config.monitor,
             loopback_node_ports: node_ports.takes_loopback(),
+            udp_timeout_s: config.services.timeouts.udp,
         };
         let cluster_pod_cidr = params.cluster_pod_cidr;
         let service_params = crate::services::ServiceParams {

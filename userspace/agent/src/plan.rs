@@ -61,6 +61,9 @@ pub struct NodeParams {
     /// The node's own `127.0.0.1:<nodePort>` is balanced (`[services] nodePortAddresses`
     /// takes the loopback address, as it does by default).
     pub loopback_node_ports: bool,
+    /// The conntrack UDP timeout (`[services] timeouts.udp`): how long an unconnected UDP
+    /// socket of the node keeps its backend for a service address it sends nothing to.
+    pub udp_timeout_s: u32,
 }
 
 /// NODE_NETNS value of a pod's namespace.
@@ -171,6 +174,10 @@ pub fn plan<'a>(
             uplink_ifindex: node.uplink_ifindex,
             monitor_rate: node.monitor.rate,
             monitor_burst: node.monitor.burst,
+            cluster_pod_net: node.cluster_pod_cidr.network().octets(),
+            cluster_pod_mask: node.cluster_pod_cidr.netmask().octets(),
+            udp_sticky_s: node.udp_timeout_s,
+            _pad2: 0,
         },
         ..Default::default()
     };
@@ -252,6 +259,7 @@ mod tests {
             netns_cookie: 0,
             monitor: Default::default(),
             loopback_node_ports: true,
+            udp_timeout_s: 60,
         }
     }
 
@@ -302,6 +310,8 @@ mod tests {
         assert_eq!(p.host_neighbours[&(105, Ipv4Addr::new(10, 1, 1, 5))], [2, 0, 0, 0, 1, 5]);
         assert_eq!(p.config.pod_subnet, [10, 1, 1, 0]);
         assert_eq!(p.config.pod_mask, [255, 255, 255, 0]);
+        assert_eq!((p.config.cluster_pod_net, p.config.cluster_pod_mask), ([10, 1, 0, 0], [255, 255, 0, 0]));
+        assert_eq!(p.config.udp_sticky_s, 60);
         assert_eq!(p.config.overlay_ifindex, 0);
         assert!(p.masquerade.is_none());
     }

@@ -734,7 +734,7 @@ mod resize {
                 dp.typed(map_names::SOCK_REVNAT).unwrap();
             for (cookie, backend) in [(7u64, [10, 1, 1, 5]), (8, [10, 1, 1, 6])] {
                 let k = SockRevNatKey { cookie, ip: backend, port: 53, kind: revnat_kind::REVERSE };
-                revnat.insert(k, SockRevNat { ip: [10, 96, 0, 10], port: 53, _pad: 0, svc_id: 3 }, 0).unwrap();
+                revnat.insert(k, SockRevNat { ip: [10, 96, 0, 10], port: 53, stamp: 0, svc_id: 3 }, 0).unwrap();
             }
         }
         drop(dp);

@@ -423,6 +423,10 @@ pub fn describe(s: &TraceStep, n: &Names, sender: Ipv4Addr) -> StepReport {
                 let _ = write!(d, "; destination rewritten to {at}:{} ({})", s.port, n.service(s.value));
             } else if s.arg & ct_flags::REV_DNAT != 0 {
                 let _ = write!(d, "; source rewritten back to {at}:{} ({})", s.port, n.service(s.value));
+            } else if s.arg & ct_flags::SNAT != 0 {
+                d.push_str("; source port rewritten (another flow's replies have this flow's addresses)");
+            } else if s.arg & ct_flags::REV_SNAT != 0 {
+                d.push_str("; destination port rewritten back (the flow took another source port)");
             }
             step("conntrack", "hit", d)
         }
@@ -744,5 +748,14 @@ mod tests {
         let tunnel = st(trace_step::VERDICT, u16::from(verdict::TUNNEL), [192, 168, 100, 12], 0, 0, 5);
         let (o, _, s) = conclude(&[tunnel], TC_ACT_REDIRECT, &n);
         assert_eq!((o, s.as_str()), (Outcome::Forwarded, "forwarded to node node-2 (192.168.100.12) over the overlay"));
+        // A flow that took another source port (its reply addresses were another flow's).
+        let remapped = st(trace_step::CT_HIT, ct_flags::SNAT, [10, 1, 2, 3], 53, 0, 0);
+        assert!(
+            describe(&remapped, &n, me)
+                .detail
+                .ends_with("; source port rewritten (another flow's replies have this flow's addresses)")
+        );
+        let clash = st(trace_step::SVC_SNAT, 1, [10, 1, 1, 2], 61234, 0, 0);
+        assert!(describe(&clash, &n, me).detail.contains("another flow's replies have this flow's addresses"));
     }
 }

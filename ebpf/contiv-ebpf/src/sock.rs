@@ -119,7 +119,9 @@ fn fresh(then: u16, now: u16) -> bool {
     if secs == 0 {
         return true;
     }
-    let units = ((u64::from(secs) * 1_000_000_000) >> STAMP_SHIFT).min(u64::from(u16::MAX));
+    // Rounded up: the entry holds for at least the timeout (a stamp taken just before a
+    // tick reads one unit older at once).
+    let units = ((u64::from(secs) * 1_000_000_000).div_ceil(1 << STAMP_SHIFT)).min(u64::from(u16::MAX));
     u64::from(now.wrapping_sub(then)) <= units
 }
 

@@ -646,6 +646,11 @@ impl Agent {
     }
 
     /// The cluster model was (re)loaded: policy is known from now on.
+    /// Whether the cluster model was listed once (its first resync).
+    pub fn model_listed(&self) -> bool {
+        self.model_synced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn mark_model_synced(&self) {
         self.model_synced.store(true, std::sync::atomic::Ordering::Release);
     }

@@ -334,6 +334,11 @@ impl Proxy {
         self.planner.plan()
     }
 
+    /// Whether a plan was made once (the first is always of everything).
+    pub fn planned(&self) -> bool {
+        self.planner.planned()
+    }
+
     pub fn params(&self) -> &ServiceParams {
         self.planner.params()
     }

@@ -764,6 +764,11 @@ impl ServicePlanner {
         &self.plan
     }
 
+    /// Whether [`ServicePlanner::update`] ran once.
+    pub fn planned(&self) -> bool {
+        self.planned
+    }
+
     pub fn params(&self) -> &ServiceParams {
         &self.params
     }

@@ -193,6 +193,13 @@ impl Agent {
             return None;
         }
         let model = self.model.get()?.clone();
+        // Not from a model that is still being listed: its plan, of part of the cluster or
+        // none of it, would be applied in full (the first apply after a start compares every
+        // entry) and remove what the maps hold, and the backends it lacks would be taken
+        // for gone (their flows flushed). The listing's resync wakes this task again.
+        if !self.model_listed() {
+            return None;
+        }
         let started = Instant::now();
         let mut changes = {
             let mut queue = self.service_changes.lock().unwrap_or_else(|p| p.into_inner());
@@ -202,6 +209,8 @@ impl Agent {
         let triggers = std::mem::take(&mut changes.trigger_times);
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
+        // The first plan is of everything, hostPorts and node addresses included.
+        changes.all |= !inner.proxy.planned();
         let (delta, live) = {
             let m = model.read().unwrap_or_else(|p| p.into_inner());
             if changes.all || changes.nodes {
@@ -299,6 +308,11 @@ impl Agent {
     /// When the service task re-applies without a cluster change: removed backends stop
     /// being refused, or a failed apply is retried.
     pub async fn services_due(&self) -> Option<Instant> {
+        // Nothing is due before the model is listed (`sync_services` waits for it; the
+        // listing itself wakes the services task).
+        if !self.model_listed() {
+            return None;
+        }
         self.inner.lock().await.proxy.next_due(Instant::now())
     }
 

@@ -990,14 +990,31 @@ mod tests {
         fixtures::slice("dns-a", "dns", vec![("dns", proto, 53)], endpoints)
     }
 
+    /// The two backends of the tests below, and b's address as flows name it.
+    const A: &str = "10.1.2.2";
+    const B: &str = "10.1.2.3";
+    const B_IP: [u8; 4] = [10, 1, 2, 3];
+
+    fn ready(ip: &str) -> contiv_cluster_model::Endpoint {
+        fixtures::ep(ip, "n2", true, true, false)
+    }
+
+    /// A rig with service "dns" (`proto`) on A and B, both pods live, and a client's flow
+    /// to B from port 40000: the rig, the service and its port id.
+    fn rig_with_a_flow_to_b(tag: &str, proto: Protocol) -> Option<(Rig, Service, u32)> {
+        let mut rig = Rig::new(tag)?;
+        let svc = dns_service(proto);
+        rig.apply(&svc, &[dns_slice(proto, vec![ready(A), ready(B)])], &[A, B]);
+        let id = rig.proxy.plan().frontends.values().next().unwrap().svc_id;
+        let number = if proto == Protocol::Udp { IPPROTO_UDP } else { IPPROTO_TCP };
+        rig.flow(number, 40000, (B_IP, 53), id);
+        Some((rig, svc, id))
+    }
+
     #[test]
     fn a_udp_backend_keeps_its_flows_while_it_serves_and_loses_them_when_it_stops() {
-        let Some(mut rig) = Rig::new("proxy-udp-serving") else { return };
-        let (svc, a, b) = (dns_service(Protocol::Udp), "10.1.2.2", "10.1.2.3");
-        let ready = |ip| fixtures::ep(ip, "n2", true, true, false);
-        rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(a), ready(b)])], &[a, b]);
-        let id = rig.proxy.plan().frontends.values().next().unwrap().svc_id;
-        rig.flow(IPPROTO_UDP, 40000, ([10, 1, 2, 3], 53), id);
+        let Some((mut rig, svc, id)) = rig_with_a_flow_to_b("proxy-udp-serving", Protocol::Udp) else { return };
+        let (a, b) = (A, B);
         // b terminates while a is ready: out of the set, still serving its flows.
         let draining = fixtures::ep(b, "n2", false, true, true);
         rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(a), draining])], &[a, b]);
@@ -1007,17 +1024,13 @@ mod tests {
         let stopped = fixtures::ep(b, "n2", false, false, true);
         rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(a), stopped])], &[a, b]);
         assert!(rig.flows_to().is_empty(), "forgotten once it stops serving");
-        assert_eq!(rig.proxy.take_udp_left(), BTreeSet::from([(id, [10, 1, 2, 3], 53)]));
+        assert_eq!(rig.proxy.take_udp_left(), BTreeSet::from([(id, B_IP, 53)]));
     }
 
     #[test]
     fn a_removed_backend_is_refused_once_its_pod_goes_and_after_a_restart() {
-        let Some(mut rig) = Rig::new("proxy-dead") else { return };
-        let (svc, a, b) = (dns_service(Protocol::Tcp), "10.1.2.2", "10.1.2.3");
-        let ready = |ip| fixtures::ep(ip, "n2", true, true, false);
-        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(a), ready(b)])], &[a, b]);
-        let id = rig.proxy.plan().frontends.values().next().unwrap().svc_id;
-        rig.flow(IPPROTO_TCP, 40000, ([10, 1, 2, 3], 53), id);
+        let Some((mut rig, svc, _)) = rig_with_a_flow_to_b("proxy-dead", Protocol::Tcp) else { return };
+        let (a, b) = (A, B);
         // b leaves the service while its pod lives: its connections go on.
         let only_a = [dns_slice(Protocol::Tcp, vec![ready(a)])];
         rig.apply(&svc, &only_a, &[a, b]);
@@ -1035,12 +1048,8 @@ mod tests {
 
     #[test]
     fn a_backend_that_left_while_no_agent_ran_is_refused_and_forgotten() {
-        let Some(mut rig) = Rig::new("proxy-left-meanwhile") else { return };
-        let (svc, a, b) = (dns_service(Protocol::Tcp), "10.1.2.2", "10.1.2.3");
-        let ready = |ip| fixtures::ep(ip, "n2", true, true, false);
-        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(a), ready(b)])], &[a, b]);
-        let id = rig.proxy.plan().frontends.values().next().unwrap().svc_id;
-        rig.flow(IPPROTO_TCP, 40000, ([10, 1, 2, 3], 53), id);
+        let Some((mut rig, svc, id)) = rig_with_a_flow_to_b("proxy-left-meanwhile", Protocol::Tcp) else { return };
+        let (a, b) = (A, B);
         rig.flow(IPPROTO_TCP, 40001, ([10, 1, 2, 2], 53), id);
         // b and its pod went while the agent was down.
         rig.restart();

@@ -376,9 +376,10 @@ impl Proxy {
     }
 
     /// Whether [`Proxy::apply`] of `delta` needs the addresses pods hold: only while some
-    /// removed backend may be refused (after a restart, any the maps hold may be).
+    /// removed backend may be refused (after a restart, any the maps hold may be), or a
+    /// flush of a dead one's flows is pending.
     pub fn needs_live_ips(&self, delta: &PlanDelta) -> bool {
-        self.resynced || !self.removed.is_empty() || !delta.endpoints_gone.is_empty()
+        self.resynced || !self.removed.is_empty() || !self.flush.backends.is_empty() || !delta.endpoints_gone.is_empty()
     }
 
     /// Installs what `delta` (from [`Proxy::update`]) changed. `live_ips`: addresses pods
@@ -518,6 +519,9 @@ impl Proxy {
         if backing_may_change || delta.node_addrs {
             self.udp_answers_via_stack = udp_answers_via_stack(self.planner.plan(), self.cluster_pod_cidr);
         }
+        // A backend found dead by an apply that failed may have a new pod by now (its
+        // address given out again): that pod's flows stay.
+        self.flush.backends.retain(|(ip, _, _)| !live_ips.contains(ip));
         if !self.flush.is_empty() {
             stats.conntrack_flushed = flush_flows(dp, &self.flush)?;
             self.udp_left.append(&mut self.flush.svc_udp);
@@ -1044,6 +1048,17 @@ mod tests {
         rig.restart();
         rig.apply(&svc, &only_a, &[a]);
         assert_eq!(rig.dead(), BTreeSet::from([b_key]), "the refusal outlives a restart");
+    }
+
+    #[test]
+    fn a_pending_flush_spares_an_address_a_new_pod_holds_by_then() {
+        let Some((mut rig, svc, _)) = rig_with_a_flow_to_b("proxy-reused", Protocol::Tcp) else { return };
+        // An apply found B dead and failed before its flush; by the retry B's address
+        // belongs to a new pod, whose flow to port 53 is this one.
+        rig.proxy.flush.backends.insert((B.parse().unwrap(), 53, IPPROTO_TCP));
+        assert!(rig.proxy.needs_live_ips(&PlanDelta::default()), "the retry asks who holds B");
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(A), ready(B)])], &[A, B]);
+        assert_eq!(rig.flows_to(), BTreeSet::from([(B.parse().unwrap(), 53)]), "the new pod's flow stays");
     }
 
     #[test]

@@ -82,20 +82,20 @@ fn backend(svc_id: u32, ordinal: u32) -> Option<SvcBackend> {
     unsafe { SVC_BACKENDS.get(SvcBackendKey { svc_id, ordinal }) }.copied()
 }
 
-/// The backend a client's affinity `a` names, with its ordinal, while it is still in the
-/// set `base..base + count`: at the ordinal it had, else (endpoints came or went before it
+/// Backend `ip`:`port`, with its ordinal, while it is still in the set `base..base + count`:
+/// at `ordinal` (where it was last seen, if known), else (endpoints came or went before it
 /// in the list, and moved it) where SVC_BACKEND_SLOTS says it is now.
 #[inline(always)]
-fn affine(svc_id: u32, base: u32, count: u16, a: &SvcAffinity) -> Option<(u32, SvcBackend)> {
+fn affine(svc_id: u32, base: u32, count: u16, ordinal: u32, ip: [u8; 4], port: u16) -> Option<(u32, SvcBackend)> {
     let in_set = |ordinal: u32| ordinal >= base && ordinal - base < u32::from(count);
-    if in_set(a.ordinal)
-        && let Some(b) = backend(svc_id, a.ordinal)
-        && b.ip == a.ip
-        && b.port == a.port
+    if in_set(ordinal)
+        && let Some(b) = backend(svc_id, ordinal)
+        && b.ip == ip
+        && b.port == port
     {
-        return Some((a.ordinal, b));
+        return Some((ordinal, b));
     }
-    let k = SvcSlotKey { svc_id, ip: a.ip, port: a.port, local_set: u8::from(base != 0), _pad: 0 };
+    let k = SvcSlotKey { svc_id, ip, port, local_set: u8::from(base != 0), _pad: 0 };
     // SAFETY: read-only lookup, copied.
     let ordinal = unsafe { SVC_BACKEND_SLOTS.get(k) }.copied()?;
     if !in_set(ordinal) {
@@ -104,7 +104,7 @@ fn affine(svc_id: u32, base: u32, count: u16, a: &SvcAffinity) -> Option<(u32, S
     // The slot is written after the backend and removed before it goes, but an apply may be
     // under way: the backend found must be the one named.
     let b = backend(svc_id, ordinal)?;
-    (b.ip == a.ip && b.port == a.port).then_some((ordinal, b))
+    (b.ip == ip && b.port == port).then_some((ordinal, b))
 }
 
 /// `ip`:`port` if it is still a backend of `fe`'s Cluster set (or Local set when `local`),
@@ -113,8 +113,7 @@ fn affine(svc_id: u32, base: u32, count: u16, a: &SvcAffinity) -> Option<(u32, S
 pub fn still_backend(fe: &SvcFrontend, local: bool, ip: [u8; 4], port: u16) -> Option<SvcBackend> {
     let (count, base) = if local { (fe.local_count, SVC_LOCAL_BASE) } else { (fe.count, 0) };
     // No ordinal known: found through SVC_BACKEND_SLOTS.
-    let a = SvcAffinity { last_used_ns: 0, ordinal: u32::MAX, ip, port, _pad: [0; 6] };
-    affine(fe.svc_id, base, count, &a).map(|(_, b)| b)
+    affine(fe.svc_id, base, count, u32::MAX, ip, port).map(|(_, b)| b)
 }
 
 /// A backend of the Cluster set, or of the Local set when `local`, for `client` (netns
@@ -131,7 +130,7 @@ pub fn select(fe: &SvcFrontend, local: bool, client: u64, now: u64, trace: Trace
         // SAFETY: read-only lookup, copied.
         && let Some(a) = unsafe { SVC_AFFINITY.get(akey) }.copied()
         && now.wrapping_sub(a.last_used_ns) < u64::from(fe.affinity_timeout_s) * 1_000_000_000
-        && let Some((ordinal, b)) = affine(fe.svc_id, base, count, &a)
+        && let Some((ordinal, b)) = affine(fe.svc_id, base, count, a.ordinal, a.ip, a.port)
     {
         trace.step(trace_step::SVC_BACKEND, u16::from(local) | 2, b.ip, b.port, (ordinal - base) as u16, fe.svc_id);
         if !trace.on() {

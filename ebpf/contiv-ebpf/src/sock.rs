@@ -13,8 +13,9 @@
 //! connected socket's in its own storage (SOCK_ORIGIN), which dies with it; an unconnected
 //! UDP socket's per backend, keyed by its cookie (SOCK_REVNAT, LRU), since each sendmsg()
 //! may name another service. The same map keeps, per such socket and service address, the
-//! backend its datagrams go to while that backend stays in the service (sticky entries). So the usual socket, which nobody balanced (every accepted
-//! one, for a start), costs getpeername() one test of its empty storage list.
+//! backend its datagrams go to while that backend stays in the service (sticky entries).
+//! So the usual socket, which nobody balanced (every accepted one, for a start), costs
+//! getpeername() one test of its empty storage list.
 //!
 //! A connected UDP socket of the node is also noted by cookie in SOCK_UDP_BACKEND, with
 //! its service port and backend: the agent finds it there and aborts it when that backend
@@ -189,28 +190,29 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     // socket) would break if each went elsewhere. ClientIP affinity decides for itself.
     // It lets go after the conntrack UDP timeout without a datagram there, as netfilter
     // forgets an idle flow.
+    let t = now();
+    let stamp = (t >> STAMP_SHIFT) as u16;
     let mut sticky = None;
     let mut cookie = 0;
-    let stamp = (now() >> STAMP_SHIFT) as u16;
     if call == Call::SendMsg {
         // SAFETY: plain helper call on our context.
         cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-        if fe.flags & svc_flags::AFFINITY == 0 {
-            let k = SockRevNatKey { cookie, ip, port, kind: revnat_kind::STICKY };
-            // SAFETY: read-only lookup, copied.
-            if let Some(s) = unsafe { SOCK_REVNAT.get(k) }.copied()
-                && s.svc_id == fe.svc_id
-                && fresh(s.stamp, stamp)
-                && let Some(b) = lb::still_backend(&fe, local, s.ip, s.port)
-            {
-                if s.stamp != stamp {
-                    let _ = SOCK_REVNAT.insert(k, SockRevNat { stamp, ..s }, 0);
-                }
-                sticky = Some(b);
-            }
-        }
     }
-    let Some(b) = sticky.or_else(|| lb::select(&fe, local, netns, now(), crate::trace::Trace::OFF)) else {
+    let sticky_key = SockRevNatKey { cookie, ip, port, kind: revnat_kind::STICKY };
+    let sticks = call == Call::SendMsg && fe.flags & svc_flags::AFFINITY == 0;
+    if sticks
+        // SAFETY: read-only lookup, copied.
+        && let Some(s) = unsafe { SOCK_REVNAT.get(sticky_key) }.copied()
+        && s.svc_id == fe.svc_id
+        && fresh(s.stamp, stamp)
+        && let Some(b) = lb::still_backend(&fe, local, s.ip, s.port)
+    {
+        if s.stamp != stamp {
+            let _ = SOCK_REVNAT.insert(sticky_key, SockRevNat { stamp, ..s }, 0);
+        }
+        sticky = Some(b);
+    }
+    let Some(b) = sticky.or_else(|| lb::select(&fe, local, netns, t, crate::trace::Trace::OFF)) else {
         count_svc(fe.svc_id, |c| c.no_backend += 1);
         // No endpoint at all: "connection refused" at once. Only local ones missing
         // (internalTrafficPolicy Local): the traffic is dropped by design; fail the call.
@@ -230,9 +232,9 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
         // An unconnected UDP socket's answers are shown through this entry.
         let rk = SockRevNatKey { cookie, ip: b.ip, port: b.port, kind: revnat_kind::REVERSE };
         let _ = SOCK_REVNAT.insert(rk, SockRevNat { ip, port, stamp: 0, svc_id: fe.svc_id }, 0);
-        if sticky.is_none() && fe.flags & svc_flags::AFFINITY == 0 {
-            let k = SockRevNatKey { cookie, ip, port, kind: revnat_kind::STICKY };
-            let _ = SOCK_REVNAT.insert(k, SockRevNat { ip: b.ip, port: b.port, stamp, svc_id: fe.svc_id }, 0);
+        if sticks && sticky.is_none() {
+            let v = SockRevNat { ip: b.ip, port: b.port, stamp, svc_id: fe.svc_id };
+            let _ = SOCK_REVNAT.insert(sticky_key, v, 0);
         }
     } else if proto == IPPROTO_UDP {
         // A connected one's are shown through its storage; this note lets the agent abort

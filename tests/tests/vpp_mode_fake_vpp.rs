@@ -15,16 +15,20 @@
 //!   the eBPF maps and links are untouched;
 //! - an agent restart: VPP keeps serving the pods through the pinned slow-path port, and the
 //!   restarted agent takes it over without re-creating VPP's interface;
-//! - a fake VPP that lists a message the agent needs under another CRC.
+//! - a fake VPP that lists a message the agent needs under another CRC;
+//! - a remote backend's answer to a pod's ClusterIP flow, handed to the slow-path port as VPP
+//!   delivers it (the fake cannot carry it across): translated back to the service address,
+//!   an ICMP error about the flow too, and let through a pod isolated for ingress.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox};
+use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, enter};
 use contiv_vpp_fake::papi::Papi;
 use serde_json::{Value, json};
 
@@ -440,4 +444,222 @@ fn a_crc_mismatch_in_the_fake_vpp_is_reported_naming_the_message_and_the_agent_k
     let q = b.add_pod("node-1", "default/works", &[], &[]);
     assert!(ping(&b, &p.id(), q.ip), "pods are wired and talk while VPP refuses the message");
     assert_eq!(b.cni("node-1", "STATUS", "", "", "", "").exit_code, 0, "the agent is up and connected");
+}
+
+/// The MAC address of `ifname` in network namespace `ns`.
+fn mac_of(ns: &str, ifname: &str) -> [u8; 6] {
+    let out = Command::new("ip").args(["-n", ns, "-j", "link", "show", "dev", ifname]).output().expect("ip");
+    let links: Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
+    let text = links[0]["address"].as_str().unwrap_or_else(|| panic!("no MAC for {ifname} in {ns}: {links}"));
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(text.split(':')) {
+        *b = u8::from_str_radix(part, 16).expect("MAC");
+    }
+    mac
+}
+
+/// The Internet checksum of `bytes`.
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 header (no options) for `payload_len` bytes of `proto` from `src` to `dst`.
+fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize) -> Vec<u8> {
+    let total = (20 + payload_len) as u16;
+    let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    let sum = checksum(&h);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
+/// A UDP datagram (its header and payload) with its checksum.
+fn udp_datagram(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    let mut u = Vec::new();
+    u.extend_from_slice(&src.port().to_be_bytes());
+    u.extend_from_slice(&dst.port().to_be_bytes());
+    u.extend_from_slice(&len.to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    pseudo.extend_from_slice(&u);
+    let sum = match checksum(&pseudo) {
+        0 => 0xffff,
+        s => s,
+    };
+    u[6..8].copy_from_slice(&sum.to_be_bytes());
+    u
+}
+
+/// An Ethernet frame carrying an IPv4 packet.
+fn frame(dst_mac: [u8; 6], src_mac: [u8; 6], ip_packet: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(ip_packet);
+    f
+}
+
+/// A UDP answer `from` -> `to` as an IPv4 packet.
+fn udp_packet(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let udp = udp_datagram(from, to, payload);
+    let mut p = ipv4_header(*from.ip(), *to.ip(), 17, udp.len());
+    p.extend_from_slice(&udp);
+    p
+}
+
+/// "Port unreachable" from `from` about the datagram `quoted_src` -> `quoted_dst` (RFC 792:
+/// its IPv4 header and first 8 bytes), as an IPv4 packet to `quoted_src`.
+fn port_unreachable(from: Ipv4Addr, quoted_src: SocketAddrV4, quoted_dst: SocketAddrV4) -> Vec<u8> {
+    let quoted = udp_packet(quoted_src, quoted_dst, b"question");
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[..28]);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut p = ipv4_header(from, *quoted_src.ip(), 1, icmp.len());
+    p.extend_from_slice(&icmp);
+    p
+}
+
+/// Sends `frame` out of `ifname` in network namespace `ns` (AF_PACKET: as it is, no stack).
+fn send_frame(ns: &str, ifname: &str, frame: Vec<u8>) {
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    let sent = enter(ns, move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            (n, frame.len(), err)
+        }
+    });
+    assert_eq!(sent.0, sent.1 as isize, "sending a frame on {:?} in {ns}: {}", sent.2, sent.2);
+}
+
+/// A pod's UDP flow to a ClusterIP whose backend is on another node leaves through VPP, and
+/// VPP brings the backend's answer back through the slow-path port (`tc_from_vswitch`),
+/// which gives it the service's address back as the overlay's program does in kernel mode:
+/// a connected socket (every resolver's) drops an answer from the backend's own address.
+/// The fake forwards nothing between nodes, so the test hands node-1's slow-path port the
+/// frames VPP would deliver, on its vswitch end (`cslow1`).
+#[test]
+fn a_remote_backends_answer_through_the_fake_vpp_is_translated_back_to_the_service() {
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(2));
+    let c = b.add_pod("node-1", "default/c", &[("app", "client")], &[]);
+    let web = b.add_pod("node-2", "default/web", &[("app", "web")], &[]);
+    b.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\n\
+         spec:\n  clusterIP: 10.96.0.53\n  clusterIPs: [10.96.0.53]\n  selector: {{app: web}}\n\
+         \x20 ports: [{{name: dns, port: 53, targetPort: 5353, protocol: UDP}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: dns-1, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}\n\
+         addressType: IPv4\nendpoints: [{{addresses: [{}], conditions: {{ready: true}}, nodeName: node-2}}]\n\
+         ports: [{{name: dns, port: 5353, protocol: UDP}}]\n",
+        web.ip
+    ));
+    b.wait_for(Duration::from_secs(15), "node-1 programs the service", || {
+        b.status_json("node-1", "/services").is_some_and(|r| {
+            r["frontends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|f| f["frontend"] == "10.96.0.53:53" && f["backends"].as_array().is_some_and(|a| a.len() == 1))
+        })
+    });
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53);
+    let backend = SocketAddrV4::new(web.ip, 5353);
+    let node_ns = b.node("node-1").netns.clone();
+    let (pod_mac, vpp_mac) = (mac_of(&c.netns, "eth0"), mac_of(&node_ns, "cslow1"));
+    let deliver = |packet: Vec<u8>| send_frame(&node_ns, "cslow1", frame(pod_mac, vpp_mac, &packet));
+
+    // A connected socket (a resolver's) and an unconnected one each ask the service once;
+    // each datagram leaves for VPP DNAT'ed to the backend, which answers through VPP.
+    let ask = |connect: bool| {
+        enter(&c.netns, move || {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+            if connect {
+                s.connect(vip).expect("connect");
+                s.send(b"question").expect("send");
+            } else {
+                s.send_to(b"question", vip).expect("send_to");
+            }
+            s
+        })
+    };
+    let slow = pod_counter(&b, &c, "slowPackets");
+    let (connected, unconnected) = (ask(true), ask(false));
+    assert!(pod_counter(&b, &c, "slowPackets") >= slow + 2, "both questions were handed to VPP");
+    for (s, what) in [(&connected, "connected"), (&unconnected, "unconnected")] {
+        let port = s.local_addr().unwrap().port();
+        deliver(udp_packet(backend, SocketAddrV4::new(c.ip, port), b"answer"));
+        let mut buf = [0u8; 64];
+        let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("{what} socket: no answer ({e})"));
+        assert_eq!(&buf[..n], b"answer");
+        assert_eq!(from, SocketAddr::V4(vip), "the {what} socket's answer comes from the service");
+    }
+
+    // "Port unreachable" from the backend about a question: the connected socket reads
+    // "connection refused", which it does only for an error quoting what it sent.
+    let port = connected.local_addr().unwrap().port();
+    connected.send(b"question").expect("send");
+    deliver(port_unreachable(web.ip, SocketAddrV4::new(c.ip, port), backend));
+    let mut buf = [0u8; 64];
+    let err = connected.recv(&mut buf).expect_err("an error, not an answer");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+
+    // Isolated for ingress with no rule: the answer is a reply, so it still comes in; a
+    // datagram from the backend to a port the pod never sent from is a new flow, dropped.
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: default}\n\
+         spec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress]\n",
+    );
+    b.wait_for(Duration::from_secs(15), "c is isolated for ingress", || {
+        b.status_json("node-1", "/policies").is_some_and(|p| {
+            p["pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["ip"] == c.ip.to_string() && x["ingressIsolated"] == true)
+        })
+    });
+    connected.send(b"question").expect("send");
+    deliver(udp_packet(backend, SocketAddrV4::new(c.ip, port), b"answer"));
+    let n = connected.recv(&mut buf).expect("the answer passes the pod's ingress isolation");
+    assert_eq!(&buf[..n], b"answer");
+    let stray = enter(&c.netns, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        s
+    });
+    let dropped = pod_counter(&b, &c, "dropPolicyIngress");
+    deliver(udp_packet(backend, SocketAddrV4::new(c.ip, stray.local_addr().unwrap().port()), b"stray"));
+    assert!(stray.recv(&mut buf).is_err(), "a new flow into an isolated pod is dropped");
+    assert!(pod_counter(&b, &c, "dropPolicyIngress") > dropped, "and counted as the pod's ingress drop");
 }

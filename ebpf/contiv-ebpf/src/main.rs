@@ -17,8 +17,10 @@
 //!   to the AF_XDP socket of the vswitch; `xdp_to_vpp` does the same into the socket VPP's
 //!   af_xdp interface registered (`uplink = "vpp"`).
 //! - `tc_from_vswitch` (tcx ingress on the host end of the slow-path port): delivers the
-//!   vswitch's frames to the pod they are addressed to; in kernel mode, frames for anything
-//!   else go to the node's stack (which routes them out, or into the overlay).
+//!   vswitch's frames to the pod they are addressed to, translated back first when they
+//!   belong to a flow this node translated (VPP brings a remote backend's answers); in
+//!   kernel mode, frames for anything else go to the node's stack (which routes them out,
+//!   or into the overlay).
 //!
 //! `uplink = "vpp"` (CONFIG flag `VPP_UPLINK`): VPP owns the wire, so `tc_from_pod` hands
 //! everything that is not for a local pod to the slow-path port, i.e. to VPP (which routes,
@@ -879,6 +881,14 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_from_vswitch(ctx: TcContext) -> i32 {
     let len = u64::from(ctx.skb.len());
+    // Answers in flows this node translated go back to what the client sent to first: a
+    // remote backend's answer to a pod's service flow, which VPP brings; an ICMP error the
+    // slow path sends about a packet it got after DNAT.
+    let back = slow_path_reply(&ctx);
+    if back.kind == outcome::DROP {
+        monitor::drop(&ctx, drop_reason::SERVICE, hook::FROM_VSWITCH, back.dst);
+        return TC_ACT_SHOT;
+    }
     let Some(dst) = vswitch_frame_destination(ctx.data(), ctx.data_end()) else {
         count_slowport(|c| c.from_vswitch_no_pod += 1);
         return TC_ACT_SHOT;
@@ -889,7 +899,8 @@ pub fn tc_from_vswitch(ctx: TcContext) -> i32 {
     // VPP mode: VPP brings other nodes' and the outside's traffic here, so a new flow must
     // pass the pod's ingress rules (the built-in vswitch only answers for the gateway: the
     // pod's own node, always allowed).
-    if pod.flags & pod_flags::INGRESS_ISOLATED != 0
+    if back.rewritten == 0
+        && pod.flags & pod_flags::INGRESS_ISOLATED != 0
         && config().is_some_and(|c| c.flags & config_flags::VPP_UPLINK != 0)
         && !vpp_ingress_allowed(&ctx, &pod)
     {
@@ -905,6 +916,35 @@ pub fn tc_from_vswitch(ctx: TcContext) -> i32 {
     }
     count_slowport(|c| c.from_vswitch_delivered += 1);
     deliver(&pod)
+}
+
+/// A frame from the slow path in a flow conntrack knows with a rewrite for its direction
+/// (a reply of a service flow, or of a flow that took another source port; an ICMP error
+/// about one; a later fragment of such a reply): rewritten as the entry asks, TRACKED with
+/// `rewritten` set. UNTOUCHED for every other frame, DROP when the rewrite failed. What
+/// the built-in vswitch builds itself (ARP, echo replies, refusals from the frontend)
+/// matches no such entry.
+#[inline(always)]
+fn slow_path_reply(ctx: &TcContext) -> svc::Outcome {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
+        return svc::Outcome::UNTOUCHED;
+    };
+    if ethertype(eth) != ETH_P_IP || !well_formed(ip) {
+        return svc::Outcome::UNTOUCHED;
+    }
+    let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {
+        return svc::Outcome::UNTOUCHED;
+    };
+    let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
+    if frag.kind == frag::LATER {
+        return svc::established(ctx, src, dst, proto, &frag.head, Trace::OFF);
+    }
+    if let Some(l4) = nat::l4(data, data_end, proto) {
+        return svc::host_reply(ctx, src, dst, &l4);
+    }
+    svc::related(ctx, &policy::transport(data, data_end, proto), src, dst, Trace::OFF)
+        .unwrap_or(svc::Outcome::UNTOUCHED)
 }
 
 /// A frame from VPP for an ingress-isolated pod: a tracked flow, or a new one its rules

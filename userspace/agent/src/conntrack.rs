@@ -429,8 +429,8 @@ mod tests {
 
         let f = &flows[2];
         assert_eq!((f.client.as_str(), f.server.as_str()), ("192.168.1.7:44000", "10.1.1.3:9000"));
-        assert_eq!((f.directed, f.flags.as_slice(), f.state), (true, &["viaHost"][..], Some(TcpState::Closing)));
-        assert_eq!(f.expires_in_seconds, 0, "closing: 10 s, idle 20 s");
+        assert_eq!((f.directed, f.flags.as_slice(), f.state), (true, &["viaHost"][..], Some(TcpState::Finishing)));
+        assert_eq!(f.expires_in_seconds, 100, "finishing (a FIN seen one way only): 120 s, idle 20 s");
 
         let f = &flows[3];
         assert_eq!((f.client.as_str(), f.server.as_str()), ("203.0.113.9:5555", "192.168.1.1:30080"));

@@ -246,30 +246,41 @@ pub enum TcpState {
     /// The handshake has not completed (both directions have not acknowledged).
     Opening,
     Established,
+    /// A FIN where only one direction can be seen (the other is carried by the node's stack,
+    /// or its entry was evicted): a half-close or a close, which cannot be told apart. It
+    /// lives [`FIN_WAIT`], netfilter's `fin_wait` and `time_wait`.
+    Finishing,
     /// Reset, or finished in both directions.
     Closing,
 }
+
+/// How long a [`TcpState::Finishing`] flow lives idle (at least `tcpClosing`).
+pub const FIN_WAIT: Duration = Duration::from_secs(120);
 
 /// The state of a TCP flow from its entry and its other direction's.
 ///
 /// A FIN closes one direction only: a client that has sent all it has (`shutdown(SHUT_WR)`)
 /// may wait long for the answer, which must still find the flow, so a half-closed flow stays
-/// established. Closing takes a reset, or a FIN each way. A flow with one direction in the
-/// table (the other evicted) closes on its own FIN.
+/// established. Closing takes a reset, or a FIN each way.
 ///
 /// A direction that has seen no flag is one whose packets the datapath never looks up: the
 /// node's stack carries them (a flow it delivered, `VIA_HOST`, whose client reaches the pod
 /// through it; the answers of a pod's masqueraded connection out). The flow is then told by
-/// the other direction alone.
+/// the other direction alone, as is a flow whose other entry was evicted (the LRU table
+/// evicts first the direction the datapath never looks up): an ACK there means the
+/// handshake completed, a FIN that it is finishing.
 pub fn tcp_state(e: &CtEntry, pair: Option<&CtEntry>) -> TcpState {
     let one_sided = match pair {
+        None => Some(e),
         Some(p) if p.tcp_flags == 0 => Some(e),
         Some(p) if e.tcp_flags == 0 => Some(p),
         _ => None,
     };
     if let Some(x) = one_sided {
-        return if x.tcp_flags & (ct_tcp::FIN | ct_tcp::RST) != 0 {
+        return if x.tcp_flags & ct_tcp::RST != 0 {
             TcpState::Closing
+        } else if x.tcp_flags & ct_tcp::FIN != 0 {
+            TcpState::Finishing
         } else if x.tcp_flags & ct_tcp::ACK != 0 {
             TcpState::Established
         } else {
@@ -278,7 +289,7 @@ pub fn tcp_state(e: &CtEntry, pair: Option<&CtEntry>) -> TcpState {
     }
     let flags = e.tcp_flags | pair.map_or(0, |p| p.tcp_flags);
     let finished = |x: &CtEntry| x.tcp_flags & ct_tcp::FIN != 0;
-    if flags & ct_tcp::RST != 0 || (finished(e) && pair.is_none_or(finished)) {
+    if flags & ct_tcp::RST != 0 || (finished(e) && pair.is_some_and(finished)) {
         TcpState::Closing
     } else if e.tcp_flags & ct_tcp::ACK != 0 && pair.is_some_and(|p| p.tcp_flags & ct_tcp::ACK != 0) {
         TcpState::Established
@@ -292,6 +303,9 @@ pub fn ct_timeout(k: &CtKey, e: &CtEntry, pair: Option<&CtEntry>, t: &CtTimeouts
     let secs = match k.proto {
         IPPROTO_TCP => match tcp_state(e, pair) {
             TcpState::Closing => t.tcp_closing,
+            TcpState::Finishing => {
+                (FIN_WAIT.as_secs() as u32).clamp(t.tcp_closing, t.tcp_established.max(t.tcp_closing))
+            }
             TcpState::Established => t.tcp_established,
             TcpState::Opening => t.tcp_syn,
         },
@@ -680,8 +694,10 @@ pub(crate) fn flows_of(entries: Vec<(CtKey, CtEntry)>) -> Vec<Flow> {
         if !seen.insert(*k) {
             continue;
         }
+        // Its pair only if that entry names this one back: a one-way flow's entry, its
+        // reply's evicted, and another flow's reply entry can name the same key.
         let pk = ct_pair(k, e);
-        let pair = entries.get(&pk).filter(|_| seen.insert(pk)).map(|p| (pk, *p));
+        let pair = entries.get(&pk).filter(|p| ct_pair(&pk, p) == *k && seen.insert(pk)).map(|p| (pk, *p));
         flows.push(Flow { key: *k, entry: *e, pair });
     }
     flows
@@ -690,17 +706,14 @@ pub(crate) fn flows_of(entries: Vec<(CtKey, CtEntry)>) -> Vec<Flow> {
 /// The keys of every flow idle past its timeout (both directions together), from a
 /// snapshot of the table. `now_ns`: CLOCK_MONOTONIC, the clock the datapath stamps entries
 /// with.
-pub fn expired_flows(entries: Vec<(CtKey, CtEntry)>, timeouts: &CtTimeouts, now_ns: u64) -> Vec<CtKey> {
-    let mut doomed: Vec<CtKey> = flows_of(entries)
+pub(crate) fn expired_flows(entries: Vec<(CtKey, CtEntry)>, timeouts: &CtTimeouts, now_ns: u64) -> Vec<Flow> {
+    flows_of(entries)
         .into_iter()
         .filter(|f| {
             let idle = Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns()));
             idle > ct_timeout(&f.key, &f.entry, f.pair.as_ref().map(|(_, p)| p), timeouts)
         })
-        .flat_map(|f| f.entries().map(|(k, _)| k))
-        .collect();
-    doomed.sort();
-    doomed
+        .collect()
 }
 
 /// The flows of a conntrack table that a table of `budget` entries keeps when it is
@@ -731,9 +744,31 @@ pub fn gc_conntrack(table: &mut CtTable, timeouts: &CtTimeouts, now_ns: u64) -> 
     let started = Instant::now();
     let entries = table.entries()?;
     let scanned = entries.len();
-    let doomed = expired_flows(entries, timeouts, now_ns);
-    table.delete_all(&doomed)?;
-    Ok(GcStats { scanned, expired: doomed.len(), took_us: started.elapsed().as_micros() as u64 })
+    let expired = sweep(table, entries, timeouts, now_ns)?;
+    Ok(GcStats { scanned, expired, took_us: started.elapsed().as_micros() as u64 })
+}
+
+/// Deletes the flows of `snapshot` (the table as read) idle past their timeout; how many
+/// entries went. A packet may have refreshed a flow since the table was read (a flow idle
+/// past its timeout, resuming): a doomed flow's entries are read again, and the flow is
+/// kept if either changed.
+fn sweep(
+    table: &mut CtTable,
+    snapshot: Vec<(CtKey, CtEntry)>,
+    timeouts: &CtTimeouts,
+    now_ns: u64,
+) -> Result<usize, DatapathError> {
+    let mut doomed = vec![];
+    for flow in expired_flows(snapshot, timeouts, now_ns) {
+        let mut unchanged = true;
+        for (k, e) in flow.entries() {
+            unchanged &= table.get(&k)?.is_none_or(|now| now.last_seen_ns == e.last_seen_ns);
+        }
+        if unchanged {
+            doomed.extend(flow.entries().map(|(k, _)| k));
+        }
+    }
+    table.delete_all(&doomed)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns's clock).
@@ -860,20 +895,30 @@ mod tests {
         // Finished both ways, or reset by either side.
         assert_eq!(ct_timeout(&k, &fin, Some(&fin), &t), Duration::from_secs(10));
         assert_eq!(ct_timeout(&k, &ack, Some(&rst), &t), Duration::from_secs(10));
-        assert_eq!(ct_timeout(&k, &fin, None, &t), Duration::from_secs(10), "the other direction evicted");
+        // The other direction evicted: told by this one alone.
+        assert_eq!(ct_timeout(&k, &fin, None, &t), FIN_WAIT, "a half-close or a close");
+        assert_eq!(ct_timeout(&k, &ack, None, &t), Duration::from_secs(21600), "established");
         // Delivered by the node's stack: the pod's direction alone tells.
         let pod_side = |tcp_flags: u8| CtEntry { flags: ct_flags::VIA_HOST, tcp_flags, ..Default::default() };
         let client_side = CtEntry::default();
         assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::SYN))), TcpState::Opening);
         assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::SYN | ct_tcp::ACK))), TcpState::Established);
         assert_eq!(tcp_state(&pod_side(ct_tcp::SYN | ct_tcp::ACK), Some(&client_side)), TcpState::Established);
-        assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::ACK | ct_tcp::FIN))), TcpState::Closing);
+        assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::ACK | ct_tcp::FIN))), TcpState::Finishing);
+        assert_eq!(tcp_state(&client_side, Some(&pod_side(ct_tcp::ACK | ct_tcp::RST))), TcpState::Closing);
         // A pod's connection out, masqueraded: its answers reach it through the stack.
         let out = |tcp_flags: u8| CtEntry { tcp_flags, ..Default::default() };
         assert_eq!(tcp_state(&out(ct_tcp::SYN), Some(&out(0))), TcpState::Opening, "no answer yet");
         assert_eq!(tcp_state(&out(ct_tcp::SYN | ct_tcp::ACK), Some(&out(0))), TcpState::Established);
-        assert_eq!(tcp_state(&out(ct_tcp::ACK | ct_tcp::FIN), Some(&out(0))), TcpState::Closing);
-        assert_eq!(tcp_state(&out(ct_tcp::SYN | ct_tcp::ACK), None), TcpState::Opening, "the other entry evicted");
+        assert_eq!(tcp_state(&out(ct_tcp::ACK | ct_tcp::FIN), Some(&out(0))), TcpState::Finishing);
+        assert_eq!(tcp_state(&out(ct_tcp::SYN | ct_tcp::ACK), None), TcpState::Established, "the other entry evicted");
+        assert_eq!(tcp_state(&out(ct_tcp::SYN), None), TcpState::Opening, "the other entry evicted");
+        // Finishing lives FIN_WAIT, within the configured closing and established times.
+        let short = CtTimeouts { tcp_established: 30, ..t };
+        assert_eq!(ct_timeout(&k, &out(ct_tcp::FIN), Some(&out(0)), &t), FIN_WAIT);
+        assert_eq!(ct_timeout(&k, &out(ct_tcp::FIN), Some(&out(0)), &short), Duration::from_secs(30));
+        let long = CtTimeouts { tcp_closing: 300, ..t };
+        assert_eq!(ct_timeout(&k, &out(ct_tcp::FIN), Some(&out(0)), &long), Duration::from_secs(300));
         let udp = CtKey { proto: IPPROTO_UDP, ..k };
         assert_eq!(ct_timeout(&udp, &CtEntry::default(), None, &t), Duration::from_secs(60));
     }
@@ -1016,6 +1061,67 @@ mod tests {
     }
 
     #[test]
+    fn the_sweep_keeps_a_flow_a_packet_refreshed_after_the_table_was_read() {
+        let Some(mut rig) = Rig::new("proxy-gc-refresh") else { return };
+        rig.flow(IPPROTO_UDP, 40000, (B_IP, 53), 0);
+        rig.flow(IPPROTO_UDP, 40001, (B_IP, 53), 0);
+        let mut table = CtTable::open(&rig.dir.0).unwrap();
+        let snapshot = table.entries().unwrap();
+        assert_eq!(snapshot.len(), 4);
+        // A packet of the first flow passes between the read and the delete.
+        rig.flow(IPPROTO_UDP, 40000, (B_IP, 53), 0);
+        let hour_later = monotonic_ns() + 3_600_000_000_000;
+        let went = sweep(&mut table, snapshot, &CtTimeouts::default(), hour_later).unwrap();
+        assert_eq!(went, 2, "the other flow's two entries went, and were counted");
+        let client_port = |k: &CtKey| if k.sport == 53 { k.dport } else { k.sport };
+        let left: BTreeSet<u16> = rig.dp.ct_entries().unwrap().iter().map(|(k, _)| client_port(k)).collect();
+        assert_eq!(left, BTreeSet::from([40000]), "the refreshed flow stays, both ways");
+        assert_eq!(rig.dp.ct_entries().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_one_way_flows_entry_does_not_take_another_flows_reply_entry_as_its_pair() {
+        let udp = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| CtKey {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: IPPROTO_UDP,
+            _pad: [0; 3],
+        };
+        let s = 1_000_000_000u64;
+        let now = 100_000 * s;
+        let (client, backend, vip) = ([10, 1, 1, 5], [10, 1, 2, 7], [10, 96, 0, 10]);
+        // A datagram straight to the backend long ago, its reply entry evicted since.
+        let plain = (udp(client, backend, 40000, 53), CtEntry { last_seen_ns: now - 600 * s, ..Default::default() });
+        // The same socket's service flow to that backend, answered a second ago.
+        let fwd = CtEntry {
+            last_seen_ns: now - 600 * s,
+            flags: ct_flags::DNAT,
+            nat_ip: backend,
+            nat_port: 53,
+            nat2_ip: client,
+            nat2_port: 40000,
+            ..Default::default()
+        };
+        let rev = CtEntry {
+            last_seen_ns: now - s,
+            flags: ct_flags::REV_DNAT,
+            nat_ip: vip,
+            nat_port: 53,
+            nat2_ip: client,
+            nat2_port: 40000,
+            ..Default::default()
+        };
+        let entries = vec![plain, (udp(client, vip, 40000, 53), fwd), (udp(backend, client, 53, 40000), rev)];
+        let doomed: Vec<CtKey> = expired_flows(entries, &CtTimeouts::default(), now)
+            .into_iter()
+            .flat_map(|f| f.entries().map(|(k, _)| k))
+            .collect();
+        assert_eq!(doomed, vec![plain.0], "the service flow lives on its answer, both ways");
+    }
+
+    #[test]
     fn a_udp_backend_keeps_its_flows_while_it_serves_and_loses_them_when_it_stops() {
         let Some((mut rig, svc, id)) = rig_with_a_flow_to_b("proxy-udp-serving", Protocol::Udp) else { return };
         let (a, b) = (A, B);
@@ -1092,7 +1198,8 @@ mod tests {
             // A SYN without an answer for two minutes: past tcp_syn (60 s), alone.
             (key(a, b, 40_002, 80), seen(120, ct_tcp::SYN)),
         ];
-        let doomed: BTreeSet<CtKey> = expired_flows(entries, &t, now).into_iter().collect();
+        let doomed: BTreeSet<CtKey> =
+            expired_flows(entries, &t, now).into_iter().flat_map(|f| f.entries().map(|(k, _)| k)).collect();
         let want: BTreeSet<CtKey> =
             [key(a, b, 40_000, 80), key(b, a, 80, 40_000), key(a, b, 40_002, 80)].into_iter().collect();
         assert_eq!(doomed, want);

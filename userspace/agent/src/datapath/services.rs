@@ -437,6 +437,17 @@ impl CtTable {
         entries_in(&self.map, map_names::CT)
     }
 
+    /// The entry under `k`, if any (a look from user space: it does not count as a use
+    /// for the LRU).
+    pub fn get(&self, k: &CtKey) -> Result<Option<CtEntry>> {
+        let typed: HashMap<&MapData, CtKey, CtEntry> = (&self.map).try_into().map_err(map_err(map_names::CT))?;
+        match typed.get(k, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::CT)(e)),
+        }
+    }
+
     /// Deletes these entries (those already gone are skipped); how many went.
     pub fn delete_all(&mut self, keys: &[CtKey]) -> Result<usize> {
         ct_delete_in(&mut self.map, keys)

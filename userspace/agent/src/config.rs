@@ -253,7 +253,16 @@ impl ServicesConfig {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()
-                .map(NodePortAddresses::Cidrs),
+                .map(|nets| {
+                    // As kube-proxy's IPv4 side: a zero CIDR, or no IPv4 CIDR at all, takes
+                    // every address.
+                    let v4: Vec<&ipnet::IpNet> = nets.iter().filter(|n| matches!(n, ipnet::IpNet::V4(_))).collect();
+                    if v4.is_empty() || v4.iter().any(|n| n.prefix_len() == 0) {
+                        NodePortAddresses::All
+                    } else {
+                        NodePortAddresses::Cidrs(nets)
+                    }
+                }),
         }
     }
 }
@@ -984,6 +993,9 @@ mod tests {
         assert!(!cidrs.takes(Ipv4Addr::new(192, 168, 100, 111), true));
         assert!(!cidrs.takes_loopback());
         assert!(read("[services]\nnodePortAddresses = [\"127.0.0.0/8\"]").takes_loopback());
+        // A zero CIDR, or IPv6 CIDRs alone, take every address (kube-proxy's matchAll).
+        assert_eq!(read("[services]\nnodePortAddresses = [\"10.0.0.0/8\", \"0.0.0.0/0\"]"), NodePortAddresses::All);
+        assert_eq!(read("[services]\nnodePortAddresses = [\"2001:db8::/32\"]"), NodePortAddresses::All);
     }
 
     #[test]

@@ -103,8 +103,24 @@ impl HealthServers {
                 }
             };
             log::info!("healthCheckNodePort {addr}:{port}: serving");
+            let mut failing = false;
             loop {
-                let Ok((mut conn, _)) = listener.accept().await else { continue };
+                let mut conn = match listener.accept().await {
+                    Ok((conn, _)) => {
+                        failing = false;
+                        conn
+                    }
+                    // Out of descriptors, say: the connection stays queued, so retrying at
+                    // once would spin. Logged once per run of failures.
+                    Err(e) => {
+                        if !failing {
+                            log::warn!("healthCheckNodePort {addr}:{port}: accept: {e}");
+                        }
+                        failing = true;
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let state = state.clone();
                 let proxy = proxy.clone();
                 tokio::spawn(async move {

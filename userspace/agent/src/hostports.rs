@@ -64,8 +64,25 @@ pub fn host_port_services<'a>(
     node_addrs: &[Ipv4Addr],
     pods: impl IntoIterator<Item = (&'a Pod, Ipv4Addr)>,
 ) -> HostPortServices {
-    let mut out = HostPortServices::new();
+    // One address per pod: a pod name may have two attachments for a moment (a pod
+    // deleted and created again under its name before the old sandbox's DEL); the one the
+    // Pod object lists is the pod's.
+    let mut chosen: BTreeMap<(&str, &str), (&Pod, Ipv4Addr)> = BTreeMap::new();
     for (pod, ip) in pods {
+        let listed = |ip: Ipv4Addr| pod.ips.contains(&IpAddr::V4(ip));
+        match chosen.entry((pod.namespace.as_str(), pod.name.as_str())) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((pod, ip));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                if listed(ip) && !listed(o.get().1) {
+                    o.insert((pod, ip));
+                }
+            }
+        }
+    }
+    let mut out = HostPortServices::new();
+    for (pod, ip) in chosen.into_values() {
         if pod.host_network {
             continue;
         }
@@ -273,6 +290,18 @@ mod tests {
         let info = &p.ports[&fe.svc_id];
         assert_eq!((info.namespace.as_str(), info.name.as_str()), ("default", "hostPort:web:8080:TCP"));
         assert!(p.skipped.is_empty(), "{:?}", p.skipped);
+    }
+
+    #[test]
+    fn of_two_attachments_under_one_pod_name_the_address_the_pod_lists_is_the_backend() {
+        let mut web = pod("web", vec![port(Protocol::Tcp, 80, Some(8080), None)]);
+        web.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 1, 1, 9))];
+        for order in [[5, 9], [9, 5]] {
+            let pods: Vec<(Pod, Ipv4Addr)> = order.iter().map(|&d| (web.clone(), Ipv4Addr::new(10, 1, 1, d))).collect();
+            let hp = services(&pods);
+            let backends: Vec<IpAddr> = hp.values().flat_map(|(_, sl)| sl.endpoints[0].addresses.clone()).collect();
+            assert_eq!(backends, vec![IpAddr::V4(Ipv4Addr::new(10, 1, 1, 9))], "attachments in order {order:?}");
+        }
     }
 
     #[test]

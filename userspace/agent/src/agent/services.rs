@@ -269,9 +269,13 @@ impl Agent {
         sync_pod_egress(inner);
         abort_udp_sockets_left(inner);
         let refusals = Arc::new(inner.proxy.refusals());
-        let plan = inner.proxy.plan();
-        let hc_addrs = crate::services::health_check_addrs(inner.proxy.params(), &plan.node_addrs);
-        inner.health.update(&plan.health_checks, hc_addrs.as_deref());
+        // As kube-proxy: the health servers follow a plan once the maps hold it (a node
+        // must not say it has a local endpoint its maps do not lead to).
+        if result.is_ok() {
+            let plan = inner.proxy.plan();
+            let hc_addrs = crate::services::health_check_addrs(inner.proxy.params(), &plan.node_addrs);
+            inner.health.update(&plan.health_checks, hc_addrs.as_deref());
+        }
         drop(guard);
         self.set_refusals(refusals);
         self.programming.synced(started.elapsed());

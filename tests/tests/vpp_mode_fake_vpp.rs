@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, enter};
+use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, enter, ip_in};
 use contiv_vpp_fake::papi::Papi;
 use serde_json::{Value, json};
 
@@ -448,8 +448,7 @@ fn a_crc_mismatch_in_the_fake_vpp_is_reported_naming_the_message_and_the_agent_k
 
 /// The MAC address of `ifname` in network namespace `ns`.
 fn mac_of(ns: &str, ifname: &str) -> [u8; 6] {
-    let out = Command::new("ip").args(["-n", ns, "-j", "link", "show", "dev", ifname]).output().expect("ip");
-    let links: Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
+    let links: Value = serde_json::from_str(&ip_in(ns, &["-j", "link", "show", "dev", ifname])).expect("ip -j link");
     let text = links[0]["address"].as_str().unwrap_or_else(|| panic!("no MAC for {ifname} in {ns}: {links}"));
     let mut mac = [0u8; 6];
     for (b, part) in mac.iter_mut().zip(text.split(':')) {

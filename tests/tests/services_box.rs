@@ -2554,3 +2554,108 @@ spec:
         assert_eq!((got.server.as_str(), got.peer), (other, vip), "datagram {i} after {first} left");
     }
 }
+
+/// One TCP exchange from `ns` to `addr`, on a socket of `addr`'s family (an IPv6 socket
+/// for an IPv4-mapped address, as Java and .NET open by default).
+fn tcp_ask_any(ns: &str, addr: SocketAddr) -> std::io::Result<Answer> {
+    enter(ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"hello")?;
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf)?;
+        let (server, seen) = parse(&String::from_utf8_lossy(&buf[..n]));
+        Ok(Answer { server, seen, peer: s.peer_addr()? })
+    })
+}
+
+/// The node's own sockets, as runtimes open them:
+/// - an IPv6 socket reaching a service by its IPv4-mapped address (`::ffff:10.96.0.10`,
+///   Java's and .NET's default) is balanced at connect() like an IPv4 one, sees the service
+///   as its peer and as the source of UDP answers (the kernel runs connect6, recvmsg6 and
+///   getpeername6 for it, not the IPv4 hooks);
+/// - a UDP socket connected to a service that names it again in sendto() stays on the
+///   backend it is connected to (the only peer it hears);
+/// - 0.0.0.0 is the caller's own host: the node's like its loopback, a pod's its own, never
+///   the key NodePorts are kept under.
+#[test]
+fn services_box_node_sockets_of_every_kind_reach_services() {
+    let (b, [w1, w2, c1, _c2]) = web_box("");
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  selector: {{app: web}}
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}}
+---
+{}"#,
+        web_slices("web", &w1, &w2)
+    ));
+    wait_programmed(&b, "node-1", "10.96.0.10:80", 2);
+    wait_programmed(&b, "node-1", "10.96.0.10:53", 2);
+    let node = b.node("node-1").netns.clone();
+    let mapped = |port: u16| SocketAddr::new(IpAddr::V6(Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped()), port);
+    let both: BTreeSet<&str> = ["web-1", "web-2"].into();
+
+    // TCP from an IPv6 socket: balanced over both backends, the service as its peer.
+    let mut seen = BTreeMap::new();
+    for _ in 0..16 {
+        let a = tcp_ask_any(&node, mapped(80)).unwrap_or_else(|e| panic!("TCP to {}: {e}", mapped(80)));
+        assert_eq!(a.peer, mapped(80), "getpeername shows the service");
+        *seen.entry(a.server).or_insert(0usize) += 1;
+    }
+    assert_eq!(names(&seen), both, "{seen:?}");
+
+    // UDP from IPv6 sockets: a connected one hears its backend as the service, and so does
+    // an unconnected one (its datagram takes the IPv4 path, its answer the IPv6 one).
+    let (from, peer) = enter(&node, move || {
+        let s = UdpSocket::bind("[::]:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.connect(mapped(53)).expect("connect");
+        s.send(b"question").expect("send");
+        let mut buf = [0u8; 256];
+        let (_, from) = s.recv_from(&mut buf).expect("an answer to the connected IPv6 socket");
+        (from, s.peer_addr().unwrap())
+    });
+    assert_eq!((from, peer), (mapped(53), mapped(53)));
+    let from = enter(&node, move || {
+        let s = UdpSocket::bind("[::]:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(b"question", mapped(53)).expect("send_to");
+        let mut buf = [0u8; 256];
+        s.recv_from(&mut buf).expect("an answer to the unconnected IPv6 socket").1
+    });
+    assert_eq!(from, mapped(53), "the answer comes from the service");
+
+    // Connected UDP sockets that name their service again: every datagram is answered,
+    // all by the backend the socket is connected to. (Balanced apart from the connect(),
+    // half of these sockets would wait for answers that never reach them.)
+    let vip = sa("10.96.0.10", 53);
+    for n in 0..8 {
+        let servers = enter(&node, move || {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.connect(vip).expect("connect");
+            let mut servers = BTreeMap::new();
+            for i in 0..5 {
+                let a = udp_exchange(&s, vip).unwrap_or_else(|e| panic!("socket {n}, sendto #{i}: {e}"));
+                *servers.entry(a.server).or_insert(0usize) += 1;
+            }
+            servers
+        });
+        assert_eq!(servers.len(), 1, "one backend, the connected one: {servers:?}");
+    }
+
+    // 0.0.0.0:<nodePort>: the node's own host, served as on 127.0.0.1; a pod's own host,
+    // where nothing listens.
+    let a = tcp_ask(&node, sa("0.0.0.0", 30080)).expect("the node reaches its NodePort on 0.0.0.0");
+    assert!(both.contains(a.server.as_str()), "{a:?}");
+    let err = tcp_ask(&c1.netns, sa("0.0.0.0", 30080)).expect_err("a pod's 0.0.0.0 is its own host");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+}

@@ -205,6 +205,12 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup getpeername4: shows the service address as a balanced socket's peer.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// cgroup connect6, recvmsg6 and getpeername6: the same for IPv6 sockets reaching IPv4
+    /// addresses as IPv4-mapped ones (`::ffff:a.b.c.d`: Java's and .NET's default). Their
+    /// unconnected UDP datagrams take the IPv4 path, so sendmsg4 balances those.
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
     /// cgroup sock_release: forgets a closing UDP socket's SOCK_UDP_BACKEND entry.
     pub const SOCK_RELEASE: &str = "sock_release";
 }

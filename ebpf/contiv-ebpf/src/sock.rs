@@ -52,7 +52,14 @@ const REJECT: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Call::Connect)
+    translate(&ctx, Call::Connect, Family::V4)
+}
+
+/// An IPv6 socket's connect(): balanced when it names an IPv4-mapped address (the kernel
+/// then connects over IPv4 without running connect4).
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Call::Connect, Family::V6)
 }
 
 /// The socket of a sock_addr context.
@@ -62,24 +69,85 @@ fn socket(ctx: &SockAddrContext) -> *mut aya_ebpf::bindings::bpf_sock {
     unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
 }
 
+/// Also an IPv6 socket's datagram to an IPv4-mapped address: the kernel sends it as IPv4.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Call::SendMsg)
+    translate(&ctx, Call::SendMsg, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    // A connected UDP socket's answers, then an unconnected one's.
-    if !reverse_connected(&ctx) {
-        reverse_unconnected(&ctx);
-    }
-    ALLOW
+    reverse(&ctx, Family::V4)
+}
+
+/// An IPv6 socket's datagram from an IPv4 address (IPv4-mapped).
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse_connected(&ctx);
+    reverse_connected(&ctx, Family::V4);
     ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse_connected(&ctx, Family::V6);
+    ALLOW
+}
+
+/// A UDP answer's source: a connected socket's, then an unconnected one's.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
+    if !reverse_connected(ctx, family) {
+        reverse_unconnected(ctx, family);
+    }
+    ALLOW
+}
+
+/// The address family of a program's `sock_addr` (each program reads only its own
+/// family's fields: the verifier refuses the other's).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// `::ffff:0:0/96` as the third 32-bit word of an IPv6 address, in network order.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address and port (host order) of the call; `None` for an IPv6 socket's real
+/// IPv6 address.
+#[inline(always)]
+fn user_addr(ctx: &SockAddrContext, family: Family) -> Option<([u8; 4], u16)> {
+    let sa = ctx.sock_addr;
+    // SAFETY: fields of the context valid for this program's family.
+    unsafe {
+        let port = u16::from_be((*sa).user_port as u16);
+        match family {
+            Family::V4 => Some(((*sa).user_ip4.to_ne_bytes(), port)),
+            Family::V6 => {
+                let (w0, w1, w2) = ((*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2]);
+                (w0 == 0 && w1 == 0 && w2 == V4_MAPPED).then(|| ((*sa).user_ip6[3].to_ne_bytes(), port))
+            }
+        }
+    }
+}
+
+/// Rewrites the call's address (an IPv6 socket's stays IPv4-mapped).
+#[inline(always)]
+fn set_user_addr(ctx: &SockAddrContext, family: Family, ip: [u8; 4], port: u16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: writable fields of the context, of this program's family.
+    unsafe {
+        match family {
+            Family::V4 => (*sa).user_ip4 = u32::from_ne_bytes(ip),
+            Family::V6 => (*sa).user_ip6[3] = u32::from_ne_bytes(ip),
+        }
+        (*sa).user_port = u32::from(port.to_be());
+    }
 }
 
 /// A closing UDP socket's SOCK_UDP_BACKEND note goes with it (most have none: the delete
@@ -136,14 +204,13 @@ fn served(ctx: &SockAddrContext) -> Option<(u8, u64)> {
 }
 
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
+fn translate(ctx: &SockAddrContext, call: Call, family: Family) -> i32 {
     let Some((kind, netns)) = served(ctx) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
-    // SAFETY: the context is valid for the program's run; fields of bpf_sock_addr.
-    let (proto, ip, port) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
-    let port = u16::from_be(port as u16);
+    // SAFETY: the context is valid for the program's run; a field of bpf_sock_addr.
+    let proto = unsafe { (*sa).protocol as u8 };
     // A connect() of a UDP socket of the node: its cookie names its SOCK_UDP_BACKEND note.
     let mut udp_cookie = 0;
     if call == Call::Connect {
@@ -161,7 +228,17 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
     if !(proto == IPPROTO_TCP || (proto == IPPROTO_UDP && kind == NETNS_NODE)) {
         return ALLOW;
     }
-    let wildcard = lb::is_node_port_addr(ip) || (ip == LOOPBACK && kind == NETNS_NODE && loopback_node_ports());
+    let Some((ip, port)) = user_addr(ctx, family) else {
+        return ALLOW;
+    };
+    // 0.0.0.0 is the caller's own host to connect(): the node's loopback (balanced like
+    // 127.0.0.1), or a pod's own; never the every-address key NodePorts are kept under.
+    let unspecified = ip == [0; 4];
+    let loopback = (ip == LOOPBACK || unspecified) && kind == NETNS_NODE && loopback_node_ports();
+    let wildcard = loopback || (!unspecified && lb::is_node_port_addr(ip));
+    if unspecified && !wildcard {
+        return ALLOW;
+    }
     let Some(fe) = lb::frontend(ip, port, proto, wildcard) else {
         // A cluster IP on a port no service defines: refused at once, not routed away.
         if !wildcard && lb::is_cluster_ip(ip) {
@@ -179,6 +256,21 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
         && !(kind == NETNS_NODE && config().is_some_and(|c| lb::source_allowed(&fe, c.node_ip)))
     {
         return ALLOW;
+    }
+    // A UDP socket connected to this very address that names it again in sendto(): the
+    // datagram goes where the socket is connected, the only peer whose answers it hears.
+    if call == Call::SendMsg {
+        // SAFETY: the socket's storage; a lookup, nothing created.
+        let p = unsafe { SOCK_ORIGIN.get_ptr_mut(ctx) };
+        // SAFETY: that storage, copied.
+        if !p.is_null()
+            && let o = unsafe { *p }
+            && o.frontend_ip == ip
+            && o.frontend_port == port
+        {
+            set_user_addr(ctx, family, o.backend_ip, o.backend_port);
+            return ALLOW;
+        }
     }
     // From inside the cluster every backend is usable (a pod reaching a load-balancer IP
     // must succeed even where externalTrafficPolicy Local has no local backend), except
@@ -245,11 +337,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
             count_sock(|c| c.udp_untracked += 1);
         }
     }
-    // SAFETY: writable fields of the connect4/sendmsg4 context.
-    unsafe {
-        (*sa).user_ip4 = u32::from_ne_bytes(b.ip);
-        (*sa).user_port = u32::from(b.port.to_be());
-    }
+    set_user_addr(ctx, family, b.ip, b.port);
     count_svc(fe.svc_id, |c| c.connections += 1);
     ALLOW
 }
@@ -257,7 +345,7 @@ fn translate(ctx: &SockAddrContext, call: Call) -> i32 {
 /// Shows a balanced connected socket's service as its peer; true if it did. Needs no
 /// look at NODE_NETNS: only this node's sockets have storage in this node's map.
 #[inline(always)]
-fn reverse_connected(ctx: &SockAddrContext) -> bool {
+fn reverse_connected(ctx: &SockAddrContext, family: Family) -> bool {
     // SAFETY: the socket of this program's context; a lookup, nothing created.
     let p = unsafe { SOCK_ORIGIN.get_ptr_mut(ctx) };
     if p.is_null() {
@@ -265,24 +353,17 @@ fn reverse_connected(ctx: &SockAddrContext) -> bool {
     }
     // SAFETY: this socket's storage, copied.
     let o = unsafe { *p };
-    let sa = ctx.sock_addr;
-    // SAFETY: fields of the context.
-    let (ip, port) = unsafe { ((*sa).user_ip4.to_ne_bytes(), u16::from_be((*sa).user_port as u16)) };
-    if ip != o.backend_ip || port != o.backend_port {
+    if user_addr(ctx, family) != Some((o.backend_ip, o.backend_port)) {
         return false;
     }
-    // SAFETY: writable fields of the recvmsg4/getpeername4 context.
-    unsafe {
-        (*sa).user_ip4 = u32::from_ne_bytes(o.frontend_ip);
-        (*sa).user_port = u32::from(o.frontend_port.to_be());
-    }
+    set_user_addr(ctx, family, o.frontend_ip, o.frontend_port);
     true
 }
 
 /// Shows the service an unconnected UDP socket of the node sent to as the source of its
 /// answer (pods' UDP is translated per packet, never here).
 #[inline(always)]
-fn reverse_unconnected(ctx: &SockAddrContext) {
+fn reverse_unconnected(ctx: &SockAddrContext, family: Family) {
     // A connected socket hears only its peer, which its storage speaks for: a note its
     // earlier unconnected sends left here must not rename a peer it connected to directly.
     // SAFETY: a field of the context's socket, valid for the program's run.
@@ -292,17 +373,14 @@ fn reverse_unconnected(ctx: &SockAddrContext) {
     if !matches!(served(ctx), Some((NETNS_NODE, _))) {
         return;
     }
-    let sa = ctx.sock_addr;
-    // SAFETY: plain helper call; fields of the context.
-    let (cookie, ip, port) =
-        unsafe { (bpf_get_socket_cookie(sa.cast()), (*sa).user_ip4.to_ne_bytes(), (*sa).user_port) };
-    let rk = SockRevNatKey { cookie, ip, port: u16::from_be(port as u16), kind: revnat_kind::REVERSE };
+    let Some((ip, port)) = user_addr(ctx, family) else {
+        return;
+    };
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let rk = SockRevNatKey { cookie, ip, port, kind: revnat_kind::REVERSE };
     // SAFETY: read-only lookup, copied.
     if let Some(orig) = unsafe { SOCK_REVNAT.get(rk) }.copied() {
-        // SAFETY: writable fields of the recvmsg4 context.
-        unsafe {
-            (*sa).user_ip4 = u32::from_ne_bytes(orig.ip);
-            (*sa).user_port = u32::from(orig.port.to_be());
-        }
+        set_user_addr(ctx, family, orig.ip, orig.port);
     }
 }

@@ -22,11 +22,14 @@ use super::{Datapath, DatapathError, Result, ignore_missing, map_err, prog_err};
 
 /// The socket programs, attached at the cgroup2 root: the `sock_addr` ones, then
 /// `sock_release` (a `cgroup_sock` program).
-pub const SOCK_PROGRAMS: [&str; 5] = [
+pub const SOCK_PROGRAMS: [&str; 8] = [
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
     program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
+    program_names::SOCK_CONNECT6,
+    program_names::SOCK_RECVMSG6,
+    program_names::SOCK_GETPEERNAME6,
     program_names::SOCK_RELEASE,
 ];
 

@@ -60,6 +60,9 @@ pub enum DatapathError {
     /// /sys/fs/bpf is not the host's bpffs.
     #[error("{0}")]
     PrivateBpffs(String),
+    /// The kernel is older than the datapath needs.
+    #[error("{0}")]
+    Kernel(String),
     /// Loading the object or creating/reusing pinned maps failed.
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
@@ -83,6 +86,27 @@ pub enum DatapathError {
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// The oldest kernel the datapath runs on: tcx links (6.6); the socket programs' errno
+/// (`bpf_set_retval`) needs 5.18.
+pub const MIN_KERNEL: (u32, u32) = (6, 6);
+
+/// Whether a kernel of this release (`uname -r`) runs the datapath. A release that does not
+/// read as "MAJOR.MINOR..." is let through: loading then says what is missing.
+pub fn kernel_supported(release: &str) -> std::result::Result<(), String> {
+    let mut parts = release.split(['.', '-']);
+    let number = |p: Option<&str>| p.and_then(|p| p.parse::<u32>().ok());
+    let (Some(major), Some(minor)) = (number(parts.next()), number(parts.next())) else {
+        return Ok(());
+    };
+    if (major, minor) < MIN_KERNEL {
+        return Err(format!(
+            "kernel {release} is too old: the datapath needs Linux >= {}.{} (tcx links)",
+            MIN_KERNEL.0, MIN_KERNEL.1
+        ));
+    }
+    Ok(())
+}
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
@@ -279,6 +303,9 @@ impl Datapath {
     /// map of another size is resized the way a layout change is migrated: a new map beside
     /// it, filled with its entries, pinned in its place once every program uses the new one.
     pub fn load_with(pin_dir: &Path, allow_private_bpffs: bool, sizes: MapSizes) -> Result<Self> {
+        if let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+            kernel_supported(release.trim()).map_err(DatapathError::Kernel)?;
+        }
         check_bpffs(allow_private_bpffs)?;
         std::fs::create_dir_all(pin_dir)
             .map_err(|source| DatapathError::PinDir { path: pin_dir.to_owned(), source })?;
@@ -955,6 +982,17 @@ pub fn sum_pod_counters<'a>(values: impl Iterator<Item = &'a PodCounters>) -> Po
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_older_than_tcx_are_refused_by_name() {
+        let err = kernel_supported("5.15.0-91-generic").unwrap_err();
+        assert!(err.contains("5.15.0-91-generic") && err.contains(">= 6.6"), "{err}");
+        assert!(kernel_supported("6.1.0-28-amd64").is_err(), "Debian 12's stock kernel");
+        for ok in ["6.6.0", "6.18.44-fc-v1272", "7.0", "6.12.5+deb13-amd64"] {
+            assert_eq!(kernel_supported(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(kernel_supported("unusual"), Ok(()), "loading decides");
+    }
 
     #[test]
     fn older_counter_layouts_keep_their_values_in_the_current_one() {

@@ -440,10 +440,13 @@ impl Proxy {
             self.removed.remove(e);
         }
         self.removed.retain(|_, t| now.duration_since(*t) < DEAD_BACKEND_TTL);
+        // Only a pod's address can be known dead (its pod gone): an endpoint elsewhere (a
+        // Service without selector fronting a database, a hostNetwork pod's node) may still
+        // serve direct clients, which a refusal would cut off.
         let dead: BTreeSet<SvcKey> = self
             .removed
             .keys()
-            .filter(|(ip, _, _)| !live_ips.contains(ip))
+            .filter(|(ip, _, _)| self.cluster_pod_cidr.contains(ip) && !live_ips.contains(ip))
             .map(|(ip, port, proto)| svc_key(*ip, *port, *proto))
             .collect();
 
@@ -1119,6 +1122,15 @@ mod tests {
             .flat_map(|f| f.entries().map(|(k, _)| k))
             .collect();
         assert_eq!(doomed, vec![plain.0], "the service flow lives on its answer, both ways");
+    }
+
+    #[test]
+    fn an_endpoint_outside_the_pod_network_is_never_refused_as_dead() {
+        let Some((mut rig, svc, _)) = rig_with_a_flow_to_b("proxy-outside-dead", Protocol::Tcp) else { return };
+        let outside = "192.0.2.10";
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(A), ready(outside)])], &[A, B]);
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(A)])], &[A, B]);
+        assert!(rig.dead().is_empty(), "no pod of ours, so no refusal of its direct clients: {:?}", rig.dead());
     }
 
     #[test]

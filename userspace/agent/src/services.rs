@@ -381,8 +381,9 @@ pub struct PlanDelta {
 struct Unit {
     /// Names of its programmed ports (their ids derive from them).
     names: Vec<String>,
-    /// Frontends it claims, in order (a frontend two services claim goes to the one whose
-    /// name sorts first).
+    /// Frontends it claims, in order (a frontend two services claim goes to a cluster IP's
+    /// claim, which the API server allocated to that service alone, else to the service
+    /// whose name sorts first).
     frontends: Vec<(SvcKey, SvcFrontend)>,
     backends: Vec<(SvcBackendKey, SvcBackend)>,
     endpoints: Vec<(Ipv4Addr, u16, u8)>,
@@ -920,9 +921,12 @@ impl ServicePlanner {
 
     fn add(&mut self, d: &Name, planned: Planned, t: &mut Touched, delta: &mut PlanDelta) {
         let Planned { unit: u, ports, skipped } = planned;
+        // A cluster IP's claim first: an externalIP or load-balancer IP another service
+        // names (anyone who may create a Service may write one) never takes it over.
+        let rank = |fe: &SvcFrontend| u8::from(fe.flags & svc_flags::CLUSTER_IP == 0);
         for (i, (k, fe)) in u.frontends.iter().enumerate() {
             let c = self.claims.entry(*k).or_default();
-            let at = c.partition_point(|(n, seq, _)| (n, *seq) < (d, i));
+            let at = c.partition_point(|(n, seq, f)| (rank(f), n, *seq) < (rank(fe), d, i));
             c.insert(at, (d.clone(), i, *fe));
             t.frontends.insert(*k);
         }
@@ -1197,6 +1201,29 @@ mod tests {
     fn frontend(p: &ServicePlan, ip: &str, port: u16, proto: u8) -> SvcFrontend {
         let ip: Ipv4Addr = ip.parse().unwrap();
         p.frontends[&SvcKey { ip: ip.octets(), port, proto, _pad: 0 }]
+    }
+
+    #[test]
+    fn an_external_ip_never_takes_a_cluster_ip_from_its_service() {
+        let dns_port = || vec![port("dns", Protocol::Udp, 53, PortRef::Number(53))];
+        let mut dns = svc("kube-dns", "10.96.0.10", dns_port());
+        dns.namespace = "kube-system".into();
+        // "default" sorts before "kube-system".
+        let mut evil = svc("evil", "10.96.0.99", dns_port());
+        evil.external_ips = vec!["10.96.0.10".parse().unwrap()];
+        for services in [[dns.clone(), evil.clone()], [evil, dns]] {
+            let p = run(&services, &[]);
+            let fe = frontend(&p, "10.96.0.10", 53, 17);
+            assert_eq!(p.ports[&fe.svc_id].name, "kube-dns", "the cluster IP's own service");
+            assert_ne!(fe.flags & svc_flags::CLUSTER_IP, 0);
+            assert!(
+                p.skipped
+                    .iter()
+                    .any(|s| s.service.starts_with("default/evil") && s.reason.contains("kube-system/kube-dns")),
+                "{:?}",
+                p.skipped
+            );
+        }
     }
 
     #[test]

@@ -504,7 +504,10 @@ impl ToModel for discovery::EndpointSlice {
                 Ok(EndpointPort {
                     name: p.name.clone().unwrap_or_default(),
                     protocol: protocol(&format!("{f}.protocol"), p.protocol.as_deref())?,
-                    port: p.port.map(|n| port(&format!("{f}.port"), n)).transpose()?,
+                    // The API does not check the number: one out of range (a third-party
+                    // controller's 0) is that port unusable, as kube-proxy skips it, not
+                    // the whole slice.
+                    port: p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0),
                 })
             })
             .collect::<Result<_, ConvertError>>()?;

@@ -379,6 +379,20 @@ fn endpointslice_keeps_a_valid_last_change_trigger_time_and_ignores_a_malformed_
 }
 
 #[test]
+fn an_endpointslice_port_out_of_range_is_that_port_unusable_not_the_slice() {
+    let es: discovery::EndpointSlice = from_json(json!({
+        "metadata": {"name": "e", "namespace": "d"}, "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.1.0.5"]}],
+        "ports": [{"name": "a", "port": 0, "protocol": "TCP"}, {"name": "c", "port": 70000, "protocol": "TCP"},
+                  {"name": "b", "port": 8080, "protocol": "TCP"}]
+    }));
+    let m = es.to_model().expect("the slice converts");
+    let ports: Vec<(&str, Option<u16>)> = m.ports.iter().map(|p| (p.name.as_str(), p.port)).collect();
+    assert_eq!(ports, vec![("a", None), ("c", None), ("b", Some(8080))]);
+    assert_eq!(m.endpoints.len(), 1);
+}
+
+#[test]
 fn endpointslice_rejects_fqdn_and_family_mismatch() {
     let fqdn: discovery::EndpointSlice = from_json(json!({
         "metadata": {"name": "e", "namespace": "d"}, "addressType": "FQDN",

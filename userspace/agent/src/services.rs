@@ -739,6 +739,27 @@ pub struct ServicePlanner {
     zone: Option<String>,
     /// Whether [`ServicePlanner::update`] ran once.
     planned: bool,
+    /// Entries the node's service maps hold (SVC_FRONTENDS; SVC_BACKENDS and its slots).
+    capacity: Capacity,
+    /// Services left out because their entries would not fit: planned again on every
+    /// update, so each gets in once others leave room.
+    deferred: BTreeSet<Name>,
+}
+
+/// How many entries the node's service maps hold.
+#[derive(Debug, Clone, Copy)]
+struct Capacity {
+    frontends: usize,
+    backends: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            frontends: contiv_common::MAX_SVC_FRONTENDS as usize,
+            backends: contiv_common::MAX_SVC_BACKENDS as usize,
+        }
+    }
 }
 
 /// A service's name, shared by everything the planner keys by it.
@@ -758,6 +779,8 @@ impl ServicePlanner {
             skips: BTreeMap::new(),
             zone: None,
             planned: false,
+            capacity: Capacity::default(),
+            deferred: BTreeSet::new(),
         }
     }
 
@@ -804,6 +827,7 @@ impl ServicePlanner {
         } else {
             changes.services.iter().cloned().map(Arc::new).collect()
         };
+        dirty.extend(self.deferred.iter().cloned());
 
         // Port names, and so ids: a name that comes or goes can move another name's id
         // (collisions take the next free value in name order); its service is redone too.
@@ -851,16 +875,51 @@ impl ServicePlanner {
             self.retract(d, &mut touched, &mut delta);
         }
         for (d, found, skipped) in todo {
+            // A unit left out has no entries to retract, only its reason.
+            if self.deferred.remove(&d) {
+                self.skips.remove(&d);
+            }
             if let Some((s, ports)) = found {
                 let names = &self.names;
                 let zone = self.zone.as_deref();
                 let unit = plan_unit(&self.params, zone, s, ports, skipped, &src.slices_of(&d.0, &d.1), |n| names[n].1);
+                // A service whose entries would not fit is left out whole, logged: were the
+                // maps let run full, every later change would fail to apply, on every
+                // service of the node.
+                if let Some(reason) = self.over_capacity(&unit.unit) {
+                    let service = format!("{}/{}", d.0, d.1);
+                    self.skips.insert(d.clone(), vec![Skipped { service, reason, warn: true }]);
+                    self.deferred.insert(d);
+                    continue;
+                }
                 self.add(&d, unit, &mut touched, &mut delta);
             }
         }
         touched.skips |= old_skips.iter().any(|(d, old)| self.skips.get(d) != old.as_ref());
         self.settle(touched, &mut delta);
         delta
+    }
+
+    /// Why `u`'s entries would not fit in the node's service maps beside the plan's.
+    fn over_capacity(&self, u: &Unit) -> Option<String> {
+        let backends = self.plan.backends.len() + u.backends.len();
+        let mut new = BTreeSet::new();
+        new.extend(u.frontends.iter().map(|(k, _)| *k).filter(|k| !self.claims.contains_key(k)));
+        let frontends = self.claims.len() + new.len();
+        let cap = self.capacity;
+        if backends > cap.backends {
+            return Some(format!(
+                "the node's service maps are full: {backends} backend entries needed, {} fit",
+                cap.backends
+            ));
+        }
+        if frontends > cap.frontends {
+            return Some(format!(
+                "the node's service maps are full: {frontends} frontends needed, {} fit",
+                cap.frontends
+            ));
+        }
+        None
     }
 
     fn retract(&mut self, d: &Name, t: &mut Touched, delta: &mut PlanDelta) {
@@ -1201,6 +1260,49 @@ mod tests {
     fn frontend(p: &ServicePlan, ip: &str, port: u16, proto: u8) -> SvcFrontend {
         let ip: Ipv4Addr = ip.parse().unwrap();
         p.frontends[&SvcKey { ip: ip.octets(), port, proto, _pad: 0 }]
+    }
+
+    #[test]
+    fn a_service_that_would_not_fit_is_left_out_until_others_make_room() {
+        let svc_n = |i: u8| {
+            svc(&format!("s{i}"), &format!("10.96.0.{i}"), vec![port("", Protocol::Tcp, 80, PortRef::Number(80))])
+        };
+        let slice_n = |i: u8, n: u8| {
+            let eps = (1..=n).map(|e| ep(&format!("10.1.{i}.{e}"), "n2", true, true, false)).collect();
+            let mut sl = slice(&format!("s{i}-a"), &format!("s{i}"), vec![("", Protocol::Tcp, 80)], eps);
+            sl.namespace = "default".into();
+            sl
+        };
+        let services = vec![svc_n(1), svc_n(2), svc_n(3)];
+        let mut slices = vec![slice_n(1, 4), slice_n(2, 4), slice_n(3, 4)];
+        let mut planner = ServicePlanner::new(params());
+        planner.capacity = Capacity { frontends: 100, backends: 10 };
+        let update = |planner: &mut ServicePlanner, services: &[Service], slices: &[EndpointSlice], all: bool| {
+            let s: Vec<&Service> = services.iter().collect();
+            let sl: Vec<&EndpointSlice> = slices.iter().collect();
+            let src = Indexed::new(ServiceInputs { services: &s, slices: &sl, nodes: &[], registrations: &[] });
+            let changes = if all {
+                ServiceChanges::everything()
+            } else {
+                ServiceChanges { services: BTreeSet::from([("default".into(), "s1".into())]), ..Default::default() }
+            };
+            planner.update(&src, &changes);
+        };
+        update(&mut planner, &services, &slices, true);
+        let p = planner.plan();
+        assert_eq!(p.backends.len(), 8, "two services of four backends fit in ten entries");
+        assert_eq!(p.frontends.len(), 2);
+        let left_out: Vec<&Skipped> = p.skipped.iter().filter(|s| s.reason.contains("maps are full")).collect();
+        assert_eq!(left_out.len(), 1, "{:?}", p.skipped);
+        assert!(left_out[0].warn && left_out[0].reason.contains("12 backend entries needed, 10 fit"), "{left_out:?}");
+        assert_eq!(left_out[0].service, "default/s3", "the first plan goes in name order");
+        // s1 shrinks to one backend: room for the one left out (a change to s1 alone).
+        slices[0] = slice_n(1, 1);
+        update(&mut planner, &services, &slices, false);
+        let p = planner.plan();
+        assert_eq!(p.frontends.len(), 3, "the service left out got in: {:?}", p.skipped);
+        assert_eq!(p.backends.len(), 9);
+        assert!(!p.skipped.iter().any(|s| s.reason.contains("maps are full")), "{:?}", p.skipped);
     }
 
     #[test]

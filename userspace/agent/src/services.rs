@@ -901,21 +901,23 @@ impl ServicePlanner {
     }
 
     /// Why `u`'s entries would not fit in the node's service maps beside the plan's.
+    /// The reason names the service's own needs, not the total, so that it reads the same
+    /// (and is logged once) while the service waits.
     fn over_capacity(&self, u: &Unit) -> Option<String> {
-        let backends = self.plan.backends.len() + u.backends.len();
-        let mut new = BTreeSet::new();
-        new.extend(u.frontends.iter().map(|(k, _)| *k).filter(|k| !self.claims.contains_key(k)));
-        let frontends = self.claims.len() + new.len();
         let cap = self.capacity;
-        if backends > cap.backends {
+        if self.plan.backends.len() + u.backends.len() > cap.backends {
             return Some(format!(
-                "the node's service maps are full: {backends} backend entries needed, {} fit",
+                "the node's service maps are full: its {} backend entries do not fit beside the others' ({} in all)",
+                u.backends.len(),
                 cap.backends
             ));
         }
-        if frontends > cap.frontends {
+        let new: BTreeSet<SvcKey> =
+            u.frontends.iter().map(|(k, _)| *k).filter(|k| !self.claims.contains_key(k)).collect();
+        if self.claims.len() + new.len() > cap.frontends {
             return Some(format!(
-                "the node's service maps are full: {frontends} frontends needed, {} fit",
+                "the node's service maps are full: its {} frontends do not fit beside the others' ({} in all)",
+                new.len(),
                 cap.frontends
             ));
         }
@@ -1294,7 +1296,11 @@ mod tests {
         assert_eq!(p.frontends.len(), 2);
         let left_out: Vec<&Skipped> = p.skipped.iter().filter(|s| s.reason.contains("maps are full")).collect();
         assert_eq!(left_out.len(), 1, "{:?}", p.skipped);
-        assert!(left_out[0].warn && left_out[0].reason.contains("12 backend entries needed, 10 fit"), "{left_out:?}");
+        assert!(
+            left_out[0].warn
+                && left_out[0].reason.contains("its 4 backend entries do not fit beside the others' (10 in all)"),
+            "{left_out:?}"
+        );
         assert_eq!(left_out[0].service, "default/s3", "the first plan goes in name order");
         // s1 shrinks to one backend: room for the one left out (a change to s1 alone).
         slices[0] = slice_n(1, 1);

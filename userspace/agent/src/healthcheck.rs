@@ -22,8 +22,10 @@ use crate::{proxyhealth::ProxyHealth, services::HealthCheck};
 /// The running servers and what they report.
 pub struct HealthServers {
     state: Arc<RwLock<BTreeMap<u16, HealthCheck>>>,
-    /// Per port, a listener task per address listened on.
-    servers: BTreeMap<u16, Vec<JoinHandle<()>>>,
+    /// A listener task per port and address listened on.
+    servers: BTreeMap<(u16, Ipv4Addr), JoinHandle<()>>,
+    /// Listener tasks started so far.
+    started: usize,
     /// Where they listen: `None` on every address.
     addrs: Option<Vec<Ipv4Addr>>,
     proxy: Arc<ProxyHealth>,
@@ -52,37 +54,40 @@ pub fn response(check: Option<&HealthCheck>, proxy_healthy: bool) -> String {
 impl HealthServers {
     /// No servers yet; they report `proxy`'s health beside their counts.
     pub fn new(proxy: Arc<ProxyHealth>) -> Self {
-        Self { state: Default::default(), servers: BTreeMap::new(), addrs: None, proxy }
+        Self { state: Default::default(), servers: BTreeMap::new(), started: 0, addrs: None, proxy }
     }
 
     /// Brings the servers in line with `checks` (port -> service and local endpoint count),
     /// listening on `addrs` (`None`: every address), as kube-proxy listens on the addresses
     /// `nodePortAddresses` takes: new ports get listeners, departed ones lose theirs, counts
-    /// change in place; other addresses move every port. A listener that cannot bind yet (an
-    /// address the node does not hold yet) keeps trying.
+    /// change in place; when the addresses change, only the listeners of addresses that
+    /// came or went are started or stopped (a load balancer probing a kept address never
+    /// finds it closed). A listener that cannot bind yet (an address the node does not hold
+    /// yet) keeps trying.
     pub fn update(&mut self, checks: &BTreeMap<u16, HealthCheck>, addrs: Option<&[Ipv4Addr]>) {
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = checks.clone();
-        let moved = self.addrs.as_deref() != addrs;
         self.addrs = addrs.map(<[Ipv4Addr]>::to_vec);
-        self.servers.retain(|port, tasks| {
-            let keep = !moved && checks.contains_key(port) && tasks.iter().all(|t| !t.is_finished());
+        let listen_on = self.addrs.clone().unwrap_or_else(|| vec![Ipv4Addr::UNSPECIFIED]);
+        self.servers.retain(|(port, addr), task| {
+            let keep = checks.contains_key(port) && listen_on.contains(addr) && !task.is_finished();
             if !keep {
-                tasks.iter().for_each(JoinHandle::abort);
+                task.abort();
             }
             keep
         });
-        let listen_on = self.addrs.clone().unwrap_or_else(|| vec![Ipv4Addr::UNSPECIFIED]);
         for port in checks.keys() {
-            if self.servers.contains_key(port) {
-                continue;
+            for addr in &listen_on {
+                if !self.servers.contains_key(&(*port, *addr)) {
+                    let task = self.serve(*addr, *port);
+                    self.servers.insert((*port, *addr), task);
+                }
             }
-            let tasks = listen_on.iter().map(|addr| self.serve(*addr, *port)).collect();
-            self.servers.insert(*port, tasks);
         }
     }
 
     /// One listener: `port` on `addr`.
-    fn serve(&self, addr: Ipv4Addr, port: u16) -> JoinHandle<()> {
+    fn serve(&mut self, addr: Ipv4Addr, port: u16) -> JoinHandle<()> {
+        self.started += 1;
         let state = self.state.clone();
         let proxy = self.proxy.clone();
         tokio::spawn(async move {
@@ -141,13 +146,15 @@ impl HealthServers {
 
     /// The ports served.
     pub fn ports(&self) -> Vec<u16> {
-        self.servers.keys().copied().collect()
+        let mut ports: Vec<u16> = self.servers.keys().map(|(port, _)| *port).collect();
+        ports.dedup();
+        ports
     }
 }
 
 impl Drop for HealthServers {
     fn drop(&mut self) {
-        for t in self.servers.values().flatten() {
+        for t in self.servers.values() {
             t.abort();
         }
     }
@@ -223,6 +230,12 @@ mod tests {
         settle().await;
         assert!(answers(two).await && answers(three).await);
         assert!(!answers(one).await, "not on an address it was not given");
+        // One of the two kept: its listener stays as it is (a probe never finds it closed).
+        let started = hs.started;
+        hs.update(&checks, Some(&[two.into()]));
+        settle().await;
+        assert_eq!(hs.started, started, "no listener started again");
+        assert!(answers(two).await && !answers(three).await);
         hs.update(&checks, Some(&[one.into()]));
         settle().await;
         assert!(answers(one).await);

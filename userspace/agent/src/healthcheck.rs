@@ -26,8 +26,6 @@ pub struct HealthServers {
     servers: BTreeMap<(u16, Ipv4Addr), JoinHandle<()>>,
     /// Listener tasks started so far.
     started: usize,
-    /// Where they listen: `None` on every address.
-    addrs: Option<Vec<Ipv4Addr>>,
     proxy: Arc<ProxyHealth>,
 }
 
@@ -54,7 +52,7 @@ pub fn response(check: Option<&HealthCheck>, proxy_healthy: bool) -> String {
 impl HealthServers {
     /// No servers yet; they report `proxy`'s health beside their counts.
     pub fn new(proxy: Arc<ProxyHealth>) -> Self {
-        Self { state: Default::default(), servers: BTreeMap::new(), started: 0, addrs: None, proxy }
+        Self { state: Default::default(), servers: BTreeMap::new(), started: 0, proxy }
     }
 
     /// Brings the servers in line with `checks` (port -> service and local endpoint count),
@@ -66,8 +64,7 @@ impl HealthServers {
     /// yet) keeps trying.
     pub fn update(&mut self, checks: &BTreeMap<u16, HealthCheck>, addrs: Option<&[Ipv4Addr]>) {
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = checks.clone();
-        self.addrs = addrs.map(<[Ipv4Addr]>::to_vec);
-        let listen_on = self.addrs.clone().unwrap_or_else(|| vec![Ipv4Addr::UNSPECIFIED]);
+        let listen_on = addrs.map_or_else(|| vec![Ipv4Addr::UNSPECIFIED], <[Ipv4Addr]>::to_vec);
         self.servers.retain(|(port, addr), task| {
             let keep = checks.contains_key(port) && listen_on.contains(addr) && !task.is_finished();
             if !keep {

@@ -401,7 +401,26 @@ fn thousands_of_reset_host_to_pod_connects_all_succeed() {
         }
         (failures, first)
     });
-    assert_eq!(failures, 0, "first failure: {first:?}; {}", b.agent_log("node-1"));
+    // What each side's stack counted (resets, challenge ACKs, ICMP errors, overflows) and
+    // what the datapath saw: a failure names its cause ahead of the agent's log.
+    let seen = if failures == 0 {
+        String::new()
+    } else {
+        let stack = |ns: &str| {
+            let script =
+                "nstat -asz | awk '$2 != 0 && ($1 ~ /^(Tcp|Icmp|TcpExt)/)'; ss -tan | grep -v LISTEN | head -20";
+            let o = Command::new("ip").args(["netns", "exec", ns, "sh", "-c", script]).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        format!(
+            "pod's stack:\n{}\nnode's stack:\n{}\npods: {:?}\nvswitch: {:?}\n",
+            stack(&pod.netns),
+            stack(&node.netns),
+            b.status_json("node-1", "/pods"),
+            b.status_json("node-1", "/vswitch")
+        )
+    };
+    assert_eq!(failures, 0, "first failure: {first:?}\n{seen}{}", b.agent_log("node-1"));
 }
 
 /// A TCP echo server on `ip:port` in namespace `ns` for any number of connections; each

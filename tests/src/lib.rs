@@ -692,6 +692,24 @@ pub fn send_lone_later_fragment(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
     s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the fragment");
 }
 
+/// A descriptor of the BPF object pinned at `pin` (`BPF_OBJ_GET`): a link held by it stays
+/// attached after its pin and every other holder let go.
+pub fn open_pinned(pin: &Path) -> std::os::fd::OwnedFd {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    // The `obj_get` member of `union bpf_attr`: pathname, bpf_fd, file_flags, path_fd, and
+    // the padding the kernel wants zero.
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    let attr: [u32; 6] = {
+        let p = path.as_ptr() as u64;
+        [p as u32, (p >> 32) as u32, 0, 0, 0, 0]
+    };
+    // SAFETY: the attribute and the path it points to are valid for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7 as libc::c_long, attr.as_ptr(), 24u32) };
+    assert!(fd >= 0, "BPF_OBJ_GET {}: {}", pin.display(), std::io::Error::last_os_error());
+    // SAFETY: a descriptor the kernel just opened for us.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
 /// `bpftool map dump pinned <pin>` as JSON, each entry its typed view (with BTF, bpftool's
 /// JSON carries it under "formatted").
 pub fn dump_pinned_map(pin: &Path) -> Vec<Value> {

@@ -2577,10 +2577,12 @@ fn tcp_ask_any(ns: &str, addr: SocketAddr) -> std::io::Result<Answer> {
 /// - a UDP socket connected to a service that names it again in sendto() stays on the
 ///   backend it is connected to (the only peer it hears);
 /// - 0.0.0.0 is the caller's own host: the node's like its loopback, a pod's its own, never
-///   the key NodePorts are kept under.
+///   the key NodePorts are kept under;
+/// - an agent's replacement hands the socket programs over without a moment where the old
+///   and the new one both run.
 #[test]
 fn services_box_node_sockets_of_every_kind_reach_services() {
-    let (b, [w1, w2, c1, _c2]) = web_box("");
+    let (mut b, [w1, w2, c1, _c2]) = web_box("");
     b.apply_yaml(&format!(
         r#"apiVersion: v1
 kind: Service
@@ -2658,4 +2660,21 @@ spec:
     assert!(both.contains(a.server.as_str()), "{a:?}");
     let err = tcp_ask(&c1.netns, sa("0.0.0.0", 30080)).expect_err("a pod's 0.0.0.0 is its own host");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+
+    // An agent replacement hands each socket program's link over to the new program: no
+    // connect() meets both (the new sock_connect4, after the old one translated the call,
+    // would forget the service the old one recorded). The old connect4 link is held open
+    // here, as the moment between attaching the new program and releasing the old would.
+    let link = b.node("node-1").pin_dir.join("links/cgroup_sock_connect4");
+    let held = contiv_tests::open_pinned(&link);
+    b.stop_agent("node-1", false);
+    b.start_agent("node-1");
+    b.wait_for(Duration::from_secs(15), "node-1's first service apply after the restart", || {
+        b.status_json("node-1", "/services").is_some_and(|r| !r["lastApply"].is_null())
+    });
+    for _ in 0..4 {
+        let a = tcp_ask(&node, sa("10.96.0.10", 80)).expect("TCP to the service after the agent's replacement");
+        assert_eq!(a.peer, sa("10.96.0.10", 80), "getpeername shows the service after the replacement");
+    }
+    drop(held);
 }

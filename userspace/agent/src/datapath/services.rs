@@ -72,19 +72,38 @@ impl Datapath {
     }
 
     /// Attaches the socket programs at `cgroup` (the cgroup2 root), pinned as links under
-    /// `links/cgroup_<program>`. A link a previous agent left is replaced make-before-break:
-    /// the new program is attached beside it first (cgroup links run side by side; a
-    /// connect() the old one translated is no frontend for the new one), then the old link
-    /// is released.
+    /// `links/cgroup_<program>`. A link a previous agent left is handed the new program in
+    /// one step (`BPF_LINK_UPDATE`): every socket call meets exactly one of the two. Side by
+    /// side, the new `sock_connect4` would run after the old one had translated a connect()
+    /// and forget the service the old one recorded for it (the socket would then show its
+    /// backend to getpeername() and not be aborted when that backend leaves). Only if the
+    /// kernel refuses the update is the new program attached beside the old link, which is
+    /// then released.
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        use std::os::fd::AsFd as _;
         let dir = self.pin_dir.join("links");
         std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         let cgroup_dir =
             std::fs::File::open(cgroup).map_err(|source| DatapathError::PinDir { path: cgroup.to_owned(), source })?;
         for name in SOCK_PROGRAMS {
             let pin = dir.join(format!("cgroup_{name}"));
-            let old = aya::programs::links::PinnedLink::from_pin(&pin).ok();
             let prog = self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
+            if let Ok(old) = obj_get(&pin) {
+                let fd = match &*prog {
+                    Program::CgroupSockAddr(p) => p.fd(),
+                    Program::CgroupSock(p) => p.fd(),
+                    _ => return Err(prog_err(name)(aya::programs::ProgramError::UnexpectedProgramType)),
+                }
+                .map_err(prog_err(name))?;
+                match link_update(old.as_fd(), fd.as_fd()) {
+                    // The pinned link runs this program now; nothing else changes.
+                    Ok(()) => continue,
+                    Err(e) => {
+                        log::warn!("socket program {name}: the pinned link did not take it ({e}); attaching beside it")
+                    }
+                }
+            }
+            let old = aya::programs::links::PinnedLink::from_pin(&pin).ok();
             // Link-based cgroup attachments always run side by side (flags must be 0).
             let mode = CgroupAttachMode::Single;
             let link: FdLink = match prog {
@@ -507,6 +526,61 @@ fn ct_delete_in(map: &mut Map, keys: &[CtKey]) -> Result<usize> {
 
 /// The batched conntrack reads and deletes against the one-at-a-time path, on a real
 /// kernel map (root only).
+/// `BPF_OBJ_GET`: the object pinned at `path` (aya opens a pinned link only as its own
+/// type, which lends no descriptor).
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    /// The `obj_get` member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        /// Explicit: the kernel refuses an attribute whose bytes past its fields are not zero.
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    // SAFETY: the attribute and the path it points to are valid for the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr as *const ObjGet, std::mem::size_of::<ObjGet>() as u32)
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just opened for us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: `link` runs `prog` from now on, atomically (aya keeps its own call
+/// private).
+fn link_update(link: std::os::fd::BorrowedFd<'_>, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    /// The `link_update` member of `union bpf_attr`.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let attr =
+        LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: prog.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+    // SAFETY: the attribute is valid for the size passed; the kernel only reads it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>() as u32,
+        )
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;

@@ -264,20 +264,39 @@ impl ToModel for core::Pod {
         } else if let Some(p) = status.and_then(|s| s.pod_ip.as_deref()).filter(|p| !p.is_empty()) {
             pod_ips.push(ip("status.podIP", p)?);
         }
+        // A finished pod's status keeps its addresses, but the pod holds them no more: the
+        // next pod may get them. No policy peer or hostPort may follow them (Calico and
+        // kube-proxy treat a finished pod as gone).
+        if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+            pod_ips.clear();
+        }
         let spec = self.spec.as_ref();
         let mut container_ports = Vec::new();
-        for (ci, c) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+        // The app containers' ports, then those of native sidecars (init containers with
+        // restartPolicy Always), in the order Kubernetes' own port lookup searches them.
+        // A sidecar's hostPort is not taken: the kubelet maps only app containers' ports.
+        let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate();
+        let sidecars = spec
+            .and_then(|s| s.init_containers.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"));
+        let all = containers.map(|(i, c)| ("containers", i, c)).chain(sidecars.map(|(i, c)| ("initContainers", i, c)));
+        for (list, ci, c) in all {
             for (pi, p) in c.ports.iter().flatten().enumerate() {
-                let f = format!("spec.containers[{ci}].ports[{pi}]");
+                let f = format!("spec.{list}[{ci}].ports[{pi}]");
+                let app = list == "containers";
                 container_ports.push(ContainerPort {
                     name: p.name.clone().filter(|n| !n.is_empty()),
                     protocol: protocol(&format!("{f}.protocol"), p.protocol.as_deref())?,
                     port: port(&format!("{f}.containerPort"), p.container_port)?,
-                    host_port: optional_port(&format!("{f}.hostPort"), p.host_port)?,
+                    host_port: if app { optional_port(&format!("{f}.hostPort"), p.host_port)? } else { None },
                     // Unset, empty and 0.0.0.0 all mean every node address.
                     host_ip: match p.host_ip.as_deref() {
                         None | Some("") => None,
-                        Some(a) => Some(ip(&format!("{f}.hostIP"), a)?).filter(|a| !a.is_unspecified()),
+                        Some(a) if app => Some(ip(&format!("{f}.hostIP"), a)?).filter(|a| !a.is_unspecified()),
+                        Some(_) => None,
                     },
                 });
             }

@@ -51,7 +51,8 @@ pub struct Pod {
     /// Pod labels (policy and service selectors match these).
     #[serde(default)]
     pub labels: Labels,
-    /// Pod IPs (status.podIPs), primary first; empty until the pod has an address.
+    /// Pod IPs (status.podIPs), primary first; empty until the pod has an address, and once
+    /// it has finished (Succeeded, Failed).
     #[serde(default)]
     pub ips: Vec<IpAddr>,
     /// Node the pod is scheduled to, if any.
@@ -60,7 +61,8 @@ pub struct Pod {
     /// Whether the pod uses the host's network namespace.
     #[serde(default)]
     pub host_network: bool,
-    /// Ports declared by the pod's containers (init containers excluded).
+    /// Ports declared by the pod's containers, then its native sidecars' (init containers
+    /// with restartPolicy Always; their hostPorts left out, as the kubelet maps none).
     #[serde(default)]
     pub container_ports: Vec<ContainerPort>,
 }

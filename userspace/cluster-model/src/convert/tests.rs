@@ -80,6 +80,43 @@ fn pod_host_network_single_ip_and_pending() {
     assert!(m.ips.is_empty() && m.node_name.is_none() && m.container_ports.is_empty());
 }
 
+/// A finished pod (Succeeded, Failed) keeps its addresses in its status, but they are free
+/// for the next pod: the model drops them, so no policy peer or hostPort follows them.
+#[test]
+fn finished_pods_have_no_addresses() {
+    for (phase, kept) in
+        [("Succeeded", false), ("Failed", false), ("Running", true), ("Pending", true), ("Unknown", true)]
+    {
+        let pod: core::Pod = from_json(json!({
+            "metadata": {"name": "job-1", "namespace": "d", "labels": {"app": "frontend"}},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 80}]}]},
+            "status": {"phase": phase, "podIP": "10.1.0.7", "podIPs": [{"ip": "10.1.0.7"}]}
+        }));
+        let m = pod.to_model().unwrap();
+        assert_eq!(!m.ips.is_empty(), kept, "{phase}: {m:?}");
+        assert_eq!(m.labels, labels(&[("app", "frontend")]), "{phase}");
+    }
+}
+
+/// Native sidecars (init containers that keep running, restartPolicy Always) serve named
+/// ports as Kubernetes' own port lookup finds them; other init containers do not.
+#[test]
+fn pod_ports_of_native_sidecars_count() {
+    let pod: core::Pod = from_json(json!({
+        "metadata": {"name": "web", "namespace": "d"},
+        "spec": {
+            "initContainers": [
+                {"name": "setup", "ports": [{"name": "setup", "containerPort": 7000}]},
+                {"name": "proxy", "restartPolicy": "Always", "ports": [{"name": "metrics", "containerPort": 9901}]}
+            ],
+            "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]
+        }
+    }));
+    let m = pod.to_model().unwrap();
+    let names: Vec<(Option<&str>, u16)> = m.container_ports.iter().map(|p| (p.name.as_deref(), p.port)).collect();
+    assert_eq!(names, vec![(Some("http"), 8080), (Some("metrics"), 9901)]);
+}
+
 #[test]
 fn pod_host_ports_and_host_ips() {
     let pod: core::Pod = from_json(json!({

@@ -67,6 +67,11 @@ struct State {
 
 /// Operations per store transaction when converging (etcd allows 128 by default).
 pub const BATCH: usize = 100;
+/// Bytes of keys and values per store transaction when converging: etcd refuses a request
+/// over 1.5 MiB by default (`--max-request-bytes`), and a hundred full EndpointSlices pass
+/// that. Room is left for the request's framing. One operation larger than this still
+/// goes, alone (the API server stores no object over 1.5 MiB either).
+pub const BATCH_BYTES: usize = 1024 * 1024;
 /// Transactions in flight at once when converging.
 pub const IN_FLIGHT: usize = 4;
 
@@ -287,15 +292,12 @@ impl Mirror {
         }
     }
 
-    /// Runs `ops` as unconditional transactions of at most [`BATCH`] operations, with up to
-    /// [`IN_FLIGHT`] of them outstanding. True when every one succeeded.
-    async fn write_batches(&self, mut ops: Vec<TxnOp>) -> bool {
+    /// Runs `ops` as unconditional transactions of at most [`BATCH`] operations and
+    /// [`BATCH_BYTES`] bytes, with up to [`IN_FLIGHT`] of them outstanding. True when every
+    /// one succeeded.
+    async fn write_batches(&self, ops: Vec<TxnOp>) -> bool {
         use futures::StreamExt;
-        let mut batches = Vec::new();
-        while !ops.is_empty() {
-            let rest = ops.split_off(ops.len().min(BATCH));
-            batches.push(std::mem::replace(&mut ops, rest));
-        }
+        let batches = batches(ops);
         let results: Vec<bool> = futures::stream::iter(batches)
             .map(|success| async move {
                 let r = match self.fence() {
@@ -420,4 +422,66 @@ fn marker_value() -> Vec<u8> {
         &serde_json::json!({"v": contiv_cluster_model::MODEL_VERSION, "writer": "contiv-ksr", "synced_at": now}),
     )
     .unwrap_or_default()
+}
+
+/// `ops` split, in order, into transactions of at most [`BATCH`] operations and
+/// [`BATCH_BYTES`] bytes of keys and values.
+fn batches(ops: Vec<TxnOp>) -> Vec<Vec<TxnOp>> {
+    let size = |op: &TxnOp| match op {
+        TxnOp::Put { key, value, .. } => key.len() + value.len(),
+        TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
+    };
+    let mut out: Vec<Vec<TxnOp>> = vec![];
+    let mut bytes = 0;
+    for op in ops {
+        let n = size(&op);
+        match out.last_mut() {
+            Some(b) if b.len() < BATCH && bytes + n <= BATCH_BYTES => {
+                bytes += n;
+                b.push(op);
+            }
+            _ => {
+                bytes = n;
+                out.push(vec![op]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(i: usize, bytes: usize) -> TxnOp {
+        TxnOp::Put { key: format!("/contiv/k8s/endpointslice/d/s{i:03}"), value: vec![b'x'; bytes], lease: None }
+    }
+
+    fn total(b: &[TxnOp]) -> usize {
+        b.iter()
+            .map(|op| match op {
+                TxnOp::Put { key, value, .. } => key.len() + value.len(),
+                TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
+            })
+            .sum()
+    }
+
+    /// A hundred 20 KB EndpointSlices are about 2 MB: more than etcd takes in one request.
+    #[test]
+    fn batches_hold_at_most_a_hundred_operations_and_a_mebibyte() {
+        let ops: Vec<TxnOp> = (0..250).map(|i| put(i, 20_000)).collect();
+        let out = batches(ops.clone());
+        assert!(out.len() >= 5, "{} batches", out.len());
+        assert!(out.iter().all(|b| b.len() <= BATCH && total(b) <= BATCH_BYTES));
+        assert_eq!(out.concat(), ops, "every operation once, in order");
+
+        let small: Vec<TxnOp> = (0..250).map(|i| TxnOp::Delete { key: format!("/k/{i}") }).collect();
+        let out = batches(small);
+        assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![100, 100, 50]);
+
+        // One operation over the cap goes alone, between the others.
+        let out = batches(vec![put(0, 10), put(1, BATCH_BYTES + 1), put(2, 10)]);
+        assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 1]);
+        assert!(batches(vec![]).is_empty());
+    }
 }

@@ -333,6 +333,70 @@ fn icmp_seen(s: &socket2::Socket, within: Duration) -> Vec<(u8, u16)> {
 /// replies come back as its flow's, and so do the ICMP errors a router sends about its
 /// echoes ("time exceeded", "host unreachable"), as conntrack passes a RELATED error. An
 /// error about an echo it never sent is dropped by its ingress rules and counted.
+/// A TCP segment with only SYN and ACK set, `src -> dst`, sent from namespace `ns` on a raw
+/// socket (the kernel adds the IPv4 header): a pod with CAP_NET_RAW forging the answer to a
+/// connection nobody opened.
+fn send_syn_ack(ns: &str, src: SocketAddr, dst: SocketAddr) {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else { panic!("IPv4 only") };
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&0x2000_0001u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x12;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = [src.ip().octets(), dst.ip().octets()].concat();
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let c = csum(&pseudo);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let to = *dst.ip();
+    enter(ns, move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))
+            .expect("raw TCP socket");
+        let n = s.send_to(&tcp, &SocketAddr::from((to, 0)).into()).expect("sendto");
+        assert_eq!(n, tcp.len());
+    });
+}
+
+/// A pod that forges a SYN-ACK to a pod of its node, as if answering a connection the
+/// node's stack had brought it, gains nothing: its own connection from that port is still
+/// checked against the other pod's ingress rules (the datapath tracks such an answer so
+/// that the real answers of a hostPort's pod pass its egress rules; a SYN from the side
+/// that answered opens nothing).
+#[test]
+fn a_forged_syn_ack_does_not_open_a_way_past_policy() {
+    let mut b = boxed(1);
+    let v = b.add_pod("node-1", "x/v", &[("pod", "v")], &[]);
+    let m = b.add_pod("node-1", "x/m", &[("pod", "m")], &[]);
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: v, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {pod: v}}\n  policyTypes: [Ingress]\n",
+    );
+    b.wait_for(SETTLE, "v is isolated for ingress on node-1", || {
+        b.status_json("node-1", "/policies").is_some_and(|p| {
+            p["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == "v" && p["ingressIsolated"] == true)
+        })
+    });
+    let v_ip = v.ip;
+    let listener = enter(&v.netns, move || std::net::TcpListener::bind((v_ip, 80)).expect("bind"));
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let (from, to) = (SocketAddr::from((m.ip, 41234)), SocketAddr::from((v.ip, 80)));
+    let connect = move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&from.into()).expect("bind 41234");
+        s.connect_timeout(&to.into(), Duration::from_secs(2))
+    };
+    let before = enter(&m.netns, connect);
+    assert!(before.is_err(), "v's ingress rules refuse m: {before:?}");
+    send_syn_ack(&m.netns, from, to);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = enter(&m.netns, connect);
+    assert!(after.is_err(), "after m's forged SYN-ACK to v, m's connection from that port still meets v's rules");
+}
+
 #[test]
 fn icmp_errors_about_an_ingress_isolated_pods_echoes_reach_it() {
     let mut b = boxed(2);

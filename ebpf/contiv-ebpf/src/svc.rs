@@ -127,7 +127,15 @@ pub fn process(
 ) -> Outcome {
     // 1. Conntrack: an established or reply packet of a NAT'ed flow.
     let k = ct::key(src, dst, l4.sport, l4.dport, l4.proto);
-    if let Some(e) = ct::lookup(&k, l4.tcp_flags, trace) {
+    if let Some(e) = ct::lookup(&k, l4.tcp_flags, trace)
+        // A pod's side of a flow the node's stack brought it (VIA_HOST: recorded from the
+        // pod's SYN-ACK, which anything with a raw socket can forge) answers; a SYN alone
+        // from that side opens a new connection, which policy must see.
+        && !(origin == Origin::Pod
+            && e.flags & ct_flags::VIA_HOST != 0
+            && l4.proto == nat::IPPROTO_TCP
+            && l4.tcp_flags & TCP_SYN_ACK == ct_tcp::SYN)
+    {
         trace.step(trace_step::CT_HIT, e.flags, e.nat_ip, e.nat_port, 0, e.svc_id);
         return match apply(ctx, &e, src, dst, l4) {
             Some(to) => Outcome::tracked(&e, to),

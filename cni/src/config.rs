@@ -215,7 +215,10 @@ pub fn parse(stdin: &[u8]) -> Result<NetworkConfig, CniError> {
     };
 
     let valid_attachments = match obj.get(VALID_ATTACHMENTS_KEY) {
-        None | Some(Value::Null) => None,
+        None => None,
+        // What libcni writes when the runtime's list for this network is empty (Go's nil
+        // slice): no attachment is valid.
+        Some(Value::Null) => Some(vec![]),
         Some(v) => Some(parse_valid_attachments(v)?),
     };
 

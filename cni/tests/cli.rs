@@ -647,6 +647,21 @@ fn fake_agent_gc_forwards_valid_attachments() {
     );
 }
 
+/// libcni writes `null` when no attachment of the network is valid (the runtime's list
+/// for it is empty, e.g. after a drain): every attachment is then garbage.
+#[test]
+fn fake_agent_gc_with_null_valid_attachments_collects_everything() {
+    let agent = FakeAgent::start(Script::default());
+    let mut cfg = config("1.1.0", &agent.socket);
+    cfg["cni.dev/valid-attachments"] = serde_json::Value::Null;
+    let stdin = cfg.to_string();
+    run_cni(&[("CNI_COMMAND", "GC")], &stdin).assert_silent_success();
+    assert_eq!(
+        agent.only_request(),
+        Seen::Gc(GcRequest { network_name: "contiv-net".into(), network_config: stdin.into_bytes(), valid_attachments: vec![] })
+    );
+}
+
 #[test]
 fn fake_agent_gc_malformed_attachments_is_code_7() {
     let agent = FakeAgent::start(Script::default());

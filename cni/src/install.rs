@@ -200,7 +200,7 @@ pub fn default_conflist(agent_socket: &str) -> String {
         "cniVersion": "1.0.0",
         "name": "contiv",
         "plugins": [
-            {"type": "contiv-cni", "agentSocket": agent_socket},
+            {"type": "contiv-cni", "agentSocket": agent_socket, "capabilities": {"bandwidth": true}},
             {"type": "portmap", "capabilities": {"portMappings": true}}
         ]
     }))

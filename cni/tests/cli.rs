@@ -658,7 +658,11 @@ fn fake_agent_gc_with_null_valid_attachments_collects_everything() {
     run_cni(&[("CNI_COMMAND", "GC")], &stdin).assert_silent_success();
     assert_eq!(
         agent.only_request(),
-        Seen::Gc(GcRequest { network_name: "contiv-net".into(), network_config: stdin.into_bytes(), valid_attachments: vec![] })
+        Seen::Gc(GcRequest {
+            network_name: "contiv-net".into(),
+            network_config: stdin.into_bytes(),
+            valid_attachments: vec![]
+        })
     );
 }
 

@@ -181,6 +181,38 @@ fn conflist_is_accepted_by_contiv_cni_install_and_removed_by_uninstall() {
     assert!(!conf.join("10-contiv.conflist").exists() && !bin.join("contiv-cni").exists());
 }
 
+/// The shipped conflist asks the runtime for pods' bandwidth annotations (contiv-cni's
+/// `bandwidth` capability; without it the runtime passes none and the annotations are
+/// ignored), and speaks a version every plugin of the chain accepts: Debian's `portmap`
+/// supports up to 1.0.0, and libcni refuses the whole chain above that. The conflist
+/// `contiv-cni install` writes by default says the same.
+#[test]
+fn conflist_asks_for_bandwidth_at_a_version_the_whole_chain_speaks() {
+    let docs = rendered(".");
+    let shipped = config_map_data(&docs, "contiv-agent", "10-contiv.conflist");
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, conf) = (dir.path().join("bin"), dir.path().join("net.d"));
+    let out = Command::new(binary("contiv-cni", "contiv-cni"))
+        .args(["install", "--bin-dir"])
+        .arg(&bin)
+        .arg("--conf-dir")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let default = std::fs::read_to_string(conf.join("10-contiv.conflist")).unwrap();
+    for (what, text) in [("shipped", &shipped[..]), ("default", &default[..])] {
+        let v: serde_json::Value =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("{what} conflist: {e}: {text}"));
+        assert_eq!(v["cniVersion"], "1.0.0", "{what}");
+        let plugins = v["plugins"].as_array().unwrap();
+        let contiv = plugins.iter().find(|p| p["type"] == "contiv-cni").expect("contiv-cni in the chain");
+        assert_eq!(contiv["capabilities"]["bandwidth"], true, "{what}: {contiv}");
+        let portmap = plugins.iter().find(|p| p["type"] == "portmap").expect("portmap in the chain");
+        assert_eq!(portmap["capabilities"]["portMappings"], true, "{what}: {portmap}");
+    }
+}
+
 // === commands and flags ===
 
 /// The environment a container gets from its manifest (downward-API values made up).

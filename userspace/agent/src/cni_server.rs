@@ -36,7 +36,10 @@ impl v1::cni_server::Cni for CniService {
     async fn add(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::AddReply>, Status> {
         let span = operation("ADD", &req);
         let start = Instant::now();
-        let reply = match self.agent.add(req.get_ref()).instrument(span).await {
+        let agent = Arc::clone(&self.agent);
+        let r = req.into_inner();
+        let reply = detached(async move { agent.add(&r).await }.instrument(span)).await?;
+        let reply = match reply {
             Ok(r) => r,
             Err(e) => v1::AddReply { error: Some(e.to_proto()), ..Default::default() },
         };
@@ -47,7 +50,9 @@ impl v1::cni_server::Cni for CniService {
     async fn del(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::DelReply>, Status> {
         let span = operation("DEL", &req);
         let start = Instant::now();
-        let error = self.agent.del(req.get_ref()).instrument(span).await.err().map(|e| e.to_proto());
+        let agent = Arc::clone(&self.agent);
+        let r = req.into_inner();
+        let error = detached(async move { agent.del(&r).await }.instrument(span)).await?.err().map(|e| e.to_proto());
         self.metrics.observe_cni("DEL", code(error.as_ref()), start.elapsed());
         Ok(Response::new(v1::DelReply { error }))
     }
@@ -68,13 +73,24 @@ impl v1::cni_server::Cni for CniService {
 
     async fn gc(&self, req: Request<v1::GcRequest>) -> Result<Response<v1::GcReply>, Status> {
         let start = Instant::now();
-        let reply = match self.agent.gc(req.get_ref()).await {
+        let agent = Arc::clone(&self.agent);
+        let r = req.into_inner();
+        let reply = match detached(async move { agent.gc(&r).await }).await? {
             Ok(removed) => v1::GcReply { error: None, removed },
             Err(e) => v1::GcReply { error: Some(e.to_proto()), removed: 0 },
         };
         self.metrics.observe_cni("GC", code(reply.error.as_ref()), start.elapsed());
         Ok(Response::new(reply))
     }
+}
+
+/// Runs a request's work to its end even if its caller goes away: the server drops a
+/// handler whose client reset the stream (the plugin's timeout, or the runtime killing the
+/// plugin), and an ADD cancelled between reserving an address and recording the attachment
+/// would leave both the address and the host veth to no one (a later DEL finds no record).
+/// Finished, the attachment is recorded and the runtime's DEL undoes it.
+async fn detached<T: Send + 'static>(work: impl std::future::Future<Output = T> + Send + 'static) -> Result<T, Status> {
+    tokio::spawn(work).await.map_err(|e| Status::internal(format!("the request's task failed: {e}")))
 }
 
 /// Binds the socket (replacing a stale one), restricts it to its owner and serves until
@@ -108,4 +124,29 @@ pub async fn serve(
         .context("CNI server")?;
     let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// A request whose caller goes away half-way still finishes its work.
+    #[tokio::test]
+    async fn a_request_dropped_by_its_caller_runs_to_its_end() {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = Arc::clone(&done);
+        let call = detached(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            d.store(true, Ordering::SeqCst);
+        });
+        // The caller gives up after 10 ms: its future is dropped, as tonic drops a handler.
+        assert!(tokio::time::timeout(Duration::from_millis(10), call).await.is_err());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(done.load(Ordering::SeqCst), "the work ran to its end");
+    }
 }

@@ -40,6 +40,10 @@ pub struct ElectionConfig {
     pub renew_deadline: Duration,
     /// Time between attempts (candidates) and renewals (leader).
     pub retry_period: Duration,
+    /// How long a leader keeps leading while every store operation fails: then it releases
+    /// the Lease, so that a replica that can reach the store takes over, and stands aside
+    /// for one lease duration before it competes again.
+    pub store_deadline: Duration,
 }
 
 impl ElectionConfig {
@@ -52,6 +56,7 @@ impl ElectionConfig {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
+            store_deadline: Duration::from_secs(60),
         }
     }
 

@@ -98,17 +98,56 @@ pub async fn run_elected(
         log::info!("{}: leading; reflecting into the store", elector.config().identity);
         let reflector = Reflector::start_with(client.clone(), store.clone(), repair_interval, health.counters());
         health.set_leader(reflector.mirror.clone());
-        let lost = elector.hold(&mut stop).await;
+        let mirror = reflector.mirror.clone();
+        let store_deadline = elector.config().store_deadline;
+        let ended = tokio::select! {
+            lost = elector.hold(&mut stop) => if lost { Ended::Lost } else { Ended::Stopped },
+            () = store_failing_for(&mirror, store_deadline) => Ended::StoreDown,
+        };
         reflector.mirror.stop_writing();
         drop(reflector);
         health.set_role(Role::Candidate);
-        if !lost {
-            if let Err(e) = elector.release().await {
-                log::warn!("releasing the lease: {e}");
+        match ended {
+            Ended::Lost => log::warn!("{}: lost leadership; stopped writing", elector.config().identity),
+            Ended::Stopped | Ended::StoreDown => {
+                if let Err(e) = elector.release().await {
+                    log::warn!("releasing the lease: {e}");
+                }
+                if matches!(ended, Ended::Stopped) {
+                    return;
+                }
+                log::warn!(
+                    "{}: every store operation failed for {store_deadline:?}; released the lease for a replica \
+                     that reaches the store, competing again in {:?}",
+                    elector.config().identity,
+                    elector.config().lease_duration
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(elector.config().lease_duration) => {}
+                    () = &mut stop => return,
+                }
             }
+        }
+    }
+}
+
+/// Why a term as leader ended.
+enum Ended {
+    /// Renewals failed, or someone else holds the Lease.
+    Lost,
+    /// `stop` resolved.
+    Stopped,
+    /// The store refused every operation for the store deadline.
+    StoreDown,
+}
+
+/// Resolves once every store operation of `mirror` has failed for `deadline`.
+async fn store_failing_for(mirror: &mirror::Mirror, deadline: Duration) {
+    loop {
+        if mirror.store_down_for().is_some_and(|d| d >= deadline) {
             return;
         }
-        log::warn!("{}: lost leadership; stopped writing", elector.config().identity);
+        tokio::time::sleep((deadline / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))).await;
     }
 }
 

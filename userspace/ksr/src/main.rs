@@ -66,6 +66,10 @@ struct Args {
     /// Seconds between election attempts and renewals (< renew deadline).
     #[arg(long, default_value_t = 2)]
     leader_elect_retry_seconds: u64,
+    /// Seconds a leader keeps the Lease while every store operation fails; then it hands
+    /// the Lease to a replica that reaches the store.
+    #[arg(long, default_value_t = 60)]
+    leader_elect_store_deadline_seconds: u64,
 }
 
 impl Args {
@@ -100,6 +104,7 @@ impl Args {
         e.lease_duration = Duration::from_secs(self.leader_elect_lease_seconds);
         e.renew_deadline = Duration::from_secs(self.leader_elect_renew_deadline_seconds);
         e.retry_period = Duration::from_secs(self.leader_elect_retry_seconds);
+        e.store_deadline = Duration::from_secs(self.leader_elect_store_deadline_seconds);
         e.validate().map_err(anyhow::Error::msg)?;
         Ok(e)
     }

@@ -63,6 +63,8 @@ struct State {
     marker_written: bool,
     /// The last store operation failed.
     store_down: bool,
+    /// Since when every store operation failed (the first failure after a success).
+    store_down_since: Option<std::time::Instant>,
 }
 
 /// Operations per store transaction when converging (etcd allows 128 by default).
@@ -160,13 +162,24 @@ impl Mirror {
 
     fn note<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         match &r {
-            Ok(_) => self.state().store_down = false,
+            Ok(_) => {
+                let mut state = self.state();
+                state.store_down = false;
+                state.store_down_since = None;
+            }
             Err(_) => {
-                self.state().store_down = true;
+                let mut state = self.state();
+                state.store_down = true;
+                state.store_down_since.get_or_insert_with(std::time::Instant::now);
                 self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
         r
+    }
+
+    /// How long every store operation has failed (`None`: the last one succeeded).
+    pub fn store_down_for(&self) -> Option<std::time::Duration> {
+        self.state().store_down_since.map(|t| t.elapsed())
     }
 
     fn mark_dirty(&self, kind: Kind) {

@@ -29,15 +29,20 @@ fn objects() -> Vec<Value> {
     ]
 }
 
-/// Counts the writes one replica sends to the (shared) store.
+/// Counts the writes one replica sends to the (shared) store; `cut` makes every call fail,
+/// as for a replica whose node lost its way to the store.
 #[derive(Default)]
 struct Counting {
     writes: AtomicU64,
+    cut: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
 impl Intercept for Counting {
     async fn before(&self, _: &dyn Store, call: Call<'_>) -> Result<(), StoreError> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("cut off by the test".into()));
+        }
         // Any call that may write counts, also a transaction whose compares fail.
         if !matches!(call, Call::Get(_) | Call::List(_)) {
             self.writes.fetch_add(1, Ordering::SeqCst);
@@ -252,5 +257,36 @@ async fn fake_apiserver_leader_that_cannot_renew_stops_writing_before_its_lease_
         assert!(Instant::now() < deadline, "the pod created meanwhile is reflected");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    a.stop().await;
+}
+
+/// A leader whose store refuses every operation (its node lost the way to etcd) while the
+/// API server still renews its Lease hands the Lease over after the store deadline: the
+/// standby, which reaches the store, takes over and reflects what changed meanwhile.
+#[tokio::test]
+async fn fake_apiserver_leader_cut_off_from_the_store_hands_over_to_the_standby() {
+    let (api, store, _dir) = setup().await;
+    let (lease_ms, retry_ms) = (2000, 200);
+    let mut e = election("ksr-a", lease_ms, 1000, retry_ms);
+    e.store_deadline = Duration::from_millis(1500);
+    let a = Replica::start(&api, &store, e);
+    wait_for("a leads and is ready", 20, || a.leading() && a.health.readiness().0).await;
+    let mut e = election("ksr-b", lease_ms, 1000, retry_ms);
+    e.store_deadline = Duration::from_millis(1500);
+    let b = Replica::start(&api, &store, e);
+    wait_for("b follows a", 10, || b.health.role() == Role::Follower("ksr-a".into())).await;
+
+    a.store.hook.cut.store(true, Ordering::SeqCst);
+    let cut = Instant::now();
+    api.apply(pod("c", "10.1.1.3"));
+    wait_for("b takes over", 20, || b.leading()).await;
+    assert!(cut.elapsed() >= Duration::from_millis(1500), "a kept leading for the store deadline");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !has_key(&store, "/contiv/k8s/pod/default/c").await {
+        assert!(Instant::now() < deadline, "the new leader reflects the pod added while a was cut off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!a.leading(), "a stands aside");
+    b.stop().await;
     a.stop().await;
 }

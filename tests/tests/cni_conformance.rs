@@ -302,3 +302,25 @@ fn ipam_exhaustion_is_plugin_code_101_and_a_del_frees_an_address() {
     out.ok();
     assert_eq!(contiv_tests::pod_ip(&out.json()), pods[2].ip);
 }
+
+/// An ADD of an attachment that exists is an error (the spec: the interface is already in
+/// the container), also when repeated as it was; the attachment stays as it is.
+#[test]
+fn a_repeated_add_is_code_102_and_leaves_the_pod_as_it_is() {
+    let node = node();
+    let pod = node.add_pod();
+    let netns = pod.ns.path().to_string_lossy().into_owned();
+    let out = node.cni("ADD", &pod.container_id, &netns, "eth0", "1.1.0");
+    let v = out.json();
+    assert_eq!(v["code"], 102, "{v}");
+    assert_eq!(v["msg"], "attachment already exists", "{v}");
+    assert!(v["details"].as_str().unwrap().contains(&pod.ip.to_string()), "{v}");
+    assert_ne!(out.exit_code, 0);
+    let other = Netns::new("ctp");
+    let v = node.cni("ADD", &pod.container_id, &other.path().to_string_lossy(), "eth0", "1.1.0").json();
+    assert_eq!(v["code"], 102, "in another namespace too: {v}");
+    // The pod kept its interface and address, and is still served.
+    assert_eq!(node.pod_links().len(), 1);
+    assert!(pod.ns.ip(&["-4", "-o", "addr", "show", "eth0"]).contains(&pod.ip.to_string()));
+    assert!(ping(&pod.ns, "10.1.1.1".parse().unwrap(), 1), "the pod still reaches its gateway");
+}

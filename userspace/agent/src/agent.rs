@@ -809,15 +809,17 @@ impl Agent {
         // Reserve an address (in memory; see crate::state) and take what the unlocked steps need.
         let (ip, node, targets) = {
             let mut inner = self.inner.lock().instrument(phase("lock")).await;
+            // "If an interface of the requested name already exists in the container, the
+            // CNI plugin MUST return with an error" (CNI spec, ADD): also for a repeated ADD,
+            // which leaves the attachment as it is (a DEL undoes it).
             if let Some(existing) = inner.state.get(&key) {
-                if existing.complete && existing.netns == req.netns {
-                    // A repeated ADD for the same attachment returns what it already has.
-                    return Ok(self.add_reply(existing));
-                }
                 return Err(CniError::new(
-                    codes::INTERNAL,
+                    codes::ATTACHMENT_EXISTS,
                     "attachment already exists",
-                    format!("{}/{} is attached to {}", req.container_id, req.ifname, existing.netns),
+                    format!(
+                        "{}/{} is attached to {} with {}; DEL it first",
+                        req.container_id, req.ifname, existing.netns, existing.ip
+                    ),
                 ));
             }
             let _reserve = phase("ipam_reserve").entered();

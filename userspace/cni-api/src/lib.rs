@@ -59,4 +59,7 @@ pub mod codes {
     /// Plugin-specific: the node's pod subnet has no free address left (ADD). Not transient
     /// in the spec's sense: only a DEL or GC of another pod frees one.
     pub const IPAM_EXHAUSTED: u32 = 101;
+    /// Plugin-specific: ADD of an attachment (container and interface name) that exists;
+    /// the spec asks for an error when the interface is already in the container.
+    pub const ATTACHMENT_EXISTS: u32 = 102;
 }

@@ -488,6 +488,9 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
         "/etc/contiv/agent.toml",
         "/run/netns",
         "/var/run/netns",
+        // Not privileged, the agent finds /proc/sys read-only: it sets the node's net
+        // sysctls through the host's /proc/sys/net mounted here (crate::sysctl).
+        "/host/proc/sys/net/ipv4/ip_forward",
     ] {
         assert!(mounted(path), "{path} (named by agent.toml or the runtime) is not mounted in the agent");
     }

@@ -375,7 +375,7 @@ impl Agent {
                 .context("creating the slow-path port")?;
             for name in [&slow_host, &slow_vsw] {
                 // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into the vswitch.
-                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+                let _ = crate::sysctl::set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
                 let link = podnet::link_by_name(&node, name).await?.with_context(|| format!("{name} vanished"))?;
                 node.link()
                     .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())

@@ -26,6 +26,7 @@ pub mod slowpath;
 pub mod sockdiag;
 pub mod state;
 pub mod status;
+pub mod sysctl;
 pub mod tcx;
 pub mod timing;
 pub mod trace;

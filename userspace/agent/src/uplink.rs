@@ -49,12 +49,8 @@ pub enum UplinkError {
     },
     #[error(transparent)]
     PodNet(#[from] podnet::PodNetError),
-    #[error("writing {path}: {source}")]
-    Sysctl {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Sysctl(#[from] crate::sysctl::SysctlError),
 }
 
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> UplinkError {
@@ -126,13 +122,9 @@ async fn first_ipv4(node: &Handle, index: u32) -> Result<Option<Ipv4Addr>, Uplin
     Ok(None)
 }
 
-fn sysctl(path: &str, value: &str) -> Result<(), UplinkError> {
-    std::fs::write(path, value).map_err(|source| UplinkError::Sysctl { path: path.to_owned(), source })
-}
-
 /// The node's stack routes pod traffic (to the outside, and replies back to pods).
 pub fn enable_forwarding() -> Result<(), UplinkError> {
-    sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+    Ok(crate::sysctl::set("net/ipv4/ip_forward", "1")?)
 }
 
 /// Creates (or re-creates, if its settings differ) the flow-based VXLAN device: collect_md,
@@ -162,7 +154,7 @@ pub async fn ensure_overlay(node: &Handle, cfg: &OverlayConfig, uplink: &Uplink)
         .execute()
         .await
         .map_err(nl(format!("creating the VXLAN device {} (port {})", cfg.ifname, cfg.port)))?;
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", cfg.ifname), "1");
+    let _ = crate::sysctl::set(&format!("net/ipv6/conf/{}/disable_ipv6", cfg.ifname), "1");
     let link = podnet::link_by_name(node, &cfg.ifname)
         .await?
         .ok_or_else(|| UplinkError::NoSuchInterface(cfg.ifname.clone()))?;

@@ -355,7 +355,7 @@ pub async fn ensure_slow_port(node: &rtnetlink::Handle, host: &str, vswitch: &st
     }
     for name in [host, vswitch] {
         // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into VPP.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        let _ = crate::sysctl::set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
         let link = podnet::link_by_name(node, name).await?.with_context(|| format!("{name} vanished"))?;
         node.link()
             .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())

@@ -404,6 +404,13 @@ impl Agent {
                     config.overlay.port,
                     o.mtu
                 );
+                if pod_mtu > o.mtu {
+                    log::warn!(
+                        "the pod MTU ({pod_mtu}, the file's mtu) is above the overlay's ({}): pods' full-size \
+                         packets to other nodes need fragmenting or are refused; leave mtu unset to follow the uplink",
+                        o.mtu
+                    );
+                }
                 Some(o)
             }
             None => {

@@ -47,6 +47,13 @@ pub async fn join(config: &AgentConfig, metrics: &contiv_store::metrics::StoreMe
         IpamConfig { pod_subnet_cidr: config.pod_subnet_cidr.into(), pod_prefix_len: config.pod_prefix_len },
     )
     .context("node registry")?;
+    // The node's pods hold addresses of the subnet its state records: after a wiped or
+    // restored store the node claims that subnet's ID again, or refuses to start.
+    if let Some(subnet) = crate::state::subnet_in_use(&config.state_dir)
+        && let Some(id) = registry.ipam().id_of(subnet.into())
+    {
+        registry.pin(&config.node_name, id);
+    }
     let allocation = registry
         .allocate(&config.node_name)
         .await

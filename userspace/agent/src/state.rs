@@ -148,6 +148,15 @@ struct StateFile {
     attachments: Vec<PodAttachment>,
 }
 
+/// The pod subnet the node's pods hold addresses of, as the state in `dir` records it:
+/// `None` without a state, or when it records no pod (snapshot and journal empty), since
+/// then nothing is lost if the node gets another subnet.
+pub fn subnet_in_use(dir: &Path) -> Option<Ipv4Net> {
+    let file: StateFile = serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()?;
+    let journal = std::fs::metadata(dir.join("state.log")).is_ok_and(|m| m.len() > 0);
+    (!file.attachments.is_empty() || journal).then_some(file.pod_subnet)
+}
+
 /// Attachments and address allocation for one node, persisted in `state.json`.
 #[derive(Debug)]
 pub struct NodeState {
@@ -445,6 +454,21 @@ mod tests {
         let subnet: Ipv4Net = subnet.parse().unwrap();
         let gw = Ipv4Addr::from(u32::from(subnet.network()) + 1);
         NodeState::open(dir, subnet, gw).unwrap()
+    }
+
+    /// Only a state that holds pods pins the node's subnet (cluster::join).
+    #[test]
+    fn the_subnet_in_use_is_recorded_only_while_pods_hold_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(subnet_in_use(dir.path()), None, "no state");
+        let mut s = open(dir.path(), "10.1.3.0/24");
+        assert_eq!(subnet_in_use(dir.path()), None, "no pod");
+        let ip = s.allocate_ip().unwrap();
+        s.put(attachment("a", ip)).unwrap();
+        assert_eq!(subnet_in_use(dir.path()), Some("10.1.3.0/24".parse().unwrap()), "a pod, in the journal");
+        drop(s);
+        let _reopened = open(dir.path(), "10.1.3.0/24");
+        assert_eq!(subnet_in_use(dir.path()), Some("10.1.3.0/24".parse().unwrap()), "a pod, in the snapshot");
     }
 
     #[test]

@@ -75,6 +75,22 @@ impl IpamConfig {
         };
         Ok(IpNet::new(addr, self.pod_prefix_len).expect("prefix length checked by validate"))
     }
+
+    /// The node ID whose pod CIDR is `cidr` (`None` if it is none of this plan's).
+    pub fn id_of(&self, cidr: IpNet) -> Option<u32> {
+        if self.validate().is_err() || cidr.prefix_len() != self.pod_prefix_len || !self.pod_subnet_cidr.contains(&cidr)
+        {
+            return None;
+        }
+        let shift = u32::from(self.pod_subnet_cidr.max_prefix_len() - self.pod_prefix_len);
+        let offset = match (cidr.network(), self.pod_subnet_cidr.network()) {
+            (IpAddr::V4(c), IpAddr::V4(b)) => u128::from(u32::from(c) - u32::from(b)),
+            (IpAddr::V6(c), IpAddr::V6(b)) => u128::from(c) - u128::from(b),
+            _ => return None,
+        };
+        let id = u32::try_from(offset >> shift).ok()?;
+        (self.pod_cidr(id).ok()? == cidr).then_some(id)
+    }
 }
 
 #[cfg(test)]
@@ -88,6 +104,10 @@ mod tests {
         assert_eq!(c.pod_cidr(1).unwrap().to_string(), "10.1.1.0/24");
         assert_eq!(c.pod_cidr(2).unwrap().to_string(), "10.1.2.0/24");
         assert_eq!(c.pod_cidr(255).unwrap().to_string(), "10.1.255.0/24");
+        assert_eq!(c.id_of("10.1.7.0/24".parse().unwrap()), Some(7));
+        assert_eq!(c.id_of("10.1.0.0/24".parse().unwrap()), None, "id 0 is no node's");
+        assert_eq!(c.id_of("10.2.7.0/24".parse().unwrap()), None);
+        assert_eq!(c.id_of("10.1.7.0/25".parse().unwrap()), None);
         assert_eq!(c.pod_cidr(0), Err(IpamError::IdOutOfRange { id: 0, max: 255 }));
         assert_eq!(c.pod_cidr(256), Err(IpamError::IdOutOfRange { id: 256, max: 255 }));
     }

@@ -94,9 +94,17 @@ pub enum RegistryError {
         #[source]
         source: DecodeError,
     },
-    /// The ID recorded for this node is claimed by another node (store damaged by hand).
+    /// The ID recorded for this node is claimed by another node (store damaged by hand, or
+    /// wiped and another node took the ID first).
     #[error("node {name}: its id {id} is claimed by {holder}")]
     Conflict { name: String, id: u32, holder: String },
+    /// The store allocates this node another ID than the one its pods' addresses come from.
+    #[error(
+        "node {name} runs with id {running} ({running_cidr}), but the store allocates it id {stored}; \
+         its pods' addresses would be routed to no node. Restore the allocation, or drain the node \
+         and remove its state ({hint})"
+    )]
+    Moved { name: String, running: u32, running_cidr: String, stored: u32, hint: &'static str },
     /// Allocation kept losing races (should not happen; bounded to avoid spinning).
     #[error("node {0}: gave up allocating an id after too many concurrent conflicts")]
     Contention(String),
@@ -115,6 +123,10 @@ pub struct NodeRegistry {
     store: Arc<dyn Store>,
     ipam: IpamConfig,
     lease_ttl_secs: i64,
+    /// The ID each node name runs with, once known (its addresses are in use): every later
+    /// allocation (a re-registration after the store was wiped or restored) claims that
+    /// ID or fails; it never moves the node to another pod CIDR.
+    pinned: Arc<std::sync::Mutex<BTreeMap<String, u32>>>,
 }
 
 /// A live registration. Its lease is kept alive in the background until [`deregister`]
@@ -160,7 +172,7 @@ impl NodeRegistry {
     /// A registry over `store` with this addressing plan and the default lease TTL.
     pub fn new(store: Arc<dyn Store>, ipam: IpamConfig) -> Result<Self, RegistryError> {
         ipam.validate()?;
-        Ok(Self { store, ipam, lease_ttl_secs: DEFAULT_LEASE_TTL_SECS })
+        Ok(Self { store, ipam, lease_ttl_secs: DEFAULT_LEASE_TTL_SECS, pinned: Default::default() })
     }
 
     /// Sets the registration lease TTL (seconds).
@@ -265,8 +277,27 @@ impl NodeRegistry {
         Ok(())
     }
 
-    /// Allocates the node's ID and pod CIDR, or returns the ones it already has.
+    /// Allocates the node's ID and pod CIDR, or returns the ones it already has. Once this
+    /// registry allocated (or [`Self::pin`] named) an ID, only that one.
     pub async fn allocate(&self, name: &str) -> Result<IpamAllocation, RegistryError> {
+        let pinned = self.pins().get(name).copied();
+        let alloc = self.allocate_as(name, pinned).await?;
+        self.pins().insert(name.to_string(), alloc.id);
+        Ok(alloc)
+    }
+
+    /// Node `name` runs with the pod CIDR of `id` (its state says so): allocations claim it.
+    pub fn pin(&self, name: &str, id: u32) {
+        self.pins().insert(name.to_string(), id);
+    }
+
+    fn pins(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u32>> {
+        self.pinned.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`Self::allocate`], claiming `want` when the store has no allocation for the node (a
+    /// wiped or restored store); an allocation of another ID is an error.
+    async fn allocate_as(&self, name: &str, want: Option<u32>) -> Result<IpamAllocation, RegistryError> {
         if name.is_empty() || name.contains('/') {
             return Err(RegistryError::BadName(name.to_string()));
         }
@@ -278,19 +309,49 @@ impl NodeRegistry {
         for _ in 0..rounds {
             if let Some(kv) = self.store.get(&alloc_key).await? {
                 let alloc: IpamAllocation = decode(&kv.key, &kv.value)?;
+                if let Some(running) = want.filter(|w| *w != alloc.id) {
+                    return Err(RegistryError::Moved {
+                        name: name.to_string(),
+                        running,
+                        running_cidr: self.ipam.pod_cidr(running).map(|c| c.to_string()).unwrap_or_default(),
+                        stored: alloc.id,
+                        hint: "the agent's stateDir",
+                    });
+                }
                 self.confirm_claim(&alloc).await?;
                 return Ok(alloc);
             }
             let taken = self.allocations_by_id().await?;
-            let Some(id) = (1..=max).find(|id| !taken.contains_key(id)) else {
-                return Err(RegistryError::Exhausted { max });
+            let id = match want {
+                Some(w) => match taken.get(&w) {
+                    Some(holder) if holder != name => {
+                        return Err(RegistryError::Conflict { name: name.to_string(), id: w, holder: holder.clone() });
+                    }
+                    _ => w,
+                },
+                None => match (1..=max).find(|id| !taken.contains_key(id)) {
+                    Some(id) => id,
+                    None => return Err(RegistryError::Exhausted { max }),
+                },
             };
+            if want.is_some() {
+                log::warn!("node {name}: the store has no allocation for it; claiming its id {id} again");
+            }
             let alloc = IpamAllocation { name: name.to_string(), id, pod_cidr: self.ipam.pod_cidr(id)? };
             let claim = NodeIdClaim { name: name.to_string() };
+            // The ID's claim may already name this node (its allocation alone was lost): it
+            // is written again, compared by its revision.
+            let claim_compare = match taken.contains_key(&id) {
+                true => match self.store.get(&keys::node_id(id)).await? {
+                    Some(kv) => Compare::ModRevision(kv.key, kv.mod_revision),
+                    None => Compare::Absent(keys::node_id(id)),
+                },
+                false => Compare::Absent(keys::node_id(id)),
+            };
             let res = self
                 .store
                 .txn(Txn {
-                    compares: vec![Compare::Absent(keys::node_id(id)), Compare::Absent(alloc_key.clone())],
+                    compares: vec![claim_compare, Compare::Absent(alloc_key.clone())],
                     success: vec![
                         TxnOp::Put { key: keys::node_id(id), value: contiv_cluster_model::encode(&claim), lease: None },
                         TxnOp::Put { key: alloc_key.clone(), value: contiv_cluster_model::encode(&alloc), lease: None },

@@ -210,3 +210,51 @@ async fn lost_lease_is_re_registered_with_the_same_id() {
     task.await.unwrap();
     assert!(store.get("/contiv/nodes/n").await.unwrap().is_none(), "withdrawn at shutdown");
 }
+
+/// A store wiped (or restored from a backup older than a node) loses the node's
+/// allocation. The node's pods hold addresses of its pod CIDR: the agent, which knows its
+/// ID, claims that ID again rather than the lowest free one; if another node took it
+/// meanwhile, or the store allocates the node another ID, it is an error, never a move.
+#[tokio::test]
+async fn a_node_keeps_its_id_across_a_wiped_store_or_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    let registry = |s: &Arc<dyn Store>| NodeRegistry::new(s.clone(), IpamConfig::default()).unwrap();
+    let (a, b, c) = (registry(&store), registry(&store), registry(&store));
+    for (r, n) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        r.allocate(n).await.unwrap();
+    }
+    assert_eq!(c.allocate("c").await.unwrap().id, 3);
+
+    // Wiped: c's agent (this registry, which allocated 3) registers again first.
+    store.delete_prefix("/contiv/").await.unwrap();
+    let again = c.allocate("c").await.unwrap();
+    assert_eq!((again.id, again.pod_cidr.to_string()), (3, "10.1.3.0/24".to_string()));
+    // A new node takes the lowest free ID, not c's.
+    assert_eq!(registry(&store).allocate("d").await.unwrap().id, 1);
+
+    // A restarted agent names the ID its state records.
+    store.delete_prefix("/contiv/").await.unwrap();
+    let restarted = registry(&store);
+    restarted.pin("c", IpamConfig::default().id_of("10.1.3.0/24".parse().unwrap()).unwrap());
+    assert_eq!(restarted.allocate("c").await.unwrap().id, 3);
+
+    // Wiped, and another node took c's ID first: refused, loudly.
+    store.delete_prefix("/contiv/").await.unwrap();
+    let e = registry(&store);
+    e.pin("e", 3);
+    assert_eq!(e.allocate("e").await.unwrap().id, 3);
+    match c.allocate("c").await {
+        Err(RegistryError::Conflict { id: 3, holder, .. }) => assert_eq!(holder, "e"),
+        other => panic!("expected a conflict over id 3: {other:?}"),
+    }
+
+    // The store allocates c another ID than the one it runs with: refused.
+    store.delete_prefix("/contiv/").await.unwrap();
+    registry(&store).allocate("x").await.unwrap();
+    registry(&store).allocate("c").await.unwrap(); // id 2, by a registry that knew nothing
+    match c.allocate("c").await {
+        Err(RegistryError::Moved { running: 3, stored: 2, .. }) => {}
+        other => panic!("expected a refusal to move c from id 3 to 2: {other:?}"),
+    }
+}

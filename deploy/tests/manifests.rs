@@ -213,6 +213,30 @@ fn conflist_asks_for_bandwidth_at_a_version_the_whole_chain_speaks() {
     }
 }
 
+/// Uninstalling takes the datapath off each node: `contiv-agent cleanup` runs with the
+/// host's bpffs where the agent pins (its default `bpfPinDir`, the one deploy/base uses)
+/// and may delete links.
+#[test]
+fn uninstall_cleans_up_the_datapath_first() {
+    let docs = rendered("uninstall");
+    let ds = find(&docs, "DaemonSet", "contiv-uninstall");
+    let pod = &ds["spec"]["template"]["spec"];
+    let init = pod["initContainers"].as_array().expect("init containers");
+    let cleanup = init.iter().find(|c| c["name"] == "cleanup").expect("a cleanup init container");
+    assert_eq!(strings(&cleanup["command"]), ["/usr/bin/contiv-agent", "cleanup"]);
+    assert!(strings(&cleanup["securityContext"]["capabilities"]["add"]).contains(&"NET_ADMIN".to_string()));
+    let mounts = cleanup["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/sys/fs/bpf"), "{mounts:?}");
+    let config: toml::Table = toml::from_str(config_map_data(&rendered("base"), "contiv-agent", "agent.toml")).unwrap();
+    assert!(config["bpfPinDir"].as_str().unwrap().starts_with("/sys/fs/bpf/"));
+    let out = Command::new(binary("contiv-agent", "contiv-agent")).arg("check-config").output().unwrap();
+    let defaults = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        defaults.contains(&format!("bpf_pin_dir: \"{}\"", config["bpfPinDir"].as_str().unwrap())),
+        "cleanup runs without the ConfigMap (deleted by then): the agent's default pin dir must be deploy/base's: {defaults}"
+    );
+}
+
 // === commands and flags ===
 
 /// The environment a container gets from its manifest (downward-API values made up).

@@ -726,3 +726,52 @@ fn a_dnat_in_the_nodes_stack_to_a_pod_on_any_node_is_translated_back() {
     }
     stop.store(true, Ordering::Relaxed);
 }
+
+/// `contiv-agent cleanup`, as the uninstall DaemonSet runs it once the agent is gone:
+/// the pins go, and with them the programs on the uplink (and the pods, and at the cgroup
+/// root); the overlay device and the slow-path port go too. Run twice, it still succeeds.
+#[test]
+fn cleanup_removes_what_an_agent_left_on_its_node() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(1));
+    let node = b.node("node-1").clone();
+    b.stop_agent("node-1", false);
+    let in_node = |args: &[&str]| {
+        let out = Command::new("ip").args(["netns", "exec", &node.netns]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let links = || in_node(&["ip", "-o", "link", "show"]);
+    assert!(links().contains("cvx0") && links().contains("cslow0"), "{}", links());
+    // The kernel's ids of the agent's BPF links (uplink, pods' veths, slow path, cgroup root).
+    let bpf_link_id = |out: &[u8]| serde_json::from_slice::<serde_json::Value>(out).ok()?["id"].as_u64();
+    let mut pinned = vec![];
+    for entry in std::fs::read_dir(node.pin_dir.join("links")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(&path).output().unwrap();
+        pinned.push(bpf_link_id(&out.stdout).unwrap_or_else(|| panic!("{}: no link id", path.display())));
+    }
+    assert!(pinned.len() >= 10, "the uplink's, the slow path's and the socket programs' links: {pinned:?}");
+    let agent = contiv_tests::bin("contiv-agent");
+    for round in 0..2 {
+        // nsenter, not `ip netns exec`, which mounts a sysfs of its own over /sys and so
+        // hides bpffs (the uninstall DaemonSet mounts it at /sys/fs/bpf).
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .arg(&agent)
+            .arg("--config")
+            .arg(&node.config)
+            .arg("cleanup")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cleanup #{round}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(!node.pin_dir.exists(), "the pins are gone");
+    assert!(!links().contains("cvx0") && !links().contains("cslow0"), "{}", links());
+    let out = Command::new("bpftool").args(["-j", "link", "show"]).output().unwrap();
+    let live: Vec<u64> = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
+    let left: Vec<&u64> = pinned.iter().filter(|id| live.contains(id)).collect();
+    assert!(left.is_empty(), "links still attached after cleanup: {left:?}");
+}

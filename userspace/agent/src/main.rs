@@ -40,6 +40,49 @@ enum Command {
     /// Print VPP's startup.conf rendered from the `[vpp]` section (for `uplink = "vpp"`):
     /// the NIC for DPDK, CPUs, the plugins in use, the API socket.
     RenderStartupConf,
+    /// Undo what agents left on this node after contiv is removed: unpin everything under
+    /// `bpfPinDir` (the links go, so the pod, uplink and socket programs detach) and
+    /// delete the overlay device and the slow-path port. Pods' own interfaces go with them.
+    Cleanup,
+}
+
+/// `contiv-agent cleanup`: see [`Command::Cleanup`]. Whatever is already gone is fine.
+fn cleanup(config: &AgentConfig) -> ExitCode {
+    let mut failed = false;
+    match std::fs::remove_dir_all(&config.bpf_pin_dir) {
+        Ok(()) => println!("removed the pins under {}", config.bpf_pin_dir.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            eprintln!("contiv-agent: removing {}: {e}", config.bpf_pin_dir.display());
+            failed = true;
+        }
+    }
+    let devices = [config.overlay.ifname.clone(), config.slowpath_host_ifname.clone()];
+    let deleted = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
+        rt.block_on(async {
+            let node = contiv_agent::podnet::node_handle()?;
+            let mut gone = vec![];
+            for name in &devices {
+                if contiv_agent::podnet::link_by_name(&node, name).await?.is_some() {
+                    contiv_agent::podnet::delete_link(&node, name).await?;
+                    gone.push(name.clone());
+                }
+            }
+            Ok::<_, contiv_agent::podnet::PodNetError>(gone)
+        })
+    });
+    match deleted {
+        Ok(Ok(gone)) => gone.iter().for_each(|d| println!("deleted {d}")),
+        Ok(Err(e)) => {
+            eprintln!("contiv-agent: deleting {devices:?}: {e}");
+            failed = true;
+        }
+        Err(e) => {
+            eprintln!("contiv-agent: starting the runtime: {e}");
+            failed = true;
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
 fn main() -> ExitCode {
@@ -95,6 +138,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Cleanup) => return cleanup(&config),
         Some(Command::Run | Command::MountBpffs) | None => {}
     }
     let rt = match tokio::runtime::Runtime::new() {

@@ -333,6 +333,15 @@ fn icmp_seen(s: &socket2::Socket, within: Duration) -> Vec<(u8, u16)> {
 /// replies come back as its flow's, and so do the ICMP errors a router sends about its
 /// echoes ("time exceeded", "host unreachable"), as conntrack passes a RELATED error. An
 /// error about an echo it never sent is dropped by its ingress rules and counted.
+/// Waits until `node`'s agent has pod `pod` isolated for ingress.
+fn wait_ingress_isolated(b: &ClusterBox, node: &str, pod: &str) {
+    b.wait_for(SETTLE, &format!("{pod} is isolated for ingress on {node}"), || {
+        b.status_json(node, "/policies").is_some_and(|v| {
+            v["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == pod && p["ingressIsolated"] == true)
+        })
+    });
+}
+
 /// A TCP segment with only SYN and ACK set, `src -> dst`, sent from namespace `ns` on a raw
 /// socket (the kernel adds the IPv4 header): a pod with CAP_NET_RAW forging the answer to a
 /// connection nobody opened.
@@ -374,11 +383,7 @@ fn a_forged_syn_ack_does_not_open_a_way_past_policy() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: v, namespace: x}\n\
          spec:\n  podSelector: {matchLabels: {pod: v}}\n  policyTypes: [Ingress]\n",
     );
-    b.wait_for(SETTLE, "v is isolated for ingress on node-1", || {
-        b.status_json("node-1", "/policies").is_some_and(|p| {
-            p["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == "v" && p["ingressIsolated"] == true)
-        })
-    });
+    wait_ingress_isolated(&b, "node-1", "v");
     let v_ip = v.ip;
     let listener = enter(&v.netns, move || std::net::TcpListener::bind((v_ip, 80)).expect("bind"));
     std::thread::spawn(move || for _ in listener.incoming() {});
@@ -406,11 +411,7 @@ fn icmp_errors_about_an_ingress_isolated_pods_echoes_reach_it() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: r, namespace: x}\n\
          spec:\n  podSelector: {matchLabels: {pod: r}}\n  policyTypes: [Ingress]\n",
     );
-    b.wait_for(SETTLE, "r is isolated for ingress on node-1", || {
-        b.status_json("node-1", "/policies").is_some_and(|v| {
-            v["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == "r" && p["ingressIsolated"] == true)
-        })
-    });
+    wait_ingress_isolated(&b, "node-1", "r");
     let (r_ip, q_ip) = (r.ip, q.ip);
     let node2_ns = b.node("node-2").netns.clone();
     let sock = enter(&r.netns, raw_icmp_socket);

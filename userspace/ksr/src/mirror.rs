@@ -440,26 +440,10 @@ fn marker_value() -> Vec<u8> {
 /// `ops` split, in order, into transactions of at most [`BATCH`] operations and
 /// [`BATCH_BYTES`] bytes of keys and values.
 fn batches(ops: Vec<TxnOp>) -> Vec<Vec<TxnOp>> {
-    let size = |op: &TxnOp| match op {
+    contiv_store::batches(ops, BATCH, BATCH_BYTES, |op| match op {
         TxnOp::Put { key, value, .. } => key.len() + value.len(),
         TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
-    };
-    let mut out: Vec<Vec<TxnOp>> = vec![];
-    let mut bytes = 0;
-    for op in ops {
-        let n = size(&op);
-        match out.last_mut() {
-            Some(b) if b.len() < BATCH && bytes + n <= BATCH_BYTES => {
-                bytes += n;
-                b.push(op);
-            }
-            _ => {
-                bytes = n;
-                out.push(vec![op]);
-            }
-        }
-    }
-    out
+    })
 }
 
 #[cfg(test)]

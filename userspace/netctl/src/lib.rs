@@ -98,22 +98,7 @@ impl<O: std::fmt::Debug> std::error::Error for WriteError<O> {
 /// Splits keyed items into batches of at most [`TXN_MAX_OBJECTS`] items and
 /// [`TXN_MAX_BYTES`] bytes (no item is larger: [`write_all`] checks first).
 fn batches<T>(items: Vec<(String, T)>, size: impl Fn(&T) -> usize) -> Vec<Vec<(String, T)>> {
-    let mut out: Vec<Vec<(String, T)>> = Vec::new();
-    let mut bytes = 0;
-    for item in items {
-        let n = item.0.len() + size(&item.1);
-        match out.last_mut() {
-            Some(b) if b.len() < TXN_MAX_OBJECTS && bytes + n <= TXN_MAX_BYTES => {
-                bytes += n;
-                b.push(item);
-            }
-            _ => {
-                bytes = n;
-                out.push(vec![item]);
-            }
-        }
-    }
-    out
+    contiv_store::batches(items, TXN_MAX_OBJECTS, TXN_MAX_BYTES, |(key, item)| key.len() + size(item))
 }
 
 /// Reads a batch's keys in one transaction: each key's current entry, in order.

@@ -311,6 +311,28 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+/// Splits `items`, in order, into batches of at most `max_items` items and `max_bytes`
+/// bytes (`size` of each): what one store transaction may carry. An item larger than
+/// `max_bytes` goes alone.
+pub fn batches<T>(items: Vec<T>, max_items: usize, max_bytes: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let n = size(&item);
+        match out.last_mut() {
+            Some(b) if b.len() < max_items && bytes + n <= max_bytes => {
+                bytes += n;
+                b.push(item);
+            }
+            _ => {
+                bytes = n;
+                out.push(vec![item]);
+            }
+        }
+    }
+    out
+}
+
 /// The end of the range of keys starting with `prefix` (etcd's `prefix_end`): `None` when
 /// the prefix is empty or all 0xff (no upper bound).
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {

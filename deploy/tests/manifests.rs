@@ -201,7 +201,7 @@ fn conflist_asks_for_bandwidth_at_a_version_the_whole_chain_speaks() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let default = std::fs::read_to_string(conf.join("10-contiv.conflist")).unwrap();
-    for (what, text) in [("shipped", &shipped[..]), ("default", &default[..])] {
+    for (what, text) in [("shipped", shipped), ("default", default.as_ref())] {
         let v: serde_json::Value =
             serde_json::from_str(text).unwrap_or_else(|e| panic!("{what} conflist: {e}: {text}"));
         assert_eq!(v["cniVersion"], "1.0.0", "{what}");

@@ -94,3 +94,27 @@ fn agent_model_follows_what_netctl_writes() {
         1
     ));
 }
+
+/// A node whose file fixes its pod subnet registers that subnet (its ID is the one the
+/// plan gives it), so other nodes route to it what its pods use; a node started after it
+/// gets another ID.
+#[test]
+fn a_fixed_pod_subnet_is_the_one_the_node_registers() {
+    let cp = Arc::new(ControlPlane::start());
+    let fixed_name = contiv_tests::unique("node-f");
+    let fixed = Node::start(NodeOptions {
+        pod_subnet: Some("10.1.5.0/24".into()),
+        control_plane: Some(cp.clone()),
+        node_name: Some(fixed_name.clone()),
+        ..NodeOptions::default()
+    });
+    let other = etcd_node(&cp, &contiv_tests::unique("node-o"));
+    let out = run(cp.cmd(&bin("netctl")).args(["--etcd", cp.local_endpoint(), "get", "nodes", "-o", "json"]));
+    let nodes: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let registered = nodes.as_array().into_iter().flatten().find(|n| n["name"] == fixed_name.as_str());
+    assert!(registered.is_some_and(|n| n.to_string().contains("\"10.1.5.0/24\"")), "{out}");
+    let pod = fixed.add_pod();
+    assert_eq!(subnet_of(pod.ip), [10, 1, 5]);
+    let p = other.add_pod();
+    assert_ne!(subnet_of(p.ip), [10, 1, 5], "another node got the fixed node's subnet");
+}

@@ -47,18 +47,46 @@ pub async fn join(config: &AgentConfig, metrics: &contiv_store::metrics::StoreMe
         IpamConfig { pod_subnet_cidr: config.pod_subnet_cidr.into(), pod_prefix_len: config.pod_prefix_len },
     )
     .context("node registry")?;
-    // The node's pods hold addresses of the subnet its state records: after a wiped or
-    // restored store the node claims that subnet's ID again, or refuses to start.
+    // The node's pods hold addresses of the subnet its state records: the node claims that
+    // subnet's ID, also after a wiped or restored store, or refuses to start.
     if let Some(subnet) = crate::state::subnet_in_use(&config.state_dir)
+        && !config.pod_subnet_fixed
         && let Some(id) = registry.ipam().id_of(subnet.into())
     {
         registry.pin(&config.node_name, id);
+    }
+    // A subnet the file fixes is what the node must register (other nodes route the
+    // registered one to it): its ID is claimed when the store has no allocation for the
+    // node yet. An allocation made before (another subnet then) is kept, with a warning.
+    let fixed_id = config.pod_subnet_fixed.then(|| registry.ipam().id_of(config.pod_subnet.into())).flatten();
+    if config.pod_subnet_fixed && fixed_id.is_none() {
+        log::warn!(
+            "podSubnet {} is no node subnet of the cluster's plan ({} cut into /{}): other nodes route the \
+             subnet this node registers, not it; a fixed podSubnet suits a single node",
+            config.pod_subnet,
+            config.pod_subnet_cidr,
+            config.pod_prefix_len
+        );
+    }
+    if let Some(id) = fixed_id {
+        let allocated = registry.allocations().await.context("reading the node allocations")?;
+        if !allocated.iter().any(|a| a.name == config.node_name) {
+            registry.pin(&config.node_name, id);
+        }
     }
     let allocation = registry
         .allocate(&config.node_name)
         .await
         .with_context(|| format!("allocating a node ID for {}", config.node_name))?;
     log::info!("node {} has ID {} and pod CIDR {}", allocation.name, allocation.id, allocation.pod_cidr);
+    if fixed_id.is_some_and(|id| id != allocation.id) {
+        log::warn!(
+            "node {}: podSubnet {} is fixed, but the store allocated it {} before; other nodes route that one here",
+            allocation.name,
+            config.pod_subnet,
+            allocation.pod_cidr
+        );
+    }
     Ok(ClusterLink { store, registry: Arc::new(registry), allocation })
 }
 

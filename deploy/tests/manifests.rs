@@ -589,6 +589,10 @@ fn vpp_variant_adds_vpp_with_hugepages_and_a_startup_conf_matching_the_agent_con
     };
     assert_eq!(setting("socksvr", "socket-name"), config["vpp"]["apiSocket"].as_str().unwrap());
     assert_eq!(setting("statseg", "socket-name"), config["vpp"]["statsSocket"].as_str().unwrap());
+    // The NIC DPDK takes is named as the agent looks it up (`[vpp] uplinkName`, default
+    // uplink0); unnamed, VPP calls it after its bus address and the agent never finds it.
+    let uplink_name = config["vpp"].get("uplinkName").and_then(|v| v.as_str()).unwrap_or("uplink0");
+    assert!(sections["dpdk"].iter().any(|l| l == &format!("name {uplink_name}")), "{:?}", sections["dpdk"]);
     for plugin in ["dpdk_plugin.so", "af_xdp_plugin.so", "nat_plugin.so", "vxlan_plugin.so"] {
         assert!(sections["plugins"].iter().any(|l| l == &format!("plugin {plugin} {{ enable }}")), "{plugin} enabled");
     }

@@ -105,6 +105,12 @@ pub enum RegistryError {
          and remove its state ({hint})"
     )]
     Moved { name: String, running: u32, running_cidr: String, stored: u32, hint: &'static str },
+    /// Another host holds a live registration under this node name.
+    #[error(
+        "node name {name} is registered live from {address}, and this node is {ours}: two hosts with one \
+         node name would hand out the same pod addresses"
+    )]
+    NameTaken { name: String, address: std::net::Ipv4Addr, ours: std::net::Ipv4Addr },
     /// Allocation kept losing races (should not happen; bounded to avoid spinning).
     #[error("node {0}: gave up allocating an id after too many concurrent conflicts")]
     Contention(String),
@@ -198,8 +204,41 @@ impl NodeRegistry {
             pod_cidr: alloc.pod_cidr,
             uplink_ip: details.uplink_ip,
         };
+        // A live registration of this name from another underlay address is another host
+        // with the same node name (a cloned machine): both would hand out the same pod
+        // addresses. Refused until that one's lease ends (a node whose address changed
+        // waits one lease TTL).
+        let key = keys::node(name);
+        let existing = self.store.get(&key).await?;
+        let compare = match &existing {
+            Some(kv) => {
+                if let Ok(live) = contiv_cluster_model::decode::<NodeRegistration>(&kv.value)
+                    && let (Some(theirs), Some(ours)) = (live.uplink_ip, node.uplink_ip)
+                    && theirs != ours
+                {
+                    return Err(RegistryError::NameTaken { name: name.to_string(), address: theirs, ours });
+                }
+                Compare::ModRevision(key.clone(), kv.mod_revision)
+            }
+            None => Compare::Absent(key.clone()),
+        };
         let lease = self.store.lease_grant(self.lease_ttl_secs).await?;
-        self.store.put(&keys::node(name), contiv_cluster_model::encode(&node), Some(lease)).await?;
+        let res = self
+            .store
+            .txn(Txn {
+                compares: vec![compare],
+                success: vec![TxnOp::Put {
+                    key: key.clone(),
+                    value: contiv_cluster_model::encode(&node),
+                    lease: Some(lease),
+                }],
+                failure: vec![],
+            })
+            .await?;
+        if !res.succeeded {
+            let _ = self.store.lease_revoke(lease).await;
+            return Err(RegistryError::Contention(name.to_string()));
+        }
         let interval = Duration::from_millis((self.lease_ttl_secs as u64 * 1000 / 3).max(100));
         let keep_alive = contiv_store::spawn_keep_alive(self.store.clone(), lease, interval);
         log::info!("node {name} registered: id {}, pod CIDR {}", node.id, node.pod_cidr);

@@ -258,3 +258,26 @@ async fn a_node_keeps_its_id_across_a_wiped_store_or_is_refused() {
         other => panic!("expected a refusal to move c from id 3 to 2: {other:?}"),
     }
 }
+
+/// Two hosts under one node name (a cloned machine) would hand out the same pod addresses:
+/// while one holds a live registration, the other (another underlay address) is refused;
+/// the same host registering again (an agent restart within the lease) is not.
+#[tokio::test]
+async fn a_second_host_under_a_live_node_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap();
+    let details =
+        |ip: &str| contiv_node_registry::NodeDetails { addresses: addr(ip), uplink_ip: Some(ip.parse().unwrap()) };
+    let first = registry.register("n", details("192.168.0.5")).await.unwrap();
+    match registry.register("n", details("192.168.0.6")).await {
+        Err(RegistryError::NameTaken { address, .. }) => assert_eq!(address.to_string(), "192.168.0.5"),
+        other => panic!("expected the clone to be refused: {:?}", other.map(|r| r.node.clone())),
+    }
+    let again = registry.register("n", details("192.168.0.5")).await.expect("the same host again");
+    assert_eq!(again.node.id, first.node.id);
+    drop(first);
+    again.deregister().await.unwrap();
+    let clone = registry.register("n", details("192.168.0.6")).await.expect("once the name is free");
+    assert_eq!(clone.node.uplink_ip, Some("192.168.0.6".parse().unwrap()));
+}

@@ -48,8 +48,13 @@ pub const REQUIREMENTS: &[Requirement] = &[
     req("bpftool", &["/usr/sbin/bpftool"], "map dumps in tests and the demo"),
     req(
         "iproute2",
-        &["/usr/sbin/ip|/usr/bin/ip|/sbin/ip|/bin/ip", "/usr/sbin/tc|/sbin/tc"],
-        "namespaces, veths, qdiscs",
+        &[
+            "/usr/sbin/ip|/usr/bin/ip|/sbin/ip|/bin/ip",
+            "/usr/sbin/tc|/sbin/tc",
+            "/usr/bin/nstat|/usr/sbin/nstat|/bin/nstat",
+            "/usr/bin/ss|/bin/ss|/usr/sbin/ss",
+        ],
+        "namespaces, veths, qdiscs; nstat and ss report a failed reset-probe run's TCP counters",
     ),
     req(
         "util-linux",

@@ -102,9 +102,9 @@ pub enum RegistryError {
     #[error(
         "node {name} runs with id {running} ({running_cidr}), but the store allocates it id {stored}; \
          its pods' addresses would be routed to no node. Restore the allocation, or drain the node \
-         and remove its state ({hint})"
+         and remove its state (the agent's stateDir)"
     )]
-    Moved { name: String, running: u32, running_cidr: String, stored: u32, hint: &'static str },
+    Moved { name: String, running: u32, running_cidr: String, stored: u32 },
     /// Another host holds a live registration under this node name.
     #[error(
         "node name {name} is registered live from {address}, and this node is {ours}: two hosts with one \
@@ -354,7 +354,6 @@ impl NodeRegistry {
                         running,
                         running_cidr: self.ipam.pod_cidr(running).map(|c| c.to_string()).unwrap_or_default(),
                         stored: alloc.id,
-                        hint: "the agent's stateDir",
                     });
                 }
                 self.confirm_claim(&alloc).await?;
@@ -380,12 +379,10 @@ impl NodeRegistry {
             let claim = NodeIdClaim { name: name.to_string() };
             // The ID's claim may already name this node (its allocation alone was lost): it
             // is written again, compared by its revision.
-            let claim_compare = match taken.contains_key(&id) {
-                true => match self.store.get(&keys::node_id(id)).await? {
-                    Some(kv) => Compare::ModRevision(kv.key, kv.mod_revision),
-                    None => Compare::Absent(keys::node_id(id)),
-                },
-                false => Compare::Absent(keys::node_id(id)),
+            let ours = if taken.contains_key(&id) { self.store.get(&keys::node_id(id)).await? } else { None };
+            let claim_compare = match ours {
+                Some(kv) => Compare::ModRevision(kv.key, kv.mod_revision),
+                None => Compare::Absent(keys::node_id(id)),
             };
             let res = self
                 .store

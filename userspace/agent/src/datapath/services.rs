@@ -524,8 +524,6 @@ fn ct_delete_in(map: &mut Map, keys: &[CtKey]) -> Result<usize> {
     Ok(n)
 }
 
-/// The batched conntrack reads and deletes against the one-at-a-time path, on a real
-/// kernel map (root only).
 /// `BPF_OBJ_GET`: the object pinned at `path` (aya opens a pinned link only as its own
 /// type, which lends no descriptor).
 fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
@@ -581,6 +579,8 @@ fn link_update(link: std::os::fd::BorrowedFd<'_>, prog: std::os::fd::BorrowedFd<
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// The batched conntrack reads and deletes against the one-at-a-time path, on a real
+/// kernel map (root only).
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;

@@ -172,6 +172,11 @@ impl Collector for KsrCollector {
             ("contiv_ksr_watch_errors", "Kubernetes watch errors (retried)", &c.watch_errors),
             ("contiv_ksr_marker_resyncs", "Full resyncs after the marker key went missing", &c.marker_resyncs),
             ("contiv_ksr_converges", "Converges of a kind's key prefix", &c.converges),
+            (
+                "contiv_ksr_departed_nodes_released",
+                "Node IDs and pod CIDRs freed because their node left the cluster",
+                &c.departed_nodes_released,
+            ),
         ] {
             let counter = ConstCounter::new(v.load(Ordering::Relaxed));
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;

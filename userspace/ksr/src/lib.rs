@@ -9,6 +9,9 @@
 //!   marker key disappears (the store lost its data).
 //! - [`leader`]: leader election on a Lease; only the leader reflects ([`run_elected`]).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - Departed nodes: while reflecting, KSR also frees the node ID and pod CIDR of nodes that
+//!   left the cluster (no Kubernetes Node, no live agent, in two sweeps in a row; see
+//!   `contiv_node_registry::departed`), so a cluster whose nodes come and go does not run out.
 
 pub mod http;
 pub mod leader;
@@ -16,6 +19,7 @@ pub mod mirror;
 pub mod reflect;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use contiv_cluster_model::Kind;
@@ -33,17 +37,20 @@ pub struct Reflector {
 }
 
 impl Reflector {
-    /// Starts the six watchers on `client` and the repair loop (marker check and retry of
-    /// failed writes every `repair_interval`).
+    /// Starts the six watchers on `client`, the repair loop (marker check and retry of
+    /// failed writes every `repair_interval`) and the departed-node sweep (every
+    /// [`DEFAULT_DEPARTED_SWEEP`]).
     pub fn start(client: kube::Client, store: Arc<dyn Store>, repair_interval: Duration) -> Self {
-        Self::start_with(client, store, repair_interval, Arc::default())
+        Self::start_with(client, store, repair_interval, Some(DEFAULT_DEPARTED_SWEEP), Arc::default())
     }
 
-    /// [`Reflector::start`], counting into `counters`.
+    /// [`Reflector::start`] with the departed-node sweep every `departed_sweep` (`None`: off),
+    /// counting into `counters`.
     pub fn start_with(
         client: kube::Client,
         store: Arc<dyn Store>,
         repair_interval: Duration,
+        departed_sweep: Option<Duration>,
         counters: Arc<Counters>,
     ) -> Self {
         let mirror = Arc::new(Mirror::with_counters(store, &Kind::ALL, counters));
@@ -57,6 +64,9 @@ impl Reflector {
                 m.repair().await;
             }
         }));
+        if let Some(every) = departed_sweep {
+            tasks.push(tokio::spawn(sweep_departed_nodes(mirror.clone(), every)));
+        }
         Reflector { mirror, tasks }
     }
 }
@@ -79,6 +89,7 @@ pub async fn run_elected(
     client: kube::Client,
     store: Arc<dyn Store>,
     repair_interval: Duration,
+    departed_sweep: Option<Duration>,
     election: ElectionConfig,
     health: Arc<Health>,
     stop: impl std::future::Future<Output = ()>,
@@ -96,7 +107,8 @@ pub async fn run_elected(
             return;
         }
         log::info!("{}: leading; reflecting into the store", elector.config().identity);
-        let reflector = Reflector::start_with(client.clone(), store.clone(), repair_interval, health.counters());
+        let reflector =
+            Reflector::start_with(client.clone(), store.clone(), repair_interval, departed_sweep, health.counters());
         health.set_leader(reflector.mirror.clone());
         let mirror = reflector.mirror.clone();
         let store_deadline = elector.config().store_deadline;
@@ -139,6 +151,32 @@ enum Ended {
     Stopped,
     /// The store refused every operation for the store deadline.
     StoreDown,
+}
+
+/// How often KSR looks for departed nodes by default: a node's ID and pod CIDR are freed
+/// between one and two sweeps after it stopped being a Kubernetes Node with a live agent.
+pub const DEFAULT_DEPARTED_SWEEP: Duration = Duration::from_secs(60);
+
+/// Every `every`, once the Nodes are listed: frees the allocations of nodes that are neither
+/// Kubernetes Nodes nor registered, in this sweep and the one before, unchanged in between.
+async fn sweep_departed_nodes(mirror: Arc<mirror::Mirror>, every: Duration) {
+    let mut departed = contiv_node_registry::DepartedNodes::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Until the Nodes are listed every allocation would look departed.
+        let Some(members) = mirror.names(Kind::Node) else { continue };
+        if !mirror.is_writing() {
+            return;
+        }
+        match departed.sweep(mirror.store().as_ref(), &members).await {
+            Ok(released) => {
+                mirror.counters.departed_nodes_released.fetch_add(released.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => log::warn!("looking for departed nodes: {e}"),
+        }
+    }
 }
 
 /// Resolves once every store operation of `mirror` has failed for `deadline`.

@@ -44,6 +44,10 @@ struct Args {
     /// Seconds between marker checks and repairs of failed writes.
     #[arg(long, env = "CONTIV_KSR_REPAIR_SECONDS", default_value_t = 5)]
     repair_seconds: u64,
+    /// Seconds between sweeps for departed nodes: a node that is no Kubernetes Node and has
+    /// no live agent in two sweeps in a row gives its node ID and pod CIDR back. 0: never.
+    #[arg(long, env = "CONTIV_KSR_DEPARTED_NODE_SWEEP_SECONDS", default_value_t = 60)]
+    departed_node_sweep_seconds: u64,
     /// Take part in leader election on a Lease: only the leader writes the store, so
     /// several replicas are safe.
     #[arg(long, env = "CONTIV_KSR_LEADER_ELECT")]
@@ -142,6 +146,8 @@ async fn run(
     log::info!("store: {}", store.backend());
     let client = kube_client(args.kubeconfig.as_ref()).await?;
     let repair = Duration::from_secs(args.repair_seconds.max(1));
+    let departed =
+        (args.departed_node_sweep_seconds > 0).then(|| Duration::from_secs(args.departed_node_sweep_seconds));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop = async move {
         tokio::select! {
@@ -161,10 +167,10 @@ async fn run(
                 election.name,
                 election.identity
             );
-            contiv_ksr::run_elected(client, store, repair, election, health, stop).await;
+            contiv_ksr::run_elected(client, store, repair, departed, election, health, stop).await;
         }
         None => {
-            let reflector = contiv_ksr::Reflector::start(client, store, repair);
+            let reflector = contiv_ksr::Reflector::start_with(client, store, repair, departed, Default::default());
             let health = contiv_ksr::Health::standalone(reflector.mirror.clone(), store_metrics);
             let addr = contiv_ksr::http::serve_dedicated(args.http, health)
                 .with_context(|| format!("binding {}", args.http))?;

@@ -44,6 +44,8 @@ pub struct Counters {
     pub marker_resyncs: AtomicU64,
     /// Converges of a kind's prefix (after each list and each repair).
     pub converges: AtomicU64,
+    /// Allocations (node ID and pod CIDR) freed because their node left the cluster.
+    pub departed_nodes_released: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -420,6 +422,14 @@ impl Mirror {
     /// [`Mirror::ready_now`], for async callers.
     pub async fn ready(&self) -> bool {
         self.ready_now()
+    }
+
+    /// The names of the objects of a cluster-scoped `kind` the API server has, once the kind
+    /// has been listed (`None` before).
+    pub fn names(&self, kind: Kind) -> Option<std::collections::BTreeSet<String>> {
+        let state = self.state();
+        let ks = state.kinds.get(&kind).filter(|k| k.synced)?;
+        Some(ks.desired.keys().filter_map(|key| keys::ObjectRef::parse(key)).map(|r| r.name).collect())
     }
 
     /// The desired value of a key (what KSR believes the API server has), for tests.

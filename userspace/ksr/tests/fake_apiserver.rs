@@ -395,3 +395,52 @@ async fn fake_apiserver_large_lists_are_paged_and_fully_reflected() {
     // kube's watcher lists 500 at a time: three pages for 1200 pods.
     assert!(env.api.list_count("Pod") >= 3, "lists served: {}", env.api.list_count("Pod"));
 }
+
+#[tokio::test]
+async fn fake_apiserver_departed_nodes_give_their_ids_back() {
+    use contiv_node_registry::{IpamConfig, NodeRegistry};
+    let _ = env_logger::builder().is_test(true).try_init();
+    let api = FakeApiServer::start().await.expect("fake apiserver");
+    for o in fixtures() {
+        api.apply(o);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = contiv_store::open(&contiv_store::StoreConfig::embedded(dir.path())).await.expect("embedded store");
+    // node-a is a Kubernetes Node whose agent is down; node-b has a live agent and no Node
+    // object; node-gone is neither.
+    let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).expect("registry");
+    for name in ["node-a", "node-gone", "node-b"] {
+        registry.allocate(name).await.expect("allocate");
+    }
+    let _b = registry.register("node-b", vec![]).await.expect("register");
+    let allocated = |store: Arc<dyn Store>| async move {
+        store.list(keys::IPAM_NODES_PREFIX).await.expect("list").kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>()
+    };
+    let ksr = Reflector::start_with(
+        api.client(),
+        store.clone(),
+        Duration::from_millis(200),
+        Some(Duration::from_millis(200)),
+        Default::default(),
+    );
+    wait_for("node-gone released", || {
+        let store = store.clone();
+        async move { !allocated(store).await.contains(&keys::ipam_node("node-gone")) }
+    })
+    .await;
+    let ids = store.list(keys::NODE_IDS_PREFIX).await.expect("ids").kvs;
+    assert_eq!(ids.len(), 2, "node-gone's id claim went with it");
+    // A few more sweeps: the member and the live node keep theirs.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(allocated(store.clone()).await, [keys::ipam_node("node-a"), keys::ipam_node("node-b")]);
+    assert_eq!(ksr.mirror.counters.departed_nodes_released.load(Ordering::Relaxed), 1);
+
+    // The Node object is deleted (the machine was removed): its allocation goes too.
+    assert!(api.delete("Node", "", "node-a"));
+    wait_for("node-a released", || {
+        let store = store.clone();
+        async move { allocated(store).await == [keys::ipam_node("node-b")] }
+    })
+    .await;
+    assert_eq!(registry.allocate("node-c").await.expect("allocate").id, 1, "node-a's id is reused");
+}

@@ -77,6 +77,7 @@ impl Replica {
             api.client(),
             store.clone(),
             Duration::from_millis(200),
+            None,
             election,
             health.clone(),
             async move {

@@ -12,6 +12,7 @@
 //! Values are versioned JSON (`contiv_cluster_model::encode`), keys come from
 //! `contiv_cluster_model::keys`.
 
+pub mod departed;
 pub mod ipam;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+pub use departed::DepartedNodes;
 pub use ipam::{IpamConfig, IpamError};
 
 /// Default TTL of a node registration's lease.

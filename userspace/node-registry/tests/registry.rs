@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use contiv_cluster_model::NodeAddress;
-use contiv_node_registry::{IpamConfig, NodeRegistry, RegistryError};
+use contiv_node_registry::{DepartedNodes, IpamConfig, NodeRegistry, RegistryError};
 use contiv_store::testing::EtcdServer;
 use contiv_store::{Store, StoreConfig};
 
@@ -280,4 +280,52 @@ async fn a_second_host_under_a_live_node_name_is_refused() {
     again.deregister().await.unwrap();
     let clone = registry.register("n", details("192.168.0.6")).await.expect("once the name is free");
     assert_eq!(clone.node.uplink_ip, Some("192.168.0.6".parse().unwrap()));
+}
+
+#[tokio::test]
+async fn departed_nodes_give_their_ids_back_after_two_sweeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    let plan = IpamConfig { pod_subnet_cidr: "10.9.0.0/22".parse().unwrap(), pod_prefix_len: 24 };
+    let registry = NodeRegistry::new(store.clone(), plan).unwrap();
+    // "member" is a Kubernetes Node whose agent is down; "live" has a running agent but no
+    // Node object (yet); "gone" is neither. They take the plan's three IDs.
+    for name in ["member", "live", "gone"] {
+        registry.allocate(name).await.unwrap();
+    }
+    assert!(matches!(registry.allocate("next").await, Err(RegistryError::Exhausted { .. })));
+    let _live = registry.register("live", addr("10.0.0.2")).await.unwrap();
+    let members: BTreeSet<String> = ["member".to_string()].into();
+    let mut sweeper = DepartedNodes::new();
+
+    assert!(sweeper.sweep(store.as_ref(), &members).await.unwrap().is_empty(), "the first sweep only notes");
+    assert_eq!(sweeper.candidates().collect::<Vec<_>>(), ["gone"]);
+    let released = sweeper.sweep(store.as_ref(), &members).await.unwrap();
+    assert_eq!(released.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["gone"]);
+    let claims = registry.allocations_by_id().await.unwrap();
+    assert!(!claims.values().any(|n| n == "gone"), "the id claim goes with the allocation: {claims:?}");
+    assert_eq!(registry.allocate("next").await.unwrap().id, released[0].id, "the id is free again");
+    assert!(sweeper.sweep(store.as_ref(), &members).await.unwrap().is_empty());
+    let names: Vec<String> = registry.allocations().await.unwrap().into_iter().map(|a| a.name).collect();
+    assert_eq!(names, ["live", "member", "next"]);
+}
+
+#[tokio::test]
+async fn a_departed_node_changed_between_sweeps_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = contiv_store::open(&StoreConfig::embedded(dir.path())).await.unwrap();
+    let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap();
+    registry.allocate("a").await.unwrap();
+    registry.allocate("b").await.unwrap();
+    let none = BTreeSet::new();
+    let mut sweeper = DepartedNodes::new();
+    assert!(sweeper.sweep(store.as_ref(), &none).await.unwrap().is_empty());
+    // Between the sweeps, "a" comes back (registers) and "b" is re-allocated (released by
+    // hand and allocated again: a new revision).
+    let _a = registry.register("a", addr("10.0.0.1")).await.unwrap();
+    assert!(registry.release("b").await.unwrap());
+    registry.allocate("b").await.unwrap();
+    assert!(sweeper.sweep(store.as_ref(), &none).await.unwrap().is_empty(), "neither is released");
+    assert_eq!(sweeper.candidates().collect::<Vec<_>>(), ["b"]);
+    assert_eq!(registry.allocations().await.unwrap().len(), 2);
 }

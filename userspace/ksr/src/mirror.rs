@@ -63,6 +63,9 @@ struct State {
     kinds: BTreeMap<Kind, KindState>,
     /// The marker was written after every kind synced.
     marker_written: bool,
+    /// The store revision of KSR's last write of the marker (every write rewrites it once it
+    /// exists): a marker older than that comes from a backup the store was restored from.
+    marker_revision: Option<contiv_store::Revision>,
     /// The last store operation failed.
     store_down: bool,
     /// Since when every store operation failed (the first failure after a success).
@@ -215,10 +218,7 @@ impl Mirror {
             }
             ks.desired.insert(key.clone(), value.clone());
         }
-        let r = match self.fence() {
-            Ok(()) => self.store.put(&key, value, None).await,
-            Err(e) => Err(e),
-        };
+        let r = self.write(vec![TxnOp::Put { key: key.clone(), value, lease: None }]).await;
         if self.note(r).is_ok() {
             self.counters.puts.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -238,10 +238,10 @@ impl Mirror {
                 return;
             }
         }
-        let r = match self.fence() {
-            Ok(()) => self.store.delete(key).await,
-            Err(e) => Err(e),
-        };
+        let r = self
+            .write(vec![TxnOp::Get { key: key.to_string() }, TxnOp::Delete { key: key.to_string() }])
+            .await
+            .map(|res| res.gets.first().is_some_and(Option::is_some));
         match self.note(r) {
             Ok(existed) => {
                 if existed {
@@ -315,10 +315,7 @@ impl Mirror {
         let batches = batches(ops);
         let results: Vec<bool> = futures::stream::iter(batches)
             .map(|success| async move {
-                let r = match self.fence() {
-                    Ok(()) => self.store.txn(Txn { compares: vec![], success, failure: vec![] }).await,
-                    Err(e) => Err(e),
-                };
+                let r = self.write(success).await;
                 match self.note(r) {
                     Ok(_) => true,
                     Err(e) => {
@@ -333,6 +330,25 @@ impl Mirror {
         results.into_iter().all(|ok| ok)
     }
 
+    /// Runs `ops` as one unconditional transaction (fenced). Once the marker has been written,
+    /// every write rewrites it too, so the marker's revision is that of KSR's last write: a
+    /// store restored from a backup taken before it holds an older marker ([`Mirror::repair`]).
+    async fn write(&self, mut ops: Vec<TxnOp>) -> Result<contiv_store::TxnResult, StoreError> {
+        self.fence()?;
+        let with_marker = self.state().marker_written;
+        if with_marker {
+            ops.push(TxnOp::Put { key: keys::KSR_MARKER.into(), value: marker_value(), lease: None });
+        }
+        let res = self.store.txn(Txn { compares: vec![], success: ops, failure: vec![] }).await?;
+        if with_marker {
+            let mut state = self.state();
+            if state.marker_written {
+                state.marker_revision = state.marker_revision.max(Some(res.revision));
+            }
+        }
+        Ok(res)
+    }
+
     async fn write_marker_if_ready(&self) {
         {
             let state = self.state();
@@ -345,37 +361,56 @@ impl Mirror {
             Err(e) => Err(e),
         };
         match self.note(r) {
-            Ok(_) => {
+            Ok(revision) => {
                 log::info!("all kinds synced; wrote {}", keys::KSR_MARKER);
-                self.state().marker_written = true;
+                let mut state = self.state();
+                state.marker_written = true;
+                state.marker_revision = Some(revision);
             }
             Err(e) => log::warn!("writing {} failed: {e}", keys::KSR_MARKER),
         }
     }
 
     /// Repairs after failures and data loss: if the marker was written once and is now gone,
-    /// every synced kind is converged (a full resync); otherwise dirty kinds are. Writes the
-    /// marker once everything is in sync. Returns whether a full resync ran.
+    /// or is older than this KSR's last write (the store was restored from a backup: its keys
+    /// are as old as the backup), every synced kind is converged (a full resync); otherwise dirty
+    /// kinds are. Writes the marker once everything is in sync. Returns whether a full resync
+    /// ran.
     pub async fn repair(&self) -> bool {
         let mut full = false;
-        if self.state().marker_written {
+        let written = {
+            let state = self.state();
+            state.marker_written.then_some(state.marker_revision)
+        };
+        if let Some(revision) = written {
             let r = self.store.get(keys::KSR_MARKER).await;
-            match self.note(r) {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    log::warn!("{} is missing: the store lost its data; resyncing", keys::KSR_MARKER);
-                    self.counters.marker_resyncs.fetch_add(1, Ordering::Relaxed);
-                    let mut state = self.state();
-                    state.marker_written = false;
-                    for ks in state.kinds.values_mut() {
-                        ks.dirty |= ks.synced;
-                    }
-                    full = true;
-                }
+            let lost = match self.note(r) {
+                // Newer than recorded: a write of ours still in flight.
+                Ok(Some(kv)) if revision.is_none_or(|r| kv.mod_revision >= r) => None,
+                Ok(Some(kv)) => Some(format!(
+                    "{} is older than this KSR's last write (revision {}, not {}): the store was restored \
+                     from a backup",
+                    keys::KSR_MARKER,
+                    kv.mod_revision,
+                    revision.unwrap_or_default()
+                )),
+                Ok(None) => Some(format!("{} is missing: the store lost its data", keys::KSR_MARKER)),
                 Err(e) => {
                     log::warn!("reading {} failed: {e}", keys::KSR_MARKER);
                     return false;
                 }
+            };
+            if let Some(why) = lost {
+                log::warn!("{why}; resyncing");
+                self.counters.marker_resyncs.fetch_add(1, Ordering::Relaxed);
+                let mut state = self.state();
+                state.marker_written = false;
+                // A store restored without bumping its revision counts from the backup's.
+                state.marker_revision = None;
+                for ks in state.kinds.values_mut() {
+                    ks.dirty |= ks.synced;
+                }
+                full = true;
             }
         }
         let dirty: Vec<Kind> =

@@ -137,6 +137,50 @@ async fn fake_apiserver_etcd_killed_and_restarted_catches_up() {
     assert!(has_key(&s, keys::KSR_MARKER).await);
 }
 
+/// etcd restored from a backup of its data directory (taken while it was stopped): every
+/// key, the KSR marker included, is as old as the backup, with its old revisions. KSR must
+/// notice and write what changed since, although the marker is there.
+#[tokio::test]
+async fn fake_apiserver_etcd_restored_from_a_backup_is_resynced() {
+    let mut etcd = contiv_store::testing::EtcdServer::start().expect("etcd (apt-get install etcd-server)");
+    let api = FakeApiServer::start().await.unwrap();
+    for o in base() {
+        api.apply(o);
+    }
+    let store = contiv_store::open(&contiv_store::StoreConfig::etcd([etcd.endpoint()])).await.unwrap();
+    let ksr = Reflector::start(api.client(), store.clone(), Duration::from_millis(200));
+    let m = ksr.mirror.clone();
+    wait_for("ready", 20, || {
+        let m = m.clone();
+        async move { m.ready().await }
+    })
+    .await;
+    let data = etcd.data_dir().join("data");
+    let backup = tempfile::tempdir().unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+        assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+    };
+    etcd.kill();
+    copy(&data, backup.path());
+    etcd.restart().expect("etcd restarts on its data dir");
+
+    // The cluster moves on after the backup.
+    api.apply(pod("after-backup", "10.1.1.9"));
+    assert!(api.delete("Pod", "default", "a"));
+    let changed = |s: Arc<dyn Store>| async move {
+        has_key(&s, "/contiv/k8s/pod/default/after-backup").await && !has_key(&s, "/contiv/k8s/pod/default/a").await
+    };
+    wait_for("the change reaches etcd", 30, || changed(store.clone())).await;
+
+    etcd.kill();
+    std::fs::remove_dir_all(&data).unwrap();
+    copy(&backup.path().join("data"), etcd.data_dir());
+    etcd.restart().expect("etcd restarts on the restored data dir");
+    wait_for("the restored store resynced", 60, || changed(store.clone())).await;
+    assert_eq!(m.counters.marker_resyncs.load(Ordering::Relaxed), 1);
+}
+
 /// Kills (by its own handle) and reaps the child this test started.
 struct Kill(std::process::Child);
 

@@ -1277,9 +1277,13 @@ spec:
 
     // Conntrack: a UDP flow's entries expire once idle past the configured timeout (3 s
     // here); the live TCP flow from outside (packet path) keeps its entries.
+    // The table as it is now (`/conntrack`; `/services` reports the fill of the last sweep):
+    // UDP entries (two a flow), all entries, what the last sweep removed.
     let conntrack = |b: &ClusterBox| {
-        let r = b.status_json("node-1", "/services").unwrap();
-        (r["conntrackUdp"].as_u64().unwrap(), r["conntrackEntries"].as_u64().unwrap(), r["lastGc"]["expired"].as_u64())
+        let r = b.status_json("node-1", "/conntrack").unwrap();
+        let udp = r["flows"].as_array().unwrap().iter().filter(|f| f["protocol"] == "UDP").count() as u64 * 2;
+        let s = b.status_json("node-1", "/services").unwrap();
+        (udp, r["entries"].as_u64().unwrap(), s["lastGc"]["expired"].as_u64())
     };
     let (_, tcp_only, _) = conntrack(&b);
     assert!(udp_ask(&c1.netns, sa("10.96.0.10", 53)).is_ok());

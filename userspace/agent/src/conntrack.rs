@@ -31,6 +31,21 @@ use crate::{
 /// Flows shown when the request names no limit.
 pub const DEFAULT_LIMIT: usize = 200;
 
+/// The most flows one request is shown (`?limit=0`, "all", and larger limits get this
+/// many): a full table is millions of flows, whose JSON would be gigabytes.
+pub const MAX_LIMIT: usize = 100_000;
+
+/// The table's fill as the agent's last sweep left it, and what the sweeps removed: what
+/// `/services` and `/metrics` report without reading the table themselves (a full one is
+/// 16 Mi entries, ~800 MB read). The sweep runs every 10 s, with services on or off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConntrackFill {
+    /// The last sweep (its `remaining`, `remaining_udp`); none before the first.
+    pub last_gc: Option<crate::proxy::GcStats>,
+    /// Entries the sweeps removed since the agent started.
+    pub expired_total: u64,
+}
+
 /// Which flows to show. Every condition given must hold.
 #[derive(Debug, Clone, Default)]
 pub struct CtFilter {
@@ -42,7 +57,8 @@ pub struct CtFilter {
     /// Either one of these addresses is in it or a service of these ids translated it: a
     /// namespace's pods and services.
     pub addresses_or_svc_ids: Option<(BTreeSet<Ipv4Addr>, BTreeSet<u32>)>,
-    /// At most this many flows, the most recently seen (0: all).
+    /// At most this many flows, the most recently seen (0: all; a query never asks for
+    /// more than [`MAX_LIMIT`]).
     pub limit: usize,
 }
 
@@ -93,6 +109,9 @@ pub struct ConntrackReport {
     pub matched: usize,
     /// The filter as asked (`pod=x/a`, ...), empty for none.
     pub filter: String,
+    /// The most flows shown: the limit asked, 0 ("all") and anything larger being
+    /// [`MAX_LIMIT`].
+    pub limit: usize,
     /// The matching flows, most recently seen first, at most the limit asked.
     pub flows: Vec<FlowReport>,
 }
@@ -117,7 +136,8 @@ pub struct ConntrackQuery {
     pub service: Option<String>,
     /// Flows of that namespace's pods or services.
     pub namespace: Option<String>,
-    /// At most this many flows, the most recently seen ([`DEFAULT_LIMIT`]; 0: all).
+    /// At most this many flows, the most recently seen ([`DEFAULT_LIMIT`]; 0: all, up to
+    /// [`MAX_LIMIT`], as is any larger limit).
     pub limit: Option<usize>,
 }
 
@@ -133,7 +153,7 @@ impl ConntrackQuery {
                 .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
                 .ok_or_else(|| format!("{what} {v:?}: expected NAMESPACE/NAME"))
         };
-        let mut f = CtFilter { limit: self.limit.unwrap_or(DEFAULT_LIMIT), ..Default::default() };
+        let mut f = CtFilter { limit: self.limit(), ..Default::default() };
         if let Some(pod) = given(&self.pod) {
             split("pod", &pod)?;
             let ips: BTreeSet<Ipv4Addr> = pods.iter().filter(|(_, p)| p.id == pod).map(|(ip, _)| *ip).collect();
@@ -158,6 +178,15 @@ impl ConntrackQuery {
             f.addresses_or_svc_ids = Some((ips, ids));
         }
         Ok(f)
+    }
+
+    /// The most flows to show: the limit asked ([`DEFAULT_LIMIT`] if none), "all" (0) and
+    /// anything larger capped at [`MAX_LIMIT`].
+    pub fn limit(&self) -> usize {
+        match self.limit.unwrap_or(DEFAULT_LIMIT) {
+            0 => MAX_LIMIT,
+            n => n.min(MAX_LIMIT),
+        }
     }
 
     /// The filter as asked, for the report's heading (`pod=x/a,limit=200`).
@@ -506,5 +535,17 @@ mod tests {
         assert_eq!(flows[0].client, "203.0.113.9:5555");
         let (flows, _, matched) = report(&CtFilter { limit: 2, ..Default::default() });
         assert_eq!((matched, flows.len(), flows[0].client.as_str()), (4, 2, "10.1.1.2:40000"));
+    }
+
+    #[test]
+    fn all_flows_and_any_larger_limit_are_capped() {
+        let (_, pods) = names();
+        let limit = |limit| ConntrackQuery { limit, ..Default::default() }.filter(&pods, &[]).unwrap().limit;
+        // netctl sends no limit by default, `--limit 0` for all.
+        assert_eq!(limit(None), DEFAULT_LIMIT);
+        assert_eq!(limit(Some(0)), MAX_LIMIT, "0 (all) is not unbounded");
+        assert_eq!(limit(Some(MAX_LIMIT + 1)), MAX_LIMIT);
+        assert_eq!(limit(Some(usize::MAX)), MAX_LIMIT);
+        assert_eq!(limit(Some(5)), 5);
     }
 }

@@ -6,14 +6,16 @@
 //! - per service port (`namespace`, `service`, `port`, `protocol`):
 //!   `contiv_service_connections_total` (connections and flows given a backend),
 //!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`,
-//!   `contiv_service_backends` (gauge, the Cluster set); `contiv_conntrack_entries`; `contiv_conntrack_expired_total`;
-//!   `contiv_service_udp_sockets_aborted_total` (the node's connected UDP sockets aborted
+//!   `contiv_service_backends` (gauge, the Cluster set); `contiv_service_udp_sockets_aborted_total` (the node's connected UDP sockets aborted
 //!   because their backend left the service), `contiv_service_udp_sockets_untracked_total`
 //!   (those balanced while the table of them was full, which cannot be);
 //!   the proxy health server's answers, `contiv_proxy_healthz_total{code}` and `contiv_proxy_livez_total{code}`;
 //!   network programming latency, `contiv_network_programming_duration_seconds` (histogram),
 //!   `contiv_service_sync_duration_seconds` and `contiv_service_sync_failures_total`
 //!   (crate::programming);
+//! - the conntrack table (NetworkPolicy's too: with services on or off):
+//!   `contiv_conntrack_entries` (as the last sweep left it, every 10 s) and
+//!   `contiv_conntrack_expired_total`;
 //! - slow-path verdicts by reason: `contiv_slowpath_verdicts_total{verdict, reason}`
 //!   (`reply`: arp, icmp_echo; `drop`: every `DropReason`), the AF_XDP port's counters and
 //!   the slow-path port programs' counters;
@@ -26,8 +28,14 @@
 //!
 //! Counters that live in the datapath are read at scrape time (a collector over a snapshot
 //! of the agent's reports), never copied into a second set of counters.
+//!
+//! Every series has a label set of its own (OpenMetrics): rows that share one are summed.
+//! A pod can have two attachments for a moment (a StatefulSet pod recreated before its old
+//! sandbox's DEL): its series are their sum. Service ports the plan does not name (the maps
+//! read before the cluster model is listed, after a restart) are left out until it does,
+//! rather than reported under empty names or a port id that will not be seen again.
 
-use std::time::Duration;
+use std::{collections::HashMap, hash::Hash, time::Duration};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -38,7 +46,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::agent::{CountersReport, MonitorTotals, PodReport, ServicesReport, SlowPathReport};
+use crate::{
+    agent::{CountersReport, MonitorTotals, PodReport, ServicesReport, SlowPathReport},
+    conntrack::ConntrackFill,
+};
 
 /// Labels of one CNI request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -89,7 +100,8 @@ impl AgentMetrics {
     }
 
     /// The OpenMetrics text for this scrape: the histograms, and the datapath and slow-path
-    /// counters from `pods` and `slowpath` (read just now from the maps and the vswitch).
+    /// counters from `pods` and `slowpath` (read just now from the maps and the vswitch);
+    /// `services` when services are on; `conntrack` either way.
     pub fn render(
         &self,
         pods: Vec<PodReport>,
@@ -97,6 +109,7 @@ impl AgentMetrics {
         services: Option<ServicesReport>,
         programming: Option<&crate::programming::ProgrammingMetrics>,
         monitor: Option<MonitorTotals>,
+        conntrack: ConntrackFill,
     ) -> String {
         let mut registry = Registry::default();
         registry.register_with_unit(
@@ -109,7 +122,7 @@ impl AgentMetrics {
         if let Some(p) = programming {
             p.register(&mut registry);
         }
-        registry.register_collector(Box::new(Snapshot { pods, slowpath, services, monitor }));
+        registry.register_collector(Box::new(Snapshot { pods, slowpath, services, monitor, conntrack }));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
             log::error!("encoding metrics: {e}");
@@ -125,6 +138,7 @@ struct Snapshot {
     slowpath: SlowPathReport,
     services: Option<ServicesReport>,
     monitor: Option<MonitorTotals>,
+    conntrack: ConntrackFill,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -194,15 +208,45 @@ fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) 
     ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
 }
 
-fn counter_family<S: EncodeLabelSet>(
+/// Rows that share a label set summed into one, in the order the label sets first appear:
+/// a series must not repeat (see the module docs).
+fn merged<S: Eq + Hash + Clone>(rows: impl IntoIterator<Item = (S, u64)>) -> Vec<(S, u64)> {
+    let mut at: HashMap<S, usize> = HashMap::new();
+    let mut out: Vec<(S, u64)> = vec![];
+    for (labels, v) in rows {
+        match at.get(&labels) {
+            Some(&i) => out[i].1 = out[i].1.saturating_add(v),
+            None => {
+                at.insert(labels.clone(), out.len());
+                out.push((labels, v));
+            }
+        }
+    }
+    out
+}
+
+fn counter_family<S: EncodeLabelSet + Eq + Hash + Clone>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     rows: impl IntoIterator<Item = (S, u64)>,
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, v) in rows {
+    for (labels, v) in merged(rows) {
         ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge_family<S: EncodeLabelSet + Eq + Hash + Clone>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (S, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in merged(rows) {
+        ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -278,9 +322,13 @@ impl Collector for Snapshot {
             )?;
         }
         if let Some(svc) = &self.services {
-            // Counters are per service port: one row per port, whatever its frontends.
+            // Counters are per service port: one row per port, whatever its frontends. A port
+            // the plan does not name yet (an agent restarted before the model is listed) is
+            // left out: under empty names every such port would be one series, and its id
+            // would name a series that goes when the plan comes.
             let mut seen = std::collections::BTreeSet::new();
-            let ports: Vec<_> = svc.frontends.iter().filter(|f| seen.insert(f.service_id)).collect();
+            let ports: Vec<_> =
+                svc.frontends.iter().filter(|f| !f.service.is_empty() && seen.insert(f.service_id)).collect();
             let labels = |f: &crate::agent::FrontendReport| ServiceLabels {
                 namespace: f.namespace.clone(),
                 service: f.service.clone(),
@@ -305,22 +353,12 @@ impl Collector for Snapshot {
                 "Packets dropped by loadBalancerSourceRanges, per service port",
                 ports.iter().map(|f| (labels(f), f.source_denied)),
             )?;
-            let mut family = encoder.encode_descriptor(
+            gauge_family(
+                &mut encoder,
                 "contiv_service_backends",
                 "Backends programmed (Cluster set)",
-                None,
-                MetricType::Gauge,
+                ports.iter().map(|f| (labels(f), f.backends.len() as u64)),
             )?;
-            for f in &ports {
-                ConstGauge::new(f.backends.len() as i64).encode(family.encode_family(&labels(f))?)?;
-            }
-            let ct = ConstGauge::new(svc.conntrack_entries as i64);
-            ct.encode(encoder.encode_descriptor(
-                "contiv_conntrack_entries",
-                "Entries in the conntrack map (one per direction of a flow)",
-                None,
-                ct.metric_type(),
-            )?)?;
             let h = &svc.proxy_health;
             counter_family(
                 &mut encoder,
@@ -336,12 +374,6 @@ impl Collector for Snapshot {
             )?;
             counter(
                 &mut encoder,
-                "contiv_conntrack_expired",
-                "Conntrack entries removed by the agent's sweeps, idle past their timeout",
-                svc.conntrack_expired_total,
-            )?;
-            counter(
-                &mut encoder,
                 "contiv_service_udp_sockets_aborted",
                 "The node's connected UDP sockets aborted because the backend they were balanced to left the service",
                 svc.udp_sockets_aborted_total,
@@ -354,6 +386,23 @@ impl Collector for Snapshot {
                 svc.udp_sockets_untracked_total,
             )?;
         }
+        // The conntrack table serves NetworkPolicy as well as services, and is swept either way.
+        if let Some(gc) = &self.conntrack.last_gc {
+            let ct = ConstGauge::new(i64::try_from(gc.remaining).unwrap_or(i64::MAX));
+            ct.encode(encoder.encode_descriptor(
+                "contiv_conntrack_entries",
+                "Entries in the conntrack map (one per direction of a flow), as the agent's last sweep (every 10 s) \
+                 left it",
+                None,
+                ct.metric_type(),
+            )?)?;
+        }
+        counter(
+            &mut encoder,
+            "contiv_conntrack_expired",
+            "Conntrack entries removed by the agent's sweeps, idle past their timeout",
+            self.conntrack.expired_total,
+        )?;
         if let Some(p) = &self.slowpath.programs {
             counter_family(
                 &mut encoder,
@@ -398,7 +447,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::agent::SlowPortReport;
+    use crate::agent::{BackendReport, FrontendReport, SlowPortReport};
 
     fn pod(ns: &str, name: &str, fwd: u64) -> PodReport {
         PodReport {
@@ -417,6 +466,95 @@ mod tests {
 
     fn lines(text: &str) -> Vec<&str> {
         text.lines().collect()
+    }
+
+    fn no_slowpath() -> SlowPathReport {
+        SlowPathReport { backend: "builtin", vpp: None, vswitch: None, port: None, programs: None }
+    }
+
+    fn frontend(id: u32, ns: &str, svc: &str, frontend: &str, connections: u64) -> FrontendReport {
+        FrontendReport {
+            namespace: ns.into(),
+            service: svc.into(),
+            port_name: String::new(),
+            protocol: "TCP",
+            frontend: frontend.into(),
+            kind: "ClusterIP",
+            flags: vec![],
+            service_id: id,
+            backends: vec![BackendReport { address: "10.1.2.3:8080".into(), local: false }],
+            local_backends: vec![],
+            connections,
+            no_endpoint_rejects: 0,
+            source_denied: 0,
+        }
+    }
+
+    /// The series of a scrape (name and labels of each sample), checked to be unique.
+    fn unique_series(text: &str) -> Vec<&str> {
+        let series: Vec<&str> =
+            text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.rsplit_once(' ').map(|(s, _)| s)).collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &series {
+            assert!(seen.insert(*s), "series {s} repeated in\n{text}");
+        }
+        series
+    }
+
+    #[test]
+    fn a_pod_with_two_attachments_and_unplanned_service_ports_repeat_no_series() {
+        // A StatefulSet pod recreated before its old sandbox's DEL: two attachments, one
+        // name. And two service ports the plan does not name yet (after a restart), beside
+        // one it does, with two frontends (ClusterIP and NodePort).
+        let mut old = pod("shop", "web-0", 42);
+        old.container_id = "old".into();
+        let services = ServicesReport {
+            enabled: true,
+            frontends: vec![
+                frontend(1, "shop", "web", "10.96.0.1:80", 5),
+                frontend(1, "shop", "web", "*:30080", 5),
+                frontend(7, "", "", "10.96.0.7:80", 2),
+                frontend(8, "", "", "10.96.0.8:80", 3),
+            ],
+            ..Default::default()
+        };
+        let text = AgentMetrics::new().render(
+            vec![old, pod("shop", "web-0", 8)],
+            no_slowpath(),
+            Some(services),
+            None,
+            None,
+            ConntrackFill::default(),
+        );
+        let series = unique_series(&text);
+        let l = lines(&text);
+        for want in [
+            "contiv_pod_forwarded_packets_total{namespace=\"shop\",pod=\"web-0\",interface=\"eth0\"} 50",
+            "contiv_pod_dropped_packets_total{namespace=\"shop\",pod=\"web-0\",interface=\"eth0\",reason=\"spoofed_ip\"} 6",
+            "contiv_pods 2",
+            "contiv_service_connections_total{namespace=\"shop\",service=\"web\",port=\"\",protocol=\"TCP\"} 5",
+            "contiv_service_backends{namespace=\"shop\",service=\"web\",port=\"\",protocol=\"TCP\"} 1",
+        ] {
+            assert!(l.contains(&want), "missing {want:?} in\n{text}");
+        }
+        assert!(!series.iter().any(|s| s.contains("service=\"\"")), "unnamed service ports left out:\n{text}");
+    }
+
+    #[test]
+    fn conntrack_is_reported_with_services_off_as_the_last_sweep_left_it() {
+        let sweep = crate::proxy::GcStats { scanned: 12, expired: 2, took_us: 5, remaining: 10, remaining_udp: 4 };
+        let fill = ConntrackFill { last_gc: Some(sweep), expired_total: 17 };
+        let text = AgentMetrics::new().render(vec![], no_slowpath(), None, None, None, fill);
+        let l = lines(&text);
+        for want in ["contiv_conntrack_entries 10", "contiv_conntrack_expired_total 17"] {
+            assert!(l.contains(&want), "missing {want:?} in\n{text}");
+        }
+        assert!(text.contains("as the agent's last sweep"), "{text}");
+        assert!(!text.contains("contiv_service_"), "services off: no service series\n{text}");
+        // Before the first sweep the fill is unknown: not reported as 0.
+        let text = AgentMetrics::new().render(vec![], no_slowpath(), None, None, None, ConntrackFill::default());
+        assert!(!text.contains("contiv_conntrack_entries"), "{text}");
+        assert!(lines(&text).contains(&"contiv_conntrack_expired_total 0"), "{text}");
     }
 
     #[test]
@@ -444,8 +582,14 @@ mod tests {
         programming.programmed(&[start + Duration::from_secs(1)], start + Duration::from_secs(3));
         let monitor =
             MonitorTotals::from([("drop", crate::datapath::MonitorCounters { emitted: 5, suppressed: 7, lost: 0 })]);
-        let text =
-            m.render(vec![pod("shop", "web-0", 42), pod("", "", 1)], slow, None, Some(&programming), Some(monitor));
+        let text = m.render(
+            vec![pod("shop", "web-0", 42), pod("", "", 1)],
+            slow,
+            None,
+            Some(&programming),
+            Some(monitor),
+            ConntrackFill::default(),
+        );
         assert!(text.contains("contiv_monitor_events_suppressed_total{kind=\"drop\"} 7"), "{text}");
         let l = lines(&text);
         for want in [

@@ -324,6 +324,10 @@ pub struct GcStats {
     pub expired: usize,
     /// How long the sweep took (read, decide, delete), in microseconds.
     pub took_us: u64,
+    /// The table's fill as the sweep left it (entries read less those it removed), and of
+    /// them UDP: what `/services` and `/metrics` report, without reading the table again.
+    pub remaining: usize,
+    pub remaining_udp: usize,
 }
 
 impl Proxy {
@@ -747,20 +751,27 @@ pub fn gc_conntrack(table: &mut CtTable, timeouts: &CtTimeouts, now_ns: u64) -> 
     let started = Instant::now();
     let entries = table.entries()?;
     let scanned = entries.len();
-    let expired = sweep(table, entries, timeouts, now_ns)?;
-    Ok(GcStats { scanned, expired, took_us: started.elapsed().as_micros() as u64 })
+    let udp = entries.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).count();
+    let (expired, expired_udp) = sweep(table, entries, timeouts, now_ns)?;
+    Ok(GcStats {
+        scanned,
+        expired,
+        took_us: started.elapsed().as_micros() as u64,
+        remaining: scanned.saturating_sub(expired),
+        remaining_udp: udp.saturating_sub(expired_udp),
+    })
 }
 
 /// Deletes the flows of `snapshot` (the table as read) idle past their timeout; how many
-/// entries went. A packet may have refreshed a flow since the table was read (a flow idle
-/// past its timeout, resuming): a doomed flow's entries are read again, and the flow is
-/// kept if either changed.
+/// entries went, and how many of those it meant to delete were UDP. A packet may have
+/// refreshed a flow since the table was read (a flow idle past its timeout, resuming): a
+/// doomed flow's entries are read again, and the flow is kept if either changed.
 fn sweep(
     table: &mut CtTable,
     snapshot: Vec<(CtKey, CtEntry)>,
     timeouts: &CtTimeouts,
     now_ns: u64,
-) -> Result<usize, DatapathError> {
+) -> Result<(usize, usize), DatapathError> {
     let mut doomed = vec![];
     for flow in expired_flows(snapshot, timeouts, now_ns) {
         let mut unchanged = true;
@@ -771,7 +782,9 @@ fn sweep(
             doomed.extend(flow.entries().map(|(k, _)| k));
         }
     }
-    table.delete_all(&doomed)
+    let went = table.delete_all(&doomed)?;
+    let udp = doomed.iter().filter(|k| k.proto == IPPROTO_UDP).count();
+    Ok((went, udp.min(went)))
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (bpf_ktime_get_ns's clock).
@@ -1075,7 +1088,7 @@ mod tests {
         rig.flow(IPPROTO_UDP, 40000, (B_IP, 53), 0);
         let hour_later = monotonic_ns() + 3_600_000_000_000;
         let went = sweep(&mut table, snapshot, &CtTimeouts::default(), hour_later).unwrap();
-        assert_eq!(went, 2, "the other flow's two entries went, and were counted");
+        assert_eq!(went, (2, 2), "the other flow's two (UDP) entries went, and were counted");
         let client_port = |k: &CtKey| if k.sport == 53 { k.dport } else { k.sport };
         let left: BTreeSet<u16> = rig.dp.ct_entries().unwrap().iter().map(|(k, _)| client_port(k)).collect();
         assert_eq!(left, BTreeSet::from([40000]), "the refreshed flow stays, both ways");

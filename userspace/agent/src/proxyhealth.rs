@@ -35,6 +35,20 @@ pub struct ProxyHealth {
     state: Mutex<State>,
     /// Answers by path and status: [healthz 200, healthz 503, livez 200, livez 503].
     answers: [AtomicU64; 4],
+    /// Where the health server listens, or waits to.
+    server: Mutex<Server>,
+}
+
+/// The health server's socket, as `/services` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Server {
+    /// Not started: services off, or no `healthzAddress`.
+    #[default]
+    Off,
+    /// Cannot bind its address yet (kube-proxy still holds it?): why.
+    Waiting { addr: SocketAddr, error: String },
+    /// Bound, answering on this address.
+    Listening(SocketAddr),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,7 +98,17 @@ impl ProxyHealth {
             timeout,
             state: Mutex::new(State { queued: None, in_flight: None, last_updated: None, node_eligible: true }),
             answers: Default::default(),
+            server: Mutex::default(),
         }
+    }
+
+    /// Where the health server listens, or why it does not.
+    pub fn server(&self) -> Server {
+        self.server.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_server(&self, server: Server) {
+        *self.server.lock().unwrap_or_else(|p| p.into_inner()) = server;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -220,6 +244,7 @@ async fn serve_retrying(
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => break l,
             Err(e) => {
+                health.set_server(Server::Waiting { addr, error: e.to_string() });
                 if !warned {
                     log::warn!(
                         "proxy health server: cannot listen on {addr}: {e} (kube-proxy still running?); trying again \
@@ -230,14 +255,20 @@ async fn serve_retrying(
             }
         }
         tokio::select! {
-            () = &mut stop => return,
+            () = &mut stop => {
+                health.set_server(Server::Off);
+                return;
+            }
             () = tokio::time::sleep(retry) => {}
         }
     };
+    // The address bound (port 0 in tests is a port chosen by the kernel).
+    health.set_server(Server::Listening(listener.local_addr().unwrap_or(addr)));
     log::info!("proxy health server on http://{addr} (/healthz, /livez)");
-    if let Err(e) = axum::serve(listener, router(health)).with_graceful_shutdown(stop).await {
+    if let Err(e) = axum::serve(listener, router(health.clone())).with_graceful_shutdown(stop).await {
         log::error!("proxy health server on {addr}: {e}");
     }
+    health.set_server(Server::Off);
 }
 
 #[cfg(test)]
@@ -325,8 +356,14 @@ mod tests {
         let server = tokio::spawn(serve_retrying(h.clone(), addr, Duration::from_millis(200), async move {
             let _ = rx.await;
         }));
+        assert_eq!(h.server(), Server::Off, "not started yet");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!server.is_finished(), "still trying");
+        assert!(
+            matches!(h.server(), Server::Waiting { addr: a, .. } if a == addr),
+            "not listening while the port is taken: {:?}",
+            h.server()
+        );
         drop(held);
         let mut answer = None;
         for _ in 0..50 {
@@ -344,7 +381,9 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.to_ascii_lowercase().contains("content-type: application/json"), "{answer}");
         assert!(answer.contains("\"nodeEligible\":true"), "{answer}");
+        assert_eq!(h.server(), Server::Listening(addr));
         let _ = tx.send(());
         tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops").unwrap();
+        assert_eq!(h.server(), Server::Off, "stopped");
     }
 }

@@ -5,11 +5,12 @@
 //! - `GET /pods`     every pod attachment with its per-pod datapath counters (JSON);
 //! - `GET /node`     the node's wire: uplink, overlay, routes to other nodes, overlay counters;
 //! - `GET /services` every service frontend with the backends the maps hold, per-service
-//!   counters, services left out and why, healthCheckNodePorts, conntrack fill;
+//!   counters, services left out and why, healthCheckNodePorts, conntrack fill (as of the
+//!   last sweep); with services off, `enabled: false` and the conntrack fill alone;
 //! - `GET /conntrack` the conntrack table's flows, each from the side that opened it, with
 //!   its pods, service, translation, TCP state, idle time and expiry; `?pod=NS/NAME`,
-//!   `?service=NS/NAME`, `?namespace=NS` narrow it, `?limit=N` (200; 0: all) keeps the most
-//!   recently seen (see `conntrack`);
+//!   `?service=NS/NAME`, `?namespace=NS` narrow it, `?limit=N` (200; 0: all, at most 100000)
+//!   keeps the most recently seen (see `conntrack`);
 //! - `GET /vswitch`  slow-path counters: vswitch verdicts by reason, AF_XDP port, slow-path port programs;
 //! - `GET /policies` what NetworkPolicy the node enforces for each pod, read from the maps;
 //! - `GET /monitor`  a live stream of datapath events (NDJSON, one object per line: `hello`,
@@ -187,13 +188,16 @@ async fn trace_arrival(State((agent, _)): State<Shared>, Query(q): Query<Arrival
 
 async fn metrics_text(State((agent, metrics)): State<Shared>) -> impl IntoResponse {
     let enabled = agent.config().services.enabled;
-    let services = enabled.then_some(agent.services_report().await);
+    // Only with services on: the report takes the node lock and reads the service maps.
+    let services = if enabled { Some(agent.services_report().await) } else { None };
     let text = metrics.render(
         agent.pods().await,
         agent.slowpath_report().await,
         services,
         enabled.then_some(agent.programming()),
         Some(agent.monitor_totals()),
+        // Policy uses the table too: its fill (as of the last sweep) either way.
+        agent.conntrack_fill(),
     );
     ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }

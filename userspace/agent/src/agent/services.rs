@@ -14,9 +14,10 @@ use serde::Serialize;
 
 use super::{Agent, Inner};
 use crate::{
-    conntrack::{ConntrackError, ConntrackQuery, ConntrackReport, flows_report},
+    conntrack::{ConntrackError, ConntrackFill, ConntrackQuery, ConntrackReport, flows_report},
     datapath::CtTable,
     proxy::{ApplyStats, GcStats, gc_conntrack, monotonic_ns},
+    proxyhealth::Server,
     services::{HealthCheck, ServiceChanges, Skipped, proto_name},
 };
 
@@ -48,24 +49,30 @@ pub struct BackendReport {
     pub local: bool,
 }
 
-/// `GET /services`.
+/// `GET /services`. With services off (`enabled` false) only the conntrack fields are
+/// filled in: the table serves NetworkPolicy too, and is swept either way.
 #[derive(Debug, Clone, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicesReport {
     pub node: String,
+    /// `[services] enabled`: false when this agent is not the node's service proxy.
     pub enabled: bool,
     pub frontends: Vec<FrontendReport>,
     pub skipped: Vec<Skipped>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
     /// What the proxy's `/healthz` (port 10256) answers, and why.
     pub proxy_health: crate::proxyhealth::ProxyHealthReport,
-    /// Where that server listens; none when it is off.
+    /// Where that server listens; none unless it has bound its address.
     pub proxy_healthz_address: Option<String>,
+    /// While it cannot bind its address (kube-proxy still holds it?): that address and why.
+    pub proxy_healthz_waiting: Option<String>,
     pub dead_backends: Vec<String>,
     /// The node addresses in the datapath's map: this node's own and the other nodes'.
     pub node_addresses: Vec<NodeAddressReport>,
     /// `[services] nodePortAddresses` as configured (empty: every node address).
     pub node_port_addresses: Vec<String>,
+    /// Entries in the conntrack table as the last sweep (`lastGc`, every 10 s) left it, 0
+    /// before the first: counting them here would read the whole table.
     pub conntrack_entries: usize,
     /// Of which UDP.
     pub conntrack_udp: usize,
@@ -445,36 +452,46 @@ impl Agent {
             flows_total,
             matched,
             filter: q.describe(),
+            limit: q.limit(),
             flows,
         })
     }
 
-    /// What the node programs for services, read from the maps.
+    /// The conntrack table's fill as the last sweep left it, and what the sweeps removed;
+    /// reads nothing.
+    pub fn conntrack_fill(&self) -> ConntrackFill {
+        ConntrackFill {
+            last_gc: *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()),
+            expired_total: self.ct_expired_total.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// What the node programs for services, read from the maps; with services off, the
+    /// conntrack fill alone.
     pub async fn services_report(&self) -> ServicesReport {
+        let fill = self.conntrack_fill();
         let mut r = ServicesReport {
             node: self.config.node_name.clone(),
             enabled: self.config.services.enabled,
             conntrack_max: self.config.services.conntrack_entries,
-            udp_sockets_max: self.config.services.connected_udp_sockets,
-            last_apply: *self.last_apply.lock().unwrap_or_else(|p| p.into_inner()),
-            last_gc: *self.last_gc.lock().unwrap_or_else(|p| p.into_inner()),
-            conntrack_expired_total: self.ct_expired_total.load(std::sync::atomic::Ordering::Relaxed),
-            proxy_health: self.proxy_health.report(Instant::now()),
-            proxy_healthz_address: self.config.services.healthz_addr().map(|a| a.to_string()),
-            node_port_addresses: self.config.services.node_port_addresses.clone(),
+            conntrack_entries: fill.last_gc.map_or(0, |g| g.remaining),
+            conntrack_udp: fill.last_gc.map_or(0, |g| g.remaining_udp),
+            last_gc: fill.last_gc,
+            conntrack_expired_total: fill.expired_total,
             ..Default::default()
         };
-        // The conntrack fill first, on the table's own handle: a full table is a large read,
-        // and nothing needs to wait for it.
-        let pin_dir = self.config.bpf_pin_dir.clone();
-        let ct = tokio::task::spawn_blocking(move || CtTable::open(&pin_dir).and_then(|t| t.entries()))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        r.conntrack_entries = ct.len();
-        r.conntrack_udp = ct.iter().filter(|(k, _)| k.proto == crate::services::IPPROTO_UDP).count();
-        drop(ct);
+        if !r.enabled {
+            return r;
+        }
+        r.udp_sockets_max = self.config.services.connected_udp_sockets;
+        r.last_apply = *self.last_apply.lock().unwrap_or_else(|p| p.into_inner());
+        r.proxy_health = self.proxy_health.report(Instant::now());
+        match self.proxy_health.server() {
+            Server::Listening(addr) => r.proxy_healthz_address = Some(addr.to_string()),
+            Server::Waiting { addr, error } => r.proxy_healthz_waiting = Some(format!("{addr}: {error}")),
+            Server::Off => {}
+        }
+        r.node_port_addresses = self.config.services.node_port_addresses.clone();
         let guard = self.inner.lock().await;
         let inner = &*guard;
         r.udp_sockets_aborted_total = inner.udp_sockets_aborted;
@@ -669,5 +686,23 @@ mod tests {
         let (gone, unseen) = notes_gone(vec![1, 2, 3, 4, 5], &live, &unseen);
         assert_eq!(gone, vec![3]);
         assert_eq!(unseen, [5].into());
+    }
+
+    #[test]
+    fn a_report_with_services_off_says_so_and_names_no_healthz_address() {
+        let gc = GcStats { scanned: 9, expired: 1, took_us: 3, remaining: 8, remaining_udp: 2 };
+        let r = ServicesReport {
+            node: "n1".into(),
+            conntrack_entries: 8,
+            conntrack_udp: 2,
+            last_gc: Some(gc),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["enabled"], false);
+        assert!(v["proxyHealthzAddress"].is_null(), "{v}");
+        // The fields clients read keep their names.
+        assert_eq!((v["conntrackEntries"].as_u64(), v["conntrackUdp"].as_u64()), (Some(8), Some(2)));
+        assert_eq!(v["lastGc"]["remainingUdp"], 2);
     }
 }

@@ -218,6 +218,15 @@ fn the_fabric_carries_only_vxlan_between_node_addresses_for_pod_traffic() {
     let (addr, server) = echo_server(&c.netns, c.ip);
     tcp_exchange(&a.netns, addr, server);
     assert!(udp_exchange(&c, &a));
+    // An address of the cluster's pod range no node owns (a node that left, one not known
+    // yet): nothing leaves for it, least of all with the pod's address as source.
+    let a_ip = a.ip;
+    enter(&a.netns, move || {
+        let s = UdpSocket::bind((a_ip, 0)).unwrap();
+        for _ in 0..3 {
+            s.send_to(b"nobody's", (Ipv4Addr::new(10, 1, 250, 9), 9)).unwrap();
+        }
+    });
     std::thread::sleep(Duration::from_millis(500));
     // The pods' packets get their outer headers in tc_from_pod and leave by the uplink: the
     // VXLAN device sent none of them (it serves the node's own packets).
@@ -774,4 +783,180 @@ fn cleanup_removes_what_an_agent_left_on_its_node() {
         .collect();
     let left: Vec<&u64> = pinned.iter().filter(|id| live.contains(id)).collect();
     assert!(left.is_empty(), "links still attached after cleanup: {left:?}");
+}
+
+/// A UDP server in `ns` on `ip`; `received` reports whether a datagram arrived.
+fn udp_listener(ns: &str, ip: Ipv4Addr) -> UdpSocket {
+    let srv = enter(ns, move || UdpSocket::bind((ip, 0)).expect("bind"));
+    srv.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    srv
+}
+
+/// The payloads that arrived at `srv` until it went quiet.
+fn received(srv: &UdpSocket) -> Vec<(String, SocketAddr)> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok((n, peer)) = srv.recv_from(&mut buf) {
+        got.push((String::from_utf8_lossy(&buf[..n]).into_owned(), peer));
+    }
+    got
+}
+
+/// A VXLAN payload (VNI 1, the box's) carrying a UDP datagram `from` -> `to`, inner
+/// Ethernet to `dst_mac`.
+fn vxlan_payload(dst_mac: [u8; 6], from: SocketAddr, to: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let (SocketAddr::V4(from), SocketAddr::V4(to)) = (from, to) else { panic!("IPv4 only") };
+    let mut p = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    p.extend_from_slice(&dst_mac);
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x66, 0x08, 0x00]);
+    let total = (20 + 8 + data.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&from.ip().octets());
+    ip.extend_from_slice(&to.ip().octets());
+    let mut sum: u32 = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&from.port().to_be_bytes());
+    p.extend_from_slice(&to.port().to_be_bytes());
+    p.extend_from_slice(&(8 + data.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(data);
+    p
+}
+
+fn mac_of(b: &ClusterBox, target: &str, ifname: &str) -> [u8; 6] {
+    let out = b.cmd(target, "cat").arg(format!("/sys/class/net/{ifname}/address")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bytes: Vec<u8> = text.trim().split(':').map(|h| u8::from_str_radix(h, 16).expect("mac")).collect();
+    bytes.try_into().unwrap_or_else(|_| panic!("no MAC of {ifname} on {target}: {text}"))
+}
+
+/// Pod addresses are the overlay's: from the wire, a plain packet with a pod's source (the
+/// gateway every isolated pod admits, another node's pod) never reaches a pod; and a
+/// VXLAN packet of a pod's own making, or one sent to another address of a node, never
+/// passes as the overlay's, whose inner packet would be judged as another pod's.
+#[test]
+fn forged_pod_sources_never_reach_a_pod() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let z = b.add_pod("node-2", "default/z", &[], &[]);
+    let y = b.add_pod("node-1", "default/y", &[], &[]);
+    let x = b.add_pod("node-1", "default/x", &[], &[]);
+    let (node1, node2) = (b.node("node-1").ip, b.node("node-2").ip);
+    let external = b.state.external.clone();
+    // The outside routes z's address to its node, as a router next to the nodes could.
+    run_ok(b.cmd("external", "ip").args(["route", "add", &format!("{}/32", z.ip), "via", &node2.to_string()]));
+    let z_gateway = Ipv4Addr::from(u32::from(z.ip) & 0xffff_ff00 | 1);
+    for forged in [z_gateway, y.ip] {
+        run_ok(b.cmd("external", "ip").args(["addr", "add", &format!("{forged}/32"), "dev", "lo"]));
+    }
+    let srv = udp_listener(&z.netns, z.ip);
+    let to = srv.local_addr().unwrap();
+    for (source, what) in [(EXTERNAL_IP, "outside"), (z_gateway, "gateway"), (y.ip, "pod")] {
+        enter(&external, move || {
+            let s = UdpSocket::bind((source, 0)).unwrap();
+            for _ in 0..3 {
+                s.send_to(what.as_bytes(), to).unwrap();
+            }
+        });
+    }
+    let got: Vec<String> = received(&srv).into_iter().map(|(m, _)| m).collect();
+    assert!(got.iter().any(|m| m == "outside"), "the outside reaches the pod: {got:?}");
+    assert!(!got.iter().any(|m| m == "gateway" || m == "pod"), "forged sources got through: {got:?}");
+
+    // A VXLAN packet whose inner datagram says y -> z. Sent by node-1's own stack to
+    // node-2's registered address, it is the overlay's (the control: the packet is good).
+    let cvx_mac = mac_of(&b, "node-2", "cvx0");
+    let forged = SocketAddr::from((y.ip, 5555));
+    let send = |ns: String, from: Ipv4Addr, at: Ipv4Addr, what: &'static str| {
+        let payload = vxlan_payload(cvx_mac, forged, to, what.as_bytes());
+        enter(&ns, move || {
+            let s = UdpSocket::bind((from, 0)).unwrap();
+            for _ in 0..3 {
+                s.send_to(&payload, (at, 4789)).unwrap();
+            }
+        });
+    };
+    send(b.node("node-1").netns.clone(), node1, node2, "overlay");
+    let got = received(&srv);
+    assert!(got.iter().any(|(m, p)| m == "overlay" && *p == forged), "the crafted packet is valid: {got:?}");
+    // node-2 gets a second address: the same packet sent there is not the overlay's.
+    let second = Ipv4Addr::new(192, 168, 100, 250);
+    run_ok(b.cmd("node-2", "ip").args(["addr", "add", &format!("{second}/24"), "dev", "eth0"]));
+    send(b.node("node-1").netns.clone(), node1, second, "second address");
+    // Pod x makes it with an ordinary UDP socket: its node masquerades it to node-1's
+    // address on the way, and the inner packet would pass as pod y's.
+    send(x.netns.clone(), x.ip, second, "from a pod");
+    send(x.netns.clone(), x.ip, node2, "from a pod to the node");
+    let got = received(&srv);
+    assert!(got.is_empty(), "forged overlay packets got through: {got:?}");
+    // node-1's stack sent its three to node-2, which refused them as not the overlay's;
+    // the pod's never left node-1.
+    let node = b.status_json("node-2", "/node").expect("/node");
+    let spoofed = node["overlayCounters"]["rxSpoofed"].as_u64().unwrap_or_else(|| panic!("{node}"));
+    assert_eq!(spoofed, 3, "{node}");
+}
+
+fn run_ok(c: &mut Command) {
+    let out = c.output().expect("run");
+    assert!(out.status.success(), "{c:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The outer headers of the overlay: the inner packet's ECN field copied (CE as ECT(0), as
+/// the kernel's tunnels do), DF clear (a narrower hop between nodes fragments rather than
+/// drops), and the node's registered address as source even when its routes prefer another
+/// (the receiver accepts the overlay only from that address).
+#[test]
+fn outer_headers_carry_ecn_no_df_and_the_registered_address() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let a = b.add_pod("node-1", "default/a", &[], &[]);
+    let c = b.add_pod("node-2", "default/c", &[], &[]);
+    let pcap = b.state.dir.join("outer.pcap");
+    let mut tcpdump = b
+        .cmd("fabric", "tcpdump")
+        .args(["-i", "n1", "-n", "--immediate-mode", "-U", "-w"])
+        .arg(&pcap)
+        .args(["udp", "port", "4789"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(800));
+    for tos in ["0x2", "0x3"] {
+        let out = b.cmd(&a.id(), "ping").args(["-c", "1", "-W", "2", "-Q", tos, &c.ip.to_string()]).output().unwrap();
+        assert!(out.status.success(), "ping -Q {tos}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: SIGTERM to a tcpdump we started, by pid.
+    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGTERM) };
+    let _ = tcpdump.wait();
+    let out = Command::new("tcpdump").args(["-n", "-v", "-r"]).arg(&pcap).output().expect("tcpdump -r");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // -v prints each header as "IP (tos ..., flags [...], ...)" then its addresses; the
+    // outer one comes first, on the line with the timestamp.
+    let requests: Vec<(&str, &str)> = text
+        .split('\n')
+        .collect::<Vec<_>>()
+        .windows(4)
+        .filter(|w| w[0].starts_with(|c: char| c.is_ascii_digit()) && w[3].contains("ICMP echo request"))
+        .map(|w| (w[0], w[2]))
+        .collect();
+    assert_eq!(requests.len(), 2, "two echo requests crossed n1 in VXLAN: {text}");
+    for ((outer, inner), want_inner) in requests.iter().zip(["tos 0x2,ECT(0)", "tos 0x3,CE"]) {
+        assert!(inner.contains(want_inner), "inner {inner} in {text}");
+        assert!(outer.contains("tos 0x2,ECT(0)"), "outer header's ECN: {outer} in {text}");
+        assert!(outer.contains("flags [none]"), "outer header's DF: {outer} in {text}");
+    }
+
+    // node-1's routes prefer a second address: the node's own packets to c take the
+    // overlay device, which would pick that as outer source, and node-2 would refuse them.
+    let other = "192.168.100.251";
+    run_ok(b.cmd("node-1", "ip").args(["addr", "add", &format!("{other}/24"), "dev", "eth0"]));
+    run_ok(b.cmd("node-1", "ip").args(["route", "replace", "192.168.100.0/24", "dev", "eth0", "src", other]));
+    assert!(ping(&b, "node-1", c.ip), "node-1 reaches c through the overlay device");
+    let node = b.status_json("node-2", "/node").expect("/node");
+    assert_eq!(node["overlayCounters"]["rxSpoofed"], 0, "{node}");
 }

@@ -879,6 +879,12 @@ pub mod drop_reason {
     /// A later fragment of a datagram whose first fragment this node did not pass (not seen
     /// yet, dropped, or forgotten): its ports are unknown.
     pub const FRAGMENT: u8 = 12;
+    /// For an address of the cluster's pod range that no node owns (a node that left, or is
+    /// not known here yet): never sent on with a pod's address as source.
+    pub const NO_ROUTE: u8 = 13;
+    /// UDP from a pod to the overlay's port anywhere but another pod: a VXLAN packet of its
+    /// own, which a node could take as the overlay's.
+    pub const OVERLAY_PORT: u8 = 14;
 
     /// The name the counters and metrics use for a reason.
     pub fn name(reason: u8) -> &'static str {
@@ -895,6 +901,8 @@ pub mod drop_reason {
             NO_DESTINATION => "no_destination",
             UNKNOWN_INTERFACE => "unknown_interface",
             FRAGMENT => "fragment",
+            NO_ROUTE => "no_route",
+            OVERLAY_PORT => "overlay_port",
             _ => "unknown",
         }
     }
@@ -1101,6 +1109,8 @@ pub mod trace_route {
     pub const NO_CONFIG: u16 = 9;
     /// From the overlay: neither a local pod nor this node.
     pub const NO_DESTINATION: u16 = 10;
+    /// In the cluster's pod range, but no node owns it.
+    pub const NO_ROUTE: u16 = 11;
 }
 
 /// TCP flag bits of [`CtEntry::tcp_flags`].

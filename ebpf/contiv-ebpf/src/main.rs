@@ -58,7 +58,7 @@ mod svc;
 mod trace;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, xdp_action},
     helpers::generated::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_type},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -335,12 +335,13 @@ fn to_uplink(ifindex: u32) -> i32 {
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
-/// Whether the packet fits the overlay device's MTU (GSO packets: each segment).
+/// Whether the packet fits the overlay device's MTU (GSO packets: each segment, which the
+/// helper checks only when asked to; without the flag it passes every GSO packet).
 #[inline(always)]
 fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
     let mut mtu_len: u32 = 0;
     // SAFETY: helper call with a pointer to a stack value.
-    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu_len, 0, 0) == 0 }
+    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &mut mtu_len, 0, u64::from(BPF_MTU_CHK_SEGS)) == 0 }
 }
 
 #[inline(always)]
@@ -372,7 +373,7 @@ fn into_tunnel(ctx: &TcContext, verdict: Verdict, trace: Trace) -> Verdict {
             overlay::Encap::Unchanged => {}
         }
     }
-    if !overlay::set_tunnel(ctx, verdict.node_ip, cfg.vni) {
+    if !overlay::set_tunnel(ctx, cfg, verdict.node_ip) {
         trace.note(trace_step::MALFORMED, 0);
         return Verdict::drop(drop_reason::MALFORMED);
     }
@@ -622,6 +623,19 @@ fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], trace: Tr
         route(trace_route::VPP, dst, cfg.slowport_ifindex);
         return Verdict::SLOW_PATH;
     }
+    let in_cluster = cfg.cluster_pod_mask != [0; 4] && in_subnet(dst, cfg.cluster_pod_net, cfg.cluster_pod_mask);
+    // A pod's own VXLAN packet to a node address (or any outside one) would reach that
+    // node's overlay socket masqueraded to this node's address, its inner packet then
+    // passing as one of this node's pods'. The overlay's port is the nodes' own.
+    if cfg.overlay_port != 0
+        && !in_cluster
+        && ip[9] == nat::IPPROTO_UDP
+        && u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0
+        && policy::transport(data, data_end, nat::IPPROTO_UDP).dport == cfg.overlay_port
+    {
+        route(trace_route::HOST, dst, 0);
+        return Verdict::drop(drop_reason::OVERLAY_PORT);
+    }
     let overlay = cfg.overlay_ifindex;
     if overlay != 0
         && let Some(r) = remote_route(dst)
@@ -646,6 +660,13 @@ fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], trace: Tr
         route(trace_route::UNKNOWN_LOCAL, dst, cfg.slowport_ifindex);
         return Verdict::SLOW_PATH;
     }
+    // An address of the cluster's pod range that no route names (a node that left, one not
+    // known here yet): the node's stack would send it out of the uplink by its default
+    // route, with the pod's address as source (masquerading leaves the cluster range alone).
+    if in_cluster {
+        route(trace_route::NO_ROUTE, dst, 0);
+        return Verdict::drop(drop_reason::NO_ROUTE);
+    }
     route(trace_route::HOST, dst, 0);
     Verdict::HOST
 }
@@ -669,9 +690,13 @@ fn overlay_drop(ctx: &TcContext, trace: Trace, reason: u8, f: impl FnOnce(&mut c
 pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let trace = Trace::of(&ctx);
     let len = u64::from(ctx.skb.len());
+    let mut local = None;
     let sender = match trace.sender() {
         Some(node) => Some(node),
-        None => overlay::tunnel_remote(&ctx),
+        None => overlay::tunnel_ends(&ctx).map(|ends| {
+            local = Some(ends.local);
+            ends.remote
+        }),
     };
     let Some(sender) = sender else {
         return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
@@ -701,6 +726,12 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let Some(cfg) = config() else {
         return overlay_drop(&ctx, trace, drop_reason::NO_DESTINATION, |c| c.rx_no_destination += 1);
     };
+    // Nodes send the overlay to each other's registered address only. One sent to another
+    // address of this node came some other way: e.g. a pod's own VXLAN packet, masqueraded
+    // to its node's address on the way (the inner source then passes the check above).
+    if local.is_some_and(|l| l != cfg.node_ip) {
+        return overlay_drop(&ctx, trace, drop_reason::OVERLAY_SPOOFED, |c| c.rx_spoofed += 1);
+    }
     let Some(frag) = Fragment::of(ip, data, data_end, trace) else {
         return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |c| c.rx_fragment += 1);
     };
@@ -847,7 +878,7 @@ fn overlay_to_host(ctx: &TcContext, trace: Trace, dst: [u8; 4]) -> i32 {
 #[classifier]
 pub fn tc_to_overlay(ctx: TcContext) -> i32 {
     // Pod traffic arrives with its key already set by tc_from_pod.
-    if overlay::tunnel_remote(&ctx).is_some() {
+    if overlay::tunnel_ends(&ctx).is_some() {
         return TC_ACT_OK;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
@@ -862,7 +893,7 @@ pub fn tc_to_overlay(ctx: TcContext) -> i32 {
         count_overlay(|c| c.tx_no_route += 1);
         return TC_ACT_SHOT;
     };
-    if ethertype(eth) != ETH_P_IP || !overlay::set_tunnel(&ctx, route.node_ip, cfg.vni) {
+    if ethertype(eth) != ETH_P_IP || !overlay::set_tunnel(&ctx, cfg, route.node_ip) {
         count_overlay(|c| c.tx_no_route += 1);
         return TC_ACT_SHOT;
     }
@@ -996,6 +1027,16 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
+    // The cluster's pod addresses cross the wire only inside the overlay: one as a plain
+    // packet's source is forged (a pod's gateway, which every isolated pod admits, or
+    // another node's pod, to be judged as that pod).
+    if let Some(cfg) = config()
+        && cfg.cluster_pod_mask != [0; 4]
+        && in_subnet(src, cfg.cluster_pod_net, cfg.cluster_pod_mask)
+    {
+        monitor::drop(&ctx, drop_reason::SPOOFED_IP, hook::FROM_UPLINK, dst);
+        return TC_ACT_SHOT;
+    }
     if frag.kind == frag::LATER {
         return uplink_later(&ctx, &frag, src, dst, proto);
     }
@@ -1022,7 +1063,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     // The overlay's own packets: the commonest thing on the wire, nothing to do.
-    if is_overlay(cfg, &l4) {
+    if is_overlay(cfg, dst, &l4) {
         return TC_ACT_OK;
     }
     let mut flow = MaybeUninit::<NewFlow>::uninit();
@@ -1099,7 +1140,7 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &P
         return deliver(local);
     }
     if let Some(route) = remote_route(dst) {
-        if cfg.overlay_ifindex != 0 && overlay::set_tunnel(ctx, route.node_ip, cfg.vni) {
+        if cfg.overlay_ifindex != 0 && overlay::set_tunnel(ctx, cfg, route.node_ip) {
             // SAFETY: plain helper call.
             return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };
         }
@@ -1114,10 +1155,12 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &P
     to_uplink(cfg.uplink_ifindex)
 }
 
-/// A packet of this node's overlay: UDP to the port the agent configured (0: no overlay).
+/// A packet of this node's overlay: UDP to the port the agent configured (0: no overlay),
+/// with the node's address as `ours` (the destination of what arrives, the source of what
+/// leaves; the same port at a pod's address is that pod's traffic).
 #[inline(always)]
-fn is_overlay(cfg: &DatapathConfig, l4: &nat::L4) -> bool {
-    cfg.overlay_port != 0 && l4.proto == nat::IPPROTO_UDP && l4.dport == cfg.overlay_port
+fn is_overlay(cfg: &DatapathConfig, ours: [u8; 4], l4: &nat::L4) -> bool {
+    cfg.overlay_port != 0 && l4.proto == nat::IPPROTO_UDP && l4.dport == cfg.overlay_port && ours == cfg.node_ip
 }
 
 /// The uplink's egress. What leaves from one of this node's addresses may answer a client
@@ -1177,7 +1220,7 @@ fn from_node_stack(ctx: &TcContext, to_pod: bool) -> i32 {
         };
         // The overlay's own packets: the commonest thing the node sends, nothing to do.
         if let Some(cfg) = config()
-            && is_overlay(cfg, &l4)
+            && is_overlay(cfg, src, &l4)
         {
             return TC_ACT_OK;
         }
@@ -1253,7 +1296,7 @@ fn from_vswitch_elsewhere(ctx: &TcContext, dst: [u8; 4]) -> i32 {
     count_slowport(|c| c.from_vswitch_delivered += 1);
     if cfg.overlay_ifindex != 0
         && let Some(route) = remote_route(dst)
-        && overlay::set_tunnel(ctx, route.node_ip, cfg.vni)
+        && overlay::set_tunnel(ctx, cfg, route.node_ip)
     {
         // SAFETY: plain helper call.
         return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };

@@ -12,24 +12,32 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ZERO_CSUM_TX, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
     },
-    helpers::generated::{bpf_get_hash_recalc, bpf_skb_adjust_room, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    helpers::generated::{
+        bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_skb_adjust_room, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+    },
     programs::TcContext,
 };
+
+use contiv_common::DatapathConfig;
 
 use crate::packet::{ETH_HLEN, ptr_at};
 
 /// TTL of the outer header.
 const TUNNEL_TTL: u8 = 64;
 
-/// Attaches the tunnel key for `node_ip` (network byte order) to the skb. False if the
-/// kernel refused (the packet must then be dropped: a collect_md device cannot send it).
+/// Attaches the tunnel key for `node_ip` (network byte order) to the skb: this node's VNI,
+/// and its own address as the outer source (left to the device, the route to the remote
+/// node would pick it, perhaps another address of the uplink, which the receiver refuses
+/// as not the sender's registered one). False if the kernel refused (the packet must then
+/// be dropped: a collect_md device cannot send it).
 #[inline(always)]
-pub fn set_tunnel(ctx: &TcContext, node_ip: [u8; 4], vni: u32) -> bool {
+pub fn set_tunnel(ctx: &TcContext, cfg: &DatapathConfig, node_ip: [u8; 4]) -> bool {
     // SAFETY: an all-zero bpf_tunnel_key is valid (plain integers and unions of integers).
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    key.tunnel_id = vni;
-    // The helper takes the remote address in host byte order.
+    key.tunnel_id = cfg.vni;
+    // The helper takes the addresses in host byte order.
     key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node_ip);
+    key.__bindgen_anon_3.local_ipv4 = u32::from_be_bytes(cfg.node_ip);
     key.tunnel_ttl = TUNNEL_TTL;
     // SAFETY: helper call with a pointer to a stack value of the size passed.
     let rc = unsafe {
@@ -43,10 +51,18 @@ pub fn set_tunnel(ctx: &TcContext, node_ip: [u8; 4], vni: u32) -> bool {
     rc == 0
 }
 
-/// The sending node's underlay address (network byte order) of a decapsulated packet, or
-/// `None` if the skb carries no tunnel key.
+/// The outer addresses of a decapsulated packet.
+#[derive(Clone, Copy)]
+pub struct TunnelEnds {
+    /// The sending node's underlay address (network byte order).
+    pub remote: [u8; 4],
+    /// The address it was sent to (network byte order).
+    pub local: [u8; 4],
+}
+
+/// The outer addresses of a decapsulated packet, or `None` if the skb carries no tunnel key.
 #[inline(always)]
-pub fn tunnel_remote(ctx: &TcContext) -> Option<[u8; 4]> {
+pub fn tunnel_ends(ctx: &TcContext) -> Option<TunnelEnds> {
     // SAFETY: as above.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     // SAFETY: helper call writing into a stack value of the size passed.
@@ -54,8 +70,9 @@ pub fn tunnel_remote(ctx: &TcContext) -> Option<[u8; 4]> {
     if rc != 0 {
         return None;
     }
-    // SAFETY: IPv4 tunnels fill remote_ipv4 (host byte order).
-    Some(unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes())
+    // SAFETY: IPv4 tunnels fill both (host byte order).
+    let (remote, local) = unsafe { (key.__bindgen_anon_1.remote_ipv4, key.__bindgen_anon_3.local_ipv4) };
+    Some(TunnelEnds { remote: remote.to_be_bytes(), local: local.to_be_bytes() })
 }
 
 /// Bytes the sender puts in front of a pod's IPv4 packet: outer IPv4 (20), UDP (8),
@@ -84,6 +101,17 @@ pub enum Encap {
 /// UDP port.
 #[inline(always)]
 pub fn encapsulate(ctx: &TcContext, local: [u8; 4], remote: [u8; 4], vni: u32, port: u16) -> Encap {
+    // The inner packet's ECN field goes to the outer header as the kernel's tunnels copy it
+    // (RFC 6040's normal mode, with CE sent as ECT(0)), so that the underlay can mark
+    // congestion instead of dropping; the receiving device carries a CE mark back inside.
+    let ecn = match ptr_at::<[u8; 2]>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(p) => match unsafe { (*p)[1] } & 0x03 {
+            0x03 => 0x02,
+            e => e,
+        },
+        None => 0,
+    };
     // SAFETY: plain helper call on our own skb.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let flags = u64::from(
@@ -112,13 +140,17 @@ pub fn encapsulate(ctx: &TcContext, local: [u8; 4], remote: [u8; 4], vni: u32, p
     let sport = (((u64::from(hash ^ (hash << 16)) * 28232) >> 32) as u16).wrapping_add(32768);
     let ip = &mut rest[..20];
     ip[0] = 0x45;
-    ip[1] = 0;
+    ip[1] = ecn;
     ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    ip[4] = 0;
-    ip[5] = 0;
-    // Don't fragment: the pods' MTU leaves room for these headers, and the datapath never
-    // fragments.
-    ip[6] = 0x40;
+    // DF clear, as the kernel's VXLAN device sends: the pods' MTU leaves room for these
+    // headers on the uplink, but a narrower hop between nodes fragments the outer packet
+    // (the receiving node reassembles it) rather than drop it, and its "fragmentation
+    // needed" would reach no pod. Fragments are reassembled by ID: a random one, so that
+    // two packets fragmented at once do not mix.
+    // SAFETY: plain helper call.
+    let id = unsafe { bpf_get_prandom_u32() } as u16;
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    ip[6] = 0;
     ip[7] = 0;
     ip[8] = TUNNEL_TTL;
     ip[9] = 17;

@@ -590,6 +590,9 @@ fn route(s: &TraceStep, n: &Names) -> StepReport {
         trace_route::UPLINK => ("uplink", "a reply to a client outside the cluster: out of the uplink".into()),
         trace_route::NO_CONFIG => ("slow path", "the datapath has no configuration yet".into()),
         trace_route::NO_DESTINATION => ("no destination", format!("{at} is neither a pod on this node nor this node")),
+        trace_route::NO_ROUTE => {
+            ("no route", format!("{at} is in the cluster's pod range, but no node owns it: dropped, never sent out"))
+        }
         _ => ("?", format!("route kind {}", s.arg)),
     };
     StepReport { stage: "route", result: word.into(), detail }

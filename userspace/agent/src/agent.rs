@@ -98,6 +98,9 @@ pub struct Agent {
     inner: Mutex<Inner>,
     /// Who serves the slow-path port: the built-in vswitch or VPP (by `uplink`).
     slowpath: SlowPathBackend,
+    /// Restarts of the built-in vswitch that failed in a row since it stopped serving (its
+    /// slot is empty: [`Agent::heal_slowpath`] tries again every second).
+    slowpath_restarts_failed: std::sync::atomic::AtomicU32,
     /// The cluster model (from the store), once the cluster watch runs: links each
     /// attachment to its Pod object.
     model: std::sync::OnceLock<Arc<std::sync::RwLock<contiv_cluster_watch::ClusterModel>>>,
@@ -529,6 +532,7 @@ impl Agent {
                 udp_untracked_logged: 0,
             }),
             slowpath,
+            slowpath_restarts_failed: Default::default(),
             model: std::sync::OnceLock::new(),
             attachment_locks: std::sync::Mutex::new(HashMap::new()),
             model_synced: std::sync::atomic::AtomicBool::new(false),
@@ -1338,17 +1342,23 @@ impl Agent {
     /// Restarts the vswitch if its port stopped serving (backend panic, interface trouble):
     /// a new AF_XDP socket on the slow-path port, registered in place of the old one.
     pub async fn heal_slowpath(&self) {
+        use std::sync::atomic::Ordering;
         // VPP mode: the supervisor reconnects to VPP by itself.
         let Some(slot) = self.slowpath.builtin() else { return };
+        let retrying = self.slowpath_restarts_failed.load(Ordering::SeqCst) > 0;
         let failed = match slot.lock() {
             Ok(mut p) => match p.as_ref() {
                 Some(port) if !port.is_serving() => p.take(),
-                _ => None,
+                Some(_) => return,
+                // A restart that failed left the slot empty: try again.
+                None if retrying => None,
+                None => return,
             },
-            Err(_) => None,
+            Err(_) => return,
         };
-        let Some(port) = failed else { return };
-        if let Err(e) = port.stop() {
+        if let Some(port) = failed
+            && let Err(e) = port.stop()
+        {
             log::warn!("vswitch stopped serving: {e}; restarting it");
         }
         let ifname = self.config.slowpath_vswitch_ifname.clone();
@@ -1357,30 +1367,44 @@ impl Agent {
             mac: self.config.gateway_mac,
             path_mtu: self.overlay.as_ref().map(|o| o.mtu as u16),
         };
-        match contiv_vswitch::spawn(&ifname, 0, BuiltinVswitch::new(gateway)) {
+        let started = contiv_vswitch::spawn(&ifname, 0, BuiltinVswitch::new(gateway)).map_err(|e| e.to_string());
+        let result = match started {
             Ok(port) => {
-                let (registered, refusals) = {
-                    let mut inner = self.inner.lock().await;
-                    (inner.datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port)), inner.proxy.refusals())
-                };
-                port.with_backend(|b| b.set_refusals(Arc::new(refusals)));
-                match registered {
+                // Registered, put in its slot and given the refusals under the node lock:
+                // a services sync computes its refusals under that lock too, and hands them
+                // to the port in the slot after it, so the latest set always lands.
+                let mut inner = self.inner.lock().await;
+                match inner.datapath.register_xsk(0, std::os::fd::AsFd::as_fd(&port)) {
                     Ok(()) => {
-                        log::info!("vswitch restarted on {ifname}");
+                        port.with_backend(|b| b.set_refusals(Arc::new(inner.proxy.refusals())));
                         if let Ok(mut p) = slot.lock() {
                             *p = Some(port);
                         }
+                        Ok(())
                     }
-                    Err(e) => log::error!("registering the restarted vswitch: {e}"),
+                    Err(e) => Err(format!("registering its socket: {e}")),
                 }
             }
-            Err(e) => log::error!("restarting the vswitch on {ifname}: {e}"),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                self.slowpath_restarts_failed.store(0, Ordering::SeqCst);
+                log::info!("vswitch restarted on {ifname}");
+            }
+            Err(e) => {
+                let n = self.slowpath_restarts_failed.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 1 || n.is_multiple_of(60) {
+                    log::error!("restarting the vswitch on {ifname} (attempt {n}, retried every second): {e}");
+                }
+            }
         }
     }
 
     /// Stops the vswitch. The pod datapath stays attached: pods keep talking while the
     /// agent is down or being upgraded.
     pub fn shutdown(&self) {
+        self.slowpath_restarts_failed.store(0, std::sync::atomic::Ordering::SeqCst);
         match &self.slowpath {
             SlowPathBackend::Builtin(slot) => {
                 if let Ok(mut p) = slot.lock()

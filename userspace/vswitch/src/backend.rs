@@ -78,17 +78,27 @@ pub enum DropReason {
     NonIpv4,
     /// Truncated or inconsistent headers, bad IPv4 header or ICMP checksum.
     Malformed,
+    /// An error (RST, port unreachable, fragmentation needed) that must not be sent
+    /// (RFC 1122 3.2.2): about an ICMP error, a packet to a broadcast or multicast
+    /// address, or from a source that names no single host.
+    ErrorNotAllowed,
+    /// An error over the rate the vswitch sends them at (1000 a second, bursts of 50, as
+    /// the kernel's `icmp_msgs_per_sec` and `icmp_msgs_burst`): a flood to a refused
+    /// address is not reflected one for one.
+    ErrorRateLimited,
 }
 
 impl DropReason {
     /// Every reason, in the order the counters are listed.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::ArpOther,
         DropReason::IcmpToGatewayOther,
         DropReason::Fragment,
         DropReason::UnknownDestination,
         DropReason::NonIpv4,
         DropReason::Malformed,
+        DropReason::ErrorNotAllowed,
+        DropReason::ErrorRateLimited,
     ];
 
     /// The counter's name, as exposed by the agent.
@@ -100,6 +110,8 @@ impl DropReason {
             DropReason::UnknownDestination => "unknown_destination",
             DropReason::NonIpv4 => "non_ipv4",
             DropReason::Malformed => "malformed",
+            DropReason::ErrorNotAllowed => "error_not_allowed",
+            DropReason::ErrorRateLimited => "error_rate_limited",
         }
     }
 }
@@ -165,6 +177,8 @@ pub struct DropCounters {
     pub unknown_destination: u64,
     pub non_ipv4: u64,
     pub malformed: u64,
+    pub error_not_allowed: u64,
+    pub error_rate_limited: u64,
 }
 
 impl DropCounters {
@@ -177,6 +191,8 @@ impl DropCounters {
             DropReason::UnknownDestination => self.unknown_destination,
             DropReason::NonIpv4 => self.non_ipv4,
             DropReason::Malformed => self.malformed,
+            DropReason::ErrorNotAllowed => self.error_not_allowed,
+            DropReason::ErrorRateLimited => self.error_rate_limited,
         }
     }
 
@@ -188,6 +204,8 @@ impl DropCounters {
             DropReason::UnknownDestination => &mut self.unknown_destination,
             DropReason::NonIpv4 => &mut self.non_ipv4,
             DropReason::Malformed => &mut self.malformed,
+            DropReason::ErrorNotAllowed => &mut self.error_not_allowed,
+            DropReason::ErrorRateLimited => &mut self.error_rate_limited,
         }
     }
 

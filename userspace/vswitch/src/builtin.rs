@@ -57,6 +57,8 @@ impl Refusals {
 pub struct BuiltinVswitch {
     gateway: GatewayConfig,
     refusals: Arc<Refusals>,
+    /// The errors sent (RST, port unreachable, fragmentation needed), rate-limited.
+    errors: ErrorLimiter,
     counters: VswitchCounters,
     /// Scratch buffer the replies are built in (kept to avoid allocating).
     scratch: Vec<u8>,
@@ -68,6 +70,7 @@ impl BuiltinVswitch {
         Self {
             gateway,
             refusals: Arc::new(Refusals::default()),
+            errors: ErrorLimiter::new(),
             counters: VswitchCounters::default(),
             scratch: Vec::with_capacity(2048),
         }
@@ -152,30 +155,47 @@ impl BuiltinVswitch {
         if internet_checksum(&ip[..ihl]) != 0 {
             return Verdict::Dropped(DropReason::Malformed);
         }
-        if be16(ip, 6) & (IPV4_MF | IPV4_FRAG_OFFSET) != 0 {
+        let frag = be16(ip, 6);
+        // A later fragment carries no header to answer about.
+        if frag & IPV4_FRAG_OFFSET != 0 {
             return Verdict::Dropped(DropReason::Fragment);
         }
+        let first_fragment = frag & IPV4_MF != 0;
         let dst = Ipv4Addr::from(ipv4_at(ip, 16));
-        if let Some(mtu) = self.gateway.path_mtu
-            && total_len > usize::from(mtu)
-            && dst != self.gateway.ip
-        {
-            return self.frag_needed(frame, ihl, mtu, tx);
-        }
         if dst != self.gateway.ip {
+            // What the datapath hands over to be refused first: a refused datagram that is
+            // also too big gets the refusal, not a path MTU to retry with.
             let proto = ip[9];
             let l4 = &ip[ihl..total_len];
-            if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+            let refused = !first_fragment
+                && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
                 && l4.len() >= 4
-                && self.refusals.refuses(dst, be16(l4, 2), proto)
-            {
-                return if proto == IPPROTO_TCP {
-                    self.tcp_reset(frame, ihl, total_len, tx)
+                && self.refusals.refuses(dst, be16(l4, 2), proto);
+            // Too big for the path, first fragments too (the datapath never fragments, and
+            // a sender learns the path MTU from this even without DF).
+            let too_big = self.gateway.path_mtu.filter(|mtu| total_len > usize::from(*mtu));
+            if !refused && too_big.is_none() {
+                return Verdict::Dropped(if first_fragment {
+                    DropReason::Fragment
                 } else {
-                    self.port_unreachable(frame, ihl, total_len, tx)
-                };
+                    DropReason::UnknownDestination
+                });
             }
-            return Verdict::Dropped(DropReason::UnknownDestination);
+            if !may_answer_with_error(frame, ihl) {
+                return Verdict::Dropped(DropReason::ErrorNotAllowed);
+            }
+            if !self.errors.take(std::time::Instant::now()) {
+                return Verdict::Dropped(DropReason::ErrorRateLimited);
+            }
+            return match (refused, too_big) {
+                (true, _) if proto == IPPROTO_TCP => self.tcp_reset(frame, ihl, total_len, tx),
+                (true, _) => self.port_unreachable(frame, ihl, total_len, tx),
+                (false, Some(mtu)) => self.frag_needed(frame, ihl, mtu, tx),
+                (false, None) => Verdict::Dropped(DropReason::UnknownDestination),
+            };
+        }
+        if first_fragment {
+            return Verdict::Dropped(DropReason::Fragment);
         }
         // Ethernet padding past the IPv4 total length is not part of the packet. Options
         // are read past; the answer carries back a Record Route and a Timestamp, as the
@@ -218,6 +238,52 @@ impl BuiltinVswitch {
         put_be16(out, icmp_start + 2, icmp_csum);
         tx(out);
         Verdict::Replied(ReplyKind::IcmpEcho)
+    }
+}
+
+/// Whether an error may answer `frame` (RFC 1122 3.2.2, 4.2.3.10): not about an ICMP error,
+/// nor about a packet sent to a link-layer or IP broadcast or multicast address, nor to a
+/// source that names no single host (unspecified, loopback, broadcast, multicast).
+fn may_answer_with_error(frame: &[u8], ihl: usize) -> bool {
+    let ip = &frame[ETH_HLEN..];
+    let (src, dst) = (Ipv4Addr::from(ipv4_at(ip, 12)), Ipv4Addr::from(ipv4_at(ip, 16)));
+    let group = |a: Ipv4Addr| a.is_multicast() || a.is_broadcast();
+    if frame[0] & 1 != 0 || group(dst) || group(src) || src.is_unspecified() || src.is_loopback() {
+        return false;
+    }
+    // ICMP errors: destination unreachable, source quench, redirect, time exceeded,
+    // parameter problem.
+    !(ip[9] == IPPROTO_ICMP && ip.get(ihl).is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12)))
+}
+
+/// A token bucket for the errors the vswitch sends: `RATE` a second, at most `BURST` at once.
+#[derive(Debug)]
+struct ErrorLimiter {
+    tokens: f64,
+    at: Option<std::time::Instant>,
+}
+
+impl ErrorLimiter {
+    const RATE: f64 = 1000.0;
+    const BURST: f64 = 50.0;
+
+    fn new() -> Self {
+        Self { tokens: Self::BURST, at: None }
+    }
+
+    /// Whether one more error may go out `now`.
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * Self::RATE;
+            self.tokens = (self.tokens + refill).min(Self::BURST);
+        }
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -397,7 +463,9 @@ impl BuiltinVswitch {
     fn begin_reply(&mut self, frame: &[u8], tos: u8, proto: u8) -> usize {
         let ip = &frame[ETH_HLEN..];
         let (from, to) = (ipv4_at(ip, 16), ipv4_at(ip, 12));
-        let (sender_mac, our_mac) = (mac_at(frame, 6), mac_at(frame, 0));
+        // From the gateway's MAC, whatever the frame was sent to (the uplink's MAC for a
+        // client outside: the datapath fills in the MACs there anyway).
+        let (sender_mac, our_mac) = (mac_at(frame, 6), self.gateway.mac);
         let out = &mut self.scratch;
         out.clear();
         out.extend_from_slice(&sender_mac);
@@ -1050,5 +1118,69 @@ mod tests {
         // Another node's address with that port is not this set's.
         let f = ipv4_frame(IPPROTO_UDP, [192, 168, 100, 99], &[], 0, &udp);
         assert_eq!(run(&mut vs, &f).0, Verdict::Dropped(DropReason::UnknownDestination));
+    }
+
+    #[test]
+    fn a_refused_datagram_too_big_for_the_path_gets_the_refusal() {
+        let svc = [10, 96, 0, 10];
+        let mut vs = refusing(svc, 53, IPPROTO_UDP);
+        let mut udp = vec![0x9c, 0x40, 0, 53, 0x05, 0xc8, 0, 0];
+        udp.resize(1480, 0x42);
+        let f = ipv4_frame(IPPROTO_UDP, svc, &[], 0x4000, &udp);
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::PortUnreachable));
+        assert_eq!(sent[0][ETH_HLEN + IPV4_HLEN + 1], ICMP_PORT_UNREACH, "not fragmentation needed");
+    }
+
+    #[test]
+    fn a_first_fragment_too_big_for_the_path_gets_frag_needed() {
+        let mut vs = vswitch();
+        let first = ipv4_frame(IPPROTO_UDP, [10, 1, 2, 9], &[], IPV4_MF, &[0x42; 1480]);
+        let (verdict, sent) = run(&mut vs, &first);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::FragNeeded));
+        assert_eq!(be16(&sent[0][ETH_HLEN + IPV4_HLEN..], 6), 1450);
+        // One that fits is still a fragment the slow path cannot use.
+        let small = ipv4_frame(IPPROTO_UDP, [10, 1, 2, 9], &[], IPV4_MF, &[0x42; 100]);
+        assert_eq!(run(&mut vs, &small).0, Verdict::Dropped(DropReason::Fragment));
+    }
+
+    #[test]
+    fn no_error_answers_an_icmp_error_a_broadcast_or_a_multicast() {
+        let svc = [10, 96, 0, 10];
+        let mut vs = refusing(svc, 53, IPPROTO_UDP);
+        // An ICMP error (port unreachable) too big for the path.
+        let mut unreach = vec![ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+        unreach.resize(1480, 0);
+        let f = ipv4_frame(IPPROTO_ICMP, [10, 1, 2, 9], &[], 0x4000, &unreach);
+        assert_eq!(run(&mut vs, &f), (Verdict::Dropped(DropReason::ErrorNotAllowed), vec![]));
+        // A refused datagram sent to the broadcast MAC, and one to a multicast address.
+        let udp = [0x9c, 0x40, 0, 53, 0, 12, 0, 0, 1, 2, 3, 4];
+        let mut f = ipv4_frame(IPPROTO_UDP, svc, &[], 0, &udp);
+        f[0..6].copy_from_slice(&[0xff; 6]);
+        assert_eq!(run(&mut vs, &f), (Verdict::Dropped(DropReason::ErrorNotAllowed), vec![]));
+        let mut r = Refusals::default();
+        r.exact.insert((Ipv4Addr::new(239, 1, 1, 1), 53, IPPROTO_UDP));
+        vs.set_refusals(Arc::new(r));
+        let f = ipv4_frame(IPPROTO_UDP, [239, 1, 1, 1], &[], 0, &udp);
+        assert_eq!(run(&mut vs, &f), (Verdict::Dropped(DropReason::ErrorNotAllowed), vec![]));
+        assert_eq!(vs.counters().drops.error_not_allowed, 3);
+    }
+
+    #[test]
+    fn errors_are_rate_limited_and_come_from_the_gateway_mac() {
+        let svc = [10, 96, 0, 10];
+        let mut vs = refusing(svc, 53, IPPROTO_UDP);
+        let udp = [0x9c, 0x40, 0, 53, 0, 12, 0, 0, 1, 2, 3, 4];
+        let mut f = ipv4_frame(IPPROTO_UDP, svc, &[], 0, &udp);
+        // Sent to another MAC (a client outside writes to the uplink's).
+        f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        let (verdict, sent) = run(&mut vs, &f);
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::PortUnreachable));
+        assert_eq!(mac_at(&sent[0], 6), GW_MAC, "from the gateway's MAC");
+        let answered = (0..1000).filter(|_| !run(&mut vs, &f).1.is_empty()).count();
+        assert!((49..=60).contains(&answered), "a burst of 1000 got {answered} answers");
+        assert!(vs.counters().drops.error_rate_limited >= 900);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!run(&mut vs, &f).1.is_empty(), "the bucket refills");
     }
 }

@@ -29,19 +29,46 @@ pub enum AgentError {
     WrongNode { addr: String, found: String, wanted: String },
 }
 
+/// How long the agent may take to accept the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the agent may stay silent once connected.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `10 s`, `250 ms`.
+fn span(d: Duration) -> String {
+    if d.subsec_millis() == 0 { format!("{} s", d.as_secs()) } else { format!("{} ms", d.as_millis()) }
+}
+
 /// GET `path` of the agent's status endpoint as JSON.
 pub fn get_json(addr: &str, path: &str) -> Result<Value, AgentError> {
+    get_json_within(addr, path, ANSWER_TIMEOUT)
+}
+
+/// [`get_json`], the agent given `answer` of silence before netctl gives up.
+fn get_json_within(addr: &str, path: &str, answer: Duration) -> Result<Value, AgentError> {
     let io = |source| AgentError::Io { addr: addr.to_owned(), source };
+    // A socket timeout reads as "Resource temporarily unavailable" (EAGAIN): say what it is.
+    let timed_out = |what: String| {
+        move |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                AgentError::Answer { addr: addr.to_owned(), detail: what }
+            }
+            _ => AgentError::Io { addr: addr.to_owned(), source },
+        }
+    };
     let sa: SocketAddr = addr
         .to_socket_addrs()
         .map_err(io)?
         .next()
         .ok_or_else(|| AgentError::Answer { addr: addr.to_owned(), detail: "no address".into() })?;
-    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(3)).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(io)?;
+    let mut s = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT)
+        .map_err(timed_out(format!("no connection within {}", span(CONNECT_TIMEOUT))))?;
+    s.set_read_timeout(Some(answer)).map_err(io)?;
+    s.set_write_timeout(Some(answer)).map_err(io)?;
+    let silent = || timed_out(format!("{path}: no answer within {}", span(answer)));
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(silent())?;
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(io)?;
+    s.read_to_end(&mut resp).map_err(silent())?;
     let resp = String::from_utf8_lossy(&resp);
     let (head, body) = resp
         .split_once("\r\n\r\n")
@@ -81,6 +108,12 @@ fn s(v: &Value) -> String {
 
 /// `GET /services` as a table: one row per frontend with the backends programmed.
 pub fn services_table(report: &Value, namespace: Option<&str>) -> String {
+    if report["enabled"] == false {
+        return format!(
+            "services disabled on {} ([services] enabled = false): another proxy serves them\n",
+            s(&report["node"])
+        );
+    }
     let mut rows = vec![];
     for f in report["frontends"].as_array().into_iter().flatten() {
         if namespace.is_some_and(|ns| f["namespace"] != ns) {
@@ -263,6 +296,9 @@ fn node_ports_line(report: &Value) -> Option<String> {
 
 /// What the node's proxy `/healthz` (kube-proxy's port 10256) answers load balancers, and why.
 fn proxy_healthz_line(report: &Value) -> Option<String> {
+    if let Some(waiting) = report["proxyHealthzWaiting"].as_str() {
+        return Some(format!("proxy healthz not listening: cannot bind {waiting}\n"));
+    }
     let addr = report["proxyHealthzAddress"].as_str()?;
     let h = &report["proxyHealth"];
     let mut why = vec![];
@@ -295,6 +331,20 @@ mod tests {
         assert!(t.ends_with("503 (the node is being deleted; a change has waited 75 s to reach the maps)\n"), "{t}");
         let off = json!({"frontends": [], "proxyHealthzAddress": null});
         assert!(!super::services_table(&off, None).contains("healthz"));
+        let waiting = json!({"frontends": [], "proxyHealthzWaiting": "0.0.0.0:10256: address in use"});
+        let t = super::services_table(&waiting, None);
+        assert!(t.ends_with("proxy healthz not listening: cannot bind 0.0.0.0:10256: address in use\n"), "{t}");
+    }
+
+    #[test]
+    fn a_node_with_services_disabled_says_so() {
+        let r = json!({"node": "node-1", "enabled": false, "conntrackEntries": 4});
+        assert_eq!(
+            super::services_table(&r, None),
+            "services disabled on node-1 ([services] enabled = false): another proxy serves them\n"
+        );
+        // Reports of agents from before the field: a table as ever.
+        assert!(!super::services_table(&json!({"frontends": []}), None).contains("disabled"));
     }
 
     #[test]
@@ -380,6 +430,23 @@ mod tests {
             t.lines().next().unwrap(),
             "node node-1: 5 of 262144 conntrack entries, 3 flows; the 1 most recently seen shown (--limit)"
         );
+    }
+
+    #[test]
+    fn an_agent_that_does_not_answer_is_said_to_not_answer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // Accepts, reads the request, and says nothing.
+        let silent = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            std::thread::sleep(std::time::Duration::from_millis(600));
+        });
+        let e = super::get_json_within(&addr, "/services", std::time::Duration::from_millis(250)).unwrap_err();
+        assert_eq!(e.to_string(), format!("agent at {addr}: /services: no answer within 250 ms"));
+        assert_eq!(super::span(super::ANSWER_TIMEOUT), "10 s");
+        silent.join().unwrap();
     }
 
     #[test]

@@ -376,6 +376,15 @@ async fn ipam(store: &Arc<dyn Store>, format: Format, warnings: &mut Vec<String>
             vec![a.id.to_string(), a.name.clone(), a.pod_cidr.to_string(), claim]
         })
         .collect();
+    // A claimed ID no allocation uses: held by a node that has no (or another) allocation,
+    // e.g. one that left without releasing it, or one between claiming and allocating.
+    let allocated: BTreeSet<u32> = allocs.iter().map(|(_, a)| a.id).collect();
+    rows.extend(
+        claims
+            .iter()
+            .filter(|(id, _)| !allocated.contains(id))
+            .map(|(id, holder)| vec![id.to_string(), holder.clone(), "unallocated".into(), "claimed".into()]),
+    );
     rows.sort_by_key(|r| r[0].parse::<u32>().unwrap_or(u32::MAX));
     out.push_str(&table(&["ID", "NODE", "POD-CIDR", "ID-CLAIM"], &rows));
     Ok(out)

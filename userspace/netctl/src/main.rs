@@ -30,7 +30,8 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Writes the objects of manifest files (or directories of them) into the store.
-    /// Every document of every file is validated before anything is written.
+    /// Every document of every file is validated before anything is written; a field the
+    /// object's kind does not have is an error, as with kubectl.
     Apply {
         /// A manifest file or a directory of *.yaml/*.yml/*.json files.
         #[arg(short = 'f', long = "filename", required = true)]
@@ -61,7 +62,8 @@ enum Command {
         /// conntrack its flows (both: see --agent).
         #[arg(long)]
         node: Option<String>,
-        /// With --node: only this pod (NAMESPACE/NAME for conntrack: flows it is in).
+        /// With --node: only this pod, NAMESPACE/NAME (for conntrack: the flows it is in; for
+        /// policies also NAME, in -n's namespace or any).
         #[arg(long, requires = "node")]
         pod: Option<String>,
         /// With --node: the port of the agents' status endpoint (`statusAddr`).
@@ -71,7 +73,7 @@ enum Command {
         #[arg(long, requires = "node")]
         service: Option<String>,
         /// With --node, for conntrack: at most N flows, the most recently seen (default 200;
-        /// 0: all).
+        /// 0: all, up to the agent's cap of 100000).
         #[arg(long, requires = "node")]
         limit: Option<usize>,
     },

@@ -32,6 +32,9 @@ pub enum NodeQueryError {
     /// The agent's status endpoint did not answer as expected.
     #[error("agent of node {node} at {addr}: {reason}")]
     Agent { node: String, addr: SocketAddr, reason: String },
+    /// `--pod` matches none of the pods the node's agent reports.
+    #[error("node {node} has no pod {pod} (its agent reports {known})")]
+    NoSuchPod { node: String, pod: String, known: String },
 }
 
 /// The address a node's agent answers on: its underlay address, else its first address.
@@ -70,7 +73,9 @@ pub async fn agent_get(node: &str, addr: SocketAddr, path: &str) -> Result<Value
 }
 
 /// `netctl get policies --node N`: per pod of the node (optionally one namespace / one
-/// pod), its isolation and every POLICY entry: the peers and what they may use.
+/// pod), its isolation and every POLICY entry: the peers and what they may use. `pod` is
+/// `NAMESPACE/NAME` (as for `monitor`, `trace` and `conntrack`) or a bare name (in
+/// `namespace`, else in any); one that matches no pod of the node is an error.
 pub async fn policies(
     store: &Arc<dyn Store>,
     node: &str,
@@ -81,8 +86,33 @@ pub async fn policies(
 ) -> Result<String, NodeQueryError> {
     let addr = agent_addr(store, node, port).await?;
     let mut report = agent_get(node, addr, "/policies").await?;
+    let (pod_namespace, pod_name) = match pod.map(|p| p.split_once('/').unwrap_or(("", p))) {
+        Some(("", name)) => (namespace, Some(name)),
+        Some((ns, name)) => (Some(ns), Some(name)),
+        None => (namespace, None),
+    };
     if let Some(pods) = report.get_mut("pods").and_then(Value::as_array_mut) {
-        pods.retain(|p| namespace.is_none_or(|n| p["podNamespace"] == n) && pod.is_none_or(|n| p["podName"] == n));
+        let reported: Vec<String> = pods
+            .iter()
+            .map(|p| format!("{}/{}", p["podNamespace"].as_str().unwrap_or(""), p["podName"].as_str().unwrap_or("")))
+            .collect();
+        pods.retain(|p| {
+            namespace.is_none_or(|n| p["podNamespace"] == n)
+                && pod_namespace.is_none_or(|n| p["podNamespace"] == n)
+                && pod_name.is_none_or(|n| p["podName"] == n)
+        });
+        if let (Some(wanted), true) = (pod, pods.is_empty()) {
+            let pod = match (wanted.contains('/'), namespace) {
+                (false, Some(ns)) => format!("{ns}/{wanted}"),
+                _ => wanted.to_owned(),
+            };
+            let known = match reported.len() {
+                0 => "none".to_owned(),
+                1..=5 => reported.join(", "),
+                n => format!("{}, ... ({n} in all)", reported[..5].join(", ")),
+            };
+            return Err(NodeQueryError::NoSuchPod { node: node.into(), pod, known });
+        }
     }
     if format == Format::Json {
         let mut s = serde_json::to_string_pretty(&report).unwrap_or_default();
@@ -125,4 +155,83 @@ pub async fn policies(
         out.push_str(&format!("problem: {problem}\n"));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use contiv_cluster_model::keys;
+    use contiv_node_registry::NodeRegistration;
+    use contiv_store::{Store, StoreConfig};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{NodeQueryError, policies};
+    use crate::get::Format;
+
+    /// A store registering node-1 on 127.0.0.1, and the port of a fake agent answering every
+    /// `/policies` request for pods x/a and x/b and y/b.
+    async fn node_with_agent(dir: &std::path::Path) -> (Arc<dyn Store>, u16) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let pod = |ns: &str, name: &str, ip: &str| {
+                serde_json::json!({"podNamespace": ns, "podName": name, "ip": ip, "ingressIsolated": true,
+                    "ingress": [{"peer": "10.1.1.4/32", "allowed": ["TCP:80"]}], "egressIsolated": false, "egress": []})
+            };
+            let body = serde_json::json!({"node": "node-1", "modelLoaded": true,
+                "pods": [pod("x", "a", "10.1.2.2"), pod("x", "b", "10.1.2.3"), pod("y", "b", "10.1.2.4")]})
+            .to_string();
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                s.write_all(resp.as_bytes()).await.unwrap();
+            }
+        });
+        let store = contiv_store::open(&StoreConfig::embedded(dir)).await.unwrap();
+        let reg = NodeRegistration {
+            name: "node-1".into(),
+            id: 1,
+            addresses: vec![],
+            pod_cidr: "10.1.2.0/24".parse().unwrap(),
+            uplink_ip: Some("127.0.0.1".parse().unwrap()),
+        };
+        store.put(&keys::node("node-1"), contiv_cluster_model::encode(&reg), None).await.unwrap();
+        (store, port)
+    }
+
+    /// The POD column of each row.
+    fn pods(table: &str) -> Vec<&str> {
+        table.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect()
+    }
+
+    #[tokio::test]
+    async fn pod_is_namespace_slash_name_as_elsewhere_and_one_that_matches_nothing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, port) = node_with_agent(dir.path()).await;
+        let get = |ns: Option<&'static str>, pod: Option<&'static str>| {
+            let store = store.clone();
+            async move { policies(&store, "node-1", port, ns, pod, Format::Table).await }
+        };
+        // NS/NAME, as `monitor --pod`, `trace --from` and `get conntrack --pod` take it.
+        let t = get(None, Some("x/b")).await.unwrap();
+        assert_eq!(pods(&t), ["x/b", "x/b"], "{t}");
+        assert!(t.contains("10.1.1.4/32") && t.contains("TCP:80"), "{t}");
+        // A bare name with -n, or alone (every namespace's).
+        assert_eq!(pods(&get(Some("y"), Some("b")).await.unwrap()), ["y/b", "y/b"]);
+        assert_eq!(pods(&get(None, Some("b")).await.unwrap()), ["x/b", "x/b", "y/b", "y/b"]);
+        assert_eq!(pods(&get(Some("x"), None).await.unwrap()), ["x/a", "x/a", "x/b", "x/b"]);
+        // No such pod: said, rather than an empty table.
+        for (ns, pod, named) in [(None, "x/c", "x/c"), (Some("z"), "b", "z/b"), (Some("y"), "x/a", "x/a")] {
+            let e = get(ns, Some(pod)).await.unwrap_err();
+            assert!(matches!(&e, NodeQueryError::NoSuchPod { pod, .. } if pod == named), "{e}");
+            assert_eq!(e.to_string(), format!("node node-1 has no pod {named} (its agent reports x/a, x/b, y/b)"));
+        }
+        let json = policies(&store, "node-1", port, None, Some("x/a"), Format::Json).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["pods"].as_array().unwrap().len(), 1, "{json}");
+        assert_eq!(v["pods"][0]["podName"], "a");
+    }
 }

@@ -279,3 +279,79 @@ async fn get_tables_for_every_resource_and_skips_malformed_values() {
     let v: Value = serde_json::from_str(&only_default.text).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn get_ipam_shows_id_claims_that_no_allocation_uses() {
+    use contiv_cluster_model::encode as enc;
+    use contiv_node_registry::{IpamAllocation, NodeIdClaim};
+    let dir = tempfile::tempdir().unwrap();
+    let store = embedded(dir.path()).await;
+    let cidr: ipnet::IpNet = "10.1.1.0/24".parse().unwrap();
+    let alloc = IpamAllocation { name: "node-a".into(), id: 1, pod_cidr: cidr };
+    store.put(&keys::ipam_node("node-a"), enc(&alloc), None).await.unwrap();
+    for (id, holder) in [(1, "node-a"), (7, "node-z"), (3, "node-a")] {
+        store.put(&keys::node_id(id), enc(&NodeIdClaim { name: holder.into() }), None).await.unwrap();
+    }
+    let out = contiv_netctl::get::get(&store, Resource::Ipam, None, Format::Table).await.unwrap();
+    let rows: Vec<Vec<&str>> = out.text.lines().skip(3).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["1", "node-a", "10.1.1.0/24", "ok"],
+            vec!["3", "node-a", "unallocated", "claimed"],
+            vec!["7", "node-z", "unallocated", "claimed"]
+        ],
+        "{}",
+        out.text
+    );
+}
+
+#[tokio::test]
+async fn cli_refuses_unknown_fields_and_applies_and_deletes_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("store");
+    let data = data.to_str().unwrap();
+    // A misspelt targetPort: kubectl refuses it; so does netctl, and writes nothing.
+    let svc = dir.path().join("svc.yaml");
+    std::fs::write(
+        &svc,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  ports: [{port: 80, targetport: 8080}]\n",
+    )
+    .unwrap();
+    let out = netctl(&["--data-dir", data, "apply", "-f", svc.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains(&format!("{}: document 2 (Service/web): unknown field spec.ports[0].targetport", svc.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+
+    // What `kubectl get -o yaml` prints: a List, applied item by item, and deleted so.
+    let list = dir.path().join("list.yaml");
+    std::fs::write(
+        &list,
+        "apiVersion: v1\nkind: List\nmetadata: {resourceVersion: \"\"}\nitems:\n\
+         - apiVersion: v1\n  kind: Namespace\n  metadata: {name: shop, uid: 1a2b, resourceVersion: \"5\"}\n  status: {phase: Active}\n\
+         - apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: shop, creationTimestamp: \"2025-01-02T03:04:05Z\"}\n  \
+           spec: {clusterIP: 10.96.0.20, ports: [{port: 80, targetPort: 8080, protocol: TCP}]}\n  status: {loadBalancer: {}}\n",
+    )
+    .unwrap();
+    let out = netctl(&["--data-dir", data, "apply", "-f", list.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/contiv/k8s/namespace/shop created\n/contiv/k8s/service/shop/web created\n"
+    );
+    let out = netctl(&["--data-dir", data, "get", "services"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("80/TCP->8080"), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = netctl(&["--data-dir", data, "delete", "-f", list.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/contiv/k8s/namespace/shop deleted\n/contiv/k8s/service/shop/web deleted\n"
+    );
+}

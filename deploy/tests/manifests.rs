@@ -237,6 +237,54 @@ fn uninstall_cleans_up_the_datapath_first() {
     );
 }
 
+/// Uninstalling gives the NIC back first, if deploy/vpp's contiv-stn sidecar could not
+/// (SIGKILLed, OOM-killed or crash-looping when the agent DaemonSet went): `contiv-stn
+/// restore` runs before the cleanup, from the image that has it, with NET_ADMIN, the host
+/// network, and the host directory where the sidecar keeps its state file.
+#[test]
+fn uninstall_gives_the_nic_back_before_cleaning_up() {
+    let docs = rendered("uninstall");
+    let ds = find(&docs, "DaemonSet", "contiv-uninstall");
+    let pod = &ds["spec"]["template"]["spec"];
+    let init = pod["initContainers"].as_array().expect("init containers");
+    let names: Vec<&str> = init.iter().filter_map(|c| c["name"].as_str()).collect();
+    let restore = &init[0];
+    assert_eq!(
+        strings(&restore["command"]),
+        ["/usr/bin/contiv-stn", "restore"],
+        "the first init container gives the NIC back: {names:?}"
+    );
+    assert!(names.contains(&"cleanup"), "{names:?}");
+    let image = restore["image"].as_str().unwrap();
+    assert!(image_of(image).is_some_and(|i| i.binaries.contains(&"contiv-stn")), "{image} has no contiv-stn");
+    assert_eq!(pod["hostNetwork"], json!(true), "the host's NIC, not a pod's");
+    assert_eq!(strings(&restore["securityContext"]["capabilities"]["add"]), ["NET_ADMIN"]);
+    assert!(restore["securityContext"]["privileged"].is_null());
+    // The state file it reads is the one the sidecar writes, in the same host directory.
+    let env_value = |c: &Value, name: &str| -> String {
+        let env = c["env"].as_array().cloned().unwrap_or_default();
+        let e = env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{} sets no {name}", c["name"]));
+        e["value"].as_str().unwrap().to_string()
+    };
+    let host_dir = |pod: &Value, c: &Value, dir: &Path| -> String {
+        let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+        let m = mounts
+            .iter()
+            .find(|m| Path::new(m["mountPath"].as_str().unwrap()) == dir)
+            .unwrap_or_else(|| panic!("{} does not mount {}: {mounts:?}", c["name"], dir.display()));
+        let volumes = pod["volumes"].as_array().unwrap();
+        let v = volumes.iter().find(|v| v["name"] == m["name"]).expect("the mounted volume");
+        v["hostPath"]["path"].as_str().unwrap_or_else(|| panic!("{} is not a hostPath volume", v["name"])).to_string()
+    };
+    let vpp = rendered("vpp");
+    let agent = find(&vpp, "DaemonSet", "contiv-agent");
+    let sidecar = container(agent, "stn");
+    let state = env_value(sidecar, "CONTIV_STN_STATE_FILE");
+    assert_eq!(env_value(restore, "CONTIV_STN_STATE_FILE"), state);
+    let dir = Path::new(&state).parent().unwrap();
+    assert_eq!(host_dir(pod, restore, dir), host_dir(&agent["spec"]["template"]["spec"], sidecar, dir));
+}
+
 // === commands and flags ===
 
 /// The environment a container gets from its manifest (downward-API values made up).
@@ -446,6 +494,7 @@ async fn fake_apiserver_ksr_runs_with_exactly_the_manifest_rbac() {
         api.client(),
         store,
         Duration::from_millis(200),
+        None,
         election,
         health.clone(),
         async move {

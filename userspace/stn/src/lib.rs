@@ -11,6 +11,7 @@
 //! restore re-adds exactly what was there (metric, protocol, scope, source, flags).
 
 use std::{
+    future::Future,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
@@ -22,9 +23,9 @@ use rtnetlink::{
     packet_core::{Emitable, Parseable},
     packet_route::{
         AddressFamily,
-        address::{AddressAttribute, AddressMessage},
+        address::{AddressAttribute, AddressFlags, AddressMessage},
         link::{LinkAttribute, LinkFlags},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
     },
 };
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,16 @@ pub enum StnError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// Part of the record could not be given back (everything else was).
+    #[error("giving {interface} back: {count} of {total} failed: {list}", count = .failures.len(), list = .failures.join("; "))]
+    Restore {
+        /// The interface.
+        interface: String,
+        /// How many records (link state, addresses, routes) were replayed.
+        total: usize,
+        /// What failed, and why (the last error, for routes tried in several passes).
+        failures: Vec<String>,
     },
 }
 
@@ -256,6 +267,67 @@ pub fn pci_address(ifname: &str) -> Option<String> {
     (b.len() == 12 && b[4] == b':' && b[7] == b':' && b[10] == b'.').then_some(name)
 }
 
+fn address_flags(a: &AddressMessage) -> AddressFlags {
+    a.attributes
+        .iter()
+        .find_map(|x| match x {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        })
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(a.header.flags.bits())))
+}
+
+/// Whether the kernel itself installs `r` again when the addresses `addresses` come back, so
+/// that it must not be recorded (replaying it would only race the kernel's own).
+///
+/// Only `proto kernel` routes qualify, and only the exact connected route the kernel makes
+/// for one of the addresses (`fib_add_ifaddr` / `addrconf_prefix_route`): destination the
+/// address's subnet, no gateway, unicast, main table, metric the address's `metric`
+/// (IFA_RT_PRIORITY) or the kernel's default (0 for IPv4, 256 for IPv6), and an address
+/// the kernel makes a prefix route for: not `noprefixroute`, and for IPv4 not a secondary
+/// and not a /32. Any other `proto kernel` route was put there by someone else under the
+/// kernel's name (NetworkManager adds the subnet route of its `noprefixroute` addresses as
+/// `proto kernel metric 100`), or has a metric or table the kernel would not give it; the
+/// kernel will not make it again, so it is recorded. Keeping one too many is harmless (the
+/// restore replaces, an existing route is fine); dropping one loses it.
+fn kernel_makes_it_again(r: &RouteMessage, addresses: &[AddressMessage]) -> bool {
+    if r.header.protocol != RouteProtocol::Kernel
+        || r.header.kind != RouteType::Unicast
+        || route_table(r) != RT_TABLE_MAIN
+        || r.attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Via(_) | RouteAttribute::MultiPath(_)))
+    {
+        return false;
+    }
+    let Some(dst) = route_dst(r) else { return false };
+    let metric = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0);
+    addresses.iter().any(|a| {
+        let Some(net) = address_of(a) else { return false };
+        let flags = address_flags(a);
+        let (makes_one, default_metric) = match net {
+            IpNet::V4(v4) => (!flags.contains(AddressFlags::Secondary) && v4.prefix_len() < 32, 0),
+            IpNet::V6(_) => (true, 256),
+        };
+        let address_metric = a
+            .attributes
+            .iter()
+            .find_map(|x| match x {
+                AddressAttribute::RoutePriority(p) => Some(*p),
+                _ => None,
+            })
+            .unwrap_or(default_metric);
+        makes_one && !flags.contains(AddressFlags::Noprefixroute) && net.trunc() == dst && metric == address_metric
+    })
+}
+
 /// Records the NIC's configuration (nothing is changed).
 pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
     let (ifindex, mac, mtu, link_up) = link_info(h, ifname).await?;
@@ -282,6 +354,7 @@ pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
         addresses.push(SavedAddress { address, netlink: emit(&clean) });
     }
     let mut routes = Vec::new();
+    let mut handed_over = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         let mut query = RouteMessage::default();
         query.header.address_family = family;
@@ -289,9 +362,9 @@ pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
             h.route().get(query).execute().try_collect().await.map_err(nl(format!("listing routes of {ifname}")))?;
         for r in all {
             let table = route_table(&r);
-            // Routes through the NIC, not the kernel's own (connected routes come back with
-            // their address; the local table is the kernel's).
-            if route_oif(&r) != Some(ifindex) || table == 255 || r.header.protocol == RouteProtocol::Kernel {
+            // Routes through the NIC, except the kernel's own: the local table, and the
+            // connected routes the kernel makes again when their address comes back.
+            if route_oif(&r) != Some(ifindex) || table == 255 || kernel_makes_it_again(&r, &msgs) {
                 continue;
             }
             let Some(dst) = route_dst(&r) else { continue };
@@ -307,6 +380,10 @@ pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
             let mut clean = r.clone();
             clean.attributes.retain(|a| !matches!(a, RouteAttribute::CacheInfo(_) | RouteAttribute::Expires(_)));
             routes.push(SavedRoute { dst, gateway: route_gateway(&r), table, metric, netlink: emit(&clean) });
+            // A `proto kernel` route kept here is a connected route (an address's subnet,
+            // e.g. NetworkManager's for a `noprefixroute` address): VPP makes that one
+            // itself from the address, so it is not handed over.
+            handed_over.push(r.header.protocol != RouteProtocol::Kernel);
         }
     }
     // The handover: IPv4 in the main table, primary address first as the kernel lists it.
@@ -320,7 +397,9 @@ pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
             .collect(),
         routes: routes
             .iter()
-            .filter(|r| r.table == RT_TABLE_MAIN)
+            .zip(&handed_over)
+            .filter(|(r, handed)| **handed && r.table == RT_TABLE_MAIN)
+            .map(|(r, _)| r)
             .filter_map(|r| match (r.dst, r.gateway) {
                 (IpNet::V4(dst), Some(IpAddr::V4(gw))) => Some(HandoverRoute { dst, gateway: Some(gw) }),
                 (IpNet::V4(dst), None) => Some(HandoverRoute { dst, gateway: None }),
@@ -398,19 +477,67 @@ pub async fn take(h: &Handle, state: &StnState) -> Result<(), StnError> {
     Ok(())
 }
 
+/// Whether a route goes through a gateway (so the kernel wants that gateway reachable
+/// through another route when it is added).
+fn has_gateway(r: &RouteMessage) -> bool {
+    r.attributes.iter().any(|a| {
+        matches!(
+            a,
+            RouteAttribute::Gateway(_)
+                | RouteAttribute::Via(_)
+                | RouteAttribute::MultiPath(_)
+                | RouteAttribute::NhId(_)
+        )
+    })
+}
+
+/// Adds every item with `add`, in order; what fails is tried again in further passes for as
+/// long as a pass adds something (an item may need one that comes after it). Returns what
+/// still fails, with the error of its last attempt.
+async fn replay_in_passes<T, E, F, Fut>(mut pending: Vec<T>, mut add: F) -> Vec<(T, E)>
+where
+    F: FnMut(&T) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    loop {
+        let tried = pending.len();
+        let mut failed = Vec::new();
+        for item in pending {
+            if let Err(e) = add(&item).await {
+                failed.push((item, e));
+            }
+        }
+        if failed.is_empty() || failed.len() == tried {
+            return failed;
+        }
+        pending = failed.into_iter().map(|(item, _)| item).collect();
+    }
+}
+
 /// Puts the recorded addresses and routes back (replacing what is there; idempotent). The
 /// interface is found by name; its index may have changed since.
+///
+/// Addresses go first, then routes without a gateway (link and on-link routes: the kernel
+/// lists `default via 10.128.0.1` before the `10.128.0.1 scope link` route that makes the
+/// gateway reachable, and refuses it with ENETUNREACH on its own), then gateway routes;
+/// routes that fail are retried in passes while a pass makes progress. A failure does not
+/// stop the rest: everything that can come back does, and what could not is reported
+/// together in one [`StnError::Restore`].
 pub async fn restore(h: &Handle, state: &StnState) -> Result<(), StnError> {
     let (ifindex, _, _, up) = link_info(h, &state.interface).await?;
+    let mut failures = Vec::new();
+    let mut total = state.addresses.len() + state.routes.len();
     if state.link_up && !up {
-        h.link()
-            .set(LinkUnspec::new_with_index(ifindex).up().build())
-            .execute()
-            .await
-            .map_err(nl(format!("setting {} up", state.interface)))?;
+        total += 1;
+        if let Err(e) = h.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await {
+            failures.push(format!("setting the link up: {e}"));
+        }
     }
     for a in &state.addresses {
-        let Some(mut msg) = parse_address(a) else { continue };
+        let Some(mut msg) = parse_address(a) else {
+            failures.push(format!("address {}: unreadable record", a.address));
+            continue;
+        };
         msg.header.index = ifindex;
         let ip = a.address.addr();
         let mut req = h.address().add(ifindex, ip, a.address.prefix_len()).replace();
@@ -418,23 +545,43 @@ pub async fn restore(h: &Handle, state: &StnState) -> Result<(), StnError> {
         match req.execute().await {
             Ok(()) => {}
             Err(e) if is_errno(&e, &[libc::EEXIST]) => {}
-            Err(e) => return Err(nl(format!("restoring address {}", a.address))(e)),
+            Err(e) => failures.push(format!("address {}: {e}", a.address)),
         }
     }
+    let mut routes = Vec::new();
     for r in &state.routes {
-        let Some(mut msg) = parse_route(r) else { continue };
+        let Some(mut msg) = parse_route(r) else {
+            failures.push(format!("route {}: unreadable record", r.dst));
+            continue;
+        };
         for attr in &mut msg.attributes {
             if let RouteAttribute::Oif(i) = attr {
                 *i = ifindex;
             }
         }
-        match h.route().add(msg).replace().execute().await {
-            Ok(()) => {}
-            Err(e) if is_errno(&e, &[libc::EEXIST]) => {}
-            Err(e) => return Err(nl(format!("restoring route {}", r.dst))(e)),
-        }
+        routes.push((r, msg));
     }
-    Ok(())
+    // Stable: the recorded order is kept within each group.
+    routes.sort_by_key(|(_, msg)| has_gateway(msg));
+    let failed = replay_in_passes(routes, |(_, msg): &(&SavedRoute, RouteMessage)| {
+        let req = h.route().add(msg.clone()).replace();
+        async move {
+            match req.execute().await {
+                Err(e) if !is_errno(&e, &[libc::EEXIST]) => Err(e),
+                _ => Ok(()),
+            }
+        }
+    })
+    .await;
+    for ((r, _), e) in failed {
+        let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        failures.push(format!("route {}{via}: {e}", r.dst));
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(StnError::Restore { interface: state.interface.clone(), total, failures })
+    }
 }
 
 /// Writes the state file atomically (temporary file, fsync, rename, fsync of the directory).
@@ -496,6 +643,95 @@ mod tests {
             routes: vec![],
             pid: 1,
         }
+    }
+
+    fn route(dst: &str, protocol: RouteProtocol, metric: Option<u32>) -> RouteMessage {
+        let net: IpNet = dst.parse().unwrap();
+        let mut r = RouteMessage::default();
+        r.header.address_family = if net.addr().is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        r.header.destination_prefix_length = net.prefix_len();
+        r.header.table = 254;
+        r.header.protocol = protocol;
+        r.header.kind = RouteType::Unicast;
+        r.attributes.push(RouteAttribute::Destination(match net.addr() {
+            IpAddr::V4(a) => RouteAddress::Inet(a),
+            IpAddr::V6(a) => RouteAddress::Inet6(a),
+        }));
+        r.attributes.extend(metric.map(RouteAttribute::Priority));
+        r
+    }
+
+    fn address(a: &str, flags: AddressFlags, metric: Option<u32>) -> AddressMessage {
+        let net: IpNet = a.parse().unwrap();
+        let mut m = AddressMessage::default();
+        m.header.family = if net.addr().is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        m.header.prefix_len = net.prefix_len();
+        m.attributes.push(AddressAttribute::Local(net.addr()));
+        m.attributes.push(AddressAttribute::Flags(flags));
+        m.attributes.extend(metric.map(AddressAttribute::RoutePriority));
+        m
+    }
+
+    #[test]
+    fn only_the_connected_routes_the_kernel_makes_again_are_left_out_of_the_record() {
+        use RouteProtocol::{Dhcp, Kernel};
+        let none = AddressFlags::empty();
+        let plain = [address("192.168.60.2/24", none, None), address("2001:db8:60::2/64", none, None)];
+        assert!(kernel_makes_it_again(&route("192.168.60.0/24", Kernel, None), &plain));
+        assert!(kernel_makes_it_again(&route("2001:db8:60::/64", Kernel, Some(256)), &plain));
+        // Not the kernel's, or not what the kernel would install.
+        assert!(!kernel_makes_it_again(&route("192.168.60.0/24", Dhcp, None), &plain));
+        assert!(!kernel_makes_it_again(&route("192.168.60.0/24", Kernel, Some(600)), &plain));
+        assert!(!kernel_makes_it_again(&route("2001:db8:60::/64", Kernel, Some(100)), &plain));
+        assert!(!kernel_makes_it_again(&route("192.168.61.0/24", Kernel, None), &plain), "no such address");
+        let mut other_table = route("192.168.60.0/24", Kernel, None);
+        other_table.header.table = 100;
+        assert!(!kernel_makes_it_again(&other_table, &plain));
+        // NetworkManager: noprefixroute addresses, their subnet route as `proto kernel metric 100`.
+        let nm = [
+            address("192.168.50.2/24", AddressFlags::Noprefixroute, None),
+            address("2001:db8:50::2/64", AddressFlags::Noprefixroute, None),
+        ];
+        assert!(!kernel_makes_it_again(&route("192.168.50.0/24", Kernel, Some(100)), &nm));
+        assert!(!kernel_makes_it_again(&route("192.168.50.0/24", Kernel, None), &nm));
+        assert!(!kernel_makes_it_again(&route("2001:db8:50::/64", Kernel, Some(100)), &nm));
+        // `ip addr add ... metric 50`: the kernel's route has that metric.
+        let metric = [address("10.1.0.2/16", none, Some(50))];
+        assert!(kernel_makes_it_again(&route("10.1.0.0/16", Kernel, Some(50)), &metric));
+        assert!(!kernel_makes_it_again(&route("10.1.0.0/16", Kernel, None), &metric));
+        // No prefix route for an IPv4 secondary or a /32.
+        assert!(!kernel_makes_it_again(
+            &route("192.168.70.0/24", Kernel, None),
+            &[address("192.168.70.3/24", AddressFlags::Secondary, None)]
+        ));
+        assert!(!kernel_makes_it_again(&route("10.128.0.5/32", Kernel, None), &[address("10.128.0.5/32", none, None)]));
+    }
+
+    #[test]
+    fn failures_are_retried_in_passes_while_they_make_progress() {
+        use std::cell::RefCell;
+        // "default" needs "gw" (listed after it); "c" needs "default"; "broken" never works.
+        let added = RefCell::new(Vec::<&str>::new());
+        let tries = RefCell::new(0);
+        let failed = futures::executor::block_on(replay_in_passes(vec!["c", "default", "broken", "gw"], |item| {
+            *tries.borrow_mut() += 1;
+            let needs = match *item {
+                "default" => Some("gw"),
+                "c" => Some("default"),
+                "broken" => Some("nothing"),
+                _ => None,
+            };
+            let ok = needs.is_none_or(|n| added.borrow().contains(&n));
+            if ok {
+                added.borrow_mut().push(item);
+            }
+            let item = *item;
+            async move { if ok { Ok(()) } else { Err(format!("{item} unreachable")) } }
+        }));
+        assert_eq!(*added.borrow(), ["gw", "default", "c"]);
+        assert_eq!(failed, [("broken", "broken unreachable".to_string())]);
+        // 4 tries, then 3 (gw came), 2 (default came), 1 (c came), and no progress: stop.
+        assert_eq!(*tries.borrow(), 4 + 3 + 2 + 1);
     }
 
     #[test]

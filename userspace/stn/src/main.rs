@@ -6,11 +6,11 @@
 //! contiv-stn show                     # print the state file (the agent's handover)
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use contiv_stn::{DEFAULT_STATE_FILE, read_state, record, restore, take, write_state};
+use contiv_stn::{DEFAULT_STATE_FILE, StnError, read_state, record, restore, take, write_state};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -43,11 +43,39 @@ async fn netlink() -> Result<rtnetlink::Handle> {
     Ok(handle)
 }
 
+/// Removes the state file once the NIC is back. Already gone is fine: another
+/// `contiv-stn restore` (the uninstall DaemonSet's) may have given the NIC back first.
+fn remove_state_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The error of a take that failed midway, after its rollback (`restore`) ran. The state
+/// file goes only if the rollback gave everything back; otherwise it is the one record of
+/// what the host lost, and stays for `contiv-stn restore` (or the next start).
+fn failed_take(state_file: &Path, interface: &str, take: StnError, rollback: Result<(), StnError>) -> anyhow::Error {
+    match rollback {
+        Ok(()) => {
+            let _ = remove_state_file(state_file);
+            anyhow::Error::new(take).context(format!("taking {interface}; put back what was removed"))
+        }
+        Err(rollback) => anyhow!(
+            "taking {interface}: {take}; putting back what was removed failed too: {rollback}; {} is kept: \
+             run `contiv-stn restore`",
+            state_file.display()
+        ),
+    }
+}
+
 /// Restores from the state file if there is one; true if it did.
-async fn restore_leftover(h: &rtnetlink::Handle, path: &std::path::Path) -> Result<bool> {
+async fn restore_leftover(h: &rtnetlink::Handle, path: &Path) -> Result<bool> {
     let Some(state) = read_state(path)? else { return Ok(false) };
     restore(h, &state).await.with_context(|| format!("restoring {} from {}", state.interface, path.display()))?;
-    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    remove_state_file(path)?;
     eprintln!(
         "contiv-stn: gave {} back its {} addresses and {} routes",
         state.interface,
@@ -70,9 +98,8 @@ async fn run(state_file: PathBuf, interface: String) -> Result<()> {
     // by the next start (or `contiv-stn restore`).
     write_state(&state_file, &state)?;
     if let Err(e) = take(&h, &state).await {
-        let _ = restore(&h, &state).await;
-        let _ = std::fs::remove_file(&state_file);
-        return Err(e).context(format!("taking {interface}; put back what was removed"));
+        let rollback = restore(&h, &state).await;
+        return Err(failed_take(&state_file, &interface, e, rollback));
     }
     println!(
         "contiv-stn: took {interface} ({} addresses, {} routes); handover in {}",
@@ -85,7 +112,7 @@ async fn run(state_file: PathBuf, interface: String) -> Result<()> {
         _ = int.recv() => {}
     }
     restore(&h, &state).await.context("giving the NIC back (the state file is kept; run `contiv-stn restore`)")?;
-    std::fs::remove_file(&state_file).with_context(|| format!("removing {}", state_file.display()))?;
+    remove_state_file(&state_file)?;
     println!("contiv-stn: gave {interface} back");
     Ok(())
 }
@@ -110,5 +137,39 @@ async fn main() -> Result<()> {
             }
             None => bail!("{} does not exist: contiv-stn is not holding a NIC", args.state_file.display()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stn.json");
+        std::fs::write(&path, b"{}").unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_failed_take_rolled_back_removes_the_state_file() {
+        let (_dir, path) = state_file();
+        let err = failed_take(&path, "eth0", StnError::NoSuchInterface("eth0".into()), Ok(()));
+        assert!(!path.exists());
+        let msg = format!("{err:#}");
+        assert!(msg.contains("taking eth0") && msg.contains("interface eth0 not found"), "{msg}");
+    }
+
+    #[test]
+    fn a_failed_take_whose_rollback_failed_keeps_the_state_file_and_reports_both() {
+        let (_dir, path) = state_file();
+        let rollback =
+            StnError::Restore { interface: "eth0".into(), total: 3, failures: vec!["route 0.0.0.0/0: EPERM".into()] };
+        let err = failed_take(&path, "eth0", StnError::NoSuchInterface("eth0".into()), Err(rollback));
+        assert!(path.exists(), "the only record of what the host lost");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("interface eth0 not found"), "the take's error: {msg}");
+        assert!(msg.contains("1 of 3 failed: route 0.0.0.0/0: EPERM"), "the rollback's error: {msg}");
+        assert!(msg.contains("contiv-stn restore"), "{msg}");
     }
 }

@@ -41,15 +41,30 @@ struct NodeNs {
 }
 
 impl NodeNs {
-    fn new() -> Self {
+    /// A namespace whose `nic0` is up but has no address or route yet.
+    fn bare() -> Self {
         let name = format!("cstn-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         ip(&["netns", "add", &name]);
+        // From here on, Drop deletes the namespace, whatever fails next.
         let ns = Self { name, dir: tempfile::tempdir().unwrap() };
         let n = ns.name.as_str();
         ip(&["-n", n, "link", "set", "lo", "up"]);
         ip(&["-n", n, "link", "add", "nic0", "type", "veth", "peer", "name", "wire0"]);
         ip(&["-n", n, "link", "set", "nic0", "up"]);
         ip(&["-n", n, "link", "set", "wire0", "up"]);
+        ns
+    }
+
+    /// Runs `ip -n <ns> <args>`.
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    fn new() -> Self {
+        let ns = Self::bare();
+        let n = ns.name.as_str();
         ip(&["-n", n, "addr", "add", "192.168.77.2/24", "dev", "nic0"]);
         ip(&["-n", n, "addr", "add", "192.168.78.2/24", "dev", "nic0"]);
         ip(&["-n", n, "addr", "add", "2001:db8:77::2/64", "dev", "nic0", "nodad"]);
@@ -71,7 +86,10 @@ impl NodeNs {
             .unwrap()
             .iter()
             .filter(|x| x["scope"] != "link")
-            .map(|x| format!("{}/{}", x["local"].as_str().unwrap(), x["prefixlen"]))
+            .map(|x| {
+                let flag = if x["noprefixroute"] == true { " noprefixroute" } else { "" };
+                format!("{}/{}{flag}", x["local"].as_str().unwrap(), x["prefixlen"])
+            })
             .collect();
         a.sort();
         let mut routes = Vec::new();
@@ -83,11 +101,13 @@ impl NodeNs {
                     continue;
                 }
                 routes.push(format!(
-                    "{} via {} metric {} proto {}",
+                    "{} via {} metric {} proto {} scope {} src {}",
                     x["dst"].as_str().unwrap(),
                     x["gateway"].as_str().unwrap_or("-"),
                     x["metric"].as_u64().unwrap_or(0),
-                    x["protocol"].as_str().unwrap_or("-")
+                    x["protocol"].as_str().unwrap_or("-"),
+                    x["scope"].as_str().unwrap_or("-"),
+                    x["prefsrc"].as_str().unwrap_or("-")
                 ));
             }
         }
@@ -103,7 +123,7 @@ impl NodeNs {
     }
 
     fn start(&self) -> Child {
-        let child = self.stn(&["run", "--interface", "nic0"]).stdout(Stdio::null()).spawn().expect("contiv-stn");
+        let mut child = self.stn(&["run", "--interface", "nic0"]).stdout(Stdio::null()).spawn().expect("contiv-stn");
         let deadline = Instant::now() + Duration::from_secs(10);
         // Taken by this process: its pid in the record (ip netns exec execs contiv-stn), and
         // nothing on the NIC. A record left by a killed run must not count: this run first
@@ -113,7 +133,12 @@ impl NodeNs {
             v["pid"].as_u64()
         };
         while !(recorded_pid() == Some(u64::from(child.id())) && self.config() == (vec![], vec![])) {
-            assert!(Instant::now() < deadline, "contiv-stn did not take nic0: {:?}", self.config());
+            if Instant::now() > deadline {
+                // Not left running (in a namespace about to be deleted) by the panic.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("contiv-stn did not take nic0: {:?}", self.config());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         child
@@ -227,4 +252,182 @@ fn a_missing_interface_is_a_clear_error_and_changes_nothing_root() {
     assert!(err.contains("nosuch0") && err.contains("not found"), "{err}");
     assert!(!ns.state_file().exists());
     assert_eq!(ns.config(), before);
+}
+
+/// Runs contiv-stn until it exits on its own (or panics after 10 s); its status and stderr.
+fn run_to_exit(mut c: Command) -> (std::process::ExitStatus, String) {
+    let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("contiv-stn");
+    let mut stderr = child.stderr.take().unwrap();
+    let status = wait(child);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    (status, err)
+}
+
+fn recorded_routes(path: &Path) -> Vec<String> {
+    let v: Value = serde_json::from_slice(&std::fs::read(path).expect("state file")).unwrap();
+    v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} metric {}", r["dst"].as_str().unwrap(), r["metric"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// GCE: a /32 address, the gateway reachable only through an on-link host route, and the
+/// default route through that gateway. The kernel lists the default route first; replayed
+/// first it fails (ENETUNREACH), so the host route must come back before it.
+#[test]
+fn a_gce_like_on_link_gateway_and_the_default_route_through_it_come_back_root() {
+    require_root!("a_gce_like_on_link_gateway_and_the_default_route_through_it_come_back_root");
+    let ns = NodeNs::bare();
+    ns.ip(&["addr", "add", "10.128.0.5/32", "dev", "nic0"]);
+    ns.ip(&["route", "add", "10.128.0.1", "dev", "nic0", "proto", "dhcp", "scope", "link", "src", "10.128.0.5"]);
+    ns.ip(&["route", "add", "default", "via", "10.128.0.1", "dev", "nic0", "proto", "dhcp", "src", "10.128.0.5"]);
+    let before = ns.config();
+    assert_eq!(before.1.len(), 2, "{before:?}");
+    assert!(before.1[0].starts_with("10.128.0.1 via - metric 0 proto dhcp scope link"), "{before:?}");
+    let child = ns.start();
+    assert_taken(&ns);
+    let routes = handover(&ns.state_file())["routes"].clone();
+    assert!(routes.as_array().unwrap().iter().any(|r| r["dst"] == "10.128.0.1/32" && r["gateway"].is_null()));
+    assert!(routes.as_array().unwrap().iter().any(|r| r["dst"] == "0.0.0.0/0" && r["gateway"] == "10.128.0.1"));
+    signal(&child, libc::SIGTERM);
+    let status = wait(child);
+    assert_eq!(ns.config(), before, "every route is back");
+    assert!(status.success(), "{status}");
+    assert!(!ns.state_file().exists());
+}
+
+/// NetworkManager: addresses with `noprefixroute`, their subnet route added by NM as
+/// `proto kernel` with metric 100. The kernel will not make that route again, so it is
+/// recorded and given back; so is a `proto kernel` route at a metric the kernel does not
+/// use. The connected route the kernel makes for a plain address is left to the kernel.
+#[test]
+fn network_manager_noprefixroute_subnet_routes_are_recorded_and_come_back_root() {
+    require_root!("network_manager_noprefixroute_subnet_routes_are_recorded_and_come_back_root");
+    let ns = NodeNs::bare();
+    ns.ip(&["addr", "add", "192.168.50.2/24", "dev", "nic0", "noprefixroute"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "192.168.50.0/24",
+        "dev",
+        "nic0",
+        "proto",
+        "kernel",
+        "scope",
+        "link",
+        "src",
+        "192.168.50.2",
+        "metric",
+        "100",
+    ]);
+    ns.ip(&["route", "add", "default", "via", "192.168.50.1", "dev", "nic0", "proto", "dhcp", "metric", "100"]);
+    ns.ip(&["addr", "add", "192.168.60.2/24", "dev", "nic0"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "192.168.60.0/24",
+        "dev",
+        "nic0",
+        "proto",
+        "kernel",
+        "scope",
+        "link",
+        "src",
+        "192.168.60.2",
+        "metric",
+        "600",
+    ]);
+    ns.ip(&["addr", "add", "2001:db8:50::2/64", "dev", "nic0", "noprefixroute", "nodad"]);
+    ns.ip(&["-6", "route", "add", "2001:db8:50::/64", "dev", "nic0", "proto", "kernel", "metric", "100"]);
+    let before = ns.config();
+    assert!(before.0.contains(&"192.168.50.2/24 noprefixroute".to_string()), "{before:?}");
+    let child = ns.start();
+    assert_taken(&ns);
+    let mut recorded = recorded_routes(&ns.state_file());
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        [
+            "0.0.0.0/0 metric 100",
+            "192.168.50.0/24 metric 100",
+            "192.168.60.0/24 metric 600",
+            "2001:db8:50::/64 metric 100"
+        ],
+        "the kernel's own 192.168.60.0/24 (metric 0) is left to the kernel"
+    );
+    // VPP makes connected routes from the addresses itself: only the default route is handed over.
+    assert_eq!(
+        handover(&ns.state_file())["routes"],
+        serde_json::json!([{"dst": "0.0.0.0/0", "gateway": "192.168.50.1"}])
+    );
+    signal(&child, libc::SIGTERM);
+    let status = wait(child);
+    assert_eq!(ns.config(), before, "every route is back");
+    assert!(status.success(), "{status}");
+}
+
+/// A route that cannot come back does not keep the others from coming back: every failure
+/// is reported, the exit is non-zero and the state file stays.
+#[test]
+fn a_route_that_cannot_come_back_does_not_stop_the_others_root() {
+    require_root!("a_route_that_cannot_come_back_does_not_stop_the_others_root");
+    let ns = NodeNs::new();
+    let before = ns.config();
+    let child = ns.start();
+    signal(&child, libc::SIGKILL);
+    let _ = wait(child);
+    // Without 192.168.77.2/24 the default route and 10.200.0.0/16 (both via 192.168.77.x)
+    // cannot come back; everything else can.
+    let mut v: Value = serde_json::from_slice(&std::fs::read(ns.state_file()).unwrap()).unwrap();
+    v["addresses"].as_array_mut().unwrap().retain(|a| a["address"] != "192.168.77.2/24");
+    std::fs::write(ns.state_file(), serde_json::to_vec(&v).unwrap()).unwrap();
+    let (status, err) = run_to_exit(ns.stn(&["restore"]));
+    let lost = |s: &String| s.starts_with("192.168.77.") || s.starts_with("default") || s.starts_with("10.200.");
+    let expected: (Vec<String>, Vec<String>) = (
+        before.0.iter().filter(|a| !lost(a)).cloned().collect(),
+        before.1.iter().filter(|r| !lost(r)).cloned().collect(),
+    );
+    assert_eq!(ns.config(), expected, "all but the two routes came back; stderr: {err}");
+    assert!(!status.success());
+    assert!(err.contains("0.0.0.0/0") && err.contains("10.200.0.0/16"), "both failures reported: {err}");
+    assert!(ns.state_file().exists(), "the state file stays when something could not be given back");
+}
+
+/// A take that fails (here: no CAP_NET_ADMIN, so nothing can be removed) whose rollback also
+/// fails keeps the state file: it is the only record of the NIC's configuration.
+#[test]
+fn a_failed_take_whose_rollback_fails_keeps_the_state_file_root() {
+    require_root!("a_failed_take_whose_rollback_fails_keeps_the_state_file_root");
+    let ns = NodeNs::new();
+    let before = ns.config();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name, "setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]);
+    c.args([env!("CARGO_BIN_EXE_contiv-stn"), "--state-file"]).arg(ns.state_file());
+    c.args(["run", "--interface", "nic0"]);
+    let (status, err) = run_to_exit(c);
+    assert!(!status.success());
+    assert!(ns.state_file().exists(), "the record is kept when the rollback failed: {err}");
+    assert!(err.contains("taking nic0") && err.contains("putting back"), "both errors reported: {err}");
+    assert_eq!(ns.config(), before);
+    // With the capability, `contiv-stn restore` then finishes the job.
+    let (status, err) = run_to_exit(ns.stn(&["restore"]));
+    assert!(status.success(), "{err}");
+    assert!(!ns.state_file().exists());
+    assert_eq!(ns.config(), before);
+}
+
+/// `contiv-stn restore` without a state file (a node that never ran it, or where it gave
+/// everything back) succeeds and changes nothing: the uninstall DaemonSet runs it on every node.
+#[test]
+fn restore_without_a_state_file_is_a_no_op_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir/stn.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_contiv-stn")).arg("--state-file").arg(&missing).arg("restore").output();
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to restore"));
+    assert!(!missing.parent().unwrap().exists(), "nothing created");
 }

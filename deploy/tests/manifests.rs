@@ -285,6 +285,33 @@ fn uninstall_gives_the_nic_back_before_cleaning_up() {
     assert_eq!(host_dir(pod, restore, dir), host_dir(&agent["spec"]["template"]["spec"], sidecar, dir));
 }
 
+/// Once contiv-stn holds the NIC the node reaches nothing until VPP runs: every image a
+/// container started after it needs is pulled before it, and never pulled again.
+#[test]
+fn the_vpp_variant_pulls_every_image_before_contiv_stn_takes_the_nic() {
+    let vpp = rendered("vpp");
+    let pod = &find(&vpp, "DaemonSet", "contiv-agent")["spec"]["template"]["spec"];
+    let inits: Vec<&Value> = pod["initContainers"].as_array().unwrap().iter().collect();
+    let stn = inits.iter().position(|c| c["name"] == "stn").expect("the stn sidecar");
+    let pulled: BTreeSet<&str> = inits[..stn].iter().filter_map(|c| c["image"].as_str()).collect();
+    let after = inits[stn + 1..].iter().copied().chain(pod["containers"].as_array().unwrap());
+    for c in after {
+        let image = c["image"].as_str().unwrap();
+        assert!(
+            pulled.contains(image),
+            "{}'s image {image} is pulled only after the NIC is taken: {pulled:?}",
+            c["name"]
+        );
+        let policy = c["imagePullPolicy"].as_str();
+        let latest = !image.rsplit('/').next().unwrap().contains(':') || image.ends_with(":latest");
+        assert!(
+            policy == Some("IfNotPresent") || policy == Some("Never") || (policy.is_none() && !latest),
+            "{} would pull {image} again ({policy:?})",
+            c["name"]
+        );
+    }
+}
+
 // === commands and flags ===
 
 /// The environment a container gets from its manifest (downward-API values made up).

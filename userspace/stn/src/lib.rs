@@ -210,6 +210,22 @@ fn route_dst(r: &RouteMessage) -> Option<IpNet> {
     IpNet::new(addr, len).ok()
 }
 
+/// Whether the host has an IPv4 default route in its main table now (through any
+/// interface): once contiv-stn took the NIC's, VPP's host interconnect gives one back.
+pub async fn host_has_default_route(h: &rtnetlink::Handle) -> Result<bool, StnError> {
+    let mut query = RouteMessage::default();
+    query.header.address_family = AddressFamily::Inet;
+    let all: Vec<RouteMessage> =
+        h.route().get(query).execute().try_collect().await.map_err(nl("listing the host's routes".to_string()))?;
+    Ok(all.iter().any(|r| r.header.destination_prefix_length == 0 && route_table(r) == 254))
+}
+
+/// Whether the taken NIC had an IPv4 default route (what [`host_has_default_route`] waits
+/// to see come back through VPP).
+pub fn had_default_route(state: &StnState) -> bool {
+    state.routes.iter().any(|r| matches!(r.dst, IpNet::V4(n) if n.prefix_len() == 0))
+}
+
 fn route_gateway(r: &RouteMessage) -> Option<IpAddr> {
     r.attributes.iter().find_map(|a| match a {
         RouteAttribute::Gateway(g) => route_addr(g),

@@ -1,12 +1,14 @@
 //! `contiv-stn`: takes the node's NIC away from the host for VPP and gives it back.
 //!
 //! ```text
-//! contiv-stn run --interface eth0     # take it; restore on SIGTERM/SIGINT
+//! contiv-stn run --interface eth0     # take it; restore on SIGTERM/SIGINT, or when
+//!                                     # the host has no default route 300 s later
 //! contiv-stn restore                  # give back what a crashed run took, then exit
 //! contiv-stn show                     # print the state file (the agent's handover)
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -30,6 +32,13 @@ enum Command {
         /// The NIC.
         #[arg(long)]
         interface: String,
+        /// Give the NIC back (and exit with an error) if the host has no default route
+        /// again this many seconds after the take: VPP's host interconnect gives it one
+        /// once VPP runs with the NIC. A VPP that never comes up (no hugepages, a wrong PCI
+        /// address) would otherwise leave the node offline, with no way to reach it. 0:
+        /// never. Only when the NIC had a default route.
+        #[arg(long, env = "CONTIV_STN_GIVE_BACK_AFTER_SECONDS", default_value_t = 300)]
+        give_back_after: u64,
     },
     /// Put back what the state file records (after a crash), then exit.
     Restore,
@@ -85,7 +94,28 @@ async fn restore_leftover(h: &rtnetlink::Handle, path: &Path) -> Result<bool> {
     Ok(true)
 }
 
-async fn run(state_file: PathBuf, interface: String) -> Result<()> {
+/// Resolves if the host has no default route `after` the take (VPP did not give it one);
+/// never if it gets one by then, or if there is nothing to wait for.
+async fn no_way_out_after(h: &rtnetlink::Handle, state: &contiv_stn::StnState, after: Duration) -> Duration {
+    if after.is_zero() || !contiv_stn::had_default_route(state) {
+        return std::future::pending().await;
+    }
+    let started = Instant::now();
+    while started.elapsed() < after {
+        match contiv_stn::host_has_default_route(h).await {
+            Ok(true) => {
+                println!("contiv-stn: the host has a default route again, through VPP");
+                return std::future::pending().await;
+            }
+            Ok(false) => {}
+            Err(e) => eprintln!("contiv-stn: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1).min(after)).await;
+    }
+    after
+}
+
+async fn run(state_file: PathBuf, interface: String, give_back_after: Duration) -> Result<()> {
     // Signals first: a SIGTERM during the take must still lead to a restore.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -107,14 +137,22 @@ async fn run(state_file: PathBuf, interface: String) -> Result<()> {
         state.routes.len(),
         state_file.display()
     );
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let stranded = tokio::select! {
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+        waited = no_way_out_after(&h, &state, give_back_after) => Some(waited),
+    };
     restore(&h, &state).await.context("giving the NIC back (the state file is kept; run `contiv-stn restore`)")?;
     remove_state_file(&state_file)?;
     println!("contiv-stn: gave {interface} back");
-    Ok(())
+    match stranded {
+        Some(waited) => bail!(
+            "the host had no default route {} s after {interface} was taken (VPP did not come up with it?): gave \
+             it back",
+            waited.as_secs()
+        ),
+        None => Ok(()),
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -122,7 +160,9 @@ async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     match args.command {
-        Command::Run { interface } => run(args.state_file, interface).await,
+        Command::Run { interface, give_back_after } => {
+            run(args.state_file, interface, Duration::from_secs(give_back_after)).await
+        }
         Command::Restore => {
             let h = netlink().await?;
             if !restore_leftover(&h, &args.state_file).await? {

@@ -123,7 +123,14 @@ impl NodeNs {
     }
 
     fn start(&self) -> Child {
-        let mut child = self.stn(&["run", "--interface", "nic0"]).stdout(Stdio::null()).spawn().expect("contiv-stn");
+        self.start_with(&[])
+    }
+
+    /// [`NodeNs::start`] with more flags for `run`.
+    fn start_with(&self, flags: &[&str]) -> Child {
+        let mut args = vec!["run", "--interface", "nic0"];
+        args.extend_from_slice(flags);
+        let mut child = self.stn(&args).stdout(Stdio::null()).spawn().expect("contiv-stn");
         let deadline = Instant::now() + Duration::from_secs(10);
         // Taken by this process: its pid in the record (ip netns exec execs contiv-stn), and
         // nothing on the NIC. A record left by a killed run must not count: this run first
@@ -430,4 +437,42 @@ fn restore_without_a_state_file_is_a_no_op_success() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to restore"));
     assert!(!missing.parent().unwrap().exists(), "nothing created");
+}
+
+/// VPP never gave the host a default route (it did not come up with the NIC): contiv-stn
+/// gives the NIC back by itself, so the node is not left offline, and exits with an error.
+#[test]
+fn a_host_left_without_a_default_route_gets_its_nic_back_root() {
+    require_root!("a_host_left_without_a_default_route_gets_its_nic_back_root");
+    let ns = NodeNs::new();
+    let before = ns.config();
+    let child = ns.start_with(&["--give-back-after", "2"]);
+    assert_taken(&ns);
+    let status = wait(child);
+    assert!(!status.success(), "exits with an error: {status:?}");
+    assert_eq!(ns.config(), before, "everything is back");
+    assert!(!ns.state_file().exists(), "nothing left to restore");
+}
+
+/// VPP's host interconnect gave the host a default route: contiv-stn keeps the NIC until
+/// it is told to stop.
+#[test]
+fn a_default_route_through_vpp_keeps_the_nic_taken_root() {
+    require_root!("a_default_route_through_vpp_keeps_the_nic_taken_root");
+    let ns = NodeNs::new();
+    let before = ns.config();
+    let mut child = ns.start_with(&["--give-back-after", "2"]);
+    // What VPP's tap gives the host.
+    ns.ip(&["link", "add", "vpp1", "type", "veth", "peer", "name", "vpp1peer"]);
+    ns.ip(&["addr", "add", "169.254.99.2/30", "dev", "vpp1"]);
+    ns.ip(&["link", "set", "vpp1peer", "up"]);
+    ns.ip(&["link", "set", "vpp1", "up"]);
+    ns.ip(&["route", "add", "default", "via", "169.254.99.1", "dev", "vpp1"]);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(child.try_wait().unwrap().is_none(), "still holding the NIC");
+    assert!(ns.config().0.is_empty(), "the NIC's addresses stay taken");
+    ns.ip(&["link", "del", "vpp1"]);
+    signal(&child, libc::SIGTERM);
+    assert!(wait(child).success());
+    assert_eq!(ns.config(), before);
 }

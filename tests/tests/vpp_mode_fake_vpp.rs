@@ -15,6 +15,9 @@
 //!   the eBPF maps and links are untouched;
 //! - an agent restart: VPP keeps serving the pods through the pinned slow-path port, and the
 //!   restarted agent takes it over without re-creating VPP's interface;
+//! - a node coming back with the store out of reach (as on a single-NIC node, whose network
+//!   only VPP gives back): the agent programs the uplink and the host interconnect before
+//!   it joins, and the full state follows the join without re-creating them;
 //! - a fake VPP that lists a message the agent needs under another CRC;
 //! - a remote backend's answer to a pod's ClusterIP flow, handed to the slow-path port as VPP
 //!   delivers it (the fake cannot carry it across): translated back to the service address,
@@ -28,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, enter, ip_in};
+use contiv_tests::cluster::{BoxOptions, BoxPod, CONTROL_IP, ClusterBox, enter, ip_in};
 use contiv_vpp_fake::papi::Papi;
 use serde_json::{Value, json};
 
@@ -403,6 +406,151 @@ fn an_agent_restart_in_vpp_mode_keeps_the_fake_vpp_serving_the_pods() {
     assert!(ping(&b, &a.id(), gateway_of(&a)), "the socket is still registered after the restart");
     let log = b.agent_log("node-1");
     assert!(!log.contains("removed xdp-cslow1"), "the port was kept, so VPP's interface was not stale");
+}
+
+/// The uplink's addresses and the host tap `(sw_if_index, host_if_name, host_ip4_prefix)`,
+/// as vpp_papi reads them from a fake VPP.
+fn read_uplink_and_tap(
+    papi: &Papi,
+    socket: &std::path::Path,
+    view: &VppView,
+) -> (Vec<String>, Option<(u64, String, String)>) {
+    let mut calls = vec![json!({"call": "sw_interface_tap_v2_dump", "args": {"sw_if_index": 4294967295u32}})];
+    if let Some((sw, _, _)) = view.interfaces.get("uplink0") {
+        calls.push(json!({"call": "ip_address_dump", "args": {"sw_if_index": sw, "is_ipv6": false}}));
+    }
+    let out = papi.drive(socket, Value::Array(calls), false, 0.0);
+    let r = &out["results"];
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let tap = list(&r[0]).first().map(|t| {
+        (
+            t["sw_if_index"].as_u64().unwrap_or(u64::MAX),
+            t["host_if_name"].as_str().unwrap_or_default().to_owned(),
+            t["host_ip4_prefix"].as_str().unwrap_or_default().to_owned(),
+        )
+    });
+    let addresses = list(&r[1]).iter().filter_map(|a| a["prefix"].as_str().map(str::to_owned)).collect();
+    (addresses, tap)
+}
+
+/// Whether a fake VPP holds the bootstrap (uplink, host interconnect, NAT44) and nothing of
+/// the pods; Err says what differs.
+fn check_bootstrapped(
+    view: &VppView,
+    uplink_addresses: &[String],
+    tap: &Option<(u64, String, String)>,
+    node_ip: Ipv4Addr,
+) -> Result<(), String> {
+    let (uplink_sw, _, _) = view.interfaces.get("uplink0").ok_or("no uplink0")?;
+    if uplink_addresses != [format!("{node_ip}/24")] {
+        return Err(format!("uplink0 has addresses {uplink_addresses:?}"));
+    }
+    if view.routes.get("0.0.0.0/0") != Some(&vec![*uplink_sw]) {
+        return Err(format!("no default route through uplink0: {:?}", view.routes));
+    }
+    let (tap_sw, host_if, host_ip) = tap.as_ref().ok_or("no host tap")?;
+    if view.interfaces.get("tap0").map(|i| i.0) != Some(*tap_sw) || host_if != "vpp1" || host_ip != "172.30.255.2/30" {
+        return Err(format!("the host tap is {tap:?}"));
+    }
+    if view.nat_inside != BTreeSet::from(["tap0".to_owned()])
+        || view.nat_outside != BTreeSet::from(["uplink0".to_owned()])
+        || view.nat_pool != BTreeSet::from([node_ip.to_string()])
+    {
+        return Err(format!(
+            "NAT44: inside {:?}, outside {:?}, pool {:?}",
+            view.nat_inside, view.nat_outside, view.nat_pool
+        ));
+    }
+    Ok(())
+}
+
+/// contiv-stn took a single-NIC node's network, so the store is out of reach until VPP holds
+/// the uplink and the host interconnect: the agent programs them before it joins the store
+/// (the box's nodes keep their own NIC, so the store is made unreachable with a route), and
+/// once the store answers the full state follows without re-creating what it set up.
+#[test]
+fn vpp_gets_the_uplink_and_host_interconnect_before_the_agent_joins_the_store() {
+    let Some(papi) = papi("vpp_gets_the_uplink_and_host_interconnect_before_the_agent_joins_the_store") else {
+        return;
+    };
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(2));
+    wait_programmed(&b, &papi, "node-2", &["node-1"], Duration::from_secs(30));
+    // node-2 comes back from a reboot: its agent is gone, its VPP starts empty.
+    b.stop_agent("node-2", false);
+    b.stop_vpp("node-2", true);
+    b.start_vpp("node-2");
+    let node = b.node("node-2").clone();
+    let socket = b.vpp_socket("node-2");
+    let log_path = node.dir.join("agent.log");
+    let log_from = std::fs::metadata(&log_path).map(|m| m.len() as usize).unwrap_or(0);
+    let new_log = || String::from_utf8_lossy(&std::fs::read(&log_path).unwrap_or_default()[log_from..]).into_owned();
+    let store = format!("{CONTROL_IP}/32");
+    ip_in(&node.netns, &["route", "add", "unreachable", &store]);
+
+    // While the agent starts (start_agent waits until it serves the CNI), VPP must get the
+    // bootstrap while the agent still fails to reach the store; then the store comes back.
+    let seen = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(40);
+            let mut failed_joins_then = None;
+            let seen = loop {
+                let view = read_vpp(&papi, &socket);
+                let (uplink_addresses, tap) = read_uplink_and_tap(&papi, &socket, &view);
+                let failed_joins = new_log().matches("store not reachable yet").count();
+                let state = check_bootstrapped(&view, &uplink_addresses, &tap, node.ip).and_then(|()| {
+                    match (view.interfaces.contains_key("xdp-cslow1"), cni_served(&node.socket)) {
+                        (false, false) => Ok(()),
+                        _ => Err("the agent joined the store while it was out of reach".to_owned()),
+                    }
+                });
+                match state {
+                    // A join failed after VPP held it: the agent is still trying to join.
+                    Ok(()) if failed_joins_then.is_some_and(|n| failed_joins > n) => break Ok((view, tap)),
+                    Ok(()) => {
+                        failed_joins_then.get_or_insert(failed_joins);
+                    }
+                    Err(why) if Instant::now() > deadline => {
+                        break Err(format!(
+                            "the fake VPP does not hold the bootstrap while the store is out of reach \
+                             ({failed_joins} failed joins): {why}\n{view:#?}"
+                        ));
+                    }
+                    Err(_) => {}
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            };
+            ip_in(&node.netns, &["route", "del", "unreachable", &store]);
+            seen
+        });
+        b.start_agent("node-2");
+        watcher.join().expect("the watcher")
+    });
+    let (boot, boot_tap) = seen.unwrap_or_else(|e| panic!("{e}\n{}", new_log()));
+    let log = new_log();
+    assert!(log.contains("VPP bootstrap: applied"), "{log}");
+
+    // The store answers: the full state follows (af_xdp port, pod subnet route, tunnel),
+    // growing what the bootstrap set up without deleting and re-creating it.
+    let full = wait_programmed(&b, &papi, "node-2", &["node-1"], Duration::from_secs(30));
+    let (_, full_tap) = read_uplink_and_tap(&papi, &socket, &full);
+    for name in ["uplink0", "tap0"] {
+        assert_eq!(full.interfaces[name].0, boot.interfaces[name].0, "{name} has the same sw_if_index");
+    }
+    assert_eq!(full_tap, boot_tap, "the host tap is the same");
+    assert_eq!(full.routes["0.0.0.0/0"], boot.routes["0.0.0.0/0"], "the default route stays");
+    // The fake numbers interfaces in creation order and never reuses a number: contiguous
+    // numbers after the bootstrap's mean nothing was created twice.
+    let mut numbers: Vec<u64> = full.interfaces.values().map(|i| i.0).collect();
+    numbers.sort();
+    assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>(), "no interface re-created: {full:#?}");
+    let log = new_log();
+    assert!(log.contains("the bootstrap's supervisor takes over"), "one supervisor, handed over: {log}");
+    assert!(!log.contains("VPP refused"), "{log}");
+}
+
+/// Whether an agent serves the CNI on `socket`.
+fn cni_served(socket: &std::path::Path) -> bool {
+    std::os::unix::net::UnixStream::connect(socket).is_ok()
 }
 
 #[test]

@@ -172,6 +172,11 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let metrics = std::sync::Arc::new(AgentMetrics::new());
+    // VPP mode: on a single-NIC node contiv-stn took the host's network, and only VPP gives
+    // it back (uplink, host interconnect): that must be up before the store can be reached.
+    if config.uplink == Uplink::Vpp {
+        contiv_agent::vpp::bootstrap(&config.vpp, &config.node_name, contiv_agent::vpp::BOOTSTRAP_WAIT).await?;
+    }
     // The store decides this node's pod subnet (node ID -> CIDR) unless the file fixed it.
     let link = cluster::join(&config, metrics.store()).await?;
     let ipv4 = match link.allocation.pod_cidr {

@@ -9,6 +9,12 @@
 //!   file, or `[vpp] uplinkAddress` on a node whose VPP NIC the host never configured);
 //! - [`remote_nodes`]: the node registry's live nodes as the backend's [`RemoteNode`]s (a pure
 //!   function, filtered like the kernel plan filters them);
+//! - [`bootstrap`]: before the agent joins the cluster store, VPP gets what needs no store
+//!   ([`render_bootstrap`]: the uplink with the handed-over addresses and routes, the host
+//!   interconnect tap with the host's default route, NAT44): on a single-NIC node contiv-stn
+//!   took the host's network, and only VPP gives it back, so the store is not reachable
+//!   before (contiv-init's job in the original Contiv). Its supervisor is parked and
+//!   [`VppNode::start`] takes it over, growing the desired state to the full one;
 //! - [`VppNode`]: renders [`VppDesired`] from the same inputs as the plan (node config, pod
 //!   subnet, registrations) and feeds a [`VppSupervisor`], which converges VPP by diffing
 //!   against its dumps and replays everything after VPP restarts. Nothing here touches eBPF.
@@ -19,6 +25,7 @@
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
+    path::PathBuf,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -26,8 +33,8 @@ use std::{
 use contiv_node_registry::NodeRegistration;
 use contiv_vpp_backend::{
     NodeInputs, RemoteNode, SupervisorOptions, UplinkHandover, VppConfig, VppDesired, VppStatus, VppSupervisor,
-    desired::{af_xdp_name, vxlan_name},
-    render,
+    desired::{af_xdp_name, tap_name, vxlan_name},
+    render, render_bootstrap,
 };
 use contiv_vpp_binapi::{Client, ClientOptions, api};
 use ipnet::{IpNet, Ipv4Net};
@@ -59,6 +66,205 @@ pub async fn uplink_handover(cfg: &VppConfig, wait: Duration) -> anyhow::Result<
                 log::info!("waiting for the NIC handover: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// How long the agent waits at start for VPP to apply the bootstrap state before it joins
+/// the cluster store anyway.
+pub const BOOTSTRAP_WAIT: Duration = Duration::from_secs(60);
+
+/// How often a wait logs that it is still waiting.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// The bootstrap's supervisor, converging [`render_bootstrap`]'s state until
+/// [`VppNode::start`] takes it over (one agent, one node per process).
+struct Bootstrap {
+    api_socket: PathBuf,
+    handover: UplinkHandover,
+    desired: watch::Sender<VppDesired>,
+    supervisor: VppSupervisor,
+}
+
+static PARKED: Mutex<Option<Bootstrap>> = Mutex::new(None);
+
+fn take_parked() -> Option<Bootstrap> {
+    PARKED.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+fn client_options(config: &VppConfig, node_name: &str) -> ClientOptions {
+    let mut opts = ClientOptions::new(&config.api_socket);
+    opts.name = format!("contiv-agent-{node_name}").chars().take(63).collect();
+    opts
+}
+
+/// What VPP holds, by its interface names and device types, decides whether the bootstrap
+/// may run: it removes what the reconciler owns and the bootstrap does not name.
+#[derive(Debug, PartialEq, Eq)]
+enum BootstrapPlan {
+    /// VPP holds nothing the bootstrap would remove (a VPP that just started): apply it.
+    Apply,
+    /// VPP holds a previous agent's full state (`kept`: its af_xdp and tunnel interfaces),
+    /// the host interconnect included: the host has its network, nothing to bootstrap, and
+    /// the full state follows the join without re-creating anything.
+    Skip { kept: Vec<String> },
+    /// A previous agent's state without the host interconnect: the host has no way to the
+    /// store but through the bootstrap, which removes `removed` until the full state
+    /// re-creates them after the join.
+    ApplyRemoving { removed: Vec<String> },
+}
+
+/// Decides from VPP's interfaces `(name, device type)` (a pure function).
+fn bootstrap_plan<'a>(config: &VppConfig, interfaces: impl IntoIterator<Item = (&'a str, &'a str)>) -> BootstrapPlan {
+    let tap = tap_name(config.host_tap_id);
+    let mut has_tap = false;
+    let mut previous = Vec::new();
+    for (name, dev_type) in interfaces {
+        has_tap |= name == tap;
+        if name.starts_with("xdp-") || dev_type == "af_xdp" || name.starts_with("vxlan_tunnel") {
+            previous.push(name.to_owned());
+        }
+    }
+    match (previous.is_empty(), has_tap) {
+        (true, _) => BootstrapPlan::Apply,
+        (false, true) => BootstrapPlan::Skip { kept: previous },
+        (false, false) => BootstrapPlan::ApplyRemoving { removed: previous },
+    }
+}
+
+/// `uplink = "vpp"`, before joining the cluster store: brings up in VPP what needs no store
+/// ([`render_bootstrap`]: the NIC's handed-over addresses and routes, the host interconnect
+/// with the host's default route via VPP, NAT44 with the node IP) and waits, up to `wait`,
+/// until a reconcile pass applied it. On a single-NIC node contiv-stn took the host's
+/// network, and without this the store (a NodePort to etcd on the host network) cannot be
+/// reached. The supervisor keeps converging it (VPP restarts included) until
+/// [`VppNode::start`] takes it over. A VPP that cannot be reached, or refuses part of it, is
+/// logged and the agent joins anyway; only a missing NIC handover is an error (as it is for
+/// [`VppNode`]).
+pub async fn bootstrap(config: &VppConfig, node_name: &str, wait: Duration) -> anyhow::Result<()> {
+    let handover = uplink_handover(config, HANDOVER_WAIT).await?;
+    let desired = render_bootstrap(config, &handover)?;
+    let deadline = Instant::now() + wait;
+    let socket = config.api_socket.display().to_string();
+
+    // What VPP holds already: an agent restart finds the previous agent's full state.
+    let mut probe = client_options(config, node_name);
+    probe.connect_timeout = Duration::from_secs(2);
+    probe.request_timeout = Duration::from_secs(5);
+    let mut next_note = Instant::now();
+    let plan = loop {
+        let err = match Client::connect(probe.clone()).await {
+            Ok(client) => {
+                let dumped = client.dump(&api::SwInterfaceDump::default()).await;
+                // Dropped, not closed (see remove_stale_port).
+                drop(client);
+                match dumped {
+                    Ok(ifaces) => {
+                        break Some(bootstrap_plan(
+                            config,
+                            ifaces.iter().map(|i| (i.interface_name.as_str(), i.interface_dev_type.as_str())),
+                        ));
+                    }
+                    Err(e) => e.to_string(),
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= deadline {
+            log::error!(
+                "VPP bootstrap: VPP at {socket} cannot be reached ({err}) after {} s; joining the cluster store \
+                 anyway (on a single-NIC node the host has no network until VPP holds the uplink and the host \
+                 interconnect; they are applied as soon as VPP answers)",
+                wait.as_secs()
+            );
+            break None;
+        }
+        if Instant::now() >= next_note {
+            log::info!("VPP bootstrap: waiting for VPP at {socket}: {err}");
+            next_note = Instant::now() + PROGRESS_EVERY;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    match &plan {
+        Some(BootstrapPlan::Skip { kept }) => {
+            log::info!(
+                "VPP bootstrap: VPP holds a previous agent's state ({}) with the host interconnect; joining the \
+                 cluster store, the full state follows without re-creating anything",
+                kept.join(", ")
+            );
+            return Ok(());
+        }
+        Some(BootstrapPlan::ApplyRemoving { removed }) => log::warn!(
+            "VPP bootstrap: VPP holds a previous agent's state ({}) but no host interconnect; bootstrapping \
+             removes them until the cluster store is joined",
+            removed.join(", ")
+        ),
+        Some(BootstrapPlan::Apply) | None => {}
+    }
+
+    let (tx, rx) = watch::channel(desired);
+    let supervisor =
+        VppSupervisor::spawn(Client::new(client_options(config, node_name)), rx, SupervisorOptions::default());
+    let mut status = supervisor.status();
+    let what = format!(
+        "{} with {} and {} route(s), the host interconnect {} ({}), NAT44 with {}",
+        config.uplink_name,
+        handover.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+        handover.routes.len(),
+        tap_name(config.host_tap_id),
+        config.host_if_name,
+        handover.node_ip().map(|ip| ip.to_string()).unwrap_or_default()
+    );
+    log::info!("VPP bootstrap: applying {what}, before joining the cluster store");
+    // An unreachable VPP was waited for above: join now, the supervisor keeps trying.
+    if plan.is_some() {
+        match first_pass(&mut status, deadline).await {
+            Some(r) if r.converged() => {
+                log::info!("VPP bootstrap: applied ({} changes); joining the cluster store", r.applied.len())
+            }
+            Some(r) => log::error!(
+                "VPP bootstrap: VPP refused {} change(s) ({}); joining the cluster store anyway",
+                r.failed.len(),
+                r.failed.iter().map(|f| format!("{}: {}", f.what, f.error)).collect::<Vec<_>>().join("; ")
+            ),
+            None => log::error!(
+                "VPP bootstrap: no reconcile pass in {} s{}; joining the cluster store anyway",
+                wait.as_secs(),
+                status.borrow().last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+            ),
+        }
+    }
+    *PARKED.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(Bootstrap { api_socket: config.api_socket.clone(), handover, desired: tx, supervisor });
+    Ok(())
+}
+
+/// The first completed reconcile pass's report, or None at `deadline`; logs progress.
+async fn first_pass(
+    status: &mut watch::Receiver<VppStatus>,
+    deadline: Instant,
+) -> Option<contiv_vpp_backend::ReconcileReport> {
+    let mut next_note = Instant::now() + PROGRESS_EVERY;
+    loop {
+        if let Some(r) = status.borrow_and_update().last.clone() {
+            return Some(r);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        if now >= next_note {
+            let s = status.borrow().clone();
+            log::info!(
+                "VPP bootstrap: waiting for a first pass (connected: {}{})",
+                s.connected,
+                s.last_error.map(|e| format!(", last error: {e}")).unwrap_or_default()
+            );
+            next_note = now + PROGRESS_EVERY;
+        }
+        tokio::select! {
+            _ = status.changed() => {}
+            _ = tokio::time::sleep_until(deadline.min(next_note).into()) => {}
         }
     }
 }
@@ -187,10 +393,24 @@ impl VppNode {
         if fresh_port {
             remove_stale_port(&config, &params.slowpath_ifname).await;
         }
-        let (tx, rx) = watch::channel(desired);
-        let mut opts = ClientOptions::new(&config.api_socket);
-        opts.name = format!("contiv-agent-{}", params.node_name).chars().take(63).collect();
-        let supervisor = VppSupervisor::spawn(Client::new(opts), rx, SupervisorOptions::default());
+        // The bootstrap's supervisor grows into the full state: what it applied is a subset
+        // with the same names and specs, so the next pass only adds (one connection, no gap).
+        let (tx, supervisor) = match take_parked() {
+            Some(b) if b.api_socket == config.api_socket && b.handover == handover => {
+                log::info!("VPP: the bootstrap's supervisor takes over the node's full state");
+                b.desired.send_replace(desired);
+                (b.desired, b.supervisor)
+            }
+            parked => {
+                if let Some(b) = parked {
+                    log::warn!("VPP: the NIC handover or API socket changed since the bootstrap; starting over");
+                    b.supervisor.stop().await;
+                }
+                let (tx, rx) = watch::channel(desired);
+                let opts = client_options(&config, &params.node_name);
+                (tx, VppSupervisor::spawn(Client::new(opts), rx, SupervisorOptions::default()))
+            }
+        };
         log::info!(
             "VPP at {}: node IP {node_ip}, af_xdp on {}, {} remote node(s)",
             config.api_socket.display(),
@@ -403,6 +623,27 @@ mod tests {
         assert_eq!(nodes[0].node_ip, Ipv4Addr::new(192, 168, 100, 12));
         assert_eq!(nodes[0].pod_subnet.to_string(), "10.1.2.0/24");
         assert_eq!(nodes[1].id, 3);
+    }
+
+    #[test]
+    fn the_bootstrap_runs_unless_it_would_remove_a_previous_agents_state() {
+        let cfg = VppConfig::default();
+        let fresh = [("local0", ""), ("uplink0", "dpdk")];
+        assert_eq!(bootstrap_plan(&cfg, fresh), BootstrapPlan::Apply, "a VPP that just started");
+        let bootstrapped = [("local0", ""), ("uplink0", "dpdk"), ("tap0", "virtio")];
+        assert_eq!(bootstrap_plan(&cfg, bootstrapped), BootstrapPlan::Apply, "what a bootstrap left");
+        let previous = [("uplink0", "dpdk"), ("tap0", "virtio"), ("xdp-cslow1", "af_xdp"), ("vxlan_tunnel2", "vxlan")];
+        assert_eq!(
+            bootstrap_plan(&cfg, previous),
+            BootstrapPlan::Skip { kept: vec!["xdp-cslow1".into(), "vxlan_tunnel2".into()] },
+            "an agent restart: VPP keeps serving, the host has its network"
+        );
+        let no_tap = [("uplink0", "dpdk"), ("xdp-cslow1", "af_xdp")];
+        assert_eq!(
+            bootstrap_plan(&cfg, no_tap),
+            BootstrapPlan::ApplyRemoving { removed: vec!["xdp-cslow1".into()] },
+            "no host interconnect: the host cannot reach the store without it"
+        );
     }
 
     fn params() -> VppNodeParams {

@@ -1,5 +1,7 @@
 //! What VPP must hold for one node, as plain values ([`VppDesired`]), and the pure function
-//! that renders it from plain inputs ([`render`]). No I/O: the reconciler applies it.
+//! that renders it from plain inputs ([`render`]), with its subset that needs no cluster
+//! store ([`render_bootstrap`]: the uplink and the host interconnect, applied before the
+//! agent joins the store). No I/O: the reconciler applies it.
 //!
 //! # The node in `uplink = "vpp"` mode
 //! ```text
@@ -338,11 +340,100 @@ fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Renders what VPP must hold for this node.
+/// Renders what VPP must hold before the node has joined the cluster store: what needs
+/// only the `[vpp]` configuration and the NIC handed over by contiv-stn, so that the host
+/// gets its network back through VPP (on a single-NIC node the store is only reachable
+/// that way). It is a subset of [`render`]'s result for the same `cfg` and `uplink`, with the
+/// same names and specs, so growing into the full state only adds:
+/// - the uplink (DPDK, named in startup.conf): the handed-over addresses and routes;
+/// - the host interconnect: tap `tap<id>` (`vpp1` on the host) with a /30, a static
+///   neighbour for the host end, and the host's default route via VPP when the NIC's
+///   default route was handed over;
+/// - NAT44-ED: inside = the tap, outside = the uplink, pool = node IP, the identity mapping
+///   for VXLAN and the static mappings of `hostPorts`.
+///
+/// The af_xdp port, the pod subnet's route, the tunnels and the af_xdp port's NAT inside
+/// feature need the pod subnet, gateway or other nodes, so only [`render`] has them.
+pub fn render_bootstrap(cfg: &VppConfig, uplink: &UplinkHandover) -> Result<VppDesired, RenderError> {
+    let node_ip = uplink.node_ip().ok_or(RenderError::NoNodeIp)?;
+    let mut d = VppDesired::default();
+    let uplink_name = cfg.uplink_name.clone();
+    let tap = tap_name(cfg.host_tap_id);
+
+    // The uplink NIC: the addresses and routes contiv-stn took from the host.
+    d.interfaces.insert(
+        uplink_name.clone(),
+        InterfaceSpec {
+            kind: InterfaceKind::Existing,
+            admin_up: true,
+            mac: None,
+            mtu: uplink.mtu,
+            addresses: uplink
+                .addresses
+                .iter()
+                .map(|a| Ipv4Net::new(a.addr(), a.prefix_len()).expect("valid"))
+                .collect(),
+            unnumbered_to: None,
+        },
+    );
+    for r in &uplink.routes {
+        d.routes.insert(RouteSpec { dst: r.dst.trunc(), next_hop: r.gateway, interface: uplink_name.clone() });
+    }
+
+    // The host interconnect: host <-> pods and host <-> outside while VPP holds the NIC.
+    let vpp_side = cfg.host_interconnect_vpp();
+    let host_side = cfg.host_interconnect_host();
+    let host_mac = [0x02, 0xfe, 0xca, 0xfe, 0x00, 0x02];
+    let has_default = uplink.routes.iter().any(|r| r.dst.prefix_len() == 0);
+    d.interfaces.insert(
+        tap.clone(),
+        InterfaceSpec {
+            kind: InterfaceKind::Tap {
+                id: cfg.host_tap_id,
+                host_if_name: cfg.host_if_name.clone(),
+                host_ip4: host_side,
+                host_mac,
+                host_gateway: has_default.then_some(vpp_side.addr()),
+            },
+            admin_up: true,
+            mac: None,
+            mtu: None,
+            addresses: BTreeSet::from([vpp_side]),
+            unnumbered_to: None,
+        },
+    );
+    d.neighbors.insert(NeighborSpec { interface: tap.clone(), ip: host_side.addr(), mac: host_mac });
+
+    // The host's traffic leaves with the node IP; VXLAN to this node and the host's
+    // services are not translated away.
+    d.nat = Some(NatSpec {
+        sessions: cfg.nat_sessions,
+        inside: BTreeSet::from([tap]),
+        outside: BTreeSet::from([uplink_name]),
+        pool: BTreeSet::from([node_ip]),
+        identity: BTreeSet::from([IdentityMapping { ip: node_ip, proto: PROTO_UDP, port: VXLAN_PORT }]),
+        static_mappings: cfg
+            .host_ports
+            .iter()
+            .map(|p| StaticMapping {
+                proto: p.proto,
+                external: node_ip,
+                external_port: p.port,
+                local: host_side.addr(),
+                local_port: p.port,
+            })
+            .collect(),
+    });
+    Ok(d)
+}
+
+/// Renders what VPP must hold for this node: [`render_bootstrap`]'s uplink, host
+/// interconnect and NAT44, plus the af_xdp port with the pods' gateway, the pod subnet's
+/// route and a tunnel with a route per remote node.
 pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     let cfg = inp.config;
-    let node_net = *inp.uplink.addresses.first().ok_or(RenderError::NoNodeIp)?;
-    let node_ip = node_net.addr();
+    let mut d = render_bootstrap(cfg, inp.uplink)?;
+    let node_ip = inp.uplink.node_ip().ok_or(RenderError::NoNodeIp)?;
     let pod_subnet = inp.pod_subnet.trunc();
     if !pod_subnet.contains(&inp.gateway)
         || inp.gateway == pod_subnet.network()
@@ -375,31 +466,8 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
         }
     }
 
-    let mut d = VppDesired::default();
     let uplink = cfg.uplink_name.clone();
     let xdp = af_xdp_name(inp.slowpath_ifname);
-    let tap = tap_name(cfg.host_tap_id);
-
-    // The uplink NIC: the addresses and routes contiv-stn took from the host.
-    d.interfaces.insert(
-        uplink.clone(),
-        InterfaceSpec {
-            kind: InterfaceKind::Existing,
-            admin_up: true,
-            mac: None,
-            mtu: inp.uplink.mtu,
-            addresses: inp
-                .uplink
-                .addresses
-                .iter()
-                .map(|a| Ipv4Net::new(a.addr(), a.prefix_len()).expect("valid"))
-                .collect(),
-            unnumbered_to: None,
-        },
-    );
-    for r in &inp.uplink.routes {
-        d.routes.insert(RouteSpec { dst: r.dst.trunc(), next_hop: r.gateway, interface: uplink.clone() });
-    }
 
     // The slow-path port's vswitch end: VPP plays the pods' gateway there.
     d.interfaces.insert(
@@ -419,30 +487,6 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     );
     d.routes.insert(RouteSpec { dst: pod_subnet, next_hop: None, interface: xdp.clone() });
 
-    // The host interconnect: host <-> pods and host <-> outside while VPP holds the NIC.
-    let vpp_side = cfg.host_interconnect_vpp();
-    let host_side = cfg.host_interconnect_host();
-    let host_mac = [0x02, 0xfe, 0xca, 0xfe, 0x00, 0x02];
-    let has_default = inp.uplink.routes.iter().any(|r| r.dst.prefix_len() == 0);
-    d.interfaces.insert(
-        tap.clone(),
-        InterfaceSpec {
-            kind: InterfaceKind::Tap {
-                id: cfg.host_tap_id,
-                host_if_name: cfg.host_if_name.clone(),
-                host_ip4: host_side,
-                host_mac,
-                host_gateway: has_default.then_some(vpp_side.addr()),
-            },
-            admin_up: true,
-            mac: None,
-            mtu: None,
-            addresses: BTreeSet::from([vpp_side]),
-            unnumbered_to: None,
-        },
-    );
-    d.neighbors.insert(NeighborSpec { interface: tap.clone(), ip: host_side.addr(), mac: host_mac });
-
     // One L3 VXLAN tunnel and one route per remote node.
     for n in remotes {
         let name = vxlan_name(n.id);
@@ -460,26 +504,8 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
         d.routes.insert(RouteSpec { dst: n.pod_subnet.trunc(), next_hop: None, interface: name });
     }
 
-    // Pod egress leaves with the node IP; VXLAN to this node and the host's services are
-    // not translated away.
-    d.nat = Some(NatSpec {
-        sessions: cfg.nat_sessions,
-        inside: BTreeSet::from([xdp, tap]),
-        outside: BTreeSet::from([uplink]),
-        pool: BTreeSet::from([node_ip]),
-        identity: BTreeSet::from([IdentityMapping { ip: node_ip, proto: PROTO_UDP, port: VXLAN_PORT }]),
-        static_mappings: cfg
-            .host_ports
-            .iter()
-            .map(|p| StaticMapping {
-                proto: p.proto,
-                external: node_ip,
-                external_port: p.port,
-                local: host_side.addr(),
-                local_port: p.port,
-            })
-            .collect(),
-    });
+    // Pod egress leaves with the node IP too.
+    d.nat.as_mut().expect("rendered by render_bootstrap").inside.insert(xdp);
     Ok(d)
 }
 
@@ -582,6 +608,59 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_bootstrap_is_the_full_state_without_what_needs_the_cluster() {
+        let cfg = VppConfig { nat_sessions: 4096, ..Default::default() };
+        let (up, remotes) = (uplink(), nodes());
+        let boot = render_bootstrap(&cfg, &up).unwrap();
+        let full = render(&inputs(&cfg, &up, &remotes)).unwrap();
+
+        // The uplink with the handed-over address and default route, the tap with the host's
+        // default route via VPP, NAT44 for the tap: nothing of the pods or other nodes.
+        let names: Vec<&str> = boot.interfaces.keys().map(String::as_str).collect();
+        assert_eq!(names, ["tap0", "uplink0"]);
+        assert_eq!(boot.interfaces["uplink0"].addresses, BTreeSet::from([net("192.168.16.1/24")]));
+        let routes: Vec<String> =
+            boot.routes.iter().map(|r| format!("{} {:?} {}", r.dst, r.next_hop, r.interface)).collect();
+        assert_eq!(routes, ["0.0.0.0/0 Some(192.168.16.254) uplink0"]);
+        assert!(matches!(
+            &boot.interfaces["tap0"].kind,
+            InterfaceKind::Tap { host_if_name, host_gateway: Some(gw), .. } if host_if_name == "vpp1" && gw.to_string() == "172.30.255.1"
+        ));
+        let nat = boot.nat.as_ref().unwrap();
+        assert_eq!(nat.inside, BTreeSet::from(["tap0".to_owned()]));
+        assert_eq!(nat.outside, BTreeSet::from(["uplink0".to_owned()]));
+        assert_eq!(nat.pool, BTreeSet::from(["192.168.16.1".parse().unwrap()]));
+
+        // A subset of the full state with the same names and specs: growing into it only adds.
+        for (name, spec) in &boot.interfaces {
+            assert_eq!(full.interfaces.get(name), Some(spec), "{name} is the same in the full state");
+        }
+        assert!(boot.routes.is_subset(&full.routes));
+        assert!(boot.neighbors.is_subset(&full.neighbors));
+        let full_nat = full.nat.as_ref().unwrap();
+        assert!(nat.inside.is_subset(&full_nat.inside));
+        assert_eq!(
+            NatSpec { inside: full_nat.inside.clone(), ..nat.clone() },
+            *full_nat,
+            "the full NAT44 config only adds inside interfaces"
+        );
+        // What the full state adds: the af_xdp port, its route and NAT feature, the tunnels.
+        let added: Vec<&str> =
+            full.interfaces.keys().filter(|n| !boot.interfaces.contains_key(*n)).map(String::as_str).collect();
+        assert_eq!(added, ["vxlan_tunnel2", "vxlan_tunnel3", "xdp-cslow1"]);
+        assert_eq!(full.routes.difference(&boot.routes).count(), 3, "the pod subnet and two remote subnets");
+        assert_eq!(full_nat.inside.difference(&nat.inside).collect::<Vec<_>>(), ["xdp-cslow1"]);
+
+        // No node IP: nothing to bootstrap.
+        assert_eq!(render_bootstrap(&cfg, &UplinkHandover::default()).unwrap_err(), RenderError::NoNodeIp);
+        // Without a handed-over default route the host keeps its own (no gateway on the tap).
+        let no_default = UplinkHandover { routes: vec![], ..uplink() };
+        let boot = render_bootstrap(&cfg, &no_default).unwrap();
+        assert!(boot.routes.is_empty());
+        assert!(matches!(&boot.interfaces["tap0"].kind, InterfaceKind::Tap { host_gateway: None, .. }));
     }
 
     #[test]

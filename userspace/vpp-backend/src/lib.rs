@@ -4,6 +4,8 @@
 //! - [`render_startup_conf`]: VPP's `startup.conf` from it;
 //! - [`VppDesired`] and [`render`]: what VPP must hold for a node, from plain inputs
 //!   ([`NodeInputs`]: pod subnet, gateway, the NIC handed over by contiv-stn, remote nodes);
+//!   [`render_bootstrap`]: its subset that needs no cluster store (the uplink, the host
+//!   interconnect and its NAT44), which the agent applies before joining the store;
 //! - [`Reconciler`]: one pass of dump / diff / apply against VPP's binary API;
 //! - [`VppSupervisor`]: keeps VPP converged (desired changes, periodic resync, reconnect and
 //!   replay after a VPP restart).
@@ -17,7 +19,7 @@ pub mod supervisor;
 pub use config::{AfXdpMode, HostPort, VppConfig, VppConfigError};
 pub use desired::{
     HandoverError, IdentityMapping, InterfaceKind, InterfaceSpec, NatSpec, NeighborSpec, NodeInputs, RemoteNode,
-    RenderError, RouteSpec, StaticMapping, UplinkHandover, UplinkRoute, VppDesired, render,
+    RenderError, RouteSpec, StaticMapping, UplinkHandover, UplinkRoute, VppDesired, render, render_bootstrap,
 };
 pub use reconcile::{Failure, ReconcileError, ReconcileReport, Reconciler};
 pub use startup::{StartupError, render_startup_conf};

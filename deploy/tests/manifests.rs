@@ -283,6 +283,13 @@ fn uninstall_gives_the_nic_back_before_cleaning_up() {
     assert_eq!(env_value(restore, "CONTIV_STN_STATE_FILE"), state);
     let dir = Path::new(&state).parent().unwrap();
     assert_eq!(host_dir(pod, restore, dir), host_dir(&agent["spec"]["template"]["spec"], sidecar, dir));
+    // Both can give the NIC back from DPDK's driver: the host's PCI bus, writable.
+    for (pod, c) in [(pod, restore), (&agent["spec"]["template"]["spec"], sidecar)] {
+        let root = env_value(c, "CONTIV_STN_PCI_ROOT");
+        assert_eq!(host_dir(pod, c, Path::new(&root)), "/sys/bus/pci", "{}", c["name"]);
+        let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == root.as_str()).unwrap();
+        assert_ne!(mount["readOnly"], true, "{}", c["name"]);
+    }
 }
 
 /// Once contiv-stn holds the NIC the node reaches nothing until VPP runs: every image a

@@ -30,6 +30,8 @@ use rtnetlink::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod pci;
+
 /// The state file's format version.
 pub const STATE_VERSION: u32 = 1;
 /// Default state file (tmpfs: a reboot starts clean, as the kernel's config does).
@@ -43,6 +45,16 @@ pub enum StnError {
     /// The interface does not exist.
     #[error("interface {0} not found")]
     NoSuchInterface(String),
+    /// The NIC could not be given back to its kernel driver (DPDK's driver still holds it).
+    #[error("giving PCI device {pci} back to {driver}: {reason}")]
+    Rebind {
+        /// The device.
+        pci: String,
+        /// Its kernel driver.
+        driver: String,
+        /// What failed.
+        reason: String,
+    },
     /// A netlink request failed.
     #[error("{what}: {source}")]
     Netlink {
@@ -143,6 +155,9 @@ pub struct StnState {
     pub mtu: Option<u32>,
     /// PCI address (what `[vpp] uplinkPci` wants), None for virtual devices.
     pub pci_address: Option<String>,
+    /// The kernel driver it had (`ixgbe`, `virtio-pci`): where it goes back from DPDK's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
     /// Whether the link was up.
     pub link_up: bool,
     /// For the agent: what VPP must take over.
@@ -431,6 +446,7 @@ pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
         mac,
         mtu,
         pci_address: pci_address(ifname),
+        driver: pci::kernel_driver(ifname),
         link_up,
         handover,
         addresses,
@@ -490,6 +506,40 @@ pub async fn take(h: &Handle, state: &StnState) -> Result<(), StnError> {
             Err(e) => return Err(nl(format!("removing address {}", a.address))(e)),
         }
     }
+    // Down, so that DPDK may take the device: VPP skips a PCI device whose host interface is
+    // up. (`restore` brings it up again.)
+    let (ifindex, _, _, up) = link_info(h, &state.interface).await?;
+    if up {
+        h.link()
+            .set(LinkUnspec::new_with_index(ifindex).down().build())
+            .execute()
+            .await
+            .map_err(nl(format!("setting {} down", state.interface)))?;
+    }
+    Ok(())
+}
+
+/// The NIC's interface again after DPDK had it: the PCI device goes back to its kernel
+/// driver, whose interface is given the recorded name if udev has not.
+async fn bring_back_netdev(h: &Handle, state: &StnState, pci: &str, driver: &str) -> Result<(), StnError> {
+    let rebind_err = |reason: String| StnError::Rebind { pci: pci.to_owned(), driver: driver.to_owned(), reason };
+    let (root, p, d) = (pci::pci_root(), pci.to_owned(), driver.to_owned());
+    let name = tokio::task::spawn_blocking(move || {
+        pci::rebind(&root, &p, &d)?;
+        Ok::<_, std::io::Error>(pci::netdev_of(&root, &p, std::time::Duration::from_secs(10)))
+    })
+    .await
+    .map_err(|e| rebind_err(e.to_string()))?
+    .map_err(|e| rebind_err(e.to_string()))?
+    .ok_or_else(|| rebind_err("no network interface appeared within 10 s".to_owned()))?;
+    if name != state.interface {
+        let (ifindex, ..) = link_info(h, &name).await?;
+        h.link()
+            .set(LinkUnspec::new_with_index(ifindex).down().name(state.interface.clone()).build())
+            .execute()
+            .await
+            .map_err(nl(format!("renaming {name} to {}", state.interface)))?;
+    }
     Ok(())
 }
 
@@ -540,9 +590,38 @@ where
 /// stop the rest: everything that can come back does, and what could not is reported
 /// together in one [`StnError::Restore`].
 pub async fn restore(h: &Handle, state: &StnState) -> Result<(), StnError> {
-    let (ifindex, _, _, up) = link_info(h, &state.interface).await?;
+    let found = match link_info(h, &state.interface).await {
+        // DPDK's driver may still hold the device (VPP exited): back to the kernel's first.
+        Err(StnError::NoSuchInterface(_)) if state.pci_address.is_some() && state.driver.is_some() => {
+            let (pci, driver) =
+                (state.pci_address.as_deref().unwrap_or_default(), state.driver.as_deref().unwrap_or_default());
+            bring_back_netdev(h, state, pci, driver).await?;
+            link_info(h, &state.interface).await
+        }
+        other => other,
+    };
+    let (ifindex, mac, mtu, up) = found?;
     let mut failures = Vec::new();
     let mut total = state.addresses.len() + state.routes.len();
+    // A driver bound anew starts from its defaults: the MTU and MAC the NIC had come back
+    // (the link is still down here if it was rebound).
+    if let Some(want) = state.mtu
+        && mtu != Some(want)
+    {
+        total += 1;
+        if let Err(e) = h.link().set(LinkUnspec::new_with_index(ifindex).mtu(want).build()).execute().await {
+            failures.push(format!("setting MTU {want}: {e}"));
+        }
+    }
+    if let Some(want) = &state.mac
+        && mac.as_ref() != Some(want)
+        && let Some(bytes) = want.split(':').map(|b| u8::from_str_radix(b, 16).ok()).collect::<Option<Vec<u8>>>()
+    {
+        total += 1;
+        if let Err(e) = h.link().set(LinkUnspec::new_with_index(ifindex).address(bytes).build()).execute().await {
+            failures.push(format!("setting MAC {want}: {e}"));
+        }
+    }
     if state.link_up && !up {
         total += 1;
         if let Err(e) = h.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await {
@@ -646,6 +725,7 @@ mod tests {
             mac: Some("52:54:00:12:34:56".into()),
             mtu: Some(1500),
             pci_address: Some("0000:00:08.0".into()),
+            driver: Some("virtio-pci".into()),
             link_up: true,
             handover: Handover {
                 addresses: vec!["192.168.16.1/24".parse().unwrap()],

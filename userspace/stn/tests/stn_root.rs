@@ -476,3 +476,26 @@ fn a_default_route_through_vpp_keeps_the_nic_taken_root() {
     assert!(wait(child).success());
     assert_eq!(ns.config(), before);
 }
+
+/// The NIC is down while taken (VPP skips a device whose host interface is up), and the
+/// MTU and MAC it had come back with it (a driver bound anew starts from its defaults).
+#[test]
+fn the_nic_is_down_while_taken_and_gets_its_mtu_and_mac_back_root() {
+    require_root!("the_nic_is_down_while_taken_and_gets_its_mtu_and_mac_back_root");
+    let ns = NodeNs::new();
+    ns.ip(&["link", "set", "nic0", "mtu", "1460"]);
+    let link = |ns: &NodeNs| -> Value { serde_json::from_str(&ns.ip(&["-j", "link", "show", "nic0"])).unwrap() };
+    let before = ns.config();
+    let mac = link(&ns)[0]["address"].as_str().unwrap().to_owned();
+    let child = ns.start();
+    let taken = link(&ns);
+    assert!(!taken[0]["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "down while taken: {taken}");
+    // As a driver bound anew would have it.
+    ns.ip(&["link", "set", "nic0", "mtu", "1500", "address", "02:00:00:00:00:99"]);
+    signal(&child, libc::SIGTERM);
+    assert!(wait(child).success());
+    let back = link(&ns);
+    assert!(back[0]["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "up again: {back}");
+    assert_eq!((back[0]["mtu"].as_u64(), back[0]["address"].as_str()), (Some(1460), Some(mac.as_str())));
+    assert_eq!(ns.config(), before);
+}

@@ -14,6 +14,7 @@ fn the_handover_contiv_stn_writes_is_what_the_backend_reads() {
         mac: None,
         mtu: Some(9000),
         pci_address: Some("0000:00:08.0".into()),
+        driver: Some("ixgbe".into()),
         link_up: true,
         handover: Handover {
             addresses: vec!["192.168.16.1/24".parse().unwrap(), "192.168.17.1/24".parse().unwrap()],

@@ -1027,10 +1027,11 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
+    let node_config = config();
     // The cluster's pod addresses cross the wire only inside the overlay: one as a plain
     // packet's source is forged (a pod's gateway, which every isolated pod admits, or
     // another node's pod, to be judged as that pod).
-    if let Some(cfg) = config()
+    if let Some(cfg) = node_config
         && cfg.cluster_pod_mask != [0; 4]
         && in_subnet(src, cfg.cluster_pod_net, cfg.cluster_pod_mask)
     {
@@ -1045,7 +1046,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         // flow: "fragmentation needed" for an answer, the client's port unreachable),
         // translated back and sent on to the backend like the flow's packets.
         if proto == policy::IPPROTO_ICMP
-            && let Some(cfg) = config()
+            && let Some(cfg) = node_config
             && let Some(o) = svc::related(&ctx, &policy::transport(data, data_end, proto), src, dst, Trace::OFF)
         {
             if o.kind != outcome::TRACKED {
@@ -1059,7 +1060,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
         }
         return from_outside_to_pod(&ctx, src, dst, proto, 0, false);
     };
-    let Some(cfg) = config() else {
+    let Some(cfg) = node_config else {
         return TC_ACT_OK;
     };
     // The overlay's own packets: the commonest thing on the wire, nothing to do.

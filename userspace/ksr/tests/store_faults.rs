@@ -99,9 +99,10 @@ async fn fake_apiserver_failed_store_writes_are_repaired() {
     .await;
 }
 
-#[tokio::test]
-async fn fake_apiserver_etcd_killed_and_restarted_catches_up() {
-    let mut etcd = contiv_store::testing::EtcdServer::start().expect("etcd (apt-get install etcd-server)");
+/// A real etcd, the fake API server with [`base`], and KSR reflecting one into the other,
+/// ready.
+async fn ksr_on_etcd() -> (contiv_store::testing::EtcdServer, FakeApiServer, Arc<dyn Store>, Reflector) {
+    let etcd = contiv_store::testing::EtcdServer::start().expect("etcd (apt-get install etcd-server)");
     let api = FakeApiServer::start().await.unwrap();
     for o in base() {
         api.apply(o);
@@ -114,6 +115,13 @@ async fn fake_apiserver_etcd_killed_and_restarted_catches_up() {
         async move { m.ready().await }
     })
     .await;
+    (etcd, api, store, ksr)
+}
+
+#[tokio::test]
+async fn fake_apiserver_etcd_killed_and_restarted_catches_up() {
+    let (mut etcd, api, store, ksr) = ksr_on_etcd().await;
+    let m = ksr.mirror.clone();
 
     etcd.kill();
     api.apply(pod("during-outage", "10.1.1.9"));
@@ -142,19 +150,8 @@ async fn fake_apiserver_etcd_killed_and_restarted_catches_up() {
 /// notice and write what changed since, although the marker is there.
 #[tokio::test]
 async fn fake_apiserver_etcd_restored_from_a_backup_is_resynced() {
-    let mut etcd = contiv_store::testing::EtcdServer::start().expect("etcd (apt-get install etcd-server)");
-    let api = FakeApiServer::start().await.unwrap();
-    for o in base() {
-        api.apply(o);
-    }
-    let store = contiv_store::open(&contiv_store::StoreConfig::etcd([etcd.endpoint()])).await.unwrap();
-    let ksr = Reflector::start(api.client(), store.clone(), Duration::from_millis(200));
+    let (mut etcd, api, store, ksr) = ksr_on_etcd().await;
     let m = ksr.mirror.clone();
-    wait_for("ready", 20, || {
-        let m = m.clone();
-        async move { m.ready().await }
-    })
-    .await;
     let data = etcd.data_dir().join("data");
     let backup = tempfile::tempdir().unwrap();
     let copy = |from: &std::path::Path, to: &std::path::Path| {

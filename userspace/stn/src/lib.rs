@@ -292,8 +292,7 @@ async fn link_info(h: &Handle, ifname: &str) -> Result<(u32, Option<String>, Opt
 
 /// The PCI address behind a network interface, from sysfs (None for virtual devices).
 pub fn pci_address(ifname: &str) -> Option<String> {
-    let target = std::fs::read_link(Path::new("/sys/class/net").join(ifname).join("device")).ok()?;
-    let name = target.file_name()?.to_str()?.to_owned();
+    let name = pci::device_link(ifname, "device")?;
     let b = name.as_bytes();
     (b.len() == 12 && b[4] == b':' && b[7] == b':' && b[10] == b'.').then_some(name)
 }

@@ -16,10 +16,16 @@ pub fn pci_root() -> PathBuf {
     std::env::var_os("CONTIV_STN_PCI_ROOT").map_or_else(|| PathBuf::from("/sys/bus/pci"), PathBuf::from)
 }
 
+/// The name a sysfs link of a network interface points at (`device`: its PCI address;
+/// `device/driver`: its driver).
+pub(crate) fn device_link(ifname: &str, link: &str) -> Option<String> {
+    let target = std::fs::read_link(Path::new("/sys/class/net").join(ifname).join(link)).ok()?;
+    Some(target.file_name()?.to_str()?.to_owned())
+}
+
 /// The kernel driver of a network interface (`ixgbe`, `virtio-pci`), from sysfs.
 pub fn kernel_driver(ifname: &str) -> Option<String> {
-    let link = std::fs::read_link(Path::new("/sys/class/net").join(ifname).join("device").join("driver")).ok()?;
-    Some(link.file_name()?.to_str()?.to_owned())
+    device_link(ifname, "device/driver")
 }
 
 /// The driver a PCI device is bound to now, if any.

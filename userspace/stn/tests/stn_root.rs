@@ -177,6 +177,12 @@ fn wait(mut child: Child) -> std::process::ExitStatus {
     }
 }
 
+/// SIGTERM, as the kubelet stops the sidecar, and its exit.
+fn stop(child: Child) -> std::process::ExitStatus {
+    signal(&child, libc::SIGTERM);
+    wait(child)
+}
+
 fn handover(path: &Path) -> Value {
     let v: Value = serde_json::from_slice(&std::fs::read(path).expect("state file")).unwrap();
     v["handover"].clone()
@@ -204,8 +210,7 @@ fn takes_the_nic_while_running_and_gives_it_back_on_sigterm_root() {
     assert!(routes.iter().any(|r| r["dst"] == "0.0.0.0/0" && r["gateway"] == "192.168.77.1"), "{routes:?}");
     assert!(routes.iter().any(|r| r["dst"] == "10.200.0.0/16" && r["gateway"] == "192.168.77.5"), "{routes:?}");
     assert_eq!(h["mtu"], 1500);
-    signal(&child, libc::SIGTERM);
-    assert!(wait(child).success());
+    assert!(stop(child).success());
     assert_eq!(ns.config(), before, "everything is back, metrics and IPv6 included");
     assert!(!ns.state_file().exists(), "the state file is gone once the NIC is back");
 }
@@ -226,8 +231,7 @@ fn after_kill_9_the_next_start_restores_first_root() {
     let child = ns.start();
     assert_taken(&ns);
     assert_eq!(handover(&ns.state_file())["addresses"][0], "192.168.77.2/24");
-    signal(&child, libc::SIGTERM);
-    assert!(wait(child).success());
+    assert!(stop(child).success());
     assert_eq!(ns.config(), before);
 }
 
@@ -299,8 +303,7 @@ fn a_gce_like_on_link_gateway_and_the_default_route_through_it_come_back_root() 
     let routes = handover(&ns.state_file())["routes"].clone();
     assert!(routes.as_array().unwrap().iter().any(|r| r["dst"] == "10.128.0.1/32" && r["gateway"].is_null()));
     assert!(routes.as_array().unwrap().iter().any(|r| r["dst"] == "0.0.0.0/0" && r["gateway"] == "10.128.0.1"));
-    signal(&child, libc::SIGTERM);
-    let status = wait(child);
+    let status = stop(child);
     assert_eq!(ns.config(), before, "every route is back");
     assert!(status.success(), "{status}");
     assert!(!ns.state_file().exists());
@@ -370,8 +373,7 @@ fn network_manager_noprefixroute_subnet_routes_are_recorded_and_come_back_root()
         handover(&ns.state_file())["routes"],
         serde_json::json!([{"dst": "0.0.0.0/0", "gateway": "192.168.50.1"}])
     );
-    signal(&child, libc::SIGTERM);
-    let status = wait(child);
+    let status = stop(child);
     assert_eq!(ns.config(), before, "every route is back");
     assert!(status.success(), "{status}");
 }
@@ -472,8 +474,7 @@ fn a_default_route_through_vpp_keeps_the_nic_taken_root() {
     assert!(child.try_wait().unwrap().is_none(), "still holding the NIC");
     assert!(ns.config().0.is_empty(), "the NIC's addresses stay taken");
     ns.ip(&["link", "del", "vpp1"]);
-    signal(&child, libc::SIGTERM);
-    assert!(wait(child).success());
+    assert!(stop(child).success());
     assert_eq!(ns.config(), before);
 }
 
@@ -492,8 +493,7 @@ fn the_nic_is_down_while_taken_and_gets_its_mtu_and_mac_back_root() {
     assert!(!taken[0]["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "down while taken: {taken}");
     // As a driver bound anew would have it.
     ns.ip(&["link", "set", "nic0", "mtu", "1500", "address", "02:00:00:00:00:99"]);
-    signal(&child, libc::SIGTERM);
-    assert!(wait(child).success());
+    assert!(stop(child).success());
     let back = link(&ns);
     assert!(back[0]["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "up again: {back}");
     assert_eq!((back[0]["mtu"].as_u64(), back[0]["address"].as_str()), (Some(1460), Some(mac.as_str())));

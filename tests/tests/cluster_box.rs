@@ -172,6 +172,19 @@ fn path_mtu_discovery_works_and_nothing_is_fragmented() {
     // The sender learnt the path MTU: the next big datagram is sized to it and arrives.
     let (ok, out) = df_ping(&b, &big.id(), 1422);
     assert!(ok, "after PMTU discovery: {out}");
+    // A jumbo pod interface: a packet far bigger than the slow-path port (1500) still gets
+    // its "fragmentation needed" (the datapath hands the port its headers).
+    let jumbo = b.add_pod_with("node-1", "default/jumbo", &[], &[], r#"{"mtu": 4000}"#);
+    let (ok, out) = df_ping(&b, &jumbo.id(), 3000);
+    assert!(!ok && out.contains("mtu = 1450"), "a 3028-byte packet gets fragmentation-needed: {out}");
+    let (ok, out) = df_ping(&b, &jumbo.id(), 1422);
+    assert!(ok, "after PMTU discovery: {out}");
+    // An echo request to the gateway that big cannot be answered from its headers: counted.
+    let gateway = Ipv4Addr::from(u32::from(jumbo.ip) & 0xffff_ff00 | 1).to_string();
+    let out = b.cmd(&jumbo.id(), "ping").args(["-c", "1", "-W", "1", "-s", "3000", &gateway]).output();
+    assert!(!out.unwrap().status.success(), "no reply from part of an echo request");
+    let vswitch = b.status_json("node-1", "/vswitch").unwrap();
+    assert_eq!(vswitch["vswitch"]["drops"]["truncated"], 1, "{vswitch}");
     // Nobody fragmented anything on the way.
     for node in ["node-1", "node-2"] {
         let out = b.cmd(node, "nstat").args(["-az", "IpFragCreates"]).output().unwrap();

@@ -128,6 +128,40 @@ fn gateway_arp_and_ping_are_answered_by_the_vswitch_over_af_xdp() {
     assert_eq!(stamped, [me.as_str(), gw, gw, me.as_str()], "who stamped the echo: {text}");
 }
 
+/// The interface index of `name` in the node's namespace, if it exists.
+fn link_index(node: &Node, name: &str) -> Option<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", node.ns.name(), "-o", "link", "show", "dev", name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).split(':').next().and_then(|i| i.trim().parse().ok())
+}
+
+#[test]
+fn a_slow_path_port_deleted_from_outside_is_recreated_and_served_again() {
+    let node = node();
+    let pod = node.add_pod();
+    let gateway = Ipv4Addr::new(10, 1, 1, 1);
+    assert!(ping(&pod.ns, gateway, 1), "the gateway answers:\n{}", node.agent_log());
+    let index = link_index(&node, "cslow0").expect("cslow0 exists");
+    // Someone deletes the port (one end takes the other with it).
+    node.ns.ip(&["link", "del", "cslow1"]);
+    assert_eq!(link_index(&node, "cslow0"), None, "both ends are gone");
+    // The agent notices its socket's interface went away, re-creates the port at the same
+    // index (the datapath config names it) with its programs, and serves it again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ping(&pod.ns, gateway, 1) {
+        assert!(std::time::Instant::now() < deadline, "the gateway never answered again:\n{}", node.agent_log());
+    }
+    assert_eq!(link_index(&node, "cslow0"), Some(index), "the host end keeps its index");
+    let mtu = node.ns.ip(&["-o", "link", "show", "dev", "cslow1"]);
+    assert!(mtu.contains("mtu 1500") && mtu.contains("xdp"), "the vswitch end has its MTU and XDP program: {mtu}");
+    // The fast path still hands the slow path what it cannot serve.
+    let drops = node.vswitch_drops("unknown_destination");
+    assert!(!ping(&pod.ns, Ipv4Addr::new(10, 1, 1, 250), 1));
+    assert!(node.vswitch_drops("unknown_destination") > drops);
+}
+
 #[test]
 fn unknown_destinations_go_to_the_slow_path_and_are_dropped() {
     let node = node();

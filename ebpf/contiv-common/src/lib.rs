@@ -376,6 +376,14 @@ pub struct DatapathConfig {
     pub _pad2: u32,
 }
 
+/// MTU of the slow-path port's veth pair. A frame the datapath hands to the built-in
+/// vswitch that is bigger (a jumbo pod interface, a GSO packet too big for the overlay)
+/// is cut to this size plus its Ethernet header first: the veth would drop it whole, and
+/// the vswitch answers from the headers (refusals, "fragmentation needed"), with the IPv4
+/// total length still the original's. In VPP mode nothing is cut: VPP forwards what it
+/// gets, so the pod MTU is held to this size instead.
+pub const SLOW_PORT_MTU: u32 = 1500;
+
 /// Bits of [`DatapathConfig::flags`].
 pub mod config_flags {
     /// `uplink = "vpp"`: VPP owns the wire. Everything a pod sends that is not for a local

@@ -59,13 +59,15 @@ mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, xdp_action},
-    helpers::generated::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_type},
+    helpers::generated::{
+        bpf_check_mtu, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_tail, bpf_skb_change_type,
+    },
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use contiv_common::{
-    DatapathConfig, PodCounters, PodEndpoint, config_flags, drop_reason, hook, monitor_bucket, monitor_kind, pod_flags,
-    policy_dir, trace_route, trace_step, verdict as out,
+    DatapathConfig, PodCounters, PodEndpoint, SLOW_PORT_MTU, config_flags, drop_reason, hook, monitor_bucket,
+    monitor_kind, pod_flags, policy_dir, trace_route, trace_step, verdict as out,
 };
 use core::mem::MaybeUninit;
 use frag::Fragment;
@@ -278,7 +280,8 @@ fn from_pod(skb: *mut aya_ebpf::bindings::__sk_buff, event: &mut PendingEvent) -
             to_uplink(verdict.ifindex)
         }
         out::SLOW_PATH => {
-            let slowport = config().map(|c| c.slowport_ifindex).unwrap_or(0);
+            let cfg = config();
+            let slowport = cfg.map(|c| c.slowport_ifindex).unwrap_or(0);
             if slowport == 0 {
                 let reason = drop_reason::NO_SLOWPATH;
                 trace.step(trace_step::VERDICT, u16::from(out::DROP), [0; 4], u16::from(reason), 0, 0);
@@ -295,8 +298,7 @@ fn from_pod(skb: *mut aya_ebpf::bindings::__sk_buff, event: &mut PendingEvent) -
             trace.step(trace_step::VERDICT, u16::from(code), [0; 4], 0, 0, slowport);
             // Out of the host end of the slow-path port; its peer's XDP program feeds the
             // AF_XDP socket.
-            // SAFETY: plain helper call.
-            unsafe { bpf_redirect(slowport, 0) as i32 }
+            to_slow_port(&ctx, slowport, cfg.is_some_and(|c| c.flags & config_flags::VPP_UPLINK != 0))
         }
         _ => {
             let reason = verdict.reason;
@@ -592,6 +594,22 @@ impl FirstPacket {
             _ => svc::commit(unsafe { flow.assume_init_ref() }, trace),
         }
     }
+}
+
+/// Out of the host end of the slow-path port (`slowport`, not 0). For the built-in vswitch
+/// a frame bigger than the port's MTU is cut to it first ([`SLOW_PORT_MTU`]): the veth
+/// would drop it whole, silently, and the vswitch answers from its headers. VPP (`vpp`)
+/// forwards what it gets: nothing is cut (the agent holds the pod MTU to the port's).
+#[inline(always)]
+fn to_slow_port(ctx: &TcContext, slowport: u32, vpp: bool) -> i32 {
+    const MAX_FRAME: u32 = SLOW_PORT_MTU + ETH_HLEN as u32;
+    if !vpp && ctx.skb.len() > MAX_FRAME {
+        // SAFETY: plain helper call on our own skb; nothing reads its data afterwards. A
+        // failure leaves the frame whole (and the veth drops it, as before).
+        unsafe { bpf_skb_change_tail(ctx.skb.skb, MAX_FRAME, 0) };
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(slowport, 0) as i32 }
 }
 
 /// Where a pod's packet for `dst` goes (after any service rewrite).
@@ -1082,8 +1100,7 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             if cfg.slowport_ifindex == 0 {
                 return TC_ACT_SHOT;
             }
-            // SAFETY: plain helper call.
-            return unsafe { bpf_redirect(cfg.slowport_ifindex, 0) as i32 };
+            return to_slow_port(&ctx, cfg.slowport_ifindex, cfg.flags & config_flags::VPP_UPLINK != 0);
         }
         _ => return TC_ACT_SHOT,
     }

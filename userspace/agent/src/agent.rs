@@ -370,22 +370,7 @@ impl Agent {
         // Kernel mode: recreate it so its programs and the socket start clean.
         if !vpp_mode {
             datapath.forget_vpp_port(&slow_host, &slow_vsw);
-            podnet::delete_link(&node, &slow_host).await?;
-            node.link()
-                .add(rtnetlink::LinkVeth::new(&slow_host, &slow_vsw).mtu(1500).build())
-                .execute()
-                .await
-                .context("creating the slow-path port")?;
-            for name in [&slow_host, &slow_vsw] {
-                // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into the vswitch.
-                let _ = crate::sysctl::set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
-                let link = podnet::link_by_name(&node, name).await?.with_context(|| format!("{name} vanished"))?;
-                node.link()
-                    .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())
-                    .execute()
-                    .await
-                    .with_context(|| format!("bringing {name} up"))?;
-            }
+            crate::slowpath::create_port(&node, &slow_host, &slow_vsw, None).await?;
             datapath.attach_slow_port(&slow_host, &slow_vsw).context("attaching the slow-path programs")?;
         }
         let slow_host_index =
@@ -814,7 +799,11 @@ impl Agent {
                 format!("CNI_NETNS={}", req.netns),
             ));
         }
-        let (mtu, dns, bandwidth) = netconf::overrides(&req.network_config, self.pod_mtu, &self.config.dns)?;
+        let max_mtu = match self.config.uplink {
+            config::Uplink::Vpp => contiv_common::SLOW_PORT_MTU,
+            _ => config::POD_MTU_MAX,
+        };
+        let (mtu, dns, bandwidth) = netconf::overrides(&req.network_config, self.pod_mtu, max_mtu, &self.config.dns)?;
         let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
         // Reserve an address (in memory; see crate::state) and take what the unlocked steps need.
@@ -1367,7 +1356,10 @@ impl Agent {
             mac: self.config.gateway_mac,
             path_mtu: self.overlay.as_ref().map(|o| o.mtu as u16),
         };
-        let started = contiv_vswitch::spawn(&ifname, 0, BuiltinVswitch::new(gateway)).map_err(|e| e.to_string());
+        let started = match self.restore_slow_port().await {
+            Ok(()) => contiv_vswitch::spawn(&ifname, 0, BuiltinVswitch::new(gateway)).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("{e:#}")),
+        };
         let result = match started {
             Ok(port) => {
                 // Registered, put in its slot and given the refusals under the node lock:
@@ -1399,6 +1391,25 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Re-creates the kernel-mode slow-path port if it vanished (deleted from outside, one
+    /// end or both): the host end at its old interface index, which the datapath's config
+    /// and its traces name, and both ends with their programs.
+    async fn restore_slow_port(&self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let (host, vswitch) = (&self.config.slowpath_host_ifname, &self.config.slowpath_vswitch_ifname);
+        let mut inner = self.inner.lock().await;
+        let node = inner.node.clone();
+        if crate::slowpath::port_intact(&node, host, vswitch, self.params.slowport_ifindex).await? {
+            return Ok(());
+        }
+        log::warn!("the slow-path port {host} <-> {vswitch} vanished: re-creating it");
+        crate::slowpath::create_port(&node, host, vswitch, Some(self.params.slowport_ifindex)).await.with_context(
+            || format!("re-creating the slow-path port with {host} at index {}", self.params.slowport_ifindex),
+        )?;
+        inner.datapath.attach_slow_port(host, vswitch).context("attaching the slow-path programs")?;
+        Ok(())
     }
 
     /// Stops the vswitch. The pod datapath stays attached: pods keep talking while the

@@ -553,6 +553,14 @@ impl AgentConfig {
         {
             return Err(ConfigError::Invalid(format!("mtu {mtu} out of range {POD_MTU_MIN}..={POD_MTU_MAX}")));
         }
+        if uplink == Uplink::Vpp
+            && let Some(mtu) = raw.mtu.filter(|m| *m > contiv_common::SLOW_PORT_MTU)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "mtu {mtu}: with uplink = \"vpp\" pods' traffic crosses the slow-path port to VPP, whose MTU is {}",
+                contiv_common::SLOW_PORT_MTU
+            )));
+        }
         if uplink == Uplink::Vpp {
             // VPP holds the NIC: the kernel-side wire settings would be silently ignored.
             for (set, field) in [
@@ -744,10 +752,15 @@ fn ifname_check(v: Option<String>, default: &str, field: &str) -> Result<String,
 impl AgentConfig {
     /// The pod MTU once the uplink is known: the file's `mtu`, else the uplink MTU minus the
     /// overlay's overhead (within the 576..=9000 the file's `mtu` and the CNI's accept; a
-    /// jumbo uplink above 9050 gives 9000), else 1500.
+    /// jumbo uplink above 9050 gives 9000), else 1500. In VPP mode no more than the
+    /// slow-path port's MTU: every frame a pod sends off the node crosses it to VPP.
     pub fn pod_mtu(&self, uplink_mtu: Option<u32>) -> u32 {
+        let max = match self.uplink {
+            Uplink::Vpp => contiv_common::SLOW_PORT_MTU,
+            Uplink::Kernel => POD_MTU_MAX,
+        };
         self.mtu.unwrap_or_else(|| {
-            uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).clamp(POD_MTU_MIN, POD_MTU_MAX))
+            uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).clamp(POD_MTU_MIN, POD_MTU_MAX)).min(max)
         })
     }
 }
@@ -894,6 +907,12 @@ mod tests {
         assert_eq!(c.gateway, Ipv4Addr::new(10, 1, 7, 1));
         assert_eq!(c.mtu, Some(1450));
         assert_eq!(c.pod_mtu(Some(9000)), 1450, "an explicit mtu wins");
+        // VPP mode: pods' traffic crosses the slow-path port, 1500 bytes.
+        let vpp = AgentConfig::from_toml("uplink = \"vpp\"\n").unwrap();
+        assert_eq!((vpp.pod_mtu(Some(9000)), vpp.pod_mtu(Some(1500))), (1500, 1450));
+        let e = AgentConfig::from_toml("uplink = \"vpp\"\nmtu = 9000\n").unwrap_err().to_string();
+        assert!(e.contains("slow-path port"), "{e}");
+        assert_eq!(AgentConfig::from_toml("uplink = \"vpp\"\nmtu = 1500\n").unwrap().mtu, Some(1500));
         assert_eq!(c.gateway_mac, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
         assert_eq!(c.dns.nameservers, vec!["10.96.0.10"]);
         assert_eq!(c.overlay.encap, OverlayEncap::Device);

@@ -24,9 +24,53 @@
 //!   when the agent creates the interface over the binary API. The agent never opens a
 //!   socket itself; it programs VPP ([`crate::vpp::VppNode`]).
 
+use anyhow::Context;
 use contiv_vswitch::{BuiltinVswitch, RunningPort};
 
-use crate::vpp::VppNode;
+use crate::{podnet, vpp::VppNode};
+
+/// Creates the slow-path port's veth pair (`host` <-> `vswitch`, MTU
+/// [`contiv_common::SLOW_PORT_MTU`]) in place of whatever has those names, and brings both
+/// ends up. `host_index`: the host end's interface index to ask for (a port re-created
+/// under a running datapath must keep the index its config and traces name).
+pub async fn create_port(
+    node: &rtnetlink::Handle,
+    host: &str,
+    vswitch: &str,
+    host_index: Option<u32>,
+) -> anyhow::Result<()> {
+    podnet::delete_link(node, host).await?;
+    podnet::delete_link(node, vswitch).await?;
+    let mut request = rtnetlink::LinkVeth::new(host, vswitch).mtu(contiv_common::SLOW_PORT_MTU).build();
+    if let Some(index) = host_index {
+        request.header.index = index;
+    }
+    node.link().add(request).execute().await.context("creating the slow-path port")?;
+    bring_up(node, host, vswitch).await
+}
+
+/// Brings both ends of the slow-path port up; neither may originate traffic of its own
+/// (IPv6 autoconf, DAD) into the vswitch.
+pub async fn bring_up(node: &rtnetlink::Handle, host: &str, vswitch: &str) -> anyhow::Result<()> {
+    for name in [host, vswitch] {
+        let _ = crate::sysctl::set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
+        let link = podnet::link_by_name(node, name).await?.with_context(|| format!("{name} vanished"))?;
+        node.link()
+            .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("bringing {name} up"))?;
+    }
+    Ok(())
+}
+
+/// Whether the kernel-mode port is as the datapath was wired to it: both ends there, the
+/// host end at `host_index`.
+pub async fn port_intact(node: &rtnetlink::Handle, host: &str, vswitch: &str, host_index: u32) -> anyhow::Result<bool> {
+    let host_end = podnet::link_by_name(node, host).await?;
+    let vswitch_end = podnet::link_by_name(node, vswitch).await?;
+    Ok(host_end.is_some_and(|l| l.header.index == host_index) && vswitch_end.is_some())
+}
 
 /// The slow path's backend.
 pub enum SlowPathBackend {

@@ -561,27 +561,11 @@ async fn remove_stale_port(config: &VppConfig, slowpath_ifname: &str) {
 /// is bound to its vswitch end, and pods' traffic to VPP keeps flowing while the agent
 /// restarts); created otherwise. Returns whether it was created anew.
 pub async fn ensure_slow_port(node: &rtnetlink::Handle, host: &str, vswitch: &str) -> anyhow::Result<bool> {
-    use anyhow::Context;
     let fresh =
         podnet::link_by_name(node, host).await?.is_none() || podnet::link_by_name(node, vswitch).await?.is_none();
-    if fresh {
-        podnet::delete_link(node, host).await?;
-        podnet::delete_link(node, vswitch).await?;
-        node.link()
-            .add(rtnetlink::LinkVeth::new(host, vswitch).mtu(1500).build())
-            .execute()
-            .await
-            .context("creating the slow-path port")?;
-    }
-    for name in [host, vswitch] {
-        // Neither end may originate traffic of its own (IPv6 autoconf, DAD) into VPP.
-        let _ = crate::sysctl::set(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
-        let link = podnet::link_by_name(node, name).await?.with_context(|| format!("{name} vanished"))?;
-        node.link()
-            .set(rtnetlink::LinkUnspec::new_with_index(link.header.index).up().build())
-            .execute()
-            .await
-            .with_context(|| format!("bringing {name} up"))?;
+    match fresh {
+        true => crate::slowpath::create_port(node, host, vswitch, None).await?,
+        false => crate::slowpath::bring_up(node, host, vswitch).await?,
     }
     Ok(fresh)
 }

@@ -86,11 +86,15 @@ pub enum DropReason {
     /// the kernel's `icmp_msgs_per_sec` and `icmp_msgs_burst`): a flood to a refused
     /// address is not reflected one for one.
     ErrorRateLimited,
+    /// An echo request to the gateway bigger than the slow-path port carries: the datapath
+    /// cut it to the port's MTU ([`contiv_common::SLOW_PORT_MTU`]), and the reply would
+    /// need all of it.
+    Truncated,
 }
 
 impl DropReason {
     /// Every reason, in the order the counters are listed.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::ArpOther,
         DropReason::IcmpToGatewayOther,
         DropReason::Fragment,
@@ -99,6 +103,7 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::ErrorNotAllowed,
         DropReason::ErrorRateLimited,
+        DropReason::Truncated,
     ];
 
     /// The counter's name, as exposed by the agent.
@@ -112,6 +117,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::ErrorNotAllowed => "error_not_allowed",
             DropReason::ErrorRateLimited => "error_rate_limited",
+            DropReason::Truncated => "truncated",
         }
     }
 }
@@ -179,6 +185,7 @@ pub struct DropCounters {
     pub malformed: u64,
     pub error_not_allowed: u64,
     pub error_rate_limited: u64,
+    pub truncated: u64,
 }
 
 impl DropCounters {
@@ -193,6 +200,7 @@ impl DropCounters {
             DropReason::Malformed => self.malformed,
             DropReason::ErrorNotAllowed => self.error_not_allowed,
             DropReason::ErrorRateLimited => self.error_rate_limited,
+            DropReason::Truncated => self.truncated,
         }
     }
 
@@ -206,6 +214,7 @@ impl DropCounters {
             DropReason::Malformed => &mut self.malformed,
             DropReason::ErrorNotAllowed => &mut self.error_not_allowed,
             DropReason::ErrorRateLimited => &mut self.error_rate_limited,
+            DropReason::Truncated => &mut self.truncated,
         }
     }
 

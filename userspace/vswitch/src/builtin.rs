@@ -149,7 +149,10 @@ impl BuiltinVswitch {
         }
         let ihl = usize::from(ip[0] & 0x0f) * 4;
         let total_len = usize::from(be16(ip, 2));
-        if ihl < IPV4_HLEN || total_len < ihl || total_len > ip.len() {
+        // A packet bigger than the port comes cut to its MTU, its total length the
+        // original's: the answers below need only its headers.
+        let cut = total_len > ip.len() && frame.len() >= MAX_FRAME;
+        if ihl < IPV4_HLEN || total_len < ihl || (total_len > ip.len() && !cut) || ihl > ip.len() {
             return Verdict::Dropped(DropReason::Malformed);
         }
         if internet_checksum(&ip[..ihl]) != 0 {
@@ -166,7 +169,7 @@ impl BuiltinVswitch {
             // What the datapath hands over to be refused first: a refused datagram that is
             // also too big gets the refusal, not a path MTU to retry with.
             let proto = ip[9];
-            let l4 = &ip[ihl..total_len];
+            let l4 = &ip[ihl..total_len.min(ip.len())];
             let refused = !first_fragment
                 && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
                 && l4.len() >= 4
@@ -196,6 +199,9 @@ impl BuiltinVswitch {
         }
         if first_fragment {
             return Verdict::Dropped(DropReason::Fragment);
+        }
+        if cut {
+            return Verdict::Dropped(DropReason::Truncated);
         }
         // Ethernet padding past the IPv4 total length is not part of the packet. Options
         // are read past; the answer carries back a Record Route and a Timestamp, as the
@@ -488,8 +494,9 @@ impl BuiltinVswitch {
 
     /// TCP RST for a segment to a refused destination (RFC 9293 3.10.7.1: the reset takes
     /// its sequence number from the segment's ACK, or acknowledges the segment).
+    /// `total_len` is the packet's, which may be more than `frame` holds (cut to the port).
     fn tcp_reset(&mut self, frame: &[u8], ihl: usize, total_len: usize, tx: &mut dyn FnMut(&[u8])) -> Verdict {
-        let ip = &frame[ETH_HLEN..ETH_HLEN + total_len];
+        let ip = &frame[ETH_HLEN..(ETH_HLEN + total_len).min(frame.len())];
         let tcp = &ip[ihl..];
         if tcp.len() < TCP_HLEN {
             return Verdict::Dropped(DropReason::Malformed);
@@ -500,7 +507,7 @@ impl BuiltinVswitch {
             return Verdict::Dropped(DropReason::UnknownDestination);
         }
         let data_off = usize::from(tcp[12] >> 4) * 4;
-        let payload = tcp.len().saturating_sub(data_off) as u32;
+        let payload = (total_len - ihl).saturating_sub(data_off) as u32;
         let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
         let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
         let (sport, dport) = (be16(tcp, 2), be16(tcp, 0));
@@ -529,7 +536,7 @@ impl BuiltinVswitch {
     /// ICMP port unreachable for a UDP datagram to a refused destination, from that
     /// destination, quoting the datagram's IPv4 header and up to 64 bytes after it.
     fn port_unreachable(&mut self, frame: &[u8], ihl: usize, total_len: usize, tx: &mut dyn FnMut(&[u8])) -> Verdict {
-        let ip = &frame[ETH_HLEN..ETH_HLEN + total_len];
+        let ip = &frame[ETH_HLEN..(ETH_HLEN + total_len).min(frame.len())];
         let quoted = ip[..(ihl + 64).min(ip.len())].to_vec();
         let ip_start = self.begin_reply(frame, 0xc0, IPPROTO_ICMP);
         let out = &mut self.scratch;
@@ -1118,6 +1125,50 @@ mod tests {
         // Another node's address with that port is not this set's.
         let f = ipv4_frame(IPPROTO_UDP, [192, 168, 100, 99], &[], 0, &udp);
         assert_eq!(run(&mut vs, &f).0, Verdict::Dropped(DropReason::UnknownDestination));
+    }
+
+    /// What the datapath hands over for a packet bigger than the port: the first
+    /// [`MAX_FRAME`] bytes, the IPv4 total length still the packet's.
+    fn cut(frame: &[u8]) -> Vec<u8> {
+        assert!(frame.len() > MAX_FRAME);
+        frame[..MAX_FRAME].to_vec()
+    }
+
+    #[test]
+    fn packets_cut_to_the_port_are_answered_from_their_headers() {
+        let svc = [10, 96, 0, 10];
+        // "Fragmentation needed" for a jumbo DF packet, quoting its real length.
+        let mut vs = vswitch();
+        let big = ipv4_frame(IPPROTO_UDP, [10, 1, 2, 9], &[], 0x4000, &vec![0x42; 3000]);
+        let (verdict, sent) = run(&mut vs, &cut(&big));
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::FragNeeded));
+        let icmp = &sent[0][ETH_HLEN + IPV4_HLEN..];
+        assert_eq!(be16(icmp, 6), 1450);
+        assert_eq!(be16(icmp, 8 + 2), 3020, "the quoted header keeps the packet's length");
+        assert_eq!(internet_checksum(icmp), 0);
+        // A refused jumbo datagram gets its port unreachable, quoting 64 bytes.
+        let mut vs = refusing(svc, 53, IPPROTO_UDP);
+        let mut udp = vec![0x9c, 0x40, 0, 53, 0x0b, 0xb8, 0, 0];
+        udp.resize(3000, 0x42);
+        let f = ipv4_frame(IPPROTO_UDP, svc, &[], 0, &udp);
+        let (verdict, sent) = run(&mut vs, &cut(&f));
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::PortUnreachable));
+        let icmp = &sent[0][ETH_HLEN + IPV4_HLEN..];
+        assert_eq!(&icmp[8..], &f[ETH_HLEN..ETH_HLEN + IPV4_HLEN + 64]);
+        // A refused jumbo segment without ACK is acknowledged whole, not as far as the cut.
+        let mut vs = refusing(svc, 80, IPPROTO_TCP);
+        let f = ipv4_frame(IPPROTO_TCP, svc, &[], 0x4000, &tcp_segment(40000, 80, 1000, 0, TCP_SYN, &[7; 3000]));
+        let (verdict, sent) = run(&mut vs, &cut(&f));
+        assert_eq!(verdict, Verdict::Replied(ReplyKind::TcpReset));
+        let tcp = &sent[0][ETH_HLEN + IPV4_HLEN..];
+        assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 1000 + 1 + 3000);
+        // An echo request to the gateway cannot be echoed from part of it.
+        let mut vs = vswitch();
+        let (verdict, sent) = run(&mut vs, &cut(&echo_request(&vec![1; 3000])));
+        assert_eq!(verdict, Verdict::Dropped(DropReason::Truncated));
+        assert!(sent.is_empty());
+        // A frame shorter than the port's largest that claims more is malformed, as before.
+        assert_eq!(run(&mut vs, &big[..1000]).0, Verdict::Dropped(DropReason::Malformed));
     }
 
     #[test]

@@ -3,6 +3,9 @@
 
 /// Length of an Ethernet II header (no VLAN tag).
 pub const ETH_HLEN: usize = 14;
+/// The largest frame the slow-path port carries (its MTU plus the Ethernet header); the
+/// datapath cuts bigger ones to this size before handing them over.
+pub const MAX_FRAME: usize = contiv_common::SLOW_PORT_MTU as usize + ETH_HLEN;
 /// Length of an ARP payload for Ethernet/IPv4.
 pub const ARP_LEN: usize = 28;
 /// Length of an IPv4 header without options.

@@ -36,10 +36,12 @@ struct NetConf {
 }
 
 /// The MTU, DNS and bandwidth limits for an attachment of this network: the config's values
-/// where it has them, else the node's defaults. An empty `dns` is the node's.
+/// where it has them, else the node's defaults. An empty `dns` is the node's. `max_mtu`: the
+/// largest MTU the node's pods can use (less than [`config::POD_MTU_MAX`] in VPP mode).
 pub(super) fn overrides(
     raw: &[u8],
     default_mtu: u32,
+    max_mtu: u32,
     default_dns: &DnsConfig,
 ) -> Result<(u32, DnsConfig, Option<BandwidthLimits>), CniError> {
     let invalid = |e: String| CniError::new(codes::INVALID_CONFIG, "invalid network configuration", e);
@@ -49,6 +51,12 @@ pub(super) fn overrides(
     let mtu = conf.mtu.unwrap_or(default_mtu);
     if !(config::POD_MTU_MIN..=config::POD_MTU_MAX).contains(&mtu) {
         return Err(invalid(format!("mtu {mtu} out of range {}..={}", config::POD_MTU_MIN, config::POD_MTU_MAX)));
+    }
+    if mtu > max_mtu {
+        return Err(invalid(format!(
+            "mtu {mtu} is above {max_mtu}, the most this node's pods can use (in VPP mode their traffic crosses \
+             the slow-path port, whose MTU is {max_mtu})"
+        )));
     }
     let dns = conf.dns.unwrap_or_default();
     let dns = DnsConfig { nameservers: dns.nameservers, domain: dns.domain, search: dns.search, options: dns.options };
@@ -67,7 +75,7 @@ mod tests {
     }
 
     fn read(conf: serde_json::Value) -> Result<(u32, DnsConfig), CniError> {
-        overrides(conf.to_string().as_bytes(), 1450, &node_dns()).map(|(mtu, dns, _)| (mtu, dns))
+        overrides(conf.to_string().as_bytes(), 1450, config::POD_MTU_MAX, &node_dns()).map(|(mtu, dns, _)| (mtu, dns))
     }
 
     #[test]
@@ -100,8 +108,16 @@ mod tests {
                 ),
             }
         }
-        let mut c = base;
+        let mut c = base.clone();
         c["dns"] = json!({"nameservers": "1.1.1.1"});
         assert_eq!(read(c).unwrap_err().code, codes::INVALID_CONFIG);
+        // A VPP-mode node holds pods to the slow-path port's MTU.
+        let mut c = base;
+        c["mtu"] = json!(1501);
+        let raw = c.to_string();
+        let e = overrides(raw.as_bytes(), 1450, 1500, &node_dns()).expect_err("refused");
+        assert!(e.code == codes::INVALID_CONFIG && e.details.contains("slow-path port"), "{e:?}");
+        c["mtu"] = json!(1500);
+        assert_eq!(overrides(c.to_string().as_bytes(), 1450, 1500, &node_dns()).unwrap().0, 1500);
     }
 }

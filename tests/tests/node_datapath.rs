@@ -402,6 +402,15 @@ fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
     );
     // The kept pod still works.
     assert!(ping(&keep.ns, Ipv4Addr::new(10, 1, 1, 1), 1));
+    // An interface an ADD's rollback could not delete (no record holds it) goes with the
+    // runtime's DEL: it has the name only that attachment's host end has.
+    let digest =
+        contiv_tests::run(std::process::Command::new("sh").args(["-c", "printf %s leftover/eth0 | sha256sum"]));
+    let leftover = format!("cv{}", &digest[..11]);
+    node.ns.ip(&["link", "add", &leftover, "type", "veth", "peer", "name", "leftover-peer"]);
+    assert!(node.pod_links().contains(&leftover));
+    node.cni("DEL", "leftover", "", "eth0", "1.0.0").ok();
+    assert!(!node.pod_links().contains(&leftover), "the leftover interface is deleted");
 }
 
 #[test]

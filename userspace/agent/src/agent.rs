@@ -85,6 +85,28 @@ struct Inner {
     udp_untracked_logged: u64,
 }
 
+/// How long an ADD waits for the cluster model (below contiv-cni's 60 s request timeout).
+const MODEL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Waits up to `wait` for the cluster model to be loaded (`synced` turning true); a CNI
+/// "try again later" (code 11) if it is not.
+async fn wait_for_model(
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    wait: std::time::Duration,
+) -> Result<(), CniError> {
+    match tokio::time::timeout(wait, synced.wait_for(|loaded| *loaded)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(CniError::try_again_later(
+            "the cluster model is not loaded yet",
+            format!(
+                "waited {}s for the store's pods, namespaces and policies: a pod wired now would start without its \
+                 NetworkPolicy",
+                wait.as_secs()
+            ),
+        )),
+    }
+}
+
 /// The vswitch agent.
 pub struct Agent {
     config: AgentConfig,
@@ -110,6 +132,8 @@ pub struct Agent {
     /// stays, and STATUS says not ready so no pod starts unisolated), and what the last
     /// compilation could not represent.
     model_synced: std::sync::atomic::AtomicBool,
+    /// The same, for ADDs waiting for it ([`wait_for_model`]).
+    model_synced_signal: tokio::sync::watch::Sender<bool>,
     policy_problems: std::sync::Mutex<Vec<String>>,
     /// What changed for the service plan since the service task last looked.
     service_changes: std::sync::Mutex<crate::services::ServiceChanges>,
@@ -521,6 +545,7 @@ impl Agent {
             model: std::sync::OnceLock::new(),
             attachment_locks: std::sync::Mutex::new(HashMap::new()),
             model_synced: std::sync::atomic::AtomicBool::new(false),
+            model_synced_signal: tokio::sync::watch::Sender::new(false),
             policy_problems: std::sync::Mutex::new(vec![]),
             service_changes: std::sync::Mutex::new(crate::services::ServiceChanges::everything()),
             proxy_health,
@@ -649,6 +674,7 @@ impl Agent {
 
     pub fn mark_model_synced(&self) {
         self.model_synced.store(true, std::sync::atomic::Ordering::Release);
+        self.model_synced_signal.send_replace(true);
     }
 
     /// Pods, namespaces or policies changed: the dataplane follows (NetworkPolicy).
@@ -790,6 +816,10 @@ impl Agent {
 
     /// CNI ADD.
     pub async fn add(&self, req: &v1::CniRequest) -> Result<v1::AddReply, CniError> {
+        // A pod wired before the cluster model is loaded would start without its
+        // NetworkPolicy (isolation is computed from the model): runtimes speaking CNI 1.0
+        // never ask STATUS, so ADD itself waits for the model, and then says try again.
+        wait_for_model(self.model_synced_signal.subscribe(), MODEL_WAIT).instrument(phase("model")).await?;
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
         let netns = Path::new(&req.netns);
         if !netns.exists() {
@@ -1042,6 +1072,17 @@ impl Agent {
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
         let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
         let Some(a) = self.inner.lock().instrument(phase("lock")).await.state.get(&key).cloned() else {
+            // No record: nothing of it is in the datapath, but an ADD whose rollback could
+            // not delete its interface left it behind, under the name only this
+            // attachment's host end has.
+            let name = podnet::host_ifname(&req.container_id, &req.ifname);
+            let span = phase("link_delete");
+            let leftover = name.clone();
+            tokio::task::spawn_blocking(move || span.in_scope(|| podnet::delete_link_blocking(&leftover)))
+                .await
+                .unwrap_or_else(|e| Err(podnet::PodNetError::Worker(e.to_string())))
+                .map_err(|e| internal("deleting the interface an earlier ADD left", e))?;
+            self.inner.lock().await.datapath.forget_pod_link(&name);
             return Ok(());
         };
         self.unwire(&a).await
@@ -1073,6 +1114,7 @@ impl Agent {
                 .await
                 .unwrap_or_else(|e| Err(podnet::PodNetError::Worker(e.to_string())))
         };
+        let link_gone = deleted.is_ok();
         if let Err(e) = deleted {
             first_err.get_or_insert(internal("deleting the pod interface", e));
         }
@@ -1080,9 +1122,13 @@ impl Agent {
         // Done either way: removed below, or (on a failure) back in the plan until the
         // runtime retries the DEL.
         inner.leaving.remove(&key);
-        inner.datapath.forget_pod_link(&a.host_ifname);
         let inner = &mut *inner;
-        inner.applier.forget_counters(&mut inner.datapath, a.ip);
+        // A pod whose interface is still there keeps its programs (their pins hold them on
+        // it) and counters while it waits for the retry.
+        if link_gone {
+            inner.datapath.forget_pod_link(&a.host_ifname);
+            inner.applier.forget_counters(&mut inner.datapath, a.ip);
+        }
         if first_err.is_none() {
             match phase("persist").in_scope(|| inner.state.remove(&key)) {
                 Ok(_) => {
@@ -1428,5 +1474,30 @@ impl Agent {
             // What VPP holds stays: pods keep leaving the node through it while the agent is away.
             SlowPathBackend::Vpp(vpp) => vpp.shutdown(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn add_waits_for_the_cluster_model_then_says_try_again() {
+        let wait = std::time::Duration::from_millis(300);
+        // Never loaded: code 11 after the wait, not before.
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let started = std::time::Instant::now();
+        let e = wait_for_model(rx, wait).await.expect_err("not loaded");
+        assert_eq!(e.code, codes::TRY_AGAIN_LATER);
+        assert!(e.msg.contains("not loaded") && started.elapsed() >= wait, "{e:?}");
+        // Loaded while waiting: the ADD goes on.
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let waiter = tokio::spawn(wait_for_model(rx, std::time::Duration::from_secs(30)));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tx.send_replace(true);
+        assert!(waiter.await.unwrap().is_ok());
+        // Already loaded.
+        let (_tx, rx) = tokio::sync::watch::channel(true);
+        assert!(wait_for_model(rx, wait).await.is_ok());
     }
 }

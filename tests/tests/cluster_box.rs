@@ -884,8 +884,9 @@ fn forged_pod_sources_never_reach_a_pod() {
     // node-2's registered address, it is the overlay's (the control: the packet is good).
     let cvx_mac = mac_of(&b, "node-2", "cvx0");
     let forged = SocketAddr::from((y.ip, 5555));
-    let send = |ns: String, from: Ipv4Addr, at: Ipv4Addr, what: &'static str| {
-        let payload = vxlan_payload(cvx_mac, forged, to, what.as_bytes());
+    let send_vni = |ns: String, from: Ipv4Addr, at: Ipv4Addr, what: &'static str, vni: u8| {
+        let mut payload = vxlan_payload(cvx_mac, forged, to, what.as_bytes());
+        payload[6] = vni;
         enter(&ns, move || {
             let s = UdpSocket::bind((from, 0)).unwrap();
             for _ in 0..3 {
@@ -893,9 +894,13 @@ fn forged_pod_sources_never_reach_a_pod() {
             }
         });
     };
+    let send = |ns: String, from: Ipv4Addr, at: Ipv4Addr, what: &'static str| send_vni(ns, from, at, what, 1);
     send(b.node("node-1").netns.clone(), node1, node2, "overlay");
     let got = received(&srv);
     assert!(got.iter().any(|(m, p)| m == "overlay" && *p == forged), "the crafted packet is valid: {got:?}");
+    // The same from the same node with another VNI is not the overlay's (someone else's
+    // VXLAN on the port; the device takes any VNI).
+    send_vni(b.node("node-1").netns.clone(), node1, node2, "another vni", 2);
     // node-2 gets a second address: the same packet sent there is not the overlay's.
     let second = Ipv4Addr::new(192, 168, 100, 250);
     run_ok(b.cmd("node-2", "ip").args(["addr", "add", &format!("{second}/24"), "dev", "eth0"]));
@@ -906,11 +911,11 @@ fn forged_pod_sources_never_reach_a_pod() {
     send(x.netns.clone(), x.ip, node2, "from a pod to the node");
     let got = received(&srv);
     assert!(got.is_empty(), "forged overlay packets got through: {got:?}");
-    // node-1's stack sent its three to node-2, which refused them as not the overlay's;
-    // the pod's never left node-1.
+    // node-1's stack sent its three to the second address and three with VNI 2 to node-2,
+    // which refused them as not the overlay's; the pod's never left node-1.
     let node = b.status_json("node-2", "/node").expect("/node");
     let spoofed = node["overlayCounters"]["rxSpoofed"].as_u64().unwrap_or_else(|| panic!("{node}"));
-    assert_eq!(spoofed, 3, "{node}");
+    assert_eq!(spoofed, 6, "{node}");
 }
 
 fn run_ok(c: &mut Command) {

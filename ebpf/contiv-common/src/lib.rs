@@ -893,6 +893,9 @@ pub mod drop_reason {
     /// UDP from a pod to the overlay's port anywhere but another pod: a VXLAN packet of its
     /// own, which a node could take as the overlay's.
     pub const OVERLAY_PORT: u8 = 14;
+    /// From the overlay's port with another VXLAN network identifier than the overlay's
+    /// (another VXLAN user of the same port on the underlay); counted as spoofed.
+    pub const OVERLAY_VNI: u8 = 15;
 
     /// The name the counters and metrics use for a reason.
     pub fn name(reason: u8) -> &'static str {
@@ -911,6 +914,7 @@ pub mod drop_reason {
             FRAGMENT => "fragment",
             NO_ROUTE => "no_route",
             OVERLAY_PORT => "overlay_port",
+            OVERLAY_VNI => "overlay_vni",
             _ => "unknown",
         }
     }

@@ -708,11 +708,14 @@ fn overlay_drop(ctx: &TcContext, trace: Trace, reason: u8, f: impl FnOnce(&mut c
 pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     let trace = Trace::of(&ctx);
     let len = u64::from(ctx.skb.len());
-    let mut local = None;
+    // What the tunnel key says (none for a trace): the address it was sent to, its VNI.
+    // (Plain values, not Options: the verifier refuses the spill of a None's undefined
+    // payload.)
+    let (mut keyed, mut local, mut vni) = (false, [0u8; 4], 0u32);
     let sender = match trace.sender() {
         Some(node) => Some(node),
         None => overlay::tunnel_ends(&ctx).map(|ends| {
-            local = Some(ends.local);
+            (keyed, local, vni) = (true, ends.local, ends.vni);
             ends.remote
         }),
     };
@@ -747,8 +750,13 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
     // Nodes send the overlay to each other's registered address only. One sent to another
     // address of this node came some other way: e.g. a pod's own VXLAN packet, masqueraded
     // to its node's address on the way (the inner source then passes the check above).
-    if local.is_some_and(|l| l != cfg.node_ip) {
+    if keyed && local != cfg.node_ip {
         return overlay_drop(&ctx, trace, drop_reason::OVERLAY_SPOOFED, |c| c.rx_spoofed += 1);
+    }
+    // The device takes any VNI (flow-based): one that is not the overlay's is someone
+    // else's VXLAN on the same port.
+    if keyed && vni != cfg.vni {
+        return overlay_drop(&ctx, trace, drop_reason::OVERLAY_VNI, |c| c.rx_spoofed += 1);
     }
     let Some(frag) = Fragment::of(ip, data, data_end, trace) else {
         return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |c| c.rx_fragment += 1);

@@ -58,6 +58,8 @@ pub struct TunnelEnds {
     pub remote: [u8; 4],
     /// The address it was sent to (network byte order).
     pub local: [u8; 4],
+    /// The VXLAN network identifier it carried.
+    pub vni: u32,
 }
 
 /// The outer addresses of a decapsulated packet, or `None` if the skb carries no tunnel key.
@@ -72,7 +74,7 @@ pub fn tunnel_ends(ctx: &TcContext) -> Option<TunnelEnds> {
     }
     // SAFETY: IPv4 tunnels fill both (host byte order).
     let (remote, local) = unsafe { (key.__bindgen_anon_1.remote_ipv4, key.__bindgen_anon_3.local_ipv4) };
-    Some(TunnelEnds { remote: remote.to_be_bytes(), local: local.to_be_bytes() })
+    Some(TunnelEnds { remote: remote.to_be_bytes(), local: local.to_be_bytes(), vni: key.tunnel_id })
 }
 
 /// Bytes the sender puts in front of a pod's IPv4 packet: outer IPv4 (20), UDP (8),

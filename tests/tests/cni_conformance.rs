@@ -284,7 +284,12 @@ fn a_non_root_caller_is_told_it_must_run_as_root_with_code_5_not_try_again() {
 fn ipam_exhaustion_is_plugin_code_101_and_a_del_frees_an_address() {
     // A /29: network, gateway (.1) and broadcast leave five pod addresses.
     let node = Node::start(NodeOptions { pod_subnet: Some("10.1.1.0/29".into()), ..NodeOptions::default() });
-    let pods: Vec<contiv_tests::Pod> = (0..5).map(|_| node.add_pod()).collect();
+    let pods: Vec<contiv_tests::Pod> = (0..4).map(|_| node.add_pod()).collect();
+    assert_eq!(node.cni("STATUS", "", "", "", "1.1.0").exit_code, 0, "one address left");
+    let pods: Vec<contiv_tests::Pod> = pods.into_iter().chain([node.add_pod()]).collect();
+    // STATUS says so before an ADD fails (the spec: resources exhausted), with code 50.
+    let status = node.cni("STATUS", "", "", "", "1.1.0").json();
+    assert_eq!((status["code"].as_u64(), &status["msg"]), (Some(50), &json!("no free pod address")), "{status}");
     let ns = Netns::new("ctp");
     let out = node.cni("ADD", "one-too-many", &ns.path().to_string_lossy(), "eth0", "1.1.0");
     let v = out.json();
@@ -298,6 +303,7 @@ fn ipam_exhaustion_is_plugin_code_101_and_a_del_frees_an_address() {
     assert!(ns.ip(&["-o", "link", "show"]).lines().all(|l| !l.contains("eth0")));
     // A DEL frees one, and the next ADD gets it.
     node.del_pod(&pods[2]).ok();
+    assert_eq!(node.cni("STATUS", "", "", "", "1.1.0").exit_code, 0, "an address is free again");
     let out = node.cni("ADD", "one-too-many", &ns.path().to_string_lossy(), "eth0", "1.1.0");
     out.ok();
     assert_eq!(contiv_tests::pod_ip(&out.json()), pods[2].ip);

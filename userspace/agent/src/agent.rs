@@ -1226,6 +1226,20 @@ impl Agent {
         }
     }
 
+    /// CNI STATUS: [`Self::status`], and not while every pod address is taken (the spec:
+    /// an error "if those resources are exhausted and no new ADD requests can be
+    /// serviced"). The agent itself stays ready (`/readyz`): its pods are fine.
+    pub async fn cni_status(&self) -> Result<(), CniError> {
+        self.status()?;
+        if self.inner.lock().await.state.free_addresses() == 0 {
+            return Err(CniError::not_available(
+                "no free pod address",
+                format!("every address of the node's pod subnet {} is taken", self.config.pod_subnet),
+            ));
+        }
+        Ok(())
+    }
+
     /// CNI GC: unwires every attachment of this network that the runtime no longer lists.
     pub async fn gc(&self, req: &v1::GcRequest) -> Result<u32, CniError> {
         let valid: std::collections::HashSet<AttachmentKey> =

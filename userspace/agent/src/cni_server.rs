@@ -66,7 +66,7 @@ impl v1::cni_server::Cni for CniService {
 
     async fn status(&self, _req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
         let start = Instant::now();
-        let error = self.agent.status().err().map(|e| e.to_proto());
+        let error = self.agent.cni_status().await.err().map(|e| e.to_proto());
         self.metrics.observe_cni("STATUS", code(error.as_ref()), start.elapsed());
         Ok(Response::new(v1::StatusReply { error }))
     }

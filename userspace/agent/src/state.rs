@@ -306,6 +306,16 @@ impl NodeState {
         Err(StateError::Exhausted(self.subnet))
     }
 
+    /// How many addresses an ADD could still get (not network, gateway, broadcast, held or
+    /// reserved).
+    pub fn free_addresses(&self) -> u32 {
+        let size = 1u64 << (32 - u32::from(self.subnet.prefix_len()));
+        let used: std::collections::HashSet<Ipv4Addr> =
+            self.attachments.values().map(|a| a.ip).chain(self.reserved.values().copied()).collect();
+        let unusable = 2 + u64::from(self.subnet.contains(&self.gateway) && !used.contains(&self.gateway));
+        size.saturating_sub(unusable + used.len() as u64) as u32
+    }
+
     /// Reserves a free address for the ADD of `key`, in memory only: it is not handed out
     /// again until [`Self::release`] or [`Self::put`] of that key.
     pub fn reserve(&mut self, key: &AttachmentKey) -> Result<Ipv4Addr, StateError> {
@@ -505,6 +515,22 @@ mod tests {
             s.release(&AttachmentKey::new("x", "eth0"));
         }
         s.release(&kb);
+    }
+
+    #[test]
+    fn free_addresses_count_down_to_zero_with_allocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/29");
+        assert_eq!(s.free_addresses(), 5, "8 less network, gateway, broadcast");
+        let a = s.allocate_ip().unwrap();
+        s.put(attachment("a", a)).unwrap();
+        s.reserve(&AttachmentKey::new("b", "eth0")).unwrap();
+        assert_eq!(s.free_addresses(), 3);
+        for c in ["c", "d", "e"] {
+            s.reserve(&AttachmentKey::new(c, "eth0")).unwrap();
+        }
+        assert_eq!(s.free_addresses(), 0);
+        assert!(s.allocate_ip().is_err(), "agrees with the allocator");
     }
 
     #[test]

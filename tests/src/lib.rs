@@ -415,6 +415,23 @@ impl Node {
 
     /// Starts the agent and waits until STATUS says ready.
     pub fn start_agent(&mut self) {
+        self.spawn_agent();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.cni("STATUS", "", "", "", "1.1.0");
+            if out.exit_code == 0 {
+                return;
+            }
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}:\n{}", self.agent_log());
+            }
+            assert!(Instant::now() < deadline, "agent not ready in 30 s:\n{}", self.agent_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts the agent without waiting for it.
+    pub fn spawn_agent(&mut self) {
         assert!(self.agent.is_none(), "agent already running");
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).expect("agent log");
@@ -428,18 +445,28 @@ impl Node {
             .spawn()
             .expect("starting contiv-agent");
         self.agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self.cni("STATUS", "", "", "", "1.1.0");
-            if out.exit_code == 0 {
-                return;
-            }
-            if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {status}:\n{}", self.agent_log());
-            }
-            assert!(Instant::now() < deadline, "agent not ready in 30 s:\n{}", self.agent_log());
-            std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// The container IDs the agent's durable state holds: the snapshot (state.json) with the
+    /// journal of later changes (state.log) applied, as a restarted agent would read them.
+    pub fn durable_attachments(&self) -> Vec<String> {
+        let dir = self.dir.join("state");
+        let snapshot: Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
+        let mut held: std::collections::BTreeSet<String> = snapshot["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["containerId"].as_str().unwrap().to_owned())
+            .collect();
+        for line in std::fs::read_to_string(dir.join("state.log")).unwrap_or_default().lines() {
+            let change: Value = serde_json::from_str(line).unwrap();
+            match change["op"].as_str() {
+                Some("put") => held.insert(change["attachment"]["containerId"].as_str().unwrap().to_owned()),
+                Some("remove") => held.remove(change["key"]["containerId"].as_str().unwrap()),
+                other => panic!("unknown journal record {other:?}: {line}"),
+            };
         }
+        held.into_iter().collect()
     }
 
     /// Sends SIGTERM and waits; returns the exit status.

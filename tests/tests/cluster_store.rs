@@ -118,3 +118,35 @@ fn a_fixed_pod_subnet_is_the_one_the_node_registers() {
     let p = other.add_pod();
     assert_ne!(subnet_of(p.ip), [10, 1, 5], "another node got the fixed node's subnet");
 }
+
+/// An agent restarting while the store is away still lets the runtime tear pods down: its
+/// CNI socket is served from the first moment, DEL from the node's own records, while the
+/// join retries; STATUS says it is not available.
+#[test]
+fn pods_are_torn_down_while_the_agent_cannot_reach_the_store() {
+    let cp = Arc::new(ControlPlane::start());
+    let mut node = etcd_node(&cp, "n1");
+    let (gone, kept) = (node.add_pod(), node.add_pod());
+    node.stop_agent();
+    cp.kill_etcd();
+    node.spawn_agent();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !node.socket.exists() {
+        assert!(Instant::now() < deadline, "no CNI socket:\n{}", node.agent_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = node.cni("STATUS", "", "", "", "1.1.0").json();
+    assert_eq!(status["code"], 50, "{status}");
+    let before = node.pod_links().len();
+    let started = Instant::now();
+    node.del_pod(&gone).ok();
+    assert!(started.elapsed() < Duration::from_secs(10), "DEL did not wait for the store");
+    assert_eq!(node.pod_links().len(), before - 1, "the pod's interface is deleted");
+    assert_eq!(node.durable_attachments(), std::slice::from_ref(&kept.container_id), "its record is released");
+    node.del_pod(&gone).ok();
+    assert!(
+        node.agent_log().contains("store not reachable yet"),
+        "the agent still tries the store:\n{}",
+        node.agent_log()
+    );
+}

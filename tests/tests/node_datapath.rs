@@ -341,28 +341,6 @@ fn spoofed_source_ip_and_mac_are_dropped_and_counted() {
     assert!(counter(&c, "drop_spoofed_mac") >= 1, "{c:?}");
 }
 
-/// The container IDs the agent's durable state holds: the snapshot (state.json) with the
-/// journal of later changes (state.log) applied, as a restarted agent would read them.
-fn durable_attachments(node: &Node) -> Vec<String> {
-    let dir = node.dir.join("state");
-    let snapshot: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
-    let mut held: std::collections::BTreeSet<String> = snapshot["attachments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["containerId"].as_str().unwrap().to_owned())
-        .collect();
-    for line in std::fs::read_to_string(dir.join("state.log")).unwrap_or_default().lines() {
-        let change: serde_json::Value = serde_json::from_str(line).unwrap();
-        match change["op"].as_str() {
-            Some("put") => held.insert(change["attachment"]["containerId"].as_str().unwrap().to_owned()),
-            Some("remove") => held.remove(change["key"]["containerId"].as_str().unwrap()),
-            other => panic!("unknown journal record {other:?}: {line}"),
-        };
-    }
-    held.into_iter().collect()
-}
-
 #[test]
 fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
     let node = node();
@@ -396,7 +374,7 @@ fn del_removes_interface_ip_and_every_map_entry_without_leaks() {
     assert_eq!(entries("POD_COUNTERS"), counters0, "POD_COUNTERS leaked");
     assert!(!seen.contains(&keep.ip), "an address in use was handed out again");
     assert_eq!(
-        durable_attachments(&node),
+        node.durable_attachments(),
         std::slice::from_ref(&keep.container_id),
         "only the kept pod holds an address"
     );
@@ -445,7 +423,7 @@ fn concurrent_adds_get_distinct_addresses_and_concurrent_dels_all_succeed() {
     assert_eq!(node.pod_links().len(), 0);
     assert_eq!(entries("PODS"), pods0, "PODS leaked");
     assert_eq!(entries("POD_IFACES"), ifaces0, "POD_IFACES leaked");
-    assert!(durable_attachments(&node).is_empty(), "addresses still held: {:?}", durable_attachments(&node));
+    assert!(node.durable_attachments().is_empty(), "addresses still held: {:?}", node.durable_attachments());
     let routes = node.ns.ip(&["-4", "route", "show", "proto", "84"]);
     assert!(pods.iter().all(|p| !routes.contains(&p.ip.to_string())), "pod routes left: {routes}");
 }

@@ -9,6 +9,7 @@ use tracing::Instrument;
 use crate::{
     agent::Agent,
     metrics::AgentMetrics,
+    starting::{AGENT_WAIT, Starting, not_started},
     timing::{self, PluginTiming},
 };
 
@@ -20,10 +21,27 @@ fn operation(op: &'static str, req: &Request<v1::CniRequest>) -> tracing::Span {
 }
 
 /// The tonic service: translates between the wire contract and [`Agent`], timing each
-/// request into the `contiv_cni_request_duration_seconds` histogram.
+/// request into the `contiv_cni_request_duration_seconds` histogram. Until the agent is
+/// there (`agent` is `None`), [`Starting`] answers.
 pub struct CniService {
-    agent: Arc<Agent>,
+    agent: tokio::sync::watch::Receiver<Option<Arc<Agent>>>,
+    starting: Arc<Starting>,
     metrics: Arc<AgentMetrics>,
+}
+
+impl CniService {
+    /// The agent, waiting up to [`AGENT_WAIT`] for it if `wait`.
+    async fn agent(&self, wait: bool) -> Option<Arc<Agent>> {
+        if let Some(agent) = self.agent.borrow().clone() {
+            return Some(agent);
+        }
+        if !wait {
+            return None;
+        }
+        let mut rx = self.agent.clone();
+        let waited = tokio::time::timeout(AGENT_WAIT, rx.wait_for(|a| a.is_some())).await;
+        waited.ok()?.ok()?.clone()
+    }
 }
 
 /// The CNI code of a reply's error (0: success).
@@ -36,9 +54,11 @@ impl v1::cni_server::Cni for CniService {
     async fn add(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::AddReply>, Status> {
         let span = operation("ADD", &req);
         let start = Instant::now();
-        let agent = Arc::clone(&self.agent);
         let r = req.into_inner();
-        let reply = detached(async move { agent.add(&r).await }.instrument(span)).await?;
+        let reply = match self.agent(true).await {
+            Some(agent) => detached(async move { agent.add(&r).await }.instrument(span)).await?,
+            None => Err(not_started(false)),
+        };
         let reply = match reply {
             Ok(r) => r,
             Err(e) => v1::AddReply { error: Some(e.to_proto()), ..Default::default() },
@@ -50,32 +70,60 @@ impl v1::cni_server::Cni for CniService {
     async fn del(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::DelReply>, Status> {
         let span = operation("DEL", &req);
         let start = Instant::now();
-        let agent = Arc::clone(&self.agent);
         let r = req.into_inner();
-        let error = detached(async move { agent.del(&r).await }.instrument(span)).await?.err().map(|e| e.to_proto());
+        let result = match self.agent(false).await {
+            Some(agent) => detached(async move { agent.del(&r).await }.instrument(span)).await?,
+            None => {
+                let starting = Arc::clone(&self.starting);
+                let early = {
+                    let r = r.clone();
+                    detached(async move { starting.del(&r).await }.instrument(span.clone())).await?
+                };
+                match early {
+                    Some(result) => result,
+                    // Handed over meanwhile: the agent serves it.
+                    None => match self.agent(true).await {
+                        Some(agent) => detached(async move { agent.del(&r).await }.instrument(span)).await?,
+                        None => Err(not_started(false)),
+                    },
+                }
+            }
+        };
+        let error = result.err().map(|e| e.to_proto());
         self.metrics.observe_cni("DEL", code(error.as_ref()), start.elapsed());
         Ok(Response::new(v1::DelReply { error }))
     }
 
     async fn check(&self, req: Request<v1::CniRequest>) -> Result<Response<v1::CheckReply>, Status> {
         let start = Instant::now();
-        let error = self.agent.check(req.get_ref()).await.err().map(|e| e.to_proto());
+        let error = match self.agent(true).await {
+            Some(agent) => agent.check(req.get_ref()).await.err(),
+            None => Some(not_started(false)),
+        };
+        let error = error.map(|e| e.to_proto());
         self.metrics.observe_cni("CHECK", code(error.as_ref()), start.elapsed());
         Ok(Response::new(v1::CheckReply { error }))
     }
 
     async fn status(&self, _req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
         let start = Instant::now();
-        let error = self.agent.cni_status().await.err().map(|e| e.to_proto());
+        let error = match self.agent(false).await {
+            Some(agent) => agent.cni_status().await.err(),
+            None => Some(not_started(true)),
+        };
+        let error = error.map(|e| e.to_proto());
         self.metrics.observe_cni("STATUS", code(error.as_ref()), start.elapsed());
         Ok(Response::new(v1::StatusReply { error }))
     }
 
     async fn gc(&self, req: Request<v1::GcRequest>) -> Result<Response<v1::GcReply>, Status> {
         let start = Instant::now();
-        let agent = Arc::clone(&self.agent);
         let r = req.into_inner();
-        let reply = match detached(async move { agent.gc(&r).await }).await? {
+        let removed = match self.agent(true).await {
+            Some(agent) => detached(async move { agent.gc(&r).await }).await?,
+            None => Err(not_started(false)),
+        };
+        let reply = match removed {
             Ok(removed) => v1::GcReply { error: None, removed },
             Err(e) => v1::GcReply { error: Some(e.to_proto()), removed: 0 },
         };
@@ -93,14 +141,8 @@ async fn detached<T: Send + 'static>(work: impl std::future::Future<Output = T> 
     tokio::spawn(work).await.map_err(|e| Status::internal(format!("the request's task failed: {e}")))
 }
 
-/// Binds the socket (replacing a stale one), restricts it to its owner and serves until
-/// `shutdown` resolves.
-pub async fn serve(
-    agent: Arc<Agent>,
-    metrics: Arc<AgentMetrics>,
-    socket: &Path,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+/// Binds the socket (replacing a stale one) and restricts it to its owner.
+pub fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use anyhow::Context;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -117,8 +159,22 @@ pub async fn serve(
     let listener = listener.with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     log::info!("serving CNI on {}", socket.display());
+    Ok(listener)
+}
+
+/// Serves CNI on `listener` (from [`bind`] on `socket`) until `shutdown` resolves:
+/// [`Starting`] until `agent` names the agent, the agent from then on.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    socket: &Path,
+    agent: tokio::sync::watch::Receiver<Option<Arc<Agent>>>,
+    starting: Arc<Starting>,
+    metrics: Arc<AgentMetrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
     tonic::transport::Server::builder()
-        .add_service(CniServer::new(CniService { agent, metrics }))
+        .add_service(CniServer::new(CniService { agent, starting, metrics }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
         .await
         .context("CNI server")?;

@@ -24,6 +24,7 @@ pub mod rps;
 pub mod services;
 pub mod slowpath;
 pub mod sockdiag;
+pub mod starting;
 pub mod state;
 pub mod status;
 pub mod sysctl;

@@ -167,11 +167,13 @@ fn init_logging() {
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(contiv_agent::timing::PhaseTimings).try_init();
 }
 
-async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let metrics = std::sync::Arc::new(AgentMetrics::new());
+/// What the agent starts from: VPP's bootstrap (VPP mode), then the join to the cluster
+/// store (this node's pod subnet), its registrations and the model's list, begun.
+async fn join(
+    config: AgentConfig,
+    metrics: &AgentMetrics,
+) -> anyhow::Result<(AgentConfig, cluster::ClusterLink, cluster::Listing, Vec<contiv_node_registry::NodeRegistration>)>
+{
     // VPP mode: on a single-NIC node contiv-stn took the host's network, and only VPP gives
     // it back (uplink, host interconnect): that must be up before the store can be reached.
     if config.uplink == Uplink::Vpp {
@@ -185,12 +187,67 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let config = config.with_allocated_subnet(ipv4)?;
     log::info!("node {}: pod subnet {}, gateway {}", config.node_name, config.pod_subnet, config.gateway);
-    let socket = config.cni_socket.clone();
-    let status_addr = config.status_addr;
     let registrations = cluster::registrations(&link).await;
     let listing = cluster::start_listing(&link);
-    let agent = Agent::start(config, registrations).await?;
+    Ok((config, link, listing, registrations))
+}
+
+async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let metrics = std::sync::Arc::new(AgentMetrics::new());
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+            _ = int.recv() => log::info!("SIGINT: shutting down"),
+        }
+    };
+    tokio::pin!(shutdown);
+    // CNI from the first moment: until the agent runs, DEL is served from the node's
+    // records (pods can be torn down while the store or VPP is away) and the rest waits.
+    let socket = config.cni_socket.clone();
+    let listener = cni_server::bind(&socket)?;
+    let (agent_tx, agent_rx) = tokio::sync::watch::channel(None);
+    let starting = std::sync::Arc::new(contiv_agent::starting::Starting::new(config.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut cni_stop = stop_rx.clone();
+    let mut cni = tokio::spawn({
+        let (starting, metrics, socket) = (starting.clone(), metrics.clone(), socket.clone());
+        async move {
+            let stop = async move {
+                let _ = cni_stop.wait_for(|v| *v).await;
+            };
+            cni_server::serve(listener, &socket, agent_rx, starting, metrics, stop).await
+        }
+    });
+    // A stop while joining ends here: nothing of the datapath was touched yet.
+    let joined = tokio::select! {
+        joined = join(config, &metrics) => joined,
+        _ = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            let _ = cni.await;
+            return Ok(());
+        }
+    };
+    let started = match joined {
+        Ok((config, link, listing, registrations)) => {
+            let status_addr = config.status_addr;
+            // The node's records are the agent's from here.
+            starting.close().await;
+            Agent::start(config, registrations).await.map(|agent| (agent, link, listing, status_addr))
+        }
+        Err(e) => Err(e),
+    };
+    let (agent, link, listing, status_addr) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = cni.await;
+            return Err(e);
+        }
+    };
+    agent_tx.send_replace(Some(agent.clone()));
     let mut background = cluster::spawn(&link, listing, agent.clone(), stop_rx.clone());
     // Conntrack expiry (services and policy flows) and notes of closed UDP sockets, every 10 s.
     let sweeper = agent.clone();
@@ -248,14 +305,14 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             log::error!("{e:#}");
         }
     }));
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => log::info!("SIGTERM: shutting down"),
-            _ = int.recv() => log::info!("SIGINT: shutting down"),
-        }
+    let served = tokio::select! {
+        _ = &mut shutdown => Ok(()),
+        served = &mut cni => served.unwrap_or_else(|e| Err(anyhow::anyhow!("the CNI server's task failed: {e}"))),
     };
-    let served = cni_server::serve(agent.clone(), metrics, &socket, shutdown).await;
     let _ = stop_tx.send(true);
+    if !cni.is_finished() {
+        let _ = cni.await;
+    }
     for task in background {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }

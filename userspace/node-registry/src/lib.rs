@@ -429,19 +429,31 @@ impl NodeRegistry {
         Ok(())
     }
 
-    /// Frees a node's ID and pod CIDR (the node left the cluster for good).
+    /// Frees a node's ID and pod CIDR (the node left the cluster for good), as
+    /// [`DepartedNodes`] does: in one transaction that holds only while the allocation is as
+    /// read and the node has no live registration. The ID's claim is deleted with it only if
+    /// it names this node; a claim of the ID by another node stays. Returns whether the
+    /// allocation was released (false: there is none, the node is registered, or a
+    /// concurrent change won).
     pub async fn release(&self, name: &str) -> Result<bool, RegistryError> {
         let alloc_key = keys::ipam_node(name);
         let Some(kv) = self.store.get(&alloc_key).await? else { return Ok(false) };
         let alloc: IpamAllocation = decode(&kv.key, &kv.value)?;
-        let res = self
-            .store
-            .txn(Txn {
-                compares: vec![Compare::ModRevision(alloc_key.clone(), kv.mod_revision)],
-                success: vec![TxnOp::Delete { key: alloc_key }, TxnOp::Delete { key: keys::node_id(alloc.id) }],
-                failure: vec![],
-            })
-            .await?;
+        let claim_key = keys::node_id(alloc.id);
+        let mut compares =
+            vec![Compare::ModRevision(alloc_key.clone(), kv.mod_revision), Compare::Absent(keys::node(name))];
+        let mut success = vec![TxnOp::Delete { key: alloc_key }];
+        match self.store.get(&claim_key).await? {
+            Some(claim) => {
+                // The claim as read: ours is deleted, another node's is left alone.
+                compares.push(Compare::ModRevision(claim_key.clone(), claim.mod_revision));
+                if contiv_cluster_model::decode::<NodeIdClaim>(&claim.value).is_ok_and(|c| c.name == name) {
+                    success.push(TxnOp::Delete { key: claim_key });
+                }
+            }
+            None => compares.push(Compare::Absent(claim_key)),
+        }
+        let res = self.store.txn(Txn { compares, success, failure: vec![] }).await?;
         Ok(res.succeeded)
     }
 
@@ -489,5 +501,52 @@ impl NodeRegistry {
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn registry() -> (tempfile::TempDir, Arc<dyn Store>, NodeRegistry) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = contiv_store::open(&contiv_store::StoreConfig::embedded(dir.path())).await.unwrap();
+        let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap();
+        registry.ensure_ipam_config().await.unwrap();
+        (dir, store, registry)
+    }
+
+    async fn claim_of(store: &dyn Store, id: u32) -> Option<String> {
+        let kv = store.get(&keys::node_id(id)).await.unwrap()?;
+        Some(contiv_cluster_model::decode::<NodeIdClaim>(&kv.value).unwrap().name)
+    }
+
+    #[tokio::test]
+    async fn release_leaves_another_nodes_claim_of_the_id() {
+        let (_dir, store, registry) = registry().await;
+        // "a"'s allocation says id 5, but the claim of 5 names "b" (a damaged or raced store).
+        let alloc = IpamAllocation { name: "a".into(), id: 5, pod_cidr: registry.ipam().pod_cidr(5).unwrap() };
+        store.put(&keys::ipam_node("a"), contiv_cluster_model::encode(&alloc), None).await.unwrap();
+        store
+            .put(&keys::node_id(5), contiv_cluster_model::encode(&NodeIdClaim { name: "b".into() }), None)
+            .await
+            .unwrap();
+        assert!(registry.release("a").await.unwrap(), "a's allocation is released");
+        assert_eq!(store.get(&keys::ipam_node("a")).await.unwrap(), None);
+        assert_eq!(claim_of(store.as_ref(), 5).await.as_deref(), Some("b"), "b keeps its claim of id 5");
+    }
+
+    #[tokio::test]
+    async fn release_of_a_live_node_does_nothing() {
+        let (_dir, store, registry) = registry().await;
+        let reg = registry.register("a", NodeDetails::default()).await.unwrap();
+        assert!(!registry.release("a").await.unwrap(), "a registered node keeps its allocation");
+        assert!(store.get(&keys::ipam_node("a")).await.unwrap().is_some());
+        let id = reg.node.id;
+        assert_eq!(claim_of(store.as_ref(), id).await.as_deref(), Some("a"));
+        reg.deregister().await.unwrap();
+        assert!(registry.release("a").await.unwrap(), "released once it is gone");
+        assert_eq!(store.get(&keys::ipam_node("a")).await.unwrap(), None);
+        assert_eq!(claim_of(store.as_ref(), id).await, None, "its own claim goes with it");
     }
 }

@@ -20,15 +20,42 @@
 //! then removes `log-<gen-1>` (readers keep their log open until they have read it to the
 //! end; seeing `log-<gen+1>` tells them `log-<gen>` is final). An instance that fell behind
 //! by more than that reloads the snapshot, and its watches get `Compacted` (list again).
+//! Without a snapshot the logs must start at `log-0`: a missing `snapshot.json` next to
+//! logs of later generations is [`StoreError::Corrupt`] (their state cannot be rebuilt).
+//!
+//! Snapshots are housekeeping: one that cannot be written (disk full) does not fail the write
+//! that triggered it, which is already in the log. The failure is logged once per streak of
+//! failures, and the snapshot is tried again after another `Options::snapshot_every` records.
+//! If the rename fails after `log-<gen+1>` was created, the store continues in the new
+//! generation anyway (readers may follow it already); the snapshot on disk stays older and
+//! opening follows the chain of logs.
+//!
+//! fsync: a failed fsync of the log (after each commit with `Options::fsync`, or before a
+//! snapshot) leaves the durability of records already written unknown, and retrying it would
+//! report success for data the kernel may have dropped (PostgreSQL's "fsyncgate"). The record
+//! stays in the log (other processes may have read it already) and is applied, the write
+//! returns [`StoreError::Io`] (outcome unknown, like an etcd timeout), and this instance
+//! refuses every later write until it is reopened (the process restarts). Reads go on.
 //!
 //! History: the events of the last `Options::history` revisions are kept for watches
 //! (including the ones replayed from the log at open); older start revisions get
-//! [`StoreError::Compacted`]. Leases: grants and keep-alives are log records with a wall-clock
-//! time, so every process agrees on deadlines; any process expires a lease whose deadline
-//! passed (after catching up under the lock). A lease never expires less than its TTL after
-//! this instance opened the store, so leases survive a restart of their owner like etcd's do
-//! after a leader change. Writes are flushed to the kernel on every commit (safe against a
-//! process crash); `Options::fsync` also syncs them to disk.
+//! [`StoreError::Compacted`], and so does the revision of the snapshot loaded (its events are
+//! not kept). A watch buffers at most `Options::watch_buffer` messages its consumer has not
+//! read; one more ends it with [`StoreError::Compacted`] (list again), so a stalled consumer
+//! costs bounded memory.
+//!
+//! Leases: grants and keep-alives are log records with a wall-clock time, so every process
+//! agrees on deadlines; the deadline in a snapshot is wall-clock too. Each instance turns a
+//! deadline into one on its monotonic clock when it applies the record (the time left, at most
+//! the TTL), and expires by that, so a step of the wall clock does not expire or extend the
+//! leases it already knows. Any process expires a lease whose deadline passed (after catching
+//! up under the lock): in the background and before every write, so a keep-alive of a lease
+//! past its deadline fails with [`StoreError::LeaseNotFound`] (the lease is revoked). A revoke
+//! is one log record (the lease and the deletion of its keys), never half applied. A lease
+//! never expires less than its TTL after this instance opened the store, so leases survive a
+//! restart of their owner like etcd's do after a leader change. Writes are flushed to the
+//! kernel on every commit (safe against a process crash); `Options::fsync` also syncs them to
+//! disk.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -37,7 +64,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -66,11 +93,21 @@ pub struct Options {
     /// How often the background thread reads other processes' writes (feeding watches) and
     /// looks for expired leases.
     pub poll: Duration,
+    /// Messages a watch buffers for a consumer that does not read them; when it would need
+    /// more, the watch ends with [`StoreError::Compacted`] (list again). As etcd's client
+    /// buffers 1024.
+    pub watch_buffer: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { fsync: false, history: 100_000, snapshot_every: 50_000, poll: Duration::from_millis(50) }
+        Self {
+            fsync: false,
+            history: 100_000,
+            snapshot_every: 50_000,
+            poll: Duration::from_millis(50),
+            watch_buffer: 1024,
+        }
     }
 }
 
@@ -82,13 +119,18 @@ pub struct EmbeddedStore {
 
 struct LeaseState {
     ttl: i64,
-    /// Unix ms after which the lease is expired.
+    /// Unix ms after which the lease is expired (what snapshots keep).
     deadline_ms: i64,
+    /// The same deadline on this instance's monotonic clock: what it expires the lease by.
+    expires: Instant,
 }
 
 struct Watcher {
     prefix: String,
-    tx: mpsc::UnboundedSender<Result<WatchMessage, StoreError>>,
+    /// The watch's start revision: earlier revisions are not its business.
+    start: Revision,
+    /// Bounded; one slot is kept for the error that ends the watch.
+    tx: mpsc::Sender<Result<WatchMessage, StoreError>>,
 }
 
 struct State {
@@ -110,7 +152,18 @@ struct State {
     log_records: usize,
     /// Unix ms when this instance opened the store (leases get a grace period from here).
     opened_ms: i64,
+    /// The same moment on the monotonic clock.
+    opened: Instant,
     lock: File,
+    /// Why this instance refuses writes: an fsync of the log failed (see the module docs).
+    failed: Option<String>,
+    /// `log_records` from which a snapshot is tried (after a failure: `snapshot_every` later).
+    snapshot_at: usize,
+    /// Snapshots that failed in a row (logged once per streak).
+    snapshot_failures: u32,
+    /// Test hook: the next fsyncs of the log fail.
+    #[cfg(test)]
+    fail_sync: bool,
 }
 
 // === on-disk format ===
@@ -148,11 +201,36 @@ enum Change {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "rec", rename_all = "camelCase")]
 enum Record {
-    Commit { rev: Revision, changes: Vec<Change> },
-    LeaseGrant { id: LeaseId, ttl: i64, at: i64 },
-    LeaseKeepAlive { id: LeaseId, at: i64 },
-    LeaseRevoke { id: LeaseId },
-    Compact { rev: Revision },
+    Commit {
+        rev: Revision,
+        changes: Vec<Change>,
+    },
+    LeaseGrant {
+        id: LeaseId,
+        ttl: i64,
+        at: i64,
+    },
+    LeaseKeepAlive {
+        id: LeaseId,
+        at: i64,
+    },
+    /// Revokes a lease and deletes its keys at `rev`, in one record. Logs of older versions
+    /// wrote the deletion as a `Commit` before a revoke without keys; both read the same.
+    LeaseRevoke {
+        id: LeaseId,
+        /// The revision of the deletion; 0 when the lease had no keys (no revision is used).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        rev: Revision,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        keys: Vec<String>,
+    },
+    Compact {
+        rev: Revision,
+    },
+}
+
+fn is_zero(rev: &Revision) -> bool {
+    *rev == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -195,6 +273,19 @@ fn ttl_ms(ttl: i64) -> i64 {
     ttl.max(1) * 1000
 }
 
+/// A lease with this wall-clock deadline, seen now by an instance that opened the store at
+/// `opened_ms` (wall clock) = `opened` (monotonic). Its monotonic deadline is the time left
+/// (at most the TTL, so a wall-clock step between the writer and this reader moves it by no
+/// more than that). Neither deadline comes before the TTL passed since the store was opened.
+fn lease_state(ttl: i64, deadline_ms: i64, opened_ms: i64, opened: Instant) -> LeaseState {
+    let ttl_ms = ttl_ms(ttl);
+    let deadline_ms = deadline_ms.max(opened_ms + ttl_ms);
+    let left = (deadline_ms - now_ms()).clamp(0, ttl_ms);
+    let expires =
+        (Instant::now() + Duration::from_millis(left as u64)).max(opened + Duration::from_millis(ttl_ms as u64));
+    LeaseState { ttl, deadline_ms, expires }
+}
+
 /// An exclusive `flock` held until dropped.
 struct FlockGuard<'a>(&'a File);
 
@@ -235,46 +326,80 @@ impl EmbeddedStore {
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK)).map_err(io)?;
         let guard = FlockGuard::take(&lock, dir)?;
         let opened_ms = now_ms();
+        let opened = Instant::now();
         let mut kvs = BTreeMap::new();
         let mut revision = 1;
+        // Nothing before the first revision is lost.
+        let mut compacted = 1;
         let mut next_lease = 1;
         let mut generation = 0;
         let mut leases = HashMap::new();
-        match std::fs::read(dir.join(SNAPSHOT)) {
+        let snapshot_found = match std::fs::read(dir.join(SNAPSHOT)) {
             Ok(bytes) => {
                 let snap: Snapshot = serde_json::from_slice(&bytes)
                     .map_err(|e| StoreError::Corrupt { path: dir.join(SNAPSHOT), detail: e.to_string() })?;
                 revision = snap.revision;
+                // The snapshot's own revision has no events left: watches start after it.
+                compacted = snap.revision + 1;
                 next_lease = snap.next_lease;
                 generation = snap.generation;
                 for (id, ttl, deadline_ms) in snap.leases {
-                    leases.insert(id, LeaseState { ttl, deadline_ms });
+                    leases.insert(id, lease_state(ttl, deadline_ms, opened_ms, opened));
                 }
                 for kv in snap.kvs {
                     let kv = KeyValue::from(kv);
                     kvs.insert(kv.key.clone(), kv);
                 }
+                true
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(io(e)),
-        }
-        // Logs of older generations are leftovers of a snapshot interrupted before cleanup.
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let old = name
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("log-")?.strip_suffix(".jsonl")?.parse::<u64>().ok())
-                    .is_some_and(|g| g + 1 < generation);
-                if old {
-                    let _ = std::fs::remove_file(entry.path());
-                }
+        };
+        // Logs of older generations are leftovers of a snapshot interrupted before cleanup;
+        // the ones from `generation` on must follow each other (the chain catching up reads).
+        let mut logs = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let Some(g) =
+                name.to_str().and_then(|n| n.strip_prefix("log-")?.strip_suffix(".jsonl")?.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if g + 1 < generation {
+                let _ = std::fs::remove_file(entry.path());
+            } else if g >= generation {
+                logs.insert(g);
             }
+        }
+        if logs.iter().zip(generation..).any(|(found, expected)| *found != expected) {
+            let names: Vec<String> = logs.iter().map(|g| log_name(*g)).collect();
+            let detail = if snapshot_found {
+                format!(
+                    "{SNAPSHOT} continues in {} but the logs are {}: a generation is missing",
+                    log_name(generation),
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "{SNAPSHOT} is missing but {} continue a snapshot (the chain does not start at {}); \
+                     restore {SNAPSHOT} or move the logs away to start empty",
+                    names.join(", "),
+                    log_name(0)
+                )
+            };
+            return Err(StoreError::Corrupt { path: dir.to_path_buf(), detail });
+        }
+        // A snapshot being written when its writer crashed.
+        let tmp = dir.join(format!("{SNAPSHOT}.tmp"));
+        if std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_file()) {
+            let _ = std::fs::remove_file(&tmp);
         }
         let log = open_log(dir, generation).map_err(io)?;
+        let snapshot_every = options.snapshot_every.max(1);
         let mut state = State {
             dir: dir.to_path_buf(),
-            compacted: revision,
+            compacted,
             options,
             kvs,
             revision,
@@ -287,7 +412,13 @@ impl EmbeddedStore {
             offset: 0,
             log_records: 0,
             opened_ms,
+            opened,
             lock: lock.try_clone().map_err(io)?,
+            failed: None,
+            snapshot_at: snapshot_every,
+            snapshot_failures: 0,
+            #[cfg(test)]
+            fail_sync: false,
         };
         state.catch_up()?;
         drop(guard);
@@ -314,14 +445,9 @@ impl EmbeddedStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` as a writer: under the cross-process lock, caught up, torn tail cut.
+    /// Runs `f` as a writer (see [`State::writing`]).
     fn write<T>(&self, f: impl FnOnce(&mut State) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut st = self.lock();
-        let lock = st.lock.try_clone().map_err(|e| st.io(e))?;
-        let _guard = FlockGuard::take(&lock, &st.dir)?;
-        st.catch_up()?;
-        st.cut_torn_tail()?;
-        f(&mut st)
+        self.lock().writing(f)
     }
 }
 
@@ -351,8 +477,10 @@ fn spawn_background(state: Weak<Mutex<State>>) {
                     log::error!("embedded store {}: reading the log: {e}", st.dir.display());
                     continue;
                 }
-                if st.any_expired(now_ms())
-                    && let Err(e) = st.expire_leases()
+                // An instance that refuses writes cannot revoke (and would log this every tick).
+                if st.failed.is_none()
+                    && st.any_expired(Instant::now())
+                    && let Err(e) = st.writing(|_| Ok(()))
                 {
                     log::error!("embedded store {}: expiring leases: {e}", st.dir.display());
                 }
@@ -379,10 +507,7 @@ impl State {
                 Ok(next) => {
                     // The next generation exists, so this one is final: drain it, then switch.
                     self.read_log_tail()?;
-                    self.generation += 1;
-                    self.log = next;
-                    self.offset = 0;
-                    self.log_records = 0;
+                    self.switch_log(self.generation + 1, next);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     if !unlinked {
@@ -424,27 +549,38 @@ impl State {
             snap.revision
         );
         let requested = self.revision + 1;
+        // The snapshot's own revision has no events here: watches start after it.
+        let compacted = snap.revision + 1;
         for w in self.watchers.drain(..) {
-            let _ = w.tx.send(Err(StoreError::Compacted { requested, compacted: snap.revision }));
+            // The slot kept free for this error makes it fit.
+            let _ = w.tx.try_send(Err(StoreError::Compacted { requested, compacted }));
         }
+        let generation = snap.generation;
         self.load(snap);
         self.history.clear();
-        self.compacted = self.revision;
+        self.compacted = compacted;
+        self.switch_log(generation, log);
+        Ok(())
+    }
+
+    /// Continues in log `generation` (opened as `log`) from its start.
+    fn switch_log(&mut self, generation: u64, log: File) {
+        self.generation = generation;
         self.log = log;
         self.offset = 0;
         self.log_records = 0;
-        Ok(())
+        self.snapshot_at = self.options.snapshot_every.max(1);
     }
 
     fn load(&mut self, snap: Snapshot) {
         self.revision = snap.revision;
         self.next_lease = snap.next_lease;
         self.generation = snap.generation;
-        let floor = self.opened_ms;
+        let (opened_ms, opened) = (self.opened_ms, self.opened);
         self.leases = snap
             .leases
             .into_iter()
-            .map(|(id, ttl, deadline_ms)| (id, LeaseState { ttl, deadline_ms: deadline_ms.max(floor + ttl_ms(ttl)) }))
+            .map(|(id, ttl, deadline_ms)| (id, lease_state(ttl, deadline_ms, opened_ms, opened)))
             .collect();
         self.kvs = snap
             .kvs
@@ -519,28 +655,33 @@ impl State {
 
     fn apply_record(&mut self, record: Record) {
         match record {
-            Record::Commit { rev, changes } => {
-                let events = self.apply(rev, changes);
-                self.revision = rev;
-                self.notify(&events);
-                self.push_history(rev, events);
-            }
+            Record::Commit { rev, changes } => self.apply_commit(rev, changes),
             Record::LeaseGrant { id, ttl, at } => {
-                let deadline_ms = (at + ttl_ms(ttl)).max(self.opened_ms + ttl_ms(ttl));
-                self.leases.insert(id, LeaseState { ttl, deadline_ms });
+                let lease = lease_state(ttl, at + ttl_ms(ttl), self.opened_ms, self.opened);
+                self.leases.insert(id, lease);
                 self.next_lease = self.next_lease.max(id + 1);
             }
             Record::LeaseKeepAlive { id, at } => {
-                let floor = self.opened_ms;
+                let (opened_ms, opened) = (self.opened_ms, self.opened);
                 if let Some(l) = self.leases.get_mut(&id) {
-                    l.deadline_ms = (at + ttl_ms(l.ttl)).max(floor + ttl_ms(l.ttl));
+                    *l = lease_state(l.ttl, at + ttl_ms(l.ttl), opened_ms, opened);
                 }
             }
-            Record::LeaseRevoke { id } => {
+            Record::LeaseRevoke { id, rev, keys } => {
+                if !keys.is_empty() {
+                    self.apply_commit(rev, keys.into_iter().map(|key| Change::Delete { key }).collect());
+                }
                 self.leases.remove(&id);
             }
             Record::Compact { rev } => self.compact_to(rev),
         }
+    }
+
+    fn apply_commit(&mut self, rev: Revision, changes: Vec<Change>) {
+        let events = self.apply(rev, changes);
+        self.revision = rev;
+        self.notify(rev, &events);
+        self.push_history(rev, events);
     }
 
     /// Applies changes at `rev` to the key space; returns the events.
@@ -587,9 +728,60 @@ impl State {
         self.compacted = self.compacted.max(rev);
     }
 
+    /// Refuses writes once an fsync failed (see the module docs).
+    fn writable(&self) -> Result<(), StoreError> {
+        match &self.failed {
+            None => Ok(()),
+            Some(why) => Err(StoreError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other(format!(
+                    "writes are refused since {why}: the durability of the log is unknown; reopen the store \
+                     (restart the process)"
+                )),
+            }),
+        }
+    }
+
+    /// Runs `f` as a writer: under the cross-process lock, caught up, torn tail cut, leases
+    /// past their deadline revoked.
+    fn writing<T>(&mut self, f: impl FnOnce(&mut State) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.writable()?;
+        let lock = self.lock.try_clone().map_err(|e| self.io(e))?;
+        let _guard = FlockGuard::take(&lock, &self.dir)?;
+        self.catch_up()?;
+        self.cut_torn_tail()?;
+        self.expire_leases()?;
+        f(self)
+    }
+
+    /// fsyncs the log (data; `all` also its metadata).
+    fn sync_log(&self, all: bool) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_sync {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        if all { self.log.sync_all() } else { self.log.sync_data() }
+    }
+
+    /// An fsync of the log failed: from now on this instance refuses writes.
+    fn sync_failed(&mut self, e: &std::io::Error) -> StoreError {
+        let why = format!("an fsync of {} failed ({e})", log_name(self.generation));
+        log::error!(
+            "embedded store {}: {why}; records already written may not be on disk; this instance refuses \
+             writes until the store is reopened",
+            self.dir.display()
+        );
+        self.failed = Some(why);
+        match self.writable() {
+            Err(e) => e,
+            Ok(()) => unreachable!("failed was just set"),
+        }
+    }
+
     /// Appends a record (the caller holds the cross-process lock and is caught up) and
     /// applies it.
     fn append(&mut self, record: Record) -> Result<(), StoreError> {
+        self.writable()?;
         let mut line = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
             path: self.dir.clone(),
             detail: format!("cannot encode a log record: {e}"),
@@ -600,19 +792,57 @@ impl State {
             let _ = self.log.set_len(self.offset);
             return Err(self.io(e));
         }
-        if self.options.fsync {
-            self.log.sync_data().map_err(|e| self.io(e))?;
-        }
+        let synced = if self.options.fsync { self.sync_log(false) } else { Ok(()) };
+        // The record is complete in the log: other processes may have read it already, so it
+        // is applied here too, even when its fsync failed.
         self.offset += line.len() as u64;
         self.log_records += 1;
         self.apply_record(record);
-        Ok(())
+        // A failed fsync is not retried (it could report success for data the kernel
+        // dropped): the outcome of this write is unknown and later writes are refused.
+        synced.map_err(|e| self.sync_failed(&e))
     }
 
-    fn maybe_snapshot(&mut self) -> Result<(), StoreError> {
-        if self.log_records < self.options.snapshot_every.max(1) {
-            return Ok(());
+    /// Writes a snapshot when the log is long enough. Housekeeping: the record that made the
+    /// log long is durable already, so a failure is logged (once per streak) and the
+    /// snapshot tried again `snapshot_every` records later, never the caller's error.
+    fn maybe_snapshot(&mut self) {
+        if self.log_records < self.snapshot_at || self.failed.is_some() {
+            return;
         }
+        let every = self.options.snapshot_every.max(1);
+        match self.snapshot() {
+            Ok(()) => {
+                if self.snapshot_failures > 0 {
+                    log::info!(
+                        "embedded store {}: snapshot written after {} failed attempts",
+                        self.dir.display(),
+                        self.snapshot_failures
+                    );
+                }
+                self.snapshot_failures = 0;
+            }
+            Err(e) => {
+                self.snapshot_failures += 1;
+                self.snapshot_at = self.log_records + every;
+                if self.snapshot_failures == 1 {
+                    log::error!(
+                        "embedded store {}: writing a snapshot failed: {e}; writes go on in the log (it grows), \
+                         trying again after {every} more records",
+                        self.dir.display()
+                    );
+                } else if self.snapshot_failures.is_power_of_two() {
+                    log::warn!(
+                        "embedded store {}: writing a snapshot failed {} times in a row: {e}",
+                        self.dir.display(),
+                        self.snapshot_failures
+                    );
+                }
+            }
+        }
+    }
+
+    fn snapshot(&mut self) -> Result<(), StoreError> {
         let next = self.generation + 1;
         let snap = Snapshot {
             revision: self.revision,
@@ -636,21 +866,45 @@ impl State {
             detail: format!("cannot encode the snapshot: {e}"),
         })?;
         let tmp = self.dir.join(format!("{SNAPSHOT}.tmp"));
-        let mut f = File::create(&tmp).map_err(|e| self.io(e))?;
-        f.write_all(&bytes).map_err(|e| self.io(e))?;
-        f.sync_all().map_err(|e| self.io(e))?;
-        // Order matters (see the module docs): new log, then snapshot, then drop an old log.
-        self.log.sync_all().map_err(|e| self.io(e))?;
-        let new_log = open_log(&self.dir, next).map_err(|e| self.io(e))?;
-        std::fs::rename(&tmp, self.dir.join(SNAPSHOT)).map_err(|e| self.io(e))?;
+        let discard = |tmp: &Path| {
+            // Only a file this writer made (a directory in the way stays).
+            if std::fs::symlink_metadata(tmp).is_ok_and(|m| m.is_file()) {
+                let _ = std::fs::remove_file(tmp);
+            }
+        };
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            discard(&tmp);
+            return Err(StoreError::Io { path: tmp, source: e });
+        }
+        // Order matters (see the module docs): the log synced, a new log, then the snapshot,
+        // then an old log dropped.
+        if let Err(e) = self.sync_log(true) {
+            discard(&tmp);
+            return Err(self.sync_failed(&e));
+        }
+        let new_log = match open_log(&self.dir, next) {
+            Ok(f) => f,
+            Err(e) => {
+                discard(&tmp);
+                return Err(self.io(e));
+            }
+        };
+        if let Err(e) = std::fs::rename(&tmp, self.dir.join(SNAPSHOT)) {
+            discard(&tmp);
+            // Other instances may follow the new log already: so does this one. The snapshot
+            // on disk stays older; opening follows the chain of logs from it.
+            self.switch_log(next, new_log);
+            return Err(self.io(e));
+        }
         // Keep the generation just finished for instances that have not switched yet.
         if let Some(older) = self.generation.checked_sub(1) {
             let _ = std::fs::remove_file(self.dir.join(log_name(older)));
         }
-        self.generation = next;
-        self.log = new_log;
-        self.offset = 0;
-        self.log_records = 0;
+        self.switch_log(next, new_log);
         Ok(())
     }
 
@@ -668,17 +922,37 @@ impl State {
         }
         let rev = self.revision + 1;
         self.append(Record::Commit { rev, changes })?;
-        self.maybe_snapshot()?;
+        self.maybe_snapshot();
         Ok(rev)
     }
 
-    fn notify(&mut self, events: &[WatchEvent]) {
+    /// Sends the events of revision `rev` to the watches they concern. A watch whose consumer
+    /// left `watch_buffer` messages unread ends with `Compacted` (it must list again).
+    fn notify(&mut self, rev: Revision, events: &[WatchEvent]) {
+        let dir = &self.dir;
         self.watchers.retain(|w| {
+            if w.tx.is_closed() {
+                return false;
+            }
+            if rev < w.start {
+                return true;
+            }
             let mine: Vec<WatchEvent> = events.iter().filter(|e| e.kv.key.starts_with(&w.prefix)).cloned().collect();
             if mine.is_empty() {
-                return !w.tx.is_closed();
+                return true;
             }
-            w.tx.send(Ok(WatchMessage::Events(mine))).is_ok()
+            // Only this store sends, under its lock: the capacity seen is there to use.
+            if w.tx.capacity() > 1 {
+                return w.tx.try_send(Ok(WatchMessage::Events(mine))).is_ok();
+            }
+            log::warn!(
+                "embedded store {}: a watch of {:?} has {} messages unread; ending it at revision {rev} (list again)",
+                dir.display(),
+                w.prefix,
+                w.tx.max_capacity() - 1
+            );
+            let _ = w.tx.try_send(Err(StoreError::Compacted { requested: rev, compacted: rev + 1 }));
+            false
         });
     }
 
@@ -698,29 +972,28 @@ impl State {
         }
     }
 
+    /// Revokes a lease: one record that deletes its keys (one revision, if it has any) and
+    /// removes it.
     fn revoke(&mut self, id: LeaseId) -> Result<(), StoreError> {
         if !self.leases.contains_key(&id) {
             return Err(StoreError::LeaseNotFound(id));
         }
         let keys: Vec<String> = self.kvs.values().filter(|kv| kv.lease == id).map(|kv| kv.key.clone()).collect();
-        self.commit(keys.into_iter().map(|key| Change::Delete { key }).collect())?;
-        self.append(Record::LeaseRevoke { id })?;
-        self.maybe_snapshot()
+        let rev = if keys.is_empty() { 0 } else { self.revision + 1 };
+        self.append(Record::LeaseRevoke { id, rev, keys })?;
+        self.maybe_snapshot();
+        Ok(())
     }
 
-    fn any_expired(&self, now: i64) -> bool {
-        self.leases.values().any(|l| l.deadline_ms <= now)
+    fn any_expired(&self, now: Instant) -> bool {
+        self.leases.values().any(|l| l.expires <= now)
     }
 
-    /// Revokes expired leases, as a writer (lock, catch up: a keep-alive may have arrived).
+    /// Revokes the leases past their deadline; only as a writer (lock held, caught up: a
+    /// keep-alive may have arrived).
     fn expire_leases(&mut self) -> Result<(), StoreError> {
-        let lock = self.lock.try_clone().map_err(|e| self.io(e))?;
-        let _guard = FlockGuard::take(&lock, &self.dir)?;
-        self.catch_up()?;
-        self.cut_torn_tail()?;
-        let now = now_ms();
-        let expired: Vec<LeaseId> =
-            self.leases.iter().filter(|(_, l)| l.deadline_ms <= now).map(|(id, _)| *id).collect();
+        let now = Instant::now();
+        let expired: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.expires <= now).map(|(id, _)| *id).collect();
         for id in expired {
             self.revoke(id)?;
         }
@@ -798,16 +1071,17 @@ impl Store for EmbeddedStore {
         self.write(|st| {
             let id = st.next_lease;
             st.append(Record::LeaseGrant { id, ttl: ttl_secs.max(1), at: now_ms() })?;
-            st.maybe_snapshot()?;
+            st.maybe_snapshot();
             Ok(id)
         })
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<i64, StoreError> {
+        // `write` revoked the lease if its deadline passed: then it is not found.
         self.write(|st| {
             let ttl = st.leases.get(&lease).ok_or(StoreError::LeaseNotFound(lease))?.ttl;
             st.append(Record::LeaseKeepAlive { id: lease, at: now_ms() })?;
-            st.maybe_snapshot()?;
+            st.maybe_snapshot();
             Ok(ttl)
         })
     }
@@ -817,32 +1091,36 @@ impl Store for EmbeddedStore {
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
-        let (tx, rx) = mpsc::unbounded_channel();
         let mut st = self.read()?;
+        // One slot more than the messages it buffers, for the error that ends the watch.
+        let (tx, rx) = mpsc::channel(st.options.watch_buffer.max(1) + 1);
         let start = if from <= 0 { st.revision + 1 } else { from };
+        let mut replay = VecDeque::new();
         if start < st.compacted {
             // Reported through the stream, as etcd does.
-            let _ = tx.send(Err(StoreError::Compacted { requested: start, compacted: st.compacted }));
+            replay.push_back(Err(StoreError::Compacted { requested: start, compacted: st.compacted }));
         } else {
+            // The history is in memory anyway; what is newer goes through the bounded channel.
             for (rev, events) in &st.history {
                 if *rev < start {
                     continue;
                 }
                 let mine: Vec<WatchEvent> = events.iter().filter(|e| e.kv.key.starts_with(prefix)).cloned().collect();
                 if !mine.is_empty() {
-                    let _ = tx.send(Ok(WatchMessage::Events(mine)));
+                    replay.push_back(Ok(WatchMessage::Events(mine)));
                 }
             }
-            st.watchers.push(Watcher { prefix: prefix.to_owned(), tx });
+            st.watchers.push(Watcher { prefix: prefix.to_owned(), start, tx });
         }
         drop(st);
-        Ok(Box::pin(UnboundedStream(rx)))
+        Ok(Box::pin(Watch { replay, rx }))
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
         self.write(|st| {
             st.append(Record::Compact { rev: revision })?;
-            st.maybe_snapshot()
+            st.maybe_snapshot();
+            Ok(())
         })
     }
 
@@ -851,12 +1129,71 @@ impl Store for EmbeddedStore {
     }
 }
 
-/// A receiver as a stream (saves a dependency on tokio-stream).
-struct UnboundedStream<T>(mpsc::UnboundedReceiver<T>);
+/// A watch: the events replayed from the history, then the live ones.
+struct Watch {
+    replay: VecDeque<Result<WatchMessage, StoreError>>,
+    rx: mpsc::Receiver<Result<WatchMessage, StoreError>>,
+}
 
-impl<T> futures::Stream for UnboundedStream<T> {
-    type Item = T;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
-        self.0.poll_recv(cx)
+impl futures::Stream for Watch {
+    type Item = Result<WatchMessage, StoreError>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if let Some(m) = self.replay.pop_front() {
+            return std::task::Poll::Ready(Some(m));
+        }
+        self.rx.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail_syncs(s: &EmbeddedStore, fail: bool) {
+        s.lock().fail_sync = fail;
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_is_not_retried_and_later_writes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open_with(dir.path(), Options { fsync: true, ..Options::default() }).unwrap();
+        s.put("/a", b"1".to_vec(), None).await.unwrap();
+        let lease = s.lease_grant(60).await.unwrap();
+        fail_syncs(&s, true);
+        assert!(matches!(s.put("/b", b"2".to_vec(), None).await, Err(StoreError::Io { .. })), "durability unknown");
+        // The disk seems fine again: a retried fsync would say so, and lie.
+        fail_syncs(&s, false);
+        assert!(matches!(s.put("/c", b"3".to_vec(), None).await, Err(StoreError::Io { .. })), "writes refused");
+        assert!(matches!(s.lease_keep_alive(lease).await, Err(StoreError::Io { .. })));
+        assert!(matches!(s.delete("/a").await, Err(StoreError::Io { .. })));
+        // Reads go on; the record whose fsync failed is in the log, as other processes see it.
+        assert_eq!(s.get("/a").await.unwrap().unwrap().value, b"1");
+        assert_eq!(s.get("/b").await.unwrap().unwrap().value, b"2");
+        assert_eq!(s.get("/c").await.unwrap(), None);
+        drop(s);
+        // Reopened (the process restarted): writes again.
+        let s = EmbeddedStore::open_with(dir.path(), Options { fsync: true, ..Options::default() }).unwrap();
+        assert_eq!(s.get("/b").await.unwrap().unwrap().value, b"2");
+        s.put("/c", b"3".to_vec(), None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_before_a_snapshot_refuses_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options { snapshot_every: 2, ..Options::default() };
+        let s = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        s.put("/a", b"1".to_vec(), None).await.unwrap();
+        fail_syncs(&s, true);
+        // Without Options::fsync the write is done once in the kernel; the snapshot's fsync
+        // of the log fails after it.
+        s.put("/b", b"2".to_vec(), None).await.expect("the write itself succeeded");
+        assert!(!dir.path().join(SNAPSHOT).exists());
+        assert!(!dir.path().join(format!("{SNAPSHOT}.tmp")).exists(), "the temporary snapshot is removed");
+        fail_syncs(&s, false);
+        assert!(matches!(s.put("/c", b"3".to_vec(), None).await, Err(StoreError::Io { .. })));
+        assert_eq!(s.get("/b").await.unwrap().unwrap().value, b"2");
     }
 }

@@ -5,6 +5,17 @@
 //! a task that re-establishes the gRPC watch with exponential backoff (100 ms .. 5 s) and
 //! resumes from the last delivered revision + 1, so nothing is missed; it tells the consumer
 //! with [`WatchMessage::Reconnected`]. Large listings are paged at one fixed revision.
+//!
+//! Every request requires a leader (`hasleader` metadata, etcd's `WithRequireLeader`): a member
+//! cut off from the cluster's majority answers "no leader" (mapped to
+//! [`StoreError::Unavailable`]) instead of serving stale reads or holding a watch that never
+//! delivers anything, and cancels the watches on it after a few election timeouts, so they
+//! reconnect, possibly to a member that has a leader.
+//!
+//! Watches ask for progress notifications: etcd tells a quiet watch the store's revision now
+//! and then (every 10 minutes by default; only a watch that got every change up to it), and a
+//! reconnect resumes after that revision, so changes elsewhere that were compacted meanwhile
+//! do not fail the resumed watch with `Compacted`.
 
 use std::time::Duration;
 
@@ -52,10 +63,7 @@ impl EtcdStore {
         if endpoints.is_empty() {
             return Err(StoreError::Config("no etcd endpoints".into()));
         }
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(dial_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
+        let mut options = connect_options(dial_timeout);
         if let Some(tls) = tls {
             options = options.with_tls(tls_options(tls)?);
         }
@@ -75,6 +83,16 @@ impl EtcdStore {
             .map_err(map_err)?;
         Ok(store)
     }
+}
+
+/// The client's options, TLS aside.
+fn connect_options(dial_timeout: Duration) -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(dial_timeout)
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        // A partitioned member fails requests and cancels watches rather than going silent.
+        .with_require_leader(true)
 }
 
 /// Reads the PEM files of `tls` into the client's TLS options.
@@ -389,6 +407,15 @@ impl WatchTask {
                 }
             }
             if resp.events().is_empty() {
+                // A progress notification: etcd sends one only to a watch that got every change
+                // up to its revision, so a reconnect may resume after it. Not the answer to the
+                // creation, whose revision is the store's, ahead of what a watch from an older
+                // revision got. (Only timed notifications arrive here: the ones asked for with
+                // RequestProgress were not ordered with the events in etcd releases before the
+                // fix of etcd-io/etcd#15220, and are not used.)
+                if !resp.created() {
+                    self.next = self.next.max(header_rev(resp.header()) + 1);
+                }
                 continue;
             }
             let mut events = Vec::with_capacity(resp.events().len());
@@ -411,5 +438,17 @@ impl WatchTask {
                 return Outcome::Done;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_require_a_leader() {
+        // etcd-client keeps the flag private; its Debug output shows it.
+        let options = format!("{:?}", connect_options(Duration::from_secs(1)));
+        assert!(options.contains("require_leader: true"), "{options}");
     }
 }

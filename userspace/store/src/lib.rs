@@ -86,8 +86,9 @@ pub enum WatchMessage {
 }
 
 /// A watch: an endless stream of messages; it ends only after yielding an error
-/// ([`StoreError::Compacted`] when history is gone, [`StoreError::Rewound`] when the store
-/// lost data under it, or a fatal error). Either way: list again, then watch anew.
+/// ([`StoreError::Compacted`] when history is gone or, embedded store, when the consumer left
+/// too many messages unread; [`StoreError::Rewound`] when the store lost data under it; or a
+/// fatal error). Either way: list again, then watch anew.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, StoreError>> + Send>>;
 
 /// A condition of a transaction.
@@ -141,6 +142,9 @@ pub struct TxnResult {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The requested revision was compacted away; list again and watch from the new revision.
+    /// The embedded store also ends a watch with it when its consumer left
+    /// `embedded::Options::watch_buffer` messages unread (`requested`: the first revision not
+    /// delivered).
     #[error("revision {requested} is compacted (oldest kept: {compacted})")]
     Compacted { requested: Revision, compacted: Revision },
     /// The store's revision went below what this watch already delivered: the store was

@@ -6,6 +6,9 @@
 //! etcd also gets SIGKILL if the thread that started it dies (`PR_SET_PDEATHSIG`), so a test
 //! process killed by a timeout leaves no etcd behind: start it on the thread that owns it
 //! (the test's own thread), not inside a short-lived spawned thread.
+//! [`EtcdServer::start_with_args`] passes more flags (shorter timers); [`EtcdCluster::start`]
+//! runs several members as one cluster, and [`EtcdServer::pause`] / [`EtcdServer::resume`]
+//! freeze a member (SIGSTOP) as if it were cut off.
 //!
 //! [`TestPki`] makes a throwaway CA with a server and a client certificate (rcgen), and
 //! [`EtcdServer::start_tls`] runs etcd with them: `https://` client URLs, client
@@ -28,6 +31,62 @@ pub struct EtcdServer {
     health_port: Option<u16>,
     tls: Option<ServerTls>,
     bin: PathBuf,
+    /// Member name, and the cluster's `--initial-cluster` (just this member when alone).
+    name: String,
+    initial_cluster: Option<String>,
+    /// More flags for etcd (e.g. shorter timers).
+    extra_args: Vec<String>,
+}
+
+/// Several etcd members forming one cluster (see [`EtcdCluster::start`]).
+pub struct EtcdCluster {
+    pub members: Vec<EtcdServer>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members on loopback as one new cluster, each with `extra_args` (e.g.
+    /// `--election-timeout=500`), and waits until every one is healthy (has a leader).
+    pub fn start(n: usize, extra_args: &[&str]) -> Result<Self, EtcdStartError> {
+        let bin = etcd_bin();
+        let mut last = None;
+        for _ in 0..3 {
+            let mut members = Vec::with_capacity(n);
+            for i in 0..n {
+                let mut m = EtcdServer::new(None, bin.clone(), extra_args)?;
+                m.name = format!("m{i}");
+                members.push(m);
+            }
+            let cluster = members
+                .iter()
+                .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut started = Ok(());
+            for m in &mut members {
+                m.initial_cluster = Some(cluster.clone());
+                if let Err(e) = m.spawn_process() {
+                    started = Err(e);
+                    break;
+                }
+            }
+            // Members become healthy together, once they elected a leader.
+            for m in &mut members {
+                if started.is_ok() {
+                    started = m.wait_ready();
+                }
+            }
+            match started {
+                Ok(()) => return Ok(Self { members }),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(EtcdStartError::NotReady { log: String::new() }))
+    }
+
+    /// Client URLs of all members.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdServer::endpoint).collect()
+    }
 }
 
 /// The server side of [`TestPki`], as etcd's flags want it.
@@ -142,6 +201,10 @@ pub enum EtcdStartError {
     Io(#[from] std::io::Error),
 }
 
+fn etcd_bin() -> PathBuf {
+    std::env::var_os("CONTIV_ETCD_BIN").map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from)
+}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -164,26 +227,43 @@ impl EtcdServer {
         Self::start_with(Some(ServerTls { ca: ca.to_owned(), cert: cert.to_owned(), key: key.to_owned() }))
     }
 
+    /// Starts etcd with more flags (e.g. `--experimental-watch-progress-notify-interval=200ms`).
+    pub fn start_with_args(extra_args: &[&str]) -> Result<Self, EtcdStartError> {
+        Self::start_full(None, extra_args)
+    }
+
     fn start_with(tls: Option<ServerTls>) -> Result<Self, EtcdStartError> {
-        let bin = std::env::var_os("CONTIV_ETCD_BIN").map_or_else(|| PathBuf::from("/usr/bin/etcd"), PathBuf::from);
+        Self::start_full(tls, &[])
+    }
+
+    fn start_full(tls: Option<ServerTls>, extra_args: &[&str]) -> Result<Self, EtcdStartError> {
+        let bin = etcd_bin();
         let mut last = None;
         // Free ports can be taken between probing and binding: try a few times.
         for _ in 0..3 {
-            let mut server = Self {
-                child: None,
-                dir: tempfile::Builder::new().prefix("contiv-etcd-").tempdir()?,
-                client_port: free_port()?,
-                peer_port: free_port()?,
-                health_port: if tls.is_some() { Some(free_port()?) } else { None },
-                tls: tls.clone(),
-                bin: bin.clone(),
-            };
+            let mut server = Self::new(tls.clone(), bin.clone(), extra_args)?;
             match server.spawn() {
                 Ok(()) => return Ok(server),
                 Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or(EtcdStartError::NotReady { log: String::new() }))
+    }
+
+    /// A server not started yet, on fresh ports and a fresh data dir.
+    fn new(tls: Option<ServerTls>, bin: PathBuf, extra_args: &[&str]) -> Result<Self, EtcdStartError> {
+        Ok(Self {
+            child: None,
+            dir: tempfile::Builder::new().prefix("contiv-etcd-").tempdir()?,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            health_port: if tls.is_some() { Some(free_port()?) } else { None },
+            tls,
+            bin,
+            name: "test".into(),
+            initial_cluster: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        })
     }
 
     /// The client URL (`http://127.0.0.1:PORT`, or `https://` when started with TLS).
@@ -210,6 +290,24 @@ impl EtcdServer {
         }
     }
 
+    /// Freezes etcd (SIGSTOP): it neither answers nor takes part in the cluster, as if cut
+    /// off, until [`resume`](Self::resume).
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a [`pause`](Self::pause)d etcd run again (SIGCONT).
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on the pid of our own child, which we have not reaped.
+            unsafe { libc::kill(pid as libc::pid_t, sig) };
+        }
+    }
+
     /// Kills etcd and deletes its data (a lost or replaced store); `restart` brings up an
     /// empty one on the same ports.
     pub fn kill_and_wipe(&mut self) -> std::io::Result<()> {
@@ -227,10 +325,20 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) -> Result<(), EtcdStartError> {
+        self.spawn_process()?;
+        self.wait_ready()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn spawn_process(&mut self) -> Result<(), EtcdStartError> {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log_path = self.dir.path().join("etcd.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let name = self.name.clone();
+        let initial_cluster = self.initial_cluster.clone().unwrap_or_else(|| format!("{name}={peer}"));
         let mut command = Command::new(&self.bin);
         // SAFETY: the closure runs in the forked child before exec and only calls prctl,
         // which is async-signal-safe.
@@ -243,17 +351,18 @@ impl EtcdServer {
             });
         }
         let child = command
-            .arg("--name=test")
+            .arg(format!("--name={name}"))
             .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=test={peer}"))
+            .arg(format!("--initial-cluster={initial_cluster}"))
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
             .args(self.tls_args())
+            .args(&self.extra_args)
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -261,6 +370,12 @@ impl EtcdServer {
             .spawn()
             .map_err(|source| EtcdStartError::Spawn { bin: self.bin.clone(), source })?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the started etcd answers `/health` (kills it if it does not in time).
+    fn wait_ready(&mut self) -> Result<(), EtcdStartError> {
+        let log_path = self.log_path();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut()

@@ -261,6 +261,17 @@ async fn watch_compacted(s: Arc<dyn Store>) {
     assert_eq!(ev[0].kv.value, b"3");
 }
 
+async fn watch_from_future_revision(s: Arc<dyn Store>) {
+    let r = s.put("/f/a", b"a".to_vec(), None).await.unwrap();
+    let mut w = s.watch("/f/", r + 3).await.unwrap();
+    for k in ["/f/b", "/f/c", "/f/d", "/f/e"] {
+        s.put(k, k.as_bytes().to_vec(), None).await.unwrap();
+    }
+    let ev = collect(&mut w, 2).await;
+    let seen: Vec<(&str, Revision)> = ev.iter().map(|e| (e.kv.key.as_str(), e.kv.mod_revision)).collect();
+    assert_eq!(seen, [("/f/d", r + 3), ("/f/e", r + 4)], "events from the start revision on, none before");
+}
+
 macro_rules! conformance {
     ($backend:ident: $($case:ident),* $(,)?) => {
         mod $backend {
@@ -276,6 +287,8 @@ macro_rules! conformance {
 }
 
 conformance!(embedded: put_get_delete, list_prefix, list_everything, list_many_pages, txn_absent, txn_mod_revision, lease_revoke,
-    lease_expiry, watch_from_revision, watch_txn_is_one_message, watch_list_then_resume, watch_compacted);
+    lease_expiry, watch_from_revision, watch_from_future_revision, watch_txn_is_one_message, watch_list_then_resume,
+    watch_compacted);
 conformance!(etcd: put_get_delete, list_prefix, list_everything, list_many_pages, txn_absent, txn_mod_revision, lease_revoke,
-    lease_expiry, watch_from_revision, watch_txn_is_one_message, watch_list_then_resume, watch_compacted);
+    lease_expiry, watch_from_revision, watch_from_future_revision, watch_txn_is_one_message, watch_list_then_resume,
+    watch_compacted);

@@ -279,3 +279,217 @@ async fn records_larger_than_a_read_chunk() {
     assert_eq!(s.get("/big").await.unwrap().unwrap().value, big);
     assert_eq!(s.get("/after").await.unwrap().unwrap().value, b"2");
 }
+
+// === snapshots that cannot be written, missing snapshots ===
+
+fn log_lines(dir: &std::path::Path, generation: u64) -> Vec<String> {
+    std::fs::read_to_string(dir.join(format!("log-{generation}.jsonl"))).unwrap().lines().map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_does_not_fail_the_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { snapshot_every: 1, ..Options::default() };
+    // The snapshot cannot be written (as on a full disk): its temporary file cannot be created.
+    std::fs::create_dir(dir.path().join("snapshot.json.tmp")).unwrap();
+    let s = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+    let r = s.put("/k", b"1".to_vec(), None).await.expect("the write is in the log: Ok");
+    assert_eq!(s.get("/k").await.unwrap().unwrap().mod_revision, r);
+    // Later writes of every kind keep working (each retries the snapshot, which fails again).
+    let lease = s.lease_grant(60).await.expect("lease grant");
+    s.put("/leased", b"l".to_vec(), Some(lease)).await.expect("second put");
+    s.lease_keep_alive(lease).await.expect("keep-alive");
+    s.compact(r).await.expect("compact");
+    assert!(!dir.path().join("snapshot.json").exists());
+    drop(s);
+    let s = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+    assert_eq!(s.get("/k").await.unwrap().unwrap().value, b"1", "the write survives a reopen");
+    assert_eq!(s.get("/leased").await.unwrap().unwrap().lease, lease);
+    // Once the disk has room again, the next snapshot is written.
+    std::fs::remove_dir(dir.path().join("snapshot.json.tmp")).unwrap();
+    s.put("/k", b"2".to_vec(), None).await.unwrap();
+    assert!(dir.path().join("snapshot.json").exists(), "the snapshot was tried again");
+    drop(s);
+    let s = EmbeddedStore::open_with(dir.path(), options).unwrap();
+    assert_eq!(s.get("/k").await.unwrap().unwrap().value, b"2");
+    assert_eq!(s.get("/leased").await.unwrap().unwrap().lease, lease);
+}
+
+#[tokio::test]
+async fn a_leftover_snapshot_tmp_file_is_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("snapshot.json.tmp"), b"{\"half a snap").unwrap();
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    assert!(!dir.path().join("snapshot.json.tmp").exists());
+    s.put("/a", vec![], None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_snapshot_next_to_later_logs_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { snapshot_every: 2, ..Options::default() };
+    {
+        let s = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        for i in 0..6 {
+            s.put(&format!("/k/{i}"), vec![b'v'], None).await.unwrap();
+        }
+    }
+    std::fs::remove_file(dir.path().join("snapshot.json")).unwrap();
+    match EmbeddedStore::open_with(dir.path(), options) {
+        Err(StoreError::Corrupt { detail, .. }) => {
+            assert!(detail.contains("snapshot.json") && detail.contains("log-3.jsonl"), "{detail}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(s) => panic!("opened with {} keys: the data before the logs is lost", s.list("/").await.unwrap().kvs.len()),
+    }
+}
+
+#[tokio::test]
+async fn without_a_snapshot_logs_from_generation_zero_are_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { snapshot_every: 2, ..Options::default() };
+    {
+        let s = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        for i in 0..3 {
+            s.put(&format!("/k/{i}"), vec![b'v'], None).await.unwrap();
+        }
+    }
+    // log-0 holds everything from the start, log-1 the rest: no snapshot is needed.
+    std::fs::remove_file(dir.path().join("snapshot.json")).unwrap();
+    let s = EmbeddedStore::open_with(dir.path(), options).unwrap();
+    assert_eq!(s.list("/k/").await.unwrap().kvs.len(), 3);
+}
+
+#[tokio::test]
+async fn a_watch_from_the_snapshot_revision_is_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { snapshot_every: 2, ..Options::default() };
+    let (snap_rev, after) = {
+        let s = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        s.put("/w/a", b"a".to_vec(), None).await.unwrap();
+        let snap_rev = s.put("/w/b", b"b".to_vec(), None).await.unwrap(); // the snapshot is at this revision
+        let after = s.put("/w/c", b"c".to_vec(), None).await.unwrap();
+        (snap_rev, after)
+    };
+    let s = EmbeddedStore::open_with(dir.path(), options).unwrap();
+    let mut w = s.watch("/w/", snap_rev).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(2), w.next()).await {
+        Ok(Some(Err(StoreError::Compacted { requested, compacted }))) => {
+            assert_eq!((requested, compacted), (snap_rev, snap_rev + 1));
+        }
+        // Delivering the snapshot revision's change would do as well.
+        Ok(Some(Ok(WatchMessage::Events(ev)))) => assert_eq!(ev[0].kv.mod_revision, snap_rev, "{ev:?}"),
+        other => panic!("a watch from the snapshot revision must answer: {other:?}"),
+    }
+    let mut w = s.watch("/w/", snap_rev + 1).await.unwrap();
+    let Some(Ok(WatchMessage::Events(ev))) = w.next().await else { panic!("expected events") };
+    assert_eq!((ev[0].kv.key.as_str(), ev[0].kv.mod_revision), ("/w/c", after));
+}
+
+// === leases ===
+
+#[tokio::test]
+async fn keep_alive_of_a_lease_past_its_deadline_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    // No background sweep: only the keep-alive itself can notice the deadline.
+    let options = Options { poll: Duration::from_secs(3600), ..Options::default() };
+    let s = EmbeddedStore::open_with(dir.path(), options).unwrap();
+    let lease = s.lease_grant(1).await.unwrap();
+    s.put("/l", vec![], Some(lease)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        matches!(s.lease_keep_alive(lease).await, Err(StoreError::LeaseNotFound(l)) if l == lease),
+        "an expired lease cannot be revived"
+    );
+    assert_eq!(s.get("/l").await.unwrap(), None, "it was revoked with its keys");
+    assert!(matches!(s.put("/m", vec![], Some(lease)).await, Err(StoreError::LeaseNotFound(_))));
+}
+
+#[tokio::test]
+async fn put_under_a_lease_past_its_deadline_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { poll: Duration::from_secs(3600), ..Options::default() };
+    let s = EmbeddedStore::open_with(dir.path(), options).unwrap();
+    let lease = s.lease_grant(1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(matches!(s.put("/m", vec![], Some(lease)).await, Err(StoreError::LeaseNotFound(l)) if l == lease));
+    assert_eq!(s.get("/m").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_lease_revoke_is_one_log_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let lease = {
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let lease = s.lease_grant(60).await.unwrap();
+        s.put("/l/a", vec![], Some(lease)).await.unwrap();
+        s.put("/l/b", vec![], Some(lease)).await.unwrap();
+        let mut w = s.watch("/l/", 0).await.unwrap();
+        let before = log_lines(dir.path(), 0).len();
+        s.lease_revoke(lease).await.unwrap();
+        assert_eq!(log_lines(dir.path(), 0).len(), before + 1, "the deletions and the revoke are one record");
+        let Some(Ok(WatchMessage::Events(ev))) = w.next().await else { panic!("expected events") };
+        assert_eq!(ev.len(), 2, "both deletions in one revision: {ev:?}");
+        assert!(ev.iter().all(|e| e.kind == EventKind::Delete && e.kv.mod_revision == ev[0].kv.mod_revision));
+        lease
+    };
+    // A crash before the record was complete: neither half happened.
+    let mut lines = log_lines(dir.path(), 0);
+    lines.pop();
+    std::fs::write(dir.path().join("log-0.jsonl"), lines.join("\n") + "\n").unwrap();
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    assert!(s.get("/l/a").await.unwrap().is_some(), "keys kept with their lease");
+    assert!(s.lease_keep_alive(lease).await.is_ok(), "the lease is alive");
+}
+
+#[tokio::test]
+async fn logs_with_the_revoke_written_as_two_records_still_read() {
+    // What earlier versions wrote: the deletion of the lease's keys, then the revoke.
+    let dir = tempfile::tempdir().unwrap();
+    let log = [
+        r#"{"rec":"leaseGrant","id":1,"ttl":60,"at":1}"#,
+        r#"{"rec":"commit","rev":2,"changes":[{"op":"put","key":"/l","value":"v","lease":1},{"op":"put","key":"/k","value":"w","lease":0}]}"#,
+        r#"{"rec":"commit","rev":3,"changes":[{"op":"delete","key":"/l"}]}"#,
+        r#"{"rec":"leaseRevoke","id":1}"#,
+    ];
+    std::fs::write(dir.path().join("log-0.jsonl"), log.join("\n") + "\n").unwrap();
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(s.get("/l").await.unwrap(), None);
+    assert_eq!(s.get("/k").await.unwrap().unwrap().value, b"w");
+    assert!(matches!(s.lease_keep_alive(1).await, Err(StoreError::LeaseNotFound(1))));
+    assert_eq!(s.put("/x", vec![], None).await.unwrap(), 4);
+}
+
+// === watches ===
+
+#[tokio::test]
+async fn a_stalled_watch_ends_with_compacted_instead_of_buffering_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    let buffer = Options::default().watch_buffer;
+    let mut w = s.watch("/s/", 0).await.unwrap();
+    let first = s.put("/s/0", vec![], None).await.unwrap();
+    for i in 1..buffer + 100 {
+        s.put(&format!("/s/{i}"), vec![], None).await.unwrap();
+    }
+    // The consumer wakes up: what was buffered, then the end.
+    let mut delivered = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), w.next()).await.expect("the watch answers") {
+            Some(Ok(WatchMessage::Events(ev))) => {
+                assert_eq!(ev[0].kv.mod_revision, first + delivered as i64, "in order, none skipped");
+                delivered += 1;
+            }
+            Some(Err(StoreError::Compacted { requested, .. })) => {
+                assert_eq!(requested, first + delivered as i64, "names the first revision not delivered");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(delivered <= buffer, "at most {buffer} messages were buffered, got {delivered}");
+    assert!(w.next().await.is_none(), "the watch ended");
+    // A fresh watch from the revision it names works (the history still has it).
+    let mut w = s.watch("/s/", first + delivered as i64).await.unwrap();
+    assert!(matches!(w.next().await, Some(Ok(WatchMessage::Events(_)))));
+}

@@ -66,6 +66,10 @@ struct Inner {
     /// concurrent ADD or DEL does not put back what the DEL removed (routes to an interface
     /// that is being deleted, map entries of a departing pod).
     leaving: std::collections::HashSet<AttachmentKey>,
+    /// Attachments whose ADD attaches its programs now: the egress program they get was
+    /// chosen when the ADD began, and is set right when it ends (`sync_pod_egress` leaves
+    /// them alone meanwhile).
+    attaching: std::collections::HashSet<AttachmentKey>,
     /// The service proxy's installed state.
     proxy: crate::proxy::Proxy,
     /// healthCheckNodePort servers.
@@ -532,6 +536,7 @@ impl Agent {
                 registrations,
                 gone: Default::default(),
                 leaving: Default::default(),
+                attaching: Default::default(),
                 proxy: crate::proxy::Proxy::new(service_params, cluster_pod_cidr),
                 health: crate::healthcheck::HealthServers::new(proxy_health.clone()),
                 host_ports: Default::default(),
@@ -864,6 +869,7 @@ impl Agent {
                     format!("{e}: every address is held by a pod; DEL or GC of a pod frees one"),
                 )
             })?;
+            inner.attaching.insert(key.clone());
             (ip, inner.node.clone(), targets)
         };
         let (pod_namespace, pod_name) = crate::state::pod_identity(&req.args);
@@ -927,7 +933,9 @@ impl Agent {
         let veth = match podnet::create_veth(node, spec).await {
             Ok(v) => v,
             Err(e) => {
-                self.inner.lock().await.state.release(&key);
+                let mut inner = self.inner.lock().await;
+                inner.state.release(&key);
+                inner.attaching.remove(&key);
                 return Err(internal("wiring the pod interface", e));
             }
         };
@@ -965,6 +973,16 @@ impl Agent {
             }
         };
         let Err(e) = recorded.and(attached) else {
+            // The services task may have turned the pods' egress program on or off since
+            // the ADD chose its programs.
+            let mut inner = self.inner.lock().await;
+            inner.attaching.remove(&key);
+            let want = inner.pod_egress;
+            if inner.datapath.pod_has_egress(&spec.host_ifname) != want
+                && let Err(e) = inner.datapath.set_pod_egress(&spec.host_ifname, want)
+            {
+                log::error!("{}: {} tc_to_pod: {e}", spec.host_ifname, if want { "attaching" } else { "detaching" });
+            }
             return Ok(attachment);
         };
         // Undo: the interface (its deletion detaches the program and removes the pod end),
@@ -977,6 +995,7 @@ impl Agent {
         }
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
+        inner.attaching.remove(&key);
         inner.state.release(&key);
         if inner.state.get(&key).is_some()
             && let Err(err) = inner.state.remove(&key)

@@ -648,7 +648,10 @@ fn sync_pod_egress(inner: &mut super::Inner) {
     let pods: Vec<String> = inner
         .state
         .attachments()
-        .filter(|a| a.complete && !inner.gone.contains(&a.key()) && !inner.leaving.contains(&a.key()))
+        .filter(|a| {
+            let key = a.key();
+            a.complete && !inner.gone.contains(&key) && !inner.leaving.contains(&key) && !inner.attaching.contains(&key)
+        })
         .map(|a| a.host_ifname.clone())
         .collect();
     for name in pods {

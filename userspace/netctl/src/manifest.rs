@@ -185,6 +185,10 @@ fn strict<T: DeserializeOwned>(doc: Value) -> Result<T, Rejected> {
         let field = e.path().to_string();
         Rejected::Invalid(if field == "." { "(document)".to_string() } else { field }, e.into_inner().to_string())
     })?;
+    // `status` is the cluster's to write, and a newer cluster than these types (what
+    // `kubectl get -o yaml` of it prints) has status fields they do not know: not a typo of
+    // the user's, and not applied anyway.
+    unknown.retain(|p| !p.starts_with("status."));
     if unknown.is_empty() { Ok(obj) } else { Err(Rejected::Unknown(unknown)) }
 }
 
@@ -570,6 +574,19 @@ mod tests {
             "pod.yaml: document 1 (Pod/a): unknown fields metadata.lables, spec.containers[0].port, \
              spec.nodename, stauts"
         );
+    }
+
+    #[test]
+    fn status_fields_of_a_newer_cluster_are_not_refused() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+                    spec:\n  ports: [{port: 80}]\n\
+                    status:\n  loadBalancer: {ingress: [{ip: 192.0.2.7, someNewField: x}]}\n  newerThing: {}\n";
+        let objects = parse_manifest(Path::new("svc.yaml"), text).unwrap().objects;
+        assert_eq!(objects.len(), 1);
+        // A typo of `status` itself is still one.
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\nstatsu: {}\n";
+        let e = parse_manifest(Path::new("svc.yaml"), text).unwrap_err();
+        assert_eq!(e.field(), Some("statsu"));
     }
 
     /// What `kubectl get -o yaml` prints: a `v1 List` of objects carrying the fields the API

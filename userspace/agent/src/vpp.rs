@@ -32,7 +32,8 @@ use std::{
 
 use contiv_node_registry::NodeRegistration;
 use contiv_vpp_backend::{
-    NodeInputs, RemoteNode, SupervisorOptions, UplinkHandover, VppConfig, VppDesired, VppStatus, VppSupervisor,
+    AF_XDP_DEV_TYPE, NodeInputs, RemoteNode, SupervisorOptions, UplinkHandover, VppConfig, VppDesired, VppStatus,
+    VppSupervisor,
     desired::{af_xdp_name, tap_name, vxlan_name},
     render, render_bootstrap,
 };
@@ -121,7 +122,7 @@ fn bootstrap_plan<'a>(config: &VppConfig, interfaces: impl IntoIterator<Item = (
     let mut previous = Vec::new();
     for (name, dev_type) in interfaces {
         has_tap |= name == tap;
-        if name.starts_with("xdp-") || dev_type == "af_xdp" || name.starts_with("vxlan_tunnel") {
+        if name.starts_with("xdp-") || dev_type == AF_XDP_DEV_TYPE || name.starts_with("vxlan_tunnel") {
             previous.push(name.to_owned());
         }
     }
@@ -612,22 +613,27 @@ mod tests {
     #[test]
     fn the_bootstrap_runs_unless_it_would_remove_a_previous_agents_state() {
         let cfg = VppConfig::default();
-        let fresh = [("local0", ""), ("uplink0", "dpdk")];
+        // Device types as VPP reports them (its device classes' names).
+        let fresh = [("local0", "local"), ("uplink0", "dpdk")];
         assert_eq!(bootstrap_plan(&cfg, fresh), BootstrapPlan::Apply, "a VPP that just started");
-        let bootstrapped = [("local0", ""), ("uplink0", "dpdk"), ("tap0", "virtio")];
+        let bootstrapped = [("local0", "local"), ("uplink0", "dpdk"), ("tap0", "tap")];
         assert_eq!(bootstrap_plan(&cfg, bootstrapped), BootstrapPlan::Apply, "what a bootstrap left");
-        let previous = [("uplink0", "dpdk"), ("tap0", "virtio"), ("xdp-cslow1", "af_xdp"), ("vxlan_tunnel2", "vxlan")];
+        let previous =
+            [("uplink0", "dpdk"), ("tap0", "tap"), ("xdp-cslow1", "AF_XDP interface"), ("vxlan_tunnel2", "VXLAN")];
         assert_eq!(
             bootstrap_plan(&cfg, previous),
             BootstrapPlan::Skip { kept: vec!["xdp-cslow1".into(), "vxlan_tunnel2".into()] },
             "an agent restart: VPP keeps serving, the host has its network"
         );
-        let no_tap = [("uplink0", "dpdk"), ("xdp-cslow1", "af_xdp")];
+        let no_tap = [("uplink0", "dpdk"), ("xdp-cslow1", "AF_XDP interface")];
         assert_eq!(
             bootstrap_plan(&cfg, no_tap),
             BootstrapPlan::ApplyRemoving { removed: vec!["xdp-cslow1".into()] },
             "no host interconnect: the host cannot reach the store without it"
         );
+        // An af_xdp interface VPP knows by its device type, whatever its name.
+        let renamed = [("uplink0", "dpdk"), ("port7", "AF_XDP interface")];
+        assert_eq!(bootstrap_plan(&cfg, renamed), BootstrapPlan::ApplyRemoving { removed: vec!["port7".into()] });
     }
 
     fn params() -> VppNodeParams {

@@ -8,6 +8,7 @@
 //!  pods ─TC─▶ cslow0 ══veth══ cslow1 ─XDP─▶ AF_XDP ─▶ VPP af_xdp "xdp-cslow1" (gateway IP + MAC)
 //!                                                       │ routes: local pod subnet ─▶ xdp-cslow1
 //!                                                       │         remote pod subnet ─▶ vxlan_tunnel<node id>
+//!                                                       │           (via a next hop: no ARP on an L3 tunnel)
 //!  host ◀── tap "vpp1" (host interconnect) ◀── tap0 ────┤ NAT44-ED: inside xdp-cslow1, tap0;
 //!                                                       │           outside the uplink; pool = node IP
 //!  wire ◀── DPDK NIC "uplink0" (node IP and routes handed over by contiv-stn) ──┘
@@ -321,6 +322,28 @@ pub enum RenderError {
     },
 }
 
+/// VPP's `interface_dev_type` of an af_xdp interface: the af_xdp plugin's device class name
+/// (plugins/af_xdp/device.c).
+pub const AF_XDP_DEV_TYPE: &str = "AF_XDP interface";
+
+/// The next hop of the route to a remote node's pod subnet through its VXLAN L3 tunnel: the
+/// subnet's first host address (where that node's pods have their gateway).
+///
+/// VPP registers an L3 tunnel with `vxlan_hw_class` (plugins/vxlan/vxlan.c): not
+/// point-to-point, not Ethernet. A route through it without a next hop gets a glean
+/// adjacency (`fib_path_attached_get_adj`): every packet is dropped while VPP tries ARP,
+/// which cannot work over an L3 tunnel. With a next hop the path gets a neighbour
+/// adjacency, which that class's `default_update_adjacency` completes at once with the
+/// empty rewrite of a header-less interface: no ARP, and no neighbour entry. Nor must
+/// there be one: VPP's ip-neighbor code completes its neighbours' adjacencies with an
+/// Ethernet rewrite (`ip_neighbor_mk_complete`), which on this interface would put an
+/// Ethernet header inside the tunnel whenever it walks them (neighbour added after the
+/// route, tunnel set up again). The address itself never appears in a packet.
+pub fn tunnel_next_hop(remote_pod_subnet: Ipv4Net) -> Ipv4Addr {
+    let net = remote_pod_subnet.trunc();
+    if net.prefix_len() <= 30 { Ipv4Addr::from(u32::from(net.network()) + 1) } else { net.network() }
+}
+
 /// VPP's name of the af_xdp interface on `host_if`.
 pub fn af_xdp_name(host_if: &str) -> String {
     format!("xdp-{host_if}")
@@ -429,7 +452,8 @@ pub fn render_bootstrap(cfg: &VppConfig, uplink: &UplinkHandover) -> Result<VppD
 
 /// Renders what VPP must hold for this node: [`render_bootstrap`]'s uplink, host
 /// interconnect and NAT44, plus the af_xdp port with the pods' gateway, the pod subnet's
-/// route and a tunnel with a route per remote node.
+/// route and a tunnel per remote node, with a route through it via a next hop
+/// ([`tunnel_next_hop`]).
 pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     let cfg = inp.config;
     let mut d = render_bootstrap(cfg, inp.uplink)?;
@@ -487,7 +511,7 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     );
     d.routes.insert(RouteSpec { dst: pod_subnet, next_hop: None, interface: xdp.clone() });
 
-    // One L3 VXLAN tunnel and one route per remote node.
+    // One L3 VXLAN tunnel per remote node, with a route through it via a next hop.
     for n in remotes {
         let name = vxlan_name(n.id);
         d.interfaces.insert(
@@ -501,7 +525,8 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
                 unnumbered_to: Some(uplink.clone()),
             },
         );
-        d.routes.insert(RouteSpec { dst: n.pod_subnet.trunc(), next_hop: None, interface: name });
+        let next_hop = Some(tunnel_next_hop(n.pod_subnet));
+        d.routes.insert(RouteSpec { dst: n.pod_subnet.trunc(), next_hop, interface: name });
     }
 
     // Pod egress leaves with the node IP too.
@@ -583,10 +608,15 @@ mod tests {
             [
                 ("0.0.0.0/0".into(), Some("192.168.16.254".into()), "uplink0"),
                 ("10.1.1.0/24".into(), None, "xdp-cslow1"),
-                ("10.1.2.0/24".into(), None, "vxlan_tunnel2"),
-                ("10.1.3.0/24".into(), None, "vxlan_tunnel3"),
+                ("10.1.2.0/24".into(), Some("10.1.2.1".into()), "vxlan_tunnel2"),
+                ("10.1.3.0/24".into(), Some("10.1.3.1".into()), "vxlan_tunnel3"),
             ]
         );
+        // VPP would ARP for an attached route through an L3 tunnel: a next hop instead, and
+        // no neighbour on the tunnel (VPP would give its adjacency an Ethernet rewrite).
+        assert!(d.neighbors.iter().all(|n| !n.interface.starts_with("vxlan")), "{:?}", d.neighbors);
+        assert_eq!(tunnel_next_hop(net("10.9.0.0/16")), "10.9.0.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(tunnel_next_hop(net("10.9.0.7/32")), "10.9.0.7".parse::<Ipv4Addr>().unwrap());
         let nat = d.nat.as_ref().unwrap();
         assert_eq!(nat.inside, BTreeSet::from(["tap0".to_owned(), "xdp-cslow1".to_owned()]));
         assert_eq!(nat.outside, BTreeSet::from(["uplink0".to_owned()]));

@@ -13,14 +13,34 @@
 //!
 //! # What the reconciler owns in VPP
 //! Every af_xdp, tap and VXLAN interface; the static neighbours and the default table's
-//! IPv4 routes that go through an interface it owns or configures (VPP's own connected and
-//! local routes excepted); the addresses, MAC, MTU, unnumbered source and admin state of the
-//! interfaces it configures; and, when [`VppDesired::nat`] is set, the whole NAT44-ED
-//! configuration. Anything else in VPP is left alone.
+//! IPv4 routes added through the API that go through an interface it owns or configures;
+//! the addresses, MAC, MTU, unnumbered source and admin state of the interfaces it
+//! configures; and, when [`VppDesired::nat`] is set, the whole NAT44-ED configuration.
+//! Anything else in VPP is left alone, in particular the routes VPP adds by itself: the
+//! connected and local routes of interface addresses, and the /32 it adds for every
+//! neighbour, static or learned by ARP (FIB source "adjacency"). `ip_route_v2_dump` tells a
+//! route's source; against a VPP without it, routes matching an address or a neighbour are
+//! taken for VPP's own.
+//!
+//! # Real VPP's answers it relies on
+//! - `nat44_show_running_config` answers retval 0 whether NAT44-ED is enabled or not; a
+//!   disabled plugin's running configuration is zeroed, so `sessions` (never 0 once enabled:
+//!   VPP replaces 0 by its default) tells whether it runs. A second enable is refused with
+//!   FEATURE_ALREADY_ENABLED (-170), whatever its parameters, and NAT configuration sent
+//!   while disabled with UNSUPPORTED (-126).
+//! - A VXLAN tunnel created through the API with `decap_next_index = ~0` hands decapsulated
+//!   packets to `l2-input`, L3 tunnel or not, where an L3 tunnel drops them; the arc from
+//!   `vxlan4-input` to `ip4-input` is asked for with `add_node_next` (its index depends on
+//!   the VPP build and run, so it is asked once per connection).
+//! - A VXLAN L3 tunnel is not point-to-point for VPP's FIB: a route through it without a
+//!   next hop gets a glean (ARP) adjacency, and ARP cannot work over an L3 tunnel. Routes
+//!   through tunnels carry a next hop, which VPP completes without ARP or neighbour entry
+//!   ([`crate::desired::tunnel_next_hop`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::{Arc, Mutex},
 };
 
 use contiv_vpp_binapi::{Client, Error as ApiError, Request, api};
@@ -30,10 +50,23 @@ use serde::Serialize;
 
 use crate::config::AfXdpMode;
 use crate::desired::{
-    IdentityMapping, InterfaceKind, InterfaceSpec, NatSpec, NeighborSpec, RouteSpec, StaticMapping, VppDesired,
+    AF_XDP_DEV_TYPE, IdentityMapping, InterfaceKind, InterfaceSpec, NatSpec, NeighborSpec, RouteSpec, StaticMapping,
+    VppDesired,
 };
 
 const ALL: u32 = u32::MAX;
+
+/// `fib_source_t` FIB_SOURCE_API (vnet/fib/fib_source.h): routes added with `ip_route_add_del`.
+const FIB_SOURCE_API: u8 = 8;
+
+/// VNET_API_ERROR_FEATURE_ALREADY_ENABLED (vnet/error.h).
+const FEATURE_ALREADY_ENABLED: i32 = -170;
+/// VNET_API_ERROR_FEATURE_ALREADY_DISABLED (vnet/error.h).
+const FEATURE_ALREADY_DISABLED: i32 = -169;
+
+/// The graph node that decapsulates IPv4 VXLAN, and where an L3 tunnel's packets go next.
+const VXLAN4_INPUT: &str = "vxlan4-input";
+const IP4_INPUT: &str = "ip4-input";
 
 /// A pass could not complete.
 #[derive(Debug, thiserror::Error)]
@@ -120,23 +153,38 @@ impl ObsInterface {
 
     /// An interface of a kind the reconciler owns (and may delete).
     fn owned(&self, name: &str) -> bool {
-        self.vxlan.is_some() || self.tap.is_some() || self.dev_type == "af_xdp" || name.starts_with("xdp-")
+        self.vxlan.is_some() || self.tap.is_some() || self.dev_type == AF_XDP_DEV_TYPE || name.starts_with("xdp-")
     }
 }
 
+/// NAT44-ED as it runs (the plugin is enabled).
 #[derive(Clone, Debug, Default)]
 struct ObsNat {
+    /// Sessions per thread, inside and outside VRF it was enabled with.
+    sessions: u32,
+    inside_vrf: u32,
+    outside_vrf: u32,
     interfaces: Vec<(u32, u8)>,
     pool: BTreeSet<Ipv4Addr>,
     identity: Vec<api::Nat44IdentityMappingDetails>,
     statics: Vec<api::Nat44StaticMappingDetails>,
 }
 
+/// A route of the default table as VPP dumps it: its best source's paths.
+#[derive(Clone, Debug)]
+struct ObsRoute {
+    dst: Ipv4Net,
+    paths: Vec<api::FibPath>,
+    /// The best source (`fib_source_t`), when VPP has `ip_route_v2_dump`.
+    src: Option<u8>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Observed {
     interfaces: BTreeMap<String, ObsInterface>,
-    routes: Vec<(Ipv4Net, Vec<api::FibPath>)>,
+    routes: Vec<ObsRoute>,
     neighbors: Vec<api::IpNeighbor>,
+    /// NAT44-ED, if enabled.
     nat: Option<ObsNat>,
 }
 
@@ -144,16 +192,57 @@ impl Observed {
     fn name_of(&self, sw_if_index: u32) -> Option<&str> {
         self.interfaces.iter().find(|(_, i)| i.sw_if_index == sw_if_index).map(|(n, _)| n.as_str())
     }
+
+    /// Whether `r` was added through the API (so `ip_route_add_del` can delete it), rather
+    /// than by VPP itself: a connected or local route of an address, or the /32 VPP adds
+    /// for a neighbour (which VPP would answer 0 to deleting, and keep).
+    fn added_through_api(&self, r: &ObsRoute) -> bool {
+        if let Some(src) = r.src {
+            return src == FIB_SOURCE_API;
+        }
+        // No source in the dump (no ip_route_v2_dump): recognise VPP's own routes.
+        let of_address = self.interfaces.values().flat_map(|i| &i.addresses).any(|a| {
+            r.dst == a.trunc()
+                || (r.dst.prefix_len() == 32 && [a.addr(), a.network(), a.broadcast()].contains(&r.dst.addr()))
+        });
+        let of_neighbor = r.dst.prefix_len() == 32
+            && matches!(r.paths.as_slice(), [p] if Ipv4Addr::from(p.nh.address.ip4()) == r.dst.addr()
+                && self.neighbors.iter().any(|n| n.sw_if_index == p.sw_if_index
+                    && n.ip_address.to_ipv4() == Some(r.dst.addr())));
+        !of_address && !of_neighbor
+    }
+}
+
+async fn dump_routes(c: &Client) -> Result<Vec<ObsRoute>, ApiError> {
+    let table = api::IpTable { table_id: 0, is_ip6: false, name: String::new() };
+    let routes = if c.supports::<api::IpRouteV2Dump>().is_ok() {
+        c.dump(&api::IpRouteV2Dump { src: 0, table })
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                let dst = r.route.prefix.to_ipv4_net()?.trunc();
+                Some(ObsRoute { dst, paths: r.route.paths, src: Some(r.route.src) })
+            })
+            .collect()
+    } else {
+        c.dump(&api::IpRouteDump { table })
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some(ObsRoute { dst: r.route.prefix.to_ipv4_net()?.trunc(), paths: r.route.paths, src: None })
+            })
+            .collect()
+    };
+    Ok(routes)
 }
 
 async fn observe(c: &Client) -> Result<Observed, ReconcileError> {
-    let table = api::IpTable { table_id: 0, is_ip6: false, name: String::new() };
     let (ifaces, unnumbered, vxlans, taps, routes, neighbors, nat_cfg) = tokio::try_join!(
         c.dump(&api::SwInterfaceDump::default()),
         c.dump(&api::IpUnnumberedDump { sw_if_index: ALL }),
         c.dump(&api::VxlanTunnelV2Dump { sw_if_index: ALL }),
         c.dump(&api::SwInterfaceTapV2Dump { sw_if_index: ALL }),
-        c.dump(&api::IpRouteDump { table }),
+        dump_routes(c),
         c.dump(&api::IpNeighborDump { sw_if_index: ALL, af: api::AddressFamily::ADDRESS_IP4 }),
         c.request_unchecked(&api::Nat44ShowRunningConfig::default()),
     )
@@ -179,10 +268,10 @@ async fn observe(c: &Client) -> Result<Observed, ReconcileError> {
             },
         );
     }
-    obs.routes =
-        routes.into_iter().filter_map(|r| Some((r.route.prefix.to_ipv4_net()?.trunc(), r.route.paths))).collect();
+    obs.routes = routes;
     obs.neighbors = neighbors.into_iter().map(|n| n.neighbor).collect();
-    if nat_cfg.retval == 0 {
+    // retval 0 either way; a disabled plugin's running config is zeroed (sessions = 0).
+    if nat_cfg.retval == 0 && nat_cfg.sessions != 0 {
         let (ifs, pool, identity, statics) = tokio::try_join!(
             c.dump(&api::Nat44InterfaceDump::default()),
             c.dump(&api::Nat44AddressDump::default()),
@@ -191,6 +280,9 @@ async fn observe(c: &Client) -> Result<Observed, ReconcileError> {
         )
         .map_err(classify)?;
         obs.nat = Some(ObsNat {
+            sessions: nat_cfg.sessions,
+            inside_vrf: nat_cfg.inside_vrf,
+            outside_vrf: nat_cfg.outside_vrf,
             interfaces: ifs.iter().map(|i| (i.sw_if_index, i.flags.0)).collect(),
             pool: pool.iter().map(|a| Ipv4Addr::from(a.ip_address)).collect(),
             identity,
@@ -207,6 +299,20 @@ type Op = (String, BoxFuture<'static, Result<Option<u32>, ApiError>>);
 fn op<M: Request>(c: &Client, what: String, msg: M) -> Op {
     let c = c.clone();
     (what, Box::pin(async move { c.request(&msg).await.map(|_| None) }))
+}
+
+/// As [`op`], with VPP's answer `done` (e.g. "already enabled") taken for success.
+fn op_or<M: Request>(c: &Client, what: String, msg: M, done: i32) -> Op {
+    let c = c.clone();
+    (
+        what,
+        Box::pin(async move {
+            match c.request(&msg).await {
+                Err(ApiError::Retval { retval, .. }) if retval == done => Ok(None),
+                r => r.map(|_| None),
+            }
+        }),
+    )
 }
 
 /// Runs one step's requests together; returns the ones that succeeded with their result.
@@ -269,8 +375,9 @@ fn route_matches(paths: &[api::FibPath], sw_if_index: u32, next_hop: Option<Ipv4
         && p.r#type == api::FibPathType::FIB_API_PATH_TYPE_NORMAL)
 }
 
-/// Whether an observed interface was created with the parameters `spec` asks for.
-fn same_kind(obs: &ObsInterface, spec: &InterfaceSpec) -> bool {
+/// Whether an observed interface was created with the parameters `spec` asks for;
+/// `decap_next` is the tunnels' arc to ip4-input (None: unknown, any will do).
+fn same_kind(obs: &ObsInterface, spec: &InterfaceSpec, decap_next: Option<u32>) -> bool {
     match &spec.kind {
         InterfaceKind::Existing | InterfaceKind::AfXdp { .. } => true,
         InterfaceKind::Vxlan { src, dst, vni, instance } => obs.vxlan.as_ref().is_some_and(|v| {
@@ -278,6 +385,7 @@ fn same_kind(obs: &ObsInterface, spec: &InterfaceSpec) -> bool {
                 && v.dst_address.to_ipv4() == Some(*dst)
                 && v.vni == *vni
                 && v.instance == *instance
+                && decap_next.is_none_or(|n| v.decap_next_index == n)
         }),
         InterfaceKind::Tap { id, host_if_name, host_ip4, .. } => obs.tap.as_ref().is_some_and(|t| {
             t.id == *id && t.host_if_name == *host_if_name && t.host_ip4_prefix.to_net() == Some(*host_ip4)
@@ -285,7 +393,9 @@ fn same_kind(obs: &ObsInterface, spec: &InterfaceSpec) -> bool {
     }
 }
 
-fn create_msg_op(c: &Client, name: &str, kind: &InterfaceKind) -> Option<Op> {
+/// The request creating `kind`; None for an interface VPP has from boot. `decap_next` is
+/// the arc from vxlan4-input to ip4-input, which a tunnel needs.
+fn create_msg_op(c: &Client, name: &str, kind: &InterfaceKind, decap_next: u32) -> Option<Op> {
     let c = c.clone();
     let what = format!("create interface {name}");
     let fut: BoxFuture<'static, Result<Option<u32>, ApiError>> = match kind.clone() {
@@ -330,7 +440,8 @@ fn create_msg_op(c: &Client, name: &str, kind: &InterfaceKind) -> Option<Op> {
                 dst_port: crate::desired::VXLAN_PORT,
                 mcast_sw_if_index: ALL,
                 encap_vrf_id: 0,
-                decap_next_index: ALL,
+                // Not ~0: through the API that means l2-input, where an L3 tunnel drops.
+                decap_next_index: decap_next,
                 vni,
                 is_l3: true,
             };
@@ -432,12 +543,15 @@ fn pool_msg(is_add: bool, a: Ipv4Addr) -> api::Nat44AddDelAddressRange {
 #[derive(Clone, Debug)]
 pub struct Reconciler {
     client: Client,
+    /// The arc from vxlan4-input to ip4-input, with the connection generation it was got on
+    /// (a VPP restart, hence a new connection, may number it differently).
+    decap_next: Arc<Mutex<Option<(u64, u32)>>>,
 }
 
 impl Reconciler {
     /// A reconciler working through `client` (connected or not).
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self { client, decap_next: Arc::default() }
     }
 
     /// The client.
@@ -445,11 +559,44 @@ impl Reconciler {
         &self.client
     }
 
+    /// The index of ip4-input among vxlan4-input's next nodes (`add_node_next` adds the arc
+    /// or returns the one there), once per connection.
+    async fn vxlan_decap_next(&self) -> Result<u32, ApiError> {
+        let generation = self.client.state().generation;
+        let cached = *self.decap_next.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((g, next)) = cached
+            && g == generation
+        {
+            return Ok(next);
+        }
+        let arc = api::AddNodeNext { node_name: VXLAN4_INPUT.into(), next_name: IP4_INPUT.into() };
+        let next = self.client.request(&arc).await?.next_index;
+        *self.decap_next.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, next));
+        Ok(next)
+    }
+
     /// One pass: dump, diff, apply. Returns what was applied and what VPP refused.
     pub async fn reconcile(&self, desired: &VppDesired) -> Result<ReconcileReport, ReconcileError> {
         let c = &self.client;
         let mut report = ReconcileReport { generation: c.state().generation, ..Default::default() };
         let obs = observe(c).await?;
+        // L3 tunnels decapsulate to ip4-input through an arc only VPP can number.
+        let wants_tunnels = desired.interfaces.values().any(|s| matches!(s.kind, InterfaceKind::Vxlan { .. }));
+        let decap_next = match wants_tunnels {
+            false => None,
+            true => match self.vxlan_decap_next().await {
+                Ok(next) => Some(next),
+                Err(e) if is_connection_error(&e) => return Err(ReconcileError::Connection(e)),
+                Err(e) => {
+                    log::warn!("VPP refused the arc {VXLAN4_INPUT} -> {IP4_INPUT}: {e}");
+                    report.failed.push(Failure {
+                        what: format!("add the graph arc {VXLAN4_INPUT} -> {IP4_INPUT} (VXLAN L3 decapsulation)"),
+                        error: e.to_string(),
+                    });
+                    None
+                }
+            },
+        };
 
         // Interfaces the reconciler configures or owns, by sw_if_index.
         let mut touched: BTreeSet<u32> = BTreeSet::new();
@@ -462,19 +609,13 @@ impl Reconciler {
         let mut doomed: BTreeMap<String, ObsInterface> = BTreeMap::new();
         for (name, o) in &obs.interfaces {
             match desired.interfaces.get(name) {
-                Some(spec) if same_kind(o, spec) => {}
+                Some(spec) if same_kind(o, spec, decap_next) => {}
                 _ if o.owned(name) => {
                     doomed.insert(name.clone(), o.clone());
                 }
                 _ => {}
             }
         }
-        // VPP's own connected and local routes are never touched.
-        let connected: BTreeSet<Ipv4Net> = obs
-            .interfaces
-            .values()
-            .flat_map(|i| i.addresses.iter().flat_map(|a| [a.trunc(), Ipv4Net::new(a.addr(), 32).expect("/32")]))
-            .collect();
 
         // --- 1. removals, dependents first ---
         let mut ops = Vec::new();
@@ -522,12 +663,14 @@ impl Reconciler {
 
         let mut ops = Vec::new();
         let wanted_routes: BTreeMap<Ipv4Net, &RouteSpec> = desired.routes.iter().map(|r| (r.dst, r)).collect();
-        for (dst, paths) in &obs.routes {
+        for r in &obs.routes {
+            let (dst, paths) = (&r.dst, &r.paths);
             let ours = paths
                 .iter()
                 .any(|p| touched.contains(&p.sw_if_index) && p.r#type == api::FibPathType::FIB_API_PATH_TYPE_NORMAL);
             let goes_away = paths.iter().any(|p| doomed.values().any(|d| d.sw_if_index == p.sw_if_index));
-            if ours && !connected.contains(dst) && (!wanted_routes.contains_key(dst) || goes_away) {
+            // VPP's own routes (connected, local, neighbours') are never touched.
+            if ours && obs.added_through_api(r) && (!wanted_routes.contains_key(dst) || goes_away) {
                 ops.push(op(c, format!("delete route {dst}"), route_msg(false, *dst, Vec::new())));
             }
         }
@@ -562,7 +705,14 @@ impl Reconciler {
             if current.contains_key(name) {
                 continue;
             }
-            match create_msg_op(c, name, &spec.kind) {
+            if matches!(spec.kind, InterfaceKind::Vxlan { .. }) && decap_next.is_none() {
+                report.failed.push(Failure {
+                    what: format!("create interface {name}"),
+                    error: format!("no arc {VXLAN4_INPUT} -> {IP4_INPUT} to decapsulate to (see above)"),
+                });
+                continue;
+            }
+            match create_msg_op(c, name, &spec.kind, decap_next.unwrap_or(ALL)) {
                 Some(o) => ops.push(o),
                 None => report.failed.push(Failure {
                     what: format!("configure interface {name}"),
@@ -698,7 +848,7 @@ impl Reconciler {
                 ));
             }
         }
-        let have_routes: HashMap<Ipv4Net, &Vec<api::FibPath>> = obs.routes.iter().map(|(d, p)| (*d, p)).collect();
+        let have_routes: HashMap<Ipv4Net, &Vec<api::FibPath>> = obs.routes.iter().map(|r| (r.dst, &r.paths)).collect();
         for r in &desired.routes {
             let Some(sw) = sw_of(&r.interface) else {
                 report.failed.push(Failure {
@@ -735,12 +885,37 @@ impl Reconciler {
     ) -> Result<(), ReconcileError> {
         let c = &self.client;
         let empty = ObsNat::default();
+        let enable = api::Nat44EdPluginEnableDisable { enable: true, sessions: want.sessions, ..Default::default() };
         let have = match have {
-            Some(h) => h,
-            None => {
-                let enable =
-                    api::Nat44EdPluginEnableDisable { enable: true, sessions: want.sessions, ..Default::default() };
+            // Enabled with what is wanted (sessions 0: whatever VPP's default is).
+            Some(h)
+                if (want.sessions == 0 || h.sessions == want.sessions) && h.inside_vrf == 0 && h.outside_vrf == 0 =>
+            {
+                h
+            }
+            // Enabled with other parameters: VPP changes them only through a disable,
+            // which drops the NAT configuration; it is added again below.
+            Some(h) => {
+                let disable = api::Nat44EdPluginEnableDisable { enable: false, ..Default::default() };
+                let what = format!(
+                    "disable NAT44-ED (it runs with {} sessions, VRFs {}/{}; {} sessions, VRFs 0/0 wanted)",
+                    h.sessions, h.inside_vrf, h.outside_vrf, want.sessions
+                );
+                let done = run_step(vec![op_or(c, what, disable, FEATURE_ALREADY_DISABLED)], report).await?;
+                if done.is_empty() {
+                    return Ok(());
+                }
                 let done = run_step(vec![op(c, "enable NAT44-ED".into(), enable)], report).await?;
+                if done.is_empty() {
+                    return Ok(());
+                }
+                &empty
+            }
+            None => {
+                // Enabled meanwhile by someone else: enabled is what was wanted; what is
+                // missing is added below (what is there already is refused, and seen next pass).
+                let done =
+                    run_step(vec![op_or(c, "enable NAT44-ED".into(), enable, FEATURE_ALREADY_ENABLED)], report).await?;
                 if done.is_empty() {
                     return Ok(());
                 }

@@ -3,14 +3,22 @@
 //! their own fake form a consistent mesh. vpp_papi (VPP's own Python client) reads back what
 //! was programmed, so the check does not rely on our decoder alone.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use contiv_vpp_backend::{
     NodeInputs, ReconcileReport, Reconciler, RemoteNode, SupervisorOptions, UplinkHandover, UplinkRoute, VppConfig,
     VppDesired, VppSupervisor, render,
 };
-use contiv_vpp_binapi::{Client, ClientOptions};
-use contiv_vpp_fake::{FakeOptions, FakeVpp, papi::Papi};
+use contiv_vpp_binapi::{Client, ClientOptions, api};
+use contiv_vpp_fake::{
+    FakeOptions, FakeVpp,
+    papi::Papi,
+    state::{Forwarding, fib_source},
+};
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -105,10 +113,24 @@ fn assert_node_state(fake: &FakeVpp, id: u32, nodes: &[u32]) {
             }
             other => panic!("{other:?}"),
         }
-        want_routes.push((net(&format!("10.1.{n}.0/24")), vec![(None, t.sw_if_index)]));
+        let hop = Ipv4Addr::new(10, 1, *n as u8, 1);
+        want_routes.push((net(&format!("10.1.{n}.0/24")), vec![(Some(IpAddr::V4(hop)), t.sw_if_index)]));
+        // What VPP would do with the tunnel's traffic: decapsulated packets go to
+        // ip4-input (not l2-input, where an L3 tunnel drops them), and packets to the
+        // remote pods leave through a complete adjacency (not a glean: no ARP on an L3
+        // tunnel; and no neighbour entry, which would give it an Ethernet rewrite).
+        assert_eq!(s.vxlan_decap_next(t.sw_if_index), Some("ip4-input"), "vxlan_tunnel{n} decapsulates to IP");
+        let remote_pod = Ipv4Addr::new(10, 1, *n as u8, 7);
+        assert_eq!(
+            s.ip4_lookup(0, remote_pod),
+            Forwarding::Complete { sw_if_index: t.sw_if_index, next_hop: IpAddr::V4(hop) },
+            "node {id} sends to {remote_pod} into vxlan_tunnel{n}"
+        );
+        assert!(!s.neighbors.keys().any(|(sw, _)| *sw == t.sw_if_index), "no neighbour on vxlan_tunnel{n}");
     }
     want_routes.sort();
     assert_eq!(routes.into_iter().collect::<Vec<_>>(), want_routes, "routes of node {id}");
+    assert!(s.ip4_lookup(0, Ipv4Addr::new(10, 1, id as u8, 7)).delivers(), "to a local pod through the port");
     let nat = &s.nat;
     assert!(nat.enabled.is_some(), "NAT44-ED enabled");
     let tap = s.interface_by_name("tap0").unwrap();
@@ -119,19 +141,46 @@ fn assert_node_state(fake: &FakeVpp, id: u32, nodes: &[u32]) {
     assert_eq!(nat.identity_mappings.len(), 1);
     assert_eq!(nat.identity_mappings[0].port, 4789);
     assert_eq!(nat.static_mappings.len(), 2);
-    assert_eq!(s.neighbors.len(), 1, "the host end of the interconnect");
+    let static_neighbors =
+        s.neighbors.values().filter(|n| n.flags.contains(api::IpNeighborFlags::IP_API_NEIGHBOR_FLAG_STATIC)).count();
+    assert_eq!(static_neighbors, 1, "the host end of the interconnect");
 }
 
-#[tokio::test]
-async fn a_node_converges_and_a_second_pass_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = fake(&dir);
-    let rec = Reconciler::new(client(&fake).await);
+/// An answer to an ARP request VPP sent: a neighbour VPP learned (not static).
+fn learn_neighbor(fake: &FakeVpp, interface: &str, ip: Ipv4Addr) {
+    fake.with_state(|s| {
+        let sw = s.interface_by_name(interface).unwrap().sw_if_index;
+        s.neighbors.insert(
+            (sw, IpAddr::V4(ip)),
+            contiv_vpp_fake::state::Neighbor {
+                mac: [0x52, 0x54, 0, 0, 0, 0xfe],
+                flags: api::IpNeighborFlags::IP_API_NEIGHBOR_FLAG_NONE,
+            },
+        );
+    });
+}
+
+/// The first pass converges a fresh VPP; once VPP learned the default gateway by ARP, a
+/// second pass finds nothing to change and sends nothing but dumps.
+async fn converges_then_changes_nothing(fake: &FakeVpp) -> ReconcileReport {
+    let rec = Reconciler::new(client(fake).await);
     let d = desired(1, &[1, 2, 3]);
     let first = rec.reconcile(&d).await.unwrap();
     assert!(first.converged(), "{:#?}", first.failed);
     assert!(first.applied.len() > 20, "{:#?}", first.applied);
-    assert_node_state(&fake, 1, &[1, 2, 3]);
+    assert_node_state(fake, 1, &[1, 2, 3]);
+    // VPP holds its own routes beside the reconciler's: the connected and local routes of
+    // the addresses, and a /32 for every neighbour, the static one and the learned one.
+    learn_neighbor(fake, "uplink0", Ipv4Addr::new(192, 168, 16, 254));
+    let fib = fake.state().ip4_fib();
+    for (prefix, src) in [
+        ("10.1.1.1/32", fib_source::INTERFACE),
+        ("192.168.16.0/24", fib_source::INTERFACE),
+        ("172.30.255.2/32", fib_source::ADJ),
+        ("192.168.16.254/32", fib_source::ADJ),
+    ] {
+        assert_eq!(fib.get(&net(prefix)).map(|e| e.0), Some(src), "{prefix} in {fib:#?}");
+    }
     let before = fake.state().requests;
     let second = rec.reconcile(&d).await.unwrap();
     assert_eq!(second, ReconcileReport { generation: first.generation, ..Default::default() }, "nothing to do");
@@ -146,6 +195,18 @@ async fn a_node_converges_and_a_second_pass_changes_nothing() {
         })
         .collect();
     assert!(writes.is_empty(), "a converged pass sends no changes: {writes:?}");
+    assert_eq!(fake.state().ip4_fib(), fib, "VPP's own routes are left alone");
+    first
+}
+
+#[tokio::test]
+async fn a_node_converges_and_a_second_pass_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let first = converges_then_changes_nothing(&fake).await;
+    // NAT44-ED was enabled although VPP answers its running config with 0 while disabled.
+    assert!(first.applied.iter().any(|a| a == "enable NAT44-ED"), "{:#?}", first.applied);
+    assert_eq!(fake.state().requests.get("ip_route_v2_dump"), Some(&2), "route sources read from VPP");
 
     // vpp_papi reads back the same configuration.
     let Some(papi) = Papi::for_test("a_node_converges_and_a_second_pass_changes_nothing (vpp_papi part)") else {
@@ -158,12 +219,99 @@ async fn a_node_converges_and_a_second_pass_changes_nothing() {
     assert_eq!(ifaces, BTreeSet::from(["local0", "uplink0", "tap0", "xdp-cslow1", "vxlan_tunnel2", "vxlan_tunnel3"]));
     let routes: BTreeSet<&str> =
         r[1].as_array().unwrap().iter().map(|x| x["route"]["prefix"].as_str().unwrap()).collect();
-    assert_eq!(routes, BTreeSet::from(["0.0.0.0/0", "10.1.1.0/24", "10.1.2.0/24", "10.1.3.0/24"]));
+    for prefix in ["0.0.0.0/0", "10.1.1.0/24", "10.1.2.0/24", "10.1.3.0/24", "10.1.1.1/32", "192.168.16.254/32"] {
+        assert!(routes.contains(prefix), "{prefix} in {routes:?}");
+    }
+    let via = r[1].as_array().unwrap().iter().find(|x| x["route"]["prefix"] == "10.1.2.0/24").unwrap();
+    assert_eq!(via["route"]["paths"][0]["nh"]["address"]["ip4"], "10.1.2.1", "{via}");
     let tunnels: BTreeSet<&str> = r[2].as_array().unwrap().iter().map(|t| t["dst_address"].as_str().unwrap()).collect();
     assert_eq!(tunnels, BTreeSet::from(["192.168.16.2", "192.168.16.3"]));
     assert_eq!(r[3].as_array().unwrap().len(), 3, "three NAT interface features");
     assert_eq!(r[4][0]["ip_address"], "192.168.16.1", "NAT pool is the node IP");
     assert_eq!(r[5][0]["host_if_name"], "vpp1");
+}
+
+#[tokio::test]
+async fn without_ip_route_v2_dump_vpps_own_routes_are_recognised_by_address_and_neighbour() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FakeOptions::new(dir.path().join("api.sock"));
+    opts.nics = vec![("uplink0".into(), [0x52, 0x54, 0, 0, 0, 1])];
+    opts.crc_overrides = vec![("ip_route_v2_dump".into(), 0xdead_beef)]; // a VPP without it
+    let fake = FakeVpp::start(opts).unwrap();
+    converges_then_changes_nothing(&fake).await;
+    let requests = fake.state().requests;
+    assert_eq!(requests.get("ip_route_v2_dump"), None);
+    assert_eq!(requests.get("ip_route_dump"), Some(&2));
+}
+
+#[tokio::test]
+async fn nat44_ed_is_enabled_once_and_enabled_again_only_to_change_its_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let rec = Reconciler::new(client(&fake).await);
+    let c = rec.client();
+    // Someone enabled NAT44-ED with other sessions and configured a pool address.
+    c.request(&api::Nat44EdPluginEnableDisable { enable: true, sessions: 1000, ..Default::default() }).await.unwrap();
+    c.request(&api::Nat44AddDelAddressRange {
+        first_ip_address: [10, 9, 9, 9],
+        last_ip_address: [10, 9, 9, 9],
+        is_add: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut d = desired(1, &[1, 2]);
+    d.nat.as_mut().unwrap().sessions = 4096;
+    let report = rec.reconcile(&d).await.unwrap();
+    assert!(report.converged(), "{:#?}", report.failed);
+    let nat_changes: Vec<&str> = report
+        .applied
+        .iter()
+        .map(String::as_str)
+        .filter(|a| a.contains("NAT44-ED") || a.contains("10.9.9.9"))
+        .collect();
+    assert_eq!(
+        nat_changes,
+        [
+            "delete NAT pool address 10.9.9.9",
+            "disable NAT44-ED (it runs with 1000 sessions, VRFs 0/0; 4096 sessions, VRFs 0/0 wanted)",
+            "enable NAT44-ED"
+        ]
+    );
+    assert_node_state(&fake, 1, &[1, 2]);
+    assert_eq!(fake.state().nat.enabled.as_ref().unwrap().sessions, 4096);
+    let again = rec.reconcile(&d).await.unwrap();
+    assert_eq!(again.applied, Vec::<String>::new());
+
+    // Asking for VPP's default (0) takes whatever it runs with: no disable.
+    let mut d = desired(1, &[1, 2]);
+    d.nat.as_mut().unwrap().sessions = 0;
+    let report = rec.reconcile(&d).await.unwrap();
+    assert_eq!(report, ReconcileReport { generation: report.generation, ..Default::default() });
+}
+
+#[tokio::test]
+async fn tunnels_that_decapsulate_to_l2_input_are_created_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let rec = Reconciler::new(client(&fake).await);
+    let d = desired(1, &[1, 2]);
+    rec.reconcile(&d).await.unwrap();
+    // What an older agent left: a tunnel created with decap_next_index ~0 (l2-input).
+    fake.with_state(|s| {
+        let sw = s.interface_by_name("vxlan_tunnel2").unwrap().sw_if_index;
+        match &mut s.interfaces.get_mut(&sw).unwrap().kind {
+            contiv_vpp_fake::state::InterfaceKind::Vxlan(t) => t.decap_next_index = 1,
+            k => panic!("{k:?}"),
+        }
+        assert_eq!(s.vxlan_decap_next(sw), Some("l2-input"));
+    });
+    let report = rec.reconcile(&d).await.unwrap();
+    assert!(report.converged(), "{:#?}", report.failed);
+    assert!(report.applied.contains(&"delete interface vxlan_tunnel2".to_owned()), "{:#?}", report.applied);
+    assert!(report.applied.contains(&"create interface vxlan_tunnel2".to_owned()), "{:#?}", report.applied);
+    assert_node_state(&fake, 1, &[1, 2]);
+    assert_eq!(fake.state().requests["add_node_next"], 1, "the arc is asked for once per connection");
 }
 
 async fn papi_dump(papi: &Papi, fake: &FakeVpp) -> Value {
@@ -196,7 +344,7 @@ async fn remote_nodes_joining_and_leaving_add_and_remove_tunnels_and_routes() {
             "create interface vxlan_tunnel3",
             "make vxlan_tunnel3 unnumbered to uplink0",
             "set vxlan_tunnel3 up",
-            "add route 10.1.3.0/24 dev vxlan_tunnel3",
+            "add route 10.1.3.0/24 via 10.1.3.1 dev vxlan_tunnel3",
         ],
         "a join adds exactly the tunnel and its route"
     );
@@ -214,8 +362,9 @@ async fn drift_in_vpp_is_repaired_and_foreign_objects_are_left_alone() {
     let rec = Reconciler::new(client(&fake).await);
     let d = desired(1, &[1, 2]);
     rec.reconcile(&d).await.unwrap();
-    // Someone took the port down, removed a route, added a stray route through a tunnel and
-    // a loopback of their own with a route.
+    // Someone took the port down, removed a route, added a stray route through a tunnel, a
+    // static neighbour on it (which would give the tunnel's adjacency an Ethernet rewrite)
+    // and a loopback of their own with a route.
     fake.with_state(|s| {
         let xdp = s.interface_by_name("xdp-cslow1").unwrap().sw_if_index;
         s.interfaces.get_mut(&xdp).unwrap().admin_up = false;
@@ -238,14 +387,63 @@ async fn drift_in_vpp_is_repaired_and_foreign_objects_are_left_alone() {
         };
         c.request(&msg).await.unwrap();
     }
+    c.request(&api::IpNeighborAddDel {
+        is_add: true,
+        neighbor: api::IpNeighbor {
+            sw_if_index: tunnel,
+            flags: api::IpNeighborFlags::IP_API_NEIGHBOR_FLAG_STATIC,
+            mac_address: [2, 0xfe, 0, 0, 0, 2],
+            ip_address: Ipv4Addr::new(10, 1, 2, 1).into(),
+        },
+    })
+    .await
+    .unwrap();
     let repair = rec.reconcile(&d).await.unwrap();
     assert!(repair.converged(), "{:#?}", repair.failed);
     let mut applied = repair.applied.clone();
     applied.sort();
-    assert_eq!(applied, ["add route 10.1.2.0/24 dev vxlan_tunnel2", "delete route 10.99.0.0/16", "set xdp-cslow1 up"]);
+    assert_eq!(
+        applied,
+        [
+            "add route 10.1.2.0/24 via 10.1.2.1 dev vxlan_tunnel2",
+            "delete neighbour 10.1.2.1 on vxlan_tunnel2",
+            "delete route 10.99.0.0/16",
+            "set xdp-cslow1 up"
+        ]
+    );
     let s = fake.state();
+    let to_remote = s.ip4_lookup(0, Ipv4Addr::new(10, 1, 2, 7));
+    assert_eq!(
+        to_remote,
+        Forwarding::Complete { sw_if_index: tunnel, next_hop: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 1)) }
+    );
     assert!(s.ip4_routes().contains_key(&net("10.77.0.0/16")), "a route through someone else's loopback stays");
     assert!(s.interface_by_name("loop0").is_some());
+}
+
+#[tokio::test]
+async fn an_af_xdp_interface_is_known_by_vpps_device_type_whatever_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let rec = Reconciler::new(client(&fake).await);
+    // Left by someone's earlier configuration under another name: VPP reports its device
+    // class, "AF_XDP interface".
+    let stale = rec
+        .client()
+        .request(&api::AfXdpCreateV3 {
+            host_if: "cslow9".into(),
+            name: "port9".into(),
+            rxq_num: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dev_type = rec.client().dump(&api::SwInterfaceDump { sw_if_index: stale.sw_if_index, ..Default::default() });
+    assert_eq!(dev_type.await.unwrap()[0].interface_dev_type, contiv_vpp_backend::AF_XDP_DEV_TYPE);
+    let report = rec.reconcile(&desired(1, &[1, 2])).await.unwrap();
+    assert!(report.converged(), "{:#?}", report.failed);
+    assert!(report.applied.contains(&"delete interface port9".to_owned()), "{:#?}", report.applied);
+    assert_node_state(&fake, 1, &[1, 2]);
 }
 
 #[tokio::test]

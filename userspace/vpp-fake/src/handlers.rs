@@ -14,11 +14,28 @@ use contiv_vpp_binapi::{
 use ipnet::IpNet;
 
 use crate::{
-    state::{Acl, FakeState, InterfaceKind, Neighbor},
+    state::{Acl, FakeState, InterfaceKind, NAT_DEFAULT_SESSIONS, Neighbor},
     table::ServerTable,
 };
 
 const NONE_IF: u32 = u32::MAX;
+
+/// VPP error numbers (vnet/error.h) the binapi crate does not name.
+mod vnet_error {
+    /// VNET_API_ERROR_NO_SUCH_NODE.
+    pub const NO_SUCH_NODE: i32 = -63;
+    /// VNET_API_ERROR_NO_SUCH_NODE2.
+    pub const NO_SUCH_NODE2: i32 = -64;
+    /// VNET_API_ERROR_INVALID_DECAP_NEXT.
+    pub const INVALID_DECAP_NEXT: i32 = -76;
+    /// VNET_API_ERROR_UNSUPPORTED: what NAT44-ED answers to configuration while disabled.
+    pub const UNSUPPORTED: i32 = -126;
+    /// VNET_API_ERROR_FEATURE_ALREADY_DISABLED.
+    pub const FEATURE_ALREADY_DISABLED: i32 = -169;
+    /// VNET_API_ERROR_FEATURE_ALREADY_ENABLED.
+    pub const FEATURE_ALREADY_ENABLED: i32 = -170;
+}
+use vnet_error::*;
 
 /// Where a handler writes its answers.
 pub(crate) struct Ctx<'a> {
@@ -147,6 +164,26 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
                 s.subscribers.remove(&ctx.conn_id);
             }
             ctx.send(&api::WantInterfaceEventsReply { retval: 0 });
+        }
+        "add_node_next" => {
+            // vlib_api.c: both nodes must exist; an existing arc keeps its index.
+            let m: api::AddNodeNext = req(p)?;
+            let (retval, next_index) = if !s.nodes.contains_key(&m.node_name) {
+                (NO_SUCH_NODE, NONE_IF)
+            } else if !s.nodes.contains_key(&m.next_name) {
+                (NO_SUCH_NODE2, NONE_IF)
+            } else {
+                let nexts = s.nodes.get_mut(&m.node_name).expect("checked");
+                let index = match nexts.iter().position(|n| *n == m.next_name) {
+                    Some(i) => i,
+                    None => {
+                        nexts.push(m.next_name.clone());
+                        nexts.len() - 1
+                    }
+                };
+                (0, index as u32)
+            };
+            ctx.send(&api::AddNodeNextReply { retval, next_index });
         }
 
         // === interfaces ===
@@ -529,30 +566,36 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
             ctx.send(&api::IpRouteAddDelV2Reply { retval, stats_index });
         }
         "ip_route_dump" => {
+            // Every entry of the table with its best source's paths (VPP's own routes too).
             let m: api::IpRouteDump = req(p)?;
-            for (prefix, paths) in routes_of(s, &m.table) {
+            for e in s.fib(m.table.table_id, m.table.is_ip6) {
                 ctx.send(&api::IpRouteDetails {
                     route: api::IpRoute {
                         table_id: m.table.table_id,
                         stats_index: 0,
-                        prefix: prefix.into(),
-                        n_paths: paths.len() as u8,
-                        paths,
+                        prefix: e.prefix.into(),
+                        n_paths: e.paths.len() as u8,
+                        paths: e.paths,
                     },
                 });
             }
         }
         "ip_route_v2_dump" => {
+            // As ip_route_dump, with each entry's best source; `src` != 0 keeps only the
+            // entries whose best source it is (fib_table_walk_w_src).
             let m: api::IpRouteV2Dump = req(p)?;
-            for (prefix, paths) in routes_of(s, &m.table) {
+            for e in s.fib(m.table.table_id, m.table.is_ip6) {
+                if m.src != 0 && e.src != m.src {
+                    continue;
+                }
                 ctx.send(&api::IpRouteV2Details {
                     route: api::IpRouteV2 {
                         table_id: m.table.table_id,
                         stats_index: 0,
-                        prefix: prefix.into(),
-                        n_paths: paths.len() as u8,
-                        src: 0,
-                        paths,
+                        prefix: e.prefix.into(),
+                        n_paths: e.paths.len() as u8,
+                        src: e.src,
+                        paths: e.paths,
                     },
                 });
             }
@@ -602,39 +645,56 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
 
         // === NAT44-ED ===
         "nat44_ed_plugin_enable_disable" => {
+            // nat44_ed_api.c / nat44_ed.c: a second enable is refused (whatever its
+            // parameters: they change only through a disable), so is a disable while off;
+            // a disable drops the whole configuration.
             let m: api::Nat44EdPluginEnableDisable = req(p)?;
+            let unsupported = api::Nat44ConfigFlags::NAT44_IS_STATIC_MAPPING_ONLY.0
+                | api::Nat44ConfigFlags::NAT44_IS_CONNECTION_TRACKING.0;
             let retval = match (m.enable, s.nat.enabled.is_some()) {
-                (true, true) => errno::VALUE_EXIST,
+                (true, _) if m.flags.0 & unsupported != 0 => UNSUPPORTED,
+                (true, true) => FEATURE_ALREADY_ENABLED,
                 (true, false) => {
-                    s.nat.enabled = Some(m);
+                    let sessions = if m.sessions == 0 { NAT_DEFAULT_SESSIONS } else { m.sessions };
+                    s.nat.last_timeouts =
+                        api::NatTimeouts { udp: 300, tcp_established: 7440, tcp_transitory: 240, icmp: 60 };
+                    s.nat.last_translation_buckets = nat_buckets(sessions);
+                    s.nat.enabled = Some(api::Nat44EdPluginEnableDisable { sessions, ..m });
                     0
                 }
                 (false, true) => {
-                    s.nat = Default::default();
+                    s.nat = crate::state::NatState {
+                        last_timeouts: s.nat.last_timeouts.clone(),
+                        last_translation_buckets: s.nat.last_translation_buckets,
+                        ..Default::default()
+                    };
                     0
                 }
-                (false, false) => errno::FEATURE_DISABLED,
+                (false, false) => FEATURE_ALREADY_DISABLED,
             };
             ctx.send(&api::Nat44EdPluginEnableDisableReply { retval });
         }
-        "nat44_show_running_config" => match &s.nat.enabled {
-            Some(cfg) => ctx.send(&api::Nat44ShowRunningConfigReply {
+        "nat44_show_running_config" => {
+            // retval 0 whether the plugin is enabled or not: the running configuration
+            // (zeroed by a disable, so sessions = 0 while disabled) and always the
+            // endpoint-dependent flag.
+            let cfg = s.nat.enabled.clone().unwrap_or_default();
+            ctx.send(&api::Nat44ShowRunningConfigReply {
                 retval: 0,
                 inside_vrf: cfg.inside_vrf,
                 outside_vrf: cfg.outside_vrf,
                 sessions: cfg.sessions,
-                flags: cfg.flags,
+                translation_buckets: s.nat.last_translation_buckets,
+                timeouts: s.nat.last_timeouts.clone(),
+                flags: api::Nat44ConfigFlags::NAT44_IS_ENDPOINT_DEPENDENT,
                 ..Default::default()
-            }),
-            None => {
-                ctx.send(&api::Nat44ShowRunningConfigReply { retval: errno::FEATURE_DISABLED, ..Default::default() })
-            }
-        },
+            });
+        }
         "nat44_interface_add_del_feature" => {
             let m: api::Nat44InterfaceAddDelFeature = req(p)?;
             let bits = m.flags.0 & (api::NatConfigFlags::NAT_IS_INSIDE.0 | api::NatConfigFlags::NAT_IS_OUTSIDE.0);
             let retval = if s.nat.enabled.is_none() {
-                errno::FEATURE_DISABLED
+                UNSUPPORTED
             } else if !s.interfaces.contains_key(&m.sw_if_index) {
                 errno::INVALID_SW_IF_INDEX
             } else if s.nat.output_interfaces.contains(&m.sw_if_index) {
@@ -677,7 +737,7 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
         "nat44_ed_add_del_output_interface" => {
             let m: api::Nat44EdAddDelOutputInterface = req(p)?;
             let retval = if s.nat.enabled.is_none() {
-                errno::FEATURE_DISABLED
+                UNSUPPORTED
             } else if !s.interfaces.contains_key(&m.sw_if_index) {
                 errno::INVALID_SW_IF_INDEX
             } else if s.nat.interfaces.contains_key(&m.sw_if_index) {
@@ -710,8 +770,9 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
         "nat44_add_del_address_range" => {
             let m: api::Nat44AddDelAddressRange = req(p)?;
             let (first, last) = (u32::from_be_bytes(m.first_ip_address), u32::from_be_bytes(m.last_ip_address));
+            // Adding while disabled is unsupported; deleting finds no address.
             let retval = if s.nat.enabled.is_none() {
-                errno::FEATURE_DISABLED
+                if m.is_add { UNSUPPORTED } else { errno::NO_SUCH_ENTRY }
             } else if last < first || last - first >= 1024 {
                 errno::INVALID_VALUE
             } else {
@@ -761,7 +822,7 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
                     && x.vrf_id == m.vrf_id
             };
             let retval = if s.nat.enabled.is_none() {
-                errno::FEATURE_DISABLED
+                UNSUPPORTED
             } else {
                 add_del(&mut s.nat.static_mappings, m.is_add, same, || api::Nat44AddDelStaticMappingV2 {
                     is_add: false,
@@ -801,7 +862,7 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
                     && x.vrf_id == m.vrf_id
             };
             let retval = if s.nat.enabled.is_none() {
-                errno::FEATURE_DISABLED
+                UNSUPPORTED
             } else {
                 add_del(&mut s.nat.identity_mappings, m.is_add, same, || api::Nat44AddDelIdentityMapping {
                     is_add: false,
@@ -1043,14 +1104,6 @@ fn route_add_del(
     (0, stats)
 }
 
-fn routes_of(s: &FakeState, table: &api::IpTable) -> Vec<(IpNet, Vec<api::FibPath>)> {
-    s.routes
-        .iter()
-        .filter(|((t, p), _)| *t == table.table_id && matches!(p, IpNet::V6(_)) == table.is_ip6)
-        .map(|((_, p), paths)| (*p, paths.clone()))
-        .collect()
-}
-
 fn vxlan_add_del(s: &mut FakeState, ctx: &mut Ctx<'_>, mut m: api::VxlanAddDelTunnelV3) -> (i32, u32) {
     // VPP fills in the VXLAN port for 0.
     if m.src_port == 0 {
@@ -1088,6 +1141,15 @@ fn vxlan_add_del(s: &mut FakeState, ctx: &mut Ctx<'_>, mut m: api::VxlanAddDelTu
     if m.encap_vrf_id != 0 && !s.tables.contains_key(&(src.is_ipv6(), m.encap_vrf_id)) {
         return (errno::NO_SUCH_FIB, NONE_IF);
     }
+    // vxlan.c: ~0 means l2-input (also for an L3 tunnel: only the CLI picks ip4-input for
+    // those); the index must be one of vxlan4-input's (vxlan6-input's) next nodes.
+    let input = if src.is_ipv6() { "vxlan6-input" } else { "vxlan4-input" };
+    if m.decap_next_index == NONE_IF {
+        m.decap_next_index = 1;
+    }
+    if s.nodes.get(input).is_none_or(|n| m.decap_next_index as usize >= n.len()) {
+        return (INVALID_DECAP_NEXT, NONE_IF);
+    }
     let used: Vec<u32> = s
         .interfaces
         .values()
@@ -1106,6 +1168,22 @@ fn vxlan_add_del(s: &mut FakeState, ctx: &mut Ctx<'_>, mut m: api::VxlanAddDelTu
     (0, s.add_interface(name, InterfaceKind::Vxlan(m), [0; 6]))
 }
 
+/// `nat_calc_bihash_buckets` (plugins/nat/lib/lib.h): the power of two nearest to
+/// `sessions / 2.5`.
+fn nat_buckets(sessions: u32) -> u32 {
+    let n = (f64::from(sessions) / 2.5) as u64;
+    let mut lower = 1u64;
+    while lower * 2 < n {
+        lower *= 2;
+    }
+    let upper = lower * 2;
+    if upper.wrapping_sub(n) < n.wrapping_sub(lower) && upper <= u64::from(u32::MAX) {
+        upper as u32
+    } else {
+        lower as u32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1120,5 +1198,12 @@ mod tests {
         assert_eq!(add_del(&mut list, false, same, || unreachable!()), 0);
         assert_eq!(add_del(&mut list, false, same, || unreachable!()), errno::NO_SUCH_ENTRY);
         assert_eq!(list, [(1, "a")]);
+    }
+
+    #[test]
+    fn translation_buckets_are_the_power_of_two_nearest_to_sessions_over_two_and_a_half() {
+        assert_eq!(nat_buckets(4096), 2048);
+        assert_eq!(nat_buckets(crate::state::NAT_DEFAULT_SESSIONS), 32768);
+        assert_eq!(nat_buckets(1000), 512);
     }
 }

@@ -3,7 +3,10 @@
 //! table, context echo, dumps closed by the client's `control_ping`, `*_get` cursors with
 //! EAGAIN, `sw_interface_event`s) and keeps the state a client programs: interfaces
 //! (af_xdp, tap, VXLAN, loopback, and DPDK NICs present from "boot"), addresses, FIB
-//! tables and routes, neighbours, NAT44-ED and ACLs. It forwards no packets.
+//! tables and routes (with those VPP adds by itself: connected, local, a /32 per neighbour),
+//! neighbours, NAT44-ED, ACLs and the graph arcs `add_node_next` adds, answering as VPP does
+//! where VPP is strict (see `tests/fake_answers_like_vpp.rs`). It forwards no packets;
+//! [`state::FakeState::ip4_lookup`] tells where VPP would send one.
 //!
 //! With [`FakeOptions::af_xdp`] its af_xdp interfaces also get a real AF_XDP socket,
 //! registered like VPP's in the attached XDP program's `xsks_map` ([`xdp`]), so the node

@@ -8,7 +8,7 @@ use std::{
 };
 
 use contiv_vpp_binapi::api;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 /// What created an interface and with which parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,16 +28,28 @@ pub enum InterfaceKind {
 }
 
 impl InterfaceKind {
-    /// VPP's `interface_dev_type` string.
+    /// VPP's `interface_dev_type` string: the name of the interface's device class
+    /// (`VNET_DEVICE_CLASS (...) = { .name = ... }` in VPP's sources: vnet/interface.c,
+    /// plugins/dpdk, plugins/af_xdp/device.c, plugins/tap/tap.c, plugins/vxlan/vxlan.c,
+    /// vnet/ethernet/interface.c).
     pub fn dev_type(&self) -> &'static str {
         match self {
             InterfaceKind::Local => "local",
             InterfaceKind::Dpdk => "dpdk",
-            InterfaceKind::AfXdp(_) => "af_xdp",
-            InterfaceKind::Tap { .. } => "virtio",
+            InterfaceKind::AfXdp(_) => "AF_XDP interface",
+            InterfaceKind::Tap { .. } => "tap",
             InterfaceKind::Vxlan(_) => "VXLAN",
             InterfaceKind::Loopback { .. } => "Loopback",
         }
+    }
+
+    /// A VXLAN tunnel created in L3 mode. VPP registers it with `vxlan_hw_class`, which
+    /// is not Ethernet, not point-to-point and has neither `build_rewrite` nor
+    /// `update_adjacency` of its own: an attached route through it gets a glean (ARP)
+    /// adjacency, which can never resolve; a route with a next hop gets a neighbour
+    /// adjacency that `default_update_adjacency` completes at once with an empty rewrite.
+    pub fn is_l3_tunnel(&self) -> bool {
+        matches!(self, InterfaceKind::Vxlan(t) if t.is_l3)
     }
 }
 
@@ -101,8 +113,14 @@ pub struct Neighbor {
 /// NAT44-ED plugin state.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NatState {
-    /// The plugin's enable request, while enabled.
+    /// The plugin's enable request, while enabled, with `sessions` as VPP keeps it (0 is
+    /// replaced by VPP's default, [`NAT_DEFAULT_SESSIONS`]).
     pub enabled: Option<api::Nat44EdPluginEnableDisable>,
+    /// Timeouts and translation buckets set by the last enable: VPP keeps them (and shows
+    /// them in `nat44_show_running_config`) after a disable.
+    pub last_timeouts: api::NatTimeouts,
+    /// See `last_timeouts`.
+    pub last_translation_buckets: u32,
     /// Interfaces with the in2out/out2in feature: sw_if_index -> NAT_IS_INSIDE / NAT_IS_OUTSIDE bits.
     pub interfaces: BTreeMap<u32, u8>,
     /// Interfaces with the output feature.
@@ -113,6 +131,128 @@ pub struct NatState {
     pub static_mappings: Vec<api::Nat44AddDelStaticMappingV2>,
     /// Identity mappings.
     pub identity_mappings: Vec<api::Nat44AddDelIdentityMapping>,
+}
+
+/// Sessions per thread NAT44-ED gets when enabled with `sessions = 0`
+/// (`nat44_plugin_enable`, plugins/nat/nat44-ed/nat44_ed.c).
+pub const NAT_DEFAULT_SESSIONS: u32 = 63 * 1024;
+
+/// FIB sources as VPP numbers them (`fib_source_t`, vnet/fib/fib_source.h), the value
+/// `ip_route_v2_details.route.src` carries and `ip_route_v2_dump.src` filters on.
+pub mod fib_source {
+    /// Special entries of every table (240.0.0.0/4, 224.0.0.0/4 drops).
+    pub const SPECIAL: u8 = 1;
+    /// Connected and local routes of interface addresses.
+    pub const INTERFACE: u8 = 4;
+    /// Routes added with `ip_route_add_del`.
+    pub const API: u8 = 8;
+    /// The /32 VPP adds for every neighbour (`ip_neighbor_adj_fib_add`).
+    pub const ADJ: u8 = 15;
+    /// 0.0.0.0/0, 0.0.0.0/32 and 255.255.255.255/32 drops of every table.
+    pub const DEFAULT_ROUTE: u8 = 20;
+
+    /// The priority VPP gives a source (lower wins; `foreach_fib_source`).
+    pub fn priority(src: u8) -> u8 {
+        match src {
+            SPECIAL => 0x00,
+            INTERFACE => 0x03,
+            API => 0x80,
+            ADJ => 0xd0,
+            DEFAULT_ROUTE => 0xfd,
+            _ => 0xff,
+        }
+    }
+}
+
+/// A route's paths as `(next hop, sw_if_index)`, for quick assertions.
+pub type Hops = Vec<(Option<IpAddr>, u32)>;
+
+/// One entry of a FIB table as VPP's route dumps show it: the paths of its best source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FibEntry {
+    /// The prefix.
+    pub prefix: IpNet,
+    /// The best source ([`fib_source`]).
+    pub src: u8,
+    /// That source's paths.
+    pub paths: Vec<api::FibPath>,
+}
+
+/// Where VPP would send a packet ([`FakeState::ip4_lookup`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    /// No route at all.
+    NoRoute,
+    /// Dropped.
+    Drop,
+    /// For VPP itself (an address of `sw_if_index`).
+    Local {
+        /// The interface holding the address.
+        sw_if_index: u32,
+    },
+    /// Sent out of `sw_if_index` to `next_hop` through a complete adjacency: VPP knows the
+    /// next hop's MAC, or, through a VXLAN L3 tunnel, needs none (no link-layer header) and
+    /// encapsulates the packet to the tunnel's far end.
+    Complete {
+        /// The interface.
+        sw_if_index: u32,
+        /// The next hop.
+        next_hop: IpAddr,
+    },
+    /// Through a VXLAN L3 tunnel with a neighbour entry for `next_hop` on it: VPP's
+    /// ip-neighbor code completes the adjacencies of its neighbours with an Ethernet
+    /// rewrite (`ip_neighbor_mk_complete` -> `ethernet_build_rewrite`, which takes the
+    /// interface for an Ethernet one) whenever it walks them (the neighbour added after the
+    /// route, the tunnel set up again), so the tunnel carries an Ethernet header the far
+    /// end's ip4-input drops. Real VPP gets there only in those orders; the fake says so
+    /// whenever such a neighbour exists.
+    EthernetRewriteOnTunnel {
+        /// The tunnel.
+        sw_if_index: u32,
+        /// The next hop.
+        next_hop: IpAddr,
+    },
+    /// VPP has to resolve `next_hop` with ARP on `sw_if_index` first (a glean or
+    /// incomplete adjacency); `possible` is false where ARP cannot work (a VXLAN L3 tunnel):
+    /// the packet is lost.
+    Arp {
+        /// The interface.
+        sw_if_index: u32,
+        /// The address to resolve.
+        next_hop: IpAddr,
+        /// Whether ARP can work there.
+        possible: bool,
+    },
+}
+
+impl Forwarding {
+    /// Whether the packet leaves VPP (or reaches it, for [`Forwarding::Local`]).
+    pub fn delivers(&self) -> bool {
+        matches!(self, Forwarding::Local { .. } | Forwarding::Complete { .. } | Forwarding::Arp { possible: true, .. })
+    }
+}
+
+/// The graph nodes the fake knows, with the next nodes of those that have any, as a
+/// freshly started VPP has them (`foreach_vxlan_input_next` in plugins/vxlan/vxlan.h gives
+/// vxlan4-input / vxlan6-input their `error-drop` (0) and `l2-input` (1)).
+fn boot_nodes() -> BTreeMap<String, Vec<String>> {
+    let vxlan_next = || vec!["error-drop".to_owned(), "l2-input".to_owned()];
+    let mut nodes: BTreeMap<String, Vec<String>> = [
+        "error-drop",
+        "ethernet-input",
+        "l2-input",
+        "ip4-input",
+        "ip4-input-no-checksum",
+        "ip4-lookup",
+        "ip6-input",
+        "ip6-lookup",
+    ]
+    .into_iter()
+    .map(|n| (n.to_owned(), Vec::new()))
+    .collect();
+    nodes.insert("vxlan4-input".into(), vxlan_next());
+    nodes.insert("vxlan6-input".into(), vxlan_next());
+    nodes
 }
 
 /// An ACL.
@@ -131,7 +271,10 @@ pub struct FakeState {
     pub interfaces: BTreeMap<u32, Interface>,
     /// FIB tables: (is_ip6, table_id) -> name.
     pub tables: BTreeMap<(bool, u32), String>,
-    /// Routes: (table_id, prefix) -> paths.
+    /// Routes added through the API (`ip_route_add_del`, VPP's FIB_SOURCE_API):
+    /// (table_id, prefix) -> paths. The FIB also holds what VPP adds by itself (connected
+    /// and local routes of addresses, a /32 per neighbour, the special drops), which
+    /// [`FakeState::fib`] merges in as VPP's route dumps show it.
     pub routes: BTreeMap<(u32, IpNet), Vec<api::FibPath>>,
     /// Neighbours: (sw_if_index, address) -> entry.
     pub neighbors: BTreeMap<(u32, IpAddr), Neighbor>,
@@ -141,6 +284,9 @@ pub struct FakeState {
     pub acls: BTreeMap<u32, Acl>,
     /// ACLs applied to interfaces: sw_if_index -> (input, output).
     pub acl_bindings: BTreeMap<u32, (Vec<u32>, Vec<u32>)>,
+    /// Graph nodes by name, with their next nodes (`add_node_next` appends; a next node's
+    /// index is its position).
+    pub nodes: BTreeMap<String, Vec<String>>,
     /// Requests handled, by message name.
     pub requests: BTreeMap<&'static str, u64>,
     /// Connections subscribed to interface events: connection id -> (client_index, pid).
@@ -160,6 +306,7 @@ impl FakeState {
             nat: NatState::default(),
             acls: BTreeMap::new(),
             acl_bindings: BTreeMap::new(),
+            nodes: boot_nodes(),
             requests: BTreeMap::new(),
             subscribers: BTreeMap::new(),
             next_sw_if_index: 0,
@@ -226,8 +373,9 @@ impl FakeState {
         self.interfaces.values().find(|i| i.name == name)
     }
 
-    /// Routes of IPv4 table 0 as `(prefix, [(next hop, sw_if_index)])`, for quick assertions.
-    pub fn ip4_routes(&self) -> BTreeMap<IpNet, Vec<(Option<IpAddr>, u32)>> {
+    /// Routes of IPv4 table 0 added through the API as `(prefix, [(next hop, sw_if_index)])`,
+    /// for quick assertions ([`FakeState::fib`] has the whole table).
+    pub fn ip4_routes(&self) -> BTreeMap<IpNet, Hops> {
         self.routes
             .iter()
             .filter(|((t, p), _)| *t == 0 && matches!(p, IpNet::V4(_)))
@@ -242,5 +390,189 @@ impl FakeState {
                 (*p, hops)
             })
             .collect()
+    }
+}
+
+fn path(sw_if_index: u32, r#type: api::FibPathType, nh: Option<IpAddr>) -> api::FibPath {
+    let (proto, address) = match nh {
+        Some(IpAddr::V6(a)) => {
+            (api::FibPathNhProto::FIB_API_PATH_NH_PROTO_IP6, api::AddressUnion::from_ip6(&a.octets()))
+        }
+        Some(IpAddr::V4(a)) => (api::FibPathNhProto::FIB_API_PATH_NH_PROTO_IP4, api::AddressUnion::from_ipv4(a)),
+        None => (api::FibPathNhProto::FIB_API_PATH_NH_PROTO_IP4, api::AddressUnion::from_ipv4(Ipv4Addr::UNSPECIFIED)),
+    };
+    api::FibPath {
+        sw_if_index,
+        weight: 1,
+        r#type,
+        proto,
+        nh: api::FibPathNh { address, ..Default::default() },
+        ..Default::default()
+    }
+}
+
+fn drop_path() -> api::FibPath {
+    path(u32::MAX, api::FibPathType::FIB_API_PATH_TYPE_DROP, None)
+}
+
+impl FakeState {
+    /// IPv4 table `table_id` as VPP's route dumps show it: for each prefix, the paths of its
+    /// best source among the special drops of every table, the routes VPP adds for the
+    /// addresses of admin-up interfaces (`ip4_add_interface_routes`: the local /32, the
+    /// attached prefix, drops for its network and broadcast /32s), a /32 for each neighbour
+    /// (`ip_neighbor_adj_fib_add`, unless added with NO_FIB_ENTRY) and the routes added
+    /// through the API. IPv6 tables only hold their API routes here.
+    pub fn fib(&self, table_id: u32, is_ip6: bool) -> Vec<FibEntry> {
+        let mut candidates: BTreeMap<IpNet, Vec<(u8, Vec<api::FibPath>)>> = BTreeMap::new();
+        let mut add = |prefix: IpNet, src: u8, paths: Vec<api::FibPath>| {
+            candidates.entry(prefix).or_default().push((src, paths));
+        };
+        if !self.tables.contains_key(&(is_ip6, table_id)) {
+            return Vec::new();
+        }
+        if !is_ip6 {
+            let v4 = |s: &str| -> IpNet { s.parse().expect("a prefix") };
+            for (p, src) in [
+                ("0.0.0.0/0", fib_source::DEFAULT_ROUTE),
+                ("0.0.0.0/32", fib_source::DEFAULT_ROUTE),
+                ("240.0.0.0/4", fib_source::SPECIAL),
+                ("224.0.0.0/4", fib_source::SPECIAL),
+                ("255.255.255.255/32", fib_source::DEFAULT_ROUTE),
+            ] {
+                add(v4(p), src, vec![drop_path()]);
+            }
+            for i in self.interfaces.values().filter(|i| i.ip4_table == table_id && i.admin_up) {
+                for a in i.addresses.iter().filter_map(|a| match a {
+                    IpNet::V4(a) => Some(*a),
+                    IpNet::V6(_) => None,
+                }) {
+                    let sw = i.sw_if_index;
+                    let host = |ip: Ipv4Addr| IpNet::V4(Ipv4Net::new(ip, 32).expect("/32"));
+                    add(
+                        host(a.addr()),
+                        fib_source::INTERFACE,
+                        vec![path(sw, api::FibPathType::FIB_API_PATH_TYPE_LOCAL, Some(IpAddr::V4(a.addr())))],
+                    );
+                    if a.prefix_len() < 32 {
+                        add(
+                            IpNet::V4(a.trunc()),
+                            fib_source::INTERFACE,
+                            vec![path(sw, api::FibPathType::FIB_API_PATH_TYPE_NORMAL, None)],
+                        );
+                    }
+                    if a.prefix_len() <= 30 {
+                        for special in [a.network(), a.broadcast()] {
+                            if special != a.addr() {
+                                add(host(special), fib_source::INTERFACE, vec![drop_path()]);
+                            }
+                        }
+                    } else if a.prefix_len() == 31 {
+                        let other = Ipv4Addr::from(u32::from(a.addr()) ^ 1);
+                        add(
+                            host(other),
+                            fib_source::INTERFACE,
+                            vec![path(sw, api::FibPathType::FIB_API_PATH_TYPE_NORMAL, Some(IpAddr::V4(other)))],
+                        );
+                    }
+                }
+            }
+            for ((sw, ip), n) in &self.neighbors {
+                let IpAddr::V4(ip) = ip else { continue };
+                let in_table = self.interfaces.get(sw).is_some_and(|i| i.ip4_table == table_id);
+                if in_table && !n.flags.contains(api::IpNeighborFlags::IP_API_NEIGHBOR_FLAG_NO_FIB_ENTRY) {
+                    add(
+                        IpNet::V4(Ipv4Net::new(*ip, 32).expect("/32")),
+                        fib_source::ADJ,
+                        vec![path(*sw, api::FibPathType::FIB_API_PATH_TYPE_NORMAL, Some(IpAddr::V4(*ip)))],
+                    );
+                }
+            }
+        }
+        for ((t, prefix), paths) in &self.routes {
+            if *t == table_id && matches!(prefix, IpNet::V6(_)) == is_ip6 {
+                add(*prefix, fib_source::API, paths.clone());
+            }
+        }
+        candidates
+            .into_iter()
+            .filter_map(|(prefix, mut sources)| {
+                sources.sort_by_key(|(src, _)| fib_source::priority(*src));
+                let (src, paths) = sources.into_iter().next()?;
+                Some(FibEntry { prefix, src, paths })
+            })
+            .collect()
+    }
+
+    /// IPv4 table 0 as `prefix -> (source, [(next hop, sw_if_index)])`, for quick assertions.
+    pub fn ip4_fib(&self) -> BTreeMap<IpNet, (u8, Hops)> {
+        self.fib(0, false)
+            .into_iter()
+            .map(|e| {
+                let hops = e
+                    .paths
+                    .iter()
+                    .map(|p| {
+                        let nh = Ipv4Addr::from(p.nh.address.ip4());
+                        ((!nh.is_unspecified()).then_some(IpAddr::V4(nh)), p.sw_if_index)
+                    })
+                    .collect();
+                (e.prefix, (e.src, hops))
+            })
+            .collect()
+    }
+
+    /// Where VPP would send a packet to `dst` looked up in IPv4 table `table_id`: the
+    /// longest matching prefix's first path, followed through recursive next hops, down to
+    /// its adjacency. An attached path (no next hop) needs the destination itself resolved
+    /// (VPP's glean adjacency); a path with a next hop needs the neighbour, except through
+    /// a VXLAN L3 tunnel ([`InterfaceKind::is_l3_tunnel`]).
+    pub fn ip4_lookup(&self, table_id: u32, dst: Ipv4Addr) -> Forwarding {
+        let fib = self.fib(table_id, false);
+        let mut target = dst;
+        for _ in 0..8 {
+            let Some(entry) = fib
+                .iter()
+                .filter(|e| matches!(e.prefix, IpNet::V4(p) if p.contains(&target)))
+                .max_by_key(|e| e.prefix.prefix_len())
+            else {
+                return Forwarding::NoRoute;
+            };
+            let Some(p) = entry.paths.first() else { return Forwarding::Drop };
+            let nh = Ipv4Addr::from(p.nh.address.ip4());
+            match p.r#type {
+                api::FibPathType::FIB_API_PATH_TYPE_LOCAL => return Forwarding::Local { sw_if_index: p.sw_if_index },
+                api::FibPathType::FIB_API_PATH_TYPE_NORMAL => {}
+                _ => return Forwarding::Drop,
+            }
+            let Some(iface) = self.interfaces.get(&p.sw_if_index) else {
+                if nh.is_unspecified() {
+                    return Forwarding::Drop;
+                }
+                target = nh; // recursive: resolve the next hop
+                continue;
+            };
+            let next_hop = IpAddr::V4(if nh.is_unspecified() { target } else { nh });
+            if !iface.admin_up {
+                return Forwarding::Drop;
+            }
+            let sw_if_index = p.sw_if_index;
+            let known = self.neighbors.contains_key(&(sw_if_index, next_hop));
+            return match (iface.kind.is_l3_tunnel(), nh.is_unspecified(), known) {
+                (true, _, true) => Forwarding::EthernetRewriteOnTunnel { sw_if_index, next_hop },
+                (true, true, false) => Forwarding::Arp { sw_if_index, next_hop, possible: false },
+                (true, false, false) | (false, _, true) => Forwarding::Complete { sw_if_index, next_hop },
+                (false, _, false) => Forwarding::Arp { sw_if_index, next_hop, possible: true },
+            };
+        }
+        Forwarding::Drop
+    }
+
+    /// The graph node a VXLAN tunnel hands decapsulated packets to (its `decap_next_index`
+    /// among vxlan4-input's / vxlan6-input's next nodes); `l2-input` on an L3 tunnel drops
+    /// them (VPP puts an L3 tunnel in no bridge domain and drops there).
+    pub fn vxlan_decap_next(&self, sw_if_index: u32) -> Option<&str> {
+        let InterfaceKind::Vxlan(t) = &self.interfaces.get(&sw_if_index)?.kind else { return None };
+        let input = if t.src_address.to_ip()?.is_ipv6() { "vxlan6-input" } else { "vxlan4-input" };
+        self.nodes.get(input)?.get(t.decap_next_index as usize).map(String::as_str)
     }
 }

@@ -59,13 +59,24 @@ async fn dumps_end_at_control_ping_and_list_what_was_created() {
     let names: Vec<&str> = ifaces.iter().map(|i| i.interface_name.as_str()).collect();
     assert_eq!(names, ["local0", "GigabitEthernet0/8/0", "xdp-cslow1"]);
     assert_eq!(ifaces[2].sw_if_index, r.sw_if_index);
-    assert_eq!(ifaces[2].interface_dev_type, "af_xdp");
+    assert_eq!(ifaces[2].interface_dev_type, "AF_XDP interface", "af_xdp's device class name");
     let filtered = c
         .dump(&api::SwInterfaceDump { name_filter_valid: true, name_filter: "xdp".into(), ..Default::default() })
         .await
         .unwrap();
     assert_eq!(filtered.len(), 1);
-    assert!(c.dump(&api::IpRouteDump::default()).await.unwrap().is_empty());
+    let routes: Vec<String> = c
+        .dump(&api::IpRouteDump::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.route.prefix.to_net().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        routes,
+        ["0.0.0.0/0", "0.0.0.0/32", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32"],
+        "a fresh table holds VPP's special drops only"
+    );
 }
 
 #[tokio::test]
@@ -93,7 +104,7 @@ async fn many_requests_in_flight_each_get_their_own_reply() {
     }
     assert_eq!(fake.state().routes.len(), 1000);
     let dumped = c.dump(&api::IpRouteDump::default()).await.unwrap();
-    assert_eq!(dumped.len(), 1000);
+    assert_eq!(dumped.len(), 1000 + 5, "and the table's five special drops");
 }
 
 #[tokio::test]

@@ -75,11 +75,15 @@ async fn vpp_papi_connects_programs_and_dumps_the_fake() {
     }
     let names: Vec<&str> = r[7].as_array().unwrap().iter().map(|d| d["interface_name"].as_str().unwrap()).collect();
     assert_eq!(names, ["local0", "GigabitEthernet0/8/0", "loop0", "xdp-cslow1"]);
-    assert_eq!(r[7][3]["interface_dev_type"], "af_xdp");
+    assert_eq!(r[7][3]["interface_dev_type"], "AF_XDP interface");
     assert_eq!(r[7][3]["flags"], 3, "admin and link up");
     assert_eq!(r[8][0]["prefix"], "10.1.1.1/24");
-    assert_eq!(r[9][0]["route"]["prefix"], "10.2.0.0/16");
-    assert_eq!(r[9][0]["route"]["paths"][0]["sw_if_index"], 1);
+    let route = |prefix: &str| r[9].as_array().unwrap().iter().find(|x| x["route"]["prefix"] == prefix).cloned();
+    let added = route("10.2.0.0/16").expect("the route papi added");
+    assert_eq!(added["route"]["paths"][0]["sw_if_index"], 1);
+    let connected = route("10.1.1.0/24").expect("VPP's connected route for the address of an up interface");
+    assert_eq!(connected["route"]["paths"][0]["sw_if_index"], 3);
+    assert!(route("10.1.1.1/32").is_some(), "and its local route");
     // The getter took two calls (pages of 4) and returned all five interfaces.
     let got: Vec<u64> =
         r[17]["details"].as_array().unwrap().iter().map(|d| d["sw_if_index"].as_u64().unwrap()).collect();

@@ -149,4 +149,26 @@ fn pods_are_torn_down_while_the_agent_cannot_reach_the_store() {
         "the agent still tries the store:\n{}",
         node.agent_log()
     );
+    // An ADD waits for the agent (up to 20 s); a SIGTERM meanwhile still stops it well
+    // within the DaemonSet's 10 s grace period, and the socket goes.
+    let ns = contiv_tests::Netns::new("tdn");
+    let (netns, conf) = (ns.path().to_string_lossy().into_owned(), node.net_conf("1.1.0"));
+    let socket = node.socket.clone();
+    let add = std::thread::spawn(move || {
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "waiting"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ];
+        contiv_tests::invoke_plugin(&bin("contiv-cni"), &env, &conf, None)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stopping = Instant::now();
+    assert!(node.stop_agent().success());
+    assert!(stopping.elapsed() < Duration::from_secs(8), "stopped in {:?}", stopping.elapsed());
+    assert!(!socket.exists(), "the socket is removed");
+    let out = add.join().unwrap();
+    assert_ne!(out.exit_code, 0, "the waiting ADD did not succeed: {out:?}");
 }

@@ -1143,10 +1143,15 @@ impl Agent {
         inner.leaving.remove(&key);
         let inner = &mut *inner;
         // A pod whose interface is still there keeps its programs (their pins hold them on
-        // it) and counters while it waits for the retry.
+        // it), counters and map entries (back in the plan) while it waits for the retry.
         if link_gone {
             inner.datapath.forget_pod_link(&a.host_ifname);
             inner.applier.forget_counters(&mut inner.datapath, a.ip);
+        } else {
+            let plan = self.plan(inner);
+            if let Err(e) = inner.applier.apply(&mut inner.datapath, &plan).await {
+                log::error!("putting {} back in the datapath after a failed DEL: {e}", a.ip);
+            }
         }
         if first_err.is_none() {
             match phase("persist").in_scope(|| inner.state.remove(&key)) {
@@ -1484,11 +1489,21 @@ impl Agent {
             return Ok(());
         }
         log::warn!("the slow-path port {host} <-> {vswitch} vanished: re-creating it");
-        crate::slowpath::create_port(&node, host, vswitch, Some(self.params.slowport_ifindex)).await.with_context(
-            || format!("re-creating the slow-path port with {host} at index {}", self.params.slowport_ifindex),
-        )?;
-        inner.datapath.attach_slow_port(host, vswitch).context("attaching the slow-path programs")?;
-        Ok(())
+        let index = self.params.slowport_ifindex;
+        let created = crate::slowpath::create_port(&node, host, vswitch, Some(index))
+            .await
+            .with_context(|| format!("re-creating the slow-path port with {host} at index {index}"));
+        let attached = match created {
+            Ok(()) => inner.datapath.attach_slow_port(host, vswitch).context("attaching the slow-path programs"),
+            Err(e) => Err(e),
+        };
+        if attached.is_err() {
+            // Half made (no programs, or down) it would pass for whole: the next try
+            // starts from nothing.
+            let _ = podnet::delete_link(&node, host).await;
+            let _ = podnet::delete_link(&node, vswitch).await;
+        }
+        attached
     }
 
     /// Stops the vswitch. The pod datapath stays attached: pods keep talking while the

@@ -192,6 +192,17 @@ async fn join(
     Ok((config, link, listing, registrations))
 }
 
+/// Waits for the CNI server, told to stop, to finish its requests: at most 5 s (a request
+/// may be waiting up to 20 s for the agent or the cluster model, and the DaemonSet's grace
+/// period is 10 s). Then it is dropped, and its socket removed.
+async fn stop_cni(mut cni: tokio::task::JoinHandle<anyhow::Result<()>>, socket: &std::path::Path) {
+    if tokio::time::timeout(std::time::Duration::from_secs(5), &mut cni).await.is_err() {
+        log::warn!("CNI requests still waiting after 5 s: dropped");
+        cni.abort();
+        let _ = std::fs::remove_file(socket);
+    }
+}
+
 async fn run(config: AgentConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -226,7 +237,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         joined = join(config, &metrics) => joined,
         _ = &mut shutdown => {
             let _ = stop_tx.send(true);
-            let _ = cni.await;
+            stop_cni(cni, &socket).await;
             return Ok(());
         }
     };
@@ -243,7 +254,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Ok(started) => started,
         Err(e) => {
             let _ = stop_tx.send(true);
-            let _ = cni.await;
+            stop_cni(cni, &socket).await;
             return Err(e);
         }
     };
@@ -311,7 +322,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(true);
     if !cni.is_finished() {
-        let _ = cni.await;
+        stop_cni(cni, &socket).await;
     }
     for task in background {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;

@@ -201,7 +201,8 @@ impl BuiltinVswitch {
             return Verdict::Dropped(DropReason::Fragment);
         }
         if cut {
-            return Verdict::Dropped(DropReason::Truncated);
+            let echo = ip[9] == IPPROTO_ICMP && ip.get(ihl) == Some(&ICMP_ECHO_REQUEST);
+            return Verdict::Dropped(if echo { DropReason::Truncated } else { DropReason::IcmpToGatewayOther });
         }
         // Ethernet padding past the IPv4 total length is not part of the packet. Options
         // are read past; the answer carries back a Record Route and a Timestamp, as the
@@ -1162,11 +1163,14 @@ mod tests {
         assert_eq!(verdict, Verdict::Replied(ReplyKind::TcpReset));
         let tcp = &sent[0][ETH_HLEN + IPV4_HLEN..];
         assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 1000 + 1 + 3000);
-        // An echo request to the gateway cannot be echoed from part of it.
+        // An echo request to the gateway cannot be echoed from part of it; anything else
+        // that big for the gateway is what it is.
         let mut vs = vswitch();
         let (verdict, sent) = run(&mut vs, &cut(&echo_request(&vec![1; 3000])));
         assert_eq!(verdict, Verdict::Dropped(DropReason::Truncated));
         assert!(sent.is_empty());
+        let udp = ipv4_frame(IPPROTO_UDP, GW_IP.octets(), &[], 0, &vec![0; 3000]);
+        assert_eq!(run(&mut vs, &cut(&udp)).0, Verdict::Dropped(DropReason::IcmpToGatewayOther));
         // A frame shorter than the port's largest that claims more is malformed, as before.
         assert_eq!(run(&mut vs, &big[..1000]).0, Verdict::Dropped(DropReason::Malformed));
     }

@@ -149,12 +149,30 @@ async fn run(
     let departed =
         (args.departed_node_sweep_seconds > 0).then(|| Duration::from_secs(args.departed_node_sweep_seconds));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let stop = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    // A store that can no longer write (the embedded store after a failed fsync) is only
+    // opened again by a restart: KSR stops, and exits with an error, to be restarted.
+    let store_failed = std::sync::Arc::new(std::sync::OnceLock::new());
+    let stop = {
+        let (store, failed) = (store.clone(), store_failed.clone());
+        async move {
+            let failure = async {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if let Some(why) = store.failure() {
+                        return why;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                why = failure => {
+                    log::error!("the store can no longer write ({why}): stopping to reopen it");
+                    let _ = failed.set(why);
+                }
+            }
+            log::info!("shutting down");
         }
-        log::info!("shutting down");
     };
     match election {
         Some(election) => {
@@ -179,7 +197,10 @@ async fn run(
             drop(reflector);
         }
     }
-    Ok(())
+    match store_failed.get() {
+        Some(why) => anyhow::bail!("the store can no longer write: {why}"),
+        None => Ok(()),
+    }
 }
 
 fn main() -> ExitCode {

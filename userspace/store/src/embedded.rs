@@ -214,23 +214,22 @@ enum Record {
         id: LeaseId,
         at: i64,
     },
-    /// Revokes a lease and deletes its keys at `rev`, in one record. Logs of older versions
-    /// wrote the deletion as a `Commit` before a revoke without keys; both read the same.
+    /// Revokes a lease that holds no keys. (Logs of older versions wrote the deletion of a
+    /// lease's keys as a `Commit` before it; they read the same.)
     LeaseRevoke {
         id: LeaseId,
-        /// The revision of the deletion; 0 when the lease had no keys (no revision is used).
-        #[serde(default, skip_serializing_if = "is_zero")]
+    },
+    /// Revokes a lease and deletes its keys at `rev`, in one record. A tag of its own: an
+    /// older binary sharing the directory fails on it (Corrupt) rather than reading it as a
+    /// revoke without keys and keeping them.
+    LeaseRevokeWithKeys {
+        id: LeaseId,
         rev: Revision,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         keys: Vec<String>,
     },
     Compact {
         rev: Revision,
     },
-}
-
-fn is_zero(rev: &Revision) -> bool {
-    *rev == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -667,10 +666,11 @@ impl State {
                     *l = lease_state(l.ttl, at + ttl_ms(l.ttl), opened_ms, opened);
                 }
             }
-            Record::LeaseRevoke { id, rev, keys } => {
-                if !keys.is_empty() {
-                    self.apply_commit(rev, keys.into_iter().map(|key| Change::Delete { key }).collect());
-                }
+            Record::LeaseRevoke { id } => {
+                self.leases.remove(&id);
+            }
+            Record::LeaseRevokeWithKeys { id, rev, keys } => {
+                self.apply_commit(rev, keys.into_iter().map(|key| Change::Delete { key }).collect());
                 self.leases.remove(&id);
             }
             Record::Compact { rev } => self.compact_to(rev),
@@ -979,8 +979,11 @@ impl State {
             return Err(StoreError::LeaseNotFound(id));
         }
         let keys: Vec<String> = self.kvs.values().filter(|kv| kv.lease == id).map(|kv| kv.key.clone()).collect();
-        let rev = if keys.is_empty() { 0 } else { self.revision + 1 };
-        self.append(Record::LeaseRevoke { id, rev, keys })?;
+        let record = match keys.is_empty() {
+            true => Record::LeaseRevoke { id },
+            false => Record::LeaseRevokeWithKeys { id, rev: self.revision + 1, keys },
+        };
+        self.append(record)?;
         self.maybe_snapshot();
         Ok(())
     }
@@ -1127,6 +1130,10 @@ impl Store for EmbeddedStore {
     fn backend(&self) -> &'static str {
         "embedded"
     }
+
+    fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
 }
 
 /// A watch: the events replayed from the history, then the live ones.
@@ -1169,6 +1176,8 @@ mod tests {
         assert!(matches!(s.put("/c", b"3".to_vec(), None).await, Err(StoreError::Io { .. })), "writes refused");
         assert!(matches!(s.lease_keep_alive(lease).await, Err(StoreError::Io { .. })));
         assert!(matches!(s.delete("/a").await, Err(StoreError::Io { .. })));
+        // Its owner can tell (the agent restarts on it).
+        assert!(s.failure().is_some_and(|why| why.contains("fsync")), "{:?}", s.failure());
         // Reads go on; the record whose fsync failed is in the log, as other processes see it.
         assert_eq!(s.get("/a").await.unwrap().unwrap().value, b"1");
         assert_eq!(s.get("/b").await.unwrap().unwrap().value, b"2");
@@ -1178,6 +1187,7 @@ mod tests {
         let s = EmbeddedStore::open_with(dir.path(), Options { fsync: true, ..Options::default() }).unwrap();
         assert_eq!(s.get("/b").await.unwrap().unwrap().value, b"2");
         s.put("/c", b"3".to_vec(), None).await.unwrap();
+        assert_eq!(s.failure(), None);
     }
 
     #[tokio::test]

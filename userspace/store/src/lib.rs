@@ -206,6 +206,11 @@ pub trait Store: Send + Sync {
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
     /// Which backend this is ("etcd" or "embedded"), for logs.
     fn backend(&self) -> &'static str;
+    /// Why this handle can no longer write until it is opened again (the embedded store
+    /// after a failed fsync), if so: its owner should restart rather than keep failing.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Where the store lives.

@@ -122,6 +122,9 @@ impl Store for Instrumented {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+    fn failure(&self) -> Option<String> {
+        self.inner.failure()
+    }
 }
 
 #[cfg(test)]

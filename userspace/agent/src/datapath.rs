@@ -283,6 +283,8 @@ pub struct Datapath {
     pin_dir: PathBuf,
     /// Links that live only as long as the agent (the slow-path port's).
     owned_links: Vec<FdLink>,
+    /// The slow-path port's XDP link (kernel mode), replaced when the port is re-created.
+    slow_xdp: Option<aya::programs::xdp::XdpLinkId>,
     /// Maps created beside an older-layout pinned map; pinned by `finish_migration`.
     migrated: Vec<&'static str>,
     /// Maps that had no pin when this agent loaded: new on this node.
@@ -343,6 +345,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             owned_links: Vec::new(),
+            slow_xdp: None,
             migrated,
             created,
             ct_copied_at_ns: 0,
@@ -606,6 +609,8 @@ impl Datapath {
 
     /// Wires the slow-path port: XDP into AF_XDP on the vswitch end, TC delivery on the host end.
     pub fn attach_slow_port(&mut self, host_ifname: &str, vswitch_ifname: &str) -> Result<()> {
+        // A port re-created after it vanished: the old links (of devices gone) are let go.
+        self.owned_links.clear();
         self.attach_tcx(program_names::FROM_VSWITCH, host_ifname, TcAttachType::Ingress, None)?;
         let xdp: &mut Xdp = self
             .ebpf
@@ -613,8 +618,12 @@ impl Datapath {
             .ok_or(DatapathError::Missing(program_names::TO_VSWITCH))?
             .try_into()
             .map_err(prog_err(program_names::TO_VSWITCH))?;
+        if let Some(old) = self.slow_xdp.take() {
+            let _ = xdp.detach(old);
+        }
         // Native (driver) mode on veth; the link lives as long as the agent serves the socket.
-        xdp.attach(vswitch_ifname, XdpMode::Driver).map_err(prog_err(program_names::TO_VSWITCH))?;
+        let link = xdp.attach(vswitch_ifname, XdpMode::Driver).map_err(prog_err(program_names::TO_VSWITCH))?;
+        self.slow_xdp = Some(link);
         Ok(())
     }
 

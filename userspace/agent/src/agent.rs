@@ -834,11 +834,8 @@ impl Agent {
                 format!("CNI_NETNS={}", req.netns),
             ));
         }
-        let max_mtu = match self.config.uplink {
-            config::Uplink::Vpp => contiv_common::SLOW_PORT_MTU,
-            _ => config::POD_MTU_MAX,
-        };
-        let (mtu, dns, bandwidth) = netconf::overrides(&req.network_config, self.pod_mtu, max_mtu, &self.config.dns)?;
+        let (mtu, dns, bandwidth) =
+            netconf::overrides(&req.network_config, self.pod_mtu, self.config.max_pod_mtu(), &self.config.dns)?;
         let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
         // Reserve an address (in memory; see crate::state) and take what the unlocked steps need.
@@ -1095,11 +1092,8 @@ impl Agent {
             // not delete its interface left it behind, under the name only this
             // attachment's host end has.
             let name = podnet::host_ifname(&req.container_id, &req.ifname);
-            let span = phase("link_delete");
-            let leftover = name.clone();
-            tokio::task::spawn_blocking(move || span.in_scope(|| podnet::delete_link_blocking(&leftover)))
+            podnet::delete_link_off_runtime(&name)
                 .await
-                .unwrap_or_else(|e| Err(podnet::PodNetError::Worker(e.to_string())))
                 .map_err(|e| internal("deleting the interface an earlier ADD left", e))?;
             self.inner.lock().await.datapath.forget_pod_link(&name);
             return Ok(());
@@ -1127,12 +1121,7 @@ impl Agent {
         // Its hostPorts go with it (the service task takes it out of every plan while it
         // leaves).
         self.host_ports_may_change(a);
-        let deleted = {
-            let (span, name) = (phase("link_delete"), a.host_ifname.clone());
-            tokio::task::spawn_blocking(move || span.in_scope(|| podnet::delete_link_blocking(&name)))
-                .await
-                .unwrap_or_else(|e| Err(podnet::PodNetError::Worker(e.to_string())))
-        };
+        let deleted = podnet::delete_link_off_runtime(&a.host_ifname).await;
         let link_gone = deleted.is_ok();
         if let Err(e) = deleted {
             first_err.get_or_insert(internal("deleting the pod interface", e));

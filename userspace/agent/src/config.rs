@@ -755,13 +755,20 @@ impl AgentConfig {
     /// jumbo uplink above 9050 gives 9000), else 1500. In VPP mode no more than the
     /// slow-path port's MTU: every frame a pod sends off the node crosses it to VPP.
     pub fn pod_mtu(&self, uplink_mtu: Option<u32>) -> u32 {
-        let max = match self.uplink {
+        self.mtu.unwrap_or_else(|| {
+            uplink_mtu
+                .map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).clamp(POD_MTU_MIN, POD_MTU_MAX))
+                .min(self.max_pod_mtu())
+        })
+    }
+
+    /// The largest MTU this node's pods can use: in VPP mode the slow-path port's (every
+    /// frame a pod sends off the node crosses it to VPP), else [`POD_MTU_MAX`].
+    pub fn max_pod_mtu(&self) -> u32 {
+        match self.uplink {
             Uplink::Vpp => contiv_common::SLOW_PORT_MTU,
             Uplink::Kernel => POD_MTU_MAX,
-        };
-        self.mtu.unwrap_or_else(|| {
-            uplink_mtu.map_or(1500, |m| m.saturating_sub(VXLAN_OVERHEAD).clamp(POD_MTU_MIN, POD_MTU_MAX)).min(max)
-        })
+        }
     }
 }
 

@@ -318,15 +318,7 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }));
     // A store that can no longer write (the embedded store after a failed fsync) is only
     // opened again by a restart: the agent exits for the DaemonSet to restart it.
-    let store = link.store.clone();
-    let store_failed = async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            if let Some(why) = store.failure() {
-                return why;
-            }
-        }
-    };
+    let store_failed = contiv_store::until_failed(link.store.clone());
     let served = tokio::select! {
         _ = &mut shutdown => Ok(()),
         served = &mut cni => served.unwrap_or_else(|e| Err(anyhow::anyhow!("the CNI server's task failed: {e}"))),

@@ -418,6 +418,14 @@ pub async fn delete_link(node: &Handle, name: &str) -> Result<()> {
     }
 }
 
+/// [`delete_link_blocking`] on a blocking thread, timed as the `link_delete` phase.
+pub async fn delete_link_off_runtime(name: &str) -> Result<()> {
+    let (span, name) = (phase("link_delete"), name.to_owned());
+    tokio::task::spawn_blocking(move || span.in_scope(|| delete_link_blocking(&name)))
+        .await
+        .unwrap_or_else(|e| Err(PodNetError::Worker(e.to_string())))
+}
+
 /// Deletes a link of the agent's own (node) namespace by name, on a netlink socket of its
 /// own, blocking; meant for `spawn_blocking`. The kernel handles RTM_DELLINK inside the
 /// sendmsg(2) call, including the wait until the device is released (tens of ms of grace

@@ -69,10 +69,8 @@ impl Starting {
         // The host end has the attachment's own name whether or not it was recorded (an
         // ADD cut short leaves it unrecorded).
         let name = recorded.unwrap_or_else(|| podnet::host_ifname(&req.container_id, &req.ifname));
-        let deleting = name.clone();
-        tokio::task::spawn_blocking(move || podnet::delete_link_blocking(&deleting))
+        podnet::delete_link_off_runtime(&name)
             .await
-            .map_err(|e| CniError::internal("deleting the pod interface", e.to_string()))?
             .map_err(|e| CniError::internal("deleting the pod interface", e.to_string()))?;
         if let Some(state) = slot.as_mut() {
             state.remove(&key).map_err(|e| io("persisting the release", &e))?;

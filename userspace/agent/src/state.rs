@@ -292,8 +292,7 @@ impl NodeState {
         // checked anyway, as a shift by 32 would.
         let size =
             1u32.checked_shl(32 - u32::from(self.subnet.prefix_len())).ok_or(StateError::Exhausted(self.subnet))?;
-        let used: std::collections::HashSet<Ipv4Addr> =
-            self.attachments.values().map(|a| a.ip).chain(self.reserved.values().copied()).collect();
+        let used = self.used_addresses();
         for i in 0..size {
             let offset = (self.next_offset + i) % size;
             let ip = Ipv4Addr::from(base + offset);
@@ -306,12 +305,16 @@ impl NodeState {
         Err(StateError::Exhausted(self.subnet))
     }
 
+    /// Addresses held by an attachment or reserved by an ADD in flight.
+    fn used_addresses(&self) -> std::collections::HashSet<Ipv4Addr> {
+        self.attachments.values().map(|a| a.ip).chain(self.reserved.values().copied()).collect()
+    }
+
     /// How many addresses an ADD could still get (not network, gateway, broadcast, held or
     /// reserved).
     pub fn free_addresses(&self) -> u32 {
         let size = 1u64 << (32 - u32::from(self.subnet.prefix_len()));
-        let used: std::collections::HashSet<Ipv4Addr> =
-            self.attachments.values().map(|a| a.ip).chain(self.reserved.values().copied()).collect();
+        let used = self.used_addresses();
         let unusable = 2 + u64::from(self.subnet.contains(&self.gateway) && !used.contains(&self.gateway));
         size.saturating_sub(unusable + used.len() as u64) as u32
     }

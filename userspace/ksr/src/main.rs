@@ -155,18 +155,10 @@ async fn run(
     let stop = {
         let (store, failed) = (store.clone(), store_failed.clone());
         async move {
-            let failure = async {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    if let Some(why) = store.failure() {
-                        return why;
-                    }
-                }
-            };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
-                why = failure => {
+                why = contiv_store::until_failed(store) => {
                     log::error!("the store can no longer write ({why}): stopping to reopen it");
                     let _ = failed.set(why);
                 }

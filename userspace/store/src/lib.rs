@@ -320,6 +320,17 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+/// Resolves, with the reason, once `store` says it can no longer write until opened again
+/// ([`Store::failure`]), looked at every 2 s: its owner then exits to be restarted.
+pub async fn until_failed(store: Arc<dyn Store>) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Some(why) = store.failure() {
+            return why;
+        }
+    }
+}
+
 /// Splits `items`, in order, into batches of at most `max_items` items and `max_bytes`
 /// bytes (`size` of each): what one store transaction may carry. An item larger than
 /// `max_bytes` goes alone.

@@ -17,7 +17,7 @@
 //! writer (which holds the lock, so nobody can be completing it). After
 //! `Options::snapshot_every` records a writer writes a snapshot and switches everyone to the
 //! next log generation: it creates `log-<gen+1>` first, then renames the snapshot into place,
-//! then removes `log-<gen-1>` (readers keep their log open until they have read it to the
+//! then removes the logs before `log-<gen>` (readers keep their log open until they have read it to the
 //! end; seeing `log-<gen+1>` tells them `log-<gen>` is final). An instance that fell behind
 //! by more than that reloads the snapshot, and its watches get `Compacted` (list again).
 //! Without a snapshot the logs must start at `log-0`: a missing `snapshot.json` next to
@@ -35,7 +35,10 @@
 //! report success for data the kernel may have dropped (PostgreSQL's "fsyncgate"). The record
 //! stays in the log (other processes may have read it already) and is applied, the write
 //! returns [`StoreError::Io`] (outcome unknown, like an etcd timeout), and this instance
-//! refuses every later write until it is reopened (the process restarts). Reads go on.
+//! refuses every later write until it is reopened (the process restarts). Reads go on. A
+//! snapshot also fsyncs the directory after creating the next log and after the rename (a
+//! file's fsync does not make its name durable), and an open with `Options::fsync` after
+//! creating a log; a failure there refuses writes the same way.
 //!
 //! History: the events of the last `Options::history` revisions are kept for watches
 //! (including the ones replayed from the log at open); older start revisions get
@@ -155,7 +158,7 @@ struct State {
     /// The same moment on the monotonic clock.
     opened: Instant,
     lock: File,
-    /// Why this instance refuses writes: an fsync of the log failed (see the module docs).
+    /// Why this instance refuses writes: an fsync failed (see the module docs).
     failed: Option<String>,
     /// `log_records` from which a snapshot is tried (after a failure: `snapshot_every` later).
     snapshot_at: usize,
@@ -164,6 +167,12 @@ struct State {
     /// Test hook: the next fsyncs of the log fail.
     #[cfg(test)]
     fail_sync: bool,
+    /// Test hook: the next fsyncs of the directory fail.
+    #[cfg(test)]
+    fail_dir_sync: bool,
+    /// Test hook: fsyncs of the directory done.
+    #[cfg(test)]
+    dir_syncs: usize,
 }
 
 // === on-disk format ===
@@ -357,16 +366,9 @@ impl EmbeddedStore {
         // Logs of older generations are leftovers of a snapshot interrupted before cleanup;
         // the ones from `generation` on must follow each other (the chain catching up reads).
         let mut logs = std::collections::BTreeSet::new();
-        for entry in std::fs::read_dir(dir).map_err(io)? {
-            let entry = entry.map_err(io)?;
-            let name = entry.file_name();
-            let Some(g) =
-                name.to_str().and_then(|n| n.strip_prefix("log-")?.strip_suffix(".jsonl")?.parse::<u64>().ok())
-            else {
-                continue;
-            };
+        for g in log_generations(dir).map_err(io)? {
             if g + 1 < generation {
-                let _ = std::fs::remove_file(entry.path());
+                let _ = std::fs::remove_file(dir.join(log_name(g)));
             } else if g >= generation {
                 logs.insert(g);
             }
@@ -418,7 +420,15 @@ impl EmbeddedStore {
             snapshot_failures: 0,
             #[cfg(test)]
             fail_sync: false,
+            #[cfg(test)]
+            fail_dir_sync: false,
+            #[cfg(test)]
+            dir_syncs: 0,
         };
+        if state.options.fsync {
+            // A log this open created: its name must survive a power loss like its records.
+            state.sync_dir().map_err(io)?;
+        }
         state.catch_up()?;
         drop(guard);
         let state = Arc::new(Mutex::new(state));
@@ -448,6 +458,18 @@ impl EmbeddedStore {
     fn write<T>(&self, f: impl FnOnce(&mut State) -> Result<T, StoreError>) -> Result<T, StoreError> {
         self.lock().writing(f)
     }
+}
+
+/// The generations of the logs in `dir`.
+fn log_generations(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(g) = name.to_str().and_then(|n| n.strip_prefix("log-")?.strip_suffix(".jsonl")?.parse().ok()) {
+            found.push(g);
+        }
+    }
+    Ok(found)
 }
 
 /// Opens (creating it) a log; only under the cross-process lock.
@@ -763,9 +785,28 @@ impl State {
         if all { self.log.sync_all() } else { self.log.sync_data() }
     }
 
+    /// fsyncs the directory, so the names created or renamed in it survive a power loss
+    /// (an fsync of a file does not make its directory entry durable).
+    fn sync_dir(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        {
+            if self.fail_dir_sync {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.dir_syncs += 1;
+        }
+        File::open(&self.dir)?.sync_all()
+    }
+
     /// An fsync of the log failed: from now on this instance refuses writes.
     fn sync_failed(&mut self, e: &std::io::Error) -> StoreError {
-        let why = format!("an fsync of {} failed ({e})", log_name(self.generation));
+        let what = log_name(self.generation);
+        self.refuse_writes(&what, e)
+    }
+
+    /// An fsync of `what` failed: from now on this instance refuses writes.
+    fn refuse_writes(&mut self, what: &str, e: &std::io::Error) -> StoreError {
+        let why = format!("an fsync of {what} failed ({e})");
         log::error!(
             "embedded store {}: {why}; records already written may not be on disk; this instance refuses \
              writes until the store is reopened",
@@ -893,6 +934,14 @@ impl State {
                 return Err(self.io(e));
             }
         };
+        // The new log's name must be on disk before a snapshot of its generation: after a
+        // power loss, a snapshot naming a log that vanished could not be followed.
+        if let Err(e) = self.sync_dir() {
+            discard(&tmp);
+            // Other instances may follow the new log already and write there.
+            self.switch_log(next, new_log);
+            return Err(self.refuse_writes("the store directory", &e));
+        }
         if let Err(e) = std::fs::rename(&tmp, self.dir.join(SNAPSHOT)) {
             discard(&tmp);
             // Other instances may follow the new log already: so does this one. The snapshot
@@ -900,9 +949,18 @@ impl State {
             self.switch_log(next, new_log);
             return Err(self.io(e));
         }
-        // Keep the generation just finished for instances that have not switched yet.
-        if let Some(older) = self.generation.checked_sub(1) {
-            let _ = std::fs::remove_file(self.dir.join(log_name(older)));
+        // The rename on disk before the log it replaces goes.
+        if let Err(e) = self.sync_dir() {
+            self.switch_log(next, new_log);
+            return Err(self.refuse_writes("the store directory", &e));
+        }
+        // Keep the generation just finished for instances that have not switched yet; every
+        // older one goes (not only the one before it: after a failed rename there are two), so
+        // an instance still reading one sees it unlinked and reloads the snapshot.
+        for g in log_generations(&self.dir).unwrap_or_default() {
+            if g < self.generation {
+                let _ = std::fs::remove_file(self.dir.join(log_name(g)));
+            }
         }
         self.switch_log(next, new_log);
         Ok(())
@@ -1205,5 +1263,43 @@ mod tests {
         fail_syncs(&s, false);
         assert!(matches!(s.put("/c", b"3".to_vec(), None).await, Err(StoreError::Io { .. })));
         assert_eq!(s.get("/b").await.unwrap().unwrap().value, b"2");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_makes_the_names_it_creates_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options { snapshot_every: 2, ..Options::default() };
+        let s = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        s.put("/a", b"1".to_vec(), None).await.unwrap();
+        assert_eq!(s.lock().dir_syncs, 0, "no fsync option, no snapshot yet");
+        s.put("/b", b"2".to_vec(), None).await.unwrap();
+        assert!(dir.path().join(SNAPSHOT).exists());
+        // Once after creating the next log, once after the rename.
+        assert_eq!(s.lock().dir_syncs, 2);
+        // With Options::fsync, the log an open creates is made durable too.
+        let fresh = tempfile::tempdir().unwrap();
+        let f = EmbeddedStore::open_with(fresh.path(), Options { fsync: true, ..Options::default() }).unwrap();
+        assert_eq!(f.lock().dir_syncs, 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_directory_fsync_in_a_snapshot_refuses_later_writes_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options { snapshot_every: 2, ..Options::default() };
+        let s = EmbeddedStore::open_with(dir.path(), options.clone()).unwrap();
+        s.put("/a", b"1".to_vec(), None).await.unwrap();
+        s.lock().fail_dir_sync = true;
+        s.put("/b", b"2".to_vec(), None).await.expect("the write itself succeeded");
+        assert!(!dir.path().join(format!("{SNAPSHOT}.tmp")).exists(), "the temporary snapshot is removed");
+        s.lock().fail_dir_sync = false;
+        assert!(matches!(s.put("/c", b"3".to_vec(), None).await, Err(StoreError::Io { .. })), "writes refused");
+        assert!(s.failure().is_some_and(|why| why.contains("directory")), "{:?}", s.failure());
+        assert_eq!(s.get("/b").await.unwrap().unwrap().value, b"2");
+        drop(s);
+        let s = EmbeddedStore::open_with(dir.path(), options).unwrap();
+        assert_eq!(s.get("/a").await.unwrap().unwrap().value, b"1");
+        assert_eq!(s.get("/b").await.unwrap().unwrap().value, b"2");
+        s.put("/c", b"3".to_vec(), None).await.unwrap();
+        assert_eq!(s.get("/c").await.unwrap().unwrap().value, b"3");
     }
 }

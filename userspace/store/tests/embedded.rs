@@ -266,6 +266,42 @@ async fn lagging_process_reloads_the_snapshot() {
 }
 
 #[tokio::test]
+async fn a_process_two_generations_behind_a_failed_rename_still_catches_up() {
+    let options = Options { snapshot_every: 2, poll: Duration::from_secs(3600), ..Options::default() };
+    let (dir, a, b) = shared_pair(options);
+    b.put("/g/start", vec![], None).await.unwrap();
+    // b's background reader is asleep; it stays on log-0 while a moves on.
+    // Generation 0 -> 1: a snapshot, log-0 kept for readers that have not switched.
+    for i in 0..2 {
+        a.put(&format!("/g/a{i}"), vec![], None).await.unwrap();
+    }
+    // 1 -> 2: the rename fails (a directory is in the way); a continues in log-2 and the
+    // cleanup of log-0 never runs.
+    let snapshot = dir.path().join("snapshot.json");
+    let first = std::fs::read(&snapshot).unwrap();
+    std::fs::remove_file(&snapshot).unwrap();
+    std::fs::create_dir(&snapshot).unwrap();
+    for i in 2..4 {
+        a.put(&format!("/g/a{i}"), vec![], None).await.unwrap();
+    }
+    assert!(dir.path().join("log-2.jsonl").exists());
+    std::fs::remove_dir(&snapshot).unwrap();
+    std::fs::write(&snapshot, first).unwrap();
+    // 2 -> 3: a snapshot again; every log before log-2 goes, so b cannot stay on a log
+    // nobody writes.
+    for i in 4..6 {
+        a.put(&format!("/g/a{i}"), vec![], None).await.unwrap();
+    }
+    assert!(!dir.path().join("log-0.jsonl").exists(), "the dead log was left behind");
+    let l = b.list("/g/").await.unwrap();
+    assert_eq!(l.kvs.len(), 7, "b caught up through the snapshot");
+    assert_eq!(l.revision, a.list("/").await.unwrap().revision);
+    // And b's writes land where a reads them.
+    b.put("/g/from-b", vec![], None).await.unwrap();
+    assert!(a.get("/g/from-b").await.unwrap().is_some());
+}
+
+#[tokio::test]
 async fn records_larger_than_a_read_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let big: Vec<u8> = (0..9 << 20).map(|i| b'a' + (i % 26) as u8).collect();

@@ -86,6 +86,74 @@ fn results_follow_the_requested_version_and_check_detects_damage() {
 }
 
 #[test]
+fn check_looks_in_the_namespace_the_runtime_names_and_at_each_part_add_set() {
+    let node = node();
+    let ns = Netns::new("ctp");
+    let id = contiv_tests::unique("chk");
+    let netns = ns.path().to_string_lossy().into_owned();
+    let out = node.cni("ADD", &id, &netns, "eth0", "1.1.0");
+    out.ok();
+    let r = out.json();
+    let gateway = r["ips"][0]["gateway"].as_str().expect("a gateway").to_owned();
+    let conf = json!({"cniVersion": "1.1.0", "name": node.network_name, "type": "contiv-cni",
+        "agentSocket": node.socket, "prevResult": r})
+    .to_string();
+    let check = |netns: &str| node.cni_with_conf("CHECK", &id, netns, "eth0", &conf);
+    check(&netns).ok();
+
+    // CHECK inspects CNI_NETNS, not the path ADD was given: another path to the same
+    // namespace passes, a namespace without the interface fails.
+    let holder = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name(), "sleep", "60"])
+        .spawn()
+        .expect("a process in the pod namespace");
+    let same = format!("/proc/{}/ns/net", holder.id());
+    let in_ns = || std::fs::read_link(&same).ok() == std::fs::read_link("/proc/self/ns/net").ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while in_ns() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let through_proc = check(&same);
+    let mut holder = holder;
+    let _ = holder.kill();
+    let _ = holder.wait();
+    through_proc.ok();
+    let other = Netns::new("ctp");
+    let out = check(&other.path().to_string_lossy());
+    assert_ne!(out.exit_code, 0, "CHECK passed on a namespace without the pod's interface: {out:?}");
+
+    // Each part ADD set, broken and restored in turn.
+    let neigh = ns.ip(&["neigh", "show", "dev", "eth0", &gateway]);
+    let mac = neigh.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).expect("the gateway's MAC").to_owned();
+    let mtu = r["interfaces"][1]["mtu"].to_string();
+    let damage: [(&str, &[&str], &[&str]); 3] = [
+        ("MTU", &["link", "set", "eth0", "mtu", "1280"], &["link", "set", "eth0", "mtu", &mtu]),
+        (
+            "gateway neighbour MAC",
+            &["neigh", "replace", &gateway, "lladdr", "02:00:00:00:00:99", "dev", "eth0", "nud", "permanent"],
+            &["neigh", "replace", &gateway, "lladdr", &mac, "dev", "eth0", "nud", "permanent"],
+        ),
+        (
+            "gateway neighbour state",
+            &["neigh", "replace", &gateway, "lladdr", &mac, "dev", "eth0", "nud", "reachable"],
+            &["neigh", "replace", &gateway, "lladdr", &mac, "dev", "eth0", "nud", "permanent"],
+        ),
+    ];
+    for (what, breaks, repairs) in damage {
+        ns.ip(breaks);
+        let out = check(&netns);
+        assert_ne!(out.exit_code, 0, "CHECK missed a changed {what}: {out:?}");
+        ns.ip(repairs);
+        check(&netns).ok();
+    }
+    // The scope-link route to the gateway (the default route stays in the kernel without it).
+    ns.ip(&["route", "del", &format!("{gateway}/32"), "dev", "eth0"]);
+    let out = check(&netns);
+    assert_ne!(out.exit_code, 0, "CHECK missed the deleted route to the gateway: {out:?}");
+    node.cni("DEL", &id, &netns, "eth0", "1.1.0").ok();
+}
+
+#[test]
 fn gc_removes_attachments_not_listed_as_valid() {
     let node = node();
     let keep = node.add_pod();

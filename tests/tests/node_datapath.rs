@@ -508,6 +508,20 @@ fn bandwidth_capability_limits_hold_on_the_fast_path() {
     // Rate-limited traffic still went through the fast path, not the host's routing.
     let c = node.pod_counters(sender.ip).unwrap();
     assert!(counter(&c, "fwd_bytes") > 5_000_000, "{c:?}");
+    // CHECK sees a shaper go, on either side.
+    let check = |pod: &contiv_tests::Pod| {
+        let conf = serde_json::json!({"cniVersion": "1.0.0", "name": node.network_name, "type": "contiv-cni",
+            "agentSocket": node.socket, "prevResult": pod.result})
+        .to_string();
+        node.cni_with_conf("CHECK", &pod.container_id, &pod.ns.path().to_string_lossy(), "eth0", &conf)
+    };
+    check(&sender).ok();
+    check(&receiver).ok();
+    contiv_tests::run(sender.ns.cmd("tc").args(["qdisc", "del", "dev", "eth0", "root"]));
+    assert_ne!(check(&sender).exit_code, 0, "CHECK missed the pod's egress shaper going");
+    contiv_tests::run(node.ns.cmd("tc").args(["qdisc", "del", "dev", &receiver_host, "root"]));
+    assert_ne!(check(&receiver).exit_code, 0, "CHECK missed the host end's ingress shaper going");
+    check(&free).ok();
 }
 
 #[test]

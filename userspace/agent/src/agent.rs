@@ -1161,8 +1161,9 @@ impl Agent {
         }
     }
 
-    /// CNI CHECK: the attachment exists and the interfaces, address, route and maps are
-    /// as ADD left them; `prevResult` (if given) must name our address.
+    /// CNI CHECK: the attachment exists and the interfaces (up, MAC, MTU), address, routes,
+    /// gateway neighbour entry, bandwidth shapers and maps are as ADD left them, in the
+    /// namespace `CNI_NETNS` names; `prevResult` (if given) must name our address.
     pub async fn check(&self, req: &v1::CniRequest) -> Result<(), CniError> {
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
         let a = {
@@ -1195,12 +1196,18 @@ impl Agent {
             Ok(Some(l)) if l.header.index == a.host_ifindex => {}
             _ => return Err(fail("host interface missing")),
         }
+        let host_tbf_rate = podnet::root_tbf_rate(&inner.node, a.host_ifindex)
+            .await
+            .map_err(|e| internal("reading the host interface's qdiscs", e))?;
         let counters = inner.datapath.pod_counters(a.ip).map_err(|e| internal("reading maps", e))?;
         if counters.is_none() {
             return Err(fail("datapath entries missing"));
         }
         drop(inner);
-        let view = podnet::view_pod_side(Path::new(&a.netns), &a.ifname, self.config.gateway)
+        // The namespace the runtime names now (the spec's CNI_NETNS), which may be another
+        // path to the pod's namespace than ADD's; the recorded one only if it names none.
+        let netns = if req.netns.is_empty() { a.netns.as_str() } else { req.netns.as_str() };
+        let view = podnet::view_pod_side(Path::new(netns), &a.ifname, self.config.gateway)
             .await
             .map_err(|e| internal("inspecting the pod namespace", e))?
             .ok_or_else(|| fail("pod interface missing"))?;
@@ -1210,11 +1217,31 @@ impl Agent {
         if !view.up {
             return Err(fail("pod interface is down"));
         }
+        if a.mtu != 0 && view.mtu != a.mtu {
+            return Err(fail(&format!("pod interface MTU is {}, ADD set {}", view.mtu, a.mtu)));
+        }
         if !view.addresses.contains(&(a.ip, 32)) {
             return Err(fail("pod address missing"));
         }
+        if !view.has_gateway_route {
+            return Err(fail("route to the gateway missing"));
+        }
         if !view.has_default_route_via_gateway {
             return Err(fail("default route via the gateway missing"));
+        }
+        if view.gateway_neighbour != Some((self.config.gateway_mac, true)) {
+            return Err(fail("the gateway's permanent neighbour entry is missing or changed"));
+        }
+        // The `bandwidth` capability's shapers, as ADD set them (a qdisc someone else added
+        // where ADD set none is theirs).
+        let bandwidth = a.bandwidth.as_ref();
+        let want_egress = bandwidth.and_then(|b| b.egress_shaper()).map(|s| s.rate_bytes_per_sec);
+        if want_egress.is_some() && view.tbf_rate != want_egress {
+            return Err(fail("the pod interface's egress shaper is missing or changed"));
+        }
+        let want_ingress = bandwidth.and_then(|b| b.ingress_shaper()).map(|s| s.rate_bytes_per_sec);
+        if want_ingress.is_some() && host_tbf_rate != want_ingress {
+            return Err(fail("the host interface's ingress shaper is missing or changed"));
         }
         Ok(())
     }

@@ -93,8 +93,16 @@ pub struct PodLinkSpec {
 pub struct PodSideView {
     pub mac: [u8; 6],
     pub up: bool,
+    pub mtu: u32,
     pub addresses: Vec<(Ipv4Addr, u8)>,
     pub has_default_route_via_gateway: bool,
+    /// The scope-link /32 route to the gateway on the pod's interface.
+    pub has_gateway_route: bool,
+    /// The gateway's neighbour entry on the pod's interface: its MAC, and whether it is
+    /// permanent.
+    pub gateway_neighbour: Option<([u8; 6], bool)>,
+    /// The rate (bytes/s) of the interface's root `tbf` qdisc, if it has one.
+    pub tbf_rate: Option<u64>,
 }
 
 /// Name of the host end of a pod's veth: stable for (container, ifname), <= 15 bytes.
@@ -466,13 +474,19 @@ pub fn delete_link_blocking(name: &str) -> Result<()> {
 
 /// Reads what the pod side looks like (for CHECK).
 pub async fn view_pod_side(netns: &Path, ifname: &str, gateway: Ipv4Addr) -> Result<Option<PodSideView>> {
+    use rtnetlink::packet_route::{
+        link::LinkFlags,
+        neighbour::{NeighbourAddress, NeighbourAttribute},
+        route::{RouteAddress, RouteAttribute},
+    };
     let ifname = ifname.to_owned();
     in_netns(netns, move |h| async move {
         let Some(link) = link_by_name(&h, &ifname).await? else {
             return Ok(None);
         };
         let index = link.header.index;
-        let up = link.header.flags.contains(rtnetlink::packet_route::link::LinkFlags::Up);
+        let up = link.header.flags.contains(LinkFlags::Up);
+        let mtu = link.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None });
         let mut addresses = vec![];
         let mut addrs = h.address().get().set_link_index_filter(index).execute();
         while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
@@ -483,29 +497,112 @@ pub async fn view_pod_side(netns: &Path, ifname: &str, gateway: Ipv4Addr) -> Res
             }
         }
         let mut has_default = false;
+        let mut has_gateway_route = false;
         let mut routes = h.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
         while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
-            if r.header.destination_prefix_length != 0 {
+            let on_if = r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
+            if !on_if {
                 continue;
             }
-            let via_gw = r.attributes.iter().any(|a| {
-                matches!(a, rtnetlink::packet_route::route::RouteAttribute::Gateway(
-                    rtnetlink::packet_route::route::RouteAddress::Inet(g)) if *g == gateway)
-            });
-            let on_if = r
+            match r.header.destination_prefix_length {
+                0 => {
+                    has_default |= r
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == gateway));
+                }
+                32 => {
+                    has_gateway_route |= r.header.scope == RouteScope::Link
+                        && r.attributes
+                            .iter()
+                            .any(|a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(d)) if *d == gateway));
+                }
+                _ => {}
+            }
+        }
+        let mut gateway_neighbour = None;
+        let mut neighbours = h.neighbours().get().execute();
+        while let Some(n) = neighbours.try_next().await.map_err(nl("listing neighbours"))? {
+            let is_gateway = n
                 .attributes
                 .iter()
-                .any(|a| matches!(a, rtnetlink::packet_route::route::RouteAttribute::Oif(i) if *i == index));
-            has_default |= via_gw && on_if;
+                .any(|a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == gateway));
+            if n.header.ifindex != index || !is_gateway {
+                continue;
+            }
+            let mac = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+                _ => None,
+            });
+            if let Some(mac) = mac {
+                gateway_neighbour = Some((mac, n.header.state == NeighbourState::Permanent));
+            }
         }
+        let tbf_rate = root_tbf_rate(&h, index).await?;
         Ok(Some(PodSideView {
             mac: link_mac(&link).unwrap_or_default(),
             up,
+            mtu: mtu.unwrap_or_default(),
             addresses,
             has_default_route_via_gateway: has_default,
+            has_gateway_route,
+            gateway_neighbour,
+            tbf_rate,
         }))
     })
     .await
+}
+
+/// The rate (bytes/s) of a link's root qdisc if it is a `tbf` (as [`set_tbf_root`] makes).
+pub async fn root_tbf_rate(h: &Handle, index: u32) -> Result<Option<u64>> {
+    use rtnetlink::packet_core::Nla;
+    use rtnetlink::packet_route::tc::{TcAttribute, TcHandle, TcOption};
+    const TCA_TBF_PARMS: u16 = 1;
+    const TCA_TBF_RATE64: u16 = 4;
+    let mut qdiscs = h.qdisc().get().index(index as i32).execute();
+    let mut found = None;
+    while let Some(q) = qdiscs.try_next().await.map_err(nl("listing qdiscs"))? {
+        if q.header.index != index as i32 || q.header.parent != TcHandle::ROOT {
+            continue;
+        }
+        if !q.attributes.iter().any(|a| matches!(a, TcAttribute::Kind(k) if k == "tbf")) {
+            continue;
+        }
+        // netlink-packet-route keeps a tbf's TCA_OPTIONS as one opaque attribute: walk the
+        // nested attributes (u16 length, u16 type, value, padded to 4) by hand.
+        let mut rate = None;
+        let mut rate64 = None;
+        for a in &q.attributes {
+            let TcAttribute::Options(options) = a else { continue };
+            for o in options {
+                let TcOption::Other(nla) = o else { continue };
+                let mut value = vec![0u8; nla.value_len()];
+                nla.emit_value(&mut value);
+                let mut at = 0;
+                while at + 4 <= value.len() {
+                    let len = usize::from(u16::from_ne_bytes([value[at], value[at + 1]]));
+                    let kind = u16::from_ne_bytes([value[at + 2], value[at + 3]]) & 0x3fff;
+                    if len < 4 || at + len > value.len() {
+                        break;
+                    }
+                    let payload = &value[at + 4..at + len];
+                    match kind {
+                        // struct tc_tbf_qopt: the rate's u32 follows 8 bytes of tc_ratespec.
+                        TCA_TBF_PARMS if payload.len() >= 12 => {
+                            rate = payload[8..12].try_into().ok().map(|b| u64::from(u32::from_ne_bytes(b)));
+                        }
+                        TCA_TBF_RATE64 if payload.len() >= 8 => {
+                            rate64 = payload[..8].try_into().ok().map(u64::from_ne_bytes);
+                        }
+                        _ => {}
+                    }
+                    at += len.next_multiple_of(4);
+                }
+            }
+        }
+        found = rate64.or(rate).or(Some(0));
+    }
+    Ok(found)
 }
 
 /// A handle to the node namespace's netlink (the namespace the agent runs in).

@@ -302,7 +302,10 @@ fn overlay_device_tx_packets(b: &ClusterBox, node: &str) -> u64 {
 
 #[test]
 fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
-    let mut b = ClusterBox::up(BoxOptions::for_test(3));
+    // A short lease (the default, 60 s, outlasts an agent upgrade).
+    let mut opts = BoxOptions::for_test(3);
+    opts.agent_config = "nodeLeaseSeconds = 5\n".into();
+    let mut b = ClusterBox::up(opts);
     let p1 = b.add_pod("node-1", "default/stay", &[], &[]);
     let subnet_before = b.status_json("node-3", "/node").unwrap()["podSubnet"].clone();
     let p3 = b.add_pod("node-3", "default/leave", &[], &[]);
@@ -371,10 +374,21 @@ fn an_agent_restart_keeps_an_established_cross_node_tcp_flow() {
         }
     };
     progress("before the restarts");
+    let routes = |b: &ClusterBox, node: &str| {
+        b.status_json(node, "/node").and_then(|v| v["remoteRoutes"].as_object().map(|m| m.len())).unwrap_or(99)
+    };
+    let routes_before = routes(&b, "node-1");
     for node in ["node-1", "node-2"] {
         let before = received.load(Ordering::Relaxed);
         b.stop_agent(node, false);
         progress(&format!("while the agent of {node} was down"));
+        if node == "node-2" {
+            // Down for longer than a quick restart (an image pull in an upgrade): the other
+            // node keeps its routes, the lease outlasts it.
+            std::thread::sleep(Duration::from_secs(12));
+            assert_eq!(routes(&b, "node-1"), routes_before, "node-1 dropped node-2's routes while its agent was away");
+            progress("12 s after the agent of node-2 stopped");
+        }
         b.start_agent(node);
         progress(&format!("after the agent of {node} came back"));
         assert!(received.load(Ordering::Relaxed) > before);

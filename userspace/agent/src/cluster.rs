@@ -46,7 +46,8 @@ pub async fn join(config: &AgentConfig, metrics: &contiv_store::metrics::StoreMe
         store.clone(),
         IpamConfig { pod_subnet_cidr: config.pod_subnet_cidr.into(), pod_prefix_len: config.pod_prefix_len },
     )
-    .context("node registry")?;
+    .context("node registry")?
+    .with_lease_ttl(i64::from(config.node_lease_seconds));
     // The node's pods hold addresses of the subnet its state records: the node claims that
     // subnet's ID, also after a wiped or restored store, or refuses to start.
     if let Some(subnet) = crate::state::subnet_in_use(&config.state_dir)
@@ -92,12 +93,20 @@ pub async fn join(config: &AgentConfig, metrics: &contiv_store::metrics::StoreMe
 
 /// The live nodes as the store has them now (the agent's starting point, so a restarted
 /// agent never removes the routes to other nodes while its watch starts).
-pub async fn registrations(link: &ClusterLink) -> Vec<NodeRegistration> {
-    match link.registry.nodes().await {
-        Ok(nodes) => nodes,
-        Err(e) => {
-            log::warn!("reading the node registrations: {e}");
-            vec![]
+///
+/// A failed read is retried, then fails the start: an empty list would make the restarted
+/// agent remove every route to other nodes (the pins keep forwarding while it restarts).
+pub async fn registrations(link: &ClusterLink) -> anyhow::Result<Vec<NodeRegistration>> {
+    let mut attempt = 0;
+    loop {
+        match link.registry.nodes().await {
+            Ok(nodes) => return Ok(nodes),
+            Err(e) if attempt + 1 < STORE_START_ATTEMPTS => {
+                attempt += 1;
+                log::warn!("reading the node registrations: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("reading the node registrations")),
         }
     }
 }
@@ -254,8 +263,11 @@ impl DataplaneEvents {
         }
         if registrations_changed {
             let regs: Vec<NodeRegistration> = model.registrations().cloned().collect();
+            // A resync always hands the list over: the agent started from its own read,
+            // which this channel's first value (empty) knows nothing of.
+            let resync = matches!(event, ClusterEvent::Resync(_));
             self.registrations.send_if_modified(|cur| {
-                let changed = *cur != regs;
+                let changed = resync || *cur != regs;
                 *cur = regs;
                 changed
             });

@@ -32,6 +32,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Default TTL of the node's registration lease (`nodeLeaseSeconds`).
+pub const DEFAULT_NODE_LEASE_SECONDS: u32 = 60;
+
 /// The raw file format. Field names are camelCase, like the original Contiv config.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -63,6 +66,7 @@ struct RawConfig {
     masquerade: Option<bool>,
     pod_rps: Option<bool>,
     allow_private_bpffs: Option<bool>,
+    node_lease_seconds: Option<u32>,
     etcd_tls: Option<contiv_store::TlsConfig>,
     uplink: Option<Uplink>,
     vpp: Option<VppConfig>,
@@ -410,6 +414,10 @@ pub struct AgentConfig {
     /// Run even when /sys/fs/bpf is not the host's bpffs (pins would die with the agent's
     /// mount namespace, and a restart would stop pod traffic). Default false.
     pub allow_private_bpffs: bool,
+    /// TTL of the node's registration lease: other nodes drop this node's routes when its
+    /// agent has been away this long. Longer than an agent restart or upgrade takes (the
+    /// pods forward without their agent meanwhile). Default 60 s.
+    pub node_lease_seconds: u32,
     /// The CNI gRPC socket (mode 0600). Default /run/contiv/cni.sock.
     pub cni_socket: PathBuf,
     /// Where the agent keeps its state (IPAM, attachments). Default /var/lib/contiv.
@@ -702,6 +710,10 @@ impl AgentConfig {
         }
         let bpf_pin_dir = raw.bpf_pin_dir.unwrap_or_else(|| contiv_common::DEFAULT_PIN_DIR.into());
         check_path("bpfPinDir", &bpf_pin_dir)?;
+        let node_lease_seconds = raw.node_lease_seconds.unwrap_or(DEFAULT_NODE_LEASE_SECONDS);
+        if !(2..=3600).contains(&node_lease_seconds) {
+            return Err(ConfigError::Invalid(format!("nodeLeaseSeconds {node_lease_seconds} is outside 2..=3600")));
+        }
         let dns = raw.dns.unwrap_or_default();
         if let Some(bad) = dns.nameservers.iter().find(|n| n.parse::<std::net::IpAddr>().is_err()) {
             return Err(ConfigError::Invalid(format!("dns.nameservers entry {bad:?} is not an IP address")));
@@ -728,6 +740,7 @@ impl AgentConfig {
             masquerade: raw.masquerade.unwrap_or(true),
             pod_rps: raw.pod_rps.unwrap_or(false),
             allow_private_bpffs: raw.allow_private_bpffs.unwrap_or(false),
+            node_lease_seconds,
             services,
             monitor,
             cni_socket,
@@ -888,6 +901,7 @@ mod tests {
         );
         assert!(c.masquerade);
         assert!(!c.pod_rps);
+        assert_eq!(c.node_lease_seconds, 60, "outlasts an agent upgrade");
         assert_eq!(c.cni_socket, PathBuf::from("/run/contiv/cni.sock"));
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/contiv"));
         assert_eq!(c.slowpath_host_ifname, "cslow0");
@@ -937,6 +951,8 @@ mod tests {
             ("podSubnet = \"10.1.1.0/31\"", "podSubnet"),
             ("slowpathHostIfname = \"this-name-is-way-too-long\"", "slowpathHostIfname"),
             ("podPrefixLen = 8", "podPrefixLen"),
+            ("nodeLeaseSeconds = 1", "nodeLeaseSeconds"),
+            ("nodeLeaseSeconds = 86400", "nodeLeaseSeconds"),
             ("etcdEndpoints = [\"127.0.0.1:2379\"]", "etcdEndpoints"),
             ("uplink = \"dpdk\"", "uplink"),
             ("uplinkInterface = \"a/b\"", "uplinkInterface"),

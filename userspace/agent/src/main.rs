@@ -187,7 +187,7 @@ async fn join(
     };
     let config = config.with_allocated_subnet(ipv4)?;
     log::info!("node {}: pod subnet {}, gateway {}", config.node_name, config.pod_subnet, config.gateway);
-    let registrations = cluster::registrations(&link).await;
+    let registrations = cluster::registrations(&link).await?;
     let listing = cluster::start_listing(&link);
     Ok((config, link, listing, registrations))
 }

@@ -148,14 +148,35 @@ pub struct Registration {
     pub lease: LeaseId,
     store: Arc<dyn Store>,
     keep_alive: JoinHandle<StoreError>,
+    /// How often the registration key is looked at (as often as the lease is kept alive).
+    check_every: Duration,
 }
 
 impl Registration {
-    /// Resolves when the lease is lost (expired or revoked): the agent should register again.
+    /// Resolves when the registration is lost: its lease expired or was revoked, or its key
+    /// was deleted or replaced while the lease lives (`etcdctl del`, a restore): the agent
+    /// should register again.
     pub async fn lost(&mut self) -> StoreError {
-        match (&mut self.keep_alive).await {
-            Ok(e) => e,
-            Err(join) => StoreError::Unavailable(format!("keep-alive task ended: {join}")),
+        let key = keys::node(&self.node.name);
+        let (store, lease, every) = (&self.store, self.lease, self.check_every);
+        let key_gone = async {
+            loop {
+                tokio::time::sleep(every).await;
+                match store.get(&key).await {
+                    Ok(Some(kv)) if kv.lease == lease => {}
+                    Ok(Some(_)) => return StoreError::Unavailable(format!("{key} was replaced")),
+                    Ok(None) => return StoreError::Unavailable(format!("{key} was deleted")),
+                    // The keep-alive says whether the store is gone for good.
+                    Err(_) => {}
+                }
+            }
+        };
+        tokio::select! {
+            ended = &mut self.keep_alive => match ended {
+                Ok(e) => e,
+                Err(join) => StoreError::Unavailable(format!("keep-alive task ended: {join}")),
+            },
+            e = key_gone => e,
         }
     }
 
@@ -244,7 +265,7 @@ impl NodeRegistry {
         let interval = Duration::from_millis((self.lease_ttl_secs as u64 * 1000 / 3).max(100));
         let keep_alive = contiv_store::spawn_keep_alive(self.store.clone(), lease, interval);
         log::info!("node {name} registered: id {}, pod CIDR {}", node.id, node.pod_cidr);
-        Ok(Registration { node, lease, store: self.store.clone(), keep_alive })
+        Ok(Registration { node, lease, store: self.store.clone(), keep_alive, check_every: interval })
     }
 
     /// Keeps `name` registered until `shutdown` resolves: registers, and when the lease is

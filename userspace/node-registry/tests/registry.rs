@@ -158,7 +158,7 @@ async fn malformed_claim_counts_as_taken() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_lease_is_re_registered_with_the_same_id() {
+async fn a_lost_lease_or_deleted_key_is_re_registered_with_the_same_id() {
     let server = EtcdServer::start().expect("etcd");
     let store = etcd_store(&server).await;
     let registry = NodeRegistry::new(store.clone(), IpamConfig::default()).unwrap();
@@ -206,6 +206,19 @@ async fn lost_lease_is_re_registered_with_the_same_id() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(present);
+    // The key deleted while its lease lives (`etcdctl del`): registered again too, else
+    // every other node would drop this one's routes until its agent restarts.
+    store.delete("/contiv/nodes/n").await.unwrap();
+    wait_for(3).await;
+    let mut back = false;
+    for _ in 0..100 {
+        if store.get("/contiv/nodes/n").await.unwrap().is_some() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the deleted registration was not written again");
     stop.send(()).unwrap();
     task.await.unwrap();
     assert!(store.get("/contiv/nodes/n").await.unwrap().is_none(), "withdrawn at shutdown");

@@ -477,8 +477,8 @@ fn plan_unit(
     for (port, port_name) in &ports {
         let id = id_of(port_name);
         let proto = proto_number(port.protocol).expect("programmed ports are TCP or UDP");
-        // Endpoint candidates of this port.
-        let mut cands: BTreeMap<(Ipv4Addr, u16), Candidate> = BTreeMap::new();
+        // Endpoint candidates of this port, each with whether its entry is terminating.
+        let mut cands: BTreeMap<(Ipv4Addr, u16), (bool, Candidate)> = BTreeMap::new();
         for sl in slices {
             if sl.address_type != AddressType::IPv4 {
                 continue;
@@ -504,24 +504,20 @@ fn plan_unit(
                         zone_hinted: !ep.hints_for_zones.is_empty(),
                         for_zone: zone.is_some_and(|z| ep.hints_for_zones.iter().any(|h| h == z)),
                     };
-                    // The same address in two slices (a slice being replaced): keep the best,
-                    // local if either says so (kube-proxy's rule).
-                    cands
-                        .entry((ip, number))
-                        .and_modify(|have| {
-                            have.local |= c.local;
-                            have.ready |= c.ready;
-                            have.serving_terminating |= c.serving_terminating;
-                            have.node_hinted |= c.node_hinted;
-                            have.for_node |= c.for_node;
-                            have.zone_hinted |= c.zone_hinted;
-                            have.for_zone |= c.for_zone;
-                        })
-                        .or_insert(c);
+                    // The same address twice (an endpoint moving between slices, or a
+                    // terminating pod's address already given to a new pod): one entry, as
+                    // kube-proxy's endpointslicecache keeps. A non-terminating entry replaces
+                    // a terminating one; otherwise the first stays. The entry kept decides
+                    // everything, local and hints too: conditions are never mixed.
+                    let terminating = ep.conditions.terminating;
+                    let have = cands.entry((ip, number)).or_insert((terminating, c));
+                    if have.0 && !terminating {
+                        *have = (false, c);
+                    }
                 }
             }
         }
-        let all: Vec<Candidate> = cands.into_values().collect();
+        let all: Vec<Candidate> = cands.into_values().map(|(_, c)| c).collect();
         if proto == IPPROTO_UDP {
             u.udp_serving
                 .extend(all.iter().filter(|c| c.ready || c.serving_terminating).map(|c| (id, c.ip.octets(), c.port)));
@@ -1551,28 +1547,63 @@ mod tests {
     }
 
     #[test]
-    fn an_endpoint_is_its_first_address_and_local_if_any_slice_says_so() {
+    fn an_endpoint_is_its_first_address_and_the_entry_kept_decides_local() {
         let s = svc("web", "10.96.0.30", vec![port("", Protocol::Tcp, 80, PortRef::Number(8080))]);
         let ports = || vec![("", Protocol::Tcp, 8080)];
         // Further addresses of an endpoint are not backends of their own.
         let mut two = ep("10.1.2.7", "n2", true, true, false);
         two.addresses.push("10.1.2.8".parse().unwrap());
-        // The same address in a slice without a node name, then in one that places it here.
+        // The same address in a slice without a node name, then in one that places it here:
+        // neither terminates, so the first stays, not local (kube-proxy keeps one entry).
         let mut unplaced = ep("10.1.1.5", "n1", true, true, false);
         unplaced.node_name = None;
+        // A terminating entry elsewhere, then a running one here: the running one replaces it.
         let p = run(
             std::slice::from_ref(&s),
             &[
-                slice("web-a", "web", ports(), vec![two, unplaced]),
-                slice("web-b", "web", ports(), vec![ep("10.1.1.5", "n1", true, true, false)]),
+                slice("web-a", "web", ports(), vec![two, unplaced, ep("10.1.1.6", "n2", false, true, true)]),
+                slice(
+                    "web-b",
+                    "web",
+                    ports(),
+                    vec![ep("10.1.1.5", "n1", true, true, false), ep("10.1.1.6", "n1", true, true, false)],
+                ),
             ],
         );
         let fe = frontend(&p, "10.96.0.30", 80, IPPROTO_TCP);
         assert_eq!(
             backends_of(&p, fe.svc_id),
-            vec![("10.1.1.5".parse().unwrap(), 8080), ("10.1.2.7".parse().unwrap(), 8080)]
+            vec![
+                ("10.1.1.5".parse().unwrap(), 8080),
+                ("10.1.1.6".parse().unwrap(), 8080),
+                ("10.1.2.7".parse().unwrap(), 8080)
+            ]
         );
-        assert_eq!((fe.count, fe.local_count), (2, 1), "10.1.1.5 is this node's");
+        assert_eq!((fe.count, fe.local_count), (3, 1), "only 10.1.1.6 is this node's");
+        let local = p.backends[&SvcBackendKey { svc_id: fe.svc_id, ordinal: SVC_LOCAL_BASE }];
+        assert_eq!(local.ip, [10, 1, 1, 6]);
+    }
+
+    /// One address in two slices: a serving-and-terminating entry and a running, not yet
+    /// serving one (a new pod given the old pod's address). kube-proxy keeps the running
+    /// entry alone, so there is no backend, in either order; mixing their conditions would
+    /// send traffic to the new pod before it is ready.
+    #[test]
+    fn a_running_entry_replaces_a_terminating_one_of_the_same_address() {
+        let s = svc("web", "10.96.0.32", vec![port("", Protocol::Tcp, 80, PortRef::Number(8080))]);
+        let ports = || vec![("", Protocol::Tcp, 8080)];
+        let old = || slice("web-a", "web", ports(), vec![ep("10.1.0.5", "n1", false, true, true)]);
+        let new = || slice("web-b", "web", ports(), vec![ep("10.1.0.5", "n1", false, false, false)]);
+        for slices in [[old(), new()], [new(), old()]] {
+            let p = run(std::slice::from_ref(&s), &slices);
+            let fe = frontend(&p, "10.96.0.32", 80, IPPROTO_TCP);
+            assert!(backends_of(&p, fe.svc_id).is_empty(), "{:?}", p.backends);
+            assert_eq!((fe.count, fe.local_count), (0, 0));
+        }
+        // Alone, the terminating entry is a fallback backend.
+        let p = run(std::slice::from_ref(&s), &[old()]);
+        let fe = frontend(&p, "10.96.0.32", 80, IPPROTO_TCP);
+        assert_eq!(backends_of(&p, fe.svc_id), vec![("10.1.0.5".parse().unwrap(), 8080)]);
     }
 
     #[test]

@@ -123,7 +123,17 @@ fn labels_of(meta: &meta::ObjectMeta) -> Labels {
 /// An address as Kubernetes reads one (`ParseIPSloppy`): IPv4 fields may carry leading
 /// zeros, read as decimal, which the API server let into objects made before it refused
 /// them ("010.001.002.003" is 10.1.2.3). Anything else as the standard parser reads it.
+/// An IPv4-mapped IPv6 address (`::ffff:10.1.0.6`) is the IPv4 address it maps, as it is to
+/// Kubernetes (Go's `To4` reads it so: an IPv4 EndpointSlice may hold one).
 fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
+    parse_ip_as_written(s).map(|a| match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
+    })
+}
+
+/// [`parse_ip_sloppy`] without reading a mapped IPv6 address as IPv4.
+fn parse_ip_as_written(s: &str) -> Option<IpAddr> {
     if let Ok(a) = s.parse::<IpAddr>() {
         return Some(a);
     }
@@ -141,13 +151,22 @@ fn parse_ip_sloppy(s: &str) -> Option<IpAddr> {
 }
 
 /// A prefix as Kubernetes reads one (`ParseCIDRSloppy`): address as [`parse_ip_sloppy`],
-/// then `/` and the prefix length; host bits are cleared.
+/// then `/` and the prefix length; host bits are cleared. The length of an IPv4-mapped IPv6
+/// address counts its 128 bits: what remains mapped (`::ffff:10.0.0.0/104`) is the IPv4
+/// prefix of 96 bits less (10.0.0.0/8), as Go's `IPNet` reads it.
 fn parse_cidr_sloppy(s: &str) -> Option<IpNet> {
     let (addr, len) = s.split_once('/')?;
     if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    IpNet::new(parse_ip_sloppy(addr)?, len.parse().ok()?).ok().map(|n| n.trunc())
+    let net = IpNet::new(parse_ip_as_written(addr)?, len.parse().ok()?).ok()?.trunc();
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(IpAddr::V4(v4), n.prefix_len() - 96).ok(),
+            None => Some(net),
+        },
+        _ => Some(net),
+    }
 }
 
 fn ip(field: &str, s: &str) -> Result<IpAddr, ConvertError> {
@@ -287,17 +306,32 @@ impl ToModel for core::Pod {
             for (pi, p) in c.ports.iter().flatten().enumerate() {
                 let f = format!("spec.{list}[{ci}].ports[{pi}]");
                 let app = list == "containers";
+                let mut host_port = if app { optional_port(&format!("{f}.hostPort"), p.host_port)? } else { None };
+                // Unset, empty and 0.0.0.0 all mean every node address.
+                let mut host_ip = None;
+                if let Some(a) = p.host_ip.as_deref().filter(|a| app && !a.is_empty()) {
+                    match parse_ip_sloppy(a.trim()) {
+                        Some(a) => host_ip = Some(a).filter(|a| !a.is_unspecified()),
+                        // The API server does not check hostIP (`localhost` gets in). Only
+                        // the host port mapping is lost: the pod and its port (a named
+                        // port's number) stay, or the pod would drop out of policy.
+                        None => {
+                            if let Some(hp) = host_port.take() {
+                                log::warn!(
+                                    "pod {}/{}: {f}.hostIP {a:?} is not an IP address; its hostPort {hp} is not mapped",
+                                    self.metadata.namespace.as_deref().unwrap_or_default(),
+                                    self.metadata.name.as_deref().unwrap_or_default(),
+                                );
+                            }
+                        }
+                    }
+                }
                 container_ports.push(ContainerPort {
                     name: p.name.clone().filter(|n| !n.is_empty()),
                     protocol: protocol(&format!("{f}.protocol"), p.protocol.as_deref())?,
                     port: port(&format!("{f}.containerPort"), p.container_port)?,
-                    host_port: if app { optional_port(&format!("{f}.hostPort"), p.host_port)? } else { None },
-                    // Unset, empty and 0.0.0.0 all mean every node address.
-                    host_ip: match p.host_ip.as_deref() {
-                        None | Some("") => None,
-                        Some(a) if app => Some(ip(&format!("{f}.hostIP"), a)?).filter(|a| !a.is_unspecified()),
-                        Some(_) => None,
-                    },
+                    host_port,
+                    host_ip,
                 });
             }
         }
@@ -323,7 +357,12 @@ impl ToModel for core::Namespace {
     }
 
     fn to_model(&self) -> Result<Namespace, ConvertError> {
-        Ok(Namespace { name: name_of(&self.metadata)?, labels: labels_of(&self.metadata) })
+        let name = name_of(&self.metadata)?;
+        let mut labels = labels_of(&self.metadata);
+        // The API server sets this label to the name on every write, whatever the client
+        // sent; a namespace from YAML converts the same.
+        labels.insert(LABEL_NAMESPACE_NAME.to_string(), name.clone());
+        Ok(Namespace { name, labels })
     }
 }
 
@@ -374,8 +413,10 @@ impl ToModel for core::Service {
                     name: p.name.clone().unwrap_or_default(),
                     protocol: protocol(&format!("{f}.protocol"), p.protocol.as_deref())?,
                     port: number,
+                    // Unset, 0 and "" are `port` (the API server's SetDefaults_Service).
                     target_port: match &p.target_port {
-                        None => PortRef::Number(number),
+                        None | Some(IntOrString::Int(0)) => PortRef::Number(number),
+                        Some(IntOrString::String(s)) if s.is_empty() => PortRef::Number(number),
                         Some(t) => port_ref(&format!("{f}.targetPort"), t)?,
                     },
                     node_port: optional_port(&format!("{f}.nodePort"), p.node_port)?,

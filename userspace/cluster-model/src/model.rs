@@ -103,6 +103,9 @@ pub struct ContainerPort {
 
 // === Namespace ===
 
+/// Label every namespace carries, its name (the API server sets it).
+pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+
 /// A namespace: its labels (network policy namespace selectors match these).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Namespace {

@@ -143,11 +143,51 @@ fn pod_host_ports_and_host_ips() {
     let bytes = String::from_utf8(encode(&m)).unwrap();
     assert!(bytes.contains(r#""port":53,"host_port":5353}"#), "{bytes}");
     assert!(bytes.contains(r#""port":7070}"#), "{bytes}");
-    let bad: core::Pod = from_json(json!({
-        "metadata": {"name": "p", "namespace": "d"},
-        "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80, "hostIP": "nope"}]}]}
+}
+
+/// The API server does not check hostIP, so `localhost` gets in. Refusing the pod would
+/// drop it from the store (and from policy); only that port's host mapping is lost.
+#[test]
+fn a_host_ip_that_is_no_address_loses_only_its_host_port() {
+    let pod: core::Pod = from_json(json!({
+        "metadata": {"name": "p", "namespace": "d", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "c", "ports": [
+            {"name": "http", "containerPort": 80, "hostPort": 8080, "hostIP": "localhost"},
+            {"name": "dns", "containerPort": 53, "protocol": "UDP", "hostPort": 53, "hostIP": "10.0.0.1"},
+            {"name": "admin", "containerPort": 9000, "hostIP": "nope"}]}]},
+        "status": {"podIP": "10.1.0.5"}
     }));
-    assert_eq!(bad.to_model().unwrap_err().field(), "spec.containers[0].ports[0].hostIP");
+    let m = pod.to_model().expect("the pod converts");
+    assert_eq!(m.ips, vec!["10.1.0.5".parse::<IpAddr>().unwrap()]);
+    assert_eq!(m.labels, labels(&[("app", "web")]));
+    assert_eq!(
+        m.container_ports,
+        vec![
+            ContainerPort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 80,
+                host_port: None,
+                host_ip: None
+            },
+            ContainerPort {
+                name: Some("dns".into()),
+                protocol: Protocol::Udp,
+                port: 53,
+                host_port: Some(53),
+                host_ip: Some("10.0.0.1".parse().unwrap())
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                protocol: Protocol::Tcp,
+                port: 9000,
+                host_port: None,
+                host_ip: None
+            },
+        ]
+    );
+    // The named port still resolves.
+    assert_eq!(m.resolve_port(&PortRef::Name("http".into()), Protocol::Tcp), Some(80));
 }
 
 #[test]
@@ -173,6 +213,19 @@ fn pod_errors_name_the_field() {
     assert_eq!(no_name.model_ref().unwrap_err().field(), "metadata.name");
     let slash: core::Pod = from_json(json!({"metadata": {"name": "a/b", "namespace": "d"}}));
     assert!(matches!(slash.to_model(), Err(ConvertError::Invalid { .. })));
+}
+
+/// The API server keeps `kubernetes.io/metadata.name` equal to the name, whatever a client
+/// sends; a namespace from YAML (netctl) converts the same.
+#[test]
+fn namespace_name_label_is_always_the_name() {
+    for given in [json!({"env": "prod"}), json!({"env": "prod", "kubernetes.io/metadata.name": "other"}), json!(null)] {
+        let ns: core::Namespace = from_json(json!({"metadata": {"name": "shop", "labels": given}}));
+        let m = ns.to_model().unwrap();
+        assert_eq!(m.labels.get(LABEL_NAMESPACE_NAME).map(String::as_str), Some("shop"), "{given}");
+        assert_eq!(m.labels.contains_key("env"), !given.is_null(), "{given}");
+        assert_eq!(m.labels.len(), if given.is_null() { 1 } else { 2 }, "{given}");
+    }
 }
 
 #[test]
@@ -329,9 +382,17 @@ fn service_defaults_headless_and_ignore_labels() {
     assert!(m.headless && m.headless_label && m.cluster_ips.is_empty());
     assert!(m.ignored_by_proxy(None));
 
+    // targetPort 0 and "" are `port`, as the API server defaults them (SetDefaults_Service).
+    let zero: core::Service = from_json(json!({
+        "metadata": {"name": "s", "namespace": "d"},
+        "spec": {"ports": [{"port": 80}, {"port": 81, "targetPort": 0}, {"port": 82, "targetPort": ""},
+                           {"port": 83, "targetPort": "web"}]}
+    }));
+    let targets: Vec<PortRef> = zero.to_model().unwrap().ports.into_iter().map(|p| p.target_port).collect();
+    assert_eq!(targets, [PortRef::Number(80), PortRef::Number(81), PortRef::Number(82), PortRef::Name("web".into())]);
     let bad: core::Service = from_json(json!({
         "metadata": {"name": "s", "namespace": "d"},
-        "spec": {"ports": [{"port": 80}, {"port": 81, "targetPort": 0}]}
+        "spec": {"ports": [{"port": 80}, {"port": 81, "targetPort": 70000}]}
     }));
     assert_eq!(bad.to_model().unwrap_err().field(), "spec.ports[1].targetPort");
     let bad_type: core::Service =
@@ -427,6 +488,40 @@ fn an_endpointslice_port_out_of_range_is_that_port_unusable_not_the_slice() {
     let ports: Vec<(&str, Option<u16>)> = m.ports.iter().map(|p| (p.name.as_str(), p.port)).collect();
     assert_eq!(ports, vec![("a", None), ("c", None), ("b", Some(8080))]);
     assert_eq!(m.endpoints.len(), 1);
+}
+
+/// An IPv4-mapped IPv6 address is IPv4 to Kubernetes (Go's ParseIPSloppy, then To4): in an
+/// IPv4 slice, in externalIPs and load balancer addresses, and as a prefix.
+#[test]
+fn ipv4_mapped_ipv6_addresses_are_ipv4() {
+    let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+    let es: discovery::EndpointSlice = from_json(json!({
+        "metadata": {"name": "e", "namespace": "d"}, "addressType": "IPv4",
+        "endpoints": [{"addresses": ["::ffff:10.1.0.6"]}, {"addresses": ["10.1.0.7"]}]
+    }));
+    let m = es.to_model().expect("an IPv4 slice");
+    assert_eq!(m.endpoints[0].addresses, [v4("10.1.0.6")]);
+    assert!(m.endpoints[0].addresses[0].is_ipv4());
+    let v6: discovery::EndpointSlice = from_json(json!({
+        "metadata": {"name": "e", "namespace": "d"}, "addressType": "IPv6",
+        "endpoints": [{"addresses": ["fd00::1"]}, {"addresses": ["::ffff:10.1.0.6"]}]
+    }));
+    assert_eq!(v6.to_model().unwrap_err().field(), "endpoints[1].addresses[0]");
+
+    let svc: core::Service = from_json(json!({
+        "metadata": {"name": "s", "namespace": "d"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.9", "ports": [{"port": 80}],
+                 "externalIPs": ["::ffff:203.0.113.7", "2001:db8::7"],
+                 "loadBalancerSourceRanges": ["::ffff:10.0.0.0/104", "::ffff:0:0/96", "::ffff:10.0.0.0/64"]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "::ffff:198.51.100.1"}]}}
+    }));
+    let m = svc.to_model().unwrap();
+    assert_eq!(m.external_ips, [v4("203.0.113.7"), v4("2001:db8::7")]);
+    assert_eq!(m.load_balancer_ips, [v4("198.51.100.1")]);
+    // The length counts 128 bits: what stays mapped is IPv4 (Go's IPNet reads it so);
+    // a shorter one clears the mapping and is IPv6.
+    let want: Vec<IpNet> = ["10.0.0.0/8", "0.0.0.0/0", "::/64"].iter().map(|n| n.parse().unwrap()).collect();
+    assert_eq!(m.load_balancer_source_ranges, want);
 }
 
 #[test]
@@ -545,6 +640,9 @@ fn networkpolicy_defaults_and_errors() {
         ),
         (json!({"ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort"),
         (json!({"ingress": [{"ports": [{"port": 100, "endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort"),
+        // Unlike a Service's targetPort, a policy port of 0 or "" is no default: invalid.
+        (json!({"ingress": [{"ports": [{"port": 0}]}]}), "spec.ingress[0].ports[0].port"),
+        (json!({"egress": [{"ports": [{"port": ""}]}]}), "spec.egress[0].ports[0].port"),
         (
             json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}}),
             "spec.podSelector.matchExpressions[0].operator",

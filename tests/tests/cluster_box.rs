@@ -325,6 +325,36 @@ fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
     assert!(ping(&b, &p1.id(), p3.ip), "traffic resumes");
 }
 
+/// Routes the kernel flushed behind the agent's back (the overlay device bounced by an
+/// operator or a network manager) come back with the next resync.
+#[test]
+fn routes_flushed_behind_the_agents_back_come_back() {
+    let mut opts = BoxOptions::for_test(2);
+    opts.agent_config = "resyncSeconds = 2\n".into();
+    let mut b = ClusterBox::up(opts);
+    let p1 = b.add_pod("node-1", "default/a", &[], &[]);
+    let p2 = b.add_pod("node-2", "default/b", &[], &[]);
+    assert!(ping(&b, &p1.id(), p2.ip));
+    let ours = |b: &ClusterBox| {
+        let out = b.cmd("node-1", "ip").args(["-4", "route", "show", "proto", "84"]).output().expect("ip route");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = ours(&b);
+    // The device the routes to node-2's pods use.
+    let dev = before
+        .lines()
+        .filter(|l| !l.contains("/32"))
+        .find_map(|l| l.split_whitespace().skip_while(|w| *w != "dev").nth(1).map(str::to_owned))
+        .unwrap_or_else(|| panic!("no route to another node's pods in {before:?}"));
+    for state in ["down", "up"] {
+        let out = b.cmd("node-1", "ip").args(["link", "set", &dev, state]).output().expect("ip link");
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_ne!(ours(&b), before, "bouncing {dev} flushed no route: the test shows nothing");
+    b.wait_for(Duration::from_secs(15), "node-1's routes are back", || ours(&b) == before);
+    assert!(ping(&b, &p1.id(), p2.ip), "traffic to node-2's pods resumes");
+}
+
 #[test]
 fn an_agent_restart_keeps_an_established_cross_node_tcp_flow() {
     let mut b = ClusterBox::up(BoxOptions::for_test(2));

@@ -138,6 +138,9 @@ pub struct Agent {
     model_synced: std::sync::atomic::AtomicBool,
     /// The same, for ADDs waiting for it ([`wait_for_model`]).
     model_synced_signal: tokio::sync::watch::Sender<bool>,
+    /// The last apply of the node's plan failed somewhere: [`Agent::resync`] soon, not only
+    /// at the next periodic one.
+    apply_failed: std::sync::atomic::AtomicBool,
     policy_problems: std::sync::Mutex<Vec<String>>,
     /// What changed for the service plan since the service task last looked.
     service_changes: std::sync::Mutex<crate::services::ServiceChanges>,
@@ -551,6 +554,7 @@ impl Agent {
             attachment_locks: std::sync::Mutex::new(HashMap::new()),
             model_synced: std::sync::atomic::AtomicBool::new(false),
             model_synced_signal: tokio::sync::watch::Sender::new(false),
+            apply_failed: std::sync::atomic::AtomicBool::new(false),
             policy_problems: std::sync::Mutex::new(vec![]),
             service_changes: std::sync::Mutex::new(crate::services::ServiceChanges::everything()),
             proxy_health,
@@ -687,9 +691,21 @@ impl Agent {
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
         let plan = self.plan(inner);
-        if let Err(e) = inner.applier.apply(&mut inner.datapath, &plan).await {
+        let applied = inner.applier.apply(&mut inner.datapath, &plan).await;
+        if let Err(e) = self.applied(applied) {
             log::error!("applying cluster changes: {e}");
         }
+    }
+
+    /// Notes whether an apply of the node's plan failed (a resync follows soon if so).
+    fn applied(&self, r: Result<(), crate::apply::ApplyError>) -> Result<(), crate::apply::ApplyError> {
+        self.apply_failed.store(r.is_err(), std::sync::atomic::Ordering::Release);
+        r
+    }
+
+    /// Whether the last apply of the node's plan failed somewhere.
+    pub fn apply_failed(&self) -> bool {
+        self.apply_failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Brings maps, routes and programs in line with the persisted attachments after a
@@ -780,7 +796,8 @@ impl Agent {
         inner.registrations = registrations;
         let plan = self.plan(inner);
         let before = inner.applier.installed().remote_routes.len();
-        match inner.applier.apply(&mut inner.datapath, &plan).await {
+        let applied = inner.applier.apply(&mut inner.datapath, &plan).await;
+        match self.applied(applied) {
             Ok(()) => {
                 let after = inner.applier.installed().remote_routes.len();
                 if before != after {
@@ -791,13 +808,14 @@ impl Agent {
         }
     }
 
-    /// Re-reads what the kernel holds and converges it (after a store reconnect, or
-    /// periodically): repairs what someone else changed.
+    /// Re-reads what the kernel holds and converges it (every `resyncSeconds`, and soon
+    /// after an apply failed): repairs what someone else changed.
     pub async fn resync(&self) {
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
         let plan = self.plan(inner);
-        if let Err(e) = inner.applier.resync(&mut inner.datapath, &plan).await {
+        let synced = inner.applier.resync(&mut inner.datapath, &plan).await;
+        if let Err(e) = self.applied(synced) {
             log::error!("dataplane resync: {e}");
         }
     }
@@ -1001,7 +1019,8 @@ impl Agent {
         }
         // Whatever the failed ADD installed for the pod (map entries, routes) goes with it.
         let plan = self.plan(inner);
-        if let Err(err) = inner.applier.apply(&mut inner.datapath, &plan).await {
+        let applied = inner.applier.apply(&mut inner.datapath, &plan).await;
+        if let Err(err) = self.applied(applied) {
             log::error!("removing {} from the datapath after a failed ADD: {err}", attachment.ip);
         }
         inner.applier.forget_counters(&mut inner.datapath, attachment.ip);
@@ -1080,7 +1099,16 @@ impl Agent {
         persisted.map_err(|e| CniError::new(codes::IO_FAILURE, "persisting the attachment", e.to_string()))?;
         let plan = self.plan(inner);
         let applied = inner.applier.apply(&mut inner.datapath, &plan).instrument(phase("map_update")).await;
-        applied.map_err(|e| internal("programming the datapath", e))
+        match self.applied(applied) {
+            Ok(()) => Ok(()),
+            // Something else failed (another node's route, say): this pod is wired; the
+            // resync that follows tries the rest again.
+            Err(e) if inner.applier.pod_installed(&plan, attachment.ip, attachment.host_ifindex) => {
+                log::error!("ADD {}: the pod is wired, but applying the node's plan failed: {e}", attachment.ip);
+                Ok(())
+            }
+            Err(e) => Err(internal("programming the datapath", e)),
+        }
     }
 
     /// CNI DEL: idempotent; an attachment, interface or namespace already gone is success.
@@ -1114,8 +1142,15 @@ impl Agent {
             inner.leaving.insert(key.clone());
             let plan = self.plan(inner);
             let removed = inner.applier.apply(&mut inner.datapath, &plan).instrument(phase("map_remove")).await;
-            if let Err(e) = removed {
-                first_err.get_or_insert(internal("removing the pod from the datapath", e));
+            match self.applied(removed) {
+                Ok(()) => {}
+                // Its own entries are gone; what failed is someone else's (retried).
+                Err(e) if inner.applier.pod_installed(&plan, a.ip, a.host_ifindex) => {
+                    log::error!("DEL {}: the pod is unwired, but applying the node's plan failed: {e}", a.ip);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(internal("removing the pod from the datapath", e));
+                }
             }
         }
         // Its hostPorts go with it (the service task takes it out of every plan while it
@@ -1138,7 +1173,8 @@ impl Agent {
             inner.applier.forget_counters(&mut inner.datapath, a.ip);
         } else {
             let plan = self.plan(inner);
-            if let Err(e) = inner.applier.apply(&mut inner.datapath, &plan).await {
+            let applied = inner.applier.apply(&mut inner.datapath, &plan).await;
+            if let Err(e) = self.applied(applied) {
                 log::error!("putting {} back in the datapath after a failed DEL: {e}", a.ip);
             }
         }

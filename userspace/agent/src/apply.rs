@@ -46,6 +46,33 @@ pub enum ApplyError {
     Routes(String),
     #[error("masquerade rules: {0}")]
     Masquerade(String),
+    #[error("{first} (and {more} more failures)")]
+    Several { first: Box<ApplyError>, more: usize },
+}
+
+/// The failures of one apply: the first, and how many more.
+#[derive(Default)]
+struct Failures {
+    first: Option<ApplyError>,
+    more: usize,
+}
+
+impl Failures {
+    fn note(&mut self, e: impl Into<ApplyError>) {
+        if self.first.is_none() {
+            self.first = Some(e.into());
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn into_result(self) -> Result<(), ApplyError> {
+        match self.first {
+            None => Ok(()),
+            Some(first) if self.more == 0 => Err(first),
+            Some(first) => Err(ApplyError::Several { first: Box::new(first), more: self.more }),
+        }
+    }
 }
 
 /// Installs plans; remembers what it installed.
@@ -89,8 +116,11 @@ impl Applier {
         result
     }
 
-    /// Installs what differs between `plan` and what was installed. Stops at the first
-    /// failure (what was installed before it is remembered, so the next apply resumes).
+    /// Installs what differs between `plan` and what was installed. An entry that fails is
+    /// left out of what was installed (the next apply tries it again) and the rest goes on:
+    /// one entry that cannot be written (a route the kernel refuses, a full map) must not
+    /// hold back every other pod's and node's entries, nor the removals. Returns the first
+    /// failure (and how many more there were).
     pub async fn apply(&mut self, datapath: &mut Datapath, plan: &Plan) -> Result<(), ApplyError> {
         // Policy not known yet (the cluster model is loading): keep what is installed,
         // isolation bits included.
@@ -106,50 +136,86 @@ impl Applier {
                 &preserved
             }
         };
+        let mut failed = Failures::default();
         let empty = BTreeMap::new();
         let want_policy = plan.policy.as_ref().unwrap_or(&empty);
         // 1. Node-wide configuration and the entries traffic will be sent to.
         if self.installed.config != plan.config {
-            datapath.set_config(plan.config)?;
-            self.installed.config = plan.config;
+            match datapath.set_config(plan.config) {
+                Ok(()) => self.installed.config = plan.config,
+                Err(e) => failed.note(e),
+            }
         }
-        // Allow entries before the isolation bits that make the datapath read them.
+        // Allow entries before the isolation bits that make the datapath read them (an
+        // allow entry that failed leaves its pod more isolated, never less).
         let installed_policy = self.installed.policy.get_or_insert_with(BTreeMap::new);
         for (key, value) in changed(installed_policy, want_policy) {
-            datapath.put_policy(&key, value)?;
-            installed_policy.insert(key, value);
+            match datapath.put_policy(&key, value) {
+                Ok(()) => {
+                    installed_policy.insert(key, value);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         for (ip, ep) in changed(&self.installed.pods, &plan.pods) {
-            datapath.put_pod(ip, ep)?;
-            self.installed.pods.insert(ip, ep);
+            match datapath.put_pod(ip, ep) {
+                Ok(()) => {
+                    self.installed.pods.insert(ip, ep);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         for (ifindex, ep) in changed(&self.installed.pod_ifaces, &plan.pod_ifaces) {
-            datapath.put_pod_iface(ifindex, ep)?;
-            self.installed.pod_ifaces.insert(ifindex, ep);
+            match datapath.put_pod_iface(ifindex, ep) {
+                Ok(()) => {
+                    self.installed.pod_ifaces.insert(ifindex, ep);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         for (cookie, kind) in changed(&self.installed.netns, &plan.netns) {
-            datapath.put_node_netns(cookie, kind)?;
-            self.installed.netns.insert(cookie, kind);
+            match datapath.put_node_netns(cookie, kind) {
+                Ok(()) => {
+                    self.installed.netns.insert(cookie, kind);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         for (prefix, route) in changed(&self.installed.remote_routes, &plan.remote_routes) {
-            datapath.put_remote_route(prefix, route)?;
-            self.installed.remote_routes.insert(prefix, route);
+            match datapath.put_remote_route(prefix, route) {
+                Ok(()) => {
+                    self.installed.remote_routes.insert(prefix, route);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         // 2. Kernel routes and neighbours pointing at them.
         for ((ifindex, ip), mac) in changed(&self.installed.host_neighbours, &plan.host_neighbours) {
-            if self.put_neighbour(ifindex, ip, mac).await? {
-                self.installed.host_neighbours.insert((ifindex, ip), mac);
+            match self.put_neighbour(ifindex, ip, mac).await {
+                Ok(true) => {
+                    self.installed.host_neighbours.insert((ifindex, ip), mac);
+                }
+                Ok(false) => {}
+                Err(e) => failed.note(e),
             }
         }
         for (dst, route) in changed(&self.installed.host_routes, &plan.host_routes) {
-            if self.put_route(dst, route).await? {
-                self.installed.host_routes.insert(dst, route);
+            match self.put_route(dst, route).await {
+                Ok(true) => {
+                    self.installed.host_routes.insert(dst, route);
+                }
+                Ok(false) => {}
+                Err(e) => failed.note(e),
             }
         }
         // 3. What is gone: routes first, then the entries they led to.
         for dst in removed(&self.installed.host_routes, &plan.host_routes) {
-            self.delete_route(dst, self.installed.host_routes[&dst]).await?;
-            self.installed.host_routes.remove(&dst);
+            match self.delete_route(dst, self.installed.host_routes[&dst]).await {
+                Ok(()) => {
+                    self.installed.host_routes.remove(&dst);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         for key in removed(&self.installed.host_neighbours, &plan.host_neighbours) {
             // The neighbour of a deleted pod went with its veth; others are removed here.
@@ -157,40 +223,75 @@ impl Applier {
             self.installed.host_neighbours.remove(&key);
         }
         for prefix in removed(&self.installed.remote_routes, &plan.remote_routes) {
-            datapath.delete_remote_route(prefix)?;
-            self.installed.remote_routes.remove(&prefix);
+            match datapath.delete_remote_route(prefix) {
+                Ok(()) => {
+                    self.installed.remote_routes.remove(&prefix);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         for cookie in removed(&self.installed.netns, &plan.netns) {
-            datapath.delete_node_netns(cookie)?;
-            self.installed.netns.remove(&cookie);
+            match datapath.delete_node_netns(cookie) {
+                Ok(()) => {
+                    self.installed.netns.remove(&cookie);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         for ifindex in removed(&self.installed.pod_ifaces, &plan.pod_ifaces) {
-            datapath.delete_pod_iface(ifindex)?;
-            self.installed.pod_ifaces.remove(&ifindex);
+            match datapath.delete_pod_iface(ifindex) {
+                Ok(()) => {
+                    self.installed.pod_ifaces.remove(&ifindex);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         for ip in removed(&self.installed.pods, &plan.pods) {
-            datapath.delete_pod(ip)?;
-            self.installed.pods.remove(&ip);
+            match datapath.delete_pod(ip) {
+                Ok(()) => {
+                    self.installed.pods.remove(&ip);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         // Entries nothing reads any more (their pods' isolation bits are gone already).
         let installed_policy = self.installed.policy.get_or_insert_with(BTreeMap::new);
         for key in removed(installed_policy, want_policy) {
-            datapath.delete_policy(&key)?;
-            installed_policy.remove(&key);
+            match datapath.delete_policy(&key) {
+                Ok(()) => {
+                    installed_policy.remove(&key);
+                }
+                Err(e) => failed.note(e),
+            }
         }
         // Counters follow the pods: new pods start at zero, departed pods' counters go.
         for ip in plan.pods.keys() {
-            datapath.ensure_counters(*ip)?;
+            if let Err(e) = datapath.ensure_counters(*ip) {
+                failed.note(e);
+            }
         }
         // 4. Masquerade rules (one atomic nft transaction).
         if self.installed.masquerade != plan.masquerade {
-            match &plan.masquerade {
-                Some(m) => install_nft_masquerade(m).map_err(ApplyError::Masquerade)?,
-                None => remove_nft_table().map_err(ApplyError::Masquerade)?,
+            let done = match &plan.masquerade {
+                Some(m) => install_nft_masquerade(m),
+                None => remove_nft_table(),
+            };
+            match done {
+                Ok(()) => self.installed.masquerade = plan.masquerade.clone(),
+                Err(e) => failed.note(ApplyError::Masquerade(e)),
             }
-            self.installed.masquerade = plan.masquerade.clone();
         }
-        Ok(())
+        failed.into_result()
+    }
+
+    /// Whether `plan`'s entries of the pod with this address and host interface are what
+    /// is installed (an apply that failed elsewhere still wired this pod).
+    pub fn pod_installed(&self, plan: &Plan, ip: Ipv4Addr, host_ifindex: u32) -> bool {
+        let route = Ipv4Net::from(ip);
+        self.installed.pods.get(&ip) == plan.pods.get(&ip)
+            && self.installed.pod_ifaces.get(&host_ifindex) == plan.pod_ifaces.get(&host_ifindex)
+            && self.installed.host_routes.get(&route) == plan.host_routes.get(&route)
+            && self.installed.host_neighbours.get(&(host_ifindex, ip)) == plan.host_neighbours.get(&(host_ifindex, ip))
     }
 
     /// Removes a departed pod's counters (called when its attachment is gone).

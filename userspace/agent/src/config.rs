@@ -67,6 +67,7 @@ struct RawConfig {
     pod_rps: Option<bool>,
     allow_private_bpffs: Option<bool>,
     node_lease_seconds: Option<u32>,
+    resync_seconds: Option<u32>,
     etcd_tls: Option<contiv_store::TlsConfig>,
     uplink: Option<Uplink>,
     vpp: Option<VppConfig>,
@@ -418,6 +419,9 @@ pub struct AgentConfig {
     /// agent has been away this long. Longer than an agent restart or upgrade takes (the
     /// pods forward without their agent meanwhile). Default 60 s.
     pub node_lease_seconds: u32,
+    /// How often the node's plan (pod entries, routes, neighbours, policy, masquerade) is
+    /// compared with what the kernel holds and repaired. Default 60 s.
+    pub resync_seconds: u32,
     /// The CNI gRPC socket (mode 0600). Default /run/contiv/cni.sock.
     pub cni_socket: PathBuf,
     /// Where the agent keeps its state (IPAM, attachments). Default /var/lib/contiv.
@@ -714,6 +718,10 @@ impl AgentConfig {
         if !(2..=3600).contains(&node_lease_seconds) {
             return Err(ConfigError::Invalid(format!("nodeLeaseSeconds {node_lease_seconds} is outside 2..=3600")));
         }
+        let resync_seconds = raw.resync_seconds.unwrap_or(60);
+        if !(1..=3600).contains(&resync_seconds) {
+            return Err(ConfigError::Invalid(format!("resyncSeconds {resync_seconds} is outside 1..=3600")));
+        }
         let dns = raw.dns.unwrap_or_default();
         if let Some(bad) = dns.nameservers.iter().find(|n| n.parse::<std::net::IpAddr>().is_err()) {
             return Err(ConfigError::Invalid(format!("dns.nameservers entry {bad:?} is not an IP address")));
@@ -741,6 +749,7 @@ impl AgentConfig {
             pod_rps: raw.pod_rps.unwrap_or(false),
             allow_private_bpffs: raw.allow_private_bpffs.unwrap_or(false),
             node_lease_seconds,
+            resync_seconds,
             services,
             monitor,
             cni_socket,
@@ -902,6 +911,7 @@ mod tests {
         assert!(c.masquerade);
         assert!(!c.pod_rps);
         assert_eq!(c.node_lease_seconds, 60, "outlasts an agent upgrade");
+        assert_eq!(c.resync_seconds, 60);
         assert_eq!(c.cni_socket, PathBuf::from("/run/contiv/cni.sock"));
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/contiv"));
         assert_eq!(c.slowpath_host_ifname, "cslow0");
@@ -952,6 +962,7 @@ mod tests {
             ("slowpathHostIfname = \"this-name-is-way-too-long\"", "slowpathHostIfname"),
             ("podPrefixLen = 8", "podPrefixLen"),
             ("nodeLeaseSeconds = 1", "nodeLeaseSeconds"),
+            ("resyncSeconds = 0", "resyncSeconds"),
             ("nodeLeaseSeconds = 86400", "nodeLeaseSeconds"),
             ("etcdEndpoints = [\"127.0.0.1:2379\"]", "etcdEndpoints"),
             ("uplink = \"dpdk\"", "uplink"),

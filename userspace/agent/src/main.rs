@@ -273,6 +273,43 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             sweeper.sweep_udp_notes().await;
         }
     }));
+    // The node's plan against what the kernel holds: every `resyncSeconds` (repairs what someone else
+    // changed: a route flushed with a device bounced, an entry deleted), and soon after an
+    // apply that failed somewhere (1 s, doubling to 30 s while it keeps failing).
+    let resyncer = agent.clone();
+    let mut resync_stop = stop_rx.clone();
+    let every = std::time::Duration::from_secs(u64::from(agent.config().resync_seconds));
+    background.push(tokio::spawn(async move {
+        use std::time::{Duration, Instant};
+        let mut next = Instant::now() + every;
+        let mut retry = Duration::from_secs(1);
+        let mut was_failing = false;
+        loop {
+            tokio::select! {
+                _ = resync_stop.wait_for(|v| *v) => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let failing = resyncer.apply_failed();
+            if failing && !was_failing {
+                // A new failure (an ADD, a cluster change): try again soon.
+                retry = Duration::from_secs(1);
+                next = next.min(Instant::now() + retry);
+            }
+            was_failing = failing;
+            if Instant::now() < next {
+                continue;
+            }
+            resyncer.resync().await;
+            was_failing = resyncer.apply_failed();
+            if was_failing {
+                retry = (retry * 2).min(Duration::from_secs(30));
+                next = Instant::now() + retry;
+            } else {
+                retry = Duration::from_secs(1);
+                next = Instant::now() + every;
+            }
+        }
+    }));
     let healer = agent.clone();
     let mut heal_stop = stop_rx.clone();
     background.push(tokio::spawn(async move {

@@ -111,6 +111,9 @@ async fn wait_for_model(
     }
 }
 
+/// How long a cluster node's agent waits at start for an uplink (a default route).
+pub const UPLINK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The vswitch agent.
 pub struct Agent {
     config: AgentConfig,
@@ -364,7 +367,7 @@ impl Agent {
         };
         let uplink = match vpp_mode {
             true => None,
-            false => crate::uplink::find(&node, &config).await.context("finding the uplink")?,
+            false => crate::uplink::find_at_start(&node, &config, UPLINK_WAIT).await.context("finding the uplink")?,
         };
         let pod_mtu = match &handover {
             Some(h) => config.pod_mtu(Some(h.mtu.unwrap_or(1500))),

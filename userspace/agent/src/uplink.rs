@@ -41,6 +41,11 @@ pub enum UplinkError {
     NoSuchInterface(String),
     #[error("uplink interface {0} has no IPv4 address (set nodeIP)")]
     NoAddress(String),
+    #[error(
+        "no uplink after {0:?}: no default route and no uplinkInterface, but etcdEndpoints makes this node one of a \
+         cluster, which it could not reach its peers without; set uplinkInterface"
+    )]
+    NoneInCluster(std::time::Duration),
     #[error("{what}: {source}")]
     Netlink {
         what: String,
@@ -85,13 +90,39 @@ pub async fn find(node: &Handle, config: &AgentConfig) -> Result<Option<Uplink>,
     Ok(Some(Uplink { ifname, ifindex: link.header.index, mtu, node_ip }))
 }
 
+/// [`find`] for the agent's start. Without an uplink a node is a single node (no overlay);
+/// in a cluster (the store is etcd) that would cut it off from the other nodes while it
+/// still registers, so it waits up to `wait` for a default route (the network may still be
+/// coming up), then refuses.
+pub async fn find_at_start(
+    node: &Handle,
+    config: &AgentConfig,
+    wait: std::time::Duration,
+) -> Result<Option<Uplink>, UplinkError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let found = find(node, config).await?;
+        if found.is_some() || config.etcd_endpoints.is_empty() {
+            return Ok(found);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(UplinkError::NoneInCluster(wait));
+        }
+        log::warn!("no uplink yet (no default route, no uplinkInterface); waiting for one");
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
 async fn default_route_interface(node: &Handle) -> Result<Option<String>, UplinkError> {
     let mut routes = node.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
     let mut oif = None;
     while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
         if r.header.destination_prefix_length == 0 && r.header.table == 254 {
+            // A multipath (ECMP) default route names its interfaces in its next hops: the
+            // first one's.
             oif = r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
+                RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
                 _ => None,
             });
             if oif.is_some() {
@@ -182,4 +213,78 @@ fn overlay_matches(link: &rtnetlink::packet_route::link::LinkMessage, cfg: &Over
         }
         _ => false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A namespace of this test's own, deleted when dropped (also on failure).
+    struct TestNetns(String);
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn ip(ns: &str, args: &[&str]) {
+        let out = std::process::Command::new("ip").arg("-n").arg(ns).args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Root: a network namespace with a multipath default route.
+    #[tokio::test]
+    async fn a_multipath_default_route_names_its_first_hop() {
+        let name = format!("ctu{}", std::process::id());
+        let added = std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns");
+        assert!(added.success());
+        let ns = TestNetns(name);
+        for (dev, addr) in [("up0", "192.0.2.10/24"), ("up1", "198.51.100.10/24")] {
+            let peer = format!("{dev}p");
+            ip(&ns.0, &["link", "add", dev, "type", "veth", "peer", "name", &peer]);
+            ip(&ns.0, &["link", "set", dev, "up"]);
+            ip(&ns.0, &["link", "set", &peer, "up"]);
+            ip(&ns.0, &["addr", "add", addr, "dev", dev]);
+        }
+        ip(
+            &ns.0,
+            &[
+                "route",
+                "add",
+                "default",
+                "nexthop",
+                "via",
+                "192.0.2.1",
+                "dev",
+                "up0",
+                "nexthop",
+                "via",
+                "198.51.100.1",
+                "dev",
+                "up1",
+            ],
+        );
+        let path = std::path::PathBuf::from(format!("/run/netns/{}", ns.0));
+        let file = podnet::open_netns(&path).expect("the namespace");
+        let handle = podnet::netns_handle(&file, &path).await.expect("netlink in the namespace");
+        assert_eq!(default_route_interface(&handle).await.unwrap().as_deref(), Some("up0"));
+    }
+
+    /// Root: a namespace without a default route.
+    #[tokio::test]
+    async fn a_cluster_node_without_an_uplink_refuses_to_start() {
+        let name = format!("ctv{}", std::process::id());
+        let added = std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns");
+        assert!(added.success());
+        let ns = TestNetns(name);
+        let path = std::path::PathBuf::from(format!("/run/netns/{}", ns.0));
+        let file = podnet::open_netns(&path).expect("the namespace");
+        let handle = podnet::netns_handle(&file, &path).await.expect("netlink in the namespace");
+        let single = AgentConfig::from_toml("").unwrap();
+        assert!(find_at_start(&handle, &single, std::time::Duration::ZERO).await.unwrap().is_none(), "a single node");
+        let cluster = AgentConfig::from_toml("etcdEndpoints = [\"http://127.0.0.1:2379\"]\n").unwrap();
+        let e = find_at_start(&handle, &cluster, std::time::Duration::ZERO).await.unwrap_err().to_string();
+        assert!(e.contains("uplinkInterface"), "says what to set: {e}");
+    }
 }

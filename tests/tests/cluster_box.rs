@@ -325,6 +325,37 @@ fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
     assert!(ping(&b, &p1.id(), p3.ip), "traffic resumes");
 }
 
+/// A node's underlay address changes (DHCP, an address moved): its agent exits to start
+/// again with the new one, withdrawing its registration at the old one, so the other nodes
+/// reach its pods at the new address without waiting out the lease.
+#[test]
+fn a_node_whose_address_changes_is_reached_at_the_new_one() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let p1 = b.add_pod("node-1", "default/moving", &[], &[]);
+    let p2 = b.add_pod("node-2", "default/peer", &[], &[]);
+    assert!(ping(&b, &p2.id(), p1.ip));
+    assert!(b.status("node-1", "/node").is_some(), "node-1's status endpoint answers");
+    let old = contiv_tests::cluster::node_ip(1);
+    let new = Ipv4Addr::new(192, 168, 100, 41);
+    for args in [
+        vec!["addr".to_string(), "del".into(), format!("{old}/24"), "dev".into(), "eth0".into()],
+        vec!["addr".into(), "add".into(), format!("{new}/24"), "dev".into(), "eth0".into()],
+        vec!["route".into(), "replace".into(), "default".into(), "via".into(), "192.168.100.1".into()],
+    ] {
+        let out = b.cmd("node-1", "ip").args(&args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    b.wait_for(Duration::from_secs(30), "node-1's agent exits, saying why", || {
+        b.agent_log("node-1").contains("no longer holds the node IP") && b.status("node-1", "/node").is_none()
+    });
+    // The DaemonSet starts it again.
+    b.stop_agent("node-1", false);
+    b.start_agent("node-1");
+    b.wait_for(Duration::from_secs(20), "node-2 reaches node-1's pod at its new address", || ping(&b, &p2.id(), p1.ip));
+    let regs = b.netctl(&["get", "nodes", "-o", "json"]);
+    assert!(String::from_utf8_lossy(&regs.stdout).contains(&new.to_string()), "{regs:?}");
+}
+
 /// Routes the kernel flushed behind the agent's back (the overlay device bounced by an
 /// operator or a network manager) come back with the next resync.
 #[test]

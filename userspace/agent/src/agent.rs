@@ -621,6 +621,19 @@ impl Agent {
         self.uplink.as_ref().map(|u| u.node_ip).or_else(|| self.slowpath.vpp().map(|v| v.node_ip()))
     }
 
+    /// The node IP the agent found on its uplink and started with, if it has left the
+    /// uplink (the agent must restart to take the new one: tunnel source, route sources and
+    /// its registration all carry it). None while it is there, when `nodeIP` fixes it, and
+    /// without an uplink.
+    pub async fn node_ip_lost(&self) -> Option<String> {
+        let uplink = self.uplink.as_ref().filter(|_| self.config.node_ip.is_none())?;
+        let node = self.inner.lock().await.node.clone();
+        match crate::uplink::holds_node_ip(&node, uplink).await {
+            Ok(true) | Err(_) => None,
+            Ok(false) => Some(format!("{} no longer holds the node IP {}", uplink.ifname, uplink.node_ip)),
+        }
+    }
+
     /// MTU pods get unless their network config says otherwise.
     pub fn pod_mtu(&self) -> u32 {
         self.pod_mtu

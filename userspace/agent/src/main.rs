@@ -356,10 +356,29 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // A store that can no longer write (the embedded store after a failed fsync) is only
     // opened again by a restart: the agent exits for the DaemonSet to restart it.
     let store_failed = contiv_store::until_failed(link.store.clone());
+    // The node IP the agent started with left the uplink: the agent restarts to take the new
+    // one (seen twice, 2 s apart, so an address replaced in one step is not a change).
+    let ip_agent = agent.clone();
+    let node_ip_lost = async move {
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            match ip_agent.node_ip_lost().await {
+                Some(why) if seen > 0 => return why,
+                Some(_) => seen += 1,
+                None => seen = 0,
+            }
+        }
+    };
+    let mut withdraw = None;
     let served = tokio::select! {
         _ = &mut shutdown => Ok(()),
         served = &mut cni => served.unwrap_or_else(|e| Err(anyhow::anyhow!("the CNI server's task failed: {e}"))),
         why = store_failed => Err(anyhow::anyhow!("the cluster store can no longer write ({why}): exiting to reopen it")),
+        why = node_ip_lost => {
+            withdraw = agent.node_ip();
+            Err(anyhow::anyhow!("{why}: exiting to start again with the new address"))
+        }
     };
     let _ = stop_tx.send(true);
     if !cni.is_finished() {
@@ -367,6 +386,23 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     for task in background {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+    // The registration under the old address goes now (its keep-alive stopped with the
+    // background tasks), or the restarted agent would wait out its lease to register anew.
+    // A new connection: the store's was made from the old address and died with it.
+    if let Some(old) = withdraw {
+        let name = &agent.config().node_name;
+        let withdrawn = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let store = contiv_store::open(&agent.config().store_config()).await?;
+            let registry = contiv_node_registry::NodeRegistry::new(store, *link.registry.ipam())?;
+            registry.withdraw(name, old).await.map_err(anyhow::Error::from)
+        })
+        .await;
+        match withdrawn {
+            Ok(Ok(())) => log::info!("withdrew the registration of {name} at {old}"),
+            Ok(Err(e)) => log::warn!("withdrawing the registration of {name} at {old}: {e:#}"),
+            Err(_) => log::warn!("withdrawing the registration of {name} at {old}: no answer in 5 s"),
+        }
     }
     agent.shutdown();
     log::info!("stopped; the pod datapath stays in place");

@@ -113,6 +113,24 @@ pub async fn find_at_start(
     }
 }
 
+/// Whether the uplink still holds the node IP the agent started with (a DHCP change, an
+/// address moved to a bridge: the routes with that source are gone, and other nodes still
+/// send this node's pods' traffic there).
+pub async fn holds_node_ip(node: &Handle, uplink: &Uplink) -> Result<bool, UplinkError> {
+    let mut addrs = node.address().get().set_link_index_filter(uplink.ifindex).execute();
+    while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
+        if msg.header.index == uplink.ifindex
+            && msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == uplink.node_ip))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 async fn default_route_interface(node: &Handle) -> Result<Option<String>, UplinkError> {
     let mut routes = node.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
     let mut oif = None;

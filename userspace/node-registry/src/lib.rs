@@ -312,6 +312,22 @@ impl NodeRegistry {
         }
     }
 
+    /// Withdraws the live registration of `name` if it is the one at `uplink_ip` (an agent
+    /// whose node IP changed, before it restarts to register the new one): its lease is
+    /// revoked. A registration at another address, or none, is left alone.
+    pub async fn withdraw(&self, name: &str, uplink_ip: std::net::Ipv4Addr) -> Result<(), RegistryError> {
+        let key = keys::node(name);
+        let Some(kv) = self.store.get(&key).await? else { return Ok(()) };
+        let live: NodeRegistration = decode(&kv.key, &kv.value)?;
+        if live.uplink_ip != Some(uplink_ip) || kv.lease == 0 {
+            return Ok(());
+        }
+        match self.store.lease_revoke(kv.lease).await {
+            Ok(()) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Stores the plan if the cluster has none; fails if the cluster has a different one.
     pub async fn ensure_ipam_config(&self) -> Result<(), RegistryError> {
         let res = self

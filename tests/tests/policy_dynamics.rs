@@ -7,7 +7,10 @@
 //! - the pod's own node is always allowed (both ways), other nodes are not; hostNetwork pods
 //!   are neither subject to policy nor selectable as peers; an ICMP "fragmentation needed"
 //!   for an allowed flow reaches an ingress-isolated pod, one for an unknown flow does not,
-//!   and the same holds for "time exceeded" about the pod's own pings;
+//!   and the same holds for "time exceeded" about the pod's own pings; an error addressed to
+//!   anyone but the sender of the packet it quotes is related to no flow and dropped; an
+//!   echo request does not pass on the entry of a reply; fragmented echo replies reach an
+//!   ingress-isolated pod that pinged;
 //! - egress is checked on the sender's node and ingress on the receiver's, drops are counted
 //!   per pod and reason (counters and metrics), `netctl get policies --node` shows the maps;
 //! - with the service proxy off, the agent still sweeps conntrack: a closed flow's entries
@@ -436,6 +439,114 @@ fn icmp_errors_about_an_ingress_isolated_pods_echoes_reach_it() {
     b.wait_for(Duration::from_secs(5), "the unknown echo's error is counted as dropped", || {
         pod_counter(&b, "node-1", r_ip, "dropPolicyIngress") > drops_before
     });
+
+    // q answered with an echo reply of r's identifier; an echo request with it, from q to
+    // r, is no answer: r's rules refuse it (they admit nothing), while r's own echo still
+    // gets its reply.
+    let drops_before = pod_counter(&b, "node-1", r_ip, "dropPolicyIngress");
+    send_icmp(&q.netns, r_ip, 8, 0, [0x42, 0x42, 0, 7], b"let me in");
+    send_icmp(&r.netns, q_ip, 8, 0, [0x42, 0x42, 0, 2], b"still there?");
+    let seen = icmp_seen(&sock, Duration::from_secs(2));
+    assert!(!seen.contains(&(8, 0x4242)), "q's echo request with r's identifier does not reach r: {seen:?}");
+    assert!(seen.contains(&(0, 0x4242)), "r's next echo is answered: {seen:?}");
+    b.wait_for(Duration::from_secs(5), "q's echo request is counted as dropped by r's rules", || {
+        pod_counter(&b, "node-1", r_ip, "dropPolicyIngress") > drops_before
+    });
+}
+
+/// An ICMP error is related to the flow it quotes only when it is addressed to the sender
+/// of the packet it quotes, as netfilter requires. p's UDP flow to q is tracked; an error
+/// quoting q's answer in that flow, addressed to v or w (isolated for ingress, admitting
+/// nothing), is dropped whether p sends it (to v on its node, to w on q's) or p's node
+/// does (into the overlay, to w): counted as malformed on p, and on node-2's overlay. q's
+/// own error about p's packet still reaches p.
+#[test]
+fn an_icmp_error_for_anyone_but_the_sender_of_what_it_quotes_is_dropped() {
+    let mut b = boxed(2);
+    let p = b.add_pod("node-1", "x/p", &[("pod", "p")], &[]);
+    let v = b.add_pod("node-1", "x/v", &[("pod", "v"), ("closed", "yes")], &[]);
+    let q = b.add_pod("node-2", "x/q", &[("pod", "q")], &[]);
+    let w = b.add_pod("node-2", "x/w", &[("pod", "w"), ("closed", "yes")], &[]);
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: closed, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {closed: \"yes\"}}\n  policyTypes: [Ingress]\n",
+    );
+    wait_ingress_isolated(&b, "node-1", "v");
+    wait_ingress_isolated(&b, "node-2", "w");
+    let mut servers = Servers::new();
+    servers.serve(&q.netns, &[81]);
+    let (p_ip, q_ip) = (p.ip, q.ip);
+    let flow = enter(&p.netns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.connect((q_ip, 81)).unwrap();
+        s
+    });
+    flow.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 8];
+    flow.send(b"hi").unwrap();
+    assert!(matches!(flow.recv(&mut buf), Ok(2)), "p -> q UDP is allowed");
+    let [ph, pl] = flow.local_addr().unwrap().port().to_be_bytes();
+
+    // "Port unreachable" quoting q's answer in the flow (q:81 -> p), addressed elsewhere.
+    let answer = quote(q_ip, p_ip, 17, &[], [0, 81, ph, pl, 0, 10, 0, 0]);
+    let (v_sock, w_sock) = (enter(&v.netns, raw_icmp_socket), enter(&w.netns, raw_icmp_socket));
+    let p_sock = enter(&p.netns, raw_icmp_socket);
+    let overlay_malformed = || {
+        let node = b.status_json("node-2", "/node").expect("/node");
+        node["overlayCounters"]["rxMalformed"].as_u64().unwrap_or_else(|| panic!("no rxMalformed in {node}"))
+    };
+    let (p_malformed, w_malformed) = (pod_counter(&b, "node-1", p_ip, "dropMalformed"), overlay_malformed());
+    send_icmp(&p.netns, v.ip, 3, 3, [0; 4], &answer);
+    send_icmp(&p.netns, w.ip, 3, 3, [0; 4], &answer);
+    send_icmp(&b.node("node-1").netns, w.ip, 3, 3, [0; 4], &answer);
+    let errors = |seen: Vec<(u8, u16)>| seen.into_iter().filter(|(t, _)| *t == 3).count();
+    assert_eq!(errors(icmp_seen(&v_sock, Duration::from_secs(2))), 0, "v gets no error p addressed to it");
+    assert_eq!(errors(icmp_seen(&w_sock, Duration::from_millis(500))), 0, "nor does w, from p or p's node");
+    b.wait_for(Duration::from_secs(5), "p's two errors are counted as malformed on p", || {
+        pod_counter(&b, "node-1", p_ip, "dropMalformed") >= p_malformed + 2
+    });
+    b.wait_for(Duration::from_secs(5), "node-1's error is counted as malformed on node-2's overlay", || {
+        overlay_malformed() > w_malformed
+    });
+
+    // q's own "port unreachable" about p's packet (p -> q:81) is addressed to p: it passes.
+    let sent = quote(p_ip, q_ip, 17, &[], [ph, pl, 0, 81, 0, 10, 0, 0]);
+    send_icmp(&q.netns, p_ip, 3, 3, [0; 4], &sent);
+    assert!(errors(icmp_seen(&p_sock, Duration::from_secs(2))) > 0, "q's error about p's packet reaches p");
+}
+
+/// `ping -c 3 -s <size> -M dont` (fragmented by the sender, whatever the path MTU) from
+/// namespace `ns`; its output, and whether every echo was answered.
+fn ping_big(ns: &str, dst: Ipv4Addr, size: u16) -> (bool, String) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s"])
+        .arg(size.to_string())
+        .arg(dst.to_string())
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success() && text.contains(" 3 received"), text)
+}
+
+/// A pod isolated for ingress (it admits TCP port 80 only) pings a pod on another node with
+/// 3000 bytes of payload: the echoes and their replies cross in fragments, and the replies'
+/// later fragments pass on the flow of their first (their bytes are payload, never read as
+/// an ICMP header).
+#[test]
+fn an_ingress_isolated_pods_big_echoes_get_their_fragmented_replies() {
+    let mut b = boxed(2);
+    let r = b.add_pod("node-1", "x/r", &[("pod", "r")], &[]);
+    let q = b.add_pod("node-2", "x/q", &[("pod", "q")], &[]);
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: r, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {pod: r}}\n  policyTypes: [Ingress]\n\
+         \x20 ingress: [{ports: [{protocol: TCP, port: 80}]}]\n",
+    );
+    wait_ingress_isolated(&b, "node-1", "r");
+    let (ok, out) = ping_big(&r.netns, q.ip, 64);
+    assert!(ok, "r's small echoes are answered:\n{out}");
+    let (ok, out) = ping_big(&r.netns, q.ip, 3000);
+    assert!(ok, "r's 3000-byte echoes are answered, in fragments:\n{out}");
 }
 
 #[test]

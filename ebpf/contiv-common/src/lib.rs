@@ -666,8 +666,9 @@ pub struct NodeAddr {
     pub _pad: [u8; 2],
 }
 
-/// A conntrack key: one direction of a flow (`ports` in host byte order; for ICMP the
-/// echo id in both).
+/// A conntrack key: one direction of a flow (`ports` in host byte order; for an ICMP
+/// echo the identifier on the requester's side and its complement on the responder's, so
+/// that requests and replies in one direction never share a key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct CtKey {
@@ -692,7 +693,7 @@ pub struct FragKey {
 }
 
 /// What a datagram's first fragment carried (host byte order): TCP/UDP/SCTP ports, or an
-/// ICMP echo's identifier in both.
+/// ICMP echo's conntrack ports (see [`CtKey`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragHead {

@@ -70,3 +70,13 @@ pub fn create(fwd: &CtKey, fwd_entry: &CtEntry, rev: &CtKey, rev_entry: &CtEntry
     }
     CT.insert(rev, rev_entry, 0).is_ok() && CT.insert(fwd, fwd_entry, 0).is_ok()
 }
+
+/// Records one direction of a flow alone (a trace only notes that it would).
+#[inline(always)]
+pub fn create_one(k: &CtKey, entry: &CtEntry, trace: Trace) -> bool {
+    if trace.on() {
+        trace.note(contiv_common::trace_step::CT_RECORD, entry.flags);
+        return true;
+    }
+    CT.insert(k, entry, 0).is_ok()
+}

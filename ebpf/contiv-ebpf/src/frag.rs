@@ -9,7 +9,11 @@
 //! checksum covers the whole datagram; a later fragment's transport bytes are payload).
 //! Without that entry (its first fragment was refused, or has not passed yet) it is
 //! dropped, as Cilium drops it: the datapath never reassembles. Protocols without ports
-//! need nothing: every one of their packets is checked as it is.
+//! need nothing: every one of their packets is checked as it is. ICMP has an echo's
+//! identifier in its first fragment only: a later fragment of ICMP always takes its first
+//! fragment's record (without one it is dropped), since its bytes are payload, and an
+//! ICMP message other than an echo (whose first fragment records nothing) does not pass
+//! fragmented.
 
 use contiv_common::{FragHead, FragKey, trace_step};
 
@@ -79,7 +83,9 @@ impl Fragment {
             return policy::transport(data, data_end, proto);
         }
         match proto {
-            IPPROTO_ICMP => Transport::echo(self.head.sport),
+            // Its first fragment's ports are a request's or a reply's (`policy::echo_ports`);
+            // a later fragment only looks its flow up, it never starts one.
+            IPPROTO_ICMP => Transport::echo(self.head.sport, self.head.dport),
             _ => Transport::ports(proto, self.head.sport, self.head.dport),
         }
     }
@@ -105,21 +111,31 @@ const META_TRACE: u32 = 2;
 #[inline(never)]
 pub extern "C" fn contiv_fragment(src: u32, dst: u32, meta: u32, l4: u64) -> u64 {
     let proto = (meta >> 8) as u8;
+    let first = meta & META_FIRST != 0;
     let key = FragKey { src: src.to_ne_bytes(), dst: dst.to_ne_bytes(), id: (meta >> 16) as u16, proto, _pad: 0 };
     let b = l4.to_le_bytes();
     let head = match proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
             FragHead { sport: u16::from_be_bytes([b[0], b[1]]), dport: u16::from_be_bytes([b[2], b[3]]) }
         }
-        // An echo request or reply: its identifier (a flow of its own, as `policy.rs` keys it).
-        IPPROTO_ICMP if b[0] == 0 || b[0] == 8 => {
-            let id = u16::from_be_bytes([b[4], b[5]]);
-            FragHead { sport: id, dport: id }
+        // A first fragment of an echo request or reply: its identifier's ports (a flow of
+        // its own, as `policy.rs` keys it). Another ICMP message's first fragment is
+        // checked as a packet of its own, and recorded nothing for its later ones.
+        IPPROTO_ICMP if first => {
+            if b[0] != 0 && b[0] != 8 {
+                return u64::from(WHOLE);
+            }
+            let (sport, dport) = policy::echo_ports(b[0] == 8, u16::from_be_bytes([b[4], b[5]]));
+            FragHead { sport, dport }
         }
+        // A later fragment of ICMP: its bytes are payload, never read as a header; only
+        // its first fragment's record tells its flow (without one it is dropped, as a
+        // later fragment of TCP or UDP is).
+        IPPROTO_ICMP => FragHead { sport: 0, dport: 0 },
         // No flow key to borrow: checked as a packet of its own, like the first.
         _ => return u64::from(WHOLE),
     };
-    if meta & META_FIRST != 0 {
+    if first {
         if meta & META_TRACE == 0 {
             // Best effort: a later fragment that finds nothing is dropped.
             let _ = FRAGS.insert(key, head, 0);

@@ -505,6 +505,11 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
             _ => return Verdict::drop(drop_reason::SERVICE),
         }
     } else {
+        // An ICMP error to someone else than the sender of what it quotes (see `policy.rs`).
+        if policy::misaddressed(data, data_end, proto) {
+            trace.note(trace_step::MALFORMED, 0);
+            return Verdict::drop(drop_reason::MALFORMED);
+        }
         let t = policy::transport(data, data_end, proto);
         match svc::related(ctx, &t, src, dst, trace) {
             // An ICMP error about a translated flow, translated back.
@@ -549,7 +554,7 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
     {
         return Verdict::drop_ingress(peer.ip);
     }
-    if !first.commit(src, dst, &t, tcp_flags, &flow, trace) {
+    if !first.commit(ctx, src, dst, &t, tcp_flags, &flow, trace) {
         return Verdict::drop(drop_reason::SERVICE);
     }
     if !trace.on() && cfg.flags & config_flags::MONITOR_FLOWS != 0 {
@@ -575,8 +580,13 @@ impl FirstPacket {
     /// not be recorded (its reply could not be translated back: drop it); a plain flow that
     /// could not be recorded goes on and its next packet is checked again.
     #[inline(always)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "inlined into each program; a struct of them would be one more copy on a full BPF stack"
+    )]
     fn commit(
         self,
+        ctx: &TcContext,
         src: [u8; 4],
         dst: [u8; 4],
         t: &Transport,
@@ -587,7 +597,7 @@ impl FirstPacket {
         match self {
             FirstPacket::TRACKED => true,
             FirstPacket::PLAIN => {
-                policy::track(src, dst, t, tcp_flags, trace);
+                policy::track(ctx.data(), ctx.data_end(), src, dst, t, tcp_flags, trace);
                 true
             }
             // SAFETY: SERVICE is set only where the service stage wrote the flow.
@@ -810,6 +820,11 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
             _ => return overlay_drop(&ctx, trace, drop_reason::SERVICE, |c| c.rx_no_destination += 1),
         }
     } else {
+        // An ICMP error to someone else than the sender of what it quotes (see `policy.rs`).
+        if policy::misaddressed(data, data_end, proto) {
+            trace.note(trace_step::MALFORMED, 0);
+            return overlay_drop(&ctx, trace, drop_reason::MALFORMED, |c| c.rx_malformed += 1);
+        }
         let t = policy::transport(data, data_end, proto);
         match svc::related(&ctx, &t, src, dst, trace) {
             // An ICMP error about a flow this node translated (a backend here answered a
@@ -856,7 +871,7 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
                 }
                 return TC_ACT_SHOT;
             }
-            if !first.commit(src, dst, &t, tcp_flags, &flow, trace) {
+            if !first.commit(&ctx, src, dst, &t, tcp_flags, &flow, trace) {
                 return overlay_drop(&ctx, trace, drop_reason::SERVICE, |c| c.rx_no_destination += 1);
             }
             if !trace.on() && cfg.flags & config_flags::MONITOR_FLOWS != 0 {
@@ -1022,6 +1037,10 @@ fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
         return false;
     };
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
+    // An ICMP error to someone else than the sender of what it quotes (see `policy.rs`).
+    if frag.kind != frag::LATER && policy::misaddressed(data, data_end, proto) {
+        return false;
+    }
     let t = frag.transport(data, data_end, proto);
     if policy::tracked(&t, src, dst, Trace::OFF) {
         return true;
@@ -1031,7 +1050,7 @@ fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
         return false;
     }
     let tcp_flags = nat::l4(data, data_end, proto).map_or(0, |l4| l4.tcp_flags);
-    policy::track(src, dst, &t, tcp_flags, Trace::OFF);
+    policy::track(data, data_end, src, dst, &t, tcp_flags, Trace::OFF);
     true
 }
 
@@ -1289,6 +1308,11 @@ fn from_outside_to_pod(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, t
     let Some(pod) = pod(dst) else {
         return TC_ACT_OK;
     };
+    // An ICMP error to someone else than the sender of what it quotes (see `policy.rs`).
+    if policy::misaddressed(ctx.data(), ctx.data_end(), proto) {
+        monitor::drop(ctx, drop_reason::MALFORMED, hook::FROM_UPLINK, dst);
+        return TC_ACT_SHOT;
+    }
     let t = policy::transport(ctx.data(), ctx.data_end(), proto);
     if !untracked && policy::tracked(&t, src, dst, Trace::OFF) {
         return TC_ACT_OK;
@@ -1300,7 +1324,7 @@ fn from_outside_to_pod(ctx: &TcContext, src: [u8; 4], dst: [u8; 4], proto: u8, t
         monitor::drop(ctx, drop_reason::POLICY_INGRESS, hook::FROM_UPLINK, dst);
         return TC_ACT_SHOT;
     }
-    policy::track(src, dst, &t, tcp_flags, Trace::OFF);
+    policy::track(ctx.data(), ctx.data_end(), src, dst, &t, tcp_flags, Trace::OFF);
     TC_ACT_OK
 }
 

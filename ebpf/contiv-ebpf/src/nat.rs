@@ -127,7 +127,8 @@ pub struct Addr {
 /// translated, as netfilter does for RELATED errors. The error travels like the flow's
 /// packets from `from` to `to` (the conntrack key it was found under), which become
 /// `new_from` -> `new_to`; the packet it quotes went the other way.
-/// - Outer destination: it is `to` (the quoted packet's sender); it becomes `new_to`.
+/// - Outer destination: it is `to` (the quoted packet's sender: `policy::transport` finds
+///   no flow for an error addressed elsewhere); it becomes `new_to`.
 /// - Outer source: where the flow's source is translated, it becomes `new_from`, whoever
 ///   sent the error (the flow's end itself, a backend's port unreachable, or a router on the
 ///   way, a "fragmentation needed"), as netfilter rewrites it. A router's address must not
@@ -152,7 +153,7 @@ pub fn rewrite_icmp_error(
     new_from: Addr,
     new_to: Addr,
 ) -> bool {
-    if outer_dst == to.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_DST_OFF, to.ip, new_to.ip) {
+    if !replace_addr(ctx, IP_CSUM_OFF, IP_DST_OFF, outer_dst, new_to.ip) {
         return false;
     }
     if new_from.ip != from.ip && !replace_addr(ctx, IP_CSUM_OFF, IP_SRC_OFF, outer_src, new_from.ip) {

@@ -14,11 +14,28 @@
 //! local pod costs both checks: two lookups. Isolation bits live in the pod's endpoint
 //! entry, which the datapath reads anyway.
 //!
-//! ICMP: an echo is a flow keyed by its identifier (request and reply share it); an error
-//! (destination unreachable, "fragmentation needed", time exceeded) is allowed when the
-//! flow its embedded header names is tracked (a TCP, UDP or SCTP flow, or an echo), so path
-//! MTU discovery works for every allowed flow, and so does a traceroute. Other ICMP, and
-//! protocols without ports, need a rule without ports.
+//! ICMP: an echo is a flow keyed by its identifier, as netfilter keys it by identifier and
+//! type: a request's key has the identifier as source port and its complement as
+//! destination port, a reply's the other way round ([`echo_ports`]). So the request's
+//! reply entry (reversed ports) matches only replies: a request from the other side (the
+//! pinged pod, or anything forging it) with the same identifier is a new flow of its own,
+//! checked by policy. A reply that conntrack does not know (its request reached the pod
+//! through the node's stack, as the node's own ping does, which no hook here tracks) is
+//! checked as a new packet and recorded in its own direction only: its reversed key would
+//! be a request's.
+//!
+//! An error (destination unreachable, "fragmentation needed", time exceeded, parameter
+//! problem) is allowed when the flow its embedded header names is tracked (a TCP, UDP or
+//! SCTP flow, or an echo), so path MTU discovery works for every allowed flow, and so does
+//! a traceroute. It must be addressed to the sender of the packet it quotes, as netfilter
+//! requires of a RELATED error (`nf_conntrack_inet_error`): whoever sends an error (the
+//! flow's other end, a router on its way, the slow path, the node's stack) sends it to that
+//! packet's source, and every translation on the way (this datapath's, netfilter's, VPP's)
+//! changes both together. One addressed elsewhere is related to nothing (netfilter's
+//! INVALID, [`misaddressed`]): the hooks drop it (reason `malformed`), whatever it quotes.
+//! Else a pod could pass an error of its making to a pod isolated for ingress, past its own
+//! egress rules too, by quoting any flow conntrack knows. Other ICMP, and protocols without
+//! ports, need a rule without ports.
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use contiv_common::{
@@ -29,7 +46,7 @@ use crate::{
     ct,
     maps::{CT, POLICY},
     nat::{IPPROTO_TCP, IPPROTO_UDP},
-    packet::{ICMP_HLEN, IPV4_MIN_HLEN, dst_ip, header_len, l4_off, ptr_at, src_ip, well_formed},
+    packet::{ETH_HLEN, ICMP_HLEN, IPV4_MIN_HLEN, dst_ip, header_len, l4_off, ptr_at, src_ip, well_formed},
     trace::Trace,
 };
 
@@ -54,7 +71,7 @@ pub struct Transport {
     pub kind: u8,
     /// The packet's protocol; for [`kind::RELATED`], the protocol of the flow it is about.
     pub proto: u8,
-    /// Ports (host byte order); an echo's identifier in both. For [`kind::RELATED`], the
+    /// Ports (host byte order); an echo's [`echo_ports`]. For [`kind::RELATED`], the
     /// ports of the flow's key.
     pub sport: u16,
     pub dport: u16,
@@ -66,12 +83,23 @@ pub struct Transport {
 pub mod kind {
     /// TCP, UDP, SCTP: ports.
     pub const PORTS: u8 = 0;
-    /// An ICMP echo request or reply: a flow keyed by its identifier.
+    /// An ICMP echo request or reply: a flow keyed by its identifier
+    /// ([`super::echo_ports`]).
     pub const ECHO: u8 = 1;
     /// An ICMP error about a flow: the conntrack key of that flow's reply direction.
     pub const RELATED: u8 = 2;
-    /// Anything else: no flow key; every packet is checked.
+    /// Anything else: no flow key; every packet is checked. (An ICMP error not addressed
+    /// to the sender of what it quotes is one: the hooks drop it first, [`super::misaddressed`].)
     pub const OTHER: u8 = 3;
+}
+
+/// The conntrack ports of an ICMP echo with identifier `id` (a request, or a reply): the
+/// identifier on the requester's side, its complement on the responder's. A request's
+/// reply entry (its ports reversed) is then a reply's key and never a request's: an
+/// identifier is never its own complement.
+#[inline(always)]
+pub const fn echo_ports(request: bool, id: u16) -> (u16, u16) {
+    if request { (id, !id) } else { (!id, id) }
 }
 
 impl Transport {
@@ -80,9 +108,10 @@ impl Transport {
         Self { kind: kind::PORTS, proto, sport, dport, src: [0; 4], dst: [0; 4] }
     }
 
+    /// An echo request or reply with these [`echo_ports`].
     #[inline(always)]
-    pub const fn echo(id: u16) -> Self {
-        Self { kind: kind::ECHO, proto: IPPROTO_ICMP, sport: id, dport: id, src: [0; 4], dst: [0; 4] }
+    pub const fn echo(sport: u16, dport: u16) -> Self {
+        Self { kind: kind::ECHO, proto: IPPROTO_ICMP, sport, dport, src: [0; 4], dst: [0; 4] }
     }
 
     #[inline(always)]
@@ -142,18 +171,31 @@ fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
     // SAFETY: bounds checked by ptr_at.
     let h = unsafe { &*h };
     match h[0] {
-        ICMP_ECHO | ICMP_ECHO_REPLY => Transport::echo(u16::from_be_bytes([h[4], h[5]])),
+        ICMP_ECHO | ICMP_ECHO_REPLY => {
+            let (sport, dport) = echo_ports(h[0] == ICMP_ECHO, u16::from_be_bytes([h[4], h[5]]));
+            Transport::echo(sport, dport)
+        }
         ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {
-            let Some(inner) = ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, off + ICMP_HLEN) else {
+            let (Some(outer), Some(inner)) = (
+                ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, ETH_HLEN),
+                ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, off + ICMP_HLEN),
+            ) else {
                 return other;
             };
             // SAFETY: bounds checked by ptr_at.
-            let inner = unsafe { &*inner };
+            let (outer, inner) = unsafe { (&*outer, &*inner) };
+            if !well_formed(inner) {
+                return other;
+            }
+            // An error goes to the sender of the packet it quotes (see the module docs).
+            if dst_ip(outer) != src_ip(inner) {
+                return other;
+            }
             let proto = inner[9];
             // An error about an echo (a router's "time exceeded" for a traceroute by ping,
             // "host unreachable"): the echo flow its identifier keys.
             let echo = proto == IPPROTO_ICMP;
-            if !well_formed(inner) || !(proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP || echo) {
+            if !(proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP || echo) {
                 return other;
             }
             let Some(q) = ptr_at::<[u8; 8]>(data, data_end, off + ICMP_HLEN + header_len(inner[0])) else {
@@ -164,14 +206,55 @@ fn icmp(data: usize, data_end: usize, off: usize) -> Transport {
             if echo && q[0] != ICMP_ECHO && q[0] != ICMP_ECHO_REPLY {
                 return other;
             }
-            // Ports, or an echo's identifier (in both).
-            let (sport, dport) = if echo { ([q[4], q[5]], [q[4], q[5]]) } else { ([q[0], q[1]], [q[2], q[3]]) };
-            let (sport, dport) = (u16::from_be_bytes(sport), u16::from_be_bytes(dport));
+            // Ports, or an echo's.
+            let (sport, dport) = if echo {
+                echo_ports(q[0] == ICMP_ECHO, u16::from_be_bytes([q[4], q[5]]))
+            } else {
+                (u16::from_be_bytes([q[0], q[1]]), u16::from_be_bytes([q[2], q[3]]))
+            };
             // The embedded packet went src -> dst; the flow's reply direction is tracked
             // under the reversed key whatever NAT the original direction had.
             Transport::related(ct::key(dst_ip(inner), src_ip(inner), dport, sport, proto))
         }
         _ => other,
+    }
+}
+
+/// Whether the packet is an ICMP error (the types [`transport`] reads as one) not addressed
+/// to the sender of the packet it quotes: related to no flow (netfilter's INVALID), dropped
+/// by the hooks that check policy ([`transport`] reads it as [`kind::OTHER`]). A check of
+/// its own, made before [`transport`] and answered at once: a kind of its own, alive
+/// through the policy stage, cost `tc_from_pod` some 50,000 more verified instructions.
+#[inline(always)]
+pub fn misaddressed(data: usize, data_end: usize, proto: u8) -> bool {
+    if proto != IPPROTO_ICMP {
+        return false;
+    }
+    let off = l4_off(data, data_end);
+    let (Some(outer), Some(h), Some(inner)) = (
+        ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, ETH_HLEN),
+        ptr_at::<[u8; ICMP_HLEN]>(data, data_end, off),
+        ptr_at::<[u8; IPV4_MIN_HLEN]>(data, data_end, off + ICMP_HLEN),
+    ) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (outer, h, inner) = unsafe { (&*outer, &*h, &*inner) };
+    matches!(h[0], ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM)
+        && well_formed(inner)
+        && dst_ip(outer) != src_ip(inner)
+}
+
+/// Whether the packet is an ICMP echo reply (read when a flow is recorded, not carried in
+/// [`Transport`]: see [`misaddressed`] on what a kind of its own costs).
+#[inline(always)]
+fn echo_reply(data: usize, data_end: usize) -> bool {
+    // (The whole header is checked: a one-byte check compiles to a comparison the verifier
+    // does not take as a bound.)
+    match ptr_at::<[u8; ICMP_HLEN]>(data, data_end, l4_off(data, data_end)) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(h) => (unsafe { *h })[0] == ICMP_ECHO_REPLY,
+        None => false,
     }
 }
 
@@ -250,28 +333,50 @@ pub fn check(isolated: bool, pod: [u8; 4], direction: u8, peer: [u8; 4], t: &Tra
 }
 
 /// Records an allowed flow that no service stage translated: both directions, no rewrite,
-/// so its later packets and its replies pass on one conntrack lookup. False if the map
+/// so its later packets and its replies pass on one conntrack lookup. An echo reply (the
+/// packet is at `data`) records its own direction only: the reverse would be its request's
+/// key, which would let the receiver's echo requests pass as replies. False if the map
 /// refused (the packet goes on; its next packet is checked again).
 #[inline(always)]
-pub fn track(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, trace: Trace) -> bool {
-    track_with(src, dst, t, tcp_flags, 0, trace)
+pub fn track(
+    data: usize,
+    data_end: usize,
+    src: [u8; 4],
+    dst: [u8; 4],
+    t: &Transport,
+    tcp_flags: u8,
+    trace: Trace,
+) -> bool {
+    track_with(src, dst, t, tcp_flags, 0, t.kind == kind::ECHO && echo_reply(data, data_end), trace)
 }
 
 /// [`track`] for a flow the node's stack delivered (`src` the client as the stack sent it):
 /// its replies go back through that stack ([`ct_flags::VIA_HOST`]).
 #[inline(always)]
 pub fn track_via_host(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8) -> bool {
-    track_with(src, dst, t, tcp_flags, ct_flags::VIA_HOST, Trace::OFF)
+    track_with(src, dst, t, tcp_flags, ct_flags::VIA_HOST, false, Trace::OFF)
 }
 
 #[inline(always)]
-fn track_with(src: [u8; 4], dst: [u8; 4], t: &Transport, tcp_flags: u8, rev_flags: u16, trace: Trace) -> bool {
+fn track_with(
+    src: [u8; 4],
+    dst: [u8; 4],
+    t: &Transport,
+    tcp_flags: u8,
+    rev_flags: u16,
+    one_way: bool,
+    trace: Trace,
+) -> bool {
     if t.kind != kind::PORTS && t.kind != kind::ECHO {
         return false;
     }
     let (proto, sport, dport) = (t.proto, t.sport, t.dport);
     let (now, touched) = (ct::now(), ct::ticks());
     let fwd = CtEntry { last_seen_ns: now, tcp_flags, touched, ..CtEntry::default() };
+    let fwd_key = ct::key(src, dst, sport, dport, proto);
+    if one_way {
+        return ct::create_one(&fwd_key, &fwd, trace);
+    }
     let rev = CtEntry { last_seen_ns: now, touched, flags: rev_flags, ..CtEntry::default() };
-    ct::create(&ct::key(src, dst, sport, dport, proto), &fwd, &ct::key(dst, src, dport, sport, proto), &rev, trace)
+    ct::create(&fwd_key, &fwd, &ct::key(dst, src, dport, sport, proto), &rev, trace)
 }

@@ -480,7 +480,8 @@ fn translated(e: &CtEntry, from: Addr, to: Addr) -> (Addr, Addr) {
 /// socket that sent what it quotes. A UDP client of a ClusterIP whose backend has no
 /// socket on the port reads "connection refused", and path MTU discovery works through
 /// NodePorts. `None` if it is not one (the caller goes on as for any other packet: an
-/// error about an untranslated flow passes on its tracked flow, unchanged).
+/// error about an untranslated flow passes on its tracked flow, unchanged), and for an
+/// error not addressed to the quoted packet's sender (`policy::misaddressed`: no flow).
 #[inline(always)]
 pub fn related(ctx: &TcContext, t: &Transport, src: [u8; 4], dst: [u8; 4], trace: Trace) -> Option<Outcome> {
     if t.kind != policy::kind::RELATED {
@@ -504,6 +505,7 @@ pub fn related(ctx: &TcContext, t: &Transport, src: [u8; 4], dst: [u8; 4], trace
         rewritten: 1,
         to_uplink: u8::from(e.flags & ct_flags::FROM_UPLINK != 0),
         to_host: 0,
-        dst: if dst == to.ip { new_to.ip } else { dst },
+        // The error is addressed to the quoted packet's sender, `to` (`policy::transport`).
+        dst: new_to.ip,
     })
 }

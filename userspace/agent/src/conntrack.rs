@@ -323,7 +323,9 @@ pub fn flows_report(
                 protocol: proto_name(proto),
                 client: endpoint(s.client, proto),
                 client_pod: pod(s.client.0),
-                server: endpoint(s.server, proto),
+                // An echo's responder side holds the complement of its identifier (the
+                // datapath keys requests and replies apart): shown as the identifier.
+                server: endpoint(if proto == IPPROTO_ICMP { (s.server.0, !s.server.1) } else { s.server }, proto),
                 server_pod: pod(s.server.0),
                 backend: s.backend.map(|b| endpoint(b, proto)),
                 backend_pod: s.backend.and_then(|b| pod(b.0)),

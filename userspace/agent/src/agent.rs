@@ -111,6 +111,10 @@ async fn wait_for_model(
     }
 }
 
+/// In the state directory: contiv-ksr's marker was seen in the store (see
+/// [`Agent::store_lost_its_data`]).
+const KSR_SEEN_FILE: &str = "ksr-synced";
+
 /// How long a cluster node's agent waits at start for an uplink (a default route).
 pub const UPLINK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -141,6 +145,10 @@ pub struct Agent {
     model_synced: std::sync::atomic::AtomicBool,
     /// The same, for ADDs waiting for it ([`wait_for_model`]).
     model_synced_signal: tokio::sync::watch::Sender<bool>,
+    /// contiv-ksr's marker was seen in the store (persisted in the state directory).
+    ksr_seen: std::sync::atomic::AtomicBool,
+    /// The marker is gone now (logged once per loss).
+    ksr_lost: std::sync::atomic::AtomicBool,
     /// The last apply of the node's plan failed somewhere: [`Agent::resync`] soon, not only
     /// at the next periodic one.
     apply_failed: std::sync::atomic::AtomicBool,
@@ -528,6 +536,7 @@ impl Agent {
         let proxy_health = Arc::new(crate::proxyhealth::ProxyHealth::new(std::time::Duration::from_secs(
             config.services.healthz_timeout.into(),
         )));
+        let ksr_seen = config.state_dir.join(KSR_SEEN_FILE).exists();
         let agent = Arc::new(Self {
             config,
             uplink,
@@ -558,6 +567,8 @@ impl Agent {
             model_synced: std::sync::atomic::AtomicBool::new(false),
             model_synced_signal: tokio::sync::watch::Sender::new(false),
             apply_failed: std::sync::atomic::AtomicBool::new(false),
+            ksr_seen: std::sync::atomic::AtomicBool::new(ksr_seen),
+            ksr_lost: std::sync::atomic::AtomicBool::new(false),
             policy_problems: std::sync::Mutex::new(vec![]),
             service_changes: std::sync::Mutex::new(crate::services::ServiceChanges::everything()),
             proxy_health,
@@ -667,6 +678,9 @@ impl Agent {
             return None;
         }
         let model = self.model.get()?.read().ok()?;
+        if self.store_lost_its_data(&model) {
+            return None;
+        }
         let local: Vec<crate::policy::LocalPod> = attachments
             .iter()
             .filter(|a| a.complete && a.host_ifindex != 0)
@@ -711,6 +725,37 @@ impl Agent {
         if let Err(e) = self.applied(applied) {
             log::error!("applying cluster changes: {e}");
         }
+    }
+
+    /// Whether the model must not be taken for the cluster: contiv-ksr's marker was seen
+    /// in the store (by this node, in any life) and is gone, so the store lost its data
+    /// (wiped, restored from an old backup) until KSR fills it again. NetworkPolicy and
+    /// services stay as installed meanwhile: the empty model would open every isolated pod
+    /// and drop every service. A store KSR never filled (netctl alone) is taken as it is.
+    pub(crate) fn store_lost_its_data(&self, model: &contiv_cluster_watch::ClusterModel) -> bool {
+        use std::sync::atomic::Ordering;
+        if model.ksr_marker() {
+            if !self.ksr_seen.swap(true, Ordering::AcqRel)
+                && let Err(e) = std::fs::write(self.config.state_dir.join(KSR_SEEN_FILE), b"")
+            {
+                log::warn!("recording that contiv-ksr synced the store: {e}");
+            }
+            if self.ksr_lost.swap(false, Ordering::AcqRel) {
+                log::info!("contiv-ksr's marker is back: NetworkPolicy and services follow the store again");
+            }
+            return false;
+        }
+        if !self.ksr_seen.load(Ordering::Acquire) {
+            return false;
+        }
+        if !self.ksr_lost.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "contiv-ksr's marker {} is gone from the store: it lost its data (wiped, or restored from an old \
+                 backup); NetworkPolicy and services stay as installed until contiv-ksr fills it again",
+                contiv_cluster_model::keys::KSR_MARKER
+            );
+        }
+        true
     }
 
     /// Notes whether an apply of the node's plan failed (a resync follows soon if so).

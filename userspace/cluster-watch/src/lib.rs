@@ -40,6 +40,9 @@ pub enum ResyncReason {
     StoreReset,
     /// The watch failed otherwise; the model was listed again.
     WatchFailed,
+    /// contiv-ksr's marker appeared or went ([`ClusterModel::ksr_marker`]): whether the
+    /// model is the cluster's changed, though no object did.
+    KsrMarker,
 }
 
 /// A change of the model, as handed to the consumer.
@@ -209,6 +212,10 @@ impl ClusterWatch {
         fresh.set_revision(list.revision);
         let mut malformed = Vec::new();
         for kv in list.kvs {
+            if kv.key == keys::KSR_MARKER {
+                fresh.set_ksr_marker(true);
+                continue;
+            }
             match decode_entry(&kv.key, &kv.value) {
                 Ok(Some(object)) => {
                     fresh.insert(kv.key, object);
@@ -244,12 +251,18 @@ impl ClusterWatch {
     /// Applies one batch (one or more revisions) to the model, then tells the consumer.
     fn apply<C: ClusterConsumer>(&self, consumer: &mut C, events: Vec<WatchEvent>) {
         let mut out = Vec::with_capacity(events.len());
+        let marker_changed;
         {
             let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
+            let marker_before = model.ksr_marker();
             for ev in events {
                 self.stats.events.fetch_add(1, Ordering::Relaxed);
                 model.set_revision(ev.kv.mod_revision);
                 let key = ev.kv.key;
+                if key == keys::KSR_MARKER {
+                    model.set_ksr_marker(ev.kind == EventKind::Put);
+                    continue;
+                }
                 match ev.kind {
                     EventKind::Delete => {
                         if let Some(object) = model.remove(&key) {
@@ -271,10 +284,15 @@ impl ClusterWatch {
                     },
                 }
             }
+            marker_changed = model.ksr_marker() != marker_before;
         }
         let model = self.read();
         for event in &out {
             consumer.on_event(&model, event);
+        }
+        if marker_changed {
+            drop(model);
+            self.resync(consumer, ResyncReason::KsrMarker);
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct ClusterModel {
     /// EndpointSlice keys by the service they belong to (namespace, service name): the
     /// service proxy recomputes one service at a time.
     slices_by_service: BTreeMap<(String, String), BTreeSet<String>>,
+    /// contiv-ksr's marker key is in the store (KSR synced it fully; see `keys::KSR_MARKER`).
+    ksr_marker: bool,
 }
 
 /// The service an object's EndpointSlice belongs to.
@@ -83,6 +85,17 @@ fn slice_owner(object: &Object) -> Option<(String, String)> {
 
 impl ClusterModel {
     /// The store revision the model reflects.
+    /// Whether contiv-ksr's marker is in the store: KSR synced everything into it. A store
+    /// that had the marker and lost it lost its data (wiped, restored from an old backup)
+    /// until KSR fills it again.
+    pub fn ksr_marker(&self) -> bool {
+        self.ksr_marker
+    }
+
+    pub(crate) fn set_ksr_marker(&mut self, present: bool) {
+        self.ksr_marker = present;
+    }
+
     pub fn revision(&self) -> Revision {
         self.revision
     }

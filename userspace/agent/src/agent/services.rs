@@ -207,6 +207,11 @@ impl Agent {
         if !self.model_listed() {
             return None;
         }
+        // A store that lost its data: the services stay as installed (the marker's return
+        // resyncs everything).
+        if self.store_lost_its_data(&model.read().unwrap_or_else(|p| p.into_inner())) {
+            return None;
+        }
         let started = Instant::now();
         let mut changes = {
             let mut queue = self.service_changes.lock().unwrap_or_else(|p| p.into_inner());

@@ -352,7 +352,10 @@ fn three_nodes_in_vpp_mode_program_their_own_fake_vpp_read_back_with_vpp_papi() 
 #[test]
 fn a_node_leaving_and_rejoining_updates_the_other_nodes_fake_vpps() {
     let Some(papi) = papi("a_node_leaving_and_rejoining_updates_the_other_nodes_fake_vpps") else { return };
-    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(3));
+    // A short lease (the default, 60 s, outlasts an agent upgrade).
+    let mut opts = BoxOptions::for_test_vpp(3);
+    opts.agent_config = "nodeLeaseSeconds = 5\n".into();
+    let mut b = ClusterBox::up(opts);
     let all = ["node-1", "node-2", "node-3"];
     for n in all {
         let others: Vec<&str> = all.iter().copied().filter(|o| *o != n).collect();

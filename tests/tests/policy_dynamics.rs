@@ -349,17 +349,25 @@ fn wait_ingress_isolated(b: &ClusterBox, node: &str, pod: &str) {
 /// socket (the kernel adds the IPv4 header): a pod with CAP_NET_RAW forging the answer to a
 /// connection nobody opened.
 fn send_syn_ack(ns: &str, src: SocketAddr, dst: SocketAddr) {
+    send_tcp(ns, src, dst, 0x12, 0x1000_0000, b"");
+}
+
+/// A TCP segment `src -> dst` with `flags`, sequence number `seq` and `payload`, sent from
+/// namespace `ns` on a raw socket (the kernel adds the IPv4 header).
+fn send_tcp(ns: &str, src: SocketAddr, dst: SocketAddr, flags: u8, seq: u32, payload: &[u8]) {
     let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else { panic!("IPv4 only") };
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
     tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    tcp[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
     tcp[8..12].copy_from_slice(&0x2000_0001u32.to_be_bytes());
     tcp[12] = 5 << 4;
-    tcp[13] = 0x12;
+    tcp[13] = flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(payload);
     let mut pseudo = [src.ip().octets(), dst.ip().octets()].concat();
-    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
     pseudo.extend_from_slice(&tcp);
     let c = csum(&pseudo);
     tcp[16..18].copy_from_slice(&c.to_be_bytes());
@@ -369,6 +377,65 @@ fn send_syn_ack(ns: &str, src: SocketAddr, dst: SocketAddr) {
             .expect("raw TCP socket");
         let n = s.send_to(&tcp, &SocketAddr::from((to, 0)).into()).expect("sendto");
         assert_eq!(n, tcp.len());
+    });
+}
+
+/// The TCP segments from `from` a raw TCP socket receives within `within`: their flags and
+/// payloads.
+fn tcp_seen(s: &socket2::Socket, from: SocketAddr, within: Duration) -> Vec<(u8, Vec<u8>)> {
+    let SocketAddr::V4(from) = from else { panic!("IPv4 only") };
+    let mut seen = vec![];
+    let until = std::time::Instant::now() + within;
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < until {
+        let Ok(n) = (&*s).read(&mut buf) else { continue };
+        let tcp = &buf[usize::from(buf[0] & 0x0f) * 4..n];
+        if buf[12..16] != from.ip().octets() || tcp.len() < 20 || tcp[0..2] != from.port().to_be_bytes() {
+            continue;
+        }
+        seen.push((tcp[13], tcp[usize::from(tcp[12] >> 4) * 4..].to_vec()));
+    }
+    seen
+}
+
+/// A pod isolated for egress (nothing allowed) with CAP_NET_RAW forges the answer to a
+/// connection nobody opened (a SYN-ACK to a pod on another node), then sends data on that
+/// flow: nothing reaches the other pod, and the drops are counted on the sender. (The
+/// datapath hands a pod's untracked SYN-ACK to the node's stack, which brought it the
+/// connection; recorded, the forged one would carry every later segment of the flow past
+/// the sender's egress rules, through the stack, which forwards them.)
+#[test]
+fn a_forged_syn_ack_does_not_open_a_way_out_past_egress_policy() {
+    let mut b = boxed(2);
+    let m = b.add_pod("node-1", "x/m", &[("pod", "m")], &[]);
+    let r = b.add_pod("node-2", "x/r", &[("pod", "r")], &[]);
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: m, namespace: x}\n\
+         spec:\n  podSelector: {matchLabels: {pod: m}}\n  policyTypes: [Egress]\n",
+    );
+    b.wait_for(SETTLE, "m is isolated for egress on node-1", || {
+        b.status_json("node-1", "/policies").is_some_and(|v| {
+            v["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == "m" && p["egressIsolated"] == true)
+        })
+    });
+    // r listens to every TCP segment that reaches it, as a raw receiver would.
+    let receiver = enter(&r.netns, || {
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))
+            .expect("raw TCP socket")
+    });
+    let (from, to) = (SocketAddr::from((m.ip, 41234)), SocketAddr::from((r.ip, 80)));
+    let drops_before = pod_counter(&b, "node-1", m.ip, "dropPolicyEgress");
+    send_syn_ack(&m.netns, from, to);
+    std::thread::sleep(Duration::from_millis(200));
+    // ACK|PSH with data on the forged flow, twice.
+    for i in 0..2u32 {
+        send_tcp(&m.netns, from, to, 0x18, 0x1000_0001 + 6 * i, b"exfil\n");
+    }
+    let seen = tcp_seen(&receiver, from, Duration::from_secs(2));
+    assert!(seen.is_empty(), "m's forged flow reached r past m's egress rules: {seen:?}");
+    b.wait_for(Duration::from_secs(10), "m's forged segments are counted as egress drops", || {
+        pod_counter(&b, "node-1", m.ip, "dropPolicyEgress") >= drops_before + 3
     });
 }
 

@@ -477,6 +477,27 @@ fn decide_from_pod(ctx: &TcContext, me: &PodEndpoint, trace: Trace, event: &mut 
                 // translates it back and routes it; forwarded past it, to another node's
                 // pod or address, it would reach the client untranslated. The stack routes
                 // every destination, so this is right whatever the flow was.
+                //
+                // No hook sees the SYN the stack hands the pod (`tc_to_pod` is attached only
+                // while a UDP service has a hostNetwork backend), and a SYN-ACK can be forged
+                // (CAP_NET_RAW): recorded, it would carry the forger's later segments past its
+                // egress rules, through the stack and out. So a pod isolated for egress
+                // answers only what its rules allow, as a new flow would be checked (to
+                // netfilter a SYN-ACK with no conntrack is INVALID), or the node's own
+                // addresses (kubelet probes, hostNetwork pods, what the stack masqueraded).
+                if me.flags & pod_flags::EGRESS_ISOLATED != 0
+                    && !lb::is_local_node_addr(dst)
+                    && !policy::check(
+                        true,
+                        me.ip,
+                        policy_dir::EGRESS,
+                        dst,
+                        &Transport::ports(l4.proto, l4.sport, l4.dport),
+                        trace,
+                    )
+                {
+                    return Verdict::drop(drop_reason::POLICY_EGRESS);
+                }
                 let t = Transport::ports(l4.proto, l4.dport, l4.sport);
                 if !trace.on() {
                     policy::track_via_host(dst, src, &t, 0);

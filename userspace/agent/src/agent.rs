@@ -115,9 +115,6 @@ async fn wait_for_model(
 /// [`Agent::store_lost_its_data`]).
 const KSR_SEEN_FILE: &str = "ksr-synced";
 
-/// How long a cluster node's agent waits at start for an uplink (a default route).
-pub const UPLINK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// The vswitch agent.
 pub struct Agent {
     config: AgentConfig,
@@ -375,7 +372,7 @@ impl Agent {
         };
         let uplink = match vpp_mode {
             true => None,
-            false => crate::uplink::find_at_start(&node, &config, UPLINK_WAIT).await.context("finding the uplink")?,
+            false => crate::uplink::find(&node, &config).await.context("finding the uplink")?,
         };
         let pod_mtu = match &handover {
             Some(h) => config.pod_mtu(Some(h.mtu.unwrap_or(1500))),
@@ -442,6 +439,15 @@ impl Agent {
                     );
                 }
                 Some(o)
+            }
+            // With a cluster store this node may have peers it now cannot reach (nor they
+            // its pods): said loudly, but not refused (a node of its own may use etcd too).
+            None if !config.etcd_endpoints.is_empty() => {
+                log::error!(
+                    "no uplink (no default route and no uplinkInterface): running as a single node, without \
+                     an overlay; if this node has peers, set uplinkInterface"
+                );
+                None
             }
             None => {
                 log::info!("no uplink (no default route and no uplinkInterface): a single node, no overlay");

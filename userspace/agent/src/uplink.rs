@@ -41,11 +41,6 @@ pub enum UplinkError {
     NoSuchInterface(String),
     #[error("uplink interface {0} has no IPv4 address (set nodeIP)")]
     NoAddress(String),
-    #[error(
-        "no uplink after {0:?}: no default route and no uplinkInterface, but etcdEndpoints makes this node one of a \
-         cluster, which it could not reach its peers without; set uplinkInterface"
-    )]
-    NoneInCluster(std::time::Duration),
     #[error("{what}: {source}")]
     Netlink {
         what: String,
@@ -88,29 +83,6 @@ pub async fn find(node: &Handle, config: &AgentConfig) -> Result<Option<Uplink>,
         None => first_ipv4(node, link.header.index).await?.ok_or_else(|| UplinkError::NoAddress(ifname.clone()))?,
     };
     Ok(Some(Uplink { ifname, ifindex: link.header.index, mtu, node_ip }))
-}
-
-/// [`find`] for the agent's start. Without an uplink a node is a single node (no overlay);
-/// in a cluster (the store is etcd) that would cut it off from the other nodes while it
-/// still registers, so it waits up to `wait` for a default route (the network may still be
-/// coming up), then refuses.
-pub async fn find_at_start(
-    node: &Handle,
-    config: &AgentConfig,
-    wait: std::time::Duration,
-) -> Result<Option<Uplink>, UplinkError> {
-    let deadline = std::time::Instant::now() + wait;
-    loop {
-        let found = find(node, config).await?;
-        if found.is_some() || config.etcd_endpoints.is_empty() {
-            return Ok(found);
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(UplinkError::NoneInCluster(wait));
-        }
-        log::warn!("no uplink yet (no default route, no uplinkInterface); waiting for one");
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    }
 }
 
 /// Whether the uplink still holds the node IP the agent started with (a DHCP change, an
@@ -287,22 +259,5 @@ mod tests {
         let file = podnet::open_netns(&path).expect("the namespace");
         let handle = podnet::netns_handle(&file, &path).await.expect("netlink in the namespace");
         assert_eq!(default_route_interface(&handle).await.unwrap().as_deref(), Some("up0"));
-    }
-
-    /// Root: a namespace without a default route.
-    #[tokio::test]
-    async fn a_cluster_node_without_an_uplink_refuses_to_start() {
-        let name = format!("ctv{}", std::process::id());
-        let added = std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns");
-        assert!(added.success());
-        let ns = TestNetns(name);
-        let path = std::path::PathBuf::from(format!("/run/netns/{}", ns.0));
-        let file = podnet::open_netns(&path).expect("the namespace");
-        let handle = podnet::netns_handle(&file, &path).await.expect("netlink in the namespace");
-        let single = AgentConfig::from_toml("").unwrap();
-        assert!(find_at_start(&handle, &single, std::time::Duration::ZERO).await.unwrap().is_none(), "a single node");
-        let cluster = AgentConfig::from_toml("etcdEndpoints = [\"http://127.0.0.1:2379\"]\n").unwrap();
-        let e = find_at_start(&handle, &cluster, std::time::Duration::ZERO).await.unwrap_err().to_string();
-        assert!(e.contains("uplinkInterface"), "says what to set: {e}");
     }
 }

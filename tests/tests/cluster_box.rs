@@ -300,6 +300,11 @@ fn overlay_device_tx_packets(b: &ClusterBox, node: &str) -> u64 {
     v[0]["stats64"]["tx"]["packets"].as_u64().expect("tx packets of cvx0")
 }
 
+/// How many remote pod subnets a node's agent routes (99 when it does not answer).
+fn remote_routes(b: &ClusterBox, node: &str) -> usize {
+    b.status_json(node, "/node").and_then(|v| v["remoteRoutes"].as_object().map(|m| m.len())).unwrap_or(99)
+}
+
 #[test]
 fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
     // A short lease (the default, 60 s, outlasts an agent upgrade).
@@ -312,11 +317,8 @@ fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
     assert!(ping(&b, &p1.id(), p3.ip));
     // The agent goes away for good (killed): its registration expires with its lease.
     b.stop_agent("node-3", true);
-    let routes = |b: &ClusterBox, node: &str| {
-        b.status_json(node, "/node").and_then(|v| v["remoteRoutes"].as_object().map(|m| m.len())).unwrap_or(99)
-    };
     b.wait_for(Duration::from_secs(40), "node-1 and node-2 drop node-3's routes", || {
-        routes(&b, "node-1") == 2 && routes(&b, "node-2") == 2
+        remote_routes(&b, "node-1") == 2 && remote_routes(&b, "node-2") == 2
     });
     assert!(!ping(&b, &p1.id(), p3.ip), "no route to a departed node's pods");
     b.start_agent("node-3");
@@ -435,10 +437,7 @@ fn an_agent_restart_keeps_an_established_cross_node_tcp_flow() {
         }
     };
     progress("before the restarts");
-    let routes = |b: &ClusterBox, node: &str| {
-        b.status_json(node, "/node").and_then(|v| v["remoteRoutes"].as_object().map(|m| m.len())).unwrap_or(99)
-    };
-    let routes_before = routes(&b, "node-1");
+    let routes_before = remote_routes(&b, "node-1");
     for node in ["node-1", "node-2"] {
         let before = received.load(Ordering::Relaxed);
         b.stop_agent(node, false);
@@ -447,7 +446,11 @@ fn an_agent_restart_keeps_an_established_cross_node_tcp_flow() {
             // Down for longer than a quick restart (an image pull in an upgrade): the other
             // node keeps its routes, the lease outlasts it.
             std::thread::sleep(Duration::from_secs(12));
-            assert_eq!(routes(&b, "node-1"), routes_before, "node-1 dropped node-2's routes while its agent was away");
+            assert_eq!(
+                remote_routes(&b, "node-1"),
+                routes_before,
+                "node-1 dropped node-2's routes while its agent was away"
+            );
             progress("12 s after the agent of node-2 stopped");
         }
         b.start_agent(node);

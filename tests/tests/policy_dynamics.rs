@@ -217,6 +217,21 @@ fn send_frag_needed(ns: &str, src: SocketAddr, dst: SocketAddr, mtu: u16, option
 }
 
 /// The path MTU a connected socket sees (IP_MTU).
+/// A UDP socket in `ns` connected to `to:port`, whose first exchange (with an echo server
+/// there) went through: the flow is allowed and tracked. Reads time out after 2 s.
+fn allowed_udp_flow(ns: &str, to: Ipv4Addr, port: u16) -> UdpSocket {
+    let s = enter(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.connect((to, port)).unwrap();
+        s
+    });
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 8];
+    s.send(b"hi").unwrap();
+    assert!(matches!(s.recv(&mut buf), Ok(2)), "{ns} -> {to}:{port} UDP is allowed");
+    s
+}
+
 fn path_mtu(s: &UdpSocket) -> i32 {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -275,15 +290,7 @@ fn own_node_always_allowed_host_network_pods_exempt_and_frag_needed_of_allowed_f
     // it from node-2 (not otherwise allowed into p) reaches p and lowers its path MTU. One
     // about a flow p never sent is dropped by p's ingress rules.
     let (q_ip, p_ip) = (q.ip, p.ip);
-    let allowed = enter(&p.netns, move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        s.connect((q_ip, 81)).unwrap();
-        s
-    });
-    allowed.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; 8];
-    allowed.send(b"hi").unwrap();
-    assert!(matches!(allowed.recv(&mut buf), Ok(2)), "p -> q UDP is allowed");
+    let allowed = allowed_udp_flow(&p.netns, q_ip, 81);
     // (Path MTUs are per destination: the unknown flow goes elsewhere, to node-2 itself.)
     let unknown = enter(&p.netns, move || {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
@@ -543,15 +550,7 @@ fn an_icmp_error_for_anyone_but_the_sender_of_what_it_quotes_is_dropped() {
     let mut servers = Servers::new();
     servers.serve(&q.netns, &[81]);
     let (p_ip, q_ip) = (p.ip, q.ip);
-    let flow = enter(&p.netns, move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-        s.connect((q_ip, 81)).unwrap();
-        s
-    });
-    flow.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; 8];
-    flow.send(b"hi").unwrap();
-    assert!(matches!(flow.recv(&mut buf), Ok(2)), "p -> q UDP is allowed");
+    let flow = allowed_udp_flow(&p.netns, q_ip, 81);
     let [ph, pl] = flow.local_addr().unwrap().port().to_be_bytes();
 
     // "Port unreachable" quoting q's answer in the flow (q:81 -> p), addressed elsewhere.

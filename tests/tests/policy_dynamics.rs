@@ -345,9 +345,15 @@ fn icmp_seen(s: &socket2::Socket, within: Duration) -> Vec<(u8, u16)> {
 /// error about an echo it never sent is dropped by its ingress rules and counted.
 /// Waits until `node`'s agent has pod `pod` isolated for ingress.
 fn wait_ingress_isolated(b: &ClusterBox, node: &str, pod: &str) {
-    b.wait_for(SETTLE, &format!("{pod} is isolated for ingress on {node}"), || {
+    wait_isolated(b, node, pod, "ingress");
+}
+
+/// Waits until `node`'s agent shows `pod` isolated in `direction` (`ingress`, `egress`).
+fn wait_isolated(b: &ClusterBox, node: &str, pod: &str, direction: &str) {
+    let field = format!("{direction}Isolated");
+    b.wait_for(SETTLE, &format!("{pod} is isolated for {direction} on {node}"), || {
         b.status_json(node, "/policies").is_some_and(|v| {
-            v["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == pod && p["ingressIsolated"] == true)
+            v["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == pod && p[field.as_str()] == true)
         })
     });
 }
@@ -421,11 +427,7 @@ fn a_forged_syn_ack_does_not_open_a_way_out_past_egress_policy() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: m, namespace: x}\n\
          spec:\n  podSelector: {matchLabels: {pod: m}}\n  policyTypes: [Egress]\n",
     );
-    b.wait_for(SETTLE, "m is isolated for egress on node-1", || {
-        b.status_json("node-1", "/policies").is_some_and(|v| {
-            v["pods"].as_array().into_iter().flatten().any(|p| p["podName"] == "m" && p["egressIsolated"] == true)
-        })
-    });
+    wait_isolated(&b, "node-1", "m", "egress");
     // r listens to every TCP segment that reaches it, as a raw receiver would.
     let receiver = enter(&r.netns, || {
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))

@@ -70,6 +70,9 @@ struct Inner {
     /// chosen when the ADD began, and is set right when it ends (`sync_pod_egress` leaves
     /// them alone meanwhile).
     attaching: std::collections::HashSet<AttachmentKey>,
+    /// Attachments this agent's start failed to give its programs: they run the previous
+    /// agent's, on its maps. Retried at each resync; a map migration waits for them.
+    not_reattached: std::collections::BTreeSet<AttachmentKey>,
     /// The service proxy's installed state.
     proxy: crate::proxy::Proxy,
     /// healthCheckNodePort servers.
@@ -558,6 +561,7 @@ impl Agent {
                 gone: Default::default(),
                 leaving: Default::default(),
                 attaching: Default::default(),
+                not_reattached: Default::default(),
                 proxy: crate::proxy::Proxy::new(service_params, cluster_pod_cidr),
                 health: crate::healthcheck::HealthServers::new(proxy_health.clone()),
                 host_ports: Default::default(),
@@ -846,9 +850,10 @@ impl Agent {
         for a in &live {
             if let Err(e) = inner.datapath.attach_pod(&a.host_ifname, inner.pod_egress) {
                 log::error!("{}/{}: re-attaching the datapath: {e}", a.container_id, a.ifname);
+                inner.not_reattached.insert(a.key());
             }
         }
-        inner.datapath.finish_migration()?;
+        Self::finish_migration_if_reattached(inner);
         log::info!("reconciled {} pod attachment(s)", inner.state.len());
         Ok(())
     }
@@ -875,11 +880,50 @@ impl Agent {
         }
     }
 
+    /// Retires the maps of an older layout or size once every pod runs this agent's
+    /// programs: a pod still on the old programs keeps using the old maps, which the pins
+    /// must keep naming until then (the new ones stay pinned aside meanwhile).
+    fn finish_migration_if_reattached(inner: &mut Inner) {
+        if inner.datapath.migration_pending() && !inner.not_reattached.is_empty() {
+            log::warn!(
+                "{} pod(s) still run the previous agent's programs: the maps of the previous layout stay in use",
+                inner.not_reattached.len()
+            );
+            return;
+        }
+        if let Err(e) = inner.datapath.finish_migration() {
+            log::error!("retiring the maps of the previous layout: {e}");
+        }
+    }
+
+    /// Attaches this agent's programs to the pods a restart failed to re-attach (those
+    /// still there), then finishes a map migration that waited for them.
+    fn retry_reattach(inner: &mut Inner) {
+        let keys: Vec<AttachmentKey> = inner.not_reattached.iter().cloned().collect();
+        for key in keys {
+            let Some(a) = inner.state.get(&key).cloned() else {
+                inner.not_reattached.remove(&key);
+                continue;
+            };
+            match inner.datapath.attach_pod(&a.host_ifname, inner.pod_egress) {
+                Ok(()) => {
+                    log::info!("{}/{}: re-attached the datapath", a.container_id, a.ifname);
+                    inner.not_reattached.remove(&key);
+                }
+                Err(e) => log::error!("{}/{}: re-attaching the datapath: {e}", a.container_id, a.ifname),
+            }
+        }
+        if inner.datapath.migration_pending() {
+            Self::finish_migration_if_reattached(inner);
+        }
+    }
+
     /// Re-reads what the kernel holds and converges it (every `resyncSeconds`, and soon
     /// after an apply failed): repairs what someone else changed.
     pub async fn resync(&self) {
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
+        Self::retry_reattach(inner);
         let plan = self.plan(inner);
         let synced = inner.applier.resync(&mut inner.datapath, &plan).await;
         if let Err(e) = self.applied(synced) {

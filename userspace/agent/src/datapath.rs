@@ -11,7 +11,11 @@
 //! one (converted where the layout changed, rebuilt where the agent rewrites it anyway).
 //! Once every program runs the new code ([`Datapath::finish_migration`]), the new map
 //! takes the old one's pin. Programs are replaced per interface make-before-break, so
-//! established flows keep forwarding through an upgrade.
+//! established flows keep forwarding through an upgrade. Until then the new map is pinned
+//! aside under a name that says its layout and size (`CT_v1_n131072`): an agent killed in
+//! the middle is followed by one that resumes the migration with what the new programs
+//! recorded, and the version is recorded before the atomic rename onto the old pin, so no
+//! pin is ever read as a layout it does not hold.
 //!
 //! # bpffs
 //! The pins must live in the host's bpffs, or they die with the agent's mount namespace and
@@ -291,6 +295,8 @@ pub struct Datapath {
     created: Vec<&'static str>,
     /// Resizing the conntrack map: when the first copy read the old one (CLOCK_MONOTONIC ns).
     ct_copied_at_ns: u64,
+    /// The sizes this agent loaded its maps with (they name the staged maps).
+    sizes: MapSizes,
     nr_cpus: usize,
 }
 
@@ -317,8 +323,23 @@ impl Datapath {
         for (name, n) in sizes.configured() {
             loader.map_max_entries(name, n);
         }
-        let (mut migrated, mut created) = (vec![], vec![]);
-        for ((name, version), pin) in schema::LAYOUTS.iter().zip(&pins) {
+        let (mut migrated, mut created, mut resumed) = (vec![], vec![], vec![]);
+        let stagings: Vec<PathBuf> = schema::LAYOUTS
+            .iter()
+            .map(|(name, version)| pin_dir.join(staging_pin_name(name, *version, sizes.of(name))))
+            .collect();
+        for (((name, version), pin), staging) in schema::LAYOUTS.iter().zip(&pins).zip(&stagings) {
+            remove_stale_staging(pin_dir, name, staging);
+            if staging.exists() {
+                // An agent of this layout was killed in the middle of this migration: its
+                // programs may already be recording into the map it staged, which is the
+                // newest state; the old map stays pinned for the catch-up at the finish.
+                log::info!("map {name}: resuming the migration an earlier agent began");
+                migrated.push(*name);
+                resumed.push(*name);
+                loader.map_pin_path(name, staging);
+                continue;
+            }
             let pinned_version = pin.exists().then(|| stored.get(*name).copied().unwrap_or(1));
             match pinned_version {
                 Some(v) if v != *version => {
@@ -349,10 +370,20 @@ impl Datapath {
             migrated,
             created,
             ct_copied_at_ns: 0,
+            sizes,
             nr_cpus,
         };
         for name in dp.migrated.clone() {
+            if resumed.contains(&name) {
+                continue;
+            }
             dp.migrate_entries(name, stored.get(name).copied().unwrap_or(1))?;
+            // Pinned aside at once, so that an agent killed before the finish finds what
+            // its programs recorded in it (the name says the layout and size it holds).
+            let staging = dp.pin_dir.join(staging_pin_name(name, schema::layout(name), sizes.of(name)));
+            let map = dp.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+            map.pin(&staging)
+                .map_err(|e| DatapathError::PinDir { path: staging.clone(), source: std::io::Error::other(e) })?;
         }
         Ok(dp)
     }
@@ -471,11 +502,24 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether maps of an older layout or size are still pinned beside this agent's (until
+    /// [`Self::finish_migration`]).
+    pub fn migration_pending(&self) -> bool {
+        !self.migrated.is_empty()
+    }
+
     /// Called once every program runs this agent's code: migrated maps take the old maps'
     /// pins, and the layout versions are recorded.
+    ///
+    /// Each map's version is recorded before its staged map is renamed over the old pin
+    /// (one atomic step): an agent killed in between finds the staged map and resumes,
+    /// whatever the record says, and no pin ever holds a layout other than the one recorded
+    /// for it once no staged map is left.
     pub fn finish_migration(&mut self) -> Result<()> {
-        for name in std::mem::take(&mut self.migrated) {
+        // One finished map at a time: a failure leaves the rest for the next call.
+        while let Some(&name) = self.migrated.first() {
             let pin = self.pin_dir.join(name);
+            let staging = self.pin_dir.join(staging_pin_name(name, schema::layout(name), self.sizes.of(name)));
             if name == map_names::CT && std::fs::exists(&pin).unwrap_or(false) {
                 // Flows the old programs recorded after the first copy, until they were
                 // replaced (entries already copied are left as they are).
@@ -484,10 +528,12 @@ impl Datapath {
                     Err(e) => log::warn!("map {name}: copying the entries recorded during the switch: {e}"),
                 }
             }
-            let _ = std::fs::remove_file(&pin);
-            let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
-            map.pin(&pin).map_err(|e| DatapathError::PinDir { path: pin.clone(), source: std::io::Error::other(e) })?;
+            let mut schema_map: HashMap<&mut MapData, MapName, u32> = self.typed(map_names::SCHEMA)?;
+            schema_map.insert(MapName::new(name), schema::layout(name), 0).map_err(map_err(map_names::SCHEMA))?;
+            std::fs::rename(&staging, &pin)
+                .map_err(|source| DatapathError::PinDir { path: staging.clone(), source })?;
             log::info!("map {name}: migration finished, new layout pinned");
+            self.migrated.remove(0);
         }
         let mut schema_map: HashMap<&mut MapData, MapName, u32> = self.typed(map_names::SCHEMA)?;
         for (name, version) in schema::LAYOUTS {
@@ -918,6 +964,37 @@ fn needs_resize(name: &str, pin: &Path, configured: Option<u32>) -> bool {
     pinned != want
 }
 
+/// The pin name of map `name` created for `version` (and `size`, if configured) while the
+/// map pinned under `name` is still in use: `CT_v1_n65536`. bpffs refuses dots in names.
+fn staging_pin_name(name: &str, version: u32, size: Option<u32>) -> String {
+    match size {
+        Some(n) => format!("{name}_v{version}_n{n}"),
+        None => format!("{name}_v{version}"),
+    }
+}
+
+/// Whether `file` is the pin name of a staged map `name` of any version and size.
+fn is_staging_pin_of(file: &str, name: &str) -> bool {
+    let Some(rest) = file.strip_prefix(name).and_then(|r| r.strip_prefix("_v")) else { return false };
+    let (version, size) = rest.split_once("_n").map_or((rest, None), |(v, n)| (v, Some(n)));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(version) && size.is_none_or(digits)
+}
+
+/// Removes the staged maps of `name` an agent of another layout or size left (killed
+/// mid-migration, then replaced by this one): their programs are being replaced, and the
+/// map pinned under `name` is where this agent's migration starts from.
+fn remove_stale_staging(pin_dir: &Path, name: &str, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if is_staging_pin_of(&file, name) && entry.path() != keep {
+            log::warn!("map {name}: removing {file}, staged by an agent of another layout or size that did not finish");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// The layout versions recorded in a pinned SCHEMA map (empty if there is none).
 fn read_schema(pin_dir: &Path) -> BTreeMap<String, u32> {
     let Ok(data) = MapData::from_pin(pin_dir.join(map_names::SCHEMA)) else {
@@ -1110,6 +1187,89 @@ mod counter_migration {
             .status()
             .expect("running bpftool");
         assert!(status.success(), "bpftool map create {name}");
+    }
+
+    /// An agent killed in the middle of a layout migration (after its programs began
+    /// recording into the new map, or between recording the new version and swapping the
+    /// pin) is followed by one that resumes it with what was recorded.
+    #[test]
+    fn a_migration_cut_short_by_a_kill_resumes_with_what_the_new_map_recorded() {
+        let Some(dir) = TestPins::for_datapath("migration-kill") else { return };
+        let load = || Datapath::load_with(&dir.0, true, MapSizes::default()).expect("loading the datapath");
+        let mut dp = load();
+        dp.finish_migration().unwrap();
+        drop(dp);
+        pin_old(&dir.0, map_names::POD_COUNTERS, "percpu_hash", 4, 20, 4096);
+        let nr_cpus = aya::util::nr_cpus().unwrap();
+        let pod = Ipv4Key { addr: [10, 1, 0, 9] };
+        {
+            let data = MapData::from_pin(dir.0.join(map_names::POD_COUNTERS)).unwrap();
+            let mut m: PerCpuHashMap<MapData, Ipv4Key, [u64; 20]> =
+                PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
+            m.insert(pod, PerCpuValues::try_from(vec![[1u64; 20]; nr_cpus]).unwrap(), 0).unwrap();
+            let data = MapData::from_pin(dir.0.join(map_names::SCHEMA)).unwrap();
+            let mut schema: HashMap<MapData, MapName, u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
+            schema.insert(MapName::new(map_names::POD_COUNTERS), 2, 0).unwrap();
+        }
+        // What an agent of some other layout staged and never finished.
+        let stale = dir.0.join("POD_COUNTERS_v9");
+        let status = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&stale)
+            .args(["type", "hash", "key", "4", "value", "4", "entries", "4", "name", "stale"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+
+        // The migrating agent's programs count 1000 forwarded packets in the new map; it is
+        // killed before the finish.
+        let mut dp = load();
+        assert!(dp.migration_pending());
+        assert!(!stale.exists(), "a stale staged map is removed");
+        let staged = dir.0.join(format!("{}_v{}", map_names::POD_COUNTERS, schema::layout(map_names::POD_COUNTERS)));
+        assert!(staged.exists(), "the new map is pinned aside at once");
+        {
+            let mut m: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = dp.typed(map_names::POD_COUNTERS).unwrap();
+            let mut c: PodCounters = m.get(&pod, 0).unwrap().iter().next().copied().unwrap();
+            c.fwd_packets = 1000;
+            m.insert(pod, per_cpu(map_names::POD_COUNTERS, vec![c; nr_cpus]).unwrap(), 0).unwrap();
+        }
+        drop(dp);
+        let fwd = |dp: &Datapath| dp.pod_counters(Ipv4Addr::new(10, 1, 0, 9)).unwrap().unwrap().fwd_packets;
+
+        // The next agent resumes: what the new map recorded is there.
+        let dp = load();
+        assert_eq!(fwd(&dp), 1000 * nr_cpus as u64, "the staged map is resumed, not migrated again");
+        drop(dp);
+
+        // Killed again between recording the new version and swapping the pin.
+        {
+            let data = MapData::from_pin(dir.0.join(map_names::SCHEMA)).unwrap();
+            let mut schema: HashMap<MapData, MapName, u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
+            schema.insert(MapName::new(map_names::POD_COUNTERS), schema::layout(map_names::POD_COUNTERS), 0).unwrap();
+        }
+        let mut dp = load();
+        assert_eq!(fwd(&dp), 1000 * nr_cpus as u64);
+        dp.finish_migration().unwrap();
+        assert!(!dp.migration_pending());
+        assert!(!staged.exists(), "the staged map took the pin");
+        let pinned = aya::maps::MapInfo::from_pin(dir.0.join(map_names::POD_COUNTERS)).unwrap();
+        assert_eq!(pinned.value_size() as usize, size_of::<PodCounters>(), "the pin holds the new layout");
+        drop(dp);
+        let dp = load();
+        assert!(!dp.migration_pending());
+        assert_eq!(fwd(&dp), 1000 * nr_cpus as u64);
+    }
+
+    #[test]
+    fn staged_pin_names_are_recognised_per_map() {
+        assert!(is_staging_pin_of("CT_v1_n65536", "CT"));
+        assert!(is_staging_pin_of("POD_COUNTERS_v3", "POD_COUNTERS"));
+        assert!(!is_staging_pin_of("POD_COUNTERS_v3", "POD"));
+        assert!(!is_staging_pin_of("CT_v1_n", "CT"));
+        assert!(!is_staging_pin_of("CT_vx", "CT"));
+        assert!(!is_staging_pin_of("CT", "CT"));
+        assert_eq!(staging_pin_name("CT", 1, Some(4096)), "CT_v1_n4096");
     }
 
     #[test]

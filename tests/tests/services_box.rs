@@ -676,6 +676,31 @@ endpoints:
     assert_eq!(egress_links(&b, "node-1"), (pods_1, pods_1), "after node-1's agent restart");
     let a = udp_ask(&c1.netns, sa("10.96.0.12", 53)).expect("UDP c1 -> hostNetwork backend after the restart");
     assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 53)));
+    // A slice written by hand may not name the node: an endpoint at node-1's own address is
+    // still this node's own stack from node-1's uplink (were it SNAT'ed to node-1's address
+    // like a remote backend, the stack would drop it as a martian).
+    b.apply_yaml(&format!(
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: on-host-a
+  namespace: default
+  labels: {{kubernetes.io/service-name: on-host}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8181}}
+- {{name: dns, protocol: UDP, port: 8181}}
+- {{name: quiet, protocol: UDP, port: 8182}}
+endpoints:
+- addresses: [{}]
+  conditions: {READY}
+"#,
+        n1.ip
+    ));
+    let tcp = SocketAddr::from((n1.ip, 30181));
+    b.wait_for(Duration::from_secs(10), "outside -> node-1's NodePort -> its own address, with no node name", || {
+        tcp_ask(&ext, tcp).is_ok_and(|a| a.server == "host-1" && a.seen.ip() == std::net::IpAddr::V4(ROUTER_IP))
+    });
     // The service goes: so does tc_to_pod.
     b.delete_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: on-host, namespace: default}\n");
     b.wait_for(Duration::from_secs(10), "node-1's pods lose tc_to_pod with the service", || {

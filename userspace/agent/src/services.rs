@@ -460,11 +460,20 @@ fn programmed_ports<'s>(
     out
 }
 
+/// Where this node stands, for choosing and placing endpoints.
+#[derive(Clone, Copy)]
+struct Placement<'a> {
+    /// This node's zone (zone hints).
+    zone: Option<&'a str>,
+    /// This node's own addresses.
+    own_addrs: &'a BTreeSet<Ipv4Addr>,
+}
+
 /// One service's entries: `ports` and `skipped` from [`programmed_ports`], `id_of` the id
 /// of each port name.
 fn plan_unit(
     params: &ServiceParams,
-    zone: Option<&str>,
+    at: Placement<'_>,
     s: &Service,
     ports: Vec<(&contiv_cluster_model::ServicePort, String)>,
     skipped: Vec<Skipped>,
@@ -502,7 +511,7 @@ fn plan_unit(
                         node_hinted: !ep.hints_for_nodes.is_empty(),
                         for_node: ep.hints_for_nodes.contains(&params.node_name),
                         zone_hinted: !ep.hints_for_zones.is_empty(),
-                        for_zone: zone.is_some_and(|z| ep.hints_for_zones.iter().any(|h| h == z)),
+                        for_zone: at.zone.is_some_and(|z| ep.hints_for_zones.iter().any(|h| h == z)),
                     };
                     // The same address twice (an endpoint moving between slices, or a
                     // terminating pod's address already given to a new pod): one entry, as
@@ -526,7 +535,12 @@ fn plan_unit(
         let local_all: Vec<Candidate> = all.iter().copied().filter(|c| c.local).collect();
         let local = choose(&local_all);
         for (i, c) in cluster.iter().enumerate() {
-            let b = SvcBackend { ip: c.ip.octets(), port: c.port, local: u8::from(c.local), _pad: 0 };
+            // Local to the datapath (reached without leaving the node, never SNAT'ed) if it
+            // runs here by its slice, or is at one of the node's own addresses whatever its
+            // slice says. (A Local traffic policy's set goes by the slice alone, as
+            // kube-proxy's.)
+            let here = c.local || at.own_addrs.contains(&c.ip);
+            let b = SvcBackend { ip: c.ip.octets(), port: c.port, local: u8::from(here), _pad: 0 };
             u.backends.push((SvcBackendKey { svc_id: id, ordinal: i as u32 }, b));
             u.endpoints.push((c.ip, c.port, proto));
         }
@@ -733,6 +747,10 @@ pub struct ServicePlanner {
     /// This node's zone (its Node's `topology.kubernetes.io/zone` label), which zone hints
     /// are read against.
     zone: Option<String>,
+    /// This node's own addresses: an endpoint at one of them is reached on this node (a
+    /// hostNetwork backend in a slice that does not name its node) and is never SNAT'ed
+    /// to another node's.
+    own_addrs: BTreeSet<Ipv4Addr>,
     /// Whether [`ServicePlanner::update`] ran once.
     planned: bool,
     /// Entries the node's service maps hold (SVC_FRONTENDS; SVC_BACKENDS and its slots).
@@ -774,6 +792,7 @@ impl ServicePlanner {
             endpoint_refs: HashMap::new(),
             skips: BTreeMap::new(),
             zone: None,
+            own_addrs: BTreeSet::new(),
             planned: false,
             capacity: Capacity::default(),
             deferred: BTreeSet::new(),
@@ -810,6 +829,13 @@ impl ServicePlanner {
             self.plan.node_addrs = node_addrs(&self.params, src);
             delta.node_addrs = true;
             let zone = node_zone(&self.params, src);
+            let own: BTreeSet<Ipv4Addr> = local_addrs(&self.plan.node_addrs).into_iter().collect();
+            if own != self.own_addrs {
+                // Rare (an address added to or taken from the node): every service is
+                // redone, as endpoints at its addresses are local or no longer.
+                self.own_addrs = own;
+                zone_changed = true;
+            }
             if zone != self.zone {
                 // Rare (a node relabelled): every service is redone, as for a resync.
                 self.zone = zone;
@@ -877,8 +903,8 @@ impl ServicePlanner {
             }
             if let Some((s, ports)) = found {
                 let names = &self.names;
-                let zone = self.zone.as_deref();
-                let unit = plan_unit(&self.params, zone, s, ports, skipped, &src.slices_of(&d.0, &d.1), |n| names[n].1);
+                let at = Placement { zone: self.zone.as_deref(), own_addrs: &self.own_addrs };
+                let unit = plan_unit(&self.params, at, s, ports, skipped, &src.slices_of(&d.0, &d.1), |n| names[n].1);
                 // A service whose entries would not fit is left out whole, logged: were the
                 // maps let run full, every later change would fail to apply, on every
                 // service of the node.
@@ -1258,6 +1284,54 @@ mod tests {
     fn frontend(p: &ServicePlan, ip: &str, port: u16, proto: u8) -> SvcFrontend {
         let ip: Ipv4Addr = ip.parse().unwrap();
         p.frontends[&SvcKey { ip: ip.octets(), port, proto, _pad: 0 }]
+    }
+
+    /// An endpoint at one of this node's own addresses is local to the datapath (never
+    /// SNAT'ed to this node's address, which the stack would drop as a martian), whatever its
+    /// slice says of its node; a Local policy's set still goes by the slice's node name.
+    #[test]
+    fn an_endpoint_at_the_nodes_own_address_is_local_even_without_a_node_name() {
+        let mut svc1 = svc("s1", "10.96.0.1", vec![port("", Protocol::Tcp, 80, PortRef::Number(80))]);
+        svc1.external_traffic_policy = TrafficPolicy::Local;
+        let unnamed = |ip: &str| Endpoint { node_name: None, ..ep(ip, "", true, true, false) };
+        let slices = [slice(
+            "s1-a",
+            "s1",
+            vec![("", Protocol::Tcp, 80)],
+            vec![
+                unnamed("192.168.100.11"),
+                unnamed("192.168.100.12"),
+                ep("10.1.1.5", "n1", true, true, false),
+                unnamed("10.0.0.7"),
+            ],
+        )];
+        let mut planner = ServicePlanner::new(params());
+        let update = |planner: &mut ServicePlanner, nodes: &[&Node], changes: ServiceChanges| {
+            let (s, sl): (Vec<&Service>, Vec<&EndpointSlice>) = ([&svc1].into(), slices.iter().collect());
+            let src = Indexed::new(ServiceInputs { services: &s, slices: &sl, nodes, registrations: &[] });
+            planner.update(&src, &changes);
+        };
+        let locals = |p: &ServicePlan| -> (BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>) {
+            let cluster = p.backends.iter().filter(|(k, b)| k.ordinal < SVC_LOCAL_BASE && b.local != 0);
+            let local_set = p.backends.iter().filter(|(k, _)| k.ordinal >= SVC_LOCAL_BASE);
+            (
+                cluster.map(|(_, b)| Ipv4Addr::from(b.ip)).collect(),
+                local_set.map(|(_, b)| Ipv4Addr::from(b.ip)).collect(),
+            )
+        };
+        update(&mut planner, &[], ServiceChanges::everything());
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            locals(planner.plan()),
+            ([ip("10.1.1.5"), ip("192.168.100.11")].into(), [ip("10.1.1.5")].into()),
+            "the node's own address is local to the datapath; the Local set is the slice's"
+        );
+        // The node gains an address (its Node object lists another InternalIP): endpoints
+        // there become local, with no change to the service or its slices.
+        let mut n1 = node("n1", None);
+        n1.addresses = vec![NodeAddress { address_type: "InternalIP".into(), address: "10.0.0.7".into() }];
+        update(&mut planner, &[&n1], ServiceChanges { nodes: true, ..Default::default() });
+        assert_eq!(locals(planner.plan()).0, [ip("10.0.0.7"), ip("10.1.1.5"), ip("192.168.100.11")].into());
     }
 
     #[test]

@@ -614,6 +614,11 @@ endpoints:
         egress_links(&b, "node-1") == (pods_1, pods_1)
     });
     assert_eq!(egress_links(&b, "node-2").0, 0, "node-2's pods: the backend is not node-2's own address");
+    // node-1 filters reverse paths strictly, as hardened hosts do: what node-2 SNAT'ed to
+    // its own address must reach node-1 by the wire, where node-1 routes node-2's address
+    // (by the overlay device, it would be dropped).
+    let strict = b.cmd("node-1", "sysctl").args(["-qw", "net.ipv4.conf.all.rp_filter=1"]).status().unwrap();
+    assert!(strict.success());
     let n2_ip = b.node("node-2").ip;
     for via in [n1.ip, n2_ip] {
         let tcp = SocketAddr::from((via, 30181));

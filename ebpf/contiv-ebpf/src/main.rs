@@ -67,7 +67,7 @@ use aya_ebpf::{
 };
 use contiv_common::{
     DatapathConfig, PodCounters, PodEndpoint, SLOW_PORT_MTU, config_flags, drop_reason, hook, monitor_bucket,
-    monitor_kind, pod_flags, policy_dir, trace_route, trace_step, verdict as out,
+    monitor_kind, pod_flags, policy_dir, route_flags, trace_route, trace_step, verdict as out,
 };
 use core::mem::MaybeUninit;
 use frag::Fragment;
@@ -1206,6 +1206,14 @@ fn uplink_forward(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], local: &P
         return deliver(local);
     }
     if let Some(route) = remote_route(dst) {
+        if route.flags & route_flags::NODE_ADDRESS != 0 {
+            // Another node's own address (a hostNetwork backend there, the source SNAT'ed
+            // to ours): over the wire, as the stack would route it. Out of its overlay
+            // device, our address would arrive where that node does not route it, and a
+            // reverse-path filter (rp_filter, strict or loose: the device has no address)
+            // would drop it.
+            return to_uplink(cfg.uplink_ifindex);
+        }
         if cfg.overlay_ifindex != 0 && overlay::set_tunnel(ctx, cfg, route.node_ip) {
             // SAFETY: plain helper call.
             return unsafe { bpf_redirect(cfg.overlay_ifindex, 0) as i32 };

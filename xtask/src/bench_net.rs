@@ -190,16 +190,23 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Request/response latency of both topologies, measured in alternating blocks so that
-/// drift on a shared machine hits both alike. Returns (baseline, ours) as (p50, p99) in us.
+/// drift on a shared machine hits both alike; who goes first alternates block by block (as
+/// in `bench services`), so whatever the first block of a pair leaves behind (or meets)
+/// falls on both alike too. Returns (baseline, ours) as (p50, p99) in us.
 pub fn rr_interleaved(
     base: (&Endpoint, &Endpoint),
     ours: (&Endpoint, &Endpoint),
     spin: bool,
 ) -> Result<((f64, f64), (f64, f64))> {
     let (mut b, mut o) = (Vec::new(), Vec::new());
-    for _ in 0..RR_BLOCKS {
+    for block in 0..RR_BLOCKS {
+        if block % 2 == 1 {
+            o.extend(rr_samples(ours.0, ours.1, spin, RR_WARMUP, RR_BLOCK)?);
+        }
         b.extend(rr_samples(base.0, base.1, spin, RR_WARMUP, RR_BLOCK)?);
-        o.extend(rr_samples(ours.0, ours.1, spin, RR_WARMUP, RR_BLOCK)?);
+        if block % 2 == 0 {
+            o.extend(rr_samples(ours.0, ours.1, spin, RR_WARMUP, RR_BLOCK)?);
+        }
     }
     for v in [&mut b, &mut o] {
         v.sort_by(|x, y| x.total_cmp(y));
@@ -217,6 +224,68 @@ pub fn median(v: &[f64]) -> f64 {
 /// The arithmetic mean; 0 for no samples.
 pub fn mean(v: &[f64]) -> f64 {
     if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 }
+}
+
+/// A small deterministic generator (xorshift64*): shuffles and resamples the benchmarks
+/// repeat run for run from a fixed seed, without a random-number crate.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> Self {
+        // Any seed but zero (a fixed point of xorshift).
+        Self(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in 0..n (n > 0; the modulo bias is nothing at the sizes used here).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Fisher-Yates.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// A 95% confidence interval (2.5th and 97.5th percentiles of `resamples` bootstrap
+/// resamples) of mean(ours) / mean(baseline) over paired rounds: whole rounds are drawn with
+/// replacement, so a pair measured under the same load of the machine stays together.
+/// (0, 0) for no rounds.
+pub fn bootstrap_ratio_ci(base: &[f64], ours: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
+    let n = base.len().min(ours.len());
+    if n == 0 || resamples == 0 {
+        return (0.0, 0.0);
+    }
+    let mut rng = XorShift::new(seed);
+    let mut ratios: Vec<f64> = (0..resamples)
+        .map(|_| {
+            let (mut b, mut o) = (0.0, 0.0);
+            for _ in 0..n {
+                let i = rng.below(n);
+                b += base[i];
+                o += ours[i];
+            }
+            if b > 0.0 { o / b } else { f64::NAN }
+        })
+        .filter(|r| r.is_finite())
+        .collect();
+    if ratios.is_empty() {
+        return (0.0, 0.0);
+    }
+    ratios.sort_by(f64::total_cmp);
+    (percentile(&ratios, 0.025), percentile(&ratios, 0.975))
 }
 
 /// A duration in milliseconds.
@@ -351,6 +420,36 @@ pub fn routed_pod(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shuffle_is_a_permutation_and_repeats_from_its_seed() {
+        let shuffled = |seed| {
+            let mut v: Vec<usize> = (0..8).collect();
+            XorShift::new(seed).shuffle(&mut v);
+            v
+        };
+        let mut sorted = shuffled(7);
+        sorted.sort();
+        assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+        assert_eq!(shuffled(7), shuffled(7));
+        assert!((1..20).any(|s| shuffled(s) != shuffled(7)), "every seed gave one order");
+    }
+
+    #[test]
+    fn the_bootstrap_interval_holds_the_ratio_of_means_and_narrows_with_agreement() {
+        let base = [10.0, 11.0, 9.0, 10.5, 9.5, 10.0, 10.2, 9.8];
+        let ours: Vec<f64> = base.iter().map(|b| b * 1.1).collect();
+        // Every round at exactly 1.1: no spread at all.
+        let (lo, hi) = bootstrap_ratio_ci(&base, &ours, 1_000, 1);
+        assert!((lo - 1.1).abs() < 1e-9 && (hi - 1.1).abs() < 1e-9, "{lo} {hi}");
+        // Scattered rounds: the interval holds the ratio of the means, and repeats.
+        let ours = [11.0, 12.5, 9.0, 12.0, 10.0, 11.5, 10.0, 11.8];
+        let ratio = mean(&ours) / mean(&base);
+        let (lo, hi) = bootstrap_ratio_ci(&base, &ours, 2_000, 1);
+        assert!(lo < ratio && ratio < hi && hi - lo < 0.2, "{lo} {ratio} {hi}");
+        assert_eq!(bootstrap_ratio_ci(&base, &ours, 2_000, 1), (lo, hi));
+        assert_eq!(bootstrap_ratio_ci(&[], &[], 100, 1), (0.0, 0.0));
+    }
 
     #[test]
     fn table_shows_an_undefined_ratio_as_a_dash() {

@@ -9,15 +9,24 @@
 //! same nodes, the same fabric: only the datapath between them differs.
 //!
 //! Metrics (target/bench/overlay.json):
-//! - `overlay_throughput` (one TCP stream, iperf3, median of rounds, who goes first
-//!   alternating; bar ratio >= 1.0),
+//! - `overlay_throughput_1_stream` (one TCP stream, iperf3; bar ratio >= 1.0): `ROUNDS`
+//!   paired rounds, who goes first alternating, and the ratio of the two means over the whole
+//!   run (the throughput of all the time each ran), as `bench services` does for
+//!   `clusterip_throughput`. Rounds of one topology spread by +-10-15% on this 2-vCPU machine,
+//!   so the median of 8 rounds could put a run on either side of the bar. The row's
+//!   `ratio_ci95` is a bootstrap 95% confidence interval of that ratio (whole rounds
+//!   resampled, so each pair stays together): a bar inside it is not decided by the run.
 //! - `overlay_rr_p50` / `overlay_rr_p99` (64-byte TCP request/response, busy-polled, alternating
-//!   blocks; bar p50 ratio <= 0.9), and the blocking p50,
-//! - `overlay_tcp_retransmits`,
-//! - `host_to_pod_connect_p50` (TCP connect from the node to a local pod: the kubelet-probe path),
+//!   blocks, who goes first alternating block by block; bar p50 ratio <= 0.9), and the
+//!   blocking p50,
+//! - `overlay_tcp_retransmits_per_run` (median over the throughput runs),
+//! - `host_to_pod_connect_p50` (TCP connect from the node to a local pod: the kubelet-probe
+//!   path): alternating blocks, who goes first alternating, the client pinned to CPU 0 and the
+//!   accepting thread to CPU 1, a few connects before each block's timed ones,
 //! - `pod_to_external_throughput_snat`: a pod to the external namespace with the agent's
 //!   masquerade (ours) against the same path with that flow exempt from conntrack and NAT and
-//!   the external side routing back to the pod (baseline).
+//!   the external side routing back to the pod (baseline); `SNAT_ROUNDS` paired rounds, who
+//!   goes first alternating, ratio of the means, with its `ratio_ci95` as above.
 //!
 //! `--pod-rps` runs the agents with `podRps = true` (see `bench datapath --pod-rps`) and
 //! writes overlay-pod-rps.json instead.
@@ -33,13 +42,26 @@ use anyhow::{Context as _, Result, bail};
 use contiv_tests::cluster::{BoxOptions, BoxPod, ClusterBox, EXTERNAL_IP, ip_in};
 
 use crate::bench_net::{
-    Endpoint, RR_BLOCK, RR_BLOCKS, enter, median, percentile, row, rr_interleaved, tcp_gbps, write_results,
+    Endpoint, RR_BLOCK, RR_BLOCKS, bootstrap_ratio_ci, enter, mean, median, percentile, pin_to_cpu, round3, row,
+    rr_interleaved, tcp_gbps, write_results,
 };
 
-/// Throughput rounds (one run of each topology per round); the rounds of one topology
-/// spread by +-10% on this 2-vCPU machine, so the median needs more than a few.
-const ROUNDS: usize = 8;
+/// Throughput rounds (one run of each topology per round, who goes first alternating). Even,
+/// so each goes first equally often; 16 as in `bench services`: the rounds of one topology
+/// spread by +-10-15% on this 2-vCPU machine, and the median of 8 moved a run's ratio by
+/// several percent, as much as the margin over the bar.
+const ROUNDS: usize = 16;
+/// pod -> external rounds (with and without SNAT, who goes first alternating). Even.
+const SNAT_ROUNDS: usize = 8;
+/// Host -> pod connects per topology, in `CONNECT_BLOCKS` alternating blocks, each after
+/// `CONNECT_WARMUP` untimed connects.
 const CONNECTS: usize = 2_000;
+const CONNECT_BLOCKS: usize = 8;
+const CONNECT_WARMUP: usize = 20;
+/// Bootstrap resamples for a ratio's confidence interval, and their fixed seed (a run's
+/// interval is a function of its rounds alone).
+const BOOTSTRAP_RESAMPLES: usize = 10_000;
+const BOOTSTRAP_SEED: u64 = 0x0c0f_fee5;
 
 fn run_ok(cmd: &mut Command) -> Result<()> {
     let out = cmd.output()?;
@@ -117,27 +139,34 @@ fn flannel_pod(node_netns: &str, pod: &BoxPod, node: usize, host: u8) -> Result<
     Ok(ip)
 }
 
-/// TCP connect (SYN, SYN-ACK, ACK) times from namespace `ns` to `addr`, in microseconds.
-fn connect_samples(ns: &str, addr: SocketAddr, count: usize) -> Result<Vec<f64>> {
+/// TCP connect (SYN, SYN-ACK, ACK) times from namespace `ns` to `addr`, in microseconds,
+/// after `warmup` untimed connects; the client runs on CPU 0 (the accepting side on CPU 1,
+/// see [`accept_forever`]), as in `bench services`.
+fn connect_samples(ns: &str, addr: SocketAddr, warmup: usize, count: usize) -> Result<Vec<f64>> {
     let samples = enter(ns, move || -> std::io::Result<Vec<f64>> {
+        pin_to_cpu(0);
         let mut v = Vec::with_capacity(count);
-        for _ in 0..count {
+        for i in 0..warmup + count {
             let t = Instant::now();
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            v.push(t.elapsed().as_nanos() as f64 / 1e3);
+            let took = t.elapsed();
             // Close with a reset: thousands of connects leave no TIME_WAIT.
             contiv_tests::close_with_reset(&s);
+            if i >= warmup {
+                v.push(took.as_nanos() as f64 / 1e3);
+            }
         }
         Ok(v)
     })?;
     Ok(samples)
 }
 
-/// Accepts and drops connections in `ns` until the process ends.
+/// Accepts and drops connections in `ns` until the process ends, on CPU 1.
 fn accept_forever(ns: &str, ip: Ipv4Addr) -> Result<SocketAddr> {
     let l = enter(ns, move || TcpListener::bind((ip, 0)))?;
     let addr = l.local_addr()?;
     std::thread::spawn(move || {
+        pin_to_cpu(1);
         for s in l.incoming() {
             drop(s);
         }
@@ -231,15 +260,18 @@ pub fn run(bins: &Path, pod_rps: bool) -> Result<()> {
     let ours_addr = accept_forever(&client.netns, client.ip)?;
     let base_addr = accept_forever(&client.netns, base_client_ip)?;
     let (mut hb, mut ho) = (vec![], vec![]);
-    for _ in 0..4 {
-        hb.extend(
-            connect_samples(&n1.netns, base_addr, CONNECTS / 4)
-                .with_context(|| format!("host -> pod connects to {base_addr} (baseline)"))?,
-        );
-        ho.extend(
-            connect_samples(&n1.netns, ours_addr, CONNECTS / 4)
-                .with_context(|| format!("host -> pod connects to {ours_addr} (ours)"))?,
-        );
+    let per_block = CONNECTS / CONNECT_BLOCKS;
+    for block in 0..CONNECT_BLOCKS {
+        // Who goes first alternates block by block.
+        let ours_first = block % 2 == 1;
+        for ours_turn in [ours_first, !ours_first] {
+            let (addr, into, what) =
+                if ours_turn { (ours_addr, &mut ho, "ours") } else { (base_addr, &mut hb, "baseline") };
+            into.extend(
+                connect_samples(&n1.netns, addr, CONNECT_WARMUP, per_block)
+                    .with_context(|| format!("host -> pod connects to {addr} ({what})"))?,
+            );
+        }
     }
     for v in [&mut hb, &mut ho] {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -250,11 +282,21 @@ pub fn run(bins: &Path, pod_rps: bool) -> Result<()> {
     // pod -> outside with SNAT (ours) against the same path without it.
     let external = Endpoint::new(b.state.external.clone(), EXTERNAL_IP);
     let (mut snat, mut plain) = (vec![], vec![]);
-    for round in 1..=3 {
+    let without_snat = || -> Result<f64> {
         nat_exempt(&n1.netns, &b.state.external, client.ip, n1.ip, true)?;
         let (p, _) = tcp_gbps(&ours.0, &external)?;
         nat_exempt(&n1.netns, &b.state.external, client.ip, n1.ip, false)?;
-        let (s, _) = tcp_gbps(&ours.0, &external)?;
+        Ok(p)
+    };
+    for round in 1..=SNAT_ROUNDS {
+        // Who goes first alternates, as for the overlay throughput.
+        let (p, s) = if round % 2 == 1 {
+            let p = without_snat()?;
+            (p, tcp_gbps(&ours.0, &external)?.0)
+        } else {
+            let s = tcp_gbps(&ours.0, &external)?.0;
+            (without_snat()?, s)
+        };
         println!("pod -> external round {round}: without SNAT {p:6.2} Gbit/s, with SNAT {s:6.2} Gbit/s");
         plain.push(p);
         snat.push(s);
@@ -268,18 +310,34 @@ pub fn run(bins: &Path, pod_rps: bool) -> Result<()> {
     }
     drop(b);
 
+    // The throughput rows with the bootstrap interval of their ratio beside it.
+    let with_ci = |metric: &str, base: &[f64], ours: &[f64]| {
+        let (lo, hi) = bootstrap_ratio_ci(base, ours, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED);
+        let mut r = row(metric, "Gbit/s", mean(base), mean(ours), "higher");
+        r["ratio_ci95"] = serde_json::json!([round3(lo), round3(hi)]);
+        r
+    };
     let results = vec![
-        row("overlay_throughput_1_stream", "Gbit/s", median(&bt), median(&ot), "higher"),
+        with_ci("overlay_throughput_1_stream", &bt, &ot),
         row("overlay_rr_p50", "us", b_p50, o_p50, "lower"),
         row("overlay_rr_p99", "us", b_p99, o_p99, "lower"),
         row("overlay_rr_p50_blocking", "us", bb_p50, ob_p50, "lower"),
         row("overlay_tcp_retransmits_per_run", "segments", median(&br), median(&or), "lower"),
         row("host_to_pod_connect_p50", "us", hb50, ho50, "lower"),
-        row("pod_to_external_throughput_snat", "Gbit/s", median(&plain), median(&snat), "higher"),
+        with_ci("pod_to_external_throughput_snat", &plain, &snat),
     ];
     write_results(if pod_rps { "overlay-pod-rps" } else { "overlay" }, &results)?;
     let tput = results[0]["ratio"].as_f64().unwrap_or(0.0);
+    let ci = |i: usize, k: usize| results[i]["ratio_ci95"][k].as_f64().unwrap_or(f64::NAN);
     let p50 = results[1]["ratio"].as_f64().unwrap_or(f64::MAX);
+    println!(
+        "throughput ratio 95% CI (bootstrap over {ROUNDS} rounds): [{:.3}, {:.3}]; pod -> external with SNAT: [{:.3}, \
+         {:.3}] over {SNAT_ROUNDS} rounds",
+        ci(0, 0),
+        ci(0, 1),
+        ci(6, 0),
+        ci(6, 1)
+    );
     println!(
         "bar: throughput ratio {tput:.3} >= 1.0: {}; RR p50 ratio {p50:.3} <= 0.9: {}",
         if tput >= 1.0 { "met" } else { "NOT met" },

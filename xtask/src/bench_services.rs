@@ -86,9 +86,17 @@
 //!   directory removed, as on a fresh or rebooted node) with 10,000 services in the store,
 //!   until its pinned SVC_FRONTENDS and SVC_BACKENDS hold every entry node-1's hold (median
 //!   of a few starts); baseline the same with 10 services. `cold_start_10k_vs_iptables_restore`
-//!   and `..._vs_nft_load` put it beside the time `iptables-nft-restore` / `nft -f` take to load
-//!   the 10,000-service rendering alone (kube-proxy's least work at start, without its own
-//!   start and informer sync).
+//!   and `..._vs_nft_load` put it beside the wall time `iptables-nft-restore` / `nft -f` take
+//!   to load the 10,000-service rendering alone, once, into their node namespace (which holds
+//!   the 1,000-service rendering, replaced in the same load): a loader's time, the least
+//!   kube-proxy does at start, without its own start, API watch and informer sync, so not
+//!   kube-proxy's cold start. The loads are timed only after every running agent and etcd
+//!   have gone quiet (`wait_settled`): right after an apply, node-3's agent (and etcd) still
+//!   work through the 10,000 services after node-1 has programmed them, and a load timed
+//!   meanwhile shared the 2 CPUs with them (`nft -f` of the 10,000-service rendering read
+//!   20-85 s across runs). The log gives each loader's CPU time beside its wall time: a wall
+//!   time well above it means the load still waited for a CPU (the machine is shared), and
+//!   the row then says more about the machine than about the loader.
 
 use std::{
     io::Write as _,
@@ -130,6 +138,12 @@ const CONNECT_WARMUP: usize = 20;
 /// every other one is also written in-process (`..._in_process`).
 const PROGRAMMING_SAMPLES: usize = 200;
 const COLD_STARTS: usize = 3;
+/// "Settled" before the renderings are loaded (see `wait_settled`): at most 2 ticks (20 ms
+/// at USER_HZ 100, 4% of a CPU) per process in each of 3 intervals of half a second.
+const QUIET_TICKS: u64 = 2;
+const QUIET_INTERVALS: usize = 3;
+const QUIET_INTERVAL: Duration = Duration::from_millis(500);
+const QUIET_TIMEOUT: Duration = Duration::from_secs(60);
 /// Throughput rounds (each: pod -> pod and pod -> ClusterIP, 5 s each, who goes first
 /// alternating). Even, so each goes first equally often: on this 2-vCPU machine the order
 /// within a round moved single rounds by 10-20%, and with 7 rounds one order had a round
@@ -545,14 +559,16 @@ impl ProxyNode {
         Self { proxy, node, client, server }
     }
 
-    /// Loads the rendering of `svcs`; how long the loader took.
-    fn load(&self, svcs: &[Svc]) -> Result<Duration> {
+    /// Loads the rendering of `svcs`; how long the loader took (wall clock), and the CPU
+    /// time it used (user + system: a wall time well above it waited for a CPU).
+    fn load(&self, svcs: &[Svc]) -> Result<(Duration, Duration)> {
         let (program, args, text): (&str, &[&str], String) = match self.proxy {
             Proxy::Iptables => ("iptables-nft-restore", &[], iptables_rules(svcs)),
             Proxy::IptablesLegacy => ("iptables-legacy-restore", &[], iptables_rules(svcs)),
             Proxy::Nftables => ("nft", &["-f", "-"], nft_rules(svcs)),
-            Proxy::None | Proxy::RedirectOnly => return Ok(Duration::ZERO),
+            Proxy::None | Proxy::RedirectOnly => return Ok((Duration::ZERO, Duration::ZERO)),
         };
+        let cpu_before = children_cpu();
         let started = Instant::now();
         let mut child = self
             .node
@@ -566,11 +582,61 @@ impl ProxyNode {
         child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
         let out = child.wait_with_output()?;
         let took = started.elapsed();
+        let cpu = children_cpu().saturating_sub(cpu_before);
         if !out.status.success() {
             bail!("{program} in {} failed: {}", self.node.name(), String::from_utf8_lossy(&out.stderr));
         }
-        Ok(took)
+        Ok((took, cpu))
     }
+}
+
+/// User + system CPU time of this process's children that have ended and been waited for
+/// (the loader, and what `ip netns exec` ran; nothing else ends while one loads).
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage fills the zeroed struct.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU time (user + system, clock ticks) a process has used so far; None once it is gone.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name's closing parenthesis: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Waits until every running agent of the box and etcd have gone quiet: no process of them
+/// used more than `QUIET_TICKS` clock ticks in each of `QUIET_INTERVALS` consecutive
+/// intervals of `QUIET_INTERVAL`. After a big apply, node-1 has programmed its maps long
+/// before every agent (node-3 filters the same 10,000 services for its proxy name) and
+/// etcd are done; a loader timed meanwhile competes with them for this machine's 2 CPUs.
+/// Returns how long it waited, and whether they went quiet within `QUIET_TIMEOUT`.
+fn wait_settled(b: &ClusterBox) -> (Duration, bool) {
+    let pids: Vec<u32> = b.state.nodes.iter().filter_map(|n| n.agent_pid).chain(b.state.etcd_pid).collect();
+    let started = Instant::now();
+    let mut last: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    let mut quiet = 0;
+    while started.elapsed() < QUIET_TIMEOUT {
+        std::thread::sleep(QUIET_INTERVAL);
+        let now: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+        let busy = now.iter().zip(&last).any(|(n, l)| match (n, l) {
+            (Some(n), Some(l)) => n.saturating_sub(*l) > QUIET_TICKS,
+            _ => false,
+        });
+        last = now;
+        quiet = if busy { 0 } else { quiet + 1 };
+        if quiet >= QUIET_INTERVALS {
+            return (started.elapsed(), true);
+        }
+    }
+    (started.elapsed(), false)
 }
 
 /// Compiles ebpf/diagnostics/redirect-only.c for the two pods behind `host_ifs` (their
@@ -1140,14 +1206,25 @@ pub fn run(bins: &Path) -> Result<()> {
             new.len(),
             waited.as_secs_f64()
         ));
+        // The loads are timed (cold_start_10k_vs_*) once every agent and etcd are done with
+        // this scale's apply, not while they still work through it.
+        let (settle, settled) = wait_settled(&b);
+        step.note(format!(
+            "agents and etcd {} after {:.1} s",
+            if settled { "quiet" } else { "still busy (loading anyway)" },
+            settle.as_secs_f64()
+        ));
         let mut took = vec![];
+        let mut cpu = vec![];
         for base in &bases {
-            let d = base.load(&rendering_order(n, BASE_SERVER))?;
-            took.push(d.as_secs_f64());
+            let (wall, used) = base.load(&rendering_order(n, BASE_SERVER))?;
+            took.push(wall.as_secs_f64());
+            cpu.push(used.as_secs_f64());
         }
         step.note(format!(
-            "renderings loaded: iptables-nft-restore {:.2} s, iptables-legacy-restore {:.2} s, nft -f {:.2} s",
-            took[0], took[1], took[2]
+            "renderings loaded (wall / CPU): iptables-nft-restore {:.2} / {:.2} s, iptables-legacy-restore {:.2} / \
+             {:.2} s, nft -f {:.2} / {:.2} s",
+            took[0], cpu[0], took[1], cpu[1], took[2], cpu[2]
         ));
         loads.push(took);
 

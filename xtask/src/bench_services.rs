@@ -10,7 +10,8 @@
 //!
 //! **Baselines**: kube-proxy's two renderings of the same Services, each in its own "node"
 //! namespace with a client and a server pod namespace wired like a plain routed CNI (veth,
-//! /32 routes, static neighbours, the pods' default route via the node). The rules sit where
+//! /32 routes, static neighbours, the pods' default route via the node; each baseline's client
+//! has an address of its own, so no two baselines' connections share a tuple). The rules sit where
 //! kube-proxy puts them for pod traffic: the node's nat PREROUTING hook (a pod's SYN enters
 //! the node through its veth, is DNAT'ed there and routed to the backend's veth), so only
 //! the service implementation differs from a kube-proxy node:
@@ -161,8 +162,9 @@ const RR_PORT: u16 = 7000;
 /// The probe service's backend: an address no pod holds.
 const PROBE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 15, 2);
 const CLUSTER_CIDR: &str = "10.1.0.0/16";
-/// The baseline pods (a node's subnet of the same cluster range).
-const BASE_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 254, 2);
+/// The baseline pods (a node's subnet of the same cluster range): the server, the same in
+/// every baseline (so that every rendering is the same text), and each baseline's client
+/// (`Proxy::client_ip`).
 const BASE_SERVER: Ipv4Addr = Ipv4Addr::new(10, 1, 254, 3);
 /// A baseline node's host veths (client's, server's) and the base of its pods' MACs.
 const BASE_HOST_IFS: [&str; 2] = ["bs0", "bs1"];
@@ -532,6 +534,22 @@ impl Proxy {
             Proxy::RedirectOnly => "redirect-only-edge-pod-ip",
         }
     }
+
+    /// The baseline's client pod address, its own: the baselines' connections never share
+    /// a 5-tuple (client address, source port, service or server address), so none can meet
+    /// another's conntrack entry still in CLOSE (10 s after each reset), whatever namespace
+    /// the baselines are built in. (Today each has its own node namespace, and conntrack
+    /// keeps its entries per namespace; this keeps it so if they ever share one.)
+    fn client_ip(self) -> Ipv4Addr {
+        let host = match self {
+            Proxy::Iptables => 2,
+            Proxy::IptablesLegacy => 4,
+            Proxy::Nftables => 5,
+            Proxy::None => 6,
+            Proxy::RedirectOnly => 7,
+        };
+        Ipv4Addr::new(10, 1, 254, host)
+    }
 }
 
 /// A node whose pods are routed by the kernel, with kube-proxy's rules in its namespace.
@@ -547,7 +565,7 @@ impl ProxyNode {
         let node = Netns::new("bsn");
         contiv_tests::run(node.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
         let mut pods = vec![];
-        for (i, ip) in [BASE_CLIENT, BASE_SERVER].into_iter().enumerate() {
+        for (i, ip) in [proxy.client_ip(), BASE_SERVER].into_iter().enumerate() {
             let pod = crate::bench_net::routed_pod(&node, "bsp", BASE_HOST_IFS[i], BASE_MAC_BASE, i as u8, ip);
             pods.push(pod);
         }

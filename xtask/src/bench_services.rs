@@ -50,7 +50,8 @@
 //!   64-byte request and its 64-byte answer (timed from connect() to the answer; the client
 //!   closes with a reset, so neither side piles up TIME_WAIT). Client and server busy-poll on
 //!   separate CPUs, as in the other latency benchmarks; blocks of 500 connections, each
-//!   topology in turn, who goes first rotating. `connect_p50_10k_clusterip_vs_pod_ip` puts
+//!   topology in turn, in an order shuffled for each block from a fixed seed (each topology
+//!   first in as many blocks as any other). `connect_p50_10k_clusterip_vs_pod_ip` puts
 //!   ours beside the same pods connecting to the server's pod IP (what the service layer
 //!   adds to a connection); `connect_p50_10k_vs_kernel_routing_pod_ip` puts it beside the
 //!   no-proxy floor above (the summary line says what the 0.2 bar asks for in microseconds
@@ -131,8 +132,13 @@ const SCALES: [usize; 3] = [10, 1_000, 10_000];
 /// Endpoints per filler service (addresses no pod holds: never connected to).
 const FILLER_ENDPOINTS: usize = 2;
 const FILLER_NAMESPACES: usize = 50;
-/// Connect-latency blocks per scale; the topologies take turns block by block.
-const CONNECT_BLOCKS: usize = 20;
+/// Connect-latency blocks per scale; the topologies take turns block by block, in an order
+/// shuffled for each block (`block_orders`). A multiple of the 8 topologies, so that each goes
+/// first equally often: 24 rather than 20 adds about 3-4 s to the run (a block of all eight
+/// at 10,000 services takes about 0.3 s), about 1% of it.
+const CONNECT_BLOCKS: usize = 24;
+/// The shuffles' fixed seed (the orders repeat run for run; each scale its own).
+const CONNECT_ORDER_SEED: u64 = 0x5e41_1ce5;
 const CONNECT_BLOCK: usize = 500;
 const CONNECT_WARMUP: usize = 20;
 /// Changes timed from a `netctl apply` process per scale (p99 is the third-slowest of 200);
@@ -1083,6 +1089,27 @@ fn plot(path: &Path, series: &[Series]) -> Result<()> {
 
 // === the run ===
 
+/// The order of the topologies in each of `blocks` blocks: shuffled for every block, so that
+/// no topology always runs right after the same other one (a fixed rotation kept each one's
+/// neighbours, and whatever a topology leaves behind fell on the one after it every time);
+/// in each run of `topologies` blocks each topology goes first exactly once.
+fn block_orders(topologies: usize, blocks: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut rng = crate::bench_net::XorShift::new(seed);
+    let mut firsts: Vec<usize> = vec![];
+    (0..blocks)
+        .map(|block| {
+            if block % topologies == 0 {
+                firsts = (0..topologies).collect();
+                rng.shuffle(&mut firsts);
+            }
+            let first = firsts[block % topologies];
+            let mut rest: Vec<usize> = (0..topologies).filter(|&t| t != first).collect();
+            rng.shuffle(&mut rest);
+            std::iter::once(first).chain(rest).collect()
+        })
+        .collect()
+}
+
 /// A client/server pair whose new connections are timed.
 struct Topology {
     label: &'static str,
@@ -1246,12 +1273,12 @@ pub fn run(bins: &Path) -> Result<()> {
         ));
         loads.push(took);
 
-        // New connections, the topologies taking turns block by block (who goes first
-        // rotates, so a drift in the machine's load hits each alike).
+        // New connections, the topologies taking turns block by block (in an order shuffled
+        // for each block, each going first equally often, so a drift in the machine's load,
+        // or what one topology leaves behind, hits each alike).
         let mut samples = vec![vec![]; topologies.len()];
-        for block in 0..CONNECT_BLOCKS {
-            for k in 0..topologies.len() {
-                let i = (block + k) % topologies.len();
+        for order in block_orders(topologies.len(), CONNECT_BLOCKS, CONNECT_ORDER_SEED.wrapping_add(si as u64)) {
+            for i in order {
                 let t = &topologies[i];
                 samples[i].extend(connect_samples(&t.client_ns, &t.server_ns, t.bind, t.to, CONNECT_BLOCK)?);
             }
@@ -1570,6 +1597,26 @@ mod tests {
         assert_eq!(distinct.len(), chains.len());
         // Two endpoints: the first taken with probability 1/2, the second always.
         assert!(rules.contains("--probability 0.50000000000 -j KUBE-SEP-"));
+    }
+
+    #[test]
+    fn every_block_runs_each_topology_once_and_each_goes_first_equally_often() {
+        let orders = block_orders(8, CONNECT_BLOCKS, CONNECT_ORDER_SEED);
+        assert_eq!(orders.len(), CONNECT_BLOCKS);
+        assert_eq!(CONNECT_BLOCKS % 8, 0, "each topology first equally often needs a multiple of 8");
+        let mut first = [0usize; 8];
+        for o in &orders {
+            let mut sorted = o.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..8).collect::<Vec<_>>(), "{o:?}");
+            first[o[0]] += 1;
+        }
+        assert!(first.iter().all(|&f| f == CONNECT_BLOCKS / 8), "{first:?}");
+        // Not a rotation: some topology is followed by different ones in different blocks.
+        let after = |o: &Vec<usize>, t: usize| o.iter().position(|&x| x == t).and_then(|i| o.get(i + 1).copied());
+        assert!((0..8).any(|t| orders.iter().filter_map(|o| after(o, t)).collect::<std::collections::BTreeSet<_>>().len() > 1));
+        // Fixed seed: the same orders every run.
+        assert_eq!(orders, block_orders(8, CONNECT_BLOCKS, CONNECT_ORDER_SEED));
     }
 
     #[test]

@@ -1603,6 +1603,38 @@ mod tests {
         assert!(rules.contains("--probability 0.50000000000 -j KUBE-SEP-"));
     }
 
+    /// `NetctlApply` starts netctl from a thread that entered the control namespace, with no
+    /// `ip netns exec`: the child must land in that namespace (where etcd listens).
+    #[test]
+    fn a_process_spawned_from_an_entered_thread_runs_in_that_namespace() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: a network namespace needs root");
+            return;
+        }
+        let ns = Netns::new("bsx");
+        // /run/netns/NAME is a bind mount of the namespace: its inode is the namespace's.
+        let want = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(Path::new("/run/netns").join(ns.name())).expect("the namespace's file"),
+        );
+        let link = contiv_tests::cluster::enter(ns.name(), || {
+            std::process::Command::new("readlink").arg("/proc/self/ns/net").output().expect("readlink")
+        });
+        assert_eq!(String::from_utf8_lossy(&link.stdout).trim(), format!("net:[{want}]"));
+    }
+
+    #[test]
+    fn cpu_ticks_reads_a_live_process_and_none_for_a_gone_one() {
+        let me = cpu_ticks(std::process::id()).expect("this process's /proc/PID/stat");
+        // Burn a little CPU: the count never goes down.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(30) {
+            std::hint::spin_loop();
+        }
+        assert!(cpu_ticks(std::process::id()).unwrap() >= me);
+        assert_eq!(cpu_ticks(u32::MAX), None);
+    }
+
     #[test]
     fn every_block_runs_each_topology_once_and_each_goes_first_equally_often() {
         let orders = block_orders(8, CONNECT_BLOCKS, CONNECT_ORDER_SEED);

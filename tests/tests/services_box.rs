@@ -1882,6 +1882,25 @@ spec:
     // left. Unset: every address and localhost answer. Then ["primary"]: node-1's Node
     // lists its InternalIP first, so that one answers, not the second address or localhost.
     let outside = |addr: SocketAddr| tcp_ask(&ext, addr).map(|a| a.server);
+    // node-1 also has an address on an interface of its own besides the uplink, listed in
+    // its Node: NodePorts answer there to pods and the node only, which the agent says.
+    let third: Ipv4Addr = "10.99.0.9".parse().unwrap();
+    ip_in(&n1.netns, &["link", "add", "nport0", "type", "veth", "peer", "name", "nport1"]);
+    ip_in(&n1.netns, &["addr", "add", &format!("{third}/32"), "dev", "nport0"]);
+    ip_in(&n1.netns, &["link", "set", "nport0", "up"]);
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: node-1}}
+status:
+  addresses:
+  - {{type: InternalIP, address: "{}"}}
+  - {{type: ExternalIP, address: "{second}"}}
+  - {{type: InternalIP, address: "{third}"}}
+"#,
+        n1.ip
+    ));
+    let off_uplink = |ip: Ipv4Addr| format!("NodePorts at {ip} (");
     for (setting, second_served) in [("[]", true), ("[\"primary\"]", false)] {
         let config = std::fs::read_to_string(&n1.config).unwrap();
         let line = config.lines().find(|l| l.starts_with("nodePortAddresses")).unwrap().to_owned();
@@ -1898,6 +1917,12 @@ spec:
             });
             assert!(udp_ask(&ext, SocketAddr::from((second, 30053))).is_ok(), "{setting}: UDP to {second}");
             tcp_ask(&n1.netns, sa("127.0.0.1", 30080)).unwrap_or_else(|e| panic!("{setting}: localhost: {e}"));
+            let said = format!("NodePorts at {third} (nport0) answer pods and this node only");
+            b.wait_for(Duration::from_secs(10), "the warning about the address off the uplink", || {
+                b.agent_log("node-1").contains(&said)
+            });
+            let log = b.agent_log("node-1");
+            assert!(!log.contains(&off_uplink(second)) && !log.contains(&off_uplink(n1.ip)), "the uplink's: {log}");
         } else {
             b.wait_for(Duration::from_secs(10), "the health check on the primary address", || {
                 health_check(&b, n1.ip).ends_with(" 200")

@@ -103,6 +103,44 @@ pub async fn holds_node_ip(node: &Handle, uplink: &Uplink) -> Result<bool, Uplin
     Ok(false)
 }
 
+/// Every IPv4 address of the node, with the index of the interface that holds it and its
+/// label (the interface's name, or an alias).
+pub async fn node_addresses(node: &Handle) -> Result<Vec<(u32, Ipv4Addr, String)>, UplinkError> {
+    let mut addrs = node.address().get().execute();
+    let mut out = vec![];
+    while let Some(msg) = addrs.try_next().await.map_err(nl("listing addresses"))? {
+        let label = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Label(l) => Some(l.clone()),
+            _ => None,
+        });
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                out.push((msg.header.index, *ip, label.clone().unwrap_or_default()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The addresses that answer NodePorts (`takes`) but sit on another interface than the
+/// uplink's (`held`: every address with its interface's index): clients outside reach
+/// NodePorts only through the uplink, where `tc_from_uplink` runs. Loopback addresses are
+/// left out (no client outside reaches them).
+pub fn node_ports_off_uplink(
+    held: &[(u32, Ipv4Addr, String)],
+    takes: &std::collections::BTreeSet<Ipv4Addr>,
+    uplink_ifindex: u32,
+) -> Vec<(u32, Ipv4Addr, String)> {
+    let mut off: Vec<(u32, Ipv4Addr, String)> = held
+        .iter()
+        .filter(|(i, ip, _)| *i != uplink_ifindex && !ip.is_loopback() && takes.contains(ip))
+        .cloned()
+        .collect();
+    off.sort_unstable();
+    off.dedup();
+    off
+}
+
 async fn default_route_interface(node: &Handle) -> Result<Option<String>, UplinkError> {
     let mut routes = node.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
     let mut oif = None;
@@ -207,6 +245,21 @@ fn overlay_matches(link: &rtnetlink::packet_route::link::LinkMessage, cfg: &Over
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn node_ports_off_the_uplink_are_the_other_interfaces_addresses_that_take_them() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let at = |i: u32, s: &str, l: &str| (i, ip(s), l.to_owned());
+        let held = [
+            at(2, "192.168.100.11", "eth0"),
+            at(3, "10.0.0.7", "eth1"),
+            at(3, "10.0.0.8", "eth1"),
+            at(1, "127.0.0.1", "lo"),
+        ];
+        let takes = [ip("192.168.100.11"), ip("10.0.0.7"), ip("127.0.0.1")].into();
+        assert_eq!(node_ports_off_uplink(&held, &takes, 2), vec![at(3, "10.0.0.7", "eth1")]);
+        assert!(node_ports_off_uplink(&held[..1], &takes, 2).is_empty());
+    }
+
     use super::*;
 
     /// A namespace of this test's own, deleted when dropped (also on failure).

@@ -182,6 +182,29 @@ impl Agent {
         Ok(())
     }
 
+    /// Warns, once per address, of node addresses that take NodePorts on an interface other
+    /// than the uplink: clients outside reach NodePorts only through the uplink.
+    async fn warn_node_ports_off_uplink(
+        &self,
+        node: &rtnetlink::Handle,
+        takes: &BTreeSet<Ipv4Addr>,
+        uplink_ifindex: u32,
+        uplink: &str,
+    ) {
+        let held = match crate::uplink::node_addresses(node).await {
+            Ok(h) => h,
+            Err(e) => return log::debug!("listing the node's addresses: {e}"),
+        };
+        let mut logged = self.skipped_logged.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, ip, label) in crate::uplink::node_ports_off_uplink(&held, takes, uplink_ifindex) {
+            if logged.insert(format!("node-port-off-uplink {ip} {label}")) {
+                log::warn!(
+                    "NodePorts at {ip} ({label}) answer pods and this node only: clients outside the cluster reach                      NodePorts through the uplink {uplink} (set [services] nodePortAddresses to leave {ip} out)"
+                );
+            }
+        }
+    }
+
     /// Notes what changed for the service plan (the service task picks it up).
     pub fn services_changed(&self, changes: ServiceChanges) {
         if !self.config.services.enabled {
@@ -288,7 +311,26 @@ impl Agent {
             let hc_addrs = crate::services::health_check_addrs(inner.proxy.params(), &plan.node_addrs);
             inner.health.update(&plan.health_checks, hc_addrs.as_deref());
         }
+        // Node addresses on other interfaces than the uplink answer NodePorts to pods and
+        // this node only: said once per address (`tc_from_uplink` runs on the uplink alone).
+        let off_uplink = match (&self.uplink, delta.node_addrs) {
+            (Some(u), true) => {
+                let takes: BTreeSet<Ipv4Addr> = inner
+                    .proxy
+                    .plan()
+                    .node_addrs
+                    .iter()
+                    .filter(|(_, a)| a.local != 0 && a.no_node_ports == 0)
+                    .map(|(ip, _)| *ip)
+                    .collect();
+                Some((inner.node.clone(), takes, u.ifindex, u.ifname.clone()))
+            }
+            _ => None,
+        };
         drop(guard);
+        if let Some((node, takes, uplink_ifindex, uplink)) = off_uplink {
+            self.warn_node_ports_off_uplink(&node, &takes, uplink_ifindex, &uplink).await;
+        }
         self.set_refusals(refusals);
         self.programming.synced(started.elapsed());
         match result {

@@ -29,6 +29,9 @@ pub struct Image {
     pub package: Option<&'static str>,
     /// What runs to smoke-test the image (appended to the entrypoint).
     pub smoke_args: &'static [&'static str],
+    /// Programs of the build machine's Debian the binaries run, copied into `/usr/bin`
+    /// with the libraries they load (host path; each is smoke-tested with `--version`).
+    pub tools: &'static [&'static str],
 }
 
 /// Every image contiv builds.
@@ -38,11 +41,25 @@ pub const IMAGES: &[Image] = &[
         binaries: &["contiv-agent", "contiv-cni"],
         package: Some("contiv-agent"),
         smoke_args: &["check-config"],
+        // The masquerade of pod traffic leaving the cluster (`uplink = "kernel"`).
+        tools: &["/usr/sbin/nft"],
     },
-    Image { name: "contiv/ksr", binaries: &["contiv-ksr"], package: Some("contiv-ksr"), smoke_args: &["--version"] },
-    Image { name: "contiv/stn", binaries: &["contiv-stn"], package: Some("contiv-stn"), smoke_args: &["--version"] },
+    Image {
+        name: "contiv/ksr",
+        binaries: &["contiv-ksr"],
+        package: Some("contiv-ksr"),
+        smoke_args: &["--version"],
+        tools: &[],
+    },
+    Image {
+        name: "contiv/stn",
+        binaries: &["contiv-stn"],
+        package: Some("contiv-stn"),
+        smoke_args: &["--version"],
+        tools: &[],
+    },
     // Debian's etcd (etcd-server), so the default rollout needs no image from elsewhere.
-    Image { name: "contiv/etcd", binaries: &["etcd"], package: None, smoke_args: &["--version"] },
+    Image { name: "contiv/etcd", binaries: &["etcd"], package: None, smoke_args: &["--version"], tools: &[] },
 ];
 
 /// `name:VERSION`.

@@ -3,7 +3,8 @@
 //! image from a registry, tagged `contiv/<name>:<crate version>` as the manifests name them
 //! (the list is `contiv_deploy::IMAGES`).
 //!
-//! Each image holds its release binaries (debug info stripped) in /usr/bin, the shared
+//! Each image holds its release binaries (debug info stripped) in /usr/bin, the Debian
+//! programs they run (`Image::tools`: the agent's `nft`, for the masquerade), the shared
 //! libraries they load (found with ldd, plus the dynamic loader), /etc/passwd and /etc/group
 //! with root and nobody, the CA bundle, and empty /tmp and /run. contiv-cni is linked
 //! statically: the init container copies it onto the host, whose libc may differ.
@@ -100,6 +101,15 @@ fn stage(image: &Image, binaries: &[(String, PathBuf)], rootfs: &Path) -> Result
         }
     }
     ensure!(binaries.len() == image.binaries.len(), "{}: binaries missing", image.name);
+    for tool in image.tools {
+        let src = Path::new(tool);
+        let name = src.file_name().context("a tool's path names a file")?;
+        std::fs::copy(src, rootfs.join("usr/bin").join(name))
+            .with_context(|| format!("copying {tool} (cargo xtask setup installs it)"))?;
+        for lib in shared_libraries(src)? {
+            copy_into(rootfs, &lib, &lib)?;
+        }
+    }
     Ok(())
 }
 
@@ -222,6 +232,15 @@ pub fn run() -> Result<()> {
         build(image, &rootfs)?;
         let said = smoke(image).with_context(|| format!("running the entrypoint of {}", image_ref(image)))?;
         step.note(format!("entrypoint {} ran: {said}", image.smoke_args.join(" ")));
+        // The tools the binaries run: each starts in the image.
+        for tool in image.tools {
+            let name = Path::new(tool).file_name().context("a tool's path names a file")?.to_string_lossy();
+            let c = output(buildah().args(["from", "--pull-never", &image_ref(image)]))?;
+            let bin = format!("/usr/bin/{name}");
+            let v = output(buildah().args(["run", "--isolation", "chroot", &c, "--", &bin, "--version"]));
+            let _ = buildah().args(["rm", &c]).stdout(Stdio::null()).status();
+            step.note(format!("{name} --version: {}", v.with_context(|| format!("running {bin} in the image"))?));
+        }
         // contiv-cni in the agent image is what the init container runs: try it too.
         if image.binaries.contains(&"contiv-cni") {
             let c = output(buildah().args(["from", "--pull-never", &image_ref(image)]))?;

@@ -211,8 +211,12 @@ impl VppConfig {
             return err(format!("workerCores {worker_cores:?} must be distinct and not the mainCore {main_core}"));
         }
         let af_xdp_rx_queues = raw.af_xdp_rx_queues.unwrap_or(1);
-        if af_xdp_rx_queues == 0 {
-            return err("afXdpRxQueues must be at least 1".into());
+        if af_xdp_rx_queues != 1 {
+            // The slow-path port is a veth of one queue: VPP would fail to create the af_xdp
+            // interface's other queues, and VPP mode would have no slow path.
+            return err(format!(
+                "afXdpRxQueues {af_xdp_rx_queues}: only 1 is supported (the slow-path port has one queue)"
+            ));
         }
         let vxlan_vni = raw.vxlan_vni.unwrap_or(10);
         if vxlan_vni == 0 || vxlan_vni >= 1 << 24 {
@@ -357,6 +361,8 @@ mod tests {
             ("uplinkAddress = \"192.0.2.0/24\"", "uplinkAddress"),
             ("uplinkMtu = 1500", "uplinkMtu needs uplinkAddress"),
             ("uplinkAddress = \"192.0.2.10/24\"\nuplinkMtu = 100", "uplinkMtu"),
+            ("afXdpRxQueues = 2", "afXdpRxQueues 2: only 1 is supported"),
+            ("afXdpRxQueues = 0", "afXdpRxQueues"),
         ] {
             let err = parse(&format!("[vpp]\n{text}")).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");

@@ -162,7 +162,8 @@ impl Agent {
             rate_per_cpu: m.rate,
             burst: m.burst,
             flows: m.flows,
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // The rate buckets are per possible CPU, whatever the agent's own allowance.
+            cpus: aya::util::nr_cpus().map_or(1, |n| n),
             filter: filter.to_owned(),
         }
     }

@@ -83,15 +83,13 @@ impl Args {
         } else {
             StoreConfig::etcd(self.etcd.clone())
         };
-        if let Some(ca) = &self.etcd_ca_file {
-            config = config.with_tls(TlsConfig {
-                ca_file: ca.clone(),
-                cert_file: self.etcd_cert_file.clone(),
-                key_file: self.etcd_key_file.clone(),
-                server_name: self.etcd_server_name.clone(),
-            });
-        } else if self.etcd_cert_file.is_some() {
-            anyhow::bail!("--etcd-cert-file needs --etcd-ca-file");
+        if let Some(tls) = TlsConfig::from_flags(
+            self.etcd_ca_file.clone(),
+            self.etcd_cert_file.clone(),
+            self.etcd_key_file.clone(),
+            self.etcd_server_name.clone(),
+        )? {
+            config = config.with_tls(tls);
         }
         config.validate()?;
         Ok(config)

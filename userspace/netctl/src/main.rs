@@ -8,15 +8,28 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use contiv_netctl::get::{Format, Resource};
 use contiv_netctl::{ApplyOutcome, DeleteOutcome, manifest};
-use contiv_store::{Store, StoreConfig};
+use contiv_store::{Store, StoreConfig, TlsConfig};
 
 /// Writes Kubernetes manifests into the contiv store and shows what it holds.
 #[derive(Debug, Parser)]
 #[command(name = "netctl", version)]
 struct Args {
-    /// etcd endpoints, comma separated. Without them: the embedded store at --data-dir.
+    /// etcd endpoints, comma separated (https:// with --etcd-ca-file, as deploy/etcd
+    /// serves). Without them: the embedded store at --data-dir.
     #[arg(long = "etcd", global = true, env = "CONTIV_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd: Vec<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate; turns on TLS.
+    #[arg(long, global = true, env = "CONTIV_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long, global = true, env = "CONTIV_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert-file.
+    #[arg(long, global = true, env = "CONTIV_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+    /// Name etcd's server certificate must carry (default: the endpoint's host).
+    #[arg(long, global = true, env = "CONTIV_ETCD_SERVER_NAME")]
+    etcd_server_name: Option<String>,
     /// Directory of the embedded store.
     #[arg(long, global = true, env = "CONTIV_STORE_DIR", default_value = "/var/lib/contiv/store")]
     data_dir: PathBuf,
@@ -129,8 +142,17 @@ enum Command {
 }
 
 async fn open(args: &Args) -> anyhow::Result<Arc<dyn Store>> {
-    let config =
+    let mut config =
         if args.etcd.is_empty() { StoreConfig::embedded(&args.data_dir) } else { StoreConfig::etcd(args.etcd.clone()) };
+    if let Some(tls) = TlsConfig::from_flags(
+        args.etcd_ca_file.clone(),
+        args.etcd_cert_file.clone(),
+        args.etcd_key_file.clone(),
+        args.etcd_server_name.clone(),
+    )? {
+        config = config.with_tls(tls);
+    }
+    config.validate()?;
     contiv_store::open(&config).await.context("opening the store")
 }
 

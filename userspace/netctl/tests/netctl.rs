@@ -355,3 +355,37 @@ async fn cli_refuses_unknown_fields_and_applies_and_deletes_lists() {
         "/contiv/k8s/namespace/shop deleted\n/contiv/k8s/service/shop/web deleted\n"
     );
 }
+
+/// netctl reaches an etcd that serves TLS with client certificates only, as deploy/etcd
+/// does, with the same flags as contiv-ksr; without them it is refused with a clear error.
+#[test]
+fn cli_reaches_an_etcd_that_requires_tls_and_client_certificates() {
+    let pki = contiv_store::testing::TestPki::generate().expect("test PKI");
+    let server = contiv_store::testing::EtcdServer::start_tls(&pki).expect("start etcd with TLS");
+    let (cert, key) = pki.client();
+    let (ca, cert, key) = (pki.ca(), cert.to_str().unwrap().to_owned(), key.to_str().unwrap().to_owned());
+    let endpoint = server.endpoint();
+    let tls = [
+        "--etcd",
+        &endpoint,
+        "--etcd-ca-file",
+        ca.to_str().unwrap(),
+        "--etcd-cert-file",
+        &cert,
+        "--etcd-key-file",
+        &key,
+    ];
+    let good = fixtures().join("cluster");
+    let out = netctl(&[&tls[..], &["apply", "-f", good.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = netctl(&[&tls[..], &["get", "pods", "-n", "shop"]].concat());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web-0"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    let out = netctl(&["--etcd", &endpoint, "get", "pods"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("need TLS settings"), "{stderr}");
+    let out = netctl(&["--etcd", &endpoint, "--etcd-cert-file", &cert, "--etcd-key-file", &key, "get", "pods"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("need --etcd-ca-file"), "{stderr}");
+}

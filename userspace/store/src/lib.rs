@@ -245,6 +245,24 @@ pub struct TlsConfig {
 }
 
 impl TlsConfig {
+    /// The TLS settings of a command line's `--etcd-ca-file`, `--etcd-cert-file`,
+    /// `--etcd-key-file` and `--etcd-server-name`: none without a CA file (and then no
+    /// client certificate either).
+    pub fn from_flags(
+        ca_file: Option<PathBuf>,
+        cert_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+        server_name: Option<String>,
+    ) -> Result<Option<Self>, StoreError> {
+        match ca_file {
+            Some(ca_file) => Ok(Some(Self { ca_file, cert_file, key_file, server_name })),
+            None if cert_file.is_some() || key_file.is_some() => {
+                Err(StoreError::Config("--etcd-cert-file and --etcd-key-file need --etcd-ca-file".into()))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Checks the combination of settings (not the files; [`open`] reads them).
     pub fn validate(&self) -> Result<(), StoreError> {
         if self.ca_file.as_os_str().is_empty() {

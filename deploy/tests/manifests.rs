@@ -576,6 +576,12 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
     let status_port: u16 = config["statusAddr"].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(agent["readinessProbe"]["httpGet"]["path"], json!("/readyz"));
     assert_eq!(agent["readinessProbe"]["httpGet"]["port"], json!(status_port));
+    // Liveness waits for the start: joining the store may retry for minutes.
+    let startup = &agent["startupProbe"];
+    assert_eq!(startup["httpGet"]["port"], json!(status_port));
+    let window = startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+    assert!(window >= 240, "the startup probe allows {window} s");
+    assert!(agent["livenessProbe"]["initialDelaySeconds"].is_null());
     let mounts: Vec<String> = agent["volumeMounts"]
         .as_array()
         .unwrap()

@@ -992,7 +992,7 @@ impl Agent {
                 CniError::new(
                     codes::IPAM_EXHAUSTED,
                     "no free pod address",
-                    format!("{e}: every address is held by a pod; DEL or GC of a pod frees one"),
+                    format!("{e}: DEL or GC of a pod frees one"),
                 )
             })?;
             inner.attaching.insert(key.clone());
@@ -1418,11 +1418,14 @@ impl Agent {
     /// serviced"). The agent itself stays ready (`/readyz`): its pods are fine.
     pub async fn cni_status(&self) -> Result<(), CniError> {
         self.status()?;
-        if self.inner.lock().await.state.free_addresses() == 0 {
-            return Err(CniError::not_available(
-                "no free pod address",
-                format!("every address of the node's pod subnet {} is taken", self.config.pod_subnet),
-            ));
+        let state = &self.inner.lock().await.state;
+        if state.free_addresses() == 0 {
+            let why = if state.len() >= contiv_common::MAX_PODS as usize {
+                format!("the node holds {} pods, the most its datapath maps hold", state.len())
+            } else {
+                format!("every address of the node's pod subnet {} is taken", self.config.pod_subnet)
+            };
+            return Err(CniError::not_available("no free pod address", why));
         }
         Ok(())
     }

@@ -64,7 +64,13 @@ pub enum StateError {
     /// No free address is left in the pod subnet.
     #[error("no free address left in pod subnet {0}")]
     Exhausted(Ipv4Net),
+    /// The node holds as many pods as its datapath maps do.
+    #[error("the node holds {0} pods, the most its datapath maps hold")]
+    Full(u32),
 }
+
+/// The most pods a node holds: the datapath's pod maps are this big.
+const MAX_PODS: u32 = contiv_common::MAX_PODS;
 
 /// (container ID, interface name): how the runtime names an attachment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -293,6 +299,9 @@ impl NodeState {
         let size =
             1u32.checked_shl(32 - u32::from(self.subnet.prefix_len())).ok_or(StateError::Exhausted(self.subnet))?;
         let used = self.used_addresses();
+        if used.len() >= MAX_PODS as usize {
+            return Err(StateError::Full(MAX_PODS));
+        }
         for i in 0..size {
             let offset = (self.next_offset + i) % size;
             let ip = Ipv4Addr::from(base + offset);
@@ -316,7 +325,8 @@ impl NodeState {
         let size = 1u64 << (32 - u32::from(self.subnet.prefix_len()));
         let used = self.used_addresses();
         let unusable = 2 + u64::from(self.subnet.contains(&self.gateway) && !used.contains(&self.gateway));
-        size.saturating_sub(unusable + used.len() as u64) as u32
+        let in_subnet = size.saturating_sub(unusable + used.len() as u64);
+        in_subnet.min(u64::from(MAX_PODS).saturating_sub(used.len() as u64)) as u32
     }
 
     /// Reserves a free address for the ADD of `key`, in memory only: it is not handed out
@@ -534,6 +544,23 @@ mod tests {
         }
         assert_eq!(s.free_addresses(), 0);
         assert!(s.allocate_ip().is_err(), "agrees with the allocator");
+    }
+
+    /// A pod subnet bigger than the datapath's pod maps: addresses stop at their size.
+    #[test]
+    fn a_node_holds_no_more_pods_than_its_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.0.0/19");
+        assert_eq!(s.free_addresses(), MAX_PODS, "8190 addresses, {MAX_PODS} pods");
+        for i in 0..MAX_PODS {
+            s.reserve(&AttachmentKey::new(format!("c{i}"), "eth0")).unwrap();
+        }
+        assert_eq!(s.free_addresses(), 0);
+        let err = s.reserve(&AttachmentKey::new("one-more", "eth0")).unwrap_err();
+        assert!(matches!(err, StateError::Full(MAX_PODS)), "{err}");
+        s.release(&AttachmentKey::new("c7", "eth0"));
+        assert_eq!(s.free_addresses(), 1);
+        s.reserve(&AttachmentKey::new("one-more", "eth0")).unwrap();
     }
 
     #[test]

@@ -492,3 +492,37 @@ fn monitor_streams_drops_with_pod_tuple_and_reason_filters_and_bounds_a_flood() 
     assert!(text.contains("DROPPED policy_ingress"), "{text}");
     drop(servers);
 }
+
+/// A flow to a pod on another node leaves its pod already inside the overlay's outer
+/// headers (the datapath builds them): its event still shows the pod's own packet (its
+/// addresses, ports, pods and length), not the node-to-node VXLAN datagram.
+#[test]
+fn monitor_shows_the_pods_packet_of_a_flow_into_the_overlay() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut opts = BoxOptions::for_test(2);
+    opts.agent_config = "statusAddr = \"0.0.0.0:9192\"\n[monitor]\nflows = true\n".into();
+    let mut b = ClusterBox::up(opts);
+    let a = b.add_pod("node-1", "x/a", &[("pod", "a")], &[]);
+    let c = b.add_pod("node-2", "y/c", &[("pod", "c")], &[]);
+    let mut servers = Servers::new();
+    servers.serve(&c.netns, &[80]);
+    let all = MonitorClient::start(&b, &["--node", "node-1"]);
+    assert!(probe(&a.netns, c.ip, 80, Proto::Tcp), "x/a -> y/c:80 across nodes");
+    let to_c = |v: &Value| v["kind"] == "flow" && v["verdict"] == "overlay";
+    all.wait_until(Duration::from_secs(10), "x/a's flow into the overlay", |l| l.iter().any(to_c));
+    let ev = all.events().into_iter().find(to_c).unwrap();
+    assert_eq!(
+        (ev["src"].as_str(), ev["dst"].as_str(), ev["proto"].as_str(), ev["dport"].as_u64()),
+        (Some(&*a.ip.to_string()), Some(&*c.ip.to_string()), Some("TCP"), Some(80)),
+        "the pod's packet: {ev}"
+    );
+    assert_eq!(
+        (ev["srcPod"].as_str(), ev["dstPod"].as_str(), ev["tcpFlags"].as_str()),
+        (Some("x/a"), Some("y/c"), Some("SYN"))
+    );
+    assert_eq!(ev["nextHop"].as_str(), Some(&*b.node("node-2").ip.to_string()), "{ev}");
+    let len = ev["len"].as_u64().unwrap();
+    assert!((40..=80).contains(&len), "a SYN's length, without the outer headers: {ev}");
+}

@@ -185,6 +185,8 @@ struct PendingEvent {
     info: u32,
     pod: u32,
     next_hop: u32,
+    /// The packet carries the overlay's outer headers now: the event describes the inner one.
+    encapsulated: u32,
 }
 
 impl PendingEvent {
@@ -195,6 +197,7 @@ impl PendingEvent {
             info: monitor::info(monitor_kind::DROP, reason, hook::FROM_POD),
             pod: u32::from_ne_bytes(pod),
             next_hop: 0,
+            encapsulated: 0,
         }
     }
 
@@ -205,6 +208,7 @@ impl PendingEvent {
             info: monitor::info(monitor_kind::FLOW, verdict, hook::FROM_POD),
             pod: u32::from_ne_bytes(pod),
             next_hop: u32::from_ne_bytes(next_hop),
+            encapsulated: 0,
         }
     }
 }
@@ -216,7 +220,8 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
     let mut event = PendingEvent::default();
     let rc = from_pod(ctx.skb.skb, &mut event);
     if event.info != 0 {
-        monitor::emit(ctx.skb.skb, event.bucket, event.info, event.pod, event.next_hop);
+        let info = if event.encapsulated != 0 { event.info | monitor::ENCAPSULATED } else { event.info };
+        monitor::emit(ctx.skb.skb, event.bucket, info, event.pod, event.next_hop);
     }
     rc
 }
@@ -254,6 +259,7 @@ fn from_pod(skb: *mut aya_ebpf::bindings::__sk_buff, event: &mut PendingEvent) -
             });
             trace.step(trace_step::VERDICT, u16::from(code), next_hop, 0, 0, verdict.ifindex);
             if verdict.reason == Verdict::ENCAPSULATED {
+                event.encapsulated = 1;
                 return to_uplink(verdict.ifindex);
             }
             // SAFETY: plain helper call.

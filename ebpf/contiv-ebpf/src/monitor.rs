@@ -18,6 +18,7 @@ use contiv_common::MonitorEvent;
 use crate::{
     maps::{MONITOR_EVENTS, MONITOR_RATE, config},
     nat::{IPPROTO_TCP, IPPROTO_UDP},
+    overlay,
     packet::{self, ETH_P_ARP, ETH_P_IP},
     policy::{IPPROTO_ICMP, IPPROTO_SCTP},
 };
@@ -32,6 +33,9 @@ const MAX_IDLE_NS: u64 = 64 * NS_PER_SEC;
 ///
 /// Not inlined: one copy serves every drop site of a program.
 #[inline(never)]
+/// `info` with [`ENCAPSULATED`]: the packet carries the overlay's outer headers (the
+/// datapath built them): the event describes the pod's packet inside, and its length. (A
+/// BPF function takes at most 5 arguments.)
 pub fn emit(skb: *mut __sk_buff, bucket: u32, info: u32, pod: u32, next_hop: u32) {
     let Some(cfg) = config() else { return };
     let (rate, burst) = (u64::from(cfg.monitor_rate), u64::from(cfg.monitor_burst));
@@ -72,7 +76,7 @@ pub fn emit(skb: *mut __sk_buff, bucket: u32, info: u32, pod: u32, next_hop: u32
         (*ev).len = ctx.skb.len();
         (*ev).next_hop = next_hop.to_ne_bytes();
         (*ev)._pad = 0;
-        describe(&ctx, &mut *ev);
+        describe(&ctx, &mut *ev, info & ENCAPSULATED != 0);
     }
     entry.submit(0);
     b.emitted += 1;
@@ -80,7 +84,7 @@ pub fn emit(skb: *mut __sk_buff, bucket: u32, info: u32, pod: u32, next_hop: u32
 
 /// Fills in the addresses, protocol and ports of the frame (zero where it has none).
 #[inline(always)]
-fn describe(ctx: &TcContext, ev: &mut MonitorEvent) {
+fn describe(ctx: &TcContext, ev: &mut MonitorEvent, encapsulated: bool) {
     ev.ethertype = 0;
     ev.src = [0; 4];
     ev.dst = [0; 4];
@@ -88,7 +92,12 @@ fn describe(ctx: &TcContext, ev: &mut MonitorEvent) {
     ev.sport = 0;
     ev.dport = 0;
     ev.tcp_flags = 0;
-    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let (mut data, data_end) = (ctx.data(), ctx.data_end());
+    if encapsulated {
+        // Past the outer Ethernet, IP, UDP and VXLAN headers: the inner frame.
+        data += overlay::OUTER_LEN;
+        ev.len = ev.len.saturating_sub(overlay::ENCAP_LEN as u32);
+    }
     let Some(eth) = packet::eth(data, data_end) else { return };
     ev.ethertype = packet::ethertype(eth);
     if ev.ethertype == ETH_P_ARP {
@@ -141,6 +150,9 @@ fn describe(ctx: &TcContext, ev: &mut MonitorEvent) {
         _ => {}
     }
 }
+
+/// An [`info`] bit: see [`emit`].
+pub const ENCAPSULATED: u32 = 1 << 24;
 
 /// The `info` argument of [`emit`].
 #[inline(always)]

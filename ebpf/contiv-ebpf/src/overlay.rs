@@ -79,7 +79,11 @@ pub fn tunnel_ends(ctx: &TcContext) -> Option<TunnelEnds> {
 
 /// Bytes the sender puts in front of a pod's IPv4 packet: outer IPv4 (20), UDP (8),
 /// VXLAN (8) and the inner Ethernet header (14).
-const ENCAP_LEN: usize = 50;
+pub const ENCAP_LEN: usize = 50;
+
+/// Where the inner Ethernet frame starts in a packet [`encapsulate`] built: after the
+/// outer Ethernet, IPv4, UDP and VXLAN headers.
+pub const OUTER_LEN: usize = ETH_HLEN + 20 + 8 + 8;
 
 /// What [`encapsulate`] did.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -525,4 +525,25 @@ fn monitor_shows_the_pods_packet_of_a_flow_into_the_overlay() {
     assert_eq!(ev["nextHop"].as_str(), Some(&*b.node("node-2").ip.to_string()), "{ev}");
     let len = ev["len"].as_u64().unwrap();
     assert!((40..=80).contains(&len), "a SYN's length, without the outer headers: {ev}");
+
+    // Every pod reaches its node's addresses, whatever NetworkPolicy says: the status port
+    // answers pods (of this node or another) only /healthz, /readyz and /metrics.
+    let n1 = b.node("node-1").ip;
+    let code = |ns: &str, path: &str| {
+        let out = contiv_tests::cluster::cmd_in(ns, "curl")
+            .args(["-s", "-o", "/dev/null", "-m", "3", "-w", "%{http_code}"])
+            .arg(format!("http://{n1}:9192{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for pod in [&a, &c] {
+        for path in ["/pods", "/monitor", "/trace?from=x/a&to=10.1.2.2:80/tcp", "/conntrack"] {
+            assert_eq!(code(&pod.netns, path), "403", "{} -> {path}", pod.name);
+        }
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(code(&pod.netns, path), "200", "{} -> {path}", pod.name);
+        }
+    }
+    assert_eq!(code(&b.node("node-2").netns, "/pods"), "200", "another node's address is answered");
 }

@@ -22,6 +22,9 @@
 //! - `GET /trace/arrival?packet=HEX&sender=IP`: the second hop of a trace that another
 //!   node forwarded here: what `tc_from_overlay` does with that frame from that node;
 //! - `GET /metrics`  the same counters and request latencies for Prometheus (see `metrics`).
+//!
+//! A request from the cluster's pod range is answered on `/healthz`, `/readyz` and
+//! `/metrics` only (403 otherwise): every pod reaches its node's addresses.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -34,15 +37,19 @@ use axum::{
     routing::get,
 };
 
+use ipnet::Ipv4Net;
+
 use crate::{agent::Agent, metrics::AgentMetrics};
 
 /// What the endpoints read: the agent and its metrics.
 type Shared = (Arc<Agent>, Arc<AgentMetrics>);
 
 pub fn router(agent: Arc<Agent>, metrics: Arc<AgentMetrics>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    let pod_ranges: Arc<Vec<Ipv4Net>> = Arc::new(vec![agent.config().pod_subnet_cidr, agent.config().pod_subnet]);
+    // What the node's pods may not ask: every pod reaches its node's addresses whatever
+    // NetworkPolicy says, and these show other pods, their flows and policy, and hold the
+    // node's lock (traces) or a stream slot (monitor).
+    let inspection = Router::new()
         .route("/pods", get(pods))
         .route("/vswitch", get(vswitch))
         .route("/node", get(node))
@@ -52,8 +59,45 @@ pub fn router(agent: Arc<Agent>, metrics: Arc<AgentMetrics>) -> Router {
         .route("/monitor", get(monitor))
         .route("/trace", get(trace_get).post(trace_post))
         .route("/trace/arrival", get(trace_arrival))
+        .route_layer(axum::middleware::from_fn_with_state(pod_ranges, not_from_pods));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .merge(inspection)
         .with_state((agent, metrics))
+}
+
+/// Refuses (403) a request from an address of the cluster's pod range: inspection is for
+/// operators and other nodes' agents (node addresses), and hostNetwork pods (the node's
+/// address too). Prometheus scraping from a pod reads `/metrics`, which stays open.
+async fn not_from_pods(
+    State(pod_ranges): State<Arc<Vec<Ipv4Net>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = request.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>();
+    let from_pod = peer.is_some_and(|axum::extract::ConnectInfo(addr)| from_pod_range(&pod_ranges, addr.ip()));
+    if from_pod {
+        return (
+            StatusCode::FORBIDDEN,
+            "the status endpoint does not answer pods (only /healthz, /readyz, /metrics)\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether `ip` is in one of `ranges` (an IPv4-mapped IPv6 peer too).
+fn from_pod_range(ranges: &[Ipv4Net], ip: std::net::IpAddr) -> bool {
+    let v4 = match ip {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4,
+            None => return false,
+        },
+    };
+    ranges.iter().any(|r| r.contains(&v4))
 }
 
 async fn readyz(State((agent, _)): State<Shared>) -> impl IntoResponse {
@@ -213,5 +257,6 @@ pub async fn serve(
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the status endpoint on {addr}"))?;
     log::info!("status endpoint on http://{addr}");
-    axum::serve(listener, router(agent, metrics)).with_graceful_shutdown(shutdown).await.context("status endpoint")
+    let app = router(agent, metrics).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("status endpoint")
 }

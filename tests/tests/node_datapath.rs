@@ -245,6 +245,16 @@ fn fragments_take_the_fast_path() {
     assert_eq!(sent_anywhere(&node, a.ip), sent, "a lone later fragment goes nowhere");
     let c = node.pod_counters(a.ip).unwrap();
     assert_eq!(counter(&c, "drop_fragment"), dropped + 1, "{c:?}");
+
+    // An address of the cluster's pod range that no node owns: dropped, and counted.
+    let no_route = counter(&c, "drop_no_route");
+    a.ns.enter(|| {
+        let s = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.send_to(b"x", (std::net::Ipv4Addr::new(10, 1, 200, 5), 9)).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let c = node.pod_counters(a.ip).unwrap();
+    assert_eq!(counter(&c, "drop_no_route"), no_route + 1, "{c:?}");
 }
 
 /// Packets with IPv4 options are forwarded by the fast path as the kernel forwards them:

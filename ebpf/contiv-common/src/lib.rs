@@ -114,7 +114,8 @@ pub mod schema {
         (PODS, 1),
         (POD_IFACES, 1),
         // v2: tunnel, host and from-tunnel counters appended. v3: `drop_fragment` appended.
-        (POD_COUNTERS, 3),
+        // v4: `drop_no_route` and `drop_overlay_port` appended.
+        (POD_COUNTERS, 4),
         // v2: pod subnet, overlay device, VNI and node address appended. (The trailing padding
         // became `flags` without a layout change: an older agent's zeros mean kernel mode.
         // Likewise the padding after the gateway MAC became `overlay_port`: zero means the
@@ -329,6 +330,12 @@ pub struct PodCounters {
     /// Dropped: a later fragment of a datagram from this pod whose first fragment this node
     /// did not pass (refused, not sent yet, or forgotten), so its flow is unknown.
     pub drop_fragment: u64,
+    /// Dropped: for an address of the cluster's pod range that no node owns (a node that
+    /// left, or is not known here yet).
+    pub drop_no_route: u64,
+    /// Dropped: UDP to the overlay's port anywhere but another pod (a VXLAN packet of the
+    /// pod's own, which a node could take as the overlay's).
+    pub drop_overlay_port: u64,
 }
 
 /// Node-wide datapath configuration written by the agent.

@@ -321,6 +321,8 @@ fn from_pod(skb: *mut aya_ebpf::bindings::__sk_buff, event: &mut PendingEvent) -
                 drop_reason::SERVICE => count(&mut counters, |c| c.drop_service += 1),
                 drop_reason::POLICY_EGRESS => count(&mut counters, |c| c.drop_policy_egress += 1),
                 drop_reason::FRAGMENT => count(&mut counters, |c| c.drop_fragment += 1),
+                drop_reason::NO_ROUTE => count(&mut counters, |c| c.drop_no_route += 1),
+                drop_reason::OVERLAY_PORT => count(&mut counters, |c| c.drop_overlay_port += 1),
                 drop_reason::POLICY_INGRESS => {
                     // Counted on the receiver.
                     about = verdict.peer.ip;

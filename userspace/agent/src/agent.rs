@@ -221,6 +221,10 @@ pub struct CountersReport {
     pub drop_policy_egress: u64,
     /// Later fragments from the pod whose first fragment's flow this node did not pass.
     pub drop_fragment: u64,
+    /// Packets for an address of the cluster's pod range that no node owns.
+    pub drop_no_route: u64,
+    /// UDP to the overlay's port anywhere but another pod.
+    pub drop_overlay_port: u64,
 }
 
 /// What the node enforces (`/policies`), read back from the datapath maps.
@@ -354,6 +358,8 @@ impl From<PodCounters> for CountersReport {
             drop_policy_ingress: c.drop_policy_ingress,
             drop_policy_egress: c.drop_policy_egress,
             drop_fragment: c.drop_fragment,
+            drop_no_route: c.drop_no_route,
+            drop_overlay_port: c.drop_overlay_port,
         }
     }
 }

@@ -406,6 +406,8 @@ impl Datapath {
             // POD_COUNTERS v1: 11 counters, v2: 20.
             (map_names::POD_COUNTERS, 1) => self.migrate_pod_counters::<11>()?,
             (map_names::POD_COUNTERS, 2) => self.migrate_pod_counters::<20>()?,
+            // v3: 21.
+            (map_names::POD_COUNTERS, 3) => self.migrate_pod_counters::<21>()?,
             // OVERLAY_COUNTERS v1: 7 counters.
             (map_names::OVERLAY_COUNTERS, 1) => self.migrate_overlay_counters::<7>()?,
             // Same layout, another size (`conntrackEntries` changed): the flows move over.
@@ -1061,6 +1063,8 @@ pub fn sum_pod_counters<'a>(values: impl Iterator<Item = &'a PodCounters>) -> Po
         s.drop_policy_ingress += v.drop_policy_ingress;
         s.drop_policy_egress += v.drop_policy_egress;
         s.drop_fragment += v.drop_fragment;
+        s.drop_no_route += v.drop_no_route;
+        s.drop_overlay_port += v.drop_overlay_port;
     }
     s
 }
@@ -1093,6 +1097,10 @@ mod tests {
         let c: PodCounters = widen(&v2);
         assert_eq!((c.tunnel_packets, c.drop_policy_egress, c.drop_fragment), (12, 20, 0));
         assert_eq!(std::mem::size_of::<[u64; 20]>(), std::mem::offset_of!(PodCounters, drop_fragment));
+        let v3: [u64; 21] = core::array::from_fn(|i| i as u64 + 1);
+        let c: PodCounters = widen(&v3);
+        assert_eq!((c.drop_fragment, c.drop_no_route, c.drop_overlay_port), (21, 0, 0));
+        assert_eq!(std::mem::size_of::<[u64; 21]>(), std::mem::offset_of!(PodCounters, drop_no_route));
         let o1: [u64; 7] = core::array::from_fn(|i| i as u64 + 1);
         let o: OverlayCounters = widen(&o1);
         assert_eq!((o.rx_delivered, o.tx_no_route, o.rx_fragment), (1, 7, 0));

@@ -189,7 +189,7 @@ const POD_COUNTERS: [PodCounter; 11] = [
 /// A drop reason and how to read its counter.
 type PodDrop = (&'static str, fn(&CountersReport) -> u64);
 
-const POD_DROPS: [PodDrop; 9] = [
+const POD_DROPS: [PodDrop; 11] = [
     ("spoofed_ip", |c| c.drop_spoofed_ip),
     ("spoofed_mac", |c| c.drop_spoofed_mac),
     ("malformed", |c| c.drop_malformed),
@@ -201,6 +201,8 @@ const POD_DROPS: [PodDrop; 9] = [
     ("service", |c| c.drop_service),
     // A later fragment whose first fragment's flow this node did not pass.
     ("fragment", |c| c.drop_fragment),
+    ("no_route", |c| c.drop_no_route),
+    ("overlay_port", |c| c.drop_overlay_port),
 ];
 
 /// One counter without labels.

@@ -526,6 +526,23 @@ fn monitor_shows_the_pods_packet_of_a_flow_into_the_overlay() {
     let len = ev["len"].as_u64().unwrap();
     assert!((40..=80).contains(&len), "a SYN's length, without the outer headers: {ev}");
 
+    // A datagram from y/c whose TTL runs out at node-1 (2: node-2 routes it, node-1 would
+    // be the second router): dropped there before any rule, with no flow opened for it.
+    let ct_before = map_len(&b, "node-1", "CT");
+    let sport = 45_321;
+    let to = SocketAddr::from((a.ip, 7777));
+    enter(&c.netns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, sport)).unwrap();
+        s.set_ttl(2).unwrap();
+        s.send_to(b"expiring", to).unwrap();
+    });
+    let expired = |v: &Value| v["sport"] == sport && v["reason"] == "ttl_exceeded";
+    all.wait_until(Duration::from_secs(10), "the expired datagram's drop", |l| l.iter().any(expired));
+    let ev = all.events().into_iter().find(expired).unwrap();
+    assert_eq!(ev["hook"], "tc_from_overlay", "{ev}");
+    assert!(!all.events().iter().any(|v| v["sport"] == sport && v["kind"] == "flow"), "no flow event for it");
+    assert!(map_len(&b, "node-1", "CT") <= ct_before, "no conntrack entry for it");
+
     // Every pod reaches its node's addresses, whatever NetworkPolicy says: the status port
     // answers pods (of this node or another) only /healthz, /readyz and /metrics.
     let n1 = b.node("node-1").ip;

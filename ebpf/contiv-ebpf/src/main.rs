@@ -884,6 +884,12 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
         if first != FirstPacket::TRACKED && frag.kind == frag::LATER {
             return overlay_drop(&ctx, trace, drop_reason::FRAGMENT, |c| c.rx_fragment += 1);
         }
+        // Routed here, as the kernel forwards: the TTL before any rule, so an expiring
+        // packet opens no flow and shows no flow event.
+        if !decrement_ttl(ip) {
+            trace.note(trace_step::TTL_EXCEEDED, 0);
+            return overlay_drop(&ctx, trace, drop_reason::TTL_EXCEEDED, |c| c.rx_malformed += 1);
+        }
         // A new flow from another node: the receiver's ingress rules, on its own node.
         if first != FirstPacket::TRACKED {
             // As the packet is now: after a hostPort's DNAT, the port the backend serves.
@@ -907,10 +913,6 @@ pub fn tc_from_overlay(ctx: TcContext) -> i32 {
                 let code = if pod.flags & pod_flags::INGRESS_LIMITED != 0 { out::LOCAL_SHAPED } else { out::LOCAL };
                 monitor::flow(&ctx, code, hook::FROM_OVERLAY, dst, [0; 4]);
             }
-        }
-        if !decrement_ttl(ip) {
-            trace.note(trace_step::TTL_EXCEEDED, 0);
-            return overlay_drop(&ctx, trace, drop_reason::TTL_EXCEEDED, |c| c.rx_malformed += 1);
         }
         eth[0..6].copy_from_slice(&pod.mac);
         eth[6..12].copy_from_slice(&cfg.gateway_mac);

@@ -2737,3 +2737,102 @@ spec:
     }
     drop(held);
 }
+
+/// A UDP NodePort whose only backend is on another node, asked from outside from thousands
+/// of client ports within seconds (a resolver's queries take a new port each): every flow
+/// needs a port of its own on node-1's address for its answers (61000-65535, per backend),
+/// and every datagram is answered. Before, a flow tried 4 ports from a random point and was
+/// dropped unseen when all 4 were taken: with 60 s UDP entries a few dozen new client ports
+/// a second filled the range enough to lose a growing share of them (about one in eight
+/// over 4,000 flows, over half of the last ones). A client port inside that range is kept,
+/// as netfilter's masquerade keeps a port in its range; one outside it is not (the node's
+/// own sockets and its masquerade use those).
+#[test]
+fn services_box_thousands_of_client_ports_to_a_remote_backend_are_all_answered() {
+    const FLOWS: u16 = 4000;
+    // Small enough that the backend's socket buffer holds a window's datagrams.
+    const WINDOW: u16 = 50;
+    const FIRST_PORT: u16 = 20000;
+    let (b, [_w1, w2, _c1, _c2]) = web_box("");
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: resolver, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.90
+  clusterIPs: [10.96.0.90]
+  ports:
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30090}}
+---
+{}"#,
+        slice_yaml("resolver", "resolver-b", &[("dns", "UDP", 9090)], &[(&w2, READY)])
+    ));
+    wait_programmed(&b, "node-1", "*:30090", 1);
+    let n1 = b.node("node-1").ip;
+    let to = SocketAddr::from((n1, 30090));
+    let ext = b.netns_of("external").unwrap();
+    // A client port inside the range is kept when it is free (here, before the flows below
+    // take most of the range); one in the kernel's ephemeral range is not (a socket of the
+    // node could take it to the same backend later).
+    for (port, kept) in [(62000, true), (40000, false)] {
+        let a = enter(&ext, move || {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            udp_exchange(&s, to)
+        })
+        .unwrap_or_else(|e| panic!("outside from port {port} -> {to}: {e}"));
+        assert_eq!(a.seen.ip(), IpAddr::V4(n1), "web-2 sees node-1");
+        assert_eq!(a.seen.port() == port, kept, "client port {port} kept: {kept} (web-2 saw {})", a.seen);
+        assert!(a.seen.port() >= 61000, "web-2 saw {}", a.seen);
+    }
+    // Windows of sockets, each on a port of its own: all sent, then all answers read (a
+    // lost datagram costs the window's wait once, not each).
+    let (answered, seen) = enter(&ext, move || {
+        let (mut answered, mut seen) = (0u32, BTreeSet::new());
+        for first in (FIRST_PORT..FIRST_PORT + FLOWS).step_by(usize::from(WINDOW)) {
+            let socks: Vec<UdpSocket> = (first..first + WINDOW)
+                .map(|port| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind"))
+                .collect();
+            for s in &socks {
+                s.send_to(b"question", to).expect("send");
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut buf = [0u8; 256];
+            for s in &socks {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                s.set_read_timeout(Some(left)).unwrap();
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let (server, at) = parse(&String::from_utf8_lossy(&buf[..n]));
+                    assert_eq!((server.as_str(), from), ("web-2", to), "the answer comes from the NodePort");
+                    answered += 1;
+                    seen.insert(at);
+                }
+            }
+        }
+        (answered, seen)
+    });
+    let r = b.status_json("node-1", "/services").unwrap();
+    let f = r["frontends"].as_array().unwrap().iter().find(|f| f["frontend"] == "*:30090").unwrap().clone();
+    // What reached web-2's UDP layer (a datagram its socket had no room for counts too):
+    // what the datapath delivered, whatever the test's server made of it.
+    let snmp = enter(&w2.netns, || std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap());
+    let udp: Vec<Vec<&str>> =
+        snmp.lines().filter(|l| l.starts_with("Udp: ")).map(|l| l.split_whitespace().collect()).collect();
+    let field = |name: &str| -> u64 {
+        let i = udp[0].iter().position(|n| *n == name).unwrap();
+        udp[1][i].parse().unwrap()
+    };
+    let arrived = field("InDatagrams") + field("RcvbufErrors");
+    assert!(
+        arrived >= u64::from(FLOWS) + 2 - 4 && answered >= u32::from(FLOWS) - 4,
+        "{arrived} of {FLOWS} datagrams from distinct client ports reached web-2 (and the 2 above), {answered} \
+         answered (node-1 dropped the rest): {f}"
+    );
+    // Each flow had a port of its own on node-1's address, in the SNAT range: the client's
+    // ports (20000-23999) lie outside it, so none was kept.
+    assert_eq!(seen.len(), answered as usize, "one source port on node-1 per flow");
+    assert!(seen.iter().all(|a| a.ip() == IpAddr::V4(n1) && a.port() >= 61000), "{seen:?}");
+    assert_eq!(f["snatExhausted"], 0, "no flow found every port taken: {f}");
+    assert!(f["connections"].as_u64().unwrap() >= u64::from(FLOWS), "{f}");
+}

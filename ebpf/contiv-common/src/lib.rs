@@ -135,7 +135,8 @@ pub mod schema {
         (SVC_AFFINITY, 1),
         (SVC_BACKEND_SLOTS, 1),
         (SVC_SOURCE_RANGES, 1),
-        (SVC_COUNTERS, 1),
+        // v2: `snat_exhausted` appended.
+        (SVC_COUNTERS, 2),
         (SOCK_REVNAT, 1),
         (SOCK_ORIGIN, 1),
         (SOCK_UDP_BACKEND, 1),
@@ -590,6 +591,9 @@ pub struct SvcCounters {
     pub no_backend: u64,
     /// Dropped: source outside loadBalancerSourceRanges.
     pub source_denied: u64,
+    /// Dropped: a flow from outside to a backend on another node found no free source port
+    /// on the node's address (layout v2).
+    pub snat_exhausted: u64,
 }
 
 /// SOCK_REVNAT's key: an unconnected UDP socket of the node (`cookie`) and an address it
@@ -904,6 +908,10 @@ pub mod drop_reason {
     /// From the overlay's port with another VXLAN network identifier than the overlay's
     /// (another VXLAN user of the same port on the underlay); counted as spoofed.
     pub const OVERLAY_VNI: u8 = 15;
+    /// From outside to a NodePort, externalIP or load-balancer IP whose backend is on
+    /// another node: no source port on the node's address was free for the flow's reply
+    /// (the SNAT range, 61000-65535, holds a flow to that backend on every port tried).
+    pub const SNAT_EXHAUSTED: u8 = 16;
 
     /// The name the counters and metrics use for a reason.
     pub fn name(reason: u8) -> &'static str {
@@ -923,6 +931,7 @@ pub mod drop_reason {
             NO_ROUTE => "no_route",
             OVERLAY_PORT => "overlay_port",
             OVERLAY_VNI => "overlay_vni",
+            SNAT_EXHAUSTED => "snat_exhausted",
             _ => "unknown",
         }
     }

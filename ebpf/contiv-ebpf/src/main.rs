@@ -1160,6 +1160,11 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
             }
             return to_slow_port(&ctx, cfg.slowport_ifindex, cfg.flags & config_flags::VPP_UPLINK != 0);
         }
+        // No source port for a flow to a backend on another node (counted on the service).
+        outcome::NO_PORT => {
+            monitor::drop(&ctx, drop_reason::SNAT_EXHAUSTED, hook::FROM_UPLINK, [0; 4]);
+            return TC_ACT_SHOT;
+        }
         _ => return TC_ACT_SHOT,
     }
     let dst = o.dst;

@@ -77,6 +77,9 @@ pub mod outcome {
     /// Dropped (no local endpoint under a Local traffic policy, a source outside
     /// loadBalancerSourceRanges, a failed rewrite).
     pub const DROP: u8 = 4;
+    /// Dropped: the flow needed a source port of its own and none was free (counted on the
+    /// service as `snat_exhausted`; the caller reports it to the monitor).
+    pub const NO_PORT: u8 = 5;
 }
 
 impl Outcome {
@@ -100,14 +103,21 @@ impl Outcome {
     pub const UNTOUCHED: Self = Self::of(outcome::UNTOUCHED);
     pub const REJECT: Self = Self::of(outcome::REJECT);
     pub const DROP: Self = Self::of(outcome::DROP);
+    pub const NO_PORT: Self = Self::of(outcome::NO_PORT);
 }
 
 const TCP_SYN_ACK: u8 = ct_tcp::SYN | ct_tcp::ACK;
 
 /// Ports SNAT'ed flows use on the node address: above the kernel's ephemeral range
-/// (32768-60999), so they never collide with the node's own sockets.
+/// (32768-60999) and the agent's masquerade range (1024-60999), so they never collide with
+/// the node's own sockets or with the flows netfilter masquerades.
 const SNAT_PORT_MIN: u16 = 61000;
 const SNAT_PORTS: u32 = 4536;
+/// Random ports a new flow tries (after the client's own) before it is dropped. A port is
+/// taken with the odds of the range's fill `f` for that backend, so a flow is dropped with
+/// odds `f^64`: none below 85% full (with 4 tries, one in 20 at 50%: a UDP NodePort lost
+/// datagrams at a few dozen new client ports a second).
+const SNAT_PROBES: u32 = 64;
 
 /// A trace records each decision and writes nothing (no counter, no affinity).
 #[inline(always)]
@@ -242,8 +252,15 @@ pub fn process(
         (remap, clash) = (true, true);
     }
     if remap {
-        let Some(port) = free_port(backend, client.ip, l4.proto) else {
-            return Outcome::DROP;
+        // The client's own port first (not for a clash: that one is taken), as netfilter's
+        // masquerade keeps a port that is in its range and free.
+        let keep = if clash { 0 } else { l4.sport };
+        let Some(port) = free_port(backend, client.ip, l4.proto, keep) else {
+            trace.step(trace_step::SVC_SNAT, u16::from(clash), client.ip, 0, 0, fe.svc_id);
+            if !trace.on() {
+                count_svc(fe.svc_id, |c| c.snat_exhausted += 1);
+            }
+            return Outcome::NO_PORT;
         };
         snat = Some(Addr { ip: client.ip, port });
     }
@@ -276,8 +293,8 @@ fn plain_flow(
         _ => return Outcome::UNTOUCHED,
     }
     let to = Addr { ip: dst, port: l4.dport };
-    let Some(port) = free_port(to, src, l4.proto) else {
-        return Outcome::DROP;
+    let Some(port) = free_port(to, src, l4.proto, 0) else {
+        return Outcome::NO_PORT;
     };
     trace.step(trace_step::SVC_SNAT, 1, src, port, 0, 0);
     new_flow(ctx, src, dst, l4, None, Some(Addr { ip: src, port }), 0, false, flow)
@@ -302,20 +319,63 @@ fn reply_taken(backend: Addr, client: Addr, from: Addr, to: Addr, proto: u8) -> 
     }
 }
 
-/// A source port on `ip` for a new flow to `to` whose reply entry no flow has: from a
-/// random point of the range above the kernel's ephemeral ports, at most four tries.
+/// A source port on `ip` for a new flow to `to` whose reply entry no flow has: `keep` (the
+/// client's own port) if it lies in the SNAT range and is free, else one of
+/// [`SNAT_PROBES`] random ports of the range. None when every one tried is taken.
 #[inline(always)]
-fn free_port(to: Addr, ip: [u8; 4], proto: u8) -> Option<u16> {
-    // SAFETY: plain helper call.
-    let mut port = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORTS) as u16;
-    for _ in 0..4 {
+fn free_port(to: Addr, ip: [u8; 4], proto: u8, keep: u16) -> Option<u16> {
+    let port = contiv_free_port(
+        u32::from_ne_bytes(to.ip),
+        u32::from_ne_bytes(ip),
+        u32::from(to.port) | u32::from(proto) << 16,
+        u32::from(keep),
+    );
+    if port == 0 { None } else { Some(port as u16) }
+}
+
+/// [`free_port`]'s search (`to_port_proto`: the destination port in bits 0-15, the
+/// protocol in 16-23); 0 when no port was free.
+///
+/// The client's port is kept only inside the SNAT range, which is the datapath's alone, as
+/// netfilter's masquerade with a port range keeps only a port in that range. Below it,
+/// another user of the node's address could pick the same port to the same backend after
+/// this flow took it, and conntrack (which does not see them) could not tell: the node's
+/// own sockets (ephemeral 32768-60999, and ports bound on purpose, such as an NFS client's
+/// below 1024) and the pods' flows the agent's nftables masquerades (1024-60999; to a
+/// Service's endpoint outside the cluster, say). Their answers would match this flow's
+/// reply entry and be sent to its client.
+///
+/// A global function: the verifier checks its loop once, not once per way into it in
+/// each program (the pod path reaches it twice).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn contiv_free_port(to_ip: u32, ip: u32, to_port_proto: u32, keep: u32) -> u32 {
+    // One key on the stack, its port changed per try: this function's frame is added to
+    // the deepest caller's (the pod path's, 464 bytes of 512).
+    let mut key = ct::key(to_ip.to_ne_bytes(), ip.to_ne_bytes(), to_port_proto as u16, 0, (to_port_proto >> 16) as u8);
+    let mut free = |port: u16| {
+        key.dport = port;
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "by value the key is copied: 16 more bytes of stack, past the pod path's 512"
+        )]
         // SAFETY: read-only lookup (a look: finding a flow must not refresh it).
-        if unsafe { CT.get(ct::key(to.ip, ip, to.port, port, proto)) }.is_none() {
-            return Some(port);
-        }
-        port = if port == u16::MAX { SNAT_PORT_MIN } else { port + 1 };
+        let found = unsafe { CT.get(&key) };
+        found.is_none()
+    };
+    if keep >= u32::from(SNAT_PORT_MIN) && keep <= u32::from(u16::MAX) && free(keep as u16) {
+        return keep;
     }
-    None
+    // Each try a port of its own at random: consecutive tries from one random point would
+    // find the runs earlier flows left (linear probing's clusters) and fail far more often.
+    for _ in 0..SNAT_PROBES {
+        // SAFETY: plain helper call.
+        let port = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORTS) as u16;
+        if free(port) {
+            return u32::from(port);
+        }
+    }
+    0
 }
 
 /// A new flow from `src` to `dst`, sent on to `backend` (DNAT) and from `snat` (SNAT):

@@ -38,7 +38,7 @@ use aya::{
 };
 use contiv_common::{
     DatapathConfig, FragHead, FragKey, Ipv4Key, MapName, OverlayCounters, PodCounters, PodEndpoint, PolicyKey,
-    PolicyPorts, RemoteRoute, SlowPortCounters, SockUdpBackend, map_names, program_names, schema,
+    PolicyPorts, RemoteRoute, SlowPortCounters, SockUdpBackend, SvcCounters, map_names, program_names, schema,
 };
 use ipnet::Ipv4Net;
 
@@ -408,6 +408,8 @@ impl Datapath {
             (map_names::POD_COUNTERS, 2) => self.migrate_pod_counters::<20>()?,
             // v3: 21.
             (map_names::POD_COUNTERS, 3) => self.migrate_pod_counters::<21>()?,
+            // SVC_COUNTERS v1: 3 counters.
+            (map_names::SVC_COUNTERS, 1) => self.migrate_svc_counters::<3>()?,
             // OVERLAY_COUNTERS v1: 7 counters.
             (map_names::OVERLAY_COUNTERS, 1) => self.migrate_overlay_counters::<7>()?,
             // Same layout, another size (`conntrackEntries` changed): the flows move over.
@@ -482,6 +484,23 @@ impl Datapath {
             PerCpuHashMap::try_from(Map::PerCpuHashMap(old)).map_err(map_err(name))?;
         let entries: Vec<(Ipv4Key, PerCpuValues<[u64; N]>)> = old.iter().filter_map(|e| e.ok()).collect();
         let mut new: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(name)?;
+        for (key, values) in &entries {
+            let values = per_cpu(name, values.iter().map(widen).collect())?;
+            new.insert(key, values, 0).map_err(map_err(name))?;
+        }
+        log::info!("map {name}: migrated {} entries from a layout of {N} counters", entries.len());
+        Ok(())
+    }
+
+    /// SVC_COUNTERS from a layout of `N` counters: each service port's per-CPU counts,
+    /// widened.
+    fn migrate_svc_counters<const N: usize>(&mut self) -> Result<()> {
+        let name = map_names::SVC_COUNTERS;
+        let old = MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))?;
+        let old: PerCpuHashMap<MapData, u32, [u64; N]> =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(old)).map_err(map_err(name))?;
+        let entries: Vec<(u32, PerCpuValues<[u64; N]>)> = old.iter().filter_map(|e| e.ok()).collect();
+        let mut new: PerCpuHashMap<&mut MapData, u32, SvcCounters> = self.typed(name)?;
         for (key, values) in &entries {
             let values = per_cpu(name, values.iter().map(widen).collect())?;
             new.insert(key, values, 0).map_err(map_err(name))?;

@@ -5,7 +5,7 @@
 //!   `contiv_pod_dropped_packets_total{reason}`, ...;
 //! - per service port (`namespace`, `service`, `port`, `protocol`):
 //!   `contiv_service_connections_total` (connections and flows given a backend),
-//!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`,
+//!   `contiv_service_no_endpoint_rejects_total`, `contiv_service_source_denied_total`, `contiv_service_snat_exhausted_total`,
 //!   `contiv_service_backends` (gauge, the Cluster set); `contiv_service_udp_sockets_aborted_total` (the node's connected UDP sockets aborted
 //!   because their backend left the service), `contiv_service_udp_sockets_untracked_total`
 //!   (those balanced while the table of them was full, which cannot be);
@@ -355,6 +355,12 @@ impl Collector for Snapshot {
                 "Packets dropped by loadBalancerSourceRanges, per service port",
                 ports.iter().map(|f| (labels(f), f.source_denied)),
             )?;
+            counter_family(
+                &mut encoder,
+                "contiv_service_snat_exhausted",
+                "New flows from outside to a backend on another node dropped: no free source port on the node's address, per service port",
+                ports.iter().map(|f| (labels(f), f.snat_exhausted)),
+            )?;
             gauge_family(
                 &mut encoder,
                 "contiv_service_backends",
@@ -489,6 +495,7 @@ mod tests {
             connections,
             no_endpoint_rejects: 0,
             source_denied: 0,
+            snat_exhausted: 0,
         }
     }
 

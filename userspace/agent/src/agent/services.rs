@@ -41,6 +41,9 @@ pub struct FrontendReport {
     pub connections: u64,
     pub no_endpoint_rejects: u64,
     pub source_denied: u64,
+    /// Flows from outside to a backend on another node dropped: no free source port on the
+    /// node's address.
+    pub snat_exhausted: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -583,6 +586,7 @@ impl Agent {
                 connections: c.connections,
                 no_endpoint_rejects: c.no_backend,
                 source_denied: c.source_denied,
+                snat_exhausted: c.snat_exhausted,
             });
         }
         r.frontends

@@ -291,6 +291,7 @@ impl Datapath {
                 s.connections += v.connections;
                 s.no_backend += v.no_backend;
                 s.source_denied += v.source_denied;
+                s.snat_exhausted += v.snat_exhausted;
             }
             out.insert(id, s);
         }

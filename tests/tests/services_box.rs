@@ -2836,3 +2836,110 @@ spec:
     assert_eq!(f["snatExhausted"], 0, "no flow found every port taken: {f}");
     assert!(f["connections"].as_u64().unwrap() >= u64::from(FLOWS), "{f}");
 }
+
+/// A UDP frame `from` -> `to` with ports, as it would leave `from_mac` for `to_mac`.
+fn udp_frame(to_mac: [u8; 6], from_mac: [u8; 6], from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (from.ip(), to.ip()) else { panic!("IPv4") };
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = to_mac.to_vec();
+    frame.extend_from_slice(&from_mac);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&from.port().to_be_bytes());
+    frame.extend_from_slice(&to.port().to_be_bytes());
+    frame.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The MAC address of `ifname` in `ns`.
+fn mac_of(ns: &str, ifname: &str) -> [u8; 6] {
+    let out = ip_in(ns, &["-br", "link", "show", ifname]);
+    let mac = out.split_whitespace().nth(2).unwrap_or_else(|| panic!("no MAC in {out:?}"));
+    let b: Vec<u8> = mac.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
+    b.try_into().unwrap_or_else(|_| panic!("a MAC: {mac}"))
+}
+
+/// Sends `frame` out of `ifname` in `ns` as it is (AF_PACKET, no stack).
+fn send_frame(ns: &str, ifname: &str, frame: Vec<u8>) {
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    let sent = enter(ns, move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            (n, frame.len(), err)
+        }
+    });
+    assert_eq!(sent.0, sent.1 as isize, "sending a frame on {ns}: {}", sent.2);
+}
+
+/// A frame on node-1's uplink addressed to another host's MAC (a promiscuous uplink, or a
+/// bridge flooding a frame for a MAC it has not learnt) is not translated: the node's stack
+/// drops it, as it drops it before kube-proxy's rules. Before, the uplink's program DNAT'ed
+/// a frame for an externalIP meant for another host to the backend, which answered.
+#[test]
+fn services_box_frames_for_another_host_on_the_uplink_are_not_translated() {
+    let (b, [w1, _w2, _c1, _c2]) = web_box("");
+    b.apply_yaml(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: elsewhere, namespace: default}}
+spec:
+  clusterIP: 10.96.0.91
+  clusterIPs: [10.96.0.91]
+  externalIPs: [198.51.100.91]
+  ports:
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}
+---
+{}"#,
+        slice_yaml("elsewhere", "elsewhere-a", &[("dns", "UDP", 8080)], &[(&w1, READY)])
+    ));
+    wait_programmed(&b, "node-1", "198.51.100.91:53", 1);
+    let n1 = b.node("node-1").netns.clone();
+    ip_in(&n1, &["link", "set", "eth0", "promisc", "on"]);
+    let ext = b.netns_of("external").unwrap();
+    let (node_mac, ext_mac) = (mac_of(&n1, "eth0"), mac_of(&ext, "eth0"));
+    let vip = sa("198.51.100.91", 53);
+    // Two client sockets outside: one asks with a frame for a MAC no host here has (the
+    // bridge floods it to every node), the other with a frame for node-1.
+    let (stray, asked) = (udp_socket_in(&ext, ROUTER_IP), udp_socket_in(&ext, ROUTER_IP));
+    let (stray_from, asked_from) = (stray.local_addr().unwrap(), asked.local_addr().unwrap());
+    send_frame(&ext, "eth0", udp_frame([0x02, 0, 0, 0, 0x5e, 0x91], ext_mac, stray_from, vip, b"stray"));
+    send_frame(&ext, "eth0", udp_frame(node_mac, ext_mac, asked_from, vip, b"question"));
+    // The frame for node-1 is answered (so the stray one, sent first, had every chance).
+    let mut buf = [0u8; 256];
+    let (n, from) = asked.recv_from(&mut buf).expect("the frame for node-1 is answered");
+    let (server, seen) = parse(&String::from_utf8_lossy(&buf[..n]));
+    assert_eq!((server.as_str(), from, seen), ("web-1", vip, asked_from), "the frame for node-1");
+    stray.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let got = stray.recv_from(&mut buf);
+    assert!(
+        got.is_err(),
+        "a frame for another host reached the backend: {:?}",
+        got.map(|(n, f)| (f, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    );
+}

@@ -1090,6 +1090,14 @@ fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
 /// node), and sent to the backend; everything else goes on to the node's stack untouched.
 #[classifier]
 pub fn tc_from_uplink(ctx: TcContext) -> i32 {
+    // A frame for another host (a promiscuous or bridged uplink sees those): not ours to
+    // translate. The node's stack drops it (`ip_rcv`) before netfilter, and kube-proxy
+    // with it, would see it; DNAT'ed here, a frame meant for another host would reach a
+    // backend.
+    // SAFETY: a read of the program's own context.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return TC_ACT_OK;
+    }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return TC_ACT_OK;

@@ -269,16 +269,26 @@ pub const FIN_WAIT: Duration = Duration::from_secs(120);
 /// the other direction alone, as is a flow whose other entry was evicted (the LRU table
 /// evicts first the direction the datapath never looks up): an ACK there means the
 /// handshake completed, a FIN that it is finishing.
+///
+/// Not so for a flow from outside the cluster that a frontend translated (its reply entry
+/// is `FROM_UPLINK`): the datapath looks up every answer of those (from a pod, another
+/// node, the wire, or the node's stack to the uplink), so a reply entry that saw no flag
+/// means the backend never answered. Such a flow is opening (or closing, on a reset), as
+/// netfilter keeps a flow that saw no reply on its short timeouts: a stray ACK from
+/// outside to an externalIP would otherwise hold two entries for the established time.
 pub fn tcp_state(e: &CtEntry, pair: Option<&CtEntry>) -> TcpState {
-    let one_sided = match pair {
-        None => Some(e),
-        Some(p) if p.tcp_flags == 0 => Some(e),
-        Some(p) if e.tcp_flags == 0 => Some(p),
-        _ => None,
+    let (one_sided, silent) = match pair {
+        None => (Some(e), None),
+        Some(p) if p.tcp_flags == 0 => (Some(e), Some(p)),
+        Some(p) if e.tcp_flags == 0 => (Some(p), Some(e)),
+        _ => (None, None),
     };
     if let Some(x) = one_sided {
+        let unanswered = silent.is_some_and(|s| s.flags & ct_flags::FROM_UPLINK != 0);
         return if x.tcp_flags & ct_tcp::RST != 0 {
             TcpState::Closing
+        } else if unanswered {
+            TcpState::Opening
         } else if x.tcp_flags & ct_tcp::FIN != 0 {
             TcpState::Finishing
         } else if x.tcp_flags & ct_tcp::ACK != 0 {
@@ -929,6 +939,27 @@ mod tests {
         assert_eq!(tcp_state(&out(ct_tcp::ACK | ct_tcp::FIN), Some(&out(0))), TcpState::Finishing);
         assert_eq!(tcp_state(&out(ct_tcp::SYN | ct_tcp::ACK), None), TcpState::Established, "the other entry evicted");
         assert_eq!(tcp_state(&out(ct_tcp::SYN), None), TcpState::Opening, "the other entry evicted");
+        // From outside, translated (the reply entry FROM_UPLINK): the datapath sees every
+        // answer, so a reply entry that saw nothing is a flow the backend never answered,
+        // whatever the client sent (a stray ACK opens such a flow): the SYN timeout.
+        let answer = |tcp_flags: u8| CtEntry {
+            flags: ct_flags::REV_DNAT | ct_flags::FROM_UPLINK,
+            tcp_flags,
+            ..Default::default()
+        };
+        let client = |tcp_flags: u8| CtEntry { flags: ct_flags::DNAT, tcp_flags, ..Default::default() };
+        assert_eq!(tcp_state(&client(ct_tcp::ACK), Some(&answer(0))), TcpState::Opening, "a stray ACK");
+        assert_eq!(tcp_state(&answer(0), Some(&client(ct_tcp::ACK))), TcpState::Opening, "a stray ACK");
+        assert_eq!(ct_timeout(&k, &client(ct_tcp::ACK), Some(&answer(0)), &t), Duration::from_secs(60));
+        assert_eq!(ct_timeout(&k, &answer(0), Some(&client(ct_tcp::ACK | ct_tcp::FIN)), &t), Duration::from_secs(60));
+        assert_eq!(tcp_state(&client(ct_tcp::ACK | ct_tcp::RST), Some(&answer(0))), TcpState::Closing);
+        let answered = tcp_state(&client(ct_tcp::SYN | ct_tcp::ACK), Some(&answer(ct_tcp::SYN | ct_tcp::ACK)));
+        assert_eq!(answered, TcpState::Established, "answered");
+        assert_eq!(
+            tcp_state(&client(ct_tcp::SYN | ct_tcp::ACK), None),
+            TcpState::Established,
+            "the reply entry evicted"
+        );
         // Finishing lives FIN_WAIT, within the configured closing and established times.
         let short = CtTimeouts { tcp_established: 30, ..t };
         assert_eq!(ct_timeout(&k, &out(ct_tcp::FIN), Some(&out(0)), &t), FIN_WAIT);

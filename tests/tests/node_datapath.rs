@@ -445,6 +445,7 @@ fn agent_restart_keeps_pods_connected_and_addresses_reserved() {
     let b = node.add_pod();
     assert!(ping(&a.ns, b.ip, 1));
     let old_prog = link_prog_id(&node, &node.pod_links()[0]);
+    let slow_index = link_index(&node, "cslow0").expect("cslow0 exists");
     let status = node.stop_agent();
     assert!(status.success(), "SIGTERM is a clean exit: {status}");
     assert!(!node.socket.exists(), "socket removed on shutdown");
@@ -455,6 +456,8 @@ fn agent_restart_keeps_pods_connected_and_addresses_reserved() {
     let out = node.cni("ADD", "late", &a.ns.path().to_string_lossy(), "eth1", "1.0.0");
     assert_eq!(out.error_code(), Some(11), "{out:?}");
     node.start_agent();
+    // The slow-path port is made anew at the index the pods' programs send to.
+    assert_eq!(link_index(&node, "cslow0"), Some(slow_index), "the slow-path port keeps its index");
     assert!(ping(&a.ns, b.ip, 1));
     assert!(ping(&b.ns, Ipv4Addr::new(10, 1, 1, 1), 1), "slow path back");
     let c = node.add_pod();

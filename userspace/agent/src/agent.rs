@@ -415,10 +415,23 @@ impl Agent {
             }
             false => false,
         };
-        // Kernel mode: recreate it so its programs and the socket start clean.
+        // Kernel mode: recreate it so its programs and the socket start clean, at the index
+        // the pods' programs redirect slow-path frames to (the previous agent's CONFIG):
+        // under a new one they would go to an interface that is gone until this agent's
+        // first apply rewrites CONFIG (no resets for dead backends, no refusals meanwhile).
         if !vpp_mode {
             datapath.forget_vpp_port(&slow_host, &slow_vsw);
-            crate::slowpath::create_port(&node, &slow_host, &slow_vsw, None).await?;
+            let previous = datapath.config().ok().flatten().map(|c| c.slowport_ifindex).filter(|i| *i != 0);
+            let at_previous = match previous {
+                Some(index) => crate::slowpath::create_port(&node, &slow_host, &slow_vsw, Some(index))
+                    .await
+                    .inspect_err(|e| log::warn!("re-creating the slow-path port at index {index}: {e:#}; at another"))
+                    .is_ok(),
+                None => false,
+            };
+            if !at_previous {
+                crate::slowpath::create_port(&node, &slow_host, &slow_vsw, None).await?;
+            }
             datapath.attach_slow_port(&slow_host, &slow_vsw).context("attaching the slow-path programs")?;
         }
         let slow_host_index =

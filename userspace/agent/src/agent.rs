@@ -1419,16 +1419,18 @@ impl Agent {
         if !self.model_synced.load(std::sync::atomic::Ordering::Acquire) {
             return Err(CniError::new(codes::NOT_AVAILABLE, "the cluster model is not loaded yet", ""));
         }
+        self.slowpath_serving().map_err(|e| CniError::new(codes::NOT_AVAILABLE, &e, ""))
+    }
+
+    /// Whether the slow path takes frames now (the vswitch's socket serves the port, or
+    /// the agent is connected to VPP); what is wrong if not.
+    pub fn slowpath_serving(&self) -> Result<(), String> {
         match &self.slowpath {
             SlowPathBackend::Builtin(port) => {
                 let serving = port.lock().map(|p| p.as_ref().is_some_and(|p| p.is_serving())).unwrap_or(false);
-                if serving {
-                    Ok(())
-                } else {
-                    Err(CniError::new(codes::NOT_AVAILABLE, "the vswitch is not serving the slow path", ""))
-                }
+                if serving { Ok(()) } else { Err("the vswitch is not serving the slow path".into()) }
             }
-            SlowPathBackend::Vpp(vpp) => vpp.ready().map_err(|e| CniError::new(codes::NOT_AVAILABLE, &e, "")),
+            SlowPathBackend::Vpp(vpp) => vpp.ready(),
         }
     }
 

@@ -339,6 +339,16 @@ impl Agent {
                 names.nodes.get(&ip).map_or_else(|| format!("node {ip}"), |n| format!("node {n}"))
             ));
         }
+        let to_slow_path = run
+            .steps
+            .iter()
+            .any(|s| s.code == trace_step::VERDICT && s.arg == u16::from(contiv_common::verdict::SLOW_PATH));
+        if to_slow_path && let Err(why) = self.slowpath_serving() {
+            notes.push(format!(
+                "{why} now: a real packet would be dropped at the slow-path port (to_vswitch_no_socket in /vswitch) \
+                 until it is back"
+            ));
+        }
         if !attached {
             notes.push(format!(
                 "the program attached to {} is not this agent's {} (id {}): the agent may be re-attaching it",

@@ -45,6 +45,8 @@ const COUNTER_PERIOD: Duration = Duration::from_secs(1);
 const DIRECTORY_MIN_AGE: Duration = Duration::from_millis(500);
 /// How old the pod directory may get at all while clients are connected.
 const DIRECTORY_MAX_AGE: Duration = Duration::from_secs(5);
+/// How long a batch waits for a refresh of the pod names before it goes out without it.
+const DIRECTORY_WAIT: Duration = Duration::from_millis(100);
 
 /// A pod an address belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,7 +290,7 @@ pub async fn run<N: Names>(monitor: Arc<Monitor>, maps: MonitorMaps, names: Arc<
             return;
         }
     };
-    let mut reader = Reader { names, directory: Directory::new(), refreshed: None };
+    let mut reader = Reader { names, directory: Directory::new(), refreshed: None, refreshing: None };
     let mut tick = tokio::time::interval(COUNTER_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = monitor.counters();
@@ -360,10 +362,19 @@ struct Reader<N> {
     names: Arc<N>,
     directory: Directory,
     refreshed: Option<Instant>,
+    /// A refresh under way: the directory takes the node's lock, which a long resync or an
+    /// ADD storm holds; the reader keeps draining the ring with the names it has meanwhile.
+    refreshing: Option<tokio::task::JoinHandle<Directory>>,
 }
 
 impl<N: Names> Reader<N> {
     async fn publish(&mut self, monitor: &Monitor, batch: &[MonitorEvent]) {
+        if self.refreshing.as_ref().is_some_and(|t| t.is_finished())
+            && let Some(Some(Ok(directory))) = self.refreshing.take().map(futures::FutureExt::now_or_never)
+        {
+            self.directory = directory;
+            self.refreshed = Some(Instant::now());
+        }
         let age = self.refreshed.map(|t| t.elapsed());
         let unknown = |ip: [u8; 4]| {
             let ip = Ipv4Addr::from(ip);
@@ -376,9 +387,22 @@ impl<N: Names> Reader<N> {
                 a > DIRECTORY_MIN_AGE && batch.iter().any(|e| unknown(e.pod) || unknown(e.src) || unknown(e.dst))
             }
         };
-        if stale {
+        if stale && self.refreshed.is_none() {
+            // The first names: waited for.
             self.directory = self.names.directory().await;
             self.refreshed = Some(Instant::now());
+        } else if stale {
+            let names = self.names.clone();
+            let task = self.refreshing.get_or_insert_with(|| tokio::spawn(async move { names.directory().await }));
+            // Usually quick; under a long hold of the node's lock the batch goes out with the
+            // names it has, and the refresh lands for a later one.
+            if let Ok(done) = tokio::time::timeout(DIRECTORY_WAIT, task).await {
+                self.refreshing = None;
+                if let Ok(directory) = done {
+                    self.directory = directory;
+                    self.refreshed = Some(Instant::now());
+                }
+            }
         }
         let clock = Clock::now();
         for ev in batch {
@@ -587,5 +611,48 @@ mod tests {
         assert!(rest <= CHANNEL_CAPACITY, "the stream ends once the monitor closes");
         drop(s);
         assert_eq!(m.clients(), 0);
+    }
+
+    /// Pod names that take the node's lock, held for a while (a long resync).
+    struct Held {
+        open: tokio::sync::watch::Receiver<bool>,
+        names: Directory,
+    }
+    impl Names for Held {
+        async fn directory(&self) -> Directory {
+            let _ = self.open.clone().wait_for(|o| *o).await;
+            self.names.clone()
+        }
+        fn maybe_pod(&self, _: Ipv4Addr) -> bool {
+            true
+        }
+    }
+
+    /// A refresh of the names that waits on the node's lock does not stop the reader: the
+    /// batch goes out with the names it has, and the refresh lands for a later one.
+    #[tokio::test]
+    async fn a_held_node_lock_does_not_stall_the_reader() {
+        use futures::StreamExt;
+        let m = Monitor::new(MonitorConfig::default());
+        let mut s = Box::pin(m.subscribe(Filter::default(), Notice::Lagged { count: 0 }).unwrap());
+        let _ = s.next().await;
+        let (open, rx) = tokio::sync::watch::channel(true);
+        let pod = PodName { id: "x/a".into(), interface: None };
+        let names = Arc::new(Held { open: rx, names: [(Ipv4Addr::new(10, 1, 1, 2), pod)].into() });
+        let mut reader = Reader { names, directory: Directory::new(), refreshed: None, refreshing: None };
+        reader.publish(&m, &[event(monitor_kind::DROP, 1)]).await;
+        assert!(s.next().await.unwrap().unwrap().contains("\"pod\":\"x/a\""), "the first names are waited for");
+        // The names go stale and the lock is held: the batch still goes out, promptly.
+        open.send_replace(false);
+        reader.refreshed = Some(Instant::now() - DIRECTORY_MAX_AGE - Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(2), reader.publish(&m, &[event(monitor_kind::DROP, 1)]))
+            .await
+            .expect("published without waiting for the refresh");
+        assert!(s.next().await.unwrap().unwrap().contains("\"pod\":\"x/a\""), "with the names it had");
+        assert!(reader.refreshing.is_some(), "the refresh goes on");
+        open.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reader.publish(&m, &[event(monitor_kind::DROP, 1)]).await;
+        assert!(reader.refreshing.is_none() && reader.refreshed.unwrap().elapsed() < Duration::from_secs(1));
     }
 }

@@ -564,6 +564,20 @@ spec:
     })
     .expect("node-1 connects out from its NodePort's port");
     assert_eq!((a.server.as_str(), a.seen), ("outside", SocketAddr::from((n1.ip, 30080))));
+    // A pod's UDP from the port of a UDP NodePort (web's dns, 30053) to a server outside:
+    // masqueraded from another port, so the answer is not taken for a flow to the NodePort.
+    let to = SocketAddr::from((EXTERNAL_IP, 7300));
+    let (server, seen) = enter(&c1.netns, move || -> std::io::Result<(String, SocketAddr)> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 30053))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send_to(b"question", to)?;
+        let mut buf = [0u8; 256];
+        let (n, _) = s.recv_from(&mut buf)?;
+        Ok(parse(&String::from_utf8_lossy(&buf[..n])))
+    })
+    .expect("the pod's UDP from port 30053 is answered");
+    assert_eq!(server, "outside");
+    assert!(seen.ip() == std::net::IpAddr::V4(n1.ip) && !(30000..=32767).contains(&seen.port()), "{seen}");
 
     // A hostNetwork backend (an ingress controller on the host's network): its endpoint is
     // node-1's own address. From outside through node-1 it is this node's own stack, whose

@@ -437,8 +437,11 @@ fn removed<K: Ord + Copy, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Ve
 /// theirs: the ports above are the datapath's, which SNATs NodePort flows to backends on
 /// other nodes or outside the cluster to them, and reads their answers before netfilter
 /// does (a pod's port up there, its own or one the datapath gave a flow whose reply
-/// addresses were taken, is remapped). Privileged ports stay privileged, as the
-/// masquerade keeps them.
+/// addresses were taken, is remapped). Nor in the NodePort range (30000-32767, Kubernetes'
+/// default): the uplink would take an answer to such a port for a new NodePort flow, so a
+/// pod's port there, or one above, leaves from the node's ephemeral range, and a lower one
+/// stays lower (a clash is remapped within its own range). Privileged ports stay
+/// privileged, as the masquerade keeps them.
 pub fn nft_masquerade_script(m: &Masquerade) -> String {
     let matched = format!(
         "ip saddr {cidr} ip daddr != {cidr} oifname \"{uplink}\"",
@@ -446,7 +449,7 @@ pub fn nft_masquerade_script(m: &Masquerade) -> String {
         uplink = m.uplink
     );
     format!(
-        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {matched} meta l4proto {{ tcp, udp }} th sport 1024-65535 masquerade to :1024-60999\n    {matched} masquerade\n  }}\n}}\n"
+        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {matched} meta l4proto {{ tcp, udp }} th sport 1024-29999 masquerade to :1024-29999\n    {matched} meta l4proto {{ tcp, udp }} th sport 30000-65535 masquerade to :32768-60999\n    {matched} masquerade\n  }}\n}}\n"
     )
 }
 
@@ -505,9 +508,15 @@ mod tests {
         let matched = "ip saddr 10.1.0.0/16 ip daddr != 10.1.0.0/16 oifname \"eth0\"";
         assert!(
             s.contains(&format!(
-                "{matched} meta l4proto {{ tcp, udp }} th sport 1024-65535 masquerade to :1024-60999\n"
+                "{matched} meta l4proto {{ tcp, udp }} th sport 1024-29999 masquerade to :1024-29999\n"
             )),
-            "unprivileged ports stay below the datapath's SNAT ports: {s}"
+            "low unprivileged ports stay below the NodePort range: {s}"
+        );
+        assert!(
+            s.contains(&format!(
+                "{matched} meta l4proto {{ tcp, udp }} th sport 30000-65535 masquerade to :32768-60999\n"
+            )),
+            "the others leave from the ephemeral range: neither NodePorts nor the datapath's SNAT ports: {s}"
         );
         assert!(s.contains(&format!("{matched} masquerade\n")), "{s}");
         assert!(s.starts_with("table ip contiv\ndelete table ip contiv\n"), "replaced atomically: {s}");

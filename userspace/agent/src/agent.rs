@@ -614,6 +614,9 @@ impl Agent {
         {
             let mut inner = agent.inner.lock().await;
             agent.setup_services(&mut inner).context("setting up services")?;
+            // Every program is this agent's now (pods, overlay, slow path, uplink, sockets):
+            // maps of an older layout are retired, unless a pod still runs the old programs.
+            Self::finish_migration_if_reattached(&mut inner);
         }
         Ok(agent)
     }
@@ -872,7 +875,6 @@ impl Agent {
                 inner.not_reattached.insert(a.key());
             }
         }
-        Self::finish_migration_if_reattached(inner);
         log::info!("reconciled {} pod attachment(s)", inner.state.len());
         Ok(())
     }
@@ -917,10 +919,18 @@ impl Agent {
 
     /// Attaches this agent's programs to the pods a restart failed to re-attach (those
     /// still there), then finishes a map migration that waited for them.
-    fn retry_reattach(inner: &mut Inner) {
+    async fn retry_reattach(inner: &mut Inner) {
         let keys: Vec<AttachmentKey> = inner.not_reattached.iter().cloned().collect();
         for key in keys {
-            let Some(a) = inner.state.get(&key).cloned() else {
+            // Gone, on its way out, or its interface vanished (its DEL is coming): nothing
+            // of it runs the old programs any more.
+            let a =
+                inner.state.get(&key).cloned().filter(|_| !inner.gone.contains(&key) && !inner.leaving.contains(&key));
+            let vanished = match &a {
+                Some(a) => matches!(podnet::link_by_name(&inner.node, &a.host_ifname).await, Ok(None)),
+                None => true,
+            };
+            let Some(a) = a.filter(|_| !vanished) else {
                 inner.not_reattached.remove(&key);
                 continue;
             };
@@ -942,7 +952,7 @@ impl Agent {
     pub async fn resync(&self) {
         let mut guard = self.inner.lock().await;
         let inner = &mut *guard;
-        Self::retry_reattach(inner);
+        Self::retry_reattach(inner).await;
         let plan = self.plan(inner);
         let synced = inner.applier.resync(&mut inner.datapath, &plan).await;
         if let Err(e) = self.applied(synced) {

@@ -297,6 +297,12 @@ pub struct Datapath {
     ct_copied_at_ns: u64,
     /// The sizes this agent loaded its maps with (they name the staged maps).
     sizes: MapSizes,
+    /// The layout each migrated map's pin held at load (put back in SCHEMA if the finish
+    /// fails to swap the pins).
+    migrated_from: BTreeMap<&'static str, u32>,
+    /// Whether the migrated maps are pinned aside (done at the first attach: from then on
+    /// programs record into them, and an agent killed later resumes from them).
+    staged: bool,
     nr_cpus: usize,
 }
 
@@ -328,7 +334,9 @@ impl Datapath {
             .iter()
             .map(|(name, version)| pin_dir.join(staging_pin_name(name, *version, sizes.of(name))))
             .collect();
+
         for (((name, version), pin), staging) in schema::LAYOUTS.iter().zip(&pins).zip(&stagings) {
+            complete_killed_finish(pin_dir, name, *version, &stored);
             remove_stale_staging(pin_dir, name, staging);
             if staging.exists() {
                 // An agent of this layout was killed in the middle of this migration: its
@@ -371,20 +379,29 @@ impl Datapath {
             created,
             ct_copied_at_ns: 0,
             sizes,
+            migrated_from: BTreeMap::new(),
+            staged: false,
             nr_cpus,
         };
         for name in dp.migrated.clone() {
+            dp.migrated_from.insert(name, stored.get(name).copied().unwrap_or(1));
             if resumed.contains(&name) {
                 continue;
             }
             dp.migrate_entries(name, stored.get(name).copied().unwrap_or(1))?;
-            // Pinned aside at once, so that an agent killed before the finish finds what
-            // its programs recorded in it (the name says the layout and size it holds).
-            let staging = dp.pin_dir.join(staging_pin_name(name, schema::layout(name), sizes.of(name)));
-            let map = dp.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
-            map.pin(&staging)
-                .map_err(|e| DatapathError::PinDir { path: staging.clone(), source: std::io::Error::other(e) })?;
         }
+        if resumed.contains(&map_names::CT) {
+            // The catch-up at the finish copies what the old programs recorded after the
+            // first copy: nothing the staged table has seen is older than that copy.
+            let staged = dp.pin_dir.join(staging_pin_name(
+                map_names::CT,
+                schema::layout(map_names::CT),
+                sizes.of(map_names::CT),
+            ));
+            dp.ct_copied_at_ns =
+                CtTable::open_at(&staged)?.entries()?.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0);
+        }
+        dp.staged = resumed.len() == dp.migrated.len();
         Ok(dp)
     }
 
@@ -523,6 +540,38 @@ impl Datapath {
         Ok(())
     }
 
+    /// Pins the migrated maps aside under names that say their layout and size, before the
+    /// first program that uses them is attached: an agent killed from then on is followed
+    /// by one that resumes from what they recorded; one killed before, by one that migrates
+    /// afresh from the old maps (their programs kept recording there).
+    fn stage_migrated(&mut self) -> Result<()> {
+        if self.staged {
+            return Ok(());
+        }
+        for name in self.migrated.clone() {
+            let staging = self.pin_dir.join(staging_pin_name(name, schema::layout(name), self.sizes.of(name)));
+            if staging.exists() {
+                continue; // resumed: loaded from there
+            }
+            let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+            map.pin(&staging)
+                .map_err(|e| DatapathError::PinDir { path: staging.clone(), source: std::io::Error::other(e) })?;
+        }
+        self.staged = true;
+        Ok(())
+    }
+
+    /// Where this agent's conntrack table is pinned: aside while a resize waits for its
+    /// finish (the sweep and the inspection must read the table the programs write).
+    pub fn ct_pin(&self) -> PathBuf {
+        let name = map_names::CT;
+        if self.staged && self.migrated.contains(&name) {
+            self.pin_dir.join(staging_pin_name(name, schema::layout(name), self.sizes.of(name)))
+        } else {
+            self.pin_dir.join(name)
+        }
+    }
+
     /// Whether maps of an older layout or size are still pinned beside this agent's (until
     /// [`Self::finish_migration`]).
     pub fn migration_pending(&self) -> bool {
@@ -537,6 +586,7 @@ impl Datapath {
     /// whatever the record says, and no pin ever holds a layout other than the one recorded
     /// for it once no staged map is left.
     pub fn finish_migration(&mut self) -> Result<()> {
+        self.stage_migrated()?;
         // One finished map at a time: a failure leaves the rest for the next call.
         while let Some(&name) = self.migrated.first() {
             let pin = self.pin_dir.join(name);
@@ -549,10 +599,16 @@ impl Datapath {
                     Err(e) => log::warn!("map {name}: copying the entries recorded during the switch: {e}"),
                 }
             }
+            let from = self.migrated_from.get(name).copied();
             let mut schema_map: HashMap<&mut MapData, MapName, u32> = self.typed(map_names::SCHEMA)?;
             schema_map.insert(MapName::new(name), schema::layout(name), 0).map_err(map_err(map_names::SCHEMA))?;
-            std::fs::rename(&staging, &pin)
-                .map_err(|source| DatapathError::PinDir { path: staging.clone(), source })?;
+            if let Err(source) = std::fs::rename(&staging, &pin) {
+                // The pin still holds the old layout: SCHEMA says so again.
+                if let Some(from) = from {
+                    let _ = schema_map.insert(MapName::new(name), from, 0);
+                }
+                return Err(DatapathError::PinDir { path: staging.clone(), source });
+            }
             log::info!("map {name}: migration finished, new layout pinned");
             self.migrated.remove(0);
         }
@@ -646,6 +702,7 @@ impl Datapath {
     }
 
     fn attach_tcx(&mut self, name: &'static str, ifname: &str, dir: TcAttachType, pin: Option<&Path>) -> Result<()> {
+        self.stage_migrated()?;
         let prog: &mut SchedClassifier =
             self.ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?.try_into().map_err(prog_err(name))?;
         let link_id = prog
@@ -1002,6 +1059,37 @@ fn is_staging_pin_of(file: &str, name: &str) -> bool {
     digits(version) && size.is_none_or(digits)
 }
 
+/// The layout version in the name of a staged map of `name` (`CT_v1_n65536`: 1).
+fn staging_version(file: &str, name: &str) -> Option<u32> {
+    if !is_staging_pin_of(file, name) {
+        return None;
+    }
+    let rest = &file[name.len() + 2..];
+    rest.split('_').next()?.parse().ok()
+}
+
+/// An agent killed in its finish between recording a map's new version in SCHEMA and
+/// renaming the map it staged onto the old pin left SCHEMA naming the staged map's layout
+/// while the pin still holds the previous one: the rename is done here (whatever this
+/// agent's layout), so the pin holds what SCHEMA says.
+fn complete_killed_finish(pin_dir: &Path, name: &str, ours: u32, stored: &BTreeMap<String, u32>) {
+    let Some(&recorded) = stored.get(name) else { return };
+    if recorded == ours {
+        return; // the resume path takes a staged map of this agent's layout
+    }
+    let Ok(entries) = std::fs::read_dir(pin_dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if staging_version(&file, name) == Some(recorded) {
+            match std::fs::rename(entry.path(), pin_dir.join(name)) {
+                Ok(()) => log::warn!("map {name}: finished the swap to layout v{recorded} a killed agent began"),
+                Err(e) => log::warn!("map {name}: finishing the swap to layout v{recorded}: {e}"),
+            }
+            return;
+        }
+    }
+}
+
 /// Removes the staged maps of `name` an agent of another layout or size left (killed
 /// mid-migration, then replaced by this one): their programs are being replaced, and the
 /// map pinned under `name` is where this agent's migration starts from.
@@ -1254,7 +1342,9 @@ mod counter_migration {
         assert!(dp.migration_pending());
         assert!(!stale.exists(), "a stale staged map is removed");
         let staged = dir.0.join(format!("{}_v{}", map_names::POD_COUNTERS, schema::layout(map_names::POD_COUNTERS)));
-        assert!(staged.exists(), "the new map is pinned aside at once");
+        assert!(!staged.exists(), "before any program uses it, the new map is the agent's alone");
+        dp.stage_migrated().unwrap(); // the first attach
+        assert!(staged.exists(), "the new map is pinned aside once programs use it");
         {
             let mut m: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = dp.typed(map_names::POD_COUNTERS).unwrap();
             let mut c: PodCounters = m.get(&pod, 0).unwrap().iter().next().copied().unwrap();
@@ -1288,6 +1378,45 @@ mod counter_migration {
         assert_eq!(fwd(&dp), 1000 * nr_cpus as u64);
     }
 
+    /// An agent of an older layout killed between recording its version in SCHEMA and
+    /// swapping its staged map onto the pin: whatever agent comes next finishes the swap,
+    /// so the pin holds the layout SCHEMA names (read as that layout, it would not load).
+    #[test]
+    fn a_swap_a_killed_agent_began_is_finished_by_the_next() {
+        let Some(dir) = TestPins::for_datapath("killed-swap") else { return };
+        let load = || Datapath::load_with(&dir.0, true, MapSizes::default()).expect("loading the datapath");
+        let mut dp = load();
+        dp.finish_migration().unwrap();
+        drop(dp);
+        // The pin: v1 (11 counters). Staged beside it by a v2 agent: 20 counters. SCHEMA: 2.
+        pin_old(&dir.0, map_names::POD_COUNTERS, "percpu_hash", 4, 11, 4096);
+        let staged = dir.0.join(format!("{}_v2", map_names::POD_COUNTERS));
+        let status = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&staged)
+            .args(["type", "percpu_hash", "key", "4", "value", "160", "entries", "4096", "name", "staged"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let nr_cpus = aya::util::nr_cpus().unwrap();
+        let pod = Ipv4Key { addr: [10, 1, 0, 8] };
+        {
+            let data = MapData::from_pin(&staged).unwrap();
+            let mut m: PerCpuHashMap<MapData, Ipv4Key, [u64; 20]> =
+                PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
+            m.insert(pod, PerCpuValues::try_from(vec![[5u64; 20]; nr_cpus]).unwrap(), 0).unwrap();
+            let data = MapData::from_pin(dir.0.join(map_names::SCHEMA)).unwrap();
+            let mut schema: HashMap<MapData, MapName, u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
+            schema.insert(MapName::new(map_names::POD_COUNTERS), 2, 0).unwrap();
+        }
+        let mut dp = load();
+        assert!(!staged.exists(), "the swap was finished");
+        let c = dp.pod_counters(Ipv4Addr::new(10, 1, 0, 8)).unwrap().expect("the staged map's counts");
+        assert_eq!(c.fwd_packets, 5 * nr_cpus as u64, "migrated from the v2 map: {c:?}");
+        dp.finish_migration().unwrap();
+        assert_eq!(read_schema(&dir.0).get(map_names::POD_COUNTERS), Some(&schema::layout(map_names::POD_COUNTERS)));
+    }
+
     #[test]
     fn staged_pin_names_are_recognised_per_map() {
         assert!(is_staging_pin_of("CT_v1_n65536", "CT"));
@@ -1297,6 +1426,9 @@ mod counter_migration {
         assert!(!is_staging_pin_of("CT_vx", "CT"));
         assert!(!is_staging_pin_of("CT", "CT"));
         assert_eq!(staging_pin_name("CT", 1, Some(4096)), "CT_v1_n4096");
+        assert_eq!(staging_version("CT_v3_n4096", "CT"), Some(3));
+        assert_eq!(staging_version("POD_COUNTERS_v2", "POD_COUNTERS"), Some(2));
+        assert_eq!(staging_version("POD_COUNTERS_v2", "POD"), None);
     }
 
     #[test]

@@ -202,7 +202,8 @@ impl Agent {
         for (_, ip, label) in crate::uplink::node_ports_off_uplink(&held, takes, uplink_ifindex) {
             if logged.insert(format!("node-port-off-uplink {ip} {label}")) {
                 log::warn!(
-                    "NodePorts at {ip} ({label}) answer pods and this node only: clients outside the cluster reach                      NodePorts through the uplink {uplink} (set [services] nodePortAddresses to leave {ip} out)"
+                    "NodePorts at {ip} ({label}) answer pods and this node only: clients outside the cluster reach \
+                     NodePorts through the uplink {uplink} (set [services] nodePortAddresses to leave {ip} out)"
                 );
             }
         }
@@ -383,10 +384,11 @@ impl Agent {
     /// new flow in the same table, and a closed flow's entries must not outlive it (a new
     /// connection on the same ports would pass as established).
     pub async fn gc_conntrack(&self) -> Option<GcStats> {
-        let pin_dir = self.config.bpf_pin_dir.clone();
+        // The table the programs write (pinned aside while a resize waits for its finish).
+        let ct_pin = self.inner.lock().await.datapath.ct_pin();
         let timeouts = self.config.services.timeouts;
         let swept = tokio::task::spawn_blocking(move || {
-            let mut table = CtTable::open(&pin_dir).map_err(|e| e.to_string())?;
+            let mut table = CtTable::open_at(&ct_pin).map_err(|e| e.to_string())?;
             gc_conntrack(&mut table, &timeouts, monotonic_ns()).map_err(|e| e.to_string())
         })
         .await
@@ -482,10 +484,10 @@ impl Agent {
         };
         // Read and grouped on a thread of the blocking pool: a full table is hundreds of
         // thousands of entries, and CNI requests share this runtime.
-        let pin_dir = self.config.bpf_pin_dir.clone();
+        let ct_pin = self.inner.lock().await.datapath.ct_pin();
         let timeouts = self.config.services.timeouts;
         let (n_entries, (flows, flows_total, matched)) = tokio::task::spawn_blocking(move || {
-            let entries = CtTable::open(&pin_dir).and_then(|t| t.entries())?;
+            let entries = CtTable::open_at(&ct_pin).and_then(|t| t.entries())?;
             let n = entries.len();
             Ok::<_, crate::datapath::DatapathError>((
                 n,

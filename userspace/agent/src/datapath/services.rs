@@ -81,6 +81,7 @@ impl Datapath {
     /// then released.
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
         use std::os::fd::AsFd as _;
+        self.stage_migrated()?;
         let dir = self.pin_dir.join("links");
         std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         let cgroup_dir =
@@ -450,7 +451,7 @@ impl CtTable {
     }
 
     /// Opens the conntrack map pinned at `pin`.
-    fn open_at(pin: &Path) -> Result<Self> {
+    pub(crate) fn open_at(pin: &Path) -> Result<Self> {
         let data = MapData::from_pin(pin).map_err(map_err(map_names::CT))?;
         Ok(Self { map: Map::LruHashMap(data) })
     }

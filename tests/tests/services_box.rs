@@ -697,29 +697,39 @@ endpoints:
     assert_eq!((a.server.as_str(), a.peer), ("host-1", sa("10.96.0.12", 53)));
     // A slice written by hand may not name the node: an endpoint at node-1's own address is
     // still this node's own stack from node-1's uplink (were it SNAT'ed to node-1's address
-    // like a remote backend, the stack would drop it as a martian).
+    // like a remote backend, the stack would drop it as a martian). A service of its own,
+    // so that what is tested is its first plan.
     b.apply_yaml(&format!(
-        r#"apiVersion: discovery.k8s.io/v1
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: on-host-unnamed, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.13
+  clusterIPs: [10.96.0.13]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8181, nodePort: 30184}}
+---
+apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: on-host-a
+  name: on-host-unnamed-a
   namespace: default
-  labels: {{kubernetes.io/service-name: on-host}}
+  labels: {{kubernetes.io/service-name: on-host-unnamed}}
 addressType: IPv4
 ports:
 - {{name: http, protocol: TCP, port: 8181}}
-- {{name: dns, protocol: UDP, port: 8181}}
-- {{name: quiet, protocol: UDP, port: 8182}}
 endpoints:
 - addresses: [{}]
   conditions: {READY}
 "#,
         n1.ip
     ));
-    let tcp = SocketAddr::from((n1.ip, 30181));
-    b.wait_for(Duration::from_secs(10), "outside -> node-1's NodePort -> its own address, with no node name", || {
-        tcp_ask(&ext, tcp).is_ok_and(|a| a.server == "host-1" && a.seen.ip() == std::net::IpAddr::V4(ROUTER_IP))
-    });
+    wait_programmed(&b, "node-1", "10.96.0.13:80", 1);
+    let tcp = SocketAddr::from((n1.ip, 30184));
+    let a = tcp_ask(&ext, tcp).unwrap_or_else(|e| panic!("outside -> {tcp} -> node-1's own address, unnamed: {e}"));
+    assert_eq!((a.server.as_str(), a.seen.ip()), ("host-1", std::net::IpAddr::V4(ROUTER_IP)), "{a:?}");
+    b.delete_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: on-host-unnamed, namespace: default}\n");
     // The service goes: so does tc_to_pod.
     b.delete_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: on-host, namespace: default}\n");
     b.wait_for(Duration::from_secs(10), "node-1's pods lose tc_to_pod with the service", || {
@@ -1931,7 +1941,10 @@ status:
             });
             assert!(udp_ask(&ext, SocketAddr::from((second, 30053))).is_ok(), "{setting}: UDP to {second}");
             tcp_ask(&n1.netns, sa("127.0.0.1", 30080)).unwrap_or_else(|e| panic!("{setting}: localhost: {e}"));
-            let said = format!("NodePorts at {third} (nport0) answer pods and this node only");
+            let said = format!(
+                "NodePorts at {third} (nport0) answer pods and this node only: clients outside the cluster reach \
+                 NodePorts through the uplink eth0"
+            );
             b.wait_for(Duration::from_secs(10), "the warning about the address off the uplink", || {
                 b.agent_log("node-1").contains(&said)
             });

@@ -131,6 +131,9 @@ fn build(image: &Image, rootfs: &Path) -> Result<()> {
             &entrypoint,
             "--cmd",
             "",
+            // The binaries find the tools they run (nft) by PATH, as on a host.
+            "--env",
+            "PATH=/usr/bin:/bin",
             "--label",
             &format!("org.opencontainers.image.version={VERSION}"),
             "--label",

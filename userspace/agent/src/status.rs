@@ -76,8 +76,9 @@ async fn not_from_pods(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // Without the peer's address (a server set up without it) nothing is answered.
     let peer = request.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>();
-    let from_pod = peer.is_some_and(|axum::extract::ConnectInfo(addr)| from_pod_range(&pod_ranges, addr.ip()));
+    let from_pod = peer.is_none_or(|axum::extract::ConnectInfo(addr)| from_pod_range(&pod_ranges, addr.ip()));
     if from_pod {
         return (
             StatusCode::FORBIDDEN,

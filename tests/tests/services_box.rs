@@ -1244,8 +1244,9 @@ impl Conn {
 
 #[test]
 fn services_box_endpoint_changes_and_an_agent_restart_keep_live_connections() {
-    // Idle UDP flows expire after 3 s here (the sweep runs every 10 s).
-    let (mut b, [w1, w2, c1, c2]) = web_box("[services.timeouts]\nudp = 3\n");
+    // Idle UDP flows expire after 3 s here (the sweep runs every 10 s); closed TCP flows
+    // stay 120 s (a reused port's step below needs its closed flow still there).
+    let (mut b, [w1, w2, c1, c2]) = web_box("[services.timeouts]\nudp = 3\ntcpClosing = 120\n");
     b.apply_yaml(&format!(
         r#"apiVersion: v1
 kind: Service
@@ -1434,6 +1435,20 @@ spec:
     let first = ask(&udp).expect("UDP answer");
     let (keep, drop_pod) = if first == "web-1" { (&w2, &w1) } else { (&w1, &w2) };
 
+    // A client outside that binds its source port and closes with a reset (no TIME_WAIT),
+    // as a client behind a NAT can reuse a port: a NodePort connection from a port that
+    // lands on the backend about to leave web.
+    let reuse_from = |port: u16| {
+        tcp_ask_with(&ext, SocketAddr::from((n1.ip, 30080)), Duration::from_secs(3), move |s| {
+            s.set_reuse_address(true)?;
+            s.set_linger(Some(Duration::ZERO))?;
+            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
+        })
+    };
+    let reused_port = (40_000..40_060)
+        .find(|&p| reuse_from(p).expect("a NodePort answer").server == drop_pod.name)
+        .expect("a client port that lands on the backend about to leave web");
+
     // A second UDP service with the same two backends, and a flow of it to the backend that
     // is about to leave the first one: that flow is the other service's and must stay.
     b.apply_yaml(&format!(
@@ -1609,6 +1624,19 @@ spec:
             assert!(c.ping().unwrap().starts_with(server.as_str()), "a connection to the surviving backend");
         }
     }
+
+    // The client outside connects again from its port: its old flow there was closed (its
+    // reset is in the entry, which the closing timeout keeps), so the SYN opens a new flow,
+    // balanced again onto the survivor, not sent where the old one went (the backend that
+    // left web, whose pod still serves), as netfilter reopens a closed connection.
+    let closing = dump_pinned_map(&b.node("node-1").pin_dir.join("CT")).into_iter().any(|e| {
+        e["key"]["sport"] == reused_port
+            && e["key"]["dport"] == 30080
+            && e["value"]["tcp_flags"].as_u64().is_some_and(|f| f & 4 != 0)
+    });
+    assert!(closing, "the reset flow from port {reused_port} is still tracked on node-1");
+    let again = reuse_from(reused_port).expect("a new connection from the reused port is answered");
+    assert_eq!(again.server, keep.name, "a new connection on a closed flow's 4-tuple is balanced again");
 
     // The remaining backend is removed and its pod deleted: a connection to it fails fast
     // (reset) instead of hanging.

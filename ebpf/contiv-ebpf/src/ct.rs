@@ -31,12 +31,17 @@ pub fn key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> CtK
     CtKey { src, dst, sport, dport, proto, _pad: [0; 3] }
 }
 
-/// The entry of this direction of a flow, refreshed (not in a trace); copied out.
+/// The entry of this direction of a flow, refreshed (not in a trace); copied out. None
+/// also for a connection's first SYN on a flow that was closing ([`reopens`]): the caller
+/// takes it as the new flow it is.
 #[inline(always)]
 pub fn lookup(k: &CtKey, tcp_flags: u8, trace: Trace) -> Option<CtEntry> {
     let e = CT.get_ptr_mut(k)?;
     // SAFETY: a map value pointer; races only lose a refresh.
     let entry = unsafe { &mut *e };
+    if reopens(entry.tcp_flags, tcp_flags) {
+        return None;
+    }
     if trace.on() {
         return Some(*entry);
     }
@@ -52,10 +57,22 @@ pub fn lookup(k: &CtKey, tcp_flags: u8, trace: Trace) -> Option<CtEntry> {
     Some(*entry)
 }
 
+/// Whether a packet with `packet`'s TCP flags opens a new connection on a flow whose
+/// direction has seen `seen`: a SYN alone (no ACK) after this side's FIN or RST, its
+/// 4-tuple reused within the closing timeout (a client bound to its port, a NAT in front of
+/// clients). As netfilter reopens a closed connection, it is a new flow: a service chooses
+/// its backend again (the old one may have left the service since) and policy sees it. The
+/// entries it leaves are replaced when the new flow is recorded (a reply entry of another
+/// backend expires on its own).
+#[inline(always)]
+fn reopens(seen: u8, packet: u8) -> bool {
+    packet & (ct_tcp::SYN | ct_tcp::ACK) == ct_tcp::SYN && seen & (ct_tcp::FIN | ct_tcp::RST) != 0
+}
+
 /// The TCP flags a direction of a flow has seen, after one more packet: accumulated, except
-/// that a SYN on a flow that was closing (its 4-tuple reused for a new connection, as a
-/// client reusing its port after a reset does) starts it afresh, so the new connection is
-/// not swept on the closing timeout (the agent reads the state from these flags).
+/// that a SYN-ACK on a flow that was closing (the answer to a connection reopened on its
+/// 4-tuple) starts it afresh, so the new connection is not swept on the closing timeout
+/// (the agent reads the state from these flags).
 #[inline(always)]
 fn next_tcp_flags(seen: u8, packet: u8) -> u8 {
     if packet & ct_tcp::SYN != 0 && seen & (ct_tcp::FIN | ct_tcp::RST) != 0 { packet } else { seen | packet }

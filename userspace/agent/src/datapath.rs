@@ -1443,9 +1443,10 @@ mod counter_migration {
         drop(dp);
 
         // An agent of the layouts before: POD_COUNTERS v2 (20 counters), OVERLAY_COUNTERS
-        // v1 (7), with counts on every CPU.
+        // v1 (7), SVC_COUNTERS v1 (3), with counts on every CPU.
         pin_old(&dir.0, map_names::POD_COUNTERS, "percpu_hash", 4, 20, 4096);
         pin_old(&dir.0, map_names::OVERLAY_COUNTERS, "percpu_array", 4, 7, 1);
+        pin_old(&dir.0, map_names::SVC_COUNTERS, "percpu_hash", 4, 3, contiv_common::MAX_SVC_FRONTENDS);
         let nr_cpus = aya::util::nr_cpus().unwrap();
         let pod = Ipv4Key { addr: [10, 1, 0, 7] };
         {
@@ -1458,10 +1459,15 @@ mod counter_migration {
             let mut m: PerCpuArray<MapData, [u64; 7]> = PerCpuArray::try_from(Map::PerCpuArray(data)).unwrap();
             let v: [u64; 7] = core::array::from_fn(|i| i as u64 + 100);
             m.set(0, PerCpuValues::try_from(vec![v; nr_cpus]).unwrap(), 0).unwrap();
+            let data = MapData::from_pin(dir.0.join(map_names::SVC_COUNTERS)).unwrap();
+            let mut m: PerCpuHashMap<MapData, u32, [u64; 3]> =
+                PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
+            m.insert(42, PerCpuValues::try_from(vec![[7, 8, 9]; nr_cpus]).unwrap(), 0).unwrap();
             let data = MapData::from_pin(dir.0.join(map_names::SCHEMA)).unwrap();
             let mut schema: HashMap<MapData, MapName, u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
             schema.insert(MapName::new(map_names::POD_COUNTERS), 2, 0).unwrap();
             schema.insert(MapName::new(map_names::OVERLAY_COUNTERS), 1, 0).unwrap();
+            schema.insert(MapName::new(map_names::SVC_COUNTERS), 1, 0).unwrap();
         }
 
         // This agent migrates both, and the pins take the new maps.
@@ -1472,9 +1478,12 @@ mod counter_migration {
         assert_eq!((c.fwd_packets, c.drop_policy_egress, c.drop_fragment), (n, 20 * n, 0), "{c:?}");
         let o = dp.overlay_counters().unwrap();
         assert_eq!((o.rx_delivered, o.tx_no_route, o.rx_fragment), (100 * n, 106 * n, 0), "{o:?}");
+        let s = dp.svc_counters().unwrap().remove(&42).expect("the service port's counters came along");
+        assert_eq!((s.connections, s.no_backend, s.source_denied, s.snat_exhausted), (7 * n, 8 * n, 9 * n, 0), "{s:?}");
         let stored = read_schema(&dir.0);
         assert_eq!(stored.get(map_names::POD_COUNTERS), Some(&schema::layout(map_names::POD_COUNTERS)));
         assert_eq!(stored.get(map_names::OVERLAY_COUNTERS), Some(&schema::layout(map_names::OVERLAY_COUNTERS)));
+        assert_eq!(stored.get(map_names::SVC_COUNTERS), Some(&schema::layout(map_names::SVC_COUNTERS)));
         let pinned = aya::maps::MapInfo::from_pin(dir.0.join(map_names::POD_COUNTERS)).unwrap();
         assert_eq!(pinned.value_size() as usize, size_of::<PodCounters>(), "the pin holds the new layout");
     }

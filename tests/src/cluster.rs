@@ -235,6 +235,35 @@ pub fn enter<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
     .expect("netns thread panicked")
 }
 
+/// Sends `frame` out of `ifname` in namespace `ns` as it is (AF_PACKET: no stack).
+pub fn send_frame(ns: &str, ifname: &str, frame: Vec<u8>) {
+    let ifname = std::ffi::CString::new(ifname).unwrap();
+    let sent = enter(ns, move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            (n, frame.len(), err)
+        }
+    });
+    assert_eq!(sent.0, sent.1 as isize, "sending a frame in {ns}: {}", sent.2);
+}
+
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid as i32, 0) == 0 }

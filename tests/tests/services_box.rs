@@ -24,7 +24,9 @@ use std::{
 };
 
 use contiv_tests::{
-    cluster::{BEYOND_IP, BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, ROUTER_IP, enter, ip_in},
+    cluster::{
+        BEYOND_IP, BoxOptions, BoxPod, ClusterBox, ContainerPort, EXTERNAL_IP, ROUTER_IP, enter, ip_in, send_frame,
+    },
     dump_pinned_map, set_ip_options,
 };
 use serde_json::Value;
@@ -2921,35 +2923,6 @@ fn mac_of(ns: &str, ifname: &str) -> [u8; 6] {
     let mac = out.split_whitespace().nth(2).unwrap_or_else(|| panic!("no MAC in {out:?}"));
     let b: Vec<u8> = mac.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
     b.try_into().unwrap_or_else(|_| panic!("a MAC: {mac}"))
-}
-
-/// Sends `frame` out of `ifname` in `ns` as it is (AF_PACKET, no stack).
-fn send_frame(ns: &str, ifname: &str, frame: Vec<u8>) {
-    let ifname = std::ffi::CString::new(ifname).unwrap();
-    let sent = enter(ns, move || {
-        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
-            sll.sll_halen = 6;
-            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let n = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            (n, frame.len(), err)
-        }
-    });
-    assert_eq!(sent.0, sent.1 as isize, "sending a frame on {ns}: {}", sent.2);
 }
 
 /// A frame on node-1's uplink addressed to another host's MAC (a promiscuous uplink, or a

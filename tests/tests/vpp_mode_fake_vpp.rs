@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use contiv_tests::cluster::{BoxOptions, BoxPod, CONTROL_IP, ClusterBox, enter, ip_in};
+use contiv_tests::cluster::{BoxOptions, BoxPod, CONTROL_IP, ClusterBox, enter, ip_in, send_frame};
 use contiv_vpp_fake::papi::Papi;
 use serde_json::{Value, json};
 
@@ -741,35 +741,6 @@ fn port_unreachable(from: Ipv4Addr, quoted_src: SocketAddrV4, quoted_dst: Socket
     let mut p = ipv4_header(from, *quoted_src.ip(), 1, icmp.len());
     p.extend_from_slice(&icmp);
     p
-}
-
-/// Sends `frame` out of `ifname` in network namespace `ns` (AF_PACKET: as it is, no stack).
-fn send_frame(ns: &str, ifname: &str, frame: Vec<u8>) {
-    let ifname = std::ffi::CString::new(ifname).unwrap();
-    let sent = enter(ns, move || {
-        // SAFETY: plain socket calls on a descriptor this closure owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
-            sll.sll_halen = 6;
-            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let n = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            (n, frame.len(), err)
-        }
-    });
-    assert_eq!(sent.0, sent.1 as isize, "sending a frame on {:?} in {ns}: {}", sent.2, sent.2);
 }
 
 /// A pod's UDP flow to a ClusterIP whose backend is on another node leaves through VPP, and

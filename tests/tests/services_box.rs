@@ -2892,6 +2892,49 @@ spec:
     assert!(seen.iter().all(|a| a.ip() == IpAddr::V4(n1) && a.port() >= 61000), "{seen:?}");
     assert_eq!(f["snatExhausted"], 0, "no flow found every port taken: {f}");
     assert!(f["connections"].as_u64().unwrap() >= u64::from(FLOWS), "{f}");
+
+    // Every port of the range taken towards web-2 (reply entries written into node-1's
+    // conntrack table with bpftool, stamped now so that no sweep takes them): a new flow
+    // finds none, is dropped unanswered and counted on the service as `snat_exhausted`.
+    let (backend, backend_port) = (w2.ip.octets(), 9090u16);
+    // SAFETY: clock_gettime writes the timespec it is given.
+    let now_ns = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    };
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+    let pin = b.node("node-1").pin_dir.join("CT");
+    let mut value = now_ns.to_ne_bytes().to_vec();
+    value.resize(32, 0);
+    let batch: String = (61000..=u16::MAX)
+        .map(|port| {
+            let mut key = [backend, n1.octets()].concat();
+            key.extend_from_slice(&backend_port.to_ne_bytes());
+            key.extend_from_slice(&port.to_ne_bytes());
+            key.extend_from_slice(&[17, 0, 0, 0]);
+            format!("map update pinned {} key hex {} value hex {}\n", pin.display(), hex(&key), hex(&value))
+        })
+        .collect();
+    let file = std::env::temp_dir().join(format!("contiv-snat-fill-{}", std::process::id()));
+    std::fs::write(&file, batch).unwrap();
+    let out = std::process::Command::new("bpftool").args(["batch", "file"]).arg(&file).output().unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "bpftool batch: {}", String::from_utf8_lossy(&out.stderr));
+    let lost = enter(&ext, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 25000)).expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        udp_exchange(&s, to)
+    });
+    assert!(lost.is_err(), "a flow with no free source port is dropped: {lost:?}");
+    let r = b.status_json("node-1", "/services").unwrap();
+    let f = r["frontends"].as_array().unwrap().iter().find(|f| f["frontend"] == "*:30090").unwrap().clone();
+    assert_eq!(f["snatExhausted"], 1, "the dropped flow is counted: {f}");
+    let metrics = b.status("node-1", "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("contiv_service_snat_exhausted_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
 }
 
 /// A UDP frame `from` -> `to` with ports, as it would leave `from_mac` for `to_mac`.

@@ -421,12 +421,12 @@ impl Datapath {
         match (name, from_version) {
             // Counters appended at the end; the old counts are kept, the new ones start at 0.
             // POD_COUNTERS v1: 11 counters, v2: 20.
-            (map_names::POD_COUNTERS, 1) => self.migrate_pod_counters::<11>()?,
-            (map_names::POD_COUNTERS, 2) => self.migrate_pod_counters::<20>()?,
+            (map_names::POD_COUNTERS, 1) => self.migrate_counters::<Ipv4Key, PodCounters, 11>(name)?,
+            (map_names::POD_COUNTERS, 2) => self.migrate_counters::<Ipv4Key, PodCounters, 20>(name)?,
             // v3: 21.
-            (map_names::POD_COUNTERS, 3) => self.migrate_pod_counters::<21>()?,
+            (map_names::POD_COUNTERS, 3) => self.migrate_counters::<Ipv4Key, PodCounters, 21>(name)?,
             // SVC_COUNTERS v1: 3 counters.
-            (map_names::SVC_COUNTERS, 1) => self.migrate_svc_counters::<3>()?,
+            (map_names::SVC_COUNTERS, 1) => self.migrate_counters::<u32, SvcCounters, 3>(name)?,
             // OVERLAY_COUNTERS v1: 7 counters.
             (map_names::OVERLAY_COUNTERS, 1) => self.migrate_overlay_counters::<7>()?,
             // Same layout, another size (`conntrackEntries` changed): the flows move over.
@@ -493,31 +493,17 @@ impl Datapath {
         Ok((copied, entries.len()))
     }
 
-    /// POD_COUNTERS from a layout of `N` counters: each pod's per-CPU counts, widened.
-    fn migrate_pod_counters<const N: usize>(&mut self) -> Result<()> {
-        let name = map_names::POD_COUNTERS;
+    /// A per-CPU hash of counters (POD_COUNTERS by pod, SVC_COUNTERS by service port) from
+    /// a layout of `N` counters: each key's per-CPU counts, widened into `V`.
+    fn migrate_counters<K: aya::Pod, V: aya::Pod + Default, const N: usize>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<()> {
         let old = MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))?;
-        let old: PerCpuHashMap<MapData, Ipv4Key, [u64; N]> =
+        let old: PerCpuHashMap<MapData, K, [u64; N]> =
             PerCpuHashMap::try_from(Map::PerCpuHashMap(old)).map_err(map_err(name))?;
-        let entries: Vec<(Ipv4Key, PerCpuValues<[u64; N]>)> = old.iter().filter_map(|e| e.ok()).collect();
-        let mut new: PerCpuHashMap<&mut MapData, Ipv4Key, PodCounters> = self.typed(name)?;
-        for (key, values) in &entries {
-            let values = per_cpu(name, values.iter().map(widen).collect())?;
-            new.insert(key, values, 0).map_err(map_err(name))?;
-        }
-        log::info!("map {name}: migrated {} entries from a layout of {N} counters", entries.len());
-        Ok(())
-    }
-
-    /// SVC_COUNTERS from a layout of `N` counters: each service port's per-CPU counts,
-    /// widened.
-    fn migrate_svc_counters<const N: usize>(&mut self) -> Result<()> {
-        let name = map_names::SVC_COUNTERS;
-        let old = MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))?;
-        let old: PerCpuHashMap<MapData, u32, [u64; N]> =
-            PerCpuHashMap::try_from(Map::PerCpuHashMap(old)).map_err(map_err(name))?;
-        let entries: Vec<(u32, PerCpuValues<[u64; N]>)> = old.iter().filter_map(|e| e.ok()).collect();
-        let mut new: PerCpuHashMap<&mut MapData, u32, SvcCounters> = self.typed(name)?;
+        let entries: Vec<(K, PerCpuValues<[u64; N]>)> = old.iter().filter_map(|e| e.ok()).collect();
+        let mut new: PerCpuHashMap<&mut MapData, K, V> = self.typed(name)?;
         for (key, values) in &entries {
             let values = per_cpu(name, values.iter().map(widen).collect())?;
             new.insert(key, values, 0).map_err(map_err(name))?;

@@ -604,6 +604,8 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
         // Not privileged, the agent finds /proc/sys read-only: it sets the node's net
         // sysctls through the host's /proc/sys/net mounted here (crate::sysctl).
         "/host/proc/sys/net/ipv4/ip_forward",
+        // CNI_NETNS=/proc/<pid>/ns/net names a host PID (crate::podnet::runtime_netns_path).
+        config["hostProcDir"].as_str().unwrap(),
     ] {
         assert!(mounted(path), "{path} (named by agent.toml or the runtime) is not mounted in the agent");
     }
@@ -618,6 +620,12 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
         .unwrap();
     let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
     assert_eq!(volume["hostPath"]["path"], json!("/sys/fs/cgroup"), "cgroupRoot is the host's cgroup2 tree");
+    let host_proc = config["hostProcDir"].as_str().unwrap();
+    let mount = agent["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == host_proc).unwrap();
+    assert_eq!(mount["readOnly"], json!(true));
+    let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    assert_eq!(volume["hostPath"]["path"], json!("/proc"), "hostProcDir is the host's procfs");
+    assert!(pod["hostPID"].is_null() || pod["hostPID"] == json!(false), "the agent needs no host PIDs");
     // The installer writes the host's CNI directories from the same ConfigMap.
     let install = container(ds, "install-cni");
     let argv = strings(&install["command"]);

@@ -335,6 +335,9 @@ pub struct NodeOptions {
     pub agent_binary: Option<PathBuf>,
     /// More agent configuration (TOML lines appended to the file).
     pub extra_config: String,
+    /// Run the agent in a PID namespace of its own (with its own /proc), as in a DaemonSet
+    /// without hostPID: `unshare --pid --fork --mount-proc`, mounts propagating from here.
+    pub own_pid_namespace: bool,
 }
 
 impl Default for NodeOptions {
@@ -346,6 +349,7 @@ impl Default for NodeOptions {
             node_name: None,
             agent_binary: None,
             extra_config: String::new(),
+            own_pid_namespace: false,
         }
     }
 }
@@ -362,6 +366,7 @@ pub struct Node {
     pub pin_dir: PathBuf,
     pub config_path: PathBuf,
     pub network_name: String,
+    own_pid_namespace: bool,
 }
 
 /// A pod wired through the CNI.
@@ -408,6 +413,7 @@ impl Node {
             pin_dir,
             config_path,
             network_name: "contiv-test".into(),
+            own_pid_namespace: opts.own_pid_namespace,
         };
         node.start_agent();
         node
@@ -435,7 +441,14 @@ impl Node {
         assert!(self.agent.is_none(), "agent already running");
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).expect("agent log");
-        let child = Command::new("nsenter")
+        let mut cmd = if self.own_pid_namespace {
+            let mut c = Command::new("unshare");
+            c.args(["--pid", "--fork", "--mount-proc", "--propagation", "slave", "nsenter"]);
+            c
+        } else {
+            Command::new("nsenter")
+        };
+        let child = cmd
             .arg(format!("--net={}", self.ns.path().display()))
             .arg(&self.agent_binary)
             .arg("--config")
@@ -471,9 +484,10 @@ impl Node {
 
     /// Sends SIGTERM and waits; returns the exit status.
     pub fn stop_agent(&mut self) -> std::process::ExitStatus {
+        let agent = self.agent_pid();
         let mut child = self.agent.take().expect("agent not running");
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        // SAFETY: plain kill(2) on our own child (or its forked child, the agent).
+        unsafe { libc::kill(agent, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = child.try_wait().unwrap() {
@@ -484,6 +498,28 @@ impl Node {
                 panic!("agent did not stop within 20 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's process: the child, or under `own_pid_namespace` the child unshare forked
+    /// (nsenter execs the agent in it), which is what takes SIGTERM (unshare's parent only
+    /// waits for it, and exits with it).
+    fn agent_pid(&self) -> i32 {
+        let child = self.agent.as_ref().expect("agent not running").id() as i32;
+        if !self.own_pid_namespace {
+            return child;
+        }
+        let children = format!("/proc/{child}/task/{child}/children");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&children).unwrap_or_default();
+            if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                return pid;
+            }
+            if Instant::now() > deadline {
+                return child;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -614,9 +650,11 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(mut child) = self.agent.take() {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        if self.agent.is_some() {
+            let agent = self.agent_pid();
+            let mut child = self.agent.take().unwrap();
+            // SAFETY: kill(2) on our own child (or its forked child, the agent).
+            unsafe { libc::kill(agent, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));

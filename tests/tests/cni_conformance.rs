@@ -153,6 +153,84 @@ fn check_looks_in_the_namespace_the_runtime_names_and_at_each_part_add_set() {
     node.cni("DEL", &id, &netns, "eth0", "1.1.0").ok();
 }
 
+/// The host's procfs mounted at a directory of its own (what the DaemonSet's `/hostproc`
+/// is); unmounted on drop.
+struct HostProc(std::path::PathBuf);
+
+impl HostProc {
+    fn mount() -> Self {
+        let dir = std::env::temp_dir().join(contiv_tests::unique("contiv-hostproc-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        contiv_tests::run(std::process::Command::new("mount").args(["-t", "proc", "proc"]).arg(&dir));
+        Self(dir)
+    }
+}
+
+impl Drop for HostProc {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A runtime that names the pod's namespace by its process (`/proc/<pid>/ns/net`, as
+/// cri-dockerd does) gives a PID of the host's; an agent with a PID namespace of its own
+/// (a DaemonSet without hostPID) wires the pod through `hostProcDir`, the host's procfs,
+/// and without it refuses the path as a namespace that does not exist (not another
+/// process's namespace).
+#[test]
+fn a_namespace_named_by_a_host_process_is_wired_by_an_agent_with_its_own_pids() {
+    let host_proc = HostProc::mount();
+    // The agent's own /proc needs a mount namespace of its own, where this machine's
+    // /sys/fs/bpf (a private mount) propagates nowhere: the agent would refuse it. The pins
+    // are in the same bpffs all the same.
+    const PRIVATE_BPFFS: &str = "allowPrivateBpffs = true\n";
+    let node = Node::start(NodeOptions {
+        own_pid_namespace: true,
+        extra_config: format!("{PRIVATE_BPFFS}hostProcDir = \"{}\"\n", host_proc.0.display()),
+        ..NodeOptions::default()
+    });
+    let plain = Node::start(NodeOptions {
+        own_pid_namespace: true,
+        pod_subnet: Some("10.1.2.0/24".into()),
+        extra_config: PRIVATE_BPFFS.into(),
+        ..NodeOptions::default()
+    });
+    let ns = Netns::new("ctp");
+    let mut holder =
+        std::process::Command::new("ip").args(["netns", "exec", ns.name(), "sleep", "60"]).spawn().expect("a holder");
+    let by_process = format!("/proc/{}/ns/net", holder.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // The holder is in the pod's namespace once both paths name the same nsfs inode.
+    let inode = |p: &Path| std::fs::metadata(p).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    while inode(Path::new(&by_process)) != inode(&ns.path()) {
+        assert!(std::time::Instant::now() < deadline, "the holder never entered {}", ns.name());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    let id = contiv_tests::unique("pid");
+    let out = plain.cni("ADD", &id, &by_process, "eth0", "1.1.0");
+    assert_eq!(out.error_code(), Some(4), "without hostProcDir the agent cannot see the host's PID: {out:?}");
+    assert!(out.stdout.contains("CNI_NETNS"), "{out:?}");
+    assert!(plain.pod_links().is_empty(), "the refused ADD left nothing behind");
+
+    let out = node.cni("ADD", &id, &by_process, "eth0", "1.1.0");
+    out.ok();
+    let r = out.json();
+    let ip = contiv_tests::pod_ip(&r);
+    assert!(ns.ip(&["-4", "addr", "show", "dev", "eth0"]).contains(&format!("{ip}/")), "the pod got its address");
+    assert_eq!(r["interfaces"][1]["sandbox"], by_process.as_str(), "the result names the sandbox as given");
+    assert!(ping(&ns, r["ips"][0]["gateway"].as_str().unwrap().parse().unwrap(), 1), "the pod reaches its gateway");
+    let conf = json!({"cniVersion": "1.1.0", "name": node.network_name, "type": "contiv-cni",
+        "agentSocket": node.socket, "prevResult": r})
+    .to_string();
+    node.cni_with_conf("CHECK", &id, &by_process, "eth0", &conf).ok();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    node.cni("DEL", &id, &by_process, "eth0", "1.1.0").ok();
+    assert!(node.pod_links().is_empty(), "DEL after the process left removed the pod's link");
+}
+
 #[test]
 fn gc_removes_attachments_not_listed_as_valid() {
     let node = node();

@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     os::fd::AsFd,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Weak},
 };
 
@@ -984,7 +984,7 @@ impl Agent {
         // never ask STATUS, so ADD itself waits for the model, and then says try again.
         wait_for_model(self.model_synced_signal.subscribe(), MODEL_WAIT).instrument(phase("model")).await?;
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
-        let netns = Path::new(&req.netns);
+        let netns = podnet::runtime_netns_path(&req.netns, self.config.host_proc_dir.as_deref());
         if !netns.exists() {
             return Err(CniError::new(
                 codes::INVALID_ENV,
@@ -1047,7 +1047,7 @@ impl Agent {
             netns_cookie: 0,
         };
         let spec = PodLinkSpec {
-            netns: netns.to_owned(),
+            netns,
             ifname: req.ifname.clone(),
             host_ifname: host_ifname.clone(),
             ip,
@@ -1383,7 +1383,8 @@ impl Agent {
         // The namespace the runtime names now (the spec's CNI_NETNS), which may be another
         // path to the pod's namespace than ADD's; the recorded one only if it names none.
         let netns = if req.netns.is_empty() { a.netns.as_str() } else { req.netns.as_str() };
-        let view = podnet::view_pod_side(Path::new(netns), &a.ifname, self.config.gateway)
+        let netns = podnet::runtime_netns_path(netns, self.config.host_proc_dir.as_deref());
+        let view = podnet::view_pod_side(&netns, &a.ifname, self.config.gateway)
             .await
             .map_err(|e| internal("inspecting the pod namespace", e))?
             .ok_or_else(|| fail("pod interface missing"))?;

@@ -47,6 +47,7 @@ struct RawConfig {
     cni_socket: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     bpf_pin_dir: Option<PathBuf>,
+    host_proc_dir: Option<PathBuf>,
     slowpath_host_ifname: Option<String>,
     slowpath_vswitch_ifname: Option<String>,
     dns: Option<DnsConfig>,
@@ -428,6 +429,12 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// bpffs directory for pinned maps. Default /sys/fs/bpf/contiv.
     pub bpf_pin_dir: PathBuf,
+    /// The host's procfs as the agent sees it, when the agent runs in a PID namespace of its
+    /// own (a DaemonSet without hostPID): a runtime that names a pod's namespace by process
+    /// (`CNI_NETNS=/proc/<pid>/ns/net`, as cri-dockerd does) gives a host PID, which the
+    /// agent opens here instead (`<hostProcDir>/<pid>/ns/net`). Default: none (`/proc` as it
+    /// is, right when the agent shares the host's PIDs).
+    pub host_proc_dir: Option<PathBuf>,
     /// Host end of the slow-path port. Default cslow0.
     pub slowpath_host_ifname: String,
     /// vswitch end of the slow-path port (AF_XDP). Default cslow1.
@@ -714,6 +721,9 @@ impl AgentConfig {
         }
         let bpf_pin_dir = raw.bpf_pin_dir.unwrap_or_else(|| contiv_common::DEFAULT_PIN_DIR.into());
         check_path("bpfPinDir", &bpf_pin_dir)?;
+        if let Some(dir) = &raw.host_proc_dir {
+            check_path("hostProcDir", dir)?;
+        }
         let node_lease_seconds = raw.node_lease_seconds.unwrap_or(DEFAULT_NODE_LEASE_SECONDS);
         if !(2..=3600).contains(&node_lease_seconds) {
             return Err(ConfigError::Invalid(format!("nodeLeaseSeconds {node_lease_seconds} is outside 2..=3600")));
@@ -755,6 +765,7 @@ impl AgentConfig {
             cni_socket,
             state_dir,
             bpf_pin_dir,
+            host_proc_dir: raw.host_proc_dir,
             slowpath_host_ifname,
             slowpath_vswitch_ifname,
             dns,
@@ -986,6 +997,7 @@ mod tests {
             ("stateDir = \"\"", "stateDir"),
             ("storeDir = \"store\"", "storeDir"),
             ("bpfPinDir = \"\"", "bpfPinDir"),
+            ("hostProcDir = \"hostproc\"", "hostProcDir"),
             ("nodeName = \"a/b\"", "nodeName"),
             ("slowpathHostIfname = \"a:b\"", "slowpathHostIfname"),
             ("[dns]\nnameservers = [\"dns.example\"]", "dns.nameservers"),

@@ -141,6 +141,24 @@ fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
+/// Where the agent opens a runtime's CNI_NETNS. A runtime that names the namespace by its
+/// process (`/proc/<pid>/...`, cri-dockerd) gives a PID of the host's PID namespace; an agent
+/// in a PID namespace of its own finds that process under `host_proc` (the host's procfs,
+/// mounted there), not under its own `/proc`, where the number names another process or
+/// none. Every other path (`/var/run/netns/...`) is taken as it is.
+pub fn runtime_netns_path(netns: &str, host_proc: Option<&Path>) -> PathBuf {
+    let path = Path::new(netns);
+    if let Some(host_proc) = host_proc
+        && let Ok(rest) = path.strip_prefix("/proc")
+        && let Some(std::path::Component::Normal(pid)) = rest.components().next()
+        && pid.to_str().is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && rest.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return host_proc.join(rest);
+    }
+    path.to_owned()
+}
+
 /// Opens the network namespace at `netns` (a runtime's CNI_NETNS).
 pub fn open_netns(netns: &Path) -> Result<File> {
     File::open(netns).map_err(|source| PodNetError::Netns { path: netns.to_owned(), source })
@@ -623,5 +641,22 @@ mod tests {
         assert!(a.len() <= 15 && a.starts_with("cv"), "{a}");
         assert_ne!(a, host_ifname("abc", "eth1"));
         assert_ne!(a, host_ifname("abd", "eth0"));
+    }
+
+    /// A process's namespace is looked up in the host's procfs; anything else is left alone.
+    #[test]
+    fn a_namespace_named_by_process_is_opened_in_the_hosts_procfs() {
+        let host = Some(Path::new("/hostproc"));
+        assert_eq!(runtime_netns_path("/proc/4242/ns/net", host), Path::new("/hostproc/4242/ns/net"));
+        assert_eq!(
+            runtime_netns_path("/proc/4242/task/4243/ns/net", host),
+            Path::new("/hostproc/4242/task/4243/ns/net")
+        );
+        for as_is in
+            ["/var/run/netns/cni-1", "/run/netns/x", "/proc/self/ns/net", "/proc/1/../self/ns/net", "/procx/1/ns/net"]
+        {
+            assert_eq!(runtime_netns_path(as_is, host), Path::new(as_is), "{as_is}");
+        }
+        assert_eq!(runtime_netns_path("/proc/4242/ns/net", None), Path::new("/proc/4242/ns/net"));
     }
 }

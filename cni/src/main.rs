@@ -62,7 +62,14 @@ enum Command {
 
 fn cni_plugin() -> ! {
     contiv_cni::agent::mark_process_start();
-    let outcome = runner::run(&ProcessEnv, &mut std::io::stdin().lock(), Timeouts::default());
+    // The config comes on stdin; a terminal there (someone trying the binary by hand) gives
+    // none rather than a wait for input.
+    // SAFETY: isatty(3) on the process's own stdin.
+    let outcome = if unsafe { libc::isatty(0) } == 1 {
+        runner::run(&ProcessEnv, &mut std::io::empty(), Timeouts::default())
+    } else {
+        runner::run(&ProcessEnv, &mut std::io::stdin().lock(), Timeouts::default())
+    };
     if let Some(e) = &outcome.error {
         let command = std::env::var("CNI_COMMAND").unwrap_or_default();
         let container = std::env::var("CNI_CONTAINERID").unwrap_or_default();

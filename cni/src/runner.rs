@@ -213,8 +213,10 @@ pub async fn forward(f: Forward, timeouts: Timeouts) -> Result<String, CniError>
 }
 
 /// Env + stdin -> an agent call, or the finished outcome (VERSION, or an error before the call).
+/// The config is read first: an error, also one of the environment, is given in the
+/// config's `cniVersion` (CNI spec, "Error": "the same value as provided by the
+/// configuration"), or in [`config::DEFAULT_VERSION`] if it names none the plugin speaks.
 fn prepare(env: &dyn Env, stdin: &mut dyn Read) -> Result<Forward, Outcome> {
-    let cni_env = env::read(env).map_err(|e| Outcome::failure(e, config::DEFAULT_VERSION))?;
     let mut input = Vec::new();
     stdin.read_to_end(&mut input).map_err(|e| {
         Outcome::failure(
@@ -223,6 +225,7 @@ fn prepare(env: &dyn Env, stdin: &mut dyn Read) -> Result<Forward, Outcome> {
         )
     })?;
     let reply_version = config::reply_version(&input);
+    let cni_env = env::read(env).map_err(|e| Outcome::failure(e, reply_version))?;
     match plan(&cni_env, &input) {
         Ok(Plan::Print(s)) => Err(Outcome::success(s)),
         Ok(Plan::Forward(f)) => Ok(*f),
@@ -412,6 +415,16 @@ mod tests {
         cfg["prevResult"] = json!({"ips": [{"address": "nope"}]});
         let v = error_of(&invoke("ADD", &cfg).await);
         assert_eq!((v["code"].as_u64(), v["msg"].as_str()), (Some(7), Some("invalid prevResult")));
+    }
+
+    #[tokio::test]
+    async fn environment_errors_carry_the_configs_version() {
+        let cfg = config("0.4.0", "/run/x.sock").to_string();
+        let out = run_async(&MapEnv(Default::default()), cfg.as_bytes(), short()).await;
+        let v = error_of(&out);
+        assert_eq!((v["code"].as_u64(), v["cniVersion"].as_str()), (Some(4), Some("0.4.0")), "{v}");
+        let out = run_async(&MapEnv(Default::default()), b"{bad", short()).await;
+        assert_eq!(error_of(&out)["cniVersion"], "1.1.0", "no version to echo");
     }
 
     #[tokio::test]

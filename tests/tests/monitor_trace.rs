@@ -376,6 +376,17 @@ fn monitor_streams_drops_with_pod_tuple_and_reason_filters_and_bounds_a_flood() 
         (Some("node-1"), Some(RATE), Some(true))
     );
     assert_eq!(only_a.lines()[0]["filter"], "pod=x/a,drops");
+    // The rate applies per CPU the kernel may run the datapath on: the possible CPUs.
+    let possible: u64 = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .unwrap()
+        .trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+    assert_eq!(hello["cpus"].as_u64(), Some(possible), "the hello counts the node's CPUs");
 
     // A denied SYN from x/a (known source port), a denied and an allowed connection from x/c.
     let sport = 45_123;

@@ -395,7 +395,10 @@ fn a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouch
     let Some(papi) = papi("a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouched") else {
         return;
     };
-    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(2));
+    let mut opts = BoxOptions::for_test_vpp(2);
+    // netctl reaches the agents' status ports at the node addresses (for `trace`).
+    opts.agent_config = "statusAddr = \"0.0.0.0:9192\"\n".into();
+    let mut b = ClusterBox::up(opts);
     let a = b.add_pod("node-1", "default/a", &[], &[]);
     let c = b.add_pod("node-1", "default/c", &[], &[]);
     wait_programmed(&b, &papi, "node-1", &["node-2"], Duration::from_secs(30));
@@ -422,6 +425,19 @@ fn a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouch
     let ids_before = link_ids(&links);
     let xsks_before = bpftool(&["map", "show", "pinned", &pin("xsks_map")])["id"].clone();
 
+    // `netctl trace` of a packet for the slow path (the gateway is VPP's) notes only while
+    // VPP is gone that a real one would be dropped at the port.
+    let to_gateway = format!("{}/ICMP", gateway_of(&a));
+    let trace_notes = |b: &ClusterBox| -> String {
+        let out = b.netctl(&["trace", "--from", &a.id(), "--to", &to_gateway, "-o", "json"]);
+        assert!(out.status.success(), "netctl trace: {}", String::from_utf8_lossy(&out.stderr));
+        let t: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(t["outcome"], "slow_path", "{t}");
+        t["notes"].to_string()
+    };
+    const DROPPED_AT_THE_PORT: &str = "would be dropped at the slow-path port";
+    assert!(!trace_notes(&b).contains(DROPPED_AT_THE_PORT), "VPP serves the port");
+
     // VPP crashes: what it held is gone, its socket leaves xsks_map with it.
     b.stop_vpp("node-1", true);
     assert!(ping(&b, &a.id(), c.ip), "pod to pod keeps working while VPP is down");
@@ -430,6 +446,8 @@ fn a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouch
         b.status_json("node-1", "/vswitch").is_some_and(|v| v["vpp"]["connected"] == false)
     });
     assert!(b.cni("node-1", "STATUS", "", "", "", "").exit_code != 0, "CNI STATUS says VPP is not there");
+    let notes = trace_notes(&b);
+    assert!(notes.contains(DROPPED_AT_THE_PORT) && notes.contains("to_vswitch_no_socket"), "{notes}");
 
     // VPP comes back empty: the agent reconnects and replays everything.
     b.start_vpp("node-1");

@@ -261,3 +261,48 @@ pub async fn serve(
     let app = router(agent, metrics).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("status endpoint")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The status line's code of `GET path` from 127.0.0.1 to a server of the inspection
+    /// guard alone, `ranges` being the pod ranges; `connect_info`: whether the server is set
+    /// up to see the peer (as `serve` is).
+    async fn status_of(ranges: Vec<Ipv4Net>, connect_info: bool, path: &str) -> u16 {
+        let app = Router::new()
+            .route("/pods", get(|| async { "pods\n" }))
+            .route_layer(axum::middleware::from_fn_with_state(Arc::new(ranges), not_from_pods));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = if connect_info {
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await;
+            })
+        } else {
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app.into_make_service()).await;
+            })
+        };
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).await.unwrap();
+        server.abort();
+        answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("answer: {answer}"))
+    }
+
+    /// Inspection answers a peer outside the pod ranges only: a peer in them, or one the
+    /// server cannot see, gets 403.
+    #[tokio::test]
+    async fn inspection_refuses_pods_and_peers_it_cannot_see() {
+        let loopback: Ipv4Net = "127.0.0.0/8".parse().unwrap();
+        let pods: Ipv4Net = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(status_of(vec![pods], true, "/pods").await, 200, "a node address is answered");
+        assert_eq!(status_of(vec![pods, loopback], true, "/pods").await, 403, "a pod is refused");
+        assert_eq!(status_of(vec![pods], false, "/pods").await, 403, "a peer that cannot be seen is refused");
+        assert!(from_pod_range(&[pods], "::ffff:10.1.2.3".parse().unwrap()), "an IPv4-mapped pod address");
+        assert!(!from_pod_range(&[pods], "fd00::10.1.2.3".parse().unwrap()));
+    }
+}

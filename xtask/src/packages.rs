@@ -58,8 +58,14 @@ pub const REQUIREMENTS: &[Requirement] = &[
     ),
     req(
         "util-linux",
-        &["/usr/bin/nsenter", "/usr/bin/setpriv"],
-        "agents run under nsenter --net; setpriv runs contiv-cni as a non-root user in tests",
+        &["/usr/bin/nsenter", "/usr/bin/setpriv", "/usr/bin/unshare"],
+        "agents run under nsenter --net (one test's under unshare --pid, as in a DaemonSet without \
+         hostPID); setpriv runs contiv-cni as a non-root user in tests",
+    ),
+    req(
+        "mount",
+        &["/usr/bin/mount|/bin/mount", "/usr/bin/umount|/bin/umount"],
+        "a CNI test mounts the host's procfs where the DaemonSet mounts it for the agent (/hostproc)",
     ),
     req("nftables", &["/usr/sbin/nft"], "the agent masquerades pod traffic leaving the cluster"),
     req(

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use contiv_cluster_model::keys::{self, Kind};
-use contiv_store::{Store, StoreError, Txn, TxnOp};
+use contiv_store::{Compare, Store, StoreError, Txn, TxnOp};
 use tokio::sync::Mutex;
 
 /// Counters exported on /metrics.
@@ -63,9 +63,13 @@ struct State {
     kinds: BTreeMap<Kind, KindState>,
     /// The marker was written after every kind synced.
     marker_written: bool,
-    /// The store revision of KSR's last write of the marker (every write rewrites it once it
-    /// exists): a marker older than that comes from a backup the store was restored from.
+    /// The store revision of KSR's last write of the marker (every write rewrites it while
+    /// it is as KSR left it): a marker older than that comes from a backup the store was
+    /// restored from.
     marker_revision: Option<contiv_store::Revision>,
+    /// A write went without the marker (the marker was not as KSR left it: another of its
+    /// writes had just moved it, or the store lost or restored it): the next repair looks.
+    marker_behind: bool,
     /// The last store operation failed.
     store_down: bool,
     /// Since when every store operation failed (the first failure after a success).
@@ -330,23 +334,61 @@ impl Mirror {
         results.into_iter().all(|ok| ok)
     }
 
-    /// Runs `ops` as one unconditional transaction (fenced). Once the marker has been written,
-    /// every write rewrites it too, so the marker's revision is that of KSR's last write: a
-    /// store restored from a backup taken before it holds an older marker ([`Mirror::repair`]).
-    async fn write(&self, mut ops: Vec<TxnOp>) -> Result<contiv_store::TxnResult, StoreError> {
+    /// Runs `ops` as one transaction (fenced). Once the marker has been written, a write
+    /// rewrites it too, so the marker's revision is that of KSR's last write: a store
+    /// restored from a backup taken before it holds an older marker ([`Mirror::repair`]).
+    /// Only while the marker is as KSR last wrote it, though: a write never makes a marker
+    /// the store lost (agents would take a store holding little more than this write for a
+    /// complete one, and drop every policy and service it lacks), nor renews one a restore
+    /// brought back (its age is what tells the restore). `ops` go in either case.
+    async fn write(&self, ops: Vec<TxnOp>) -> Result<contiv_store::TxnResult, StoreError> {
         self.fence()?;
-        let with_marker = self.state().marker_written;
-        if with_marker {
-            ops.push(TxnOp::Put { key: keys::KSR_MARKER.into(), value: marker_value(), lease: None });
-        }
-        let res = self.store.txn(Txn { compares: vec![], success: ops, failure: vec![] }).await?;
-        if with_marker {
-            let mut state = self.state();
-            if state.marker_written {
+        let ours = {
+            let state = self.state();
+            state.marker_revision.filter(|_| state.marker_written)
+        };
+        let Some(revision) = ours else {
+            return self.store.txn(Txn { compares: vec![], success: ops, failure: vec![] }).await;
+        };
+        let mut success = ops.clone();
+        success.push(TxnOp::Put { key: keys::KSR_MARKER.into(), value: marker_value(), lease: None });
+        let compares = vec![Compare::ModRevision(keys::KSR_MARKER.into(), revision)];
+        let res = self.store.txn(Txn { compares, success, failure: ops }).await?;
+        let mut state = self.state();
+        if state.marker_written {
+            if res.succeeded {
                 state.marker_revision = state.marker_revision.max(Some(res.revision));
+            } else {
+                state.marker_behind = true;
             }
         }
         Ok(res)
+    }
+
+    /// Moves the marker past writes that went without it while it was KSR's (`revision`, as
+    /// read): a backup taken after them must not look older than KSR's last write.
+    async fn catch_up_marker(&self, revision: contiv_store::Revision) {
+        let txn = Txn {
+            compares: vec![Compare::ModRevision(keys::KSR_MARKER.into(), revision)],
+            success: vec![TxnOp::Put { key: keys::KSR_MARKER.into(), value: marker_value(), lease: None }],
+            failure: vec![],
+        };
+        let r = match self.fence() {
+            Ok(()) => self.store.txn(txn).await,
+            Err(e) => Err(e),
+        };
+        match self.note(r) {
+            Ok(res) if res.succeeded => {
+                let mut state = self.state();
+                if state.marker_written {
+                    state.marker_revision = state.marker_revision.max(Some(res.revision));
+                    state.marker_behind = false;
+                }
+            }
+            // Moved again meanwhile: the next repair looks again.
+            Ok(_) => {}
+            Err(e) => log::warn!("rewriting {} failed: {e}", keys::KSR_MARKER),
+        }
     }
 
     async fn write_marker_if_ready(&self) {
@@ -386,7 +428,12 @@ impl Mirror {
             let r = self.store.get(keys::KSR_MARKER).await;
             let lost = match self.note(r) {
                 // Newer than recorded: a write of ours still in flight.
-                Ok(Some(kv)) if revision.is_none_or(|r| kv.mod_revision >= r) => None,
+                Ok(Some(kv)) if revision.is_none_or(|r| kv.mod_revision >= r) => {
+                    if self.state().marker_behind {
+                        self.catch_up_marker(kv.mod_revision).await;
+                    }
+                    None
+                }
                 Ok(Some(kv)) => Some(format!(
                     "{} is older than this KSR's last write (revision {}, not {}): the store was restored \
                      from a backup",
@@ -403,14 +450,26 @@ impl Mirror {
             if let Some(why) = lost {
                 log::warn!("{why}; resyncing");
                 self.counters.marker_resyncs.fetch_add(1, Ordering::Relaxed);
-                let mut state = self.state();
-                state.marker_written = false;
-                // A store restored without bumping its revision counts from the backup's.
-                state.marker_revision = None;
-                for ks in state.kinds.values_mut() {
-                    ks.dirty |= ks.synced;
+                {
+                    let mut state = self.state();
+                    state.marker_written = false;
+                    state.marker_behind = false;
+                    // A store restored without bumping its revision counts from the backup's.
+                    state.marker_revision = None;
+                    for ks in state.kinds.values_mut() {
+                        ks.dirty |= ks.synced;
+                    }
                 }
                 full = true;
+                // A restored marker goes until the resync is done: agents keep what they have
+                // meanwhile instead of following the backup's content as it is rewritten.
+                let r = match self.fence() {
+                    Ok(()) => self.store.delete(keys::KSR_MARKER).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = self.note(r) {
+                    log::warn!("removing {} before the resync failed: {e}", keys::KSR_MARKER);
+                }
             }
         }
         let dirty: Vec<Kind> =

@@ -268,6 +268,59 @@ async fn fake_apiserver_store_data_loss_is_detected_by_marker_and_resynced() {
     assert_eq!(env.api.list_count("Pod"), 1, "resync uses KSR's own state, no relist");
 }
 
+/// After the store lost its data, KSR's next write (a watch event) does not bring the marker
+/// back with it: agents would take a store holding that one object for a complete one and
+/// drop every policy and service it lacks. The marker comes back with the full resync.
+#[tokio::test]
+async fn fake_apiserver_a_write_after_data_loss_does_not_bring_the_marker_back_early() {
+    let objects = fixtures();
+    let env = start_with(&objects, &[]).await;
+    wait_ready(&env).await;
+    let late = pod("shop", "web-2", "10.1.0.7", "web");
+    let mut want: BTreeMap<String, Vec<u8>> = objects.iter().map(expected).collect();
+    want.extend([expected(&late)]);
+    env.store.delete_prefix(keys::ROOT).await.unwrap();
+    env.api.apply(late);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let marker = env.store.get(keys::KSR_MARKER).await.unwrap().is_some();
+        let content = k8s_content(&env.store).await;
+        if marker {
+            assert_eq!(content, want, "the marker is back while the store is not whole");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no resync after the data loss");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(env.ksr.mirror.counters.marker_resyncs.load(Ordering::Relaxed), 1);
+}
+
+/// A marker someone else rewrote is no loss: KSR's write that finds it moved goes without
+/// it, and the next repair moves the marker past that write (no resync).
+#[tokio::test]
+async fn fake_apiserver_a_marker_moved_by_someone_else_is_caught_up_without_a_resync() {
+    let objects = fixtures();
+    let env = start_with(&objects, &[]).await;
+    wait_ready(&env).await;
+    env.store.put(keys::KSR_MARKER, b"{}".to_vec(), None).await.unwrap();
+    let late = pod("shop", "web-2", "10.1.0.7", "web");
+    let (key, value) = expected(&late);
+    env.api.apply(late);
+    wait_content(&env, "the new pod", |c| c.get(&key) == Some(&value)).await;
+    let store = env.store.clone();
+    let key = &key;
+    wait_for("the marker rewritten past the pod's write", || {
+        let store = store.clone();
+        async move {
+            let marker = store.get(keys::KSR_MARKER).await.unwrap().unwrap();
+            let pod = store.get(key).await.unwrap().unwrap();
+            marker.value != b"{}" && marker.mod_revision > pod.mod_revision
+        }
+    })
+    .await;
+    assert_eq!(env.ksr.mirror.counters.marker_resyncs.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test]
 async fn fake_apiserver_unconvertible_object_is_skipped() {
     let mut objects = fixtures();

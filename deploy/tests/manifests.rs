@@ -510,6 +510,13 @@ async fn fake_apiserver_ksr_runs_with_exactly_the_manifest_rbac() {
     let ksr = container(deployment, "ksr");
     assert!(strings(&ksr["command"]).contains(&"--leader-elect".to_string()));
     assert_eq!(deployment["spec"]["template"]["spec"]["serviceAccountName"], json!("contiv-ksr"));
+    // KSR opens its port only once the store answers, and waits for it: liveness must not
+    // restart that wait (etcd of the same rollout may take minutes).
+    let startup = &ksr["startupProbe"];
+    assert_eq!(startup["httpGet"]["port"], ksr["livenessProbe"]["httpGet"]["port"]);
+    let window = startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+    assert!(window >= 240, "the startup probe allows {window} s");
+    assert!(ksr["livenessProbe"]["initialDelaySeconds"].is_null());
     let namespace = deployment["metadata"]["namespace"].as_str().unwrap();
 
     let api = contiv_ksr::testing::FakeApiServer::start().await.unwrap();

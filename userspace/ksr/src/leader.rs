@@ -117,6 +117,11 @@ pub struct LeaderElector {
     config: ElectionConfig,
     /// The last record seen and when (on our clock) it was first seen.
     observed: Option<(Record, Instant)>,
+    /// While leading: the renew deadline counted from when the last successful renewal (or
+    /// the acquisition) was *sent*. Others take over `lease_duration` after they saw that
+    /// renewal, which they cannot have seen before it was sent, so writes stopped by then
+    /// never overlap with the next leader's (the margin is `lease_duration - renew_deadline`).
+    valid_until: Option<Instant>,
 }
 
 fn now() -> MicroTime {
@@ -134,7 +139,7 @@ impl LeaderElector {
     /// An elector for `config` over `client`.
     pub fn new(client: kube::Client, config: ElectionConfig) -> Self {
         let api = Api::namespaced(client, &config.namespace);
-        Self { api, config, observed: None }
+        Self { api, config, observed: None, valid_until: None }
     }
 
     /// The configuration.
@@ -233,6 +238,11 @@ impl LeaderElector {
         Ok(())
     }
 
+    /// While leading, until when the last renewal lets this replica write.
+    pub fn valid_until(&self) -> Option<Instant> {
+        self.valid_until
+    }
+
     /// Waits until this replica leads (or `stop` resolves first: `false`). Reports each
     /// round that did not make us leader through `on_round`: the holder, or the error.
     pub async fn acquire(
@@ -241,8 +251,12 @@ impl LeaderElector {
         stop: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
         loop {
+            let sent = Instant::now();
             match self.try_acquire_or_renew().await {
-                Ok(Attempt::Leading) => return true,
+                Ok(Attempt::Leading) => {
+                    self.valid_until = Some(sent + self.config.renew_deadline);
+                    return true;
+                }
                 Ok(Attempt::Following(holder)) => on_round(Ok(&holder)),
                 Err(e) => {
                     log::warn!("lease {}/{}: {e}", self.config.namespace, self.config.name);
@@ -260,16 +274,28 @@ impl LeaderElector {
     /// (renewals failed for `renew_deadline`, or someone else holds the Lease), `false` when
     /// `stop` resolved. The Lease is not released here: the caller stops writing first,
     /// then calls [`LeaderElector::release`].
-    pub async fn hold(&mut self, stop: &mut (impl Future<Output = ()> + Unpin)) -> bool {
-        let mut last_renew = Instant::now();
+    /// `on_renewed` gets each new [`LeaderElector::valid_until`] (what the writer fences on).
+    pub async fn hold(
+        &mut self,
+        stop: &mut (impl Future<Output = ()> + Unpin),
+        mut on_renewed: impl FnMut(Instant),
+    ) -> bool {
+        // Counted from when the renewal was sent, not answered: a slow answer must not
+        // stretch our term past what the other replicas grant it.
+        let mut last_renew = self.valid_until.map_or_else(Instant::now, |until| until - self.config.renew_deadline);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(self.config.retry_period) => {}
                 () = &mut *stop => return false,
             }
             let left = self.config.renew_deadline.saturating_sub(last_renew.elapsed());
+            let sent = Instant::now();
             match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
-                Ok(Ok(Attempt::Leading)) => last_renew = Instant::now(),
+                Ok(Ok(Attempt::Leading)) => {
+                    last_renew = sent;
+                    self.valid_until = Some(sent + self.config.renew_deadline);
+                    on_renewed(sent + self.config.renew_deadline);
+                }
                 Ok(Ok(Attempt::Following(holder))) => {
                     log::warn!("lease {}/{} is held by {holder:?} now", self.config.namespace, self.config.name);
                     return true;

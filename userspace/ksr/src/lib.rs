@@ -111,9 +111,15 @@ pub async fn run_elected(
             Reflector::start_with(client.clone(), store.clone(), repair_interval, departed_sweep, health.counters());
         health.set_leader(reflector.mirror.clone());
         let mirror = reflector.mirror.clone();
+        // Writes go only as long as the last renewal allows, even if this process stalls
+        // past it before `hold` can notice.
+        mirror.set_write_deadline(elector.valid_until());
         let store_deadline = elector.config().store_deadline;
+        let renewed = mirror.clone();
         let ended = tokio::select! {
-            lost = elector.hold(&mut stop) => if lost { Ended::Lost } else { Ended::Stopped },
+            lost = elector.hold(&mut stop, |until| renewed.set_write_deadline(Some(until))) => {
+                if lost { Ended::Lost } else { Ended::Stopped }
+            }
             () = store_failing_for(&mirror, store_deadline) => Ended::StoreDown,
         };
         reflector.mirror.stop_writing();

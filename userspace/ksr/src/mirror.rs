@@ -108,6 +108,11 @@ pub struct Mirror {
     writers: BTreeMap<Kind, Mutex<()>>,
     /// Cleared when this instance must not write any more (leadership lost).
     writable: AtomicBool,
+    /// Under leader election: until when the last renewal of the Lease lets this replica
+    /// write (`None`: no limit). Past it nothing is written, even before the elector notices
+    /// (a process stalled past its renew deadline must not write what it buffered once it
+    /// runs again, while another replica may lead).
+    write_deadline: std::sync::Mutex<Option<std::time::Instant>>,
     /// Counters for /metrics (shared across leadership terms).
     pub counters: Arc<Counters>,
 }
@@ -137,8 +142,14 @@ impl Mirror {
             state: std::sync::Mutex::new(state),
             writers: kinds.iter().map(|k| (*k, Mutex::new(()))).collect(),
             writable: AtomicBool::new(true),
+            write_deadline: std::sync::Mutex::new(None),
             counters,
         }
+    }
+
+    /// Writes go only until `until` (see `write_deadline`); a later renewal moves it.
+    pub fn set_write_deadline(&self, until: Option<std::time::Instant>) {
+        *self.write_deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = until;
     }
 
     /// The store written to.
@@ -151,9 +162,10 @@ impl Mirror {
         self.writable.store(false, Ordering::SeqCst);
     }
 
-    /// Whether writes still reach the store.
+    /// Whether writes still reach the store: not stopped, and within the write deadline.
     pub fn is_writing(&self) -> bool {
-        self.writable.load(Ordering::SeqCst)
+        let deadline = *self.write_deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.writable.load(Ordering::SeqCst) && deadline.is_none_or(|d| std::time::Instant::now() < d)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -584,5 +596,24 @@ mod tests {
         let out = batches(vec![put(0, 10), put(1, BATCH_BYTES + 1), put(2, 10)]);
         assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 1]);
         assert!(batches(vec![]).is_empty());
+    }
+
+    /// Past the write deadline (the last Lease renewal's) nothing reaches the store, even
+    /// before anyone calls `stop_writing`; the kind is repaired once a renewal moves it.
+    #[tokio::test]
+    async fn nothing_is_written_past_the_write_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = contiv_store::open(&contiv_store::StoreConfig::embedded(dir.path())).await.unwrap();
+        let m = Mirror::new(store.clone(), &[Kind::Pod]);
+        m.replace(Kind::Pod, BTreeMap::new()).await;
+        let key = "/contiv/k8s/pod/default/a".to_string();
+        m.set_write_deadline(Some(std::time::Instant::now()));
+        assert!(!m.is_writing());
+        m.apply(Kind::Pod, key.clone(), b"1".to_vec()).await;
+        assert!(store.get(&key).await.unwrap().is_none(), "written past the deadline");
+        m.set_write_deadline(Some(std::time::Instant::now() + std::time::Duration::from_secs(60)));
+        assert!(m.is_writing());
+        m.repair().await;
+        assert_eq!(store.get(&key).await.unwrap().unwrap().value, b"1", "repaired once renewed");
     }
 }

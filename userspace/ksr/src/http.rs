@@ -116,7 +116,10 @@ impl Health {
         match (&c.role, &c.mirror) {
             (Role::Follower(holder), _) => (true, format!("standby (leader: {holder})")),
             (Role::Candidate, _) => (false, "not ready: cannot read the leader lease".into()),
-            (_, Some(m)) if m.ready_now() => (true, "ready".into()),
+            (_, Some(m)) => match m.not_ready_because() {
+                None => (true, "ready".into()),
+                Some(why) => (false, format!("not ready: {why}")),
+            },
             _ => (false, "not ready".into()),
         }
     }

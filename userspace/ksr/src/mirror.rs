@@ -56,6 +56,14 @@ struct KindState {
     synced: bool,
     /// A store write failed; the store may differ from `desired`.
     dirty: bool,
+    /// Since when the kind's list or watch has failed without an event in between, and
+    /// its last failure (a watch that works again yields no event until the kind changes:
+    /// a quiet spell longer than the watcher's retry backoff says it works).
+    watch_failing_since: Option<std::time::Instant>,
+    watch_last_failure: Option<std::time::Instant>,
+    /// The kind's watcher task is gone (its stream ended, it panicked): nothing follows
+    /// the kind any more.
+    watch_ended: bool,
 }
 
 #[derive(Debug, Default)]
@@ -70,11 +78,24 @@ struct State {
     /// A write went without the marker (the marker was not as KSR left it: another of its
     /// writes had just moved it, or the store lost or restored it): the next repair looks.
     marker_behind: bool,
+    /// How long a kind's list or watch may keep failing before KSR is not ready, and how long
+    /// without a failure counts as working again.
+    watch_stall: std::time::Duration,
+    watch_quiet: std::time::Duration,
     /// The last store operation failed.
     store_down: bool,
     /// Since when every store operation failed (the first failure after a success).
     store_down_since: Option<std::time::Instant>,
 }
+
+/// How long a kind's list or watch may keep failing (the watcher retries with a backoff of
+/// up to 30 s) before KSR says it is not ready: that kind is frozen in the store meanwhile
+/// (a ClusterRole edited to drop it, an API server that keeps refusing it).
+pub const DEFAULT_WATCH_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+/// A kind that failed is taken as working again after this long without a failure: the
+/// watcher retries at least every 30 s (kube-runtime's backoff, jitter up to as much again),
+/// and a watch that works yields nothing until the kind changes.
+pub const DEFAULT_WATCH_QUIET: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// Operations per store transaction when converging (etcd allows 128 by default).
 pub const BATCH: usize = 100;
@@ -135,7 +156,12 @@ impl Mirror {
 
     /// A mirror counting into `counters` (kept by the caller across mirrors).
     pub fn with_counters(store: Arc<dyn Store>, kinds: &[Kind], counters: Arc<Counters>) -> Self {
-        let state = State { kinds: kinds.iter().map(|k| (*k, KindState::default())).collect(), ..State::default() };
+        let state = State {
+            kinds: kinds.iter().map(|k| (*k, KindState::default())).collect(),
+            watch_stall: DEFAULT_WATCH_STALL,
+            watch_quiet: DEFAULT_WATCH_QUIET,
+            ..State::default()
+        };
         Mirror {
             store,
             kinds: kinds.to_vec(),
@@ -514,10 +540,79 @@ impl Mirror {
             .collect()
     }
 
-    /// Ready: every kind listed and in sync, the marker written, the store reachable.
+    /// Ready: every kind listed and in sync, the marker written, the store reachable, and
+    /// every kind still followed (no watcher gone, none failing for longer than the stall).
     pub fn ready_now(&self) -> bool {
+        self.not_ready_because().is_none()
+    }
+
+    /// Why [`Mirror::ready_now`] is false (`None`: it is true).
+    pub fn not_ready_because(&self) -> Option<String> {
         let state = self.state();
-        state.marker_written && !state.store_down && state.kinds.values().all(|k| k.synced && !k.dirty)
+        let stalled: Vec<String> = state
+            .kinds
+            .iter()
+            .filter_map(|(kind, k)| {
+                if k.watch_ended {
+                    Some(format!("{kind}: its watcher stopped"))
+                } else {
+                    let failing = k.watch_failing_since?.elapsed();
+                    let still = k.watch_last_failure.is_some_and(|t| t.elapsed() < state.watch_quiet);
+                    (still && failing >= state.watch_stall)
+                        .then(|| format!("{kind}: list/watch failing for {}s", failing.as_secs()))
+                }
+            })
+            .collect();
+        if !stalled.is_empty() {
+            Some(stalled.join("; "))
+        } else if state.store_down {
+            Some("the store is not reachable".into())
+        } else if !state.kinds.values().all(|k| k.synced && !k.dirty) {
+            Some("kinds not in sync yet".into())
+        } else if !state.marker_written {
+            Some("marker not written yet".into())
+        } else {
+            None
+        }
+    }
+
+    /// The kind's list or watch answered (an event of any kind).
+    pub fn watch_ok(&self, kind: Kind) {
+        if let Some(k) = self.state().kinds.get_mut(&kind) {
+            k.watch_failing_since = None;
+            k.watch_last_failure = None;
+        }
+    }
+
+    /// The kind's list or watch failed (the watcher retries).
+    pub fn watch_failed(&self, kind: Kind) {
+        let mut state = self.state();
+        let quiet = state.watch_quiet;
+        if let Some(k) = state.kinds.get_mut(&kind) {
+            let now = std::time::Instant::now();
+            // A quiet spell since the last failure: the kind worked meanwhile.
+            if k.watch_last_failure.is_some_and(|t| now - t >= quiet) {
+                k.watch_failing_since = None;
+            }
+            k.watch_failing_since.get_or_insert(now);
+            k.watch_last_failure = Some(now);
+        }
+    }
+
+    /// The kind's watcher is gone.
+    pub fn watch_ended(&self, kind: Kind) {
+        if let Some(k) = self.state().kinds.get_mut(&kind) {
+            k.watch_ended = true;
+        }
+    }
+
+    /// How long a kind's list or watch may keep failing before KSR is not ready, and how long
+    /// without a failure counts as working again (defaults [`DEFAULT_WATCH_STALL`],
+    /// [`DEFAULT_WATCH_QUIET`]).
+    pub fn set_watch_stall(&self, stall: std::time::Duration, quiet: std::time::Duration) {
+        let mut state = self.state();
+        state.watch_stall = stall;
+        state.watch_quiet = quiet;
     }
 
     /// [`Mirror::status_now`], for async callers.

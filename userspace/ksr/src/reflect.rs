@@ -32,9 +32,21 @@ where
     K: Resource + ToModel + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let kind = <K::Model as ModelObject>::KIND;
+    // However this task ends (the stream ends, a panic, an abort), the kind is no longer
+    // followed: readiness says so.
+    struct Ended(Arc<Mirror>, Kind);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.watch_ended(self.1);
+        }
+    }
+    let _ended = Ended(mirror.clone(), kind);
     let mut stream = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
     let mut buffer: Option<BTreeMap<String, Vec<u8>>> = None;
     while let Some(event) = stream.next().await {
+        if event.is_ok() {
+            mirror.watch_ok(kind);
+        }
         match event {
             Ok(Event::Init) => {
                 log::debug!("{kind}: listing");
@@ -69,6 +81,7 @@ where
                 Err(e) => skip(&mirror, kind, &obj, &e),
             },
             Err(e) => {
+                mirror.watch_failed(kind);
                 mirror.counters.watch_errors.fetch_add(1, Ordering::Relaxed);
                 log::warn!("{kind}: watch error (retrying with backoff): {e}");
             }

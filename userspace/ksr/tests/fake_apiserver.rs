@@ -321,6 +321,47 @@ async fn fake_apiserver_a_marker_moved_by_someone_else_is_caught_up_without_a_re
     assert_eq!(env.ksr.mirror.counters.marker_resyncs.load(Ordering::Relaxed), 0);
 }
 
+/// A kind whose list and watch keep failing (a ClusterRole edited to drop it) makes KSR not
+/// ready, naming the kind, instead of staying green with the kind frozen in the store; KSR
+/// is ready again once the kind is followed again.
+#[tokio::test]
+async fn fake_apiserver_a_kind_that_keeps_failing_makes_ksr_not_ready() {
+    use contiv_ksr::testing::Grant;
+    let env = start_with(&fixtures(), &[]).await;
+    wait_ready(&env).await;
+    let m = env.ksr.mirror.clone();
+    m.set_watch_stall(Duration::from_millis(300), Duration::from_millis(1500));
+    let grants = |skip: &str| -> Vec<Grant> {
+        contiv_ksr::reflect::watched_kinds()
+            .into_iter()
+            .filter(|w| w.resource != skip)
+            .map(|w| Grant {
+                namespace: None,
+                rule: k8s_openapi::api::rbac::v1::PolicyRule {
+                    api_groups: Some(vec![w.group]),
+                    resources: Some(vec![w.resource]),
+                    verbs: ["get", "list", "watch"].map(String::from).to_vec(),
+                    ..Default::default()
+                },
+            })
+            .collect()
+    };
+    env.api.authorize(grants("endpointslices"));
+    env.api.break_watches();
+    let not_ready = |want: bool| {
+        let m = m.clone();
+        move || {
+            let m = m.clone();
+            async move { m.ready().await != want }
+        }
+    };
+    wait_for("not ready while endpointslices are refused", not_ready(true)).await;
+    let why = m.not_ready_because().unwrap();
+    assert!(why.contains("endpointslice") && why.contains("failing"), "{why}");
+    env.api.authorize(grants(""));
+    wait_for("ready again", not_ready(false)).await;
+}
+
 #[tokio::test]
 async fn fake_apiserver_unconvertible_object_is_skipped() {
     let mut objects = fixtures();

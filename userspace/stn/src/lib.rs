@@ -292,9 +292,7 @@ async fn link_info(h: &Handle, ifname: &str) -> Result<(u32, Option<String>, Opt
 
 /// The PCI address behind a network interface, from sysfs (None for virtual devices).
 pub fn pci_address(ifname: &str) -> Option<String> {
-    let name = pci::device_link(ifname, "device")?;
-    let b = name.as_bytes();
-    (b.len() == 12 && b[4] == b':' && b[7] == b':' && b[10] == b'.').then_some(name)
+    pci::pci_function(Path::new("/sys"), ifname).map(|(address, _)| address)
 }
 
 fn address_flags(a: &AddressMessage) -> AddressFlags {
@@ -438,14 +436,17 @@ pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
             .collect(),
         mtu,
     };
+    // The PCI function and its driver (for a virtio NIC, the `virtio-pci` function above
+    // the interface's `virtio0`): what DPDK takes, and gives back.
+    let function = pci::pci_function(Path::new("/sys"), ifname);
     Ok(StnState {
         version: STATE_VERSION,
         interface: ifname.to_owned(),
         ifindex,
         mac,
         mtu,
-        pci_address: pci_address(ifname),
-        driver: pci::kernel_driver(ifname),
+        pci_address: function.as_ref().map(|(address, _)| address.clone()),
+        driver: function.and_then(|(_, driver)| driver),
         link_up,
         handover,
         addresses,

@@ -283,13 +283,26 @@ fn uninstall_gives_the_nic_back_before_cleaning_up() {
     assert_eq!(env_value(restore, "CONTIV_STN_STATE_FILE"), state);
     let dir = Path::new(&state).parent().unwrap();
     assert_eq!(host_dir(pod, restore, dir), host_dir(&agent["spec"]["template"]["spec"], sidecar, dir));
-    // Both can give the NIC back from DPDK's driver: the host's PCI bus, writable.
+    // Both can give the NIC back from DPDK's driver: the host's PCI bus, writable, within
+    // the host's whole sysfs (the bus's devices/<address> entries are links into
+    // /sys/devices: a mount of /sys/bus/pci alone leaves them dangling).
     for (pod, c) in [(pod, restore), (&agent["spec"]["template"]["spec"], sidecar)] {
         let root = env_value(c, "CONTIV_STN_PCI_ROOT");
-        assert_eq!(host_dir(pod, c, Path::new(&root)), "/sys/bus/pci", "{}", c["name"]);
-        let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == root.as_str()).unwrap();
+        let sys = Path::new(&root).parent().and_then(Path::parent).unwrap();
+        assert_eq!(Path::new(&root).strip_prefix(sys).unwrap(), Path::new("bus/pci"), "{}", c["name"]);
+        assert_eq!(host_dir(pod, c, sys), "/sys", "{}", c["name"]);
+        let mount = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| Path::new(m["mountPath"].as_str().unwrap()) == sys)
+            .unwrap();
         assert_ne!(mount["readOnly"], true, "{}", c["name"]);
     }
+    // Giving the NIC back (DPDK's driver off, the interface back, addresses and routes)
+    // takes longer than the base's grace period: the VPP variant gives it time.
+    let grace = agent["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(grace >= 60, "terminationGracePeriodSeconds {grace}");
 }
 
 /// Once contiv-stn holds the NIC the node reaches nothing until VPP runs: every image a

@@ -290,6 +290,23 @@ async fn link_info(h: &Handle, ifname: &str) -> Result<(u32, Option<String>, Opt
     Ok((link.header.index, mac, mtu, link.header.flags.contains(LinkFlags::Up)))
 }
 
+/// Drivers through which DPDK holds a NIC (no host interface while bound to one).
+pub const DPDK_DRIVERS: [&str; 3] = ["vfio-pci", "uio_pci_generic", "igb_uio"];
+
+/// The DPDK driver that holds the NIC `state` records, if it does: the state is for
+/// `interface`, the host has no interface of that name, and its PCI function is bound to
+/// one of [`DPDK_DRIVERS`]. Then VPP has (or will take) the NIC, and a start of contiv-stn
+/// after a crash must keep the record rather than give the NIC back under a running VPP
+/// (vfio-pci's unbind waits for VPP to let go; a uio driver's does not, and the kernel
+/// driver would reset the NIC under it).
+pub async fn held_by_dpdk(h: &Handle, state: &StnState, interface: &str) -> Option<String> {
+    if state.interface != interface || !matches!(link_info(h, interface).await, Err(StnError::NoSuchInterface(_))) {
+        return None;
+    }
+    let driver = pci::bound_driver(&pci::pci_root(), state.pci_address.as_deref()?)?;
+    DPDK_DRIVERS.contains(&driver.as_str()).then_some(driver)
+}
+
 /// The PCI address behind a network interface, from sysfs (None for virtual devices).
 pub fn pci_address(ifname: &str) -> Option<String> {
     pci::pci_function(Path::new("/sys"), ifname).map(|(address, _)| address)

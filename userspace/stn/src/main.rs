@@ -120,23 +120,47 @@ async fn run(state_file: PathBuf, interface: String, give_back_after: Duration) 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let h = netlink().await?;
-    if restore_leftover(&h, &state_file).await? {
-        eprintln!("contiv-stn: the previous run ended without giving the NIC back; restored it first");
-    }
-    let state = record(&h, &interface).await?;
-    // The record is on disk before anything is removed: a crash from here on is repaired
-    // by the next start (or `contiv-stn restore`).
-    write_state(&state_file, &state)?;
-    if let Err(e) = take(&h, &state).await {
-        let rollback = restore(&h, &state).await;
-        return Err(failed_take(&state_file, &interface, e, rollback));
-    }
-    println!(
-        "contiv-stn: took {interface} ({} addresses, {} routes); handover in {}",
-        state.addresses.len(),
-        state.routes.len(),
-        state_file.display()
-    );
+    let leftover = read_state(&state_file)?;
+    let held = match &leftover {
+        Some(state) => contiv_stn::held_by_dpdk(&h, state, &interface).await,
+        None => None,
+    };
+    let state = match (leftover, held) {
+        // The previous run ended (crashed, killed) while VPP has the NIC: the record stays
+        // what this run gives back, and the NIC stays with VPP.
+        (Some(state), Some(driver)) => {
+            let state = contiv_stn::StnState { pid: std::process::id(), ..state };
+            write_state(&state_file, &state)?;
+            println!(
+                "contiv-stn: {interface} is held by DPDK's driver {driver} (VPP has it): keeping the previous run's \
+                 record ({} addresses, {} routes) in {}",
+                state.addresses.len(),
+                state.routes.len(),
+                state_file.display()
+            );
+            state
+        }
+        _ => {
+            if restore_leftover(&h, &state_file).await? {
+                eprintln!("contiv-stn: the previous run ended without giving the NIC back; restored it first");
+            }
+            let state = record(&h, &interface).await?;
+            // The record is on disk before anything is removed: a crash from here on is
+            // repaired by the next start (or `contiv-stn restore`).
+            write_state(&state_file, &state)?;
+            if let Err(e) = take(&h, &state).await {
+                let rollback = restore(&h, &state).await;
+                return Err(failed_take(&state_file, &interface, e, rollback));
+            }
+            println!(
+                "contiv-stn: took {interface} ({} addresses, {} routes); handover in {}",
+                state.addresses.len(),
+                state.routes.len(),
+                state_file.display()
+            );
+            state
+        }
+    };
     let stranded = tokio::select! {
         _ = term.recv() => None,
         _ = int.recv() => None,

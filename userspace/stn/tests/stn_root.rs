@@ -41,6 +41,13 @@ struct NodeNs {
 }
 
 impl NodeNs {
+    /// A namespace with nothing in it but `lo`.
+    fn bare_named(what: &str) -> Self {
+        let name = format!("cstn-{what}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        ip(&["netns", "add", &name]);
+        Self { name, dir: tempfile::tempdir().unwrap() }
+    }
+
     /// A namespace whose `nic0` is up but has no address or route yet.
     fn bare() -> Self {
         let name = format!("cstn-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
@@ -233,6 +240,60 @@ fn after_kill_9_the_next_start_restores_first_root() {
     assert_eq!(handover(&ns.state_file())["addresses"][0], "192.168.77.2/24");
     assert!(stop(child).success());
     assert_eq!(ns.config(), before);
+}
+
+/// A start after a crash while VPP holds the NIC (the host has no such interface, its PCI
+/// function is on vfio-pci) keeps the previous run's record and the NIC where it is, rather
+/// than giving it back under a running VPP; SIGTERM later gives back what that record holds.
+#[test]
+fn a_start_while_dpdk_holds_the_nic_keeps_the_record_root() {
+    require_root!("a_start_while_dpdk_holds_the_nic_keeps_the_record_root");
+    const PCI: &str = "0000:00:08.0";
+    let ns = NodeNs::new();
+    let before = ns.config();
+    let child = ns.start();
+    signal(&child, libc::SIGKILL);
+    let _ = wait(child);
+    // VPP has the NIC: its PCI function (a veth here, so written into the record) is bound
+    // to vfio-pci on a sysfs bus of our own, and the host has no nic0 (moved away).
+    let mut record: Value = serde_json::from_slice(&std::fs::read(ns.state_file()).unwrap()).unwrap();
+    record["pci_address"] = PCI.into();
+    record["driver"] = "virtio-pci".into();
+    std::fs::write(ns.state_file(), serde_json::to_vec(&record).unwrap()).unwrap();
+    let bus = tempfile::tempdir().unwrap();
+    let dev = bus.path().join("devices").join(PCI);
+    std::fs::create_dir_all(&dev).unwrap();
+    std::fs::create_dir_all(bus.path().join("drivers/vfio-pci")).unwrap();
+    std::os::unix::fs::symlink("../../drivers/vfio-pci", dev.join("driver")).unwrap();
+    let held = NodeNs::bare_named("held");
+    ns.ip(&["link", "set", "nic0", "netns", &held.name]);
+
+    let mut c = ns.stn(&["run", "--interface", "nic0"]);
+    let mut child = c.env("CONTIV_STN_PCI_ROOT", bus.path()).stdout(Stdio::null()).spawn().expect("contiv-stn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = || -> Option<u64> {
+        let v: Value = serde_json::from_slice(&std::fs::read(ns.state_file()).ok()?).ok()?;
+        v["pid"].as_u64()
+    };
+    while pid() != Some(u64::from(child.id())) {
+        if Instant::now() > deadline {
+            // Not left running (in a namespace about to be deleted) by the panic.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the record was not kept for this run");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "contiv-stn keeps running with VPP holding the NIC");
+    assert_eq!(handover(&ns.state_file())["addresses"][0], "192.168.77.2/24", "the original record");
+    assert_eq!(std::fs::read_to_string(bus.path().join("devices").join(PCI).join("driver_override")).ok(), None);
+
+    // VPP lets go and the NIC is back on the host: SIGTERM gives its configuration back.
+    held.ip(&["link", "set", "nic0", "netns", &ns.name]);
+    assert!(stop(child).success());
+    assert_eq!(ns.config(), before);
+    assert!(!ns.state_file().exists());
 }
 
 #[test]

@@ -168,6 +168,10 @@ pub struct StnState {
     pub routes: Vec<SavedRoute>,
     /// The process that took the NIC.
     pub pid: u32,
+    /// The take finished: the NIC is off the host (what `contiv-stn show`, the sidecar's
+    /// startup probe, waits for before VPP starts: DPDK skips a NIC whose link is up).
+    #[serde(default)]
+    pub taken: bool,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -469,6 +473,7 @@ pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
         addresses,
         routes,
         pid: std::process::id(),
+        taken: false,
     })
 }
 
@@ -755,6 +760,7 @@ mod tests {
             addresses: vec![],
             routes: vec![],
             pid: 1,
+            taken: true,
         }
     }
 

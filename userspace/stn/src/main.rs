@@ -129,7 +129,7 @@ async fn run(state_file: PathBuf, interface: String, give_back_after: Duration) 
         // The previous run ended (crashed, killed) while VPP has the NIC: the record stays
         // what this run gives back, and the NIC stays with VPP.
         (Some(state), Some(driver)) => {
-            let state = contiv_stn::StnState { pid: std::process::id(), ..state };
+            let state = contiv_stn::StnState { pid: std::process::id(), taken: true, ..state };
             write_state(&state_file, &state)?;
             println!(
                 "contiv-stn: {interface} is held by DPDK's driver {driver} (VPP has it): keeping the previous run's \
@@ -152,6 +152,8 @@ async fn run(state_file: PathBuf, interface: String, give_back_after: Duration) 
                 let rollback = restore(&h, &state).await;
                 return Err(failed_take(&state_file, &interface, e, rollback));
             }
+            let state = contiv_stn::StnState { taken: true, ..state };
+            write_state(&state_file, &state)?;
             println!(
                 "contiv-stn: took {interface} ({} addresses, {} routes); handover in {}",
                 state.addresses.len(),
@@ -179,6 +181,15 @@ async fn run(state_file: PathBuf, interface: String, give_back_after: Duration) 
     }
 }
 
+/// Whether process `pid` is running (in this PID namespace: the probe runs in the
+/// sidecar's container).
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -194,11 +205,20 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        // The sidecar's startup probe: VPP and the agent start once this succeeds.
         Command::Show => match read_state(&args.state_file)? {
-            Some(s) => {
+            Some(s) if s.taken && alive(s.pid) => {
                 println!("{}", serde_json::to_string_pretty(&s)?);
                 Ok(())
             }
+            // A record a run left behind (it is given back and taken again by the next run,
+            // the NIC's link up meanwhile), or a take still under way.
+            Some(s) => bail!(
+                "{} is not held: the record in {} is from {}",
+                s.interface,
+                args.state_file.display(),
+                if s.taken { "a run that is gone" } else { "a take not finished yet" }
+            ),
             None => bail!("{} does not exist: contiv-stn is not holding a NIC", args.state_file.display()),
         },
     }

@@ -228,15 +228,21 @@ fn after_kill_9_the_next_start_restores_first_root() {
     let ns = NodeNs::new();
     let before = ns.config();
     let child = ns.start();
+    let show = || ns.stn(&["show"]).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap().success();
+    assert!(show(), "show (the startup probe) passes while the NIC is held");
     signal(&child, libc::SIGKILL);
     let _ = wait(child);
     assert_taken(&ns);
     assert!(ns.state_file().exists(), "the record survives the crash");
+    // The record of a run that is gone holds nothing back: the next run gives the NIC back
+    // (its link up) before it takes it again, and VPP must not start meanwhile.
+    assert!(!show(), "show passes on the record of a run that is gone");
 
     // The next start gives the NIC back from the record, then takes it again: its record
     // (and handover) still describes the original configuration.
     let child = ns.start();
     assert_taken(&ns);
+    assert!(show(), "show passes once the next run holds the NIC");
     assert_eq!(handover(&ns.state_file())["addresses"][0], "192.168.77.2/24");
     assert!(stop(child).success());
     assert_eq!(ns.config(), before);

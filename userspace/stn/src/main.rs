@@ -145,6 +145,14 @@ async fn run(state_file: PathBuf, interface: String, give_back_after: Duration) 
                 eprintln!("contiv-stn: the previous run ended without giving the NIC back; restored it first");
             }
             let state = record(&h, &interface).await?;
+            // Nothing for VPP to serve the node with (DHCP not done yet?): a NIC taken so
+            // would leave the host without a network and VPP without the node's address.
+            if !state.addresses.iter().any(|a| a.address.addr().is_ipv4()) {
+                bail!(
+                    "{interface} has no IPv4 address (its DHCP lease not there yet?): not taking it (a restart tries \
+                     again)"
+                );
+            }
             // The record is on disk before anything is removed: a crash from here on is
             // repaired by the next start (or `contiv-stn restore`).
             write_state(&state_file, &state)?;

@@ -332,6 +332,23 @@ fn a_missing_interface_is_a_clear_error_and_changes_nothing_root() {
     assert_eq!(ns.config(), before);
 }
 
+/// A NIC with no IPv4 address yet (DHCP pending) is not taken: VPP would have nothing to
+/// serve the node with, and the host would be left without a network.
+#[test]
+fn a_nic_without_an_ipv4_address_is_not_taken_root() {
+    require_root!("a_nic_without_an_ipv4_address_is_not_taken_root");
+    let ns = NodeNs::bare();
+    ns.ip(&["addr", "add", "2001:db8:77::2/64", "dev", "nic0", "nodad"]);
+    let before = ns.config();
+    let out = ns.stn(&["run", "--interface", "nic0"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nic0 has no IPv4 address"), "{err}");
+    assert!(!ns.state_file().exists());
+    assert_eq!(ns.config(), before);
+    assert!(ns.ip(&["link", "show", "nic0"]).contains("state UP"), "the link is left up");
+}
+
 /// Runs contiv-stn until it exits on its own (or panics after 10 s); its status and stderr.
 fn run_to_exit(mut c: Command) -> (std::process::ExitStatus, String) {
     let mut child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("contiv-stn");

@@ -832,7 +832,13 @@ impl Agent {
                     inner.datapath.forget_pod_link(&a.host_ifname);
                     inner.gone.insert(a.key());
                 }
-                Err(e) => log::error!("{}: {e}", a.host_ifname),
+                Err(e) => {
+                    // Kept as live: its re-attach tells (a failed one is retried at each
+                    // resync, and holds back a map-layout swap). Left out of every list,
+                    // its old programs could outlive the maps they use.
+                    log::error!("{}: looking it up: {e}; kept, its re-attach will tell", a.host_ifname);
+                    live.push(a)
+                }
             }
         }
         // An ADD cut short by a crash left an interface and a pinned link that no recorded
@@ -982,8 +988,12 @@ impl Agent {
         // A pod wired before the cluster model is loaded would start without its
         // NetworkPolicy (isolation is computed from the model): runtimes speaking CNI 1.0
         // never ask STATUS, so ADD itself waits for the model, and then says try again.
-        wait_for_model(self.model_synced_signal.subscribe(), MODEL_WAIT).instrument(phase("model")).await?;
+        // The attachment's lock first: a runtime that gives up during the wait and sends DEL
+        // gets it after this ADD, which it then undoes (taken after the wait, the DEL found
+        // no record, and the ADD went on to wire a pod nobody would delete).
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
+        let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
+        wait_for_model(self.model_synced_signal.subscribe(), MODEL_WAIT).instrument(phase("model")).await?;
         let netns = podnet::runtime_netns_path(&req.netns, self.config.host_proc_dir.as_deref());
         if !netns.exists() {
             return Err(CniError::new(
@@ -994,7 +1004,6 @@ impl Agent {
         }
         let (mtu, dns, bandwidth) =
             netconf::overrides(&req.network_config, self.pod_mtu, self.config.max_pod_mtu(), &self.config.dns)?;
-        let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
         let host_ifname = podnet::host_ifname(&req.container_id, &req.ifname);
         // Reserve an address (in memory; see crate::state) and take what the unlocked steps need.
         let (ip, node, targets) = {
@@ -1324,6 +1333,12 @@ impl Agent {
                     inner.gone.remove(&key);
                 }
                 Err(e) => {
+                    // The record stays until the runtime retries the DEL; with its interface
+                    // gone it stays out of the plan (its route and entries would name a
+                    // deleted interface, and every apply fail).
+                    if link_gone {
+                        inner.gone.insert(key.clone());
+                    }
                     first_err.get_or_insert(CniError::new(codes::IO_FAILURE, "persisting the release", e.to_string()));
                 }
             }

@@ -190,6 +190,14 @@ fn stop(child: Child) -> std::process::ExitStatus {
     wait(child)
 }
 
+/// A run that took the NIC, killed with SIGKILL: the record it left.
+fn killed_while_holding(ns: &NodeNs) -> Value {
+    let child = ns.start();
+    signal(&child, libc::SIGKILL);
+    let _ = wait(child);
+    serde_json::from_slice(&std::fs::read(ns.state_file()).unwrap()).unwrap()
+}
+
 fn handover(path: &Path) -> Value {
     let v: Value = serde_json::from_slice(&std::fs::read(path).expect("state file")).unwrap();
     v["handover"].clone()
@@ -257,12 +265,9 @@ fn a_start_while_dpdk_holds_the_nic_keeps_the_record_root() {
     const PCI: &str = "0000:00:08.0";
     let ns = NodeNs::new();
     let before = ns.config();
-    let child = ns.start();
-    signal(&child, libc::SIGKILL);
-    let _ = wait(child);
     // VPP has the NIC: its PCI function (a veth here, so written into the record) is bound
     // to vfio-pci on a sysfs bus of our own, and the host has no nic0 (moved away).
-    let mut record: Value = serde_json::from_slice(&std::fs::read(ns.state_file()).unwrap()).unwrap();
+    let mut record = killed_while_holding(&ns);
     record["pci_address"] = PCI.into();
     record["driver"] = "virtio-pci".into();
     std::fs::write(ns.state_file(), serde_json::to_vec(&record).unwrap()).unwrap();
@@ -469,12 +474,9 @@ fn a_route_that_cannot_come_back_does_not_stop_the_others_root() {
     require_root!("a_route_that_cannot_come_back_does_not_stop_the_others_root");
     let ns = NodeNs::new();
     let before = ns.config();
-    let child = ns.start();
-    signal(&child, libc::SIGKILL);
-    let _ = wait(child);
     // Without 192.168.77.2/24 the default route and 10.200.0.0/16 (both via 192.168.77.x)
     // cannot come back; everything else can.
-    let mut v: Value = serde_json::from_slice(&std::fs::read(ns.state_file()).unwrap()).unwrap();
+    let mut v = killed_while_holding(&ns);
     v["addresses"].as_array_mut().unwrap().retain(|a| a["address"] != "192.168.77.2/24");
     std::fs::write(ns.state_file(), serde_json::to_vec(&v).unwrap()).unwrap();
     let (status, err) = run_to_exit(ns.stn(&["restore"]));

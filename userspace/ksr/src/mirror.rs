@@ -388,19 +388,26 @@ impl Mirror {
         let Some(revision) = ours else {
             return self.store.txn(Txn { compares: vec![], success: ops, failure: vec![] }).await;
         };
+        // The ops are not repeated in a failure branch: a batch is up to 1 MiB, and etcd
+        // refuses a request over 1.5 MiB. A compare that fails costs a second round trip.
         let mut success = ops.clone();
         success.push(TxnOp::Put { key: keys::KSR_MARKER.into(), value: marker_value(), lease: None });
         let compares = vec![Compare::ModRevision(keys::KSR_MARKER.into(), revision)];
-        let res = self.store.txn(Txn { compares, success, failure: ops }).await?;
-        let mut state = self.state();
-        if state.marker_written {
-            if res.succeeded {
+        let res = self.store.txn(Txn { compares, success, failure: vec![] }).await?;
+        if res.succeeded {
+            let mut state = self.state();
+            if state.marker_written {
                 state.marker_revision = state.marker_revision.max(Some(res.revision));
-            } else {
+            }
+            return Ok(res);
+        }
+        {
+            let mut state = self.state();
+            if state.marker_written {
                 state.marker_behind = true;
             }
         }
-        Ok(res)
+        self.store.txn(Txn { compares: vec![], success: ops, failure: vec![] }).await
     }
 
     /// Moves the marker past writes that went without it while it was KSR's (`revision`, as

@@ -457,6 +457,58 @@ async fn fake_apiserver_reflects_into_real_etcd() {
     .await;
 }
 
+/// A converge of more than etcd takes in one request (1.5 MiB), while the marker is KSR's
+/// (each transaction then also compares and rewrites it): every batch still fits, and the
+/// store comes back whole.
+#[tokio::test]
+async fn fake_apiserver_a_converge_larger_than_one_etcd_request_fits_with_the_marker() {
+    let etcd = match contiv_store::testing::EtcdServer::start() {
+        Ok(e) => e,
+        Err(e) => panic!("etcd is required for this test (apt-get install etcd-server): {e}"),
+    };
+    let api = FakeApiServer::start().await.unwrap();
+    let mut objects = fixtures();
+    // 40 EndpointSlices of 800 endpoints: about 2 MB stored.
+    objects.extend((0..40).map(|i| {
+        let endpoints: Vec<Value> = (0..800)
+            .map(|j| {
+                json!({"addresses": [format!("10.{}.{}.{}", 100 + i, j / 250, j % 250 + 1)],
+                            "conditions": {"ready": true}, "nodeName": "node-a"})
+            })
+            .collect();
+        json!({"kind": "EndpointSlice", "metadata": {"name": format!("big-{i:02}"), "namespace": "shop",
+                                                     "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4", "endpoints": endpoints,
+               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+    }));
+    for o in &objects {
+        api.apply(o.clone());
+    }
+    let store = contiv_store::open(&contiv_store::StoreConfig::etcd([etcd.endpoint()])).await.unwrap();
+    let ksr = Reflector::start(api.client(), store.clone(), Duration::from_millis(200));
+    let m = ksr.mirror.clone();
+    let ready = || {
+        let m = m.clone();
+        async move { m.ready().await }
+    };
+    wait_for("ksr ready on etcd", ready).await;
+    let want: BTreeMap<String, Vec<u8>> = objects.iter().map(expected).collect();
+    let stored: usize = want.values().map(Vec::len).sum();
+    assert!(stored > 1_600_000, "{stored} bytes: more than one etcd request");
+    // The slices vanish behind KSR's back (the marker stays); a relist converges them back.
+    store.delete_prefix(&Kind::EndpointSlice.prefix()).await.unwrap();
+    api.expire_history();
+    api.break_watches();
+    let s = store.clone();
+    let want = &want;
+    wait_for("the relist's converge", || {
+        let s = s.clone();
+        async move { k8s_content(&s).await == *want }
+    })
+    .await;
+    assert_eq!(m.counters.marker_resyncs.load(Ordering::Relaxed), 0, "the marker was KSR's throughout");
+}
+
 /// Needs a real cluster: `kind create cluster` (or `k3d cluster create`), then
 /// `cargo test -p contiv-ksr --test fake_apiserver -- --ignored real_cluster`.
 #[tokio::test]

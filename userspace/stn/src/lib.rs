@@ -199,10 +199,14 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-fn route_oif(r: &RouteMessage) -> Option<u32> {
-    r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(i) => Some(*i),
-        _ => None,
+/// Whether a route goes out of interface `ifindex`: its output interface, or one of its
+/// next hops (a multipath route: ECMP default routes through two gateways of the NIC). The
+/// kernel drops such a route when the NIC's addresses go, so it is recorded with the others.
+fn route_uses(r: &RouteMessage, ifindex: u32) -> bool {
+    r.attributes.iter().any(|a| match a {
+        RouteAttribute::Oif(i) => *i == ifindex,
+        RouteAttribute::MultiPath(hops) => hops.iter().any(|h| h.interface_index == ifindex),
+        _ => false,
     })
 }
 
@@ -245,10 +249,19 @@ pub fn had_default_route(state: &StnState) -> bool {
     state.routes.iter().any(|r| matches!(r.dst, IpNet::V4(n) if n.prefix_len() == 0))
 }
 
+/// The route's gateway; for a multipath route, its first next hop's (what VPP is handed).
 fn route_gateway(r: &RouteMessage) -> Option<IpAddr> {
-    r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(g) => route_addr(g),
-        _ => None,
+    let gateway = |attributes: &[RouteAttribute]| {
+        attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(g) => route_addr(g),
+            _ => None,
+        })
+    };
+    gateway(&r.attributes).or_else(|| {
+        r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::MultiPath(hops) => hops.iter().find_map(|h| gateway(&h.attributes)),
+            _ => None,
+        })
     })
 }
 
@@ -413,7 +426,7 @@ pub async fn record(h: &Handle, ifname: &str) -> Result<StnState, StnError> {
             let table = route_table(&r);
             // Routes through the NIC, except the kernel's own: the local table, and the
             // connected routes the kernel makes again when their address comes back.
-            if route_oif(&r) != Some(ifindex) || table == 255 || kernel_makes_it_again(&r, &msgs) {
+            if !route_uses(&r, ifindex) || table == 255 || kernel_makes_it_again(&r, &msgs) {
                 continue;
             }
             let Some(dst) = route_dst(&r) else { continue };

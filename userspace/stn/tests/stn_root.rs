@@ -337,6 +337,46 @@ fn a_missing_interface_is_a_clear_error_and_changes_nothing_root() {
     assert_eq!(ns.config(), before);
 }
 
+/// An ECMP default route through two gateways of the NIC (a multipath route: no output
+/// interface of its own, one per next hop) is recorded, handed over and given back; the
+/// kernel drops it when the NIC's addresses go.
+#[test]
+fn a_multipath_default_route_through_the_nic_comes_back_root() {
+    require_root!("a_multipath_default_route_through_the_nic_comes_back_root");
+    let ns = NodeNs::bare();
+    ns.ip(&["addr", "add", "192.168.77.2/24", "dev", "nic0"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "nexthop",
+        "via",
+        "192.168.77.1",
+        "dev",
+        "nic0",
+        "nexthop",
+        "via",
+        "192.168.77.3",
+        "dev",
+        "nic0",
+    ]);
+    let default_route = || ns.ip(&["route", "show", "default"]);
+    let before = (ns.config(), default_route());
+    assert!(before.1.contains("nexthop via 192.168.77.3"), "{}", before.1);
+    // What is checked while it runs is read first and asserted after the stop: a failed
+    // assertion must not leave contiv-stn running in a namespace about to be deleted.
+    let child = ns.start();
+    let held = (ns.config(), default_route());
+    let routes = handover(&ns.state_file())["routes"].clone();
+    assert!(stop(child).success());
+    assert_eq!(held, ((vec![], vec![]), String::new()), "nothing left on the host while held");
+    assert!(
+        routes.as_array().unwrap().iter().any(|r| r["dst"] == "0.0.0.0/0" && r["gateway"] == "192.168.77.1"),
+        "the default route is handed over through its first gateway: {routes}"
+    );
+    assert_eq!((ns.config(), default_route()), before, "the multipath default route is back");
+}
+
 /// A NIC with no IPv4 address yet (DHCP pending) is not taken: VPP would have nothing to
 /// serve the node with, and the host would be left without a network.
 #[test]

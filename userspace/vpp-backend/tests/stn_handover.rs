@@ -27,6 +27,7 @@ fn the_handover_contiv_stn_writes_is_what_the_backend_reads() {
         addresses: vec![],
         routes: vec![],
         pid: 1,
+        taken: true,
     };
     write_state(&path, &state).unwrap();
     let h = UplinkHandover::from_stn_state_file(&path).unwrap();

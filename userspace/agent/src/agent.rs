@@ -1382,19 +1382,23 @@ impl Agent {
                 return Err(fail("prevResult does not list the pod's address"));
             }
         }
-        let inner = self.inner.lock().await;
-        match podnet::link_by_name(&inner.node, &a.host_ifname).await {
+        // The node's lock only for the map read: the netlink reads below wait on RTNL, which
+        // another pod's ADD may hold (a tcx attach waits for an RCU grace period), and every
+        // ADD and DEL step that needs the node's lock would wait behind this CHECK.
+        let (node, counters) = {
+            let inner = self.inner.lock().await;
+            (inner.node.clone(), inner.datapath.pod_counters(a.ip).map_err(|e| internal("reading maps", e))?)
+        };
+        match podnet::link_by_name(&node, &a.host_ifname).await {
             Ok(Some(l)) if l.header.index == a.host_ifindex => {}
             _ => return Err(fail("host interface missing")),
         }
-        let host_tbf_rate = podnet::root_tbf_rate(&inner.node, a.host_ifindex)
+        let host_tbf_rate = podnet::root_tbf_rate(&node, a.host_ifindex)
             .await
             .map_err(|e| internal("reading the host interface's qdiscs", e))?;
-        let counters = inner.datapath.pod_counters(a.ip).map_err(|e| internal("reading maps", e))?;
         if counters.is_none() {
             return Err(fail("datapath entries missing"));
         }
-        drop(inner);
         // The namespace the runtime names now (the spec's CNI_NETNS), which may be another
         // path to the pod's namespace than ADD's; the recorded one only if it names none.
         let netns = if req.netns.is_empty() { a.netns.as_str() } else { req.netns.as_str() };

@@ -427,12 +427,15 @@ async fn fake_apiserver_health_and_object_counts_over_http() {
     }
 }
 
+/// A real etcd of the test's own (these tests need one).
+fn etcd_server() -> contiv_store::testing::EtcdServer {
+    contiv_store::testing::EtcdServer::start()
+        .unwrap_or_else(|e| panic!("etcd is required for this test (apt-get install etcd-server): {e}"))
+}
+
 #[tokio::test]
 async fn fake_apiserver_reflects_into_real_etcd() {
-    let etcd = match contiv_store::testing::EtcdServer::start() {
-        Ok(e) => e,
-        Err(e) => panic!("etcd is required for this test (apt-get install etcd-server): {e}"),
-    };
+    let etcd = etcd_server();
     let api = FakeApiServer::start().await.unwrap();
     let objects = fixtures();
     for o in &objects {
@@ -462,10 +465,7 @@ async fn fake_apiserver_reflects_into_real_etcd() {
 /// store comes back whole.
 #[tokio::test]
 async fn fake_apiserver_a_converge_larger_than_one_etcd_request_fits_with_the_marker() {
-    let etcd = match contiv_store::testing::EtcdServer::start() {
-        Ok(e) => e,
-        Err(e) => panic!("etcd is required for this test (apt-get install etcd-server): {e}"),
-    };
+    let etcd = etcd_server();
     let api = FakeApiServer::start().await.unwrap();
     let mut objects = fixtures();
     // 40 EndpointSlices of 800 endpoints: about 2 MB stored.

@@ -32,6 +32,9 @@ pub use ipam::{IpamConfig, IpamError};
 /// Default TTL of a node registration's lease.
 pub const DEFAULT_LEASE_TTL_SECS: i64 = 10;
 
+/// How many times [`NodeRegistry::register`] tries before it reports contention.
+const REGISTER_ROUNDS: usize = 3;
+
 /// The value under `/contiv/node-ids/<id>`: who holds the ID.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeIdClaim {
@@ -219,7 +222,38 @@ impl NodeRegistry {
     /// writes its live registration under a fresh lease and keeps the lease alive.
     pub async fn register(&self, name: &str, details: impl Into<NodeDetails>) -> Result<Registration, RegistryError> {
         let details = details.into();
+        // A round fails when the registration key or the allocation changed under it (a
+        // concurrent registration, or the departed-node sweep releasing the allocation
+        // between the two): the next round allocates again (the pin brings the same ID back).
+        for _ in 0..REGISTER_ROUNDS {
+            if let Some(reg) = self.try_register(name, &details).await? {
+                return Ok(reg);
+            }
+        }
+        Err(RegistryError::Contention(name.to_string()))
+    }
+
+    /// One round of [`Self::register`]; `None` when its transaction's compares failed.
+    async fn try_register(&self, name: &str, details: &NodeDetails) -> Result<Option<Registration>, RegistryError> {
+        let details = details.clone();
         let alloc = self.allocate(name).await?;
+        // The registration holds only while the allocation and the ID's claim are as they
+        // are now: a release (which needs the node unregistered) that slipped in after the
+        // allocation would otherwise leave a live node whose ID the next new node gets.
+        let alloc_key = keys::ipam_node(name);
+        let claim_key = keys::node_id(alloc.id);
+        let (Some(alloc_kv), Some(claim_kv)) = (self.store.get(&alloc_key).await?, self.store.get(&claim_key).await?)
+        else {
+            log::warn!("node {name}: its allocation was released while it registered; allocating again");
+            return Ok(None);
+        };
+        let still_ours = contiv_cluster_model::decode::<IpamAllocation>(&alloc_kv.value)
+            .is_ok_and(|a| a.id == alloc.id)
+            && contiv_cluster_model::decode::<NodeIdClaim>(&claim_kv.value).is_ok_and(|c| c.name == name);
+        if !still_ours {
+            log::warn!("node {name}: its allocation changed while it registered; allocating again");
+            return Ok(None);
+        }
         let node = NodeRegistration {
             name: name.to_string(),
             id: alloc.id,
@@ -249,7 +283,11 @@ impl NodeRegistry {
         let res = self
             .store
             .txn(Txn {
-                compares: vec![compare],
+                compares: vec![
+                    compare,
+                    Compare::ModRevision(alloc_key, alloc_kv.mod_revision),
+                    Compare::ModRevision(claim_key, claim_kv.mod_revision),
+                ],
                 success: vec![TxnOp::Put {
                     key: key.clone(),
                     value: contiv_cluster_model::encode(&node),
@@ -260,12 +298,12 @@ impl NodeRegistry {
             .await?;
         if !res.succeeded {
             let _ = self.store.lease_revoke(lease).await;
-            return Err(RegistryError::Contention(name.to_string()));
+            return Ok(None);
         }
         let interval = Duration::from_millis((self.lease_ttl_secs as u64 * 1000 / 3).max(100));
         let keep_alive = contiv_store::spawn_keep_alive(self.store.clone(), lease, interval);
         log::info!("node {name} registered: id {}, pod CIDR {}", node.id, node.pod_cidr);
-        Ok(Registration { node, lease, store: self.store.clone(), keep_alive, check_every: interval })
+        Ok(Some(Registration { node, lease, store: self.store.clone(), keep_alive, check_every: interval }))
     }
 
     /// Keeps `name` registered until `shutdown` resolves: registers, and when the lease is
@@ -571,6 +609,53 @@ mod tests {
         assert!(registry.release("a").await.unwrap(), "a's allocation is released");
         assert_eq!(store.get(&keys::ipam_node("a")).await.unwrap(), None);
         assert_eq!(claim_of(store.as_ref(), 5).await.as_deref(), Some("b"), "b keeps its claim of id 5");
+    }
+
+    /// The departed-node sweep's release (which holds only while the node is unregistered)
+    /// lands between the allocation and the registration: the node must not end up live
+    /// without an allocation, whose ID the next new node would be given.
+    #[tokio::test]
+    async fn a_release_between_allocation_and_registration_does_not_free_a_live_nodes_id() {
+        use contiv_store::testing::{Call, Intercept, Intercepted};
+        struct ReleaseOnce(std::sync::atomic::AtomicBool);
+        #[async_trait::async_trait]
+        impl Intercept for ReleaseOnce {
+            async fn before(&self, inner: &dyn Store, call: Call<'_>) -> Result<(), contiv_store::StoreError> {
+                let registers = |t: &Txn| {
+                    t.success.iter().any(|op| matches!(op, TxnOp::Put { key, .. } if *key == keys::node("a")))
+                };
+                if let Call::Txn(t) = call
+                    && registers(t)
+                    && !self.0.swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    // What `release("a")` writes: the allocation and its own claim go.
+                    let kv = inner.get(&keys::ipam_node("a")).await?.expect("a was allocated");
+                    let alloc: IpamAllocation = contiv_cluster_model::decode(&kv.value).unwrap();
+                    let res = inner
+                        .txn(Txn {
+                            compares: vec![Compare::Absent(keys::node("a"))],
+                            success: vec![
+                                TxnOp::Delete { key: keys::ipam_node("a") },
+                                TxnOp::Delete { key: keys::node_id(alloc.id) },
+                            ],
+                            failure: vec![],
+                        })
+                        .await?;
+                    assert!(res.succeeded, "the release went through");
+                }
+                Ok(())
+            }
+        }
+        let (_dir, store, _) = registry().await;
+        let raced: Arc<dyn Store> = Intercepted::new(store.clone(), ReleaseOnce(Default::default()));
+        let registry = NodeRegistry::new(raced, IpamConfig::default()).unwrap();
+        let a = registry.register("a", NodeDetails::default()).await.unwrap();
+        assert_eq!(a.node.id, 1);
+        let kv = store.get(&keys::ipam_node("a")).await.unwrap().expect("a live node keeps an allocation");
+        assert_eq!(contiv_cluster_model::decode::<IpamAllocation>(&kv.value).unwrap().id, 1);
+        assert_eq!(claim_of(store.as_ref(), 1).await.as_deref(), Some("a"), "and the claim of its ID");
+        let b = registry.allocate("b").await.unwrap();
+        assert_ne!(b.id, a.node.id, "a new node gets another ID than a live one");
     }
 
     #[tokio::test]

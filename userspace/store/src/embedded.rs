@@ -490,20 +490,32 @@ fn spawn_background(state: Weak<Mutex<State>>) {
     std::thread::Builder::new()
         .name("embedded-store".into())
         .spawn(move || {
+            // The last error logged: one that repeats every tick (a corrupt record, a full
+            // disk under an expired lease) is logged once, and its end once.
+            let mut failing: Option<String> = None;
             loop {
                 std::thread::sleep(tick);
                 let Some(state) = state.upgrade() else { return };
                 let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = st.catch_up() {
-                    log::error!("embedded store {}: reading the log: {e}", st.dir.display());
-                    continue;
-                }
-                // An instance that refuses writes cannot revoke (and would log this every tick).
-                if st.failed.is_none()
-                    && st.any_expired(Instant::now())
-                    && let Err(e) = st.writing(|_| Ok(()))
-                {
-                    log::error!("embedded store {}: expiring leases: {e}", st.dir.display());
+                let result = st.catch_up().map_err(|e| format!("reading the log: {e}")).and_then(|()| {
+                    // An instance that refuses writes cannot revoke (and would fail every tick).
+                    if st.failed.is_none() && st.any_expired(Instant::now()) {
+                        st.writing(|_| Ok(())).map_err(|e| format!("expiring leases: {e}"))
+                    } else {
+                        Ok(())
+                    }
+                });
+                match (result, &failing) {
+                    (Ok(()), None) => {}
+                    (Ok(()), Some(_)) => {
+                        log::info!("embedded store {}: background work succeeds again", st.dir.display());
+                        failing = None;
+                    }
+                    (Err(e), Some(last)) if *last == e => {}
+                    (Err(e), _) => {
+                        log::error!("embedded store {}: {e} (retrying every {tick:?})", st.dir.display());
+                        failing = Some(e);
+                    }
                 }
             }
         })
@@ -640,10 +652,18 @@ impl State {
             let mut start = 0;
             while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
                 let line = &buf[start..start + nl];
-                let record: Record = serde_json::from_slice(line).map_err(|e| StoreError::Corrupt {
-                    path: self.dir.join(log_name(self.generation)),
-                    detail: format!("record at byte {}: {e}", self.offset + start as u64),
-                })?;
+                let record: Record = match serde_json::from_slice(line) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        // The records before it were applied (their events sent): they are
+                        // read, and the next call starts at the bad one, not before them.
+                        self.offset += start as u64;
+                        return Err(StoreError::Corrupt {
+                            path: self.dir.join(log_name(self.generation)),
+                            detail: format!("record at byte {}: {e}", self.offset),
+                        });
+                    }
+                };
                 start += nl + 1;
                 self.log_records += 1;
                 self.apply_record(record);

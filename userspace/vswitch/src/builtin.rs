@@ -187,8 +187,16 @@ impl BuiltinVswitch {
             if !may_answer_with_error(frame, ihl) {
                 return Verdict::Dropped(DropReason::ErrorNotAllowed);
             }
-            if !self.errors.take(std::time::Instant::now()) {
-                return Verdict::Dropped(DropReason::ErrorRateLimited);
+            // Refusals share one budget. "Fragmentation needed" has none, as in Linux
+            // (path MTU discovery is never limited): one pod retrying a service without
+            // endpoints must not black-hole other pods' large transfers.
+            if refused {
+                if proto == IPPROTO_TCP && l4.get(13).is_some_and(|f| f & TCP_RST != 0) {
+                    return Verdict::Dropped(DropReason::UnknownDestination); // never answer a reset
+                }
+                if !self.errors.take(std::time::Instant::now()) {
+                    return Verdict::Dropped(DropReason::ErrorRateLimited);
+                }
             }
             return match (refused, too_big) {
                 (true, _) if proto == IPPROTO_TCP => self.tcp_reset(frame, ihl, total_len, tx),
@@ -1237,5 +1245,27 @@ mod tests {
         assert!(vs.counters().drops.error_rate_limited >= 900);
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!run(&mut vs, &f).1.is_empty(), "the bucket refills");
+        // With the refusals' budget spent, a packet too big for the path still learns the
+        // path MTU (Linux never limits it either).
+        while !run(&mut vs, &f).1.is_empty() {}
+        let big = ipv4_frame(IPPROTO_UDP, [10, 1, 2, 9], &[], 0x4000, &[0x42; 1480]);
+        for _ in 0..100 {
+            assert_eq!(run(&mut vs, &big).0, Verdict::Replied(ReplyKind::FragNeeded));
+        }
+    }
+
+    #[test]
+    fn resets_to_a_refused_destination_spend_no_error_budget() {
+        let svc = [10, 96, 0, 10];
+        let mut vs = refusing(svc, 80, IPPROTO_TCP);
+        let rst = ipv4_frame(IPPROTO_TCP, svc, &[], 0x4000, &tcp_segment(40000, 80, 1000, 5, TCP_RST | TCP_ACK, &[]));
+        for _ in 0..200 {
+            let (verdict, sent) = run(&mut vs, &rst);
+            assert_eq!(verdict, Verdict::Dropped(DropReason::UnknownDestination));
+            assert!(sent.is_empty(), "a reset is never answered");
+        }
+        let syn = ipv4_frame(IPPROTO_TCP, svc, &[], 0x4000, &tcp_segment(40001, 80, 1000, 0, TCP_SYN, &[]));
+        assert_eq!(run(&mut vs, &syn).0, Verdict::Replied(ReplyKind::TcpReset), "the budget is whole");
+        assert_eq!(vs.counters().drops.error_rate_limited, 0);
     }
 }

@@ -199,6 +199,13 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Ok(o) => o,
                 Err(code) => return Ok(code),
             };
+            if objects.is_empty() {
+                // As kubectl: a typo'd directory or a comment-only file is not a success.
+                eprintln!(
+                    "error: no objects passed to apply (the files hold no document; a directory's *.yaml, *.yml and *.json files are read)"
+                );
+                return Ok(ExitCode::from(1));
+            }
             let store = open(&args).await?;
             let word = |outcome: &ApplyOutcome| match outcome {
                 ApplyOutcome::Created => "created",
@@ -218,6 +225,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
             };
+            if objects.is_empty() {
+                eprintln!(
+                    "error: no objects passed to delete (the files hold no document; a directory's *.yaml, *.yml and *.json files are read)"
+                );
+                return Ok(ExitCode::from(1));
+            }
             let store = open(&args).await?;
             let word = |outcome: &DeleteOutcome| match outcome {
                 DeleteOutcome::Deleted => "deleted",

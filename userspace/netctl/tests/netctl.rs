@@ -173,6 +173,27 @@ fn netctl(args: &[&str]) -> std::process::Output {
         .expect("run netctl")
 }
 
+/// As kubectl: files without a single object are an error, not a silent success.
+#[test]
+fn cli_refuses_files_without_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "# nothing yet\n---\n---\n").unwrap();
+    let only_other_files = dir.path().join("manifests");
+    std::fs::create_dir(&only_other_files).unwrap();
+    std::fs::write(only_other_files.join("svc.YAML"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n")
+        .unwrap();
+    for verb in ["apply", "delete"] {
+        for path in [&empty, &only_other_files] {
+            let out = netctl(&["--data-dir", data.to_str().unwrap(), verb, "-f", path.to_str().unwrap()]);
+            assert_eq!(out.status.code(), Some(1), "{verb} -f {}", path.display());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains(&format!("no objects passed to {verb}")), "{stderr}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn cli_writes_nothing_when_any_file_fails_validation() {
     let dir = tempfile::tempdir().unwrap();

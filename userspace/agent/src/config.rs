@@ -399,8 +399,9 @@ pub struct AgentConfig {
     /// is an uplink (the overlay is on), else 1500. `None` until the uplink is known.
     pub mtu: Option<u32>,
     /// The node's uplink interface: its address is the node's underlay address and the
-    /// overlay's tunnel endpoint. Default: the interface of the default route; none (a
-    /// single node without overlay) if there is no default route.
+    /// overlay's tunnel endpoint. Default: the interface holding `node_ip` if set (not
+    /// loopback), else the interface of the default route; none (a single node without
+    /// overlay) if there is no default route.
     pub uplink_interface: Option<String>,
     /// The node's underlay address. Default: the first IPv4 address of the uplink.
     pub node_ip: Option<Ipv4Addr>,

@@ -7,7 +7,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::TryStreamExt;
 use rtnetlink::{
     Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder,
-    packet_route::{address::AddressAttribute, link::LinkAttribute, route::RouteAttribute},
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkFlags},
+        route::RouteAttribute,
+    },
 };
 
 use crate::{
@@ -58,15 +62,12 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> UplinkError {
     move |source| UplinkError::Netlink { what, source }
 }
 
-/// The uplink: `uplinkInterface` from the config, else the interface of the default route;
-/// `None` when there is neither (a single node: no overlay, no masquerade).
+/// The uplink: `uplinkInterface` from the config, else the interface holding `nodeIP`, else
+/// the interface of the default route; `None` when there is none (a single node: no
+/// overlay, no masquerade).
 pub async fn find(node: &Handle, config: &AgentConfig) -> Result<Option<Uplink>, UplinkError> {
-    let ifname = match &config.uplink_interface {
-        Some(name) => name.clone(),
-        None => match default_route_interface(node).await? {
-            Some(name) => name,
-            None => return Ok(None),
-        },
+    let Some(ifname) = uplink_name(node, config.uplink_interface.as_deref(), config.node_ip).await? else {
+        return Ok(None);
     };
     let link =
         podnet::link_by_name(node, &ifname).await?.ok_or_else(|| UplinkError::NoSuchInterface(ifname.clone()))?;
@@ -139,6 +140,44 @@ pub fn node_ports_off_uplink(
     off.sort_unstable();
     off.dedup();
     off
+}
+
+/// The uplink's name. With `nodeIP` alone, the interface that holds it (a node with its
+/// default route on one NIC and the cluster network on another, as kubelet's `--node-ip`
+/// names): the overlay's packets carry that address as their source and leave through the
+/// uplink, so they must leave where it lives. An address on loopback or on no interface
+/// (routed to the node) leaves the choice to the default route.
+async fn uplink_name(
+    node: &Handle,
+    configured: Option<&str>,
+    node_ip: Option<Ipv4Addr>,
+) -> Result<Option<String>, UplinkError> {
+    if let Some(name) = configured {
+        return Ok(Some(name.to_owned()));
+    }
+    if let Some(ip) = node_ip {
+        let holder = node_addresses(node).await?.into_iter().find(|(_, a, _)| *a == ip).map(|(index, ..)| index);
+        let link = match holder {
+            Some(index) => {
+                let mut links = node.link().get().match_index(index).execute();
+                links.try_next().await.map_err(nl("looking up the interface holding nodeIP"))?
+            }
+            None => None,
+        };
+        match link {
+            Some(l) if !l.header.flags.contains(LinkFlags::Loopback) => {
+                if let Some(name) = l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                }) {
+                    return Ok(Some(name));
+                }
+            }
+            Some(_) => log::info!("nodeIP {ip} is on loopback: the uplink is the default route's interface"),
+            None => log::warn!("no interface holds nodeIP {ip}: the uplink is the default route's interface"),
+        }
+    }
+    default_route_interface(node).await
 }
 
 async fn default_route_interface(node: &Handle) -> Result<Option<String>, UplinkError> {
@@ -276,9 +315,9 @@ mod tests {
         assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    /// Root: a network namespace with a multipath default route.
+    /// Root: a network namespace with two NICs and a multipath default route through both.
     #[tokio::test]
-    async fn a_multipath_default_route_names_its_first_hop() {
+    async fn the_uplink_is_the_named_one_else_the_node_ips_else_the_default_routes_first_hop() {
         let name = format!("ctu{}", std::process::id());
         let added = std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns");
         assert!(added.success());
@@ -312,5 +351,14 @@ mod tests {
         let file = podnet::open_netns(&path).expect("the namespace");
         let handle = podnet::netns_handle(&file, &path).await.expect("netlink in the namespace");
         assert_eq!(default_route_interface(&handle).await.unwrap().as_deref(), Some("up0"));
+        // `nodeIP` alone: the interface holding it, not the default route's.
+        let on_up1 = Some(Ipv4Addr::new(198, 51, 100, 10));
+        assert_eq!(uplink_name(&handle, None, on_up1).await.unwrap().as_deref(), Some("up1"));
+        assert_eq!(uplink_name(&handle, Some("up0"), on_up1).await.unwrap().as_deref(), Some("up0"), "named wins");
+        // On loopback or nowhere: the default route's.
+        ip(&ns.0, &["addr", "add", "203.0.113.5/32", "dev", "lo"]);
+        for elsewhere in [Ipv4Addr::new(203, 0, 113, 5), Ipv4Addr::new(203, 0, 113, 6)] {
+            assert_eq!(uplink_name(&handle, None, Some(elsewhere)).await.unwrap().as_deref(), Some("up0"));
+        }
     }
 }

@@ -399,8 +399,17 @@ pub fn render_bootstrap(cfg: &VppConfig, uplink: &UplinkHandover) -> Result<VppD
             unnumbered_to: None,
         },
     );
+    // One route per destination: VPP's API route replaces the one before, so two (a host's
+    // DHCP and static default routes, metrics 100 and 200) would take turns every pass. The
+    // first is kept: contiv-stn hands them over in the kernel's order, lowest metric first.
+    let mut destinations = BTreeSet::new();
     for r in &uplink.routes {
-        d.routes.insert(RouteSpec { dst: r.dst.trunc(), next_hop: r.gateway, interface: uplink_name.clone() });
+        let dst = r.dst.trunc();
+        if !destinations.insert(dst) {
+            log::info!("VPP gets one route to {dst} of the uplink's: {:?} is left out", r.gateway);
+            continue;
+        }
+        d.routes.insert(RouteSpec { dst, next_hop: r.gateway, interface: uplink_name.clone() });
     }
 
     // The host interconnect: host <-> pods and host <-> outside while VPP holds the NIC.

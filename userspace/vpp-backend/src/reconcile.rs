@@ -639,7 +639,10 @@ impl Reconciler {
                 ops.push(op(c, format!("delete NAT pool address {a}"), pool_msg(false, *a)));
             }
             for (sw, flags) in &have.interfaces {
-                let name = obs.name_of(*sw).unwrap_or_default();
+                // A record NAT44-ED kept for a deleted interface cannot be removed (VPP
+                // refuses an index it does not have); an interface that reuses the index
+                // gets it replaced below.
+                let Some(name) = obs.name_of(*sw) else { continue };
                 let doomed_iface = doomed.contains_key(name);
                 for inside in [true, false] {
                     let bit = nat_flag(inside).0;
@@ -720,12 +723,18 @@ impl Reconciler {
                 }),
             }
         }
+        // Indices created in this pass. VPP hands a deleted interface's index to the next
+        // interface at once: what the dump showed at one of them (a route, a neighbour, a
+        // NAT record) belonged to the interface deleted above, or to one deleted before it.
+        let mut created: BTreeSet<u32> = BTreeSet::new();
         for (what, sw) in run_step(ops, &mut report).await? {
             let name = what.trim_start_matches("create interface ").to_owned();
             if let Some(sw) = sw {
                 current.insert(name, ObsInterface::fresh(sw));
+                created.insert(sw);
             }
         }
+        let stale = |sw: u32| created.contains(&sw) || doomed.values().any(|d| d.sw_if_index == sw);
         let sw_of = |name: &str| current.get(name).map(|o| o.sw_if_index);
 
         // MAC, MTU and unnumbered first: VPP wants them before addresses and admin up.
@@ -828,6 +837,7 @@ impl Reconciler {
             };
             let present = obs.neighbors.iter().any(|o| {
                 o.sw_if_index == sw
+                    && !stale(o.sw_if_index)
                     && o.ip_address.to_ipv4() == Some(n.ip)
                     && o.mac_address == n.mac
                     && o.flags.contains(api::IpNeighborFlags::IP_API_NEIGHBOR_FLAG_STATIC)
@@ -848,7 +858,12 @@ impl Reconciler {
                 ));
             }
         }
-        let have_routes: HashMap<Ipv4Net, &Vec<api::FibPath>> = obs.routes.iter().map(|r| (r.dst, &r.paths)).collect();
+        let have_routes: HashMap<Ipv4Net, &Vec<api::FibPath>> = obs
+            .routes
+            .iter()
+            .filter(|r| !r.paths.iter().any(|p| stale(p.sw_if_index)))
+            .map(|r| (r.dst, &r.paths))
+            .collect();
         for r in &desired.routes {
             let Some(sw) = sw_of(&r.interface) else {
                 report.failed.push(Failure {
@@ -870,7 +885,7 @@ impl Reconciler {
         run_step(ops, &mut report).await?;
 
         if let Some(want) = &desired.nat {
-            self.apply_nat(want, obs.nat.as_ref(), &doomed, &sw_of, &mut report).await?;
+            self.apply_nat(want, obs.nat.as_ref(), &doomed, &created, &sw_of, &mut report).await?;
         }
         Ok(report)
     }
@@ -880,6 +895,7 @@ impl Reconciler {
         want: &NatSpec,
         have: Option<&ObsNat>,
         doomed: &BTreeMap<String, ObsInterface>,
+        created: &BTreeSet<u32>,
         sw_of: &(dyn Fn(&str) -> Option<u32> + Sync),
         report: &mut ReconcileReport,
     ) -> Result<(), ReconcileError> {
@@ -922,6 +938,21 @@ impl Reconciler {
                 &empty
             }
         };
+        // A record at an index created in this pass is a deleted interface's: VPP answers
+        // an add of the role it records with success and changes nothing, so the record
+        // goes first (the new interface has the index now, so the delete is taken).
+        let role = |inside: bool| if inside { "inside" } else { "outside" };
+        let mut ops = Vec::new();
+        for (sw, flags) in have.interfaces.iter().filter(|(sw, _)| created.contains(sw)) {
+            for inside in [true, false].into_iter().filter(|i| flags & nat_flag(*i).0 != 0) {
+                ops.push(op(
+                    c,
+                    format!("remove the NAT {} record a deleted interface left at index {sw}", role(inside)),
+                    api::Nat44InterfaceAddDelFeature { is_add: false, flags: nat_flag(inside), sw_if_index: *sw },
+                ));
+            }
+        }
+        run_step(ops, report).await?;
         let mut ops = Vec::new();
         for (inside, names) in [(true, &want.inside), (false, &want.outside)] {
             for name in names {
@@ -933,8 +964,9 @@ impl Reconciler {
                     continue;
                 };
                 let bit = nat_flag(inside).0;
-                let present =
-                    !doomed.contains_key(name) && have.interfaces.iter().any(|(s, f)| *s == sw && f & bit != 0);
+                let present = !doomed.contains_key(name)
+                    && !created.contains(&sw)
+                    && have.interfaces.iter().any(|(s, f)| *s == sw && f & bit != 0);
                 if !present {
                     ops.push(op(
                         c,

@@ -704,9 +704,13 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
             } else if m.is_add {
                 let cur = s.nat.interfaces.entry(m.sw_if_index).or_default();
                 if *cur & bits == bits {
-                    errno::VALUE_EXIST
+                    // VPP (nat44_ed_add_interface) answers 0 and changes nothing when its
+                    // record has the role already, also a record left by a deleted
+                    // interface whose index was reused: the feature stays off then.
+                    0
                 } else {
                     *cur |= bits;
+                    *s.nat.active.entry(m.sw_if_index).or_default() |= bits;
                     0
                 }
             } else {
@@ -715,6 +719,12 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
                         *cur &= !bits;
                         if *cur == 0 {
                             s.nat.interfaces.remove(&m.sw_if_index);
+                        }
+                        if let Some(on) = s.nat.active.get_mut(&m.sw_if_index) {
+                            *on &= !bits;
+                            if *on == 0 {
+                                s.nat.active.remove(&m.sw_if_index);
+                            }
                         }
                         0
                     }

@@ -121,8 +121,13 @@ pub struct NatState {
     pub last_timeouts: api::NatTimeouts,
     /// See `last_timeouts`.
     pub last_translation_buckets: u32,
-    /// Interfaces with the in2out/out2in feature: sw_if_index -> NAT_IS_INSIDE / NAT_IS_OUTSIDE bits.
+    /// NAT44-ED's records of interfaces with the in2out/out2in feature: sw_if_index ->
+    /// NAT_IS_INSIDE / NAT_IS_OUTSIDE bits (what `nat44_interface_dump` lists). As in VPP,
+    /// a record outlives its interface's deletion.
     pub interfaces: BTreeMap<u32, u8>,
+    /// The features actually on the interfaces' arcs (what translates packets): set with a
+    /// record, and stripped when the interface is deleted while its record stays.
+    pub active: BTreeMap<u32, u8>,
     /// Interfaces with the output feature.
     pub output_interfaces: BTreeSet<u32>,
     /// Address pool: address -> (vrf, flags).
@@ -292,6 +297,8 @@ pub struct FakeState {
     /// Connections subscribed to interface events: connection id -> (client_index, pid).
     pub(crate) subscribers: BTreeMap<u64, (u32, u32)>,
     pub(crate) next_sw_if_index: u32,
+    /// Indices of deleted interfaces, handed out again last-freed-first (VPP's pools).
+    pub(crate) free_sw_if_indexes: Vec<u32>,
     pub(crate) next_stats_index: u32,
 }
 
@@ -310,6 +317,7 @@ impl FakeState {
             requests: BTreeMap::new(),
             subscribers: BTreeMap::new(),
             next_sw_if_index: 0,
+            free_sw_if_indexes: Vec::new(),
             next_stats_index: 1,
         };
         s.add_interface("local0".into(), InterfaceKind::Local, [0; 6]);
@@ -320,8 +328,10 @@ impl FakeState {
     }
 
     pub(crate) fn add_interface(&mut self, name: String, kind: InterfaceKind, mac: [u8; 6]) -> u32 {
-        let sw_if_index = self.next_sw_if_index;
-        self.next_sw_if_index += 1;
+        let sw_if_index = self.free_sw_if_indexes.pop().unwrap_or_else(|| {
+            self.next_sw_if_index += 1;
+            self.next_sw_if_index - 1
+        });
         let mac = if mac == [0; 6] && kind != InterfaceKind::Local {
             // VPP makes up a locally administered address.
             let b = sw_if_index.to_be_bytes();
@@ -349,7 +359,8 @@ impl FakeState {
         sw_if_index
     }
 
-    /// Removes an interface and everything that refers to it.
+    /// Removes an interface and everything that refers to it, but NAT44-ED's record (as VPP);
+    /// its index is the next one handed out.
     pub(crate) fn remove_interface(&mut self, sw_if_index: u32) -> Option<Interface> {
         let iface = self.interfaces.remove(&sw_if_index)?;
         for i in self.interfaces.values_mut() {
@@ -362,9 +373,12 @@ impl FakeState {
             !paths.is_empty()
         });
         self.neighbors.retain(|(i, _), _| *i != sw_if_index);
-        self.nat.interfaces.remove(&sw_if_index);
+        // NAT44-ED has no hook for a deleted interface: its record stays (listed, and taken
+        // for the index's next interface), the feature itself goes with the interface.
+        self.nat.active.remove(&sw_if_index);
         self.nat.output_interfaces.remove(&sw_if_index);
         self.acl_bindings.remove(&sw_if_index);
+        self.free_sw_if_indexes.push(sw_if_index);
         Some(iface)
     }
 

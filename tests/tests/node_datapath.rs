@@ -498,7 +498,10 @@ fn bandwidth_capability_limits_hold_on_the_fast_path() {
     let node = node();
     let limit = |dir: &str, bits: u64| serde_json::json!({"runtimeConfig": {"bandwidth": {format!("{dir}Rate"): bits, format!("{dir}Burst"): 100_000}}});
     let sender = node.add_pod_with(limit("egress", 20_000_000));
-    let receiver = node.add_pod_with(limit("ingress", 30_000_000));
+    // As containerd sends the capability: go-cni's struct has no JSON tags, so its keys
+    // arrive capitalised (and the unset direction as zeros).
+    let receiver = node.add_pod_with(serde_json::json!({"runtimeConfig": {"bandwidth": {
+        "IngressRate": 30_000_000, "IngressBurst": 100_000, "EgressRate": 0, "EgressBurst": 0}}}));
     let free = node.add_pod();
     // The shapers sit where the limits apply, and nowhere else.
     let qdisc =

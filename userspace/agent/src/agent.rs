@@ -1063,8 +1063,8 @@ impl Agent {
             gateway: self.config.gateway,
             gateway_mac: self.config.gateway_mac,
             mtu,
-            egress_shaper: bandwidth.and_then(|b| b.egress_shaper()),
-            ingress_shaper: bandwidth.and_then(|b| b.ingress_shaper()),
+            egress_shaper: bandwidth.and_then(|b| b.egress_shaper(mtu)),
+            ingress_shaper: bandwidth.and_then(|b| b.ingress_shaper(mtu)),
         };
         match self.wire(&node, &spec, attachment, targets).await {
             Ok(attachment) => {
@@ -1431,11 +1431,11 @@ impl Agent {
         // The `bandwidth` capability's shapers, as ADD set them (a qdisc someone else added
         // where ADD set none is theirs).
         let bandwidth = a.bandwidth.as_ref();
-        let want_egress = bandwidth.and_then(|b| b.egress_shaper()).map(|s| s.rate_bytes_per_sec);
+        let want_egress = bandwidth.and_then(|b| b.egress_shaper(a.mtu)).map(|s| s.rate_bytes_per_sec);
         if want_egress.is_some() && view.tbf_rate != want_egress {
             return Err(fail("the pod interface's egress shaper is missing or changed"));
         }
-        let want_ingress = bandwidth.and_then(|b| b.ingress_shaper()).map(|s| s.rate_bytes_per_sec);
+        let want_ingress = bandwidth.and_then(|b| b.ingress_shaper(a.mtu)).map(|s| s.rate_bytes_per_sec);
         if want_ingress.is_some() && host_tbf_rate != want_ingress {
             return Err(fail("the host interface's ingress shaper is missing or changed"));
         }

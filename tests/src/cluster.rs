@@ -639,6 +639,17 @@ impl ClusterBox {
         })
     }
 
+    /// Runs `etcdctl ARGS` against the box's etcd; fails the test when it fails.
+    pub fn etcdctl(&self, args: &[&str]) {
+        let out = cmd_in(&self.state.control, "etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", "http://127.0.0.1:2379"])
+            .args(args)
+            .output()
+            .expect("etcdctl");
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     pub fn status_json(&self, node: &str, path: &str) -> Option<Value> {
         self.status(node, path).and_then(|b| serde_json::from_str(&b).ok())
     }

@@ -733,17 +733,6 @@ fn conntrack_is_swept_with_the_service_proxy_off() {
     });
 }
 
-/// Runs etcdctl against the box's etcd.
-fn etcdctl(b: &ClusterBox, args: &[&str]) {
-    let out = contiv_tests::cluster::cmd_in(&b.state.control, "etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", "http://127.0.0.1:2379"])
-        .args(args)
-        .output()
-        .expect("etcdctl");
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// The store loses its data (wiped, or restored from a backup older than the objects)
 /// after contiv-ksr had synced it: an empty model would open every isolated pod. The
 /// agents keep NetworkPolicy as installed until KSR's marker is back.
@@ -759,18 +748,18 @@ fn policy_stays_while_the_store_has_lost_its_data() {
          spec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress]\n",
     );
     // contiv-ksr synced the store (the box writes its objects with netctl; the marker is KSR's).
-    etcdctl(&b, &["put", "/contiv/ksr/marker", "{}"]);
+    b.etcdctl(&["put", "/contiv/ksr/marker", "{}"]);
     let cases = vec![case(&b, "x/client", "x/server", Proto::Tcp, 80)];
     expect_eventually(&b, "deny-all in force", &cases, SETTLE, |_| false);
     // Every reflected object and the marker go, in one revision (as with a wiped store
     // relisted, the watch sees them go together).
-    etcdctl(&b, &["del", "--prefix", "/contiv/k"]);
+    b.etcdctl(&["del", "--prefix", "/contiv/k"]);
     for second in 0..5 {
         std::thread::sleep(Duration::from_secs(1));
         let open = contiv_tests::netpol::probe_all(&b, &cases);
         assert_eq!(open, vec![false], "{second} s after the store lost its data, the isolated pod is open");
     }
     // KSR filled the store again (here: with nothing, and its marker): policy follows it.
-    etcdctl(&b, &["put", "/contiv/ksr/marker", "{}"]);
+    b.etcdctl(&["put", "/contiv/ksr/marker", "{}"]);
     expect_eventually(&b, "the store's (empty) policy", &cases, SETTLE, |_| true);
 }

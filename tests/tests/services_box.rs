@@ -12,7 +12,8 @@
 //! admitting the node's own connections when they hold its address, endpoints outside
 //! the cluster (a Service without a selector) serving pods, nodes and NodePorts, flows whose
 //! replies would meet (one socket, two services with one backend) taking another source port,
-//! and a node's unconnected UDP socket keeping its backend.
+//! and a node's unconnected UDP socket keeping its backend, and services (with a healthy
+//! `/healthz`) kept while the store has lost its data.
 //!
 //! Every box has its own agents, etcd and namespaces, so the tests run in parallel.
 
@@ -3013,4 +3014,51 @@ spec:
         "a frame for another host reached the backend: {:?}",
         got.map(|(n, f)| (f, String::from_utf8_lossy(&buf[..n]).into_owned()))
     );
+}
+
+/// The store loses its data (wiped, or restored from a backup older than the objects) after
+/// contiv-ksr synced it: the agents keep their services as installed, where the empty model
+/// would drop every one. That hold is on purpose, so the proxy's `/healthz` stays 200 past
+/// `healthzTimeout`: 503 would have load balancers drain every node at once while every
+/// node still forwards. Once KSR fills the store again, the services follow it.
+#[test]
+fn services_box_services_and_the_proxy_healthz_stay_while_the_store_has_lost_its_data() {
+    let (b, [w1, w2, c1, _]) = web_box("[services]\nhealthzTimeout = 2\n");
+    b.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: kept, namespace: default}}\nspec:\n  \
+         clusterIP: 10.96.0.40\n  clusterIPs: [10.96.0.40]\n  selector: {{app: web}}\n  ports:\n  \
+         - {{name: http, protocol: TCP, port: 80, targetPort: http}}\n  \
+         - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}\n---\n{}",
+        web_slices("kept", &w1, &w2)
+    ));
+    // contiv-ksr synced the store (the box writes its objects with netctl; the marker is KSR's).
+    b.etcdctl(&["put", "/contiv/ksr/marker", "{}"]);
+    let both: BTreeSet<&str> = ["web-1", "web-2"].into();
+    let programmed = |node: &str| {
+        b.status_json(node, "/services")
+            .is_some_and(|r| r["frontends"].as_array().into_iter().flatten().any(|f| f["frontend"] == "10.96.0.40:80"))
+    };
+    b.wait_for(Duration::from_secs(15), "node-1 programs 10.96.0.40", || programmed("node-1"));
+    assert_eq!(names(&tcp_servers(&c1.netns, sa("10.96.0.40", 80), 16)), both);
+    let healthz = |n: &str| http_get_from_outside(&b, &format!("http://{}:10256/healthz", b.node(n).ip));
+    // Every reflected object and the marker go, in one revision.
+    b.etcdctl(&["del", "--prefix", "/contiv/k"]);
+    for second in 1..=5 {
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            names(&tcp_servers(&c1.netns, sa("10.96.0.40", 80), 8)),
+            both,
+            "{second} s after the store lost its data, the service still balances over both"
+        );
+        for n in ["node-1", "node-2"] {
+            let h = healthz(n);
+            assert!(h.ends_with(" 200"), "{n}'s /healthz {second} s into the hold (healthzTimeout 2 s): {h}");
+        }
+    }
+    // KSR filled the store again (here: with nothing but its marker): the service goes.
+    b.etcdctl(&["put", "/contiv/ksr/marker", "{}"]);
+    for n in ["node-1", "node-2"] {
+        b.wait_for(Duration::from_secs(15), &format!("{n} removes 10.96.0.40"), || !programmed(n));
+        assert!(healthz(n).ends_with(" 200"), "{n}: applied, healthy");
+    }
 }

@@ -129,6 +129,13 @@ impl ProxyHealth {
         }
     }
 
+    /// The sync holds the services as installed on purpose (the store lost its data): the
+    /// changes noted meanwhile do not count as waiting, as no change reaches a kube-proxy
+    /// cut off from its API server. (A failed apply taken before still counts.)
+    pub fn held(&self) {
+        self.state().queued = None;
+    }
+
     /// An apply succeeded: everything taken so far is in the maps (kube-proxy's Updated).
     pub fn updated(&self, wall: SystemTime) {
         let mut s = self.state();

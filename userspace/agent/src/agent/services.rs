@@ -237,6 +237,10 @@ impl Agent {
         // A store that lost its data: the services stay as installed (the marker's return
         // resyncs everything).
         if self.store_lost_its_data(&model.read().unwrap_or_else(|p| p.into_inner())) {
+            // Held on purpose, which /healthz must not read as a proxy that stopped: load
+            // balancers would drain every node at once while every node forwards.
+            let _queue = self.service_changes.lock().unwrap_or_else(|p| p.into_inner());
+            self.proxy_health.held();
             return None;
         }
         let started = Instant::now();

@@ -12,6 +12,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod healthcheck;
 pub mod hostports;
+pub mod http;
 pub mod metrics;
 pub mod monitor;
 pub mod plan;

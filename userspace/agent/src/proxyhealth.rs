@@ -272,9 +272,7 @@ async fn serve_retrying(
     // The address bound (port 0 in tests is a port chosen by the kernel).
     health.set_server(Server::Listening(listener.local_addr().unwrap_or(addr)));
     log::info!("proxy health server on http://{addr} (/healthz, /livez)");
-    if let Err(e) = axum::serve(listener, router(health.clone())).with_graceful_shutdown(stop).await {
-        log::error!("proxy health server on {addr}: {e}");
-    }
+    crate::http::serve(listener, router(health.clone()), stop).await;
     health.set_server(Server::Off);
 }
 

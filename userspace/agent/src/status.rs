@@ -258,8 +258,9 @@ pub async fn serve(
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the status endpoint on {addr}"))?;
     log::info!("status endpoint on http://{addr}");
-    let app = router(agent, metrics).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("status endpoint")
+    // Requests carry their peer (the inspection guard reads it).
+    crate::http::serve(listener, router(agent, metrics), shutdown).await;
+    Ok(())
 }
 
 #[cfg(test)]

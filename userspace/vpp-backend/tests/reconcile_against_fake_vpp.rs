@@ -47,8 +47,12 @@ fn uplink(id: u32) -> UplinkHandover {
 
 /// What node `id` must hold in VPP when the cluster has `nodes`.
 fn desired(id: u32, nodes: &[u32]) -> VppDesired {
+    desired_with_uplink(id, nodes, &uplink(id))
+}
+
+/// [`desired`], with the NIC's configuration `up` handed over.
+fn desired_with_uplink(id: u32, nodes: &[u32], up: &UplinkHandover) -> VppDesired {
     let cfg = VppConfig::default();
-    let up = uplink(id);
     let remotes: Vec<RemoteNode> = nodes.iter().map(|n| node(*n)).collect();
     render(&NodeInputs {
         config: &cfg,
@@ -58,7 +62,7 @@ fn desired(id: u32, nodes: &[u32]) -> VppDesired {
         gateway_mac: GATEWAY_MAC,
         slowpath_ifname: "cslow1",
         mtu: 1450,
-        uplink: &up,
+        uplink: up,
         remote_nodes: &remotes,
     })
     .expect("render")
@@ -330,20 +334,7 @@ async fn two_handed_over_routes_to_one_destination_do_not_take_turns() {
     let rec = Reconciler::new(client(&fake).await);
     let mut up = uplink(1);
     up.routes.push(UplinkRoute { dst: "0.0.0.0/0".parse().unwrap(), gateway: Some(Ipv4Addr::new(192, 168, 16, 253)) });
-    let cfg = VppConfig::default();
-    let remotes = [node(2)];
-    let d = render(&NodeInputs {
-        config: &cfg,
-        node_id: 1,
-        pod_subnet: node(1).pod_subnet,
-        gateway: Ipv4Addr::new(10, 1, 1, 1),
-        gateway_mac: GATEWAY_MAC,
-        slowpath_ifname: "cslow1",
-        mtu: 1450,
-        uplink: &up,
-        remote_nodes: &remotes,
-    })
-    .expect("render");
+    let d = desired_with_uplink(1, &[1, 2], &up);
     assert!(rec.reconcile(&d).await.unwrap().converged());
     for pass in 0..2 {
         let r = rec.reconcile(&d).await.unwrap();

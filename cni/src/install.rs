@@ -19,8 +19,10 @@ use serde_json::Value;
 /// Default host paths (as the init container mounts them at the same place).
 pub const DEFAULT_BIN_DIR: &str = "/opt/cni/bin";
 pub const DEFAULT_CONF_DIR: &str = "/etc/cni/net.d";
-/// The config list's file name: sorts before most other networks' names.
-pub const DEFAULT_CONF_NAME: &str = "10-contiv.conflist";
+/// The config list's file name. containerd (one network by default) and CRI-O use the
+/// config that sorts first: this sorts before the usual `10-*` names, among them
+/// `10-containerd-net.conflist`, which containerd's own set-up script writes.
+pub const DEFAULT_CONF_NAME: &str = "05-contiv.conflist";
 /// Prefix of the temporary files written next to the targets.
 const TMP_PREFIX: &str = ".contiv-install-";
 
@@ -132,6 +134,24 @@ pub struct Report {
     pub written: Vec<PathBuf>,
     /// Files removed.
     pub removed: Vec<PathBuf>,
+    /// Other networks' configs in the config directory that sort before the one installed:
+    /// a runtime that uses the first config gives pods that network, not contiv's.
+    pub shadowed_by: Vec<PathBuf>,
+}
+
+/// Other networks' configs in `conf_dir` (the runtimes read `*.conf`, `*.conflist` and
+/// `*.json`) whose names sort before `ours`.
+fn configs_before(conf_dir: &Path, ours: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(conf_dir) else { return vec![] };
+    let mut before: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.as_str() < ours && !n.starts_with('.'))
+        .filter(|n| [".conf", ".conflist", ".json"].iter().any(|x| n.ends_with(x)))
+        .map(|n| conf_dir.join(n))
+        .collect();
+    before.sort();
+    before
 }
 
 /// Stale files of ours in `conf_dir`: temporary leftovers and contiv configs under
@@ -171,6 +191,7 @@ impl Install {
                 report.removed.push(stale);
             }
         }
+        report.shadowed_by = configs_before(&self.conf_dir, &self.conf_name);
         Ok(report)
     }
 }
@@ -229,15 +250,17 @@ mod tests {
         let i = install(dir.path(), &default_conflist("/run/contiv/cni.sock"));
         std::fs::create_dir_all(&i.conf_dir).unwrap();
         std::fs::write(i.conf_dir.join("05-contiv.conf"), "{}").unwrap();
-        std::fs::write(i.conf_dir.join(".contiv-install-10-contiv.conflist.999"), "half").unwrap();
+        std::fs::write(i.conf_dir.join("10-contiv.conflist"), "{}").unwrap(); // the older default name
+        std::fs::write(i.conf_dir.join(".contiv-install-05-contiv.conflist.999"), "half").unwrap();
         std::fs::write(i.conf_dir.join("20-other.conflist"), "{}").unwrap();
         let report = i.run().unwrap();
         assert_eq!(report.written.len(), 2);
-        assert_eq!(report.removed.len(), 2, "{report:?}");
+        assert_eq!(report.removed.len(), 3, "{report:?}");
+        assert!(report.shadowed_by.is_empty(), "{report:?}");
         let mut names: Vec<String> =
             std::fs::read_dir(&i.conf_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
-        assert_eq!(names, ["10-contiv.conflist", "20-other.conflist"]);
+        assert_eq!(names, ["05-contiv.conflist", "20-other.conflist"]);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(i.bin_dir.join("contiv-cni")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o755);
@@ -249,6 +272,24 @@ mod tests {
         assert!(!i.conf_dir.join(DEFAULT_CONF_NAME).exists());
         assert!(i.conf_dir.join("20-other.conflist").exists(), "other networks are left alone");
         assert!(uninstall(&i.bin_dir, &i.conf_dir, DEFAULT_CONF_NAME).unwrap().removed.is_empty());
+    }
+
+    /// A runtime uses the config that sorts first: another network's that sorts before
+    /// contiv's is reported (and left alone).
+    #[test]
+    fn another_networks_config_sorting_first_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let i = install(dir.path(), &default_conflist("/run/contiv/cni.sock"));
+        std::fs::create_dir_all(&i.conf_dir).unwrap();
+        for name in ["01-loopback.conf", "04-x.json", "10-containerd-net.conflist", ".hidden.conf", "00-notes.txt"] {
+            std::fs::write(i.conf_dir.join(name), "{}").unwrap();
+        }
+        assert!("10-containerd-net.conflist" > DEFAULT_CONF_NAME, "contiv's sorts before containerd's own");
+        let report = i.run().unwrap();
+        let names: Vec<String> =
+            report.shadowed_by.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["01-loopback.conf", "04-x.json"]);
+        assert!(i.conf_dir.join("01-loopback.conf").exists());
     }
 
     #[test]

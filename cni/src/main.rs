@@ -90,6 +90,13 @@ fn print_report(report: &install::Report) {
     for p in &report.removed {
         println!("removed {}", p.display());
     }
+    for p in &report.shadowed_by {
+        eprintln!(
+            "warning: {} sorts before contiv's config: containerd and CRI-O use the first config, so pods get that \
+             network; remove it (another network plugin's leftover?)",
+            p.display()
+        );
+    }
 }
 
 fn wait_for_sigterm() {

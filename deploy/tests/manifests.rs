@@ -152,9 +152,9 @@ fn agent_config_of_every_variant_passes_contiv_agent_check_config() {
 fn conflist_is_accepted_by_contiv_cni_install_and_removed_by_uninstall() {
     let cni = binary("contiv-cni", "contiv-cni");
     let docs = rendered(".");
-    let conflist = config_map_data(&docs, "contiv-agent", "10-contiv.conflist");
+    let conflist = config_map_data(&docs, "contiv-agent", "05-contiv.conflist");
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("10-contiv.conflist");
+    let src = dir.path().join("05-contiv.conflist");
     std::fs::write(&src, conflist).unwrap();
     let (bin, conf) = (dir.path().join("opt-cni-bin"), dir.path().join("etc-cni-net.d"));
     std::fs::create_dir_all(&conf).unwrap();
@@ -169,7 +169,7 @@ fn conflist_is_accepted_by_contiv_cni_install_and_removed_by_uninstall() {
         .output()
         .unwrap();
     assert!(out.status.success(), "contiv-cni install refused the conflist: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(std::fs::read_to_string(conf.join("10-contiv.conflist")).unwrap(), conflist);
+    assert_eq!(std::fs::read_to_string(conf.join("05-contiv.conflist")).unwrap(), conflist);
     assert!(bin.join("contiv-cni").exists());
     assert!(!conf.join("05-contiv-old.conf").exists(), "a stale contiv config is removed");
     // The installed plugin answers VERSION as a runtime would call it.
@@ -178,7 +178,7 @@ fn conflist_is_accepted_by_contiv_cni_install_and_removed_by_uninstall() {
     let out =
         Command::new(&cni).args(["uninstall", "--bin-dir"]).arg(&bin).arg("--conf-dir").arg(&conf).output().unwrap();
     assert!(out.status.success());
-    assert!(!conf.join("10-contiv.conflist").exists() && !bin.join("contiv-cni").exists());
+    assert!(!conf.join("05-contiv.conflist").exists() && !bin.join("contiv-cni").exists());
 }
 
 /// The shipped conflist asks the runtime for pods' bandwidth annotations (contiv-cni's
@@ -189,7 +189,7 @@ fn conflist_is_accepted_by_contiv_cni_install_and_removed_by_uninstall() {
 #[test]
 fn conflist_asks_for_bandwidth_at_a_version_the_whole_chain_speaks() {
     let docs = rendered(".");
-    let shipped = config_map_data(&docs, "contiv-agent", "10-contiv.conflist");
+    let shipped = config_map_data(&docs, "contiv-agent", "05-contiv.conflist");
     let dir = tempfile::tempdir().unwrap();
     let (bin, conf) = (dir.path().join("bin"), dir.path().join("net.d"));
     let out = Command::new(binary("contiv-cni", "contiv-cni"))
@@ -200,7 +200,7 @@ fn conflist_asks_for_bandwidth_at_a_version_the_whole_chain_speaks() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let default = std::fs::read_to_string(conf.join("10-contiv.conflist")).unwrap();
+    let default = std::fs::read_to_string(conf.join("05-contiv.conflist")).unwrap();
     for (what, text) in [("shipped", shipped), ("default", default.as_ref())] {
         let v: serde_json::Value =
             serde_json::from_str(text).unwrap_or_else(|e| panic!("{what} conflist: {e}: {text}"));
@@ -650,7 +650,7 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
     let install = container(ds, "install-cni");
     let argv = strings(&install["command"]);
     assert_eq!(&argv[..2], ["/usr/bin/contiv-cni", "install"]);
-    let conflist: Value = serde_json::from_str(config_map_data(&docs, "contiv-agent", "10-contiv.conflist")).unwrap();
+    let conflist: Value = serde_json::from_str(config_map_data(&docs, "contiv-agent", "05-contiv.conflist")).unwrap();
     assert_eq!(
         conflist["plugins"][0]["agentSocket"].as_str(),
         config["cniSocket"].as_str(),
@@ -662,6 +662,69 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
         config["etcdEndpoints"].as_array().unwrap()[0].as_str().unwrap(),
         format!("https://127.0.0.1:{node_port}")
     );
+}
+
+/// What the node's confinement would refuse, and what would wait for the pod network: a
+/// container that is not privileged and writes under /sys/fs/ (bpffs) runs unconfined by
+/// AppArmor (the runtime's default profile refuses writes there) and as SELinux's spc_t;
+/// the agent may open a pod process's network namespace (hostProcDir); host-network
+/// workloads resolve names with the node's resolver, not the cluster's DNS, which needs the
+/// pod network they provide.
+#[test]
+fn bpffs_writers_are_not_confined_and_host_network_pods_use_the_nodes_resolver() {
+    let mut writers = BTreeSet::new();
+    for variant in VARIANTS {
+        for d in rendered(variant).iter().filter(|d| matches!(d.kind(), "DaemonSet" | "Deployment")) {
+            let (w, name) = (&d.value, d.name());
+            let pod = &w["spec"]["template"]["spec"];
+            if pod["hostNetwork"] == json!(true) {
+                let dns = pod["dnsPolicy"].as_str();
+                assert!(matches!(dns, None | Some("Default")), "deploy/{variant} {name}: dnsPolicy {dns:?}");
+            }
+            for c in containers(w) {
+                let writes_bpffs = c["volumeMounts"].as_array().into_iter().flatten().any(|m| {
+                    m["mountPath"].as_str().is_some_and(|p| p.starts_with("/sys/fs/")) && m["readOnly"] != json!(true)
+                });
+                if !writes_bpffs || c["securityContext"]["privileged"] == json!(true) {
+                    continue;
+                }
+                let cname = c["name"].as_str().unwrap();
+                writers.insert(format!("{name}/{cname}"));
+                let key = format!("container.apparmor.security.beta.kubernetes.io/{cname}");
+                assert_eq!(
+                    w["spec"]["template"]["metadata"]["annotations"][&key],
+                    json!("unconfined"),
+                    "deploy/{variant} {name}: {cname} writes bpffs under the default AppArmor profile"
+                );
+                assert_eq!(
+                    pod["securityContext"]["seLinuxOptions"]["type"],
+                    json!("spc_t"),
+                    "deploy/{variant} {name}: {cname} writes host paths as container_t"
+                );
+            }
+        }
+    }
+    let want: BTreeSet<String> = ["contiv-agent/agent", "contiv-uninstall/cleanup"].map(String::from).into();
+    assert_eq!(writers, want, "the containers that write bpffs without privilege");
+    let docs = rendered(".");
+    let agent = container(find(&docs, "DaemonSet", "contiv-agent"), "agent");
+    let caps = strings(&agent["securityContext"]["capabilities"]["add"]);
+    assert!(caps.contains(&"SYS_PTRACE".to_string()), "hostProcDir needs SYS_PTRACE: {caps:?}");
+}
+
+/// The README's overlay renames every image the manifests run: a name left as it is
+/// resolves to a public registry's `contiv/...`.
+#[test]
+fn the_readmes_image_overlay_names_every_image() {
+    let readme = std::fs::read_to_string(deploy_dir().join("README.md")).unwrap();
+    let renamed: BTreeSet<&str> = readme
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- {name: "))
+        .filter(|l| l.contains("newName:"))
+        .filter_map(|l| l.split(',').next())
+        .collect();
+    let built: BTreeSet<&str> = IMAGES.iter().map(|i| i.name).collect();
+    assert_eq!(renamed, built, "deploy/README.md's images: block");
 }
 
 // === the VPP variant ===

@@ -29,6 +29,57 @@ pub fn set_in(root: &Path, rel: &str, value: &str) -> Result<(), SysctlError> {
     std::fs::write(&path, value).map_err(|source| SysctlError { path, value: value.to_owned(), source })
 }
 
+/// The ports the datapath owns on the node's addresses: Kubernetes' NodePort range and
+/// the SNAT range (61000-65535) it gives flows to backends on other nodes.
+pub const DATAPATH_PORTS: [(u16, u16); 2] = [(30000, 32767), (61000, 65535)];
+
+/// Adds `ranges` to `net/ipv4/ip_local_reserved_ports`, keeping what is there: the kernel
+/// then never picks them as a local socket's ephemeral port, even with an
+/// `ip_local_port_range` widened over them (a node's own connection from such a port would
+/// take a NodePort or SNAT flow's reply for its own). Explicit binds are unaffected.
+pub fn reserve_ports(ranges: &[(u16, u16)]) -> Result<(), SysctlError> {
+    let rel = "net/ipv4/ip_local_reserved_ports";
+    let host = Path::new(HOST_PROC_SYS);
+    let root = if host.join(rel).exists() { host } else { Path::new("/proc/sys") };
+    reserve_ports_in(root, ranges)
+}
+
+/// [`reserve_ports`] under `root`.
+pub fn reserve_ports_in(root: &Path, ranges: &[(u16, u16)]) -> Result<(), SysctlError> {
+    let rel = "net/ipv4/ip_local_reserved_ports";
+    let current = std::fs::read_to_string(root.join(rel)).unwrap_or_default();
+    let mut all: Vec<(u16, u16)> = parse_port_list(&current);
+    all.extend_from_slice(ranges);
+    set_in(root, rel, &format_port_list(all))
+}
+
+/// `a-b,c,...` as the kernel prints a port list (malformed items are left out).
+fn parse_port_list(text: &str) -> Vec<(u16, u16)> {
+    text.trim()
+        .split(',')
+        .filter_map(|item| {
+            let item = item.trim();
+            let (a, b) = item.split_once('-').unwrap_or((item, item));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .filter(|(a, b)| a <= b)
+        .collect()
+}
+
+/// Ranges merged where they overlap or touch, in order, as the kernel prints them.
+fn format_port_list(mut ranges: Vec<(u16, u16)>) -> String {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u16, u16)> = Vec::new();
+    for (a, b) in ranges {
+        match merged.last_mut() {
+            Some(last) if u32::from(a) <= u32::from(last.1) + 1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    let item = |(a, b): (u16, u16)| if a == b { a.to_string() } else { format!("{a}-{b}") };
+    merged.into_iter().map(item).collect::<Vec<_>>().join(",")
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error(
     "setting {} to {value}: {source} (in a container that is not privileged, mount the host's \
@@ -64,5 +115,56 @@ mod tests {
         std::fs::write(dir.path().join(rel), "0\n").unwrap();
         set_in(dir.path(), rel, "1").unwrap();
         assert_eq!(std::fs::read_to_string(dir.path().join(rel)).unwrap(), "1");
+    }
+
+    #[test]
+    fn reserved_ports_are_added_to_what_the_node_reserved() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("net/ipv4")).unwrap();
+        let file = dir.path().join("net/ipv4/ip_local_reserved_ports");
+        std::fs::write(&file, "\n").unwrap();
+        reserve_ports_in(dir.path(), &DATAPATH_PORTS).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "30000-32767,61000-65535");
+        // The node's own reservations stay; touching and overlapping ranges merge.
+        std::fs::write(&file, "8080,29990-30005,32768,40000-40010\n").unwrap();
+        reserve_ports_in(dir.path(), &DATAPATH_PORTS).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "8080,29990-32768,40000-40010,61000-65535");
+        let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        reserve_ports_in(dir.path(), &DATAPATH_PORTS).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before, "already reserved: not rewritten");
+    }
+
+    /// Root: the kernel takes the list as written, in a namespace of the test's own.
+    #[test]
+    fn the_kernel_takes_the_reserved_port_list() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let name = format!("ctsys{}", std::process::id());
+        assert!(std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+        struct Ns(String);
+        impl Drop for Ns {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+            }
+        }
+        let ns = Ns(name);
+        let read = || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns.0, "cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        let value = format_port_list(DATAPATH_PORTS.to_vec());
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sh", "-c"])
+            .arg(format!("echo {value} > /proc/sys/net/ipv4/ip_local_reserved_ports"))
+            .status()
+            .unwrap();
+        assert!(out.success());
+        assert_eq!(read(), value);
     }
 }

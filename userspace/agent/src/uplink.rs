@@ -220,9 +220,14 @@ async fn first_ipv4(node: &Handle, index: u32) -> Result<Option<Ipv4Addr>, Uplin
     Ok(None)
 }
 
-/// The node's stack routes pod traffic (to the outside, and replies back to pods).
+/// The node's stack routes pod traffic (to the outside, and replies back to pods); its
+/// own sockets never pick a port the datapath owns as their ephemeral port.
 pub fn enable_forwarding() -> Result<(), UplinkError> {
-    Ok(crate::sysctl::set("net/ipv4/ip_forward", "1")?)
+    crate::sysctl::set("net/ipv4/ip_forward", "1")?;
+    if let Err(e) = crate::sysctl::reserve_ports(&crate::sysctl::DATAPATH_PORTS) {
+        log::warn!("{e}: the node's own connections may take a NodePort or SNAT flow's port");
+    }
+    Ok(())
 }
 
 /// Creates (or re-creates, if its settings differ) the flow-based VXLAN device: collect_md,

@@ -22,7 +22,9 @@
 //! - a fake VPP that lists a message the agent needs under another CRC;
 //! - a remote backend's answer to a pod's ClusterIP flow, handed to the slow-path port as VPP
 //!   delivers it (the fake cannot carry it across): translated back to the service address,
-//!   an ICMP error about the flow too, and let through a pod isolated for ingress.
+//!   an ICMP error about the flow too, and let through a pod isolated for ingress;
+//! - a new flow VPP brings into a pod isolated for egress only: recorded, so the pod's
+//!   answer leaves as a reply.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -861,4 +863,54 @@ fn a_remote_backends_answer_through_the_fake_vpp_is_translated_back_to_the_servi
     deliver(udp_packet(backend, SocketAddrV4::new(c.ip, stray.local_addr().unwrap().port()), b"stray"));
     assert!(stray.recv(&mut buf).is_err(), "a new flow into an isolated pod is dropped");
     assert!(pod_counter(&b, &c, "dropPolicyIngress") > dropped, "and counted as the pod's ingress drop");
+}
+
+/// VPP brings a new flow from another node or the outside into a pod that is isolated for
+/// egress only (deny all but DNS, a common pattern): the flow is recorded as it comes in,
+/// so the pod's answer is a reply, which its egress rules do not judge, and it leaves for
+/// VPP. The frames VPP would deliver are handed to the slow-path port, as above.
+#[test]
+fn a_pod_isolated_for_egress_only_answers_flows_vpp_brings_in() {
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(1));
+    let s = b.add_pod("node-1", "default/s", &[("app", "server")], &[]);
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: dns-only, namespace: default}\n\
+         spec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Egress]\n\
+         \x20 egress: [{ports: [{port: 53, protocol: UDP}]}]\n",
+    );
+    b.wait_for(Duration::from_secs(15), "s is isolated for egress, not for ingress", || {
+        b.status_json("node-1", "/policies").is_some_and(|p| {
+            p["pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["ip"] == s.ip.to_string() && x["egressIsolated"] == true && x["ingressIsolated"] == false)
+        })
+    });
+    let node_ns = b.node("node-1").netns.clone();
+    let (pod_mac, vpp_mac) = (mac_of(&s.netns, "eth0"), mac_of(&node_ns, "cslow1"));
+    let server = enter(&s.netns, || {
+        let u = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7000)).expect("bind");
+        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        u
+    });
+    let client = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 9), 40000);
+    let (dropped, to_vpp) = (pod_counter(&b, &s, "dropPolicyEgress"), pod_counter(&b, &s, "slowPackets"));
+    send_frame(
+        &node_ns,
+        "cslow1",
+        frame(pod_mac, vpp_mac, &udp_packet(client, SocketAddrV4::new(s.ip, 7000), b"ping")),
+    );
+    let mut buf = [0u8; 64];
+    let (n, from) = server.recv_from(&mut buf).expect("the new flow comes in");
+    assert_eq!((&buf[..n], from), (&b"ping"[..], SocketAddr::V4(client)));
+    server.send_to(b"pong", from).expect("send");
+    b.wait_for(Duration::from_secs(5), "the answer is handed to VPP", || pod_counter(&b, &s, "slowPackets") > to_vpp);
+    assert_eq!(pod_counter(&b, &s, "dropPolicyEgress"), dropped, "the answer is a reply, not a new egress flow");
+    // A flow the pod opens itself is still judged by its egress rules.
+    let before = pod_counter(&b, &s, "dropPolicyEgress");
+    server.send_to(b"new", SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 9), 40001)).expect("send");
+    b.wait_for(Duration::from_secs(5), "a new flow out is dropped", || {
+        pod_counter(&b, &s, "dropPolicyEgress") > before
+    });
 }

@@ -1000,12 +1000,12 @@ pub fn tc_from_vswitch(ctx: TcContext) -> i32 {
         return from_vswitch_elsewhere(&ctx, dst);
     };
     // VPP mode: VPP brings other nodes' and the outside's traffic here, so a new flow must
-    // pass the pod's ingress rules (the built-in vswitch only answers for the gateway: the
-    // pod's own node, always allowed).
+    // pass the pod's ingress rules, and is recorded whatever they are: the pod's answers are
+    // replies, which its egress rules do not judge (the built-in vswitch only answers for
+    // the gateway: the pod's own node, always allowed).
     if back.rewritten == 0
-        && pod.flags & pod_flags::INGRESS_ISOLATED != 0
         && config().is_some_and(|c| c.flags & config_flags::VPP_UPLINK != 0)
-        && !vpp_ingress_allowed(&ctx, &pod)
+        && !vpp_ingress_allowed(&ctx, &pod, pod.flags & pod_flags::INGRESS_ISOLATED != 0)
     {
         if let Some(c) = pod_counters(dst) {
             c.drop_policy_ingress += 1;
@@ -1050,10 +1050,11 @@ fn slow_path_reply(ctx: &TcContext) -> svc::Outcome {
         .unwrap_or(svc::Outcome::UNTOUCHED)
 }
 
-/// A frame from VPP for an ingress-isolated pod: a tracked flow, or a new one its rules
-/// allow (then tracked). ARP is always allowed.
+/// A frame from VPP for a pod: a tracked flow, or a new one its ingress rules allow (then
+/// tracked). ARP is always allowed. A pod not `isolated` for ingress lets every frame in;
+/// its new flows are recorded all the same.
 #[inline(always)]
-fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
+fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint, isolated: bool) -> bool {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let (Some(eth), Some(ip)) = (packet::eth(data, data_end), packet::ipv4(data, data_end)) else {
         return true;
@@ -1062,22 +1063,26 @@ fn vpp_ingress_allowed(ctx: &TcContext, pod: &PodEndpoint) -> bool {
         return true;
     }
     if !well_formed(ip) {
-        return false;
+        return !isolated;
     }
     let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {
-        return false;
+        return !isolated;
     };
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);
     // An ICMP error to someone else than the sender of what it quotes (see `policy.rs`).
     if frag.kind != frag::LATER && policy::misaddressed(data, data_end, proto) {
-        return false;
+        return !isolated;
     }
     let t = frag.transport(data, data_end, proto);
     if policy::tracked(&t, src, dst, Trace::OFF) {
         return true;
     }
-    // A later fragment passes only with its first fragment's flow.
-    if frag.kind == frag::LATER || !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
+    // A later fragment passes only with its first fragment's flow (isolated), and is no
+    // flow to record.
+    if frag.kind == frag::LATER {
+        return !isolated;
+    }
+    if isolated && !policy::allows(pod.ip, policy_dir::INGRESS, src, &t) {
         return false;
     }
     let tcp_flags = nat::l4(data, data_end, proto).map_or(0, |l4| l4.tcp_flags);

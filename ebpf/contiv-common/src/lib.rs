@@ -234,6 +234,8 @@ pub const MAX_SOCK_UDP_BACKEND: u32 = 65536;
 pub const MAX_CT: u32 = 262144;
 pub const MAX_NODE_ADDRS: u32 = 16384;
 pub const MAX_DEAD_BACKENDS: u32 = 16384;
+/// Entries of SVC_SOURCE_RANGES: one per loadBalancerSourceRange of a service port.
+pub const MAX_SVC_SOURCE_RANGES: u32 = 16384;
 /// Fragmented datagrams whose later fragments the datapath can still place (LRU): an entry
 /// is needed only while the datagram's fragments pass, a few microseconds.
 pub const MAX_FRAGS: u32 = 8192;

@@ -10,10 +10,11 @@ use aya_ebpf::{
 use contiv_common::{
     CtEntry, CtKey, DatapathConfig, FragHead, FragKey, Ipv4Key, MAX_CT, MAX_DEAD_BACKENDS, MAX_FRAGS, MAX_NODE_ADDRS,
     MAX_PODS, MAX_POLICY_ENTRIES, MAX_REMOTE_ROUTES, MAX_SLOWPATH_QUEUES, MAX_SOCK_REVNAT, MAX_SOCK_UDP_BACKEND,
-    MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MONITOR_RING_BYTES, MapName, MonitorBucket, MonitorEvent,
-    NodeAddr, OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts, RemoteRoute, SlowPortCounters,
-    SockCounters, SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, SvcAffinity, SvcAffinityKey, SvcBackend,
-    SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange, TraceRecord, monitor_bucket,
+    MAX_SVC_AFFINITY, MAX_SVC_BACKENDS, MAX_SVC_FRONTENDS, MAX_SVC_SOURCE_RANGES, MONITOR_RING_BYTES, MapName,
+    MonitorBucket, MonitorEvent, NodeAddr, OverlayCounters, PodCounters, PodEndpoint, PolicyKey, PolicyPorts,
+    RemoteRoute, SlowPortCounters, SockCounters, SockOrigin, SockRevNat, SockRevNatKey, SockUdpBackend, SvcAffinity,
+    SvcAffinityKey, SvcBackend, SvcBackendKey, SvcCounters, SvcFrontend, SvcKey, SvcSlotKey, SvcSourceRange,
+    TraceRecord, monitor_bucket,
 };
 
 const MAX_PODS_USIZE: usize = MAX_PODS as usize;
@@ -61,7 +62,7 @@ pub static SVC_BACKEND_SLOTS: HashMap<SvcSlotKey, u32, { MAX_SVC_BACKENDS as usi
 pub static SVC_AFFINITY: LruHashMap<SvcAffinityKey, SvcAffinity, { MAX_SVC_AFFINITY as usize }> = LruHashMap::new();
 
 #[btf_map]
-pub static SVC_SOURCE_RANGES: LpmTrie<SvcSourceRange, u8, 16384> = LpmTrie::new();
+pub static SVC_SOURCE_RANGES: LpmTrie<SvcSourceRange, u8, { MAX_SVC_SOURCE_RANGES as usize }> = LpmTrie::new();
 
 #[btf_map]
 pub static SVC_COUNTERS: PerCpuHashMap<u32, SvcCounters, { MAX_SVC_FRONTENDS as usize }> = PerCpuHashMap::new();

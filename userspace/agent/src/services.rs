@@ -765,6 +765,7 @@ pub struct ServicePlanner {
 struct Capacity {
     frontends: usize,
     backends: usize,
+    source_ranges: usize,
 }
 
 impl Default for Capacity {
@@ -772,6 +773,7 @@ impl Default for Capacity {
         Capacity {
             frontends: contiv_common::MAX_SVC_FRONTENDS as usize,
             backends: contiv_common::MAX_SVC_BACKENDS as usize,
+            source_ranges: contiv_common::MAX_SVC_SOURCE_RANGES as usize,
         }
     }
 }
@@ -932,6 +934,16 @@ impl ServicePlanner {
                 "the node's service maps are full: its {} backend entries do not fit beside the others' ({} in all)",
                 u.backends.len(),
                 cap.backends
+            ));
+        }
+        // The apply writes source ranges before frontends and stops at a refused entry:
+        // one service's long allowlist over the map's size would stop every change after it.
+        if self.plan.source_ranges.len() + u.source_ranges.len() > cap.source_ranges {
+            return Some(format!(
+                "the node's service maps are full: its {} loadBalancerSourceRanges entries (one per range and port) \
+                 do not fit beside the others' ({} in all)",
+                u.source_ranges.len(),
+                cap.source_ranges
             ));
         }
         let new: BTreeSet<SvcKey> =
@@ -1348,7 +1360,7 @@ mod tests {
         let services = vec![svc_n(1), svc_n(2), svc_n(3)];
         let mut slices = vec![slice_n(1, 4), slice_n(2, 4), slice_n(3, 4)];
         let mut planner = ServicePlanner::new(params());
-        planner.capacity = Capacity { frontends: 100, backends: 10 };
+        planner.capacity = Capacity { frontends: 100, backends: 10, source_ranges: 100 };
         let update = |planner: &mut ServicePlanner, services: &[Service], slices: &[EndpointSlice], all: bool| {
             let s: Vec<&Service> = services.iter().collect();
             let sl: Vec<&EndpointSlice> = slices.iter().collect();
@@ -1379,6 +1391,42 @@ mod tests {
         assert_eq!(p.frontends.len(), 3, "the service left out got in: {:?}", p.skipped);
         assert_eq!(p.backends.len(), 9);
         assert!(!p.skipped.iter().any(|s| s.reason.contains("maps are full")), "{:?}", p.skipped);
+    }
+
+    /// The apply writes source ranges before frontends and stops at an entry the map
+    /// refuses: a service whose allowlist does not fit is left out, not written half.
+    #[test]
+    fn a_source_range_list_that_does_not_fit_leaves_its_service_out() {
+        let lb = |name: &str, ip: &str, ranges: u8| {
+            let mut s = svc(
+                name,
+                ip,
+                vec![
+                    port("a", Protocol::Tcp, 80, PortRef::Number(80)),
+                    port("b", Protocol::Tcp, 443, PortRef::Number(443)),
+                ],
+            );
+            s.service_type = ServiceType::LoadBalancer;
+            s.load_balancer_ips = vec![format!("203.0.113.{}", ip.rsplit('.').next().unwrap()).parse().unwrap()];
+            s.load_balancer_source_ranges = (0..ranges).map(|i| format!("198.51.{i}.0/24").parse().unwrap()).collect();
+            s
+        };
+        let services = [lb("a", "10.96.0.1", 40), lb("b", "10.96.0.2", 40), lb("c", "10.96.0.3", 5)];
+        let s: Vec<&Service> = services.iter().collect();
+        let mut planner = ServicePlanner::new(params());
+        planner.capacity = Capacity { frontends: 100, backends: 100, source_ranges: 100 };
+        let src = Indexed::new(ServiceInputs { services: &s, slices: &[], nodes: &[], registrations: &[] });
+        planner.update(&src, &ServiceChanges::everything());
+        let p = planner.plan();
+        assert_eq!(p.source_ranges.len(), 80 + 10, "a (2 ports x 40 ranges) and c fit; b does not");
+        let left_out: Vec<&Skipped> = p.skipped.iter().filter(|s| s.reason.contains("maps are full")).collect();
+        assert_eq!(left_out.len(), 1, "{:?}", p.skipped);
+        assert_eq!(left_out[0].service, "default/b");
+        assert!(left_out[0].reason.contains("its 80 loadBalancerSourceRanges entries"), "{left_out:?}");
+        assert!(
+            !p.frontends.keys().any(|k| Ipv4Addr::from(k.ip) == Ipv4Addr::new(10, 96, 0, 2)),
+            "b is not half there"
+        );
     }
 
     #[test]

@@ -257,6 +257,12 @@ pub enum TcpState {
 /// How long a [`TcpState::Finishing`] flow lives idle (at least `tcpClosing`).
 pub const FIN_WAIT: Duration = Duration::from_secs(120);
 
+/// How long a flow the datapath SNAT'ed to a port of its own lives after a FIN each way
+/// (netfilter's `time_wait`, at least `tcpClosing`): the backend may hold the connection
+/// in TIME_WAIT for 60 s, and its port, once the entries go, is free for another client;
+/// a new SYN on that 4-tuple would meet the old connection.
+pub const SNAT_TIME_WAIT: Duration = Duration::from_secs(120);
+
 /// The state of a TCP flow from its entry and its other direction's.
 ///
 /// A FIN closes one direction only: a client that has sent all it has (`shutdown(SHUT_WR)`)
@@ -312,7 +318,15 @@ pub fn tcp_state(e: &CtEntry, pair: Option<&CtEntry>) -> TcpState {
 pub fn ct_timeout(k: &CtKey, e: &CtEntry, pair: Option<&CtEntry>, t: &CtTimeouts) -> Duration {
     let secs = match k.proto {
         IPPROTO_TCP => match tcp_state(e, pair) {
-            TcpState::Closing => t.tcp_closing,
+            TcpState::Closing => {
+                let snat = |x: &CtEntry| x.flags & (ct_flags::SNAT | ct_flags::REV_SNAT) != 0;
+                let reset = (e.tcp_flags | pair.map_or(0, |p| p.tcp_flags)) & ct_tcp::RST != 0;
+                if !reset && (snat(e) || pair.is_some_and(snat)) {
+                    (SNAT_TIME_WAIT.as_secs() as u32).max(t.tcp_closing)
+                } else {
+                    t.tcp_closing
+                }
+            }
             TcpState::Finishing => {
                 (FIN_WAIT.as_secs() as u32).clamp(t.tcp_closing, t.tcp_established.max(t.tcp_closing))
             }
@@ -921,6 +935,13 @@ mod tests {
         // Finished both ways, or reset by either side.
         assert_eq!(ct_timeout(&k, &fin, Some(&fin), &t), Duration::from_secs(10));
         assert_eq!(ct_timeout(&k, &ack, Some(&rst), &t), Duration::from_secs(10));
+        // SNAT'ed to a port of the node's: the port waits out the backend's TIME_WAIT
+        // after a FIN each way, not after a reset (no TIME_WAIT then).
+        let snat = |x: &CtEntry, f: u16| CtEntry { flags: f, ..*x };
+        let (fwd, rev) = (ct_flags::DNAT | ct_flags::SNAT, ct_flags::REV_DNAT | ct_flags::REV_SNAT);
+        assert_eq!(ct_timeout(&k, &snat(&fin, fwd), Some(&snat(&fin, rev)), &t), SNAT_TIME_WAIT);
+        assert_eq!(ct_timeout(&k, &snat(&fin, rev), Some(&snat(&fin, fwd)), &t), SNAT_TIME_WAIT);
+        assert_eq!(ct_timeout(&k, &snat(&ack, fwd), Some(&snat(&rst, rev)), &t), Duration::from_secs(10));
         // The other direction evicted: told by this one alone.
         assert_eq!(ct_timeout(&k, &fin, None, &t), FIN_WAIT, "a half-close or a close");
         assert_eq!(ct_timeout(&k, &ack, None, &t), Duration::from_secs(21600), "established");

@@ -101,11 +101,16 @@ struct Flush {
     svc_udp: BTreeSet<(u32, [u8; 4], u16)>,
     /// (ip, port, protocol): every flow to a backend whose pod is gone.
     backends: BTreeSet<(Ipv4Addr, u16, u8)>,
+    /// (address, port) of UDP frontends that start answering (new, or with backends again):
+    /// a client's datagrams there before were a plain flow, routed on untranslated, and
+    /// conntrack, looked up before the frontends, would keep them so for as long as the
+    /// client keeps its source port (kube-proxy deletes these entries too).
+    udp_frontends: BTreeSet<([u8; 4], u16)>,
 }
 
 impl Flush {
     fn is_empty(&self) -> bool {
-        self.svc_udp.is_empty() && self.backends.is_empty()
+        self.svc_udp.is_empty() && self.backends.is_empty() && self.udp_frontends.is_empty()
     }
 }
 
@@ -493,6 +498,21 @@ impl Proxy {
                 && w.frontends_removed.is_empty()
                 && w.node_addrs.is_empty()
                 && w.node_addrs_removed.is_empty());
+        for (k, _) in w.frontends.iter().filter(|(k, v)| k.proto == IPPROTO_UDP && v.count > 0) {
+            if self.installed.frontends.get(k).is_some_and(|old| old.count > 0) {
+                continue;
+            }
+            match k.ip {
+                // A NodePort answers at every node address.
+                [0, 0, 0, 0] => self
+                    .flush
+                    .udp_frontends
+                    .extend(self.planner.plan().node_addrs.keys().map(|ip| (ip.octets(), k.port))),
+                ip => {
+                    self.flush.udp_frontends.insert((ip, k.port));
+                }
+            }
+        }
         // 1. Backends, then the frontends that count them.
         for (k, v) in w.backends {
             dp.put_svc_backend(k, v)?;
@@ -674,7 +694,8 @@ fn udp_answers_via_stack(plan: &ServicePlan, cluster_pod_cidr: Ipv4Net) -> bool 
 /// Removes both directions of every flow `f` names: a UDP flow a service NAT'ed to a
 /// backend that left it; any flow to a backend whose pod is gone, NAT'ed to it by the
 /// packet path or addressed to it already (a socket balanced at connect(), tracked by
-/// policy without a rewrite), whose next packet then meets the dead-backend refusal.
+/// policy without a rewrite), whose next packet then meets the dead-backend refusal; a
+/// plain UDP flow to a frontend that starts answering, whose next datagram is balanced.
 fn flush_flows(dp: &mut Datapath, f: &Flush) -> Result<usize, DatapathError> {
     let mut n = 0;
     let mut doomed = vec![];
@@ -685,7 +706,9 @@ fn flush_flows(dp: &mut Datapath, f: &Flush) -> Result<usize, DatapathError> {
         // An original direction without DNAT: a plain flow, or one that took another source port.
         let plain = (e.flags == 0 || e.flags == ct_flags::SNAT)
             && f.backends.contains(&(Ipv4Addr::from(k.dst), k.dport, k.proto));
-        if left || nat || plain {
+        let before_frontend =
+            k.proto == IPPROTO_UDP && e.flags & ct_flags::NAT == 0 && f.udp_frontends.contains(&(k.dst, k.dport));
+        if left || nat || plain || before_frontend {
             doomed.push(ct_pair(&k, &e));
             doomed.push(k);
             n += 1;
@@ -1082,6 +1105,18 @@ mod tests {
             ct.insert(rev_k, rev, 0).unwrap();
         }
 
+        /// Records a plain flow (no rewrite) from a client pod's `sport` to `dst`, both ways.
+        fn plain_flow(&mut self, proto: u8, sport: u16, dst: ([u8; 4], u16)) {
+            let client = [10, 1, 1, 9];
+            let fwd_k = CtKey { src: client, dst: dst.0, sport, dport: dst.1, proto, _pad: [0; 3] };
+            let e = CtEntry { last_seen_ns: monotonic_ns(), ..Default::default() };
+            let data = aya::maps::MapData::from_pin(self.dir.0.join(contiv_common::map_names::CT)).unwrap();
+            let mut map = aya::maps::Map::LruHashMap(data);
+            let mut ct: aya::maps::HashMap<&mut aya::maps::MapData, CtKey, CtEntry> = (&mut map).try_into().unwrap();
+            ct.insert(fwd_k, e, 0).unwrap();
+            ct.insert(ct_pair(&fwd_k, &e), e, 0).unwrap();
+        }
+
         /// The backends the recorded flows go to.
         fn flows_to(&self) -> BTreeSet<(Ipv4Addr, u16)> {
             let entries = self.dp.ct_entries().unwrap();
@@ -1187,6 +1222,38 @@ mod tests {
             .flat_map(|f| f.entries().map(|(k, _)| k))
             .collect();
         assert_eq!(doomed, vec![plain.0], "the service flow lives on its answer, both ways");
+    }
+
+    /// A client's datagrams to a service address before its frontend answered were a plain
+    /// flow, routed on untranslated; conntrack is looked up first, so a client keeping its
+    /// source port would never be balanced. The flow goes when the frontend starts to
+    /// answer: first programmed, or given backends again.
+    #[test]
+    fn plain_udp_flows_to_a_frontend_go_when_it_starts_to_answer() {
+        let Some(mut rig) = Rig::new("proxy-udp-new-frontend") else { return };
+        let vip = [10, 96, 0, 53];
+        rig.plain_flow(IPPROTO_UDP, 40000, (vip, 53));
+        rig.plain_flow(IPPROTO_TCP, 40001, (vip, 53));
+        rig.plain_flow(IPPROTO_UDP, 40002, ([10, 96, 0, 54], 53));
+        rig.plain_flow(IPPROTO_UDP, 40003, (vip, 54));
+        let plain_ports = |rig: &Rig| -> BTreeSet<u16> {
+            let entries = rig.dp.ct_entries().unwrap();
+            entries.iter().filter(|(_, e)| e.flags & ct_flags::NAT == 0).map(|(k, _)| k.sport.max(k.dport)).collect()
+        };
+        let svc = dns_service(Protocol::Udp);
+        rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(A)])], &[A]);
+        assert_eq!(plain_ports(&rig), BTreeSet::from([40001, 40002, 40003]), "only the UDP flow to 10.96.0.53:53 went");
+        assert_eq!(rig.dp.ct_entries().unwrap().len(), 6, "both of its directions");
+        // Without backends the frontend refuses; a client's plain flow from then on (its
+        // datagrams refused) goes again once a backend is back.
+        rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![])], &[A]);
+        rig.plain_flow(IPPROTO_UDP, 40004, (vip, 53));
+        rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(A)])], &[A]);
+        assert!(!plain_ports(&rig).contains(&40004), "{:?}", plain_ports(&rig));
+        // A frontend that keeps answering leaves a later plain flow alone (none is made then).
+        rig.plain_flow(IPPROTO_UDP, 40005, (vip, 53));
+        rig.apply(&svc, &[dns_slice(Protocol::Udp, vec![ready(A), ready(B)])], &[A, B]);
+        assert!(plain_ports(&rig).contains(&40005));
     }
 
     #[test]

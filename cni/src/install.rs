@@ -58,6 +58,16 @@ pub struct Install {
     pub conf_name: String,
     /// The config list (JSON).
     pub conflist: Vec<u8>,
+    /// Write the config list as `<conf_name>.staged`, a name runtimes do not load: the agent
+    /// renames it once it is ready (its `cniConfStaged`). A config list already in place
+    /// under `conf_name` (the previous agent's) stays until then.
+    pub staged: bool,
+}
+
+/// The name a staged config list waits under: runtimes load `*.conf`, `*.conflist` and
+/// `*.json` only.
+pub fn staged_name(conf_name: &str) -> String {
+    format!("{conf_name}.staged")
 }
 
 /// Checks a config list the way the runtime will use it (see the module docs).
@@ -185,7 +195,8 @@ impl Install {
             }
         }
         report.written.push(write_atomically(&self.bin_dir, "contiv-cni", &binary, 0o755)?);
-        report.written.push(write_atomically(&self.conf_dir, &self.conf_name, &self.conflist, 0o644)?);
+        let name = if self.staged { staged_name(&self.conf_name) } else { self.conf_name.clone() };
+        report.written.push(write_atomically(&self.conf_dir, &name, &self.conflist, 0o644)?);
         for stale in stale_configs(&self.conf_dir, &self.conf_name) {
             if remove_if_present(&stale)? {
                 report.removed.push(stale);
@@ -201,6 +212,7 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path, conf_name: &str) -> Result<Rep
     let mut report = Report::default();
     let mut configs = stale_configs(conf_dir, "");
     configs.push(conf_dir.join(conf_name));
+    configs.push(conf_dir.join(staged_name(conf_name)));
     configs.sort();
     configs.dedup();
     for path in configs {
@@ -241,7 +253,25 @@ mod tests {
             conf_dir: dir.join("net.d"),
             conf_name: DEFAULT_CONF_NAME.into(),
             conflist: conflist.as_bytes().to_vec(),
+            staged: false,
         }
+    }
+
+    /// Staged, the list waits under a name runtimes do not load, the one in place stays,
+    /// and uninstall removes both.
+    #[test]
+    fn a_staged_install_leaves_the_published_config_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut i = install(dir.path(), &default_conflist("/run/contiv/cni.sock"));
+        std::fs::create_dir_all(&i.conf_dir).unwrap();
+        std::fs::write(i.conf_dir.join(DEFAULT_CONF_NAME), "the previous agent's").unwrap();
+        i.staged = true;
+        let report = i.run().unwrap();
+        assert!(report.written.contains(&i.conf_dir.join("05-contiv.conflist.staged")), "{report:?}");
+        assert!(report.removed.is_empty(), "{report:?}");
+        assert_eq!(std::fs::read_to_string(i.conf_dir.join(DEFAULT_CONF_NAME)).unwrap(), "the previous agent's");
+        let report = uninstall(&i.bin_dir, &i.conf_dir, DEFAULT_CONF_NAME).unwrap();
+        assert_eq!(report.removed.len(), 3, "both configs and the binary: {report:?}");
     }
 
     #[test]

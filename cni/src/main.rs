@@ -44,6 +44,10 @@ enum Command {
         /// The agent's CNI socket, for the default config list.
         #[arg(long, default_value = contiv_cni_api::DEFAULT_SOCKET)]
         agent_socket: String,
+        /// Write the config list as `<conf-name>.staged`, for the agent to put in place once
+        /// it is ready (its `cniConfStaged`).
+        #[arg(long)]
+        staged: bool,
     },
     /// Remove the config list (and other contiv configs), then the binary.
     Uninstall {
@@ -118,7 +122,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Install { bin_dir, conf_dir, conf_name, conflist, agent_socket } => {
+        Command::Install { bin_dir, conf_dir, conf_name, conflist, agent_socket, staged } => {
             let conflist = match conflist {
                 Some(path) => {
                     std::fs::read(&path).map_err(|source| install::InstallError::Io { path: path.clone(), source })
@@ -127,8 +131,9 @@ fn main() -> ExitCode {
             };
             let binary = std::env::current_exe()
                 .map_err(|source| install::InstallError::Io { path: "/proc/self/exe".into(), source });
-            conflist
-                .and_then(|conflist| install::Install { binary: binary?, bin_dir, conf_dir, conf_name, conflist }.run())
+            conflist.and_then(|conflist| {
+                install::Install { binary: binary?, bin_dir, conf_dir, conf_name, conflist, staged }.run()
+            })
         }
         Command::Uninstall { bin_dir, conf_dir, conf_name, wait } => {
             let r = install::uninstall(&bin_dir, &conf_dir, &conf_name);

@@ -626,6 +626,8 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
         "/host/proc/sys/net/ipv4/ip_forward",
         // CNI_NETNS=/proc/<pid>/ns/net names a host PID (crate::podnet::runtime_netns_path).
         config["hostProcDir"].as_str().unwrap(),
+        // The network config list install-cni staged, put in place once the agent is ready.
+        config["cniConfStaged"].as_str().unwrap(),
     ] {
         assert!(mounted(path), "{path} (named by agent.toml or the runtime) is not mounted in the agent");
     }
@@ -650,6 +652,14 @@ fn agent_daemonset_runs_on_every_node_and_mounts_what_its_config_names() {
     let install = container(ds, "install-cni");
     let argv = strings(&install["command"]);
     assert_eq!(&argv[..2], ["/usr/bin/contiv-cni", "install"]);
+    // It stages the list where the agent looks for it (both see the host's directory at
+    // the same place); contiv-cni's default name, as uninstall removes it.
+    assert!(argv.contains(&"--staged".to_string()) && !argv.contains(&"--conf-name".to_string()), "{argv:?}");
+    let conf_dir = &argv[argv.iter().position(|a| a == "--conf-dir").unwrap() + 1];
+    assert_eq!(
+        config["cniConfStaged"].as_str().unwrap(),
+        format!("{conf_dir}/{}", contiv_cni::install::staged_name(contiv_cni::install::DEFAULT_CONF_NAME))
+    );
     let conflist: Value = serde_json::from_str(config_map_data(&docs, "contiv-agent", "05-contiv.conflist")).unwrap();
     assert_eq!(
         conflist["plugins"][0]["agentSocket"].as_str(),

@@ -1,6 +1,7 @@
 //! The real contiv-cni binary against a real agent (root): error codes, CHECK, STATUS,
 //! GC, and chaining with Debian's containernetworking-plugins as libcni would run a
-//! conflist (each plugin gets the previous one's result as prevResult; DEL in reverse).
+//! conflist (each plugin gets the previous one's result as prevResult; DEL in reverse);
+//! the staged network config list the agent puts in place once ready.
 
 use std::path::Path;
 
@@ -475,4 +476,33 @@ fn a_repeated_add_is_code_102_and_leaves_the_pod_as_it_is() {
     assert_eq!(node.pod_links().len(), 1);
     assert!(pod.ns.ip(&["-4", "-o", "addr", "show", "eth0"]).contains(&pod.ip.to_string()));
     assert!(ping(&pod.ns, "10.1.1.1".parse().unwrap(), 1), "the pod still reaches its gateway");
+}
+
+/// install-cni leaves the network config list as `<name>.staged`, which runtimes do not
+/// load; the agent puts it in place once it is ready (`cniConfStaged`), so a node whose
+/// agent cannot start never looks ready for pods.
+#[test]
+fn the_agent_puts_the_staged_network_config_in_place_once_ready() {
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let conf = Dir(std::env::temp_dir().join(contiv_tests::unique("contiv-netd-")));
+    std::fs::create_dir_all(&conf.0).unwrap();
+    let (staged, target) = (conf.0.join("05-contiv.conflist.staged"), conf.0.join("05-contiv.conflist"));
+    std::fs::write(&staged, "{\"cniVersion\": \"1.0.0\", \"name\": \"contiv\", \"plugins\": []}\n").unwrap();
+    let node = Node::start(NodeOptions {
+        extra_config: format!("cniConfStaged = \"{}\"\n", staged.display()),
+        ..NodeOptions::default()
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !target.exists() {
+        assert!(std::time::Instant::now() < deadline, "the agent never put {} in place", target.display());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!staged.exists(), "renamed, not copied");
+    assert!(std::fs::read_to_string(&target).unwrap().contains("\"name\": \"contiv\""));
+    drop(node);
 }

@@ -48,6 +48,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     bpf_pin_dir: Option<PathBuf>,
     host_proc_dir: Option<PathBuf>,
+    cni_conf_staged: Option<PathBuf>,
     slowpath_host_ifname: Option<String>,
     slowpath_vswitch_ifname: Option<String>,
     dns: Option<DnsConfig>,
@@ -436,6 +437,10 @@ pub struct AgentConfig {
     /// agent opens here instead (`<hostProcDir>/<pid>/ns/net`). Default: none (`/proc` as it
     /// is, right when the agent shares the host's PIDs).
     pub host_proc_dir: Option<PathBuf>,
+    /// A network config list `contiv-cni install --staged` left under the name a runtime
+    /// does not load (`<name>.staged`): the agent renames it to `<name>` once it is ready,
+    /// so a node whose agent cannot start does not look ready for pods. Default: none.
+    pub cni_conf_staged: Option<PathBuf>,
     /// Host end of the slow-path port. Default cslow0.
     pub slowpath_host_ifname: String,
     /// vswitch end of the slow-path port (AF_XDP). Default cslow1.
@@ -725,6 +730,15 @@ impl AgentConfig {
         if let Some(dir) = &raw.host_proc_dir {
             check_path("hostProcDir", dir)?;
         }
+        if let Some(file) = &raw.cni_conf_staged {
+            check_path("cniConfStaged", file)?;
+            if !file.to_string_lossy().ends_with(".staged") {
+                return Err(ConfigError::Invalid(format!(
+                    "cniConfStaged {} must end in .staged (the name the agent renames it to is without it)",
+                    file.display()
+                )));
+            }
+        }
         let node_lease_seconds = raw.node_lease_seconds.unwrap_or(DEFAULT_NODE_LEASE_SECONDS);
         if !(2..=3600).contains(&node_lease_seconds) {
             return Err(ConfigError::Invalid(format!("nodeLeaseSeconds {node_lease_seconds} is outside 2..=3600")));
@@ -767,6 +781,7 @@ impl AgentConfig {
             state_dir,
             bpf_pin_dir,
             host_proc_dir: raw.host_proc_dir,
+            cni_conf_staged: raw.cni_conf_staged,
             slowpath_host_ifname,
             slowpath_vswitch_ifname,
             dns,
@@ -983,6 +998,8 @@ mod tests {
             ("vxlanVni = 16777216", "vxlanVni"),
             ("overlayEncap = \"kernel\"", "overlayEncap \"kernel\""),
             ("nodeIP = \"x\"", "nodeIP"),
+            ("cniConfStaged = \"/etc/cni/net.d/05-contiv.conflist\"", "cniConfStaged"),
+            ("cniConfStaged = \"net.d/05-contiv.conflist.staged\"", "cniConfStaged"),
             // A new user's mistakes: the whole address space, an empty or relative path.
             ("podSubnet = \"10.0.0.0/0\"", "podSubnet 10.0.0.0/0"),
             ("podSubnet = \"10.0.0.0/8\"", "podSubnet"),

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod bandwidth;
 pub mod cluster;
 pub mod cni_server;
+pub mod cniconf;
 pub mod config;
 pub mod conntrack;
 pub mod datapath;

@@ -342,6 +342,29 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .await;
         }));
     }
+    // The network config list install-cni staged goes in place once the agent is ready.
+    if let Some(staged) = agent.config().cni_conf_staged.clone() {
+        let publisher = agent.clone();
+        let mut stop = stop_rx.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                if publisher.status().is_ok() {
+                    match contiv_agent::cniconf::publish(&staged) {
+                        Ok(Some(target)) => {
+                            log::info!("ready: the network config {} is in place for the runtime", target.display());
+                            return;
+                        }
+                        Ok(None) => return,
+                        Err(e) => log::error!("publishing the network config {}: {e}; retrying", staged.display()),
+                    }
+                }
+                tokio::select! {
+                    _ = stop.wait_for(|v| *v) => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        }));
+    }
     let status_agent = agent.clone();
     let status_metrics = metrics.clone();
     let mut status_stop = stop_rx;

@@ -197,7 +197,15 @@ impl Install {
         report.written.push(write_atomically(&self.bin_dir, "contiv-cni", &binary, 0o755)?);
         let name = if self.staged { staged_name(&self.conf_name) } else { self.conf_name.clone() };
         report.written.push(write_atomically(&self.conf_dir, &name, &self.conflist, 0o644)?);
+        // Staged with no list of ours in place yet under this name (an upgrade from an older
+        // name): an older contiv list stays until the agent has put this one in place, or
+        // the node would have no network config meanwhile; the next install removes it.
+        let keep_older = self.staged && !self.conf_dir.join(&self.conf_name).exists();
         for stale in stale_configs(&self.conf_dir, &self.conf_name) {
+            let leftover = stale.file_name().is_some_and(|n| n.to_string_lossy().starts_with(TMP_PREFIX));
+            if keep_older && !leftover {
+                continue;
+            }
             if remove_if_present(&stale)? {
                 report.removed.push(stale);
             }
@@ -272,6 +280,13 @@ mod tests {
         assert_eq!(std::fs::read_to_string(i.conf_dir.join(DEFAULT_CONF_NAME)).unwrap(), "the previous agent's");
         let report = uninstall(&i.bin_dir, &i.conf_dir, DEFAULT_CONF_NAME).unwrap();
         assert_eq!(report.removed.len(), 3, "both configs and the binary: {report:?}");
+        // An upgrade from the older name: that list serves until the agent put this one in
+        // place, and goes at the next install.
+        std::fs::write(i.conf_dir.join("10-contiv.conflist"), "the older release's").unwrap();
+        assert!(i.run().unwrap().removed.is_empty());
+        assert!(i.conf_dir.join("10-contiv.conflist").exists(), "kept while nothing of ours is in place");
+        std::fs::rename(i.conf_dir.join("05-contiv.conflist.staged"), i.conf_dir.join(DEFAULT_CONF_NAME)).unwrap();
+        assert_eq!(i.run().unwrap().removed, vec![i.conf_dir.join("10-contiv.conflist")]);
     }
 
     #[test]

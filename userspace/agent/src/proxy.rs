@@ -760,14 +760,43 @@ pub(crate) fn flows_of(entries: Vec<(CtKey, CtEntry)>) -> Vec<Flow> {
 /// The keys of every flow idle past its timeout (both directions together), from a
 /// snapshot of the table. `now_ns`: CLOCK_MONOTONIC, the clock the datapath stamps entries
 /// with.
-pub(crate) fn expired_flows(entries: Vec<(CtKey, CtEntry)>, timeouts: &CtTimeouts, now_ns: u64) -> Vec<Flow> {
+pub(crate) fn expired_flows(
+    entries: Vec<(CtKey, CtEntry)>,
+    timeouts: &CtTimeouts,
+    now_ns: u64,
+    released: Option<&Released>,
+) -> Vec<Flow> {
     flows_of(entries)
         .into_iter()
         .filter(|f| {
             let idle = Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns()));
             idle > ct_timeout(&f.key, &f.entry, f.pair.as_ref().map(|(_, p)| p), timeouts)
+                || released.is_some_and(|r| r.names(f))
         })
         .collect()
+}
+
+/// The addresses of this node's pod subnet that no pod holds (their pods deleted), as of
+/// a moment: their flows go at the next sweep, whatever their timeouts, for a later pod
+/// given the address would inherit them (a half-closed TCP flow lives for hours, and an
+/// established flow passes NetworkPolicy unchecked). A flow that saw a packet since that
+/// moment is left to its timeout: it may be a new pod's on the address.
+#[derive(Debug, Clone)]
+pub struct Released {
+    pub subnet: Ipv4Net,
+    /// Pods' addresses, and the gateway's.
+    pub held: BTreeSet<Ipv4Addr>,
+    pub as_of_ns: u64,
+}
+
+impl Released {
+    fn names(&self, f: &Flow) -> bool {
+        let released = |a: [u8; 4]| {
+            let ip = Ipv4Addr::from(a);
+            self.subnet.contains(&ip) && !self.held.contains(&ip)
+        };
+        f.last_seen_ns() < self.as_of_ns && f.entries().any(|(k, _)| released(k.src) || released(k.dst))
+    }
 }
 
 /// The flows of a conntrack table that a table of `budget` entries keeps when it is
@@ -794,12 +823,17 @@ pub fn flows_that_fit(entries: Vec<(CtKey, CtEntry)>, budget: usize) -> (Vec<(Ct
 /// One conntrack sweep: removes flows idle past their timeout. On the table's own handle,
 /// so it holds no lock of the agent's while it reads a table of up to hundreds of
 /// thousands of entries.
-pub fn gc_conntrack(table: &mut CtTable, timeouts: &CtTimeouts, now_ns: u64) -> Result<GcStats, DatapathError> {
+pub fn gc_conntrack(
+    table: &mut CtTable,
+    timeouts: &CtTimeouts,
+    now_ns: u64,
+    released: Option<&Released>,
+) -> Result<GcStats, DatapathError> {
     let started = Instant::now();
     let entries = table.entries()?;
     let scanned = entries.len();
     let udp = entries.iter().filter(|(k, _)| k.proto == IPPROTO_UDP).count();
-    let (expired, expired_udp) = sweep(table, entries, timeouts, now_ns)?;
+    let (expired, expired_udp) = sweep(table, entries, timeouts, now_ns, released)?;
     Ok(GcStats {
         scanned,
         expired,
@@ -809,7 +843,8 @@ pub fn gc_conntrack(table: &mut CtTable, timeouts: &CtTimeouts, now_ns: u64) -> 
     })
 }
 
-/// Deletes the flows of `snapshot` (the table as read) idle past their timeout; how many
+/// Deletes the flows of `snapshot` (the table as read) idle past their timeout, and those
+/// of `released` addresses; how many
 /// entries went, and how many of those it meant to delete were UDP. A packet may have
 /// refreshed a flow since the table was read (a flow idle past its timeout, resuming): a
 /// doomed flow's entries are read again, and the flow is kept if either changed.
@@ -818,9 +853,10 @@ fn sweep(
     snapshot: Vec<(CtKey, CtEntry)>,
     timeouts: &CtTimeouts,
     now_ns: u64,
+    released: Option<&Released>,
 ) -> Result<(usize, usize), DatapathError> {
     let mut doomed = vec![];
-    for flow in expired_flows(snapshot, timeouts, now_ns) {
+    for flow in expired_flows(snapshot, timeouts, now_ns, released) {
         let mut unchanged = true;
         for (k, e) in flow.entries() {
             unchanged &= table.get(&k)?.is_none_or(|now| now.last_seen_ns == e.last_seen_ns);
@@ -1174,12 +1210,46 @@ mod tests {
         // A packet of the first flow passes between the read and the delete.
         rig.flow(IPPROTO_UDP, 40000, (B_IP, 53), 0);
         let hour_later = monotonic_ns() + 3_600_000_000_000;
-        let went = sweep(&mut table, snapshot, &CtTimeouts::default(), hour_later).unwrap();
+        let went = sweep(&mut table, snapshot, &CtTimeouts::default(), hour_later, None).unwrap();
         assert_eq!(went, (2, 2), "the other flow's two (UDP) entries went, and were counted");
         let client_port = |k: &CtKey| if k.sport == 53 { k.dport } else { k.sport };
         let left: BTreeSet<u16> = rig.dp.ct_entries().unwrap().iter().map(|(k, _)| client_port(k)).collect();
         assert_eq!(left, BTreeSet::from([40000]), "the refreshed flow stays, both ways");
         assert_eq!(rig.dp.ct_entries().unwrap().len(), 2);
+    }
+
+    /// A deleted pod's flows go at the next sweep, not at their timeouts: a later pod given
+    /// its address would inherit them (an established flow passes policy unchecked).
+    #[test]
+    fn the_flows_of_an_address_no_pod_holds_go_at_the_next_sweep() {
+        let s = 1_000_000_000u64;
+        let now = 100_000 * s;
+        let seen = |at: u64| CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, last_seen_ns: at, ..Default::default() };
+        let (gone, live, elsewhere) = ([10, 1, 1, 7], [10, 1, 1, 8], [10, 1, 2, 9]);
+        let flow = |src: [u8; 4], dst: [u8; 4], sport: u16, at: u64| {
+            let k = key(src, dst, sport, 80);
+            [(k, seen(at)), (ct_pair(&k, &seen(at)), seen(at))]
+        };
+        let entries: Vec<(CtKey, CtEntry)> = [
+            flow(gone, elsewhere, 40000, now - s),          // from the deleted pod
+            flow(elsewhere, gone, 40001, now - s),          // to it
+            flow(live, elsewhere, 40002, now - s),          // a live pod's
+            flow(gone, elsewhere, 40003, now + s),          // seen since: perhaps a new pod's
+            flow([10, 1, 1, 1], elsewhere, 40004, now - s), // the gateway's
+        ]
+        .concat();
+        let released = Released {
+            subnet: "10.1.1.0/24".parse().unwrap(),
+            held: [Ipv4Addr::from(live), Ipv4Addr::new(10, 1, 1, 1)].into(),
+            as_of_ns: now,
+        };
+        let t = CtTimeouts::default();
+        let doomed: BTreeSet<u16> = expired_flows(entries.clone(), &t, now, Some(&released))
+            .into_iter()
+            .map(|f| f.key.sport.max(f.key.dport))
+            .collect();
+        assert_eq!(doomed, BTreeSet::from([40000, 40001]));
+        assert!(expired_flows(entries, &t, now, None).is_empty(), "none is past its timeout");
     }
 
     #[test]
@@ -1217,7 +1287,7 @@ mod tests {
             ..Default::default()
         };
         let entries = vec![plain, (udp(client, vip, 40000, 53), fwd), (udp(backend, client, 53, 40000), rev)];
-        let doomed: Vec<CtKey> = expired_flows(entries, &CtTimeouts::default(), now)
+        let doomed: Vec<CtKey> = expired_flows(entries, &CtTimeouts::default(), now, None)
             .into_iter()
             .flat_map(|f| f.entries().map(|(k, _)| k))
             .collect();
@@ -1343,7 +1413,7 @@ mod tests {
             (key(a, b, 40_002, 80), seen(120, ct_tcp::SYN)),
         ];
         let doomed: BTreeSet<CtKey> =
-            expired_flows(entries, &t, now).into_iter().flat_map(|f| f.entries().map(|(k, _)| k)).collect();
+            expired_flows(entries, &t, now, None).into_iter().flat_map(|f| f.entries().map(|(k, _)| k)).collect();
         let want: BTreeSet<CtKey> =
             [key(a, b, 40_000, 80), key(b, a, 80, 40_000), key(a, b, 40_002, 80)].into_iter().collect();
         assert_eq!(doomed, want);

@@ -16,7 +16,7 @@ use super::{Agent, Inner};
 use crate::{
     conntrack::{ConntrackError, ConntrackFill, ConntrackQuery, ConntrackReport, flows_report},
     datapath::CtTable,
-    proxy::{ApplyStats, GcStats, gc_conntrack, monotonic_ns},
+    proxy::{ApplyStats, GcStats, Released, gc_conntrack, monotonic_ns},
     proxyhealth::Server,
     services::{HealthCheck, ServiceChanges, Skipped, proto_name},
 };
@@ -389,11 +389,18 @@ impl Agent {
     /// connection on the same ports would pass as established).
     pub async fn gc_conntrack(&self) -> Option<GcStats> {
         // The table the programs write (pinned aside while a resize waits for its finish).
-        let ct_pin = self.inner.lock().await.datapath.ct_pin();
+        // With the addresses no pod holds now: their flows go too.
+        let (ct_pin, released) = {
+            let inner = self.inner.lock().await;
+            let mut held: std::collections::BTreeSet<Ipv4Addr> = inner.state.attachments().map(|a| a.ip).collect();
+            held.insert(self.params.gateway_ip);
+            let released = Released { subnet: self.params.pod_subnet, held, as_of_ns: monotonic_ns() };
+            (inner.datapath.ct_pin(), released)
+        };
         let timeouts = self.config.services.timeouts;
         let swept = tokio::task::spawn_blocking(move || {
             let mut table = CtTable::open_at(&ct_pin).map_err(|e| e.to_string())?;
-            gc_conntrack(&mut table, &timeouts, monotonic_ns()).map_err(|e| e.to_string())
+            gc_conntrack(&mut table, &timeouts, monotonic_ns(), Some(&released)).map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));

@@ -295,6 +295,15 @@ fn pod_counter(b: &ClusterBox, pod: &BoxPod, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} for {} in {pods}", pod.ip))
 }
 
+/// Waits until `pod`'s node reports it in `/policies` as `want` says.
+fn wait_for_policy(b: &ClusterBox, pod: &BoxPod, what: &str, want: impl Fn(&Value) -> bool) {
+    b.wait_for(Duration::from_secs(15), what, || {
+        b.status_json(&pod.node, "/policies").is_some_and(|p| {
+            p["pods"].as_array().into_iter().flatten().any(|x| x["ip"] == pod.ip.to_string() && want(x))
+        })
+    });
+}
+
 fn slowport_counter(b: &ClusterBox, node: &str, name: &str) -> u64 {
     let v = b.status_json(node, "/vswitch").expect("/vswitch");
     v["programs"][name].as_u64().unwrap_or_else(|| panic!("no {name} in {v}"))
@@ -841,15 +850,7 @@ fn a_remote_backends_answer_through_the_fake_vpp_is_translated_back_to_the_servi
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: default}\n\
          spec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress]\n",
     );
-    b.wait_for(Duration::from_secs(15), "c is isolated for ingress", || {
-        b.status_json("node-1", "/policies").is_some_and(|p| {
-            p["pods"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|x| x["ip"] == c.ip.to_string() && x["ingressIsolated"] == true)
-        })
-    });
+    wait_for_policy(&b, &c, "c is isolated for ingress", |x| x["ingressIsolated"] == true);
     connected.send(b"question").expect("send");
     deliver(udp_packet(backend, SocketAddrV4::new(c.ip, port), b"answer"));
     let n = connected.recv(&mut buf).expect("the answer passes the pod's ingress isolation");
@@ -878,14 +879,8 @@ fn a_pod_isolated_for_egress_only_answers_flows_vpp_brings_in() {
          spec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Egress]\n\
          \x20 egress: [{ports: [{port: 53, protocol: UDP}]}]\n",
     );
-    b.wait_for(Duration::from_secs(15), "s is isolated for egress, not for ingress", || {
-        b.status_json("node-1", "/policies").is_some_and(|p| {
-            p["pods"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|x| x["ip"] == s.ip.to_string() && x["egressIsolated"] == true && x["ingressIsolated"] == false)
-        })
+    wait_for_policy(&b, &s, "s is isolated for egress, not for ingress", |x| {
+        x["egressIsolated"] == true && x["ingressIsolated"] == false
     });
     let node_ns = b.node("node-1").netns.clone();
     let (pod_mac, vpp_mac) = (mac_of(&s.netns, "eth0"), mac_of(&node_ns, "cslow1"));

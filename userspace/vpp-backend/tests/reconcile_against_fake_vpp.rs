@@ -78,6 +78,16 @@ async fn client(fake: &FakeVpp) -> Client {
     Client::connect(ClientOptions::new(fake.socket())).await.expect("connect")
 }
 
+/// A fake VPP that node 1 of a two-node cluster has been reconciled into once: the fake,
+/// the reconciler and what it was given.
+async fn reconciled(dir: &tempfile::TempDir) -> (FakeVpp, Reconciler, VppDesired) {
+    let fake = fake(dir);
+    let rec = Reconciler::new(client(&fake).await);
+    let d = desired(1, &[1, 2]);
+    rec.reconcile(&d).await.unwrap();
+    (fake, rec, d)
+}
+
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
@@ -300,10 +310,7 @@ async fn nat44_ed_is_enabled_once_and_enabled_again_only_to_change_its_sessions(
 #[tokio::test]
 async fn tunnels_that_decapsulate_to_l2_input_are_created_again() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = fake(&dir);
-    let rec = Reconciler::new(client(&fake).await);
-    let d = desired(1, &[1, 2]);
-    rec.reconcile(&d).await.unwrap();
+    let (fake, rec, d) = reconciled(&dir).await;
     let old_sw = fake.state().interface_by_name("vxlan_tunnel2").unwrap().sw_if_index;
     // What an older agent left: a tunnel created with decap_next_index ~0 (l2-input).
     fake.with_state(|s| {
@@ -350,10 +357,7 @@ async fn two_handed_over_routes_to_one_destination_do_not_take_turns() {
 #[tokio::test]
 async fn an_interface_deleted_behind_the_reconcilers_back_gets_its_nat_role_back() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = fake(&dir);
-    let rec = Reconciler::new(client(&fake).await);
-    let d = desired(1, &[1, 2]);
-    rec.reconcile(&d).await.unwrap();
+    let (fake, rec, d) = reconciled(&dir).await;
     assert_node_state(&fake, 1, &[1, 2]);
     let old_sw = fake.state().interface_by_name("xdp-cslow1").unwrap().sw_if_index;
     let other = client(&fake).await;
@@ -411,10 +415,7 @@ async fn remote_nodes_joining_and_leaving_add_and_remove_tunnels_and_routes() {
 #[tokio::test]
 async fn drift_in_vpp_is_repaired_and_foreign_objects_are_left_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = fake(&dir);
-    let rec = Reconciler::new(client(&fake).await);
-    let d = desired(1, &[1, 2]);
-    rec.reconcile(&d).await.unwrap();
+    let (fake, rec, d) = reconciled(&dir).await;
     // Someone took the port down, removed a route, added a stray route through a tunnel, a
     // static neighbour on it (which would give the tunnel's adjacency an Ethernet rewrite)
     // and a loopback of their own with a route.

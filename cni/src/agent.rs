@@ -42,7 +42,11 @@ impl Default for Timeouts {
 /// Why a call to the agent failed (transport level; in-band CNI errors are in the reply).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The socket is missing, refused the connection, or the connection did not complete in time.
+    /// No agent listens: the socket is missing or refuses the connection (crash-looping,
+    /// between an upgrade's pods, uninstalled).
+    #[error("the agent is not running at {socket}: {reason}")]
+    NotRunning { socket: PathBuf, reason: String },
+    /// The connection did not complete in time, or failed after the socket accepted it.
     #[error("cannot reach the agent at {socket}: {reason}")]
     Unreachable { socket: PathBuf, reason: String },
     /// The socket (or a directory on its path) does not let this process connect: the agent
@@ -61,7 +65,7 @@ impl AgentError {
     /// Whether the failure is plausibly transient (the runtime should retry later).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Unreachable { .. } | Self::Timeout(_) => true,
+            Self::NotRunning { .. } | Self::Unreachable { .. } | Self::Timeout(_) => true,
             Self::PermissionDenied { .. } => false,
             Self::Rpc(s) => matches!(
                 s.code(),
@@ -96,6 +100,9 @@ impl Agent {
                     socket: socket.to_path_buf(),
                     who: who_may_connect(socket),
                 });
+            }
+            Ok(Err(e)) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                return Err(AgentError::NotRunning { socket: socket.to_path_buf(), reason: e.to_string() });
             }
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
             Ok(Ok(stream)) => stream,

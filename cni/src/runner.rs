@@ -181,6 +181,21 @@ pub async fn forward(f: Forward, timeouts: Timeouts) -> Result<String, CniError>
         Err(e) if is_status => {
             return Err(CniError::not_available("vswitch agent not available", e.to_string()));
         }
+        // DEL succeeds as far as it can (the spec): with no agent running, it is recorded
+        // for the agent to carry out when it runs again (contiv_cni_api::pending_del).
+        Err(e @ AgentError::NotRunning { .. }) if matches!(f.request, AgentRequest::Del(_)) => {
+            let AgentRequest::Del(request) = &f.request else { unreachable!("matched above") };
+            return match contiv_cni_api::pending_del::record(&f.socket, request) {
+                Ok(file) => {
+                    eprintln!("contiv-cni: {e}; the DEL is recorded in {} for it", file.display());
+                    Ok(String::new())
+                }
+                Err(io) => Err(CniError::try_again_later(
+                    "vswitch agent not running, and the DEL could not be recorded for it",
+                    format!("{e}; recording: {io}"),
+                )),
+            };
+        }
         Err(e) => return Err(transport_error(e)),
     };
     match f.request {
@@ -439,30 +454,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn missing_socket_is_code_11_and_status_50() {
+    async fn missing_socket_is_code_11_a_recorded_del_and_status_50() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("absent.sock");
         let mut cfg = config("1.1.0", sock.to_str().unwrap());
         cfg["prevResult"] = json!({});
         cfg["cni.dev/valid-attachments"] = json!([]);
-        for cmd in ["ADD", "DEL", "CHECK", "GC"] {
+        for cmd in ["ADD", "CHECK", "GC"] {
             let v = error_of(&invoke(cmd, &cfg).await);
             assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{cmd}: {v}");
             assert!(v["details"].as_str().unwrap().contains("absent.sock"), "{v}");
         }
         let v = error_of(&invoke("STATUS", &cfg).await);
         assert_eq!(v["code"], codes::NOT_AVAILABLE);
+        // DEL succeeds, recorded for the agent.
+        let o = invoke("DEL", &cfg).await;
+        assert_eq!((o.exit_code, o.stdout.as_str()), (0, ""), "{o:?}");
+        let recorded = contiv_cni_api::pending_del::recorded(&dir.path().join("pending-del"));
+        assert_eq!(recorded.len(), 1);
+        let req = recorded[0].1.as_ref().unwrap();
+        assert_eq!((req.container_id.as_str(), req.ifname.as_str()), ("c1", "eth0"));
     }
 
     #[tokio::test]
-    async fn refused_socket_is_code_11() {
+    async fn refused_socket_is_code_11_and_a_del_that_cannot_be_recorded_too() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("stale.sock");
         // Bind and close: the socket file stays, connecting is refused.
         drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
         assert!(sock.exists());
+        let v = error_of(&invoke("ADD", &config("1.1.0", sock.to_str().unwrap())).await);
+        assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{v}");
+        assert_eq!(invoke("DEL", &config("1.1.0", sock.to_str().unwrap())).await.exit_code, 0, "recorded");
+        // Where the record cannot go (a file where its directory would be): the runtime retries.
+        std::fs::remove_dir_all(dir.path().join("pending-del")).unwrap();
+        std::fs::write(dir.path().join("pending-del"), "").unwrap();
         let v = error_of(&invoke("DEL", &config("1.1.0", sock.to_str().unwrap())).await);
         assert_eq!(v["code"], codes::TRY_AGAIN_LATER, "{v}");
+        assert!(v["details"].as_str().unwrap().contains("recording"), "{v}");
     }
 
     #[tokio::test]

@@ -327,9 +327,10 @@ fn cli_del_and_check_require_containerid_and_ifname() {
 fn cli_del_does_not_require_netns() {
     let dir = tempfile::tempdir().unwrap();
     let env: Vec<_> = attachment_env("DEL").into_iter().filter(|(k, _)| *k != "CNI_NETNS").collect();
-    // It gets past the env check and fails only because no agent listens.
-    let v = run_cni(&env, &config("1.1.0", &absent_socket(&dir)).to_string()).error();
-    assert_eq!(v["code"], 11, "{v}");
+    // It gets past the env check; with no agent listening it is recorded for the agent.
+    let run = run_cni(&env, &config("1.1.0", &absent_socket(&dir)).to_string());
+    assert_eq!((run.code, run.stdout.as_str()), (0, ""), "{run:?}");
+    assert!(dir.path().join("pending-del").read_dir().unwrap().count() == 1, "{run:?}");
 }
 
 // === config errors (6, 7, 1) ===
@@ -404,16 +405,20 @@ fn cli_check_needs_0_4_0_status_and_gc_need_1_1_0() {
 // === agent not reachable ===
 
 #[test]
-fn cli_unreachable_agent_is_code_11_and_status_50() {
+fn cli_unreachable_agent_is_code_11_a_recorded_del_and_status_50() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config("1.1.0", &absent_socket(&dir));
     cfg["prevResult"] = json!({});
     cfg["cni.dev/valid-attachments"] = json!([]);
     let cfg = cfg.to_string();
-    for cmd in ["ADD", "DEL", "CHECK"] {
+    for cmd in ["ADD", "CHECK"] {
         let v = run_cni(&attachment_env(cmd), &cfg).error();
         assert_eq!(v["code"], 11, "{cmd}: {v}");
     }
+    // DEL succeeds, recorded for the agent (the spec: DEL completes as far as it can).
+    let del = run_cni(&attachment_env("DEL"), &cfg);
+    assert_eq!((del.code, del.stdout.as_str()), (0, ""), "{del:?}");
+    assert!(del.stderr.contains("recorded"), "{del:?}");
     let v = run_cni(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")], &cfg).error();
     assert_eq!(v["code"], 11);
     let v = run_cni(&[("CNI_COMMAND", "STATUS")], &cfg).error();

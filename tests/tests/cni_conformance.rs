@@ -1,7 +1,8 @@
 //! The real contiv-cni binary against a real agent (root): error codes, CHECK, STATUS,
 //! GC, and chaining with Debian's containernetworking-plugins as libcni would run a
 //! conflist (each plugin gets the previous one's result as prevResult; DEL in reverse);
-//! the staged network config list the agent puts in place once ready.
+//! the staged network config list the agent puts in place once ready; a DEL while no agent
+//! runs, recorded and carried out later.
 
 use std::path::Path;
 
@@ -505,4 +506,34 @@ fn the_agent_puts_the_staged_network_config_in_place_once_ready() {
     assert!(!staged.exists(), "renamed, not copied");
     assert!(std::fs::read_to_string(&target).unwrap().contains("\"name\": \"contiv\""));
     drop(node);
+}
+
+/// DEL while no agent runs (crash-looping, between an upgrade's pods, uninstalled)
+/// succeeds, as the spec asks of DEL: kubelet would otherwise keep the pod Terminating. It
+/// is recorded beside the socket, and the agent, running again, carries it out.
+#[test]
+fn a_del_while_no_agent_runs_succeeds_and_the_agent_carries_it_out() {
+    let mut node = Node::start(NodeOptions::default());
+    let pod = node.add_pod();
+    let netns = pod.ns.path().to_string_lossy().into_owned();
+    node.stop_agent();
+    let add = node.cni("ADD", &contiv_tests::unique("late"), &netns, "eth1", "1.1.0");
+    assert_eq!(add.exit_code, 1, "only DEL is deferred: {add:?}");
+    let del = node.cni("DEL", &pod.container_id, &netns, &pod.ifname, "1.1.0");
+    assert_eq!(del.exit_code, 0, "{del:?}");
+    let pending = Path::new(&node.socket).parent().unwrap().join("pending-del");
+    assert_eq!(std::fs::read_dir(&pending).unwrap().count(), 1, "recorded for the agent");
+    node.start_agent();
+    let released = format!("released {}", pod.ip);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !node.agent_log().contains(&released) || std::fs::read_dir(&pending).unwrap().count() != 0 {
+        assert!(std::time::Instant::now() < deadline, "the recorded DEL was not carried out: {}", node.agent_log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The pod is gone from the agent's records: CHECK finds nothing to check.
+    let conf = json!({"cniVersion": "1.1.0", "name": node.network_name, "type": "contiv-cni",
+        "agentSocket": node.socket, "prevResult": pod.result})
+    .to_string();
+    let check = node.cni_with_conf("CHECK", &pod.container_id, &netns, &pod.ifname, &conf);
+    assert_ne!(check.exit_code, 0, "{check:?}");
 }

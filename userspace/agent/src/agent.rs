@@ -1352,6 +1352,41 @@ impl Agent {
         }
     }
 
+    /// The DELs contiv-cni recorded while no agent ran (`contiv_cni_api::pending_del`),
+    /// carried out now: each file goes once its DEL succeeded (a failed one is tried again
+    /// next time); a file that does not decode is logged and removed. Returns how many
+    /// were done.
+    pub async fn finish_pending_dels(&self, dir: &std::path::Path) -> usize {
+        let mut done = 0;
+        for (file, req) in contiv_cni_api::pending_del::recorded(dir) {
+            let req = match req {
+                Ok(req) => req,
+                Err(e) => {
+                    log::error!("{}: not a recorded DEL ({e}); removing it", file.display());
+                    let _ = std::fs::remove_file(&file);
+                    continue;
+                }
+            };
+            match self.del(&req).await {
+                Ok(()) => {
+                    log::info!("DEL {}/{} recorded while no agent ran: done", req.container_id, req.ifname);
+                    if let Err(e) = std::fs::remove_file(&file) {
+                        log::warn!("removing {}: {e}", file.display());
+                    }
+                    done += 1;
+                }
+                Err(e) => log::warn!(
+                    "DEL {}/{} recorded while no agent ran: {} ({}); trying again later",
+                    req.container_id,
+                    req.ifname,
+                    e.msg,
+                    e.details
+                ),
+            }
+        }
+        done
+    }
+
     /// CNI CHECK: the attachment exists and the interfaces (up, MAC, MTU), address, routes,
     /// gateway neighbour entry, bandwidth shapers and maps are as ADD left them, in the
     /// namespace `CNI_NETNS` names; `prevResult` (if given) must name our address.

@@ -342,6 +342,20 @@ async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .await;
         }));
     }
+    // DELs contiv-cni recorded while no agent ran, now and every 10 s (one may be recorded
+    // while this agent starts, before its socket answers).
+    let finisher = agent.clone();
+    let mut finish_stop = stop_rx.clone();
+    let pending = contiv_cni_api::pending_del::dir_for(&agent.config().cni_socket);
+    background.push(tokio::spawn(async move {
+        loop {
+            finisher.finish_pending_dels(&pending).await;
+            tokio::select! {
+                _ = finish_stop.wait_for(|v| *v) => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            }
+        }
+    }));
     // The network config list install-cni staged goes in place once the agent is ready.
     if let Some(staged) = agent.config().cni_conf_staged.clone() {
         let publisher = agent.clone();

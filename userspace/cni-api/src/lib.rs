@@ -7,6 +7,7 @@ pub mod v1 {
 
 mod error;
 pub use error::CniError;
+pub mod pending_del;
 
 /// Default path of the agent's CNI socket (mode 0600).
 pub const DEFAULT_SOCKET: &str = "/run/contiv/cni.sock";

@@ -15,9 +15,13 @@ const HOST_PROC_SYS: &str = "/host/proc/sys";
 
 /// Sets `rel` (relative to `/proc/sys`, e.g. `net/ipv4/ip_forward`) to `value`.
 pub fn set(rel: &str, value: &str) -> Result<(), SysctlError> {
+    set_in(root_for(rel), rel, value)
+}
+
+/// Where `rel` is written: the host's mounted `/proc/sys` when it holds it, else `/proc/sys`.
+fn root_for(rel: &str) -> &'static Path {
     let host = Path::new(HOST_PROC_SYS);
-    let root = if host.join(rel).exists() { host } else { Path::new("/proc/sys") };
-    set_in(root, rel, value)
+    if host.join(rel).exists() { host } else { Path::new("/proc/sys") }
 }
 
 /// [`set`] under `root`: read first, written only if it differs.
@@ -38,19 +42,17 @@ pub const DATAPATH_PORTS: [(u16, u16); 2] = [(30000, 32767), (61000, 65535)];
 /// `ip_local_port_range` widened over them (a node's own connection from such a port would
 /// take a NodePort or SNAT flow's reply for its own). Explicit binds are unaffected.
 pub fn reserve_ports(ranges: &[(u16, u16)]) -> Result<(), SysctlError> {
-    let rel = "net/ipv4/ip_local_reserved_ports";
-    let host = Path::new(HOST_PROC_SYS);
-    let root = if host.join(rel).exists() { host } else { Path::new("/proc/sys") };
-    reserve_ports_in(root, ranges)
+    reserve_ports_in(root_for(RESERVED_PORTS), ranges)
 }
+
+const RESERVED_PORTS: &str = "net/ipv4/ip_local_reserved_ports";
 
 /// [`reserve_ports`] under `root`.
 pub fn reserve_ports_in(root: &Path, ranges: &[(u16, u16)]) -> Result<(), SysctlError> {
-    let rel = "net/ipv4/ip_local_reserved_ports";
-    let current = std::fs::read_to_string(root.join(rel)).unwrap_or_default();
+    let current = std::fs::read_to_string(root.join(RESERVED_PORTS)).unwrap_or_default();
     let mut all: Vec<(u16, u16)> = parse_port_list(&current);
     all.extend_from_slice(ranges);
-    set_in(root, rel, &format_port_list(all))
+    set_in(root, RESERVED_PORTS, &format_port_list(all))
 }
 
 /// `a-b,c,...` as the kernel prints a port list (malformed items are left out).

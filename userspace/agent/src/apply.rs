@@ -30,6 +30,7 @@ use rtnetlink::{
 use crate::{
     datapath::{Datapath, DatapathError},
     plan::{HostRoute, Masquerade, Plan},
+    policy::PolicyEntryKey,
 };
 
 /// The routing protocol number marking the agent's kernel routes (`ip route show proto 84`).
@@ -148,11 +149,39 @@ impl Applier {
         }
         // Allow entries before the isolation bits that make the datapath read them (an
         // allow entry that failed leaves its pod more isolated, never less).
+        // A refused entry leaves its addresses to the entries covering it, which may allow
+        // more (an `except` under its block). So a pod's entries are written longest prefix
+        // first, one covering a refused entry is not written, and those installed go: its
+        // addresses, and the rest of what the covering entries held, are denied until an
+        // apply writes them all (a full map refuses only broader entries after that).
         let installed_policy = self.installed.policy.get_or_insert_with(BTreeMap::new);
-        for (key, value) in changed(installed_policy, want_policy) {
+        let mut writes = changed(installed_policy, want_policy);
+        writes.sort_by_key(|(k, _)| (k.pod, k.direction, std::cmp::Reverse(k.peer.prefix_len()), k.peer));
+        let mut refused: Vec<PolicyEntryKey> = vec![];
+        let covers_refused = |k: &PolicyEntryKey, refused: &[PolicyEntryKey]| {
+            refused.iter().any(|r| r.pod == k.pod && r.direction == k.direction && k.peer.contains(&r.peer))
+        };
+        for (key, value) in writes {
+            if covers_refused(&key, &refused) {
+                refused.push(key);
+                continue;
+            }
             match datapath.put_policy(&key, value) {
                 Ok(()) => {
                     installed_policy.insert(key, value);
+                }
+                Err(e) => {
+                    refused.push(key);
+                    failed.note(e);
+                }
+            }
+        }
+        let covering: Vec<PolicyEntryKey> =
+            installed_policy.keys().filter(|k| covers_refused(k, &refused)).copied().collect();
+        for key in covering {
+            match datapath.delete_policy(&key) {
+                Ok(()) => {
+                    installed_policy.remove(&key);
                 }
                 Err(e) => failed.note(e),
             }
@@ -520,5 +549,70 @@ mod tests {
         );
         assert!(s.contains(&format!("{matched} masquerade\n")), "{s}");
         assert!(s.starts_with("table ip contiv\ndelete table ip contiv\n"), "replaced atomically: {s}");
+    }
+
+    /// An entry the POLICY map refuses takes the entries covering it along (root only): its
+    /// addresses are denied, not left to a broader allow.
+    #[tokio::test]
+    async fn a_refused_policy_entry_takes_its_covering_entries_along() {
+        use crate::{
+            datapath::{MapSizes, TestPins},
+            policy::PortSet,
+        };
+        use contiv_common::{map_names, policy_dir};
+        let Some(dir) = TestPins::for_datapath("policy-refused") else { return };
+        let load = || Datapath::load_with(&dir.0, true, MapSizes::default()).expect("loading the datapath");
+        let mut first = load();
+        first.finish_migration().unwrap();
+        drop(first);
+        // A POLICY map with room for two entries, pinned where the agent's is.
+        let pin = dir.0.join(map_names::POLICY);
+        std::fs::remove_file(&pin).unwrap();
+        let key = (4 + std::mem::size_of::<contiv_common::PolicyKey>()).to_string();
+        let value = std::mem::size_of::<contiv_common::PolicyPorts>().to_string();
+        let status = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&pin)
+            .args(["type", "lpm_trie", "key", &key, "value", &value, "entries", "2", "name", "POLICY", "flags", "1"])
+            .status()
+            .expect("running bpftool");
+        assert!(status.success(), "bpftool map create");
+        let mut datapath = load();
+
+        let pod = Ipv4Addr::new(10, 1, 1, 10);
+        let entry = |peer: &str| PolicyEntryKey { pod, direction: policy_dir::INGRESS, peer: peer.parse().unwrap() };
+        let mut web = PortSet::default();
+        web.add(6, 80, 80);
+        let web = web.to_value().unwrap();
+        let none = PortSet::default().to_value().unwrap();
+        let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+        tokio::spawn(conn);
+        let mut applier = Applier::new(handle);
+        let keys = |m: &BTreeMap<PolicyEntryKey, contiv_common::PolicyPorts>| m.keys().copied().collect::<Vec<_>>();
+        // Two entries fit: the longest prefixes go first, and 0.0.0.0/0, which would
+        // answer for what is left out, is not written.
+        let want =
+            BTreeMap::from([(entry("0.0.0.0/0"), web), (entry("10.1.2.0/24"), none), (entry("10.9.0.0/16"), none)]);
+        let err = applier.apply(&mut datapath, &Plan { policy: Some(want), ..Default::default() }).await;
+        let err = err.expect_err("the map is full");
+        assert!(err.to_string().contains(map_names::POLICY), "{err}");
+        let left = datapath.policy_entries().unwrap();
+        assert_eq!(keys(&left), vec![entry("10.1.2.0/24"), entry("10.9.0.0/16")], "0.0.0.0/0 left out");
+        assert_eq!(applier.installed().policy.as_ref().unwrap(), &left, "what is installed is known");
+
+        // A covering entry already written goes when an entry under it is refused.
+        let empty = Plan { policy: Some(BTreeMap::new()), ..Default::default() };
+        applier.apply(&mut datapath, &empty).await.unwrap();
+        let only = BTreeMap::from([(entry("0.0.0.0/0"), web)]);
+        applier.apply(&mut datapath, &Plan { policy: Some(only), ..Default::default() }).await.unwrap();
+        assert_eq!(keys(&datapath.policy_entries().unwrap()), vec![entry("0.0.0.0/0")]);
+        // Another pod's entry (a lower address: written first) takes the last room.
+        let other = PolicyEntryKey { pod: Ipv4Addr::new(10, 1, 1, 9), ..entry("0.0.0.0/0") };
+        let want = BTreeMap::from([(entry("0.0.0.0/0"), web), (entry("10.1.2.0/24"), none), (other, web)]);
+        let err = applier.apply(&mut datapath, &Plan { policy: Some(want), ..Default::default() }).await;
+        assert!(err.is_err(), "the map is full");
+        let left = datapath.policy_entries().unwrap();
+        assert!(!left.contains_key(&entry("0.0.0.0/0")), "0.0.0.0/0 went: {left:?}");
+        assert_eq!(applier.installed().policy.as_ref().unwrap(), &left, "what is installed is known");
     }
 }

@@ -16,6 +16,10 @@
 //!   ingress, against the peer pod at each address for egress (a pod lacking the name
 //!   contributes nothing; an address no pod holds resolves no name).
 //!
+//! A local pod whose Pod object is not in the store (wired before contiv-ksr reflected
+//! it) fails closed until it is: isolated as its namespace's policies isolate, allowed only
+//! its node. Entries beyond the POLICY map's size fail closed too (see `fit`).
+//!
 //! The pod's own address and its node's addresses (the node's IPs and the pods' gateway)
 //! are always allowed: traffic to and from the pod's node is never subject to policy.
 //! hostNetwork pods are neither subject to policy nor selected as peers (their address is
@@ -28,7 +32,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use contiv_cluster_model::{
     ContainerPort, Labels, Namespace, NetworkPolicy, Pod, PolicyPeer, PolicyPort, PolicyType, PortRef, Protocol,
 };
-use contiv_common::{MAX_POLICY_PORT_RANGES, PolicyPorts, PortRange, pod_flags, policy_dir, policy_ports};
+use contiv_common::{
+    MAX_POLICY_ENTRIES, MAX_POLICY_PORT_RANGES, PolicyPorts, PortRange, pod_flags, policy_dir, policy_ports,
+};
 use ipnet::Ipv4Net;
 
 /// The label every namespace carries (set by the API server).
@@ -55,6 +61,9 @@ pub struct PolicyInputs<'a> {
     pub local: Vec<PodInfo<'a>>,
     /// This node's own addresses (its IPs, the pods' gateway).
     pub node_addresses: Vec<Ipv4Addr>,
+    /// Local pods whose Pod object the store does not hold (yet): their labels are not
+    /// known, so which policies select them is not either.
+    pub unlabelled: BTreeSet<Ipv4Addr>,
 }
 
 /// The key of one POLICY entry, as the plan holds it.
@@ -426,6 +435,11 @@ type TableKey = (bool, Vec<usize>, Option<Ipv4Addr>);
 
 /// Compiles the node's policy state.
 pub fn compile(inputs: &PolicyInputs) -> CompiledPolicy {
+    compile_within(inputs, MAX_POLICY_ENTRIES as usize)
+}
+
+/// Compiles the node's policy state into at most `capacity` entries (see [`fit`]).
+pub fn compile_within(inputs: &PolicyInputs, capacity: usize) -> CompiledPolicy {
     let mut out = CompiledPolicy::default();
     // Per local pod, the policies selecting it.
     let selecting: Vec<Vec<usize>> = inputs
@@ -449,6 +463,10 @@ pub fn compile(inputs: &PolicyInputs) -> CompiledPolicy {
     let node_grants: Vec<Grant> =
         inputs.node_addresses.iter().map(|ip| Grant { area: Area::Pod(*ip), ports: PortSet::all() }).collect();
     for (local, policies) in inputs.local.iter().zip(&selecting) {
+        if inputs.unlabelled.contains(&local.ip) {
+            unlabelled(&mut out, inputs, local);
+            continue;
+        }
         let mut bits = 0;
         for egress in [false, true] {
             let ptype = if egress { PolicyType::Egress } else { PolicyType::Ingress };
@@ -499,7 +517,92 @@ pub fn compile(inputs: &PolicyInputs) -> CompiledPolicy {
             out.isolation.insert(local.ip, bits);
         }
     }
+    fit(&mut out, inputs, capacity);
     out
+}
+
+/// A local pod whose labels are not known (its Pod object is not in the store: a pod wired
+/// before contiv-ksr reflected it, or while the store is away) fails closed: isolated in
+/// each direction some policy of its namespace isolates, allowed only its node (and
+/// itself), and said in `problems`, until its labels are known. (Left unisolated, a pod
+/// the namespace's default-deny policy selects would be open meanwhile.)
+fn unlabelled(out: &mut CompiledPolicy, inputs: &PolicyInputs, local: &PodInfo) {
+    let mut bits = 0;
+    for p in inputs.policies.iter().filter(|p| p.namespace == local.namespace) {
+        if p.policy_types.contains(&PolicyType::Ingress) {
+            bits |= pod_flags::INGRESS_ISOLATED;
+        }
+        if p.policy_types.contains(&PolicyType::Egress) {
+            bits |= pod_flags::EGRESS_ISOLATED;
+        }
+    }
+    if bits == 0 {
+        return;
+    }
+    out.isolation.insert(local.ip, bits);
+    for (bit, direction) in
+        [(pod_flags::INGRESS_ISOLATED, policy_dir::INGRESS), (pod_flags::EGRESS_ISOLATED, policy_dir::EGRESS)]
+    {
+        if bits & bit != 0 {
+            node_only(out, inputs, local.ip, direction);
+        }
+    }
+    out.problems.push(format!(
+        "{}/{}: its Pod object is not in the store, so its labels are not known: isolated by its \
+         namespace's policies from everything but its node until they are",
+        local.namespace, local.ip
+    ));
+}
+
+/// Keeps the entries within the POLICY map's `capacity`, failing closed: the map refuses
+/// entries beyond it, and a refused entry below a broader allow (an `except`, a pod with
+/// fewer ports than its block) would let its addresses through. When the entries do not
+/// fit, the pods with the fewest entries keep all of theirs; every other isolated pod keeps
+/// only the entries of its own address and its node's (always allowed) and stays
+/// isolated: denied everything else until its entries fit, and said in `problems`.
+fn fit(out: &mut CompiledPolicy, inputs: &PolicyInputs, capacity: usize) {
+    if out.entries.len() <= capacity {
+        return;
+    }
+    // Per pod: its entries, and its isolated directions (each has the pod's own entry).
+    let mut per_pod: BTreeMap<Ipv4Addr, (usize, BTreeSet<u8>)> = BTreeMap::new();
+    for key in out.entries.keys() {
+        let (n, directions) = per_pod.entry(key.pod).or_default();
+        *n += 1;
+        directions.insert(key.direction);
+    }
+    let minimal = |directions: &BTreeSet<u8>| directions.len() * (inputs.node_addresses.len() + 1);
+    let mut room = capacity.saturating_sub(per_pod.values().map(|(_, d)| minimal(d)).sum());
+    let mut order: Vec<(usize, Ipv4Addr)> =
+        per_pod.iter().map(|(ip, (n, d))| (n.saturating_sub(minimal(d)), *ip)).collect();
+    order.sort_unstable();
+    let mut reduced = BTreeSet::new();
+    for (more, ip) in order {
+        if more <= room {
+            room -= more;
+        } else {
+            reduced.insert(ip);
+        }
+    }
+    out.entries.retain(|key, _| !reduced.contains(&key.pod));
+    for ip in reduced {
+        for &direction in &per_pod[&ip].1 {
+            node_only(out, inputs, ip, direction);
+        }
+        let namespace = inputs.local.iter().find(|l| l.ip == ip).map_or("?", |l| l.namespace);
+        out.problems.push(format!(
+            "{namespace}/{ip}: its NetworkPolicy entries do not fit the node's POLICY map ({capacity} entries); \
+             it is isolated from everything but its node until they do"
+        ));
+    }
+}
+
+/// The entries of a pod isolated from everything but its node (and itself) in `direction`.
+fn node_only(out: &mut CompiledPolicy, inputs: &PolicyInputs, pod: Ipv4Addr, direction: u8) {
+    for peer in inputs.node_addresses.iter().chain(std::iter::once(&pod)) {
+        let key = PolicyEntryKey { pod, direction, peer: Ipv4Net::from(*peer) };
+        out.entries.insert(key, PortSet::all().to_value().unwrap_or_else(|v| v));
+    }
 }
 
 /// A pod attached on this node: its address and the Pod object it belongs to.
@@ -516,7 +619,7 @@ static NO_LABELS: Labels = BTreeMap::new();
 /// with an IPv4 address except hostNetwork ones (their address is their node's: neither
 /// selected as peers nor subject to policy); a local pod's address is its attachment's
 /// (known before the Pod's status says it); a local pod whose Pod object is not in the
-/// store has no labels.
+/// store is `unlabelled` (see [`unlabelled`]).
 pub fn inputs<'a>(
     pods: impl Iterator<Item = &'a Pod>,
     namespaces: impl Iterator<Item = &'a Namespace>,
@@ -549,7 +652,14 @@ pub fn inputs<'a>(
             labels: pod.map_or(&NO_LABELS, |p| &p.labels),
             ports: pod.map_or(&[][..], |p| p.container_ports.as_slice()),
         };
-        out.peers.push(info);
+        // A pod of unknown labels is no selector's peer (a selector that would match no
+        // labels, `NotIn`, must not let it in).
+        match pod {
+            Some(_) => out.peers.push(info),
+            None => {
+                out.unlabelled.insert(l.ip);
+            }
+        }
         out.local.push(info);
     }
     node_addresses.sort();
@@ -618,7 +728,16 @@ mod tests {
 
     impl World {
         fn compile(&self) -> Compiled {
-            let local: Vec<LocalPod> = self
+            self.compile_within(MAX_POLICY_ENTRIES as usize)
+        }
+
+        fn compile_within(&self, capacity: usize) -> Compiled {
+            self.compile_with(capacity, &[])
+        }
+
+        /// With `ghosts`: local pods whose Pod objects are not in the store.
+        fn compile_with(&self, capacity: usize, ghosts: &[LocalPod]) -> Compiled {
+            let mut local: Vec<LocalPod> = self
                 .pods
                 .iter()
                 .filter(|p| !p.host_network)
@@ -629,9 +748,10 @@ mod tests {
                     _ => None,
                 })
                 .collect();
+            local.extend_from_slice(ghosts);
             let inputs =
                 inputs(self.pods.iter(), self.namespaces.iter(), self.policies.iter(), &local, vec![NODE, GATEWAY]);
-            Compiled(compile(&inputs))
+            Compiled(compile_within(&inputs, capacity))
         }
     }
 
@@ -767,6 +887,101 @@ mod tests {
         assert!(c.ingress(B, C, TCP, 3), "second peer: tier=back in the policy's namespace");
         assert!(!c.ingress(B, A, TCP, 3) && !c.ingress(B, D, TCP, 3));
         assert!(!c.ingress(B, OUTSIDE, TCP, 1), "selectors never match outside addresses");
+    }
+
+    #[test]
+    fn a_local_pod_of_unknown_labels_fails_closed_until_its_object_arrives() {
+        let w = world(vec![
+            netpol("deny-in", "default", json!({"podSelector": {}, "policyTypes": ["Ingress"]})),
+            netpol(
+                "db",
+                "default",
+                json!({"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": [{"podSelector":
+                    {"matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["untrusted"]}]}}]}]}),
+            ),
+        ]);
+        const GHOST: [u8; 4] = [10, 1, 1, 12];
+        const STRAY: [u8; 4] = [10, 1, 1, 13];
+        let ghosts = [
+            LocalPod { ip: GHOST.into(), namespace: "default", name: "ghost" },
+            LocalPod { ip: STRAY.into(), namespace: "third", name: "stray" },
+        ];
+        let c = w.compile_with(MAX_POLICY_ENTRIES as usize, &ghosts);
+        assert_eq!(c.isolation(GHOST), pod_flags::INGRESS_ISOLATED, "as its namespace's policies isolate");
+        assert!(c.ingress(GHOST, NODE.octets(), TCP, 8080) && c.ingress(GHOST, GATEWAY.octets(), UDP, 53));
+        assert!(!c.ingress(GHOST, A, TCP, 8080) && !c.ingress(GHOST, OUTSIDE, TCP, 8080));
+        assert!(c.egress(GHOST, OUTSIDE, TCP, 443), "no policy of its namespace isolates egress");
+        // Nor is it a peer: `NotIn` would match a pod without labels.
+        assert!(c.ingress(B, A, TCP, 9090) && !c.ingress(B, GHOST, TCP, 9090));
+        assert_eq!(c.isolation(STRAY), 0, "no policy in its namespace");
+        assert_eq!(c.0.problems.len(), 1, "{:?}", c.0.problems);
+        assert!(c.0.problems[0].starts_with("default/10.1.1.12: its Pod object is not in the store"));
+    }
+
+    #[test]
+    fn entries_beyond_the_map_leave_the_largest_pods_isolated_to_their_node() {
+        let w = world(vec![
+            netpol(
+                "web",
+                "default",
+                json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+                    {"from": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.1.2.0/24"]}}], "ports": [{"port": 80}]},
+                    {"from": [{"namespaceSelector": {}}], "ports": [{"port": 81}]}
+                ]}),
+            ),
+            netpol(
+                "db",
+                "default",
+                json!({"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+            ),
+        ]);
+        let full = w.compile();
+        assert!(full.0.problems.is_empty(), "{:?}", full.0.problems);
+        let count = |c: &Compiled, pod: [u8; 4]| c.0.entries.keys().filter(|k| k.pod == Ipv4Addr::from(pod)).count();
+        let (a, b) = (count(&full, A), count(&full, B));
+        assert!(a > b, "a's table ({a}) is larger than b's ({b})");
+        assert_eq!(w.compile_within(a + b).0, full.0, "entries that fit are all kept");
+
+        // One entry short: a, the pod with more entries, keeps its own and its node's.
+        let short = w.compile_within(a + b - 1);
+        assert_eq!(count(&short, B), b, "b fits and keeps every entry");
+        assert!(short.ingress(B, A, TCP, 5432) && !short.ingress(B, OUTSIDE, TCP, 5432));
+        assert_eq!(short.isolation(A), full.isolation(A), "a stays isolated");
+        assert!(short.ingress(A, NODE.octets(), TCP, 80) && short.ingress(A, GATEWAY.octets(), TCP, 10250));
+        assert!(short.ingress(A, A, TCP, 80), "its own address");
+        for (from, port) in [(OUTSIDE, 80), (C, 81), (B, 81), (E, 81)] {
+            assert!(full.ingress(A, from, TCP, port), "{from:?}:{port} allowed in full");
+            assert!(!short.ingress(A, from, TCP, port), "{from:?}:{port} denied, not let through");
+        }
+        assert_eq!(short.0.problems.len(), 1, "{:?}", short.0.problems);
+        assert!(short.0.problems[0].starts_with("default/10.1.1.10: "), "{}", short.0.problems[0]);
+
+        // A pod whose table has no entries of its node's (blocks allowing everything
+        // cover them) still keeps its node when reduced.
+        let w = world(vec![
+            netpol(
+                "blocks",
+                "default",
+                json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+                    {"from": [{"ipBlock": {"cidr": "192.168.0.0/16"}}]},
+                    {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.5.0.0/16", "10.6.0.0/16", "10.7.0.0/16"]}}]}
+                ]}),
+            ),
+            netpol(
+                "db",
+                "default",
+                json!({"podSelector": {"matchLabels": {"app": "db"}}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+            ),
+        ]);
+        let full = w.compile();
+        let node_entry = |c: &Compiled, peer: Ipv4Addr| {
+            c.0.entries.contains_key(&PolicyEntryKey { pod: A.into(), direction: INGRESS, peer: peer.into() })
+        };
+        assert!(!node_entry(&full, NODE) && !node_entry(&full, GATEWAY), "covered: {:?}", full.0.entries);
+        let short = w.compile_within(count(&full, B) + 3);
+        assert_eq!(count(&short, B), count(&full, B), "b fits");
+        assert!(full.ingress(A, [192, 168, 7, 7], TCP, 1) && !short.ingress(A, [192, 168, 7, 7], TCP, 1));
+        assert!(short.ingress(A, NODE.octets(), TCP, 8080) && short.ingress(A, GATEWAY.octets(), UDP, 53));
     }
 
     #[test]

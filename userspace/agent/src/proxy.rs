@@ -88,6 +88,11 @@ pub struct Proxy {
     /// The maps were read back and no apply has succeeded since: the first one also
     /// finds the backends that left while no agent ran.
     resynced: bool,
+    /// The DEAD_BACKENDS map's size: the most recently removed dead backends it holds.
+    dead_backends_max: usize,
+    /// Every backend found dead by the last apply, in the map or beyond its size (whose
+    /// flows were flushed when found).
+    dead_seen: BTreeSet<SvcKey>,
     pub applies: u64,
 }
 
@@ -373,6 +378,8 @@ impl Proxy {
             counters_gone: BTreeSet::new(),
             resynced: false,
             udp_answers_via_stack: false,
+            dead_backends_max: contiv_common::MAX_DEAD_BACKENDS as usize,
+            dead_seen: BTreeSet::new(),
             applies: 0,
         }
     }
@@ -467,6 +474,10 @@ impl Proxy {
             for e in left_meanwhile(&self.installed, self.planner.plan()) {
                 self.removed.entry(e).or_insert(now);
             }
+            // Service ports deleted while no agent ran: their counters go with them.
+            let planned: BTreeSet<u32> = self.planner.plan().frontends.values().map(|f| f.svc_id).collect();
+            self.counters_gone
+                .extend(self.installed.frontends.values().map(|f| f.svc_id).filter(|id| !planned.contains(id)));
         }
         self.counters_gone.extend(delta.ids_gone.iter().copied());
         for e in &delta.endpoints_added {
@@ -476,21 +487,30 @@ impl Proxy {
         // Only a pod's address can be known dead (its pod gone): an endpoint elsewhere (a
         // Service without selector fronting a database, a hostNetwork pod's node) may still
         // serve direct clients, which a refusal would cut off.
-        let dead: BTreeSet<SvcKey> = self
+        let mut newest: Vec<(Instant, SvcKey)> = self
             .removed
-            .keys()
-            .filter(|(ip, _, _)| self.cluster_pod_cidr.contains(ip) && !live_ips.contains(ip))
-            .map(|(ip, port, proto)| svc_key(*ip, *port, *proto))
+            .iter()
+            .filter(|((ip, _, _), _)| self.cluster_pod_cidr.contains(ip) && !live_ips.contains(ip))
+            .map(|((ip, port, proto), t)| (*t, svc_key(*ip, *port, *proto)))
             .collect();
+        let all_dead: BTreeSet<SvcKey> = newest.iter().map(|(_, k)| *k).collect();
+        // The map holds the most recently removed ones when more are dead than it holds
+        // (those older are only not refused at once: their connections time out).
+        newest.sort_unstable_by(|a, b| b.cmp(a));
+        let dead: BTreeSet<SvcKey> = newest.into_iter().take(self.dead_backends_max).map(|(_, k)| k).collect();
 
         let w = writes(&self.installed, self.planner.plan(), delta, full);
         self.note_udp_backends_left(&w.slots_removed);
         self.flush.svc_udp.extend(delta.udp_serving_gone.iter().copied());
-        // Every flow to a backend found dead now (its pod gone, now or since it left):
-        // kept here until a flush succeeds.
-        self.flush
-            .backends
-            .extend(dead.difference(&self.installed.dead).map(|k| (Ipv4Addr::from(k.ip), k.port, k.proto)));
+        // Every flow to a backend found dead now (its pod gone, now or since it left), in
+        // the map or not: kept here until a flush succeeds.
+        let found: Vec<SvcKey> = all_dead
+            .iter()
+            .filter(|k| !self.installed.dead.contains(k) && !self.dead_seen.contains(k))
+            .copied()
+            .collect();
+        self.flush.backends.extend(found.iter().map(|k| (Ipv4Addr::from(k.ip), k.port, k.proto)));
+        self.dead_seen = all_dead;
         let backing_may_change = full
             || !(w.backends.is_empty()
                 && w.backends_removed.is_empty()
@@ -572,13 +592,14 @@ impl Proxy {
         // 3. Removed backends: refused while their pod is gone; their UDP flows (and every
         // flow to a gone pod) are forgotten, so the client's next datagram picks a
         // surviving backend.
-        for k in dead.difference(&self.installed.dead).copied().collect::<Vec<_>>() {
-            dp.put_dead_backend(k)?;
-            self.installed.dead.insert(k);
-        }
+        // Those no longer dead first, making room.
         for k in self.installed.dead.difference(&dead).copied().collect::<Vec<_>>() {
             dp.delete_dead_backend(k)?;
             self.installed.dead.remove(&k);
+        }
+        for k in dead.difference(&self.installed.dead).copied().collect::<Vec<_>>() {
+            dp.put_dead_backend(k)?;
+            self.installed.dead.insert(k);
         }
         stats.dead_backends = dead.len();
         if backing_may_change || delta.node_addrs {
@@ -1368,6 +1389,51 @@ mod tests {
         rig.restart();
         rig.apply(&svc, &only_a, &[a]);
         assert_eq!(rig.dead(), BTreeSet::from([b_key]), "the refusal outlives a restart");
+    }
+
+    #[test]
+    fn counters_of_a_service_deleted_while_no_agent_ran_go_at_the_first_apply() {
+        let Some((mut rig, dns, id)) = rig_with_a_flow_to_b("proxy-counters-gone", Protocol::Tcp) else { return };
+        let pin = rig.dir.0.join(contiv_common::map_names::SVC_COUNTERS);
+        {
+            let data = aya::maps::MapData::from_pin(&pin).unwrap();
+            let mut m: aya::maps::PerCpuHashMap<aya::maps::MapData, u32, contiv_common::SvcCounters> =
+                aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data)).unwrap();
+            let one = contiv_common::SvcCounters { connections: 1, ..Default::default() };
+            let n = aya::util::nr_cpus().unwrap();
+            m.insert(id, aya::maps::PerCpuValues::try_from(vec![one; n]).unwrap(), 0).unwrap();
+        }
+        assert!(rig.dp.svc_counters().unwrap().contains_key(&id));
+        // dns is deleted while the agent is down; the restarted one plans another service.
+        rig.restart();
+        let mut other = dns_service(Protocol::Udp);
+        other.name = "other".into();
+        let slice = fixtures::slice("other-a", "other", vec![("dns", Protocol::Udp, 53)], vec![ready(A)]);
+        rig.apply(&other, &[slice], &[A, B]);
+        assert!(!rig.dp.svc_counters().unwrap().contains_key(&id), "dns's counters went");
+        assert!(rig.dp.svc_frontends().unwrap().values().all(|f| f.svc_id != id), "{dns:?}'s frontends too");
+    }
+
+    #[test]
+    fn more_dead_backends_than_the_map_holds_keep_the_newest_and_the_apply_goes_on() {
+        let Some((mut rig, svc, _)) = rig_with_a_flow_to_b("proxy-dead-full", Protocol::Tcp) else { return };
+        rig.proxy.dead_backends_max = 1;
+        let (a, b, c, d) = (A, B, "10.1.2.4", "10.1.2.5");
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(a), ready(b), ready(c), ready(d)])], &[a, b, c, d]);
+        // b's pod goes, then c's: the map holds one, the later.
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(a), ready(c), ready(d)])], &[a, c, d]);
+        assert_eq!(rig.dead(), BTreeSet::from([(b.parse().unwrap(), 53)]));
+        assert!(rig.flows_to().is_empty(), "b's flow is forgotten");
+        // c's and d's pods go at once, each with a flow: one fits in the map, both flows go.
+        let id = rig.proxy.plan().frontends.values().next().unwrap().svc_id;
+        rig.flow(IPPROTO_TCP, 40002, ([10, 1, 2, 4], 53), id);
+        rig.flow(IPPROTO_TCP, 40003, ([10, 1, 2, 5], 53), id);
+        std::thread::sleep(Duration::from_millis(2));
+        rig.apply(&svc, &[dns_slice(Protocol::Tcp, vec![ready(a)])], &[a]);
+        assert_eq!(rig.dead().len(), 1, "{:?}", rig.dead());
+        assert!(!rig.dead().contains(&(b.parse().unwrap(), 53)), "the newest, b's place taken");
+        assert!(!rig.proxy.failed, "the apply went through");
+        assert!(rig.flows_to().is_empty(), "the flows to both are forgotten");
     }
 
     #[test]

@@ -176,6 +176,11 @@ pub fn services_table(report: &Value, namespace: Option<&str>) -> String {
     out
 }
 
+/// The maps a node's report could not read (`readErrors`), each with why.
+pub fn read_errors(report: &Value) -> Vec<String> {
+    report["readErrors"].as_array().into_iter().flatten().map(s).collect()
+}
+
 /// The `/conntrack` request for these filters (each `NAMESPACE/NAME` but the namespace).
 pub fn conntrack_path(
     pod: Option<&str>,
@@ -319,6 +324,14 @@ fn proxy_healthz_line(report: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn maps_the_agent_could_not_read_are_named() {
+        assert!(super::read_errors(&json!({"frontends": [], "readErrors": []})).is_empty());
+        assert!(super::read_errors(&json!({"frontends": []})).is_empty(), "an older agent");
+        let r = json!({"frontends": [], "readErrors": ["map SVC_FRONTENDS: Operation not permitted"]});
+        assert_eq!(super::read_errors(&r), ["map SVC_FRONTENDS: Operation not permitted"]);
+    }
 
     #[test]
     fn the_services_table_ends_with_what_the_proxy_healthz_answers() {

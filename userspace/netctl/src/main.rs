@@ -244,6 +244,13 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", contiv_netctl::agent::services_table(&report, namespace.as_deref())),
             }
+            let unread = contiv_netctl::agent::read_errors(&report);
+            if !unread.is_empty() {
+                for e in unread {
+                    eprintln!("error: {node}: {e}: what it holds is missing above");
+                }
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::Get { what: Resource::Conntrack, node: None, .. } => {
             eprintln!("error: conntrack is a node's table, read from its agent: pass --node NODE");

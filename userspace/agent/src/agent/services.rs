@@ -94,6 +94,9 @@ pub struct ServicesReport {
     pub udp_sockets_max: u32,
     /// Connected UDP sockets balanced while that map was full: not noted, so never aborted.
     pub udp_sockets_untracked_total: u64,
+    /// The maps that could not be read, each with why: what they hold is missing above
+    /// (an empty frontend list is not an empty table then).
+    pub read_errors: Vec<String>,
 }
 
 /// One entry of the node-address map.
@@ -559,12 +562,14 @@ impl Agent {
         let inner = &*guard;
         r.udp_sockets_aborted_total = inner.udp_sockets_aborted;
         let dp = &inner.datapath;
-        r.udp_sockets_tracked = dp.sock_udp_cookies().map_or(0, |c| c.len());
-        r.udp_sockets_untracked_total = dp.sock_counters().map_or(0, |c| c.udp_untracked);
-        let (Ok(frontends), Ok(backends)) = (dp.svc_frontends(), dp.svc_backends()) else {
-            return r;
-        };
-        let counters = dp.svc_counters().unwrap_or_default();
+        let e = &mut r.read_errors;
+        r.udp_sockets_tracked = read(e, dp.sock_udp_cookies()).map_or(0, |c| c.len());
+        r.udp_sockets_untracked_total = read(e, dp.sock_counters()).map_or(0, |c| c.udp_untracked);
+        let frontends = read(e, dp.svc_frontends()).unwrap_or_default();
+        let backends = read(e, dp.svc_backends()).unwrap_or_default();
+        let counters = read(e, dp.svc_counters()).unwrap_or_default();
+        let dead_backends = read(e, dp.dead_backends()).unwrap_or_default();
+        let node_addrs = read(e, dp.node_addrs()).unwrap_or_default();
         let ports = &inner.proxy.plan().ports;
         let list = |id: u32, base: u32, n: u16| -> Vec<BackendReport> {
             (0..u32::from(n))
@@ -606,15 +611,11 @@ impl Agent {
             .sort_by(|a, b| (&a.namespace, &a.service, &a.frontend).cmp(&(&b.namespace, &b.service, &b.frontend)));
         r.skipped = inner.proxy.plan().skipped.clone();
         r.health_checks = inner.proxy.plan().health_checks.clone();
-        r.dead_backends = dp
-            .dead_backends()
-            .unwrap_or_default()
+        r.dead_backends = dead_backends
             .iter()
             .map(|k: &SvcKey| format!("{}:{}/{}", Ipv4Addr::from(k.ip), k.port, proto_name(k.proto)))
             .collect();
-        r.node_addresses = dp
-            .node_addrs()
-            .unwrap_or_default()
+        r.node_addresses = node_addrs
             .iter()
             .map(|(ip, a)| NodeAddressReport {
                 address: *ip,
@@ -629,6 +630,11 @@ impl Agent {
             .collect();
         r
     }
+}
+
+/// A map read's value, or `None` with its error noted for the report.
+fn read<T>(errors: &mut Vec<String>, result: Result<T, crate::datapath::DatapathError>) -> Option<T> {
+    result.map_err(|e| errors.push(e.to_string())).ok()
 }
 
 /// Of the `noted` sockets, those to forget (not `live` now, nor at the sweep before: in

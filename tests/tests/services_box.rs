@@ -1000,7 +1000,7 @@ spec:
   clusterIPs: [10.96.0.99]
   ports:
   - {{name: a, protocol: TCP, port: 80, targetPort: 80, nodePort: 30099}}
-  - {{name: b, protocol: UDP, port: 81, targetPort: 81}}
+  - {{name: b, protocol: UDP, port: 81, targetPort: 81, nodePort: 30098}}
 ---
 apiVersion: v1
 kind: Service
@@ -1026,7 +1026,7 @@ spec:
   loadBalancerSourceRanges: [203.0.113.0/24]
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30090}}
-  - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30091}}
 status:
   loadBalancer:
     ingress: [{{ip: 198.51.100.50}}, {{ip: 198.51.100.51, ipMode: Proxy}}]
@@ -1260,7 +1260,7 @@ spec:
   clusterIPs: [10.96.0.10]
   ports:
   - {{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30080}}
-  - {{name: dns, protocol: UDP, port: 53, targetPort: dns}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}}
 ---
 {}"#,
         web_slices("web", &w1, &w2)

@@ -240,7 +240,13 @@ fn parse_object(path: &Path, document: usize, item: Option<usize>, doc: Value) -
         ("v1", "Namespace") => convert::<core::Namespace>(doc, false),
         ("v1", "Node") => convert::<core::Node>(doc, false),
         ("v1", "Pod") => convert::<core::Pod>(doc, true),
-        ("v1", "Service") => convert::<core::Service>(doc, true),
+        ("v1", "Service") => {
+            let allocated = allocated_fields(&doc);
+            convert::<core::Service>(doc, true).and_then(|obj| match allocated {
+                Ok(()) => Ok(obj),
+                Err((field, message)) => Err(Rejected::Invalid(field, message)),
+            })
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => convert::<discovery::EndpointSlice>(doc, true),
         ("networking.k8s.io/v1", "NetworkPolicy") => convert::<networking::NetworkPolicy>(doc, true),
         (_, "Namespace" | "Node" | "Pod" | "Service" | "EndpointSlice" | "NetworkPolicy") => {
@@ -256,6 +262,45 @@ fn parse_object(path: &Path, document: usize, item: Option<usize>, doc: Value) -
             ManifestError::UnknownField { path: path.to_path_buf(), document, item, object: object.clone(), fields }
         }
     })
+}
+
+/// The fields of a Service the API server fills in when a manifest leaves them out: a
+/// cluster IP, the node ports of a NodePort or LoadBalancer service, and the health-check
+/// port of a LoadBalancer with `externalTrafficPolicy: Local`. netctl writes to the store
+/// directly, where nothing allocates them, and a service without them would be stored but
+/// never reachable by those addresses and ports: the manifest must give them, as
+/// `kubectl get -o yaml` of a live service does. The first one missing, as (field, reason).
+fn allocated_fields(doc: &Value) -> Result<(), (String, String)> {
+    const NO_ALLOCATOR: &str = "netctl writes to the store directly, with no API server to allocate one";
+    let spec = &doc["spec"];
+    let service_type = spec["type"].as_str().unwrap_or("ClusterIP");
+    if service_type == "ExternalName" {
+        return Ok(());
+    }
+    let given = |v: &Value| !v.is_null() && v != "" && v != 0;
+    if !given(&spec["clusterIP"]) && !given(&spec["clusterIPs"][0]) {
+        return Err((
+            "spec.clusterIP".into(),
+            format!("required: {NO_ALLOCATOR} (give the address, or None for a headless service)"),
+        ));
+    }
+    let load_balancer = service_type == "LoadBalancer";
+    if service_type == "NodePort" || (load_balancer && spec["allocateLoadBalancerNodePorts"] != false) {
+        let ports = spec["ports"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if let Some(i) = ports.iter().position(|p| !given(&p["nodePort"])) {
+            return Err((
+                format!("spec.ports[{i}].nodePort"),
+                format!("required for a {service_type} service: {NO_ALLOCATOR} (give a port of the node-port range)"),
+            ));
+        }
+    }
+    if load_balancer && spec["externalTrafficPolicy"] == "Local" && !given(&spec["healthCheckNodePort"]) {
+        return Err((
+            "spec.healthCheckNodePort".into(),
+            format!("required for a LoadBalancer service with externalTrafficPolicy Local: {NO_ALLOCATOR}"),
+        ));
+    }
+    Ok(())
 }
 
 /// A list document as `kubectl get -o yaml` prints it (`v1 List`), or a typed list such as
@@ -557,7 +602,7 @@ mod tests {
     fn a_field_the_kind_does_not_have_is_refused_with_its_path() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
                     apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
-                    spec:\n  ports: [{port: 80, targetport: 8080}]\n";
+                    spec:\n  clusterIP: 10.96.0.9\n  ports: [{port: 80, targetport: 8080}]\n";
         let e = parse_manifest(Path::new("svc.yaml"), text).unwrap_err();
         assert_eq!(e.to_string(), "svc.yaml: document 2 (Service/web): unknown field spec.ports[0].targetport");
         assert_eq!(e.field(), Some("spec.ports[0].targetport"));
@@ -579,12 +624,12 @@ mod tests {
     #[test]
     fn status_fields_of_a_newer_cluster_are_not_refused() {
         let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
-                    spec:\n  ports: [{port: 80}]\n\
+                    spec:\n  clusterIP: 10.96.0.9\n  ports: [{port: 80}]\n\
                     status:\n  loadBalancer: {ingress: [{ip: 192.0.2.7, someNewField: x}]}\n  newerThing: {}\n";
         let objects = parse_manifest(Path::new("svc.yaml"), text).unwrap().objects;
         assert_eq!(objects.len(), 1);
         // A typo of `status` itself is still one.
-        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\nstatsu: {}\n";
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80}]}\nstatsu: {}\n";
         let e = parse_manifest(Path::new("svc.yaml"), text).unwrap_err();
         assert_eq!(e.field(), Some("statsu"));
     }
@@ -815,6 +860,7 @@ metadata:
 kind: Service
 metadata: {name: web}
 spec:
+  clusterIP: 10.96.0.9
   ports:
     - &http {name: http, port: 80, targetPort: 8080}
     - <<: *http
@@ -828,6 +874,7 @@ spec:
 kind: Service
 metadata: {name: web}
 spec:
+  clusterIP: 10.96.0.9
   ports:
     - &a {name: a, port: 80, targetPort: 8080}
     - &b {name: b, port: 90, targetPort: 9090, protocol: UDP}
@@ -841,6 +888,38 @@ spec:
         assert_eq!(parse_refs(Path::new("p.yaml"), text).unwrap()[0].key(), "/contiv/k8s/pod/x/a");
         let e = parse_manifest(Path::new("p.yaml"), "apiVersion: v1\nkind: Pod\nmetadata:\n  <<: 3\n").unwrap_err();
         assert!(matches!(e, ManifestError::Yaml { document: 1, .. }), "{e}");
+    }
+
+    #[test]
+    fn what_an_api_server_would_allocate_must_be_given() {
+        let svc = |spec: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {spec}\n");
+        let refused = |spec: &str| parse_manifest(Path::new("svc.yaml"), &svc(spec)).unwrap_err();
+        let e = refused("{ports: [{port: 80}]}");
+        assert_eq!(e.field(), Some("spec.clusterIP"), "{e}");
+        assert!(e.to_string().contains("no API server to allocate one"), "{e}");
+        assert_eq!(refused("{clusterIP: '', ports: [{port: 80}]}").field(), Some("spec.clusterIP"));
+        let e = refused("{type: NodePort, clusterIP: 10.96.0.9, ports: [{port: 80, nodePort: 30080}, {port: 81}]}");
+        assert_eq!(e.field(), Some("spec.ports[1].nodePort"), "{e}");
+        assert!(e.to_string().contains("required for a NodePort service"), "{e}");
+        let e = refused("{type: LoadBalancer, clusterIP: 10.96.0.9, ports: [{port: 80}]}");
+        assert_eq!(e.field(), Some("spec.ports[0].nodePort"), "{e}");
+        let local = "{type: LoadBalancer, clusterIP: 10.96.0.9, externalTrafficPolicy: Local, \
+                     ports: [{port: 80, nodePort: 30080}]}";
+        assert_eq!(refused(local).field(), Some("spec.healthCheckNodePort"));
+        for ok in [
+            "{clusterIP: 10.96.0.9, ports: [{port: 80}]}",
+            "{clusterIPs: [10.96.0.9], ports: [{port: 80}]}",
+            "{clusterIP: None, clusterIPs: [None]}",
+            "{type: ExternalName, externalName: db.example.org}",
+            "{type: NodePort, clusterIP: 10.96.0.9, ports: [{port: 80, nodePort: 30080}]}",
+            "{type: LoadBalancer, clusterIP: 10.96.0.9, allocateLoadBalancerNodePorts: false, ports: [{port: 80}]}",
+            "{type: LoadBalancer, clusterIP: 10.96.0.9, externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
+             ports: [{port: 80, nodePort: 30080}]}",
+        ] {
+            assert!(parse_manifest(Path::new("svc.yaml"), &svc(ok)).is_ok(), "{ok}");
+        }
+        // delete reads only the identity.
+        assert!(parse_refs(Path::new("svc.yaml"), &svc("{ports: [{port: 80}]}")).is_ok());
     }
 
     #[test]

@@ -757,6 +757,62 @@ pub fn send_lone_later_fragment(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
     s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the fragment");
 }
 
+/// Sends a TCP SYN to `dst` claiming to come from `src` (port 40000), whatever the
+/// sender's own addresses (a raw socket: no checksum, nothing expected back).
+pub fn send_spoofed_syn(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))
+        .expect("raw socket");
+    s.set_header_included_v4(true).expect("IP_HDRINCL");
+    let mut pkt = vec![0u8; 40];
+    pkt[0] = 0x45;
+    pkt[2..4].copy_from_slice(&40u16.to_be_bytes());
+    pkt[8] = 64;
+    pkt[9] = 6;
+    pkt[12..16].copy_from_slice(&src.octets());
+    pkt[16..20].copy_from_slice(&dst.ip().octets());
+    pkt[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    pkt[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    pkt[24..28].copy_from_slice(&1u32.to_be_bytes());
+    pkt[32] = 0x50;
+    pkt[33] = 0x02;
+    pkt[34..36].copy_from_slice(&0xffffu16.to_be_bytes());
+    s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the SYN");
+}
+
+/// Sends, from `src` (inside its pod's namespace) to `dst`, the two fragments RFC 1858
+/// describes for hiding a TCP header from a filter: a first fragment of 8 bytes (ports and
+/// sequence number, no flags) and a fragment at offset 8 carrying the rest of the header
+/// (a SYN). No stack sends either.
+pub fn send_header_hiding_fragments(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))
+        .expect("raw socket");
+    s.set_header_included_v4(true).expect("IP_HDRINCL");
+    let ip_header = |payload: usize, fragment: u16| {
+        let mut h = vec![0u8; 20];
+        h[0] = 0x45;
+        h[2..4].copy_from_slice(&(20 + payload as u16).to_be_bytes());
+        h[4..6].copy_from_slice(&0x4343u16.to_be_bytes());
+        h[6..8].copy_from_slice(&fragment.to_be_bytes());
+        h[8] = 64;
+        h[9] = 6;
+        h[12..16].copy_from_slice(&src.octets());
+        h[16..20].copy_from_slice(&dst.ip().octets());
+        h
+    };
+    // Offset 0, more fragments: the ports and the sequence number alone.
+    let mut first = ip_header(8, 0x2000);
+    first.extend_from_slice(&40000u16.to_be_bytes());
+    first.extend_from_slice(&dst.port().to_be_bytes());
+    first.extend_from_slice(&1u32.to_be_bytes());
+    // Offset 1 unit (8 bytes), the last: acknowledgement, offset and flags (SYN), window,
+    // checksum, urgent pointer.
+    let mut second = ip_header(12, 1);
+    second.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    for pkt in [first, second] {
+        s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the fragment");
+    }
+}
+
 /// A descriptor of the BPF object pinned at `pin` (`BPF_OBJ_GET`): a link held by it stays
 /// attached after its pin and every other holder let go.
 pub fn open_pinned(pin: &Path) -> std::os::fd::OwnedFd {

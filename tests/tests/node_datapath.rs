@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use contiv_tests::{Node, NodeOptions, Pod, counter, iperf3_bps, ping, send_lone_later_fragment, set_ip_options};
+use contiv_tests::{
+    Node, NodeOptions, Pod, counter, iperf3_bps, ping, send_header_hiding_fragments, send_lone_later_fragment,
+    set_ip_options,
+};
 
 fn node() -> Node {
     Node::start(NodeOptions::default())
@@ -245,6 +248,16 @@ fn fragments_take_the_fast_path() {
     assert_eq!(sent_anywhere(&node, a.ip), sent, "a lone later fragment goes nowhere");
     let c = node.pod_counters(a.ip).unwrap();
     assert_eq!(counter(&c, "drop_fragment"), dropped + 1, "{c:?}");
+
+    // Fragments that hide a TCP header from the policy stage (RFC 1858): a first one too
+    // short for the flags, one at offset 8 rewriting them. Both dropped, and counted.
+    let sent = sent_anywhere(&node, a.ip);
+    let to_b = std::net::SocketAddrV4::new(b.ip, 22);
+    a.ns.enter(move || send_header_hiding_fragments(src, to_b));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(sent_anywhere(&node, a.ip), sent, "neither fragment goes anywhere");
+    let c = node.pod_counters(a.ip).unwrap();
+    assert_eq!(counter(&c, "drop_fragment"), dropped + 3, "{c:?}");
 
     // An address of the cluster's pod range that no node owns: dropped, and counted.
     let no_route = counter(&c, "drop_no_route");

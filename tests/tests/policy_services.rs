@@ -4,11 +4,12 @@
 //! address; remote backend: the SNAT'ing node's address); an egress-isolated pod resolves
 //! names through the kube-dns ClusterIP when a rule allows port 53 to the DNS pods.
 
-use std::time::Duration;
+use std::{net::SocketAddrV4, time::Duration};
 
 use contiv_tests::{
-    cluster::{BoxOptions, ClusterBox, ROUTER_IP},
-    netpol::{Case, Proto, Servers, expect_eventually},
+    cluster::{BoxOptions, ClusterBox, ROUTER_IP, enter},
+    netpol::{Case, Proto, Servers, expect_eventually, pod_counter, probe},
+    send_spoofed_syn,
 };
 
 const SETTLE: Duration = Duration::from_secs(15);
@@ -82,6 +83,18 @@ fn policy_sees_the_backend_behind_cluster_ips_and_node_ports_and_dns_works_for_e
          \x20 ingress: [{{from: [{{ipBlock: {{cidr: {ROUTER_IP}/32}}}}]}}]\n"
     ));
     expect_eventually(&b, "the external client's own address", &cases, SETTLE, |c| c.to.contains("node-2"));
+    // From outside, a packet claiming node-2's own address, which web (on node-2) always
+    // admits: dropped at node-2's uplink, as the kernel drops such a martian. The real
+    // client's connection, the control, is delivered (and counted) the same way.
+    let (web, n2) = (b.pod("x/web").ip, b.node("node-2").ip);
+    let delivered = || pod_counter(&b, "node-2", web, "fromTunnelPackets");
+    let before = delivered();
+    let ext = b.netns_of("external").unwrap();
+    enter(&ext, move || send_spoofed_syn(n2, SocketAddrV4::new(n2, NODE_PORT)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(delivered(), before, "the spoofed SYN never reaches web");
+    assert!(probe(&ext, n2, NODE_PORT, Proto::Tcp), "the real client is admitted");
+    assert!(delivered() > before, "and its packets counted where the spoofed one would have been");
     b.apply_yaml(&format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: outside, namespace: x}}\n\
          spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n\

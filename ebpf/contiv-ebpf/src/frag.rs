@@ -45,13 +45,18 @@ pub struct Fragment {
 impl Fragment {
     /// Reads the IPv4 header (`ip`, well formed: the caller checked) and the frame: a first
     /// fragment's ports are recorded (not in a trace); a later fragment's are looked up.
-    /// `None`: a later fragment whose first fragment was not seen here (drop it).
+    /// `None` (drop it): a later fragment whose first fragment was not seen here, or a
+    /// fragment that hides its transport header (see [`hides_header`]).
     #[inline(always)]
     pub fn of(ip: &[u8; IPV4_MIN_HLEN], data: usize, data_end: usize, trace: Trace) -> Option<Self> {
         let whole = Self { kind: WHOLE, head: FragHead { sport: 0, dport: 0 } };
         let frag = u16::from_be_bytes([ip[6], ip[7]]);
         if frag & 0x3fff == 0 {
             return Some(whole);
+        }
+        if hides_header(ip) {
+            trace.note(trace_step::FRAGMENT, 0);
+            return None;
         }
         // The first 8 bytes after the header: a first fragment's transport header.
         let l4 = match ptr_at::<[u8; 8]>(data, data_end, l4_off(data, data_end)) {
@@ -88,6 +93,27 @@ impl Fragment {
             IPPROTO_ICMP => Transport::echo(self.head.sport, self.head.dport),
             _ => Transport::ports(proto, self.head.sport, self.head.dport),
         }
+    }
+}
+
+/// Whether a fragment (at `offset`, in units of 8 bytes) is how a transport header is hidden
+/// from a filter (RFC 1858, RFC 3128): a first TCP fragment too short to hold the header's
+/// flags (a SYN then reads as no SYN, ports from nowhere), a TCP fragment at offset 8 that
+/// would overwrite them at reassembly, a first UDP fragment without its whole header. No
+/// stack sends these: they are dropped, as netfilter and BSD's filters drop them.
+#[inline(always)]
+pub fn hides_header(ip: &[u8; IPV4_MIN_HLEN]) -> bool {
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if frag & 0x3fff == 0 {
+        return false;
+    }
+    let offset = frag & 0x1fff;
+    let header = u16::from(ip[0] & 0x0f) * 4;
+    let payload = u16::from_be_bytes([ip[2], ip[3]]).saturating_sub(header);
+    match ip[9] {
+        IPPROTO_TCP => offset == 1 || (offset == 0 && payload < 20),
+        IPPROTO_UDP => offset == 0 && payload < 8,
+        _ => false,
     }
 }
 

@@ -1110,6 +1110,12 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     if ethertype(eth) != ETH_P_IP || !well_formed(ip) {
         return TC_ACT_OK;
     }
+    // Fragments that hide a transport header (see `frag.rs`) would reach a pod through
+    // the node's stack (below) unchecked, and reassemble there.
+    if frag::hides_header(ip) {
+        monitor::drop(&ctx, drop_reason::FRAGMENT, hook::FROM_UPLINK, dst_ip(ip));
+        return TC_ACT_SHOT;
+    }
     // A later fragment whose first fragment was not seen here: the node's stack's, which
     // reassembles what is for the node itself.
     let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {
@@ -1184,6 +1190,13 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     // No pod: a zeroed endpoint (see `uplink_forward`).
     let local = pod(dst).unwrap_or(Verdict::NONE);
     if o.kind == outcome::NEW {
+        // One of this node's own addresses never comes from the wire (the kernel drops such
+        // a packet as a martian): as a new flow's client it would pass the backend's
+        // policy as its node, which every isolated pod admits.
+        if lb::is_local_node_addr(src) {
+            monitor::drop(&ctx, drop_reason::SPOOFED_IP, hook::FROM_UPLINK, dst);
+            return TC_ACT_SHOT;
+        }
         // SAFETY: the service stage wrote the flow (NEW).
         let flow = unsafe { flow.assume_init_ref() };
         // A new flow from outside to a backend here: its ingress rules (a backend on another

@@ -489,7 +489,7 @@ impl ClusterBox {
         self.state.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name} in the box"))
     }
 
-    /// Starts a node's agent and waits until it serves the CNI.
+    /// Starts a node's agent and waits until it serves the CNI and its status endpoint.
     pub fn start_agent(&mut self, node: &str) {
         let n = self.node(node).clone();
         assert!(n.agent_pid.is_none_or(|p| !alive(p)), "agent of {node} already running");
@@ -503,7 +503,8 @@ impl ClusterBox {
         self.save();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if self.cni(node, "STATUS", "", "", "", "").exit_code == 0 {
+            // Its status endpoint too: bound a moment after the CNI answers.
+            if self.cni(node, "STATUS", "", "", "", "").exit_code == 0 && self.status(node, "/healthz").is_some() {
                 return;
             }
             reap(pid);

@@ -734,49 +734,49 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Sends, from the calling thread's network namespace, an IPv4 packet as it is given (a
+/// raw socket with the header included: whatever its source, no checksum, nothing
+/// expected back): protocol `proto` from `src` to `dst`'s address, IP id `id`, the
+/// flags-and-offset field `fragment`, then `payload`.
+fn send_raw_ipv4(proto: u8, src: Ipv4Addr, dst: std::net::SocketAddrV4, id: u16, fragment: u16, payload: &[u8]) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(i32::from(proto).into()))
+        .expect("raw socket");
+    s.set_header_included_v4(true).expect("IP_HDRINCL");
+    let mut pkt = vec![0u8; 20];
+    pkt[0] = 0x45;
+    pkt[2..4].copy_from_slice(&(20 + payload.len() as u16).to_be_bytes());
+    pkt[4..6].copy_from_slice(&id.to_be_bytes());
+    pkt[6..8].copy_from_slice(&fragment.to_be_bytes());
+    pkt[8] = 64;
+    pkt[9] = proto;
+    pkt[12..16].copy_from_slice(&src.octets());
+    pkt[16..20].copy_from_slice(&dst.ip().octets());
+    pkt.extend_from_slice(payload);
+    s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the packet");
+}
+
 /// Sends, from the calling thread's network namespace, a lone later fragment (offset 1480,
 /// the last) of a UDP datagram `src` -> `dst`, with no first fragment before it. Its first
 /// bytes, were they read as a header, would name `dst`'s port as both ports.
 pub fn send_lone_later_fragment(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::UDP))
-        .expect("raw socket");
-    s.set_header_included_v4(true).expect("IP_HDRINCL");
-    let mut pkt = vec![0u8; 20 + 64];
-    let len = pkt.len() as u16;
-    pkt[0] = 0x45;
-    pkt[2..4].copy_from_slice(&len.to_be_bytes());
-    pkt[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+    let mut payload = vec![0u8; 64];
+    payload[0..2].copy_from_slice(&dst.port().to_be_bytes());
+    payload[2..4].copy_from_slice(&dst.port().to_be_bytes());
     // Offset 1480 bytes (185 units of 8), more fragments: no.
-    pkt[6..8].copy_from_slice(&185u16.to_be_bytes());
-    pkt[8] = 64;
-    pkt[9] = 17;
-    pkt[12..16].copy_from_slice(&src.octets());
-    pkt[16..20].copy_from_slice(&dst.ip().octets());
-    pkt[20..22].copy_from_slice(&dst.port().to_be_bytes());
-    pkt[22..24].copy_from_slice(&dst.port().to_be_bytes());
-    s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the fragment");
+    send_raw_ipv4(17, src, dst, 0x4242, 185, &payload);
 }
 
 /// Sends a TCP SYN to `dst` claiming to come from `src` (port 40000), whatever the
-/// sender's own addresses (a raw socket: no checksum, nothing expected back).
+/// sender's own addresses.
 pub fn send_spoofed_syn(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))
-        .expect("raw socket");
-    s.set_header_included_v4(true).expect("IP_HDRINCL");
-    let mut pkt = vec![0u8; 40];
-    pkt[0] = 0x45;
-    pkt[2..4].copy_from_slice(&40u16.to_be_bytes());
-    pkt[8] = 64;
-    pkt[9] = 6;
-    pkt[12..16].copy_from_slice(&src.octets());
-    pkt[16..20].copy_from_slice(&dst.ip().octets());
-    pkt[20..22].copy_from_slice(&40000u16.to_be_bytes());
-    pkt[22..24].copy_from_slice(&dst.port().to_be_bytes());
-    pkt[24..28].copy_from_slice(&1u32.to_be_bytes());
-    pkt[32] = 0x50;
-    pkt[33] = 0x02;
-    pkt[34..36].copy_from_slice(&0xffffu16.to_be_bytes());
-    s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the SYN");
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    send_raw_ipv4(6, src, dst, 0, 0, &tcp);
 }
 
 /// Sends, from `src` (inside its pod's namespace) to `dst`, the two fragments RFC 1858
@@ -784,33 +784,15 @@ pub fn send_spoofed_syn(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
 /// sequence number, no flags) and a fragment at offset 8 carrying the rest of the header
 /// (a SYN). No stack sends either.
 pub fn send_header_hiding_fragments(src: Ipv4Addr, dst: std::net::SocketAddrV4) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))
-        .expect("raw socket");
-    s.set_header_included_v4(true).expect("IP_HDRINCL");
-    let ip_header = |payload: usize, fragment: u16| {
-        let mut h = vec![0u8; 20];
-        h[0] = 0x45;
-        h[2..4].copy_from_slice(&(20 + payload as u16).to_be_bytes());
-        h[4..6].copy_from_slice(&0x4343u16.to_be_bytes());
-        h[6..8].copy_from_slice(&fragment.to_be_bytes());
-        h[8] = 64;
-        h[9] = 6;
-        h[12..16].copy_from_slice(&src.octets());
-        h[16..20].copy_from_slice(&dst.ip().octets());
-        h
-    };
     // Offset 0, more fragments: the ports and the sequence number alone.
-    let mut first = ip_header(8, 0x2000);
+    let mut first = Vec::with_capacity(8);
     first.extend_from_slice(&40000u16.to_be_bytes());
     first.extend_from_slice(&dst.port().to_be_bytes());
     first.extend_from_slice(&1u32.to_be_bytes());
+    send_raw_ipv4(6, src, dst, 0x4343, 0x2000, &first);
     // Offset 1 unit (8 bytes), the last: acknowledgement, offset and flags (SYN), window,
     // checksum, urgent pointer.
-    let mut second = ip_header(12, 1);
-    second.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-    for pkt in [first, second] {
-        s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the fragment");
-    }
+    send_raw_ipv4(6, src, dst, 0x4343, 1, &[0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
 }
 
 /// A descriptor of the BPF object pinned at `pin` (`BPF_OBJ_GET`): a link held by it stays

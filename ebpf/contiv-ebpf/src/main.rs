@@ -1110,15 +1110,14 @@ pub fn tc_from_uplink(ctx: TcContext) -> i32 {
     if ethertype(eth) != ETH_P_IP || !well_formed(ip) {
         return TC_ACT_OK;
     }
-    // Fragments that hide a transport header (see `frag.rs`) would reach a pod through
-    // the node's stack (below) unchecked, and reassemble there.
-    if frag::hides_header(ip) {
-        monitor::drop(&ctx, drop_reason::FRAGMENT, hook::FROM_UPLINK, dst_ip(ip));
-        return TC_ACT_SHOT;
-    }
     // A later fragment whose first fragment was not seen here: the node's stack's, which
-    // reassembles what is for the node itself.
+    // reassembles what is for the node itself. Not a fragment that hides a transport
+    // header (see `frag.rs`): through the stack it would reach a pod unchecked.
     let Some(frag) = Fragment::of(ip, data, data_end, Trace::OFF) else {
+        if frag::hides_header(ip) {
+            monitor::drop(&ctx, drop_reason::FRAGMENT, hook::FROM_UPLINK, dst_ip(ip));
+            return TC_ACT_SHOT;
+        }
         return TC_ACT_OK;
     };
     let (src, dst, proto) = (src_ip(ip), dst_ip(ip), ip[9]);

@@ -518,15 +518,22 @@ fn icmp_errors_about_an_ingress_isolated_pods_echoes_reach_it() {
 
     // q answered with an echo reply of r's identifier; an echo request with it, from q to
     // r, is no answer: r's rules refuse it (they admit nothing), while r's own echo still
-    // gets its reply.
+    // gets its reply. Nor is a request with an identifier next to it, or its complement
+    // (which matched r's reply entry when the responder's side was keyed by it).
     let drops_before = pod_counter(&b, "node-1", r_ip, "dropPolicyIngress");
-    send_icmp(&q.netns, r_ip, 8, 0, [0x42, 0x42, 0, 7], b"let me in");
+    let forged = [0x4242u16, !0x4242, 0x4241, 0x4243];
+    for id in forged {
+        let [h, l] = id.to_be_bytes();
+        send_icmp(&q.netns, r_ip, 8, 0, [h, l, 0, 7], b"let me in");
+    }
     send_icmp(&r.netns, q_ip, 8, 0, [0x42, 0x42, 0, 2], b"still there?");
     let seen = icmp_seen(&sock, Duration::from_secs(2));
-    assert!(!seen.contains(&(8, 0x4242)), "q's echo request with r's identifier does not reach r: {seen:?}");
+    for id in forged {
+        assert!(!seen.contains(&(8, id)), "q's echo request with identifier {id:#x} does not reach r: {seen:?}");
+    }
     assert!(seen.contains(&(0, 0x4242)), "r's next echo is answered: {seen:?}");
-    b.wait_for(Duration::from_secs(5), "q's echo request is counted as dropped by r's rules", || {
-        pod_counter(&b, "node-1", r_ip, "dropPolicyIngress") > drops_before
+    b.wait_for(Duration::from_secs(5), "q's echo requests are counted as dropped by r's rules", || {
+        pod_counter(&b, "node-1", r_ip, "dropPolicyIngress") >= drops_before + forged.len() as u64
     });
 }
 

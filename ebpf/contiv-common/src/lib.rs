@@ -680,8 +680,8 @@ pub struct NodeAddr {
 }
 
 /// A conntrack key: one direction of a flow (`ports` in host byte order; for an ICMP
-/// echo the identifier on the requester's side and its complement on the responder's, so
-/// that requests and replies in one direction never share a key).
+/// echo the identifier on the requester's side and the identifier plus one on the
+/// responder's, so that requests and replies in one direction never share a key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct CtKey {

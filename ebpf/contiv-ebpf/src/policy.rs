@@ -15,10 +15,10 @@
 //! entry, which the datapath reads anyway.
 //!
 //! ICMP: an echo is a flow keyed by its identifier, as netfilter keys it by identifier and
-//! type: a request's key has the identifier as source port and its complement as
+//! type: a request's key has the identifier as source port and the identifier plus one as
 //! destination port, a reply's the other way round ([`echo_ports`]). So the request's
 //! reply entry (reversed ports) matches only replies: a request from the other side (the
-//! pinged pod, or anything forging it) with the same identifier is a new flow of its own,
+//! pinged pod, or anything forging it), whatever its identifier, is a new flow of its own,
 //! checked by policy. A reply that conntrack does not know (its request reached the pod
 //! through the node's stack, as the node's own ping does, which no hook here tracks) is
 //! checked as a new packet and recorded in its own direction only: its reversed key would
@@ -94,12 +94,15 @@ pub mod kind {
 }
 
 /// The conntrack ports of an ICMP echo with identifier `id` (a request, or a reply): the
-/// identifier on the requester's side, its complement on the responder's. A request's
-/// reply entry (its ports reversed) is then a reply's key and never a request's: an
-/// identifier is never its own complement.
+/// identifier on the requester's side, the identifier plus one (wrapping) on the
+/// responder's. A request's key is `(n, n + 1)`, a reply's `(n + 1, n)`: no key is both
+/// (that would need `n + 2 == n`), so a request's reply entry (its ports reversed) is a
+/// reply's key and never a request's, whatever identifier the request carries. (The
+/// complement, used before, made every pair `(n, !n)` both a request's and a reply's: a
+/// request with the complemented identifier matched a reply entry.)
 #[inline(always)]
 pub const fn echo_ports(request: bool, id: u16) -> (u16, u16) {
-    if request { (id, !id) } else { (!id, id) }
+    if request { (id, id.wrapping_add(1)) } else { (id.wrapping_add(1), id) }
 }
 
 impl Transport {

@@ -9,7 +9,8 @@
 //! tracking, or a connection the socket programs balanced at `connect()`, which the packet
 //! path sees already addressed to its backend) has two plain entries, and the table does
 //! not say which side opened it: it is shown with the side of the higher port as the client
-//! and `directed` false.
+//! and `directed` false. An ICMP echo's entries do say it: the request's key and the
+//! reply's differ (see `sides`).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -255,6 +256,16 @@ fn sides(f: &Flow) -> Sides {
         svc_id: None,
         directed,
     };
+    if f.key.proto == IPPROTO_ICMP {
+        // An echo: its request's key is `(id, id + 1)`, its reply's `(id + 1, id)` (the
+        // datapath's `policy::echo_ports`), so either entry tells who asked. Both sides
+        // are shown with the identifier.
+        let k = f.key;
+        let request = k.dport == k.sport.wrapping_add(1);
+        let (client, server) =
+            if request { ((k.src, k.sport), (k.dst, k.sport)) } else { ((k.dst, k.dport), (k.src, k.dport)) };
+        return Sides { client, server, backend: None, source_nat: None, svc_id: None, directed: true };
+    }
     if let Some((k, _)) = with(ct_flags::FROM_UPLINK | ct_flags::VIA_HOST) {
         // Marks are set on the reply's entry.
         let mut s = plain(&k, true);
@@ -323,9 +334,7 @@ pub fn flows_report(
                 protocol: proto_name(proto),
                 client: endpoint(s.client, proto),
                 client_pod: pod(s.client.0),
-                // An echo's responder side holds the complement of its identifier (the
-                // datapath keys requests and replies apart): shown as the identifier.
-                server: endpoint(if proto == IPPROTO_ICMP { (s.server.0, !s.server.1) } else { s.server }, proto),
+                server: endpoint(s.server, proto),
                 server_pod: pod(s.server.0),
                 backend: s.backend.map(|b| endpoint(b, proto)),
                 backend_pod: s.backend.and_then(|b| pod(b.0)),
@@ -469,6 +478,27 @@ mod tests {
         assert_eq!(f.source_nat.as_deref(), Some("192.168.1.1:61000"));
         assert_eq!((f.entries, f.flags.as_slice(), f.state), (1, &["fromUplink"][..], Some(TcpState::Opening)));
         assert_eq!(f.expires_in_seconds, 10, "opening: 60 s, idle 50 s");
+    }
+
+    #[test]
+    fn an_echo_is_told_from_the_side_that_asked_by_either_entry() {
+        let now = 1000 * SEC;
+        let (services, pods) = names();
+        let e = |ago: u64| CtEntry { last_seen_ns: now - ago * SEC, ..Default::default() };
+        // 10.1.1.2 pings 10.1.2.4 with identifier 0x4242: request (id, id + 1), reply
+        // (id + 1, id). 10.1.1.3 pinged 10.1.1.2 with 0xffff (the request's entry wraps),
+        // and only the reply's entry is left.
+        let table = vec![
+            (key([10, 1, 1, 2], 0x4242, [10, 1, 2, 4], 0x4243, IPPROTO_ICMP), e(1)),
+            (key([10, 1, 2, 4], 0x4243, [10, 1, 1, 2], 0x4242, IPPROTO_ICMP), e(1)),
+            (key([10, 1, 1, 2], 0, [10, 1, 1, 3], 0xffff, IPPROTO_ICMP), e(5)),
+        ];
+        let (flows, total, _) =
+            flows_report(table, now, &CtTimeouts::default(), &services, &pods, &CtFilter::default());
+        assert_eq!((total, flows.len()), (2, 2));
+        let shown = |f: &FlowReport| (f.client.clone(), f.server.clone(), f.directed, f.entries);
+        assert_eq!(shown(&flows[0]), ("10.1.1.2 id 16962".into(), "10.1.2.4 id 16962".into(), true, 2));
+        assert_eq!(shown(&flows[1]), ("10.1.1.3 id 65535".into(), "10.1.1.2 id 65535".into(), true, 1));
     }
 
     #[test]

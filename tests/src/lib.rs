@@ -755,6 +755,12 @@ fn send_raw_ipv4(proto: u8, src: Ipv4Addr, dst: std::net::SocketAddrV4, id: u16,
     s.send_to(&pkt, &std::net::SocketAddr::V4(dst).into()).expect("send the packet");
 }
 
+/// Sends, from the calling thread's network namespace, one unfragmented IPv4 packet of
+/// protocol `proto` from `src` to `dst` carrying `payload` (a tunnel packet, say).
+pub fn send_ip_packet(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) {
+    send_raw_ipv4(proto, src, std::net::SocketAddrV4::new(dst, 0), 0x4343, 0, payload);
+}
+
 /// Sends, from the calling thread's network namespace, a lone later fragment (offset 1480,
 /// the last) of a UDP datagram `src` -> `dst`, with no first fragment before it. Its first
 /// bytes, were they read as a header, would name `dst`'s port as both ports.

@@ -8,7 +8,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -900,6 +900,13 @@ fn vxlan_payload(dst_mac: [u8; 6], from: SocketAddr, to: SocketAddr, data: &[u8]
     let mut p = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
     p.extend_from_slice(&dst_mac);
     p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x66, 0x08, 0x00]);
+    p.extend_from_slice(&ipv4_udp(from, to, data));
+    p
+}
+
+/// An IPv4 UDP datagram `from` -> `to` (header checksum set, no UDP checksum).
+fn ipv4_udp(from: SocketAddrV4, to: SocketAddrV4, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
     let total = (20 + 8 + data.len()) as u16;
     let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
     ip[2..4].copy_from_slice(&total.to_be_bytes());
@@ -994,6 +1001,82 @@ fn forged_pod_sources_never_reach_a_pod() {
     let node = b.status_json("node-2", "/node").expect("/node");
     let spoofed = node["overlayCounters"]["rxSpoofed"].as_u64().unwrap_or_else(|| panic!("{node}"));
     assert_eq!(spoofed, 6, "{node}");
+}
+
+/// A pod's own IPIP, SIT or GRE packet to a node's address (another node's, its own) is
+/// dropped at its edge and counted: a node with such a tunnel, even a fallback device like
+/// `tunl0` once up, would decapsulate it, and its stack hand the inner packet, whatever its
+/// source, to a pod past every check of the datapath. (This kernel has none of those
+/// tunnels, so a raw socket on node-2 stands for one.) The same packets to an address
+/// outside the cluster leave, and node-1's own stack still reaches node-2 with them.
+#[test]
+fn a_pods_own_ipip_sit_or_gre_to_a_node_never_leaves_it() {
+    let mut b = ClusterBox::up(BoxOptions::for_test(2));
+    let z = b.add_pod("node-2", "default/z", &[], &[]);
+    let x = b.add_pod("node-1", "default/x", &[], &[]);
+    let (node1, node2) = (b.node("node-1").ip, b.node("node-2").ip);
+    const PROTOS: [u8; 3] = [4, 41, 47];
+    // The inner packet claims to be z's gateway talking to z: node-2's stack would route
+    // it to z.
+    let gateway = Ipv4Addr::from(u32::from(z.ip) & 0xffff_ff00 | 1);
+    let inner = |what: &str| ipv4_udp(SocketAddrV4::new(gateway, 5555), SocketAddrV4::new(z.ip, 7777), what.as_bytes());
+    let x_ns = x.netns.clone();
+    let send_from_x = move |proto: u8, to: Ipv4Addr, what: &'static str| {
+        let packet = inner(what);
+        enter(&x_ns, move || contiv_tests::send_ip_packet(proto, x.ip, to, &packet));
+    };
+    let drops = || contiv_tests::netpol::pod_counter(&b, "node-1", x.ip, "dropOverlayPort");
+    // Once node-1's agent knows node-2's address, x's GRE to it is dropped.
+    b.wait_for(Duration::from_secs(20), "x's GRE to node-2 is dropped", || {
+        send_from_x(47, node2, "probe");
+        std::thread::sleep(Duration::from_millis(200));
+        drops() > 0
+    });
+
+    let listeners =
+        |ns: String| -> Vec<socket2::Socket> { PROTOS.iter().map(|&p| enter(&ns, move || raw_listener(p))).collect() };
+    let at_node2 = listeners(b.node("node-2").netns.clone());
+    let outside = listeners(b.state.external.clone());
+    let before = drops();
+    for proto in PROTOS {
+        send_from_x(proto, node2, "from x to node-2");
+        send_from_x(proto, node1, "from x to its node");
+        send_from_x(proto, EXTERNAL_IP, "from x to the outside");
+        let packet = inner("from node-1");
+        enter(&b.node("node-1").netns.clone(), move || contiv_tests::send_ip_packet(proto, node1, node2, &packet));
+    }
+    for (proto, (n2, out)) in PROTOS.iter().zip(at_node2.iter().zip(&outside)) {
+        let got = raw_received(n2);
+        assert!(
+            got.iter().any(|m| m == "from node-1"),
+            "protocol {proto}: node-1's own packet reaches node-2: {got:?}"
+        );
+        assert!(!got.iter().any(|m| m.starts_with("from x")), "protocol {proto}: x's packet reached node-2: {got:?}");
+        let got = raw_received(out);
+        assert!(got.iter().any(|m| m == "from x to the outside"), "protocol {proto}: x's packet leaves: {got:?}");
+    }
+    assert_eq!(drops() - before, 2 * PROTOS.len() as u64, "x's packets to node-2 and to its own node, counted");
+}
+
+/// A raw IPv4 socket receiving every packet of protocol `proto` (in the calling thread's
+/// network namespace).
+fn raw_listener(proto: u8) -> socket2::Socket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(i32::from(proto).into()))
+        .expect("raw socket");
+    s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    s
+}
+
+/// The payloads (after the inner IPv4 and UDP headers of [`ipv4_udp`]) a [`raw_listener`]
+/// got until it went quiet.
+fn raw_received(s: &socket2::Socket) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = (&*s).read(&mut buf) {
+        let outer = usize::from(buf[0] & 0x0f) * 4;
+        got.push(String::from_utf8_lossy(buf.get(outer + 28..n).unwrap_or_default()).into_owned());
+    }
+    got
 }
 
 fn run_ok(c: &mut Command) {

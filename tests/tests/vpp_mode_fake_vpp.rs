@@ -358,6 +358,23 @@ fn three_nodes_in_vpp_mode_program_their_own_fake_vpp_read_back_with_vpp_papi() 
     assert!(pod_counter(&b, &a, "slowPackets") >= slow + 2, "cross-node traffic handed to VPP");
     assert_eq!(pod_counter(&b, &a, "tunnelPackets"), 0, "nothing encapsulated by the kernel datapath");
     assert_eq!(pod_counter(&b, &a, "hostPackets"), 0, "nothing handed to the host stack");
+
+    // A pod's own VXLAN (to VPP's tunnels' port) for another node is dropped at its edge:
+    // VPP would take it for the tunnel's, its inner packet then passing as a pod's. UDP to
+    // another port there goes to VPP.
+    let (a_ip, node2) = (a.ip, b.node("node-2").ip);
+    let (dropped, slow) = (pod_counter(&b, &a, "dropOverlayPort"), pod_counter(&b, &a, "slowPackets"));
+    enter(&a.netns, move || {
+        let s = UdpSocket::bind((a_ip, 0)).unwrap();
+        for port in [4789, 4790] {
+            s.send_to(b"vxlan?", (node2, port)).unwrap();
+        }
+    });
+    b.wait_for(Duration::from_secs(5), "the pod's UDP to port 4790 handed to VPP", || {
+        pod_counter(&b, &a, "slowPackets") > slow
+    });
+    assert_eq!(pod_counter(&b, &a, "dropOverlayPort"), dropped + 1, "the pod's VXLAN dropped, once");
+    assert_eq!(pod_counter(&b, &a, "slowPackets"), slow + 1, "only the other datagram reached VPP");
 }
 
 #[test]

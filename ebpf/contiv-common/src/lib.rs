@@ -336,8 +336,9 @@ pub struct PodCounters {
     /// Dropped: for an address of the cluster's pod range that no node owns (a node that
     /// left, or is not known here yet).
     pub drop_no_route: u64,
-    /// Dropped: UDP to the overlay's port anywhere but another pod (a VXLAN packet of the
-    /// pod's own, which a node could take as the overlay's).
+    /// Dropped: a tunnel packet of the pod's own, which a node could take as its own: UDP
+    /// to the overlay's port anywhere but another pod (VXLAN), or IPIP, SIT or GRE to a
+    /// node's address.
     pub drop_overlay_port: u64,
 }
 
@@ -353,6 +354,7 @@ pub struct DatapathConfig {
     pub gateway_mac: [u8; 6],
     /// UDP port of the overlay (host byte order), for the headers the programs build
     /// themselves; 0 (an older agent's padding): pods' packets go through the overlay device.
+    /// With `VPP_UPLINK`, VPP's tunnels' port (pods' own VXLAN is dropped as in kernel mode).
     pub overlay_port: u16,
     /// This node's pod subnet (network and mask, network byte order): an address in it that
     /// is no local pod is an unknown destination (slow path), never the host's.

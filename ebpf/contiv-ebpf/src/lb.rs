@@ -29,6 +29,12 @@ pub fn is_local_node_port_addr(ip: [u8; 4]) -> bool {
     node_addr(ip).is_some_and(|a| a.local != 0 && a.no_node_ports == 0)
 }
 
+/// Whether `ip` is an address of a node of the cluster (any node's, this one's too).
+#[inline(always)]
+pub fn is_node_addr(ip: [u8; 4]) -> bool {
+    node_addr(ip).is_some()
+}
+
 /// Whether `ip` is this node's own address.
 #[inline(always)]
 pub fn is_local_node_addr(ip: [u8; 4]) -> bool {

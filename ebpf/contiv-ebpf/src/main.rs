@@ -675,23 +675,21 @@ fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], trace: Tr
         eth[6..12].copy_from_slice(&cfg.gateway_mac);
         return Verdict::local(peer);
     }
+    let in_cluster = cfg.cluster_pod_mask != [0; 4] && in_subnet(dst, cfg.cluster_pod_net, cfg.cluster_pod_mask);
+    // A pod's own tunnel packet for the nodes: VXLAN to the overlay's port (the device's,
+    // or VPP's tunnels'), to any outside address, would reach a node's overlay masqueraded
+    // to this node's address, its inner packet then passing as one of this node's pods';
+    // IPIP, SIT or GRE to a node's address would be decapsulated by a node that has such a
+    // tunnel (even a fallback device), its inner packet reaching a pod by the node's stack.
+    // Checked before VPP's branch: VPP decapsulates as the device does.
+    if !in_cluster && pod_tunnel_packet(ip, data, data_end, cfg, dst) {
+        route(trace_route::HOST, dst, 0);
+        return Verdict::drop(drop_reason::OVERLAY_PORT);
+    }
     if (cfg.flags & config_flags::VPP_UPLINK) != 0 {
         // VPP owns the wire: it routes (and decrements the TTL) for everything leaving here.
         route(trace_route::VPP, dst, cfg.slowport_ifindex);
         return Verdict::SLOW_PATH;
-    }
-    let in_cluster = cfg.cluster_pod_mask != [0; 4] && in_subnet(dst, cfg.cluster_pod_net, cfg.cluster_pod_mask);
-    // A pod's own VXLAN packet to a node address (or any outside one) would reach that
-    // node's overlay socket masqueraded to this node's address, its inner packet then
-    // passing as one of this node's pods'. The overlay's port is the nodes' own.
-    if cfg.overlay_port != 0
-        && !in_cluster
-        && ip[9] == nat::IPPROTO_UDP
-        && u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0
-        && policy::transport(data, data_end, nat::IPPROTO_UDP).dport == cfg.overlay_port
-    {
-        route(trace_route::HOST, dst, 0);
-        return Verdict::drop(drop_reason::OVERLAY_PORT);
     }
     let overlay = cfg.overlay_ifindex;
     if overlay != 0
@@ -727,6 +725,34 @@ fn route_from_pod(ctx: &TcContext, cfg: &DatapathConfig, dst: [u8; 4], trace: Tr
     route(trace_route::HOST, dst, 0);
     Verdict::HOST
 }
+
+/// Whether a pod's packet for `dst` (outside the cluster's pod range) is a tunnel packet a
+/// node could take as its own: UDP to the overlay's port (a first fragment: a later one
+/// is useless without it), or IPIP, SIT or GRE to any node's address (NODE_ADDRS, which
+/// the agent fills with services on).
+#[inline(always)]
+fn pod_tunnel_packet(
+    ip: &[u8; IPV4_MIN_HLEN],
+    data: usize,
+    data_end: usize,
+    cfg: &DatapathConfig,
+    dst: [u8; 4],
+) -> bool {
+    match ip[9] {
+        nat::IPPROTO_UDP => {
+            cfg.overlay_port != 0
+                && u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0
+                && policy::transport(data, data_end, nat::IPPROTO_UDP).dport == cfg.overlay_port
+        }
+        IPPROTO_IPIP | IPPROTO_IPV6 | IPPROTO_GRE => lb::is_node_addr(dst),
+        _ => false,
+    }
+}
+
+/// IPv4 in IPv4, IPv6 in IPv4 (SIT), GRE.
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const IPPROTO_GRE: u8 = 47;
 
 /// A drop by the overlay's ingress: counted on the device, and a monitor event (a trace
 /// only records it).

@@ -223,7 +223,8 @@ pub struct CountersReport {
     pub drop_fragment: u64,
     /// Packets for an address of the cluster's pod range that no node owns.
     pub drop_no_route: u64,
-    /// UDP to the overlay's port anywhere but another pod.
+    /// Tunnel packets of the pod's own: UDP to the overlay's port anywhere but another
+    /// pod, IPIP, SIT or GRE to a node's address.
     pub drop_overlay_port: u64,
 }
 

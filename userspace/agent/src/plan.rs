@@ -167,7 +167,12 @@ pub fn plan<'a>(
             overlay_ifindex: node.overlay.as_ref().map_or(0, |o| o.ifindex),
             vni: node.overlay.as_ref().map_or(0, |o| o.vni),
             node_ip: node.overlay.as_ref().map_or([0; 4], |o| o.node_ip.octets()),
-            overlay_port: node.overlay.as_ref().map_or(0, |o| o.port),
+            // VPP mode: its tunnels' port, so that the pods' own VXLAN packets are dropped
+            // as in kernel mode (nothing else reads it there: no overlay device).
+            overlay_port: node
+                .overlay
+                .as_ref()
+                .map_or(if node.vpp_uplink { contiv_vpp_backend::desired::VXLAN_PORT } else { 0 }, |o| o.port),
             flags: if node.vpp_uplink { config_flags::VPP_UPLINK } else { 0 }
                 | if node.monitor.flows { config_flags::MONITOR_FLOWS } else { 0 }
                 | if node.loopback_node_ports { 0 } else { config_flags::NO_LOOPBACK_NODE_PORTS },
@@ -392,6 +397,8 @@ mod tests {
         assert_eq!(p.config.flags, config_flags::VPP_UPLINK);
         assert!(p.remote_routes.is_empty() && p.masquerade.is_none(), "VPP tunnels and NATs, not the kernel");
         assert_eq!(p.pods.len(), 1, "local pods stay on the fast path");
+        assert_eq!(p.config.overlay_port, 4789, "VPP's tunnels' port: pods' own VXLAN is dropped");
+        assert_eq!(plan(&node(false), &[], &[]).config.overlay_port, 0, "no overlay, no VPP: no port");
         assert_eq!(plan(&node(true), &[], &[]).config.flags, 0, "kernel mode by default");
         let no_loopback = NodeParams { loopback_node_ports: false, ..node(true) };
         assert_eq!(

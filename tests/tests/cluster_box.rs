@@ -315,12 +315,30 @@ fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
     let subnet_before = b.status_json("node-3", "/node").unwrap()["podSubnet"].clone();
     let p3 = b.add_pod("node-3", "default/leave", &[], &[]);
     assert!(ping(&b, &p1.id(), p3.ip));
+    // A TCP connection stays open to the pod that will be gone: its conntrack entries on
+    // node-1 would live for hours.
+    let listener = enter(&p3.netns, move || TcpListener::bind((p3.ip, 0)).expect("bind"));
+    let to = listener.local_addr().unwrap();
+    let _client = enter(&p1.netns, move || TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect"));
+    let _server = listener.accept().expect("accept");
+    let names_p3 = |b: &ClusterBox| {
+        let flows = b.status_json("node-1", "/conntrack").expect("/conntrack")["flows"].clone();
+        let p3_ip = p3.ip.to_string();
+        let ip_of = |v: &serde_json::Value| v.as_str().map(|s| s.split([':', ' ']).next().unwrap_or("").to_owned());
+        flows.as_array().into_iter().flatten().any(|f| {
+            [&f["client"], &f["server"], &f["backend"]].into_iter().any(|v| ip_of(v).as_deref() == Some(p3_ip.as_str()))
+        })
+    };
+    assert!(names_p3(&b), "node-1 tracks the connection to node-3's pod");
     // The agent goes away for good (killed): its registration expires with its lease.
     b.stop_agent("node-3", true);
     b.wait_for(Duration::from_secs(40), "node-1 and node-2 drop node-3's routes", || {
         remote_routes(&b, "node-1") == 2 && remote_routes(&b, "node-2") == 2
     });
     assert!(!ping(&b, &p1.id(), p3.ip), "no route to a departed node's pods");
+    // The next sweep (every 10 s) removes node-1's flows of node-3's pods: a node given
+    // node-3's subnet next would give a pod that address, and it would inherit them.
+    b.wait_for(Duration::from_secs(25), "node-1 forgets the flows of node-3's pods", || !names_p3(&b));
     b.start_agent("node-3");
     assert_eq!(b.status_json("node-3", "/node").unwrap()["podSubnet"], subnet_before, "the same subnet again");
     b.wait_converged(Duration::from_secs(30));

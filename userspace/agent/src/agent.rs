@@ -59,6 +59,8 @@ struct Inner {
     node: rtnetlink::Handle,
     /// The live nodes of the cluster, as the store last said.
     registrations: Vec<NodeRegistration>,
+    /// Pod subnets of nodes that left since the last conntrack sweep: their flows go.
+    departures: crate::proxy::Departures,
     /// Attachments whose interface disappeared while the agent was down: kept (the address
     /// stays reserved until the runtime's DEL) but out of the datapath.
     gone: std::collections::HashSet<AttachmentKey>,
@@ -578,6 +580,7 @@ impl Agent {
                 applier,
                 node,
                 registrations,
+                departures: Default::default(),
                 gone: Default::default(),
                 leaving: Default::default(),
                 attaching: Default::default(),
@@ -893,6 +896,8 @@ impl Agent {
         if let Some(vpp) = self.slowpath.vpp() {
             vpp.set_registrations(&registrations);
         }
+        let now = crate::proxy::monotonic_ns();
+        inner.departures.update(&inner.registrations, &registrations, &self.params.node_name, now);
         inner.registrations = registrations;
         let plan = self.plan(inner);
         let before = inner.applier.installed().remote_routes.len();

@@ -15,6 +15,7 @@ use std::{
 use contiv_common::{
     CtEntry, CtKey, NodeAddr, SvcBackend, SvcBackendKey, SvcFrontend, SvcKey, SvcSlotKey, ct_flags, ct_tcp,
 };
+use contiv_node_registry::NodeRegistration;
 use ipnet::Ipv4Net;
 
 use crate::{
@@ -802,21 +803,73 @@ pub(crate) fn expired_flows(
 /// given the address would inherit them (a half-closed TCP flow lives for hours, and an
 /// established flow passes NetworkPolicy unchecked). A flow that saw a packet since that
 /// moment is left to its timeout: it may be a new pod's on the address.
+///
+/// Likewise the pod subnets of nodes that left the cluster ([`Departures`]), each as of
+/// the moment it left: the registry gives a departed node's subnet to the next new node,
+/// whose pods get its addresses.
 #[derive(Debug, Clone)]
 pub struct Released {
     pub subnet: Ipv4Net,
     /// Pods' addresses, and the gateway's.
     pub held: BTreeSet<Ipv4Addr>,
     pub as_of_ns: u64,
+    /// Other nodes' pod subnets, each with the moment (CLOCK_MONOTONIC) its node left.
+    pub departed: Vec<(Ipv4Net, u64)>,
 }
 
 impl Released {
     fn names(&self, f: &Flow) -> bool {
+        let seen = f.last_seen_ns();
         let released = |a: [u8; 4]| {
             let ip = Ipv4Addr::from(a);
-            self.subnet.contains(&ip) && !self.held.contains(&ip)
+            (seen < self.as_of_ns && self.subnet.contains(&ip) && !self.held.contains(&ip))
+                || self.departed.iter().any(|(net, at)| seen < *at && net.contains(&ip))
         };
-        f.last_seen_ns() < self.as_of_ns && f.entries().any(|(k, _)| released(k.src) || released(k.dst))
+        f.entries().any(|(k, _)| released(k.src) || released(k.dst))
+    }
+}
+
+/// Pod subnets of other nodes that left the cluster, kept from the registration change
+/// that showed it until a conntrack sweep has removed their flows ([`Released`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Departures(Vec<Departure>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Departure {
+    net: Ipv4Net,
+    at_ns: u64,
+    node: String,
+}
+
+impl Departures {
+    /// The registrations changed from `old` to `new` at `now_ns`: the IPv4 pod subnet of a
+    /// node other than `me` that no longer registers it departed. A node registering the
+    /// subnet it departed from again (its registration lapsed and came back) takes it
+    /// back, its flows perhaps alive; another node given it does not.
+    pub fn update(&mut self, old: &[NodeRegistration], new: &[NodeRegistration], me: &str, now_ns: u64) {
+        let v4 = |r: &NodeRegistration| match r.pod_cidr {
+            ipnet::IpNet::V4(n) => Some(n),
+            ipnet::IpNet::V6(_) => None,
+        };
+        let holds = |name: &str, net: Ipv4Net| new.iter().any(|r| r.name == name && v4(r) == Some(net));
+        for r in old.iter().filter(|r| r.name != me) {
+            let Some(net) = v4(r) else { continue };
+            if !holds(&r.name, net) {
+                self.0.retain(|d| d.net != net);
+                self.0.push(Departure { net, at_ns: now_ns, node: r.name.clone() });
+            }
+        }
+        self.0.retain(|d| !holds(&d.node, d.net));
+    }
+
+    /// The departed subnets, each with the moment it departed.
+    pub fn list(&self) -> Vec<(Ipv4Net, u64)> {
+        self.0.iter().map(|d| (d.net, d.at_ns)).collect()
+    }
+
+    /// A sweep with `swept` (an earlier [`Self::list`]) succeeded: those are done.
+    pub fn swept(&mut self, swept: &[(Ipv4Net, u64)]) {
+        self.0.retain(|d| !swept.contains(&(d.net, d.at_ns)));
     }
 }
 
@@ -1263,6 +1316,7 @@ mod tests {
             subnet: "10.1.1.0/24".parse().unwrap(),
             held: [Ipv4Addr::from(live), Ipv4Addr::new(10, 1, 1, 1)].into(),
             as_of_ns: now,
+            departed: vec![],
         };
         let t = CtTimeouts::default();
         let doomed: BTreeSet<u16> = expired_flows(entries.clone(), &t, now, Some(&released))
@@ -1271,6 +1325,77 @@ mod tests {
             .collect();
         assert_eq!(doomed, BTreeSet::from([40000, 40001]));
         assert!(expired_flows(entries, &t, now, None).is_empty(), "none is past its timeout");
+    }
+
+    /// The flows of a departed node's pods go at the next sweep: the registry gives its
+    /// subnet to the next new node, whose pods would inherit them. A flow seen since the
+    /// node left is left to its timeout (perhaps a new node's pod already).
+    #[test]
+    fn the_flows_of_a_departed_nodes_pods_go_at_the_next_sweep() {
+        let s = 1_000_000_000u64;
+        let now = 100_000 * s;
+        let seen = |at: u64| CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, last_seen_ns: at, ..Default::default() };
+        let (local, departed, staying) = ([10, 1, 1, 7], [10, 1, 2, 9], [10, 1, 3, 9]);
+        let flow = |src: [u8; 4], dst: [u8; 4], sport: u16, at: u64| {
+            let k = key(src, dst, sport, 80);
+            [(k, seen(at)), (ct_pair(&k, &seen(at)), seen(at))]
+        };
+        let left_at = now - 10 * s;
+        let entries: Vec<(CtKey, CtEntry)> = [
+            flow(local, departed, 40000, now - 20 * s), // to the departed node's pod
+            flow(departed, local, 40001, now - 20 * s), // from it
+            flow(local, departed, 40002, now - s),      // seen since it left
+            flow(local, staying, 40003, now - 20 * s),  // another node's pod
+        ]
+        .concat();
+        let released = Released {
+            subnet: "10.1.1.0/24".parse().unwrap(),
+            held: [Ipv4Addr::from(local)].into(),
+            as_of_ns: now,
+            departed: vec![("10.1.2.0/24".parse().unwrap(), left_at)],
+        };
+        let doomed: BTreeSet<u16> = expired_flows(entries, &CtTimeouts::default(), now, Some(&released))
+            .into_iter()
+            .map(|f| f.key.sport.max(f.key.dport))
+            .collect();
+        assert_eq!(doomed, BTreeSet::from([40000, 40001]));
+    }
+
+    #[test]
+    fn a_node_departs_when_its_subnet_is_no_longer_registered_by_it() {
+        let reg = |name: &str, cidr: &str| NodeRegistration {
+            name: name.into(),
+            id: 1,
+            addresses: vec![],
+            pod_cidr: cidr.parse().unwrap(),
+            uplink_ip: None,
+        };
+        let (me, a, b) = (reg("me", "10.1.1.0/24"), reg("a", "10.1.2.0/24"), reg("b", "10.1.3.0/24"));
+        let net = |c: &str| c.parse::<Ipv4Net>().unwrap();
+        let mut d = Departures::default();
+        d.update(&[me.clone(), a.clone(), b.clone()], &[me.clone(), b.clone()], "me", 5);
+        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 5)], "a left");
+        d.update(&[me.clone(), b.clone()], std::slice::from_ref(&b), "me", 6);
+        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 5)], "this node's own subnet is not another node's");
+        // c is given a's subnet: still departed (a's flows are not c's); a sweep ends it.
+        let c = reg("c", "10.1.2.0/24");
+        d.update(&[me.clone(), b.clone()], &[me.clone(), b.clone(), c.clone()], "me", 7);
+        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 5)]);
+        d.swept(&[(net("10.1.2.0/24"), 5)]);
+        assert_eq!(d.list(), vec![]);
+        // b's registration lapses and comes back before a sweep: its flows may be alive.
+        d.update(&[me.clone(), b.clone()], std::slice::from_ref(&me), "me", 8);
+        assert_eq!(d.list(), vec![(net("10.1.3.0/24"), 8)]);
+        d.update(std::slice::from_ref(&me), &[me.clone(), b.clone()], "me", 9);
+        assert_eq!(d.list(), vec![], "b is back with its subnet");
+        // A sweep listed a departure, and the subnet departed again meanwhile: the later
+        // one stays.
+        d.update(&[me.clone(), c.clone()], std::slice::from_ref(&me), "me", 10);
+        let listed = d.list();
+        d.update(std::slice::from_ref(&me), &[me.clone(), c.clone()], "me", 11);
+        d.update(&[me.clone(), c.clone()], std::slice::from_ref(&me), "me", 12);
+        d.swept(&listed);
+        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 12)]);
     }
 
     #[test]

@@ -397,9 +397,15 @@ impl Agent {
             let inner = self.inner.lock().await;
             let mut held: std::collections::BTreeSet<Ipv4Addr> = inner.state.attachments().map(|a| a.ip).collect();
             held.insert(self.params.gateway_ip);
-            let released = Released { subnet: self.params.pod_subnet, held, as_of_ns: monotonic_ns() };
+            let released = Released {
+                subnet: self.params.pod_subnet,
+                held,
+                as_of_ns: monotonic_ns(),
+                departed: inner.departures.list(),
+            };
             (inner.datapath.ct_pin(), released)
         };
+        let departed = released.departed.clone();
         let timeouts = self.config.services.timeouts;
         let swept = tokio::task::spawn_blocking(move || {
             let mut table = CtTable::open_at(&ct_pin).map_err(|e| e.to_string())?;
@@ -409,6 +415,13 @@ impl Agent {
         .unwrap_or_else(|e| Err(e.to_string()));
         match swept {
             Ok(stats) => {
+                if !departed.is_empty() {
+                    log::info!(
+                        "conntrack: flows of departed nodes' pod subnets removed ({})",
+                        departed.iter().map(|(net, _)| net.to_string()).collect::<Vec<_>>().join(", ")
+                    );
+                    self.inner.lock().await.departures.swept(&departed);
+                }
                 if stats.expired > 0 {
                     log::debug!(
                         "conntrack: {} of {} entries expired (sweep took {} us)",

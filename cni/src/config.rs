@@ -157,6 +157,21 @@ fn invalid(msg: impl Into<String>, details: impl Into<String>) -> CniError {
 
 /// Decodes (code 6) and validates (code 7, or 1 for an unsupported `cniVersion`) the config.
 pub fn parse(stdin: &[u8]) -> Result<NetworkConfig, CniError> {
+    parse_as(stdin, true)
+}
+
+/// DEL's reading of the config: best effort, as the spec asks of DEL ("plugins should
+/// always complete a DEL action without error to the fullest extent possible"). What DEL
+/// uses is checked as for every command (a supported `cniVersion`, `name`, `type`,
+/// `agentSocket`); what only ADD, CHECK or GC use (`mtu`, `dns`, `runtimeConfig`, `args`,
+/// `prevResult`, the valid attachments) is not read, so a config edited since the ADD, or
+/// a plugin that checks more than the one that did the ADD, cannot keep a pod from being
+/// torn down.
+pub fn parse_for_del(stdin: &[u8]) -> Result<NetworkConfig, CniError> {
+    parse_as(stdin, false)
+}
+
+fn parse_as(stdin: &[u8], whole: bool) -> Result<NetworkConfig, CniError> {
     let obj = decode_object(stdin)?;
 
     let version_str = required_string(&obj, "cniVersion")?;
@@ -186,6 +201,19 @@ pub fn parse(stdin: &[u8]) -> Result<NetworkConfig, CniError> {
             return Err(invalid("invalid agentSocket", format!("must be a string, got {}", json_kind(other))));
         }
     };
+
+    if !whole {
+        return Ok(NetworkConfig {
+            cni_version,
+            name: name.to_owned(),
+            plugin_type: plugin_type.to_owned(),
+            agent_socket,
+            mtu: None,
+            prev_result: None,
+            valid_attachments: None,
+            raw: stdin.to_vec(),
+        });
+    }
 
     let mtu = match obj.get("mtu") {
         None | Some(Value::Null) => None,

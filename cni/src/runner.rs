@@ -77,7 +77,7 @@ pub fn plan(env: &CniEnv, stdin: &[u8]) -> Result<Plan, CniError> {
     if env.command == Command::Version {
         return config::requested_version(stdin).map(|v| Plan::Print(version_json(&v)));
     }
-    let cfg = config::parse(stdin)?;
+    let cfg = if env.command == Command::Del { config::parse_for_del(stdin)? } else { config::parse(stdin)? };
     let version = cfg.cni_version;
     let too_old = |since: &str| {
         CniError::incompatible_version(
@@ -378,6 +378,27 @@ mod tests {
             }
         );
         assert!(prev.is_none());
+    }
+
+    /// DEL reads only what it uses: a config whose ADD-only fields went bad since the ADD
+    /// (or that a stricter plugin refuses) still tears the pod down; ADD refuses it.
+    #[test]
+    fn del_is_not_refused_for_fields_only_add_uses() {
+        let mut cfg = config("1.0.0", "/run/x.sock");
+        cfg["mtu"] = json!(9001);
+        cfg["dns"] = json!({"nameservers": ["kube-dns"]});
+        cfg["runtimeConfig"] = json!("bad");
+        cfg["prevResult"] = json!(7);
+        assert!(matches!(planned("ADD", &cfg), Err(e) if e.code == codes::INVALID_CONFIG));
+        let Ok(Plan::Forward(f)) = planned("DEL", &cfg) else { panic!("DEL not forwarded") };
+        let AgentRequest::Del(request) = f.request else { panic!("not DEL") };
+        assert_eq!((request.container_id.as_str(), request.ifname.as_str()), ("c1", "eth0"));
+        assert_eq!(f.socket, PathBuf::from("/run/x.sock"));
+        // What DEL uses is still checked.
+        let mut bad = config("1.0.0", "x.sock");
+        assert!(matches!(planned("DEL", &bad), Err(e) if e.code == codes::INVALID_CONFIG), "a relative agentSocket");
+        bad = config("9.9.9", "/run/x.sock");
+        assert!(matches!(planned("DEL", &bad), Err(e) if e.code == codes::INCOMPATIBLE_VERSION));
     }
 
     #[test]

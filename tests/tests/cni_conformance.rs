@@ -537,3 +537,39 @@ fn a_del_while_no_agent_runs_succeeds_and_the_agent_carries_it_out() {
     let check = node.cni_with_conf("CHECK", &pod.container_id, &netns, &pod.ifname, &conf);
     assert_ne!(check.exit_code, 0, "{check:?}");
 }
+
+/// A DEL contiv-cni recorded while the agent did not answer comes before an ADD of the
+/// same attachment that reaches the agent first (a runtime retrying its ADD): the agent
+/// carries the DEL out first, the ADD succeeds, and no later pass over the records undoes
+/// the new attachment.
+#[test]
+fn a_recorded_del_is_carried_out_before_an_add_of_the_same_attachment() {
+    let node = node();
+    let pod = node.add_pod();
+    let netns = pod.ns.path().to_string_lossy().into_owned();
+    // The agent's socket is away for a moment (as between an upgrade's two agents): the
+    // DEL is recorded for it.
+    let away = node.socket.with_extension("away");
+    std::fs::rename(&node.socket, &away).unwrap();
+    let del = node.cni("DEL", &pod.container_id, &netns, &pod.ifname, "1.1.0");
+    std::fs::rename(&away, &node.socket).unwrap();
+    assert_eq!(del.exit_code, 0, "{del:?}");
+    let pending = node.socket.parent().unwrap().join("pending-del");
+    let recorded = || std::fs::read_dir(&pending).map_or(0, |d| d.count());
+    assert_eq!(recorded(), 1, "recorded for the agent");
+
+    // The runtime's ADD of the attachment, in a new namespace.
+    let fresh = Netns::new("ctp");
+    let fresh_path = fresh.path().to_string_lossy().into_owned();
+    let add = node.cni("ADD", &pod.container_id, &fresh_path, &pod.ifname, "1.1.0");
+    add.ok();
+    assert_eq!(recorded(), 0, "the recorded DEL was done first");
+    assert!(node.agent_log().contains("done before its ADD"), "{}", node.agent_log());
+    // Past the agent's next pass over the records (every 10 s), the new attachment stands.
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    let conf = json!({"cniVersion": "1.1.0", "name": node.network_name, "type": "contiv-cni",
+        "agentSocket": node.socket, "prevResult": add.json()})
+    .to_string();
+    node.cni_with_conf("CHECK", &pod.container_id, &fresh_path, &pod.ifname, &conf).ok();
+    assert_eq!(node.pod_links().len(), 1, "the new attachment's interface alone");
+}

@@ -573,3 +573,33 @@ fn a_recorded_del_is_carried_out_before_an_add_of_the_same_attachment() {
     node.cni_with_conf("CHECK", &pod.container_id, &fresh_path, &pod.ifname, &conf).ok();
     assert_eq!(node.pod_links().len(), 1, "the new attachment's interface alone");
 }
+
+/// contiv-cni is a pod's first network: a pod whose namespace routes already (another
+/// network through Multus, or contiv-cni's own first attachment) is refused with a message
+/// that says so, not a netlink "File exists", and no interface of the refused ADD is left
+/// (the failed ADD's usual undo); the first attachment keeps working.
+#[test]
+fn an_add_into_a_namespace_another_network_routes_is_refused_and_leaves_nothing() {
+    let node = node();
+    let pod = node.add_pod();
+    let netns = pod.ns.path().to_string_lossy().into_owned();
+    let second = node.cni("ADD", &pod.container_id, &netns, "net1", "1.1.0").json();
+    assert_eq!(second["code"], 100, "{second}");
+    assert_eq!(second["msg"], "contiv-cni must be the pod's first network", "{second}");
+    assert!(second["details"].as_str().unwrap().contains("a default route via 10.1.1.1"), "{second}");
+    assert!(pod.ns.ip(&["-o", "link", "show"]).lines().all(|l| !l.contains("net1")), "no net1 left behind");
+
+    // A namespace another plugin wired first (its default route through a device of its own).
+    let other = Netns::new("ctp");
+    other.ip(&["link", "add", "first0", "type", "veth", "peer", "name", "first1"]);
+    other.ip(&["addr", "add", "192.0.2.10/24", "dev", "first0"]);
+    for dev in ["first0", "first1"] {
+        other.ip(&["link", "set", dev, "up"]);
+    }
+    other.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    let v = node.cni("ADD", &contiv_tests::unique("multus"), &other.path().to_string_lossy(), "net1", "1.1.0").json();
+    assert_eq!(v["msg"], "contiv-cni must be the pod's first network", "{v}");
+    assert!(v["details"].as_str().unwrap().contains("a default route via 192.0.2.1"), "{v}");
+    assert_eq!(node.pod_links().len(), 1, "only the first pod's host interface");
+    assert!(ping(&pod.ns, "10.1.1.1".parse().unwrap(), 1), "the first pod still reaches its gateway");
+}

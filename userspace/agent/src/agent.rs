@@ -1123,6 +1123,9 @@ impl Agent {
         let configured = podnet::configure_pod_side(&veth, spec).instrument(phase("pod_side_config")).await;
         drop(veth);
         let (recorded, attached) = match configured {
+            Err(e @ podnet::PodNetError::NotFirstNetwork(_)) => {
+                (Err(CniError::internal("contiv-cni must be the pod's first network", e.to_string())), Ok(()))
+            }
             Err(e) => (Err(internal("configuring the pod interface", e)), Ok(())),
             Ok(pod_mac) => {
                 attachment.pod_mac = format_mac(&pod_mac);

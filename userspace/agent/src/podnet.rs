@@ -53,6 +53,10 @@ pub enum PodNetError {
     /// An interface expected to exist does not.
     #[error("interface {0} not found")]
     NotFound(String),
+    /// The pod's namespace routes already what the pod's network must: it has another
+    /// network (a second attachment through Multus).
+    #[error("the pod's namespace already has {0}; a second network through Multus is not supported")]
+    NotFirstNetwork(String),
     /// The namespace worker thread failed.
     #[error("namespace worker: {0}")]
     Worker(String),
@@ -336,6 +340,9 @@ pub async fn configure_pod_side(veth: &PodVeth, spec: &PodLinkSpec) -> Result<[u
     let h = &veth.pod;
     let link = link_by_name(h, &spec.ifname).await?.ok_or_else(|| PodNetError::NotFound(spec.ifname.clone()))?;
     let index = link.header.index;
+    if let Some(route) = taken_route(h, spec.gateway).await? {
+        return Err(PodNetError::NotFirstNetwork(route));
+    }
     let pod_mac = link_mac(&link).ok_or_else(|| PodNetError::NotFound(format!("MAC of {}", spec.ifname)))?;
     let up = h.link().set(LinkUnspec::new_with_index(index).up().build()).execute();
     let address = h.address().add(index, IpAddr::V4(spec.ip), 32).execute();
@@ -488,6 +495,44 @@ pub fn delete_link_blocking(name: &str) -> Result<()> {
         },
         other => Err(kernel(std::io::Error::other(format!("unexpected answer {other:?}")))),
     }
+}
+
+/// A route of the main table that the pod's network would add and that another network
+/// of the pod holds already (a default route, or one to the gateway): described, if any.
+async fn taken_route(h: &Handle, gateway: Ipv4Addr) -> Result<Option<String>> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+    const RT_TABLE_MAIN: u8 = 254;
+    let mut routes = h.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    while let Some(r) = routes.try_next().await.map_err(nl("listing the pod's routes"))? {
+        let table = r.attributes.iter().find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None });
+        if table.unwrap_or(u32::from(r.header.table)) != u32::from(RT_TABLE_MAIN) {
+            continue;
+        }
+        let via = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(format!(" via {g}")),
+            _ => None,
+        });
+        let dev = r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None });
+        let describe = |what: String| {
+            format!(
+                "{what}{}{}",
+                via.clone().unwrap_or_default(),
+                dev.map(|i| format!(" (ifindex {i})")).unwrap_or_default()
+            )
+        };
+        match r.header.destination_prefix_length {
+            0 => return Ok(Some(describe("a default route".into()))),
+            32 if r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(d)) if *d == gateway)) =>
+            {
+                return Ok(Some(describe(format!("a route to the gateway {gateway}"))));
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
 }
 
 /// Reads what the pod side looks like (for CHECK).

@@ -642,21 +642,12 @@ fn node_zone(params: &ServiceParams, src: &impl ServiceSource) -> Option<String>
     src.nodes().into_iter().find(|n| n.name == params.node_name).and_then(|n| n.zone.clone())
 }
 
-/// Node addresses: every node's (NodePorts from pods and hosts), this node's marked. This
-/// node's are every IPv4 address its registration lists (each of its interfaces' when it
-/// registered), as kube-proxy serves NodePorts on any local address by default; another
-/// node's are its registered underlay address and its Node object's.
+/// Node addresses: every node's (NodePorts from pods and hosts), this node's marked.
 fn node_addrs(params: &ServiceParams, src: &impl ServiceSource) -> BTreeMap<Ipv4Addr, NodeAddr> {
     let mut out: BTreeMap<Ipv4Addr, NodeAddr> = BTreeMap::new();
     for r in src.registrations() {
-        let local = r.name == params.node_name;
         if let Some(ip) = r.uplink_ip {
-            out.entry(ip).or_default().local |= u8::from(local);
-        }
-        if local {
-            for ip in r.addresses.iter().filter_map(|a| a.address.parse::<Ipv4Addr>().ok()) {
-                out.entry(ip).or_default().local = 1;
-            }
+            out.entry(ip).or_default().local |= u8::from(r.name == params.node_name);
         }
     }
     for n in src.nodes() {
@@ -1834,31 +1825,6 @@ mod tests {
         let p = plan_services(&params(), ServiceInputs { services: &[], slices: &[], nodes: &[], registrations: &r });
         assert_eq!(p.node_addrs[&"192.168.100.11".parse().unwrap()].local, 1);
         assert_eq!(p.node_addrs[&"192.168.100.12".parse().unwrap()].local, 0);
-    }
-
-    /// NodePorts answer on any address of this node (kube-proxy's default), as its
-    /// registration lists them; another node's other interfaces' addresses are not its
-    /// node address (a bridge's 172.17.0.1 is on every node).
-    #[test]
-    fn every_address_this_node_registered_is_a_local_node_address() {
-        let with = |name: &str, ip: &str, more: &[&str]| NodeRegistration {
-            addresses: more
-                .iter()
-                .map(|a| NodeAddress { address_type: "InternalIP".into(), address: (*a).into() })
-                .collect(),
-            ..reg(name, ip)
-        };
-        let regs = [
-            with("n1", "192.168.100.11", &["192.168.100.11", "192.168.50.10", "fd00::1"]),
-            with("n2", "192.168.100.12", &["192.168.60.12", "172.17.0.1"]),
-        ];
-        let r: Vec<&NodeRegistration> = regs.iter().collect();
-        let p = plan_services(&params(), ServiceInputs { services: &[], slices: &[], nodes: &[], registrations: &r });
-        let local = |ip: &str| p.node_addrs.get(&ip.parse().unwrap()).map(|a| a.local);
-        assert_eq!(local("192.168.50.10"), Some(1), "this node's second address serves NodePorts");
-        assert_eq!(local("192.168.60.12"), None, "another node's other addresses are not node addresses");
-        assert_eq!(local("172.17.0.1"), None);
-        assert_eq!(p.node_addrs.len(), 3);
     }
 
     #[test]

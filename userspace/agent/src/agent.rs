@@ -59,7 +59,8 @@ struct Inner {
     node: rtnetlink::Handle,
     /// The live nodes of the cluster, as the store last said.
     registrations: Vec<NodeRegistration>,
-    /// Pod subnets of nodes that left since the last conntrack sweep: their flows go.
+    /// Other nodes' pod subnets, who holds each, and those given to another node since the
+    /// last conntrack sweep: the old node's pods' flows go.
     departures: crate::proxy::Departures,
     /// Attachments whose interface disappeared while the agent was down: kept (the address
     /// stays reserved until the runtime's DEL) but out of the datapath.
@@ -571,6 +572,7 @@ impl Agent {
             config.services.healthz_timeout.into(),
         )));
         let ksr_seen = config.state_dir.join(KSR_SEEN_FILE).exists();
+        let params_node_name = params.node_name.clone();
         let agent = Arc::new(Self {
             config,
             uplink,
@@ -582,8 +584,12 @@ impl Agent {
                 datapath,
                 applier,
                 node,
+                departures: {
+                    let mut d = crate::proxy::Departures::default();
+                    d.update(&registrations, &params_node_name, crate::proxy::monotonic_ns());
+                    d
+                },
                 registrations,
-                departures: Default::default(),
                 gone: Default::default(),
                 leaving: Default::default(),
                 attaching: Default::default(),
@@ -900,8 +906,7 @@ impl Agent {
         if let Some(vpp) = self.slowpath.vpp() {
             vpp.set_registrations(&registrations);
         }
-        let now = crate::proxy::monotonic_ns();
-        inner.departures.update(&inner.registrations, &registrations, &self.params.node_name, now);
+        inner.departures.update(&registrations, &self.params.node_name, crate::proxy::monotonic_ns());
         inner.registrations = registrations;
         let plan = self.plan(inner);
         let before = inner.applier.installed().remote_routes.len();

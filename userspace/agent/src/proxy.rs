@@ -804,16 +804,17 @@ pub(crate) fn expired_flows(
 /// established flow passes NetworkPolicy unchecked). A flow that saw a packet since that
 /// moment is left to its timeout: it may be a new pod's on the address.
 ///
-/// Likewise the pod subnets of nodes that left the cluster ([`Departures`]), each as of
-/// the moment it left: the registry gives a departed node's subnet to the next new node,
-/// whose pods get its addresses.
+/// Likewise the pod subnets of nodes that left the cluster and that another node was
+/// given since ([`Departures`]), each as of the moment that showed: the new node's pods get
+/// the old pods' addresses.
 #[derive(Debug, Clone)]
 pub struct Released {
     pub subnet: Ipv4Net,
     /// Pods' addresses, and the gateway's.
     pub held: BTreeSet<Ipv4Addr>,
     pub as_of_ns: u64,
-    /// Other nodes' pod subnets, each with the moment (CLOCK_MONOTONIC) its node left.
+    /// Other nodes' pod subnets, each with the moment (CLOCK_MONOTONIC) another node was
+    /// seen holding it.
     pub departed: Vec<(Ipv4Net, u64)>,
 }
 
@@ -829,47 +830,41 @@ impl Released {
     }
 }
 
-/// Pod subnets of other nodes that left the cluster, kept from the registration change
-/// that showed it until a conntrack sweep has removed their flows ([`Released`]).
+/// Pod subnets of other nodes that another node was given since (the registry releases a
+/// departed node's subnet once its Node object is gone, and gives it to the next new
+/// node), each as of the registration change that showed it, kept until a conntrack sweep
+/// has removed the flows of the old node's pods ([`Released`]). A node whose registration
+/// lapsed (an agent restart, a partition from the store) keeps its subnet: nothing is
+/// recorded then, and its pods' flows stay.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Departures(Vec<Departure>);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Departure {
-    net: Ipv4Net,
-    at_ns: u64,
-    node: String,
+pub struct Departures {
+    /// Who held each subnet other nodes registered, as last seen.
+    holders: BTreeMap<Ipv4Net, String>,
+    departed: Vec<(Ipv4Net, u64)>,
 }
 
 impl Departures {
-    /// The registrations changed from `old` to `new` at `now_ns`: the IPv4 pod subnet of a
-    /// node other than `me` that no longer registers it departed. A node registering the
-    /// subnet it departed from again (its registration lapsed and came back) takes it
-    /// back, its flows perhaps alive; another node given it does not.
-    pub fn update(&mut self, old: &[NodeRegistration], new: &[NodeRegistration], me: &str, now_ns: u64) {
-        let v4 = |r: &NodeRegistration| match r.pod_cidr {
-            ipnet::IpNet::V4(n) => Some(n),
-            ipnet::IpNet::V6(_) => None,
-        };
-        let holds = |name: &str, net: Ipv4Net| new.iter().any(|r| r.name == name && v4(r) == Some(net));
-        for r in old.iter().filter(|r| r.name != me) {
-            let Some(net) = v4(r) else { continue };
-            if !holds(&r.name, net) {
-                self.0.retain(|d| d.net != net);
-                self.0.push(Departure { net, at_ns: now_ns, node: r.name.clone() });
+    /// The registrations are `regs` as of `now_ns`: an IPv4 pod subnet of a node other than
+    /// `me` that another node held before is recorded as departed.
+    pub fn update(&mut self, regs: &[NodeRegistration], me: &str, now_ns: u64) {
+        for r in regs.iter().filter(|r| r.name != me) {
+            let ipnet::IpNet::V4(net) = r.pod_cidr else { continue };
+            let before = self.holders.insert(net, r.name.clone());
+            if before.is_some_and(|b| b != r.name) {
+                self.departed.retain(|(n, _)| *n != net);
+                self.departed.push((net, now_ns));
             }
         }
-        self.0.retain(|d| !holds(&d.node, d.net));
     }
 
-    /// The departed subnets, each with the moment it departed.
+    /// The departed subnets, each with the moment another node was seen holding it.
     pub fn list(&self) -> Vec<(Ipv4Net, u64)> {
-        self.0.iter().map(|d| (d.net, d.at_ns)).collect()
+        self.departed.clone()
     }
 
     /// A sweep with `swept` (an earlier [`Self::list`]) succeeded: those are done.
     pub fn swept(&mut self, swept: &[(Ipv4Net, u64)]) {
-        self.0.retain(|d| !swept.contains(&(d.net, d.at_ns)));
+        self.departed.retain(|d| !swept.contains(d));
     }
 }
 
@@ -1362,7 +1357,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_departs_when_its_subnet_is_no_longer_registered_by_it() {
+    fn a_subnet_departs_when_another_node_registers_it() {
         let reg = |name: &str, cidr: &str| NodeRegistration {
             name: name.into(),
             id: 1,
@@ -1373,29 +1368,31 @@ mod tests {
         let (me, a, b) = (reg("me", "10.1.1.0/24"), reg("a", "10.1.2.0/24"), reg("b", "10.1.3.0/24"));
         let net = |c: &str| c.parse::<Ipv4Net>().unwrap();
         let mut d = Departures::default();
-        d.update(&[me.clone(), a.clone(), b.clone()], &[me.clone(), b.clone()], "me", 5);
-        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 5)], "a left");
-        d.update(&[me.clone(), b.clone()], std::slice::from_ref(&b), "me", 6);
-        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 5)], "this node's own subnet is not another node's");
-        // c is given a's subnet: still departed (a's flows are not c's); a sweep ends it.
+        d.update(&[me.clone(), a.clone(), b.clone()], "me", 1);
+        // a's registration lapses (an agent restart, a partition) and comes back: its
+        // subnet is still its own, its pods' flows stay.
+        d.update(&[me.clone(), b.clone()], "me", 2);
+        d.update(&[me.clone(), a.clone(), b.clone()], "me", 3);
+        assert_eq!(d.list(), vec![], "a lapse is no departure");
+        // a is gone for good, and c is given its subnet: a's pods' flows go.
         let c = reg("c", "10.1.2.0/24");
-        d.update(&[me.clone(), b.clone()], &[me.clone(), b.clone(), c.clone()], "me", 7);
+        d.update(&[me.clone(), b.clone()], "me", 4);
+        d.update(&[me.clone(), b.clone(), c.clone()], "me", 5);
         assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 5)]);
-        d.swept(&[(net("10.1.2.0/24"), 5)]);
-        assert_eq!(d.list(), vec![]);
-        // b's registration lapses and comes back before a sweep: its flows may be alive.
-        d.update(&[me.clone(), b.clone()], std::slice::from_ref(&me), "me", 8);
-        assert_eq!(d.list(), vec![(net("10.1.3.0/24"), 8)]);
-        d.update(std::slice::from_ref(&me), &[me.clone(), b.clone()], "me", 9);
-        assert_eq!(d.list(), vec![], "b is back with its subnet");
-        // A sweep listed a departure, and the subnet departed again meanwhile: the later
-        // one stays.
-        d.update(&[me.clone(), c.clone()], std::slice::from_ref(&me), "me", 10);
+        d.update(&[me.clone(), b.clone(), c.clone()], "me", 6);
+        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 5)], "recorded once");
         let listed = d.list();
-        d.update(std::slice::from_ref(&me), &[me.clone(), c.clone()], "me", 11);
-        d.update(&[me.clone(), c.clone()], std::slice::from_ref(&me), "me", 12);
+        // This node's own subnet given to another name is not another node's departure.
+        d.update(&[reg("other", "10.1.1.0/24"), b.clone(), c.clone()], "me", 7);
+        assert_eq!(d.list(), listed);
+        // A sweep that listed it done, the subnet changes hands again meanwhile: the later
+        // departure stays.
+        d.update(&[me.clone(), b.clone(), reg("e", "10.1.2.0/24")], "me", 8);
         d.swept(&listed);
-        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 12)]);
+        assert_eq!(d.list(), vec![(net("10.1.2.0/24"), 8)]);
+        let listed = d.list();
+        d.swept(&listed);
+        assert_eq!(d.list(), vec![]);
     }
 
     #[test]

@@ -142,9 +142,6 @@ pub struct Agent {
     model: std::sync::OnceLock<Arc<std::sync::RwLock<contiv_cluster_watch::ClusterModel>>>,
     /// One lock per attachment with an operation in flight.
     attachment_locks: std::sync::Mutex<HashMap<AttachmentKey, Weak<Mutex<()>>>>,
-    /// Held by a pass over the recorded DELs and by an ADD looking for one of its own, so
-    /// that no pass carries out a DEL an ADD has already done (and would undo the ADD).
-    pending_dels: Mutex<()>,
     /// NetworkPolicy: whether the cluster model was loaded (until then what is installed
     /// stays, and STATUS says not ready so no pod starts unisolated), and what the last
     /// compilation could not represent.
@@ -606,7 +603,6 @@ impl Agent {
             slowpath_restarts_failed: Default::default(),
             model: std::sync::OnceLock::new(),
             attachment_locks: std::sync::Mutex::new(HashMap::new()),
-            pending_dels: Mutex::new(()),
             model_synced: std::sync::atomic::AtomicBool::new(false),
             model_synced_signal: tokio::sync::watch::Sender::new(false),
             apply_failed: std::sync::atomic::AtomicBool::new(false),
@@ -1007,8 +1003,8 @@ impl Agent {
         // gets it after this ADD, which it then undoes (taken after the wait, the DEL found
         // no record, and the ADD went on to wire a pod nobody would delete).
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
-        self.finish_pending_del_of(&key).await?;
         let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
+        self.finish_pending_del_of(&key).await?;
         wait_for_model(self.model_synced_signal.subscribe(), MODEL_WAIT).instrument(phase("model")).await?;
         let netns = podnet::runtime_netns_path(&req.netns, self.config.host_proc_dir.as_deref());
         if !netns.exists() {
@@ -1283,6 +1279,12 @@ impl Agent {
     pub async fn del(&self, req: &v1::CniRequest) -> Result<(), CniError> {
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
         let _attachment_lock = self.lock_attachment(&key).instrument(phase("attachment_lock")).await;
+        self.del_locked(&key, req).await
+    }
+
+    /// DEL, the attachment's lock held.
+    async fn del_locked(&self, key: &AttachmentKey, req: &v1::CniRequest) -> Result<(), CniError> {
+        let key = key.clone();
         let Some(a) = self.inner.lock().instrument(phase("lock")).await.state.get(&key).cloned() else {
             // No record: nothing of it is in the datapath, but an ADD whose rollback could
             // not delete its interface left it behind, under the name only this
@@ -1374,16 +1376,17 @@ impl Agent {
     /// A DEL of `key` that contiv-cni recorded while no agent answered came before this ADD
     /// of it (the runtime retried the ADD until the agent answered): carried out first, or
     /// the ADD would find the old attachment (code 102), and the next pass over the records
-    /// would undo the new one. A DEL that fails fails the ADD as "try again later".
+    /// would undo the new one. A DEL that fails fails the ADD as "try again later". Called
+    /// with the attachment's lock held; a pass takes it before each record, and finds a
+    /// record this consumed gone.
     async fn finish_pending_del_of(&self, key: &AttachmentKey) -> Result<(), CniError> {
-        let _pass = self.pending_dels.lock().await;
         let dir = contiv_cni_api::pending_del::dir_for(&self.config.cni_socket);
         for (file, req) in contiv_cni_api::pending_del::recorded(&dir) {
             let Ok(req) = req else { continue };
             if AttachmentKey::new(&req.container_id, &req.ifname) != *key {
                 continue;
             }
-            if let Err(e) = self.del(&req).await {
+            if let Err(e) = self.del_locked(key, &req).await {
                 return Err(CniError::try_again_later(
                     "a DEL of this attachment, recorded while no agent ran, failed",
                     format!("{}: {}", e.msg, e.details),
@@ -1402,7 +1405,6 @@ impl Agent {
     /// next time); a file that does not decode is logged and removed. Returns how many
     /// were done.
     pub async fn finish_pending_dels(&self, dir: &std::path::Path) -> usize {
-        let _pass = self.pending_dels.lock().await;
         let mut done = 0;
         for (file, req) in contiv_cni_api::pending_del::recorded(dir) {
             let req = match req {
@@ -1413,7 +1415,14 @@ impl Agent {
                     continue;
                 }
             };
-            match self.del(&req).await {
+            // Under the attachment's lock, and only if no ADD of it consumed the record
+            // meanwhile (it did the DEL before wiring anew: this one would undo that).
+            let key = AttachmentKey::new(&req.container_id, &req.ifname);
+            let _attachment_lock = self.lock_attachment(&key).await;
+            if !file.exists() {
+                continue;
+            }
+            match self.del_locked(&key, &req).await {
                 Ok(()) => {
                     log::info!("DEL {}/{} recorded while no agent ran: done", req.container_id, req.ifname);
                     if let Err(e) = std::fs::remove_file(&file) {

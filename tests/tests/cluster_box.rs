@@ -291,6 +291,14 @@ fn pods_talk_across_nodes_through_the_overlay_device_when_configured_so() {
         let sent = overlay_device_tx_packets(&b, node) - before[i];
         assert!(sent >= 4, "{node}'s cvx0 sent only {sent} packets with overlayEncap = \"device\"");
     }
+    // The overlay's port is still the nodes' own: a pod's UDP to it at node-2 is dropped
+    // (a VXLAN packet of its own would pass as the overlay's there), counted.
+    let node2 = b.node("node-2").ip;
+    let dropped = || contiv_tests::netpol::pod_counter(&b, "node-1", a.ip, "dropOverlayPort");
+    let before = dropped();
+    let a_ip = a.ip;
+    enter(&a.netns, move || UdpSocket::bind((a_ip, 0)).unwrap().send_to(b"vxlan?", (node2, 4789)).unwrap());
+    b.wait_for(Duration::from_secs(5), "a's UDP to the overlay's port is dropped", || dropped() == before + 1);
 }
 
 /// Packets the node's overlay device (cvx0) has sent.

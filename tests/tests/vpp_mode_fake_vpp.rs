@@ -374,7 +374,6 @@ fn three_nodes_in_vpp_mode_program_their_own_fake_vpp_read_back_with_vpp_papi() 
         pod_counter(&b, &a, "slowPackets") > slow
     });
     assert_eq!(pod_counter(&b, &a, "dropOverlayPort"), dropped + 1, "the pod's VXLAN dropped, once");
-    assert_eq!(pod_counter(&b, &a, "slowPackets"), slow + 1, "only the other datagram reached VPP");
 }
 
 #[test]

@@ -352,9 +352,10 @@ pub struct DatapathConfig {
     pub slowport_ifindex: u32,
     /// MAC the pods resolve the gateway to; source MAC of frames the fast path delivers.
     pub gateway_mac: [u8; 6],
-    /// UDP port of the overlay (host byte order), for the headers the programs build
-    /// themselves; 0 (an older agent's padding): pods' packets go through the overlay device.
-    /// With `VPP_UPLINK`, VPP's tunnels' port (pods' own VXLAN is dropped as in kernel mode).
+    /// UDP port of the overlay (host byte order): pods' own UDP to it is dropped outside
+    /// the cluster's pod range, and the programs build outer headers with it unless
+    /// `DEVICE_ENCAP`; 0 (an older agent's padding): pods' packets go through the overlay
+    /// device. With `VPP_UPLINK`, VPP's tunnels' port.
     pub overlay_port: u16,
     /// This node's pod subnet (network and mask, network byte order): an address in it that
     /// is no local pod is an unknown destination (slow path), never the host's.
@@ -410,6 +411,10 @@ pub mod config_flags {
     /// connections to `127.0.0.1:<nodePort>` are not balanced (zero, as older agents write
     /// it: they are, as kube-proxy's iptables mode serves localhost NodePorts).
     pub const NO_LOOPBACK_NODE_PORTS: u32 = 4;
+    /// `overlayEncap = "device"`: the overlay device builds the outer headers of pods'
+    /// packets for other nodes (`overlay_port` still names the overlay's port, whose UDP
+    /// pods may not send to node addresses). An older agent wrote port 0 instead.
+    pub const DEVICE_ENCAP: u32 = 8;
 }
 
 /// Where REMOTE_ROUTES sends a prefix: the node that owns it.
@@ -906,8 +911,9 @@ pub mod drop_reason {
     /// For an address of the cluster's pod range that no node owns (a node that left, or is
     /// not known here yet): never sent on with a pod's address as source.
     pub const NO_ROUTE: u8 = 13;
-    /// UDP from a pod to the overlay's port anywhere but another pod: a VXLAN packet of its
-    /// own, which a node could take as the overlay's.
+    /// A tunnel packet of a pod's own, which a node could take as its own: UDP to the
+    /// overlay's port anywhere but another pod (VXLAN), or IPIP, SIT or GRE to an address
+    /// of a node (NODE_ADDRS: each node's registered and Node object addresses).
     pub const OVERLAY_PORT: u8 = 14;
     /// From the overlay's port with another VXLAN network identifier than the overlay's
     /// (another VXLAN user of the same port on the underlay); counted as spoofed.

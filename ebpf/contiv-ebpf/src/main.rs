@@ -373,7 +373,7 @@ fn into_tunnel(ctx: &TcContext, verdict: Verdict, trace: Trace) -> Verdict {
     let Some(cfg) = config() else {
         return Verdict::drop(drop_reason::MALFORMED);
     };
-    if cfg.uplink_ifindex != 0 && cfg.overlay_port != 0 {
+    if cfg.uplink_ifindex != 0 && cfg.overlay_port != 0 && cfg.flags & config_flags::DEVICE_ENCAP == 0 {
         match overlay::encapsulate(ctx, cfg.node_ip, verdict.node_ip, cfg.vni, cfg.overlay_port) {
             overlay::Encap::Done => return Verdict::encapsulated(cfg.uplink_ifindex, verdict.node_ip),
             overlay::Encap::Broken => {

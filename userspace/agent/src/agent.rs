@@ -495,8 +495,8 @@ impl Agent {
                     vni: config.overlay.vni,
                     node_ip: u.node_ip,
                     mtu: o.mtu,
-                    // 0: the device builds the outer headers (`overlayEncap = "device"`).
-                    port: config.overlay.datapath_encap_port().unwrap_or(0),
+                    port: config.overlay.port,
+                    device_encap: config.overlay.datapath_encap_port().is_none(),
                 }),
                 _ => None,
             },

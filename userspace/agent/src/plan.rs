@@ -79,9 +79,11 @@ pub struct OverlayParams {
     pub node_ip: Ipv4Addr,
     /// MTU of routes into the overlay (the pods' path MTU).
     pub mtu: u32,
-    /// The device's UDP port, for the outer headers the datapath builds on pods' packets;
-    /// 0: the device builds them (`overlayEncap = "device"`).
+    /// The device's UDP port: pods' own UDP to it is dropped, and the datapath builds
+    /// outer headers with it on pods' packets unless `device_encap`.
     pub port: u16,
+    /// `overlayEncap = "device"`: the device builds them.
+    pub device_encap: bool,
 }
 
 /// A kernel route the agent owns.
@@ -175,7 +177,8 @@ pub fn plan<'a>(
                 .map_or(if node.vpp_uplink { contiv_vpp_backend::desired::VXLAN_PORT } else { 0 }, |o| o.port),
             flags: if node.vpp_uplink { config_flags::VPP_UPLINK } else { 0 }
                 | if node.monitor.flows { config_flags::MONITOR_FLOWS } else { 0 }
-                | if node.loopback_node_ports { 0 } else { config_flags::NO_LOOPBACK_NODE_PORTS },
+                | if node.loopback_node_ports { 0 } else { config_flags::NO_LOOPBACK_NODE_PORTS }
+                | if node.overlay.as_ref().is_some_and(|o| o.device_encap) { config_flags::DEVICE_ENCAP } else { 0 },
             uplink_ifindex: node.uplink_ifindex,
             monitor_rate: node.monitor.rate,
             monitor_burst: node.monitor.burst,
@@ -257,6 +260,7 @@ mod tests {
                 node_ip: Ipv4Addr::new(192, 168, 100, 11),
                 mtu: 1450,
                 port: 4789,
+                device_encap: false,
             }),
             masquerade_uplink: overlay.then(|| "eth0".to_owned()),
             vpp_uplink: false,
@@ -350,6 +354,12 @@ mod tests {
         assert_eq!(p.config.vni, 7);
         assert_eq!(p.config.node_ip, [192, 168, 100, 11]);
         assert_eq!(p.config.overlay_port, 4789, "the programs build the outer UDP header for the device's port");
+        assert_eq!(p.config.flags & config_flags::DEVICE_ENCAP, 0);
+        let mut device = node(true);
+        device.overlay.as_mut().unwrap().device_encap = true;
+        let d = plan(&device, &[], &[]);
+        assert_eq!(d.config.overlay_port, 4789, "the device builds them; the port is still the overlay's");
+        assert_eq!(d.config.flags & config_flags::DEVICE_ENCAP, config_flags::DEVICE_ENCAP);
         assert_eq!(
             p.masquerade,
             Some(Masquerade { cluster_pod_cidr: "10.1.0.0/16".parse().unwrap(), uplink: "eth0".into() })

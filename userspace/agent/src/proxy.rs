@@ -820,14 +820,29 @@ pub struct Released {
 
 impl Released {
     fn names(&self, f: &Flow) -> bool {
-        let seen = f.last_seen_ns();
-        let released = |a: [u8; 4]| {
+        let own = |a: [u8; 4]| {
             let ip = Ipv4Addr::from(a);
-            (seen < self.as_of_ns && self.subnet.contains(&ip) && !self.held.contains(&ip))
-                || self.departed.iter().any(|(net, at)| seen < *at && net.contains(&ip))
+            self.subnet.contains(&ip) && !self.held.contains(&ip)
         };
-        f.entries().any(|(k, _)| released(k.src) || released(k.dst))
+        (f.last_seen_ns() < self.as_of_ns && f.entries().any(|(k, _)| own(k.src) || own(k.dst)))
+            || self.departed.iter().any(|(net, at)| departed_from(f, *net, *at))
     }
+}
+
+/// Whether flow `f` names an address of `net`, another node's since `at`, and the old pod
+/// there sent nothing in it since: the entries of its direction (their key's source in
+/// `net`) last saw a packet before `at` (without such an entry, the flow's last packet). A
+/// local pod still retransmitting to the old pod refreshes its own direction only.
+fn departed_from(f: &Flow, net: Ipv4Net, at: u64) -> bool {
+    let inside = |a: [u8; 4]| net.contains(&Ipv4Addr::from(a));
+    if !f.entries().any(|(k, _)| inside(k.src) || inside(k.dst)) {
+        return false;
+    }
+    let mut sent_from = f.entries().filter(|(k, _)| inside(k.src)).map(|(_, e)| e.last_seen_ns).peekable();
+    if sent_from.peek().is_none() {
+        return f.last_seen_ns() < at;
+    }
+    sent_from.all(|seen| seen < at)
 }
 
 /// Pod subnets of other nodes that another node was given since (the registry releases a
@@ -1322,9 +1337,10 @@ mod tests {
         assert!(expired_flows(entries, &t, now, None).is_empty(), "none is past its timeout");
     }
 
-    /// The flows of a departed node's pods go at the next sweep: the registry gives its
-    /// subnet to the next new node, whose pods would inherit them. A flow seen since the
-    /// node left is left to its timeout (perhaps a new node's pod already).
+    /// The flows of a departed node's pods go at the next sweep once another node holds
+    /// its subnet: that node's pods would inherit them. A flow whose far side sent since
+    /// is left to its timeout (perhaps the new node's pod already); one only the local
+    /// side kept sending in goes.
     #[test]
     fn the_flows_of_a_departed_nodes_pods_go_at_the_next_sweep() {
         let s = 1_000_000_000u64;
@@ -1336,11 +1352,15 @@ mod tests {
             [(k, seen(at)), (ct_pair(&k, &seen(at)), seen(at))]
         };
         let left_at = now - 10 * s;
+        // A local pod still retransmitting to the departed pod: only its own direction is
+        // refreshed.
+        let retransmits = key(local, departed, 40004, 80);
         let entries: Vec<(CtKey, CtEntry)> = [
             flow(local, departed, 40000, now - 20 * s), // to the departed node's pod
             flow(departed, local, 40001, now - 20 * s), // from it
-            flow(local, departed, 40002, now - s),      // seen since it left
+            flow(local, departed, 40002, now - s),      // both ways since: the new node's pod
             flow(local, staying, 40003, now - 20 * s),  // another node's pod
+            [(retransmits, seen(now - s)), (ct_pair(&retransmits, &seen(0)), seen(now - 20 * s))],
         ]
         .concat();
         let released = Released {
@@ -1353,7 +1373,7 @@ mod tests {
             .into_iter()
             .map(|f| f.key.sport.max(f.key.dport))
             .collect();
-        assert_eq!(doomed, BTreeSet::from([40000, 40001]));
+        assert_eq!(doomed, BTreeSet::from([40000, 40001, 40004]));
     }
 
     #[test]

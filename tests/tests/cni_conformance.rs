@@ -129,7 +129,9 @@ fn check_looks_in_the_namespace_the_runtime_names_and_at_each_part_add_set() {
     let mac = neigh.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).expect("the gateway's MAC").to_owned();
     let mtu = r["interfaces"][1]["mtu"].to_string();
     let damage: [(&str, &[&str], &[&str]); 3] = [
-        ("MTU", &["link", "set", "eth0", "mtu", "1280"], &["link", "set", "eth0", "mtu", &mtu]),
+        // Raised past what the path carries (lowered is a chained plugin's choice: see the
+        // tuning chain below).
+        ("MTU", &["link", "set", "eth0", "mtu", "9000"], &["link", "set", "eth0", "mtu", &mtu]),
         (
             "gateway neighbour MAC",
             &["neigh", "replace", &gateway, "lladdr", "02:00:00:00:00:99", "dev", "eth0", "nud", "permanent"],
@@ -309,7 +311,7 @@ fn chains_with_debian_tuning_and_bandwidth_plugins() {
     let node = node();
     let plugins = vec![
         json!({"type": "contiv-cni", "agentSocket": node.socket}),
-        json!({"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"}}),
+        json!({"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"}, "mtu": 1300}),
         json!({"type": "bandwidth", "ingressRate": 800_000_000u64, "ingressBurst": 1_000_000u64,
                "egressRate": 800_000_000u64, "egressBurst": 1_000_000u64}),
     ];
@@ -327,6 +329,9 @@ fn chains_with_debian_tuning_and_bandwidth_plugins() {
     // tuning applied its sysctl inside the pod.
     let v = contiv_tests::run(a.cmd("cat").arg("/proc/sys/net/ipv4/conf/eth0/rp_filter"));
     assert_eq!(v.trim(), "2");
+    // And lowered the interface's MTU, which CHECK allows (the spec: a later plugin may
+    // change what an earlier one set).
+    assert!(a.ip(&["link", "show", "eth0"]).contains("mtu 1300"), "tuning's mtu");
     // Traffic still flows through our datapath. (The bandwidth plugin's qdiscs never see
     // fast-path traffic; contiv-cni enforces the `bandwidth` capability itself, see
     // node_datapath's bandwidth test.)

@@ -1503,8 +1503,10 @@ impl Agent {
         if !view.up {
             return Err(fail("pod interface is down"));
         }
-        if a.mtu != 0 && view.mtu != a.mtu {
-            return Err(fail(&format!("pod interface MTU is {}, ADD set {}", view.mtu, a.mtu)));
+        // Lower is a later chained plugin's choice (`tuning`'s `mtu`), which the spec asks
+        // CHECK to allow; higher than the path carries is broken.
+        if a.mtu != 0 && view.mtu > a.mtu {
+            return Err(fail(&format!("pod interface MTU is {}, above the {} ADD set", view.mtu, a.mtu)));
         }
         if !view.addresses.contains(&(a.ip, 32)) {
             return Err(fail("pod address missing"));

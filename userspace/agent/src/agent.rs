@@ -1284,8 +1284,7 @@ impl Agent {
 
     /// DEL, the attachment's lock held.
     async fn del_locked(&self, key: &AttachmentKey, req: &v1::CniRequest) -> Result<(), CniError> {
-        let key = key.clone();
-        let Some(a) = self.inner.lock().instrument(phase("lock")).await.state.get(&key).cloned() else {
+        let Some(a) = self.inner.lock().instrument(phase("lock")).await.state.get(key).cloned() else {
             // No record: nothing of it is in the datapath, but an ADD whose rollback could
             // not delete its interface left it behind, under the name only this
             // attachment's host end has.

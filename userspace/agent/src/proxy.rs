@@ -1302,18 +1302,32 @@ mod tests {
         assert_eq!(rig.dp.ct_entries().unwrap().len(), 2);
     }
 
+    /// An established TCP entry last seen at `at`.
+    fn seen(at: u64) -> CtEntry {
+        CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, last_seen_ns: at, ..Default::default() }
+    }
+
+    /// Both entries of an established TCP flow `src:sport` -> `dst:80`, last seen at `at`.
+    fn flow(src: [u8; 4], dst: [u8; 4], sport: u16, at: u64) -> [(CtKey, CtEntry); 2] {
+        let k = key(src, dst, sport, 80);
+        [(k, seen(at)), (ct_pair(&k, &seen(at)), seen(at))]
+    }
+
+    /// The client ports of the flows a sweep at `now` removes, with `released`.
+    fn doomed_ports(entries: Vec<(CtKey, CtEntry)>, now: u64, released: &Released) -> BTreeSet<u16> {
+        expired_flows(entries, &CtTimeouts::default(), now, Some(released))
+            .into_iter()
+            .map(|f| f.key.sport.max(f.key.dport))
+            .collect()
+    }
+
     /// A deleted pod's flows go at the next sweep, not at their timeouts: a later pod given
     /// its address would inherit them (an established flow passes policy unchecked).
     #[test]
     fn the_flows_of_an_address_no_pod_holds_go_at_the_next_sweep() {
         let s = 1_000_000_000u64;
         let now = 100_000 * s;
-        let seen = |at: u64| CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, last_seen_ns: at, ..Default::default() };
         let (gone, live, elsewhere) = ([10, 1, 1, 7], [10, 1, 1, 8], [10, 1, 2, 9]);
-        let flow = |src: [u8; 4], dst: [u8; 4], sport: u16, at: u64| {
-            let k = key(src, dst, sport, 80);
-            [(k, seen(at)), (ct_pair(&k, &seen(at)), seen(at))]
-        };
         let entries: Vec<(CtKey, CtEntry)> = [
             flow(gone, elsewhere, 40000, now - s),          // from the deleted pod
             flow(elsewhere, gone, 40001, now - s),          // to it
@@ -1328,13 +1342,8 @@ mod tests {
             as_of_ns: now,
             departed: vec![],
         };
-        let t = CtTimeouts::default();
-        let doomed: BTreeSet<u16> = expired_flows(entries.clone(), &t, now, Some(&released))
-            .into_iter()
-            .map(|f| f.key.sport.max(f.key.dport))
-            .collect();
-        assert_eq!(doomed, BTreeSet::from([40000, 40001]));
-        assert!(expired_flows(entries, &t, now, None).is_empty(), "none is past its timeout");
+        assert_eq!(doomed_ports(entries.clone(), now, &released), BTreeSet::from([40000, 40001]));
+        assert!(expired_flows(entries, &CtTimeouts::default(), now, None).is_empty(), "none is past its timeout");
     }
 
     /// The flows of a departed node's pods go at the next sweep once another node holds
@@ -1345,12 +1354,7 @@ mod tests {
     fn the_flows_of_a_departed_nodes_pods_go_at_the_next_sweep() {
         let s = 1_000_000_000u64;
         let now = 100_000 * s;
-        let seen = |at: u64| CtEntry { tcp_flags: ct_tcp::SYN | ct_tcp::ACK, last_seen_ns: at, ..Default::default() };
         let (local, departed, staying) = ([10, 1, 1, 7], [10, 1, 2, 9], [10, 1, 3, 9]);
-        let flow = |src: [u8; 4], dst: [u8; 4], sport: u16, at: u64| {
-            let k = key(src, dst, sport, 80);
-            [(k, seen(at)), (ct_pair(&k, &seen(at)), seen(at))]
-        };
         let left_at = now - 10 * s;
         // A local pod still retransmitting to the departed pod: only its own direction is
         // refreshed.
@@ -1369,11 +1373,7 @@ mod tests {
             as_of_ns: now,
             departed: vec![("10.1.2.0/24".parse().unwrap(), left_at)],
         };
-        let doomed: BTreeSet<u16> = expired_flows(entries, &CtTimeouts::default(), now, Some(&released))
-            .into_iter()
-            .map(|f| f.key.sport.max(f.key.dport))
-            .collect();
-        assert_eq!(doomed, BTreeSet::from([40000, 40001, 40004]));
+        assert_eq!(doomed_ports(entries, now, &released), BTreeSet::from([40000, 40001, 40004]));
     }
 
     #[test]

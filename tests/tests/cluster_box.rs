@@ -2,7 +2,8 @@
 //! overlay, hosts reach their pods (kubelet probes), pods reach hosts, node addresses and the
 //! outside (masqueraded to the node's address), path MTU discovery works and nothing is
 //! fragmented, the fabric carries only VXLAN between node addresses for pod traffic, nodes
-//! leave and come back, an agent restart keeps a cross-node TCP flow alive, and hostPorts
+//! leave and come back (a subnet given to another node while an agent was down loses its
+//! old flows when the agent starts), an agent restart keeps a cross-node TCP flow alive, and hostPorts
 //! answer clients from everywhere (served by the datapath, and by Debian's `portmap`
 //! plugin chained after contiv-cni when services are off).
 
@@ -313,6 +314,51 @@ fn remote_routes(b: &ClusterBox, node: &str) -> usize {
     b.status_json(node, "/node").and_then(|v| v["remoteRoutes"].as_object().map(|m| m.len())).unwrap_or(99)
 }
 
+/// Whether a node's agent tracks a flow naming `ip` (panics if it does not answer).
+fn tracks(b: &ClusterBox, node: &str, ip: Ipv4Addr) -> bool {
+    let flows = b.status_json(node, "/conntrack").expect("/conntrack")["flows"].clone();
+    let ip = ip.to_string();
+    let ip_of = |v: &serde_json::Value| v.as_str().map(|s| s.split([':', ' ']).next().unwrap_or("").to_owned());
+    flows.as_array().into_iter().flatten().any(|f| {
+        [&f["client"], &f["server"], &f["backend"]].into_iter().any(|v| ip_of(v).as_deref() == Some(ip.as_str()))
+    })
+}
+
+/// A node leaves while another node's agent is down, and a new node is given its pod
+/// subnet: the agent, started again, sweeps the flows of the old node's pods (a new pod
+/// on one of their addresses would ride them past policy). A restart that finds the
+/// subnet still the old node's (its registration lapsed, nobody else holds it) sweeps
+/// nothing.
+#[test]
+fn a_subnet_that_changed_hands_while_an_agent_was_down_loses_its_old_flows() {
+    let mut opts = BoxOptions::for_test(2);
+    opts.agent_config = "nodeLeaseSeconds = 5\n".into();
+    let mut b = ClusterBox::up(opts);
+    let p1 = b.add_pod("node-1", "default/stay", &[], &[]);
+    let p2 = b.add_pod("node-2", "default/leave", &[], &[]);
+    let subnet = b.status_json("node-2", "/node").unwrap()["podSubnet"].as_str().expect("podSubnet").to_owned();
+    let listener = enter(&p2.netns, move || TcpListener::bind((p2.ip, 0)).expect("bind"));
+    let to = listener.local_addr().unwrap();
+    let _client = enter(&p1.netns, move || TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect"));
+    let _server = listener.accept().expect("accept");
+    assert!(tracks(&b, "node-1", p2.ip), "node-1 tracks the connection to node-2's pod");
+    // node-2's agent is gone (killed, its registration lapses); node-1's restarts.
+    b.stop_agent("node-2", true);
+    b.wait_for(Duration::from_secs(30), "node-1 drops node-2's routes", || remote_routes(&b, "node-1") == 0);
+    b.stop_agent("node-1", false);
+    b.start_agent("node-1");
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(tracks(&b, "node-1", p2.ip), "a lapse across a restart keeps the flow past a sweep");
+    // node-1's agent is down while node-9 is given node-2's subnet.
+    b.stop_agent("node-1", false);
+    let reg = serde_json::json!({"v": 1, "name": "node-9", "id": 9, "addresses": [], "pod_cidr": subnet});
+    b.etcdctl(&["put", "/contiv/nodes/node-9", &reg.to_string()]);
+    b.start_agent("node-1");
+    b.wait_for(Duration::from_secs(30), "node-1 sweeps the flow of node-2's pod", || !tracks(&b, "node-1", p2.ip));
+    let log = b.agent_log("node-1");
+    assert!(log.contains(&format!("pod subnet {subnet} changed hands while this agent was down")), "{log}");
+}
+
 #[test]
 fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
     // A short lease (the default, 60 s, outlasts an agent upgrade).
@@ -329,14 +375,7 @@ fn a_node_that_leaves_loses_its_routes_and_comes_back_with_its_subnet() {
     let mut client =
         enter(&p1.netns, move || TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect"));
     let (mut server, _) = listener.accept().expect("accept");
-    let names_p3 = |b: &ClusterBox| {
-        let flows = b.status_json("node-1", "/conntrack").expect("/conntrack")["flows"].clone();
-        let p3_ip = p3.ip.to_string();
-        let ip_of = |v: &serde_json::Value| v.as_str().map(|s| s.split([':', ' ']).next().unwrap_or("").to_owned());
-        flows.as_array().into_iter().flatten().any(|f| {
-            [&f["client"], &f["server"], &f["backend"]].into_iter().any(|v| ip_of(v).as_deref() == Some(p3_ip.as_str()))
-        })
-    };
+    let names_p3 = |b: &ClusterBox| tracks(b, "node-1", p3.ip);
     assert!(names_p3(&b), "node-1 tracks the connection to node-3's pod");
     // The agent goes away for good (killed): its registration expires with its lease.
     b.stop_agent("node-3", true);

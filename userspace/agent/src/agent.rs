@@ -120,6 +120,16 @@ async fn wait_for_model(
 /// In the state directory: contiv-ksr's marker was seen in the store (see
 /// [`Agent::store_lost_its_data`]).
 const KSR_SEEN_FILE: &str = "ksr-synced";
+/// Who held each other node's pod subnet, as this agent last saw ([`crate::proxy::Departures`]).
+const SUBNET_HOLDERS_FILE: &str = "subnet-holders.json";
+
+/// Saves the subnets' holders; a failure is logged (a subnet that changes hands while the
+/// agent is down is then not noticed at its next start).
+fn save_holders(d: &crate::proxy::Departures, path: &std::path::Path) {
+    if let Err(e) = d.save(path) {
+        log::warn!("cannot save the pod subnets' holders to {}: {e}", path.display());
+    }
+}
 
 /// The vswitch agent.
 pub struct Agent {
@@ -569,7 +579,18 @@ impl Agent {
             config.services.healthz_timeout.into(),
         )));
         let ksr_seen = config.state_dir.join(KSR_SEEN_FILE).exists();
-        let params_node_name = params.node_name.clone();
+        // A subnet another node holds now than when this agent last ran.
+        let departures = {
+            let path = config.state_dir.join(SUBNET_HOLDERS_FILE);
+            let mut d = crate::proxy::Departures::load(&path);
+            if d.update(&registrations, &params.node_name, crate::proxy::monotonic_ns()) {
+                save_holders(&d, &path);
+            }
+            for (net, _) in d.list() {
+                log::info!("pod subnet {net} changed hands while this agent was down: its old flows go");
+            }
+            d
+        };
         let agent = Arc::new(Self {
             config,
             uplink,
@@ -581,11 +602,7 @@ impl Agent {
                 datapath,
                 applier,
                 node,
-                departures: {
-                    let mut d = crate::proxy::Departures::default();
-                    d.update(&registrations, &params_node_name, crate::proxy::monotonic_ns());
-                    d
-                },
+                departures,
                 registrations,
                 gone: Default::default(),
                 leaving: Default::default(),
@@ -902,7 +919,9 @@ impl Agent {
         if let Some(vpp) = self.slowpath.vpp() {
             vpp.set_registrations(&registrations);
         }
-        inner.departures.update(&registrations, &self.params.node_name, crate::proxy::monotonic_ns());
+        if inner.departures.update(&registrations, &self.params.node_name, crate::proxy::monotonic_ns()) {
+            save_holders(&inner.departures, &self.config.state_dir.join(SUBNET_HOLDERS_FILE));
+        }
         inner.registrations = registrations;
         let plan = self.plan(inner);
         let before = inner.applier.installed().remote_routes.len();

@@ -851,6 +851,12 @@ fn departed_from(f: &Flow, net: Ipv4Net, at: u64) -> bool {
 /// has removed the flows of the old node's pods ([`Released`]). A node whose registration
 /// lapsed (an agent restart, a partition from the store) keeps its subnet: nothing is
 /// recorded then, and its pods' flows stay.
+///
+/// The holders outlive the agent ([`Self::load`], [`Self::save`]): a subnet that changed
+/// hands while this agent was down (the conntrack table, pinned, kept its flows) departs
+/// as of the start that finds it, so the old pods' flows go at the first sweep. A flow of
+/// the new node's pods that sent nothing between that start and the sweep goes with them
+/// (no record tells it apart); one in use stays.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Departures {
     /// Who held each subnet other nodes registered, as last seen.
@@ -858,18 +864,71 @@ pub struct Departures {
     departed: Vec<(Ipv4Net, u64)>,
 }
 
+/// What [`Departures::save`] writes: `{"version": 1, "holders": {"10.1.2.0/24": "node-2"}}`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HoldersFile {
+    version: u32,
+    holders: BTreeMap<Ipv4Net, String>,
+}
+
+const HOLDERS_VERSION: u32 = 1;
+
 impl Departures {
+    /// The holders an earlier agent saved at `path`, with nothing departed yet. A missing
+    /// file is no holders; an unreadable or malformed one is logged and taken as none (the
+    /// agent then learns holders afresh, as on a first start).
+    pub fn load(path: &std::path::Path) -> Self {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::default(),
+            Err(e) => {
+                log::warn!("ignoring the pod subnets' last holders at {}: {e}", path.display());
+                return Self::default();
+            }
+        };
+        match serde_json::from_slice::<HoldersFile>(&bytes) {
+            Ok(f) if f.version == HOLDERS_VERSION => Self { holders: f.holders, departed: vec![] },
+            Ok(f) => {
+                log::warn!(
+                    "ignoring the pod subnets' last holders at {}: version {} (this agent reads {HOLDERS_VERSION})",
+                    path.display(),
+                    f.version
+                );
+                Self::default()
+            }
+            Err(e) => {
+                log::warn!("ignoring the pod subnets' last holders at {}: {e}", path.display());
+                Self::default()
+            }
+        }
+    }
+
+    /// Writes the holders to `path` (through a temporary file renamed over it, so a crash
+    /// leaves the old file or the new one).
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let file = HoldersFile { version: HOLDERS_VERSION, holders: self.holders.clone() };
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&file).expect("holders serialize"))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
     /// The registrations are `regs` as of `now_ns`: an IPv4 pod subnet of a node other than
-    /// `me` that another node held before is recorded as departed.
-    pub fn update(&mut self, regs: &[NodeRegistration], me: &str, now_ns: u64) {
+    /// `me` that another node held before is recorded as departed. True if a holder changed
+    /// or appeared (the holders are worth saving).
+    pub fn update(&mut self, regs: &[NodeRegistration], me: &str, now_ns: u64) -> bool {
+        let mut changed = false;
         for r in regs.iter().filter(|r| r.name != me) {
             let ipnet::IpNet::V4(net) = r.pod_cidr else { continue };
             let before = self.holders.insert(net, r.name.clone());
+            changed |= before.as_ref() != Some(&r.name);
             if before.is_some_and(|b| b != r.name) {
                 self.departed.retain(|(n, _)| *n != net);
                 self.departed.push((net, now_ns));
             }
         }
+        changed
     }
 
     /// The departed subnets, each with the moment another node was seen holding it.
@@ -1413,6 +1472,47 @@ mod tests {
         let listed = d.list();
         d.swept(&listed);
         assert_eq!(d.list(), vec![]);
+    }
+
+    /// A subnet that changed hands while the agent was down departs at the next start; one
+    /// that did not, or a file that cannot be read, departs nothing.
+    #[test]
+    fn subnet_holders_outlive_the_agent() {
+        let reg = |name: &str, cidr: &str| NodeRegistration {
+            name: name.into(),
+            id: 1,
+            addresses: vec![],
+            pod_cidr: cidr.parse().unwrap(),
+            uplink_ip: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnet-holders.json");
+        assert_eq!(Departures::load(&path), Departures::default(), "no file: no holders");
+        let (me, a, b) = (reg("me", "10.1.1.0/24"), reg("a", "10.1.2.0/24"), reg("b", "10.1.3.0/24"));
+        let mut d = Departures::default();
+        assert!(d.update(&[me.clone(), a.clone(), b.clone()], "me", 1), "new holders are worth saving");
+        assert!(!d.update(&[me.clone(), a.clone(), b.clone()], "me", 2), "the same holders are not");
+        d.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"10.1.2.0/24\": \"a\""), "{text}");
+        // The agent stops; a leaves, c is given its subnet; the agent starts again.
+        let mut d = Departures::load(&path);
+        assert_eq!(d.list(), vec![], "nothing departed before the registrations are seen");
+        let c = reg("c", "10.1.2.0/24");
+        assert!(d.update(&[me.clone(), b.clone(), c.clone()], "me", 10));
+        assert_eq!(d.list(), vec![("10.1.2.0/24".parse().unwrap(), 10)]);
+        // Without the file (a first start, or a lost one), the same start sees no departure.
+        let mut fresh = Departures::default();
+        fresh.update(&[me.clone(), b.clone(), c.clone()], "me", 10);
+        assert_eq!(fresh.list(), vec![]);
+        // A malformed file, or one of another version, is taken as none.
+        for bad in [&b"{not json"[..], br#"{"version": 2, "holders": {"10.1.2.0/24": "a"}}"#] {
+            std::fs::write(&path, bad).unwrap();
+            let mut d = Departures::load(&path);
+            assert_eq!(d, Departures::default(), "{}", String::from_utf8_lossy(bad));
+            d.update(&[me.clone(), c.clone()], "me", 11);
+            assert_eq!(d.list(), vec![]);
+        }
     }
 
     #[test]

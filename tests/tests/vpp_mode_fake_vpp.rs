@@ -8,7 +8,8 @@
 //! - three nodes: each fake holds the af_xdp interface on the slow-path port (gateway address
 //!   and MAC), the route of the local pod subnet through it, a VXLAN tunnel per other node
 //!   that decapsulates to ip4-input, with a route through it via a next hop (an L3 tunnel
-//!   cannot ARP), NAT44-ED with the node IP; pods on one node talk on the fast path, reach their
+//!   cannot ARP) and an input ACL that lets in only that node's pods and the node itself,
+//!   NAT44-ED with the node IP; pods on one node talk on the fast path, reach their
 //!   gateway through XDP -> AF_XDP -> (fake) VPP, and send cross-node traffic to VPP, not to
 //!   a kernel overlay;
 //! - a node leaving (agent killed, lease expired) and joining again;
@@ -69,6 +70,10 @@ struct VppView {
     nat_inside: BTreeSet<String>,
     nat_outside: BTreeSet<String>,
     nat_pool: BTreeSet<String>,
+    /// ACLs by index: (tag, source prefix of each rule).
+    acls: BTreeMap<u64, (String, Vec<String>)>,
+    /// ACL lists by sw_if_index: (input ACLs, output ACLs).
+    acl_lists: BTreeMap<u64, (Vec<u64>, Vec<u64>)>,
     /// Addresses of the af_xdp interface.
     xdp_addresses: Vec<String>,
     /// Requests vpp_papi could not make (the fake lists them with another CRC).
@@ -84,6 +89,8 @@ fn read_vpp(papi: &Papi, socket: &std::path::Path) -> VppView {
         {"call": "nat44_address_dump", "args": {}},
         {"call": "ip_neighbor_dump", "args": {"sw_if_index": 4294967295u32, "af": 0}},
         {"call": "add_node_next", "args": {"node_name": "vxlan4-input", "next_name": "ip4-input"}},
+        {"call": "acl_dump", "args": {"acl_index": 4294967295u32}},
+        {"call": "acl_interface_list_dump", "args": {"sw_if_index": 4294967295u32}},
     ]);
     let out = papi.drive(socket, calls, false, 0.0);
     let r = &out["results"];
@@ -153,6 +160,22 @@ fn read_vpp(papi: &Papi, socket: &std::path::Path) -> VppView {
         }
     }
     let nat_pool = list(&r[4]).iter().filter_map(|a| a["ip_address"].as_str().map(str::to_owned)).collect();
+    let acls = list(&r[7])
+        .iter()
+        .map(|a| {
+            let sources =
+                list(&a["r"]).iter().map(|x| x["src_prefix"].as_str().unwrap_or_default().to_owned()).collect();
+            (a["acl_index"].as_u64().unwrap_or(u64::MAX), (a["tag"].as_str().unwrap_or_default().to_owned(), sources))
+        })
+        .collect();
+    let acl_lists = list(&r[8])
+        .iter()
+        .map(|l| {
+            let all: Vec<u64> = list(&l["acls"]).iter().filter_map(Value::as_u64).collect();
+            let n_input = (l["n_input"].as_u64().unwrap_or_default() as usize).min(all.len());
+            (l["sw_if_index"].as_u64().unwrap_or(u64::MAX), (all[..n_input].to_vec(), all[n_input..].to_vec()))
+        })
+        .collect();
     let mut xdp_addresses = Vec::new();
     if let Some((sw, _, _)) = interfaces.get("xdp-cslow1") {
         let out = papi.drive(
@@ -175,6 +198,8 @@ fn read_vpp(papi: &Papi, socket: &std::path::Path) -> VppView {
         nat_inside,
         nat_outside,
         nat_pool,
+        acls,
+        acl_lists,
         xdp_addresses,
         missing,
     }
@@ -248,6 +273,25 @@ fn check_programmed(view: &VppView, me: &NodeFacts, others: &[NodeFacts]) -> Res
         if view.neighbors.iter().any(|(sw, _)| *sw == t.3) {
             return Err(format!("a neighbour on the tunnel to {}: {:?}", o.name, view.neighbors));
         }
+        // The tunnel's only input ACL lets in that node's pods and the node itself.
+        let tunnel = view.interfaces.iter().find(|(_, i)| i.0 == t.3).map(|(n, _)| n.as_str()).unwrap_or_default();
+        let want = (format!("contiv-tunnel-{tunnel}"), vec![o.subnet.clone(), format!("{}/32", o.ip)]);
+        match view.acl_lists.get(&t.3) {
+            Some((input, output)) if input.len() == 1 && output.is_empty() => {
+                if view.acls.get(&input[0]) != Some(&want) {
+                    return Err(format!(
+                        "ACL of the tunnel to {}: {:?}, not {want:?}",
+                        o.name,
+                        view.acls.get(&input[0])
+                    ));
+                }
+            }
+            other => return Err(format!("ACL lists of the tunnel to {}: {other:?}", o.name)),
+        }
+    }
+    let ours = view.acls.values().filter(|(tag, _)| tag.starts_with("contiv-")).count();
+    if ours != others.len() {
+        return Err(format!("{ours} ACLs of the agent's for {} other nodes: {:?}", others.len(), view.acls));
     }
     // The pod subnets (VPP's own /32s in them aside: the gateway's local route, the
     // neighbours' routes, the subnet's network and broadcast drops).

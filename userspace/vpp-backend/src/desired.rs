@@ -43,6 +43,24 @@ pub struct VppDesired {
     pub neighbors: BTreeSet<NeighborSpec>,
     /// NAT44-ED; None leaves NAT alone.
     pub nat: Option<NatSpec>,
+    /// Input ACLs by the VPP name of the interface they guard.
+    pub input_acls: BTreeMap<String, InputAcl>,
+}
+
+/// The prefix of the tags of the ACLs the reconciler owns: it deletes those no interface
+/// wants, and never touches an ACL tagged otherwise.
+pub const ACL_TAG_PREFIX: &str = "contiv-";
+
+/// An input ACL of VPP's ACL plugin on one interface: packets received there from these
+/// sources pass (to any destination, any protocol, stateless); every other packet is
+/// dropped by the plugin's implicit deny at the end of the interface's ACLs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InputAcl {
+    /// The ACL's tag in VPP, starting with [`ACL_TAG_PREFIX`]: VPP numbers ACLs itself, so
+    /// the tag is how the reconciler finds it again after an agent or VPP restart.
+    pub tag: String,
+    /// The sources permitted, in rule order.
+    pub permit_sources: Vec<Ipv4Net>,
 }
 
 /// What kind of interface, with the parameters it is created with (changing them means
@@ -359,6 +377,11 @@ pub fn vxlan_name(instance: u32) -> String {
     format!("vxlan_tunnel{instance}")
 }
 
+/// The tag of the input ACL of the tunnel called `tunnel`.
+pub fn tunnel_acl_tag(tunnel: &str) -> String {
+    format!("{ACL_TAG_PREFIX}tunnel-{tunnel}")
+}
+
 fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -520,9 +543,22 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     );
     d.routes.insert(RouteSpec { dst: pod_subnet, next_hop: None, interface: xdp.clone() });
 
-    // One L3 VXLAN tunnel per remote node, with a route through it via a next hop.
+    // One L3 VXLAN tunnel per remote node, with a route through it via a next hop, and an
+    // input ACL that lets in only what that node may send: decapsulated packets reach the
+    // pods through the af_xdp port, where tc_from_vswitch can no longer tell which tunnel
+    // they came through, so without it a packet from one node could carry another node's
+    // pod address, or any address a NetworkPolicy allows. As in kernel mode, that is the
+    // node's pod subnet and its node IP, the source of the ICMP errors its VPP sends (TTL
+    // exceeded, fragmentation needed) from the uplink address its tunnels borrow.
     for n in remotes {
         let name = vxlan_name(n.id);
+        d.input_acls.insert(
+            name.clone(),
+            InputAcl {
+                tag: tunnel_acl_tag(&name),
+                permit_sources: vec![n.pod_subnet.trunc(), Ipv4Net::from(n.node_ip)],
+            },
+        );
         d.interfaces.insert(
             name.clone(),
             InterfaceSpec {
@@ -607,6 +643,15 @@ mod tests {
             }
         );
         assert_eq!(d.interfaces["vxlan_tunnel3"].unnumbered_to.as_deref(), Some("uplink0"));
+        // Each tunnel lets in its node's pods and the node itself, nothing else.
+        assert_eq!(d.input_acls.keys().collect::<Vec<_>>(), ["vxlan_tunnel2", "vxlan_tunnel3"]);
+        assert_eq!(
+            d.input_acls["vxlan_tunnel3"],
+            InputAcl {
+                tag: "contiv-tunnel-vxlan_tunnel3".into(),
+                permit_sources: vec![net("10.1.3.0/24"), net("192.168.16.3/32")]
+            }
+        );
         let routes: Vec<(String, Option<String>, &str)> = d
             .routes
             .iter()
@@ -692,6 +737,7 @@ mod tests {
         assert_eq!(added, ["vxlan_tunnel2", "vxlan_tunnel3", "xdp-cslow1"]);
         assert_eq!(full.routes.difference(&boot.routes).count(), 3, "the pod subnet and two remote subnets");
         assert_eq!(full_nat.inside.difference(&nat.inside).collect::<Vec<_>>(), ["xdp-cslow1"]);
+        assert!(boot.input_acls.is_empty(), "no tunnels, no ACLs");
 
         // No node IP: nothing to bootstrap.
         assert_eq!(render_bootstrap(&cfg, &UplinkHandover::default()).unwrap_err(), RenderError::NoNodeIp);

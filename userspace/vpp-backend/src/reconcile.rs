@@ -3,8 +3,10 @@
 //!
 //! 1. stale NAT config, stale routes, stale static neighbours, stale interfaces are removed
 //!    (dependents before what they depend on);
-//! 2. missing interfaces are created, then their MAC, MTU, unnumbered source, addresses and
-//!    admin state are set;
+//! 2. missing interfaces are created; input ACLs are created (or their rules replaced in
+//!    place) and bound, stale ones unbound and deleted; then the interfaces' MAC, MTU,
+//!    unnumbered source, addresses and admin state are set (an interface whose input ACL
+//!    could not be bound gets no address and stays down);
 //! 3. neighbours, routes, then NAT (plugin, features, pool, mappings) are added.
 //!
 //! Requests of one step go out together (pipelined); steps run one after the other. A
@@ -15,7 +17,9 @@
 //! Every af_xdp, tap and VXLAN interface; the static neighbours and the default table's
 //! IPv4 routes added through the API that go through an interface it owns or configures;
 //! the addresses, MAC, MTU, unnumbered source and admin state of the interfaces it
-//! configures; and, when [`VppDesired::nat`] is set, the whole NAT44-ED configuration.
+//! configures; when [`VppDesired::nat`] is set, the whole NAT44-ED configuration; the ACLs
+//! whose tag starts with [`crate::desired::ACL_TAG_PREFIX`], and the ACL lists of the
+//! interfaces that have one in [`VppDesired::input_acls`].
 //! Anything else in VPP is left alone, in particular the routes VPP adds by itself: the
 //! connected and local routes of interface addresses, and the /32 it adds for every
 //! neighbour, static or learned by ARP (FIB source "adjacency"). `ip_route_v2_dump` tells a
@@ -36,6 +40,13 @@
 //!   next hop gets a glean (ARP) adjacency, and ARP cannot work over an L3 tunnel. Routes
 //!   through tunnels carry a next hop, which VPP completes without ARP or neighbour entry
 //!   ([`crate::desired::tunnel_next_hop`]).
+//! - The ACL plugin numbers ACLs itself, so the reconciler finds its own by tag.
+//!   `acl_add_replace` with an existing index replaces the rules and keeps the bindings;
+//!   `acl_interface_set_acl_list` sets an interface's whole lists (setting them again is a
+//!   no-op); `acl_del` of a listed ACL is refused (ACL_IN_USE_INBOUND, -142), and deleting
+//!   an interface empties its lists. An input ACL of an L3 tunnel checks the decapsulated
+//!   packets: they enter ip4-input with the tunnel as receive interface, and the plugin's
+//!   `acl-plugin-in-ip4-fa` runs on that interface's ip4-unicast feature arc.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -50,8 +61,8 @@ use serde::Serialize;
 
 use crate::config::AfXdpMode;
 use crate::desired::{
-    AF_XDP_DEV_TYPE, IdentityMapping, InterfaceKind, InterfaceSpec, NatSpec, NeighborSpec, RouteSpec, StaticMapping,
-    VppDesired,
+    ACL_TAG_PREFIX, AF_XDP_DEV_TYPE, IdentityMapping, InputAcl, InterfaceKind, InterfaceSpec, NatSpec, NeighborSpec,
+    RouteSpec, StaticMapping, VppDesired,
 };
 
 const ALL: u32 = u32::MAX;
@@ -179,6 +190,15 @@ struct ObsRoute {
     src: Option<u8>,
 }
 
+/// The ACL plugin's ACLs and interface lists.
+#[derive(Clone, Debug, Default)]
+struct ObsAcls {
+    /// ACLs by index.
+    acls: BTreeMap<u32, api::AclDetails>,
+    /// ACL lists by sw_if_index: (input, output).
+    lists: BTreeMap<u32, (Vec<u32>, Vec<u32>)>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Observed {
     interfaces: BTreeMap<String, ObsInterface>,
@@ -186,6 +206,9 @@ struct Observed {
     neighbors: Vec<api::IpNeighbor>,
     /// NAT44-ED, if enabled.
     nat: Option<ObsNat>,
+    /// The ACL plugin's state; None if VPP has no ACL plugin (its dumps are not in the
+    /// message table).
+    acls: Option<ObsAcls>,
 }
 
 impl Observed {
@@ -236,8 +259,29 @@ async fn dump_routes(c: &Client) -> Result<Vec<ObsRoute>, ApiError> {
     Ok(routes)
 }
 
+async fn dump_acls(c: &Client) -> Result<Option<ObsAcls>, ApiError> {
+    if c.supports::<api::AclDump>().is_err() || c.supports::<api::AclInterfaceListDump>().is_err() {
+        return Ok(None);
+    }
+    let (acls, lists) = tokio::try_join!(
+        c.dump(&api::AclDump { acl_index: ALL }),
+        c.dump(&api::AclInterfaceListDump { sw_if_index: ALL })
+    )?;
+    Ok(Some(ObsAcls {
+        acls: acls.into_iter().map(|a| (a.acl_index, a)).collect(),
+        // VPP lists every interface, those without ACLs with empty lists.
+        lists: lists
+            .into_iter()
+            .map(|l| {
+                let n_input = (l.n_input as usize).min(l.acls.len());
+                (l.sw_if_index, (l.acls[..n_input].to_vec(), l.acls[n_input..].to_vec()))
+            })
+            .collect(),
+    }))
+}
+
 async fn observe(c: &Client) -> Result<Observed, ReconcileError> {
-    let (ifaces, unnumbered, vxlans, taps, routes, neighbors, nat_cfg) = tokio::try_join!(
+    let (ifaces, unnumbered, vxlans, taps, routes, neighbors, nat_cfg, acls) = tokio::try_join!(
         c.dump(&api::SwInterfaceDump::default()),
         c.dump(&api::IpUnnumberedDump { sw_if_index: ALL }),
         c.dump(&api::VxlanTunnelV2Dump { sw_if_index: ALL }),
@@ -245,6 +289,7 @@ async fn observe(c: &Client) -> Result<Observed, ReconcileError> {
         dump_routes(c),
         c.dump(&api::IpNeighborDump { sw_if_index: ALL, af: api::AddressFamily::ADDRESS_IP4 }),
         c.request_unchecked(&api::Nat44ShowRunningConfig::default()),
+        dump_acls(c),
     )
     .map_err(classify)?;
     let addresses =
@@ -270,6 +315,7 @@ async fn observe(c: &Client) -> Result<Observed, ReconcileError> {
     }
     obs.routes = routes;
     obs.neighbors = neighbors.into_iter().map(|n| n.neighbor).collect();
+    obs.acls = acls;
     // retval 0 either way; a disabled plugin's running config is zeroed (sessions = 0).
     if nat_cfg.retval == 0 && nat_cfg.sessions != 0 {
         let (ifs, pool, identity, statics) = tokio::try_join!(
@@ -537,6 +583,60 @@ fn pool_msg(is_add: bool, a: Ipv4Addr) -> api::Nat44AddDelAddressRange {
     }
 }
 
+/// The rules of `acl`: a stateless permit of each source to anywhere. Protocol 0 is any
+/// protocol, for which the plugin looks at no ports; the full port ranges are what VPP's
+/// own CLI puts there.
+fn acl_rules(acl: &InputAcl) -> Vec<api::AclRule> {
+    acl.permit_sources
+        .iter()
+        .map(|src| api::AclRule {
+            is_permit: api::AclAction::ACL_ACTION_API_PERMIT,
+            // VPP refuses a prefix with host bits set.
+            src_prefix: src.trunc().into(),
+            dst_prefix: Ipv4Net::default().into(),
+            proto: api::IpProto(0),
+            srcport_or_icmptype_first: 0,
+            srcport_or_icmptype_last: u16::MAX,
+            dstport_or_icmpcode_first: 0,
+            dstport_or_icmpcode_last: u16::MAX,
+            tcp_flags_mask: 0,
+            tcp_flags_value: 0,
+        })
+        .collect()
+}
+
+/// Whether the rules VPP dumps are `want`, prefixes compared as prefixes (not as the bytes
+/// of the address union).
+fn same_rules(have: &[api::AclRule], want: &[api::AclRule]) -> bool {
+    let key = |r: &api::AclRule| {
+        (
+            r.is_permit,
+            r.src_prefix.to_net(),
+            r.dst_prefix.to_net(),
+            r.proto,
+            [r.srcport_or_icmptype_first, r.srcport_or_icmptype_last],
+            [r.dstport_or_icmpcode_first, r.dstport_or_icmpcode_last],
+            [r.tcp_flags_mask, r.tcp_flags_value],
+        )
+    };
+    have.len() == want.len() && have.iter().zip(want).all(|(h, w)| key(h) == key(w))
+}
+
+/// `acl_add_replace`: creates an ACL (`acl_index` ~0) or replaces the rules of one in
+/// place (its bindings stay); the result is its index.
+fn acl_op(c: &Client, what: String, acl_index: u32, acl: &InputAcl) -> Op {
+    let c = c.clone();
+    let r = acl_rules(acl);
+    let msg = api::AclAddReplace { acl_index, tag: acl.tag.clone(), count: r.len() as u32, r };
+    (what, Box::pin(async move { c.request(&msg).await.map(|r| Some(r.acl_index)) }))
+}
+
+/// `acl_interface_set_acl_list`: the interface's whole input and output lists at once.
+fn acl_list_msg(sw_if_index: u32, input: &[u32], output: &[u32]) -> api::AclInterfaceSetAclList {
+    let acls: Vec<u32> = input.iter().chain(output).copied().collect();
+    api::AclInterfaceSetAclList { sw_if_index, count: acls.len() as u8, n_input: input.len() as u8, acls }
+}
+
 // === impl Reconciler ===
 
 /// Converges VPP to a desired state over a [`Client`].
@@ -737,6 +837,14 @@ impl Reconciler {
         let stale = |sw: u32| created.contains(&sw) || doomed.values().any(|d| d.sw_if_index == sw);
         let sw_of = |name: &str| current.get(name).map(|o| o.sw_if_index);
 
+        // Input ACLs, before the interfaces they guard get an address (or borrow one) and
+        // come up: until then VPP takes no IP packet in on them.
+        let guarded = self.apply_input_acls(desired, &obs, &sw_of, &stale, &mut report).await?;
+        // An interface whose ACL could not be bound is not opened: better no traffic
+        // through a tunnel than traffic from any source.
+        let unguarded = |name: &str| desired.input_acls.contains_key(name) && !guarded.contains(name);
+        let mut held_back: BTreeSet<&str> = BTreeSet::new();
+
         // MAC, MTU and unnumbered first: VPP wants them before addresses and admin up.
         let mut ops = Vec::new();
         for (name, spec) in &desired.interfaces {
@@ -775,7 +883,9 @@ impl Reconciler {
                         api::SwInterfaceSetUnnumbered { sw_if_index: old, unnumbered_sw_if_index: sw, is_add: false },
                     ));
                 }
-                if let Some(lender) = want_lender {
+                if want_lender.is_some() && unguarded(name) {
+                    held_back.insert(name);
+                } else if let Some(lender) = want_lender {
                     ops.push(op(
                         c,
                         format!("make {name} unnumbered to {}", spec.unnumbered_to.as_deref().unwrap_or_default()),
@@ -801,6 +911,11 @@ impl Reconciler {
         let mut ops = Vec::new();
         for (name, spec) in &desired.interfaces {
             let Some(o) = current.get(name) else { continue };
+            let opening = !spec.addresses.is_subset(&o.addresses) || (spec.admin_up && !o.admin_up);
+            if opening && unguarded(name) {
+                held_back.insert(name);
+                continue;
+            }
             for a in spec.addresses.difference(&o.addresses) {
                 ops.push(op(
                     c,
@@ -824,6 +939,12 @@ impl Reconciler {
             }
         }
         run_step(ops, &mut report).await?;
+        for name in held_back {
+            report.failed.push(Failure {
+                what: format!("open {name} (address, unnumbered source, admin up)"),
+                error: "its input ACL is not bound (see above)".into(),
+            });
+        }
 
         // --- 3. neighbours, routes, NAT ---
         let mut ops = Vec::new();
@@ -888,6 +1009,112 @@ impl Reconciler {
             self.apply_nat(want, obs.nat.as_ref(), &doomed, &created, &sw_of, &mut report).await?;
         }
         Ok(report)
+    }
+
+    /// Creates the input ACLs `desired` asks for (or replaces their rules in place, which
+    /// keeps them bound) and binds each to its interface, then takes the reconciler's ACLs
+    /// nothing wants off the interfaces that still list them and deletes them (VPP refuses
+    /// to delete a bound ACL). Returns the interfaces whose input ACL is bound.
+    async fn apply_input_acls(
+        &self,
+        desired: &VppDesired,
+        obs: &Observed,
+        sw_of: &(dyn Fn(&str) -> Option<u32> + Sync),
+        stale: &(dyn Fn(u32) -> bool + Sync),
+        report: &mut ReconcileReport,
+    ) -> Result<BTreeSet<String>, ReconcileError> {
+        let c = &self.client;
+        let mut guarded = BTreeSet::new();
+        let Some(have) = &obs.acls else {
+            if !desired.input_acls.is_empty() {
+                report
+                    .failed
+                    .push(Failure { what: "input ACLs".into(), error: "VPP has no ACL plugin (acl_plugin.so)".into() });
+            }
+            return Ok(guarded);
+        };
+        // The lists VPP holds now: a list the dump showed at an index deleted in this pass,
+        // or handed to an interface created in it, went with the deleted interface.
+        let no_lists = (Vec::new(), Vec::new());
+        let lists_of = |sw: u32| if stale(sw) { &no_lists } else { have.lists.get(&sw).unwrap_or(&no_lists) };
+
+        // One ACL per wanted tag: the one its interface lists, else the lowest index. Every
+        // other ACL with the reconciler's tag prefix is stale: its interface is gone (an
+        // agent or VPP restart may have hidden that), or it is a duplicate.
+        let mut kept: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut pending: BTreeMap<String, &str> = BTreeMap::new();
+        let mut ops = Vec::new();
+        for (name, want) in &desired.input_acls {
+            let input = sw_of(name).map(|sw| lists_of(sw).0.as_slice()).unwrap_or_default();
+            let tagged: Vec<&api::AclDetails> = have.acls.values().filter(|a| a.tag == want.tag).collect();
+            let found = tagged.iter().find(|a| input.contains(&a.acl_index)).or(tagged.first());
+            let (what, index) = match found {
+                Some(a) if same_rules(&a.r, &acl_rules(want)) => {
+                    kept.insert(name, a.acl_index);
+                    continue;
+                }
+                Some(a) => {
+                    kept.insert(name, a.acl_index);
+                    (format!("replace the rules of ACL {} for {name}", want.tag), a.acl_index)
+                }
+                None => (format!("create ACL {} for {name}", want.tag), ALL),
+            };
+            pending.insert(what.clone(), name);
+            ops.push(acl_op(c, what, index, want));
+        }
+        let unwanted: BTreeSet<u32> = have
+            .acls
+            .values()
+            .filter(|a| a.tag.starts_with(ACL_TAG_PREFIX) && !kept.values().any(|k| *k == a.acl_index))
+            .map(|a| a.acl_index)
+            .collect();
+        for (what, index) in run_step(ops, report).await? {
+            if let (Some(name), Some(index)) = (pending.get(&what), index) {
+                kept.insert(name, index);
+            }
+        }
+
+        // The interface's input list is its ACL alone; its output list keeps what it has
+        // but unwanted ACLs of the reconciler's. The list is set as a whole, so setting it
+        // again changes nothing.
+        let without_unwanted = |l: &[u32]| l.iter().copied().filter(|a| !unwanted.contains(a)).collect::<Vec<_>>();
+        let mut handled: BTreeSet<u32> = BTreeSet::new();
+        let mut binding: BTreeMap<String, &str> = BTreeMap::new();
+        let mut ops = Vec::new();
+        for (name, index) in &kept {
+            let Some(sw) = sw_of(name) else { continue };
+            handled.insert(sw);
+            let (input, output) = lists_of(sw);
+            let keep_output = without_unwanted(output);
+            if *input == [*index] && *output == keep_output {
+                guarded.insert(name.to_string());
+                continue;
+            }
+            let what = format!("bind ACL {} to {name}", desired.input_acls[*name].tag);
+            binding.insert(what.clone(), name);
+            ops.push(op(c, what, acl_list_msg(sw, &[*index], &keep_output)));
+        }
+        for (what, _) in run_step(ops, report).await? {
+            guarded.extend(binding.get(&what).map(|n| n.to_string()));
+        }
+
+        // Unwanted ACLs: off the other interfaces' lists, then deleted.
+        let mut ops = Vec::new();
+        for (sw, (input, output)) in &have.lists {
+            if stale(*sw) || handled.contains(sw) || !input.iter().chain(output).any(|a| unwanted.contains(a)) {
+                continue;
+            }
+            let name = obs.name_of(*sw).unwrap_or_default();
+            let msg = acl_list_msg(*sw, &without_unwanted(input), &without_unwanted(output));
+            ops.push(op(c, format!("take stale ACLs off {name}"), msg));
+        }
+        run_step(ops, report).await?;
+        let ops = unwanted
+            .iter()
+            .map(|i| op(c, format!("delete ACL {}", have.acls[i].tag), api::AclDel { acl_index: *i }))
+            .collect();
+        run_step(ops, report).await?;
+        Ok(guarded)
     }
 
     async fn apply_nat(

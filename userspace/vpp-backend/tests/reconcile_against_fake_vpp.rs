@@ -17,7 +17,7 @@ use contiv_vpp_binapi::{Client, ClientOptions, api};
 use contiv_vpp_fake::{
     FakeOptions, FakeVpp,
     papi::Papi,
-    state::{Forwarding, fib_source},
+    state::{FakeState, Forwarding, Packet4, VxlanRx, fib_source},
 };
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::{Value, json};
@@ -52,8 +52,13 @@ fn desired(id: u32, nodes: &[u32]) -> VppDesired {
 
 /// [`desired`], with the NIC's configuration `up` handed over.
 fn desired_with_uplink(id: u32, nodes: &[u32], up: &UplinkHandover) -> VppDesired {
-    let cfg = VppConfig::default();
     let remotes: Vec<RemoteNode> = nodes.iter().map(|n| node(*n)).collect();
+    desired_with_remotes(id, &remotes, up)
+}
+
+/// What node `id` must hold in VPP with `remotes` as the cluster's nodes.
+fn desired_with_remotes(id: u32, remotes: &[RemoteNode], up: &UplinkHandover) -> VppDesired {
+    let cfg = VppConfig::default();
     render(&NodeInputs {
         config: &cfg,
         node_id: id,
@@ -63,7 +68,7 @@ fn desired_with_uplink(id: u32, nodes: &[u32], up: &UplinkHandover) -> VppDesire
         slowpath_ifname: "cslow1",
         mtu: 1450,
         uplink: up,
-        remote_nodes: &remotes,
+        remote_nodes: remotes,
     })
     .expect("render")
 }
@@ -90,6 +95,45 @@ async fn reconciled(dir: &tempfile::TempDir) -> (FakeVpp, Reconciler, VppDesired
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// What node `to`'s VPP does with a VXLAN packet from node `from` (VNI 10) whose inner
+/// packet goes from `inner_src` to a pod of node `to`.
+fn vxlan_from(s: &FakeState, from: u32, to: u32, inner_src: Ipv4Addr) -> VxlanRx {
+    let node_ip = |n: u32| Ipv4Addr::new(192, 168, 16, n as u8);
+    let pod = Ipv4Addr::new(10, 1, to as u8, 7);
+    s.vxlan4_rx(node_ip(from), node_ip(to), 10, Packet4::udp(inner_src, 40000, pod, 8080))
+}
+
+/// Whether `rx` is a packet decapsulated on `sw_if_index` and delivered.
+fn forwarded(rx: &VxlanRx, sw_if_index: u32) -> bool {
+    matches!(rx, VxlanRx::Forward { sw_if_index: sw, forwarding } if *sw == sw_if_index && forwarding.delivers())
+}
+
+/// The ACLs of the fake tagged as the reconciler's, by tag.
+fn our_acls(s: &FakeState) -> std::collections::BTreeMap<String, u32> {
+    s.acls.iter().filter(|(_, a)| a.tag.starts_with("contiv-")).map(|(i, a)| (a.tag.clone(), *i)).collect()
+}
+
+/// The requests of `after` that change something and were not in `before`.
+fn writes_between(
+    before: &std::collections::BTreeMap<&'static str, u64>,
+    after: &std::collections::BTreeMap<&'static str, u64>,
+) -> Vec<(&'static str, u64)> {
+    after
+        .iter()
+        .filter(|(name, n)| {
+            !name.ends_with("_dump")
+                && **name != "control_ping"
+                && !name.starts_with("nat44_show")
+                && before.get(*name) != Some(n)
+        })
+        .map(|(name, n)| (*name, *n))
+        .collect()
 }
 
 /// Checks that the fake holds what node `id` must hold with `nodes` in the cluster.
@@ -141,7 +185,22 @@ fn assert_node_state(fake: &FakeVpp, id: u32, nodes: &[u32]) {
             "node {id} sends to {remote_pod} into vxlan_tunnel{n}"
         );
         assert!(!s.neighbors.keys().any(|(sw, _)| *sw == t.sw_if_index), "no neighbour on vxlan_tunnel{n}");
+        // The tunnel's only input ACL lets in the pods of its node and the node itself,
+        // nothing else: not another node's pods, not any other address.
+        let (input, output) = s.acl_bindings.get(&t.sw_if_index).cloned().unwrap_or_default();
+        assert!(input.len() == 1 && output.is_empty(), "one input ACL on vxlan_tunnel{n}: {input:?} {output:?}");
+        assert_eq!(s.acls[&input[0]].tag, format!("contiv-tunnel-vxlan_tunnel{n}"));
+        for src in [Ipv4Addr::new(10, 1, *n as u8, 9), Ipv4Addr::new(192, 168, 16, *n as u8)] {
+            let rx = vxlan_from(&s, *n, id, src);
+            assert!(forwarded(&rx, t.sw_if_index), "{src} through vxlan_tunnel{n}: {rx:?}");
+        }
+        let others = nodes.iter().filter(|m| *m != n).map(|m| Ipv4Addr::new(10, 1, *m as u8, 9));
+        for src in others.chain([ip("10.9.0.1"), ip("192.168.16.200"), ip("8.8.8.8")]) {
+            let rx = vxlan_from(&s, *n, id, src);
+            assert_eq!(rx, VxlanRx::Denied { sw_if_index: t.sw_if_index, acl_index: None }, "{src} via node {n}");
+        }
     }
+    assert_eq!(our_acls(&s).len(), nodes.len() - 1, "one ACL per other node: {:?}", s.acls);
     want_routes.sort();
     assert_eq!(routes.into_iter().collect::<Vec<_>>(), want_routes, "routes of node {id}");
     assert!(s.ip4_lookup(0, Ipv4Addr::new(10, 1, id as u8, 7)).delivers(), "to a local pod through the port");
@@ -201,16 +260,7 @@ async fn converges_then_changes_nothing(fake: &FakeVpp) -> ReconcileReport {
     let before = fake.state().requests;
     let second = rec.reconcile(&d).await.unwrap();
     assert_eq!(second, ReconcileReport { generation: first.generation, ..Default::default() }, "nothing to do");
-    let after = fake.state().requests;
-    let writes: Vec<_> = after
-        .iter()
-        .filter(|(name, n)| {
-            !name.ends_with("_dump")
-                && **name != "control_ping"
-                && !name.starts_with("nat44_show")
-                && before.get(*name) != Some(n)
-        })
-        .collect();
+    let writes = writes_between(&before, &fake.state().requests);
     assert!(writes.is_empty(), "a converged pass sends no changes: {writes:?}");
     assert_eq!(fake.state().ip4_fib(), fib, "VPP's own routes are left alone");
     first
@@ -399,17 +449,199 @@ async fn remote_nodes_joining_and_leaving_add_and_remove_tunnels_and_routes() {
         joined.applied,
         [
             "create interface vxlan_tunnel3",
+            "create ACL contiv-tunnel-vxlan_tunnel3 for vxlan_tunnel3",
+            "bind ACL contiv-tunnel-vxlan_tunnel3 to vxlan_tunnel3",
             "make vxlan_tunnel3 unnumbered to uplink0",
             "set vxlan_tunnel3 up",
             "add route 10.1.3.0/24 via 10.1.3.1 dev vxlan_tunnel3",
         ],
-        "a join adds exactly the tunnel and its route"
+        "a join adds exactly the tunnel, its ACL (bound before the tunnel opens) and its route"
     );
 
     let left = rec.reconcile(&desired(1, &[1, 3])).await.unwrap();
     assert!(left.converged(), "{:#?}", left.failed);
     assert_node_state(&fake, 1, &[1, 3]);
-    assert_eq!(left.applied, ["delete route 10.1.2.0/24", "delete interface vxlan_tunnel2"], "route before tunnel");
+    assert_eq!(
+        left.applied,
+        ["delete route 10.1.2.0/24", "delete interface vxlan_tunnel2", "delete ACL contiv-tunnel-vxlan_tunnel2"],
+        "route before tunnel, tunnel before its ACL"
+    );
+}
+
+/// The fake's `acl_add_replace` with `tag` and one permit of `src`; the ACL's index.
+async fn add_acl(c: &Client, tag: &str, src: &str) -> u32 {
+    let rule = api::AclRule {
+        is_permit: api::AclAction::ACL_ACTION_API_PERMIT,
+        src_prefix: src.parse::<Ipv4Net>().unwrap().into(),
+        dst_prefix: Ipv4Net::default().into(),
+        srcport_or_icmptype_last: u16::MAX,
+        dstport_or_icmpcode_last: u16::MAX,
+        ..Default::default()
+    };
+    let msg = api::AclAddReplace { acl_index: u32::MAX, tag: tag.into(), count: 1, r: vec![rule] };
+    c.request(&msg).await.unwrap().acl_index
+}
+
+/// Decapsulated packets reach the pods through the af_xdp port, where the node's eBPF can
+/// no longer tell the tunnel they came through: each tunnel's input ACL must let in what
+/// its node may send (its pods, the node itself) and nothing else.
+#[tokio::test]
+async fn a_tunnel_lets_in_only_its_own_nodes_pods_and_the_node_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let rec = Reconciler::new(client(&fake).await);
+    let d = desired(1, &[1, 2, 3]);
+    let first = rec.reconcile(&d).await.unwrap();
+    assert!(first.converged(), "{:#?}", first.failed);
+    let s = fake.state();
+    let a = s.interface_by_name("vxlan_tunnel2").unwrap().sw_if_index;
+    let b = s.interface_by_name("vxlan_tunnel3").unwrap().sw_if_index;
+    // From node 2 (A): its pods, and its node IP (an ICMP error its VPP sends from the
+    // uplink address its tunnels borrow).
+    assert!(forwarded(&vxlan_from(&s, 2, 1, ip("10.1.2.7")), a));
+    let ttl_exceeded = Packet4::icmp(ip("192.168.16.2"), ip("10.1.1.7"), 11, 0);
+    let rx = s.vxlan4_rx(ip("192.168.16.2"), ip("192.168.16.1"), 10, ttl_exceeded);
+    assert!(forwarded(&rx, a), "{rx:?}");
+    // Through A's tunnel, B's pods, B's node IP, this node's own pods or any other address
+    // are dropped; B's pods through B's tunnel pass.
+    for src in ["10.1.3.7", "192.168.16.3", "10.1.1.9", "10.1.20.7", "203.0.113.5"].map(ip) {
+        let rx = vxlan_from(&s, 2, 1, src);
+        assert_eq!(rx, VxlanRx::Denied { sw_if_index: a, acl_index: None }, "{src} through A's tunnel");
+    }
+    assert!(forwarded(&vxlan_from(&s, 3, 1, ip("10.1.3.7")), b));
+    // A node the cluster does not have gets nowhere (no tunnel).
+    assert_eq!(vxlan_from(&s, 9, 1, ip("10.1.2.7")), VxlanRx::NoTunnel);
+    let acls: Vec<String> = our_acls(&s).into_keys().collect();
+    assert_eq!(acls, ["contiv-tunnel-vxlan_tunnel2", "contiv-tunnel-vxlan_tunnel3"]);
+
+    // A second pass sends no change, ACLs included.
+    let before = fake.state().requests;
+    let again = rec.reconcile(&d).await.unwrap();
+    assert!(again.converged() && again.applied.is_empty(), "{again:#?}");
+    let writes = writes_between(&before, &fake.state().requests);
+    assert!(writes.is_empty(), "a converged pass sends no changes: {writes:?}");
+    assert!(before["acl_dump"] < fake.state().requests["acl_dump"], "ACLs are read every pass");
+}
+
+/// A node leaving takes its ACL with it; a node whose pod subnet or node IP changed keeps
+/// its ACL (same index, new rules), bound to its tunnel throughout.
+#[tokio::test]
+async fn a_leaving_node_takes_its_acl_and_a_changed_node_keeps_its_acl_with_new_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let rec = Reconciler::new(client(&fake).await);
+    rec.reconcile(&desired(1, &[1, 2, 3])).await.unwrap();
+    let index = our_acls(&fake.state())["contiv-tunnel-vxlan_tunnel3"];
+
+    // Node 2 leaves; node 3 comes back with another pod subnet.
+    let moved = RemoteNode { pod_subnet: "10.1.33.0/24".parse().unwrap(), ..node(3) };
+    let report = rec.reconcile(&desired_with_remotes(1, &[node(1), moved.clone()], &uplink(1))).await.unwrap();
+    assert!(report.converged(), "{:#?}", report.failed);
+    let acl_changes: Vec<&str> = report.applied.iter().map(String::as_str).filter(|a| a.contains("ACL")).collect();
+    assert_eq!(
+        acl_changes,
+        [
+            "replace the rules of ACL contiv-tunnel-vxlan_tunnel3 for vxlan_tunnel3",
+            "delete ACL contiv-tunnel-vxlan_tunnel2"
+        ],
+        "{:#?}",
+        report.applied
+    );
+    let s = fake.state();
+    assert_eq!(our_acls(&s).into_iter().collect::<Vec<_>>(), [("contiv-tunnel-vxlan_tunnel3".to_owned(), index)]);
+    let t = s.interface_by_name("vxlan_tunnel3").unwrap().sw_if_index;
+    assert_eq!(s.acl_bindings[&t], (vec![index], vec![]), "replaced in place, still bound");
+    assert!(forwarded(&vxlan_from(&s, 3, 1, ip("10.1.33.7")), t), "the new subnet passes");
+    assert!(matches!(vxlan_from(&s, 3, 1, ip("10.1.3.7")), VxlanRx::Denied { .. }), "the old one no more");
+
+    // Node 3's node IP changes: its tunnel is created again (VPP hands it the freed index),
+    // its ACL keeps its index and is bound to the new tunnel before it opens.
+    let renumbered = RemoteNode { node_ip: ip("192.168.16.33"), ..moved };
+    let report = rec.reconcile(&desired_with_remotes(1, &[node(1), renumbered], &uplink(1))).await.unwrap();
+    assert!(report.converged(), "{:#?}", report.failed);
+    let position = |what: &str| report.applied.iter().position(|a| a.starts_with(what));
+    assert!(position("delete interface vxlan_tunnel3") < position("create interface vxlan_tunnel3"));
+    assert!(position("create interface vxlan_tunnel3") < position("replace the rules of ACL"));
+    assert!(position("replace the rules of ACL") < position("bind ACL contiv-tunnel-vxlan_tunnel3"));
+    assert!(position("bind ACL contiv-tunnel-vxlan_tunnel3") < position("set vxlan_tunnel3 up"));
+    let s = fake.state();
+    let new_t = s.interface_by_name("vxlan_tunnel3").unwrap().sw_if_index;
+    assert_eq!(new_t, t, "index reused");
+    assert_eq!(our_acls(&s)["contiv-tunnel-vxlan_tunnel3"], index);
+    assert_eq!(s.acl_bindings[&new_t], (vec![index], vec![]));
+    let from_new_ip = Packet4::udp(ip("192.168.16.33"), 40000, ip("10.1.1.7"), 8080);
+    assert!(forwarded(&s.vxlan4_rx(ip("192.168.16.33"), ip("192.168.16.1"), 10, from_new_ip), new_t));
+    assert!(matches!(vxlan_from(&s, 3, 1, ip("10.1.33.7")), VxlanRx::NoTunnel), "the old node IP has no tunnel");
+}
+
+/// After an agent restart the reconciler finds its ACLs by tag: one it had created for a
+/// tunnel is taken again, the ones nothing wants (even listed on an interface) are
+/// deleted, and ACLs tagged otherwise are left alone.
+#[tokio::test]
+async fn stale_acls_with_our_tag_are_deleted_and_foreign_ones_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let rec = Reconciler::new(client(&fake).await);
+    let c = rec.client();
+    let ours = add_acl(c, "contiv-tunnel-vxlan_tunnel2", "10.1.2.0/24").await;
+    let duplicate = add_acl(c, "contiv-tunnel-vxlan_tunnel2", "10.1.2.0/24").await;
+    let gone = add_acl(c, "contiv-tunnel-vxlan_tunnel9", "10.1.9.0/24").await;
+    let foreign = add_acl(c, "operator-allow-mgmt", "10.200.0.0/16").await;
+    let uplink_sw = fake.state().interface_by_name("uplink0").unwrap().sw_if_index;
+    let list = api::AclInterfaceSetAclList { sw_if_index: uplink_sw, count: 2, n_input: 1, acls: vec![gone, foreign] };
+    c.request(&list).await.unwrap();
+
+    let report = rec.reconcile(&desired(1, &[1, 2])).await.unwrap();
+    assert!(report.converged(), "{:#?}", report.failed);
+    let mut acl_changes: Vec<&str> = report.applied.iter().map(String::as_str).filter(|a| a.contains("ACL")).collect();
+    acl_changes.sort();
+    assert_eq!(
+        acl_changes,
+        [
+            "bind ACL contiv-tunnel-vxlan_tunnel2 to vxlan_tunnel2",
+            "delete ACL contiv-tunnel-vxlan_tunnel2",
+            "delete ACL contiv-tunnel-vxlan_tunnel9",
+            "replace the rules of ACL contiv-tunnel-vxlan_tunnel2 for vxlan_tunnel2",
+            "take stale ACLs off uplink0",
+        ],
+        "the existing ACL is taken (its rules brought up to date), not created again"
+    );
+    assert_node_state(&fake, 1, &[1, 2]);
+    let s = fake.state();
+    let tunnel = s.interface_by_name("vxlan_tunnel2").unwrap().sw_if_index;
+    assert_eq!(s.acl_bindings[&tunnel], (vec![ours], vec![]));
+    assert!(!s.acls.contains_key(&duplicate) && !s.acls.contains_key(&gone), "{:?}", s.acls);
+    assert_eq!(s.acls[&foreign].tag, "operator-allow-mgmt");
+    assert_eq!(s.acl_bindings[&uplink_sw], (vec![], vec![foreign]), "the foreign ACL stays where it was");
+    let again = rec.reconcile(&desired(1, &[1, 2])).await.unwrap();
+    assert!(again.converged() && again.applied.is_empty(), "{again:#?}");
+}
+
+/// A tunnel whose ACL VPP refuses is created but not opened: better no traffic from that
+/// node than traffic from anywhere through its tunnel.
+#[tokio::test]
+async fn a_tunnel_without_its_acl_stays_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FakeOptions::new(dir.path().join("api.sock"));
+    opts.nics = vec![("uplink0".into(), [0x52, 0x54, 0, 0, 0, 1])];
+    opts.crc_overrides = vec![("acl_add_replace".into(), 0xdead_beef)];
+    let fake = FakeVpp::start(opts).unwrap();
+    let rec = Reconciler::new(client(&fake).await);
+    let report = rec.reconcile(&desired(1, &[1, 2])).await.unwrap();
+    let failed: Vec<&str> = report.failed.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(
+        failed,
+        [
+            "create ACL contiv-tunnel-vxlan_tunnel2 for vxlan_tunnel2",
+            "open vxlan_tunnel2 (address, unnumbered source, admin up)"
+        ],
+        "{:#?}",
+        report.failed
+    );
+    let s = fake.state();
+    let t = s.interface_by_name("vxlan_tunnel2").unwrap();
+    assert!(!t.admin_up && t.unnumbered_to.is_none(), "{t:?}");
+    assert!(s.interface_by_name("xdp-cslow1").is_some_and(|i| i.admin_up), "the rest is set up");
 }
 
 #[tokio::test]

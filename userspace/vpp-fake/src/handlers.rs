@@ -968,12 +968,15 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
             ctx.send(&api::AclInterfaceSetAclListReply { retval });
         }
         "acl_interface_list_dump" => {
+            // As VPP: one entry per interface (all of them for ~0), empty lists included.
             let m: api::AclInterfaceListDump = req(p)?;
+            let none = (Vec::new(), Vec::new());
             let details: Vec<_> = s
-                .acl_bindings
-                .iter()
-                .filter(|(i, _)| m.sw_if_index == NONE_IF || **i == m.sw_if_index)
-                .map(|(i, (input, output))| {
+                .interfaces
+                .keys()
+                .filter(|i| m.sw_if_index == NONE_IF || **i == m.sw_if_index)
+                .map(|i| {
+                    let (input, output) = s.acl_bindings.get(i).unwrap_or(&none);
                     let acls: Vec<u32> = input.iter().chain(output).copied().collect();
                     api::AclInterfaceListDetails {
                         sw_if_index: *i,

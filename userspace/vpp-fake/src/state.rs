@@ -237,6 +237,76 @@ impl Forwarding {
     }
 }
 
+/// An IPv4 packet as VPP's ACL plugin matches it: addresses, protocol and ports (ICMP type
+/// and code in the ports' places, as in the plugin's 5-tuple). TCP flags are not modelled:
+/// a rule with a flags mask matches no packet here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Packet4 {
+    /// Source address.
+    pub src: Ipv4Addr,
+    /// Destination address.
+    pub dst: Ipv4Addr,
+    /// IP protocol.
+    pub proto: u8,
+    /// Source port, or ICMP type.
+    pub src_port: u16,
+    /// Destination port, or ICMP code.
+    pub dst_port: u16,
+}
+
+impl Packet4 {
+    /// A UDP datagram.
+    pub fn udp(src: Ipv4Addr, src_port: u16, dst: Ipv4Addr, dst_port: u16) -> Self {
+        Self { src, dst, proto: 17, src_port, dst_port }
+    }
+
+    /// An ICMP message of `icmp_type` and `code`.
+    pub fn icmp(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8, code: u8) -> Self {
+        Self { src, dst, proto: 1, src_port: icmp_type.into(), dst_port: code.into() }
+    }
+}
+
+/// What VPP does with a VXLAN packet for one of its addresses ([`FakeState::vxlan4_rx`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VxlanRx {
+    /// No tunnel has these ends and VNI: vxlan4-input drops it.
+    NoTunnel,
+    /// Decapsulated on tunnel `sw_if_index` and dropped by its input ACLs: by a deny rule
+    /// of `acl_index`, or, with None, because no rule of its ACLs matched (the plugin's
+    /// implicit deny).
+    Denied {
+        /// The tunnel.
+        sw_if_index: u32,
+        /// The ACL whose deny rule matched.
+        acl_index: Option<u32>,
+    },
+    /// Decapsulated on tunnel `sw_if_index`, let through by its input ACLs (or it has
+    /// none), and looked up in its table.
+    Forward {
+        /// The tunnel.
+        sw_if_index: u32,
+        /// Where the inner packet goes.
+        forwarding: Forwarding,
+    },
+}
+
+/// Whether ACL rule `r` matches `p` (`single_acl_match_5tuple` in VPP's ACL plugin): both
+/// prefixes contain the addresses, and, for a rule that names a protocol, the protocol and
+/// both port ranges match; protocol 0 is any, with no look at the ports.
+fn acl_rule_matches(r: &api::AclRule, p: &Packet4) -> bool {
+    let within = |prefix: &api::Prefix, a: Ipv4Addr| prefix.to_ipv4_net().is_some_and(|n| n.contains(&a));
+    if !within(&r.src_prefix, p.src) || !within(&r.dst_prefix, p.dst) {
+        return false;
+    }
+    if r.proto.0 == 0 {
+        return true;
+    }
+    r.proto.0 == p.proto
+        && (r.srcport_or_icmptype_first..=r.srcport_or_icmptype_last).contains(&p.src_port)
+        && (r.dstport_or_icmpcode_first..=r.dstport_or_icmpcode_last).contains(&p.dst_port)
+        && r.tcp_flags_mask == 0
+}
+
 /// The graph nodes the fake knows, with the next nodes of those that have any, as a
 /// freshly started VPP has them (`foreach_vxlan_input_next` in plugins/vxlan/vxlan.h gives
 /// vxlan4-input / vxlan6-input their `error-drop` (0) and `l2-input` (1)).
@@ -579,6 +649,36 @@ impl FakeState {
             };
         }
         Forwarding::Drop
+    }
+
+    /// What VPP would do with a VXLAN packet from `outer_src` to its address `outer_dst`
+    /// with `vni`, carrying `inner`: the tunnel with these ends and VNI decapsulates it,
+    /// the ACL plugin checks it against the tunnel's input ACLs in order (the first
+    /// matching rule decides; none matching is the implicit deny, on an interface with at
+    /// least one input ACL), and what passes is looked up in the tunnel's table
+    /// ([`FakeState::ip4_lookup`]). The decapsulating node, the tunnel's IP enablement
+    /// (unnumbered or an address) and admin state are not looked at here.
+    pub fn vxlan4_rx(&self, outer_src: Ipv4Addr, outer_dst: Ipv4Addr, vni: u32, inner: Packet4) -> VxlanRx {
+        let tunnel = self.interfaces.values().find(|i| {
+            matches!(&i.kind, InterfaceKind::Vxlan(t) if t.src_address.to_ipv4() == Some(outer_dst)
+                && t.dst_address.to_ipv4() == Some(outer_src)
+                && t.vni == vni)
+        });
+        let Some(tunnel) = tunnel else { return VxlanRx::NoTunnel };
+        let sw_if_index = tunnel.sw_if_index;
+        let input = self.acl_bindings.get(&sw_if_index).map(|(input, _)| input.as_slice()).unwrap_or_default();
+        if !input.is_empty() {
+            let verdict = input.iter().find_map(|index| {
+                let rule = self.acls.get(index)?.rules.iter().find(|r| acl_rule_matches(r, &inner))?;
+                Some((*index, rule.is_permit != api::AclAction::ACL_ACTION_API_DENY))
+            });
+            match verdict {
+                Some((_, true)) => {}
+                Some((index, false)) => return VxlanRx::Denied { sw_if_index, acl_index: Some(index) },
+                None => return VxlanRx::Denied { sw_if_index, acl_index: None },
+            }
+        }
+        VxlanRx::Forward { sw_if_index, forwarding: self.ip4_lookup(tunnel.ip4_table, inner.dst) }
     }
 
     /// The graph node a VXLAN tunnel hands decapsulated packets to (its `decap_next_index`

@@ -4,14 +4,15 @@
 //! it is off; the FIB holds VPP's own routes (connected, local, a /32 per neighbour) beside
 //! the API's; a VXLAN tunnel decapsulates to `l2-input` unless given another graph arc,
 //! which `add_node_next` hands out; an attached route through an L3 tunnel cannot resolve,
-//! one with a next hop needs no neighbour.
+//! one with a next hop needs no neighbour; a tunnel's input ACLs decide on its decapsulated
+//! packets, first match wins, no match drops.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use contiv_vpp_binapi::{Client, ClientOptions, Error, api};
 use contiv_vpp_fake::{
     FakeOptions, FakeVpp,
-    state::{Forwarding, fib_source},
+    state::{Forwarding, Packet4, VxlanRx, fib_source},
 };
 
 fn fake(dir: &tempfile::TempDir) -> FakeVpp {
@@ -349,4 +350,70 @@ async fn an_l3_tunnel_needs_an_ip4_input_arc_to_decapsulate_and_a_next_hop_to_se
     assert_eq!(fake.state().ip4_lookup(0, ip("10.2.0.1")), Forwarding::Complete { sw_if_index: nic, next_hop: gw });
     fake.restart();
     assert_eq!(fake.state().nodes["vxlan4-input"], ["error-drop", "l2-input"], "a restart forgets the arc");
+}
+
+/// What the ACL plugin does with a tunnel's decapsulated packets: nothing without input
+/// ACLs; with them, the first matching rule of the ACLs in order decides, and no match is
+/// a drop. VPP lists every interface's ACLs, empty lists included, refuses to delete a
+/// listed ACL and empties a deleted interface's lists.
+#[tokio::test]
+async fn a_tunnels_input_acls_decide_on_its_decapsulated_packets_first_match_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let c = client(&fake).await;
+    let next = c
+        .request(&api::AddNodeNext { node_name: "vxlan4-input".into(), next_name: "ip4-input".into() })
+        .await
+        .unwrap()
+        .next_index;
+    let t = c.request(&tunnel(2, next)).await.unwrap().sw_if_index;
+    let (remote, local) = (ip("192.168.16.3"), ip("192.168.16.1"));
+    let rx = |vni: u32, from: Ipv4Addr, inner: Packet4| fake.state().vxlan4_rx(from, local, vni, inner);
+    let udp = |src: &str, port: u16| Packet4::udp(ip(src), 40000, ip("10.1.1.7"), port);
+    let passes = |r: VxlanRx| matches!(r, VxlanRx::Forward { sw_if_index, .. } if sw_if_index == t);
+    assert!(passes(rx(10, remote, udp("203.0.113.5", 53))), "no ACL: anything passes");
+    assert_eq!(rx(11, remote, udp("10.1.3.7", 53)), VxlanRx::NoTunnel, "another VNI");
+    assert_eq!(rx(10, ip("192.168.16.9"), udp("10.1.3.7", 53)), VxlanRx::NoTunnel, "another far end");
+
+    let rule = |permit: bool, src: &str, proto: u8, dport: u16| api::AclRule {
+        is_permit: if permit { api::AclAction::ACL_ACTION_API_PERMIT } else { api::AclAction::ACL_ACTION_API_DENY },
+        src_prefix: src.parse::<ipnet::Ipv4Net>().unwrap().into(),
+        dst_prefix: ipnet::Ipv4Net::default().into(),
+        proto: api::IpProto(proto),
+        srcport_or_icmptype_last: u16::MAX,
+        dstport_or_icmpcode_first: dport,
+        dstport_or_icmpcode_last: if proto == 0 { u16::MAX } else { dport },
+        ..Default::default()
+    };
+    let add = |tag: &str, r: Vec<api::AclRule>| api::AclAddReplace {
+        acl_index: u32::MAX,
+        tag: tag.into(),
+        count: r.len() as u32,
+        r,
+    };
+    let pods = c
+        .request(&add("pods", vec![rule(false, "10.1.3.66/32", 17, 53), rule(true, "10.1.3.0/24", 0, 0)]))
+        .await
+        .unwrap()
+        .acl_index;
+    let node = c.request(&add("node", vec![rule(true, "192.168.16.3/32", 0, 0)])).await.unwrap().acl_index;
+    let list = api::AclInterfaceSetAclList { sw_if_index: t, count: 2, n_input: 2, acls: vec![pods, node] };
+    c.request(&list).await.unwrap();
+
+    assert!(passes(rx(10, remote, udp("10.1.3.7", 53))));
+    assert_eq!(rx(10, remote, udp("10.1.3.66", 53)), VxlanRx::Denied { sw_if_index: t, acl_index: Some(pods) });
+    assert!(passes(rx(10, remote, udp("10.1.3.66", 54))), "the deny names port 53 only");
+    assert!(passes(rx(10, remote, Packet4::icmp(remote, ip("10.1.1.7"), 11, 0))), "the second ACL");
+    assert_eq!(rx(10, remote, udp("10.1.4.7", 53)), VxlanRx::Denied { sw_if_index: t, acl_index: None });
+
+    let lists = c.dump(&api::AclInterfaceListDump { sw_if_index: u32::MAX }).await.unwrap();
+    assert_eq!(lists.len(), fake.state().interfaces.len(), "every interface: {lists:?}");
+    let of_tunnel = lists.iter().find(|l| l.sw_if_index == t).unwrap();
+    assert_eq!((of_tunnel.n_input, of_tunnel.acls.clone()), (2, vec![pods, node]));
+    assert!(lists.iter().filter(|l| l.sw_if_index != t).all(|l| l.count == 0 && l.acls.is_empty()));
+
+    assert_eq!(retval(c.request(&api::AclDel { acl_index: pods }).await), -142, "ACL_IN_USE_INBOUND");
+    c.request(&api::VxlanAddDelTunnelV3 { is_add: false, ..tunnel(2, next) }).await.unwrap();
+    assert!(fake.state().acl_bindings.is_empty(), "the tunnel's lists went with it");
+    c.request(&api::AclDel { acl_index: pods }).await.unwrap();
 }

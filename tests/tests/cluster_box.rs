@@ -347,12 +347,18 @@ fn a_subnet_that_changed_hands_while_an_agent_was_down_loses_its_old_flows() {
     b.wait_for(Duration::from_secs(30), "node-1 drops node-2's routes", || remote_routes(&b, "node-1") == 0);
     b.stop_agent("node-1", false);
     b.start_agent("node-1");
-    std::thread::sleep(Duration::from_secs(12));
+    let swept_once = |b: &ClusterBox| b.status_json("node-1", "/services").is_some_and(|s| !s["lastGc"].is_null());
+    b.wait_for(Duration::from_secs(30), "node-1's first sweep since its start", || swept_once(&b));
     assert!(tracks(&b, "node-1", p2.ip), "a lapse across a restart keeps the flow past a sweep");
     // node-1's agent is down while node-9 is given node-2's subnet.
     b.stop_agent("node-1", false);
     let reg = serde_json::json!({"v": 1, "name": "node-9", "id": 9, "addresses": [], "pod_cidr": subnet});
     b.etcdctl(&["put", "/contiv/nodes/node-9", &reg.to_string()]);
+    // It starts and stops again before its first sweep (10 s after the start): the next
+    // start still finds the handover.
+    b.start_agent("node-1");
+    assert!(!swept_once(&b), "stopped before the first sweep");
+    b.stop_agent("node-1", false);
     b.start_agent("node-1");
     b.wait_for(Duration::from_secs(30), "node-1 sweeps the flow of node-2's pod", || !tracks(&b, "node-1", p2.ip));
     let log = b.agent_log("node-1");

@@ -856,12 +856,16 @@ fn departed_from(f: &Flow, net: Ipv4Net, at: u64) -> bool {
 /// hands while this agent was down (the conntrack table, pinned, kept its flows) departs
 /// as of the start that finds it, so the old pods' flows go at the first sweep. A flow of
 /// the new node's pods that sent nothing between that start and the sweep goes with them
-/// (no record tells it apart); one in use stays.
+/// (no record tells it apart); one in use stays. Until a departure is swept, the saved
+/// holder of its subnet is the old one: an agent that stops before the sweep (a crash, a
+/// failed start, a rollout) finds the departure again at its next start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Departures {
     /// Who held each subnet other nodes registered, as last seen.
     holders: BTreeMap<Ipv4Net, String>,
     departed: Vec<(Ipv4Net, u64)>,
+    /// The holder before the change, of each subnet with a departure not yet swept.
+    previous: BTreeMap<Ipv4Net, String>,
 }
 
 /// What [`Departures::save`] writes: `{"version": 1, "holders": {"10.1.2.0/24": "node-2"}}`.
@@ -887,7 +891,7 @@ impl Departures {
             }
         };
         match serde_json::from_slice::<HoldersFile>(&bytes) {
-            Ok(f) if f.version == HOLDERS_VERSION => Self { holders: f.holders, departed: vec![] },
+            Ok(f) if f.version == HOLDERS_VERSION => Self { holders: f.holders, ..Self::default() },
             Ok(f) => {
                 log::warn!(
                     "ignoring the pod subnets' last holders at {}: version {} (this agent reads {HOLDERS_VERSION})",
@@ -903,10 +907,13 @@ impl Departures {
         }
     }
 
-    /// Writes the holders to `path` (through a temporary file renamed over it, so a crash
-    /// leaves the old file or the new one).
+    /// Writes the holders to `path`, the old holder for a subnet whose departure is not
+    /// swept yet (through a temporary file renamed over it, so a crash leaves the old file
+    /// or the new one).
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let file = HoldersFile { version: HOLDERS_VERSION, holders: self.holders.clone() };
+        let mut holders = self.holders.clone();
+        holders.extend(self.previous.iter().map(|(net, name)| (*net, name.clone())));
+        let file = HoldersFile { version: HOLDERS_VERSION, holders };
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp)?;
         std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&file).expect("holders serialize"))?;
@@ -923,9 +930,12 @@ impl Departures {
             let ipnet::IpNet::V4(net) = r.pod_cidr else { continue };
             let before = self.holders.insert(net, r.name.clone());
             changed |= before.as_ref() != Some(&r.name);
-            if before.is_some_and(|b| b != r.name) {
+            if let Some(before) = before
+                && before != r.name
+            {
                 self.departed.retain(|(n, _)| *n != net);
                 self.departed.push((net, now_ns));
+                self.previous.entry(net).or_insert(before);
             }
         }
         changed
@@ -936,9 +946,13 @@ impl Departures {
         self.departed.clone()
     }
 
-    /// A sweep with `swept` (an earlier [`Self::list`]) succeeded: those are done.
-    pub fn swept(&mut self, swept: &[(Ipv4Net, u64)]) {
+    /// A sweep with `swept` (an earlier [`Self::list`]) succeeded: those are done. True if
+    /// the holders to save changed (a subnet has no departure left).
+    pub fn swept(&mut self, swept: &[(Ipv4Net, u64)]) -> bool {
         self.departed.retain(|d| !swept.contains(d));
+        let before = self.previous.len();
+        self.previous.retain(|net, _| self.departed.iter().any(|(n, _)| n == net));
+        self.previous.len() != before
     }
 }
 
@@ -1501,6 +1515,19 @@ mod tests {
         let c = reg("c", "10.1.2.0/24");
         assert!(d.update(&[me.clone(), b.clone(), c.clone()], "me", 10));
         assert_eq!(d.list(), vec![("10.1.2.0/24".parse().unwrap(), 10)]);
+        // The agent stops before its first sweep: the file still names a, so the next
+        // start finds the departure again.
+        assert!(!d.update(&[me.clone(), b.clone(), c.clone()], "me", 10));
+        d.save(&path).unwrap();
+        let mut again = Departures::load(&path);
+        again.update(&[me.clone(), b.clone(), c.clone()], "me", 20);
+        assert_eq!(again.list(), vec![("10.1.2.0/24".parse().unwrap(), 20)], "found again after a stop");
+        // Once swept, c is saved as the holder: the start after that sees nothing.
+        assert!(again.swept(&again.list()));
+        again.save(&path).unwrap();
+        let mut later = Departures::load(&path);
+        later.update(&[me.clone(), b.clone(), c.clone()], "me", 30);
+        assert_eq!(later.list(), vec![]);
         // Without the file (a first start, or a lost one), the same start sees no departure.
         let mut fresh = Departures::default();
         fresh.update(&[me.clone(), b.clone(), c.clone()], "me", 10);

@@ -420,7 +420,10 @@ impl Agent {
                         "conntrack: flows of departed nodes' pod subnets removed ({})",
                         departed.iter().map(|(net, _)| net.to_string()).collect::<Vec<_>>().join(", ")
                     );
-                    self.inner.lock().await.departures.swept(&departed);
+                    let mut inner = self.inner.lock().await;
+                    if inner.departures.swept(&departed) {
+                        super::save_holders(&inner.departures, &self.config.state_dir.join(super::SUBNET_HOLDERS_FILE));
+                    }
                 }
                 if stats.expired > 0 {
                     log::debug!(

@@ -9,9 +9,10 @@
 //!   and MAC), the route of the local pod subnet through it, a VXLAN tunnel per other node
 //!   that decapsulates to ip4-input, with a route through it via a next hop (an L3 tunnel
 //!   cannot ARP) and an input ACL that lets in only that node's pods and the node itself,
-//!   NAT44-ED with the node IP; pods on one node talk on the fast path, reach their
-//!   gateway through XDP -> AF_XDP -> (fake) VPP, and send cross-node traffic to VPP, not to
-//!   a kernel overlay;
+//!   an input ACL on the uplink that drops plain packets from the cluster's pod range, the
+//!   host interconnect and the node IP, NAT44-ED with the node IP; pods on one node talk on
+//!   the fast path, reach their gateway through XDP -> AF_XDP -> (fake) VPP, and send
+//!   cross-node traffic to VPP, not to a kernel overlay;
 //! - a node leaving (agent killed, lease expired) and joining again;
 //! - a fake VPP restarted mid-run: the agent reconnects and replays, pods keep talking, and
 //!   the eBPF maps and links are untouched;
@@ -35,7 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use contiv_tests::cluster::{BoxOptions, BoxPod, CONTROL_IP, ClusterBox, enter, ip_in, send_frame};
+use contiv_tests::cluster::{BoxOptions, BoxPod, CLUSTER_POD_CIDR, CONTROL_IP, ClusterBox, enter, ip_in, send_frame};
 use contiv_vpp_fake::papi::Papi;
 use serde_json::{Value, json};
 
@@ -70,7 +71,7 @@ struct VppView {
     nat_inside: BTreeSet<String>,
     nat_outside: BTreeSet<String>,
     nat_pool: BTreeSet<String>,
-    /// ACLs by index: (tag, source prefix of each rule).
+    /// ACLs by index: (tag, each rule as "permit <source prefix>" or "deny <source prefix>").
     acls: BTreeMap<u64, (String, Vec<String>)>,
     /// ACL lists by sw_if_index: (input ACLs, output ACLs).
     acl_lists: BTreeMap<u64, (Vec<u64>, Vec<u64>)>,
@@ -163,8 +164,14 @@ fn read_vpp(papi: &Papi, socket: &std::path::Path) -> VppView {
     let acls = list(&r[7])
         .iter()
         .map(|a| {
-            let sources =
-                list(&a["r"]).iter().map(|x| x["src_prefix"].as_str().unwrap_or_default().to_owned()).collect();
+            // ACL_ACTION_API_DENY is 0, ..._PERMIT 1.
+            let sources = list(&a["r"])
+                .iter()
+                .map(|x| {
+                    let action = if x["is_permit"].as_u64() == Some(0) { "deny" } else { "permit" };
+                    format!("{action} {}", x["src_prefix"].as_str().unwrap_or_default())
+                })
+                .collect();
             (a["acl_index"].as_u64().unwrap_or(u64::MAX), (a["tag"].as_str().unwrap_or_default().to_owned(), sources))
         })
         .collect();
@@ -275,7 +282,8 @@ fn check_programmed(view: &VppView, me: &NodeFacts, others: &[NodeFacts]) -> Res
         }
         // The tunnel's only input ACL lets in that node's pods and the node itself.
         let tunnel = view.interfaces.iter().find(|(_, i)| i.0 == t.3).map(|(n, _)| n.as_str()).unwrap_or_default();
-        let want = (format!("contiv-tunnel-{tunnel}"), vec![o.subnet.clone(), format!("{}/32", o.ip)]);
+        let want =
+            (format!("contiv-tunnel-{tunnel}"), vec![format!("permit {}", o.subnet), format!("permit {}/32", o.ip)]);
         match view.acl_lists.get(&t.3) {
             Some((input, output)) if input.len() == 1 && output.is_empty() => {
                 if view.acls.get(&input[0]) != Some(&want) {
@@ -289,9 +297,32 @@ fn check_programmed(view: &VppView, me: &NodeFacts, others: &[NodeFacts]) -> Res
             other => return Err(format!("ACL lists of the tunnel to {}: {other:?}", o.name)),
         }
     }
+    // The uplink's only input ACL drops plain packets from the cluster's pod range, the
+    // host interconnect and the node IP, and lets the rest in.
+    let (uplink_sw, _, _) = view.interfaces.get("uplink0").ok_or("no interface uplink0")?;
+    let want = (
+        "contiv-uplink".to_owned(),
+        vec![
+            format!("deny {CLUSTER_POD_CIDR}"),
+            "deny 172.30.255.0/30".to_owned(),
+            format!("deny {}/32", me.ip),
+            "permit 0.0.0.0/0".to_owned(),
+        ],
+    );
+    match view.acl_lists.get(uplink_sw) {
+        Some((input, _)) if input.len() == 1 && view.acls.get(&input[0]) == Some(&want) => {}
+        Some((input, _)) if input.len() == 1 => {
+            return Err(format!("ACL of uplink0: {:?}, not {want:?}", view.acls.get(&input[0])));
+        }
+        other => return Err(format!("ACL lists of uplink0: {other:?}")),
+    }
     let ours = view.acls.values().filter(|(tag, _)| tag.starts_with("contiv-")).count();
-    if ours != others.len() {
-        return Err(format!("{ours} ACLs of the agent's for {} other nodes: {:?}", others.len(), view.acls));
+    if ours != others.len() + 1 {
+        return Err(format!(
+            "{ours} ACLs of the agent's for {} other nodes and the uplink: {:?}",
+            others.len(),
+            view.acls
+        ));
     }
     // The pod subnets (VPP's own /32s in them aside: the gateway's local route, the
     // neighbours' routes, the subnet's network and broadcast drops).

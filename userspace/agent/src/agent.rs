@@ -531,6 +531,7 @@ impl Agent {
                 let params = crate::vpp::VppNodeParams {
                     node_name: config.node_name.clone(),
                     pod_subnet: config.pod_subnet,
+                    cluster_pod_cidr: config.pod_subnet_cidr,
                     gateway: config.gateway,
                     gateway_mac: config.gateway_mac,
                     slowpath_ifname: slow_vsw.clone(),

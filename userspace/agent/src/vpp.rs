@@ -304,6 +304,8 @@ pub fn remote_nodes<'a>(
 pub struct VppNodeParams {
     pub node_name: String,
     pub pod_subnet: Ipv4Net,
+    /// The cluster's pod range: the uplink drops plain packets from it.
+    pub cluster_pod_cidr: Ipv4Net,
     pub gateway: Ipv4Addr,
     pub gateway_mac: [u8; 6],
     /// The slow-path port's vswitch end (VPP's af_xdp interface binds there).
@@ -533,6 +535,7 @@ fn render_for(
         mtu: p.mtu,
         uplink: handover,
         remote_nodes: remotes,
+        cluster_pod_cidr: Some(p.cluster_pod_cidr),
     })
 }
 
@@ -640,6 +643,7 @@ mod tests {
         VppNodeParams {
             node_name: "n1".into(),
             pod_subnet: own_subnet(),
+            cluster_pod_cidr: "10.1.0.0/16".parse().unwrap(),
             gateway: Ipv4Addr::new(10, 1, 1, 1),
             gateway_mac: [2, 0xfe, 0, 0, 0, 1],
             slowpath_ifname: "cslow1".into(),
@@ -660,6 +664,12 @@ mod tests {
         assert!(routes.contains(&"10.1.1.0/24 xdp-cslow1".to_owned()), "{routes:?}");
         assert!(routes.contains(&"10.1.2.0/24 vxlan_tunnel2".to_owned()), "{routes:?}");
         assert_eq!(d.nat.as_ref().unwrap().pool, BTreeSet::from([OWN_IP]), "pods leave with the node IP");
+        let uplink_acl = &d.input_acls["uplink0"];
+        assert_eq!(
+            uplink_acl.rules.first().map(|r| (r.permit, r.src.to_string())),
+            Some((false, "10.1.0.0/16".into())),
+            "no plain packet from the wire claims to be a pod"
+        );
         let alone = render_for(&cfg, &handover, &params(), &[]).unwrap();
         assert!(!alone.interfaces.contains_key("vxlan_tunnel2"), "a node that leaves loses its tunnel");
     }

@@ -51,16 +51,45 @@ pub struct VppDesired {
 /// wants, and never touches an ACL tagged otherwise.
 pub const ACL_TAG_PREFIX: &str = "contiv-";
 
-/// An input ACL of VPP's ACL plugin on one interface: packets received there from these
-/// sources pass (to any destination, any protocol, stateless); every other packet is
-/// dropped by the plugin's implicit deny at the end of the interface's ACLs.
+/// The tag of the uplink's input ACL.
+pub const UPLINK_ACL_TAG: &str = "contiv-uplink";
+
+/// An input ACL of VPP's ACL plugin on one interface, stateless: the first rule whose
+/// source prefix holds a packet's source decides (any destination, any protocol); a packet
+/// no rule matches is dropped by the plugin's implicit deny at the end of the interface's
+/// ACLs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct InputAcl {
     /// The ACL's tag in VPP, starting with [`ACL_TAG_PREFIX`]: VPP numbers ACLs itself, so
     /// the tag is how the reconciler finds it again after an agent or VPP restart.
     pub tag: String,
-    /// The sources permitted, in rule order.
-    pub permit_sources: Vec<Ipv4Net>,
+    /// The rules, in order.
+    pub rules: Vec<AclRuleSpec>,
+    /// Whether the interface stays closed (no address, no unnumbered source, down) while
+    /// this ACL is not bound to it: for an interface the ACL makes safe to open, not for
+    /// one that must carry traffic anyway.
+    pub fail_closed: bool,
+}
+
+/// One rule of an [`InputAcl`]: packets from `src` are let through or dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct AclRuleSpec {
+    /// Let through (true) or drop (false).
+    pub permit: bool,
+    /// The sources the rule applies to.
+    pub src: Ipv4Net,
+}
+
+impl AclRuleSpec {
+    /// Lets packets from `src` through.
+    pub fn permit(src: Ipv4Net) -> Self {
+        Self { permit: true, src: src.trunc() }
+    }
+
+    /// Drops packets from `src`.
+    pub fn deny(src: Ipv4Net) -> Self {
+        Self { permit: false, src: src.trunc() }
+    }
 }
 
 /// What kind of interface, with the parameters it is created with (changing them means
@@ -302,6 +331,9 @@ pub struct NodeInputs<'a> {
     pub uplink: &'a UplinkHandover,
     /// The other nodes (this node may be in the list; it is skipped).
     pub remote_nodes: &'a [RemoteNode],
+    /// The cluster's pod range (every node's pod subnet is taken from it); None: the
+    /// uplink gets no input ACL.
+    pub cluster_pod_cidr: Option<Ipv4Net>,
 }
 
 /// The inputs are inconsistent; nothing is rendered.
@@ -485,7 +517,8 @@ pub fn render_bootstrap(cfg: &VppConfig, uplink: &UplinkHandover) -> Result<VppD
 /// Renders what VPP must hold for this node: [`render_bootstrap`]'s uplink, host
 /// interconnect and NAT44, plus the af_xdp port with the pods' gateway, the pod subnet's
 /// route and a tunnel per remote node, with a route through it via a next hop
-/// ([`tunnel_next_hop`]).
+/// ([`tunnel_next_hop`]) and an input ACL, and, given the cluster's pod range, the
+/// uplink's input ACL.
 pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     let cfg = inp.config;
     let mut d = render_bootstrap(cfg, inp.uplink)?;
@@ -549,14 +582,18 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     // they came through, so without it a packet from one node could carry another node's
     // pod address, or any address a NetworkPolicy allows. As in kernel mode, that is the
     // node's pod subnet and its node IP, the source of the ICMP errors its VPP sends (TTL
-    // exceeded, fragmentation needed) from the uplink address its tunnels borrow.
+    // exceeded, fragmentation needed) from the uplink address its tunnels borrow. A tunnel
+    // whose ACL cannot be bound stays closed: better no traffic from that node than traffic
+    // from any source.
+    let remote_subnets: Vec<Ipv4Net> = remotes.iter().map(|n| n.pod_subnet.trunc()).collect();
     for n in remotes {
         let name = vxlan_name(n.id);
         d.input_acls.insert(
             name.clone(),
             InputAcl {
                 tag: tunnel_acl_tag(&name),
-                permit_sources: vec![n.pod_subnet.trunc(), Ipv4Net::from(n.node_ip)],
+                rules: vec![AclRuleSpec::permit(n.pod_subnet), AclRuleSpec::permit(Ipv4Net::from(n.node_ip))],
+                fail_closed: true,
             },
         );
         d.interfaces.insert(
@@ -572,6 +609,29 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
         );
         let next_hop = Some(tunnel_next_hop(n.pod_subnet));
         d.routes.insert(RouteSpec { dst: n.pod_subnet.trunc(), next_hop, interface: name });
+    }
+
+    // The uplink's input ACL: no plain packet from the wire comes from a pod (pods' traffic
+    // leaves NAT'ed to the node IP, or inside VXLAN from a node address), from the host's
+    // end of the interconnect (NAT'ed too), or from this node's own addresses; VPP would
+    // route such a packet to a local pod through the af_xdp port, where tc_from_vswitch
+    // judges it by that source alone, and every isolated pod admits the pods' gateway and
+    // the node's addresses (the host's tap address among them). Kernel mode drops the pod
+    // range in tc_from_uplink, and its stack drops its own addresses as martians. Pod
+    // subnets outside the cluster's range (a configured podSubnet) are denied on their own.
+    // Everything else passes: return traffic to the node IP comes from outside addresses
+    // (the ACL plugin runs before NAT44-ED's out2in, on untranslated packets), and VXLAN
+    // from node addresses. The uplink is never held closed for it: it carries the node's
+    // own traffic, the store's included, and is open from the bootstrap on.
+    if let Some(cluster) = inp.cluster_pod_cidr {
+        let cluster = cluster.trunc();
+        let mut rules = vec![AclRuleSpec::deny(cluster)];
+        let uncovered = std::iter::once(pod_subnet).chain(remote_subnets).filter(|s| !cluster.contains(s));
+        rules.extend(uncovered.map(AclRuleSpec::deny));
+        rules.push(AclRuleSpec::deny(cfg.host_interconnect_subnet));
+        rules.extend(inp.uplink.addresses.iter().map(|a| AclRuleSpec::deny(Ipv4Net::from(a.addr()))));
+        rules.push(AclRuleSpec::permit(Ipv4Net::default()));
+        d.input_acls.insert(uplink, InputAcl { tag: UPLINK_ACL_TAG.into(), rules, fail_closed: false });
     }
 
     // Pod egress leaves with the node IP too.
@@ -617,6 +677,7 @@ mod tests {
             mtu: 1450,
             uplink: up,
             remote_nodes: remotes,
+            cluster_pod_cidr: Some(net("10.1.0.0/16")),
         }
     }
 
@@ -643,13 +704,30 @@ mod tests {
             }
         );
         assert_eq!(d.interfaces["vxlan_tunnel3"].unnumbered_to.as_deref(), Some("uplink0"));
-        // Each tunnel lets in its node's pods and the node itself, nothing else.
-        assert_eq!(d.input_acls.keys().collect::<Vec<_>>(), ["vxlan_tunnel2", "vxlan_tunnel3"]);
+        // Each tunnel lets in its node's pods and the node itself, nothing else, and opens
+        // only with its ACL bound.
+        assert_eq!(d.input_acls.keys().collect::<Vec<_>>(), ["uplink0", "vxlan_tunnel2", "vxlan_tunnel3"]);
         assert_eq!(
             d.input_acls["vxlan_tunnel3"],
             InputAcl {
                 tag: "contiv-tunnel-vxlan_tunnel3".into(),
-                permit_sources: vec![net("10.1.3.0/24"), net("192.168.16.3/32")]
+                rules: vec![AclRuleSpec::permit(net("10.1.3.0/24")), AclRuleSpec::permit(net("192.168.16.3/32"))],
+                fail_closed: true,
+            }
+        );
+        // The uplink lets in everything but the pods, the host's interconnect and the node's
+        // own address, and stays open without its ACL.
+        assert_eq!(
+            d.input_acls["uplink0"],
+            InputAcl {
+                tag: "contiv-uplink".into(),
+                rules: vec![
+                    AclRuleSpec::deny(net("10.1.0.0/16")),
+                    AclRuleSpec::deny(net("172.30.255.0/30")),
+                    AclRuleSpec::deny(net("192.168.16.1/32")),
+                    AclRuleSpec::permit(net("0.0.0.0/0")),
+                ],
+                fail_closed: false,
             }
         );
         let routes: Vec<(String, Option<String>, &str)> = d
@@ -695,6 +773,33 @@ mod tests {
     }
 
     #[test]
+    fn the_uplinks_acl_denies_every_pod_subnet_and_needs_the_clusters_range() {
+        let cfg = VppConfig::default();
+        let (up, mut remotes) = (uplink(), nodes());
+        // A node whose pod subnet lies outside the cluster's range, and this node's too.
+        remotes[2].pod_subnet = net("10.9.3.0/24");
+        let mut inp = inputs(&cfg, &up, &remotes);
+        inp.pod_subnet = net("10.8.1.0/24");
+        inp.gateway = "10.8.1.1".parse().unwrap();
+        let d = render(&inp).unwrap();
+        let denied: Vec<Ipv4Net> = d.input_acls["uplink0"].rules.iter().filter(|r| !r.permit).map(|r| r.src).collect();
+        assert_eq!(
+            denied,
+            [
+                net("10.1.0.0/16"),
+                net("10.8.1.0/24"),
+                net("10.9.3.0/24"),
+                net("172.30.255.0/30"),
+                net("192.168.16.1/32")
+            ]
+        );
+        // Without the cluster's range the uplink has no ACL; the tunnels keep theirs.
+        inp.cluster_pod_cidr = None;
+        let d = render(&inp).unwrap();
+        assert_eq!(d.input_acls.keys().collect::<Vec<_>>(), ["vxlan_tunnel2", "vxlan_tunnel3"]);
+    }
+
+    #[test]
     fn the_bootstrap_is_the_full_state_without_what_needs_the_cluster() {
         let cfg = VppConfig { nat_sessions: 4096, ..Default::default() };
         let (up, remotes) = (uplink(), nodes());
@@ -737,7 +842,7 @@ mod tests {
         assert_eq!(added, ["vxlan_tunnel2", "vxlan_tunnel3", "xdp-cslow1"]);
         assert_eq!(full.routes.difference(&boot.routes).count(), 3, "the pod subnet and two remote subnets");
         assert_eq!(full_nat.inside.difference(&nat.inside).collect::<Vec<_>>(), ["xdp-cslow1"]);
-        assert!(boot.input_acls.is_empty(), "no tunnels, no ACLs");
+        assert!(boot.input_acls.is_empty(), "no tunnels, no ACLs, and the uplink's waits for the cluster's range");
 
         // No node IP: nothing to bootstrap.
         assert_eq!(render_bootstrap(&cfg, &UplinkHandover::default()).unwrap_err(), RenderError::NoNodeIp);

@@ -18,9 +18,9 @@ pub mod supervisor;
 
 pub use config::{AfXdpMode, HostPort, VppConfig, VppConfigError};
 pub use desired::{
-    ACL_TAG_PREFIX, AF_XDP_DEV_TYPE, HandoverError, IdentityMapping, InputAcl, InterfaceKind, InterfaceSpec, NatSpec,
-    NeighborSpec, NodeInputs, RemoteNode, RenderError, RouteSpec, StaticMapping, UplinkHandover, UplinkRoute,
-    VppDesired, render, render_bootstrap, tunnel_acl_tag,
+    ACL_TAG_PREFIX, AF_XDP_DEV_TYPE, AclRuleSpec, HandoverError, IdentityMapping, InputAcl, InterfaceKind,
+    InterfaceSpec, NatSpec, NeighborSpec, NodeInputs, RemoteNode, RenderError, RouteSpec, StaticMapping,
+    UPLINK_ACL_TAG, UplinkHandover, UplinkRoute, VppDesired, render, render_bootstrap, tunnel_acl_tag,
 };
 pub use reconcile::{Failure, ReconcileError, ReconcileReport, Reconciler};
 pub use startup::{StartupError, render_startup_conf};

@@ -6,7 +6,7 @@
 //! 2. missing interfaces are created; input ACLs are created (or their rules replaced in
 //!    place) and bound, stale ones unbound and deleted; then the interfaces' MAC, MTU,
 //!    unnumbered source, addresses and admin state are set (an interface whose input ACL
-//!    could not be bound gets no address and stays down);
+//!    is fail-closed and could not be bound gets no address and stays down);
 //! 3. neighbours, routes, then NAT (plugin, features, pool, mappings) are added.
 //!
 //! Requests of one step go out together (pipelined); steps run one after the other. A
@@ -46,7 +46,11 @@
 //!   no-op); `acl_del` of a listed ACL is refused (ACL_IN_USE_INBOUND, -142), and deleting
 //!   an interface empties its lists. An input ACL of an L3 tunnel checks the decapsulated
 //!   packets: they enter ip4-input with the tunnel as receive interface, and the plugin's
-//!   `acl-plugin-in-ip4-fa` runs on that interface's ip4-unicast feature arc.
+//!   `acl-plugin-in-ip4-fa` runs on that interface's ip4-unicast feature arc. On the
+//!   uplink that arc also holds NAT44-ED's `nat44-ed-out2in`, registered to run after the
+//!   ACL plugin (nat44_ed.c): the uplink's ACL sees packets as they came from the wire, and
+//!   a packet it drops opens no NAT session. It judges sources only, which out2in does not
+//!   rewrite anyway.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -583,16 +587,20 @@ fn pool_msg(is_add: bool, a: Ipv4Addr) -> api::Nat44AddDelAddressRange {
     }
 }
 
-/// The rules of `acl`: a stateless permit of each source to anywhere. Protocol 0 is any
-/// protocol, for which the plugin looks at no ports; the full port ranges are what VPP's
-/// own CLI puts there.
+/// The rules of `acl`: a stateless permit or deny of each source to anywhere. Protocol 0
+/// is any protocol, for which the plugin looks at no ports; the full port ranges are what
+/// VPP's own CLI puts there.
 fn acl_rules(acl: &InputAcl) -> Vec<api::AclRule> {
-    acl.permit_sources
+    acl.rules
         .iter()
-        .map(|src| api::AclRule {
-            is_permit: api::AclAction::ACL_ACTION_API_PERMIT,
+        .map(|rule| api::AclRule {
+            is_permit: if rule.permit {
+                api::AclAction::ACL_ACTION_API_PERMIT
+            } else {
+                api::AclAction::ACL_ACTION_API_DENY
+            },
             // VPP refuses a prefix with host bits set.
-            src_prefix: src.trunc().into(),
+            src_prefix: rule.src.trunc().into(),
             dst_prefix: Ipv4Net::default().into(),
             proto: api::IpProto(0),
             srcport_or_icmptype_first: 0,
@@ -840,9 +848,12 @@ impl Reconciler {
         // Input ACLs, before the interfaces they guard get an address (or borrow one) and
         // come up: until then VPP takes no IP packet in on them.
         let guarded = self.apply_input_acls(desired, &obs, &sw_of, &stale, &mut report).await?;
-        // An interface whose ACL could not be bound is not opened: better no traffic
-        // through a tunnel than traffic from any source.
-        let unguarded = |name: &str| desired.input_acls.contains_key(name) && !guarded.contains(name);
+        // An interface whose fail-closed ACL could not be bound is not opened: better no
+        // traffic through a tunnel than traffic from any source. Other interfaces open (or
+        // stay open) without theirs: the uplink carries the node's own traffic, and closing
+        // it, after a VPP restart on a VPP without the ACL plugin say, would cut the node off.
+        let unguarded =
+            |name: &str| desired.input_acls.get(name).is_some_and(|a| a.fail_closed) && !guarded.contains(name);
         let mut held_back: BTreeSet<&str> = BTreeSet::new();
 
         // MAC, MTU and unnumbered first: VPP wants them before addresses and admin up.

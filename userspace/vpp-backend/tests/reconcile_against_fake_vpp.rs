@@ -17,7 +17,7 @@ use contiv_vpp_binapi::{Client, ClientOptions, api};
 use contiv_vpp_fake::{
     FakeOptions, FakeVpp,
     papi::Papi,
-    state::{FakeState, Forwarding, Packet4, VxlanRx, fib_source},
+    state::{FakeState, Forwarding, Ip4Rx, Packet4, VxlanRx, fib_source},
 };
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::{Value, json};
@@ -58,6 +58,16 @@ fn desired_with_uplink(id: u32, nodes: &[u32], up: &UplinkHandover) -> VppDesire
 
 /// What node `id` must hold in VPP with `remotes` as the cluster's nodes.
 fn desired_with_remotes(id: u32, remotes: &[RemoteNode], up: &UplinkHandover) -> VppDesired {
+    desired_with_range(id, remotes, up, Some("10.1.0.0/16".parse().unwrap()))
+}
+
+/// [`desired_with_remotes`], with `cluster_pod_cidr` as the cluster's pod range.
+fn desired_with_range(
+    id: u32,
+    remotes: &[RemoteNode],
+    up: &UplinkHandover,
+    cluster_pod_cidr: Option<Ipv4Net>,
+) -> VppDesired {
     let cfg = VppConfig::default();
     render(&NodeInputs {
         config: &cfg,
@@ -69,6 +79,7 @@ fn desired_with_remotes(id: u32, remotes: &[RemoteNode], up: &UplinkHandover) ->
         mtu: 1450,
         uplink: up,
         remote_nodes: remotes,
+        cluster_pod_cidr,
     })
     .expect("render")
 }
@@ -107,6 +118,13 @@ fn vxlan_from(s: &FakeState, from: u32, to: u32, inner_src: Ipv4Addr) -> VxlanRx
     let node_ip = |n: u32| Ipv4Addr::new(192, 168, 16, n as u8);
     let pod = Ipv4Addr::new(10, 1, to as u8, 7);
     s.vxlan4_rx(node_ip(from), node_ip(to), 10, Packet4::udp(inner_src, 40000, pod, 8080))
+}
+
+/// What node `to`'s VPP does with a plain UDP packet from `src` to one of its pods,
+/// received from the wire on its uplink.
+fn plain_on_uplink(s: &FakeState, to: u32, src: Ipv4Addr) -> Ip4Rx {
+    let uplink = s.interface_by_name("uplink0").unwrap().sw_if_index;
+    s.ip4_rx(uplink, Packet4::udp(src, 40000, Ipv4Addr::new(10, 1, to as u8, 7), 8080))
 }
 
 /// Whether `rx` is a packet decapsulated on `sw_if_index` and delivered.
@@ -200,7 +218,17 @@ fn assert_node_state(fake: &FakeVpp, id: u32, nodes: &[u32]) {
             assert_eq!(rx, VxlanRx::Denied { sw_if_index: t.sw_if_index, acl_index: None }, "{src} via node {n}");
         }
     }
-    assert_eq!(our_acls(&s).len(), nodes.len() - 1, "one ACL per other node: {:?}", s.acls);
+    // The uplink's only input ACL lets in what does not claim to be a pod, the host's end
+    // of the interconnect or the node itself (its output list is not the reconciler's).
+    let (input, _) = s.acl_bindings.get(&up.sw_if_index).cloned().unwrap_or_default();
+    assert!(input.len() == 1, "one input ACL on uplink0: {input:?}");
+    assert_eq!(s.acls[&input[0]].tag, "contiv-uplink");
+    for src in nodes.iter().map(|n| Ipv4Addr::new(10, 1, *n as u8, 9)).chain([ip("172.30.255.2")]) {
+        let rx = plain_on_uplink(&s, id, src);
+        assert_eq!(rx, Ip4Rx::Denied { acl_index: Some(input[0]) }, "{src} plain on uplink0");
+    }
+    assert!(matches!(plain_on_uplink(&s, id, ip("203.0.113.5")), Ip4Rx::Forward(f) if f.delivers()));
+    assert_eq!(our_acls(&s).len(), nodes.len(), "one ACL per other node and the uplink's: {:?}", s.acls);
     want_routes.sort();
     assert_eq!(routes.into_iter().collect::<Vec<_>>(), want_routes, "routes of node {id}");
     assert!(s.ip4_lookup(0, Ipv4Addr::new(10, 1, id as u8, 7)).delivers(), "to a local pod through the port");
@@ -512,7 +540,7 @@ async fn a_tunnel_lets_in_only_its_own_nodes_pods_and_the_node_itself() {
     // A node the cluster does not have gets nowhere (no tunnel).
     assert_eq!(vxlan_from(&s, 9, 1, ip("10.1.2.7")), VxlanRx::NoTunnel);
     let acls: Vec<String> = our_acls(&s).into_keys().collect();
-    assert_eq!(acls, ["contiv-tunnel-vxlan_tunnel2", "contiv-tunnel-vxlan_tunnel3"]);
+    assert_eq!(acls, ["contiv-tunnel-vxlan_tunnel2", "contiv-tunnel-vxlan_tunnel3", "contiv-uplink"]);
 
     // A second pass sends no change, ACLs included.
     let before = fake.state().requests;
@@ -521,6 +549,73 @@ async fn a_tunnel_lets_in_only_its_own_nodes_pods_and_the_node_itself() {
     let writes = writes_between(&before, &fake.state().requests);
     assert!(writes.is_empty(), "a converged pass sends no changes: {writes:?}");
     assert!(before["acl_dump"] < fake.state().requests["acl_dump"], "ACLs are read every pass");
+}
+
+/// No plain packet from the wire comes from a pod (pods' own traffic leaves NAT'ed to the
+/// node IP, or inside VXLAN), from the host's end of the interconnect or from the node
+/// itself; VPP would route one to a local pod, whose eBPF judges it by that source alone
+/// (and admits the pods' gateway and the node's addresses): the uplink's input ACL drops
+/// them and lets the rest through, VXLAN from other nodes and answers to the node IP
+/// included. Without the cluster's pod range the ACL goes.
+#[tokio::test]
+async fn the_uplink_drops_plain_packets_that_claim_a_pod_or_the_node_and_lets_the_rest_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let rec = Reconciler::new(client(&fake).await);
+    let d = desired(1, &[1, 2, 3]);
+    let first = rec.reconcile(&d).await.unwrap();
+    assert!(first.converged(), "{:#?}", first.failed);
+    // Bound before the uplink gets its address.
+    let position = |what: &str| first.applied.iter().position(|a| a.starts_with(what));
+    assert!(position("bind ACL contiv-uplink to uplink0") < position("add address 192.168.16.1/24 to uplink0"));
+    let s = fake.state();
+    let up = s.interface_by_name("uplink0").unwrap().sw_if_index;
+    let acl = our_acls(&s)["contiv-uplink"];
+    assert_eq!(s.acl_bindings[&up], (vec![acl], vec![]));
+    // A remote node's pod, a local pod, the local pods' gateway (which every isolated pod
+    // admits), the host's and VPP's ends of the interconnect, the node IP: dropped.
+    for src in ["10.1.2.7", "10.1.3.7", "10.1.1.9", "10.1.1.1", "172.30.255.2", "172.30.255.1", "192.168.16.1"] {
+        let rx = plain_on_uplink(&s, 1, ip(src));
+        assert_eq!(rx, Ip4Rx::Denied { acl_index: Some(acl) }, "{src} plain on uplink0");
+    }
+    // From outside, or from another node's address: to the pod through the af_xdp port.
+    let xdp = s.interface_by_name("xdp-cslow1").unwrap().sw_if_index;
+    for src in ["203.0.113.5", "192.168.16.2", "10.2.0.1"] {
+        let rx = plain_on_uplink(&s, 1, ip(src));
+        assert!(
+            matches!(&rx, Ip4Rx::Forward(f @ Forwarding::Arp { sw_if_index, .. }) if *sw_if_index == xdp && f.delivers()),
+            "{src}: {rx:?}"
+        );
+    }
+    // VXLAN from a node, an answer to the node IP (NAT44-ED's out2in runs after the ACL):
+    // for VPP itself.
+    for p in [
+        Packet4::udp(ip("192.168.16.2"), 51000, ip("192.168.16.1"), 4789),
+        Packet4::udp(ip("8.8.8.8"), 53, ip("192.168.16.1"), 1025),
+    ] {
+        assert_eq!(s.ip4_rx(up, p), Ip4Rx::Forward(Forwarding::Local { sw_if_index: up }), "{p:?}");
+    }
+
+    // A second pass sends no change.
+    let before = fake.state().requests;
+    let again = rec.reconcile(&d).await.unwrap();
+    assert!(again.converged() && again.applied.is_empty(), "{again:#?}");
+    let writes = writes_between(&before, &fake.state().requests);
+    assert!(writes.is_empty(), "a converged pass sends no changes: {writes:?}");
+
+    // Without the cluster's pod range the uplink's ACL is taken off and deleted; the
+    // tunnels keep theirs.
+    let without = desired_with_range(1, &[node(1), node(2), node(3)], &uplink(1), None);
+    let report = rec.reconcile(&without).await.unwrap();
+    assert!(report.converged(), "{:#?}", report.failed);
+    assert_eq!(report.applied, ["take stale ACLs off uplink0", "delete ACL contiv-uplink"]);
+    let s = fake.state();
+    assert_eq!(s.acl_bindings.get(&up).cloned().unwrap_or_default(), (vec![], vec![]));
+    assert!(!s.acls.contains_key(&acl));
+    assert_eq!(our_acls(&s).len(), 2, "the tunnels' ACLs stay: {:?}", s.acls);
+    assert!(matches!(plain_on_uplink(&s, 1, ip("10.1.2.7")), Ip4Rx::Forward(_)), "what the ACL dropped passes");
+    let again = rec.reconcile(&without).await.unwrap();
+    assert!(again.converged() && again.applied.is_empty(), "{again:#?}");
 }
 
 /// A node leaving takes its ACL with it; a node whose pod subnet or node IP changed keeps
@@ -548,7 +643,8 @@ async fn a_leaving_node_takes_its_acl_and_a_changed_node_keeps_its_acl_with_new_
         report.applied
     );
     let s = fake.state();
-    assert_eq!(our_acls(&s).into_iter().collect::<Vec<_>>(), [("contiv-tunnel-vxlan_tunnel3".to_owned(), index)]);
+    assert_eq!(our_acls(&s)["contiv-tunnel-vxlan_tunnel3"], index);
+    assert!(!our_acls(&s).contains_key("contiv-tunnel-vxlan_tunnel2"), "{:?}", s.acls);
     let t = s.interface_by_name("vxlan_tunnel3").unwrap().sw_if_index;
     assert_eq!(s.acl_bindings[&t], (vec![index], vec![]), "replaced in place, still bound");
     assert!(forwarded(&vxlan_from(&s, 3, 1, ip("10.1.33.7")), t), "the new subnet passes");
@@ -599,12 +695,14 @@ async fn stale_acls_with_our_tag_are_deleted_and_foreign_ones_left_alone() {
         acl_changes,
         [
             "bind ACL contiv-tunnel-vxlan_tunnel2 to vxlan_tunnel2",
+            "bind ACL contiv-uplink to uplink0",
+            "create ACL contiv-uplink for uplink0",
             "delete ACL contiv-tunnel-vxlan_tunnel2",
             "delete ACL contiv-tunnel-vxlan_tunnel9",
             "replace the rules of ACL contiv-tunnel-vxlan_tunnel2 for vxlan_tunnel2",
-            "take stale ACLs off uplink0",
         ],
-        "the existing ACL is taken (its rules brought up to date), not created again"
+        "the existing ACL is taken (its rules brought up to date), not created again; the uplink's \
+         list loses the stale ACL as its own is bound"
     );
     assert_node_state(&fake, 1, &[1, 2]);
     let s = fake.state();
@@ -612,13 +710,15 @@ async fn stale_acls_with_our_tag_are_deleted_and_foreign_ones_left_alone() {
     assert_eq!(s.acl_bindings[&tunnel], (vec![ours], vec![]));
     assert!(!s.acls.contains_key(&duplicate) && !s.acls.contains_key(&gone), "{:?}", s.acls);
     assert_eq!(s.acls[&foreign].tag, "operator-allow-mgmt");
-    assert_eq!(s.acl_bindings[&uplink_sw], (vec![], vec![foreign]), "the foreign ACL stays where it was");
+    let uplink_acl = our_acls(&s)["contiv-uplink"];
+    assert_eq!(s.acl_bindings[&uplink_sw], (vec![uplink_acl], vec![foreign]), "the foreign ACL stays where it was");
     let again = rec.reconcile(&desired(1, &[1, 2])).await.unwrap();
     assert!(again.converged() && again.applied.is_empty(), "{again:#?}");
 }
 
 /// A tunnel whose ACL VPP refuses is created but not opened: better no traffic from that
-/// node than traffic from anywhere through its tunnel.
+/// node than traffic from anywhere through its tunnel. The uplink opens all the same: it
+/// carries the node's own traffic.
 #[tokio::test]
 async fn a_tunnel_without_its_acl_stays_closed() {
     let dir = tempfile::tempdir().unwrap();
@@ -632,6 +732,7 @@ async fn a_tunnel_without_its_acl_stays_closed() {
     assert_eq!(
         failed,
         [
+            "create ACL contiv-uplink for uplink0",
             "create ACL contiv-tunnel-vxlan_tunnel2 for vxlan_tunnel2",
             "open vxlan_tunnel2 (address, unnumbered source, admin up)"
         ],
@@ -642,6 +743,8 @@ async fn a_tunnel_without_its_acl_stays_closed() {
     let t = s.interface_by_name("vxlan_tunnel2").unwrap();
     assert!(!t.admin_up && t.unnumbered_to.is_none(), "{t:?}");
     assert!(s.interface_by_name("xdp-cslow1").is_some_and(|i| i.admin_up), "the rest is set up");
+    let up = s.interface_by_name("uplink0").unwrap();
+    assert!(up.admin_up && up.addresses == [net("192.168.16.1/24")], "the uplink is not held back: {up:?}");
 }
 
 #[tokio::test]

@@ -290,6 +290,19 @@ pub enum VxlanRx {
     },
 }
 
+/// What VPP does with a plain IPv4 packet received on an interface ([`FakeState::ip4_rx`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ip4Rx {
+    /// Dropped by the interface's input ACLs: by a deny rule of `acl_index`, or, with None,
+    /// because no rule of its ACLs matched (the plugin's implicit deny).
+    Denied {
+        /// The ACL whose deny rule matched.
+        acl_index: Option<u32>,
+    },
+    /// Let through by its input ACLs (or it has none), and looked up in its table.
+    Forward(Forwarding),
+}
+
 /// Whether ACL rule `r` matches `p` (`single_acl_match_5tuple` in VPP's ACL plugin): both
 /// prefixes contain the addresses, and, for a rule that names a protocol, the protocol and
 /// both port ranges match; protocol 0 is any, with no look at the ports.
@@ -653,10 +666,9 @@ impl FakeState {
 
     /// What VPP would do with a VXLAN packet from `outer_src` to its address `outer_dst`
     /// with `vni`, carrying `inner`: the tunnel with these ends and VNI decapsulates it,
-    /// the ACL plugin checks it against the tunnel's input ACLs in order (the first
-    /// matching rule decides; none matching is the implicit deny, on an interface with at
-    /// least one input ACL), and what passes is looked up in the tunnel's table
-    /// ([`FakeState::ip4_lookup`]). The decapsulating node, the tunnel's IP enablement
+    /// and the inner packet is received on the tunnel ([`FakeState::ip4_rx`]: its input
+    /// ACLs, then [`FakeState::ip4_lookup`] in its table). The outer packet's input ACLs on
+    /// the interface it arrived on, the decapsulating node, the tunnel's IP enablement
     /// (unnumbered or an address) and admin state are not looked at here.
     pub fn vxlan4_rx(&self, outer_src: Ipv4Addr, outer_dst: Ipv4Addr, vni: u32, inner: Packet4) -> VxlanRx {
         let tunnel = self.interfaces.values().find(|i| {
@@ -666,19 +678,35 @@ impl FakeState {
         });
         let Some(tunnel) = tunnel else { return VxlanRx::NoTunnel };
         let sw_if_index = tunnel.sw_if_index;
+        match self.ip4_rx(sw_if_index, inner) {
+            Ip4Rx::Denied { acl_index } => VxlanRx::Denied { sw_if_index, acl_index },
+            Ip4Rx::Forward(forwarding) => VxlanRx::Forward { sw_if_index, forwarding },
+        }
+    }
+
+    /// What VPP would do with IPv4 packet `p` received on interface `sw_if_index` (a plain
+    /// packet from the wire on the uplink, a decapsulated one on a tunnel): the ACL plugin
+    /// checks it against the interface's input ACLs in order (the first matching rule
+    /// decides; none matching is the implicit deny, on an interface with at least one input
+    /// ACL), and what passes is looked up in the interface's table (the default table for
+    /// an interface the fake does not have). NAT44-ED, which runs after the ACL plugin on
+    /// the same feature arc, and the interface's IP enablement and admin state are not
+    /// looked at here.
+    pub fn ip4_rx(&self, sw_if_index: u32, p: Packet4) -> Ip4Rx {
         let input = self.acl_bindings.get(&sw_if_index).map(|(input, _)| input.as_slice()).unwrap_or_default();
         if !input.is_empty() {
             let verdict = input.iter().find_map(|index| {
-                let rule = self.acls.get(index)?.rules.iter().find(|r| acl_rule_matches(r, &inner))?;
+                let rule = self.acls.get(index)?.rules.iter().find(|r| acl_rule_matches(r, &p))?;
                 Some((*index, rule.is_permit != api::AclAction::ACL_ACTION_API_DENY))
             });
             match verdict {
                 Some((_, true)) => {}
-                Some((index, false)) => return VxlanRx::Denied { sw_if_index, acl_index: Some(index) },
-                None => return VxlanRx::Denied { sw_if_index, acl_index: None },
+                Some((index, false)) => return Ip4Rx::Denied { acl_index: Some(index) },
+                None => return Ip4Rx::Denied { acl_index: None },
             }
         }
-        VxlanRx::Forward { sw_if_index, forwarding: self.ip4_lookup(tunnel.ip4_table, inner.dst) }
+        let table = self.interfaces.get(&sw_if_index).map_or(0, |i| i.ip4_table);
+        Ip4Rx::Forward(self.ip4_lookup(table, p.dst))
     }
 
     /// The graph node a VXLAN tunnel hands decapsulated packets to (its `decap_next_index`

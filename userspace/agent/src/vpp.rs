@@ -585,6 +585,7 @@ mod tests {
             addresses: vec![],
             pod_cidr: cidr.parse().unwrap(),
             uplink_ip: ip.map(Ipv4Addr::from),
+            registered_at_ms: None,
         }
     }
 

@@ -254,7 +254,14 @@ async fn get_tables_for_every_resource_and_skips_malformed_values() {
     store
         .put(
             &keys::node("node-a"),
-            enc(&NodeRegistration { name: "node-a".into(), id: 1, addresses: vec![], pod_cidr: cidr, uplink_ip: None }),
+            enc(&NodeRegistration {
+                name: "node-a".into(),
+                id: 1,
+                addresses: vec![],
+                pod_cidr: cidr,
+                uplink_ip: None,
+                registered_at_ms: None,
+            }),
             None,
         )
         .await

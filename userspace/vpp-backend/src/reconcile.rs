@@ -166,6 +166,12 @@ impl ObsInterface {
         }
     }
 
+    /// Whether VPP takes IP packets in on it: up, with an address of its own or one it
+    /// borrows.
+    fn is_open(&self) -> bool {
+        self.admin_up && (self.unnumbered_to.is_some() || !self.addresses.is_empty())
+    }
+
     /// An interface of a kind the reconciler owns (and may delete).
     fn owned(&self, name: &str) -> bool {
         self.vxlan.is_some() || self.tap.is_some() || self.dev_type == AF_XDP_DEV_TYPE || name.starts_with("xdp-")
@@ -852,9 +858,14 @@ impl Reconciler {
         // traffic through a tunnel than traffic from any source. Other interfaces open (or
         // stay open) without theirs: the uplink carries the node's own traffic, and closing
         // it, after a VPP restart on a VPP without the ACL plugin say, would cut the node off.
+        // One already open when its ACL went missing (an agent without ACLs before, a
+        // binding VPP refused) is not closed either: that would cut the traffic it carries
+        // now. It keeps what opens it, gets nothing that would open it further, and is
+        // reported as open without its ACL.
         let unguarded =
             |name: &str| desired.input_acls.get(name).is_some_and(|a| a.fail_closed) && !guarded.contains(name);
         let mut held_back: BTreeSet<&str> = BTreeSet::new();
+        let mut open_unguarded: BTreeSet<&str> = BTreeSet::new();
 
         // MAC, MTU and unnumbered first: VPP wants them before addresses and admin up.
         let mut ops = Vec::new();
@@ -886,7 +897,24 @@ impl Reconciler {
                     error: format!("no interface {}", spec.unnumbered_to.as_deref().unwrap_or_default()),
                 });
             }
-            if o.unnumbered_to != want_lender {
+            // Open without its fail-closed ACL: it stays open while it stays up with an
+            // address or a borrowed one, and keeps the lender it has.
+            let open_without_acl = o.is_open() && unguarded(name);
+            let keeps_lender = open_without_acl && o.unnumbered_to.is_some() && want_lender.is_some();
+            if open_without_acl
+                && spec.admin_up
+                && (keeps_lender || o.addresses.intersection(&spec.addresses).next().is_some())
+            {
+                open_unguarded.insert(name);
+            }
+            if o.unnumbered_to != want_lender && keeps_lender {
+                // The new lender would be held back like any opening, so dropping the old
+                // one now would close a live tunnel: the move waits for the ACL.
+                report.failed.push(Failure {
+                    what: format!("make {name} unnumbered to {}", spec.unnumbered_to.as_deref().unwrap_or_default()),
+                    error: "its input ACL is not bound (see above): it keeps its current unnumbered source".into(),
+                });
+            } else if o.unnumbered_to != want_lender {
                 if let Some(old) = o.unnumbered_to {
                     ops.push(op(
                         c,
@@ -954,6 +982,14 @@ impl Reconciler {
             report.failed.push(Failure {
                 what: format!("open {name} (address, unnumbered source, admin up)"),
                 error: "its input ACL is not bound (see above)".into(),
+            });
+        }
+        for name in open_unguarded {
+            report.failed.push(Failure {
+                what: format!("{name} open without its input ACL"),
+                error: "its input ACL is not bound (see above): it was open already and stays open, letting in \
+                        packets from any source"
+                    .into(),
             });
         }
 

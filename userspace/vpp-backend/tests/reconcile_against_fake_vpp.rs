@@ -31,6 +31,7 @@ fn node(id: u32) -> RemoteNode {
         name: format!("node{id}"),
         pod_subnet: format!("10.1.{id}.0/24").parse().unwrap(),
         node_ip: Ipv4Addr::new(192, 168, 16, id as u8),
+        addresses: BTreeSet::from([Ipv4Addr::new(192, 168, 16, id as u8)]),
     }
 }
 
@@ -518,7 +519,10 @@ async fn a_tunnel_lets_in_only_its_own_nodes_pods_and_the_node_itself() {
     let dir = tempfile::tempdir().unwrap();
     let fake = fake(&dir);
     let rec = Reconciler::new(client(&fake).await);
-    let d = desired(1, &[1, 2, 3]);
+    // Node 2's uplink has a second address.
+    let mut a_node = node(2);
+    a_node.addresses.insert(ip("192.168.17.2"));
+    let d = desired_with_remotes(1, &[node(1), a_node, node(3)], &uplink(1));
     let first = rec.reconcile(&d).await.unwrap();
     assert!(first.converged(), "{:#?}", first.failed);
     let s = fake.state();
@@ -530,6 +534,13 @@ async fn a_tunnel_lets_in_only_its_own_nodes_pods_and_the_node_itself() {
     let ttl_exceeded = Packet4::icmp(ip("192.168.16.2"), ip("10.1.1.7"), 11, 0);
     let rx = s.vxlan4_rx(ip("192.168.16.2"), ip("192.168.16.1"), 10, ttl_exceeded);
     assert!(forwarded(&rx, a), "{rx:?}");
+    // Its VPP may send one from the uplink's other address too: that passes through A's
+    // tunnel, not through B's.
+    let frag_needed = Packet4::icmp(ip("192.168.17.2"), ip("10.1.1.7"), 3, 4);
+    let rx = s.vxlan4_rx(ip("192.168.16.2"), ip("192.168.16.1"), 10, frag_needed);
+    assert!(forwarded(&rx, a), "{rx:?}");
+    let rx = s.vxlan4_rx(ip("192.168.16.3"), ip("192.168.16.1"), 10, frag_needed);
+    assert_eq!(rx, VxlanRx::Denied { sw_if_index: b, acl_index: None });
     // Through A's tunnel, B's pods, B's node IP, this node's own pods or any other address
     // are dropped; B's pods through B's tunnel pass.
     for src in ["10.1.3.7", "192.168.16.3", "10.1.1.9", "10.1.20.7", "203.0.113.5"].map(ip) {
@@ -745,6 +756,62 @@ async fn a_tunnel_without_its_acl_stays_closed() {
     assert!(s.interface_by_name("xdp-cslow1").is_some_and(|i| i.admin_up), "the rest is set up");
     let up = s.interface_by_name("uplink0").unwrap();
     assert!(up.admin_up && up.addresses == [net("192.168.16.1/24")], "the uplink is not held back: {up:?}");
+}
+
+/// A tunnel already open when its ACL cannot be bound (an agent without ACLs ran before)
+/// is not cut: it stays open, keeps its unnumbered source even when another lender is
+/// wanted (the new one would be held back), and is reported as open without its ACL.
+#[tokio::test]
+async fn an_open_tunnel_without_its_acl_stays_open_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FakeOptions::new(dir.path().join("api.sock"));
+    opts.nics = vec![("uplink0".into(), [0x52, 0x54, 0, 0, 0, 1])];
+    opts.crc_overrides = vec![("acl_add_replace".into(), 0xdead_beef)];
+    let fake = FakeVpp::start(opts).unwrap();
+    let rec = Reconciler::new(client(&fake).await);
+    let mut before_acls = desired(1, &[1, 2]);
+    before_acls.input_acls.clear();
+    let first = rec.reconcile(&before_acls).await.unwrap();
+    assert!(first.converged(), "{:#?}", first.failed);
+    let up = fake.state().interface_by_name("uplink0").unwrap().sw_if_index;
+    let open = |fake: &FakeVpp| {
+        let s = fake.state();
+        let t = s.interface_by_name("vxlan_tunnel2").unwrap();
+        t.admin_up && t.unnumbered_to == Some(up)
+    };
+    assert!(open(&fake));
+
+    let mut d = desired(1, &[1, 2]);
+    let report = rec.reconcile(&d).await.unwrap();
+    let failed: Vec<&str> = report.failed.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(
+        failed,
+        [
+            "create ACL contiv-uplink for uplink0",
+            "create ACL contiv-tunnel-vxlan_tunnel2 for vxlan_tunnel2",
+            "vxlan_tunnel2 open without its input ACL"
+        ],
+        "{:#?}",
+        report.failed
+    );
+    assert!(open(&fake), "not cut");
+
+    d.interfaces.get_mut("vxlan_tunnel2").unwrap().unnumbered_to = Some("tap0".into());
+    let report = rec.reconcile(&d).await.unwrap();
+    let failed: Vec<&str> = report.failed.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(
+        failed,
+        [
+            "create ACL contiv-uplink for uplink0",
+            "create ACL contiv-tunnel-vxlan_tunnel2 for vxlan_tunnel2",
+            "make vxlan_tunnel2 unnumbered to tap0",
+            "vxlan_tunnel2 open without its input ACL"
+        ],
+        "{:#?}",
+        report.failed
+    );
+    assert!(!report.applied.iter().any(|a| a.contains("unnumbered")), "{:#?}", report.applied);
+    assert!(open(&fake), "the tunnel keeps the source it has");
 }
 
 #[tokio::test]

@@ -905,7 +905,22 @@ fn dispatch(s: &mut FakeState, ctx: &mut Ctx<'_>, info: &MessageInfo, p: &[u8]) 
         "acl_add_replace" => {
             let m: api::AclAddReplace = req(p)?;
             let acl = Acl { tag: m.tag.clone(), rules: m.r.clone() };
-            let (retval, acl_index) = if m.acl_index == NONE_IF {
+            // acl_add_list checks every rule's prefixes first (ip_prefix_decode2): a length
+            // past the family's, or an address with bits set past the length, is refused,
+            // and the reply echoes the index asked for.
+            let invalid = |p: &api::Prefix| p.to_net().is_none_or(|n| n.trunc().addr() != n.addr());
+            let refused = m.r.iter().find_map(|r| {
+                if invalid(&r.src_prefix) {
+                    Some(-57) // VNET_API_ERROR_INVALID_SRC_ADDRESS
+                } else if invalid(&r.dst_prefix) {
+                    Some(-58) // VNET_API_ERROR_INVALID_DST_ADDRESS
+                } else {
+                    None
+                }
+            });
+            let (retval, acl_index) = if let Some(retval) = refused {
+                (retval, m.acl_index)
+            } else if m.acl_index == NONE_IF {
                 let idx = (0..).find(|i| !s.acls.contains_key(i)).unwrap_or(0);
                 s.acls.insert(idx, acl);
                 (0, idx)

@@ -417,3 +417,40 @@ async fn a_tunnels_input_acls_decide_on_its_decapsulated_packets_first_match_win
     assert!(fake.state().acl_bindings.is_empty(), "the tunnel's lists went with it");
     c.request(&api::AclDel { acl_index: pods }).await.unwrap();
 }
+
+/// The ACL plugin validates every rule's prefixes before it creates or replaces an ACL
+/// (acl_add_list, ip_prefix_decode2): a source or destination with bits set past its
+/// length is refused (-57 INVALID_SRC_ADDRESS, -58 INVALID_DST_ADDRESS) and nothing
+/// changes; the same prefix without them is taken.
+#[tokio::test]
+async fn an_acl_rule_whose_prefix_has_host_bits_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake(&dir);
+    let c = client(&fake).await;
+    let rule = |src: &str, dst: &str| api::AclRule {
+        is_permit: api::AclAction::ACL_ACTION_API_PERMIT,
+        src_prefix: src.parse::<ipnet::Ipv4Net>().unwrap().into(),
+        dst_prefix: dst.parse::<ipnet::Ipv4Net>().unwrap().into(),
+        srcport_or_icmptype_last: u16::MAX,
+        dstport_or_icmpcode_last: u16::MAX,
+        ..Default::default()
+    };
+    let add = |acl_index: u32, r: Vec<api::AclRule>| api::AclAddReplace {
+        acl_index,
+        tag: "t".into(),
+        count: r.len() as u32,
+        r,
+    };
+    let good = rule("10.1.2.0/24", "0.0.0.0/0");
+    let index = c.request(&add(u32::MAX, vec![good.clone()])).await.unwrap().acl_index;
+    for (what, rules, want) in [
+        ("a source with host bits", vec![good.clone(), rule("10.1.2.7/24", "0.0.0.0/0")], -57),
+        ("a destination with host bits", vec![rule("10.1.2.0/24", "10.9.0.1/16")], -58),
+    ] {
+        assert_eq!(retval(c.request(&add(u32::MAX, rules.clone())).await), want, "create with {what}");
+        assert_eq!(retval(c.request(&add(index, rules)).await), want, "replace with {what}");
+    }
+    let s = fake.state();
+    assert_eq!(s.acls.len(), 1, "nothing created: {:?}", s.acls);
+    assert_eq!(s.acls[&index].rules, [good], "nothing replaced");
+}

@@ -584,8 +584,7 @@ impl Agent {
         let departures = {
             let path = config.state_dir.join(SUBNET_HOLDERS_FILE);
             let mut d = crate::proxy::Departures::load(&path);
-            let (now, unix_ms) = (crate::proxy::monotonic_ns(), contiv_node_registry::unix_ms());
-            if d.update_at_start(&registrations, &params.node_name, now, unix_ms) {
+            if d.update(&registrations, &params.node_name, crate::proxy::monotonic_ns()) {
                 save_holders(&d, &path);
             }
             for (net, _) in d.list() {

@@ -300,7 +300,6 @@ mod tests {
             addresses: vec![],
             pod_cidr: format!("10.1.{id}.0/24").parse().unwrap(),
             uplink_ip: node_ip.map(Ipv4Addr::from),
-            registered_at_ms: None,
         }
     }
 

@@ -854,10 +854,9 @@ fn departed_from(f: &Flow, net: Ipv4Net, at: u64) -> bool {
 ///
 /// The holders outlive the agent ([`Self::load`], [`Self::save`]): a subnet that changed
 /// hands while this agent was down (the conntrack table, pinned, kept its flows) departs
-/// as of its new holder's registration ([`Self::update_at_start`]), so the old pods' flows
-/// go at the first sweep and the new node's pods' flows stay (a registration that does not
-/// say when it was written dates it at that start: then a flow of the new pods that sent
-/// nothing since goes with the old ones). Until a departure is swept, the saved
+/// as of the start that finds it, so the old pods' flows go at the first sweep. A flow of
+/// the new node's pods that sent nothing between that start and the sweep goes with them
+/// (no record tells it apart); one in use stays. Until a departure is swept, the saved
 /// holder of its subnet is the old one: an agent that stops before the sweep (a crash, a
 /// failed start, a rollout) finds the departure again at its next start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -867,19 +866,6 @@ pub struct Departures {
     departed: Vec<(Ipv4Net, u64)>,
     /// The holder before the change, of each subnet with a departure not yet swept.
     previous: BTreeMap<Ipv4Net, String>,
-}
-
-/// When registration `r` was written, on this host's CLOCK_MONOTONIC (`now_ns` on it is
-/// `now_unix_ms` on the wall clock); `now_ns` when it does not say, or claims a later time
-/// (the other node's clock ahead of ours). The old pods of a subnet sent their last packets
-/// before the registry released it (their node's lease had run out and its Node object was
-/// gone), the new node's pods their first after this: a clock behind ours by more than
-/// that gap dates the handover too early, and leaves the old flows that saw a packet since.
-pub fn registered_ns(r: &NodeRegistration, now_ns: u64, now_unix_ms: u64) -> u64 {
-    match r.registered_at_ms {
-        Some(at) if at <= now_unix_ms => now_ns.saturating_sub((now_unix_ms - at).saturating_mul(1_000_000)),
-        _ => now_ns,
-    }
 }
 
 /// What [`Departures::save`] writes: `{"version": 1, "holders": {"10.1.2.0/24": "node-2"}}`.
@@ -939,17 +925,6 @@ impl Departures {
     /// `me` that another node held before is recorded as departed. True if a holder changed
     /// or appeared (the holders are worth saving).
     pub fn update(&mut self, regs: &[NodeRegistration], me: &str, now_ns: u64) -> bool {
-        self.update_dated(regs, me, |_| now_ns)
-    }
-
-    /// [`Self::update`] at an agent's start, with the holders an earlier agent saved: a
-    /// subnet that changed hands meanwhile departs as of its new holder's registration
-    /// ([`registered_ns`]), so the new node's pods' flows are not taken for the old ones'.
-    pub fn update_at_start(&mut self, regs: &[NodeRegistration], me: &str, now_ns: u64, now_unix_ms: u64) -> bool {
-        self.update_dated(regs, me, |r| registered_ns(r, now_ns, now_unix_ms))
-    }
-
-    fn update_dated(&mut self, regs: &[NodeRegistration], me: &str, at: impl Fn(&NodeRegistration) -> u64) -> bool {
         let mut changed = false;
         for r in regs.iter().filter(|r| r.name != me) {
             let ipnet::IpNet::V4(net) = r.pod_cidr else { continue };
@@ -959,7 +934,7 @@ impl Departures {
                 && before != r.name
             {
                 self.departed.retain(|(n, _)| *n != net);
-                self.departed.push((net, at(r)));
+                self.departed.push((net, now_ns));
                 self.previous.entry(net).or_insert(before);
             }
         }
@@ -1482,7 +1457,6 @@ mod tests {
             addresses: vec![],
             pod_cidr: cidr.parse().unwrap(),
             uplink_ip: None,
-            registered_at_ms: None,
         };
         let (me, a, b) = (reg("me", "10.1.1.0/24"), reg("a", "10.1.2.0/24"), reg("b", "10.1.3.0/24"));
         let net = |c: &str| c.parse::<Ipv4Net>().unwrap();
@@ -1524,7 +1498,6 @@ mod tests {
             addresses: vec![],
             pod_cidr: cidr.parse().unwrap(),
             uplink_ip: None,
-            registered_at_ms: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("subnet-holders.json");
@@ -1555,20 +1528,6 @@ mod tests {
         let mut later = Departures::load(&path);
         later.update(&[me.clone(), b.clone(), c.clone()], "me", 30);
         assert_eq!(later.list(), vec![]);
-        // Dated by the new holder's registration, when it says: 5 s before this start.
-        let mut held_by_a = Departures::default();
-        held_by_a.update(&[me.clone(), a.clone(), b.clone()], "me", 1);
-        held_by_a.save(&path).unwrap();
-        let mut dated = Departures::load(&path);
-        let c5 = NodeRegistration { registered_at_ms: Some(1_000_000 - 5_000), ..c.clone() };
-        dated.update_at_start(&[me.clone(), b.clone(), c5.clone()], "me", 60_000_000_000, 1_000_000);
-        let c_net = "10.1.2.0/24".parse().unwrap();
-        assert_eq!(dated.list(), vec![(c_net, 55_000_000_000)]);
-        // A registration from the future (a clock ahead of ours) is dated now.
-        let ahead = NodeRegistration { registered_at_ms: Some(1_000_000 + 5_000), ..c.clone() };
-        let mut dated = Departures::load(&path);
-        dated.update_at_start(&[me.clone(), b.clone(), ahead], "me", 60_000_000_000, 1_000_000);
-        assert_eq!(dated.list(), vec![(c_net, 60_000_000_000)]);
         // Without the file (a first start, or a lost one), the same start sees no departure.
         let mut fresh = Departures::default();
         fresh.update(&[me.clone(), b.clone(), c.clone()], "me", 10);

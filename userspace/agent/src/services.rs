@@ -1815,7 +1815,6 @@ mod tests {
             addresses: vec![],
             pod_cidr: "10.1.1.0/24".parse().unwrap(),
             uplink_ip: Some(ip.parse().unwrap()),
-            registered_at_ms: None,
         }
     }
 

@@ -598,7 +598,6 @@ mod tests {
             addresses: vec![],
             pod_cidr: cidr.parse().unwrap(),
             uplink_ip: ip.map(Ipv4Addr::from),
-            registered_at_ms: None,
         }
     }
 

@@ -197,7 +197,6 @@ mod tests {
             addresses: vec![],
             pod_cidr: "10.1.2.0/24".parse().unwrap(),
             uplink_ip: Some("127.0.0.1".parse().unwrap()),
-            registered_at_ms: None,
         };
         store.put(&keys::node("node-1"), contiv_cluster_model::encode(&reg), None).await.unwrap();
         (store, port)

@@ -254,14 +254,7 @@ async fn get_tables_for_every_resource_and_skips_malformed_values() {
     store
         .put(
             &keys::node("node-a"),
-            enc(&NodeRegistration {
-                name: "node-a".into(),
-                id: 1,
-                addresses: vec![],
-                pod_cidr: cidr,
-                uplink_ip: None,
-                registered_at_ms: None,
-            }),
+            enc(&NodeRegistration { name: "node-a".into(), id: 1, addresses: vec![], pod_cidr: cidr, uplink_ip: None }),
             None,
         )
         .await

@@ -62,16 +62,6 @@ pub struct NodeRegistration {
     /// tunnel endpoint). Absent for a node without an uplink (a single-node setup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink_ip: Option<std::net::Ipv4Addr>,
-    /// When this registration was written (Unix time, ms; the node's clock): an agent that
-    /// finds a pod subnet given to another node while it was down dates the handover by it.
-    /// Absent in registrations of older agents.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub registered_at_ms: Option<u64>,
-}
-
-/// Now as Unix time in ms (0 for a clock before 1970).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What a node registers about itself besides its name.
@@ -270,7 +260,6 @@ impl NodeRegistry {
             addresses: details.addresses,
             pod_cidr: alloc.pod_cidr,
             uplink_ip: details.uplink_ip,
-            registered_at_ms: Some(unix_ms()),
         };
         // A live registration of this name from another underlay address is another host
         // with the same node name (a cloned machine): both would hand out the same pod

@@ -274,8 +274,6 @@ async fn first_pass(
 /// underlay address and an IPv4 pod subnet. Stale records that claim this node's address or
 /// subnet are skipped (never route our own traffic away), and of two records claiming the
 /// same subnet, address or ID the first (by name) wins, so one bad record cannot stop the rest.
-/// Each keeps the IPv4 addresses its registration lists that no other registration, this
-/// node's included, lists too.
 pub fn remote_nodes<'a>(
     own_name: &str,
     own_subnet: Ipv4Net,
@@ -283,17 +281,7 @@ pub fn remote_nodes<'a>(
     registrations: impl IntoIterator<Item = &'a NodeRegistration>,
 ) -> Vec<RemoteNode> {
     let overlaps = |a: &Ipv4Net, b: &Ipv4Net| a.contains(&b.network()) || b.contains(&a.network());
-    let all: Vec<&NodeRegistration> = registrations.into_iter().collect();
-    // A node's tunnel lets in its addresses; one that two nodes list (a docker0 every host
-    // has, say, this one's too) is neither's.
-    let listed = |r: &NodeRegistration| -> BTreeSet<Ipv4Addr> {
-        r.addresses.iter().filter_map(|a| a.address.parse().ok()).collect()
-    };
-    let mut listings: std::collections::BTreeMap<Ipv4Addr, usize> = std::collections::BTreeMap::new();
-    for a in all.iter().flat_map(|r| listed(r)) {
-        *listings.entry(a).or_default() += 1;
-    }
-    let mut regs: Vec<&NodeRegistration> = all.into_iter().filter(|r| r.name != own_name).collect();
+    let mut regs: Vec<&NodeRegistration> = registrations.into_iter().filter(|r| r.name != own_name).collect();
     regs.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out: Vec<RemoteNode> = Vec::new();
     for r in regs {
@@ -306,8 +294,7 @@ pub fn remote_nodes<'a>(
             log::warn!("node {} claims a pod subnet, address or ID another node has; left out", r.name);
             continue;
         }
-        let addresses = listed(r).into_iter().filter(|a| listings.get(a) == Some(&1)).collect();
-        out.push(RemoteNode { id: r.id, name: r.name.clone(), pod_subnet: subnet, node_ip, addresses });
+        out.push(RemoteNode { id: r.id, name: r.name.clone(), pod_subnet: subnet, node_ip });
     }
     out
 }
@@ -624,31 +611,6 @@ mod tests {
         assert_eq!(nodes[0].node_ip, Ipv4Addr::new(192, 168, 100, 12));
         assert_eq!(nodes[0].pod_subnet.to_string(), "10.1.2.0/24");
         assert_eq!(nodes[1].id, 3);
-    }
-
-    /// A remote node keeps the addresses its registration alone lists: one another node,
-    /// or this one, lists too (a docker0 on every host) is neither's.
-    #[test]
-    fn a_remote_node_keeps_the_addresses_it_alone_lists() {
-        let with = |mut r: NodeRegistration, addrs: &[&str]| {
-            r.addresses = addrs
-                .iter()
-                .map(|a| contiv_cluster_model::NodeAddress { address_type: "InternalIP".into(), address: (*a).into() })
-                .collect();
-            r
-        };
-        let regs = [
-            with(reg("n1", 1, Some([192, 168, 100, 11]), "10.1.1.0/24"), &["192.168.100.11", "172.17.0.1"]),
-            with(
-                reg("n2", 2, Some([192, 168, 100, 12]), "10.1.2.0/24"),
-                &["192.168.100.12", "10.20.0.12", "172.17.0.1", "node-2.example"],
-            ),
-            with(reg("n3", 3, Some([192, 168, 100, 13]), "10.1.3.0/24"), &["192.168.100.13", "10.20.0.99"]),
-        ];
-        let nodes = remote_nodes("n1", own_subnet(), OWN_IP, &regs);
-        let addrs = |i: usize| nodes[i].addresses.iter().map(ToString::to_string).collect::<Vec<_>>();
-        assert_eq!(addrs(0), ["10.20.0.12", "192.168.100.12"], "not the docker0 n1 lists too, not a name");
-        assert_eq!(addrs(1), ["10.20.0.99", "192.168.100.13"]);
     }
 
     #[test]

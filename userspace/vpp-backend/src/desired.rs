@@ -308,11 +308,6 @@ pub struct RemoteNode {
     pub pod_subnet: Ipv4Net,
     /// Its node IP (tunnel end).
     pub node_ip: Ipv4Addr,
-    /// Its addresses as its registration lists them (the node IP among them, as a rule):
-    /// its VPP sends ICMP errors from an address of the uplink its tunnels borrow, which
-    /// need not be the node IP. [`render`] leaves out those that are not this node's alone.
-    #[serde(default)]
-    pub addresses: BTreeSet<Ipv4Addr>,
 }
 
 /// What [`render`] needs, as plain values.
@@ -586,19 +581,21 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     // pods through the af_xdp port, where tc_from_vswitch can no longer tell which tunnel
     // they came through, so without it a packet from one node could carry another node's
     // pod address, or any address a NetworkPolicy allows. As in kernel mode, that is the
-    // node's pod subnet and its node IP; then its other addresses, since its VPP sends ICMP
-    // errors (TTL exceeded, fragmentation needed) from an address of the uplink its tunnels
-    // borrow, which may be another one when the uplink has several. A tunnel whose ACL
-    // cannot be bound stays closed: better no traffic from that node than traffic from any
-    // source.
+    // node's pod subnet and its node IP, the source of the ICMP errors its VPP sends (TTL
+    // exceeded, fragmentation needed) from the uplink address its tunnels borrow. A tunnel
+    // whose ACL cannot be bound stays closed: better no traffic from that node than traffic
+    // from any source.
     let remote_subnets: Vec<Ipv4Net> = remotes.iter().map(|n| n.pod_subnet.trunc()).collect();
-    let extra_addresses = peer_addresses(inp, &remotes, pod_subnet, &remote_subnets);
     for n in remotes {
         let name = vxlan_name(n.id);
-        let mut rules = vec![AclRuleSpec::permit(n.pod_subnet), AclRuleSpec::permit(Ipv4Net::from(n.node_ip))];
-        let extra = extra_addresses.get(&n.id).into_iter().flatten();
-        rules.extend(extra.map(|a| AclRuleSpec::permit(Ipv4Net::from(*a))));
-        d.input_acls.insert(name.clone(), InputAcl { tag: tunnel_acl_tag(&name), rules, fail_closed: true });
+        d.input_acls.insert(
+            name.clone(),
+            InputAcl {
+                tag: tunnel_acl_tag(&name),
+                rules: vec![AclRuleSpec::permit(n.pod_subnet), AclRuleSpec::permit(Ipv4Net::from(n.node_ip))],
+                fail_closed: true,
+            },
+        );
         d.interfaces.insert(
             name.clone(),
             InterfaceSpec {
@@ -642,53 +639,6 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     Ok(d)
 }
 
-/// The addresses besides its node IP each remote node's tunnel lets in, by node ID, in
-/// address order: those of its listed addresses that are its alone. Left out are addresses
-/// that are no host's (loopback, multicast and the like), pod addresses (the cluster's
-/// range, any node's subnet: its own is let in whole already, another's never), the host
-/// interconnect (every node's host has the same one, this node's included), this node's
-/// uplink addresses, and an address another remote node claims too (a docker0 every host
-/// has, say): let in through one tunnel, any of those would be a source a pod here trusts
-/// or another node's.
-fn peer_addresses(
-    inp: &NodeInputs<'_>,
-    remotes: &[&RemoteNode],
-    pod_subnet: Ipv4Net,
-    remote_subnets: &[Ipv4Net],
-) -> BTreeMap<u32, BTreeSet<Ipv4Addr>> {
-    let mut claims: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
-    for n in remotes {
-        let claimed: BTreeSet<Ipv4Addr> = n.addresses.iter().copied().chain([n.node_ip]).collect();
-        for a in claimed {
-            *claims.entry(a).or_default() += 1;
-        }
-    }
-    let own: BTreeSet<Ipv4Addr> = inp.uplink.addresses.iter().map(|a| a.addr()).collect();
-    let interconnect = inp.config.host_interconnect_subnet.trunc();
-    let pods = |a: &Ipv4Addr| {
-        inp.cluster_pod_cidr.is_some_and(|c| c.trunc().contains(a))
-            || pod_subnet.contains(a)
-            || remote_subnets.iter().any(|s| s.contains(a))
-    };
-    let special = |a: &Ipv4Addr| {
-        a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() || a.is_link_local()
-    };
-    remotes
-        .iter()
-        .map(|n| {
-            let alone = n.addresses.iter().copied().filter(|a| {
-                *a != n.node_ip
-                    && claims.get(a) == Some(&1)
-                    && !special(a)
-                    && !pods(a)
-                    && !interconnect.contains(a)
-                    && !own.contains(a)
-            });
-            (n.id, alone.collect())
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,7 +662,6 @@ mod tests {
                 name: format!("n{i}"),
                 pod_subnet: net(&format!("10.1.{i}.0/24")),
                 node_ip: format!("192.168.16.{i}").parse().unwrap(),
-                addresses: BTreeSet::from([format!("192.168.16.{i}").parse().unwrap()]),
             })
             .collect()
     }
@@ -848,44 +797,6 @@ mod tests {
         inp.cluster_pod_cidr = None;
         let d = render(&inp).unwrap();
         assert_eq!(d.input_acls.keys().collect::<Vec<_>>(), ["vxlan_tunnel2", "vxlan_tunnel3"]);
-    }
-
-    #[test]
-    fn a_tunnel_lets_in_the_addresses_its_node_alone_lists() {
-        let cfg = VppConfig::default();
-        let up = uplink();
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        let mut remotes = nodes();
-        // Node 2's uplink has a second address; its host lists more: the host
-        // interconnect every node has, a pod address, this node's own address, a docker0
-        // node 3 has too, a loopback one.
-        remotes[1].addresses = ["192.168.16.2", "192.168.17.2", "10.20.0.2", "172.30.255.2", "10.1.2.1"]
-            .into_iter()
-            .chain(["10.1.3.9", "192.168.16.1", "172.17.0.1", "127.0.0.2", "192.168.17.2"])
-            .map(ip)
-            .collect();
-        remotes[2].addresses = BTreeSet::from([ip("192.168.16.3"), ip("172.17.0.1")]);
-        let d = render(&inputs(&cfg, &up, &remotes)).unwrap();
-        assert_eq!(
-            d.input_acls["vxlan_tunnel2"].rules,
-            [
-                AclRuleSpec::permit(net("10.1.2.0/24")),
-                AclRuleSpec::permit(net("192.168.16.2/32")),
-                AclRuleSpec::permit(net("10.20.0.2/32")),
-                AclRuleSpec::permit(net("192.168.17.2/32")),
-            ],
-            "its pods, its node IP, then its own other addresses, each once, in order"
-        );
-        assert_eq!(
-            d.input_acls["vxlan_tunnel3"].rules,
-            [AclRuleSpec::permit(net("10.1.3.0/24")), AclRuleSpec::permit(net("192.168.16.3/32"))],
-            "an address two nodes list is neither's"
-        );
-        // A node that lists another node's IP does not get it.
-        remotes[2].addresses.insert(ip("192.168.16.2"));
-        let d = render(&inputs(&cfg, &up, &remotes)).unwrap();
-        assert_eq!(d.input_acls["vxlan_tunnel3"].rules.len(), 2, "{:?}", d.input_acls["vxlan_tunnel3"]);
-        assert_eq!(d.input_acls["vxlan_tunnel2"].rules.len(), 4, "{:?}", d.input_acls["vxlan_tunnel2"]);
     }
 
     #[test]

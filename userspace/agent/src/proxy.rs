@@ -935,7 +935,12 @@ impl Departures {
             {
                 self.departed.retain(|(n, _)| *n != net);
                 self.departed.push((net, now_ns));
-                self.previous.entry(net).or_insert(before);
+                // The holder to save is the one before the first change not yet swept,
+                // unless the subnet went back to it (A, B, A): then B's pods' flows are
+                // the ones to go, and the file must name B for a restart to see it.
+                if self.previous.get(&net).is_none_or(|p| *p == r.name) {
+                    self.previous.insert(net, before);
+                }
             }
         }
         changed
@@ -1528,6 +1533,15 @@ mod tests {
         let mut later = Departures::load(&path);
         later.update(&[me.clone(), b.clone(), c.clone()], "me", 30);
         assert_eq!(later.list(), vec![]);
+        // a, then c, then a again before a sweep: the file names c, so a restart sees it.
+        let mut back = Departures::default();
+        back.update(&[me.clone(), a.clone(), b.clone()], "me", 1);
+        back.update(&[me.clone(), b.clone(), c.clone()], "me", 2);
+        back.update(&[me.clone(), a.clone(), b.clone()], "me", 3);
+        back.save(&path).unwrap();
+        let mut after = Departures::load(&path);
+        after.update(&[me.clone(), a.clone(), b.clone()], "me", 4);
+        assert_eq!(after.list(), vec![("10.1.2.0/24".parse().unwrap(), 4)], "back to a: c's flows go");
         // Without the file (a first start, or a lost one), the same start sees no departure.
         let mut fresh = Departures::default();
         fresh.update(&[me.clone(), b.clone(), c.clone()], "me", 10);

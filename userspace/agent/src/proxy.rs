@@ -1454,15 +1454,19 @@ mod tests {
         assert_eq!(doomed_ports(entries, now, &released), BTreeSet::from([40000, 40001, 40004]));
     }
 
-    #[test]
-    fn a_subnet_departs_when_another_node_registers_it() {
-        let reg = |name: &str, cidr: &str| NodeRegistration {
+    /// A registration of node `name` with pod subnet `cidr`.
+    fn reg(name: &str, cidr: &str) -> NodeRegistration {
+        NodeRegistration {
             name: name.into(),
             id: 1,
             addresses: vec![],
             pod_cidr: cidr.parse().unwrap(),
             uplink_ip: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_subnet_departs_when_another_node_registers_it() {
         let (me, a, b) = (reg("me", "10.1.1.0/24"), reg("a", "10.1.2.0/24"), reg("b", "10.1.3.0/24"));
         let net = |c: &str| c.parse::<Ipv4Net>().unwrap();
         let mut d = Departures::default();
@@ -1497,13 +1501,6 @@ mod tests {
     /// that did not, or a file that cannot be read, departs nothing.
     #[test]
     fn subnet_holders_outlive_the_agent() {
-        let reg = |name: &str, cidr: &str| NodeRegistration {
-            name: name.into(),
-            id: 1,
-            addresses: vec![],
-            pod_cidr: cidr.parse().unwrap(),
-            uplink_ip: None,
-        };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("subnet-holders.json");
         assert_eq!(Departures::load(&path), Departures::default(), "no file: no holders");

@@ -882,24 +882,19 @@ impl Departures {
     /// file is no holders; an unreadable or malformed one is logged and taken as none (the
     /// agent then learns holders afresh, as on a first start).
     pub fn load(path: &std::path::Path) -> Self {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
+        let read = match std::fs::read(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::default(),
-            Err(e) => {
-                log::warn!("ignoring the pod subnets' last holders at {}: {e}", path.display());
-                return Self::default();
-            }
+            Err(e) => Err(e.to_string()),
+            Ok(bytes) => serde_json::from_slice::<HoldersFile>(&bytes).map_err(|e| e.to_string()).and_then(|f| {
+                if f.version == HOLDERS_VERSION {
+                    Ok(f.holders)
+                } else {
+                    Err(format!("version {} (this agent reads {HOLDERS_VERSION})", f.version))
+                }
+            }),
         };
-        match serde_json::from_slice::<HoldersFile>(&bytes) {
-            Ok(f) if f.version == HOLDERS_VERSION => Self { holders: f.holders, ..Self::default() },
-            Ok(f) => {
-                log::warn!(
-                    "ignoring the pod subnets' last holders at {}: version {} (this agent reads {HOLDERS_VERSION})",
-                    path.display(),
-                    f.version
-                );
-                Self::default()
-            }
+        match read {
+            Ok(holders) => Self { holders, ..Self::default() },
             Err(e) => {
                 log::warn!("ignoring the pod subnets' last holders at {}: {e}", path.display());
                 Self::default()
@@ -908,17 +903,12 @@ impl Departures {
     }
 
     /// Writes the holders to `path`, the old holder for a subnet whose departure is not
-    /// swept yet (through a temporary file renamed over it, so a crash leaves the old file
-    /// or the new one).
+    /// swept yet (replaced durably: a crash leaves the old file or the new one).
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
         let mut holders = self.holders.clone();
         holders.extend(self.previous.iter().map(|(net, name)| (*net, name.clone())));
         let file = HoldersFile { version: HOLDERS_VERSION, holders };
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&file).expect("holders serialize"))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        crate::state::replace_durably(path, &serde_json::to_vec_pretty(&file).expect("holders serialize"))
     }
 
     /// The registrations are `regs` as of `now_ns`: an IPv4 pod subnet of a node other than

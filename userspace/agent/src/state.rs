@@ -435,17 +435,24 @@ impl NodeState {
             next_offset: self.next_offset,
             attachments: self.attachments.values().cloned().collect(),
         };
-        let io = |source| StateError::Io { path: self.path.clone(), source };
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(&file).expect("state serializes")).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
-        Ok(())
+        let bytes = serde_json::to_vec_pretty(&file).expect("state serializes");
+        replace_durably(&self.path, &bytes).map_err(|source| StateError::Io { path: self.path.clone(), source })
     }
+}
+
+/// Replaces the file at `path` with `bytes` through `<path>.tmp`, synced, renamed over it,
+/// and the directory synced: a crash leaves the old file or the new one, whole.
+pub fn replace_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

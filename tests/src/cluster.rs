@@ -21,11 +21,12 @@
 //! their pins live in the host's bpffs, as a hostNetwork DaemonSet's do).
 //!
 //! **VPP mode** (`BoxOptions::fake_vpp`): no VPP can run here, so every node gets its own
-//! FAKE VPP (`contiv-fake-vpp --af-xdp`, in the node's namespace, socket in the node's
+//! FAKE VPP (`contiv-fake-vpp --af-xdp --host-taps`, in the node's namespace, socket in the node's
 //! directory) and its agent runs with `uplink = "vpp"`, the uplink's address given as
 //! `[vpp] uplinkAddress` (the node's own eth0 address; no contiv-stn takes the NIC). The
 //! fake keeps what the agent programs and answers ARP/ping for its af_xdp interface's
-//! address over a real AF_XDP socket; it forwards nothing between nodes.
+//! address over a real AF_XDP socket, and gives its taps their Linux end in the node's
+//! namespace (address, MAC; not the default route); it forwards nothing between nodes.
 
 use std::{
     collections::BTreeMap,
@@ -545,7 +546,7 @@ impl ClusterBox {
             .arg(self.state.bin_dir.join("contiv-fake-vpp"))
             .arg("--socket")
             .arg(&socket)
-            .args(["--nic", &format!("uplink0=52:54:00:00:01:{index:02x}"), "--af-xdp"])
+            .args(["--nic", &format!("uplink0=52:54:00:00:01:{index:02x}"), "--af-xdp", "--host-taps"])
             .args(&args);
         let pid = spawn_detached(cmd, &n.dir.join("vpp.log"));
         self.node_mut(node).vpp_pid = Some(pid);

@@ -389,6 +389,41 @@ fn gateway_of(pod: &BoxPod) -> Ipv4Addr {
     Ipv4Addr::new(o[0], o[1], o[2], 1)
 }
 
+/// An address of `subnet` ("10.1.2.0/24"): its `n`th.
+fn nth_of(subnet: &str, n: u32) -> Ipv4Addr {
+    let network: Ipv4Addr = subnet.split_once('/').expect("a prefix").0.parse().expect("an IPv4 network");
+    Ipv4Addr::from(u32::from(network) + n)
+}
+
+/// The host's address in `node`'s pod subnet (`/vswitch`), once it is in place: on the
+/// Linux end of the tap (which the fake VPP makes, as VPP does), the source the node's
+/// host gives its traffic to `remote_pod` (another node's), and routed by VPP to the tap.
+fn wait_host_address(b: &ClusterBox, papi: &Papi, node: &str, remote_pod: Ipv4Addr) -> Ipv4Addr {
+    let me = facts(b, node);
+    let vswitch = b.status_json(node, "/vswitch").unwrap();
+    let address: Ipv4Addr = vswitch["vpp"]["hostAddress"].as_str().expect("hostAddress").parse().unwrap();
+    let (network, len) = me.subnet.split_once('/').unwrap();
+    let last = u32::from(network.parse::<Ipv4Addr>().unwrap()) + (1u32 << (32 - len.parse::<u32>().unwrap())) - 2;
+    assert_eq!(address, Ipv4Addr::from(last), "{node}: the highest host address of {}", me.subnet);
+    let netns = b.node(node).netns.clone();
+    let source = || {
+        let out = Command::new("ip").args(["-n", &netns, "route", "get", &remote_pod.to_string()]).output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.split_whitespace().skip_while(|w| *w != "src").nth(1).unwrap_or_default().to_owned()
+    };
+    b.wait_for(Duration::from_secs(15), "the host's pod address on vpp1", || {
+        source() == address.to_string()
+            && b.status_json(node, "/vswitch").is_some_and(|v| v["vpp"]["hostAddressError"].is_null())
+    });
+    let addrs = Command::new("ip").args(["-n", &netns, "-4", "-o", "addr", "show", "dev", "vpp1"]).output().unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout).into_owned();
+    assert!(addrs.contains(&format!("{address}/32 scope link")) && addrs.contains("172.30.255.2/30"), "{addrs}");
+    let view = read_vpp(papi, &b.vpp_socket(node));
+    let tap = view.interfaces.get("tap0").expect("tap0").0;
+    assert_eq!(view.routes.get(&format!("{address}/32")), Some(&vec![tap]), "{node}: VPP routes it to the host");
+    address
+}
+
 #[test]
 fn three_nodes_in_vpp_mode_program_their_own_fake_vpp_read_back_with_vpp_papi() {
     let Some(papi) = papi("three_nodes_in_vpp_mode_program_their_own_fake_vpp_read_back_with_vpp_papi") else {
@@ -412,6 +447,11 @@ fn three_nodes_in_vpp_mode_program_their_own_fake_vpp_read_back_with_vpp_papi() 
         assert!(!overlay.status.success(), "{n} has a kernel overlay device in VPP mode");
         let nft = b.cmd(n, "nft").args(["list", "table", "ip", "contiv"]).output().unwrap();
         assert!(!nft.status.success(), "{n} has masquerade rules in VPP mode");
+        // The host's traffic to other nodes' pods leaves from its address in the pod subnet
+        // (the tap's is the same on every node), which VPP routes back to the host.
+        let remote_pod = if n == "node-2" { a.ip } else { far.ip };
+        let host = wait_host_address(&b, &papi, n, remote_pod);
+        assert!(host != a.ip && host != c.ip && host != far.ip, "no pod has the host's address");
     }
 
     // Local pod to pod stays on the fast path.
@@ -540,8 +580,14 @@ fn a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouch
     const DROPPED_AT_THE_PORT: &str = "would be dropped at the slow-path port";
     assert!(!trace_notes(&b).contains(DROPPED_AT_THE_PORT), "VPP serves the port");
 
-    // VPP crashes: what it held is gone, its socket leaves xsks_map with it.
+    let remote = nth_of(&facts(&b, "node-2").subnet, 7);
+    let host = wait_host_address(&b, &papi, "node-1", remote);
+
+    // VPP crashes: what it held is gone, its socket leaves xsks_map with it, its tap too.
     b.stop_vpp("node-1", true);
+    let netns = b.node("node-1").netns.clone();
+    let vpp1 = || Command::new("ip").args(["-n", &netns, "link", "show", "vpp1"]).output().unwrap().status.success();
+    b.wait_for(Duration::from_secs(5), "the tap gone with VPP", || !vpp1());
     assert!(ping(&b, &a.id(), c.ip), "pod to pod keeps working while VPP is down");
     assert!(!ping(&b, &a.id(), gateway_of(&a)), "VPP (the gateway) is really gone");
     b.wait_for(Duration::from_secs(10), "the agent notices", || {
@@ -563,6 +609,8 @@ fn a_fake_vpp_restart_is_replayed_while_pods_keep_talking_and_ebpf_stays_untouch
     });
     assert!(ping(&b, &a.id(), gateway_of(&a)), "the new af_xdp socket landed in the same xsks_map");
     assert!(ping(&b, &a.id(), c.ip), "pod to pod after the restart");
+    // The restarted VPP made its tap anew, without the host's pod address: put back.
+    assert_eq!(wait_host_address(&b, &papi, "node-1", remote), host, "the same address");
 
     assert_eq!(bpftool(&["map", "dump", "pinned", &pin("PODS")]), pods_map, "PODS entries untouched");
     assert_eq!(link_ids(&links), ids_before, "the pods' and the port's links untouched");

@@ -384,7 +384,7 @@ impl Agent {
     /// `registrations`: the cluster's live nodes as the store has them at start.
     pub async fn start(config: AgentConfig, registrations: Vec<NodeRegistration>) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context;
-        let state =
+        let mut state =
             NodeState::open(&config.state_dir, config.pod_subnet, config.gateway).context("opening the node state")?;
         let node = podnet::node_handle().context("opening netlink")?;
         let vpp_mode = config.uplink == config::Uplink::Vpp;
@@ -528,6 +528,16 @@ impl Agent {
 
         let slowpath = match handover {
             Some(handover) => {
+                // The source of the host's traffic to other nodes' pods (vpp_host.rs).
+                let host_address = state
+                    .host_address()
+                    .inspect_err(|e| {
+                        log::error!(
+                            "no address of the pod subnet is left for the host ({e}): the host reaches only this \
+                             node's pods"
+                        )
+                    })
+                    .ok();
                 let params = crate::vpp::VppNodeParams {
                     node_name: config.node_name.clone(),
                     pod_subnet: config.pod_subnet,
@@ -536,6 +546,7 @@ impl Agent {
                     gateway_mac: config.gateway_mac,
                     slowpath_ifname: slow_vsw.clone(),
                     mtu: pod_mtu,
+                    host_address,
                 };
                 let vpp =
                     crate::vpp::VppNode::start(config.vpp.clone(), handover, params, &registrations, fresh_vpp_port)

@@ -35,3 +35,4 @@ pub mod timing;
 pub mod trace;
 pub mod uplink;
 pub mod vpp;
+pub mod vpp_host;

@@ -152,6 +152,10 @@ struct StateFile {
     /// address is not handed out again at once).
     next_offset: u32,
     attachments: Vec<PodAttachment>,
+    /// The host's address in the pod subnet ([`NodeState::host_address`]); an agent that
+    /// does not know it reads the file the same and leaves it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host_address: Option<Ipv4Addr>,
 }
 
 /// The pod subnet the node's pods hold addresses of, as the state in `dir` records it:
@@ -171,6 +175,8 @@ pub struct NodeState {
     gateway: Ipv4Addr,
     next_offset: u32,
     attachments: BTreeMap<AttachmentKey, PodAttachment>,
+    /// The host's address in the pod subnet, once asked for ([`Self::host_address`]).
+    host_address: Option<Ipv4Addr>,
     /// Addresses reserved by ADDs in flight (not persisted; see the module docs).
     reserved: BTreeMap<AttachmentKey, Ipv4Addr>,
     /// `state.log`, open for appending.
@@ -195,6 +201,7 @@ impl NodeState {
             gateway,
             next_offset: 0,
             attachments: BTreeMap::new(),
+            host_address: None,
             reserved: BTreeMap::new(),
             journal: None,
             journal_records: 0,
@@ -230,6 +237,8 @@ impl NodeState {
             );
         }
         self.next_offset = file.next_offset;
+        // One of another subnet is picked again when asked for.
+        self.host_address = file.host_address.filter(|a| self.subnet.contains(a));
         for a in file.attachments {
             self.attachments.insert(a.key(), a);
         }
@@ -314,9 +323,44 @@ impl NodeState {
         Err(StateError::Exhausted(self.subnet))
     }
 
-    /// Addresses held by an attachment or reserved by an ADD in flight.
+    /// Addresses held by an attachment or reserved by an ADD in flight, and the host's.
     fn used_addresses(&self) -> std::collections::HashSet<Ipv4Addr> {
+        let mut used = self.pods_addresses();
+        used.extend(self.host_address);
+        used
+    }
+
+    /// Addresses held by an attachment or reserved by an ADD in flight.
+    fn pods_addresses(&self) -> std::collections::HashSet<Ipv4Addr> {
         self.attachments.values().map(|a| a.ip).chain(self.reserved.values().copied()).collect()
+    }
+
+    /// The host's address in the pod subnet (`uplink = "vpp"`: the source of the host's
+    /// traffic to other nodes' pods, which comes back through their tunnels like traffic to
+    /// this node's pods; see vpp.rs). The one recorded, unless a pod holds it (an agent
+    /// that did not know it handed it out); else the highest host address of the subnet no
+    /// pod holds, other than the gateway, recorded in the snapshot before it is returned.
+    /// No pod gets it while it is recorded.
+    pub fn host_address(&mut self) -> Result<Ipv4Addr, StateError> {
+        let pods = self.pods_addresses();
+        if let Some(a) = self.host_address
+            && !pods.contains(&a)
+        {
+            return Ok(a);
+        }
+        let (network, broadcast) = (u32::from(self.subnet.network()), u32::from(self.subnet.broadcast()));
+        let picked = (network + 1..broadcast)
+            .rev()
+            .map(Ipv4Addr::from)
+            .find(|ip| *ip != self.gateway && !pods.contains(ip))
+            .ok_or(StateError::Exhausted(self.subnet))?;
+        let previous = self.host_address.replace(picked);
+        if let Err(e) = self.compact() {
+            self.host_address = previous;
+            self.repair();
+            return Err(e);
+        }
+        Ok(picked)
     }
 
     /// How many addresses an ADD could still get (not network, gateway, broadcast, held or
@@ -434,6 +478,7 @@ impl NodeState {
             pod_subnet: self.subnet,
             next_offset: self.next_offset,
             attachments: self.attachments.values().cloned().collect(),
+            host_address: self.host_address,
         };
         let bytes = serde_json::to_vec_pretty(&file).expect("state serializes");
         replace_durably(&self.path, &bytes).map_err(|source| StateError::Io { path: self.path.clone(), source })
@@ -551,6 +596,42 @@ mod tests {
         }
         assert_eq!(s.free_addresses(), 0);
         assert!(s.allocate_ip().is_err(), "agrees with the allocator");
+    }
+
+    #[test]
+    fn the_hosts_address_is_the_highest_free_one_kept_across_restarts_and_never_a_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open(dir.path(), "10.1.1.0/29");
+        assert_eq!(s.free_addresses(), 5);
+        let host = s.host_address().unwrap();
+        assert_eq!(host, Ipv4Addr::new(10, 1, 1, 6), "the highest host address");
+        assert_eq!(s.host_address().unwrap(), host, "the same when asked again");
+        assert_eq!(s.free_addresses(), 4, "one fewer for pods");
+        let mut pods = vec![];
+        while let Ok(ip) = s.allocate_ip() {
+            s.put(attachment(&pods.len().to_string(), ip)).unwrap();
+            pods.push(ip);
+        }
+        assert_eq!(pods, (2..=5).map(|i| Ipv4Addr::new(10, 1, 1, i)).collect::<Vec<_>>(), "never the host's");
+        drop(s);
+        // Recorded before it was returned: a restart keeps it and still hands it to no pod.
+        let mut s = open(dir.path(), "10.1.1.0/29");
+        assert_eq!(s.host_address().unwrap(), host);
+        assert!(matches!(s.allocate_ip(), Err(StateError::Exhausted(_))));
+        // A pod holding it (an agent that did not know it handed it out): another is picked.
+        s.remove(&AttachmentKey::new("3", "eth0")).unwrap();
+        s.remove(&AttachmentKey::new("1", "eth0")).unwrap();
+        s.host_address = None;
+        let taken = s.allocate_ip().unwrap();
+        assert_eq!(taken, host, "without a recorded host address, a pod may get it");
+        s.put(attachment("x", taken)).unwrap();
+        s.host_address = Some(host);
+        assert_eq!(s.host_address().unwrap(), Ipv4Addr::new(10, 1, 1, 5), "the highest one no pod holds");
+        drop(s);
+        assert_eq!(open(dir.path(), "10.1.1.0/29").host_address().unwrap(), Ipv4Addr::new(10, 1, 1, 5));
+        // Another subnet: one of its own.
+        let mut s = open(dir.path(), "10.1.2.0/29");
+        assert_eq!(s.host_address().unwrap(), Ipv4Addr::new(10, 1, 2, 6));
     }
 
     /// A pod subnet bigger than the datapath's pod maps: addresses stop at their size.

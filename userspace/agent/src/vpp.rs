@@ -312,6 +312,9 @@ pub struct VppNodeParams {
     pub slowpath_ifname: String,
     /// Pod MTU (the af_xdp interface's).
     pub mtu: u32,
+    /// The host's address in the pod subnet (see vpp_host.rs); None: the host reaches
+    /// only this node's pods.
+    pub host_address: Option<Ipv4Addr>,
 }
 
 struct View {
@@ -328,6 +331,8 @@ pub struct VppNode {
     status: watch::Receiver<VppStatus>,
     supervisor: Mutex<Option<VppSupervisor>>,
     view: Mutex<View>,
+    /// The last failure putting the host's pod address in place, if the last try failed.
+    host_side_error: std::sync::Arc<Mutex<Option<String>>>,
 }
 
 /// `/vswitch`'s `vpp` object.
@@ -347,6 +352,10 @@ pub struct VppReport {
     pub last_error: Option<String>,
     /// Why the latest cluster state could not be rendered (the previous one stays).
     pub render_error: Option<String>,
+    /// The host's address in the pod subnet (the source of its traffic to other nodes'
+    /// pods), and why it is not in place on the host if the last try failed.
+    pub host_address: Option<Ipv4Addr>,
+    pub host_address_error: Option<String>,
     /// What VPP must hold.
     pub desired: VppDesired,
 }
@@ -420,7 +429,18 @@ impl VppNode {
             params.slowpath_ifname,
             remotes.len()
         );
+        let host_side_error = std::sync::Arc::new(Mutex::new(None));
+        if let Some(address) = params.host_address {
+            let want = crate::vpp_host::HostSide {
+                ifname: config.host_if_name.clone(),
+                address,
+                via: config.host_interconnect_vpp().addr(),
+                cluster_pod_cidr: params.cluster_pod_cidr,
+            };
+            tokio::spawn(keep_host_side(want, supervisor.status(), host_side_error.clone()));
+        }
         Ok(Self {
+            host_side_error,
             status: supervisor.status(),
             supervisor: Mutex::new(Some(supervisor)),
             config,
@@ -487,6 +507,8 @@ impl VppNode {
             last_report: s.last,
             last_error: s.last_error,
             render_error: view.render_error.clone(),
+            host_address: self.params.host_address,
+            host_address_error: self.host_side_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             desired: self.desired.borrow().clone(),
         }
     }
@@ -518,6 +540,49 @@ impl VppNode {
     }
 }
 
+/// Keeps the host's pod address and its route on the tap's Linux end (vpp_host.rs) after
+/// every change of the supervisor's status (a pass, a reconnect after a VPP restart, which
+/// re-creates the tap): until the supervisor stops.
+async fn keep_host_side(
+    want: crate::vpp_host::HostSide,
+    mut status: watch::Receiver<VppStatus>,
+    error: std::sync::Arc<Mutex<Option<String>>>,
+) {
+    use crate::vpp_host::{Ensured, ensure};
+    let handle = match podnet::node_handle() {
+        Ok(h) => h,
+        Err(e) => {
+            log::error!("VPP: the host's pod address {} cannot be put on {}: {e}", want.address, want.ifname);
+            *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+            return;
+        }
+    };
+    loop {
+        let outcome = match ensure(&handle, &want).await {
+            Ok(Ensured::Changed(what)) => {
+                log::info!("VPP: the host's side of the tap: {}", what.join("; "));
+                None
+            }
+            Ok(Ensured::Unchanged) => None,
+            // VPP creates it; the next pass comes back here.
+            Ok(Ensured::NoInterface) => Some(format!("{} is not there (VPP has not created its tap)", want.ifname)),
+            Err(e) => Some(format!("{e:#}")),
+        };
+        {
+            let mut last = error.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = &outcome
+                && last.as_ref() != Some(e)
+            {
+                log::warn!("VPP: the host's pod address {}: {e}", want.address);
+            }
+            *last = outcome;
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn render_for(
     config: &VppConfig,
     handover: &UplinkHandover,
@@ -536,6 +601,7 @@ fn render_for(
         uplink: handover,
         remote_nodes: remotes,
         cluster_pod_cidr: Some(p.cluster_pod_cidr),
+        host_pod_address: p.host_address,
     })
 }
 
@@ -648,6 +714,7 @@ mod tests {
             gateway_mac: [2, 0xfe, 0, 0, 0, 1],
             slowpath_ifname: "cslow1".into(),
             mtu: 1450,
+            host_address: Some(Ipv4Addr::new(10, 1, 1, 254)),
         }
     }
 

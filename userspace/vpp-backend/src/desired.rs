@@ -334,6 +334,10 @@ pub struct NodeInputs<'a> {
     /// The cluster's pod range (every node's pod subnet is taken from it); None: the
     /// uplink gets no input ACL.
     pub cluster_pod_cidr: Option<Ipv4Net>,
+    /// The host's address in the pod subnet (a host address of it no pod holds, not the
+    /// gateway): the source the host gives its traffic to other nodes' pods, which must
+    /// come back to it. VPP routes it to the host through the tap. None: no such route.
+    pub host_pod_address: Option<Ipv4Addr>,
 }
 
 /// The inputs are inconsistent; nothing is rendered.
@@ -359,6 +363,15 @@ pub enum RenderError {
         subnet: Ipv4Net,
         /// The subnet it overlaps.
         other: Ipv4Net,
+    },
+    /// The host's address in the pod subnet is not one of its host addresses, or is the
+    /// gateway.
+    #[error("the host's pod address {address} is not a host address of the pod subnet {subnet} other than the gateway")]
+    HostAddressOutsideSubnet {
+        /// The address.
+        address: Ipv4Addr,
+        /// Pod subnet.
+        subnet: Ipv4Net,
     },
     /// Two remote nodes share an ID or an IP.
     #[error("nodes {a} and {b} share {what}")]
@@ -530,6 +543,14 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
     {
         return Err(RenderError::GatewayOutsideSubnet { gateway: inp.gateway, subnet: pod_subnet });
     }
+    if let Some(address) = inp.host_pod_address
+        && (!pod_subnet.contains(&address)
+            || address == pod_subnet.network()
+            || address == pod_subnet.broadcast()
+            || address == inp.gateway)
+    {
+        return Err(RenderError::HostAddressOutsideSubnet { address, subnet: pod_subnet });
+    }
 
     let mut remotes: Vec<&RemoteNode> = inp.remote_nodes.iter().filter(|n| n.id != inp.node_id).collect();
     remotes.sort();
@@ -575,6 +596,19 @@ pub fn render(inp: &NodeInputs<'_>) -> Result<VppDesired, RenderError> {
         },
     );
     d.routes.insert(RouteSpec { dst: pod_subnet, next_hop: None, interface: xdp.clone() });
+    // The host's address in the pod subnet: the host's traffic to other nodes' pods leaves
+    // from it (the tap's own address is the same on every node and would be answered by
+    // the answering node's host; the tunnels carry it untranslated, as they do pods'
+    // traffic). Their answers come back through a tunnel like any packet to this node's
+    // pods, and this route takes them to the host instead of the af_xdp port.
+    if let Some(address) = inp.host_pod_address {
+        let host_side = cfg.host_interconnect_host().addr();
+        d.routes.insert(RouteSpec {
+            dst: Ipv4Net::from(address),
+            next_hop: Some(host_side),
+            interface: tap_name(cfg.host_tap_id),
+        });
+    }
 
     // One L3 VXLAN tunnel per remote node, with a route through it via a next hop, and an
     // input ACL that lets in only what that node may send: decapsulated packets reach the
@@ -678,6 +712,7 @@ mod tests {
             uplink: up,
             remote_nodes: remotes,
             cluster_pod_cidr: Some(net("10.1.0.0/16")),
+            host_pod_address: Some("10.1.1.254".parse().unwrap()),
         }
     }
 
@@ -740,9 +775,16 @@ mod tests {
             [
                 ("0.0.0.0/0".into(), Some("192.168.16.254".into()), "uplink0"),
                 ("10.1.1.0/24".into(), None, "xdp-cslow1"),
+                // Answers to the host's traffic to other nodes' pods go to the host.
+                ("10.1.1.254/32".into(), Some("172.30.255.2".into()), "tap0"),
                 ("10.1.2.0/24".into(), Some("10.1.2.1".into()), "vxlan_tunnel2"),
                 ("10.1.3.0/24".into(), Some("10.1.3.1".into()), "vxlan_tunnel3"),
             ]
+        );
+        let without = render(&NodeInputs { host_pod_address: None, ..inputs(&cfg, &up, &remotes) }).unwrap();
+        assert_eq!(
+            d.routes.difference(&without.routes).map(|r| r.dst.to_string()).collect::<Vec<_>>(),
+            ["10.1.1.254/32"]
         );
         // VPP would ARP for an attached route through an L3 tunnel: a next hop instead, and
         // no neighbour on the tunnel (VPP would give its adjacency an Ethernet rewrite).
@@ -781,6 +823,7 @@ mod tests {
         let mut inp = inputs(&cfg, &up, &remotes);
         inp.pod_subnet = net("10.8.1.0/24");
         inp.gateway = "10.8.1.1".parse().unwrap();
+        inp.host_pod_address = Some("10.8.1.254".parse().unwrap());
         let d = render(&inp).unwrap();
         let denied: Vec<Ipv4Net> = d.input_acls["uplink0"].rules.iter().filter(|r| !r.permit).map(|r| r.src).collect();
         assert_eq!(
@@ -840,7 +883,11 @@ mod tests {
         let added: Vec<&str> =
             full.interfaces.keys().filter(|n| !boot.interfaces.contains_key(*n)).map(String::as_str).collect();
         assert_eq!(added, ["vxlan_tunnel2", "vxlan_tunnel3", "xdp-cslow1"]);
-        assert_eq!(full.routes.difference(&boot.routes).count(), 3, "the pod subnet and two remote subnets");
+        assert_eq!(
+            full.routes.difference(&boot.routes).count(),
+            4,
+            "the pod subnet, the host's address in it and two remote subnets"
+        );
         assert_eq!(full_nat.inside.difference(&nat.inside).collect::<Vec<_>>(), ["xdp-cslow1"]);
         assert!(boot.input_acls.is_empty(), "no tunnels, no ACLs, and the uplink's waits for the cluster's range");
 
@@ -892,5 +939,10 @@ mod tests {
         let mut bad = inputs(&cfg, &up, &[]);
         bad.gateway = "10.9.9.9".parse().unwrap();
         assert!(matches!(render(&bad), Err(RenderError::GatewayOutsideSubnet { .. })));
+        // The host's pod address: a host address of the subnet that is not the gateway.
+        for address in ["10.1.2.7", "10.1.1.0", "10.1.1.255", "10.1.1.1"] {
+            let bad = NodeInputs { host_pod_address: Some(address.parse().unwrap()), ..inputs(&cfg, &up, &[]) };
+            assert!(matches!(render(&bad), Err(RenderError::HostAddressOutsideSubnet { .. })), "{address}");
+        }
     }
 }

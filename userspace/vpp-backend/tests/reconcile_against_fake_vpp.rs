@@ -80,6 +80,7 @@ fn desired_with_range(
         uplink: up,
         remote_nodes: remotes,
         cluster_pod_cidr,
+        host_pod_address: Some(Ipv4Addr::new(10, 1, id as u8, 254)),
     })
     .expect("render")
 }
@@ -176,6 +177,10 @@ fn assert_node_state(fake: &FakeVpp, id: u32, nodes: &[u32]) {
     let mut want_routes = vec![
         (net("0.0.0.0/0"), vec![(Some("192.168.16.254".parse().unwrap()), up.sw_if_index)]),
         (net(&format!("10.1.{id}.0/24")), vec![(None, xdp.sw_if_index)]),
+        (
+            net(&format!("10.1.{id}.254/32")),
+            vec![(Some(ip("172.30.255.2").into()), s.interface_by_name("tap0").unwrap().sw_if_index)],
+        ),
     ];
     for n in nodes.iter().filter(|n| **n != id) {
         let t = s.interface_by_name(&format!("vxlan_tunnel{n}")).unwrap();
@@ -212,6 +217,13 @@ fn assert_node_state(fake: &FakeVpp, id: u32, nodes: &[u32]) {
             let rx = vxlan_from(&s, *n, id, src);
             assert!(forwarded(&rx, t.sw_if_index), "{src} through vxlan_tunnel{n}: {rx:?}");
         }
+        // A remote pod's answer to the host's address in the pod subnet goes to the host.
+        let host_address = Ipv4Addr::new(10, 1, id as u8, 254);
+        let answer = Packet4::udp(Ipv4Addr::new(10, 1, *n as u8, 9), 8080, host_address, 40000);
+        let rx = s.vxlan4_rx(Ipv4Addr::new(192, 168, 16, *n as u8), Ipv4Addr::new(192, 168, 16, id as u8), 10, answer);
+        let tap = s.interface_by_name("tap0").unwrap().sw_if_index;
+        let to_host = Forwarding::Complete { sw_if_index: tap, next_hop: IpAddr::V4(ip("172.30.255.2")) };
+        assert_eq!(rx, VxlanRx::Forward { sw_if_index: t.sw_if_index, forwarding: to_host }, "{host_address}");
         let others = nodes.iter().filter(|m| *m != n).map(|m| Ipv4Addr::new(10, 1, *m as u8, 9));
         for src in others.chain([ip("10.9.0.1"), ip("192.168.16.200"), ip("8.8.8.8")]) {
             let rx = vxlan_from(&s, *n, id, src);

@@ -18,6 +18,7 @@
 
 mod api_json;
 mod handlers;
+pub mod host_tap;
 pub mod papi;
 pub mod state;
 pub mod table;
@@ -66,6 +67,8 @@ pub struct FakeOptions {
     /// af_xdp interfaces get a real AF_XDP socket on their Linux interface (root, and the
     /// interface must carry an XDP program with an `xsks_map`; see [`xdp`]).
     pub af_xdp: bool,
+    /// Taps get their Linux end in the fake's network namespace (root; see [`host_tap`]).
+    pub host_taps: bool,
 }
 
 impl FakeOptions {
@@ -79,6 +82,7 @@ impl FakeOptions {
             details_page: 4,
             vpe_pid: std::process::id(),
             af_xdp: false,
+            host_taps: false,
         }
     }
 }
@@ -97,6 +101,7 @@ struct Inner {
     handshakes: AtomicU64,
     listener: Mutex<Option<JoinHandle<()>>>,
     xdp: Option<xdp::XdpPorts>,
+    host_taps: Option<host_tap::HostTaps>,
 }
 
 impl Inner {
@@ -104,10 +109,14 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Lets the AF_XDP sockets follow the state (never while the state lock is held).
+    /// Lets the AF_XDP sockets and the taps' Linux ends follow the state (never while the
+    /// state lock is held).
     fn sync_xdp(&self) {
         if let Some(x) = &self.xdp {
             x.sync(&self.state);
+        }
+        if let Some(t) = &self.host_taps {
+            t.sync(&self.state);
         }
     }
 
@@ -164,7 +173,7 @@ impl FakeVpp {
     pub fn start(opts: FakeOptions) -> std::io::Result<Self> {
         let table = ServerTable::new(&opts.crc_overrides, opts.full_table.then_some(FULL_TABLE_SIZE));
         let state = FakeState::boot(&opts.nics);
-        let opts_af_xdp = opts.af_xdp;
+        let (opts_af_xdp, opts_host_taps) = (opts.af_xdp, opts.host_taps);
         let inner = Arc::new(Inner {
             opts,
             table,
@@ -174,6 +183,7 @@ impl FakeVpp {
             handshakes: AtomicU64::new(0),
             listener: Mutex::new(None),
             xdp: opts_af_xdp.then(xdp::XdpPorts::default),
+            host_taps: opts_host_taps.then(host_tap::HostTaps::default),
         });
         inner.listen()?;
         Ok(Self { inner })

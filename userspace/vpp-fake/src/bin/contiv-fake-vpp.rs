@@ -26,6 +26,10 @@ struct Args {
     /// the network namespace of that interface).
     #[arg(long)]
     af_xdp: bool,
+    /// Give taps their Linux end in this network namespace, with the host address and MAC
+    /// they are created with, as VPP does (root).
+    #[arg(long)]
+    host_taps: bool,
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -40,6 +44,7 @@ async fn main() -> Result<()> {
     let mut opts = FakeOptions::new(&args.socket);
     opts.full_table = args.full_table;
     opts.af_xdp = args.af_xdp;
+    opts.host_taps = args.host_taps;
     if !args.nics.is_empty() {
         opts.nics.clear();
         for n in &args.nics {

@@ -1,0 +1,271 @@
+//! `uplink = "vpp"`: the host's address in the pod subnet, on the host's side of the tap.
+//!
+//! The host reaches VPP through the tap whose Linux end (`vpp1`) has the host interconnect
+//! address, 172.30.255.2 by default, the same on every node. Traffic from the host to
+//! another node's pods leaves VPP through a tunnel untranslated (NAT44 translates only
+//! what leaves through the uplink), so with that source the answer would go to the
+//! answering node's own host, and the tunnel's input ACL there drops it anyway. So the
+//! host gets an address of its node's pod subnet that no pod holds
+//! ([`crate::state::NodeState::host_address`]) and sends its traffic to the cluster's pods
+//! from it, as Calico's nodes do from their tunnel address: the peer's tunnel ACL admits
+//! it (it is of this node's pod subnet), the peer's pods answer it through the tunnel
+//! like any pod of this node, and VPP routes it to the host through the tap (the backend's
+//! `NodeInputs::host_pod_address`).
+//!
+//! On the host, [`ensure`] keeps:
+//! - the address as a /32 of scope link on the tap's Linux end: the kernel picks a
+//!   link-scope address of another interface for no route of its own, so the host's
+//!   traffic to its own pods (their /32 routes) and to the outside keeps its addresses;
+//! - a route to the cluster's pod range via VPP's end of the interconnect with that
+//!   address as its preferred source, of protocol [`RTPROT_CONTIV_HOST`] (the apply loop
+//!   owns the routes of `RTPROT_CONTIV` and would remove it). The node's own pods keep
+//!   their more specific routes to their veths.
+//!
+//! VPP creates the tap, and a VPP restart re-creates it without them: the agent calls
+//! [`ensure`] after every reconcile pass.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        AddressFamily,
+        address::{AddressAttribute, AddressScope},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+    },
+};
+
+use crate::podnet;
+
+/// The route protocol of the host's route to the cluster's pods (`ip route` shows it as
+/// `proto 85`).
+pub const RTPROT_CONTIV_HOST: u8 = 85;
+
+/// What the host's side must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSide {
+    /// The tap's Linux end (`[vpp] hostIfName`).
+    pub ifname: String,
+    /// The host's address in the pod subnet.
+    pub address: Ipv4Addr,
+    /// VPP's end of the host interconnect.
+    pub via: Ipv4Addr,
+    /// The cluster's pod range.
+    pub cluster_pod_cidr: Ipv4Net,
+}
+
+/// What one [`ensure`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// The tap is not there (VPP has not created it yet).
+    NoInterface,
+    /// Everything was in place.
+    Unchanged,
+    /// What was changed.
+    Changed(Vec<String>),
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> anyhow::Error {
+    let what = what.into();
+    move |e| anyhow::anyhow!("{what}: {e}")
+}
+
+/// Puts the host's address and its route on the tap's Linux end, removing our stale ones
+/// (another address of the cluster's pod range there, another route of our protocol).
+pub async fn ensure(h: &Handle, want: &HostSide) -> anyhow::Result<Ensured> {
+    let Some(link) = podnet::link_by_name(h, &want.ifname).await? else {
+        return Ok(Ensured::NoInterface);
+    };
+    let index = link.header.index;
+    let mut changed = Vec::new();
+
+    // The address: ours is the only one of the pod range there (VPP gives the tap the
+    // interconnect's), so any other of it is one we put there for an older subnet.
+    let mut have = false;
+    let mut stale = Vec::new();
+    let mut addrs = h.address().get().set_link_index_filter(index).execute();
+    while let Some(msg) = addrs.try_next().await.map_err(nl(format!("listing the addresses of {}", want.ifname)))? {
+        let Some(addr) = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(IpAddr::V4(a)) => Some(*a),
+            _ => None,
+        }) else {
+            continue;
+        };
+        if addr == want.address && msg.header.prefix_len == 32 && msg.header.scope == AddressScope::Link {
+            have = true;
+        } else if want.cluster_pod_cidr.contains(&addr) {
+            stale.push((addr, msg));
+        }
+    }
+    for (addr, msg) in stale {
+        let what = format!("{addr}/{} from {}", msg.header.prefix_len, want.ifname);
+        h.address().del(msg).execute().await.map_err(nl(format!("removing {what}")))?;
+        changed.push(format!("removed {what}"));
+    }
+    if !have {
+        let mut add = h.address().add(index, IpAddr::V4(want.address), 32).replace();
+        add.message_mut().header.scope = AddressScope::Link;
+        add.execute().await.map_err(nl(format!("adding {}/32 to {}", want.address, want.ifname)))?;
+        changed.push(format!("address {}/32 scope link on {}", want.address, want.ifname));
+    }
+
+    // The route.
+    let wanted = route_message(index, want);
+    let mut ours = Vec::new();
+    let mut routes = h.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
+        if r.header.protocol == RouteProtocol::Other(RTPROT_CONTIV_HOST) {
+            ours.push(r);
+        }
+    }
+    let in_place = ours.iter().any(|r| same_route(r, &wanted));
+    for r in ours.into_iter().filter(|r| !same_route(r, &wanted)) {
+        let what = format!(
+            "route to {}/{}",
+            route_dst(&r).map(|d| d.to_string()).unwrap_or_default(),
+            r.header.destination_prefix_length
+        );
+        match h.route().del(r).execute().await {
+            Ok(()) => changed.push(format!("removed stale route {what}")),
+            Err(e) if podnet::is_errno(&e, &[libc::ESRCH]) => {}
+            Err(e) => return Err(nl("removing a stale host route")(e)),
+        }
+    }
+    if !in_place {
+        h.route().add(wanted).replace().execute().await.map_err(nl(format!(
+            "adding the route to {} via {} src {}",
+            want.cluster_pod_cidr, want.via, want.address
+        )))?;
+        changed
+            .push(format!("route {} via {} dev {} src {}", want.cluster_pod_cidr, want.via, want.ifname, want.address));
+    }
+    Ok(if changed.is_empty() { Ensured::Unchanged } else { Ensured::Changed(changed) })
+}
+
+fn route_dst(r: &RouteMessage) -> Option<Ipv4Addr> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+        _ => None,
+    })
+}
+
+fn route_message(index: u32, want: &HostSide) -> RouteMessage {
+    let dst = want.cluster_pod_cidr.trunc();
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .gateway(want.via)
+        .output_interface(index)
+        .pref_source(want.address)
+        .protocol(RouteProtocol::Other(RTPROT_CONTIV_HOST))
+        .build()
+}
+
+/// Same destination, gateway, interface and preferred source (the kernel adds attributes
+/// of its own, such as the table).
+fn same_route(have: &RouteMessage, want: &RouteMessage) -> bool {
+    let key = |m: &RouteMessage| {
+        let mut k: Vec<String> = m
+            .attributes
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    RouteAttribute::Destination(RouteAddress::Inet(_))
+                        | RouteAttribute::Gateway(RouteAddress::Inet(_))
+                        | RouteAttribute::Oif(_)
+                        | RouteAttribute::PrefSource(RouteAddress::Inet(_))
+                )
+            })
+            .map(|a| format!("{a:?}"))
+            .collect();
+        k.sort();
+        (m.header.address_family == AddressFamily::Inet, m.header.destination_prefix_length, k)
+    };
+    key(have) == key(want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A namespace of this test's own, deleted when dropped (also on failure).
+    struct TestNetns(String);
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn ip(ns: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new("ip").arg("-n").arg(ns).args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A stand-in for the tap VPP creates: a veth end with the interconnect address.
+    fn tap(ns: &str) {
+        ip(ns, &["link", "add", "vpp1", "type", "veth", "peer", "name", "vpp1p"]);
+        for dev in ["vpp1", "vpp1p"] {
+            ip(ns, &["link", "set", dev, "up"]);
+        }
+        ip(ns, &["addr", "add", "172.30.255.2/30", "dev", "vpp1"]);
+    }
+
+    /// Root: the address and route are put in place once, kept, put back after the tap is
+    /// re-created (a VPP restart), and follow a new address; the host's traffic to its own
+    /// pods and to the outside keeps its source, to other nodes' pods it takes the address.
+    #[tokio::test]
+    async fn the_hosts_pod_address_and_route_are_kept_on_the_tap() {
+        let name = format!("cvh{}", std::process::id());
+        let added = std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns");
+        assert!(added.success());
+        let ns = TestNetns(name);
+        let path = std::path::PathBuf::from(format!("/run/netns/{}", ns.0));
+        let file = podnet::open_netns(&path).expect("the namespace");
+        let h = podnet::netns_handle(&file, &path).await.expect("netlink in the namespace");
+        let mut want = HostSide {
+            ifname: "vpp1".into(),
+            address: Ipv4Addr::new(10, 1, 1, 254),
+            via: Ipv4Addr::new(172, 30, 255, 1),
+            cluster_pod_cidr: "10.1.0.0/16".parse().unwrap(),
+        };
+        assert_eq!(ensure(&h, &want).await.unwrap(), Ensured::NoInterface, "before VPP made its tap");
+
+        tap(&ns.0);
+        ip(&ns.0, &["route", "add", "default", "via", "172.30.255.1"]);
+        // A local pod's route, as the apply loop installs it.
+        ip(&ns.0, &["link", "add", "cv0", "type", "veth", "peer", "name", "cv0p"]);
+        ip(&ns.0, &["link", "set", "cv0", "up"]);
+        ip(&ns.0, &["route", "add", "10.1.1.5/32", "dev", "cv0", "scope", "link"]);
+        let first = ensure(&h, &want).await.unwrap();
+        assert!(matches!(&first, Ensured::Changed(c) if c.len() == 2), "{first:?}");
+        assert_eq!(ensure(&h, &want).await.unwrap(), Ensured::Unchanged, "a second pass changes nothing");
+        let source = |dst: &str| {
+            let out = ip(&ns.0, &["route", "get", dst]);
+            out.split_whitespace().skip_while(|w| *w != "src").nth(1).unwrap_or_default().to_owned()
+        };
+        assert_eq!(source("10.1.2.7"), "10.1.1.254", "another node's pod");
+        assert_eq!(source("10.1.1.5"), "172.30.255.2", "a pod of this node");
+        assert_eq!(source("192.0.2.9"), "172.30.255.2", "the outside");
+        assert!(ip(&ns.0, &["route", "show", "proto", "85"]).contains("10.1.0.0/16 via 172.30.255.1 dev vpp1"));
+
+        // A VPP restart re-creates the tap without them.
+        ip(&ns.0, &["link", "del", "vpp1"]);
+        tap(&ns.0);
+        assert!(matches!(ensure(&h, &want).await.unwrap(), Ensured::Changed(c) if c.len() == 2));
+        assert_eq!(source("10.1.2.7"), "10.1.1.254");
+
+        // A new address (another pod subnet): the old one and its route go.
+        want.address = Ipv4Addr::new(10, 1, 7, 254);
+        let changed = ensure(&h, &want).await.unwrap();
+        assert!(matches!(&changed, Ensured::Changed(c) if c[0] == "removed 10.1.1.254/32 from vpp1"), "{changed:?}");
+        assert_eq!(source("10.1.2.7"), "10.1.7.254");
+        let addrs = ip(&ns.0, &["-4", "-o", "addr", "show", "dev", "vpp1"]);
+        assert!(!addrs.contains("10.1.1.254") && addrs.contains("10.1.7.254/32 scope link"), "{addrs}");
+        assert_eq!(ip(&ns.0, &["route", "show", "proto", "85"]).lines().count(), 1);
+        assert_eq!(ensure(&h, &want).await.unwrap(), Ensured::Unchanged);
+    }
+}

@@ -1048,3 +1048,49 @@ fn a_pod_isolated_for_egress_only_answers_flows_vpp_brings_in() {
         pod_counter(&b, &s, "dropPolicyEgress") > before
     });
 }
+
+/// The host's address in the pod subnet is one of the node's addresses: a pod isolated for
+/// ingress admits what VPP delivers from it (the host's traffic through the tap, as from the
+/// tap's address), and not from another address of the pod range that is no pod's.
+#[test]
+fn a_pod_isolated_for_ingress_admits_its_host_from_the_hosts_pod_address_through_vpp() {
+    let mut b = ClusterBox::up(BoxOptions::for_test_vpp(1));
+    let s = b.add_pod("node-1", "default/s", &[("app", "server")], &[]);
+    b.apply_yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: default}\n\
+         spec:\n  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress]\n",
+    );
+    wait_for_policy(&b, &s, "s is isolated for ingress", |x| x["ingressIsolated"] == true);
+    let host: Ipv4Addr = b.status_json("node-1", "/vswitch").unwrap()["vpp"]["hostAddress"]
+        .as_str()
+        .expect("hostAddress")
+        .parse()
+        .unwrap();
+    let node_ns = b.node("node-1").netns.clone();
+    let (pod_mac, vpp_mac) = (mac_of(&s.netns, "eth0"), mac_of(&node_ns, "cslow1"));
+    let server = enter(&s.netns, || {
+        let u = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7000)).expect("bind");
+        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        u
+    });
+    let from_vpp = |src: Ipv4Addr| {
+        let client = SocketAddrV4::new(src, 40000);
+        send_frame(
+            &node_ns,
+            "cslow1",
+            frame(pod_mac, vpp_mac, &udp_packet(client, SocketAddrV4::new(s.ip, 7000), b"hi")),
+        );
+        client
+    };
+    let mut buf = [0u8; 64];
+    for src in [Ipv4Addr::new(172, 30, 255, 2), host] {
+        let client = from_vpp(src);
+        let (n, from) = server.recv_from(&mut buf).unwrap_or_else(|e| panic!("from {src}: {e}"));
+        assert_eq!((&buf[..n], from), (&b"hi"[..], SocketAddr::V4(client)));
+    }
+    // Another address of the pod range, no pod's and not the host's: dropped.
+    let dropped = pod_counter(&b, &s, "dropPolicyIngress");
+    from_vpp(Ipv4Addr::from(u32::from(host) - 1));
+    assert!(server.recv_from(&mut buf).is_err(), "a pod-range address that is not the host's came in");
+    assert_eq!(pod_counter(&b, &s, "dropPolicyIngress"), dropped + 1);
+}

@@ -490,9 +490,19 @@ impl Agent {
                 None
             }
         };
+        // VPP mode: the source of the host's traffic to other nodes' pods (vpp_host.rs).
+        let host_address = match vpp_mode {
+            true => Some(state.host_address().map_err(|e| {
+                let e = format!("no address of the pod subnet for the host: {e}; it reaches only this node's pods");
+                log::error!("{e}");
+                e
+            })),
+            false => None,
+        };
         // Checked when the configuration was read.
         let node_ports = config.services.node_ports().unwrap_or_default();
         let params = NodeParams {
+            host_pod_address: host_address.clone().and_then(Result::ok),
             node_name: config.node_name.clone(),
             gateway_ip: config.gateway,
             gateway_mac: config.gateway_mac,
@@ -528,16 +538,6 @@ impl Agent {
 
         let slowpath = match handover {
             Some(handover) => {
-                // The source of the host's traffic to other nodes' pods (vpp_host.rs).
-                let host_address = state
-                    .host_address()
-                    .inspect_err(|e| {
-                        log::error!(
-                            "no address of the pod subnet is left for the host ({e}): the host reaches only this \
-                             node's pods"
-                        )
-                    })
-                    .ok();
                 let params = crate::vpp::VppNodeParams {
                     node_name: config.node_name.clone(),
                     pod_subnet: config.pod_subnet,
@@ -546,7 +546,7 @@ impl Agent {
                     gateway_mac: config.gateway_mac,
                     slowpath_ifname: slow_vsw.clone(),
                     mtu: pod_mtu,
-                    host_address,
+                    host_address: host_address.clone().expect("VPP mode"),
                 };
                 let vpp =
                     crate::vpp::VppNode::start(config.vpp.clone(), handover, params, &registrations, fresh_vpp_port)
@@ -758,6 +758,7 @@ impl Agent {
             .map(|a| crate::policy::LocalPod { ip: a.ip, namespace: &a.pod_namespace, name: &a.pod_name })
             .collect();
         let mut node_addresses = vec![self.params.gateway_ip];
+        node_addresses.extend(self.params.host_pod_address);
         node_addresses.extend(self.params.overlay.as_ref().map(|o| o.node_ip));
         for r in registrations.iter().filter(|r| r.name == self.params.node_name) {
             node_addresses.extend(r.addresses.iter().filter_map(|a| a.address.parse::<Ipv4Addr>().ok()));

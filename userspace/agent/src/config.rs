@@ -587,6 +587,21 @@ impl AgentConfig {
             )));
         }
         if uplink == Uplink::Vpp {
+            // The host's tap and the pods must not share addresses: VPP routes the pod range
+            // to the pods, and the agent owns the host's address in it on the tap.
+            let interconnect = raw
+                .vpp
+                .as_ref()
+                .map_or_else(|| VppConfig::default().host_interconnect_subnet, |v| v.host_interconnect_subnet);
+            let overlaps = |a: &Ipv4Net, b: &Ipv4Net| a.contains(&b.network()) || b.contains(&a.network());
+            let pod_subnet = raw.pod_subnet.map(|s| s.trunc());
+            if let Some(pods) =
+                [Some(pod_subnet_cidr), pod_subnet].into_iter().flatten().find(|p| overlaps(p, &interconnect))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "[vpp] hostInterconnectSubnet {interconnect} overlaps the pods' {pods}; pick one outside it"
+                )));
+            }
             // VPP holds the NIC: the kernel-side wire settings would be silently ignored.
             for (set, field) in [
                 (raw.uplink_interface.is_some(), "uplinkInterface"),
@@ -1114,6 +1129,10 @@ mod tests {
             ("uplink = \"vpp\"\nvxlanVni = 5", "vxlanVni"),
             ("uplink = \"vpp\"\n[vpp]\nuplinkPci = \"eth0\"", "uplinkPci"),
             ("uplink = \"vpp\"\n[vpp]\nnoSuchKey = 1", "noSuchKey"),
+            (
+                "uplink = \"vpp\"\npodSubnetCIDR = \"172.16.0.0/12\"\npodPrefixLen = 24",
+                "hostInterconnectSubnet 172.30.255.0/30 overlaps the pods' 172.16.0.0/12",
+            ),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: error {err:?} should name {needle}");

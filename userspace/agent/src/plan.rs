@@ -37,6 +37,9 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeParams {
     pub node_name: String,
+    /// VPP mode: the host's address in the pod subnet (vpp_host.rs), one of the node's
+    /// addresses; no pod holds it.
+    pub host_pod_address: Option<Ipv4Addr>,
     pub gateway_ip: Ipv4Addr,
     pub gateway_mac: [u8; 6],
     pub pod_subnet: Ipv4Net,
@@ -248,6 +251,7 @@ mod tests {
 
     fn node(overlay: bool) -> NodeParams {
         NodeParams {
+            host_pod_address: None,
             node_name: "n1".into(),
             gateway_ip: Ipv4Addr::new(10, 1, 1, 1),
             gateway_mac: [2, 0xfe, 0, 0, 0, 1],

@@ -64,6 +64,9 @@ pub enum StateError {
     /// No free address is left in the pod subnet.
     #[error("no free address left in pod subnet {0}")]
     Exhausted(Ipv4Net),
+    /// The pod subnet cannot spare an address for the host.
+    #[error("pod subnet {0} is too small to spare an address for the host (/29 or larger needed)")]
+    NoRoomForHost(Ipv4Net),
     /// The node holds as many pods as its datapath maps do.
     #[error("the node holds {0} pods, the most its datapath maps hold")]
     Full(u32),
@@ -337,22 +340,27 @@ impl NodeState {
 
     /// The host's address in the pod subnet (`uplink = "vpp"`: the source of the host's
     /// traffic to other nodes' pods, which comes back through their tunnels like traffic to
-    /// this node's pods; see vpp.rs). The one recorded, unless a pod holds it (an agent
-    /// that did not know it handed it out); else the highest host address of the subnet no
-    /// pod holds, other than the gateway, recorded in the snapshot before it is returned.
-    /// No pod gets it while it is recorded.
+    /// this node's pods; see vpp_host.rs). The one recorded, unless a pod holds it (an
+    /// agent that did not know it handed it out) or it became the gateway; else the highest
+    /// host address of the subnet no pod holds, other than the gateway, recorded in the
+    /// snapshot before it is returned. No pod gets it while it is recorded. A subnet smaller
+    /// than a /29 keeps its few addresses for pods.
     pub fn host_address(&mut self) -> Result<Ipv4Addr, StateError> {
+        if self.subnet.prefix_len() > 29 {
+            return Err(StateError::NoRoomForHost(self.subnet));
+        }
         let pods = self.pods_addresses();
-        if let Some(a) = self.host_address
-            && !pods.contains(&a)
-        {
+        let (network, broadcast) = (u32::from(self.subnet.network()), u32::from(self.subnet.broadcast()));
+        let usable = |ip: &Ipv4Addr| {
+            (network + 1..broadcast).contains(&u32::from(*ip)) && *ip != self.gateway && !pods.contains(ip)
+        };
+        if let Some(a) = self.host_address.filter(|a| usable(a)) {
             return Ok(a);
         }
-        let (network, broadcast) = (u32::from(self.subnet.network()), u32::from(self.subnet.broadcast()));
         let picked = (network + 1..broadcast)
             .rev()
             .map(Ipv4Addr::from)
-            .find(|ip| *ip != self.gateway && !pods.contains(ip))
+            .find(usable)
             .ok_or(StateError::Exhausted(self.subnet))?;
         let previous = self.host_address.replace(picked);
         if let Err(e) = self.compact() {
@@ -632,6 +640,17 @@ mod tests {
         // Another subnet: one of its own.
         let mut s = open(dir.path(), "10.1.2.0/29");
         assert_eq!(s.host_address().unwrap(), Ipv4Addr::new(10, 1, 2, 6));
+        drop(s);
+        // The gateway moved onto it: another one.
+        let subnet = "10.1.2.0/29".parse().unwrap();
+        let mut s = NodeState::open(dir.path(), subnet, Ipv4Addr::new(10, 1, 2, 6)).unwrap();
+        assert_eq!(s.host_address().unwrap(), Ipv4Addr::new(10, 1, 2, 5));
+        drop(s);
+        // A /30 has one address besides the gateway: the pods keep it.
+        let small = tempfile::tempdir().unwrap();
+        let mut s = open(small.path(), "10.1.3.0/30");
+        assert!(matches!(s.host_address(), Err(StateError::NoRoomForHost(_))));
+        assert_eq!(s.free_addresses(), 1);
     }
 
     /// A pod subnet bigger than the datapath's pod maps: addresses stop at their size.

@@ -312,9 +312,9 @@ pub struct VppNodeParams {
     pub slowpath_ifname: String,
     /// Pod MTU (the af_xdp interface's).
     pub mtu: u32,
-    /// The host's address in the pod subnet (see vpp_host.rs); None: the host reaches
-    /// only this node's pods.
-    pub host_address: Option<Ipv4Addr>,
+    /// The host's address in the pod subnet (see vpp_host.rs), or why there is none (the
+    /// host then reaches only this node's pods).
+    pub host_address: Result<Ipv4Addr, String>,
 }
 
 struct View {
@@ -331,7 +331,9 @@ pub struct VppNode {
     status: watch::Receiver<VppStatus>,
     supervisor: Mutex<Option<VppSupervisor>>,
     view: Mutex<View>,
-    /// The last failure putting the host's pod address in place, if the last try failed.
+    /// What the host's side of the tap must hold (vpp_host.rs), and the last failure
+    /// putting it in place, if the last try failed.
+    host_side: std::sync::Arc<Mutex<crate::vpp_host::HostSide>>,
     host_side_error: std::sync::Arc<Mutex<Option<String>>>,
 }
 
@@ -429,17 +431,22 @@ impl VppNode {
             params.slowpath_ifname,
             remotes.len()
         );
-        let host_side_error = std::sync::Arc::new(Mutex::new(None));
-        if let Some(address) = params.host_address {
-            let want = crate::vpp_host::HostSide {
-                ifname: config.host_if_name.clone(),
-                address,
-                via: config.host_interconnect_vpp().addr(),
-                cluster_pod_cidr: params.cluster_pod_cidr,
-            };
-            tokio::spawn(keep_host_side(want, supervisor.status(), host_side_error.clone()));
-        }
+        // Without an address, what an earlier agent put there goes.
+        let host_side = std::sync::Arc::new(Mutex::new(crate::vpp_host::HostSide {
+            ifname: config.host_if_name.clone(),
+            address: params.host_address.clone().ok(),
+            via: config.host_interconnect_vpp().addr(),
+            destinations: crate::vpp_host::destinations(params.cluster_pod_cidr, remotes.iter().map(|n| n.pod_subnet)),
+        }));
+        let host_side_error = std::sync::Arc::new(Mutex::new(params.host_address.clone().err()));
+        tokio::spawn(keep_host_side(
+            host_side.clone(),
+            params.host_address.clone().err(),
+            supervisor.status(),
+            host_side_error.clone(),
+        ));
         Ok(Self {
+            host_side,
             host_side_error,
             status: supervisor.status(),
             supervisor: Mutex::new(Some(supervisor)),
@@ -467,6 +474,9 @@ impl VppNode {
                 if names(&view.remote_nodes) != names(&remotes) {
                     log::info!("VPP: tunnels to {} remote node(s): {:?}", remotes.len(), names(&remotes));
                 }
+                // The next pass (a desired change makes one) puts the routes in place.
+                self.host_side.lock().unwrap_or_else(|e| e.into_inner()).destinations =
+                    crate::vpp_host::destinations(self.params.cluster_pod_cidr, remotes.iter().map(|n| n.pod_subnet));
                 view.remote_nodes = remotes;
                 view.render_error = None;
                 self.desired.send_if_modified(|cur| {
@@ -507,7 +517,7 @@ impl VppNode {
             last_report: s.last,
             last_error: s.last_error,
             render_error: view.render_error.clone(),
-            host_address: self.params.host_address,
+            host_address: self.params.host_address.clone().ok(),
             host_address_error: self.host_side_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             desired: self.desired.borrow().clone(),
         }
@@ -540,11 +550,13 @@ impl VppNode {
     }
 }
 
-/// Keeps the host's pod address and its route on the tap's Linux end (vpp_host.rs) after
-/// every change of the supervisor's status (a pass, a reconnect after a VPP restart, which
-/// re-creates the tap): until the supervisor stops.
+/// Keeps the host's side of the tap (vpp_host.rs) in place after every change of the
+/// supervisor's status (a pass, a reconnect after a VPP restart, which re-creates the tap),
+/// until the supervisor stops. `no_address`: why the host has no pod address (reported
+/// while everything else is in place).
 async fn keep_host_side(
-    want: crate::vpp_host::HostSide,
+    want: std::sync::Arc<Mutex<crate::vpp_host::HostSide>>,
+    no_address: Option<String>,
     mut status: watch::Receiver<VppStatus>,
     error: std::sync::Arc<Mutex<Option<String>>>,
 ) {
@@ -552,18 +564,20 @@ async fn keep_host_side(
     let handle = match podnet::node_handle() {
         Ok(h) => h,
         Err(e) => {
-            log::error!("VPP: the host's pod address {} cannot be put on {}: {e}", want.address, want.ifname);
+            log::error!("VPP: the host's side of the tap cannot be kept: {e}");
             *error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
             return;
         }
     };
+    let sysctl = |rel: &str, value: &str| crate::sysctl::set(rel, value).map_err(|e| e.to_string());
     loop {
-        let outcome = match ensure(&handle, &want).await {
+        let want = want.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let outcome = match ensure(&handle, &want, &sysctl).await {
             Ok(Ensured::Changed(what)) => {
                 log::info!("VPP: the host's side of the tap: {}", what.join("; "));
-                None
+                no_address.clone()
             }
-            Ok(Ensured::Unchanged) => None,
+            Ok(Ensured::Unchanged) => no_address.clone(),
             // VPP creates it; the next pass comes back here.
             Ok(Ensured::NoInterface) => Some(format!("{} is not there (VPP has not created its tap)", want.ifname)),
             Err(e) => Some(format!("{e:#}")),
@@ -572,8 +586,9 @@ async fn keep_host_side(
             let mut last = error.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(e) = &outcome
                 && last.as_ref() != Some(e)
+                && Some(e) != no_address.as_ref()
             {
-                log::warn!("VPP: the host's pod address {}: {e}", want.address);
+                log::warn!("VPP: the host's side of the tap: {e}");
             }
             *last = outcome;
         }
@@ -601,7 +616,7 @@ fn render_for(
         uplink: handover,
         remote_nodes: remotes,
         cluster_pod_cidr: Some(p.cluster_pod_cidr),
-        host_pod_address: p.host_address,
+        host_pod_address: p.host_address.clone().ok(),
     })
 }
 
@@ -714,7 +729,7 @@ mod tests {
             gateway_mac: [2, 0xfe, 0, 0, 0, 1],
             slowpath_ifname: "cslow1".into(),
             mtu: 1450,
-            host_address: Some(Ipv4Addr::new(10, 1, 1, 254)),
+            host_address: Ok(Ipv4Addr::new(10, 1, 1, 254)),
         }
     }
 

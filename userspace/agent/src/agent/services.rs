@@ -397,6 +397,7 @@ impl Agent {
             let inner = self.inner.lock().await;
             let mut held: std::collections::BTreeSet<Ipv4Addr> = inner.state.attachments().map(|a| a.ip).collect();
             held.insert(self.params.gateway_ip);
+            held.extend(self.params.host_pod_address);
             let released = Released {
                 subnet: self.params.pod_subnet,
                 held,

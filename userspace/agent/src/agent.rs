@@ -497,7 +497,13 @@ impl Agent {
                 log::error!("{e}");
                 e
             })),
-            false => None,
+            false => {
+                // A node that left VPP mode gives the address back to its pods.
+                if let Err(e) = state.forget_host_address() {
+                    log::warn!("giving the host's pod address back to the pods: {e}");
+                }
+                None
+            }
         };
         // Checked when the configuration was read.
         let node_ports = config.services.node_ports().unwrap_or_default();

@@ -310,10 +310,10 @@ impl NodeState {
         // checked anyway, as a shift by 32 would.
         let size =
             1u32.checked_shl(32 - u32::from(self.subnet.prefix_len())).ok_or(StateError::Exhausted(self.subnet))?;
-        let used = self.used_addresses();
-        if used.len() >= MAX_PODS as usize {
+        if self.pods_addresses().len() >= MAX_PODS as usize {
             return Err(StateError::Full(MAX_PODS));
         }
+        let used = self.used_addresses();
         for i in 0..size {
             let offset = (self.next_offset + i) % size;
             let ip = Ipv4Addr::from(base + offset);
@@ -371,6 +371,17 @@ impl NodeState {
         Ok(picked)
     }
 
+    /// Gives the host's address back to the pods (a node no longer in `uplink = "vpp"`).
+    pub fn forget_host_address(&mut self) -> Result<(), StateError> {
+        let Some(previous) = self.host_address.take() else { return Ok(()) };
+        if let Err(e) = self.compact() {
+            self.host_address = Some(previous);
+            self.repair();
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// How many addresses an ADD could still get (not network, gateway, broadcast, held or
     /// reserved).
     pub fn free_addresses(&self) -> u32 {
@@ -378,7 +389,8 @@ impl NodeState {
         let used = self.used_addresses();
         let unusable = 2 + u64::from(self.subnet.contains(&self.gateway) && !used.contains(&self.gateway));
         let in_subnet = size.saturating_sub(unusable + used.len() as u64);
-        in_subnet.min(u64::from(MAX_PODS).saturating_sub(used.len() as u64)) as u32
+        // The host's address is not a pod's: the pod maps' size caps pods only.
+        in_subnet.min(u64::from(MAX_PODS).saturating_sub(self.pods_addresses().len() as u64)) as u32
     }
 
     /// Reserves a free address for the ADD of `key`, in memory only: it is not handed out
@@ -646,6 +658,14 @@ mod tests {
         let mut s = NodeState::open(dir.path(), subnet, Ipv4Addr::new(10, 1, 2, 6)).unwrap();
         assert_eq!(s.host_address().unwrap(), Ipv4Addr::new(10, 1, 2, 5));
         drop(s);
+        // A node no longer in VPP mode gives it back.
+        let back = tempfile::tempdir().unwrap();
+        let mut s = open(back.path(), "10.1.4.0/29");
+        s.host_address().unwrap();
+        assert_eq!(s.free_addresses(), 4, "8 less network, gateway, broadcast and the host's");
+        s.forget_host_address().unwrap();
+        drop(s);
+        assert_eq!(open(back.path(), "10.1.4.0/29").free_addresses(), 5, "given back for good");
         // A /30 has one address besides the gateway: the pods keep it.
         let small = tempfile::tempdir().unwrap();
         let mut s = open(small.path(), "10.1.3.0/30");

@@ -24,6 +24,12 @@ fn root_for(rel: &str) -> &'static Path {
     if host.join(rel).exists() { host } else { Path::new("/proc/sys") }
 }
 
+/// The value of `rel` (relative to `/proc/sys`), where [`set`] would write it; None if it
+/// cannot be read.
+pub fn get(rel: &str) -> Option<String> {
+    std::fs::read_to_string(root_for(rel).join(rel)).ok()
+}
+
 /// [`set`] under `root`: read first, written only if it differs.
 pub fn set_in(root: &Path, rel: &str, value: &str) -> Result<(), SysctlError> {
     let path = root.join(rel);

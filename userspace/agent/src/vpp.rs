@@ -437,6 +437,7 @@ impl VppNode {
             address: params.host_address.clone().ok(),
             via: config.host_interconnect_vpp().addr(),
             destinations: crate::vpp_host::destinations(params.cluster_pod_cidr, remotes.iter().map(|n| n.pod_subnet)),
+            mtu: params.mtu,
         }));
         let host_side_error = std::sync::Arc::new(Mutex::new(params.host_address.clone().err()));
         tokio::spawn(keep_host_side(
@@ -569,7 +570,19 @@ async fn keep_host_side(
             return;
         }
     };
-    let sysctl = |rel: &str, value: &str| crate::sysctl::set(rel, value).map_err(|e| e.to_string());
+    let sysctl = |rel: &str, value: &str| {
+        // The kernel takes the larger of `all` and the interface's: a node that has `all`
+        // at it already needs no write (and a manifest without the writable /proc/sys/net
+        // mount could not make one on an interface VPP re-creates).
+        if rel.ends_with("/arp_announce")
+            && let (Some(all), Ok(wanted)) =
+                (crate::sysctl::get("net/ipv4/conf/all/arp_announce"), value.parse::<u32>())
+            && all.trim().parse::<u32>().is_ok_and(|all| all >= wanted)
+        {
+            return Ok(());
+        }
+        crate::sysctl::set(rel, value).map_err(|e| e.to_string())
+    };
     loop {
         let want = want.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let outcome = match ensure(&handle, &want, &sysctl).await {
@@ -579,7 +592,9 @@ async fn keep_host_side(
             }
             Ok(Ensured::Unchanged) => no_address.clone(),
             // VPP creates it; the next pass comes back here.
-            Ok(Ensured::NoInterface) => Some(format!("{} is not there (VPP has not created its tap)", want.ifname)),
+            Ok(Ensured::NoInterface) => no_address
+                .clone()
+                .or_else(|| Some(format!("{} is not there (VPP has not created its tap)", want.ifname))),
             Err(e) => Some(format!("{e:#}")),
         };
         {

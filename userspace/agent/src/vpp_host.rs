@@ -39,7 +39,7 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         address::{AddressAttribute, AddressScope},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol},
     },
 };
 
@@ -60,6 +60,8 @@ pub struct HostSide {
     pub via: Ipv4Addr,
     /// Where the host's traffic leaves from the address ([`destinations`]).
     pub destinations: Vec<Ipv4Net>,
+    /// The routes' MTU: the pods' (what fits in VPP's tunnels), not the tap's 1500.
+    pub mtu: u32,
 }
 
 /// The cluster's pod range and the other nodes' pod subnets outside it.
@@ -143,7 +145,7 @@ pub async fn ensure(
 
     // The routes (read after the addresses: removing an address takes its routes along).
     let wanted: Vec<RouteMessage> = match want.address {
-        Some(src) => want.destinations.iter().map(|d| route_message(index, *d, want.via, src)).collect(),
+        Some(src) => want.destinations.iter().map(|d| route_message(index, *d, want, src)).collect(),
         None => Vec::new(),
     };
     let mut ours = Vec::new();
@@ -177,18 +179,20 @@ fn route_dst(r: &RouteMessage) -> String {
     format!("{}/{}", dst.unwrap_or(Ipv4Addr::UNSPECIFIED), r.header.destination_prefix_length)
 }
 
-fn route_message(index: u32, dst: Ipv4Net, via: Ipv4Addr, src: Ipv4Addr) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
+fn route_message(index: u32, dst: Ipv4Net, want: &HostSide, src: Ipv4Addr) -> RouteMessage {
+    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst.network(), dst.prefix_len())
-        .gateway(via)
+        .gateway(want.via)
         .output_interface(index)
         .pref_source(src)
         .protocol(RouteProtocol::Other(RTPROT_CONTIV_HOST))
-        .build()
+        .build();
+    msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(want.mtu)]));
+    msg
 }
 
-/// Same destination, gateway, interface and preferred source (the kernel adds attributes
-/// of its own, such as the table).
+/// Same destination, gateway, interface, preferred source and MTU (the kernel adds
+/// attributes of its own, such as the table).
 fn same_route(have: &RouteMessage, want: &RouteMessage) -> bool {
     let key = |m: &RouteMessage| {
         let mut k: Vec<String> = m
@@ -201,6 +205,7 @@ fn same_route(have: &RouteMessage, want: &RouteMessage) -> bool {
                         | RouteAttribute::Gateway(RouteAddress::Inet(_))
                         | RouteAttribute::Oif(_)
                         | RouteAttribute::PrefSource(RouteAddress::Inet(_))
+                        | RouteAttribute::Metrics(_)
                 )
             })
             .map(|a| format!("{a:?}"))
@@ -285,6 +290,7 @@ mod tests {
             address: Some(Ipv4Addr::new(10, 1, 1, 254)),
             via: Ipv4Addr::new(172, 30, 255, 1),
             destinations: destinations(cluster, ["10.1.2.0/24".parse().unwrap()]),
+            mtu: 1450,
         };
         assert_eq!(want.destinations, [cluster], "a remote subnet inside the range needs no route of its own");
         assert_eq!(ensure(&h, &want, &sysctl).await.unwrap(), Ensured::NoInterface, "before VPP made its tap");
@@ -305,7 +311,8 @@ mod tests {
         assert_eq!(source("10.1.2.7"), "10.1.1.254", "another node's pod");
         assert_eq!(source("10.1.1.5"), "172.30.255.2", "a pod of this node");
         assert_eq!(source("192.0.2.9"), "172.30.255.2", "the outside");
-        assert!(ip(&ns.0, &["route", "show", "proto", "85"]).contains("10.1.0.0/16 via 172.30.255.1 dev vpp1"));
+        let routes = ip(&ns.0, &["route", "show", "proto", "85"]);
+        assert!(routes.contains("10.1.0.0/16 via 172.30.255.1 dev vpp1") && routes.contains("mtu 1450"), "{routes}");
         let announce = std::process::Command::new("ip")
             .args(["netns", "exec", &ns.0, "cat", "/proc/sys/net/ipv4/conf/vpp1/arp_announce"])
             .output()

@@ -31,6 +31,8 @@ pub mod state;
 pub mod status;
 pub mod sysctl;
 pub mod tcx;
+#[cfg(test)]
+mod testnetns;
 pub mod timing;
 pub mod trace;
 pub mod uplink;

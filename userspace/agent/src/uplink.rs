@@ -305,28 +305,12 @@ mod tests {
     }
 
     use super::*;
-
-    /// A namespace of this test's own, deleted when dropped (also on failure).
-    struct TestNetns(String);
-
-    impl Drop for TestNetns {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-
-    fn ip(ns: &str, args: &[&str]) {
-        let out = std::process::Command::new("ip").arg("-n").arg(ns).args(args).output().expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    use crate::testnetns::{TestNetns, ip};
 
     /// Root: a network namespace with two NICs and a multipath default route through both.
     #[tokio::test]
     async fn the_uplink_is_the_named_one_else_the_node_ips_else_the_default_routes_first_hop() {
-        let name = format!("ctu{}", std::process::id());
-        let added = std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns");
-        assert!(added.success());
-        let ns = TestNetns(name);
+        let ns = TestNetns::new("ctu");
         for (dev, addr) in [("up0", "192.0.2.10/24"), ("up1", "198.51.100.10/24")] {
             let peer = format!("{dev}p");
             ip(&ns.0, &["link", "add", dev, "type", "veth", "peer", "name", &peer]);
@@ -352,7 +336,7 @@ mod tests {
                 "up1",
             ],
         );
-        let path = std::path::PathBuf::from(format!("/run/netns/{}", ns.0));
+        let path = ns.path();
         let file = podnet::open_netns(&path).expect("the namespace");
         let handle = podnet::netns_handle(&file, &path).await.expect("netlink in the namespace");
         assert_eq!(default_route_interface(&handle).await.unwrap().as_deref(), Some("up0"));

@@ -219,21 +219,7 @@ fn same_route(have: &RouteMessage, want: &RouteMessage) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A namespace of this test's own, deleted when dropped (also on failure).
-    struct TestNetns(String);
-
-    impl Drop for TestNetns {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-
-    fn ip(ns: &str, args: &[&str]) -> String {
-        let out = std::process::Command::new("ip").arg("-n").arg(ns).args(args).output().expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+    use crate::testnetns::{TestNetns, ip};
 
     /// A stand-in for the tap VPP creates: a veth end with the interconnect address.
     fn tap(ns: &str) {
@@ -276,11 +262,8 @@ mod tests {
     /// source, to other nodes' pods it takes the address.
     #[tokio::test]
     async fn the_hosts_pod_address_and_routes_are_kept_on_the_tap() {
-        let name = format!("cvh{}", std::process::id());
-        let added = std::process::Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns");
-        assert!(added.success());
-        let ns = TestNetns(name);
-        let path = std::path::PathBuf::from(format!("/run/netns/{}", ns.0));
+        let ns = TestNetns::new("cvh");
+        let path = ns.path();
         let file = podnet::open_netns(&path).expect("the namespace");
         let h = podnet::netns_handle(&file, &path).await.expect("netlink in the namespace");
         let sysctl = sysctl_in(&ns.0);

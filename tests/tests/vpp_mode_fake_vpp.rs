@@ -415,8 +415,7 @@ fn wait_host_address(b: &ClusterBox, papi: &Papi, node: &str, remote_pod: Ipv4Ad
         source() == address.to_string()
             && b.status_json(node, "/vswitch").is_some_and(|v| v["vpp"]["hostAddressError"].is_null())
     });
-    let addrs = Command::new("ip").args(["-n", &netns, "-4", "-o", "addr", "show", "dev", "vpp1"]).output().unwrap();
-    let addrs = String::from_utf8_lossy(&addrs.stdout).into_owned();
+    let addrs = ip_in(&netns, &["-4", "-o", "addr", "show", "dev", "vpp1"]);
     assert!(addrs.contains(&format!("{address}/32 scope link")) && addrs.contains("172.30.255.2/30"), "{addrs}");
     let view = read_vpp(papi, &b.vpp_socket(node));
     let tap = view.interfaces.get("tap0").expect("tap0").0;
